@@ -1,0 +1,201 @@
+"""Backend selection: one loop over the priority order, shared by dispatch, ``explain``,
+``can_use_*(debug=True)``, the unfused-kernel warnings and the no-kernel error."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _state
+from ._enums import SDPBackend
+from ._params import SDPAParams, validate
+from .backends import BACKENDS, default_priority
+
+DISABLED = "disabled by sdpa_kernel"
+
+
+@torch.compiler.assume_constant_result
+def _traced_state() -> _state.BackendState:
+    # Dynamo cannot read a ContextVar; under torch.compile the state is read once at trace
+    # time, like the rest of the backend choice.
+    return _state.current_state()
+
+
+def _current_state() -> _state.BackendState:
+    return _traced_state() if torch.compiler.is_compiling() else _state.current_state()
+
+
+@dataclass
+class Decision:
+    """The outcome of backend selection for one call; ``str()`` gives a readable table."""
+
+    backend: SDPBackend
+    order: list[SDPBackend]
+    reasons: dict[SDPBackend, list[str]] = field(default_factory=dict)
+    call: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"attend would run: {self.backend.name}" if self.backend is not SDPBackend.ERROR
+                 else "attend would run: nothing (no enabled backend can take this call)"]
+        if self.call:
+            lines.append(f"call: {self.call}")
+        lines.append("")
+        width = max(len(b.name) for b in self.order)
+        lines.append(f"{'priority':>8}  {'backend':<{width}}  status")
+        for i, b in enumerate(self.order, 1):
+            if b is self.backend:
+                status = "SELECTED"
+            else:
+                rs = self.reasons.get(b, [])
+                status = "skipped: " + "; ".join(rs) if rs else "usable, but lower priority"
+            lines.append(f"{i:>8}  {b.name:<{width}}  {status}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _describe(p: SDPAParams) -> str:
+    q, k, v = p.query, p.key, p.value
+    mask = p.attn_mask
+    mask_s = "none" if mask is None else (repr(mask) if not isinstance(mask, torch.Tensor)
+                                          else f"{str(mask.dtype).removeprefix('torch.')} {tuple(mask.shape)}")
+    return (f"query {tuple(q.shape)} key {tuple(k.shape)} value {tuple(v.shape)} "
+            f"{str(q.dtype).removeprefix('torch.')} on {q.device}; mask {mask_s}; is_causal={p.is_causal}; "
+            f"dropout_p={p.dropout}; enable_gqa={p.enable_gqa}")
+
+
+def decide(p: SDPAParams, *, exhaustive: bool = False) -> Decision:
+    """Pick the first enabled backend whose check passes; with ``exhaustive`` check them all."""
+    state = _current_state()
+    order = _state.order_backends(state, default_priority(p.device_type))
+    chosen, reasons = SDPBackend.ERROR, {}
+    for b in order:
+        if chosen is not SDPBackend.ERROR and not exhaustive:
+            break
+        rs = [DISABLED] if b not in state.enabled else BACKENDS[b].check(p)
+        if rs:
+            reasons[b] = rs
+        elif chosen is SDPBackend.ERROR:
+            chosen = b
+    return Decision(chosen, order, reasons)
+
+
+_warned: set[tuple] = set()
+
+
+def _warn_unfused(d: Decision) -> None:
+    key = tuple((b, tuple(rs)) for b, rs in d.reasons.items() if b in (
+        SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION))
+    if not key or key in _warned:
+        return
+    _warned.add(key)
+    why = "; ".join(f"{b.name}: {', '.join(rs)}" for b, rs in key)
+    warnings.warn(f"attend fell back to the unfused MATH backend because {why}", UserWarning, stacklevel=3)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Scaled dot-product attention, run by the first enabled backend that can take the call.
+
+    Same contract as ``torch.nn.functional.scaled_dot_product_attention``:
+
+    Args:
+        query: ``(..., Hq, L, E)``; 3-D ``(N, L, E)`` also works.
+        key: ``(..., Hkv, S, E)``.
+        value: ``(..., Hkv, S, Ev)``.
+        attn_mask: bool (True = may attend) or additive float tensor broadcastable to
+            ``(..., Hq, L, S)``, or an :class:`attend.bias.CausalBias`.
+        dropout_p: dropout probability on the attention weights, in ``[0, 1)``.
+        is_causal: top-left aligned causal mask; not together with ``attn_mask``.
+        scale: softmax scale; default ``1 / sqrt(E)``.
+        enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (grouped-query attention).
+
+    Returns:
+        ``(..., Hq, L, Ev)`` in the input dtype. A row whose keys are all masked is 0.
+
+    Raises:
+        ValueError / TypeError for invalid arguments (naming the argument, value and
+        expectation); RuntimeError listing each enabled backend's reasons when none can run.
+
+    Example::
+
+        q = torch.randn(2, 8, 1024, 64)
+        out = attend.scaled_dot_product_attention(q, q, q, is_causal=True)
+    """
+    p = SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    validate(p, scale)
+    d = decide(p)
+    if d.backend is SDPBackend.ERROR:
+        lines = [f"  {b.name}: {'; '.join(rs)}" for b, rs in d.reasons.items() if rs != [DISABLED]]
+        disabled = [b.name for b, rs in d.reasons.items() if rs == [DISABLED]]
+        msg = "no enabled attention backend can run this call:\n" + "\n".join(lines)
+        if disabled:
+            msg += f"\n  (disabled by sdpa_kernel: {', '.join(disabled)})"
+        raise RuntimeError(msg + f"\n  call: {_describe(p)}")
+    if d.backend is SDPBackend.MATH and not torch.compiler.is_compiling():
+        if getattr(sys.modules["attend"], "WARN_FOR_UNFUSED_KERNELS", False):
+            _warn_unfused(decide(p, exhaustive=True))
+    return BACKENDS[d.backend].run(p, scale)
+
+
+def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> Decision:
+    """Say which backend would run this call and why every other backend would not.
+
+    Takes the arguments of :func:`scaled_dot_product_attention` (tensors may be on the
+    ``meta`` device) and returns a :class:`Decision`: ``.backend`` is the chosen
+    :class:`SDPBackend` (``ERROR`` if none), ``.reasons`` maps each skipped backend to its
+    reasons, and ``str()`` prints the table.
+    """
+    p = SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    validate(p, scale)
+    d = decide(p, exhaustive=True)
+    d.call = _describe(p)
+    return d
+
+
+def _can_use(backend: SDPBackend, params: SDPAParams, debug: bool) -> bool:
+    if not isinstance(params, SDPAParams):
+        raise TypeError(f"params must be an attend.SDPAParams, got {type(params).__name__}")
+    reasons = BACKENDS[backend].check(params)
+    if debug:
+        for r in reasons:
+            warnings.warn(f"{backend.name} cannot be used: {r}", UserWarning, stacklevel=3)
+    return not reasons
+
+
+def can_use_flash_attention(params: SDPAParams, debug: bool = False) -> bool:
+    """Whether FLASH can run ``params``; with ``debug=True`` each failed condition is warned."""
+    return _can_use(SDPBackend.FLASH_ATTENTION, params, debug)
+
+
+def can_use_efficient_attention(params: SDPAParams, debug: bool = False) -> bool:
+    """Whether EFFICIENT can run ``params``; with ``debug=True`` each failed condition is warned."""
+    return _can_use(SDPBackend.EFFICIENT_ATTENTION, params, debug)
+
+
+def can_use_cudnn_attention(params: SDPAParams, debug: bool = False) -> bool:
+    """Whether CUDNN can run ``params``; with ``debug=True`` each failed condition is warned."""
+    return _can_use(SDPBackend.CUDNN_ATTENTION, params, debug)
+
+
+def enabled_backends(with_priority: bool = False, device_type: str | None = None) -> list[SDPBackend]:
+    """The backends enabled here; with ``with_priority``, in the priority order for ``device_type``
+    (default: ``"cuda"`` if available, else ``"cpu"``)."""
+    state = _state.current_state()
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    order = _state.order_backends(state, default_priority(device_type))
+    if not with_priority:
+        order = sorted(order)
+    return [b for b in order if b in state.enabled]

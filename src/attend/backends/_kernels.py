@@ -1,0 +1,48 @@
+"""Which of attend's kernels serves a tensor's device, and what the Triton core accepts."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._params import SDPAParams
+from ..ops import KERNELS
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+TRITON_MASK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_for(t: torch.Tensor) -> str | None:
+    """"triton", "blocked" or None (no kernel) for a tensor's device."""
+    if t.device.type == "cuda":
+        return "triton"
+    if t.device.type == "cpu":
+        return "triton" if interpreter_on() and "triton" in KERNELS else "blocked"
+    return None
+
+
+def triton_reasons(p: SDPAParams) -> list[str]:
+    """Reasons attend's Triton core cannot take the call (mask support aside)."""
+    if "triton" not in KERNELS:
+        from ..ops import TRITON_IMPORT_ERROR
+
+        return [f"attend's Triton core is unavailable: {TRITON_IMPORT_ERROR}"]
+    reasons = []
+    e, ev = p.query.shape[-1], p.value.shape[-1]
+    if e > TRITON_MAX_HEAD_DIM:
+        reasons.append(f"head_dim {e} > {TRITON_MAX_HEAD_DIM}")
+    if e != ev:
+        reasons.append(f"query/key head_dim {e} != value head_dim {ev}")
+    if e < 1:
+        reasons.append("head_dim 0")
+    return reasons
+
+
+def triton_mask_reasons(p: SDPAParams) -> list[str]:
+    return triton_reasons(p)

@@ -1,0 +1,42 @@
+"""FLASH: no arbitrary mask; the active flash implementation, or attend's own kernels.
+
+Default implementation: attend's Triton core on CUDA tensors (and on CPU tensors when
+Triton's interpreter is on); the blocked torch-ops path on other CPU calls. An implementation
+activated through ``attend.activate_flash_attention_impl`` replaces it and supplies its own
+``check``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _registry
+from .._enums import SDPBackend
+from .._params import SDPAParams
+from ._base import dtype_reasons, run_fused
+from ._kernels import TRITON_DTYPES, kernel_for, triton_reasons
+
+
+class FlashBackend:
+    backend = SDPBackend.FLASH_ATTENTION
+
+    def check(self, p: SDPAParams) -> list[str]:
+        impl = _registry.active_flash_kernel()
+        if impl is not None:
+            return list(impl.check(p))
+        reasons = []
+        if p.dense_mask is not None:
+            reasons.append("FLASH takes no attn_mask tensor (only is_causal or an attend.bias.CausalBias)")
+        kernel = kernel_for(p.query)
+        if kernel == "triton":
+            reasons += dtype_reasons(p, TRITON_DTYPES, "FLASH (attend Triton)")
+            reasons += triton_reasons(p)
+        elif kernel is None:
+            reasons.append(f"FLASH has no kernel for device type {p.device_type!r}")
+        return reasons
+
+    def run(self, p: SDPAParams, scale: float | None) -> torch.Tensor:
+        impl = _registry.active_flash_kernel()
+        if impl is not None:
+            return impl.forward(p, scale)
+        return run_fused(p, scale, kernel_for(p.query))

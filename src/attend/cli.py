@@ -1,0 +1,157 @@
+"""``python -m attend {info,explain,bench}``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+import attend
+
+from ._enums import ALL_BACKENDS
+from .backends import default_priority
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    out += [fmt.format(*[str(c) for c in r]) for r in rows]
+    return "\n".join(out)
+
+
+def _devices() -> list[tuple[str, str]]:
+    devs = [("cpu", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devs.append((f"cuda:{i}", f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"))
+    return devs
+
+
+def _probe_call(device: str) -> attend.SDPAParams:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q = torch.empty(1, 8, 128, 64, dtype=dtype, device=device)
+    return attend.SDPAParams(q, q, q, None, 0.0, False, False)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "not installed"
+    from .backends._kernels import interpreter_on
+
+    versions = [
+        ["attend", attend.__version__], ["python", platform.python_version()], ["torch", torch.__version__],
+        ["triton", triton_v], ["cuda (torch build)", torch.version.cuda or "none"],
+        ["cudnn", str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none"],
+        ["triton interpreter", "on (TRITON_INTERPRET=1)" if interpreter_on() else "off"],
+    ]
+    print(_table(versions, ["component", "version"]))
+    print()
+    devs = _devices()
+    print(_table([list(d) for d in devs], ["device", "description"]))
+    for dev, _ in devs:
+        print(f"\nbackends on {dev} (priority order; probe: 1x8x128x64, no mask):")
+        p = _probe_call(dev)
+        d = attend._dispatch.decide(p, exhaustive=True)
+        rows = [[i, b.name, "usable" if b not in d.reasons else "no: " + "; ".join(d.reasons[b])]
+                for i, b in enumerate(default_priority(torch.device(dev).type), 1)]
+        print(_table(rows, ["#", "backend", "status"]))
+    print("\nflash implementations (FLASH backend):")
+    active = attend.current_flash_attention_impl()
+    rows = [["default (attend Triton / CPU blocked)", "active" if active is None else ""]]
+    rows += [[name, "active" if name == active else "registered"] for name in attend.list_flash_attention_impls()]
+    print(_table(rows, ["impl", "state"]))
+    return 0
+
+
+def _explain_inputs(a: argparse.Namespace):
+    device = a.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+    dtype = _DTYPES[a.dtype]
+    hkv = a.kv_heads or a.heads
+    kv_len = a.kv_len or a.q_len
+    q = torch.empty(a.batch, a.heads, a.q_len, a.head_dim, dtype=dtype, device=device, requires_grad=a.grad)
+    k = torch.empty(a.batch, hkv, kv_len, a.head_dim, dtype=dtype, device=device, requires_grad=a.grad)
+    v = torch.empty(a.batch, hkv, kv_len, a.v_head_dim or a.head_dim, dtype=dtype, device=device, requires_grad=a.grad)
+    mask = None
+    if a.mask == "bool":
+        mask = torch.ones(a.batch, 1, a.q_len, kv_len, dtype=torch.bool, device=device)
+    elif a.mask == "padding":
+        mask = torch.ones(a.batch, 1, 1, kv_len, dtype=torch.bool, device=device)
+    elif a.mask == "float":
+        mask = torch.zeros(a.batch, a.heads, a.q_len, kv_len, dtype=dtype, device=device)
+    elif a.mask in ("causal-upper-left", "causal-lower-right"):
+        fn = attend.bias.causal_upper_left if a.mask.endswith("left") else attend.bias.causal_lower_right
+        mask = fn(a.q_len, kv_len)
+    return q, k, v, mask
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    q, k, v, mask = _explain_inputs(a)
+    kwargs = dict(attn_mask=mask, dropout_p=a.dropout, is_causal=a.causal, enable_gqa=a.kv_heads is not None)
+    if a.backends:
+        chosen = [attend.SDPBackend[name.strip().upper()] for name in a.backends.split(",")]
+        with attend.sdpa_kernel(chosen, set_priority=True):
+            print(attend.explain(q, k, v, **kwargs))
+    else:
+        print(attend.explain(q, k, v, **kwargs))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    if a.device == "cpu":
+        from . import bench_cpu
+
+        bench_cpu.run((1, a.heads, a.seq, a.head_dim), _DTYPES[a.dtype], a.causal, a.reps)
+        return 0
+    raise SystemExit("the CUDA benchmark needs attend's Triton core (python -m attend bench --device cuda)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m attend", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, devices, and which backends and flash impls are usable here")
+    ex = sub.add_parser("explain", help="which backend would run a call, and why the others would not")
+    ex.add_argument("--batch", type=int, default=2)
+    ex.add_argument("--heads", type=int, default=8)
+    ex.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default = --heads")
+    ex.add_argument("--q-len", type=int, default=1024)
+    ex.add_argument("--kv-len", type=int, default=None, help="default = --q-len")
+    ex.add_argument("--head-dim", type=int, default=64)
+    ex.add_argument("--v-head-dim", type=int, default=None)
+    ex.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    ex.add_argument("--device", default="cpu")
+    ex.add_argument("--causal", action="store_true")
+    ex.add_argument("--mask", choices=["none", "bool", "padding", "float", "causal-upper-left", "causal-lower-right"],
+                    default="none")
+    ex.add_argument("--dropout", type=float, default=0.0)
+    ex.add_argument("--grad", action="store_true", help="inputs require grad")
+    ex.add_argument("--backends", default="", help="comma list, in priority order, e.g. efficient_attention,math")
+    be = sub.add_parser("bench", help="time attend's kernels against PyTorch's")
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--seq", type=int, default=2048)
+    be.add_argument("--heads", type=int, default=8)
+    be.add_argument("--head-dim", type=int, default=64)
+    be.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    be.add_argument("--causal", action="store_true")
+    be.add_argument("--reps", type=int, default=3)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"info": cmd_info, "explain": cmd_explain, "bench": cmd_bench}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Attention in plain torch ops for devices without attend's Triton kernels."""

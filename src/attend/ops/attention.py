@@ -1,0 +1,128 @@
+"""``attend::fused_fwd`` / ``attend::fused_bwd``: one op pair over every fused kernel.
+
+``kernel`` names the launcher ("blocked": torch ops on any device; "triton": attend's Triton
+core), so ``torch.compile`` sees one opaque op per call with a fake implementation and a
+registered autograd formula, never a graph break.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..cpu import blocked
+
+# kernel name -> (forward, backward) launchers with the signatures of attend.cpu.blocked.
+KERNELS: dict[str, tuple[Callable, Callable]] = {"blocked": (blocked.forward, blocked.backward)}
+TRITON_IMPORT_ERROR: str | None = None
+try:
+    from ..kernels import launch as _triton_launch
+except ImportError as e:  # no triton installed
+    TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+else:
+    KERNELS["triton"] = (_triton_launch.forward, _triton_launch.backward)
+
+# causal argument of the ops: 0 = none, 1 = top-left (is_causal), 2 = bottom-right.
+CAUSAL_CODES = {None: 0, "upper_left": 1, "lower_right": 2}
+
+
+def _launchers(kernel: str) -> tuple[Callable, Callable]:
+    try:
+        return KERNELS[kernel]
+    except KeyError:
+        raise ValueError(f"unknown attend kernel {kernel!r}; known: {sorted(KERNELS)}") from None
+
+
+@torch.library.custom_op("attend::fused_fwd", mutates_args=())
+def fused_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    dropout_p: float,
+    causal: int,
+    scale: float,
+    seed: Optional[torch.Tensor],
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fwd, _ = _launchers(kernel)
+    out, lse = fwd(q, k, v, mask, dropout_p, causal, scale, int(seed.item()) if seed is not None else 0)
+    return out, lse
+
+
+@fused_fwd.register_fake
+def _(q, k, v, mask, dropout_p, causal, scale, seed, kernel):
+    B, H, L, _ = q.shape
+    out = q.new_empty((B, H, L, v.shape[-1]))
+    lse = q.new_empty((B, H, L), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("attend::fused_bwd", mutates_args=())
+def fused_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    dropout_p: float,
+    causal: int,
+    scale: float,
+    seed: Optional[torch.Tensor],
+    kernel: str,
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, bwd = _launchers(kernel)
+    s = int(seed.item()) if seed is not None else 0
+    dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask, dropout_p, causal, scale, s, mask_grad)
+    if dmask is None:
+        dmask = q.new_empty((0,))
+    return dq, dk, dv, dmask
+
+
+@fused_bwd.register_fake
+def _(dout, q, k, v, out, lse, mask, dropout_p, causal, scale, seed, kernel, mask_grad):
+    dmask = torch.empty_like(mask) if mask_grad and mask is not None else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, dropout_p, causal, scale, seed, kernel = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.params = (dropout_p, causal, scale, kernel)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    dropout_p, causal, scale, kernel = ctx.params
+    mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = fused_bwd(
+        dout.contiguous(), q, k, v, out, lse, mask, dropout_p, causal, scale, seed, kernel, mask_grad
+    )
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
+
+
+fused_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_p: float,
+    causal: int,
+    scale: float,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a fused kernel on 4-D ``(B, H, L, E)`` tensors; returns ``(out, lse)``.
+
+    The dropout seed is drawn from PyTorch's default CPU generator, so ``torch.manual_seed``
+    reproduces the dropout mask.
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
+    return fused_fwd(q, k, v, mask, float(dropout_p), int(causal), float(scale), seed, kernel)

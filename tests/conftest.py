@@ -1,0 +1,47 @@
+"""Shared test helpers: float64 references and tolerances scaled by a same-precision reference."""
+
+from __future__ import annotations
+
+import torch
+
+import attend
+from attend.backends import math_attention
+from attend._params import SDPAParams
+
+# Absolute error floor per dtype, for outputs where both errors are ~0.
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def reference(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, dtype=torch.float64):
+    """attend's MATH formula evaluated in ``dtype`` (float64 = the oracle)."""
+    cast = lambda t: t.detach().to(dtype).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+    m = attn_mask
+    if isinstance(m, torch.Tensor) and m.is_floating_point():
+        m = cast(m)
+    p = SDPAParams(cast(q), cast(k), cast(v), m, 0.0, is_causal, enable_gqa)
+    return math_attention(p, scale), p
+
+
+def same_precision(q, k, v, **kw):
+    """The error yardstick: PyTorch's own math SDPA in the inputs' dtype."""
+    mask = kw.get("attn_mask")
+    if isinstance(mask, attend.bias.CausalBias):
+        kw = dict(kw, attn_mask=mask.materialize(q.device))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def assert_scaled_close(out, ref64, ref_same, k=4.0, what="output"):
+    """err(out) <= k * err(same-precision reference) + floor, both against float64."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
+    base = (ref_same.double() - ref64).abs().max().item() if ref_same.numel() else 0.0
+    tol = k * base + FLOOR[out.dtype]
+    assert err <= tol, f"{what}: max error {err:.3e} > {k} * {base:.3e} + {FLOOR[out.dtype]:.0e}"
+
+
+def rand(*shape, dtype=torch.float32, requires_grad=False, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
