@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
-import attend
+# Without a GPU, attend's Triton kernels run on CPU tensors under Triton's interpreter; that
+# must be set before triton is imported. Tests use the fixed configs, not the autotuner.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("ATTEND_AUTOTUNE", "0")
+
+import attend  # noqa: E402
+import attend.backends._kernels as _kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Kernels behind FLASH/EFFICIENT that the suite can reach here: the blocked torch-ops path
+# (CPU only) and the Triton core (GPU, or CPU under the interpreter).
+KERNELS = ["blocked", "triton"] if DEVICE == "cpu" else ["triton"]
+# Dtypes each kernel runs here (the interpreter's bf16 dot is wrong; the core has no fp64).
+KERNEL_DTYPES = {
+    "blocked": [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+    "triton": [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else []),
+}
+
+
+@pytest.fixture
+def use_kernel(monkeypatch):
+    """Route CPU FLASH/EFFICIENT calls to one kernel: 'blocked' turns the interpreter route off."""
+
+    def choose(kernel: str) -> None:
+        if kernel == "blocked":
+            monkeypatch.setattr(_kernels, "interpreter_on", lambda: False)
+    return choose
 from attend.backends import math_attention
 from attend._params import SDPAParams
 
@@ -43,5 +73,5 @@ def assert_scaled_close(out, ref64, ref_same, k=4.0, what="output"):
     assert err <= tol, f"{what}: max error {err:.3e} > {k} * {base:.3e} + {FLOOR[out.dtype]:.0e}"
 
 
-def rand(*shape, dtype=torch.float32, requires_grad=False, device="cpu"):
+def rand(*shape, dtype=torch.float32, requires_grad=False, device=DEVICE):
     return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)

@@ -16,6 +16,12 @@ from conftest import rand
 ALL = [B.MATH, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION, B.OVERRIDEABLE]
 
 
+@pytest.fixture(autouse=True)
+def _blocked_kernel(use_kernel):
+    # Dispatch tests use fp32 CPU tensors, which FLASH takes through the blocked kernel.
+    use_kernel("blocked")
+
+
 def test_enum_values_match_torch():
     from torch.nn.attention import SDPBackend as T
 

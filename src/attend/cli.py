@@ -114,7 +114,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
         bench_cpu.run((1, a.heads, a.seq, a.head_dim), _DTYPES[a.dtype], a.causal, a.reps)
         return 0
-    raise SystemExit("the CUDA benchmark needs attend's Triton core (python -m attend bench --device cuda)")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {a.device}: CUDA is not available here; use --device cpu")
+    from . import bench
+
+    seqs = [int(s) for s in a.seqs.split(",")]
+    dims = [int(d) for d in a.dims.split(",")]
+    impls = tuple(a.impls.split(",")) if a.impls else bench.PEERS
+    bench.main(seqs, dims, _DTYPES[a.dtype if a.dtype != "float32" else "bfloat16"], impls, a.json, a.png,
+               gqa=not a.no_gqa, decode=not a.no_decode)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--head-dim", type=int, default=64)
     be.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     be.add_argument("--causal", action="store_true")
-    be.add_argument("--reps", type=int, default=3)
+    be.add_argument("--reps", type=int, default=3, help="CPU: timed repetitions")
+    be.add_argument("--seqs", default="512,1024,2048,4096,8192,16384", help="CUDA: sequence lengths")
+    be.add_argument("--dims", default="64,128", help="CUDA: head dims")
+    be.add_argument("--impls", default="", help="CUDA: subset of attend,torch-flash,torch-efficient,torch-cudnn,flex-compiled")
+    be.add_argument("--json", default="bench.json", help="CUDA: where to write the results")
+    be.add_argument("--png", default="bench.png", help="CUDA: where to draw the plot")
+    be.add_argument("--no-gqa", action="store_true")
+    be.add_argument("--no-decode", action="store_true")
     return ap
 
 

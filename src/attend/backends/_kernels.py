@@ -19,11 +19,16 @@ def interpreter_on() -> bool:
 
 
 def kernel_for(t: torch.Tensor) -> str | None:
-    """"triton", "blocked" or None (no kernel) for a tensor's device."""
+    """"triton", "blocked" or None (no kernel) for a tensor's device and dtype.
+
+    CPU tensors go to the Triton core only under the interpreter, and never in bfloat16 or
+    float64: Triton 3.6's interpreter computes bf16 dots wrongly, and the core has no fp64.
+    """
     if t.device.type == "cuda":
         return "triton"
     if t.device.type == "cpu":
-        return "triton" if interpreter_on() and "triton" in KERNELS else "blocked"
+        use_triton = interpreter_on() and "triton" in KERNELS and t.dtype in (torch.float16, torch.float32)
+        return "triton" if use_triton else "blocked"
     return None
 
 
@@ -45,4 +50,8 @@ def triton_reasons(p: SDPAParams) -> list[str]:
 
 
 def triton_mask_reasons(p: SDPAParams) -> list[str]:
-    return triton_reasons(p)
+    reasons = triton_reasons(p)
+    m = p.dense_mask
+    if m is not None and m.is_floating_point() and m.requires_grad and torch.is_grad_enabled():
+        reasons.append("attn_mask requires grad; the Triton core does not compute the mask gradient yet")
+    return reasons

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device-tool call: the test suite on the GPU, then the benchmark with its peers.
+#   run: bash benchmarks/gpu_check.sh [bench args...]   (carry .wheels if pytest is missing there)
+set -uo pipefail
+OUT=${OUT:-/tmp/attend_out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import pytest" 2>/dev/null || pip install -q --no-deps --no-index --target /tmp/pylib .wheels/*.whl
+export PYTHONPATH=src:/tmp/pylib
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -q -x -p no:cacheprovider --durations=8 > "$OUT/pytest.txt" 2>&1
+  echo "pytest exit $?"; tail -25 "$OUT/pytest.txt"
+fi
+python3 -m attend bench --device cuda --json "$OUT/bench.json" --png "$OUT/bench.png" "$@" 2> "$OUT/bench_progress.txt"
+echo "bench exit $?"

@@ -1,0 +1,221 @@
+"""GPU benchmark: attend's Triton core against PyTorch SDPA (flash, efficient, cuDNN) and
+``torch.compile(flex_attention)``, all in one process (DESIGN.md section 4).
+
+Shapes: hidden 2048 (``H = 2048 / D``), 16384 tokens per batch (``B = 16384 / S``).
+FLOPs: forward ``4*B*H*S*S*D`` (halved when causal), backward 2.5x forward. Decode rows
+(L=1) report the bandwidth of reading K and V once. Times are medians of
+``triton.testing.do_bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import attend
+
+PEERS = ("attend", "torch-flash", "torch-efficient", "torch-cudnn", "flex-compiled")
+
+
+@dataclass
+class Row:
+    kind: str  # "prefill" or "decode"
+    D: int
+    S: int
+    causal: bool
+    gqa: int  # query heads per KV head
+    B: int
+    H: int
+    L: int
+    results: dict = field(default_factory=dict)  # impl -> {"fwd": x, "bwd": y} (TFLOP/s or GB/s) or error
+
+
+def _torch_sdpa(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v, causal, gqa):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa > 1)
+    return run
+
+
+def _attend(q, k, v, causal, gqa):
+    with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
+        return attend.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa > 1)
+
+
+_flex_cache: dict = {}
+
+
+def _flex(q, k, v, causal, gqa):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _flex_cache:
+        _flex_cache["fn"] = torch.compile(flex_attention)
+    block_mask = None
+    if causal:
+        key = (q.shape[-2], k.shape[-2])
+        if key not in _flex_cache:
+            off = k.shape[-2] - q.shape[-2] if q.shape[-2] == 1 else 0
+            _flex_cache[key] = create_block_mask(lambda b, h, i, j: j <= i + off, None, None, *key, device=q.device)
+        block_mask = _flex_cache[key]
+    return _flex_cache["fn"](q, k, v, block_mask=block_mask, enable_gqa=gqa > 1)
+
+
+IMPLS = {
+    "attend": _attend,
+    "torch-flash": _torch_sdpa("FLASH_ATTENTION"),
+    "torch-efficient": _torch_sdpa("EFFICIENT_ATTENTION"),
+    "torch-cudnn": _torch_sdpa("CUDNN_ATTENTION"),
+    "flex-compiled": _flex,
+}
+
+
+def _time_ms(fn, grad_to_none=None) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def measure(impl: str, row: Row, dtype: torch.dtype, backward: bool) -> dict:
+    fn = IMPLS[impl]
+    torch.manual_seed(0)
+    hkv = row.H // row.gqa
+    q = torch.randn(row.B, row.H, row.L, row.D, dtype=dtype, device="cuda", requires_grad=backward)
+    k = torch.randn(row.B, hkv, row.S, row.D, dtype=dtype, device="cuda", requires_grad=backward)
+    v = torch.randn(row.B, hkv, row.S, row.D, dtype=dtype, device="cuda", requires_grad=backward)
+    res = {}
+    try:
+        if impl == "attend":  # a correctness guard on every timed shape: compare with PyTorch's SDPA
+            with torch.no_grad():
+                ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=row.causal,
+                                                                       enable_gqa=row.gqa > 1)
+                res["max_abs_diff_vs_torch"] = (fn(q, k, v, row.causal, row.gqa).float() - ref.float()).abs().max().item()
+        fwd_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa))
+        if row.kind == "decode":
+            bytes_kv = 2 * k.numel() * k.element_size()
+            res["fwd"] = bytes_kv / (fwd_ms * 1e-3) / 1e9  # GB/s
+            return res
+        flops = 4.0 * row.B * row.H * row.L * row.S * row.D * (0.5 if row.causal else 1.0)
+        res["fwd"] = flops / (fwd_ms * 1e-3) / 1e12
+        if backward:
+            out = fn(q, k, v, row.causal, row.gqa)
+            dout = torch.randn_like(out)
+            bwd_ms = _time_ms(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v])
+            res["bwd"] = 2.5 * flops / (bwd_ms * 1e-3) / 1e12
+    except Exception as e:  # a peer that refuses a shape is reported, not fatal
+        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return res
+
+
+def plan(seqs=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128), gqa=True, decode=True) -> list[Row]:
+    rows = []
+    for D in dims:
+        H = 2048 // D
+        for causal in (False, True):
+            for S in seqs:
+                rows.append(Row("prefill", D, S, causal, 1, 16384 // S, H, S))
+        if gqa:
+            for causal in (False, True):
+                rows.append(Row("prefill", D, 4096, causal, 8, 4, H, 4096))
+    if decode:
+        for S in (4096, 16384, 65536):
+            rows.append(Row("decode", 128, S, False, 1, 32, 16, 1))
+    return rows
+
+
+def format_table(rows: list[Row], impls=PEERS) -> str:
+    out = []
+    head = "| kind | D | S | causal | gqa | " + " | ".join(impls) + " | attend / best peer |"
+    out.append(head)
+    out.append("|" + "---|" * (6 + len(impls)))
+    for r in rows:
+        cells = []
+        for impl in impls:
+            res = r.results.get(impl, {})
+            if "error" in res:
+                cells.append("n/a")
+            elif r.kind == "decode":
+                cells.append(f"{res.get('fwd', float('nan')):.0f} GB/s")
+            else:
+                cells.append(f"{res.get('fwd', float('nan')):.0f} / {res.get('bwd', float('nan')):.0f}")
+        ours = r.results.get("attend", {})
+        ratio = ""
+        if "error" not in ours and ours:
+            parts = []
+            for d in ("fwd", "bwd"):
+                peers = [r.results[p][d] for p in impls[1:] if d in r.results.get(p, {})]
+                if d in ours and peers:
+                    parts.append(f"{ours[d] / max(peers):.2f}")
+            ratio = " / ".join(parts)
+        out.append(f"| {r.kind} | {r.D} | {r.S} | {'y' if r.causal else 'n'} | {r.gqa}:1 | " + " | ".join(cells)
+                   + f" | {ratio} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pre = [r for r in rows if r.kind == "prefill" and r.gqa == 1]
+    dims = sorted({r.D for r in pre})
+    fig, axes = plt.subplots(len(dims), 4, figsize=(20, 4.5 * len(dims)), squeeze=False)
+    for i, D in enumerate(dims):
+        for j, (causal, d) in enumerate([(False, "fwd"), (True, "fwd"), (False, "bwd"), (True, "bwd")]):
+            ax = axes[i][j]
+            sel = sorted((r for r in pre if r.D == D and r.causal == causal), key=lambda r: r.S)
+            for impl in PEERS:
+                xs = [r.S for r in sel if d in r.results.get(impl, {})]
+                ys = [r.results[impl][d] for r in sel if d in r.results.get(impl, {})]
+                if xs:
+                    ax.plot(xs, ys, marker="o", label=impl, linewidth=2.5 if impl == "attend" else 1.2)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"D={D} {'causal' if causal else 'non-causal'} {d}")
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def run(rows: list[Row], dtype=torch.bfloat16, impls=PEERS, json_path=None, png_path=None, backward=True) -> list[Row]:
+    total = len(rows) * len(impls)
+    t0 = time.time()
+    for i, r in enumerate(rows):
+        for j, impl in enumerate(impls):
+            n = i * len(impls) + j + 1
+            print(f"\r[{n}/{total}] {r.kind} D={r.D} S={r.S} causal={r.causal} gqa={r.gqa}: {impl:<16} "
+                  f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
+            r.results[impl] = measure(impl, r, dtype, backward and r.kind == "prefill")
+            torch.cuda.empty_cache()
+    print(file=sys.stderr)
+    if json_path:
+        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
+                    dtype=str(dtype))
+        try:
+            import triton
+
+            meta["triton"] = triton.__version__
+        except ImportError:
+            pass
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, rows=[asdict(r) for r in rows]), f, indent=1)
+    if png_path:
+        plot(rows, png_path)
+    return rows
+
+
+def main(seqs, dims, dtype, impls, json_path, png_path, gqa=True, decode=True) -> None:
+    rows = run(plan(seqs, dims, gqa, decode), dtype, impls, json_path, png_path)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+          f"{str(dtype).removeprefix('torch.')}; prefill cells: fwd / bwd TFLOP/s; decode: K+V read GB/s")
+    print(format_table(rows, impls))

@@ -1,0 +1,94 @@
+"""Ahead-of-time builds of the core's kernels for a GPU target, with no GPU present.
+
+Used by the CI check that every shipped tuning config compiles for sm_90 and sm_80, and that
+the Hopper builds use ``wgmma``. ``attrs`` mirror what a real launch specializes: 16-byte
+aligned pointers and unit last-dim strides.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import core
+
+_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+_FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
+_INT64 = {"seed"}
+_POINTERS = {"Q", "K", "V", "Out", "LSE", "MASK", "DO", "Delta", "DK", "DV", "DQ"}
+
+
+def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
+    """Types for every argument of a core kernel, and the specialization attrs."""
+    names = fn.arg_names
+    sig, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _POINTERS:
+            ty = "fp32" if name in ("LSE", "Delta") or (name == "DQ" and constexprs.get("ATOMIC_DQ")) else dtype
+            sig[name] = "*i1" if name == "MASK" and constexprs.get("MASK_BOOL") else f"*{ty}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOATS:
+            sig[name] = "fp32"
+        elif name in _INT64:
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") and name.endswith("d"):
+                constexprs.setdefault(name, 1)  # contiguous head dim, as real launches specialize
+                sig[name] = "constexpr"
+    return sig, attrs
+
+
+def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "bfloat16", head_dim: int = 128,
+                   **flags):
+    """Compile one core kernel for ``target``; returns the compiled object (``.asm['ptx']``...)."""
+    params = inspect.signature(fn.fn).parameters
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=True, HAS_MASK=False,
+                      MASK_BOOL=False, DROPOUT=False, DOT_PRECISION="tf32", **config.kwargs)
+    if "ATOMIC_DQ" in params:
+        constexprs["ATOMIC_DQ"] = True
+    constexprs.update(flags)
+    constexprs = {k: v for k, v in constexprs.items() if k in params}
+    sig, attrs = _signature(fn, _DTYPE[dtype], constexprs)
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+KERNELS = {"fwd": core.attn_fwd, "bwd_dkdv": core.attn_bwd_dkdv, "bwd_dq": core.attn_bwd_dq}
+
+
+def _build_one(job: tuple) -> dict:
+    kind, index, arch = job
+    from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, FWD_CONFIGS
+
+    config = {"fwd": FWD_CONFIGS, "bwd_dkdv": BWD_DKDV_CONFIGS, "bwd_dq": BWD_DQ_CONFIGS}[kind][index]
+    dtype = "bfloat16" if arch >= 90 else "float16"
+    compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype)
+    ptx = compiled.asm["ptx"]
+    return dict(kernel=kind, config=str(config), arch=arch, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx,
+                shared=compiled.metadata.shared, local_spill="ld.local" in ptx)
+
+
+def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
+    """Compile every shipped config of every core kernel for each arch; one dict per build."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, FWD_CONFIGS
+
+    jobs = [(kind, i, arch) for kind, cfgs in (("fwd", FWD_CONFIGS), ("bwd_dkdv", BWD_DKDV_CONFIGS),
+                                                  ("bwd_dq", BWD_DQ_CONFIGS))
+            for i in range(len(cfgs)) for arch in archs]
+    with ProcessPoolExecutor(processes) as pool:
+        return list(pool.map(_build_one, jobs))
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    json.dump(build_all(), sys.stdout)

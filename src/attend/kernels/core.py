@@ -1,0 +1,383 @@
+"""attend's attention core in Triton: one forward and one backward, specialised by constexpr
+features. FLASH, EFFICIENT, bias variants (and later varlen/flex) are front doors into these
+kernels, never copies of them.
+
+Conventions
+- Layout: q/o ``(B, Hq, L, D)``, k/v ``(B, Hkv, S, D)``, any strides; every (b, h) base and
+  every row offset is computed in int64 once, outside the hot loops, so tensors past 2^31
+  elements index correctly. Query head ``h`` reads key head ``h // G`` in place (GQA).
+- Scores live in the log2 domain: ``s2 = q.k * scale * RCP_LN2`` and ``exp2`` everywhere; the
+  stored log-sum-exp is natural-log (``lse = (m2 + log2(l)) * LN2``).
+- Causal: query ``i`` sees key ``j`` iff ``j <= i + causal_off`` (0 = top-left, ``S - L`` =
+  bottom-right). Key blocks right of the diagonal are skipped, not masked; only the blocks that
+  straddle it (and the ragged tail) pay for masking.
+- A row with no visible key gets ``l = 0``: output 0, ``lse = -inf``; the backward reads such
+  rows' ``lse`` as ``+inf`` so their probabilities, and gradients, are exactly 0.
+- Dropout: Philox (``tl.rand``) keyed by ``seed`` at offset ``((b*Hq + h)*L + i)*S + j``
+  (int64), regenerated in the backward instead of stored.
+"""
+
+import triton
+import triton.language as tl
+
+RCP_LN2 = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * RCP_LN2)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _keep_mask(seed, bh, L, S, rows, cols, dropout_p):
+    """Dropout keep-mask for the [rows x cols] tile of head bh (True = kept)."""
+    offs = (tl.cast(bh, tl.int64) * L + tl.cast(rows, tl.int64)[:, None]) * S + tl.cast(cols, tl.int64)[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL: tl.constexpr):
+    """Additive log2-domain bias of a [rows x cols] tile of the user's attn_mask."""
+    inb = (rows[:, None] < L) & (cols[None, :] < S)
+    if MASK_BOOL:
+        keep = tl.load(mask_ptrs, mask=inb, other=0).to(tl.int1)
+        return tl.where(keep, 0.0, float("-inf"))
+    return tl.load(mask_ptrs, mask=inb, other=0.0).to(tl.float32) * RCP_LN2
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs,
+    start, end, rows, offs_n, offs_d, bh, L, S, qk_scale, causal_off, seed, dropout_p,
+    stride_kn, stride_vn, stride_maskn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over key blocks [start, end). MASKED: apply causal + bounds masks."""
+    d_ok = offs_d < HEAD_DIM
+    k_ptrs += tl.cast(start, tl.int64) * stride_kn
+    v_ptrs += tl.cast(start, tl.int64) * stride_vn
+    if HAS_MASK:
+        mask_ptrs += tl.cast(start, tl.int64) * stride_maskn
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < S), other=0.0)  # [BLOCK_D, BLOCK_N]
+        elif HEAD_DIM != BLOCK_D:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        if MASKED or HAS_MASK:
+            s2 = qk * qk_scale
+            if HAS_MASK:
+                s2 += _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL)
+            if MASKED:
+                ok = cols[None, :] < S
+                if CAUSAL:
+                    ok = ok & (cols[None, :] <= rows[:, None] + causal_off)
+                s2 = tl.where(ok, s2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s2, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.math.exp2(s2 - m_sub[:, None])
+        else:
+            # Scale after the row max: one FMA per score instead of a multiply and a subtract.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_new
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _keep_mask(seed, bh, L, S, rows, cols, dropout_p)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        elif HEAD_DIM != BLOCK_D:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if HAS_MASK:
+            mask_ptrs += BLOCK_N * stride_maskn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _causal_bounds(m0, S, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full, hi): key blocks [0, full) need no mask for query rows [m0, m0+BLOCK_M); [full, hi)
+    straddle the diagonal or the ragged end; keys >= hi are invisible to every row."""
+    s_full = (S // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(S, tl.maximum(m0 + BLOCK_M + causal_off, 0))
+        full = (tl.maximum(m0 + causal_off + 1, 0) // BLOCK_N) * BLOCK_N
+        full = tl.minimum(tl.minimum(full, hi), s_full)
+    else:
+        hi = S
+        full = s_full
+    return full, hi
+
+
+@triton.jit
+def attn_fwd(
+    Q, K, V, Out, LSE, MASK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    H, G, L, S, qk_scale, causal_off, dropout_p, seed,
+    L_BUCKET,  # unused by the code: the autotuner's key, so decode and prefill tune apart
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes Out [B, Hq, L, D] and LSE [B, Hq, L] (fp32, ln)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = rows < L
+
+    q_ptrs = (Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
+              + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    k_ptrs = (K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
+              + tl.cast(offs_n, tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd)  # [BLOCK_D, BLOCK_N]
+    v_ptrs = (V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
+              + tl.cast(offs_n, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd)  # [BLOCK_N, BLOCK_D]
+    mask_ptrs = MASK
+    if HAS_MASK:
+        mask_ptrs = (MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
+                     + tl.cast(rows, tl.int64)[:, None] * stride_maskm + tl.cast(offs_n, tl.int64)[None, :] * stride_maskn)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full, hi = _causal_bounds(m0, S, causal_off, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, 0, full, rows, offs_n, offs_d, bh, L, S,
+        qk_scale, causal_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, full, hi, rows, offs_n, offs_d, bh, L, S,
+        qk_scale, causal_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION,
+    )
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = (Out + tl.cast(b, tl.int64) * stride_ob + tl.cast(h, tl.int64) * stride_oh
+              + tl.cast(rows, tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + tl.cast(bh, tl.int64) * L + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def attn_bwd_preprocess(
+    Out, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, L,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta[b, h, i] = sum_d O * dO (fp32). Grid: (cdiv(L, BLOCK_M), B * Hq)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + tl.cast(b, tl.int64) * stride_ob + tl.cast(h, tl.int64) * stride_oh
+                + tl.cast(rows, tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
+                 + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + tl.cast(bh, tl.int64) * L + rows, delta, mask=rows < L)
+
+
+@triton.jit
+def _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """P^T for a [BLOCK_N keys x BLOCK_M queries] tile, recomputed from the saved lse."""
+    s2 = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    if HAS_MASK:
+        s2 += tl.trans(_mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL))
+    if MASKED and CAUSAL:
+        s2 = tl.where(cols[:, None] <= rows[None, :] + causal_off, s2, float("-inf"))
+    return tl.math.exp2(s2 - lse2[None, :])
+
+
+@triton.jit
+def attn_bwd_dkdv(
+    Q, K, V, DO, LSE, Delta, DK, DV, DQ, MASK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    H, G, L, S, qk_scale, sm_scale, causal_off, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV for one key block of one KV head, summed over its G query heads (no atomics).
+
+    With ATOMIC_DQ, also adds this block's dQ contribution into the fp32 DQ buffer (contiguous
+    [B, Hq, L, BLOCK_D]). Grid: (cdiv(S, BLOCK_N), B * Hkv).
+    """
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    Hkv = H // G
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    col_ok = cols < S
+    kv_ok = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
+                + tl.cast(cols, tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
+                + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query rows that see any key of this block start at n0 - causal_off (causal only).
+    if CAUSAL:
+        lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M
+        # Query blocks from `clear` on see every key of this block: no causal mask needed.
+        clear = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        clear = 0
+    for g in range(G):
+        h = hk * G + g
+        bh = b * H + h
+        q_base = Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
+        do_base = DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
+        mask_base = MASK
+        if HAS_MASK:
+            mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
+        for start_m in range(lo, L, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < L
+            qd_ok = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=qd_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
+            do = tl.load(do_base + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                         mask=qd_ok, other=0.0)
+            lse = tl.load(LSE + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
+            delta = tl.load(Delta + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=0.0)
+            mask_ptrs = mask_base
+            if HAS_MASK:
+                mask_ptrs = (mask_base + tl.cast(rows, tl.int64)[:, None] * stride_maskm
+                             + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
+            if start_m < clear:
+                pT = _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
+                              True, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION)
+            else:
+                pT = _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
+                              False, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+            if DROPOUT:
+                keep = tl.trans(_keep_mask(seed, bh, L, S, rows, cols, dropout_p))
+                zscale = 1.0 / (1.0 - dropout_p)
+                dv += tl.dot(tl.where(keep, pT * zscale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+                dpT = tl.where(keep, dpT * zscale, 0.0)
+            else:
+                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dsT = pT * (dpT - delta[None, :])  # dLoss / d(score), [BLOCK_N, BLOCK_M]
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale
+                dq_ptrs = DQ + (tl.cast(bh, tl.int64) * L + tl.cast(rows, tl.int64)[:, None]) * BLOCK_D + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+    dk *= sm_scale
+    tl.store(DK + tl.cast(b, tl.int64) * stride_dkb + tl.cast(hk, tl.int64) * stride_dkh
+             + tl.cast(cols, tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + tl.cast(b, tl.int64) * stride_dvb + tl.cast(hk, tl.int64) * stride_dvh
+             + tl.cast(cols, tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def attn_bwd_dq(
+    Q, K, V, DO, LSE, Delta, DQ, MASK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    H, G, L, S, qk_scale, sm_scale, causal_off, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dQ for one query block, looping over its visible key blocks (deterministic: no atomics).
+    Grid: (cdiv(L, BLOCK_M), B * Hq)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = rows < L
+    qd_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
+                + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_ok, other=0.0)
+    do = tl.load(DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
+                 + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qd_ok, other=0.0)
+    lse = tl.load(LSE + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
+    delta = tl.load(Delta + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=0.0)
+    k_base = K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
+    v_base = V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full, hi = _causal_bounds(m0, S, causal_off, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = (cols[:, None] < S) & d_ok[None, :]
+        k = tl.load(k_base + tl.cast(cols, tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        mask_ptrs = MASK
+        if HAS_MASK:
+            mask_ptrs = (MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
+                         + tl.cast(rows, tl.int64)[:, None] * stride_maskm + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
+        if start_n >= full:
+            pT = _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
+                          True, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION)
+        else:
+            pT = _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
+                          False, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION)
+        p = tl.trans(pT)  # [BLOCK_M, BLOCK_N]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _keep_mask(seed, bh, L, S, rows, cols, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + tl.cast(b, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
+             + tl.cast(rows, tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=qd_ok)

@@ -1,0 +1,125 @@
+"""Launchers for the Triton core: allocate outputs, pick tiles and grids, return ``(out, lse)``.
+
+Same signatures as ``attend.cpu.blocked`` so the ops layer can swap them. Tensors may be CUDA
+tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (then a fixed small tile is used).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import core
+from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, FWD_CONFIGS, INTERPRET_TILE, heuristic, prune
+
+_RCP_LN2 = core.RCP_LN2.value
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# ATTEND_AUTOTUNE=0 skips the per-key benchmark of candidate configs (first calls are then fast)
+# and uses configs.heuristic instead.
+_AUTOTUNE = os.environ.get("ATTEND_AUTOTUNE", "1") != "0"
+
+_fwd = triton.autotune(FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "L_BUCKET"],
+                       prune_configs_by={"early_config_prune": prune})(core.attn_fwd)
+_dkdv = triton.autotune(BWD_DKDV_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "ATOMIC_DQ"],
+                        prune_configs_by={"early_config_prune": prune}, reset_to_zero=["DQ"])(core.attn_bwd_dkdv)
+_dq = triton.autotune(BWD_DQ_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT"],
+                      prune_configs_by={"early_config_prune": prune})(core.attn_bwd_dq)
+
+
+def _causal_off(causal: int, L: int, S: int) -> int:
+    return 0 if causal == 1 else S - L
+
+
+def _mask_args(mask: torch.Tensor | None, B: int, H: int, L: int, S: int, like: torch.Tensor):
+    """(tensor, 4 strides, is_bool) for the kernel; broadcast dims get stride 0 (never copied)."""
+    if mask is None:
+        return like, (0, 0, 0, 0), False
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+    m4 = m4.expand(B, H, L, S)
+    return m4, tuple(m4.stride()), m4.dtype == torch.bool
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _l_bucket(L: int) -> int:
+    return 1 if L <= 16 else (64 if L <= 64 else 128)
+
+
+# Under the interpreter (which ignores warps and stages) one small fixed tile.
+_INTERPRET_LAUNCH = dict(BLOCK_M=INTERPRET_TILE, BLOCK_N=INTERPRET_TILE, num_warps=4, num_stages=1)
+
+
+def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None):
+    """Launch ``kernel`` with the interpreter tile, the autotuner, or the heuristic config.
+    ``grid_of(BLOCK_M, BLOCK_N)`` gives the grid."""
+    if _INTERPRET:
+        kernel[grid_of(INTERPRET_TILE, INTERPRET_TILE)](*args, **flags, **_INTERPRET_LAUNCH)
+    elif _AUTOTUNE:
+        tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **flags)
+    else:
+        c = heuristic(kind, flags["BLOCK_D"], l_bucket)
+        kernel[grid_of(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])](
+            *args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: int):
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty((B, H, L, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if L == 0:
+        return out, lse
+    m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
+    args = (q, k, v, out, lse, m4, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
+            H, H // Hkv, L, S, scale * _RCP_LN2, _causal_off(causal, L, S) if causal else 0,
+            float(dropout_p), int(seed), _l_bucket(L))
+    flags = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal), HAS_MASK=mask is not None,
+                 MASK_BOOL=mbool, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
+    _launch(_fwd, core.attn_fwd, "fwd", lambda bm, bn: (triton.cdiv(L, bm), B * H), args, flags, _l_bucket(L))
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale: float, seed: int, mask_grad: bool):
+    if mask_grad:
+        raise NotImplementedError("the Triton core has no attn_mask gradient yet")
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    BLOCK_D = triton.next_power_of_2(D)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if L == 0 or S == 0:
+        return torch.zeros_like(q), dk.zero_(), dv.zero_(), None
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    pre_m = 64
+    core.attn_bwd_preprocess[(triton.cdiv(L, pre_m), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, L, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m,
+    )
+    m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
+    off = _causal_off(causal, L, S) if causal else 0
+    flags = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=bool(causal), HAS_MASK=mask is not None, MASK_BOOL=mbool,
+                 DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
+    scalars = (H, G, L, S, scale * _RCP_LN2, scale, off, float(dropout_p), int(seed))
+    # Deterministic mode: dQ from its own pass over the keys. Otherwise the dK/dV pass adds
+    # each tile's dQ with fp32 atomics (5 matmuls per tile instead of 7).
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    # DQ is unused without atomics, but the autotuner zeroes it between trials: never pass q.
+    dq_acc = torch.zeros((B, H, L, BLOCK_D) if atomic else (1,), dtype=torch.float32, device=q.device)
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, dq_acc, m4, *q.stride(), *k.stride(), *v.stride(),
+                 *dout.stride(), *dk.stride(), *dv.stride(), *mstr, *scalars)
+    _launch(_dkdv, core.attn_bwd_dkdv, "bwd_dkdv", lambda bm, bn: (triton.cdiv(S, bn), B * Hkv), dkdv_args,
+            dict(flags, ATOMIC_DQ=atomic))
+    if atomic:
+        dq = dq_acc[..., :D].to(q.dtype)
+    else:
+        dq = torch.empty_like(q)
+        dq_args = (q, k, v, dout, lse, delta, dq, m4, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+                   *dq.stride(), *mstr, *scalars)
+        _launch(_dq, core.attn_bwd_dq, "bwd_dq", lambda bm, bn: (triton.cdiv(L, bm), B * H), dq_args, flags)
+    return dq, dk, dv, None
