@@ -29,7 +29,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in _POINTERS:
-            ty = "fp32" if name in ("LSE", "Delta") or (name == "DQ" and constexprs.get("ATOMIC_DQ")) else dtype
+            ty = "fp32" if name in ("LSE", "Delta") else dtype
             sig[name] = "*i1" if name == "MASK" and constexprs.get("MASK_BOOL") else f"*{ty}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
@@ -50,8 +50,6 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=True, HAS_MASK=False,
                       MASK_BOOL=False, DROPOUT=False, DOT_PRECISION="tf32", **config.kwargs)
-    if "ATOMIC_DQ" in params:
-        constexprs["ATOMIC_DQ"] = True
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     sig, attrs = _signature(fn, _DTYPE[dtype], constexprs)
@@ -59,14 +57,14 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     return triton.compile(src, target=target, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
-KERNELS = {"fwd": core.attn_fwd, "bwd_dkdv": core.attn_bwd_dkdv, "bwd_dq": core.attn_bwd_dq}
+KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
 
 
 def _build_one(job: tuple) -> dict:
     kind, index, arch = job
-    from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, FWD_CONFIGS
+    from .configs import BWD_CONFIGS, FWD_CONFIGS
 
-    config = {"fwd": FWD_CONFIGS, "bwd_dkdv": BWD_DKDV_CONFIGS, "bwd_dq": BWD_DQ_CONFIGS}[kind][index]
+    config = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}[kind][index]
     dtype = "bfloat16" if arch >= 90 else "float16"
     compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype)
     ptx = compiled.asm["ptx"]
@@ -78,10 +76,9 @@ def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
     """Compile every shipped config of every core kernel for each arch; one dict per build."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, FWD_CONFIGS
+    from .configs import BWD_CONFIGS, FWD_CONFIGS
 
-    jobs = [(kind, i, arch) for kind, cfgs in (("fwd", FWD_CONFIGS), ("bwd_dkdv", BWD_DKDV_CONFIGS),
-                                                  ("bwd_dq", BWD_DQ_CONFIGS))
+    jobs = [(kind, i, arch) for kind, cfgs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS))
             for i in range(len(cfgs)) for arch in archs]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(_build_one, jobs))

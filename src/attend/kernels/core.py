@@ -13,6 +13,7 @@ Conventions
   straddle it (and the ragged tail) pay for masking.
 - A row with no visible key gets ``l = 0``: output 0, ``lse = -inf``; the backward reads such
   rows' ``lse`` as ``+inf`` so their probabilities, and gradients, are exactly 0.
+- Backward: one launch, no atomics (see ``attn_bwd``), so it is always deterministic.
 - Dropout: Philox (``tl.rand``) keyed by ``seed`` at offset ``((b*Hq + h)*L + i)*S + j``
   (int64), regenerated in the backward instead of stored.
 """
@@ -134,6 +135,8 @@ def attn_fwd(
 ):
     """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes Out [B, Hq, L, D] and LSE [B, Hq, L] (fp32, ln)."""
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query block sees the most keys: launch it first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -205,179 +208,228 @@ def attn_bwd_preprocess(
 
 
 @triton.jit
-def _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
+def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, mask_ptrs,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """P^T for a [BLOCK_N keys x BLOCK_M queries] tile, recomputed from the saved lse."""
-    s2 = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-    if HAS_MASK:
-        s2 += tl.trans(_mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL))
-    if MASKED and CAUSAL:
-        s2 = tl.where(cols[:, None] <= rows[None, :] + causal_off, s2, float("-inf"))
-    return tl.math.exp2(s2 - lse2[None, :])
-
-
-@triton.jit
-def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, Delta, DK, DV, DQ, MASK,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
-    H, G, L, S, qk_scale, sm_scale, causal_off, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """dK, dV for one key block of one KV head, summed over its G query heads (no atomics).
-
-    With ATOMIC_DQ, also adds this block's dQ contribution into the fp32 DQ buffer (contiguous
-    [B, Hq, L, BLOCK_D]). Grid: (cdiv(S, BLOCK_N), B * Hkv).
-    """
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    Hkv = H // G
-    b = bhk // Hkv
-    hk = bhk % Hkv
-    n0 = pid_n * BLOCK_N
-    cols = n0 + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    col_ok = cols < S
-    kv_ok = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
-                + tl.cast(cols, tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-    v = tl.load(V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
-                + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # Query rows that see any key of this block start at n0 - causal_off (causal only).
-    if CAUSAL:
-        lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M
-        # Query blocks from `clear` on see every key of this block: no causal mask needed.
-        clear = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
-        clear = 0
-    for g in range(G):
-        h = hk * G + g
-        bh = b * H + h
-        q_base = Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
-        do_base = DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
-        mask_base = MASK
+             DOT_PRECISION: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Log2-domain scores of a tile, masked. KEYS_FIRST: a = k [BN, D], b = q [BM, D] and the
+    tile is [BN, BM] (dK/dV side); else a = q, b = k and it is [BM, BN] (dQ side)."""
+    s2 = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale
+    if KEYS_FIRST:
         if HAS_MASK:
-            mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
-        for start_m in range(lo, L, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < L
-            qd_ok = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=qd_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
-            do = tl.load(do_base + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                         mask=qd_ok, other=0.0)
-            lse = tl.load(LSE + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
-            delta = tl.load(Delta + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=0.0)
-            mask_ptrs = mask_base
-            if HAS_MASK:
-                mask_ptrs = (mask_base + tl.cast(rows, tl.int64)[:, None] * stride_maskm
-                             + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
-            if start_m < clear:
-                pT = _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
-                              True, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION)
-            else:
-                pT = _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
-                              False, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-            if DROPOUT:
-                keep = tl.trans(_keep_mask(seed, bh, L, S, rows, cols, dropout_p))
-                zscale = 1.0 / (1.0 - dropout_p)
-                dv += tl.dot(tl.where(keep, pT * zscale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
-                dpT = tl.where(keep, dpT * zscale, 0.0)
-            else:
-                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dsT = pT * (dpT - delta[None, :])  # dLoss / d(score), [BLOCK_N, BLOCK_M]
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
-            if ATOMIC_DQ:
-                dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale
-                dq_ptrs = DQ + (tl.cast(bh, tl.int64) * L + tl.cast(rows, tl.int64)[:, None]) * BLOCK_D + offs_d[None, :]
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
-    dk *= sm_scale
-    tl.store(DK + tl.cast(b, tl.int64) * stride_dkb + tl.cast(hk, tl.int64) * stride_dkh
-             + tl.cast(cols, tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + tl.cast(b, tl.int64) * stride_dvb + tl.cast(hk, tl.int64) * stride_dvh
-             + tl.cast(cols, tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_ok)
+            s2 += tl.trans(_mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL))
+        if MASKED and CAUSAL:
+            s2 = tl.where(cols[:, None] <= rows[None, :] + causal_off, s2, float("-inf"))
+    else:
+        if HAS_MASK:
+            s2 += _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL)
+        if MASKED and CAUSAL:
+            s2 = tl.where(cols[None, :] <= rows[:, None] + causal_off, s2, float("-inf"))
+    return s2
 
 
 @triton.jit
-def attn_bwd_dq(
-    Q, K, V, DO, LSE, Delta, DQ, MASK,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
-    H, G, L, S, qk_scale, sm_scale, causal_off, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def _dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+    start, end, cols, offs_m, offs_d, bh, L, S, qk_scale, causal_off, seed, dropout_p,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ for one query block, looping over its visible key blocks (deterministic: no atomics).
-    Grid: (cdiv(L, BLOCK_M), B * Hq)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    m0 = pid_m * BLOCK_M
-    rows = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    """Accumulate dK, dV of one key block over query blocks [start, end) of one head.
+    MASKED: these query blocks straddle the causal diagonal. No dot sits under a branch, so the
+    loop software-pipelines."""
     d_ok = offs_d < HEAD_DIM
-    row_ok = rows < L
-    qd_ok = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
-                + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_ok, other=0.0)
-    do = tl.load(DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
-                 + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qd_ok, other=0.0)
-    lse = tl.load(LSE + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
-    delta = tl.load(Delta + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=0.0)
-    k_base = K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
-    v_base = V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full, hi = _causal_bounds(m0, S, causal_off, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < L
+        qd_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=qd_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(do_base + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=qd_ok, other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        mask_ptrs = mask_base
+        if HAS_MASK:
+            mask_ptrs = (mask_base + tl.cast(rows, tl.int64)[:, None] * stride_maskm
+                         + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
+        s2 = _scores2(k, q, L, S, rows, cols, qk_scale, causal_off, mask_ptrs,
+                      MASKED, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION, True)
+        pT = tl.math.exp2(s2 - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        if DROPOUT:
+            keep = tl.trans(_keep_mask(seed, bh, L, S, rows, cols, dropout_p))
+            zscale = 1.0 / (1.0 - dropout_p)
+            dv += tl.dot(tl.where(keep, pT * zscale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dpT = tl.where(keep, dpT * zscale, 0.0)
+        else:
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])  # dLoss / d(score), [BLOCK_N, BLOCK_M]
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, mask_base, start, end, rows, offs_n, offs_d, bh, L, S,
+    qk_scale, causal_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dQ of one query block over key blocks [start, end). MASKED: diagonal/tail blocks."""
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         kv_ok = (cols[:, None] < S) & d_ok[None, :]
-        k = tl.load(k_base + tl.cast(cols, tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-        mask_ptrs = MASK
+        k = tl.load(k_base + tl.cast(cols, tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_base + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=kv_ok, other=0.0)
+        mask_ptrs = mask_base
         if HAS_MASK:
-            mask_ptrs = (MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
-                         + tl.cast(rows, tl.int64)[:, None] * stride_maskm + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
-        if start_n >= full:
-            pT = _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
-                          True, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION)
-        else:
-            pT = _probs_t(k, q, lse2, rows, cols, L, S, qk_scale, causal_off, mask_ptrs,
-                          False, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION)
-        p = tl.trans(pT)  # [BLOCK_M, BLOCK_N]
+            mask_ptrs = (mask_base + tl.cast(rows, tl.int64)[:, None] * stride_maskm
+                         + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
+        s2 = _scores2(q, k, L, S, rows, cols, qk_scale, causal_off, mask_ptrs,
+                      MASKED, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION, False)
+        p = tl.math.exp2(s2 - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _keep_mask(seed, bh, L, S, rows, cols, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    dq *= sm_scale
-    tl.store(DQ + tl.cast(b, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
-             + tl.cast(rows, tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=qd_ok)
+    return dq
+
+
+@triton.jit
+def attn_bwd(
+    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    B, H, G, L, S, qk_scale, sm_scale, causal_off, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The whole backward in one launch, with no atomics (deterministic by construction).
+
+    Programs [0, n_kv) each own one key block of one KV head and write its dK, dV summed over
+    the G query heads of the group; programs [n_kv, n_kv + n_q) each own one query block of
+    one head and write its dQ. Sharing one launch lets both halves fill the GPU together.
+    Within a head, causal blocks run heaviest first. 1-D grid: n_kv + n_q.
+    """
+    pid = tl.program_id(0)
+    Hkv = H // G
+    d_offs = tl.arange(0, BLOCK_D)
+    d_ok = d_offs < HEAD_DIM
+    n_kv_blocks = tl.cdiv(S, BLOCK_N1)
+    n_kv = n_kv_blocks * B * Hkv
+    if pid < n_kv:
+        bhk = pid // n_kv_blocks
+        pid_n = pid % n_kv_blocks  # key block 0 sees the most queries: first within its head
+        b = bhk // Hkv
+        hk = bhk % Hkv
+        n0 = pid_n * BLOCK_N1
+        cols = n0 + tl.arange(0, BLOCK_N1)
+        offs_m = tl.arange(0, BLOCK_M1)
+        kv_ok = (cols < S)[:, None] & d_ok[None, :]
+        k = tl.load(K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
+                    + tl.cast(cols, tl.int64)[:, None] * stride_kn + d_offs[None, :] * stride_kd,
+                    mask=kv_ok, other=0.0)  # [BLOCK_N1, BLOCK_D]
+        v = tl.load(V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
+                    + tl.cast(cols, tl.int64)[:, None] * stride_vn + d_offs[None, :] * stride_vd,
+                    mask=kv_ok, other=0.0)
+        dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
+        if CAUSAL:
+            # Queries that see any key of this block start at n0 - causal_off; query blocks
+            # from `clear` on see all of it and need no causal mask.
+            lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M1) * BLOCK_M1
+            clear = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N1 - 1 - causal_off, 0), BLOCK_M1) * BLOCK_M1, L)
+            clear = tl.maximum(clear, lo)
+        else:
+            lo = 0
+            clear = 0
+        for g in range(G):
+            h = hk * G + g
+            bh = b * H + h
+            q_base = Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
+            do_base = DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
+            lse_base = LSE + tl.cast(bh, tl.int64) * L
+            delta_base = Delta + tl.cast(bh, tl.int64) * L
+            mask_base = MASK
+            if HAS_MASK:
+                mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
+            if CAUSAL:
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+                    lo, clear, cols, offs_m, d_offs, bh, L, S, qk_scale, causal_off, seed, dropout_p,
+                    stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+                    HEAD_DIM, BLOCK_M1, True, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION,
+                )
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+                clear, L, cols, offs_m, d_offs, bh, L, S, qk_scale, causal_off, seed, dropout_p,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+                HEAD_DIM, BLOCK_M1, False, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION,
+            )
+        dk *= sm_scale
+        tl.store(DK + tl.cast(b, tl.int64) * stride_dkb + tl.cast(hk, tl.int64) * stride_dkh
+                 + tl.cast(cols, tl.int64)[:, None] * stride_dkn + d_offs[None, :] * stride_dkd,
+                 dk.to(DK.dtype.element_ty), mask=kv_ok)
+        tl.store(DV + tl.cast(b, tl.int64) * stride_dvb + tl.cast(hk, tl.int64) * stride_dvh
+                 + tl.cast(cols, tl.int64)[:, None] * stride_dvn + d_offs[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=kv_ok)
+    else:
+        n_q_blocks = tl.cdiv(L, BLOCK_M2)
+        pid2 = pid - n_kv
+        bh = pid2 // n_q_blocks
+        pid_m = pid2 % n_q_blocks
+        if CAUSAL:
+            pid_m = n_q_blocks - 1 - pid_m  # the last query block sees the most keys: first
+        b = bh // H
+        h = bh % H
+        hk = h // G
+        m0 = pid_m * BLOCK_M2
+        rows = m0 + tl.arange(0, BLOCK_M2)
+        offs_n = tl.arange(0, BLOCK_N2)
+        row_ok = rows < L
+        qd_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
+                    + tl.cast(rows, tl.int64)[:, None] * stride_qm + d_offs[None, :] * stride_qd,
+                    mask=qd_ok, other=0.0)  # [BLOCK_M2, BLOCK_D]
+        do = tl.load(DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
+                     + tl.cast(rows, tl.int64)[:, None] * stride_dom + d_offs[None, :] * stride_dod,
+                     mask=qd_ok, other=0.0)
+        lse = tl.load(LSE + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
+        delta = tl.load(Delta + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=0.0)
+        k_base = K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
+        v_base = V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
+        mask_base = MASK
+        if HAS_MASK:
+            mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
+        dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
+        full, hi = _causal_bounds(m0, S, causal_off, BLOCK_M2, BLOCK_N2, CAUSAL)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, 0, full, rows, offs_n, d_offs, bh, L, S,
+                       qk_scale, causal_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
+                       stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
+                       False, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, full, hi, rows, offs_n, d_offs, bh, L, S,
+                       qk_scale, causal_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
+                       stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
+                       True, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
+        dq *= sm_scale
+        tl.store(DQ + tl.cast(b, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
+                 + tl.cast(rows, tl.int64)[:, None] * stride_dqm + d_offs[None, :] * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=qd_ok)

@@ -12,7 +12,7 @@ import torch
 import triton
 
 from . import core
-from .configs import BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, FWD_CONFIGS, INTERPRET_TILE, heuristic, prune
+from .configs import BWD_CONFIGS, FWD_CONFIGS, INTERPRET_TILE, heuristic, pruner
 
 _RCP_LN2 = core.RCP_LN2.value
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -21,12 +21,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _AUTOTUNE = os.environ.get("ATTEND_AUTOTUNE", "1") != "0"
 
 _fwd = triton.autotune(FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "L_BUCKET"],
-                       prune_configs_by={"early_config_prune": prune})(core.attn_fwd)
-_dkdv = triton.autotune(BWD_DKDV_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "ATOMIC_DQ"],
-                        prune_configs_by={"early_config_prune": prune}, reset_to_zero=["DQ"])(core.attn_bwd_dkdv)
-_dq = triton.autotune(BWD_DQ_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT"],
-                      prune_configs_by={"early_config_prune": prune})(core.attn_bwd_dq)
-
+                       prune_configs_by={"early_config_prune": pruner("fwd")})(core.attn_fwd)
+_bwd = triton.autotune(BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT"],
+                       prune_configs_by={"early_config_prune": pruner("bwd")})(core.attn_bwd)
 
 def _causal_off(causal: int, L: int, S: int) -> int:
     return 0 if causal == 1 else S - L
@@ -51,21 +48,18 @@ def _l_bucket(L: int) -> int:
     return 1 if L <= 16 else (64 if L <= 64 else 128)
 
 
-# Under the interpreter (which ignores warps and stages) one small fixed tile.
-_INTERPRET_LAUNCH = dict(BLOCK_M=INTERPRET_TILE, BLOCK_N=INTERPRET_TILE, num_warps=4, num_stages=1)
-
-
 def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None):
-    """Launch ``kernel`` with the interpreter tile, the autotuner, or the heuristic config.
-    ``grid_of(BLOCK_M, BLOCK_N)`` gives the grid."""
-    if _INTERPRET:
-        kernel[grid_of(INTERPRET_TILE, INTERPRET_TILE)](*args, **flags, **_INTERPRET_LAUNCH)
+    """Launch ``kernel`` with the interpreter's small tile, the autotuner, or the heuristic
+    config. ``grid_of(meta)`` gives the grid from the tile sizes."""
+    if _INTERPRET:  # the interpreter ignores warps and stages
+        t = INTERPRET_TILE
+        tiles = dict(BLOCK_M=t, BLOCK_N=t) if kind == "fwd" else dict(BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t)
+        kernel[grid_of(tiles)](*args, **flags, **tiles, num_warps=4, num_stages=1)
     elif _AUTOTUNE:
-        tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **flags)
+        tuned[grid_of](*args, **flags)
     else:
         c = heuristic(kind, flags["BLOCK_D"], l_bucket)
-        kernel[grid_of(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])](
-            *args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        kernel[grid_of(c.kwargs)](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: int):
@@ -81,7 +75,7 @@ def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: in
             float(dropout_p), int(seed), _l_bucket(L))
     flags = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal), HAS_MASK=mask is not None,
                  MASK_BOOL=mbool, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
-    _launch(_fwd, core.attn_fwd, "fwd", lambda bm, bn: (triton.cdiv(L, bm), B * H), args, flags, _l_bucket(L))
+    _launch(_fwd, core.attn_fwd, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L))
     return out, lse
 
 
@@ -103,23 +97,15 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     )
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     off = _causal_off(causal, L, S) if causal else 0
+    dq = torch.empty_like(q)
     flags = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=bool(causal), HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
-    scalars = (H, G, L, S, scale * _RCP_LN2, scale, off, float(dropout_p), int(seed))
-    # Deterministic mode: dQ from its own pass over the keys. Otherwise the dK/dV pass adds
-    # each tile's dQ with fp32 atomics (5 matmuls per tile instead of 7).
-    atomic = not torch.are_deterministic_algorithms_enabled()
-    # DQ is unused without atomics, but the autotuner zeroes it between trials: never pass q.
-    dq_acc = torch.zeros((B, H, L, BLOCK_D) if atomic else (1,), dtype=torch.float32, device=q.device)
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, dq_acc, m4, *q.stride(), *k.stride(), *v.stride(),
-                 *dout.stride(), *dk.stride(), *dv.stride(), *mstr, *scalars)
-    _launch(_dkdv, core.attn_bwd_dkdv, "bwd_dkdv", lambda bm, bn: (triton.cdiv(S, bn), B * Hkv), dkdv_args,
-            dict(flags, ATOMIC_DQ=atomic))
-    if atomic:
-        dq = dq_acc[..., :D].to(q.dtype)
-    else:
-        dq = torch.empty_like(q)
-        dq_args = (q, k, v, dout, lse, delta, dq, m4, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-                   *dq.stride(), *mstr, *scalars)
-        _launch(_dq, core.attn_bwd_dq, "bwd_dq", lambda bm, bn: (triton.cdiv(L, bm), B * H), dq_args, flags)
+    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dq.stride(), *dk.stride(), *dv.stride(), *mstr,
+            B, H, G, L, S, scale * _RCP_LN2, scale, off, float(dropout_p), int(seed))
+
+    def grid(m):  # dK/dV programs, then dQ programs (core.attn_bwd)
+        return (triton.cdiv(S, m["BLOCK_N1"]) * B * Hkv + triton.cdiv(L, m["BLOCK_M2"]) * B * H,)
+
+    _launch(_bwd, core.attn_bwd, "bwd", grid, args, flags)
     return dq, dk, dv, None
