@@ -269,7 +269,8 @@ def test_5d_float_mask_grad_by_default_dispatch():
     assert gm.shape == mask.shape and torch.allclose(gm.double(), gm64, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (1, 7), (3, 1, 7), (2, 1, 1, 7), (1, 3, 5, 1)], ids=str)
+@pytest.mark.parametrize("shape", [(5, 7), (1, 7), (3, 1, 7), (2, 1, 1, 7), (1, 3, 5, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_broadcast_mask_gradient_has_mask_shape(shape, use_kernel):
     use_kernel("blocked")
     torch.manual_seed(0)
