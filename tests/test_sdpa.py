@@ -272,10 +272,11 @@ def test_5d_float_mask_grad_by_default_dispatch():
 @pytest.mark.parametrize("shape", [(5, 7), (1, 7), (3, 1, 7), (2, 1, 1, 7), (1, 3, 5, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_broadcast_mask_gradient_has_mask_shape(shape, use_kernel):
+    # The blocked kernel's mask gradient, reduced per tile to the mask's own shape (CPU path).
     use_kernel("blocked")
     torch.manual_seed(0)
-    q, k = rand(2, 3, 5, 4, dtype=torch.float64), rand(2, 3, 7, 4, dtype=torch.float64)
-    mask = rand(*shape, dtype=torch.float64, requires_grad=True)
+    q, k = rand(2, 3, 5, 4, dtype=torch.float64, device="cpu"), rand(2, 3, 7, 4, dtype=torch.float64, device="cpu")
+    mask = rand(*shape, dtype=torch.float64, requires_grad=True, device="cpu")
 
     def f(m):
         with attend.sdpa_kernel(B.EFFICIENT_ATTENTION):

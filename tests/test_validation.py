@@ -7,7 +7,7 @@ import torch
 
 import attend
 from attend.bias import causal_lower_right
-from conftest import rand
+from conftest import DEVICE, rand
 
 q4 = rand(2, 8, 16, 32)
 
@@ -25,16 +25,20 @@ q4 = rand(2, 8, 16, 32)
         (dict(query=rand(16, 32), key=rand(16, 32), value=rand(16, 32)), ValueError, r"at least 3 dims .* shape \(16, 32\)"),
         (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
         (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\), got -0.1"),
-        (dict(attn_mask=torch.ones(3, 16, 16, dtype=torch.bool)), ValueError,
+        (dict(attn_mask=torch.ones(3, 16, 16, dtype=torch.bool, device=DEVICE)), ValueError,
          r"attn_mask of shape \(3, 16, 16\) does not broadcast to \(..., L, S\) = \(2, 8, 16, 16\)"),
-        (dict(attn_mask=torch.ones(16, 16, dtype=torch.bool), is_causal=True), ValueError, "either attn_mask or is_causal"),
-        (dict(attn_mask=torch.ones(16, 16, dtype=torch.int64)), TypeError, "attn_mask has dtype torch.int64"),
+        (dict(attn_mask=torch.ones(16, 16, dtype=torch.bool, device=DEVICE), is_causal=True), ValueError,
+         "either attn_mask or is_causal"),
+        (dict(attn_mask=torch.ones(16, 16, dtype=torch.int64, device=DEVICE)), TypeError,
+         "attn_mask has dtype torch.int64"),
+        (dict(attn_mask=torch.ones(16, 16, dtype=torch.bool, device="meta")), ValueError, "attn_mask is on meta"),
         (dict(attn_mask=causal_lower_right(4, 16)), ValueError, r"CausalBias for \(4, 16\) but query/key lengths are \(16, 16\)"),
         (dict(scale=float("nan")), ValueError, "scale must be a finite float"),
         (dict(key=rand(3, 8, 16, 32), value=rand(3, 8, 16, 32)), ValueError, "same batch dims"),
     ],
     ids=["dtype_mismatch", "int_dtype", "head_dim", "kv_len", "gqa_divisible", "gqa_flag", "rank", "dropout_1",
-         "dropout_neg", "mask_broadcast", "mask_and_causal", "mask_dtype", "bias_size", "scale_nan", "batch"],
+         "dropout_neg", "mask_broadcast", "mask_and_causal", "mask_dtype", "mask_device", "bias_size", "scale_nan",
+         "batch"],
 )
 def test_errors_name_argument_and_value(kwargs, exc, pattern):
     args = dict(query=q4, key=q4, value=q4)

@@ -48,7 +48,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
                    **flags):
     """Compile one core kernel for ``target``; returns the compiled object (``.asm['ptx']``...)."""
     params = inspect.signature(fn.fn).parameters
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=True, HAS_MASK=False,
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, HAS_MASK=False,
                       MASK_BOOL=False, DROPOUT=False, DOT_PRECISION="tf32", **config.kwargs)
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}

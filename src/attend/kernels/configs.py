@@ -32,7 +32,8 @@ def _b(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> triton.Co
 
 BWD_CONFIGS = [
     _b(64, 128, 128, 64, 8, 2), _b(64, 128, 128, 64, 8, 3), _b(64, 64, 64, 64, 4, 2), _b(64, 64, 64, 64, 4, 3),
-    _b(32, 128, 128, 32, 4, 2), _b(32, 64, 64, 32, 4, 2), _b(16, 64, 64, 16, 4, 2),
+    _b(64, 128, 64, 64, 8, 2), _b(32, 128, 64, 64, 4, 3), _b(32, 128, 128, 32, 4, 2), _b(32, 64, 64, 32, 4, 2),
+    _b(16, 64, 64, 16, 4, 2),
 ]
 
 # Estimated shared-memory budget per program by compute capability major version: the

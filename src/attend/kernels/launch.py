@@ -44,6 +44,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two, and to 16: tl.dot needs K >= 16 (loads mask the pad)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _l_bucket(L: int) -> int:
     return 1 if L <= 16 else (64 if L <= 64 else 128)
 
@@ -73,7 +78,7 @@ def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: in
     args = (q, k, v, out, lse, m4, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
             H, H // Hkv, L, S, scale * _RCP_LN2, _causal_off(causal, L, S) if causal else 0,
             float(dropout_p), int(seed), _l_bucket(L))
-    flags = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal), HAS_MASK=mask is not None,
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), HAS_MASK=mask is not None,
                  MASK_BOOL=mbool, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
     _launch(_fwd, core.attn_fwd, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L))
     return out, lse
@@ -85,7 +90,7 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = block_d(D)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if L == 0 or S == 0:
