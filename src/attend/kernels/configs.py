@@ -1,7 +1,7 @@
 """Tuning data for the Triton core: candidate configs per kernel and the prune function.
 
 The autotuner benchmarks the candidates that survive ``prune`` once per key (head dim, causal,
-mask, dropout, and for the forward a query-length bucket). Candidates come from the H100 sweep
+mask, dropout, a sequence-length bucket, and for the forward a query-length bucket). Candidates come from the H100 sweep
 recorded in benchmarks/RESULTS.md; keep the lists short, since every candidate is compiled on a
 key's first call and checked to build for sm_90/sm_80 in CI.
 """
@@ -84,11 +84,11 @@ def pruner(kind: str):
     return prune
 
 
-# Used when autotuning is off (ATTEND_AUTOTUNE=0): one config per kernel and head-dim class.
-# Chosen from the H100 sweep in benchmarks/RESULTS.md (the autotuner's most frequent winners).
+# Used when autotuning is off (ATTEND_AUTOTUNE=0): one config per kernel and head-dim class,
+# the autotuner's picks in the 2026-11-27 H100 runs (benchmarks/RESULTS.md); D=256 is untuned.
 _HEURISTIC = {
     ("fwd", 64): _c(128, 64, 8, 3), ("fwd", 128): _c(64, 64, 4, 3), ("fwd", 256): _c(64, 32, 4, 2),
-    ("bwd", 64): _b(64, 128, 128, 64, 8, 2), ("bwd", 128): _b(64, 128, 128, 64, 8, 2),
+    ("bwd", 64): _b(32, 128, 64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2),
     ("bwd", 256): _b(16, 64, 64, 16, 4, 2),
 }
 _DECODE = _c(16, 128, 4, 3)

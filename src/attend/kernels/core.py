@@ -128,7 +128,7 @@ def attn_fwd(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     H, G, L, S, qk_scale, causal_off, dropout_p, seed,
-    L_BUCKET,  # unused by the code: the autotuner's key, so decode and prefill tune apart
+    L_BUCKET, SEQ_BUCKET,  # unused by the code: autotuner keys, so decode/prefill and short/long tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -316,6 +316,7 @@ def attn_bwd(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     B, H, G, L, S, qk_scale, sm_scale, causal_off, dropout_p, seed,
+    SEQ_BUCKET,  # unused by the code: the autotuner's key, so short and long sequences tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,

@@ -20,9 +20,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # and uses configs.heuristic instead.
 _AUTOTUNE = os.environ.get("ATTEND_AUTOTUNE", "1") != "0"
 
-_fwd = triton.autotune(FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "L_BUCKET"],
+_fwd = triton.autotune(FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "L_BUCKET", "SEQ_BUCKET"],
                        prune_configs_by={"early_config_prune": pruner("fwd")})(core.attn_fwd)
-_bwd = triton.autotune(BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT"],
+_bwd = triton.autotune(BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "SEQ_BUCKET"],
                        prune_configs_by={"early_config_prune": pruner("bwd")})(core.attn_bwd)
 
 def _causal_off(causal: int, L: int, S: int) -> int:
@@ -53,6 +53,11 @@ def _l_bucket(L: int) -> int:
     return 1 if L <= 16 else (64 if L <= 64 else 128)
 
 
+def _seq_bucket(S: int) -> int:
+    # The H100 runs picked different backward tiles at S=1024 and S=16384 (RESULTS.md).
+    return 1024 if S <= 1024 else (4096 if S <= 4096 else 16384)
+
+
 def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None):
     """Launch ``kernel`` with the interpreter's small tile, the autotuner, or the heuristic
     config. ``grid_of(meta)`` gives the grid from the tile sizes."""
@@ -77,7 +82,7 @@ def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: in
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     args = (q, k, v, out, lse, m4, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
             H, H // Hkv, L, S, scale * _RCP_LN2, _causal_off(causal, L, S) if causal else 0,
-            float(dropout_p), int(seed), _l_bucket(L))
+            float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), HAS_MASK=mask is not None,
                  MASK_BOOL=mbool, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
     _launch(_fwd, core.attn_fwd, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L))
@@ -107,7 +112,7 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
                  DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
     args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *dq.stride(), *dk.stride(), *dv.stride(), *mstr,
-            B, H, G, L, S, scale * _RCP_LN2, scale, off, float(dropout_p), int(seed))
+            B, H, G, L, S, scale * _RCP_LN2, scale, off, float(dropout_p), int(seed), _seq_bucket(max(L, S)))
 
     def grid(m):  # dK/dV programs, then dQ programs (core.attn_bwd)
         return (triton.cdiv(S, m["BLOCK_N1"]) * B * Hkv + triton.cdiv(L, m["BLOCK_M2"]) * B * H,)
