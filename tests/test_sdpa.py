@@ -32,6 +32,8 @@ CASES = [
     ("lower_right_L>S", 45, 17, 2, 2, 16, "lower_right"),
     ("upper_left_L>S", 45, 17, 2, 2, 16, "upper_left"),
     ("head_dim_80", 24, 40, 2, 2, 80, "causal"),
+    ("head_dim_192", 20, 29, 2, 1, 192, None),
+    ("head_dim_256", 18, 18, 2, 2, 256, "causal"),
 ]
 FLASH_KINDS = {None, "causal", "lower_right", "upper_left"}
 # The dtypes each backend accepts from the Triton core (FLASH: half types only).

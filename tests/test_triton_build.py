@@ -24,15 +24,17 @@ def builds():
 
 
 def test_every_config_builds_for_hopper_and_ampere(builds):
-    expected = 2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS))
+    expected = 2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4  # + heuristic configs at D=64, 256
     assert len(builds) == expected
+    assert {b["head_dim"] for b in builds} == {64, 128, 256}
     for b in builds:
         decode_tile = b["kernel"] == "fwd" and b["config"].startswith("BLOCK_M: 16,")
         if b["arch"] == 90 and decode_tile:
             assert b["mma_sync"], f"{b['config']} decode tile on sm_90"
         elif b["arch"] == 90:
-            assert b["wgmma"], f"{b['kernel']} {b['config']} on sm_90 does not use wgmma"
+            assert b["wgmma"], f"{b['kernel']} {b['config']} D={b['head_dim']} on sm_90 does not use wgmma"
         else:
             assert b["mma_sync"] and not b["wgmma"], f"{b['kernel']} {b['config']} on sm_80"
         if b["arch"] == 90:  # on sm_80 the autotuner's prune drops the configs that need more
-            assert b["shared"] <= 227 * 1024, f"{b['kernel']} {b['config']} needs {b['shared']} B smem"
+            assert b["shared"] <= 227 * 1024, \
+                f"{b['kernel']} {b['config']} D={b['head_dim']} needs {b['shared']} B smem"

@@ -61,25 +61,27 @@ KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
 
 
 def _build_one(job: tuple) -> dict:
-    kind, index, arch = job
-    from .configs import BWD_CONFIGS, FWD_CONFIGS
+    kind, index, arch, head_dim = job
+    from .configs import BWD_CONFIGS, FWD_CONFIGS, heuristic
 
-    config = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}[kind][index]
+    config = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}[kind][index] if index >= 0 else heuristic(kind, head_dim)
     dtype = "bfloat16" if arch >= 90 else "float16"
-    compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype)
+    compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype, head_dim=head_dim)
     ptx = compiled.asm["ptx"]
-    return dict(kernel=kind, config=str(config), arch=arch, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx,
-                shared=compiled.metadata.shared, local_spill="ld.local" in ptx)
+    return dict(kernel=kind, config=str(config), arch=arch, head_dim=head_dim, wgmma="wgmma" in ptx,
+                mma_sync="mma.sync" in ptx, shared=compiled.metadata.shared)
 
 
 def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
-    """Compile every shipped config of every core kernel for each arch; one dict per build."""
+    """Compile every shipped config of every core kernel for each arch at head dim 128, and the
+    fixed (heuristic) configs at head dims 64 and 256; one dict per build."""
     from concurrent.futures import ProcessPoolExecutor
 
     from .configs import BWD_CONFIGS, FWD_CONFIGS
 
-    jobs = [(kind, i, arch) for kind, cfgs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS))
+    jobs = [(kind, i, arch, 128) for kind, cfgs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS))
             for i in range(len(cfgs)) for arch in archs]
+    jobs += [(kind, -1, 90, d) for kind in ("fwd", "bwd") for d in (64, 256)]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(_build_one, jobs))
 
