@@ -119,8 +119,11 @@ def _directional_grad_check(f, inputs, eps=1e-2, rtol=2e-2):
     grads = torch.autograd.grad(out, inputs, g)
     for i, (t, gr) in enumerate(zip(inputs, grads)):
         direction = torch.randn_like(t)
-        shifted = lambda s: (f(*[x.detach() + s * eps * direction if j == i else x.detach()
-                                 for j, x in enumerate(inputs)]) * g).sum()
+
+        def shifted(s, i=i, direction=direction):
+            return (f(*[x.detach() + s * eps * direction if j == i else x.detach()
+                        for j, x in enumerate(inputs)]) * g).sum()
+
         numeric = ((shifted(1) - shifted(-1)) / (2 * eps)).item()
         analytic = (gr * direction).sum().item()
         assert abs(numeric - analytic) <= rtol * max(1.0, abs(numeric)), (i, numeric, analytic)

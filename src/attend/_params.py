@@ -44,11 +44,6 @@ class SDPAParams:
         """The mask as a tensor, or None when there is none or it is a CausalBias."""
         return self.attn_mask if isinstance(self.attn_mask, torch.Tensor) else None
 
-    @property
-    def requires_grad(self) -> bool:
-        tensors = [self.query, self.key, self.value, self.dense_mask]
-        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
 
 def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
@@ -128,11 +123,6 @@ def to_4d(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 4:
         return t
     return t.reshape(-1, *t.shape[-3:])
-
-
-def mask_to_4d(mask: torch.Tensor, q: torch.Tensor, s: int) -> torch.Tensor:
-    """Broadcast a mask to q's (..., L, S) as a stride-0 view, then to the 4-D layout."""
-    return to_4d(mask.expand(*q.shape[:-1], s))
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

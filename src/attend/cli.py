@@ -10,7 +10,6 @@ import torch
 
 import attend
 
-from ._enums import ALL_BACKENDS
 from .backends import default_priority
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}

@@ -1,5 +1,5 @@
 """attend's fused attention as ``torch.library`` custom ops (compile- and export-safe)."""
 
-from .attention import CAUSAL_CODES, KERNELS, TRITON_IMPORT_ERROR, fused_attention
+from .attention import KERNELS, TRITON_IMPORT_ERROR, fused_attention
 
-__all__ = ["fused_attention", "KERNELS", "CAUSAL_CODES", "TRITON_IMPORT_ERROR"]
+__all__ = ["fused_attention", "KERNELS", "TRITON_IMPORT_ERROR"]

@@ -1,7 +1,7 @@
 """``attend::fused_fwd`` / ``attend::fused_bwd``: one op pair over every fused kernel.
 
 ``kernel`` names the launcher ("blocked": torch ops on any device; "triton": attend's Triton
-core), so ``torch.compile`` sees one opaque op per call with a fake implementation and a
+core) and ``causal`` is 0 (none), 1 (top-left, ``is_causal``) or 2 (bottom-right), so ``torch.compile`` sees one opaque op per call with a fake implementation and a
 registered autograd formula, never a graph break.
 """
 
@@ -22,9 +22,6 @@ except ImportError as e:  # no triton installed
     TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 else:
     KERNELS["triton"] = (_triton_launch.forward, _triton_launch.backward)
-
-# causal argument of the ops: 0 = none, 1 = top-left (is_causal), 2 = bottom-right.
-CAUSAL_CODES = {None: 0, "upper_left": 1, "lower_right": 2}
 
 
 def _launchers(kernel: str) -> tuple[Callable, Callable]:
