@@ -1,8 +1,9 @@
 """``attend::fused_fwd`` / ``attend::fused_bwd``: one op pair over every fused kernel.
 
 ``kernel`` names the launcher ("blocked": torch ops on any device; "triton": attend's Triton
-core) and ``causal`` is 0 (none), 1 (top-left, ``is_causal``) or 2 (bottom-right), so ``torch.compile`` sees one opaque op per call with a fake implementation and a
-registered autograd formula, never a graph break.
+core); ``causal`` is 0 (none), 1 (top-left, ``is_causal``) or 2 (bottom-right).
+``torch.compile`` sees one opaque op per call, with a fake implementation and a registered
+autograd formula, never a graph break.
 """
 
 from __future__ import annotations
