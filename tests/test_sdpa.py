@@ -376,3 +376,32 @@ def test_blocked_forward_memory_is_linear():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     mib = float(res.stdout.split()[-1])
     assert mib < 200, f"blocked forward raised peak RSS by {mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gqa_dropout_backward_regenerates_the_forward_mask(kernel, use_kernel):
+    """GQA + causal + dropout: dK/dV sum over the query heads of a group, each with its own mask."""
+    use_kernel(kernel)
+    torch.manual_seed(0)
+    q = rand(2, 4, 21, 16, requires_grad=True)
+    k, v = (rand(2, 2, 27, 16, requires_grad=True) for _ in range(2))
+
+    def f(q, k, v):
+        torch.manual_seed(7)
+        with attend.sdpa_kernel(B.EFFICIENT_ATTENTION):
+            return attend.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True, enable_gqa=True)
+
+    _directional_grad_check(f, (q, k, v))
+
+
+@pytest.mark.parametrize("backend,kernel", list(_all_backend_params()))
+def test_decode_shape(backend, kernel, use_kernel):
+    """L=1 against a long cache, GQA, bottom-right causal (the last query sees every key)."""
+    if kernel is not None:
+        use_kernel(kernel)
+    dt = _dtype_for(backend, kernel)
+    q, k, v = rand(3, 8, 1, 32, dtype=dt), rand(3, 2, 300, 32, dtype=dt), rand(3, 2, 300, 32, dtype=dt)
+    with attend.sdpa_kernel(backend):
+        out = attend.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(1, 300), enable_gqa=True)
+    ref64, _ = reference(q, k, v, enable_gqa=True)
+    assert_scaled_close(out, ref64, same_precision(q, k, v, enable_gqa=True))
