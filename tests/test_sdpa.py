@@ -86,9 +86,7 @@ def test_forward_backward_match_float64(backend, kernel, case, dtype, use_kernel
         use_kernel(kernel)
     torch.manual_seed(sum(map(ord, case[0])))
     q, k, v, kw = _make(case, dtype, grad=True)
-    mask_grad = case[6] == "float" and (kernel != "triton")
-    if case[6] == "float" and not mask_grad:
-        kw["attn_mask"] = kw["attn_mask"].detach()
+    mask_grad = case[6] == "float"
     with attend.sdpa_kernel(backend):
         d = attend.explain(q, k, v, **kw)
         assert d.backend is backend, str(d)
@@ -274,20 +272,29 @@ def test_5d_float_mask_grad_by_default_dispatch():
     assert gm.shape == mask.shape and torch.allclose(gm.double(), gm64, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", [(5, 7), (1, 7), (3, 1, 7), (2, 1, 1, 7), (1, 3, 5, 1)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_broadcast_mask_gradient_has_mask_shape(shape, use_kernel):
-    # The blocked kernel's mask gradient, reduced per tile to the mask's own shape (CPU path).
-    use_kernel("blocked")
+def test_broadcast_mask_gradient_has_mask_shape(shape, kernel, use_kernel):
+    """The mask gradient is reduced to the mask's own shape (blocked: per tile; Triton: atomic
+    adds through stride-0 dims), never through a full (B, H, L, S) temporary."""
+    use_kernel(kernel)
     torch.manual_seed(0)
-    q, k = rand(2, 3, 5, 4, dtype=torch.float64, device="cpu"), rand(2, 3, 7, 4, dtype=torch.float64, device="cpu")
-    mask = rand(*shape, dtype=torch.float64, requires_grad=True, device="cpu")
+    dtype = torch.float64 if kernel == "blocked" else torch.float32
+    q, k = rand(2, 3, 5, 16, dtype=dtype), rand(2, 3, 7, 16, dtype=dtype)
+    mask = rand(*shape, dtype=dtype, requires_grad=True)
 
     def f(m):
         with attend.sdpa_kernel(B.EFFICIENT_ATTENTION):
             return attend.scaled_dot_product_attention(q, k, k, attn_mask=m)
 
-    assert torch.autograd.gradcheck(f, (mask,))
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(f, (mask,))
+    else:
+        (g,) = torch.autograd.grad(f(mask), mask, torch.ones(2, 3, 5, 16, device=DEVICE))
+        ref64, p = reference(q, k, k, attn_mask=mask)
+        (g64,) = torch.autograd.grad(ref64, p.attn_mask, torch.ones_like(ref64))
+        assert g.shape == mask.shape and torch.allclose(g.double(), g64, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend,kernel", list(_all_backend_params()))

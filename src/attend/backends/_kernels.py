@@ -52,6 +52,10 @@ def triton_reasons(p: SDPAParams) -> list[str]:
 def triton_mask_reasons(p: SDPAParams) -> list[str]:
     reasons = triton_reasons(p)
     m = p.dense_mask
-    if m is not None and m.is_floating_point() and m.requires_grad and torch.is_grad_enabled():
-        reasons.append("attn_mask requires grad; the Triton core does not compute the mask gradient yet")
+    if (m is not None and m.is_floating_point() and m.requires_grad and torch.is_grad_enabled()
+            and torch.are_deterministic_algorithms_enabled()):
+        full = (*p.query.shape[:-1], p.key.shape[-2])
+        if tuple(m.shape) != full:
+            reasons.append(f"attn_mask {tuple(m.shape)} requires grad and broadcasts to {full}; its gradient "
+                           "needs atomic adds, which deterministic mode forbids")
     return reasons

@@ -18,7 +18,7 @@ from . import core
 _DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
 _INT64 = {"seed"}
-_POINTERS = {"Q", "K", "V", "Out", "LSE", "MASK", "DO", "Delta", "DK", "DV", "DQ"}
+_POINTERS = {"Q", "K", "V", "Out", "LSE", "MASK", "DMASK", "DO", "Delta", "DK", "DV", "DQ"}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
@@ -29,7 +29,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in _POINTERS:
-            ty = "fp32" if name in ("LSE", "Delta") else dtype
+            ty = "fp32" if name in ("LSE", "Delta", "DMASK") else dtype
             sig[name] = "*i1" if name == "MASK" and constexprs.get("MASK_BOOL") else f"*{ty}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
@@ -49,7 +49,8 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     """Compile one core kernel for ``target``; returns the compiled object (``.asm['ptx']``...)."""
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, HAS_MASK=False,
-                      MASK_BOOL=False, DROPOUT=False, DOT_PRECISION="tf32", **config.kwargs)
+                      MASK_BOOL=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False, DOT_PRECISION="tf32",
+                      **config.kwargs)
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     sig, attrs = _signature(fn, _DTYPE[dtype], constexprs)
@@ -58,23 +59,32 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
 
 
 KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
+# Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds.
+_FEATURES = {
+    "bool_mask_dropout": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, DROPOUT=True),
+    "bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True),
+    "broadcast_bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True, MASK_GRAD_ATOMIC=True),
+}
 
 
 def _build_one(job: tuple) -> dict:
-    kind, index, arch, head_dim = job
+    kind, index, arch, head_dim, *feature = job
     from .configs import BWD_CONFIGS, FWD_CONFIGS, heuristic
 
     config = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}[kind][index] if index >= 0 else heuristic(kind, head_dim)
     dtype = "bfloat16" if arch >= 90 else "float16"
-    compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype, head_dim=head_dim)
+    flags = _FEATURES[feature[0]] if feature else {}
+    compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype, head_dim=head_dim,
+                              **flags)
     ptx = compiled.asm["ptx"]
-    return dict(kernel=kind, config=str(config), arch=arch, head_dim=head_dim, wgmma="wgmma" in ptx,
+    return dict(kernel=kind, config=str(config), arch=arch, head_dim=head_dim, feature=feature[0] if feature else "",
+                wgmma="wgmma" in ptx,
                 mma_sync="mma.sync" in ptx, shared=compiled.metadata.shared)
 
 
 def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
-    """Compile every shipped config of every core kernel for each arch at head dim 128, and the
-    fixed (heuristic) configs at head dims 64 and 256; one dict per build."""
+    """Compile every shipped config of every core kernel for each arch at head dim 128, the fixed
+    (heuristic) configs at head dims 64 and 256, and the feature variants; one dict per build."""
     from concurrent.futures import ProcessPoolExecutor
 
     from .configs import BWD_CONFIGS, FWD_CONFIGS
@@ -82,6 +92,7 @@ def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
     jobs = [(kind, i, arch, 128) for kind, cfgs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS))
             for i in range(len(cfgs)) for arch in archs]
     jobs += [(kind, -1, 90, d) for kind in ("fwd", "bwd") for d in (64, 256)]
+    jobs += [(kind, -1, 90, 128, feature) for kind in ("fwd", "bwd") for feature in _FEATURES]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(_build_one, jobs))
 

@@ -229,12 +229,12 @@ def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, mask_ptrs,
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base,
     start, end, cols, offs_m, offs_d, bh, L, S, qk_scale, causal_off, seed, dropout_p,
-    stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one head.
     MASKED: these query blocks straddle the causal diagonal. No dot sits under a branch, so the
@@ -268,6 +268,16 @@ def _dkdv_inner(
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])  # dLoss / d(score), [BLOCK_N, BLOCK_M]
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if MASK_GRAD:
+            # d(additive mask) = dS. A broadcast mask's buffer has stride 0 on its broadcast dims,
+            # so the tiles that share an element add into it; a full-size mask gets plain stores.
+            dm_ptrs = (dmask_base + tl.cast(rows, tl.int64)[None, :] * stride_dmaskm
+                       + tl.cast(cols, tl.int64)[:, None] * stride_dmaskn)
+            dm_ok = row_ok[None, :] & (cols < S)[:, None]
+            if MASK_GRAD_ATOMIC:
+                tl.atomic_add(dm_ptrs, dsT, mask=dm_ok, sem="relaxed")
+            else:
+                tl.store(dm_ptrs, dsT, mask=dm_ok)
     return dk, dv
 
 
@@ -306,7 +316,7 @@ def _dq_inner(
 
 @triton.jit
 def attn_bwd(
-    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK,
+    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -315,14 +325,18 @@ def attn_bwd(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_dmaskb, stride_dmaskh, stride_dmaskm, stride_dmaskn,
     B, H, G, L, S, qk_scale, sm_scale, causal_off, dropout_p, seed,
     SEQ_BUCKET,  # unused by the code: the autotuner's key, so short and long sequences tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The whole backward in one launch, with no atomics (deterministic by construction).
+
+    MASK_GRAD: also write d(attn_mask) = dS into DMASK (fp32, the mask's strides); with
+    MASK_GRAD_ATOMIC (a broadcast mask) by atomic adds, the one nondeterministic case.
 
     Programs [0, n_kv) each own one key block of one KV head and write its dK, dV summed over
     the G query heads of the group; programs [n_kv, n_kv + n_q) each own one query block of
@@ -369,20 +383,25 @@ def attn_bwd(
             lse_base = LSE + tl.cast(bh, tl.int64) * L
             delta_base = Delta + tl.cast(bh, tl.int64) * L
             mask_base = MASK
+            dmask_base = DMASK
             if HAS_MASK:
                 mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
+            if MASK_GRAD:
+                dmask_base = DMASK + tl.cast(b, tl.int64) * stride_dmaskb + tl.cast(h, tl.int64) * stride_dmaskh
             if CAUSAL:
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base,
                     lo, clear, cols, offs_m, d_offs, bh, L, S, qk_scale, causal_off, seed, dropout_p,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                    HEAD_DIM, BLOCK_M1, True, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION,
+                    stride_dmaskm, stride_dmaskn, HEAD_DIM, BLOCK_M1, True, CAUSAL, HAS_MASK, MASK_BOOL,
+                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DOT_PRECISION,
                 )
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base,
                 clear, L, cols, offs_m, d_offs, bh, L, S, qk_scale, causal_off, seed, dropout_p,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                HEAD_DIM, BLOCK_M1, False, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION,
+                stride_dmaskm, stride_dmaskn, HEAD_DIM, BLOCK_M1, False, CAUSAL, HAS_MASK, MASK_BOOL,
+                DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DOT_PRECISION,
             )
         dk *= sm_scale
         tl.store(DK + tl.cast(b, tl.int64) * stride_dkb + tl.cast(hk, tl.int64) * stride_dkh

@@ -22,8 +22,8 @@ _AUTOTUNE = os.environ.get("ATTEND_AUTOTUNE", "1") != "0"
 
 _fwd = triton.autotune(FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "L_BUCKET", "SEQ_BUCKET"],
                        prune_configs_by={"early_config_prune": pruner("fwd")})(core.attn_fwd)
-_bwd = triton.autotune(BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "SEQ_BUCKET"],
-                       prune_configs_by={"early_config_prune": pruner("bwd")})(core.attn_bwd)
+_bwd = triton.autotune(BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "MASK_GRAD", "SEQ_BUCKET"],
+                       prune_configs_by={"early_config_prune": pruner("bwd")}, reset_to_zero=["DMASK"])(core.attn_bwd)
 
 def _causal_off(causal: int, L: int, S: int) -> int:
     return 0 if causal == 1 else S - L
@@ -89,9 +89,13 @@ def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: in
     return out, lse
 
 
+def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> bool:
+    """A mask smaller than (B, H, L, S) collects its gradient by atomic adds (nondeterministic)."""
+    m4 = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    return tuple(m4) != tuple(shape)
+
+
 def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale: float, seed: int, mask_grad: bool):
-    if mask_grad:
-        raise NotImplementedError("the Triton core has no attn_mask gradient yet")
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -99,7 +103,8 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if L == 0 or S == 0:
-        return torch.zeros_like(q), dk.zero_(), dv.zero_(), None
+        dmask = torch.zeros_like(mask) if mask_grad else None
+        return torch.zeros_like(q), dk.zero_(), dv.zero_(), dmask
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     pre_m = 64
     core.attn_bwd_preprocess[(triton.cdiv(L, pre_m), B * H)](
@@ -108,14 +113,24 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     off = _causal_off(causal, L, S) if causal else 0
     dq = torch.empty_like(q)
+    # d(mask) in fp32 in the mask's own (possibly broadcast) shape; the kernel addresses it
+    # through the expanded view's strides (0 on broadcast dims). The autotuner zeroes DMASK
+    # between trials, so it is always a real buffer of its own, never q.
+    if mask_grad:
+        dmask = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
+        dmstr = _mask_args(dmask, B, H, L, S, q)[1]
+    else:
+        dmask, dmstr = torch.zeros(1, dtype=torch.float32, device=q.device), (0, 0, 0, 0)
+    atomic = mask_grad and mask_grad_is_atomic(mask, (B, H, L, S))
     flags = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=bool(causal), HAS_MASK=mask is not None, MASK_BOOL=mbool,
-                 DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
-    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *dq.stride(), *dk.stride(), *dv.stride(), *mstr,
+                 DROPOUT=dropout_p > 0.0, MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic,
+                 DOT_PRECISION=_dot_precision(q.dtype))
+    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr,
             B, H, G, L, S, scale * _RCP_LN2, scale, off, float(dropout_p), int(seed), _seq_bucket(max(L, S)))
 
     def grid(m):  # dK/dV programs, then dQ programs (core.attn_bwd)
         return (triton.cdiv(S, m["BLOCK_N1"]) * B * Hkv + triton.cdiv(L, m["BLOCK_M2"]) * B * H,)
 
     _launch(_bwd, core.attn_bwd, "bwd", grid, args, flags)
-    return dq, dk, dv, None
+    return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None)
