@@ -25,6 +25,7 @@ _fwd = triton.autotune(FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROP
 _bwd = triton.autotune(BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "MASK_GRAD", "SEQ_BUCKET"],
                        prune_configs_by={"early_config_prune": pruner("bwd")}, reset_to_zero=["DMASK"])(core.attn_bwd)
 
+
 def _causal_off(causal: int, L: int, S: int) -> int:
     return 0 if causal == 1 else S - L
 
