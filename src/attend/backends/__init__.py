@@ -15,6 +15,7 @@ from ._base import Backend
 from .cudnn import CudnnBackend
 from .efficient import EfficientBackend
 from .flash import FlashBackend
+from . import flash_impls  # noqa: F401  (registers "FA2" and "FA4"; never activates them)
 from .math import MathBackend, math_attention
 from .overrideable import OverrideableBackend, register_overrideable
 
