@@ -29,9 +29,10 @@ KERNEL_DTYPES = {
 
 @pytest.fixture
 def use_kernel(monkeypatch):
-    """Route CPU FLASH/EFFICIENT calls to one kernel: 'blocked' turns the interpreter route off."""
+    """Route CPU FLASH/EFFICIENT calls to one kernel: 'blocked' turns the interpreter route off;
+    'triton' and None (MATH tests) keep the default route."""
 
-    def choose(kernel: str) -> None:
+    def choose(kernel: str | None) -> None:
         if kernel == "blocked":
             monkeypatch.setattr(_kernels, "interpreter_on", lambda: False)
     return choose

@@ -82,8 +82,7 @@ def _params():
 
 @pytest.mark.parametrize("backend,kernel,case,dtype", list(_params()))
 def test_forward_backward_match_float64(backend, kernel, case, dtype, use_kernel):
-    if kernel is not None:
-        use_kernel(kernel)
+    use_kernel(kernel)
     torch.manual_seed(sum(map(ord, case[0])))
     q, k, v, kw = _make(case, dtype, grad=True)
     mask_grad = case[6] == "float"
@@ -136,8 +135,7 @@ def _dropout_params():
 
 @pytest.mark.parametrize("backend,kernel", list(_dropout_params()))
 def test_dropout_reproducible_and_consistent_backward(backend, kernel, use_kernel):
-    if kernel is not None:
-        use_kernel(kernel)
+    use_kernel(kernel)
     triton_kernel = kernel == "triton"
     dtype = torch.float16 if triton_kernel and backend is B.FLASH_ATTENTION else (
         torch.float32 if triton_kernel else torch.float64)
@@ -193,8 +191,7 @@ def _fused_params():
 
 @pytest.mark.parametrize("backend,kernel", list(_fused_params()))
 def test_fully_masked_rows_give_zero_and_finite_grads(backend, kernel, use_kernel):
-    if kernel is not None:
-        use_kernel(kernel)
+    use_kernel(kernel)
     q, k, v = (rand(2, 2, 6, 8, requires_grad=True) for _ in range(3))
     mask = torch.rand(2, 2, 6, 10, device=DEVICE) > 0.5
     mask[:, :, 2] = False
@@ -221,8 +218,7 @@ def _dtype_for(backend, kernel):
 
 @pytest.mark.parametrize("backend,kernel", list(_all_backend_params()))
 def test_lower_right_with_no_visible_keys_is_zero(backend, kernel, use_kernel):
-    if kernel is not None:
-        use_kernel(kernel)
+    use_kernel(kernel)
     dt = _dtype_for(backend, kernel)
     q, k, v = rand(1, 1, 8, 16, dtype=dt), rand(1, 1, 3, 16, dtype=dt), rand(1, 1, 3, 16, dtype=dt)
     with attend.sdpa_kernel(backend):
@@ -234,8 +230,7 @@ def test_lower_right_with_no_visible_keys_is_zero(backend, kernel, use_kernel):
 
 @pytest.mark.parametrize("backend,kernel", list(_all_backend_params()))
 def test_shapes_3d_5d_strided_and_scale(backend, kernel, use_kernel):
-    if kernel is not None:
-        use_kernel(kernel)
+    use_kernel(kernel)
     dt = _dtype_for(backend, kernel)
     atol = 2e-3 if dt == torch.float16 else 1e-5
     with attend.sdpa_kernel(backend):
@@ -299,8 +294,7 @@ def test_broadcast_mask_gradient_has_mask_shape(shape, kernel, use_kernel):
 
 @pytest.mark.parametrize("backend,kernel", list(_all_backend_params()))
 def test_nan_in_one_head_does_not_leak(backend, kernel, use_kernel):
-    if kernel is not None:
-        use_kernel(kernel)
+    use_kernel(kernel)
     dt = _dtype_for(backend, kernel)
     q, k, v = rand(2, 3, 16, 16, dtype=dt), rand(2, 3, 16, 16, dtype=dt), rand(2, 3, 16, 16, dtype=dt)
     k[1, 2, 5, 0] = float("nan")
@@ -314,8 +308,7 @@ def test_nan_in_one_head_does_not_leak(backend, kernel, use_kernel):
 
 @pytest.mark.parametrize("backend,kernel", list(_all_backend_params()))
 def test_empty_sequences(backend, kernel, use_kernel):
-    if kernel is not None:
-        use_kernel(kernel)
+    use_kernel(kernel)
     dt = _dtype_for(backend, kernel)
     with attend.sdpa_kernel(backend):
         q, k = rand(2, 2, 0, 16, dtype=dt, requires_grad=True), rand(2, 2, 5, 16, dtype=dt, requires_grad=True)
@@ -404,8 +397,7 @@ def test_gqa_dropout_backward_regenerates_the_forward_mask(kernel, use_kernel):
 @pytest.mark.parametrize("backend,kernel", list(_all_backend_params()))
 def test_decode_shape(backend, kernel, use_kernel):
     """L=1 against a long cache, GQA, bottom-right causal (the last query sees every key)."""
-    if kernel is not None:
-        use_kernel(kernel)
+    use_kernel(kernel)
     dt = _dtype_for(backend, kernel)
     q, k, v = rand(3, 8, 1, 32, dtype=dt), rand(3, 2, 300, 32, dtype=dt), rand(3, 2, 300, 32, dtype=dt)
     with attend.sdpa_kernel(backend):
