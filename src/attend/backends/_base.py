@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import warnings
+from typing import Callable, Protocol
 
 import torch
 
@@ -50,3 +51,14 @@ def dtype_reasons(p: SDPAParams, allowed: tuple[torch.dtype, ...], what: str) ->
         return []
     names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
     return [f"{what} supports dtypes {names}; got {str(p.query.dtype).removeprefix('torch.')}"]
+
+
+def torch_check_reasons(can_use: Callable[..., bool], params, refused: str) -> list[str]:
+    """Run one of PyTorch's ``can_use_*(params, debug=True)`` checks and return its warnings as
+    reasons (PyTorch reports each failed condition as a warning); [] when it passes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = can_use(params, True)
+    if ok:
+        return []
+    return [m for m in (str(w.message).strip() for w in caught) if m] or [refused]

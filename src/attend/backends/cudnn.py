@@ -6,21 +6,11 @@ warning it raises into one reason, so the constraints are the installed PyTorch'
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .._enums import SDPBackend
 from .._params import SDPAParams, default_scale
-
-
-def _torch_params(p: SDPAParams):
-    mask = p.dense_mask
-    if p.causal_variant is not None and not p.is_causal:
-        mask = p.attn_mask.materialize(p.query.device)  # lower-right CausalBias
-    return torch.backends.cuda.SDPAParams(
-        p.query, p.key, p.value, mask, p.dropout, p.is_causal, p.enable_gqa
-    ), mask
+from ._base import torch_check_reasons
 
 
 class CudnnBackend:
@@ -34,23 +24,18 @@ class CudnnBackend:
         if p.query.dim() != 4:
             return [f"CUDNN needs 4-D inputs; got {p.query.dim()}-D"]
         if p.causal_variant is not None and not p.is_causal:
-            return ["CUDNN gets a lower-right causal mask only as a dense L x S mask; attend's fused kernels skip it"]
-        params, _ = _torch_params(p)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ok = torch.backends.cuda.can_use_cudnn_attention(params, True)
-        if ok:
-            return []
-        reasons = [str(w.message).strip() for w in caught]
-        return [r for r in reasons if r] or ["PyTorch's cuDNN attention refused the call"]
+            return ["CUDNN takes an attend.bias.CausalBias only as a dense L x S mask; attend's fused kernels need none"]
+        params = torch.backends.cuda.SDPAParams(p.query, p.key, p.value, p.dense_mask, p.dropout, p.is_causal,
+                                                p.enable_gqa)
+        return torch_check_reasons(torch.backends.cuda.can_use_cudnn_attention, params,
+                                   "PyTorch's cuDNN attention refused the call")
 
     def run(self, p: SDPAParams, scale: float | None) -> torch.Tensor:
         from torch.nn.attention import SDPBackend as TorchBackend
         from torch.nn.attention import sdpa_kernel as torch_sdpa_kernel
 
-        _, mask = _torch_params(p)
         with torch_sdpa_kernel(TorchBackend.CUDNN_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(
-                p.query, p.key, p.value, attn_mask=mask, dropout_p=p.dropout, is_causal=p.is_causal,
+                p.query, p.key, p.value, attn_mask=p.dense_mask, dropout_p=p.dropout, is_causal=p.is_causal,
                 scale=default_scale(p.query.shape[-1], scale), enable_gqa=p.enable_gqa,
             )

@@ -9,7 +9,6 @@ and GPU are there and raises ``RuntimeError`` naming what is missing; once activ
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Callable
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from .. import _registry
 from .._params import SDPAParams, default_scale
 from ..bias import CausalVariant
+from ._base import dtype_reasons, torch_check_reasons
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -25,8 +25,7 @@ def _common_reasons(p: SDPAParams, name: str) -> list[str]:
     reasons = []
     if p.device_type != "cuda":
         reasons.append(f"{name} runs on cuda tensors only; got {p.device_type}")
-    if p.query.dtype not in _HALF:
-        reasons.append(f"{name} supports float16 and bfloat16; got {str(p.query.dtype).removeprefix('torch.')}")
+    reasons += dtype_reasons(p, _HALF, name)
     if p.dense_mask is not None:
         reasons.append(f"{name} takes no attn_mask tensor")
     return reasons
@@ -46,10 +45,8 @@ class TorchFlash:
             return reasons
         params = torch.backends.cuda.SDPAParams(p.query, p.key, p.value, None, p.dropout,
                                                 p.causal_variant is not None, p.enable_gqa)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ok = torch.backends.cuda.can_use_flash_attention(params, True)
-        return [] if ok else ([str(w.message).strip() for w in caught] or ["PyTorch's flash kernel refused the call"])
+        return torch_check_reasons(torch.backends.cuda.can_use_flash_attention, params,
+                                   "PyTorch's flash kernel refused the call")
 
     def forward(self, p: SDPAParams, scale: float | None) -> torch.Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
