@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: the test suite on the GPU, then the benchmark with its peers.
 #   run: bash benchmarks/gpu_check.sh [bench args...]   (carry .wheels if pytest is missing there)
+#   e.g. --suite all adds the masks / varlen / sliding-window cases (attend.bench_masks)
 set -uo pipefail
 OUT=${OUT:-/tmp/attend_out}
 mkdir -p "$OUT"
@@ -10,5 +11,6 @@ export PYTHONPATH=src:/tmp/pylib
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   OUT="$OUT" timeout "${TEST_TIMEOUT:-300}" bash benchmarks/gpu_tests.sh "${TEST_SHARDS:-12}"
 fi
-python3 -m attend bench --device cuda --json "$OUT/bench.json" --png "$OUT/bench.png" "$@" 2> "$OUT/bench_progress.txt"
+python3 -m attend bench --device cuda --json "$OUT/bench.json" --png "$OUT/bench.png" \
+  --masks-json "$OUT/bench_masks.json" "$@" 2> "$OUT/bench_progress.txt"
 echo "bench exit $?"

@@ -2,11 +2,12 @@
 # Run the test suite on the lent GPU, sharded over N processes: the GPU run is bound by Triton
 # compiling each kernel specialization, which is CPU work, and the device machine has 16 cores.
 #   PYTHONPATH=src bash benchmarks/gpu_tests.sh [N]   -> prints one "N passed, M failed" line
+#   TESTS="tests/test_varlen.py ..." limits it to those files or node ids.
 set -uo pipefail
 N=${1:-8}
 OUT=${OUT:-/tmp/attend_out}
 mkdir -p "$OUT"
-python3 -m pytest tests --collect-only -q -o addopts= -p no:cacheprovider 2>/dev/null | grep '::' > /tmp/attend_ids.txt
+python3 -m pytest ${TESTS:-tests} --collect-only -q -o addopts= -p no:cacheprovider 2>/dev/null | grep '::' > /tmp/attend_ids.txt
 total=$(wc -l < /tmp/attend_ids.txt)
 for i in $(seq 0 $((N - 1))); do
   awk -v n="$N" -v i="$i" 'NR % n == i' /tmp/attend_ids.txt > "/tmp/attend_shard_$i.txt"

@@ -209,6 +209,19 @@ def plot(rows: list[Row], path: str) -> None:
     fig.savefig(path, dpi=90)
 
 
+def _write_json(path: str, rows: list[Row], dtype) -> None:
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
+                dtype=str(dtype), attend_configs=_tuned_configs())
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=[asdict(r) for r in rows]), f, indent=1)
+
+
 def run(rows: list[Row], dtype=torch.bfloat16, impls=PEERS, json_path=None, png_path=None, backward=True) -> list[Row]:
     total = len(rows) * len(impls)
     t0 = time.time()
@@ -219,18 +232,9 @@ def run(rows: list[Row], dtype=torch.bfloat16, impls=PEERS, json_path=None, png_
                   f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
             r.results[impl] = measure(impl, r, dtype, backward and r.kind == "prefill")
             torch.cuda.empty_cache()
+        if json_path:  # after every row, so a run cut short keeps what it measured
+            _write_json(json_path, rows[: i + 1], dtype)
     print(file=sys.stderr)
-    if json_path:
-        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
-                    dtype=str(dtype), attend_configs=_tuned_configs())
-        try:
-            import triton
-
-            meta["triton"] = triton.__version__
-        except ImportError:
-            pass
-        with open(json_path, "w") as f:
-            json.dump(dict(meta=meta, rows=[asdict(r) for r in rows]), f, indent=1)
     if png_path:
         plot(rows, png_path)
     return rows

@@ -115,6 +115,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
         return 0
     if not torch.cuda.is_available():
         raise SystemExit(f"--device {a.device}: CUDA is not available here; use --device cpu")
+    if a.suite in ("masks", "all"):
+        from . import bench_masks
+
+        bench_masks.main(_DTYPES[a.dtype if a.dtype != "float32" else "bfloat16"], a.masks_json)
+        if a.suite == "masks":
+            return 0
     from . import bench
 
     seqs = [int(s) for s in a.seqs.split(",")]
@@ -160,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--png", default="bench.png", help="CUDA: where to draw the plot")
     be.add_argument("--no-gqa", action="store_true")
     be.add_argument("--no-decode", action="store_true")
+    be.add_argument("--suite", choices=["core", "masks", "all"], default="core",
+                    help="CUDA: core = dense prefill/decode table; masks = bias, padding, varlen and sliding window")
+    be.add_argument("--masks-json", default="bench_masks.json", help="CUDA: where --suite masks writes its results")
     return ap
 
 

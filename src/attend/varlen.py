@@ -1,8 +1,23 @@
 """Variable-length (packed) attention: ``varlen_attn`` with PyTorch's contract.
 
-Packed ``(T, H, D)`` tensors with ``cu_seq_q`` / ``cu_seq_k`` offsets. The fused
-implementation is a feature of attend's Triton core (variable-length offsets, windows, paged
-KV) and lands with the masks work; until then ``varlen_attn`` raises ``NotImplementedError``.
+Sequences are packed along the first dim of ``(T, H, D)`` tensors; ``cu_seq_q[b]`` /
+``cu_seq_k[b]`` are where sequence ``b`` starts (int32, ``N + 1`` entries, first 0, last the
+token count). On CUDA (and on CPU tensors under ``TRITON_INTERPRET=1``) this runs attend's
+Triton core with its VARLEN feature: one launch for the whole batch, no padding. Otherwise it
+runs the CPU blocked kernel one sequence at a time.
+
+``window_size=(left, right)``: query ``i`` of a sequence sees key ``j`` iff
+``i + d - left <= j <= i + d + right`` with ``d = S_b - L_b`` (bottom-right aligned per sequence),
+``-1`` meaning unbounded. ``(-1, -1)`` is full attention, ``(-1, 0)`` causal, ``(W, 0)`` a causal
+sliding window of ``W + 1`` keys. Key blocks outside the window are skipped, so time scales
+with the window. A query that sees no key gets output 0 and log-sum-exp ``-inf``.
+
+Example::
+
+    lens = torch.tensor([300, 1000, 64])
+    cu = torch.zeros(4, dtype=torch.int32, device="cuda"); cu[1:] = lens.cumsum(0)
+    out = varlen_attn(q, k, v, cu, cu, 1000, 1000, window_size=(-1, 0))   # q: (1364, H, D)
+    out, lse = varlen_attn(q, k, v, cu, cu, 1000, 1000, return_aux=AuxRequest(lse=True))
 """
 
 from __future__ import annotations
@@ -13,10 +28,13 @@ import torch
 
 __all__ = ["varlen_attn", "AuxRequest"]
 
+_KERNEL_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
+
 
 @dataclass(frozen=True)
 class AuxRequest:
-    """Extra outputs to return from :func:`varlen_attn`: ``lse=True`` adds the log-sum-exp."""
+    """Extra outputs to return from :func:`varlen_attn`: ``lse=True`` adds the log-sum-exp,
+    shaped ``(H, T_q)`` (natural log, fp32), the layout PyTorch's op returns."""
 
     lse: bool = False
 
@@ -26,7 +44,7 @@ def varlen_attn(
     key: torch.Tensor,
     value: torch.Tensor,
     cu_seq_q: torch.Tensor,
-    cu_seq_k: torch.Tensor,
+    cu_seq_k: torch.Tensor | None,
     max_q: int,
     max_k: int,
     *,
@@ -37,8 +55,152 @@ def varlen_attn(
     seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
 ):
-    """Attention over packed sequences (not yet implemented: needs the core's varlen offsets)."""
-    raise NotImplementedError(
-        "attend.varlen.varlen_attn needs the variable-length feature of attend's Triton core, "
-        "which is not built yet"
-    )
+    """Attention over packed sequences; returns ``out`` ``(T_q, H, D)``, or ``(out, lse)`` when
+    ``return_aux.lse``.
+
+    - ``query`` ``(T_q, H, D)``; ``key``/``value`` ``(T_k, H_kv, D)``, or a paged pool
+      ``(pages, page_size, H_kv, D)`` with ``block_table`` ``(N, max_pages)`` int32 (page ids of
+      each sequence's keys, in order) and ``seqused_k`` ``(N,)`` int32 (keys per sequence).
+      ``page_size`` must be a multiple of 16. Without ``block_table``, ``seqused_k[b]`` uses
+      the first keys of each ``cu_seq_k`` slot.
+    - ``max_q`` / ``max_k``: at least the longest query / key sequence (they size the grid).
+    - ``enable_gqa``: ``H`` may be a multiple of ``H_kv``; K/V heads are shared in place.
+    - Gradients flow to query, key and value (and through ``lse``), except with
+      ``block_table`` or ``seqused_k``, which are inference only (as in PyTorch).
+    """
+    from ._params import default_scale
+    from .backends._kernels import TRITON_MAX_HEAD_DIM, kernel_for
+    from .ops.varlen import varlen_fwd
+
+    left, right = _check_window(window_size)
+    _check_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, enable_gqa, seqused_k, block_table)
+    kernel = kernel_for(query)
+    if kernel is None:
+        raise ValueError(f"varlen_attn: no kernel for device type {query.device.type!r}; expected cuda or cpu")
+    allowed = _KERNEL_DTYPES.get(kernel)
+    if allowed is not None and query.dtype not in allowed:
+        raise ValueError(f"varlen_attn: query dtype {query.dtype} is not supported on {query.device.type}; "
+                         f"expected one of {', '.join(str(d) for d in allowed)}")
+    if kernel == "triton" and query.shape[-1] > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"varlen_attn: head dim {query.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the Triton core's limit")
+    s = default_scale(query.shape[-1], scale)
+    out, lse = varlen_fwd(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, int(max_q), int(max_k),
+                          float(s), left, right, kernel)
+    if return_aux is not None and return_aux.lse:
+        return out, lse
+    return out
+
+
+def _check_window(window_size) -> tuple[int, int]:
+    ok = (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+          and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size))
+    if not ok:
+        raise ValueError(f"window_size must be two ints (left, right), each >= -1 (-1 = unbounded); "
+                         f"got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _check_cu(name: str, cu: torch.Tensor, device: torch.device, n: int | None, total: int) -> list[int]:
+    """Validate a cu_seq tensor; returns it as a list."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device}, but query is on {device}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be 1-D with N + 1 >= 1 entries, got shape {tuple(cu.shape)}")
+    if n is not None and cu.numel() != n + 1:
+        raise ValueError(f"{name} has {cu.numel()} entries; expected {n + 1} (cu_seq_q has {n + 1})")
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
+    for i in range(1, len(vals)):
+        if vals[i] < vals[i - 1]:
+            raise ValueError(f"{name} must be non-decreasing: {name}[{i}] = {vals[i]} < {name}[{i - 1}] = {vals[i - 1]}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the token count {total}, got {vals[-1]}")
+    return vals
+
+
+def _check_int32(name: str, t: torch.Tensor, device: torch.device, dims: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dims:
+        got = f"{t.dtype} with shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a {dims}-D int32 tensor, got {got}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but query is on {device}")
+
+
+def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa, seqused_k, block_table) -> int:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    paged = block_table is not None
+    if q.dim() != 3:
+        raise ValueError(f"query must be (T_q, H, D), got shape {tuple(q.shape)}")
+    kv_dims = 4 if paged else 3
+    for name, t in (("key", k), ("value", v)):
+        if t.dim() != kv_dims:
+            want = "(pages, page_size, H_kv, D) with block_table" if paged else "(T_k, H_kv, D)"
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}, but query is {q.dtype} on {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"key and value must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    H, D = q.shape[1], q.shape[2]
+    Hkv = k.shape[-2]
+    if k.shape[-1] != D:
+        raise ValueError(f"key/value head dim {k.shape[-1]} != query head dim {D}")
+    if H != Hkv and not enable_gqa:
+        raise ValueError(f"query has {H} heads and key/value {Hkv}; pass enable_gqa=True for grouped-query attention")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    for name, m in (("max_q", max_q), ("max_k", max_k)):
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {m!r}")
+
+    qv = _check_cu("cu_seq_q", cu_q, q.device, None, q.shape[0])
+    n = len(qv) - 1
+    lens_q = [qv[i + 1] - qv[i] for i in range(n)]
+    if paged:
+        if seqused_k is None:
+            raise ValueError("block_table needs seqused_k (the number of keys of each sequence)")
+        _check_int32("block_table", block_table, q.device, 2)
+        if block_table.shape[0] != n:
+            raise ValueError(f"block_table has {block_table.shape[0]} rows; expected one per sequence ({n})")
+        page = k.shape[1]
+        if page % 16:
+            raise ValueError(f"page_size (key.shape[1]) must be a multiple of 16, got {page}")
+        if cu_k is not None:
+            _check_int32("cu_seq_k", cu_k, q.device, 1)
+        cap = [block_table.shape[1] * page] * n
+    else:
+        if cu_k is None:
+            raise ValueError("cu_seq_k is required unless block_table is given")
+        kv = _check_cu("cu_seq_k", cu_k, q.device, n, k.shape[0])
+        cap = [kv[i + 1] - kv[i] for i in range(n)]
+    lens_k = cap
+    if seqused_k is not None:
+        _check_int32("seqused_k", seqused_k, q.device, 1)
+        if seqused_k.numel() != n:
+            raise ValueError(f"seqused_k has {seqused_k.numel()} entries; expected one per sequence ({n})")
+        used = seqused_k.tolist()
+        for b, (u, c) in enumerate(zip(used, cap)):
+            if not 0 <= u <= c:
+                where = "its block_table row holds" if paged else "its cu_seq_k slot holds"
+                raise ValueError(f"seqused_k[{b}] = {u} is out of range: {where} {c} keys")
+        lens_k = used
+    if paged:
+        pages = k.shape[0]
+        for b, u in enumerate(lens_k):
+            ids = block_table[b, : -(-u // k.shape[1])]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= pages):
+                raise ValueError(f"block_table[{b}] refers to page {int(ids.max()) if int(ids.min()) >= 0 else int(ids.min())}"
+                                 f" outside the pool's {pages} pages")
+    if n and max(lens_q) > max_q:
+        b = lens_q.index(max(lens_q))
+        raise ValueError(f"max_q = {max_q} is less than sequence {b}'s query length {lens_q[b]}")
+    if n and max(lens_k) > max_k:
+        b = lens_k.index(max(lens_k))
+        raise ValueError(f"max_k = {max_k} is less than sequence {b}'s key length {lens_k[b]}")
+    return n

@@ -137,8 +137,10 @@ def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: in
     return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
 
 
-def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale: float, seed: int, mask_grad: bool):
-    """Returns ``(dq, dk, dv, dmask)``; dmask has the mask's shape, or is None unless ``mask_grad``."""
+def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale: float, seed: int, mask_grad: bool,
+             dlse=None):
+    """Returns ``(dq, dk, dv, dmask)``; dmask has the mask's shape, or is None unless ``mask_grad``.
+    ``dlse``: gradient flowing into the returned log-sum-exp, if any (d lse / d s = p)."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -150,6 +152,8 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     vg = v.to(cdt).unsqueeze(2)
     dog = dout.to(cdt).unflatten(1, (Hkv, G))  # [B, Hkv, G, L, Ev]
     delta = (dog * out.to(cdt).unflatten(1, (Hkv, G))).sum(-1)  # [B, Hkv, G, L]
+    if dlse is not None:  # ds = p * (dp - delta + dlse)
+        delta = delta - dlse.to(cdt).unflatten(1, (Hkv, G))
     lse_g = lse.to(cdt).unflatten(1, (Hkv, G))
     lse_g = lse_g.masked_fill(lse_g == float("-inf"), float("inf"))  # empty rows: p = 0
     mask4 = _mask4(mask)

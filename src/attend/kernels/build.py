@@ -19,6 +19,7 @@ _DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
 _INT64 = {"seed"}
 _POINTERS = {"Q", "K", "V", "Out", "LSE", "MASK", "DMASK", "DO", "Delta", "DK", "DV", "DQ"}
+_INT_POINTERS = {"CU_Q", "CU_K", "SEQUSED_K", "TABLE"}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
@@ -29,8 +30,11 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in _POINTERS:
-            ty = "fp32" if name in ("LSE", "Delta", "DMASK") else dtype
+            ty = "fp32" if name in ("LSE", "Delta", "DMASK", "DQ") else dtype
             sig[name] = "*i1" if name == "MASK" and constexprs.get("MASK_BOOL") else f"*{ty}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _INT_POINTERS:
+            sig[name] = "*i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
             sig[name] = "fp32"
@@ -48,8 +52,9 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
                    **flags):
     """Compile one core kernel for ``target``; returns the compiled object (``.asm['ptx']``...)."""
     params = inspect.signature(fn.fn).parameters
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, HAS_MASK=False,
-                      MASK_BOOL=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False, DOT_PRECISION="tf32",
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
+                      HAS_MASK=False, MASK_BOOL=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
+                      VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32",
                       **config.kwargs)
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
@@ -64,7 +69,9 @@ _FEATURES = {
     "bool_mask_dropout": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, DROPOUT=True),
     "bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True),
     "broadcast_bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True, MASK_GRAD_ATOMIC=True),
+    "varlen_sliding_window": dict(VARLEN=True, WINDOW=True),
 }
+_FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16)}
 
 
 def _build_one(job: tuple) -> dict:
@@ -73,7 +80,7 @@ def _build_one(job: tuple) -> dict:
 
     config = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}[kind][index] if index >= 0 else heuristic(kind, head_dim)
     dtype = "bfloat16" if arch >= 90 else "float16"
-    flags = _FEATURES[feature[0]] if feature else {}
+    flags = {**_FEATURES, **_FWD_FEATURES}[feature[0]] if feature else {}
     compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype, head_dim=head_dim,
                               **flags)
     ptx = compiled.asm["ptx"]
@@ -93,6 +100,7 @@ def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
             for i in range(len(cfgs)) for arch in archs]
     jobs += [(kind, -1, 90, d) for kind in ("fwd", "bwd") for d in (64, 256)]
     jobs += [(kind, -1, 90, 128, feature) for kind in ("fwd", "bwd") for feature in _FEATURES]
+    jobs += [("fwd", -1, 90, 128, feature) for feature in _FWD_FEATURES]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(_build_one, jobs))
 

@@ -24,9 +24,10 @@ FWD_CONFIGS = [
 ]
 
 
-def _b(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> triton.Config:
-    """Backward: (BLOCK_M1, BLOCK_N1) tile the dK/dV programs, (BLOCK_M2, BLOCK_N2) the dQ ones."""
-    return triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2},
+def _b(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int, dq_atomic: bool = False) -> triton.Config:
+    """Backward: (BLOCK_M1, BLOCK_N1) tile the dK/dV programs, (BLOCK_M2, BLOCK_N2) the dQ ones;
+    ``dq_atomic``: no dQ programs, the dK/dV programs add dQ by atomics (core.attn_bwd)."""
+    return triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "DQ_ATOMIC": dq_atomic},
                          num_warps=warps, num_stages=stages)
 
 
@@ -34,6 +35,9 @@ BWD_CONFIGS = [
     _b(64, 128, 128, 64, 8, 2), _b(64, 128, 128, 64, 8, 3), _b(64, 64, 64, 64, 4, 2), _b(64, 64, 64, 64, 4, 3),
     _b(64, 128, 64, 64, 8, 2), _b(32, 128, 64, 64, 4, 3), _b(32, 128, 128, 32, 4, 2), _b(32, 64, 64, 32, 4, 2),
     _b(16, 64, 64, 16, 4, 2),
+    # dQ by atomics: 5 dots per tile pair instead of 7; dropped in deterministic mode.
+    _b(64, 128, 64, 64, 8, 2, True), _b(64, 128, 64, 64, 8, 3, True), _b(32, 128, 64, 64, 4, 3, True),
+    _b(64, 64, 64, 64, 4, 2, True),
 ]
 
 # Estimated shared-memory budget per program by compute capability major version: the
@@ -66,6 +70,7 @@ def pruner(kind: str):
     def prune(configs, named_args, **kwargs):
         d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         lb = named_args.get("L_BUCKET", kwargs.get("L_BUCKET"))
+        deterministic = kwargs.get("DETERMINISTIC", named_args.get("DETERMINISTIC", False))
         budget = _SMEM_BUDGET.get(_capability_major(), _SMEM_BUDGET[8])
         kept = []
         for c in configs:
@@ -78,8 +83,10 @@ def pruner(kind: str):
                 continue  # register pressure: the accumulators and score tiles spill
             if kind == "fwd" and lb is not None and (lb == 1) != (kw["BLOCK_M"] == 16):
                 continue  # decode-sized queries get 16-row tiles, prefill never does
+            if deterministic and kw.get("DQ_ATOMIC"):
+                continue
             kept.append(c)
-        return kept or configs[-1:]
+        return kept or [c for c in configs if not c.kwargs.get("DQ_ATOMIC")][-1:]
 
     return prune
 

@@ -1,6 +1,6 @@
 """attend's attention core in Triton: one forward and one backward, specialised by constexpr
-features. FLASH, EFFICIENT, bias variants (and later varlen/flex) are front doors into these
-kernels, never copies of them.
+features. FLASH, EFFICIENT, the bias variants and varlen (and later flex) are front doors into
+these kernels, never copies of them.
 
 Conventions
 - Layout: q/o ``(B, Hq, L, D)``, k/v ``(B, Hkv, S, D)``, any strides; every (b, h) base and
@@ -8,9 +8,19 @@ Conventions
   elements index correctly. Query head ``h`` reads key head ``h // G`` in place (GQA).
 - Scores live in the log2 domain: ``s2 = q.k * scale * RCP_LN2`` and ``exp2`` everywhere; the
   stored log-sum-exp is natural-log (``lse = (m2 + log2(l)) * LN2``).
-- Causal: query ``i`` sees key ``j`` iff ``j <= i + causal_off`` (0 = top-left, ``S - L`` =
-  bottom-right). Key blocks right of the diagonal are skipped, not masked; only the blocks that
-  straddle it (and the ragged tail) pay for masking.
+- Band: query ``i`` sees key ``j`` iff ``i + window_off <= j <= i + causal_off`` (each bound
+  only where CAUSAL / WINDOW is set), with ``causal_off = diag * (S - L) + win_right`` and
+  ``window_off = diag * (S - L) - win_left``: ``diag`` 0 aligns the band top-left (``is_causal``),
+  1 bottom-right (bias variants, varlen). Key blocks outside the band are skipped, not masked;
+  only the blocks that straddle an edge (and the ragged tail) pay for masking, so a sliding
+  window costs time in proportion to its width.
+- VARLEN: packed sequences. ``B`` is the number of sequences, ``L``/``S`` the longest ones
+  (they size the grid); sequence ``b`` holds query rows ``[CU_Q[b], CU_Q[b+1])`` and key rows
+  ``[CU_K[b], ...)`` of ``(1, H, T, D)`` views, ``SEQUSED``: ``SEQUSED_K[b]`` keys. ``PAGED``: key
+  ``j`` of sequence ``b`` lives at slot ``j % PAGE_SIZE`` of page ``TABLE[b, j // PAGE_SIZE]`` of a
+  ``(pages, PAGE_SIZE, Hkv, D)`` pool (forward only). The band is per sequence.
+- LSE / Delta: element ``(b, h, i)`` at ``b * stride_lseb + h * stride_lseh + row0 + i``, where
+  ``row0`` is the sequence's first packed row (0 when dense): ``(B, H, L)`` dense, ``(H, T)`` varlen.
 - A row with no visible key gets ``l = 0``: output 0, ``lse = -inf``; the backward reads such
   rows' ``lse`` as ``+inf`` so their probabilities, and gradients, are exactly 0.
 - Backward: one launch, no atomics (see ``attn_bwd``), so it is always deterministic.
@@ -43,15 +53,51 @@ def _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL: tl.constexpr):
 
 
 @triton.jit
+def _band(rows, cols, causal_off, window_off, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[rows x cols] True where query ``rows[i]`` may see key ``cols[j]`` (the band only)."""
+    ok = tl.full([rows.shape[0], cols.shape[0]], 1, tl.int1)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None] + causal_off)
+    if WINDOW:
+        ok = ok & (cols[None, :] >= rows[:, None] + window_off)
+    return ok
+
+
+@triton.jit
+def _seq(b, L, S, CU_Q, CU_K, SEQUSED_K, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr):
+    """(q_row0, k_row0, L_b, S_b): where sequence ``b`` starts in the packed tensors, and its
+    lengths. Dense: (0, 0, L, S)."""
+    if VARLEN:
+        q0 = tl.load(CU_Q + b)
+        Lb = tl.load(CU_Q + b + 1) - q0
+        if PAGED:
+            k0 = 0
+        else:
+            k0 = tl.load(CU_K + b)
+        if SEQUSED:
+            Sb = tl.load(SEQUSED_K + b)
+        else:
+            Sb = tl.load(CU_K + b + 1) - k0
+    else:
+        q0 = 0
+        k0 = 0
+        Lb = L
+        Sb = S
+    return q0, k0, Lb, Sb
+
+
+@triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs,
-    start, end, rows, offs_n, offs_d, bh, L, S, qk_scale, causal_off, seed, dropout_p,
-    stride_kn, stride_vn, stride_maskn,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr,
+    start, end, rows, offs_n, offs_d, bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p,
+    stride_kn, stride_vn, stride_maskn, stride_kpage, stride_vpage, stride_kd, stride_vd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over key blocks [start, end). MASKED: apply causal + bounds masks."""
+    """Online softmax over key blocks [start, end). MASKED: apply the band and bounds masks.
+    PAGED: gather each block's rows through the block table instead of striding."""
     d_ok = offs_d < HEAD_DIM
     k_ptrs += tl.cast(start, tl.int64) * stride_kn
     v_ptrs += tl.cast(start, tl.int64) * stride_vn
@@ -59,6 +105,12 @@ def _fwd_inner(
         mask_ptrs += tl.cast(start, tl.int64) * stride_maskn
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
+        if PAGED:
+            page = tl.load(table_ptr + cols // PAGE_SIZE, mask=cols < S, other=0)
+            slot = tl.cast(page, tl.int64) * stride_kpage + tl.cast(cols % PAGE_SIZE, tl.int64) * stride_kn
+            k_ptrs = k_head + slot[None, :] + offs_d[:, None] * stride_kd
+            slot_v = tl.cast(page, tl.int64) * stride_vpage + tl.cast(cols % PAGE_SIZE, tl.int64) * stride_vn
+            v_ptrs = v_head + slot_v[:, None] + offs_d[None, :] * stride_vd
         if MASKED:
             k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < S), other=0.0)  # [BLOCK_D, BLOCK_N]
         elif HEAD_DIM != BLOCK_D:
@@ -71,9 +123,7 @@ def _fwd_inner(
             if HAS_MASK:
                 s2 += _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL)
             if MASKED:
-                ok = cols[None, :] < S
-                if CAUSAL:
-                    ok = ok & (cols[None, :] <= rows[:, None] + causal_off)
+                ok = (cols[None, :] < S) & _band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)
                 s2 = tl.where(ok, s2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s2, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -97,43 +147,80 @@ def _fwd_inner(
             v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if not PAGED:
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
         if HAS_MASK:
             mask_ptrs += BLOCK_N * stride_maskn
     return acc, l_i, m_i
 
 
 @triton.jit
-def _causal_bounds(m0, S, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """(full, hi): key blocks [0, full) need no mask for query rows [m0, m0+BLOCK_M); [full, hi)
-    straddle the diagonal or the ragged end; keys >= hi are invisible to every row."""
+def _key_blocks(m0, S, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(lo, a, b, hi) for query rows [m0, m0+BLOCK_M): keys outside [lo, hi) are invisible to
+    every row; [a, b) are whole blocks that every row sees in full (no mask); [lo, a) and
+    [b, hi) straddle a band edge or the ragged end. lo, a, b are multiples of BLOCK_N."""
     s_full = (S // BLOCK_N) * BLOCK_N
     if CAUSAL:
         hi = tl.minimum(S, tl.maximum(m0 + BLOCK_M + causal_off, 0))
-        full = (tl.maximum(m0 + causal_off + 1, 0) // BLOCK_N) * BLOCK_N
-        full = tl.minimum(tl.minimum(full, hi), s_full)
+        b = tl.minimum((tl.maximum(m0 + causal_off + 1, 0) // BLOCK_N) * BLOCK_N, s_full)
     else:
         hi = S
-        full = s_full
-    return full, hi
+        b = s_full
+    if WINDOW:
+        lo = (tl.minimum(tl.maximum(m0 + window_off, 0), S) // BLOCK_N) * BLOCK_N
+        a = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + window_off, 0), BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        a = 0
+    hi = tl.maximum(hi, lo)
+    a = tl.minimum(tl.maximum(a, lo), hi)
+    b = tl.minimum(tl.maximum(b, a), hi)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(lo, a, b, hi) for key block [n0, n0+BLOCK_N), the transpose of ``_key_blocks``: query
+    rows outside [lo, hi) see none of its keys, blocks in [a, b) see all of them."""
+    if CAUSAL:
+        lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M
+        a = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        a = 0
+    if WINDOW:
+        hi = tl.minimum(L, tl.maximum(n0 + BLOCK_N - window_off, 0))
+        b = (tl.maximum(n0 - window_off + 1, 0) // BLOCK_M) * BLOCK_M
+    else:
+        hi = L
+        b = L
+    lo = tl.minimum(lo, hi)
+    a = tl.minimum(tl.maximum(a, lo), hi)
+    b = tl.minimum(tl.maximum(b, a), hi)
+    return lo, a, b, hi
 
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, Out, LSE, MASK,
+    Q, K, V, Out, LSE, MASK, CU_Q, CU_K, SEQUSED_K, TABLE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
-    H, G, L, S, qk_scale, causal_off, dropout_p, seed,
+    stride_lseb, stride_lseh, stride_tableb,
+    H, G, L, S, qk_scale, diag, win_right, win_left, dropout_p, seed,
     L_BUCKET, SEQ_BUCKET,  # unused by the code: autotuner keys, so decode/prefill and short/long tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes Out [B, Hq, L, D] and LSE [B, Hq, L] (fp32, ln)."""
+    """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes Out and LSE (fp32, natural log).
+    PAGED: stride_kb / stride_vb are the pool's page strides."""
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query block sees the most keys: launch it first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -141,20 +228,34 @@ def attn_fwd(
     b = bh // H
     h = bh % H
     hk = h // G
+    q0, k0, L, S = _seq(b, L, S, CU_Q, CU_K, SEQUSED_K, VARLEN, SEQUSED, PAGED)
     m0 = pid_m * BLOCK_M
+    if VARLEN:
+        if m0 >= L:  # a shorter sequence than the longest: nothing to do
+            return
+        bt = 0  # packed (1, H, T, D) views: the sequence is a row offset, not a batch index
+    else:
+        bt = b
+    causal_off = diag * (S - L) + win_right
+    window_off = diag * (S - L) - win_left
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     row_ok = rows < L
 
-    q_ptrs = (Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
-              + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q_ptrs = (Q + tl.cast(bt, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
+              + tl.cast(q0 + rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    k_ptrs = (K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
-              + tl.cast(offs_n, tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd)  # [BLOCK_D, BLOCK_N]
-    v_ptrs = (V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
-              + tl.cast(offs_n, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd)  # [BLOCK_N, BLOCK_D]
+    if PAGED:
+        k_head = K + tl.cast(hk, tl.int64) * stride_kh
+        v_head = V + tl.cast(hk, tl.int64) * stride_vh
+    else:
+        k_head = K + tl.cast(bt, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh + tl.cast(k0, tl.int64) * stride_kn
+        v_head = V + tl.cast(bt, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh + tl.cast(k0, tl.int64) * stride_vn
+    k_ptrs = k_head + tl.cast(offs_n, tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
+    v_ptrs = v_head + tl.cast(offs_n, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BLOCK_N, BLOCK_D]
+    table_ptr = TABLE + tl.cast(b, tl.int64) * stride_tableb
     mask_ptrs = MASK
     if HAS_MASK:
         mask_ptrs = (MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
@@ -163,25 +264,35 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full, hi = _causal_bounds(m0, S, causal_off, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, a, c, hi = _key_blocks(m0, S, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    if WINDOW:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, lo, a, rows, offs_n, offs_d,
+            bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
+            stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, PAGED, PAGE_SIZE, DOT_PRECISION,
+        )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, 0, full, rows, offs_n, offs_d, bh, L, S,
-        qk_scale, causal_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, c, rows, offs_n, offs_d,
+        bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
+        stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+        False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, PAGED, PAGE_SIZE, DOT_PRECISION,
     )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, full, hi, rows, offs_n, offs_d, bh, L, S,
-        qk_scale, causal_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, c, hi, rows, offs_n, offs_d,
+        bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
+        stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+        True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, PAGED, PAGE_SIZE, DOT_PRECISION,
     )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_ptrs = (Out + tl.cast(b, tl.int64) * stride_ob + tl.cast(h, tl.int64) * stride_oh
-              + tl.cast(rows, tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
+    o_ptrs = (Out + tl.cast(bt, tl.int64) * stride_ob + tl.cast(h, tl.int64) * stride_oh
+              + tl.cast(q0 + rows, tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + tl.cast(bh, tl.int64) * L + rows, lse, mask=row_ok)
+    lse_ptrs = LSE + tl.cast(bt, tl.int64) * stride_lseb + tl.cast(h, tl.int64) * stride_lseh + q0 + rows
+    tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 @triton.jit
@@ -192,7 +303,8 @@ def attn_bwd_preprocess(
     H, L,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Delta[b, h, i] = sum_d O * dO (fp32). Grid: (cdiv(L, BLOCK_M), B * Hq)."""
+    """Delta[b, h, i] = sum_d O * dO (fp32), laid out (B, H, L). Grid: (cdiv(L, BLOCK_M), B * Hq).
+    Varlen calls it on the packed (1, H, T, D) views, which gives Delta the LSE's (H, T)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -208,37 +320,41 @@ def attn_bwd_preprocess(
 
 
 @triton.jit
-def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, mask_ptrs,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, KEYS_FIRST: tl.constexpr):
+def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+             MASK_BOOL: tl.constexpr, DOT_PRECISION: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """Log2-domain scores of a tile, masked. KEYS_FIRST: a = k [BN, D], b = q [BM, D] and the
     tile is [BN, BM] (dK/dV side); else a = q, b = k and it is [BM, BN] (dQ side)."""
     s2 = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale
     if KEYS_FIRST:
         if HAS_MASK:
             s2 += tl.trans(_mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL))
-        if MASKED and CAUSAL:
-            s2 = tl.where(cols[:, None] <= rows[None, :] + causal_off, s2, float("-inf"))
+        if MASKED and (CAUSAL or WINDOW):
+            s2 = tl.where(tl.trans(_band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)), s2, float("-inf"))
     else:
         if HAS_MASK:
             s2 += _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL)
-        if MASKED and CAUSAL:
-            s2 = tl.where(cols[None, :] <= rows[:, None] + causal_off, s2, float("-inf"))
+        if MASKED and (CAUSAL or WINDOW):
+            s2 = tl.where(_band(rows, cols, causal_off, window_off, CAUSAL, WINDOW), s2, float("-inf"))
     return s2
 
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base,
-    start, end, cols, offs_m, offs_d, bh, L, S, qk_scale, causal_off, seed, dropout_p,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
+    start, end, cols, offs_m, offs_d, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn,
+    stride_dqm, stride_dqd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key block over query blocks [start, end) of one head.
-    MASKED: these query blocks straddle the causal diagonal. No dot sits under a branch, so the
-    loop software-pipelines."""
+    """Accumulate dK, dV of one key block over query blocks [start, end) of one head; with
+    DQ_ATOMIC also add this block's share of dQ into the fp32 DQ buffer (5 dots per tile pair
+    instead of the 7 of separate dK/dV and dQ passes, at the cost of atomics).
+    MASKED: these query blocks straddle a band edge. No dot sits under a branch, so the loop
+    software-pipelines."""
     d_ok = offs_d < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
@@ -255,8 +371,8 @@ def _dkdv_inner(
         if HAS_MASK:
             mask_ptrs = (mask_base + tl.cast(rows, tl.int64)[:, None] * stride_maskm
                          + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
-        s2 = _scores2(k, q, L, S, rows, cols, qk_scale, causal_off, mask_ptrs,
-                      MASKED, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION, True)
+        s2 = _scores2(k, q, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
+                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DOT_PRECISION, True)
         pT = tl.math.exp2(s2 - lse2[None, :])  # [BLOCK_N, BLOCK_M]
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
@@ -267,29 +383,36 @@ def _dkdv_inner(
         else:
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])  # dLoss / d(score), [BLOCK_N, BLOCK_M]
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+        ds16 = dsT.to(q.dtype)
+        dk += tl.dot(ds16, q, input_precision=DOT_PRECISION)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_D]
+            tl.atomic_add(dq_base + tl.cast(rows, tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                          dq, mask=qd_ok, sem="relaxed")
         if MASK_GRAD:
             # d(additive mask) = dS. A broadcast mask's buffer has stride 0 on its broadcast dims,
-            # so the tiles that share an element add into it; a full-size mask gets plain stores.
+            # so the tiles that share an element add into it (fp32); a full-size mask gets plain
+            # stores in its own dtype.
             dm_ptrs = (dmask_base + tl.cast(rows, tl.int64)[None, :] * stride_dmaskm
                        + tl.cast(cols, tl.int64)[:, None] * stride_dmaskn)
             dm_ok = row_ok[None, :] & (cols < S)[:, None]
             if MASK_GRAD_ATOMIC:
                 tl.atomic_add(dm_ptrs, dsT, mask=dm_ok, sem="relaxed")
             else:
-                tl.store(dm_ptrs, dsT, mask=dm_ok)
+                tl.store(dm_ptrs, dsT.to(dmask_base.dtype.element_ty), mask=dm_ok)
     return dk, dv
 
 
 @triton.jit
 def _dq_inner(
     dq, q, do, lse2, delta, k_base, v_base, mask_base, start, end, rows, offs_n, offs_d, bh, L, S,
-    qk_scale, causal_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+    qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_maskm, stride_maskn,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over key blocks [start, end). MASKED: diagonal/tail blocks."""
+    """Accumulate dQ of one query block over key blocks [start, end). MASKED: edge/tail blocks."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -302,8 +425,8 @@ def _dq_inner(
         if HAS_MASK:
             mask_ptrs = (mask_base + tl.cast(rows, tl.int64)[:, None] * stride_maskm
                          + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
-        s2 = _scores2(q, k, L, S, rows, cols, qk_scale, causal_off, mask_ptrs,
-                      MASKED, CAUSAL, HAS_MASK, MASK_BOOL, DOT_PRECISION, False)
+        s2 = _scores2(q, k, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
+                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DOT_PRECISION, False)
         p = tl.math.exp2(s2 - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -316,7 +439,7 @@ def _dq_inner(
 
 @triton.jit
 def attn_bwd(
-    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK,
+    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -326,23 +449,28 @@ def attn_bwd(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dmaskb, stride_dmaskh, stride_dmaskm, stride_dmaskn,
-    B, H, G, L, S, qk_scale, sm_scale, causal_off, dropout_p, seed,
+    stride_lseb, stride_lseh,
+    B, H, G, L, S, qk_scale, sm_scale, diag, win_right, win_left, dropout_p, seed,
     SEQ_BUCKET,  # unused by the code: the autotuner's key, so short and long sequences tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
-    MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr, VARLEN: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The whole backward in one launch, with no atomics (deterministic by construction).
-
-    MASK_GRAD: also write d(attn_mask) = dS into DMASK (fp32, the mask's strides); with
-    MASK_GRAD_ATOMIC (a broadcast mask) by atomic adds, the one nondeterministic case.
+    """The whole backward in one launch. DQ is an fp32 buffer (the launcher casts it).
 
     Programs [0, n_kv) each own one key block of one KV head and write its dK, dV summed over
-    the G query heads of the group; programs [n_kv, n_kv + n_q) each own one query block of
-    one head and write its dQ. Sharing one launch lets both halves fill the GPU together.
-    Within a head, causal blocks run heaviest first. 1-D grid: n_kv + n_q.
+    the G query heads of the group. Without DQ_ATOMIC, programs [n_kv, n_kv + n_q) each own one
+    query block of one head and write its dQ: no atomics, deterministic, and sharing one launch
+    lets both halves fill the GPU together. With DQ_ATOMIC (a tuning choice, never taken when
+    DETERMINISTIC) there are no dQ programs: the dK/dV programs add dQ by atomics.
+    Within a head, causal blocks run heaviest first. 1-D grid: n_kv (+ n_q).
+
+    MASK_GRAD: also write d(attn_mask) = dS into DMASK (the mask's strides); with
+    MASK_GRAD_ATOMIC (a broadcast mask, fp32 buffer) by atomic adds (nondeterministic).
     """
+    tl.static_assert(not (DQ_ATOMIC and DETERMINISTIC), "DQ_ATOMIC is nondeterministic")
     pid = tl.program_id(0)
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
@@ -354,34 +482,41 @@ def attn_bwd(
         pid_n = pid % n_kv_blocks  # key block 0 sees the most queries: first within its head
         b = bhk // Hkv
         hk = bhk % Hkv
+        q0, k0, L, S = _seq(b, L, S, CU_Q, CU_K, CU_K, VARLEN, False, False)
         n0 = pid_n * BLOCK_N1
+        if VARLEN:
+            if n0 >= S:
+                return
+            bt = 0
+        else:
+            bt = b
+        causal_off = diag * (S - L) + win_right
+        window_off = diag * (S - L) - win_left
         cols = n0 + tl.arange(0, BLOCK_N1)
         offs_m = tl.arange(0, BLOCK_M1)
         kv_ok = (cols < S)[:, None] & d_ok[None, :]
-        k = tl.load(K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
-                    + tl.cast(cols, tl.int64)[:, None] * stride_kn + d_offs[None, :] * stride_kd,
+        k_rows = tl.cast(k0 + cols, tl.int64)[:, None]
+        k = tl.load(K + tl.cast(bt, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
+                    + k_rows * stride_kn + d_offs[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)  # [BLOCK_N1, BLOCK_D]
-        v = tl.load(V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
-                    + tl.cast(cols, tl.int64)[:, None] * stride_vn + d_offs[None, :] * stride_vd,
+        v = tl.load(V + tl.cast(bt, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
+                    + k_rows * stride_vn + d_offs[None, :] * stride_vd,
                     mask=kv_ok, other=0.0)
         dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
-        if CAUSAL:
-            # Queries that see any key of this block start at n0 - causal_off; query blocks
-            # from `clear` on see all of it and need no causal mask.
-            lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M1) * BLOCK_M1
-            clear = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N1 - 1 - causal_off, 0), BLOCK_M1) * BLOCK_M1, L)
-            clear = tl.maximum(clear, lo)
-        else:
-            lo = 0
-            clear = 0
+        lo, a, c, hi = _query_blocks(n0, L, causal_off, window_off, BLOCK_M1, BLOCK_N1, CAUSAL, WINDOW)
         for g in range(G):
             h = hk * G + g
             bh = b * H + h
-            q_base = Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
-            do_base = DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
-            lse_base = LSE + tl.cast(bh, tl.int64) * L
-            delta_base = Delta + tl.cast(bh, tl.int64) * L
+            q_base = (Q + tl.cast(bt, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
+                      + tl.cast(q0, tl.int64) * stride_qm)
+            do_base = (DO + tl.cast(bt, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
+                       + tl.cast(q0, tl.int64) * stride_dom)
+            dq_base = (DQ + tl.cast(bt, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
+                       + tl.cast(q0, tl.int64) * stride_dqm)
+            lse_off = tl.cast(bt, tl.int64) * stride_lseb + tl.cast(h, tl.int64) * stride_lseh + q0
+            lse_base = LSE + lse_off
+            delta_base = Delta + lse_off
             mask_base = MASK
             dmask_base = DMASK
             if HAS_MASK:
@@ -390,25 +525,33 @@ def attn_bwd(
                 dmask_base = DMASK + tl.cast(b, tl.int64) * stride_dmaskb + tl.cast(h, tl.int64) * stride_dmaskh
             if CAUSAL:
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base,
-                    lo, clear, cols, offs_m, d_offs, bh, L, S, qk_scale, causal_off, seed, dropout_p,
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                    lo, a, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                    stride_dmaskm, stride_dmaskn, HEAD_DIM, BLOCK_M1, True, CAUSAL, HAS_MASK, MASK_BOOL,
-                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DOT_PRECISION,
+                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL,
+                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, DOT_PRECISION,
                 )
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base,
-                clear, L, cols, offs_m, d_offs, bh, L, S, qk_scale, causal_off, seed, dropout_p,
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                a, c, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                stride_dmaskm, stride_dmaskn, HEAD_DIM, BLOCK_M1, False, CAUSAL, HAS_MASK, MASK_BOOL,
-                DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DOT_PRECISION,
+                stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL,
+                DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, DOT_PRECISION,
             )
+            if WINDOW:
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                    c, hi, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                    stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL,
+                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, DOT_PRECISION,
+                )
         dk *= sm_scale
-        tl.store(DK + tl.cast(b, tl.int64) * stride_dkb + tl.cast(hk, tl.int64) * stride_dkh
-                 + tl.cast(cols, tl.int64)[:, None] * stride_dkn + d_offs[None, :] * stride_dkd,
+        tl.store(DK + tl.cast(bt, tl.int64) * stride_dkb + tl.cast(hk, tl.int64) * stride_dkh
+                 + tl.cast(k0 + cols, tl.int64)[:, None] * stride_dkn + d_offs[None, :] * stride_dkd,
                  dk.to(DK.dtype.element_ty), mask=kv_ok)
-        tl.store(DV + tl.cast(b, tl.int64) * stride_dvb + tl.cast(hk, tl.int64) * stride_dvh
-                 + tl.cast(cols, tl.int64)[:, None] * stride_dvn + d_offs[None, :] * stride_dvd,
+        tl.store(DV + tl.cast(bt, tl.int64) * stride_dvb + tl.cast(hk, tl.int64) * stride_dvh
+                 + tl.cast(k0 + cols, tl.int64)[:, None] * stride_dvn + d_offs[None, :] * stride_dvd,
                  dv.to(DV.dtype.element_ty), mask=kv_ok)
     else:
         n_q_blocks = tl.cdiv(L, BLOCK_M2)
@@ -420,36 +563,54 @@ def attn_bwd(
         b = bh // H
         h = bh % H
         hk = h // G
+        q0, k0, L, S = _seq(b, L, S, CU_Q, CU_K, CU_K, VARLEN, False, False)
         m0 = pid_m * BLOCK_M2
+        if VARLEN:
+            if m0 >= L:
+                return
+            bt = 0
+        else:
+            bt = b
+        causal_off = diag * (S - L) + win_right
+        window_off = diag * (S - L) - win_left
         rows = m0 + tl.arange(0, BLOCK_M2)
         offs_n = tl.arange(0, BLOCK_N2)
         row_ok = rows < L
         qd_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
-                    + tl.cast(rows, tl.int64)[:, None] * stride_qm + d_offs[None, :] * stride_qd,
+        q_rows = tl.cast(q0 + rows, tl.int64)[:, None]
+        q = tl.load(Q + tl.cast(bt, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
+                    + q_rows * stride_qm + d_offs[None, :] * stride_qd,
                     mask=qd_ok, other=0.0)  # [BLOCK_M2, BLOCK_D]
-        do = tl.load(DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
-                     + tl.cast(rows, tl.int64)[:, None] * stride_dom + d_offs[None, :] * stride_dod,
+        do = tl.load(DO + tl.cast(bt, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
+                     + q_rows * stride_dom + d_offs[None, :] * stride_dod,
                      mask=qd_ok, other=0.0)
-        lse = tl.load(LSE + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=float("inf"))
+        lse_off = tl.cast(bt, tl.int64) * stride_lseb + tl.cast(h, tl.int64) * stride_lseh + q0
+        lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
-        delta = tl.load(Delta + tl.cast(bh, tl.int64) * L + rows, mask=row_ok, other=0.0)
-        k_base = K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
-        v_base = V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
+        delta = tl.load(Delta + lse_off + rows, mask=row_ok, other=0.0)
+        k_base = (K + tl.cast(bt, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
+                  + tl.cast(k0, tl.int64) * stride_kn)
+        v_base = (V + tl.cast(bt, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
+                  + tl.cast(k0, tl.int64) * stride_vn)
         mask_base = MASK
         if HAS_MASK:
             mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
         dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
-        full, hi = _causal_bounds(m0, S, causal_off, BLOCK_M2, BLOCK_N2, CAUSAL)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, 0, full, rows, offs_n, d_offs, bh, L, S,
-                       qk_scale, causal_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
+        lo, a, c, hi = _key_blocks(m0, S, causal_off, window_off, BLOCK_M2, BLOCK_N2, CAUSAL, WINDOW)
+        if WINDOW:
+            dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, lo, a, rows, offs_n, d_offs, bh, L, S,
+                           qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
+                           stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
+                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
+                       qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                       False, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, full, hi, rows, offs_n, d_offs, bh, L, S,
-                       qk_scale, causal_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
+                       False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, c, hi, rows, offs_n, d_offs, bh, L, S,
+                       qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                       True, CAUSAL, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
+                       True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
         dq *= sm_scale
-        tl.store(DQ + tl.cast(b, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
-                 + tl.cast(rows, tl.int64)[:, None] * stride_dqm + d_offs[None, :] * stride_dqd,
+        tl.store(DQ + tl.cast(bt, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
+                 + q_rows * stride_dqm + d_offs[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=qd_ok)

@@ -11,6 +11,7 @@ import os
 import torch
 import triton
 
+from .._layout import Band, Packed
 from . import core
 from .configs import BWD_CONFIGS, FWD_CONFIGS, INTERPRET_TILE, heuristic, pruner
 
@@ -20,14 +21,35 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # and uses configs.heuristic instead.
 _AUTOTUNE = os.environ.get("ATTEND_AUTOTUNE", "1") != "0"
 
-_fwd = triton.autotune(FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "L_BUCKET", "SEQ_BUCKET"],
-                       prune_configs_by={"early_config_prune": pruner("fwd")})(core.attn_fwd)
-_bwd = triton.autotune(BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "DROPOUT", "MASK_GRAD", "SEQ_BUCKET"],
-                       prune_configs_by={"early_config_prune": pruner("bwd")}, reset_to_zero=["DMASK"])(core.attn_bwd)
+_FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET"]
+_BWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "DROPOUT", "MASK_GRAD", "VARLEN", "DETERMINISTIC", "SEQ_BUCKET"]
+_fwd = triton.autotune(FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": pruner("fwd")})(core.attn_fwd)
+_bwd = triton.autotune(BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": pruner("bwd")},
+                       reset_to_zero=["DMASK", "DQ"])(core.attn_bwd)
+# True/False overrides the fixed configs' dQ strategy (interpreter and ATTEND_AUTOTUNE=0 runs;
+# tests flip it). Deterministic mode always wins: no atomics then.
+FORCE_DQ_ATOMIC: bool | None = None
 
 
-def _causal_off(causal: int, L: int, S: int) -> int:
-    return 0 if causal == 1 else S - L
+_DENSE_FLAGS = dict(VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16)
+
+
+def _band_args(band: Band) -> tuple[tuple[int, int, int], dict]:
+    """(diag, win_right, win_left) runtime args and the CAUSAL / WINDOW flags of a band."""
+    return ((int(band.bottom_right), max(band.right, 0), max(band.left, 0)),
+            dict(CAUSAL=band.right >= 0, WINDOW=band.left >= 0))
+
+
+def _packed_args(packed: Packed):
+    """(CU_Q, CU_K, SEQUSED_K, TABLE) pointers (unused ones alias cu_k), the table's row stride
+    and the VARLEN/SEQUSED/PAGED/PAGE_SIZE flags."""
+    cu_k = packed.cu_k if packed.cu_k is not None else packed.cu_q
+    seqused = packed.seqused_k if packed.seqused_k is not None else cu_k
+    table = packed.table if packed.table is not None else cu_k
+    stride_table = packed.table.stride(0) if packed.table is not None else 0
+    flags = dict(VARLEN=True, SEQUSED=packed.seqused_k is not None, PAGED=packed.table is not None,
+                 PAGE_SIZE=packed.page_size)
+    return (packed.cu_q, cu_k, seqused, table), stride_table, flags
 
 
 def _mask_args(mask: torch.Tensor | None, B: int, H: int, L: int, S: int, like: torch.Tensor):
@@ -62,32 +84,76 @@ def _seq_bucket(S: int) -> int:
 def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None):
     """Launch ``kernel`` with the interpreter's small tile, the autotuner, or the heuristic
     config. ``grid_of(meta)`` gives the grid from the tile sizes."""
+    if _AUTOTUNE and not _INTERPRET:
+        tuned[grid_of](*args, **flags)
+        return
     if _INTERPRET:  # the interpreter ignores warps and stages
         t = INTERPRET_TILE
-        tiles = dict(BLOCK_M=t, BLOCK_N=t) if kind == "fwd" else dict(BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t)
-        kernel[grid_of(tiles)](*args, **flags, **tiles, num_warps=4, num_stages=1)
-    elif _AUTOTUNE:
-        tuned[grid_of](*args, **flags)
+        meta = dict(BLOCK_M=t, BLOCK_N=t) if kind == "fwd" else dict(
+            BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False)
+        warps, stages = 4, 1
     else:
         c = heuristic(kind, flags["BLOCK_D"], l_bucket)
-        kernel[grid_of(c.kwargs)](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        meta, warps, stages = dict(c.kwargs), c.num_warps, c.num_stages
+    if kind == "bwd":
+        if FORCE_DQ_ATOMIC is not None:
+            meta["DQ_ATOMIC"] = FORCE_DQ_ATOMIC
+        meta["DQ_ATOMIC"] = meta["DQ_ATOMIC"] and not flags["DETERMINISTIC"]
+    kernel[grid_of(meta)](*args, **flags, **meta, num_warps=warps, num_stages=stages)
 
 
 def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: int):
+    """Dense attention on (B, H, L, D) tensors; returns (out, lse (B, H, L))."""
     B, H, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty((B, H, L, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if L == 0:
         return out, lse
-    m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
-    args = (q, k, v, out, lse, m4, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
-            H, H // Hkv, L, S, scale * _RCP_LN2, _causal_off(causal, L, S) if causal else 0,
-            float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
-    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), HAS_MASK=mask is not None,
-                 MASK_BOOL=mbool, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
-    _launch(_fwd, core.attn_fwd, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L))
+    _forward(q, k, v, tuple(k.stride()), tuple(v.stride()), out, lse, (H * L, L), B, k.shape[1], L, k.shape[2],
+             mask, dropout_p, Band.from_causal(causal), scale, seed, None)
     return out, lse
+
+
+def varlen_forward(q, k, v, packed: Packed, max_q: int, max_k: int, scale: float, band: Band):
+    """Packed attention: q (T, H, D); k/v (T_k, Hkv, D), or a (pages, page_size, Hkv, D) pool
+    when ``packed.table`` is set. Returns (out (T, H, D), lse (H, T))."""
+    T, H, D = q.shape
+    out = torch.empty((T, H, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    n = packed.cu_q.numel() - 1
+    if T == 0 or n == 0 or max_q == 0:
+        return out, lse.fill_(float("-inf"))
+    if packed.table is not None:  # pool (pages, slot, head, d) -> strides (page, head, slot, d)
+        kstr = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
+        vstr = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
+        hkv = k.shape[2]
+    else:
+        kstr, vstr, hkv = tuple(_packed4(k).stride()), tuple(_packed4(v).stride()), k.shape[1]
+    _forward(_packed4(q), k, v, kstr, vstr, _packed4(out), lse, (0, T), n, hkv, max_q, max_k,
+             None, 0.0, band, scale, 0, packed)
+    return out, lse
+
+
+def _packed4(t: torch.Tensor) -> torch.Tensor:
+    """(T, H, D) -> the (1, H, T, D) view the kernels index (no copy)."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dropout_p, band: Band, scale, seed,
+             packed: Packed | None):
+    H, D = q.shape[1], q.shape[3]
+    m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
+    band_args, band_flags = _band_args(band)
+    if packed is None:
+        seq_ptrs, stride_table, seq_flags = (q, q, q, q), 0, _DENSE_FLAGS
+    else:
+        seq_ptrs, stride_table, seq_flags = _packed_args(packed)
+    args = (q, k, v, out, lse, m4, *seq_ptrs, *q.stride(), *kstr, *vstr, *out.stride(), *mstr,
+            *lse_strides, stride_table, H, H // Hkv, L, S, scale * _RCP_LN2, *band_args,
+            float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
+                 DROPOUT=dropout_p > 0.0, **seq_flags, DOT_PRECISION=_dot_precision(q.dtype))
+    _launch(_fwd, core.attn_fwd, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L))
 
 
 def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> bool:
@@ -96,42 +162,75 @@ def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) ->
     return tuple(m4) != tuple(shape)
 
 
-def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale: float, seed: int, mask_grad: bool):
+def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale: float, seed: int, mask_grad: bool,
+             dlse=None):
+    """Gradients of ``forward``: (dq, dk, dv, dmask or None). ``dlse``: gradient into the lse."""
     B, H, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = H // Hkv
-    BLOCK_D = block_d(D)
+    S = k.shape[2]
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if L == 0 or S == 0:
         dmask = torch.zeros_like(mask) if mask_grad else None
         return torch.zeros_like(q), dk.zero_(), dv.zero_(), dmask
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    pre_m = 64
-    core.attn_bwd_preprocess[(triton.cdiv(L, pre_m), B * H)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, L, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m,
-    )
-    m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
-    off = _causal_off(causal, L, S) if causal else 0
-    dq = torch.empty_like(q)
-    # d(mask) in fp32 in the mask's own (possibly broadcast) shape; the kernel addresses it
-    # through the expanded view's strides (0 on broadcast dims). The autotuner zeroes DMASK
-    # between trials, so it is always a real buffer of its own, never q.
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # fp32: atomics may accumulate into it
+    # d(mask) in the mask's own (possibly broadcast) shape; the kernel addresses it through
+    # the expanded view's strides (0 on broadcast dims). A full-size mask's gradient is stored
+    # in its own dtype; a broadcast one is summed by fp32 atomics and cast after. The
+    # autotuner zeroes DMASK between trials, so it is always a real buffer of its own, never q.
+    atomic = mask_grad and mask_grad_is_atomic(mask, (B, H, L, S))
     if mask_grad:
-        dmask = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
+        dmask = torch.zeros(mask.shape, dtype=torch.float32 if atomic else mask.dtype, device=q.device)
         dmstr = _mask_args(dmask, B, H, L, S, q)[1]
     else:
         dmask, dmstr = torch.zeros(1, dtype=torch.float32, device=q.device), (0, 0, 0, 0)
-    atomic = mask_grad and mask_grad_is_atomic(mask, (B, H, L, S))
-    flags = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=bool(causal), HAS_MASK=mask is not None, MASK_BOOL=mbool,
-                 DROPOUT=dropout_p > 0.0, MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic,
-                 DOT_PRECISION=_dot_precision(q.dtype))
-    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr,
-            B, H, G, L, S, scale * _RCP_LN2, scale, off, float(dropout_p), int(seed), _seq_bucket(max(L, S)))
+    _backward(dout, q, k, v, out, lse, dlse, (H * L, L), dq, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
+              dropout_p, Band.from_causal(causal), scale, seed, None)
+    return dq.to(q.dtype), dk, dv, (dmask.to(mask.dtype) if mask_grad else None)
 
-    def grid(m):  # dK/dV programs, then dQ programs (core.attn_bwd)
-        return (triton.cdiv(S, m["BLOCK_N1"]) * B * Hkv + triton.cdiv(L, m["BLOCK_M2"]) * B * H,)
+
+def varlen_backward(dout, q, k, v, out, lse, packed: Packed, max_q: int, max_k: int, scale: float, band: Band,
+                    dlse=None):
+    """Gradients of ``varlen_forward`` (no paging, no seqused_k): (dq, dk, dv), packed."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    n = packed.cu_q.numel() - 1
+    if q.shape[0] == 0 or n == 0 or max_q == 0 or max_k == 0:
+        return dq.to(q.dtype), dk, dv
+    T = q.shape[0]
+    dmask = torch.zeros(1, dtype=torch.float32, device=q.device)
+    _backward(_packed4(dout), _packed4(q), _packed4(k), _packed4(v), _packed4(out), lse, dlse, (0, T),
+              _packed4(dq), _packed4(dk), _packed4(dv), n, max_q, max_k, None, dmask, (0, 0, 0, 0), False, False,
+              0.0, band, scale, 0, packed)
+    return dq.to(q.dtype), dk, dv
+
+
+def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dq, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
+              dropout_p, band: Band, scale, seed, packed: Packed | None):
+    H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
+    BLOCK_D = block_d(D)
+    # Delta = rowsum(O * dO), laid out like the LSE: (B, H, L) dense, (1, H, T) = (H, T) packed.
+    rows = q.shape[2]
+    delta = torch.empty((q.shape[0], H, rows), dtype=torch.float32, device=q.device)
+    pre_m = 64
+    core.attn_bwd_preprocess[(triton.cdiv(rows, pre_m), q.shape[0] * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, rows, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m,
+    )
+    if dlse is not None:  # d lse / d s = p, so ds = p * (dp - (delta - dlse))
+        delta -= dlse.reshape(delta.shape)
+    m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
+    band_args, band_flags = _band_args(band)
+    cu_q, cu_k = (q, q) if packed is None else _packed_args(packed)[0][:2]
+    flags = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
+                 DROPOUT=dropout_p > 0.0, MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic,
+                 VARLEN=packed is not None, DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
+                 DOT_PRECISION=_dot_precision(q.dtype))
+    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, *q.stride(), *k.stride(), *v.stride(),
+            *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr, *lse_strides,
+            B, H, H // Hkv, L, S, scale * _RCP_LN2, scale, *band_args, float(dropout_p), int(seed),
+            _seq_bucket(max(L, S)))
+
+    def grid(m):  # dK/dV programs, then dQ programs unless dQ is added by atomics (core.attn_bwd)
+        n_q = 0 if m["DQ_ATOMIC"] else triton.cdiv(L, m["BLOCK_M2"]) * B * H
+        return (triton.cdiv(S, m["BLOCK_N1"]) * B * Hkv + n_q,)
 
     _launch(_bwd, core.attn_bwd, "bwd", grid, args, flags)
-    return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None)

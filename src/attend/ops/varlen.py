@@ -1,0 +1,110 @@
+"""``attend::varlen_fwd`` / ``attend::varlen_bwd``: packed-sequence attention as custom ops.
+
+``kernel`` names the launcher pair: "triton" (the core's VARLEN feature) or "blocked" (the CPU
+torch-ops path, one sequence at a time). The band is ``(left, right)`` in varlen's
+``window_size`` convention, bottom-right aligned per sequence. Paged KV (``block_table``) and
+``seqused_k`` are forward-only, as in PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .._layout import Band, Packed
+from ..cpu import varlen as cpu_varlen
+
+VARLEN_KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "blocked": (cpu_varlen.varlen_forward, cpu_varlen.varlen_backward)}
+try:
+    from ..kernels import launch as _launch
+except ImportError:  # no triton: ops.attention.TRITON_IMPORT_ERROR says why
+    pass
+else:
+    VARLEN_KERNELS["triton"] = (_launch.varlen_forward, _launch.varlen_backward)
+
+
+def _band(left: int, right: int) -> Band:
+    return Band(left, right, bottom_right=True)
+
+
+def _packed(cu_q, cu_k, seqused_k, block_table, k) -> Packed:
+    page = k.shape[1] if block_table is not None else 16  # a paged pool is (pages, page_size, Hkv, D)
+    return Packed(cu_q, cu_k, seqused_k, block_table, page)
+
+
+@torch.library.custom_op("attend::varlen_fwd", mutates_args=())
+def varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor],
+    block_table: Optional[torch.Tensor],
+    max_q: int,
+    max_k: int,
+    scale: float,
+    left: int,
+    right: int,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fwd, _ = VARLEN_KERNELS[kernel]
+    return fwd(q, k, v, _packed(cu_q, cu_k, seqused_k, block_table, k), max_q, max_k, scale, _band(left, right))
+
+
+@varlen_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, left, right, kernel):
+    T, H, _ = q.shape
+    return q.new_empty((T, H, v.shape[-1])), q.new_empty((H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("attend::varlen_bwd", mutates_args=())
+def varlen_bwd(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    left: int,
+    right: int,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, bwd = VARLEN_KERNELS[kernel]
+    return bwd(dout, q, k, v, out, lse, _packed(cu_q, cu_k, None, None, k), max_q, max_k, scale, _band(left, right),
+               dlse=dlse)
+
+
+@varlen_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, kernel):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, left, right, kernel = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.params = (max_q, max_k, scale, left, right, kernel)
+    ctx.inference_only = [n for n, t in (("seqused_k", seqused_k), ("block_table", block_table)) if t is not None]
+
+
+def _backward(ctx, dout, dlse):
+    if ctx.inference_only:
+        raise RuntimeError(f"varlen_attn: no backward with {' and '.join(ctx.inference_only)} (inference only, "
+                           "as in PyTorch); pass packed keys with cu_seq_k to train")
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, scale, left, right, kernel = ctx.params
+    dq, dk, dv = varlen_bwd(dout.contiguous(), dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left,
+                            right, kernel)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+varlen_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,208 @@
+"""varlen_attn against a per-sequence float64 loop, paged KV against the same keys packed,
+and the validation of its arguments. Runs each kernel reachable here (CPU: the blocked loop and
+the Triton core under the interpreter; GPU: the Triton core, bf16 too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attend.varlen import AuxRequest, varlen_attn
+from conftest import DEVICE, FLOOR, KERNEL_DTYPES, KERNELS, assert_scaled_close
+
+# (id, query lengths, key lengths, Hq, Hkv, D)
+SHAPES = [
+    ("mixed", [5, 37, 0, 20], [5, 37, 0, 20], 4, 2, 16),
+    ("L!=S", [9, 30, 3], [20, 11, 3], 2, 2, 24),
+    ("decode", [1, 1, 1], [40, 7, 19], 4, 1, 32),
+]
+WINDOWS = [(-1, -1), (-1, 0), (8, 0), (3, 2), (0, 0)]
+
+
+def _cu(lens):
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32, device=DEVICE)
+    cu[1:] = torch.tensor(lens, device=DEVICE).cumsum(0)
+    return cu
+
+
+def _band(L, S, window):
+    left, right = window
+    i = torch.arange(L, device=DEVICE)[:, None] + (S - L)
+    j = torch.arange(S, device=DEVICE)[None, :]
+    ok = torch.ones(L, S, dtype=torch.bool, device=DEVICE)
+    if right >= 0:
+        ok &= j <= i + right
+    if left >= 0:
+        ok &= j >= i - left
+    return ok
+
+
+def _loop(q, k, v, lq, lk, window, dtype):
+    """Per-sequence attention in ``dtype``: (out (T, H, D), lse (H, T))."""
+    G = q.shape[1] // k.shape[1]
+    outs, lses = [], []
+    cq, ck = [0] + torch.tensor(lq).cumsum(0).tolist(), [0] + torch.tensor(lk).cumsum(0).tolist()
+    for b in range(len(lq)):
+        qb = q[cq[b]:cq[b + 1]].to(dtype).transpose(0, 1)
+        kb = k[ck[b]:ck[b + 1]].to(dtype).transpose(0, 1).repeat_interleave(G, 0)
+        vb = v[ck[b]:ck[b + 1]].to(dtype).transpose(0, 1).repeat_interleave(G, 0)
+        s = (qb @ kb.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        s = s.masked_fill(~_band(lq[b], lk[b], window), float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+        outs.append((p @ vb).transpose(0, 1))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def _inputs(lq, lk, hq, hkv, D, dtype, grad=True):
+    mk = lambda T, H: torch.randn(T, H, D, dtype=dtype, device=DEVICE).requires_grad_(grad)  # noqa: E731
+    return mk(sum(lq), hq), mk(sum(lk), hkv), mk(sum(lk), hkv)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+def test_varlen_matches_per_sequence_loop(kernel, window, shape, use_kernel):
+    use_kernel(kernel)
+    _, lq, lk, hq, hkv, D = shape
+    for dtype in KERNEL_DTYPES[kernel]:
+        if dtype == torch.float64:
+            continue
+        q, k, v = _inputs(lq, lk, hq, hkv, D, dtype)
+        out, lse = varlen_attn(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), window_size=window,
+                               enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True))
+        ref, ref_lse = _loop(q, k, v, lq, lk, window, torch.float64)
+        same, _ = _loop(q, k, v, lq, lk, window, dtype)
+        assert_scaled_close(out, ref, same, what=f"{dtype} out")
+        empty = ref_lse == float("-inf")
+        assert torch.equal(lse == float("-inf"), empty), "rows with no visible key must have lse -inf"
+        assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= 1e-3 if (~empty).any() else True
+
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+        refs = torch.autograd.grad((ref * g.double()).sum(), (q, k, v))
+        sames = torch.autograd.grad((same * g.to(same.dtype)).sum(), (q, k, v))
+        for name, a, r, s in zip("qkv", grads, refs, sames):
+            assert_scaled_close(a, r.double(), s, k=6.0, what=f"{dtype} d{name}")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_varlen_lse_gradient(kernel, use_kernel):
+    """Gradients flow through the returned log-sum-exp too."""
+    use_kernel(kernel)
+    lq = lk = [7, 19]
+    q, k, v = _inputs(lq, lk, 2, 2, 16, torch.float32)
+    out, lse = varlen_attn(q, k, v, _cu(lq), _cu(lk), 19, 19, window_size=(-1, 0), return_aux=AuxRequest(lse=True))
+    w = torch.randn_like(lse)
+    got = torch.autograd.grad((out.sum() + (lse * w).sum()), (q, k, v))
+    ref, ref_lse = _loop(q, k, v, lq, lk, (-1, 0), torch.float64)
+    want = torch.autograd.grad(ref.sum() + (ref_lse * w.double()).sum(), (q, k, v))
+    for name, a, r in zip("qkv", got, want):
+        assert (a.double() - r).abs().max().item() < 1e-4, f"d{name}"
+
+
+def _paged(k, v, lk, page):
+    """Scatter packed keys into a shuffled page pool; returns (k_pool, v_pool, table, seqused)."""
+    n_pages = [-(-n // page) for n in lk]
+    total = sum(n_pages) + 3  # a few pages no sequence uses
+    perm = torch.randperm(total, device=DEVICE)
+    H, D = k.shape[1], k.shape[2]
+    kp = torch.randn(total, page, H, D, dtype=k.dtype, device=DEVICE)  # junk where unused
+    vp = torch.randn(total, page, H, D, dtype=v.dtype, device=DEVICE)
+    width = max(n_pages) + 1
+    table = torch.full((len(lk), width), total - 1, dtype=torch.int32, device=DEVICE)
+    start, used = 0, 0
+    for b, n in enumerate(lk):
+        ids = perm[used:used + n_pages[b]]
+        used += n_pages[b]
+        table[b, : len(ids)] = ids.int()
+        for p, pid in enumerate(ids.tolist()):
+            rows = slice(start + p * page, min(start + (p + 1) * page, start + n))
+            cnt = rows.stop - rows.start
+            kp[pid, :cnt] = k[rows]
+            vp[pid, :cnt] = v[rows]
+        start += n
+    return kp, vp, table, torch.tensor(lk, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("page", [16, 32])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (20, 0)], ids=str)
+def test_paged_kv_matches_packed(kernel, page, window, use_kernel):
+    use_kernel(kernel)
+    lq, lk = [3, 1, 17], [45, 16, 70]
+    q, k, v = _inputs(lq, lk, 4, 2, 16, torch.float16 if kernel == "triton" else torch.float32, grad=False)
+    packed = varlen_attn(q, k, v, _cu(lq), _cu(lk), 17, 70, window_size=window, enable_gqa=True)
+    kp, vp, table, used = _paged(k, v, lk, page)
+    paged = varlen_attn(q, kp, vp, _cu(lq), None, 17, 70, window_size=window, enable_gqa=True,
+                        block_table=table, seqused_k=used)
+    assert (paged.double() - packed.double()).abs().max().item() <= FLOOR[q.dtype]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_seqused_k_uses_the_first_keys(kernel, use_kernel):
+    use_kernel(kernel)
+    lq, slots, used = [4, 6], [30, 25], [12, 25]
+    q, k, v = _inputs(lq, slots, 2, 2, 16, torch.float32, grad=False)
+    got = varlen_attn(q, k, v, _cu(lq), _cu(slots), 6, 30, seqused_k=torch.tensor(used, dtype=torch.int32,
+                                                                                   device=DEVICE))
+    keep = torch.cat([torch.arange(s, s + u) for s, u in zip([0, 30], used)]).to(DEVICE)
+    want, _ = _loop(q, k[keep], v[keep], lq, used, (-1, -1), torch.float64)
+    assert (got.double() - want).abs().max().item() < 1e-5
+
+
+def test_inference_only_arguments_refuse_backward():
+    lq, lk = [4, 6], [30, 25]
+    q, k, v = _inputs(lq, lk, 2, 2, 16, torch.float32)
+    out = varlen_attn(q, k, v, _cu(lq), _cu(lk), 6, 30, seqused_k=torch.tensor(lk, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(RuntimeError, match="seqused_k"):
+        out.sum().backward()
+
+
+def _valid():
+    lq = [4, 6]
+    q, k, v = _inputs(lq, lq, 2, 2, 16, torch.float32, grad=False)
+    return q, k, v, _cu(lq)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda cu: cu.long(), "cu_seq_q must have dtype torch.int32, got torch.int64"),
+    (lambda cu: cu + 1, r"cu_seq_q\[0\] must be 0, got 1"),
+    (lambda cu: torch.tensor([0, 7, 5], dtype=torch.int32, device=DEVICE), r"cu_seq_q\[2\] = 5 < cu_seq_q\[1\] = 7"),
+    (lambda cu: torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE), r"cu_seq_q\[-1\] must equal the token count 10, got 9"),
+    (lambda cu: cu.reshape(1, -1), "cu_seq_q must be 1-D"),
+])
+def test_cu_seq_validation_names_the_bad_entry(bad, match):
+    q, k, v, cu = _valid()
+    with pytest.raises(ValueError, match=match):
+        varlen_attn(q, k, v, bad(cu), cu, 6, 6)
+
+
+def test_argument_validation():
+    q, k, v, cu = _valid()
+    with pytest.raises(ValueError, match="max_q = 5 is less than sequence 1's query length 6"):
+        varlen_attn(q, k, v, cu, cu, 5, 6)
+    with pytest.raises(ValueError, match=r"cu_seq_k has 2 entries; expected 3"):
+        varlen_attn(q, k, v, cu, cu[:2], 6, 6)
+    with pytest.raises(ValueError, match="window_size must be two ints"):
+        varlen_attn(q, k, v, cu, cu, 6, 6, window_size=(-2, 0))
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        varlen_attn(q, k[:, :1], v[:, :1], cu, cu, 6, 6)
+    with pytest.raises(ValueError, match="query must be"):
+        varlen_attn(q[None], k, v, cu, cu, 6, 6)
+    pool = torch.randn(4, 8, 2, 16, device=DEVICE)
+    table = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    used = torch.tensor([4, 6], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="page_size .* multiple of 16, got 8"):
+        varlen_attn(q, pool, pool, cu, None, 6, 16, block_table=table, seqused_k=used)
+    pool = torch.randn(4, 16, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table needs seqused_k"):
+        varlen_attn(q, pool, pool, cu, None, 6, 16, block_table=table)
+    with pytest.raises(ValueError, match=r"block_table\[1\] refers to page 9"):
+        varlen_attn(q, pool, pool, cu, None, 6, 16, block_table=table + torch.tensor([[0, 0], [9, 9]], dtype=torch.int32,
+                                                                                          device=DEVICE),
+                    seqused_k=used)
+    with pytest.raises(ValueError, match=r"seqused_k\[1\] = 40 is out of range"):
+        varlen_attn(q, pool, pool, cu, None, 6, 40, block_table=table,
+                    seqused_k=torch.tensor([4, 40], dtype=torch.int32, device=DEVICE))
