@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/gp
 python3 -c "import pytest" 2>/dev/null || pip install -q --no-deps --no-index --target /tmp/pylib .wheels/*.whl
 export PYTHONPATH=src:/tmp/pylib
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  OUT="$OUT" timeout "${TEST_TIMEOUT:-300}" bash benchmarks/gpu_tests.sh "${TEST_SHARDS:-12}"
+  OUT="$OUT" SHARD_TIMEOUT="${TEST_TIMEOUT:-300}" bash benchmarks/gpu_tests.sh "${TEST_SHARDS:-12}"
 fi
 python3 -m attend bench --device cuda --json "$OUT/bench.json" --png "$OUT/bench.png" \
   --masks-json "$OUT/bench_masks.json" "$@" 2> "$OUT/bench_progress.txt"

@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/attend_out}
 mkdir -p "$OUT"
 python3 -c "import pytest" 2>/dev/null || pip install -q --no-deps --no-index --target /tmp/pylib .wheels/*.whl
 export PYTHONPATH=src:/tmp/pylib
-OUT="$OUT" timeout "${TEST_TIMEOUT:-150}" bash benchmarks/gpu_tests.sh "${TEST_SHARDS:-14}" | tee "$OUT/tests_summary.txt"
+OUT="$OUT" SHARD_TIMEOUT="${TEST_TIMEOUT:-150}" bash benchmarks/gpu_tests.sh "${TEST_SHARDS:-14}"
 ATTEND_AUTOTUNE=0 timeout "${MASKS_TIMEOUT:-200}" python3 -m attend bench --device cuda --suite masks \
   --masks-json "$OUT/bench_masks.json" > "$OUT/bench_masks.txt" 2> "$OUT/bench_masks_progress.txt"
 echo "masks exit $?"; tail -25 "$OUT/bench_masks.txt"

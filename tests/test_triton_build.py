@@ -24,8 +24,8 @@ def builds():
 
 
 def test_every_config_builds_for_hopper_and_ampere(builds):
-    # + heuristic configs at D=64, 256, four feature variants of each kernel and paged (fwd only)
-    expected = 2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 8 + 1
+    # + heuristic configs at D=64, 256, five feature variants of each kernel and paged (fwd only)
+    expected = 2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 10 + 1
     assert len(builds) == expected
     assert {b["head_dim"] for b in builds} == {64, 128, 256}
     assert {b["feature"] for b in builds} >= {"varlen_sliding_window", "paged_seqused"}

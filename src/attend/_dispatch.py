@@ -70,7 +70,7 @@ def _describe(p: SDPAParams) -> str:
 def decide(p: SDPAParams, *, exhaustive: bool = False) -> Decision:
     """Pick the first enabled backend whose check passes; with ``exhaustive`` check them all."""
     state = _current_state()
-    order = _state.order_backends(state, default_priority(p.device_type))
+    order = _state.order_backends(state, default_priority(p.query.device))
     chosen, reasons = SDPBackend.ERROR, {}
     for b in order:
         if chosen is not SDPBackend.ERROR and not exhaustive:

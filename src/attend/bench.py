@@ -9,6 +9,7 @@ FLOPs: forward ``4*B*H*S*S*D`` (halved when causal), backward 2.5x forward. Deco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -19,6 +20,8 @@ import torch
 import attend
 
 PEERS = ("attend", "torch-flash", "torch-efficient", "torch-cudnn", "flex-compiled")
+# attend's own backends and flash implementations, for the every-backend table (--impls backends)
+BACKEND_IMPLS = ("attend", "attend-efficient", "attend-cudnn", "attend-fa2", "attend-fa4")
 
 
 @dataclass
@@ -45,12 +48,30 @@ def _torch_sdpa(backend_name: str):
     return run
 
 
-def _attend(q, k, v, causal, gqa):
-    with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
-        return attend.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa > 1)
+def _attend_backend(name: str):
+    backend = getattr(attend.SDPBackend, name)
+
+    def run(q, k, v, causal, gqa):
+        with attend.sdpa_kernel(backend):
+            return attend.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa > 1)
+    return run
 
 
+_attend = _attend_backend("FLASH_ATTENTION")
 
+
+@contextlib.contextmanager
+def _impl_active(impl: str):
+    """attend-fa2 / attend-fa4 run attend's FLASH backend with that flash implementation active."""
+    name = {"attend-fa2": "FA2", "attend-fa4": "FA4"}.get(impl)
+    if name is None:
+        yield
+        return
+    attend.activate_flash_attention_impl(name)
+    try:
+        yield
+    finally:
+        attend.restore_flash_attention_impl()
 
 _flex_cache: dict = {}
 
@@ -77,6 +98,10 @@ def _flex(q, k, v, causal, gqa):
 
 IMPLS = {
     "attend": _attend,
+    "attend-efficient": _attend_backend("EFFICIENT_ATTENTION"),
+    "attend-cudnn": _attend_backend("CUDNN_ATTENTION"),
+    "attend-fa2": _attend,
+    "attend-fa4": _attend,
     "torch-flash": _torch_sdpa("FLASH_ATTENTION"),
     "torch-efficient": _torch_sdpa("EFFICIENT_ATTENTION"),
     "torch-cudnn": _torch_sdpa("CUDNN_ATTENTION"),
@@ -110,30 +135,36 @@ def measure(impl: str, row: Row, dtype: torch.dtype, backward: bool) -> dict:
     v = torch.randn(row.B, hkv, row.S, row.D, dtype=dtype, device="cuda", requires_grad=backward)
     res = {}
     try:
-        if impl.startswith("attend"):  # a correctness guard on every timed shape
-            with torch.no_grad():
-                ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=row.causal,
-                                                                       enable_gqa=row.gqa > 1)
-                ours = fn(q, k, v, row.causal, row.gqa)
-                res["max_abs_diff_vs_torch"] = (ours.float() - ref.float()).abs().max().item()
-        with torch.no_grad():
-            fwd_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa))
-        if row.kind == "decode":
-            bytes_kv = 2 * k.numel() * k.element_size()
-            res["fwd"] = bytes_kv / (fwd_ms * 1e-3) / 1e9  # GB/s
-            return res
-        flops = 4.0 * row.B * row.H * row.L * row.S * row.D * (0.5 if row.causal else 1.0)
-        res["fwd"] = flops / (fwd_ms * 1e-3) / 1e12
-        if backward:
-            dout = torch.randn(row.B, row.H, row.L, row.D, dtype=dtype, device="cuda")
-            # Backward = (forward with graph + backward) - forward with graph: compiled flex frees
-            # its saved buffers after one backward, so no retain_graph replays.
-            fwd_graph_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa), grad_to_none=[q, k, v])
-            both_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa).backward(dout), grad_to_none=[q, k, v])
-            res["bwd"] = 2.5 * flops / (max(both_ms - fwd_graph_ms, 1e-6) * 1e-3) / 1e12
+        with _impl_active(impl):
+            _measure_into(res, fn, impl, row, q, k, v, dtype, backward)
     except Exception as e:  # a peer that refuses a shape is reported, not fatal
         res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return res
+
+
+def _measure_into(res: dict, fn, impl: str, row: Row, q, k, v, dtype, backward: bool) -> None:
+    """Time ``fn`` on one row; fills ``res`` with fwd/bwd (TFLOP/s, or GB/s for decode)."""
+    if impl.startswith("attend"):  # a correctness guard on every timed shape
+        with torch.no_grad():
+            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=row.causal,
+                                                                   enable_gqa=row.gqa > 1)
+            ours = fn(q, k, v, row.causal, row.gqa)
+            res["max_abs_diff_vs_torch"] = (ours.float() - ref.float()).abs().max().item()
+    with torch.no_grad():
+        fwd_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa))
+    if row.kind == "decode":
+        bytes_kv = 2 * k.numel() * k.element_size()
+        res["fwd"] = bytes_kv / (fwd_ms * 1e-3) / 1e9  # GB/s
+        return
+    flops = 4.0 * row.B * row.H * row.L * row.S * row.D * (0.5 if row.causal else 1.0)
+    res["fwd"] = flops / (fwd_ms * 1e-3) / 1e12
+    if backward:
+        dout = torch.randn(row.B, row.H, row.L, row.D, dtype=dtype, device="cuda")
+        # Backward = (forward with graph + backward) - forward with graph: compiled flex frees
+        # its saved buffers after one backward, so no retain_graph replays.
+        fwd_graph_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa), grad_to_none=[q, k, v])
+        both_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa).backward(dout), grad_to_none=[q, k, v])
+        res["bwd"] = 2.5 * flops / (max(both_ms - fwd_graph_ms, 1e-6) * 1e-3) / 1e12
 
 
 def plan(seqs=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128), gqa=True, decode=True) -> list[Row]:
@@ -172,7 +203,7 @@ def format_table(rows: list[Row], impls=PEERS) -> str:
         if "error" not in ours and ours:
             parts = []
             for d in ("fwd", "bwd"):
-                peers = [r.results[p][d] for p in impls[1:] if d in r.results.get(p, {})]
+                peers = [r.results[p][d] for p in impls if not p.startswith("attend") and d in r.results.get(p, {})]
                 if d in ours and peers:
                     parts.append(f"{ours[d] / max(peers):.2f}")
             ratio = " / ".join(parts)
@@ -194,7 +225,7 @@ def plot(rows: list[Row], path: str) -> None:
         for j, (causal, d) in enumerate([(False, "fwd"), (True, "fwd"), (False, "bwd"), (True, "bwd")]):
             ax = axes[i][j]
             sel = sorted((r for r in pre if r.D == D and r.causal == causal), key=lambda r: r.S)
-            for impl in PEERS:
+            for impl in dict.fromkeys(i for r in sel for i in r.results):
                 xs = [r.S for r in sel if d in r.results.get(impl, {})]
                 ys = [r.results[impl][d] for r in sel if d in r.results.get(impl, {})]
                 if xs:

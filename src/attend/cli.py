@@ -62,7 +62,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         p = _probe_call(dev)
         d = attend._dispatch.decide(p, exhaustive=True)
         rows = [[i, b.name, "usable" if b not in d.reasons else "no: " + "; ".join(d.reasons[b])]
-                for i, b in enumerate(default_priority(torch.device(dev).type), 1)]
+                for i, b in enumerate(default_priority(torch.device(dev)), 1)]
         print(_table(rows, ["#", "backend", "status"]))
     print("\nflash implementations (FLASH backend):")
     active = attend.current_flash_attention_impl()
@@ -125,7 +125,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     seqs = [int(s) for s in a.seqs.split(",")]
     dims = [int(d) for d in a.dims.split(",")]
-    impls = tuple(a.impls.split(",")) if a.impls else bench.PEERS
+    if a.impls == "backends":  # every attend backend and flash impl, then the peers
+        impls = bench.BACKEND_IMPLS + bench.PEERS[1:]
+    else:
+        impls = tuple(a.impls.split(",")) if a.impls else bench.PEERS
     bench.main(seqs, dims, _DTYPES[a.dtype if a.dtype != "float32" else "bfloat16"], impls, a.json, a.png,
                gqa=not a.no_gqa, decode=not a.no_decode)
     return 0
@@ -161,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--reps", type=int, default=3, help="CPU: timed repetitions")
     be.add_argument("--seqs", default="512,1024,2048,4096,8192,16384", help="CUDA: sequence lengths")
     be.add_argument("--dims", default="64,128", help="CUDA: head dims")
-    be.add_argument("--impls", default="", help="CUDA: subset of attend,torch-flash,torch-efficient,torch-cudnn,flex-compiled")
+    be.add_argument("--impls", default="", help="CUDA: subset of attend,attend-efficient,attend-cudnn,attend-fa2,attend-fa4,torch-flash,"
+                    "torch-efficient,torch-cudnn,flex-compiled; 'backends' = all of them")
     be.add_argument("--json", default="bench.json", help="CUDA: where to write the results")
     be.add_argument("--png", default="bench.png", help="CUDA: where to draw the plot")
     be.add_argument("--no-gqa", action="store_true")

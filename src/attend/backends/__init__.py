@@ -1,14 +1,23 @@
 """The backends and the default priority order per device type.
 
 ``DEFAULT_PRIORITY`` is the order tried when ``sdpa_kernel(..., set_priority=True)`` has not
-set one. CPU: the blocked FLASH path keeps memory linear (2% of MATH's peak) at 1.2-1.9x
-PyTorch's CPU kernel time (benchmarks/RESULTS.md), so it goes first, MATH last. CUDA: attend's
-Triton FLASH, then PyTorch's cuDNN, then EFFICIENT (which takes masks), then MATH. The H100
-table of 2026-11-27 measured cuDNN faster than attend's FLASH for prefill (0.7-0.97x) and equal
-for decode; CUDA's order moves to measurement once the CUDNN backend has its GPU tests.
+set one, per device class (``device_class``):
+
+- ``cpu``: the blocked FLASH path keeps memory linear (2% of MATH's peak) at 1.2-1.9x PyTorch's
+  CPU kernel time (benchmarks/RESULTS.md), so it goes first, MATH last.
+- ``cuda-sm90`` (Hopper): measured on the H100 (``python -m attend bench``, RESULTS.md runs 4-8):
+  PyTorch's cuDNN is the fastest for prefill, forward and backward (attend's FLASH reaches
+  0.73-0.97x of it) and ties attend's FLASH for decode, so CUDNN goes first; calls it refuses
+  (masks with grad, dropout on some versions, head dims) go to attend's FLASH, then EFFICIENT
+  (which takes masks), then MATH.
+- ``cuda`` (other GPUs, not measured): attend's FLASH, then cuDNN, EFFICIENT, MATH.
 """
 
 from __future__ import annotations
+
+import functools
+
+import torch
 
 from .._enums import SDPBackend
 from ._base import Backend
@@ -30,6 +39,7 @@ BACKENDS: dict[SDPBackend, Backend] = {
 }
 
 DEFAULT_PRIORITY: dict[str, tuple[SDPBackend, ...]] = {
+    "cuda-sm90": (B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH, B.OVERRIDEABLE),
     "cuda": (B.FLASH_ATTENTION, B.CUDNN_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH, B.OVERRIDEABLE),
     "cpu": (B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH, B.OVERRIDEABLE, B.CUDNN_ATTENTION),
 }
@@ -37,10 +47,21 @@ DEFAULT_PRIORITY: dict[str, tuple[SDPBackend, ...]] = {
 OTHER_DEVICE_PRIORITY = (B.OVERRIDEABLE, B.MATH, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION)
 
 
-def default_priority(device_type: str) -> tuple[SDPBackend, ...]:
-    return DEFAULT_PRIORITY.get(device_type, OTHER_DEVICE_PRIORITY)
+@functools.lru_cache(maxsize=None)
+def device_class(device: torch.device | str) -> str:
+    """The key into ``DEFAULT_PRIORITY``: ``cuda-sm90`` for Hopper GPUs, else the device type."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        if torch.cuda.get_device_capability(device) == (9, 0):
+            return "cuda-sm90"
+    return device.type
+
+
+def default_priority(device: torch.device | str) -> tuple[SDPBackend, ...]:
+    """The default order for ``device`` (a device, or a device type string)."""
+    return DEFAULT_PRIORITY.get(device_class(device), OTHER_DEVICE_PRIORITY)
 
 
 __all__ = [
-    "BACKENDS", "DEFAULT_PRIORITY", "default_priority", "register_overrideable", "math_attention",
+    "BACKENDS", "DEFAULT_PRIORITY", "default_priority", "device_class", "register_overrideable", "math_attention",
 ]

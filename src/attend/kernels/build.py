@@ -53,7 +53,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     """Compile one core kernel for ``target``; returns the compiled object (``.asm['ptx']``...)."""
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
-                      HAS_MASK=False, MASK_BOOL=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
+                      HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
                       VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32",
                       **config.kwargs)
     constexprs.update(flags)
@@ -70,6 +70,7 @@ _FEATURES = {
     "bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True),
     "broadcast_bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True, MASK_GRAD_ATOMIC=True),
     "varlen_sliding_window": dict(VARLEN=True, WINDOW=True),
+    "key_padding_mask": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, MASK_KEYS=True),
 }
 _FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16)}
 

@@ -92,17 +92,31 @@ def pruner(kind: str):
 
 
 # Used when autotuning is off (ATTEND_AUTOTUNE=0): one config per kernel and head-dim class,
-# the autotuner's picks in the 2026-11-27 H100 runs (benchmarks/RESULTS.md); D=256 is untuned.
+# the autotuner's picks in the H100 runs of 2026-11-27 (benchmarks/RESULTS.md); D=256 is untuned.
 _HEURISTIC = {
-    ("fwd", 64): _c(128, 64, 8, 3), ("fwd", 128): _c(64, 64, 4, 3), ("fwd", 256): _c(64, 32, 4, 2),
+    ("fwd", 64): _c(128, 64, 8, 3), ("fwd", 128): _c(128, 128, 8, 3), ("fwd", 256): _c(64, 32, 4, 2),
     ("bwd", 64): _b(32, 128, 64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2),
     ("bwd", 256): _b(16, 64, 64, 16, 4, 2),
 }
+# Causal backward at D=128: dQ by atomics won (399 vs 352 TFLOP/s at S=16k, run 6).
+_HEURISTIC_CAUSAL = {("bwd", 128): _b(64, 128, 64, 64, 8, 2, True)}
+# Packed batches of mixed lengths and full-size masks: smaller forward tiles (varlen: 229 vs 206
+# TFLOP/s forward, 217 vs 202 backward; a 128x128 tile with a bf16 bias tile pipelined in shared
+# memory needs 288 KiB, over the H100's 227 KiB). Runs 6-7.
+_SMALL_TILES = {("fwd", 128): _c(64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
 _DECODE = _c(16, 128, 4, 3)
 
 
-def heuristic(kind: str, block_d: int, l_bucket: int | None = None) -> triton.Config:
-    """The fixed config for ``kind`` ("fwd" or "bwd") at padded head dim ``block_d``."""
+def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict | None = None) -> triton.Config:
+    """The fixed config for ``kind`` ("fwd" or "bwd") at padded head dim ``block_d``, given the
+    launch's feature ``flags`` (CAUSAL, VARLEN, HAS_MASK, MASK_KEYS)."""
+    flags = flags or {}
     if kind == "fwd" and l_bucket == 1:
         return _DECODE
-    return _HEURISTIC[(kind, 64 if block_d <= 64 else (128 if block_d <= 128 else 256))]
+    key = (kind, 64 if block_d <= 64 else (128 if block_d <= 128 else 256))
+    full_mask = flags.get("HAS_MASK") and not flags.get("MASK_KEYS")
+    if (flags.get("VARLEN") or full_mask) and key in _SMALL_TILES:
+        return _SMALL_TILES[key]
+    if flags.get("CAUSAL") and key in _HEURISTIC_CAUSAL:
+        return _HEURISTIC_CAUSAL[key]
+    return _HEURISTIC[key]

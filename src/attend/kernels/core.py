@@ -43,9 +43,24 @@ def _keep_mask(seed, bh, L, S, rows, cols, dropout_p):
 
 
 @triton.jit
-def _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL: tl.constexpr):
-    """Additive log2-domain bias of a [rows x cols] tile of the user's attn_mask."""
-    inb = (rows[:, None] < L) & (cols[None, :] < S)
+def _mask_ptrs(base, rows, cols, stride_m, stride_n, MASK_KEYS: tl.constexpr):
+    """Pointers to a [rows x cols] mask tile, or [1 x cols] when MASK_KEYS."""
+    if MASK_KEYS:
+        ptrs = base + tl.cast(cols, tl.int64)[None, :] * stride_n
+    else:
+        ptrs = base + tl.cast(rows, tl.int64)[:, None] * stride_m + tl.cast(cols, tl.int64)[None, :] * stride_n
+    return ptrs
+
+
+@triton.jit
+def _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """Additive log2-domain bias of a [rows x cols] tile of the user's attn_mask. MASK_KEYS: the
+    mask does not vary over queries (a key-padding mask): ``mask_ptrs`` is [1, cols] and so is the
+    result, which broadcasts over the rows."""
+    if MASK_KEYS:
+        inb = cols[None, :] < S
+    else:
+        inb = (rows[:, None] < L) & (cols[None, :] < S)
     if MASK_BOOL:
         keep = tl.load(mask_ptrs, mask=inb, other=0).to(tl.int1)
         return tl.where(keep, 0.0, float("-inf"))
@@ -93,7 +108,7 @@ def _fwd_inner(
     stride_kn, stride_vn, stride_maskn, stride_kpage, stride_vpage, stride_kd, stride_vd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key blocks [start, end). MASKED: apply the band and bounds masks.
@@ -117,11 +132,13 @@ def _fwd_inner(
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
+        if HAS_MASK:  # issued before the dot, so its latency hides behind the MMA
+            bias = _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL, MASK_KEYS)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
         if MASKED or HAS_MASK:
             s2 = qk * qk_scale
             if HAS_MASK:
-                s2 += _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL)
+                s2 += bias
             if MASKED:
                 ok = (cols[None, :] < S) & _band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)
                 s2 = tl.where(ok, s2, float("-inf"))
@@ -215,7 +232,7 @@ def attn_fwd(
     H, G, L, S, qk_scale, diag, win_right, win_left, dropout_p, seed,
     L_BUCKET, SEQ_BUCKET,  # unused by the code: autotuner keys, so decode/prefill and short/long tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
     DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -258,8 +275,8 @@ def attn_fwd(
     table_ptr = TABLE + tl.cast(b, tl.int64) * stride_tableb
     mask_ptrs = MASK
     if HAS_MASK:
-        mask_ptrs = (MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
-                     + tl.cast(rows, tl.int64)[:, None] * stride_maskm + tl.cast(offs_n, tl.int64)[None, :] * stride_maskn)
+        mask_ptrs = _mask_ptrs(MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh,
+                               rows, offs_n, stride_maskm, stride_maskn, MASK_KEYS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -270,19 +287,19 @@ def attn_fwd(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, lo, a, rows, offs_n, offs_d,
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
             stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-            True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, PAGED, PAGE_SIZE, DOT_PRECISION,
+            True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, DOT_PRECISION,
         )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, c, rows, offs_n, offs_d,
         bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
         stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-        False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, PAGED, PAGE_SIZE, DOT_PRECISION,
+        False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, DOT_PRECISION,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, c, hi, rows, offs_n, offs_d,
         bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
         stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-        True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, PAGED, PAGE_SIZE, DOT_PRECISION,
+        True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, DOT_PRECISION,
     )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -322,18 +339,20 @@ def attn_bwd_preprocess(
 @triton.jit
 def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-             MASK_BOOL: tl.constexpr, DOT_PRECISION: tl.constexpr, KEYS_FIRST: tl.constexpr):
+             MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """Log2-domain scores of a tile, masked. KEYS_FIRST: a = k [BN, D], b = q [BM, D] and the
     tile is [BN, BM] (dK/dV side); else a = q, b = k and it is [BM, BN] (dQ side)."""
+    if HAS_MASK:  # issued before the dot, so its latency hides behind the MMA
+        bias = _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL, MASK_KEYS)
     s2 = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale
     if KEYS_FIRST:
         if HAS_MASK:
-            s2 += tl.trans(_mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL))
+            s2 += tl.trans(bias)
         if MASKED and (CAUSAL or WINDOW):
             s2 = tl.where(tl.trans(_band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)), s2, float("-inf"))
     else:
         if HAS_MASK:
-            s2 += _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL)
+            s2 += bias
         if MASKED and (CAUSAL or WINDOW):
             s2 = tl.where(_band(rows, cols, causal_off, window_off, CAUSAL, WINDOW), s2, float("-inf"))
     return s2
@@ -342,12 +361,12 @@ def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
-    start, end, cols, offs_m, offs_d, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+    start, end, rot, cols, offs_m, offs_d, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn,
     stride_dqm, stride_dqd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
+    MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one head; with
@@ -356,7 +375,12 @@ def _dkdv_inner(
     MASKED: these query blocks straddle a band edge. No dot sits under a branch, so the loop
     software-pipelines."""
     d_ok = offs_d < HEAD_DIM
-    for start_m in range(start, end, BLOCK_M):
+    n_it = tl.cdiv(end - start, BLOCK_M)
+    for it in range(0, n_it):
+        if DQ_ATOMIC:  # start at block `rot`, so programs of one head do not add to the same dQ rows at once
+            start_m = start + ((it + rot) % n_it) * BLOCK_M
+        else:
+            start_m = start + it * BLOCK_M
         rows = start_m + offs_m
         row_ok = rows < L
         qd_ok = row_ok[:, None] & d_ok[None, :]
@@ -369,10 +393,9 @@ def _dkdv_inner(
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         mask_ptrs = mask_base
         if HAS_MASK:
-            mask_ptrs = (mask_base + tl.cast(rows, tl.int64)[:, None] * stride_maskm
-                         + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
+            mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
         s2 = _scores2(k, q, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
-                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DOT_PRECISION, True)
+                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DOT_PRECISION, True)
         pT = tl.math.exp2(s2 - lse2[None, :])  # [BLOCK_N, BLOCK_M]
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
@@ -410,7 +433,7 @@ def _dq_inner(
     stride_maskm, stride_maskn,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ of one query block over key blocks [start, end). MASKED: edge/tail blocks."""
     d_ok = offs_d < HEAD_DIM
@@ -423,10 +446,9 @@ def _dq_inner(
                     mask=kv_ok, other=0.0)
         mask_ptrs = mask_base
         if HAS_MASK:
-            mask_ptrs = (mask_base + tl.cast(rows, tl.int64)[:, None] * stride_maskm
-                         + tl.cast(cols, tl.int64)[None, :] * stride_maskn)
+            mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
         s2 = _scores2(q, k, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
-                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DOT_PRECISION, False)
+                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DOT_PRECISION, False)
         p = tl.math.exp2(s2 - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -454,7 +476,7 @@ def attn_bwd(
     SEQ_BUCKET,  # unused by the code: the autotuner's key, so short and long sequences tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
     DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr, VARLEN: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -526,24 +548,24 @@ def attn_bwd(
             if CAUSAL:
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
-                    lo, a, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                    lo, a, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL,
+                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, DOT_PRECISION,
                 )
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
-                a, c, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                a, c, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL,
+                stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
                 DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, DOT_PRECISION,
             )
             if WINDOW:
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
-                    c, hi, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                    c, hi, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL,
+                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, DOT_PRECISION,
                 )
         dk *= sm_scale
@@ -601,15 +623,15 @@ def attn_bwd(
             dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, lo, a, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
+                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, DOT_PRECISION)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
                        qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                       False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
+                       False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, DOT_PRECISION)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, c, hi, rows, offs_n, d_offs, bh, L, S,
                        qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                       True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION)
+                       True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, DOT_PRECISION)
         dq *= sm_scale
         tl.store(DQ + tl.cast(bt, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
                  + q_rows * stride_dqm + d_offs[None, :] * stride_dqd,

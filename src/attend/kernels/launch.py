@@ -21,8 +21,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # and uses configs.heuristic instead.
 _AUTOTUNE = os.environ.get("ATTEND_AUTOTUNE", "1") != "0"
 
-_FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET"]
-_BWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "DROPOUT", "MASK_GRAD", "VARLEN", "DETERMINISTIC", "SEQ_BUCKET"]
+_FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET"]
+_BWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "MASK_GRAD", "VARLEN", "DETERMINISTIC", "SEQ_BUCKET"]
 _fwd = triton.autotune(FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": pruner("fwd")})(core.attn_fwd)
 _bwd = triton.autotune(BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": pruner("bwd")},
                        reset_to_zero=["DMASK", "DQ"])(core.attn_bwd)
@@ -93,7 +93,7 @@ def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None):
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False)
         warps, stages = 4, 1
     else:
-        c = heuristic(kind, flags["BLOCK_D"], l_bucket)
+        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags)
         meta, warps, stages = dict(c.kwargs), c.num_warps, c.num_stages
     if kind == "bwd":
         if FORCE_DQ_ATOMIC is not None:
@@ -152,7 +152,8 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
             *lse_strides, stride_table, H, H // Hkv, L, S, scale * _RCP_LN2, *band_args,
             float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
-                 DROPOUT=dropout_p > 0.0, **seq_flags, DOT_PRECISION=_dot_precision(q.dtype))
+                 MASK_KEYS=mask is not None and mstr[2] == 0, DROPOUT=dropout_p > 0.0, **seq_flags,
+                 DOT_PRECISION=_dot_precision(q.dtype))
     _launch(_fwd, core.attn_fwd, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L))
 
 
@@ -221,7 +222,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dq, dk, dv, B, L, S, m
     band_args, band_flags = _band_args(band)
     cu_q, cu_k = (q, q) if packed is None else _packed_args(packed)[0][:2]
     flags = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
-                 DROPOUT=dropout_p > 0.0, MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic,
+                 MASK_KEYS=mask is not None and mstr[2] == 0, DROPOUT=dropout_p > 0.0, MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic,
                  VARLEN=packed is not None, DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
                  DOT_PRECISION=_dot_precision(q.dtype))
     args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, *q.stride(), *k.stride(), *v.stride(),
