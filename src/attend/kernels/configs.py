@@ -14,13 +14,16 @@ import triton
 INTERPRET_TILE = 16
 
 
-def _c(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _c(bm: int, bn: int, warps: int, stages: int, lazy: bool = False) -> triton.Config:
+    """Forward: a (BLOCK_M, BLOCK_N) tile; ``lazy``: rescale the accumulator only when a row's
+    max grows by more than 2^8 (core.RESCALE_SLACK)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LAZY_RESCALE": lazy}, num_warps=warps, num_stages=stages)
 
 
 FWD_CONFIGS = [
     _c(128, 128, 8, 3), _c(128, 128, 8, 2), _c(128, 64, 8, 3), _c(128, 64, 4, 3), _c(64, 64, 4, 3),
     _c(64, 128, 4, 3), _c(128, 64, 8, 2), _c(64, 32, 4, 2), _c(16, 64, 4, 3), _c(16, 128, 4, 3),
+    _c(128, 128, 8, 3, True), _c(128, 64, 8, 3, True), _c(64, 64, 4, 3, True),
 ]
 
 

@@ -89,7 +89,7 @@ def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None):
         return
     if _INTERPRET:  # the interpreter ignores warps and stages
         t = INTERPRET_TILE
-        meta = dict(BLOCK_M=t, BLOCK_N=t) if kind == "fwd" else dict(
+        meta = dict(BLOCK_M=t, BLOCK_N=t, LAZY_RESCALE=True) if kind == "fwd" else dict(
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False)
         warps, stages = 4, 1
     else:
