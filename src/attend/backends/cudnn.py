@@ -13,13 +13,21 @@ from .._params import SDPAParams, default_scale
 from ._base import torch_check_reasons
 
 
+_CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
+
+
 class CudnnBackend:
     backend = SDPBackend.CUDNN_ATTENTION
 
     def check(self, p: SDPAParams) -> list[str]:
         if p.device_type != "cuda":
             return [f"CUDNN runs on cuda tensors only; got {p.device_type}"]
-        if not torch.backends.cudnn.is_available():
+        if torch.compiler.is_compiling():
+            # PyTorch's predicate is C++ returning a bool, which dynamo cannot trace; attend's
+            # own kernels are custom ops and trace cleanly, so the call moves on to them.
+            return ["CUDNN is not selected under torch.compile (PyTorch's cuDNN check cannot be traced); "
+                    "attend's fused kernels take the call"]
+        if not _CUDNN_AVAILABLE:
             return ["cuDNN is not available in this PyTorch build"]
         if p.query.dim() != 4:
             return [f"CUDNN needs 4-D inputs; got {p.query.dim()}-D"]

@@ -110,15 +110,17 @@ _SMALL_TILES = {("fwd", 128): _c(64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64,
 _DECODE = _c(16, 128, 4, 3)
 
 
-def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict | None = None) -> triton.Config:
+def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict | None = None,
+              elem: int = 2) -> triton.Config:
     """The fixed config for ``kind`` ("fwd" or "bwd") at padded head dim ``block_d``, given the
-    launch's feature ``flags`` (CAUSAL, VARLEN, HAS_MASK, MASK_KEYS)."""
+    launch's feature ``flags`` (CAUSAL, VARLEN, HAS_MASK, MASK_KEYS) and the input element size
+    (fp32 tiles take twice the shared memory: a 128x128 fp32 forward needs 384 KiB)."""
     flags = flags or {}
     if kind == "fwd" and l_bucket == 1:
         return _DECODE
     key = (kind, 64 if block_d <= 64 else (128 if block_d <= 128 else 256))
     full_mask = flags.get("HAS_MASK") and not flags.get("MASK_KEYS")
-    if (flags.get("VARLEN") or full_mask) and key in _SMALL_TILES:
+    if (flags.get("VARLEN") or full_mask or elem > 2) and key in _SMALL_TILES:
         return _SMALL_TILES[key]
     if flags.get("CAUSAL") and key in _HEURISTIC_CAUSAL:
         return _HEURISTIC_CAUSAL[key]

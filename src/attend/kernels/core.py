@@ -23,7 +23,8 @@ Conventions
   ``row0`` is the sequence's first packed row (0 when dense): ``(B, H, L)`` dense, ``(H, T)`` varlen.
 - A row with no visible key gets ``l = 0``: output 0, ``lse = -inf``; the backward reads such
   rows' ``lse`` as ``+inf`` so their probabilities, and gradients, are exactly 0.
-- Backward: one launch, no atomics (see ``attn_bwd``), so it is always deterministic.
+- Backward: one launch (see ``attn_bwd``); dQ either by its own programs (deterministic) or by
+  atomics from the dK/dV programs (a tuning choice, never in deterministic mode).
 - Dropout: Philox (``tl.rand``) keyed by ``seed`` at offset ``((b*Hq + h)*L + i)*S + j``
   (int64), regenerated in the backward instead of stored.
 """
@@ -235,7 +236,8 @@ def _query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N:
     return lo, a, b, hi
 
 
-@triton.jit
+# L and S are reassigned per sequence under VARLEN; never specialize them (L=1 would be constexpr).
+@triton.jit(do_not_specialize=["L", "S"])
 def attn_fwd(
     Q, K, V, Out, LSE, MASK, CU_Q, CU_K, SEQUSED_K, TABLE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -474,7 +476,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "S"])
 def attn_bwd(
     Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -93,7 +93,7 @@ def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None):
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False)
         warps, stages = 4, 1
     else:
-        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags)
+        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, args[0].element_size())
         meta, warps, stages = dict(c.kwargs), c.num_warps, c.num_stages
     if kind == "bwd":
         if FORCE_DQ_ATOMIC is not None:
