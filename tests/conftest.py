@@ -74,5 +74,19 @@ def assert_scaled_close(out, ref64, ref_same, k=4.0, what="output"):
     assert err <= tol, f"{what}: max error {err:.3e} > {k} * {base:.3e} + {FLOOR[out.dtype]:.0e}"
 
 
+def assert_matches_float64(out, q, k, v, what: str = "", k_grad: float = 6.0, **kw) -> None:
+    """``out = SDPA(q, k, v, **kw)`` and its input gradients against the float64 reference, with
+    tolerances scaled by PyTorch's same-precision math SDPA."""
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    ref, p = reference(q, k, v, **kw)
+    refs = torch.autograd.grad((ref * g.double()).sum(), (p.query, p.key, p.value))
+    same = same_precision(q, k, v, **kw)
+    sames = torch.autograd.grad((same * g).sum(), (q, k, v))
+    assert_scaled_close(out, ref, same, what=f"{what} out")
+    for name, a, r, s in zip("qkv", grads, refs, sames):
+        assert_scaled_close(a, r, s, k=k_grad, what=f"{what} d{name}")
+
+
 def rand(*shape, dtype=torch.float32, requires_grad=False, device=DEVICE):
     return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
