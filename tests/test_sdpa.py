@@ -28,6 +28,7 @@ CASES = [
     ("bool_mask", 40, 50, 4, 4, 16, "bool"),
     ("float_mask", 40, 50, 4, 4, 16, "float"),
     ("padding", 31, 90, 2, 2, 16, "padding"),
+    ("key_bias", 31, 90, 4, 2, 16, "key_bias"),  # (B, 1, 1, S) float with grad: one key vector per tile
     ("lower_right_L<S", 17, 45, 2, 2, 16, "lower_right"),
     ("lower_right_L>S", 45, 17, 2, 2, 16, "lower_right"),
     ("upper_left_L>S", 45, 17, 2, 2, 16, "upper_left"),
@@ -57,6 +58,8 @@ def _make(case, dtype, grad=False):
         m = torch.ones(2, 1, 1, S, dtype=torch.bool, device=DEVICE)
         m[0, ..., S // 3:] = False
         kw["attn_mask"] = m
+    elif kind == "key_bias":
+        kw["attn_mask"] = rand(2, 1, 1, S, dtype=dtype, requires_grad=grad)
     elif kind == "lower_right":
         kw["attn_mask"] = causal_lower_right(L, S)
     elif kind == "upper_left":
@@ -85,7 +88,7 @@ def test_forward_backward_match_float64(backend, kernel, case, dtype, use_kernel
     use_kernel(kernel)
     torch.manual_seed(sum(map(ord, case[0])))
     q, k, v, kw = _make(case, dtype, grad=True)
-    mask_grad = case[6] == "float"
+    mask_grad = case[6] in ("float", "key_bias")
     with attend.sdpa_kernel(backend):
         d = attend.explain(q, k, v, **kw)
         assert d.backend is backend, str(d)
