@@ -407,3 +407,31 @@ def test_decode_shape(backend, kernel, use_kernel):
         out = attend.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(1, 300), enable_gqa=True)
     ref64, _ = reference(q, k, v, enable_gqa=True)
     assert_scaled_close(out, ref64, same_precision(q, k, v, enable_gqa=True))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("mask_kind", ["float", "bool", "key_bias"])
+def test_efficient_fp32_relative_error_within_5e_4(kernel, mask_kind, use_kernel):
+    """EFFICIENT's contract for fp32: relative error <= 5e-4 against float64, forward and
+    backward (no tf32 unless torch.backends.cuda.matmul.allow_tf32 is set)."""
+    use_kernel(kernel)
+    torch.manual_seed(7)
+    L, S = 70, 90
+    q, k, v = (rand(2, 4, n, 64, requires_grad=True) for n in (L, S, S))
+    if mask_kind == "float":
+        mask = rand(2, 4, L, S, requires_grad=True)
+    elif mask_kind == "key_bias":
+        mask = rand(2, 1, 1, S, requires_grad=True)
+    else:
+        mask = torch.rand(2, 1, L, S, device=DEVICE) > 0.2
+    inputs = [q, k, v] + ([mask] if mask.is_floating_point() else [])
+    with attend.sdpa_kernel(B.EFFICIENT_ATTENTION):
+        out = attend.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref, p = reference(q, k, v, attn_mask=mask)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, g)
+    refs = torch.autograd.grad(ref, [p.query, p.key, p.value] + ([p.attn_mask] if mask.is_floating_point() else []),
+                               g.double())
+    for name, a, r in zip(["out", "dq", "dk", "dv", "dmask"], [out, *grads], [ref, *refs]):
+        rel = ((a.double() - r).norm() / r.norm()).item()
+        assert rel <= 5e-4, f"{mask_kind} {name}: relative error {rel:.2e} > 5e-4"
