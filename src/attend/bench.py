@@ -115,6 +115,14 @@ def _time_ms(fn, grad_to_none=None) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
+def backward_ms(run, inputs, dout) -> float:
+    """Backward time of ``run()`` = (forward with graph + backward) - forward with graph:
+    compiled flex frees its saved buffers after one backward, so no retain_graph replays."""
+    fwd_graph_ms = _time_ms(run, grad_to_none=inputs)
+    both_ms = _time_ms(lambda: run().backward(dout), grad_to_none=inputs)
+    return max(both_ms - fwd_graph_ms, 1e-6)
+
+
 def _tuned_configs() -> dict:
     """The configs attend's autotuner picked so far, per kernel and key."""
     from attend.kernels import launch
@@ -160,11 +168,8 @@ def _measure_into(res: dict, fn, impl: str, row: Row, q, k, v, dtype, backward: 
     res["fwd"] = flops / (fwd_ms * 1e-3) / 1e12
     if backward:
         dout = torch.randn(row.B, row.H, row.L, row.D, dtype=dtype, device="cuda")
-        # Backward = (forward with graph + backward) - forward with graph: compiled flex frees
-        # its saved buffers after one backward, so no retain_graph replays.
-        fwd_graph_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa), grad_to_none=[q, k, v])
-        both_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa).backward(dout), grad_to_none=[q, k, v])
-        res["bwd"] = 2.5 * flops / (max(both_ms - fwd_graph_ms, 1e-6) * 1e-3) / 1e12
+        bwd_ms = backward_ms(lambda: fn(q, k, v, row.causal, row.gqa), [q, k, v], dout)
+        res["bwd"] = 2.5 * flops / (bwd_ms * 1e-3) / 1e12
 
 
 def plan(seqs=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128), gqa=True, decode=True) -> list[Row]:

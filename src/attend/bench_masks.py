@@ -22,19 +22,10 @@ import time
 import torch
 
 import attend
-from attend.bench import _time_ms
+from attend.bench import _time_ms, backward_ms
 
 VARLEN_LENGTHS = [4096, 3000, 2048, 1800, 1500, 1200, 1000, 900, 500, 240, 100]
 WINDOW, WINDOW_S = 4096, 16384
-
-
-def _times(fn, inputs, dout) -> tuple[float, float]:
-    """(forward ms, backward ms) of ``fn()``."""
-    with torch.no_grad():
-        fwd = _time_ms(fn)
-    with_graph = _time_ms(fn, grad_to_none=inputs)
-    both = _time_ms(lambda: fn().backward(dout), grad_to_none=inputs)
-    return fwd, max(both - with_graph, 1e-6)
 
 
 def _entry(fn, inputs, dout, flops: float, backward: bool = True) -> dict:
@@ -46,12 +37,13 @@ def _entry(fn, inputs, dout, flops: float, backward: bool = True) -> dict:
 
 def _measure(fn, inputs, dout, flops: float, backward: bool) -> dict:
     try:
-        if backward:
-            f, b = _times(fn, inputs, dout)
-            return dict(fwd_ms=f, bwd_ms=b, fwd=flops / f / 1e9, bwd=2.5 * flops / b / 1e9)
         with torch.no_grad():
             f = _time_ms(fn)
-        return dict(fwd_ms=f, fwd=flops / f / 1e9)
+        res = dict(fwd_ms=f, fwd=flops / f / 1e9)
+        if backward:
+            b = backward_ms(fn, inputs, dout)
+            res.update(bwd_ms=b, bwd=2.5 * flops / b / 1e9)
+        return res
     except Exception as e:  # a peer that refuses the case is reported, not fatal
         return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
 

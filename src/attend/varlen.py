@@ -28,7 +28,6 @@ import torch
 
 __all__ = ["varlen_attn", "AuxRequest"]
 
-_KERNEL_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def varlen_attn(
       ``block_table`` or ``seqused_k``, which are inference only (as in PyTorch).
     """
     from ._params import default_scale
-    from .backends._kernels import TRITON_MAX_HEAD_DIM, kernel_for
+    from .backends._kernels import TRITON_MASK_DTYPES, TRITON_MAX_HEAD_DIM, kernel_for
     from .ops.varlen import varlen_fwd
 
     left, right = _check_window(window_size)
@@ -77,10 +76,9 @@ def varlen_attn(
     kernel = kernel_for(query)
     if kernel is None:
         raise ValueError(f"varlen_attn: no kernel for device type {query.device.type!r}; expected cuda or cpu")
-    allowed = _KERNEL_DTYPES.get(kernel)
-    if allowed is not None and query.dtype not in allowed:
+    if kernel == "triton" and query.dtype not in TRITON_MASK_DTYPES:  # the core's dtypes (fp16/bf16/fp32)
         raise ValueError(f"varlen_attn: query dtype {query.dtype} is not supported on {query.device.type}; "
-                         f"expected one of {', '.join(str(d) for d in allowed)}")
+                         f"expected one of {', '.join(str(d) for d in TRITON_MASK_DTYPES)}")
     if kernel == "triton" and query.shape[-1] > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"varlen_attn: head dim {query.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the Triton core's limit")
     s = default_scale(query.shape[-1], scale)
@@ -131,7 +129,7 @@ def _check_int32(name: str, t: torch.Tensor, device: torch.device, dims: int) ->
         raise ValueError(f"{name} is on {t.device}, but query is on {device}")
 
 
-def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa, seqused_k, block_table) -> int:
+def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa, seqused_k, block_table) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -190,17 +188,18 @@ def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa, seqused_k, block_
                 where = "its block_table row holds" if paged else "its cu_seq_k slot holds"
                 raise ValueError(f"seqused_k[{b}] = {u} is out of range: {where} {c} keys")
         lens_k = used
-    if paged:
+    if paged:  # the page ids each sequence uses, checked in one pass (one host sync, not one per sequence)
         pages = k.shape[0]
-        for b, u in enumerate(lens_k):
-            ids = block_table[b, : -(-u // k.shape[1])]
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= pages):
-                raise ValueError(f"block_table[{b}] refers to page {int(ids.max()) if int(ids.min()) >= 0 else int(ids.min())}"
-                                 f" outside the pool's {pages} pages")
+        n_used = torch.tensor([-(-u // k.shape[1]) for u in lens_k], device=q.device)
+        used_cols = torch.arange(block_table.shape[1], device=q.device)[None, :] < n_used[:, None]
+        bad = used_cols & ((block_table < 0) | (block_table >= pages))
+        if bool(bad.any()):
+            b, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}] refers to page {int(block_table[b, col])} outside the pool's "
+                             f"{pages} pages")
     if n and max(lens_q) > max_q:
         b = lens_q.index(max(lens_q))
         raise ValueError(f"max_q = {max_q} is less than sequence {b}'s query length {lens_q[b]}")
     if n and max(lens_k) > max_k:
         b = lens_k.index(max(lens_k))
         raise ValueError(f"max_k = {max_k} is less than sequence {b}'s key length {lens_k[b]}")
-    return n
