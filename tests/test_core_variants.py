@@ -9,7 +9,7 @@ import torch
 import attend
 from attend.kernels import configs, launch
 from attend.varlen import varlen_attn
-from conftest import DEVICE, KERNEL_DTYPES, assert_matches_float64, rand
+from conftest import DEVICE, KERNEL_DTYPES, assert_matches_float64, assert_scaled_close, rand, reference, same_precision
 
 DTYPES = [d for d in KERNEL_DTYPES["triton"] if d != torch.float32] or [torch.float16]
 
@@ -67,3 +67,70 @@ def test_deterministic_mode_never_uses_atomics(dq_atomic):
     kept = configs.pruner("bwd")(configs.BWD_CONFIGS, {}, BLOCK_D=64, DETERMINISTIC=True)
     assert kept and not any(c.kwargs["DQ_ATOMIC"] for c in kept)
     assert any(c.kwargs["DQ_ATOMIC"] for c in configs.pruner("bwd")(configs.BWD_CONFIGS, {}, BLOCK_D=64))
+
+
+@pytest.mark.parametrize("S", [1, 700, 2500])
+def test_key_range_kernel_spans_the_kept_keys(S):
+    """The per-(b, h) span [first True, last True + 1) behind KEY_RANGE, (0, 0) when none is
+    kept; computed over the mask's own extent and broadcast by strides."""
+    torch.manual_seed(S)
+    mask = torch.rand(3, 2, 1, S, device=DEVICE) > 0.97
+    mask[0, 0] = False
+    mask[1, 1] = True
+    m4 = mask[:, :1].expand(3, 4, 5, S)  # broadcast over heads (stride 0) and queries
+    ext, strides, on = launch._key_range(m4, tuple(m4.stride()), True, m4)
+    assert on and ext.shape == (3, 4, 2) and strides[1] == 0
+    for b in range(3):
+        kept = mask[b, 0, 0].nonzero().flatten().tolist()
+        want = [kept[0], kept[-1] + 1] if kept else [0, 0]
+        for h in range(4):
+            assert ext[b, h].tolist() == want, (b, h)
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    def choose(flag: bool) -> None:
+        monkeypatch.setattr(launch, "FORCE_TMA", flag)
+    return choose
+
+
+@pytest.mark.parametrize("case", [(45, 70, 32, False), (64, 64, 32, True), (33, 50, 80, True)],
+                         ids=["ragged", "causal", "head_dim_80_causal"])
+def test_backward_through_tensor_descriptors_matches_float64(case, tma):
+    """The backward's TMA path (Q/dO and K/V tiles through per-head descriptors; rows past L or S
+    and columns past the head dim are zero-filled by the copy engine, not masked)."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    tma(True)
+    L, S, D, causal = case
+    for dtype in DTYPES:
+        q = rand(2, 4, L, D, dtype=dtype, requires_grad=True)
+        k, v = (rand(2, 2, S, D, dtype=dtype, requires_grad=True) for _ in range(2))
+        with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
+            out = attend.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        assert_matches_float64(out, q, k, v, what=f"{dtype} {case}", is_causal=causal, enable_gqa=True)
+
+
+def test_varlen_backward_through_tensor_descriptors(tma):
+    """Per-sequence descriptors: a tile past a sequence's end reads zeros, not the next sequence."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    tma(True)
+    lens = [33, 7, 50]
+    cu = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    cu[1:] = torch.tensor(lens, device=DEVICE).cumsum(0)
+    dtype = DTYPES[0]
+    q, k, v = (rand(sum(lens), 2, 32, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = varlen_attn(q, k, v, cu, cu, max(lens), max(lens), window_size=(-1, 0))
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for i, n in enumerate(lens):
+        sl = slice(int(cu[i]), int(cu[i + 1]))
+        qs, ks, vs = (t.detach()[sl].transpose(0, 1)[None].requires_grad_() for t in (q, k, v))
+        gs = g[sl].transpose(0, 1)[None]
+        ref64, p64 = reference(qs, ks, vs, is_causal=True)
+        refs64 = torch.autograd.grad(ref64, (p64.query, p64.key, p64.value), gs.double())
+        refs_same = torch.autograd.grad(same_precision(qs, ks, vs, is_causal=True), (qs, ks, vs), gs)
+        for name, a, r64, rs in zip("qkv", grads, refs64, refs_same):
+            unpack = lambda t: t[0].transpose(0, 1)
+            assert_scaled_close(a[sl], unpack(r64), unpack(rs), k=8.0, what=f"sequence {i} d{name}")

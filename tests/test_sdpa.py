@@ -16,7 +16,8 @@ import torch
 import attend
 from attend import SDPBackend as B
 from attend.bias import causal_lower_right, causal_upper_left
-from conftest import DEVICE, KERNEL_DTYPES, KERNELS, assert_scaled_close, rand, reference, same_precision
+from conftest import (DEVICE, KERNEL_DTYPES, KERNELS, assert_matches_float64, assert_scaled_close, rand, reference,
+                      same_precision)
 
 # (id, L, S, Hq, Hkv, D, mask kind)
 CASES = [
@@ -35,6 +36,9 @@ CASES = [
     ("head_dim_80", 24, 40, 2, 2, 80, "causal"),
     ("head_dim_192", 20, 29, 2, 1, 192, None),
     ("head_dim_256", 18, 18, 2, 2, 256, "causal"),
+    # L and S multiples of configs.EVEN_TILE: the backward's unmasked (EVEN) loads
+    ("even_gqa_causal", 128, 128, 4, 2, 32, "causal"),
+    ("even_L<S", 128, 256, 2, 2, 16, None),
 ]
 FLASH_KINDS = {None, "causal", "lower_right", "upper_left"}
 # The dtypes each backend accepts from the Triton core (FLASH: half types only).
@@ -206,6 +210,56 @@ def test_fully_masked_rows_give_zero_and_finite_grads(backend, kernel, use_kerne
     for t in (q, k2, v2):
         assert torch.isfinite(t.grad).all()
     assert torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
+
+
+def _key_padding_mask(shape: str, S: int) -> torch.Tensor:
+    """Bool key-padding masks with leading, trailing and inner padding, per (b, h) where the
+    shape allows: ``bhs`` (3, 2, 1, S), ``b1s`` (3, 1, 1, S), ``11s`` (1, 1, 1, S)."""
+    rows = [torch.zeros(S, dtype=torch.bool) for _ in range(6)]
+    rows[0][: S // 3] = True  # trailing padding
+    rows[1][S // 2:] = True  # leading padding
+    rows[2][10: S - 20] = True  # both ends, and a hole
+    rows[2][40:60] = False
+    rows[3][:] = True
+    rows[4][S - 1] = True  # one key, the last
+    rows[5][S // 4: 3 * S // 4] = True
+    m = torch.stack(rows).reshape(3, 2, 1, S)
+    m = {"bhs": m, "b1s": m[:, :1], "11s": m[2:, 1:]}[shape]
+    return m.to(DEVICE)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("S", [90, 128])
+@pytest.mark.parametrize("shape", ["bhs", "b1s", "11s"])
+def test_key_padding_masks_match_float64(kernel, S, shape, use_kernel):
+    """The core skips key blocks outside each (b, h)'s kept span (KEY_RANGE) and masks the rest;
+    S=128 also takes the backward's EVEN path."""
+    use_kernel(kernel)
+    torch.manual_seed(S)
+    dt = torch.float16 if kernel == "triton" else torch.float32
+    q = rand(3, 2, 40, 32, dtype=dt, requires_grad=True)
+    k, v = (rand(3, 2, S, 32, dtype=dt, requires_grad=True) for _ in range(2))
+    mask = _key_padding_mask(shape, S)
+    with attend.sdpa_kernel(B.EFFICIENT_ATTENTION):
+        out = attend.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_matches_float64(out, q, k, v, what=f"{shape} S={S}", attn_mask=mask)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_key_padding_mask_that_keeps_nothing_gives_zero(kernel, use_kernel):
+    use_kernel(kernel)
+    dt = torch.float16 if kernel == "triton" else torch.float32
+    q, k, v = (rand(2, 2, 48, 16, dtype=dt, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 48, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    with attend.sdpa_kernel(B.EFFICIENT_ATTENTION):
+        out = attend.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+        assert t.grad[0].abs().sum() > 0
 
 
 def _all_backend_params():

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from attend.kernels.build import _BWD_FEATURES, _FEATURES, _FWD_FEATURES
 from attend.kernels.configs import BWD_CONFIGS, FWD_CONFIGS
 
 
@@ -24,8 +25,9 @@ def builds():
 
 
 def test_every_config_builds_for_hopper_and_ampere(builds):
-    # + heuristic configs at D=64, 256, five feature variants of each kernel and paged (fwd only)
-    expected = 2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 10 + 1
+    # + heuristic configs at D=64, 256, the feature variants of each kernel, paged (fwd only) and
+    # pointer loads (bwd only)
+    expected = 2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 2 * len(_FEATURES) + len(_FWD_FEATURES) + len(_BWD_FEATURES)
     assert len(builds) == expected
     assert {b["head_dim"] for b in builds} == {64, 128, 256}
     assert {b["feature"] for b in builds} >= {"varlen_sliding_window", "paged_seqused"}

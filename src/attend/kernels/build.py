@@ -19,7 +19,7 @@ _DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
 _INT64 = {"seed"}
 _POINTERS = {"Q", "K", "V", "Out", "LSE", "MASK", "DMASK", "DO", "Delta", "DK", "DV", "DQ"}
-_INT_POINTERS = {"CU_Q", "CU_K", "SEQUSED_K", "TABLE"}
+_INT_POINTERS = {"CU_Q", "CU_K", "SEQUSED_K", "TABLE", "KEY_EXT"}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
@@ -53,8 +53,8 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     """Compile one core kernel for ``target``; returns the compiled object (``.asm['ptx']``...)."""
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
-                      HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
-                      VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32",
+                      HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False,
+                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32",
                       **config.kwargs)
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
@@ -64,15 +64,19 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
 
 
 KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
-# Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds.
+# Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds,
+# which assume EVEN lengths (multiples of configs.EVEN_TILE), as the benchmarked shapes have.
 _FEATURES = {
+    "ragged_lengths": dict(EVEN=False),
     "bool_mask_dropout": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, DROPOUT=True),
     "bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True),
     "broadcast_bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True, MASK_GRAD_ATOMIC=True),
-    "varlen_sliding_window": dict(VARLEN=True, WINDOW=True),
-    "key_padding_mask": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, MASK_KEYS=True),
+    "varlen_sliding_window": dict(VARLEN=True, WINDOW=True, EVEN=False),
+    "key_padding_mask": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, MASK_KEYS=True, KEY_RANGE=True),
 }
 _FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16)}
+# The backward reads through TMA descriptors on sm_90 where it can, and through pointers otherwise.
+_BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False)}
 
 
 def _build_one(job: tuple) -> dict:
@@ -81,7 +85,7 @@ def _build_one(job: tuple) -> dict:
 
     config = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}[kind][index] if index >= 0 else heuristic(kind, head_dim)
     dtype = "bfloat16" if arch >= 90 else "float16"
-    flags = {**_FEATURES, **_FWD_FEATURES}[feature[0]] if feature else {}
+    flags = {**_FEATURES, **_FWD_FEATURES, **_BWD_FEATURES}[feature[0]] if feature else {}
     compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype, head_dim=head_dim,
                               **flags)
     ptx = compiled.asm["ptx"]
@@ -102,6 +106,7 @@ def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
     jobs += [(kind, -1, 90, d) for kind in ("fwd", "bwd") for d in (64, 256)]
     jobs += [(kind, -1, 90, 128, feature) for kind in ("fwd", "bwd") for feature in _FEATURES]
     jobs += [("fwd", -1, 90, 128, feature) for feature in _FWD_FEATURES]
+    jobs += [("bwd", -1, 90, 128, feature) for feature in _BWD_FEATURES]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(_build_one, jobs))
 

@@ -1,9 +1,10 @@
-"""Tuning data for the Triton core: candidate configs per kernel and the prune function.
+"""Tuning data for the Triton core: the fixed config table (``heuristic``, the default), and the
+candidate lists and prune function of the opt-in autotuner (ATTEND_AUTOTUNE=1).
 
-The autotuner benchmarks the candidates that survive ``prune`` once per key (head dim, causal,
-mask, dropout, a sequence-length bucket, and for the forward a query-length bucket). Candidates come from the H100 sweep
-recorded in benchmarks/RESULTS.md; keep the lists short, since every candidate is compiled on a
-key's first call and checked to build for sm_90/sm_80 in CI.
+The table comes from timing every candidate on the H100 (benchmarks/sweep.py; RESULTS.md). The
+autotuner benchmarks the candidates that survive ``prune`` once per key (head dim, causal, mask,
+dropout, a sequence-length bucket, and for the forward a query-length bucket), which costs about
+a minute per new key. Keep the lists short: CI compiles every candidate for sm_90 and sm_80.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ def _c(bm: int, bn: int, warps: int, stages: int, lazy: bool = False) -> triton.
 
 
 FWD_CONFIGS = [
-    _c(128, 128, 8, 3), _c(128, 128, 8, 2), _c(128, 64, 8, 3), _c(128, 64, 4, 3), _c(64, 64, 4, 3),
-    _c(64, 128, 4, 3), _c(128, 64, 8, 2), _c(64, 32, 4, 2), _c(16, 64, 4, 3), _c(16, 128, 4, 3),
+    _c(128, 128, 8, 3), _c(128, 128, 8, 2), _c(128, 64, 8, 3), _c(128, 64, 8, 4), _c(128, 64, 4, 3),
+    _c(64, 64, 4, 3), _c(64, 128, 4, 3), _c(128, 64, 8, 2), _c(64, 32, 4, 2), _c(16, 64, 4, 3), _c(16, 128, 4, 3),
     _c(128, 128, 8, 3, True), _c(128, 64, 8, 3, True), _c(64, 64, 4, 3, True),
 ]
 
@@ -35,12 +36,12 @@ def _b(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int, dq_atomic: b
 
 
 BWD_CONFIGS = [
-    _b(64, 128, 128, 64, 8, 2), _b(64, 128, 128, 64, 8, 3), _b(64, 64, 64, 64, 4, 2), _b(64, 64, 64, 64, 4, 3),
-    _b(64, 128, 64, 64, 8, 2), _b(32, 128, 64, 64, 4, 3), _b(32, 128, 128, 32, 4, 2), _b(32, 64, 64, 32, 4, 2),
+    _b(64, 128, 128, 64, 8, 3), _b(64, 128, 128, 64, 8, 2), _b(64, 128, 128, 64, 8, 4), _b(64, 64, 64, 64, 4, 2),
+    _b(64, 64, 64, 64, 4, 3), _b(32, 128, 64, 64, 4, 3), _b(32, 128, 128, 32, 4, 3), _b(32, 64, 64, 32, 4, 3),
     _b(16, 64, 64, 16, 4, 2),
     # dQ by atomics: 5 dots per tile pair instead of 7; dropped in deterministic mode.
     _b(64, 128, 64, 64, 8, 2, True), _b(64, 128, 64, 64, 8, 3, True), _b(32, 128, 64, 64, 4, 3, True),
-    _b(64, 64, 64, 64, 4, 2, True),
+    _b(64, 64, 64, 64, 4, 2, True), _b(64, 64, 64, 64, 4, 3, True),
 ]
 
 # Estimated shared-memory budget per program by compute capability major version: the
@@ -94,34 +95,56 @@ def pruner(kind: str):
     return prune
 
 
-# Used when autotuning is off (ATTEND_AUTOTUNE=0): one config per kernel and head-dim class,
-# the autotuner's picks in the H100 runs of 2026-11-27 (benchmarks/RESULTS.md); D=256 is untuned.
-_HEURISTIC = {
-    ("fwd", 64): _c(128, 64, 8, 3), ("fwd", 128): _c(128, 128, 8, 3), ("fwd", 256): _c(64, 32, 4, 2),
-    ("bwd", 64): _b(32, 128, 64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2),
-    ("bwd", 256): _b(16, 64, 64, 16, 4, 2),
+# The fixed configs (used unless ATTEND_AUTOTUNE=1): per (kernel, head-dim class, causal), the
+# best config of the H100 sweep per sequence-length bucket (benchmarks/sweep.py, RESULTS.md
+# "session 3"; bf16, hidden 2048, 16k tokens). A bucket not listed takes the next larger one
+# listed, else the largest. D=256 is untuned (it fits the register file; nothing more).
+_TABLE = {
+    ("fwd", 64, False): {16384: _c(128, 64, 8, 3)},
+    ("fwd", 64, True): {16384: _c(128, 64, 8, 3)},
+    ("fwd", 128, False): {4096: _c(128, 64, 8, 3), 16384: _c(128, 128, 8, 3)},  # 469 / 487 TFLOP/s
+    ("fwd", 128, True): {16384: _c(128, 64, 8, 3)},  # 419 at S=4k, 488 at 16k
+    ("fwd", 256, False): {16384: _c(64, 32, 4, 2)},
+    ("fwd", 256, True): {16384: _c(64, 32, 4, 2)},
+    ("bwd", 64, False): {16384: _b(32, 128, 64, 64, 4, 3)},  # 334 at 16k
+    ("bwd", 64, True): {1024: _b(64, 64, 64, 64, 4, 3, True), 16384: _b(32, 128, 64, 64, 4, 3)},  # 198; 290, 322
+    ("bwd", 128, False): {16384: _b(64, 128, 128, 64, 8, 3)},  # 378 at 4k, 402 at 16k
+    ("bwd", 128, True): {1024: _b(32, 64, 64, 32, 4, 3), 4096: _b(64, 128, 128, 64, 8, 4),
+                         16384: _b(64, 128, 64, 64, 8, 3, True)},  # 213; 325; 380 (dQ by atomics)
+    ("bwd", 256, False): {16384: _b(16, 64, 64, 16, 4, 2)},
+    ("bwd", 256, True): {16384: _b(16, 64, 64, 16, 4, 2)},
 }
-# Causal backward at D=128: dQ by atomics won (399 vs 352 TFLOP/s at S=16k, run 6).
-_HEURISTIC_CAUSAL = {("bwd", 128): _b(64, 128, 64, 64, 8, 2, True)}
-# Packed batches of mixed lengths and full-size masks: smaller forward tiles (varlen: 229 vs 206
-# TFLOP/s forward, 217 vs 202 backward; a 128x128 tile with a bf16 bias tile pipelined in shared
-# memory needs 288 KiB, over the H100's 227 KiB). Runs 6-7.
+# Full-size masks and fp32: smaller tiles (a 128x128 tile with a bf16 bias tile pipelined in
+# shared memory needs 288 KiB, over the H100's 227 KiB; fp32 tiles take twice the space).
 _SMALL_TILES = {("fwd", 128): _c(64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
+# Packed causal batches of mixed lengths (the sweep's varlen case: 371 / 247 TFLOP/s).
+_VARLEN = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 128, 128, 64, 8, 3)}
 _DECODE = _c(16, 128, 4, 3)
 
 
 def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict | None = None,
-              elem: int = 2) -> triton.Config:
+              elem: int = 2, seq_bucket: int = 16384) -> triton.Config:
     """The fixed config for ``kind`` ("fwd" or "bwd") at padded head dim ``block_d``, given the
-    launch's feature ``flags`` (CAUSAL, VARLEN, HAS_MASK, MASK_KEYS) and the input element size
-    (fp32 tiles take twice the shared memory: a 128x128 fp32 forward needs 384 KiB)."""
+    launch's feature ``flags`` (CAUSAL, VARLEN, HAS_MASK, MASK_KEYS), the input element size
+    and the sequence-length bucket (launch._seq_bucket)."""
     flags = flags or {}
     if kind == "fwd" and l_bucket == 1:
         return _DECODE
-    key = (kind, 64 if block_d <= 64 else (128 if block_d <= 128 else 256))
+    d = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
     full_mask = flags.get("HAS_MASK") and not flags.get("MASK_KEYS")
-    if (flags.get("VARLEN") or full_mask or elem > 2) and key in _SMALL_TILES:
-        return _SMALL_TILES[key]
-    if flags.get("CAUSAL") and key in _HEURISTIC_CAUSAL:
-        return _HEURISTIC_CAUSAL[key]
-    return _HEURISTIC[key]
+    if (full_mask or elem > 2) and (kind, d) in _SMALL_TILES:
+        return _SMALL_TILES[(kind, d)]
+    if flags.get("VARLEN") and (kind, d) in _VARLEN:
+        return _VARLEN[(kind, d)]
+    by_bucket = _TABLE[(kind, d, bool(flags.get("CAUSAL")))]
+    fits = [b for b in sorted(by_bucket) if b >= seq_bucket]
+    return by_bucket[fits[0] if fits else max(by_bucket)]
+
+
+# Every block size divides EVEN_TILE, so L and S that are multiples of it need no bounds masks
+# in the backward's loops (core.attn_bwd's EVEN).
+EVEN_TILE = 128
+assert all(EVEN_TILE % c.kwargs[k] == 0
+           for c in BWD_CONFIGS + [c for t in _TABLE.values() for c in t.values()] + list(_SMALL_TILES.values())
+           + list(_VARLEN.values()) if "BLOCK_M1" in c.kwargs
+           for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"))

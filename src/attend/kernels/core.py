@@ -189,28 +189,43 @@ def _fwd_inner(
 
 
 @triton.jit
-def _key_blocks(m0, S, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """(lo, a, b, hi) for query rows [m0, m0+BLOCK_M): keys outside [lo, hi) are invisible to
-    every row; [a, b) are whole blocks that every row sees in full (no mask); [lo, a) and
-    [b, hi) straddle a band edge or the ragged end. lo, a, b are multiples of BLOCK_N."""
-    s_full = (S // BLOCK_N) * BLOCK_N
+    """(lo, a, b, hi) for query rows [m0, m0+BLOCK_M) over keys [k_lo, k_hi) (dense: [0, S)):
+    keys outside [lo, hi) are invisible to every row; [a, b) are whole blocks that every row
+    sees in full (no band or bounds mask); [lo, a) and [b, hi) straddle a band edge or the
+    ragged end. lo, a, b are multiples of BLOCK_N."""
+    s_full = (k_hi // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        hi = tl.minimum(S, tl.maximum(m0 + BLOCK_M + causal_off, 0))
+        hi = tl.minimum(k_hi, tl.maximum(m0 + BLOCK_M + causal_off, 0))
         b = tl.minimum((tl.maximum(m0 + causal_off + 1, 0) // BLOCK_N) * BLOCK_N, s_full)
     else:
-        hi = S
+        hi = k_hi
         b = s_full
+    lo = (k_lo // BLOCK_N) * BLOCK_N
     if WINDOW:
-        lo = (tl.minimum(tl.maximum(m0 + window_off, 0), S) // BLOCK_N) * BLOCK_N
+        lo = tl.maximum(lo, (tl.minimum(tl.maximum(m0 + window_off, 0), k_hi) // BLOCK_N) * BLOCK_N)
         a = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + window_off, 0), BLOCK_N) * BLOCK_N
     else:
-        lo = 0
-        a = 0
+        a = lo
     hi = tl.maximum(hi, lo)
     a = tl.minimum(tl.maximum(a, lo), hi)
     b = tl.minimum(tl.maximum(b, a), hi)
     return lo, a, b, hi
+
+
+@triton.jit
+def _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE: tl.constexpr):
+    """[k_lo, k_hi): the keys of (b, h) that a bool key-padding mask keeps, from its first to its
+    last True (KEY_RANGE; the launcher computes them); blocks outside are never visited. Else [0, S)."""
+    if KEY_RANGE:
+        ext = KEY_EXT + tl.cast(b, tl.int64) * stride_extb + tl.cast(h, tl.int64) * stride_exth
+        k_lo = tl.load(ext)
+        k_hi = tl.load(ext + 1)
+    else:
+        k_lo = 0
+        k_hi = S
+    return k_lo, k_hi
 
 
 @triton.jit
@@ -239,22 +254,22 @@ def _query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N:
 # L and S are reassigned per sequence under VARLEN; never specialize them (L=1 would be constexpr).
 @triton.jit(do_not_specialize=["L", "S"])
 def attn_fwd(
-    Q, K, V, Out, LSE, MASK, CU_Q, CU_K, SEQUSED_K, TABLE,
+    Q, K, V, Out, LSE, MASK, CU_Q, CU_K, SEQUSED_K, TABLE, KEY_EXT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
-    stride_lseb, stride_lseh, stride_tableb,
+    stride_lseb, stride_lseh, stride_tableb, stride_extb, stride_exth,
     H, G, L, S, qk_scale, diag, win_right, win_left, dropout_p, seed,
     L_BUCKET, SEQ_BUCKET,  # unused by the code: autotuner keys, so decode/prefill and short/long tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
-    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr,
+    KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes Out and LSE (fp32, natural log).
-    PAGED: stride_kb / stride_vb are the pool's page strides."""
+    PAGED: stride_kb / stride_vb are the pool's page strides. KEY_RANGE: see ``_key_range``."""
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query block sees the most keys: launch it first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -298,7 +313,8 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, a, c, hi = _key_blocks(m0, S, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    k_lo, k_hi = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
+    lo, a, c, hi = _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, lo, a, rows, offs_n, offs_d,
@@ -327,6 +343,23 @@ def attn_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse_ptrs = LSE + tl.cast(bt, tl.int64) * stride_lseb + tl.cast(h, tl.int64) * stride_lseh + q0 + rows
     tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def key_range_kernel(MASK, EXT, stride_mb, stride_mh, stride_mn, Hm, S, BLOCK: tl.constexpr):
+    """EXT[b, h] = (first kept key, last kept key + 1) of a bool key-padding mask row, or (0, 0)
+    when it keeps nothing; the ``KEY_RANGE`` input of attn_fwd / attn_bwd. Grid: (Bm * Hm,)."""
+    pid = tl.program_id(0)
+    base = MASK + tl.cast(pid // Hm, tl.int64) * stride_mb + tl.cast(pid % Hm, tl.int64) * stride_mh
+    lo = S
+    hi = 0
+    for start in range(0, S, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        keep = tl.load(base + tl.cast(cols, tl.int64) * stride_mn, mask=cols < S, other=0).to(tl.int1)
+        lo = tl.minimum(lo, tl.min(tl.where(keep, cols, S), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(keep, cols + 1, 0), 0))
+    tl.store(EXT + 2 * pid, tl.minimum(lo, hi))
+    tl.store(EXT + 2 * pid + 1, hi)
 
 
 @triton.jit
@@ -377,19 +410,22 @@ def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
+    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, dmask_base, dq_base,
     start, end, rot, cols, offs_m, offs_d, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn,
     stride_dqm, stride_dqd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one head; with
     DQ_ATOMIC also add this block's share of dQ into the fp32 DQ buffer (5 dots per tile pair
     instead of the 7 of separate dK/dV and dQ passes, at the cost of atomics).
-    MASKED: these query blocks straddle a band edge. No dot sits under a branch, so the loop
+    MASKED: these query blocks straddle a band edge. ``q_src``/``do_src``: the head's base
+    pointers, or with USE_TMA its [L, HEAD_DIM] tensor descriptors (the copy engine zero-fills
+    rows past L). EVEN: every block lies inside [0, L) and HEAD_DIM == BLOCK_D, so the loads
+    need no mask. No dot sits under a branch, so the loop
     software-pipelines."""
     d_ok = offs_d < HEAD_DIM
     n_it = tl.cdiv(end - start, BLOCK_M)
@@ -401,13 +437,25 @@ def _dkdv_inner(
         rows = start_m + offs_m
         row_ok = rows < L
         qd_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=qd_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
-        do = tl.load(do_base + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=qd_ok, other=0.0)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+        if USE_TMA:
+            q = q_src.load([start_m, 0])  # [BLOCK_M, BLOCK_D]
+            do = do_src.load([start_m, 0])
+        else:
+            q_ptrs = q_src + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+            do_ptrs = do_src + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod
+            if EVEN:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=qd_ok, other=0.0)
+                do = tl.load(do_ptrs, mask=qd_ok, other=0.0)
+        if EVEN:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        else:
+            lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         mask_ptrs = mask_base
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
@@ -445,22 +493,33 @@ def _dkdv_inner(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse2, delta, k_base, v_base, mask_base, start, end, rows, offs_n, offs_d, bh, L, S,
+    dq, q, do, lse2, delta, k_src, v_src, mask_base, start, end, rows, offs_n, offs_d, bh, L, S,
     qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
     stride_maskm, stride_maskn,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over key blocks [start, end). MASKED: edge/tail blocks."""
+    """Accumulate dQ of one query block over key blocks [start, end). MASKED: edge/tail blocks.
+    EVEN: every block lies inside [0, S) and HEAD_DIM == BLOCK_D (unmasked loads). USE_TMA:
+    ``k_src``/``v_src`` are [S, HEAD_DIM] tensor descriptors, else base pointers."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kv_ok = (cols[:, None] < S) & d_ok[None, :]
-        k = tl.load(k_base + tl.cast(cols, tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_base + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=kv_ok, other=0.0)
+        if USE_TMA:
+            k = k_src.load([start_n, 0])  # [BLOCK_N, BLOCK_D]
+            v = v_src.load([start_n, 0])
+        else:
+            k_ptrs = k_src + tl.cast(cols, tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+            v_ptrs = v_src + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            if EVEN:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                kv_ok = (cols[:, None] < S) & d_ok[None, :]
+                k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+                v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
         mask_ptrs = mask_base
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
@@ -476,9 +535,9 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["L", "S"])
+@triton.jit(do_not_specialize=["B", "L", "S"])  # B=1 would be specialized too
 def attn_bwd(
-    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K,
+    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K, KEY_EXT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -488,14 +547,15 @@ def attn_bwd(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dmaskb, stride_dmaskh, stride_dmaskm, stride_dmaskn,
-    stride_lseb, stride_lseh,
+    stride_lseb, stride_lseh, stride_extb, stride_exth,
     B, H, G, L, S, qk_scale, sm_scale, diag, win_right, win_left, dropout_p, seed,
     SEQ_BUCKET,  # unused by the code: the autotuner's key, so short and long sequences tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
-    DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr, VARLEN: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
+    VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, EVEN: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The whole backward in one launch. DQ is an fp32 buffer (the launcher casts it).
 
@@ -508,6 +568,10 @@ def attn_bwd(
 
     MASK_GRAD: also write d(attn_mask) = dS into DMASK (the mask's strides); with
     MASK_GRAD_ATOMIC (a broadcast mask, fp32 buffer) by atomic adds (nondeterministic).
+    KEY_RANGE: key blocks outside a head's kept keys are skipped (``_key_range``); their dK/dV
+    programs write zeros. EVEN: L and S are multiples of every block size and HEAD_DIM == BLOCK_D.
+    USE_TMA: the loops read Q/dO (dK/dV programs) and K/V (dQ programs) through per-head tensor
+    descriptors (Hopper's copy engine; needs 16-byte aligned bases and strides, unit last stride).
     """
     tl.static_assert(not (DQ_ATOMIC and DETERMINISTIC), "DQ_ATOMIC is nondeterministic")
     pid = tl.program_id(0)
@@ -562,28 +626,39 @@ def attn_bwd(
                 mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
             if MASK_GRAD:
                 dmask_base = DMASK + tl.cast(b, tl.int64) * stride_dmaskb + tl.cast(h, tl.int64) * stride_dmaskh
+            if USE_TMA:
+                q_src = tl.make_tensor_descriptor(q_base, [L, HEAD_DIM], [stride_qm, 1], [BLOCK_M1, BLOCK_D])
+                do_src = tl.make_tensor_descriptor(do_base, [L, HEAD_DIM], [stride_dom, 1], [BLOCK_M1, BLOCK_D])
+            else:
+                q_src = q_base
+                do_src = do_base
+            lo_h, a_h, c_h, hi_h = lo, a, c, hi
+            if KEY_RANGE:  # no query of head h sees this key block: visit no query block
+                k_lo, k_hi = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
+                if (n0 >= k_hi) | (n0 + BLOCK_N1 <= k_lo):
+                    lo_h, a_h, c_h, hi_h = lo, lo, lo, lo
             if CAUSAL:
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
-                    lo, a, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                    lo_h, a_h, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                     stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
-                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, DOT_PRECISION,
+                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
                 )
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
-                a, c, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                a_h, c_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                 stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
-                DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, DOT_PRECISION,
+                DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
             )
             if WINDOW:
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
-                    c, hi, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                    c_h, hi_h, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                     stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
-                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, DOT_PRECISION,
+                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
                 )
         dk *= sm_scale
         tl.store(DK + tl.cast(bt, tl.int64) * stride_dkb + tl.cast(hk, tl.int64) * stride_dkh
@@ -634,21 +709,28 @@ def attn_bwd(
         mask_base = MASK
         if HAS_MASK:
             mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
+        if USE_TMA:
+            k_src = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [stride_kn, 1], [BLOCK_N2, BLOCK_D])
+            v_src = tl.make_tensor_descriptor(v_base, [S, HEAD_DIM], [stride_vn, 1], [BLOCK_N2, BLOCK_D])
+        else:
+            k_src = k_base
+            v_src = v_base
         dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
-        lo, a, c, hi = _key_blocks(m0, S, causal_off, window_off, BLOCK_M2, BLOCK_N2, CAUSAL, WINDOW)
+        k_lo, k_hi = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
+        lo, a, c, hi = _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M2, BLOCK_N2, CAUSAL, WINDOW)
         if WINDOW:
-            dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, lo, a, rows, offs_n, d_offs, bh, L, S,
+            dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, mask_base, lo, a, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, DOT_PRECISION)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
+                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
                        qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                       False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, DOT_PRECISION)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, c, hi, rows, offs_n, d_offs, bh, L, S,
+                       False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, mask_base, c, hi, rows, offs_n, d_offs, bh, L, S,
                        qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                       True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, DOT_PRECISION)
+                       True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
         dq *= sm_scale
         tl.store(DQ + tl.cast(bt, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
                  + q_rows * stride_dqm + d_offs[None, :] * stride_dqd,

@@ -13,22 +13,25 @@ import triton
 
 from .._layout import Band, Packed
 from . import core
-from .configs import BWD_CONFIGS, FWD_CONFIGS, INTERPRET_TILE, heuristic, pruner
+from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, heuristic, pruner
 
 _RCP_LN2 = core.RCP_LN2.value
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# ATTEND_AUTOTUNE=0 skips the per-key benchmark of candidate configs (first calls are then fast)
-# and uses configs.heuristic instead.
-_AUTOTUNE = os.environ.get("ATTEND_AUTOTUNE", "1") != "0"
+# The fixed configs (configs.heuristic, from the H100 sweep) unless ATTEND_AUTOTUNE=1, which
+# benchmarks the candidate configs once per key instead (about a minute per new key).
+_AUTOTUNE = os.environ.get("ATTEND_AUTOTUNE", "0") == "1"
 
 _FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET"]
 _BWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "MASK_GRAD", "VARLEN", "DETERMINISTIC", "SEQ_BUCKET"]
 _fwd = triton.autotune(FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": pruner("fwd")})(core.attn_fwd)
 _bwd = triton.autotune(BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": pruner("bwd")},
                        reset_to_zero=["DMASK", "DQ"])(core.attn_bwd)
-# True/False overrides the fixed configs' dQ strategy (interpreter and ATTEND_AUTOTUNE=0 runs;
+# True/False overrides the fixed configs' dQ strategy (interpreter and fixed-config runs;
 # tests flip it). Deterministic mode always wins: no atomics then.
 FORCE_DQ_ATOMIC: bool | None = None
+# True/False overrides whether the backward reads through TMA tensor descriptors (tests run the
+# descriptor path under the interpreter with it; the H100 sweep times both).
+FORCE_TMA: bool | None = None
 
 
 _DENSE_FLAGS = dict(VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16)
@@ -61,6 +64,51 @@ def _mask_args(mask: torch.Tensor | None, B: int, H: int, L: int, S: int, like: 
     return m4, tuple(m4.stride()), m4.dtype == torch.bool
 
 
+def _key_range(m4: torch.Tensor, mstr: tuple, mbool: bool, like: torch.Tensor):
+    """(ext, (stride_b, stride_h), KEY_RANGE) for the kernels' key-range skip: a bool mask that
+    does not vary over queries (a key-padding mask) gets its per-(b, h) span of kept keys
+    computed by one small kernel, over the mask's own b/h extent (not the broadcast one)."""
+    B, H, _, S = m4.shape
+    if not mbool or mstr[2] != 0 or S == 0:
+        return like, (0, 0), False
+    Bm, Hm = (1 if mstr[0] == 0 else B), (1 if mstr[1] == 0 else H)
+    ext = torch.empty((Bm, Hm, 2), dtype=torch.int32, device=m4.device)
+    core.key_range_kernel[(Bm * Hm,)](m4, ext, mstr[0], mstr[1], mstr[3], Hm, S, BLOCK=1024)
+    ext = ext.expand(B, H, 2)
+    return ext, (ext.stride(0), ext.stride(1)), True
+
+
+def _even(L: int, S: int, D: int, packed) -> bool:
+    """True when no tile crosses the end of L, S or the head dim (the backward's EVEN)."""
+    return packed is None and L % EVEN_TILE == 0 and S % EVEN_TILE == 0 and D == block_d(D)
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """Hopper's copy engine (TMA) can read every tensor: a GPU of compute capability >= 9, a unit
+    last stride, and 16-byte aligned base and strides."""
+    if FORCE_TMA is not None:
+        if FORCE_TMA and tensors[0].is_cuda:
+            _ensure_allocator()
+        return FORCE_TMA
+    if _INTERPRET or not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        elem = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * elem % 16 for st in t.stride()[:-1]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+def _ensure_allocator() -> None:
+    """Kernels that build tensor descriptors on the device need Triton's scratch allocator; set
+    one (PyTorch's caching allocator) unless the user already has."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -81,7 +129,7 @@ def _seq_bucket(S: int) -> int:
     return 1024 if S <= 1024 else (4096 if S <= 4096 else 16384)
 
 
-def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None):
+def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None, seq_bucket=16384):
     """Launch ``kernel`` with the interpreter's small tile, the autotuner, or the heuristic
     config. ``grid_of(meta)`` gives the grid from the tile sizes."""
     if _AUTOTUNE and not _INTERPRET:
@@ -93,7 +141,7 @@ def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None):
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False)
         warps, stages = 4, 1
     else:
-        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, args[0].element_size())
+        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, args[0].element_size(), seq_bucket)
         meta, warps, stages = dict(c.kwargs), c.num_warps, c.num_stages
     if kind == "bwd":
         if FORCE_DQ_ATOMIC is not None:
@@ -143,18 +191,20 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
              packed: Packed | None):
     H, D = q.shape[1], q.shape[3]
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
+    ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     band_args, band_flags = _band_args(band)
     if packed is None:
         seq_ptrs, stride_table, seq_flags = (q, q, q, q), 0, _DENSE_FLAGS
     else:
         seq_ptrs, stride_table, seq_flags = _packed_args(packed)
-    args = (q, k, v, out, lse, m4, *seq_ptrs, *q.stride(), *kstr, *vstr, *out.stride(), *mstr,
-            *lse_strides, stride_table, H, H // Hkv, L, S, scale * _RCP_LN2, *band_args,
+    args = (q, k, v, out, lse, m4, *seq_ptrs, ext, *q.stride(), *kstr, *vstr, *out.stride(), *mstr,
+            *lse_strides, stride_table, *ext_strides, H, H // Hkv, L, S, scale * _RCP_LN2, *band_args,
             float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
-                 MASK_KEYS=mask is not None and mstr[2] == 0, DROPOUT=dropout_p > 0.0, **seq_flags,
-                 DOT_PRECISION=_dot_precision(q.dtype))
-    _launch(_fwd, core.attn_fwd, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L))
+                 MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
+                 **seq_flags, DOT_PRECISION=_dot_precision(q.dtype))
+    _launch(_fwd, core.attn_fwd, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L),
+            _seq_bucket(S))
 
 
 def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> bool:
@@ -219,14 +269,17 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dq, dk, dv, B, L, S, m
     if dlse is not None:  # d lse / d s = p, so ds = p * (dp - (delta - dlse))
         delta -= dlse.reshape(delta.shape)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
+    ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     band_args, band_flags = _band_args(band)
     cu_q, cu_k = (q, q) if packed is None else _packed_args(packed)[0][:2]
     flags = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
-                 MASK_KEYS=mask is not None and mstr[2] == 0, DROPOUT=dropout_p > 0.0, MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic,
-                 VARLEN=packed is not None, DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
+                 MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
+                 MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic, VARLEN=packed is not None,
+                 DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
+                 USE_TMA=_use_tma(q, dout, k, v),
                  DOT_PRECISION=_dot_precision(q.dtype))
-    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, *q.stride(), *k.stride(), *v.stride(),
-            *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr, *lse_strides,
+    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, *q.stride(), *k.stride(), *v.stride(),
+            *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr, *lse_strides, *ext_strides,
             B, H, H // Hkv, L, S, scale * _RCP_LN2, scale, *band_args, float(dropout_p), int(seed),
             _seq_bucket(max(L, S)))
 
@@ -234,4 +287,4 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dq, dk, dv, B, L, S, m
         n_q = 0 if m["DQ_ATOMIC"] else triton.cdiv(L, m["BLOCK_M2"]) * B * H
         return (triton.cdiv(S, m["BLOCK_N1"]) * B * Hkv + n_q,)
 
-    _launch(_bwd, core.attn_bwd, "bwd", grid, args, flags)
+    _launch(_bwd, core.attn_bwd, "bwd", grid, args, flags, seq_bucket=_seq_bucket(max(L, S)))

@@ -1,0 +1,185 @@
+"""Sweep the Triton core's tuning configs on the GPU: every candidate config of each kernel,
+timed directly on the shapes the benchmarks use (no autotuner), to choose configs.heuristic.
+
+    python benchmarks/sweep.py --compile-only --case d128-causal   # warm Triton's disk cache
+    python benchmarks/sweep.py --json out.json                     # time every case
+
+Compiling dominates a cold sweep (about 2.5 s per config and feature set), so run one
+``--compile-only`` process per case in parallel first; the timing pass then loads from the cache.
+Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs); TFLOP/s uses
+DESIGN.md §4's FLOP count (backward = 2.5x forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ["ATTEND_AUTOTUNE"] = "0"  # configs are forced below, never autotuned
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from attend._layout import Band, Packed  # noqa: E402
+from attend.bench_masks import VARLEN_LENGTHS, WINDOW, WINDOW_S  # noqa: E402
+from attend.kernels import configs, launch  # noqa: E402
+
+_c, _b = configs._c, configs._b
+# Candidates beyond the shipped lists: more pipeline stages and flex's symmetric backward tiles.
+EXTRA_FWD = [_c(128, 128, 8, 4), _c(128, 64, 8, 4), _c(128, 64, 4, 4), _c(64, 128, 4, 4)]
+EXTRA_BWD = [_b(64, 128, 128, 64, 8, 4), _b(32, 128, 128, 32, 4, 3), _b(32, 128, 128, 32, 4, 4),
+             _b(64, 128, 128, 32, 8, 3), _b(64, 64, 64, 64, 4, 4), _b(32, 64, 64, 32, 4, 3),
+             _b(64, 128, 64, 64, 8, 4, True), _b(64, 64, 64, 64, 4, 3, True)]
+FWD = configs.FWD_CONFIGS + EXTRA_FWD
+BWD = configs.BWD_CONFIGS + EXTRA_BWD
+# --short: the backward configs that won somewhere in the full sweep (RESULTS.md, session 3).
+SHORT_BWD = [_b(64, 128, 128, 64, 8, 3), _b(64, 128, 128, 64, 8, 4), _b(64, 128, 64, 64, 8, 3, True),
+             _b(64, 64, 64, 64, 4, 2), _b(32, 64, 64, 32, 4, 3), _b(32, 128, 64, 64, 4, 3),
+             _b(32, 128, 128, 32, 4, 3), _b(64, 64, 64, 64, 4, 3, True)]
+# Base configs for the forward that feeds a backward sweep (and vice versa): fit every case.
+BASE = {"fwd": _c(64, 64, 4, 3), "bwd": _b(64, 64, 64, 64, 4, 2)}
+
+
+def _randn(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, dtype=dtype, device="cuda")
+
+
+def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None):
+    H = H or 2048 // D
+    B = B or max(1, 16384 // S)
+    q, k, v = (_randn(B, H, S, D) for _ in range(3))
+    dout = _randn(B, H, S, D)
+    scale = D ** -0.5
+    code = 1 if causal else 0
+    flops = 4.0 * B * H * S * S * D * (0.5 if causal else 1.0)
+
+    def fwd():
+        return launch.forward(q, k, v, mask, 0.0, code, scale, 0)
+
+    def bwd(saved):
+        out, lse = saved
+        return launch.backward(dout, q, k, v, out, lse, mask, 0.0, code, scale, 0, mask_grad)
+    return fwd, bwd, flops
+
+
+def _packed(lens, band, D=128, H=16):
+    T = sum(lens)
+    q, k, v = (_randn(T, H, D) for _ in range(3))
+    dout = _randn(T, H, D)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32, device="cuda")
+    cu[1:] = torch.tensor(lens, device="cuda").cumsum(0)
+    packed = Packed(cu, cu)
+    top = max(lens)
+    if band.left >= 0:
+        flops = 4.0 * H * D * sum(sum(min(i, band.left) + 1 for i in range(n)) for n in lens)
+    else:
+        flops = sum(4.0 * H * n * n * D * 0.5 for n in lens)
+
+    def fwd():
+        return launch.varlen_forward(q, k, v, packed, top, top, D ** -0.5, band)
+
+    def bwd(saved):
+        out, lse = saved
+        return launch.varlen_backward(dout, q, k, v, out, lse, packed, top, top, D ** -0.5, band)
+    return fwd, bwd, flops
+
+
+def _padding_mask(B=4, S=4096):
+    pad = torch.ones(B, 1, 1, S, dtype=torch.bool, device="cuda")
+    for b in range(B):
+        pad[b, ..., S - b * S // 8:] = False  # as attend.bench_masks
+    return pad
+
+
+def cases(name: str):
+    """(case, S, fwd, bwd, flops) for ``name`` ('all' or one case)."""
+    seqs = (1024, 4096, 16384)
+    table = {}
+    for D in (64, 128):
+        for causal in (False, True):
+            key = f"d{D}-{'causal' if causal else 'noncausal'}"
+            table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S)) for S in seqs]
+    table["bias-grad"] = [(4096, lambda: _dense(128, False, 4096, mask=_randn(4, 16, 4096, 4096), mask_grad=True,
+                                                B=4, H=16))]
+    table["padding"] = [(4096, lambda: _dense(128, False, 4096, mask=_padding_mask(), B=4, H=16))]
+    table["varlen-causal"] = [(max(VARLEN_LENGTHS), lambda: _packed(VARLEN_LENGTHS, Band(-1, 0, True)))]
+    table["varlen-window"] = [(WINDOW_S, lambda: _packed([WINDOW_S], Band(WINDOW, 0, True)))]
+    names = list(table) if name == "all" else [name]
+    for n in names:
+        for S, make in table[n]:
+            yield n, S, make
+
+
+def _force(kind_cfg: dict):
+    """Make launch use ``kind_cfg[kind]`` as its fixed config."""
+    launch.heuristic = lambda kind, *a, **k: kind_cfg[kind]
+
+
+def _ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds=("fwd", "bwd"), short=False,
+          tma=(None,)) -> None:
+    """``tma``: launch.FORCE_TMA values to time each backward config with (None: the default)."""
+    for case, S, make in cases(name):
+        fwd, bwd, flops = make()
+        row = out.setdefault(case, {}).setdefault(str(S), {"fwd": {}, "bwd": {}})
+        _force(BASE)
+        saved = fwd()
+        jobs = [("fwd", c, None) for c in FWD if "fwd" in kinds and c.kwargs["BLOCK_M"] != 16]  # no decode tiles
+        jobs += [("bwd", c, t) for c in (SHORT_BWD if short else BWD) for t in tma if "bwd" in kinds]
+        for kind, cfg, use_tma in jobs:
+            _force(dict(BASE, **{kind: cfg}))
+            launch.FORCE_TMA = use_tma
+            run = fwd if kind == "fwd" else (lambda: bwd(saved))
+            label = str(cfg) + ("" if use_tma is None else f", tma: {use_tma}")
+            t0 = time.time()
+            try:
+                run()
+                torch.cuda.synchronize()
+                if compile_only:
+                    continue
+                ms = _ms(run)
+                row[kind][label] = dict(ms=ms, tflops=(flops if kind == "fwd" else 2.5 * flops) / ms * 1e-9)
+            except Exception as e:  # out of resources, etc.: recorded, not fatal
+                row[kind][label] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
+            print(f"{case} S={S} {kind} {label}: {row[kind].get(label)} ({time.time() - t0:.1f}s)", flush=True)
+        launch.FORCE_TMA = None
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+def best(out: dict) -> str:
+    lines = []
+    for case, by_s in out.items():
+        for S, kinds in by_s.items():
+            for kind, res in kinds.items():
+                ok = {c: r for c, r in res.items() if "tflops" in r}
+                if ok:
+                    top = sorted(ok.items(), key=lambda cr: -cr[1]["tflops"])[:3]
+                    lines.append(f"{case} S={S} {kind}: " + " | ".join(f"{r['tflops']:.0f} {c}" for c, r in top))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", default="all")
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--kinds", default="fwd,bwd")
+    ap.add_argument("--short", action="store_true", help="only the backward configs in SHORT_BWD")
+    ap.add_argument("--tma", default="default", choices=["default", "both"],
+                    help="both: time each backward config with and without TMA descriptors")
+    args = ap.parse_args()
+    results: dict = {}
+    sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
+          tma=(True, False) if args.tma == "both" else (None,))
+    if not args.compile_only:
+        print(best(results))
+    sys.stdout.flush()
