@@ -45,6 +45,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             if name.startswith("stride") and name.endswith("d"):
                 constexprs.setdefault(name, 1)  # contiguous head dim, as real launches specialize
                 sig[name] = "constexpr"
+            elif name.startswith("stride") and name not in constexprs:
+                attrs[(i,)] = [["tt.divisibility", 16]]  # row strides of (.., 128)-wide tensors
     return sig, attrs
 
 

@@ -55,14 +55,19 @@ def _mask_ptrs(base, rows, cols, stride_m, stride_n, MASK_KEYS: tl.constexpr):
 
 
 @triton.jit
-def _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr):
+def _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
+               COL_BOUND: tl.constexpr):
     """Additive log2-domain bias of a [rows x cols] tile of the user's attn_mask. MASK_KEYS: the
     mask does not vary over queries (a key-padding mask): ``mask_ptrs`` is [1, cols] and so is the
-    result, which broadcasts over the rows."""
+    result, which broadcasts over the rows. COL_BOUND: the tile may reach past key S-1. Leave it
+    off where the caller knows better: S is a runtime value, so a ``cols < S`` predicate splits
+    the mask's contiguous rows into one-element loads (a row bound does not)."""
     if MASK_KEYS:
-        inb = cols[None, :] < S
+        inb = tl.full([1, cols.shape[0]], 1, tl.int1)
     else:
-        inb = (rows[:, None] < L) & (cols[None, :] < S)
+        inb = rows[:, None] < L
+    if COL_BOUND:
+        inb = inb & (cols[None, :] < S)
     if MASK_BOOL:
         keep = tl.load(mask_ptrs, mask=inb, other=0).to(tl.int1)
         return tl.where(keep, 0.0, float("-inf"))
@@ -135,7 +140,7 @@ def _fwd_inner(
         else:
             k = tl.load(k_ptrs)
         if HAS_MASK:  # issued before the dot, so its latency hides behind the MMA
-            bias = _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL, MASK_KEYS)
+            bias = _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL, MASK_KEYS, MASKED)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
         if MASKED or HAS_MASK:
             s2 = qk * qk_scale
@@ -389,11 +394,13 @@ def attn_bwd_preprocess(
 @triton.jit
 def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-             MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, KEYS_FIRST: tl.constexpr):
+             MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, COL_BOUND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             KEYS_FIRST: tl.constexpr):
     """Log2-domain scores of a tile, masked. KEYS_FIRST: a = k [BN, D], b = q [BM, D] and the
-    tile is [BN, BM] (dK/dV side); else a = q, b = k and it is [BM, BN] (dQ side)."""
+    tile is [BN, BM] (dK/dV side); else a = q, b = k and it is [BM, BN] (dQ side). COL_BOUND:
+    the mask tile may reach past key S-1 (``_mask_tile``)."""
     if HAS_MASK:  # issued before the dot, so its latency hides behind the MMA
-        bias = _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL, MASK_KEYS)
+        bias = _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL, MASK_KEYS, COL_BOUND)
     s2 = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale
     if KEYS_FIRST:
         if HAS_MASK:
@@ -460,7 +467,7 @@ def _dkdv_inner(
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
         s2 = _scores2(k, q, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
-                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DOT_PRECISION, True)
+                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, not EVEN, DOT_PRECISION, True)
         pT = tl.math.exp2(s2 - lse2[None, :])  # [BLOCK_N, BLOCK_M]
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
@@ -483,7 +490,10 @@ def _dkdv_inner(
             # stores in its own dtype.
             dm_ptrs = (dmask_base + tl.cast(rows, tl.int64)[None, :] * stride_dmaskm
                        + tl.cast(cols, tl.int64)[:, None] * stride_dmaskn)
-            dm_ok = row_ok[None, :] & (cols < S)[:, None]
+            if EVEN:  # no bounds: a cols < S predicate would split the stores into single elements
+                dm_ok = tl.full([cols.shape[0], rows.shape[0]], 1, tl.int1)
+            else:
+                dm_ok = row_ok[None, :] & (cols < S)[:, None]
             if MASK_GRAD_ATOMIC:
                 tl.atomic_add(dm_ptrs, dsT, mask=dm_ok, sem="relaxed")
             else:
@@ -524,7 +534,7 @@ def _dq_inner(
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
         s2 = _scores2(q, k, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
-                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DOT_PRECISION, False)
+                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, MASKED, DOT_PRECISION, False)
         p = tl.math.exp2(s2 - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
