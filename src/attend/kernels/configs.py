@@ -114,10 +114,13 @@ _TABLE = {
     ("bwd", 256, False): {16384: _b(16, 64, 64, 16, 4, 2)},
     ("bwd", 256, True): {16384: _b(16, 64, 64, 16, 4, 2)},
 }
-# Full-size masks and fp32: smaller tiles (a 128x128 tile with a bf16 bias tile pipelined in
-# shared memory needs 288 KiB, over the H100's 227 KiB; fp32 tiles take twice the space).
+# Full-size masks: a 128x128 forward tile with its bf16 bias tile pipelined in shared memory needs
+# 288 KiB, over the H100's 227 KiB; 128x64 is the sweep's best (208 vs 126 TFLOP/s for 64x64,
+# run 13). fp32: tiles take twice the space, so 64x64.
+_MASK_TILES = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
 _SMALL_TILES = {("fwd", 128): _c(64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
-# Packed causal batches of mixed lengths (the sweep's varlen case: 371 / 247 TFLOP/s).
+# Packed causal batches of mixed lengths (the sweep's varlen case: 371 / 247 TFLOP/s, pointer
+# loads: TMA descriptors measured 149 in the backward, run 13).
 _VARLEN = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 128, 128, 64, 8, 3)}
 _DECODE = _c(16, 128, 4, 3)
 
@@ -131,9 +134,10 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
     if kind == "fwd" and l_bucket == 1:
         return _DECODE
     d = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
-    full_mask = flags.get("HAS_MASK") and not flags.get("MASK_KEYS")
-    if (full_mask or elem > 2) and (kind, d) in _SMALL_TILES:
+    if elem > 2 and (kind, d) in _SMALL_TILES:
         return _SMALL_TILES[(kind, d)]
+    if flags.get("HAS_MASK") and not flags.get("MASK_KEYS") and (kind, d) in _MASK_TILES:
+        return _MASK_TILES[(kind, d)]
     if flags.get("VARLEN") and (kind, d) in _VARLEN:
         return _VARLEN[(kind, d)]
     by_bucket = _TABLE[(kind, d, bool(flags.get("CAUSAL")))]
@@ -145,6 +149,6 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
 # in the backward's loops (core.attn_bwd's EVEN).
 EVEN_TILE = 128
 assert all(EVEN_TILE % c.kwargs[k] == 0
-           for c in BWD_CONFIGS + [c for t in _TABLE.values() for c in t.values()] + list(_SMALL_TILES.values())
+           for c in BWD_CONFIGS + [c for t in _TABLE.values() for c in t.values()] + list(_SMALL_TILES.values()) + list(_MASK_TILES.values())
            + list(_VARLEN.values()) if "BLOCK_M1" in c.kwargs
            for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"))

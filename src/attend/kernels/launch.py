@@ -83,14 +83,15 @@ def _even(L: int, S: int, D: int, packed) -> bool:
     return packed is None and L % EVEN_TILE == 0 and S % EVEN_TILE == 0 and D == block_d(D)
 
 
-def _use_tma(*tensors: torch.Tensor) -> bool:
-    """Hopper's copy engine (TMA) can read every tensor: a GPU of compute capability >= 9, a unit
-    last stride, and 16-byte aligned base and strides."""
+def _use_tma(packed, *tensors: torch.Tensor) -> bool:
+    """The backward reads through TMA descriptors: dense calls whose tensors Hopper's copy engine
+    can read (compute capability >= 9, a unit last stride, 16-byte aligned base and strides).
+    Packed (varlen) calls keep pointer loads: 247 vs 149 TFLOP/s on the H100 (RESULTS.md, run 13)."""
     if FORCE_TMA is not None:
         if FORCE_TMA and tensors[0].is_cuda:
             _ensure_allocator()
         return FORCE_TMA
-    if _INTERPRET or not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    if packed is not None or _INTERPRET or not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
         return False
     for t in tensors:
         elem = t.element_size()
@@ -276,7 +277,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dq, dk, dv, B, L, S, m
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic, VARLEN=packed is not None,
                  DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
-                 USE_TMA=_use_tma(q, dout, k, v),
+                 USE_TMA=_use_tma(packed, q, dout, k, v),
                  DOT_PRECISION=_dot_precision(q.dtype))
     args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, *q.stride(), *k.stride(), *v.stride(),
             *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr, *lse_strides, *ext_strides,
