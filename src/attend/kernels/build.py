@@ -1,8 +1,9 @@
 """Ahead-of-time builds of the core's kernels for a GPU target, with no GPU present.
 
 Used by the CI check that every shipped tuning config compiles for sm_90 and sm_80, and that
-the Hopper builds use ``wgmma``. ``attrs`` mirror what a real launch specializes: 16-byte
-aligned pointers and unit last-dim strides.
+the Hopper builds use ``wgmma``. ``attrs`` mirror what a real launch on the benchmarked shapes
+specializes: 16-byte aligned pointers, unit last-dim strides, and row strides and lengths
+divisible by 16.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             if name.startswith("stride") and name.endswith("d"):
                 constexprs.setdefault(name, 1)  # contiguous head dim, as real launches specialize
                 sig[name] = "constexpr"
-            elif name.startswith("stride") and name not in constexprs:
-                attrs[(i,)] = [["tt.divisibility", 16]]  # row strides of (.., 128)-wide tensors
+            elif (name.startswith("stride") or name in ("L_max", "S_max")) and name not in constexprs:
+                attrs[(i,)] = [["tt.divisibility", 16]]  # row strides of (.., 128)-wide tensors; even lengths
     return sig, attrs
 
 
@@ -85,9 +86,11 @@ def _build_one(job: tuple) -> dict:
     kind, index, arch, head_dim, *feature = job
     from .configs import BWD_CONFIGS, FWD_CONFIGS, heuristic
 
-    config = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}[kind][index] if index >= 0 else heuristic(kind, head_dim)
-    dtype = "bfloat16" if arch >= 90 else "float16"
     flags = {**_FEATURES, **_FWD_FEATURES, **_BWD_FEATURES}[feature[0]] if feature else {}
+    # Feature variants take the fixed config a launch with those features takes.
+    config = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}[kind][index] if index >= 0 else heuristic(
+        kind, head_dim, flags={"CAUSAL": True, **flags})
+    dtype = "bfloat16" if arch >= 90 else "float16"
     compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype, head_dim=head_dim,
                               **flags)
     ptx = compiled.asm["ptx"]

@@ -14,8 +14,11 @@ Conventions
   1 bottom-right (bias variants, varlen). Key blocks outside the band are skipped, not masked;
   only the blocks that straddle an edge (and the ragged tail) pay for masking, so a sliding
   window costs time in proportion to its width.
-- VARLEN: packed sequences. ``B`` is the number of sequences, ``L``/``S`` the longest ones
-  (they size the grid); sequence ``b`` holds query rows ``[CU_Q[b], CU_Q[b+1])`` and key rows
+- Lengths: ``L_max``/``S_max`` are runtime ints (no recompile per length); Triton still
+  specializes them by divisibility by 16 (and == 1), which lets the bounds-masked mask loads
+  vectorize: the bias forward ran 371 vs 204 TFLOP/s with it (H100, RESULTS.md run 14).
+- VARLEN: packed sequences. ``B`` is the number of sequences, ``L_max``/``S_max`` the longest
+  ones (they size the grid); sequence ``b`` holds query rows ``[CU_Q[b], CU_Q[b+1])`` and key rows
   ``[CU_K[b], ...)`` of ``(1, H, T, D)`` views, ``SEQUSED``: ``SEQUSED_K[b]`` keys. ``PAGED``: key
   ``j`` of sequence ``b`` lives at slot ``j % PAGE_SIZE`` of page ``TABLE[b, j // PAGE_SIZE]`` of a
   ``(pages, PAGE_SIZE, Hkv, D)`` pool (forward only). The band is per sequence.
@@ -256,8 +259,7 @@ def _query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N:
     return lo, a, b, hi
 
 
-# L and S are reassigned per sequence under VARLEN; never specialize them (L=1 would be constexpr).
-@triton.jit(do_not_specialize=["L", "S"])
+@triton.jit
 def attn_fwd(
     Q, K, V, Out, LSE, MASK, CU_Q, CU_K, SEQUSED_K, TABLE, KEY_EXT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -266,7 +268,7 @@ def attn_fwd(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_lseb, stride_lseh, stride_tableb, stride_extb, stride_exth,
-    H, G, L, S, qk_scale, diag, win_right, win_left, dropout_p, seed,
+    H, G, L_max, S_max, qk_scale, diag, win_right, win_left, dropout_p, seed,
     L_BUCKET, SEQ_BUCKET,  # unused by the code: autotuner keys, so decode/prefill and short/long tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
@@ -282,7 +284,7 @@ def attn_fwd(
     b = bh // H
     h = bh % H
     hk = h // G
-    q0, k0, L, S = _seq(b, L, S, CU_Q, CU_K, SEQUSED_K, VARLEN, SEQUSED, PAGED)
+    q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, SEQUSED_K, VARLEN, SEQUSED, PAGED)
     m0 = pid_m * BLOCK_M
     if VARLEN:
         if m0 >= L:  # a shorter sequence than the longest: nothing to do
@@ -545,7 +547,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["B", "L", "S"])  # B=1 would be specialized too
+@triton.jit(do_not_specialize=["B"])  # the batch only sizes the grid: no variant for B=1
 def attn_bwd(
     Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K, KEY_EXT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -558,7 +560,7 @@ def attn_bwd(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dmaskb, stride_dmaskh, stride_dmaskm, stride_dmaskn,
     stride_lseb, stride_lseh, stride_extb, stride_exth,
-    B, H, G, L, S, qk_scale, sm_scale, diag, win_right, win_left, dropout_p, seed,
+    B, H, G, L_max, S_max, qk_scale, sm_scale, diag, win_right, win_left, dropout_p, seed,
     SEQ_BUCKET,  # unused by the code: the autotuner's key, so short and long sequences tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
@@ -588,14 +590,14 @@ def attn_bwd(
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < HEAD_DIM
-    n_kv_blocks = tl.cdiv(S, BLOCK_N1)
+    n_kv_blocks = tl.cdiv(S_max, BLOCK_N1)
     n_kv = n_kv_blocks * B * Hkv
     if pid < n_kv:
         bhk = pid // n_kv_blocks
         pid_n = pid % n_kv_blocks  # key block 0 sees the most queries: first within its head
         b = bhk // Hkv
         hk = bhk % Hkv
-        q0, k0, L, S = _seq(b, L, S, CU_Q, CU_K, CU_K, VARLEN, False, False)
+        q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, CU_K, VARLEN, False, False)
         n0 = pid_n * BLOCK_N1
         if VARLEN:
             if n0 >= S:
@@ -678,7 +680,7 @@ def attn_bwd(
                  + tl.cast(k0 + cols, tl.int64)[:, None] * stride_dvn + d_offs[None, :] * stride_dvd,
                  dv.to(DV.dtype.element_ty), mask=kv_ok)
     else:
-        n_q_blocks = tl.cdiv(L, BLOCK_M2)
+        n_q_blocks = tl.cdiv(L_max, BLOCK_M2)
         pid2 = pid - n_kv
         bh = pid2 // n_q_blocks
         pid_m = pid2 % n_q_blocks
@@ -687,7 +689,7 @@ def attn_bwd(
         b = bh // H
         h = bh % H
         hk = h // G
-        q0, k0, L, S = _seq(b, L, S, CU_Q, CU_K, CU_K, VARLEN, False, False)
+        q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, CU_K, VARLEN, False, False)
         m0 = pid_m * BLOCK_M2
         if VARLEN:
             if m0 >= L:

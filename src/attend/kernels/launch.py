@@ -224,7 +224,6 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     if L == 0 or S == 0:
         dmask = torch.zeros_like(mask) if mask_grad else None
         return torch.zeros_like(q), dk.zero_(), dv.zero_(), dmask
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # fp32: atomics may accumulate into it
     # d(mask) in the mask's own (possibly broadcast) shape; the kernel addresses it through
     # the expanded view's strides (0 on broadcast dims). A full-size mask's gradient is stored
     # in its own dtype; a broadcast one is summed by fp32 atomics and cast after. The
@@ -235,29 +234,30 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
         dmstr = _mask_args(dmask, B, H, L, S, q)[1]
     else:
         dmask, dmstr = torch.zeros(1, dtype=torch.float32, device=q.device), (0, 0, 0, 0)
-    _backward(dout, q, k, v, out, lse, dlse, (H * L, L), dq, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
-              dropout_p, Band.from_causal(causal), scale, seed, None)
+    dq = _backward(dout, q, k, v, out, lse, dlse, (H * L, L), dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
+                   dropout_p, Band.from_causal(causal), scale, seed, None)
     return dq.to(q.dtype), dk, dv, (dmask.to(mask.dtype) if mask_grad else None)
 
 
 def varlen_backward(dout, q, k, v, out, lse, packed: Packed, max_q: int, max_k: int, scale: float, band: Band,
                     dlse=None):
     """Gradients of ``varlen_forward`` (no paging, no seqused_k): (dq, dk, dv), packed."""
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     n = packed.cu_q.numel() - 1
     if q.shape[0] == 0 or n == 0 or max_q == 0 or max_k == 0:
-        return dq.to(q.dtype), dk, dv
+        return torch.zeros_like(q), dk, dv
     T = q.shape[0]
     dmask = torch.zeros(1, dtype=torch.float32, device=q.device)
-    _backward(_packed4(dout), _packed4(q), _packed4(k), _packed4(v), _packed4(out), lse, dlse, (0, T),
-              _packed4(dq), _packed4(dk), _packed4(dv), n, max_q, max_k, None, dmask, (0, 0, 0, 0), False, False,
-              0.0, band, scale, 0, packed)
-    return dq.to(q.dtype), dk, dv
+    dq4 = _backward(_packed4(dout), _packed4(q), _packed4(k), _packed4(v), _packed4(out), lse, dlse, (0, T),
+                    _packed4(dk), _packed4(dv), n, max_q, max_k, None, dmask, (0, 0, 0, 0), False, False,
+                    0.0, band, scale, 0, packed)
+    return dq4[0].transpose(0, 1).to(q.dtype), dk, dv
 
 
-def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dq, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
-              dropout_p, band: Band, scale, seed, packed: Packed | None):
+def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
+              dropout_p, band: Band, scale, seed, packed: Packed | None) -> torch.Tensor:
+    """Launch the backward; returns dQ laid out like ``q``: fp32 when dQ may be added by atomics
+    (then zeroed first), else in q's dtype, written once by the dQ programs (no fp32 round trip)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     BLOCK_D = block_d(D)
     # Delta = rowsum(O * dO), laid out like the LSE: (B, H, L) dense, (1, H, T) = (H, T) packed.
@@ -279,6 +279,9 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dq, dk, dv, B, L, S, m
                  DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
                  USE_TMA=_use_tma(packed, q, dout, k, v),
                  DOT_PRECISION=_dot_precision(q.dtype))
+    dq = torch.empty_like(q, dtype=torch.float32 if _dq_atomic(flags, BLOCK_D, q.element_size(), L, S) else q.dtype)
+    if dq.dtype == torch.float32:
+        dq.zero_()
     args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, *q.stride(), *k.stride(), *v.stride(),
             *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr, *lse_strides, *ext_strides,
             B, H, H // Hkv, L, S, scale * _RCP_LN2, scale, *band_args, float(dropout_p), int(seed),
@@ -289,3 +292,17 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dq, dk, dv, B, L, S, m
         return (triton.cdiv(S, m["BLOCK_N1"]) * B * Hkv + n_q,)
 
     _launch(_bwd, core.attn_bwd, "bwd", grid, args, flags, seq_bucket=_seq_bucket(max(L, S)))
+    return dq
+
+
+def _dq_atomic(flags: dict, block: int, elem: int, L: int, S: int) -> bool:
+    """Whether this backward may add dQ by atomics (the autotuner may pick such a config)."""
+    if flags["DETERMINISTIC"]:
+        return False
+    if FORCE_DQ_ATOMIC is not None:
+        return FORCE_DQ_ATOMIC
+    if _INTERPRET:
+        return False
+    if _AUTOTUNE:
+        return True
+    return heuristic("bwd", block, None, flags, elem, _seq_bucket(max(L, S))).kwargs["DQ_ATOMIC"]
