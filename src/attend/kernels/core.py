@@ -418,6 +418,28 @@ def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs
 
 
 @triton.jit
+def _load_tile_pair(a_src, b_src, start, idx, offs_d, n, stride_an, stride_ad, stride_bn, stride_bd,
+                    HEAD_DIM: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows ``idx`` (= start + arange) of two [n, HEAD_DIM] tensors of one head, as [len(idx),
+    BLOCK_D] tiles that read 0 past row n and past HEAD_DIM: through tensor descriptors (USE_TMA,
+    the copy engine zero-fills) or base pointers (masked unless EVEN)."""
+    if USE_TMA:
+        a = a_src.load([start, 0])
+        b = b_src.load([start, 0])
+    else:
+        a_ptrs = a_src + tl.cast(idx, tl.int64)[:, None] * stride_an + offs_d[None, :] * stride_ad
+        b_ptrs = b_src + tl.cast(idx, tl.int64)[:, None] * stride_bn + offs_d[None, :] * stride_bd
+        if EVEN:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            ok = (idx[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+            a = tl.load(a_ptrs, mask=ok, other=0.0)
+            b = tl.load(b_ptrs, mask=ok, other=0.0)
+    return a, b
+
+
+@triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, dmask_base, dq_base,
     start, end, rot, cols, offs_m, offs_d, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
@@ -446,18 +468,8 @@ def _dkdv_inner(
         rows = start_m + offs_m
         row_ok = rows < L
         qd_ok = row_ok[:, None] & d_ok[None, :]
-        if USE_TMA:
-            q = q_src.load([start_m, 0])  # [BLOCK_M, BLOCK_D]
-            do = do_src.load([start_m, 0])
-        else:
-            q_ptrs = q_src + tl.cast(rows, tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
-            do_ptrs = do_src + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod
-            if EVEN:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=qd_ok, other=0.0)
-                do = tl.load(do_ptrs, mask=qd_ok, other=0.0)
+        q, do = _load_tile_pair(q_src, do_src, start_m, rows, offs_d, L, stride_qm, stride_qd, stride_dom, stride_dod,
+                                HEAD_DIM, EVEN, USE_TMA)  # [BLOCK_M, BLOCK_D]
         if EVEN:
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
@@ -519,19 +531,8 @@ def _dq_inner(
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        if USE_TMA:
-            k = k_src.load([start_n, 0])  # [BLOCK_N, BLOCK_D]
-            v = v_src.load([start_n, 0])
-        else:
-            k_ptrs = k_src + tl.cast(cols, tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
-            v_ptrs = v_src + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
-            if EVEN:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                kv_ok = (cols[:, None] < S) & d_ok[None, :]
-                k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-                v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        k, v = _load_tile_pair(k_src, v_src, start_n, cols, offs_d, S, stride_kn, stride_kd, stride_vn, stride_vd,
+                               HEAD_DIM, EVEN, USE_TMA)  # [BLOCK_N, BLOCK_D]
         mask_ptrs = mask_base
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
