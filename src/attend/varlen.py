@@ -69,7 +69,7 @@ def varlen_attn(
     """
     from ._params import default_scale
     from .backends._kernels import TRITON_MASK_DTYPES, TRITON_MAX_HEAD_DIM, kernel_for
-    from .ops.varlen import varlen_fwd
+    from .ops.varlen import varlen_attention
 
     left, right = _check_window(window_size)
     _check_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, enable_gqa, seqused_k, block_table)
@@ -82,8 +82,8 @@ def varlen_attn(
     if kernel == "triton" and query.shape[-1] > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"varlen_attn: head dim {query.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the Triton core's limit")
     s = default_scale(query.shape[-1], scale)
-    out, lse = varlen_fwd(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, int(max_q), int(max_k),
-                          float(s), left, right, kernel)
+    out, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, int(max_q), int(max_k),
+                                float(s), left, right, kernel)
     if return_aux is not None and return_aux.lse:
         return out, lse
     return out

@@ -6,6 +6,7 @@ tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (then a fixed small tile is
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -91,7 +92,7 @@ def _use_tma(packed, *tensors: torch.Tensor) -> bool:
         if FORCE_TMA and tensors[0].is_cuda:
             _ensure_allocator()
         return FORCE_TMA
-    if packed is not None or _INTERPRET or not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    if packed is not None or _INTERPRET or not tensors[0].is_cuda or _capability_major(tensors[0].device.index) < 9:
         return False
     for t in tensors:
         elem = t.element_size()
@@ -99,6 +100,11 @@ def _use_tma(packed, *tensors: torch.Tensor) -> bool:
             return False
     _ensure_allocator()
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _ensure_allocator() -> None:
@@ -116,9 +122,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Plain ints: triton.cdiv is a constexpr function, several microseconds per host call.
+    return -(-a // b)
+
+
 def block_d(head_dim: int) -> int:
     """Head dim padded to a power of two, and to 16: tl.dot needs K >= 16 (loads mask the pad)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def _l_bucket(L: int) -> int:
@@ -204,7 +215,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  **seq_flags, DOT_PRECISION=_dot_precision(q.dtype))
-    _launch(_fwd, core.attn_fwd, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L),
+    _launch(_fwd, core.attn_fwd, "fwd", lambda m: (_cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L),
             _seq_bucket(S))
 
 
@@ -264,7 +275,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     rows = q.shape[2]
     delta = torch.empty((q.shape[0], H, rows), dtype=torch.float32, device=q.device)
     pre_m = 64
-    core.attn_bwd_preprocess[(triton.cdiv(rows, pre_m), q.shape[0] * H)](
+    core.attn_bwd_preprocess[(_cdiv(rows, pre_m), q.shape[0] * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, rows, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m,
     )
     if dlse is not None:  # d lse / d s = p, so ds = p * (dp - (delta - dlse))
@@ -288,8 +299,8 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
             _seq_bucket(max(L, S)))
 
     def grid(m):  # dK/dV programs, then dQ programs unless dQ is added by atomics (core.attn_bwd)
-        n_q = 0 if m["DQ_ATOMIC"] else triton.cdiv(L, m["BLOCK_M2"]) * B * H
-        return (triton.cdiv(S, m["BLOCK_N1"]) * B * Hkv + n_q,)
+        n_q = 0 if m["DQ_ATOMIC"] else _cdiv(L, m["BLOCK_M2"]) * B * H
+        return (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + n_q,)
 
     _launch(_bwd, core.attn_bwd, "bwd", grid, args, flags, seq_bucket=_seq_bucket(max(L, S)))
     return dq

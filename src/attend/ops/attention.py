@@ -3,7 +3,8 @@
 ``kernel`` names the launcher ("blocked": torch ops on any device; "triton": attend's Triton
 core); ``causal`` is 0 (none), 1 (top-left, ``is_causal``) or 2 (bottom-right).
 ``torch.compile`` sees one opaque op per call, with a fake implementation and a registered
-autograd formula, never a graph break.
+autograd formula, never a graph break. Eager calls run the same functions through an
+autograd.Function twin (``_eager``), skipping the custom op's host overhead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from ..cpu import blocked
+from ._eager import eager_twin, is_eager
 
 # kernel name -> (forward, backward) launchers with the signatures of attend.cpu.blocked.
 KERNELS: dict[str, tuple[Callable, Callable]] = {"blocked": (blocked.forward, blocked.backward)}
@@ -32,8 +34,7 @@ def _launchers(kernel: str) -> tuple[Callable, Callable]:
         raise ValueError(f"unknown attend kernel {kernel!r}; known: {sorted(KERNELS)}") from None
 
 
-@torch.library.custom_op("attend::fused_fwd", mutates_args=())
-def fused_fwd(
+def _fused_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -49,6 +50,9 @@ def fused_fwd(
     return out, lse
 
 
+fused_fwd = torch.library.custom_op("attend::fused_fwd", _fused_fwd, mutates_args=())
+
+
 @fused_fwd.register_fake
 def _(q, k, v, mask, dropout_p, causal, scale, seed, kernel):
     B, H, L, _ = q.shape
@@ -57,8 +61,7 @@ def _(q, k, v, mask, dropout_p, causal, scale, seed, kernel):
     return out, lse
 
 
-@torch.library.custom_op("attend::fused_bwd", mutates_args=())
-def fused_bwd(
+def _fused_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,6 +84,9 @@ def fused_bwd(
     return dq, dk, dv, dmask
 
 
+fused_bwd = torch.library.custom_op("attend::fused_bwd", _fused_bwd, mutates_args=())
+
+
 @fused_bwd.register_fake
 def _(dout, q, k, v, out, lse, mask, dropout_p, causal, scale, seed, kernel, mask_grad):
     dmask = torch.empty_like(mask) if mask_grad and mask is not None else q.new_empty((0,))
@@ -98,13 +104,18 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     dropout_p, causal, scale, kernel = ctx.params
     mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
-    dq, dk, dv, dmask = fused_bwd(
-        dout.contiguous(), q, k, v, out, lse, mask, dropout_p, causal, scale, seed, kernel, mask_grad
-    )
+    args = (dout.contiguous(), q, k, v, out, lse, mask, dropout_p, causal, scale, seed, kernel, mask_grad)
+    # Traced (torch.compile): the custom op, so the graph holds one opaque node. Eager: the same
+    # function without the dispatcher round trip (host time the GPU waits on at small shapes).
+    grads = _fused_bwd(*args) if is_eager(dout, q, k, v, mask) else fused_bwd(*args)
+    dq, dk, dv, dmask = grads
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
 
 
 fused_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+_EagerFused = eager_twin("_EagerFused", _fused_fwd, _setup_context, _backward)
 
 
 def fused_attention(
@@ -123,4 +134,5 @@ def fused_attention(
     reproduces the dropout mask.
     """
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
-    return fused_fwd(q, k, v, mask, float(dropout_p), int(causal), float(scale), seed, kernel)
+    args = (q, k, v, mask, float(dropout_p), int(causal), float(scale), seed, kernel)
+    return _EagerFused.apply(*args) if is_eager(q, k, v, mask) else fused_fwd(*args)

@@ -3,7 +3,8 @@
 ``kernel`` names the launcher pair: "triton" (the core's VARLEN feature) or "blocked" (the CPU
 torch-ops path, one sequence at a time). The band is ``(left, right)`` in varlen's
 ``window_size`` convention, bottom-right aligned per sequence. Paged KV (``block_table``) and
-``seqused_k`` are forward-only, as in PyTorch.
+``seqused_k`` are forward-only, as in PyTorch. Eager calls on plain tensors skip the custom ops'
+dispatch (``_eager``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from .._layout import Band, Packed
 from ..cpu import varlen as cpu_varlen
+from ._eager import eager_twin, is_eager
 
 VARLEN_KERNELS: dict[str, tuple[Callable, Callable]] = {
     "blocked": (cpu_varlen.varlen_forward, cpu_varlen.varlen_backward)}
@@ -34,8 +36,7 @@ def _packed(cu_q, cu_k, seqused_k, block_table, k) -> Packed:
     return Packed(cu_q, cu_k, seqused_k, block_table, page)
 
 
-@torch.library.custom_op("attend::varlen_fwd", mutates_args=())
-def varlen_fwd(
+def _varlen_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -54,14 +55,16 @@ def varlen_fwd(
     return fwd(q, k, v, _packed(cu_q, cu_k, seqused_k, block_table, k), max_q, max_k, scale, _band(left, right))
 
 
+varlen_fwd = torch.library.custom_op("attend::varlen_fwd", _varlen_fwd, mutates_args=())
+
+
 @varlen_fwd.register_fake
 def _(q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, left, right, kernel):
     T, H, _ = q.shape
     return q.new_empty((T, H, v.shape[-1])), q.new_empty((H, T), dtype=torch.float32)
 
 
-@torch.library.custom_op("attend::varlen_bwd", mutates_args=())
-def varlen_bwd(
+def _varlen_bwd(
     dout: torch.Tensor,
     dlse: Optional[torch.Tensor],
     q: torch.Tensor,
@@ -83,6 +86,9 @@ def varlen_bwd(
                dlse=dlse)
 
 
+varlen_bwd = torch.library.custom_op("attend::varlen_bwd", _varlen_bwd, mutates_args=())
+
+
 @varlen_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, kernel):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -102,9 +108,15 @@ def _backward(ctx, dout, dlse):
                            "as in PyTorch); pass packed keys with cu_seq_k to train")
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     max_q, max_k, scale, left, right, kernel = ctx.params
-    dq, dk, dv = varlen_bwd(dout.contiguous(), dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left,
-                            right, kernel)
+    args = (dout.contiguous(), dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, kernel)
+    dq, dk, dv = _varlen_bwd(*args) if is_eager(dout, dlse, q, k, v) else varlen_bwd(*args)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
+_EagerVarlen = eager_twin("_EagerVarlen", _varlen_fwd, _setup_context, _backward)
+
+
+def varlen_attention(*args):
+    """``attend::varlen_fwd`` with autograd (arguments as the op's); eager calls skip its dispatch."""
+    return _EagerVarlen.apply(*args) if is_eager(*args[:3]) else varlen_fwd(*args)
