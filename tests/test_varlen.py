@@ -208,6 +208,29 @@ def test_argument_validation():
                     seqused_k=torch.tensor([4, 40], dtype=torch.int32, device=DEVICE))
 
 
+def test_validation_reads_index_tensors_once_per_version(monkeypatch):
+    """cu_seq_* are read to the host once per tensor version (a sync each time); an in-place
+    change is seen, and so is a block_table that changes after it was checked."""
+    q, k, v, cu = _valid()
+    reads = []
+    original_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or original_tolist(t))
+    varlen_attn(q, k, v, cu, cu, 6, 6)
+    varlen_attn(q, k, v, cu, cu, 6, 6)
+    assert len(reads) == 1, reads  # cu_seq_q and cu_seq_k are one tensor here, read once
+    cu[2] = 9  # in place: the next call must see it
+    with pytest.raises(ValueError, match=r"cu_seq_q\[-1\] must equal the token count 10, got 9"):
+        varlen_attn(q, k, v, cu, cu, 6, 6)
+    pool = torch.randn(4, 16, 2, 16, device=DEVICE)
+    table = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    used = torch.tensor([4, 6], dtype=torch.int32, device=DEVICE)
+    cu2 = _cu([4, 6])
+    varlen_attn(q, pool, pool, cu2, None, 6, 16, block_table=table, seqused_k=used)
+    table[1, 0] = 9
+    with pytest.raises(ValueError, match=r"block_table\[1\] refers to page 9"):
+        varlen_attn(q, pool, pool, cu2, None, 6, 16, block_table=table, seqused_k=used)
+
+
 def test_torch_compile_matches_eager():
     """Under torch.compile the validation runs eagerly (it reads cu_seq_* on the host) and the
     kernel is one custom op with a fake implementation and registered autograd."""
