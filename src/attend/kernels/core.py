@@ -570,7 +570,8 @@ def attn_bwd(
     VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, EVEN: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The whole backward in one launch. DQ is an fp32 buffer (the launcher casts it).
+    """The whole backward in one launch. DQ is fp32 (zeroed) when DQ_ATOMIC adds into it, else in
+    the inputs' dtype, stored once per row.
 
     Programs [0, n_kv) each own one key block of one KV head and write its dK, dV summed over
     the G query heads of the group. Without DQ_ATOMIC, programs [n_kv, n_kv + n_q) each own one

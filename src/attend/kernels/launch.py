@@ -141,24 +141,33 @@ def _seq_bucket(S: int) -> int:
     return 1024 if S <= 1024 else (4096 if S <= 4096 else 16384)
 
 
-def _launch(tuned, kernel, kind: str, grid_of, args, flags, l_bucket=None, seq_bucket=16384):
-    """Launch ``kernel`` with the interpreter's small tile, the autotuner, or the heuristic
-    config. ``grid_of(meta)`` gives the grid from the tile sizes."""
+def _fixed_config(kind: str, flags: dict, elem: int, l_bucket=None, seq_bucket=16384):
+    """(meta, num_warps, num_stages) of the launch: the interpreter's small tile or the heuristic
+    config, with the backward's dQ strategy settled; None when the autotuner picks."""
     if _AUTOTUNE and not _INTERPRET:
-        tuned[grid_of](*args, **flags)
-        return
+        return None
     if _INTERPRET:  # the interpreter ignores warps and stages
         t = INTERPRET_TILE
         meta = dict(BLOCK_M=t, BLOCK_N=t, LAZY_RESCALE=True) if kind == "fwd" else dict(
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False)
         warps, stages = 4, 1
     else:
-        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, args[0].element_size(), seq_bucket)
+        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket)
         meta, warps, stages = dict(c.kwargs), c.num_warps, c.num_stages
     if kind == "bwd":
         if FORCE_DQ_ATOMIC is not None:
             meta["DQ_ATOMIC"] = FORCE_DQ_ATOMIC
         meta["DQ_ATOMIC"] = meta["DQ_ATOMIC"] and not flags["DETERMINISTIC"]
+    return meta, warps, stages
+
+
+def _launch(tuned, kernel, grid_of, args, flags, config) -> None:
+    """Launch ``kernel`` with ``config`` (``_fixed_config``), or through the autotuner ``tuned``
+    when it is None. ``grid_of(meta)`` gives the grid from the tile sizes."""
+    if config is None:
+        tuned[grid_of](*args, **flags)
+        return
+    meta, warps, stages = config
     kernel[grid_of(meta)](*args, **flags, **meta, num_warps=warps, num_stages=stages)
 
 
@@ -215,8 +224,8 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  **seq_flags, DOT_PRECISION=_dot_precision(q.dtype))
-    _launch(_fwd, core.attn_fwd, "fwd", lambda m: (_cdiv(L, m["BLOCK_M"]), B * H), args, flags, _l_bucket(L),
-            _seq_bucket(S))
+    config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S))
+    _launch(_fwd, core.attn_fwd, lambda m: (_cdiv(L, m["BLOCK_M"]), B * H), args, flags, config)
 
 
 def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> bool:
@@ -290,9 +299,10 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
                  DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
                  USE_TMA=_use_tma(packed, q, dout, k, v),
                  DOT_PRECISION=_dot_precision(q.dtype))
-    dq = torch.empty_like(q, dtype=torch.float32 if _dq_atomic(flags, BLOCK_D, q.element_size(), L, S) else q.dtype)
-    if dq.dtype == torch.float32:
-        dq.zero_()
+    config = _fixed_config("bwd", flags, q.element_size(), seq_bucket=_seq_bucket(max(L, S)))
+    # The autotuner may pick a config with dQ by atomics (never in deterministic mode).
+    dq_atomic = config[0]["DQ_ATOMIC"] if config is not None else not flags["DETERMINISTIC"]
+    dq = torch.zeros_like(q, dtype=torch.float32) if dq_atomic else torch.empty_like(q)
     args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, *q.stride(), *k.stride(), *v.stride(),
             *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr, *lse_strides, *ext_strides,
             B, H, H // Hkv, L, S, scale * _RCP_LN2, scale, *band_args, float(dropout_p), int(seed),
@@ -302,18 +312,5 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
         n_q = 0 if m["DQ_ATOMIC"] else _cdiv(L, m["BLOCK_M2"]) * B * H
         return (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + n_q,)
 
-    _launch(_bwd, core.attn_bwd, "bwd", grid, args, flags, seq_bucket=_seq_bucket(max(L, S)))
+    _launch(_bwd, core.attn_bwd, grid, args, flags, config)
     return dq
-
-
-def _dq_atomic(flags: dict, block: int, elem: int, L: int, S: int) -> bool:
-    """Whether this backward may add dQ by atomics (the autotuner may pick such a config)."""
-    if flags["DETERMINISTIC"]:
-        return False
-    if FORCE_DQ_ATOMIC is not None:
-        return FORCE_DQ_ATOMIC
-    if _INTERPRET:
-        return False
-    if _AUTOTUNE:
-        return True
-    return heuristic("bwd", block, None, flags, elem, _seq_bucket(max(L, S))).kwargs["DQ_ATOMIC"]
