@@ -14,6 +14,7 @@ import triton
 
 from .._layout import Band, Packed
 from . import core
+from .fastlaunch import Launcher
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, heuristic, pruner
 
 _RCP_LN2 = core.RCP_LN2.value
@@ -34,6 +35,12 @@ FORCE_DQ_ATOMIC: bool | None = None
 # descriptor path under the interpreter with it; the H100 sweep times both).
 FORCE_TMA: bool | None = None
 
+
+# Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
+_FWD_LAUNCH = Launcher(core.attn_fwd, volatile=("seed",))
+_BWD_LAUNCH = Launcher(core.attn_bwd, volatile=("seed",))
+_PRE_LAUNCH = Launcher(core.attn_bwd_preprocess)
+_KEY_RANGE_LAUNCH = Launcher(core.key_range_kernel)
 
 _DENSE_FLAGS = dict(VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16)
 
@@ -74,7 +81,7 @@ def _key_range(m4: torch.Tensor, mstr: tuple, mbool: bool, like: torch.Tensor):
         return like, (0, 0), False
     Bm, Hm = (1 if mstr[0] == 0 else B), (1 if mstr[1] == 0 else H)
     ext = torch.empty((Bm, Hm, 2), dtype=torch.int32, device=m4.device)
-    core.key_range_kernel[(Bm * Hm,)](m4, ext, mstr[0], mstr[1], mstr[3], Hm, S, BLOCK=1024)
+    _KEY_RANGE_LAUNCH((Bm * Hm,), (m4, ext, mstr[0], mstr[1], mstr[3], Hm, S), dict(BLOCK=1024), 4, 3)
     ext = ext.expand(B, H, 2)
     return ext, (ext.stride(0), ext.stride(1)), True
 
@@ -161,14 +168,14 @@ def _fixed_config(kind: str, flags: dict, elem: int, l_bucket=None, seq_bucket=1
     return meta, warps, stages
 
 
-def _launch(tuned, kernel, grid_of, args, flags, config) -> None:
-    """Launch ``kernel`` with ``config`` (``_fixed_config``), or through the autotuner ``tuned``
-    when it is None. ``grid_of(meta)`` gives the grid from the tile sizes."""
+def _launch(tuned, launcher: Launcher, grid_of, args, flags, config) -> None:
+    """Launch with ``config`` (``_fixed_config``) through ``launcher``, or through the autotuner
+    ``tuned`` when it is None. ``grid_of(meta)`` gives the grid from the tile sizes."""
     if config is None:
         tuned[grid_of](*args, **flags)
         return
     meta, warps, stages = config
-    kernel[grid_of(meta)](*args, **flags, **meta, num_warps=warps, num_stages=stages)
+    launcher(grid_of(meta), args, {**flags, **meta}, warps, stages)
 
 
 def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: int):
@@ -225,7 +232,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  **seq_flags, DOT_PRECISION=_dot_precision(q.dtype))
     config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S))
-    _launch(_fwd, core.attn_fwd, lambda m: (_cdiv(L, m["BLOCK_M"]), B * H), args, flags, config)
+    _launch(_fwd, _FWD_LAUNCH, lambda m: (_cdiv(L, m["BLOCK_M"]), B * H), args, flags, config)
 
 
 def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> bool:
@@ -246,14 +253,13 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
         return torch.zeros_like(q), dk.zero_(), dv.zero_(), dmask
     # d(mask) in the mask's own (possibly broadcast) shape; the kernel addresses it through
     # the expanded view's strides (0 on broadcast dims). A full-size mask's gradient is stored
-    # in its own dtype; a broadcast one is summed by fp32 atomics and cast after. The
-    # autotuner zeroes DMASK between trials, so it is always a real buffer of its own, never q.
+    # in its own dtype; a broadcast one is summed by fp32 atomics and cast after.
     atomic = mask_grad and mask_grad_is_atomic(mask, (B, H, L, S))
     if mask_grad:
         dmask = torch.zeros(mask.shape, dtype=torch.float32 if atomic else mask.dtype, device=q.device)
         dmstr = _mask_args(dmask, B, H, L, S, q)[1]
     else:
-        dmask, dmstr = torch.zeros(1, dtype=torch.float32, device=q.device), (0, 0, 0, 0)
+        dmask, dmstr = _no_dmask(q), (0, 0, 0, 0)
     dq = _backward(dout, q, k, v, out, lse, dlse, (H * L, L), dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
                    dropout_p, Band.from_causal(causal), scale, seed, None)
     return dq.to(q.dtype), dk, dv, (dmask.to(mask.dtype) if mask_grad else None)
@@ -267,11 +273,17 @@ def varlen_backward(dout, q, k, v, out, lse, packed: Packed, max_q: int, max_k: 
     if q.shape[0] == 0 or n == 0 or max_q == 0 or max_k == 0:
         return torch.zeros_like(q), dk, dv
     T = q.shape[0]
-    dmask = torch.zeros(1, dtype=torch.float32, device=q.device)
+    dmask = _no_dmask(q)
     dq4 = _backward(_packed4(dout), _packed4(q), _packed4(k), _packed4(v), _packed4(out), lse, dlse, (0, T),
                     _packed4(dk), _packed4(dv), n, max_q, max_k, None, dmask, (0, 0, 0, 0), False, False,
                     0.0, band, scale, 0, packed)
     return dq4[0].transpose(0, 1).to(q.dtype), dk, dv
+
+
+def _no_dmask(like: torch.Tensor) -> torch.Tensor:
+    """DMASK when there is no mask gradient: the kernel never touches it, so any tensor will do,
+    except under the autotuner, which zeroes DMASK between trials (a buffer of its own then)."""
+    return torch.zeros(1, dtype=torch.float32, device=like.device) if _AUTOTUNE else like
 
 
 def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
@@ -284,9 +296,8 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     rows = q.shape[2]
     delta = torch.empty((q.shape[0], H, rows), dtype=torch.float32, device=q.device)
     pre_m = 64
-    core.attn_bwd_preprocess[(_cdiv(rows, pre_m), q.shape[0] * H)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, rows, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m,
-    )
+    _PRE_LAUNCH((_cdiv(rows, pre_m), q.shape[0] * H), (out, dout, delta, *out.stride(), *dout.stride(), H, rows),
+                dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m), 4, 3)
     if dlse is not None:  # d lse / d s = p, so ds = p * (dp - (delta - dlse))
         delta -= dlse.reshape(delta.shape)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
@@ -312,5 +323,5 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
         n_q = 0 if m["DQ_ATOMIC"] else _cdiv(L, m["BLOCK_M2"]) * B * H
         return (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + n_q,)
 
-    _launch(_bwd, core.attn_bwd, grid, args, flags, config)
+    _launch(_bwd, _BWD_LAUNCH, grid, args, flags, config)
     return dq

@@ -1,0 +1,96 @@
+"""Kernel launches without ``JITFunction.run``'s per-call work.
+
+Triton binds every argument, specializes it (dtype, 16-byte alignment, divisibility by 16,
+== 1), builds a string cache key and checks the kernel's globals on every call: tens of
+microseconds of host time per launch for attend's kernels (about 50 arguments), three launches
+per forward+backward. At S=1024 the H100 waited on the host: the causal backward measured
+146 TFLOP/s through the API against 0.69 ms of kernel time (RESULTS.md, session 4).
+
+``Launcher`` keys the compiled kernel by what can change Triton's specialization, cheaply:
+each pointer argument's dtype and 16-byte alignment, and the exact values of the scalar
+arguments (a finer key than Triton's classes, so never a wrong kernel; a new length is one
+slow launch, then direct). Scalars named ``volatile`` (a dropout seed that changes per call) are
+keyed by Triton's classes instead. Then it calls the compiled kernel's launcher directly. The
+first call of each key and the interpreter go through Triton's own path.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+MAX_KEYS = 4096  # per kernel; past it the cache starts over (varlen calls key their max lengths)
+
+
+def int_class(a: int) -> int:
+    """Triton's specialization class of an int argument: == 1 (a constant), else its width
+    (i32, i64, u64) and whether it is divisible by 16. Tests compare it with Triton's own."""
+    if a == 1:
+        return -1
+    width = 0 if -(2**31) <= a < 2**31 else (1 if -(2**63) <= a < 2**63 else 2)
+    return 2 * width + (a & 15 == 0)
+
+
+class Launcher:
+    """``Launcher(kernel, volatile)(grid, args, constexprs, num_warps, num_stages)`` launches
+    like ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``.
+
+    ``args`` are the runtime parameters in order: the pointer (tensor) parameters first, then the
+    scalars; every constexpr parameter comes after them and is given in ``constexprs``.
+    ``volatile``: names of int parameters whose value changes from call to call. Each scalar
+    position keeps its Python type across calls (an int stays an int: ``0 == 0.0`` in a key)."""
+
+    def __init__(self, kernel, volatile: tuple[str, ...] = ()):
+        self.kernel = kernel
+        self.direct = isinstance(kernel, JITFunction)  # not the interpreter's InterpretedFunction
+        self.cache: dict = {}
+        self.n_ptr = None  # leading tensor arguments, learnt on the first call
+        if self.direct:
+            is_constexpr = [p.is_constexpr for p in kernel.params]
+            first = is_constexpr.index(True)
+            if not all(is_constexpr[first:]):
+                raise TypeError(f"{kernel.__name__}: constexpr parameters must come last for Launcher")
+            self.n_args = first
+            self.constexpr_names = tuple(kernel.arg_names[first:])
+            self.volatile = tuple(kernel.arg_names.index(n) for n in volatile)
+
+    def _key(self, args: tuple) -> tuple:
+        n = self.n_ptr
+        ptrs = tuple([(a.dtype, a.data_ptr() & 15 == 0) for a in args[:n]])
+        if not self.volatile:
+            return ptrs, args[n:]
+        rest = list(args[n:])
+        for i in self.volatile:
+            rest[i - n] = int_class(rest[i - n])
+        return ptrs, tuple(rest)
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
+        if not self.direct:
+            self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            return
+        if len(args) != self.n_args:
+            raise TypeError(f"{self.kernel.__name__} takes {self.n_args} runtime arguments, got {len(args)}")
+        if self.n_ptr is None:
+            self.n_ptr = next((i for i, a in enumerate(args) if type(a) is not torch.Tensor), len(args))
+            if any(type(a) is torch.Tensor for a in args[self.n_ptr:]) or any(i < self.n_ptr for i in self.volatile):
+                raise TypeError(f"{self.kernel.__name__}: pass the pointer arguments first to Launcher")
+        tail = tuple([constexprs[n] for n in self.constexpr_names])
+        device = driver.active.get_current_device()
+        key = (device, tail, num_warps, num_stages, self._key(args))
+        compiled = self.cache.get(key)
+        if compiled is None:  # Triton's path compiles (or loads) and launches; later calls go direct
+            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            compiled.run  # noqa: B018 - loads the module, so compiled.function exists
+            if len(self.cache) >= MAX_KEYS:
+                self.cache.clear()
+            self.cache[key] = compiled
+            return
+        stream = driver.active.get_current_stream(device)
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        metadata = compiled.launch_metadata(grid, stream, *args, *tail) if enter is not None else None
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
+                     *args, *tail)

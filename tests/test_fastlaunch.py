@@ -1,0 +1,90 @@
+"""The direct launcher (attend/kernels/fastlaunch.py) must never reuse a compiled kernel for
+arguments Triton would have compiled differently."""
+
+import itertools
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
+
+from attend.kernels import core, launch  # noqa: E402
+from attend.kernels.fastlaunch import Launcher, int_class  # noqa: E402
+
+INT_SAMPLES = list(range(-20, 70)) + [
+    2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, -(2**31), -(2**31) - 1, -(2**31) - 16,
+    2**63 - 16, 2**63 - 1, 2**63, 2**63 + 16, -(2**63), 2**40, 2**40 + 3]
+
+
+def test_int_class_matches_triton():
+    """Equal int_class <=> equal Triton specialization, for every pair of sample ints."""
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    for a, b in itertools.combinations(INT_SAMPLES, 2):
+        same_triton = native_specialize_impl(backend, a, False, True, True) == \
+            native_specialize_impl(backend, b, False, True, True)
+        assert (int_class(a) == int_class(b)) == same_triton, (a, b)
+
+
+def _launcher(n_ptr, volatile=()):
+    """A Launcher's key logic without a compiled kernel (the interpreter has none)."""
+    lau = Launcher.__new__(Launcher)
+    lau.n_ptr, lau.volatile = n_ptr, volatile
+    return lau
+
+
+def test_key_separates_what_triton_specializes():
+    lau = _launcher(2)
+    t = torch.empty(64, dtype=torch.float16)
+    u = torch.empty(64, dtype=torch.float16)
+    key = lau._key((t, u, 64, 0.5))
+    assert key == lau._key((torch.empty(8, dtype=torch.float16), u, 64, 0.5))  # another aligned tensor
+    assert key != lau._key((t[1:], u, 64, 0.5))  # a 2-byte offset: not 16-byte aligned
+    assert key != lau._key((t.float(), u, 64, 0.5))  # dtype
+    assert key != lau._key((t, u, 65, 0.5))  # scalars by exact value
+    assert key != lau._key((t, u, 64, 0.25))
+
+
+def test_volatile_ints_keyed_by_class():
+    lau = _launcher(1, volatile=(2,))
+    t = torch.empty(8)
+    assert lau._key((t, 7, 12345)) == lau._key((t, 7, 54321))  # a new seed: same kernel
+    assert lau._key((t, 7, 12345)) != lau._key((t, 7, 1))  # Triton makes 1 a constant
+    assert lau._key((t, 7, 16)) != lau._key((t, 7, 17))
+
+
+def test_launcher_falls_back_under_interpreter():
+    """Under TRITON_INTERPRET the kernels are interpreted functions: Launcher uses Triton's path."""
+    if not launch._INTERPRET:
+        pytest.skip("interpreter only")
+    assert not Launcher(core.attn_fwd).direct
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need a GPU")
+def test_launcher_rejects_constexpr_before_runtime_args():
+    @triton.jit
+    def k(X, N: triton.language.constexpr, M):
+        pass
+
+    with pytest.raises(TypeError, match="constexpr parameters must come last"):
+        Launcher(k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need a GPU")
+def test_direct_launch_respects_alignment():
+    """Same kernel, aligned then misaligned q, twice each: the misaligned calls must not reuse
+    the aligned kernel, and the repeats go direct."""
+    torch.manual_seed(0)
+    buf = torch.randn(2 * 64 * 64 + 1, dtype=torch.float16, device="cuda")
+    before = len(launch._FWD_LAUNCH.cache)
+    for offset in (0, 1, 0, 1):
+        q = buf[offset:offset + 2 * 64 * 64].view(1, 2, 64, 64)
+        k = torch.randn(1, 2, 64, 64, dtype=torch.float16, device="cuda")
+        v = torch.randn_like(k)
+        out, _ = launch.forward(q, k, v, None, 0.0, 0, 0.1234, 0)  # a scale no other test uses: fresh keys
+        ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.1234, -1) @ v.double()
+        assert (out.double() - ref).abs().max().item() < 5e-3
+    assert len(launch._FWD_LAUNCH.cache) == before + 2
