@@ -48,10 +48,10 @@ def _randn(*shape, dtype=torch.bfloat16):
     return torch.randn(*shape, dtype=dtype, device="cuda")
 
 
-def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None):
+def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1):
     H = H or 2048 // D
     B = B or max(1, 16384 // S)
-    q, k, v = (_randn(B, H, S, D) for _ in range(3))
+    q, k, v = _randn(B, H, S, D), _randn(B, H // gqa, S, D), _randn(B, H // gqa, S, D)
     dout = _randn(B, H, S, D)
     scale = D ** -0.5
     code = 1 if causal else 0
@@ -103,6 +103,7 @@ def cases(name: str):
         for causal in (False, True):
             key = f"d{D}-{'causal' if causal else 'noncausal'}"
             table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S)) for S in seqs]
+        table[f"d{D}-causal-gqa8"] = [(4096, lambda D=D: _dense(D, True, 4096, gqa=8))]
     table["bias-grad"] = [(4096, lambda: _dense(128, False, 4096, mask=_randn(4, 16, 4096, 4096), mask_grad=True,
                                                 B=4, H=16))]
     table["padding"] = [(4096, lambda: _dense(128, False, 4096, mask=_padding_mask(), B=4, H=16))]
@@ -124,20 +125,25 @@ def _ms(fn) -> float:
 
 
 def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds=("fwd", "bwd"), short=False,
-          tma=(None,)) -> None:
-    """``tma``: launch.FORCE_TMA values to time each backward config with (None: the default)."""
+          tma=(None,), even=(None,)) -> None:
+    """``tma``: launch.FORCE_TMA values to time each backward config with (None: the default);
+    ``even``: launch.FWD_EVEN values to time each forward config with."""
     for case, S, make in cases(name):
         fwd, bwd, flops = make()
         row = out.setdefault(case, {}).setdefault(str(S), {"fwd": {}, "bwd": {}})
         _force(BASE)
         saved = fwd()
-        jobs = [("fwd", c, None) for c in FWD if "fwd" in kinds and c.kwargs["BLOCK_M"] != 16]  # no decode tiles
+        jobs = [("fwd", c, e) for c in FWD for e in even if "fwd" in kinds and c.kwargs["BLOCK_M"] != 16]  # no decode
         jobs += [("bwd", c, t) for c in (SHORT_BWD if short else BWD) for t in tma if "bwd" in kinds]
-        for kind, cfg, use_tma in jobs:
+        for kind, cfg, switch in jobs:
             _force(dict(BASE, **{kind: cfg}))
-            launch.FORCE_TMA = use_tma
+            if kind == "fwd":
+                launch.FWD_EVEN = True if switch is None else switch
+                label = str(cfg) + ("" if switch is None else f", even: {switch}")
+            else:
+                launch.FORCE_TMA = switch
+                label = str(cfg) + ("" if switch is None else f", tma: {switch}")
             run = fwd if kind == "fwd" else (lambda: bwd(saved))
-            label = str(cfg) + ("" if use_tma is None else f", tma: {use_tma}")
             t0 = time.time()
             try:
                 run()
@@ -150,6 +156,7 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
                 row[kind][label] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
             print(f"{case} S={S} {kind} {label}: {row[kind].get(label)} ({time.time() - t0:.1f}s)", flush=True)
         launch.FORCE_TMA = None
+        launch.FWD_EVEN = True
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(out, f, indent=1)
@@ -176,10 +183,12 @@ if __name__ == "__main__":
     ap.add_argument("--short", action="store_true", help="only the backward configs in SHORT_BWD")
     ap.add_argument("--tma", default="default", choices=["default", "both"],
                     help="both: time each backward config with and without TMA descriptors")
+    ap.add_argument("--even", default="default", choices=["default", "both"],
+                    help="both: time each forward config with and without its EVEN path")
     args = ap.parse_args()
     results: dict = {}
     sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
-          tma=(True, False) if args.tma == "both" else (None,))
+          tma=(True, False) if args.tma == "both" else (None,), even=(True, False) if args.even == "both" else (None,))
     if not args.compile_only:
         print(best(results))
     sys.stdout.flush()

@@ -36,7 +36,7 @@ CASES = [
     ("head_dim_80", 24, 40, 2, 2, 80, "causal"),
     ("head_dim_192", 20, 29, 2, 1, 192, None),
     ("head_dim_256", 18, 18, 2, 2, 256, "causal"),
-    # L and S multiples of configs.EVEN_TILE: the backward's unmasked (EVEN) loads
+    # L and S multiples of configs.EVEN_TILE: the kernels' unmasked (EVEN) paths
     ("even_gqa_causal", 128, 128, 4, 2, 32, "causal"),
     ("even_L<S", 128, 256, 2, 2, 16, None),
 ]

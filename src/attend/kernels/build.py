@@ -57,8 +57,8 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False,
-                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32",
-                      **config.kwargs)
+                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32")
+    constexprs.update(config.kwargs)  # a config may turn EVEN off
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     sig, attrs = _signature(fn, _DTYPE[dtype], constexprs)

@@ -15,10 +15,14 @@ import triton
 INTERPRET_TILE = 16
 
 
-def _c(bm: int, bn: int, warps: int, stages: int, lazy: bool = False) -> triton.Config:
+def _c(bm: int, bn: int, warps: int, stages: int, lazy: bool = False, even: bool = True) -> triton.Config:
     """Forward: a (BLOCK_M, BLOCK_N) tile; ``lazy``: rescale the accumulator only when a row's
-    max grows by more than 2^8 (core.RESCALE_SLACK)."""
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LAZY_RESCALE": lazy}, num_warps=warps, num_stages=stages)
+    max grows by more than 2^8 (core.RESCALE_SLACK); ``even=False``: never take the kernel's
+    EVEN path, even where the shape allows it (it is slower for some tiles: the sweep decides)."""
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "LAZY_RESCALE": lazy}
+    if not even:  # overrides the launch's EVEN flag (a config can only opt out of it)
+        kw["EVEN"] = False
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 FWD_CONFIGS = [
@@ -97,18 +101,22 @@ def pruner(kind: str):
 
 # The fixed configs (used unless ATTEND_AUTOTUNE=1): per (kernel, head-dim class, causal), the
 # best config of the H100 sweep per sequence-length bucket (benchmarks/sweep.py, RESULTS.md
-# "session 3"; bf16, hidden 2048, 16k tokens). A bucket not listed takes the next larger one
-# listed, else the largest. D=256 is untuned (it fits the register file; nothing more).
+# "session 3" and "session 4"; bf16, hidden 2048, 16k tokens). A bucket not listed takes the next
+# larger one listed, else the largest. D=256 is untuned (it fits the register file; nothing more).
 _TABLE = {
-    ("fwd", 64, False): {16384: _c(128, 64, 8, 3)},
-    ("fwd", 64, True): {16384: _c(128, 64, 8, 3)},
-    ("fwd", 128, False): {4096: _c(128, 64, 8, 3), 16384: _c(128, 128, 8, 3)},  # 469 / 487 TFLOP/s
-    ("fwd", 128, True): {16384: _c(128, 64, 8, 3)},  # 419 at S=4k, 488 at 16k
+    # Forward, session 4 sweep with and without the EVEN path (sweep.py --even both).
+    ("fwd", 64, False): {16384: _c(128, 64, 8, 3)},  # 399 / 438 / 437 TFLOP/s at S = 1k / 4k / 16k
+    ("fwd", 64, True): {16384: _c(128, 64, 8, 3, even=False)},  # 270 / 381 / 427 (EVEN: < 270 / 377 / 416)
+    ("fwd", 128, False): {1024: _c(64, 64, 4, 3), 16384: _c(128, 128, 8, 3)},  # 436; 525 / 524
+    ("fwd", 128, True): {4096: _c(64, 64, 4, 3), 16384: _c(128, 128, 8, 3)},  # 333 / 436; 494
     ("fwd", 256, False): {16384: _c(64, 32, 4, 2)},
     ("fwd", 256, True): {16384: _c(64, 32, 4, 2)},
     # Backward: TMA descriptors on (launch._use_tma), sweep of run 12.
     ("bwd", 64, False): {16384: _b(32, 128, 64, 64, 4, 3)},  # 336 at 4k, 361 at 16k
-    ("bwd", 64, True): {1024: _b(64, 64, 64, 64, 4, 3, True), 16384: _b(32, 128, 64, 64, 4, 3)},  # 197; 289, 337
+    # D=64 causal: re-swept in session 4 with the fast launcher (the old 1024 pick, dQ by atomics,
+    # timed 197 then and lost to 223 here once its fp32 dQ conversion counted).
+    ("bwd", 64, True): {1024: _b(32, 64, 64, 32, 4, 3), 4096: _b(32, 128, 128, 32, 4, 3),
+                        16384: _b(32, 128, 64, 64, 4, 3)},  # 223, 325, 354
     ("bwd", 128, False): {16384: _b(64, 128, 128, 64, 8, 3)},  # 396 at 4k, 391-406 at 16k
     ("bwd", 128, True): {1024: _b(32, 64, 64, 32, 4, 3), 16384: _b(64, 128, 128, 64, 8, 3)},  # 214; 342, 401
     ("bwd", 256, False): {16384: _b(16, 64, 64, 16, 4, 2)},
@@ -117,30 +125,37 @@ _TABLE = {
 # Full-size masks: a 128x128 forward tile with its bf16 bias tile pipelined in shared memory needs
 # 288 KiB, over the H100's 227 KiB; 128x64 is the sweep's best (208 vs 126 TFLOP/s for 64x64,
 # run 13). fp32: tiles take twice the space, so 64x64.
-_MASK_TILES = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
+# Masks keep the measured non-EVEN forward (EVEN is unmeasured with them).
+_MASK_TILES = {("fwd", 128): _c(128, 64, 8, 3, even=False), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
 _SMALL_TILES = {("fwd", 128): _c(64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
 # Packed causal batches of mixed lengths (the sweep's varlen case: 371 / 247 TFLOP/s, pointer
 # loads: TMA descriptors measured 149 in the backward, run 13).
 _VARLEN = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 128, 128, 64, 8, 3)}
 _DECODE = _c(16, 128, 4, 3)
+# Grouped-query heads (G > 1) where the sweep's winner differs: D=64 causal at S=4096, 8:1,
+# forward 387 TFLOP/s with 4 stages vs at most 348 with the 3-stage table pick; backward 323.
+_GQA = {("fwd", 64, True): _c(128, 64, 8, 4, even=False), ("bwd", 64, True): _b(64, 64, 64, 64, 4, 3)}
 
 
 def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict | None = None,
-              elem: int = 2, seq_bucket: int = 16384) -> triton.Config:
+              elem: int = 2, seq_bucket: int = 16384, group: int = 1) -> triton.Config:
     """The fixed config for ``kind`` ("fwd" or "bwd") at padded head dim ``block_d``, given the
-    launch's feature ``flags`` (CAUSAL, VARLEN, HAS_MASK, MASK_KEYS), the input element size
-    and the sequence-length bucket (launch._seq_bucket)."""
+    launch's feature ``flags`` (CAUSAL, VARLEN, HAS_MASK, MASK_KEYS), the input element size,
+    the sequence-length bucket (launch._seq_bucket) and the query heads per KV head."""
     flags = flags or {}
     if kind == "fwd" and l_bucket == 1:
         return _DECODE
     d = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
     if elem > 2 and (kind, d) in _SMALL_TILES:
         return _SMALL_TILES[(kind, d)]
-    if flags.get("HAS_MASK") and not flags.get("MASK_KEYS") and (kind, d) in _MASK_TILES:
+    if flags.get("HAS_MASK") and (kind == "fwd" or not flags.get("MASK_KEYS")) and (kind, d) in _MASK_TILES:
         return _MASK_TILES[(kind, d)]
     if flags.get("VARLEN") and (kind, d) in _VARLEN:
         return _VARLEN[(kind, d)]
-    by_bucket = _TABLE[(kind, d, bool(flags.get("CAUSAL")))]
+    key = (kind, d, bool(flags.get("CAUSAL")))
+    if group > 1 and seq_bucket >= 4096 and key in _GQA:
+        return _GQA[key]
+    by_bucket = _TABLE[key]
     fits = [b for b in sorted(by_bucket) if b >= seq_bucket]
     return by_bucket[fits[0] if fits else max(by_bucket)]
 
@@ -150,5 +165,6 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
 EVEN_TILE = 128
 assert all(EVEN_TILE % c.kwargs[k] == 0
            for c in BWD_CONFIGS + [c for t in _TABLE.values() for c in t.values()] + list(_SMALL_TILES.values()) + list(_MASK_TILES.values())
-           + list(_VARLEN.values()) if "BLOCK_M1" in c.kwargs
+           + list(_VARLEN.values()) + list(_GQA.values()) if "BLOCK_M1" in c.kwargs
            for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"))
+assert all(EVEN_TILE % c.kwargs[k] == 0 for c in FWD_CONFIGS for k in ("BLOCK_M", "BLOCK_N"))

@@ -34,6 +34,8 @@ FORCE_DQ_ATOMIC: bool | None = None
 # True/False overrides whether the backward reads through TMA tensor descriptors (tests run the
 # descriptor path under the interpreter with it; the H100 sweep times both).
 FORCE_TMA: bool | None = None
+# False: the forward never takes its EVEN path (the sweep times both).
+FWD_EVEN: bool = True
 
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
@@ -87,7 +89,7 @@ def _key_range(m4: torch.Tensor, mstr: tuple, mbool: bool, like: torch.Tensor):
 
 
 def _even(L: int, S: int, D: int, packed) -> bool:
-    """True when no tile crosses the end of L, S or the head dim (the backward's EVEN)."""
+    """True when no tile crosses the end of L, S or the head dim (the kernels' EVEN)."""
     return packed is None and L % EVEN_TILE == 0 and S % EVEN_TILE == 0 and D == block_d(D)
 
 
@@ -148,7 +150,7 @@ def _seq_bucket(S: int) -> int:
     return 1024 if S <= 1024 else (4096 if S <= 4096 else 16384)
 
 
-def _fixed_config(kind: str, flags: dict, elem: int, l_bucket=None, seq_bucket=16384):
+def _fixed_config(kind: str, flags: dict, elem: int, l_bucket=None, seq_bucket=16384, group=1):
     """(meta, num_warps, num_stages) of the launch: the interpreter's small tile or the heuristic
     config, with the backward's dQ strategy settled; None when the autotuner picks."""
     if _AUTOTUNE and not _INTERPRET:
@@ -159,7 +161,7 @@ def _fixed_config(kind: str, flags: dict, elem: int, l_bucket=None, seq_bucket=1
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False)
         warps, stages = 4, 1
     else:
-        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket)
+        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket, group)
         meta, warps, stages = dict(c.kwargs), c.num_warps, c.num_stages
     if kind == "bwd":
         if FORCE_DQ_ATOMIC is not None:
@@ -230,8 +232,8 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
             float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
-                 **seq_flags, DOT_PRECISION=_dot_precision(q.dtype))
-    config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S))
+                 **seq_flags, EVEN=FWD_EVEN and _even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
+    config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S), H // Hkv)
     _launch(_fwd, _FWD_LAUNCH, lambda m: (_cdiv(L, m["BLOCK_M"]), B * H), args, flags, config)
 
 
@@ -310,7 +312,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
                  DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
                  USE_TMA=_use_tma(packed, q, dout, k, v),
                  DOT_PRECISION=_dot_precision(q.dtype))
-    config = _fixed_config("bwd", flags, q.element_size(), seq_bucket=_seq_bucket(max(L, S)))
+    config = _fixed_config("bwd", flags, q.element_size(), seq_bucket=_seq_bucket(max(L, S)), group=H // Hkv)
     # The autotuner may pick a config with dQ by atomics (never in deterministic mode).
     dq_atomic = config[0]["DQ_ATOMIC"] if config is not None else not flags["DETERMINISTIC"]
     dq = torch.zeros_like(q, dtype=torch.float32) if dq_atomic else torch.empty_like(q)
