@@ -98,8 +98,8 @@ def _scores(qs, kt, r0, r1, j0, j1, diag, off, mask4, dims):
         else:
             s += m
     if diag:
-        i = torch.arange(r0, r0 + diag).unsqueeze(-1)
-        j = torch.arange(j0, j1)
+        i = torch.arange(r0, r0 + diag, device=s.device).unsqueeze(-1)
+        j = torch.arange(j0, j1, device=s.device)
         s[..., :diag, :].masked_fill_(j > i + off, float("-inf"))
     return s
 
@@ -115,9 +115,9 @@ def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: in
     vg = v.to(cdt).unsqueeze(2)  # [B, Hkv, 1, S, Ev]
     mask4 = _mask4(mask)
     off = _causal_offset(causal, L, S) if causal else 0
-    m = torch.full((B, Hkv, G, L), float("-inf"), dtype=cdt)
-    denom = torch.zeros((B, Hkv, G, L), dtype=cdt)
-    acc = torch.zeros((B, Hkv, G, L, Ev), dtype=cdt)
+    m = torch.full((B, Hkv, G, L), float("-inf"), dtype=cdt, device=q.device)
+    denom = torch.zeros((B, Hkv, G, L), dtype=cdt, device=q.device)
+    acc = torch.zeros((B, Hkv, G, L, Ev), dtype=cdt, device=q.device)
     for tile, r0, r1, j0, j1, diag in _tile_plan(L, S, B * Hq, causal):
         s = _scores(qs, kt, r0, r1, j0, j1, diag, off, mask4, (B, Hkv, G))
         m_old = m[..., r0:r1]
@@ -159,9 +159,9 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     mask4 = _mask4(mask)
     off = _causal_offset(causal, L, S) if causal else 0
     dq = torch.zeros_like(qg)
-    dk = torch.zeros((B, Hkv, S, E), dtype=cdt)
-    dv = torch.zeros((B, Hkv, S, Ev), dtype=cdt)
-    dmask = torch.zeros(mask4.shape, dtype=cdt) if mask_grad else None
+    dk = torch.zeros((B, Hkv, S, E), dtype=cdt, device=q.device)
+    dv = torch.zeros((B, Hkv, S, Ev), dtype=cdt, device=q.device)
+    dmask = torch.zeros(mask4.shape, dtype=cdt, device=q.device) if mask_grad else None
     for tile, r0, r1, j0, j1, diag in _tile_plan(L, S, B * Hq, causal):
         s = _scores(qs, kt, r0, r1, j0, j1, diag, off, mask4, (B, Hkv, G))
         p = s.sub_(lse_g[..., r0:r1].unsqueeze(-1)).exp_()  # [B, Hkv, G, rows, cols]

@@ -13,10 +13,10 @@ import torch
 from . import blocked
 
 
-def _band_mask(L: int, S: int, left: int, right: int) -> torch.Tensor:
-    i = torch.arange(L).unsqueeze(-1) + (S - L)
-    j = torch.arange(S)
-    ok = torch.ones(L, S, dtype=torch.bool)
+def _band_mask(L: int, S: int, left: int, right: int, device=None) -> torch.Tensor:
+    i = torch.arange(L, device=device).unsqueeze(-1) + (S - L)
+    j = torch.arange(S, device=device)
+    ok = torch.ones(L, S, dtype=torch.bool, device=device)
     if right >= 0:
         ok &= j <= i + right
     if left >= 0:
@@ -24,13 +24,13 @@ def _band_mask(L: int, S: int, left: int, right: int) -> torch.Tensor:
     return ok
 
 
-def _plan(left: int, right: int, L: int, S: int):
+def _plan(left: int, right: int, L: int, S: int, device=None):
     """(mask, causal code) for one sequence's band."""
     if left < 0 and right < 0:
         return None, 0
     if left < 0 and right == 0:
         return None, 2
-    return _band_mask(L, S, left, right), 0
+    return _band_mask(L, S, left, right, device), 0
 
 
 def _sequences(packed):
@@ -54,12 +54,12 @@ def _keys(t: torch.Tensor, packed, b: int, k0: int, S: int) -> torch.Tensor:
 
 def varlen_forward(q, k, v, packed, max_q: int, max_k: int, scale: float, band):
     T, H, _ = q.shape
-    out = torch.zeros((T, H, v.shape[-1]), dtype=q.dtype)
-    lse = torch.full((H, T), float("-inf"), dtype=torch.float32)
+    out = torch.zeros((T, H, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.full((H, T), float("-inf"), dtype=torch.float32, device=q.device)
     for b, q0, q1, k0, S in _sequences(packed):
         if q1 == q0 or S == 0:  # nothing to attend to: out 0, lse -inf
             continue
-        mask, causal = _plan(band.left, band.right, q1 - q0, S)
+        mask, causal = _plan(band.left, band.right, q1 - q0, S, q.device)
         qb = q[q0:q1].transpose(0, 1).unsqueeze(0)
         ob, lb = blocked.forward(qb, _keys(k, packed, b, k0, S), _keys(v, packed, b, k0, S), mask, 0.0, causal,
                                  scale, 0)
@@ -73,7 +73,7 @@ def varlen_backward(dout, q, k, v, out, lse, packed, max_q: int, max_k: int, sca
     for b, q0, q1, k0, S in _sequences(packed):
         if q1 == q0 or S == 0:
             continue
-        mask, causal = _plan(band.left, band.right, q1 - q0, S)
+        mask, causal = _plan(band.left, band.right, q1 - q0, S, q.device)
         t4 = lambda t: t[q0:q1].transpose(0, 1).unsqueeze(0)  # noqa: E731
         lb = lse[:, q0:q1].unsqueeze(0)
         db = dlse[:, q0:q1].unsqueeze(0) if dlse is not None else None
