@@ -34,12 +34,17 @@ EXTRA_FWD = [_c(128, 128, 8, 4), _c(128, 64, 8, 4), _c(128, 64, 4, 4), _c(64, 12
 EXTRA_BWD = [_b(64, 128, 128, 64, 8, 4), _b(32, 128, 128, 32, 4, 3), _b(32, 128, 128, 32, 4, 4),
              _b(64, 128, 128, 32, 8, 3), _b(64, 64, 64, 64, 4, 4), _b(32, 64, 64, 32, 4, 3),
              _b(64, 128, 64, 64, 8, 4, True), _b(64, 64, 64, 64, 4, 3, True)]
+# The backward's head-major program order (core.attn_bwd HEAD_MAJOR), for the configs that won somewhere.
+HEAD_MAJOR_BWD = [_b(64, 128, 128, 64, 8, 3, head_major=True), _b(64, 64, 64, 64, 4, 2, head_major=True),
+                  _b(32, 64, 64, 32, 4, 3, head_major=True), _b(32, 128, 128, 32, 4, 3, head_major=True),
+                  _b(32, 128, 64, 64, 4, 3, head_major=True), _b(64, 64, 64, 64, 4, 3, head_major=True)]
+EXTRA_BWD += HEAD_MAJOR_BWD
 FWD = configs.FWD_CONFIGS + EXTRA_FWD
 BWD = configs.BWD_CONFIGS + EXTRA_BWD
 # --short: the backward configs that won somewhere in the full sweep (RESULTS.md, session 3).
 SHORT_BWD = [_b(64, 128, 128, 64, 8, 3), _b(64, 128, 128, 64, 8, 4), _b(64, 128, 64, 64, 8, 3, True),
              _b(64, 64, 64, 64, 4, 2), _b(32, 64, 64, 32, 4, 3), _b(32, 128, 64, 64, 4, 3),
-             _b(32, 128, 128, 32, 4, 3), _b(64, 64, 64, 64, 4, 3, True)]
+             _b(32, 128, 128, 32, 4, 3), _b(64, 64, 64, 64, 4, 3, True)] + HEAD_MAJOR_BWD
 # Base configs for the forward that feeds a backward sweep (and vice versa): fit every case.
 BASE = {"fwd": _c(64, 64, 4, 3), "bwd": _b(64, 64, 64, 64, 4, 2)}
 

@@ -57,7 +57,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False,
-                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32")
+                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90, HEAD_MAJOR=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32")
     constexprs.update(config.kwargs)  # a config may turn EVEN off
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
@@ -79,7 +79,7 @@ _FEATURES = {
 }
 _FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16)}
 # The backward reads through TMA descriptors on sm_90 where it can, and through pointers otherwise.
-_BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False)}
+_BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(HEAD_MAJOR=True)}
 
 
 def _build_one(job: tuple) -> dict:

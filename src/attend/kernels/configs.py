@@ -32,11 +32,15 @@ FWD_CONFIGS = [
 ]
 
 
-def _b(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int, dq_atomic: bool = False) -> triton.Config:
+def _b(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int, dq_atomic: bool = False,
+       head_major: bool = False) -> triton.Config:
     """Backward: (BLOCK_M1, BLOCK_N1) tile the dK/dV programs, (BLOCK_M2, BLOCK_N2) the dQ ones;
-    ``dq_atomic``: no dQ programs, the dK/dV programs add dQ by atomics (core.attn_bwd)."""
-    return triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "DQ_ATOMIC": dq_atomic},
-                         num_warps=warps, num_stages=stages)
+    ``dq_atomic``: no dQ programs, the dK/dV programs add dQ by atomics; ``head_major``: number
+    the programs KV head by KV head (core.attn_bwd)."""
+    kw = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "DQ_ATOMIC": dq_atomic}
+    if head_major:
+        kw["HEAD_MAJOR"] = True
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 BWD_CONFIGS = [

@@ -579,7 +579,7 @@ def attn_bwd(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
     KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, EVEN: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, HEAD_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The whole backward in one launch. DQ is fp32 (zeroed) when DQ_ATOMIC adds into it, else in
     the inputs' dtype, stored once per row.
@@ -590,6 +590,10 @@ def attn_bwd(
     lets both halves fill the GPU together. With DQ_ATOMIC (a tuning choice, never taken when
     DETERMINISTIC) there are no dQ programs: the dK/dV programs add dQ by atomics.
     Within a head, causal blocks run heaviest first. 1-D grid: n_kv (+ n_q).
+    HEAD_MAJOR (with dQ programs): the same programs, numbered KV head by KV head instead: each
+    KV head's dK/dV programs, then the dQ programs of its G query heads, so the two halves run
+    side by side and a head's Q, dO, K and V are read while they are still in L2. An ordering
+    for the sweep to time (benchmarks/sweep.py), not yet measured.
 
     MASK_GRAD: also write d(attn_mask) = dS into DMASK (the mask's strides); with
     MASK_GRAD_ATOMIC (a broadcast mask, fp32 buffer) by atomic adds (nondeterministic).
@@ -605,9 +609,22 @@ def attn_bwd(
     d_ok = d_offs < HEAD_DIM
     n_kv_blocks = tl.cdiv(S_max, BLOCK_N1)
     n_kv = n_kv_blocks * B * Hkv
-    if pid < n_kv:
+    if HEAD_MAJOR and not DQ_ATOMIC:
+        n_q_blocks = tl.cdiv(L_max, BLOCK_M2)
+        per_group = n_kv_blocks + G * n_q_blocks
+        j = pid % per_group
+        is_kv = j < n_kv_blocks
+        bhk = pid // per_group
+        pid_n = j
+        bh = bhk * G + (j - n_kv_blocks) // n_q_blocks  # (b * Hkv + hk) * G + g == b * H + hk * G + g
+        pid_m = (j - n_kv_blocks) % n_q_blocks
+    else:  # the dQ programs' indices are computed in their branch (the same build as before the flag)
+        is_kv = pid < n_kv
         bhk = pid // n_kv_blocks
         pid_n = pid % n_kv_blocks  # key block 0 sees the most queries: first within its head
+        bh = 0
+        pid_m = 0
+    if is_kv:
         b = bhk // Hkv
         hk = bhk % Hkv
         q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, CU_K, VARLEN, False, False)
@@ -694,9 +711,9 @@ def attn_bwd(
                  dv.to(DV.dtype.element_ty), mask=kv_ok)
     else:
         n_q_blocks = tl.cdiv(L_max, BLOCK_M2)
-        pid2 = pid - n_kv
-        bh = pid2 // n_q_blocks
-        pid_m = pid2 % n_q_blocks
+        if not (HEAD_MAJOR and not DQ_ATOMIC):
+            bh = (pid - n_kv) // n_q_blocks
+            pid_m = (pid - n_kv) % n_q_blocks
         if CAUSAL:
             pid_m = n_q_blocks - 1 - pid_m  # the last query block sees the most keys: first
         b = bh // H

@@ -36,6 +36,8 @@ FORCE_DQ_ATOMIC: bool | None = None
 FORCE_TMA: bool | None = None
 # False: the forward never takes its EVEN path (the sweep times both).
 FWD_EVEN: bool = True
+# True/False overrides the backward's program order (core.attn_bwd's HEAD_MAJOR; tests flip it).
+FORCE_HEAD_MAJOR: bool | None = None
 
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
@@ -164,6 +166,8 @@ def _fixed_config(kind: str, flags: dict, elem: int, l_bucket=None, seq_bucket=1
         c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket, group)
         meta, warps, stages = dict(c.kwargs), c.num_warps, c.num_stages
     if kind == "bwd":
+        if FORCE_HEAD_MAJOR is not None:
+            meta["HEAD_MAJOR"] = FORCE_HEAD_MAJOR
         if FORCE_DQ_ATOMIC is not None:
             meta["DQ_ATOMIC"] = FORCE_DQ_ATOMIC
         meta["DQ_ATOMIC"] = meta["DQ_ATOMIC"] and not flags["DETERMINISTIC"]
@@ -310,7 +314,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic, VARLEN=packed is not None,
                  DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
-                 USE_TMA=_use_tma(packed, q, dout, k, v),
+                 USE_TMA=_use_tma(packed, q, dout, k, v), HEAD_MAJOR=False,  # a config may turn it on
                  DOT_PRECISION=_dot_precision(q.dtype))
     config = _fixed_config("bwd", flags, q.element_size(), seq_bucket=_seq_bucket(max(L, S)), group=H // Hkv)
     # The autotuner may pick a config with dQ by atomics (never in deterministic mode).
