@@ -188,9 +188,12 @@ if __name__ == "__main__":
     ap.add_argument("--short", action="store_true", help="only the backward configs in SHORT_BWD")
     ap.add_argument("--tma", default="default", choices=["default", "both"],
                     help="both: time each backward config with and without TMA descriptors")
+    ap.add_argument("--dq-from-ds", action="store_true",
+                    help="launch.DQ_FROM_DS on: a full-size mask gradient's dQ by a GEMM on dS (case bias-grad)")
     ap.add_argument("--even", default="default", choices=["default", "both"],
                     help="both: time each forward config with and without its EVEN path")
     args = ap.parse_args()
+    launch.DQ_FROM_DS = args.dq_from_ds
     results: dict = {}
     sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
           tma=(True, False) if args.tma == "both" else (None,), even=(True, False) if args.even == "both" else (None,))

@@ -171,3 +171,37 @@ def test_head_major_program_order_varlen(monkeypatch):
         grads[order] = torch.autograd.grad(out.sum(), (q, k, v))
     for name, a, b in zip("qkv", grads[False], grads[True]):
         assert torch.equal(a, b), f"d{name} differs between program orders"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dq_from_stored_ds_matches(dropout, monkeypatch):
+    """launch.DQ_FROM_DS: a full-size float mask's backward skips the dQ programs and computes
+    dQ = scale * dS @ K from the stored mask gradient. Against float64 without dropout; with
+    dropout (same seed) against the dQ programs' own result."""
+    monkeypatch.setattr(launch, "FORCE_DQ_ATOMIC", False)
+    dtype = DTYPES[0]
+    torch.manual_seed(3)
+    q = rand(2, 4, 37, 32, dtype=dtype, requires_grad=True)
+    k, v = (rand(2, 2, 53, 32, dtype=dtype, requires_grad=True) for _ in range(2))
+    mask = rand(2, 4, 37, 53, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 4, 37, 32, dtype=dtype, device=DEVICE)
+    grads = {}
+    for on in (False, True):
+        monkeypatch.setattr(launch, "DQ_FROM_DS", on)
+        torch.manual_seed(11)  # the same dropout mask both times
+        with attend.sdpa_kernel(attend.SDPBackend.EFFICIENT_ATTENTION):
+            out = attend.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
+        grads[on] = torch.autograd.grad(out, (q, k, v, mask), g)
+    for name, a, b in zip("qkvm", grads[False], grads[True]):
+        if name != "q":  # only dQ is computed differently
+            assert torch.equal(a, b), f"d{name}"
+    assert not torch.equal(grads[False][0], grads[True][0]), "the GEMM path did not run"
+    if dropout:
+        scale = (grads[False][0].float().abs().max().item() or 1.0)
+        assert (grads[True][0].float() - grads[False][0].float()).abs().max().item() <= 2e-2 * scale
+        return
+    ref64, p64 = reference(q, k, v, attn_mask=mask, enable_gqa=True)
+    dq64 = torch.autograd.grad(ref64, p64.query, g.double())[0]
+    qs, ks, vs, ms = (t.detach().requires_grad_() for t in (q, k, v, mask))
+    dq_same = torch.autograd.grad(same_precision(qs, ks, vs, attn_mask=ms, enable_gqa=True), qs, g)[0]
+    assert_scaled_close(grads[True][0], dq64, dq_same, k=8.0, what="dq from dS")

@@ -38,6 +38,11 @@ FORCE_TMA: bool | None = None
 FWD_EVEN: bool = True
 # True/False overrides the backward's program order (core.attn_bwd's HEAD_MAJOR; tests flip it).
 FORCE_HEAD_MAJOR: bool | None = None
+# A full-size float mask's gradient is dS itself; with this on, the backward launches no dQ
+# programs for it and computes dQ = scale * dS @ K as one batched GEMM on the stored dS (one
+# product instead of the dQ programs' three, and no second read of the mask). Off until the
+# H100 sweep measures it (benchmarks/sweep.py --dq-from-ds, case bias-grad).
+DQ_FROM_DS: bool = False
 
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
@@ -267,8 +272,18 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     else:
         dmask, dmstr = _no_dmask(q), (0, 0, 0, 0)
     dq = _backward(dout, q, k, v, out, lse, dlse, (H * L, L), dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
-                   dropout_p, Band.from_causal(causal), scale, seed, None)
+                   dropout_p, Band.from_causal(causal), scale, seed, None,
+                   dq_programs=not (DQ_FROM_DS and mask_grad and not atomic))
+    if dq is None:  # no dQ programs ran: dQ from the stored dS
+        dq = _dq_from_ds(dmask, k, scale, B, H, L)
     return dq.to(q.dtype), dk, dv, (dmask.to(mask.dtype) if mask_grad else None)
+
+
+def _dq_from_ds(ds: torch.Tensor, k: torch.Tensor, scale: float, B: int, H: int, L: int) -> torch.Tensor:
+    """dQ = scale * dS @ K for a contiguous full-size dS (B, H, L, S); GQA groups share K."""
+    Hkv, S, D = k.shape[1], k.shape[2], k.shape[3]
+    dq = torch.matmul(ds.reshape(B, Hkv, (H // Hkv) * L, S), k)
+    return dq.mul_(scale).view(B, H, L, D)
 
 
 def varlen_backward(dout, q, k, v, out, lse, packed: Packed, max_q: int, max_k: int, scale: float, band: Band,
@@ -293,9 +308,11 @@ def _no_dmask(like: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
-              dropout_p, band: Band, scale, seed, packed: Packed | None) -> torch.Tensor:
+              dropout_p, band: Band, scale, seed, packed: Packed | None, dq_programs: bool = True) -> torch.Tensor | None:
     """Launch the backward; returns dQ laid out like ``q``: fp32 when dQ may be added by atomics
-    (then zeroed first), else in q's dtype, written once by the dQ programs (no fp32 round trip)."""
+    (then zeroed first), else in q's dtype, written once by the dQ programs (no fp32 round trip).
+    ``dq_programs=False``: skip the dQ programs where the fixed config has them (returns None:
+    the caller computes dQ)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     BLOCK_D = block_d(D)
     # Delta = rowsum(O * dO), laid out like the LSE: (B, H, L) dense, (1, H, T) = (H, T) packed.
@@ -319,15 +336,20 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     config = _fixed_config("bwd", flags, q.element_size(), seq_bucket=_seq_bucket(max(L, S)), group=H // Hkv)
     # The autotuner may pick a config with dQ by atomics (never in deterministic mode).
     dq_atomic = config[0]["DQ_ATOMIC"] if config is not None else not flags["DETERMINISTIC"]
-    dq = torch.zeros_like(q, dtype=torch.float32) if dq_atomic else torch.empty_like(q)
+    skip_dq = not dq_programs and config is not None and not dq_atomic
+    if skip_dq:  # the head-major numbering assumes dQ programs
+        config = (dict(config[0], HEAD_MAJOR=False), *config[1:])
+        dq = q  # never written
+    else:
+        dq = torch.zeros_like(q, dtype=torch.float32) if dq_atomic else torch.empty_like(q)
     args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, *q.stride(), *k.stride(), *v.stride(),
             *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr, *lse_strides, *ext_strides,
             B, H, H // Hkv, L, S, scale * _RCP_LN2, scale, *band_args, float(dropout_p), int(seed),
             _seq_bucket(max(L, S)))
 
     def grid(m):  # dK/dV programs, then dQ programs unless dQ is added by atomics (core.attn_bwd)
-        n_q = 0 if m["DQ_ATOMIC"] else _cdiv(L, m["BLOCK_M2"]) * B * H
+        n_q = 0 if m["DQ_ATOMIC"] or skip_dq else _cdiv(L, m["BLOCK_M2"]) * B * H
         return (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + n_q,)
 
     _launch(_bwd, _BWD_LAUNCH, grid, args, flags, config)
-    return dq
+    return None if skip_dq else dq
