@@ -27,6 +27,25 @@ def test_eager_path_skips_the_dispatcher_and_matches_float64(kernel, use_kernel)
     assert_matches_float64(out, q, k, v, what=kernel, is_causal=True)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_inference_calls_skip_autograd_and_match_grad_mode(kernel, use_kernel, monkeypatch):
+    """No grad mode, or no input that requires grad: the eager path calls the op's function
+    without the autograd.Function (host time only), with the same output as a recorded call."""
+    use_kernel(kernel)
+    dt = torch.float16 if kernel == "triton" else torch.float32
+    q, k, v = (rand(2, 2, 40, 16, dtype=dt, requires_grad=True) for _ in range(3))
+    with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
+        recorded = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+        applied = []
+        monkeypatch.setattr(ops._EagerFused, "apply", lambda *a: applied.append(a))
+        with torch.no_grad():
+            no_grad = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+        plain = attend.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    assert not applied
+    assert no_grad.grad_fn is None and plain.grad_fn is None
+    assert torch.equal(no_grad, recorded.detach()) and torch.equal(plain, recorded.detach())
+
+
 def test_traced_calls_use_the_custom_op():
     q, k, v = (rand(1, 2, 24, 16) for _ in range(3))
     targets = []

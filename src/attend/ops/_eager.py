@@ -29,3 +29,9 @@ def eager_twin(name: str, impl: Callable, setup_context: Callable, backward: Cal
 def is_eager(*tensors: torch.Tensor | None) -> bool:
     """Plain tensors outside any trace: the direct path is safe."""
     return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Autograd would record this call: grad mode is on and some input requires grad. When not
+    (inference), the twin's ``autograd.Function.apply`` is pure host cost and can be skipped."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -15,7 +15,7 @@ import torch
 
 from .._layout import Band, Packed
 from ..cpu import varlen as cpu_varlen
-from ._eager import eager_twin, is_eager
+from ._eager import eager_twin, is_eager, records_grad
 
 VARLEN_KERNELS: dict[str, tuple[Callable, Callable]] = {
     "blocked": (cpu_varlen.varlen_forward, cpu_varlen.varlen_backward)}
@@ -118,5 +118,8 @@ _EagerVarlen = eager_twin("_EagerVarlen", _varlen_fwd, _setup_context, _backward
 
 
 def varlen_attention(*args):
-    """``attend::varlen_fwd`` with autograd (arguments as the op's); eager calls skip its dispatch."""
-    return _EagerVarlen.apply(*args) if is_eager(*args[:3]) else varlen_fwd(*args)
+    """``attend::varlen_fwd`` with autograd (arguments as the op's); eager calls skip its dispatch,
+    and eager calls that autograd would not record (inference) skip the autograd.Function too."""
+    if not is_eager(*args[:3]):
+        return varlen_fwd(*args)
+    return _EagerVarlen.apply(*args) if records_grad(*args[:3]) else _varlen_fwd(*args)
