@@ -429,6 +429,20 @@ def _scores2(a, b, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs
 
 
 @triton.jit
+def _tile_sources(a_base, b_base, n, stride_an, stride_bn, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """What ``_load_tile_pair`` reads two [n, HEAD_DIM] tensors of one head through: per-head
+    tensor descriptors of [BLOCK, BLOCK_D] boxes (USE_TMA), else the base pointers themselves."""
+    if USE_TMA:
+        a_src = tl.make_tensor_descriptor(a_base, [n, HEAD_DIM], [stride_an, 1], [BLOCK, BLOCK_D])
+        b_src = tl.make_tensor_descriptor(b_base, [n, HEAD_DIM], [stride_bn, 1], [BLOCK, BLOCK_D])
+    else:
+        a_src = a_base
+        b_src = b_base
+    return a_src, b_src
+
+
+@triton.jit
 def _load_tile_pair(a_src, b_src, start, idx, offs_d, n, stride_an, stride_ad, stride_bn, stride_bd,
                     HEAD_DIM: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr):
     """Rows ``idx`` (= start + arange) of two [n, HEAD_DIM] tensors of one head, as [len(idx),
@@ -668,12 +682,8 @@ def attn_bwd(
                 mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
             if MASK_GRAD:
                 dmask_base = DMASK + tl.cast(b, tl.int64) * stride_dmaskb + tl.cast(h, tl.int64) * stride_dmaskh
-            if USE_TMA:
-                q_src = tl.make_tensor_descriptor(q_base, [L, HEAD_DIM], [stride_qm, 1], [BLOCK_M1, BLOCK_D])
-                do_src = tl.make_tensor_descriptor(do_base, [L, HEAD_DIM], [stride_dom, 1], [BLOCK_M1, BLOCK_D])
-            else:
-                q_src = q_base
-                do_src = do_base
+            q_src, do_src = _tile_sources(q_base, do_base, L, stride_qm, stride_dom, BLOCK_M1, BLOCK_D, HEAD_DIM,
+                                          USE_TMA)
             lo_h, a_h, c_h, hi_h = lo, a, c, hi
             if KEY_RANGE:  # no query of head h sees this key block: visit no query block
                 k_lo, k_hi = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
@@ -751,12 +761,7 @@ def attn_bwd(
         mask_base = MASK
         if HAS_MASK:
             mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
-        if USE_TMA:
-            k_src = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [stride_kn, 1], [BLOCK_N2, BLOCK_D])
-            v_src = tl.make_tensor_descriptor(v_base, [S, HEAD_DIM], [stride_vn, 1], [BLOCK_N2, BLOCK_D])
-        else:
-            k_src = k_base
-            v_src = v_base
+        k_src, v_src = _tile_sources(k_base, v_base, S, stride_kn, stride_vn, BLOCK_N2, BLOCK_D, HEAD_DIM, USE_TMA)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
         k_lo, k_hi = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
         lo, a, c, hi = _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M2, BLOCK_N2, CAUSAL, WINDOW)
