@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from ..cpu import blocked
-from ._eager import eager_twin, is_eager, records_grad
+from ._eager import call, eager_twin, is_eager
 
 # kernel name -> (forward, backward) launchers with the signatures of attend.cpu.blocked.
 KERNELS: dict[str, tuple[Callable, Callable]] = {"blocked": (blocked.forward, blocked.backward)}
@@ -135,6 +135,4 @@ def fused_attention(
     """
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
     args = (q, k, v, mask, float(dropout_p), int(causal), float(scale), seed, kernel)
-    if not is_eager(q, k, v, mask):
-        return fused_fwd(*args)
-    return _EagerFused.apply(*args) if records_grad(q, k, v, mask) else _fused_fwd(*args)
+    return call(fused_fwd, _EagerFused, _fused_fwd, args, (q, k, v, mask))

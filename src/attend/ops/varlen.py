@@ -15,7 +15,7 @@ import torch
 
 from .._layout import Band, Packed
 from ..cpu import varlen as cpu_varlen
-from ._eager import eager_twin, is_eager, records_grad
+from ._eager import call, eager_twin, is_eager
 
 VARLEN_KERNELS: dict[str, tuple[Callable, Callable]] = {
     "blocked": (cpu_varlen.varlen_forward, cpu_varlen.varlen_backward)}
@@ -120,6 +120,4 @@ _EagerVarlen = eager_twin("_EagerVarlen", _varlen_fwd, _setup_context, _backward
 def varlen_attention(*args):
     """``attend::varlen_fwd`` with autograd (arguments as the op's); eager calls skip its dispatch,
     and eager calls that autograd would not record (inference) skip the autograd.Function too."""
-    if not is_eager(*args[:3]):
-        return varlen_fwd(*args)
-    return _EagerVarlen.apply(*args) if records_grad(*args[:3]) else _varlen_fwd(*args)
+    return call(varlen_fwd, _EagerVarlen, _varlen_fwd, args, args[:3])
