@@ -130,24 +130,24 @@ def _ms(fn) -> float:
 
 
 def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds=("fwd", "bwd"), short=False,
-          tma=(None,), even=(None,)) -> None:
+          tma=(None,), even_both=False) -> None:
     """``tma``: launch.FORCE_TMA values to time each backward config with (None: the default);
-    ``even``: launch.FWD_EVEN values to time each forward config with."""
+    ``even_both``: also time each forward config with its EVEN path turned off (a config can opt out)."""
     for case, S, make in cases(name):
         fwd, bwd, flops = make()
         row = out.setdefault(case, {}).setdefault(str(S), {"fwd": {}, "bwd": {}})
         _force(BASE)
         saved = fwd()
-        jobs = [("fwd", c, e) for c in FWD for e in even if "fwd" in kinds and c.kwargs["BLOCK_M"] != 16]  # no decode
+        fwd_cfgs = [c for c in FWD if c.kwargs["BLOCK_M"] != 16]  # no decode tiles
+        if even_both:
+            fwd_cfgs += [triton.Config(dict(c.kwargs, EVEN=False), num_warps=c.num_warps, num_stages=c.num_stages)
+                         for c in fwd_cfgs]
+        jobs = [("fwd", c, None) for c in fwd_cfgs if "fwd" in kinds]
         jobs += [("bwd", c, t) for c in (SHORT_BWD if short else BWD) for t in tma if "bwd" in kinds]
-        for kind, cfg, switch in jobs:
+        for kind, cfg, use_tma in jobs:
             _force(dict(BASE, **{kind: cfg}))
-            if kind == "fwd":
-                launch.FWD_EVEN = True if switch is None else switch
-                label = str(cfg) + ("" if switch is None else f", even: {switch}")
-            else:
-                launch.FORCE_TMA = switch
-                label = str(cfg) + ("" if switch is None else f", tma: {switch}")
+            launch.FORCE_TMA = use_tma
+            label = str(cfg) + ("" if use_tma is None else f", tma: {use_tma}")
             run = fwd if kind == "fwd" else (lambda: bwd(saved))
             t0 = time.time()
             try:
@@ -161,7 +161,6 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
                 row[kind][label] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
             print(f"{case} S={S} {kind} {label}: {row[kind].get(label)} ({time.time() - t0:.1f}s)", flush=True)
         launch.FORCE_TMA = None
-        launch.FWD_EVEN = True
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(out, f, indent=1)
@@ -196,7 +195,7 @@ if __name__ == "__main__":
     launch.DQ_FROM_DS = args.dq_from_ds
     results: dict = {}
     sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
-          tma=(True, False) if args.tma == "both" else (None,), even=(True, False) if args.even == "both" else (None,))
+          tma=(True, False) if args.tma == "both" else (None,), even_both=args.even == "both")
     if not args.compile_only:
         print(best(results))
     sys.stdout.flush()

@@ -34,8 +34,6 @@ FORCE_DQ_ATOMIC: bool | None = None
 # True/False overrides whether the backward reads through TMA tensor descriptors (tests run the
 # descriptor path under the interpreter with it; the H100 sweep times both).
 FORCE_TMA: bool | None = None
-# False: the forward never takes its EVEN path (the sweep times both).
-FWD_EVEN: bool = True
 # True/False overrides the backward's program order (core.attn_bwd's HEAD_MAJOR; tests flip it).
 FORCE_HEAD_MAJOR: bool | None = None
 # A full-size float mask's gradient is dS itself; with this on, the backward launches no dQ
@@ -241,7 +239,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
             float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
-                 **seq_flags, EVEN=FWD_EVEN and _even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
+                 **seq_flags, EVEN=_even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
     config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S), H // Hkv)
     _launch(_fwd, _FWD_LAUNCH, lambda m: (_cdiv(L, m["BLOCK_M"]), B * H), args, flags, config)
 
