@@ -114,6 +114,8 @@ def cases(name: str):
     table["padding"] = [(4096, lambda: _dense(128, False, 4096, mask=_padding_mask(), B=4, H=16))]
     table["varlen-causal"] = [(max(VARLEN_LENGTHS), lambda: _packed(VARLEN_LENGTHS, Band(-1, 0, True)))]
     table["varlen-window"] = [(WINDOW_S, lambda: _packed([WINDOW_S], Band(WINDOW, 0, True)))]
+    # the window benchmark's baseline: the same single sequence, full causal
+    table["varlen-full"] = [(WINDOW_S, lambda: _packed([WINDOW_S], Band(-1, 0, True)))]
     names = list(table) if name == "all" else [name]
     for n in names:
         for S, make in table[n]:
@@ -143,7 +145,10 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
             fwd_cfgs += [triton.Config(dict(c.kwargs, EVEN=False), num_warps=c.num_warps, num_stages=c.num_stages)
                          for c in fwd_cfgs]
         jobs = [("fwd", c, None) for c in fwd_cfgs if "fwd" in kinds]
-        jobs += [("bwd", c, t) for c in (SHORT_BWD if short else BWD) for t in tma if "bwd" in kinds]
+        bwd_cfgs = SHORT_BWD if short else BWD
+        if launch.DQ_FROM_DS:  # no dQ programs for a mask gradient: head-major is forced off, a duplicate
+            bwd_cfgs = [c for c in bwd_cfgs if not c.kwargs.get("HEAD_MAJOR")]
+        jobs += [("bwd", c, t) for c in bwd_cfgs for t in tma if "bwd" in kinds]
         for kind, cfg, use_tma in jobs:
             _force(dict(BASE, **{kind: cfg}))
             launch.FORCE_TMA = use_tma
@@ -185,8 +190,8 @@ if __name__ == "__main__":
     ap.add_argument("--json")
     ap.add_argument("--kinds", default="fwd,bwd")
     ap.add_argument("--short", action="store_true", help="only the backward configs in SHORT_BWD")
-    ap.add_argument("--tma", default="default", choices=["default", "both"],
-                    help="both: time each backward config with and without TMA descriptors")
+    ap.add_argument("--tma", default="default", choices=["default", "both", "on", "off"],
+                    help="both: time each backward config with and without TMA descriptors; on/off: force one")
     ap.add_argument("--dq-from-ds", action="store_true",
                     help="launch.DQ_FROM_DS on: a full-size mask gradient's dQ by a GEMM on dS (case bias-grad)")
     ap.add_argument("--even", default="default", choices=["default", "both"],
@@ -195,7 +200,7 @@ if __name__ == "__main__":
     launch.DQ_FROM_DS = args.dq_from_ds
     results: dict = {}
     sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
-          tma=(True, False) if args.tma == "both" else (None,), even_both=args.even == "both")
+          tma={"both": (True, False), "on": (True,), "off": (False,)}.get(args.tma, (None,)), even_both=args.even == "both")
     if not args.compile_only:
         print(best(results))
     sys.stdout.flush()
