@@ -38,9 +38,9 @@ FORCE_TMA: bool | None = None
 FORCE_HEAD_MAJOR: bool | None = None
 # A full-size float mask's gradient is dS itself; with this on, the backward launches no dQ
 # programs for it and computes dQ = scale * dS @ K as one batched GEMM on the stored dS (one
-# product instead of the dQ programs' three, and no second read of the mask). Off until the
-# H100 sweep measures it (benchmarks/sweep.py --dq-from-ds, case bias-grad).
-DQ_FROM_DS: bool = False
+# product instead of the dQ programs' three, and no second read of the mask). H100, bias
+# (4, 16, 4096, 4096) with grad: 272 TFLOP/s against 227 with dQ programs (RESULTS.md, session 5).
+DQ_FROM_DS: bool = True
 
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
@@ -98,15 +98,16 @@ def _even(L: int, S: int, D: int, packed) -> bool:
     return packed is None and L % EVEN_TILE == 0 and S % EVEN_TILE == 0 and D == block_d(D)
 
 
-def _use_tma(packed, *tensors: torch.Tensor) -> bool:
-    """The backward reads through TMA descriptors: dense calls whose tensors Hopper's copy engine
-    can read (compute capability >= 9, a unit last stride, 16-byte aligned base and strides).
-    Packed (varlen) calls keep pointer loads: 247 vs 149 TFLOP/s on the H100 (RESULTS.md, run 13)."""
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """The backward reads through TMA descriptors when Hopper's copy engine can read every tensor
+    (compute capability >= 9, a unit last stride, 16-byte aligned base and strides). Packed
+    (varlen) calls too since session 5: 304 vs 271 TFLOP/s with pointer loads (mixed lengths), 363
+    vs 318 (sliding window) on the H100; run 13's 149 vs 247 predates the fixed configs."""
     if FORCE_TMA is not None:
         if FORCE_TMA and tensors[0].is_cuda:
             _ensure_allocator()
         return FORCE_TMA
-    if packed is not None or _INTERPRET or not tensors[0].is_cuda or _capability_major(tensors[0].device.index) < 9:
+    if _INTERPRET or not tensors[0].is_cuda or _capability_major(tensors[0].device.index) < 9:
         return False
     for t in tensors:
         elem = t.element_size()
@@ -265,7 +266,10 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     # in its own dtype; a broadcast one is summed by fp32 atomics and cast after.
     atomic = mask_grad and mask_grad_is_atomic(mask, (B, H, L, S))
     if mask_grad:
-        dmask = torch.zeros(mask.shape, dtype=torch.float32 if atomic else mask.dtype, device=q.device)
+        # Without a band every tile is visited, so every element of a full-size dS is written:
+        # no zero fill (0.7 ms for a 2 GiB bias). Atomics add into zeros; causal skips tiles.
+        fill = torch.zeros if atomic or causal else torch.empty
+        dmask = fill(mask.shape, dtype=torch.float32 if atomic else mask.dtype, device=q.device)
         dmstr = _mask_args(dmask, B, H, L, S, q)[1]
     else:
         dmask, dmstr = _no_dmask(q), (0, 0, 0, 0)
@@ -278,10 +282,13 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
 
 
 def _dq_from_ds(ds: torch.Tensor, k: torch.Tensor, scale: float, B: int, H: int, L: int) -> torch.Tensor:
-    """dQ = scale * dS @ K for a contiguous full-size dS (B, H, L, S); GQA groups share K."""
+    """dQ = scale * dS @ K for a contiguous full-size dS (B, H, L, S) in q's dtype; GQA groups
+    share K. The scale rides in the GEMM (alpha): one rounding, no second pass over dQ."""
     Hkv, S, D = k.shape[1], k.shape[2], k.shape[3]
-    dq = torch.matmul(ds.reshape(B, Hkv, (H // Hkv) * L, S), k)
-    return dq.mul_(scale).view(B, H, L, D)
+    ds3 = ds.reshape(B * Hkv, (H // Hkv) * L, S)
+    k3 = k.reshape(B * Hkv, S, D)
+    dq = torch.baddbmm(ds3.new_empty(ds3.shape[0], ds3.shape[1], D), ds3, k3, beta=0.0, alpha=scale)
+    return dq.view(B, H, L, D)
 
 
 def varlen_backward(dout, q, k, v, out, lse, packed: Packed, max_q: int, max_k: int, scale: float, band: Band,
@@ -329,7 +336,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic, VARLEN=packed is not None,
                  DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
-                 USE_TMA=_use_tma(packed, q, dout, k, v), HEAD_MAJOR=False,  # a config may turn it on
+                 USE_TMA=_use_tma(q, dout, k, v), HEAD_MAJOR=False,  # a config may turn it on
                  DOT_PRECISION=_dot_precision(q.dtype))
     config = _fixed_config("bwd", flags, q.element_size(), seq_bucket=_seq_bucket(max(L, S)), group=H // Hkv)
     # The autotuner may pick a config with dQ by atomics (never in deterministic mode).
