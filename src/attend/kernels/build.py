@@ -43,8 +43,11 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = "i64"
         else:
             sig[name] = "i32"
-            if name.startswith("stride") and name.endswith("d"):
-                constexprs.setdefault(name, 1)  # contiguous head dim, as real launches specialize
+            if name.startswith("stride") and (name.endswith("d") or name in ("stride_maskn", "stride_dmaskn")):
+                # contiguous head dim and mask rows, as real launches specialize (Triton turns an
+                # int argument equal to 1 into a constant: vector loads, and the pipeliner can
+                # stage the mask tile through cp.async only then)
+                constexprs.setdefault(name, 1)
                 sig[name] = "constexpr"
             elif (name.startswith("stride") or name in ("L_max", "S_max")) and name not in constexprs:
                 attrs[(i,)] = [["tt.divisibility", 16]]  # row strides of (.., 128)-wide tensors; even lengths

@@ -46,7 +46,7 @@ def _b(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int, dq_atomic: b
 BWD_CONFIGS = [
     _b(64, 128, 128, 64, 8, 3), _b(64, 128, 128, 64, 8, 2), _b(64, 128, 128, 64, 8, 4), _b(64, 64, 64, 64, 4, 2),
     _b(64, 64, 64, 64, 4, 3), _b(32, 128, 64, 64, 4, 3), _b(32, 128, 128, 32, 4, 3), _b(32, 64, 64, 32, 4, 3),
-    _b(16, 64, 64, 16, 4, 2),
+    _b(16, 64, 64, 16, 4, 2), _b(64, 64, 64, 64, 4, 2, head_major=True),
     # dQ by atomics: 5 dots per tile pair instead of 7; dropped in deterministic mode.
     _b(64, 128, 64, 64, 8, 2, True), _b(64, 128, 64, 64, 8, 3, True), _b(32, 128, 64, 64, 4, 3, True),
     _b(64, 64, 64, 64, 4, 2, True), _b(64, 64, 64, 64, 4, 3, True),
@@ -121,24 +121,41 @@ _TABLE = {
     # timed 197 then and lost to 223 here once its fp32 dQ conversion counted).
     ("bwd", 64, True): {1024: _b(32, 64, 64, 32, 4, 3), 4096: _b(32, 128, 128, 32, 4, 3),
                         16384: _b(32, 128, 64, 64, 4, 3)},  # 223, 325, 354
-    ("bwd", 128, False): {16384: _b(64, 128, 128, 64, 8, 3)},  # 396 at 4k, 391-406 at 16k
-    ("bwd", 128, True): {1024: _b(32, 64, 64, 32, 4, 3), 16384: _b(64, 128, 128, 64, 8, 3)},  # 214; 342, 401
+    # D=128: session 5 sweep with the head-major program order (HM), kept where the public API
+    # bench agreed (run 18). Non-causal: HM 64x64, sweep 369 / 459 at 1k / 4k (non-HM 344 / 421),
+    # API 376 / 403 (old pick 333 / 394); 443 at 16k. Causal: HM 64x64 at 16k, sweep 418 (old pick
+    # 392), API 426 (424). At 1k / 4k the sweep's picks (HM 64x64 272, 64x64 376) lost through
+    # the API (210 / 359 against 256 / 381 for the old picks), so those stay.
+    ("bwd", 128, False): {4096: _b(64, 64, 64, 64, 4, 2, head_major=True), 16384: _b(64, 128, 128, 64, 8, 3)},
+    ("bwd", 128, True): {1024: _b(32, 64, 64, 32, 4, 3), 4096: _b(64, 128, 128, 64, 8, 3),
+                         16384: _b(64, 64, 64, 64, 4, 2, head_major=True)},
     ("bwd", 256, False): {16384: _b(16, 64, 64, 16, 4, 2)},
     ("bwd", 256, True): {16384: _b(16, 64, 64, 16, 4, 2)},
 }
 # Full-size masks: a 128x128 forward tile with its bf16 bias tile pipelined in shared memory needs
 # 288 KiB, over the H100's 227 KiB; 128x64 is the sweep's best (208 vs 126 TFLOP/s for 64x64,
-# run 13). fp32: tiles take twice the space, so 64x64.
-# Masks keep the measured non-EVEN forward (EVEN is unmeasured with them).
-_MASK_TILES = {("fwd", 128): _c(128, 64, 8, 3, even=False), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
+# run 13), with the EVEN path 391 vs 339 without (session 5, bias (4, 16, 4096, 4096)). Backward
+# with dQ from the stored dS (launch.DQ_FROM_DS): 64x64 272, next 266 (32x64). fp32: tiles take
+# twice the space, so 64x64.
+_MASK_TILES = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
+# Key-padding masks (one mask row for all queries) keep the measured non-EVEN forward: 423 TFLOP/s,
+# level with cuDNN (session 4); EVEN is unmeasured with them.
+_KEY_MASK_TILES = {("fwd", 128): _c(128, 64, 8, 3, even=False)}
 _SMALL_TILES = {("fwd", 128): _c(64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
-# Packed causal batches of mixed lengths (the sweep's varlen case: 371 / 247 TFLOP/s, pointer
-# loads: TMA descriptors measured 149 in the backward, run 13).
-_VARLEN = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 128, 128, 64, 8, 3)}
+# Packed causal batches of mixed lengths (the sweep's varlen case, session 5: forward 379; backward
+# through TMA descriptors, head-major 64x64 304, against 271 for the old pointer-load pick).
+_VARLEN = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2, head_major=True)}
+# Sliding windows (varlen-window, 4096 of 16384): backward 64x64 in key order 363, head-major 349.
+_WINDOW = {("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
 _DECODE = _c(16, 128, 4, 3)
-# Grouped-query heads (G > 1) where the sweep's winner differs: D=64 causal at S=4096, 8:1,
-# forward 387 TFLOP/s with 4 stages vs at most 348 with the 3-stage table pick; backward 323.
-_GQA = {("fwd", 64, True): _c(128, 64, 8, 4, even=False), ("bwd", 64, True): _b(64, 64, 64, 64, 4, 3)}
+# Grouped-query heads (G > 1) at S=4096, 8:1, where the winner differs from the table's. D=64
+# causal: forward 387 TFLOP/s with 4 stages vs at most 348 with the 3-stage table pick; backward
+# 64x64 3 stages, 324 through the API (run 16; the 2-stage variant the session 5 sweep preferred
+# took 305 there, run 18). D=128 causal backward: 32x64, 340 through the API (304 for the table's
+# 64x128 pick). D=128 non-causal backward: head-major orders lose with groups (a KV head's G dQ
+# heads crowd in behind its dK/dV programs: 374 against 419), so the 64x128 key-order pick.
+_GQA = {("fwd", 64, True): _c(128, 64, 8, 4, even=False), ("bwd", 64, True): _b(64, 64, 64, 64, 4, 3),
+        ("bwd", 128, True): _b(32, 64, 64, 32, 4, 3), ("bwd", 128, False): _b(64, 128, 128, 64, 8, 3)}
 
 
 def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict | None = None,
@@ -152,8 +169,12 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
     d = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
     if elem > 2 and (kind, d) in _SMALL_TILES:
         return _SMALL_TILES[(kind, d)]
-    if flags.get("HAS_MASK") and (kind == "fwd" or not flags.get("MASK_KEYS")) and (kind, d) in _MASK_TILES:
+    if flags.get("HAS_MASK") and flags.get("MASK_KEYS") and (kind, d) in _KEY_MASK_TILES:
+        return _KEY_MASK_TILES[(kind, d)]
+    if flags.get("HAS_MASK") and not flags.get("MASK_KEYS") and (kind, d) in _MASK_TILES:
         return _MASK_TILES[(kind, d)]
+    if flags.get("WINDOW") and (kind, d) in _WINDOW:
+        return _WINDOW[(kind, d)]
     if flags.get("VARLEN") and (kind, d) in _VARLEN:
         return _VARLEN[(kind, d)]
     key = (kind, d, bool(flags.get("CAUSAL")))
@@ -169,6 +190,6 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
 EVEN_TILE = 128
 assert all(EVEN_TILE % c.kwargs[k] == 0
            for c in BWD_CONFIGS + [c for t in _TABLE.values() for c in t.values()] + list(_SMALL_TILES.values()) + list(_MASK_TILES.values())
-           + list(_VARLEN.values()) + list(_GQA.values()) if "BLOCK_M1" in c.kwargs
+           + list(_VARLEN.values()) + list(_WINDOW.values()) + list(_GQA.values()) if "BLOCK_M1" in c.kwargs
            for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"))
 assert all(EVEN_TILE % c.kwargs[k] == 0 for c in FWD_CONFIGS for k in ("BLOCK_M", "BLOCK_N"))
