@@ -24,8 +24,11 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+import attend  # noqa: E402
 from attend._layout import Band, Packed  # noqa: E402
+from attend.bench import _time_ms, backward_ms  # noqa: E402
 from attend.bench_masks import VARLEN_LENGTHS, WINDOW, WINDOW_S  # noqa: E402
+from attend.varlen import varlen_attn  # noqa: E402
 from attend.kernels import configs, launch  # noqa: E402
 
 _c, _b = configs._c, configs._b
@@ -53,6 +56,11 @@ def _randn(*shape, dtype=torch.bfloat16):
     return torch.randn(*shape, dtype=dtype, device="cuda")
 
 
+def _leaves(*ts):
+    """Leaf copies that require grad, for timing through the public API (--api)."""
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
 def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1):
     H = H or 2048 // D
     B = B or max(1, 16384 // S)
@@ -68,7 +76,16 @@ def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1):
     def bwd(saved):
         out, lse = saved
         return launch.backward(dout, q, k, v, out, lse, mask, 0.0, code, scale, 0, mask_grad)
-    return fwd, bwd, flops
+
+    # The same call through the public API, timed as `python -m attend bench` times it.
+    qa, ka, va = _leaves(q, k, v)
+    ma = None if mask is None else (_leaves(mask)[0] if mask_grad else mask)
+    backend = attend.SDPBackend.FLASH_ATTENTION if mask is None else attend.SDPBackend.EFFICIENT_ATTENTION
+
+    def api():
+        with attend.sdpa_kernel(backend):
+            return attend.scaled_dot_product_attention(qa, ka, va, attn_mask=ma, is_causal=causal, enable_gqa=gqa > 1)
+    return fwd, bwd, flops, (api, [qa, ka, va] + ([ma] if mask_grad else []), dout)
 
 
 def _packed(lens, band, D=128, H=16):
@@ -90,7 +107,13 @@ def _packed(lens, band, D=128, H=16):
     def bwd(saved):
         out, lse = saved
         return launch.varlen_backward(dout, q, k, v, out, lse, packed, top, top, D ** -0.5, band)
-    return fwd, bwd, flops
+
+    qa, ka, va = _leaves(q, k, v)
+    window = (band.left if band.left >= 0 else -1, 0)
+
+    def api():
+        return varlen_attn(qa, ka, va, cu, cu, top, top, window_size=window)
+    return fwd, bwd, flops, (api, [qa, ka, va], dout)
 
 
 def _padding_mask(B=4, S=4096):
@@ -131,12 +154,24 @@ def _ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
+def _api_ms(kind: str, api) -> float:
+    """Time through the public API: the forward without grad, the backward as (forward with graph +
+    backward) - forward with graph, exactly as attend.bench does."""
+    run, inputs, dout = api
+    if kind == "fwd":
+        with torch.no_grad():
+            return _time_ms(run)
+    return backward_ms(run, inputs, dout)
+
+
 def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds=("fwd", "bwd"), short=False,
-          tma=(None,), even_both=False) -> None:
+          tma=(None,), even_both=False, api_mode=False) -> None:
     """``tma``: launch.FORCE_TMA values to time each backward config with (None: the default);
-    ``even_both``: also time each forward config with its EVEN path turned off (a config can opt out)."""
+    ``even_both``: also time each forward config with its EVEN path turned off (a config can opt out);
+    ``api_mode``: time through the public API (autograd, dispatch) instead of the launchers: the
+    bench's own measure, which has ranked some backward tiles differently (RESULTS.md, session 5)."""
     for case, S, make in cases(name):
-        fwd, bwd, flops = make()
+        fwd, bwd, flops, api = make()
         row = out.setdefault(case, {}).setdefault(str(S), {"fwd": {}, "bwd": {}})
         _force(BASE)
         saved = fwd()
@@ -156,11 +191,16 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
             run = fwd if kind == "fwd" else (lambda: bwd(saved))
             t0 = time.time()
             try:
-                run()
+                if api_mode:  # compile through the public path
+                    res = api[0]()
+                    if kind == "bwd":
+                        res.backward(api[2])
+                else:
+                    run()
                 torch.cuda.synchronize()
                 if compile_only:
                     continue
-                ms = _ms(run)
+                ms = _api_ms(kind, api) if api_mode else _ms(run)
                 row[kind][label] = dict(ms=ms, tflops=(flops if kind == "fwd" else 2.5 * flops) / ms * 1e-9)
             except Exception as e:  # out of resources, etc.: recorded, not fatal
                 row[kind][label] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
@@ -196,11 +236,14 @@ if __name__ == "__main__":
                     help="launch.DQ_FROM_DS on: a full-size mask gradient's dQ by a GEMM on dS (case bias-grad)")
     ap.add_argument("--even", default="default", choices=["default", "both"],
                     help="both: time each forward config with and without its EVEN path")
+    ap.add_argument("--api", action="store_true",
+                    help="time through the public API (autograd + dispatch), as python -m attend bench does")
     args = ap.parse_args()
     launch.DQ_FROM_DS = args.dq_from_ds
     results: dict = {}
     sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
-          tma={"both": (True, False), "on": (True,), "off": (False,)}.get(args.tma, (None,)), even_both=args.even == "both")
+          tma={"both": (True, False), "on": (True,), "off": (False,)}.get(args.tma, (None,)), even_both=args.even == "both",
+          api_mode=args.api)
     if not args.compile_only:
         print(best(results))
     sys.stdout.flush()
