@@ -22,13 +22,13 @@ Example::
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["varlen_attn", "AuxRequest"]
+from ._hostcache import host_values, memo_get, memo_put
 
+__all__ = ["varlen_attn", "AuxRequest"]
 
 
 @dataclass(frozen=True)
@@ -99,33 +99,8 @@ def _check_window(window_size) -> tuple[int, int]:
     return int(window_size[0]), int(window_size[1])
 
 
-# Host copies of the small index tensors (cu_seq_*, seqused_k) per tensor object and version: a
-# model calls varlen_attn once per layer with the same offsets, and each read is a host sync that
-# stalls the GPU queue. An in-place change bumps the version and forces a fresh read.
-# Keyed by id() with a weak reference to check identity (tensors compare elementwise, so they
-# cannot key a WeakKeyDictionary); an entry goes when its tensor does.
-_HOST_VALUES: dict[int, tuple] = {}
+# block_table versions (and the sequence lengths they were checked for) whose page ids are valid.
 _PAGES_CHECKED: dict[int, tuple] = {}
-
-
-def _memo_get(memo: dict, t: torch.Tensor):
-    hit = memo.get(id(t))
-    return hit[1] if hit is not None and hit[0]() is t else None
-
-
-def _memo_put(memo: dict, t: torch.Tensor, value) -> None:
-    key = id(t)
-    memo[key] = (weakref.ref(t, lambda _, key=key: memo.pop(key, None)), value)
-
-
-def _host_values(t: torch.Tensor) -> list[int]:
-    """``t.tolist()``, read from the device once per tensor version."""
-    hit = _memo_get(_HOST_VALUES, t)
-    if hit is not None and hit[0] == t._version:
-        return hit[1]
-    vals = t.tolist()
-    _memo_put(_HOST_VALUES, t, (t._version, vals))
-    return vals
 
 
 def _check_cu(name: str, cu: torch.Tensor, device: torch.device, n: int | None, total: int) -> list[int]:
@@ -140,7 +115,7 @@ def _check_cu(name: str, cu: torch.Tensor, device: torch.device, n: int | None, 
         raise ValueError(f"{name} must be 1-D with N + 1 >= 1 entries, got shape {tuple(cu.shape)}")
     if n is not None and cu.numel() != n + 1:
         raise ValueError(f"{name} has {cu.numel()} entries; expected {n + 1} (cu_seq_q has {n + 1})")
-    vals = _host_values(cu)
+    vals = host_values(cu)
     if vals[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
     for i in range(1, len(vals)):
@@ -212,13 +187,13 @@ def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa, seqused_k, block_
         _check_int32("seqused_k", seqused_k, q.device, 1)
         if seqused_k.numel() != n:
             raise ValueError(f"seqused_k has {seqused_k.numel()} entries; expected one per sequence ({n})")
-        used = _host_values(seqused_k)
+        used = host_values(seqused_k)
         for b, (u, c) in enumerate(zip(used, cap)):
             if not 0 <= u <= c:
                 where = "its block_table row holds" if paged else "its cu_seq_k slot holds"
                 raise ValueError(f"seqused_k[{b}] = {u} is out of range: {where} {c} keys")
         lens_k = used
-    if paged and _memo_get(_PAGES_CHECKED, block_table) != (block_table._version, tuple(lens_k), *k.shape[:2]):
+    if paged and memo_get(_PAGES_CHECKED, block_table) != (block_table._version, tuple(lens_k), *k.shape[:2]):
         # The page ids each sequence uses, checked in one pass (one host sync, not one per sequence),
         # and once per block_table version and sequence lengths.
         pages = k.shape[0]
@@ -229,7 +204,7 @@ def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa, seqused_k, block_
             b, col = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"block_table[{b}] refers to page {int(block_table[b, col])} outside the pool's "
                              f"{pages} pages")
-        _memo_put(_PAGES_CHECKED, block_table, (block_table._version, tuple(lens_k), *k.shape[:2]))
+        memo_put(_PAGES_CHECKED, block_table, (block_table._version, tuple(lens_k), *k.shape[:2]))
     if n and max(lens_q) > max_q:
         b = lens_q.index(max(lens_q))
         raise ValueError(f"max_q = {max_q} is less than sequence {b}'s query length {lens_q[b]}")

@@ -1,0 +1,36 @@
+"""Host copies of small device index tensors (``cu_seq_*``, ``seqused_k``), per tensor object and
+version: a model calls ``varlen_attn`` once per layer with the same offsets, and each read is a
+host sync that stalls the GPU queue. An in-place change bumps the version and forces a fresh read.
+
+Keyed by ``id()`` with a weak reference to check identity (tensors compare elementwise, so they
+cannot key a ``WeakKeyDictionary``); an entry goes when its tensor does. Used by the public varlen
+layer (validation) and the Triton launchers (the packed work lists), so a call reads once.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_HOST_VALUES: dict[int, tuple] = {}
+
+
+def memo_get(memo: dict, t: torch.Tensor):
+    hit = memo.get(id(t))
+    return hit[1] if hit is not None and hit[0]() is t else None
+
+
+def memo_put(memo: dict, t: torch.Tensor, value) -> None:
+    key = id(t)
+    memo[key] = (weakref.ref(t, lambda _, key=key: memo.pop(key, None)), value)
+
+
+def host_values(t: torch.Tensor) -> list[int]:
+    """``t.tolist()``, read from the device once per tensor version."""
+    hit = memo_get(_HOST_VALUES, t)
+    if hit is not None and hit[0] == t._version:
+        return hit[1]
+    vals = t.tolist()
+    memo_put(_HOST_VALUES, t, (t._version, vals))
+    return vals
