@@ -181,7 +181,7 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
                          for c in fwd_cfgs]
         jobs = [("fwd", c, None) for c in fwd_cfgs if "fwd" in kinds]
         bwd_cfgs = SHORT_BWD if short else BWD
-        if launch.DQ_FROM_DS:  # no dQ programs for a mask gradient: head-major is forced off, a duplicate
+        if launch.DQ_FROM_DS and case == "bias-grad":  # no dQ programs: head-major is forced off, a duplicate
             bwd_cfgs = [c for c in bwd_cfgs if not c.kwargs.get("HEAD_MAJOR")]
         jobs += [("bwd", c, t) for c in bwd_cfgs for t in tma if "bwd" in kinds]
         for kind, cfg, use_tma in jobs:
@@ -232,14 +232,19 @@ if __name__ == "__main__":
     ap.add_argument("--short", action="store_true", help="only the backward configs in SHORT_BWD")
     ap.add_argument("--tma", default="default", choices=["default", "both", "on", "off"],
                     help="both: time each backward config with and without TMA descriptors; on/off: force one")
-    ap.add_argument("--dq-from-ds", action="store_true",
-                    help="launch.DQ_FROM_DS on: a full-size mask gradient's dQ by a GEMM on dS (case bias-grad)")
+    ap.add_argument("--dq-from-ds", choices=["on", "off"],
+                    help="force launch.DQ_FROM_DS (default: the library's, on): a full-size mask gradient's dQ "
+                         "by a GEMM on dS (case bias-grad)")
     ap.add_argument("--even", default="default", choices=["default", "both"],
                     help="both: time each forward config with and without its EVEN path")
+    ap.add_argument("--worklist", action="store_true",
+                    help="launch.VARLEN_WORKLIST on: packed calls launch from host-built block lists, heaviest first")
     ap.add_argument("--api", action="store_true",
                     help="time through the public API (autograd + dispatch), as python -m attend bench does")
     args = ap.parse_args()
-    launch.DQ_FROM_DS = args.dq_from_ds
+    if args.dq_from_ds:
+        launch.DQ_FROM_DS = args.dq_from_ds == "on"
+    launch.VARLEN_WORKLIST = args.worklist
     results: dict = {}
     sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
           tma={"both": (True, False), "on": (True,), "off": (False,)}.get(args.tma, (None,)), even_both=args.even == "both",

@@ -208,3 +208,78 @@ def test_dq_from_stored_ds_matches(dropout, monkeypatch):
     qs, ks, vs, ms = (t.detach().requires_grad_() for t in (q, k, v, mask))
     dq_same = torch.autograd.grad(same_precision(qs, ks, vs, attn_mask=ms, enable_gqa=True), qs, g)[0]
     assert_scaled_close(grads[True][0], dq64, dq_same, k=8.0, what="dq from dS")
+
+
+def test_work_list_holds_every_block_once_heaviest_first():
+    """launch._work_tensor: every block of every sequence exactly once (none for an empty
+    sequence), sorted by the span its program visits, heaviest first; dK/dV items after the list
+    of query blocks when both are asked for."""
+    from attend._layout import Band
+
+    lens_q, lens_k = (5, 40, 0, 17), (9, 40, 3, 17)
+    band = Band(-1, 0, bottom_right=True)  # causal, bottom-right per sequence
+    work, counts = launch._work_tensor(lens_q, lens_k, band, (("q", 16), ("k", 8)), torch.device("cpu"))
+    items = work.tolist()
+    q_items, k_items = items[:counts[0]], items[counts[0]:]
+    assert sorted((i >> 16, i & 0xFFFF) for i in q_items) == [(0, 0), (1, 0), (1, 1), (1, 2), (3, 0), (3, 1)]
+    assert sorted((i >> 16, i & 0xFFFF) for i in k_items) == (
+        [(0, 0), (0, 1)] + [(1, j) for j in range(5)] + [(2, 0)] + [(3, 0), (3, 1), (3, 2)])
+
+    def q_work(i):
+        b, m = i >> 16, i & 0xFFFF
+        return launch._key_span(16 * m, min(lens_q[b], 16 * m + 16), lens_q[b], lens_k[b], band)
+
+    spans = [q_work(i) for i in q_items]
+    assert spans == sorted(spans, reverse=True) and spans[0] == 40  # sequence 1's last block sees all 40 keys
+    # keys of sequence 2 (no queries) are visited by no query, but their program still writes zeros
+    assert launch._query_span(0, 3, 0, 3, band) == 0
+
+
+@pytest.mark.parametrize("window", [(-1, 0), (-1, -1), (5, 0)], ids=["causal", "full", "window"])
+@pytest.mark.parametrize("order", [False, True], ids=["key-order", "head-major"])
+def test_work_list_gives_identical_results(window, order, monkeypatch):
+    """VARLEN_WORKLIST only changes which program computes which tile: forward, LSE and every
+    gradient must be bitwise equal with and without it, with sequences packed shortest first,
+    an empty sequence, different key lengths (non-causal) and grouped heads."""
+    from attend.varlen import AuxRequest, varlen_attn
+
+    monkeypatch.setattr(launch, "FORCE_DQ_ATOMIC", False)
+    monkeypatch.setattr(launch, "FORCE_HEAD_MAJOR", order)
+    lq = [3, 0, 21, 50]
+    lk = lq if window != (-1, -1) else [7, 4, 21, 33]
+    cq, ck = (torch.tensor([0] + torch.tensor(x).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE) for x in (lq, lk))
+    dtype = DTYPES[0]
+    q = rand(sum(lq), 4, 16, dtype=dtype, requires_grad=True)
+    k, v = (rand(sum(lk), 2, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+    g = torch.randn(sum(lq), 4, 16, dtype=dtype, device=DEVICE)
+    results, launched = {}, []
+    real = launch._work_list
+    monkeypatch.setattr(launch, "_work_list", lambda *a: launched.append(r := real(*a)) or r)
+    for on in (False, True):
+        monkeypatch.setattr(launch, "VARLEN_WORKLIST", on)
+        out, lse = varlen_attn(q, k, v, cq, ck, max(lq), max(lk), window_size=window, enable_gqa=True,
+                               return_aux=AuxRequest(lse=True))
+        results[on] = (out, lse, *torch.autograd.grad(out, (q, k, v), g))
+    assert [w is not None for w in launched] == [False, False, True, True], "the work list was not used"
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results[False], results[True]):
+        assert torch.equal(a, b), f"{name} differs with the work list"
+
+
+def test_work_list_falls_back_to_the_slot_grid(monkeypatch):
+    """No list when the flag is off, for dense calls, under the autotuner (no fixed tiles), for
+    paged / seqused_k calls (the forward reads those lengths on the device only), or when a block
+    index would not fit its 16 bits."""
+    from attend._layout import Band, Packed
+
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    band, config, spec = Band(-1, 0, True), ({"BLOCK_M": 16},), (("q", "BLOCK_M"),)
+    monkeypatch.setattr(launch, "VARLEN_WORKLIST", False)
+    assert launch._work_list(Packed(cu, cu), band, config, spec, torch.device("cpu")) is None
+    monkeypatch.setattr(launch, "VARLEN_WORKLIST", True)
+    assert launch._work_list(Packed(cu, cu), band, config, spec, torch.device("cpu")) is not None
+    assert launch._work_list(None, band, config, spec, torch.device("cpu")) is None
+    assert launch._work_list(Packed(cu, cu), band, None, spec, torch.device("cpu")) is None
+    used = torch.tensor([3, 7], dtype=torch.int32)
+    assert launch._work_list(Packed(cu, cu, seqused_k=used), band, config, spec, torch.device("cpu")) is None
+    n = (16 << 16) + 1  # 2^16 + 1 blocks of 16: the last index needs 17 bits
+    assert launch._work_tensor((n,), (n,), band, (("q", 16),), torch.device("cpu")) is None

@@ -20,7 +20,7 @@ _DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
 _INT64 = {"seed"}
 _POINTERS = {"Q", "K", "V", "Out", "LSE", "MASK", "DMASK", "DO", "Delta", "DK", "DV", "DQ"}
-_INT_POINTERS = {"CU_Q", "CU_K", "SEQUSED_K", "TABLE", "KEY_EXT"}
+_INT_POINTERS = {"CU_Q", "CU_K", "SEQUSED_K", "TABLE", "KEY_EXT", "WORK"}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
@@ -60,7 +60,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False,
-                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90, HEAD_MAJOR=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32")
+                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32")
     constexprs.update(config.kwargs)  # a config may turn EVEN off
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
@@ -78,6 +78,7 @@ _FEATURES = {
     "bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True),
     "broadcast_bias_grad": dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True, MASK_GRAD_ATOMIC=True),
     "varlen_sliding_window": dict(VARLEN=True, WINDOW=True, EVEN=False),
+    "varlen_work_list": dict(VARLEN=True, WORKLIST=True, EVEN=False),
     "key_padding_mask": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, MASK_KEYS=True, KEY_RANGE=True),
 }
 _FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16)}

@@ -261,7 +261,7 @@ def _query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N:
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, Out, LSE, MASK, CU_Q, CU_K, SEQUSED_K, TABLE, KEY_EXT,
+    Q, K, V, Out, LSE, MASK, CU_Q, CU_K, SEQUSED_K, TABLE, KEY_EXT, WORK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -274,18 +274,27 @@ def attn_fwd(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
     KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WORKLIST: tl.constexpr = False,
 ):
     """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes Out and LSE (fp32, natural log).
+    WORKLIST (packed only): grid (items, Hq) instead; WORK[i] = sequence << 16 | query block,
+    the host's list of the blocks that exist, heaviest first (``launch._work_list``), so no
+    program is spent on a shorter sequence's missing blocks and the longest work starts first.
     PAGED: stride_kb / stride_vb are the pool's page strides. KEY_RANGE: see ``_key_range``.
     EVEN: L and S are multiples of every block size and HEAD_DIM == BLOCK_D (dense only): no
     bounds masks, and no ragged-tail loop unless a band or key range has an edge to mask (the D=128
     non-causal sm_90 build drops from 220 to 170 registers, ptxas -v)."""
     pid_m = tl.program_id(0)
-    if CAUSAL:  # the last query block sees the most keys: launch it first
+    if CAUSAL and not WORKLIST:  # the last query block sees the most keys: launch it first
         pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    if WORKLIST:
+        item = tl.load(WORK + pid_m)
+        b = item >> 16
+        pid_m = item & 0xFFFF
+        bh = b * H + h
     hk = h // G
     q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, SEQUSED_K, VARLEN, SEQUSED, PAGED)
     m0 = pid_m * BLOCK_M
@@ -573,9 +582,9 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["B"])  # the batch only sizes the grid: no variant for B=1
+@triton.jit(do_not_specialize=["B", "N_KV_ITEMS", "N_Q_ITEMS"])  # grid sizes: no variant per value class
 def attn_bwd(
-    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K, KEY_EXT,
+    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K, KEY_EXT, WORK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -586,14 +595,14 @@ def attn_bwd(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dmaskb, stride_dmaskh, stride_dmaskm, stride_dmaskn,
     stride_lseb, stride_lseh, stride_extb, stride_exth,
-    B, H, G, L_max, S_max, qk_scale, sm_scale, diag, win_right, win_left, dropout_p, seed,
+    B, H, G, L_max, S_max, qk_scale, sm_scale, diag, win_right, win_left, dropout_p, seed, N_KV_ITEMS, N_Q_ITEMS,
     SEQ_BUCKET,  # unused by the code: the autotuner's key, so short and long sequences tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
     KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, EVEN: tl.constexpr,
-    USE_TMA: tl.constexpr, HEAD_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, HEAD_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr, WORKLIST: tl.constexpr = False,
 ):
     """The whole backward in one launch. DQ is fp32 (zeroed) when DQ_ATOMIC adds into it, else in
     the inputs' dtype, stored once per row.
@@ -604,6 +613,10 @@ def attn_bwd(
     lets both halves fill the GPU together. With DQ_ATOMIC (a tuning choice, never taken when
     DETERMINISTIC) there are no dQ programs: the dK/dV programs add dQ by atomics.
     Within a head, causal blocks run heaviest first. 1-D grid: n_kv (+ n_q).
+    WORKLIST (packed only; launched with B = 1): the key blocks and query blocks that exist come
+    from the host's lists in WORK (``launch._work_list``: N_KV_ITEMS dK/dV items, then N_Q_ITEMS
+    dQ items, each sequence << 16 | block, heaviest first) instead of every sequence's
+    cdiv(max length, block) slots.
     HEAD_MAJOR (with dQ programs): the same programs, numbered KV head by KV head instead: each
     KV head's dK/dV programs, then the dQ programs of its G query heads, so the two halves run
     side by side and a head's Q, dO, K and V are read while they are still in L2. Measured
@@ -622,10 +635,16 @@ def attn_bwd(
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < HEAD_DIM
-    n_kv_blocks = tl.cdiv(S_max, BLOCK_N1)
+    if WORKLIST:  # B == 1: the lists span every sequence
+        n_kv_blocks = N_KV_ITEMS
+    else:
+        n_kv_blocks = tl.cdiv(S_max, BLOCK_N1)
     n_kv = n_kv_blocks * B * Hkv
     if HEAD_MAJOR and not DQ_ATOMIC:
-        n_q_blocks = tl.cdiv(L_max, BLOCK_M2)
+        if WORKLIST:
+            n_q_blocks = N_Q_ITEMS
+        else:
+            n_q_blocks = tl.cdiv(L_max, BLOCK_M2)
         per_group = n_kv_blocks + G * n_q_blocks
         j = pid % per_group
         is_kv = j < n_kv_blocks
@@ -642,6 +661,10 @@ def attn_bwd(
     if is_kv:
         b = bhk // Hkv
         hk = bhk % Hkv
+        if WORKLIST:
+            item = tl.load(WORK + pid_n)
+            b = item >> 16
+            pid_n = item & 0xFFFF
         q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, CU_K, VARLEN, False, False)
         n0 = pid_n * BLOCK_N1
         if VARLEN:
@@ -721,14 +744,22 @@ def attn_bwd(
                  + tl.cast(k0 + cols, tl.int64)[:, None] * stride_dvn + d_offs[None, :] * stride_dvd,
                  dv.to(DV.dtype.element_ty), mask=kv_ok)
     else:
-        n_q_blocks = tl.cdiv(L_max, BLOCK_M2)
+        if WORKLIST:
+            n_q_blocks = N_Q_ITEMS
+        else:
+            n_q_blocks = tl.cdiv(L_max, BLOCK_M2)
         if not (HEAD_MAJOR and not DQ_ATOMIC):
             bh = (pid - n_kv) // n_q_blocks
             pid_m = (pid - n_kv) % n_q_blocks
-        if CAUSAL:
+        if CAUSAL and not WORKLIST:
             pid_m = n_q_blocks - 1 - pid_m  # the last query block sees the most keys: first
         b = bh // H
         h = bh % H
+        if WORKLIST:  # the dQ items follow the dK/dV items in WORK
+            item = tl.load(WORK + N_KV_ITEMS + pid_m)
+            b = item >> 16
+            pid_m = item & 0xFFFF
+            bh = b * H + h
         hk = h // G
         q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, CU_K, VARLEN, False, False)
         m0 = pid_m * BLOCK_M2

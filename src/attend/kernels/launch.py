@@ -12,6 +12,7 @@ import os
 import torch
 import triton
 
+from .._hostcache import host_values
 from .._layout import Band, Packed
 from . import core
 from .fastlaunch import Launcher
@@ -41,6 +42,15 @@ FORCE_HEAD_MAJOR: bool | None = None
 # product instead of the dQ programs' three, and no second read of the mask). H100, bias
 # (4, 16, 4096, 4096) with grad: 272 TFLOP/s against 227 with dQ programs (RESULTS.md, session 5).
 DQ_FROM_DS: bool = True
+
+
+# Packed calls launch one program per block that exists, from host-built lists ordered heaviest
+# first (``_work_list``; core's WORKLIST), instead of cdiv(max length, block) slots per sequence,
+# most of which exit at once when lengths are mixed (60% of the varlen benchmark's grid), and in
+# whatever order the caller packed its sequences. Off until the H100 measures it
+# (benchmarks/sweep.py --worklist); tests flip it.
+VARLEN_WORKLIST: bool = False
+_ITEM_BITS = 16  # an item is sequence << 16 | block: fewer than 2^15 sequences and 2^16 blocks each
 
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
@@ -235,14 +245,85 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         seq_ptrs, stride_table, seq_flags = (q, q, q, q), 0, _DENSE_FLAGS
     else:
         seq_ptrs, stride_table, seq_flags = _packed_args(packed)
-    args = (q, k, v, out, lse, m4, *seq_ptrs, ext, *q.stride(), *kstr, *vstr, *out.stride(), *mstr,
-            *lse_strides, stride_table, *ext_strides, H, H // Hkv, L, S, scale * _RCP_LN2, *band_args,
-            float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  **seq_flags, EVEN=_even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
     config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S), H // Hkv)
-    _launch(_fwd, _FWD_LAUNCH, lambda m: (_cdiv(L, m["BLOCK_M"]), B * H), args, flags, config)
+    work = _work_list(packed, band, config, (("q", "BLOCK_M"),), q.device)
+    flags["WORKLIST"] = work is not None
+    args = (q, k, v, out, lse, m4, *seq_ptrs, ext, q if work is None else work[0], *q.stride(), *kstr, *vstr,
+            *out.stride(), *mstr, *lse_strides, stride_table, *ext_strides, H, H // Hkv, L, S, scale * _RCP_LN2,
+            *band_args, float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
+    if work is None:
+        grid = lambda m: (_cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
+    else:
+        grid = lambda m: (work[1][0], H)  # noqa: E731
+    _launch(_fwd, _FWD_LAUNCH, grid, args, flags, config)
+
+
+def _packed_lengths(packed: Packed) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Per-sequence (query, key) lengths from the host copies of ``cu_seq_*`` (read once per
+    tensor version, shared with the public layer's validation); None for paged or seqused_k calls."""
+    if packed.table is not None or packed.seqused_k is not None:
+        return None
+    cq = host_values(packed.cu_q)
+    ck = host_values(packed.cu_k) if packed.cu_k is not None else cq
+    return tuple(b - a for a, b in zip(cq, cq[1:])), tuple(b - a for a, b in zip(ck, ck[1:]))
+
+
+def _key_span(r0: int, r1: int, L: int, S: int, band: Band) -> int:
+    """How many keys rows [r0, r1) of one sequence see together (the key blocks a program visits)."""
+    d = S - L if band.bottom_right else 0
+    lo = max(0, r0 + d - band.left) if band.left >= 0 else 0
+    hi = min(S, r1 + d + band.right) if band.right >= 0 else S
+    return max(0, hi - lo)
+
+
+def _query_span(c0: int, c1: int, L: int, S: int, band: Band) -> int:
+    """How many queries see keys [c0, c1) of one sequence (query i sees key j iff
+    j - d - right <= i <= j - d + left)."""
+    d = S - L if band.bottom_right else 0
+    lo = max(0, c0 - d - band.right) if band.right >= 0 else 0
+    hi = min(L, c1 - d + band.left) if band.left >= 0 else L
+    return max(0, hi - lo)
+
+
+@functools.lru_cache(maxsize=64)
+def _work_tensor(lens_q: tuple, lens_k: tuple, band: Band, spec: tuple, device: torch.device):
+    """(int32 tensor of every list in ``spec`` back to back, their lengths), or None when an item
+    would not fit. ``spec``: (kind, block) pairs; kind "q" lists query blocks (forward / dQ
+    programs), "k" key blocks (dK/dV programs). Each list holds every block of every sequence,
+    sorted by the work its program does (its visible span), heaviest first: longest-processing-
+    time order, so the grid's tail is short blocks whatever order the sequences were packed in."""
+    lists = []
+    for kind, block in spec:
+        items = []
+        for b, (L, S) in enumerate(zip(lens_q, lens_k)):
+            n = L if kind == "q" else S
+            for i in range(-(-n // block)):
+                r0, r1 = i * block, min(n, (i + 1) * block)
+                work = _key_span(r0, r1, L, S, band) if kind == "q" else _query_span(r0, r1, L, S, band)
+                items.append((-work, b, i))
+        if not items or len(lens_q) >= 1 << (31 - _ITEM_BITS) or max(i for _, _, i in items) >= 1 << _ITEM_BITS:
+            return None
+        items.sort()
+        lists.append([b << _ITEM_BITS | i for _, b, i in items])
+    flat = [x for lst in lists for x in lst]
+    return torch.tensor(flat, dtype=torch.int32, device=device), tuple(len(lst) for lst in lists)
+
+
+def _work_list(packed: Packed | None, band: Band, config, spec: tuple, device: torch.device):
+    """(WORK, item counts) for a packed launch with the fixed ``config`` (``_work_tensor``), or
+    None: VARLEN_WORKLIST is off, the call is dense, the autotuner picks the tiles, the call is
+    paged or has seqused_k, a CUDA graph is being captured (no host read then), or too many items."""
+    if not VARLEN_WORKLIST or packed is None or config is None:
+        return None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    lens = _packed_lengths(packed)
+    if lens is None:
+        return None
+    return _work_tensor(*lens, band, tuple((kind, config[0][block]) for kind, block in spec), device)
 
 
 def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> bool:
@@ -347,14 +428,19 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
         dq = q  # never written
     else:
         dq = torch.zeros_like(q, dtype=torch.float32) if dq_atomic else torch.empty_like(q)
-    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, *q.stride(), *k.stride(), *v.stride(),
-            *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr, *dmstr, *lse_strides, *ext_strides,
-            B, H, H // Hkv, L, S, scale * _RCP_LN2, scale, *band_args, float(dropout_p), int(seed),
-            _seq_bucket(max(L, S)))
+    work = _work_list(packed, band, config, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device)
+    flags["WORKLIST"] = work is not None
+    n_kv_items, n_q_items = (0, 0) if work is None else work[1]
+    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, q if work is None else work[0],
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr,
+            *dmstr, *lse_strides, *ext_strides, B if work is None else 1, H, H // Hkv, L, S, scale * _RCP_LN2, scale,
+            *band_args, float(dropout_p), int(seed), n_kv_items, n_q_items, _seq_bucket(max(L, S)))
 
     def grid(m):  # dK/dV programs, then dQ programs unless dQ is added by atomics (core.attn_bwd)
-        n_q = 0 if m["DQ_ATOMIC"] or skip_dq else _cdiv(L, m["BLOCK_M2"]) * B * H
-        return (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + n_q,)
+        no_q = m["DQ_ATOMIC"] or skip_dq
+        if work is not None:  # the lists span every sequence
+            return (n_kv_items * Hkv + (0 if no_q else n_q_items * H),)
+        return (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + (0 if no_q else _cdiv(L, m["BLOCK_M2"]) * B * H),)
 
     _launch(_bwd, _BWD_LAUNCH, grid, args, flags, config)
     return None if skip_dq else dq
