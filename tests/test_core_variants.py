@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attend
-from attend.kernels import configs, launch
+from attend.kernels import configs, launch, worklist
 from attend.varlen import varlen_attn
 from conftest import DEVICE, KERNEL_DTYPES, assert_matches_float64, assert_scaled_close, rand, reference, same_precision
 
@@ -211,14 +211,14 @@ def test_dq_from_stored_ds_matches(dropout, monkeypatch):
 
 
 def test_work_list_holds_every_block_once_heaviest_first():
-    """launch._work_tensor: every block of every sequence exactly once (none for an empty
+    """worklist.work_tensor: every block of every sequence exactly once (none for an empty
     sequence), sorted by the span its program visits, heaviest first; dK/dV items after the list
     of query blocks when both are asked for."""
     from attend._layout import Band
 
     lens_q, lens_k = (5, 40, 0, 17), (9, 40, 3, 17)
     band = Band(-1, 0, bottom_right=True)  # causal, bottom-right per sequence
-    work, counts = launch._work_tensor(lens_q, lens_k, band, (("q", 16), ("k", 8)), torch.device("cpu"))
+    work, counts = worklist.work_tensor(lens_q, lens_k, band, (("q", 16), ("k", 8)), torch.device("cpu"))
     items = work.tolist()
     q_items, k_items = items[:counts[0]], items[counts[0]:]
     assert sorted((i >> 16, i & 0xFFFF) for i in q_items) == [(0, 0), (1, 0), (1, 1), (1, 2), (3, 0), (3, 1)]
@@ -227,12 +227,12 @@ def test_work_list_holds_every_block_once_heaviest_first():
 
     def q_work(i):
         b, m = i >> 16, i & 0xFFFF
-        return launch._key_span(16 * m, min(lens_q[b], 16 * m + 16), lens_q[b], lens_k[b], band)
+        return worklist.key_span(16 * m, min(lens_q[b], 16 * m + 16), lens_q[b], lens_k[b], band)
 
     spans = [q_work(i) for i in q_items]
     assert spans == sorted(spans, reverse=True) and spans[0] == 40  # sequence 1's last block sees all 40 keys
     # keys of sequence 2 (no queries) are visited by no query, but their program still writes zeros
-    assert launch._query_span(0, 3, 0, 3, band) == 0
+    assert worklist.query_span(0, 3, 0, 3, band) == 0
 
 
 @pytest.mark.parametrize("window", [(-1, 0), (-1, -1), (5, 0)], ids=["causal", "full", "window"])
@@ -282,4 +282,4 @@ def test_work_list_falls_back_to_the_slot_grid(monkeypatch):
     used = torch.tensor([3, 7], dtype=torch.int32)
     assert launch._work_list(Packed(cu, cu, seqused_k=used), band, config, spec, torch.device("cpu")) is None
     n = (16 << 16) + 1  # 2^16 + 1 blocks of 16: the last index needs 17 bits
-    assert launch._work_tensor((n,), (n,), band, (("q", 16),), torch.device("cpu")) is None
+    assert worklist.work_tensor((n,), (n,), band, (("q", 16),), torch.device("cpu")) is None

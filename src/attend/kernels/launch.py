@@ -12,9 +12,8 @@ import os
 import torch
 import triton
 
-from .._hostcache import host_values
 from .._layout import Band, Packed
-from . import core
+from . import core, worklist
 from .fastlaunch import Launcher
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, heuristic, pruner
 
@@ -45,12 +44,11 @@ DQ_FROM_DS: bool = True
 
 
 # Packed calls launch one program per block that exists, from host-built lists ordered heaviest
-# first (``_work_list``; core's WORKLIST), instead of cdiv(max length, block) slots per sequence,
+# first (``worklist.py``; core's WORKLIST), instead of cdiv(max length, block) slots per sequence,
 # most of which exit at once when lengths are mixed (60% of the varlen benchmark's grid), and in
 # whatever order the caller packed its sequences. Off until the H100 measures it
 # (benchmarks/sweep.py --worklist); tests flip it.
 VARLEN_WORKLIST: bool = False
-_ITEM_BITS = 16  # an item is sequence << 16 | block: fewer than 2^15 sequences and 2^16 blocks each
 
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
@@ -254,76 +252,24 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     args = (q, k, v, out, lse, m4, *seq_ptrs, ext, q if work is None else work[0], *q.stride(), *kstr, *vstr,
             *out.stride(), *mstr, *lse_strides, stride_table, *ext_strides, H, H // Hkv, L, S, scale * _RCP_LN2,
             *band_args, float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
-    if work is None:
-        grid = lambda m: (_cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
-    else:
-        grid = lambda m: (work[1][0], H)  # noqa: E731
+    def grid(m):  # every sequence's slots, or the list's items (core.attn_fwd)
+        return (_cdiv(L, m["BLOCK_M"]), B * H) if work is None else (work[1][0], H)
+
     _launch(_fwd, _FWD_LAUNCH, grid, args, flags, config)
 
 
-def _packed_lengths(packed: Packed) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """Per-sequence (query, key) lengths from the host copies of ``cu_seq_*`` (read once per
-    tensor version, shared with the public layer's validation); None for paged or seqused_k calls."""
-    if packed.table is not None or packed.seqused_k is not None:
-        return None
-    cq = host_values(packed.cu_q)
-    ck = host_values(packed.cu_k) if packed.cu_k is not None else cq
-    return tuple(b - a for a, b in zip(cq, cq[1:])), tuple(b - a for a, b in zip(ck, ck[1:]))
-
-
-def _key_span(r0: int, r1: int, L: int, S: int, band: Band) -> int:
-    """How many keys rows [r0, r1) of one sequence see together (the key blocks a program visits)."""
-    d = S - L if band.bottom_right else 0
-    lo = max(0, r0 + d - band.left) if band.left >= 0 else 0
-    hi = min(S, r1 + d + band.right) if band.right >= 0 else S
-    return max(0, hi - lo)
-
-
-def _query_span(c0: int, c1: int, L: int, S: int, band: Band) -> int:
-    """How many queries see keys [c0, c1) of one sequence (query i sees key j iff
-    j - d - right <= i <= j - d + left)."""
-    d = S - L if band.bottom_right else 0
-    lo = max(0, c0 - d - band.right) if band.right >= 0 else 0
-    hi = min(L, c1 - d + band.left) if band.left >= 0 else L
-    return max(0, hi - lo)
-
-
-@functools.lru_cache(maxsize=64)
-def _work_tensor(lens_q: tuple, lens_k: tuple, band: Band, spec: tuple, device: torch.device):
-    """(int32 tensor of every list in ``spec`` back to back, their lengths), or None when an item
-    would not fit. ``spec``: (kind, block) pairs; kind "q" lists query blocks (forward / dQ
-    programs), "k" key blocks (dK/dV programs). Each list holds every block of every sequence,
-    sorted by the work its program does (its visible span), heaviest first: longest-processing-
-    time order, so the grid's tail is short blocks whatever order the sequences were packed in."""
-    lists = []
-    for kind, block in spec:
-        items = []
-        for b, (L, S) in enumerate(zip(lens_q, lens_k)):
-            n = L if kind == "q" else S
-            for i in range(-(-n // block)):
-                r0, r1 = i * block, min(n, (i + 1) * block)
-                work = _key_span(r0, r1, L, S, band) if kind == "q" else _query_span(r0, r1, L, S, band)
-                items.append((-work, b, i))
-        if not items or len(lens_q) >= 1 << (31 - _ITEM_BITS) or max(i for _, _, i in items) >= 1 << _ITEM_BITS:
-            return None
-        items.sort()
-        lists.append([b << _ITEM_BITS | i for _, b, i in items])
-    flat = [x for lst in lists for x in lst]
-    return torch.tensor(flat, dtype=torch.int32, device=device), tuple(len(lst) for lst in lists)
-
-
 def _work_list(packed: Packed | None, band: Band, config, spec: tuple, device: torch.device):
-    """(WORK, item counts) for a packed launch with the fixed ``config`` (``_work_tensor``), or
+    """(WORK, item counts) for a packed launch with the fixed ``config`` (``worklist.work_tensor``), or
     None: VARLEN_WORKLIST is off, the call is dense, the autotuner picks the tiles, the call is
     paged or has seqused_k, a CUDA graph is being captured (no host read then), or too many items."""
     if not VARLEN_WORKLIST or packed is None or config is None:
         return None
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    lens = _packed_lengths(packed)
+    lens = worklist.packed_lengths(packed)
     if lens is None:
         return None
-    return _work_tensor(*lens, band, tuple((kind, config[0][block]) for kind, block in spec), device)
+    return worklist.work_tensor(*lens, band, tuple((kind, config[0][block]) for kind, block in spec), device)
 
 
 def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> bool:
