@@ -22,3 +22,22 @@ def test_explain_reports_decision():
     assert "FLASH takes no attn_mask" in out
     out = _run("explain", "--q-len", "64", "--heads", "8", "--kv-heads", "2", "--causal", "--dtype", "float16")
     assert "attend would run: FLASH_ATTENTION" in out
+
+
+def test_bench_table_ratios():
+    """The CUDA bench's table: attend over the best peer, and over compiled flex when it was
+    measured; a peer's error is shown as n/a and left out of the ratios."""
+    from attend.bench import Row, format_table
+
+    impls = ["attend", "torch-flash", "torch-cudnn", "flex-compiled"]
+    pre = Row("prefill", 128, 1024, True, 1, 16, 16, 1024, {
+        "attend": {"fwd": 330.0, "bwd": 250.0}, "torch-flash": {"fwd": 244.0, "bwd": 162.0},
+        "torch-cudnn": {"fwd": 440.0, "bwd": 200.0}, "flex-compiled": {"fwd": 300.0, "bwd": 500.0}})
+    dec = Row("decode", 128, 4096, False, 1, 32, 16, 1, {
+        "attend": {"fwd": 3000.0}, "torch-flash": {"fwd": 2500.0}, "torch-cudnn": {"error": "refused"},
+        "flex-compiled": {"fwd": 2000.0}})
+    head, rule, row, drow = format_table([pre, dec], impls).splitlines()
+    assert head.endswith("| attend / best peer | attend / flex |") and rule.count("|") == 12
+    assert row.endswith("| 0.75 / 0.50 | 1.10 / 0.50 |")  # best peer: cuDNN fwd 440, flex bwd 500
+    assert "| n/a |" in drow and drow.endswith("| 1.20 | 1.50 |")
+    assert "attend / flex" not in format_table([pre], impls[:2])

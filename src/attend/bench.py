@@ -188,11 +188,25 @@ def plan(seqs=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128), gqa=True, de
     return rows
 
 
+def _ratio(ours: dict, peers: list[dict]) -> str:
+    """"fwd / bwd" of attend over the best of ``peers`` (what each measured), "" if nothing to compare."""
+    parts = []
+    for d in ("fwd", "bwd"):
+        vals = [p[d] for p in peers if d in p]
+        if d in ours and vals:
+            parts.append(f"{ours[d] / max(vals):.2f}")
+    return " / ".join(parts)
+
+
 def format_table(rows: list[Row], impls=PEERS) -> str:
+    """Markdown table: one cell per impl, then attend over the best peer and, when compiled flex
+    was measured (issue 3's floor), attend over flex."""
+    flex = "flex-compiled" in impls
     out = []
-    head = "| kind | D | S | causal | gqa | " + " | ".join(impls) + " | attend / best peer |"
+    head = "| kind | D | S | causal | gqa | " + " | ".join(impls) + " | attend / best peer |" + (
+        " attend / flex |" if flex else "")
     out.append(head)
-    out.append("|" + "---|" * (6 + len(impls)))
+    out.append("|" + "---|" * (6 + len(impls) + flex))
     for r in rows:
         cells = []
         for impl in impls:
@@ -204,16 +218,12 @@ def format_table(rows: list[Row], impls=PEERS) -> str:
             else:
                 cells.append(f"{res.get('fwd', float('nan')):.0f} / {res.get('bwd', float('nan')):.0f}")
         ours = r.results.get("attend", {})
-        ratio = ""
-        if "error" not in ours and ours:
-            parts = []
-            for d in ("fwd", "bwd"):
-                peers = [r.results[p][d] for p in impls if not p.startswith("attend") and d in r.results.get(p, {})]
-                if d in ours and peers:
-                    parts.append(f"{ours[d] / max(peers):.2f}")
-            ratio = " / ".join(parts)
-        out.append(f"| {r.kind} | {r.D} | {r.S} | {'y' if r.causal else 'n'} | {r.gqa}:1 | " + " | ".join(cells)
-                   + f" | {ratio} |")
+        ours = {} if "error" in ours else ours
+        ratio = _ratio(ours, [r.results.get(p, {}) for p in impls if not p.startswith("attend")])
+        line = f"| {r.kind} | {r.D} | {r.S} | {'y' if r.causal else 'n'} | {r.gqa}:1 | " + " | ".join(cells) + f" | {ratio} |"
+        if flex:
+            line += f" {_ratio(ours, [r.results.get('flex-compiled', {})])} |"
+        out.append(line)
     return "\n".join(out)
 
 
