@@ -38,6 +38,8 @@ import triton.language as tl
 RCP_LN2 = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * RCP_LN2)
 LN2 = tl.constexpr(0.6931471805599453)
 RESCALE_SLACK = tl.constexpr(8.0)  # LAZY_RESCALE: log2 of the growth of p allowed before rescaling
+ITEM_BITS = tl.constexpr(16)  # WORKLIST: an item is sequence << ITEM_BITS | block (kernels/worklist.py)
+ITEM_MASK = tl.constexpr((1 << ITEM_BITS.value) - 1)
 
 
 @triton.jit
@@ -86,6 +88,24 @@ def _band(rows, cols, causal_off, window_off, CAUSAL: tl.constexpr, WINDOW: tl.c
     if WINDOW:
         ok = ok & (cols[None, :] >= rows[:, None] + window_off)
     return ok
+
+
+@triton.jit
+def _work_item(WORK, i):
+    """(sequence, block) of item ``i`` of a host-built work list (WORKLIST)."""
+    item = tl.load(WORK + i)
+    return item >> ITEM_BITS, item & ITEM_MASK
+
+
+@triton.jit
+def _block_slots(n_max, N_ITEMS, BLOCK: tl.constexpr, WORKLIST: tl.constexpr):
+    """Programs per (sequence, head) group of one kind: every sequence's cdiv(n_max, BLOCK)
+    block slots, or, with WORKLIST (B == 1), the N_ITEMS blocks of the host's list."""
+    if WORKLIST:
+        n = N_ITEMS
+    else:
+        n = tl.cdiv(n_max, BLOCK)
+    return n
 
 
 @triton.jit
@@ -277,7 +297,8 @@ def attn_fwd(
     WORKLIST: tl.constexpr = False,
 ):
     """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes Out and LSE (fp32, natural log).
-    WORKLIST (packed only): grid (items, Hq) instead; WORK[i] = sequence << 16 | query block,
+    WORKLIST (packed only): grid (items, Hq) instead; WORK[i] = sequence << 16 | query block
+    (``_work_item``),
     the host's list of the blocks that exist, heaviest first (``launch._work_list``), so no
     program is spent on a shorter sequence's missing blocks and the longest work starts first.
     PAGED: stride_kb / stride_vb are the pool's page strides. KEY_RANGE: see ``_key_range``.
@@ -291,9 +312,7 @@ def attn_fwd(
     b = bh // H
     h = bh % H
     if WORKLIST:
-        item = tl.load(WORK + pid_m)
-        b = item >> 16
-        pid_m = item & 0xFFFF
+        b, pid_m = _work_item(WORK, pid_m)
         bh = b * H + h
     hk = h // G
     q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, SEQUSED_K, VARLEN, SEQUSED, PAGED)
@@ -635,16 +654,10 @@ def attn_bwd(
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < HEAD_DIM
-    if WORKLIST:  # B == 1: the lists span every sequence
-        n_kv_blocks = N_KV_ITEMS
-    else:
-        n_kv_blocks = tl.cdiv(S_max, BLOCK_N1)
+    n_kv_blocks = _block_slots(S_max, N_KV_ITEMS, BLOCK_N1, WORKLIST)
     n_kv = n_kv_blocks * B * Hkv
     if HEAD_MAJOR and not DQ_ATOMIC:
-        if WORKLIST:
-            n_q_blocks = N_Q_ITEMS
-        else:
-            n_q_blocks = tl.cdiv(L_max, BLOCK_M2)
+        n_q_blocks = _block_slots(L_max, N_Q_ITEMS, BLOCK_M2, WORKLIST)
         per_group = n_kv_blocks + G * n_q_blocks
         j = pid % per_group
         is_kv = j < n_kv_blocks
@@ -662,9 +675,7 @@ def attn_bwd(
         b = bhk // Hkv
         hk = bhk % Hkv
         if WORKLIST:
-            item = tl.load(WORK + pid_n)
-            b = item >> 16
-            pid_n = item & 0xFFFF
+            b, pid_n = _work_item(WORK, pid_n)
         q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, CU_K, VARLEN, False, False)
         n0 = pid_n * BLOCK_N1
         if VARLEN:
@@ -744,10 +755,7 @@ def attn_bwd(
                  + tl.cast(k0 + cols, tl.int64)[:, None] * stride_dvn + d_offs[None, :] * stride_dvd,
                  dv.to(DV.dtype.element_ty), mask=kv_ok)
     else:
-        if WORKLIST:
-            n_q_blocks = N_Q_ITEMS
-        else:
-            n_q_blocks = tl.cdiv(L_max, BLOCK_M2)
+        n_q_blocks = _block_slots(L_max, N_Q_ITEMS, BLOCK_M2, WORKLIST)
         if not (HEAD_MAJOR and not DQ_ATOMIC):
             bh = (pid - n_kv) // n_q_blocks
             pid_m = (pid - n_kv) % n_q_blocks
@@ -756,9 +764,7 @@ def attn_bwd(
         b = bh // H
         h = bh % H
         if WORKLIST:  # the dQ items follow the dK/dV items in WORK
-            item = tl.load(WORK + N_KV_ITEMS + pid_m)
-            b = item >> 16
-            pid_m = item & 0xFFFF
+            b, pid_m = _work_item(WORK, N_KV_ITEMS + pid_m)
             bh = b * H + h
         hk = h // G
         q0, k0, L, S = _seq(b, L_max, S_max, CU_Q, CU_K, CU_K, VARLEN, False, False)

@@ -252,6 +252,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     args = (q, k, v, out, lse, m4, *seq_ptrs, ext, q if work is None else work[0], *q.stride(), *kstr, *vstr,
             *out.stride(), *mstr, *lse_strides, stride_table, *ext_strides, H, H // Hkv, L, S, scale * _RCP_LN2,
             *band_args, float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
+
     def grid(m):  # every sequence's slots, or the list's items (core.attn_fwd)
         return (_cdiv(L, m["BLOCK_M"]), B * H) if work is None else (work[1][0], H)
 

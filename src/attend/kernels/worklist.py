@@ -11,8 +11,9 @@ import torch
 
 from .._hostcache import host_values
 from .._layout import Band, Packed
+from . import core
 
-ITEM_BITS = 16  # fewer than 2^15 sequences (the sign bit stays clear) and 2^16 blocks each
+ITEM_BITS = core.ITEM_BITS.value  # fewer than 2^(31 - ITEM_BITS) sequences (sign bit clear), 2^ITEM_BITS blocks each
 
 
 def packed_lengths(packed: Packed) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
