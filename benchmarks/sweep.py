@@ -48,6 +48,9 @@ BWD = configs.BWD_CONFIGS + EXTRA_BWD
 SHORT_BWD = [_b(64, 128, 128, 64, 8, 3), _b(64, 128, 128, 64, 8, 4), _b(64, 128, 64, 64, 8, 3, True),
              _b(64, 64, 64, 64, 4, 2), _b(32, 64, 64, 32, 4, 3), _b(32, 128, 64, 64, 4, 3),
              _b(32, 128, 128, 32, 4, 3), _b(64, 64, 64, 64, 4, 3, True)] + HEAD_MAJOR_BWD
+# dQ by atomics: with TMA (the default on sm_90) the copy engine adds each dQ tile (a bulk reduce,
+# session 6) instead of one atomic per element; timed again in every --short sweep.
+SHORT_BWD += [c for c in configs.BWD_CONFIGS if c.kwargs["DQ_ATOMIC"] and c not in SHORT_BWD]
 # Base configs for the forward that feeds a backward sweep (and vice versa): fit every case.
 BASE = {"fwd": _c(64, 64, 4, 3), "bwd": _b(64, 64, 64, 64, 4, 2)}
 

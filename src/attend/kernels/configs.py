@@ -125,9 +125,11 @@ _TABLE = {
     # bench agreed (run 18). Non-causal: HM 64x64, sweep 369 / 459 at 1k / 4k (non-HM 344 / 421),
     # API 376 / 403 (old pick 333 / 394); 443 at 16k. Causal: HM 64x64 at 16k, sweep 418 (old pick
     # 392), API 426 (424). At 1k / 4k the sweep's picks (HM 64x64 272, 64x64 376) lost through
-    # the API (210 / 359 against 256 / 381 for the old picks), so those stay.
+    # the API (210 / 359 against 256 / 381 for the old picks), so those stay at 4k. Session 6: at
+    # 1k the API sweep (sweep.py --api) and the kernel sweep both put HM 64x64 first (266 / 271;
+    # the old 32x64 pick at most 250 / 252).
     ("bwd", 128, False): {4096: _b(64, 64, 64, 64, 4, 2, head_major=True), 16384: _b(64, 128, 128, 64, 8, 3)},
-    ("bwd", 128, True): {1024: _b(32, 64, 64, 32, 4, 3), 4096: _b(64, 128, 128, 64, 8, 3),
+    ("bwd", 128, True): {1024: _b(64, 64, 64, 64, 4, 2, head_major=True), 4096: _b(64, 128, 128, 64, 8, 3),
                          16384: _b(64, 64, 64, 64, 4, 2, head_major=True)},
     ("bwd", 256, False): {16384: _b(16, 64, 64, 16, 4, 2)},
     ("bwd", 256, True): {16384: _b(16, 64, 64, 16, 4, 2)},
@@ -186,7 +188,8 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
 
 
 # Every block size divides EVEN_TILE, so L and S that are multiples of it need no bounds masks
-# in the backward's loops (core.attn_bwd's EVEN).
+# in the backward's loops (core.attn_bwd's EVEN), and every query block of the backward reads
+# whole blocks of its padded LSE2 / Delta rows (core.STAT_PAD, the same 128).
 EVEN_TILE = 128
 assert all(EVEN_TILE % c.kwargs[k] == 0
            for c in BWD_CONFIGS + [c for t in _TABLE.values() for c in t.values()] + list(_SMALL_TILES.values()) + list(_MASK_TILES.values())

@@ -22,8 +22,10 @@ Conventions
   ``[CU_K[b], ...)`` of ``(1, H, T, D)`` views, ``SEQUSED``: ``SEQUSED_K[b]`` keys. ``PAGED``: key
   ``j`` of sequence ``b`` lives at slot ``j % PAGE_SIZE`` of page ``TABLE[b, j // PAGE_SIZE]`` of a
   ``(pages, PAGE_SIZE, Hkv, D)`` pool (forward only). The band is per sequence.
-- LSE / Delta: element ``(b, h, i)`` at ``b * stride_lseb + h * stride_lseh + row0 + i``, where
-  ``row0`` is the sequence's first packed row (0 when dense): ``(B, H, L)`` dense, ``(H, T)`` varlen.
+- LSE: element ``(b, h, i)`` at ``b * stride_lseb + h * stride_lseh + row0 + i``, where ``row0``
+  is the sequence's first packed row (0 when dense): ``(B, H, L)`` dense, ``(H, T)`` varlen. The
+  backward reads its own copy, LSE2 (log2 domain), and Delta, both written by
+  ``attn_bwd_preprocess`` with each sequence's rows aligned and padded to STAT_PAD (``_stat_row0``).
 - A row with no visible key gets ``l = 0``: output 0, ``lse = -inf``; the backward reads such
   rows' ``lse`` as ``+inf`` so their probabilities, and gradients, are exactly 0.
 - Backward: one launch (see ``attn_bwd``); dQ either by its own programs (deterministic) or by
@@ -40,6 +42,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 RESCALE_SLACK = tl.constexpr(8.0)  # LAZY_RESCALE: log2 of the growth of p allowed before rescaling
 ITEM_BITS = tl.constexpr(16)  # WORKLIST: an item is sequence << ITEM_BITS | block (kernels/worklist.py)
 ITEM_MASK = tl.constexpr((1 << ITEM_BITS.value) - 1)
+STAT_PAD = tl.constexpr(128)  # LSE2 / Delta: each sequence's rows start aligned and are padded to this (>= any BLOCK_M)
 
 
 @triton.jit
@@ -273,6 +276,11 @@ def _query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N:
     else:
         hi = L
         b = L
+    # Round the end up to a whole block (the loops run cdiv(end - start, BLOCK_M) blocks either
+    # way), so every bound is a multiple of BLOCK_M that the compiler can see: the rows' LSE2 /
+    # Delta loads then vectorize even when L is read from memory (varlen).
+    hi = tl.cdiv(hi, BLOCK_M) * BLOCK_M
+    b = tl.cdiv(b, BLOCK_M) * BLOCK_M
     lo = tl.minimum(lo, hi)
     a = tl.minimum(tl.maximum(a, lo), hi)
     b = tl.minimum(tl.maximum(b, a), hi)
@@ -409,27 +417,69 @@ def key_range_kernel(MASK, EXT, stride_mb, stride_mh, stride_mn, Hm, S, BLOCK: t
 
 
 @triton.jit
+def _stat_row0(q0, b, VARLEN: tl.constexpr):
+    """Where sequence ``b``'s rows start in the backward's LSE2 / Delta buffers: 0 when dense;
+    packed, ``(q0 // STAT_PAD + b) * STAT_PAD`` for a sequence whose first packed row is ``q0``.
+    Each sequence then owns at least cdiv(L_b, STAT_PAD) * STAT_PAD aligned rows (the next one
+    starts past them), a head needs T + STAT_PAD * n rows, and ``attn_bwd_preprocess`` fills the
+    padding rows with +inf / 0, so the backward reads whole blocks of them with no bounds mask.
+    Packed rows at their own offsets were one element per load (unknown alignment and a length
+    read from memory): 16 more ``cp.async`` and 24 more selects per dK/dV iteration (sm_90 PTX)."""
+    if VARLEN:
+        r = (q0 // STAT_PAD + b) * STAT_PAD
+    else:
+        r = 0
+    return r
+
+
+@triton.jit
 def attn_bwd_preprocess(
-    Out, DO, Delta,
+    Out, DO, LSE, DLSE, LSE2, Delta, CU_Q,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, L,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_lseb, stride_lseh, stride_statb, stride_stath,
+    H, L_max,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
-    """Delta[b, h, i] = sum_d O * dO (fp32), laid out (B, H, L). Grid: (cdiv(L, BLOCK_M), B * Hq).
-    Varlen calls it on the packed (1, H, T, D) views, which gives Delta the LSE's (H, T)."""
+    """The backward's per-row statistics, from the forward's LSE and Out and the incoming dO:
+    Delta = sum_d O * dO (minus dLSE when the lse has a gradient: d lse / d s = p), and
+    LSE2 = lse in the log2 domain, +inf for a row that saw no key (its probabilities are then 0).
+    Both fp32, at ``b * stride_statb + h * stride_stath + _stat_row0 + i``, for every i below L
+    rounded up to BLOCK_M (== STAT_PAD): rows past L get LSE2 = +inf and Delta = 0, so their
+    probabilities and dS are 0. Grid: (cdiv(L_max, BLOCK_M), B * H), B the number of sequences
+    when VARLEN (packed (1, H, T, D) views)."""
+    tl.static_assert(BLOCK_M == STAT_PAD)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q0, _k0, L, _S = _seq(b, L_max, L_max, CU_Q, CU_Q, CU_Q, VARLEN, False, False)
+    m0 = tl.program_id(0) * BLOCK_M
+    if VARLEN:
+        if m0 >= L:
+            return
+        bt = 0
+    else:
+        bt = b
+    rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (rows[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + tl.cast(b, tl.int64) * stride_ob + tl.cast(h, tl.int64) * stride_oh
-                + tl.cast(rows, tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
-    do = tl.load(DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
-                 + tl.cast(rows, tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
+    row_ok = rows < L
+    ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_rows = tl.cast(q0 + rows, tl.int64)
+    o = tl.load(Out + tl.cast(bt, tl.int64) * stride_ob + tl.cast(h, tl.int64) * stride_oh
+                + q_rows[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DO + tl.cast(bt, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
+                 + q_rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + tl.cast(bh, tl.int64) * L + rows, delta, mask=rows < L)
+    lse_off = tl.cast(bt, tl.int64) * stride_lseb + tl.cast(h, tl.int64) * stride_lseh + q_rows
+    lse = tl.load(LSE + lse_off, mask=row_ok, other=float("-inf"))
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + lse_off, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
+    stat = (tl.cast(bt, tl.int64) * stride_statb + tl.cast(h, tl.int64) * stride_stath
+            + _stat_row0(q0, b, VARLEN) + rows)
+    tl.store(Delta + stat, delta)
+    tl.store(LSE2 + stat, lse2)
 
 
 @triton.jit
@@ -494,7 +544,7 @@ def _load_tile_pair(a_src, b_src, start, idx, offs_d, n, stride_an, stride_ad, s
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, dmask_base, dq_base,
+    dk, dv, k, v, q_src, do_src, lse2_base, delta_base, mask_base, dmask_base, dq_dst,
     start, end, rot, cols, offs_m, offs_d, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn,
     stride_dqm, stride_dqd,
@@ -505,7 +555,9 @@ def _dkdv_inner(
 ):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one head; with
     DQ_ATOMIC also add this block's share of dQ into the fp32 DQ buffer (5 dots per tile pair
-    instead of the 7 of separate dK/dV and dQ passes, at the cost of atomics).
+    instead of the 7 of separate dK/dV and dQ passes, at the cost of atomics): ``dq_dst`` is the
+    head's fp32 dQ base pointer (``tl.atomic_add`` per element), or with USE_TMA its [L, HEAD_DIM]
+    descriptor, through which the copy engine adds each whole tile (``cp.reduce.async.bulk``).
     MASKED: these query blocks straddle a band edge. ``q_src``/``do_src``: the head's base
     pointers, or with USE_TMA its [L, HEAD_DIM] tensor descriptors (the copy engine zero-fills
     rows past L). EVEN: every block lies inside [0, L) and HEAD_DIM == BLOCK_D, so the loads
@@ -523,13 +575,8 @@ def _dkdv_inner(
         qd_ok = row_ok[:, None] & d_ok[None, :]
         q, do = _load_tile_pair(q_src, do_src, start_m, rows, offs_d, L, stride_qm, stride_qd, stride_dom, stride_dod,
                                 HEAD_DIM, EVEN, USE_TMA)  # [BLOCK_M, BLOCK_D]
-        if EVEN:
-            lse = tl.load(lse_base + rows)
-            delta = tl.load(delta_base + rows)
-        else:
-            lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
+        lse2 = tl.load(lse2_base + rows)  # padded past L with +inf / 0 (attn_bwd_preprocess)
+        delta = tl.load(delta_base + rows)
         mask_ptrs = mask_base
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
@@ -549,8 +596,11 @@ def _dkdv_inner(
         dk += tl.dot(ds16, q, input_precision=DOT_PRECISION)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_D]
-            tl.atomic_add(dq_base + tl.cast(rows, tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-                          dq, mask=qd_ok, sem="relaxed")
+            if USE_TMA:  # the copy engine adds the whole tile (a bulk reduce; rows past L are dropped)
+                dq_dst.atomic_add([start_m, 0], dq)
+            else:
+                tl.atomic_add(dq_dst + tl.cast(rows, tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                              dq, mask=qd_ok, sem="relaxed")
         if MASK_GRAD:
             # d(additive mask) = dS. A broadcast mask's buffer has stride 0 on its broadcast dims,
             # so the tiles that share an element add into it (fp32); a full-size mask gets plain
@@ -603,7 +653,7 @@ def _dq_inner(
 
 @triton.jit(do_not_specialize=["B", "N_KV_ITEMS", "N_Q_ITEMS"])  # grid sizes: no variant per value class
 def attn_bwd(
-    Q, K, V, DO, LSE, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K, KEY_EXT, WORK,
+    Q, K, V, DO, LSE2, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K, KEY_EXT, WORK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -613,7 +663,7 @@ def attn_bwd(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dmaskb, stride_dmaskh, stride_dmaskm, stride_dmaskn,
-    stride_lseb, stride_lseh, stride_extb, stride_exth,
+    stride_statb, stride_stath, stride_extb, stride_exth,
     B, H, G, L_max, S_max, qk_scale, sm_scale, diag, win_right, win_left, dropout_p, seed, N_KV_ITEMS, N_Q_ITEMS,
     SEQ_BUCKET,  # unused by the code: the autotuner's key, so short and long sequences tune apart
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -650,6 +700,7 @@ def attn_bwd(
     descriptors (Hopper's copy engine; needs 16-byte aligned bases and strides, unit last stride).
     """
     tl.static_assert(not (DQ_ATOMIC and DETERMINISTIC), "DQ_ATOMIC is nondeterministic")
+    tl.static_assert(STAT_PAD % BLOCK_M1 == 0 and STAT_PAD % BLOCK_M2 == 0, "LSE2 / Delta are padded to STAT_PAD rows")
     pid = tl.program_id(0)
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
@@ -686,6 +737,7 @@ def attn_bwd(
             bt = b
         causal_off = diag * (S - L) + win_right
         window_off = diag * (S - L) - win_left
+        stat_row0 = _stat_row0(q0, b, VARLEN)
         cols = n0 + tl.arange(0, BLOCK_N1)
         offs_m = tl.arange(0, BLOCK_M1)
         kv_ok = (cols < S)[:, None] & d_ok[None, :]
@@ -708,9 +760,9 @@ def attn_bwd(
                        + tl.cast(q0, tl.int64) * stride_dom)
             dq_base = (DQ + tl.cast(bt, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
                        + tl.cast(q0, tl.int64) * stride_dqm)
-            lse_off = tl.cast(bt, tl.int64) * stride_lseb + tl.cast(h, tl.int64) * stride_lseh + q0
-            lse_base = LSE + lse_off
-            delta_base = Delta + lse_off
+            stat_off = tl.cast(bt, tl.int64) * stride_statb + tl.cast(h, tl.int64) * stride_stath + stat_row0
+            lse2_base = LSE2 + stat_off
+            delta_base = Delta + stat_off
             mask_base = MASK
             dmask_base = DMASK
             if HAS_MASK:
@@ -719,6 +771,9 @@ def attn_bwd(
                 dmask_base = DMASK + tl.cast(b, tl.int64) * stride_dmaskb + tl.cast(h, tl.int64) * stride_dmaskh
             q_src, do_src = _tile_sources(q_base, do_base, L, stride_qm, stride_dom, BLOCK_M1, BLOCK_D, HEAD_DIM,
                                           USE_TMA)
+            dq_dst = dq_base
+            if DQ_ATOMIC and USE_TMA:
+                dq_dst = tl.make_tensor_descriptor(dq_base, [L, HEAD_DIM], [stride_dqm, 1], [BLOCK_M1, BLOCK_D])
             lo_h, a_h, c_h, hi_h = lo, a, c, hi
             if KEY_RANGE:  # no query of head h sees this key block: visit no query block
                 k_lo, k_hi = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
@@ -726,14 +781,14 @@ def attn_bwd(
                     lo_h, a_h, c_h, hi_h = lo, lo, lo, lo
             if CAUSAL:
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                    dk, dv, k, v, q_src, do_src, lse2_base, delta_base, mask_base, dmask_base, dq_dst,
                     lo_h, a_h, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                     stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
                 )
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                dk, dv, k, v, q_src, do_src, lse2_base, delta_base, mask_base, dmask_base, dq_dst,
                 a_h, c_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                 stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
@@ -741,7 +796,7 @@ def attn_bwd(
             )
             if WINDOW:
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                    dk, dv, k, v, q_src, do_src, lse2_base, delta_base, mask_base, dmask_base, dq_dst,
                     c_h, hi_h, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                     stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
@@ -788,10 +843,10 @@ def attn_bwd(
         do = tl.load(DO + tl.cast(bt, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
                      + q_rows * stride_dom + d_offs[None, :] * stride_dod,
                      mask=qd_ok, other=0.0)
-        lse_off = tl.cast(bt, tl.int64) * stride_lseb + tl.cast(h, tl.int64) * stride_lseh + q0
-        lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * RCP_LN2)
-        delta = tl.load(Delta + lse_off + rows, mask=row_ok, other=0.0)
+        stat_off = (tl.cast(bt, tl.int64) * stride_statb + tl.cast(h, tl.int64) * stride_stath
+                    + _stat_row0(q0, b, VARLEN))
+        lse2 = tl.load(LSE2 + stat_off + rows)  # padded past L (attn_bwd_preprocess)
+        delta = tl.load(Delta + stat_off + rows)
         k_base = (K + tl.cast(bt, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
                   + tl.cast(k0, tl.int64) * stride_kn)
         v_base = (V + tl.cast(bt, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh

@@ -321,11 +321,13 @@ def _dq_from_ds(ds: torch.Tensor, k: torch.Tensor, scale: float, B: int, H: int,
 
 def varlen_backward(dout, q, k, v, out, lse, packed: Packed, max_q: int, max_k: int, scale: float, band: Band,
                     dlse=None):
-    """Gradients of ``varlen_forward`` (no paging, no seqused_k): (dq, dk, dv), packed."""
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    """Gradients of ``varlen_forward`` (no paging, no seqused_k): (dq, dk, dv), packed. Every key
+    row belongs to a sequence (cu_seq_k ends at T_k, checked by the caller), whose dK/dV program
+    writes it, so dk and dv need no zero fill (two full writes: 3% of the varlen benchmark)."""
     n = packed.cu_q.numel() - 1
     if q.shape[0] == 0 or n == 0 or max_q == 0 or max_k == 0:
-        return torch.zeros_like(q), dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     T = q.shape[0]
     dmask = _no_dmask(q)
     dq4 = _backward(_packed4(dout), _packed4(q), _packed4(k), _packed4(v), _packed4(out), lse, dlse, (0, T),
@@ -340,6 +342,27 @@ def _no_dmask(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.float32, device=like.device) if _AUTOTUNE else like
 
 
+_STAT_PAD = core.STAT_PAD.value
+
+
+def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed | None):
+    """(LSE2, Delta, their (b, h) strides): the backward's per-row inputs (``attn_bwd_preprocess``),
+    one fp32 buffer of two halves. Rows per head: L rounded up to STAT_PAD (dense), or T plus
+    STAT_PAD per sequence (packed: each sequence starts on an aligned row, ``core._stat_row0``)."""
+    H, rows = out.shape[1], out.shape[2]
+    per_head = _cdiv(L if packed is None else rows + _STAT_PAD * B, _STAT_PAD) * _STAT_PAD
+    stats = torch.empty((2, out.shape[0], H, per_head), dtype=torch.float32, device=out.device)
+    lse2, delta = stats[0], stats[1]
+    if dlse is not None:
+        dlse = dlse.contiguous()  # the lse's layout; an expanded gradient (lse.sum()) has stride 0
+    flags = dict(HEAD_DIM=out.shape[3], BLOCK_D=block_d(out.shape[3]), BLOCK_M=_STAT_PAD, VARLEN=packed is not None,
+                 HAS_DLSE=dlse is not None)
+    _PRE_LAUNCH((_cdiv(L, _STAT_PAD), B * H),
+                (out, dout, lse, lse if dlse is None else dlse, lse2, delta, packed.cu_q if packed else lse,
+                 *out.stride(), *dout.stride(), *lse_strides, *lse2.stride()[:2], H, L), flags, 8, 1)
+    return lse2, delta, lse2.stride()[:2]
+
+
 def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
               dropout_p, band: Band, scale, seed, packed: Packed | None, dq_programs: bool = True) -> torch.Tensor | None:
     """Launch the backward; returns dQ laid out like ``q``: fp32 when dQ may be added by atomics
@@ -348,14 +371,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     the caller computes dQ)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     BLOCK_D = block_d(D)
-    # Delta = rowsum(O * dO), laid out like the LSE: (B, H, L) dense, (1, H, T) = (H, T) packed.
-    rows = q.shape[2]
-    delta = torch.empty((q.shape[0], H, rows), dtype=torch.float32, device=q.device)
-    pre_m = 64
-    _PRE_LAUNCH((_cdiv(rows, pre_m), q.shape[0] * H), (out, dout, delta, *out.stride(), *dout.stride(), H, rows),
-                dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m), 4, 3)
-    if dlse is not None:  # d lse / d s = p, so ds = p * (dp - (delta - dlse))
-        delta -= dlse.reshape(delta.shape)
+    lse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, lse_strides, B, L, packed)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     band_args, band_flags = _band_args(band)
@@ -378,9 +394,9 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     work = _work_list(packed, band, config, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device)
     flags["WORKLIST"] = work is not None
     n_kv_items, n_q_items = (0, 0) if work is None else work[1]
-    args = (q, k, v, dout, lse, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, q if work is None else work[0],
+    args = (q, k, v, dout, lse2, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, q if work is None else work[0],
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr,
-            *dmstr, *lse_strides, *ext_strides, B if work is None else 1, H, H // Hkv, L, S, scale * _RCP_LN2, scale,
+            *dmstr, *stat_strides, *ext_strides, B if work is None else 1, H, H // Hkv, L, S, scale * _RCP_LN2, scale,
             *band_args, float(dropout_p), int(seed), n_kv_items, n_q_items, _seq_bucket(max(L, S)))
 
     def grid(m):  # dK/dV programs, then dQ programs unless dQ is added by atomics (core.attn_bwd)
