@@ -147,8 +147,9 @@ _SMALL_TILES = {("fwd", 128): _c(64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64,
 # Packed causal batches of mixed lengths (the sweep's varlen case, session 5: forward 379; backward
 # through TMA descriptors, head-major 64x64 304, against 271 for the old pointer-load pick).
 _VARLEN = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2, head_major=True)}
-# Sliding windows (varlen-window, 4096 of 16384): backward 64x64 in key order 363, head-major 349.
-_WINDOW = {("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
+# Sliding windows (varlen-window, 4096 of 16384): backward 64x64 in key order 363, head-major 349
+# (session 5). Session 6, with the padded LSE2 / Delta rows: 32x64 392, head-major 64x64 372.
+_WINDOW = {("bwd", 128): _b(32, 64, 64, 32, 4, 3)}
 _DECODE = _c(16, 128, 4, 3)
 # Grouped-query heads (G > 1) at S=4096, 8:1, where the winner differs from the table's. D=64
 # causal: forward 387 TFLOP/s with 4 stages vs at most 348 with the 3-stage table pick; backward
