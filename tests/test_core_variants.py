@@ -289,3 +289,54 @@ def test_work_list_falls_back_to_the_slot_grid(monkeypatch):
     assert launch._work_list(Packed(cu, cu, seqused_k=used), band, config, spec, torch.device("cpu")) is None
     n = (16 << 16) + 1  # 2^16 + 1 blocks of 16: the last index needs 17 bits
     assert worklist.work_tensor((n,), (n,), band, (("q", 16),), torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_backward_row_statistics_layout(packed):
+    """attn_bwd_preprocess writes LSE2 = lse * log2(e) (+inf where lse is -inf) and Delta =
+    rowsum(O * dO) - dLSE at each sequence's aligned first row (core._stat_row0), pads every
+    sequence to whole STAT_PAD-row blocks with +inf / 0, and no two sequences share a row."""
+    from attend._layout import Packed
+    from attend.kernels import core
+
+    pad = core.STAT_PAD.value
+    torch.manual_seed(3)
+    H, D = 3, 24
+    lens = [45, 0, 130, 7, 256] if packed else [45, 45]
+    T = sum(lens)
+    o, do = (rand(T, H, D) for _ in range(2))
+    lse = torch.randn(H, T, device=DEVICE)
+    lse[1, 3] = float("-inf")  # a row that saw no key
+    dlse = torch.randn(1, T, device=DEVICE).expand(H, T)  # stride 0, as from lse.sum(0)-style losses
+    if packed:
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+        meta = Packed(cu, cu)
+        lse2, delta, strides = launch._row_stats(launch._packed4(o), launch._packed4(do), lse, dlse, (0, T), len(lens),
+                                                 max(lens), meta)
+        starts = [(int(cu[b]) // pad + b) * pad for b in range(len(lens))]
+        firsts = cu[:-1].tolist()
+    else:  # (B, H, L, D) with B = 2: the packed rows read as two batch entries
+        L = lens[0]
+        o4, do4 = (t.reshape(2, L, H, D).transpose(1, 2) for t in (o, do))
+        lse_d = lse.reshape(H, 2, L).transpose(0, 1).contiguous()
+        dlse_d = dlse.reshape(H, 2, L).transpose(0, 1)
+        lse2, delta, strides = launch._row_stats(o4, do4, lse_d, dlse_d, (H * L, L), 2, L, None)
+        starts, firsts = [0, 0], [0, L]
+    assert strides[-1] % 16 == 0, "rows per head must keep 16-element alignment"
+    owned = []
+    for b, (n, row0, first) in enumerate(zip(lens, starts, firsts)):
+        bt = b if not packed else 0
+        span = -(-n // pad) * pad
+        owned.append((row0, row0 + span))
+        assert row0 % pad == 0 and row0 + span <= lse2.shape[-1]
+        rows = slice(first, first + n)
+        want_lse2 = torch.where(lse[:, rows] == float("-inf"), float("inf"), lse[:, rows] * core.RCP_LN2.value)
+        want_delta = (o[rows].double() * do[rows].double()).sum(-1).T - dlse[:, rows].double()
+        got_lse2, got_delta = lse2[bt, :, row0:row0 + n], delta[bt, :, row0:row0 + n]
+        assert torch.allclose(got_lse2, want_lse2, rtol=1e-6, atol=1e-6), f"LSE2 of sequence {b}"
+        assert torch.allclose(got_delta.double(), want_delta, rtol=1e-4, atol=1e-4), f"Delta of sequence {b}"
+        assert torch.all(lse2[bt, :, row0 + n:row0 + span] == float("inf")), f"LSE2 padding of sequence {b}"
+        assert torch.all(delta[bt, :, row0 + n:row0 + span] == 0), f"Delta padding of sequence {b}"
+    if packed:
+        owned = sorted(owned)
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(owned, owned[1:])), f"sequences overlap: {owned}"
