@@ -49,8 +49,9 @@ SHORT_BWD = [_b(64, 128, 128, 64, 8, 3), _b(64, 128, 128, 64, 8, 4), _b(64, 128,
              _b(64, 64, 64, 64, 4, 2), _b(32, 64, 64, 32, 4, 3), _b(32, 128, 64, 64, 4, 3),
              _b(32, 128, 128, 32, 4, 3), _b(64, 64, 64, 64, 4, 3, True)] + HEAD_MAJOR_BWD
 # dQ by atomics: with TMA (the default on sm_90) the copy engine adds each dQ tile (a bulk reduce,
-# session 6) instead of one atomic per element; timed again in every --short sweep.
-SHORT_BWD += [c for c in configs.BWD_CONFIGS if c.kwargs["DQ_ATOMIC"] and c not in SHORT_BWD]
+# session 6). All five atomic configs of BWD_CONFIGS lost every --short cell of session 6 (best 414
+# vs 450), so --short keeps only the two above; --atomic adds the other three back.
+ATOMIC_BWD = [c for c in configs.BWD_CONFIGS if c.kwargs["DQ_ATOMIC"] and c not in SHORT_BWD]
 # Base configs for the forward that feeds a backward sweep (and vice versa): fit every case.
 BASE = {"fwd": _c(64, 64, 4, 3), "bwd": _b(64, 64, 64, 64, 4, 2)}
 
@@ -169,11 +170,12 @@ def _api_ms(kind: str, api) -> float:
 
 
 def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds=("fwd", "bwd"), short=False,
-          tma=(None,), even_both=False, api_mode=False) -> None:
+          tma=(None,), even_both=False, api_mode=False, atomic=False) -> None:
     """``tma``: launch.FORCE_TMA values to time each backward config with (None: the default);
     ``even_both``: also time each forward config with its EVEN path turned off (a config can opt out);
     ``api_mode``: time through the public API (autograd, dispatch) instead of the launchers: the
-    bench's own measure, which has ranked some backward tiles differently (RESULTS.md, session 5)."""
+    bench's own measure, which has ranked some backward tiles differently (RESULTS.md, session 5);
+    ``atomic``: with ``short``, also the dQ-by-atomics configs that --short leaves out."""
     for case, S, make in cases(name):
         fwd, bwd, flops, api = make()
         row = out.setdefault(case, {}).setdefault(str(S), {"fwd": {}, "bwd": {}})
@@ -184,7 +186,7 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
             fwd_cfgs += [triton.Config(dict(c.kwargs, EVEN=False), num_warps=c.num_warps, num_stages=c.num_stages)
                          for c in fwd_cfgs]
         jobs = [("fwd", c, None) for c in fwd_cfgs if "fwd" in kinds]
-        bwd_cfgs = SHORT_BWD if short else BWD
+        bwd_cfgs = (SHORT_BWD + (ATOMIC_BWD if atomic else [])) if short else BWD
         if launch.DQ_FROM_DS and case == "bias-grad":  # no dQ programs: head-major is forced off, a duplicate
             bwd_cfgs = [c for c in bwd_cfgs if not c.kwargs.get("HEAD_MAJOR")]
         jobs += [("bwd", c, t) for c in bwd_cfgs for t in tma if "bwd" in kinds]
@@ -243,6 +245,8 @@ if __name__ == "__main__":
                     help="both: time each forward config with and without its EVEN path")
     ap.add_argument("--worklist", action="store_true",
                     help="launch.VARLEN_WORKLIST on: packed calls launch from host-built block lists, heaviest first")
+    ap.add_argument("--atomic", action="store_true",
+                    help="with --short: also every other dQ-by-atomics config of BWD_CONFIGS")
     ap.add_argument("--api", action="store_true",
                     help="time through the public API (autograd + dispatch), as python -m attend bench does")
     args = ap.parse_args()
@@ -252,7 +256,7 @@ if __name__ == "__main__":
     results: dict = {}
     sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
           tma={"both": (True, False), "on": (True,), "off": (False,)}.get(args.tma, (None,)), even_both=args.even == "both",
-          api_mode=args.api)
+          api_mode=args.api, atomic=args.atomic)
     if not args.compile_only:
         print(best(results))
     sys.stdout.flush()
