@@ -340,3 +340,38 @@ def test_backward_row_statistics_layout(packed):
     if packed:
         owned = sorted(owned)
         assert all(end <= nxt for (_, end), (nxt, _) in zip(owned, owned[1:])), f"sequences overlap: {owned}"
+
+
+def test_every_grid_is_one_dimensional(monkeypatch):
+    """CUDA caps a grid's y and z at 65535; B * H passes that (decode at batch 4200 with 16 heads,
+    or 4200 one-token packed sequences). Every launch of the core puts all programs on x. The
+    launchers are stubbed here (nothing runs, any device): the host side only; the GPU test
+    below runs such a shape."""
+    from attend._layout import Band, Packed
+
+    grids = []
+    for name in ("_FWD_LAUNCH", "_BWD_LAUNCH", "_PRE_LAUNCH"):
+        monkeypatch.setattr(launch, name, lambda grid, *a, name=name: grids.append((name, grid)))
+    B, H, S, D = 4200, 16, 16, 16
+    q = torch.empty(B, H, 1, D, dtype=torch.float16, device=DEVICE)
+    k = v = torch.empty(B, H, S, D, dtype=torch.float16, device=DEVICE)
+    out, lse = launch.forward(q, k, v, None, 0.0, 0, D ** -0.5, 0)
+    launch.backward(q, q, k, v, out, lse, None, 0.0, 0, D ** -0.5, 0, False)
+    qp = torch.empty(B, H, D, dtype=torch.float16, device=DEVICE)
+    cu = torch.arange(B + 1, dtype=torch.int32, device=DEVICE)
+    out, lse = launch.varlen_forward(qp, qp, qp, Packed(cu, cu), 1, 1, D ** -0.5, Band(-1, 0, True))
+    launch.varlen_backward(qp, qp, qp, qp, out, lse, Packed(cu, cu), 1, 1, D ** -0.5, Band(-1, 0, True))
+    assert {name for name, _ in grids} == {"_FWD_LAUNCH", "_BWD_LAUNCH", "_PRE_LAUNCH"}
+    for name, grid in grids:
+        assert len(grid) == 1 and B * H <= grid[0] < 2 ** 31, (name, grid)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the grid limit is CUDA's; the interpreter has none")
+def test_batch_times_heads_past_the_grid_limit():
+    """Decode with B * H = 67200 > 65535, forward and backward, against float64."""
+    dtype = DTYPES[0]
+    q = rand(4200, 16, 1, 32, dtype=dtype, requires_grad=True)
+    k, v = (rand(4200, 16, 32, 32, dtype=dtype, requires_grad=True) for _ in range(2))
+    with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
+        out = attend.scaled_dot_product_attention(q, k, v)
+    assert_matches_float64(out, q, k, v, what="B*H = 67200")

@@ -94,6 +94,16 @@ def _band(rows, cols, causal_off, window_off, CAUSAL: tl.constexpr, WINDOW: tl.c
 
 
 @triton.jit
+def _grid_cell(n_blocks):
+    """(block, head) of this program in a 1-D grid of ``n_blocks`` programs per (batch, head),
+    numbered head by head (so a head's blocks run together and share its K/V in L2). One axis
+    because CUDA caps a grid's y and z at 65535, which B * H passes (decode at batch 4096 with 32
+    heads; 4096 packed sequences of 16 heads); x allows 2^31 - 1."""
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
 def _work_item(WORK, i):
     """(sequence, block) of item ``i`` of a host-built work list (WORKLIST)."""
     item = tl.load(WORK + i)
@@ -304,19 +314,23 @@ def attn_fwd(
     PAGE_SIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WORKLIST: tl.constexpr = False,
 ):
-    """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes Out and LSE (fp32, natural log).
-    WORKLIST (packed only): grid (items, Hq) instead; WORK[i] = sequence << 16 | query block
-    (``_work_item``),
-    the host's list of the blocks that exist, heaviest first (``launch._work_list``), so no
-    program is spent on a shorter sequence's missing blocks and the longest work starts first.
+    """Grid: (cdiv(L, BLOCK_M) * B * Hq,), one program per query block of one head, the blocks of a
+    head numbered together (``_grid_cell``). Writes Out and LSE (fp32, natural log).
+    WORKLIST (packed only): grid (items * Hq,) instead; WORK[i] = sequence << 16 | query block
+    (``_work_item``), the host's list of the blocks that exist, heaviest first
+    (``launch._work_list``), so no program is spent on a shorter sequence's missing blocks and the
+    longest work starts first.
     PAGED: stride_kb / stride_vb are the pool's page strides. KEY_RANGE: see ``_key_range``.
     EVEN: L and S are multiples of every block size and HEAD_DIM == BLOCK_D (dense only): no
     bounds masks, and no ragged-tail loop unless a band or key range has an edge to mask (the D=128
     non-causal sm_90 build drops from 220 to 170 registers, ptxas -v)."""
-    pid_m = tl.program_id(0)
+    if WORKLIST:
+        n_m = tl.num_programs(0) // H
+    else:
+        n_m = tl.cdiv(L_max, BLOCK_M)
+    pid_m, bh = _grid_cell(n_m)
     if CAUSAL and not WORKLIST:  # the last query block sees the most keys: launch it first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
+        pid_m = n_m - 1 - pid_m
     b = bh // H
     h = bh % H
     if WORKLIST:
@@ -447,14 +461,14 @@ def attn_bwd_preprocess(
     LSE2 = lse in the log2 domain, +inf for a row that saw no key (its probabilities are then 0).
     Both fp32, at ``b * stride_statb + h * stride_stath + _stat_row0 + i``, for every i below L
     rounded up to BLOCK_M (== STAT_PAD): rows past L get LSE2 = +inf and Delta = 0, so their
-    probabilities and dS are 0. Grid: (cdiv(L_max, BLOCK_M), B * H), B the number of sequences
-    when VARLEN (packed (1, H, T, D) views)."""
+    probabilities and dS are 0. Grid: (cdiv(L_max, BLOCK_M) * B * H,) (``_grid_cell``), B the
+    number of sequences when VARLEN (packed (1, H, T, D) views)."""
     tl.static_assert(BLOCK_M == STAT_PAD)
-    bh = tl.program_id(1)
+    pid_m, bh = _grid_cell(tl.cdiv(L_max, BLOCK_M))
     b = bh // H
     h = bh % H
     q0, _k0, L, _S = _seq(b, L_max, L_max, CU_Q, CU_Q, CU_Q, VARLEN, False, False)
-    m0 = tl.program_id(0) * BLOCK_M
+    m0 = pid_m * BLOCK_M
     if VARLEN:
         if m0 >= L:
             return

@@ -254,7 +254,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
             *band_args, float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
 
     def grid(m):  # every sequence's slots, or the list's items (core.attn_fwd)
-        return (_cdiv(L, m["BLOCK_M"]), B * H) if work is None else (work[1][0], H)
+        return (_cdiv(L, m["BLOCK_M"]) * B * H,) if work is None else (work[1][0] * H,)
 
     _launch(_fwd, _FWD_LAUNCH, grid, args, flags, config)
 
@@ -357,7 +357,7 @@ def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed
         dlse = dlse.contiguous()  # the lse's layout; an expanded gradient (lse.sum()) has stride 0
     flags = dict(HEAD_DIM=out.shape[3], BLOCK_D=block_d(out.shape[3]), BLOCK_M=_STAT_PAD, VARLEN=packed is not None,
                  HAS_DLSE=dlse is not None)
-    _PRE_LAUNCH((_cdiv(L, _STAT_PAD), B * H),
+    _PRE_LAUNCH((_cdiv(L, _STAT_PAD) * B * H,),
                 (out, dout, lse, lse if dlse is None else dlse, lse2, delta, packed.cu_q if packed else lse,
                  *out.stride(), *dout.stride(), *lse_strides, *lse2.stride()[:2], H, L), flags, 8, 1)
     return lse2, delta, lse2.stride()[:2]
