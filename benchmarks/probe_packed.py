@@ -1,14 +1,20 @@
-"""Where does the packed (varlen) path lose to the dense kernel? Times one causal 16k sequence
-(B=1, H=16, D=128) as the dense kernel reads it in three ways and as a packed call, at the same
-fixed configs, then the mixed-length benchmark, and prints a kernel-time breakdown of the
-varlen API call (torch.profiler).
+"""Where does the packed (varlen) path lose to the dense kernel? Three parts, each a table of
+TFLOP/s from kernels launched through ``attend.kernels.launch`` at fixed configs:
 
-    PYTHONPATH=src python benchmarks/probe_packed.py [--json out.json]
+- ``layout``: one causal 16k sequence (B=1, H=16, D=128) read by the dense kernel three ways and
+  as a packed call, then the mixed-length benchmark, and a kernel breakdown of the varlen API
+  call (torch.profiler). Variants: ``dense`` (B, H, S, D) contiguous, EVEN on; ``dense-uneven``
+  the same with the EVEN path off; ``dense-bshd`` (B, S, H, D) storage viewed as (B, H, S, D),
+  the packed layout's strides; ``packed-1`` the same sequence through varlen; ``packed-mixed``
+  the varlen benchmark's lengths.
+- ``window``: sliding windows of 1k-8k keys and full causal on one 16k sequence, all with one
+  backward config, timing the whole backward and its dK/dV programs alone (the dQ programs are
+  the difference): which half loses when the window's efficiency falls behind full causal's.
+- ``mix``: the varlen benchmark's 11 sequences packed (as given, shuffled, and as 16 equal
+  sequences of 1024), against the sum of one dense launch per sequence: the cost of packing
+  mixed lengths into one launch.
 
-Variants: ``dense`` (B, H, S, D) contiguous, EVEN on; ``dense-uneven`` the same with the EVEN
-path off; ``dense-bshd`` (B, S, H, D) storage viewed as (B, H, S, D), the packed layout's
-strides; ``packed-1`` the same sequence through varlen; ``packed-mixed`` the varlen benchmark's
-lengths.
+    PYTHONPATH=src python benchmarks/probe_packed.py [--parts layout,window,mix] [--json out.json]
 """
 
 from __future__ import annotations
@@ -68,7 +74,82 @@ def _packed(lens):
     return fwd, bwd, sum(4.0 * H * n * n * D * 0.5 for n in lens)
 
 
-def main(json_path=None):
+def main(json_path=None, parts=("layout", "window", "mix")):
+    out = {}
+    if "window" in parts:
+        out["window"] = window_part()
+    if "mix" in parts:
+        out["mix"] = mix_part()
+    if "layout" in parts:
+        out.update(layout_part())
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+def _bwd_split(do, q, k, v, saved, packed, top, band, dq_programs):
+    """The packed backward through launch._backward, with or without its dQ programs."""
+    T = q.shape[0]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    p4 = launch._packed4
+    return launch._backward(p4(do), p4(q), p4(k), p4(v), p4(saved[0]), saved[1], None, (0, T), p4(dk), p4(dv),
+                            packed.cu_q.numel() - 1, top, top, None, q, (0, 0, 0, 0), False, False, 0.0, band,
+                            D ** -0.5, 0, packed, dq_programs=dq_programs)
+
+
+def window_part():
+    """Window widths against full causal, one 16k sequence, one backward config for all."""
+    cfg = {"fwd": FWD[0], "bwd": _b(32, 64, 64, 32, 4, 3)}
+    launch.heuristic = lambda kind, *a, **k: cfg[kind]
+    launch.FORCE_HEAD_MAJOR = False  # the dK/dV-only launch has no head-major numbering
+    T = S
+    q, k, v, do = (torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda") for _ in range(4))
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    packed, rows = Packed(cu, cu), {}
+    for w in (1024, 2048, 4096, 8192, -1):
+        band = Band(w, 0, True)
+        flops = 4.0 * H * D * (sum(min(i, w) + 1 for i in range(T)) if w >= 0 else T * T * 0.5)
+        saved = launch.varlen_forward(q, k, v, packed, T, T, D ** -0.5, band)
+        fwd_ms = _ms(lambda: launch.varlen_forward(q, k, v, packed, T, T, D ** -0.5, band))
+        bwd_ms = _ms(lambda: _bwd_split(do, q, k, v, saved, packed, T, band, True))
+        kv_ms = _ms(lambda: _bwd_split(do, q, k, v, saved, packed, T, band, False))
+        # dK/dV programs do 4 of the backward's 7 products, the dQ programs 3
+        row = dict(fwd=flops / fwd_ms * 1e-9, bwd=2.5 * flops / bwd_ms * 1e-9,
+                   dkdv=2.5 * flops * 4 / 7 / kv_ms * 1e-9, dq=2.5 * flops * 3 / 7 / max(bwd_ms - kv_ms, 1e-6) * 1e-9,
+                   fwd_ms=fwd_ms, bwd_ms=bwd_ms, dkdv_ms=kv_ms)
+        rows["full" if w < 0 else f"window {w}"] = row
+        print(f"{'full causal' if w < 0 else f'window {w}':12s} " + "  ".join(
+            f"{key} {val:7.1f}" if not key.endswith("ms") else f"{key} {val:.3f}" for key, val in row.items()), flush=True)
+    launch.heuristic = configs.heuristic
+    launch.FORCE_HEAD_MAJOR = None
+    return rows
+
+
+def mix_part():
+    """Packed mixed lengths against one dense launch per sequence, shipped configs."""
+    import random
+
+    rows = {}
+    orders = {"packed as given": list(VARLEN_LENGTHS), "packed shuffled": random.Random(0).sample(VARLEN_LENGTHS, 11),
+              "packed 16 x 1024": [1024] * 16}
+    for name, lens in orders.items():
+        fwd, bwd, flops = _packed(lens)
+        saved = fwd()
+        rows[name] = dict(fwd=flops / _ms(fwd) * 1e-9, bwd=2.5 * flops / _ms(lambda: bwd(saved)) * 1e-9)
+    fwd_ms = bwd_ms = flops = 0.0
+    for n in VARLEN_LENGTHS:  # one dense (1, H, n, D) causal launch per sequence
+        q, k, v, do = (torch.randn(1, H, n, D, dtype=torch.bfloat16, device="cuda") for _ in range(4))
+        saved = launch.forward(q, k, v, None, 0.0, 1, D ** -0.5, 0)
+        fwd_ms += _ms(lambda: launch.forward(q, k, v, None, 0.0, 1, D ** -0.5, 0))
+        bwd_ms += _ms(lambda: launch.backward(do, q, k, v, *saved, None, 0.0, 1, D ** -0.5, 0, False))
+        flops += 4.0 * H * n * n * D * 0.5
+    rows["one dense launch per sequence (sum)"] = dict(fwd=flops / fwd_ms * 1e-9, bwd=2.5 * flops / bwd_ms * 1e-9)
+    for name, row in rows.items():
+        print(f"{name:36s} fwd {row['fwd']:6.1f}  bwd {row['bwd']:6.1f}", flush=True)
+    return rows
+
+
+def layout_part():
     out = {}
     real_even = launch._even
     variants = [("dense", lambda: _dense("bhsd"), False), ("dense-uneven", lambda: _dense("bhsd"), True),
@@ -110,12 +191,12 @@ def main(json_path=None):
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
     print(table)
     out["profile"] = table
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump(out, fh, indent=1)
+    return out
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
-    main(ap.parse_args().json)
+    ap.add_argument("--parts", default="layout,window,mix")
+    args = ap.parse_args()
+    main(args.json, tuple(args.parts.split(",")))
