@@ -170,8 +170,9 @@ def _api_ms(kind: str, api) -> float:
 
 
 def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds=("fwd", "bwd"), short=False,
-          tma=(None,), even_both=False, api_mode=False, atomic=False) -> None:
+          tma=(None,), even_both=False, api_mode=False, atomic=False, fwd_tma=(None,)) -> None:
     """``tma``: launch.FORCE_TMA values to time each backward config with (None: the default);
+    ``fwd_tma``: launch.FWD_TMA values to time each forward config with (None: the default, off);
     ``even_both``: also time each forward config with its EVEN path turned off (a config can opt out);
     ``api_mode``: time through the public API (autograd, dispatch) instead of the launchers: the
     bench's own measure, which has ranked some backward tiles differently (RESULTS.md, session 5);
@@ -185,15 +186,18 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
         if even_both:
             fwd_cfgs += [triton.Config(dict(c.kwargs, EVEN=False), num_warps=c.num_warps, num_stages=c.num_stages)
                          for c in fwd_cfgs]
-        jobs = [("fwd", c, None) for c in fwd_cfgs if "fwd" in kinds]
+        jobs = [("fwd", c, t) for c in fwd_cfgs for t in fwd_tma if "fwd" in kinds]
         bwd_cfgs = (SHORT_BWD + (ATOMIC_BWD if atomic else [])) if short else BWD
         if launch.DQ_FROM_DS and case == "bias-grad":  # no dQ programs: head-major is forced off, a duplicate
             bwd_cfgs = [c for c in bwd_cfgs if not c.kwargs.get("HEAD_MAJOR")]
         jobs += [("bwd", c, t) for c in bwd_cfgs for t in tma if "bwd" in kinds]
         for kind, cfg, use_tma in jobs:
             _force(dict(BASE, **{kind: cfg}))
-            launch.FORCE_TMA = use_tma
-            label = str(cfg) + ("" if use_tma is None else f", tma: {use_tma}")
+            if kind == "fwd":
+                launch.FWD_TMA = bool(use_tma)
+            else:
+                launch.FORCE_TMA = use_tma
+            label = str(cfg) + ("" if use_tma is None else f", {'fwd_tma' if kind == 'fwd' else 'tma'}: {use_tma}")
             run = fwd if kind == "fwd" else (lambda: bwd(saved))
             t0 = time.time()
             try:
@@ -212,6 +216,7 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
                 row[kind][label] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
             print(f"{case} S={S} {kind} {label}: {row[kind].get(label)} ({time.time() - t0:.1f}s)", flush=True)
         launch.FORCE_TMA = None
+        launch.FWD_TMA = False
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(out, f, indent=1)
@@ -245,6 +250,8 @@ if __name__ == "__main__":
                     help="both: time each forward config with and without its EVEN path")
     ap.add_argument("--worklist", action="store_true",
                     help="launch.VARLEN_WORKLIST on: packed calls launch from host-built block lists, heaviest first")
+    ap.add_argument("--fwd-tma", default="default", choices=["default", "both", "on"],
+                    help="both: time each forward config with and without TMA loads (launch.FWD_TMA); on: with")
     ap.add_argument("--atomic", action="store_true",
                     help="with --short: also every other dQ-by-atomics config of BWD_CONFIGS")
     ap.add_argument("--api", action="store_true",
@@ -256,7 +263,8 @@ if __name__ == "__main__":
     results: dict = {}
     sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
           tma={"both": (True, False), "on": (True,), "off": (False,)}.get(args.tma, (None,)), even_both=args.even == "both",
-          api_mode=args.api, atomic=args.atomic)
+          api_mode=args.api, atomic=args.atomic,
+          fwd_tma={"both": (True, False), "on": (True,)}.get(args.fwd_tma, (None,)))
     if not args.compile_only:
         print(best(results))
     sys.stdout.flush()

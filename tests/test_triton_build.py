@@ -39,6 +39,11 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
             assert b["wgmma"], f"{b['kernel']} {b['config']} D={b['head_dim']} on sm_90 does not use wgmma"
         else:
             assert b["mma_sync"] and not b["wgmma"], f"{b['kernel']} {b['config']} on sm_80"
+        # TMA: the backward's loads on sm_90 unless built with pointer loads; the forward's only
+        # in its tma_* variants (launch.FWD_TMA is off by default)
+        want_tma = b["arch"] == 90 and (b["feature"].startswith("tma_") if b["kernel"] == "fwd"
+                                        else b["feature"] != "pointer_loads")
+        assert b["tma"] == want_tma, f"{b['kernel']} {b['config']} {b['feature']} sm_{b['arch']}: TMA {b['tma']}"
         if b["arch"] == 90:  # on sm_80 the autotuner's prune drops the configs that need more
             assert b["shared"] <= 227 * 1024, \
                 f"{b['kernel']} {b['config']} D={b['head_dim']} needs {b['shared']} B smem"

@@ -60,7 +60,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False,
-                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32")
+                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90 and fn is core.attn_bwd, MASK_TMA=False, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32")
     constexprs.update(config.kwargs)  # a config may turn EVEN off
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
@@ -81,7 +81,10 @@ _FEATURES = {
     "varlen_work_list": dict(VARLEN=True, WORKLIST=True, EVEN=False),
     "key_padding_mask": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, MASK_KEYS=True, KEY_RANGE=True),
 }
-_FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16)}
+# The forward's TMA loads are off by default (launch.FWD_TMA); built here so they keep compiling.
+_FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16),
+                 "tma_loads": dict(USE_TMA=True), "tma_varlen": dict(VARLEN=True, EVEN=False, USE_TMA=True),
+                 "tma_bias": dict(CAUSAL=False, HAS_MASK=True, USE_TMA=True, MASK_TMA=True)}
 # The backward reads through TMA descriptors on sm_90 where it can, and through pointers otherwise.
 _BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(HEAD_MAJOR=True)}
 
@@ -99,8 +102,8 @@ def _build_one(job: tuple) -> dict:
                               **flags)
     ptx = compiled.asm["ptx"]
     return dict(kernel=kind, config=str(config), arch=arch, head_dim=head_dim, feature=feature[0] if feature else "",
-                wgmma="wgmma" in ptx,
-                mma_sync="mma.sync" in ptx, shared=compiled.metadata.shared)
+                wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                shared=compiled.metadata.shared)
 
 
 def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:

@@ -147,19 +147,23 @@ def _seq(b, L, S, CU_Q, CU_K, SEQUSED_K, VARLEN: tl.constexpr, SEQUSED: tl.const
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr,
-    start, end, rows, offs_n, offs_d, bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p,
+    start, end, m0, rows, offs_n, offs_d, bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p,
     stride_kn, stride_vn, stride_maskn, stride_kpage, stride_vpage, stride_kd, stride_vd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr,
 ):
     """Online softmax over key blocks [start, end). MASKED: apply the band and bounds masks.
-    PAGED: gather each block's rows through the block table instead of striding."""
+    PAGED: gather each block's rows through the block table instead of striding. USE_TMA:
+    ``k_ptrs`` / ``v_ptrs`` are the head's [S, HEAD_DIM] tensor descriptors (the copy engine
+    zero-fills rows past S and columns past HEAD_DIM); MASK_TMA: ``mask_ptrs`` is the mask's [L, S]
+    descriptor (a float mask with rows), read at (m0, start_n)."""
     d_ok = offs_d < HEAD_DIM
-    k_ptrs += tl.cast(start, tl.int64) * stride_kn
-    v_ptrs += tl.cast(start, tl.int64) * stride_vn
-    if HAS_MASK:
+    if not USE_TMA:
+        k_ptrs += tl.cast(start, tl.int64) * stride_kn
+        v_ptrs += tl.cast(start, tl.int64) * stride_vn
+    if HAS_MASK and not MASK_TMA:
         mask_ptrs += tl.cast(start, tl.int64) * stride_maskn
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -169,13 +173,17 @@ def _fwd_inner(
             k_ptrs = k_head + slot[None, :] + offs_d[:, None] * stride_kd
             slot_v = tl.cast(page, tl.int64) * stride_vpage + tl.cast(cols % PAGE_SIZE, tl.int64) * stride_vn
             v_ptrs = v_head + slot_v[:, None] + offs_d[None, :] * stride_vd
-        if MASKED:
+        if USE_TMA:
+            k = tl.trans(k_ptrs.load([start_n, 0]))  # [BLOCK_D, BLOCK_N]
+        elif MASKED:
             k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < S), other=0.0)  # [BLOCK_D, BLOCK_N]
         elif HEAD_DIM != BLOCK_D:
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        if HAS_MASK:  # issued before the dot, so its latency hides behind the MMA
+        if MASK_TMA:
+            bias = mask_ptrs.load([m0, start_n]).to(tl.float32) * RCP_LN2
+        elif HAS_MASK:  # issued before the dot, so its latency hides behind the MMA
             bias = _mask_tile(mask_ptrs, rows, cols, L, S, MASK_BOOL, MASK_KEYS, MASKED)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
         if MASKED or HAS_MASK:
@@ -213,7 +221,9 @@ def _fwd_inner(
         if DROPOUT:
             keep = _keep_mask(seed, bh, L, S, rows, cols, dropout_p)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-        if MASKED:
+        if USE_TMA:
+            v = v_ptrs.load([start_n, 0])
+        elif MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         elif HEAD_DIM != BLOCK_D:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
@@ -221,10 +231,10 @@ def _fwd_inner(
             v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
-        if not PAGED:
+        if not PAGED and not USE_TMA:
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
-        if HAS_MASK:
+        if HAS_MASK and not MASK_TMA:
             mask_ptrs += BLOCK_N * stride_maskn
     return acc, l_i, m_i
 
@@ -312,7 +322,7 @@ def attn_fwd(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
     KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WORKLIST: tl.constexpr = False,
+    WORKLIST: tl.constexpr = False, USE_TMA: tl.constexpr = False, MASK_TMA: tl.constexpr = False,
 ):
     """Grid: (cdiv(L, BLOCK_M) * B * Hq,), one program per query block of one head, the blocks of a
     head numbered together (``_grid_cell``). Writes Out and LSE (fp32, natural log).
@@ -321,6 +331,8 @@ def attn_fwd(
     (``launch._work_list``), so no program is spent on a shorter sequence's missing blocks and the
     longest work starts first.
     PAGED: stride_kb / stride_vb are the pool's page strides. KEY_RANGE: see ``_key_range``.
+    USE_TMA (not PAGED): K and V tiles through per-head tensor descriptors instead of pointer
+    loads; MASK_TMA: the tiles of a float mask with rows too (``launch.FWD_TMA``).
     EVEN: L and S are multiples of every block size and HEAD_DIM == BLOCK_D (dense only): no
     bounds masks, and no ragged-tail loop unless a band or key range has an edge to mask (the D=128
     non-causal sm_90 build drops from 220 to 170 registers, ptxas -v)."""
@@ -365,13 +377,20 @@ def attn_fwd(
     else:
         k_head = K + tl.cast(bt, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh + tl.cast(k0, tl.int64) * stride_kn
         v_head = V + tl.cast(bt, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh + tl.cast(k0, tl.int64) * stride_vn
-    k_ptrs = k_head + tl.cast(offs_n, tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
-    v_ptrs = v_head + tl.cast(offs_n, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BLOCK_N, BLOCK_D]
+    if USE_TMA:
+        k_ptrs = tl.make_tensor_descriptor(k_head, [S, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_ptrs = tl.make_tensor_descriptor(v_head, [S, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    else:
+        k_ptrs = k_head + tl.cast(offs_n, tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
+        v_ptrs = v_head + tl.cast(offs_n, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BLOCK_N, BLOCK_D]
     table_ptr = TABLE + tl.cast(b, tl.int64) * stride_tableb
     mask_ptrs = MASK
     if HAS_MASK:
-        mask_ptrs = _mask_ptrs(MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh,
-                               rows, offs_n, stride_maskm, stride_maskn, MASK_KEYS)
+        mask_base = MASK + tl.cast(b, tl.int64) * stride_maskb + tl.cast(h, tl.int64) * stride_maskh
+        if MASK_TMA:
+            mask_ptrs = tl.make_tensor_descriptor(mask_base, [L, S], [stride_maskm, 1], [BLOCK_M, BLOCK_N])
+        else:
+            mask_ptrs = _mask_ptrs(mask_base, rows, offs_n, stride_maskm, stride_maskn, MASK_KEYS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -380,23 +399,26 @@ def attn_fwd(
     lo, a, c, hi = _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, lo, a, rows, offs_n, offs_d,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, lo, a, m0, rows, offs_n, offs_d,
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
             stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
             True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
+            USE_TMA, MASK_TMA,
         )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, c, rows, offs_n, offs_d,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, c, m0, rows, offs_n, offs_d,
         bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
         stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
         False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
+        USE_TMA, MASK_TMA,
     )
     if CAUSAL or KEY_RANGE or not EVEN:  # else c == hi: no diagonal, no ragged tail
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, c, hi, rows, offs_n, offs_d,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, c, hi, m0, rows, offs_n, offs_d,
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
             stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
             True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
+            USE_TMA, MASK_TMA,
         )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
