@@ -378,8 +378,7 @@ def attn_fwd(
         k_head = K + tl.cast(bt, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh + tl.cast(k0, tl.int64) * stride_kn
         v_head = V + tl.cast(bt, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh + tl.cast(k0, tl.int64) * stride_vn
     if USE_TMA:
-        k_ptrs = tl.make_tensor_descriptor(k_head, [S, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-        v_ptrs = tl.make_tensor_descriptor(v_head, [S, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+        k_ptrs, v_ptrs = _tile_sources(k_head, v_head, S, stride_kn, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA)
     else:
         k_ptrs = k_head + tl.cast(offs_n, tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
         v_ptrs = v_head + tl.cast(offs_n, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BLOCK_N, BLOCK_D]

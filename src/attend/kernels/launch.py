@@ -117,7 +117,10 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
     """The backward reads through TMA descriptors when Hopper's copy engine can read every tensor
     (compute capability >= 9, a unit last stride, 16-byte aligned base and strides). Packed
     (varlen) calls too since session 5: 304 vs 271 TFLOP/s with pointer loads (mixed lengths), 363
-    vs 318 (sliding window) on the H100; run 13's 149 vs 247 predates the fixed configs."""
+    vs 318 (sliding window) on the H100; run 13's 149 vs 247 predates the fixed configs. FORCE_TMA
+    overrides everything but the unit last stride, which the kernels' descriptors assume."""
+    if any(t.stride(-1) != 1 for t in tensors):
+        return False
     if FORCE_TMA is not None:
         if FORCE_TMA and tensors[0].is_cuda:
             _ensure_allocator()
@@ -126,7 +129,7 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
         return False
     for t in tensors:
         elem = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * elem % 16 for st in t.stride()[:-1]):
+        if t.data_ptr() % 16 or any(st * elem % 16 for st in t.stride()[:-1]):
             return False
     _ensure_allocator()
     return True
@@ -253,11 +256,8 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  **seq_flags, EVEN=_even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
-    # (the descriptors assume unit last strides, which FORCE_TMA does not check)
-    flags["USE_TMA"] = (FWD_TMA and not seq_flags["PAGED"] and k.stride(-1) == 1 and v.stride(-1) == 1
-                        and _use_tma(q, k, v))
-    flags["MASK_TMA"] = (flags["USE_TMA"] and mask is not None and not mbool and mstr[2] != 0 and mstr[3] == 1
-                         and _use_tma(m4))
+    flags["USE_TMA"] = FWD_TMA and not seq_flags["PAGED"] and _use_tma(q, k, v)
+    flags["MASK_TMA"] = flags["USE_TMA"] and mask is not None and not mbool and mstr[2] != 0 and _use_tma(m4)
     config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S), H // Hkv)
     work = _work_list(packed, band, config, (("q", "BLOCK_M"),), q.device)
     flags["WORKLIST"] = work is not None
