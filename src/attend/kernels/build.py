@@ -86,7 +86,10 @@ _FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PA
                  "tma_loads": dict(USE_TMA=True), "tma_varlen": dict(VARLEN=True, EVEN=False, USE_TMA=True),
                  "tma_bias": dict(CAUSAL=False, HAS_MASK=True, USE_TMA=True, MASK_TMA=True)}
 # The backward reads through TMA descriptors on sm_90 where it can, and through pointers otherwise.
-_BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(HEAD_MAJOR=True)}
+# One query row (decode shapes: Triton turns L_max == 1 into a constant, the query loops fold away)
+# over grouped heads, whose loop then becomes the innermost one (it must not be pipelined).
+_BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(HEAD_MAJOR=True),
+                 "one_query_row": dict(L_max=1, CAUSAL=False, EVEN=False)}
 
 
 def _build_one(job: tuple) -> dict:

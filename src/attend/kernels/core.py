@@ -786,7 +786,10 @@ def attn_bwd(
         dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
         lo, a, c, hi = _query_blocks(n0, L, causal_off, window_off, BLOCK_M1, BLOCK_N1, CAUSAL, WINDOW)
-        for g in range(G):
+        # Never software-pipelined: where the query loops fold away (L == 1 specializes their
+        # trip count to one), this loop becomes the innermost one, and the pipeliner cannot
+        # predicate the tensor descriptors it creates.
+        for g in tl.range(G, num_stages=1):
             h = hk * G + g
             bh = b * H + h
             q_base = (Q + tl.cast(bt, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
