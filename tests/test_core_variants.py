@@ -72,19 +72,28 @@ def test_deterministic_mode_never_uses_atomics(dq_atomic):
 @pytest.mark.parametrize("S", [1, 700, 2500])
 def test_key_range_kernel_spans_the_kept_keys(S):
     """The per-(b, h) span [first True, last True + 1) behind KEY_RANGE, (0, 0) when none is
-    kept; computed over the mask's own extent and broadcast by strides."""
+    kept, and whether the mask keeps every key in between (a run: the loops then skip its reads
+    inside the span); computed over the mask's own extent and broadcast by strides."""
     torch.manual_seed(S)
-    mask = torch.rand(3, 2, 1, S, device=DEVICE) > 0.97
+    mask = torch.rand(4, 2, 1, S, device=DEVICE) > 0.97
     mask[0, 0] = False
-    mask[1, 1] = True
-    m4 = mask[:, :1].expand(3, 4, 5, S)  # broadcast over heads (stride 0) and queries
+    mask[1, 0] = True
+    mask[2, 0] = False
+    mask[2, 0, 0, S // 3: S // 2 + 1] = True  # a run inside
+    mask[3, 0] = mask[2, 0]
+    mask[3, 0, 0, (S // 3 + S // 2) // 2] = S < 3  # the same with a hole (S=1: still a run of one)
+    m4 = mask[:, :1].expand(4, 4, 5, S)  # broadcast over heads (stride 0) and queries
     ext, strides, on = launch._key_range(m4, tuple(m4.stride()), True, m4)
-    assert on and ext.shape == (3, 4, 2) and strides[1] == 0
-    for b in range(3):
+    assert on and ext.shape == (4, 4, 4) and strides[1] == 0
+    runs = []
+    for b in range(4):
         kept = mask[b, 0, 0].nonzero().flatten().tolist()
-        want = [kept[0], kept[-1] + 1] if kept else [0, 0]
+        span = [kept[0], kept[-1] + 1] if kept else [0, 0]
+        run = bool(kept) and len(kept) == span[1] - span[0]
+        runs.append(run)
         for h in range(4):
-            assert ext[b, h].tolist() == want, (b, h)
+            assert ext[b, h, :3].tolist() == span + [int(run)], (b, h)
+    assert runs[:3] == [False, True, True] and runs[3] == (S < 3)
 
 
 @pytest.fixture
@@ -293,9 +302,9 @@ def test_work_list_falls_back_to_the_slot_grid(monkeypatch):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 def test_backward_row_statistics_layout(packed):
-    """attn_bwd_preprocess writes LSE2 = lse * log2(e) (+inf where lse is -inf) and Delta =
+    """attn_bwd_preprocess writes NLSE2 = -lse * log2(e) (-inf where lse is -inf) and Delta =
     rowsum(O * dO) - dLSE at each sequence's aligned first row (core._stat_row0), pads every
-    sequence to whole STAT_PAD-row blocks with +inf / 0, and no two sequences share a row."""
+    sequence to whole STAT_PAD-row blocks with -inf / 0, and no two sequences share a row."""
     from attend._layout import Packed
     from attend.kernels import core
 
@@ -311,7 +320,7 @@ def test_backward_row_statistics_layout(packed):
     if packed:
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         meta = Packed(cu, cu)
-        lse2, delta, strides = launch._row_stats(launch._packed4(o), launch._packed4(do), lse, dlse, (0, T), len(lens),
+        nlse2, delta, strides = launch._row_stats(launch._packed4(o), launch._packed4(do), lse, dlse, (0, T), len(lens),
                                                  max(lens), meta)
         starts = [(int(cu[b]) // pad + b) * pad for b in range(len(lens))]
         firsts = cu[:-1].tolist()
@@ -320,7 +329,7 @@ def test_backward_row_statistics_layout(packed):
         o4, do4 = (t.reshape(2, L, H, D).transpose(1, 2) for t in (o, do))
         lse_d = lse.reshape(H, 2, L).transpose(0, 1).contiguous()
         dlse_d = dlse.reshape(H, 2, L).transpose(0, 1)
-        lse2, delta, strides = launch._row_stats(o4, do4, lse_d, dlse_d, (H * L, L), 2, L, None)
+        nlse2, delta, strides = launch._row_stats(o4, do4, lse_d, dlse_d, (H * L, L), 2, L, None)
         starts, firsts = [0, 0], [0, L]
     assert strides[-1] % 16 == 0, "rows per head must keep 16-element alignment"
     owned = []
@@ -328,14 +337,14 @@ def test_backward_row_statistics_layout(packed):
         bt = b if not packed else 0
         span = -(-n // pad) * pad
         owned.append((row0, row0 + span))
-        assert row0 % pad == 0 and row0 + span <= lse2.shape[-1]
+        assert row0 % pad == 0 and row0 + span <= nlse2.shape[-1]
         rows = slice(first, first + n)
-        want_lse2 = torch.where(lse[:, rows] == float("-inf"), float("inf"), lse[:, rows] * core.RCP_LN2.value)
+        want_nlse2 = torch.where(lse[:, rows] == float("-inf"), float("-inf"), -lse[:, rows] * core.RCP_LN2.value)
         want_delta = (o[rows].double() * do[rows].double()).sum(-1).T - dlse[:, rows].double()
-        got_lse2, got_delta = lse2[bt, :, row0:row0 + n], delta[bt, :, row0:row0 + n]
-        assert torch.allclose(got_lse2, want_lse2, rtol=1e-6, atol=1e-6), f"LSE2 of sequence {b}"
+        got_nlse2, got_delta = nlse2[bt, :, row0:row0 + n], delta[bt, :, row0:row0 + n]
+        assert torch.allclose(got_nlse2, want_nlse2, rtol=1e-6, atol=1e-6), f"NLSE2 of sequence {b}"
         assert torch.allclose(got_delta.double(), want_delta, rtol=1e-4, atol=1e-4), f"Delta of sequence {b}"
-        assert torch.all(lse2[bt, :, row0 + n:row0 + span] == float("inf")), f"LSE2 padding of sequence {b}"
+        assert torch.all(nlse2[bt, :, row0 + n:row0 + span] == float("-inf")), f"NLSE2 padding of sequence {b}"
         assert torch.all(delta[bt, :, row0 + n:row0 + span] == 0), f"Delta padding of sequence {b}"
     if packed:
         owned = sorted(owned)

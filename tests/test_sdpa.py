@@ -285,6 +285,27 @@ def test_lower_right_with_no_visible_keys_is_zero(backend, kernel, use_kernel):
     assert torch.allclose(out.double(), ref, atol=2e-3)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_negative_scale_matches_float64(kernel, mask, use_kernel):
+    """A negative scale flips every score's sign; the forward's online softmax takes each row's
+    max of the unscaled scores, so the launcher hands it -q and |scale| (it gave NaN before)."""
+    use_kernel(kernel)
+    torch.manual_seed(11)
+    dt = torch.float16 if kernel == "triton" else torch.float32
+    q, k, v = (rand(2, 2, 40, 16, dtype=dt, requires_grad=True) for _ in range(3))
+    kw = dict(scale=-0.6, is_causal=mask is None)
+    if mask == "bool":
+        kw["attn_mask"] = torch.rand(2, 1, 40, 40, device=DEVICE) > 0.3
+    elif mask == "float":
+        kw["attn_mask"] = rand(2, 2, 40, 40, dtype=dt)
+    backend = B.FLASH_ATTENTION if mask is None else B.EFFICIENT_ATTENTION
+    with attend.sdpa_kernel(backend):
+        out = attend.scaled_dot_product_attention(q, k, v, **kw)
+    assert torch.isfinite(out).all()
+    assert_matches_float64(out, q, k, v, what=f"scale<0 {mask}", **kw)
+
+
 @pytest.mark.parametrize("backend,kernel", list(_all_backend_params()))
 def test_shapes_3d_5d_strided_and_scale(backend, kernel, use_kernel):
     use_kernel(kernel)

@@ -19,7 +19,7 @@ from . import core
 _DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
 _INT64 = {"seed"}
-_POINTERS = {"Q", "K", "V", "Out", "LSE", "LSE2", "DLSE", "MASK", "DMASK", "DO", "Delta", "DK", "DV", "DQ"}
+_POINTERS = {"Q", "K", "V", "Out", "LSE", "NLSE2", "DLSE", "MASK", "DMASK", "DO", "Delta", "DK", "DV", "DQ"}
 _INT_POINTERS = {"CU_Q", "CU_K", "SEQUSED_K", "TABLE", "KEY_EXT", "WORK"}
 
 
@@ -31,7 +31,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in _POINTERS:
-            ty = "fp32" if name in ("LSE", "LSE2", "DLSE", "Delta", "DMASK", "DQ") else dtype
+            ty = "fp32" if name in ("LSE", "NLSE2", "DLSE", "Delta", "DMASK", "DQ") else dtype
             sig[name] = "*i1" if name == "MASK" and constexprs.get("MASK_BOOL") else f"*{ty}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _INT_POINTERS:

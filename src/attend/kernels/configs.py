@@ -190,7 +190,7 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
 
 # Every block size divides EVEN_TILE, so L and S that are multiples of it need no bounds masks
 # in the backward's loops (core.attn_bwd's EVEN), and every query block of the backward reads
-# whole blocks of its padded LSE2 / Delta rows (core.STAT_PAD, the same 128).
+# whole blocks of its padded NLSE2 / Delta rows (core.STAT_PAD, the same 128).
 EVEN_TILE = 128
 assert all(EVEN_TILE % c.kwargs[k] == 0
            for c in BWD_CONFIGS + [c for t in _TABLE.values() for c in t.values()] + list(_SMALL_TILES.values()) + list(_MASK_TILES.values())

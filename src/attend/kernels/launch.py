@@ -102,9 +102,9 @@ def _key_range(m4: torch.Tensor, mstr: tuple, mbool: bool, like: torch.Tensor):
     if not mbool or mstr[2] != 0 or S == 0:
         return like, (0, 0), False
     Bm, Hm = (1 if mstr[0] == 0 else B), (1 if mstr[1] == 0 else H)
-    ext = torch.empty((Bm, Hm, 2), dtype=torch.int32, device=m4.device)
+    ext = torch.empty((Bm, Hm, 4), dtype=torch.int32, device=m4.device)  # (lo, hi, run, unused)
     _KEY_RANGE_LAUNCH((Bm * Hm,), (m4, ext, mstr[0], mstr[1], mstr[3], Hm, S), dict(BLOCK=1024), 4, 3)
-    ext = ext.expand(B, H, 2)
+    ext = ext.expand(B, H, 4)
     return ext, (ext.stride(0), ext.stride(1)), True
 
 
@@ -246,6 +246,8 @@ def _packed4(t: torch.Tensor) -> torch.Tensor:
 def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dropout_p, band: Band, scale, seed,
              packed: Packed | None):
     H, D = q.shape[1], q.shape[3]
+    if scale < 0:  # the kernel takes each row's max of the unscaled scores: (-q) . k * |scale| is the same score
+        q, scale = -q, -scale
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     band_args, band_flags = _band_args(band)
@@ -358,21 +360,21 @@ _STAT_PAD = core.STAT_PAD.value
 
 
 def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed | None):
-    """(LSE2, Delta, their (b, h) strides): the backward's per-row inputs (``attn_bwd_preprocess``),
+    """(NLSE2, Delta, their (b, h) strides): the backward's per-row inputs (``attn_bwd_preprocess``),
     one fp32 buffer of two halves. Rows per head: L rounded up to STAT_PAD (dense), or T plus
     STAT_PAD per sequence (packed: each sequence starts on an aligned row, ``core._stat_row0``)."""
     H, rows = out.shape[1], out.shape[2]
     per_head = _cdiv(L if packed is None else rows + _STAT_PAD * B, _STAT_PAD) * _STAT_PAD
     stats = torch.empty((2, out.shape[0], H, per_head), dtype=torch.float32, device=out.device)
-    lse2, delta = stats[0], stats[1]
+    nlse2, delta = stats[0], stats[1]
     if dlse is not None:
         dlse = dlse.contiguous()  # the lse's layout; an expanded gradient (lse.sum()) has stride 0
     flags = dict(HEAD_DIM=out.shape[3], BLOCK_D=block_d(out.shape[3]), BLOCK_M=_STAT_PAD, VARLEN=packed is not None,
                  HAS_DLSE=dlse is not None)
     _PRE_LAUNCH((_cdiv(L, _STAT_PAD) * B * H,),
-                (out, dout, lse, lse if dlse is None else dlse, lse2, delta, packed.cu_q if packed else lse,
-                 *out.stride(), *dout.stride(), *lse_strides, *lse2.stride()[:2], H, L), flags, 8, 1)
-    return lse2, delta, lse2.stride()[:2]
+                (out, dout, lse, lse if dlse is None else dlse, nlse2, delta, packed.cu_q if packed else lse,
+                 *out.stride(), *dout.stride(), *lse_strides, *nlse2.stride()[:2], H, L), flags, 8, 1)
+    return nlse2, delta, nlse2.stride()[:2]
 
 
 def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
@@ -383,7 +385,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     the caller computes dQ)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     BLOCK_D = block_d(D)
-    lse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, lse_strides, B, L, packed)
+    nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, lse_strides, B, L, packed)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     band_args, band_flags = _band_args(band)
@@ -406,7 +408,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     work = _work_list(packed, band, config, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device)
     flags["WORKLIST"] = work is not None
     n_kv_items, n_q_items = (0, 0) if work is None else work[1]
-    args = (q, k, v, dout, lse2, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, q if work is None else work[0],
+    args = (q, k, v, dout, nlse2, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, q if work is None else work[0],
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr,
             *dmstr, *stat_strides, *ext_strides, B if work is None else 1, H, H // Hkv, L, S, scale * _RCP_LN2, scale,
             *band_args, float(dropout_p), int(seed), n_kv_items, n_q_items, _seq_bucket(max(L, S)))
