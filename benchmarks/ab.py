@@ -1,0 +1,118 @@
+"""Decide between a few tuning choices with interleaved timings: every variant of a case is timed
+once per round, for several rounds, through the public API (as ``python -m attend bench`` times
+it), and the table gives each variant's median and spread. A single sweep pass ranks configs
+from one timing each; on the H100 the same config has read 12% apart within one sweep (session
+7), more than the differences being decided, so a ranking that matters comes from here.
+
+    PYTHONPATH=src python benchmarks/ab.py [--cases varlen-window,bias-grad] [--rounds 5] [--json out.json]
+
+A variant is (kind, config, forward TMA loads): ``launch.FWD_TMA`` for "fwd"; the backward's
+TMA choice stays the library's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from sweep import BASE, _api_ms, _b, _c, _force, cases  # first: it turns the autotuner off  # isort: skip
+
+import torch  # noqa: E402
+
+from attend.kernels import launch  # noqa: E402
+
+# Per case: the shipped fixed config first (marked "now"), then the challengers.
+PLAN = {
+    "varlen-window": [
+        ("fwd", _c(128, 64, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), True, ""),
+        ("fwd", _c(64, 64, 4, 3), True, ""), ("fwd", _c(128, 128, 8, 2), False, ""),
+        ("bwd", _b(32, 64, 64, 32, 4, 3), None, "now"), ("bwd", _b(64, 64, 64, 64, 4, 2, head_major=True), None, ""),
+        ("bwd", _b(64, 128, 128, 64, 8, 2), None, ""), ("bwd", _b(64, 128, 128, 64, 8, 4), None, ""),
+    ],
+    "varlen-full": [
+        ("fwd", _c(128, 64, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), True, ""),
+        ("fwd", _c(64, 64, 4, 3), True, ""),
+        ("bwd", _b(64, 64, 64, 64, 4, 2, head_major=True), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, ""),
+    ],
+    "varlen-causal": [
+        ("fwd", _c(128, 64, 8, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), True, ""),
+        ("fwd", _c(64, 32, 4, 2), True, ""), ("fwd", _c(128, 64, 8, 3), True, ""),
+    ],
+    "bias-grad": [
+        ("fwd", _c(128, 64, 8, 3), False, "now"), ("fwd", _c(128, 64, 8, 3), True, ""),
+        ("fwd", _c(128, 64, 8, 4), True, ""),
+        ("bwd", _b(64, 64, 64, 64, 4, 2), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, ""),
+        ("bwd", _b(64, 64, 64, 64, 4, 3), None, ""),
+    ],
+    "padding": [
+        ("fwd", _c(128, 64, 8, 3, even=False), False, "now"), ("fwd", _c(128, 128, 8, 3), False, ""),
+        ("fwd", _c(128, 64, 8, 3), False, ""), ("fwd", _c(128, 128, 8, 3), True, ""),
+        ("bwd", _b(64, 64, 64, 64, 4, 2, head_major=True), None, "now"), ("bwd", _b(64, 128, 128, 64, 8, 3), None, ""),
+    ],
+}
+
+
+def _label(kind, cfg, tma, mark) -> str:
+    kw = cfg.kwargs
+    tiles = (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}" if kind == "fwd" else
+             f"{kw['BLOCK_M1']}x{kw['BLOCK_N1']}/{kw['BLOCK_M2']}x{kw['BLOCK_N2']}" + (" HM" if kw.get("HEAD_MAJOR") else ""))
+    extra = (" noEVEN" if kw.get("EVEN") is False else "") + (" tma" if tma else "")
+    return f"{kind} {tiles} w{cfg.num_warps} s{cfg.num_stages}{extra}" + (" (now)" if mark else "")
+
+
+def run(case: str, rounds: int) -> dict:
+    (name, S, make), = list(cases(case))
+    fwd, bwd, flops, api = make()
+    variants = PLAN[case]
+    times = {i: [] for i in range(len(variants))}
+    for r in range(rounds + 1):  # round 0 compiles and warms up; not recorded
+        for i, (kind, cfg, tma, _) in enumerate(variants):
+            _force(dict(BASE, **{kind: cfg}))
+            launch.FWD_TMA = bool(tma) if kind == "fwd" else False
+            try:
+                ms = _api_ms(kind, api)
+            except Exception as e:  # out of resources: recorded, not fatal
+                times[i] = f"{type(e).__name__}: {str(e)[:100]}"
+                continue
+            if r and isinstance(times[i], list):
+                times[i].append(ms)
+    launch.FWD_TMA = False
+    out = {}
+    for i, (kind, cfg, tma, mark) in enumerate(variants):
+        t = times[i]
+        if isinstance(t, str):
+            out[_label(kind, cfg, tma, mark)] = dict(error=t)
+            continue
+        med = statistics.median(t)
+        work = flops if kind == "fwd" else 2.5 * flops
+        out[_label(kind, cfg, tma, mark)] = dict(ms=med, tflops=work / med * 1e-9, lo=min(t), hi=max(t), n=len(t))
+    return {f"{name} S={S}": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=",".join(PLAN))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    results = {}
+    for case in args.cases.split(","):
+        res = run(case, args.rounds)
+        results.update(res)
+        for key, rows in res.items():
+            print(f"== {key} ({torch.cuda.get_device_name()})")
+            for label, r in rows.items():
+                if "error" in r:
+                    print(f"  {label:44s} {r['error']}")
+                else:
+                    print(f"  {label:44s} {r['tflops']:6.1f} TFLOP/s  {r['ms']:.3f} ms  [{r['lo']:.3f}, {r['hi']:.3f}]")
+        sys.stdout.flush()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
