@@ -78,7 +78,7 @@ def run(case: str, rounds: int) -> dict:
                 continue
             if r and isinstance(times[i], list):
                 times[i].append(ms)
-    launch.FWD_TMA = False
+    launch.FWD_TMA = None
     out = {}
     for i, (kind, cfg, tma, mark) in enumerate(variants):
         t = times[i]

@@ -172,7 +172,7 @@ def _api_ms(kind: str, api) -> float:
 def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds=("fwd", "bwd"), short=False,
           tma=(None,), even_both=False, api_mode=False, atomic=False, fwd_tma=(None,)) -> None:
     """``tma``: launch.FORCE_TMA values to time each backward config with (None: the default);
-    ``fwd_tma``: launch.FWD_TMA values to time each forward config with (None: the default, off);
+    ``fwd_tma``: launch.FWD_TMA values to time each forward config with (None: as the config asks);
     ``even_both``: also time each forward config with its EVEN path turned off (a config can opt out);
     ``api_mode``: time through the public API (autograd, dispatch) instead of the launchers: the
     bench's own measure, which has ranked some backward tiles differently (RESULTS.md, session 5);
@@ -194,7 +194,7 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
         for kind, cfg, use_tma in jobs:
             _force(dict(BASE, **{kind: cfg}))
             if kind == "fwd":
-                launch.FWD_TMA = bool(use_tma)
+                launch.FWD_TMA = use_tma
             else:
                 launch.FORCE_TMA = use_tma
             label = str(cfg) + ("" if use_tma is None else f", {'fwd_tma' if kind == 'fwd' else 'tma'}: {use_tma}")
@@ -216,7 +216,7 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
                 row[kind][label] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
             print(f"{case} S={S} {kind} {label}: {row[kind].get(label)} ({time.time() - t0:.1f}s)", flush=True)
         launch.FORCE_TMA = None
-        launch.FWD_TMA = False
+        launch.FWD_TMA = None
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(out, f, indent=1)

@@ -375,6 +375,40 @@ def test_every_grid_is_one_dimensional(monkeypatch):
         assert len(grid) == 1 and B * H <= grid[0] < 2 ** 31, (name, grid)
 
 
+def test_forward_tma_loads_follow_the_fixed_config(monkeypatch):
+    """launch.FWD_TMA = None: the forward reads through TMA descriptors where its fixed config asks
+    (configs._c's tma: masks, packed sequences, windows) and the copy engine can read the tensors;
+    True / False force it; paged pools never. The request never reaches the kernel as a
+    parameter. Host side only (the launcher is stubbed; the copy engine is assumed)."""
+    from attend._layout import Band, Packed
+
+    seen = []
+    monkeypatch.setattr(launch, "_FWD_LAUNCH", lambda grid, args, cx, *a: seen.append(cx))
+    monkeypatch.setattr(launch, "_INTERPRET", False)  # the H100's fixed configs, not the interpreter's tile
+    monkeypatch.setattr(launch, "_use_tma", lambda *t: True)
+    B, H, L, D = 2, 4, 256, 128
+    q, k, v = (torch.empty(B, H, L, D, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))
+    bias = torch.empty(B, H, L, L, dtype=torch.bfloat16, device=DEVICE)
+    qp = torch.empty(B * L, H, D, dtype=torch.bfloat16, device=DEVICE)
+    cu = torch.tensor([0, L, 2 * L], dtype=torch.int32, device=DEVICE)
+
+    def flags(call, force=None):
+        monkeypatch.setattr(launch, "FWD_TMA", force)
+        seen.clear()
+        call()
+        assert "TMA" not in seen[0]
+        return seen[0]["USE_TMA"], seen[0]["MASK_TMA"]
+
+    dense = lambda: launch.forward(q, k, v, None, 0.0, 0, D ** -0.5, 0)
+    masked = lambda: launch.forward(q, k, v, bias, 0.0, 0, D ** -0.5, 0)
+    packed = lambda: launch.varlen_forward(qp, qp, qp, Packed(cu, cu), L, L, D ** -0.5, Band(-1, 0, True))
+    assert flags(dense) == (False, False)
+    assert flags(masked) == (True, True)
+    assert flags(packed) == (True, False)
+    assert flags(masked, force=False) == (False, False)
+    assert flags(dense, force=True) == (True, False)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the grid limit is CUDA's; the interpreter has none")
 def test_batch_times_heads_past_the_grid_limit():
     """Decode with B * H = 67200 > 65535, forward and backward, against float64."""

@@ -24,6 +24,10 @@ def builds():
     return json.loads(res.stdout)
 
 
+FWD_TMA_BUILDS = {"tma_loads", "tma_varlen", "tma_bias", "bias_grad", "broadcast_bias_grad", "bool_mask_dropout",
+                  "varlen_sliding_window", "varlen_work_list", "key_padding_mask"}
+
+
 def test_every_config_builds_for_hopper_and_ampere(builds):
     # + heuristic configs at D=64, 256, the feature variants of each kernel, paged (fwd only) and
     # pointer loads (bwd only)
@@ -39,9 +43,9 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
             assert b["wgmma"], f"{b['kernel']} {b['config']} D={b['head_dim']} on sm_90 does not use wgmma"
         else:
             assert b["mma_sync"] and not b["wgmma"], f"{b['kernel']} {b['config']} on sm_80"
-        # TMA: the backward's loads on sm_90 unless built with pointer loads; the forward's only
-        # in its tma_* variants (launch.FWD_TMA is off by default)
-        want_tma = b["arch"] == 90 and (b["feature"].startswith("tma_") if b["kernel"] == "fwd"
+        # TMA: the backward's loads on sm_90 unless built with pointer loads; the forward's in its
+        # tma_* variants and where the fixed config asks (masks, packed, window; never paged)
+        want_tma = b["arch"] == 90 and (b["feature"] in FWD_TMA_BUILDS if b["kernel"] == "fwd"
                                         else b["feature"] != "pointer_loads")
         assert b["tma"] == want_tma, f"{b['kernel']} {b['config']} {b['feature']} sm_{b['arch']}: TMA {b['tma']}"
         if b["arch"] == 90:  # on sm_80 the autotuner's prune drops the configs that need more

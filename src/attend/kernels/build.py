@@ -62,6 +62,12 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False,
                       MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90 and fn is core.attn_bwd, MASK_TMA=False, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32")
     constexprs.update(config.kwargs)  # a config may turn EVEN off
+    if fn is core.attn_fwd and config.kwargs.get("TMA") and "USE_TMA" not in flags:
+        # the forward's TMA loads, where a fixed config asks for them, as launch._forward resolves it
+        tma = target.arch >= 90 and not flags.get("PAGED")
+        constexprs["USE_TMA"] = tma
+        constexprs["MASK_TMA"] = tma and flags.get("HAS_MASK", False) and not flags.get("MASK_BOOL") \
+            and not flags.get("MASK_KEYS")
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     sig, attrs = _signature(fn, _DTYPE[dtype], constexprs)
@@ -81,7 +87,7 @@ _FEATURES = {
     "varlen_work_list": dict(VARLEN=True, WORKLIST=True, EVEN=False),
     "key_padding_mask": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, MASK_KEYS=True, KEY_RANGE=True),
 }
-# The forward's TMA loads are off by default (launch.FWD_TMA); built here so they keep compiling.
+# The forward's TMA loads (launch.FWD_TMA), forced on, besides the fixed configs that ask for them.
 _FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16),
                  "tma_loads": dict(USE_TMA=True), "tma_varlen": dict(VARLEN=True, EVEN=False, USE_TMA=True),
                  "tma_bias": dict(CAUSAL=False, HAS_MASK=True, USE_TMA=True, MASK_TMA=True)}

@@ -15,13 +15,18 @@ import triton
 INTERPRET_TILE = 16
 
 
-def _c(bm: int, bn: int, warps: int, stages: int, lazy: bool = False, even: bool = True) -> triton.Config:
+def _c(bm: int, bn: int, warps: int, stages: int, lazy: bool = False, even: bool = True,
+       tma: bool = False) -> triton.Config:
     """Forward: a (BLOCK_M, BLOCK_N) tile; ``lazy``: rescale the accumulator only when a row's
     max grows by more than 2^8 (core.RESCALE_SLACK); ``even=False``: never take the kernel's
-    EVEN path, even where the shape allows it (it is slower for some tiles: the sweep decides)."""
+    EVEN path, even where the shape allows it (it is slower for some tiles: the sweep decides);
+    ``tma``: read K, V and a float mask's tiles through TMA descriptors where the copy engine can
+    (launch.FWD_TMA; a request the launcher drops on other GPUs or misaligned tensors)."""
     kw = {"BLOCK_M": bm, "BLOCK_N": bn, "LAZY_RESCALE": lazy}
     if not even:  # overrides the launch's EVEN flag (a config can only opt out of it)
         kw["EVEN"] = False
+    if tma:
+        kw["TMA"] = True
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
@@ -136,20 +141,26 @@ _TABLE = {
 }
 # Full-size masks: a 128x128 forward tile with its bf16 bias tile pipelined in shared memory needs
 # 288 KiB, over the H100's 227 KiB; 128x64 is the sweep's best (208 vs 126 TFLOP/s for 64x64,
-# run 13), with the EVEN path 391 vs 339 without (session 5, bias (4, 16, 4096, 4096)). Backward
-# with dQ from the stored dS (launch.DQ_FROM_DS): 64x64 272, next 266 (32x64). fp32: tiles take
-# twice the space, so 64x64.
-_MASK_TILES = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
-# Key-padding masks (one mask row for all queries) keep the measured non-EVEN forward: 423 TFLOP/s,
-# level with cuDNN (session 4); EVEN is unmeasured with them.
-_KEY_MASK_TILES = {("fwd", 128): _c(128, 64, 8, 3, even=False)}
+# run 13), with the EVEN path 391 vs 339 without (session 5, bias (4, 16, 4096, 4096)). Session 7
+# (benchmarks/ab.py, medians of 5 interleaved rounds through the API): with TMA loads 370.5 against
+# 360.9. Backward with dQ from the stored dS (launch.DQ_FROM_DS): 64x64 272, next 266 (32x64);
+# session 7: 323 against 312 (32x64). fp32: tiles take twice the space, so 64x64.
+_MASK_TILES = {("fwd", 128): _c(128, 64, 8, 3, tma=True), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
+# Key-padding masks (one mask row for all queries): since session 7 a mask that keeps one run of
+# keys is read on the run's edge blocks only, so the forward is the plain one inside the run.
+# ab.py, (4, 1, 1, 4096) padding: 128x128 with TMA 568, 128x64 554, the old non-EVEN 128x64 546.
+_KEY_MASK_TILES = {("fwd", 128): _c(128, 128, 8, 3, tma=True)}
 _SMALL_TILES = {("fwd", 128): _c(64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2)}
-# Packed causal batches of mixed lengths (the sweep's varlen case, session 5: forward 379; backward
-# through TMA descriptors, head-major 64x64 304, against 271 for the old pointer-load pick).
-_VARLEN = {("fwd", 128): _c(128, 64, 8, 3), ("bwd", 128): _b(64, 64, 64, 64, 4, 2, head_major=True)}
+# Packed causal sequences (session 5: forward 379; backward through TMA descriptors, head-major
+# 64x64 304, against 271 for the old pointer-load pick). Forward by longest sequence (session 7,
+# ab.py): mixed lengths up to 4096, 64x64 with TMA 382 against 364 for 128x64; one sequence of
+# 16384, 128x128 with TMA 504 against 482 (64x64 with TMA 475).
+_VARLEN = {("fwd", 128): {4096: _c(64, 64, 4, 3, tma=True), 16384: _c(128, 128, 8, 3, tma=True)},
+           ("bwd", 128): {16384: _b(64, 64, 64, 64, 4, 2, head_major=True)}}
 # Sliding windows (varlen-window, 4096 of 16384): backward 64x64 in key order 363, head-major 349
-# (session 5). Session 6, with the padded LSE2 / Delta rows: 32x64 392, head-major 64x64 372.
-_WINDOW = {("bwd", 128): _b(32, 64, 64, 32, 4, 3)}
+# (session 5). Session 6, with the padded row stats: 32x64 392, head-major 64x64 372. Session 7
+# (ab.py): 32x64 378, head-major 64x64 350; forward 128x128 with TMA 443 against 416 (128x64).
+_WINDOW = {("fwd", 128): _c(128, 128, 8, 3, tma=True), ("bwd", 128): _b(32, 64, 64, 32, 4, 3)}
 _DECODE = _c(16, 128, 4, 3)
 # Grouped-query heads (G > 1) at S=4096, 8:1, where the winner differs from the table's. D=64
 # causal: forward 387 TFLOP/s with 4 stages vs at most 348 with the 3-stage table pick; backward
@@ -179,11 +190,15 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
     if flags.get("WINDOW") and (kind, d) in _WINDOW:
         return _WINDOW[(kind, d)]
     if flags.get("VARLEN") and (kind, d) in _VARLEN:
-        return _VARLEN[(kind, d)]
+        return _by_bucket(_VARLEN[(kind, d)], seq_bucket)
     key = (kind, d, bool(flags.get("CAUSAL")))
     if group > 1 and seq_bucket >= 4096 and key in _GQA:
         return _GQA[key]
-    by_bucket = _TABLE[key]
+    return _by_bucket(_TABLE[key], seq_bucket)
+
+
+def _by_bucket(by_bucket: dict, seq_bucket: int) -> triton.Config:
+    """The entry for the smallest listed bucket >= ``seq_bucket``, else the largest one."""
     fits = [b for b in sorted(by_bucket) if b >= seq_bucket]
     return by_bucket[fits[0] if fits else max(by_bucket)]
 
@@ -194,6 +209,7 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
 EVEN_TILE = 128
 assert all(EVEN_TILE % c.kwargs[k] == 0
            for c in BWD_CONFIGS + [c for t in _TABLE.values() for c in t.values()] + list(_SMALL_TILES.values()) + list(_MASK_TILES.values())
-           + list(_VARLEN.values()) + list(_WINDOW.values()) + list(_GQA.values()) if "BLOCK_M1" in c.kwargs
+           + [c for t in _VARLEN.values() for c in t.values()] + list(_WINDOW.values()) + list(_GQA.values())
+           if "BLOCK_M1" in c.kwargs
            for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"))
 assert all(EVEN_TILE % c.kwargs[k] == 0 for c in FWD_CONFIGS for k in ("BLOCK_M", "BLOCK_N"))

@@ -54,8 +54,10 @@ VARLEN_WORKLIST: bool = False
 # The forward reads K and V (and the tiles of a float mask with rows) through TMA tensor
 # descriptors where the copy engine can read them (``_use_tma``; never paged), instead of pointer
 # loads: fewer address computations per iteration (one copy per tile, issued by one thread) and
-# no bounds masks. Off until the H100 measures it (benchmarks/sweep.py --fwd-tma); tests flip it.
-FWD_TMA: bool = False
+# no bounds masks. None: as the fixed config asks (configs._c's ``tma``: the masks, varlen and
+# window tiles, where the H100 measured it faster; dense tiles lose with it, 492 vs 515 TFLOP/s at
+# D=128, S=16k); True / False force it (benchmarks, tests).
+FWD_TMA: bool | None = None
 
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
@@ -258,9 +260,10 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  **seq_flags, EVEN=_even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
-    flags["USE_TMA"] = FWD_TMA and not seq_flags["PAGED"] and _use_tma(q, k, v)
-    flags["MASK_TMA"] = flags["USE_TMA"] and mask is not None and not mbool and mstr[2] != 0 and _use_tma(m4)
     config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S), H // Hkv)
+    asked = config is not None and config[0].pop("TMA", False)
+    flags["USE_TMA"] = (asked if FWD_TMA is None else FWD_TMA) and not seq_flags["PAGED"] and _use_tma(q, k, v)
+    flags["MASK_TMA"] = flags["USE_TMA"] and mask is not None and not mbool and mstr[2] != 0 and _use_tma(m4)
     work = _work_list(packed, band, config, (("q", "BLOCK_M"),), q.device)
     flags["WORKLIST"] = work is not None
     args = (q, k, v, out, lse, m4, *seq_ptrs, ext, q if work is None else work[0], *q.stride(), *kstr, *vstr,
