@@ -351,17 +351,19 @@ def test_backward_row_statistics_layout(packed):
         assert all(end <= nxt for (_, end), (nxt, _) in zip(owned, owned[1:])), f"sequences overlap: {owned}"
 
 
-def test_every_grid_is_one_dimensional(monkeypatch):
+@pytest.mark.parametrize("B", [4200, 3])
+def test_grids_fit_cuda_limits(B, monkeypatch):
     """CUDA caps a grid's y and z at 65535; B * H passes that (decode at batch 4200 with 16 heads,
-    or 4200 one-token packed sequences). Every launch of the core puts all programs on x. The
-    launchers are stubbed here (nothing runs, any device): the host side only; the GPU test
-    below runs such a shape."""
+    or 4200 one-token packed sequences). The forward and the preprocess launch (blocks, B * H)
+    where it fits (faster, core._grid_cell) and put every program on x where it does not; the
+    backward always uses one axis. The launchers are stubbed here (nothing runs, any device): the
+    host side only; the GPU test below runs such a shape."""
     from attend._layout import Band, Packed
 
     grids = []
     for name in ("_FWD_LAUNCH", "_BWD_LAUNCH", "_PRE_LAUNCH"):
         monkeypatch.setattr(launch, name, lambda grid, *a, name=name: grids.append((name, grid)))
-    B, H, S, D = 4200, 16, 16, 16
+    H, S, D = 16, 16, 16
     q = torch.empty(B, H, 1, D, dtype=torch.float16, device=DEVICE)
     k = v = torch.empty(B, H, S, D, dtype=torch.float16, device=DEVICE)
     out, lse = launch.forward(q, k, v, None, 0.0, 0, D ** -0.5, 0)
@@ -372,7 +374,10 @@ def test_every_grid_is_one_dimensional(monkeypatch):
     launch.varlen_backward(qp, qp, qp, qp, out, lse, Packed(cu, cu), 1, 1, D ** -0.5, Band(-1, 0, True))
     assert {name for name, _ in grids} == {"_FWD_LAUNCH", "_BWD_LAUNCH", "_PRE_LAUNCH"}
     for name, grid in grids:
-        assert len(grid) == 1 and B * H <= grid[0] < 2 ** 31, (name, grid)
+        programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
+        assert B * H <= programs < 2 ** 31 and all(g <= 65535 for g in grid[1:]), (name, grid)
+        two_d = name != "_BWD_LAUNCH" and B * H <= 65535
+        assert len(grid) == (2 if two_d else 1) and (not two_d or grid[1] == B * H), (name, grid)
 
 
 def test_forward_tma_loads_follow_the_fixed_config(monkeypatch):

@@ -90,13 +90,23 @@ def _band(rows, cols, causal_off, window_off, CAUSAL: tl.constexpr, WINDOW: tl.c
 
 
 @triton.jit
-def _grid_cell(n_blocks):
-    """(block, head) of this program in a 1-D grid of ``n_blocks`` programs per (batch, head),
-    numbered head by head (so a head's blocks run together and share its K/V in L2). One axis
-    because CUDA caps a grid's y and z at 65535, which B * H passes (decode at batch 4096 with 32
-    heads; 4096 packed sequences of 16 heads); x allows 2^31 - 1."""
-    pid = tl.program_id(0)
-    return pid % n_blocks, pid // n_blocks
+def _grid_cell(n_blocks, GRID_1D: tl.constexpr):
+    """(block, head, blocks per head) of this program: a (n_blocks, B * H) grid, or with GRID_1D
+    one axis of n_blocks * B * H programs numbered head by head, for B * H past CUDA's 65535 cap on
+    y (decode at batch 4096 with 32 heads; 4096 packed sequences of 16 heads; the launcher picks).
+    A constexpr, not a runtime test of the grid: with the runtime test in the prologue the D=64
+    causal forward ran 22% slower on the H100 (210 / 303 / 350 against 272 / 379 / 419 TFLOP/s at
+    S = 1k / 4k / 16k, session 7) with the same loop bodies."""
+    if GRID_1D:
+        pid = tl.program_id(0)
+        blk = pid % n_blocks
+        bh = pid // n_blocks
+        n = n_blocks
+    else:
+        blk = tl.program_id(0)
+        bh = tl.program_id(1)
+        n = tl.num_programs(0)
+    return blk, bh, n
 
 
 @triton.jit
@@ -335,10 +345,12 @@ def attn_fwd(
     KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WORKLIST: tl.constexpr = False, USE_TMA: tl.constexpr = False, MASK_TMA: tl.constexpr = False,
+    GRID_1D: tl.constexpr = False,
 ):
-    """Grid: (cdiv(L, BLOCK_M) * B * Hq,), one program per query block of one head, the blocks of a
-    head numbered together (``_grid_cell``). Writes Out and LSE (fp32, natural log).
-    WORKLIST (packed only): grid (items * Hq,) instead; WORK[i] = sequence << 16 | query block
+    """Grid: (cdiv(L, BLOCK_M), B * Hq), or with GRID_1D (cdiv(L, BLOCK_M) * B * Hq,), past CUDA's
+    cap on y (``_grid_cell``): one program per query block of one head. Writes Out and LSE (fp32,
+    natural log).
+    WORKLIST (packed only): grid (items * Hq,) instead (one axis); WORK[i] = sequence << 16 | query block
     (``_work_item``), the host's list of the blocks that exist, heaviest first
     (``launch._work_list``), so no program is spent on a shorter sequence's missing blocks and the
     longest work starts first.
@@ -352,7 +364,7 @@ def attn_fwd(
         n_m = tl.num_programs(0) // H
     else:
         n_m = tl.cdiv(L_max, BLOCK_M)
-    pid_m, bh = _grid_cell(n_m)
+    pid_m, bh, n_m = _grid_cell(n_m, GRID_1D or WORKLIST)
     if CAUSAL and not WORKLIST:  # the last query block sees the most keys: launch it first
         pid_m = n_m - 1 - pid_m
     b = bh // H
@@ -522,7 +534,7 @@ def attn_bwd_preprocess(
     stride_lseb, stride_lseh, stride_statb, stride_stath,
     H, L_max,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
+    HAS_DLSE: tl.constexpr, GRID_1D: tl.constexpr = False,
 ):
     """The backward's per-row statistics, from the forward's LSE and Out and the incoming dO:
     Delta = sum_d O * dO (minus dLSE when the lse has a gradient: d lse / d s = p), and
@@ -530,10 +542,11 @@ def attn_bwd_preprocess(
     then 0): the backward adds it to each score in the score's own FMA.
     Both fp32, at ``b * stride_statb + h * stride_stath + _stat_row0 + i``, for every i below L
     rounded up to BLOCK_M (== STAT_PAD): rows past L get NLSE2 = -inf and Delta = 0, so their
-    probabilities and dS are 0. Grid: (cdiv(L_max, BLOCK_M) * B * H,) (``_grid_cell``), B the
+    probabilities and dS are 0. Grid: (cdiv(L_max, BLOCK_M), B * H) or, GRID_1D, their product
+    (``_grid_cell``), B the
     number of sequences when VARLEN (packed (1, H, T, D) views)."""
     tl.static_assert(BLOCK_M == STAT_PAD)
-    pid_m, bh = _grid_cell(tl.cdiv(L_max, BLOCK_M))
+    pid_m, bh, _n = _grid_cell(tl.cdiv(L_max, BLOCK_M), GRID_1D)
     b = bh // H
     h = bh % H
     q0, _k0, L, _S = _seq(b, L_max, L_max, CU_Q, CU_Q, CU_Q, VARLEN, False, False)

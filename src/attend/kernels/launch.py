@@ -60,6 +60,8 @@ VARLEN_WORKLIST: bool = False
 FWD_TMA: bool | None = None
 
 
+_GRID_Y_MAX = 65535  # CUDA's cap on gridDim.y (x allows 2^31 - 1)
+
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
 _FWD_LAUNCH = Launcher(core.attn_fwd, volatile=("seed",))
 _BWD_LAUNCH = Launcher(core.attn_bwd, volatile=("seed",))
@@ -270,10 +272,18 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
             *out.stride(), *mstr, *lse_strides, stride_table, *ext_strides, H, H // Hkv, L, S, scale * _RCP_LN2,
             *band_args, float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
 
+    flags["GRID_1D"] = B * H > _GRID_Y_MAX
+
     def grid(m):  # every sequence's slots, or the list's items (core.attn_fwd)
-        return (_cdiv(L, m["BLOCK_M"]) * B * H,) if work is None else (work[1][0] * H,)
+        return _grid(_cdiv(L, m["BLOCK_M"]), B * H) if work is None else (work[1][0] * H,)
 
     _launch(_fwd, _FWD_LAUNCH, grid, args, flags, config)
+
+
+def _grid(blocks: int, heads: int) -> tuple:
+    """(blocks, heads) where heads fits CUDA's 65535 cap on a grid's y, else one axis: the
+    kernels' GRID_1D (``core._grid_cell``) is ``len(grid) == 1``."""
+    return (blocks, heads) if heads <= _GRID_Y_MAX else (blocks * heads,)
 
 
 def _work_list(packed: Packed | None, band: Band, config, spec: tuple, device: torch.device):
@@ -373,8 +383,8 @@ def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed
     if dlse is not None:
         dlse = dlse.contiguous()  # the lse's layout; an expanded gradient (lse.sum()) has stride 0
     flags = dict(HEAD_DIM=out.shape[3], BLOCK_D=block_d(out.shape[3]), BLOCK_M=_STAT_PAD, VARLEN=packed is not None,
-                 HAS_DLSE=dlse is not None)
-    _PRE_LAUNCH((_cdiv(L, _STAT_PAD) * B * H,),
+                 HAS_DLSE=dlse is not None, GRID_1D=B * H > _GRID_Y_MAX)
+    _PRE_LAUNCH(_grid(_cdiv(L, _STAT_PAD), B * H),
                 (out, dout, lse, lse if dlse is None else dlse, nlse2, delta, packed.cu_q if packed else lse,
                  *out.stride(), *dout.stride(), *lse_strides, *nlse2.stride()[:2], H, L), flags, 8, 1)
     return nlse2, delta, nlse2.stride()[:2]
