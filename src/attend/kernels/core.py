@@ -431,7 +431,8 @@ def attn_fwd(
     if KEY_RANGE:
         # A run of kept keys: the mask is the span [k_lo, k_hi) itself, so it is read only on the
         # block that k_lo cuts ([a, a_in)) and the whole blocks inside ([a_in, c_run)) take the
-        # maskless loop. Otherwise those two ranges are empty and [c_run, c) reads the mask.
+        # maskless loop. Otherwise those two ranges are empty and the loop below reads the mask
+        # over [c_run, c) = [a, c).
         # Sequential loops with empty ranges, not branches: branches keep every loop's pipeline
         # buffers live at once (shared memory 131 -> 229 KiB, sm_90).
         a_in = tl.where(run, tl.minimum(tl.maximum(a, tl.cdiv(k_lo, BLOCK_N) * BLOCK_N), c), a)
@@ -450,21 +451,14 @@ def attn_fwd(
             False, CAUSAL, WINDOW, False, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
             USE_TMA, False,
         )
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, c_run, c, m0, rows, offs_n, offs_d,
-            bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
-            stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-            False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
-            USE_TMA, MASK_TMA,
-        )
-    else:
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, c, m0, rows, offs_n, offs_d,
-            bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
-            stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-            False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
-            USE_TMA, MASK_TMA,
-        )
+        a = c_run
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, c, m0, rows, offs_n, offs_d,
+        bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
+        stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+        False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
+        USE_TMA, MASK_TMA,
+    )
     if CAUSAL or KEY_RANGE or not EVEN:  # else c == hi: no diagonal, no ragged tail
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, c, hi, m0, rows, offs_n, offs_d,
@@ -908,21 +902,14 @@ def attn_bwd(
                     stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, False, MASK_BOOL, MASK_KEYS,
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
                 )
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
-                    c_kept, c_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
-                    stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
-                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
-                )
-            else:
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
-                    a_h, c_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
-                    stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
-                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
-                )
+                a_h = c_kept
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
+                a_h, c_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+                stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
+                DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
+            )
             if WINDOW:
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
@@ -1003,15 +990,11 @@ def attn_bwd(
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
                            False, CAUSAL, WINDOW, False, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
-            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, c_run, c, rows, offs_n, d_offs, bh, L, S,
-                           qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
-                           stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                           False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
-        else:
-            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
-                           qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
-                           stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                           False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
+            a = c_run
+        dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
+                       qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
+                       stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
+                       False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
         dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, c, hi, rows, offs_n, d_offs, bh, L, S,
                        qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
