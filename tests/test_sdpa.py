@@ -246,6 +246,33 @@ def test_key_padding_masks_match_float64(kernel, S, shape, use_kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_key_padding_runs_per_query_head_with_grouped_kv(kernel, use_kernel):
+    """Grouped KV heads whose query heads keep different runs of keys (and one a run with a hole):
+    each dK/dV program takes the maskless loop per query head of its group only where that head
+    keeps every key of the block (core.attn_bwd's ``kept``)."""
+    use_kernel(kernel)
+    torch.manual_seed(7)
+    S = 100
+    dt = torch.float16 if kernel == "triton" else torch.float32
+    q = rand(2, 4, 24, 16, dtype=dt, requires_grad=True)
+    k, v = (rand(2, 2, S, 16, dtype=dt, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(2, 4, 1, S, dtype=torch.bool)
+    mask[0, 0, 0, :70] = True  # trailing padding
+    mask[0, 1, 0, 33:] = True  # leading padding, not on a tile edge
+    mask[0, 2, 0, :] = True
+    mask[0, 3, 0, 5:95] = True
+    mask[1, 0, 0, 17:81] = True
+    mask[1, 1, 0, :] = True
+    mask[1, 2, 0, 40:60] = True
+    mask[1, 3, 0, :] = True
+    mask[1, 3, 0, 50] = False  # a hole: not a run
+    mask = mask.to(DEVICE)
+    with attend.sdpa_kernel(B.EFFICIENT_ATTENTION):
+        out = attend.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert_matches_float64(out, q, k, v, what="gqa key runs", attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_key_padding_mask_that_keeps_nothing_gives_zero(kernel, use_kernel):
     use_kernel(kernel)
     dt = torch.float16 if kernel == "triton" else torch.float32
