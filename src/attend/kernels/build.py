@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import core
+from .configs import forward_tma
 
 _DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
@@ -63,11 +64,10 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
                       MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90 and fn is core.attn_bwd, MASK_TMA=False, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32", GRID_1D=False)
     constexprs.update(config.kwargs)  # a config may turn EVEN off
     if fn is core.attn_fwd and config.kwargs.get("TMA") and "USE_TMA" not in flags:
-        # the forward's TMA loads, where a fixed config asks for them, as launch._forward resolves it
-        tma = target.arch >= 90 and not flags.get("PAGED")
-        constexprs["USE_TMA"] = tma
-        constexprs["MASK_TMA"] = tma and flags.get("HAS_MASK", False) and not flags.get("MASK_BOOL") \
-            and not flags.get("MASK_KEYS")
+        # the forward's TMA loads where a fixed config asks for them, as launch._forward resolves it
+        tma_kv, tma_mask = forward_tma(True, flags)
+        constexprs["USE_TMA"] = tma_kv and target.arch >= 90
+        constexprs["MASK_TMA"] = constexprs["USE_TMA"] and tma_mask
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     sig, attrs = _signature(fn, _DTYPE[dtype], constexprs)

@@ -172,6 +172,14 @@ _GQA = {("fwd", 64, True): _c(128, 64, 8, 4, even=False), ("bwd", 64, True): _b(
         ("bwd", 128, True): _b(32, 64, 64, 32, 4, 3), ("bwd", 128, False): _b(64, 128, 128, 64, 8, 3)}
 
 
+def forward_tma(asked: bool, flags: dict) -> tuple[bool, bool]:
+    """Whether the forward reads (K and V, a float mask's) tiles through TMA descriptors, before
+    the copy-engine check: as ``asked`` (a config's ``tma``, or launch.FWD_TMA), never for a paged
+    pool; the mask's tiles only for a float mask with rows (not bool, not one row of keys)."""
+    kv = asked and not flags.get("PAGED", False)
+    return kv, kv and flags.get("HAS_MASK", False) and not flags.get("MASK_BOOL") and not flags.get("MASK_KEYS")
+
+
 def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict | None = None,
               elem: int = 2, seq_bucket: int = 16384, group: int = 1) -> triton.Config:
     """The fixed config for ``kind`` ("fwd" or "bwd") at padded head dim ``block_d``, given the

@@ -302,6 +302,20 @@ def _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE: tl.constex
 
 
 @triton.jit
+def _run_split(a, c, k_lo, run, BLOCK: tl.constexpr):
+    """(a_in, c_run) splitting the unmasked key blocks [a, c) of a key-padding mask (KEY_RANGE).
+    When the mask keeps one run of keys from k_lo on, it is that span and nothing more: the
+    mask is read only on the block that k_lo cuts ([a, a_in)), and the whole blocks inside
+    ([a_in, c_run)) take the maskless loop. Otherwise both ranges are empty and [c_run, c) =
+    [a, c) reads the mask. The callers run the three ranges as loops in a row, not under a
+    branch: branches keep every loop's pipeline buffers live at once (forward shared memory
+    131 -> 229 KiB, sm_90)."""
+    a_in = tl.where(run, tl.minimum(tl.maximum(a, tl.cdiv(k_lo, BLOCK) * BLOCK), c), a)
+    c_run = tl.where(run, c, a_in)
+    return a_in, c_run
+
+
+@triton.jit
 def _query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """(lo, a, b, hi) for key block [n0, n0+BLOCK_N), the transpose of ``_key_blocks``: query
@@ -428,15 +442,8 @@ def attn_fwd(
             True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
             USE_TMA, MASK_TMA,
         )
-    if KEY_RANGE:
-        # A run of kept keys: the mask is the span [k_lo, k_hi) itself, so it is read only on the
-        # block that k_lo cuts ([a, a_in)) and the whole blocks inside ([a_in, c_run)) take the
-        # maskless loop. Otherwise those two ranges are empty and the loop below reads the mask
-        # over [c_run, c) = [a, c).
-        # Sequential loops with empty ranges, not branches: branches keep every loop's pipeline
-        # buffers live at once (shared memory 131 -> 229 KiB, sm_90).
-        a_in = tl.where(run, tl.minimum(tl.maximum(a, tl.cdiv(k_lo, BLOCK_N) * BLOCK_N), c), a)
-        c_run = tl.where(run, c, a_in)
+    if KEY_RANGE:  # a run of kept keys reads the mask on the block k_lo cuts only (_run_split)
+        a_in, c_run = _run_split(a, c, k_lo, run, BLOCK_N)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, a_in, m0, rows, offs_n, offs_d,
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
@@ -979,9 +986,8 @@ def attn_bwd(
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
                            True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
-        if KEY_RANGE:  # as in attn_fwd: a run of kept keys reads the mask on the block k_lo cuts only
-            a_in = tl.where(run, tl.minimum(tl.maximum(a, tl.cdiv(k_lo, BLOCK_N2) * BLOCK_N2), c), a)
-            c_run = tl.where(run, c, a_in)
+        if KEY_RANGE:  # a run of kept keys reads the mask on the block k_lo cuts only (_run_split)
+            a_in, c_run = _run_split(a, c, k_lo, run, BLOCK_N2)
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, a, a_in, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,

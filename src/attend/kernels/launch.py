@@ -15,7 +15,7 @@ import triton
 from .._layout import Band, Packed
 from . import core, worklist
 from .fastlaunch import Launcher
-from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, heuristic, pruner
+from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, forward_tma, heuristic, pruner
 
 _RCP_LN2 = core.RCP_LN2.value
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -264,15 +264,15 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
                  **seq_flags, EVEN=_even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
     config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S), H // Hkv)
     asked = config is not None and config[0].pop("TMA", False)
-    flags["USE_TMA"] = (asked if FWD_TMA is None else FWD_TMA) and not seq_flags["PAGED"] and _use_tma(q, k, v)
-    flags["MASK_TMA"] = flags["USE_TMA"] and mask is not None and not mbool and mstr[2] != 0 and _use_tma(m4)
+    tma_kv, tma_mask = forward_tma(asked if FWD_TMA is None else FWD_TMA, flags)
+    flags["USE_TMA"] = tma_kv and _use_tma(q, k, v)
+    flags["MASK_TMA"] = flags["USE_TMA"] and tma_mask and _use_tma(m4)
     work = _work_list(packed, band, config, (("q", "BLOCK_M"),), q.device)
     flags["WORKLIST"] = work is not None
+    flags["GRID_1D"] = _one_axis(B * H)
     args = (q, k, v, out, lse, m4, *seq_ptrs, ext, q if work is None else work[0], *q.stride(), *kstr, *vstr,
             *out.stride(), *mstr, *lse_strides, stride_table, *ext_strides, H, H // Hkv, L, S, scale * _RCP_LN2,
             *band_args, float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
-
-    flags["GRID_1D"] = B * H > _GRID_Y_MAX
 
     def grid(m):  # every sequence's slots, or the list's items (core.attn_fwd)
         return _grid(_cdiv(L, m["BLOCK_M"]), B * H) if work is None else (work[1][0] * H,)
@@ -280,10 +280,15 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     _launch(_fwd, _FWD_LAUNCH, grid, args, flags, config)
 
 
+def _one_axis(heads: int) -> bool:
+    """The kernels' GRID_1D (``core._grid_cell``): ``heads`` programs per block pass CUDA's 65535
+    cap on a grid's y."""
+    return heads > _GRID_Y_MAX
+
+
 def _grid(blocks: int, heads: int) -> tuple:
-    """(blocks, heads) where heads fits CUDA's 65535 cap on a grid's y, else one axis: the
-    kernels' GRID_1D (``core._grid_cell``) is ``len(grid) == 1``."""
-    return (blocks, heads) if heads <= _GRID_Y_MAX else (blocks * heads,)
+    """(blocks, heads), or one axis of their product where ``_one_axis(heads)``."""
+    return (blocks * heads,) if _one_axis(heads) else (blocks, heads)
 
 
 def _work_list(packed: Packed | None, band: Band, config, spec: tuple, device: torch.device):
@@ -383,7 +388,7 @@ def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed
     if dlse is not None:
         dlse = dlse.contiguous()  # the lse's layout; an expanded gradient (lse.sum()) has stride 0
     flags = dict(HEAD_DIM=out.shape[3], BLOCK_D=block_d(out.shape[3]), BLOCK_M=_STAT_PAD, VARLEN=packed is not None,
-                 HAS_DLSE=dlse is not None, GRID_1D=B * H > _GRID_Y_MAX)
+                 HAS_DLSE=dlse is not None, GRID_1D=_one_axis(B * H))
     _PRE_LAUNCH(_grid(_cdiv(L, _STAT_PAD), B * H),
                 (out, dout, lse, lse if dlse is None else dlse, nlse2, delta, packed.cu_q if packed else lse,
                  *out.stride(), *dout.stride(), *lse_strides, *nlse2.stride()[:2], H, L), flags, 8, 1)
