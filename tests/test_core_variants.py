@@ -459,6 +459,7 @@ def test_forward_through_tensor_descriptors(case, monkeypatch):
     flags = []
     real = launch._FWD_LAUNCH
     monkeypatch.setattr(launch, "_FWD_LAUNCH", lambda grid, args, cx, *a: flags.append(cx) or real(grid, args, cx, *a))
+    monkeypatch.setattr(launch, "FWD_ONE_LOOP", False)  # the pointer path's loops: one per band edge
     outs = {}
     for on in (False, True):
         monkeypatch.setattr(launch, "FWD_TMA", on)
@@ -485,6 +486,7 @@ def test_varlen_forward_through_tensor_descriptors(monkeypatch):
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     torch.manual_seed(6)
     q, k, v = (rand(sum(lens), 2, 32, dtype=DTYPES[0]) for _ in range(3))
+    monkeypatch.setattr(launch, "FWD_ONE_LOOP", False)  # the pointer path's loops: one per band edge
     for window in ((-1, 0), (9, 0)):
         res = {}
         for on in (False, True):
@@ -496,3 +498,99 @@ def test_varlen_forward_through_tensor_descriptors(monkeypatch):
                 assert torch.equal(a, b), window
             else:
                 assert (a.float() - b.float()).abs().max().item() < 1e-2, window
+
+
+ONE_LOOP_CASES = {
+    # (L, S, D), SDPA keywords; EVEN lengths: the pointer loads need no bounds masks
+    "causal_even": ((128, 128, 32), dict(is_causal=True)),
+    # bottom-right with L > S: the first L - S rows see no key (output 0, finite gradients)
+    "lower_right_ragged": ((70, 45, 32), dict(attn_mask="lower_right")),
+    "upper_left_gqa_d80": ((45, 70, 80), dict(is_causal=True, enable_gqa=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_LOOP_CASES))
+def test_band_edges_in_one_loop_match_float64(case, monkeypatch):
+    """launch.FWD_ONE_LOOP / BWD_ONE_LOOP: the band's edge blocks masked under a branch inside
+    the inner loops (core's ONE_LOOP) give the split loops' results: forward and gradients
+    against float64, through TMA descriptors (forced under the interpreter) where the lengths
+    are ragged. The launch flags show the forward asked for it."""
+    from attend.bias import causal_lower_right
+
+    (L, S, D), kw = ONE_LOOP_CASES[case]
+    kw = dict(kw)
+    if kw.get("attn_mask") == "lower_right":
+        kw["attn_mask"] = causal_lower_right(L, S)
+    ragged = L % configs.EVEN_TILE or S % configs.EVEN_TILE
+    if ragged and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("ragged lengths take the one loop through tensor descriptors, which need sm_90")
+    if ragged:
+        monkeypatch.setattr(launch, "FWD_TMA", True)
+        monkeypatch.setattr(launch, "FORCE_TMA", True if DEVICE != "cuda" else None)
+    seen = []
+    real = launch._FWD_LAUNCH
+    monkeypatch.setattr(launch, "_FWD_LAUNCH", lambda grid, args, cx, *a: seen.append(cx) or real(grid, args, cx, *a))
+    dtype = DTYPES[0]
+    torch.manual_seed(7)
+    q = rand(2, 4, L, D, dtype=dtype, requires_grad=True)
+    k, v = (rand(2, 2 if kw.get("enable_gqa") else 4, S, D, dtype=dtype, requires_grad=True) for _ in range(2))
+    for one in (True, False):
+        monkeypatch.setattr(launch, "FWD_ONE_LOOP", one)
+        monkeypatch.setattr(launch, "BWD_ONE_LOOP", one)
+        with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
+            out = attend.scaled_dot_product_attention(q, k, v, **kw)
+        assert seen[-1]["ONE_LOOP"] is one
+        assert_matches_float64(out, q, k, v, what=f"{case} one_loop={one}", **kw)
+
+
+@pytest.mark.parametrize("window", [(-1, 0), (9, 0), (20, 0)])
+def test_packed_band_edges_in_one_loop(window, monkeypatch):
+    """The packed form of the same: per-sequence bands (windows narrower and wider than a tile,
+    sequences shorter than one) in one loop against the split loops, forward, lse and gradients."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    from attend.varlen import AuxRequest
+
+    monkeypatch.setattr(launch, "FWD_TMA", True)
+    monkeypatch.setattr(launch, "FORCE_TMA", True if DEVICE != "cuda" else None)
+    lens = [33, 7, 50, 1]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    torch.manual_seed(8)
+    q, k, v = (rand(sum(lens), 2, 32, dtype=DTYPES[0], requires_grad=True) for _ in range(3))
+    res = {}
+    for one in (True, False):
+        monkeypatch.setattr(launch, "FWD_ONE_LOOP", one)
+        monkeypatch.setattr(launch, "BWD_ONE_LOOP", one)
+        out, lse = varlen_attn(q, k, v, cu, cu, 50, 50, window_size=window, return_aux=AuxRequest(lse=True))
+        res[one] = (out, lse, *torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), res[True], res[False]):
+        assert torch.isfinite(a).all(), name
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 1e-2 * max(scale, 1.0), (name, window)
+
+
+def test_one_loop_follows_the_fixed_config(monkeypatch):
+    """Which fixed configs run a band's edges in the inner loop (configs._c / _b's one_loop, as
+    the H100 measured them): not the window forward or the one-sequence packed forward, yes the
+    dense causal forward; the backward by its dK/dV tile rows (64: yes, 32: no).
+    launch.FWD_ONE_LOOP / BWD_ONE_LOOP override the config. Host side only."""
+    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "_AUTOTUNE", False)
+    base = dict(BLOCK_D=128, HAS_MASK=False, MASK_KEYS=False, DETERMINISTIC=False)
+    window = dict(base, CAUSAL=True, WINDOW=True, VARLEN=True)
+    packed = dict(base, CAUSAL=True, WINDOW=False, VARLEN=True)
+    dense = dict(base, CAUSAL=True, WINDOW=False, VARLEN=False)
+
+    def one(kind, flags, seq=16384):
+        return launch._fixed_config(kind, flags, 2, l_bucket=seq, seq_bucket=seq)[0]["ONE_LOOP"]
+
+    assert not one("fwd", window) and not one("fwd", packed)
+    assert one("fwd", packed, seq=4096) and one("fwd", dense) and one("fwd", dense, seq=1024)
+    assert not one("bwd", window)  # 32x64
+    assert one("bwd", packed) and one("bwd", dense, seq=4096)  # head-major 64x64, 64x128
+    monkeypatch.setattr(launch, "FWD_ONE_LOOP", True)
+    monkeypatch.setattr(launch, "BWD_ONE_LOOP", True)
+    assert one("fwd", window) and one("bwd", window)
+    monkeypatch.setattr(launch, "FWD_ONE_LOOP", False)
+    monkeypatch.setattr(launch, "BWD_ONE_LOOP", False)
+    assert not one("fwd", dense) and not one("bwd", packed)

@@ -25,7 +25,14 @@ def builds():
 
 
 FWD_TMA_BUILDS = {"tma_loads", "tma_varlen", "tma_bias", "bias_grad", "broadcast_bias_grad", "bool_mask_dropout",
-                  "varlen_sliding_window", "varlen_work_list", "key_padding_mask"}
+                  "varlen_sliding_window", "varlen_work_list", "key_padding_mask", "window_one_loop_tma"}
+
+
+def test_feature_names_are_unique():
+    """build._build_one looks a variant's flags up by name across the three tables: a name in
+    two of them would build one kernel with the other's flags."""
+    names = [*_FEATURES, *_FWD_FEATURES, *_BWD_FEATURES]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
 
 
 def test_every_config_builds_for_hopper_and_ampere(builds):

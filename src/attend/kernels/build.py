@@ -61,7 +61,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False,
-                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90 and fn is core.attn_bwd, MASK_TMA=False, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32", GRID_1D=False)
+                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90 and fn is core.attn_bwd, MASK_TMA=False, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32", GRID_1D=False, ONE_LOOP=True)
     constexprs.update(config.kwargs)  # a config may turn EVEN off
     if fn is core.attn_fwd and config.kwargs.get("TMA") and "USE_TMA" not in flags:
         # the forward's TMA loads where a fixed config asks for them, as launch._forward resolves it
@@ -91,12 +91,15 @@ _FEATURES = {
 _FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16),
                  "one_grid_axis": dict(GRID_1D=True),  # batch x heads past CUDA's cap on grid y
                  "tma_loads": dict(USE_TMA=True), "tma_varlen": dict(VARLEN=True, EVEN=False, USE_TMA=True),
-                 "tma_bias": dict(CAUSAL=False, HAS_MASK=True, USE_TMA=True, MASK_TMA=True)}
+                 "tma_bias": dict(CAUSAL=False, HAS_MASK=True, USE_TMA=True, MASK_TMA=True),
+                 # a window's edges in the inner loop (ONE_LOOP; its fixed config keeps three loops)
+                 "window_one_loop_tma": dict(VARLEN=True, WINDOW=True, EVEN=False, USE_TMA=True, ONE_LOOP=True)}
 # The backward reads through TMA descriptors on sm_90 where it can, and through pointers otherwise.
 # One query row (decode shapes: Triton turns L_max == 1 into a constant, the query loops fold away)
 # over grouped heads, whose loop then becomes the innermost one (it must not be pipelined).
 _BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(HEAD_MAJOR=True),
-                 "one_query_row": dict(L_max=1, CAUSAL=False, EVEN=False)}
+                 "one_query_row": dict(L_max=1, CAUSAL=False, EVEN=False),
+                 "window_one_loop": dict(VARLEN=True, WINDOW=True, EVEN=False, ONE_LOOP=True)}
 
 
 def _build_one(job: tuple) -> dict:

@@ -16,13 +16,16 @@ INTERPRET_TILE = 16
 
 
 def _c(bm: int, bn: int, warps: int, stages: int, lazy: bool = False, even: bool = True,
-       tma: bool = False) -> triton.Config:
+       tma: bool = False, one_loop: bool = True) -> triton.Config:
     """Forward: a (BLOCK_M, BLOCK_N) tile; ``lazy``: rescale the accumulator only when a row's
     max grows by more than 2^8 (core.RESCALE_SLACK); ``even=False``: never take the kernel's
     EVEN path, even where the shape allows it (it is slower for some tiles: the sweep decides);
     ``tma``: read K, V and a float mask's tiles through TMA descriptors where the copy engine can
-    (launch.FWD_TMA; a request the launcher drops on other GPUs or misaligned tensors)."""
-    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "LAZY_RESCALE": lazy}
+    (launch.FWD_TMA; a request the launcher drops on other GPUs or misaligned tensors);
+    ``one_loop``: a band's edge blocks run in the inner loop (core's ONE_LOOP; the H100, session 8,
+    ab.py: causal 1k 337 against 320 TFLOP/s, packed causal 393 / 387 against 381 / 383, dense
+    causal 16k 490 against 478 over two runs; off where it did not pay, below)."""
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "LAZY_RESCALE": lazy, "ONE_LOOP": one_loop}
     if not even:  # overrides the launch's EVEN flag (a config can only opt out of it)
         kw["EVEN"] = False
     if tma:
@@ -38,11 +41,17 @@ FWD_CONFIGS = [
 
 
 def _b(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int, dq_atomic: bool = False,
-       head_major: bool = False) -> triton.Config:
+       head_major: bool = False, one_loop: bool | None = None) -> triton.Config:
     """Backward: (BLOCK_M1, BLOCK_N1) tile the dK/dV programs, (BLOCK_M2, BLOCK_N2) the dQ ones;
     ``dq_atomic``: no dQ programs, the dK/dV programs add dQ by atomics; ``head_major``: number
-    the programs KV head by KV head (core.attn_bwd)."""
-    kw = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "DQ_ATOMIC": dq_atomic}
+    the programs KV head by KV head (core.attn_bwd); ``one_loop``: a band's edge blocks run in
+    the inner loops (core's ONE_LOOP). By default on for 64-row dK/dV tiles and off for 32-row
+    ones, as the H100 measured them (session 8, benchmarks/ab.py, medians of 5 rounds): one loop
+    made 64-row tiles 2-8% faster on causal and window bands (window 64x128 388 against 330
+    TFLOP/s, head-major 64x64 376 against 355; causal 4k 373 against 358) and 32-row tiles 4-8%
+    slower (window 32x64 341-349 against 368-375; D=64 causal 16k 369 against 383)."""
+    kw = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "DQ_ATOMIC": dq_atomic,
+          "ONE_LOOP": m1 >= 64 if one_loop is None else one_loop}
     if head_major:
         kw["HEAD_MAJOR"] = True
     return triton.Config(kw, num_warps=warps, num_stages=stages)
@@ -155,12 +164,18 @@ _SMALL_TILES = {("fwd", 128): _c(64, 64, 4, 3), ("bwd", 128): _b(64, 64, 64, 64,
 # 64x64 304, against 271 for the old pointer-load pick). Forward by longest sequence (session 7,
 # ab.py): mixed lengths up to 4096, 64x64 with TMA 382 against 364 for 128x64; one sequence of
 # 16384, 128x128 with TMA 504 against 482 (64x64 with TMA 475).
-_VARLEN = {("fwd", 128): {4096: _c(64, 64, 4, 3, tma=True), 16384: _c(128, 128, 8, 3, tma=True)},
+# Session 8: the one-sequence tile keeps one loop per band edge (one loop: 473 / 466 / 503 against
+# 502 / 490 / 487 in three runs).
+_VARLEN = {("fwd", 128): {4096: _c(64, 64, 4, 3, tma=True), 16384: _c(128, 128, 8, 3, tma=True, one_loop=False)},
            ("bwd", 128): {16384: _b(64, 64, 64, 64, 4, 2, head_major=True)}}
 # Sliding windows (varlen-window, 4096 of 16384): backward 64x64 in key order 363, head-major 349
 # (session 5). Session 6, with the padded row stats: 32x64 392, head-major 64x64 372. Session 7
 # (ab.py): 32x64 378, head-major 64x64 350; forward 128x128 with TMA 443 against 416 (128x64).
-_WINDOW = {("fwd", 128): _c(128, 128, 8, 3, tma=True), ("bwd", 128): _b(32, 64, 64, 32, 4, 3)}
+# Session 8: one loop over the window's edges left the forward where it was (448 / 443 / 438
+# against 447 / 441 / 444 in three runs), so it keeps its three loops; the backward's 32-row tile
+# too (configs._b). Backward candidates in one loop: 64x128 373-388, head-major 64x64 373-381,
+# against 368-375 for this pick, within the runs' spread.
+_WINDOW = {("fwd", 128): _c(128, 128, 8, 3, tma=True, one_loop=False), ("bwd", 128): _b(32, 64, 64, 32, 4, 3)}
 _DECODE = _c(16, 128, 4, 3)
 # Grouped-query heads (G > 1) at S=4096, 8:1, where the winner differs from the table's. D=64
 # causal: forward 387 TFLOP/s with 4 stages vs at most 348 with the 3-stage table pick; backward

@@ -159,8 +159,11 @@ def _fwd_inner(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr,
+    edge_lo=0, edge_hi=0, EDGES: tl.constexpr = False,
 ):
     """Online softmax over key blocks [start, end). MASKED: apply the band and bounds masks.
+    EDGES (loads that need no bounds masks: TMA or EVEN): only the blocks outside [edge_lo, edge_hi)
+    apply them, under a branch, so one loop runs a band's edge blocks and its inner ones.
     PAGED: gather each block's rows through the block table instead of striding. USE_TMA:
     ``k_ptrs`` / ``v_ptrs`` are the head's [S, HEAD_DIM] tensor descriptors (the copy engine
     zero-fills rows past S and columns past HEAD_DIM); MASK_TMA: ``mask_ptrs`` is the mask's [L, S]
@@ -194,7 +197,7 @@ def _fwd_inner(
         elif HAS_MASK:
             bias = _mask_load(mask_ptrs, rows, cols, L, S, 0.0, MASK_KEYS, MASKED).to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-        if MASKED or HAS_MASK:
+        if MASKED or HAS_MASK or EDGES:
             # s * to_log2 is the log2-domain score: a float mask adds in natural units (one FMA),
             # a bool mask or the band selects -inf, and the scale goes into exp2's FMA with the
             # row max (as below; the launcher makes the scale positive). One op per score fewer
@@ -210,6 +213,10 @@ def _fwd_inner(
             if MASKED:
                 ok = (cols[None, :] < S) & _band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)
                 s = tl.where(ok, s, float("-inf"))
+            elif EDGES:
+                if (start_n < edge_lo) | (start_n >= edge_hi):
+                    ok = (cols[None, :] < S) & _band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)
+                    s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * to_log2)
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
             p = tl.math.exp2(s * to_log2 - m_sub[:, None])
@@ -359,7 +366,7 @@ def attn_fwd(
     KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WORKLIST: tl.constexpr = False, USE_TMA: tl.constexpr = False, MASK_TMA: tl.constexpr = False,
-    GRID_1D: tl.constexpr = False,
+    GRID_1D: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
 ):
     """Grid: (cdiv(L, BLOCK_M), B * Hq), or with GRID_1D (cdiv(L, BLOCK_M) * B * Hq,), past CUDA's
     cap on y (``_grid_cell``): one program per query block of one head. Writes Out and LSE (fp32,
@@ -373,7 +380,12 @@ def attn_fwd(
     loads; MASK_TMA: the tiles of a float mask with rows too (``launch.FWD_TMA``).
     EVEN: L and S are multiples of every block size and HEAD_DIM == BLOCK_D (dense only): no
     bounds masks, and no ragged-tail loop unless a band or key range has an edge to mask (the D=128
-    non-causal sm_90 build drops from 220 to 170 registers, ptxas -v)."""
+    non-causal sm_90 build drops from 220 to 170 registers, ptxas -v).
+    ONE_LOOP: a band's edge blocks run in its inner loop, masked under a branch, instead of one
+    loop per edge (each loop pays a pipeline fill and drain; a window's edges are one block
+    each), where the loads need no bounds masks (TMA or EVEN) and there is no attn_mask or key
+    range (their tiles have bounds of their own). That loop never rescales lazily."""
+    one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE or PAGED) and (USE_TMA or EVEN)
     if WORKLIST:
         n_m = tl.num_programs(0) // H
     else:
@@ -434,7 +446,15 @@ def attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_lo, k_hi, run = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
     lo, a, c, hi = _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    if WINDOW:
+    if one_loop:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, lo, hi, m0, rows, offs_n, offs_d,
+            bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
+            stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
+            USE_TMA, MASK_TMA, a, c, True,
+        )
+    if WINDOW and not one_loop:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, lo, a, m0, rows, offs_n, offs_d,
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
@@ -459,14 +479,15 @@ def attn_fwd(
             USE_TMA, False,
         )
         a = c_run
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, c, m0, rows, offs_n, offs_d,
-        bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
-        stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-        False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
-        USE_TMA, MASK_TMA,
-    )
-    if CAUSAL or KEY_RANGE or not EVEN:  # else c == hi: no diagonal, no ragged tail
+    if not one_loop:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, c, m0, rows, offs_n, offs_d,
+            bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
+            stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
+            USE_TMA, MASK_TMA,
+        )
+    if (CAUSAL or KEY_RANGE or not EVEN) and not one_loop:  # else c == hi: no diagonal, no ragged tail
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, c, hi, m0, rows, offs_n, offs_d,
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
@@ -583,12 +604,13 @@ def attn_bwd_preprocess(
 def _scores2(a, b, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
              MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, COL_BOUND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             KEYS_FIRST: tl.constexpr):
+             KEYS_FIRST: tl.constexpr, edge=False, EDGES: tl.constexpr = False):
     """Log2-domain scores of a tile, masked, plus each query row's ``nlse2`` (minus its log2 LSE,
     -inf for a row that sees no key): exp2 of the result is P. KEYS_FIRST: a = k [BN, D], b = q
     [BM, D] and the tile is [BN, BM] (dK/dV side); else a = q, b = k and it is [BM, BN] (dQ side).
-    COL_BOUND: the mask tile may reach past key S-1 (``_mask_load``). The row term goes into the
-    mask's (a float mask: bias / ln 2 + nlse2 in one FMA; a bool one: nlse2 or -inf), so the
+    COL_BOUND: the mask tile may reach past key S-1 (``_mask_load``). EDGES: the band applies where
+    ``edge`` (a runtime flag of the tile: one loop runs a band's edge and inner tiles). The row
+    term goes into the mask's (a float mask: bias / ln 2 + nlse2 in one FMA; a bool one: nlse2 or -inf), so the
     score itself is one FMA: the float-bias dK/dV loop went from 578 to 546 instructions (sm_90)."""
     if KEYS_FIRST:
         shift = nlse2[None, :]
@@ -607,10 +629,21 @@ def _scores2(a, b, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, ma
             shift = bias * RCP_LN2 + shift
     s2 = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale + shift
     if MASKED and (CAUSAL or WINDOW):
-        if KEYS_FIRST:
-            s2 = tl.where(tl.trans(_band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)), s2, float("-inf"))
-        else:
-            s2 = tl.where(_band(rows, cols, causal_off, window_off, CAUSAL, WINDOW), s2, float("-inf"))
+        s2 = _band_select(s2, rows, cols, causal_off, window_off, CAUSAL, WINDOW, KEYS_FIRST)
+    elif EDGES:
+        if edge:
+            s2 = _band_select(s2, rows, cols, causal_off, window_off, CAUSAL, WINDOW, KEYS_FIRST)
+    return s2
+
+
+@triton.jit
+def _band_select(s2, rows, cols, causal_off, window_off, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 KEYS_FIRST: tl.constexpr):
+    """``s2`` with -inf outside the band ([BN, BM] when KEYS_FIRST, else [BM, BN])."""
+    if KEYS_FIRST:
+        s2 = tl.where(tl.trans(_band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)), s2, float("-inf"))
+    else:
+        s2 = tl.where(_band(rows, cols, causal_off, window_off, CAUSAL, WINDOW), s2, float("-inf"))
     return s2
 
 
@@ -660,13 +693,15 @@ def _dkdv_inner(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    edge_lo=0, edge_hi=0, EDGES: tl.constexpr = False,
 ):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one head; with
     DQ_ATOMIC also add this block's share of dQ into the fp32 DQ buffer (5 dots per tile pair
     instead of the 7 of separate dK/dV and dQ passes, at the cost of atomics): ``dq_dst`` is the
     head's fp32 dQ base pointer (``tl.atomic_add`` per element), or with USE_TMA its [L, HEAD_DIM]
     descriptor, through which the copy engine adds each whole tile (``cp.reduce.async.bulk``).
-    MASKED: these query blocks straddle a band edge. ``q_src``/``do_src``: the head's base
+    MASKED: these query blocks straddle a band edge; EDGES: those outside [edge_lo, edge_hi) do
+    (``_scores2``). ``q_src``/``do_src``: the head's base
     pointers, or with USE_TMA its [L, HEAD_DIM] tensor descriptors (the copy engine zero-fills
     rows past L). EVEN: every block lies inside [0, L) and HEAD_DIM == BLOCK_D, so the loads
     need no mask. No dot sits under a branch, so the loop
@@ -690,7 +725,7 @@ def _dkdv_inner(
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
         pT = tl.math.exp2(_scores2(k, q, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
                                    MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, not EVEN, DOT_PRECISION,
-                                   True))  # [BLOCK_N, BLOCK_M]
+                                   True, (start_m < edge_lo) | (start_m >= edge_hi), EDGES))  # [BLOCK_N, BLOCK_M]
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             keep = tl.trans(_keep_mask(seed, bh, L, S, rows, cols, dropout_p))
@@ -734,9 +769,10 @@ def _dq_inner(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, edge_lo=0, edge_hi=0, EDGES: tl.constexpr = False,
 ):
-    """Accumulate dQ of one query block over key blocks [start, end). MASKED: edge/tail blocks.
+    """Accumulate dQ of one query block over key blocks [start, end). MASKED: edge/tail blocks;
+    EDGES: the blocks outside [edge_lo, edge_hi) are (no mask: COL_BOUND stays off).
     EVEN: every block lies inside [0, S) and HEAD_DIM == BLOCK_D (unmasked loads). USE_TMA:
     ``k_src``/``v_src`` are [S, HEAD_DIM] tensor descriptors, else base pointers."""
     d_ok = offs_d < HEAD_DIM
@@ -749,7 +785,7 @@ def _dq_inner(
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
         p = tl.math.exp2(_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
                                   MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, MASKED, DOT_PRECISION,
-                                  False))  # [BLOCK_M, BLOCK_N]
+                                  False, (start_n < edge_lo) | (start_n >= edge_hi), EDGES))  # [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _keep_mask(seed, bh, L, S, rows, cols, dropout_p)
@@ -780,6 +816,7 @@ def attn_bwd(
     KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, EVEN: tl.constexpr,
     USE_TMA: tl.constexpr, HEAD_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr, WORKLIST: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False,
 ):
     """The whole backward in one launch. DQ is fp32 (zeroed) when DQ_ATOMIC adds into it, else in
     the inputs' dtype, stored once per row.
@@ -806,7 +843,10 @@ def attn_bwd(
     programs write zeros. EVEN: L and S are multiples of every block size and HEAD_DIM == BLOCK_D.
     USE_TMA: the loops read Q/dO (dK/dV programs) and K/V (dQ programs) through per-head tensor
     descriptors (Hopper's copy engine; needs 16-byte aligned bases and strides, unit last stride).
+    ONE_LOOP: a band's edge blocks run in the inner loops, masked under a branch (as attn_fwd's),
+    where there is no attn_mask or key range.
     """
+    one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE)
     tl.static_assert(not (DQ_ATOMIC and DETERMINISTIC), "DQ_ATOMIC is nondeterministic")
     tl.static_assert(STAT_PAD % BLOCK_M1 == 0 and STAT_PAD % BLOCK_M2 == 0, "NLSE2 / Delta are padded to STAT_PAD rows")
     pid = tl.program_id(0)
@@ -892,7 +932,15 @@ def attn_bwd(
                 if (n0 >= k_hi) | (n0 + BLOCK_N1 <= k_lo):
                     lo_h, a_h, c_h, hi_h = lo, lo, lo, lo
                 kept = run & (n0 >= k_lo) & (n0 + BLOCK_N1 <= k_hi)
-            if CAUSAL:
+            if one_loop:  # the band's edge blocks in the inner loop, under a branch (configs._b's one_loop)
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
+                    lo_h, hi_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                    stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
+                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION, a_h, c_h, True,
+                )
+            if CAUSAL and not one_loop:
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
                     lo_h, a_h, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
@@ -910,14 +958,15 @@ def attn_bwd(
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
                 )
                 a_h = c_kept
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
-                a_h, c_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
-                stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
-                DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
-            )
-            if WINDOW:
+            if not one_loop:
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
+                    a_h, c_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
+                    stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+                    stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
+                    DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
+                )
+            if WINDOW and not one_loop:
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
                     c_h, hi_h, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
@@ -981,7 +1030,13 @@ def attn_bwd(
         dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
         k_lo, k_hi, run = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
         lo, a, c, hi = _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M2, BLOCK_N2, CAUSAL, WINDOW)
-        if WINDOW:
+        if one_loop:  # the band's edge blocks in the inner loop, under a branch (configs._b's one_loop)
+            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, lo, hi, rows, offs_n, d_offs, bh, L, S,
+                           qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
+                           stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
+                           False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION,
+                           a, c, True)
+        if WINDOW and not one_loop:
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, lo, a, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
@@ -997,14 +1052,15 @@ def attn_bwd(
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
                            False, CAUSAL, WINDOW, False, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
             a = c_run
-        dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
-                       qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
-                       stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                       False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
-        dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, c, hi, rows, offs_n, d_offs, bh, L, S,
-                       qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                       True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
+        if not one_loop:
+            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
+                           qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
+                           stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
+                           False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
+            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, c, hi, rows, offs_n, d_offs, bh, L, S,
+                           qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
+                           stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
+                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
         dq *= sm_scale
         tl.store(DQ + tl.cast(bt, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
                  + q_rows * stride_dqm + d_offs[None, :] * stride_dqd,

@@ -60,6 +60,15 @@ VARLEN_WORKLIST: bool = False
 FWD_TMA: bool | None = None
 
 
+# The kernels run a band's edge blocks (causal diagonal, window edges) in the same loop as its
+# inner blocks, masking them under a branch (core's ONE_LOOP), instead of one loop per edge (each
+# loop pays its own pipeline fill and drain), where the fixed config says so (configs._c / _b's
+# one_loop); True / False override it (benchmarks, tests). The forward takes it only where its
+# loads need no bounds masks (TMA or EVEN).
+FWD_ONE_LOOP: bool | None = None
+BWD_ONE_LOOP: bool | None = None
+
+
 _GRID_Y_MAX = 65535  # CUDA's cap on gridDim.y (x allows 2^31 - 1)
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
@@ -185,8 +194,8 @@ def _fixed_config(kind: str, flags: dict, elem: int, l_bucket=None, seq_bucket=1
         return None
     if _INTERPRET:  # the interpreter ignores warps and stages
         t = INTERPRET_TILE
-        meta = dict(BLOCK_M=t, BLOCK_N=t, LAZY_RESCALE=True) if kind == "fwd" else dict(
-            BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False)
+        meta = dict(BLOCK_M=t, BLOCK_N=t, LAZY_RESCALE=True, ONE_LOOP=True) if kind == "fwd" else dict(
+            BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False, ONE_LOOP=True)
         warps, stages = 4, 1
     else:
         c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket, group)
@@ -196,7 +205,11 @@ def _fixed_config(kind: str, flags: dict, elem: int, l_bucket=None, seq_bucket=1
             meta["HEAD_MAJOR"] = FORCE_HEAD_MAJOR
         if FORCE_DQ_ATOMIC is not None:
             meta["DQ_ATOMIC"] = FORCE_DQ_ATOMIC
+        if BWD_ONE_LOOP is not None:
+            meta["ONE_LOOP"] = BWD_ONE_LOOP
         meta["DQ_ATOMIC"] = meta["DQ_ATOMIC"] and not flags["DETERMINISTIC"]
+    elif FWD_ONE_LOOP is not None:
+        meta["ONE_LOOP"] = FWD_ONE_LOOP
     return meta, warps, stages
 
 
