@@ -23,71 +23,95 @@ import torch  # noqa: E402
 
 from attend.kernels import launch  # noqa: E402
 
-# Per case: the shipped fixed config first (marked "now"), then the challengers.
+# Per case ("name" or "name@S" for one of its lengths): the shipped fixed config first (marked
+# "now"), then the challengers. A variant is (kind, config, forward TMA, mark[, launch overrides]):
+# the overrides are ``launch`` globals set for that variant only (FWD_ONE_LOOP, BWD_ONE_LOOP).
+# The lists hold session 8's comparisons; tiles tried and dropped there (two programs per SM by a
+# register cap, 256-row tiles of 16 warps, heads-fastest grids) are in RESULTS.md.
+SPLIT = {"FWD_ONE_LOOP": False}  # one loop per band edge (core's ONE_LOOP off)
+ONE = {"FWD_ONE_LOOP": True}
+BSPLIT = {"BWD_ONE_LOOP": False}
+BONE = {"BWD_ONE_LOOP": True}
+HM64 = _b(64, 64, 64, 64, 4, 2, head_major=True)
 PLAN = {
     "varlen-window": [
-        ("fwd", _c(128, 64, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), True, ""),
-        ("fwd", _c(64, 64, 4, 3), True, ""), ("fwd", _c(128, 128, 8, 2), False, ""),
-        ("bwd", _b(32, 64, 64, 32, 4, 3), None, "now"), ("bwd", _b(64, 64, 64, 64, 4, 2, head_major=True), None, ""),
-        ("bwd", _b(64, 128, 128, 64, 8, 2), None, ""), ("bwd", _b(64, 128, 128, 64, 8, 4), None, ""),
+        ("fwd", _c(128, 128, 8, 3), True, "now", SPLIT), ("fwd", _c(128, 128, 8, 3), True, "", ONE),
+        ("bwd", _b(32, 64, 64, 32, 4, 3), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", BONE),
+        ("bwd", _b(64, 128, 128, 64, 8, 3), None, ""), ("bwd", HM64, None, ""),
     ],
     "varlen-full": [
-        ("fwd", _c(128, 64, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), True, ""),
-        ("fwd", _c(64, 64, 4, 3), True, ""),
-        ("bwd", _b(64, 64, 64, 64, 4, 2, head_major=True), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, ""),
+        ("fwd", _c(128, 128, 8, 3), True, "now", SPLIT), ("fwd", _c(128, 128, 8, 3), True, "", ONE),
+        ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT),
     ],
     "varlen-causal": [
-        ("fwd", _c(128, 64, 8, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), True, ""),
-        ("fwd", _c(64, 32, 4, 2), True, ""), ("fwd", _c(128, 64, 8, 3), True, ""),
+        ("fwd", _c(64, 64, 4, 3), True, "now"), ("fwd", _c(64, 64, 4, 3), True, "", SPLIT),
+        ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT),
     ],
+    "d128-causal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", SPLIT),
+                          ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT)],
+    "d128-causal@4096": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", SPLIT),
+                         ("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
+                         ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", BSPLIT)],
+    "d128-causal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", SPLIT),
+                         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT)],
+    "d64-causal@16384": [("bwd", _b(32, 128, 64, 64, 4, 3), None, "now"),
+                         ("bwd", _b(32, 128, 64, 64, 4, 3), None, "", BONE)],
     "bias-grad": [
-        ("fwd", _c(128, 64, 8, 3), False, "now"), ("fwd", _c(128, 64, 8, 3), True, ""),
-        ("fwd", _c(128, 64, 8, 4), True, ""),
-        ("bwd", _b(64, 64, 64, 64, 4, 2), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, ""),
-        ("bwd", _b(64, 64, 64, 64, 4, 3), None, ""),
+        ("fwd", _c(128, 64, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 2), True, ""),
+        ("fwd", _c(128, 64, 8, 4), True, ""), ("fwd", _c(64, 64, 4, 3), True, ""),
+        ("bwd", _b(64, 64, 64, 64, 4, 2), None, "now"), ("bwd", _b(64, 64, 64, 64, 4, 3), None, ""),
     ],
     "padding": [
-        ("fwd", _c(128, 64, 8, 3, even=False), False, "now"), ("fwd", _c(128, 128, 8, 3), False, ""),
-        ("fwd", _c(128, 64, 8, 3), False, ""), ("fwd", _c(128, 128, 8, 3), True, ""),
-        ("bwd", _b(64, 64, 64, 64, 4, 2, head_major=True), None, "now"), ("bwd", _b(64, 128, 128, 64, 8, 3), None, ""),
+        ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 64, 8, 3), True, ""),
+        ("bwd", HM64, None, "now"), ("bwd", _b(64, 128, 128, 64, 8, 3), None, ""),
     ],
 }
 
 
-def _label(kind, cfg, tma, mark) -> str:
+def _label(kind, cfg, tma, mark, overrides=None) -> str:
     kw = cfg.kwargs
     tiles = (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}" if kind == "fwd" else
              f"{kw['BLOCK_M1']}x{kw['BLOCK_N1']}/{kw['BLOCK_M2']}x{kw['BLOCK_N2']}" + (" HM" if kw.get("HEAD_MAJOR") else ""))
     extra = (" noEVEN" if kw.get("EVEN") is False else "") + (" tma" if tma else "")
+    extra += f" r{kw['MAXNREG']}" if kw.get("MAXNREG") else ""
+    extra += "".join(f" {k}={v}" for k, v in (overrides or {}).items())
     return f"{kind} {tiles} w{cfg.num_warps} s{cfg.num_stages}{extra}" + (" (now)" if mark else "")
 
 
 def run(case: str, rounds: int) -> dict:
-    (name, S, make), = list(cases(case))
+    base, _, length = case.partition("@")
+    (name, S, make), = [c for c in cases(base) if not length or c[1] == int(length)]
     fwd, bwd, flops, api = make()
-    variants = PLAN[case]
+    variants = [v if len(v) == 5 else (*v, {}) for v in PLAN[case]]
     times = {i: [] for i in range(len(variants))}
     for r in range(rounds + 1):  # round 0 compiles and warms up; not recorded
-        for i, (kind, cfg, tma, _) in enumerate(variants):
+        for i, (kind, cfg, tma, _, overrides) in enumerate(variants):
             _force(dict(BASE, **{kind: cfg}))
             launch.FWD_TMA = bool(tma) if kind == "fwd" else False
+            saved = {k: getattr(launch, k) for k in overrides}
+            for k, v in overrides.items():
+                setattr(launch, k, v)
             try:
                 ms = _api_ms(kind, api)
             except Exception as e:  # out of resources: recorded, not fatal
                 times[i] = f"{type(e).__name__}: {str(e)[:100]}"
                 continue
+            finally:
+                for k, v in saved.items():
+                    setattr(launch, k, v)
             if r and isinstance(times[i], list):
                 times[i].append(ms)
     launch.FWD_TMA = None
     out = {}
-    for i, (kind, cfg, tma, mark) in enumerate(variants):
+    for i, (kind, cfg, tma, mark, overrides) in enumerate(variants):
         t = times[i]
+        label = _label(kind, cfg, tma, mark, overrides)
         if isinstance(t, str):
-            out[_label(kind, cfg, tma, mark)] = dict(error=t)
+            out[label] = dict(error=t)
             continue
         med = statistics.median(t)
         work = flops if kind == "fwd" else 2.5 * flops
-        out[_label(kind, cfg, tma, mark)] = dict(ms=med, tflops=work / med * 1e-9, lo=min(t), hi=max(t), n=len(t))
+        out[label] = dict(ms=med, tflops=work / med * 1e-9, lo=min(t), hi=max(t), n=len(t))
     return {f"{name} S={S}": out}
 
 

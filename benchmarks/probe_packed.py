@@ -78,6 +78,8 @@ def main(json_path=None, parts=("layout", "window", "mix")):
     out = {}
     if "window" in parts:
         out["window"] = window_part()
+    if "overhead" in parts:
+        out["overhead"] = overhead_part()
     if "mix" in parts:
         out["mix"] = mix_part()
     if "layout" in parts:
@@ -98,15 +100,17 @@ def _bwd_split(do, q, k, v, saved, packed, top, band, dq_programs):
 
 
 def window_part():
-    """Window widths against full causal, one 16k sequence, one backward config for all."""
-    cfg = {"fwd": FWD[0], "bwd": _b(32, 64, 64, 32, 4, 3)}
+    """Window widths against full causal, one 16k sequence, the shipped window configs for all
+    (one launch config per kernel across widths, so the time's slope over the visited blocks is
+    the per-block cost and its intercept the per-program cost: ``fit`` in the output)."""
+    cfg = {"fwd": configs._WINDOW[("fwd", 128)], "bwd": configs._WINDOW[("bwd", 128)]}
     launch.heuristic = lambda kind, *a, **k: cfg[kind]
     launch.FORCE_HEAD_MAJOR = False  # the dK/dV-only launch has no head-major numbering
     T = S
     q, k, v, do = (torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda") for _ in range(4))
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
     packed, rows = Packed(cu, cu), {}
-    for w in (1024, 2048, 4096, 8192, -1):
+    for w in (256, 1024, 2048, 4096, 8192, -1):
         band = Band(w, 0, True)
         flops = 4.0 * H * D * (sum(min(i, w) + 1 for i in range(T)) if w >= 0 else T * T * 0.5)
         saved = launch.varlen_forward(q, k, v, packed, T, T, D ** -0.5, band)
@@ -117,12 +121,60 @@ def window_part():
         row = dict(fwd=flops / fwd_ms * 1e-9, bwd=2.5 * flops / bwd_ms * 1e-9,
                    dkdv=2.5 * flops * 4 / 7 / kv_ms * 1e-9, dq=2.5 * flops * 3 / 7 / max(bwd_ms - kv_ms, 1e-6) * 1e-9,
                    fwd_ms=fwd_ms, bwd_ms=bwd_ms, dkdv_ms=kv_ms)
+        bm, bn = cfg["fwd"].kwargs["BLOCK_M"], cfg["fwd"].kwargs["BLOCK_N"]
+        row["fwd_blocks"] = H * sum(
+            (min(m + bm, T) - 1) // bn + 1 - (max(m - w, 0) // bn if w >= 0 else 0) for m in range(0, T, bm))
         rows["full" if w < 0 else f"window {w}"] = row
         print(f"{'full causal' if w < 0 else f'window {w}':12s} " + "  ".join(
             f"{key} {val:7.1f}" if not key.endswith("ms") else f"{key} {val:.3f}" for key, val in row.items()), flush=True)
     launch.heuristic = configs.heuristic
     launch.FORCE_HEAD_MAJOR = None
+    xs = [r["fwd_blocks"] for r in rows.values()]
+    ys = [r["fwd_ms"] for r in rows.values()]
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    programs = H * -(-T // cfg["fwd"].kwargs["BLOCK_M"])
+    rows["fit"] = dict(fwd_us_per_block_per_sm=slope * 1e3 * torch.cuda.get_device_properties(0).multi_processor_count,
+                       fwd_intercept_ms=my - slope * mx, fwd_programs=programs)
+    print("forward fit: time = intercept + slope * blocks:", rows["fit"], flush=True)
     return rows
+
+
+def overhead_part():
+    """The forward's per-program cost: windows of 0 to 4096 keys and full causal on one 16k
+    sequence at the shipped window tile, with K and V read through TMA descriptors (made on the
+    device per program) and through pointers; the fit's intercept over the visited blocks is
+    the time every program pays besides its blocks."""
+    cfg = configs._WINDOW[("fwd", 128)]
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    launch.heuristic = lambda kind, *a, **k: cfg
+    T = S
+    q, k, v = (torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    packed, out = Packed(cu, cu), {}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for tma in (True, False):
+        launch.FWD_TMA = tma
+        xs, ys = [], []
+        for w in (0, 256, 1024, 4096, -1):
+            band = Band(w, 0, True)
+            blocks = H * sum((min(m + bm, T) - 1) // bn + 1 - (max(m - w, 0) // bn if w >= 0 else 0)
+                             for m in range(0, T, bm))
+            ms = _ms(lambda: launch.varlen_forward(q, k, v, packed, T, T, D ** -0.5, band))
+            xs.append(blocks)
+            ys.append(ms)
+            out[f"tma={tma} window={w}"] = dict(ms=ms, blocks=blocks)
+            print(f"tma={tma} window={w:5d} blocks {blocks:7d} {ms:.3f} ms", flush=True)
+        n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        programs = H * -(-T // bm)
+        fit = dict(us_per_block_per_sm=slope * 1e3 * sms, intercept_ms=my - slope * mx,
+                   us_per_program=(my - slope * mx) * 1e3 * sms / programs)
+        out[f"fit tma={tma}"] = fit
+        print(f"tma={tma} fit", fit, flush=True)
+    launch.FWD_TMA = None
+    launch.heuristic = configs.heuristic
+    return out
 
 
 def mix_part():
