@@ -391,6 +391,7 @@ def test_forward_tma_loads_follow_the_fixed_config(monkeypatch):
     monkeypatch.setattr(launch, "_FWD_LAUNCH", lambda grid, args, cx, *a: seen.append(cx))
     monkeypatch.setattr(launch, "_INTERPRET", False)  # the H100's fixed configs, not the interpreter's tile
     monkeypatch.setattr(launch, "_use_tma", lambda *t: True)
+    monkeypatch.setattr(launch, "FWD_WS", False)  # the core's launch flags (a GPU would take ws.py for two of these)
     B, H, L, D = 2, 4, 256, 128
     q, k, v = (torch.empty(B, H, L, D, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))
     bias = torch.empty(B, H, L, L, dtype=torch.bfloat16, device=DEVICE)
@@ -594,3 +595,56 @@ def test_one_loop_follows_the_fixed_config(monkeypatch):
     monkeypatch.setattr(launch, "FWD_ONE_LOOP", False)
     monkeypatch.setattr(launch, "BWD_ONE_LOOP", False)
     assert not one("fwd", dense) and not one("bwd", packed)
+
+
+WS_CASES = {
+    # (B, H, Hkv, L, S), mask kind, dtype index; every case is whole tiles at D=128
+    "no_mask": ((2, 4, 4, 256, 384), None, 0),
+    "grouped_heads": ((1, 8, 2, 128, 256), None, 0),
+    "float_bias_with_masked_rows": ((2, 2, 2, 256, 256), "bias", 0),
+    "fp16_bias": ((1, 2, 2, 128, 128), "bias", -1),
+}
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the warp-specialized Gluon forward runs on sm_90 only (no interpreter)")
+@pytest.mark.parametrize("case", list(WS_CASES))
+def test_warp_specialized_forward_matches_float64(case, monkeypatch):
+    """launch.FWD_WS: eligible calls (ws.eligible) take the Gluon kernel; its output, and the
+    core's gradients from its LSE, against float64. A bias row of -inf everywhere gives 0 and
+    finite gradients, as in the core. A causal call of the same shape does not take it."""
+    from attend.kernels import ws
+
+    (B, H, Hkv, L, S), kind, di = WS_CASES[case]
+    dtype = (torch.bfloat16, torch.float16)[di]
+    calls = []
+    real = ws.forward
+    monkeypatch.setattr(ws, "forward", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(11)
+    q = rand(B, H, L, 128, dtype=dtype, requires_grad=True)
+    k, v = (rand(B, Hkv, S, 128, dtype=dtype, requires_grad=True) for _ in range(2))
+    kw = dict(enable_gqa=Hkv != H)
+    if kind == "bias":
+        bias = torch.randn(B, H, L, S, device=DEVICE).to(dtype)
+        bias[:, :, 5] = float("-inf")  # row 5 sees no key
+        kw["attn_mask"] = bias
+    backend = attend.SDPBackend.EFFICIENT_ATTENTION if kind else attend.SDPBackend.FLASH_ATTENTION
+    with attend.sdpa_kernel(backend):
+        out = attend.scaled_dot_product_attention(q, k, v, **kw)
+    assert calls, "the call did not take the warp-specialized forward"
+    if kind == "bias":
+        assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+        (dq,) = torch.autograd.grad(out.float().sum(), (q,), retain_graph=True)
+        assert torch.isfinite(dq).all()
+        keep = torch.ones(L, dtype=torch.bool, device=DEVICE)
+        keep[5] = False  # the float64 reference gives NaN on that row
+        rows = lambda t: t[:, :, keep]
+        ref, _ = reference(q, k, v, **kw)
+        same = same_precision(q, k, v, **kw)
+        assert_scaled_close(rows(out), rows(ref), rows(same), what=case)
+    else:
+        assert_matches_float64(out, q, k, v, what=case, **kw)
+    calls.clear()
+    with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
+        attend.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True, enable_gqa=Hkv != H)
+    assert not calls

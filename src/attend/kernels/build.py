@@ -75,7 +75,30 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     return triton.compile(src, target=target, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
+def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False):
+    """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from . import ws
+
+    short, gdt = _DTYPE[dtype], {"float16": gl.float16, "bfloat16": gl.bfloat16}[dtype]
+
+    def desc(rows, cols):
+        return f"tensordesc<{short}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
+
+    q, kv = desc(ws.ROWS, ws.HEAD_DIM), desc(ws.BLOCK_N, ws.HEAD_DIM)
+    sig = dict(q_desc=q, k_desc=kv, v_desc=kv, o_desc=q, b_desc=desc(ws.ROWS, ws.BLOCK_N) if has_bias else q,
+               lse_ptr="*fp32", H="i32", G="i32", L="i32", S="i32", qk_scale="fp32", ROWS="constexpr",
+               BLOCK_N="constexpr", D="constexpr", STAGES="constexpr", HAS_BIAS="constexpr")
+    src = GluonASTSource(ws.attn_fwd_ws, sig, constexprs=dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM,
+                                                               STAGES=ws.STAGES, HAS_BIAS=has_bias))
+    return triton.compile(src, target=target, options=dict(num_warps=4))
+
+
 KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
+# The warp-specialized Gluon forward (ws.py), sm_90 only: without a mask and with a float bias.
+WS_FEATURES = ("no_mask", "float_bias")
 # Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds,
 # which assume EVEN lengths (multiples of configs.EVEN_TILE), as the benchmarked shapes have.
 _FEATURES = {
@@ -104,6 +127,12 @@ _BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(
 
 def _build_one(job: tuple) -> dict:
     kind, index, arch, head_dim, *feature = job
+    if kind == "fwd_ws":
+        compiled = compile_ws(GPUTarget("cuda", arch, 32), has_bias=feature[0] == "float_bias")
+        ptx = compiled.asm["ptx"]
+        return dict(kernel=kind, config="warp-specialized", arch=arch, head_dim=head_dim, feature=feature[0],
+                    wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                    shared=compiled.metadata.shared)
     from .configs import BWD_CONFIGS, FWD_CONFIGS, heuristic
 
     flags = {**_FEATURES, **_FWD_FEATURES, **_BWD_FEATURES}[feature[0]] if feature else {}
@@ -132,6 +161,7 @@ def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
     jobs += [(kind, -1, 90, 128, feature) for kind in ("fwd", "bwd") for feature in _FEATURES]
     jobs += [("fwd", -1, 90, 128, feature) for feature in _FWD_FEATURES]
     jobs += [("bwd", -1, 90, 128, feature) for feature in _BWD_FEATURES]
+    jobs += [("fwd_ws", -1, 90, 128, feature) for feature in WS_FEATURES]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(_build_one, jobs))
 
