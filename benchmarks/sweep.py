@@ -137,6 +137,7 @@ def cases(name: str):
             key = f"d{D}-{'causal' if causal else 'noncausal'}"
             table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S)) for S in seqs]
         table[f"d{D}-causal-gqa8"] = [(4096, lambda D=D: _dense(D, True, 4096, gqa=8))]
+        table[f"d{D}-noncausal-gqa8"] = [(4096, lambda D=D: _dense(D, False, 4096, gqa=8))]
     table["bias-grad"] = [(4096, lambda: _dense(128, False, 4096, mask=_randn(4, 16, 4096, 4096), mask_grad=True,
                                                 B=4, H=16))]
     table["padding"] = [(4096, lambda: _dense(128, False, 4096, mask=_padding_mask(), B=4, H=16))]
