@@ -4,8 +4,10 @@ query rows each run the QK product, the softmax and the PV product on their own.
 release slots through mbarriers and never meet at a CTA barrier, so one's softmax runs while the
 other's MMAs do: the overlap the ``tl`` core cannot express (its warpgroups meet at a
 ``bar.sync`` per iteration, and Triton 3.6 waits for an asynchronous QK product at once; RESULTS.md
-"session 8"). H100, bf16, (4, 16, 4096, 128): 588-601 TFLOP/s against 500-519 for the core
-without a mask, 440 against 380 with a float bias (``benchmarks/probe_gluon.py``).
+"session 8"). H100, bf16, ``benchmarks/ab.py`` (session 8, launch.FWD_WS on / off): a float
+bias (4, 16, 4096, 4096) 409 against 360 TFLOP/s; no mask, D=128, S = 1k / 4k / 16k, 478 / 557 /
+572 against 417 / 498 / 506. A one-partition schedule with the next block's QK in flight during
+the softmax gained nothing (``benchmarks/probe_gluon.py``).
 
 It covers the forward's plainest features only: D = 128, fp16 / bf16, no band, no dropout, no
 packing, and no mask or a full-size float bias, on contiguous tensors whose lengths are whole
