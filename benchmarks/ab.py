@@ -35,11 +35,10 @@ BONE = {"BWD_ONE_LOOP": True}
 HM64 = _b(64, 64, 64, 64, 4, 2, head_major=True)
 CORE = {"FWD_WS": False}  # the tl core where the warp-specialized Gluon forward would serve (ws.py)
 PLAN = {
-    "ws-bias": [("fwd", _c(128, 64, 8, 3), True, "now"), ("fwd", _c(128, 64, 8, 3), True, "", CORE)],
-    "ws-d128@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE)],
-    "ws-d128@4096": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
-    "ws-d128@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
-    "ws-d128-gqa8": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
+    "d128-noncausal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE)],
+    "d128-noncausal@4096": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
+    "d128-noncausal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
+    "d128-noncausal-gqa8": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "varlen-window": [
         ("fwd", _c(128, 128, 8, 3), True, "now", SPLIT), ("fwd", _c(128, 128, 8, 3), True, "", ONE),
         ("bwd", _b(32, 64, 64, 32, 4, 3), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", BONE),
@@ -63,8 +62,9 @@ PLAN = {
     "d64-causal@16384": [("bwd", _b(32, 128, 64, 64, 4, 3), None, "now"),
                          ("bwd", _b(32, 128, 64, 64, 4, 3), None, "", BONE)],
     "bias-grad": [
-        ("fwd", _c(128, 64, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 2), True, ""),
-        ("fwd", _c(128, 64, 8, 4), True, ""), ("fwd", _c(64, 64, 4, 3), True, ""),
+        # "now" is the warp-specialized forward (ws.py); the tiles below are the core's
+        ("fwd", _c(128, 64, 8, 3), True, "now"), ("fwd", _c(128, 64, 8, 3), True, "", CORE),
+        ("fwd", _c(128, 128, 8, 2), True, "", CORE), ("fwd", _c(128, 64, 8, 4), True, "", CORE),
         ("bwd", _b(64, 64, 64, 64, 4, 2), None, "now"), ("bwd", _b(64, 64, 64, 64, 4, 3), None, ""),
     ],
     "padding": [
@@ -86,7 +86,6 @@ def _label(kind, cfg, tma, mark, overrides=None) -> str:
 
 def run(case: str, rounds: int) -> dict:
     base, _, length = case.partition("@")
-    base = {"ws-bias": "bias-grad", "ws-d128": "d128-noncausal", "ws-d128-gqa8": "d128-noncausal-gqa8"}.get(base, base)
     (name, S, make), = [c for c in cases(base) if not length or c[1] == int(length)]
     fwd, bwd, flops, api = make()
     variants = [v if len(v) == 5 else (*v, {}) for v in PLAN[case]]

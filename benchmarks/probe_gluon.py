@@ -10,7 +10,6 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -19,6 +18,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_init,
     warpgroup_mma_wait,
 )
+
+from attend.kernels.core import RCP_LN2
+from attend.kernels.ws import descriptor
 
 
 @gluon.jit
@@ -114,13 +116,10 @@ def attn_fwd_gl(q_desc, k_desc, v_desc, o_desc, S, qk_scale,
 def run(q, k, v, BLOCK_M=128, BLOCK_N=128, STAGES=2, PREFETCH=True, num_warps=8):
     B, H, S, D = q.shape
     o = torch.empty_like(q)
-    def desc(t, rows):
-        lay = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)
-        t2 = t.reshape(B * H * S, D)
-        return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, D], lay)
     grid = (S // BLOCK_M, B * H)
-    attn_fwd_gl[grid](desc(q, BLOCK_M), desc(k, BLOCK_N), desc(v, BLOCK_N), desc(o, BLOCK_M), S, D ** -0.5 * 1.4426950408889634,
-                      BLOCK_M, BLOCK_N, D, STAGES, PREFETCH, num_warps=num_warps)
+    attn_fwd_gl[grid](descriptor(q, BLOCK_M, D), descriptor(k, BLOCK_N, D), descriptor(v, BLOCK_N, D),
+                      descriptor(o, BLOCK_M, D), S, D ** -0.5 * RCP_LN2.value, BLOCK_M, BLOCK_N, D, STAGES, PREFETCH,
+                      num_warps=num_warps)
     return o
 
 

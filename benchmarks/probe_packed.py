@@ -99,6 +99,23 @@ def _bwd_split(do, q, k, v, saved, packed, top, band, dq_programs):
                             D ** -0.5, 0, packed, dq_programs=dq_programs)
 
 
+def _visited_blocks(T: int, window: int, bm: int, bn: int) -> int:
+    """(query block, key block) pairs the forward visits on one causal sequence of T, per head,
+    with a left window of ``window`` keys (-1: full causal)."""
+    return sum((min(m + bm, T) - 1) // bn + 1 - (max(m - window, 0) // bn if window >= 0 else 0)
+               for m in range(0, T, bm))
+
+
+def _fit(xs: list, ys_ms: list, programs: int) -> dict:
+    """Least squares ms = intercept + slope * blocks: the per-block cost (us of one SM) and the
+    intercept, also per program (us of one SM)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    mx, my = sum(xs) / len(xs), sum(ys_ms) / len(ys_ms)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys_ms)) / sum((x - mx) ** 2 for x in xs)
+    return dict(us_per_block_per_sm=slope * 1e3 * sms, intercept_ms=my - slope * mx,
+                us_per_program=(my - slope * mx) * 1e3 * sms / programs, programs=programs)
+
+
 def window_part():
     """Window widths against full causal, one 16k sequence, the shipped window configs for all
     (one launch config per kernel across widths, so the time's slope over the visited blocks is
@@ -121,21 +138,14 @@ def window_part():
         row = dict(fwd=flops / fwd_ms * 1e-9, bwd=2.5 * flops / bwd_ms * 1e-9,
                    dkdv=2.5 * flops * 4 / 7 / kv_ms * 1e-9, dq=2.5 * flops * 3 / 7 / max(bwd_ms - kv_ms, 1e-6) * 1e-9,
                    fwd_ms=fwd_ms, bwd_ms=bwd_ms, dkdv_ms=kv_ms)
-        bm, bn = cfg["fwd"].kwargs["BLOCK_M"], cfg["fwd"].kwargs["BLOCK_N"]
-        row["fwd_blocks"] = H * sum(
-            (min(m + bm, T) - 1) // bn + 1 - (max(m - w, 0) // bn if w >= 0 else 0) for m in range(0, T, bm))
+        row["fwd_blocks"] = H * _visited_blocks(T, w, cfg["fwd"].kwargs["BLOCK_M"], cfg["fwd"].kwargs["BLOCK_N"])
         rows["full" if w < 0 else f"window {w}"] = row
         print(f"{'full causal' if w < 0 else f'window {w}':12s} " + "  ".join(
             f"{key} {val:7.1f}" if not key.endswith("ms") else f"{key} {val:.3f}" for key, val in row.items()), flush=True)
     launch.heuristic = configs.heuristic
     launch.FORCE_HEAD_MAJOR = None
-    xs = [r["fwd_blocks"] for r in rows.values()]
-    ys = [r["fwd_ms"] for r in rows.values()]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    programs = H * -(-T // cfg["fwd"].kwargs["BLOCK_M"])
-    rows["fit"] = dict(fwd_us_per_block_per_sm=slope * 1e3 * torch.cuda.get_device_properties(0).multi_processor_count,
-                       fwd_intercept_ms=my - slope * mx, fwd_programs=programs)
+    rows["fit"] = _fit([r["fwd_blocks"] for r in rows.values()], [r["fwd_ms"] for r in rows.values()],
+                       H * -(-T // cfg["fwd"].kwargs["BLOCK_M"]))
     print("forward fit: time = intercept + slope * blocks:", rows["fit"], flush=True)
     return rows
 
@@ -152,24 +162,18 @@ def overhead_part():
     q, k, v = (torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
     packed, out = Packed(cu, cu), {}
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for tma in (True, False):
         launch.FWD_TMA = tma
         xs, ys = [], []
         for w in (0, 256, 1024, 4096, -1):
             band = Band(w, 0, True)
-            blocks = H * sum((min(m + bm, T) - 1) // bn + 1 - (max(m - w, 0) // bn if w >= 0 else 0)
-                             for m in range(0, T, bm))
+            blocks = H * _visited_blocks(T, w, bm, bn)
             ms = _ms(lambda: launch.varlen_forward(q, k, v, packed, T, T, D ** -0.5, band))
             xs.append(blocks)
             ys.append(ms)
             out[f"tma={tma} window={w}"] = dict(ms=ms, blocks=blocks)
             print(f"tma={tma} window={w:5d} blocks {blocks:7d} {ms:.3f} ms", flush=True)
-        n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        programs = H * -(-T // bm)
-        fit = dict(us_per_block_per_sm=slope * 1e3 * sms, intercept_ms=my - slope * mx,
-                   us_per_program=(my - slope * mx) * 1e3 * sms / programs)
+        fit = _fit(xs, ys, H * -(-T // bm))
         out[f"fit tma={tma}"] = fit
         print(f"tma={tma} fit", fit, flush=True)
     launch.FWD_TMA = None

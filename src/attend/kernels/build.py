@@ -129,10 +129,7 @@ def _build_one(job: tuple) -> dict:
     kind, index, arch, head_dim, *feature = job
     if kind == "fwd_ws":
         compiled = compile_ws(GPUTarget("cuda", arch, 32), has_bias=feature[0] == "float_bias")
-        ptx = compiled.asm["ptx"]
-        return dict(kernel=kind, config="warp-specialized", arch=arch, head_dim=head_dim, feature=feature[0],
-                    wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
-                    shared=compiled.metadata.shared)
+        return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
     from .configs import BWD_CONFIGS, FWD_CONFIGS, heuristic
 
     flags = {**_FEATURES, **_FWD_FEATURES, **_BWD_FEATURES}[feature[0]] if feature else {}
@@ -142,10 +139,14 @@ def _build_one(job: tuple) -> dict:
     dtype = "bfloat16" if arch >= 90 else "float16"
     compiled = compile_kernel(KERNELS[kind], config, GPUTarget("cuda", arch, 32), dtype=dtype, head_dim=head_dim,
                               **flags)
+    return _report(compiled, kind, str(config), arch, head_dim, feature[0] if feature else "")
+
+
+def _report(compiled, kind: str, config: str, arch: int, head_dim: int, feature: str) -> dict:
+    """What the build check asserts about one build: its MMA instructions, TMA use, shared memory."""
     ptx = compiled.asm["ptx"]
-    return dict(kernel=kind, config=str(config), arch=arch, head_dim=head_dim, feature=feature[0] if feature else "",
-                wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
-                shared=compiled.metadata.shared)
+    return dict(kernel=kind, config=config, arch=arch, head_dim=head_dim, feature=feature, wgmma="wgmma" in ptx,
+                mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx, shared=compiled.metadata.shared)
 
 
 def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:

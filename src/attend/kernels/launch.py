@@ -68,9 +68,8 @@ FWD_TMA: bool | None = None
 FWD_ONE_LOOP: bool | None = None
 BWD_ONE_LOOP: bool | None = None
 # The forward's plainest calls (no mask or a full-size float bias, no band, D = 128, whole tiles,
-# sm_90) take the warp-specialized Gluon kernel (ws.py; ws.eligible says which): H100, bf16,
-# (4, 16, 4096, 128), 588-601 TFLOP/s against 500-519 for the core, 440 against 380 with a float
-# bias (session 8). False: the core serves every call (benchmarks, tests).
+# sm_90) take the warp-specialized Gluon kernel (ws.py, which cites its measurements; ws.eligible
+# says which calls). False: the core serves every call (benchmarks, tests).
 FWD_WS: bool = True
 
 
@@ -272,7 +271,9 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         q, scale = -q, -scale
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     band_args, band_flags = _band_args(band)
-    if FWD_WS and lse_strides == (H * L, L) and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, band_flags, packed):
+    if (FWD_WS and q.is_cuda and _capability_major(q.device.index) == 9 and lse_strides == (H * L, L)
+            and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, band_flags, packed)):
+        _ensure_allocator()
         ws.forward(q, k, v, None if mask is None else m4, out, lse, scale)
         return
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)

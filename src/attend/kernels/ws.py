@@ -31,12 +31,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .core import LN2, RCP_LN2
+
 ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
 BLOCK_N = 128  # keys per tile
 STAGES = 2  # ring slots for K, V and the bias (229 KiB of shared memory with a bias)
 HEAD_DIM = 128
-_RCP_LN2 = 1.4426950408889634
-_LN2 = 0.6931471805599453
+_GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
 @gluon.jit
@@ -90,7 +91,7 @@ def _consumer(q_desc, o_desc, q_smem, q_bar, k_smem, v_smem, b_smem, k_full, v_f
             mbarrier.wait(b_full.index(2 * slot + CID), ph)
             bias = b_smem.index(2 * slot + CID).load(s_layout).to(gl.float32)
             mbarrier.arrive(b_empty.index(2 * slot + CID))
-            s = s * qk_scale + bias * 1.4426950408889634
+            s = s * qk_scale + bias * RCP_LN2
         else:
             s = s * qk_scale
         m_new = gl.maximum(m_i, gl.max(s, 1))
@@ -107,7 +108,7 @@ def _consumer(q_desc, o_desc, q_smem, q_bar, k_smem, v_smem, b_smem, k_full, v_f
         m_i = m_new
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     rows = gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
     gl.store(lse_ptr + q_row + rows, lse)
     out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
@@ -165,12 +166,10 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, b_desc, lse_ptr, H, G, L, S, qk_
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, mstr: tuple, mbool: bool,
              dropout_p: float, band_flags: dict, packed) -> bool:
-    """Whether ``forward`` serves the call: sm_90, D = 128, fp16 / bf16, contiguous (B, H, L, D)
-    tensors, L a multiple of 2 * ROWS and S of BLOCK_N, no band, dropout or packing, and no mask
-    or a full-size float one of the inputs' dtype, contiguous."""
+    """Whether ``forward`` serves a call on an sm_90 device (the caller checks the device): D = 128,
+    fp16 / bf16, contiguous (B, H, L, D) tensors, L a multiple of 2 * ROWS and S of BLOCK_N, no
+    band, dropout or packing, and no mask or a full-size float one of the inputs' dtype, contiguous."""
     if packed is not None or dropout_p > 0.0 or band_flags["CAUSAL"] or band_flags["WINDOW"]:
-        return False
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     B, H, L, D = q.shape
     S = k.shape[2]
@@ -184,25 +183,21 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
             and mask.data_ptr() % 16 == 0)
 
 
+def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
+    """A host TMA descriptor of [rows, cols] boxes over ``t`` seen as 2-D (its leading dims as
+    rows; ``t`` contiguous)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    layout = gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPE[t.dtype])
+    return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, cols], layout)
+
+
 def forward(q, k, v, bias, out, lse, scale: float) -> None:
     """Out and LSE ((B, H, L) fp32, natural log) of softmax(q k^T * scale + bias) v, ``eligible``
     inputs, ``scale`` > 0."""
-    from . import launch
-
-    launch._ensure_allocator()
     B, H, L, D = q.shape
     S = k.shape[2]
-
-    def desc(t, rows, cols):
-        t2 = t.reshape(-1, t.shape[-1])
-        layout = gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPE[t.dtype])
-        return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, cols], layout)
-
-    q_desc, o_desc = desc(q, ROWS, D), desc(out, ROWS, D)
-    b_desc = q_desc if bias is None else desc(bias, ROWS, BLOCK_N)
+    q_desc, o_desc = descriptor(q, ROWS, D), descriptor(out, ROWS, D)
+    b_desc = q_desc if bias is None else descriptor(bias, ROWS, BLOCK_N)
     attn_fwd_ws[(L // (2 * ROWS), B * H)](
-        q_desc, desc(k, BLOCK_N, D), desc(v, BLOCK_N, D), o_desc, b_desc, lse, H, H // k.shape[1], L, S,
-        scale * _RCP_LN2, ROWS, BLOCK_N, D, STAGES, bias is not None, num_warps=4)
-
-
-_GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+        q_desc, descriptor(k, BLOCK_N, D), descriptor(v, BLOCK_N, D), o_desc, b_desc, lse, H, H // k.shape[1], L, S,
+        scale * RCP_LN2.value, ROWS, BLOCK_N, D, STAGES, bias is not None, num_warps=4)
