@@ -460,6 +460,7 @@ def test_forward_through_tensor_descriptors(case, monkeypatch):
     flags = []
     real = launch._FWD_LAUNCH
     monkeypatch.setattr(launch, "_FWD_LAUNCH", lambda grid, args, cx, *a: flags.append(cx) or real(grid, args, cx, *a))
+    monkeypatch.setattr(launch, "FWD_WS", False)  # the core's forward (a GPU would take ws.py for some of these)
     monkeypatch.setattr(launch, "FWD_ONE_LOOP", False)  # the pointer path's loops: one per band edge
     outs = {}
     for on in (False, True):
@@ -531,6 +532,7 @@ def test_band_edges_in_one_loop_match_float64(case, monkeypatch):
     seen = []
     real = launch._FWD_LAUNCH
     monkeypatch.setattr(launch, "_FWD_LAUNCH", lambda grid, args, cx, *a: seen.append(cx) or real(grid, args, cx, *a))
+    monkeypatch.setattr(launch, "FWD_WS", False)  # the core's forward (a GPU would take ws.py for some of these)
     dtype = DTYPES[0]
     torch.manual_seed(7)
     q = rand(1, 2, L, D, dtype=dtype, requires_grad=True)
@@ -598,11 +600,16 @@ def test_one_loop_follows_the_fixed_config(monkeypatch):
 
 
 WS_CASES = {
-    # (B, H, Hkv, L, S), mask kind, dtype index; every case is whole tiles at D=128
-    "no_mask": ((2, 4, 4, 256, 384), None, 0),
-    "grouped_heads": ((1, 8, 2, 128, 256), None, 0),
-    "float_bias_with_masked_rows": ((2, 2, 2, 256, 256), "bias", 0),
-    "fp16_bias": ((1, 2, 2, 128, 128), "bias", -1),
+    # (B, H, Hkv, L, S), mask kind, dtype index, band (None, "causal" top-left, "lower_right")
+    "no_mask": ((2, 4, 4, 256, 384), None, 0, None),
+    "grouped_heads": ((1, 8, 2, 128, 256), None, 0, None),
+    "ragged_lengths": ((2, 2, 2, 200, 333), None, 0, None),
+    "causal": ((2, 4, 2, 384, 384), None, 0, "causal"),
+    "causal_ragged_L>S": ((1, 2, 2, 300, 170), None, 0, "causal"),
+    "lower_right_L<S": ((1, 2, 2, 130, 300), None, 0, "lower_right"),
+    "lower_right_L>S": ((1, 2, 2, 300, 130), None, 0, "lower_right"),
+    "float_bias_with_masked_rows": ((2, 2, 2, 256, 256), "bias", 0, None),
+    "fp16_bias_ragged": ((1, 2, 2, 100, 136), "bias", -1, None),
 }
 
 
@@ -611,11 +618,13 @@ WS_CASES = {
 @pytest.mark.parametrize("case", list(WS_CASES))
 def test_warp_specialized_forward_matches_float64(case, monkeypatch):
     """launch.FWD_WS: eligible calls (ws.eligible) take the Gluon kernel; its output, and the
-    core's gradients from its LSE, against float64. A bias row of -inf everywhere gives 0 and
-    finite gradients, as in the core. A causal call of the same shape does not take it."""
+    core's gradients from its LSE, against float64: lengths that are not whole tiles, causal bands
+    top-left and bottom-right (rows with no key give 0), grouped heads, a float bias whose row 5 is
+    -inf everywhere (0 and finite gradients, as in the core). A D=64 call does not take it."""
+    from attend.bias import causal_lower_right
     from attend.kernels import ws
 
-    (B, H, Hkv, L, S), kind, di = WS_CASES[case]
+    (B, H, Hkv, L, S), kind, di, band = WS_CASES[case]
     dtype = (torch.bfloat16, torch.float16)[di]
     calls = []
     real = ws.forward
@@ -623,21 +632,26 @@ def test_warp_specialized_forward_matches_float64(case, monkeypatch):
     torch.manual_seed(11)
     q = rand(B, H, L, 128, dtype=dtype, requires_grad=True)
     k, v = (rand(B, Hkv, S, 128, dtype=dtype, requires_grad=True) for _ in range(2))
-    kw = dict(enable_gqa=Hkv != H)
+    kw = dict(enable_gqa=Hkv != H, is_causal=band == "causal")
     if kind == "bias":
         bias = torch.randn(B, H, L, S, device=DEVICE).to(dtype)
         bias[:, :, 5] = float("-inf")  # row 5 sees no key
         kw["attn_mask"] = bias
+    if band == "lower_right":
+        kw["attn_mask"] = causal_lower_right(L, S)
     backend = attend.SDPBackend.EFFICIENT_ATTENTION if kind else attend.SDPBackend.FLASH_ATTENTION
     with attend.sdpa_kernel(backend):
         out = attend.scaled_dot_product_attention(q, k, v, **kw)
     assert calls, "the call did not take the warp-specialized forward"
+    keep = torch.ones(L, dtype=torch.bool, device=DEVICE)
     if kind == "bias":
-        assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+        keep[5] = False  # the float64 reference gives NaN on that row
+    if band == "lower_right" and L > S:
+        keep[: L - S] = False  # rows that see no key: NaN in the reference
+    if not keep.all():
+        assert torch.equal(out[:, :, ~keep], torch.zeros_like(out[:, :, ~keep]))
         (dq,) = torch.autograd.grad(out.float().sum(), (q,), retain_graph=True)
         assert torch.isfinite(dq).all()
-        keep = torch.ones(L, dtype=torch.bool, device=DEVICE)
-        keep[5] = False  # the float64 reference gives NaN on that row
         rows = lambda t: t[:, :, keep]
         ref, _ = reference(q, k, v, **kw)
         same = same_precision(q, k, v, **kw)
@@ -645,6 +659,7 @@ def test_warp_specialized_forward_matches_float64(case, monkeypatch):
     else:
         assert_matches_float64(out, q, k, v, what=case, **kw)
     calls.clear()
+    q64, k64, v64 = (t.detach()[..., :64].contiguous() for t in (q, k, v))
     with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
-        attend.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True, enable_gqa=Hkv != H)
+        attend.scaled_dot_product_attention(q64, k64, v64, is_causal=True, enable_gqa=Hkv != H)
     assert not calls

@@ -87,6 +87,50 @@ def test_varlen_matches_per_sequence_loop(kernel, window, shape, use_kernel):
             assert_scaled_close(a, r.double(), s, k=6.0, what=f"{dtype} d{name}")
 
 
+# D=128 packed shapes: (id, query lengths, key lengths, Hq, Hkv, whether the warp-specialized
+# Gluon forward serves them on sm_90: query sequences of one length, any keys (a sequence with no
+# key too); mixed query lengths stay on the core (ws.eligible).
+WS_SHAPES = [
+    ("equal", [257, 257, 257], [257, 257, 257], 4, 2, True),
+    ("keys_differ", [200, 200, 200], [333, 129, 0], 2, 2, True),
+    ("mixed", [1, 130, 257, 0, 64, 700], [1, 130, 257, 0, 64, 700], 4, 2, False),
+]
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the warp-specialized Gluon forward runs on sm_90 only (no interpreter)")
+@pytest.mark.parametrize("window", WINDOWS + [(100, 0)], ids=str)
+@pytest.mark.parametrize("shape", WS_SHAPES, ids=lambda s: s[0])
+def test_varlen_warp_specialized_forward(window, shape, monkeypatch):
+    """Packed calls of one query length take the Gluon forward (kernels/ws.py) on sm_90: its
+    output and LSE, and the core's gradients from them, against the per-sequence float64 loop,
+    per band; mixed query lengths take the core."""
+    from attend.kernels import ws
+
+    _, lq, lk, hq, hkv, served = shape
+    calls = []
+    real = ws.forward
+    monkeypatch.setattr(ws, "forward", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(5)
+    q, k, v = _inputs(lq, lk, hq, hkv, 128, torch.bfloat16)
+    out, lse = varlen_attn(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), window_size=window,
+                           enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True))
+    assert bool(calls) == served, f"took the warp-specialized forward: {bool(calls)}"
+    ref, ref_lse = _loop(q, k, v, lq, lk, window, torch.float64)
+    same, _ = _loop(q, k, v, lq, lk, window, torch.bfloat16)
+    assert_scaled_close(out, ref, same, what="out")
+    empty = ref_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), empty), "rows with no visible key must have lse -inf"
+    assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= 2e-2
+    assert torch.equal(out[empty.T], torch.zeros_like(out[empty.T]))
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    refs = torch.autograd.grad((ref * g.double()).sum(), (q, k, v))
+    sames = torch.autograd.grad((same * g.to(same.dtype)).sum(), (q, k, v))
+    for name, a, r, s in zip("qkv", grads, refs, sames):
+        assert_scaled_close(a, r.double(), s, k=6.0, what=f"d{name}")
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_varlen_lse_gradient(kernel, use_kernel):
     """Gradients flow through the returned log-sum-exp too."""

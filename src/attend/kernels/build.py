@@ -75,7 +75,8 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     return triton.compile(src, target=target, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
-def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False):
+def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False, causal: bool = False,
+               window: bool = False, varlen: bool = False):
     """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -88,17 +89,22 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
         return f"tensordesc<{short}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
 
     q, kv = desc(ws.ROWS, ws.HEAD_DIM), desc(ws.BLOCK_N, ws.HEAD_DIM)
-    sig = dict(q_desc=q, k_desc=kv, v_desc=kv, o_desc=q, b_desc=desc(ws.ROWS, ws.BLOCK_N) if has_bias else q,
-               lse_ptr="*fp32", H="i32", G="i32", L="i32", S="i32", qk_scale="fp32", ROWS="constexpr",
-               BLOCK_N="constexpr", D="constexpr", STAGES="constexpr", HAS_BIAS="constexpr")
-    src = GluonASTSource(ws.attn_fwd_ws, sig, constexprs=dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM,
-                                                               STAGES=ws.STAGES, HAS_BIAS=has_bias))
+    constexprs = dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM, STAGES=ws.STAGES, QBUFS=1 if has_bias else 2,
+                      HAS_BIAS=has_bias, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
+                      EDGES=causal or window or varlen, TBUF=ws.TBUF)
+    ints = ("stride_o", "stride_lseh", "n_tiles", "n_m", "sec", "H", "G", "L_max", "S_max", "diag", "win_right",
+            "win_left")
+    sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=desc(ws.ROWS, ws.BLOCK_N) if has_bias else q,
+               out_ptr=f"*{short}", lse_ptr="*fp32", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
+               **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs})
+    src = GluonASTSource(ws.attn_fwd_ws, sig, constexprs=constexprs)
     return triton.compile(src, target=target, options=dict(num_warps=4))
 
 
 KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
-# The warp-specialized Gluon forward (ws.py), sm_90 only: without a mask and with a float bias.
-WS_FEATURES = ("no_mask", "float_bias")
+# The warp-specialized Gluon forward (ws.py), sm_90 only: compile_ws's flags per variant.
+WS_FEATURES = {"no_mask": {}, "float_bias": dict(has_bias=True), "causal_bias": dict(has_bias=True, causal=True),
+               "varlen_window": dict(causal=True, window=True, varlen=True)}
 # Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds,
 # which assume EVEN lengths (multiples of configs.EVEN_TILE), as the benchmarked shapes have.
 _FEATURES = {
@@ -128,7 +134,7 @@ _BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(
 def _build_one(job: tuple) -> dict:
     kind, index, arch, head_dim, *feature = job
     if kind == "fwd_ws":
-        compiled = compile_ws(GPUTarget("cuda", arch, 32), has_bias=feature[0] == "float_bias")
+        compiled = compile_ws(GPUTarget("cuda", arch, 32), **WS_FEATURES[feature[0]])
         return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
     from .configs import BWD_CONFIGS, FWD_CONFIGS, heuristic
 

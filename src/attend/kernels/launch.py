@@ -67,9 +67,9 @@ FWD_TMA: bool | None = None
 # loads need no bounds masks (TMA or EVEN).
 FWD_ONE_LOOP: bool | None = None
 BWD_ONE_LOOP: bool | None = None
-# The forward's plainest calls (no mask or a full-size float bias, no band, D = 128, whole tiles,
-# sm_90) take the warp-specialized Gluon kernel (ws.py, which cites its measurements; ws.eligible
-# says which calls). False: the core serves every call (benchmarks, tests).
+# Most sm_90 D = 128 forwards (any band and length, no mask or a full-size float bias, packed
+# sequences of one query length; ws.eligible says which) take the persistent warp-specialized Gluon
+# kernel (ws.py, which cites its measurements). False: the core serves every call (benchmarks, tests).
 FWD_WS: bool = True
 
 
@@ -271,10 +271,11 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         q, scale = -q, -scale
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     band_args, band_flags = _band_args(band)
-    if (FWD_WS and q.is_cuda and _capability_major(q.device.index) == 9 and lse_strides == (H * L, L)
-            and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, band_flags, packed)):
+    if (FWD_WS and q.is_cuda and _capability_major(q.device.index) == 9
+            and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, packed, L)):
         _ensure_allocator()
-        ws.forward(q, k, v, None if mask is None else m4, out, lse, scale)
+        ws.forward(q, k, v, None if mask is None else m4, out, lse, lse_strides, scale, band_args, band_flags, packed,
+                   B, L, S)
         return
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     if packed is None:

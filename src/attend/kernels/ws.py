@@ -1,29 +1,40 @@
-"""The Hopper forward in Gluon, warp-specialized: one producer warp issues every TMA load (K, V
-and a float bias's tiles) into a ring of shared-memory slots, and two consumer warpgroups of 64
-query rows each run the QK product, the softmax and the PV product on their own. The consumers
-release slots through mbarriers and never meet at a CTA barrier, so one's softmax runs while the
-other's MMAs do: the overlap the ``tl`` core cannot express (its warpgroups meet at a
-``bar.sync`` per iteration, and Triton 3.6 waits for an asynchronous QK product at once; RESULTS.md
-"session 8"). H100, bf16, ``benchmarks/ab.py`` (session 8, launch.FWD_WS on / off): a float
-bias (4, 16, 4096, 4096) 409 against 360 TFLOP/s; no mask, D=128, S = 1k / 4k / 16k, 478 / 557 /
-572 against 417 / 498 / 506. A one-partition schedule with the next block's QK in flight during
-the softmax gained nothing (``benchmarks/probe_gluon.py``).
+"""The Hopper forward in Gluon, warp-specialized and persistent: one producer warp issues every
+TMA load (Q, K, V and a float bias's tiles) into shared-memory buffers, and two consumer
+warpgroups of 64 query rows each run the QK product, the softmax and the PV product on their own.
+The consumers release buffers through mbarriers and never meet at a CTA barrier, so one's softmax
+runs while the other's MMAs do: the overlap the ``tl`` core cannot express (its warpgroups meet at
+a ``bar.sync`` per iteration, and Triton 3.6 waits for an asynchronous QK product at once;
+RESULTS.md "session 8"; a one-partition schedule with the next block's QK in flight gained
+nothing, ``benchmarks/probe_gluon.py``).
 
-It covers the forward's plainest features only: D = 128, fp16 / bf16, no band, no dropout, no
-packing, and no mask or a full-size float bias, on contiguous tensors whose lengths are whole
-tiles (``eligible``). Every other call takes the core (``core.attn_fwd``); the backward is the
-core's in every case (it reads this kernel's output and LSE). Gluon kernels do not run under
-the interpreter: the CPU tests compile this one for sm_90 (``build.py``) and the GPU suite
-checks it against float64.
+One program per SM takes tiles (128 query rows of one head) from a counter until none is left,
+and its producer loads the next tile's Q and first K / V blocks while the consumers finish the
+current one: a tile's start pays no load latency, the ~9 us per program that kept the core's
+sliding window at 2.02-2.07x its full causal time (RESULTS.md, session 9). A band (causal top-left
+or bottom-right, sliding window) visits only the key blocks it covers and masks the blocks on
+its edges and a sequence's ragged end, as the core does.
+
+H100, bf16, ``benchmarks/ab.py`` run 43 (launch.FWD_WS on / off), TFLOP/s: sliding window 4096 of
+16k 503 against 442; full causal 16k 547 against 514, 4k 494 against 434, 1k 357 against 339; no
+mask 4k 545 against 496, 1k 469 against 419; a float bias 403 against 365.
+
+It serves (``eligible``): D = 128, fp16 / bf16, no dropout; dense contiguous tensors with any
+lengths and band, and no mask or a full-size float bias; packed sequences (varlen, contiguous
+(T, H, D), no pages or seqused_k) whose query lengths are all equal (mixed lengths leave tiles
+empty; they stay on the core, whose grid skips them for free). Every other call takes the core
+(``core.attn_fwd``); the backward is the core's in every case (it reads this kernel's output and
+LSE). Gluon kernels do not run under the interpreter: the CPU tests compile this one for sm_90
+(``build.py``) and the GPU suite checks it against float64.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -33,118 +44,288 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .core import LN2, RCP_LN2
 
-ROWS = 64  # query rows per consumer warpgroup; a program covers 2 * ROWS
-BLOCK_N = 128  # keys per tile
-STAGES = 2  # ring slots for K, V and the bias (229 KiB of shared memory with a bias)
+ROWS = 64  # query rows per consumer warpgroup; a tile covers BLOCK_M = 2 * ROWS
+BLOCK_M = 2 * ROWS
+BLOCK_N = 128  # keys per block
+STAGES = 2  # ring slots for K, V and the bias
+TBUF = 2  # slots of the tile ids the producer hands the consumers
 HEAD_DIM = 128
 _GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, b_desc, k_smem, v_smem, b_smem, k_full, v_full, b_full, k_empty, v_empty, b_empty,
-              kv_row, q_row, n, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              HAS_BIAS: gl.constexpr):
-    """Tile j of K and V (and each consumer's bias tile) into slot j % STAGES once the consumers
-    have released it."""
-    for j in range(0, n):
-        slot = j % STAGES
-        ph = ((j // STAGES) & 1) ^ 1  # the first pass finds every slot free
-        if HAS_BIAS:
-            for c in gl.static_range(2):
-                mbarrier.wait(b_empty.index(2 * slot + c), ph, pred=j >= STAGES)
-                mbarrier.expect(b_full.index(2 * slot + c), b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(b_desc, [q_row + c * ROWS, j * BLOCK_N], b_full.index(2 * slot + c),
-                                                b_smem.index(2 * slot + c))
-        mbarrier.wait(k_empty.index(slot), ph, pred=j >= STAGES)
-        mbarrier.expect(k_full.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, 0], k_full.index(slot), k_smem.index(slot))
-        mbarrier.wait(v_empty.index(slot), ph, pred=j >= STAGES)
-        mbarrier.expect(v_full.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, 0], v_full.index(slot), v_smem.index(slot))
+def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+          VARLEN: gl.constexpr):
+    """Tile ``t`` of n_m query blocks by n_bh = B * H heads. Without a band, query block fastest:
+    programs running together read the same heads' K / V (the L2 keeps them). With one, sections
+    of ``sec`` heads (as many as the L2 holds the K / V of; ``_section``) one after the other, and
+    in a section heads fastest and the longest blocks first (the last under a causal band), so the
+    tiles in flight are alike in length and read the same heads' K / V. Returns
+    (m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row). q_row / kv_row:
+    the tile's first row in the 2-D views of Q / K (``_rows``), whose columns start at h * D /
+    hk * D when VARLEN. Key blocks as core._key_blocks: [lo, hi) visited, [a, c) unmasked. A tile
+    past its sequence's end has m0 >= L."""
+    if CAUSAL or WINDOW:
+        first = (t // (sec * n_m)) * sec  # the section's first head
+        width = gl.minimum(sec, n_bh - first)  # the last section may be narrower
+        i = t - first * n_m
+        bh = first + i % width
+        pid_m = i // width
+        if CAUSAL:
+            pid_m = n_m - 1 - pid_m
+    else:
+        bh = t // n_m
+        pid_m = t % n_m
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    if VARLEN:
+        q0 = gl.load(cu_q + b)
+        L = gl.load(cu_q + b + 1) - q0
+        k0 = gl.load(cu_k + b)
+        S = gl.load(cu_k + b + 1) - k0
+        q_row = q0 + m0
+        kv_row = k0
+        lse_row = h * stride_lseh + q0 + m0  # lse (H, T)
+    else:
+        L = L_max
+        S = S_max
+        q_row = bh * L + m0
+        kv_row = (b * (H // G) + hk) * S
+        lse_row = q_row
+    causal_off = diag * (S - L) + win_right
+    window_off = diag * (S - L) - win_left
+    s_full = (S // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = gl.minimum(S, gl.maximum(m0 + BLOCK_M + causal_off, 0))
+        c = gl.minimum((gl.maximum(m0 + causal_off + 1, 0) // BLOCK_N) * BLOCK_N, s_full)
+    else:
+        hi = S
+        c = s_full
+    lo = hi * 0
+    if WINDOW:
+        lo = (gl.minimum(gl.maximum(m0 + window_off, 0), S) // BLOCK_N) * BLOCK_N
+        a = gl.cdiv(gl.maximum(m0 + BLOCK_M - 1 + window_off, 0), BLOCK_N) * BLOCK_N
+    else:
+        a = lo
+    hi = gl.maximum(hi, lo)
+    a = gl.minimum(gl.maximum(a, lo), hi)
+    c = gl.minimum(gl.maximum(c, a), hi)
+    return m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row
 
 
 @gluon.jit
-def _consumer(q_desc, o_desc, q_smem, q_bar, k_smem, v_smem, b_smem, k_full, v_full, b_full, k_empty, v_empty, b_empty,
-              lse_ptr, q_row, n, qk_scale, CID: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-              D: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr):
-    """Online softmax of ROWS query rows over every key tile; writes their output and LSE. Scores
-    in the log2 domain; a row whose every score is -inf (a bias of -inf) gets output 0 and LSE -inf,
-    as the core's rows with no visible key."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+def _publish(tid_smem, tid_full, tid_empty, t, it, TBUF: gl.constexpr):
+    """The producer hands tile ``t``, its ``it``-th, to both consumers through slot it % TBUF."""
+    slot = it % TBUF
+    mbarrier.wait(tid_empty.index(slot), ((it // TBUF) & 1) ^ 1, pred=it >= TBUF)
+    tid_smem.index(slot).store(gl.full([1], t, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+    mbarrier.arrive(tid_full.index(slot))
+
+
+@gluon.jit
+def _take(tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
+    """A consumer's ``it``-th tile, as the producer published it."""
+    slot = it % TBUF
+    mbarrier.wait(tid_full.index(slot), (it // TBUF) & 1)
+    t = gl.max(tid_smem.index(slot).load(gl.BlockedLayout([1], [32], [4], [0])), 0)
+    mbarrier.arrive(tid_empty.index(slot))
+    return t
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full,
+              b_full, k_empty, v_empty, b_empty, tid_smem, tid_full, tid_empty, counter_ptr, n_tiles, n_m, sec, H,
+              G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS: gl.constexpr,
+              BLOCK_N: gl.constexpr, D: gl.constexpr,
+              STAGES: gl.constexpr, QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr, CAUSAL: gl.constexpr,
+              WINDOW: gl.constexpr, VARLEN: gl.constexpr, TBUF: gl.constexpr):
+    """Takes tiles, the program's own id first, then the next untaken one from the counter at
+    ``counter_ptr`` (a program that finishes early takes more, so none idles while another runs
+    long tiles), and publishes each to the consumers (``_publish``). For each, its two Q halves
+    into Q buffer ``tiles % QBUFS`` once both consumers are done with the tile QBUFS before, then
+    key block j's K and V (and each consumer's bias tile) into ring slot ``count % STAGES``, the
+    count running over tiles: the next tile's Q and first blocks load while the consumers finish
+    this one, so a tile's start costs no load latency (the ~9 us per program of the core, RESULTS.md
+    session 8)."""
+    P = gl.num_programs(0)
+    n_bh = n_tiles // n_m
+    tcount = 0
+    kv = 0
+    it = 0
+    t = gl.program_id(0)
+    _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+    while t < n_tiles:
+        m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
+            t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
+            BLOCK_N, CAUSAL, WINDOW, VARLEN)
+        if m0 < L:
+            q_col = h * 0
+            kv_col = h * 0
+            if VARLEN:  # packed (T, H * D) views: a head is a column offset
+                q_col = h * D
+                kv_col = hk * D
+            qb = tcount % QBUFS
+            mbarrier.wait(q_empty.index(qb), ((tcount // QBUFS) & 1) ^ 1, pred=tcount >= QBUFS)
+            for cid in gl.static_range(2):
+                mbarrier.expect(q_full.index(2 * qb + cid), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [q_row + cid * ROWS, q_col], q_full.index(2 * qb + cid),
+                                                q_smem.index(2 * qb + cid))
+            for j in range(lo // BLOCK_N, gl.cdiv(hi, BLOCK_N)):
+                slot = kv % STAGES
+                ph = ((kv // STAGES) & 1) ^ 1  # the first pass finds every slot free
+                if HAS_BIAS:
+                    for cid in gl.static_range(2):
+                        mbarrier.wait(b_empty.index(2 * slot + cid), ph, pred=kv >= STAGES)
+                        mbarrier.expect(b_full.index(2 * slot + cid), b_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(b_desc, [q_row + cid * ROWS, j * BLOCK_N],
+                                                        b_full.index(2 * slot + cid), b_smem.index(2 * slot + cid))
+                mbarrier.wait(k_empty.index(slot), ph, pred=kv >= STAGES)
+                mbarrier.expect(k_full.index(slot), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_full.index(slot),
+                                                k_smem.index(slot))
+                mbarrier.wait(v_empty.index(slot), ph, pred=kv >= STAGES)
+                mbarrier.expect(v_full.index(slot), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_full.index(slot),
+                                                v_smem.index(slot))
+                kv += 1
+            tcount += 1
+        it += 1
+        t = P + gl.atomic_add(counter_ptr, 1)  # the next tile not yet taken
+        _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+
+
+@gluon.jit
+def _consumer(q_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty, v_empty,
+              b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec, H, G, L_max,
+              S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, CID: gl.constexpr,
+              ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+              D: gl.constexpr, STAGES: gl.constexpr, QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr,
+              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr, EDGES: gl.constexpr,
+              TBUF: gl.constexpr):
+    """Online softmax of rows [CID * ROWS, (CID + 1) * ROWS) of each tile the producer publishes over
+    its key blocks; writes their output and LSE. Scores in the log2 domain. Blocks outside [a, c)
+    (a band's edges, a sequence's ragged end; EDGES says whether any can exist) are masked. A row
+    with no visible key, or whose every score is -inf, gets output 0 and LSE -inf, as in the core."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([ROWS, D], gl.float32, o_layout)
-    mbarrier.wait(q_bar, 0)
-    for j in range(0, n):
-        slot = j % STAGES
-        ph = (j // STAGES) & 1
-        mbarrier.wait(k_full.index(slot), ph)
-        s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        mbarrier.arrive(k_empty.index(slot))
-        if HAS_BIAS:  # natural units, like the core's float masks
-            mbarrier.wait(b_full.index(2 * slot + CID), ph)
-            bias = b_smem.index(2 * slot + CID).load(s_layout).to(gl.float32)
-            mbarrier.arrive(b_empty.index(2 * slot + CID))
-            s = s * qk_scale + bias * RCP_LN2
-        else:
-            s = s * qk_scale
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing finite yet
-        p = gl.exp2(s - m_sub[:, None])
-        alpha = gl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p16 = gl.convert_layout(p.to(q_desc.dtype), p_layout)
-        mbarrier.wait(v_full.index(slot), ph)
-        acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(v_empty.index(slot))
-        m_i = m_new
-    empty = l_i == 0.0
-    l_safe = gl.where(empty, 1.0, l_i)
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-    rows = gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
-    gl.store(lse_ptr + q_row + rows, lse)
-    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-    q_smem.store(out.to(o_desc.dtype))  # Q's tile is free after the last QK product: it stages O
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
-    tma.store_wait(pendings=0)
+    s_rows = gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
+    s_cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    o_rows = gl.arange(0, ROWS, gl.SliceLayout(1, o_layout))
+    o_cols = gl.arange(0, D, gl.SliceLayout(0, o_layout))
+    n_bh = n_tiles // n_m
+    tcount = 0
+    kv = 0
+    it = 0
+    t = _take(tid_smem, tid_full, tid_empty, it, TBUF)
+    while t < n_tiles:
+        m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
+            t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
+            BLOCK_N, CAUSAL, WINDOW, VARLEN)
+        if m0 < L:
+            qb = tcount % QBUFS
+            q_tile = q_smem.index(2 * qb + CID)
+            rows = m0 + CID * ROWS + s_rows  # the sequence's query indices
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+            acc = gl.zeros([ROWS, D], gl.float32, o_layout)
+            mbarrier.wait(q_full.index(2 * qb + CID), (tcount // QBUFS) & 1)
+            for j in range(lo // BLOCK_N, gl.cdiv(hi, BLOCK_N)):
+                slot = kv % STAGES
+                ph = (kv // STAGES) & 1
+                mbarrier.wait(k_full.index(slot), ph)
+                s = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                mbarrier.arrive(k_empty.index(slot))
+                if HAS_BIAS:  # natural units, like the core's float masks
+                    mbarrier.wait(b_full.index(2 * slot + CID), ph)
+                    bias = b_smem.index(2 * slot + CID).load(s_layout).to(gl.float32)
+                    mbarrier.arrive(b_empty.index(2 * slot + CID))
+                    s = s * qk_scale + bias * RCP_LN2
+                else:
+                    s = s * qk_scale
+                if EDGES:
+                    k_start = j * BLOCK_N
+                    if (k_start < a) | (k_start >= c):
+                        cols = k_start + s_cols
+                        ok = cols[None, :] < S
+                        if CAUSAL:
+                            ok = ok & (cols[None, :] <= rows[:, None] + causal_off)
+                        if WINDOW:
+                            ok = ok & (cols[None, :] >= rows[:, None] + window_off)
+                        s = gl.where(ok, s, float("-inf"))
+                m_new = gl.maximum(m_i, gl.max(s, 1))
+                m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing finite yet
+                p = gl.exp2(s - m_sub[:, None])
+                alpha = gl.exp2(m_i - m_sub)
+                l_i = l_i * alpha + gl.sum(p, 1)
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                p16 = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+                mbarrier.wait(v_full.index(slot), ph)
+                acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(v_empty.index(slot))
+                m_i = m_new
+                kv += 1
+            mbarrier.arrive(q_empty.index(qb))  # the producer may load a later tile's Q here
+            empty = l_i == 0.0
+            l_safe = gl.where(empty, 1.0, l_i)
+            lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+            gl.store(lse_ptr + lse_row + CID * ROWS + s_rows, lse, mask=rows < L)
+            out = (acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]).to(q_desc.dtype)
+            o_col = h * 0
+            if VARLEN:
+                o_col = h * D
+            o_ptrs = (out_ptr + (q_row + CID * ROWS + o_rows).to(gl.int64)[:, None] * stride_o + o_col
+                      + o_cols[None, :])
+            gl.store(o_ptrs, out, mask=(m0 + CID * ROWS + o_rows < L)[:, None])
+            tcount += 1
+        it += 1
+        t = _take(tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit
-def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, b_desc, lse_ptr, H, G, L, S, qk_scale,
+def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, out_ptr, lse_ptr, cu_q, cu_k, counter_ptr, stride_o, stride_lseh,
+                n_tiles, n_m, sec, H, G, L_max, S_max, qk_scale, diag, win_right, win_left,
                 ROWS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                HAS_BIAS: gl.constexpr):
-    """Grid (L / (2 * ROWS), B * H). Tensors as 2-D row views: q / o / lse rows (b * H + h) * L + i,
-    k / v rows (b * H / G + h / G) * S + j, the bias (b * H + h) * L + i by key."""
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    q_row = bh * L + pid_m * 2 * ROWS
-    kv_row = ((bh // H) * (H // G) + (bh % H) // G) * S
-    n = S // BLOCK_N
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+                QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                VARLEN: gl.constexpr, EDGES: gl.constexpr, TBUF: gl.constexpr):
+    """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of
+    the n_tiles = n_m * B * H (``_tile``) from the int32 at ``counter_ptr`` (0 at launch) until none
+    is left. Dense: 2-D row views Q / O / the bias (b * H + h) * L + i,
+    K / V (b * H / G + h / G) * S + j, LSE (B, H, L). VARLEN: Q / O (T, H * D), K / V (T_k, Hkv * D),
+    LSE (H, T), sequences from cu_q / cu_k, L_max the longest query sequence. Out row stride
+    stride_o."""
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * QBUFS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     if HAS_BIAS:
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [2 * STAGES] + b_desc.block_type.shape, b_desc.layout)
     else:
         b_smem = q_smem
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_full = gl.allocate_shared_memory(gl.int64, [2 * QBUFS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [QBUFS, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     b_full = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
     b_empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
-    for c in gl.static_range(2):
-        mbarrier.init(q_bars.index(c), count=1)
+    tid_smem = gl.allocate_shared_memory(gl.int32, [TBUF, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    tid_full = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
+    tid_empty = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(TBUF):
+        mbarrier.init(tid_full.index(i), count=1)
+        mbarrier.init(tid_empty.index(i), count=2)  # both consumers read a tile id
+    for i in gl.static_range(2 * QBUFS):
+        mbarrier.init(q_full.index(i), count=1)
+    for i in gl.static_range(QBUFS):
+        mbarrier.init(q_empty.index(i), count=2)  # both consumers release a Q buffer
     for i in gl.static_range(STAGES):
         mbarrier.init(k_full.index(i), count=1)
         mbarrier.init(v_full.index(i), count=1)
@@ -154,50 +335,105 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, b_desc, lse_ptr, H, G, L, S, qk_
         mbarrier.init(b_full.index(i), count=1)
         mbarrier.init(b_empty.index(i), count=1)  # each consumer's own bias tile
     gl.warp_specialize([
-        (_consumer, (q_desc, o_desc, q_smem.index(0), q_bars.index(0), k_smem, v_smem, b_smem, k_full, v_full, b_full,
-                     k_empty, v_empty, b_empty, lse_ptr, q_row, n, qk_scale, 0, ROWS, BLOCK_N, D, STAGES, HAS_BIAS)),
-        (_consumer, (q_desc, o_desc, q_smem.index(1), q_bars.index(1), k_smem, v_smem, b_smem, k_full, v_full, b_full,
-                     k_empty, v_empty, b_empty, lse_ptr, q_row + ROWS, n, qk_scale, 1, ROWS, BLOCK_N, D, STAGES,
-                     HAS_BIAS)),
-        (_producer, (k_desc, v_desc, b_desc, k_smem, v_smem, b_smem, k_full, v_full, b_full, k_empty, v_empty, b_empty,
-                     kv_row, q_row, n, ROWS, BLOCK_N, STAGES, HAS_BIAS)),
+        (_consumer, (q_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
+                     v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
+                     H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, 0, ROWS,
+                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, EDGES, TBUF)),
+        (_consumer, (q_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
+                     v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
+                     H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, 1, ROWS,
+                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, EDGES, TBUF)),
+        (_producer, (q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full,
+                     b_full, k_empty, v_empty, b_empty, tid_smem, tid_full, tid_empty, counter_ptr, n_tiles, n_m, sec,
+                     H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS, BLOCK_N, D, STAGES,
+                     QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, TBUF)),
     ], [4, 1], [232, 40])
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, mstr: tuple, mbool: bool,
-             dropout_p: float, band_flags: dict, packed) -> bool:
+             dropout_p: float, packed, L_max: int) -> bool:
     """Whether ``forward`` serves a call on an sm_90 device (the caller checks the device): D = 128,
-    fp16 / bf16, contiguous (B, H, L, D) tensors, L a multiple of 2 * ROWS and S of BLOCK_N, no
-    band, dropout or packing, and no mask or a full-size float one of the inputs' dtype, contiguous."""
-    if packed is not None or dropout_p > 0.0 or band_flags["CAUSAL"] or band_flags["WINDOW"]:
+    fp16 / bf16, no dropout, any band; dense (B, H, L, D) / (B, Hkv, S, D) contiguous tensors of any
+    lengths with no mask or a full-size contiguous float one of the inputs' dtype; or packed ones
+    (q the (1, H, T, D) view of a contiguous (T, H, D) tensor, k / v contiguous (T_k, Hkv, D)), no
+    mask, pages or seqused_k, every query sequence L_max long."""
+    if dropout_p > 0.0 or q.shape[-1] != HEAD_DIM or q.dtype not in _GL_DTYPE or k.shape[-1] != HEAD_DIM:
         return False
-    B, H, L, D = q.shape
-    S = k.shape[2]
-    if D != HEAD_DIM or q.dtype not in (torch.float16, torch.bfloat16) or L % (2 * ROWS) or S % BLOCK_N or S == 0:
+    if k.numel() == 0 or not all(t.data_ptr() % 16 == 0 for t in (q, k, v)):
         return False
-    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)):
+    if max(q.numel(), k.numel()) // HEAD_DIM >= 2**31 - 2 * BLOCK_M:
+        return False  # TMA coordinates and tile rows are int32
+    if packed is not None:  # q the (1, H, T, D) view, k / v (T_k, Hkv, D)
+        if packed.table is not None or packed.seqused_k is not None or mask is not None:
+            return False
+        if q.shape[2] != (packed.cu_q.numel() - 1) * L_max:
+            return False  # mixed lengths: the kernel would walk every (sequence, block) slot (RESULTS.md run 41)
+        return (q.stride(1) == HEAD_DIM and q.stride(2) == q.shape[1] * HEAD_DIM and q.stride(3) == 1
+                and k.is_contiguous() and v.is_contiguous())
+    if not all(t.is_contiguous() for t in (q, k, v)):
         return False
     if mask is None:
         return True
-    return (not mbool and mask.dtype == q.dtype and mstr == (H * L * S, L * S, S, 1)
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    return (not mbool and mask.dtype == q.dtype and mstr == (H * L * S, L * S, S, 1) and S % 8 == 0
             and mask.data_ptr() % 16 == 0)
 
 
 def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
-    """A host TMA descriptor of [rows, cols] boxes over ``t`` seen as 2-D (its leading dims as
-    rows; ``t`` contiguous)."""
+    """A host TMA descriptor of [rows, cols] boxes over the 2-D tensor ``t`` (or ``t`` contiguous,
+    seen as 2-D with its leading dims as rows)."""
     t2 = t.reshape(-1, t.shape[-1])
     layout = gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPE[t.dtype])
     return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, cols], layout)
 
 
-def forward(q, k, v, bias, out, lse, scale: float) -> None:
-    """Out and LSE ((B, H, L) fp32, natural log) of softmax(q k^T * scale + bias) v, ``eligible``
-    inputs, ``scale`` > 0."""
-    B, H, L, D = q.shape
-    S = k.shape[2]
-    q_desc, o_desc = descriptor(q, ROWS, D), descriptor(out, ROWS, D)
+def _rows(t: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The 2-D row view the kernel addresses: (B * H * L, D) dense; (T, H * D) packed, from a
+    (T, H, D) tensor or its (1, H, T, D) view."""
+    if packed:
+        t = t[0].transpose(0, 1) if t.dim() == 4 else t
+        return t.reshape(t.shape[0], -1)
+    return t.reshape(-1, t.shape[-1])
+
+
+L2_BUDGET = 16 << 20  # bytes of K / V a band's section of heads may read (the H100's L2 holds 50 MiB)
+
+
+def _section(n_bh: int, S_max: int, kv_per_q: float, q: torch.Tensor) -> int:
+    """Heads per section of a band's tile order (``_tile``): as many as L2_BUDGET holds the K and V
+    of (a grouped head shares its K / V with G - 1 others)."""
+    per_head = 2 * S_max * q.shape[-1] * q.element_size() * kv_per_q
+    return max(1, min(n_bh, int(L2_BUDGET // max(per_head, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args: tuple, band_flags: dict,
+            packed, n_seq: int, L_max: int, S_max: int) -> None:
+    """Out and LSE (fp32, natural log) of softmax(q k^T * scale + bias) v over the band for
+    ``eligible`` inputs, ``scale`` > 0: dense q / out (B, H, L, D), lse (B, H, L); packed, the (1, H,
+    T, D) views and lse (H, T) (``lse_strides`` (0, T)), ``n_seq`` sequences of at most L_max query
+    and S_max keys. One persistent program per SM (fewer when there are fewer tiles)."""
+    H, D = q.shape[1], q.shape[3]
+    varlen = packed is not None
+    n_m = -(-L_max // BLOCK_M)
+    n_tiles = n_m * n_seq * H
+    q2, o2 = _rows(q, varlen), _rows(out, varlen)
+    q_desc = descriptor(q2, ROWS, D)
     b_desc = q_desc if bias is None else descriptor(bias, ROWS, BLOCK_N)
-    attn_fwd_ws[(L // (2 * ROWS), B * H)](
-        q_desc, descriptor(k, BLOCK_N, D), descriptor(v, BLOCK_N, D), o_desc, b_desc, lse, H, H // k.shape[1], L, S,
-        scale * RCP_LN2.value, ROWS, BLOCK_N, D, STAGES, bias is not None, num_warps=4)
+    cu_q = packed.cu_q if varlen else lse
+    cu_k = (packed.cu_k if packed.cu_k is not None else packed.cu_q) if varlen else lse
+    diag, win_right, win_left = band_args
+    causal, window = band_flags["CAUSAL"], band_flags["WINDOW"]
+    edges = causal or window or varlen or S_max % BLOCK_N != 0
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the next tile to take, less the grid
+    sec = _section(n_seq * H, S_max, k.shape[1] / H, q)
+    attn_fwd_ws[(min(n_tiles, _sm_count(q.device.index)),)](
+        q_desc, descriptor(_rows(k, varlen), BLOCK_N, D), descriptor(_rows(v, varlen), BLOCK_N, D), b_desc, o2, lse,
+        cu_q, cu_k, counter, o2.stride(0), lse_strides[1], n_tiles, n_m, sec, H, H // k.shape[1], L_max, S_max,
+        scale * RCP_LN2.value, diag, win_right, win_left, ROWS, BLOCK_N, D, STAGES, 1 if bias is not None else 2,
+        bias is not None, causal, window, varlen, edges, TBUF, num_warps=4)
