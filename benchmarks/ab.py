@@ -29,35 +29,34 @@ from attend.kernels import launch  # noqa: E402
 # The lists hold session 8's comparisons; tiles tried and dropped there (two programs per SM by a
 # register cap, 256-row tiles of 16 warps, heads-fastest grids) are in RESULTS.md.
 SPLIT = {"FWD_ONE_LOOP": False}  # one loop per band edge (core's ONE_LOOP off)
-ONE = {"FWD_ONE_LOOP": True}
 BSPLIT = {"BWD_ONE_LOOP": False}
 BONE = {"BWD_ONE_LOOP": True}
 HM64 = _b(64, 64, 64, 64, 4, 2, head_major=True)
-CORE = {"FWD_WS": False}  # the tl core where the warp-specialized Gluon forward would serve (ws.py)
+CORE = {"FWD_WS": False}  # the tl core (its config) where the warp-specialized Gluon forward serves (ws.py)
 PLAN = {
     "d128-noncausal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE)],
     "d128-noncausal@4096": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "d128-noncausal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "d128-noncausal-gqa8": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "varlen-window": [
-        ("fwd", _c(128, 128, 8, 3), True, "now", SPLIT), ("fwd", _c(128, 128, 8, 3), True, "", ONE),
+        ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", {**CORE, **SPLIT}),
         ("bwd", _b(32, 64, 64, 32, 4, 3), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", BONE),
         ("bwd", _b(64, 128, 128, 64, 8, 3), None, ""), ("bwd", HM64, None, ""),
     ],
     "varlen-full": [
-        ("fwd", _c(128, 128, 8, 3), True, "now", SPLIT), ("fwd", _c(128, 128, 8, 3), True, "", ONE),
+        ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", {**CORE, **SPLIT}),
         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT),
     ],
     "varlen-causal": [
-        ("fwd", _c(64, 64, 4, 3), True, "now"), ("fwd", _c(64, 64, 4, 3), True, "", SPLIT),
+        ("fwd", _c(64, 64, 4, 3), True, "now"), ("fwd", _c(64, 64, 4, 3), True, "", CORE),
         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT),
     ],
-    "d128-causal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", SPLIT),
+    "d128-causal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE),
                           ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT)],
-    "d128-causal@4096": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", SPLIT),
+    "d128-causal@4096": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE),
                          ("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
                          ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", BSPLIT)],
-    "d128-causal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", SPLIT),
+    "d128-causal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE),
                          ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT)],
     "d64-causal@16384": [("bwd", _b(32, 128, 64, 64, 4, 3), None, "now"),
                          ("bwd", _b(32, 128, 64, 64, 4, 3), None, "", BONE)],
@@ -84,11 +83,11 @@ def _label(kind, cfg, tma, mark, overrides=None) -> str:
     return f"{kind} {tiles} w{cfg.num_warps} s{cfg.num_stages}{extra}" + (" (now)" if mark else "")
 
 
-def run(case: str, rounds: int) -> dict:
+def run(case: str, rounds: int, kinds=("fwd", "bwd")) -> dict:
     base, _, length = case.partition("@")
     (name, S, make), = [c for c in cases(base) if not length or c[1] == int(length)]
     fwd, bwd, flops, api = make()
-    variants = [v if len(v) == 5 else (*v, {}) for v in PLAN[case]]
+    variants = [v if len(v) == 5 else (*v, {}) for v in PLAN[case] if v[0] in kinds]
     times = {i: [] for i in range(len(variants))}
     for r in range(rounds + 1):  # round 0 compiles and warms up; not recorded
         for i, (kind, cfg, tma, _, overrides) in enumerate(variants):
@@ -125,11 +124,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=",".join(PLAN))
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--kinds", default="fwd,bwd", help="fwd, bwd or both: which variants of each case run")
     ap.add_argument("--json")
     args = ap.parse_args()
     results = {}
     for case in args.cases.split(","):
-        res = run(case, args.rounds)
+        res = run(case, args.rounds, tuple(args.kinds.split(",")))
         results.update(res)
         for key, rows in res.items():
             print(f"== {key} ({torch.cuda.get_device_name()})")
