@@ -60,6 +60,26 @@ def _inputs(lq, lk, hq, hkv, D, dtype, grad=True):
     return mk(sum(lq), hq), mk(sum(lk), hkv), mk(sum(lk), hkv)
 
 
+def _assert_matches_loop(out, lse, q, k, v, lq, lk, window, dtype, lse_tol):
+    """varlen_attn's (out, lse) and its input gradients against the per-sequence float64 loop, with
+    tolerances scaled by the loop in ``dtype``; rows with no visible key have lse -inf. Returns those
+    rows' mask, (H, T)."""
+    ref, ref_lse = _loop(q, k, v, lq, lk, window, torch.float64)
+    same, _ = _loop(q, k, v, lq, lk, window, dtype)
+    assert_scaled_close(out, ref, same, what=f"{dtype} out")
+    empty = ref_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), empty), "rows with no visible key must have lse -inf"
+    if (~empty).any():
+        assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= lse_tol
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    refs = torch.autograd.grad((ref * g.double()).sum(), (q, k, v))
+    sames = torch.autograd.grad((same * g.to(same.dtype)).sum(), (q, k, v))
+    for name, a, r, s in zip("qkv", grads, refs, sames):
+        assert_scaled_close(a, r.double(), s, k=6.0, what=f"{dtype} d{name}")
+    return empty
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
@@ -72,19 +92,7 @@ def test_varlen_matches_per_sequence_loop(kernel, window, shape, use_kernel):
         q, k, v = _inputs(lq, lk, hq, hkv, D, dtype)
         out, lse = varlen_attn(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), window_size=window,
                                enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True))
-        ref, ref_lse = _loop(q, k, v, lq, lk, window, torch.float64)
-        same, _ = _loop(q, k, v, lq, lk, window, dtype)
-        assert_scaled_close(out, ref, same, what=f"{dtype} out")
-        empty = ref_lse == float("-inf")
-        assert torch.equal(lse == float("-inf"), empty), "rows with no visible key must have lse -inf"
-        assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= 1e-3 if (~empty).any() else True
-
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad((out * g).sum(), (q, k, v))
-        refs = torch.autograd.grad((ref * g.double()).sum(), (q, k, v))
-        sames = torch.autograd.grad((same * g.to(same.dtype)).sum(), (q, k, v))
-        for name, a, r, s in zip("qkv", grads, refs, sames):
-            assert_scaled_close(a, r.double(), s, k=6.0, what=f"{dtype} d{name}")
+        _assert_matches_loop(out, lse, q, k, v, lq, lk, window, dtype, lse_tol=1e-3)
 
 
 # D=128 packed shapes: (id, query lengths, key lengths, Hq, Hkv, whether the warp-specialized
@@ -116,19 +124,8 @@ def test_varlen_warp_specialized_forward(window, shape, monkeypatch):
     out, lse = varlen_attn(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), window_size=window,
                            enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True))
     assert bool(calls) == served, f"took the warp-specialized forward: {bool(calls)}"
-    ref, ref_lse = _loop(q, k, v, lq, lk, window, torch.float64)
-    same, _ = _loop(q, k, v, lq, lk, window, torch.bfloat16)
-    assert_scaled_close(out, ref, same, what="out")
-    empty = ref_lse == float("-inf")
-    assert torch.equal(lse == float("-inf"), empty), "rows with no visible key must have lse -inf"
-    assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= 2e-2
+    empty = _assert_matches_loop(out, lse, q, k, v, lq, lk, window, torch.bfloat16, lse_tol=2e-2)
     assert torch.equal(out[empty.T], torch.zeros_like(out[empty.T]))
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
-    refs = torch.autograd.grad((ref * g.double()).sum(), (q, k, v))
-    sames = torch.autograd.grad((same * g.to(same.dtype)).sum(), (q, k, v))
-    for name, a, r, s in zip("qkv", grads, refs, sames):
-        assert_scaled_close(a, r.double(), s, k=6.0, what=f"d{name}")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .core import LN2, RCP_LN2
+from .core import LN2, RCP_LN2, _key_blocks
 
 ROWS = 64  # query rows per consumer warpgroup; a tile covers BLOCK_M = 2 * ROWS
 BLOCK_M = 2 * ROWS
@@ -64,7 +64,7 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     tiles in flight are alike in length and read the same heads' K / V. Returns
     (m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row). q_row / kv_row:
     the tile's first row in the 2-D views of Q / K (``_rows``), whose columns start at h * D /
-    hk * D when VARLEN. Key blocks as core._key_blocks: [lo, hi) visited, [a, c) unmasked. A tile
+    hk * D when VARLEN. Key blocks from core._key_blocks: [lo, hi) visited, [a, c) unmasked. A tile
     past its sequence's end has m0 >= L."""
     if CAUSAL or WINDOW:
         first = (t // (sec * n_m)) * sec  # the section's first head
@@ -97,22 +97,7 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
         lse_row = q_row
     causal_off = diag * (S - L) + win_right
     window_off = diag * (S - L) - win_left
-    s_full = (S // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        hi = gl.minimum(S, gl.maximum(m0 + BLOCK_M + causal_off, 0))
-        c = gl.minimum((gl.maximum(m0 + causal_off + 1, 0) // BLOCK_N) * BLOCK_N, s_full)
-    else:
-        hi = S
-        c = s_full
-    lo = hi * 0
-    if WINDOW:
-        lo = (gl.minimum(gl.maximum(m0 + window_off, 0), S) // BLOCK_N) * BLOCK_N
-        a = gl.cdiv(gl.maximum(m0 + BLOCK_M - 1 + window_off, 0), BLOCK_N) * BLOCK_N
-    else:
-        a = lo
-    hi = gl.maximum(hi, lo)
-    a = gl.minimum(gl.maximum(a, lo), hi)
-    c = gl.minimum(gl.maximum(c, a), hi)
+    lo, a, c, hi = _key_blocks(m0, 0, S, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     return m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row
 
 
