@@ -88,3 +88,42 @@ def test_direct_launch_respects_alignment():
         ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.1234, -1) @ v.double()
         assert (out.double() - ref).abs().max().item() < 5e-3
     assert len(launch._FWD_LAUNCH.cache) == before + 2
+
+
+def test_descriptor_key_separates_what_a_descriptor_fixes():
+    """Gluon host tensor descriptors (ws.attn_fwd_ws's leading arguments) are keyed by their base's
+    dtype and alignment, shape, strides, box and layout: another tensor alike reuses the kernel."""
+    from attend.kernels import ws
+
+    lau = _launcher(2)
+    t = torch.empty(256, 128, dtype=torch.bfloat16)
+    out = torch.empty(8)
+    key = lau._key((ws.descriptor(t, 64, 128), out, 3))
+    assert key == lau._key((ws.descriptor(torch.empty(256, 128, dtype=torch.bfloat16), 64, 128), out, 3))
+    assert key != lau._key((ws.descriptor(t, 128, 128), out, 3))  # box (and its layout)
+    assert key != lau._key((ws.descriptor(t[:128], 64, 128), out, 3))  # shape
+    assert key != lau._key((ws.descriptor(t.half(), 64, 128), out, 3))  # dtype
+    assert key != lau._key((ws.descriptor(torch.empty(128, 256, dtype=torch.bfloat16)[:, :128], 64, 128), out, 3))
+    flat = torch.empty(256 * 128 + 8, dtype=torch.bfloat16)
+    moved = ws.descriptor(flat[8:].view(256, 128), 64, 128)  # 16 bytes in: still aligned
+    assert key == lau._key((moved, out, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Gluon forward runs on sm_90")
+def test_gluon_forward_launches_direct():
+    """The second call of a shape reuses the compiled Gluon kernel without Triton's path, with fresh
+    descriptors for new tensors: both match float64 (outputs and the gradients from their LSE)."""
+    import attend
+    from attend.kernels import ws
+    from conftest import assert_matches_float64
+
+    before = len(ws._LAUNCH.cache)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        q, k, v = (torch.randn(1, 2, 192, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+                   for _ in range(3))
+        with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):  # a scale no other test uses: a fresh key
+            out = attend.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.0771)
+        assert_matches_float64(out, q, k, v, what=f"call {seed}", is_causal=True, scale=0.0771)
+    assert len(ws._LAUNCH.cache) == before + 1
