@@ -33,31 +33,33 @@ BSPLIT = {"BWD_ONE_LOOP": False}
 BONE = {"BWD_ONE_LOOP": True}
 HM64 = _b(64, 64, 64, 64, 4, 2, head_major=True)
 CORE = {"FWD_WS": False}  # the tl core (its config) where the warp-specialized Gluon forward serves (ws.py)
+BCORE = {"BWD_WS": False}  # the core's one backward launch where the Gluon dK / dV kernel serves (ws_bwd.py)
 PLAN = {
     "d128-noncausal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE)],
-    "d128-noncausal@4096": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
+    "d128-noncausal@4096": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE),
+                            ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE)],
     "d128-noncausal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "d128-noncausal-gqa8": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "varlen-window": [
         ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", {**CORE, **SPLIT}),
         ("bwd", _b(32, 64, 64, 32, 4, 3), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", BONE),
-        ("bwd", _b(64, 128, 128, 64, 8, 3), None, ""), ("bwd", HM64, None, ""),
+        ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", BCORE), ("bwd", _b(64, 128, 128, 64, 8, 3), None, ""),
     ],
     "varlen-full": [
         ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", {**CORE, **SPLIT}),
-        ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT),
+        ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE),
     ],
     "varlen-causal": [
         ("fwd", _c(64, 64, 4, 3), True, "now"), ("fwd", _c(64, 64, 4, 3), True, "", CORE),
         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT),
     ],
     "d128-causal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE),
-                          ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT)],
+                          ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE)],
     "d128-causal@4096": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE),
                          ("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
-                         ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", BSPLIT)],
+                         ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", BCORE)],
     "d128-causal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE),
-                         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT)],
+                         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE)],
     "d64-causal@16384": [("bwd", _b(32, 128, 64, 64, 4, 3), None, "now"),
                          ("bwd", _b(32, 128, 64, 64, 4, 3), None, "", BONE)],
     "bias-grad": [

@@ -610,6 +610,7 @@ WS_CASES = {
     "lower_right_L>S": ((1, 2, 2, 300, 130), None, 0, "lower_right"),
     "float_bias_with_masked_rows": ((2, 2, 2, 256, 256), "bias", 0, None),
     "fp16_bias_ragged": ((1, 2, 2, 100, 136), "bias", -1, None),
+    "fp16_causal_ragged": ((1, 2, 2, 200, 200), None, -1, "causal"),
 }
 
 
@@ -617,18 +618,21 @@ WS_CASES = {
                     reason="the warp-specialized Gluon forward runs on sm_90 only (no interpreter)")
 @pytest.mark.parametrize("case", list(WS_CASES))
 def test_warp_specialized_forward_matches_float64(case, monkeypatch):
-    """launch.FWD_WS: eligible calls (ws.eligible) take the Gluon kernel; its output, and the
-    core's gradients from its LSE, against float64: lengths that are not whole tiles, causal bands
-    top-left and bottom-right (rows with no key give 0), grouped heads, a float bias whose row 5 is
-    -inf everywhere (0 and finite gradients, as in the core). A D=64 call does not take it."""
+    """launch.FWD_WS: eligible calls (ws.eligible) take the Gluon kernel; its output and gradients
+    against float64 (without a mask the Gluon dK / dV kernel, ws_bwd.py, and the core's dQ
+    programs; with one the core's backward): lengths that are not whole tiles, causal bands top-left
+    and bottom-right (rows with no key give 0), grouped heads, a float bias whose row 5 is -inf
+    everywhere (0 and finite gradients, as in the core). A D=64 call does not take it."""
     from attend.bias import causal_lower_right
-    from attend.kernels import ws
+    from attend.kernels import ws, ws_bwd
 
     (B, H, Hkv, L, S), kind, di, band = WS_CASES[case]
     dtype = (torch.bfloat16, torch.float16)[di]
-    calls = []
-    real = ws.forward
+    monkeypatch.setattr(configs, "WS_BWD_MIN_SEQ_BUCKET", 0)  # these short lengths too (configs.ws_backward)
+    calls, bwd_calls = [], []
+    real, real_bwd = ws.forward, ws_bwd.dkdv
     monkeypatch.setattr(ws, "forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a: bwd_calls.append(1) or real_bwd(*a))
     torch.manual_seed(11)
     q = rand(B, H, L, 128, dtype=dtype, requires_grad=True)
     k, v = (rand(B, Hkv, S, 128, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -650,7 +654,7 @@ def test_warp_specialized_forward_matches_float64(case, monkeypatch):
         keep[: L - S] = False  # rows that see no key: NaN in the reference
     if not keep.all():
         assert torch.equal(out[:, :, ~keep], torch.zeros_like(out[:, :, ~keep]))
-        (dq,) = torch.autograd.grad(out.float().sum(), (q,), retain_graph=True)
+        (dq,) = torch.autograd.grad((out.float() * torch.randn_like(out.float())).sum(), (q,), retain_graph=True)
         assert torch.isfinite(dq).all()
         rows = lambda t: t[:, :, keep]
         ref, _ = reference(q, k, v, **kw)
@@ -658,6 +662,7 @@ def test_warp_specialized_forward_matches_float64(case, monkeypatch):
         assert_scaled_close(rows(out), rows(ref), rows(same), what=case)
     else:
         assert_matches_float64(out, q, k, v, what=case, **kw)
+    assert bool(bwd_calls) == (kind is None), "the Gluon dK / dV kernel serves backwards without a mask"
     calls.clear()
     q64, k64, v64 = (t.detach()[..., :64].contiguous() for t in (q, k, v))
     with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from attend.kernels.build import _BWD_FEATURES, _FEATURES, _FWD_FEATURES, WS_FEATURES
+from attend.kernels.build import _BWD_FEATURES, _FEATURES, _FWD_FEATURES, WS_BWD_FEATURES, WS_FEATURES
 from attend.kernels.configs import BWD_CONFIGS, FWD_CONFIGS
 
 
@@ -37,9 +37,9 @@ def test_feature_names_are_unique():
 
 def test_every_config_builds_for_hopper_and_ampere(builds):
     # + heuristic configs at D=64, 256, the feature variants of each kernel, paged (fwd only) and
-    # pointer loads (bwd only), and the warp-specialized Gluon forward (sm_90 only)
+    # pointer loads (bwd only), and the warp-specialized Gluon forward and dK / dV (sm_90 only)
     expected = (2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 2 * len(_FEATURES) + len(_FWD_FEATURES)
-                + len(_BWD_FEATURES) + len(WS_FEATURES))
+                + len(_BWD_FEATURES) + len(WS_FEATURES) + len(WS_BWD_FEATURES))
     assert len(builds) == expected
     assert {b["head_dim"] for b in builds} == {64, 128, 256}
     assert {b["feature"] for b in builds} >= {"varlen_sliding_window", "paged_seqused"}
@@ -53,7 +53,7 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
             assert b["mma_sync"] and not b["wgmma"], f"{b['kernel']} {b['config']} on sm_80"
         # TMA: the backward's loads on sm_90 unless built with pointer loads; the forward's in its
         # tma_* variants and where the fixed config asks (masks, packed, window; never paged); the
-        # warp-specialized Gluon forward (fwd_ws, sm_90 only) always
+        # warp-specialized Gluon kernels (fwd_ws, bwd_ws; sm_90 only) always
         want_tma = b["arch"] == 90 and (b["feature"] in FWD_TMA_BUILDS if b["kernel"] == "fwd"
                                         else b["feature"] != "pointer_loads")
         assert b["tma"] == want_tma, f"{b['kernel']} {b['config']} {b['feature']} sm_{b['arch']}: TMA {b['tma']}"

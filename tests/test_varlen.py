@@ -96,36 +96,63 @@ def test_varlen_matches_per_sequence_loop(kernel, window, shape, use_kernel):
 
 
 # D=128 packed shapes: (id, query lengths, key lengths, Hq, Hkv, whether the warp-specialized
-# Gluon forward serves them on sm_90: query sequences of one length, any keys (a sequence with no
-# key too); mixed query lengths stay on the core (ws.eligible).
+# Gluon forward serves them on sm_90, whether the Gluon dK / dV kernel does). The forward: query
+# sequences of one length, any keys (a sequence with no key too); mixed query lengths stay on the
+# core (ws.eligible). dK / dV: query and key sequences of one length each (ws_bwd.eligible).
 WS_SHAPES = [
-    ("equal", [257, 257, 257], [257, 257, 257], 4, 2, True),
-    ("keys_differ", [200, 200, 200], [333, 129, 0], 2, 2, True),
-    ("mixed", [1, 130, 257, 0, 64, 700], [1, 130, 257, 0, 64, 700], 4, 2, False),
+    ("equal", [257, 257, 257], [257, 257, 257], 4, 2, True, True),
+    ("keys_longer", [200, 200], [333, 333], 2, 2, True, True),
+    ("keys_differ", [200, 200, 200], [333, 129, 0], 2, 2, True, False),
+    ("mixed", [1, 130, 257, 0, 64, 700], [1, 130, 257, 0, 64, 700], 4, 2, False, False),
 ]
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9,
-                    reason="the warp-specialized Gluon forward runs on sm_90 only (no interpreter)")
+                    reason="the warp-specialized Gluon kernels run on sm_90 only (no interpreter)")
 @pytest.mark.parametrize("window", WINDOWS + [(100, 0)], ids=str)
 @pytest.mark.parametrize("shape", WS_SHAPES, ids=lambda s: s[0])
-def test_varlen_warp_specialized_forward(window, shape, monkeypatch):
-    """Packed calls of one query length take the Gluon forward (kernels/ws.py) on sm_90: its
-    output and LSE, and the core's gradients from them, against the per-sequence float64 loop,
-    per band; mixed query lengths take the core."""
-    from attend.kernels import ws
+def test_varlen_warp_specialized_kernels(window, shape, monkeypatch):
+    """Packed calls of one query length take the Gluon forward (kernels/ws.py) on sm_90, and of one
+    query and one key length the Gluon dK / dV kernel (kernels/ws_bwd.py): output, LSE and
+    gradients against the per-sequence float64 loop, per band; other calls take the core."""
+    from attend.kernels import ws, ws_bwd
 
-    _, lq, lk, hq, hkv, served = shape
-    calls = []
-    real = ws.forward
+    from attend.kernels import configs
+
+    _, lq, lk, hq, hkv, served, served_bwd = shape
+    monkeypatch.setattr(configs, "WS_BWD_MIN_SEQ_BUCKET", 0)  # short sequences too (configs.ws_backward)
+    calls, bwd_calls = [], []
+    real, real_bwd = ws.forward, ws_bwd.dkdv
     monkeypatch.setattr(ws, "forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a: bwd_calls.append(1) or real_bwd(*a))
     torch.manual_seed(5)
     q, k, v = _inputs(lq, lk, hq, hkv, 128, torch.bfloat16)
     out, lse = varlen_attn(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), window_size=window,
                            enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True))
     assert bool(calls) == served, f"took the warp-specialized forward: {bool(calls)}"
     empty = _assert_matches_loop(out, lse, q, k, v, lq, lk, window, torch.bfloat16, lse_tol=2e-2)
+    assert bool(bwd_calls) == served_bwd, f"took the Gluon dK / dV kernel: {bool(bwd_calls)}"
     assert torch.equal(out[empty.T], torch.zeros_like(out[empty.T]))
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the warp-specialized Gluon kernels run on sm_90 only (no interpreter)")
+@pytest.mark.parametrize("length", [1024, 1100])
+def test_gluon_backward_from_its_length(length, monkeypatch):
+    """configs.ws_backward: the Gluon dK / dV kernel serves sequences longer than 1024 (its
+    per-tile cost loses to the core's one launch at 1024); both paths against the float64 loop."""
+    from attend.kernels import ws_bwd
+
+    bwd_calls = []
+    real_bwd = ws_bwd.dkdv
+    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a: bwd_calls.append(1) or real_bwd(*a))
+    torch.manual_seed(6)
+    lens = [length]
+    q, k, v = _inputs(lens, lens, 2, 2, 128, torch.bfloat16)
+    out, lse = varlen_attn(q, k, v, _cu(lens), _cu(lens), length, length, window_size=(300, 0),
+                           return_aux=AuxRequest(lse=True))
+    _assert_matches_loop(out, lse, q, k, v, lens, lens, (300, 0), torch.bfloat16, lse_tol=2e-2)
+    assert bool(bwd_calls) == (length > 1024)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -61,7 +61,8 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False,
-                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90 and fn is core.attn_bwd, MASK_TMA=False, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32", GRID_1D=False, ONE_LOOP=True)
+                      MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90 and fn is core.attn_bwd, MASK_TMA=False, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32", GRID_1D=False, ONE_LOOP=True,
+                      DQ_ONLY=False)
     constexprs.update(config.kwargs)  # a config may turn EVEN off
     if fn is core.attn_fwd and config.kwargs.get("TMA") and "USE_TMA" not in flags:
         # the forward's TMA loads where a fixed config asks for them, as launch._forward resolves it
@@ -101,10 +102,39 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     return triton.compile(src, target=target, options=dict(num_warps=4))
 
 
+def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = False, window: bool = False,
+                   varlen: bool = False):
+    """Compile the warp-specialized Gluon dK / dV kernel (ws_bwd.py) for ``target`` (sm_90 only)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from . import ws_bwd
+
+    short, gdt = _DTYPE[dtype], {"float16": gl.float16, "bfloat16": gl.bfloat16}[dtype]
+
+    def desc(rows, cols):
+        return f"tensordesc<{short}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
+
+    qd, kv = desc(ws_bwd.BLOCK_M, ws_bwd.HEAD_DIM), desc(ws_bwd.KEYS, ws_bwd.HEAD_DIM)
+    constexprs = dict(KEYS=ws_bwd.KEYS, BLOCK_M=ws_bwd.BLOCK_M, D=ws_bwd.HEAD_DIM, STAGES=ws_bwd.STAGES,
+                      KBUFS=ws_bwd.KBUFS, STAT_PAD=core.STAT_PAD.value, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
+                      TBUF=ws_bwd.TBUF)
+    ints = ("stride_dk", "stride_dv", "stride_statb", "stride_stath", "n_tiles", "n_n", "sec", "H", "G", "L_max",
+            "S_max", "diag", "win_right", "win_left")
+    row = f"tensordesc<fp32[{ws_bwd.BLOCK_M}],{ws_bwd._ROW_LAYOUT!r}>"
+    sig = dict(q_desc=qd, do_desc=qd, k_desc=kv, v_desc=kv, nl_desc=row, dl_desc=row, dk_ptr=f"*{short}",
+               dv_ptr=f"*{short}", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32", sm_scale="fp32",
+               **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs})
+    src = GluonASTSource(ws_bwd.attn_bwd_dkdv_ws, sig, constexprs=constexprs)
+    return triton.compile(src, target=target, options=dict(num_warps=4))
+
+
 KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
 # The warp-specialized Gluon forward (ws.py), sm_90 only: compile_ws's flags per variant.
 WS_FEATURES = {"no_mask": {}, "float_bias": dict(has_bias=True), "causal_bias": dict(has_bias=True, causal=True),
                "varlen_window": dict(causal=True, window=True, varlen=True)}
+# The warp-specialized Gluon dK / dV kernel (ws_bwd.py), sm_90 only: compile_ws_bwd's flags per variant.
+WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True), "varlen_window": dict(causal=True, window=True, varlen=True)}
 # Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds,
 # which assume EVEN lengths (multiples of configs.EVEN_TILE), as the benchmarked shapes have.
 _FEATURES = {
@@ -128,13 +158,17 @@ _FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PA
 # over grouped heads, whose loop then becomes the innermost one (it must not be pipelined).
 _BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(HEAD_MAJOR=True),
                  "one_query_row": dict(L_max=1, CAUSAL=False, EVEN=False),
-                 "window_one_loop": dict(VARLEN=True, WINDOW=True, EVEN=False, ONE_LOOP=True)}
+                 "window_one_loop": dict(VARLEN=True, WINDOW=True, EVEN=False, ONE_LOOP=True),
+                 "dq_programs_only": dict(DQ_ONLY=True, HEAD_MAJOR=False)}  # beside ws_bwd's dK / dV
 
 
 def _build_one(job: tuple) -> dict:
     kind, index, arch, head_dim, *feature = job
     if kind == "fwd_ws":
         compiled = compile_ws(GPUTarget("cuda", arch, 32), **WS_FEATURES[feature[0]])
+        return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
+    if kind == "bwd_ws":
+        compiled = compile_ws_bwd(GPUTarget("cuda", arch, 32), **WS_BWD_FEATURES[feature[0]])
         return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
     from .configs import BWD_CONFIGS, FWD_CONFIGS, heuristic
 
@@ -169,6 +203,7 @@ def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
     jobs += [("fwd", -1, 90, 128, feature) for feature in _FWD_FEATURES]
     jobs += [("bwd", -1, 90, 128, feature) for feature in _BWD_FEATURES]
     jobs += [("fwd_ws", -1, 90, 128, feature) for feature in WS_FEATURES]
+    jobs += [("bwd_ws", -1, 90, 128, feature) for feature in WS_BWD_FEATURES]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(_build_one, jobs))
 

@@ -176,6 +176,23 @@ _VARLEN = {("fwd", 128): {4096: _c(64, 64, 4, 3, tma=True), 16384: _c(128, 128, 
 # too (configs._b). Backward candidates in one loop: 64x128 373-388, head-major 64x64 373-381,
 # against 368-375 for this pick, within the runs' spread.
 _WINDOW = {("fwd", 128): _c(128, 128, 8, 3, tma=True, one_loop=False), ("bwd", 128): _b(32, 64, 64, 32, 4, 3)}
+# The Gluon dK / dV kernel (ws_bwd.py), then the core's dQ programs alone (DQ_ONLY): H100 kernel
+# times (torch.profiler, session 10), Gluon + dQ programs against the core's one launch, us:
+# window 4096 of 16k 2461 / 2793, one packed 16k causal sequence 5270 / 5749, dense causal 16k
+# 5079 / 5801, 4k 1605 / 1730, non-causal 16k 11209 / 12606, 4k 2829 / 2864; at S=1024 the core
+# (607 against 652 causal: tiles of 8 query blocks pay the Gluon kernel's per-tile cost). The dQ
+# programs alone: 128x64 tiles, 8 warps, 3 stages (window 1112 us, against 1237 for 64x32 and 1288
+# for 128x128; full causal 2421 against 2758 for 64x64).
+WS_BWD_MIN_SEQ_BUCKET = 4096
+_DQ_ONLY = {128: _b(64, 128, 128, 64, 8, 3)}
+
+
+def ws_backward(block_d: int, seq_bucket: int) -> triton.Config | None:
+    """The dQ programs' config when a backward at padded head dim ``block_d`` and sequence bucket
+    (launch._seq_bucket of the longer length) should take the Gluon dK / dV kernel, else None."""
+    return _DQ_ONLY.get(block_d) if seq_bucket >= WS_BWD_MIN_SEQ_BUCKET else None
+
+
 _DECODE = _c(16, 128, 4, 3)
 # Grouped-query heads (G > 1) at S=4096, 8:1, where the winner differs from the table's. D=64
 # causal: forward 387 TFLOP/s with 4 stages vs at most 348 with the 3-stage table pick; backward
@@ -233,6 +250,7 @@ EVEN_TILE = 128
 assert all(EVEN_TILE % c.kwargs[k] == 0
            for c in BWD_CONFIGS + [c for t in _TABLE.values() for c in t.values()] + list(_SMALL_TILES.values()) + list(_MASK_TILES.values())
            + [c for t in _VARLEN.values() for c in t.values()] + list(_WINDOW.values()) + list(_GQA.values())
+           + list(_DQ_ONLY.values())
            if "BLOCK_M1" in c.kwargs
            for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"))
 assert all(EVEN_TILE % c.kwargs[k] == 0 for c in FWD_CONFIGS for k in ("BLOCK_M", "BLOCK_N"))

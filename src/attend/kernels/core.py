@@ -816,7 +816,7 @@ def attn_bwd(
     KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, EVEN: tl.constexpr,
     USE_TMA: tl.constexpr, HEAD_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr, WORKLIST: tl.constexpr = False,
-    ONE_LOOP: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False, DQ_ONLY: tl.constexpr = False,
 ):
     """The whole backward in one launch. DQ is fp32 (zeroed) when DQ_ATOMIC adds into it, else in
     the inputs' dtype, stored once per row.
@@ -845,16 +845,21 @@ def attn_bwd(
     descriptors (Hopper's copy engine; needs 16-byte aligned bases and strides, unit last stride).
     ONE_LOOP: a band's edge blocks run in the inner loops, masked under a branch (as attn_fwd's),
     where there is no attn_mask or key range.
+    DQ_ONLY: the launch holds the dQ programs only (grid n_q; the Gluon dK / dV kernel of
+    ``ws_bwd.py`` wrote dK and dV); not with DQ_ATOMIC or HEAD_MAJOR.
     """
     one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE)
     tl.static_assert(not (DQ_ATOMIC and DETERMINISTIC), "DQ_ATOMIC is nondeterministic")
     tl.static_assert(STAT_PAD % BLOCK_M1 == 0 and STAT_PAD % BLOCK_M2 == 0, "NLSE2 / Delta are padded to STAT_PAD rows")
-    pid = tl.program_id(0)
+    tl.static_assert(not (DQ_ONLY and (DQ_ATOMIC or HEAD_MAJOR)), "DQ_ONLY launches the dQ programs in key order")
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < HEAD_DIM
     n_kv_blocks = _block_slots(S_max, N_KV_ITEMS, BLOCK_N1, WORKLIST)
     n_kv = n_kv_blocks * B * Hkv
+    pid = tl.program_id(0)
+    if DQ_ONLY:
+        pid += n_kv
     if HEAD_MAJOR and not DQ_ATOMIC:
         n_q_blocks = _block_slots(L_max, N_Q_ITEMS, BLOCK_M2, WORKLIST)
         per_group = n_kv_blocks + G * n_q_blocks

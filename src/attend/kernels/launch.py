@@ -13,9 +13,10 @@ import torch
 import triton
 
 from .._layout import Band, Packed
-from . import core, worklist, ws
+from . import core, worklist, ws, ws_bwd
 from .fastlaunch import Launcher
-from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, forward_tma, heuristic, pruner
+from .configs import (BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, forward_tma, heuristic, pruner,
+                      ws_backward)
 
 _RCP_LN2 = core.RCP_LN2.value
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -71,6 +72,10 @@ BWD_ONE_LOOP: bool | None = None
 # sequences of one query length; ws.eligible says which) take the persistent warp-specialized Gluon
 # kernel (ws.py, which cites its measurements). False: the core serves every call (benchmarks, tests).
 FWD_WS: bool = True
+# Their backwards without a mask (ws_bwd.eligible) take the Gluon dK / dV kernel (ws_bwd.py), then
+# the core's dQ programs alone (core's DQ_ONLY). False: the core's one launch serves every backward.
+BWD_WS: bool = True
+BWD_WS_DQ_CONFIG: bool = True  # the dQ programs beside it take configs.ws_backward's tile (False: the table's)
 
 
 _GRID_Y_MAX = 65535  # CUDA's cap on gridDim.y (x allows 2^31 - 1)
@@ -446,6 +451,16 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
         dq = q  # never written
     else:
         dq = torch.zeros_like(q, dtype=torch.float32) if dq_atomic else torch.empty_like(q)
+    dq_only = ws_backward(BLOCK_D, _seq_bucket(max(L, S)))
+    gluon = (BWD_WS and dq_only is not None and config is not None and not dq_atomic and not skip_dq and q.is_cuda
+             and _capability_major(q.device.index) == 9 and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S))
+    flags["DQ_ONLY"] = gluon
+    if gluon:  # dK / dV from the Gluon kernel, then the dQ programs alone, numbered in key order
+        _ensure_allocator()
+        ws_bwd.dkdv(q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, band_args, band_flags, packed, B, L, S)
+        if BWD_WS_DQ_CONFIG:  # configs.ws_backward's dQ tile, unless a benchmark forces the table's
+            config = (dict(dq_only.kwargs), dq_only.num_warps, dq_only.num_stages)
+        config = (dict(config[0], HEAD_MAJOR=False, DQ_ATOMIC=False), *config[1:])
     work = _work_list(packed, band, config, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device)
     flags["WORKLIST"] = work is not None
     n_kv_items, n_q_items = (0, 0) if work is None else work[1]
@@ -454,11 +469,13 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
             *dmstr, *stat_strides, *ext_strides, B if work is None else 1, H, H // Hkv, L, S, scale * _RCP_LN2, scale,
             *band_args, float(dropout_p), int(seed), n_kv_items, n_q_items, _seq_bucket(max(L, S)))
 
-    def grid(m):  # dK/dV programs, then dQ programs unless dQ is added by atomics (core.attn_bwd)
+    def grid(m):  # dK/dV programs unless DQ_ONLY, then dQ programs unless dQ is added by atomics (core.attn_bwd)
         no_q = m["DQ_ATOMIC"] or skip_dq
         if work is not None:  # the lists span every sequence
-            return (n_kv_items * Hkv + (0 if no_q else n_q_items * H),)
-        return (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + (0 if no_q else _cdiv(L, m["BLOCK_M2"]) * B * H),)
+            n_kv, n_q = n_kv_items * Hkv, n_q_items * H
+        else:
+            n_kv, n_q = _cdiv(S, m["BLOCK_N1"]) * B * Hkv, _cdiv(L, m["BLOCK_M2"]) * B * H
+        return ((0 if gluon else n_kv) + (0 if no_q else n_q),)
 
     _launch(_bwd, _BWD_LAUNCH, grid, args, flags, config)
     return None if skip_dq else dq

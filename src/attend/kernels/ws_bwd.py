@@ -1,0 +1,361 @@
+"""The Hopper backward's dK / dV half in Gluon, warp-specialized and persistent, as ws.py is for the
+forward: one producer warp issues every TMA load and two consumer warpgroups of 64 keys each
+accumulate dK and dV of their keys over the query blocks the band lets see them. dQ stays with the
+``tl`` core's dQ programs (``core.attn_bwd`` with DQ_ONLY), launched after this kernel.
+
+A tile is one 128-key block of one KV head. The producer loads the tile's K and V halves (two
+buffers, so the next tile's load overlaps the current one's last steps), then streams Q and dO
+blocks of 64 rows through a ring for every query head of the group. Per step a consumer computes,
+for its 64 keys and the block's 64 queries, in the log2 domain with the rows' NLSE2 / Delta from
+``attn_bwd_preprocess``:
+
+    S^T = K Q^T,  P^T = exp2(S^T * scale / ln 2 + NLSE2),  dV += P^T dO,
+    dP^T = V dO^T,  dS^T = P^T (dP^T - Delta),  dK += dS^T Q
+
+and at the tile's end stores dK * scale and dV. Query rows past a sequence's end have NLSE2 = -inf
+(the stats are padded), so their P and dS are 0 and need no mask; steps on a band's edge (outside
+[a, c) of ``core._query_blocks``) mask by key and query index. Programs take tiles from a counter,
+as the forward's do: under a band, sections of KV heads whose Q / dO fit the L2, heads fastest and
+the longest key blocks (the first) first.
+
+It serves (``eligible``) what the Gluon forward serves without a mask: D = 128, fp16 / bf16, no
+dropout, dense contiguous tensors of any lengths and band, and packed sequences (contiguous, no
+pages) whose query and key sequences all have one length each. Every other backward is the core's.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .core import RCP_LN2, STAT_PAD, _query_blocks
+from .fastlaunch import Launcher
+from .ws import _GL_DTYPE, HEAD_DIM, L2_BUDGET, TBUF, _publish, _rows, _sm_count, _take, descriptor
+
+KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
+BLOCK_N = 2 * KEYS
+BLOCK_M = 64  # query rows per step
+STAGES = 2  # ring slots for Q and dO
+KBUFS = 2  # K / V tile buffers: the next tile's load overlaps the current tile's last steps
+
+
+@gluon.jit
+def _kv_tile(t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right, win_left,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+             VARLEN: gl.constexpr):
+    """Tile ``t`` of n_n key blocks by n_bhk = B * Hkv KV heads. Without a band, key block fastest
+    (programs running together read one head's Q / dO). With one, sections of ``sec`` KV heads,
+    heads fastest and key block 0 first within a section (it sees the most queries). Returns
+    (n0, L, S, b, hk, q0, kv_row, lo, a, c, hi, causal_off, window_off): kv_row the tile's first
+    key row in the 2-D K / V views (``ws._rows``), q0 the sequence's first packed query row;
+    query rows [lo, hi) visited, [a, c) unmasked (``core._query_blocks``). n0 >= S: no keys."""
+    if CAUSAL or WINDOW:
+        first = (t // (sec * n_n)) * sec
+        width = gl.minimum(sec, n_bhk - first)
+        i = t - first * n_n
+        bhk = first + i % width
+        pid_n = i // width
+    else:
+        bhk = t // n_n
+        pid_n = t % n_n
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    n0 = pid_n * BLOCK_N
+    if VARLEN:
+        q0 = gl.load(cu_q + b)
+        L = gl.load(cu_q + b + 1) - q0
+        k0 = gl.load(cu_k + b)
+        S = gl.load(cu_k + b + 1) - k0
+        kv_row = k0 + n0
+    else:
+        q0 = b * 0
+        L = L_max
+        S = S_max
+        kv_row = bhk * S + n0
+    causal_off = diag * (S - L) + win_right
+    window_off = diag * (S - L) - win_left
+    lo, a, c, hi = _query_blocks(n0, L, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    return n0, L, S, b, hk, q0, kv_row, lo, a, c, hi, causal_off, window_off
+
+
+@gluon.jit
+def _q_row(b, h, H, L, q0, VARLEN: gl.constexpr):
+    """Row of query 0 of head h in the 2-D Q / dO views: (b * H + h) * L dense, q0 packed."""
+    if VARLEN:
+        r = q0
+    else:
+        r = (b * H + h) * L
+    return r
+
+
+@gluon.jit
+def _stat_off(b, h, q0, stride_statb, stride_stath, STAT_PAD: gl.constexpr, VARLEN: gl.constexpr):
+    """Offset of row 0 of (sequence or batch b, head h) in NLSE2 / Delta (``core._stat_row0``)."""
+    if VARLEN:
+        off = h * stride_stath + (q0 // STAT_PAD + b) * STAT_PAD
+    else:
+        off = b * stride_statb + h * stride_stath
+    return off
+
+
+@gluon.jit
+def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem,
+              qd_full, qd_empty, kv_full, kv_empty, tid_smem, tid_full, tid_empty, counter_ptr, stride_statb,
+              stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left,
+              KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, KBUFS: gl.constexpr,
+              STAT_PAD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
+              TBUF: gl.constexpr):
+    """Takes tiles (its own id, then the counter's next) and publishes each; loads the tile's K / V
+    halves into buffer ``tiles % KBUFS`` once both consumers released the tile KBUFS before, then
+    each (query head, query block) step's Q and dO, and its rows' NLSE2 and Delta, into ring slot
+    ``count % STAGES``, the count running over tiles."""
+    P = gl.num_programs(0)
+    Hkv = H // G
+    n_bhk = n_tiles // n_n
+    tcount = 0
+    qd = 0
+    it = 0
+    t = gl.program_id(0)
+    _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+    while t < n_tiles:
+        n0, L, S, b, hk, q0, kv_row, lo, a, c, hi, causal_off, window_off = _kv_tile(
+            t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, BLOCK_M, 2 * KEYS,
+            CAUSAL, WINDOW, VARLEN)
+        if n0 < S:
+            kv_col = hk * 0
+            if VARLEN:  # packed (T, H * D) views: a head is a column offset
+                kv_col = hk * D
+            kb = tcount % KBUFS
+            mbarrier.wait(kv_empty.index(kb), ((tcount // KBUFS) & 1) ^ 1, pred=tcount >= KBUFS)
+            for cid in gl.static_range(2):
+                mbarrier.expect(kv_full.index(2 * kb + cid), 2 * k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid),
+                                                k_smem.index(2 * kb + cid))
+                tma.async_copy_global_to_shared(v_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid),
+                                                v_smem.index(2 * kb + cid))
+            for g in range(G):
+                h = hk * G + g
+                q_row = _q_row(b, h, H, L, q0, VARLEN)
+                stat = _stat_off(b, h, q0, stride_statb, stride_stath, STAT_PAD, VARLEN)
+                q_col = h * 0
+                if VARLEN:
+                    q_col = h * D
+                for m0 in range(lo, hi, BLOCK_M):
+                    slot = qd % STAGES
+                    mbarrier.wait(qd_empty.index(slot), ((qd // STAGES) & 1) ^ 1, pred=qd >= STAGES)
+                    mbarrier.expect(qd_full.index(slot), 2 * q_desc.block_type.nbytes + 2 * nl_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [q_row + m0, q_col], qd_full.index(slot),
+                                                    q_smem.index(slot))
+                    tma.async_copy_global_to_shared(do_desc, [q_row + m0, q_col], qd_full.index(slot),
+                                                    do_smem.index(slot))
+                    tma.async_copy_global_to_shared(nl_desc, [stat + m0], qd_full.index(slot), nl_smem.index(slot))
+                    tma.async_copy_global_to_shared(dl_desc, [stat + m0], qd_full.index(slot), dl_smem.index(slot))
+                    qd += 1
+            tcount += 1
+        it += 1
+        t = P + gl.atomic_add(counter_ptr, 1)  # the next tile not yet taken
+        _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+
+
+@gluon.jit
+def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full, kv_empty,
+              tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
+              CID: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
+              STAGES: gl.constexpr, KBUFS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+              VARLEN: gl.constexpr, TBUF: gl.constexpr):
+    """dK and dV of keys [CID * KEYS, (CID + 1) * KEYS) of each tile the producer publishes, over
+    its steps (module docstring); stored at the tile's end, rows past the sequence's keys left."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+    zero_s = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
+    s_rows = gl.arange(0, KEYS, gl.SliceLayout(1, s_layout))
+    s_cols = gl.arange(0, BLOCK_M, gl.SliceLayout(0, s_layout))
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    Hkv = H // G
+    n_bhk = n_tiles // n_n
+    tcount = 0
+    qd = 0
+    it = 0
+    t = _take(tid_smem, tid_full, tid_empty, it, TBUF)
+    while t < n_tiles:
+        n0, L, S, b, hk, q0, kv_row, lo, a, c, hi, causal_off, window_off = _kv_tile(
+            t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, BLOCK_M, 2 * KEYS,
+            CAUSAL, WINDOW, VARLEN)
+        if n0 < S:
+            kb = tcount % KBUFS
+            k_tile = k_smem.index(2 * kb + CID)
+            v_tile = v_smem.index(2 * kb + CID)
+            keys = n0 + CID * KEYS + s_rows  # the sequence's key indices
+            dk = gl.zeros([KEYS, D], gl.float32, a_layout)
+            dv = gl.zeros([KEYS, D], gl.float32, a_layout)
+            mbarrier.wait(kv_full.index(2 * kb + CID), (tcount // KBUFS) & 1)
+            for g in range(G):
+                for m0 in range(lo, hi, BLOCK_M):
+                    slot = qd % STAGES
+                    mbarrier.wait(qd_full.index(slot), (qd // STAGES) & 1)
+                    q_t = q_smem.index(slot)
+                    do_t = do_smem.index(slot)
+                    s = warpgroup_mma(k_tile, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                    nlse2 = nl_smem.index(slot).load(col_layout)  # padded rows: -inf
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                    x = s * qk_scale + nlse2[None, :]
+                    if CAUSAL or WINDOW:
+                        if (m0 < a) | (m0 >= c):  # a band edge: mask by index
+                            d = (keys - m0)[:, None] - s_cols[None, :]  # key - query
+                            if CAUSAL:
+                                x = gl.where(d <= causal_off, x, float("-inf"))
+                            if WINDOW:
+                                x = gl.where(d >= window_off, x, float("-inf"))
+                    p = gl.exp2(x)
+                    dp = warpgroup_mma(v_tile, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                    delta = dl_smem.index(slot).load(col_layout)
+                    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
+                    ds = p * (dp - delta[None, :])  # fp32 P, as the core's
+                    p16 = gl.convert_layout(p.to(q_desc.dtype), op_layout)
+                    ds16 = gl.convert_layout(ds.to(q_desc.dtype), op_layout)
+                    dv = warpgroup_mma(p16, do_t, dv, is_async=True)
+                    dk = warpgroup_mma(ds16, q_t, dk, is_async=True)
+                    dv, dk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p16, ds16))
+                    mbarrier.arrive(qd_empty.index(slot))
+                    qd += 1
+            mbarrier.arrive(kv_empty.index(kb))  # the producer may load a later tile's K / V here
+            kv_col = hk * 0
+            if VARLEN:
+                kv_col = hk * D
+            a_rows = gl.arange(0, KEYS, gl.SliceLayout(1, a_layout))
+            a_cols = gl.arange(0, D, gl.SliceLayout(0, a_layout))
+            row = (kv_row + CID * KEYS + a_rows).to(gl.int64)[:, None]
+            ok = (n0 + CID * KEYS + a_rows < S)[:, None]
+            gl.store(dk_ptr + row * stride_dk + kv_col + a_cols[None, :], (dk * sm_scale).to(q_desc.dtype), mask=ok)
+            gl.store(dv_ptr + row * stride_dv + kv_col + a_cols[None, :], dv.to(q_desc.dtype), mask=ok)
+            tcount += 1
+        it += 1
+        t = _take(tid_smem, tid_full, tid_empty, it, TBUF)
+
+
+@gluon.jit
+def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, dv_ptr, cu_q, cu_k, counter_ptr,
+                     stride_dk, stride_dv, stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max,
+                     qk_scale, sm_scale, diag, win_right, win_left,
+                     KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                     KBUFS: gl.constexpr, STAT_PAD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                     VARLEN: gl.constexpr, TBUF: gl.constexpr):
+    """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of the
+    n_tiles = n_n * B * Hkv (``_kv_tile``) from the int32 at ``counter_ptr`` (0 at launch). Dense:
+    2-D row views Q / dO (b * H + h) * L + i, K / V / dK / dV (b * Hkv + hk) * S + j. VARLEN: Q /
+    dO (T, H * D), K / V / dK / dV (T_k, Hkv * D), sequences from cu_q / cu_k. NLSE2 / Delta as
+    ``core.attn_bwd`` reads them, through 1-D descriptors (strides stride_statb, stride_stath; packed
+    rows ``_stat_off``)."""
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2 * KBUFS] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2 * KBUFS] + v_desc.block_type.shape, v_desc.layout)
+    nl_smem = gl.allocate_shared_memory(nl_desc.dtype, [STAGES] + nl_desc.block_type.shape, nl_desc.layout)
+    dl_smem = gl.allocate_shared_memory(dl_desc.dtype, [STAGES] + dl_desc.block_type.shape, dl_desc.layout)
+    qd_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    qd_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_full = gl.allocate_shared_memory(gl.int64, [2 * KBUFS, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [KBUFS, 1], mbarrier.MBarrierLayout())
+    tid_smem = gl.allocate_shared_memory(gl.int32, [TBUF, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    tid_full = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
+    tid_empty = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(TBUF):
+        mbarrier.init(tid_full.index(i), count=1)
+        mbarrier.init(tid_empty.index(i), count=2)  # both consumers read a tile id
+    for i in gl.static_range(STAGES):
+        mbarrier.init(qd_full.index(i), count=1)
+        mbarrier.init(qd_empty.index(i), count=2)  # both consumers release a slot
+    for i in gl.static_range(2 * KBUFS):
+        mbarrier.init(kv_full.index(i), count=1)
+    for i in gl.static_range(KBUFS):
+        mbarrier.init(kv_empty.index(i), count=2)
+    gl.warp_specialize([
+        (_consumer, (q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full,
+                     kv_empty, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n,
+                     sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale, 0, KEYS,
+                     BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, TBUF)),
+        (_consumer, (q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full,
+                     kv_empty, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n,
+                     sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale, 1, KEYS,
+                     BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, TBUF)),
+        (_producer, (q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem, k_smem, v_smem, nl_smem,
+                     dl_smem, qd_full, qd_empty, kv_full, kv_empty, tid_smem, tid_full, tid_empty, counter_ptr,
+                     stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right,
+                     win_left, KEYS, BLOCK_M, D, STAGES, KBUFS, STAT_PAD, CAUSAL, WINDOW, VARLEN, TBUF)),
+    ], [4, 1], [232, 40])
+
+
+_LAUNCH = Launcher(attn_bwd_dkdv_ws)
+
+
+def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, mask, dropout_p: float, packed,
+             L_max: int, S_max: int) -> bool:
+    """Whether ``dkdv`` serves a backward on an sm_90 device (the caller checks the device and that
+    dQ comes from dQ programs): D = 128, fp16 / bf16, no mask or dropout; dense contiguous (B, H, L,
+    D) / (B, Hkv, S, D) tensors, or packed (1, H, T, D) views of contiguous (T, H, D) tensors with
+    no pages or seqused_k whose query sequences are all L_max long and key sequences S_max."""
+    if mask is not None or dropout_p > 0.0 or q.shape[-1] != HEAD_DIM or q.dtype not in _GL_DTYPE:
+        return False
+    if k.numel() == 0 or q.numel() == 0 or not all(t.data_ptr() % 16 == 0 for t in (q, k, v, dout)):
+        return False
+    if max(q.numel(), k.numel()) // HEAD_DIM >= 2**31 - 2 * BLOCK_N:
+        return False  # TMA coordinates and tile rows are int32
+    if packed is not None:
+        if packed.table is not None or packed.seqused_k is not None:
+            return False
+        n = packed.cu_q.numel() - 1
+        if q.shape[2] != n * L_max or k.shape[2] != n * S_max:
+            return False  # mixed lengths: tiles past a sequence's end would be dealt (as in ws.eligible)
+        return all(t.stride(1) == HEAD_DIM and t.stride(2) == t.shape[1] * HEAD_DIM and t.stride(3) == 1
+                   for t in (q, k, v, dout))
+    return all(t.is_contiguous() for t in (q, k, v, dout))
+
+
+def _row_descriptor(stat: torch.Tensor) -> TensorDescriptor:
+    """A 1-D descriptor of BLOCK_M-element boxes over a contiguous NLSE2 / Delta buffer."""
+    flat = stat.view(-1)
+    return TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_M], _ROW_LAYOUT)
+
+
+_ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+
+
+def _section(n_bhk: int, L_max: int, G: int, q: torch.Tensor) -> int:
+    """KV heads per section of a band's tile order: as many as L2_BUDGET holds the Q and dO of."""
+    per_head = 2 * L_max * q.shape[-1] * q.element_size() * G
+    return max(1, min(n_bhk, int(L2_BUDGET // max(per_head, 1))))
+
+
+def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float, band_args: tuple,
+         band_flags: dict, packed, n_seq: int, L_max: int, S_max: int) -> None:
+    """dK and dV of an ``eligible`` backward into ``dk`` / ``dv`` (laid out like k / v), from the
+    preprocess's NLSE2 / Delta (``launch._row_stats``): dense q / dout (B, H, L, D), k / v (B, Hkv, S,
+    D); packed, their (1, H, T, D) views, ``n_seq`` sequences of L_max queries and S_max keys."""
+    H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
+    varlen = packed is not None
+    n_n = -(-S_max // BLOCK_N)
+    n_tiles = n_n * n_seq * Hkv
+    q2, do2, k2, v2 = (_rows(t, varlen) for t in (q, dout, k, v))
+    dk2, dv2 = _rows(dk, varlen), _rows(dv, varlen)
+    cu_q = packed.cu_q if varlen else nlse2
+    cu_k = (packed.cu_k if packed.cu_k is not None else packed.cu_q) if varlen else nlse2
+    diag, win_right, win_left = band_args
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    sec = _section(n_seq * Hkv, L_max, H // Hkv, q)
+    _LAUNCH((min(n_tiles, _sm_count(q.device.index)),),
+            (descriptor(q2, BLOCK_M, D), descriptor(do2, BLOCK_M, D), descriptor(k2, KEYS, D),
+             descriptor(v2, KEYS, D), _row_descriptor(nlse2), _row_descriptor(delta), dk2, dv2, cu_q, cu_k, counter,
+             dk2.stride(0), dv2.stride(0), stat_strides[0], stat_strides[1], n_tiles, n_n, sec, H, H // Hkv, L_max, S_max,
+             scale * RCP_LN2.value, scale, diag, win_right, win_left),
+            dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=KBUFS, STAT_PAD=STAT_PAD.value,
+                 CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen, TBUF=TBUF), 4, 3)
