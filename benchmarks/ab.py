@@ -13,6 +13,7 @@ TMA choice stays the library's.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -32,30 +33,32 @@ SPLIT = {"FWD_ONE_LOOP": False}  # one loop per band edge (core's ONE_LOOP off)
 BSPLIT = {"BWD_ONE_LOOP": False}
 BONE = {"BWD_ONE_LOOP": True}
 HM64 = _b(64, 64, 64, 64, 4, 2, head_major=True)
+OSTORE = {"ws.O_TMA": False}  # the Gluon forward stores its output from registers (gl.store)
 CORE = {"FWD_WS": False}  # the tl core (its config) where the warp-specialized Gluon forward serves (ws.py)
 BCORE = {"BWD_WS": False}  # the core's one backward launch where the Gluon dK / dV kernel serves (ws_bwd.py)
 PLAN = {
-    "d128-noncausal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE)],
-    "d128-noncausal@4096": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE),
+    "d128-noncausal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", OSTORE),
+                            ("fwd", _c(64, 64, 4, 3), False, "", CORE)],
+    "d128-noncausal@4096": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", OSTORE),
+                            ("fwd", _c(128, 128, 8, 3), False, "", CORE),
                             ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE)],
     "d128-noncausal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "d128-noncausal-gqa8": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "varlen-window": [
-        ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", {**CORE, **SPLIT}),
-        ("bwd", _b(32, 64, 64, 32, 4, 3), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", BONE),
-        ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", BCORE), ("bwd", _b(64, 128, 128, 64, 8, 3), None, ""),
+        ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", OSTORE),
+        ("bwd", _b(32, 64, 64, 32, 4, 3), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", BCORE),
     ],
     "varlen-full": [
-        ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", {**CORE, **SPLIT}),
+        ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", OSTORE),
         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE),
     ],
     "varlen-causal": [
         ("fwd", _c(64, 64, 4, 3), True, "now"), ("fwd", _c(64, 64, 4, 3), True, "", CORE),
         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT),
     ],
-    "d128-causal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE),
+    "d128-causal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", OSTORE),
                           ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE)],
-    "d128-causal@4096": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE),
+    "d128-causal@4096": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", OSTORE),
                          ("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
                          ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", BCORE)],
     "d128-causal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE),
@@ -85,6 +88,14 @@ def _label(kind, cfg, tma, mark, overrides=None) -> str:
     return f"{kind} {tiles} w{cfg.num_warps} s{cfg.num_stages}{extra}" + (" (now)" if mark else "")
 
 
+def _owner(name: str):
+    """The module an override sets: ``launch`` for a plain name, ``attend.kernels.<mod>`` for
+    ``mod.NAME``."""
+    if "." not in name:
+        return launch
+    return importlib.import_module(f"attend.kernels.{name.split('.')[0]}")
+
+
 def run(case: str, rounds: int, kinds=("fwd", "bwd")) -> dict:
     base, _, length = case.partition("@")
     (name, S, make), = [c for c in cases(base) if not length or c[1] == int(length)]
@@ -95,9 +106,9 @@ def run(case: str, rounds: int, kinds=("fwd", "bwd")) -> dict:
         for i, (kind, cfg, tma, _, overrides) in enumerate(variants):
             _force(dict(BASE, **{kind: cfg}))
             launch.FWD_TMA = bool(tma) if kind == "fwd" else False
-            saved = {k: getattr(launch, k) for k in overrides}
+            saved = {k: getattr(_owner(k), k.split(".")[-1]) for k in overrides}
             for k, v in overrides.items():
-                setattr(launch, k, v)
+                setattr(_owner(k), k.split(".")[-1], v)
             try:
                 ms = _api_ms(kind, api)
             except Exception as e:  # out of resources: recorded, not fatal
@@ -105,7 +116,7 @@ def run(case: str, rounds: int, kinds=("fwd", "bwd")) -> dict:
                 continue
             finally:
                 for k, v in saved.items():
-                    setattr(launch, k, v)
+                    setattr(_owner(k), k.split(".")[-1], v)
             if r and isinstance(times[i], list):
                 times[i].append(ms)
     launch.FWD_TMA = None

@@ -92,10 +92,10 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     q, kv = desc(ws.ROWS, ws.HEAD_DIM), desc(ws.BLOCK_N, ws.HEAD_DIM)
     constexprs = dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM, STAGES=ws.STAGES, QBUFS=1 if has_bias else 2,
                       HAS_BIAS=has_bias, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
-                      EDGES=causal or window or varlen, TBUF=ws.TBUF)
+                      EDGES=causal or window or varlen, TBUF=ws.TBUF, O_TMA=ws.O_TMA)
     ints = ("stride_o", "stride_lseh", "n_tiles", "n_m", "sec", "H", "G", "L_max", "S_max", "diag", "win_right",
             "win_left")
-    sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=desc(ws.ROWS, ws.BLOCK_N) if has_bias else q,
+    sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=desc(ws.ROWS, ws.BLOCK_N) if has_bias else q, o_desc=q,
                out_ptr=f"*{short}", lse_ptr="*fp32", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
                **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs})
     src = GluonASTSource(ws.attn_fwd_ws, sig, constexprs=constexprs)

@@ -35,6 +35,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -50,6 +51,7 @@ BLOCK_M = 2 * ROWS
 BLOCK_N = 128  # keys per block
 STAGES = 2  # ring slots for K, V and the bias
 TBUF = 2  # slots of the tile ids the producer hands the consumers
+O_TMA = True  # whole 64-row output blocks leave by one TMA store through the Q buffer (False: gl.store)
 HEAD_DIM = 128
 _GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
@@ -100,6 +102,25 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     window_off = diag * (S - L) - win_left
     lo, a, c, hi = _key_blocks(m0, 0, S, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     return m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row
+
+
+@gluon.jit
+def _mask_edges(s, k_start, r0, rows, s_cols, S, causal_off, window_off, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+    """Scores of rows [r0, r0 + ROWS) (``rows``) against keys [k_start, k_start + BLOCK_N), -inf where
+    a key is past S, right of the causal diagonal or left of the window. Each bound is tested per
+    block and applied only where some row crosses it: a window's diagonal block pays one compare
+    per score, its lower-edge block one (three did, run 49: RESULTS.md session 10)."""
+    cols = k_start + s_cols
+    if k_start + BLOCK_N > S:
+        s = gl.where(cols[None, :] < S, s, float("-inf"))
+    if CAUSAL:
+        if k_start + BLOCK_N - 1 > r0 + causal_off:
+            s = gl.where(cols[None, :] <= rows[:, None] + causal_off, s, float("-inf"))
+    if WINDOW:
+        if k_start < r0 + ROWS - 1 + window_off:
+            s = gl.where(cols[None, :] >= rows[:, None] + window_off, s, float("-inf"))
+    return s
 
 
 @gluon.jit
@@ -184,13 +205,13 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
 
 
 @gluon.jit
-def _consumer(q_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty, v_empty,
+def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty, v_empty,
               b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec, H, G, L_max,
               S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, CID: gl.constexpr,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
               D: gl.constexpr, STAGES: gl.constexpr, QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr, EDGES: gl.constexpr,
-              TBUF: gl.constexpr):
+              TBUF: gl.constexpr, O_TMA: gl.constexpr):
     """Online softmax of rows [CID * ROWS, (CID + 1) * ROWS) of each tile the producer publishes over
     its key blocks; writes their output and LSE. Scores in the log2 domain. Blocks outside [a, c)
     (a band's edges, a sequence's ragged end; EDGES says whether any can exist) are masked. A row
@@ -238,13 +259,10 @@ def _consumer(q_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v
                 if EDGES:
                     k_start = j * BLOCK_N
                     if (k_start < a) | (k_start >= c):
-                        cols = k_start + s_cols
-                        ok = cols[None, :] < S
-                        if CAUSAL:
-                            ok = ok & (cols[None, :] <= rows[:, None] + causal_off)
-                        if WINDOW:
-                            ok = ok & (cols[None, :] >= rows[:, None] + window_off)
-                        s = gl.where(ok, s, float("-inf"))
+                        # Only the bounds this consumer's rows cross in this block: both consumers
+                        # meet the edge blocks together, so their extra ALU work idles the MMAs.
+                        s = _mask_edges(s, k_start, m0 + CID * ROWS, rows, s_cols, S, causal_off, window_off,
+                                        ROWS, BLOCK_N, CAUSAL, WINDOW)
                 m_new = gl.maximum(m_i, gl.max(s, 1))
                 m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing finite yet
                 p = gl.exp2(s - m_sub[:, None])
@@ -258,7 +276,8 @@ def _consumer(q_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v
                 mbarrier.arrive(v_empty.index(slot))
                 m_i = m_new
                 kv += 1
-            mbarrier.arrive(q_empty.index(qb))  # the producer may load a later tile's Q here
+            if QBUFS == 1:
+                mbarrier.arrive(q_empty.index(qb))  # the producer may load the next tile's Q here
             empty = l_i == 0.0
             l_safe = gl.where(empty, 1.0, l_i)
             lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
@@ -267,20 +286,33 @@ def _consumer(q_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v
             o_col = h * 0
             if VARLEN:
                 o_col = h * D
-            o_ptrs = (out_ptr + (q_row + CID * ROWS + o_rows).to(gl.int64)[:, None] * stride_o + o_col
-                      + o_cols[None, :])
-            gl.store(o_ptrs, out, mask=(m0 + CID * ROWS + o_rows < L)[:, None])
+            whole = m0 + (CID + 1) * ROWS <= L
+            if (QBUFS == 1) | (not O_TMA):  # QBUFS 1: the next tile's Q is already loading into the buffer
+                whole = False
+            if whole:
+                # Rows all inside the sequence: one TMA store through this consumer's Q buffer, whose
+                # Q is read no more (a partial tile would overwrite the next head's or sequence's rows).
+                q_tile.store(out)
+                fence_async_shared()
+                tma.async_copy_shared_to_global(o_desc, [q_row + CID * ROWS, o_col], q_tile)
+                tma.store_wait(0)
+            else:
+                o_ptrs = (out_ptr + (q_row + CID * ROWS + o_rows).to(gl.int64)[:, None] * stride_o + o_col
+                          + o_cols[None, :])
+                gl.store(o_ptrs, out, mask=(m0 + CID * ROWS + o_rows < L)[:, None])
+            if QBUFS > 1:
+                mbarrier.arrive(q_empty.index(qb))  # the producer may load tile + QBUFS's Q here
             tcount += 1
         it += 1
         t = _take(tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit
-def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, out_ptr, lse_ptr, cu_q, cu_k, counter_ptr, stride_o, stride_lseh,
+def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, cu_k, counter_ptr, stride_o, stride_lseh,
                 n_tiles, n_m, sec, H, G, L_max, S_max, qk_scale, diag, win_right, win_left,
                 ROWS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                 QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                VARLEN: gl.constexpr, EDGES: gl.constexpr, TBUF: gl.constexpr):
+                VARLEN: gl.constexpr, EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr):
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of
     the n_tiles = n_m * B * H (``_tile``) from the int32 at ``counter_ptr`` (0 at launch) until none
     is left. Dense: 2-D row views Q / O / the bias (b * H + h) * L + i,
@@ -321,14 +353,14 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, out_ptr, lse_ptr, cu_q, cu_k, co
         mbarrier.init(b_full.index(i), count=1)
         mbarrier.init(b_empty.index(i), count=1)  # each consumer's own bias tile
     gl.warp_specialize([
-        (_consumer, (q_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
+        (_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, 0, ROWS,
-                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, EDGES, TBUF)),
-        (_consumer, (q_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
+                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, EDGES, TBUF, O_TMA)),
+        (_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, 1, ROWS,
-                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, EDGES, TBUF)),
+                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, EDGES, TBUF, O_TMA)),
         (_producer, (q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full,
                      b_full, k_empty, v_empty, b_empty, tid_smem, tid_full, tid_empty, counter_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS, BLOCK_N, D, STAGES,
@@ -426,8 +458,10 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the next tile to take, less the grid
     sec = _section(n_seq * H, S_max, k.shape[1] / H, q)
     _LAUNCH((min(n_tiles, _sm_count(q.device.index)),),
-            (q_desc, descriptor(_rows(k, varlen), BLOCK_N, D), descriptor(_rows(v, varlen), BLOCK_N, D), b_desc, o2,
+            (q_desc, descriptor(_rows(k, varlen), BLOCK_N, D), descriptor(_rows(v, varlen), BLOCK_N, D), b_desc,
+             descriptor(o2, ROWS, D), o2,
              lse, cu_q, cu_k, counter, o2.stride(0), lse_strides[1], n_tiles, n_m, sec, H, H // k.shape[1], L_max,
              S_max, scale * RCP_LN2.value, diag, win_right, win_left),
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
-                 HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen, EDGES=edges, TBUF=TBUF), 4, 3)
+                 HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen, EDGES=edges, TBUF=TBUF,
+                 O_TMA=O_TMA), 4, 3)
