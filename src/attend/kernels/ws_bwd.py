@@ -87,22 +87,6 @@ def _kv_tile(t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right,
 
 
 @gluon.jit
-def _mask_edges(x, m0, k0, keys, s_cols, causal_off, window_off, KEYS: gl.constexpr, BLOCK_M: gl.constexpr,
-                CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
-    """S^T of keys [k0, k0 + KEYS) (``keys``) against queries [m0, m0 + BLOCK_M), -inf where a key is
-    right of a query's causal diagonal or left of its window; each bound only where some pair
-    crosses it (as ``ws._mask_edges``)."""
-    q = m0 + s_cols
-    if CAUSAL:
-        if k0 + KEYS - 1 > m0 + causal_off:
-            x = gl.where(keys[:, None] <= q[None, :] + causal_off, x, float("-inf"))
-    if WINDOW:
-        if k0 < m0 + BLOCK_M - 1 + window_off:
-            x = gl.where(keys[:, None] >= q[None, :] + window_off, x, float("-inf"))
-    return x
-
-
-@gluon.jit
 def _q_row(b, h, H, L, q0, VARLEN: gl.constexpr):
     """Row of query 0 of head h in the 2-D Q / dO views: (b * H + h) * L dense, q0 packed."""
     if VARLEN:
@@ -226,9 +210,14 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
                     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
                     x = s * qk_scale + nlse2[None, :]
                     if CAUSAL or WINDOW:
-                        if (m0 < a) | (m0 >= c):  # a band edge: only the bounds these keys cross
-                            x = _mask_edges(x, m0, n0 + CID * KEYS, keys, s_cols, causal_off, window_off, KEYS,
-                                            BLOCK_M, CAUSAL, WINDOW)
+                        # A band edge: mask by index, both bounds (testing each bound per block, as
+                        # ws._mask_edges does, spilled here and slowed the window, run 53).
+                        if (m0 < a) | (m0 >= c):
+                            d = (keys - m0)[:, None] - s_cols[None, :]  # key - query
+                            if CAUSAL:
+                                x = gl.where(d <= causal_off, x, float("-inf"))
+                            if WINDOW:
+                                x = gl.where(d >= window_off, x, float("-inf"))
                     p = gl.exp2(x)
                     dp = warpgroup_mma(v_tile, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
                     delta = dl_smem.index(slot).load(col_layout)
