@@ -134,7 +134,8 @@ KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
 WS_FEATURES = {"no_mask": {}, "float_bias": dict(has_bias=True), "causal_bias": dict(has_bias=True, causal=True),
                "varlen_window": dict(causal=True, window=True, varlen=True)}
 # The warp-specialized Gluon dK / dV kernel (ws_bwd.py), sm_90 only: compile_ws_bwd's flags per variant.
-WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True), "varlen_window": dict(causal=True, window=True, varlen=True)}
+WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True),
+                   "varlen_window": dict(causal=True, window=True, varlen=True)}
 # Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds,
 # which assume EVEN lengths (multiples of configs.EVEN_TILE), as the benchmarked shapes have.
 _FEATURES = {

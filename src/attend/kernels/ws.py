@@ -16,14 +16,16 @@ its edges and a sequence's ragged end, as the core does.
 
 H100, bf16, ``benchmarks/ab.py`` run 43 (launch.FWD_WS on / off), TFLOP/s: sliding window 4096 of
 16k 503 against 442; full causal 16k 547 against 514, 4k 494 against 434, 1k 357 against 339; no
-mask 4k 545 against 496, 1k 469 against 419; a float bias 403 against 365.
+mask 4k 545 against 496, 1k 469 against 419; a float bias 403 against 365. Session 10 added the
+output's TMA store and the per-bound edge masks (run 55: window 536, one 16k causal sequence 571).
 
 It serves (``eligible``): D = 128, fp16 / bf16, no dropout; dense contiguous tensors with any
 lengths and band, and no mask or a full-size float bias; packed sequences (varlen, contiguous
 (T, H, D), no pages or seqused_k) whose query lengths are all equal (mixed lengths leave tiles
 empty; they stay on the core, whose grid skips them for free). Every other call takes the core
-(``core.attn_fwd``); the backward is the core's in every case (it reads this kernel's output and
-LSE). Gluon kernels do not run under the interpreter: the CPU tests compile this one for sm_90
+(``core.attn_fwd``). The backward reads this kernel's output and LSE: its dK / dV from the Gluon
+kernel of ``ws_bwd.py`` where that serves, else from the core. Gluon kernels do not run under the
+interpreter: the CPU tests compile this one for sm_90
 (``build.py``) and the GPU suite checks it against float64.
 """
 
@@ -57,6 +59,32 @@ _GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
 @gluon.jit
+def _deal(t, n_blocks, n_heads, sec, BAND: gl.constexpr):
+    """(head, block) of tile ``t`` of n_blocks blocks by n_heads heads. Without a band, block
+    fastest. With one, sections of ``sec`` heads one after the other, heads fastest inside one."""
+    if BAND:
+        first = (t // (sec * n_blocks)) * sec  # the section's first head
+        width = gl.minimum(sec, n_heads - first)  # the last section may be narrower
+        i = t - first * n_blocks
+        head = first + i % width
+        block = i // width
+    else:
+        head = t // n_blocks
+        block = t % n_blocks
+    return head, block
+
+
+@gluon.jit
+def _sequence(b, cu_q, cu_k):
+    """(first query row, query length, first key row, key length) of packed sequence ``b``."""
+    q0 = gl.load(cu_q + b)
+    L = gl.load(cu_q + b + 1) - q0
+    k0 = gl.load(cu_k + b)
+    S = gl.load(cu_k + b + 1) - k0
+    return q0, L, k0, S
+
+
+@gluon.jit
 def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left,
           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
           VARLEN: gl.constexpr):
@@ -69,26 +97,15 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     the tile's first row in the 2-D views of Q / K (``_rows``), whose columns start at h * D /
     hk * D when VARLEN. Key blocks from core._key_blocks: [lo, hi) visited, [a, c) unmasked. A tile
     past its sequence's end has m0 >= L."""
-    if CAUSAL or WINDOW:
-        first = (t // (sec * n_m)) * sec  # the section's first head
-        width = gl.minimum(sec, n_bh - first)  # the last section may be narrower
-        i = t - first * n_m
-        bh = first + i % width
-        pid_m = i // width
-        if CAUSAL:
-            pid_m = n_m - 1 - pid_m
-    else:
-        bh = t // n_m
-        pid_m = t % n_m
+    bh, pid_m = _deal(t, n_m, n_bh, sec, CAUSAL or WINDOW)
+    if CAUSAL:
+        pid_m = n_m - 1 - pid_m
     b = bh // H
     h = bh % H
     hk = h // G
     m0 = pid_m * BLOCK_M
     if VARLEN:
-        q0 = gl.load(cu_q + b)
-        L = gl.load(cu_q + b + 1) - q0
-        k0 = gl.load(cu_k + b)
-        S = gl.load(cu_k + b + 1) - k0
+        q0, L, k0, S = _sequence(b, cu_q, cu_k)
         q_row = q0 + m0
         kv_row = k0
         lse_row = h * stride_lseh + q0 + m0  # lse (H, T)
@@ -110,7 +127,7 @@ def _mask_edges(s, k_start, r0, rows, s_cols, S, causal_off, window_off, ROWS: g
     """Scores of rows [r0, r0 + ROWS) (``rows``) against keys [k_start, k_start + BLOCK_N), -inf where
     a key is past S, right of the causal diagonal or left of the window. Each bound is tested per
     block and applied only where some row crosses it: a window's diagonal block pays one compare
-    per score, its lower-edge block one (three did, run 49: RESULTS.md session 10)."""
+    per score, its lower-edge block one (three did; run 55, RESULTS.md session 10)."""
     cols = k_start + s_cols
     if k_start + BLOCK_N > S:
         s = gl.where(cols[None, :] < S, s, float("-inf"))
@@ -130,6 +147,15 @@ def _publish(tid_smem, tid_full, tid_empty, t, it, TBUF: gl.constexpr):
     mbarrier.wait(tid_empty.index(slot), ((it // TBUF) & 1) ^ 1, pred=it >= TBUF)
     tid_smem.index(slot).store(gl.full([1], t, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
     mbarrier.arrive(tid_full.index(slot))
+
+
+@gluon.jit
+def _next(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
+    """The producer's ``it``-th tile: the counter's next untaken one (the first P went to the
+    programs' own ids), published to both consumers."""
+    t = P + gl.atomic_add(counter_ptr, 1)
+    _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+    return t
 
 
 @gluon.jit
@@ -200,8 +226,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
                 kv += 1
             tcount += 1
         it += 1
-        t = P + gl.atomic_add(counter_ptr, 1)  # the next tile not yet taken
-        _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+        t = _next(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit

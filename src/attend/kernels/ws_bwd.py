@@ -38,7 +38,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .core import RCP_LN2, STAT_PAD, _query_blocks
 from .fastlaunch import Launcher
-from .ws import _GL_DTYPE, HEAD_DIM, L2_BUDGET, TBUF, _publish, _rows, _sm_count, _take, descriptor
+from .ws import (_GL_DTYPE, HEAD_DIM, L2_BUDGET, TBUF, _deal, _next, _publish, _rows, _sequence, _sm_count, _take,
+                 descriptor)
 
 KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
 BLOCK_N = 2 * KEYS
@@ -57,23 +58,12 @@ def _kv_tile(t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right,
     (n0, L, S, b, hk, q0, kv_row, lo, a, c, hi, causal_off, window_off): kv_row the tile's first
     key row in the 2-D K / V views (``ws._rows``), q0 the sequence's first packed query row;
     query rows [lo, hi) visited, [a, c) unmasked (``core._query_blocks``). n0 >= S: no keys."""
-    if CAUSAL or WINDOW:
-        first = (t // (sec * n_n)) * sec
-        width = gl.minimum(sec, n_bhk - first)
-        i = t - first * n_n
-        bhk = first + i % width
-        pid_n = i // width
-    else:
-        bhk = t // n_n
-        pid_n = t % n_n
+    bhk, pid_n = _deal(t, n_n, n_bhk, sec, CAUSAL or WINDOW)
     b = bhk // Hkv
     hk = bhk % Hkv
     n0 = pid_n * BLOCK_N
     if VARLEN:
-        q0 = gl.load(cu_q + b)
-        L = gl.load(cu_q + b + 1) - q0
-        k0 = gl.load(cu_k + b)
-        S = gl.load(cu_k + b + 1) - k0
+        q0, L, k0, S = _sequence(b, cu_q, cu_k)
         kv_row = k0 + n0
     else:
         q0 = b * 0
@@ -151,7 +141,8 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
                 for m0 in range(lo, hi, BLOCK_M):
                     slot = qd % STAGES
                     mbarrier.wait(qd_empty.index(slot), ((qd // STAGES) & 1) ^ 1, pred=qd >= STAGES)
-                    mbarrier.expect(qd_full.index(slot), 2 * q_desc.block_type.nbytes + 2 * nl_desc.block_type.nbytes)
+                    mbarrier.expect(qd_full.index(slot),
+                                    2 * q_desc.block_type.nbytes + 2 * nl_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(q_desc, [q_row + m0, q_col], qd_full.index(slot),
                                                     q_smem.index(slot))
                     tma.async_copy_global_to_shared(do_desc, [q_row + m0, q_col], qd_full.index(slot),
@@ -161,13 +152,13 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
                     qd += 1
             tcount += 1
         it += 1
-        t = P + gl.atomic_add(counter_ptr, 1)  # the next tile not yet taken
-        _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+        t = _next(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit
 def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full, kv_empty,
-              tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
+              tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n, sec, H, G, L_max,
+              S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
               CID: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
               STAGES: gl.constexpr, KBUFS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
               VARLEN: gl.constexpr, TBUF: gl.constexpr):
@@ -211,7 +202,7 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
                     x = s * qk_scale + nlse2[None, :]
                     if CAUSAL or WINDOW:
                         # A band edge: mask by index, both bounds (testing each bound per block, as
-                        # ws._mask_edges does, spilled here and slowed the window, run 53).
+                        # ws._mask_edges does, spilled here and slowed the window, run 56).
                         if (m0 < a) | (m0 >= c):
                             d = (keys - m0)[:, None] - s_cols[None, :]  # key - query
                             if CAUSAL:
