@@ -76,57 +76,55 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     return triton.compile(src, target=target, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
+def _gluon_desc(dtype: str, rows: int, cols: int) -> str:
+    """The signature type of a Gluon host tensor descriptor of [rows, cols] boxes (ws.descriptor's)."""
+    from triton.experimental.gluon import language as gl
+
+    gdt = {"float16": gl.float16, "bfloat16": gl.bfloat16}[dtype]
+    return f"tensordesc<{_DTYPE[dtype]}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
+
+
+def _compile_gluon(fn, target: GPUTarget, sig: dict, ints: tuple, constexprs: dict):
+    """Compile a Gluon kernel of ``sig`` (plus ``ints`` as i32 and ``constexprs``) at 4 warps."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = dict(sig, **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs})
+    return triton.compile(GluonASTSource(fn, sig, constexprs=constexprs), target=target, options=dict(num_warps=4))
+
+
 def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False, causal: bool = False,
                window: bool = False, varlen: bool = False):
     """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only)."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from . import ws
 
-    short, gdt = _DTYPE[dtype], {"float16": gl.float16, "bfloat16": gl.bfloat16}[dtype]
-
-    def desc(rows, cols):
-        return f"tensordesc<{short}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
-
-    q, kv = desc(ws.ROWS, ws.HEAD_DIM), desc(ws.BLOCK_N, ws.HEAD_DIM)
+    q, kv = _gluon_desc(dtype, ws.ROWS, ws.HEAD_DIM), _gluon_desc(dtype, ws.BLOCK_N, ws.HEAD_DIM)
     constexprs = dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM, STAGES=ws.STAGES, QBUFS=1 if has_bias else 2,
                       HAS_BIAS=has_bias, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
                       EDGES=causal or window or varlen, TBUF=ws.TBUF, O_TMA=ws.O_TMA)
     ints = ("stride_o", "stride_lseh", "n_tiles", "n_m", "sec", "H", "G", "L_max", "S_max", "diag", "win_right",
             "win_left")
-    sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=desc(ws.ROWS, ws.BLOCK_N) if has_bias else q, o_desc=q,
-               out_ptr=f"*{short}", lse_ptr="*fp32", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
-               **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs})
-    src = GluonASTSource(ws.attn_fwd_ws, sig, constexprs=constexprs)
-    return triton.compile(src, target=target, options=dict(num_warps=4))
+    sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=_gluon_desc(dtype, ws.ROWS, ws.BLOCK_N) if has_bias else q,
+               o_desc=q, out_ptr=f"*{_DTYPE[dtype]}", lse_ptr="*fp32", cu_q="*i32", cu_k="*i32", counter_ptr="*i32",
+               qk_scale="fp32")
+    return _compile_gluon(ws.attn_fwd_ws, target, sig, ints, constexprs)
 
 
 def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = False, window: bool = False,
                    varlen: bool = False):
     """Compile the warp-specialized Gluon dK / dV kernel (ws_bwd.py) for ``target`` (sm_90 only)."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from . import ws_bwd
 
-    short, gdt = _DTYPE[dtype], {"float16": gl.float16, "bfloat16": gl.bfloat16}[dtype]
-
-    def desc(rows, cols):
-        return f"tensordesc<{short}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
-
-    qd, kv = desc(ws_bwd.BLOCK_M, ws_bwd.HEAD_DIM), desc(ws_bwd.KEYS, ws_bwd.HEAD_DIM)
+    qd, kv = _gluon_desc(dtype, ws_bwd.BLOCK_M, ws_bwd.HEAD_DIM), _gluon_desc(dtype, ws_bwd.KEYS, ws_bwd.HEAD_DIM)
     constexprs = dict(KEYS=ws_bwd.KEYS, BLOCK_M=ws_bwd.BLOCK_M, D=ws_bwd.HEAD_DIM, STAGES=ws_bwd.STAGES,
                       KBUFS=ws_bwd.KBUFS, STAT_PAD=core.STAT_PAD.value, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
                       TBUF=ws_bwd.TBUF)
     ints = ("stride_dk", "stride_dv", "stride_statb", "stride_stath", "n_tiles", "n_n", "sec", "H", "G", "L_max",
             "S_max", "diag", "win_right", "win_left")
     row = f"tensordesc<fp32[{ws_bwd.BLOCK_M}],{ws_bwd._ROW_LAYOUT!r}>"
-    sig = dict(q_desc=qd, do_desc=qd, k_desc=kv, v_desc=kv, nl_desc=row, dl_desc=row, dk_ptr=f"*{short}",
-               dv_ptr=f"*{short}", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32", sm_scale="fp32",
-               **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs})
-    src = GluonASTSource(ws_bwd.attn_bwd_dkdv_ws, sig, constexprs=constexprs)
-    return triton.compile(src, target=target, options=dict(num_warps=4))
+    sig = dict(q_desc=qd, do_desc=qd, k_desc=kv, v_desc=kv, nl_desc=row, dl_desc=row, dk_ptr=f"*{_DTYPE[dtype]}",
+               dv_ptr=f"*{_DTYPE[dtype]}", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
+               sm_scale="fp32")
+    return _compile_gluon(ws_bwd.attn_bwd_dkdv_ws, target, sig, ints, constexprs)
 
 
 KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}

@@ -75,7 +75,6 @@ FWD_WS: bool = True
 # Their backwards without a mask (ws_bwd.eligible) take the Gluon dK / dV kernel (ws_bwd.py), then
 # the core's dQ programs alone (core's DQ_ONLY). False: the core's one launch serves every backward.
 BWD_WS: bool = True
-BWD_WS_DQ_CONFIG: bool = True  # the dQ programs beside it take configs.ws_backward's tile (False: the table's)
 
 
 _GRID_Y_MAX = 65535  # CUDA's cap on gridDim.y (x allows 2^31 - 1)
@@ -458,9 +457,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     if gluon:  # dK / dV from the Gluon kernel, then the dQ programs alone, numbered in key order
         _ensure_allocator()
         ws_bwd.dkdv(q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, band_args, band_flags, packed, B, L, S)
-        if BWD_WS_DQ_CONFIG:  # configs.ws_backward's dQ tile, unless a benchmark forces the table's
-            config = (dict(dq_only.kwargs), dq_only.num_warps, dq_only.num_stages)
-        config = (dict(config[0], HEAD_MAJOR=False, DQ_ATOMIC=False), *config[1:])
+        config = (dict(dq_only.kwargs, HEAD_MAJOR=False), dq_only.num_warps, dq_only.num_stages)
     work = _work_list(packed, band, config, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device)
     flags["WORKLIST"] = work is not None
     n_kv_items, n_q_items = (0, 0) if work is None else work[1]

@@ -141,6 +141,19 @@ def _mask_edges(s, k_start, r0, rows, s_cols, S, causal_off, window_off, ROWS: g
 
 
 @gluon.jit
+def _tile_ring(TBUF: gl.constexpr):
+    """The shared-memory ring through which the producer hands tile ids to both consumers
+    (``_publish`` / ``_take``): (ids, full barriers, empty barriers), initialized."""
+    tid_smem = gl.allocate_shared_memory(gl.int32, [TBUF, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    tid_full = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
+    tid_empty = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(TBUF):
+        mbarrier.init(tid_full.index(i), count=1)
+        mbarrier.init(tid_empty.index(i), count=2)  # both consumers read a tile id
+    return tid_smem, tid_full, tid_empty
+
+
+@gluon.jit
 def _publish(tid_smem, tid_full, tid_empty, t, it, TBUF: gl.constexpr):
     """The producer hands tile ``t``, its ``it``-th, to both consumers through slot it % TBUF."""
     slot = it % TBUF
@@ -359,12 +372,7 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     b_full = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
     b_empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
-    tid_smem = gl.allocate_shared_memory(gl.int32, [TBUF, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    tid_full = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
-    tid_empty = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(TBUF):
-        mbarrier.init(tid_full.index(i), count=1)
-        mbarrier.init(tid_empty.index(i), count=2)  # both consumers read a tile id
+    tid_smem, tid_full, tid_empty = _tile_ring(TBUF)
     for i in gl.static_range(2 * QBUFS):
         mbarrier.init(q_full.index(i), count=1)
     for i in gl.static_range(QBUFS):
@@ -447,19 +455,35 @@ def _rows(t: torch.Tensor, packed: bool) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-L2_BUDGET = 16 << 20  # bytes of K / V a band's section of heads may read (the H100's L2 holds 50 MiB)
+L2_BUDGET = 16 << 20  # bytes a band's section of heads may stream from L2 (the H100's holds 50 MiB)
 
 
-def _section(n_bh: int, S_max: int, kv_per_q: float, q: torch.Tensor) -> int:
-    """Heads per section of a band's tile order (``_tile``): as many as L2_BUDGET holds the K and V
-    of (a grouped head shares its K / V with G - 1 others)."""
-    per_head = 2 * S_max * q.shape[-1] * q.element_size() * kv_per_q
-    return max(1, min(n_bh, int(L2_BUDGET // max(per_head, 1))))
+def _section(n_heads: int, rows: int, share: float, q: torch.Tensor) -> int:
+    """Heads per section of a band's tile order (``_tile``, ``ws_bwd._kv_tile``): as many as
+    L2_BUDGET holds the two tensors a head's tiles stream, ``rows`` long, ``share`` of them per head
+    (the forward's K and V: S_max rows, Hkv / H as grouped heads share them; the dK / dV kernel's Q
+    and dO: L_max rows of the G query heads of a KV head)."""
+    per_head = 2 * rows * q.shape[-1] * q.element_size() * share
+    return max(1, min(n_heads, int(L2_BUDGET // max(per_head, 1))))
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _persistent(n_tiles: int, device: torch.device) -> tuple[tuple, torch.Tensor]:
+    """(grid, counter) of a persistent launch: one program per SM (fewer when there are fewer
+    tiles), and the int32 they take tiles from after their own (the next tile, less the grid)."""
+    return (min(n_tiles, _sm_count(device.index)),), torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _cu_seqs(packed, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cu_seq_q, cu_seq_k) a kernel reads for packed sequences (the queries' when the call gave no
+    keys' own); ``dummy`` for both when dense (never read)."""
+    if packed is None:
+        return dummy, dummy
+    return packed.cu_q, packed.cu_k if packed.cu_k is not None else packed.cu_q
 
 
 def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args: tuple, band_flags: dict,
@@ -475,14 +499,13 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     q2, o2 = _rows(q, varlen), _rows(out, varlen)
     q_desc = descriptor(q2, ROWS, D)
     b_desc = q_desc if bias is None else descriptor(bias, ROWS, BLOCK_N)
-    cu_q = packed.cu_q if varlen else lse
-    cu_k = (packed.cu_k if packed.cu_k is not None else packed.cu_q) if varlen else lse
+    cu_q, cu_k = _cu_seqs(packed, lse)
     diag, win_right, win_left = band_args
     causal, window = band_flags["CAUSAL"], band_flags["WINDOW"]
     edges = causal or window or varlen or S_max % BLOCK_N != 0
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the next tile to take, less the grid
+    grid, counter = _persistent(n_tiles, q.device)
     sec = _section(n_seq * H, S_max, k.shape[1] / H, q)
-    _LAUNCH((min(n_tiles, _sm_count(q.device.index)),),
+    _LAUNCH(grid,
             (q_desc, descriptor(_rows(k, varlen), BLOCK_N, D), descriptor(_rows(v, varlen), BLOCK_N, D), b_desc,
              descriptor(o2, ROWS, D), o2,
              lse, cu_q, cu_k, counter, o2.stride(0), lse_strides[1], n_tiles, n_m, sec, H, H // k.shape[1], L_max,

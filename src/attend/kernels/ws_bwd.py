@@ -38,8 +38,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .core import RCP_LN2, STAT_PAD, _query_blocks
 from .fastlaunch import Launcher
-from .ws import (_GL_DTYPE, HEAD_DIM, L2_BUDGET, TBUF, _deal, _next, _publish, _rows, _sequence, _sm_count, _take,
-                 descriptor)
+from .ws import (_GL_DTYPE, HEAD_DIM, TBUF, _cu_seqs, _deal, _next, _persistent, _publish, _rows, _section,
+                 _sequence, _take, _tile_ring, descriptor)
 
 KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
 BLOCK_N = 2 * KEYS
@@ -259,12 +259,7 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
     qd_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_full = gl.allocate_shared_memory(gl.int64, [2 * KBUFS, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [KBUFS, 1], mbarrier.MBarrierLayout())
-    tid_smem = gl.allocate_shared_memory(gl.int32, [TBUF, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    tid_full = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
-    tid_empty = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(TBUF):
-        mbarrier.init(tid_full.index(i), count=1)
-        mbarrier.init(tid_empty.index(i), count=2)  # both consumers read a tile id
+    tid_smem, tid_full, tid_empty = _tile_ring(TBUF)
     for i in gl.static_range(STAGES):
         mbarrier.init(qd_full.index(i), count=1)
         mbarrier.init(qd_empty.index(i), count=2)  # both consumers release a slot
@@ -323,12 +318,6 @@ def _row_descriptor(stat: torch.Tensor) -> TensorDescriptor:
 _ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
 
 
-def _section(n_bhk: int, L_max: int, G: int, q: torch.Tensor) -> int:
-    """KV heads per section of a band's tile order: as many as L2_BUDGET holds the Q and dO of."""
-    per_head = 2 * L_max * q.shape[-1] * q.element_size() * G
-    return max(1, min(n_bhk, int(L2_BUDGET // max(per_head, 1))))
-
-
 def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float, band_args: tuple,
          band_flags: dict, packed, n_seq: int, L_max: int, S_max: int) -> None:
     """dK and dV of an ``eligible`` backward into ``dk`` / ``dv`` (laid out like k / v), from the
@@ -340,12 +329,11 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
     n_tiles = n_n * n_seq * Hkv
     q2, do2, k2, v2 = (_rows(t, varlen) for t in (q, dout, k, v))
     dk2, dv2 = _rows(dk, varlen), _rows(dv, varlen)
-    cu_q = packed.cu_q if varlen else nlse2
-    cu_k = (packed.cu_k if packed.cu_k is not None else packed.cu_q) if varlen else nlse2
+    cu_q, cu_k = _cu_seqs(packed, nlse2)
     diag, win_right, win_left = band_args
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    grid, counter = _persistent(n_tiles, q.device)
     sec = _section(n_seq * Hkv, L_max, H // Hkv, q)
-    _LAUNCH((min(n_tiles, _sm_count(q.device.index)),),
+    _LAUNCH(grid,
             (descriptor(q2, BLOCK_M, D), descriptor(do2, BLOCK_M, D), descriptor(k2, KEYS, D),
              descriptor(v2, KEYS, D), _row_descriptor(nlse2), _row_descriptor(delta), dk2, dv2, cu_q, cu_k, counter,
              dk2.stride(0), dv2.stride(0), stat_strides[0], stat_strides[1], n_tiles, n_n, sec, H, H // Hkv, L_max, S_max,
