@@ -161,7 +161,24 @@ _BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(
                  "dq_programs_only": dict(DQ_ONLY=True, HEAD_MAJOR=False)}  # beside ws_bwd's dK / dV
 
 
-def _build_one(job: tuple) -> dict:
+def job_name(job: tuple) -> str:
+    """A build's file name in a dump (``--dump``): kernel, config index (-1: fixed), arch, head dim, variant."""
+    kind, index, arch, head_dim, *feature = job
+    return f"{kind}-{index}-sm{arch}-d{head_dim}" + (f"-{feature[0]}" if feature else "")
+
+
+def _build_one(job: tuple, dump: str | None = None) -> dict:
+    report = _build(job)
+    if dump is not None:
+        import os
+
+        with open(os.path.join(dump, job_name(job) + ".ptx"), "w") as f:
+            f.write(report.pop("_ptx"))
+    report.pop("_ptx", None)
+    return report
+
+
+def _build(job: tuple) -> dict:
     kind, index, arch, head_dim, *feature = job
     if kind == "fwd_ws":
         compiled = compile_ws(GPUTarget("cuda", arch, 32), **WS_FEATURES[feature[0]])
@@ -185,12 +202,15 @@ def _report(compiled, kind: str, config: str, arch: int, head_dim: int, feature:
     """What the build check asserts about one build: its MMA instructions, TMA use, shared memory."""
     ptx = compiled.asm["ptx"]
     return dict(kernel=kind, config=config, arch=arch, head_dim=head_dim, feature=feature, wgmma="wgmma" in ptx,
-                mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx, shared=compiled.metadata.shared)
+                mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx, shared=compiled.metadata.shared,
+                _ptx=ptx)
 
 
-def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
+def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> list[dict]:
     """Compile every shipped config of every core kernel for each arch at head dim 128, the fixed
-    (heuristic) configs at head dims 64 and 256, and the feature variants; one dict per build."""
+    (heuristic) configs at head dims 64 and 256, and the feature variants; one dict per build.
+    ``dump``: a folder that receives each build's PTX as ``job_name(job).ptx``."""
+    import functools
     from concurrent.futures import ProcessPoolExecutor
 
     from .configs import BWD_CONFIGS, FWD_CONFIGS
@@ -204,11 +224,63 @@ def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
     jobs += [("fwd_ws", -1, 90, 128, feature) for feature in WS_FEATURES]
     jobs += [("bwd_ws", -1, 90, 128, feature) for feature in WS_BWD_FEATURES]
     with ProcessPoolExecutor(processes) as pool:
-        return list(pool.map(_build_one, jobs))
+        return list(pool.map(functools.partial(_build_one, dump=dump), jobs))
+
+
+def normalize_ptx(ptx: str) -> list[str]:
+    """The PTX lines that carry code: no comments, ``.loc`` / ``.file`` lines, debug sections, or
+    the labels only debug info references. (The kernels' parameters keep their order: a launch
+    names its arguments, ``fastlaunch.Launcher``, but the signatures stay as they are.)"""
+    lines, in_debug = [], False
+    for line in ptx.splitlines():
+        s = line.split("//", 1)[0].strip()
+        if in_debug:
+            in_debug = not s.startswith("}")
+            continue
+        if s.startswith(".section") and ".debug" in s:
+            in_debug = True
+            continue
+        if not s or s.startswith((".loc", ".file", "$L__tmp", "$L__func_begin", "$L__func_end")):
+            continue
+        lines.append(s)
+    return lines
+
+
+def compare(before: str, after: str) -> int:
+    """Compare two ``--dump`` folders build by build; prints one line per build that differs (or is
+    missing), and returns their count."""
+    import difflib
+    import os
+
+    names = sorted(set(os.listdir(before)) | set(os.listdir(after)))
+    bad = 0
+    for name in names:
+        a, b = os.path.join(before, name), os.path.join(after, name)
+        if not (os.path.exists(a) and os.path.exists(b)):
+            print(f"{name}: only in {before if os.path.exists(a) else after}")
+            bad += 1
+            continue
+        la, lb = normalize_ptx(open(a).read()), normalize_ptx(open(b).read())
+        if la != lb:
+            diff = [d for d in difflib.unified_diff(la, lb, lineterm="", n=0) if d[:1] in "+-"]
+            print(f"{name}: {len(diff) - 2} lines differ, first: {diff[2:6]}")
+            bad += 1
+    print(f"{len(names) - bad} of {len(names)} builds identical")
+    return bad
 
 
 if __name__ == "__main__":
+    import argparse
     import json
+    import os
     import sys
 
-    json.dump(build_all(), sys.stdout)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dump", metavar="DIR", help="also write each build's PTX to DIR")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two dumps; build nothing")
+    opts = parser.parse_args()
+    if opts.compare:
+        sys.exit(1 if compare(*opts.compare) else 0)
+    if opts.dump:
+        os.makedirs(opts.dump, exist_ok=True)
+    json.dump(build_all(dump=opts.dump), sys.stdout)
