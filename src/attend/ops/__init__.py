@@ -1,5 +1,6 @@
 """attend's fused attention as ``torch.library`` custom ops (compile- and export-safe)."""
 
-from .attention import KERNELS, TRITON_IMPORT_ERROR, fused_attention
+from .attention import fused_attention
+from .registry import KERNELS, TRITON_IMPORT_ERROR, Kernel, launchers
 
-__all__ = ["fused_attention", "KERNELS", "TRITON_IMPORT_ERROR"]
+__all__ = ["fused_attention", "Kernel", "KERNELS", "launchers", "TRITON_IMPORT_ERROR"]
