@@ -16,6 +16,7 @@ from triton.compiler import ASTSource
 
 from . import core
 from .configs import forward_tma
+from .versions import COMPILE_OPTIONS
 
 _DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
@@ -73,7 +74,8 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     sig, attrs = _signature(fn, _DTYPE[dtype], constexprs)
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=target, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS)
+    return triton.compile(src, target=target, options=options)
 
 
 def _gluon_desc(dtype: str, rows: int, cols: int) -> str:
@@ -89,7 +91,8 @@ def _compile_gluon(fn, target: GPUTarget, sig: dict, ints: tuple, constexprs: di
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sig = dict(sig, **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs})
-    return triton.compile(GluonASTSource(fn, sig, constexprs=constexprs), target=target, options=dict(num_warps=4))
+    options = dict(num_warps=4, **COMPILE_OPTIONS)
+    return triton.compile(GluonASTSource(fn, sig, constexprs=constexprs), target=target, options=options)
 
 
 def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False, causal: bool = False,
@@ -121,7 +124,7 @@ def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = Fa
                       TBUF=ws_bwd.TBUF)
     ints = ("stride_dk", "stride_dv", "stride_statb", "stride_stath", "n_tiles", "n_n", "sec", "H", "G", "L_max",
             "S_max", "diag", "win_right", "win_left")
-    row = f"tensordesc<fp32[{ws_bwd.BLOCK_M}],{ws_bwd._ROW_LAYOUT!r}>"
+    row = f"tensordesc<fp32[{ws_bwd.BLOCK_M}],{ws_bwd.ROW_LAYOUT!r}>"
     sig = dict(q_desc=qd, do_desc=qd, k_desc=kv, v_desc=kv, nl_desc=row, dl_desc=row, dk_ptr=f"*{_DTYPE[dtype]}",
                dv_ptr=f"*{_DTYPE[dtype]}", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
                sm_scale="fp32")
@@ -289,16 +292,16 @@ def compare(before: str, after: str) -> int:
         print(f"{name}: missing from {after}")
     for name in sorted(set(os.listdir(after)) - set(os.listdir(before))):
         print(f"{name}: new in {after}")
-    bad = len(gone)
+    differ = 0
     for name in names:
         a, b = os.path.join(before, name), os.path.join(after, name)
         la, lb = normalize_ptx(open(a).read()), normalize_ptx(open(b).read())
         if la != lb:
             diff = [d for d in difflib.unified_diff(la, lb, lineterm="", n=0) if d[:1] in "+-"]
             print(f"{name}: {len(diff) - 2} lines differ, first: {diff[2:6]}")
-            bad += 1
-    print(f"{len(names) - bad} of the {len(names)} builds in both identical")
-    return bad
+            differ += 1
+    print(f"{len(names) - differ} of the {len(names)} builds in both identical; {len(gone)} missing")
+    return differ + len(gone)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ import torch
 import triton
 
 from .._layout import Band, Packed
-from . import core, worklist, ws, ws_bwd
+from . import core, versions, worklist
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
     heuristic, pruner, ws_backward
 from .fastlaunch import Launcher
 from .options import KernelOptions, resolve
 
+ws, ws_bwd = versions.gluon_kernels()  # the Hopper Gluon kernels' modules, or None where Gluon is unusable
 _RCP_LN2 = core.RCP_LN2.value
 
 _FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET"]
@@ -140,8 +141,9 @@ def _capability_major(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def _sm90(t: torch.Tensor) -> bool:
-    return t.is_cuda and _capability_major(t.device.index) == 9
+def _gluon_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives where the Hopper Gluon kernels run: an sm_90 device, Gluon importable."""
+    return ws is not None and t.is_cuda and _capability_major(t.device.index) == 9
 
 
 def _ensure_allocator() -> None:
@@ -267,11 +269,12 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         q, scale = -q, -scale
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     bargs, band_flags = band_args(band)
-    if opts.fwd_ws and _sm90(q) and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, packed, L):
+    if (opts.fwd_ws and _gluon_device(q) and versions.usable("gluon_forward")
+            and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, packed, L)):
         _ensure_allocator()
-        ws.forward(q, k, v, None if mask is None else m4, out, lse, lse_strides, scale, bargs, band_flags, packed,
-                   B, L, S, opts.o_tma)
-        return
+        if versions.run_experimental("gluon_forward", ws.forward, q, k, v, None if mask is None else m4, out, lse,
+                                     lse_strides, scale, bargs, band_flags, packed, B, L, S, opts.o_tma):
+            return
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     if packed is None:
         seq_ptrs, stride_table, seq_flags = dict(CU_Q=q, CU_K=q, SEQUSED_K=q, TABLE=q), 0, _DENSE_FLAGS
@@ -464,8 +467,8 @@ def backward_plan(flags: dict, q, k, v, dout, mask, dropout_p: float, packed: Pa
         return BackwardPlan("from_ds", False, tiles.with_meta(HEAD_MAJOR=False))
     min_bucket = WS_BWD_MIN_SEQ_BUCKET if opts.bwd_ws_min_seq_bucket is None else opts.bwd_ws_min_seq_bucket
     dq_only = ws_backward(flags["BLOCK_D"], sb, min_bucket)
-    if (opts.bwd_ws and dq_only is not None and tiles is not None and _sm90(q)
-            and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S)):
+    if (opts.bwd_ws and dq_only is not None and tiles is not None and _gluon_device(q)
+            and versions.usable("gluon_dkdv") and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S)):
         # dK / dV from the Gluon kernel, then the dQ programs alone, numbered in key order
         return BackwardPlan("programs", True, Tiles(dict(dq_only.kwargs, HEAD_MAJOR=False), dq_only.num_warps,
                                                     dq_only.num_stages))
@@ -517,10 +520,13 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
         dq = q  # never written
     else:
         dq = torch.zeros_like(q, dtype=torch.float32) if plan.dq == "atomic" else torch.empty_like(q)
-    flags["DQ_ONLY"] = plan.gluon
     if plan.gluon:
         _ensure_allocator()
-        ws_bwd.dkdv(q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, packed, B, L, S)
+        if not versions.run_experimental("gluon_dkdv", ws_bwd.dkdv, q, k, v, dout, nlse2, delta, stat_strides, dk, dv,
+                                         scale, bargs, band_flags, packed, B, L, S):
+            # its build failed (versions.run_experimental warned once): the core's whole backward
+            plan = backward_plan(flags, q, k, v, dout, mask, dropout_p, packed, L, S, opts, dq_programs)
+    flags["DQ_ONLY"] = plan.gluon
     tiles = plan.tiles
     work = _work_list(packed, band, tiles, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device, opts)
     flags["WORKLIST"] = work is not None

@@ -8,10 +8,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .versions import TensorDescriptor, gl, gluon, mbarrier
 
 HEAD_DIM = 128  # the one head dim both kernels serve
 TBUF = 2  # slots of the tile ids the producer hands the consumers

@@ -1,6 +1,8 @@
 """attend's fused attention as ``torch.library`` custom ops (compile- and export-safe)."""
 
 from .attention import fused_attention
-from .registry import KERNELS, TRITON_IMPORT_ERROR, Kernel, launchers
+from .registry import (EXPERIMENTAL, KERNELS, TRITON_IMPORT_ERROR, Kernel, experimental_status, launchers, out_of_range,
+                       supported_range)
 
-__all__ = ["fused_attention", "Kernel", "KERNELS", "launchers", "TRITON_IMPORT_ERROR"]
+__all__ = ["fused_attention", "Kernel", "KERNELS", "launchers", "TRITON_IMPORT_ERROR", "EXPERIMENTAL",
+           "experimental_status", "out_of_range", "supported_range"]
