@@ -177,3 +177,12 @@ def test_explain_backward_names_the_plan():
     bias = rand(1, 2, 40, 40)
     assert launch.explain_backward(q, q, q, bias, mask_grad=True).dq == "from_ds"
     assert launch.explain_backward(q, q, q, bias, mask_grad=True, options={"dq_from_ds": False}).dq != "from_ds"
+
+
+def test_explain_prints_the_backward_plan():
+    import attend
+
+    q = rand(1, 2, 40, 16, dtype=torch.float16 if DEVICE == "cpu" else torch.bfloat16)
+    with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
+        text = str(attend.explain(q, q, q, is_causal=True))
+    assert "backward: core.attn_bwd_preprocess ->" in text and "core tiles" in text, text

@@ -9,6 +9,7 @@ a minute per new key. Keep the lists short: CI compiles every candidate for sm_9
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -316,15 +317,20 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
     launch's feature ``flags`` (CAUSAL, WINDOW, VARLEN, HAS_MASK, MASK_KEYS), the input element
     size, the sequence-length bucket (launch.seq_bucket) and the query heads per KV head: the
     first rule of RULES that matches."""
-    flags = flags or {}
-    key = Key(kind, head_dim_class(block_d), causal=bool(flags.get("CAUSAL")), window=bool(flags.get("WINDOW")),
-              varlen=bool(flags.get("VARLEN")), has_mask=bool(flags.get("HAS_MASK")),
-              mask_keys=bool(flags.get("MASK_KEYS")), l_bucket=l_bucket, elem=elem, seq_bucket=seq_bucket,
-              group=group)
+    f = flags or {}
+    return _first_rule(kind, head_dim_class(block_d), bool(f.get("CAUSAL")), bool(f.get("WINDOW")),
+                       bool(f.get("VARLEN")), bool(f.get("HAS_MASK")), bool(f.get("MASK_KEYS")), l_bucket, elem,
+                       seq_bucket, group)
+
+
+@functools.lru_cache(maxsize=4096)
+def _first_rule(*fields) -> triton.Config:
+    """heuristic's answer per Key (cached: the launchers ask once per call, and RULES is fixed)."""
+    key = Key(*fields)
     rule = rule_for(key)
     if rule is None:
         raise ValueError(f"no fixed config for {key}")
-    return rule.config(seq_bucket)
+    return rule.config(key.seq_bucket)
 
 
 # Every block size divides EVEN_TILE, so L and S that are multiples of it need no bounds masks

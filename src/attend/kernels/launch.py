@@ -61,9 +61,17 @@ class Tiles:
         return f"{tiles} w{self.warps} s{self.stages}" + "".join(f" {f}" for f in flags)
 
 
-def _strides(prefix: str, dims: str, values) -> dict:
-    """{stride_<prefix><dim>: value}: a tensor's strides under the kernels' parameter names."""
-    return {f"stride_{prefix}{d}": s for d, s in zip(dims, values)}
+def _names(*groups: tuple[str, str]) -> tuple[str, ...]:
+    """The kernels' stride parameter names, stride_<prefix><dim>, for (prefix, dims) groups in order."""
+    return tuple(f"stride_{prefix}{d}" for prefix, dims in groups for d in dims)
+
+
+# Every stride argument of a launch, by name, in the order its values are listed at the launch.
+_FWD_STRIDES = _names(("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"), ("o", "bhmd"), ("mask", "bhmn"), ("lse", "bh"),
+                      ("table", "b"), ("ext", "bh"))
+_BWD_STRIDES = _names(("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"), ("do", "bhmd"), ("dq", "bhmd"), ("dk", "bhnd"),
+                      ("dv", "bhnd"), ("mask", "bhmn"), ("dmask", "bhmn"), ("stat", "bh"), ("ext", "bh"))
+_PRE_STRIDES = _names(("o", "bhmd"), ("do", "bhmd"), ("lse", "bh"), ("stat", "bh"))
 
 
 def band_args(band: Band) -> tuple[dict, dict]:
@@ -294,12 +302,11 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     work = _work_list(packed, band, tiles, (("q", "BLOCK_M"),), q.device, opts)
     flags["WORKLIST"] = work is not None
     flags["GRID_1D"] = _one_axis(B * H)
-    args = dict(Q=q, K=k, V=v, Out=out, LSE=lse, MASK=m4, **seq_ptrs, KEY_EXT=ext, WORK=q if work is None else work[0],
-                **_strides("q", "bhmd", q.stride()), **_strides("k", "bhnd", kstr), **_strides("v", "bhnd", vstr),
-                **_strides("o", "bhmd", out.stride()), **_strides("mask", "bhmn", mstr),
-                **_strides("lse", "bh", lse_strides), stride_tableb=stride_table,
-                **_strides("ext", "bh", ext_strides), H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2,
-                **bargs, dropout_p=float(dropout_p), seed=int(seed), L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
+    args = dict(zip(_FWD_STRIDES, (*q.stride(), *kstr, *vstr, *out.stride(), *mstr, *lse_strides, stride_table,
+                                   *ext_strides)),
+                Q=q, K=k, V=v, Out=out, LSE=lse, MASK=m4, **seq_ptrs, KEY_EXT=ext, WORK=q if work is None else work[0],
+                H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=float(dropout_p),
+                seed=int(seed), L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
 
     def grid(m):  # every sequence's slots, or the list's items (core.attn_fwd)
         return _grid(_cdiv(L, m["BLOCK_M"]), B * H) if work is None else (work[1][0] * H,)
@@ -419,10 +426,9 @@ def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed
         dlse = dlse.contiguous()  # the lse's layout; an expanded gradient (lse.sum()) has stride 0
     flags = dict(HEAD_DIM=out.shape[3], BLOCK_D=block_d(out.shape[3]), BLOCK_M=_STAT_PAD, VARLEN=packed is not None,
                  HAS_DLSE=dlse is not None, GRID_1D=_one_axis(B * H))
-    args = dict(Out=out, DO=dout, LSE=lse, DLSE=lse if dlse is None else dlse, NLSE2=nlse2, Delta=delta,
-                CU_Q=packed.cu_q if packed else lse, **_strides("o", "bhmd", out.stride()),
-                **_strides("do", "bhmd", dout.stride()), **_strides("lse", "bh", lse_strides),
-                **_strides("stat", "bh", nlse2.stride()[:2]), H=H, L_max=L)
+    args = dict(zip(_PRE_STRIDES, (*out.stride(), *dout.stride(), *lse_strides, *nlse2.stride()[:2])),
+                Out=out, DO=dout, LSE=lse, DLSE=lse if dlse is None else dlse, NLSE2=nlse2, Delta=delta,
+                CU_Q=packed.cu_q if packed else lse, H=H, L_max=L)
     _PRE_LAUNCH(_grid(_cdiv(L, _STAT_PAD), B * H), args, flags, 8, 1)
     return nlse2, delta, nlse2.stride()[:2]
 
@@ -448,7 +454,9 @@ class BackwardPlan:
 
     def __str__(self) -> str:
         tiles = "autotuned" if self.tiles is None else str(self.tiles)
-        return f"backward: {' -> '.join(self.kernels())}; dQ {self.dq}; core tiles {tiles}"
+        dq = {"programs": "by dQ programs", "atomic": "by atomic adds in the dK/dV programs",
+              "from_ds": "from the stored dS (one GEMM)"}[self.dq]
+        return f"backward: {' -> '.join(self.kernels())}; dQ {dq}; core tiles {tiles}"
 
 
 def backward_plan(flags: dict, q, k, v, dout, mask, dropout_p: float, packed: Packed | None, L: int, S: int,
@@ -532,14 +540,10 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     flags["WORKLIST"] = work is not None
     n_kv_items, n_q_items = (0, 0) if work is None else work[1]
     cu_q, cu_k = (q, q) if packed is None else (packed.cu_q, packed.cu_k if packed.cu_k is not None else packed.cu_q)
-    args = dict(Q=q, K=k, V=v, DO=dout, NLSE2=nlse2, Delta=delta, DQ=dq, DK=dk, DV=dv, MASK=m4, DMASK=dmask, CU_Q=cu_q,
-                CU_K=cu_k, KEY_EXT=ext, WORK=q if work is None else work[0], **_strides("q", "bhmd", q.stride()),
-                **_strides("k", "bhnd", k.stride()), **_strides("v", "bhnd", v.stride()),
-                **_strides("do", "bhmd", dout.stride()), **_strides("dq", "bhmd", dq.stride()),
-                **_strides("dk", "bhnd", dk.stride()), **_strides("dv", "bhnd", dv.stride()),
-                **_strides("mask", "bhmn", mstr), **_strides("dmask", "bhmn", dmstr),
-                **_strides("stat", "bh", stat_strides), **_strides("ext", "bh", ext_strides),
-                B=B if work is None else 1, H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2,
+    args = dict(zip(_BWD_STRIDES, (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
+                                   *dv.stride(), *mstr, *dmstr, *stat_strides, *ext_strides)),
+                Q=q, K=k, V=v, DO=dout, NLSE2=nlse2, Delta=delta, DQ=dq, DK=dk, DV=dv, MASK=m4, DMASK=dmask, CU_Q=cu_q,
+                CU_K=cu_k, KEY_EXT=ext, WORK=q if work is None else work[0], B=B if work is None else 1, H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2,
                 sm_scale=scale, **bargs, dropout_p=float(dropout_p), seed=int(seed), N_KV_ITEMS=n_kv_items,
                 N_Q_ITEMS=n_q_items, SEQ_BUCKET=seq_bucket(max(L, S)))
     skip_dq = plan.dq == "from_ds"
