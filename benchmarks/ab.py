@@ -114,7 +114,8 @@ def run(case: str, rounds: int, kinds=("fwd", "bwd")) -> dict:
     real_plan = launch.backward_plan
     for r in range(rounds + 1):  # round 0 compiles and warms up; not recorded
         for i, (kind, cfg, tma, _, overrides) in enumerate(variants):
-            chosen = dict(force_configs(dict(BASE, **{kind: cfg})), fwd_tma=bool(tma) if kind == "fwd" else False, **overrides)
+            chosen = dict(force_configs(dict(BASE, **{kind: cfg})), fwd_tma=bool(tma) if kind == "fwd" else False,
+                          **overrides)
             if r == 0:
                 launch.backward_plan = _recording_plans(plans[i])
             try:

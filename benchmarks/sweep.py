@@ -192,7 +192,7 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
                          for c in fwd_cfgs]
         jobs = [("fwd", c, t) for c in fwd_cfgs for t in fwd_tma if "fwd" in kinds]
         bwd_cfgs = (SHORT_BWD + (ATOMIC_BWD if atomic else [])) if short else BWD
-        if options.current().dq_from_ds and case == "bias-grad":  # no dQ programs: head-major is forced off, a duplicate
+        if options.current().dq_from_ds and case == "bias-grad":  # no dQ programs: head-major forced off, a duplicate
             bwd_cfgs = [c for c in bwd_cfgs if not c.kwargs.get("HEAD_MAJOR")]
         jobs += [("bwd", c, t) for c in bwd_cfgs for t in tma if "bwd" in kinds]
         for kind, cfg, use_tma in jobs:

@@ -248,14 +248,16 @@ RULES: list[Rule] = [
     # The table: the best config of the H100 sweep per (kernel, head-dim class, causal) and bucket
     # (benchmarks/sweep.py, RESULTS.md "session 3" and "session 4"; bf16, hidden 2048, 16k tokens).
     # Forward, session 4 sweep with and without the EVEN path (sweep.py --even both).
-    Rule("table", "fwd", 64, {ANY: _c(128, 64, 8, 3)}, _causal(False), dict(CAUSAL=False)),  # 399 / 438 / 437 TFLOP/s at S = 1k / 4k / 16k
-    Rule("table", "fwd", 64, {ANY: _c(128, 64, 8, 3, even=False)}, _causal(True)),  # 270 / 381 / 427 (EVEN: < 270 / 377 / 416)
+    # D=64: 399 / 438 / 437 TFLOP/s at S = 1k / 4k / 16k; causal 270 / 381 / 427 (EVEN: < 270 / 377 / 416)
+    Rule("table", "fwd", 64, {ANY: _c(128, 64, 8, 3)}, _causal(False), dict(CAUSAL=False)),
+    Rule("table", "fwd", 64, {ANY: _c(128, 64, 8, 3, even=False)}, _causal(True)),
     Rule("table", "fwd", 128, {1024: _c(64, 64, 4, 3), 16384: _c(128, 128, 8, 3)}, _causal(False),
          dict(CAUSAL=False)),  # 436; 525 / 524
     Rule("table", "fwd", 128, {4096: _c(64, 64, 4, 3), 16384: _c(128, 128, 8, 3)}, _causal(True)),  # 333 / 436; 494
     Rule("table", "fwd", 256, {ANY: _c(64, 32, 4, 2)}),
     # Backward: TMA descriptors on (launch.use_tma), sweep of run 12.
-    Rule("table", "bwd", 64, {ANY: _b(32, 128, 64, 64, 4, 3)}, _causal(False), dict(CAUSAL=False)),  # 336 at 4k, 361 at 16k
+    Rule("table", "bwd", 64, {ANY: _b(32, 128, 64, 64, 4, 3)}, _causal(False),
+         dict(CAUSAL=False)),  # 336 at 4k, 361 at 16k
     # D=64 causal: re-swept in session 4 with the fast launcher (the old 1024 pick, dQ by atomics,
     # timed 197 then and lost to 223 here once its fp32 dQ conversion counted).
     Rule("table", "bwd", 64, {1024: _b(32, 64, 64, 32, 4, 3), 4096: _b(32, 128, 128, 32, 4, 3),

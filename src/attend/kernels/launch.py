@@ -543,9 +543,10 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     args = dict(zip(_BWD_STRIDES, (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
                                    *dv.stride(), *mstr, *dmstr, *stat_strides, *ext_strides)),
                 Q=q, K=k, V=v, DO=dout, NLSE2=nlse2, Delta=delta, DQ=dq, DK=dk, DV=dv, MASK=m4, DMASK=dmask, CU_Q=cu_q,
-                CU_K=cu_k, KEY_EXT=ext, WORK=q if work is None else work[0], B=B if work is None else 1, H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2,
-                sm_scale=scale, **bargs, dropout_p=float(dropout_p), seed=int(seed), N_KV_ITEMS=n_kv_items,
-                N_Q_ITEMS=n_q_items, SEQ_BUCKET=seq_bucket(max(L, S)))
+                CU_K=cu_k, KEY_EXT=ext, WORK=q if work is None else work[0], B=B if work is None else 1, H=H,
+                G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, sm_scale=scale, **bargs,
+                dropout_p=float(dropout_p), seed=int(seed), N_KV_ITEMS=n_kv_items, N_Q_ITEMS=n_q_items,
+                SEQ_BUCKET=seq_bucket(max(L, S)))
     skip_dq = plan.dq == "from_ds"
 
     def grid(m):  # dK/dV programs unless DQ_ONLY, then dQ programs unless dQ is added by atomics (core.attn_bwd)

@@ -35,7 +35,8 @@ import torch
 
 from .core import LN2, RCP_LN2, key_blocks
 from .fastlaunch import Launcher
-from .versions import fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait
+from .versions import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store, warpgroup_mma,
+                       warpgroup_mma_wait)
 from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, next_tile, persistent, publish,
                         row_view, section, sequence, take, tile_ring)
 
