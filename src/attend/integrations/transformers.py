@@ -259,7 +259,8 @@ def _cu(lengths: torch.Tensor) -> torch.Tensor:
 def _padding_packing(mask: torch.Tensor, L: int, S: int) -> _Packing:
     def build():
         keys = mask.to(torch.bool)[:, -S:]
-        queries = keys[:, -L:]  # queries are the last L positions (bottom-right)
+        # queries are the last L positions (bottom-right); a decode step keeps its one query always
+        queries = keys[:, -L:] if L > 1 else torch.ones_like(keys[:, -1:])
         nq, nk = queries.sum(-1, dtype=torch.int32), keys.sum(-1, dtype=torch.int32)
         return _Packing(_cu(nq), _cu(nk), int(nq.max()), int(nk.max()),
                         queries.flatten().nonzero().flatten(), keys.flatten().nonzero().flatten())
@@ -277,6 +278,23 @@ def _ids_packing(ids: torch.Tensor) -> _Packing:
         longest = int(cu.diff().max())
         return _Packing(cu, cu, longest, longest)
     return _memo(ids, "ids", build)
+
+
+def _packed_from_positions(query, key, position_ids) -> torch.Tensor | None:
+    """Sequence ids ``(1, S)`` when ``position_ids`` restart inside one row (a packed batch that
+    reached the attention call without a mask: transformers builds none when a cache is passed),
+    else None. Read once per ``position_ids`` tensor, not once per layer."""
+    L, S = query.shape[-2], key.shape[-2]
+    if (position_ids is None or query.shape[0] != 1 or L != S or L < 2 or position_ids.dim() != 2
+            or position_ids.shape[-1] != L):
+        return None
+
+    def build():
+        breaks = position_ids[0].diff() != 1
+        if not bool(breaks.any()):
+            return None
+        return torch.nn.functional.pad(breaks.cumsum(0, dtype=torch.int32), (1, 0))[None]
+    return _memo(position_ids, "positions", build)
 
 
 def _kwargs_packing(kwargs: dict) -> _Packing:
@@ -351,6 +369,8 @@ def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, 
     causal = bool(is_causal) and not (L == 1 and kind in ("none", "padding"))  # one query sees every key
     if softcap is not None and not FUSED["softcap"]:
         return _Call("unfused", kind, causal, window, features, "softcap: " + _FEATURE_PATH["softcap"])
+    if s_aux is not None and kind == "keys" and L == 1:  # decode: one query per row, its keys unpadded
+        return _Call("varlen", kind, False, None, features, "s_aux: " + _FEATURE_PATH["s_aux"])
     if s_aux is not None and kind in ("keys", "dense"):
         return _Call("unfused", kind, causal, window, features,
                      "s_aux with a mask tensor: no log-sum-exp from the dense API; " + _FEATURE_PATH["softcap"])
@@ -394,6 +414,8 @@ def _packing(call: _Call, q, k, mask, kwargs) -> _Packing:
         return _kwargs_packing(kwargs)
     if call.mask_kind == "padding":
         return _padding_packing(mask, L, S)
+    if call.mask_kind == "keys":
+        return _padding_packing(mask.reshape(mask.shape[0], -1), L, S)
     return _dense_packing(B, L, S, q.device)
 
 
@@ -513,6 +535,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if any(n == 0 for n in query.shape):
         raise ValueError(f"attend: query has a zero-size dim, shape {tuple(query.shape)}")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and kwargs.get("cu_seq_lens_q") is None:
+        attention_mask = _packed_from_positions(query, key, kwargs.get("position_ids"))
     call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
                  softcap=softcap, s_aux=s_aux, is_causal=is_causal)
     gqa = query.shape[1] != key.shape[1]
