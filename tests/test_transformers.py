@@ -358,8 +358,9 @@ def _reference(q, k, v, allowed, scale, softcap, sinks):
     return p @ v
 
 
+@pytest.mark.parametrize("block_rows", [None, 4], ids=["one-block", "blocks-of-4"])
 @pytest.mark.parametrize("softcap,sinks", [(3.0, False), (None, True), (2.0, True)], ids=["softcap", "sinks", "both"])
-def test_unfused_attention_and_its_gradients(softcap, sinks):
+def test_unfused_attention_and_its_gradients(softcap, sinks, block_rows):
     g = torch.Generator().manual_seed(5)
     B, H, Hkv, L, S, D = 2, 4, 2, 9, 13, 16
     q = (torch.randn(B, L, H, D, generator=g) * 1.5).transpose(1, 2).requires_grad_()   # a model's view
@@ -369,7 +370,7 @@ def test_unfused_attention_and_its_gradients(softcap, sinks):
     allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L)
     scale = 0.3
     leaves = [t for t in (q, k, v, s_aux) if t is not None]
-    out = at.unfused_attention(q, k, v, allowed, scale=scale, softcap=softcap, s_aux=s_aux)
+    out = at.unfused_attention(q, k, v, allowed, scale=scale, softcap=softcap, s_aux=s_aux, block_rows=block_rows)
     w = torch.randn(out.shape, generator=g)
     grads = torch.autograd.grad((out * w).sum(), leaves)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
@@ -380,6 +381,18 @@ def test_unfused_attention_and_its_gradients(softcap, sinks):
     assert_scaled(out, ref, ref32, "out", k=8)
     for name, a, r in zip("qkvs", grads, refs):
         assert torch.allclose(a.double(), r, atol=1e-4, rtol=1e-4), f"d{name}: {_err(a, r):.2e}"
+
+
+def test_unfused_attention_row_without_keys_is_zero():
+    q = torch.randn(1, 2, 5, 8).requires_grad_()
+    k = torch.randn(1, 2, 6, 8).requires_grad_()
+    allowed = torch.ones(1, 1, 5, 6, dtype=torch.bool)
+    allowed[..., 2, :] = False
+    out = at.unfused_attention(q, k, k, allowed, softcap=1.5, block_rows=2)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    assert torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
 
 
 # ----------------------------------------------------------------------------------------------
