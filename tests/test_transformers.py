@@ -332,6 +332,30 @@ def test_unfused_softcap_warns_once_and_names_the_feature(use_kernel):
             model(tokens(1, 16))
 
 
+def test_dropout_on_a_varlen_route_runs_unfused_and_says_so(use_kernel):
+    """varlen_attn has no dropout: a training step with attention dropout on a windowed layer takes
+    the unfused path (with dropout), warns, and still trains."""
+    use_kernel("blocked")
+    at._warned.clear()
+    model = build("mistral", "attend")
+    model.config.attention_dropout = 0.5
+    for mod in model.modules():
+        if hasattr(mod, "attention_dropout"):
+            mod.attention_dropout = 0.5
+    model.train()
+    ids = tokens(2, 16)
+    with pytest.warns(at.UnfusedFeatureWarning, match="dropout 0.5"):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.manual_seed(0)
+    a = model(ids).logits
+    torch.manual_seed(1)
+    b = model(ids).logits
+    assert not torch.equal(a, b), "dropout had no effect"
+
+
 def test_paged_cache_raises_naming_the_feature():
     q = torch.randn(1, 4, 1, 16)
     k = torch.randn(1, 2, 8, 16)

@@ -77,9 +77,10 @@ NAME = "attend"
 # Features of transformers' attention calls that attend's fused kernels do not have yet. While an
 # entry is False the call takes the path named in _FEATURE_PATH; a fused kernel flips it.
 FUSED = {"softcap": False, "s_aux": False}
+_UNFUSED_PATH = ("attend.integrations.transformers.unfused_attention (torch ops over blocks of query rows, every "
+                 "score computed twice, memory O(rows * S))")
 _FEATURE_PATH = {
-    "softcap": "attend.integrations.transformers.unfused_attention (torch ops over blocks of query rows, every "
-               "score computed twice, memory O(rows * S))",
+    "softcap": _UNFUSED_PATH,
     "s_aux": "varlen_attn's log-sum-exp: out * sigmoid(lse - s_aux) (fused attention, sinks applied after it)",
 }
 
@@ -249,6 +250,8 @@ _DENSE_CU: dict = {}
 def _dense_packing(B: int, L: int, S: int, device) -> _Packing:
     key = (B, L, S, str(device))
     if key not in _DENSE_CU:
+        if len(_DENSE_CU) >= 64:  # generation grows S every step; keep the table small
+            _DENSE_CU.clear()
         ar = torch.arange(B + 1, dtype=torch.int32, device=device)
         _DENSE_CU[key] = _Packing(ar * L, ar * S, L, S)
     return _DENSE_CU[key]
@@ -376,12 +379,13 @@ def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, 
         return _Call("varlen", kind, False, None, features, "s_aux: " + _FEATURE_PATH["s_aux"])
     if s_aux is not None and kind in ("keys", "dense"):
         return _Call("unfused", kind, causal, window, features,
-                     "s_aux with a mask tensor: no log-sum-exp from the dense API; " + _FEATURE_PATH["softcap"])
+                     "s_aux with a mask tensor: no log-sum-exp from the dense API; " + _UNFUSED_PATH)
     needs_varlen = (window is not None or kind == "packed" or (kind == "padding" and L > 1)
                     or (s_aux is not None and not FUSED["s_aux"]))
     if needs_varlen and dropout:
         return _Call("unfused", kind, causal, window, features,
-                     f"dropout {dropout} with padding, packing, a sliding window or sinks: varlen_attn has no dropout")
+                     f"dropout {dropout} with padding, packing, a sliding window or sinks: varlen_attn has no dropout; "
+                     + _UNFUSED_PATH)
     if needs_varlen:
         return _Call("varlen", kind, causal, window, features,
                      "s_aux: " + _FEATURE_PATH["s_aux"] if s_aux is not None else "")
