@@ -113,7 +113,10 @@ def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> 
 def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_models.json", device: str = "cuda",
          dtype: torch.dtype = torch.bfloat16, steps: int = 5, new_tokens: int | None = None, models=MODELS) -> list[dict]:
     """Time every (model, implementation, phase) and write the rows to ``json_path``; returns the rows."""
-    import transformers
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"--suite models needs Hugging Face transformers (pip install transformers): {e}") from e
 
     import attend.integrations.transformers  # noqa: F401  (registers "attend")
 
