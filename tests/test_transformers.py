@@ -12,8 +12,11 @@ decode steps per model.
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -33,9 +36,9 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_att
               pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False)
 WINDOW = 8
 # transformers renamed past_key_values to cache (5.2x; the old name is deprecated, not yet removed)
-_masking = __import__("transformers.masking_utils", fromlist=["create_causal_mask"])
-CACHE = "cache" if "cache" in __import__("inspect").signature(_masking.create_causal_mask).parameters \
-    else "past_key_values"
+from transformers.masking_utils import create_causal_mask as _create_causal_mask  # noqa: E402
+
+CACHE = "cache" if "cache" in inspect.signature(_create_causal_mask).parameters else "past_key_values"
 
 
 def _configs() -> dict:
@@ -127,7 +130,7 @@ def test_import_without_transformers_names_the_install():
             "try:\n    import attend.integrations.transformers\n"
             "except ImportError as e:\n    print('IMPORTERROR', e)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)})
+                         env={**os.environ, "PYTHONPATH": ":".join(sys.path)})
     assert "IMPORTERROR" in res.stdout, res.stdout + res.stderr
     assert "pip install transformers" in res.stdout
 
@@ -202,6 +205,27 @@ def test_generate_greedy_matches_eager(name, use_kernel):
                          pad_token_id=0)
     assert out.shape == ref.shape == (B, S + 32)
     assert torch.equal(out, ref), f"{name}: greedy tokens differ from eager\n{out}\n{ref}"
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_generate_with_a_static_cache(name, use_kernel):
+    """A static cache hands over all its slots: decode steps get a key vector that stops at the
+    filled ones; the prefill (queries not bottom-right in the slots) gets the materialized mask."""
+    use_kernel("blocked")
+    ids = tokens(2, 12, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    eager = build(name)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0)
+    ref = eager.generate(ids, **kw)
+    eager.set_attn_implementation("attend")
+    at._warned.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = eager.generate(ids, **kw)
+    if name == "llama":  # Mistral's sliding layers keep a window of slots that stays bottom-right aligned
+        assert any("static cache" in str(w.message) for w in seen), [str(w.message) for w in seen]
+    assert torch.equal(out, ref), f"{name}: greedy tokens with a static cache differ from eager"
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gpt_oss"])
