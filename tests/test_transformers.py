@@ -186,6 +186,29 @@ def test_logits_and_grads_match_eager(name, padded):
         assert any("sinks" in n and g.abs().max() > 0 for n, g in ours_g.items()), "no gradient reached the sinks"
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_logits_and_grads_match_eager(name, use_kernel):
+    """bfloat16, what models train in (the CPU's blocked kernel here; the Triton core on the GPU):
+    attend's error against the float64 model within a multiple of eager bfloat16's."""
+    use_kernel("blocked")
+    B, S = 2, 24
+    ids = tokens(B, S, seed=7)
+    weights = torch.randn(B, S, VOCAB, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    eager = build(name)
+    models = {"64": copy.deepcopy(eager).double(), "bf16": copy.deepcopy(eager).bfloat16()}
+    models["attend"] = copy.deepcopy(models["bf16"])
+    models["attend"].set_attn_implementation("attend")
+    results = {}
+    for key, model in models.items():
+        model.train()
+        loss, logits = _loss(model, ids, None, weights)
+        loss.backward()
+        results[key] = (logits.detach(), _grads(model))
+    assert_scaled(results["attend"][0], results["64"][0], results["bf16"][0], f"{name} bf16 logits", k=4)
+    for pname, g in results["bf16"][1].items():
+        assert_scaled(results["attend"][1][pname], results["64"][1][pname], g, f"{name} bf16 d{pname}", k=4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Generation, KV cache, packing (the CPU's blocked kernel)
 # ----------------------------------------------------------------------------------------------
