@@ -255,11 +255,11 @@ def classify(graph: _trace.ModGraph, B: int, H: int, Q_LEN: int, KV_LEN: int, BQ
     if impl == "triton":
         from . import codegen, kernels
 
-        mask_hook = codegen.hooks(graph).functions["mask_mod"]
-        strides = tuple(s for c in caps for s in c.stride())
+        fns = codegen.hooks(graph).functions
+        args = codegen.capture_args(caps, device, grads=[])
         kernels.classify_blocks[(NQ, B * H)](status, status.stride(0), status.stride(1), status.stride(2), H, Q_LEN,
-                                             KV_LEN, NK, tuple(caps), strides, MASK_MOD=mask_hook, BLOCK_Q=BQ,
-                                             BLOCK_KV=BKV)
+                                             KV_LEN, NK, args.ptrs, args.meta, MASK_MOD=fns["mask_mod"],
+                                             LOAD_STRIDES=fns["load_strides"], BLOCK_Q=BQ, BLOCK_KV=BKV)
         return status
     # torch: tiles of whole blocks, each at most TORCH_TILE_ELEMENTS positions for all (b, h)
     per_block = B * H * BQ * BKV

@@ -204,6 +204,11 @@ def _short(line: str) -> str:
     return os.path.basename(where)
 
 
+def _loader(name: str, first: int, count: int) -> str:
+    loads = ", ".join(f"tl.load(meta + {first + j})" for j in range(count))
+    return _fn(name, "meta", [], [f"    return ({loads}{',' if count == 1 else ''})"])
+
+
 def source(graph: ModGraph) -> str:
     """The Triton module for ``graph`` (score hooks with their derivatives, or the mask hook)."""
     stride_base, k = [], 0
@@ -211,6 +216,12 @@ def source(graph: ModGraph) -> str:
         stride_base.append(k)
         k += c.tensor.dim()
     out = [_PRELUDE.format(kind=graph.kind)]
+    # strides travel in a small int tensor ("meta": the captures' strides, then their fp32 gradient
+    # buffers'), loaded once per program: Triton specializes int kernel arguments (== 1, % 16),
+    # inside tuples too, so strides passed as ints would recompile when a new length changes them
+    out.append(_loader("load_strides", 0, k))
+    if graph.kind == "score":
+        out.append(_loader("load_grad_strides", k, k))
     if graph.kind == "mask":
         w = _Writer(graph, stride_base)
         body = w.body([graph.output])
@@ -283,7 +294,8 @@ class Hooks:
 
     @property
     def functions(self) -> dict:
-        names = ("mask_mod",) if self.kind == "mask" else ("score_mod", "score_mod_dscore", "score_mod_grad_captures")
+        names = ("mask_mod", "load_strides") if self.kind == "mask" else (
+            "score_mod", "score_mod_dscore", "score_mod_grad_captures", "load_strides", "load_grad_strides")
         return {n: getattr(self.module, n) for n in names}
 
 
@@ -332,3 +344,32 @@ def _load(kind: str, src: str) -> Hooks:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return Hooks(kind, path, module)
+
+
+@dataclass
+class CaptureArgs:
+    """A call's capture arguments for a kernel: ``ptrs`` (tuple of tensors), ``meta`` (int32 / int64
+    strides, then the gradient buffers' strides), ``grads`` (fp32 contiguous gradient buffers)."""
+
+    ptrs: tuple
+    meta: torch.Tensor
+    grads: tuple
+
+
+_META: dict[tuple, torch.Tensor] = {}
+
+
+def capture_args(captures: list[torch.Tensor], device, grads: list[torch.Tensor] | None = None) -> CaptureArgs:
+    """Kernel arguments for ``captures`` (and their gradient buffers, default: fresh fp32 zeros)."""
+    if grads is None:
+        grads = [torch.zeros(c.shape, dtype=torch.float32, device=c.device) for c in captures]
+    strides = [s for c in captures for s in c.stride()] + [s for g in grads for s in g.stride()]
+    reach = max([sum((n - 1) * abs(st) for n, st in zip(c.shape, c.stride())) for c in captures] + [0])
+    dtype = torch.int32 if reach < 2 ** 31 else torch.int64
+    key = (str(device), dtype, tuple(strides))
+    meta = _META.get(key)
+    if meta is None:
+        if len(_META) > 1024:
+            _META.clear()
+        meta = _META[key] = torch.tensor(strides or [0], dtype=dtype, device=device)
+    return CaptureArgs(tuple(captures), meta, tuple(grads))

@@ -2,7 +2,8 @@
 one-tile kernel that calls the generated score hooks the way the core will (the seam's proof).
 
 Hooks are ``tl.constexpr`` arguments (generated ``@triton.jit`` functions); captured tensors
-arrive as a tuple of pointers and a flat tuple of strides, runtime arguments both. Indices
+arrive as a tuple of pointers and an int tensor of their strides (``META``, read by the generated
+``load_strides``), runtime arguments both. Indices
 passed to a hook are clamped into range (a ragged block's rows past ``Q_LEN`` read row
 ``Q_LEN - 1``); the caller masks those positions itself, so a hook may load captures at any
 position the mod could see in eager PyTorch.
@@ -16,15 +17,17 @@ import triton.language as tl
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
-@triton.jit
-def classify_blocks(Status, stride_sb, stride_sh, stride_sm, H, Q_LEN, KV_LEN, NK, ptrs, strides,
-                    MASK_MOD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr):
+@triton.jit(do_not_specialize=["stride_sb", "stride_sh", "stride_sm", "H", "Q_LEN", "KV_LEN", "NK"])
+def classify_blocks(Status, stride_sb, stride_sh, stride_sm, H, Q_LEN, KV_LEN, NK, ptrs, META,
+                    MASK_MOD: tl.constexpr, LOAD_STRIDES: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_KV: tl.constexpr):
     """Status[b, h, m, n] = EMPTY / PARTIAL / FULL for query block m and key block n.
 
     A block is FULL only when every one of its BLOCK_Q x BLOCK_KV positions is in range and kept
     (PyTorch pads ragged ends with masked positions; the same rule keeps the lists identical).
     Grid: (query blocks, B * H); each program walks its row of key blocks.
     """
+    strides = LOAD_STRIDES(META)
     m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -42,12 +45,14 @@ def classify_blocks(Status, stride_sb, stride_sh, stride_sm, H, Q_LEN, KV_LEN, N
         tl.store(row + n, status.to(tl.int8))
 
 
-@triton.jit
-def mod_tile(Score, Out, DScore, DS, b, h, q0, kv0, Q_LEN, KV_LEN, stride_m, ptrs, strides, grad_ptrs, grad_strides,
-             SCORE_MOD: tl.constexpr, SCORE_DSCORE: tl.constexpr, SCORE_GRAD: tl.constexpr, HAS_GRAD: tl.constexpr,
+@triton.jit(do_not_specialize=["b", "h", "q0", "kv0", "Q_LEN", "KV_LEN"])
+def mod_tile(Score, Out, DScore, DS, b, h, q0, kv0, Q_LEN, KV_LEN, stride_m, ptrs, META, grad_ptrs,
+             SCORE_MOD: tl.constexpr, SCORE_DSCORE: tl.constexpr, SCORE_GRAD: tl.constexpr,
+             LOAD_STRIDES: tl.constexpr, LOAD_GRAD_STRIDES: tl.constexpr, HAS_GRAD: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of scores at rows q0.., keys kv0..: the modded scores, their
     derivative in the score, and (HAS_GRAD) the captures' gradient contributions of DS."""
+    strides = LOAD_STRIDES(META)
     rm = tl.arange(0, BLOCK_M)[:, None]
     rn = tl.arange(0, BLOCK_N)[None, :]
     q_idx = q0 + rm
@@ -63,4 +68,4 @@ def mod_tile(Score, Out, DScore, DS, b, h, q0, kv0, Q_LEN, KV_LEN, stride_m, ptr
     tl.store(DScore + offs, tl.broadcast_to(d, (BLOCK_M, BLOCK_N)))
     if HAS_GRAD:
         ds = tl.where(valid, tl.load(DS + offs), 0.0)
-        SCORE_GRAD(ds, s, b, h, q_c, kv_c, ptrs, strides, grad_ptrs, grad_strides)
+        SCORE_GRAD(ds, s, b, h, q_c, kv_c, ptrs, strides, grad_ptrs, LOAD_GRAD_STRIDES(META))
