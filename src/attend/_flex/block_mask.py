@@ -79,6 +79,8 @@ class BlockMask:
         self.full_q_num_blocks, self.full_q_indices = full_q_num_blocks, full_q_indices
         self.BLOCK_SIZE = tuple(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else _noop
+        # PyTorch's deterministic block-sparse dQ metadata: kept for as_tuple's shape, not produced
+        self.dq_write_order = self.dq_write_order_full = self.dq_kv_order = self.dq_kv_order_spt = None
 
     _TENSOR_ATTRS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
                      "q_indices", "full_q_num_blocks", "full_q_indices")
@@ -105,10 +107,12 @@ class BlockMask:
                    BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod)
 
     def as_tuple(self, flatten: bool = True) -> tuple:
-        """The fields in PyTorch's order (lengths, the eight lists, block sizes, mask_mod)."""
+        """The fields in PyTorch 2.13's order: lengths, the eight lists, the four dq_* fields (None
+        here), block sizes, mask_mod (``flatten=False`` keeps lengths and sizes as pairs)."""
         lengths = self.seq_lengths if flatten else (self.seq_lengths,)
         sizes = self.BLOCK_SIZE if flatten else (self.BLOCK_SIZE,)
-        return (*lengths, *(getattr(self, a) for a in self._TENSOR_ATTRS), *sizes, self.mask_mod)
+        return (*lengths, *(getattr(self, a) for a in self._TENSOR_ATTRS), self.dq_write_order,
+                self.dq_write_order_full, self.dq_kv_order, self.dq_kv_order_spt, *sizes, self.mask_mod)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -256,10 +260,10 @@ def classify(graph: _trace.ModGraph, B: int, H: int, Q_LEN: int, KV_LEN: int, BQ
         from . import codegen, kernels
 
         fns = codegen.hooks(graph).functions
-        args = codegen.capture_args(caps, device, grads=[])
+        args = codegen.capture_args(caps, device, grads=[], scalars=graph.scalars)
         kernels.classify_blocks[(NQ, B * H)](status, status.stride(0), status.stride(1), status.stride(2), H, Q_LEN,
                                              KV_LEN, NK, args.ptrs, args.meta, MASK_MOD=fns["mask_mod"],
-                                             LOAD_STRIDES=fns["load_strides"], BLOCK_Q=BQ, BLOCK_KV=BKV)
+                                             LOAD_META=fns["load_meta"], BLOCK_Q=BQ, BLOCK_KV=BKV)
         return status
     # torch: tiles of whole blocks, each at most TORCH_TILE_ELEMENTS positions for all (b, h)
     per_block = B * H * BQ * BKV

@@ -6,15 +6,17 @@ the hash of its source, then imported: Triton reads a jit function's source from
 user can open the file to see what their mod became. The hooks (``docs/flex.md`` has the
 contract the core relies on):
 
-- ``score_mod(score, b, h, q_idx, kv_idx, ptrs, strides) -> fp32``
-- ``score_mod_dscore(score, b, h, q_idx, kv_idx, ptrs, strides) -> fp32``   (d out / d score)
-- ``score_mod_grad_captures(ds, score, b, h, q_idx, kv_idx, ptrs, strides, grad_ptrs, grad_strides)``
+- ``score_mod(score, b, h, q_idx, kv_idx, ptrs, meta) -> fp32``
+- ``score_mod_dscore(score, b, h, q_idx, kv_idx, ptrs, meta) -> fp32``   (d out / d score)
+- ``score_mod_grad_captures(ds, score, b, h, q_idx, kv_idx, ptrs, meta, grad_ptrs, grad_strides)``
   scatter-adds ``ds * d out / d load`` into each float capture's fp32 gradient buffer
-- ``mask_mod(b, h, q_idx, kv_idx, ptrs, strides) -> int1``
+- ``mask_mod(b, h, q_idx, kv_idx, ptrs, meta) -> int1``
+- ``load_meta(META) -> meta`` and ``load_grad_strides(META) -> grad_strides``: read once per program
 
-``ptrs`` is a tuple with one pointer per capture; ``strides`` a flat tuple of every capture's
-strides in order (capture 0's dims, then capture 1's ...), both runtime kernel arguments: a new
-captured value, size, length, batch or head count is new data, never new code.
+``ptrs`` is a tuple with one pointer per capture; ``meta`` a flat tuple of every capture's
+strides in order (capture 0's dims, then capture 1's ...) followed by the mod's Python numbers
+(lengths, window sizes, softcaps: scalar slots), all runtime data: a new captured value, size,
+length, batch, head count or number is new data, never new code.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ def _lit(v) -> str:
 class _Writer:
     """Writes the nodes a set of outputs needs as Triton statements, one variable per node."""
 
-    def __init__(self, graph: ModGraph, stride_base: list[int]):
-        self.g, self.stride_base = graph, stride_base
+    def __init__(self, graph: ModGraph, stride_base: list[int], n_strides: int):
+        self.g, self.stride_base, self.n_strides = graph, stride_base, n_strides
 
     def needed(self, outs) -> list[int]:
         seen, stack = set(), [o.i for o in outs if isinstance(o, Ref)]
@@ -111,6 +113,8 @@ class _Writer:
         if isinstance(a, Ref):
             n = self.g.nodes[a.i]
             return n.args[0] if n.op == "input" else f"v{a.i}"
+        if isinstance(a, torch.dtype):
+            return _TL[a]
         return _lit(a)
 
     def is_int(self, a) -> bool:
@@ -128,7 +132,7 @@ class _Writer:
     def offset(self, node) -> str:
         cap, idx = node.args[0], node.args[1:]
         base = self.stride_base[cap]
-        terms = [f"{self.arg(ix)} * strides[{base + d}]" for d, ix in enumerate(idx)]
+        terms = [f"{self.arg(ix)} * meta[{base + d}]" for d, ix in enumerate(idx)]
         return " + ".join(terms) if terms else "0"
 
     def expr(self, i: int) -> str:
@@ -139,6 +143,8 @@ class _Writer:
             return a[0]
         if op == "load":
             return f"tl.load(ptrs[{a[0]}] + ({self.offset(n)}))"
+        if op == "scalar":
+            return f"meta[{self.n_strides + a[0]}]"
         if op == "const":
             return f"tl.full((1, 1), {_lit(a[0])}, {_TL[n.dtype]})"
         if op == "cast":
@@ -155,8 +161,11 @@ class _Writer:
             x, y = self.fl(a[0]), self.fl(a[1])
             return f"({x} - {y} * tl.floor({x} / {y}))"
         if op == "pow":
-            if not isinstance(a[1], Ref) and a[1] == 2:
-                return f"({A[0]} * {A[0]})"
+            c = a[1]
+            if not isinstance(c, Ref) and float(c).is_integer() and abs(c) <= 8:
+                # integer powers by products: exact, and defined for a negative base
+                prod = " * ".join([self.fl(a[0]) if n.dtype.is_floating_point else A[0]] * int(abs(c))) or "1.0"
+                return f"(1.0 / ({prod}))" if c < 0 else f"({prod})"
             if not isinstance(a[1], Ref) and a[1] == 0.5:
                 return f"tl.sqrt({self.fl(a[0])})"
             return f"tl.exp2({self.fl(a[1])} * tl.log2({self.fl(a[0])}))"
@@ -204,9 +213,15 @@ def _short(line: str) -> str:
     return os.path.basename(where)
 
 
-def _loader(name: str, first: int, count: int) -> str:
-    loads = ", ".join(f"tl.load(meta + {first + j})" for j in range(count))
-    return _fn(name, "meta", [], [f"    return ({loads}{',' if count == 1 else ''})"])
+def _meta_loader(name: str, first: int, count: int, floats: tuple, ints: tuple) -> str:
+    """A function returning ``count`` values of the META tensor from ``first``: strides as stored,
+    int scalar slots as int32, float slots from their fp32 bit patterns."""
+    loads = []
+    for j in range(first, first + count):
+        x = f"tl.load(meta + {j})"
+        loads.append(f"{x}.to(tl.int32).to(tl.float32, bitcast=True)" if j in floats else
+                     f"{x}.to(tl.int32)" if j in ints else x)
+    return _fn(name, "meta", [], [f"    return ({', '.join(loads)}{',' if count == 1 else ''})"])
 
 
 def source(graph: ModGraph) -> str:
@@ -215,22 +230,26 @@ def source(graph: ModGraph) -> str:
     for c in graph.captures:
         stride_base.append(k)
         k += c.tensor.dim()
+    n = len(graph.scalars)
     out = [_PRELUDE.format(kind=graph.kind)]
-    # strides travel in a small int tensor ("meta": the captures' strides, then their fp32 gradient
-    # buffers'), loaded once per program: Triton specializes int kernel arguments (== 1, % 16),
-    # inside tuples too, so strides passed as ints would recompile when a new length changes them
-    out.append(_loader("load_strides", 0, k))
+    # The hooks' ``meta`` tuple: every capture's strides, then the mod's Python numbers (scalar
+    # slots), loaded once per program from a small int tensor (META), after them the gradient
+    # buffers' strides. Triton specializes int kernel arguments (== 1, % 16), inside tuples too,
+    # so strides or lengths passed as ints would recompile when a new length changes them.
+    floats = tuple(k + j for j, v in enumerate(graph.scalars) if isinstance(v, float))
+    ints = tuple(k + j for j, v in enumerate(graph.scalars) if not isinstance(v, float))
+    out.append(_meta_loader("load_meta", 0, k + n, floats, ints))
     if graph.kind == "score":
-        out.append(_loader("load_grad_strides", k, k))
+        out.append(_meta_loader("load_grad_strides", k + n, k, (), ()))
     if graph.kind == "mask":
-        w = _Writer(graph, stride_base)
+        w = _Writer(graph, stride_base, k)
         body = w.body([graph.output])
         ret = w.ret(graph.output, "tl.int1")
-        out.append(_fn("mask_mod", "b, h, q_idx, kv_idx, ptrs, strides", body, [f"    return {ret}"]))
+        out.append(_fn("mask_mod", "b, h, q_idx, kv_idx, ptrs, meta", body, [f"    return {ret}"]))
         return "\n".join(out)
     d = derivatives(graph)
-    w = _Writer(d.graph, stride_base)
-    sig = "score, b, h, q_idx, kv_idx, ptrs, strides"
+    w = _Writer(d.graph, stride_base, k)
+    sig = "score, b, h, q_idx, kv_idx, ptrs, meta"
     for fname, o in (("score_mod", graph.output), ("score_mod_dscore", d.dscore)):
         body = w.body([o])
         ret = w.ret(o, "tl.float32")
@@ -294,8 +313,8 @@ class Hooks:
 
     @property
     def functions(self) -> dict:
-        names = ("mask_mod", "load_strides") if self.kind == "mask" else (
-            "score_mod", "score_mod_dscore", "score_mod_grad_captures", "load_strides", "load_grad_strides")
+        names = ("mask_mod", "load_meta") if self.kind == "mask" else (
+            "score_mod", "score_mod_dscore", "score_mod_grad_captures", "load_meta", "load_grad_strides")
         return {n: getattr(self.module, n) for n in names}
 
 
@@ -359,11 +378,17 @@ class CaptureArgs:
 _META: dict[tuple, torch.Tensor] = {}
 
 
-def capture_args(captures: list[torch.Tensor], device, grads: list[torch.Tensor] | None = None) -> CaptureArgs:
-    """Kernel arguments for ``captures`` (and their gradient buffers, default: fresh fp32 zeros)."""
+def capture_args(captures: list[torch.Tensor], device, grads: list[torch.Tensor] | None = None,
+                 scalars: list = ()) -> CaptureArgs:
+    """Kernel arguments for ``captures``, the graph's ``scalars`` and the captures' gradient
+    buffers (default: fresh fp32 zeros). META = [strides, scalars, gradient strides]."""
+    import struct
+
     if grads is None:
         grads = [torch.zeros(c.shape, dtype=torch.float32, device=c.device) for c in captures]
-    strides = [s for c in captures for s in c.stride()] + [s for g in grads for s in g.stride()]
+    bits = lambda v: struct.unpack("<i", struct.pack("<f", v))[0] if isinstance(v, float) else int(v)
+    strides = ([s for c in captures for s in c.stride()] + [bits(v) for v in scalars]
+               + [s for g in grads for s in g.stride()])
     reach = max([sum((n - 1) * abs(st) for n, st in zip(c.shape, c.stride())) for c in captures] + [0])
     dtype = torch.int32 if reach < 2 ** 31 else torch.int64
     key = (str(device), dtype, tuple(strides))

@@ -42,11 +42,19 @@ class _Editor:
     def op(self, op: str, *args):
         if not any(isinstance(a, Ref) for a in args):
             return fold(op, args)
-        exs = [torch.ones((), dtype=self.nodes[a.i].dtype) if isinstance(a, Ref) else a for a in args]
+        exs = [self._example(a) for a in args]
         if op == "where" and not isinstance(exs[1], torch.Tensor) and not isinstance(exs[2], torch.Tensor):
             exs[1] = torch.tensor(exs[1])
         dtype = TORCH_OPS[op](*exs).dtype
         return self._add(Node(op, tuple(args), dtype))
+
+    def _example(self, a):
+        if not isinstance(a, Ref):
+            return a
+        n = self.nodes[a.i]
+        if n.op == "scalar":  # a Python number in the mod: torch's scalar promotion
+            return 1.0 if n.dtype.is_floating_point else 1
+        return torch.ones((), dtype=n.dtype)
 
     def cast(self, a, dtype):
         if not isinstance(a, Ref):
@@ -151,9 +159,9 @@ def _tangent(ed: _Editor, graph: ModGraph, seed: int):
             dy = tan(a[2]) if isinstance(a[2], Ref) else None
             d = None if dx is None and dy is None else ed.op(
                 "where", a[0], dx if dx is not None else 0.0, dy if dy is not None else 0.0)
-        elif op == "cast":
-            d = None if da is None else ed.cast(da, n.dtype)
-        elif op in ("input", "load", "const"):
+        elif op == "cast":  # the tangent stays in fp32: a cast to half precision rounds values only
+            d = da
+        elif op in ("input", "load", "const", "scalar"):
             d = None
         else:
             raise NotImplementedError(f"no derivative rule for {op}")
@@ -173,5 +181,5 @@ def derivatives(graph: ModGraph) -> Derivatives:
             d = _tangent(ed, graph, i)
             dloads[i] = 0.0 if d is None else ed.cast(d, torch.float32) if isinstance(d, Ref) else float(d)
     dscore = 0.0 if dscore is None else ed.cast(dscore, torch.float32) if isinstance(dscore, Ref) else float(dscore)
-    out = ModGraph(graph.kind, ed.nodes, graph.output, graph.captures, graph.lines)
+    out = ModGraph(graph.kind, ed.nodes, graph.output, graph.captures, graph.lines, graph.scalars)
     return Derivatives(out, dscore, dloads)

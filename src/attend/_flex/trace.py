@@ -66,12 +66,13 @@ class ModGraph:
     output: Ref | Any
     captures: list[Capture]
     lines: dict[int, str] = field(default_factory=dict)  # node -> the user's source line
+    scalars: list = field(default_factory=list)  # values of the "scalar" nodes' slots (runtime data)
 
     @property
     def key(self) -> tuple:
         """The mod's structure: what generated code is cached by."""
         return (self.kind, tuple(_key_node(n) for n in self.nodes), _key_arg(self.output),
-                tuple(c.signature for c in self.captures))
+                tuple(c.signature for c in self.captures), tuple(type(v).__name__ for v in self.scalars))
 
     def loads(self) -> list[int]:
         """Indices of the load nodes (reads of a capture at an index expression)."""
@@ -96,10 +97,22 @@ def _key_node(n: Node) -> tuple:
 _UNARY_FLOAT = {"exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2, "tanh": torch.tanh,
                 "sigmoid": torch.sigmoid, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "floor": torch.floor,
                 "ceil": torch.ceil, "sin": torch.sin, "cos": torch.cos}
+def _both_tensors(fn):
+    """torch.minimum / maximum take tensors only; a Python operand becomes a 0-d tensor (which, as
+    a scalar does, takes the other operand's dtype within its category)."""
+
+    def call(a, b):
+        other = a if isinstance(a, torch.Tensor) else b
+        wrap = lambda x: x if isinstance(x, torch.Tensor) else torch.tensor(x, device=other.device)
+        return fn(wrap(a), wrap(b))
+
+    return call
+
+
 TORCH_OPS: dict[str, Callable] = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.true_divide,
     "floordiv": torch.floor_divide, "remainder": torch.remainder, "pow": torch.pow,
-    "minimum": torch.minimum, "maximum": torch.maximum,
+    "minimum": _both_tensors(torch.minimum), "maximum": _both_tensors(torch.maximum),
     "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
     "and": operator.and_, "or": operator.or_, "xor": operator.xor,
     "neg": torch.neg, "abs": torch.abs, "not": operator.invert, "where": torch.where,
@@ -213,7 +226,7 @@ def _traceback_line(e: BaseException) -> str:
     return "<unknown line>"
 
 
-_ONE = {torch.bool: True}
+_LITERALS = (0, 1, -1, 2, 0.5, float("inf"), float("-inf"))
 
 
 class _Builder:
@@ -226,6 +239,7 @@ class _Builder:
         self.index: dict[tuple, int] = {}
         self.examples: list[Any] = []  # one-element tensors carrying each node's dtype
         self.lines: dict[int, str] = {}
+        self.scalars: list = []
         self.line = ""
         ex = lambda dt: torch.ones((), dtype=dt)
         for name_, dt in zip(SCORE_INPUTS, (torch.float32,) + (INDEX_DTYPE,) * 4):
@@ -244,10 +258,26 @@ class _Builder:
     def _example(self, a):
         return self.examples[a.i] if isinstance(a, Ref) else a
 
+    def scalar(self, value):
+        """A Python number the mod uses (a length, a window, a softcap) as a runtime slot, so that a
+        new value is new data, not new code; 0, 1, 2, 0.5, inf and nan stay literals."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value in _LITERALS \
+                or value != value or isinstance(value, int) and not -2 ** 31 <= value < 2 ** 31:
+            return value
+        for k, v in enumerate(self.scalars):
+            if type(v) is type(value) and v == value:
+                break
+        else:
+            k = len(self.scalars)
+            self.scalars.append(value)
+        dtype = torch.float32 if isinstance(value, float) else torch.int32
+        return self._add(Node("scalar", (k,), dtype), value)
+
     def op(self, op: str, *args) -> Ref | Any:
-        """A node for ``op(*args)``; constant operands fold."""
+        """A node for ``op(*args)``; constant operands fold, other numbers become scalar slots."""
         if not any(isinstance(a, Ref) for a in args):
             return self._fold(op, args)
+        args = tuple(a if op == "pow" and j == 1 else self.scalar(a) for j, a in enumerate(args))
         exs = [self._example(a) for a in args]
         try:
             out = TORCH_OPS[op](*exs)
@@ -316,17 +346,22 @@ class _Builder:
         remap, nodes, lines = {}, [], {}
         live_caps = sorted({n.args[0] for i, n in enumerate(self.nodes) if i in used and n.op == "load"})
         cap_map = {c: j for j, c in enumerate(live_caps)}
+        live_scalars = sorted({n.args[0] for i, n in enumerate(self.nodes) if i in used and n.op == "scalar"})
+        scalar_map = {c: j for j, c in enumerate(live_scalars)}
         for i, n in enumerate(self.nodes):
             if i not in used:
                 continue
             args = tuple(Ref(remap[a.i]) if isinstance(a, Ref) else a for a in n.args)
             if n.op == "load":
                 args = (cap_map[args[0]],) + args[1:]
+            if n.op == "scalar":
+                args = (scalar_map[args[0]],)
             remap[i] = len(nodes)
             nodes.append(Node(n.op, args, n.dtype))
             lines[len(nodes) - 1] = self.lines.get(i, "")
         out = Ref(remap[output.i]) if isinstance(output, Ref) else output
-        return ModGraph(self.kind, nodes, out, [self.captures[c] for c in live_caps], lines)
+        return ModGraph(self.kind, nodes, out, [self.captures[c] for c in live_caps], lines,
+                        [self.scalars[k] for k in live_scalars])
 
     def _value(self, a):
         """A value operand: a capture indexed to one element becomes a load; a 0-d capture loads at ()."""
@@ -437,7 +472,7 @@ class _Builder:
                 raise self.error("captured tensor indexed by a floating-point value")
             if isinstance(v, bool) or isinstance(v, Ref) and self.nodes[v.i].dtype == torch.bool:
                 raise self.error("captured tensor indexed by a bool (boolean masks are not index expressions)")
-            parts.append(v)
+            parts.append(self.scalar(v))
         t = self.captures[c].tensor
         if len(done) + len(parts) > t.dim():
             raise self.error(f"captured tensor of shape {tuple(t.shape)} indexed with {len(done) + len(parts)} indices")
@@ -449,7 +484,7 @@ class _Builder:
 
 
 def evaluate(graph: ModGraph, inputs: dict[str, torch.Tensor], captures: list[torch.Tensor] | None = None,
-             outputs: list | None = None, float_dtype: torch.dtype | None = None) -> list:
+             outputs: list | None = None, float_dtype: torch.dtype | None = None, scalars: list | None = None) -> list:
     """Run ``graph`` with torch ops on broadcastable ``inputs`` (score, b, h, q_idx, kv_idx).
 
     Returns the values of ``outputs`` (default: the graph's output). Loads index the captures with
@@ -464,14 +499,22 @@ def evaluate(graph: ModGraph, inputs: dict[str, torch.Tensor], captures: list[to
         arg = lambda a: vals[a.i] if isinstance(a, Ref) else a
         if n.op == "input":
             v = inputs.get(n.args[0])
+        elif n.op == "scalar":
+            v = (graph.scalars if scalars is None else scalars)[n.args[0]]
         elif n.op == "load":
             idx = tuple(arg(a).long() if isinstance(arg(a), torch.Tensor) else arg(a) for a in n.args[1:])
             cap = captures[n.args[0]]
             v = cap[idx] if idx else cap  # index tensors broadcast against each other
         elif n.op == "cast":
             x = arg(n.args[0])
-            dt = float_dtype if float_dtype is not None and n.dtype.is_floating_point else n.dtype
-            v = x.to(dt) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dt)
+            v = x.to(n.dtype) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=n.dtype)
+            if float_dtype is not None and n.dtype.is_floating_point and isinstance(x, torch.Tensor) \
+                    and x.dtype.is_floating_point:
+                # the value rounds as the cast does, the gradient passes in full precision (as the
+                # generated derivative does; torch's autograd would round it through the cast)
+                v = x.to(float_dtype) + (v.to(float_dtype) - x.to(float_dtype)).detach()
+            elif float_dtype is not None and n.dtype.is_floating_point:
+                v = v.to(float_dtype)
         elif n.op == "const":
             dt = float_dtype if float_dtype is not None and n.dtype.is_floating_point else n.dtype
             v = torch.tensor(n.args[0], dtype=dt, device=_device(inputs))
