@@ -248,6 +248,19 @@ def test_block_mask_methods_match_pytorch():
     assert "BlockMask(shape=(2, 2, 150, 170)" in str(ours) and "kv_num_blocks=(2, 2, 5)" in repr(ours)
 
 
+def test_coarsened_lists_equal_create_block_mask_at_the_coarse_size():
+    """The core may tile coarser than a mask's blocks: lists.coarsen gives create_block_mask's lists there."""
+    from attend._flex import lists
+
+    for mask_name in ("causal", "document", "prefix_lm"):
+        bsz = B if mask_name == "document" else None
+        fine = _create_block_mask(MASKS[mask_name], bsz, None, L, S, device=DEVICE, BLOCK_SIZE=16, _impl="torch")
+        coarse = lists.coarsen(lists.from_block_mask(fine), 64, 32)
+        ref = tflex.create_block_mask(MASKS[mask_name], bsz, None, L, S, device=DEVICE, BLOCK_SIZE=(64, 32))
+        for name in flex.BlockMask._TENSOR_ATTRS:
+            assert torch.equal(getattr(coarse, name), getattr(ref, name)), f"{mask_name} {name}"
+
+
 def test_create_block_mask_never_holds_l_by_s(monkeypatch):
     """The torch path evaluates bounded tiles; the largest tensor it builds is far below L x S."""
     import attend._flex.block_mask as bmod

@@ -51,3 +51,31 @@ def from_block_mask(bm: BlockMask) -> BlockLists:
     return BlockLists(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, bm.q_num_blocks,
                       bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, tuple(bm.BLOCK_SIZE),
                       tuple(bm.seq_lengths))
+
+
+def coarsen(blocks: BlockLists, block_q: int, block_kv: int) -> BlockLists:
+    """The same lists at coarser blocks (``block_q`` / ``block_kv`` multiples of BLOCK_SIZE), for a
+    kernel whose tiles are larger than the mask's blocks: a coarse block is full only when every
+    fine block under it is full and present (a ragged end counts as masked, PyTorch's rule), empty
+    when every one is empty, else partial. Equals create_block_mask at the coarse size."""
+    from .block_mask import FULL, PARTIAL, _dense, _ordered
+
+    BQ, BKV = blocks.BLOCK_SIZE
+    if block_q % BQ or block_kv % BKV:
+        raise ValueError(f"coarsen: blocks ({block_q}, {block_kv}) are not multiples of BLOCK_SIZE ({BQ}, {BKV})")
+    fq, fk = block_q // BQ, block_kv // BKV
+    status = _dense(blocks.kv_num_blocks, blocks.kv_indices, blocks.n_kv) * PARTIAL
+    if blocks.full_kv_num_blocks is not None:
+        status = torch.maximum(status, _dense(blocks.full_kv_num_blocks, blocks.full_kv_indices, blocks.n_kv) * FULL)
+    status = status[..., :blocks.n_q, :blocks.n_kv]
+    nq, nk = -(-blocks.n_q // fq), -(-blocks.n_kv // fk)
+    pad = torch.zeros(*status.shape[:-2], nq * fq, nk * fk, dtype=status.dtype, device=status.device)
+    pad[..., :status.shape[-2], :status.shape[-1]] = status
+    cells = pad.unflatten(-1, (nk, fk)).unflatten(-3, (nq, fq)).transpose(-3, -2)  # [.., nq, nk, fq, fk]
+    full = (cells == FULL).flatten(-2).all(-1)
+    any_ = (cells != 0).flatten(-2).any(-1)
+    kv = _ordered(any_ & ~full)
+    fkv = _ordered(full)
+    from .block_mask import _transpose
+
+    return BlockLists(*kv, *fkv, *_transpose(*kv), *_transpose(*fkv), (block_q, block_kv), blocks.seq_lengths)
