@@ -146,8 +146,8 @@ def test_matches_float64_definition(score_name, mask_name):
         assert_scaled_close(a, r, s, k=6.0, what=f"{what} {name}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_low_precision_softcap_causal(dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["fp16", "bf16", "fp64"])
+def test_dtypes_softcap_causal(dtype):
     torch.manual_seed(1)
     q = torch.randn(1, 2, 100, 32, device=DEVICE, dtype=dtype, requires_grad=True)
     k = torch.randn(1, 2, 90, 32, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -168,6 +168,34 @@ def test_low_precision_softcap_causal(dtype):
     assert_scaled_close(out, o64, os_, what="out")
     for name, a, r, s in zip("qkv", grads, g64, gs):
         assert_scaled_close(a, r, s, k=6.0, what=f"d{name}")
+
+
+def test_head_and_batch_dependent_mods_with_broadcast_key_batch():
+    """A per-head window (captured), a per-batch score offset, GQA 4:1, a key batch of 1 broadcast
+    over a BlockMask of batch B, and D=64 with Ev=32."""
+    torch.manual_seed(5)
+    win = torch.tensor([8, 20, 40, 1000], device=DEVICE)
+    shift = torch.randn(B, device=DEVICE, requires_grad=True)
+    mask = lambda b, h, qi, ki: ((qi - ki).abs() <= win[h]) & (ki <= qi + 3)
+    score = lambda s, b, h, qi, ki: s * (1 + 0.1 * h) + shift[b] * (ki % 3 == 0)
+    q = torch.randn(B, 4, 90, 64, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 1, 75, 64, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 1, 75, 32, device=DEVICE, requires_grad=True)
+    bm = flex.create_block_mask(mask, B, 4, 90, 75, device=DEVICE, BLOCK_SIZE=(16, 32))
+    out = flex.flex_attention(q, k, v, score, bm, enable_gqa=True)
+    assert out.shape == (B, 4, 90, 32)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v, shift))
+    expand = lambda t: t.expand(B, *t.shape[1:])
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, shift)]
+        sm = _with_captures(score, [shift], [leaves[3]])
+        o, _, _ = dense_reference(leaves[0], expand(leaves[1]), expand(leaves[2]), sm, mask, dt)
+        res[dt] = (o, torch.autograd.grad((o * g.to(dt)).sum(), leaves))
+    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
+    for name, a, r, s_ in zip(["dq", "dk", "dv", "dshift"], grads, res[torch.float64][1], res[torch.float32][1]):
+        assert_scaled_close(a, r, s_, k=6.0, what=name)
 
 
 def test_empty_rows_give_zero_output_and_neg_inf_lse():

@@ -114,7 +114,8 @@ def create_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: int, KV
 
 def create_block_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device=None,
                       BLOCK_SIZE: int | tuple[int, int] = 128, _compile: bool = False,
-                      separate_full_blocks: bool = True) -> BlockMask:
+                      separate_full_blocks: bool = True, compute_dq_write_order: bool = False,
+                      dq_kv_order: bool = True) -> BlockMask:
     """The :class:`BlockMask` of ``mask_mod`` for ``B x H x Q_LEN x KV_LEN`` (``None`` B / H: 1, broadcast).
 
     Args:
@@ -126,11 +127,16 @@ def create_block_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: i
         BLOCK_SIZE: ``Q_BLOCK_SIZE`` or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``.
         _compile: accepted for compatibility; there is nothing to compile (a warning says so).
         separate_full_blocks: list fully kept blocks separately (the kernel skips mask work there).
+        compute_dq_write_order, dq_kv_order: PyTorch's metadata for its deterministic block-sparse
+            FLASH backward; attend's backward does not use it (True raises).
 
     Returns:
         BlockMask whose lists equal PyTorch's ``create_block_mask`` for the same mask. Peak memory
         is the int8 ``[B, H, Q_LEN / BQ, KV_LEN / BKV]`` block status, never ``L x S``.
     """
+    if compute_dq_write_order:
+        raise NotImplementedError("create_block_mask: compute_dq_write_order=True (PyTorch's dQ write-order metadata) "
+                                  "is not produced by attend; its backward does not need it")
     if _compile:
         warnings.warn("create_block_mask(_compile=True) has no effect in attend: the mask is generated into "
                       "Triton without torch.compile", DeprecationWarning, stacklevel=2)
@@ -243,9 +249,10 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
                 raise RuntimeError("flex_attention: block_mask was sliced and its mask_mod reset; assign a mask_mod "
                                    "that fits the slice (block_mask.mask_mod = ...)")
             blocks = _lists.from_block_mask(_lists_4d(bm))
-            if bm.mask_mod is not noop_mask and getattr(bm.mask_mod, "__name__", "") != "noop_mask" \
-                    and bm.mask_mod is not None:
+            if bm.mask_mod is not noop_mask and getattr(bm.mask_mod, "__name__", "") != "noop_mask":
                 mask_graph = _trace.trace(bm.mask_mod, "mask")
+                if mask_graph.output is True or _is_const(mask_graph, True):
+                    mask_graph = None  # keeps everything: partial blocks need no mask work
     score_graph = _trace.trace(score_mod, "score") if score_mod is not None else None
     if score_graph is not None and _is_identity(score_graph):
         score_graph = None
@@ -266,6 +273,13 @@ def _lists_4d(bm: BlockMask) -> BlockMask:
     fix = lambda t: None if t is None else t.reshape((1,) * lead + tuple(t.shape))
     return BlockMask(bm.seq_lengths, *(fix(getattr(bm, a)) for a in BlockMask._TENSOR_ATTRS),
                      BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod)
+
+
+def _is_const(graph, value) -> bool:
+    from ._flex.trace import Ref
+
+    o = graph.output
+    return isinstance(o, Ref) and graph.nodes[o.i].op == "const" and graph.nodes[o.i].args[0] == value
 
 
 def _is_identity(graph) -> bool:
