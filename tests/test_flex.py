@@ -271,6 +271,11 @@ def test_block_mask_methods_match_pytorch():
                                           theirs.full_kv_indices, BLOCK_SIZE=32, seq_lengths=(L, S))
     for name in flex.BlockMask._TENSOR_ATTRS:
         assert torch.equal(getattr(fk, name), getattr(fk_t, name)), name
+    causal = MASKS["causal"]
+    cropped = flex.create_block_mask(causal, None, None, 256, 256, device=DEVICE, BLOCK_SIZE=32)._adjust(128, 160)
+    cropped_t = tflex.create_block_mask(causal, None, None, 256, 256, device=DEVICE, BLOCK_SIZE=32)._adjust(128, 160)
+    for name in flex.BlockMask._TENSOR_ATTRS:
+        assert torch.equal(getattr(cropped, name), getattr(cropped_t, name)), f"_adjust {name}"
     moved = ours.to("cpu")
     assert moved.kv_indices.device.type == "cpu" and torch.equal(moved.kv_indices.to(DEVICE), ours.kv_indices)
     assert "BlockMask(shape=(2, 2, 150, 170)" in str(ours) and "kv_num_blocks=(2, 2, 5)" in repr(ours)
