@@ -15,7 +15,7 @@ import attend.flex_attention as flex
 from attend._flex import codegen, kernels
 from attend._flex import trace as trace_mod
 from attend._flex.block_mask import create_block_mask as _create_block_mask
-from conftest import DEVICE, FLOOR, assert_scaled_close
+from conftest import DEVICE, assert_scaled_close
 
 B, HQ, HKV, L, S, E = 2, 4, 2, 150, 170, 16
 BLOCK = 32  # small blocks: several partial / full / empty blocks at these lengths

@@ -144,9 +144,6 @@ def create_block_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: i
                               separate_full_blocks=separate_full_blocks)
 
 
-_KERNEL_OPTION_KEYS = None  # any key PyTorch's FlexKernelOptions allows is accepted (tuning is the core's)
-
-
 def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: _ScoreMod | None = None,
                    block_mask=None, scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
                    kernel_options: dict | None = None, *, return_aux: AuxRequest | None = None):

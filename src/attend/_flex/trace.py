@@ -380,10 +380,10 @@ class _Builder:
 
     def _call(self, kind: str, target, args: tuple, kwargs: dict):
         name = target if kind == "call_method" else getattr(target, "__name__", repr(target))
+        module = getattr(target, "__module__", None) or ""
         qual = f"Tensor.{name}" if kind == "call_method" else (
-            f"torch.{name}" if getattr(target, "__module__", "") in ("torch", "torch._C._VariableFunctions")
-            or target in _BINARY or target in _UNARY and target not in (operator.neg, abs, operator.abs,
-                                                                       operator.invert) else name)
+            f"torch.{name}" if module.startswith("torch") else
+            f"{module}.{name}" if module not in ("", "_operator", "operator", "builtins") else name)
         if target is getattr and len(args) == 2:
             if args[1] == "device":
                 return ("opaque", "tensor.device")
