@@ -198,6 +198,15 @@ def test_head_and_batch_dependent_mods_with_broadcast_key_batch():
         assert_scaled_close(a, r, s_, k=6.0, what=name)
 
 
+def test_score_mod_that_ignores_the_score():
+    """A mod that returns a per-head constant (or a literal) weighs keys uniformly: out = mean of v."""
+    q, v = torch.randn(1, 2, 40, 16, device=DEVICE), torch.randn(1, 2, 40, 16, device=DEVICE)
+    per_head = torch.randn(2, device=DEVICE)
+    for mod in (lambda s, b, h, qi, ki: per_head[h], lambda s, b, h, qi, ki: s * 0 + 3.0):
+        out = flex.flex_attention(q, q, v, mod)
+        assert_scaled_close(out, v.double().mean(2, keepdim=True).expand_as(out), v.mean(2, keepdim=True).expand_as(out))
+
+
 def test_empty_rows_give_zero_output_and_neg_inf_lse():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 2, 70, 16, device=DEVICE, requires_grad=True) for _ in range(3))

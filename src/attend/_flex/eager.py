@@ -89,7 +89,7 @@ def _block(qb, k, v, pos, pst, r0, score, score_caps, mask, mask_caps, scale, G,
     idx = dict(b=b_idx, h=h_idx, q_idx=q_idx, kv_idx=kv_idx)
     if score is not None:
         s, = _trace.evaluate(score, dict(idx, score=s), score_caps)
-        s = torch.as_tensor(s, device=qb.device).to(cdt).expand(B, Hkv, G, R, -1)
+        s = torch.broadcast_to(torch.as_tensor(s, device=qb.device).to(cdt), (B, Hkv, G, R, pos.numel()))
     keep = pst == FULL if mask is not None else pst > 0  # no mask_mod: a partial block is kept whole
     if mask is not None and bool((pst == PARTIAL).any()):
         mk, = _trace.evaluate(mask, idx, mask_caps)
