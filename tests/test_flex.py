@@ -433,6 +433,9 @@ def test_new_length_batch_or_captured_value_generates_nothing():
     first = trace_mod.trace(score_of(torch.randn(2, 128, device=DEVICE)), "score")
     codegen.hooks(first)
     before = codegen.GENERATIONS["count"]
+    # compiled kernels of the classifier (a GPU run; the interpreter compiles nothing)
+    compiles = lambda: sum(len(c[0]) for c in getattr(kernels.classify_blocks, "device_caches", {}).values())
+    compiled = compiles()
     for n, bsz, seed in ((96, 2, 6), (80, 3, 7), (64, 2, 8)):
         doc = torch.randint(0, 3, (bsz, n), device=DEVICE).sort(-1).values
         bm = flex.create_block_mask(make(doc), bsz, None, n, n, device=DEVICE, BLOCK_SIZE=16)
@@ -442,6 +445,7 @@ def test_new_length_batch_or_captured_value_generates_nothing():
         assert g.key == first.key
         codegen.hooks(g)
     assert codegen.GENERATIONS["count"] == before, "a new length, batch or captured value generated code"
+    assert compiles() == compiled, "a new length, batch or captured value compiled the classifier again"
     codegen.hooks(trace_mod.trace(lambda s, b, h, q_idx, kv_idx: s * 2, "score"))
     codegen.hooks(trace_mod.trace(lambda s, b, h, q_idx, kv_idx: s * 2, "score"))  # same structure, new function
     assert codegen.GENERATIONS["count"] == before + 1
