@@ -19,13 +19,14 @@ Equivalent plain torch (what ``flex_attention`` computes)::
     s = s.masked_fill(~mask_mod(b, h, q_idx, kv_idx), -inf)     # where the BlockMask says partial
     out = softmax(s, -1) @ v                                    # a row with nothing kept gives 0
 
-Causal ``create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 4 * 128, 4 * 128)``: blocks
-``█`` full (no mask work), ``░`` partial (mask applied), `` `` skipped::
+Causal ``create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 4 * 128, 4 * 128)``, per
+(query block, key block): ``F`` full (listed in ``full_kv_*``, no mask work), ``P`` partial
+(listed in ``kv_*``, mask_mod applied), ``.`` skipped::
 
-    ░
-    █ ░
-    █ █ ░
-    █ █ █ ░
+    P . . .
+    F P . .
+    F F P .
+    F F F P
 """
 
 from __future__ import annotations
