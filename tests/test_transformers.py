@@ -239,7 +239,10 @@ def test_generate_with_a_static_cache(name, use_kernel):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     eager = build(name)
-    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0)
+    # disable_compile: on a GPU, generate() compiles the step of a static cache, and dynamo fails inside
+    # transformers' sdpa_mask for Mistral's sliding layers (README, known limits); this test is the routing
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0,
+              disable_compile=True)
     ref = eager.generate(ids, **kw)
     eager.set_attn_implementation("attend")
     at._warned.clear()

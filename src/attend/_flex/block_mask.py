@@ -249,6 +249,8 @@ def classify(graph: _trace.ModGraph, B: int, H: int, Q_LEN: int, KV_LEN: int, BQ
         impl = "triton" if device.type == "cuda" or device.type == "cpu" and interpreted else "torch"
     NQ, NK = -(-Q_LEN // BQ), -(-KV_LEN // BKV)
     status = torch.empty(B, H, NQ, NK, dtype=torch.int8, device=device)
+    if device.type == "cuda" and device.index is None:  # "cuda" names the current device, as a tensor's "cuda:0" does
+        device = torch.device("cuda", torch.cuda.current_device())
     caps = [c.tensor for c in graph.captures]
     if any(c.device != device for c in caps):
         bad = next(c for c in caps if c.device != device)
