@@ -325,6 +325,17 @@ def test_listed_calls_match_pytorch(name):
     assert_parity(LISTED[name])
 
 
+@pytest.mark.parametrize("backend", [B.MATH, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION], ids=lambda b: b.name)
+@pytest.mark.parametrize("heads", [(4, 2, 2), (6, 3, 3), (4, 2, 1)], ids=lambda h: "q{}_k{}_v{}".format(*h))
+def test_grouped_heads_match_pytorch(heads, backend):
+    """Grouped heads on each backend (key and value head counts that differ go to MATH, as
+    explain says): query head h reads key head h // (Hq // Hk), never h % Hk."""
+    hq, hk, hv = heads
+    call = Call(_r(2, hq, 5, 8), _r(2, hk, 7, 8), _r(2, hv, 7, 8), dict(enable_gqa=True, is_causal=True))
+    with attend.sdpa_kernel([backend, B.MATH], set_priority=True):
+        assert_parity(call)
+
+
 def test_dropout_1_is_zeros_and_explain_says_why_fused_backends_skip_it():
     q = _r(1, 2, 4, 8)
     out = attend.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
