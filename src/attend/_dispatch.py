@@ -12,7 +12,8 @@ import torch
 from . import _state
 from ._enums import SDPBackend
 from ._params import SDPAParams, from_params, prepare
-from .backends import BACKENDS, default_priority
+from . import _registry
+from .backends import BACKENDS, default_priority, kernel_notes
 
 DISABLED = "disabled by sdpa_kernel"
 
@@ -36,6 +37,7 @@ class Decision:
     order: list[SDPBackend]
     reasons: dict[SDPBackend, list[str]] = field(default_factory=dict)
     call: str = ""
+    notes: list[str] = field(default_factory=list)  # which of attend's kernels the chosen backend runs
 
     def __str__(self) -> str:
         lines = [f"attend would run: {self.backend.name}" if self.backend is not SDPBackend.ERROR
@@ -52,6 +54,8 @@ class Decision:
                 rs = self.reasons.get(b, [])
                 status = "skipped: " + "; ".join(rs) if rs else "usable, but lower priority"
             lines.append(f"{i:>8}  {b.name:<{width}}  {status}")
+        if self.notes:
+            lines += ["", *self.notes]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -179,6 +183,9 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     p = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa).params
     d = decide(p, exhaustive=True)
     d.call = _describe(p)
+    if d.backend is SDPBackend.EFFICIENT_ATTENTION or (
+            d.backend is SDPBackend.FLASH_ATTENTION and _registry.current_flash_attention_impl() is None):
+        d.notes = kernel_notes(p)
     return d
 
 

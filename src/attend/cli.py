@@ -54,6 +54,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         ["triton interpreter", "on (TRITON_INTERPRET=1)" if interpreter_on() else "off"],
     ]
     print(_table(versions, ["component", "version"]))
+    from .ops import EXPERIMENTAL, TRITON_IMPORT_ERROR, experimental_status, out_of_range, supported_range
+
+    outside = out_of_range()
+    print(f"\nsupported range (pyproject.toml): {supported_range()}: "
+          + ("; ".join(outside) if outside else "the installed versions are inside it"))
+    if TRITON_IMPORT_ERROR is None:
+        print("\nexperimental kernels (sm_90 only; the Triton core serves every call they do not):")
+        print(_table([[EXPERIMENTAL[name], state] for name, state in experimental_status().items()],
+                     ["kernel", "state"]))
     print()
     devs = _devices()
     print(_table([list(d) for d in devs], ["device", "description"]))

@@ -22,6 +22,7 @@ import torch
 
 from .._enums import SDPBackend
 from ._base import Backend
+from ._kernels import kernel_notes
 from .cudnn import CudnnBackend
 from .efficient import EfficientBackend
 from .flash import FlashBackend
@@ -64,5 +65,6 @@ def default_priority(device: torch.device | str) -> tuple[SDPBackend, ...]:
 
 
 __all__ = [
-    "BACKENDS", "DEFAULT_PRIORITY", "default_priority", "device_class", "register_overrideable", "math_attention",
+    "BACKENDS", "DEFAULT_PRIORITY", "default_priority", "device_class", "kernel_notes", "register_overrideable",
+    "math_attention",
 ]

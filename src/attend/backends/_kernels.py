@@ -7,7 +7,7 @@ import os
 import torch
 
 from .._params import SDPAParams
-from ..ops import KERNELS
+from ..ops import EXPERIMENTAL, KERNELS, experimental_status
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_MASK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,3 +59,19 @@ def triton_mask_reasons(p: SDPAParams) -> list[str]:
             reasons.append(f"attn_mask {tuple(m.shape)} requires grad and broadcasts to {full}; its gradient "
                            "needs atomic adds, which deterministic mode forbids")
     return reasons
+
+
+def kernel_notes(p: SDPAParams) -> list[str]:
+    """Which of attend's kernels a FLASH / EFFICIENT call on ``p``'s tensors runs: the Triton core
+    (on the GPU or under the interpreter) or the blocked torch-ops path, and on an sm_90 GPU the
+    state of each experimental Gluon kernel (available, or off and why)."""
+    kernel = kernel_for(p.query)
+    if kernel == "blocked":
+        return ["kernel: attend's blocked torch-ops path"]
+    if kernel is None:
+        return []
+    where = "" if p.query.is_cuda else " under Triton's interpreter"
+    notes = [f"kernel: attend's Triton core{where}"]
+    if p.query.is_cuda and torch.cuda.get_device_capability(p.query.device)[0] == 9:
+        notes += [f"experimental {EXPERIMENTAL[name]}: {state}" for name, state in experimental_status().items()]
+    return notes

@@ -16,6 +16,7 @@ from triton.compiler import ASTSource
 
 from . import core
 from .configs import forward_tma
+from .versions import COMPILE_OPTIONS
 
 _DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
@@ -73,7 +74,8 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     sig, attrs = _signature(fn, _DTYPE[dtype], constexprs)
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=target, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS)
+    return triton.compile(src, target=target, options=options)
 
 
 def _gluon_desc(dtype: str, rows: int, cols: int) -> str:
@@ -89,7 +91,8 @@ def _compile_gluon(fn, target: GPUTarget, sig: dict, ints: tuple, constexprs: di
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sig = dict(sig, **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs})
-    return triton.compile(GluonASTSource(fn, sig, constexprs=constexprs), target=target, options=dict(num_warps=4))
+    options = dict(num_warps=4, **COMPILE_OPTIONS)
+    return triton.compile(GluonASTSource(fn, sig, constexprs=constexprs), target=target, options=options)
 
 
 def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False, causal: bool = False,

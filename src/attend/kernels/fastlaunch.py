@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import torch
 from triton import knobs
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+from .versions import COMPILE_OPTIONS, TensorDescriptor
 
 MAX_KEYS = 4096  # per kernel; past it the cache starts over (varlen calls key their max lengths)
 
@@ -41,7 +42,7 @@ def int_class(a: int) -> int:
 
 def _is_pointer(a) -> bool:
     """A tensor or a Gluon host tensor descriptor: the arguments ``Launcher`` wants first."""
-    return type(a) is torch.Tensor or type(a) is TensorDescriptor
+    return type(a) is torch.Tensor or (TensorDescriptor is not None and type(a) is TensorDescriptor)
 
 
 def _descriptor_key(d: TensorDescriptor) -> tuple:
@@ -103,7 +104,8 @@ class Launcher:
         key = (device, tail, num_warps, num_stages, self._key(args))
         compiled = self.cache.get(key)
         if compiled is None:  # Triton's path compiles (or loads) and launches; later calls go direct
-            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
+                                         **COMPILE_OPTIONS)
             compiled.run  # noqa: B018 - loads the module, so compiled.function exists
             if len(self.cache) >= MAX_KEYS:
                 self.cache.clear()

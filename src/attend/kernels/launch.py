@@ -13,11 +13,12 @@ import torch
 import triton
 
 from .._layout import Band, Packed
-from . import core, worklist, ws, ws_bwd
+from . import core, versions, worklist
 from .fastlaunch import Launcher
 from .configs import (BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, forward_tma, heuristic, pruner,
                       ws_backward)
 
+ws, ws_bwd = versions.gluon_kernels()  # the Hopper Gluon kernels' modules, or None where Gluon is unusable
 _RCP_LN2 = core.RCP_LN2.value
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The fixed configs (configs.heuristic, from the H100 sweep) unless ATTEND_AUTOTUNE=1, which
@@ -161,6 +162,11 @@ def _capability_major(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def _gluon_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives where the Hopper Gluon kernels run: an sm_90 device, Gluon importable."""
+    return ws is not None and t.is_cuda and _capability_major(t.device.index) == 9
+
+
 def _ensure_allocator() -> None:
     """Kernels that build tensor descriptors on the device need Triton's scratch allocator; set
     one (PyTorch's caching allocator) unless the user already has."""
@@ -275,12 +281,12 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         q, scale = -q, -scale
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     band_args, band_flags = _band_args(band)
-    if (FWD_WS and q.is_cuda and _capability_major(q.device.index) == 9
+    if (FWD_WS and _gluon_device(q) and versions.usable("gluon_forward")
             and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, packed, L)):
         _ensure_allocator()
-        ws.forward(q, k, v, None if mask is None else m4, out, lse, lse_strides, scale, band_args, band_flags, packed,
-                   B, L, S)
-        return
+        if versions.run_experimental("gluon_forward", ws.forward, q, k, v, None if mask is None else m4, out, lse,
+                                     lse_strides, scale, band_args, band_flags, packed, B, L, S):
+            return
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     if packed is None:
         seq_ptrs, stride_table, seq_flags = (q, q, q, q), 0, _DENSE_FLAGS
@@ -451,12 +457,15 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     else:
         dq = torch.zeros_like(q, dtype=torch.float32) if dq_atomic else torch.empty_like(q)
     dq_only = ws_backward(BLOCK_D, _seq_bucket(max(L, S)))
-    gluon = (BWD_WS and dq_only is not None and config is not None and not dq_atomic and not skip_dq and q.is_cuda
-             and _capability_major(q.device.index) == 9 and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S))
-    flags["DQ_ONLY"] = gluon
+    gluon = (BWD_WS and dq_only is not None and config is not None and not dq_atomic and not skip_dq
+             and _gluon_device(q) and versions.usable("gluon_dkdv")
+             and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S))
     if gluon:  # dK / dV from the Gluon kernel, then the dQ programs alone, numbered in key order
         _ensure_allocator()
-        ws_bwd.dkdv(q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, band_args, band_flags, packed, B, L, S)
+        gluon = versions.run_experimental("gluon_dkdv", ws_bwd.dkdv, q, k, v, dout, nlse2, delta, stat_strides, dk, dv,
+                                          scale, band_args, band_flags, packed, B, L, S)
+    flags["DQ_ONLY"] = gluon
+    if gluon:
         config = (dict(dq_only.kwargs, HEAD_MAJOR=False), dq_only.num_warps, dq_only.num_stages)
     work = _work_list(packed, band, config, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device)
     flags["WORKLIST"] = work is not None

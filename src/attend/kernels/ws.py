@@ -34,19 +34,21 @@ from __future__ import annotations
 import functools
 
 import torch
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .core import LN2, RCP_LN2, _key_blocks
 from .fastlaunch import Launcher
+from .versions import (
+    TensorDescriptor,
+    fence_async_shared,
+    gl,
+    gluon,
+    mbarrier,
+    tma,
+    tma_load,
+    tma_store,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 ROWS = 64  # query rows per consumer warpgroup; a tile covers BLOCK_M = 2 * ROWS
 BLOCK_M = 2 * ROWS
@@ -217,7 +219,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
             mbarrier.wait(q_empty.index(qb), ((tcount // QBUFS) & 1) ^ 1, pred=tcount >= QBUFS)
             for cid in gl.static_range(2):
                 mbarrier.expect(q_full.index(2 * qb + cid), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [q_row + cid * ROWS, q_col], q_full.index(2 * qb + cid),
+                tma_load(q_desc, [q_row + cid * ROWS, q_col], q_full.index(2 * qb + cid),
                                                 q_smem.index(2 * qb + cid))
             for j in range(lo // BLOCK_N, gl.cdiv(hi, BLOCK_N)):
                 slot = kv % STAGES
@@ -226,15 +228,15 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
                     for cid in gl.static_range(2):
                         mbarrier.wait(b_empty.index(2 * slot + cid), ph, pred=kv >= STAGES)
                         mbarrier.expect(b_full.index(2 * slot + cid), b_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(b_desc, [q_row + cid * ROWS, j * BLOCK_N],
+                        tma_load(b_desc, [q_row + cid * ROWS, j * BLOCK_N],
                                                         b_full.index(2 * slot + cid), b_smem.index(2 * slot + cid))
                 mbarrier.wait(k_empty.index(slot), ph, pred=kv >= STAGES)
                 mbarrier.expect(k_full.index(slot), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_full.index(slot),
+                tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col], k_full.index(slot),
                                                 k_smem.index(slot))
                 mbarrier.wait(v_empty.index(slot), ph, pred=kv >= STAGES)
                 mbarrier.expect(v_full.index(slot), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_full.index(slot),
+                tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col], v_full.index(slot),
                                                 v_smem.index(slot))
                 kv += 1
             tcount += 1
@@ -332,7 +334,7 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
                 # Q is read no more (a partial tile would overwrite the next head's or sequence's rows).
                 q_tile.store(out)
                 fence_async_shared()
-                tma.async_copy_shared_to_global(o_desc, [q_row + CID * ROWS, o_col], q_tile)
+                tma_store(o_desc, [q_row + CID * ROWS, o_col], q_tile)
                 tma.store_wait(0)
             else:
                 o_ptrs = (out_ptr + (q_row + CID * ROWS + o_rows).to(gl.int64)[:, None] * stride_o + o_col

@@ -26,18 +26,10 @@ pages) whose query and key sequences all have one length each. Every other backw
 from __future__ import annotations
 
 import torch
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .core import RCP_LN2, STAT_PAD, _query_blocks
 from .fastlaunch import Launcher
+from .versions import TensorDescriptor, gl, gluon, mbarrier, tma_load, warpgroup_mma, warpgroup_mma_wait
 from .ws import (_GL_DTYPE, HEAD_DIM, TBUF, _cu_seqs, _deal, _next, _persistent, _publish, _rows, _section,
                  _sequence, _take, _tile_ring, descriptor)
 
@@ -127,9 +119,9 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
             mbarrier.wait(kv_empty.index(kb), ((tcount // KBUFS) & 1) ^ 1, pred=tcount >= KBUFS)
             for cid in gl.static_range(2):
                 mbarrier.expect(kv_full.index(2 * kb + cid), 2 * k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid),
+                tma_load(k_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid),
                                                 k_smem.index(2 * kb + cid))
-                tma.async_copy_global_to_shared(v_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid),
+                tma_load(v_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid),
                                                 v_smem.index(2 * kb + cid))
             for g in range(G):
                 h = hk * G + g
@@ -143,12 +135,12 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
                     mbarrier.wait(qd_empty.index(slot), ((qd // STAGES) & 1) ^ 1, pred=qd >= STAGES)
                     mbarrier.expect(qd_full.index(slot),
                                     2 * q_desc.block_type.nbytes + 2 * nl_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [q_row + m0, q_col], qd_full.index(slot),
+                    tma_load(q_desc, [q_row + m0, q_col], qd_full.index(slot),
                                                     q_smem.index(slot))
-                    tma.async_copy_global_to_shared(do_desc, [q_row + m0, q_col], qd_full.index(slot),
+                    tma_load(do_desc, [q_row + m0, q_col], qd_full.index(slot),
                                                     do_smem.index(slot))
-                    tma.async_copy_global_to_shared(nl_desc, [stat + m0], qd_full.index(slot), nl_smem.index(slot))
-                    tma.async_copy_global_to_shared(dl_desc, [stat + m0], qd_full.index(slot), dl_smem.index(slot))
+                    tma_load(nl_desc, [stat + m0], qd_full.index(slot), nl_smem.index(slot))
+                    tma_load(dl_desc, [stat + m0], qd_full.index(slot), dl_smem.index(slot))
                     qd += 1
             tcount += 1
         it += 1

@@ -21,8 +21,19 @@ KERNELS: dict[str, tuple[Callable, Callable]] = {"blocked": (blocked.forward, bl
 TRITON_IMPORT_ERROR: str | None = None
 try:
     from ..kernels import launch as _triton_launch
+    from ..kernels.versions import EXPERIMENTAL, experimental_status, out_of_range, supported_range
 except ImportError as e:  # no triton installed
     TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    EXPERIMENTAL = {}
+
+    def experimental_status() -> dict[str, str]:
+        return {}
+
+    def out_of_range() -> list[str]:
+        return []
+
+    def supported_range() -> str:
+        return "torch 2.11-2.15, triton 3.6-3.9"
 else:
     KERNELS["triton"] = (_triton_launch.forward, _triton_launch.backward)
 

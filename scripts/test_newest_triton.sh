@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The newest supported Triton beside the pinned one: a venv that sees this Python's packages
+# (torch, pytest, attend installed editable by setup.sh) but has its own Triton, runs the sm_90 /
+# sm_80 build check of every shipped config and the Gluon kernels, and an interpreter subset.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TRITON_NEWEST=${TRITON_NEWEST:-3.9.0}
+VENV=${TRITON_NEWEST_VENV:-.venv-triton-newest}
+[ -x "$VENV/bin/python" ] || python -m venv --system-site-packages "$VENV"
+"$VENV/bin/python" -m pip install -q "triton==$TRITON_NEWEST"
+"$VENV/bin/python" -c "import triton; assert triton.__version__ == '$TRITON_NEWEST', triton.__version__"
+"$VENV/bin/python" -m pytest tests/test_triton_build.py tests/test_versions.py tests/test_ops.py \
+  tests/test_fastlaunch.py tests/test_varlen.py -k "not gpu" "$@"

@@ -1,0 +1,128 @@
+"""The torch and Triton versions attend supports, the shims for Triton's experimental Gluon API,
+and the state of the experimental (Gluon) kernels: all version-dependent code in one place.
+
+Gluon (``triton.experimental.gluon``) changes its API between Triton releases: Triton 3.8 renamed
+the TMA copies ``async_copy_global_to_shared`` / ``async_copy_shared_to_global`` to
+``async_load`` / ``async_store`` and 3.9 removed the old names. The Gluon kernels (``ws.py``,
+``ws_bwd.py``) use the names bound here, never the versioned ones. The ``tl`` core needs no shim.
+
+An experimental kernel is a fast path, never a requirement: where Gluon does not import, or a
+Gluon kernel fails to build on the installed Triton, ``run_experimental`` records the failure,
+warns once naming the kernel and the versions, and the caller serves the call with the core.
+``python -m attend info`` and ``attend.explain`` print ``experimental_status()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import triton
+
+# The declared range (pyproject.toml's bounds), inclusive minor versions. The CPU tests (and the
+# sm_90 / sm_80 build check) run on the Triton ends of it, the GPU suite on torch 2.11 + Triton 3.6.
+SUPPORTED = {"torch": ((2, 11), (2, 15)), "triton": ((3, 6), (3, 9))}
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def installed() -> dict[str, str]:
+    return {"torch": torch.__version__, "triton": triton.__version__}
+
+
+def supported_range() -> str:
+    return ", ".join(f"{name} {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]}" for name, (lo, hi) in SUPPORTED.items())
+
+
+def out_of_range() -> list[str]:
+    """One sentence per installed package outside ``SUPPORTED`` (empty: all in range)."""
+    found = []
+    for name, version in installed().items():
+        lo, hi = SUPPORTED[name]
+        if not lo <= _minor(version) <= hi:
+            found.append(f"{name} {version} is outside the supported {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]} (untested)")
+    return found
+
+
+GLUON_ERROR: str | None = None  # why Gluon is unusable on this Triton, or None
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except Exception as e:  # noqa: BLE001 - any failure means "no Gluon here", never a failed import of attend
+    GLUON_ERROR = f"Gluon does not import on Triton {triton.__version__}: {type(e).__name__}: {e}"
+    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
+    TensorDescriptor = None
+    tma_load = tma_store = None
+else:
+    # TMA copies: async_load / async_store from Triton 3.8 on, the async_copy_* names before.
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+# Options every compile passes, so that builds agree across the range: FMA contraction on, as
+# Triton's default has been through 3.9 (3.9 warns that 3.10's default turns it off).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+# The experimental kernels, by name: what each serves (``explain`` / ``attend info`` print it).
+EXPERIMENTAL = {
+    "gluon_forward": "Hopper warp-specialized forward (kernels/ws.py)",
+    "gluon_dkdv": "Hopper warp-specialized dK / dV (kernels/ws_bwd.py)",
+}
+_failed: dict[str, str] = {}  # kernel -> why it is off in this process (a build failed)
+
+
+def experimental_status() -> dict[str, str]:
+    """kernel name -> "available on sm_90 GPUs" or "off: <why>" for this process."""
+    status = {}
+    for name in EXPERIMENTAL:
+        why = GLUON_ERROR or _failed.get(name)
+        status[name] = f"off: {why}" if why else "available on sm_90 GPUs"
+    return status
+
+
+def gluon_kernels():
+    """The modules of the Gluon kernels, ``(ws, ws_bwd)``, or ``(None, None)`` where Gluon does
+    not import or they fail to (then ``GLUON_ERROR`` says why)."""
+    global GLUON_ERROR
+    if GLUON_ERROR is not None:
+        return None, None
+    try:
+        from . import ws, ws_bwd
+    except Exception as e:  # noqa: BLE001 - a Gluon API this Triton lacks: the core serves every call
+        GLUON_ERROR = f"the Gluon kernels do not import on Triton {triton.__version__}: {type(e).__name__}: {e}"
+        return None, None
+    return ws, ws_bwd
+
+
+def usable(name: str) -> bool:
+    return GLUON_ERROR is None and name not in _failed
+
+
+def run_experimental(name: str, launch, *args) -> bool:
+    """Run ``launch(*args)`` for the experimental kernel ``name``; True if it ran. If it raises
+    (its build failed on this Triton), the kernel is turned off for the process with one warning
+    naming it and the versions, and False tells the caller to serve the call with the core. The
+    launch writes nothing before it compiles, so the core's result is the whole answer."""
+    if not usable(name):
+        return False
+    try:
+        launch(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not a build failure: the core would need the memory too
+    except Exception as e:  # noqa: BLE001 - any build failure: the core serves, correctness first
+        _failed[name] = f"failed to build on Triton {triton.__version__} (torch {torch.__version__}): " \
+                        f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        warnings.warn(f"attend: the experimental {EXPERIMENTAL[name]} {_failed[name]}; attend's Triton core serves "
+                      "these calls instead", RuntimeWarning, stacklevel=3)
+        return False
+    return True

@@ -1,0 +1,117 @@
+"""The supported torch / Triton range, the Gluon API shims, and the fallback that keeps a call
+correct when an experimental Gluon kernel fails to build on the installed Triton."""
+
+import pathlib
+import re
+import warnings
+
+import pytest
+import torch
+import triton
+
+import attend
+from attend.kernels import launch, versions
+
+from conftest import DEVICE, assert_matches_float64, rand
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_bounds_are_the_supported_range():
+    """pyproject.toml's bounds and versions.SUPPORTED (what `attend info` checks) say the same."""
+    deps = re.search(r"dependencies = \[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)
+    for name, (lo, hi) in versions.SUPPORTED.items():
+        assert f'"{name}>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1] + 1}"' in deps, (name, deps)
+
+
+@pytest.mark.parametrize("torch_v, triton_v, outside", [
+    ("2.11.0+cu130", "3.6.0", []),
+    ("2.15.1", "3.9.0", []),
+    ("2.10.0", "3.10.0", ["torch", "triton"]),
+    ("2.16.0.dev20261201", "3.5.1", ["torch", "triton"]),
+], ids=["oldest", "newest", "both-above-below", "dev-build"])
+def test_out_of_range_names_each_package(monkeypatch, torch_v, triton_v, outside):
+    monkeypatch.setattr(versions, "installed", lambda: {"torch": torch_v, "triton": triton_v})
+    found = versions.out_of_range()
+    assert [s.split()[0] for s in found] == outside
+    for s in found:
+        assert "outside the supported" in s
+
+
+def test_gluon_kernels_use_only_the_shimmed_tma_names():
+    """Triton 3.9 removed tma.async_copy_global_to_shared / async_copy_shared_to_global: the Gluon
+    kernels must call the names versions.py binds for the installed Triton."""
+    for name in ("ws.py", "ws_bwd.py"):
+        src = (ROOT / "src" / "attend" / "kernels" / name).read_text()
+        assert "async_copy_" not in src, name
+        assert "triton.experimental" not in src, f"{name} imports Gluon around versions.py"
+    if versions.GLUON_ERROR is None:
+        tma = versions.tma
+        assert versions.tma_load is getattr(tma, "async_load", getattr(tma, "async_copy_global_to_shared", None))
+        assert versions.tma_store is getattr(tma, "async_store", getattr(tma, "async_copy_shared_to_global", None))
+
+
+def test_info_prints_versions_range_and_experimental_kernels(capsys):
+    from attend.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"triton              {triton.__version__}" in out
+    assert versions.supported_range() in out
+    for label in versions.EXPERIMENTAL.values():
+        assert label in out
+
+
+@pytest.fixture
+def gluon_on_this_device(monkeypatch):
+    """Route calls here (CPU under the interpreter, or any GPU) to the Gluon kernels' gate, as on
+    an sm_90 GPU, with fresh experimental-kernel state."""
+    if launch.ws is None:
+        pytest.skip(f"Gluon is unusable on this Triton: {versions.GLUON_ERROR}")
+    monkeypatch.setattr(versions, "_failed", {})
+    monkeypatch.setattr(launch, "_gluon_device", lambda t: True)
+    monkeypatch.setattr(launch, "_ensure_allocator", lambda: None)
+    monkeypatch.setattr(launch.ws, "_sm_count", lambda index: 4)
+
+
+def _build_failure(*args, **kwargs):
+    # what Triton 3.9 raised when it built the 3.6-era Gluon forward
+    raise RuntimeError("async_copy_shared_to_global has been removed; call async_store instead")
+
+
+@pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9,
+                    reason="on sm_90 the real Gluon kernels run; their float64 tests are in test_core_variants")
+def test_failed_gluon_build_falls_back_to_the_core_with_one_warning(gluon_on_this_device, monkeypatch):
+    """A Gluon kernel whose build raises never fails the call: the core serves it (float64-checked,
+    forward and backward), one RuntimeWarning names the kernel and the versions, and the kernel is
+    off for the rest of the process (``explain`` / ``attend info`` say so)."""
+    monkeypatch.setattr(launch.ws, "_LAUNCH", _build_failure)
+    monkeypatch.setattr(launch.ws_bwd, "_LAUNCH", _build_failure)
+    # take the Gluon dK / dV kernel's route at any length (it serves long sequences only)
+    monkeypatch.setattr(launch, "ws_backward", lambda block_d, seq_bucket: triton.Config({}))
+    dtype = torch.float16
+    q, k, v = (rand(1, 2, 24, 128, dtype=dtype, requires_grad=True) for _ in range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attend.sdpa_kernel([attend.SDPBackend.FLASH_ATTENTION]):
+            out = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+            assert_matches_float64(out, q, k, v, what="fallback", is_causal=True)
+            attend.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # warns no more
+    ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "experimental" in str(w.message)]
+    assert len(ours) == 2, [str(w.message) for w in ours]  # the forward's once, the dK / dV kernel's once
+    for w, label in zip(ours, versions.EXPERIMENTAL.values()):
+        assert label in str(w.message) and f"Triton {triton.__version__}" in str(w.message)
+        assert "async_copy_shared_to_global has been removed" in str(w.message)
+    status = versions.experimental_status()
+    assert all(s.startswith("off: failed to build on Triton") for s in status.values()), status
+
+
+def test_experimental_kernel_runs_when_it_builds(monkeypatch):
+    """The guard passes a working launch through, and reports it ran."""
+    monkeypatch.setattr(versions, "_failed", {})
+    if versions.GLUON_ERROR is not None:
+        assert not versions.run_experimental("gluon_forward", lambda: None)
+        return
+    seen = []
+    assert versions.run_experimental("gluon_forward", seen.append, 7)
+    assert seen == [7] and versions.usable("gluon_forward")
