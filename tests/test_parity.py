@@ -313,8 +313,8 @@ LISTED = {
     "scale_0d_tensor": Call(_r(2, 3, 5, 8), _r(2, 3, 6, 8), _r(2, 3, 6, 8), dict(scale=torch.tensor(0.5))),
     "dropout_1": Call(_r(2, 3, 5, 8), _r(2, 3, 6, 8), _r(2, 3, 6, 8), dict(dropout_p=1.0)),
     "gqa_key_value_heads_differ": Call(_r(2, 4, 5, 8), _r(2, 2, 6, 8), _r(2, 1, 6, 8), dict(enable_gqa=True)),
-    "torch_causal_lower_right": Call(_r(1, 2, 25, 8), _r(1, 2, 51, 8), _r(1, 2, 51, 8),
-                                     dict(attn_mask=torch_bias.causal_lower_right(25, 51))),
+    "torch_causal_lower_right": Call(_r(1, 2, 256, 8), _r(1, 2, 512, 8), _r(1, 2, 512, 8),
+                                     dict(attn_mask=torch_bias.causal_lower_right(256, 512))),
     "head_dim_0": Call(_r(2, 3, 5, 0), _r(2, 3, 6, 0), _r(2, 3, 6, 0)),
     "head_dim_0_value_dim_4": Call(_r(2, 3, 5, 0), _r(2, 3, 6, 0), _r(2, 3, 6, 4), dict(is_causal=True)),
 }
@@ -334,6 +334,15 @@ def test_grouped_heads_match_pytorch(heads, backend):
     call = Call(_r(2, hq, 5, 8), _r(2, hk, 7, 8), _r(2, hv, 7, 8), dict(enable_gqa=True, is_causal=True))
     with attend.sdpa_kernel([backend, B.MATH], set_priority=True):
         assert_parity(call)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the same listed calls on CUDA tensors, in bf16")
+@pytest.mark.parametrize("name", list(LISTED))
+def test_listed_calls_match_pytorch_on_the_gpu(name):
+    c = LISTED[name]
+    kw = {n: (v.cuda() if isinstance(v, torch.Tensor) and not isinstance(v, torch_bias.CausalBias) else v)
+          for n, v in c.kw.items()}
+    assert_parity(Call(*(t.cuda().bfloat16() for t in (c.q, c.k, c.v)), kw), grads=False)
 
 
 def test_dropout_1_is_zeros_and_explain_says_why_fused_backends_skip_it():
