@@ -117,6 +117,14 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.suite == "models":  # runs on the CPU too, at the tiny preset
+        from . import bench_models
+
+        preset = a.models_preset or ("tiny" if a.device == "cpu" else "full")
+        dtype = _DTYPES[a.dtype] if a.device == "cpu" or a.dtype != "float32" else torch.bfloat16
+        bench_models.main(preset, tuple(a.impls.split(",")) if a.impls else bench_models.IMPLS, a.models_json,
+                          a.device, dtype)
+        return 0
     if a.device == "cpu":
         from . import bench_cpu
 
@@ -183,8 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--png", default="bench.png", help="CUDA: where to draw the plot")
     be.add_argument("--no-gqa", action="store_true")
     be.add_argument("--no-decode", action="store_true")
-    be.add_argument("--suite", choices=["core", "masks", "all"], default="core",
-                    help="CUDA: core = dense prefill/decode table; masks = bias, padding, varlen and sliding window")
+    be.add_argument("--suite", choices=["core", "masks", "all", "models"], default="core",
+                    help="CUDA: core = dense prefill/decode table; masks = bias, padding, varlen and sliding window; "
+                    "models = transformers Llama- and Gemma-2-shaped training step and generation per "
+                    "attn_implementation (also on the CPU, tiny)")
+    be.add_argument("--models-json", default="bench_models.json", help="where --suite models writes its results")
+    be.add_argument("--models-preset", choices=["full", "tiny"], default=None,
+                    help="--suite models sizes; default full on CUDA, tiny on the CPU")
     be.add_argument("--masks-json", default="bench_masks.json", help="CUDA: where --suite masks writes its results")
     return ap
 

@@ -1,0 +1,164 @@
+"""Model benchmark: Hugging Face transformers models with each ``attn_implementation``.
+
+``python -m attend bench --suite models --device cuda`` times, in one process, a training step
+(forward + backward of the language-model loss) and a greedy generation loop (prefill, then decode
+with a KV cache) of two random-init models:
+
+- ``llama``: Llama-shaped, hidden 2048, 4 layers, 16 query / 4 KV heads (D = 128), B = 2, S = 8192;
+- ``gemma2``: the same shape as Gemma 2 (attention logit softcap 50, sliding window 4096 on every
+  other layer, final logit softcap 30);
+
+for ``attn_implementation`` in ``attend`` (attend's default backend order), ``attend-own``
+(``attend`` restricted to attend's own kernels: FLASH, EFFICIENT, MATH), ``sdpa``,
+``flex_attention`` and ``eager``. Each row has the first step's time (compilation included) and
+the steady-state median; a path that fails (out of memory, unsupported) gets a row with its
+error. Rows go to a JSON file. The ``tiny`` preset (the default on the CPU) runs the same code at
+toy sizes, as a smoke test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+PRESETS = {
+    "full": dict(hidden=2048, layers=4, heads=16, kv_heads=4, batch=2, seq=8192, vocab=32000, intermediate=5632,
+                 window=4096, prompt=1024, new_tokens=128),
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, batch=2, seq=32, vocab=128, intermediate=128, window=8,
+                 prompt=8, new_tokens=4),
+}
+IMPLS = ("attend", "attend-own", "sdpa", "flex_attention", "eager")
+MODELS = ("llama", "gemma2")
+
+
+def _config(model: str, p: dict):
+    import transformers
+
+    common = dict(hidden_size=p["hidden"], intermediate_size=p["intermediate"], num_hidden_layers=p["layers"],
+                  num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"], vocab_size=p["vocab"],
+                  max_position_embeddings=max(p["seq"], p["prompt"] + p["new_tokens"]), pad_token_id=0,
+                  bos_token_id=1, eos_token_id=None, tie_word_embeddings=False)
+    head_dim = p["hidden"] // p["heads"]
+    if model == "llama":
+        return transformers.LlamaConfig(**common)
+    if model == "gemma2":
+        return transformers.Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                         sliding_window=p["window"], attn_logit_softcapping=50.0,
+                                         final_logit_softcapping=30.0)
+    raise ValueError(f"model {model!r}: expected one of {', '.join(MODELS)}")
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str, steps: int) -> tuple[float, float]:
+    """(first call ms, median ms of the next ``steps``)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = (time.perf_counter() - t0) * 1e3
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return first, statistics.median(times)
+
+
+def _impl_context(impl: str):
+    """(attn_implementation name, context) for a benchmark implementation name."""
+    if impl == "attend-own":
+        import attend
+
+        return "attend", attend.sdpa_kernel([attend.SDPBackend.FLASH_ATTENTION, attend.SDPBackend.EFFICIENT_ATTENTION,
+                                             attend.SDPBackend.MATH], set_priority=True)
+    return impl, contextlib.nullcontext()
+
+
+def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> dict:
+    name, ctx = _impl_context(impl)
+    model.set_attn_implementation(name)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    with ctx:
+        if phase == "train":
+            ids = torch.randint(2, p["vocab"], (p["batch"], p["seq"]), generator=g).to(device)
+            model.train()
+
+            def step():
+                model.zero_grad(set_to_none=True)
+                model(ids, labels=ids).loss.backward()
+            first, steady = _timed(step, device, steps)
+            return dict(first_ms=first, steady_ms=steady, tokens=p["batch"] * p["seq"])
+        ids = torch.randint(2, p["vocab"], (p["batch"], p["prompt"]), generator=g).to(device)
+        model.eval()
+
+        def gen():
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=p["new_tokens"], min_new_tokens=p["new_tokens"], do_sample=False,
+                               use_cache=True, pad_token_id=0)
+        first, steady = _timed(gen, device, steps)
+        return dict(first_ms=first, steady_ms=steady, ms_per_token=steady / p["new_tokens"],
+                    tokens=p["batch"] * p["new_tokens"])
+
+
+def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_models.json", device: str = "cuda",
+         dtype: torch.dtype = torch.bfloat16, steps: int = 5, new_tokens: int | None = None, models=MODELS) -> list[dict]:
+    """Time every (model, implementation, phase) and write the rows to ``json_path``; returns the rows."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"--suite models needs Hugging Face transformers (pip install transformers): {e}") from e
+
+    import attend.integrations.transformers  # noqa: F401  (registers "attend")
+
+    p = dict(PRESETS[preset])
+    if new_tokens is not None:
+        p["new_tokens"] = new_tokens
+    rows = []
+    for model_name in models:
+        cfg = _config(model_name, p)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(device, dtype)
+        for impl in impls:
+            for phase in ("train", "generate"):
+                row = dict(model=model_name, impl=impl, phase=phase, ok=True)
+                try:
+                    row.update(_run_one(model, impl, phase, p, device, steps))
+                except Exception as e:  # a path that cannot run this model gets a row saying why
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400])
+                finally:
+                    model.zero_grad(set_to_none=True)
+                    if str(device).startswith("cuda"):
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                print(_line(row), flush=True)
+        del model
+    meta = dict(preset=preset, shape=p, dtype=str(dtype).removeprefix("torch."), device=_device_name(device),
+                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return rows
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def _line(r: dict) -> str:
+    head = f"{r['model']:<7} {r['impl']:<15} {r['phase']:<9}"
+    if not r["ok"]:
+        return f"{head} failed: {r['error']}"
+    tail = f"  {r['ms_per_token']:.2f} ms/token" if "ms_per_token" in r else ""
+    return f"{head} first {r['first_ms'] / 1e3:8.2f} s  steady {r['steady_ms']:9.1f} ms{tail}"

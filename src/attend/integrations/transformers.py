@@ -1,0 +1,700 @@
+"""``attn_implementation="attend"`` for Hugging Face transformers models.
+
+Importing this module registers ``"attend"`` with transformers' ``AttentionInterface`` (the
+attention function) and ``AttentionMaskInterface`` (the mask builder)::
+
+    import attend.integrations.transformers  # noqa: F401  (registers "attend")
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attend")
+    model.set_attn_implementation("attend")   # or switch a loaded model
+
+It serves what transformers' flash-attention path serves, through attend's public API
+(``attend.scaled_dot_product_attention``, ``attend.bias``, ``attend.varlen.varlen_attn``), never
+PyTorch's SDPA:
+
+============================================  ==============================================
+what the model asks                           what runs
+============================================  ==============================================
+causal, no padding (training, prefill)        SDPA ``is_causal=True`` (``L == S``)
+chunked prefill with a KV cache (``L < S``)   SDPA with ``causal_lower_right(L, S)``
+decode (``L == 1``)                           SDPA without a mask, or a key vector ``(B,1,1,S)``
+                                              (padding, sliding window, a static cache's
+                                              unfilled slots)
+padding (``L > 1``)                           ``varlen_attn`` on the unpadded tokens
+sliding window, ``S > window``                ``varlen_attn`` with ``window_size=(window-1, 0)``
+packed batch (``position_ids`` restart, or    ``varlen_attn`` with those sequences
+``cu_seq_lens_q/k``)
+bidirectional (encoder-style) masks           SDPA with a key vector ``(B,1,1,S)``
+GQA                                           ``enable_gqa=True``, K/V never repeated
+learnable sinks ``s_aux`` (gpt-oss)           ``varlen_attn``'s LSE: ``out * sigmoid(lse - s_aux)``
+``softcap`` (Gemma 2)                         this module's unfused path (warns once)
+any other mask function                       its ``(B,1,L,S)`` bool mask, materialized (warns)
+============================================  ==============================================
+
+The mask builder never materializes an ``L x S`` mask where a band or a key vector describes it:
+it hands the attention function ``None`` (a causal band, bottom-right aligned), the 2-D padding
+mask ``(B, S)`` (bool), packed sequence ids ``(B, S)`` (int32) or a key vector ``(B, 1, 1, S)``.
+Masks the model builds itself (4-D tensors) are used as they are.
+
+``softcap`` has no fused kernel yet, so it runs :func:`unfused_attention` (torch ops over blocks
+of query rows with a backward that recomputes them: memory ``O(rows * S)``, not ``O(L * S)``, but
+no fused kernel's speed); ``FUSED`` says which features a fused
+kernel serves, and a feature whose entry turns True leaves the unfused path. :func:`explain` says
+which route and backend a call takes. A feature that cannot be served raises an error naming it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+try:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import (
+        AttentionMaskInterface,
+        bidirectional_mask_function,
+        causal_mask_function,
+        sdpa_mask,
+    )
+except ImportError as e:  # transformers is optional for attend; only this module needs it
+    raise ImportError(
+        "attend.integrations.transformers needs Hugging Face transformers (5.x): pip install transformers. "
+        f"Importing it failed: {e}") from e
+
+import attend
+from attend.bias import causal_lower_right
+from attend.varlen import AuxRequest, varlen_attn
+
+__all__ = ["NAME", "FUSED", "UnfusedFeatureWarning", "attention_forward", "mask_for_attend", "unfused_attention",
+           "explain", "register"]
+
+NAME = "attend"
+
+# Features of transformers' attention calls that attend's fused kernels do not have yet. While an
+# entry is False the call takes the path named in _FEATURE_PATH; a fused kernel flips it.
+FUSED = {"softcap": False, "s_aux": False}
+_UNFUSED_PATH = ("attend.integrations.transformers.unfused_attention (torch ops over blocks of query rows, every "
+                 "score computed twice, memory O(rows * S))")
+_FEATURE_PATH = {
+    "softcap": _UNFUSED_PATH,
+    "s_aux": "varlen_attn's log-sum-exp: out * sigmoid(lse - s_aux) (fused attention, sinks applied after it)",
+}
+
+
+class UnfusedFeatureWarning(UserWarning):
+    """A transformers attention call that attend serves outside its fused kernels (warned once per reason)."""
+
+
+_warned: set = set()
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, UnfusedFeatureWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask builder: what transformers' create_*_mask hand the attention function.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _MaskSpec:
+    causal: bool
+    window: int | None
+    packed: torch.Tensor | None  # (B, S) sequence ids of a packed batch
+
+
+def _mask_parts(fn) -> list | None:
+    """The pieces of a transformers mask function that attend serves without a mask tensor, or
+    None for a function it does not recognize (then the mask is materialized)."""
+    if fn is causal_mask_function:
+        return [("causal", None)]
+    if fn is bidirectional_mask_function:
+        return [("full", None)]
+    name = getattr(fn, "__qualname__", "")
+    try:
+        free = inspect.getclosurevars(fn).nonlocals
+    except TypeError:
+        return None
+    if name == "and_masks.<locals>.and_mask" and "mask_functions" in free:
+        parts = []
+        for f in free["mask_functions"]:
+            sub = _mask_parts(f)
+            if sub is None:
+                return None
+            parts += sub
+        return parts
+    if name == "sliding_window_overlay.<locals>.inner_mask" and "sliding_window" in free:
+        return [("window", int(free["sliding_window"]))]
+    if name == "packed_sequence_mask_function.<locals>.inner_mask" and "packed_sequence_mask" in free:
+        return [("packed", free["packed_sequence_mask"])]
+    if name == "remap_positions_for_packed_sequence.<locals>.inner_mask" and "mask_function" in free:
+        # Positions step by 1 inside a packed sequence, so a band over them is the band over indices.
+        return _mask_parts(free["mask_function"])
+    return None
+
+
+def _mask_spec(fn) -> _MaskSpec | None:
+    parts = _mask_parts(fn)
+    if parts is None:
+        return None
+    kinds = [k for k, _ in parts]
+    causal = "causal" in kinds
+    windows = [w for k, w in parts if k == "window"]
+    packed = [p for k, p in parts if k == "packed"]
+    if not causal and ("full" not in kinds or windows):
+        return None  # a bidirectional window, or a window alone: no band form here
+    return _MaskSpec(causal, min(windows) if windows else None, packed[0] if packed else None)
+
+
+def _key_padding(attention_mask: torch.Tensor | None, kv_length: int, kv_offset: int) -> torch.Tensor | None:
+    """The 2-D padding mask cut to the keys ``[kv_offset, kv_offset + kv_length)`` (bool, True =
+    a real token), or None when every key is real."""
+    if attention_mask is None:
+        return None
+    am = attention_mask.to(torch.bool)
+    kv_offset = int(kv_offset)
+    missing = kv_offset + kv_length - am.shape[-1]
+    if missing > 0:  # a static cache's unfilled slots are not keys yet
+        am = torch.nn.functional.pad(am, (0, missing), value=False)
+    pad = am[:, kv_offset:kv_offset + kv_length]
+    return None if bool(pad.all()) else pad
+
+
+def _materialized(reason: str, **kw) -> torch.Tensor | None:
+    _warn_once(("mask", reason), f"attend: {reason}; the attention mask is materialized as a (B, 1, L, S) bool "
+               "tensor and the call runs EFFICIENT with it")
+    kw.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return sdpa_mask(**kw)
+
+
+def mask_for_attend(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                    mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers' mask interface for ``"attend"``: describe the mask as cheaply as possible.
+
+    Returns None (causal band, bottom-right aligned, plus the layer's ``sliding_window``), a 2-D
+    bool padding mask ``(B, S)``, int32 packed sequence ids ``(B, S)``, a bool key vector
+    ``(B, 1, 1, S)``, or (for mask functions with no band form) the materialized
+    ``(B, 1, L, S)`` bool mask.
+    """
+    kw = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+              mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    spec = _mask_spec(mask_function)
+    if spec is None:
+        name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
+        return _materialized(f"mask function {name} has no band or key-padding form", **kw)
+    if spec.packed is not None:
+        if attention_mask is not None:
+            return _materialized("a packed batch with a padding mask", **kw)
+        return spec.packed.to(torch.int32)
+    device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+    pad = _key_padding(attention_mask, kv_length, kv_offset)
+    if not spec.causal:
+        keys = pad if pad is not None else torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+        return keys[:, None, None, :]
+    # Query i sits at position q_offset + i and key j at kv_offset + j: causal iff j <= i + d.
+    d = q_offset - kv_offset
+    window_cuts = spec.window is not None and kv_length > spec.window
+    if q_length == 1:
+        if pad is None and not window_cuts and not isinstance(d, torch.Tensor) and d == kv_length - 1:
+            return None
+        j = torch.arange(kv_length, device=device)
+        keys = j <= d
+        if spec.window is not None:
+            keys = keys & (j > d - spec.window)
+        keys = keys.expand(batch_size, kv_length) if pad is None else keys & pad
+        return keys[:, None, None, :]
+    if int(d) != kv_length - q_length:
+        return _materialized(f"queries at offset {int(q_offset)} with {kv_length} key slots (a static cache) "
+                             "are not bottom-right aligned", **kw)
+    return pad
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed layouts for varlen_attn
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Packing:
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    idx_q: torch.Tensor | None = None  # rows of the (B*L) query tokens kept (None = all)
+    idx_k: torch.Tensor | None = None
+
+
+# Host-side results per index tensor (padding masks, sequence ids): every layer of a forward shares
+# the same tensor, so the sync that reads it happens once.
+_MEMO: dict = {}
+
+
+def _memo(t: torch.Tensor, extra, build):
+    key = (id(t), extra)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    value = build()
+    _MEMO[key] = (weakref.ref(t, lambda _, key=key: _MEMO.pop(key, None)), t._version, value)
+    return value
+
+
+_DENSE_CU: dict = {}
+
+
+def _dense_packing(B: int, L: int, S: int, device) -> _Packing:
+    key = (B, L, S, str(device))
+    if key not in _DENSE_CU:
+        if len(_DENSE_CU) >= 64:  # generation grows S every step; keep the table small
+            _DENSE_CU.clear()
+        ar = torch.arange(B + 1, dtype=torch.int32, device=device)
+        _DENSE_CU[key] = _Packing(ar * L, ar * S, L, S)
+    return _DENSE_CU[key]
+
+
+def _cu(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _padding_packing(mask: torch.Tensor, L: int, S: int) -> _Packing:
+    def build():
+        keys = mask.to(torch.bool)[:, -S:]
+        # queries are the last L positions (bottom-right); a decode step keeps its one query always
+        queries = keys[:, -L:] if L > 1 else torch.ones_like(keys[:, -1:])
+        nq, nk = queries.sum(-1, dtype=torch.int32), keys.sum(-1, dtype=torch.int32)
+        return _Packing(_cu(nq), _cu(nk), int(nq.max()), int(nk.max()),
+                        queries.flatten().nonzero().flatten(), keys.flatten().nonzero().flatten())
+    return _memo(mask, ("pad", L, S), build)
+
+
+def _ids_packing(ids: torch.Tensor) -> _Packing:
+    def build():
+        flat = ids.flatten()
+        B, S = ids.shape
+        start = torch.ones_like(flat, dtype=torch.bool)
+        start[1:] = flat[1:] != flat[:-1]
+        start[::S] = True  # each batch row starts a sequence
+        cu = torch.cat([start.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+        longest = int(cu.diff().max())
+        return _Packing(cu, cu, longest, longest)
+    return _memo(ids, "ids", build)
+
+
+def _packed_from_positions(query, key, position_ids) -> torch.Tensor | None:
+    """Sequence ids ``(1, S)`` when ``position_ids`` restart inside one row (a packed batch that
+    reached the attention call without a mask: transformers builds none when a cache is passed),
+    else None. Read once per ``position_ids`` tensor, not once per layer."""
+    L, S = query.shape[-2], key.shape[-2]
+    if (position_ids is None or query.shape[0] != 1 or L != S or L < 2 or position_ids.dim() != 2
+            or position_ids.shape[-1] != L):
+        return None
+
+    def build():
+        breaks = position_ids[0].diff() != 1
+        if not bool(breaks.any()):
+            return None
+        return torch.nn.functional.pad(breaks.cumsum(0, dtype=torch.int32), (1, 0))[None]
+    return _memo(position_ids, "positions", build)
+
+
+def _kwargs_packing(kwargs: dict) -> _Packing:
+    def as_int(x):
+        return int(x.max()) if isinstance(x, torch.Tensor) else int(x)
+    cu_q, cu_k = kwargs["cu_seq_lens_q"].to(torch.int32), kwargs["cu_seq_lens_k"].to(torch.int32)
+    max_q = kwargs.get("max_length_q")
+    max_k = kwargs.get("max_length_k")
+    max_q = as_int(max_q) if max_q is not None else int(cu_q.diff().max())
+    max_k = as_int(max_k) if max_k is not None else int(cu_k.diff().max())
+    return _Packing(cu_q, cu_k, max_q, max_k)
+
+
+def _ids_from_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
+    marks = torch.zeros(total, dtype=torch.int32, device=cu.device)
+    inner = cu[1:-1].long()
+    marks.index_add_(0, inner[inner < total], torch.ones_like(inner[inner < total], dtype=torch.int32))
+    return marks.cumsum(0)[None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The routes
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Call:
+    """How one attention call is served; ``str()`` says it."""
+
+    route: str          # "sdpa", "varlen" or "unfused"
+    mask_kind: str      # "none", "padding", "packed", "keys", "dense"
+    causal: bool
+    window: int | None  # keys per query, when it cuts any key
+    features: list
+    reason: str = ""
+
+    def __str__(self) -> str:
+        w = f", sliding window {self.window}" if self.window else ""
+        f = f", features {', '.join(self.features)}" if self.features else ""
+        line = f"route: {self.route} (mask {self.mask_kind}, causal={self.causal}{w}{f})"
+        return line + (f"; {self.reason}" if self.reason else "")
+
+
+def _mask_kind(mask, kwargs) -> str:
+    if mask is None:
+        return "packed" if kwargs.get("cu_seq_lens_q") is not None else "none"
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attend: attention_mask of type {type(mask).__name__} is not supported; expected None, "
+                        "a 2-D (B, S) padding mask or sequence ids, or a 4-D mask tensor (set "
+                        "attn_implementation='attend' through from_config / set_attn_implementation so that "
+                        "transformers builds the mask for it)")
+    if mask.dim() == 2:
+        return "padding" if mask.dtype == torch.bool else "packed"
+    if mask.dim() == 4:
+        return "keys" if mask.shape[-2] == 1 and mask.dtype == torch.bool else "dense"
+    raise ValueError(f"attend: attention_mask has shape {tuple(mask.shape)}; expected (B, S) or (B, H, L, S)")
+
+
+def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, is_causal) -> _Call:
+    if kwargs.get("block_table") is not None or kwargs.get("k_cache") is not None:
+        raise NotImplementedError(
+            "attend: transformers' paged continuous-batching cache (block_table / k_cache) is not served yet: its "
+            "calls write the new keys into the pages inside the attention call, which varlen_attn's paged KV "
+            "(read only) does not do; use generate() with a DynamicCache or StaticCache")
+    L, S = query.shape[-2], key.shape[-2]
+    kind = _mask_kind(mask, kwargs)
+    window = sliding_window if sliding_window is not None and kind not in ("keys", "dense") else None
+    if window is not None and window <= 0:
+        raise ValueError(f"attend: sliding_window must be a positive int, got {window!r}")
+    if window is not None and S <= window and kind != "packed":
+        window = None  # the window cuts no key
+    features = [name for name, v in (("softcap", softcap), ("s_aux", s_aux)) if v is not None]
+    # one query sees every key; a 4-D mask is the whole mask (transformers built the band into it)
+    causal = bool(is_causal) and not (L == 1 and kind in ("none", "padding")) and kind not in ("keys", "dense")
+    if softcap is not None and not FUSED["softcap"]:
+        return _Call("unfused", kind, causal, window, features, "softcap: " + _FEATURE_PATH["softcap"])
+    if s_aux is not None and kind == "keys" and L == 1:  # decode: one query per row, its keys unpadded
+        return _Call("varlen", kind, False, None, features, "s_aux: " + _FEATURE_PATH["s_aux"])
+    if s_aux is not None and kind in ("keys", "dense"):
+        return _Call("unfused", kind, causal, window, features,
+                     "s_aux with a mask tensor: no log-sum-exp from the dense API; " + _UNFUSED_PATH)
+    needs_varlen = (window is not None or kind == "packed" or (kind == "padding" and L > 1)
+                    or (s_aux is not None and not FUSED["s_aux"]))
+    if needs_varlen and dropout:
+        return _Call("unfused", kind, causal, window, features,
+                     f"dropout {dropout} with padding, packing, a sliding window or sinks: varlen_attn has no dropout; "
+                     + _UNFUSED_PATH)
+    if needs_varlen:
+        return _Call("varlen", kind, causal, window, features,
+                     "s_aux: " + _FEATURE_PATH["s_aux"] if s_aux is not None else "")
+    return _Call("sdpa", kind, causal, window, features)
+
+
+def _sdpa(call: _Call, q, k, v, mask, dropout, scale, gqa):
+    L, S = q.shape[-2], k.shape[-2]
+    if call.mask_kind in ("keys", "dense"):
+        return attend.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                                   enable_gqa=gqa)
+    if call.mask_kind == "padding":  # one query: its padded keys only
+        mask = mask.to(torch.bool)[:, None, None, -S:]
+        return attend.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                                   enable_gqa=gqa)
+    if call.causal and L == S:
+        return attend.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
+                                                   enable_gqa=gqa)
+    bias = causal_lower_right(L, S) if call.causal else None
+    return attend.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) -> (B * N, H, D): free for the (B, N, H, D) projections models pass."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1])
+
+
+def _packing(call: _Call, q, k, mask, kwargs) -> _Packing:
+    B, L, S = q.shape[0], q.shape[-2], k.shape[-2]
+    if call.mask_kind == "packed":
+        if mask is not None:
+            return _ids_packing(mask)
+        return _kwargs_packing(kwargs)
+    if call.mask_kind == "padding":
+        return _padding_packing(mask, L, S)
+    if call.mask_kind == "keys":
+        return _padding_packing(mask.reshape(mask.shape[0], -1), L, S)
+    return _dense_packing(B, L, S, q.device)
+
+
+def _varlen(call: _Call, q, k, v, mask, scale, gqa, s_aux, kwargs):
+    B, H, L, D = q.shape
+    p = _packing(call, q, k, mask, kwargs)
+    qp, kp, vp = _tokens(q), _tokens(k), _tokens(v)
+    if p.idx_q is not None:
+        qp, kp, vp = qp.index_select(0, p.idx_q), kp.index_select(0, p.idx_k), vp.index_select(0, p.idx_k)
+    left = call.window - 1 if call.window is not None else -1
+    right = 0 if call.causal else left
+    aux = AuxRequest(lse=True) if s_aux is not None else None
+    out = varlen_attn(qp, kp, vp, p.cu_q, p.cu_k, p.max_q, p.max_k, return_aux=aux, scale=scale,
+                      window_size=(left, right), enable_gqa=gqa)
+    if s_aux is not None:
+        out, lse = out  # lse: (H, T), natural log
+        # A sink is one more logit per head that takes softmax mass and gives no value:
+        # softmax over [scores, s] @ [V; 0] = out * Z / (Z + e^s) = out * sigmoid(lse - s).
+        keep = torch.sigmoid(lse - s_aux.to(torch.float32)[:, None]).transpose(0, 1)[..., None]
+        out = (out.to(torch.float32) * keep).to(q.dtype)
+    if p.idx_q is not None:
+        out = out.new_zeros(B * L, H, out.shape[-1]).index_copy(0, p.idx_q, out)
+    return out.view(B, L, H, -1)
+
+
+def _allowed_rows(call: _Call, L: int, S: int, mask, kwargs, device):
+    """A function ``(q0, q1) -> bool mask`` of query rows ``q0:q1`` (broadcastable to
+    ``(B, 1, q1 - q0, S)``, True = may attend) for the unfused path, or None for all keys."""
+    if call.mask_kind in ("keys", "dense"):
+        return mask if mask.dtype == torch.bool else None
+    ids = None
+    if call.mask_kind == "packed":
+        ids = mask if mask is not None else _ids_from_cu(kwargs["cu_seq_lens_q"], L)
+    if not call.causal and call.window is None and call.mask_kind not in ("padding", "packed"):
+        return None
+
+    def rows(q0: int, q1: int) -> torch.Tensor:
+        allowed = torch.ones(1, 1, q1 - q0, S, dtype=torch.bool, device=device)
+        i = torch.arange(q0, q1, device=device)[:, None] + (S - L)  # bottom-right
+        j = torch.arange(S, device=device)[None, :]
+        if call.causal:
+            allowed = allowed & (j <= i)
+        if call.window is not None:
+            allowed = allowed & ((j > i - call.window) if call.causal else ((j - i).abs() < call.window))
+        if call.mask_kind == "padding":
+            allowed = allowed & mask.to(torch.bool)[:, None, None, -S:]
+        elif ids is not None:
+            allowed = allowed & (ids[:, None, q0:q1, None] == ids[:, None, None, :])
+        return allowed
+    return rows
+
+
+def _rows(mask, q0: int, q1: int):
+    """Query rows q0:q1 of a mask broadcastable to (B, 1 or H, L, S), or of a mask function."""
+    if mask is None:
+        return None
+    if callable(mask):
+        return mask(q0, q1)
+    return mask if mask.shape[-2] == 1 else mask[..., q0:q1, :]
+
+
+# Scores held at once by the unfused path: rows of fp32 (B, H, rows, S) blocks within this budget.
+UNFUSED_BLOCK_BYTES = 1 << 28
+
+
+def _scores(qb, k, scale, softcap, allowed, additive):
+    """fp32 scores of query rows ``qb`` ``(B, H, m, D)`` against ``k`` ``(B, H_kv, S, D)``, with the
+    softcap (and its tanh, for the backward) and the masks applied."""
+    Hkv = k.shape[1]
+    G = qb.shape[1] // Hkv
+    raw = torch.matmul(qb.unflatten(1, (Hkv, G)), k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
+    raw = raw.to(torch.float32) * scale                                  # (B, H, m, S)
+    t = None
+    if softcap is not None:
+        t = torch.tanh(raw / softcap)
+        raw = softcap * t
+    if additive is not None:
+        raw = raw + additive.to(torch.float32)
+    if allowed is not None:
+        raw = raw.masked_fill(~allowed, float("-inf"))
+    return raw, t
+
+
+def _grouped(x: torch.Tensor, Hkv: int) -> torch.Tensor:
+    return x.unflatten(1, (Hkv, x.shape[1] // Hkv))                     # (B, Hkv, G, ...)
+
+
+class _UnfusedAttention(torch.autograd.Function):
+    """Blocked over query rows: the forward keeps (out, lse), the backward recomputes each block's
+    scores, so memory is O(rows * S), not O(L * S), in both directions."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, s_aux, allowed, additive, scale, softcap, rows):
+        B, H, L, _ = q.shape
+        Hkv = k.shape[1]
+        out = q.new_empty(B, H, L, v.shape[-1])
+        lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+        sink = s_aux.to(torch.float32).view(1, H, 1) if s_aux is not None else None
+        for q0 in range(0, L, rows):
+            q1 = min(L, q0 + rows)
+            s, _ = _scores(q[:, :, q0:q1], k, scale, softcap, _rows(allowed, q0, q1), _rows(additive, q0, q1))
+            peak = s.amax(-1)                                            # (B, H, m)
+            if sink is not None:
+                peak = torch.maximum(peak, sink)
+            peak = peak.masked_fill(torch.isinf(peak), 0.0)
+            p = torch.exp(s - peak[..., None])
+            total = p.sum(-1)
+            if sink is not None:
+                total = total + torch.exp(sink - peak)
+            p = p / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+            out[:, :, q0:q1] = torch.matmul(_grouped(p.to(v.dtype), Hkv), v.unsqueeze(2)).flatten(1, 2)
+            lse[:, :, q0:q1] = peak + torch.log(total)                  # -inf for a row that sees nothing
+        ctx.save_for_backward(q, k, v, s_aux, out, lse)
+        ctx.masks = (allowed, additive)
+        ctx.args = (scale, softcap, rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, s_aux, out, lse = ctx.saved_tensors
+        allowed, additive = ctx.masks
+        scale, softcap, rows = ctx.args
+        B, H, L, _ = q.shape
+        Hkv = k.shape[1]
+        kf, vf = k.to(torch.float32), v.to(torch.float32)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dsink = torch.zeros(H, dtype=torch.float32, device=q.device) if s_aux is not None else None
+        for q0 in range(0, L, rows):
+            q1 = min(L, q0 + rows)
+            qb = q[:, :, q0:q1]
+            s, t = _scores(qb, k, scale, softcap, _rows(allowed, q0, q1), _rows(additive, q0, q1))
+            row_lse = lse[:, :, q0:q1]
+            p = torch.exp(s - row_lse.masked_fill(torch.isinf(row_lse), 0.0)[..., None])   # (B, H, m, S)
+            do = dout[:, :, q0:q1].to(torch.float32)
+            delta = (do * out[:, :, q0:q1].to(torch.float32)).sum(-1)    # (B, H, m)
+            dp = torch.matmul(_grouped(do, Hkv), vf.unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
+            ds = p * (dp - delta[..., None])
+            if dsink is not None:  # the sink's weight is exp(s_aux - lse); it adds no value
+                dsink -= (torch.exp(s_aux.to(torch.float32).view(1, H, 1) - row_lse) * delta).sum((0, 2))
+            if t is not None:
+                ds = ds * (1 - t * t)
+            ds = ds * scale
+            dq[:, :, q0:q1] = torch.matmul(_grouped(ds, Hkv), kf.unsqueeze(2)).flatten(1, 2)
+            dk += torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qb.to(torch.float32), Hkv)).sum(2)
+            dv += torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(do, Hkv)).sum(2)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsink.to(s_aux.dtype) if dsink is not None else None,
+                None, None, None, None, None)
+
+
+def unfused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed=None, *,
+                      additive: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
+                      s_aux: torch.Tensor | None = None, dropout: float = 0.0, block_rows: int | None = None) -> torch.Tensor:
+    """Attention in torch ops, for the features attend's kernels do not fuse yet.
+
+    ``query`` ``(B, H, L, D)``, ``key`` / ``value`` ``(B, H_kv, S, D)`` (``H`` a multiple of ``H_kv``;
+    K/V heads are broadcast, not repeated); ``allowed``: bool, broadcastable to ``(B, 1, L, S)``
+    (True = may attend), or a function ``(q0, q1) -> `` that mask's rows ``q0:q1``; ``additive``: a
+    float mask added to the scores (no gradient); ``softcap``: scores become
+    ``softcap * tanh(scores / softcap)`` (Gemma 2); ``s_aux`` ``(H,)``: one learnable sink logit per
+    head that joins the softmax and adds no value (gpt-oss). A row that sees no key is 0.
+
+    Runs over blocks of ``block_rows`` query rows (default: fp32 score blocks of
+    ``UNFUSED_BLOCK_BYTES``) with a hand-written backward that recomputes them, so memory stays
+    ``O(block_rows * S)``; gradients reach query, key, value and ``s_aux``. With ``dropout`` the
+    probabilities are kept for autograd instead (``O(L * S)``). Returns ``(B, H, L, D)``.
+    """
+    B, H, L, D = query.shape
+    S = key.shape[-2]
+    if H % key.shape[1]:
+        raise ValueError(f"query has {H} heads and key {key.shape[1]}; {H} is not a multiple of {key.shape[1]}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if additive is not None:
+        additive = additive.detach()
+    if dropout:
+        return _unfused_with_dropout(query, key, value, _rows(allowed, 0, L), _rows(additive, 0, L), scale, softcap,
+                                     s_aux, dropout)
+    rows = block_rows or max(1, min(L, UNFUSED_BLOCK_BYTES // max(1, 4 * B * H * S)))
+    return _UnfusedAttention.apply(query, key, value, s_aux, allowed, additive, scale, softcap, int(rows))
+
+
+def _unfused_with_dropout(q, k, v, allowed, additive, scale, softcap, s_aux, dropout):
+    s, _ = _scores(q, k, scale, softcap, allowed, additive)
+    H = q.shape[1]
+    peak = s.amax(-1, keepdim=True)
+    if s_aux is not None:
+        sink = s_aux.to(torch.float32).view(1, H, 1, 1)
+        peak = torch.maximum(peak, sink)
+    peak = peak.detach().masked_fill(torch.isinf(peak), 0.0)
+    p = torch.exp(s - peak)
+    total = p.sum(-1, keepdim=True)
+    if s_aux is not None:
+        total = total + torch.exp(sink - peak)
+    p = torch.nn.functional.dropout(p / total.clamp_min(torch.finfo(torch.float32).tiny), p=dropout)
+    return torch.matmul(_grouped(p.to(v.dtype), k.shape[1]), v.unsqueeze(2)).flatten(1, 2)
+
+
+def _unfused(call: _Call, q, k, v, mask, kwargs, *, dropout, scale, softcap, s_aux):
+    L, S = q.shape[-2], k.shape[-2]
+    allowed = _allowed_rows(call, L, S, mask, kwargs, q.device)
+    additive = mask if call.mask_kind == "dense" and mask.dtype != torch.bool else None
+    return unfused_attention(q, k, v, allowed, additive=additive, scale=scale, softcap=softcap, s_aux=s_aux,
+                             dropout=dropout)
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention function transformers calls
+# ----------------------------------------------------------------------------------------------
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      sliding_window: int | None = None, softcap: float | None = None, is_causal: bool | None = None,
+                      s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface for ``"attend"``.
+
+    ``query`` ``(B, H, L, D)``, ``key`` / ``value`` ``(B, H_kv, S, D)`` (views of the model's
+    ``(B, L, H, D)`` projections, or a KV cache's tensors); ``attention_mask`` as built by
+    :func:`mask_for_attend` or a 4-D mask of the model's own. Returns ``((B, L, H, D), None)``
+    (attention weights are never materialized).
+    """
+    if kwargs.get("output_attentions", False):
+        _warn_once("output_attentions", "attend: output_attentions=True is not supported (the weights are never "
+                   "materialized); use attn_implementation='eager' to get them")
+    if any(n == 0 for n in query.shape):
+        raise ValueError(f"attend: query has a zero-size dim, shape {tuple(query.shape)}")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and kwargs.get("cu_seq_lens_q") is None:
+        attention_mask = _packed_from_positions(query, key, kwargs.get("position_ids"))
+    call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
+                 softcap=softcap, s_aux=s_aux, is_causal=is_causal)
+    gqa = query.shape[1] != key.shape[1]
+    if call.route == "unfused":
+        _warn_once(("unfused", call.reason), f"attend: not fused yet, so this call runs the unfused path: {call.reason}")
+        out = _unfused(call, query, key, value, attention_mask, kwargs, dropout=dropout, scale=scaling,
+                       softcap=softcap, s_aux=s_aux)
+        return out.transpose(1, 2), None
+    if call.route == "varlen":
+        if s_aux is not None:
+            _warn_once(("composed", "s_aux"), f"attend: learnable sinks (s_aux) are not in the kernel yet: "
+                       f"{_FEATURE_PATH['s_aux']}")
+        return _varlen(call, query, key, value, attention_mask, scaling, gqa, s_aux, kwargs), None
+    return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
+
+
+def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask=None, *, dropout: float = 0.0,
+            scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None,
+            is_causal: bool = True, s_aux: torch.Tensor | None = None, **kwargs) -> str:
+    """Which route (SDPA, varlen_attn or the unfused path) an attention call with these arguments
+    takes, why, and for SDPA calls ``attend.explain``'s backend table."""
+    call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
+                 softcap=softcap, s_aux=s_aux, is_causal=is_causal)
+    lines = [str(call)]
+    if call.route == "sdpa":
+        L, S = query.shape[-2], key.shape[-2]
+        mask = None
+        if call.mask_kind in ("keys", "dense"):
+            mask = attention_mask
+        elif call.mask_kind == "padding":
+            mask = attention_mask.to(torch.bool)[:, None, None, -S:]
+        elif call.causal and L != S:
+            mask = causal_lower_right(L, S)
+        lines.append(str(attend.explain(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                        is_causal=call.causal and L == S and mask is None, scale=scaling,
+                                        enable_gqa=query.shape[1] != key.shape[1])))
+    return "\n".join(lines)
+
+
+def register() -> None:
+    """Register ``"attend"`` with transformers' attention and mask interfaces (done on import)."""
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, mask_for_attend)
+
+
+register()

@@ -1,0 +1,490 @@
+"""attend inside Hugging Face transformers models: ``attn_implementation="attend"`` against
+``"eager"`` on tiny random-init models built from transformers' own classes.
+
+Every call here goes through the model, so attend sees what models hand over: ``(B, H, L, D)``
+views of ``(B, L, H, D)`` projections, and K/V from a KV cache. Logits and gradients are checked
+with tolerances scaled by eager's own float32 error against a float64 copy of the model. The
+gradient tests run attend's Triton core (under the interpreter on the CPU); generation, packing and
+caching tests run the CPU's blocked kernel, which takes the same routes and is fast enough for 32
+decode steps per model.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attend.integrations.transformers as at  # noqa: E402  (registers "attend")
+from conftest import DEVICE  # noqa: E402
+
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+VOCAB = 128
+# initializer_range 0.2 makes the scores O(1), so that a wrong window, softcap or sink moves the
+# logits far past float32 noise (at transformers' default 0.02 the attention is nearly uniform).
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.2,
+              pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False)
+WINDOW = 8
+# transformers renamed past_key_values to cache (5.2x; the old name is deprecated, not yet removed)
+from transformers.masking_utils import create_causal_mask as _create_causal_mask  # noqa: E402
+
+CACHE = "cache" if "cache" in inspect.signature(_create_causal_mask).parameters else "past_key_values"
+
+
+def _configs() -> dict:
+    cfgs = {
+        "llama": ("LlamaConfig", {}),
+        "mistral": ("MistralConfig", dict(sliding_window=WINDOW)),
+        "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+        "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=2.0,
+                                        final_logit_softcapping=None, query_pre_attn_scalar=16)),
+        "gpt_oss": ("GptOssConfig", dict(head_dim=16, sliding_window=WINDOW, num_local_experts=2,
+                                         num_experts_per_tok=1, rope_parameters=dict(rope_type="default",
+                                                                                     rope_theta=10000.0))),
+    }
+    return {name: (getattr(transformers, cls), kw) for name, (cls, kw) in cfgs.items() if hasattr(transformers, cls)}
+
+
+CONFIGS = _configs()
+MODELS = list(CONFIGS)
+# What each model exercises: the route of its attention calls (see at.explain).
+FEATURES = {"llama": "causal", "mistral": "sliding window", "qwen2": "window on layer 1", "gemma2": "softcap + window",
+            "gpt_oss": "sinks + window"}
+
+
+def build(name: str, impl: str = "eager", seed: int = 0) -> torch.nn.Module:
+    cls, kw = CONFIGS[name]
+    cfg = cls(**{**COMMON, **kw})
+    torch.manual_seed(seed)
+    # experts in plain torch ops: the float64 oracle needs them (grouped_mm has no float64)
+    extra = {"experts_implementation": "eager"} if name == "gpt_oss" else {}
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, **extra).float().to(DEVICE)
+    for mod in model.modules():  # gpt-oss: sinks of the scores' size, so they matter
+        if hasattr(mod, "sinks"):
+            with torch.no_grad():
+                mod.sinks.copy_(torch.randn_like(mod.sinks))
+    return model.eval()
+
+
+def tokens(B: int, S: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (B, S), generator=g).to(DEVICE)
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_scaled(out, ref64, ref32, what: str, k: float = 8.0) -> None:
+    """err(attend) <= k * err(eager float32) + a floor of 1e-5 of the values' size, both against float64."""
+    assert out.shape == ref64.shape, what
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err, base = _err(out, ref64), _err(ref32, ref64)
+    tol = k * base + 1e-5 * ref64.abs().max().item() + 1e-7
+    assert err <= tol, f"{what}: max error {err:.3e} > {k} * {base:.3e} + floor (tol {tol:.3e})"
+
+
+def _loss(model, ids, mask=None, weights=None):
+    logits = model(ids, attention_mask=mask).logits
+    valid = torch.ones_like(logits) if mask is None else mask[..., None].to(logits.dtype)
+    return (logits * weights.to(logits.dtype) * valid).sum(), logits
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------
+
+def test_registered_with_both_interfaces():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert AttentionInterface._global_mapping["attend"] is at.attention_forward
+    assert AttentionMaskInterface._global_mapping["attend"] is at.mask_for_attend
+
+
+def test_from_config_and_set_attn_implementation():
+    model = build("llama", "attend")
+    assert model.config._attn_implementation == "attend"
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    model.set_attn_implementation("attend")
+    assert model.config._attn_implementation == "attend"
+
+
+def test_import_without_transformers_names_the_install():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import attend.integrations.transformers\n"
+            "except ImportError as e:\n    print('IMPORTERROR', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ":".join(sys.path)})
+    assert "IMPORTERROR" in res.stdout, res.stdout + res.stderr
+    assert "pip install transformers" in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits and every parameter's gradient (attend's Triton core under the interpreter on the CPU)
+# ----------------------------------------------------------------------------------------------
+
+# Left padding with gradients: llama (unpadded varlen) and gpt-oss (sinks on unpadded varlen) cover its routes.
+GRAD_CASES = [(m, False) for m in MODELS] + [(m, True) for m in ("llama", "gpt_oss") if m in CONFIGS]
+
+
+@pytest.mark.parametrize("name,padded", GRAD_CASES,
+                         ids=[f"{m}({FEATURES[m]}){'-left-padded' if p else ''}" for m, p in GRAD_CASES])
+def test_logits_and_grads_match_eager(name, padded):
+    B, S = 2, 24
+    ids = tokens(B, S)
+    mask = None
+    if padded:
+        mask = torch.ones(B, S, dtype=torch.long, device=DEVICE)
+        mask[0, :5] = 0
+        mask[1, :2] = 0
+    weights = torch.randn(B, S, VOCAB, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    eager = build(name)
+    eager64 = copy.deepcopy(eager).double()
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation("attend")
+    results = {}
+    for key, model in (("64", eager64), ("32", eager), ("attend", ours)):
+        model.train()  # dropout is 0 in these configs; train() is what a training step runs
+        if key == "64" and padded:
+            # eager in float64 turns fully masked (padded) rows into NaN, which then leak through
+            # 0 * NaN: the oracle runs each sequence alone, at the positions the padded batch gives it.
+            logits = torch.zeros(B, S, VOCAB, dtype=torch.float64, device=DEVICE)
+            for b in range(B):
+                keep = mask[b].bool()
+                pos = torch.arange(S, device=DEVICE)[keep][None]
+                out = model(ids[b:b + 1, keep], position_ids=pos).logits[0]
+                (out * weights[b, keep].double()).sum().backward()
+                logits[b, keep] = out.detach()
+            results[key] = (logits, _grads(model))
+            continue
+        loss, logits = _loss(model, ids, mask, weights)
+        loss.backward()
+        results[key] = (logits.detach(), _grads(model))
+    valid = (slice(None),) if mask is None else (mask.bool(),)
+    assert_scaled(results["attend"][0][valid], results["64"][0][valid], results["32"][0][valid], f"{name} logits")
+    grads64, grads32, ours_g = results["64"][1], results["32"][1], results["attend"][1]
+    assert set(ours_g) == set(grads32), f"{name}: parameters with gradients differ"
+    for pname in grads32:
+        assert_scaled(ours_g[pname], grads64[pname], grads32[pname], f"{name} d{pname}")
+    if name == "gpt_oss":
+        assert any("sinks" in n and g.abs().max() > 0 for n, g in ours_g.items()), "no gradient reached the sinks"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_logits_and_grads_match_eager(name, use_kernel):
+    """bfloat16, what models train in (the CPU's blocked kernel here; the Triton core on the GPU):
+    attend's error against the float64 model within a multiple of eager bfloat16's."""
+    use_kernel("blocked")
+    B, S = 2, 24
+    ids = tokens(B, S, seed=7)
+    weights = torch.randn(B, S, VOCAB, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    eager = build(name)
+    models = {"64": copy.deepcopy(eager).double(), "bf16": copy.deepcopy(eager).bfloat16()}
+    models["attend"] = copy.deepcopy(models["bf16"])
+    models["attend"].set_attn_implementation("attend")
+    results = {}
+    for key, model in models.items():
+        model.train()
+        loss, logits = _loss(model, ids, None, weights)
+        loss.backward()
+        results[key] = (logits.detach(), _grads(model))
+    assert_scaled(results["attend"][0], results["64"][0], results["bf16"][0], f"{name} bf16 logits", k=4)
+    for pname, g in results["bf16"][1].items():
+        assert_scaled(results["attend"][1][pname], results["64"][1][pname], g, f"{name} bf16 d{pname}", k=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation, KV cache, packing (the CPU's blocked kernel)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generate_greedy_matches_eager(name, use_kernel):
+    use_kernel("blocked")
+    B, S = 2, 12
+    ids = tokens(B, S, seed=3)
+    mask = torch.ones(B, S, dtype=torch.long, device=DEVICE)
+    mask[1, :4] = 0  # left padding: unpadded prefill, then decode with a key vector
+    eager = build(name)
+    ref = eager.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, use_cache=True,
+                         pad_token_id=0)
+    eager.set_attn_implementation("attend")
+    out = eager.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, use_cache=True,
+                         pad_token_id=0)
+    assert out.shape == ref.shape == (B, S + 32)
+    assert torch.equal(out, ref), f"{name}: greedy tokens differ from eager\n{out}\n{ref}"
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_generate_with_a_static_cache(name, use_kernel):
+    """A static cache hands over all its slots: decode steps get a key vector that stops at the
+    filled ones; the prefill (queries not bottom-right in the slots) gets the materialized mask."""
+    use_kernel("blocked")
+    ids = tokens(2, 12, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    eager = build(name)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0)
+    ref = eager.generate(ids, **kw)
+    eager.set_attn_implementation("attend")
+    at._warned.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = eager.generate(ids, **kw)
+    if name == "llama":  # Mistral's sliding layers keep a window of slots that stays bottom-right aligned
+        assert any("static cache" in str(w.message) for w in seen), [str(w.message) for w in seen]
+    assert torch.equal(out, ref), f"{name}: greedy tokens with a static cache differ from eager"
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gpt_oss"])
+def test_chunked_prefill_bottom_right(name, use_kernel):
+    """A prompt fed in chunks through the KV cache (L < S: bottom-right causal) equals one pass."""
+    use_kernel("blocked")
+    ids = tokens(2, 28, seed=4)
+    eager = build(name)
+    with torch.no_grad():
+        ref = eager(ids).logits
+        ours = copy.deepcopy(eager)
+        ours.set_attn_implementation("attend")
+        cache = DynamicCache(config=ours.config)
+        chunks = [ours(ids[:, a:b], **{CACHE: cache}, use_cache=True).logits for a, b in ((0, 12), (12, 21), (21, 28))]
+    torch.testing.assert_close(torch.cat(chunks, 1), ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_batch_equals_padded_batch(name, use_kernel):
+    """Padding-free packing (position_ids that restart, and cu_seq_lens) gives the padded batch's logits."""
+    use_kernel("blocked")
+    lens = [10, 15, 7]
+    S = max(lens)
+    seqs = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lens)]
+    padded = torch.zeros(len(lens), S, dtype=torch.long, device=DEVICE)
+    mask = torch.zeros_like(padded)
+    for i, s in enumerate(seqs):
+        padded[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    packed = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lens])[None].to(DEVICE)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    model = build(name, "attend")
+    with torch.no_grad():
+        ref = model(padded, attention_mask=mask).logits
+        # with a cache (the default in eval) transformers builds no packed mask: the attention call
+        # finds the restarts in position_ids; without one the mask builder hands over sequence ids
+        by_positions = model(packed, position_ids=position_ids).logits[0]
+        by_mask = model(packed, position_ids=position_ids, use_cache=False).logits[0]
+        by_cu = model(packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=S,
+                      max_length_k=S).logits[0]
+    want = ref[mask.bool()]
+    torch.testing.assert_close(by_positions, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(by_mask, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(by_cu, want, atol=2e-5, rtol=1e-5)
+    # and eager agrees with the padded batch, so this is not a shared mistake
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        torch.testing.assert_close(eager(padded, attention_mask=mask).logits[mask.bool()], want, atol=2e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the mask builder hands over, and which route each model's calls take
+# ----------------------------------------------------------------------------------------------
+
+def test_mask_builder_never_materializes_a_band():
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    model = build("mistral", "attend")
+    cfg = model.config
+    emb = torch.zeros(2, 16, 64, device=DEVICE)
+    full = torch.ones(2, 16, dtype=torch.long, device=DEVICE)
+    kw = dict(config=cfg, inputs_embeds=emb, **{CACHE: None})
+    assert create_causal_mask(attention_mask=full, **kw) is None
+    assert create_sliding_window_causal_mask(attention_mask=full, **kw) is None
+    padded = full.clone()
+    padded[0, :3] = 0
+    m = create_causal_mask(attention_mask=padded, **kw)
+    assert m.shape == (2, 16) and m.dtype == torch.bool          # the padding vector, not (B, 1, L, S)
+    pos = torch.cat([torch.arange(6), torch.arange(10)])[None].to(DEVICE)
+    m = create_causal_mask(attention_mask=None, inputs_embeds=emb[:1], config=cfg, position_ids=pos, **{CACHE: None})
+    assert m.dtype == torch.int32 and m.tolist() == [[0] * 6 + [1] * 10]   # packed sequence ids
+    # decode with a cache longer than the window: one key vector (B, 1, 1, S)
+    cache = DynamicCache(config=cfg)
+    cache.update(torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16), 0)
+    m = create_causal_mask(attention_mask=torch.ones(2, 21, dtype=torch.long), inputs_embeds=emb[:, :1], config=cfg,
+                           position_ids=torch.full((2, 1), 20), **{CACHE: cache})
+    assert m is None
+
+
+def _spy_calls(name: str, ids: torch.Tensor, **kw) -> list:
+    """Run the model with an attention function that records what attend would do with each call."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        plan = at.explain(query, key, value, attention_mask, **{k: v for k, v in kwargs.items() if k != "dropout"},
+                          is_causal=module.is_causal)
+        calls.append((query.is_contiguous(), value.is_contiguous(), plan))
+        return at.attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("attend_spy", spy)
+    AttentionMaskInterface.register("attend_spy", at.mask_for_attend)
+    model = build(name, "attend_spy")
+    with torch.no_grad():
+        model(ids, **kw)
+    return calls
+
+
+@pytest.mark.parametrize("name,route", [("llama", "route: sdpa"), ("mistral", "route: varlen"),
+                                        ("gemma2", "route: unfused"), ("gpt_oss", "route: varlen")])
+def test_routes_on_model_views(name, route, use_kernel):
+    use_kernel("blocked")
+    if name not in CONFIGS:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    calls = _spy_calls(name, tokens(2, 24), use_cache=False)  # a cache would hand over its own copies
+    assert calls and any(plan.startswith(route) for _, _, plan in calls), [p for _, _, p in calls]
+    # values are always (B, L, H, D) projections seen through .transpose(1, 2); queries too, except
+    # where the model's rotary embedding writes a fresh tensor (gpt-oss)
+    assert not any(v_contig for _, v_contig, _ in calls), "the model handed over contiguous values, not views"
+    if name != "gpt_oss":
+        assert not any(q_contig for q_contig, _, _ in calls), "the model handed over contiguous queries, not views"
+    if name == "llama":
+        assert "attend would run:" in calls[0][2]
+    if name == "gemma2":
+        assert "softcap" in calls[0][2]
+
+
+def test_unfused_softcap_warns_once_and_names_the_feature(use_kernel):
+    use_kernel("blocked")
+    at._warned.clear()
+    model = build("gemma2", "attend")
+    with pytest.warns(at.UnfusedFeatureWarning, match="softcap"):
+        with torch.no_grad():
+            model(tokens(1, 16))
+
+
+def test_dropout_on_a_varlen_route_runs_unfused_and_says_so(use_kernel):
+    """varlen_attn has no dropout: a training step with attention dropout on a windowed layer takes
+    the unfused path (with dropout), warns, and still trains."""
+    use_kernel("blocked")
+    at._warned.clear()
+    model = build("mistral", "attend")
+    model.config.attention_dropout = 0.5
+    for mod in model.modules():
+        if hasattr(mod, "attention_dropout"):
+            mod.attention_dropout = 0.5
+    model.train()
+    ids = tokens(2, 16)
+    with pytest.warns(at.UnfusedFeatureWarning, match="dropout 0.5"):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.manual_seed(0)
+    a = model(ids).logits
+    torch.manual_seed(1)
+    b = model(ids).logits
+    assert not torch.equal(a, b), "dropout had no effect"
+
+
+def test_paged_cache_raises_naming_the_feature():
+    q = torch.randn(1, 4, 1, 16)
+    k = torch.randn(1, 2, 8, 16)
+    with pytest.raises(NotImplementedError, match="paged continuous-batching cache"):
+        at.attention_forward(torch.nn.Module(), q, k, k, None, block_table=torch.zeros(1, 1, dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The unfused path itself, against float64
+# ----------------------------------------------------------------------------------------------
+
+def _reference(q, k, v, allowed, scale, softcap, sinks):
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], -1)
+    p = torch.softmax(s, -1)
+    if sinks is not None:
+        p = p[..., :-1]
+    return p @ v
+
+
+@pytest.mark.parametrize("block_rows", [None, 4], ids=["one-block", "blocks-of-4"])
+@pytest.mark.parametrize("softcap,sinks", [(3.0, False), (None, True), (2.0, True)], ids=["softcap", "sinks", "both"])
+def test_unfused_attention_and_its_gradients(softcap, sinks, block_rows):
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, L, S, D = 2, 4, 2, 9, 13, 16
+    q = (torch.randn(B, L, H, D, generator=g) * 1.5).transpose(1, 2).requires_grad_()   # a model's view
+    k = (torch.randn(B, S, Hkv, D, generator=g) * 1.5).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, Hkv, S, D, generator=g).requires_grad_()
+    s_aux = torch.randn(H, generator=g).requires_grad_() if sinks else None
+    allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+    scale = 0.3
+    leaves = [t for t in (q, k, v, s_aux) if t is not None]
+    out = at.unfused_attention(q, k, v, allowed, scale=scale, softcap=softcap, s_aux=s_aux, block_rows=block_rows)
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = _reference(*leaves64[:3], allowed, scale, softcap, leaves64[3] if sinks else None)
+    refs = torch.autograd.grad((ref * w.double()).sum(), leaves64)
+    ref32 = _reference(*[t.detach().requires_grad_() for t in leaves[:3]], allowed, scale, softcap,
+                       s_aux.detach().requires_grad_() if sinks else None)
+    assert_scaled(out, ref, ref32, "out", k=8)
+    for name, a, r in zip("qkvs", grads, refs):
+        assert torch.allclose(a.double(), r, atol=1e-4, rtol=1e-4), f"d{name}: {_err(a, r):.2e}"
+
+
+def test_unfused_attention_row_without_keys_is_zero():
+    q = torch.randn(1, 2, 5, 8).requires_grad_()
+    k = torch.randn(1, 2, 6, 8).requires_grad_()
+    allowed = torch.ones(1, 1, 5, 6, dtype=torch.bool)
+    allowed[..., 2, :] = False
+    out = at.unfused_attention(q, k, k, allowed, softcap=1.5, block_rows=2)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    assert torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model benchmark, at a tiny size
+# ----------------------------------------------------------------------------------------------
+
+def test_bench_models_runs_tiny(tmp_path, use_kernel):
+    use_kernel("blocked")
+    from attend import bench_models
+
+    out = tmp_path / "models.json"
+    rows = bench_models.main(preset="tiny", impls=("attend", "eager"), json_path=str(out), device=DEVICE,
+                             dtype=torch.float32, steps=2, new_tokens=3)
+    assert out.exists()
+    seen = {(r["model"], r["impl"], r["phase"]) for r in rows}
+    for model in ("llama", "gemma2"):
+        for impl in ("attend", "eager"):
+            for phase in ("train", "generate"):
+                assert (model, impl, phase) in seen, (model, impl, phase)
+    for r in rows:
+        if r["ok"]:
+            assert r["first_ms"] > 0 and r["steady_ms"] > 0
+        else:
+            pytest.fail(f"bench row failed: {r}")
