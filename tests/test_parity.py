@@ -354,6 +354,18 @@ def test_dropout_1_is_zeros_and_explain_says_why_fused_backends_skip_it():
     assert any("dropout_p=1.0" in r for r in d.reasons[B.FLASH_ATTENTION]), str(d)
 
 
+def test_empty_calls_give_pytorchs_zeros_and_explain_says_so():
+    """No query rows, or an empty value: zeros shaped from the query (PyTorch's rule, also where
+    key / value broadcast a batch of 1 to 3), with zero gradients; explain says no backend runs."""
+    q, k = _r(1, 2, 4, 8).requires_grad_(), _r(3, 2, 0, 8).requires_grad_()
+    out = attend.scaled_dot_product_attention(q, k, k)
+    assert out.shape == F.scaled_dot_product_attention(q, k, k).shape == (1, 2, 4, 8)
+    assert torch.equal(out, torch.zeros_like(out))
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.equal(dq, torch.zeros_like(q))
+    assert "the result is zeros of shape (1, 2, 4, 8)" in str(attend.explain(q, k, k))
+
+
 def test_pytorchs_math_gives_zero_rows_that_see_no_key():
     """The basis of the oracle's explicit zeroing: PyTorch's MATH already returns 0 (and 0
     gradients) for a row that sees no key, as attend promises."""

@@ -180,10 +180,14 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     :class:`SDPBackend` (``ERROR`` if none), ``.reasons`` maps each skipped backend to its
     reasons, and ``str()`` prints the table.
     """
-    p = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa).params
+    call = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p = call.params
     d = decide(p, exhaustive=True)
     d.call = _describe(p)
-    if d.backend is SDPBackend.EFFICIENT_ATTENTION or (
+    if call.zeros:
+        d.notes = [f"no query rows or an empty value: the result is zeros of shape {call.out_shape} "
+                   "(as in PyTorch), and no backend runs"]
+    elif d.backend is SDPBackend.EFFICIENT_ATTENTION or (
             d.backend is SDPBackend.FLASH_ATTENTION and _registry.current_flash_attention_impl() is None):
         d.notes = kernel_notes(p)
     return d
