@@ -6,36 +6,40 @@ from one timing each; on the H100 the same config has read 12% apart within one 
 
     PYTHONPATH=src python benchmarks/ab.py [--cases varlen-window,bias-grad] [--rounds 5] [--json out.json]
 
-A variant is (kind, config, forward TMA loads): ``launch.FWD_TMA`` for "fwd"; the backward's
-TMA choice stays the library's.
+A variant is (kind, config, forward TMA loads): ``KernelOptions.fwd_tma`` for "fwd"; the
+backward's TMA choice stays the library's. Each backward variant's row names the plan it ran
+(``launch.BackwardPlan``: kernels, dQ strategy, tiles).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import sys
 
-from sweep import BASE, _api_ms, _b, _c, _force, cases  # first: it turns the autotuner off  # isort: skip
+from sweep import BASE, api_ms, cases, force_configs  # first: it turns the autotuner off  # isort: skip
 
 import torch  # noqa: E402
 
 from attend.kernels import launch  # noqa: E402
+from attend.kernels.configs import bwd_config, fwd_config  # noqa: E402
+from attend.kernels.options import kernel_options  # noqa: E402
+
+_c, _b = fwd_config, bwd_config
 
 # Per case ("name" or "name@S" for one of its lengths): the shipped fixed config first (marked
-# "now"), then the challengers. A variant is (kind, config, forward TMA, mark[, launch overrides]):
-# the overrides are ``launch`` globals set for that variant only (FWD_ONE_LOOP, BWD_ONE_LOOP).
+# "now"), then the challengers. A variant is (kind, config, forward TMA, mark[, overrides]): the
+# overrides are kernel options (KernelOptions' fields) set for that variant only.
 # The lists hold session 8's comparisons; tiles tried and dropped there (two programs per SM by a
 # register cap, 256-row tiles of 16 warps, heads-fastest grids) are in RESULTS.md.
-SPLIT = {"FWD_ONE_LOOP": False}  # one loop per band edge (core's ONE_LOOP off)
-BSPLIT = {"BWD_ONE_LOOP": False}
-BONE = {"BWD_ONE_LOOP": True}
+SPLIT = {"fwd_one_loop": False}  # one loop per band edge (core's ONE_LOOP off)
+BSPLIT = {"bwd_one_loop": False}
+BONE = {"bwd_one_loop": True}
 HM64 = _b(64, 64, 64, 64, 4, 2, head_major=True)
-OSTORE = {"ws.O_TMA": False}  # the Gluon forward stores its output from registers (gl.store)
-CORE = {"FWD_WS": False}  # the tl core (its config) where the warp-specialized Gluon forward serves (ws.py)
-BCORE = {"BWD_WS": False}  # the core's one backward launch where the Gluon dK / dV kernel serves (ws_bwd.py)
+OSTORE = {"o_tma": False}  # the Gluon forward stores its output from registers (gl.store)
+CORE = {"fwd_ws": False}  # the tl core (its config) where the warp-specialized Gluon forward serves (ws.py)
+BCORE = {"bwd_ws": False}  # the core's one backward launch where the Gluon dK / dV kernel serves (ws_bwd.py)
 PLAN = {
     "d128-noncausal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", OSTORE),
                             ("fwd", _c(64, 64, 4, 3), False, "", CORE)],
@@ -88,12 +92,16 @@ def _label(kind, cfg, tma, mark, overrides=None) -> str:
     return f"{kind} {tiles} w{cfg.num_warps} s{cfg.num_stages}{extra}" + (" (now)" if mark else "")
 
 
-def _owner(name: str):
-    """The module an override sets: ``launch`` for a plain name, ``attend.kernels.<mod>`` for
-    ``mod.NAME``."""
-    if "." not in name:
-        return launch
-    return importlib.import_module(f"attend.kernels.{name.split('.')[0]}")
+def _recording_plans(plans: list):
+    """``launch.backward_plan`` that also appends each plan to ``plans`` (to print what ran)."""
+    real = launch.backward_plan
+
+    def plan(*a, **kw):
+        p = real(*a, **kw)
+        plans.append(p)
+        return p
+
+    return plan
 
 
 def run(case: str, rounds: int, kinds=("fwd", "bwd")) -> dict:
@@ -102,28 +110,30 @@ def run(case: str, rounds: int, kinds=("fwd", "bwd")) -> dict:
     fwd, bwd, flops, api = make()
     variants = [v if len(v) == 5 else (*v, {}) for v in PLAN[case] if v[0] in kinds]
     times = {i: [] for i in range(len(variants))}
+    plans = {i: [] for i in range(len(variants))}
+    real_plan = launch.backward_plan
     for r in range(rounds + 1):  # round 0 compiles and warms up; not recorded
         for i, (kind, cfg, tma, _, overrides) in enumerate(variants):
-            _force(dict(BASE, **{kind: cfg}))
-            launch.FWD_TMA = bool(tma) if kind == "fwd" else False
-            saved = {k: getattr(_owner(k), k.split(".")[-1]) for k in overrides}
-            for k, v in overrides.items():
-                setattr(_owner(k), k.split(".")[-1], v)
+            chosen = dict(force_configs(dict(BASE, **{kind: cfg})), fwd_tma=bool(tma) if kind == "fwd" else False,
+                          **overrides)
+            if r == 0:
+                launch.backward_plan = _recording_plans(plans[i])
             try:
-                ms = _api_ms(kind, api)
+                with kernel_options(**chosen):
+                    ms = api_ms(kind, api)
             except Exception as e:  # out of resources: recorded, not fatal
                 times[i] = f"{type(e).__name__}: {str(e)[:100]}"
                 continue
             finally:
-                for k, v in saved.items():
-                    setattr(_owner(k), k.split(".")[-1], v)
+                launch.backward_plan = real_plan
             if r and isinstance(times[i], list):
                 times[i].append(ms)
-    launch.FWD_TMA = None
     out = {}
     for i, (kind, cfg, tma, mark, overrides) in enumerate(variants):
         t = times[i]
         label = _label(kind, cfg, tma, mark, overrides)
+        if kind == "bwd" and plans[i]:
+            label += f" [{plans[i][-1]}]"
         if isinstance(t, str):
             out[label] = dict(error=t)
             continue

@@ -13,6 +13,7 @@ import torch
 
 import attend
 from attend import bench
+from attend._layout import Band
 from attend.kernels import launch
 
 SCALE = 128 ** -0.5
@@ -33,11 +34,14 @@ def host_us(fn, n: int = 200, reps: int = 5) -> float:
     return best
 
 
+CAUSAL = Band.causal()
+
+
 def main() -> None:
     q, k, v = (torch.randn(1, 2, 128, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
     qd, kd, vd = (t.detach() for t in (q, k, v))
-    out, lse = launch.forward(qd, kd, vd, None, 0.0, 1, SCALE, 0)
+    out, lse = launch.forward(qd, kd, vd, None, 0.0, CAUSAL, SCALE, 0)
 
     def fwd_bwd(fn):
         def step():
@@ -47,8 +51,8 @@ def main() -> None:
         return step
 
     cases = {
-        "attend launch.forward": lambda: launch.forward(qd, kd, vd, None, 0.0, 1, SCALE, 0),
-        "attend launch.backward": lambda: launch.backward(dout, qd, kd, vd, out, lse, None, 0.0, 1, SCALE, 0, False),
+        "attend launch.forward": lambda: launch.forward(qd, kd, vd, None, 0.0, CAUSAL, SCALE, 0),
+        "attend launch.backward": lambda: launch.backward(dout, qd, kd, vd, out, lse, None, 0.0, CAUSAL, SCALE, 0, False),
         "attend FLASH forward (no grad)": lambda: bench.IMPLS["attend"](qd, kd, vd, True, 1),
         "attend FLASH forward+backward": fwd_bwd(bench.IMPLS["attend"]),
         "torch flash forward (no grad)": lambda: bench.IMPLS["torch-flash"](qd, kd, vd, True, 1),

@@ -1,7 +1,7 @@
 """Why the Hopper forward is warp-specialized (src/attend/kernels/ws.py), not just pipelined: a
 one-partition Gluon forward (8 warps, 128 rows, K/V through a TMA ring) with and without the QK
 product of block j+1 in flight while block j's softmax runs, against attend's warp-specialized
-kernel, the tl core (launch.FWD_WS off) and cuDNN, in one process. Dense, non-causal, D=128,
+kernel, the tl core (KernelOptions.fwd_ws off) and cuDNN, in one process. Dense, non-causal, D=128,
 bf16, (4, 16, 4096, 128).
 
     PYTHONPATH=src python benchmarks/probe_gluon.py
@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from attend.kernels.core import RCP_LN2
-from attend.kernels.ws import descriptor
+from attend.kernels.ws_common import descriptor
 
 
 @gluon.jit
@@ -124,6 +124,7 @@ def run(q, k, v, BLOCK_M=128, BLOCK_N=128, STAGES=2, PREFETCH=True, num_warps=8)
 
 
 if __name__ == "__main__":
+    from attend._layout import Band
     from attend.kernels import launch
 
     torch.manual_seed(0)
@@ -133,8 +134,7 @@ if __name__ == "__main__":
     flops = 4 * B * H * S * S * D
 
     def attend_fwd(ws: bool):
-        launch.FWD_WS = ws
-        return launch.forward(q, k, v, None, 0.0, 0, D ** -0.5, 0)[0]
+        return launch.forward(q, k, v, None, 0.0, Band(), D ** -0.5, 0, options={"fwd_ws": ws})[0]
 
     variants = [("one partition, QK of the next block in flight", lambda: run(q, k, v, STAGES=2, PREFETCH=True)),
                 ("one partition", lambda: run(q, k, v, STAGES=2, PREFETCH=False)),
@@ -144,7 +144,6 @@ if __name__ == "__main__":
         o = fn()
         ms = triton.testing.do_bench(fn, warmup=10, rep=100)
         print(f"{name:48s} max err {(o.float() - ref).abs().max().item():.3e}  {flops / ms * 1e-9:6.1f} TFLOP/s", flush=True)
-    launch.FWD_WS = True
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):

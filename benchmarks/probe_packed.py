@@ -30,10 +30,14 @@ import triton.testing  # noqa: E402
 
 from attend._layout import Band, Packed  # noqa: E402
 from attend.bench_masks import VARLEN_LENGTHS  # noqa: E402
-from attend.kernels import configs, launch  # noqa: E402
+from attend.kernels import configs, launch, options  # noqa: E402
+from attend.kernels.options import kernel_options  # noqa: E402
 from attend.varlen import varlen_attn  # noqa: E402
 
-_c, _b = configs._c, configs._b
+_c, _b = configs.fwd_config, configs.bwd_config
+# The shipped configs of a sliding window over packed sequences (configs.RULES "window").
+_WINDOW_FLAGS = {"CAUSAL": True, "WINDOW": True, "VARLEN": True}
+WINDOW_CFG = {kind: configs.heuristic(kind, 128, flags=_WINDOW_FLAGS) for kind in ("fwd", "bwd")}
 FWD = [_c(128, 64, 8, 3), _c(64, 64, 4, 3)]
 BWD = [_b(64, 128, 128, 64, 8, 3, head_major=True), _b(64, 64, 64, 64, 4, 2),
        _b(64, 64, 64, 64, 4, 2, head_major=True)]
@@ -52,10 +56,10 @@ def _dense(layout: str):
     scale = D ** -0.5
 
     def fwd():
-        return launch.forward(q, k, v, None, 0.0, 1, scale, 0)
+        return launch.forward(q, k, v, None, 0.0, Band.causal(), scale, 0)
 
     def bwd(saved):
-        return launch.backward(do, q, k, v, *saved, None, 0.0, 1, scale, 0, False)
+        return launch.backward(do, q, k, v, *saved, None, 0.0, Band.causal(), scale, 0, False)
     return fwd, bwd, 4.0 * H * S * S * D * 0.5
 
 
@@ -93,10 +97,10 @@ def _bwd_split(do, q, k, v, saved, packed, top, band, dq_programs):
     """The packed backward through launch._backward, with or without its dQ programs."""
     T = q.shape[0]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    p4 = launch._packed4
+    p4 = launch.packed4
     return launch._backward(p4(do), p4(q), p4(k), p4(v), p4(saved[0]), saved[1], None, (0, T), p4(dk), p4(dv),
                             packed.cu_q.numel() - 1, top, top, None, q, (0, 0, 0, 0), False, False, 0.0, band,
-                            D ** -0.5, 0, packed, dq_programs=dq_programs)
+                            D ** -0.5, 0, packed, options.current(), dq_programs=dq_programs)
 
 
 def _visited_blocks(T: int, window: int, bm: int, bn: int) -> int:
@@ -120,9 +124,13 @@ def window_part():
     """Window widths against full causal, one 16k sequence, the shipped window configs for all
     (one launch config per kernel across widths, so the time's slope over the visited blocks is
     the per-block cost and its intercept the per-program cost: ``fit`` in the output)."""
-    cfg = {"fwd": configs._WINDOW[("fwd", 128)], "bwd": configs._WINDOW[("bwd", 128)]}
-    launch.heuristic = lambda kind, *a, **k: cfg[kind]
-    launch.FORCE_HEAD_MAJOR = False  # the dK/dV-only launch has no head-major numbering
+    cfg = WINDOW_CFG
+    # the dK/dV-only launch has no head-major numbering
+    with kernel_options(fwd_config=cfg["fwd"], bwd_config=cfg["bwd"], head_major=False):
+        return _window_rows(cfg)
+
+
+def _window_rows(cfg: dict) -> dict:
     T = S
     q, k, v, do = (torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda") for _ in range(4))
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
@@ -142,8 +150,6 @@ def window_part():
         rows["full" if w < 0 else f"window {w}"] = row
         print(f"{'full causal' if w < 0 else f'window {w}':12s} " + "  ".join(
             f"{key} {val:7.1f}" if not key.endswith("ms") else f"{key} {val:.3f}" for key, val in row.items()), flush=True)
-    launch.heuristic = configs.heuristic
-    launch.FORCE_HEAD_MAJOR = None
     rows["fit"] = _fit([r["fwd_blocks"] for r in rows.values()], [r["fwd_ms"] for r in rows.values()],
                        H * -(-T // cfg["fwd"].kwargs["BLOCK_M"]))
     print("forward fit: time = intercept + slope * blocks:", rows["fit"], flush=True)
@@ -155,20 +161,19 @@ def overhead_part():
     sequence at the shipped window tile, with K and V read through TMA descriptors (made on the
     device per program) and through pointers; the fit's intercept over the visited blocks is
     the time every program pays besides its blocks."""
-    cfg = configs._WINDOW[("fwd", 128)]
+    cfg = WINDOW_CFG["fwd"]
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    launch.heuristic = lambda kind, *a, **k: cfg
     T = S
     q, k, v = (torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
     packed, out = Packed(cu, cu), {}
     for tma in (True, False):
-        launch.FWD_TMA = tma
         xs, ys = [], []
         for w in (0, 256, 1024, 4096, -1):
             band = Band(w, 0, True)
             blocks = H * _visited_blocks(T, w, bm, bn)
-            ms = _ms(lambda: launch.varlen_forward(q, k, v, packed, T, T, D ** -0.5, band))
+            with kernel_options(fwd_config=cfg, fwd_tma=tma):
+                ms = _ms(lambda: launch.varlen_forward(q, k, v, packed, T, T, D ** -0.5, band))
             xs.append(blocks)
             ys.append(ms)
             out[f"tma={tma} window={w}"] = dict(ms=ms, blocks=blocks)
@@ -176,8 +181,6 @@ def overhead_part():
         fit = _fit(xs, ys, H * -(-T // bm))
         out[f"fit tma={tma}"] = fit
         print(f"tma={tma} fit", fit, flush=True)
-    launch.FWD_TMA = None
-    launch.heuristic = configs.heuristic
     return out
 
 
@@ -195,9 +198,9 @@ def mix_part():
     fwd_ms = bwd_ms = flops = 0.0
     for n in VARLEN_LENGTHS:  # one dense (1, H, n, D) causal launch per sequence
         q, k, v, do = (torch.randn(1, H, n, D, dtype=torch.bfloat16, device="cuda") for _ in range(4))
-        saved = launch.forward(q, k, v, None, 0.0, 1, D ** -0.5, 0)
-        fwd_ms += _ms(lambda: launch.forward(q, k, v, None, 0.0, 1, D ** -0.5, 0))
-        bwd_ms += _ms(lambda: launch.backward(do, q, k, v, *saved, None, 0.0, 1, D ** -0.5, 0, False))
+        saved = launch.forward(q, k, v, None, 0.0, Band.causal(), D ** -0.5, 0)
+        fwd_ms += _ms(lambda: launch.forward(q, k, v, None, 0.0, Band.causal(), D ** -0.5, 0))
+        bwd_ms += _ms(lambda: launch.backward(do, q, k, v, *saved, None, 0.0, Band.causal(), D ** -0.5, 0, False))
         flops += 4.0 * H * n * n * D * 0.5
     rows["one dense launch per sequence (sum)"] = dict(fwd=flops / fwd_ms * 1e-9, bwd=2.5 * flops / bwd_ms * 1e-9)
     for name, row in rows.items():
@@ -216,19 +219,18 @@ def layout_part():
         fwd, bwd, flops = make()
         row = out[name] = {}
         for f in FWD:
-            launch.heuristic = lambda kind, *a, f=f, **k: f if kind == "fwd" else BWD[0]
-            ms = _ms(fwd)
+            with kernel_options(fwd_config=f, bwd_config=BWD[0]):
+                ms = _ms(fwd)
             row[f"fwd {f}"] = round(flops / ms * 1e-9, 1)
-        launch.heuristic = lambda kind, *a, **k: FWD[0] if kind == "fwd" else BWD[0]
-        saved = fwd()
+        with kernel_options(fwd_config=FWD[0], bwd_config=BWD[0]):
+            saved = fwd()
         for c in BWD:
-            launch.heuristic = lambda kind, *a, c=c, **k: FWD[0] if kind == "fwd" else c
-            ms = _ms(lambda: bwd(saved))
+            with kernel_options(fwd_config=FWD[0], bwd_config=c):
+                ms = _ms(lambda: bwd(saved))
             row[f"bwd {c}"] = round(2.5 * flops / ms * 1e-9, 1)
         for key, val in row.items():
             print(f"{name:13s} {val:6.1f}  {key}", flush=True)
     launch._even = real_even
-    launch.heuristic = configs.heuristic
 
     # kernel breakdown of the varlen benchmark through the API (default configs)
     T = sum(VARLEN_LENGTHS)

@@ -26,17 +26,19 @@ import triton.testing  # noqa: E402
 
 import attend  # noqa: E402
 from attend._layout import Band, Packed  # noqa: E402
-from attend.bench import _time_ms, backward_ms  # noqa: E402
+from attend.bench import time_ms, backward_ms  # noqa: E402
 from attend.bench_masks import VARLEN_LENGTHS, WINDOW, WINDOW_S  # noqa: E402
 from attend.varlen import varlen_attn  # noqa: E402
 from attend.kernels import configs, launch  # noqa: E402
+from attend.kernels import options  # noqa: E402
+from attend.kernels.options import kernel_options  # noqa: E402
 
-_c, _b = configs._c, configs._b
+_c, _b = configs.fwd_config, configs.bwd_config
 # Candidates beyond the shipped lists: more pipeline stages and flex's symmetric backward tiles.
 EXTRA_FWD = [_c(128, 128, 8, 4), _c(128, 64, 8, 4), _c(128, 64, 4, 4), _c(64, 128, 4, 4)]
 EXTRA_BWD = [_b(64, 128, 128, 64, 8, 4), _b(32, 128, 128, 32, 4, 3), _b(32, 128, 128, 32, 4, 4),
              _b(64, 128, 128, 32, 8, 3), _b(64, 64, 64, 64, 4, 4), _b(32, 64, 64, 32, 4, 3),
-             _b(64, 128, 64, 64, 8, 4, True), _b(64, 64, 64, 64, 4, 3, True)]
+             _b(64, 128, 64, 64, 8, 4, dq_atomic=True), _b(64, 64, 64, 64, 4, 3, dq_atomic=True)]
 # The backward's head-major program order (core.attn_bwd HEAD_MAJOR), for the configs that won somewhere.
 HEAD_MAJOR_BWD = [_b(64, 128, 128, 64, 8, 3, head_major=True), _b(64, 64, 64, 64, 4, 2, head_major=True),
                   _b(32, 64, 64, 32, 4, 3, head_major=True), _b(32, 128, 128, 32, 4, 3, head_major=True),
@@ -45,9 +47,9 @@ EXTRA_BWD += HEAD_MAJOR_BWD
 FWD = configs.FWD_CONFIGS + EXTRA_FWD
 BWD = configs.BWD_CONFIGS + EXTRA_BWD
 # --short: the backward configs that won somewhere in the full sweep (RESULTS.md, session 3).
-SHORT_BWD = [_b(64, 128, 128, 64, 8, 3), _b(64, 128, 128, 64, 8, 4), _b(64, 128, 64, 64, 8, 3, True),
+SHORT_BWD = [_b(64, 128, 128, 64, 8, 3), _b(64, 128, 128, 64, 8, 4), _b(64, 128, 64, 64, 8, 3, dq_atomic=True),
              _b(64, 64, 64, 64, 4, 2), _b(32, 64, 64, 32, 4, 3), _b(32, 128, 64, 64, 4, 3),
-             _b(32, 128, 128, 32, 4, 3), _b(64, 64, 64, 64, 4, 3, True)] + HEAD_MAJOR_BWD
+             _b(32, 128, 128, 32, 4, 3), _b(64, 64, 64, 64, 4, 3, dq_atomic=True)] + HEAD_MAJOR_BWD
 # dQ by atomics: with TMA (the default on sm_90) the copy engine adds each dQ tile (a bulk reduce,
 # session 6). All five atomic configs of BWD_CONFIGS lost every --short cell of session 6 (best 414
 # vs 450), so --short keeps only the two above; --atomic adds the other three back.
@@ -72,15 +74,15 @@ def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1):
     q, k, v = _randn(B, H, S, D), _randn(B, H // gqa, S, D), _randn(B, H // gqa, S, D)
     dout = _randn(B, H, S, D)
     scale = D ** -0.5
-    code = 1 if causal else 0
+    band = Band.causal() if causal else Band()
     flops = 4.0 * B * H * S * S * D * (0.5 if causal else 1.0)
 
     def fwd():
-        return launch.forward(q, k, v, mask, 0.0, code, scale, 0)
+        return launch.forward(q, k, v, mask, 0.0, band, scale, 0)
 
     def bwd(saved):
         out, lse = saved
-        return launch.backward(dout, q, k, v, out, lse, mask, 0.0, code, scale, 0, mask_grad)
+        return launch.backward(dout, q, k, v, out, lse, mask, 0.0, band, scale, 0, mask_grad)
 
     # The same call through the public API, timed as `python -m attend bench` times it.
     qa, ka, va = _leaves(q, k, v)
@@ -151,29 +153,30 @@ def cases(name: str):
             yield n, S, make
 
 
-def _force(kind_cfg: dict):
-    """Make launch use ``kind_cfg[kind]`` as its fixed config."""
-    launch.heuristic = lambda kind, *a, **k: kind_cfg[kind]
+def force_configs(kind_cfg: dict) -> dict:
+    """Kernel options (``kernel_options``) under which every launch takes ``kind_cfg[kind]`` as its
+    fixed config."""
+    return dict(fwd_config=kind_cfg["fwd"], bwd_config=kind_cfg["bwd"])
 
 
 def _ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
-def _api_ms(kind: str, api) -> float:
+def api_ms(kind: str, api) -> float:
     """Time through the public API: the forward without grad, the backward as (forward with graph +
     backward) - forward with graph, exactly as attend.bench does."""
     run, inputs, dout = api
     if kind == "fwd":
         with torch.no_grad():
-            return _time_ms(run)
+            return time_ms(run)
     return backward_ms(run, inputs, dout)
 
 
 def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds=("fwd", "bwd"), short=False,
           tma=(None,), even_both=False, api_mode=False, atomic=False, fwd_tma=(None,)) -> None:
-    """``tma``: launch.FORCE_TMA values to time each backward config with (None: the default);
-    ``fwd_tma``: launch.FWD_TMA values to time each forward config with (None: as the config asks);
+    """``tma``: KernelOptions.tma values to time each backward config with (None: the default);
+    ``fwd_tma``: KernelOptions.fwd_tma values to time each forward config with (None: as the config asks);
     ``even_both``: also time each forward config with its EVEN path turned off (a config can opt out);
     ``api_mode``: time through the public API (autograd, dispatch) instead of the launchers: the
     bench's own measure, which has ranked some backward tiles differently (RESULTS.md, session 5);
@@ -181,43 +184,38 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
     for case, S, make in cases(name):
         fwd, bwd, flops, api = make()
         row = out.setdefault(case, {}).setdefault(str(S), {"fwd": {}, "bwd": {}})
-        _force(BASE)
-        saved = fwd()
+        with kernel_options(**force_configs(BASE)):
+            saved = fwd()
         fwd_cfgs = [c for c in FWD if c.kwargs["BLOCK_M"] != 16]  # no decode tiles
         if even_both:
             fwd_cfgs += [triton.Config(dict(c.kwargs, EVEN=False), num_warps=c.num_warps, num_stages=c.num_stages)
                          for c in fwd_cfgs]
         jobs = [("fwd", c, t) for c in fwd_cfgs for t in fwd_tma if "fwd" in kinds]
         bwd_cfgs = (SHORT_BWD + (ATOMIC_BWD if atomic else [])) if short else BWD
-        if launch.DQ_FROM_DS and case == "bias-grad":  # no dQ programs: head-major is forced off, a duplicate
+        if options.current().dq_from_ds and case == "bias-grad":  # no dQ programs: head-major forced off, a duplicate
             bwd_cfgs = [c for c in bwd_cfgs if not c.kwargs.get("HEAD_MAJOR")]
         jobs += [("bwd", c, t) for c in bwd_cfgs for t in tma if "bwd" in kinds]
         for kind, cfg, use_tma in jobs:
-            _force(dict(BASE, **{kind: cfg}))
-            if kind == "fwd":
-                launch.FWD_TMA = use_tma
-            else:
-                launch.FORCE_TMA = use_tma
+            forced = dict(force_configs(dict(BASE, **{kind: cfg})), **{"fwd_tma" if kind == "fwd" else "tma": use_tma})
             label = str(cfg) + ("" if use_tma is None else f", {'fwd_tma' if kind == 'fwd' else 'tma'}: {use_tma}")
             run = fwd if kind == "fwd" else (lambda: bwd(saved))
             t0 = time.time()
-            try:
-                if api_mode:  # compile through the public path
-                    res = api[0]()
-                    if kind == "bwd":
-                        res.backward(api[2])
-                else:
-                    run()
-                torch.cuda.synchronize()
-                if compile_only:
-                    continue
-                ms = _api_ms(kind, api) if api_mode else _ms(run)
-                row[kind][label] = dict(ms=ms, tflops=(flops if kind == "fwd" else 2.5 * flops) / ms * 1e-9)
-            except Exception as e:  # out of resources, etc.: recorded, not fatal
-                row[kind][label] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
+            with kernel_options(**forced):
+                try:
+                    if api_mode:  # compile through the public path
+                        res = api[0]()
+                        if kind == "bwd":
+                            res.backward(api[2])
+                    else:
+                        run()
+                    torch.cuda.synchronize()
+                    if compile_only:
+                        continue
+                    ms = api_ms(kind, api) if api_mode else _ms(run)
+                    row[kind][label] = dict(ms=ms, tflops=(flops if kind == "fwd" else 2.5 * flops) / ms * 1e-9)
+                except Exception as e:  # out of resources, etc.: recorded, not fatal
+                    row[kind][label] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
             print(f"{case} S={S} {kind} {label}: {row[kind].get(label)} ({time.time() - t0:.1f}s)", flush=True)
-        launch.FORCE_TMA = None
-        launch.FWD_TMA = None
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(out, f, indent=1)
@@ -245,27 +243,28 @@ if __name__ == "__main__":
     ap.add_argument("--tma", default="default", choices=["default", "both", "on", "off"],
                     help="both: time each backward config with and without TMA descriptors; on/off: force one")
     ap.add_argument("--dq-from-ds", choices=["on", "off"],
-                    help="force launch.DQ_FROM_DS (default: the library's, on): a full-size mask gradient's dQ "
+                    help="force KernelOptions.dq_from_ds (default: the library's, on): a full-size mask gradient's dQ "
                          "by a GEMM on dS (case bias-grad)")
     ap.add_argument("--even", default="default", choices=["default", "both"],
                     help="both: time each forward config with and without its EVEN path")
     ap.add_argument("--worklist", action="store_true",
-                    help="launch.VARLEN_WORKLIST on: packed calls launch from host-built block lists, heaviest first")
+                    help="KernelOptions.varlen_worklist on: packed calls launch from host-built block lists, heaviest first")
     ap.add_argument("--fwd-tma", default="default", choices=["default", "both", "on"],
-                    help="both: time each forward config with and without TMA loads (launch.FWD_TMA); on: with")
+                    help="both: time each forward config with and without TMA loads (KernelOptions.fwd_tma); on: with")
     ap.add_argument("--atomic", action="store_true",
                     help="with --short: also every other dQ-by-atomics config of BWD_CONFIGS")
     ap.add_argument("--api", action="store_true",
                     help="time through the public API (autograd + dispatch), as python -m attend bench does")
     args = ap.parse_args()
+    chosen = dict(varlen_worklist=args.worklist)
     if args.dq_from_ds:
-        launch.DQ_FROM_DS = args.dq_from_ds == "on"
-    launch.VARLEN_WORKLIST = args.worklist
+        chosen["dq_from_ds"] = args.dq_from_ds == "on"
     results: dict = {}
-    sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
-          tma={"both": (True, False), "on": (True,), "off": (False,)}.get(args.tma, (None,)), even_both=args.even == "both",
-          api_mode=args.api, atomic=args.atomic,
-          fwd_tma={"both": (True, False), "on": (True,)}.get(args.fwd_tma, (None,)))
+    with kernel_options(**chosen):
+            sweep(args.case, args.compile_only, results, args.json, kinds=tuple(args.kinds.split(",")), short=args.short,
+              tma={"both": (True, False), "on": (True,), "off": (False,)}.get(args.tma, (None,)),
+              even_both=args.even == "both", api_mode=args.api, atomic=args.atomic,
+              fwd_tma={"both": (True, False), "on": (True,)}.get(args.fwd_tma, (None,)))
     if not args.compile_only:
         print(best(results))
     sys.stdout.flush()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import attend
-from attend.kernels import configs, launch, worklist
+from attend._layout import Band
+from attend.kernels import configs, launch, options, worklist
 from attend.varlen import varlen_attn
 from conftest import DEVICE, KERNEL_DTYPES, assert_matches_float64, assert_scaled_close, rand, reference, same_precision
 
@@ -15,9 +16,18 @@ DTYPES = [d for d in KERNEL_DTYPES["triton"] if d != torch.float32] or [torch.fl
 
 
 @pytest.fixture
-def dq_atomic(monkeypatch):
+def kopts():
+    """``kopts(**changes)``: kernel options (KernelOptions' fields) changed for the rest of the test."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(options.kernel_options(**changes))
+
+
+@pytest.fixture
+def dq_atomic(kopts):
     def choose(flag: bool) -> None:
-        monkeypatch.setattr(launch, "FORCE_DQ_ATOMIC", flag)
+        kopts(dq_atomic=flag)
     return choose
 
 
@@ -54,7 +64,7 @@ def test_varlen_window_with_atomic_dq(dq_atomic):
 @pytest.mark.skipif(DEVICE != "cuda", reason="only a GPU runs programs concurrently: the interpreter runs them one at "
                     "a time, so its atomic adds are always in the same order and this could not fail there")
 def test_deterministic_mode_gives_identical_gradients(dq_atomic):
-    """With atomics forced on (launch.FORCE_DQ_ATOMIC), torch.use_deterministic_algorithms(True)
+    """With dQ by atomics asked for (kernel option dq_atomic), torch.use_deterministic_algorithms(True)
     still gives bit-identical gradients across calls: deterministic mode never takes atomics."""
     dq_atomic(True)
     q, k, v = (rand(2, 4, 300, 64, dtype=DTYPES[0], requires_grad=True) for _ in range(3))
@@ -107,9 +117,9 @@ def test_key_range_kernel_spans_the_kept_keys(S):
 
 
 @pytest.fixture
-def tma(monkeypatch):
+def tma(kopts):
     def choose(flag: bool) -> None:
-        monkeypatch.setattr(launch, "FORCE_TMA", flag)
+        kopts(tma=flag)
     return choose
 
 
@@ -162,16 +172,16 @@ def test_varlen_backward_through_tensor_descriptors(tma):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_head_major_program_order_gives_identical_gradients(causal, monkeypatch):
+def test_head_major_program_order_gives_identical_gradients(causal, monkeypatch, kopts):
     """HEAD_MAJOR only renumbers the backward's programs: without atomics every program computes
     the same tile either way, so the gradients must be bitwise equal (and match float64)."""
-    monkeypatch.setattr(launch, "FORCE_DQ_ATOMIC", False)
+    kopts(dq_atomic=False)
     dtype = DTYPES[0]
     q = rand(2, 4, 45, 32, dtype=dtype, requires_grad=True)
     k, v = (rand(2, 2, 70, 32, dtype=dtype, requires_grad=True) for _ in range(2))
     grads = {}
     for order in (False, True):
-        monkeypatch.setattr(launch, "FORCE_HEAD_MAJOR", order)
+        kopts(head_major=order)
         with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
             out = attend.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         grads[order] = torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=order)
@@ -182,16 +192,16 @@ def test_head_major_program_order_gives_identical_gradients(causal, monkeypatch)
         assert torch.equal(a, b), f"d{name} differs between program orders"
 
 
-def test_head_major_program_order_varlen(monkeypatch):
+def test_head_major_program_order_varlen(monkeypatch, kopts):
     """Packed sequences of different lengths: programs past a sequence's end exit in either order."""
-    monkeypatch.setattr(launch, "FORCE_DQ_ATOMIC", False)
+    kopts(dq_atomic=False)
     lens = [33, 7, 50]
     cu = torch.zeros(4, dtype=torch.int32, device=DEVICE)
     cu[1:] = torch.tensor(lens, device=DEVICE).cumsum(0)
     q, k, v = (rand(sum(lens), 2, 16, dtype=DTYPES[0], requires_grad=True) for _ in range(3))
     grads = {}
     for order in (False, True):
-        monkeypatch.setattr(launch, "FORCE_HEAD_MAJOR", order)
+        kopts(head_major=order)
         out = varlen_attn(q, k, v, cu, cu, max(lens), max(lens), window_size=(-1, 0))
         grads[order] = torch.autograd.grad(out.sum(), (q, k, v))
     for name, a, b in zip("qkv", grads[False], grads[True]):
@@ -199,11 +209,11 @@ def test_head_major_program_order_varlen(monkeypatch):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_dq_from_stored_ds_matches(dropout, monkeypatch):
-    """launch.DQ_FROM_DS: a full-size float mask's backward skips the dQ programs and computes
+def test_dq_from_stored_ds_matches(dropout, monkeypatch, kopts):
+    """KernelOptions.dq_from_ds: a full-size float mask's backward skips the dQ programs and computes
     dQ = scale * dS @ K from the stored mask gradient. Against float64 without dropout; with
     dropout (same seed) against the dQ programs' own result."""
-    monkeypatch.setattr(launch, "FORCE_DQ_ATOMIC", False)
+    kopts(dq_atomic=False)
     dtype = DTYPES[0]
     torch.manual_seed(3)
     q = rand(2, 4, 37, 32, dtype=dtype, requires_grad=True)
@@ -214,7 +224,7 @@ def test_dq_from_stored_ds_matches(dropout, monkeypatch):
     real = launch._dq_from_ds
     monkeypatch.setattr(launch, "_dq_from_ds", lambda *a: gemm_calls.append(1) or real(*a))
     for on in (False, True):
-        monkeypatch.setattr(launch, "DQ_FROM_DS", on)
+        kopts(dq_from_ds=on)
         torch.manual_seed(11)  # the same dropout mask both times
         with attend.sdpa_kernel(attend.SDPBackend.EFFICIENT_ATTENTION):
             out = attend.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
@@ -262,14 +272,14 @@ def test_work_list_holds_every_block_once_heaviest_first():
 
 @pytest.mark.parametrize("window", [(-1, 0), (-1, -1), (5, 0)], ids=["causal", "full", "window"])
 @pytest.mark.parametrize("order", [False, True], ids=["key-order", "head-major"])
-def test_work_list_gives_identical_results(window, order, monkeypatch):
-    """VARLEN_WORKLIST only changes which program computes which tile: forward, LSE and every
+def test_work_list_gives_identical_results(window, order, monkeypatch, kopts):
+    """KernelOptions.varlen_worklist only changes which program computes which tile: forward, LSE and every
     gradient must be bitwise equal with and without it, with sequences packed shortest first,
     an empty sequence, different key lengths (non-causal) and grouped heads."""
     from attend.varlen import AuxRequest, varlen_attn
 
-    monkeypatch.setattr(launch, "FORCE_DQ_ATOMIC", False)
-    monkeypatch.setattr(launch, "FORCE_HEAD_MAJOR", order)
+    kopts(dq_atomic=False)
+    kopts(head_major=order)
     lq = [3, 0, 21, 50]
     lk = lq if window != (-1, -1) else [7, 4, 21, 33]
     cq, ck = (torch.tensor([0] + torch.tensor(x).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE) for x in (lq, lk))
@@ -281,7 +291,7 @@ def test_work_list_gives_identical_results(window, order, monkeypatch):
     real = launch._work_list
     monkeypatch.setattr(launch, "_work_list", lambda *a: launched.append(r := real(*a)) or r)
     for on in (False, True):
-        monkeypatch.setattr(launch, "VARLEN_WORKLIST", on)
+        kopts(varlen_worklist=on)
         out, lse = varlen_attn(q, k, v, cq, ck, max(lq), max(lk), window_size=window, enable_gqa=True,
                                return_aux=AuxRequest(lse=True))
         results[on] = (out, lse, *torch.autograd.grad(out, (q, k, v), g))
@@ -290,22 +300,22 @@ def test_work_list_gives_identical_results(window, order, monkeypatch):
         assert torch.equal(a, b), f"{name} differs with the work list"
 
 
-def test_work_list_falls_back_to_the_slot_grid(monkeypatch):
+def test_work_list_falls_back_to_the_slot_grid(monkeypatch, kopts):
     """No list when the flag is off, for dense calls, under the autotuner (no fixed tiles), for
     paged / seqused_k calls (the forward reads those lengths on the device only), or when a block
     index would not fit its 16 bits."""
     from attend._layout import Band, Packed
 
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
-    band, config, spec = Band(-1, 0, True), ({"BLOCK_M": 16},), (("q", "BLOCK_M"),)
-    monkeypatch.setattr(launch, "VARLEN_WORKLIST", False)
-    assert launch._work_list(Packed(cu, cu), band, config, spec, torch.device("cpu")) is None
-    monkeypatch.setattr(launch, "VARLEN_WORKLIST", True)
-    assert launch._work_list(Packed(cu, cu), band, config, spec, torch.device("cpu")) is not None
-    assert launch._work_list(None, band, config, spec, torch.device("cpu")) is None
-    assert launch._work_list(Packed(cu, cu), band, None, spec, torch.device("cpu")) is None
+    band, config, spec = Band(-1, 0, True), launch.Tiles({"BLOCK_M": 16}, 4, 1), (("q", "BLOCK_M"),)
+    cpu = torch.device("cpu")
+    off, on = options.KernelOptions(varlen_worklist=False), options.KernelOptions(varlen_worklist=True)
+    assert launch._work_list(Packed(cu, cu), band, config, spec, cpu, off) is None
+    assert launch._work_list(Packed(cu, cu), band, config, spec, cpu, on) is not None
+    assert launch._work_list(None, band, config, spec, cpu, on) is None
+    assert launch._work_list(Packed(cu, cu), band, None, spec, cpu, on) is None
     used = torch.tensor([3, 7], dtype=torch.int32)
-    assert launch._work_list(Packed(cu, cu, seqused_k=used), band, config, spec, torch.device("cpu")) is None
+    assert launch._work_list(Packed(cu, cu, seqused_k=used), band, config, spec, cpu, on) is None
     n = (16 << 16) + 1  # 2^16 + 1 blocks of 16: the last index needs 17 bits
     assert worklist.work_tensor((n,), (n,), band, (("q", 16),), torch.device("cpu")) is None
 
@@ -330,7 +340,7 @@ def test_backward_row_statistics_layout(packed):
     if packed:
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         meta = Packed(cu, cu)
-        nlse2, delta, strides = launch._row_stats(launch._packed4(o), launch._packed4(do), lse, dlse, (0, T), len(lens),
+        nlse2, delta, strides = launch._row_stats(launch.packed4(o), launch.packed4(do), lse, dlse, (0, T), len(lens),
                                                  max(lens), meta)
         starts = [(int(cu[b]) // pad + b) * pad for b in range(len(lens))]
         firsts = cu[:-1].tolist()
@@ -376,8 +386,8 @@ def test_grids_fit_cuda_limits(B, monkeypatch):
     H, S, D = 16, 16, 16
     q = torch.empty(B, H, 1, D, dtype=torch.float16, device=DEVICE)
     k = v = torch.empty(B, H, S, D, dtype=torch.float16, device=DEVICE)
-    out, lse = launch.forward(q, k, v, None, 0.0, 0, D ** -0.5, 0)
-    launch.backward(q, q, k, v, out, lse, None, 0.0, 0, D ** -0.5, 0, False)
+    out, lse = launch.forward(q, k, v, None, 0.0, Band(), D ** -0.5, 0)
+    launch.backward(q, q, k, v, out, lse, None, 0.0, Band(), D ** -0.5, 0, False)
     qp = torch.empty(B, H, D, dtype=torch.float16, device=DEVICE)
     cu = torch.arange(B + 1, dtype=torch.int32, device=DEVICE)
     out, lse = launch.varlen_forward(qp, qp, qp, Packed(cu, cu), 1, 1, D ** -0.5, Band(-1, 0, True))
@@ -390,18 +400,18 @@ def test_grids_fit_cuda_limits(B, monkeypatch):
         assert len(grid) == (2 if two_d else 1) and (not two_d or grid[1] == B * H), (name, grid)
 
 
-def test_forward_tma_loads_follow_the_fixed_config(monkeypatch):
-    """launch.FWD_TMA = None: the forward reads through TMA descriptors where its fixed config asks
-    (configs._c's tma: masks, packed sequences, windows) and the copy engine can read the tensors;
+def test_forward_tma_loads_follow_the_fixed_config(monkeypatch, kopts):
+    """KernelOptions.fwd_tma None: the forward reads through TMA descriptors where its fixed config asks
+    (configs.fwd_config's tma: masks, packed sequences, windows) and the copy engine can read the tensors;
     True / False force it; paged pools never. The request never reaches the kernel as a
     parameter. Host side only (the launcher is stubbed; the copy engine is assumed)."""
     from attend._layout import Band, Packed
 
     seen = []
     monkeypatch.setattr(launch, "_FWD_LAUNCH", lambda grid, args, cx, *a: seen.append(cx))
-    monkeypatch.setattr(launch, "_INTERPRET", False)  # the H100's fixed configs, not the interpreter's tile
-    monkeypatch.setattr(launch, "_use_tma", lambda *t: True)
-    monkeypatch.setattr(launch, "FWD_WS", False)  # the core's launch flags (a GPU would take ws.py for two of these)
+    kopts(interpret=False)  # the H100's fixed configs, not the interpreter's tile
+    monkeypatch.setattr(launch, "use_tma", lambda *t, **kw: True)
+    kopts(fwd_ws=False)  # the core's launch flags (a GPU would take ws.py for two of these)
     B, H, L, D = 2, 4, 256, 128
     q, k, v = (torch.empty(B, H, L, D, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))
     bias = torch.empty(B, H, L, L, dtype=torch.bfloat16, device=DEVICE)
@@ -409,14 +419,14 @@ def test_forward_tma_loads_follow_the_fixed_config(monkeypatch):
     cu = torch.tensor([0, L, 2 * L], dtype=torch.int32, device=DEVICE)
 
     def flags(call, force=None):
-        monkeypatch.setattr(launch, "FWD_TMA", force)
+        kopts(fwd_tma=force)
         seen.clear()
         call()
         assert "TMA" not in seen[0]
         return seen[0]["USE_TMA"], seen[0]["MASK_TMA"]
 
-    dense = lambda: launch.forward(q, k, v, None, 0.0, 0, D ** -0.5, 0)
-    masked = lambda: launch.forward(q, k, v, bias, 0.0, 0, D ** -0.5, 0)
+    dense = lambda: launch.forward(q, k, v, None, 0.0, Band(), D ** -0.5, 0)
+    masked = lambda: launch.forward(q, k, v, bias, 0.0, Band(), D ** -0.5, 0)
     packed = lambda: launch.varlen_forward(qp, qp, qp, Packed(cu, cu), L, L, D ** -0.5, Band(-1, 0, True))
     assert flags(dense) == (False, False)
     assert flags(masked) == (True, True)
@@ -457,8 +467,8 @@ FWD_TMA_CASES = {
 
 
 @pytest.mark.parametrize("case", list(FWD_TMA_CASES))
-def test_forward_through_tensor_descriptors(case, monkeypatch):
-    """launch.FWD_TMA: K, V (and a float mask's tiles) through TMA descriptors. Under the
+def test_forward_through_tensor_descriptors(case, monkeypatch, kopts):
+    """KernelOptions.fwd_tma: K, V (and a float mask's tiles) through TMA descriptors. Under the
     interpreter the result is bitwise the pointer path's; on the GPU it matches float64. The
     launch flags say which tiles went through descriptors: a float mask with rows does, a bool
     or key-padding mask does not."""
@@ -481,12 +491,12 @@ def test_forward_through_tensor_descriptors(case, monkeypatch):
     flags = []
     real = launch._FWD_LAUNCH
     monkeypatch.setattr(launch, "_FWD_LAUNCH", lambda grid, args, cx, *a: flags.append(cx) or real(grid, args, cx, *a))
-    monkeypatch.setattr(launch, "FWD_WS", False)  # the core's forward (a GPU would take ws.py for some of these)
-    monkeypatch.setattr(launch, "FWD_ONE_LOOP", False)  # the pointer path's loops: one per band edge
+    kopts(fwd_ws=False)  # the core's forward (a GPU would take ws.py for some of these)
+    kopts(fwd_one_loop=False)  # the pointer path's loops: one per band edge
     outs = {}
     for on in (False, True):
-        monkeypatch.setattr(launch, "FWD_TMA", on)
-        monkeypatch.setattr(launch, "FORCE_TMA", True if on and DEVICE != "cuda" else None)
+        kopts(fwd_tma=on)
+        kopts(tma=True if on and DEVICE != "cuda" else None)
         with attend.sdpa_kernel(backend):
             outs[on] = attend.scaled_dot_product_attention(q, k, v, **kw)
     assert [f["USE_TMA"] for f in flags] == [False, True]
@@ -497,7 +507,7 @@ def test_forward_through_tensor_descriptors(case, monkeypatch):
         assert_matches_float64(outs[True], q, k, v, what=case, **kw)
 
 
-def test_varlen_forward_through_tensor_descriptors(monkeypatch):
+def test_varlen_forward_through_tensor_descriptors(monkeypatch, kopts):
     """Per-sequence descriptors in the packed forward: a tile past a sequence's end reads zeros,
     not the next sequence (causal and a sliding window; bitwise the pointer path's under the
     interpreter, and the same within rounding on the GPU)."""
@@ -509,12 +519,12 @@ def test_varlen_forward_through_tensor_descriptors(monkeypatch):
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     torch.manual_seed(6)
     q, k, v = (rand(sum(lens), 2, 32, dtype=DTYPES[0]) for _ in range(3))
-    monkeypatch.setattr(launch, "FWD_ONE_LOOP", False)  # the pointer path's loops: one per band edge
+    kopts(fwd_one_loop=False)  # the pointer path's loops: one per band edge
     for window in ((-1, 0), (9, 0)):
         res = {}
         for on in (False, True):
-            monkeypatch.setattr(launch, "FWD_TMA", on)
-            monkeypatch.setattr(launch, "FORCE_TMA", True if on and DEVICE != "cuda" else None)
+            kopts(fwd_tma=on)
+            kopts(tma=True if on and DEVICE != "cuda" else None)
             res[on] = varlen_attn(q, k, v, cu, cu, 50, 50, window_size=window, return_aux=AuxRequest(lse=True))
         for a, b in zip(res[False], res[True]):
             if DEVICE != "cuda":
@@ -533,8 +543,8 @@ ONE_LOOP_CASES = {
 
 
 @pytest.mark.parametrize("case", list(ONE_LOOP_CASES))
-def test_band_edges_in_one_loop_match_float64(case, monkeypatch):
-    """launch.FWD_ONE_LOOP / BWD_ONE_LOOP: the band's edge blocks masked under a branch inside
+def test_band_edges_in_one_loop_match_float64(case, monkeypatch, kopts):
+    """KernelOptions.fwd_one_loop / bwd_one_loop: the band's edge blocks masked under a branch inside
     the inner loops (core's ONE_LOOP) give the split loops' results: forward and gradients
     against float64, through TMA descriptors (forced under the interpreter) where the lengths
     are ragged. The launch flags show the forward asked for it."""
@@ -548,19 +558,19 @@ def test_band_edges_in_one_loop_match_float64(case, monkeypatch):
     if ragged and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("ragged lengths take the one loop through tensor descriptors, which need sm_90")
     if ragged:
-        monkeypatch.setattr(launch, "FWD_TMA", True)
-        monkeypatch.setattr(launch, "FORCE_TMA", True if DEVICE != "cuda" else None)
+        kopts(fwd_tma=True)
+        kopts(tma=True if DEVICE != "cuda" else None)
     seen = []
     real = launch._FWD_LAUNCH
     monkeypatch.setattr(launch, "_FWD_LAUNCH", lambda grid, args, cx, *a: seen.append(cx) or real(grid, args, cx, *a))
-    monkeypatch.setattr(launch, "FWD_WS", False)  # the core's forward (a GPU would take ws.py for some of these)
+    kopts(fwd_ws=False)  # the core's forward (a GPU would take ws.py for some of these)
     dtype = DTYPES[0]
     torch.manual_seed(7)
     q = rand(1, 2, L, D, dtype=dtype, requires_grad=True)
     k, v = (rand(1, 1 if kw.get("enable_gqa") else 2, S, D, dtype=dtype, requires_grad=True) for _ in range(2))
     for one in (True, False):
-        monkeypatch.setattr(launch, "FWD_ONE_LOOP", one)
-        monkeypatch.setattr(launch, "BWD_ONE_LOOP", one)
+        kopts(fwd_one_loop=one)
+        kopts(bwd_one_loop=one)
         with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
             out = attend.scaled_dot_product_attention(q, k, v, **kw)
         assert seen[-1]["ONE_LOOP"] is one
@@ -568,23 +578,23 @@ def test_band_edges_in_one_loop_match_float64(case, monkeypatch):
 
 
 @pytest.mark.parametrize("window", [(-1, 0), (9, 0), (20, 0)])
-def test_packed_band_edges_in_one_loop(window, monkeypatch):
+def test_packed_band_edges_in_one_loop(window, monkeypatch, kopts):
     """The packed form of the same: per-sequence bands (windows narrower and wider than a tile,
     sequences shorter than one) in one loop against the split loops, forward, lse and gradients."""
     if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
     from attend.varlen import AuxRequest
 
-    monkeypatch.setattr(launch, "FWD_TMA", True)
-    monkeypatch.setattr(launch, "FORCE_TMA", True if DEVICE != "cuda" else None)
+    kopts(fwd_tma=True)
+    kopts(tma=True if DEVICE != "cuda" else None)
     lens = [33, 7, 50, 1]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     torch.manual_seed(8)
     q, k, v = (rand(sum(lens), 2, 32, dtype=DTYPES[0], requires_grad=True) for _ in range(3))
     res = {}
     for one in (True, False):
-        monkeypatch.setattr(launch, "FWD_ONE_LOOP", one)
-        monkeypatch.setattr(launch, "BWD_ONE_LOOP", one)
+        kopts(fwd_one_loop=one)
+        kopts(bwd_one_loop=one)
         out, lse = varlen_attn(q, k, v, cu, cu, 50, 50, window_size=window, return_aux=AuxRequest(lse=True))
         res[one] = (out, lse, *torch.autograd.grad(out.float().square().sum(), (q, k, v)))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), res[True], res[False]):
@@ -593,30 +603,32 @@ def test_packed_band_edges_in_one_loop(window, monkeypatch):
         assert (a.float() - b.float()).abs().max().item() <= 1e-2 * max(scale, 1.0), (name, window)
 
 
-def test_one_loop_follows_the_fixed_config(monkeypatch):
-    """Which fixed configs run a band's edges in the inner loop (configs._c / _b's one_loop, as
+def test_one_loop_follows_the_fixed_config(monkeypatch, kopts):
+    """Which fixed configs run a band's edges in the inner loop (configs' one_loop, as
     the H100 measured them): not the window forward or the one-sequence packed forward, yes the
     dense causal forward; the backward by its dK/dV tile rows (64: yes, 32: no).
-    launch.FWD_ONE_LOOP / BWD_ONE_LOOP override the config. Host side only."""
-    monkeypatch.setattr(launch, "_INTERPRET", False)
-    monkeypatch.setattr(launch, "_AUTOTUNE", False)
+    KernelOptions.fwd_one_loop / bwd_one_loop override the config. Host side only."""
+    kopts(interpret=False)
+    kopts(autotune=False)
     base = dict(BLOCK_D=128, HAS_MASK=False, MASK_KEYS=False, DETERMINISTIC=False)
     window = dict(base, CAUSAL=True, WINDOW=True, VARLEN=True)
     packed = dict(base, CAUSAL=True, WINDOW=False, VARLEN=True)
     dense = dict(base, CAUSAL=True, WINDOW=False, VARLEN=False)
 
     def one(kind, flags, seq=16384):
-        return launch._fixed_config(kind, flags, 2, l_bucket=seq, seq_bucket=seq)[0]["ONE_LOOP"]
+        opts = options.current()
+        tiles = launch.pick_tiles(kind, flags, 2, opts, l_bucket=seq, seq_bucket=seq)
+        return launch.override(kind, tiles, flags, opts).meta["ONE_LOOP"]
 
     assert not one("fwd", window) and not one("fwd", packed)
     assert one("fwd", packed, seq=4096) and one("fwd", dense) and one("fwd", dense, seq=1024)
     assert not one("bwd", window)  # 32x64
     assert one("bwd", packed) and one("bwd", dense, seq=4096)  # head-major 64x64, 64x128
-    monkeypatch.setattr(launch, "FWD_ONE_LOOP", True)
-    monkeypatch.setattr(launch, "BWD_ONE_LOOP", True)
+    kopts(fwd_one_loop=True)
+    kopts(bwd_one_loop=True)
     assert one("fwd", window) and one("bwd", window)
-    monkeypatch.setattr(launch, "FWD_ONE_LOOP", False)
-    monkeypatch.setattr(launch, "BWD_ONE_LOOP", False)
+    kopts(fwd_one_loop=False)
+    kopts(bwd_one_loop=False)
     assert not one("fwd", dense) and not one("bwd", packed)
 
 
@@ -638,8 +650,8 @@ WS_CASES = {
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9,
                     reason="the warp-specialized Gluon forward runs on sm_90 only (no interpreter)")
 @pytest.mark.parametrize("case", list(WS_CASES))
-def test_warp_specialized_forward_matches_float64(case, monkeypatch):
-    """launch.FWD_WS: eligible calls (ws.eligible) take the Gluon kernel; its output and gradients
+def test_warp_specialized_forward_matches_float64(case, monkeypatch, kopts):
+    """KernelOptions.fwd_ws: eligible calls (ws.eligible) take the Gluon kernel; its output and gradients
     against float64 (without a mask the Gluon dK / dV kernel, ws_bwd.py, and the core's dQ
     programs; with one the core's backward): lengths that are not whole tiles, causal bands top-left
     and bottom-right (rows with no key give 0), grouped heads, a float bias whose row 5 is -inf
@@ -649,7 +661,7 @@ def test_warp_specialized_forward_matches_float64(case, monkeypatch):
 
     (B, H, Hkv, L, S), kind, di, band = WS_CASES[case]
     dtype = (torch.bfloat16, torch.float16)[di]
-    monkeypatch.setattr(configs, "WS_BWD_MIN_SEQ_BUCKET", 0)  # these short lengths too (configs.ws_backward)
+    kopts(bwd_ws_min_seq_bucket=0)  # these short lengths too (configs.ws_backward)
     calls, bwd_calls = [], []
     real, real_bwd = ws.forward, ws_bwd.dkdv
     monkeypatch.setattr(ws, "forward", lambda *a: calls.append(1) or real(*a))

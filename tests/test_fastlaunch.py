@@ -12,7 +12,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
-from attend.kernels import core, launch  # noqa: E402
+from attend.kernels import core, launch, options  # noqa: E402
+from attend._layout import Band  # noqa: E402
 from attend.kernels.fastlaunch import Launcher, int_class  # noqa: E402
 
 INT_SAMPLES = list(range(-20, 70)) + [
@@ -58,7 +59,7 @@ def test_volatile_ints_keyed_by_class():
 
 def test_launcher_falls_back_under_interpreter():
     """Under TRITON_INTERPRET the kernels are interpreted functions: Launcher uses Triton's path."""
-    if not launch._INTERPRET:
+    if not options.current().interpret:
         pytest.skip("interpreter only")
     assert not Launcher(core.attn_fwd).direct
 
@@ -84,7 +85,7 @@ def test_direct_launch_respects_alignment():
         q = buf[offset:offset + 2 * 64 * 64].view(1, 2, 64, 64)
         k = torch.randn(1, 2, 64, 64, dtype=torch.float16, device="cuda")
         v = torch.randn_like(k)
-        out, _ = launch.forward(q, k, v, None, 0.0, 0, 0.1234, 0)  # a scale no other test uses: fresh keys
+        out, _ = launch.forward(q, k, v, None, 0.0, Band(), 0.1234, 0)  # a scale no other test uses: fresh keys
         ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.1234, -1) @ v.double()
         assert (out.double() - ref).abs().max().item() < 5e-3
     assert len(launch._FWD_LAUNCH.cache) == before + 2

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attend
+from attend._layout import Band
 from attend.ops import attention as ops
 from conftest import DEVICE, KERNELS, assert_matches_float64, rand
 
@@ -64,11 +65,34 @@ def test_traced_calls_use_the_custom_op():
 
 def test_fused_ops_pass_opcheck():
     q, k, v = (rand(1, 2, 20, 16, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(ops.fused_fwd, (q, k, v, None, 0.0, 1, 0.25, None, "blocked"))
-    out, lse = ops.fused_fwd(q, k, v, None, 0.0, 1, 0.25, None, "blocked")
+    causal = Band.causal().to_op()
+    torch.library.opcheck(ops.fused_fwd, (q, k, v, None, 0.0, causal, 0.25, None, "blocked"))
+    out, lse = ops.fused_fwd(q, k, v, None, 0.0, causal, 0.25, None, "blocked")
     dout = torch.randn_like(out)
     torch.library.opcheck(ops.fused_bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                                          None, 0.0, 1, 0.25, None, "blocked", False))
+                                          None, 0.0, causal, 0.25, None, "blocked", False))
+
+
+def test_band_encoding_round_trips():
+    """The ops carry a Band as ints (Band.to_op); from_op gives the same Band back."""
+    for band in (Band(), Band.causal(), Band.causal(bottom_right=True), Band(5, 0, True), Band(3, 7, False)):
+        assert Band.from_op(band.to_op()) == band
+
+
+def test_one_kernel_registry_for_dense_and_packed_ops():
+    """Both op pairs look their launchers up in ops.registry; an unknown kernel is a ValueError
+    naming the known ones, from either."""
+    from attend.ops import KERNELS, Kernel, launchers
+    from attend.ops import varlen as vops
+
+    assert launchers("blocked") is KERNELS[Kernel.BLOCKED] and "blocked" in KERNELS
+    q = rand(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="unknown attend kernel 'nope'; known: .*blocked"):
+        ops._fused_fwd(q, q, q, None, 0.0, Band().to_op(), 0.25, None, "nope")
+    lens = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    qp = rand(8, 2, 16)
+    with pytest.raises(ValueError, match="unknown attend kernel 'nope'; known: .*blocked"):
+        vops._varlen_fwd(qp, qp, qp, lens, lens, None, None, 8, 8, 0.25, Band.causal(True).to_op(), "nope")
 
 
 def test_varlen_ops_pass_opcheck():
@@ -76,4 +100,5 @@ def test_varlen_ops_pass_opcheck():
 
     lens = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
     q, k, v = (rand(20, 2, 16, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(vops.varlen_fwd, (q, k, v, lens, lens, None, None, 13, 13, 0.25, -1, 0, "blocked"))
+    causal = Band.causal(bottom_right=True).to_op()
+    torch.library.opcheck(vops.varlen_fwd, (q, k, v, lens, lens, None, None, 13, 13, 0.25, causal, "blocked"))

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from attend.kernels.build import _BWD_FEATURES, _FEATURES, _FWD_FEATURES, WS_BWD_FEATURES, WS_FEATURES
-from attend.kernels.configs import BWD_CONFIGS, FWD_CONFIGS
+from attend.kernels.build import _BWD_FEATURES, _FEATURES, _FWD_FEATURES, WS_BWD_FEATURES, WS_FEATURES, rule_jobs
+from attend.kernels.configs import BWD_CONFIGS, FWD_CONFIGS, RULES
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,23 @@ def test_feature_names_are_unique():
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
 
 
+def test_every_rule_config_is_built():
+    """The build check iterates configs.RULES: each rule's every config is a plain build (a listed
+    config at D=128 with no flags of its own) or a build of its own."""
+    built = {(job[1], job[4].rsplit("_", 1)[1]) for job in rule_jobs()}
+    plain = {(k, str(c)) for k, cfgs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS)) for c in cfgs}
+    for i, rule in enumerate(RULES):
+        for bucket, c in rule.tiles.items():
+            kind = "fwd" if rule.kind == "fwd" else "bwd"
+            assert (i, str(bucket)) in built or (not rule.flags and (kind, str(c)) in plain), (rule.name, bucket)
+
+
 def test_every_config_builds_for_hopper_and_ampere(builds):
     # + heuristic configs at D=64, 256, the feature variants of each kernel, paged (fwd only) and
-    # pointer loads (bwd only), and the warp-specialized Gluon forward and dK / dV (sm_90 only)
+    # pointer loads (bwd only), the warp-specialized Gluon forward and dK / dV (sm_90 only), and every
+    # fixed-config rule's configs that no plain build covers (sm_90)
     expected = (2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 2 * len(_FEATURES) + len(_FWD_FEATURES)
-                + len(_BWD_FEATURES) + len(WS_FEATURES) + len(WS_BWD_FEATURES))
+                + len(_BWD_FEATURES) + len(WS_FEATURES) + len(WS_BWD_FEATURES) + len(rule_jobs()))
     assert len(builds) == expected
     assert {b["head_dim"] for b in builds} == {64, 128, 256}
     assert {b["feature"] for b in builds} >= {"varlen_sliding_window", "paged_seqused"}
@@ -54,8 +66,8 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
         # TMA: the backward's loads on sm_90 unless built with pointer loads; the forward's in its
         # tma_* variants and where the fixed config asks (masks, packed, window; never paged); the
         # warp-specialized Gluon kernels (fwd_ws, bwd_ws; sm_90 only) always
-        want_tma = b["arch"] == 90 and (b["feature"] in FWD_TMA_BUILDS if b["kernel"] == "fwd"
-                                        else b["feature"] != "pointer_loads")
+        fwd_tma = b["feature"] in FWD_TMA_BUILDS or (b["feature"].startswith("rule_") and "TMA: True" in b["config"])
+        want_tma = b["arch"] == 90 and (fwd_tma if b["kernel"] == "fwd" else b["feature"] != "pointer_loads")
         assert b["tma"] == want_tma, f"{b['kernel']} {b['config']} {b['feature']} sm_{b['arch']}: TMA {b['tma']}"
         if b["arch"] == 90:  # on sm_80 the autotuner's prune drops the configs that need more
             assert b["shared"] <= 227 * 1024, \

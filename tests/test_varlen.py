@@ -116,19 +116,19 @@ def test_varlen_warp_specialized_kernels(window, shape, monkeypatch):
     query and one key length the Gluon dK / dV kernel (kernels/ws_bwd.py): output, LSE and
     gradients against the per-sequence float64 loop, per band; other calls take the core."""
     from attend.kernels import ws, ws_bwd
-
-    from attend.kernels import configs
+    from attend.kernels.options import kernel_options
 
     _, lq, lk, hq, hkv, served, served_bwd = shape
-    monkeypatch.setattr(configs, "WS_BWD_MIN_SEQ_BUCKET", 0)  # short sequences too (configs.ws_backward)
     calls, bwd_calls = [], []
     real, real_bwd = ws.forward, ws_bwd.dkdv
     monkeypatch.setattr(ws, "forward", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(ws_bwd, "dkdv", lambda *a: bwd_calls.append(1) or real_bwd(*a))
     torch.manual_seed(5)
     q, k, v = _inputs(lq, lk, hq, hkv, 128, torch.bfloat16)
-    out, lse = varlen_attn(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), window_size=window,
-                           enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True))
+    # short sequences too (configs.ws_backward); the backward runs with the forward's options
+    with kernel_options(bwd_ws_min_seq_bucket=0):
+        out, lse = varlen_attn(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), window_size=window,
+                               enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True))
     assert bool(calls) == served, f"took the warp-specialized forward: {bool(calls)}"
     empty = _assert_matches_loop(out, lse, q, k, v, lq, lk, window, torch.bfloat16, lse_tol=2e-2)
     assert bool(bwd_calls) == served_bwd, f"took the Gluon dK / dV kernel: {bool(bwd_calls)}"

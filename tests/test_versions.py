@@ -41,7 +41,7 @@ def test_out_of_range_names_each_package(monkeypatch, torch_v, triton_v, outside
 def test_gluon_kernels_use_only_the_shimmed_tma_names():
     """Triton 3.9 removed tma.async_copy_global_to_shared / async_copy_shared_to_global: the Gluon
     kernels must call the names versions.py binds for the installed Triton."""
-    for name in ("ws.py", "ws_bwd.py"):
+    for name in ("ws.py", "ws_bwd.py", "ws_common.py"):
         src = (ROOT / "src" / "attend" / "kernels" / name).read_text()
         assert "async_copy_" not in src, name
         assert "triton.experimental" not in src, f"{name} imports Gluon around versions.py"
@@ -71,7 +71,9 @@ def gluon_on_this_device(monkeypatch):
     monkeypatch.setattr(versions, "_failed", {})
     monkeypatch.setattr(launch, "_gluon_device", lambda t: True)
     monkeypatch.setattr(launch, "_ensure_allocator", lambda: None)
-    monkeypatch.setattr(launch.ws, "_sm_count", lambda index: 4)
+    from attend.kernels import ws_common
+
+    monkeypatch.setattr(ws_common, "sm_count", lambda index: 4)
 
 
 def _build_failure(*args, **kwargs):
@@ -88,7 +90,7 @@ def test_failed_gluon_build_falls_back_to_the_core_with_one_warning(gluon_on_thi
     monkeypatch.setattr(launch.ws, "_LAUNCH", _build_failure)
     monkeypatch.setattr(launch.ws_bwd, "_LAUNCH", _build_failure)
     # take the Gluon dK / dV kernel's route at any length (it serves long sequences only)
-    monkeypatch.setattr(launch, "ws_backward", lambda block_d, seq_bucket: triton.Config({}))
+    monkeypatch.setattr(launch, "ws_backward", lambda block_d, seq_bucket, min_seq_bucket: triton.Config({}))
     dtype = torch.float16
     q, k, v = (rand(1, 2, 24, 128, dtype=dtype, requires_grad=True) for _ in range(3))
     with warnings.catch_warnings(record=True) as caught:

@@ -19,9 +19,24 @@ class Band:
     bottom_right: bool = False
 
     @staticmethod
-    def from_causal(causal: int) -> "Band":
-        """attend's causal code: 0 none, 1 top-left (``is_causal``), 2 bottom-right."""
-        return Band() if causal == 0 else Band(-1, 0, causal == 2)
+    def causal(bottom_right: bool = False) -> "Band":
+        """Keys up to the diagonal: top-left aligned (``is_causal``) or bottom-right."""
+        return Band(-1, 0, bottom_right)
+
+    @property
+    def is_causal_only(self) -> bool:
+        """No band, or a causal one (no window, no keys right of the diagonal)."""
+        return self.left < 0 and self.right in (-1, 0)
+
+    def to_op(self) -> list[int]:
+        """The custom ops' encoding (their schemas carry ints, not objects): [left, right,
+        bottom_right]. ``from_op`` is its inverse; nothing else converts."""
+        return [int(self.left), int(self.right), int(self.bottom_right)]
+
+    @staticmethod
+    def from_op(band: list[int]) -> "Band":
+        left, right, bottom_right = band
+        return Band(int(left), int(right), bool(bottom_right))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ class _Handle(Protocol):
 
 
 _RegisterFn = Callable[[], "_Handle | None"]
-_FlashAttentionImpl = str
 
 _impls: dict[str, _RegisterFn] = {}
 _active: str | None = None

@@ -109,7 +109,7 @@ IMPLS = {
 }
 
 
-def _time_ms(fn, grad_to_none=None) -> float:
+def time_ms(fn, grad_to_none=None) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
@@ -118,8 +118,8 @@ def _time_ms(fn, grad_to_none=None) -> float:
 def backward_ms(run, inputs, dout) -> float:
     """Backward time of ``run()`` = (forward with graph + backward) - forward with graph:
     compiled flex frees its saved buffers after one backward, so no retain_graph replays."""
-    fwd_graph_ms = _time_ms(run, grad_to_none=inputs)
-    both_ms = _time_ms(lambda: run().backward(dout), grad_to_none=inputs)
+    fwd_graph_ms = time_ms(run, grad_to_none=inputs)
+    both_ms = time_ms(lambda: run().backward(dout), grad_to_none=inputs)
     return max(both_ms - fwd_graph_ms, 1e-6)
 
 
@@ -159,7 +159,7 @@ def _measure_into(res: dict, fn, impl: str, row: Row, q, k, v, dtype, backward: 
             ours = fn(q, k, v, row.causal, row.gqa)
             res["max_abs_diff_vs_torch"] = (ours.float() - ref.float()).abs().max().item()
     with torch.no_grad():
-        fwd_ms = _time_ms(lambda: fn(q, k, v, row.causal, row.gqa))
+        fwd_ms = time_ms(lambda: fn(q, k, v, row.causal, row.gqa))
     if row.kind == "decode":
         bytes_kv = 2 * k.numel() * k.element_size()
         res["fwd"] = bytes_kv / (fwd_ms * 1e-3) / 1e9  # GB/s

@@ -22,7 +22,7 @@ import time
 import torch
 
 import attend
-from attend.bench import _time_ms, backward_ms
+from attend.bench import time_ms, backward_ms
 
 VARLEN_LENGTHS = [4096, 3000, 2048, 1800, 1500, 1200, 1000, 900, 500, 240, 100]
 WINDOW, WINDOW_S = 4096, 16384
@@ -38,7 +38,7 @@ def _entry(fn, inputs, dout, flops: float, backward: bool = True) -> dict:
 def _measure(fn, inputs, dout, flops: float, backward: bool) -> dict:
     try:
         with torch.no_grad():
-            f = _time_ms(fn)
+            f = time_ms(fn)
         res = dict(fwd_ms=f, fwd=flops / f / 1e9)
         if backward:
             b = backward_ms(fn, inputs, dout)

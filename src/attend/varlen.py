@@ -79,6 +79,7 @@ def varlen_attn(
     """
     from ._params import default_scale
     from .backends._kernels import TRITON_MASK_DTYPES, TRITON_MAX_HEAD_DIM, kernel_for
+    from ._layout import Band
     from .ops.varlen import varlen_attention
 
     want_lse = _check_aux(return_aux)
@@ -100,7 +101,7 @@ def varlen_attn(
         raise ValueError(f"varlen_attn: head dim {query.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the Triton core's limit")
     s = default_scale(query.shape[-1], scale)
     out, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, int(max_q), int(max_k),
-                                float(s), left, right, kernel)
+                                float(s), Band(left, right, bottom_right=True), kernel)
     return (out, lse) if want_lse else out
 
 

@@ -8,6 +8,7 @@ from typing import Callable, Protocol
 import torch
 
 from .._enums import SDPBackend
+from .._layout import Band
 from .._params import SDPAParams, default_scale, to_4d
 from ..bias import CausalVariant
 from ..ops import fused_attention
@@ -22,9 +23,10 @@ class Backend(Protocol):
     def run(self, p: SDPAParams, scale: float | None) -> torch.Tensor: ...
 
 
-def causal_code(p: SDPAParams) -> int:
+def band_of(p: SDPAParams) -> Band:
+    """The band of keys each query sees: none, or causal top-left (``is_causal``) or bottom-right."""
     v = p.causal_variant
-    return 0 if v is None else (1 if v is CausalVariant.UPPER_LEFT else 2)
+    return Band() if v is None else Band.causal(bottom_right=v is CausalVariant.LOWER_RIGHT)
 
 
 def mask_for_kernel(p: SDPAParams) -> torch.Tensor | None:
@@ -40,7 +42,7 @@ def run_fused(p: SDPAParams, scale: float | None, kernel: str) -> torch.Tensor:
     """Normalize to (B, H, L, E), run ``attend::fused_fwd`` and restore the caller's shape."""
     q, k, v = p.query, p.key, p.value
     out, _ = fused_attention(
-        to_4d(q), to_4d(k), to_4d(v), mask_for_kernel(p), p.dropout, causal_code(p),
+        to_4d(q), to_4d(k), to_4d(v), mask_for_kernel(p), p.dropout, band_of(p),
         default_scale(q.shape[-1], scale), kernel,
     )
     return out.reshape(*q.shape[:-1], v.shape[-1])

@@ -63,8 +63,9 @@ def triton_mask_reasons(p: SDPAParams) -> list[str]:
 
 def kernel_notes(p: SDPAParams) -> list[str]:
     """Which of attend's kernels a FLASH / EFFICIENT call on ``p``'s tensors runs: the Triton core
-    (on the GPU or under the interpreter) or the blocked torch-ops path, and on an sm_90 GPU the
-    state of each experimental Gluon kernel (available, or off and why)."""
+    (on the GPU or under the interpreter) or the blocked torch-ops path, on an sm_90 GPU the
+    state of each experimental Gluon kernel (available, or off and why), and the core's backward
+    plan (``launch.BackwardPlan``: kernels, dQ strategy, tiles) under the kernel options in force."""
     kernel = kernel_for(p.query)
     if kernel == "blocked":
         return ["kernel: attend's blocked torch-ops path"]
@@ -74,4 +75,18 @@ def kernel_notes(p: SDPAParams) -> list[str]:
     notes = [f"kernel: attend's Triton core{where}"]
     if p.query.is_cuda and torch.cuda.get_device_capability(p.query.device)[0] == 9:
         notes += [f"experimental {EXPERIMENTAL[name]}: {state}" for name, state in experimental_status().items()]
+    if p.query.shape[-1] == p.value.shape[-1] and 0 < p.query.shape[-1] <= TRITON_MAX_HEAD_DIM:
+        notes.append(_backward_plan(p))
     return notes
+
+
+def _backward_plan(p: SDPAParams) -> str:
+    from .._params import to_4d
+    from ..kernels import launch
+    from ._base import band_of, mask_for_kernel
+
+    mask = mask_for_kernel(p)
+    mask_grad = mask is not None and mask.is_floating_point() and mask.requires_grad
+    plan = launch.explain_backward(to_4d(p.query), to_4d(p.key), to_4d(p.value), mask, p.dropout, band_of(p),
+                                   mask_grad)
+    return f"{plan}"

@@ -6,13 +6,16 @@ probabilities. Dropout masks are regenerated per tile from ``(seed, tile)``.
 
 Layout: q ``(B, Hq, L, E)``, k ``(B, Hkv, S, E)``, v ``(B, Hkv, S, Ev)``; GQA groups query heads
 ``h`` onto key head ``h // (Hq // Hkv)`` by viewing q as ``(B, Hkv, G, L, E)`` (no K/V copy).
-``causal``: 0 = none, 1 = top-left, 2 = bottom-right. ``mask``: None, bool (True = keep) or
+``band``: a ``Band`` with no bound or a causal one (top-left or bottom-right; ``cpu.varlen``
+passes windows as masks). ``mask``: None, bool (True = keep) or
 additive float, broadcastable to ``(B, Hq, L, S)``; never expanded in memory.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .._layout import Band
 
 # Each score tile holds at most this many elements (fp32: 2 MiB, about one core's L2), so the
 # softmax passes over a tile stay in cache. Swept on the 2-core dev machine (1x8x4096x64 fp32
@@ -28,9 +31,16 @@ def _tiles(rows_per_l: int, L: int, S: int) -> tuple[int, int]:
     return block_m, block_n
 
 
-def _causal_offset(causal: int, L: int, S: int) -> int:
+def _causal_offset(band: Band, L: int, S: int) -> int:
     # Query i may see key j iff j <= i + offset.
-    return 0 if causal == 1 else S - L
+    return S - L if band.bottom_right else 0
+
+
+def _causal(band: Band) -> bool:
+    """Whether ``band`` bounds keys by the diagonal; a ValueError for what this path has no mode of."""
+    if not band.is_causal_only:
+        raise ValueError(f"the blocked kernel takes no band or a causal one (left -1, right 0); got {band}")
+    return band.right == 0
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,13 +72,14 @@ def _keep_tile(seed: int, tile: int, shape: tuple[int, ...], p: float) -> torch.
     return torch.rand(shape, generator=gen) >= p
 
 
-def _tile_plan(L: int, S: int, rows_per_l: int, causal: int):
+def _tile_plan(L: int, S: int, rows_per_l: int, band: Band):
     """Yield (tile_id, r0, r1, j0, j1, diag_rows): the tiles with any visible key.
 
     ``diag_rows`` counts the leading rows of the tile that need the causal mask applied.
     """
     block_m, block_n = _tiles(rows_per_l, L, S)
-    off = _causal_offset(causal, L, S) if causal else 0
+    causal = _causal(band)
+    off = _causal_offset(band, L, S) if causal else 0
     tile = 0
     for r0 in range(0, L, block_m):
         r1 = min(L, r0 + block_m)
@@ -104,7 +115,7 @@ def _scores(qs, kt, r0, r1, j0, j1, diag, off, mask4, dims):
     return s
 
 
-def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: int):
+def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int):
     """Returns ``(out, lse)``: out ``(B, Hq, L, Ev)`` in q's dtype, lse ``(B, Hq, L)`` (natural log; fp64 for fp64 inputs, else fp32)."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -114,11 +125,11 @@ def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: in
     kt = k.to(cdt).unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, E, S] (a view: BLAS reads it transposed)
     vg = v.to(cdt).unsqueeze(2)  # [B, Hkv, 1, S, Ev]
     mask4 = _mask4(mask)
-    off = _causal_offset(causal, L, S) if causal else 0
+    off = _causal_offset(band, L, S) if _causal(band) else 0
     m = torch.full((B, Hkv, G, L), float("-inf"), dtype=cdt, device=q.device)
     denom = torch.zeros((B, Hkv, G, L), dtype=cdt, device=q.device)
     acc = torch.zeros((B, Hkv, G, L, Ev), dtype=cdt, device=q.device)
-    for tile, r0, r1, j0, j1, diag in _tile_plan(L, S, B * Hq, causal):
+    for tile, r0, r1, j0, j1, diag in _tile_plan(L, S, B * Hq, band):
         s = _scores(qs, kt, r0, r1, j0, j1, diag, off, mask4, (B, Hkv, G))
         m_old = m[..., r0:r1]
         m_new = torch.maximum(m_old, s.amax(dim=-1))
@@ -137,7 +148,7 @@ def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: in
     return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
 
 
-def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale: float, seed: int, mask_grad: bool,
+def backward(dout, q, k, v, out, lse, mask, dropout_p: float, band: Band, scale: float, seed: int, mask_grad: bool,
              dlse=None):
     """Returns ``(dq, dk, dv, dmask)``; dmask has the mask's shape, or is None unless ``mask_grad``.
     ``dlse``: gradient flowing into the returned log-sum-exp, if any (d lse / d s = p)."""
@@ -157,12 +168,12 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     lse_g = lse.to(cdt).unflatten(1, (Hkv, G))
     lse_g = lse_g.masked_fill(lse_g == float("-inf"), float("inf"))  # empty rows: p = 0
     mask4 = _mask4(mask)
-    off = _causal_offset(causal, L, S) if causal else 0
+    off = _causal_offset(band, L, S) if _causal(band) else 0
     dq = torch.zeros_like(qg)
     dk = torch.zeros((B, Hkv, S, E), dtype=cdt, device=q.device)
     dv = torch.zeros((B, Hkv, S, Ev), dtype=cdt, device=q.device)
     dmask = torch.zeros(mask4.shape, dtype=cdt, device=q.device) if mask_grad else None
-    for tile, r0, r1, j0, j1, diag in _tile_plan(L, S, B * Hq, causal):
+    for tile, r0, r1, j0, j1, diag in _tile_plan(L, S, B * Hq, band):
         s = _scores(qs, kt, r0, r1, j0, j1, diag, off, mask4, (B, Hkv, G))
         p = s.sub_(lse_g[..., r0:r1].unsqueeze(-1)).exp_()  # [B, Hkv, G, rows, cols]
         do = dog[..., r0:r1, :]

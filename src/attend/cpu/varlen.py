@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from .._layout import Band
 from . import blocked
 
 
-def _band_mask(L: int, S: int, left: int, right: int, device=None) -> torch.Tensor:
-    i = torch.arange(L, device=device).unsqueeze(-1) + (S - L)
+def _band_mask(L: int, S: int, band: Band, device=None) -> torch.Tensor:
+    left, right = band.left, band.right
+    i = torch.arange(L, device=device).unsqueeze(-1) + (S - L if band.bottom_right else 0)
     j = torch.arange(S, device=device)
     ok = torch.ones(L, S, dtype=torch.bool, device=device)
     if right >= 0:
@@ -24,13 +26,12 @@ def _band_mask(L: int, S: int, left: int, right: int, device=None) -> torch.Tens
     return ok
 
 
-def _plan(left: int, right: int, L: int, S: int, device=None):
-    """(mask, causal code) for one sequence's band."""
-    if left < 0 and right < 0:
-        return None, 0
-    if left < 0 and right == 0:
-        return None, 2
-    return _band_mask(L, S, left, right, device), 0
+def _plan(band: Band, L: int, S: int, device=None) -> tuple[torch.Tensor | None, Band]:
+    """(mask, the blocked kernel's band) for one sequence's band: a causal band as one (varlen's is
+    bottom-right aligned); any other bound (a window, keys right of the diagonal) as an (L, S) bool mask."""
+    if band.is_causal_only:
+        return None, band
+    return _band_mask(L, S, band, device), Band()
 
 
 def _sequences(packed):
@@ -59,9 +60,9 @@ def varlen_forward(q, k, v, packed, max_q: int, max_k: int, scale: float, band):
     for b, q0, q1, k0, S in _sequences(packed):
         if q1 == q0 or S == 0:  # nothing to attend to: out 0, lse -inf
             continue
-        mask, causal = _plan(band.left, band.right, q1 - q0, S, q.device)
+        mask, seq_band = _plan(band, q1 - q0, S, q.device)
         qb = q[q0:q1].transpose(0, 1).unsqueeze(0)
-        ob, lb = blocked.forward(qb, _keys(k, packed, b, k0, S), _keys(v, packed, b, k0, S), mask, 0.0, causal,
+        ob, lb = blocked.forward(qb, _keys(k, packed, b, k0, S), _keys(v, packed, b, k0, S), mask, 0.0, seq_band,
                                  scale, 0)
         out[q0:q1] = ob[0].transpose(0, 1)
         lse[:, q0:q1] = lb[0].float()
@@ -73,12 +74,12 @@ def varlen_backward(dout, q, k, v, out, lse, packed, max_q: int, max_k: int, sca
     for b, q0, q1, k0, S in _sequences(packed):
         if q1 == q0 or S == 0:
             continue
-        mask, causal = _plan(band.left, band.right, q1 - q0, S, q.device)
+        mask, seq_band = _plan(band, q1 - q0, S, q.device)
         t4 = lambda t: t[q0:q1].transpose(0, 1).unsqueeze(0)  # noqa: E731
         lb = lse[:, q0:q1].unsqueeze(0)
         db = dlse[:, q0:q1].unsqueeze(0) if dlse is not None else None
         g = blocked.backward(t4(dout), t4(q), _keys(k, packed, b, k0, S), _keys(v, packed, b, k0, S), t4(out), lb,
-                             mask, 0.0, causal, scale, 0, False, dlse=db)
+                             mask, 0.0, seq_band, scale, 0, False, dlse=db)
         dq[q0:q1] = g[0][0].transpose(0, 1)
         dk[k0:k0 + S] = g[1][0].transpose(0, 1)
         dv[k0:k0 + S] = g[2][0].transpose(0, 1)

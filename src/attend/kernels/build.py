@@ -96,14 +96,15 @@ def _compile_gluon(fn, target: GPUTarget, sig: dict, ints: tuple, constexprs: di
 
 
 def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False, causal: bool = False,
-               window: bool = False, varlen: bool = False):
-    """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only)."""
+               window: bool = False, varlen: bool = False, o_tma: bool = True):
+    """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only); ``o_tma`` as
+    KernelOptions.o_tma (on by default)."""
     from . import ws
 
     q, kv = _gluon_desc(dtype, ws.ROWS, ws.HEAD_DIM), _gluon_desc(dtype, ws.BLOCK_N, ws.HEAD_DIM)
     constexprs = dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM, STAGES=ws.STAGES, QBUFS=1 if has_bias else 2,
                       HAS_BIAS=has_bias, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
-                      EDGES=causal or window or varlen, TBUF=ws.TBUF, O_TMA=ws.O_TMA)
+                      EDGES=causal or window or varlen, TBUF=ws.TBUF, O_TMA=o_tma)
     ints = ("stride_o", "stride_lseh", "n_tiles", "n_m", "sec", "H", "G", "L_max", "S_max", "diag", "win_right",
             "win_left")
     sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=_gluon_desc(dtype, ws.ROWS, ws.BLOCK_N) if has_bias else q,
@@ -123,7 +124,7 @@ def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = Fa
                       TBUF=ws_bwd.TBUF)
     ints = ("stride_dk", "stride_dv", "stride_statb", "stride_stath", "n_tiles", "n_n", "sec", "H", "G", "L_max",
             "S_max", "diag", "win_right", "win_left")
-    row = f"tensordesc<fp32[{ws_bwd.BLOCK_M}],{ws_bwd._ROW_LAYOUT!r}>"
+    row = f"tensordesc<fp32[{ws_bwd.BLOCK_M}],{ws_bwd.ROW_LAYOUT!r}>"
     sig = dict(q_desc=qd, do_desc=qd, k_desc=kv, v_desc=kv, nl_desc=row, dl_desc=row, dk_ptr=f"*{_DTYPE[dtype]}",
                dv_ptr=f"*{_DTYPE[dtype]}", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
                sm_scale="fp32")
@@ -148,7 +149,7 @@ _FEATURES = {
     "varlen_work_list": dict(VARLEN=True, WORKLIST=True, EVEN=False),
     "key_padding_mask": dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, MASK_KEYS=True, KEY_RANGE=True),
 }
-# The forward's TMA loads (launch.FWD_TMA), forced on, besides the fixed configs that ask for them.
+# The forward's TMA loads (KernelOptions.fwd_tma), forced on, besides the fixed configs that ask for them.
 _FWD_FEATURES = {"paged_seqused": dict(VARLEN=True, SEQUSED=True, PAGED=True, PAGE_SIZE=16),
                  "one_grid_axis": dict(GRID_1D=True),  # batch x heads past CUDA's cap on grid y
                  "tma_loads": dict(USE_TMA=True), "tma_varlen": dict(VARLEN=True, EVEN=False, USE_TMA=True),
@@ -164,7 +165,44 @@ _BWD_FEATURES = {"pointer_loads": dict(USE_TMA=False), "head_major_order": dict(
                  "dq_programs_only": dict(DQ_ONLY=True, HEAD_MAJOR=False)}  # beside ws_bwd's dK / dV
 
 
-def _build_one(job: tuple) -> dict:
+def rule_jobs() -> list[tuple]:
+    """One sm_90 build per config of every fixed-config rule (configs.RULES), at the rule's head
+    dim (128 where it has none) and with the launch flags that select it, except where that is
+    already a plain build (a listed config, default flags, D=128)."""
+    from .configs import BWD_CONFIGS, FWD_CONFIGS, RULES
+
+    def key(kind, c):
+        return kind, tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+    plain = {key(k, c) for k, cfgs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS)) for c in cfgs}
+    jobs = []
+    for i, rule in enumerate(RULES):
+        for bucket, c in sorted(rule.tiles.items()):
+            kind = "fwd" if rule.kind == "fwd" else "bwd"
+            if not rule.flags and rule.elem == 2 and (rule.d or 128) == 128 and key(kind, c) in plain:
+                continue
+            jobs.append(("rule", i, 90, rule.d or 128, f"rule_{i}_{rule.kind}_{rule.name}_{bucket}"))
+    return jobs
+
+
+def job_name(job: tuple) -> str:
+    """A build's file name in a dump (``--dump``): kernel, config index (-1: fixed), arch, head dim, variant."""
+    kind, index, arch, head_dim, *feature = job
+    return f"{kind}-{index}-sm{arch}-d{head_dim}" + (f"-{feature[0]}" if feature else "")
+
+
+def _build_one(job: tuple, dump: str | None = None) -> dict:
+    report = _build(job)
+    if dump is not None:
+        import os
+
+        with open(os.path.join(dump, job_name(job) + ".ptx"), "w") as f:
+            f.write(report.pop("_ptx"))
+    report.pop("_ptx", None)
+    return report
+
+
+def _build(job: tuple) -> dict:
     kind, index, arch, head_dim, *feature = job
     if kind == "fwd_ws":
         compiled = compile_ws(GPUTarget("cuda", arch, 32), **WS_FEATURES[feature[0]])
@@ -172,8 +210,16 @@ def _build_one(job: tuple) -> dict:
     if kind == "bwd_ws":
         compiled = compile_ws_bwd(GPUTarget("cuda", arch, 32), **WS_BWD_FEATURES[feature[0]])
         return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
-    from .configs import BWD_CONFIGS, FWD_CONFIGS, heuristic
+    from .configs import BWD_CONFIGS, FWD_CONFIGS, RULES, heuristic
 
+    if kind == "rule":  # a fixed-config rule's config (rule_jobs), with the flags that select it
+        rule = RULES[index]
+        config = rule.tiles[int(feature[0].rsplit("_", 1)[1])]
+        kernel = "fwd" if rule.kind == "fwd" else "bwd"
+        dtype = {2: "bfloat16", 4: "float32"}[rule.elem]
+        compiled = compile_kernel(KERNELS[kernel], config, GPUTarget("cuda", arch, 32), dtype=dtype,
+                                  head_dim=head_dim, **rule.flags)
+        return _report(compiled, kernel, str(config), arch, head_dim, feature[0])
     flags = {**_FEATURES, **_FWD_FEATURES, **_BWD_FEATURES}[feature[0]] if feature else {}
     # Feature variants take the fixed config a launch with those features takes.
     config = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}[kind][index] if index >= 0 else heuristic(
@@ -188,12 +234,16 @@ def _report(compiled, kind: str, config: str, arch: int, head_dim: int, feature:
     """What the build check asserts about one build: its MMA instructions, TMA use, shared memory."""
     ptx = compiled.asm["ptx"]
     return dict(kernel=kind, config=config, arch=arch, head_dim=head_dim, feature=feature, wgmma="wgmma" in ptx,
-                mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx, shared=compiled.metadata.shared)
+                mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx, shared=compiled.metadata.shared,
+                _ptx=ptx)
 
 
-def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
+def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> list[dict]:
     """Compile every shipped config of every core kernel for each arch at head dim 128, the fixed
-    (heuristic) configs at head dims 64 and 256, and the feature variants; one dict per build."""
+    (heuristic) configs at head dims 64 and 256, the feature variants, and every fixed-config rule's
+    configs (``rule_jobs``); one dict per build.
+    ``dump``: a folder that receives each build's PTX as ``job_name(job).ptx``."""
+    import functools
     from concurrent.futures import ProcessPoolExecutor
 
     from .configs import BWD_CONFIGS, FWD_CONFIGS
@@ -206,12 +256,66 @@ def build_all(archs=(90, 80), processes: int = 2) -> list[dict]:
     jobs += [("bwd", -1, 90, 128, feature) for feature in _BWD_FEATURES]
     jobs += [("fwd_ws", -1, 90, 128, feature) for feature in WS_FEATURES]
     jobs += [("bwd_ws", -1, 90, 128, feature) for feature in WS_BWD_FEATURES]
+    jobs += rule_jobs()
     with ProcessPoolExecutor(processes) as pool:
-        return list(pool.map(_build_one, jobs))
+        return list(pool.map(functools.partial(_build_one, dump=dump), jobs))
+
+
+def normalize_ptx(ptx: str) -> list[str]:
+    """The PTX lines that carry code: no comments, ``.loc`` / ``.file`` lines, debug sections, or
+    the labels only debug info references. (The kernels' parameters keep their order: a launch
+    names its arguments, ``fastlaunch.Launcher``, but the signatures stay as they are.)"""
+    lines, in_debug = [], False
+    for line in ptx.splitlines():
+        s = line.split("//", 1)[0].strip()
+        if in_debug:
+            in_debug = not s.startswith("}")
+            continue
+        if s.startswith(".section") and ".debug" in s:
+            in_debug = True
+            continue
+        if not s or s.startswith((".loc", ".file", "$L__tmp", "$L__func_begin", "$L__func_end")):
+            continue
+        lines.append(s)
+    return lines
+
+
+def compare(before: str, after: str) -> int:
+    """Compare two ``--dump`` folders build by build; prints one line per build that differs, is
+    missing from ``after`` or is new in it, and returns how many differ or are missing."""
+    import difflib
+    import os
+
+    names = sorted(set(os.listdir(before)) & set(os.listdir(after)))
+    gone = sorted(set(os.listdir(before)) - set(os.listdir(after)))
+    for name in gone:
+        print(f"{name}: missing from {after}")
+    for name in sorted(set(os.listdir(after)) - set(os.listdir(before))):
+        print(f"{name}: new in {after}")
+    differ = 0
+    for name in names:
+        a, b = os.path.join(before, name), os.path.join(after, name)
+        la, lb = normalize_ptx(open(a).read()), normalize_ptx(open(b).read())
+        if la != lb:
+            diff = [d for d in difflib.unified_diff(la, lb, lineterm="", n=0) if d[:1] in "+-"]
+            print(f"{name}: {len(diff) - 2} lines differ, first: {diff[2:6]}")
+            differ += 1
+    print(f"{len(names) - differ} of the {len(names)} builds in both identical; {len(gone)} missing")
+    return differ + len(gone)
 
 
 if __name__ == "__main__":
+    import argparse
     import json
+    import os
     import sys
 
-    json.dump(build_all(), sys.stdout)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dump", metavar="DIR", help="also write each build's PTX to DIR")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two dumps; build nothing")
+    opts = parser.parse_args()
+    if opts.compare:
+        sys.exit(1 if compare(*opts.compare) else 0)
+    if opts.dump:
+        os.makedirs(opts.dump, exist_ok=True)
+    json.dump(build_all(dump=opts.dump), sys.stdout)

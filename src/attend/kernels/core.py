@@ -264,7 +264,7 @@ def _fwd_inner(
 
 
 @triton.jit
-def _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """(lo, a, b, hi) for query rows [m0, m0+BLOCK_M) over keys [k_lo, k_hi) (dense: [0, S)):
     keys outside [lo, hi) are invisible to every row; [a, b) are whole blocks that every row
@@ -323,9 +323,9 @@ def _run_split(a, c, k_lo, run, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """(lo, a, b, hi) for key block [n0, n0+BLOCK_N), the transpose of ``_key_blocks``: query
+    """(lo, a, b, hi) for key block [n0, n0+BLOCK_N), the transpose of ``key_blocks``: query
     rows outside [lo, hi) see none of its keys, blocks in [a, b) see all of them."""
     if CAUSAL:
         lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M
@@ -377,7 +377,7 @@ def attn_fwd(
     longest work starts first.
     PAGED: stride_kb / stride_vb are the pool's page strides. KEY_RANGE: see ``_key_range``.
     USE_TMA (not PAGED): K and V tiles through per-head tensor descriptors instead of pointer
-    loads; MASK_TMA: the tiles of a float mask with rows too (``launch.FWD_TMA``).
+    loads; MASK_TMA: the tiles of a float mask with rows too (``KernelOptions.fwd_tma``).
     EVEN: L and S are multiples of every block size and HEAD_DIM == BLOCK_D (dense only): no
     bounds masks, and no ragged-tail loop unless a band or key range has an edge to mask (the D=128
     non-causal sm_90 build drops from 220 to 170 registers, ptxas -v).
@@ -445,7 +445,7 @@ def attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_lo, k_hi, run = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
-    lo, a, c, hi = _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    lo, a, c, hi = key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if one_loop:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, lo, hi, m0, rows, offs_n, offs_d,
@@ -903,7 +903,7 @@ def attn_bwd(
                     mask=kv_ok, other=0.0)
         dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
-        lo, a, c, hi = _query_blocks(n0, L, causal_off, window_off, BLOCK_M1, BLOCK_N1, CAUSAL, WINDOW)
+        lo, a, c, hi = query_blocks(n0, L, causal_off, window_off, BLOCK_M1, BLOCK_N1, CAUSAL, WINDOW)
         # Never software-pipelined: where the query loops fold away (L == 1 specializes their
         # trip count to one), this loop becomes the innermost one, and the pipeliner cannot
         # predicate the tensor descriptors it creates.
@@ -937,7 +937,7 @@ def attn_bwd(
                 if (n0 >= k_hi) | (n0 + BLOCK_N1 <= k_lo):
                     lo_h, a_h, c_h, hi_h = lo, lo, lo, lo
                 kept = run & (n0 >= k_lo) & (n0 + BLOCK_N1 <= k_hi)
-            if one_loop:  # the band's edge blocks in the inner loop, under a branch (configs._b's one_loop)
+            if one_loop:  # the band's edge blocks in the inner loop, under a branch (configs.bwd_config's one_loop)
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
                     lo_h, hi_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
@@ -1034,8 +1034,8 @@ def attn_bwd(
         k_src, v_src = _tile_sources(k_base, v_base, S, stride_kn, stride_vn, BLOCK_N2, BLOCK_D, HEAD_DIM, USE_TMA)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
         k_lo, k_hi, run = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
-        lo, a, c, hi = _key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M2, BLOCK_N2, CAUSAL, WINDOW)
-        if one_loop:  # the band's edge blocks in the inner loop, under a branch (configs._b's one_loop)
+        lo, a, c, hi = key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M2, BLOCK_N2, CAUSAL, WINDOW)
+        if one_loop:  # the band's edge blocks in the inner loop, under a branch (configs.bwd_config's one_loop)
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, lo, hi, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,

@@ -21,6 +21,8 @@ launched directly (ab.py, session 10).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from triton import knobs
 from triton.runtime import driver
@@ -57,12 +59,13 @@ def _descriptor_key(d: TensorDescriptor) -> tuple:
 
 class Launcher:
     """``Launcher(kernel, volatile)(grid, args, constexprs, num_warps, num_stages)`` launches
-    like ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``.
+    like ``kernel[grid](**args, **constexprs, num_warps=..., num_stages=...)``.
 
-    ``args`` are the runtime parameters in order: the pointer (tensor) parameters first, then the
-    scalars; every constexpr parameter comes after them and is given in ``constexprs``.
-    ``volatile``: names of int parameters whose value changes from call to call. Each scalar
-    position keeps its Python type across calls (an int stays an int: ``0 == 0.0`` in a key)."""
+    ``args`` maps every runtime parameter's name to its value; the launcher puts them in the
+    kernel's order (its pointer (tensor) parameters first, then the scalars). Every constexpr
+    parameter comes after them in the signature and is given in ``constexprs``. ``volatile``:
+    names of int parameters whose value changes from call to call. Each scalar keeps its Python
+    type across calls (an int stays an int: ``0 == 0.0`` in a key)."""
 
     def __init__(self, kernel, volatile: tuple[str, ...] = ()):
         self.kernel = kernel
@@ -74,9 +77,22 @@ class Launcher:
             first = is_constexpr.index(True)
             if not all(is_constexpr[first:]):
                 raise TypeError(f"{kernel.__name__}: constexpr parameters must come last for Launcher")
-            self.n_args = first
+            self.arg_names = tuple(kernel.arg_names[:first])
+            self._order = operator.itemgetter(*self.arg_names)
             self.constexpr_names = tuple(kernel.arg_names[first:])
             self.volatile = tuple(kernel.arg_names.index(n) for n in volatile)
+
+    def ordered(self, args: dict) -> tuple:
+        """``args`` (name -> value) in the kernel's parameter order; a TypeError names any
+        parameter missing or unknown."""
+        try:
+            if len(args) != len(self.arg_names):
+                raise KeyError
+            return self._order(args)
+        except KeyError:
+            missing = [n for n in self.arg_names if n not in args]
+            extra = [n for n in args if n not in self.arg_names]
+            raise TypeError(f"{self.kernel.__name__}: runtime arguments missing {missing}, unknown {extra}") from None
 
     def _key(self, args: tuple) -> tuple:
         n = self.n_ptr
@@ -89,16 +105,15 @@ class Launcher:
             rest[i - n] = int_class(rest[i - n])
         return ptrs, tuple(rest)
 
-    def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
+    def __call__(self, grid: tuple, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> None:
         if not self.direct:
-            self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            self.kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
             return
-        if len(args) != self.n_args:
-            raise TypeError(f"{self.kernel.__name__} takes {self.n_args} runtime arguments, got {len(args)}")
+        args = self.ordered(args)
         if self.n_ptr is None:
             self.n_ptr = next((i for i, a in enumerate(args) if not _is_pointer(a)), len(args))
             if any(_is_pointer(a) for a in args[self.n_ptr:]) or any(i < self.n_ptr for i in self.volatile):
-                raise TypeError(f"{self.kernel.__name__}: pass the pointer arguments first to Launcher")
+                raise TypeError(f"{self.kernel.__name__}: pointer parameters must come first for Launcher")
         tail = tuple([constexprs[n] for n in self.constexpr_names])
         device = driver.active.get_current_device()
         key = (device, tail, num_warps, num_stages, self._key(args))

@@ -1,82 +1,34 @@
 """Launchers for the Triton core: allocate outputs, pick tiles and grids, return ``(out, lse)``.
 
 Same signatures as ``attend.cpu.blocked`` so the ops layer can swap them. Tensors may be CUDA
-tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (then a fixed small tile is used).
+tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (then a fixed small tile is used). Every
+tuning choice comes from a ``KernelOptions`` (``options.py``): the ``options=`` argument, else the
+options in force. Kernel arguments are passed by name (``fastlaunch.Launcher`` orders them).
 """
 
 from __future__ import annotations
 
 import functools
-import os
+from dataclasses import dataclass
 
 import torch
 import triton
 
 from .._layout import Band, Packed
 from . import core, versions, worklist
+from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
+    heuristic, pruner, ws_backward
 from .fastlaunch import Launcher
-from .configs import (BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, forward_tma, heuristic, pruner,
-                      ws_backward)
+from .options import KernelOptions, resolve
 
 ws, ws_bwd = versions.gluon_kernels()  # the Hopper Gluon kernels' modules, or None where Gluon is unusable
 _RCP_LN2 = core.RCP_LN2.value
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# The fixed configs (configs.heuristic, from the H100 sweep) unless ATTEND_AUTOTUNE=1, which
-# benchmarks the candidate configs once per key instead (about a minute per new key).
-_AUTOTUNE = os.environ.get("ATTEND_AUTOTUNE", "0") == "1"
 
 _FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET"]
 _BWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "MASK_GRAD", "VARLEN", "DETERMINISTIC", "SEQ_BUCKET"]
 _fwd = triton.autotune(FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": pruner("fwd")})(core.attn_fwd)
 _bwd = triton.autotune(BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": pruner("bwd")},
                        reset_to_zero=["DMASK", "DQ"])(core.attn_bwd)
-# True/False overrides the fixed configs' dQ strategy (interpreter and fixed-config runs;
-# tests flip it). Deterministic mode always wins: no atomics then.
-FORCE_DQ_ATOMIC: bool | None = None
-# True/False overrides whether the backward reads through TMA tensor descriptors (tests run the
-# descriptor path under the interpreter with it; the H100 sweep times both).
-FORCE_TMA: bool | None = None
-# True/False overrides the backward's program order (core.attn_bwd's HEAD_MAJOR; tests flip it).
-FORCE_HEAD_MAJOR: bool | None = None
-# A full-size float mask's gradient is dS itself; with this on, the backward launches no dQ
-# programs for it and computes dQ = scale * dS @ K as one batched GEMM on the stored dS (one
-# product instead of the dQ programs' three, and no second read of the mask). H100, bias
-# (4, 16, 4096, 4096) with grad: 272 TFLOP/s against 227 with dQ programs (RESULTS.md, session 5).
-DQ_FROM_DS: bool = True
-
-
-# Packed calls launch one program per block that exists, from host-built lists ordered heaviest
-# first (``worklist.py``; core's WORKLIST), instead of cdiv(max length, block) slots per sequence,
-# most of which exit at once when lengths are mixed (60% of the varlen benchmark's grid), and in
-# whatever order the caller packed its sequences. Off until the H100 measures it
-# (benchmarks/sweep.py --worklist); tests flip it.
-VARLEN_WORKLIST: bool = False
-
-
-# The forward reads K and V (and the tiles of a float mask with rows) through TMA tensor
-# descriptors where the copy engine can read them (``_use_tma``; never paged), instead of pointer
-# loads: fewer address computations per iteration (one copy per tile, issued by one thread) and
-# no bounds masks. None: as the fixed config asks (configs._c's ``tma``: the masks, varlen and
-# window tiles, where the H100 measured it faster; dense tiles lose with it, 492 vs 515 TFLOP/s at
-# D=128, S=16k); True / False force it (benchmarks, tests).
-FWD_TMA: bool | None = None
-
-
-# The kernels run a band's edge blocks (causal diagonal, window edges) in the same loop as its
-# inner blocks, masking them under a branch (core's ONE_LOOP), instead of one loop per edge (each
-# loop pays its own pipeline fill and drain), where the fixed config says so (configs._c / _b's
-# one_loop); True / False override it (benchmarks, tests). The forward takes it only where its
-# loads need no bounds masks (TMA or EVEN).
-FWD_ONE_LOOP: bool | None = None
-BWD_ONE_LOOP: bool | None = None
-# Most sm_90 D = 128 forwards (any band and length, no mask or a full-size float bias, packed
-# sequences of one query length; ws.eligible says which) take the persistent warp-specialized Gluon
-# kernel (ws.py, which cites its measurements). False: the core serves every call (benchmarks, tests).
-FWD_WS: bool = True
-# Their backwards without a mask (ws_bwd.eligible) take the Gluon dK / dV kernel (ws_bwd.py), then
-# the core's dQ programs alone (core's DQ_ONLY). False: the core's one launch serves every backward.
-BWD_WS: bool = True
-
 
 _GRID_Y_MAX = 65535  # CUDA's cap on gridDim.y (x allows 2^31 - 1)
 
@@ -89,9 +41,42 @@ _KEY_RANGE_LAUNCH = Launcher(core.key_range_kernel)
 _DENSE_FLAGS = dict(VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16)
 
 
-def _band_args(band: Band) -> tuple[tuple[int, int, int], dict]:
-    """(diag, win_right, win_left) runtime args and the CAUSAL / WINDOW flags of a band."""
-    return ((int(band.bottom_right), max(band.right, 0), max(band.left, 0)),
+@dataclass(frozen=True)
+class Tiles:
+    """One launch's tiles and config flags (the kernel's constexprs: BLOCK_*, ONE_LOOP, DQ_ATOMIC,
+    HEAD_MAJOR, ...), warps and pipeline stages."""
+
+    meta: dict
+    warps: int
+    stages: int
+
+    def with_meta(self, **changes) -> "Tiles":
+        return Tiles({**self.meta, **changes}, self.warps, self.stages)
+
+    def __str__(self) -> str:
+        m = self.meta
+        tiles = (f"{m['BLOCK_M']}x{m['BLOCK_N']}" if "BLOCK_M" in m
+                 else f"{m['BLOCK_M1']}x{m['BLOCK_N1']}/{m['BLOCK_M2']}x{m['BLOCK_N2']}")
+        flags = [k for k in ("HEAD_MAJOR", "DQ_ATOMIC", "ONE_LOOP", "LAZY_RESCALE", "TMA") if m.get(k)]
+        return f"{tiles} w{self.warps} s{self.stages}" + "".join(f" {f}" for f in flags)
+
+
+def _names(*groups: tuple[str, str]) -> tuple[str, ...]:
+    """The kernels' stride parameter names, stride_<prefix><dim>, for (prefix, dims) groups in order."""
+    return tuple(f"stride_{prefix}{d}" for prefix, dims in groups for d in dims)
+
+
+# Every stride argument of a launch, by name, in the order its values are listed at the launch.
+_FWD_STRIDES = _names(("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"), ("o", "bhmd"), ("mask", "bhmn"), ("lse", "bh"),
+                      ("table", "b"), ("ext", "bh"))
+_BWD_STRIDES = _names(("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"), ("do", "bhmd"), ("dq", "bhmd"), ("dk", "bhnd"),
+                      ("dv", "bhnd"), ("mask", "bhmn"), ("dmask", "bhmn"), ("stat", "bh"), ("ext", "bh"))
+_PRE_STRIDES = _names(("o", "bhmd"), ("do", "bhmd"), ("lse", "bh"), ("stat", "bh"))
+
+
+def band_args(band: Band) -> tuple[dict, dict]:
+    """The kernels' runtime band arguments (diag, win_right, win_left) and CAUSAL / WINDOW flags."""
+    return (dict(diag=int(band.bottom_right), win_right=max(band.right, 0), win_left=max(band.left, 0)),
             dict(CAUSAL=band.right >= 0, WINDOW=band.left >= 0))
 
 
@@ -104,7 +89,7 @@ def _packed_args(packed: Packed):
     stride_table = packed.table.stride(0) if packed.table is not None else 0
     flags = dict(VARLEN=True, SEQUSED=packed.seqused_k is not None, PAGED=packed.table is not None,
                  PAGE_SIZE=packed.page_size)
-    return (packed.cu_q, cu_k, seqused, table), stride_table, flags
+    return dict(CU_Q=packed.cu_q, CU_K=cu_k, SEQUSED_K=seqused, TABLE=table), stride_table, flags
 
 
 def _mask_args(mask: torch.Tensor | None, B: int, H: int, L: int, S: int, like: torch.Tensor):
@@ -125,7 +110,8 @@ def _key_range(m4: torch.Tensor, mstr: tuple, mbool: bool, like: torch.Tensor):
         return like, (0, 0), False
     Bm, Hm = (1 if mstr[0] == 0 else B), (1 if mstr[1] == 0 else H)
     ext = torch.empty((Bm, Hm, 4), dtype=torch.int32, device=m4.device)  # (lo, hi, run, unused)
-    _KEY_RANGE_LAUNCH((Bm * Hm,), (m4, ext, mstr[0], mstr[1], mstr[3], Hm, S), dict(BLOCK=1024), 4, 3)
+    _KEY_RANGE_LAUNCH((Bm * Hm,), dict(MASK=m4, EXT=ext, stride_mb=mstr[0], stride_mh=mstr[1], stride_mn=mstr[3],
+                                       Hm=Hm, S=S), dict(BLOCK=1024), 4, 3)
     ext = ext.expand(B, H, 4)
     return ext, (ext.stride(0), ext.stride(1)), True
 
@@ -135,19 +121,20 @@ def _even(L: int, S: int, D: int, packed) -> bool:
     return packed is None and L % EVEN_TILE == 0 and S % EVEN_TILE == 0 and D == block_d(D)
 
 
-def _use_tma(*tensors: torch.Tensor) -> bool:
-    """The backward reads through TMA descriptors when Hopper's copy engine can read every tensor
+def use_tma(opts: KernelOptions, *tensors: torch.Tensor, forced: bool | None = None) -> bool:
+    """The kernels read through TMA descriptors when Hopper's copy engine can read every tensor
     (compute capability >= 9, a unit last stride, 16-byte aligned base and strides). Packed
     (varlen) calls too since session 5: 304 vs 271 TFLOP/s with pointer loads (mixed lengths), 363
-    vs 318 (sliding window) on the H100; run 13's 149 vs 247 predates the fixed configs. FORCE_TMA
-    overrides everything but the unit last stride, which the kernels' descriptors assume."""
+    vs 318 (sliding window) on the H100; run 13's 149 vs 247 predates the fixed configs.
+    ``forced`` (KernelOptions.tma) overrides everything but the unit last stride, which the
+    kernels' descriptors assume."""
     if any(t.stride(-1) != 1 for t in tensors):
         return False
-    if FORCE_TMA is not None:
-        if FORCE_TMA and tensors[0].is_cuda:
+    if forced is not None:
+        if forced and tensors[0].is_cuda:
             _ensure_allocator()
-        return FORCE_TMA
-    if _INTERPRET or not tensors[0].is_cuda or _capability_major(tensors[0].device.index) < 9:
+        return forced
+    if opts.interpret or not tensors[0].is_cuda or _capability_major(tensors[0].device.index) < 9:
         return False
     for t in tensors:
         elem = t.element_size()
@@ -192,64 +179,73 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def _l_bucket(L: int) -> int:
+def l_bucket(L: int) -> int:
     return 1 if L <= 16 else (64 if L <= 64 else 128)
 
 
-def _seq_bucket(S: int) -> int:
+def seq_bucket(S: int) -> int:
     # The H100 runs picked different backward tiles at S=1024 and S=16384 (RESULTS.md).
     return 1024 if S <= 1024 else (4096 if S <= 4096 else 16384)
 
 
-def _fixed_config(kind: str, flags: dict, elem: int, l_bucket=None, seq_bucket=16384, group=1):
-    """(meta, num_warps, num_stages) of the launch: the interpreter's small tile or the heuristic
-    config, with the backward's dQ strategy settled; None when the autotuner picks."""
-    if _AUTOTUNE and not _INTERPRET:
-        return None
-    if _INTERPRET:  # the interpreter ignores warps and stages
+def pick_tiles(kind: str, flags: dict, elem: int, opts: KernelOptions, l_bucket=None, seq_bucket=16384,
+               group=1) -> Tiles | None:
+    """The launch's config before any override: the interpreter's small tile, the options' forced
+    config, or the fixed one (configs.heuristic); None when the autotuner picks."""
+    if opts.interpret:  # the interpreter ignores warps and stages
         t = INTERPRET_TILE
         meta = dict(BLOCK_M=t, BLOCK_N=t, LAZY_RESCALE=True, ONE_LOOP=True) if kind == "fwd" else dict(
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False, ONE_LOOP=True)
-        warps, stages = 4, 1
-    else:
-        c = heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket, group)
-        meta, warps, stages = dict(c.kwargs), c.num_warps, c.num_stages
-    if kind == "bwd":
-        if FORCE_HEAD_MAJOR is not None:
-            meta["HEAD_MAJOR"] = FORCE_HEAD_MAJOR
-        if FORCE_DQ_ATOMIC is not None:
-            meta["DQ_ATOMIC"] = FORCE_DQ_ATOMIC
-        if BWD_ONE_LOOP is not None:
-            meta["ONE_LOOP"] = BWD_ONE_LOOP
-        meta["DQ_ATOMIC"] = meta["DQ_ATOMIC"] and not flags["DETERMINISTIC"]
-    elif FWD_ONE_LOOP is not None:
-        meta["ONE_LOOP"] = FWD_ONE_LOOP
-    return meta, warps, stages
+        return Tiles(meta, 4, 1)
+    forced = opts.fwd_config if kind == "fwd" else opts.bwd_config
+    if forced is None and opts.autotune:
+        return None
+    c = forced or heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket, group)
+    return Tiles(dict(c.kwargs), c.num_warps, c.num_stages)
 
 
-def _launch(tuned, launcher: Launcher, grid_of, args, flags, config) -> None:
-    """Launch with ``config`` (``_fixed_config``) through ``launcher``, or through the autotuner
-    ``tuned`` when it is None. ``grid_of(meta)`` gives the grid from the tile sizes."""
-    if config is None:
-        tuned[grid_of](*args, **flags)
+def override(kind: str, tiles: Tiles | None, flags: dict, opts: KernelOptions) -> Tiles | None:
+    """``tiles`` with the options' overrides (program order, dQ strategy, one loop) applied; the
+    backward's dQ by atomics never in deterministic mode."""
+    if tiles is None:
+        return None
+    if kind == "fwd":
+        return tiles if opts.fwd_one_loop is None else tiles.with_meta(ONE_LOOP=opts.fwd_one_loop)
+    meta = dict(tiles.meta)
+    if opts.head_major is not None:
+        meta["HEAD_MAJOR"] = opts.head_major
+    if opts.dq_atomic is not None:
+        meta["DQ_ATOMIC"] = opts.dq_atomic
+    if opts.bwd_one_loop is not None:
+        meta["ONE_LOOP"] = opts.bwd_one_loop
+    meta["DQ_ATOMIC"] = meta["DQ_ATOMIC"] and not flags["DETERMINISTIC"]
+    return Tiles(meta, tiles.warps, tiles.stages)
+
+
+def _launch(tuned, launcher: Launcher, grid_of, args: dict, flags: dict, tiles: Tiles | None) -> None:
+    """Launch with ``tiles`` through ``launcher``, or through the autotuner ``tuned`` when it is
+    None. ``grid_of(meta)`` gives the grid from the tile sizes."""
+    if tiles is None:
+        tuned[grid_of](*launcher.ordered(args), **flags)
         return
-    meta, warps, stages = config
-    launcher(grid_of(meta), args, {**flags, **meta}, warps, stages)
+    launcher(grid_of(tiles.meta), args, {**flags, **tiles.meta}, tiles.warps, tiles.stages)
 
 
-def forward(q, k, v, mask, dropout_p: float, causal: int, scale: float, seed: int):
-    """Dense attention on (B, H, L, D) tensors; returns (out, lse (B, H, L))."""
+def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int,
+            options: KernelOptions | dict | None = None):
+    """Dense attention on (B, H, L, D) tensors over ``band``; returns (out, lse (B, H, L))."""
     B, H, L, D = q.shape
     out = torch.empty((B, H, L, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if L == 0:
         return out, lse
     _forward(q, k, v, tuple(k.stride()), tuple(v.stride()), out, lse, (H * L, L), B, k.shape[1], L, k.shape[2],
-             mask, dropout_p, Band.from_causal(causal), scale, seed, None)
+             mask, dropout_p, band, scale, seed, None, resolve(options))
     return out, lse
 
 
-def varlen_forward(q, k, v, packed: Packed, max_q: int, max_k: int, scale: float, band: Band):
+def varlen_forward(q, k, v, packed: Packed, max_q: int, max_k: int, scale: float, band: Band,
+                   options: KernelOptions | dict | None = None):
     """Packed attention: q (T, H, D); k/v (T_k, Hkv, D), or a (pages, page_size, Hkv, D) pool
     when ``packed.table`` is set. Returns (out (T, H, D), lse (H, T))."""
     T, H, D = q.shape
@@ -263,54 +259,59 @@ def varlen_forward(q, k, v, packed: Packed, max_q: int, max_k: int, scale: float
         vstr = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
         hkv = k.shape[2]
     else:
-        kstr, vstr, hkv = tuple(_packed4(k).stride()), tuple(_packed4(v).stride()), k.shape[1]
-    _forward(_packed4(q), k, v, kstr, vstr, _packed4(out), lse, (0, T), n, hkv, max_q, max_k,
-             None, 0.0, band, scale, 0, packed)
+        kstr, vstr, hkv = tuple(packed4(k).stride()), tuple(packed4(v).stride()), k.shape[1]
+    _forward(packed4(q), k, v, kstr, vstr, packed4(out), lse, (0, T), n, hkv, max_q, max_k,
+             None, 0.0, band, scale, 0, packed, resolve(options))
     return out, lse
 
 
-def _packed4(t: torch.Tensor) -> torch.Tensor:
+def packed4(t: torch.Tensor) -> torch.Tensor:
     """(T, H, D) -> the (1, H, T, D) view the kernels index (no copy)."""
     return t.unsqueeze(0).transpose(1, 2)
 
 
 def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dropout_p, band: Band, scale, seed,
-             packed: Packed | None):
+             packed: Packed | None, opts: KernelOptions):
     H, D = q.shape[1], q.shape[3]
     if scale < 0:  # the kernel takes each row's max of the unscaled scores: (-q) . k * |scale| is the same score
         q, scale = -q, -scale
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
-    band_args, band_flags = _band_args(band)
-    if (FWD_WS and _gluon_device(q) and versions.usable("gluon_forward")
+    bargs, band_flags = band_args(band)
+    if (opts.fwd_ws and _gluon_device(q) and versions.usable("gluon_forward")
             and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, packed, L)):
         _ensure_allocator()
         if versions.run_experimental("gluon_forward", ws.forward, q, k, v, None if mask is None else m4, out, lse,
-                                     lse_strides, scale, band_args, band_flags, packed, B, L, S):
+                                     lse_strides, scale, bargs, band_flags, packed, B, L, S, opts.o_tma):
             return
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     if packed is None:
-        seq_ptrs, stride_table, seq_flags = (q, q, q, q), 0, _DENSE_FLAGS
+        seq_ptrs, stride_table, seq_flags = dict(CU_Q=q, CU_K=q, SEQUSED_K=q, TABLE=q), 0, _DENSE_FLAGS
     else:
         seq_ptrs, stride_table, seq_flags = _packed_args(packed)
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  **seq_flags, EVEN=_even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
-    config = _fixed_config("fwd", flags, q.element_size(), _l_bucket(L), _seq_bucket(S), H // Hkv)
-    asked = config is not None and config[0].pop("TMA", False)
-    tma_kv, tma_mask = forward_tma(asked if FWD_TMA is None else FWD_TMA, flags)
-    flags["USE_TMA"] = tma_kv and _use_tma(q, k, v)
-    flags["MASK_TMA"] = flags["USE_TMA"] and tma_mask and _use_tma(m4)
-    work = _work_list(packed, band, config, (("q", "BLOCK_M"),), q.device)
+    tiles = pick_tiles("fwd", flags, q.element_size(), opts, l_bucket(L), seq_bucket(S), H // Hkv)
+    asked = tiles is not None and tiles.meta.get("TMA", False)
+    if tiles is not None and "TMA" in tiles.meta:  # a config's request, not a kernel parameter
+        tiles = Tiles({k: v for k, v in tiles.meta.items() if k != "TMA"}, tiles.warps, tiles.stages)
+    tiles = override("fwd", tiles, flags, opts)
+    tma_kv, tma_mask = forward_tma(asked if opts.fwd_tma is None else opts.fwd_tma, flags)
+    flags["USE_TMA"] = tma_kv and use_tma(opts, q, k, v, forced=opts.tma)
+    flags["MASK_TMA"] = flags["USE_TMA"] and tma_mask and use_tma(opts, m4, forced=opts.tma)
+    work = _work_list(packed, band, tiles, (("q", "BLOCK_M"),), q.device, opts)
     flags["WORKLIST"] = work is not None
     flags["GRID_1D"] = _one_axis(B * H)
-    args = (q, k, v, out, lse, m4, *seq_ptrs, ext, q if work is None else work[0], *q.stride(), *kstr, *vstr,
-            *out.stride(), *mstr, *lse_strides, stride_table, *ext_strides, H, H // Hkv, L, S, scale * _RCP_LN2,
-            *band_args, float(dropout_p), int(seed), _l_bucket(L), _seq_bucket(S))
+    args = dict(zip(_FWD_STRIDES, (*q.stride(), *kstr, *vstr, *out.stride(), *mstr, *lse_strides, stride_table,
+                                   *ext_strides)),
+                Q=q, K=k, V=v, Out=out, LSE=lse, MASK=m4, **seq_ptrs, KEY_EXT=ext, WORK=q if work is None else work[0],
+                H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=float(dropout_p),
+                seed=int(seed), L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
 
     def grid(m):  # every sequence's slots, or the list's items (core.attn_fwd)
         return _grid(_cdiv(L, m["BLOCK_M"]), B * H) if work is None else (work[1][0] * H,)
 
-    _launch(_fwd, _FWD_LAUNCH, grid, args, flags, config)
+    _launch(_fwd, _FWD_LAUNCH, grid, args, flags, tiles)
 
 
 def _one_axis(heads: int) -> bool:
@@ -324,18 +325,19 @@ def _grid(blocks: int, heads: int) -> tuple:
     return (blocks * heads,) if _one_axis(heads) else (blocks, heads)
 
 
-def _work_list(packed: Packed | None, band: Band, config, spec: tuple, device: torch.device):
-    """(WORK, item counts) for a packed launch with the fixed ``config`` (``worklist.work_tensor``), or
-    None: VARLEN_WORKLIST is off, the call is dense, the autotuner picks the tiles, the call is
+def _work_list(packed: Packed | None, band: Band, tiles: Tiles | None, spec: tuple, device: torch.device,
+               opts: KernelOptions):
+    """(WORK, item counts) for a packed launch with the fixed ``tiles`` (``worklist.work_tensor``), or
+    None: varlen_worklist is off, the call is dense, the autotuner picks the tiles, the call is
     paged or has seqused_k, a CUDA graph is being captured (no host read then), or too many items."""
-    if not VARLEN_WORKLIST or packed is None or config is None:
+    if not opts.varlen_worklist or packed is None or tiles is None:
         return None
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
     lens = worklist.packed_lengths(packed)
     if lens is None:
         return None
-    return worklist.work_tensor(*lens, band, tuple((kind, config[0][block]) for kind, block in spec), device)
+    return worklist.work_tensor(*lens, band, tuple((kind, tiles.meta[block]) for kind, block in spec), device)
 
 
 def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> bool:
@@ -344,9 +346,10 @@ def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) ->
     return tuple(m4) != tuple(shape)
 
 
-def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale: float, seed: int, mask_grad: bool,
-             dlse=None):
+def backward(dout, q, k, v, out, lse, mask, dropout_p: float, band: Band, scale: float, seed: int, mask_grad: bool,
+             dlse=None, options: KernelOptions | dict | None = None):
     """Gradients of ``forward``: (dq, dk, dv, dmask or None). ``dlse``: gradient into the lse."""
+    opts = resolve(options)
     B, H, L, D = q.shape
     S = k.shape[2]
     dk = torch.empty_like(k)
@@ -360,15 +363,15 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, causal: int, scale
     atomic = mask_grad and mask_grad_is_atomic(mask, (B, H, L, S))
     if mask_grad:
         # Without a band every tile is visited, so every element of a full-size dS is written:
-        # no zero fill (0.7 ms for a 2 GiB bias). Atomics add into zeros; causal skips tiles.
-        fill = torch.zeros if atomic or causal else torch.empty
+        # no zero fill (0.7 ms for a 2 GiB bias). Atomics add into zeros; a band skips tiles.
+        fill = torch.zeros if atomic or band != Band() else torch.empty
         dmask = fill(mask.shape, dtype=torch.float32 if atomic else mask.dtype, device=q.device)
         dmstr = _mask_args(dmask, B, H, L, S, q)[1]
     else:
-        dmask, dmstr = _no_dmask(q), (0, 0, 0, 0)
+        dmask, dmstr = _no_dmask(q, opts), (0, 0, 0, 0)
     dq = _backward(dout, q, k, v, out, lse, dlse, (H * L, L), dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
-                   dropout_p, Band.from_causal(causal), scale, seed, None,
-                   dq_programs=not (DQ_FROM_DS and mask_grad and not atomic))
+                   dropout_p, band, scale, seed, None, opts,
+                   dq_programs=not (opts.dq_from_ds and mask_grad and not atomic))
     if dq is None:  # no dQ programs ran: dQ from the stored dS
         dq = _dq_from_ds(dmask, k, scale, B, H, L)
     return dq.to(q.dtype), dk, dv, (dmask.to(mask.dtype) if mask_grad else None)
@@ -385,26 +388,27 @@ def _dq_from_ds(ds: torch.Tensor, k: torch.Tensor, scale: float, B: int, H: int,
 
 
 def varlen_backward(dout, q, k, v, out, lse, packed: Packed, max_q: int, max_k: int, scale: float, band: Band,
-                    dlse=None):
+                    dlse=None, options: KernelOptions | dict | None = None):
     """Gradients of ``varlen_forward`` (no paging, no seqused_k): (dq, dk, dv), packed. Every key
     row belongs to a sequence (cu_seq_k ends at T_k, checked by the caller), whose dK/dV program
     writes it, so dk and dv need no zero fill (two full writes: 3% of the varlen benchmark)."""
     n = packed.cu_q.numel() - 1
     if q.shape[0] == 0 or n == 0 or max_q == 0 or max_k == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    opts = resolve(options)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     T = q.shape[0]
-    dmask = _no_dmask(q)
-    dq4 = _backward(_packed4(dout), _packed4(q), _packed4(k), _packed4(v), _packed4(out), lse, dlse, (0, T),
-                    _packed4(dk), _packed4(dv), n, max_q, max_k, None, dmask, (0, 0, 0, 0), False, False,
-                    0.0, band, scale, 0, packed)
+    dmask = _no_dmask(q, opts)
+    dq4 = _backward(packed4(dout), packed4(q), packed4(k), packed4(v), packed4(out), lse, dlse, (0, T),
+                    packed4(dk), packed4(dv), n, max_q, max_k, None, dmask, (0, 0, 0, 0), False, False,
+                    0.0, band, scale, 0, packed, opts)
     return dq4[0].transpose(0, 1).to(q.dtype), dk, dv
 
 
-def _no_dmask(like: torch.Tensor) -> torch.Tensor:
+def _no_dmask(like: torch.Tensor, opts: KernelOptions) -> torch.Tensor:
     """DMASK when there is no mask gradient: the kernel never touches it, so any tensor will do,
     except under the autotuner, which zeroes DMASK between trials (a buffer of its own then)."""
-    return torch.zeros(1, dtype=torch.float32, device=like.device) if _AUTOTUNE else like
+    return torch.zeros(1, dtype=torch.float32, device=like.device) if opts.autotune else like
 
 
 _STAT_PAD = core.STAT_PAD.value
@@ -422,58 +426,128 @@ def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed
         dlse = dlse.contiguous()  # the lse's layout; an expanded gradient (lse.sum()) has stride 0
     flags = dict(HEAD_DIM=out.shape[3], BLOCK_D=block_d(out.shape[3]), BLOCK_M=_STAT_PAD, VARLEN=packed is not None,
                  HAS_DLSE=dlse is not None, GRID_1D=_one_axis(B * H))
-    _PRE_LAUNCH(_grid(_cdiv(L, _STAT_PAD), B * H),
-                (out, dout, lse, lse if dlse is None else dlse, nlse2, delta, packed.cu_q if packed else lse,
-                 *out.stride(), *dout.stride(), *lse_strides, *nlse2.stride()[:2], H, L), flags, 8, 1)
+    args = dict(zip(_PRE_STRIDES, (*out.stride(), *dout.stride(), *lse_strides, *nlse2.stride()[:2])),
+                Out=out, DO=dout, LSE=lse, DLSE=lse if dlse is None else dlse, NLSE2=nlse2, Delta=delta,
+                CU_Q=packed.cu_q if packed else lse, H=H, L_max=L)
+    _PRE_LAUNCH(_grid(_cdiv(L, _STAT_PAD), B * H), args, flags, 8, 1)
     return nlse2, delta, nlse2.stride()[:2]
 
 
+@dataclass(frozen=True)
+class BackwardPlan:
+    """How a backward runs. ``dq``: "programs" (the core's dQ programs), "atomic" (the dK / dV
+    programs add dQ by atomics into fp32), or "from_ds" (no dQ programs: the caller computes
+    dQ = scale * dS @ K from the stored mask gradient). ``gluon``: dK / dV from the Gluon kernel
+    (ws_bwd.py), then the core's dQ programs alone (DQ_ONLY). ``tiles``: the core launch's tiles
+    and config flags, None when the autotuner picks."""
+
+    dq: str
+    gluon: bool
+    tiles: Tiles | None
+
+    def kernels(self) -> tuple[str, ...]:
+        """The kernels launched, in order."""
+        core_part = ("core.attn_bwd (dQ programs only)" if self.gluon else
+                     "core.attn_bwd (dK/dV programs)" if self.dq != "programs" else
+                     "core.attn_bwd (dK/dV and dQ programs)")
+        return ("core.attn_bwd_preprocess",) + (("ws_bwd.attn_bwd_dkdv_ws",) if self.gluon else ()) + (core_part,)
+
+    def __str__(self) -> str:
+        tiles = "autotuned" if self.tiles is None else str(self.tiles)
+        dq = {"programs": "by dQ programs", "atomic": "by atomic adds in the dK/dV programs",
+              "from_ds": "from the stored dS (one GEMM)"}[self.dq]
+        return f"backward: {' -> '.join(self.kernels())}; dQ {dq}; core tiles {tiles}"
+
+
+def backward_plan(flags: dict, q, k, v, dout, mask, dropout_p: float, packed: Packed | None, L: int, S: int,
+                  opts: KernelOptions, dq_programs: bool = True) -> BackwardPlan:
+    """Choose the backward's kernels, dQ strategy and tiles for a launch with feature ``flags``.
+    ``dq_programs=False``: the caller computes dQ where the fixed tiles would have dQ programs."""
+    H, Hkv = q.shape[1], k.shape[1]
+    sb = seq_bucket(max(L, S))
+    tiles = override("bwd", pick_tiles("bwd", flags, q.element_size(), opts, seq_bucket=sb, group=H // Hkv),
+                     flags, opts)
+    # The autotuner may pick a config with dQ by atomics (never in deterministic mode).
+    atomic = tiles.meta["DQ_ATOMIC"] if tiles is not None else not flags["DETERMINISTIC"]
+    if atomic:
+        return BackwardPlan("atomic", False, tiles)
+    if not dq_programs and tiles is not None:  # the head-major numbering assumes dQ programs
+        return BackwardPlan("from_ds", False, tiles.with_meta(HEAD_MAJOR=False))
+    min_bucket = WS_BWD_MIN_SEQ_BUCKET if opts.bwd_ws_min_seq_bucket is None else opts.bwd_ws_min_seq_bucket
+    dq_only = ws_backward(flags["BLOCK_D"], sb, min_bucket)
+    if (opts.bwd_ws and dq_only is not None and tiles is not None and _gluon_device(q)
+            and versions.usable("gluon_dkdv") and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S)):
+        # dK / dV from the Gluon kernel, then the dQ programs alone, numbered in key order
+        return BackwardPlan("programs", True, Tiles(dict(dq_only.kwargs, HEAD_MAJOR=False), dq_only.num_warps,
+                                                    dq_only.num_stages))
+    return BackwardPlan("programs", False, tiles)
+
+
+def _bwd_flags(q, k, v, dout, band_flags, mask, mstr, mbool, key_range, dropout_p, mask_grad, atomic, packed, L, S,
+               opts: KernelOptions) -> dict:
+    """The backward launch's feature flags (constexprs other than the tiles)."""
+    D = q.shape[3]
+    return dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
+                MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
+                MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic, VARLEN=packed is not None,
+                DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
+                USE_TMA=use_tma(opts, q, dout, k, v, forced=opts.tma), HEAD_MAJOR=False,  # a config may turn it on
+                DOT_PRECISION=_dot_precision(q.dtype))
+
+
+def explain_backward(q, k, v, mask=None, dropout_p: float = 0.0, band: Band = Band(), mask_grad: bool = False,
+                     options: KernelOptions | dict | None = None) -> BackwardPlan:
+    """The plan ``backward`` would run for dense (B, H, L, D) inputs like these, without running
+    anything (a key-padding mask's key-range skip aside, which does not change the plan)."""
+    opts = resolve(options)
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
+    atomic = mask_grad and mask_grad_is_atomic(mask, (B, H, L, S))
+    flags = _bwd_flags(q, k, v, q, band_args(band)[1], mask, mstr, mbool, False, dropout_p, mask_grad, atomic, None,
+                       L, S, opts)
+    return backward_plan(flags, q, k, v, q, mask, dropout_p, None, L, S, opts,
+                         dq_programs=not (opts.dq_from_ds and mask_grad and not atomic))
+
+
 def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
-              dropout_p, band: Band, scale, seed, packed: Packed | None, dq_programs: bool = True) -> torch.Tensor | None:
-    """Launch the backward; returns dQ laid out like ``q``: fp32 when dQ may be added by atomics
-    (then zeroed first), else in q's dtype, written once by the dQ programs (no fp32 round trip).
-    ``dq_programs=False``: skip the dQ programs where the fixed config has them (returns None:
-    the caller computes dQ)."""
-    H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
-    BLOCK_D = block_d(D)
+              dropout_p, band: Band, scale, seed, packed: Packed | None, opts: KernelOptions,
+              dq_programs: bool = True) -> torch.Tensor | None:
+    """Plan the backward (``backward_plan``) and launch it; returns dQ laid out like ``q``: fp32 when
+    dQ may be added by atomics (then zeroed first), else in q's dtype, written once by the dQ
+    programs (no fp32 round trip). None when the plan leaves dQ to the caller ("from_ds")."""
+    H, Hkv = q.shape[1], k.shape[1]
     nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, lse_strides, B, L, packed)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
-    band_args, band_flags = _band_args(band)
-    cu_q, cu_k = (q, q) if packed is None else _packed_args(packed)[0][:2]
-    flags = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
-                 MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
-                 MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic, VARLEN=packed is not None,
-                 DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
-                 USE_TMA=_use_tma(q, dout, k, v), HEAD_MAJOR=False,  # a config may turn it on
-                 DOT_PRECISION=_dot_precision(q.dtype))
-    config = _fixed_config("bwd", flags, q.element_size(), seq_bucket=_seq_bucket(max(L, S)), group=H // Hkv)
-    # The autotuner may pick a config with dQ by atomics (never in deterministic mode).
-    dq_atomic = config[0]["DQ_ATOMIC"] if config is not None else not flags["DETERMINISTIC"]
-    skip_dq = not dq_programs and config is not None and not dq_atomic
-    if skip_dq:  # the head-major numbering assumes dQ programs
-        config = (dict(config[0], HEAD_MAJOR=False), *config[1:])
+    bargs, band_flags = band_args(band)
+    flags = _bwd_flags(q, k, v, dout, band_flags, mask, mstr, mbool, key_range, dropout_p, mask_grad, atomic, packed,
+                       L, S, opts)
+    plan = backward_plan(flags, q, k, v, dout, mask, dropout_p, packed, L, S, opts, dq_programs)
+    if plan.dq == "from_ds":
         dq = q  # never written
     else:
-        dq = torch.zeros_like(q, dtype=torch.float32) if dq_atomic else torch.empty_like(q)
-    dq_only = ws_backward(BLOCK_D, _seq_bucket(max(L, S)))
-    gluon = (BWD_WS and dq_only is not None and config is not None and not dq_atomic and not skip_dq
-             and _gluon_device(q) and versions.usable("gluon_dkdv")
-             and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S))
-    if gluon:  # dK / dV from the Gluon kernel, then the dQ programs alone, numbered in key order
+        dq = torch.zeros_like(q, dtype=torch.float32) if plan.dq == "atomic" else torch.empty_like(q)
+    if plan.gluon:
         _ensure_allocator()
-        gluon = versions.run_experimental("gluon_dkdv", ws_bwd.dkdv, q, k, v, dout, nlse2, delta, stat_strides, dk, dv,
-                                          scale, band_args, band_flags, packed, B, L, S)
-    flags["DQ_ONLY"] = gluon
-    if gluon:
-        config = (dict(dq_only.kwargs, HEAD_MAJOR=False), dq_only.num_warps, dq_only.num_stages)
-    work = _work_list(packed, band, config, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device)
+        if not versions.run_experimental("gluon_dkdv", ws_bwd.dkdv, q, k, v, dout, nlse2, delta, stat_strides, dk, dv,
+                                         scale, bargs, band_flags, packed, B, L, S):
+            # its build failed (versions.run_experimental warned once): the core's whole backward
+            plan = backward_plan(flags, q, k, v, dout, mask, dropout_p, packed, L, S, opts, dq_programs)
+    flags["DQ_ONLY"] = plan.gluon
+    tiles = plan.tiles
+    work = _work_list(packed, band, tiles, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device, opts)
     flags["WORKLIST"] = work is not None
     n_kv_items, n_q_items = (0, 0) if work is None else work[1]
-    args = (q, k, v, dout, nlse2, delta, dq, dk, dv, m4, dmask, cu_q, cu_k, ext, q if work is None else work[0],
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mstr,
-            *dmstr, *stat_strides, *ext_strides, B if work is None else 1, H, H // Hkv, L, S, scale * _RCP_LN2, scale,
-            *band_args, float(dropout_p), int(seed), n_kv_items, n_q_items, _seq_bucket(max(L, S)))
+    cu_q, cu_k = (q, q) if packed is None else (packed.cu_q, packed.cu_k if packed.cu_k is not None else packed.cu_q)
+    args = dict(zip(_BWD_STRIDES, (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
+                                   *dv.stride(), *mstr, *dmstr, *stat_strides, *ext_strides)),
+                Q=q, K=k, V=v, DO=dout, NLSE2=nlse2, Delta=delta, DQ=dq, DK=dk, DV=dv, MASK=m4, DMASK=dmask, CU_Q=cu_q,
+                CU_K=cu_k, KEY_EXT=ext, WORK=q if work is None else work[0], B=B if work is None else 1, H=H,
+                G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, sm_scale=scale, **bargs,
+                dropout_p=float(dropout_p), seed=int(seed), N_KV_ITEMS=n_kv_items, N_Q_ITEMS=n_q_items,
+                SEQ_BUCKET=seq_bucket(max(L, S)))
+    skip_dq = plan.dq == "from_ds"
 
     def grid(m):  # dK/dV programs unless DQ_ONLY, then dQ programs unless dQ is added by atomics (core.attn_bwd)
         no_q = m["DQ_ATOMIC"] or skip_dq
@@ -481,7 +555,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
             n_kv, n_q = n_kv_items * Hkv, n_q_items * H
         else:
             n_kv, n_q = _cdiv(S, m["BLOCK_N1"]) * B * Hkv, _cdiv(L, m["BLOCK_M2"]) * B * H
-        return ((0 if gluon else n_kv) + (0 if no_q else n_q),)
+        return ((0 if plan.gluon else n_kv) + (0 if no_q else n_q),)
 
-    _launch(_bwd, _BWD_LAUNCH, grid, args, flags, config)
+    _launch(_bwd, _BWD_LAUNCH, grid, args, flags, tiles)
     return None if skip_dq else dq

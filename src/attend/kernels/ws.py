@@ -14,7 +14,7 @@ sliding window at 2.02-2.07x its full causal time (RESULTS.md, session 9). A ban
 or bottom-right, sliding window) visits only the key blocks it covers and masks the blocks on
 its edges and a sequence's ragged end, as the core does.
 
-H100, bf16, ``benchmarks/ab.py`` run 43 (launch.FWD_WS on / off), TFLOP/s: sliding window 4096 of
+H100, bf16, ``benchmarks/ab.py`` run 43 (KernelOptions.fwd_ws on / off), TFLOP/s: sliding window 4096 of
 16k 503 against 442; full causal 16k 547 against 514, 4k 494 against 434, 1k 357 against 339; no
 mask 4k 545 against 496, 1k 469 against 419; a float bias 403 against 365. Session 10 added the
 output's TMA store and the per-bound edge masks (run 55: window 536, one 16k causal sequence 571).
@@ -31,59 +31,19 @@ interpreter: the CPU tests compile this one for sm_90
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .core import LN2, RCP_LN2, _key_blocks
+from .core import LN2, RCP_LN2, key_blocks
 from .fastlaunch import Launcher
-from .versions import (
-    TensorDescriptor,
-    fence_async_shared,
-    gl,
-    gluon,
-    mbarrier,
-    tma,
-    tma_load,
-    tma_store,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
+from .versions import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store, warpgroup_mma,
+                       warpgroup_mma_wait)
+from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, next_tile, persistent, publish,
+                        row_view, section, sequence, take, tile_ring)
 
 ROWS = 64  # query rows per consumer warpgroup; a tile covers BLOCK_M = 2 * ROWS
 BLOCK_M = 2 * ROWS
 BLOCK_N = 128  # keys per block
 STAGES = 2  # ring slots for K, V and the bias
-TBUF = 2  # slots of the tile ids the producer hands the consumers
-O_TMA = True  # whole 64-row output blocks leave by one TMA store through the Q buffer (False: gl.store)
-HEAD_DIM = 128
-_GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
-
-
-@gluon.jit
-def _deal(t, n_blocks, n_heads, sec, BAND: gl.constexpr):
-    """(head, block) of tile ``t`` of n_blocks blocks by n_heads heads. Without a band, block
-    fastest. With one, sections of ``sec`` heads one after the other, heads fastest inside one."""
-    if BAND:
-        first = (t // (sec * n_blocks)) * sec  # the section's first head
-        width = gl.minimum(sec, n_heads - first)  # the last section may be narrower
-        i = t - first * n_blocks
-        head = first + i % width
-        block = i // width
-    else:
-        head = t // n_blocks
-        block = t % n_blocks
-    return head, block
-
-
-@gluon.jit
-def _sequence(b, cu_q, cu_k):
-    """(first query row, query length, first key row, key length) of packed sequence ``b``."""
-    q0 = gl.load(cu_q + b)
-    L = gl.load(cu_q + b + 1) - q0
-    k0 = gl.load(cu_k + b)
-    S = gl.load(cu_k + b + 1) - k0
-    return q0, L, k0, S
 
 
 @gluon.jit
@@ -92,14 +52,14 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
           VARLEN: gl.constexpr):
     """Tile ``t`` of n_m query blocks by n_bh = B * H heads. Without a band, query block fastest:
     programs running together read the same heads' K / V (the L2 keeps them). With one, sections
-    of ``sec`` heads (as many as the L2 holds the K / V of; ``_section``) one after the other, and
+    of ``sec`` heads (as many as the L2 holds the K / V of; ``section``) one after the other, and
     in a section heads fastest and the longest blocks first (the last under a causal band), so the
     tiles in flight are alike in length and read the same heads' K / V. Returns
     (m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row). q_row / kv_row:
-    the tile's first row in the 2-D views of Q / K (``_rows``), whose columns start at h * D /
-    hk * D when VARLEN. Key blocks from core._key_blocks: [lo, hi) visited, [a, c) unmasked. A tile
+    the tile's first row in the 2-D views of Q / K (``row_view``), whose columns start at h * D /
+    hk * D when VARLEN. Key blocks from core.key_blocks: [lo, hi) visited, [a, c) unmasked. A tile
     past its sequence's end has m0 >= L."""
-    bh, pid_m = _deal(t, n_m, n_bh, sec, CAUSAL or WINDOW)
+    bh, pid_m = deal(t, n_m, n_bh, sec, CAUSAL or WINDOW)
     if CAUSAL:
         pid_m = n_m - 1 - pid_m
     b = bh // H
@@ -107,7 +67,7 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     hk = h // G
     m0 = pid_m * BLOCK_M
     if VARLEN:
-        q0, L, k0, S = _sequence(b, cu_q, cu_k)
+        q0, L, k0, S = sequence(b, cu_q, cu_k)
         q_row = q0 + m0
         kv_row = k0
         lse_row = h * stride_lseh + q0 + m0  # lse (H, T)
@@ -119,7 +79,7 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
         lse_row = q_row
     causal_off = diag * (S - L) + win_right
     window_off = diag * (S - L) - win_left
-    lo, a, c, hi = _key_blocks(m0, 0, S, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    lo, a, c, hi = key_blocks(m0, 0, S, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     return m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row
 
 
@@ -143,47 +103,6 @@ def _mask_edges(s, k_start, r0, rows, s_cols, S, causal_off, window_off, ROWS: g
 
 
 @gluon.jit
-def _tile_ring(TBUF: gl.constexpr):
-    """The shared-memory ring through which the producer hands tile ids to both consumers
-    (``_publish`` / ``_take``): (ids, full barriers, empty barriers), initialized."""
-    tid_smem = gl.allocate_shared_memory(gl.int32, [TBUF, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    tid_full = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
-    tid_empty = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(TBUF):
-        mbarrier.init(tid_full.index(i), count=1)
-        mbarrier.init(tid_empty.index(i), count=2)  # both consumers read a tile id
-    return tid_smem, tid_full, tid_empty
-
-
-@gluon.jit
-def _publish(tid_smem, tid_full, tid_empty, t, it, TBUF: gl.constexpr):
-    """The producer hands tile ``t``, its ``it``-th, to both consumers through slot it % TBUF."""
-    slot = it % TBUF
-    mbarrier.wait(tid_empty.index(slot), ((it // TBUF) & 1) ^ 1, pred=it >= TBUF)
-    tid_smem.index(slot).store(gl.full([1], t, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
-    mbarrier.arrive(tid_full.index(slot))
-
-
-@gluon.jit
-def _next(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
-    """The producer's ``it``-th tile: the counter's next untaken one (the first P went to the
-    programs' own ids), published to both consumers."""
-    t = P + gl.atomic_add(counter_ptr, 1)
-    _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
-    return t
-
-
-@gluon.jit
-def _take(tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
-    """A consumer's ``it``-th tile, as the producer published it."""
-    slot = it % TBUF
-    mbarrier.wait(tid_full.index(slot), (it // TBUF) & 1)
-    t = gl.max(tid_smem.index(slot).load(gl.BlockedLayout([1], [32], [4], [0])), 0)
-    mbarrier.arrive(tid_empty.index(slot))
-    return t
-
-
-@gluon.jit
 def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full,
               b_full, k_empty, v_empty, b_empty, tid_smem, tid_full, tid_empty, counter_ptr, n_tiles, n_m, sec, H,
               G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS: gl.constexpr,
@@ -192,7 +111,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
               WINDOW: gl.constexpr, VARLEN: gl.constexpr, TBUF: gl.constexpr):
     """Takes tiles, the program's own id first, then the next untaken one from the counter at
     ``counter_ptr`` (a program that finishes early takes more, so none idles while another runs
-    long tiles), and publishes each to the consumers (``_publish``). For each, its two Q halves
+    long tiles), and publishes each to the consumers (``publish``). For each, its two Q halves
     into Q buffer ``tiles % QBUFS`` once both consumers are done with the tile QBUFS before, then
     key block j's K and V (and each consumer's bias tile) into ring slot ``count % STAGES``, the
     count running over tiles: the next tile's Q and first blocks load while the consumers finish
@@ -204,7 +123,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
     kv = 0
     it = 0
     t = gl.program_id(0)
-    _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+    publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
     while t < n_tiles:
         m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
             t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
@@ -241,7 +160,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
                 kv += 1
             tcount += 1
         it += 1
-        t = _next(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF)
+        t = next_tile(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit
@@ -269,7 +188,7 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
     tcount = 0
     kv = 0
     it = 0
-    t = _take(tid_smem, tid_full, tid_empty, it, TBUF)
+    t = take(tid_smem, tid_full, tid_empty, it, TBUF)
     while t < n_tiles:
         m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
             t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
@@ -344,7 +263,7 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
                 mbarrier.arrive(q_empty.index(qb))  # the producer may load tile + QBUFS's Q here
             tcount += 1
         it += 1
-        t = _take(tid_smem, tid_full, tid_empty, it, TBUF)
+        t = take(tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit
@@ -374,7 +293,7 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     b_full = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
     b_empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
-    tid_smem, tid_full, tid_empty = _tile_ring(TBUF)
+    tid_smem, tid_full, tid_empty = tile_ring(TBUF)
     for i in gl.static_range(2 * QBUFS):
         mbarrier.init(q_full.index(i), count=1)
     for i in gl.static_range(QBUFS):
@@ -413,7 +332,7 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     lengths with no mask or a full-size contiguous float one of the inputs' dtype; or packed ones
     (q the (1, H, T, D) view of a contiguous (T, H, D) tensor, k / v contiguous (T_k, Hkv, D)), no
     mask, pages or seqused_k, every query sequence L_max long."""
-    if dropout_p > 0.0 or q.shape[-1] != HEAD_DIM or q.dtype not in _GL_DTYPE or k.shape[-1] != HEAD_DIM:
+    if dropout_p > 0.0 or q.shape[-1] != HEAD_DIM or q.dtype not in GL_DTYPE or k.shape[-1] != HEAD_DIM:
         return False
     if k.numel() == 0 or not all(t.data_ptr() % 16 == 0 for t in (q, k, v)):
         return False
@@ -436,82 +355,30 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
             and mask.data_ptr() % 16 == 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPE[dtype])
-
-
-def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
-    """A host TMA descriptor of [rows, cols] boxes over the 2-D tensor ``t`` (or ``t`` contiguous,
-    seen as 2-D with its leading dims as rows)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, cols], _smem_layout(rows, cols, t.dtype))
-
-
-def _rows(t: torch.Tensor, packed: bool) -> torch.Tensor:
-    """The 2-D row view the kernel addresses: (B * H * L, D) dense; (T, H * D) packed, from a
-    (T, H, D) tensor or its (1, H, T, D) view."""
-    if packed:
-        t = t[0].transpose(0, 1) if t.dim() == 4 else t
-        return t.reshape(t.shape[0], -1)
-    return t.reshape(-1, t.shape[-1])
-
-
-L2_BUDGET = 16 << 20  # bytes a band's section of heads may stream from L2 (the H100's holds 50 MiB)
-
-
-def _section(n_heads: int, rows: int, share: float, q: torch.Tensor) -> int:
-    """Heads per section of a band's tile order (``_tile``, ``ws_bwd._kv_tile``): as many as
-    L2_BUDGET holds the two tensors a head's tiles stream, ``rows`` long, ``share`` of them per head
-    (the forward's K and V: S_max rows, Hkv / H as grouped heads share them; the dK / dV kernel's Q
-    and dO: L_max rows of the G query heads of a KV head)."""
-    per_head = 2 * rows * q.shape[-1] * q.element_size() * share
-    return max(1, min(n_heads, int(L2_BUDGET // max(per_head, 1))))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _persistent(n_tiles: int, device: torch.device) -> tuple[tuple, torch.Tensor]:
-    """(grid, counter) of a persistent launch: one program per SM (fewer when there are fewer
-    tiles), and the int32 they take tiles from after their own (the next tile, less the grid)."""
-    return (min(n_tiles, _sm_count(device.index)),), torch.zeros(1, dtype=torch.int32, device=device)
-
-
-def _cu_seqs(packed, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cu_seq_q, cu_seq_k) a kernel reads for packed sequences (the queries' when the call gave no
-    keys' own); ``dummy`` for both when dense (never read)."""
-    if packed is None:
-        return dummy, dummy
-    return packed.cu_q, packed.cu_k if packed.cu_k is not None else packed.cu_q
-
-
-def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args: tuple, band_flags: dict,
-            packed, n_seq: int, L_max: int, S_max: int) -> None:
+def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args: dict, band_flags: dict,
+            packed, n_seq: int, L_max: int, S_max: int, o_tma: bool = True) -> None:
     """Out and LSE (fp32, natural log) of softmax(q k^T * scale + bias) v over the band for
     ``eligible`` inputs, ``scale`` > 0: dense q / out (B, H, L, D), lse (B, H, L); packed, the (1, H,
     T, D) views and lse (H, T) (``lse_strides`` (0, T)), ``n_seq`` sequences of at most L_max query
-    and S_max keys. One persistent program per SM (fewer when there are fewer tiles)."""
+    and S_max keys. One persistent program per SM (fewer when there are fewer tiles). ``band_args``:
+    diag, win_right, win_left (launch.band_args). ``o_tma``: whole 64-row output blocks leave by one
+    TMA store through the Q buffer (KernelOptions.o_tma; False: gl.store)."""
     H, D = q.shape[1], q.shape[3]
     varlen = packed is not None
     n_m = -(-L_max // BLOCK_M)
     n_tiles = n_m * n_seq * H
-    q2, o2 = _rows(q, varlen), _rows(out, varlen)
+    q2, o2 = row_view(q, varlen), row_view(out, varlen)
     q_desc = descriptor(q2, ROWS, D)
-    b_desc = q_desc if bias is None else descriptor(bias, ROWS, BLOCK_N)
-    cu_q, cu_k = _cu_seqs(packed, lse)
-    diag, win_right, win_left = band_args
+    cu_q, cu_k = cu_seqs(packed, lse)
     causal, window = band_flags["CAUSAL"], band_flags["WINDOW"]
-    edges = causal or window or varlen or S_max % BLOCK_N != 0
-    grid, counter = _persistent(n_tiles, q.device)
-    sec = _section(n_seq * H, S_max, k.shape[1] / H, q)
-    _LAUNCH(grid,
-            (q_desc, descriptor(_rows(k, varlen), BLOCK_N, D), descriptor(_rows(v, varlen), BLOCK_N, D), b_desc,
-             descriptor(o2, ROWS, D), o2,
-             lse, cu_q, cu_k, counter, o2.stride(0), lse_strides[1], n_tiles, n_m, sec, H, H // k.shape[1], L_max,
-             S_max, scale * RCP_LN2.value, diag, win_right, win_left),
+    grid, counter = persistent(n_tiles, q.device)
+    args = dict(q_desc=q_desc, k_desc=descriptor(row_view(k, varlen), BLOCK_N, D),
+                v_desc=descriptor(row_view(v, varlen), BLOCK_N, D),
+                b_desc=q_desc if bias is None else descriptor(bias, ROWS, BLOCK_N), o_desc=descriptor(o2, ROWS, D),
+                out_ptr=o2, lse_ptr=lse, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_o=o2.stride(0),
+                stride_lseh=lse_strides[1], n_tiles=n_tiles, n_m=n_m, sec=section(n_seq * H, S_max, k.shape[1] / H, q),
+                H=H, G=H // k.shape[1], L_max=L_max, S_max=S_max, qk_scale=scale * RCP_LN2.value, **band_args)
+    _LAUNCH(grid, args,
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
-                 HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen, EDGES=edges, TBUF=TBUF,
-                 O_TMA=O_TMA), 4, 3)
+                 HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
+                 EDGES=causal or window or varlen or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma), 4, 3)

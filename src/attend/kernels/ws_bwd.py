@@ -14,7 +14,7 @@ for its 64 keys and the block's 64 queries, in the log2 domain with the rows' NL
 
 and at the tile's end stores dK * scale and dV. Query rows past a sequence's end have NLSE2 = -inf
 (the stats are padded), so their P and dS are 0 and need no mask; steps on a band's edge (outside
-[a, c) of ``core._query_blocks``) mask by key and query index. Programs take tiles from a counter,
+[a, c) of ``core.query_blocks``) mask by key and query index. Programs take tiles from a counter,
 as the forward's do: under a band, sections of KV heads whose Q / dO fit the L2, heads fastest and
 the longest key blocks (the first) first.
 
@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import torch
 
-from .core import RCP_LN2, STAT_PAD, _query_blocks
+from .core import RCP_LN2, STAT_PAD, query_blocks
 from .fastlaunch import Launcher
 from .versions import TensorDescriptor, gl, gluon, mbarrier, tma_load, warpgroup_mma, warpgroup_mma_wait
-from .ws import (_GL_DTYPE, HEAD_DIM, TBUF, _cu_seqs, _deal, _next, _persistent, _publish, _rows, _section,
-                 _sequence, _take, _tile_ring, descriptor)
+from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, next_tile, persistent, publish,
+                        row_view, section, sequence, take, tile_ring)
 
 KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
 BLOCK_N = 2 * KEYS
@@ -48,14 +48,14 @@ def _kv_tile(t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right,
     (programs running together read one head's Q / dO). With one, sections of ``sec`` KV heads,
     heads fastest and key block 0 first within a section (it sees the most queries). Returns
     (n0, L, S, b, hk, q0, kv_row, lo, a, c, hi, causal_off, window_off): kv_row the tile's first
-    key row in the 2-D K / V views (``ws._rows``), q0 the sequence's first packed query row;
-    query rows [lo, hi) visited, [a, c) unmasked (``core._query_blocks``). n0 >= S: no keys."""
-    bhk, pid_n = _deal(t, n_n, n_bhk, sec, CAUSAL or WINDOW)
+    key row in the 2-D K / V views (``ws.row_view``), q0 the sequence's first packed query row;
+    query rows [lo, hi) visited, [a, c) unmasked (``core.query_blocks``). n0 >= S: no keys."""
+    bhk, pid_n = deal(t, n_n, n_bhk, sec, CAUSAL or WINDOW)
     b = bhk // Hkv
     hk = bhk % Hkv
     n0 = pid_n * BLOCK_N
     if VARLEN:
-        q0, L, k0, S = _sequence(b, cu_q, cu_k)
+        q0, L, k0, S = sequence(b, cu_q, cu_k)
         kv_row = k0 + n0
     else:
         q0 = b * 0
@@ -64,7 +64,7 @@ def _kv_tile(t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right,
         kv_row = bhk * S + n0
     causal_off = diag * (S - L) + win_right
     window_off = diag * (S - L) - win_left
-    lo, a, c, hi = _query_blocks(n0, L, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    lo, a, c, hi = query_blocks(n0, L, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     return n0, L, S, b, hk, q0, kv_row, lo, a, c, hi, causal_off, window_off
 
 
@@ -106,7 +106,7 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
     qd = 0
     it = 0
     t = gl.program_id(0)
-    _publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+    publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
     while t < n_tiles:
         n0, L, S, b, hk, q0, kv_row, lo, a, c, hi, causal_off, window_off = _kv_tile(
             t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, BLOCK_M, 2 * KEYS,
@@ -144,7 +144,7 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
                     qd += 1
             tcount += 1
         it += 1
-        t = _next(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF)
+        t = next_tile(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit
@@ -169,7 +169,7 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
     tcount = 0
     qd = 0
     it = 0
-    t = _take(tid_smem, tid_full, tid_empty, it, TBUF)
+    t = take(tid_smem, tid_full, tid_empty, it, TBUF)
     while t < n_tiles:
         n0, L, S, b, hk, q0, kv_row, lo, a, c, hi, causal_off, window_off = _kv_tile(
             t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, BLOCK_M, 2 * KEYS,
@@ -225,7 +225,7 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
             gl.store(dv_ptr + row * stride_dv + kv_col + a_cols[None, :], dv.to(q_desc.dtype), mask=ok)
             tcount += 1
         it += 1
-        t = _take(tid_smem, tid_full, tid_empty, it, TBUF)
+        t = take(tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit
@@ -251,7 +251,7 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
     qd_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_full = gl.allocate_shared_memory(gl.int64, [2 * KBUFS, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [KBUFS, 1], mbarrier.MBarrierLayout())
-    tid_smem, tid_full, tid_empty = _tile_ring(TBUF)
+    tid_smem, tid_full, tid_empty = tile_ring(TBUF)
     for i in gl.static_range(STAGES):
         mbarrier.init(qd_full.index(i), count=1)
         mbarrier.init(qd_empty.index(i), count=2)  # both consumers release a slot
@@ -284,7 +284,7 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     dQ comes from dQ programs): D = 128, fp16 / bf16, no mask or dropout; dense contiguous (B, H, L,
     D) / (B, Hkv, S, D) tensors, or packed (1, H, T, D) views of contiguous (T, H, D) tensors with
     no pages or seqused_k whose query sequences are all L_max long and key sequences S_max."""
-    if mask is not None or dropout_p > 0.0 or q.shape[-1] != HEAD_DIM or q.dtype not in _GL_DTYPE:
+    if mask is not None or dropout_p > 0.0 or q.shape[-1] != HEAD_DIM or q.dtype not in GL_DTYPE:
         return False
     if k.numel() == 0 or q.numel() == 0 or not all(t.data_ptr() % 16 == 0 for t in (q, k, v, dout)):
         return False
@@ -304,31 +304,32 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
 def _row_descriptor(stat: torch.Tensor) -> TensorDescriptor:
     """A 1-D descriptor of BLOCK_M-element boxes over a contiguous NLSE2 / Delta buffer."""
     flat = stat.view(-1)
-    return TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_M], _ROW_LAYOUT)
+    return TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_M], ROW_LAYOUT)
 
 
-_ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
 
 
-def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float, band_args: tuple,
+def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float, band_args: dict,
          band_flags: dict, packed, n_seq: int, L_max: int, S_max: int) -> None:
     """dK and dV of an ``eligible`` backward into ``dk`` / ``dv`` (laid out like k / v), from the
     preprocess's NLSE2 / Delta (``launch._row_stats``): dense q / dout (B, H, L, D), k / v (B, Hkv, S,
-    D); packed, their (1, H, T, D) views, ``n_seq`` sequences of L_max queries and S_max keys."""
+    D); packed, their (1, H, T, D) views, ``n_seq`` sequences of L_max queries and S_max keys.
+    ``band_args``: diag, win_right, win_left (launch.band_args)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     varlen = packed is not None
     n_n = -(-S_max // BLOCK_N)
     n_tiles = n_n * n_seq * Hkv
-    q2, do2, k2, v2 = (_rows(t, varlen) for t in (q, dout, k, v))
-    dk2, dv2 = _rows(dk, varlen), _rows(dv, varlen)
-    cu_q, cu_k = _cu_seqs(packed, nlse2)
-    diag, win_right, win_left = band_args
-    grid, counter = _persistent(n_tiles, q.device)
-    sec = _section(n_seq * Hkv, L_max, H // Hkv, q)
-    _LAUNCH(grid,
-            (descriptor(q2, BLOCK_M, D), descriptor(do2, BLOCK_M, D), descriptor(k2, KEYS, D),
-             descriptor(v2, KEYS, D), _row_descriptor(nlse2), _row_descriptor(delta), dk2, dv2, cu_q, cu_k, counter,
-             dk2.stride(0), dv2.stride(0), stat_strides[0], stat_strides[1], n_tiles, n_n, sec, H, H // Hkv, L_max, S_max,
-             scale * RCP_LN2.value, scale, diag, win_right, win_left),
+    q2, do2, k2, v2 = (row_view(t, varlen) for t in (q, dout, k, v))
+    dk2, dv2 = row_view(dk, varlen), row_view(dv, varlen)
+    cu_q, cu_k = cu_seqs(packed, nlse2)
+    grid, counter = persistent(n_tiles, q.device)
+    args = dict(q_desc=descriptor(q2, BLOCK_M, D), do_desc=descriptor(do2, BLOCK_M, D), k_desc=descriptor(k2, KEYS, D),
+                v_desc=descriptor(v2, KEYS, D), nl_desc=_row_descriptor(nlse2), dl_desc=_row_descriptor(delta),
+                dk_ptr=dk2, dv_ptr=dv2, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_dk=dk2.stride(0),
+                stride_dv=dv2.stride(0), stride_statb=stat_strides[0], stride_stath=stat_strides[1], n_tiles=n_tiles,
+                n_n=n_n, sec=section(n_seq * Hkv, L_max, H // Hkv, q), H=H, G=H // Hkv, L_max=L_max, S_max=S_max,
+                qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args)
+    _LAUNCH(grid, args,
             dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=KBUFS, STAT_PAD=STAT_PAD.value,
                  CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen, TBUF=TBUF), 4, 3)

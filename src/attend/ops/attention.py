@@ -1,7 +1,8 @@
 """``attend::fused_fwd`` / ``attend::fused_bwd``: one op pair over every fused kernel.
 
-``kernel`` names the launcher ("blocked": torch ops on any device; "triton": attend's Triton
-core); ``causal`` is 0 (none), 1 (top-left, ``is_causal``) or 2 (bottom-right).
+``kernel`` names the launchers (``registry.Kernel``: "blocked", torch ops on any device;
+"triton", attend's Triton core); ``band`` is the ``Band`` of keys each query sees, in the ops'
+encoding (``Band.to_op``).
 ``torch.compile`` sees one opaque op per call, with a fake implementation and a registered
 autograd formula, never a graph break. Eager calls run the same functions through an
 autograd.Function twin (``_eager``), skipping the custom op's host overhead.
@@ -9,40 +10,14 @@ autograd.Function twin (``_eager``), skipping the custom op's host overhead.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ..cpu import blocked
+from .._layout import Band
 from ._eager import call, eager_twin, is_eager
-
-# kernel name -> (forward, backward) launchers with the signatures of attend.cpu.blocked.
-KERNELS: dict[str, tuple[Callable, Callable]] = {"blocked": (blocked.forward, blocked.backward)}
-TRITON_IMPORT_ERROR: str | None = None
-try:
-    from ..kernels import launch as _triton_launch
-    from ..kernels.versions import EXPERIMENTAL, experimental_status, out_of_range, supported_range
-except ImportError as e:  # no triton installed
-    TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
-    EXPERIMENTAL = {}
-
-    def experimental_status() -> dict[str, str]:
-        return {}
-
-    def out_of_range() -> list[str]:
-        return []
-
-    def supported_range() -> str:
-        return "torch 2.11-2.15, triton 3.6-3.9"
-else:
-    KERNELS["triton"] = (_triton_launch.forward, _triton_launch.backward)
-
-
-def _launchers(kernel: str) -> tuple[Callable, Callable]:
-    try:
-        return KERNELS[kernel]
-    except KeyError:
-        raise ValueError(f"unknown attend kernel {kernel!r}; known: {sorted(KERNELS)}") from None
+from ..kernels import options as kernel_options
+from .registry import launchers
 
 
 def _fused_fwd(
@@ -51,13 +26,13 @@ def _fused_fwd(
     v: torch.Tensor,
     mask: Optional[torch.Tensor],
     dropout_p: float,
-    causal: int,
+    band: list[int],
     scale: float,
     seed: Optional[torch.Tensor],
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fwd, _ = _launchers(kernel)
-    out, lse = fwd(q, k, v, mask, dropout_p, causal, scale, int(seed.item()) if seed is not None else 0)
+    fwd = launchers(kernel).forward
+    out, lse = fwd(q, k, v, mask, dropout_p, Band.from_op(band), scale, int(seed.item()) if seed is not None else 0)
     return out, lse
 
 
@@ -65,7 +40,7 @@ fused_fwd = torch.library.custom_op("attend::fused_fwd", _fused_fwd, mutates_arg
 
 
 @fused_fwd.register_fake
-def _(q, k, v, mask, dropout_p, causal, scale, seed, kernel):
+def _(q, k, v, mask, dropout_p, band, scale, seed, kernel):
     B, H, L, _ = q.shape
     out = q.new_empty((B, H, L, v.shape[-1]))
     lse = q.new_empty((B, H, L), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -81,15 +56,15 @@ def _fused_bwd(
     lse: torch.Tensor,
     mask: Optional[torch.Tensor],
     dropout_p: float,
-    causal: int,
+    band: list[int],
     scale: float,
     seed: Optional[torch.Tensor],
     kernel: str,
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, bwd = _launchers(kernel)
+    bwd = launchers(kernel).backward
     s = int(seed.item()) if seed is not None else 0
-    dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask, dropout_p, causal, scale, s, mask_grad)
+    dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask, dropout_p, Band.from_op(band), scale, s, mask_grad)
     if dmask is None:
         dmask = q.new_empty((0,))
     return dq, dk, dv, dmask
@@ -99,26 +74,29 @@ fused_bwd = torch.library.custom_op("attend::fused_bwd", _fused_bwd, mutates_arg
 
 
 @fused_bwd.register_fake
-def _(dout, q, k, v, out, lse, mask, dropout_p, causal, scale, seed, kernel, mask_grad):
+def _(dout, q, k, v, out, lse, mask, dropout_p, band, scale, seed, kernel, mask_grad):
     dmask = torch.empty_like(mask) if mask_grad and mask is not None else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, causal, scale, seed, kernel = inputs
+    q, k, v, mask, dropout_p, band, scale, seed, kernel = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, seed)
-    ctx.params = (dropout_p, causal, scale, kernel)
+    ctx.params = (dropout_p, band, scale, kernel)
+    ctx.kernel_options = kernel_options.current()
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
-    dropout_p, causal, scale, kernel = ctx.params
+    dropout_p, band, scale, kernel = ctx.params
     mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
-    args = (dout.contiguous(), q, k, v, out, lse, mask, dropout_p, causal, scale, seed, kernel, mask_grad)
+    args = (dout.contiguous(), q, k, v, out, lse, mask, dropout_p, band, scale, seed, kernel, mask_grad)
     # Traced (torch.compile): the custom op, so the graph holds one opaque node. Eager: the same
     # function without the dispatcher round trip (host time the GPU waits on at small shapes).
-    grads = _fused_bwd(*args) if is_eager(dout, q, k, v, mask) else fused_bwd(*args)
+    # The kernel options in force at the forward apply (autograd may run this on another thread).
+    with kernel_options.use(ctx.kernel_options):
+        grads = _fused_bwd(*args) if is_eager(dout, q, k, v, mask) else fused_bwd(*args)
     dq, dk, dv, dmask = grads
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
 
@@ -135,15 +113,15 @@ def fused_attention(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     dropout_p: float,
-    causal: int,
+    band: Band,
     scale: float,
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a fused kernel on 4-D ``(B, H, L, E)`` tensors; returns ``(out, lse)``.
+    """Run a fused kernel on 4-D ``(B, H, L, E)`` tensors over ``band``; returns ``(out, lse)``.
 
     The dropout seed is drawn from PyTorch's default CPU generator, so ``torch.manual_seed``
     reproduces the dropout mask.
     """
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
-    args = (q, k, v, mask, float(dropout_p), int(causal), float(scale), seed, kernel)
+    args = (q, k, v, mask, float(dropout_p), band.to_op(), float(scale), seed, kernel)
     return call(fused_fwd, _EagerFused, _fused_fwd, args, (q, k, v, mask))

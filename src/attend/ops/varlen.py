@@ -1,34 +1,23 @@
 """``attend::varlen_fwd`` / ``attend::varlen_bwd``: packed-sequence attention as custom ops.
 
-``kernel`` names the launcher pair: "triton" (the core's VARLEN feature) or "blocked" (the CPU
-torch-ops path, one sequence at a time). The band is ``(left, right)`` in varlen's
-``window_size`` convention, bottom-right aligned per sequence. Paged KV (``block_table``) and
+``kernel`` names the launchers (``registry.Kernel``): "triton" (the core's VARLEN feature) or
+"blocked" (the CPU torch-ops path, one sequence at a time). ``band`` is the ``Band`` of keys each
+query sees, per sequence, in the ops' encoding (``Band.to_op``; varlen's ``window_size`` is
+bottom-right aligned). Paged KV (``block_table``) and
 ``seqused_k`` are forward-only, as in PyTorch. Eager calls on plain tensors skip the custom ops'
 dispatch (``_eager``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from .._layout import Band, Packed
-from ..cpu import varlen as cpu_varlen
+from ..kernels import options as kernel_options
 from ._eager import call, eager_twin, is_eager
-
-VARLEN_KERNELS: dict[str, tuple[Callable, Callable]] = {
-    "blocked": (cpu_varlen.varlen_forward, cpu_varlen.varlen_backward)}
-try:
-    from ..kernels import launch as _launch
-except ImportError:  # no triton: ops.attention.TRITON_IMPORT_ERROR says why
-    pass
-else:
-    VARLEN_KERNELS["triton"] = (_launch.varlen_forward, _launch.varlen_backward)
-
-
-def _band(left: int, right: int) -> Band:
-    return Band(left, right, bottom_right=True)
+from .registry import launchers
 
 
 def _packed(cu_q, cu_k, seqused_k, block_table, k) -> Packed:
@@ -47,19 +36,18 @@ def _varlen_fwd(
     max_q: int,
     max_k: int,
     scale: float,
-    left: int,
-    right: int,
+    band: list[int],
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fwd, _ = VARLEN_KERNELS[kernel]
-    return fwd(q, k, v, _packed(cu_q, cu_k, seqused_k, block_table, k), max_q, max_k, scale, _band(left, right))
+    fwd = launchers(kernel).varlen_forward
+    return fwd(q, k, v, _packed(cu_q, cu_k, seqused_k, block_table, k), max_q, max_k, scale, Band.from_op(band))
 
 
 varlen_fwd = torch.library.custom_op("attend::varlen_fwd", _varlen_fwd, mutates_args=())
 
 
 @varlen_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, left, right, kernel):
+def _(q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, band, kernel):
     T, H, _ = q.shape
     return q.new_empty((T, H, v.shape[-1])), q.new_empty((H, T), dtype=torch.float32)
 
@@ -77,12 +65,11 @@ def _varlen_bwd(
     max_q: int,
     max_k: int,
     scale: float,
-    left: int,
-    right: int,
+    band: list[int],
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, bwd = VARLEN_KERNELS[kernel]
-    return bwd(dout, q, k, v, out, lse, _packed(cu_q, cu_k, None, None, k), max_q, max_k, scale, _band(left, right),
+    bwd = launchers(kernel).varlen_backward
+    return bwd(dout, q, k, v, out, lse, _packed(cu_q, cu_k, None, None, k), max_q, max_k, scale, Band.from_op(band),
                dlse=dlse)
 
 
@@ -90,15 +77,16 @@ varlen_bwd = torch.library.custom_op("attend::varlen_bwd", _varlen_bwd, mutates_
 
 
 @varlen_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, kernel):
+def _(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, band, kernel):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, left, right, kernel = inputs
+    q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, band, kernel = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.params = (max_q, max_k, scale, left, right, kernel)
+    ctx.params = (max_q, max_k, scale, band, kernel)
+    ctx.kernel_options = kernel_options.current()
     ctx.inference_only = [n for n, t in (("seqused_k", seqused_k), ("block_table", block_table)) if t is not None]
 
 
@@ -107,17 +95,21 @@ def _backward(ctx, dout, dlse):
         raise RuntimeError(f"varlen_attn: no backward with {' and '.join(ctx.inference_only)} (inference only, "
                            "as in PyTorch); pass packed keys with cu_seq_k to train")
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, left, right, kernel = ctx.params
-    args = (dout.contiguous(), dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, kernel)
-    dq, dk, dv = _varlen_bwd(*args) if is_eager(dout, dlse, q, k, v) else varlen_bwd(*args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    max_q, max_k, scale, band, kernel = ctx.params
+    args = (dout.contiguous(), dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, band, kernel)
+    with kernel_options.use(ctx.kernel_options):  # the forward's (autograd may run this on another thread)
+        dq, dk, dv = _varlen_bwd(*args) if is_eager(dout, dlse, q, k, v) else varlen_bwd(*args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
 _EagerVarlen = eager_twin("_EagerVarlen", _varlen_fwd, _setup_context, _backward)
 
 
-def varlen_attention(*args):
-    """``attend::varlen_fwd`` with autograd (arguments as the op's); eager calls skip its dispatch,
-    and eager calls that autograd would not record (inference) skip the autograd.Function too."""
+def varlen_attention(q, k, v, cu_q, cu_k, seqused_k, block_table, max_q: int, max_k: int, scale: float, band: Band,
+                     kernel: str):
+    """``attend::varlen_fwd`` with autograd (arguments as the op's, but ``band`` a ``Band``); eager
+    calls skip its dispatch, and eager calls that autograd would not record (inference) skip the
+    autograd.Function too."""
+    args = (q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, band.to_op(), kernel)
     return call(varlen_fwd, _EagerVarlen, _varlen_fwd, args, args[:3])

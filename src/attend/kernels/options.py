@@ -1,0 +1,161 @@
+"""The launch layer's tuning choices, as one frozen value per call instead of module globals.
+
+``KernelOptions`` holds every choice the launchers make beyond the fixed configs of
+``configs.RULES``: a field left at None means "as the fixed config (or the device) says". The
+options in force come from a ``ContextVar`` (``kernel_options``, the same pattern as
+``sdpa_kernel``'s state: per thread and per asyncio task, restored on exit), or per call: the
+launchers take ``options=`` (flex passes its ``kernel_options`` that way). A backward runs with the
+options its forward ran with (the ops layer carries them across; autograd may run the backward on
+another thread).
+
+The environment (``ATTEND_AUTOTUNE``, ``TRITON_INTERPRET``) is read when options are built, not
+when attend is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # no triton import here: the ops layer reads these options without it
+    import triton
+
+
+def _env_autotune() -> bool:
+    return os.environ.get("ATTEND_AUTOTUNE", "0") == "1"
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Every tuning choice of the Triton launchers. None: as the fixed config (``configs.RULES``)
+    or the device decides."""
+
+    # The fixed configs (configs.heuristic, from the H100 sweep) unless ATTEND_AUTOTUNE=1, which
+    # benchmarks the candidate configs once per key instead (about a minute per new key).
+    autotune: bool = dataclasses.field(default_factory=_env_autotune)
+    # Under TRITON_INTERPRET=1 the launchers use configs.INTERPRET_TILE (tests on the CPU).
+    interpret: bool = dataclasses.field(default_factory=_env_interpret)
+    # A config that replaces the fixed one of every forward / backward launch (benchmarks/sweep.py
+    # and ab.py time candidates through it). Its flags still pass through the overrides below.
+    fwd_config: triton.Config | None = None
+    bwd_config: triton.Config | None = None
+    # True/False overrides the fixed configs' dQ strategy (dQ added by atomics in the dK/dV
+    # programs, or dQ programs). Deterministic mode always wins: no atomics then.
+    dq_atomic: bool | None = None
+    # True/False overrides whether the backward reads through TMA tensor descriptors (tests run the
+    # descriptor path under the interpreter with it; the H100 sweep times both). Only the unit last
+    # stride, which the kernels' descriptors assume, is checked then.
+    tma: bool | None = None
+    # True/False overrides the backward's program order (core.attn_bwd's HEAD_MAJOR).
+    head_major: bool | None = None
+    # A full-size float mask's gradient is dS itself; with this on, the backward launches no dQ
+    # programs for it and computes dQ = scale * dS @ K as one batched GEMM on the stored dS (one
+    # product instead of the dQ programs' three, and no second read of the mask). H100, bias
+    # (4, 16, 4096, 4096) with grad: 272 TFLOP/s against 227 with dQ programs (RESULTS.md, session 5).
+    dq_from_ds: bool = True
+    # Packed calls launch one program per block that exists, from host-built lists ordered heaviest
+    # first (worklist.py; core's WORKLIST), instead of cdiv(max length, block) slots per sequence,
+    # most of which exit at once when lengths are mixed (60% of the varlen benchmark's grid), and in
+    # whatever order the caller packed its sequences. Off until the H100 measures it
+    # (benchmarks/sweep.py --worklist).
+    varlen_worklist: bool = False
+    # The forward reads K and V (and the tiles of a float mask with rows) through TMA tensor
+    # descriptors where the copy engine can read them (launch.use_tma; never paged), instead of
+    # pointer loads: fewer address computations per iteration (one copy per tile, issued by one
+    # thread) and no bounds masks. None: as the fixed config asks (configs.fwd_config's ``tma``: the
+    # masks, varlen and window tiles, where the H100 measured it faster; dense tiles lose with it,
+    # 492 vs 515 TFLOP/s at D=128, S=16k); True / False force it.
+    fwd_tma: bool | None = None
+    # The kernels run a band's edge blocks (causal diagonal, window edges) in the same loop as its
+    # inner blocks, masking them under a branch (core's ONE_LOOP), instead of one loop per edge (each
+    # loop pays its own pipeline fill and drain), where the fixed config says so (configs'
+    # ``one_loop``); True / False override it. The forward takes it only where its loads need no
+    # bounds masks (TMA or EVEN).
+    fwd_one_loop: bool | None = None
+    bwd_one_loop: bool | None = None
+    # Most sm_90 D = 128 forwards (any band and length, no mask or a full-size float bias, packed
+    # sequences of one query length; ws.eligible says which) take the persistent warp-specialized
+    # Gluon kernel (ws.py, which cites its measurements). False: the core serves every call.
+    fwd_ws: bool = True
+    # Their backwards without a mask (ws_bwd.eligible) take the Gluon dK / dV kernel (ws_bwd.py), then
+    # the core's dQ programs alone (core's DQ_ONLY), from this sequence bucket up (None:
+    # configs.WS_BWD_MIN_SEQ_BUCKET). False: the core's one launch serves every backward.
+    bwd_ws: bool = True
+    bwd_ws_min_seq_bucket: int | None = None
+    # The Gluon forward stores whole 64-row output blocks by one TMA store through the consumer's
+    # finished Q buffer (ws.py); False: gl.store from registers.
+    o_tma: bool = True
+
+    def replace(self, **changes) -> "KernelOptions":
+        """A copy with ``changes`` (field names of this class)."""
+        unknown = sorted(set(changes) - _FIELDS)
+        if unknown:
+            raise TypeError(f"unknown kernel option(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(KernelOptions))
+_OPTIONS: contextvars.ContextVar[KernelOptions | None] = contextvars.ContextVar("attend_kernel_options", default=None)
+_DEFAULTS: dict[tuple, KernelOptions] = {}
+
+
+def current() -> KernelOptions:
+    """The options in force: those of the innermost ``kernel_options`` block, else the defaults
+    under the environment as it is now."""
+    opts = _OPTIONS.get()
+    if opts is not None:
+        return opts
+    env = (os.environ.get("ATTEND_AUTOTUNE"), os.environ.get("TRITON_INTERPRET"))
+    opts = _DEFAULTS.get(env)
+    if opts is None:
+        opts = _DEFAULTS[env] = KernelOptions()
+    return opts
+
+
+def resolve(options: KernelOptions | dict | None) -> KernelOptions:
+    """A launcher's ``options=`` argument: None (the options in force), a ``KernelOptions``, or a
+    dict of overrides applied to the options in force (flex's ``kernel_options``)."""
+    if options is None:
+        return current()
+    if isinstance(options, KernelOptions):
+        return options
+    if isinstance(options, dict):
+        return current().replace(**options)
+    raise TypeError(f"options must be a KernelOptions, a dict of its fields or None, got "
+                    f"{type(options).__name__}: {options!r}")
+
+
+@contextlib.contextmanager
+def use(options: KernelOptions | None) -> Iterator[KernelOptions]:
+    """Run the block with exactly ``options`` (None: the defaults), e.g. a backward with its
+    forward's options."""
+    token = _OPTIONS.set(options)
+    try:
+        yield current()
+    finally:
+        _OPTIONS.reset(token)
+
+
+@contextlib.contextmanager
+def kernel_options(**changes) -> Iterator[KernelOptions]:
+    """Change kernel options (``KernelOptions``' fields) inside the ``with`` block; blocks nest, and
+    the previous options come back on exit, also when the block raises. Per thread and per asyncio
+    task (a ``ContextVar``).
+
+    Example::
+
+        with kernel_options(fwd_ws=False, bwd_one_loop=True):
+            out = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.sum().backward()
+    """
+    with use(current().replace(**changes)) as opts:
+        yield opts

@@ -1,0 +1,135 @@
+"""What the two warp-specialized Gluon kernels (``ws.py``, the forward; ``ws_bwd.py``, dK / dV) share:
+the persistent schedule (a program per SM takes tiles from a counter; the producer warp hands
+each tile id to both consumers through a shared-memory ring), a band's tile order by sections of
+heads that fit the L2, packed sequences' bounds, and the host TMA descriptors and row views."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .versions import TensorDescriptor, gl, gluon, mbarrier
+
+HEAD_DIM = 128  # the one head dim both kernels serve
+TBUF = 2  # slots of the tile ids the producer hands the consumers
+GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+
+
+@gluon.jit
+def deal(t, n_blocks, n_heads, sec, BAND: gl.constexpr):
+    """(head, block) of tile ``t`` of n_blocks blocks by n_heads heads. Without a band, block
+    fastest. With one, sections of ``sec`` heads one after the other, heads fastest inside one."""
+    if BAND:
+        first = (t // (sec * n_blocks)) * sec  # the section's first head
+        width = gl.minimum(sec, n_heads - first)  # the last section may be narrower
+        i = t - first * n_blocks
+        head = first + i % width
+        block = i // width
+    else:
+        head = t // n_blocks
+        block = t % n_blocks
+    return head, block
+
+
+@gluon.jit
+def sequence(b, cu_q, cu_k):
+    """(first query row, query length, first key row, key length) of packed sequence ``b``."""
+    q0 = gl.load(cu_q + b)
+    L = gl.load(cu_q + b + 1) - q0
+    k0 = gl.load(cu_k + b)
+    S = gl.load(cu_k + b + 1) - k0
+    return q0, L, k0, S
+
+
+@gluon.jit
+def tile_ring(TBUF: gl.constexpr):
+    """The shared-memory ring through which the producer hands tile ids to both consumers
+    (``publish`` / ``take``): (ids, full barriers, empty barriers), initialized."""
+    tid_smem = gl.allocate_shared_memory(gl.int32, [TBUF, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    tid_full = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
+    tid_empty = gl.allocate_shared_memory(gl.int64, [TBUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(TBUF):
+        mbarrier.init(tid_full.index(i), count=1)
+        mbarrier.init(tid_empty.index(i), count=2)  # both consumers read a tile id
+    return tid_smem, tid_full, tid_empty
+
+
+@gluon.jit
+def publish(tid_smem, tid_full, tid_empty, t, it, TBUF: gl.constexpr):
+    """The producer hands tile ``t``, its ``it``-th, to both consumers through slot it % TBUF."""
+    slot = it % TBUF
+    mbarrier.wait(tid_empty.index(slot), ((it // TBUF) & 1) ^ 1, pred=it >= TBUF)
+    tid_smem.index(slot).store(gl.full([1], t, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+    mbarrier.arrive(tid_full.index(slot))
+
+
+@gluon.jit
+def next_tile(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
+    """The producer's ``it``-th tile: the counter's next untaken one (the first P went to the
+    programs' own ids), published to both consumers."""
+    t = P + gl.atomic_add(counter_ptr, 1)
+    publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
+    return t
+
+
+@gluon.jit
+def take(tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
+    """A consumer's ``it``-th tile, as the producer published it."""
+    slot = it % TBUF
+    mbarrier.wait(tid_full.index(slot), (it // TBUF) & 1)
+    t = gl.max(tid_smem.index(slot).load(gl.BlockedLayout([1], [32], [4], [0])), 0)
+    mbarrier.arrive(tid_empty.index(slot))
+    return t
+
+
+@functools.lru_cache(maxsize=None)
+def smem_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], GL_DTYPE[dtype])
+
+
+def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
+    """A host TMA descriptor of [rows, cols] boxes over the 2-D tensor ``t`` (or ``t`` contiguous,
+    seen as 2-D with its leading dims as rows)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, cols], smem_layout(rows, cols, t.dtype))
+
+
+def row_view(t: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The 2-D row view the kernel addresses: (B * H * L, D) dense; (T, H * D) packed, from a
+    (T, H, D) tensor or its (1, H, T, D) view."""
+    if packed:
+        t = t[0].transpose(0, 1) if t.dim() == 4 else t
+        return t.reshape(t.shape[0], -1)
+    return t.reshape(-1, t.shape[-1])
+
+
+L2_BUDGET = 16 << 20  # bytes a band's section of heads may stream from L2 (the H100's holds 50 MiB)
+
+
+def section(n_heads: int, rows: int, share: float, q: torch.Tensor) -> int:
+    """Heads per section of a band's tile order (``_tile``, ``ws_bwd._kv_tile``): as many as
+    L2_BUDGET holds the two tensors a head's tiles stream, ``rows`` long, ``share`` of them per head
+    (the forward's K and V: S_max rows, Hkv / H as grouped heads share them; the dK / dV kernel's Q
+    and dO: L_max rows of the G query heads of a KV head)."""
+    per_head = 2 * rows * q.shape[-1] * q.element_size() * share
+    return max(1, min(n_heads, int(L2_BUDGET // max(per_head, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent(n_tiles: int, device: torch.device) -> tuple[tuple, torch.Tensor]:
+    """(grid, counter) of a persistent launch: one program per SM (fewer when there are fewer
+    tiles), and the int32 they take tiles from after their own (the next tile, less the grid)."""
+    return (min(n_tiles, sm_count(device.index)),), torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def cu_seqs(packed, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cu_seq_q, cu_seq_k) a kernel reads for packed sequences (the queries' when the call gave no
+    keys' own); ``dummy`` for both when dense (never read)."""
+    if packed is None:
+        return dummy, dummy
+    return packed.cu_q, packed.cu_k if packed.cu_k is not None else packed.cu_q
