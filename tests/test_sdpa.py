@@ -161,7 +161,7 @@ def test_dropout_reproducible_and_consistent_backward(backend, kernel, use_kerne
         c = attend.scaled_dot_product_attention(q, k, v, dropout_p=0.4, is_causal=True)
     assert not torch.equal(a, c)
     if dtype == torch.float64:
-        assert torch.autograd.gradcheck(f, (q, k, v))
+        assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)  # random projections: the full Jacobian took a minute
     elif dtype == torch.float32:
         _directional_grad_check(f, (q, k, v))
     else:  # fp16: the backward must regenerate the forward's mask; compare with its fp32 twin
