@@ -1,8 +1,10 @@
-"""Shared test helpers: float64 references and tolerances scaled by a same-precision reference."""
+"""Shared test helpers: the oracle (PyTorch's own SDPA under its MATH backend, float64 for
+references) and tolerances scaled by the same oracle in the inputs' precision."""
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,32 +38,62 @@ def use_kernel(monkeypatch):
         if kernel == "blocked":
             monkeypatch.setattr(_kernels, "interpreter_on", lambda: False)
     return choose
-from attend.backends import math_attention
-from attend._params import SDPAParams
+from torch.nn.attention import SDPBackend as TorchBackend  # noqa: E402
+from torch.nn.attention import sdpa_kernel as torch_sdpa_kernel  # noqa: E402
+from torch.nn.attention.bias import CausalBias as TorchCausalBias  # noqa: E402
 
 # Absolute error floor per dtype, for outputs where both errors are ~0.
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
+def plain_mask(mask, L, S, device):
+    """attend's or PyTorch's CausalBias as the (L, S) bool mask it stands for, by its definition
+    (query i sees key j iff j <= i, or j <= i + S - L bottom-right), so the oracle never routes
+    back into attend through CausalBias.__torch_function__; any other mask unchanged."""
+    if isinstance(mask, (attend.bias.CausalBias, TorchCausalBias)):
+        i = torch.arange(L, device=device)[:, None]
+        j = torch.arange(S, device=device)[None, :]
+        return j <= i + (0 if int(mask.variant) == 1 else S - L)
+    return mask
+
+
+def _rows_without_keys(mask, is_causal, L, S, device):
+    """Where a query row sees no key (bool, broadcastable to the output's (..., L, 1)), or None."""
+    if mask is None or is_causal or L == 0 or S == 0:  # is_causal: row i sees key 0; L or S = 0: zeros already
+        return None
+    sees = mask if mask.dtype == torch.bool else mask > float("-inf")
+    return ~sees.any(dim=-1, keepdim=True)
+
+
+def torch_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """The oracle: PyTorch's own ``scaled_dot_product_attention`` under its MATH backend, in the
+    inputs' dtype. attend promises that a row which sees no key is 0 with 0 gradients; PyTorch's
+    math does the same (its safe softmax, since 2.5), and this sets those rows to 0 explicitly so
+    the oracle states the contract instead of relying on that."""
+    L, S = q.shape[-2], k.shape[-2]
+    mask = plain_mask(attn_mask, L, S, q.device)
+    with torch_sdpa_kernel(TorchBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    empty = None if v.numel() == 0 else _rows_without_keys(mask, is_causal, L, S, q.device)
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
 def reference(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, dtype=torch.float64):
-    """attend's MATH formula evaluated in ``dtype`` (float64 = the oracle)."""
-    cast = lambda t: t.detach().to(dtype).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+    """PyTorch's math SDPA in ``dtype`` (float64 = the oracle) on copies of the inputs; returns
+    ``(out, inputs)`` with ``inputs.query`` / ``.key`` / ``.value`` / ``.attn_mask`` the copies
+    (leaves that require grad where the originals do), for gradients against the oracle."""
+    cast = lambda t: t.detach().to(dtype).requires_grad_(t.requires_grad)  # noqa: E731
     m = attn_mask
-    if isinstance(m, torch.Tensor) and m.is_floating_point():
+    if isinstance(m, torch.Tensor) and not isinstance(m, TorchCausalBias) and m.is_floating_point():
         m = cast(m)
-    p = SDPAParams(cast(q), cast(k), cast(v), m, 0.0, is_causal, enable_gqa)
-    return math_attention(p, scale), p
+    p = SimpleNamespace(query=cast(q), key=cast(k), value=cast(v), attn_mask=m)
+    return torch_sdpa(p.query, p.key, p.value, m, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa), p
 
 
 def same_precision(q, k, v, **kw):
     """The error yardstick: PyTorch's own math SDPA in the inputs' dtype."""
-    mask = kw.get("attn_mask")
-    if isinstance(mask, attend.bias.CausalBias):
-        kw = dict(kw, attn_mask=mask.materialize(q.device))
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    return torch_sdpa(q, k, v, **kw)
 
 
 def assert_scaled_close(out, ref64, ref_same, k=4.0, what="output"):

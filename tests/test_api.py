@@ -256,3 +256,53 @@ def test_public_names_importable():
 
     for name in attend.__all__:
         assert hasattr(attend, name), name
+
+
+def test_pytorchs_backend_members_work_in_sdpa_kernel():
+    from torch.nn.attention import SDPBackend as T
+
+    with attend.sdpa_kernel(T.MATH):
+        assert attend.enabled_backends() == [B.MATH]
+    with attend.sdpa_kernel([T.EFFICIENT_ATTENTION, B.MATH], set_priority=True):
+        assert attend.enabled_backends(with_priority=True, device_type="cpu") == [B.EFFICIENT_ATTENTION, B.MATH]
+    with attend.sdpa_kernel([T.MATH], set_priority=1):  # PyTorch takes 0 / 1 here too
+        assert attend.enabled_backends() == [B.MATH]
+    with pytest.raises(ValueError, match="ERROR"):
+        with attend.sdpa_kernel(T.ERROR):
+            pass
+    with pytest.raises(TypeError, match="set_priority must be a bool, got str"):
+        with attend.sdpa_kernel(T.MATH, set_priority="False"):
+            pass
+
+
+def test_pytorchs_causal_bias_and_params_work_in_explain_and_can_use():
+    from torch.nn.attention import bias as tb
+
+    q, k = rand(1, 2, 8, 16), rand(1, 2, 12, 16)
+    bias = tb.causal_lower_right(8, 12)
+    with attend.sdpa_kernel([B.FLASH_ATTENTION, B.MATH]):
+        d = attend.explain(q, k, k, attn_mask=bias)
+    assert d.backend is B.FLASH_ATTENTION, str(d)  # the fused path, not a dense L x S mask
+    assert "CausalBias(LOWER_RIGHT, seq_len_q=8, seq_len_kv=12)" in d.call
+    for params in (attend.SDPAParams(q, k, k, bias, 0.0, False, False),
+                   torch.backends.cuda.SDPAParams(q, k, k, bias, 0.0, False, False)):
+        assert attend.can_use_flash_attention(params)
+        assert not attend.can_use_cudnn_attention(params)
+    bad = attend.SDPAParams(q, k, k, tb.causal_lower_right(8, 13), 0.0, False, False)
+    with pytest.warns(UserWarning, match=r"CausalBias for \(8, 13\)"):
+        assert not attend.can_use_flash_attention(bad, debug=True)
+
+
+def test_explain_says_why_fused_backends_skip_calls_only_math_takes():
+    q = rand(2, 4, 8, 16)
+    d = attend.explain(q, rand(2, 2, 8, 16), rand(2, 1, 8, 16), enable_gqa=True)
+    assert d.backend is B.MATH
+    for b in (B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION):
+        assert any("one head count for key and value; got 2 and 1" in r for r in d.reasons[b]), str(d)
+    d = attend.explain(q, q, q, dropout_p=1.0)
+    assert d.backend is B.MATH and any("dropout_p=1.0" in r for r in d.reasons[B.EFFICIENT_ATTENTION])
+    d = attend.explain(rand(0, 4, 8, 16), rand(0, 4, 8, 16), rand(0, 4, 8, 16))
+    assert d.backend is B.MATH and any("zero-size" in r for r in d.reasons[B.FLASH_ATTENTION])
+    # Broadcast and 2-D inputs are normalized first: the fused path takes them
+    assert attend.explain(rand(6, 16), rand(9, 16), rand(9, 16)).backend is B.FLASH_ATTENTION
+    assert attend.explain(q, rand(4, 8, 16), rand(4, 8, 16), scale=torch.tensor(0.3)).backend is B.FLASH_ATTENTION

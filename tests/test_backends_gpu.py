@@ -1,6 +1,7 @@
-"""Every CUDA backend and flash implementation agrees with the float64 reference in bf16,
-forward and backward (GPU only; run through the device tool). FA4 runs where flash-attn-4 is
-importable (the README's contributor section says how to bring it to the lent H100)."""
+"""Every CUDA backend and flash implementation agrees with the float64 reference (PyTorch's own
+SDPA under its MATH backend, conftest.torch_sdpa; never attend's MATH) in bf16, forward and
+backward (GPU only). FA4 runs where flash-attn-4 is importable (the README's contributor section
+says how to install it on the GPU machine)."""
 
 from __future__ import annotations
 

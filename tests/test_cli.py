@@ -41,3 +41,9 @@ def test_bench_table_ratios():
     assert row.endswith("| 0.75 / 0.50 | 1.10 / 0.50 |")  # best peer: cuDNN fwd 440, flex bwd 500
     assert "| n/a |" in drow and drow.endswith("| 1.20 | 1.50 |")
     assert "attend / flex" not in format_table([pre], impls[:2])
+
+
+def test_help_is_plain_text():
+    out = _run("--help")
+    assert "usage: python -m attend" in out and "info" in out and "explain" in out and "bench" in out
+    assert "``" not in out  # no raw reStructuredText

@@ -313,3 +313,49 @@ def test_torch_compile_matches_eager():
     g2 = torch.autograd.grad(ref.sum(), (q, k, v))
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+def test_pytorch_signature_return_aux_and_num_splits():
+    """PyTorch's full signature: ``num_splits`` (attend never splits a row's keys, so every value
+    gives the same output) and ``return_aux`` as attend's or PyTorch's AuxRequest; anything else
+    for ``return_aux`` is a TypeError naming it."""
+    from torch.nn.attention.varlen import AuxRequest as TorchAuxRequest
+
+    q, k, v, cu = _valid()
+    base = varlen_attn(q, k, v, cu, cu, 6, 6)
+    for n in (None, 0, 1, 4):
+        assert torch.equal(varlen_attn(q, k, v, cu, cu, 6, 6, num_splits=n), base)
+    out, lse = varlen_attn(q, k, v, cu, cu, 6, 6, return_aux=TorchAuxRequest(lse=True))
+    assert torch.equal(out, base) and lse.shape == (2, 10)
+    assert torch.equal(varlen_attn(q, k, v, cu, cu, 6, 6, return_aux=TorchAuxRequest()), base)
+    with pytest.raises(TypeError, match="return_aux must be an attend.varlen.AuxRequest .* got bool: True"):
+        varlen_attn(q, k, v, cu, cu, 6, 6, return_aux=True)
+    with pytest.raises(TypeError, match="return_aux .* got dict"):
+        varlen_attn(q, k, v, cu, cu, 6, 6, return_aux={"lse": True})
+    with pytest.raises(TypeError, match="num_splits must be an int or None, got str"):
+        varlen_attn(q, k, v, cu, cu, 6, 6, num_splits="1")
+    with pytest.raises(ValueError, match="num_splits must be >= 0 .* got -1"):
+        varlen_attn(q, k, v, cu, cu, 6, 6, num_splits=-1)
+    with pytest.raises(TypeError, match="enable_gqa must be a bool .* got int: 1"):
+        varlen_attn(q, k, v, cu, cu, 6, 6, enable_gqa=1)
+    with pytest.raises(ValueError, match="scale must be a finite float or None, got nan"):
+        varlen_attn(q, k, v, cu, cu, 6, 6, scale=float("nan"))
+
+
+def test_per_sequence_oracle_agrees_with_pytorch():
+    """The loop above is a plain definition; per sequence it equals PyTorch's own float64 SDPA with
+    the window's band as a bool mask (rows with no visible key: 0 in both)."""
+    from torch.nn.attention import SDPBackend as TorchBackend
+    from torch.nn.attention import sdpa_kernel as torch_sdpa_kernel
+
+    lq, lk = [3, 7, 0, 5], [9, 4, 2, 5]
+    q, k, v = (t.detach().double() for t in _inputs(lq, lk, 4, 2, 8, torch.float64))
+    for window in WINDOWS:
+        out, _ = _loop(q, k, v, lq, lk, window, torch.float64)
+        cq, ck = [0] + torch.tensor(lq).cumsum(0).tolist(), [0] + torch.tensor(lk).cumsum(0).tolist()
+        for b in range(len(lq)):
+            qb, kb, vb = (t[c[b]:c[b + 1]].transpose(0, 1) for t, c in ((q, cq), (k, ck), (v, ck)))
+            with torch_sdpa_kernel(TorchBackend.MATH):
+                want = torch.nn.functional.scaled_dot_product_attention(
+                    qb, kb, vb, attn_mask=_band(lq[b], lk[b], window), enable_gqa=True)
+            assert torch.allclose(out[cq[b]:cq[b + 1]].transpose(0, 1), want, atol=1e-12), (window, b)

@@ -11,7 +11,7 @@ import torch
 
 from . import _state
 from ._enums import SDPBackend
-from ._params import SDPAParams, validate
+from ._params import SDPAParams, from_params, prepare
 from . import _registry
 from .backends import BACKENDS, default_priority, kernel_notes
 
@@ -115,18 +115,23 @@ def scaled_dot_product_attention(
     Same contract as ``torch.nn.functional.scaled_dot_product_attention``:
 
     Args:
-        query: ``(..., Hq, L, E)``; 3-D ``(N, L, E)`` also works.
-        key: ``(..., Hkv, S, E)``.
-        value: ``(..., Hkv, S, Ev)``.
-        attn_mask: bool (True = may attend) or additive float tensor broadcastable to
-            ``(..., Hq, L, S)``, or an :class:`attend.bias.CausalBias`.
-        dropout_p: dropout probability on the attention weights, in ``[0, 1)``.
-        is_causal: top-left aligned causal mask; not together with ``attn_mask``.
-        scale: softmax scale; default ``1 / sqrt(E)``.
-        enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (grouped-query attention).
+        query: ``(..., Hq, L, E)``, at least 2-D.
+        key: ``(..., Hk, S, E)``; its batch dims (all but the last two) broadcast against the
+            query's, as in ``torch.matmul`` (a rank-3 key with a rank-4 query, for example).
+        value: ``(..., Hv, S, Ev)``, broadcast the same way.
+        attn_mask: bool (True = may attend) or additive float tensor (at least 2-D) that
+            broadcasts to the scores ``(..., Hq, L, S)`` without growing them, or a causal bias
+            (:class:`attend.bias.CausalBias` or PyTorch's ``torch.nn.attention.bias.CausalBias``).
+        dropout_p: dropout probability on the attention weights, in ``[0, 1]``; 1 gives zeros.
+        is_causal: top-left aligned causal mask (a bool); not together with ``attn_mask``.
+        scale: softmax scale, a finite number or 0-d tensor; default ``1 / sqrt(E)``.
+        enable_gqa: (a bool) let dim -3 of key and value hold fewer heads than the query's: query
+            head ``h`` reads key head ``h // (Hq // Hk)`` and value head ``h // (Hq // Hv)``.
 
     Returns:
-        ``(..., Hq, L, Ev)`` in the input dtype. A row whose keys are all masked is 0.
+        ``(..., Hq, L, Ev)`` in the input dtype, the batch dims broadcast; 2-D inputs give
+        ``(L, Ev)``. A row whose keys are all masked is 0. Head dim ``E = 0`` gives the
+        (masked) mean of the values, as PyTorch does.
 
     Raises:
         ValueError / TypeError for invalid arguments (naming the argument, value and
@@ -137,8 +142,10 @@ def scaled_dot_product_attention(
         q = torch.randn(2, 8, 1024, 64)
         out = attend.scaled_dot_product_attention(q, q, q, is_causal=True)
     """
-    p = SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    validate(p, scale)
+    call = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p = call.params
+    if call.zeros:
+        return _zeros(p, call.out_shape)
     d = decide(p)
     if d.backend is SDPBackend.ERROR:
         lines = [f"  {b.name}: {'; '.join(rs)}" for b, rs in d.reasons.items() if rs != [DISABLED]]
@@ -150,7 +157,19 @@ def scaled_dot_product_attention(
     if d.backend is SDPBackend.MATH and not torch.compiler.is_compiling():
         if getattr(sys.modules["attend"], "WARN_FOR_UNFUSED_KERNELS", False):
             _warn_unfused(decide(p, exhaustive=True))
-    return BACKENDS[d.backend].run(p, scale)
+    return BACKENDS[d.backend].run(p, call.scale).reshape(call.out_shape)
+
+
+def _zeros(p: SDPAParams, shape: tuple[int, ...]) -> torch.Tensor:
+    """PyTorch's result for a call with no query rows or an empty value: zeros, in the autograd
+    graph of the inputs with zero gradients (``where`` passes none to its unpicked branch, and
+    never turns an inf or NaN input into a NaN output)."""
+    out = p.query.new_zeros(shape)
+    inputs = [t for t in (p.query, p.key, p.value, p.dense_mask) if t is not None and t.requires_grad]
+    if inputs and torch.is_grad_enabled():
+        link = sum(t.sum() for t in inputs).to(out.dtype)
+        out = torch.where(torch.zeros((), dtype=torch.bool, device=out.device), link, out)
+    return out
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> Decision:
@@ -161,20 +180,27 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     :class:`SDPBackend` (``ERROR`` if none), ``.reasons`` maps each skipped backend to its
     reasons, and ``str()`` prints the table.
     """
-    p = SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    validate(p, scale)
+    call = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p = call.params
     d = decide(p, exhaustive=True)
     d.call = _describe(p)
-    if d.backend is SDPBackend.EFFICIENT_ATTENTION or (
+    if call.zeros:
+        d.notes = [f"no query rows or an empty value: the result is zeros of shape {call.out_shape} "
+                   "(as in PyTorch), and no backend runs"]
+    elif d.backend is SDPBackend.EFFICIENT_ATTENTION or (
             d.backend is SDPBackend.FLASH_ATTENTION and _registry.current_flash_attention_impl() is None):
         d.notes = kernel_notes(p)
     return d
 
 
 def _can_use(backend: SDPBackend, params: SDPAParams, debug: bool) -> bool:
-    if not isinstance(params, SDPAParams):
-        raise TypeError(f"params must be an attend.SDPAParams, got {type(params).__name__}")
-    reasons = BACKENDS[backend].check(params)
+    if not isinstance(params, (SDPAParams, torch.backends.cuda.SDPAParams)):
+        raise TypeError(f"params must be an attend.SDPAParams or a torch.backends.cuda.SDPAParams, "
+                        f"got {type(params).__name__}")
+    try:
+        reasons = BACKENDS[backend].check(from_params(params).params)
+    except (TypeError, ValueError) as e:  # a call no backend may take
+        reasons = [str(e)]
     if debug:
         for r in reasons:
             warnings.warn(f"{backend.name} cannot be used: {r}", UserWarning, stacklevel=3)

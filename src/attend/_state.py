@@ -36,20 +36,35 @@ def order_backends(state: BackendState, default_order: Sequence[SDPBackend]) -> 
     return head + [b for b in default_order if b not in head]
 
 
+def as_backend(b: object) -> SDPBackend | None:
+    """attend's member for ``b``: an attend ``SDPBackend``, or PyTorch's
+    ``torch.nn.attention.SDPBackend`` member of the same name (a pybind enum, matched by its
+    type's module so this layer needs no torch import); None for anything else."""
+    if isinstance(b, SDPBackend):
+        return b
+    name = getattr(b, "name", None)
+    if type(b).__module__.partition(".")[0] == "torch" and name in SDPBackend.__members__:
+        return SDPBackend[name]
+    return None
+
+
 def _normalize(backends: object) -> list[SDPBackend]:
-    if isinstance(backends, SDPBackend):
+    if as_backend(backends) is not None:
         backends = [backends]
     if not isinstance(backends, (list, tuple)):
         raise TypeError(
-            "backends must be an SDPBackend or a list of SDPBackend, "
+            "backends must be an SDPBackend or a list of SDPBackend (attend's or torch.nn.attention's), "
             f"got {type(backends).__name__}: {backends!r}"
         )
+    chosen = []
     for b in backends:
-        if not isinstance(b, SDPBackend):
+        member = as_backend(b)
+        if member is None:
             raise TypeError(f"backends must contain SDPBackend members, got {type(b).__name__}: {b!r}")
-        if b is SDPBackend.ERROR:
+        if member is SDPBackend.ERROR:
             raise ValueError("SDPBackend.ERROR is not a backend that can be enabled")
-    return list(dict.fromkeys(backends))
+        chosen.append(member)
+    return list(dict.fromkeys(chosen))
 
 
 @contextlib.contextmanager
@@ -57,7 +72,8 @@ def sdpa_kernel(backends: SDPBackend | Sequence[SDPBackend], set_priority: bool 
     """Restrict scaled dot-product attention to ``backends`` inside the ``with`` block.
 
     Args:
-        backends: one :class:`SDPBackend` or a list of them; only these may run.
+        backends: one :class:`SDPBackend` or a list of them (attend's members or PyTorch's
+            ``torch.nn.attention.SDPBackend``); only these may run.
         set_priority: if True, the list order is the priority order (first = tried first);
             backends not listed keep their default relative order behind them.
 
@@ -69,7 +85,7 @@ def sdpa_kernel(backends: SDPBackend | Sequence[SDPBackend], set_priority: bool 
         with attend.sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
             out = attend.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     """
-    if not isinstance(set_priority, bool):
+    if not isinstance(set_priority, int):  # a bool, or 0 / 1 as PyTorch takes; never a string
         raise TypeError(f"set_priority must be a bool, got {type(set_priority).__name__}: {set_priority!r}")
     chosen = _normalize(backends)
     prev = _STATE.get()

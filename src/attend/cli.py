@@ -152,7 +152,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m attend", description=__doc__)
+    ap = argparse.ArgumentParser(  # plain text: argparse prints the description as is (no RST)
+        prog="python -m attend",
+        description="attend's command line: what is installed and usable here (info), which backend "
+                    "would run a call and why the others would not (explain), and timings against "
+                    "PyTorch's kernels (bench). 'python -m attend COMMAND --help' lists a command's options.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, devices, and which backends and flash impls are usable here")
     ex = sub.add_parser("explain", help="which backend would run a call, and why the others would not")

@@ -22,6 +22,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,7 @@ def varlen_attn(
     enable_gqa: bool = False,
     seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ):
     """Attention over packed sequences; returns ``out`` ``(T_q, H, D)``, or ``(out, lse)`` when
     ``return_aux.lse``.
@@ -65,6 +68,12 @@ def varlen_attn(
       the first keys of each ``cu_seq_k`` slot.
     - ``max_q`` / ``max_k``: at least the longest query / key sequence (they size the grid).
     - ``enable_gqa``: ``H`` may be a multiple of ``H_kv``; K/V heads are shared in place.
+    - ``return_aux``: ``None`` or an ``AuxRequest`` (attend's or PyTorch's
+      ``torch.nn.attention.varlen.AuxRequest``); anything else is a ``TypeError``.
+    - ``num_splits``: PyTorch's split-KV knob (``None`` or an int >= 0; ``1`` turns split-KV off
+      there). attend's kernels never split one query row's keys across programs, so every value
+      runs the same kernel. Its tile sizes follow the ``max_q`` / ``max_k`` buckets, so bitwise
+      equality of one sequence's output across different batches is not promised either way.
     - Gradients flow to query, key and value (and through ``lse``), except with
       ``block_table`` or ``seqused_k``, which are inference only (as in PyTorch).
     """
@@ -73,6 +82,13 @@ def varlen_attn(
     from ._layout import Band
     from .ops.varlen import varlen_attention
 
+    want_lse = _check_aux(return_aux)
+    _check_num_splits(num_splits)
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool (True or False), got {type(enable_gqa).__name__}: {enable_gqa!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     left, right = _check_window(window_size)
     _check_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, enable_gqa, seqused_k, block_table)
     kernel = kernel_for(query)
@@ -86,9 +102,28 @@ def varlen_attn(
     s = default_scale(query.shape[-1], scale)
     out, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, int(max_q), int(max_k),
                                 float(s), Band(left, right, bottom_right=True), kernel)
-    if return_aux is not None and return_aux.lse:
-        return out, lse
-    return out
+    return (out, lse) if want_lse else out
+
+
+def _check_aux(return_aux) -> bool:
+    """Whether the caller asked for the log-sum-exp."""
+    if return_aux is None:
+        return False
+    from torch.nn.attention.varlen import AuxRequest as TorchAuxRequest
+
+    if not isinstance(return_aux, (AuxRequest, TorchAuxRequest)):
+        raise TypeError(f"return_aux must be an attend.varlen.AuxRequest (e.g. AuxRequest(lse=True)) or None, "
+                        f"got {type(return_aux).__name__}: {return_aux!r}")
+    return bool(return_aux.lse)
+
+
+def _check_num_splits(num_splits) -> None:
+    if num_splits is None:
+        return
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}: {num_splits!r}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be >= 0 (1 = no split-KV) or None, got {num_splits}")
 
 
 def _check_window(window_size) -> tuple[int, int]:

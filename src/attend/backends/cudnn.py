@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._enums import SDPBackend
-from .._params import SDPAParams, default_scale
+from .._params import SDPAParams, default_scale, fused_reasons
 from ._base import torch_check_reasons
 
 
@@ -31,6 +31,10 @@ class CudnnBackend:
             return ["cuDNN is not available in this PyTorch build"]
         if p.query.dim() != 4:
             return [f"CUDNN needs 4-D inputs; got {p.query.dim()}-D"]
+        if reasons := fused_reasons(p, "CUDNN"):
+            return reasons
+        if p.query.shape[-1] == 0:
+            return ["CUDNN takes no head dim 0"]
         if p.causal_variant is not None and not p.is_causal:
             return ["CUDNN takes an attend.bias.CausalBias only as a dense L x S mask; attend's fused kernels need none"]
         params = torch.backends.cuda.SDPAParams(p.query, p.key, p.value, p.dense_mask, p.dropout, p.is_causal,

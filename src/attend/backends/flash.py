@@ -12,7 +12,7 @@ import torch
 
 from .. import _registry
 from .._enums import SDPBackend
-from .._params import SDPAParams
+from .._params import SDPAParams, fused_reasons
 from ._base import dtype_reasons, run_fused
 from ._kernels import TRITON_DTYPES, kernel_for, triton_reasons
 
@@ -21,10 +21,10 @@ class FlashBackend:
     backend = SDPBackend.FLASH_ATTENTION
 
     def check(self, p: SDPAParams) -> list[str]:
+        reasons = fused_reasons(p, "FLASH")
         impl = _registry.active_flash_kernel()
         if impl is not None:
-            return list(impl.check(p))
-        reasons = []
+            return reasons + list(impl.check(p))
         if p.dense_mask is not None:
             reasons.append("FLASH takes no attn_mask tensor (only is_causal or an attend.bias.CausalBias)")
         kernel = kernel_for(p.query)

@@ -20,15 +20,21 @@ def _safe_softmax(s: torch.Tensor) -> torch.Tensor:
     return e / denom.masked_fill(denom == 0, 1.0)
 
 
+def _share_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped heads: query head h reads head h // (heads // t's heads), so each of ``t``'s heads
+    serves a run of consecutive query heads (``repeat_interleave``, not ``repeat``)."""
+    h = t.shape[-3]
+    return t if h == heads else t.repeat_interleave(heads // h, dim=-3)
+
+
 def math_attention(p: SDPAParams, scale: float | None) -> torch.Tensor:
+    """Takes the normalized layout of ``_params.prepare``: key and value heads each divide the
+    query's (they may differ from each other)."""
     q, k, v = p.query, p.key, p.value
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     L, S = q.shape[-2], k.shape[-2]
-    hq, hkv = q.shape[-3], k.shape[-3]
-    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
-    if hq != hkv:  # GQA: query head h reads key head h // (hq // hkv)
-        kc = kc.repeat_interleave(hq // hkv, dim=-3)
-        vc = vc.repeat_interleave(hq // hkv, dim=-3)
+    heads = q.shape[-3]
+    qc, kc, vc = q.to(cdt), _share_heads(k.to(cdt), heads), _share_heads(v.to(cdt), heads)
     s = torch.matmul(qc, kc.transpose(-1, -2)) * default_scale(q.shape[-1], scale)
     mask = p.attn_mask
     if isinstance(mask, CausalBias):
