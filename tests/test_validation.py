@@ -67,9 +67,9 @@ def test_bias_constructors_validate():
                        torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool))
 
 
-def test_unbuilt_features_raise_not_implemented_naming_the_piece():
-    with pytest.raises(NotImplementedError, match="score/mask hooks"):
-        attend.flex_attention.flex_attention(q4, q4, q4)
+def test_flex_attention_validates_its_arguments():
+    with pytest.raises(ValueError, match=r"query must be 4-D \(B, H, seq, dim\), got shape \(8, 16, 32\)"):
+        attend.flex_attention.flex_attention(q4[0], q4[0], q4[0])
 
 
 def test_mask_helpers():

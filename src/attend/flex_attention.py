@@ -1,27 +1,74 @@
-"""FlexAttention with PyTorch's contract, fused without ``torch.compile``.
+"""FlexAttention with PyTorch's contract (``torch.nn.attention.flex_attention``), without ``torch.compile``.
 
-The mask helpers (``noop_mask``, ``and_masks``, ``or_masks``, ``create_mask``) work now. The
-fused ``flex_attention`` and ``BlockMask`` need the score/mask hooks of attend's Triton core
-(the mods traced with ``torch.fx`` and generated into Triton) and raise
-``NotImplementedError`` until that lands.
+``score_mod(score, b, h, q_idx, kv_idx)`` and ``mask_mod(b, h, q_idx, kv_idx)`` are traced with
+``torch.fx`` into a small graph, and generated once per *structure* into ``@triton.jit`` hooks
+(the modded score, its derivative in the score, the captured tensors' gradient scatter, the mask),
+so a new sequence length, batch, head count or captured tensor value never generates or compiles
+anything. Tensors a mod captures (``bias[h]``, ``doc[b, q_idx]``, ``table[h, q_idx - kv_idx + c]``)
+are kernel inputs and receive gradients. An op the generator cannot translate raises an error
+naming the op and the line of the mod that uses it.
+
+``create_block_mask`` classifies each (query block, key block) as empty, partial or full by
+evaluating the mask per block (a Triton kernel built from the generated mask hook, or bounded
+torch tiles), never building an ``L x S`` tensor; its lists are identical to PyTorch's.
+
+Equivalent plain torch (what ``flex_attention`` computes)::
+
+    s = (q @ k.transpose(-2, -1)) * scale                      # [B, H, L, S]
+    s = score_mod(s, b, h, q_idx, kv_idx)                       # elementwise
+    s = s.masked_fill(~mask_mod(b, h, q_idx, kv_idx), -inf)     # where the BlockMask says partial
+    out = softmax(s, -1) @ v                                    # a row with nothing kept gives 0
+
+Causal ``create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 4 * 128, 4 * 128)``, per
+(query block, key block): ``F`` full (listed in ``full_kv_*``, no mask work), ``P`` partial
+(listed in ``kv_*``, mask_mod applied), ``.`` skipped::
+
+    P . . .
+    F P . .
+    F F P .
+    F F F P
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+import warnings
+from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["flex_attention", "BlockMask", "create_block_mask", "create_mask", "and_masks", "or_masks", "noop_mask"]
+from ._flex import dispatch as _dispatch
+from ._flex import lists as _lists
+from ._flex import trace as _trace
+from ._flex.block_mask import BlockMask, _sliced_mask_mod_error, from_torch
+from ._flex.block_mask import create_block_mask as _create_block_mask
+from ._flex.trace import FlexTraceError
+
+__all__ = ["flex_attention", "BlockMask", "create_block_mask", "create_mask", "and_masks", "or_masks", "noop_mask",
+           "AuxRequest", "AuxOutput", "FlexTraceError"]
 
 _MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-_MISSING = "the score/mask hooks of attend's Triton core (mods generated into Triton), not built yet"
+
+class AuxRequest(NamedTuple):
+    """Which auxiliary outputs ``flex_attention`` returns (``return_aux=``)."""
+
+    lse: bool = False
+    max_scores: bool = False
+
+
+class AuxOutput(NamedTuple):
+    """Auxiliary outputs: ``lse`` (natural log) and ``max_scores`` (the row max of the modded,
+    masked scores), each ``[B, Hq, L]`` fp32, or None when not requested."""
+
+    lse: torch.Tensor | None = None
+    max_scores: torch.Tensor | None = None
 
 
 def noop_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
     """A mask_mod that masks nothing."""
-    return q_idx.new_ones((), dtype=torch.bool).expand(torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape))
+    return b.new_ones(size=(), dtype=torch.bool)
 
 
 def and_masks(*mask_mods: _MaskMod) -> _MaskMod:
@@ -29,13 +76,13 @@ def and_masks(*mask_mods: _MaskMod) -> _MaskMod:
     if not all(callable(m) for m in mask_mods):
         raise TypeError(f"and_masks takes mask_mod callables, got {mask_mods!r}")
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        out = noop_mask(b, h, q_idx, kv_idx)
+    def and_mask(b, h, q_idx, kv_idx):
+        out = b.new_ones(size=(), dtype=torch.bool)
         for m in mask_mods:
             out = out & m(b, h, q_idx, kv_idx)
         return out
 
-    return mask_mod
+    return and_mask
 
 
 def or_masks(*mask_mods: _MaskMod) -> _MaskMod:
@@ -43,38 +90,197 @@ def or_masks(*mask_mods: _MaskMod) -> _MaskMod:
     if not all(callable(m) for m in mask_mods):
         raise TypeError(f"or_masks takes mask_mod callables, got {mask_mods!r}")
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        out = ~noop_mask(b, h, q_idx, kv_idx)
+    def or_mask(b, h, q_idx, kv_idx):
+        out = b.new_zeros(size=(), dtype=torch.bool)
         for m in mask_mods:
             out = out | m(b, h, q_idx, kv_idx)
         return out
 
-    return mask_mod
+    return or_mask
 
 
 def create_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device="cpu") -> torch.Tensor:
-    """The dense ``(B, H, Q_LEN, KV_LEN)`` bool mask of ``mask_mod`` (``None`` B/H = 1)."""
+    """The dense ``(B, H, Q_LEN, KV_LEN)`` bool mask of ``mask_mod`` (``None`` B/H = 1).
+
+    This one does materialize ``L x S`` (it is the dense mask); ``create_block_mask`` does not.
+    """
     B, H = B or 1, H or 1
-    b = torch.arange(B, device=device).view(B, 1, 1, 1)
-    h = torch.arange(H, device=device).view(1, H, 1, 1)
-    q = torch.arange(Q_LEN, device=device).view(1, 1, Q_LEN, 1)
-    kv = torch.arange(KV_LEN, device=device).view(1, 1, 1, KV_LEN)
-    return mask_mod(b, h, q, kv).expand(B, H, Q_LEN, KV_LEN).to(torch.bool)
+    i32 = dict(dtype=torch.int32, device=device)
+    b = torch.arange(B, **i32).view(B, 1, 1, 1)
+    h = torch.arange(H, **i32).view(1, H, 1, 1)
+    q = torch.arange(Q_LEN, **i32).view(1, 1, Q_LEN, 1)
+    kv = torch.arange(KV_LEN, **i32).view(1, 1, 1, KV_LEN)
+    return torch.as_tensor(mask_mod(b, h, q, kv), device=device).expand(B, H, Q_LEN, KV_LEN).to(torch.bool)
 
 
-class BlockMask:
-    """Block-sparse description of a mask (needs the Triton core's block-sparse iteration)."""
+def create_block_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device=None,
+                      BLOCK_SIZE: int | tuple[int, int] = 128, _compile: bool = False,
+                      separate_full_blocks: bool = True, compute_dq_write_order: bool = False,
+                      dq_kv_order: bool = True) -> BlockMask:
+    """The :class:`BlockMask` of ``mask_mod`` for ``B x H x Q_LEN x KV_LEN`` (``None`` B / H: 1, broadcast).
 
-    def __init__(self, *args, **kwargs) -> None:
-        raise NotImplementedError(f"attend.flex_attention.BlockMask needs {_MISSING}")
+    Args:
+        mask_mod: ``(b, h, q_idx, kv_idx) -> bool`` (True = attend), traced and generated into
+            Triton; captured tensors (``doc[b, q_idx]``) are read in place.
+        B, H: batch and query-head counts the mask varies over, or None.
+        Q_LEN, KV_LEN: query and key lengths.
+        device: where the lists live (default: CUDA if available, else CPU).
+        BLOCK_SIZE: ``Q_BLOCK_SIZE`` or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``.
+        _compile: accepted for compatibility; there is nothing to compile (a warning says so).
+        separate_full_blocks: list fully kept blocks separately (the kernel skips mask work there).
+        compute_dq_write_order, dq_kv_order: PyTorch's metadata for its deterministic block-sparse
+            FLASH backward; attend's backward does not use it (True raises).
+
+    Returns:
+        BlockMask whose lists equal PyTorch's ``create_block_mask`` for the same mask. Peak memory
+        is the int8 ``[B, H, Q_LEN / BQ, KV_LEN / BKV]`` block status, never ``L x S``.
+    """
+    if compute_dq_write_order:
+        raise NotImplementedError("create_block_mask: compute_dq_write_order=True (PyTorch's dQ write-order metadata) "
+                                  "is not produced by attend; its backward does not need it")
+    if _compile:
+        warnings.warn("create_block_mask(_compile=True) has no effect in attend: the mask is generated into "
+                      "Triton without torch.compile", DeprecationWarning, stacklevel=2)
+    return _create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE,
+                              separate_full_blocks=separate_full_blocks)
 
 
-def create_block_mask(mask_mod: _MaskMod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128):
-    """Build a :class:`BlockMask` from ``mask_mod`` (not yet implemented)."""
-    raise NotImplementedError(f"attend.flex_attention.create_block_mask needs {_MISSING}")
+def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: _ScoreMod | None = None,
+                   block_mask=None, scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+                   kernel_options: dict | None = None, *, return_aux: AuxRequest | None = None):
+    """Attention with a traced ``score_mod`` and a block-sparse ``block_mask``, with gradients.
+
+    Args:
+        query: ``(B, Hq, L, E)``.
+        key: ``(B, Hkv, S, E)`` (batch may be 1 with a block_mask of batch B: broadcast).
+        value: ``(B, Hkv, S, Ev)``.
+        score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` applied to ``q @ k^T * scale``;
+            may read captured tensors, which then receive gradients.
+        block_mask: attend's or PyTorch's :class:`BlockMask` for ``(L, S)``; None = no mask.
+        scale: defaults to ``1 / sqrt(E)``.
+        enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (query head ``h`` reads key head
+            ``h // (Hq // Hkv)``).
+        return_lse: also return the log-sum-exp (deprecated in PyTorch; use ``return_aux``).
+        kernel_options: a dict of PyTorch's FlexKernelOptions; accepted, tuning is attend's own.
+        return_aux: ``AuxRequest(lse, max_scores)``: return ``(out, AuxOutput)``.
+
+    Returns:
+        ``out (B, Hq, L, Ev)`` in the inputs' dtype; ``(out, lse)`` with ``return_lse``;
+        ``(out, AuxOutput)`` with ``return_aux``. lse is natural-log fp32; a row with no kept key
+        has ``out = 0``, ``lse = -inf``, ``max_scores = -inf``.
+    """
+    call, return_aux, return_lse = _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                                             kernel_options, return_aux)
+    out, lse, max_scores = _dispatch.run(call)
+    if return_aux is not None:
+        return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
+    if return_lse:
+        return out, lse
+    return out
 
 
-def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                   return_lse=False, kernel_options=None):
-    """FlexAttention fused without torch.compile (not yet implemented)."""
-    raise NotImplementedError(f"attend.flex_attention.flex_attention needs {_MISSING}")
+def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flex_attention: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"flex_attention: {name} must be 4-D (B, H, seq, dim), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"flex_attention: {name} has dtype {t.dtype}; expected float16, bfloat16, float32 "
+                            f"or float64")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"flex_attention: query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
+                         f"{value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"flex_attention: query, key and value must be on one device, got {query.device}, "
+                         f"{key.device}, {value.device}")
+    B, Hq, L, E = query.shape
+    if key.shape[-1] != E:
+        raise ValueError(f"flex_attention: key has head dim {key.shape[-1]}, query has {E}; they must match")
+    if key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"flex_attention: key {tuple(key.shape)} and value {tuple(value.shape)} must agree in "
+                         f"batch, heads and length")
+    Hkv, S = key.shape[1], key.shape[2]
+    if not enable_gqa and Hq != Hkv:
+        raise ValueError(f"flex_attention: query has {Hq} heads, key has {Hkv}; pass enable_gqa=True for grouped "
+                         f"heads")
+    if Hq % Hkv:
+        raise ValueError(f"flex_attention: key has {Hkv} heads, query has {Hq}; {Hq} is not a multiple of {Hkv}")
+    if key.shape[0] != B and not (key.shape[0] == 1 and block_mask is not None):
+        raise ValueError(f"flex_attention: query has batch {B}, key has {key.shape[0]}; they must match (or key has "
+                         f"batch 1 with a block_mask)")
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(f"flex_attention: score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score, got "
+                        f"{type(score_mod).__name__}")
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        raise TypeError(f"flex_attention: kernel_options must be a dict or None, got {type(kernel_options).__name__}")
+    if return_lse and return_aux is not None:
+        raise ValueError("flex_attention: pass return_lse or return_aux, not both (return_lse is deprecated: use "
+                         "return_aux=AuxRequest(lse=True))")
+    if return_aux is not None and not (isinstance(return_aux, tuple) and hasattr(return_aux, "max_scores")):
+        raise TypeError(f"flex_attention: return_aux must be an AuxRequest or None, got {type(return_aux).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"flex_attention: scale must be a float or None, got {type(scale).__name__}")
+
+    mask_graph = None
+    if block_mask is None:
+        blocks = _lists.dense(L, S, query.device)
+    else:
+        bm = from_torch(block_mask)
+        if bm.BLOCK_SIZE == (1 << 30, 1 << 30):  # PyTorch's "no mask" placeholder
+            blocks = _lists.dense(L, S, query.device)
+        else:
+            if tuple(bm.seq_lengths) != (L, S):
+                raise ValueError(f"flex_attention: block_mask was created for (Q_LEN, KV_LEN) = {tuple(bm.seq_lengths)}, "
+                                 f"the call has ({L}, {S}); create a block mask for these lengths (or crop one with "
+                                 f"block_mask._adjust({L}, {S}) where the mask allows)")
+            if bm.kv_num_blocks.device != query.device:
+                raise ValueError(f"flex_attention: block_mask is on {bm.kv_num_blocks.device}, query on "
+                                 f"{query.device}; move it with block_mask.to(device)")
+            bb, bh = (bm.kv_num_blocks.shape[:2] if bm.kv_num_blocks.dim() == 3 else (1, 1))
+            if bb not in (1, B) or bh not in (1, Hq):
+                raise ValueError(f"flex_attention: block_mask has batch {bb} and heads {bh}; expected 1 or {B} and "
+                                 f"1 or {Hq}")
+            if bm.mask_mod is _sliced_mask_mod_error:
+                raise RuntimeError("flex_attention: block_mask was sliced and its mask_mod reset; assign a mask_mod "
+                                   "that fits the slice (block_mask.mask_mod = ...)")
+            blocks = _lists.from_block_mask(_lists_4d(bm))
+            if bm.mask_mod is not noop_mask and getattr(bm.mask_mod, "__name__", "") != "noop_mask":
+                mask_graph = _trace.trace(bm.mask_mod, "mask")
+                if mask_graph.output is True or _is_const(mask_graph, True):
+                    mask_graph = None  # keeps everything: partial blocks need no mask work
+    score_graph = _trace.trace(score_mod, "score") if score_mod is not None else None
+    if score_graph is not None and _is_identity(score_graph):
+        score_graph = None
+    for g in (score_graph, mask_graph):
+        for c in (g.captures if g is not None else []):
+            if c.tensor.device != query.device:
+                raise ValueError(f"flex_attention: a {g.kind}_mod captures a tensor of shape {tuple(c.tensor.shape)} "
+                                 f"on {c.tensor.device}; query is on {query.device}")
+    call = _dispatch.FlexCall(query, key, value, score_graph, mask_graph, blocks, float(scale))
+    return call, return_aux, return_lse
+
+
+def _lists_4d(bm: BlockMask) -> BlockMask:
+    """A BlockMask whose lists are [B', H', rows, cols] (indexing may have dropped b / h dims)."""
+    if bm.kv_num_blocks.dim() == 3:
+        return bm
+    lead = 3 - bm.kv_num_blocks.dim()
+    fix = lambda t: None if t is None else t.reshape((1,) * lead + tuple(t.shape))
+    return BlockMask(bm.seq_lengths, *(fix(getattr(bm, a)) for a in BlockMask._TENSOR_ATTRS),
+                     BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod)
+
+
+def _is_const(graph, value) -> bool:
+    from ._flex.trace import Ref
+
+    o = graph.output
+    return isinstance(o, Ref) and graph.nodes[o.i].op == "const" and graph.nodes[o.i].args[0] == value
+
+
+def _is_identity(graph) -> bool:
+    from ._flex.trace import Ref
+
+    return isinstance(graph.output, Ref) and graph.output.i == 0

@@ -1,0 +1,311 @@
+"""BlockMask (PyTorch's layout) and create_block_mask without an L x S tensor.
+
+Layout, as in PyTorch (the core iterates these lists; docs/flex.md):
+``kv_num_blocks[b, h, m]`` partial key blocks of query block ``m``, their indices first in
+``kv_indices[b, h, m, :]`` (ascending, the remaining columns follow in ascending order);
+``full_kv_*`` the same for blocks the mask keeps entirely (no mask work there); ``q_*`` the
+transposes (per key block, the query blocks), which the backward iterates. ``b`` / ``h`` may be
+1 and broadcast. int32 throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import operator
+import os
+from typing import Callable
+
+import torch
+
+from . import trace as _trace
+
+DEFAULT_BLOCK = 128
+EMPTY, PARTIAL, FULL = 0, 1, 2  # a block's status (kernels.classify_blocks writes the same codes)
+_LARGE_BLOCK = 1 << 30
+# create_block_mask's torch path evaluates the mask over tiles of at most this many positions.
+TORCH_TILE_ELEMENTS = 1 << 22
+
+
+def _sliced_mask_mod_error(b, h, q_idx, kv_idx):
+    raise RuntimeError("the mask_mod of a sliced BlockMask cannot be used: slicing ([]) resets it; assign the "
+                       "original BlockMask's mask_mod (adjusted for the slice) to the sliced one")
+
+
+def _noop(b, h, q_idx, kv_idx):
+    return b.new_ones(size=(), dtype=torch.bool)
+
+
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_blocks, indices) of a dense [..., rows, cols] 0/1 block matrix: kept columns first, ascending."""
+    dense = dense.to(torch.int8)
+    num = dense.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def _dense(num: torch.Tensor, idx: torch.Tensor, cols: int) -> torch.Tensor:
+    """The dense [..., rows, cols] int32 0/1 matrix of (num_blocks, indices)."""
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+    out = torch.zeros(*idx.shape[:-1], cols + 1, dtype=torch.int32, device=idx.device)
+    out.scatter_(-1, torch.where(listed, idx, cols).long(), 1)
+    return out[..., :cols]
+
+
+def _transpose(num, idx):
+    return _ordered(_dense(num, idx, idx.shape[-1]).transpose(-2, -1))
+
+
+class BlockMask:
+    """Block-sparse attention mask in PyTorch's layout (see the module docstring).
+
+    ``BLOCK_SIZE = (Q_BLOCK_SIZE, KV_BLOCK_SIZE)``; ``seq_lengths = (Q_LEN, KV_LEN)``. Blocks in
+    the partial lists get ``mask_mod`` applied, blocks in the full lists are kept whole, and
+    unlisted blocks are skipped.
+    """
+
+    def __init__(self, seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                 q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
+                 BLOCK_SIZE=(DEFAULT_BLOCK, DEFAULT_BLOCK), mask_mod=None):
+        if kv_indices.dim() < 2:
+            raise RuntimeError(f"kv_indices must have at least 2 dimensions, got shape {tuple(kv_indices.shape)}")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must both be given or both be None, got "
+                             f"{type(full_kv_num_blocks).__name__} and {type(full_kv_indices).__name__}")
+        self.seq_lengths = tuple(seq_lengths)
+        self.kv_num_blocks, self.kv_indices = kv_num_blocks, kv_indices
+        self.full_kv_num_blocks, self.full_kv_indices = full_kv_num_blocks, full_kv_indices
+        self.q_num_blocks, self.q_indices = q_num_blocks, q_indices
+        self.full_q_num_blocks, self.full_q_indices = full_q_num_blocks, full_q_indices
+        self.BLOCK_SIZE = tuple(BLOCK_SIZE)
+        self.mask_mod = mask_mod if mask_mod is not None else _noop
+        # PyTorch's deterministic block-sparse dQ metadata: kept for as_tuple's shape, not produced
+        self.dq_write_order = self.dq_write_order_full = self.dq_kv_order = self.dq_kv_order_spt = None
+
+    _TENSOR_ATTRS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices")
+
+    @classmethod
+    def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
+                       BLOCK_SIZE=DEFAULT_BLOCK, mask_mod=None, seq_lengths=None, compute_q_blocks=True):
+        """A BlockMask from its kv lists; the q transposes are derived (``compute_q_blocks``)."""
+        if kv_indices.dim() < 2:
+            raise RuntimeError(f"kv_indices must have at least 2 dimensions, got shape {tuple(kv_indices.shape)}")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must both be given or both be None")
+        q = (None, None)
+        fq = (None, None)
+        if compute_q_blocks:
+            q = _transpose(kv_num_blocks, kv_indices)
+            if full_kv_num_blocks is not None:
+                fq = _transpose(full_kv_num_blocks, full_kv_indices)
+        if isinstance(BLOCK_SIZE, int):
+            BLOCK_SIZE = (BLOCK_SIZE, BLOCK_SIZE)
+        if seq_lengths is None:
+            seq_lengths = (kv_indices.shape[-2] * BLOCK_SIZE[0], kv_indices.shape[-1] * BLOCK_SIZE[1])
+        return cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, *q, *fq,
+                   BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod)
+
+    def as_tuple(self, flatten: bool = True) -> tuple:
+        """The fields in PyTorch 2.13's order: lengths, the eight lists, the four dq_* fields (None
+        here), block sizes, mask_mod (``flatten=False`` keeps lengths and sizes as pairs)."""
+        lengths = self.seq_lengths if flatten else (self.seq_lengths,)
+        sizes = self.BLOCK_SIZE if flatten else (self.BLOCK_SIZE,)
+        return (*lengths, *(getattr(self, a) for a in self._TENSOR_ATTRS), self.dq_write_order,
+                self.dq_write_order_full, self.dq_kv_order, self.dq_kv_order_spt, *sizes, self.mask_mod)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.kv_indices.shape[:-2]) + self.seq_lengths
+
+    def numel(self) -> int:
+        """Positions the mask covers, sparsity aside."""
+        return functools.reduce(operator.mul, self.shape, 1)
+
+    def sparsity(self) -> float:
+        """Percentage of blocks skipped."""
+        blocks = self.kv_num_blocks.sum().item()
+        if self.full_kv_num_blocks is not None:
+            blocks += self.full_kv_num_blocks.sum().item()
+        return 100 * (1 - blocks * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / self.numel())
+
+    def to_dense(self) -> torch.Tensor:
+        """The [..., query blocks, key blocks] int32 0/1 matrix of visited blocks."""
+        dense = _dense(self.kv_num_blocks, self.kv_indices, self.kv_indices.shape[-1])
+        if self.full_kv_num_blocks is not None:
+            dense = dense | _dense(self.full_kv_num_blocks, self.full_kv_indices, self.full_kv_indices.shape[-1])
+        return dense
+
+    def to_string(self, grid_size=(20, 20), limit: int = 4) -> str:
+        """A picture of the visited blocks: '█' all visited, '░' some, ' ' none (per grid cell)."""
+        dense = self.to_dense()
+        *batch, rows, cols = dense.shape
+        if grid_size == -1:
+            max_r, max_c = rows, cols
+        elif isinstance(grid_size, int):
+            max_r = max_c = grid_size
+        else:
+            max_r, max_c = grid_size
+        rs, cs = max(1, -(-rows // max_r)), max(1, -(-cols // max_c))
+        parts = []
+        for k, idx in enumerate(itertools.product(*[range(n) for n in batch])):
+            if k == limit:
+                parts += ["...", "To print out more, set BlockMask.to_string(limit=N)",
+                          "You can also index (BlockMask[batch, head]) to choose a specific batch or head"]
+                break
+            m = dense[idx]
+            text = f"{idx}\n"
+            for r in range(0, rows, rs):
+                for c in range(0, cols, cs):
+                    frac = m[r:r + rs, c:c + cs].float().mean().item()
+                    text += ("█" if frac == 1 else " " if frac == 0 else "░") * 2
+                text += "\n"
+            parts.append(text)
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%, \n{self.to_string().strip()}\n)"
+
+    def __repr__(self) -> str:
+        sh = lambda t: None if t is None else tuple(t.shape)
+        fields = ",\n".join(f"    {a}={sh(getattr(self, a))}" for a in self._TENSOR_ATTRS)
+        return (f"BlockMask(\n{fields},\n    BLOCK_SIZE={self.BLOCK_SIZE},\n    shape={self.shape},\n"
+                f"    sparsity={self.sparsity():.2f}%,\n    mask_mod={getattr(self.mask_mod, '__name__', self.mask_mod)}\n)")
+
+    def __getitem__(self, index) -> "BlockMask":
+        """Index the batch, head and query-block dims (``bm[0]``, ``bm[:, 1]``, ``bm[0, 1, idx]``);
+        the result's mask_mod raises until the caller assigns one that fits the slice."""
+        index = index if isinstance(index, tuple) else (index,)
+        padded = (*index, slice(None), slice(None), slice(None))[:3]
+        sizes = self.kv_num_blocks.shape[:3]
+        index = tuple((slice(i + n, i + n + 1) if -n <= i < 0 else slice(i, i + 1)) if isinstance(i, int) else i
+                      for i, n in zip(padded, sizes))
+        if len(index) > self.kv_num_blocks.dim():
+            raise IndexError(f"BlockMask of shape {self.shape} indexed with {len(index)} indices")
+        pick = lambda t: None if t is None else t[index]
+        return BlockMask.from_kv_blocks(pick(self.kv_num_blocks), pick(self.kv_indices),
+                                        pick(self.full_kv_num_blocks), pick(self.full_kv_indices),
+                                        BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=_sliced_mask_mod_error,
+                                        seq_lengths=self.seq_lengths, compute_q_blocks=self.q_indices is not None)
+
+    def to(self, device) -> "BlockMask":
+        """A copy with every list on ``device``."""
+        moved = {a: None if getattr(self, a) is None else getattr(self, a).to(device) for a in self._TENSOR_ATTRS}
+        return BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
+
+    def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
+        """Crop to the upper-left ``new_q_len x new_kv_len`` corner (PyTorch's ``_adjust``)."""
+        rows = -(-new_q_len // self.BLOCK_SIZE[0])
+        cols = -(-new_kv_len // self.BLOCK_SIZE[1])
+
+        def crop(num, idx):
+            if num is None:
+                return None, None
+            dense = _dense(num, idx, idx.shape[-1])[..., :rows, :cols]
+            return _ordered(dense)
+
+        kv = crop(self.kv_num_blocks, self.kv_indices)
+        full = crop(self.full_kv_num_blocks, self.full_kv_indices)
+        return BlockMask.from_kv_blocks(*kv, *full, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                                        seq_lengths=(new_q_len, new_kv_len),
+                                        compute_q_blocks=self.q_indices is not None)
+
+
+def from_torch(bm) -> BlockMask:
+    """attend's BlockMask for PyTorch's (``torch.nn.attention.flex_attention.BlockMask``)."""
+    if isinstance(bm, BlockMask):
+        return bm
+    missing = [a for a in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE", "seq_lengths", "mask_mod") if not hasattr(bm, a)]
+    if missing:
+        raise TypeError(f"block_mask must be an attend or PyTorch BlockMask, got {type(bm).__name__} "
+                        f"(missing {', '.join(missing)})")
+    mask_mod = bm.mask_mod
+    if getattr(mask_mod, "__name__", "") == "_sliced_mask_mod_error":
+        mask_mod = _sliced_mask_mod_error
+    return BlockMask(bm.seq_lengths, *(getattr(bm, a, None) for a in BlockMask._TENSOR_ATTRS),
+                     BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=mask_mod)
+
+
+# ---------------------------------------------------------------------------------------------
+# create_block_mask
+
+
+def _arg_positive(name: str, v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"create_block_mask: {name} must be a positive int (or None for B / H), got {v!r}")
+    return v
+
+
+def classify(graph: _trace.ModGraph, B: int, H: int, Q_LEN: int, KV_LEN: int, BQ: int, BKV: int, device,
+             impl: str | None = None) -> torch.Tensor:
+    """int8 [B, H, query blocks, key blocks]: 0 empty, 1 partial, 2 full (kernels.EMPTY / PARTIAL / FULL).
+
+    ``impl``: "triton" (the generated mask hook in a Triton kernel; on the CPU only under
+    TRITON_INTERPRET=1) or "torch" (the graph evaluated over bounded tiles); None picks.
+    """
+    device = torch.device(device)
+    if impl is None:
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        impl = "triton" if device.type == "cuda" or device.type == "cpu" and interpreted else "torch"
+    NQ, NK = -(-Q_LEN // BQ), -(-KV_LEN // BKV)
+    status = torch.empty(B, H, NQ, NK, dtype=torch.int8, device=device)
+    caps = [c.tensor for c in graph.captures]
+    if any(c.device != device for c in caps):
+        bad = next(c for c in caps if c.device != device)
+        raise ValueError(f"create_block_mask: mask_mod captures a tensor on {bad.device}, device is {device}")
+    if impl == "triton":
+        if BQ & (BQ - 1) or BKV & (BKV - 1):
+            impl = "torch"  # tl.arange needs powers of two
+    if impl == "triton":
+        from . import codegen, kernels
+
+        fns = codegen.hooks(graph).functions
+        args = codegen.capture_args(caps, device, grads=[], scalars=graph.scalars)
+        kernels.classify_blocks[(NQ, B * H)](status, status.stride(0), status.stride(1), status.stride(2), H, Q_LEN,
+                                             KV_LEN, NK, args.ptrs, args.meta, MASK_MOD=fns["mask_mod"],
+                                             LOAD_META=fns["load_meta"], BLOCK_Q=BQ, BLOCK_KV=BKV)
+        return status
+    # torch: tiles of whole blocks, each at most TORCH_TILE_ELEMENTS positions for all (b, h)
+    per_block = B * H * BQ * BKV
+    span = max(1, TORCH_TILE_ELEMENTS // per_block)
+    cq = max(1, min(NQ, int(span ** 0.5)))
+    ck = max(1, min(NK, span // cq))
+    i32 = dict(dtype=torch.int32, device=device)
+    b = torch.arange(B, **i32).view(B, 1, 1, 1)
+    h = torch.arange(H, **i32).view(1, H, 1, 1)
+    for m0 in range(0, NQ, cq):
+        m1 = min(NQ, m0 + cq)
+        q = torch.arange(m0 * BQ, m1 * BQ, **i32).view(1, 1, -1, 1)
+        for n0 in range(0, NK, ck):
+            n1 = min(NK, n0 + ck)
+            kv = torch.arange(n0 * BKV, n1 * BKV, **i32).view(1, 1, 1, -1)
+            keep, = _trace.evaluate(graph, dict(b=b, h=h, q_idx=q.clamp(max=Q_LEN - 1),
+                                                kv_idx=kv.clamp(max=KV_LEN - 1)), caps)
+            keep = torch.as_tensor(keep, device=device).to(torch.bool) & (q < Q_LEN) & (kv < KV_LEN)
+            keep = keep.expand(B, H, q.shape[2], kv.shape[3])
+            kept = keep.view(B, H, m1 - m0, BQ, n1 - n0, BKV).sum((3, 5), dtype=torch.int32)
+            status[:, :, m0:m1, n0:n1] = torch.where(kept == BQ * BKV, 2, (kept > 0).to(torch.int32)).to(torch.int8)
+    return status
+
+
+def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=DEFAULT_BLOCK,
+                      _compile=False, separate_full_blocks: bool = True, *, _impl: str | None = None) -> BlockMask:
+    """See :func:`attend.flex_attention.create_block_mask`."""
+    if not callable(mask_mod):
+        raise TypeError(f"create_block_mask: mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool, "
+                        f"got {type(mask_mod).__name__}")
+    B = 1 if B is None else _arg_positive("B", B)
+    H = 1 if H is None else _arg_positive("H", H)
+    Q_LEN, KV_LEN = _arg_positive("Q_LEN", Q_LEN), _arg_positive("KV_LEN", KV_LEN)
+    BQ, BKV = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    _arg_positive("BLOCK_SIZE", BQ), _arg_positive("BLOCK_SIZE", BKV)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    graph = _trace.trace(mask_mod, "mask")
+    status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
+    if separate_full_blocks:
+        partial, full = status == PARTIAL, status == FULL
+        return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
+                                        seq_lengths=(Q_LEN, KV_LEN))
+    return BlockMask.from_kv_blocks(*_ordered(status != 0), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
+                                    seq_lengths=(Q_LEN, KV_LEN))

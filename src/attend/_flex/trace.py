@@ -1,0 +1,543 @@
+"""Trace a score_mod / mask_mod into a small typed graph (the mod's structure).
+
+``torch.fx`` runs the mod once on proxies for ``score, b, h, q_idx, kv_idx``; every tensor the mod
+reaches through a closure or a global becomes a *capture* (a kernel input), and each fx node is
+translated into one :class:`Node` of a closed op set that :mod:`.codegen` can write as Triton and
+:func:`evaluate` can run as torch ops. Nodes are hash-consed (common subexpressions share one
+node) and typed by running the op once on one-element example tensors, so the graph carries
+torch's own type promotion.
+
+A graph's :attr:`ModGraph.key` names its structure: nodes, Python constants and the captures'
+dtypes and ranks, never their values or sizes. That key is what generated code is cached by.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+SCORE_INPUTS = ("score", "b", "h", "q_idx", "kv_idx")
+INDEX_DTYPE = torch.int32  # b, h, q_idx, kv_idx, as PyTorch passes them
+
+
+class FlexTraceError(RuntimeError):
+    """A mod uses something the generator cannot translate; the message names it and the line."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument that is another node's value."""
+
+    i: int
+
+
+@dataclass(frozen=True)
+class Node:
+    op: str
+    args: tuple  # Ref, Python int / float / bool, or torch.dtype
+    dtype: torch.dtype
+
+
+@dataclass
+class Capture:
+    """A tensor the mod reads: a kernel input passed as pointer + strides (its values and sizes
+    are runtime data; only dtype and rank are structure)."""
+
+    tensor: torch.Tensor
+
+    @property
+    def signature(self) -> tuple:
+        return (str(self.tensor.dtype).replace("torch.", ""), self.tensor.dim())
+
+
+@dataclass
+class ModGraph:
+    """A traced mod: ``nodes[0:5]`` are the inputs (score, b, h, q_idx, kv_idx); ``output`` the result."""
+
+    kind: str  # "score" or "mask"
+    nodes: list[Node]
+    output: Ref | Any
+    captures: list[Capture]
+    lines: dict[int, str] = field(default_factory=dict)  # node -> the user's source line
+    scalars: list = field(default_factory=list)  # values of the "scalar" nodes' slots (runtime data)
+
+    @property
+    def key(self) -> tuple:
+        """The mod's structure: what generated code is cached by."""
+        return (self.kind, tuple(_key_node(n) for n in self.nodes), _key_arg(self.output),
+                tuple(c.signature for c in self.captures), tuple(type(v).__name__ for v in self.scalars))
+
+    def loads(self) -> list[int]:
+        """Indices of the load nodes (reads of a capture at an index expression)."""
+        return [i for i, n in enumerate(self.nodes) if n.op == "load"]
+
+
+def _key_arg(a):
+    if isinstance(a, float):
+        return ("f", repr(a))  # nan-safe, and 1 vs 1.0 stay apart
+    if isinstance(a, torch.dtype):
+        return ("dt", str(a))
+    return a
+
+
+def _key_node(n: Node) -> tuple:
+    return (n.op, tuple(_key_arg(a) for a in n.args), str(n.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# The op set: the ops a mod may use, what fx calls them, and how torch evaluates them.
+
+_UNARY_FLOAT = {"exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2, "tanh": torch.tanh,
+                "sigmoid": torch.sigmoid, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "floor": torch.floor,
+                "ceil": torch.ceil, "sin": torch.sin, "cos": torch.cos}
+def _both_tensors(fn):
+    """torch.minimum / maximum take tensors only; a Python operand becomes a 0-d tensor (which, as
+    a scalar does, takes the other operand's dtype within its category)."""
+
+    def call(a, b):
+        other = a if isinstance(a, torch.Tensor) else b
+        wrap = lambda x: x if isinstance(x, torch.Tensor) else torch.tensor(x, device=other.device)
+        return fn(wrap(a), wrap(b))
+
+    return call
+
+
+TORCH_OPS: dict[str, Callable] = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.true_divide,
+    "floordiv": torch.floor_divide, "remainder": torch.remainder, "pow": torch.pow,
+    "minimum": _both_tensors(torch.minimum), "maximum": _both_tensors(torch.maximum),
+    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+    "and": operator.and_, "or": operator.or_, "xor": operator.xor,
+    "neg": torch.neg, "abs": torch.abs, "not": operator.invert, "where": torch.where,
+    **_UNARY_FLOAT,
+}
+
+_BINARY = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "truediv",
+           operator.floordiv: "floordiv", operator.mod: "remainder", operator.pow: "pow",
+           operator.eq: "eq", operator.ne: "ne", operator.lt: "lt", operator.le: "le", operator.gt: "gt",
+           operator.ge: "ge", operator.and_: "and", operator.or_: "or", operator.xor: "xor",
+           torch.add: "add", torch.sub: "sub", torch.subtract: "sub", torch.mul: "mul", torch.multiply: "mul",
+           torch.div: "truediv", torch.true_divide: "truediv", torch.divide: "truediv",
+           torch.floor_divide: "floordiv", torch.remainder: "remainder", torch.pow: "pow",
+           torch.minimum: "minimum", torch.maximum: "maximum", torch.min: "minimum", torch.max: "maximum",
+           torch.eq: "eq", torch.ne: "ne", torch.lt: "lt", torch.le: "le", torch.gt: "gt", torch.ge: "ge",
+           torch.logical_and: "and", torch.logical_or: "or", torch.logical_xor: "xor",
+           torch.bitwise_and: "and", torch.bitwise_or: "or", torch.bitwise_xor: "xor"}
+_UNARY = {operator.neg: "neg", operator.abs: "abs", operator.invert: "not", abs: "abs",
+          torch.neg: "neg", torch.abs: "abs", torch.logical_not: "not", torch.bitwise_not: "not",
+          torch.special.expit: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
+          **{getattr(torch, name): name for name in _UNARY_FLOAT}}
+_METHOD_BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "truediv", "true_divide": "truediv",
+                  "floor_divide": "floordiv", "remainder": "remainder", "pow": "pow", "minimum": "minimum",
+                  "maximum": "maximum", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
+                  "logical_and": "and", "logical_or": "or", "logical_xor": "xor", "__and__": "and",
+                  "__or__": "or", "__xor__": "xor", "bitwise_and": "and", "bitwise_or": "or"}
+_METHOD_UNARY = {"neg": "neg", "abs": "abs", "logical_not": "not", "bitwise_not": "not", "__invert__": "not",
+                 "sigmoid": "sigmoid", **{name: name for name in _UNARY_FLOAT}}
+_CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "int": torch.int32, "long": torch.int64, "bool": torch.bool}
+SUPPORTED = ("+ - * / // % ** and comparisons, & | ^ ~, torch.where, abs, exp, exp2, log, log2, tanh, sigmoid, "
+             "sqrt, rsqrt, floor, ceil, sin, cos, minimum / maximum, clamp, floor_divide / remainder, .to(dtype) "
+             "and .float() / .int() ..., new_ones / new_zeros / new_full of size (), and captured tensors indexed "
+             "by index expressions (bias[h], doc[b, q_idx], table[h, q_idx - kv_idx + c])")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _user_line() -> str:
+    """``file:line: code`` of the innermost frame outside torch and attend's flex package."""
+    f = sys._getframe(1)
+    while f is not None:
+        path = os.path.abspath(f.f_code.co_filename)
+        if not (path.startswith(_TORCH) or path.startswith(_HERE) or path.endswith("attend/flex_attention.py")):
+            import linecache
+
+            code = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+            return f"{f.f_code.co_filename}:{f.f_lineno}: {code}" if code else f"{f.f_code.co_filename}:{f.f_lineno}"
+        f = f.f_back
+    return "<unknown line>"
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that turns every tensor it meets into a capture and records the user's line."""
+
+    def __init__(self):
+        super().__init__(autowrap_modules=(math,))
+        self.captures: list[torch.Tensor] = []
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor):
+            for i, t in enumerate(self.captures):
+                if t is a:
+                    break
+            else:
+                i = len(self.captures)
+                self.captures.append(a)
+            return self.create_node("get_attr", f"_capture{i}", (), {})
+        return super().create_arg(a)
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta["attend_line"] = _user_line()
+        return node
+
+
+def trace(mod: Callable, kind: str) -> ModGraph:
+    """Trace ``mod`` (a score_mod when ``kind == "score"``, else a mask_mod) into a :class:`ModGraph`."""
+    if kind == "score":
+        def root(score, b, h, q_idx, kv_idx):
+            return mod(score, b, h, q_idx, kv_idx)
+    else:
+        def root(b, h, q_idx, kv_idx):
+            return mod(b, h, q_idx, kv_idx)
+    tracer = _Tracer()
+    name = getattr(mod, "__name__", type(mod).__name__)
+    try:
+        graph = tracer.trace(root)
+    except FlexTraceError:
+        raise
+    except Exception as e:  # data-dependent control flow, math.* on a proxy, ...
+        raise FlexTraceError(f"{kind}_mod {name!r} cannot be traced at {_traceback_line(e)}: "
+                             f"{type(e).__name__}: {e}. attend generates the mod into Triton, so it may use "
+                             f"only tensor ops on its arguments (no Python control flow on them); "
+                             f"supported: {SUPPORTED}") from None
+    return _Builder(kind, name, tracer.captures).build(graph)
+
+
+def _traceback_line(e: BaseException) -> str:
+    import traceback
+
+    for fr in reversed(traceback.extract_tb(e.__traceback__)):
+        path = os.path.abspath(fr.filename)
+        if not (path.startswith(_TORCH) or path.startswith(_HERE) or path.endswith("attend/flex_attention.py")):
+            return f"{fr.filename}:{fr.lineno}: {fr.line}"
+    return "<unknown line>"
+
+
+_LITERALS = (0, 1, -1, 2, 0.5, float("inf"), float("-inf"))
+
+
+class _Builder:
+    """Translates an fx graph into hash-consed, typed :class:`Node` s."""
+
+    def __init__(self, kind: str, name: str, captures: list[torch.Tensor]):
+        self.kind, self.name = kind, name
+        self.captures = [Capture(t) for t in captures]
+        self.nodes: list[Node] = []
+        self.index: dict[tuple, int] = {}
+        self.examples: list[Any] = []  # one-element tensors carrying each node's dtype
+        self.lines: dict[int, str] = {}
+        self.scalars: list = []
+        self.line = ""
+        ex = lambda dt: torch.ones((), dtype=dt)
+        for name_, dt in zip(SCORE_INPUTS, (torch.float32,) + (INDEX_DTYPE,) * 4):
+            self._add(Node("input", (name_,), dt), ex(dt))
+
+    # -- nodes
+    def _add(self, node: Node, example) -> Ref:
+        k = _key_node(node)
+        if k not in self.index:
+            self.index[k] = len(self.nodes)
+            self.nodes.append(node)
+            self.examples.append(example)
+            self.lines[len(self.nodes) - 1] = self.line
+        return Ref(self.index[k])
+
+    def _example(self, a):
+        return self.examples[a.i] if isinstance(a, Ref) else a
+
+    def scalar(self, value):
+        """A Python number the mod uses (a length, a window, a softcap) as a runtime slot, so that a
+        new value is new data, not new code; 0, 1, 2, 0.5, inf and nan stay literals."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value in _LITERALS \
+                or value != value or isinstance(value, int) and not -2 ** 31 <= value < 2 ** 31:
+            return value
+        for k, v in enumerate(self.scalars):
+            if type(v) is type(value) and v == value:
+                break
+        else:
+            k = len(self.scalars)
+            self.scalars.append(value)
+        dtype = torch.float32 if isinstance(value, float) else torch.int32
+        return self._add(Node("scalar", (k,), dtype), value)
+
+    def op(self, op: str, *args) -> Ref | Any:
+        """A node for ``op(*args)``; constant operands fold, other numbers become scalar slots."""
+        if not any(isinstance(a, Ref) for a in args):
+            return self._fold(op, args)
+        args = tuple(a if op == "pow" and j == 1 else self.scalar(a) for j, a in enumerate(args))
+        exs = [self._example(a) for a in args]
+        try:
+            out = TORCH_OPS[op](*exs)
+        except Exception as e:
+            raise self.error(f"{op} on {[getattr(x, 'dtype', type(x).__name__) for x in exs]}: {e}")
+        return self._add(Node(op, tuple(args), out.dtype), torch.ones((), dtype=out.dtype))
+
+    def cast(self, a, dtype: torch.dtype):
+        if not isinstance(a, Ref):
+            return self._fold("cast", (a, dtype))
+        if self.nodes[a.i].dtype == dtype:
+            return a
+        return self._add(Node("cast", (a, dtype), dtype), torch.ones((), dtype=dtype))
+
+    def const(self, value, dtype: torch.dtype):
+        return self._add(Node("const", (value,), dtype), torch.ones((), dtype=dtype))
+
+    def _fold(self, op, args):
+        if op == "cast":
+            v, dt = args
+            return bool(v) if dt == torch.bool else (float(v) if dt.is_floating_point else int(v))
+        return fold(op, args)
+
+    def error(self, what: str) -> FlexTraceError:
+        return FlexTraceError(f"{self.kind}_mod {self.name!r} at {self.line}: {what}. attend generates the mod "
+                              f"into Triton and supports: {SUPPORTED}")
+
+    # -- fx translation
+    def build(self, graph: fx.Graph) -> ModGraph:
+        env: dict[fx.Node, Any] = {}
+        placeholders = iter(SCORE_INPUTS if self.kind == "score" else SCORE_INPUTS[1:])
+        output = None
+        for n in graph.nodes:
+            self.line = n.meta.get("attend_line", "<unknown line>")
+            if n.op == "placeholder":
+                env[n] = Ref(SCORE_INPUTS.index(next(placeholders)))
+            elif n.op == "get_attr":
+                env[n] = ("capture", int(n.target[len("_capture"):]), ())
+            elif n.op == "output":
+                output = self._value(env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0])
+            else:
+                args = fx.node.map_arg(n.args, lambda x: env[x])
+                kwargs = fx.node.map_arg(n.kwargs, lambda x: env[x])
+                env[n] = self._call(n.op, n.target, args, kwargs)
+        if isinstance(output, tuple):
+            raise self.error("the mod returns a captured tensor that is not indexed down to one element")
+        if self.kind == "mask":
+            output = output if not isinstance(output, Ref) or self.nodes[output.i].dtype == torch.bool \
+                else self.op("ne", output, 0)
+        used = self._used(output)
+        return self._compact(output, used)
+
+    def _used(self, output) -> set[int]:
+        used = set(range(len(SCORE_INPUTS)))
+        stack = [output] if isinstance(output, Ref) else []
+        while stack:
+            r = stack.pop()
+            if r.i in used and r.i >= len(SCORE_INPUTS):
+                continue
+            used.add(r.i)
+            stack.extend(a for a in self.nodes[r.i].args if isinstance(a, Ref))
+        return used
+
+    def _compact(self, output, used: set[int]) -> ModGraph:
+        """Drop dead nodes (device lookups, unused loads) and captures nothing reads."""
+        remap, nodes, lines = {}, [], {}
+        live_caps = sorted({n.args[0] for i, n in enumerate(self.nodes) if i in used and n.op == "load"})
+        cap_map = {c: j for j, c in enumerate(live_caps)}
+        live_scalars = sorted({n.args[0] for i, n in enumerate(self.nodes) if i in used and n.op == "scalar"})
+        scalar_map = {c: j for j, c in enumerate(live_scalars)}
+        for i, n in enumerate(self.nodes):
+            if i not in used:
+                continue
+            args = tuple(Ref(remap[a.i]) if isinstance(a, Ref) else a for a in n.args)
+            if n.op == "load":
+                args = (cap_map[args[0]],) + args[1:]
+            if n.op == "scalar":
+                args = (scalar_map[args[0]],)
+            remap[i] = len(nodes)
+            nodes.append(Node(n.op, args, n.dtype))
+            lines[len(nodes) - 1] = self.lines.get(i, "")
+        out = Ref(remap[output.i]) if isinstance(output, Ref) else output
+        return ModGraph(self.kind, nodes, out, [self.captures[c] for c in live_caps], lines,
+                        [self.scalars[k] for k in live_scalars])
+
+    def _value(self, a):
+        """A value operand: a capture indexed to one element becomes a load; a 0-d capture loads at ()."""
+        if isinstance(a, tuple) and a and a[0] == "capture":
+            _, c, idx = a
+            t = self.captures[c].tensor
+            if len(idx) == t.dim():
+                return self._add(Node("load", (c,) + idx, t.dtype), torch.ones((), dtype=t.dtype))
+            raise self.error(f"captured tensor of shape {tuple(t.shape)} is used with {len(idx)} of its {t.dim()} "
+                             f"indices; index every dimension with an index expression (e.g. bias[h, q_idx])")
+        if isinstance(a, torch.dtype) or a is None or isinstance(a, (bool, int, float, Ref)):
+            return a
+        if isinstance(a, tuple) and a and a[0] == "opaque":
+            raise self.error(f"{a[1]} is used as a value")
+        raise self.error(f"unsupported operand {a!r}")
+
+    def _call(self, kind: str, target, args: tuple, kwargs: dict):
+        name = target if kind == "call_method" else getattr(target, "__name__", repr(target))
+        module = getattr(target, "__module__", None) or ""
+        qual = f"Tensor.{name}" if kind == "call_method" else (
+            f"torch.{name}" if module.startswith("torch") else
+            f"{module}.{name}" if module not in ("", "_operator", "operator", "builtins") else name)
+        if target is getattr and len(args) == 2:
+            if args[1] == "device":
+                return ("opaque", "tensor.device")
+            if args[1] == "dtype":
+                v = self._value(args[0])
+                return self.nodes[v.i].dtype if isinstance(v, Ref) else torch.tensor(v).dtype
+            raise self.error(f"attribute .{args[1]} of a mod argument")
+        if kind == "call_method" and name == "__getitem__" or target is operator.getitem:
+            return self._index(args[0], args[1])
+        if kind == "call_function" and target in _BINARY and len(args) == 2 and not kwargs:
+            return self.op(_BINARY[target], self._value(args[0]), self._value(args[1]))
+        if kind == "call_function" and target in _UNARY and len(args) == 1 and not kwargs:
+            return self.op(_UNARY[target], self._value(args[0]))
+        if kind == "call_method" and name in _METHOD_BINARY and len(args) == 2 and not kwargs:
+            return self.op(_METHOD_BINARY[name], self._value(args[0]), self._value(args[1]))
+        if kind == "call_method" and name in _METHOD_UNARY and len(args) == 1 and not kwargs:
+            return self.op(_METHOD_UNARY[name], self._value(args[0]))
+        if target is torch.where or name == "where" and kind == "call_method":
+            if kind == "call_method":
+                x, cond, other = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("other")
+            else:
+                cond, x, other = (list(args) + [kwargs.get("input"), kwargs.get("other")])[:3] if len(args) < 3 \
+                    else args
+            return self.op("where", self._value(cond), self._value(x), self._value(other))
+        if target in (torch.clamp, torch.clip) or kind == "call_method" and name in ("clamp", "clip",
+                                                                                    "clamp_min", "clamp_max"):
+            x = self._value(args[0])
+            lo = args[1] if len(args) > 1 else kwargs.get("min")
+            hi = args[2] if len(args) > 2 else kwargs.get("max")
+            if name == "clamp_max":
+                lo, hi = None, lo
+            if lo is not None:
+                x = self.op("maximum", x, self._value(lo))
+            if hi is not None:
+                x = self.op("minimum", x, self._value(hi))
+            return x
+        if kind == "call_method" and name == "masked_fill" and len(args) == 3:
+            return self.op("where", self._value(args[1]), self._value(args[2]), self._value(args[0]))
+        if kind == "call_method" and name in _CASTS and len(args) == 1:
+            return self.cast(self._value(args[0]), _CASTS[name])
+        if kind == "call_method" and name in ("to", "type"):
+            dtype = kwargs.get("dtype", next((a for a in args[1:] if isinstance(a, torch.dtype)), None))
+            if dtype is None:
+                if all(isinstance(a, (str, tuple)) or a is None for a in args[1:]):  # .to(device)
+                    return self._value(args[0])
+                raise self.error(f"Tensor.{name}{args[1:]} (only a dtype can be given)")
+            return self.cast(self._value(args[0]), dtype)
+        if kind == "call_method" and name in ("new_ones", "new_zeros", "new_full", "new_tensor"):
+            return self._new(name, args, kwargs)
+        if target in (torch.ones_like, torch.zeros_like, torch.full_like):
+            x = self._value(args[0])
+            fill = {torch.ones_like: 1, torch.zeros_like: 0}.get(target, args[1] if len(args) > 1 else None)
+            dtype = kwargs.get("dtype") or (self.nodes[x.i].dtype if isinstance(x, Ref) else torch.tensor(x).dtype)
+            return self.const(fill, dtype)
+        if kind == "call_method" and name in ("contiguous", "clone", "detach", "squeeze", "unsqueeze"):
+            if name == "unsqueeze" or name == "squeeze" and len(args) > 1:
+                raise self.error(f"Tensor.{name} (mods see one element: shapes do not exist)")
+            return self._value(args[0])
+        raise self.error(f"{qual} cannot be generated into Triton")
+
+    def _new(self, name, args, kwargs):
+        size = args[1] if len(args) > 1 else kwargs.get("size", ())
+        if name == "new_tensor":
+            value, size = size, ()
+        else:
+            value = {"new_ones": 1, "new_zeros": 0}.get(name, args[2] if len(args) > 2 else kwargs.get("fill_value"))
+        if tuple(size) not in ((), (1,)):
+            raise self.error(f"Tensor.{name} of size {tuple(size)} (only size () is an element)")
+        base = self._value(args[0])
+        dtype = kwargs.get("dtype") or (self.nodes[base.i].dtype if isinstance(base, Ref) else torch.float32)
+        if isinstance(value, Ref):
+            return self.cast(value, dtype)
+        return self.const(value, dtype)
+
+    def _index(self, base, index):
+        if not (isinstance(base, tuple) and base and base[0] == "capture"):
+            raise self.error("indexing a value that is not a captured tensor")
+        index = index if isinstance(index, tuple) else (index,)
+        _, c, done = base
+        parts = []
+        for ix in index:
+            if isinstance(ix, (slice, type(Ellipsis))) or ix is None:
+                raise self.error(f"captured tensor indexed by {ix!r} (index each dimension by one index expression)")
+            v = self._value(ix)
+            if isinstance(v, Ref) and self.nodes[v.i].dtype.is_floating_point or isinstance(v, float):
+                raise self.error("captured tensor indexed by a floating-point value")
+            if isinstance(v, bool) or isinstance(v, Ref) and self.nodes[v.i].dtype == torch.bool:
+                raise self.error("captured tensor indexed by a bool (boolean masks are not index expressions)")
+            parts.append(self.scalar(v))
+        t = self.captures[c].tensor
+        if len(done) + len(parts) > t.dim():
+            raise self.error(f"captured tensor of shape {tuple(t.shape)} indexed with {len(done) + len(parts)} indices")
+        return ("capture", c, done + tuple(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation on torch tensors (the blocked path, create_block_mask on the CPU, the float64 oracle)
+
+
+def evaluate(graph: ModGraph, inputs: dict[str, torch.Tensor], captures: list[torch.Tensor] | None = None,
+             outputs: list | None = None, float_dtype: torch.dtype | None = None, scalars: list | None = None) -> list:
+    """Run ``graph`` with torch ops on broadcastable ``inputs`` (score, b, h, q_idx, kv_idx).
+
+    Returns the values of ``outputs`` (default: the graph's output). Loads index the captures with
+    the index tensors, so autograd reaches captured tensors that require grad. ``float_dtype``
+    (e.g. float64 for an oracle) casts float captures and float constants' results to it.
+    """
+    captures = [c.tensor for c in graph.captures] if captures is None else captures
+    if float_dtype is not None:
+        captures = [c.to(float_dtype) if c.is_floating_point() else c for c in captures]
+    vals: list[Any] = []
+    for i, n in enumerate(graph.nodes):
+        arg = lambda a: vals[a.i] if isinstance(a, Ref) else a
+        if n.op == "input":
+            v = inputs.get(n.args[0])
+        elif n.op == "scalar":
+            v = (graph.scalars if scalars is None else scalars)[n.args[0]]
+        elif n.op == "load":
+            idx = tuple(arg(a).long() if isinstance(arg(a), torch.Tensor) else arg(a) for a in n.args[1:])
+            cap = captures[n.args[0]]
+            v = cap[idx] if idx else cap  # index tensors broadcast against each other
+        elif n.op == "cast":
+            x = arg(n.args[0])
+            v = x.to(n.dtype) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=n.dtype)
+            if float_dtype is not None and n.dtype.is_floating_point and isinstance(x, torch.Tensor) \
+                    and x.dtype.is_floating_point:
+                # the value rounds as the cast does, the gradient passes in full precision (as the
+                # generated derivative does; torch's autograd would round it through the cast)
+                v = x.to(float_dtype) + (v.to(float_dtype) - x.to(float_dtype)).detach()
+            elif float_dtype is not None and n.dtype.is_floating_point:
+                v = v.to(float_dtype)
+        elif n.op == "const":
+            dt = float_dtype if float_dtype is not None and n.dtype.is_floating_point else n.dtype
+            v = torch.tensor(n.args[0], dtype=dt, device=_device(inputs))
+        else:
+            args = [arg(a) for a in n.args]
+            if n.op == "where" and not isinstance(args[1], torch.Tensor) and not isinstance(args[2], torch.Tensor):
+                dt = n.dtype if float_dtype is None or not n.dtype.is_floating_point else float_dtype
+                args[1] = torch.tensor(args[1], dtype=dt, device=args[0].device)
+            v = TORCH_OPS[n.op](*args)
+        vals.append(v)
+    outs = [graph.output] if outputs is None else outputs
+    return [vals[o.i] if isinstance(o, Ref) else o for o in outs]
+
+
+def fold(op: str, args: tuple):
+    """``op`` on Python constants, as torch computes it (floats in double precision)."""
+    v = TORCH_OPS[op](*[torch.tensor(a, dtype=torch.float64) if isinstance(a, float) else torch.tensor(a)
+                        for a in args])
+    return v.item()
+
+
+def _device(inputs):
+    for v in inputs.values():
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return "cpu"

@@ -1,0 +1,505 @@
+"""attend.flex_attention: the API against a float64 dense definition, BlockMask against PyTorch's,
+the generated Triton hooks against the traced graph in float64, and the generation cache."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.attention.flex_attention as tflex
+
+import attend.flex_attention as flex
+from attend._flex import codegen, kernels
+from attend._flex import trace as trace_mod
+from attend._flex.block_mask import create_block_mask as _create_block_mask
+from conftest import DEVICE, assert_scaled_close
+
+B, HQ, HKV, L, S, E = 2, 4, 2, 150, 170, 16
+BLOCK = 32  # small blocks: several partial / full / empty blocks at these lengths
+WINDOW, PREFIX = 40, 45
+
+
+def _doc_ids(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 4, (B, n), generator=g).sort(-1).values.to(DEVICE)
+
+
+# mask_mods: name -> (mask_mod, depends on b)
+DOC_Q, DOC_KV = _doc_ids(L, 1), _doc_ids(S, 1)
+MASKS = {
+    "none": None,
+    "causal": lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+    "window": lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= WINDOW,
+    "document": lambda b, h, q_idx, kv_idx: (DOC_Q[b, q_idx] == DOC_KV[b, kv_idx]) & (q_idx >= kv_idx),
+    "prefix_lm": flex.or_masks(lambda b, h, q_idx, kv_idx: kv_idx < PREFIX,
+                               lambda b, h, q_idx, kv_idx: q_idx >= kv_idx),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _block_mask(mask_name):
+    """One BlockMask per mask_mod for the whole matrix (the interpreter's classification is the slow part)."""
+    if MASKS[mask_name] is None:
+        return None
+    return flex.create_block_mask(MASKS[mask_name], B if mask_name == "document" else None, None, L, S, device=DEVICE,
+                                  BLOCK_SIZE=BLOCK)
+
+
+def _score_mods(dtype):
+    """name -> (score_mod, captured tensors that require grad), fresh captures per call."""
+    slopes = torch.exp2(-torch.arange(1, HQ + 1, dtype=torch.float32, device=DEVICE) * 8 / HQ)
+    table = (0.5 * torch.randn(HQ, L + S, device=DEVICE)).requires_grad_()
+
+    def relative(score, b, h, q_idx, kv_idx):
+        return score + (q_idx - kv_idx) / 64
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 4.0 * torch.tanh(score / 4.0)
+
+    def table_bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + S]
+
+    return {"none": (None, []), "relative": (relative, []), "alibi": (alibi, []), "softcap": (softcap, []),
+            "table_grad": (table_bias, [table])}
+
+
+def dense_reference(q, k, v, score_mod, mask_mod, dtype, scale=None):
+    """The definition, materialized: mods applied to the (B, H, L, S) scores in ``dtype``."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = q @ k.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    i32 = dict(dtype=torch.int32, device=q.device)
+    b = torch.arange(q.shape[0], **i32).view(-1, 1, 1, 1)
+    h = torch.arange(q.shape[1], **i32).view(1, -1, 1, 1)
+    qi = torch.arange(q.shape[2], **i32).view(1, 1, -1, 1)
+    ki = torch.arange(k.shape[2], **i32).view(1, 1, 1, -1)
+    if score_mod is not None:
+        s = score_mod(s, b, h, qi, ki)
+    if mask_mod is not None:
+        s = s.masked_fill(~mask_mod(b, h, qi, ki), -float("inf"))
+    lse = s.logsumexp(-1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v, lse, s.amax(-1)
+
+
+def _close_with_empty_rows(out, ref64, ref_same, what):
+    """Rows with no kept key are -inf in both; the others within the scaled tolerance."""
+    empty = torch.isneginf(ref64)
+    assert torch.equal(torch.isneginf(out), empty), f"{what}: -inf rows differ"
+    zero = lambda t: torch.where(empty, 0.0, t.detach().to(t.dtype))
+    assert_scaled_close(zero(out), zero(ref64), zero(ref_same), what=what)
+
+
+def _as(dtype, caps):
+    """Copies of the captures in ``dtype`` (float ones), for the reference's own autograd graph."""
+    return [c.detach().to(dtype).requires_grad_() for c in caps]
+
+
+def _with_captures(fn, caps, new):
+    """``fn`` rebound to read ``new`` where it read ``caps`` (closure cells swapped)."""
+    if fn is None or not caps:
+        return fn
+    import types
+
+    cells = []
+    for cell in fn.__closure__ or ():
+        v = cell.cell_contents
+        hit = next((n for c, n in zip(caps, new) if v is c), None)
+        cells.append(types.CellType(hit if hit is not None else v))
+    return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("score_name", ["none", "relative", "alibi", "softcap", "table_grad"])
+def test_matches_float64_definition(score_name, mask_name):
+    torch.manual_seed(0)
+    score_mod, caps = _score_mods(torch.float32)[score_name]
+    mask_mod = MASKS[mask_name]
+    q = torch.randn(B, HQ, L, E, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True)
+    bm = _block_mask(mask_name)
+    out, aux = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True,
+                                   return_aux=flex.AuxRequest(lse=True, max_scores=True))
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), [q, k, v, *caps])
+
+    refs = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)] + _as(dt, caps)
+        sm = _with_captures(score_mod, caps, leaves[3:])
+        o, lse, mx = dense_reference(*leaves[:3], sm, mask_mod, dt)
+        refs[dt] = (o, lse, mx, torch.autograd.grad((o * g.to(dt)).sum(), leaves))
+    (o64, lse64, mx64, g64), (o32, lse32, mx32, g32) = refs[torch.float64], refs[torch.float32]
+    what = f"{score_name} x {mask_name}"
+    assert_scaled_close(out, o64, o32, what=f"{what} out")
+    _close_with_empty_rows(aux.lse, lse64, lse32, what=f"{what} lse")
+    _close_with_empty_rows(aux.max_scores, mx64, mx32, what=f"{what} max_scores")
+    for name, a, r, s in zip(["dq", "dk", "dv", "dtable"], grads, g64, g32):
+        assert_scaled_close(a, r, s, k=6.0, what=f"{what} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["fp16", "bf16", "fp64"])
+def test_dtypes_softcap_causal(dtype):
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 100, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, 2, 90, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, 2, 90, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    causal = MASKS["causal"]
+    softcap = lambda s, b, h, qi, ki: 4.0 * torch.tanh(s / 4.0)
+    bm = flex.create_block_mask(causal, None, None, 100, 90, device=DEVICE, BLOCK_SIZE=32)
+    out, aux = flex.flex_attention(q, k, v, softcap, bm, return_aux=flex.AuxRequest(lse=True))
+    assert out.dtype == dtype and aux.lse.dtype == torch.float32 and aux.max_scores is None
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o64, l64, _ = dense_reference(*leaves, softcap, causal, torch.float64)
+    g64 = torch.autograd.grad((o64 * g.double()).sum(), leaves)
+    same = [t.detach().requires_grad_() for t in (q, k, v)]
+    os_, ls_, _ = dense_reference(*same, softcap, causal, dtype)
+    gs = torch.autograd.grad((os_ * g).sum(), same)
+    assert_scaled_close(out, o64, os_, what="out")
+    for name, a, r, s in zip("qkv", grads, g64, gs):
+        assert_scaled_close(a, r, s, k=6.0, what=f"d{name}")
+
+
+def test_head_and_batch_dependent_mods_with_broadcast_key_batch():
+    """A per-head window (captured), a per-batch score offset, GQA 4:1, a key batch of 1 broadcast
+    over a BlockMask of batch B, and D=64 with Ev=32."""
+    torch.manual_seed(5)
+    win = torch.tensor([8, 20, 40, 1000], device=DEVICE)
+    shift = torch.randn(B, device=DEVICE, requires_grad=True)
+    mask = lambda b, h, qi, ki: ((qi - ki).abs() <= win[h]) & (ki <= qi + 3)
+    score = lambda s, b, h, qi, ki: s * (1 + 0.1 * h) + shift[b] * (ki % 3 == 0)
+    q = torch.randn(B, 4, 90, 64, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 1, 75, 64, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 1, 75, 32, device=DEVICE, requires_grad=True)
+    bm = flex.create_block_mask(mask, B, 4, 90, 75, device=DEVICE, BLOCK_SIZE=(16, 32))
+    out = flex.flex_attention(q, k, v, score, bm, enable_gqa=True)
+    assert out.shape == (B, 4, 90, 32)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v, shift))
+    expand = lambda t: t.expand(B, *t.shape[1:])
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, shift)]
+        sm = _with_captures(score, [shift], [leaves[3]])
+        o, _, _ = dense_reference(leaves[0], expand(leaves[1]), expand(leaves[2]), sm, mask, dt)
+        res[dt] = (o, torch.autograd.grad((o * g.to(dt)).sum(), leaves))
+    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
+    for name, a, r, s_ in zip(["dq", "dk", "dv", "dshift"], grads, res[torch.float64][1], res[torch.float32][1]):
+        assert_scaled_close(a, r, s_, k=6.0, what=name)
+
+
+def test_score_mod_that_ignores_the_score():
+    """A mod that returns a per-head constant (or a literal) weighs keys uniformly: out = mean of v."""
+    q, v = torch.randn(1, 2, 40, 16, device=DEVICE), torch.randn(1, 2, 40, 16, device=DEVICE)
+    per_head = torch.randn(2, device=DEVICE)
+    for mod in (lambda s, b, h, qi, ki: per_head[h], lambda s, b, h, qi, ki: s * 0 + 3.0):
+        out = flex.flex_attention(q, q, v, mod)
+        assert_scaled_close(out, v.double().mean(2, keepdim=True).expand_as(out), v.mean(2, keepdim=True).expand_as(out))
+
+
+def test_empty_rows_give_zero_output_and_neg_inf_lse():
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 70, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    late = lambda b, h, qi, ki: (qi >= 40) & (qi >= ki)  # rows 0..39 keep nothing
+    bm = flex.create_block_mask(late, None, None, 70, 70, device=DEVICE, BLOCK_SIZE=16)
+    out, aux = flex.flex_attention(q, k, v, block_mask=bm, return_aux=flex.AuxRequest(lse=True, max_scores=True))
+    assert torch.equal(out[:, :, :40], torch.zeros_like(out[:, :, :40]))
+    assert torch.isneginf(aux.lse[:, :, :40]).all() and torch.isneginf(aux.max_scores[:, :, :40]).all()
+    assert torch.isfinite(aux.lse[:, :, 40:]).all()
+    dq, = torch.autograd.grad(out.sum(), q)
+    assert torch.equal(dq[:, :, :40], torch.zeros_like(dq[:, :, :40]))
+
+
+def test_return_lse_and_pytorch_block_mask_and_scale():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 64, 16, device=DEVICE) for _ in range(3))
+    window = MASKS["window"]
+    ours = flex.create_block_mask(window, None, 2, 64, 64, device=DEVICE, BLOCK_SIZE=16)
+    theirs = tflex.create_block_mask(window, None, 2, 64, 64, device=DEVICE, BLOCK_SIZE=16)
+    a, lse_a = flex.flex_attention(q, k, v, block_mask=ours, scale=0.3, return_lse=True)
+    b, lse_b = flex.flex_attention(q, k, v, block_mask=theirs, scale=0.3, return_lse=True)
+    assert torch.equal(a, b) and torch.equal(lse_a, lse_b)
+    o64, l64, _ = dense_reference(q, k, v, None, window, torch.float64, scale=0.3)
+    o32, l32, _ = dense_reference(q, k, v, None, window, torch.float32, scale=0.3)
+    assert_scaled_close(a, o64, o32, what="out")
+    assert_scaled_close(lse_a, l64, l32, what="lse (natural log)")
+    plain = flex.flex_attention(q, k, v)
+    assert_scaled_close(plain, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# BlockMask structure against PyTorch
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("mask_name", ["causal", "window", "document", "prefix_lm"])
+def test_block_mask_structure_matches_pytorch(mask_name, impl):
+    mask_mod = MASKS[mask_name]
+    bsz = B if mask_name == "document" else None
+    for block in (32, (16, 64)):
+        ours = _create_block_mask(mask_mod, bsz, 3, L, S, device=DEVICE, BLOCK_SIZE=block, _impl=impl)
+        theirs = tflex.create_block_mask(mask_mod, bsz, 3, L, S, device=DEVICE, BLOCK_SIZE=block)
+        for name in flex.BlockMask._TENSOR_ATTRS:
+            a, b = getattr(ours, name), getattr(theirs, name)
+            assert a.dtype == torch.int32 and torch.equal(a, b), f"{mask_name} {block} {name}"
+        assert ours.BLOCK_SIZE == theirs.BLOCK_SIZE and ours.seq_lengths == theirs.seq_lengths
+        assert ours.shape == theirs.shape and ours.numel() == theirs.numel()
+        assert ours.sparsity() == pytest.approx(theirs.sparsity())
+        assert torch.equal(ours.to_dense(), theirs.to_dense())
+        assert ours.to_string() == theirs.to_string()
+
+
+def test_block_mask_methods_match_pytorch():
+    doc = MASKS["document"]
+    ours = flex.create_block_mask(doc, B, 2, L, S, device=DEVICE, BLOCK_SIZE=32)
+    theirs = tflex.create_block_mask(doc, B, 2, L, S, device=DEVICE, BLOCK_SIZE=32)
+    rows = torch.tensor([1, 3], dtype=torch.int32, device=DEVICE)
+    for index in (0, (1, 0), (slice(0, 2), slice(1, 2)), (slice(None), slice(None), rows), -1):
+        a, b = ours[index], theirs[index]
+        for name in flex.BlockMask._TENSOR_ATTRS:
+            assert torch.equal(getattr(a, name), getattr(b, name)), f"{index} {name}"
+        with pytest.raises(RuntimeError, match="sliced"):
+            a.mask_mod(0, 0, 0, 0)
+    tup_a, tup_b = ours.as_tuple(), theirs.as_tuple()
+    assert len(tup_a) == len(tup_b)
+    for x, y in zip(tup_a, tup_b):
+        assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y or callable(x)), (x, y)
+    fk = flex.BlockMask.from_kv_blocks(theirs.kv_num_blocks, theirs.kv_indices, theirs.full_kv_num_blocks,
+                                       theirs.full_kv_indices, BLOCK_SIZE=32, seq_lengths=(L, S))
+    fk_t = tflex.BlockMask.from_kv_blocks(theirs.kv_num_blocks, theirs.kv_indices, theirs.full_kv_num_blocks,
+                                          theirs.full_kv_indices, BLOCK_SIZE=32, seq_lengths=(L, S))
+    for name in flex.BlockMask._TENSOR_ATTRS:
+        assert torch.equal(getattr(fk, name), getattr(fk_t, name)), name
+    causal = MASKS["causal"]
+    cropped = flex.create_block_mask(causal, None, None, 256, 256, device=DEVICE, BLOCK_SIZE=32)._adjust(128, 160)
+    cropped_t = tflex.create_block_mask(causal, None, None, 256, 256, device=DEVICE, BLOCK_SIZE=32)._adjust(128, 160)
+    for name in flex.BlockMask._TENSOR_ATTRS:
+        assert torch.equal(getattr(cropped, name), getattr(cropped_t, name)), f"_adjust {name}"
+    moved = ours.to("cpu")
+    assert moved.kv_indices.device.type == "cpu" and torch.equal(moved.kv_indices.to(DEVICE), ours.kv_indices)
+    assert "BlockMask(shape=(2, 2, 150, 170)" in str(ours) and "kv_num_blocks=(2, 2, 5)" in repr(ours)
+
+
+def test_coarsened_lists_equal_create_block_mask_at_the_coarse_size():
+    """The core may tile coarser than a mask's blocks: lists.coarsen gives create_block_mask's lists there."""
+    from attend._flex import lists
+
+    for mask_name in ("causal", "document", "prefix_lm"):
+        bsz = B if mask_name == "document" else None
+        fine = _create_block_mask(MASKS[mask_name], bsz, None, L, S, device=DEVICE, BLOCK_SIZE=16, _impl="torch")
+        coarse = lists.coarsen(lists.from_block_mask(fine), 64, 32)
+        ref = tflex.create_block_mask(MASKS[mask_name], bsz, None, L, S, device=DEVICE, BLOCK_SIZE=(64, 32))
+        for name in flex.BlockMask._TENSOR_ATTRS:
+            assert torch.equal(getattr(coarse, name), getattr(ref, name)), f"{mask_name} {name}"
+
+
+def test_create_block_mask_never_holds_l_by_s(monkeypatch):
+    """The torch path evaluates bounded tiles; the largest tensor it builds is far below L x S."""
+    import attend._flex.block_mask as bmod
+
+    monkeypatch.setattr(bmod, "TORCH_TILE_ELEMENTS", 1 << 14)
+    seen = []
+    real = trace_mod.evaluate
+
+    def spy(graph, inputs, *a, **kw):
+        out = real(graph, inputs, *a, **kw)
+        seen.append(torch.broadcast_shapes(*(t.shape for t in inputs.values() if isinstance(t, torch.Tensor))))
+        return out
+
+    monkeypatch.setattr(trace_mod, "evaluate", spy)
+    n = 2048
+    bm = _create_block_mask(MASKS["causal"], None, None, n, n, device=DEVICE, BLOCK_SIZE=128, _impl="torch")
+    assert max(math.prod(s) for s in seen) <= 1 << 14 < n * n
+    ref = tflex.create_block_mask(MASKS["causal"], None, None, n, n, device=DEVICE, BLOCK_SIZE=128)
+    assert torch.equal(bm.full_kv_indices, ref.full_kv_indices) and torch.equal(bm.kv_num_blocks, ref.kv_num_blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated hooks: the Triton functions against the traced graph in float64
+
+
+def _all_ops_mod():
+    tab = torch.randn(3, 40, device=DEVICE)
+    row = torch.randn(30, 50, device=DEVICE, dtype=torch.float16)
+    w = torch.rand(3, device=DEVICE) + 0.5
+    ids = torch.randint(0, 3, (2, 60), device=DEVICE)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        x = torch.where(d >= 0, score, score * 0.5) + tab[h, d.abs() % 40] + row[q_idx, kv_idx].float()
+        x = x + torch.sigmoid(score) - torch.exp(score / 8) + torch.exp2(score / 16) + torch.log(score.abs() + 1)
+        x = x + torch.sqrt(score * score + 1) * w[h] + torch.minimum(score, torch.tensor(1.5).item() + d * 0.0)
+        x = x + torch.maximum(score, -score) + (d // 3).float() - torch.remainder(d, 5) + torch.floor_divide(d, -4)
+        x = x + ((ids[b, q_idx] == ids[b, kv_idx]) | ~(kv_idx < 7)).float() * 0.25 + (-score) ** 2 / 10
+        return x.to(torch.float16).float() + torch.clamp(score, -1, 1) + abs(score).sqrt()
+
+    return mod
+
+
+def _run_tile(graph, score, b, h, q0, kv0, q_len, kv_len, ds):
+    fns = codegen.hooks(graph).functions
+    caps = [c.tensor for c in graph.captures]
+    args = codegen.capture_args(caps, score.device, scalars=graph.scalars)
+    bm, bn = score.shape
+    out, dscore = torch.empty_like(score), torch.empty_like(score)
+    kernels.mod_tile[(1,)](score, out, dscore, ds, b, h, q0, kv0, q_len, kv_len, bn, args.ptrs, args.meta, args.grads,
+                           SCORE_MOD=fns["score_mod"], SCORE_DSCORE=fns["score_mod_dscore"],
+                           SCORE_GRAD=fns["score_mod_grad_captures"], LOAD_META=fns["load_meta"],
+                           LOAD_GRAD_STRIDES=fns["load_grad_strides"], HAS_GRAD=True, BLOCK_M=bm, BLOCK_N=bn)
+    return out, dscore, args.grads
+
+
+@pytest.mark.parametrize("mod_name", ["all_ops", "softcap_alibi_table"])
+def test_generated_hooks_match_float64_graph(mod_name):
+    torch.manual_seed(4)
+    if mod_name == "all_ops":
+        mod, q_len, kv_len = _all_ops_mod(), 30, 50
+    else:
+        slopes, table = torch.rand(3, device=DEVICE), torch.randn(3, 80, device=DEVICE)
+        mod = lambda s, b, h, qi, ki: 30 * torch.tanh(s / 30) - slopes[h] * (qi - ki).abs() + table[h, qi - ki + 40]
+        q_len, kv_len = 30, 40
+    graph = trace_mod.trace(mod, "score")
+    BM = BN = 16
+    score = 3 * torch.randn(BM, BN, device=DEVICE)
+    ds = torch.randn(BM, BN, device=DEVICE)
+    b, h, q0, kv0 = 1, 2, 20, 30  # a ragged tile: rows >= 30 and keys >= kv_len are out of range
+    out, dscore, grads = _run_tile(graph, score, b, h, q0, kv0, q_len, kv_len, ds)
+
+    qi = (q0 + torch.arange(BM, device=DEVICE)).view(-1, 1)
+    ki = (kv0 + torch.arange(BN, device=DEVICE)).view(1, -1)
+    valid = (qi < q_len) & (ki < kv_len)
+    i32 = lambda t: torch.as_tensor(t, dtype=torch.int32, device=DEVICE)
+    s64 = score.double().requires_grad_()
+    caps64 = [c.tensor.double().requires_grad_() if c.tensor.is_floating_point() else c.tensor
+              for c in graph.captures]
+    ref, = trace_mod.evaluate(graph, dict(score=s64, b=i32(b), h=i32(h), q_idx=i32(qi.clamp(max=q_len - 1)),
+                                          kv_idx=i32(ki.clamp(max=kv_len - 1))), caps64, float_dtype=torch.float64)
+    # the graph is the mod: the user's function itself in float64 agrees
+    direct = _with_captures(mod, [c.tensor for c in graph.captures],
+                            [c.detach() for c in caps64]) if mod_name != "all_ops" else None
+    if direct is not None:
+        d = direct(s64.detach(), i32(b), i32(h), i32(qi.clamp(max=q_len - 1)), i32(ki.clamp(max=kv_len - 1)))
+        assert torch.allclose(d, ref.detach())
+    dsv = torch.where(valid, ds.double(), 0.0)
+    grads64 = torch.autograd.grad((ref * dsv).sum(), [s64] + [c for c in caps64 if c.requires_grad])
+    tol = lambda r: 2e-5 * (1 + r.abs().max().item())
+    assert (out.double() - ref).abs().max() <= tol(ref), "score_mod"
+    assert (dscore.double() * dsv - grads64[0]).abs().max() <= tol(grads64[0]), "d score_mod / d score"
+    float_grads = [g for g, c in zip(grads, graph.captures) if c.tensor.is_floating_point()]
+    for k_, (a, r) in enumerate(zip(float_grads, grads64[1:])):
+        assert (a.double() - r).abs().max() <= 4 * tol(r), f"capture {k_} gradient"
+
+
+def test_generated_hooks_compile_for_gpu():
+    """The kernels calling generated hooks build for sm_90 and sm_80 (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")  # compiling needs real JIT functions
+    res = subprocess.run([sys.executable, "-m", "attend._flex.build"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    builds = json.loads(res.stdout)
+    assert {(b["kernel"], b["arch"]) for b in builds} == {(k, a) for k in ("mod_tile", "classify_blocks")
+                                                          for a in (90, 80)}
+    for b in builds:  # the captures' gradient scatter is in the tile kernel, and only there
+        assert b["atomics"] == (b["kernel"] == "mod_tile"), b
+
+
+# ---------------------------------------------------------------------------------------------
+# The generation cache: by structure, never by value or size
+
+
+def test_new_length_batch_or_captured_value_generates_nothing():
+    def make(doc):
+        return lambda b, h, q_idx, kv_idx: (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
+
+    def score_of(table):
+        return lambda s, b, h, q_idx, kv_idx: s + table[h, q_idx - kv_idx + table.shape[1] // 2]
+
+    flex.create_block_mask(make(_doc_ids(64, 5)), B, None, 64, 64, device=DEVICE, BLOCK_SIZE=16)
+    first = trace_mod.trace(score_of(torch.randn(2, 128, device=DEVICE)), "score")
+    codegen.hooks(first)
+    before = codegen.GENERATIONS["count"]
+    # compiled kernels of the classifier (a GPU run; the interpreter compiles nothing)
+    compiles = lambda: sum(len(c[0]) for c in getattr(kernels.classify_blocks, "device_caches", {}).values())
+    compiled = compiles()
+    for n, bsz, seed in ((96, 2, 6), (80, 3, 7), (64, 2, 8)):
+        doc = torch.randint(0, 3, (bsz, n), device=DEVICE).sort(-1).values
+        bm = flex.create_block_mask(make(doc), bsz, None, n, n, device=DEVICE, BLOCK_SIZE=16)
+        ref = tflex.create_block_mask(make(doc), bsz, None, n, n, device=DEVICE, BLOCK_SIZE=16)
+        assert torch.equal(bm.kv_indices, ref.kv_indices) and torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
+        g = trace_mod.trace(score_of(torch.randn(5, 2 * n, device=DEVICE)), "score")
+        assert g.key == first.key
+        codegen.hooks(g)
+    assert codegen.GENERATIONS["count"] == before, "a new length, batch or captured value generated code"
+    assert compiles() == compiled, "a new length, batch or captured value compiled the classifier again"
+    codegen.hooks(trace_mod.trace(lambda s, b, h, q_idx, kv_idx: s * 2, "score"))
+    codegen.hooks(trace_mod.trace(lambda s, b, h, q_idx, kv_idx: s * 2, "score"))  # same structure, new function
+    assert codegen.GENERATIONS["count"] == before + 1
+
+
+def test_generated_source_is_inspectable():
+    g = trace_mod.trace(lambda s, b, h, q_idx, kv_idx: s + (q_idx - kv_idx), "score")
+    h = codegen.hooks(g)
+    text = open(h.path).read()
+    assert "@triton.jit" in text and "def score_mod(" in text and "def score_mod_dscore(" in text
+    assert "test_flex.py:" in text  # each op names the user's line
+    import inspect
+
+    assert inspect.getsource(h.functions["score_mod"].fn).startswith("@triton.jit")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the op, the line, the argument
+
+
+def test_unsupported_op_names_op_and_line():
+    def mod(score, b, h, q_idx, kv_idx):
+        return torch.erfinv(score)  # the line the error must name
+
+    with pytest.raises(flex.FlexTraceError) as e:
+        flex.flex_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), score_mod=mod)
+    msg = str(e.value)
+    assert "torch.erfinv" in msg and "test_flex.py:" in msg and "return torch.erfinv(score)" in msg
+
+
+def test_python_control_flow_names_line():
+    def mask(b, h, q_idx, kv_idx):
+        if q_idx > kv_idx:  # data-dependent branch
+            return q_idx > 0
+        return kv_idx > 0
+
+    with pytest.raises(flex.FlexTraceError, match=r"test_flex.py:\d+: if q_idx > kv_idx"):
+        flex.create_block_mask(mask, None, None, 16, 16, device=DEVICE, BLOCK_SIZE=16)
+
+
+def test_argument_errors_name_value_and_expectation():
+    q = torch.randn(1, 4, 32, 16)
+    kv = torch.randn(1, 3, 32, 16)
+    with pytest.raises(ValueError, match="key has 3 heads, query has 4; 4 is not a multiple of 3"):
+        flex.flex_attention(q, kv, kv, enable_gqa=True)
+    with pytest.raises(ValueError, match="pass enable_gqa=True"):
+        flex.flex_attention(q, kv, kv)
+    bm = flex.create_block_mask(MASKS["causal"], None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    with pytest.raises(ValueError, match=re.escape("created for (Q_LEN, KV_LEN) = (64, 64), the call has (32, 32)")):
+        flex.flex_attention(q, q, q, block_mask=bm)
+    with pytest.raises(ValueError, match="return_lse or return_aux"):
+        flex.flex_attention(q, q, q, return_lse=True, return_aux=flex.AuxRequest(lse=True))
+    with pytest.raises(ValueError, match="Q_LEN must be a positive int.*got 0"):
+        flex.create_block_mask(MASKS["causal"], None, None, 0, 8)
+    with pytest.raises(flex.FlexTraceError, match="shape \\(4, 5\\) is used with 1 of its 2 indices"):
+        t = torch.randn(4, 5)
+        flex.flex_attention(q, q, q, score_mod=lambda s, b, h, qi, ki: s + t[h])
