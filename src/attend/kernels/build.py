@@ -266,6 +266,10 @@ def _build(job: tuple) -> dict:
     if kind == "fwd_ws":
         compiled = compile_ws(GPUTarget("cuda", arch, 32), **WS_FEATURES[feature[0]])
         return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
+    if kind == "flex":  # core.attn_fwd's FLEX mode with generated hooks (compile_flex)
+        dtype = "bfloat16" if arch >= 90 else "float16"
+        compiled = compile_flex(GPUTarget("cuda", arch, 32), feature[0], dtype=dtype, head_dim=head_dim)
+        return _report(compiled, "fwd", "flex (launch.flex_tiles)", arch, head_dim, "flex_" + feature[0])
     if kind == "bwd_ws":
         compiled = compile_ws_bwd(GPUTarget("cuda", arch, 32), **WS_BWD_FEATURES[feature[0]])
         return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
@@ -300,7 +304,7 @@ def _report(compiled, kind: str, config: str, arch: int, head_dim: int, feature:
 def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> list[dict]:
     """Compile every shipped config of every core kernel for each arch at head dim 128, the fixed
     (heuristic) configs at head dims 64 and 256, the feature variants, and every fixed-config rule's
-    configs (``rule_jobs``); one dict per build.
+    configs (``rule_jobs``), and the flex forward's variants (``compile_flex``); one dict per build.
     ``dump``: a folder that receives each build's PTX as ``job_name(job).ptx``."""
     import functools
     from concurrent.futures import ProcessPoolExecutor
@@ -316,6 +320,7 @@ def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> li
     jobs += [("fwd_ws", -1, 90, 128, feature) for feature in WS_FEATURES]
     jobs += [("bwd_ws", -1, 90, 128, feature) for feature in WS_BWD_FEATURES]
     jobs += rule_jobs()
+    jobs += [("flex", -1, arch, 128, variant) for variant in FLEX_VARIANTS for arch in archs]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(functools.partial(_build_one, dump=dump), jobs))
 
