@@ -12,7 +12,7 @@ import torch
 import torch.nn.attention.flex_attention as tflex
 
 import attend.flex_attention as flex
-from attend._flex import codegen, kernels
+from attend._flex import codegen, dispatch, kernels
 from attend._flex import trace as trace_mod
 from attend._flex.block_mask import create_block_mask as _create_block_mask
 from conftest import DEVICE, assert_scaled_close
@@ -116,9 +116,19 @@ def _with_captures(fn, caps, new):
     return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
 
 
+# The pairs the core's flex mode runs under the interpreter (every score_mod and every mask_mod at
+# least once; the interpreter's forward is the slow part); the rest of the matrix takes the blocked
+# path there. On CUDA every pair runs fused.
+FUSED_PAIRS = {("none", "causal"), ("relative", "window"), ("alibi", "document"), ("softcap", "prefix_lm"),
+               ("table_grad", "causal"), ("table_grad", "none"), ("alibi", "none")}
+
+
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("score_name", ["none", "relative", "alibi", "softcap", "table_grad"])
-def test_matches_float64_definition(score_name, mask_name):
+def test_matches_float64_definition(score_name, mask_name, monkeypatch):
+    fused_expected = DEVICE == "cuda" or (score_name, mask_name) in FUSED_PAIRS
+    if not fused_expected:
+        monkeypatch.setattr(dispatch, "_fused", lambda call: None)
     torch.manual_seed(0)
     score_mod, caps = _score_mods(torch.float32)[score_name]
     mask_mod = MASKS[mask_name]
@@ -126,8 +136,10 @@ def test_matches_float64_definition(score_name, mask_name):
     k = torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True)
     v = torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True)
     bm = _block_mask(mask_name)
+    fused = dispatch.PATHS["fused"]
     out, aux = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True,
                                    return_aux=flex.AuxRequest(lse=True, max_scores=True))
+    assert dispatch.PATHS["fused"] == fused + fused_expected, "fp32 ran the blocked path, not the core's flex mode"
     g = torch.randn_like(out)
     grads = torch.autograd.grad((out * g).sum(), [q, k, v, *caps])
 
@@ -503,3 +515,78 @@ def test_argument_errors_name_value_and_expectation():
     with pytest.raises(flex.FlexTraceError, match="shape \\(4, 5\\) is used with 1 of its 2 indices"):
         t = torch.randn(4, 5)
         flex.flex_attention(q, q, q, score_mod=lambda s, b, h, qi, ki: s + t[h])
+
+
+# ---------------------------------------------------------------------------------------------
+# The core's flex mode (kernels.core.attn_fwd FLEX): which path ran, and what never recompiles
+
+
+def _fwd_compiles() -> int:
+    """Compiled variants of the core's forward (a GPU run; the interpreter compiles nothing)."""
+    from attend.kernels import core
+
+    return sum(len(c[0]) for c in getattr(core.attn_fwd, "device_caches", {}).values())
+
+
+def test_fused_path_taken_and_blocked_where_declined():
+    """fp32 (and CUDA tensors) run the core's flex mode; fp64 and a BLOCK_SIZE no tile divides
+    decline to the blocked path. Both agree with the float64 definition."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, E, device=DEVICE) for n in (40, 56, 56))
+    mask = MASKS["causal"]
+    for dtype, block, path in ((torch.float32, 16, "fused"), (torch.float64, 16, "blocked"),
+                               (torch.float32, 8, "blocked")):
+        bm = flex.create_block_mask(mask, None, None, 40, 56, device=DEVICE, BLOCK_SIZE=block)
+        before = dict(dispatch.PATHS)
+        out = flex.flex_attention(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=bm)
+        assert dispatch.PATHS[path] == before[path] + 1, (dtype, block, path)
+        ref64, = dense_reference(q, k, v, None, mask, torch.float64)[:1]
+        ref32, = dense_reference(q, k, v, None, mask, torch.float32)[:1]
+        assert_scaled_close(out.to(torch.float64), ref64, ref32, what=f"{dtype} BLOCK_SIZE={block}")
+
+
+def test_fused_kernel_options_tiles_and_ragged_full_blocks():
+    """kernel_options' BLOCK_M / BLOCK_N reach the core (shrunk to divide BLOCK_SIZE), and a
+    full block that runs past S (no mask: every block full) is bounded."""
+    from attend.kernels import launch
+
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 2, n, E, device=DEVICE) for n in (50, 75, 75))
+    blocks = flex._lists.dense(50, 75, q.device, 32)
+    t = launch.flex_tiles(q, k, blocks, kernel_options={"BLOCK_M": 64, "BLOCK_N": 16})
+    assert (t.meta["BLOCK_M"], t.meta["BLOCK_N"]) == (32, 16), t
+    fused = dispatch.PATHS["fused"]
+    out, lse = flex.flex_attention(q, k, v, score_mod=_score_mods(torch.float32)["softcap"][0], return_lse=True,
+                                   kernel_options={"BLOCK_M": 32, "BLOCK_N": 16})
+    assert dispatch.PATHS["fused"] == fused + 1
+    sm = _score_mods(torch.float32)["softcap"][0]
+    o64, lse64, _ = dense_reference(q, k, v, sm, None, torch.float64)
+    o32, lse32, _ = dense_reference(q, k, v, sm, None, torch.float32)
+    assert_scaled_close(out, o64, o32, what="out")
+    assert_scaled_close(lse, lse64, lse32, what="lse")
+
+
+def test_fused_new_length_batch_or_captured_value_compiles_nothing():
+    """On the core's flex mode: a new length, batch or captured value generates no code and
+    compiles no kernel (counted on the GPU; the interpreter compiles nothing)."""
+    def run(n, bsz, seed):
+        g = torch.Generator().manual_seed(seed)
+        table = torch.randn(HQ, 2 * n, generator=g).to(DEVICE)
+        doc = torch.randint(0, 3, (bsz, n), generator=g).sort(-1).values.to(DEVICE)
+        sm = lambda s, b, h, q_idx, kv_idx: s + table[h, q_idx - kv_idx + n]
+        mm = lambda b, h, q_idx, kv_idx: (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
+        bm = flex.create_block_mask(mm, bsz, None, n, n, device=DEVICE, BLOCK_SIZE=32)
+        q, k, v = (torch.randn(bsz, HQ, n, E, generator=g).to(DEVICE) for _ in range(3))
+        fused = dispatch.PATHS["fused"]
+        out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
+        assert dispatch.PATHS["fused"] == fused + 1
+        o64 = dense_reference(q, k, v, sm, mm, torch.float64)[0]
+        o32 = dense_reference(q, k, v, sm, mm, torch.float32)[0]
+        assert_scaled_close(out, o64, o32, what=f"n={n} batch={bsz}")
+
+    run(70, 2, 0)  # lengths of one Triton specialization class (not multiples of 16)
+    gens, compiled = codegen.GENERATIONS["count"], _fwd_compiles()
+    for n, bsz, seed in ((90, 2, 1), (70, 3, 2), (70, 2, 3)):
+        run(n, bsz, seed)
+    assert codegen.GENERATIONS["count"] == gens, "a new length, batch or captured value generated code"
+    assert _fwd_compiles() == compiled, "a new length, batch or captured value compiled the core again"

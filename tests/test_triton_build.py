@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from attend.kernels.build import _BWD_FEATURES, _FEATURES, _FWD_FEATURES, WS_BWD_FEATURES, WS_FEATURES, rule_jobs
+from attend.kernels.build import (_BWD_FEATURES, _FEATURES, _FWD_FEATURES, FLEX_VARIANTS, WS_BWD_FEATURES, WS_FEATURES,
+                                  rule_jobs)
 from attend.kernels.configs import BWD_CONFIGS, FWD_CONFIGS, RULES
 
 
@@ -51,10 +52,13 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
     # pointer loads (bwd only), the warp-specialized Gluon forward and dK / dV (sm_90 only), and every
     # fixed-config rule's configs that no plain build covers (sm_90)
     expected = (2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 2 * len(_FEATURES) + len(_FWD_FEATURES)
-                + len(_BWD_FEATURES) + len(WS_FEATURES) + len(WS_BWD_FEATURES) + len(rule_jobs()))
+                + len(_BWD_FEATURES) + len(WS_FEATURES) + len(WS_BWD_FEATURES) + len(rule_jobs())
+                + 2 * len(FLEX_VARIANTS))  # the flex forward (generated hooks) on sm_90 and sm_80
     assert len(builds) == expected
     assert {b["head_dim"] for b in builds} == {64, 128, 256}
     assert {b["feature"] for b in builds} >= {"varlen_sliding_window", "paged_seqused"}
+    assert {(b["feature"], b["arch"]) for b in builds if b["feature"].startswith("flex_")} == {
+        ("flex_" + v, a) for v in FLEX_VARIANTS for a in (90, 80)}
     for b in builds:
         decode_tile = b["kernel"] == "fwd" and b["config"].startswith("BLOCK_M: 16,")
         if b["arch"] == 90 and decode_tile:

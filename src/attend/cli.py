@@ -117,6 +117,14 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.suite == "flex":  # runs on the CPU too, at the tiny preset (attend's core under TRITON_INTERPRET=1)
+        from . import bench_flex
+
+        preset = a.flex_preset or ("tiny" if a.device == "cpu" else "full")
+        dtype = torch.float32 if a.device == "cpu" else _DTYPES[a.dtype if a.dtype != "float32" else "bfloat16"]
+        bench_flex.main(preset, tuple(a.impls.split(",")) if a.impls else bench_flex.IMPLS, a.flex_json, a.device,
+                        dtype)
+        return 0
     if a.suite == "models":  # runs on the CPU too, at the tiny preset
         from . import bench_models
 
@@ -191,13 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--png", default="bench.png", help="CUDA: where to draw the plot")
     be.add_argument("--no-gqa", action="store_true")
     be.add_argument("--no-decode", action="store_true")
-    be.add_argument("--suite", choices=["core", "masks", "all", "models"], default="core",
+    be.add_argument("--suite", choices=["core", "masks", "all", "models", "flex"], default="core",
                     help="CUDA: core = dense prefill/decode table; masks = bias, padding, varlen and sliding window; "
                     "models = transformers Llama- and Gemma-2-shaped training step and generation per "
-                    "attn_implementation (also on the CPU, tiny)")
+                    "attn_implementation (also on the CPU, tiny); flex = attend.flex_attention against compiled "
+                    "PyTorch flex (also on the CPU, tiny)")
     be.add_argument("--models-json", default="bench_models.json", help="where --suite models writes its results")
     be.add_argument("--models-preset", choices=["full", "tiny"], default=None,
                     help="--suite models sizes; default full on CUDA, tiny on the CPU")
+    be.add_argument("--flex-json", default="bench_flex.json", help="where --suite flex writes its results")
+    be.add_argument("--flex-preset", choices=["full", "tiny"], default=None,
+                    help="--suite flex sizes; default full on CUDA (B=2, H=16, S=8192, D=128), tiny on the CPU")
     be.add_argument("--masks-json", default="bench_masks.json", help="CUDA: where --suite masks writes its results")
     return ap
 

@@ -161,7 +161,9 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (query head ``h`` reads key head
             ``h // (Hq // Hkv)``).
         return_lse: also return the log-sum-exp (deprecated in PyTorch; use ``return_aux``).
-        kernel_options: a dict of PyTorch's FlexKernelOptions; accepted, tuning is attend's own.
+        kernel_options: a dict of PyTorch's FlexKernelOptions; BLOCK_M, BLOCK_N, num_warps and
+            num_stages set the core's tiles (shrunk to divide the block_mask's BLOCK_SIZE); the
+            other keys are accepted and ignored.
         return_aux: ``AuxRequest(lse, max_scores)``: return ``(out, AuxOutput)``.
 
     Returns:
@@ -259,7 +261,7 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
             if c.tensor.device != query.device:
                 raise ValueError(f"flex_attention: a {g.kind}_mod captures a tensor of shape {tuple(c.tensor.shape)} "
                                  f"on {c.tensor.device}; query is on {query.device}")
-    call = _dispatch.FlexCall(query, key, value, score_graph, mask_graph, blocks, float(scale))
+    call = _dispatch.FlexCall(query, key, value, score_graph, mask_graph, blocks, float(scale), kernel_options)
     return call, return_aux, return_lse
 
 

@@ -27,6 +27,7 @@ class FlexCall:
     mask: ModGraph | None  # None: no mask work (partial blocks kept whole)
     blocks: BlockLists
     scale: float
+    kernel_options: dict | None = None  # flex_attention's: BLOCK_M / BLOCK_N / num_warps / num_stages
 
     @property
     def score_captures(self) -> list[torch.Tensor]:
@@ -46,9 +47,94 @@ class FlexCall:
         return out
 
 
+# How many calls each path ran (tests assert which path a call took).
+PATHS = {"fused": 0, "blocked": 0}
+
+
+def _fusable(call: FlexCall) -> bool:
+    """Whether the core's flex mode takes the call: CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1 in fp16 / fp32 (the interpreter has no bf16 arithmetic); fp16 / bf16 / fp32,
+    equal head dims up to 256, non-empty lengths. The blocked path runs the rest."""
+    import os
+
+    q, k, v = call.query, call.key, call.value
+    if q.is_cuda:
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False
+    elif q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        if q.dtype not in (torch.float16, torch.float32):
+            return False
+    else:
+        return False
+    return (k.dtype == q.dtype and v.dtype == q.dtype and v.shape[-1] == q.shape[-1] <= 256
+            and q.shape[2] > 0 and k.shape[2] > 0)
+
+
+def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bool):
+    from ..kernels import launch
+
+    score = mask = None
+    if call.score is not None:
+        score = (codegen.hooks(call.score).functions,
+                 codegen.capture_args(list(score_caps), q.device, grads=[], scalars=call.score.scalars))
+    if call.mask is not None:
+        mask = (codegen.hooks(call.mask).functions,
+                codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
+    return launch.flex_forward(q, k, v, call.blocks, call.scale, score, mask, want_max=want_max,
+                               kernel_options=call.kernel_options)
+
+
+class _FusedForward(torch.autograd.Function):
+    """The core's flex forward; the backward recomputes through the blocked path's autograd (one
+    query block at a time), until the core's flex backward lands."""
+
+    @staticmethod
+    def forward(ctx, call, q, k, v, *caps):
+        n = len(call.score_captures)
+        res = _forward_kernel(call, q, k, v, caps[:n], caps[n:], True)
+        ctx.call = call
+        ctx.save_for_backward(q, k, v, *caps)
+        ctx.mark_non_differentiable(res[2])
+        return res
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dmax):
+        call = ctx.call
+        q, k, v, *caps = ctx.saved_tensors
+        n = len(call.score_captures)
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, *caps)]
+        wants = [t for t in leaves if t.requires_grad]
+        with torch.enable_grad():
+            out, lse, _ = eager.attention(leaves[0], leaves[1], leaves[2], call.score, leaves[3:3 + n], call.mask,
+                                          leaves[3 + n:], call.blocks, call.scale)
+            outs, gouts = [out], [dout]
+            if dlse is not None:
+                outs.append(lse)
+                gouts.append(torch.where(torch.isfinite(lse), dlse, 0.0))
+            got = iter(torch.autograd.grad(outs, wants, gouts, allow_unused=True)) if wants else iter(())
+        return (None, *[next(got) if t.requires_grad else None for t in leaves])
+
+
 def _fused(call: FlexCall):
-    """The fused Triton core's flex mode: not wired yet (returns None to decline the call)."""
-    return None
+    """The fused Triton core's flex mode (kernels.launch.flex_forward): (out, lse, max_scores),
+    or None to decline the call (``_fusable``, or no tile fits the BlockMask's BLOCK_SIZE)."""
+    if not _fusable(call):
+        return None
+    if launch_tiles(call) is None:
+        return None
+    caps = [*call.score_captures, *call.mask_captures]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (call.query, call.key, call.value, *caps)):
+        res = _FusedForward.apply(call, call.query, call.key, call.value, *caps)
+    else:
+        res = _forward_kernel(call, call.query, call.key, call.value, call.score_captures, call.mask_captures, True)
+    PATHS["fused"] += 1
+    return res
+
+
+def launch_tiles(call: FlexCall):
+    from ..kernels import launch
+
+    return launch.flex_tiles(call.query, call.key, call.blocks, kernel_options=call.kernel_options)
 
 
 def run(call: FlexCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,5 +142,6 @@ def run(call: FlexCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     res = _fused(call)
     if res is not None:
         return res
+    PATHS["blocked"] += 1
     return eager.attention(call.query, call.key, call.value, call.score, call.score_captures, call.mask,
                            call.mask_captures, call.blocks, call.scale)

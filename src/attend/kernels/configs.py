@@ -342,3 +342,13 @@ EVEN_TILE = 128
 _BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 assert all(EVEN_TILE % c.kwargs[k] == 0 for c in FWD_CONFIGS + BWD_CONFIGS + [c for r in RULES for c in r.configs()]
            for k in _BLOCKS if k in c.kwargs)
+
+
+def flex_tile(block_n: int, stages: int, block_d: int) -> tuple[int, int]:
+    """(BLOCK_N, stages) of the flex forward (core.attn_fwd FLEX) from a dense forward config's:
+    its three key loops (partial, full, ragged full block) each hold pipeline buffers, so at most 2
+    stages, and BLOCK_N <= 64 from head dim 128 up. The sm_90 build at 128x128, 3 stages asked for
+    360448 bytes of shared memory (a score_mod and a mask_mod); 128x64 at 2 stages for 131584."""
+    if block_d >= 128:
+        block_n = min(block_n, 64)
+    return block_n, min(stages, 2)

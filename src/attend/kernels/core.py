@@ -160,8 +160,12 @@ def _fwd_inner(
     MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr,
     edge_lo=0, edge_hi=0, EDGES: tl.constexpr = False,
+    fb=0, fh=0, score_ptrs=None, score_meta=None, mod_mask_ptrs=None, mask_meta=None,
+    SCORE_MOD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
 ):
     """Online softmax over key blocks [start, end). MASKED: apply the band and bounds masks.
+    SCORE_MOD / MASK_MOD (flex, ``_flex_lists``): generated hooks called on the natural-unit score
+    and the clamped indices of batch ``fb`` and query head ``fh`` (docs/flex.md); None: absent.
     EDGES (loads that need no bounds masks: TMA or EVEN): only the blocks outside [edge_lo, edge_hi)
     apply them, under a branch, so one loop runs a band's edge blocks and its inner ones.
     PAGED: gather each block's rows through the block table instead of striding. USE_TMA:
@@ -197,7 +201,7 @@ def _fwd_inner(
         elif HAS_MASK:
             bias = _mask_load(mask_ptrs, rows, cols, L, S, 0.0, MASK_KEYS, MASKED).to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-        if MASKED or HAS_MASK or EDGES:
+        if MASKED or HAS_MASK or EDGES or SCORE_MOD is not None or MASK_MOD is not None:
             # s * to_log2 is the log2-domain score: a float mask adds in natural units (one FMA),
             # a bool mask or the band selects -inf, and the scale goes into exp2's FMA with the
             # row max (as below; the launcher makes the scale positive). One op per score fewer
@@ -205,11 +209,21 @@ def _fwd_inner(
             if HAS_MASK and not MASK_BOOL:
                 s = qk * (qk_scale * LN2) + bias
                 to_log2 = RCP_LN2
+            elif SCORE_MOD is not None:  # hooks see in-range indices; the bounds mask below drops the rest
+                q_c = tl.minimum(rows, L - 1)[:, None]
+                kv_c = tl.minimum(cols, S - 1)[None, :]
+                s = SCORE_MOD(qk * (qk_scale * LN2), fb, fh, q_c, kv_c, score_ptrs, score_meta)
+                s = tl.broadcast_to(s, qk.shape)
+                to_log2 = RCP_LN2
             else:
                 s = qk
                 to_log2 = qk_scale
                 if HAS_MASK:
                     s = tl.where(keep, s, float("-inf"))
+            if MASK_MOD is not None:  # partial blocks only (full ones pass None)
+                keep_mod = MASK_MOD(fb, fh, tl.minimum(rows, L - 1)[:, None], tl.minimum(cols, S - 1)[None, :],
+                                    mod_mask_ptrs, mask_meta)
+                s = tl.where(keep_mod, s, float("-inf"))
             if MASKED:
                 ok = (cols[None, :] < S) & _band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)
                 s = tl.where(ok, s, float("-inf"))
@@ -351,8 +365,71 @@ def query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
+def _flex_lists(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, k_head, v_head, table_ptr, m0, rows, offs_n, offs_d, b, h, bh, L, S, qk_scale,
+    stride_kn, stride_vn, stride_kb, stride_vb, stride_kd, stride_vd, FLEX_LISTS, SCORE_PTRS, score_meta, MASK_PTRS,
+    mask_meta, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE_BQ: tl.constexpr, SPARSE_BKV: tl.constexpr,
+):
+    """Flex's block-sparse iteration (FLEX): the key blocks a BlockMask lists for this program's
+    query block ``m0 // SPARSE_BQ`` of (b, query head h), each as SPARSE_BKV / BLOCK_N steps of
+    ``_fwd_inner``. FLEX_LISTS = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+    their 14 int32 strides, max_scores): partial blocks apply MASK_MOD and the bounds mask; full
+    blocks no mask work at all, except the one full block that reaches past S (it is the last
+    listed: indices ascend), which takes the bounds mask only. Broadcast lists have stride 0."""
+    KV_NUM = FLEX_LISTS[0]
+    KV_IDX = FLEX_LISTS[1]
+    FULL_NUM = FLEX_LISTS[2]
+    FULL_IDX = FLEX_LISTS[3]
+    ST = FLEX_LISTS[4]
+    mq = tl.cast(m0 // SPARSE_BQ, tl.int64)
+    b64 = tl.cast(b, tl.int64)
+    h64 = tl.cast(h, tl.int64)
+    num = b64 * tl.load(ST) + h64 * tl.load(ST + 1) + mq * tl.load(ST + 2)
+    idx = b64 * tl.load(ST + 3) + h64 * tl.load(ST + 4) + mq * tl.load(ST + 5)
+    step = tl.cast(tl.load(ST + 6), tl.int64)
+    fnum = b64 * tl.load(ST + 7) + h64 * tl.load(ST + 8) + mq * tl.load(ST + 9)
+    fidx = b64 * tl.load(ST + 10) + h64 * tl.load(ST + 11) + mq * tl.load(ST + 12)
+    fstep = tl.cast(tl.load(ST + 13), tl.int64)
+    n_part = tl.load(KV_NUM + num)
+    for i in range(0, n_part):
+        start = tl.load(KV_IDX + idx + i * step) * SPARSE_BKV
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, start, tl.minimum(start + SPARSE_BKV, S),
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
+            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
+        )
+    n_full = tl.load(FULL_NUM + fnum)
+    last = tl.load(FULL_IDX + fidx + tl.maximum(n_full - 1, 0) * fstep)
+    ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
+    for i in range(0, n_full - ragged.to(tl.int32)):
+        start = tl.load(FULL_IDX + fidx + i * fstep) * SPARSE_BKV
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, start, start + SPARSE_BKV,
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
+            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
+        )
+    # the ragged full block: bounds mask, no mask_mod (an empty range when there is none)
+    r_lo = tl.where(ragged, last * SPARSE_BKV, 0)
+    r_hi = tl.where(ragged, S, 0)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, r_lo, r_hi,
+        m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+        stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+        True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
+        0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
+    )
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attn_fwd(
     Q, K, V, Out, LSE, MASK, CU_Q, CU_K, SEQUSED_K, TABLE, KEY_EXT, WORK,
+    FLEX_LISTS, SCORE_PTRS, SCORE_META, MASK_PTRS, MASK_META,  # flex only (FLEX); None otherwise
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -367,6 +444,9 @@ def attn_fwd(
     PAGE_SIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WORKLIST: tl.constexpr = False, USE_TMA: tl.constexpr = False, MASK_TMA: tl.constexpr = False,
     GRID_1D: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
+    FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, LOAD_SCORE_META: tl.constexpr = None,
+    MASK_MOD: tl.constexpr = None, LOAD_MASK_META: tl.constexpr = None, SPARSE_BQ: tl.constexpr = 128,
+    SPARSE_BKV: tl.constexpr = 128, MAX_SCORES: tl.constexpr = False,
 ):
     """Grid: (cdiv(L, BLOCK_M), B * Hq), or with GRID_1D (cdiv(L, BLOCK_M) * B * Hq,), past CUDA's
     cap on y (``_grid_cell``): one program per query block of one head. Writes Out and LSE (fp32,
@@ -384,8 +464,13 @@ def attn_fwd(
     ONE_LOOP: a band's edge blocks run in its inner loop, masked under a branch, instead of one
     loop per edge (each loop pays a pipeline fill and drain; a window's edges are one block
     each), where the loads need no bounds masks (TMA or EVEN) and there is no attn_mask or key
-    range (their tiles have bounds of their own). That loop never rescales lazily."""
-    one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE or PAGED) and (USE_TMA or EVEN)
+    range (their tiles have bounds of their own). That loop never rescales lazily.
+    FLEX (dense, no band, mask, dropout or lazy rescaling; launch.flex_forward): the key blocks of
+    a BlockMask's lists (``_flex_lists``), with the generated SCORE_MOD / MASK_MOD hooks reading
+    their captures through SCORE_PTRS / MASK_PTRS and their META tensors (docs/flex.md); BLOCK_M
+    divides SPARSE_BQ and BLOCK_N divides SPARSE_BKV. MAX_SCORES: also write each row's max
+    score (natural units) to FLEX_LISTS[5], laid out as LSE."""
+    one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE or PAGED or FLEX) and (USE_TMA or EVEN)
     if WORKLIST:
         n_m = tl.num_programs(0) // H
     else:
@@ -479,7 +564,22 @@ def attn_fwd(
             USE_TMA, False,
         )
         a = c_run
-    if not one_loop:
+    if FLEX:
+        if SCORE_MOD is not None:
+            score_meta = LOAD_SCORE_META(SCORE_META)
+        else:
+            score_meta = 0
+        if MASK_MOD is not None:
+            mask_meta = LOAD_MASK_META(MASK_META)
+        else:
+            mask_meta = 0
+        acc, l_i, m_i = _flex_lists(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, k_head, v_head, table_ptr, m0, rows, offs_n, offs_d, b, h, bh, L, S,
+            qk_scale, stride_kn, stride_vn, stride_kb, stride_vb, stride_kd, stride_vd, FLEX_LISTS, SCORE_PTRS,
+            score_meta, MASK_PTRS, mask_meta, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SCORE_MOD, MASK_MOD,
+            SPARSE_BQ, SPARSE_BKV,
+        )
+    if not one_loop and not FLEX:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, a, c, m0, rows, offs_n, offs_d,
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
@@ -487,7 +587,7 @@ def attn_fwd(
             False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
             USE_TMA, MASK_TMA,
         )
-    if (CAUSAL or KEY_RANGE or not EVEN) and not one_loop:  # else c == hi: no diagonal, no ragged tail
+    if (CAUSAL or KEY_RANGE or not EVEN) and not one_loop and not FLEX:  # else c == hi: no diagonal, no ragged tail
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, c, hi, m0, rows, offs_n, offs_d,
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
@@ -508,6 +608,10 @@ def attn_fwd(
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(lse_ptrs, lse, mask=row_ok)
+    if MAX_SCORES:  # m_i is the row max of s * to_log2 (exact: FLEX never rescales lazily)
+        mx_ptrs = (FLEX_LISTS[5] + tl.cast(bt, tl.int64) * stride_lseb + tl.cast(h, tl.int64) * stride_lseh
+                   + q0 + rows)
+        tl.store(mx_ptrs, m_i * LN2, mask=row_ok)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from .._layout import Band, Packed
 from . import core, versions, worklist
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
     heuristic, pruner, ws_backward
+from .configs import flex_tile
 from .fastlaunch import Launcher
 from .options import KernelOptions, resolve
 
@@ -39,6 +40,8 @@ _PRE_LAUNCH = Launcher(core.attn_bwd_preprocess)
 _KEY_RANGE_LAUNCH = Launcher(core.key_range_kernel)
 
 _DENSE_FLAGS = dict(VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16)
+# attn_fwd's flex inputs where there is no flex call: None specializes away (core.attn_fwd's FLEX)
+_NO_FLEX = dict(FLEX_LISTS=None, SCORE_PTRS=None, SCORE_META=None, MASK_PTRS=None, MASK_META=None)
 
 
 @dataclass(frozen=True)
@@ -305,7 +308,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     args = dict(zip(_FWD_STRIDES, (*q.stride(), *kstr, *vstr, *out.stride(), *mstr, *lse_strides, stride_table,
                                    *ext_strides)),
                 Q=q, K=k, V=v, Out=out, LSE=lse, MASK=m4, **seq_ptrs, KEY_EXT=ext, WORK=q if work is None else work[0],
-                H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=float(dropout_p),
+                **_NO_FLEX, H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=float(dropout_p),
                 seed=int(seed), L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
 
     def grid(m):  # every sequence's slots, or the list's items (core.attn_fwd)
@@ -559,3 +562,107 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
 
     _launch(_bwd, _BWD_LAUNCH, grid, args, flags, tiles)
     return None if skip_dq else dq
+
+
+# ---- flex (attend.flex_attention): the core's block-sparse mode with generated hooks ----------
+
+_FLEX_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # kernel_options that map onto Tiles
+
+
+def _fit(tile: int, block: int) -> int:
+    """The largest power-of-two tile <= ``tile`` that divides a BlockMask's ``block`` size."""
+    while tile > 1 and block % tile:
+        tile //= 2
+    return tile
+
+
+def flex_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
+               kernel_options: dict | None = None) -> Tiles | None:
+    """The flex forward's tiles: the fixed config of a dense non-causal forward (or the
+    interpreter's tile), with flex_attention's ``kernel_options`` BLOCK_M / BLOCK_N / num_warps /
+    num_stages applied, shrunk until BLOCK_M divides the BlockMask's BQ and BLOCK_N its BKV
+    (lists.coarsen covers the other direction). None where no tile of at least 16 fits."""
+    import dataclasses
+
+    opts = resolve(options)
+    B, H, L, D = q.shape
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_KEYS=False,
+                 VARLEN=False)
+    tiles = pick_tiles("fwd", flags, q.element_size(), dataclasses.replace(opts, autotune=False), l_bucket(L),
+                       seq_bucket(k.shape[2]), H // k.shape[1])
+    meta = {key: val for key, val in tiles.meta.items() if key in ("BLOCK_M", "BLOCK_N")}
+    warps, stages = tiles.warps, tiles.stages
+    meta["BLOCK_N"], stages = flex_tile(meta["BLOCK_N"], stages, block_d(D)) if not opts.interpret else (
+        meta["BLOCK_N"], stages)
+    ko = kernel_options or {}
+    meta["BLOCK_M"] = int(ko.get("BLOCK_M", meta["BLOCK_M"]))
+    meta["BLOCK_N"] = int(ko.get("BLOCK_N", meta["BLOCK_N"]))
+    warps, stages = int(ko.get("num_warps", warps)), int(ko.get("num_stages", stages))
+    BQ, BKV = blocks.BLOCK_SIZE
+    meta["BLOCK_M"], meta["BLOCK_N"] = _fit(meta["BLOCK_M"], BQ), _fit(meta["BLOCK_N"], BKV)
+    if meta["BLOCK_M"] < 16 or meta["BLOCK_N"] < 16:
+        return None
+    return Tiles(dict(meta, LAZY_RESCALE=False, ONE_LOOP=False), warps, stages)
+
+
+def _list_strides(blocks, device) -> torch.Tensor:
+    """FLEX_LISTS[4]: the 14 int32 strides of the four lists (a size-1 b / h dim broadcasts: 0).
+    A tensor, not int arguments: Triton would specialize ints on divisibility, and a new length
+    changes the lists' row strides."""
+    def st(t, n):
+        return [0 if t.shape[i] == 1 else t.stride(i) for i in range(n - 1)] + [t.stride(n - 1)]
+    vals = (st(blocks.kv_num_blocks, 3) + st(blocks.kv_indices, 4) + st(blocks.full_kv_num_blocks, 3)
+            + st(blocks.full_kv_indices, 4))
+    return torch.tensor(vals, dtype=torch.int32, device=device)
+
+
+def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max: bool = False, options: KernelOptions | dict | None = None,
+                 kernel_options: dict | None = None):
+    """Flex attention through core.attn_fwd's FLEX mode. q ``(B, Hq, L, D)``; k / v ``(B or 1,
+    Hkv, S, D)``; ``blocks`` a ``_flex.lists.BlockLists`` (int32, b / h dims 1 or full);
+    ``score`` / ``mask``: (the mod's generated functions, its ``codegen.capture_args``), or None
+    where there is no such mod. Returns (out, lse (B, Hq, L) natural
+    log, max_scores or None), or None where no tile fits the BlockMask's BLOCK_SIZE."""
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    tiles = flex_tiles(q, k, blocks, options, kernel_options)
+    if tiles is None:
+        return None
+    out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    mx = torch.empty((B, H, L), dtype=torch.float32, device=q.device) if want_max else lse
+    if L == 0:
+        return out, lse, (mx if want_max else None)
+    if blocks.full_kv_num_blocks is None:
+        import dataclasses
+
+        zero = torch.zeros(1, 1, blocks.kv_num_blocks.shape[-1], 1, dtype=torch.int32, device=q.device)
+        blocks = dataclasses.replace(blocks, full_kv_num_blocks=zero[..., 0], full_kv_indices=zero)
+    kstr, vstr = list(k.stride()), list(v.stride())
+    if k.shape[0] == 1:
+        kstr[0] = 0
+    if v.shape[0] == 1:
+        vstr[0] = 0
+    lists = (blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices,
+             _list_strides(blocks, q.device), mx)
+    bargs, _ = band_args(Band())
+    score_on, mask_on = score is not None, mask is not None
+    sfns, score_args = score if score_on else ({}, None)
+    mfns, mask_args = mask if mask_on else ({}, None)
+    args = dict(zip(_FWD_STRIDES, (*q.stride(), *kstr, *vstr, *out.stride(), 0, 0, 0, 0, H * L, L, 0, 0, 0)),
+                Q=q, K=k, V=v, Out=out, LSE=lse, MASK=q, CU_Q=q, CU_K=q, SEQUSED_K=q, TABLE=q, KEY_EXT=q, WORK=q,
+                FLEX_LISTS=lists, SCORE_PTRS=score_args.ptrs if score_on else None,
+                SCORE_META=score_args.meta if score_on else None, MASK_PTRS=mask_args.ptrs if mask_on else None,
+                MASK_META=mask_args.meta if mask_on else None,
+                H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=0.0, seed=0,
+                L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_BOOL=False,
+                 MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, **_DENSE_FLAGS, EVEN=False,
+                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=False, MASK_TMA=False,
+                 GRID_1D=_one_axis(B * H), FLEX=True,
+                 SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
+                 MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
+                 SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1], MAX_SCORES=want_max)
+    grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
+    core.attn_fwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
+    return out, lse, (mx if want_max else None)

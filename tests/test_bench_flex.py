@@ -1,0 +1,29 @@
+"""bench --suite flex at the tiny preset: one row per case and implementation, a failing peer as a
+row with its error, and the counted compiles (the GPU runs the full preset)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import DEVICE
+
+
+def test_bench_flex_runs_tiny(tmp_path):
+    from attend import bench_flex
+
+    out = tmp_path / "flex.json"
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    rows = bench_flex.main("tiny", ("attend", "no-such-impl"), str(out), DEVICE, dtype,
+                           cases=("causal", "rel_bias_grad_causal"))
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and saved["meta"]["preset"] == "tiny"
+    by = {(r["case"], r["impl"]): r for r in rows}
+    for case in ("causal", "rel_bias_grad_causal"):
+        assert by[(case, "attend")]["fwd_ms"] > 0 and by[(case, "attend")]["bwd_ms"] > 0, by[(case, "attend")]
+        assert "no-such-impl" in by[(case, "no-such-impl")]["error"]
+    assert by[("first_call_new_mod", "attend")]["first_call_s"] > 0
+    counted = by[("compiles_new_length_and_value", "attend")]
+    assert counted["compiles_new_length"] == 0 and counted["compiles_new_value"] == 0, counted
+    assert by[("create_block_mask_256", "attend")]["ms"] > 0
