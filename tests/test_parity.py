@@ -141,9 +141,13 @@ def _leaves(call: Call, dtype=None) -> tuple[Call, list[torch.Tensor]]:
 
 
 def _oracle(call: Call) -> torch.Tensor:
+    """PyTorch's MATH on the CPU, whatever the call's device: on CUDA, PyTorch sizes some zero-size
+    broadcasts differently (a query batch of 1 against a key batch of 3), and the CPU is the
+    definition this suite holds attend to."""
     tk = call.torch_kw()
-    return torch_sdpa(call.q, call.k, call.v, **{n: tk[n] for n in tk if n != "dropout_p"},
-                      dropout_p=float(tk.get("dropout_p", 0.0)))
+    cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t
+    tk = {n: cpu(t) for n, t in tk.items() if n != "dropout_p"} | {"dropout_p": float(tk.get("dropout_p", 0.0))}
+    return torch_sdpa(cpu(call.q), cpu(call.k), cpu(call.v), **tk).to(call.q.device)
 
 
 def attend_sdpa(q, k, v, **kw):

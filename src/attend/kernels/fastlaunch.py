@@ -80,6 +80,8 @@ class Launcher:
             self.arg_names = tuple(kernel.arg_names[:first])
             self._order = operator.itemgetter(*self.arg_names)
             self.constexpr_names = tuple(kernel.arg_names[first:])
+            # a constexpr the caller leaves out takes its default, as Triton's own path does
+            self.defaults = {p.name: p.default for p in kernel.params[first:] if p.has_default}
             self.volatile = tuple(kernel.arg_names.index(n) for n in volatile)
 
     def ordered(self, args: dict) -> tuple:
@@ -114,6 +116,8 @@ class Launcher:
             self.n_ptr = next((i for i, a in enumerate(args) if not _is_pointer(a)), len(args))
             if any(_is_pointer(a) for a in args[self.n_ptr:]) or any(i < self.n_ptr for i in self.volatile):
                 raise TypeError(f"{self.kernel.__name__}: pointer parameters must come first for Launcher")
+        if len(constexprs) != len(self.constexpr_names):
+            constexprs = {**self.defaults, **constexprs}
         tail = tuple([constexprs[n] for n in self.constexpr_names])
         device = driver.active.get_current_device()
         key = (device, tail, num_warps, num_stages, self._key(args))
