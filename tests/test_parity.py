@@ -160,7 +160,10 @@ def assert_parity(call: Call, sdpa=attend_sdpa, grads: bool = True) -> None:
     float64 inputs, within a multiple of the same-precision oracle's error otherwise). Shapes
     come from MATH, PyTorch's definition: its CPU default path sizes some zero-size broadcasts
     from the query alone (a batch of 1 against a key batch of 0 gives 1, MATH gives 0)."""
-    F.scaled_dot_product_attention(call.q, call.k, call.v, **call.torch_kw())  # accepted as given
+    cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t
+    # accepted as given, on the CPU (PyTorch's CUDA cuDNN path refuses dropout_p=1 with an internal error)
+    F.scaled_dot_product_attention(cpu(call.q), cpu(call.k), cpu(call.v),
+                                   **{n: cpu(t) for n, t in call.torch_kw().items()})
     mine, inputs = _leaves(call)
     out = sdpa(mine.q, mine.k, mine.v, **mine.kw)
     ref_call, ref_inputs = _leaves(call, torch.float64)
@@ -363,7 +366,7 @@ def test_empty_calls_give_pytorchs_zeros_and_explain_says_so():
     key / value broadcast a batch of 1 to 3), with zero gradients; explain says no backend runs."""
     q, k = _r(1, 2, 4, 8).requires_grad_(), _r(3, 2, 0, 8).requires_grad_()
     out = attend.scaled_dot_product_attention(q, k, k)
-    assert out.shape == F.scaled_dot_product_attention(q, k, k).shape == (1, 2, 4, 8)
+    assert out.shape == F.scaled_dot_product_attention(q.cpu(), k.cpu(), k.cpu()).shape == (1, 2, 4, 8)  # CUDA: 3
     assert torch.equal(out, torch.zeros_like(out))
     (dq,) = torch.autograd.grad(out.sum(), q)
     assert torch.equal(dq, torch.zeros_like(q))
