@@ -25,5 +25,8 @@ def test_bench_flex_runs_tiny(tmp_path):
         assert "no-such-impl" in by[(case, "no-such-impl")]["error"]
     assert by[("first_call_new_mod", "attend")]["first_call_s"] > 0
     counted = by[("compiles_new_length_and_value", "attend")]
-    assert counted["compiles_new_length"] == 0 and counted["compiles_new_value"] == 0, counted
+    # a captured value never compiles; a length compiles at most once more, where it changes a
+    # specialization class of the kernel (the tiny lengths 64 -> 16 change whether the tiles divide
+    # the length; the full preset's 8192 -> 8144 measured 0 on an H200)
+    assert counted["compiles_new_length"] <= 1 and counted["compiles_new_value"] == 0, counted
     assert by[("create_block_mask_256", "attend")]["ms"] > 0
