@@ -1,8 +1,7 @@
 """Decide between a few tuning choices with interleaved timings: every variant of a case is timed
 once per round, for several rounds, through the public API (as ``python -m attend bench`` times
 it), and the table gives each variant's median and spread. A single sweep pass ranks configs
-from one timing each; on the H100 the same config has read 12% apart within one sweep (session
-7), more than the differences being decided, so a ranking that matters comes from here.
+from one timing each; on the H100 the same config has read 12% apart within one sweep (H100-7), more than the differences being decided, so a ranking that matters comes from here.
 
     PYTHONPATH=src python benchmarks/ab.py [--cases varlen-window,bias-grad] [--rounds 5] [--json out.json]
 
@@ -31,7 +30,7 @@ _c, _b = fwd_config, bwd_config
 # Per case ("name" or "name@S" for one of its lengths): the shipped fixed config first (marked
 # "now"), then the challengers. A variant is (kind, config, forward TMA, mark[, overrides]): the
 # overrides are kernel options (KernelOptions' fields) set for that variant only.
-# The lists hold session 8's comparisons; tiles tried and dropped there (two programs per SM by a
+# The lists hold H100-8's comparisons; tiles tried and dropped there (two programs per SM by a
 # register cap, 256-row tiles of 16 warps, heads-fastest grids) are in RESULTS.md.
 SPLIT = {"fwd_one_loop": False}  # one loop per band edge (core's ONE_LOOP off)
 BSPLIT = {"bwd_one_loop": False}

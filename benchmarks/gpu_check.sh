@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device-tool call: the test suite on the GPU, then the benchmark with its peers.
+# One call on a CUDA machine: the test suite on the GPU, then the benchmark with its peers.
 #   run: bash benchmarks/gpu_check.sh [bench args...]   (carry .wheels if pytest is missing there)
 #   e.g. --suite all adds the masks / varlen / sliding-window cases (attend.bench_masks)
 set -uo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A bounded device-tool call for one change: chosen tests, the masks suite with fixed configs,
+# A bounded GPU run for one change: chosen tests, the masks suite with fixed configs,
 # then a short core table (fixed configs, as users get them). Every step has its own time limit and writes to $OUT as it goes.
 #   TESTS="tests/test_varlen.py" bash benchmarks/gpu_quick.sh [core bench args...]
 set -uo pipefail

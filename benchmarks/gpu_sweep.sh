@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool), from the repo root:
+# On a CUDA machine, from the repo root:
 #   CASES="d128-causal padding" SWEEP_ARGS="--kinds bwd --short --tma both" bash benchmarks/gpu_sweep.sh
 #   PLAN=benchmarks/plans/varlen.txt bash benchmarks/gpu_sweep.sh   # one "case [sweep args]" per line
 # Compiles every candidate config of each job in parallel processes (warming Triton's disk
 # cache), then times them all one job after another (never two at once: they would share the
 # GPU). Writes $OUT/sweep.json (keyed "case" or "case [args]"), sweep.log, compile.log (failures
-# only) and progress.txt: few files, since the device tool returns only a handful.
+# only) and progress.txt: few files, so the results stay small.
 set -u
 OUT=${OUT:-/tmp/attend-out}
 LOGS=$(mktemp -d)

@@ -1,7 +1,7 @@
 """Numerics of every backend and kernel reachable here against a float64 oracle.
 
 On the CPU: MATH, the blocked torch-ops kernel and the Triton core under the interpreter. On a
-GPU (the same file, through the device tool): MATH and the Triton core, in bf16 too.
+GPU (the same file, on a CUDA machine): MATH and the Triton core, in bf16 too.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def _even(L: int, S: int, D: int, packed) -> bool:
 def use_tma(opts: KernelOptions, *tensors: torch.Tensor, forced: bool | None = None) -> bool:
     """The kernels read through TMA descriptors when Hopper's copy engine can read every tensor
     (compute capability >= 9, a unit last stride, 16-byte aligned base and strides). Packed
-    (varlen) calls too since session 5: 304 vs 271 TFLOP/s with pointer loads (mixed lengths), 363
+    (varlen) calls too since H100-5: 304 vs 271 TFLOP/s with pointer loads (mixed lengths), 363
     vs 318 (sliding window) on the H100; run 13's 149 vs 247 predates the fixed configs.
     ``forced`` (KernelOptions.tma) overrides everything but the unit last stride, which the
     kernels' descriptors assume."""

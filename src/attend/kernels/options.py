@@ -60,7 +60,7 @@ class KernelOptions:
     # A full-size float mask's gradient is dS itself; with this on, the backward launches no dQ
     # programs for it and computes dQ = scale * dS @ K as one batched GEMM on the stored dS (one
     # product instead of the dQ programs' three, and no second read of the mask). H100, bias
-    # (4, 16, 4096, 4096) with grad: 272 TFLOP/s against 227 with dQ programs (RESULTS.md, session 5).
+    # (4, 16, 4096, 4096) with grad: 272 TFLOP/s against 227 with dQ programs (RESULTS.md, H100-5).
     dq_from_ds: bool = True
     # Packed calls launch one program per block that exists, from host-built lists ordered heaviest
     # first (worklist.py; core's WORKLIST), instead of cdiv(max length, block) slots per sequence,

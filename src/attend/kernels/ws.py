@@ -4,19 +4,19 @@ warpgroups of 64 query rows each run the QK product, the softmax and the PV prod
 The consumers release buffers through mbarriers and never meet at a CTA barrier, so one's softmax
 runs while the other's MMAs do: the overlap the ``tl`` core cannot express (its warpgroups meet at
 a ``bar.sync`` per iteration, and Triton 3.6 waits for an asynchronous QK product at once;
-RESULTS.md "session 8"; a one-partition schedule with the next block's QK in flight gained
+RESULTS.md "H100-8"; a one-partition schedule with the next block's QK in flight gained
 nothing, ``benchmarks/probe_gluon.py``).
 
 One program per SM takes tiles (128 query rows of one head) from a counter until none is left,
 and its producer loads the next tile's Q and first K / V blocks while the consumers finish the
 current one: a tile's start pays no load latency, the ~9 us per program that kept the core's
-sliding window at 2.02-2.07x its full causal time (RESULTS.md, session 9). A band (causal top-left
+sliding window at 2.02-2.07x its full causal time (RESULTS.md, H100-9). A band (causal top-left
 or bottom-right, sliding window) visits only the key blocks it covers and masks the blocks on
 its edges and a sequence's ragged end, as the core does.
 
 H100, bf16, ``benchmarks/ab.py`` run 43 (KernelOptions.fwd_ws on / off), TFLOP/s: sliding window 4096 of
 16k 503 against 442; full causal 16k 547 against 514, 4k 494 against 434, 1k 357 against 339; no
-mask 4k 545 against 496, 1k 469 against 419; a float bias 403 against 365. Session 10 added the
+mask 4k 545 against 496, 1k 469 against 419; a float bias 403 against 365. H100-10 added the
 output's TMA store and the per-bound edge masks (run 55: window 536, one 16k causal sequence 571).
 
 It serves (``eligible``): D = 128, fp16 / bf16, no dropout; dense contiguous tensors with any
@@ -89,7 +89,7 @@ def _mask_edges(s, k_start, r0, rows, s_cols, S, causal_off, window_off, ROWS: g
     """Scores of rows [r0, r0 + ROWS) (``rows``) against keys [k_start, k_start + BLOCK_N), -inf where
     a key is past S, right of the causal diagonal or left of the window. Each bound is tested per
     block and applied only where some row crosses it: a window's diagonal block pays one compare
-    per score, its lower-edge block one (three did; run 55, RESULTS.md session 10)."""
+    per score, its lower-edge block one (three did; run 55, RESULTS.md H100-10)."""
     cols = k_start + s_cols
     if k_start + BLOCK_N > S:
         s = gl.where(cols[None, :] < S, s, float("-inf"))
@@ -116,7 +116,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
     key block j's K and V (and each consumer's bias tile) into ring slot ``count % STAGES``, the
     count running over tiles: the next tile's Q and first blocks load while the consumers finish
     this one, so a tile's start costs no load latency (the ~9 us per program of the core, RESULTS.md
-    session 8)."""
+    H100-8)."""
     P = gl.num_programs(0)
     n_bh = n_tiles // n_m
     tcount = 0
