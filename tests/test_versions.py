@@ -10,6 +10,7 @@ import torch
 import triton
 
 import attend
+from attend import _versions
 from attend.kernels import launch, versions
 
 from conftest import DEVICE, assert_matches_float64, rand
@@ -18,9 +19,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_bounds_are_the_supported_range():
-    """pyproject.toml's bounds and versions.SUPPORTED (what `attend info` checks) say the same."""
+    """pyproject.toml's bounds and _versions.SUPPORTED (what `attend info` checks) say the same."""
     deps = re.search(r"dependencies = \[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)
-    for name, (lo, hi) in versions.SUPPORTED.items():
+    for name, (lo, hi) in _versions.SUPPORTED.items():
         assert f'"{name}>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1] + 1}"' in deps, (name, deps)
 
 
@@ -31,8 +32,8 @@ def test_pyproject_bounds_are_the_supported_range():
     ("2.16.0.dev20261201", "3.5.1", ["torch", "triton"]),
 ], ids=["oldest", "newest", "both-above-below", "dev-build"])
 def test_out_of_range_names_each_package(monkeypatch, torch_v, triton_v, outside):
-    monkeypatch.setattr(versions, "installed", lambda: {"torch": torch_v, "triton": triton_v})
-    found = versions.out_of_range()
+    monkeypatch.setattr(_versions, "installed", lambda: {"torch": torch_v, "triton": triton_v})
+    found = _versions.out_of_range()
     assert [s.split()[0] for s in found] == outside
     for s in found:
         assert "outside the supported" in s
@@ -57,7 +58,7 @@ def test_info_prints_versions_range_and_experimental_kernels(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert f"triton              {triton.__version__}" in out
-    assert versions.supported_range() in out
+    assert _versions.supported_range() in out
     for label in versions.EXPERIMENTAL.values():
         assert label in out
 
@@ -117,3 +118,14 @@ def test_experimental_kernel_runs_when_it_builds(monkeypatch):
     seen = []
     assert versions.run_experimental("gluon_forward", seen.append, 7)
     assert seen == [7] and versions.usable("gluon_forward")
+
+
+def test_a_missing_triton_is_reported_not_raised(monkeypatch):
+    from importlib import metadata
+
+    def version(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(_versions.metadata, "version", version)
+    assert _versions.installed()["triton"] == "not installed"
+    assert _versions.out_of_range() == ["triton is not installed (attend's Triton kernels need 3.6-3.9)"]

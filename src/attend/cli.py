@@ -54,7 +54,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ["triton interpreter", "on (TRITON_INTERPRET=1)" if interpreter_on() else "off"],
     ]
     print(_table(versions, ["component", "version"]))
-    from .ops import EXPERIMENTAL, TRITON_IMPORT_ERROR, experimental_status, out_of_range, supported_range
+    from ._versions import out_of_range, supported_range
+    from .ops import EXPERIMENTAL, TRITON_IMPORT_ERROR, experimental_status
 
     outside = out_of_range()
     print(f"\nsupported range (pyproject.toml): {supported_range()}: "

@@ -1,5 +1,6 @@
-"""The torch and Triton versions attend supports, the shims for Triton's experimental Gluon API,
-and the state of the experimental (Gluon) kernels: all version-dependent code in one place.
+"""The shims for Triton's experimental Gluon API and the state of the experimental (Gluon)
+kernels: all Triton-version-dependent code in one place (the supported range itself is
+``attend._versions``, which needs no Triton).
 
 Gluon (``triton.experimental.gluon``) changes its API between Triton releases: Triton 3.8 renamed
 the TMA copies ``async_copy_global_to_shared`` / ``async_copy_shared_to_global`` to
@@ -18,34 +19,6 @@ import warnings
 
 import torch
 import triton
-
-# The declared range (pyproject.toml's bounds), inclusive minor versions. The CPU tests (and the
-# sm_90 / sm_80 build check) run on the Triton ends of it, the GPU suite on torch 2.11 + Triton 3.6.
-SUPPORTED = {"torch": ((2, 11), (2, 15)), "triton": ((3, 6), (3, 9))}
-
-
-def _minor(version: str) -> tuple[int, int]:
-    major, minor = version.split("+")[0].split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-
-def installed() -> dict[str, str]:
-    return {"torch": torch.__version__, "triton": triton.__version__}
-
-
-def supported_range() -> str:
-    return ", ".join(f"{name} {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]}" for name, (lo, hi) in SUPPORTED.items())
-
-
-def out_of_range() -> list[str]:
-    """One sentence per installed package outside ``SUPPORTED`` (empty: all in range)."""
-    found = []
-    for name, version in installed().items():
-        lo, hi = SUPPORTED[name]
-        if not lo <= _minor(version) <= hi:
-            found.append(f"{name} {version} is outside the supported {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]} (untested)")
-    return found
-
 
 GLUON_ERROR: str | None = None  # why Gluon is unusable on this Triton, or None
 try:

@@ -1,8 +1,7 @@
 """attend's fused attention as ``torch.library`` custom ops (compile- and export-safe)."""
 
 from .attention import fused_attention
-from .registry import (EXPERIMENTAL, KERNELS, TRITON_IMPORT_ERROR, Kernel, experimental_status, launchers, out_of_range,
-                       supported_range)
+from .registry import EXPERIMENTAL, KERNELS, TRITON_IMPORT_ERROR, Kernel, experimental_status, launchers
 
 __all__ = ["fused_attention", "Kernel", "KERNELS", "launchers", "TRITON_IMPORT_ERROR", "EXPERIMENTAL",
-           "experimental_status", "out_of_range", "supported_range"]
+           "experimental_status"]

@@ -35,19 +35,13 @@ KERNELS: dict[Kernel, Launchers] = {
 TRITON_IMPORT_ERROR: str | None = None
 try:
     from ..kernels import launch as _launch
-    from ..kernels.versions import EXPERIMENTAL, experimental_status, out_of_range, supported_range
+    from ..kernels.versions import EXPERIMENTAL, experimental_status
 except ImportError as e:  # no triton installed
     TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
     EXPERIMENTAL = {}
 
     def experimental_status() -> dict[str, str]:
         return {}
-
-    def out_of_range() -> list[str]:
-        return []
-
-    def supported_range() -> str:
-        return "torch 2.11-2.15, triton 3.6-3.9"
 else:
     KERNELS[Kernel.TRITON] = Launchers(_launch.forward, _launch.backward, _launch.varlen_forward,
                                        _launch.varlen_backward)

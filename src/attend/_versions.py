@@ -1,0 +1,43 @@
+"""The torch and Triton versions attend supports (pyproject.toml's bounds), and whether the
+installed ones are inside them. No Triton import: ``attend info`` reports the range without it."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import torch
+
+# The declared range (pyproject.toml's bounds), inclusive minor versions. The CPU tests (and the
+# sm_90 / sm_80 build check) run on the Triton ends of it, the GPU suite on torch 2.11 + Triton 3.6.
+SUPPORTED = {"torch": ((2, 11), (2, 15)), "triton": ((3, 6), (3, 9))}
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def installed() -> dict[str, str]:
+    """name -> version; Triton's from its package metadata ("not installed" where it is missing)."""
+    try:
+        triton_version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton_version = "not installed"
+    return {"torch": torch.__version__, "triton": triton_version}
+
+
+def supported_range() -> str:
+    return ", ".join(f"{name} {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]}" for name, (lo, hi) in SUPPORTED.items())
+
+
+def out_of_range() -> list[str]:
+    """One sentence per installed package outside ``SUPPORTED`` (empty: all in range)."""
+    found = []
+    for name, version in installed().items():
+        lo, hi = SUPPORTED[name]
+        if version == "not installed":
+            found.append(f"{name} is not installed (attend's Triton kernels need {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]})")
+            continue
+        if not lo <= _minor(version) <= hi:
+            found.append(f"{name} {version} is outside the supported {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]} (untested)")
+    return found
