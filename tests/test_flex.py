@@ -141,7 +141,9 @@ def test_matches_float64_definition(score_name, mask_name, monkeypatch):
                                    return_aux=flex.AuxRequest(lse=True, max_scores=True))
     assert dispatch.PATHS["fused"] == fused + fused_expected, "fp32 ran the blocked path, not the core's flex mode"
     g = torch.randn_like(out)
+    fused_bwd = dispatch.PATHS["fused_backward"]
     grads = torch.autograd.grad((out * g).sum(), [q, k, v, *caps])
+    assert dispatch.PATHS["fused_backward"] == fused_bwd + fused_expected, "the core's flex backward did not run"
 
     refs = {}
     for dt in (torch.float64, torch.float32):
@@ -520,14 +522,14 @@ def test_argument_errors_name_value_and_expectation():
 
 
 # ---------------------------------------------------------------------------------------------
-# The core's flex mode (kernels.core.attn_fwd FLEX): which path ran, and what never recompiles
+# The core's flex mode (kernels.core.attn_fwd / attn_bwd FLEX): which path ran, and what never recompiles
 
 
-def _fwd_compiles() -> int:
-    """Compiled variants of the core's forward (a GPU run; the interpreter compiles nothing)."""
+def _compiles() -> int:
+    """Compiled variants of the core's forward and backward (a GPU run; the interpreter compiles nothing)."""
     from attend.kernels import core
 
-    return sum(len(c[0]) for c in getattr(core.attn_fwd, "device_caches", {}).values())
+    return sum(len(c[0]) for fn in (core.attn_fwd, core.attn_bwd) for c in getattr(fn, "device_caches", {}).values())
 
 
 def test_fused_path_taken_and_blocked_where_declined():
@@ -569,26 +571,99 @@ def test_fused_kernel_options_tiles_and_ragged_full_blocks():
 
 
 def test_fused_new_length_batch_or_captured_value_compiles_nothing():
-    """On the core's flex mode: a new length, batch or captured value generates no code and
-    compiles no kernel (counted on the GPU; the interpreter compiles nothing)."""
+    """On the core's flex mode, forward and backward (with the captured table's gradient): a new
+    length, batch or captured value generates no code and compiles no kernel (counted on the GPU;
+    the interpreter compiles nothing)."""
     def run(n, bsz, seed):
         g = torch.Generator().manual_seed(seed)
-        table = torch.randn(HQ, 2 * n, generator=g).to(DEVICE)
+        table = torch.randn(HQ, 2 * n, generator=g).to(DEVICE).requires_grad_()
         doc = torch.randint(0, 3, (bsz, n), generator=g).sort(-1).values.to(DEVICE)
         sm = lambda s, b, h, q_idx, kv_idx: s + table[h, q_idx - kv_idx + n]
         mm = lambda b, h, q_idx, kv_idx: (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
         bm = flex.create_block_mask(mm, bsz, None, n, n, device=DEVICE, BLOCK_SIZE=32)
-        q, k, v = (torch.randn(bsz, HQ, n, E, generator=g).to(DEVICE) for _ in range(3))
-        fused = dispatch.PATHS["fused"]
+        q, k, v = (torch.randn(bsz, HQ, n, E, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+        before = dict(dispatch.PATHS)
         out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
-        assert dispatch.PATHS["fused"] == fused + 1
-        o64 = dense_reference(q, k, v, sm, mm, torch.float64)[0]
-        o32 = dense_reference(q, k, v, sm, mm, torch.float32)[0]
-        assert_scaled_close(out, o64, o32, what=f"n={n} batch={bsz}")
+        dout = torch.randn(out.shape, generator=g).to(DEVICE)
+        grads = torch.autograd.grad((out * dout).sum(), (q, k, v, table))
+        assert dispatch.PATHS["fused"] == before["fused"] + 1
+        assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
+        res = {}
+        for dt in (torch.float64, torch.float32):
+            leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, table)]
+            o = dense_reference(*leaves[:3], _with_captures(sm, [table], leaves[3:]), mm, dt)[0]
+            res[dt] = (o, torch.autograd.grad((o * dout.to(dt)).sum(), leaves))
+        assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what=f"n={n} batch={bsz}")
+        for name, a, r, s_ in zip(["dq", "dk", "dv", "dtable"], grads, res[torch.float64][1], res[torch.float32][1]):
+            assert_scaled_close(a, r, s_, k=6.0, what=f"n={n} batch={bsz} {name}")
 
     run(70, 2, 0)  # lengths of one Triton specialization class (not multiples of 16)
-    gens, compiled = codegen.GENERATIONS["count"], _fwd_compiles()
+    gens, compiled = codegen.GENERATIONS["count"], _compiles()
     for n, bsz, seed in ((90, 2, 1), (70, 3, 2), (70, 2, 3)):
         run(n, bsz, seed)
     assert codegen.GENERATIONS["count"] == gens, "a new length, batch or captured value generated code"
-    assert _fwd_compiles() == compiled, "a new length, batch or captured value compiled the core again"
+    assert _compiles() == compiled, "a new length, batch or captured value compiled the core again"
+
+
+def test_fused_backward_lse_gradient_broadcast_keys_and_kernel_options():
+    """The core's flex backward with a gradient into the lse, GQA 2:1, a key batch of 1 broadcast
+    over 2, ragged ends, and kernel_options' backward tiles (shrunk to divide BLOCK_SIZE)."""
+    from attend.kernels import launch
+
+    torch.manual_seed(6)
+    q = torch.randn(2, 4, 50, E, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, 2, 75, E, device=DEVICE, requires_grad=True) for _ in range(2))
+    mask = MASKS["window"]
+    bm = flex.create_block_mask(mask, None, None, 50, 75, device=DEVICE, BLOCK_SIZE=32)
+    opts = {"BLOCK_M1": 64, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 32}
+    t = launch.flex_bwd_tiles(q, k, flex._lists.from_block_mask(bm), kernel_options=opts)
+    assert [t.meta[n] for n in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")] == [32, 16, 16, 32], t
+    sm = _score_mods(torch.float32)["alibi"][0]
+    before = dict(dispatch.PATHS)
+    out, lse = flex.flex_attention(q, k, v, sm, bm, enable_gqa=True, return_lse=True, kernel_options=opts)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
+    assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t_.detach().to(dt).requires_grad_() for t_ in (q, k, v)]
+        o, lse_r, _ = dense_reference(leaves[0], *(x.expand(2, -1, -1, -1) for x in leaves[1:]), sm, mask, dt)
+        res[dt] = torch.autograd.grad((o * go.to(dt)).sum() + (lse_r * gl.to(dt)).sum(), leaves)
+    for name, a, r, s_ in zip(["dq", "dk", "dv"], grads, res[torch.float64], res[torch.float32]):
+        assert a.shape == r.shape, (name, a.shape, r.shape)
+        assert_scaled_close(a, r, s_, k=6.0, what=name)
+
+
+def test_deterministic_mode_keeps_capture_gradients_off_atomics():
+    """Under torch.use_deterministic_algorithms(True), a score capture that requires grad takes the
+    blocked backward (the core scatters capture gradients by atomics), bit-identical across two
+    runs; without one the core's backward runs (no atomics there)."""
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, HQ, 60, E, device=DEVICE, requires_grad=True) for _ in range(3))
+    table = (0.5 * torch.randn(HQ, 120, device=DEVICE)).requires_grad_()
+    sm = lambda s, b, h, qi, ki: s + table[h, qi - ki + 60]
+    bm = flex.create_block_mask(MASKS["causal"], None, None, 60, 60, device=DEVICE, BLOCK_SIZE=16)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            before = dict(dispatch.PATHS)
+            out = flex.flex_attention(q, k, v, sm, bm)
+            runs.append(torch.autograd.grad(out.square().sum(), (q, k, v, table)))
+            assert dispatch.PATHS["fused"] == before["fused"] + 1
+            assert dispatch.PATHS["blocked_backward"] == before["blocked_backward"] + 1
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+        before = dict(dispatch.PATHS)
+        out = flex.flex_attention(q, k, v, _score_mods(torch.float32)["softcap"][0], bm)
+        torch.autograd.grad(out.square().sum(), (q, k, v))
+        assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
+    finally:
+        torch.use_deterministic_algorithms(was)
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, table)]
+        o = dense_reference(*leaves[:3], _with_captures(sm, [table], leaves[3:]), MASKS["causal"], dt)[0]
+        res[dt] = torch.autograd.grad(o.square().sum(), leaves)
+    for name, a, r, s_ in zip(["dq", "dk", "dv", "dtable"], runs[0], res[torch.float64], res[torch.float32]):
+        assert_scaled_close(a, r, s_, k=6.0, what=name)

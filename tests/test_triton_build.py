@@ -53,12 +53,12 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
     # fixed-config rule's configs that no plain build covers (sm_90)
     expected = (2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 2 * len(_FEATURES) + len(_FWD_FEATURES)
                 + len(_BWD_FEATURES) + len(WS_FEATURES) + len(WS_BWD_FEATURES) + len(rule_jobs())
-                + 2 * len(FLEX_VARIANTS))  # the flex forward (generated hooks) on sm_90 and sm_80
+                + 4 * len(FLEX_VARIANTS))  # the flex forward and backward (generated hooks) on sm_90 and sm_80
     assert len(builds) == expected
     assert {b["head_dim"] for b in builds} == {64, 128, 256}
     assert {b["feature"] for b in builds} >= {"varlen_sliding_window", "paged_seqused"}
-    assert {(b["feature"], b["arch"]) for b in builds if b["feature"].startswith("flex_")} == {
-        ("flex_" + v, a) for v in FLEX_VARIANTS for a in (90, 80)}
+    assert {(b["kernel"], b["feature"], b["arch"]) for b in builds if b["feature"].startswith("flex_")} == {
+        (k, p + v, a) for k, p in (("fwd", "flex_"), ("bwd", "flex_bwd_")) for v in FLEX_VARIANTS for a in (90, 80)}
     for b in builds:
         decode_tile = b["kernel"] == "fwd" and b["config"].startswith("BLOCK_M: 16,")
         if b["arch"] == 90 and decode_tile:
@@ -71,8 +71,12 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
         # tma_* variants and where the fixed config asks (masks, packed, window; never paged); the
         # warp-specialized Gluon kernels (fwd_ws, bwd_ws; sm_90 only) always
         fwd_tma = b["feature"] in FWD_TMA_BUILDS or (b["feature"].startswith("rule_") and "TMA: True" in b["config"])
-        want_tma = b["arch"] == 90 and (fwd_tma if b["kernel"] == "fwd" else b["feature"] != "pointer_loads")
+        bwd_tma = b["feature"] != "pointer_loads" and not b["feature"].startswith("flex_bwd_")  # flex: pointer loads
+        want_tma = b["arch"] == 90 and (fwd_tma if b["kernel"] == "fwd" else bwd_tma)
         assert b["tma"] == want_tma, f"{b['kernel']} {b['config']} {b['feature']} sm_{b['arch']}: TMA {b['tma']}"
         if b["arch"] == 90:  # on sm_80 the autotuner's prune drops the configs that need more
             assert b["shared"] <= 227 * 1024, \
                 f"{b['kernel']} {b['config']} D={b['head_dim']} needs {b['shared']} B smem"
+        if b["feature"].startswith("flex_"):  # fixed configs, no prune: they must fit both GPUs
+            assert b["shared"] <= (227 if b["arch"] == 90 else 163) * 1024, \
+                f"{b['kernel']} {b['feature']} sm_{b['arch']} needs {b['shared']} B smem"

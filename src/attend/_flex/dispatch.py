@@ -1,8 +1,9 @@
 """The flex front door's one seam: traced mods + block lists in, (out, lse, max_scores) out.
 
 :func:`run` is what ``attend.flex_attention.flex_attention`` calls after validating arguments.
-Today it runs the blocked torch path (:mod:`.eager`); the fused core plugs in as :func:`_fused`
-(the generated hooks, captures and block lists are already in the shape it takes; docs/flex.md).
+:func:`_fused` runs the Triton core's flex mode (forward ``launch.flex_forward``, backward
+``launch.flex_backward``; docs/flex.md); the calls it declines run the blocked torch path
+(:mod:`.eager`).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class FlexCall:
         return out
 
 
-# How many calls each path ran (tests assert which path a call took).
-PATHS = {"fused": 0, "blocked": 0}
+# How many calls each path ran (tests assert which path a call took): forwards, then backwards
+# of fused forwards (the core's flex backward, or a recomputation through the blocked path).
+PATHS = {"fused": 0, "blocked": 0, "fused_backward": 0, "blocked_backward": 0}
 
 
 def _fusable(call: FlexCall) -> bool:
@@ -84,24 +86,57 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bo
                                kernel_options=call.kernel_options)
 
 
+def _backward_kernel(call: FlexCall, dout, dlse, q, k, v, out, lse, score_caps, mask_caps, cap_grads: list[bool]):
+    """The core's flex backward (kernels.launch.flex_backward): (dq, dk, dv, capture grads), or
+    None where no backward tile fits the BlockMask's BLOCK_SIZE."""
+    from ..kernels import launch
+
+    score = mask = None
+    grads = None
+    if call.score is not None:
+        args = codegen.capture_args(list(score_caps), q.device, scalars=call.score.scalars)
+        score = (codegen.hooks(call.score).functions, args, any(cap_grads))
+        grads = args.grads
+    if call.mask is not None:
+        mask = (codegen.hooks(call.mask).functions,
+                codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
+    res = launch.flex_backward(dout, q, k, v, out, lse, dlse, call.blocks, call.scale, score, mask,
+                               kernel_options=call.kernel_options)
+    if res is None:
+        return None
+    cap = [g.to(c.dtype) if want else None for c, g, want in zip(score_caps, grads or (), cap_grads)]
+    return (*res, cap)
+
+
 class _FusedForward(torch.autograd.Function):
-    """The core's flex forward; the backward recomputes through the blocked path's autograd (one
-    query block at a time), until the core's flex backward lands."""
+    """The core's flex forward and backward. The backward recomputes through the blocked path's
+    autograd (deterministic) where the core's would not be: deterministic mode with score captures
+    that require grad (their gradient is scattered by atomics), or no backward tile fits."""
 
     @staticmethod
     def forward(ctx, call, q, k, v, *caps):
         n = len(call.score_captures)
         res = _forward_kernel(call, q, k, v, caps[:n], caps[n:], True)
         ctx.call = call
-        ctx.save_for_backward(q, k, v, *caps)
+        ctx.save_for_backward(q, k, v, res[0], res[1], *caps)
         ctx.mark_non_differentiable(res[2])
         return res
 
     @staticmethod
     def backward(ctx, dout, dlse, dmax):
         call = ctx.call
-        q, k, v, *caps = ctx.saved_tensors
+        q, k, v, out, lse, *caps = ctx.saved_tensors
         n = len(call.score_captures)
+        cap_grads = list(ctx.needs_input_grad[4:4 + n])
+        if not (any(cap_grads) and torch.are_deterministic_algorithms_enabled()):
+            res = _backward_kernel(call, dout, dlse, q, k, v, out, lse, caps[:n], caps[n:], cap_grads)
+            if res is not None:
+                PATHS["fused_backward"] += 1
+                dq, dk, dv, dcaps = res
+                want = ctx.needs_input_grad
+                return (None, dq if want[1] else None, dk if want[2] else None, dv if want[3] else None, *dcaps,
+                        *[None] * (len(caps) - n))
+        PATHS["blocked_backward"] += 1
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, *caps)]
         wants = [t for t in leaves if t.requires_grad]
         with torch.enable_grad():

@@ -57,9 +57,10 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 
 
 # attn_fwd's flex inputs and hooks, absent (core.attn_fwd's FLEX): every non-flex build
-NO_FLEX = dict(FLEX_LISTS=None, SCORE_PTRS=None, SCORE_META=None, MASK_PTRS=None, MASK_META=None, FLEX=False,
-               SCORE_MOD=None, LOAD_SCORE_META=None, MASK_MOD=None, LOAD_MASK_META=None, SPARSE_BQ=128,
-               SPARSE_BKV=128, MAX_SCORES=False)
+NO_FLEX = dict(FLEX_LISTS=None, SCORE_PTRS=None, SCORE_META=None, SCORE_GRADS=None, MASK_PTRS=None, MASK_META=None,
+               FLEX=False, SCORE_MOD=None, SCORE_DSCORE=None, SCORE_GRAD=None, LOAD_SCORE_META=None,
+               LOAD_GRAD_STRIDES=None, MASK_MOD=None, LOAD_MASK_META=None, SPARSE_BQ=128, SPARSE_BKV=128,
+               MAX_SCORES=False)
 
 
 def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "bfloat16", head_dim: int = 128,
@@ -88,30 +89,39 @@ FLEX_VARIANTS = ("score_mod", "mask_mod", "score_and_mask")  # compile_flex's va
 
 
 def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_dim: int = 128,
-                 config: triton.Config | None = None):
-    """Compile core.attn_fwd's FLEX mode for ``target`` with hooks generated from a fixed set of
+                 config: triton.Config | None = None, kernel: str = "fwd"):
+    """Compile the core's FLEX mode, ``kernel`` "fwd" (core.attn_fwd) or "bwd" (core.attn_bwd,
+    with the captures' gradient scatter), for ``target`` with hooks generated from a fixed set of
     mods (``attend._flex.build._mods``: softcap + captured ALiBi slopes + captured bias table;
     a document mask over captured ids, and causal): ``variant`` in FLEX_VARIANTS. The config is the
-    one launch.flex_tiles starts from (the dense non-causal forward's)."""
+    one launch.flex_tiles / flex_bwd_tiles starts from (the dense non-causal one's)."""
     import torch
 
     from .._flex import codegen
     from .._flex.build import _mods
     from .._flex.trace import trace
-    from .configs import flex_tile, heuristic
+    from .configs import flex_bwd_tile, flex_tile, heuristic
 
-    if config is None:  # as launch.flex_tiles picks it
-        base = heuristic("fwd", max(16, triton.next_power_of_2(head_dim)), flags={})
-        block_n, stages = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, max(16, triton.next_power_of_2(head_dim)))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if config is None and kernel == "fwd":  # as launch.flex_tiles picks it
+        base = heuristic("fwd", block_d, flags={})
+        block_n, stages = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, block_d)
         config = triton.Config(dict(BLOCK_M=base.kwargs["BLOCK_M"], BLOCK_N=block_n), num_warps=base.num_warps,
                                num_stages=stages)
+    elif config is None:  # as launch.flex_bwd_tiles picks it
+        base = heuristic("bwd", block_d, flags={})
+        meta, stages = flex_bwd_tile({k: base.kwargs[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")},
+                                     base.num_stages, block_d)
+        config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False), num_warps=base.num_warps,
+                               num_stages=stages)
+    fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
     score, mask = _mods()
     graphs = dict(score=trace(score, "score") if variant != "mask_mod" else None,
                   mask=trace(mask, "mask") if variant != "score_mod" else None)
     flags = dict(FLEX=True, CAUSAL=False, EVEN=False, ONE_LOOP=False, LAZY_RESCALE=False, USE_TMA=False,
                  MAX_SCORES=True, SPARSE_BQ=128, SPARSE_BKV=128)
     ptr = lambda c: "*" + {torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}[c.tensor.dtype]
-    tuples = dict(FLEX_LISTS=("*i32",) * 5 + ("*fp32",))
+    tuples = dict(FLEX_LISTS=("*i32",) * 5 + ("*fp32",)) if kernel == "fwd" else dict(FLEX_LISTS=("*i32",) * 10)
     for kind, prefix in (("score", "SCORE"), ("mask", "MASK")):
         g = graphs[kind]
         if g is None:
@@ -121,18 +131,24 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
         flags[f"LOAD_{prefix}_META"] = fns["load_meta"]
         tuples[f"{prefix}_PTRS"] = tuple(ptr(c) for c in g.captures)
         tuples[f"{prefix}_META"] = "*i32"
-    params = inspect.signature(core.attn_fwd.fn).parameters
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), WINDOW=False,
+        if kind == "score" and kernel == "bwd":  # the derivative, and the captures' gradient scatter
+            flags.update(SCORE_DSCORE=fns["score_mod_dscore"], SCORE_GRAD=fns["score_mod_grad_captures"],
+                         LOAD_GRAD_STRIDES=fns["load_grad_strides"])
+            tuples["SCORE_GRADS"] = tuple("*fp32" for _ in g.captures)
+    params = inspect.signature(fn.fn).parameters
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False,
                       MASK_TMA=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16,
-                      DOT_PRECISION="tf32", GRID_1D=False, **NO_FLEX)
-    constexprs.update({key: val for key, val in config.kwargs.items() if key in params})
+                      DOT_PRECISION="tf32", GRID_1D=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
+                      DETERMINISTIC=False, HEAD_MAJOR=False, DQ_ONLY=False, **NO_FLEX)
+    constexprs.update(config.kwargs)
     constexprs.update(flags)
+    constexprs = {key: val for key, val in constexprs.items() if key in params}
     for name in tuples:
         constexprs.pop(name, None)
-    sig, attrs = _signature(core.attn_fwd, _DTYPE[dtype], constexprs)
+    sig, attrs = _signature(fn, _DTYPE[dtype], constexprs)
     sig.update(tuples)
-    src = ASTSource(core.attn_fwd, sig, constexprs=constexprs, attrs=attrs)
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS)
     return triton.compile(src, target=target, options=options)
 
@@ -266,10 +282,14 @@ def _build(job: tuple) -> dict:
     if kind == "fwd_ws":
         compiled = compile_ws(GPUTarget("cuda", arch, 32), **WS_FEATURES[feature[0]])
         return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
-    if kind == "flex":  # core.attn_fwd's FLEX mode with generated hooks (compile_flex)
+    if kind in ("flex", "flex_bwd"):  # the core's FLEX mode with generated hooks (compile_flex)
         dtype = "bfloat16" if arch >= 90 else "float16"
-        compiled = compile_flex(GPUTarget("cuda", arch, 32), feature[0], dtype=dtype, head_dim=head_dim)
-        return _report(compiled, "fwd", "flex (launch.flex_tiles)", arch, head_dim, "flex_" + feature[0])
+        kernel = "fwd" if kind == "flex" else "bwd"
+        compiled = compile_flex(GPUTarget("cuda", arch, 32), feature[0], dtype=dtype, head_dim=head_dim,
+                                kernel=kernel)
+        prefix = "flex_" if kernel == "fwd" else "flex_bwd_"
+        return _report(compiled, kernel, f"flex (launch.flex_{'' if kernel == 'fwd' else 'bwd_'}tiles)", arch,
+                       head_dim, prefix + feature[0])
     if kind == "bwd_ws":
         compiled = compile_ws_bwd(GPUTarget("cuda", arch, 32), **WS_BWD_FEATURES[feature[0]])
         return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
@@ -304,7 +324,8 @@ def _report(compiled, kind: str, config: str, arch: int, head_dim: int, feature:
 def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> list[dict]:
     """Compile every shipped config of every core kernel for each arch at head dim 128, the fixed
     (heuristic) configs at head dims 64 and 256, the feature variants, and every fixed-config rule's
-    configs (``rule_jobs``), and the flex forward's variants (``compile_flex``); one dict per build.
+    configs (``rule_jobs``), and the flex forward's and backward's variants (``compile_flex``); one
+    dict per build.
     ``dump``: a folder that receives each build's PTX as ``job_name(job).ptx``."""
     import functools
     from concurrent.futures import ProcessPoolExecutor
@@ -320,7 +341,8 @@ def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> li
     jobs += [("fwd_ws", -1, 90, 128, feature) for feature in WS_FEATURES]
     jobs += [("bwd_ws", -1, 90, 128, feature) for feature in WS_BWD_FEATURES]
     jobs += rule_jobs()
-    jobs += [("flex", -1, arch, 128, variant) for variant in FLEX_VARIANTS for arch in archs]
+    jobs += [(kind, -1, arch, 128, variant) for kind in ("flex", "flex_bwd") for variant in FLEX_VARIANTS
+             for arch in archs]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(functools.partial(_build_one, dump=dump), jobs))
 

@@ -352,3 +352,14 @@ def flex_tile(block_n: int, stages: int, block_d: int) -> tuple[int, int]:
     if block_d >= 128:
         block_n = min(block_n, 64)
     return block_n, min(stages, 2)
+
+
+def flex_bwd_tile(meta: dict, stages: int, block_d: int) -> tuple[dict, int]:
+    """(tiles, stages) of the flex backward (core.attn_bwd FLEX) from a dense backward config's:
+    its dQ programs run three key loops and its dK/dV programs two (partial and full blocks), each
+    holding pipeline buffers, so at most 2 stages; from head dim 128 up, the dQ programs' key tile
+    is at most 64 wide (the forward's limit, ``flex_tile``, for the same reason)."""
+    meta = dict(meta)
+    if block_d >= 128:
+        meta["BLOCK_N2"] = min(meta["BLOCK_N2"], 64)
+    return meta, min(stages, 2)

@@ -365,6 +365,23 @@ def query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
+def _list_row(ST, b, h, blk):
+    """Where row ``blk`` of (batch b, query head h) starts in a BlockMask's pair of lists (partial
+    blocks: counts, indices; full blocks: counts, indices), from their 14 int32 strides at ST (0
+    where b / h broadcast): (num, idx, step, full num, full idx, full step), int64 offsets."""
+    blk64 = tl.cast(blk, tl.int64)
+    b64 = tl.cast(b, tl.int64)
+    h64 = tl.cast(h, tl.int64)
+    num = b64 * tl.load(ST) + h64 * tl.load(ST + 1) + blk64 * tl.load(ST + 2)
+    idx = b64 * tl.load(ST + 3) + h64 * tl.load(ST + 4) + blk64 * tl.load(ST + 5)
+    step = tl.cast(tl.load(ST + 6), tl.int64)
+    fnum = b64 * tl.load(ST + 7) + h64 * tl.load(ST + 8) + blk64 * tl.load(ST + 9)
+    fidx = b64 * tl.load(ST + 10) + h64 * tl.load(ST + 11) + blk64 * tl.load(ST + 12)
+    fstep = tl.cast(tl.load(ST + 13), tl.int64)
+    return num, idx, step, fnum, fidx, fstep
+
+
+@triton.jit
 def _flex_lists(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, k_head, v_head, table_ptr, m0, rows, offs_n, offs_d, b, h, bh, L, S, qk_scale,
     stride_kn, stride_vn, stride_kb, stride_vb, stride_kd, stride_vd, FLEX_LISTS, SCORE_PTRS, score_meta, MASK_PTRS,
@@ -381,16 +398,7 @@ def _flex_lists(
     KV_IDX = FLEX_LISTS[1]
     FULL_NUM = FLEX_LISTS[2]
     FULL_IDX = FLEX_LISTS[3]
-    ST = FLEX_LISTS[4]
-    mq = tl.cast(m0 // SPARSE_BQ, tl.int64)
-    b64 = tl.cast(b, tl.int64)
-    h64 = tl.cast(h, tl.int64)
-    num = b64 * tl.load(ST) + h64 * tl.load(ST + 1) + mq * tl.load(ST + 2)
-    idx = b64 * tl.load(ST + 3) + h64 * tl.load(ST + 4) + mq * tl.load(ST + 5)
-    step = tl.cast(tl.load(ST + 6), tl.int64)
-    fnum = b64 * tl.load(ST + 7) + h64 * tl.load(ST + 8) + mq * tl.load(ST + 9)
-    fidx = b64 * tl.load(ST + 10) + h64 * tl.load(ST + 11) + mq * tl.load(ST + 12)
-    fstep = tl.cast(tl.load(ST + 13), tl.int64)
+    num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[4], b, h, m0 // SPARSE_BQ)
     n_part = tl.load(KV_NUM + num)
     for i in range(0, n_part):
         start = tl.load(KV_IDX + idx + i * step) * SPARSE_BKV
@@ -752,6 +760,39 @@ def _band_select(s2, rows, cols, causal_off, window_off, CAUSAL: tl.constexpr, W
 
 
 @triton.jit
+def _flex_scores2(a, b, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, score_meta, mask_ptrs, mask_meta,
+                  SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, BOUND: tl.constexpr, KEYS_FIRST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """A backward tile's scores in flex mode: ``(s2, s, q_c, kv_c)``. ``s2``: the modded score in
+    the log2 domain plus each row's ``nlse2``, -inf where MASK_MOD drops a position (partial blocks
+    only) or, with BOUND, past key S-1; exp2 of it is P. ``s``: the natural-unit score before the
+    score_mod, which its derivative and the captures' gradient take. ``q_c`` / ``kv_c``: the
+    clamped indices the hooks saw. KEYS_FIRST: a = k, b = q, tiles [BN, BM] (the hooks are
+    elementwise, so they take the transposed index shapes); else a = q, b = k, [BM, BN]."""
+    s = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * (qk_scale * LN2)
+    if KEYS_FIRST:
+        q_c = tl.minimum(rows, L - 1)[None, :]
+        kv_c = tl.minimum(cols, S - 1)[:, None]
+        shift = nlse2[None, :]
+    else:
+        q_c = tl.minimum(rows, L - 1)[:, None]
+        kv_c = tl.minimum(cols, S - 1)[None, :]
+        shift = nlse2[:, None]
+    if SCORE_MOD is not None:
+        s2 = tl.broadcast_to(SCORE_MOD(s, fb, fh, q_c, kv_c, score_ptrs, score_meta), s.shape) * RCP_LN2 + shift
+    else:
+        s2 = s * RCP_LN2 + shift
+    if MASK_MOD is not None:
+        s2 = tl.where(MASK_MOD(fb, fh, q_c, kv_c, mask_ptrs, mask_meta), s2, float("-inf"))
+    if BOUND:
+        if KEYS_FIRST:
+            s2 = tl.where(cols[:, None] < S, s2, float("-inf"))
+        else:
+            s2 = tl.where(cols[None, :] < S, s2, float("-inf"))
+    return s2, s, q_c, kv_c
+
+
+@triton.jit
 def _tile_sources(a_base, b_base, n, stride_an, stride_bn, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                   HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
     """What ``_load_tile_pair`` reads two [n, HEAD_DIM] tensors of one head through: per-head
@@ -798,6 +839,9 @@ def _dkdv_inner(
     MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_GRAD_ATOMIC: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     edge_lo=0, edge_hi=0, EDGES: tl.constexpr = False,
+    fb=0, fh=0, score_ptrs=None, score_meta=None, mod_mask_ptrs=None, mask_meta=None,
+    FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_DSCORE: tl.constexpr = None,
+    MASK_MOD: tl.constexpr = None,
 ):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one head; with
     DQ_ATOMIC also add this block's share of dQ into the fp32 DQ buffer (5 dots per tile pair
@@ -809,7 +853,9 @@ def _dkdv_inner(
     pointers, or with USE_TMA its [L, HEAD_DIM] tensor descriptors (the copy engine zero-fills
     rows past L). EVEN: every block lies inside [0, L) and HEAD_DIM == BLOCK_D, so the loads
     need no mask. No dot sits under a branch, so the loop
-    software-pipelines."""
+    software-pipelines. FLEX: the scores through the generated hooks of batch ``fb`` and query
+    head ``fh`` (``_flex_scores2``; MASK_MOD in partial blocks only, None in full ones), and dS
+    times the score_mod's derivative (SCORE_DSCORE) before it meets Q and K."""
     d_ok = offs_d < HEAD_DIM
     n_it = tl.cdiv(end - start, BLOCK_M)
     for it in range(0, n_it):
@@ -827,9 +873,14 @@ def _dkdv_inner(
         mask_ptrs = mask_base
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
-        pT = tl.math.exp2(_scores2(k, q, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
-                                   MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, not EVEN, DOT_PRECISION,
-                                   True, (start_m < edge_lo) | (start_m >= edge_hi), EDGES))  # [BLOCK_N, BLOCK_M]
+        if FLEX:
+            s2T, sT, q_c, kv_c = _flex_scores2(k, q, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, score_meta,
+                                               mod_mask_ptrs, mask_meta, SCORE_MOD, MASK_MOD, False, True, DOT_PRECISION)
+            pT = tl.math.exp2(s2T)  # [BLOCK_N, BLOCK_M]
+        else:
+            pT = tl.math.exp2(_scores2(k, q, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
+                                       MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, not EVEN, DOT_PRECISION,
+                                       True, (start_m < edge_lo) | (start_m >= edge_hi), EDGES))  # [BLOCK_N, BLOCK_M]
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             keep = tl.trans(_keep_mask(seed, bh, L, S, rows, cols, dropout_p))
@@ -839,6 +890,10 @@ def _dkdv_inner(
         else:
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])  # dLoss / d(score), [BLOCK_N, BLOCK_M]
+        if FLEX:
+            if SCORE_MOD is not None:  # to the raw score: times d score_mod / d score (0 where dS is)
+                dmod = tl.broadcast_to(SCORE_DSCORE(sT, fb, fh, q_c, kv_c, score_ptrs, score_meta), dsT.shape)
+                dsT = tl.where(dsT != 0.0, dsT * dmod, 0.0)
         ds16 = dsT.to(q.dtype)
         dk += tl.dot(ds16, q, input_precision=DOT_PRECISION)
         if DQ_ATOMIC:
@@ -874,11 +929,19 @@ def _dq_inner(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, edge_lo=0, edge_hi=0, EDGES: tl.constexpr = False,
+    fb=0, fh=0, score_ptrs=None, score_meta=None, mod_mask_ptrs=None, mask_meta=None, grad_ptrs=None,
+    grad_strides=None, FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None,
+    SCORE_DSCORE: tl.constexpr = None, SCORE_GRAD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
+    FLEX_BOUND: tl.constexpr = False,
 ):
     """Accumulate dQ of one query block over key blocks [start, end). MASKED: edge/tail blocks;
     EDGES: the blocks outside [edge_lo, edge_hi) are (no mask: COL_BOUND stays off).
     EVEN: every block lies inside [0, S) and HEAD_DIM == BLOCK_D (unmasked loads). USE_TMA:
-    ``k_src``/``v_src`` are [S, HEAD_DIM] tensor descriptors, else base pointers."""
+    ``k_src``/``v_src`` are [S, HEAD_DIM] tensor descriptors, else base pointers.
+    FLEX: as ``_dkdv_inner``'s, with the bounds mask where FLEX_BOUND (a block reaching past S),
+    and SCORE_GRAD scattering each position's dS (the modded score's gradient, 0 where masked or
+    out of range) into the captures' gradient buffers: the dQ programs visit every (query, key)
+    pair once, so each pair scatters once."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -887,14 +950,26 @@ def _dq_inner(
         mask_ptrs = mask_base
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
-        p = tl.math.exp2(_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
-                                  MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, MASKED, DOT_PRECISION,
-                                  False, (start_n < edge_lo) | (start_n >= edge_hi), EDGES))  # [BLOCK_M, BLOCK_N]
+        if FLEX:
+            s2, s, q_c, kv_c = _flex_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, score_meta,
+                                             mod_mask_ptrs, mask_meta, SCORE_MOD, MASK_MOD, FLEX_BOUND, False,
+                                             DOT_PRECISION)
+            p = tl.math.exp2(s2)  # [BLOCK_M, BLOCK_N]
+        else:
+            p = tl.math.exp2(_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
+                                      MASKED, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, MASKED, DOT_PRECISION,
+                                      False, (start_n < edge_lo) | (start_n >= edge_hi), EDGES))  # [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _keep_mask(seed, bh, L, S, rows, cols, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if FLEX:
+            if SCORE_GRAD is not None:
+                SCORE_GRAD(ds, s, fb, fh, q_c, kv_c, score_ptrs, score_meta, grad_ptrs, grad_strides)
+            if SCORE_MOD is not None:
+                dmod = tl.broadcast_to(SCORE_DSCORE(s, fb, fh, q_c, kv_c, score_ptrs, score_meta), ds.shape)
+                ds = tl.where(ds != 0.0, ds * dmod, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -902,6 +977,7 @@ def _dq_inner(
 @triton.jit(do_not_specialize=["B", "N_KV_ITEMS", "N_Q_ITEMS"])  # grid sizes: no variant per value class
 def attn_bwd(
     Q, K, V, DO, NLSE2, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K, KEY_EXT, WORK,
+    FLEX_LISTS, SCORE_PTRS, SCORE_META, SCORE_GRADS, MASK_PTRS, MASK_META,  # flex only (FLEX); None otherwise
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -921,6 +997,10 @@ def attn_bwd(
     VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr, EVEN: tl.constexpr,
     USE_TMA: tl.constexpr, HEAD_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr, WORKLIST: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False, DQ_ONLY: tl.constexpr = False,
+    FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_DSCORE: tl.constexpr = None,
+    SCORE_GRAD: tl.constexpr = None, LOAD_SCORE_META: tl.constexpr = None, LOAD_GRAD_STRIDES: tl.constexpr = None,
+    MASK_MOD: tl.constexpr = None, LOAD_MASK_META: tl.constexpr = None, SPARSE_BQ: tl.constexpr = 128,
+    SPARSE_BKV: tl.constexpr = 128,
 ):
     """The whole backward in one launch. DQ is fp32 (zeroed) when DQ_ATOMIC adds into it, else in
     the inputs' dtype, stored once per row.
@@ -951,11 +1031,33 @@ def attn_bwd(
     where there is no attn_mask or key range.
     DQ_ONLY: the launch holds the dQ programs only (grid n_q; the Gluon dK / dV kernel of
     ``ws_bwd.py`` wrote dK and dV); not with DQ_ATOMIC or HEAD_MAJOR.
+    FLEX (dense, no band, mask, dropout, TMA, DQ_ATOMIC or HEAD_MAJOR; launch.flex_backward): the
+    dK/dV programs walk the BlockMask's query lists of their key block, the dQ programs its key
+    lists, as the forward does (``_flex_lists``): MASK_MOD in partial blocks only, the score_mod's
+    hooks and derivative everywhere, and the captures' gradient (SCORE_GRAD into SCORE_GRADS) from
+    the dQ programs. FLEX_LISTS = (kv_num_blocks, kv_indices, full_kv_num_blocks,
+    full_kv_indices, their 14 strides, q_num_blocks, q_indices, full_q_num_blocks,
+    full_q_indices, their 14 strides); BLOCK_M1 and BLOCK_M2 divide SPARSE_BQ, BLOCK_N1 and
+    BLOCK_N2 divide SPARSE_BKV.
     """
     one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE)
     tl.static_assert(not (DQ_ATOMIC and DETERMINISTIC), "DQ_ATOMIC is nondeterministic")
     tl.static_assert(STAT_PAD % BLOCK_M1 == 0 and STAT_PAD % BLOCK_M2 == 0, "NLSE2 / Delta are padded to STAT_PAD rows")
     tl.static_assert(not (DQ_ONLY and (DQ_ATOMIC or HEAD_MAJOR)), "DQ_ONLY launches the dQ programs in key order")
+    tl.static_assert(not (FLEX and (DQ_ATOMIC or HEAD_MAJOR or USE_TMA)), "FLEX: dQ programs, key order, pointer loads")
+    if FLEX:
+        if SCORE_MOD is not None:
+            score_meta = LOAD_SCORE_META(SCORE_META)
+        else:
+            score_meta = 0
+        if SCORE_GRAD is not None:
+            grad_strides = LOAD_GRAD_STRIDES(SCORE_META)
+        else:
+            grad_strides = 0
+        if MASK_MOD is not None:
+            mask_meta = LOAD_MASK_META(MASK_META)
+        else:
+            mask_meta = 0
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < HEAD_DIM
@@ -1067,7 +1169,31 @@ def attn_bwd(
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
                 )
                 a_h = c_kept
-            if not one_loop:
+            if FLEX:  # the query blocks the lists give this key block: partial ones with MASK_MOD, then full
+                num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[9], b, h, n0 // SPARSE_BKV)
+                for i in range(0, tl.load(FLEX_LISTS[5] + num)):
+                    start = tl.load(FLEX_LISTS[6] + idx + i * step) * SPARSE_BQ
+                    dk, dv = _dkdv_inner(
+                        dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
+                        start, tl.minimum(start + SPARSE_BQ, L), 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale,
+                        causal_off, window_off, seed, dropout_p, stride_qm, stride_qd, stride_dom, stride_dod,
+                        stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM,
+                        BLOCK_M1, False, False, False, False, False, False, False, False, False, False, EVEN, False,
+                        DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta,
+                        True, SCORE_MOD, SCORE_DSCORE, MASK_MOD,
+                    )
+                for i in range(0, tl.load(FLEX_LISTS[7] + fnum)):
+                    start = tl.load(FLEX_LISTS[8] + fidx + i * fstep) * SPARSE_BQ
+                    dk, dv = _dkdv_inner(
+                        dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
+                        start, tl.minimum(start + SPARSE_BQ, L), 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale,
+                        causal_off, window_off, seed, dropout_p, stride_qm, stride_qd, stride_dom, stride_dod,
+                        stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM,
+                        BLOCK_M1, False, False, False, False, False, False, False, False, False, False, EVEN, False,
+                        DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta,
+                        True, SCORE_MOD, SCORE_DSCORE, None,
+                    )
+            if not one_loop and not FLEX:
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
                     a_h, c_h, pid_n, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale, causal_off, window_off, seed, dropout_p,
@@ -1161,7 +1287,37 @@ def attn_bwd(
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
                            False, CAUSAL, WINDOW, False, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
             a = c_run
-        if not one_loop:
+        if FLEX:  # the key blocks the lists give this query block, as the forward walks them (_flex_lists)
+            num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[4], b, h, m0 // SPARSE_BQ)
+            for i in range(0, tl.load(FLEX_LISTS[0] + num)):  # partial blocks: MASK_MOD and the bounds mask
+                start = tl.load(FLEX_LISTS[1] + idx + i * step) * SPARSE_BKV
+                dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, start,
+                               tl.minimum(start + SPARSE_BKV, S), rows, offs_n, d_offs, bh, L, S, qk_scale, causal_off,
+                               window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm,
+                               stride_maskn, HEAD_DIM, BLOCK_N2, False, False, False, False, False, False, False, EVEN,
+                               False, DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta,
+                               SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, MASK_MOD, True)
+            n_full = tl.load(FLEX_LISTS[2] + fnum)
+            last = tl.load(FLEX_LISTS[3] + fidx + tl.maximum(n_full - 1, 0) * fstep)
+            ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
+            for i in range(0, n_full - ragged.to(tl.int32)):  # full blocks: no mask work at all
+                start = tl.load(FLEX_LISTS[3] + fidx + i * fstep) * SPARSE_BKV
+                dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, start, start + SPARSE_BKV, rows,
+                               offs_n, d_offs, bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn,
+                               stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2, False,
+                               False, False, False, False, False, False, EVEN, False, DOT_PRECISION, 0, 0, False, b, h,
+                               SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_GRADS, grad_strides, True,
+                               SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, None, False)
+            # the full block that reaches past S, if any: the bounds mask only (else an empty range)
+            r_lo = tl.where(ragged, last * SPARSE_BKV, 0)
+            r_hi = tl.where(ragged, S, 0)
+            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, r_lo, r_hi, rows, offs_n, d_offs, bh, L,
+                           S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
+                           stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2, False, False, False, False,
+                           False, False, False, EVEN, False, DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta,
+                           MASK_PTRS, mask_meta, SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE,
+                           SCORE_GRAD, None, True)
+        if not one_loop and not FLEX:
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,

@@ -18,7 +18,7 @@ from .._layout import Band, Packed
 from . import core, versions, worklist
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
     heuristic, pruner, ws_backward
-from .configs import flex_tile
+from .configs import flex_bwd_tile, flex_tile
 from .fastlaunch import Launcher
 from .options import KernelOptions, resolve
 
@@ -42,6 +42,7 @@ _KEY_RANGE_LAUNCH = Launcher(core.key_range_kernel)
 _DENSE_FLAGS = dict(VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16)
 # attn_fwd's flex inputs where there is no flex call: None specializes away (core.attn_fwd's FLEX)
 _NO_FLEX = dict(FLEX_LISTS=None, SCORE_PTRS=None, SCORE_META=None, MASK_PTRS=None, MASK_META=None)
+_NO_FLEX_BWD = dict(_NO_FLEX, SCORE_GRADS=None)  # attn_bwd's, likewise
 
 
 @dataclass(frozen=True)
@@ -549,7 +550,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
                 CU_K=cu_k, KEY_EXT=ext, WORK=q if work is None else work[0], B=B if work is None else 1, H=H,
                 G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, sm_scale=scale, **bargs,
                 dropout_p=float(dropout_p), seed=int(seed), N_KV_ITEMS=n_kv_items, N_Q_ITEMS=n_q_items,
-                SEQ_BUCKET=seq_bucket(max(L, S)))
+                SEQ_BUCKET=seq_bucket(max(L, S)), **_NO_FLEX_BWD)
     skip_dq = plan.dq == "from_ds"
 
     def grid(m):  # dK/dV programs unless DQ_ONLY, then dQ programs unless dQ is added by atomics (core.attn_bwd)
@@ -605,15 +606,40 @@ def flex_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     return Tiles(dict(meta, LAZY_RESCALE=False, ONE_LOOP=False), warps, stages)
 
 
-def _list_strides(blocks, device) -> torch.Tensor:
-    """FLEX_LISTS[4]: the 14 int32 strides of the four lists (a size-1 b / h dim broadcasts: 0).
-    A tensor, not int arguments: Triton would specialize ints on divisibility, and a new length
-    changes the lists' row strides."""
+def _list_strides(num, idx, full_num, full_idx, device) -> torch.Tensor:
+    """The 14 int32 strides of one direction's four lists (a size-1 b / h dim broadcasts: 0),
+    as core._list_row reads them. A tensor, not int arguments: Triton would specialize ints on
+    divisibility, and a new length changes the lists' row strides."""
     def st(t, n):
         return [0 if t.shape[i] == 1 else t.stride(i) for i in range(n - 1)] + [t.stride(n - 1)]
-    vals = (st(blocks.kv_num_blocks, 3) + st(blocks.kv_indices, 4) + st(blocks.full_kv_num_blocks, 3)
-            + st(blocks.full_kv_indices, 4))
+    vals = st(num, 3) + st(idx, 4) + st(full_num, 3) + st(full_idx, 4)
     return torch.tensor(vals, dtype=torch.int32, device=device)
+
+
+def _with_lists(blocks, transposes: bool = False):
+    """``blocks`` with every list the kernels read present: an absent full list is an empty one,
+    and (``transposes``) absent query-side lists are computed from the key-side ones."""
+    import dataclasses
+
+    from .._flex.block_mask import _transpose
+
+    ch = {}
+    device = blocks.kv_num_blocks.device
+    nq, nk = blocks.kv_num_blocks.shape[-1], blocks.kv_indices.shape[-1]
+    if blocks.full_kv_num_blocks is None:
+        zero = torch.zeros(1, 1, nq, 1, dtype=torch.int32, device=device)
+        ch.update(full_kv_num_blocks=zero[..., 0], full_kv_indices=zero)
+    if transposes:
+        if blocks.q_num_blocks is None:
+            ch.update(zip(("q_num_blocks", "q_indices"), _transpose(blocks.kv_num_blocks, blocks.kv_indices)))
+        if blocks.full_q_num_blocks is None:
+            if blocks.full_kv_num_blocks is None:
+                zero = torch.zeros(1, 1, nk, 1, dtype=torch.int32, device=device)
+                ch.update(full_q_num_blocks=zero[..., 0], full_q_indices=zero)
+            else:
+                ch.update(zip(("full_q_num_blocks", "full_q_indices"),
+                              _transpose(blocks.full_kv_num_blocks, blocks.full_kv_indices)))
+    return dataclasses.replace(blocks, **ch) if ch else blocks
 
 
 def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max: bool = False, options: KernelOptions | dict | None = None,
@@ -633,18 +659,15 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     mx = torch.empty((B, H, L), dtype=torch.float32, device=q.device) if want_max else lse
     if L == 0:
         return out, lse, (mx if want_max else None)
-    if blocks.full_kv_num_blocks is None:
-        import dataclasses
-
-        zero = torch.zeros(1, 1, blocks.kv_num_blocks.shape[-1], 1, dtype=torch.int32, device=q.device)
-        blocks = dataclasses.replace(blocks, full_kv_num_blocks=zero[..., 0], full_kv_indices=zero)
+    blocks = _with_lists(blocks)
     kstr, vstr = list(k.stride()), list(v.stride())
     if k.shape[0] == 1:
         kstr[0] = 0
     if v.shape[0] == 1:
         vstr[0] = 0
     lists = (blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices,
-             _list_strides(blocks, q.device), mx)
+             _list_strides(blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices,
+                           q.device), mx)
     bargs, _ = band_args(Band())
     score_on, mask_on = score is not None, mask is not None
     sfns, score_args = score if score_on else ({}, None)
@@ -666,3 +689,103 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
     core.attn_fwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
     return out, lse, (mx if want_max else None)
+
+
+_FLEX_BWD_TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")  # PyTorch's backward kernel_options
+
+
+def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
+                   kernel_options: dict | None = None) -> Tiles | None:
+    """The flex backward's tiles: the fixed config of a dense non-causal deterministic backward
+    (dQ programs, no atomics; or the interpreter's tile) through ``configs.flex_bwd_tile``, with
+    flex_attention's ``kernel_options`` BLOCK_M1 / BLOCK_N1 / BLOCK_M2 / BLOCK_N2 / num_warps /
+    num_stages on top, each halved until the query tiles divide the BlockMask's BQ (and
+    STAT_PAD) and the key tiles its BKV. None where no tile of at least 16 fits."""
+    import dataclasses
+
+    opts = resolve(options)
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_KEYS=False,
+                 DROPOUT=False, MASK_GRAD=False, VARLEN=False, DETERMINISTIC=True)
+    tiles = pick_tiles("bwd", flags, q.element_size(), dataclasses.replace(opts, autotune=False),
+                       seq_bucket=seq_bucket(max(L, S)), group=H // k.shape[1])
+    meta = {key: tiles.meta[key] for key in _FLEX_BWD_TILE_KEYS}
+    warps, stages = tiles.warps, tiles.stages
+    if not opts.interpret:
+        meta, stages = flex_bwd_tile(meta, stages, block_d(D))
+    ko = kernel_options or {}
+    meta = {key: int(ko.get(key, val)) for key, val in meta.items()}
+    warps, stages = int(ko.get("num_warps", warps)), int(ko.get("num_stages", stages))
+    BQ, BKV = blocks.BLOCK_SIZE
+    for key in _FLEX_BWD_TILE_KEYS:
+        meta[key] = _fit(min(meta[key], _STAT_PAD), BQ) if key[-2] == "M" else _fit(meta[key], BKV)
+    if min(meta.values()) < 16:
+        return None
+    return Tiles(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False, ONE_LOOP=False), warps, stages)
+
+
+def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=None, mask=None,
+                  options: KernelOptions | dict | None = None, kernel_options: dict | None = None):
+    """Gradients of ``flex_forward`` through core.attn_bwd's FLEX mode: (dq, dk, dv), dk / dv
+    shaped like k / v (summed over the batch where k / v broadcast it), or None where no tile fits
+    the BlockMask's BLOCK_SIZE. ``score``: (the score_mod's generated functions, its
+    ``codegen.capture_args`` with gradient buffers, whether to scatter the captures' gradient into
+    them), or None; ``mask`` as flex_forward's. ``out`` / ``lse``: the forward's; ``dlse``: the
+    gradient into the lse, or None."""
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    tiles = flex_bwd_tiles(q, k, blocks, options, kernel_options)
+    if tiles is None:
+        return None
+    dq = torch.empty_like(q)
+    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, S, v.shape[3]), dtype=v.dtype, device=v.device)
+    if L == 0 or S == 0:
+        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+    blocks = _with_lists(blocks, transposes=True)
+    nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, (H * L, L), B, L, None)
+    kstr, vstr = list(k.stride()), list(v.stride())
+    if k.shape[0] == 1:
+        kstr[0] = 0
+    if v.shape[0] == 1:
+        vstr[0] = 0
+    lists = (blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices,
+             _list_strides(blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks,
+                           blocks.full_kv_indices, q.device),
+             blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
+             _list_strides(blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
+                           q.device))
+    score_on, mask_on = score is not None, mask is not None
+    sfns, score_args, score_grad = score if score_on else ({}, None, False)
+    mfns, mask_args = mask if mask_on else ({}, None)
+    bargs, _ = band_args(Band())
+    m = tiles.meta
+    even = (L % m["BLOCK_M1"] == 0 and L % m["BLOCK_M2"] == 0 and S % m["BLOCK_N1"] == 0
+            and S % m["BLOCK_N2"] == 0 and D == block_d(D))
+    args = dict(zip(_BWD_STRIDES, (*q.stride(), *kstr, *vstr, *dout.stride(), *dq.stride(), *dk.stride(),
+                                   *dv.stride(), 0, 0, 0, 0, 0, 0, 0, 0, *stat_strides, 0, 0)),
+                Q=q, K=k, V=v, DO=dout, NLSE2=nlse2, Delta=delta, DQ=dq, DK=dk, DV=dv, MASK=q, DMASK=q, CU_Q=q,
+                CU_K=q, KEY_EXT=q, WORK=q, FLEX_LISTS=lists,
+                SCORE_PTRS=score_args.ptrs if score_on else None, SCORE_META=score_args.meta if score_on else None,
+                SCORE_GRADS=score_args.grads if score_on and score_grad else None,
+                MASK_PTRS=mask_args.ptrs if mask_on else None, MASK_META=mask_args.meta if mask_on else None,
+                B=B, H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, sm_scale=scale, **bargs,
+                dropout_p=0.0, seed=0, N_KV_ITEMS=0, N_Q_ITEMS=0, SEQ_BUCKET=seq_bucket(max(L, S)))
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_BOOL=False,
+                 MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
+                 VARLEN=False, DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=even, USE_TMA=False,
+                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, DQ_ONLY=False, FLEX=True,
+                 SCORE_MOD=sfns.get("score_mod"), SCORE_DSCORE=sfns.get("score_mod_dscore"),
+                 SCORE_GRAD=sfns.get("score_mod_grad_captures") if score_grad else None,
+                 LOAD_SCORE_META=sfns.get("load_meta"),
+                 LOAD_GRAD_STRIDES=sfns.get("load_grad_strides") if score_grad else None,
+                 MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
+                 SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1])
+    grid = (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + _cdiv(L, m["BLOCK_M2"]) * B * H,)
+    core.attn_bwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
+    if k.shape[0] != B:
+        dk = dk.sum(0, keepdim=True)
+    if v.shape[0] != B:
+        dv = dv.sum(0, keepdim=True)
+    return dq, dk, dv
