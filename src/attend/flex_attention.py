@@ -1,4 +1,4 @@
-"""FlexAttention with PyTorch's contract (``torch.nn.attention.flex_attention``), without ``torch.compile``.
+"""FlexAttention with PyTorch's contract (``torch.nn.attention.flex_attention``), without needing ``torch.compile``.
 
 ``score_mod(score, b, h, q_idx, kv_idx)`` and ``mask_mod(b, h, q_idx, kv_idx)`` are traced with
 ``torch.fx`` into a small graph, and generated once per *structure* into ``@triton.jit`` hooks
@@ -7,6 +7,9 @@ so a new sequence length, batch, head count or captured tensor value never gener
 anything. Tensors a mod captures (``bias[h]``, ``doc[b, q_idx]``, ``table[h, q_idx - kv_idx + c]``)
 are kernel inputs and receive gradients. An op the generator cannot translate raises an error
 naming the op and the line of the mod that uses it.
+
+Inside ``torch.compile(fullgraph=True)`` the call becomes the ``attend::flex_fwd`` custom op, with
+the tensors the mods read as its inputs (docs/flex.md, "Inside torch.compile").
 
 ``create_block_mask`` classifies each (query block, key block) as empty, partial or full by
 evaluating the mask per block (a Triton kernel built from the generated mask hook, or bounded
@@ -171,9 +174,13 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         ``(out, AuxOutput)`` with ``return_aux``. lse is natural-log fp32; a row with no kept key
         has ``out = 0``, ``lse = -inf``, ``max_scores = -inf``.
     """
-    call, return_aux, return_lse = _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
-                                             kernel_options, return_aux)
-    out, lse, max_scores = _dispatch.run(call)
+    if torch.compiler.is_compiling():
+        out, lse, max_scores = _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                                         kernel_options, return_aux)
+    else:
+        call, return_aux, return_lse = _validate(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                                                 return_lse, kernel_options, return_aux)
+        out, lse, max_scores = _dispatch.run(call)
     if return_aux is not None:
         return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
     if return_lse:
@@ -181,7 +188,41 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return out
 
 
-def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux):
+_LIST_ATTRS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+               "full_q_num_blocks", "full_q_indices")
+
+
+def _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux):
+    """flex_attention inside torch.compile (Dynamo traces this): the mods become constants and the
+    tensors they read graph inputs (``_flex/compiled.py``), then the ``attend::flex_fwd`` op."""
+    from ._flex import compiled
+    from .ops import flex as flex_op
+
+    scale = _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+                   return_aux)
+    score_key, score_paths = compiled.describe(score_mod, "score") if score_mod is not None else ("", ())
+    lists, block_size, mask_key, mask_paths, mask_mod = [], [1 << 30, 1 << 30], "", (), None
+    if block_mask is not None and tuple(block_mask.BLOCK_SIZE) != (1 << 30, 1 << 30):
+        if tuple(block_mask.seq_lengths) != (query.shape[2], key.shape[2]):
+            raise ValueError(f"flex_attention: block_mask was created for (Q_LEN, KV_LEN) = "
+                             f"{tuple(block_mask.seq_lengths)}, the call has ({query.shape[2]}, {key.shape[2]})")
+        lists = [getattr(block_mask, a) for a in _LIST_ATTRS]
+        block_size = list(block_mask.BLOCK_SIZE)
+        mask_mod = block_mask.mask_mod
+        if mask_mod is _sliced_mask_mod_error:
+            raise RuntimeError("flex_attention: block_mask was sliced and its mask_mod reset; assign a mask_mod "
+                               "that fits the slice (block_mask.mask_mod = ...)")
+        if mask_mod is not None and mask_mod is not noop_mask and getattr(mask_mod, "__name__", "") != "noop_mask":
+            mask_key, mask_paths = compiled.describe(mask_mod, "mask")
+    score_caps = [compiled.fetch(score_mod, p) for p in score_paths]
+    mask_caps = [compiled.fetch(mask_mod, p) for p in mask_paths]
+    return flex_op.flex(query, key, value, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size,
+                        kernel_options)
+
+
+def _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+           return_aux) -> float:
+    """The argument checks both paths share (no tracing: Dynamo runs these too); returns the scale."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"flex_attention: {name} must be a Tensor, got {type(t).__name__}")
@@ -222,10 +263,17 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
     if return_aux is not None and not (isinstance(return_aux, tuple) and hasattr(return_aux, "max_scores")):
         raise TypeError(f"flex_attention: return_aux must be an AuxRequest or None, got {type(return_aux).__name__}")
     if scale is None:
-        scale = 1.0 / math.sqrt(E)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        return 1.0 / math.sqrt(E)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"flex_attention: scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
 
+
+def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux):
+    scale = _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+                   return_aux)
+    B, Hq, L, E = query.shape
+    S = key.shape[2]
     mask_graph = None
     if block_mask is None:
         blocks = _lists.dense(L, S, query.device)

@@ -124,30 +124,38 @@ class _FusedForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse, dmax):
-        call = ctx.call
-        q, k, v, out, lse, *caps = ctx.saved_tensors
-        n = len(call.score_captures)
-        cap_grads = list(ctx.needs_input_grad[4:4 + n])
-        if not (any(cap_grads) and torch.are_deterministic_algorithms_enabled()):
-            res = _backward_kernel(call, dout, dlse, q, k, v, out, lse, caps[:n], caps[n:], cap_grads)
-            if res is not None:
-                PATHS["fused_backward"] += 1
-                dq, dk, dv, dcaps = res
-                want = ctx.needs_input_grad
-                return (None, dq if want[1] else None, dk if want[2] else None, dv if want[3] else None, *dcaps,
-                        *[None] * (len(caps) - n))
-        PATHS["blocked_backward"] += 1
-        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, *caps)]
-        wants = [t for t in leaves if t.requires_grad]
-        with torch.enable_grad():
-            out, lse, _ = eager.attention(leaves[0], leaves[1], leaves[2], call.score, leaves[3:3 + n], call.mask,
-                                          leaves[3 + n:], call.blocks, call.scale)
-            outs, gouts = [out], [dout]
-            if dlse is not None:
-                outs.append(lse)
-                gouts.append(torch.where(torch.isfinite(lse), dlse, 0.0))
-            got = iter(torch.autograd.grad(outs, wants, gouts, allow_unused=True)) if wants else iter(())
-        return (None, *[next(got) if t.requires_grad else None for t in leaves])
+        return (None, *gradients(ctx.call, dout, dlse, ctx.saved_tensors, ctx.needs_input_grad[1:]))
+
+
+def gradients(call: FlexCall, dout, dlse, saved, needs) -> list:
+    """Gradients of a flex call for ``saved = (q, k, v, out, lse, *score captures, *mask captures)``
+    (out / lse: the forward's), one per ``needs`` flag (q, k, v, then each capture), None where not
+    needed. The core's flex backward where the core ran the forward (``_fusable``), unless
+    deterministic mode meets a score capture that needs a gradient (scattered by atomics); else a
+    recomputation through the blocked path's autograd (deterministic)."""
+    q, k, v, out, lse, *caps = saved
+    needs = list(needs)
+    n = len(call.score_captures)
+    cap_grads = needs[3:3 + n]
+    if _fusable(call) and not (any(cap_grads) and torch.are_deterministic_algorithms_enabled()):
+        res = _backward_kernel(call, dout, dlse, q, k, v, out, lse, caps[:n], caps[n:], cap_grads)
+        if res is not None:
+            PATHS["fused_backward"] += 1
+            dq, dk, dv, dcaps = res
+            return [dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, *dcaps,
+                    *[None] * (len(caps) - n)]
+    PATHS["blocked_backward"] += 1
+    leaves = [t.detach().requires_grad_(bool(w)) for t, w in zip((q, k, v, *caps), needs)]
+    wants = [t for t in leaves if t.requires_grad]
+    with torch.enable_grad():
+        out, lse, _ = eager.attention(leaves[0], leaves[1], leaves[2], call.score, leaves[3:3 + n], call.mask,
+                                      leaves[3 + n:], call.blocks, call.scale)
+        outs, gouts = [out], [dout]
+        if dlse is not None:
+            outs.append(lse)
+            gouts.append(torch.where(torch.isfinite(lse), dlse, 0.0))
+        got = iter(torch.autograd.grad(outs, wants, gouts, allow_unused=True)) if wants else iter(())
+    return [next(got) if t.requires_grad else None for t in leaves]
 
 
 def _fused(call: FlexCall):

@@ -1,0 +1,152 @@
+"""``attend::flex_fwd`` / ``attend::flex_bwd``: FlexAttention as custom ops, for compiled graphs.
+
+``flex_attention`` uses these inside ``torch.compile`` (``_flex/compiled.py`` explains how the
+mods become a string and their tensors inputs); eager calls keep the direct path
+(``_flex.dispatch.run``), which needs no op dispatch. ``score_key`` / ``mask_key`` are
+``compiled.encode`` strings ("" for no mod); ``lists`` the BlockMask's eight list tensors in
+PyTorch's order (empty for no block mask); ``kernel_options`` a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+
+from .._flex import compiled, dispatch
+from .._flex import lists as _lists
+
+
+def _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options):
+    L, S = q.shape[2], k.shape[2]
+    if lists:
+        lead = lambda t, n: None if t is None else t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
+        fixed = [lead(t, 3 if i % 2 == 0 else 4) for i, t in enumerate(lists)]
+        blocks = _lists.BlockLists(*fixed, tuple(block_size), (L, S))
+    else:
+        blocks = _lists.dense(L, S, q.device)
+    return dispatch.FlexCall(q, k, v, compiled.graph(score_key, score_caps), compiled.graph(mask_key, mask_caps),
+                             blocks, scale, json.loads(kernel_options) or None)
+
+
+def _flex_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    score_caps: list[torch.Tensor],
+    mask_caps: list[torch.Tensor],
+    lists: list[Optional[torch.Tensor]],
+    score_key: str,
+    mask_key: str,
+    scale: float,
+    block_size: list[int],
+    kernel_options: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    call = _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options)
+    with torch.no_grad():
+        return dispatch.run(call)
+
+
+flex_fwd = torch.library.custom_op("attend::flex_fwd", _flex_fwd, mutates_args=())
+
+
+@flex_fwd.register_fake
+def _(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options):
+    B, H, L, _ = q.shape
+    stat = q.new_empty((B, H, L), dtype=torch.float32)
+    return q.new_empty((B, H, L, v.shape[-1])), stat, torch.empty_like(stat)
+
+
+class _Autograd:
+    """Autograd inside an op's implementation, which the dispatcher runs with autograd excluded:
+    the blocked path's backward recomputes through torch's autograd."""
+
+    def __enter__(self):
+        keys = torch._C.DispatchKey
+        exclude = torch._C._dispatch_tls_local_exclude_set()
+        for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+            exclude = exclude.remove(key)
+        self._guard = torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+        self._guard.__enter__()
+        self._grad = torch.enable_grad()
+        self._grad.__enter__()
+
+    def __exit__(self, *exc):
+        self._grad.__exit__(*exc)
+        self._guard.__exit__(*exc)
+
+
+def _flex_bwd(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    score_caps: list[torch.Tensor],
+    mask_caps: list[torch.Tensor],
+    lists: list[Optional[torch.Tensor]],
+    score_key: str,
+    mask_key: str,
+    scale: float,
+    block_size: list[int],
+    kernel_options: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    call = _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options)
+    flags = list(needs) + [False] * len(mask_caps)
+    with _Autograd():
+        grads = dispatch.gradients(call, dout, dlse, (q, k, v, out, lse, *score_caps, *mask_caps), flags)
+    zero = lambda g, like: torch.zeros_like(like) if g is None else g
+    dq, dk, dv = (zero(g, t) for g, t in zip(grads[:3], (q, k, v)))
+    return dq, dk, dv, [zero(g, c) for g, c in zip(grads[3:3 + len(score_caps)], score_caps)]
+
+
+flex_bwd = torch.library.custom_op("attend::flex_bwd", _flex_bwd, mutates_args=())
+
+
+@flex_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size,
+      kernel_options, needs):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(c) for c in score_caps]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, out, lse, *score_caps, *mask_caps, *[t for t in lists if t is not None])
+    ctx.shape = (len(score_caps), len(mask_caps), [t is not None for t in lists])
+    ctx.params = (score_key, mask_key, scale, block_size, kernel_options)
+    ctx.needs = [t.requires_grad for t in (q, k, v, *score_caps)]
+
+
+def _backward(ctx, dout, dlse, dmax):
+    n_score, n_mask, present = ctx.shape
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    score_caps, mask_caps, kept = rest[:n_score], rest[n_score:n_score + n_mask], iter(rest[n_score + n_mask:])
+    lists = [next(kept) if p else None for p in present]
+    if dout is None:  # only the lse was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dcaps = flex_bwd(dout, dlse, q, k, v, out, lse, list(score_caps), list(mask_caps), lists,
+                                 *ctx.params, ctx.needs)
+    dcaps = [g if need else None for g, need in zip(dcaps, ctx.needs[3:])]
+    # one gradient per input, lists as lists (mask captures and block lists have none)
+    return dq, dk, dv, dcaps, [None] * n_mask, [None] * len(present), None, None, None, None, None
+
+
+flex_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch._dynamo.assume_constant_result
+def _options_json(kernel_options: dict | None) -> str:
+    """flex_attention's kernel_options as the op's JSON argument (a constant of the traced graph)."""
+    return json.dumps(kernel_options or {}, sort_keys=True)
+
+
+def flex(query, key, value, score_caps, mask_caps, lists, score_key: str, mask_key: str, scale: float,
+         block_size: list[int], kernel_options: dict | None):
+    """``attend::flex_fwd`` with autograd: (out, lse, max_scores)."""
+    return flex_fwd(query, key, value, score_caps, mask_caps, lists, score_key, mask_key, float(scale),
+                    [int(b) for b in block_size], _options_json(kernel_options))

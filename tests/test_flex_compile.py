@@ -1,0 +1,165 @@
+"""attend.flex_attention inside torch.compile(fullgraph=True): the mods' tensors become inputs of
+the attend::flex_fwd op (gradients included), against the same call run eagerly and the float64
+definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attend.flex_attention as flex
+from attend._flex import dispatch
+from conftest import DEVICE, assert_scaled_close
+from test_flex import MASKS, _with_captures, dense_reference
+
+B, H, L, S, E = 2, 2, 48, 64, 16
+GLOBAL_SLOPES = torch.tensor([0.25, 0.5], device=DEVICE)  # a module global a score_mod reads
+
+
+def _inputs(seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, n, E, generator=g, dtype=dtype).to(DEVICE).requires_grad_() for n in (L, S, S)]
+
+
+def _compile(fn, backend="aot_eager"):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=backend)
+
+
+def _check_against_eager_and_float64(fn, args, trained, score_mod, mask_mod, what):
+    """``fn`` compiled (fullgraph) equals ``fn`` eager, and both match the float64 definition,
+    outputs and the gradients of the inputs and ``trained`` captures."""
+    before = dict(dispatch.PATHS)
+    out = _compile(fn)(*args)
+    assert sum(dispatch.PATHS[p] for p in ("fused", "blocked")) == sum(before[p] for p in ("fused", "blocked")) + 1
+    g = torch.randn_like(out)
+    leaves = [*args[:3], *trained]
+    grads = torch.autograd.grad((out * g).sum(), leaves)
+    ref_out = fn(*args)
+    ref_grads = torch.autograd.grad((ref_out * g).sum(), leaves)
+    assert torch.allclose(out, ref_out, rtol=0, atol=1e-6), what
+    for a, r in zip(grads, ref_grads):
+        assert torch.allclose(a, r, rtol=0, atol=1e-6), what
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        ls = [t.detach().to(dt).requires_grad_() for t in leaves]
+        o = dense_reference(*ls[:3], _with_captures(score_mod, trained, ls[3:]), mask_mod, dt)[0]
+        res[dt] = (o, torch.autograd.grad((o * g.to(dt)).sum(), ls))
+    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what=f"{what} out")
+    for i, (a, r, s) in enumerate(zip(grads, res[torch.float64][1], res[torch.float32][1])):
+        assert_scaled_close(a, r, s, k=6.0, what=f"{what} grad {i}")
+
+
+def test_trained_table_and_document_mask_fullgraph():
+    """A relative-bias table that requires grad (a closure variable) and a document mask whose ids
+    sit two closures deep (and_masks): compiled with fullgraph=True, equal to eager, gradients
+    reach the table."""
+    q, k, v = _inputs(0)
+    table = (0.5 * torch.randn(H, L + S, device=DEVICE)).requires_grad_()
+    doc = torch.randint(0, 3, (B, S), device=DEVICE).sort(-1).values
+
+    def rel(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + S]
+
+    docs = flex.and_masks(lambda b, h, qi, ki: doc[b, qi] == doc[b, ki], MASKS["causal"])
+    bm = flex.create_block_mask(docs, B, None, L, S, device=DEVICE, BLOCK_SIZE=16)
+    fn = lambda q, k, v: flex.flex_attention(q, k, v, rel, bm)
+    mask_ref = lambda b, h, qi, ki: (doc[b, qi] == doc[b, ki]) & (qi >= ki)
+    _check_against_eager_and_float64(fn, (q, k, v), [table], rel, mask_ref, "table + document")
+
+
+class _Biased(torch.nn.Module):
+    """A model whose score_mod (made once, in __init__) reads a parameter through ``self``, a
+    buffer, and a module global."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(H, device=DEVICE))
+        self.register_buffer("table", torch.randn(H, L + S, device=DEVICE))
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + self.bias[h] + self.table[h, q_idx - kv_idx + S] - GLOBAL_SLOPES[h] * (q_idx - kv_idx).abs()
+
+        self.mod = mod
+
+    def forward(self, q, k, v):
+        return flex.flex_attention(q, k, v, self.mod)
+
+
+def test_module_parameter_buffer_and_global_capture():
+    m = _Biased()
+    q, k, v = _inputs(1)
+    before = dict(dispatch.PATHS)
+    out = _compile(m)(q, k, v)
+    assert dispatch.PATHS["fused"] + dispatch.PATHS["blocked"] == before["fused"] + before["blocked"] + 1
+    out.square().sum().backward()
+    got = m.bias.grad.clone()
+    m.bias.grad = None
+    m(q, k, v).square().sum().backward()
+    assert torch.allclose(got, m.bias.grad, rtol=0, atol=1e-6)
+    assert got.abs().sum() > 0
+
+
+def test_new_captured_value_does_not_recompile_and_nested_number_mods_work():
+    """The compiled graph takes the mod's tensors as inputs: a new value of a buffer reuses the
+    graph. A mod defined inside the compiled function that closes over a Python number (a
+    softcap) traces too."""
+    counts = {"n": 0}
+
+    def backend(gm, example_inputs):
+        counts["n"] += 1
+        return gm.forward
+
+    m = _Biased()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
+    q, k, v = _inputs(2)
+    a = compiled(q, k, v)
+    with torch.no_grad():
+        m.table.copy_(torch.randn_like(m.table))
+    b = compiled(q, k, v)
+    assert counts["n"] == 1, f"{counts['n']} graphs for a new captured value"
+    assert torch.allclose(b, m(q, k, v), rtol=0, atol=1e-6) and not torch.allclose(a, b)
+
+    def capped(q, k, v, cap: float = 4.0):
+        def softcap(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+        return flex.flex_attention(q, k, v, softcap)
+
+    out = _compile(capped)(q, k, v)
+    ref = capped(q, k, v)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-6)
+
+
+def test_pytorch_block_mask_and_float64_blocked_path():
+    """A PyTorch BlockMask, and fp64 inputs (the blocked path, forward and backward inside the
+    ops) under fullgraph=True."""
+    import torch.nn.attention.flex_attention as tflex
+
+    q, k, v = _inputs(2, torch.float64)
+    bm = tflex.create_block_mask(MASKS["window"], None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
+    fn = lambda q, k, v: flex.flex_attention(q, k, v, block_mask=bm, scale=0.3)
+    before = dict(dispatch.PATHS)
+    out = _compile(fn)(q, k, v)
+    assert dispatch.PATHS["blocked"] == before["blocked"] + 1
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert dispatch.PATHS["blocked_backward"] == before["blocked_backward"] + 1
+    ref = fn(q, k, v)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    for a, r in zip(grads, ref_grads):
+        assert torch.allclose(a, r, rtol=0, atol=1e-12)
+
+
+def test_tensor_built_inside_the_mod_names_the_problem():
+    """A tensor the mod builds itself cannot be traced back to a variable: under torch.compile that
+    is an error that says what to do."""
+    q, k, v = (t.detach() for t in _inputs(3))
+
+    built = lambda s, b, h, qi, ki: s + torch.linspace(0, 1, H, device=DEVICE)[h]
+
+    def fn(q, k, v):
+        return flex.flex_attention(q, k, v, built)
+
+    with pytest.raises(Exception, match="not a closure variable, global or attribute"):
+        _compile(fn)(q, k, v)
