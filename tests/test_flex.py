@@ -319,6 +319,87 @@ def test_coarsened_lists_equal_create_block_mask_at_the_coarse_size():
             assert torch.equal(getattr(coarse, name), getattr(ref, name)), f"{mask_name} {name}"
 
 
+def test_interval_bounds_decide_all_but_the_boundary_blocks():
+    """create_block_mask evaluates the mask position by position only in the blocks interval
+    arithmetic cannot decide: for causal the diagonal, for a chunked mask none; a document mask
+    under causal leaves every block above the diagonal decided (empty) without reading the ids.
+    Either way the status equals the exhaustive classification."""
+    from attend._flex import bounds
+    from attend._flex.block_mask import EMPTY, classify
+
+    n, blk = 1000, 64
+    nb = -(-n // blk)
+    cases = {"causal": (MASKS["causal"], nb), "chunk": (lambda b, h, qi, ki: qi // 256 == ki // 256, 0)}
+    for name, (mask, undecided) in cases.items():
+        g = trace_mod.trace(mask, "mask")
+        pre = bounds.block_bounds(g, 1, 1, n, n, blk, blk, DEVICE)
+        assert int((pre == bounds.UNDECIDED).sum()) == undecided, name
+        assert torch.equal(classify(g, 1, 1, n, n, blk, blk, DEVICE, impl="torch"),
+                           classify(g, 1, 1, n, n, blk, blk, DEVICE, impl="torch", bounds=False)), name
+    g = trace_mod.trace(MASKS["document"], "mask")
+    pre = bounds.block_bounds(g, B, 1, L, S, 16, 16, DEVICE)
+    above = torch.ones(pre.shape, dtype=torch.bool, device=pre.device).triu(1)
+    assert (pre[above] == EMPTY).all() and (pre[~above] == bounds.UNDECIDED).any()
+
+
+_ATOMS = ["q", "k", "b", "h"]
+
+
+def _expr(draw, depth):
+    """A random integer expression over q_idx, kv_idx, b, h and small constants (source text)."""
+    st_ = __import__("hypothesis").strategies
+    if depth == 0 or draw(st_.integers(0, 3)) == 0:
+        return draw(st_.sampled_from(_ATOMS))  # every leftmost leaf an index: every subexpression a tensor
+    kind = draw(st_.sampled_from(["+", "-", "*", "//", "%", "abs", "min", "max"]))
+    a = _expr(draw, depth - 1)
+    if kind == "abs":
+        return f"({a}).abs()"
+    if kind in ("//", "%"):
+        return f"(({a}) {kind} {draw(st_.integers(1, 90))})"
+    if kind in ("min", "max"):
+        return f"torch.{'minimum' if kind == 'min' else 'maximum'}({a}, {_expr(draw, depth - 1)})"
+    other = _expr(draw, depth - 1) if draw(st_.booleans()) else str(draw(st_.integers(-70, 70)))
+    return f"({a} {kind} {other})"
+
+
+def _cond(draw, depth):
+    st_ = __import__("hypothesis").strategies
+    if depth == 0 or draw(st_.integers(0, 2)) == 0:
+        op = draw(st_.sampled_from(["<", "<=", ">", ">=", "==", "!="]))
+        other = _expr(draw, 2) if draw(st_.booleans()) else str(draw(st_.integers(-200, 200)))
+        return f"({_expr(draw, 2)} {op} {other})"
+    kind = draw(st_.sampled_from(["&", "|", "~", "where"]))
+    if kind == "~":
+        return f"(~{_cond(draw, depth - 1)})"
+    if kind == "where":
+        return f"torch.where({_cond(draw, depth - 1)}, {_cond(draw, depth - 1)}, {_cond(draw, depth - 1)})"
+    return f"({_cond(draw, depth - 1)} {kind} {_cond(draw, depth - 1)})"
+
+
+def test_interval_bounds_never_change_a_random_integer_mask():
+    """Property: for random integer masks (arithmetic, floor division and remainder, abs, min /
+    max, comparisons, &, |, ~, where) at ragged lengths, classifying with interval bounds gives
+    exactly the exhaustive classification."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st_
+
+    from attend._flex.block_mask import classify
+
+    @settings(max_examples=60, deadline=None)
+    @given(st_.data())
+    def check(data):
+        src = _cond(data.draw, 3)
+        mask = eval(f"lambda b, h, q, k: {src}", {"torch": torch})
+        Lq, Sk = data.draw(st_.integers(1, 200)), data.draw(st_.integers(1, 200))
+        bq, bk = data.draw(st_.sampled_from([16, 32, 64])), data.draw(st_.sampled_from([16, 32, 64]))
+        g = trace_mod.trace(mask, "mask")
+        got = classify(g, 2, 2, Lq, Sk, bq, bk, DEVICE, impl="torch")
+        ref = classify(g, 2, 2, Lq, Sk, bq, bk, DEVICE, impl="torch", bounds=False)
+        assert torch.equal(got, ref), src
+
+    check()
+
+
 def test_create_block_mask_never_holds_l_by_s(monkeypatch):
     """The torch path evaluates bounded tiles; the largest tensor it builds is far below L x S."""
     import attend._flex.block_mask as bmod

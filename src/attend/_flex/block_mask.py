@@ -23,7 +23,7 @@ from . import trace as _trace
 DEFAULT_BLOCK = 128
 EMPTY, PARTIAL, FULL = 0, 1, 2  # a block's status (kernels.classify_blocks writes the same codes)
 _LARGE_BLOCK = 1 << 30
-# create_block_mask's torch path evaluates the mask over tiles of at most this many positions.
+# create_block_mask's torch path evaluates the mask in batches of blocks of at most this many positions.
 TORCH_TILE_ELEMENTS = 1 << 22
 
 
@@ -237,20 +237,31 @@ def _arg_positive(name: str, v) -> int:
 
 
 def classify(graph: _trace.ModGraph, B: int, H: int, Q_LEN: int, KV_LEN: int, BQ: int, BKV: int, device,
-             impl: str | None = None) -> torch.Tensor:
+             impl: str | None = None, bounds: bool = True) -> torch.Tensor:
     """int8 [B, H, query blocks, key blocks]: 0 empty, 1 partial, 2 full (kernels.EMPTY / PARTIAL / FULL).
 
     ``impl``: "triton" (the generated mask hook in a Triton kernel; on the CPU only under
     TRITON_INTERPRET=1) or "torch" (the graph evaluated over bounded tiles); None picks.
+    ``bounds``: first decide what interval arithmetic can (``bounds.block_bounds``) and evaluate
+    the mask only in the other blocks (False: every block, position by position).
     """
+    from .bounds import UNDECIDED, block_bounds
+
     device = torch.device(device)
     if impl is None:
         interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         impl = "triton" if device.type == "cuda" or device.type == "cpu" and interpreted else "torch"
     NQ, NK = -(-Q_LEN // BQ), -(-KV_LEN // BKV)
-    status = torch.empty(B, H, NQ, NK, dtype=torch.int8, device=device)
     if device.type == "cuda" and device.index is None:  # "cuda" names the current device, as a tensor's "cuda:0" does
         device = torch.device("cuda", torch.cuda.current_device())
+    if bounds:
+        pre = block_bounds(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device)
+    else:
+        pre = torch.full((NQ, NK), UNDECIDED, dtype=torch.int8, device=device)
+    undecided = pre == UNDECIDED
+    if not bool(undecided.any()):
+        return pre.expand(B, H, NQ, NK).contiguous()
+    status = torch.empty(B, H, NQ, NK, dtype=torch.int8, device=device)
     caps = [c.tensor for c in graph.captures]
     if any(c.device != device for c in caps):
         bad = next(c for c in caps if c.device != device)
@@ -263,30 +274,29 @@ def classify(graph: _trace.ModGraph, B: int, H: int, Q_LEN: int, KV_LEN: int, BQ
 
         fns = codegen.hooks(graph).functions
         args = codegen.capture_args(caps, device, grads=[], scalars=graph.scalars)
-        kernels.classify_blocks[(NQ, B * H)](status, status.stride(0), status.stride(1), status.stride(2), H, Q_LEN,
-                                             KV_LEN, NK, args.ptrs, args.meta, MASK_MOD=fns["mask_mod"],
-                                             LOAD_META=fns["load_meta"], BLOCK_Q=BQ, BLOCK_KV=BKV)
+        kernels.classify_blocks[(NQ, B * H)](status, status.stride(0), status.stride(1), status.stride(2), pre,
+                                             pre.stride(0), H, Q_LEN, KV_LEN, NK, args.ptrs, args.meta,
+                                             MASK_MOD=fns["mask_mod"], LOAD_META=fns["load_meta"], BLOCK_Q=BQ,
+                                             BLOCK_KV=BKV)
         return status
-    # torch: tiles of whole blocks, each at most TORCH_TILE_ELEMENTS positions for all (b, h)
-    per_block = B * H * BQ * BKV
-    span = max(1, TORCH_TILE_ELEMENTS // per_block)
-    cq = max(1, min(NQ, int(span ** 0.5)))
-    ck = max(1, min(NK, span // cq))
+    # torch: the undecided blocks only, in batches of at most TORCH_TILE_ELEMENTS positions for all (b, h)
+    status.copy_(pre.expand(B, H, NQ, NK))
+    where = undecided.nonzero()  # [n, 2]: (query block, key block)
+    per_batch = max(1, TORCH_TILE_ELEMENTS // (B * H * BQ * BKV))
     i32 = dict(dtype=torch.int32, device=device)
-    b = torch.arange(B, **i32).view(B, 1, 1, 1)
-    h = torch.arange(H, **i32).view(1, H, 1, 1)
-    for m0 in range(0, NQ, cq):
-        m1 = min(NQ, m0 + cq)
-        q = torch.arange(m0 * BQ, m1 * BQ, **i32).view(1, 1, -1, 1)
-        for n0 in range(0, NK, ck):
-            n1 = min(NK, n0 + ck)
-            kv = torch.arange(n0 * BKV, n1 * BKV, **i32).view(1, 1, 1, -1)
-            keep, = _trace.evaluate(graph, dict(b=b, h=h, q_idx=q.clamp(max=Q_LEN - 1),
-                                                kv_idx=kv.clamp(max=KV_LEN - 1)), caps)
-            keep = torch.as_tensor(keep, device=device).to(torch.bool) & (q < Q_LEN) & (kv < KV_LEN)
-            keep = keep.expand(B, H, q.shape[2], kv.shape[3])
-            kept = keep.view(B, H, m1 - m0, BQ, n1 - n0, BKV).sum((3, 5), dtype=torch.int32)
-            status[:, :, m0:m1, n0:n1] = torch.where(kept == BQ * BKV, 2, (kept > 0).to(torch.int32)).to(torch.int8)
+    b = torch.arange(B, **i32).view(B, 1, 1, 1, 1)
+    h = torch.arange(H, **i32).view(1, H, 1, 1, 1)
+    rq, rk = torch.arange(BQ, **i32).view(1, -1, 1), torch.arange(BKV, **i32).view(1, 1, -1)
+    for i in range(0, where.shape[0], per_batch):
+        m, n = where[i:i + per_batch, 0].to(torch.int32), where[i:i + per_batch, 1].to(torch.int32)
+        q = (m.view(-1, 1, 1) * BQ + rq).view(1, 1, -1, BQ, 1)  # [1, 1, k, BQ, 1]
+        kv = (n.view(-1, 1, 1) * BKV + rk).view(1, 1, -1, 1, BKV)  # [1, 1, k, 1, BKV]
+        keep, = _trace.evaluate(graph, dict(b=b, h=h, q_idx=q.clamp(max=Q_LEN - 1),
+                                            kv_idx=kv.clamp(max=KV_LEN - 1)), caps)
+        keep = torch.as_tensor(keep, device=device).to(torch.bool) & (q < Q_LEN) & (kv < KV_LEN)
+        kept = keep.expand(B, H, m.numel(), BQ, BKV).sum((3, 4), dtype=torch.int32)  # [B, H, k]
+        found = torch.where(kept == BQ * BKV, 2, (kept > 0).to(torch.int32)).to(torch.int8)
+        status[:, :, m.long(), n.long()] = found
     return status
 
 

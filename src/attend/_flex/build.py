@@ -39,7 +39,8 @@ def build(archs=(90, 80)) -> list[dict]:
     tile_consts = dict(SCORE_MOD=fns["score_mod"], SCORE_DSCORE=fns["score_mod_dscore"],
                        SCORE_GRAD=fns["score_mod_grad_captures"], LOAD_META=fns["load_meta"],
                        LOAD_GRAD_STRIDES=fns["load_grad_strides"], HAS_GRAD=True, BLOCK_M=64, BLOCK_N=64)
-    cls_sig = dict(Status="*i8", stride_sb="i32", stride_sh="i32", stride_sm="i32", H="i32", Q_LEN="i32",
+    cls_sig = dict(Status="*i8", stride_sb="i32", stride_sh="i32", stride_sm="i32", Pre="*i8", stride_pm="i32",
+                   H="i32", Q_LEN="i32",
                    KV_LEN="i32", NK="i32", ptrs=tuple(ptr(c) for c in mg.captures), META="*i32")
     cls_consts = dict(MASK_MOD=mfns["mask_mod"], LOAD_META=mfns["load_meta"], BLOCK_Q=128, BLOCK_KV=128)
     out = []

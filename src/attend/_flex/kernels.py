@@ -17,14 +17,16 @@ import triton.language as tl
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
-@triton.jit(do_not_specialize=["stride_sb", "stride_sh", "stride_sm", "H", "Q_LEN", "KV_LEN", "NK"])
-def classify_blocks(Status, stride_sb, stride_sh, stride_sm, H, Q_LEN, KV_LEN, NK, ptrs, META,
+@triton.jit(do_not_specialize=["stride_sb", "stride_sh", "stride_sm", "stride_pm", "H", "Q_LEN", "KV_LEN", "NK"])
+def classify_blocks(Status, stride_sb, stride_sh, stride_sm, Pre, stride_pm, H, Q_LEN, KV_LEN, NK, ptrs, META,
                     MASK_MOD: tl.constexpr, LOAD_META: tl.constexpr, BLOCK_Q: tl.constexpr,
                     BLOCK_KV: tl.constexpr):
     """Status[b, h, m, n] = EMPTY / PARTIAL / FULL for query block m and key block n.
 
     A block is FULL only when every one of its BLOCK_Q x BLOCK_KV positions is in range and kept
     (PyTorch pads ragged ends with masked positions; the same rule keeps the lists identical).
+    Pre[m, n]: the status interval arithmetic decided for every (b, h) (``bounds.block_bounds``),
+    or UNDECIDED (3): only those blocks evaluate the mask at every position.
     Grid: (query blocks, B * H); each program walks its row of key blocks.
     """
     meta = LOAD_META(META)
@@ -36,12 +38,15 @@ def classify_blocks(Status, stride_sb, stride_sh, stride_sm, H, Q_LEN, KV_LEN, N
     q_in = q_idx < Q_LEN
     q_c = tl.minimum(q_idx, Q_LEN - 1)
     row = Status + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + m.to(tl.int64) * stride_sm
+    pre_row = Pre + m.to(tl.int64) * stride_pm
     for n in range(0, NK):
-        kv_idx = n * BLOCK_KV + tl.arange(0, BLOCK_KV)[None, :]  # [1, BKV]
-        valid = q_in & (kv_idx < KV_LEN)  # [BQ, BKV]
-        keep = MASK_MOD(b, h, q_c, tl.minimum(kv_idx, KV_LEN - 1), ptrs, meta)
-        kept = tl.sum((keep & valid).to(tl.int32))
-        status = tl.where(kept == BLOCK_Q * BLOCK_KV, 2, tl.where(kept > 0, 1, 0))
+        status = tl.load(pre_row + n).to(tl.int32)
+        if status == 3:
+            kv_idx = n * BLOCK_KV + tl.arange(0, BLOCK_KV)[None, :]  # [1, BKV]
+            valid = q_in & (kv_idx < KV_LEN)  # [BQ, BKV]
+            keep = MASK_MOD(b, h, q_c, tl.minimum(kv_idx, KV_LEN - 1), ptrs, meta)
+            kept = tl.sum((keep & valid).to(tl.int32))
+            status = tl.where(kept == BLOCK_Q * BLOCK_KV, 2, tl.where(kept > 0, 1, 0))
         tl.store(row + n, status.to(tl.int8))
 
 
