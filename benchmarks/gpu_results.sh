@@ -10,6 +10,7 @@
 #   flex      attend.flex_attention against compiled flex      -> flex.json, flex.txt
 #   models    transformers training step and generation        -> models.json, models.txt
 #   plot      the README's figure from core.json and masks.json -> summary.png
+#   cpu       (not in the default STEPS) the CPU table on this host's CPU -> cpu.txt
 # FA4 rows need flash-attn-4 installed (else they show its error). Copy the JSON into
 # benchmarks/results/ as <date>-<card>-<suite>.json, then the tables into RESULTS.md.
 set -uo pipefail
@@ -46,7 +47,9 @@ for step in $STEPS; do
       bench models --suite models --models-json "$OUT/models.json" ;;
     plot)
       python3 benchmarks/plot.py --core "$OUT/core.json" --masks "$OUT/masks.json" --out "$OUT/summary.png" ;;
+    cpu)
+      timeout "$T" python3 benchmarks/cpu_attention.py --reps 7 > "$OUT/cpu.txt" 2>&1; cat "$OUT/cpu.txt" ;;
     *)
-      echo "unknown step $step (known: machine core masks backends flex models plot)"; exit 2 ;;
+      echo "unknown step $step (known: machine core masks backends flex models plot cpu)"; exit 2 ;;
   esac
 done
