@@ -1,7 +1,9 @@
 """Decide between a few tuning choices with interleaved timings: every variant of a case is timed
 once per round, for several rounds, through the public API (as ``python -m attend bench`` times
 it), and the table gives each variant's median and spread. A single sweep pass ranks configs
-from one timing each; on the H100 the same config has read 12% apart within one sweep (H100-7), more than the differences being decided, so a ranking that matters comes from here.
+from one timing each; on the H100 the same config has read 12% apart within one sweep, more than
+the differences being decided (docs/kernels.md, "Tuning: timing spread"), so a ranking that
+matters comes from here.
 
     PYTHONPATH=src python benchmarks/ab.py [--cases varlen-window,bias-grad] [--rounds 5] [--json out.json]
 
@@ -30,8 +32,9 @@ _c, _b = fwd_config, bwd_config
 # Per case ("name" or "name@S" for one of its lengths): the shipped fixed config first (marked
 # "now"), then the challengers. A variant is (kind, config, forward TMA, mark[, overrides]): the
 # overrides are kernel options (KernelOptions' fields) set for that variant only.
-# The lists hold H100-8's comparisons; tiles tried and dropped there (two programs per SM by a
-# register cap, 256-row tiles of 16 warps, heads-fastest grids) are in RESULTS.md.
+# The lists hold the comparisons behind the current rules (docs/kernels.md, "Measurements behind
+# the tuning"); tiles tried and dropped (two programs per SM by a register cap, 256-row tiles of
+# 16 warps, heads-fastest grids) are in the repository's history.
 SPLIT = {"fwd_one_loop": False}  # one loop per band edge (core's ONE_LOOP off)
 BSPLIT = {"bwd_one_loop": False}
 BONE = {"bwd_one_loop": True}

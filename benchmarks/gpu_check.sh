@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: the test suite on the GPU, then the benchmark with its peers.
-#   run: bash benchmarks/gpu_check.sh [bench args...]   (carry .wheels if pytest is missing there)
+#   bash benchmarks/gpu_check.sh [bench args...]   (where pytest is missing, it installs it from .wheels/)
 #   e.g. --suite all adds the masks / varlen / sliding-window cases (attend.bench_masks)
 set -uo pipefail
 OUT=${OUT:-/tmp/attend_out}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine, from the repo root:
 #   CASES="d128-causal padding" SWEEP_ARGS="--kinds bwd --short --tma both" bash benchmarks/gpu_sweep.sh
-#   PLAN=benchmarks/plans/varlen.txt bash benchmarks/gpu_sweep.sh   # one "case [sweep args]" per line
+#   PLAN=jobs.txt bash benchmarks/gpu_sweep.sh   # one "case [sweep args]" per line (# comments allowed)
 # Compiles every candidate config of each job in parallel processes (warming Triton's disk
 # cache), then times them all one job after another (never two at once: they would share the
 # GPU). Writes $OUT/sweep.json (keyed "case" or "case [args]"), sweep.log, compile.log (failures

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite on a CUDA machine, sharded over N processes: the GPU run is bound by Triton
-# compiling each kernel specialization, which is CPU work, and the device machine has 16 cores.
+# compiling each kernel specialization, which is CPU work spread over the host's cores.
 #   PYTHONPATH=src bash benchmarks/gpu_tests.sh [N]   -> prints one "N passed, M failed" line
 #   TESTS="tests/test_varlen.py ..." limits it to those files or node ids; SHARD_TIMEOUT (s)
 #   bounds each shard, so the summary is always written ($OUT/tests_summary.txt, $OUT/pytest.txt).

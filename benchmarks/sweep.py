@@ -46,13 +46,14 @@ HEAD_MAJOR_BWD = [_b(64, 128, 128, 64, 8, 3, head_major=True), _b(64, 64, 64, 64
 EXTRA_BWD += HEAD_MAJOR_BWD
 FWD = configs.FWD_CONFIGS + EXTRA_FWD
 BWD = configs.BWD_CONFIGS + EXTRA_BWD
-# --short: the backward configs that won somewhere in the full sweep (RESULTS.md, H100-3).
+# --short: the backward configs that won somewhere in the full sweep (docs/kernels.md, "Tuning: dense tiles").
 SHORT_BWD = [_b(64, 128, 128, 64, 8, 3), _b(64, 128, 128, 64, 8, 4), _b(64, 128, 64, 64, 8, 3, dq_atomic=True),
              _b(64, 64, 64, 64, 4, 2), _b(32, 64, 64, 32, 4, 3), _b(32, 128, 64, 64, 4, 3),
              _b(32, 128, 128, 32, 4, 3), _b(64, 64, 64, 64, 4, 3, dq_atomic=True)] + HEAD_MAJOR_BWD
-# dQ by atomics: with TMA (the default on sm_90) the copy engine adds each dQ tile (a bulk reduce,
-# H100-6). All five atomic configs of BWD_CONFIGS lost every --short cell of H100-6 (best 414
-# vs 450), so --short keeps only the two above; --atomic adds the other three back.
+# dQ by atomics: with TMA (the default on sm_90) the copy engine adds each dQ tile (a bulk reduce).
+# All five atomic configs of BWD_CONFIGS lost every --short cell on the H100 (best 414 vs 450;
+# docs/kernels.md, "Tuning: the backward's program order and row statistics"), so --short keeps
+# only the two above; --atomic adds the other three back.
 ATOMIC_BWD = [c for c in configs.BWD_CONFIGS if c.kwargs["DQ_ATOMIC"] and c not in SHORT_BWD]
 # Base configs for the forward that feeds a backward sweep (and vice versa): fit every case.
 BASE = {"fwd": _c(64, 64, 4, 3), "bwd": _b(64, 64, 64, 64, 4, 2)}
@@ -179,7 +180,7 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
     ``fwd_tma``: KernelOptions.fwd_tma values to time each forward config with (None: as the config asks);
     ``even_both``: also time each forward config with its EVEN path turned off (a config can opt out);
     ``api_mode``: time through the public API (autograd, dispatch) instead of the launchers: the
-    bench's own measure, which has ranked some backward tiles differently (RESULTS.md, H100-5);
+    bench's own measure, which has ranked some backward tiles differently (docs/kernels.md, "Tuning: timing spread");
     ``atomic``: with ``short``, also the dQ-by-atomics configs that --short leaves out."""
     for case, S, make in cases(name):
         fwd, bwd, flops, api = make()

@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+import time
+
+import pytest
 
 
 def _run(*args):
@@ -47,3 +50,29 @@ def test_help_is_plain_text():
     out = _run("--help")
     assert "usage: python -m attend" in out and "info" in out and "explain" in out and "bench" in out
     assert "``" not in out  # no raw reStructuredText
+
+
+def test_cpu_bench_times_only_after_warmup():
+    """--warmup N: N untimed calls first, then --reps timed ones; the slow first calls stay out of
+    the median."""
+    from attend.bench_cpu import _median_ms
+
+    calls = []
+
+    def fn():
+        calls.append(None)
+        if len(calls) <= 2:
+            time.sleep(0.2)
+
+    ms = _median_ms(fn, reps=3, warmup=2)
+    assert len(calls) == 5
+    assert ms < 100
+
+
+def test_bench_warmup_option():
+    from attend.cli import build_parser, main
+
+    assert build_parser().parse_args(["bench"]).warmup == 1
+    assert build_parser().parse_args(["bench", "--warmup", "4", "--reps", "5"]).warmup == 4
+    with pytest.raises(SystemExit, match="--warmup >= 0; got --reps 5 --warmup -1"):
+        main(["bench", "--warmup", "-1", "--reps", "5"])

@@ -43,8 +43,11 @@ def _step(impl, shape, dtype, causal, backward):
     return run
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up
+def _median_ms(fn, reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``reps`` calls of ``fn``, after ``warmup`` untimed calls (the first calls
+    pay one-off costs: allocator growth, thread-pool start, page faults)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -64,18 +67,18 @@ def _peak_mib(impl, shape, dtype, causal, backward) -> float:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run(shape=(1, 8, 4096, 64), dtype=torch.float32, causal=True, reps=5, out=sys.stdout) -> list[dict]:
+def run(shape=(1, 8, 4096, 64), dtype=torch.float32, causal=True, reps=5, out=sys.stdout, warmup=1) -> list[dict]:
     rows = []
     for impl in IMPLS:
         row = {"impl": impl}
         for backward, tag in ((False, "fwd"), (True, "fwd+bwd")):
             print(f"  timing {impl} {tag} ...", file=sys.stderr, flush=True)
-            row[f"{tag} ms"] = _median_ms(_step(impl, shape, dtype, causal, backward), reps)
+            row[f"{tag} ms"] = _median_ms(_step(impl, shape, dtype, causal, backward), reps, warmup)
             row[f"{tag} peak MiB"] = _peak_mib(impl, shape, dtype, causal, backward)
         rows.append(row)
     ref = rows[2]
     title = f"CPU, {'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}, causal={causal}, " \
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {reps} after {warmup} warm-up"
     print(title, file=out)
     print("| impl | fwd ms | fwd+bwd ms | vs torch (fwd / fwd+bwd) | fwd peak MiB | fwd+bwd peak MiB |", file=out)
     print("|---|---|---|---|---|---|", file=out)

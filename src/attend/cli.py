@@ -137,7 +137,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.device == "cpu":
         from . import bench_cpu
 
-        bench_cpu.run((1, a.heads, a.seq, a.head_dim), _DTYPES[a.dtype], a.causal, a.reps)
+        if a.reps < 1 or a.warmup < 0:
+            raise SystemExit(f"bench: --reps must be >= 1 and --warmup >= 0; got --reps {a.reps} --warmup {a.warmup}")
+
+        bench_cpu.run((1, a.heads, a.seq, a.head_dim), _DTYPES[a.dtype], a.causal, a.reps, warmup=a.warmup)
         return 0
     if not torch.cuda.is_available():
         raise SystemExit(f"--device {a.device}: CUDA is not available here; use --device cpu")
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     be.add_argument("--causal", action="store_true")
     be.add_argument("--reps", type=int, default=3, help="CPU: timed repetitions")
+    be.add_argument("--warmup", type=int, default=1, help="CPU: untimed calls before the timed ones")
     be.add_argument("--seqs", default="512,1024,2048,4096,8192,16384", help="CUDA: sequence lengths")
     be.add_argument("--dims", default="64,128", help="CUDA: head dims")
     be.add_argument("--impls", default="", help="CUDA: subset of attend,attend-efficient,attend-cudnn,attend-fa2,attend-fa4,torch-flash,"

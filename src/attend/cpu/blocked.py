@@ -18,7 +18,7 @@ import torch
 from .._layout import Band
 
 # Each score tile holds at most this many elements (fp32: 2 MiB, about one core's L2), so the
-# softmax passes over a tile stay in cache. Swept on the 2-core dev machine (1x8x4096x64 fp32
+# softmax passes over a tile stay in cache. Swept on a 2-core x86 CPU (1x8x4096x64 fp32
 # causal forward): 2^19 elements with 256 keys per tile was fastest (2^17: +30%, 2^22: +15%).
 TILE_ELEMENTS = 1 << 19
 BLOCK_N_MIN, BLOCK_N_MAX = 32, 256

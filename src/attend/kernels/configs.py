@@ -1,7 +1,8 @@
 """Tuning data for the Triton core: the fixed config table (``heuristic``, the default), and the
 candidate lists and prune function of the opt-in autotuner (ATTEND_AUTOTUNE=1).
 
-The table comes from timing every candidate on the H100 (benchmarks/sweep.py; RESULTS.md). The
+The table comes from timing the candidates on the H100 (benchmarks/sweep.py, then benchmarks/ab.py;
+the figures behind each rule: docs/kernels.md, "Measurements behind the tuning"). The
 autotuner benchmarks the candidates that survive ``prune`` once per key (head dim, causal, mask,
 dropout, a sequence-length bucket, and for the forward a query-length bucket), which costs about
 a minute per new key. Keep the lists short: CI compiles every candidate for sm_90 and sm_80.
@@ -26,9 +27,10 @@ def fwd_config(bm: int, bn: int, warps: int, stages: int, *, lazy: bool = False,
     EVEN path, even where the shape allows it (it is slower for some tiles: the sweep decides);
     ``tma``: read K, V and a float mask's tiles through TMA descriptors where the copy engine can
     (KernelOptions.fwd_tma; a request the launcher drops on other GPUs or misaligned tensors);
-    ``one_loop``: a band's edge blocks run in the inner loop (core's ONE_LOOP; the H100, H100-8,
-    ab.py: causal 1k 337 against 320 TFLOP/s, packed causal 393 / 387 against 381 / 383, dense
-    causal 16k 490 against 478 over two runs; off where it did not pay, below)."""
+    ``one_loop``: a band's edge blocks run in the inner loop (core's ONE_LOOP; the H100, ab.py:
+    causal 1k 337 against 320 TFLOP/s, packed causal 393 / 387 against 381 / 383, dense causal 16k
+    490 against 478 over two passes; off where it did not pay, below; docs/kernels.md, "Tuning: one
+    loop over a band's edges")."""
     kw = {"BLOCK_M": bm, "BLOCK_N": bn, "LAZY_RESCALE": lazy, "ONE_LOOP": one_loop}
     if not even:  # overrides the launch's EVEN flag (a config can only opt out of it)
         kw["EVEN"] = False
@@ -52,7 +54,8 @@ def bwd_config(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int, *, d
     ``dq_atomic``: no dQ programs, the dK/dV programs add dQ by atomics; ``head_major``: number
     the programs KV head by KV head (core.attn_bwd); ``one_loop``: a band's edge blocks run in
     the inner loops (core's ONE_LOOP). By default on for 64-row dK/dV tiles and off for 32-row
-    ones, as the H100 measured them (H100-8, benchmarks/ab.py, medians of 5 rounds): one loop
+    ones, as the H100 measured them (benchmarks/ab.py, medians of 5 rounds; docs/kernels.md, "Tuning:
+    one loop over a band's edges"): one loop
     made 64-row tiles 2-8% faster on causal and window bands (window 64x128 388 against 330
     TFLOP/s, head-major 64x64 376 against 355; causal 4k 373 against 358) and 32-row tiles 4-8%
     slower (window 32x64 341-349 against 368-375; D=64 causal 16k 369 against 383)."""
@@ -195,46 +198,47 @@ RULES: list[Rule] = [
     # fp32 inputs: tiles take twice the space, so 64x64.
     Rule("fp32", "fwd", 128, {ANY: _c(64, 64, 4, 3)}, lambda key: key.elem > 2, elem=4),
     Rule("fp32", "bwd", 128, {ANY: _b(64, 64, 64, 64, 4, 2)}, lambda key: key.elem > 2, elem=4),
-    # Key-padding masks (one mask row for all queries): since H100-7 a mask that keeps one run of
-    # keys is read on the run's edge blocks only, so the forward is the plain one inside the run.
-    # ab.py, (4, 1, 1, 4096) padding: 128x128 with TMA 568, 128x64 554, the old non-EVEN 128x64 546.
+    # Key-padding masks (one mask row for all queries): a mask that keeps one run of keys is read on
+    # the run's edge blocks only, so the forward is the plain one inside the run. ab.py, (4, 1, 1,
+    # 4096) padding: 128x128 with TMA 568, 128x64 554, a non-EVEN 128x64 546 (docs/kernels.md,
+    # "Tuning: masks").
     Rule("key_mask", "fwd", 128, {ANY: _c(128, 128, 8, 3, tma=True)}, lambda key: key.has_mask and key.mask_keys,
          dict(CAUSAL=False, HAS_MASK=True, MASK_BOOL=True, MASK_KEYS=True, KEY_RANGE=True)),
     # Full-size masks: a 128x128 forward tile with its bf16 bias tile pipelined in shared memory needs
-    # 288 KiB, over the H100's 227 KiB; 128x64 is the sweep's best (208 vs 126 TFLOP/s for 64x64,
-    # run 13), with the EVEN path 391 vs 339 without (H100-5, bias (4, 16, 4096, 4096)). H100-7
-    # (benchmarks/ab.py, medians of 5 interleaved rounds through the API): with TMA loads 370.5 against
-    # 360.9. Backward with dQ from the stored dS (KernelOptions.dq_from_ds): 64x64 272, next 266
-    # (32x64); H100-7: 323 against 312 (32x64).
+    # 288 KiB, over the H100's 227 KiB; 128x64 is the sweep's best (208 vs 126 TFLOP/s for 64x64),
+    # with the EVEN path 391 vs 339 without (bias (4, 16, 4096, 4096)); benchmarks/ab.py (medians of
+    # 5 interleaved rounds through the API): with TMA loads 370.5 against 360.9. Backward with dQ
+    # from the stored dS (KernelOptions.dq_from_ds): 64x64 323 against 312 for 32x64
+    # (docs/kernels.md, "Tuning: masks").
     Rule("mask", "fwd", 128, {ANY: _c(128, 64, 8, 3, tma=True)}, lambda key: key.has_mask and not key.mask_keys,
          dict(CAUSAL=False, HAS_MASK=True)),
     Rule("mask", "bwd", 128, {ANY: _b(64, 64, 64, 64, 4, 2)}, lambda key: key.has_mask and not key.mask_keys,
          dict(CAUSAL=False, HAS_MASK=True, MASK_GRAD=True)),
-    # Sliding windows (varlen-window, 4096 of 16384): backward 64x64 in key order 363, head-major 349
-    # (H100-5). H100-6, with the padded row stats: 32x64 392, head-major 64x64 372. H100-7
-    # (ab.py): 32x64 378, head-major 64x64 350; forward 128x128 with TMA 443 against 416 (128x64).
-    # H100-8: one loop over the window's edges left the forward where it was (448 / 443 / 438
-    # against 447 / 441 / 444 in three runs), so it keeps its three loops; the backward's 32-row tile
-    # too (bwd_config). Backward candidates in one loop: 64x128 373-388, head-major 64x64 373-381,
-    # against 368-375 for this pick, within the runs' spread.
+    # Sliding windows (varlen-window, 4096 of 16384; docs/kernels.md, "Tuning: windows and packed
+    # sequences"), ab.py: backward 32x64 378, head-major 64x64 350; forward 128x128 with TMA 443
+    # against 416 (128x64). One loop over the window's edges left the forward where it was (448 / 443
+    # / 438 against 447 / 441 / 444 in three passes), so it keeps its three loops; the backward's
+    # 32-row tile too (bwd_config). Backward candidates in one loop: 64x128 373-388, head-major 64x64
+    # 373-381, against 368-375 for this pick, within the passes' spread.
     Rule("window", "fwd", 128, {ANY: _c(128, 128, 8, 3, tma=True, one_loop=False)}, lambda key: key.window,
          dict(VARLEN=True, WINDOW=True, EVEN=False)),
     Rule("window", "bwd", 128, {ANY: _b(32, 64, 64, 32, 4, 3)}, lambda key: key.window,
          dict(VARLEN=True, WINDOW=True, EVEN=False)),
-    # Packed causal sequences (H100-5: forward 379; backward through TMA descriptors, head-major
-    # 64x64 304, against 271 for the old pointer-load pick). Forward by longest sequence (H100-7,
-    # ab.py): mixed lengths up to 4096, 64x64 with TMA 382 against 364 for 128x64; one sequence of
-    # 16384, 128x128 with TMA 504 against 482 (64x64 with TMA 475).
-    # H100-8: the one-sequence tile keeps one loop per band edge (one loop: 473 / 466 / 503 against
-    # 502 / 490 / 487 in three runs).
+    # Packed causal sequences (docs/kernels.md, "Tuning: windows and packed sequences"): backward
+    # through TMA descriptors, head-major 64x64 304, against 271 with pointer loads. Forward by
+    # longest sequence (ab.py): mixed lengths up to 4096, 64x64 with TMA 382 against 364 for 128x64;
+    # one sequence of 16384, 128x128 with TMA 504 against 482 (64x64 with TMA 475). The one-sequence
+    # tile keeps one loop per band edge (one loop: 473 / 466 / 503 against 502 / 490 / 487 in three
+    # passes).
     Rule("varlen", "fwd", 128, {4096: _c(64, 64, 4, 3, tma=True), 16384: _c(128, 128, 8, 3, tma=True, one_loop=False)},
          lambda key: key.varlen, dict(VARLEN=True, EVEN=False)),
     Rule("varlen", "bwd", 128, {ANY: _b(64, 64, 64, 64, 4, 2, head_major=True)}, lambda key: key.varlen,
          dict(VARLEN=True, EVEN=False)),
-    # Grouped-query heads (G > 1) at S=4096, 8:1, where the winner differs from the table's. D=64
-    # causal: forward 387 TFLOP/s with 4 stages vs at most 348 with the 3-stage table pick; backward
-    # 64x64 3 stages, 324 through the API (run 16; the 2-stage variant the H100-5 sweep preferred
-    # took 305 there, run 18). D=128 causal backward: 32x64, 340 through the API (304 for the table's
+    # Grouped-query heads (G > 1) at S=4096, 8:1, where the winner differs from the table's
+    # (docs/kernels.md, "Tuning: grouped-query heads"). D=64 causal: forward 387 TFLOP/s with 4
+    # stages vs at most 348 with the 3-stage table pick; backward 64x64 3 stages, 324 through the API
+    # (the 2-stage variant a kernel-only sweep preferred took 305 there). D=128 causal backward:
+    # 32x64, 340 through the API (304 for the table's
     # 64x128 pick). D=128 non-causal backward: head-major orders lose with groups (a KV head's G dQ
     # heads crowd in behind its dK/dV programs: 374 against 419), so the 64x128 key-order pick.
     Rule("gqa", "fwd", 64, {ANY: _c(128, 64, 8, 4, even=False)},
@@ -246,8 +250,8 @@ RULES: list[Rule] = [
     Rule("gqa", "bwd", 128, {ANY: _b(64, 128, 128, 64, 8, 3)},
          lambda key: key.group > 1 and key.seq_bucket >= 4096 and not key.causal, dict(CAUSAL=False)),
     # The table: the best config of the H100 sweep per (kernel, head-dim class, causal) and bucket
-    # (benchmarks/sweep.py, RESULTS.md "H100-3" and "H100-4"; bf16, hidden 2048, 16k tokens).
-    # Forward, H100-4 sweep with and without the EVEN path (sweep.py --even both).
+    # (benchmarks/sweep.py; docs/kernels.md, "Tuning: dense tiles"; bf16, hidden 2048, 16k tokens).
+    # Forward: a sweep with and without the EVEN path (sweep.py --even both).
     # D=64: 399 / 438 / 437 TFLOP/s at S = 1k / 4k / 16k; causal 270 / 381 / 427 (EVEN: < 270 / 377 / 416)
     Rule("table", "fwd", 64, {ANY: _c(128, 64, 8, 3)}, _causal(False), dict(CAUSAL=False)),
     Rule("table", "fwd", 64, {ANY: _c(128, 64, 8, 3, even=False)}, _causal(True)),
@@ -255,27 +259,28 @@ RULES: list[Rule] = [
          dict(CAUSAL=False)),  # 436; 525 / 524
     Rule("table", "fwd", 128, {4096: _c(64, 64, 4, 3), 16384: _c(128, 128, 8, 3)}, _causal(True)),  # 333 / 436; 494
     Rule("table", "fwd", 256, {ANY: _c(64, 32, 4, 2)}),
-    # Backward: TMA descriptors on (launch.use_tma), sweep of run 12.
+    # Backward: TMA descriptors on (launch.use_tma).
     Rule("table", "bwd", 64, {ANY: _b(32, 128, 64, 64, 4, 3)}, _causal(False),
          dict(CAUSAL=False)),  # 336 at 4k, 361 at 16k
-    # D=64 causal: re-swept in H100-4 with the fast launcher (the old 1024 pick, dQ by atomics,
-    # timed 197 then and lost to 223 here once its fp32 dQ conversion counted).
+    # D=64 causal: swept with the direct launcher (at 1024 a dQ-by-atomics pick timed 197 and lost to
+    # 223 once its fp32 dQ conversion counted).
     Rule("table", "bwd", 64, {1024: _b(32, 64, 64, 32, 4, 3), 4096: _b(32, 128, 128, 32, 4, 3),
                               16384: _b(32, 128, 64, 64, 4, 3)}, _causal(True)),  # 223, 325, 354
-    # D=128: H100-5 sweep with the head-major program order (HM), kept where the public API
-    # bench agreed (run 18). Non-causal: HM 64x64, sweep 369 / 459 at 1k / 4k (non-HM 344 / 421),
+    # D=128: a sweep with the head-major program order (HM), kept where the public API bench
+    # agreed. Non-causal: HM 64x64, sweep 369 / 459 at 1k / 4k (non-HM 344 / 421),
     # API 376 / 403 (old pick 333 / 394); 443 at 16k. Causal: HM 64x64 at 16k, sweep 418 (old pick
     # 392), API 426 (424). At 1k / 4k the sweep's picks (HM 64x64 272, 64x64 376) lost through
-    # the API (210 / 359 against 256 / 381 for the old picks), so those stay at 4k. H100-6: at
-    # 1k the API sweep (sweep.py --api) and the kernel sweep both put HM 64x64 first (266 / 271;
-    # the old 32x64 pick at most 250 / 252).
+    # the API (210 / 359 against 256 / 381 for the old picks), so those stay at 4k. At 1k the API
+    # sweep (sweep.py --api) and the kernel sweep both put HM 64x64 first (266 / 271; 32x64 at most
+    # 250 / 252).
     Rule("table", "bwd", 128, {4096: _b(64, 64, 64, 64, 4, 2, head_major=True), 16384: _b(64, 128, 128, 64, 8, 3)},
          _causal(False), dict(CAUSAL=False)),
     Rule("table", "bwd", 128, {1024: _b(64, 64, 64, 64, 4, 2, head_major=True), 4096: _b(64, 128, 128, 64, 8, 3),
                                16384: _b(64, 64, 64, 64, 4, 2, head_major=True)}, _causal(True)),
     Rule("table", "bwd", 256, {ANY: _b(16, 64, 64, 16, 4, 2)}),
     # The Gluon dK / dV kernel (ws_bwd.py), then the core's dQ programs alone (DQ_ONLY): H100 kernel
-    # times (torch.profiler, H100-10), Gluon + dQ programs against the core's one launch, us:
+    # times (torch.profiler; docs/kernels.md, "Tuning: the Gluon dK / dV kernel"), Gluon + dQ
+    # programs against the core's one launch, us:
     # window 4096 of 16k 2461 / 2793, one packed 16k causal sequence 5270 / 5749, dense causal 16k
     # 5079 / 5801, 4k 1605 / 1730, non-causal 16k 11209 / 12606, 4k 2829 / 2864; at S=1024 the core
     # (607 against 652 causal: tiles of 8 query blocks pay the Gluon kernel's per-tile cost). The dQ

@@ -4,7 +4,8 @@ Triton binds every argument, specializes it (dtype, 16-byte alignment, divisibil
 == 1), builds a string cache key and checks the kernel's globals on every call: tens of
 microseconds of host time per launch for attend's kernels (about 50 arguments), three launches
 per forward+backward. At S=1024 the H100 waited on the host: the causal backward measured
-146 TFLOP/s through the API against 0.69 ms of kernel time (RESULTS.md, H100-4).
+146 TFLOP/s through the API against 0.69 ms of kernel time (docs/kernels.md, "Tuning: host
+overhead and the direct launcher").
 
 ``Launcher`` keys the compiled kernel by what can change Triton's specialization, cheaply:
 each pointer argument's dtype and 16-byte alignment, and the exact values of the scalar
@@ -16,7 +17,7 @@ first call of each key and the interpreter go through Triton's own path.
 Gluon kernels launch the same way, with host tensor descriptors among the leading pointer
 arguments (``ws.attn_fwd_ws``). Through Triton's own path the H100 waited on the host: the
 persistent forward at S=1024 (B=16, H=16, D=128) timed 0.464 ms per call, against 0.293 ms
-launched directly (ab.py, H100-10).
+launched directly (ab.py).
 """
 
 from __future__ import annotations

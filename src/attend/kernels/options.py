@@ -60,13 +60,15 @@ class KernelOptions:
     # A full-size float mask's gradient is dS itself; with this on, the backward launches no dQ
     # programs for it and computes dQ = scale * dS @ K as one batched GEMM on the stored dS (one
     # product instead of the dQ programs' three, and no second read of the mask). H100, bias
-    # (4, 16, 4096, 4096) with grad: 272 TFLOP/s against 227 with dQ programs (RESULTS.md, H100-5).
+    # (4, 16, 4096, 4096) with grad: 272 TFLOP/s against 227 with dQ programs (docs/kernels.md,
+    # "Tuning: masks").
     dq_from_ds: bool = True
     # Packed calls launch one program per block that exists, from host-built lists ordered heaviest
     # first (worklist.py; core's WORKLIST), instead of cdiv(max length, block) slots per sequence,
     # most of which exit at once when lengths are mixed (60% of the varlen benchmark's grid), and in
-    # whatever order the caller packed its sequences. Off until the H100 measures it
-    # (benchmarks/sweep.py --worklist).
+    # whatever order the caller packed its sequences. Off: on the H100 it timed 351 / 283 TFLOP/s
+    # against 373 / 288 without (docs/kernels.md, "Tuning: windows and packed sequences";
+    # benchmarks/sweep.py --worklist re-times it).
     varlen_worklist: bool = False
     # The forward reads K and V (and the tiles of a float mask with rows) through TMA tensor
     # descriptors where the copy engine can read them (launch.use_tma; never paged), instead of

@@ -3,21 +3,22 @@ TMA load (Q, K, V and a float bias's tiles) into shared-memory buffers, and two 
 warpgroups of 64 query rows each run the QK product, the softmax and the PV product on their own.
 The consumers release buffers through mbarriers and never meet at a CTA barrier, so one's softmax
 runs while the other's MMAs do: the overlap the ``tl`` core cannot express (its warpgroups meet at
-a ``bar.sync`` per iteration, and Triton 3.6 waits for an asynchronous QK product at once;
-RESULTS.md "H100-8"; a one-partition schedule with the next block's QK in flight gained
-nothing, ``benchmarks/probe_gluon.py``).
+a ``bar.sync`` per iteration, and Triton 3.6 waits for an asynchronous QK product at once; a
+one-partition Gluon schedule with the next block's QK in flight gained nothing: docs/kernels.md,
+"Tuning: the Gluon forward").
 
 One program per SM takes tiles (128 query rows of one head) from a counter until none is left,
 and its producer loads the next tile's Q and first K / V blocks while the consumers finish the
 current one: a tile's start pays no load latency, the ~9 us per program that kept the core's
-sliding window at 2.02-2.07x its full causal time (RESULTS.md, H100-9). A band (causal top-left
+sliding window at 2.02-2.07x its full causal time. A band (causal top-left
 or bottom-right, sliding window) visits only the key blocks it covers and masks the blocks on
 its edges and a sequence's ragged end, as the core does.
 
-H100, bf16, ``benchmarks/ab.py`` run 43 (KernelOptions.fwd_ws on / off), TFLOP/s: sliding window 4096 of
+H100, bf16, ``benchmarks/ab.py`` (KernelOptions.fwd_ws on / off), TFLOP/s: sliding window 4096 of
 16k 503 against 442; full causal 16k 547 against 514, 4k 494 against 434, 1k 357 against 339; no
-mask 4k 545 against 496, 1k 469 against 419; a float bias 403 against 365. H100-10 added the
-output's TMA store and the per-bound edge masks (run 55: window 536, one 16k causal sequence 571).
+mask 4k 545 against 496, 1k 469 against 419; a float bias 403 against 365. The output's TMA store
+and the per-bound edge masks then took the window to 536 and one 16k causal sequence to 571
+(docs/kernels.md, "Tuning: the Gluon forward").
 
 It serves (``eligible``): D = 128, fp16 / bf16, no dropout; dense contiguous tensors with any
 lengths and band, and no mask or a full-size float bias; packed sequences (varlen, contiguous
@@ -89,7 +90,8 @@ def _mask_edges(s, k_start, r0, rows, s_cols, S, causal_off, window_off, ROWS: g
     """Scores of rows [r0, r0 + ROWS) (``rows``) against keys [k_start, k_start + BLOCK_N), -inf where
     a key is past S, right of the causal diagonal or left of the window. Each bound is tested per
     block and applied only where some row crosses it: a window's diagonal block pays one compare
-    per score, its lower-edge block one (three did; run 55, RESULTS.md H100-10)."""
+    per score, its lower-edge block one (testing all three everywhere was slower: docs/kernels.md,
+    "Tuning: the Gluon forward")."""
     cols = k_start + s_cols
     if k_start + BLOCK_N > S:
         s = gl.where(cols[None, :] < S, s, float("-inf"))
@@ -115,8 +117,8 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
     into Q buffer ``tiles % QBUFS`` once both consumers are done with the tile QBUFS before, then
     key block j's K and V (and each consumer's bias tile) into ring slot ``count % STAGES``, the
     count running over tiles: the next tile's Q and first blocks load while the consumers finish
-    this one, so a tile's start costs no load latency (the ~9 us per program of the core, RESULTS.md
-    H100-8)."""
+    this one, so a tile's start costs no load latency (the ~9 us per program of the core,
+    docs/kernels.md, "Tuning: the Gluon forward")."""
     P = gl.num_programs(0)
     n_bh = n_tiles // n_m
     tcount = 0
@@ -342,7 +344,7 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
         if packed.table is not None or packed.seqused_k is not None or mask is not None:
             return False
         if q.shape[2] != (packed.cu_q.numel() - 1) * L_max:
-            return False  # mixed lengths: the kernel would walk every (sequence, block) slot (RESULTS.md run 41)
+            return False  # mixed lengths: the kernel would walk every (sequence, block) slot (docs/kernels.md, "Tuning: the Gluon forward")
         return (q.stride(1) == HEAD_DIM and q.stride(2) == q.shape[1] * HEAD_DIM and q.stride(3) == 1
                 and k.is_contiguous() and v.is_contiguous())
     if not all(t.is_contiguous() for t in (q, k, v)):

@@ -194,7 +194,8 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
                     x = s * qk_scale + nlse2[None, :]
                     if CAUSAL or WINDOW:
                         # A band edge: mask by index, both bounds (testing each bound per block, as
-                        # ws._mask_edges does, spilled here and slowed the window, run 56).
+                        # ws._mask_edges does, spilled here and slowed the window: docs/kernels.md,
+                        # "Tuning: the Gluon dK / dV kernel").
                         if (m0 < a) | (m0 >= c):
                             d = (keys - m0)[:, None] - s_cols[None, :]  # key - query
                             if CAUSAL:
