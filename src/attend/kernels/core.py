@@ -16,7 +16,7 @@ Conventions
   window costs time in proportion to its width.
 - Lengths: ``L_max``/``S_max`` are runtime ints (no recompile per length); Triton still
   specializes them by divisibility by 16 (and == 1), which lets the bounds-masked mask loads
-  vectorize: the bias forward ran 371 vs 204 TFLOP/s with it (H100, RESULTS.md run 14).
+  vectorize: the bias forward ran 371 vs 204 TFLOP/s with it (H100; docs/kernels.md, Tuning: masks).
 - VARLEN: packed sequences. ``B`` is the number of sequences, ``L_max``/``S_max`` the longest
   ones (they size the grid); sequence ``b`` holds query rows ``[CU_Q[b], CU_Q[b+1])`` and key rows
   ``[CU_K[b], ...)`` of ``(1, H, T, D)`` views, ``SEQUSED``: ``SEQUSED_K[b]`` keys. ``PAGED``: key
@@ -96,7 +96,8 @@ def _grid_cell(n_blocks, GRID_1D: tl.constexpr):
     y (decode at batch 4096 with 32 heads; 4096 packed sequences of 16 heads; the launcher picks).
     A constexpr, not a runtime test of the grid: with the runtime test in the prologue the D=64
     causal forward ran 22% slower on the H100 (210 / 303 / 350 against 272 / 379 / 419 TFLOP/s at
-    S = 1k / 4k / 16k, H100-7) with the same loop bodies."""
+    S = 1k / 4k / 16k; docs/kernels.md, Tuning: the backward's program order and row statistics) with the
+    same loop bodies."""
     if GRID_1D:
         pid = tl.program_id(0)
         blk = pid % n_blocks
@@ -1018,8 +1019,9 @@ def attn_bwd(
     HEAD_MAJOR (with dQ programs): the same programs, numbered KV head by KV head instead: each
     KV head's dK/dV programs, then the dQ programs of its G query heads, so the two halves run
     side by side and a head's Q, dO, K and V are read while they are still in L2. Measured
-    (RESULTS.md, H100-5): faster for D=128 non-causal at S <= 4096, causal at S=16384 and
-    packed sequences; slower with grouped-query heads.
+    (docs/kernels.md, Tuning: the backward's program order and row statistics): faster for D=128
+    non-causal at S <= 4096, causal at S=16384 and packed sequences; slower with grouped-query
+    heads.
 
     MASK_GRAD: also write d(attn_mask) = dS into DMASK (the mask's strides); with
     MASK_GRAD_ATOMIC (a broadcast mask, fp32 buffer) by atomic adds (nondeterministic).

@@ -128,8 +128,8 @@ def _even(L: int, S: int, D: int, packed) -> bool:
 def use_tma(opts: KernelOptions, *tensors: torch.Tensor, forced: bool | None = None) -> bool:
     """The kernels read through TMA descriptors when Hopper's copy engine can read every tensor
     (compute capability >= 9, a unit last stride, 16-byte aligned base and strides). Packed
-    (varlen) calls too since H100-5: 304 vs 271 TFLOP/s with pointer loads (mixed lengths), 363
-    vs 318 (sliding window) on the H100; run 13's 149 vs 247 predates the fixed configs.
+    (varlen) calls too: 304 vs 271 TFLOP/s with pointer loads (mixed lengths), 363 vs 318 (sliding
+    window) on the H100 (docs/kernels.md, Tuning: windows and packed sequences).
     ``forced`` (KernelOptions.tma) overrides everything but the unit last stride, which the
     kernels' descriptors assume."""
     if any(t.stride(-1) != 1 for t in tensors):
@@ -188,7 +188,7 @@ def l_bucket(L: int) -> int:
 
 
 def seq_bucket(S: int) -> int:
-    # The H100 runs picked different backward tiles at S=1024 and S=16384 (RESULTS.md).
+    # The H100 runs picked different backward tiles at S=1024 and S=16384 (docs/kernels.md, Tuning: dense tiles).
     return 1024 if S <= 1024 else (4096 if S <= 4096 else 16384)
 
 
