@@ -17,7 +17,7 @@ from attend._flex import trace as trace_mod
 from attend._flex.block_mask import create_block_mask as _create_block_mask
 from conftest import DEVICE, assert_scaled_close
 
-B, HQ, HKV, L, S, E = 2, 4, 2, 150, 170, 16
+B, HQ, HKV, L, S, E = 2, 2, 1, 150, 170, 16  # GQA 2:1; the interpreter's cost grows with B * HQ
 BLOCK = 32  # small blocks: several partial / full / empty blocks at these lengths
 WINDOW, PREFIX = 40, 45
 
@@ -120,7 +120,7 @@ def _with_captures(fn, caps, new):
 # least once; the interpreter's forward is the slow part); the rest of the matrix takes the blocked
 # path there. On CUDA every pair runs fused.
 FUSED_PAIRS = {("none", "causal"), ("relative", "window"), ("alibi", "document"), ("softcap", "prefix_lm"),
-               ("table_grad", "causal"), ("table_grad", "none"), ("alibi", "none")}
+               ("table_grad", "causal"), ("table_grad", "none")}
 
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
@@ -687,13 +687,13 @@ def test_fused_new_length_batch_or_captured_value_compiles_nothing():
 
 
 def test_fused_backward_lse_gradient_broadcast_keys_and_kernel_options():
-    """The core's flex backward with a gradient into the lse, GQA 2:1, a key batch of 1 broadcast
+    """The core's flex backward with a gradient into the lse, GQA, a key batch of 1 broadcast
     over 2, ragged ends, and kernel_options' backward tiles (shrunk to divide BLOCK_SIZE)."""
     from attend.kernels import launch
 
     torch.manual_seed(6)
-    q = torch.randn(2, 4, 50, E, device=DEVICE, requires_grad=True)
-    k, v = (torch.randn(1, 2, 75, E, device=DEVICE, requires_grad=True) for _ in range(2))
+    q = torch.randn(2, HQ, 50, E, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, HKV, 75, E, device=DEVICE, requires_grad=True) for _ in range(2))
     mask = MASKS["window"]
     bm = flex.create_block_mask(mask, None, None, 50, 75, device=DEVICE, BLOCK_SIZE=32)
     opts = {"BLOCK_M1": 64, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 32}
