@@ -5,8 +5,9 @@ Every call here goes through the model, so attend sees what models hand over: ``
 views of ``(B, L, H, D)`` projections, and K/V from a KV cache. Logits and gradients are checked
 with tolerances scaled by eager's own float32 error against a float64 copy of the model. The
 gradient tests run attend's Triton core (under the interpreter on the CPU); generation, packing and
-caching tests run the CPU's blocked kernel, which takes the same routes and is fast enough for 32
-decode steps per model.
+caching tests run the CPU's blocked kernel for SDPA and varlen_attn, which takes the same routes and
+is fast enough for 32 decode steps per model. Gemma 2's softcap runs attend's FlexAttention, whose
+fused core runs fp32 under the interpreter too: those tests assert that it ran (``dispatch.PATHS``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import attend.integrations.transformers as at  # noqa: E402  (registers "attend")
+from attend._flex import dispatch as flex_dispatch  # noqa: E402
 from conftest import DEVICE  # noqa: E402
 
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
@@ -96,12 +98,29 @@ def assert_scaled(out, ref64, ref32, what: str, k: float = 8.0) -> None:
 
 def _loss(model, ids, mask=None, weights=None):
     logits = model(ids, attention_mask=mask).logits
-    valid = torch.ones_like(logits) if mask is None else mask[..., None].to(logits.dtype)
+    valid = torch.ones_like(logits) if mask is None or mask.dim() == 4 else mask[..., None].to(logits.dtype)
     return (logits * weights.to(logits.dtype) * valid).sum(), logits
 
 
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def flex_runs():
+    """A function that returns how many flex calls ran each path since this call (dispatch.PATHS)."""
+    before = dict(flex_dispatch.PATHS)
+    return lambda: {k: v - before[k] for k, v in flex_dispatch.PATHS.items()}
+
+
+def assert_fused_flex(runs: dict, forwards: int | None = None, backwards: int | None = None) -> None:
+    """The calls ran the Triton core's flex mode (forward, and backward where asked), never flex's blocked path."""
+    assert runs["blocked"] == 0 and runs["blocked_backward"] == 0, f"flex ran its blocked path: {runs}"
+    if forwards is None:
+        assert runs["fused"] > 0, f"no fused flex forward ran: {runs}"
+    else:
+        assert runs["fused"] == forwards, f"fused flex forwards: {runs}, expected {forwards}"
+    if backwards is not None:
+        assert runs["fused_backward"] == backwards, f"fused flex backwards: {runs}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,20 +158,33 @@ def test_import_without_transformers_names_the_install():
 # Logits and every parameter's gradient (attend's Triton core under the interpreter on the CPU)
 # ----------------------------------------------------------------------------------------------
 
-# Left padding with gradients: llama (unpadded varlen) and gpt-oss (sinks on unpadded varlen) cover its routes.
-GRAD_CASES = [(m, False) for m in MODELS] + [(m, True) for m in ("llama", "gpt_oss") if m in CONFIGS]
+# Left padding with gradients: llama (unpadded varlen), gpt-oss (sinks on unpadded varlen) and Gemma 2
+# (softcap: flex with key padding); a model's own 4-D mask (a mask tensor): gpt-oss's sinks through flex.
+GRAD_CASES = ([(m, "") for m in MODELS] + [(m, "left-padded") for m in ("llama", "gpt_oss", "gemma2") if m in CONFIGS]
+              + [(m, "4d-mask") for m in ("gpt_oss",) if m in CONFIGS])
+# Calls per forward that run flex: Gemma 2's every layer (softcap); gpt-oss's only with a 4-D mask.
+FLEX_LAYERS = {("gemma2", ""): 2, ("gemma2", "left-padded"): 2, ("gpt_oss", "4d-mask"): 2}
 
 
-@pytest.mark.parametrize("name,padded", GRAD_CASES,
-                         ids=[f"{m}({FEATURES[m]}){'-left-padded' if p else ''}" for m, p in GRAD_CASES])
-def test_logits_and_grads_match_eager(name, padded):
+def _custom_mask(B: int, S: int) -> torch.Tensor:
+    """A (B, 1, S, S) bool mask no band describes: causal, minus a few keys per row (never the diagonal)."""
+    g = torch.Generator().manual_seed(9)
+    drop = torch.rand(B, 1, S, S, generator=g) < 0.3
+    allowed = torch.ones(S, S, dtype=torch.bool).tril() & ~(drop & ~torch.eye(S, dtype=torch.bool))
+    return allowed.to(DEVICE)
+
+
+@pytest.mark.parametrize("name,variant", GRAD_CASES,
+                         ids=[f"{m}({FEATURES[m]}){'-' + v if v else ''}" for m, v in GRAD_CASES])
+def test_logits_and_grads_match_eager(name, variant):
     B, S = 2, 24
     ids = tokens(B, S)
     mask = None
-    if padded:
+    if variant == "left-padded":
         mask = torch.ones(B, S, dtype=torch.long, device=DEVICE)
         mask[0, :5] = 0
         mask[1, :2] = 0
+    allowed = _custom_mask(B, S) if variant == "4d-mask" else None
     weights = torch.randn(B, S, VOCAB, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     eager = build(name)
     eager64 = copy.deepcopy(eager).double()
@@ -161,7 +193,7 @@ def test_logits_and_grads_match_eager(name, padded):
     results = {}
     for key, model in (("64", eager64), ("32", eager), ("attend", ours)):
         model.train()  # dropout is 0 in these configs; train() is what a training step runs
-        if key == "64" and padded:
+        if key == "64" and mask is not None:
             # eager in float64 turns fully masked (padded) rows into NaN, which then leak through
             # 0 * NaN: the oracle runs each sequence alone, at the positions the padded batch gives it.
             logits = torch.zeros(B, S, VOCAB, dtype=torch.float64, device=DEVICE)
@@ -173,9 +205,19 @@ def test_logits_and_grads_match_eager(name, padded):
                 logits[b, keep] = out.detach()
             results[key] = (logits, _grads(model))
             continue
-        loss, logits = _loss(model, ids, mask, weights)
-        loss.backward()
+        model_mask = mask
+        if allowed is not None:  # eager adds its mask to the scores; attend takes the bool mask
+            dtype = next(model.parameters()).dtype
+            model_mask = allowed if key == "attend" else torch.zeros(allowed.shape, dtype=dtype, device=DEVICE) \
+                .masked_fill(~allowed, torch.finfo(dtype).min)
+        runs = flex_runs()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", at.UnfusedFeatureWarning)  # every feature here is fused
+            loss, logits = _loss(model, ids, model_mask, weights)
+            loss.backward()
         results[key] = (logits.detach(), _grads(model))
+    layers = FLEX_LAYERS.get((name, variant), 0)
+    assert_fused_flex(runs(), forwards=layers, backwards=layers)
     valid = (slice(None),) if mask is None else (mask.bool(),)
     assert_scaled(results["attend"][0][valid], results["64"][0][valid], results["32"][0][valid], f"{name} logits")
     grads64, grads32, ours_g = results["64"][1], results["32"][1], results["attend"][1]
@@ -224,10 +266,13 @@ def test_generate_greedy_matches_eager(name, use_kernel):
     ref = eager.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, use_cache=True,
                          pad_token_id=0)
     eager.set_attn_implementation("attend")
+    runs = flex_runs()
     out = eager.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, use_cache=True,
                          pad_token_id=0)
     assert out.shape == ref.shape == (B, S + 32)
     assert torch.equal(out, ref), f"{name}: greedy tokens differ from eager\n{out}\n{ref}"
+    if name == "gemma2":  # prefill and every decode step, each layer: softcap through fused flex
+        assert_fused_flex(runs(), forwards=2 * 32)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral"])
@@ -265,8 +310,11 @@ def test_chunked_prefill_bottom_right(name, use_kernel):
         ours = copy.deepcopy(eager)
         ours.set_attn_implementation("attend")
         cache = DynamicCache(config=ours.config)
+        runs = flex_runs()
         chunks = [ours(ids[:, a:b], **{CACHE: cache}, use_cache=True).logits for a, b in ((0, 12), (12, 21), (21, 28))]
     torch.testing.assert_close(torch.cat(chunks, 1), ref, atol=2e-4, rtol=1e-4)
+    if name == "gemma2":
+        assert_fused_flex(runs(), forwards=3 * 2)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -285,6 +333,7 @@ def test_packed_batch_equals_padded_batch(name, use_kernel):
     position_ids = torch.cat([torch.arange(n) for n in lens])[None].to(DEVICE)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     model = build(name, "attend")
+    runs = flex_runs()
     with torch.no_grad():
         ref = model(padded, attention_mask=mask).logits
         # with a cache (the default in eval) transformers builds no packed mask: the attention call
@@ -294,6 +343,8 @@ def test_packed_batch_equals_padded_batch(name, use_kernel):
         by_cu = model(packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=S,
                       max_length_k=S).logits[0]
     want = ref[mask.bool()]
+    if name == "gemma2":  # padded, then packed by positions, sequence ids and cu_seq_lens: 4 forwards
+        assert_fused_flex(runs(), forwards=4 * 2)
     torch.testing.assert_close(by_positions, want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(by_mask, want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(by_cu, want, atol=2e-5, rtol=1e-5)
@@ -355,7 +406,7 @@ def _spy_calls(name: str, ids: torch.Tensor, **kw) -> list:
 
 
 @pytest.mark.parametrize("name,route", [("llama", "route: sdpa"), ("mistral", "route: varlen"),
-                                        ("gemma2", "route: unfused"), ("gpt_oss", "route: varlen")])
+                                        ("gemma2", "route: flex"), ("gpt_oss", "route: varlen")])
 def test_routes_on_model_views(name, route, use_kernel):
     use_kernel("blocked")
     if name not in CONFIGS:
@@ -370,33 +421,29 @@ def test_routes_on_model_views(name, route, use_kernel):
     if name == "llama":
         assert "attend would run:" in calls[0][2]
     if name == "gemma2":
-        assert "softcap" in calls[0][2]
+        assert "softcap" in calls[0][2] and "flex_attention: score_mod softcap 2.0 * tanh(score / 2.0)" in calls[0][2]
+        assert "mask causal & sliding window 8" in calls[0][2], calls[0][2]
 
 
-def test_unfused_softcap_warns_once_and_names_the_feature(use_kernel):
+@pytest.mark.parametrize("name,reason", [("mistral", "dropout 0.5 with padding, packing, a sliding window"),
+                                         ("gemma2", "dropout 0.5 with a softcap")])
+def test_dropout_beyond_sdpa_runs_unfused_and_says_so(name, reason, use_kernel):
+    """varlen_attn and flex_attention have no dropout: a training step with attention dropout on a
+    windowed or softcapped layer takes the unfused path (with dropout), warns, and still trains."""
     use_kernel("blocked")
     at._warned.clear()
-    model = build("gemma2", "attend")
-    with pytest.warns(at.UnfusedFeatureWarning, match="softcap"):
-        with torch.no_grad():
-            model(tokens(1, 16))
-
-
-def test_dropout_on_a_varlen_route_runs_unfused_and_says_so(use_kernel):
-    """varlen_attn has no dropout: a training step with attention dropout on a windowed layer takes
-    the unfused path (with dropout), warns, and still trains."""
-    use_kernel("blocked")
-    at._warned.clear()
-    model = build("mistral", "attend")
+    model = build(name, "attend")
     model.config.attention_dropout = 0.5
     for mod in model.modules():
         if hasattr(mod, "attention_dropout"):
             mod.attention_dropout = 0.5
     model.train()
     ids = tokens(2, 16)
-    with pytest.warns(at.UnfusedFeatureWarning, match="dropout 0.5"):
+    runs = flex_runs()
+    with pytest.warns(at.UnfusedFeatureWarning, match=reason):
         loss = model(ids, labels=ids).loss
     loss.backward()
+    assert runs()["fused"] == runs()["blocked"] == 0
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     torch.manual_seed(0)
@@ -414,19 +461,130 @@ def test_paged_cache_raises_naming_the_feature():
 
 
 # ----------------------------------------------------------------------------------------------
+# The flex route on calls no tiny model makes, against float64
+# ----------------------------------------------------------------------------------------------
+
+def _flex_case(case: str, g: torch.Generator):
+    """(q, k, v views, attention_mask, attention_forward kwargs, allowed (B, 1, L, S), additive or None)."""
+    B, H, Hkv, L, S, D = 2, 4, 2, 9, 13, 16
+    i = torch.arange(L)[:, None] + (S - L)  # bottom-right positions of the queries
+    j = torch.arange(S)[None, :]
+    kw, additive = {}, None
+    if case == "padding-chunk":  # chunked prefill of a left-padded batch: softcap, window, L < S
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[0, :6] = False
+        mask = valid
+        allowed = (j <= i) & (j > i - 5) & valid[:, None, None, :] & valid[:, None, -L:, None]
+        kw = dict(softcap=2.5, sliding_window=5)
+    elif case == "packed-cu":  # cu_seq_lens with fewer queries than keys per sequence: softcap, window
+        B = 1
+        cu_q, cu_k = torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 6, 13], dtype=torch.int32)
+        seq_q = torch.repeat_interleave(torch.arange(2), cu_q.diff())
+        seq_k = torch.repeat_interleave(torch.arange(2), cu_k.diff())
+        pos = torch.arange(L) + (cu_k[1:] - cu_q[1:])[seq_q]
+        pos, same = pos[:, None], seq_q[:, None] == seq_k[None, :]
+        mask = None
+        allowed = (same & (j <= pos) & (j > pos - 3))[None, None]
+        kw = dict(softcap=2.5, sliding_window=3, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=5,
+                  max_length_k=7)
+    elif case == "keys-sinks":  # an encoder-style key vector with L > 1: sinks on a mask tensor
+        mask = torch.rand(B, 1, 1, S, generator=g) < 0.7
+        mask[..., 0] = True
+        allowed = mask
+        kw = dict(is_causal=False, s_aux=torch.randn(H, generator=g))
+    else:  # "additive": a model's own float 4-D mask, softcap and sinks
+        keep = torch.rand(B, 1, L, S, generator=g) < 0.8
+        keep[..., 0] = True
+        mask = torch.randn(B, 1, L, S, generator=g).masked_fill(~keep, torch.finfo(torch.float32).min)
+        allowed, additive = keep, mask.masked_fill(~keep, 0.0)
+        kw = dict(softcap=3.0, s_aux=torch.randn(H, generator=g))
+    q = (torch.randn(B, L, H, D, generator=g) * 1.5).transpose(1, 2)   # a model's views
+    k = (torch.randn(B, S, Hkv, D, generator=g) * 1.5).transpose(1, 2)
+    v = torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2)
+    to = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return (to(q), to(k), to(v), to(mask), {n: to(x) for n, x in kw.items()}, to(allowed.expand(B, 1, L, S)),
+            to(additive))
+
+
+@pytest.mark.parametrize("case", ["padding-chunk", "packed-cu", "keys-sinks", "additive"])
+def test_flex_route_against_float64(case):
+    """attention_forward's flex route (fused forward and backward) on the mask forms it reads: key
+    padding with bottom-right queries, cu_seq_lens with L < S per sequence, a key vector, an additive
+    4-D mask; out and the gradients of q, k, v and the sinks within a multiple of float32's error."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v, mask, kw, allowed, additive = _flex_case(case, g)
+    s_aux = kw.get("s_aux")
+    leaves = [t.requires_grad_() for t in (q, k, v, s_aux) if t is not None]
+    scale = 0.3
+    assert at.explain(q, k, v, mask, scaling=scale, **kw).startswith("route: flex")
+    runs = flex_runs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", at.UnfusedFeatureWarning)
+        out, _ = at.attention_forward(torch.nn.Module(), q, k, v, mask, scaling=scale, **kw)
+    out = out.transpose(1, 2)
+    w = torch.randn(out.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    assert_fused_flex(runs(), forwards=1, backwards=1)
+    refs = {}
+    for dt in (torch.float64, torch.float32):
+        ls = [t.detach().to(dt).requires_grad_() for t in leaves]
+        ref = _reference(*ls[:3], allowed, scale, kw.get("softcap"), ls[3] if s_aux is not None else None,
+                         None if additive is None else additive.to(dt))
+        refs[dt] = (ref, torch.autograd.grad((ref * w.to(dt)).sum(), ls))
+    assert_scaled(out, refs[torch.float64][0], refs[torch.float32][0], f"{case} out")
+    for name, a, r64, r32 in zip("qkvs", grads, refs[torch.float64][1], refs[torch.float32][1]):
+        assert_scaled(a, r64, r32, f"{case} d{name}")
+
+
+def test_block_masks_are_built_once_per_mask(monkeypatch):
+    """transformers calls the attention function once per layer with the same mask: the BlockMask
+    is built once per mask (and per window), rebuilt when the mask tensor changes."""
+    builds = []
+    real = at.create_block_mask
+
+    def counting(*args, **kwargs):
+        builds.append(args[3:5])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(at, "create_block_mask", counting)
+    g = torch.Generator().manual_seed(12)
+    B, H, S, D = 2, 2, 16, 16
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    mask = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    mask[0, :3] = False
+
+    def layer(m, **kw):
+        with torch.no_grad():
+            return at.attention_forward(torch.nn.Module(), q, k, v, m, softcap=2.0, is_causal=True, **kw)[0]
+    outs = [layer(mask) for _ in range(3)]
+    assert len(builds) == 1, builds
+    assert torch.equal(outs[0], outs[2])
+    layer(mask, sliding_window=4)
+    assert len(builds) == 2, "a window is another mask"
+    mask[1, :5] = False  # in place: the cached lists no longer describe it
+    changed = layer(mask)
+    assert len(builds) == 3 and not torch.equal(changed, outs[0])
+    at._BLOCK_MASKS.clear()
+    assert torch.equal(layer(mask), changed)
+    assert len(at._BLOCK_MASKS) <= at.BLOCK_MASK_CACHE_SIZE
+
+
+# ----------------------------------------------------------------------------------------------
 # The unfused path itself, against float64
 # ----------------------------------------------------------------------------------------------
 
-def _reference(q, k, v, allowed, scale, softcap, sinks):
+def _reference(q, k, v, allowed, scale, softcap, sinks, additive=None):
+    """Attention by its definition (rows that see no key give 0)."""
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     s = q @ k.transpose(-1, -2) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
+    if additive is not None:
+        s = s + additive.to(s.dtype)
     s = s.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
         s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], -1)
-    p = torch.softmax(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
     if sinks is not None:
         p = p[..., :-1]
     return p @ v
@@ -479,7 +637,7 @@ def test_bench_models_runs_tiny(tmp_path, use_kernel):
 
     out = tmp_path / "models.json"
     rows = bench_models.main(preset="tiny", impls=("attend", "eager"), json_path=str(out), device=DEVICE,
-                             dtype=torch.float32, steps=2, new_tokens=3)
+                             dtype=torch.float32, steps=1, new_tokens=3)
     assert out.exists()
     seen = {(r["model"], r["impl"], r["phase"]) for r in rows}
     for model in ("llama", "gemma2"):
@@ -487,7 +645,13 @@ def test_bench_models_runs_tiny(tmp_path, use_kernel):
             for phase in ("train", "generate"):
                 assert (model, impl, phase) in seen, (model, impl, phase)
     for r in rows:
-        if r["ok"]:
-            assert r["first_ms"] > 0 and r["steady_ms"] > 0
-        else:
+        if not r["ok"]:
             pytest.fail(f"bench row failed: {r}")
+        assert r["first_ms"] > 0 and r["steady_ms"] > 0
+        # the Gemma-2-shaped model's softcap runs the fused flex core with attend, forward and backward
+        paths = r["flex_paths"]
+        if (r["model"], r["impl"]) == ("gemma2", "attend"):
+            assert paths.get("fused", 0) > 0 and "blocked" not in paths and "blocked_backward" not in paths, r
+            assert (paths.get("fused_backward", 0) > 0) == (r["phase"] == "train"), r
+        else:
+            assert paths == {}, r

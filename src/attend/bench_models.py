@@ -10,8 +10,11 @@ with a KV cache) of two random-init models:
 
 for ``attn_implementation`` in ``attend`` (attend's default backend order), ``attend-own``
 (``attend`` restricted to attend's own kernels: FLASH, EFFICIENT, MATH), ``sdpa``,
-``flex_attention`` and ``eager``. Each row has the first step's time (compilation included) and
-the steady-state median; a path that fails (out of memory, unsupported) gets a row with its
+``flex_attention`` and ``eager``. With ``attend``, Gemma 2's softcap runs attend's FlexAttention
+(the Triton core's flex mode, forward and backward); each row's ``flex_paths`` counts the flex
+calls by path (``fused`` / ``blocked`` forwards, ``fused_backward`` / ``blocked_backward``), so a
+row that left the fused core says so. Each row has the first step's time (compilation included)
+and the steady-state median; a path that fails (out of memory, unsupported) gets a row with its
 error. Rows go to a JSON file. The ``tiny`` preset (the default on the CPU) runs the same code at
 toy sizes, as a smoke test.
 """
@@ -29,7 +32,7 @@ import torch
 PRESETS = {
     "full": dict(hidden=2048, layers=4, heads=16, kv_heads=4, batch=2, seq=8192, vocab=32000, intermediate=5632,
                  window=4096, prompt=1024, new_tokens=128),
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, batch=2, seq=32, vocab=128, intermediate=128, window=8,
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, batch=1, seq=32, vocab=128, intermediate=128, window=8,
                  prompt=8, new_tokens=4),
 }
 IMPLS = ("attend", "attend-own", "sdpa", "flex_attention", "eager")
@@ -119,6 +122,7 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
         raise SystemExit(f"--suite models needs Hugging Face transformers (pip install transformers): {e}") from e
 
     import attend.integrations.transformers  # noqa: F401  (registers "attend")
+    from attend._flex import dispatch as flex_dispatch
 
     p = dict(PRESETS[preset])
     if new_tokens is not None:
@@ -131,11 +135,13 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
         for impl in impls:
             for phase in ("train", "generate"):
                 row = dict(model=model_name, impl=impl, phase=phase, ok=True)
+                before = dict(flex_dispatch.PATHS)
                 try:
                     row.update(_run_one(model, impl, phase, p, device, steps))
                 except Exception as e:  # a path that cannot run this model gets a row saying why
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400])
                 finally:
+                    row["flex_paths"] = {k: n - before[k] for k, n in flex_dispatch.PATHS.items() if n != before[k]}
                     model.zero_grad(set_to_none=True)
                     if str(device).startswith("cuda"):
                         torch.cuda.empty_cache()
@@ -161,4 +167,6 @@ def _line(r: dict) -> str:
     if not r["ok"]:
         return f"{head} failed: {r['error']}"
     tail = f"  {r['ms_per_token']:.2f} ms/token" if "ms_per_token" in r else ""
+    if r.get("flex_paths"):
+        tail += "  flex " + ", ".join(f"{k} {n}" for k, n in r["flex_paths"].items())
     return f"{head} first {r['first_ms'] / 1e3:8.2f} s  steady {r['steady_ms']:9.1f} ms{tail}"

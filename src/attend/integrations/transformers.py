@@ -8,8 +8,8 @@ attention function) and ``AttentionMaskInterface`` (the mask builder)::
     model.set_attn_implementation("attend")   # or switch a loaded model
 
 It serves what transformers' flash-attention path serves, through attend's public API
-(``attend.scaled_dot_product_attention``, ``attend.bias``, ``attend.varlen.varlen_attn``), never
-PyTorch's SDPA:
+(``attend.scaled_dot_product_attention``, ``attend.bias``, ``attend.varlen.varlen_attn``,
+``attend.flex_attention``), never PyTorch's SDPA:
 
 ============================================  ==============================================
 what the model asks                           what runs
@@ -26,7 +26,13 @@ packed batch (``position_ids`` restart, or    ``varlen_attn`` with those sequenc
 bidirectional (encoder-style) masks           SDPA with a key vector ``(B,1,1,S)``
 GQA                                           ``enable_gqa=True``, K/V never repeated
 learnable sinks ``s_aux`` (gpt-oss)           ``varlen_attn``'s LSE: ``out * sigmoid(lse - s_aux)``
-``softcap`` (Gemma 2)                         this module's unfused path (warns once)
+                                              (with a mask tensor, ``flex_attention``'s LSE)
+``softcap`` (Gemma 2), with any mask above    ``flex_attention``: score_mod
+                                              ``softcap * tanh(score / softcap)``, the mask as
+                                              a BlockMask (causal bottom-right, window, key
+                                              padding, sequence ids or the mask tensor)
+attention dropout with softcap, sinks,        this module's unfused path (warns once):
+padding, packing or a window                  flex and ``varlen_attn`` have no dropout
 any other mask function                       its ``(B,1,L,S)`` bool mask, materialized (warns)
 ============================================  ==============================================
 
@@ -35,19 +41,27 @@ it hands the attention function ``None`` (a causal band, bottom-right aligned), 
 mask ``(B, S)`` (bool), packed sequence ids ``(B, S)`` (int32) or a key vector ``(B, 1, 1, S)``.
 Masks the model builds itself (4-D tensors) are used as they are.
 
-``softcap`` has no fused kernel yet, so it runs :func:`unfused_attention` (torch ops over blocks
-of query rows with a backward that recomputes them: memory ``O(rows * S)``, not ``O(L * S)``, but
-no fused kernel's speed); ``FUSED`` says which features a fused
-kernel serves, and a feature whose entry turns True leaves the unfused path. :func:`explain` says
-which route and backend a call takes. A feature that cannot be served raises an error naming it.
+``softcap`` runs attend's FlexAttention: the Triton core's flex mode, forward and backward, with
+the softcap a runtime scalar of the generated score hook: a new softcap value generates no code
+(flex keeps 0.5, 1 and 2 as literals, so those three values are one more structure each).
+Its BlockMask is built once per mask, not once per layer: ``_BLOCK_MASKS`` keeps the last
+``BLOCK_MASK_CACHE_SIZE`` of them, keyed by the mask's form, ``(L, S)``, the device and the
+identity and ``_version`` of the tensors it reads (held by weak reference: a cached entry keeps no
+mask alive). A float 4-D mask is added to the capped scores by the score_mod, as eager attention
+adds it. ``FUSED`` says which features a fused kernel serves; :func:`unfused_attention` (torch ops
+over blocks of query rows, memory ``O(rows * S)``) remains for attention dropout with those
+features. :func:`explain` says which route and backend a call takes. A feature that cannot be
+served raises an error naming it.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import warnings
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -67,21 +81,28 @@ except ImportError as e:  # transformers is optional for attend; only this modul
 
 import attend
 from attend.bias import causal_lower_right
+from attend.flex_attention import AuxRequest as FlexAuxRequest
+from attend.flex_attention import and_masks, create_block_mask, flex_attention
 from attend.varlen import AuxRequest, varlen_attn
 
-__all__ = ["NAME", "FUSED", "UnfusedFeatureWarning", "attention_forward", "mask_for_attend", "unfused_attention",
-           "explain", "register"]
+__all__ = ["NAME", "FUSED", "BLOCK_MASK_CACHE_SIZE", "UnfusedFeatureWarning", "attention_forward", "mask_for_attend",
+           "unfused_attention", "explain", "register"]
 
 NAME = "attend"
 
-# Features of transformers' attention calls that attend's fused kernels do not have yet. While an
-# entry is False the call takes the path named in _FEATURE_PATH; a fused kernel flips it.
-FUSED = {"softcap": False, "s_aux": False}
+# Features of transformers' attention calls beyond SDPA's, and whether attend's fused kernels serve
+# them (forward and backward); _FEATURE_PATH names the path. Attention dropout with one of them is
+# the exception: flex_attention and varlen_attn have no dropout, so such a call runs the unfused
+# path (warned once).
+FUSED = {"softcap": True, "s_aux": True}
 _UNFUSED_PATH = ("attend.integrations.transformers.unfused_attention (torch ops over blocks of query rows, every "
                  "score computed twice, memory O(rows * S))")
 _FEATURE_PATH = {
-    "softcap": _UNFUSED_PATH,
-    "s_aux": "varlen_attn's log-sum-exp: out * sigmoid(lse - s_aux) (fused attention, sinks applied after it)",
+    "softcap": "attend.flex_attention with score_mod softcap * tanh(score / softcap) and the mask as a BlockMask "
+               "(the Triton core's flex mode, forward and backward)",
+    "s_aux": "the fused kernel's log-sum-exp: out * sigmoid(lse - s_aux) (varlen_attn, or flex_attention where the "
+             "call also has a softcap or a mask tensor); the sinks' gradient reaches the kernel's backward through "
+             "the lse",
 }
 
 
@@ -328,7 +349,7 @@ def _ids_from_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
 class _Call:
     """How one attention call is served; ``str()`` says it."""
 
-    route: str          # "sdpa", "varlen" or "unfused"
+    route: str          # "sdpa", "varlen", "flex" or "unfused"
     mask_kind: str      # "none", "padding", "packed", "keys", "dense"
     causal: bool
     window: int | None  # keys per query, when it cuts any key
@@ -373,19 +394,19 @@ def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, 
     features = [name for name, v in (("softcap", softcap), ("s_aux", s_aux)) if v is not None]
     # one query sees every key; a 4-D mask is the whole mask (transformers built the band into it)
     causal = bool(is_causal) and not (L == 1 and kind in ("none", "padding")) and kind not in ("keys", "dense")
-    if softcap is not None and not FUSED["softcap"]:
-        return _Call("unfused", kind, causal, window, features, "softcap: " + _FEATURE_PATH["softcap"])
-    if s_aux is not None and kind == "keys" and L == 1:  # decode: one query per row, its keys unpadded
+    decode_sinks = s_aux is not None and softcap is None and kind == "keys" and L == 1
+    needs_flex = softcap is not None or (s_aux is not None and kind in ("keys", "dense") and not decode_sinks)
+    needs_varlen = (window is not None or kind == "packed" or (kind == "padding" and L > 1) or s_aux is not None)
+    if (needs_flex or needs_varlen) and dropout:
+        what = "a softcap" if softcap is not None else "sinks with a mask tensor" if needs_flex else \
+            "padding, packing, a sliding window or sinks"
+        return _Call("unfused", kind, causal, window, features,
+                     f"dropout {dropout} with {what}: flex_attention and varlen_attn have no dropout; " + _UNFUSED_PATH)
+    if needs_flex:
+        reason = "; ".join(f"{f}: {_FEATURE_PATH[f]}" for f in features)
+        return _Call("flex", kind, causal, window, features, reason)
+    if decode_sinks:  # decode: one query per row, its keys unpadded
         return _Call("varlen", kind, False, None, features, "s_aux: " + _FEATURE_PATH["s_aux"])
-    if s_aux is not None and kind in ("keys", "dense"):
-        return _Call("unfused", kind, causal, window, features,
-                     "s_aux with a mask tensor: no log-sum-exp from the dense API; " + _UNFUSED_PATH)
-    needs_varlen = (window is not None or kind == "packed" or (kind == "padding" and L > 1)
-                    or (s_aux is not None and not FUSED["s_aux"]))
-    if needs_varlen and dropout:
-        return _Call("unfused", kind, causal, window, features,
-                     f"dropout {dropout} with padding, packing, a sliding window or sinks: varlen_attn has no dropout; "
-                     + _UNFUSED_PATH)
     if needs_varlen:
         return _Call("varlen", kind, causal, window, features,
                      "s_aux: " + _FEATURE_PATH["s_aux"] if s_aux is not None else "")
@@ -438,14 +459,160 @@ def _varlen(call: _Call, q, k, v, mask, scale, gqa, s_aux, kwargs):
     out = varlen_attn(qp, kp, vp, p.cu_q, p.cu_k, p.max_q, p.max_k, return_aux=aux, scale=scale,
                       window_size=(left, right), enable_gqa=gqa)
     if s_aux is not None:
-        out, lse = out  # lse: (H, T), natural log
-        # A sink is one more logit per head that takes softmax mass and gives no value:
-        # softmax over [scores, s] @ [V; 0] = out * Z / (Z + e^s) = out * sigmoid(lse - s).
-        keep = torch.sigmoid(lse - s_aux.to(torch.float32)[:, None]).transpose(0, 1)[..., None]
-        out = (out.to(torch.float32) * keep).to(q.dtype)
+        out, lse = out  # out (T, H, D), lse (H, T)
+        out = _with_sinks(out, lse.transpose(0, 1), s_aux)
     if p.idx_q is not None:
         out = out.new_zeros(B * L, H, out.shape[-1]).index_copy(0, p.idx_q, out)
     return out.view(B, L, H, -1)
+
+
+def _with_sinks(out: torch.Tensor, lse: torch.Tensor, s_aux: torch.Tensor) -> torch.Tensor:
+    """``out (..., H, D)`` with ``lse (..., H)`` (natural log) and one sink logit per head ``s_aux (H,)``.
+
+    A sink is one more logit per head that takes softmax mass and gives no value:
+    softmax over [scores, s] @ [V; 0] = out * Z / (Z + e^s) = out * sigmoid(lse - s). A row that sees
+    no key (lse = -inf) stays 0. Autograd carries the gradient to ``s_aux`` and, through ``lse``,
+    into the kernel's backward."""
+    keep = torch.sigmoid(lse - s_aux.to(torch.float32))[..., None]
+    return (out.to(torch.float32) * keep).to(out.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# softcap, and sinks with a mask tensor: attend's FlexAttention
+# ----------------------------------------------------------------------------------------------
+
+# BlockMasks this module built, most recent last: transformers calls the attention function once per
+# layer with the same mask, so a forward builds one BlockMask per distinct mask (two for Gemma 2's
+# alternating window / global layers), not one per layer. An entry holds the BlockMask's lists and
+# weak references to the tensors the mask reads (padding mask, sequence ids, a 4-D mask), checked
+# with their ``_version`` on every hit, so a freed or modified tensor never matches and a cached entry
+# keeps no mask tensor alive. Generation makes a new key per step (S grows): the table stays bounded.
+BLOCK_MASK_CACHE_SIZE = 16
+_BLOCK_MASKS: OrderedDict = OrderedDict()
+
+
+@dataclass
+class _FlexMask:
+    """The mask of one flex call: ``mask_mod`` (None: no mask), the batch / head counts it varies
+    over (None: broadcast), the tensors it reads, and what else its BlockMask depends on."""
+
+    mask_mod: object
+    B: int | None
+    H: int | None
+    sources: tuple
+    spec: tuple
+    what: str = "none"
+
+
+def _flex_mask(call: _Call, q, k, mask, kwargs) -> _FlexMask:
+    B, Hq, L, _ = q.shape
+    S = k.shape[-2]
+    kind = call.mask_kind
+    if kind in ("keys", "dense"):
+        if mask.dtype != torch.bool:  # an additive mask: the score_mod adds it
+            return _FlexMask(None, None, None, (), (), "none (the additive mask is added by the score_mod)")
+        try:
+            m = mask.expand(B, Hq, L, S)
+        except RuntimeError:
+            raise ValueError(f"attend: attention_mask has shape {tuple(mask.shape)}; expected one broadcastable to "
+                             f"(B, H, L, S) = {(B, Hq, L, S)}") from None
+
+        def tensor_mask(b, h, q_idx, kv_idx):
+            return m[b, h, q_idx, kv_idx]
+        return _FlexMask(tensor_mask, B if mask.shape[0] > 1 else None, Hq if mask.shape[1] > 1 else None, (mask,),
+                         ("tensor",), f"the {tuple(mask.shape)} bool mask read per block")
+    parts, sources = [], ()
+    W = call.window
+    # query i sits at key position i + off (bottom-right: transformers' KV-cache prefill and decode)
+    off = S - L
+    pos = lambda b, q_idx: q_idx + off  # noqa: E731
+    if kind == "padding":
+        valid = mask.to(torch.bool)[:, -S:]
+        sources = (mask,)
+        parts.append(("key padding", lambda b, h, q_idx, kv_idx: valid[b, kv_idx]))
+        if L > 1:  # padded queries see nothing (0, as on the varlen route); a decode step's query is real
+            parts.append(("query padding", lambda b, h, q_idx, kv_idx: valid[b, q_idx + off]))
+    elif kind == "packed":
+        if mask is not None:  # sequence ids (B, S); L == S
+            ids_q = ids_k = mask
+            sources = (mask,)
+        else:  # cu_seq_lens_q / _k: queries of sequence d are bottom-right in its keys
+            cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
+            ids_q = _memo(cu_q, ("flex ids", L), lambda: _ids_from_cu(cu_q.to(torch.int32), L))
+            ids_k = _memo(cu_k, ("flex ids", S), lambda: _ids_from_cu(cu_k.to(torch.int32), S))
+            sources = (cu_q, cu_k)
+            if cu_k is not cu_q:
+                shift = (cu_k[1:] - cu_q[1:]).to(torch.int32)[ids_q.long()]  # (1, L)
+                pos = lambda b, q_idx: q_idx + shift[b, q_idx]  # noqa: E731
+        parts.append(("same sequence", lambda b, h, q_idx, kv_idx: ids_q[b, q_idx] == ids_k[b, kv_idx]))
+    if call.causal:
+        parts.append(("causal" + (" (bottom-right)" if L != S or kind == "packed" else ""),
+                      lambda b, h, q_idx, kv_idx: kv_idx <= pos(b, q_idx)))
+        if W is not None:
+            parts.append((f"sliding window {W}", lambda b, h, q_idx, kv_idx: kv_idx > pos(b, q_idx) - W))
+    elif W is not None:
+        parts.append((f"sliding window {W} (both sides)",
+                      lambda b, h, q_idx, kv_idx: (kv_idx - pos(b, q_idx)).abs() < W))
+    if not parts:
+        return _FlexMask(None, None, None, (), ())
+    batched = B if sources and sources[0].dim() == 2 and sources[0].shape[0] > 1 else None
+    return _FlexMask(and_masks(*(fn for _, fn in parts)), batched, None, sources, (kind, call.causal, W),
+                     " & ".join(name for name, _ in parts))
+
+
+def _block_mask(fm: _FlexMask, L: int, S: int, device):
+    """The BlockMask of ``fm`` for ``(L, S)``, from ``_BLOCK_MASKS`` where an entry fits."""
+    if fm.mask_mod is None:
+        return None
+    key = (fm.spec, fm.B, fm.H, L, S, str(device), tuple((id(t), t._version) for t in fm.sources))
+    hit = _BLOCK_MASKS.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], fm.sources)):
+        _BLOCK_MASKS.move_to_end(key)
+        bm = hit[1]
+    else:
+        bm = create_block_mask(fm.mask_mod, fm.B, fm.H, L, S, device=device)
+        while len(_BLOCK_MASKS) >= BLOCK_MASK_CACHE_SIZE:
+            _BLOCK_MASKS.popitem(last=False)
+        stored = copy.copy(bm)
+        stored.mask_mod = None  # the lists only: each call brings its own mask_mod over its own tensors
+        _BLOCK_MASKS[key] = (tuple(weakref.ref(t) for t in fm.sources), stored)
+    bm = copy.copy(bm)
+    bm.mask_mod = fm.mask_mod
+    return bm
+
+
+def _score_mod(softcap: float | None, additive: torch.Tensor | None):
+    """``softcap * tanh(score / softcap)`` (Gemma 2's logit softcap; ``softcap`` a Python float is a
+    runtime scalar of the generated code, not a constant in it), plus an additive 4-D mask after it,
+    as transformers' eager attention adds its mask to the capped scores; None for neither."""
+    if softcap is None and additive is None:
+        return None
+    cap = float(softcap) if softcap is not None else None
+
+    def softcap_mod(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    def masked_mod(score, b, h, q_idx, kv_idx):
+        s = softcap_mod(score, b, h, q_idx, kv_idx) if cap is not None else score
+        return s + additive[b, h, q_idx, kv_idx]
+    return masked_mod if additive is not None else softcap_mod
+
+
+def _flex(call: _Call, q, k, v, mask, scale, softcap, s_aux, kwargs) -> torch.Tensor:
+    """flex_attention for the call: ``(B, L, H, D)``."""
+    B, H, L, _ = q.shape
+    S = k.shape[-2]
+    fm = _flex_mask(call, q, k, mask, kwargs)
+    additive = None
+    if call.mask_kind in ("keys", "dense") and mask.dtype != torch.bool:
+        additive = mask.detach().expand(B, H, L, S)
+    aux = FlexAuxRequest(lse=True) if s_aux is not None else None
+    res = flex_attention(q, k, v, score_mod=_score_mod(softcap, additive), block_mask=_block_mask(fm, L, S, q.device),
+                         scale=None if scale is None else float(scale), enable_gqa=H != k.shape[1], return_aux=aux)
+    if s_aux is None:
+        return res.transpose(1, 2)
+    out, aux_out = res
+    return _with_sinks(out.transpose(1, 2), aux_out.lse.transpose(1, 2), s_aux)
 
 
 def _allowed_rows(call: _Call, L: int, S: int, mask, kwargs, device):
@@ -577,7 +744,9 @@ class _UnfusedAttention(torch.autograd.Function):
 def unfused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed=None, *,
                       additive: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
                       s_aux: torch.Tensor | None = None, dropout: float = 0.0, block_rows: int | None = None) -> torch.Tensor:
-    """Attention in torch ops, for the features attend's kernels do not fuse yet.
+    """Attention in torch ops with dropout, for the calls the fused kernels do not serve: attention
+    dropout with a softcap, sinks, padding, packing or a sliding window (flex_attention and
+    varlen_attn have no dropout).
 
     ``query`` ``(B, H, L, D)``, ``key`` / ``value`` ``(B, H_kv, S, D)`` (``H`` a multiple of ``H_kv``;
     K/V heads are broadcast, not repeated); ``allowed``: bool, broadcastable to ``(B, 1, L, S)``
@@ -656,14 +825,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                  softcap=softcap, s_aux=s_aux, is_causal=is_causal)
     gqa = query.shape[1] != key.shape[1]
     if call.route == "unfused":
-        _warn_once(("unfused", call.reason), f"attend: not fused yet, so this call runs the unfused path: {call.reason}")
+        _warn_once(("unfused", call.reason), f"attend: not fused, so this call runs the unfused path: {call.reason}")
         out = _unfused(call, query, key, value, attention_mask, kwargs, dropout=dropout, scale=scaling,
                        softcap=softcap, s_aux=s_aux)
         return out.transpose(1, 2), None
+    if call.route == "flex":
+        return _flex(call, query, key, value, attention_mask, scaling, softcap, s_aux, kwargs), None
     if call.route == "varlen":
-        if s_aux is not None:
-            _warn_once(("composed", "s_aux"), f"attend: learnable sinks (s_aux) are not in the kernel yet: "
-                       f"{_FEATURE_PATH['s_aux']}")
         return _varlen(call, query, key, value, attention_mask, scaling, gqa, s_aux, kwargs), None
     return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
 
@@ -671,8 +839,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask=None, *, dropout: float = 0.0,
             scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None,
             is_causal: bool = True, s_aux: torch.Tensor | None = None, **kwargs) -> str:
-    """Which route (SDPA, varlen_attn or the unfused path) an attention call with these arguments
-    takes, why, and for SDPA calls ``attend.explain``'s backend table."""
+    """Which route (SDPA, varlen_attn, flex_attention or the unfused path) an attention call with
+    these arguments takes, why, and: for SDPA calls ``attend.explain``'s backend table; for flex
+    calls the score_mod and the mask its BlockMask describes."""
     call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
                  softcap=softcap, s_aux=s_aux, is_causal=is_causal)
     lines = [str(call)]
@@ -688,6 +857,15 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
         lines.append(str(attend.explain(query, key, value, attn_mask=mask, dropout_p=dropout,
                                         is_causal=call.causal and L == S and mask is None, scale=scaling,
                                         enable_gqa=query.shape[1] != key.shape[1])))
+    elif call.route == "flex":
+        fm = _flex_mask(call, query, key, attention_mask, kwargs)
+        mods = ([f"softcap {softcap} * tanh(score / {softcap})"] if softcap is not None else []) + (
+            ["+ the additive mask"] if call.mask_kind in ("keys", "dense") and attention_mask.dtype != torch.bool
+            else [])
+        lines.append(f"flex_attention: score_mod {' '.join(mods) or 'none'}; mask {fm.what}"
+                     + ("; sinks merged by the lse" if s_aux is not None else "")
+                     + ". The Triton core's flex mode runs it on CUDA (fp16, bf16, fp32) and on CPU tensors under "
+                       "TRITON_INTERPRET=1 (fp16, fp32); flex's blocked torch path runs the rest")
     return "\n".join(lines)
 
 
