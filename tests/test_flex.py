@@ -748,3 +748,52 @@ def test_deterministic_mode_keeps_capture_gradients_off_atomics():
         res[dt] = torch.autograd.grad(o.square().sum(), leaves)
     for name, a, r, s_ in zip(["dq", "dk", "dv", "dtable"], runs[0], res[torch.float64], res[torch.float32]):
         assert_scaled_close(a, r, s_, k=6.0, what=name)
+
+
+def test_fused_backward_keeps_non_finite_mod_values_out_of_gradients():
+    """A score_mod that is not finite at s = 0 (rows past L read q = 0) or at masked positions
+    (log of q - kv + 1 under causal) leaves every gradient finite and equal to the definition over
+    the kept positions (the derivative is taken only where dS is nonzero)."""
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(1, HQ, 40, E, device=DEVICE, requires_grad=True) for _ in range(3))
+    w = (0.1 * torch.rand(HQ, device=DEVICE)).requires_grad_()
+    sm = lambda s, b, h, qi, ki: s - 0.1 * s * torch.log(s.abs()) - w[h] * torch.log((qi - ki + 1).float())
+    bm = flex.create_block_mask(MASKS["causal"], None, None, 40, 40, device=DEVICE, BLOCK_SIZE=32)
+    before = dict(dispatch.PATHS)
+    out = flex.flex_attention(q, k, v, sm, bm)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v, w))
+    assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
+    assert all(torch.isfinite(t).all() for t in grads)
+    res = {}
+    keep = torch.ones(40, 40, dtype=torch.bool, device=DEVICE).tril()
+    for dt in (torch.float64, torch.float32):  # the definition, with masked positions never evaluated
+        ls = [t.detach().to(dt).requires_grad_() for t in (q, k, v, w)]
+        s = ls[0] @ ls[1].transpose(-1, -2) / E ** 0.5
+        qi, ki = torch.arange(40, device=DEVICE).view(-1, 1), torch.arange(40, device=DEVICE).view(1, -1)
+        lag = torch.where(keep, qi - ki + 1, 1).to(dt)
+        s = torch.where(keep, s - 0.1 * s * torch.log(s.abs()) - ls[3].view(1, -1, 1, 1) * torch.log(lag), -torch.inf)
+        o = torch.softmax(s, -1) @ ls[2]
+        res[dt] = torch.autograd.grad((o * g.to(dt)).sum(), ls)
+    for name, a, r, s_ in zip(["dq", "dk", "dv", "dw"], grads, res[torch.float64], res[torch.float32]):
+        assert_scaled_close(a, r, s_, k=6.0, what=name)
+
+
+def test_interval_bounds_corner_cases_match_exhaustive():
+    """Integer where with a bool branch, int64 products that would wrap, literals past int32, and
+    torch.logical_not of an integer (its truth value, not its bits) classify as exhaustively."""
+    from attend._flex.block_mask import classify
+
+    cases = [lambda b, h, q, k: torch.where(q >= k, q >= 5, 3) > 0,
+             lambda b, h, q, k: (q.to(torch.int64) * 2 ** 61) > 0,
+             lambda b, h, q, k: (q - k) < 2 ** 32,
+             lambda b, h, q, k: torch.logical_not(q - k)]
+    for i, mask in enumerate(cases):
+        g = trace_mod.trace(mask, "mask")
+        got = classify(g, 1, 1, 40, 40, 16, 16, DEVICE, impl="torch")
+        ref = classify(g, 1, 1, 40, 40, 16, 16, DEVICE, impl="torch", bounds=False)
+        assert torch.equal(got, ref), i
+    ours = flex.create_block_mask(cases[3], None, None, 64, 64, device=DEVICE, BLOCK_SIZE=16)
+    theirs = tflex.create_block_mask(cases[3], None, None, 64, 64, device=DEVICE, BLOCK_SIZE=16)
+    assert torch.equal(ours.kv_num_blocks, theirs.kv_num_blocks)
+    assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)

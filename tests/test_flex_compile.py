@@ -163,3 +163,62 @@ def test_tensor_built_inside_the_mod_names_the_problem():
 
     with pytest.raises(Exception, match="not a closure variable, global or attribute"):
         _compile(fn)(q, k, v)
+
+
+CAP = 1.0  # a module-level softcap: 1.0 is generated as code, so the graph guards on it
+
+
+def _softcap_global(score, b, h, q_idx, kv_idx):
+    return CAP * torch.tanh(score / CAP)
+
+
+class _Temp(torch.nn.Module):
+    """A score_mod reading a Python float attribute through ``self`` (a runtime scalar slot)."""
+
+    def __init__(self, temp: float):
+        super().__init__()
+        self.temp = temp
+        self.mod = lambda score, b, h, q_idx, kv_idx: score / self.temp
+
+    def forward(self, q, k, v):
+        return flex.flex_attention(q, k, v, self.mod)
+
+
+def test_numbers_a_mod_reads_follow_their_variables():
+    """A new value of a number the mod reads is never a stale constant: a runtime slot (an
+    attribute 3.0 -> 5.0: an op argument, though Dynamo may guard on a module attribute and
+    retrace) and a number generated as code (a global 1.0 -> 0.1: guarded) both give the eager
+    result for the new value."""
+    global CAP
+    q, k, v = (t.detach() for t in _inputs(4))
+    m = _Temp(3.0)
+    compiled = _compile(m)
+    first = compiled(q, k, v)
+    m.temp = 5.0
+    second = compiled(q, k, v)
+    assert torch.allclose(second, m(q, k, v), rtol=0, atol=1e-6) and not torch.allclose(first, second)
+
+    fn = torch.compile(lambda q, k, v: flex.flex_attention(q, k, v, _softcap_global), fullgraph=True)
+    try:
+        before = fn(q, k, v)
+        CAP = 0.1
+        after = fn(q, k, v)
+        assert torch.allclose(after, flex.flex_attention(q, k, v, _softcap_global), rtol=0, atol=1e-6)
+        assert not torch.allclose(before, after)
+    finally:
+        CAP = 1.0
+
+
+def test_nested_mask_combinators_and_block_mask_shape_errors():
+    """Tensors several closures deep (or_masks(and_masks(...))) are found; a BlockMask whose heads
+    fit neither 1 nor the query's is refused before any kernel runs, as in eager."""
+    doc = torch.randint(0, 3, (S,), device=DEVICE).sort().values
+    same_doc = lambda b, h, qi, ki: doc[qi] == doc[ki]
+    mask = flex.or_masks(flex.and_masks(MASKS["causal"], same_doc), lambda b, h, qi, ki: ki < 8)
+    bm = flex.create_block_mask(mask, None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
+    q, k, v = (t.detach() for t in _inputs(5))
+    fn = lambda q, k, v, bm: flex.flex_attention(q, k, v, block_mask=bm)
+    assert torch.allclose(_compile(fn)(q, k, v, bm), fn(q, k, v, bm), rtol=0, atol=1e-6)
+    heads3 = flex.create_block_mask(MASKS["causal"], None, 3, L, S, device=DEVICE, BLOCK_SIZE=16)
+    with pytest.raises(Exception, match="block_mask has batch 1 and heads 3"):
+        _compile(fn)(q, k, v, heads3)

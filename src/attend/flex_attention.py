@@ -200,24 +200,41 @@ def _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
 
     scale = _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
                    return_aux)
-    score_key, score_paths = compiled.describe(score_mod, "score") if score_mod is not None else ("", ())
-    lists, block_size, mask_key, mask_paths, mask_mod = [], [1 << 30, 1 << 30], "", (), None
+    none = ("", (), (), (), ())
+    score_key, score_paths, score_slots, score_numbers, score_guards = compiled.describe(score_mod, "score") \
+        if score_mod is not None else none
+    lists, block_size, mask_mod = [], [1 << 30, 1 << 30], None
+    mask_key, mask_paths, mask_slots, mask_numbers, mask_guards = none
     if block_mask is not None and tuple(block_mask.BLOCK_SIZE) != (1 << 30, 1 << 30):
         if tuple(block_mask.seq_lengths) != (query.shape[2], key.shape[2]):
             raise ValueError(f"flex_attention: block_mask was created for (Q_LEN, KV_LEN) = "
                              f"{tuple(block_mask.seq_lengths)}, the call has ({query.shape[2]}, {key.shape[2]})")
         lists = [getattr(block_mask, a) for a in _LIST_ATTRS]
+        _check_lists(lists[0], query)
         block_size = list(block_mask.BLOCK_SIZE)
         mask_mod = block_mask.mask_mod
         if mask_mod is _sliced_mask_mod_error:
             raise RuntimeError("flex_attention: block_mask was sliced and its mask_mod reset; assign a mask_mod "
                                "that fits the slice (block_mask.mask_mod = ...)")
         if mask_mod is not None and mask_mod is not noop_mask and getattr(mask_mod, "__name__", "") != "noop_mask":
-            mask_key, mask_paths = compiled.describe(mask_mod, "mask")
+            mask_key, mask_paths, mask_slots, mask_numbers, mask_guards = compiled.describe(mask_mod, "mask")
     score_caps = [compiled.fetch(score_mod, p) for p in score_paths]
     mask_caps = [compiled.fetch(mask_mod, p) for p in mask_paths]
+    numbers = []
+    for mod, slots, paths, guards in ((score_mod, score_slots, score_numbers, score_guards),
+                                      (mask_mod, mask_slots, mask_numbers, mask_guards)):
+        try:
+            for path, seen in guards:  # numbers baked into the graph: Dynamo guards on each
+                if compiled.fetch(mod, path) != seen:
+                    raise AssertionError("unreachable: describe read this value")
+            numbers += [float(compiled.fetch(mod, p)) for p in paths]
+        except AttributeError:  # a mod made inside the compiled function: its numbers are constants of it
+            if mod is score_mod:
+                score_slots = ()
+            else:
+                mask_slots = ()
     return flex_op.flex(query, key, value, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size,
-                        kernel_options)
+                        kernel_options, numbers, list(score_slots), list(mask_slots))
 
 
 def _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
@@ -269,6 +286,19 @@ def _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_l
     return float(scale)
 
 
+def _check_lists(kv_num_blocks: torch.Tensor, query: torch.Tensor) -> None:
+    """A BlockMask's lists must be on the query's device, with batch 1 or B and heads 1 or Hq."""
+    B, Hq = query.shape[0], query.shape[1]
+    if kv_num_blocks.device != query.device:
+        raise ValueError(f"flex_attention: block_mask is on {kv_num_blocks.device}, query on "
+                         f"{query.device}; move it with block_mask.to(device)")
+    lead = tuple(kv_num_blocks.shape[:-1])
+    bb, bh = (1,) * (2 - len(lead)) + lead if len(lead) < 2 else lead[-2:]
+    if bb not in (1, B) or bh not in (1, Hq):
+        raise ValueError(f"flex_attention: block_mask has batch {bb} and heads {bh}; expected 1 or {B} and "
+                         f"1 or {Hq}")
+
+
 def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux):
     scale = _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
                    return_aux)
@@ -286,13 +316,7 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
                 raise ValueError(f"flex_attention: block_mask was created for (Q_LEN, KV_LEN) = {tuple(bm.seq_lengths)}, "
                                  f"the call has ({L}, {S}); create a block mask for these lengths (or crop one with "
                                  f"block_mask._adjust({L}, {S}) where the mask allows)")
-            if bm.kv_num_blocks.device != query.device:
-                raise ValueError(f"flex_attention: block_mask is on {bm.kv_num_blocks.device}, query on "
-                                 f"{query.device}; move it with block_mask.to(device)")
-            bb, bh = (bm.kv_num_blocks.shape[:2] if bm.kv_num_blocks.dim() == 3 else (1, 1))
-            if bb not in (1, B) or bh not in (1, Hq):
-                raise ValueError(f"flex_attention: block_mask has batch {bb} and heads {bh}; expected 1 or {B} and "
-                                 f"1 or {Hq}")
+            _check_lists(bm.kv_num_blocks, query)
             if bm.mask_mod is _sliced_mask_mod_error:
                 raise RuntimeError("flex_attention: block_mask was sliced and its mask_mod reset; assign a mask_mod "
                                    "that fits the slice (block_mask.mask_mod = ...)")

@@ -47,7 +47,15 @@ class _Bool:
 _TOP = None  # a numeric value nothing is known about
 
 
-def _exact(v: int, like: torch.Tensor) -> _Int:
+_I32 = torch.iinfo(torch.int32)
+_BIG = 2 ** 62  # an int64 interval past this may have wrapped in its products and sums
+
+
+def _exact(v: int, like: torch.Tensor):
+    """A Python int as an exact interval; one outside int32's range is unknown (torch and the
+    kernels disagree on how it meets an int32 tensor: wrapped, or promoted)."""
+    if not _I32.min <= int(v) <= _I32.max:
+        return _TOP
     t = torch.tensor(int(v), dtype=torch.int64, device=like.device)
     return _Int(t, t)
 
@@ -63,7 +71,9 @@ def _unknown_bool(like: torch.Tensor) -> _Bool:
 
 
 def _is_int_dtype(dt) -> bool:
-    return dt in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+    """Integer dtypes the intervals follow: int32 and int64 (narrower ones wrap at small values;
+    they stay unknown)."""
+    return dt in (torch.int32, torch.int64)
 
 
 def _cmp(op: str, a: _Int, b: _Int) -> _Bool:
@@ -90,9 +100,9 @@ def _value(n, args, like):
     """The interval (or tri-state) of node ``n`` from its arguments' (``_TOP``: unknown number);
     an int32 interval that leaves int32's range is unknown (the kernels' arithmetic wraps)."""
     v = _value_unchecked(n, args, like)
-    if isinstance(v, _Int) and n.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
-        info = torch.iinfo(n.dtype)
-        if bool((v.lo < info.min).any()) or bool((v.hi > info.max).any()):
+    if isinstance(v, _Int):
+        lo, hi = (_I32.min, _I32.max) if n.dtype == torch.int32 else (-_BIG, _BIG)
+        if bool((v.lo < lo).any()) or bool((v.hi > hi).any()):
             return _TOP
     return v
 
@@ -123,7 +133,7 @@ def _value_unchecked(n, args, like):
                 return _unknown_bool(like)
             return _Bool((c.may_true & x.may_true) | (c.may_false & y.may_true),
                          (c.may_true & x.may_false) | (c.may_false & y.may_false))
-        if x is _TOP or y is _TOP or not isinstance(c, _Bool):
+        if not (isinstance(x, _Int) and isinstance(y, _Int)) or not isinstance(c, _Bool):
             return _TOP
         only_x, only_y = ~c.may_false, ~c.may_true
         lo = torch.where(only_x, x.lo, torch.where(only_y, y.lo, torch.minimum(x.lo, y.lo)))
@@ -161,7 +171,7 @@ def _value_unchecked(n, args, like):
         lo = torch.where(one_period, torch.remainder(a.lo, d), torch.zeros_like(a.lo))
         hi = torch.where(one_period, torch.remainder(a.hi, d), torch.full_like(a.hi, d - 1))
         return _Int(lo, hi)
-    if op == "cast":  # integer to integer: values kept (narrowing never happens for indices)
+    if op == "cast":  # int32 <-> int64: values kept (the int32 range check above catches narrowing)
         return args[0]
     return _TOP
 

@@ -263,7 +263,8 @@ def source(graph: ModGraph) -> str:
         cap = node.args[0]
         goff = " + ".join(f"{w.arg(ix)} * grad_strides[{stride_base[cap] + dd}]" for dd, ix in
                           enumerate(node.args[1:])) or "0"
-        val = f"ds * v{dl.i}" if isinstance(dl, Ref) else f"ds * {_lit(float(dl))}"
+        # where dS is 0 (masked, out of range) the derivative stays out: it may not be finite there
+        val = f"tl.where(ds != 0.0, ds * v{dl.i}, 0.0)" if isinstance(dl, Ref) else f"ds * {_lit(float(dl))}"
         on = {a.i for a in _index_refs(d.graph, node)} & {3, 4}  # q_idx [BM, 1], kv_idx [1, BN]
         if len(on) < 2:
             # an index that is constant along a block axis (bias[h], row_bias[q_idx]): sum that

@@ -15,8 +15,10 @@ a compiled region, ``flex_attention`` does three things that Dynamo can trace:
    and the string; :func:`graph` decodes the string back into a ``ModGraph`` over them.
 
 A tensor that is found on no such path (one the mod builds itself, say) makes :func:`describe`
-raise :class:`FlexTraceError` naming it. Python numbers a mod reads (a softcap, a window) are
-part of the constant: Dynamo guards on the mod, and a new closure recompiles.
+raise :class:`FlexTraceError` naming it. A Python number the mod reads
+from a variable (a softcap, a window) is read at run time too, as an op argument; one that
+changes the generated code (1.0, 2) or feeds Python arithmetic is guarded on instead: a new
+value traces the graph again.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import torch
 
 from .trace import Capture, FlexTraceError, ModGraph, Ref, trace
 
-_MAX_DEPTH = 4  # closure / attribute hops searched from the mod
+_MAX_DEPTH = 16  # closure / attribute / item hops searched from the mod (the seen set bounds the search)
 
 
 def encode(graph: ModGraph) -> str:
-    """The graph's structure and numbers (no tensors: their dtype and rank only), as a string."""
+    """The graph's structure and its literal numbers (no tensors: their dtype and rank only), as a
+    string."""
     plain = dataclasses.replace(graph, captures=[])
     sigs = tuple(c.signature for c in graph.captures)
     return base64.b64encode(pickle.dumps((plain, sigs), protocol=4)).decode("ascii")
@@ -46,11 +49,19 @@ def _decode(key: str) -> tuple[ModGraph, tuple]:
     return pickle.loads(base64.b64decode(key.encode("ascii")))
 
 
-def graph(key: str, captures: list[torch.Tensor]) -> ModGraph | None:
-    """The ModGraph that ``key`` (from :func:`encode`) describes, reading ``captures``; None for ""."""
+def graph(key: str, captures: list[torch.Tensor], numbers: list[float] = (),
+          slots: list[int] = ()) -> ModGraph | None:
+    """The ModGraph that ``key`` (from :func:`encode`) describes, reading ``captures``, with
+    scalar slot ``slots[i]`` set to ``numbers[i]`` (the values the compiled graph read at run
+    time); None for ""."""
     if not key:
         return None
     plain, sigs = _decode(key)
+    if slots:
+        scalars = list(plain.scalars)
+        for j, v in zip(slots, numbers):
+            scalars[j] = int(v) if isinstance(scalars[j], int) else float(v)
+        plain = dataclasses.replace(plain, scalars=scalars)
     caps = [Capture(t) for t in captures]
     got = tuple(c.signature for c in caps)
     if got != sigs:
@@ -77,7 +88,7 @@ def _children(obj) -> list[tuple[tuple, object]]:
         out += [(("attr", n), t) for n, t in obj._parameters.items() if t is not None]
         out += [(("attr", n), t) for n, t in obj._buffers.items() if t is not None]
         out += [(("attr", n), m) for n, m in obj._modules.items() if m is not None]
-        out += [(("attr", n), v) for n, v in vars(obj).items() if isinstance(v, torch.Tensor)]
+        out += [(("attr", n), v) for n, v in vars(obj).items() if isinstance(v, (torch.Tensor, int, float))]
     elif isinstance(obj, (list, tuple)):
         out += [(("item", i), v) for i, v in enumerate(obj)]
     elif isinstance(obj, dict):
@@ -87,34 +98,85 @@ def _children(obj) -> list[tuple[tuple, object]]:
     return out
 
 
-def _locate(mod, tensor: torch.Tensor) -> tuple | None:
-    """The shortest path of steps from ``mod`` to ``tensor`` (by identity), or None."""
+def _walk(mod):
+    """Every (path, value) reachable from ``mod`` (:func:`_children`), breadth first: each path is
+    the shortest to its value."""
     frontier, seen = [((), mod)], {id(mod)}
     for _ in range(_MAX_DEPTH):
         nxt = []
         for path, obj in frontier:
             for step, val in _children(obj):
-                if val is tensor:
-                    return path + (step,)
+                yield path + (step,), val
                 if id(val) not in seen and (callable(val) or hasattr(val, "__dict__") or isinstance(
                         val, (list, tuple, dict))) and not isinstance(
                         val, (torch.Tensor, type, types.ModuleType, types.BuiltinFunctionType)):
                     seen.add(id(val))
                     nxt.append((path + (step,), val))
         frontier = nxt
-    return None
+
+
+def _locate(mod, tensor: torch.Tensor) -> tuple | None:
+    """The shortest path of steps from ``mod`` to ``tensor`` (by identity), or None."""
+    return next((path for path, val in _walk(mod) if val is tensor), None)
+
+
+def _assign(mod, path: tuple, value) -> None:
+    """Set the object at ``path`` (the last step a cell, global, list / dict item or attribute)."""
+    parent = fetch(mod, path[:-1])
+    kind, name = path[-1]
+    if kind == "cell":
+        parent.__closure__[name].cell_contents = value
+    elif kind == "global":
+        parent.__globals__[name] = value
+    elif kind == "item":
+        parent[name] = value
+    else:
+        setattr(parent, name, value)
+
+
+def _number_sources(mod, kind: str, g: ModGraph) -> tuple[list, list]:
+    """(for each scalar slot of ``g``, the path of the closure / global / attribute number it is,
+    None for a literal of the mod's code; the (path, value) of every other number the mod reads).
+    Each candidate is checked by changing it and tracing the mod again: a slot's source must move
+    that slot to the new value and change nothing else. A number that changes the graph in any
+    other way (a value computed from it in Python, or one that changes the generated code, such
+    as 1.0 or 2) is returned to be guarded: the compiled graph is traced again when it changes."""
+    found: list = [None] * len(g.scalars)
+    guarded: list = []
+    for path, val in list(_walk(mod)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or path[-1][0] == "item" and \
+                isinstance(fetch(mod, path[:-1]), tuple):
+            continue
+        new = val + 7919 if isinstance(val, int) else val * 1.375 + 0.3125
+        _assign(mod, path, new)
+        try:
+            g2 = trace(mod, kind)
+        finally:
+            _assign(mod, path, val)
+        if g2.key == g.key and g2.scalars == g.scalars:
+            continue  # not read by the mod
+        moved = [j for j, (a, b) in enumerate(zip(g.scalars, g2.scalars)) if a != b]
+        if g2.key == g.key and all(g2.scalars[j] == new for j in moved):
+            for j in moved:
+                found[j] = path
+            continue
+        guarded.append((path, val))
+    return found, guarded
 
 
 @torch._dynamo.assume_constant_result
-def describe(mod, kind: str) -> tuple[str, tuple]:
+def describe(mod, kind: str) -> tuple[str, tuple, tuple, tuple]:
     """(:func:`encode` of the traced mod, or "" when it changes nothing; the path to each tensor it
-    reads, in the graph's capture order). Runs once at trace time, outside the graph."""
+    reads, in the graph's capture order; the scalar slots that read a number from a variable, and
+    each one's path; the (path, value) of the other numbers it reads). Runs once at trace time,
+    outside the graph: the compiled graph reads the tensors and slot numbers through :func:`fetch`
+    (inputs: a new value is never a stale constant) and guards on the other numbers."""
     g = trace(mod, kind)
     if kind == "score" and isinstance(g.output, Ref) and g.output.i == 0:
-        return "", ()
+        return "", (), (), (), ()
     if kind == "mask" and isinstance(g.output, Ref) and g.nodes[g.output.i].op == "const" and \
             g.nodes[g.output.i].args[0] is True:
-        return "", ()
+        return "", (), (), (), ()
     paths = []
     for c in g.captures:
         path = _locate(mod, c.tensor)
@@ -125,7 +187,9 @@ def describe(mod, kind: str) -> tuple[str, tuple]:
                 f"global or attribute of it (or of a function or object it holds); the compiled graph must take "
                 f"it as an input. Bind it to a variable the mod closes over.")
         paths.append(path)
-    return encode(g), tuple(paths)
+    sources, guarded = _number_sources(mod, kind, g)
+    slots = tuple(j for j, p in enumerate(sources) if p is not None)
+    return encode(g), tuple(paths), slots, tuple(sources[j] for j in slots), tuple(guarded)
 
 
 def fetch(mod, path: tuple):

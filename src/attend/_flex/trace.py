@@ -139,6 +139,8 @@ _METHOD_BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "truediv", "t
                   "maximum": "maximum", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
                   "logical_and": "and", "logical_or": "or", "logical_xor": "xor", "__and__": "and",
                   "__or__": "or", "__xor__": "xor", "bitwise_and": "and", "bitwise_or": "or"}
+_LOGICAL = {torch.logical_not: "not", torch.logical_and: "and", torch.logical_or: "or", torch.logical_xor: "xor",
+            "logical_not": "not", "logical_and": "and", "logical_or": "or", "logical_xor": "xor"}
 _METHOD_UNARY = {"neg": "neg", "abs": "abs", "logical_not": "not", "bitwise_not": "not", "__invert__": "not",
                  "sigmoid": "sigmoid", **{name: name for name in _UNARY_FLOAT}}
 _CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -393,6 +395,11 @@ class _Builder:
             raise self.error(f"attribute .{args[1]} of a mod argument")
         if kind == "call_method" and name == "__getitem__" or target is operator.getitem:
             return self._index(args[0], args[1])
+        logical = _LOGICAL.get(target) if kind == "call_function" else _LOGICAL.get(name) if kind == "call_method" \
+            else None
+        if logical is not None and len(args) == (1 if logical == "not" else 2) and not kwargs:
+            # torch.logical_*: the operands' truth values (on integers, not their bits)
+            return self.op(logical, *[self.cast(self._value(a), torch.bool) for a in args])
         if kind == "call_function" and target in _BINARY and len(args) == 2 and not kwargs:
             return self.op(_BINARY[target], self._value(args[0]), self._value(args[1]))
         if kind == "call_function" and target in _UNARY and len(args) == 1 and not kwargs:

@@ -781,6 +781,11 @@ def _flex_scores2(a, b, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, s
         shift = nlse2[:, None]
     if SCORE_MOD is not None:
         s2 = tl.broadcast_to(SCORE_MOD(s, fb, fh, q_c, kv_c, score_ptrs, score_meta), s.shape) * RCP_LN2 + shift
+        # rows past L read q = 0, and a score_mod may not be finite at s = 0 (NaN + -inf is NaN)
+        if KEYS_FIRST:
+            s2 = tl.where(rows[None, :] < L, s2, float("-inf"))
+        else:
+            s2 = tl.where(rows[:, None] < L, s2, float("-inf"))
     else:
         s2 = s * RCP_LN2 + shift
     if MASK_MOD is not None:

@@ -18,7 +18,8 @@ from .._flex import compiled, dispatch
 from .._flex import lists as _lists
 
 
-def _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options):
+def _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options,
+          numbers=(), score_slots=(), mask_slots=()):
     L, S = q.shape[2], k.shape[2]
     if lists:
         lead = lambda t, n: None if t is None else t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
@@ -26,8 +27,10 @@ def _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, blo
         blocks = _lists.BlockLists(*fixed, tuple(block_size), (L, S))
     else:
         blocks = _lists.dense(L, S, q.device)
-    return dispatch.FlexCall(q, k, v, compiled.graph(score_key, score_caps), compiled.graph(mask_key, mask_caps),
-                             blocks, scale, json.loads(kernel_options) or None)
+    n = len(score_slots)
+    score = compiled.graph(score_key, score_caps, numbers[:n], score_slots)
+    mask = compiled.graph(mask_key, mask_caps, numbers[n:], mask_slots)
+    return dispatch.FlexCall(q, k, v, score, mask, blocks, scale, json.loads(kernel_options) or None)
 
 
 def _flex_fwd(
@@ -42,8 +45,12 @@ def _flex_fwd(
     scale: float,
     block_size: list[int],
     kernel_options: str,
+    numbers: list[float],
+    score_slots: list[int],
+    mask_slots: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    call = _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options)
+    call = _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options,
+                 numbers, score_slots, mask_slots)
     with torch.no_grad():
         return dispatch.run(call)
 
@@ -52,7 +59,8 @@ flex_fwd = torch.library.custom_op("attend::flex_fwd", _flex_fwd, mutates_args=(
 
 
 @flex_fwd.register_fake
-def _(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options):
+def _(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options, numbers,
+      score_slots, mask_slots):
     B, H, L, _ = q.shape
     stat = q.new_empty((B, H, L), dtype=torch.float32)
     return q.new_empty((B, H, L, v.shape[-1])), stat, torch.empty_like(stat)
@@ -93,9 +101,13 @@ def _flex_bwd(
     scale: float,
     block_size: list[int],
     kernel_options: str,
+    numbers: list[float],
+    score_slots: list[int],
+    mask_slots: list[int],
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    call = _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options)
+    call = _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options,
+                 numbers, score_slots, mask_slots)
     flags = list(needs) + [False] * len(mask_caps)
     with _Autograd():
         grads = dispatch.gradients(call, dout, dlse, (q, k, v, out, lse, *score_caps, *mask_caps), flags)
@@ -109,16 +121,17 @@ flex_bwd = torch.library.custom_op("attend::flex_bwd", _flex_bwd, mutates_args=(
 
 @flex_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size,
-      kernel_options, needs):
+      kernel_options, numbers, score_slots, mask_slots, needs):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(c) for c in score_caps]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options = inputs
+    (q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options, numbers,
+     score_slots, mask_slots) = inputs
     out, lse, _ = output
     ctx.save_for_backward(q, k, v, out, lse, *score_caps, *mask_caps, *[t for t in lists if t is not None])
     ctx.shape = (len(score_caps), len(mask_caps), [t is not None for t in lists])
-    ctx.params = (score_key, mask_key, scale, block_size, kernel_options)
+    ctx.params = (score_key, mask_key, scale, block_size, kernel_options, numbers, score_slots, mask_slots)
     ctx.needs = [t.requires_grad for t in (q, k, v, *score_caps)]
 
 
@@ -133,7 +146,12 @@ def _backward(ctx, dout, dlse, dmax):
                                  *ctx.params, ctx.needs)
     dcaps = [g if need else None for g, need in zip(dcaps, ctx.needs[3:])]
     # one gradient per input, lists as lists (mask captures and block lists have none)
-    return dq, dk, dv, dcaps, [None] * n_mask, [None] * len(present), None, None, None, None, None
+    # one gradient per input in the inputs' structure: lists of tensors as lists of None, and
+    # (as autograd's pytree sees them) an empty list of numbers as [], a non-empty one as one None
+    none_or_empty = lambda xs: [] if len(xs) == 0 else None
+    block_size, numbers, score_slots, mask_slots = ctx.params[3], ctx.params[5], ctx.params[6], ctx.params[7]
+    return (dq, dk, dv, dcaps, [None] * n_mask, [None] * len(present), None, None, None, none_or_empty(block_size),
+            None, none_or_empty(numbers), none_or_empty(score_slots), none_or_empty(mask_slots))
 
 
 flex_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -146,7 +164,10 @@ def _options_json(kernel_options: dict | None) -> str:
 
 
 def flex(query, key, value, score_caps, mask_caps, lists, score_key: str, mask_key: str, scale: float,
-         block_size: list[int], kernel_options: dict | None):
-    """``attend::flex_fwd`` with autograd: (out, lse, max_scores)."""
+         block_size: list[int], kernel_options: dict | None, numbers: list = (), score_slots: list = (),
+         mask_slots: list = ()):
+    """``attend::flex_fwd`` with autograd: (out, lse, max_scores). ``numbers``: the values of the
+    score_mod's scalar slots ``score_slots``, then the mask_mod's ``mask_slots``, read at run time."""
     return flex_fwd(query, key, value, score_caps, mask_caps, lists, score_key, mask_key, float(scale),
-                    [int(b) for b in block_size], _options_json(kernel_options))
+                    [int(b) for b in block_size], _options_json(kernel_options), list(numbers), list(score_slots),
+                    list(mask_slots))
