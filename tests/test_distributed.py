@@ -28,7 +28,7 @@ from attend.distributed import (context_parallel_attention, pad_for_sharding, pa
                                 shard_positions, unshard)
 from attend.distributed.blocks import Block, FusedBlocks, Mask, merge_, plan
 from attend.varlen import varlen_attn
-from conftest import FLOOR
+from conftest import DEVICE, FLOOR, KERNELS, assert_matches_float64
 
 F64 = torch.float64
 TOL = FLOOR[F64]  # both sides float64: what remains is summation order
@@ -387,7 +387,6 @@ def test_steps_of_every_rank_in_one_process_match_attend(kernel):
     dtype = F64 if kernel == "blocked" else torch.float32
     if kernel == "triton" and not attend.backends._kernels.interpreter_on() and not torch.cuda.is_available():
         pytest.skip("attend's Triton core runs here only under TRITON_INTERPRET=1")
-    from conftest import DEVICE
     g = torch.Generator().manual_seed(5)
     world, S, E = 2, 32, 16
     Q, K, V = (torch.randn(1, 2, S, E, generator=g, dtype=dtype).to(DEVICE) for _ in range(3))
@@ -409,6 +408,26 @@ def test_steps_of_every_rank_in_one_process_match_attend(kernel):
             err = (out.double().cpu() - want).abs().max().item()
             tol = TOL if dtype == F64 else 50 * torch.finfo(torch.float32).eps
             assert err <= tol, f"band ({left}, {right}) rank {rank}: {err:.3e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("window", [(-1, 0), (5, 0), (3, 6)], ids=["causal", "window", "two-sided"])
+def test_one_rank_ring_forward_and_backward(kernel, window, use_kernel):
+    """The ring's autograd function with no communication (one rank, zigzag): its blocks are row
+    slices of q, out and lse (diagonal, full and band blocks), forward and backward on each kernel,
+    against the float64 reference with tolerances scaled by PyTorch's same-precision math SDPA."""
+    from attend.distributed.ring import _Config, _RingAttention
+
+    use_kernel(kernel)
+    dtype = torch.float32
+    left, right = window
+    S, E = 48, 16
+    q, k, v = (torch.randn(1, 2, S, E, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(3))
+    cfg = _Config(None, plan(0, 1, S, "zigzag", Mask(left, right, S)), FusedBlocks(kernel), E ** -0.5)
+    out = _RingAttention.apply(q, k, v, cfg)
+    p, r = torch.arange(S, device=DEVICE)[:, None], torch.arange(S, device=DEVICE)[None, :]
+    sees = (r <= p + right) & ((r >= p - left) if left >= 0 else True)
+    assert_matches_float64(out, q, k, v, what=f"{kernel} {window}", attn_mask=sees)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])

@@ -185,7 +185,9 @@ class FusedBlocks:
         from ..ops.attention import fused_bwd
 
         mask, band = self._mask_and_band(block.band, q.shape[2], k.shape[2], q.device)
-        dq, dk, dv, _ = fused_bwd(dout, q, k, v, out, lse, mask, 0.0, band.to_op(), float(scale), None, self.kernel,
+        # The row slices of q, dout and out go as strided views; the Triton launcher reads lse as a
+        # dense (B, H, Lb) tensor, so its slice is copied.
+        dq, dk, dv, _ = fused_bwd(dout, q, k, v, out, lse.contiguous(), mask, 0.0, band.to_op(), float(scale), None, self.kernel,
                                   False)
         return dq, dk, dv
 
