@@ -487,3 +487,20 @@ def test_without_a_process_group_the_error_says_how_to_start_one():
         context_parallel_attention(x, x, x)
     with pytest.raises(RuntimeError, match=r"shard: no process group is initialized"):
         shard(x, dim=2)
+
+
+def test_benchmark_script_parses_and_plans_on_the_cpu(capsys):
+    """benchmarks/context_parallel.py needs two GPUs to measure; its arguments and plan need none."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "context_parallel.py")
+    spec = importlib.util.spec_from_file_location("context_parallel_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--seqs", "131072", "--kv-heads", "4", "--impls", "attend-ring", "one-gpu"])
+    assert (args.heads, args.kv_heads, args.dim, args.dtype, args.causal) == (16, 4, 128, "bfloat16", True)
+    assert bench.flops(args, 131072, False) == 4 * 16 * 131072 ** 2 * 128 / 2
+    bench.main(["--dry-run", "--seqs", "131072"])
+    assert "S=131072: forward 70.4 TFLOP, forward+backward 246.3 TFLOP" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--heads", "16", "--kv-heads", "3"])
