@@ -239,8 +239,8 @@ def test_errors_name_the_problem(ring_results, world):
 
 def test_hung_peer_is_bounded_by_the_group_timeout(ring_results):
     hung = ring_results[2][0]["hung"]
-    assert hung["error"] != "no error"
-    assert hung["seconds"] < 30, hung
+    assert "Timed out waiting 1500ms" in hung["error"], hung
+    assert hung["seconds"] < 10, hung  # 1.5 s and the time to raise, far below the group's own 60 s
 
 
 # ---------------------------------------------------------------------------------------------
