@@ -32,7 +32,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqs", type=int, nargs="+", default=[131072, 262144, 524288], help="global sequence lengths")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=16, help="query heads")
@@ -208,8 +209,8 @@ def measure(args, impl: str, S: int) -> dict:
 
 
 def table(args, rows: list[dict]) -> str:
-    lines = ["| S | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | x one GPU (fwd+bwd) | peak GiB per rank |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| S | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | x one GPU (fwd+bwd) "
+             "| peak GiB per rank |", "|---|---|---|---|---|---|---|---|"]
     one = {r["S"]: r.get("step_s") for r in rows if r["impl"] == "one-gpu"}
     for r in rows:
         S = r["S"]
@@ -219,7 +220,8 @@ def table(args, rows: list[dict]) -> str:
             continue
         speed = f"{one[S] / r['step_s']:.2f}" if one.get(S) else "-"
         lines.append(f"| {S} | {r['impl']} | {r['fwd_s'] * 1e3:.1f} | {r['step_s'] * 1e3:.1f} | "
-                     f"{flops(args, S, False) / r['fwd_s'] / 1e12:.0f} | {flops(args, S, True) / r['step_s'] / 1e12:.0f} | "
+                     f"{flops(args, S, False) / r['fwd_s'] / 1e12:.0f} | "
+                     f"{flops(args, S, True) / r['step_s'] / 1e12:.0f} | "
                      f"{speed} | {peaks} |")
     return "\n".join(lines)
 

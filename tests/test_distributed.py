@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
 import socket
 import tempfile
@@ -26,7 +25,7 @@ import attend
 from attend._layout import Band
 from attend.distributed import (context_parallel_attention, pad_for_sharding, padded_length, record_ring_stats, shard,
                                 shard_positions, unshard)
-from attend.distributed.blocks import Block, FusedBlocks, Mask, merge_, plan
+from attend.distributed.blocks import FusedBlocks, Mask, merge_, plan
 from attend.varlen import varlen_attn
 from conftest import DEVICE, FLOOR, KERNELS, assert_matches_float64
 
@@ -276,7 +275,8 @@ def _nccl_worker(rank: int, init: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs two CUDA GPUs and NCCL")
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="needs two CUDA GPUs and NCCL")
 def test_nccl_bf16_matches_one_gpu():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_nccl_worker, args=(f"tcp://127.0.0.1:{_free_port()}", d), nprocs=2, join=True)
@@ -396,7 +396,7 @@ def test_steps_of_every_rank_in_one_process_match_attend(kernel):
                          via_varlen=True)
         for rank in range(world):
             q = shard(Q, dim=2, rank=rank, world_size=world)
-            out = torch.zeros(1, 2, S // world, E, dtype=torch.float64 if dtype == F64 else torch.float32, device=DEVICE)
+            out = torch.zeros(1, 2, S // world, E, dtype=dtype, device=DEVICE)
             lse = torch.full(out.shape[:-1], float("-inf"), dtype=out.dtype, device=DEVICE)
             for step in plan(rank, world, S // world, "zigzag", Mask(left, right, S)):
                 k, v = (shard(t, dim=2, rank=step.source, world_size=world) for t in (K, V))

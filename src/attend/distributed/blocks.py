@@ -7,7 +7,7 @@ Pure functions of shapes and positions (no process group), so they are tested wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -187,9 +187,7 @@ class FusedBlocks:
         mask, band = self._mask_and_band(block.band, q.shape[2], k.shape[2], q.device)
         # The row slices of q, dout and out go as strided views; the Triton launcher reads lse as a
         # dense (B, H, Lb) tensor, so its slice is copied.
-        dq, dk, dv, _ = fused_bwd(dout, q, k, v, out, lse.contiguous(), mask, 0.0, band.to_op(), float(scale), None, self.kernel,
-                                  False)
+        dq, dk, dv, _ = fused_bwd(dout, q, k, v, out, lse.contiguous(), mask, 0.0, band.to_op(), float(scale), None,
+                                  self.kernel, False)
         return dq, dk, dv
 
-
-BlockFactory = Callable[[str], BlockAttention]

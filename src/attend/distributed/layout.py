@@ -133,7 +133,8 @@ def pad_for_sharding(x: torch.Tensor, *, dim: int, group=None, world_size: int |
     if world_size is None:
         _, world_size = _group_rank(group, None, None)
     elif group is not None and _dist_group_size(group) != world_size:
-        raise ValueError(f"world_size={world_size} but group has {_dist_group_size(group)} ranks; pass one or the other")
+        size = _dist_group_size(group)
+        raise ValueError(f"world_size={world_size} but group has {size} ranks; pass one or the other")
     n = x.shape[d]
     pad = padded_length(n, world_size, layout) - n
     if pad == 0:
@@ -162,7 +163,8 @@ def unshard(x: torch.Tensor | Sequence[torch.Tensor], *, dim: int, group=None, l
     else:
         parts = list(x)
         if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
-            raise TypeError("x must be a tensor (this rank's shard) or a non-empty list of tensors (every rank's shard)")
+            raise TypeError("x must be a tensor (this rank's shard) or a non-empty list of tensors (every "
+                            "rank's shard)")
         shapes = {tuple(p.shape) for p in parts}
         if len(shapes) != 1:
             raise ValueError(f"every shard must have the same shape; got {[tuple(p.shape) for p in parts]}")

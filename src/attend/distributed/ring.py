@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -295,8 +296,8 @@ def _check_options(is_causal, scale, enable_gqa, window_size, seq_len) -> tuple[
     return left, right
 
 
-_META = ("argument checks", "batch", "q heads", "k/v heads", "head dim", "value head dim", "tokens per rank (dim -2)", "dtype",
-         "layout", "window left", "window right (0: is_causal)", "seq_len", "scale (x1e6)")
+_META = ("argument checks", "batch", "q heads", "k/v heads", "head dim", "value head dim", "tokens per rank (dim -2)",
+         "dtype", "layout", "window left", "window right (0: is_causal)", "seq_len", "scale (x1e6)")
 
 
 def _check_ranks_agree(meta: list[int], group, device: torch.device, rank: int, size: int) -> None:
@@ -376,14 +377,14 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         layout = check_layout(layout)
         left, right = _check_options(is_causal, scale, enable_gqa, window_size, seq_len)
         _check_tensors(q, k, v, enable_gqa)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError):
         if size > 1:
             _check_ranks_agree([1] + [0] * (len(_META) - 1), group, _meta_device(q), rank, size)
-        raise e
+        raise
     L = q.shape[-2]
     s = default_scale(q.shape[-1], scale)
     if size > 1:
-        meta = [0, q.shape[0] if q.dim() > 3 else 1, q.shape[-3], k.shape[-3], q.shape[-1], v.shape[-1], L,
+        meta = [0, math.prod(q.shape[:-3]), q.shape[-3], k.shape[-3], q.shape[-1], v.shape[-1], L,
                 _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 99, LAYOUTS.index(layout), left, right,
                 -1 if seq_len is None else seq_len, round(s * 1e6)]
         _check_ranks_agree(meta, group, q.device, rank, size)
@@ -391,11 +392,11 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if L % per:
         raise ValueError(f"layout={layout!r} splits each rank's shard into {per} equal chunks, but q holds {L} tokens "
                          "(dim -2); shard the sequence with attend.distributed.shard(x, dim=..., layout=...)")
-    if seq_len is not None and padded_length(seq_len, size, layout) != L * size:
-        raise ValueError(f"seq_len={seq_len} over {size} ranks (layout={layout!r}) pads to "
-                         f"{padded_length(seq_len, size, layout)} tokens, {padded_length(seq_len, size, layout) // size} "
-                         f"per rank, but q holds {L} per rank (dim -2): were the shards made for a group of another "
-                         f"size? pad_for_sharding and shard with this group")
+    padded = padded_length(seq_len, size, layout) if seq_len is not None else L * size
+    if padded != L * size:
+        raise ValueError(f"seq_len={seq_len} over {size} ranks (layout={layout!r}) pads to {padded} tokens, "
+                         f"{padded // size} per rank, but q holds {L} per rank (dim -2): were the shards made for a "
+                         "group of another size? pad_for_sharding and shard with this group")
     kernel = kernel_for(q)
     if kernel is None:
         raise ValueError(f"context_parallel_attention: no attend kernel for device type {q.device.type!r}; "
