@@ -48,6 +48,7 @@ class Case:
     unpadded: int = 0  # tokens of padding at the end (< 2N: pad_for_sharding's minimal padding)
     value_dim: int = 8
     scale: float | None = None
+    docs: tuple[int, ...] | None = None  # document lengths; the last document takes the rest
 
 
 CASES = [
@@ -63,7 +64,28 @@ CASES = [
     Case("padded-noncausal", unpadded=3),
     Case("padded-causal-tiny-chunks", is_causal=True, chunk=1, unpadded=3),  # whole chunks of padding
     Case("padded-window-gqa", window=(4, 0), heads=(4, 1), unpadded=2),
+    Case("docs-causal", is_causal=True, docs=(7, 1, 12)),
+    Case("docs-noncausal-padded", docs=(4, 9), unpadded=3),
+    Case("docs-window-gqa", window=(5, 0), heads=(4, 2), docs=(11, 0, 3)),
 ]
+
+
+def _cu(lengths, n: int) -> list[int]:
+    """Document offsets for ``lengths`` (clipped to ``n``), the last document taking the rest."""
+    cu = [0]
+    for length in lengths:
+        cu.append(min(n, cu[-1] + length))
+    return cu + [n]
+
+
+def _visible(n: int, left: int, right: int, cu: list[int] | None):
+    """The (n, n) bool mask: the band, within each document."""
+    p, r = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    sees = ((r <= p + right) if right >= 0 else True) & ((r >= p - left) if left >= 0 else True)
+    if cu is not None:
+        doc = torch.bucketize(torch.arange(n), torch.tensor(cu[1:]), right=True)
+        sees = sees & (doc[:, None] == doc[None, :])
+    return sees
 CASE_IDS = [c.name for c in CASES]
 WORLD_SIZES = [2, 4]
 
@@ -83,10 +105,9 @@ def _reference(case: Case, q, k, v, n: int, via_varlen: bool = False):
         cu = torch.arange(0, B * n + 1, n, dtype=torch.int32)
         out = varlen_attn(*packed, cu, cu, n, n, window_size=(left, right), scale=case.scale, enable_gqa=gqa)
         return out.reshape(B, n, q.shape[1], -1).transpose(1, 2)
-    if case.window is None:
+    if case.window is None and case.docs is None:
         return attend.scaled_dot_product_attention(q, k, v, is_causal=case.is_causal, scale=case.scale, enable_gqa=gqa)
-    p, r = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    sees = ((r <= p + right) if right >= 0 else True) & ((r >= p - left) if left >= 0 else True)
+    sees = _visible(n, left, right, None if case.docs is None else _cu(case.docs, n))
     return attend.scaled_dot_product_attention(q, k, v, attn_mask=sees, scale=case.scale, enable_gqa=gqa)
 
 
@@ -110,7 +131,8 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     with record_ring_stats() as stats:
         out = context_parallel_attention(*mine, is_causal=case.is_causal, scale=case.scale,
                                          enable_gqa=hq != hkv, window_size=case.window, layout=case.layout,
-                                         seq_len=n if case.unpadded else None)
+                                         seq_len=n if case.unpadded and not case.docs else None,
+                                         cu_seqlens=None if case.docs is None else _cu(case.docs, n))
         out.backward(shard(dO, dim=2, layout=case.layout))
     got = [out, *(t.grad for t in mine)]
     errs = {name: (g_.detach() - shard(w, dim=2, layout=case.layout)).abs().max().item()
@@ -140,6 +162,9 @@ def _error_cases(rank: int, world: int) -> dict:
     out["odd-zigzag-shard"] = _catch(lambda: cpa(t(5), t(5), t(5)))
     out["group-size-mismatch"] = _catch(lambda: cpa(t(4), t(4), t(4), seq_len=4 * world * 2 - 1))
     out["options-disagree"] = _catch(lambda: cpa(t(4), t(4), t(4), is_causal=rank == 0))
+    out["cu-seqlens-decreasing"] = _catch(lambda: cpa(t(4), t(4), t(4), cu_seqlens=[0, 5, 3]))
+    cu = [0, 2 + rank, 4 * world]
+    out["cu-seqlens-disagree"] = _catch(lambda: cpa(t(4), t(4), t(4), cu_seqlens=torch.tensor(cu)))
     out["shard-world-size"] = _catch(lambda: shard(t(16), dim=2, world_size=world + 1, rank=0, group=dist.group.WORLD))
     out["shard-not-divisible"] = _catch(lambda: shard(t(2 * world * 2 + 1), dim=2))
     return out
@@ -232,6 +257,9 @@ def test_errors_name_the_problem(ring_results, world):
         assert f"seq_len={8 * world - 1} over {world} ranks" in e["group-size-mismatch"]
         assert "shards made for a group of another size" in e["group-size-mismatch"]
         assert "disagree on window right (0: is_causal): rank 0: 0, rank 1: -1" in e["options-disagree"]
+        assert "cu_seqlens must start at 0 and not decrease" in e["cu-seqlens-decreasing"]
+        assert "got [0, 5, 3]" in e["cu-seqlens-decreasing"]
+        assert "disagree on cu_seqlens (checksum)" in e["cu-seqlens-disagree"]
         assert f"world_size={world + 1} but group has {world} ranks" in e["shard-world-size"]
         assert f"layout='zigzag' over {world} ranks needs a multiple of {2 * world}" in e["shard-not-divisible"]
 
@@ -325,9 +353,11 @@ def test_merge_of_empty_rows_is_nothing_and_never_nan():
     assert torch.equal(lse[..., [0, 2]], block_lse[..., [0, 2]])
 
 
-MASKS = {
-    "full": (-1, -1, 0), "causal": (-1, 0, 0), "window": (5, 0, 0), "two-sided": (2, 3, 0), "right-only": (-1, 4, 0),
-    "causal-padded": (-1, 0, 5), "full-padded": (-1, -1, 3), "window-padded": (3, 0, 6), "wide-window": (40, 0, 0),
+MASKS = {  # (left, right, padding, document lengths)
+    "full": (-1, -1, 0, None), "causal": (-1, 0, 0, None), "window": (5, 0, 0, None), "two-sided": (2, 3, 0, None),
+    "right-only": (-1, 4, 0, None), "causal-padded": (-1, 0, 5, None), "full-padded": (-1, -1, 3, None),
+    "window-padded": (3, 0, 6, None), "wide-window": (40, 0, 0, None), "docs-causal": (-1, 0, 0, (3, 1, 9, 0, 2)),
+    "docs-full-padded": (-1, -1, 4, (6, 5)), "docs-two-sided": (1, 2, 0, (2, 2, 13)),
 }
 
 
@@ -336,14 +366,14 @@ MASKS = {
 @pytest.mark.parametrize("mask", list(MASKS), ids=list(MASKS))
 def test_plan_covers_each_visible_pair_once(layout, world, mask):
     """The blocks of every rank's steps, drawn in global positions, are exactly the mask."""
-    left, right, pad = MASKS[mask]
+    left, right, pad, docs = MASKS[mask]
     chunk = 4
     S = world * chunk * (2 if layout == "zigzag" else 1)
     n = max(1, S - pad)
-    m = Mask(left, right, n)
-    p = torch.arange(S)[:, None]
-    r = torch.arange(S)[None, :]
-    want = (p < n) & (r < n) & ((r <= p + right) if right >= 0 else True) & ((r >= p - left) if left >= 0 else True)
+    cu = None if docs is None else _cu(docs, n)
+    m = Mask(left, right, n, None if cu is None else tuple(cu))
+    want = torch.zeros(S, S, dtype=torch.bool)
+    want[:n, :n] = _visible(n, left, right, cu)
     got = torch.zeros(S, S, dtype=torch.int64)
     L = S // world
     for rank in range(world):

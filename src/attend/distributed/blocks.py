@@ -6,6 +6,7 @@ Pure functions of shapes and positions (no process group), so they are tested wi
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,11 +20,19 @@ from .layout import chunk_ids, chunks_per_rank
 class Mask:
     """The global mask of a call: query at position ``p`` sees key ``r`` iff
     ``p - left <= r <= p + right`` (a bound < 0: unbounded; ``right == 0``: causal) and both are
-    below ``seq_len`` (the unpadded length; positions past it are padding)."""
+    below ``seq_len`` (the unpadded length; positions past it are padding) and, with
+    ``cu_seqlens`` (document offsets, ``0 = cu[0] <= ... <= cu[-1] = seq_len``), in one document."""
 
     left: int
     right: int
     seq_len: int
+    cu_seqlens: tuple[int, ...] | None = None
+
+    @property
+    def documents(self) -> tuple[tuple[int, int], ...]:
+        """Each document's ``[start, end)`` positions (one, ``[0, seq_len)``, without ``cu_seqlens``)."""
+        cu = self.cu_seqlens or (0, self.seq_len)
+        return tuple((a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a)
 
 
 @dataclass(frozen=True)
@@ -53,17 +62,16 @@ class StepPlan:
     empty_pairs: int
 
 
-def _pair(qs: int, ks: int, c: int, mask: Mask):
-    """The visible part of queries ``[qs, qs+c)`` x keys ``[ks, ks+c)`` (global positions):
-    ``(p0, p1, r0, r1, band)`` trimmed to the rows and keys that see anything, or None when empty.
+def _pair(qs: int, qe: int, ks: int, ke: int, left: int, right: int):
+    """The visible part of queries ``[qs, qe)`` x keys ``[ks, ke)`` (global positions, one document)
+    under the band ``left``/``right``: ``(p0, p1, r0, r1, band)`` trimmed to the rows and keys
+    that see anything, or None when empty.
 
     The trimmed block's band is top-left aligned: local query ``i`` sees local key ``j`` iff
     ``j >= i - left'`` and ``j <= i + right'``, with ``d = p0 - r0``, ``left' = left - d`` and
     ``right' = right + d``; trimming makes both >= 0, and a bound the block never reaches is
     dropped (-1), so a fully visible block is ``Band()`` and a diagonal one ``Band.causal()``.
     """
-    left, right, n = mask.left, mask.right, mask.seq_len
-    qe, ke = min(qs + c, n), min(ks + c, n)
     p0 = max(qs, ks - right) if right >= 0 else qs
     p1 = min(qe, ke + left) if left >= 0 else qe
     if p0 >= p1 or ks >= ke:
@@ -83,16 +91,26 @@ def plan_step(rank: int, source: int, world_size: int, shard_len: int, layout: s
     per = chunks_per_rank(layout)
     c = shard_len // per
     q_ids, k_ids = chunk_ids(rank, world_size, layout), chunk_ids(source, world_size, layout)
+    docs = mask.documents
+    ends = [e for _, e in docs]
     blocks, empty = [], 0
     for a, qa in enumerate(q_ids):
         for b, kb in enumerate(k_ids):
-            hit = _pair(qa * c, kb * c, c, mask)
-            if hit is None:
-                empty += 1
-                continue
-            p0, p1, r0, r1, band = hit
-            blocks.append(Block(a * c + p0 - qa * c, a * c + p1 - qa * c, b * c + r0 - kb * c, b * c + r1 - kb * c,
-                                band, ((p0, p1 - p0),), ((r0, r1 - r0),)))
+            found = False
+            # the documents that overlap the query chunk (ends are sorted; a document may be split
+            # over several chunks and ranks, and a chunk may hold several documents)
+            for d0, d1 in docs[bisect.bisect_right(ends, qa * c):]:
+                if d0 >= (qa + 1) * c:
+                    break
+                hit = _pair(max(qa * c, d0), min((qa + 1) * c, d1), max(kb * c, d0), min((kb + 1) * c, d1),
+                            mask.left, mask.right)
+                if hit is None:
+                    continue
+                found = True
+                p0, p1, r0, r1, band = hit
+                blocks.append(Block(a * c + p0 - qa * c, a * c + p1 - qa * c, b * c + r0 - kb * c,
+                                    b * c + r1 - kb * c, band, ((p0, p1 - p0),), ((r0, r1 - r0),)))
+            empty += not found
     return StepPlan(source, _coalesce(blocks), len(q_ids) * len(k_ids), empty)
 
 

@@ -16,7 +16,8 @@ import contextlib
 import contextvars
 import math
 import numbers
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -296,8 +297,30 @@ def _check_options(is_causal, scale, enable_gqa, window_size, seq_len) -> tuple[
     return left, right
 
 
+def _check_cu_seqlens(cu_seqlens, seq_len) -> tuple[int, ...] | None:
+    """``cu_seqlens`` as a tuple of ints (read to the host once), or None."""
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor or a sequence of ints, got a "
+                             f"{cu_seqlens.dtype} tensor of shape {tuple(cu_seqlens.shape)}")
+        cu = tuple(int(x) for x in cu_seqlens.tolist())
+    else:
+        cu = tuple(cu_seqlens)
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in cu):
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor or a sequence of ints, got {cu_seqlens!r}")
+    if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and not decrease, with at least 2 entries (document i is "
+                         f"positions cu_seqlens[i] to cu_seqlens[i + 1]); got {list(cu)}")
+    if seq_len is not None and seq_len != cu[-1]:
+        raise ValueError(f"seq_len={seq_len} but cu_seqlens ends at {cu[-1]}; they are the same length (pass one)")
+    return cu
+
+
 _META = ("argument checks", "batch", "q heads", "k/v heads", "head dim", "value head dim", "tokens per rank (dim -2)",
-         "dtype", "layout", "window left", "window right (0: is_causal)", "seq_len", "scale (x1e6)")
+         "dtype", "layout", "window left", "window right (0: is_causal)", "seq_len", "scale (x1e6)",
+         "cu_seqlens (entries)", "cu_seqlens (checksum)")
 
 
 def _check_ranks_agree(meta: list[int], group, device: torch.device, rank: int, size: int) -> None:
@@ -342,7 +365,8 @@ def _show(name: str, x: int):
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
                                is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
                                window_size: tuple[int, int] | None = None, layout: str = "zigzag",
-                               seq_len: int | None = None) -> torch.Tensor:
+                               seq_len: int | None = None,
+                               cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
     """Attention over a sequence sharded across the ranks of ``group``; returns this rank's shard
     of the output, with the backward.
 
@@ -362,6 +386,11 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
       ``2N-1-r`` of ``2N``; balanced under a causal mask) or "contiguous".
     - ``seq_len``: the unpadded length of a sequence padded with ``pad_for_sharding``: keys at
       positions >= seq_len are masked, and query rows there return 0 (and pass no gradient).
+    - ``cu_seqlens``: packed documents (varlen): document ``i`` is global positions
+      ``cu_seqlens[i]`` to ``cu_seqlens[i+1]``, and a query sees only keys of its own document
+      (the mask above applies within it, top-left aligned per document as in ``varlen_attn``'s
+      square sequences). Ints or a 1-D integer tensor, the same on every rank and for every
+      batch element; ``cu_seqlens[-1]`` is the real length (what ``seq_len`` would say).
     - Chunk pairs the mask leaves empty are skipped; ``record_ring_stats`` counts them.
 
     Every rank of ``group`` must call it (collectively), in the same order as its other
@@ -376,6 +405,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     try:
         layout = check_layout(layout)
         left, right = _check_options(is_causal, scale, enable_gqa, window_size, seq_len)
+        cu = _check_cu_seqlens(cu_seqlens, seq_len)
+        seq_len = cu[-1] if cu is not None else seq_len
         _check_tensors(q, k, v, enable_gqa)
     except (TypeError, ValueError):
         if size > 1:
@@ -386,7 +417,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if size > 1:
         meta = [0, math.prod(q.shape[:-3]), q.shape[-3], k.shape[-3], q.shape[-1], v.shape[-1], L,
                 _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 99, LAYOUTS.index(layout), left, right,
-                -1 if seq_len is None else seq_len, round(s * 1e6)]
+                -1 if seq_len is None else seq_len, round(s * 1e6), 0 if cu is None else len(cu),
+                0 if cu is None else zlib.crc32(repr(cu).encode())]
         _check_ranks_agree(meta, group, q.device, rank, size)
     per = chunks_per_rank(layout)
     if L % per:
@@ -406,7 +438,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"context_parallel_attention: attend's Triton core takes dtypes "
                          f"{', '.join(str(d) for d in TRITON_MASK_DTYPES)}, head dims up to {TRITON_MAX_HEAD_DIM} "
                          f"and equal q/v head dims; got {q.dtype}, {q.shape[-1]} and {v.shape[-1]}")
-    mask = Mask(left, right, L * size if seq_len is None else seq_len)
+    mask = Mask(left, right, L * size if seq_len is None else seq_len, cu)
     cfg = _Config(Ring(group, rank, size, q.device) if size > 1 else None, plan(rank, size, L, layout, mask),
                   FusedBlocks(kernel), s)
     q4, k4, v4 = (to_4d(t).contiguous() for t in (q, k, v))  # P2P sends need dense tensors
