@@ -130,7 +130,8 @@ _STATS: contextvars.ContextVar[list | None] = contextvars.ContextVar("attend_rin
 
 @contextlib.contextmanager
 def record_ring_stats() -> Iterator[list[RingStats]]:
-    """Collect a ``RingStats`` for every forward and backward pass run inside the block::
+    """Collect a ``RingStats`` for the forward and the backward pass of every call made inside the
+    block (a call's backward reports to the list wherever and whenever autograd runs it)::
 
         with record_ring_stats() as stats:
             out = context_parallel_attention(q, k, v, is_causal=True)
@@ -144,8 +145,7 @@ def record_ring_stats() -> Iterator[list[RingStats]]:
         _STATS.reset(token)
 
 
-def _record(direction: str, steps) -> None:
-    sink = _STATS.get()
+def _record(sink: list | None, direction: str, steps) -> None:
     if sink is not None:
         sink.append(RingStats(direction, len(steps), sum(len(s.blocks) for s in steps),
                               sum(s.pairs for s in steps), sum(s.empty_pairs for s in steps)))
@@ -161,6 +161,7 @@ class _Config:
     steps: tuple
     blocks: BlockAttention
     scale: float
+    stats: list | None = None  # record_ring_stats' list at the call (the backward may run on another thread)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -186,7 +187,7 @@ def ring_forward(q, k, v, cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
             merge_(_rows(acc, blk.q0, blk.q1), lse[..., blk.q0:blk.q1], o, l)
         if pending is not None:
             kv = pending.wait()
-    _record("forward", cfg.steps)
+    _record(cfg.stats, "forward", cfg.steps)
     return acc.to(q.dtype), lse
 
 
@@ -219,7 +220,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: _Config):
             kv = pending.wait()
     if travelling is not None:
         dk, dv = travelling.wait()
-    _record("backward", cfg.steps)
+    _record(cfg.stats, "backward", cfg.steps)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -440,7 +441,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                          f"and equal q/v head dims; got {q.dtype}, {q.shape[-1]} and {v.shape[-1]}")
     mask = Mask(left, right, L * size if seq_len is None else seq_len, cu)
     cfg = _Config(Ring(group, rank, size, q.device) if size > 1 else None, plan(rank, size, L, layout, mask),
-                  FusedBlocks(kernel), s)
+                  FusedBlocks(kernel), s, _STATS.get())
     q4, k4, v4 = (to_4d(t).contiguous() for t in (q, k, v))  # P2P sends need dense tensors
     out = _RingAttention.apply(q4, k4, v4, cfg)
     return out.reshape(*q.shape[:-1], v.shape[-1])
