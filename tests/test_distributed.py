@@ -441,7 +441,7 @@ def test_steps_of_every_rank_in_one_process_match_attend(kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("window", [(-1, 0), (5, 0), (3, 6)], ids=["causal", "window", "two-sided"])
+@pytest.mark.parametrize("window", [(-1, 0), (5, 0), (3, 6)], ids=["causal", "window-gqa", "two-sided"])
 def test_one_rank_ring_forward_and_backward(kernel, window, use_kernel):
     """The ring's autograd function with no communication (one rank, zigzag): its blocks are row
     slices of q, out and lse (diagonal, full and band blocks), forward and backward on each kernel,
@@ -452,12 +452,14 @@ def test_one_rank_ring_forward_and_backward(kernel, window, use_kernel):
     dtype = torch.float32
     left, right = window
     S, E = 48, 16
-    q, k, v = (torch.randn(1, 2, S, E, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(3))
+    hkv = 1 if window == (5, 0) else 2
+    q = torch.randn(1, 2, S, E, dtype=dtype, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, hkv, S, E, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
     cfg = _Config(None, plan(0, 1, S, "zigzag", Mask(left, right, S)), FusedBlocks(kernel), E ** -0.5)
     out = _RingAttention.apply(q, k, v, cfg)
     p, r = torch.arange(S, device=DEVICE)[:, None], torch.arange(S, device=DEVICE)[None, :]
     sees = (r <= p + right) & ((r >= p - left) if left >= 0 else True)
-    assert_matches_float64(out, q, k, v, what=f"{kernel} {window}", attn_mask=sees)
+    assert_matches_float64(out, q, k, v, what=f"{kernel} {window}", attn_mask=sees, enable_gqa=hkv != 2)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
