@@ -1,6 +1,6 @@
 """attend.distributed: ring attention over gloo processes against the single-process attend call
 on the gathered sequence (float64), plus the pieces that need no process group: the LSE merge,
-the block plan and the layout helpers.
+the block plan and the layout functions.
 
 Each world size spawns its processes once (``_ring_results``) and runs every case inside them;
 the parametrized tests below read what each rank measured.
@@ -494,7 +494,7 @@ def test_shard_gradient_flows_back():
     assert x.grad[:, 0].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
 
 
-def test_layout_helper_errors_name_the_argument():
+def test_layout_function_errors_name_the_argument():
     x = torch.randn(10, 2)
     with pytest.raises(ValueError, match=r"layout must be one of 'zigzag', 'contiguous'; got 'zz'"):
         shard(x, dim=0, rank=0, world_size=2, layout="zz")

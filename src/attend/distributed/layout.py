@@ -1,4 +1,4 @@
-"""Where each rank's tokens sit in the global sequence, and the helpers that shard, pad and
+"""Where each rank's tokens sit in the global sequence, and the functions that shard, pad and
 unshard a sequence in a layout.
 
 ``layout="zigzag"``: the sequence is cut into ``2N`` equal chunks (``N`` ranks); rank ``r``

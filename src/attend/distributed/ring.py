@@ -41,7 +41,7 @@ def group_rank_and_size(group, caller: str) -> tuple[int, int]:
     if not dist.is_initialized():
         raise RuntimeError(f"{caller}: no process group is initialized; call "
                            "torch.distributed.init_process_group() first (torchrun sets up its environment), "
-                           "or pass rank= and world_size= to the layout helpers")
+                           "or pass rank= and world_size= to shard and pad_for_sharding")
     rank = dist.get_rank(group)
     if rank < 0:
         ranks = dist.get_process_group_ranks(group)
