@@ -295,9 +295,9 @@ def _nccl_worker(rank: int, init: str, out_dir: str) -> None:
             out.backward(shard(dO, dim=2))
             for name, a, b, r in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in mine)),
                                      (o1, *(t.grad for t in one)), (ref64, *(t.grad for t in ins64))):
-                r = shard(r, dim=2)
-                errs[(causal, name)] = ((a.double() - r).abs().max().item(),
-                                        (shard(b, dim=2).double() - r).abs().max().item())
+                r = shard(r.detach(), dim=2)
+                errs[(causal, name)] = ((a.detach().double() - r).abs().max().item(),
+                                        (shard(b.detach(), dim=2).double() - r).abs().max().item())
         torch.save(errs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
