@@ -24,7 +24,7 @@ from ._registry import (
 )
 from ._state import sdpa_kernel
 from .backends import register_overrideable
-from . import bias, flex_attention, varlen  # noqa: E402  (public submodules)
+from . import bias, distributed, flex_attention, varlen  # noqa: E402  (public submodules)
 
 __version__ = "0.1.0"
 
@@ -37,5 +37,5 @@ __all__ = [
     "WARN_FOR_UNFUSED_KERNELS", "SDPAParams", "can_use_flash_attention", "can_use_efficient_attention",
     "can_use_cudnn_attention", "explain", "Decision", "register_flash_attention_impl",
     "activate_flash_attention_impl", "list_flash_attention_impls", "current_flash_attention_impl",
-    "restore_flash_attention_impl", "register_overrideable", "bias", "varlen", "flex_attention",
+    "restore_flash_attention_impl", "register_overrideable", "bias", "varlen", "flex_attention", "distributed",
 ]
