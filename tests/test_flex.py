@@ -797,3 +797,41 @@ def test_interval_bounds_corner_cases_match_exhaustive():
     theirs = tflex.create_block_mask(cases[3], None, None, 64, 64, device=DEVICE, BLOCK_SIZE=16)
     assert torch.equal(ours.kv_num_blocks, theirs.kv_num_blocks)
     assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)
+
+
+def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
+    """A mod made again with the same code and the same closure values is not traced again; a new
+    number or a new tensor is; a mod reading another object's attribute is traced every call; the
+    cache keeps no captured tensor alive."""
+    import gc
+    import weakref
+
+    def make(cap, t):
+        def sm(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap) + t[h, q_idx - kv_idx + 64]
+        return sm
+
+    table = torch.randn(HQ, 128, device=DEVICE)
+    counts = trace_mod.TRACES
+    before = dict(counts)
+    g1 = trace_mod.trace_cached(make(30.0, table), "score")
+    g2 = trace_mod.trace_cached(make(30.0, table), "score")
+    assert counts["traced"] == before["traced"] + 1 and counts["cached"] == before["cached"] + 1
+    assert g2.key == g1.key and g2.scalars == g1.scalars and g2.captures[0].tensor is table
+    assert trace_mod.trace_cached(make(20.0, table), "score").scalars[0] == 20.0
+    other = torch.randn(HQ, 128, device=DEVICE)
+    assert trace_mod.trace_cached(make(30.0, other), "score").captures[0].tensor is other
+    assert counts["traced"] == before["traced"] + 3
+
+    class Holder:
+        scale = 2.0
+
+    obj = Holder()
+    for _ in range(2):
+        trace_mod.trace_cached(lambda s, b, h, q_idx, kv_idx: s * obj.scale, "score")
+    assert counts["traced"] == before["traced"] + 5
+
+    ref = weakref.ref(other)
+    del other, g1, g2
+    gc.collect()
+    assert ref() is None, "the trace cache kept a captured tensor alive"

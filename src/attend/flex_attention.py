@@ -322,10 +322,10 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
                                    "that fits the slice (block_mask.mask_mod = ...)")
             blocks = _lists.from_block_mask(_lists_4d(bm))
             if bm.mask_mod is not noop_mask and getattr(bm.mask_mod, "__name__", "") != "noop_mask":
-                mask_graph = _trace.trace(bm.mask_mod, "mask")
+                mask_graph = _trace.trace_cached(bm.mask_mod, "mask")
                 if mask_graph.output is True or _is_const(mask_graph, True):
                     mask_graph = None  # keeps everything: partial blocks need no mask work
-    score_graph = _trace.trace(score_mod, "score") if score_mod is not None else None
+    score_graph = _trace.trace_cached(score_mod, "score") if score_mod is not None else None
     if score_graph is not None and _is_identity(score_graph):
         score_graph = None
     for g in (score_graph, mask_graph):

@@ -313,7 +313,7 @@ def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOC
     _arg_positive("BLOCK_SIZE", BQ), _arg_positive("BLOCK_SIZE", BKV)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    graph = _trace.trace(mask_mod, "mask")
+    graph = _trace.trace_cached(mask_mod, "mask")
     status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
     if separate_full_blocks:
         partial, full = status == PARTIAL, status == FULL
