@@ -835,3 +835,16 @@ def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
     del other, g1, g2
     gc.collect()
     assert ref() is None, "the trace cache kept a captured tensor alive"
+
+
+def test_model_layout_views_keep_their_layout():
+    """(B, L, H, D) projections seen through .transpose(1, 2), as models pass them: the output
+    comes back in the same layout (its transpose is contiguous: no copy before the output
+    projection) and equals the contiguous call's."""
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(B, n, h, E, device=DEVICE).transpose(1, 2) for n, h in ((L, HQ), (S, HKV), (S, HKV)))
+    bm = _block_mask("causal")
+    out = flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+    assert out.transpose(1, 2).is_contiguous()
+    ref = flex.flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=bm, enable_gqa=True)
+    assert torch.equal(out, ref)

@@ -485,7 +485,7 @@ def attn_fwd(
     else:
         n_m = tl.cdiv(L_max, BLOCK_M)
     pid_m, bh, n_m = _grid_cell(n_m, GRID_1D or WORKLIST)
-    if CAUSAL and not WORKLIST:  # the last query block sees the most keys: launch it first
+    if (CAUSAL or FLEX) and not WORKLIST:  # the last query block sees the most keys (causal-like masks): first
         pid_m = n_m - 1 - pid_m
     b = bh // H
     h = bh % H
@@ -1228,7 +1228,7 @@ def attn_bwd(
         if not (HEAD_MAJOR and not DQ_ATOMIC):
             bh = (pid - n_kv) // n_q_blocks
             pid_m = (pid - n_kv) % n_q_blocks
-        if CAUSAL and not WORKLIST:
+        if (CAUSAL or FLEX) and not WORKLIST:
             pid_m = n_q_blocks - 1 - pid_m  # the last query block sees the most keys: first
         b = bh // H
         h = bh % H

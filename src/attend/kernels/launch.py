@@ -642,6 +642,14 @@ def _with_lists(blocks, transposes: bool = False):
     return dataclasses.replace(blocks, **ch) if ch else blocks
 
 
+def _like_layout(q: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """An empty (B, H, L, Dv) tensor laid out as ``q`` is: a model's (B, L, H, D) projection seen
+    through .transpose(1, 2) gets an output that transposes back to (B, L, H, Dv) without a copy."""
+    order = sorted(range(3), key=lambda d: -q.stride(d))  # b, h, l from outermost to innermost
+    alloc = torch.empty([shape[d] for d in order] + [shape[3]], dtype=q.dtype, device=q.device)
+    return alloc.permute(*[order.index(d) for d in range(3)], 3)
+
+
 def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max: bool = False, options: KernelOptions | dict | None = None,
                  kernel_options: dict | None = None):
     """Flex attention through core.attn_fwd's FLEX mode. q ``(B, Hq, L, D)``; k / v ``(B or 1,
@@ -654,7 +662,7 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     tiles = flex_tiles(q, k, blocks, options, kernel_options)
     if tiles is None:
         return None
-    out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    out = _like_layout(q, (B, H, L, v.shape[3]))
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     mx = torch.empty((B, H, L), dtype=torch.float32, device=q.device) if want_max else lse
     if L == 0:
