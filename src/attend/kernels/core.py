@@ -366,6 +366,22 @@ def query_blocks(n0, L, causal_off, window_off, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
+def _flex_meta(SCORE_META, MASK_META, SCORE_MOD: tl.constexpr, LOAD_SCORE_META: tl.constexpr,
+               MASK_MOD: tl.constexpr, LOAD_MASK_META: tl.constexpr):
+    """The generated hooks' ``meta`` tuples (captures' strides, scalar slots), read once per
+    program; 0 where there is no such mod."""
+    if SCORE_MOD is not None:
+        score_meta = LOAD_SCORE_META(SCORE_META)
+    else:
+        score_meta = 0
+    if MASK_MOD is not None:
+        mask_meta = LOAD_MASK_META(MASK_META)
+    else:
+        mask_meta = 0
+    return score_meta, mask_meta
+
+
+@triton.jit
 def _list_row(ST, b, h, blk):
     """Where row ``blk`` of (batch b, query head h) starts in a BlockMask's pair of lists (partial
     blocks: counts, indices; full blocks: counts, indices), from their 14 int32 strides at ST (0
@@ -574,14 +590,7 @@ def attn_fwd(
         )
         a = c_run
     if FLEX:
-        if SCORE_MOD is not None:
-            score_meta = LOAD_SCORE_META(SCORE_META)
-        else:
-            score_meta = 0
-        if MASK_MOD is not None:
-            mask_meta = LOAD_MASK_META(MASK_META)
-        else:
-            mask_meta = 0
+        score_meta, mask_meta = _flex_meta(SCORE_META, MASK_META, SCORE_MOD, LOAD_SCORE_META, MASK_MOD, LOAD_MASK_META)
         acc, l_i, m_i = _flex_lists(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, k_head, v_head, table_ptr, m0, rows, offs_n, offs_d, b, h, bh, L, S,
             qk_scale, stride_kn, stride_vn, stride_kb, stride_vb, stride_kd, stride_vd, FLEX_LISTS, SCORE_PTRS,
@@ -1053,18 +1062,11 @@ def attn_bwd(
     tl.static_assert(not (DQ_ONLY and (DQ_ATOMIC or HEAD_MAJOR)), "DQ_ONLY launches the dQ programs in key order")
     tl.static_assert(not (FLEX and (DQ_ATOMIC or HEAD_MAJOR or USE_TMA)), "FLEX: dQ programs, key order, pointer loads")
     if FLEX:
-        if SCORE_MOD is not None:
-            score_meta = LOAD_SCORE_META(SCORE_META)
-        else:
-            score_meta = 0
+        score_meta, mask_meta = _flex_meta(SCORE_META, MASK_META, SCORE_MOD, LOAD_SCORE_META, MASK_MOD, LOAD_MASK_META)
         if SCORE_GRAD is not None:
             grad_strides = LOAD_GRAD_STRIDES(SCORE_META)
         else:
             grad_strides = 0
-        if MASK_MOD is not None:
-            mask_meta = LOAD_MASK_META(MASK_META)
-        else:
-            mask_meta = 0
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < HEAD_DIM

@@ -642,6 +642,18 @@ def _with_lists(blocks, transposes: bool = False):
     return dataclasses.replace(blocks, **ch) if ch else blocks
 
 
+def _flex_kv_args(k, v, blocks):
+    """(k strides, v strides, the key-side lists and their strides) of a flex launch; a key / value
+    batch of 1 broadcasts (batch stride 0)."""
+    kstr, vstr = list(k.stride()), list(v.stride())
+    if k.shape[0] == 1:
+        kstr[0] = 0
+    if v.shape[0] == 1:
+        vstr[0] = 0
+    kv = (blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices)
+    return kstr, vstr, (*kv, _list_strides(*kv, k.device))
+
+
 def _like_layout(q: torch.Tensor, shape: tuple) -> torch.Tensor:
     """An empty (B, H, L, Dv) tensor laid out as ``q`` is: a model's (B, L, H, D) projection seen
     through .transpose(1, 2) gets an output that transposes back to (B, L, H, Dv) without a copy."""
@@ -668,14 +680,8 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     if L == 0:
         return out, lse, (mx if want_max else None)
     blocks = _with_lists(blocks)
-    kstr, vstr = list(k.stride()), list(v.stride())
-    if k.shape[0] == 1:
-        kstr[0] = 0
-    if v.shape[0] == 1:
-        vstr[0] = 0
-    lists = (blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices,
-             _list_strides(blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices,
-                           q.device), mx)
+    kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks)
+    lists = (*kv_lists, mx)
     bargs, _ = band_args(Band())
     score_on, mask_on = score is not None, mask is not None
     sfns, score_args = score if score_on else ({}, None)
@@ -753,15 +759,8 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     blocks = _with_lists(blocks, transposes=True)
     nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, (H * L, L), B, L, None)
-    kstr, vstr = list(k.stride()), list(v.stride())
-    if k.shape[0] == 1:
-        kstr[0] = 0
-    if v.shape[0] == 1:
-        vstr[0] = 0
-    lists = (blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices,
-             _list_strides(blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks,
-                           blocks.full_kv_indices, q.device),
-             blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
+    kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks)
+    lists = (*kv_lists, blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
              _list_strides(blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
                            q.device))
     score_on, mask_on = score is not None, mask is not None
