@@ -848,3 +848,29 @@ def test_model_layout_views_keep_their_layout():
     assert out.transpose(1, 2).is_contiguous()
     ref = flex.flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=bm, enable_gqa=True)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("n_q,n_kv,block", [(300, 280, 256), (128, 192, 64)], ids=["block_past_padding", "even"])
+def test_fused_backward_walks_whole_listed_blocks(n_q, n_kv, block):
+    """The core's loops run across every listed block: a BlockMask block larger than the rows the
+    backward's statistics are padded to (256 > 128) with ragged ends, and lengths that are
+    multiples of the blocks (unmasked loads), both against float64."""
+    torch.manual_seed(10)
+    q = torch.randn(1, HQ, n_q, E, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, HQ, n_kv, E, device=DEVICE, requires_grad=True) for _ in range(2))
+    mask = MASKS["window"]
+    bm = flex.create_block_mask(mask, None, None, n_q, n_kv, device=DEVICE, BLOCK_SIZE=block)
+    sm = _score_mods(torch.float32)["relative"][0]
+    before = dict(dispatch.PATHS)
+    out = flex.flex_attention(q, k, v, sm, bm)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        ls = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o = dense_reference(*ls, sm, mask, dt)[0]
+        res[dt] = (o, torch.autograd.grad((o * g.to(dt)).sum(), ls))
+    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
+    for name, a, r, s_ in zip("qkv", grads, res[torch.float64][1], res[torch.float32][1]):
+        assert_scaled_close(a, r, s_, k=6.0, what=f"d{name}")

@@ -163,8 +163,13 @@ def _fwd_inner(
     edge_lo=0, edge_hi=0, EDGES: tl.constexpr = False,
     fb=0, fh=0, score_ptrs=None, score_meta=None, mod_mask_ptrs=None, mask_meta=None,
     SCORE_MOD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
+    block_list=None, list_step=0, SPARSE_BKV: tl.constexpr = 128, LISTED: tl.constexpr = False,
 ):
     """Online softmax over key blocks [start, end). MASKED: apply the band and bounds masks.
+    LISTED (flex): [start, end) are positions in the concatenation of the key blocks that
+    ``block_list`` lists (``list_step`` apart, each SPARSE_BKV keys): each step finds its keys
+    through the list, so one loop, and one software pipeline, runs across every listed block
+    (a loop per block would run 1 or 2 steps, too few to pipeline).
     SCORE_MOD / MASK_MOD (flex, ``_flex_lists``): generated hooks called on the natural-unit score
     and the clamped indices of batch ``fb`` and query head ``fh`` (docs/flex.md); None: absent.
     EDGES (loads that need no bounds masks: TMA or EVEN): only the blocks outside [edge_lo, edge_hi)
@@ -174,13 +179,20 @@ def _fwd_inner(
     zero-fills rows past S and columns past HEAD_DIM); MASK_TMA: ``mask_ptrs`` is the mask's [L, S]
     descriptor (a float mask with rows), read at (m0, start_n)."""
     d_ok = offs_d < HEAD_DIM
-    if not USE_TMA:
+    if not USE_TMA and not LISTED:
         k_ptrs += tl.cast(start, tl.int64) * stride_kn
         v_ptrs += tl.cast(start, tl.int64) * stride_vn
     if HAS_MASK and not MASK_TMA:
         mask_ptrs += tl.cast(start, tl.int64) * stride_maskn
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
+        if LISTED:
+            block = tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step)
+            key0 = block * SPARSE_BKV + start_n % SPARSE_BKV
+            cols = key0 + offs_n
+            k_ptrs = k_head + tl.cast(cols, tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            v_ptrs = v_head + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        else:
+            cols = start_n + offs_n
         if PAGED:
             page = tl.load(table_ptr + cols // PAGE_SIZE, mask=cols < S, other=0)
             slot = tl.cast(page, tl.int64) * stride_kpage + tl.cast(cols % PAGE_SIZE, tl.int64) * stride_kn
@@ -270,7 +282,7 @@ def _fwd_inner(
             v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
-        if not PAGED and not USE_TMA:
+        if not PAGED and not USE_TMA and not LISTED:
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
         if HAS_MASK and not MASK_TMA:
@@ -417,27 +429,26 @@ def _flex_lists(
     FULL_IDX = FLEX_LISTS[3]
     num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[4], b, h, m0 // SPARSE_BQ)
     n_part = tl.load(KV_NUM + num)
-    for i in range(0, n_part):
-        start = tl.load(KV_IDX + idx + i * step) * SPARSE_BKV
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, start, tl.minimum(start + SPARSE_BKV, S),
-            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
-            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-            True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
-            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
-        )
+    acc, l_i, m_i = _fwd_inner(  # the partial blocks, one loop across them: mask_mod and the bounds mask
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_part * SPARSE_BKV,
+        m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+        stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+        True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
+        0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
+        KV_IDX + idx, step, SPARSE_BKV, True,
+    )
     n_full = tl.load(FULL_NUM + fnum)
     last = tl.load(FULL_IDX + fidx + tl.maximum(n_full - 1, 0) * fstep)
     ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
-    for i in range(0, n_full - ragged.to(tl.int32)):
-        start = tl.load(FULL_IDX + fidx + i * fstep) * SPARSE_BKV
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, start, start + SPARSE_BKV,
-            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
-            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-            False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
-            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
-        )
+    acc, l_i, m_i = _fwd_inner(  # the full blocks inside [0, S), one loop: no mask work at all
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0,
+        (n_full - ragged.to(tl.int32)) * SPARSE_BKV,
+        m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+        stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+        False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
+        0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
+        FULL_IDX + fidx, fstep, SPARSE_BKV, True,
+    )
     # the ragged full block: bounds mask, no mask_mod (an empty range when there is none)
     r_lo = tl.where(ragged, last * SPARSE_BKV, 0)
     r_hi = tl.where(ragged, S, 0)
@@ -856,7 +867,8 @@ def _dkdv_inner(
     edge_lo=0, edge_hi=0, EDGES: tl.constexpr = False,
     fb=0, fh=0, score_ptrs=None, score_meta=None, mod_mask_ptrs=None, mask_meta=None,
     FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_DSCORE: tl.constexpr = None,
-    MASK_MOD: tl.constexpr = None,
+    MASK_MOD: tl.constexpr = None, block_list=None, list_step=0, SPARSE_BQ: tl.constexpr = 128,
+    LISTED: tl.constexpr = False,
 ):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one head; with
     DQ_ATOMIC also add this block's share of dQ into the fp32 DQ buffer (5 dots per tile pair
@@ -870,7 +882,9 @@ def _dkdv_inner(
     need no mask. No dot sits under a branch, so the loop
     software-pipelines. FLEX: the scores through the generated hooks of batch ``fb`` and query
     head ``fh`` (``_flex_scores2``; MASK_MOD in partial blocks only, None in full ones), and dS
-    times the score_mod's derivative (SCORE_DSCORE) before it meets Q and K."""
+    times the score_mod's derivative (SCORE_DSCORE) before it meets Q and K. LISTED: [start, end)
+    are positions in the concatenation of the query blocks ``block_list`` lists (as
+    ``_fwd_inner``'s), rows past L read as absent (NLSE2 -inf, Delta 0)."""
     d_ok = offs_d < HEAD_DIM
     n_it = tl.cdiv(end - start, BLOCK_M)
     for it in range(0, n_it):
@@ -878,13 +892,20 @@ def _dkdv_inner(
             start_m = start + ((it + rot) % n_it) * BLOCK_M
         else:
             start_m = start + it * BLOCK_M
+        if LISTED:
+            block = tl.load(block_list + tl.cast(start_m // SPARSE_BQ, tl.int64) * list_step)
+            start_m = block * SPARSE_BQ + start_m % SPARSE_BQ
         rows = start_m + offs_m
         row_ok = rows < L
         qd_ok = row_ok[:, None] & d_ok[None, :]
         q, do = _load_tile_pair(q_src, do_src, start_m, rows, offs_d, L, stride_qm, stride_qd, stride_dom, stride_dod,
                                 HEAD_DIM, EVEN, USE_TMA)  # [BLOCK_M, BLOCK_D]
-        nlse2 = tl.load(nlse2_base + rows)  # padded past L with -inf / 0 (attn_bwd_preprocess)
-        delta = tl.load(delta_base + rows)
+        if LISTED:  # a listed block may reach past the rows NLSE2 / Delta are padded to
+            nlse2 = tl.load(nlse2_base + rows, mask=row_ok, other=float("-inf"))
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            nlse2 = tl.load(nlse2_base + rows)  # padded past L with -inf / 0 (attn_bwd_preprocess)
+            delta = tl.load(delta_base + rows)
         mask_ptrs = mask_base
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
@@ -947,7 +968,8 @@ def _dq_inner(
     fb=0, fh=0, score_ptrs=None, score_meta=None, mod_mask_ptrs=None, mask_meta=None, grad_ptrs=None,
     grad_strides=None, FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None,
     SCORE_DSCORE: tl.constexpr = None, SCORE_GRAD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
-    FLEX_BOUND: tl.constexpr = False,
+    FLEX_BOUND: tl.constexpr = False, block_list=None, list_step=0, SPARSE_BKV: tl.constexpr = 128,
+    LISTED: tl.constexpr = False,
 ):
     """Accumulate dQ of one query block over key blocks [start, end). MASKED: edge/tail blocks;
     EDGES: the blocks outside [edge_lo, edge_hi) are (no mask: COL_BOUND stays off).
@@ -956,11 +978,16 @@ def _dq_inner(
     FLEX: as ``_dkdv_inner``'s, with the bounds mask where FLEX_BOUND (a block reaching past S),
     and SCORE_GRAD scattering each position's dS (the modded score's gradient, 0 where masked or
     out of range) into the captures' gradient buffers: the dQ programs visit every (query, key)
-    pair once, so each pair scatters once."""
+    pair once, so each pair scatters once. LISTED: as ``_fwd_inner``'s."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        k, v = _load_tile_pair(k_src, v_src, start_n, cols, offs_d, S, stride_kn, stride_kd, stride_vn, stride_vd,
+        if LISTED:
+            block = tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step)
+            key0 = block * SPARSE_BKV + start_n % SPARSE_BKV
+        else:
+            key0 = start_n
+        cols = key0 + offs_n
+        k, v = _load_tile_pair(k_src, v_src, key0, cols, offs_d, S, stride_kn, stride_kd, stride_vn, stride_vd,
                                HEAD_DIM, EVEN, USE_TMA)  # [BLOCK_N, BLOCK_D]
         mask_ptrs = mask_base
         if HAS_MASK:
@@ -1178,30 +1205,26 @@ def attn_bwd(
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
                 )
                 a_h = c_kept
-            if FLEX:  # the query blocks the lists give this key block: partial ones with MASK_MOD, then full
+            if FLEX:  # the query blocks the lists give this key block, one loop each: partial (mask_mod), full
                 num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[9], b, h, n0 // SPARSE_BKV)
-                for i in range(0, tl.load(FLEX_LISTS[5] + num)):
-                    start = tl.load(FLEX_LISTS[6] + idx + i * step) * SPARSE_BQ
-                    dk, dv = _dkdv_inner(
-                        dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
-                        start, tl.minimum(start + SPARSE_BQ, L), 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale,
-                        causal_off, window_off, seed, dropout_p, stride_qm, stride_qd, stride_dom, stride_dod,
-                        stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM,
-                        BLOCK_M1, False, False, False, False, False, False, False, False, False, False, EVEN, False,
-                        DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta,
-                        True, SCORE_MOD, SCORE_DSCORE, MASK_MOD,
-                    )
-                for i in range(0, tl.load(FLEX_LISTS[7] + fnum)):
-                    start = tl.load(FLEX_LISTS[8] + fidx + i * fstep) * SPARSE_BQ
-                    dk, dv = _dkdv_inner(
-                        dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
-                        start, tl.minimum(start + SPARSE_BQ, L), 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale,
-                        causal_off, window_off, seed, dropout_p, stride_qm, stride_qd, stride_dom, stride_dod,
-                        stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM,
-                        BLOCK_M1, False, False, False, False, False, False, False, False, False, False, EVEN, False,
-                        DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta,
-                        True, SCORE_MOD, SCORE_DSCORE, None,
-                    )
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
+                    0, tl.load(FLEX_LISTS[5] + num) * SPARSE_BQ, 0, cols, offs_m, d_offs, bh, L, S, qk_scale, sm_scale,
+                    causal_off, window_off, seed, dropout_p, stride_qm, stride_qd, stride_dom, stride_dod,
+                    stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM,
+                    BLOCK_M1, False, False, False, False, False, False, False, False, False, False, EVEN, False,
+                    DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta,
+                    True, SCORE_MOD, SCORE_DSCORE, MASK_MOD, FLEX_LISTS[6] + idx, step, SPARSE_BQ, True,
+                )
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
+                    0, tl.load(FLEX_LISTS[7] + fnum) * SPARSE_BQ, 0, cols, offs_m, d_offs, bh, L, S, qk_scale,
+                    sm_scale, causal_off, window_off, seed, dropout_p, stride_qm, stride_qd, stride_dom, stride_dod,
+                    stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM,
+                    BLOCK_M1, False, False, False, False, False, False, False, False, False, False, EVEN, False,
+                    DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta,
+                    True, SCORE_MOD, SCORE_DSCORE, None, FLEX_LISTS[8] + fidx, fstep, SPARSE_BQ, True,
+                )
             if not one_loop and not FLEX:
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
@@ -1296,27 +1319,25 @@ def attn_bwd(
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
                            False, CAUSAL, WINDOW, False, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
             a = c_run
-        if FLEX:  # the key blocks the lists give this query block, as the forward walks them (_flex_lists)
+        if FLEX:  # the key blocks the lists give this query block, one loop each, as the forward walks them
             num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[4], b, h, m0 // SPARSE_BQ)
-            for i in range(0, tl.load(FLEX_LISTS[0] + num)):  # partial blocks: MASK_MOD and the bounds mask
-                start = tl.load(FLEX_LISTS[1] + idx + i * step) * SPARSE_BKV
-                dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, start,
-                               tl.minimum(start + SPARSE_BKV, S), rows, offs_n, d_offs, bh, L, S, qk_scale, causal_off,
-                               window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm,
-                               stride_maskn, HEAD_DIM, BLOCK_N2, False, False, False, False, False, False, False, EVEN,
-                               False, DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta,
-                               SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, MASK_MOD, True)
+            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, 0,  # partial: mask_mod and bounds
+                           tl.load(FLEX_LISTS[0] + num) * SPARSE_BKV, rows, offs_n, d_offs, bh, L, S, qk_scale,
+                           causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
+                           stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2, False, False, False, False, False, False,
+                           False, EVEN, False, DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS,
+                           mask_meta, SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, MASK_MOD,
+                           True, FLEX_LISTS[1] + idx, step, SPARSE_BKV, True)
             n_full = tl.load(FLEX_LISTS[2] + fnum)
             last = tl.load(FLEX_LISTS[3] + fidx + tl.maximum(n_full - 1, 0) * fstep)
             ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
-            for i in range(0, n_full - ragged.to(tl.int32)):  # full blocks: no mask work at all
-                start = tl.load(FLEX_LISTS[3] + fidx + i * fstep) * SPARSE_BKV
-                dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, start, start + SPARSE_BKV, rows,
-                               offs_n, d_offs, bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn,
-                               stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2, False,
-                               False, False, False, False, False, False, EVEN, False, DOT_PRECISION, 0, 0, False, b, h,
-                               SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_GRADS, grad_strides, True,
-                               SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, None, False)
+            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, 0,  # full, inside [0, S): no mask work
+                           (n_full - ragged.to(tl.int32)) * SPARSE_BKV, rows, offs_n, d_offs, bh, L, S, qk_scale,
+                           causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
+                           stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2, False, False, False, False, False, False,
+                           False, EVEN, False, DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS,
+                           mask_meta, SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, None,
+                           False, FLEX_LISTS[3] + fidx, fstep, SPARSE_BKV, True)
             # the full block that reaches past S, if any: the bounds mask only (else an empty range)
             r_lo = tl.where(ragged, last * SPARSE_BKV, 0)
             r_hi = tl.where(ragged, S, 0)

@@ -768,8 +768,8 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     mfns, mask_args = mask if mask_on else ({}, None)
     bargs, _ = band_args(Band())
     m = tiles.meta
-    even = (L % m["BLOCK_M1"] == 0 and L % m["BLOCK_M2"] == 0 and S % m["BLOCK_N1"] == 0
-            and S % m["BLOCK_N2"] == 0 and D == block_d(D))
+    BQ, BKV = blocks.BLOCK_SIZE  # the loops walk whole listed blocks: unmasked loads only where none is ragged
+    even = L % BQ == 0 and S % BKV == 0 and D == block_d(D)
     args = dict(zip(_BWD_STRIDES, (*q.stride(), *kstr, *vstr, *dout.stride(), *dq.stride(), *dk.stride(),
                                    *dv.stride(), 0, 0, 0, 0, 0, 0, 0, 0, *stat_strides, 0, 0)),
                 Q=q, K=k, V=v, DO=dout, NLSE2=nlse2, Delta=delta, DQ=dq, DK=dk, DV=dv, MASK=q, DMASK=q, CU_Q=q,
