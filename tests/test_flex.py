@@ -874,3 +874,34 @@ def test_fused_backward_walks_whole_listed_blocks(n_q, n_kv, block):
     assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
     for name, a, r, s_ in zip("qkv", grads, res[torch.float64][1], res[torch.float32][1]):
         assert_scaled_close(a, r, s_, k=6.0, what=f"d{name}")
+
+
+def test_trace_cache_follows_module_and_class_attributes_and_item_reads():
+    """Values the cache cannot see change without tracing (a module or class attribute, a global
+    read in a nested function, a captured tensor read with .item()) are never served from it."""
+    import types as types_
+
+    cfg = types_.ModuleType("attend_test_cfg2")
+    cfg.SCALE = 3.25
+    temp = torch.tensor(2.0)
+    mods = [lambda s, b, h, qi, ki: s * cfg.SCALE,
+            lambda s, b, h, qi, ki: (lambda x: x * cfg.SCALE)(s),
+            lambda s, b, h, qi, ki: s * temp.item()]
+    for i, mod in enumerate(mods):
+        first = trace_mod.trace_cached(mod, "score").scalars
+        cfg.SCALE, _ = 5.75, temp.fill_(4.0)
+        assert trace_mod.trace_cached(mod, "score").scalars == trace_mod.trace(mod, "score").scalars != first, i
+        cfg.SCALE, _ = 3.25, temp.fill_(2.0)
+
+
+def test_full_block_lists_in_any_order():
+    """A BlockMask whose full blocks are listed out of order (from_kv_blocks does not require
+    ascending indices) still bounds the ragged one."""
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(1, 1, n, E, device=DEVICE) for n in (32, 80, 80))
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    bm = flex.BlockMask.from_kv_blocks(torch.zeros(1, 1, 1, **i32), torch.tensor([[[[0, 1, 2]]]], **i32),
+                                       torch.full((1, 1, 1), 3, **i32), torch.tensor([[[[2, 0, 1]]]], **i32),
+                                       BLOCK_SIZE=32, seq_lengths=(32, 80))
+    out = flex.flex_attention(q, k, v, block_mask=bm)
+    assert_scaled_close(out, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))

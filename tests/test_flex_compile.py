@@ -4,6 +4,9 @@ definition."""
 
 from __future__ import annotations
 
+import math
+import types
+
 import pytest
 import torch
 
@@ -222,3 +225,40 @@ def test_nested_mask_combinators_and_block_mask_shape_errors():
     heads3 = flex.create_block_mask(MASKS["causal"], None, 3, L, S, device=DEVICE, BLOCK_SIZE=16)
     with pytest.raises(Exception, match="block_mask has batch 1 and heads 3"):
         _compile(fn)(q, k, v, heads3)
+
+
+USE_BIAS = True
+CAPS = (2.0,)
+
+
+def _flagged(score, b, h, q_idx, kv_idx):
+    s = score * (CAPS[0] if USE_BIAS else 0.5)
+    return s + math.pi if USE_BIAS else s
+
+
+def test_bools_tuple_items_and_module_attributes_are_guarded():
+    """Numbers the compiled graph cannot take as arguments (a bool, a tuple item, a module
+    attribute) are guarded: after a change the compiled call equals eager."""
+    global USE_BIAS, CAPS
+    q, k, v = (t.detach() for t in _inputs(6))
+    fn = lambda q, k, v: flex.flex_attention(q, k, v, _flagged)
+    mod_attr = types.ModuleType("attend_test_cfg")
+    mod_attr.SCALE = 1.5
+    by_module = lambda s, b, h, qi, ki: s * mod_attr.SCALE
+    gn = lambda q, k, v: flex.flex_attention(q, k, v, by_module)
+    compiled, compiled_g = _compile(fn), torch.compile(gn, fullgraph=True, backend="aot_eager")
+    try:
+        compiled(q, k, v), compiled_g(q, k, v)
+        USE_BIAS, CAPS, mod_attr.SCALE = False, (0.25,), 4.0
+        assert torch.allclose(compiled(q, k, v), fn(q, k, v), rtol=0, atol=1e-6)
+        assert torch.allclose(compiled_g(q, k, v), gn(q, k, v), rtol=0, atol=1e-6)
+    finally:
+        USE_BIAS, CAPS = True, (2.0,)
+
+
+def test_model_layout_output_under_compile():
+    """The op's fake output has the real output's layout (the query's): a model's reshape of the
+    transposed output compiles and equals eager."""
+    q, k, v = (torch.randn(B, n, H, E, device=DEVICE).transpose(1, 2) for n in (L, S, S))
+    fn = lambda q, k, v: flex.flex_attention(q, k, v).transpose(1, 2).reshape(B, L, H * E)
+    assert torch.allclose(_compile(fn)(q, k, v), fn(q, k, v), rtol=0, atol=1e-6)

@@ -52,6 +52,15 @@ def _dense(num: torch.Tensor, idx: torch.Tensor, cols: int) -> torch.Tensor:
     return out[..., :cols]
 
 
+def _ascending(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``idx`` with each row's first ``num`` entries in ascending order (PyTorch's BlockMask does not
+    require it; the core's ragged-block rule does), the rest as they were. One sort, no host sync."""
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+    big = torch.iinfo(idx.dtype).max
+    ordered = torch.where(listed, idx, big).sort(-1).values
+    return torch.where(listed, ordered, idx)
+
+
 def _transpose(num, idx):
     return _ordered(_dense(num, idx, idx.shape[-1]).transpose(-2, -1))
 
@@ -93,6 +102,8 @@ class BlockMask:
             raise RuntimeError(f"kv_indices must have at least 2 dimensions, got shape {tuple(kv_indices.shape)}")
         if (full_kv_num_blocks is None) != (full_kv_indices is None):
             raise ValueError("full_kv_num_blocks and full_kv_indices must both be given or both be None")
+        if full_kv_num_blocks is not None:  # the core takes the last listed full block as the ragged one
+            full_kv_indices = _ascending(full_kv_num_blocks, full_kv_indices)
         q = (None, None)
         fq = (None, None)
         if compute_q_blocks:
@@ -222,8 +233,10 @@ def from_torch(bm) -> BlockMask:
     mask_mod = bm.mask_mod
     if getattr(mask_mod, "__name__", "") == "_sliced_mask_mod_error":
         mask_mod = _sliced_mask_mod_error
-    return BlockMask(bm.seq_lengths, *(getattr(bm, a, None) for a in BlockMask._TENSOR_ATTRS),
-                     BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=mask_mod)
+    lists = {a: getattr(bm, a, None) for a in BlockMask._TENSOR_ATTRS}
+    if lists["full_kv_num_blocks"] is not None:  # the core takes the last listed full block as the ragged one
+        lists["full_kv_indices"] = _ascending(lists["full_kv_num_blocks"], lists["full_kv_indices"])
+    return BlockMask(bm.seq_lengths, *lists.values(), BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=mask_mod)
 
 
 # ---------------------------------------------------------------------------------------------

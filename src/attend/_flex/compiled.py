@@ -31,7 +31,7 @@ import types
 
 import torch
 
-from .trace import Capture, FlexTraceError, ModGraph, Ref, trace
+from .trace import _SAFE_MODULES, Capture, FlexTraceError, ModGraph, Ref, _code_names, trace
 
 _MAX_DEPTH = 16  # closure / attribute / item hops searched from the mod (the seen set bounds the search)
 
@@ -70,10 +70,11 @@ def graph(key: str, captures: list[torch.Tensor], numbers: list[float] = (),
     return dataclasses.replace(plain, captures=caps)
 
 
-def _children(obj) -> list[tuple[tuple, object]]:
+def _children(obj, names: frozenset) -> list[tuple[tuple, object]]:
     """(step, value) pairs one hop from ``obj``: closure cells and referenced globals of a
-    function, items of a list, tuple or dict, attributes of an object (an nn.Module's
-    parameters, buffers and submodules too)."""
+    function (its nested functions' names too), items of a list, tuple or dict, attributes of an
+    object (an nn.Module's parameters, buffers and submodules too), and of a module or class
+    other than torch / math / operator the attributes named in ``names`` (the code's names)."""
     out = []
     if isinstance(obj, types.FunctionType):
         for i, cell in enumerate(obj.__closure__ or ()):
@@ -81,19 +82,22 @@ def _children(obj) -> list[tuple[tuple, object]]:
                 out.append((("cell", i), cell.cell_contents))
             except ValueError:  # an empty cell
                 pass
-        for name in obj.__code__.co_names:
+        for name in sorted(_code_names(obj.__code__)):
             if name in obj.__globals__:
                 out.append((("global", name), obj.__globals__[name]))
     elif isinstance(obj, torch.nn.Module):
         out += [(("attr", n), t) for n, t in obj._parameters.items() if t is not None]
         out += [(("attr", n), t) for n, t in obj._buffers.items() if t is not None]
         out += [(("attr", n), m) for n, m in obj._modules.items() if m is not None]
-        out += [(("attr", n), v) for n, v in vars(obj).items() if isinstance(v, (torch.Tensor, int, float))]
+        out += [(("attr", n), v) for n, v in vars(obj).items() if isinstance(v, (torch.Tensor, int, float, tuple))]
     elif isinstance(obj, (list, tuple)):
         out += [(("item", i), v) for i, v in enumerate(obj)]
     elif isinstance(obj, dict):
         out += [(("item", n), v) for n, v in obj.items() if isinstance(n, (str, int))]
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
+    elif isinstance(obj, (types.ModuleType, type)):
+        if obj.__name__.split(".")[0] not in _SAFE_MODULES:
+            out += [(("attr", n), getattr(obj, n)) for n in sorted(names) if hasattr(obj, n)]
+    elif hasattr(obj, "__dict__"):
         out += [(("attr", n), v) for n, v in vars(obj).items()]
     return out
 
@@ -101,17 +105,19 @@ def _children(obj) -> list[tuple[tuple, object]]:
 def _walk(mod):
     """Every (path, value) reachable from ``mod`` (:func:`_children`), breadth first: each path is
     the shortest to its value."""
-    frontier, seen = [((), mod)], {id(mod)}
+    frontier, seen = [((), mod, frozenset())], {id(mod)}
     for _ in range(_MAX_DEPTH):
         nxt = []
-        for path, obj in frontier:
-            for step, val in _children(obj):
+        for path, obj, names in frontier:
+            if isinstance(obj, types.FunctionType):
+                names = frozenset(_code_names(obj.__code__))
+            for step, val in _children(obj, names):
                 yield path + (step,), val
                 if id(val) not in seen and (callable(val) or hasattr(val, "__dict__") or isinstance(
                         val, (list, tuple, dict))) and not isinstance(
-                        val, (torch.Tensor, type, types.ModuleType, types.BuiltinFunctionType)):
+                        val, (torch.Tensor, types.BuiltinFunctionType)):
                     seen.add(id(val))
-                    nxt.append((path + (step,), val))
+                    nxt.append((path + (step,), val, names))
         frontier = nxt
 
 
@@ -144,10 +150,12 @@ def _number_sources(mod, kind: str, g: ModGraph) -> tuple[list, list]:
     found: list = [None] * len(g.scalars)
     guarded: list = []
     for path, val in list(_walk(mod)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or path[-1][0] == "item" and \
-                isinstance(fetch(mod, path[:-1]), tuple):
+        if not isinstance(val, (bool, int, float)):
             continue
-        new = val + 7919 if isinstance(val, int) else val * 1.375 + 0.3125
+        if path[-1][0] == "item" and isinstance(fetch(mod, path[:-1]), tuple):
+            guarded.append((path, val))  # a tuple cannot be changed in place to test it: guard it
+            continue
+        new = (not val) if isinstance(val, bool) else val + 7919 if isinstance(val, int) else val * 1.375 + 0.3125
         _assign(mod, path, new)
         try:
             g2 = trace(mod, kind)

@@ -226,12 +226,28 @@ _TRACES: dict = {}  # key -> (graph without captures, weak references to its cap
 TRACES = {"traced": 0, "cached": 0}  # counts (tests and benchmarks read them)
 
 
-def _fingerprint(obj, depth: int = 0):
+_SAFE_MODULES = ("torch", "math", "operator")  # modules a mod may name: their attributes are ops
+
+
+def _code_names(code) -> set:
+    """The global (and attribute) names a code object and every function nested in it use."""
+    import types
+
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _code_names(c)
+    return names
+
+
+def _fingerprint(obj, tensors: list, depth: int = 0):
     """A hashable key of what tracing ``obj`` (a mod, or a value it reads) depends on, or None
-    where that cannot be known without tracing: functions by their code, closure cells, defaults
-    and the globals their code names; numbers, strings and None by value; tensors by identity
-    (their dtype and rank are fixed for the object; values are runtime data); modules and
-    builtins by identity. Anything else (an object whose attributes the mod might read) is None."""
+    where that cannot be known without tracing: functions by their code object (compared by
+    content, and kept alive by the key), closure cells, defaults and the globals their code and
+    nested code name; numbers, strings and None by value; tensors by identity (appended to
+    ``tensors``: the caller checks each is a capture, so none was read into Python); torch, math
+    and operator by name. Anything else (an object, a class or another module whose attributes
+    the mod might read) is None."""
     import types
 
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -239,13 +255,17 @@ def _fingerprint(obj, depth: int = 0):
     if isinstance(obj, float):
         return ("float", repr(obj))
     if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
         return ("tensor", id(obj))
     if isinstance(obj, (torch.dtype, torch.device)):
         return ("torch", str(obj))
-    if isinstance(obj, (types.ModuleType, types.BuiltinFunctionType, type)):
-        return ("id", id(obj))
+    if isinstance(obj, types.ModuleType):
+        root = obj.__name__.split(".")[0]
+        return ("module", obj.__name__) if root in _SAFE_MODULES else None
+    if isinstance(obj, types.BuiltinFunctionType):
+        return ("builtin", getattr(obj, "__module__", None), obj.__qualname__)
     if isinstance(obj, tuple):
-        parts = tuple(_fingerprint(x, depth) for x in obj)
+        parts = tuple(_fingerprint(x, tensors, depth) for x in obj)
         return None if any(p is None for p in parts) else ("tuple", parts)
     if isinstance(obj, types.FunctionType) and depth < 8:
         values = []
@@ -254,13 +274,13 @@ def _fingerprint(obj, depth: int = 0):
                 values.append(cell.cell_contents)
             except ValueError:  # an empty cell
                 values.append("<empty cell>")
-        names = [n for n in obj.__code__.co_names if n in obj.__globals__]
+        names = sorted(n for n in _code_names(obj.__code__) if n in obj.__globals__)
         values += [obj.__globals__[n] for n in names]
         values += [obj.__defaults__, tuple(sorted((obj.__kwdefaults__ or {}).items()))]
-        parts = [_fingerprint(v, depth + 1) for v in values]
+        parts = [_fingerprint(v, tensors, depth + 1) for v in values]
         if any(p is None for p in parts):
             return None
-        return ("function", id(obj.__code__), tuple(names), tuple(parts))
+        return ("function", obj.__code__, tuple(names), tuple(parts))
     return None
 
 
@@ -268,12 +288,14 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
     """:func:`trace`, from a bounded cache where the mod and every value it reads fingerprint the
     same as a cached trace's (``_fingerprint``; about 3 ms of tracing saved per call). Cached
     captures are held by weak reference: a hit needs the very same tensors alive, and the cache
-    keeps no tensor alive. Mods that read other objects are traced every time."""
+    keeps no tensor alive. Mods that read other objects are traced every time, and so is a mod
+    that reads a tensor's value in Python (``t.item()``): the tensor is then no capture."""
     import dataclasses
     import weakref
 
-    fp = _fingerprint(mod)
-    key = None if fp is None else (kind, fp)
+    tensors: list = []
+    fp = _fingerprint(mod, tensors)
+    key = None if fp is None else (kind, fp, torch.get_default_dtype())
     hit = _TRACES.get(key) if key is not None else None
     if hit is not None:
         plain, refs = hit
@@ -284,7 +306,8 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
             return dataclasses.replace(plain, captures=[Capture(c) for c in caps])
     graph = trace(mod, kind)
     TRACES["traced"] += 1
-    if key is not None:
+    captured = {id(c.tensor) for c in graph.captures}
+    if key is not None and all(id(t) in captured for t in tensors):
         try:
             refs = [weakref.ref(c.tensor) for c in graph.captures]
         except TypeError:

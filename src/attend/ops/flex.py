@@ -52,7 +52,8 @@ def _flex_fwd(
     call = _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options,
                  numbers, score_slots, mask_slots)
     with torch.no_grad():
-        return dispatch.run(call)
+        out, lse, mx = dispatch.run(call)
+    return _in_layout(out, _out_like(q, v)), lse, mx
 
 
 flex_fwd = torch.library.custom_op("attend::flex_fwd", _flex_fwd, mutates_args=())
@@ -63,7 +64,22 @@ def _(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_s
       score_slots, mask_slots):
     B, H, L, _ = q.shape
     stat = q.new_empty((B, H, L), dtype=torch.float32)
-    return q.new_empty((B, H, L, v.shape[-1])), stat, torch.empty_like(stat)
+    return _out_like(q, v), stat, torch.empty_like(stat)
+
+
+def _out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The output as the ops promise it: (B, H, L, Ev) in the query's layout (launch._like_layout)."""
+    from ..kernels.launch import _like_layout
+
+    return _like_layout(q, (*q.shape[:3], v.shape[-1]))
+
+
+def _in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it with ``like``'s strides where they differ (the blocked path and
+    autograd choose their own layouts; a compiled graph relies on the fake's)."""
+    if t.stride() == like.stride():
+        return t
+    return like.copy_(t)
 
 
 class _Autograd:
@@ -111,7 +127,7 @@ def _flex_bwd(
     flags = list(needs) + [False] * len(mask_caps)
     with _Autograd():
         grads = dispatch.gradients(call, dout, dlse, (q, k, v, out, lse, *score_caps, *mask_caps), flags)
-    zero = lambda g, like: torch.zeros_like(like) if g is None else g
+    zero = lambda g, like: torch.zeros_like(like) if g is None else _in_layout(g, torch.empty_like(like))
     dq, dk, dv = (zero(g, t) for g, t in zip(grads[:3], (q, k, v)))
     return dq, dk, dv, [zero(g, c) for g, c in zip(grads[3:3 + len(score_caps)], score_caps)]
 
