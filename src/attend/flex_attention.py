@@ -233,8 +233,9 @@ def _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
                 score_slots = ()
             else:
                 mask_slots = ()
-    return flex_op.flex(query, key, value, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size,
-                        kernel_options, numbers, list(score_slots), list(mask_slots))
+    return flex_op.flex(query, key, value, score_caps, mask_caps, lists, numbers, scale,
+                        flex_op.spec(score_key, mask_key, tuple(score_slots), tuple(mask_slots), tuple(block_size),
+                                     kernel_options))
 
 
 def _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,

@@ -2,13 +2,16 @@
 
 ``flex_attention`` uses these inside ``torch.compile`` (``_flex/compiled.py`` explains how the
 mods become a string and their tensors inputs); eager calls keep the direct path
-(``_flex.dispatch.run``), which needs no op dispatch. ``score_key`` / ``mask_key`` are
-``compiled.encode`` strings ("" for no mod); ``lists`` the BlockMask's eight list tensors in
-PyTorch's order (empty for no block mask); ``kernel_options`` a JSON object.
+(``_flex.dispatch.run``), which needs no op dispatch. ``lists`` are the BlockMask's eight list
+tensors in PyTorch's order (empty for no block mask); ``numbers`` the values of the mods' scalar
+slots read at run time; ``spec`` one JSON object of the call's trace-time constants (:func:`spec`):
+the mods' ``compiled.encode`` strings ("" for no mod), which slots ``numbers`` fill, the
+BlockMask's BLOCK_SIZE and flex_attention's kernel_options.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Optional
 
@@ -18,19 +21,33 @@ from .._flex import compiled, dispatch
 from .._flex import lists as _lists
 
 
-def _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options,
-          numbers=(), score_slots=(), mask_slots=()):
+@torch._dynamo.assume_constant_result
+def spec(score_key: str, mask_key: str, score_slots: tuple, mask_slots: tuple, block_size: tuple,
+         kernel_options: dict | None) -> str:
+    """The ops' ``spec`` argument (a constant of the traced graph)."""
+    return json.dumps(dict(score_key=score_key, mask_key=mask_key, score_slots=list(score_slots),
+                           mask_slots=list(mask_slots), block_size=[int(b) for b in block_size],
+                           kernel_options=kernel_options or {}), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(text: str) -> dict:
+    return json.loads(text)
+
+
+def _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, text):
+    c = _spec(text)
     L, S = q.shape[2], k.shape[2]
     if lists:
         lead = lambda t, n: None if t is None else t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
         fixed = [lead(t, 3 if i % 2 == 0 else 4) for i, t in enumerate(lists)]
-        blocks = _lists.BlockLists(*fixed, tuple(block_size), (L, S))
+        blocks = _lists.BlockLists(*fixed, tuple(c["block_size"]), (L, S))
     else:
         blocks = _lists.dense(L, S, q.device)
-    n = len(score_slots)
-    score = compiled.graph(score_key, score_caps, numbers[:n], score_slots)
-    mask = compiled.graph(mask_key, mask_caps, numbers[n:], mask_slots)
-    return dispatch.FlexCall(q, k, v, score, mask, blocks, scale, json.loads(kernel_options) or None)
+    n = len(c["score_slots"])
+    score = compiled.graph(c["score_key"], score_caps, numbers[:n], c["score_slots"])
+    mask = compiled.graph(c["mask_key"], mask_caps, numbers[n:], c["mask_slots"])
+    return dispatch.FlexCall(q, k, v, score, mask, blocks, scale, c["kernel_options"] or None)
 
 
 def _flex_fwd(
@@ -40,17 +57,11 @@ def _flex_fwd(
     score_caps: list[torch.Tensor],
     mask_caps: list[torch.Tensor],
     lists: list[Optional[torch.Tensor]],
-    score_key: str,
-    mask_key: str,
-    scale: float,
-    block_size: list[int],
-    kernel_options: str,
     numbers: list[float],
-    score_slots: list[int],
-    mask_slots: list[int],
+    scale: float,
+    spec: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    call = _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options,
-                 numbers, score_slots, mask_slots)
+    call = _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, spec)
     with torch.no_grad():
         out, lse, mx = dispatch.run(call)
     return _in_layout(out, _out_like(q, v)), lse, mx
@@ -60,8 +71,7 @@ flex_fwd = torch.library.custom_op("attend::flex_fwd", _flex_fwd, mutates_args=(
 
 
 @flex_fwd.register_fake
-def _(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options, numbers,
-      score_slots, mask_slots):
+def _(q, k, v, score_caps, mask_caps, lists, numbers, scale, spec):
     B, H, L, _ = q.shape
     stat = q.new_empty((B, H, L), dtype=torch.float32)
     return _out_like(q, v), stat, torch.empty_like(stat)
@@ -112,18 +122,12 @@ def _flex_bwd(
     score_caps: list[torch.Tensor],
     mask_caps: list[torch.Tensor],
     lists: list[Optional[torch.Tensor]],
-    score_key: str,
-    mask_key: str,
-    scale: float,
-    block_size: list[int],
-    kernel_options: str,
     numbers: list[float],
-    score_slots: list[int],
-    mask_slots: list[int],
+    scale: float,
+    spec: str,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    call = _call(q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options,
-                 numbers, score_slots, mask_slots)
+    call = _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, spec)
     flags = list(needs) + [False] * len(mask_caps)
     with _Autograd():
         grads = dispatch.gradients(call, dout, dlse, (q, k, v, out, lse, *score_caps, *mask_caps), flags)
@@ -136,18 +140,16 @@ flex_bwd = torch.library.custom_op("attend::flex_bwd", _flex_bwd, mutates_args=(
 
 
 @flex_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size,
-      kernel_options, numbers, score_slots, mask_slots, needs):
+def _(dout, dlse, q, k, v, out, lse, score_caps, mask_caps, lists, numbers, scale, spec, needs):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(c) for c in score_caps]
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, score_caps, mask_caps, lists, score_key, mask_key, scale, block_size, kernel_options, numbers,
-     score_slots, mask_slots) = inputs
+    q, k, v, score_caps, mask_caps, lists, numbers, scale, spec = inputs
     out, lse, _ = output
     ctx.save_for_backward(q, k, v, out, lse, *score_caps, *mask_caps, *[t for t in lists if t is not None])
     ctx.shape = (len(score_caps), len(mask_caps), [t is not None for t in lists])
-    ctx.params = (score_key, mask_key, scale, block_size, kernel_options, numbers, score_slots, mask_slots)
+    ctx.params = (numbers, scale, spec)
     ctx.needs = [t.requires_grad for t in (q, k, v, *score_caps)]
 
 
@@ -161,29 +163,16 @@ def _backward(ctx, dout, dlse, dmax):
     dq, dk, dv, dcaps = flex_bwd(dout, dlse, q, k, v, out, lse, list(score_caps), list(mask_caps), lists,
                                  *ctx.params, ctx.needs)
     dcaps = [g if need else None for g, need in zip(dcaps, ctx.needs[3:])]
-    # one gradient per input, lists as lists (mask captures and block lists have none)
-    # one gradient per input in the inputs' structure: lists of tensors as lists of None, and
-    # (as autograd's pytree sees them) an empty list of numbers as [], a non-empty one as one None
-    none_or_empty = lambda xs: [] if len(xs) == 0 else None
-    block_size, numbers, score_slots, mask_slots = ctx.params[3], ctx.params[5], ctx.params[6], ctx.params[7]
-    return (dq, dk, dv, dcaps, [None] * n_mask, [None] * len(present), None, None, None, none_or_empty(block_size),
-            None, none_or_empty(numbers), none_or_empty(score_slots), none_or_empty(mask_slots))
+    # one gradient per input in the inputs' structure: lists of tensors as lists of None, and (as
+    # autograd's pytree sees it) the list of numbers as [] when empty, else as one None
+    numbers = ctx.params[0]
+    return dq, dk, dv, dcaps, [None] * n_mask, [None] * len(present), [] if not numbers else None, None, None
 
 
 flex_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch._dynamo.assume_constant_result
-def _options_json(kernel_options: dict | None) -> str:
-    """flex_attention's kernel_options as the op's JSON argument (a constant of the traced graph)."""
-    return json.dumps(kernel_options or {}, sort_keys=True)
-
-
-def flex(query, key, value, score_caps, mask_caps, lists, score_key: str, mask_key: str, scale: float,
-         block_size: list[int], kernel_options: dict | None, numbers: list = (), score_slots: list = (),
-         mask_slots: list = ()):
+def flex(query, key, value, score_caps, mask_caps, lists, numbers: list, scale: float, spec_text: str):
     """``attend::flex_fwd`` with autograd: (out, lse, max_scores). ``numbers``: the values of the
-    score_mod's scalar slots ``score_slots``, then the mask_mod's ``mask_slots``, read at run time."""
-    return flex_fwd(query, key, value, score_caps, mask_caps, lists, score_key, mask_key, float(scale),
-                    [int(b) for b in block_size], _options_json(kernel_options), list(numbers), list(score_slots),
-                    list(mask_slots))
+    score_mod's scalar slots, then the mask_mod's, read at run time; ``spec_text``: :func:`spec`."""
+    return flex_fwd(query, key, value, score_caps, mask_caps, lists, list(numbers), float(scale), spec_text)
