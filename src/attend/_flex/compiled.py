@@ -31,7 +31,7 @@ import types
 
 import torch
 
-from .trace import _SAFE_MODULES, Capture, FlexTraceError, ModGraph, Ref, _code_names, trace
+from .trace import _SAFE_MODULES, Capture, FlexTraceError, ModGraph, Ref, _code_names, function_reads, trace
 
 _MAX_DEPTH = 16  # closure / attribute / item hops searched from the mod (the seen set bounds the search)
 
@@ -77,14 +77,7 @@ def _children(obj, names: frozenset) -> list[tuple[tuple, object]]:
     other than torch / math / operator the attributes named in ``names`` (the code's names)."""
     out = []
     if isinstance(obj, types.FunctionType):
-        for i, cell in enumerate(obj.__closure__ or ()):
-            try:
-                out.append((("cell", i), cell.cell_contents))
-            except ValueError:  # an empty cell
-                pass
-        for name in sorted(_code_names(obj.__code__)):
-            if name in obj.__globals__:
-                out.append((("global", name), obj.__globals__[name]))
+        out += function_reads(obj)
     elif isinstance(obj, torch.nn.Module):
         out += [(("attr", n), t) for n, t in obj._parameters.items() if t is not None]
         out += [(("attr", n), t) for n, t in obj._buffers.items() if t is not None]

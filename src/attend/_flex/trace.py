@@ -240,6 +240,20 @@ def _code_names(code) -> set:
     return names
 
 
+def function_reads(fn) -> list[tuple[tuple, object]]:
+    """What a function can read besides its arguments, as (step, value): its closure cells
+    (("cell", i); an empty cell is left out) and the globals its code, and the code of functions
+    nested in it, names (("global", name), in name order)."""
+    out = []
+    for i, cell in enumerate(fn.__closure__ or ()):
+        try:
+            out.append((("cell", i), cell.cell_contents))
+        except ValueError:  # an empty cell
+            pass
+    out += [(("global", n), fn.__globals__[n]) for n in sorted(_code_names(fn.__code__)) if n in fn.__globals__]
+    return out
+
+
 def _fingerprint(obj, tensors: list, depth: int = 0):
     """A hashable key of what tracing ``obj`` (a mod, or a value it reads) depends on, or None
     where that cannot be known without tracing: functions by their code object (compared by
@@ -268,19 +282,12 @@ def _fingerprint(obj, tensors: list, depth: int = 0):
         parts = tuple(_fingerprint(x, tensors, depth) for x in obj)
         return None if any(p is None for p in parts) else ("tuple", parts)
     if isinstance(obj, types.FunctionType) and depth < 8:
-        values = []
-        for cell in obj.__closure__ or ():
-            try:
-                values.append(cell.cell_contents)
-            except ValueError:  # an empty cell
-                values.append("<empty cell>")
-        names = sorted(n for n in _code_names(obj.__code__) if n in obj.__globals__)
-        values += [obj.__globals__[n] for n in names]
-        values += [obj.__defaults__, tuple(sorted((obj.__kwdefaults__ or {}).items()))]
+        reads = function_reads(obj)
+        values = [v for _, v in reads] + [obj.__defaults__, tuple(sorted((obj.__kwdefaults__ or {}).items()))]
         parts = [_fingerprint(v, tensors, depth + 1) for v in values]
         if any(p is None for p in parts):
             return None
-        return ("function", obj.__code__, tuple(names), tuple(parts))
+        return ("function", obj.__code__, tuple(step for step, _ in reads), tuple(parts))
     return None
 
 
