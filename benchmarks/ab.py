@@ -42,7 +42,18 @@ HM64 = _b(64, 64, 64, 64, 4, 2, head_major=True)
 OSTORE = {"o_tma": False}  # the Gluon forward stores its output from registers (gl.store)
 CORE = {"fwd_ws": False}  # the tl core (its config) where the warp-specialized Gluon forward serves (ws.py)
 BCORE = {"bwd_ws": False}  # the core's one backward launch where the Gluon dK / dV kernel serves (ws_bwd.py)
+ROWS_DENSE = {"rows_packed": False}  # a model's row views as dense strided calls of the core, not packed (Gluon)
 PLAN = {
+    "d128-causal-views@1024": [("fwd", _c(64, 64, 4, 3), False, "now"),
+                               ("fwd", _c(64, 64, 4, 3), False, "", ROWS_DENSE),
+                               ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", ROWS_DENSE)],
+    "d128-causal-views@4096": [("fwd", _c(64, 64, 4, 3), False, "now"),
+                               ("fwd", _c(64, 64, 4, 3), False, "", ROWS_DENSE),
+                               ("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
+                               ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", ROWS_DENSE)],
+    "d128-noncausal-views@4096": [("fwd", _c(128, 128, 8, 3), False, "now"),
+                                  ("fwd", _c(128, 128, 8, 3), False, "", ROWS_DENSE),
+                                  ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", ROWS_DENSE)],
     "d128-noncausal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", OSTORE),
                             ("fwd", _c(64, 64, 4, 3), False, "", CORE)],
     "d128-noncausal@4096": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", OSTORE),

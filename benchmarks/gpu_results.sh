@@ -5,6 +5,7 @@
 # Steps, each bounded by STEP_TIMEOUT seconds (default 900) and written to $OUT as it finishes:
 #   machine   nvidia-smi and `python -m attend info`           -> machine.txt
 #   core      the dense table with every peer, decode rows too -> core.json, core.txt
+#   views     D=128 contiguous against a model's (B, S, H, D) views, attend and PyTorch -> views.json, views.txt
 #   masks     bias, key padding, varlen, sliding window        -> masks.json, masks.txt
 #   backends  every attend backend and flash impl, D=128 16k   -> backends.json, backends.txt
 #   flex      attend.flex_attention against compiled flex      -> flex.json, flex.txt
@@ -15,7 +16,7 @@
 # benchmarks/results/ as <date>-<card>-<suite>.json, then the tables into RESULTS.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/attend-results}
-STEPS=${STEPS:-machine core masks backends flex models plot}
+STEPS=${STEPS:-machine core views masks backends flex models plot}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 T=${STEP_TIMEOUT:-900}
@@ -33,9 +34,12 @@ for step in $STEPS; do
       { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m attend info; } \
         > "$OUT/machine.txt" 2>&1; cat "$OUT/machine.txt" ;;
     core)
-      bench core --seqs 1024,4096,16384 --dims 128,64 \
+      bench core --seqs 1024,4096,16384 --dims 128,64 --no-views \
         --impls attend,attend-fa4,torch-flash,torch-efficient,torch-cudnn,flex-compiled \
         --json "$OUT/core.json" --png "$OUT/core.png" ;;
+    views)
+      bench views --seqs 1024,4096,16384 --dims 128 --no-decode --impls attend,torch-flash,torch-cudnn \
+        --json "$OUT/views.json" --png "$OUT/views.png" ;;
     masks)
       bench masks --suite masks --masks-json "$OUT/masks.json" ;;
     backends)
@@ -50,6 +54,6 @@ for step in $STEPS; do
     cpu)
       timeout "$T" python3 benchmarks/cpu_attention.py --reps 7 > "$OUT/cpu.txt" 2>&1; cat "$OUT/cpu.txt" ;;
     *)
-      echo "unknown step $step (known: machine core masks backends flex models plot cpu)"; exit 2 ;;
+      echo "unknown step $step (known: machine core views masks backends flex models plot cpu)"; exit 2 ;;
   esac
 done

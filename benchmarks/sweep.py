@@ -69,11 +69,13 @@ def _leaves(*ts):
     return [t.detach().requires_grad_() for t in ts]
 
 
-def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1):
+def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1, views=False):
+    """``views``: (B, H, S, D) views of (B, S, H, D) tensors, the layout models pass."""
     H = H or 2048 // D
     B = B or max(1, 16384 // S)
-    q, k, v = _randn(B, H, S, D), _randn(B, H // gqa, S, D), _randn(B, H // gqa, S, D)
-    dout = _randn(B, H, S, D)
+    make = (lambda B, H, S, D: _randn(B, S, H, D).transpose(1, 2)) if views else _randn
+    q, k, v = make(B, H, S, D), make(B, H // gqa, S, D), make(B, H // gqa, S, D)
+    dout = make(B, H, S, D)
     scale = D ** -0.5
     band = Band.causal() if causal else Band()
     flops = 4.0 * B * H * S * S * D * (0.5 if causal else 1.0)
@@ -141,6 +143,9 @@ def cases(name: str):
             table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S)) for S in seqs]
         table[f"d{D}-causal-gqa8"] = [(4096, lambda D=D: _dense(D, True, 4096, gqa=8))]
         table[f"d{D}-noncausal-gqa8"] = [(4096, lambda D=D: _dense(D, False, 4096, gqa=8))]
+        for causal in (False, True):
+            key = f"d{D}-{'causal' if causal else 'noncausal'}-views"
+            table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S, views=True)) for S in seqs]
     table["bias-grad"] = [(4096, lambda: _dense(128, False, 4096, mask=_randn(4, 16, 4096, 4096), mask_grad=True,
                                                 B=4, H=16))]
     table["padding"] = [(4096, lambda: _dense(128, False, 4096, mask=_padding_mask(), B=4, H=16))]

@@ -33,14 +33,15 @@ def test_bench_table_ratios():
     from attend.bench import Row, format_table
 
     impls = ["attend", "torch-flash", "torch-cudnn", "flex-compiled"]
-    pre = Row("prefill", 128, 1024, True, 1, 16, 16, 1024, {
+    pre = Row("prefill", 128, 1024, True, 1, 16, 16, 1024, "views", {
         "attend": {"fwd": 330.0, "bwd": 250.0}, "torch-flash": {"fwd": 244.0, "bwd": 162.0},
         "torch-cudnn": {"fwd": 440.0, "bwd": 200.0}, "flex-compiled": {"fwd": 300.0, "bwd": 500.0}})
-    dec = Row("decode", 128, 4096, False, 1, 32, 16, 1, {
+    dec = Row("decode", 128, 4096, False, 1, 32, 16, 1, results={
         "attend": {"fwd": 3000.0}, "torch-flash": {"fwd": 2500.0}, "torch-cudnn": {"error": "refused"},
         "flex-compiled": {"fwd": 2000.0}})
     head, rule, row, drow = format_table([pre, dec], impls).splitlines()
-    assert head.endswith("| attend / best peer | attend / flex |") and rule.count("|") == 12
+    assert head.endswith("| attend / best peer | attend / flex |") and rule.count("|") == 13
+    assert row.startswith("| prefill | views | 128 |") and drow.startswith("| decode | contiguous |")
     assert row.endswith("| 0.75 / 0.50 | 1.10 / 0.50 |")  # best peer: cuDNN fwd 440, flex bwd 500
     assert "| n/a |" in drow and drow.endswith("| 1.20 | 1.50 |")
     assert "attend / flex" not in format_table([pre], impls[:2])

@@ -26,6 +26,8 @@ transformers = pytest.importorskip("transformers")
 
 import attend.integrations.transformers as at  # noqa: E402  (registers "attend")
 from attend._flex import dispatch as flex_dispatch  # noqa: E402
+from attend.kernels import launch  # noqa: E402
+from attend.kernels.options import kernel_options  # noqa: E402
 from conftest import DEVICE  # noqa: E402
 
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
@@ -96,8 +98,8 @@ def assert_scaled(out, ref64, ref32, what: str, k: float = 8.0) -> None:
     assert err <= tol, f"{what}: max error {err:.3e} > {k} * {base:.3e} + floor (tol {tol:.3e})"
 
 
-def _loss(model, ids, mask=None, weights=None):
-    logits = model(ids, attention_mask=mask).logits
+def _loss(model, ids, mask=None, weights=None, **kw):
+    logits = model(ids, attention_mask=mask, **kw).logits
     valid = torch.ones_like(logits) if mask is None or mask.dim() == 4 else mask[..., None].to(logits.dtype)
     return (logits * weights.to(logits.dtype) * valid).sum(), logits
 
@@ -159,9 +161,13 @@ def test_import_without_transformers_names_the_install():
 # ----------------------------------------------------------------------------------------------
 
 # Left padding with gradients: llama (unpadded varlen), gpt-oss (sinks on unpadded varlen) and Gemma 2
-# (softcap: flex with key padding); a model's own 4-D mask (a mask tensor): gpt-oss's sinks through flex.
+# (softcap: flex with key padding); a model's own 4-D mask (a mask tensor): gpt-oss's sinks through flex;
+# the model's (B, L, H, D) row views run as packed sequences, as the Gluon kernels run them on an H200
+# (KernelOptions.rows_packed): llama, and qwen2 with its grouped heads, without a cache (a DynamicCache
+# hands over K / V contiguous, concatenated, and only q as row views).
 GRAD_CASES = ([(m, "") for m in MODELS] + [(m, "left-padded") for m in ("llama", "gpt_oss", "gemma2") if m in CONFIGS]
-              + [(m, "4d-mask") for m in ("gpt_oss",) if m in CONFIGS])
+              + [(m, "4d-mask") for m in ("gpt_oss",) if m in CONFIGS]
+              + [(m, "rows-packed") for m in ("llama", "qwen2") if m in CONFIGS])
 # Calls per forward that run flex: Gemma 2's every layer (softcap); gpt-oss's only with a 4-D mask.
 FLEX_LAYERS = {("gemma2", ""): 2, ("gemma2", "left-padded"): 2, ("gpt_oss", "4d-mask"): 2}
 
@@ -211,10 +217,15 @@ def test_logits_and_grads_match_eager(name, variant):
             model_mask = allowed if key == "attend" else torch.zeros(allowed.shape, dtype=dtype, device=DEVICE) \
                 .masked_fill(~allowed, torch.finfo(dtype).min)
         runs = flex_runs()
-        with warnings.catch_warnings():
+        packed_calls = launch._uniform.cache_info()
+        with warnings.catch_warnings(), kernel_options(rows_packed=True if variant == "rows-packed" else None):
             warnings.simplefilter("error", at.UnfusedFeatureWarning)  # every feature here is fused
-            loss, logits = _loss(model, ids, model_mask, weights)
+            loss, logits = _loss(model, ids, model_mask, weights,
+                                 **({"use_cache": False} if variant == "rows-packed" else {}))
             loss.backward()
+        if key == "attend" and variant == "rows-packed":
+            now = launch._uniform.cache_info()
+            assert now.hits + now.misses > packed_calls.hits + packed_calls.misses, "no row call ran packed"
         results[key] = (logits.detach(), _grads(model))
     layers = FLEX_LAYERS.get((name, variant), 0)
     assert_fused_flex(runs(), forwards=layers, backwards=layers)

@@ -49,3 +49,42 @@ class Packed:
     seqused_k: torch.Tensor | None = None
     table: torch.Tensor | None = None
     page_size: int = 16
+
+
+# ---- model layouts ----------------------------------------------------------------------------
+# A model projects to (B, L, H * D), views it as (B, L, H, D) and hands attention the
+# .transpose(1, 2) view: (B, H, L, D) whose rows of H * D elements are one token's heads. The
+# Triton launchers serve such "row" views as B packed sequences of one length (the Hopper Gluon
+# kernels read (T, H * D) rows through TMA), and give back outputs in the same layout, so the
+# model's .transpose(1, 2).reshape(B, L, H * Dv) after attention is free.
+
+
+def is_rows(t: torch.Tensor) -> bool:
+    """Whether the 4-D ``t`` (B, H, L, E) is exactly the .transpose(1, 2) view of a contiguous
+    (B, L, H, E) tensor: strides (L * H * E, E, H * E, 1)."""
+    if t.dim() != 4:
+        return False
+    B, H, L, E = t.shape
+    return t.stride() == (L * H * E, E, H * E, 1)
+
+
+def rows_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float) -> bool:
+    """Whether a dense fused call is laid out as a model's projections (``is_rows``: q, k and v),
+    with no mask and no dropout, and q is not also contiguous (more than one head and row): the
+    Triton launchers then return out and lse in ``rows_out`` / ``rows_lse``'s layouts, and their
+    backward returns dq / dk / dv laid out as q / k / v."""
+    return (mask is None and dropout_p == 0.0 and q.shape[1] > 1 and q.shape[2] > 1
+            and is_rows(q) and is_rows(k) and is_rows(v))
+
+
+def rows_out(q: torch.Tensor, ev: int) -> torch.Tensor:
+    """An empty output (B, H, L, ev) of a ``rows_call``: the .transpose(1, 2) view of (B, L, H, ev)."""
+    B, H, L, _ = q.shape
+    return q.new_empty((B, L, H, ev)).transpose(1, 2)
+
+
+def rows_lse(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty LSE (B, H, L) of a ``rows_call``: a view of (H, B, L), whose (H, B * L) view is the
+    packed LSE the varlen launchers write (one row of T = B * L tokens per head)."""
+    B, H, L, _ = q.shape
+    return torch.empty((H, B, L), dtype=dtype, device=q.device).permute(1, 0, 2)

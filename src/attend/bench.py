@@ -1,7 +1,9 @@
 """GPU benchmark: attend's Triton core against PyTorch SDPA (flash, efficient, cuDNN) and
 ``torch.compile(flex_attention)``, all in one process (DESIGN.md section 4).
 
-Shapes: hidden 2048 (``H = 2048 / D``), 16384 tokens per batch (``B = 16384 / S``).
+Shapes: hidden 2048 (``H = 2048 / D``), 16384 tokens per batch (``B = 16384 / S``). Layouts:
+contiguous ``(B, H, S, D)`` tensors, and (``views`` rows) the ``.transpose(1, 2)`` views of
+``(B, S, H, D)`` projections that every transformers model passes.
 FLOPs: forward ``4*B*H*S*S*D`` (halved when causal), backward 2.5x forward. Decode rows
 (L=1) report the bandwidth of reading K and V once. Times are medians of
 ``triton.testing.do_bench``.
@@ -34,6 +36,7 @@ class Row:
     B: int
     H: int
     L: int
+    layout: str = "contiguous"  # or "views": (B, H, S, D) views of (B, S, H, D) tensors, as models pass them
     results: dict = field(default_factory=dict)  # impl -> {"fwd": x, "bwd": y} (TFLOP/s or GB/s) or error
 
 
@@ -138,9 +141,8 @@ def measure(impl: str, row: Row, dtype: torch.dtype, backward: bool) -> dict:
     fn = IMPLS[impl]
     torch.manual_seed(0)
     hkv = row.H // row.gqa
-    q = torch.randn(row.B, row.H, row.L, row.D, dtype=dtype, device="cuda", requires_grad=backward)
-    k = torch.randn(row.B, hkv, row.S, row.D, dtype=dtype, device="cuda", requires_grad=backward)
-    v = torch.randn(row.B, hkv, row.S, row.D, dtype=dtype, device="cuda", requires_grad=backward)
+    q, k, v = (_tensor(row.B, h, n, row.D, dtype, row.layout, backward)
+               for h, n in ((row.H, row.L), (hkv, row.S), (hkv, row.S)))
     res = {}
     try:
         with _impl_active(impl):
@@ -148,6 +150,15 @@ def measure(impl: str, row: Row, dtype: torch.dtype, backward: bool) -> dict:
     except Exception as e:  # a peer that refuses a shape is reported, not fatal
         res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return res
+
+
+def _tensor(B: int, H: int, S: int, D: int, dtype, layout: str, grad: bool) -> torch.Tensor:
+    """A fresh (B, H, S, D) leaf: contiguous, or the .transpose(1, 2) view of a (B, S, H, D) one."""
+    if layout == "views":
+        t = torch.randn(B, S, H, D, dtype=dtype, device="cuda").transpose(1, 2)
+    else:
+        t = torch.randn(B, H, S, D, dtype=dtype, device="cuda")
+    return t.requires_grad_(grad)
 
 
 def _measure_into(res: dict, fn, impl: str, row: Row, q, k, v, dtype, backward: bool) -> None:
@@ -167,21 +178,25 @@ def _measure_into(res: dict, fn, impl: str, row: Row, q, k, v, dtype, backward: 
     flops = 4.0 * row.B * row.H * row.L * row.S * row.D * (0.5 if row.causal else 1.0)
     res["fwd"] = flops / (fwd_ms * 1e-3) / 1e12
     if backward:
-        dout = torch.randn(row.B, row.H, row.L, row.D, dtype=dtype, device="cuda")
+        dout = _tensor(row.B, row.H, row.L, row.D, dtype, row.layout, False)  # as the model's backward hands it
         bwd_ms = backward_ms(lambda: fn(q, k, v, row.causal, row.gqa), [q, k, v], dout)
         res["bwd"] = 2.5 * flops / (bwd_ms * 1e-3) / 1e12
 
 
-def plan(seqs=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128), gqa=True, decode=True) -> list[Row]:
+def plan(seqs=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128), gqa=True, decode=True,
+         views=True) -> list[Row]:
+    """The rows to time; ``views``: each prefill row again on a model's (B, S, H, D) views."""
     rows = []
+    layouts = ("contiguous", "views") if views else ("contiguous",)
     for D in dims:
         H = 2048 // D
-        for causal in (False, True):
-            for S in seqs:
-                rows.append(Row("prefill", D, S, causal, 1, 16384 // S, H, S))
-        if gqa:
+        for layout in layouts:
             for causal in (False, True):
-                rows.append(Row("prefill", D, 4096, causal, 8, 4, H, 4096))
+                for S in seqs:
+                    rows.append(Row("prefill", D, S, causal, 1, 16384 // S, H, S, layout))
+            if gqa:
+                for causal in (False, True):
+                    rows.append(Row("prefill", D, 4096, causal, 8, 4, H, 4096, layout))
     if decode:
         for S in (4096, 16384, 65536):
             rows.append(Row("decode", 128, S, False, 1, 32, 16, 1))
@@ -203,10 +218,10 @@ def format_table(rows: list[Row], impls=PEERS) -> str:
     was measured (issue 3's floor), attend over flex."""
     flex = "flex-compiled" in impls
     out = []
-    head = "| kind | D | S | causal | gqa | " + " | ".join(impls) + " | attend / best peer |" + (
+    head = "| kind | layout | D | S | causal | gqa | " + " | ".join(impls) + " | attend / best peer |" + (
         " attend / flex |" if flex else "")
     out.append(head)
-    out.append("|" + "---|" * (6 + len(impls) + flex))
+    out.append("|" + "---|" * (7 + len(impls) + flex))
     for r in rows:
         cells = []
         for impl in impls:
@@ -220,7 +235,7 @@ def format_table(rows: list[Row], impls=PEERS) -> str:
         ours = r.results.get("attend", {})
         ours = {} if "error" in ours else ours
         ratio = _ratio(ours, [r.results.get(p, {}) for p in impls if not p.startswith("attend")])
-        line = f"| {r.kind} | {r.D} | {r.S} | {'y' if r.causal else 'n'} | {r.gqa}:1 | " + " | ".join(cells) + f" | {ratio} |"
+        line = f"| {r.kind} | {r.layout} | {r.D} | {r.S} | {'y' if r.causal else 'n'} | {r.gqa}:1 | " + " | ".join(cells) + f" | {ratio} |"
         if flex:
             line += f" {_ratio(ours, [r.results.get('flex-compiled', {})])} |"
         out.append(line)
@@ -233,7 +248,7 @@ def plot(rows: list[Row], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pre = [r for r in rows if r.kind == "prefill" and r.gqa == 1]
+    pre = [r for r in rows if r.kind == "prefill" and r.gqa == 1 and r.layout == "contiguous"]
     dims = sorted({r.D for r in pre})
     fig, axes = plt.subplots(len(dims), 4, figsize=(20, 4.5 * len(dims)), squeeze=False)
     for i, D in enumerate(dims):
@@ -274,7 +289,7 @@ def run(rows: list[Row], dtype=torch.bfloat16, impls=PEERS, json_path=None, png_
     for i, r in enumerate(rows):
         for j, impl in enumerate(impls):
             n = i * len(impls) + j + 1
-            print(f"\r[{n}/{total}] {r.kind} D={r.D} S={r.S} causal={r.causal} gqa={r.gqa}: {impl:<16} "
+            print(f"\r[{n}/{total}] {r.kind} {r.layout} D={r.D} S={r.S} causal={r.causal} gqa={r.gqa}: {impl:<16} "
                   f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
             r.results[impl] = measure(impl, r, dtype, backward and r.kind == "prefill")
             torch.cuda.empty_cache()
@@ -286,8 +301,8 @@ def run(rows: list[Row], dtype=torch.bfloat16, impls=PEERS, json_path=None, png_
     return rows
 
 
-def main(seqs, dims, dtype, impls, json_path, png_path, gqa=True, decode=True) -> None:
-    rows = run(plan(seqs, dims, gqa, decode), dtype, impls, json_path, png_path)
+def main(seqs, dims, dtype, impls, json_path, png_path, gqa=True, decode=True, views=True) -> None:
+    rows = run(plan(seqs, dims, gqa, decode, views), dtype, impls, json_path, png_path)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
           f"{str(dtype).removeprefix('torch.')}; prefill cells: fwd / bwd TFLOP/s; decode: K+V read GB/s")
     print(format_table(rows, impls))

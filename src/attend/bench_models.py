@@ -98,7 +98,7 @@ def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> 
 
             def step():
                 model.zero_grad(set_to_none=True)
-                model(ids, labels=ids).loss.backward()
+                model(ids, labels=ids, use_cache=False).loss.backward()  # no KV cache in a training step
             first, steady = _timed(step, device, steps)
             return dict(first_ms=first, steady_ms=steady, tokens=p["batch"] * p["seq"])
         ids = torch.randint(2, p["vocab"], (p["batch"], p["prompt"]), generator=g).to(device)

@@ -159,7 +159,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     else:
         impls = tuple(a.impls.split(",")) if a.impls else bench.PEERS
     bench.main(seqs, dims, _DTYPES[a.dtype if a.dtype != "float32" else "bfloat16"], impls, a.json, a.png,
-               gqa=not a.no_gqa, decode=not a.no_decode)
+               gqa=not a.no_gqa, decode=not a.no_decode, views=not a.no_views)
     return 0
 
 
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--png", default="bench.png", help="CUDA: where to draw the plot")
     be.add_argument("--no-gqa", action="store_true")
     be.add_argument("--no-decode", action="store_true")
+    be.add_argument("--no-views", action="store_true",
+                    help="skip the prefill rows on (B, S, H, D) views, the layout models pass")
     be.add_argument("--suite", choices=["core", "masks", "all", "models", "flex"], default="core",
                     help="CUDA: core = dense prefill/decode table; masks = bias, padding, varlen and sliding window; "
                     "models = transformers Llama- and Gemma-2-shaped training step and generation per "

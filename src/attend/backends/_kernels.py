@@ -76,8 +76,24 @@ def kernel_notes(p: SDPAParams) -> list[str]:
     if p.query.is_cuda and torch.cuda.get_device_capability(p.query.device)[0] == 9:
         notes += [f"experimental {EXPERIMENTAL[name]}: {state}" for name, state in experimental_status().items()]
     if p.query.shape[-1] == p.value.shape[-1] and 0 < p.query.shape[-1] <= TRITON_MAX_HEAD_DIM:
+        notes += _layout_note(p)
         notes.append(_backward_plan(p))
     return notes
+
+
+def _layout_note(p: SDPAParams) -> list[str]:
+    """A model's row views (``_layout.rows_call``): how the launchers run them."""
+    from .._layout import rows_call
+    from ..kernels import launch
+    from ._base import mask_for_kernel
+
+    q, k, v = p.query, p.key, p.value
+    if q.dim() != 4 or not rows_call(q, k, v, mask_for_kernel(p), p.dropout):
+        return []
+    how = ("as B packed sequences of one length (the Gluon forward reads their (T, H * D) rows)"
+           if launch.rows_packed_forward(q, k, v) else "as strided dense calls of the core")
+    return [f"layout: (B, L, H, D) row views (a model's projections), run {how}; out, lse and the "
+            "gradients come back in that layout"]
 
 
 def _backward_plan(p: SDPAParams) -> str:

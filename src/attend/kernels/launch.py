@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .._layout import Band, Packed
+from .._layout import Band, Packed, rows_call, rows_lse, rows_out
 from . import core, versions, worklist
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
     heuristic, pruner, ws_backward
@@ -237,15 +237,77 @@ def _launch(tuned, launcher: Launcher, grid_of, args: dict, flags: dict, tiles: 
 
 def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int,
             options: KernelOptions | dict | None = None):
-    """Dense attention on (B, H, L, D) tensors over ``band``; returns (out, lse (B, H, L))."""
+    """Dense attention on (B, H, L, D) tensors over ``band``; returns (out, lse (B, H, L)). A model's
+    row views (``_layout.rows_call``) get out and lse in ``rows_out`` / ``rows_lse``'s layouts and
+    run as packed sequences where ``_rows_packed`` says so; other calls get contiguous ones."""
     B, H, L, D = q.shape
-    out = torch.empty((B, H, L, v.shape[-1]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    rows = rows_call(q, k, v, mask, dropout_p)
+    if rows:
+        out, lse = rows_out(q, v.shape[-1]), rows_lse(q)
+    else:
+        out = torch.empty((B, H, L, v.shape[-1]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if L == 0:
         return out, lse
-    _forward(q, k, v, tuple(k.stride()), tuple(v.stride()), out, lse, (H * L, L), B, k.shape[1], L, k.shape[2],
-             mask, dropout_p, band, scale, seed, None, resolve(options))
+    opts = resolve(options)
+    packed = _rows_packed(opts, q, k, v) if rows else None
+    if packed is not None:  # B sequences of L queries and S keys, (T, H, D) rows
+        qt, kt, vt = _tokens(q), _tokens(k), _tokens(v)
+        T = B * L
+        _forward(packed4(qt), kt, vt, tuple(packed4(kt).stride()), tuple(packed4(vt).stride()),
+                 packed4(_tokens(out, True)), lse.permute(1, 0, 2).view(H, T), (0, T), B, k.shape[1], L, k.shape[2],
+                 None, 0.0, band, scale, 0, packed, opts)
+        return out, lse
+    _forward(q, k, v, tuple(k.stride()), tuple(v.stride()), out, lse, lse.stride()[:2], B, k.shape[1], L, k.shape[2],
+             mask, dropout_p, band, scale, seed, None, opts)
     return out, lse
+
+
+def _tokens(t: torch.Tensor, written: bool = False) -> torch.Tensor:
+    """(B, H, L, E) -> (B * L, H, E): a view of a row view (``_layout.is_rows``), else a copy; a
+    view always where the kernel writes it (``written``: .view raises rather than copy)."""
+    t2 = t.transpose(1, 2)
+    return t2.view(-1, t.shape[1], t.shape[3]) if written else t2.reshape(-1, t.shape[1], t.shape[3])
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform(n: int, L: int, S: int, device: torch.device) -> Packed:
+    """The offsets of ``n`` packed sequences of L queries and S keys each (a row call's), made once
+    per shape: no allocation or host-to-device copy per call."""
+    cu_q = torch.arange(0, (n + 1) * L, L, dtype=torch.int32, device=device)
+    cu_k = cu_q if S == L else torch.arange(0, (n + 1) * S, S, dtype=torch.int32, device=device)
+    return Packed(cu_q, cu_k)
+
+
+def rows_packed_forward(q, k, v, options: KernelOptions | dict | None = None) -> bool:
+    """Whether ``forward`` runs the row call (``_layout.rows_call``) q, k, v as packed sequences."""
+    return _rows_packed(resolve(options), q, k, v) is not None
+
+
+def _rows_packed(opts: KernelOptions, q, k, v, dout=None) -> Packed | None:
+    """The ``Packed`` a row call (``_layout.rows_call``) runs as, or None to run it dense: packed
+    where the Gluon forward (``dout`` given: the Gluon dK / dV kernel) serves its (T, H * D) rows
+    (ws.py reads a model's projections as it reads a varlen call's; dense, it takes only contiguous
+    tensors), always or never as ``KernelOptions.rows_packed`` forces."""
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    if opts.rows_packed is False or S == 0:
+        return None
+    packed = _uniform(B, L, S, q.device)
+    if opts.rows_packed:
+        return packed
+    if not _gluon_device(q):
+        return None
+    qp, kt, vt = packed4(_tokens(q)), _tokens(k), _tokens(v)
+    if dout is None:
+        ok = (opts.fwd_ws and versions.usable("gluon_forward")
+              and ws.eligible(qp, kt, vt, None, (0, 0, 0, 0), False, 0.0, packed, L))
+    else:
+        min_bucket = WS_BWD_MIN_SEQ_BUCKET if opts.bwd_ws_min_seq_bucket is None else opts.bwd_ws_min_seq_bucket
+        ok = (opts.bwd_ws and not opts.autotune and versions.usable("gluon_dkdv")
+              and ws_backward(block_d(D), seq_bucket(max(L, S)), min_bucket) is not None
+              and ws_bwd.eligible(qp, packed4(kt), packed4(vt), packed4(_tokens(dout)), None, 0.0, packed, L, S))
+    return packed if ok else None
 
 
 def varlen_forward(q, k, v, packed: Packed, max_q: int, max_k: int, scale: float, band: Band,
@@ -352,7 +414,9 @@ def mask_grad_is_atomic(mask: torch.Tensor, shape: tuple[int, int, int, int]) ->
 
 def backward(dout, q, k, v, out, lse, mask, dropout_p: float, band: Band, scale: float, seed: int, mask_grad: bool,
              dlse=None, options: KernelOptions | dict | None = None):
-    """Gradients of ``forward``: (dq, dk, dv, dmask or None). ``dlse``: gradient into the lse."""
+    """Gradients of ``forward``: (dq, dk, dv, dmask or None), laid out as q, k, v and the mask.
+    ``dlse``: gradient into the lse. ``lse``: (B, H, L) with unit stride along L, as ``forward``
+    returned it (contiguous, or a row call's ``rows_lse``) or any other layout (copied)."""
     opts = resolve(options)
     B, H, L, D = q.shape
     S = k.shape[2]
@@ -361,6 +425,12 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, band: Band, scale:
     if L == 0 or S == 0:
         dmask = torch.zeros_like(mask) if mask_grad else None
         return torch.zeros_like(q), dk.zero_(), dv.zero_(), dmask
+    if rows_call(q, k, v, mask, dropout_p):
+        packed = _rows_packed(opts, q, k, v, dout)
+        if packed is not None:
+            return (*_rows_backward(dout, q, k, v, out, lse, dlse, dk, dv, packed, band, scale, opts), None)
+    if lse.stride(2) != 1 or not (lse.is_contiguous() or lse.transpose(0, 1).is_contiguous()):
+        lse = lse.contiguous()
     # d(mask) in the mask's own (possibly broadcast) shape; the kernel addresses it through
     # the expanded view's strides (0 on broadcast dims). A full-size mask's gradient is stored
     # in its own dtype; a broadcast one is summed by fp32 atomics and cast after.
@@ -373,12 +443,28 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, band: Band, scale:
         dmstr = _mask_args(dmask, B, H, L, S, q)[1]
     else:
         dmask, dmstr = _no_dmask(q, opts), (0, 0, 0, 0)
-    dq = _backward(dout, q, k, v, out, lse, dlse, (H * L, L), dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
-                   dropout_p, band, scale, seed, None, opts,
+    dq = _backward(dout, q, k, v, out, lse, dlse, lse.stride()[:2], dk, dv, B, L, S, mask, dmask, dmstr, mask_grad,
+                   atomic, dropout_p, band, scale, seed, None, opts,
                    dq_programs=not (opts.dq_from_ds and mask_grad and not atomic))
     if dq is None:  # no dQ programs ran: dQ from the stored dS
         dq = _dq_from_ds(dmask, k, scale, B, H, L)
     return dq.to(q.dtype), dk, dv, (dmask.to(mask.dtype) if mask_grad else None)
+
+
+def _rows_backward(dout, q, k, v, out, lse, dlse, dk, dv, packed: Packed, band: Band, scale: float,
+                   opts: KernelOptions):
+    """A row call's backward as ``packed`` sequences: (dq, dk, dv), dk / dv written through their
+    (T_k, Hkv, D) views (``dk`` / ``dv``: empty, laid out as k / v)."""
+    B, H, L, D = q.shape
+    T = B * L
+    lse_t = lse.permute(1, 0, 2).reshape(H, T)  # rows_lse's own storage: a view
+    dlse_t = None if dlse is None else dlse.permute(1, 0, 2).reshape(H, T)
+    dout4, q4, k4, v4, out4 = (packed4(_tokens(t)) for t in (dout, q, k, v, out))
+    dk4, dv4 = packed4(_tokens(dk, True)), packed4(_tokens(dv, True))
+    dq4 = _backward(dout4, q4, k4, v4, out4, lse_t, dlse_t, (0, T), dk4, dv4, B, L, k.shape[2], None,
+                    _no_dmask(q, opts), (0, 0, 0, 0), False, False, 0.0, band, scale, 0, packed, opts)
+    dq = dq4[0].transpose(0, 1).view(B, L, H, D).transpose(1, 2)
+    return dq.to(q.dtype), dk, dv
 
 
 def _dq_from_ds(ds: torch.Tensor, k: torch.Tensor, scale: float, B: int, H: int, L: int) -> torch.Tensor:
@@ -426,8 +512,8 @@ def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed
     per_head = _cdiv(L if packed is None else rows + _STAT_PAD * B, _STAT_PAD) * _STAT_PAD
     stats = torch.empty((2, out.shape[0], H, per_head), dtype=torch.float32, device=out.device)
     nlse2, delta = stats[0], stats[1]
-    if dlse is not None:
-        dlse = dlse.contiguous()  # the lse's layout; an expanded gradient (lse.sum()) has stride 0
+    if dlse is not None and dlse.stride() != lse.stride():  # read with the lse's strides
+        dlse = torch.empty_like(lse).copy_(dlse)  # e.g. an expanded gradient (lse.sum()): stride 0
     flags = dict(HEAD_DIM=out.shape[3], BLOCK_D=block_d(out.shape[3]), BLOCK_M=_STAT_PAD, VARLEN=packed is not None,
                  HAS_DLSE=dlse is not None, GRID_1D=_one_axis(B * H))
     args = dict(zip(_PRE_STRIDES, (*out.stride(), *dout.stride(), *lse_strides, *nlse2.stride()[:2])),
@@ -501,11 +587,18 @@ def _bwd_flags(q, k, v, dout, band_flags, mask, mstr, mbool, key_range, dropout_
 
 def explain_backward(q, k, v, mask=None, dropout_p: float = 0.0, band: Band = Band(), mask_grad: bool = False,
                      options: KernelOptions | dict | None = None) -> BackwardPlan:
-    """The plan ``backward`` would run for dense (B, H, L, D) inputs like these, without running
-    anything (a key-padding mask's key-range skip aside, which does not change the plan)."""
+    """The plan ``backward`` would run for dense (B, H, L, D) inputs like these (and an output
+    gradient laid out as q), without running anything (a key-padding mask's key-range skip aside,
+    which does not change the plan)."""
     opts = resolve(options)
     B, H, L, _ = q.shape
     S = k.shape[2]
+    packed = _rows_packed(opts, q, k, v, q) if rows_call(q, k, v, mask, dropout_p) and S > 0 else None
+    if packed is not None:  # as _rows_backward runs it
+        q, k, v = (packed4(_tokens(t)) for t in (q, k, v))
+        flags = _bwd_flags(q, k, v, q, band_args(band)[1], None, (0, 0, 0, 0), False, False, 0.0, False, False,
+                           packed, L, S, opts)
+        return backward_plan(flags, q, k, v, q, None, 0.0, packed, L, S, opts)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     atomic = mask_grad and mask_grad_is_atomic(mask, (B, H, L, S))
     flags = _bwd_flags(q, k, v, q, band_args(band)[1], mask, mstr, mbool, False, dropout_p, mask_grad, atomic, None,

@@ -93,6 +93,12 @@ class KernelOptions:
     # configs.WS_BWD_MIN_SEQ_BUCKET). False: the core's one launch serves every backward.
     bwd_ws: bool = True
     bwd_ws_min_seq_bucket: int | None = None
+    # A model's (B, H, L, D) views of its (B, L, H, D) projections (``_layout.rows_call``) run as B
+    # packed sequences of one length, whose (T, H * D) rows the Gluon kernels read through TMA as
+    # they do varlen calls', where the Gluon forward (the dK / dV kernel, for the backward) serves
+    # them; elsewhere they run as dense strided calls of the core. True: always packed (the core's
+    # packed mode where Gluon does not serve: tests run it under the interpreter); False: never.
+    rows_packed: bool | None = None
     # The Gluon forward stores whole 64-row output blocks by one TMA store through the consumer's
     # finished Q buffer (ws.py); False: gl.store from registers.
     o_tma: bool = True

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .._layout import Band
+from .._layout import Band, is_rows, rows_call, rows_lse, rows_out
 from ._eager import call, eager_twin, is_eager
 from ..kernels import options as kernel_options
 from .registry import launchers
@@ -42,8 +42,11 @@ fused_fwd = torch.library.custom_op("attend::fused_fwd", _fused_fwd, mutates_arg
 @fused_fwd.register_fake
 def _(q, k, v, mask, dropout_p, band, scale, seed, kernel):
     B, H, L, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if kernel == "triton" and rows_call(q, k, v, mask, dropout_p):  # launch.forward's layouts
+        return rows_out(q, v.shape[-1]), rows_lse(q, lse_dtype)
     out = q.new_empty((B, H, L, v.shape[-1]))
-    lse = q.new_empty((B, H, L), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = q.new_empty((B, H, L), dtype=lse_dtype)
     return out, lse
 
 
@@ -91,7 +94,7 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     dropout_p, band, scale, kernel = ctx.params
     mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
-    args = (dout.contiguous(), q, k, v, out, lse, mask, dropout_p, band, scale, seed, kernel, mask_grad)
+    args = (_like_out(dout, out), q, k, v, out, lse, mask, dropout_p, band, scale, seed, kernel, mask_grad)
     # Traced (torch.compile): the custom op, so the graph holds one opaque node. Eager: the same
     # function without the dispatcher round trip (host time the GPU waits on at small shapes).
     # The kernel options in force at the forward apply (autograd may run this on another thread).
@@ -99,6 +102,14 @@ def _backward(ctx, dout, dlse):
         grads = _fused_bwd(*args) if is_eager(dout, q, k, v, mask) else fused_bwd(*args)
     dq, dk, dv, dmask = grads
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
+
+
+def _like_out(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The output gradient laid out as the output: a row call's (``_layout.is_rows``: the model's
+    own layout, so usually as it comes), else contiguous (an expanded gradient has stride 0)."""
+    if is_rows(out) and out.shape[1] > 1 and out.shape[2] > 1:
+        return dout if is_rows(dout) else dout.transpose(1, 2).contiguous().transpose(1, 2)
+    return dout.contiguous()
 
 
 fused_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,180 @@
+"""A model's row views: (B, H, L, D) views of (B, L, H, D) projections, as every transformers model
+hands them to SDPA. The Triton launchers return out / lse and the gradients in the model's layout,
+and run such calls as B packed sequences of one length where the Gluon kernels serve them
+(``KernelOptions.rows_packed``: forced on here, the core's packed mode runs them under the
+interpreter; on an sm_90 GPU the default takes the Gluon kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attend
+from attend import SDPBackend, sdpa_kernel
+from attend._layout import is_rows, rows_call
+from attend.kernels import launch
+from attend.kernels.options import kernel_options
+from attend.ops import attention as fused_ops
+
+from conftest import DEVICE, assert_matches_float64, assert_scaled_close
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def rows(B, L, H, D, dtype=torch.float32):
+    """A (B, H, L, D) view of a fresh (B, L, H, D) tensor that requires grad (a model's projection)."""
+    base = torch.randn(B, L, H, D, dtype=dtype, device=DEVICE, requires_grad=True)
+    return base.transpose(1, 2)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The ``packed`` argument of every launch._forward / _backward call, in order."""
+    seen = []
+    for name in ("_forward", "_backward"):
+        real = getattr(launch, name)
+
+        def wrapped(*args, _real=real, _name=name, **kw):
+            seen.append((_name, args[17] if _name == "_forward" else args[22]))
+            return _real(*args, **kw)
+        monkeypatch.setattr(launch, name, wrapped)
+    return seen
+
+
+CASES = {  # name: (B, L, S, H, Hkv, SDPA keyword arguments)
+    "full": (2, 24, 24, 4, 4, {}),
+    "causal": (2, 40, 40, 4, 4, {"is_causal": True}),
+    "gqa-causal": (3, 33, 33, 4, 2, {"is_causal": True, "enable_gqa": True}),
+    "cross": (2, 17, 29, 2, 2, {}),
+}
+
+
+@pytest.mark.parametrize("packed", [True, False, None], ids=["packed", "dense", "auto"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_row_views_match_float64_in_the_models_layout(case, packed, spy):
+    B, L, S, H, Hkv, kw = CASES[case]
+    D = 16
+    q, k, v = rows(B, L, H, D), rows(B, S, Hkv, D), rows(B, S, Hkv, D)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), kernel_options(rows_packed=packed):
+        out = attend.scaled_dot_product_attention(q, k, v, **kw)
+        assert is_rows(out), f"out strides {out.stride()}: not the model's (B, L, H, D) layout"
+        grads = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+        for name, t, g in zip("qkv", (q, k, v), grads):
+            assert g.stride() == t.stride(), f"d{name} strides {g.stride()} != {name}'s {t.stride()}"
+        assert_matches_float64(out, q, k, v, what=case, **kw)
+    ran_packed = [p is not None for _, p in spy]
+    want = bool(packed) or (packed is None and launch._gluon_device(q))
+    assert ran_packed and all(r == want for r in ran_packed), (packed, spy)
+
+
+def test_bottom_right_causal_rows_match_float64():
+    """A chunked prefill's band (L < S, the last query and key aligned) through CausalBias."""
+    B, L, S, H, D = 2, 12, 37, 4, 16
+    q, k, v = rows(B, L, H, D), rows(B, S, H, D), rows(B, S, H, D)
+    bias = attend.bias.causal_lower_right(L, S)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), kernel_options(rows_packed=True):
+        out = attend.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        assert is_rows(out)
+        assert_matches_float64(out, q, k, v, attn_mask=bias)
+
+
+def _reference_with_lse(q, k, v, causal: bool):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.softmax(s, -1) @ v, lse, (q, k, v)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
+def test_launcher_lse_and_its_gradient_in_the_rows_layout(packed):
+    """launch.forward / backward on row views: the LSE comes back as (B, H, L) over (H, B, L)
+    storage (the packed launchers' (H, T) rows), and a gradient into it (a sink's, a merge's)
+    flows through the backward whatever the gradient's own layout."""
+    B, L, H, D = 2, 21, 3, 16
+    q, k, v = (rows(B, L, H, D).detach() for _ in range(3))
+    with kernel_options(rows_packed=packed):
+        out, lse = launch.forward(q, k, v, None, 0.0, attend._layout.Band.causal(), D ** -0.5, 0)
+        assert is_rows(out) and lse.permute(1, 0, 2).is_contiguous()
+        dout = torch.randn_like(out)
+        dlse = torch.randn(B, H, L, device=DEVICE)  # contiguous, unlike the lse
+        dq, dk, dv, _ = launch.backward(dout, q, k, v, out, lse, None, 0.0, attend._layout.Band.causal(), D ** -0.5,
+                                        0, False, dlse=dlse)
+    ref, ref_lse, leaves = _reference_with_lse(q, k, v, causal=True)
+    refs = torch.autograd.grad((ref * dout.double()).sum() + (ref_lse * dlse.double()).sum(), leaves)
+    same, same_lse, same_leaves = _reference_with_lse(q.float(), k.float(), v.float(), causal=True)
+    assert_scaled_close(out, ref, same.detach().to(out.dtype), what="out")
+    assert_scaled_close(lse, ref_lse, same_lse.detach().float(), what="lse")
+    for name, g, r in zip("qkv", (dq, dk, dv), refs):
+        assert g.stride() == q.stride(), f"d{name} not in the rows layout: {g.stride()}"
+        assert_scaled_close(g, r, r.float(), k=1.0, what=f"d{name}")
+
+
+def test_only_model_layouts_without_mask_or_dropout_are_row_calls():
+    B, L, H, D = 2, 8, 4, 16
+    q = rows(B, L, H, D)
+    assert rows_call(q, q, q, None, 0.0)
+    assert not rows_call(q, q, q, torch.zeros(L, L, device=DEVICE), 0.0)
+    assert not rows_call(q, q, q, None, 0.1)
+    contiguous = torch.randn(B, H, L, D, device=DEVICE)
+    assert not rows_call(contiguous, contiguous, contiguous, None, 0.0)
+    one_head = rows(B, L, 1, D)  # both layouts at once: stays a plain dense call
+    assert not rows_call(one_head, one_head, one_head, None, 0.0)
+    sliced = rows(B, 2 * L, H, D)[:, :, :L]  # not one tensor's rows
+    assert not rows_call(sliced, sliced, sliced, None, 0.0)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
+def test_fused_ops_on_row_views_pass_opcheck(packed):
+    """The ops' fake implementations promise the layouts the launchers return (torch.compile
+    plans the model's reshapes after attention on them)."""
+    B, L, H, D = 2, 9, 2, 16
+    q, k, v = (rows(B, L, H, D).detach().requires_grad_() for _ in range(3))
+    causal = attend._layout.Band.causal().to_op()
+    with kernel_options(rows_packed=packed):
+        torch.library.opcheck(fused_ops.fused_fwd, (q, k, v, None, 0.0, causal, 0.25, None, "triton"))
+        out, lse = fused_ops.fused_fwd(q, k, v, None, 0.0, causal, 0.25, None, "triton")
+        dout = torch.randn(B, L, H, D, device=DEVICE).transpose(1, 2)
+        torch.library.opcheck(fused_ops.fused_bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(),
+                                                    lse.detach(), None, 0.0, causal, 0.25, None, "triton", False))
+
+
+def test_compiled_model_attention_on_row_views_matches_eager():
+    """A model's attention block (projections viewed as rows, SDPA, the transpose back and the
+    output projection) under torch.compile(fullgraph=True) equals eager, gradients included."""
+    B, L, H, D = 2, 16, 2, 16
+    x = torch.randn(B, L, H * D, device=DEVICE)
+    w_qkv = torch.randn(H * D, 3 * H * D, device=DEVICE, requires_grad=True)
+    w_o = torch.randn(H * D, H * D, device=DEVICE, requires_grad=True)
+
+    def block(x, w_qkv, w_o):
+        q, k, v = (t.view(B, L, H, D).transpose(1, 2) for t in (x @ w_qkv).split(H * D, dim=-1))
+        out = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(B, L, H * D) @ w_o
+
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), kernel_options(rows_packed=True):
+        eager = block(x, w_qkv, w_o)
+        g_eager = torch.autograd.grad(eager.square().sum(), (w_qkv, w_o))
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(x, w_qkv, w_o)
+        g_compiled = torch.autograd.grad(compiled.square().sum(), (w_qkv, w_o))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Gluon kernels run on an sm_90 GPU")
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"is_causal": True, "enable_gqa": True}],
+                         ids=["full", "causal", "gqa-causal"])
+def test_gluon_kernels_serve_row_views(kw, spy):
+    """On an sm_90 GPU the default options run a model's bf16 D=128 row views through the Gluon
+    forward and dK / dV kernels as packed sequences (the dK / dV kernel from any length here)."""
+    B, L, H, D = 2, 700, 4, 128
+    Hkv = 2 if kw.get("enable_gqa") else H
+    q, k, v = rows(B, L, H, D, torch.bfloat16), rows(B, L, Hkv, D, torch.bfloat16), rows(B, L, Hkv, D, torch.bfloat16)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), kernel_options(bwd_ws_min_seq_bucket=0):
+        out = attend.scaled_dot_product_attention(q, k, v, **kw)
+        assert is_rows(out)
+        assert_matches_float64(out, q, k, v, what="gluon rows", **kw)
+    if launch._gluon_device(q):
+        assert spy and all(p is not None for _, p in spy), spy
