@@ -26,6 +26,7 @@ from attend._layout import Band
 from attend.distributed import (context_parallel_attention, pad_for_sharding, padded_length, record_ring_stats, shard,
                                 shard_positions, unshard)
 from attend.distributed.blocks import FusedBlocks, Mask, merge_, plan
+from attend.flex_attention import flex_attention
 from attend.varlen import varlen_attn
 from conftest import DEVICE, FLOOR, KERNELS, assert_matches_float64
 
@@ -68,6 +69,107 @@ CASES = [
     Case("docs-noncausal-padded", docs=(4, 9), unpadded=3),
     Case("docs-window-gqa", window=(5, 0), heads=(4, 2), docs=(11, 0, 3)),
 ]
+
+
+@dataclass(frozen=True)
+class FlexCase:
+    """FlexAttention mods in the ring, against ``attend.flex_attention`` on the gathered sequence."""
+
+    name: str
+    mod: str  # which mods (see _mods)
+    is_causal: bool = False
+    window: tuple[int, int] | None = None
+    heads: tuple[int, int] = (2, 2)
+    layout: str = "zigzag"
+    chunk: int = 5
+    unpadded: int = 0
+
+
+FLEX_CASES = [
+    FlexCase("alibi-causal-gqa", "alibi", is_causal=True, heads=(4, 2)),
+    FlexCase("softcap-window-contiguous", "softcap", window=(6, 0), layout="contiguous"),
+    FlexCase("docmask-causal-empty-rows", "docs", is_causal=True),
+    FlexCase("relbias-trained-contiguous-padded", "relbias", layout="contiguous", unpadded=1),
+]
+FLEX_IDS = [c.name for c in FLEX_CASES]
+
+
+def _mods(kind: str, H: int, S: int, g: torch.Generator, dtype=F64, device="cpu"):
+    """(score_mod, mask_mod, trained tensors) of a FlexCase; positions are global, ``S`` the padded length."""
+    if kind == "alibi":
+        slopes = torch.exp2(-8.0 * torch.arange(1, H + 1, dtype=dtype) / H).to(device)
+        return (lambda score, b, h, q_idx, kv_idx: score + slopes[h] * (kv_idx - q_idx)), None, []
+    if kind == "softcap":
+        return (lambda score, b, h, q_idx, kv_idx: 2.0 * torch.tanh(score / 2.0)), None, []
+    if kind == "docs":
+        # documents of S/2, S/4 + 1 and the rest tokens: chunk pairs across documents leave blocks
+        # empty; rows with q_idx % 7 == 3 see no key at all (out 0, no gradient)
+        doc = torch.tensor([0] * (S // 2) + [1] * (S // 4 + 1) + [2] * (S - S // 2 - S // 4 - 1), dtype=torch.int32)
+        doc = doc.to(device)
+
+        def document(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (q_idx % 7 != 3)
+        return None, document, []
+    table = torch.randn(H, 2 * S, generator=g, dtype=dtype).to(device).requires_grad_()
+    return (lambda score, b, h, q_idx, kv_idx: score + table[h, q_idx - kv_idx + S]), None, [table]
+
+
+def _flex_reference(Q, K, V, dO, n: int, left: int, right: int, score_mod, mask_mod, trained, scale=None):
+    """attend.flex_attention on the first ``n`` tokens (the band and the mask_mod as one block mask):
+    [out, dq, dk, dv] and the trained tensors' gradients."""
+    from attend.flex_attention import and_masks, create_block_mask
+
+    ins = [t[:, :, :n].detach().clone().requires_grad_() for t in (Q, K, V)]
+
+    def band(b, h, q_idx, kv_idx):
+        keep = q_idx >= 0
+        if right >= 0:
+            keep = keep & (kv_idx <= q_idx + right)
+        if left >= 0:
+            keep = keep & (kv_idx >= q_idx - left)
+        return keep
+
+    mask = band if mask_mod is None else and_masks(mask_mod, band)
+    bm = create_block_mask(mask, Q.shape[0], Q.shape[1], n, n, device=Q.device, BLOCK_SIZE=16)
+    for t in trained:
+        t.grad = None
+    out = flex_attention(*ins, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=Q.shape[1] != K.shape[1])
+    out.backward(dO[:, :, :n])
+    got = [out.detach(), *(t.grad for t in ins)], [t.grad.clone() for t in trained]
+    for t in trained:
+        t.grad = None
+    return got
+
+
+def _run_flex_case(case: FlexCase, rank: int, world: int) -> dict:
+    g = torch.Generator().manual_seed(2000 + FLEX_CASES.index(case))
+    hq, hkv = case.heads
+    S = 2 * world * case.chunk if case.layout == "zigzag" else world * case.chunk
+    n = S - case.unpadded
+    B, E = 2, 8
+    Q = torch.randn(B, hq, S, E, generator=g, dtype=F64)
+    K, V = (torch.randn(B, hkv, S, E, generator=g, dtype=F64) for _ in range(2))
+    dO = torch.randn(B, hq, S, E, generator=g, dtype=F64)
+    score_mod, mask_mod, trained = _mods(case.mod, hq, S, g)
+    left, right = case.window or (-1, -1)
+    right = 0 if case.is_causal else right
+    ref, ref_caps = _flex_reference(Q, K, V, dO, n, left, right, score_mod, mask_mod, trained)
+    want = [pad_for_sharding(t, dim=2, world_size=world, layout=case.layout) for t in ref]
+
+    mine = [shard(t, dim=2, layout=case.layout).requires_grad_() for t in (Q, K, V)]
+    with record_ring_stats() as stats:
+        out = context_parallel_attention(*mine, is_causal=case.is_causal, enable_gqa=hq != hkv,
+                                         window_size=case.window, layout=case.layout,
+                                         seq_len=n if case.unpadded else None, score_mod=score_mod, mask_mod=mask_mod)
+        out.backward(shard(dO, dim=2, layout=case.layout))
+    got = [out, *(t.grad for t in mine)]
+    errs = {name: (g_.detach() - shard(w, dim=2, layout=case.layout)).abs().max().item()
+            for name, g_, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    for i, (t, w) in enumerate(zip(trained, ref_caps)):
+        errs[f"capture{i}"] = (t.grad - w).abs().max().item()
+    unmasked = sum(len(s.blocks) for s in plan(rank, world, S // world, case.layout, Mask(left, right, n)))
+    finite = all(bool(torch.isfinite(t).all()) for t in got + [t.grad for t in trained])
+    return dict(errs=errs, finite=finite, blocks=stats[0].blocks, unmasked_blocks=unmasked)
 
 
 def _cu(lengths, n: int) -> list[int]:
@@ -167,6 +269,15 @@ def _error_cases(rank: int, world: int) -> dict:
     out["cu-seqlens-disagree"] = _catch(lambda: cpa(t(4), t(4), t(4), cu_seqlens=torch.tensor(cu)))
     out["shard-world-size"] = _catch(lambda: shard(t(16), dim=2, world_size=world + 1, rank=0, group=dist.group.WORLD))
     out["shard-not-divisible"] = _catch(lambda: shard(t(2 * world * 2 + 1), dim=2))
+    out["mod-not-callable"] = _catch(lambda: cpa(t(4), t(4), t(4), score_mod=3))
+    out["mod-3d"] = _catch(lambda: cpa(t(4)[0], t(4)[0], t(4)[0], mask_mod=lambda b, h, q, kv: q >= kv))
+
+    def sinh_mod(score, b, h, q_idx, kv_idx):
+        return torch.sinh(score)
+    out["mod-untranslatable"] = _catch(lambda: cpa(t(4), t(4), t(4), score_mod=sinh_mod))
+    out["mod-untranslatable-flex"] = _catch(lambda: flex_attention(t(4), t(4), t(4), score_mod=sinh_mod))
+    out["mods-disagree"] = _catch(lambda: cpa(t(4), t(4), t(4), score_mod=(lambda s, b, h, q, kv: s * 2.0)
+                                              if rank == 0 else None))
     return out
 
 
@@ -192,6 +303,11 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
         for case in CASES:
             try:
                 results[case.name] = _run_case(case, rank, world)
+            except Exception as e:  # reported per case by the parent
+                results[case.name] = dict(exception=f"{type(e).__name__}: {e}")
+        for case in FLEX_CASES:
+            try:
+                results[case.name] = _run_flex_case(case, rank, world)
             except Exception as e:  # reported per case by the parent
                 results[case.name] = dict(exception=f"{type(e).__name__}: {e}")
         results["errors"] = _error_cases(rank, world)
@@ -269,6 +385,36 @@ def test_errors_name_the_problem(ring_results, world):
         assert "disagree on cu_seqlens (checksum)" in e["cu-seqlens-disagree"]
         assert f"world_size={world + 1} but group has {world} ranks" in e["shard-world-size"]
         assert f"layout='zigzag' over {world} ranks needs a multiple of {2 * world}" in e["shard-not-divisible"]
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"N{w}")
+@pytest.mark.parametrize("case", FLEX_CASES, ids=FLEX_IDS)
+def test_ring_with_mods_matches_flex_attention(ring_results, world, case):
+    """Outputs and gradients of q, k, v and of a trained capture (summed over every rank's blocks)
+    equal attend.flex_attention on the gathered sequence, float64."""
+    for rank, res in enumerate(ring_results[world]):
+        r = res[case.name]
+        assert "exception" not in r, f"rank {rank}: {r.get('exception')}"
+        assert r["finite"], f"rank {rank}: non-finite output or gradient"
+        for name, err in r["errs"].items():
+            assert err <= TOL, f"rank {rank} {name}: max error {err:.3e} > {TOL:.0e}"
+        if case.mod == "relbias":
+            assert "capture0" in r["errs"]
+        if case.mod == "docs":  # blocks across documents have an empty BlockMask: never computed
+            assert r["blocks"] < r["unmasked_blocks"], (rank, r["blocks"], r["unmasked_blocks"])
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"N{w}")
+def test_mod_errors_name_the_argument(ring_results, world):
+    for rank, res in enumerate(ring_results[world]):
+        e = res["errors"]
+        assert "TypeError: score_mod must be a callable or None, got int: 3" in e["mod-not-callable"]
+        assert "got q of shape (2, 4, 4)" in e["mod-3d"] and "(B, H, L, E)" in e["mod-3d"]
+        # flex's own error, unchanged: the op and the mod's line
+        assert e["mod-untranslatable"] == e["mod-untranslatable-flex"]
+        assert "torch.sinh cannot be generated into Triton" in e["mod-untranslatable"]
+        assert "return torch.sinh(score)" in e["mod-untranslatable"]
+        assert "disagree on score_mod (structure checksum, 0: none)" in e["mods-disagree"]
 
 
 def test_hung_peer_is_bounded_by_the_group_timeout(ring_results):
