@@ -615,6 +615,124 @@ def test_one_rank_ring_forward_and_backward(kernel, window, use_kernel):
     assert_matches_float64(out, q, k, v, what=f"{kernel} {window}", attn_mask=sees, enable_gqa=hkv != 2)
 
 
+def _ring_in_one_process(Q, K, V, dO, world: int, layout: str, mask: Mask, mods, kernel: str, scale: float):
+    """Every rank's ring in one process, without communication: each rank's forward (its blocks,
+    merged by LSE), then each rank's backward from its GLOBAL out / lse, dK / dV added to the
+    owner's shard. Returns the gathered out, dq, dk, dv, the trained captures' gradients summed
+    over ranks, and the number of blocks computed."""
+    from attend.distributed import flex as cp_flex
+
+    L = Q.shape[2] // world
+    acc = F64 if Q.dtype == F64 else torch.float32
+    sh = lambda t, r: shard(t, dim=2, rank=r, world_size=world, layout=layout)  # noqa: E731
+    ranks = []
+    for rank in range(world):
+        plans = cp_flex.block_plans(plan(rank, world, L, layout, mask), (rank, world, L, layout, mask), mods,
+                                    Q.shape[0], Q.shape[1], Q.device)
+        blocks = cp_flex.FlexBlocks(kernel, mods, plans)
+        q = sh(Q, rank)
+        out = torch.zeros(*q.shape[:-1], V.shape[-1], dtype=acc, device=Q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=Q.device)
+        for step in plans.steps:
+            k, v = sh(K, step.source), sh(V, step.source)
+            for b in step.blocks:
+                o, l = blocks.forward(q[:, :, b.q0:b.q1], k[:, :, b.k0:b.k1], v[:, :, b.k0:b.k1], b, scale)
+                merge_(out[:, :, b.q0:b.q1], lse[:, :, b.q0:b.q1], o, l)
+        ranks.append((blocks, out.to(Q.dtype), lse))
+    dq = [torch.zeros_like(sh(Q, r), dtype=acc) for r in range(world)]
+    dk = [torch.zeros_like(sh(K, r), dtype=acc) for r in range(world)]
+    dv = [torch.zeros_like(sh(V, r), dtype=acc) for r in range(world)]
+    caps, n_blocks = None, 0
+    for rank, (blocks, out, lse) in enumerate(ranks):
+        blocks.begin_backward()
+        q, do = sh(Q, rank), sh(dO, rank)
+        for step in blocks.plans.steps:
+            k, v = sh(K, step.source), sh(V, step.source)
+            for b in step.blocks:
+                g = blocks.backward(do[:, :, b.q0:b.q1], q[:, :, b.q0:b.q1], k[:, :, b.k0:b.k1], v[:, :, b.k0:b.k1],
+                                    out[:, :, b.q0:b.q1], lse[:, :, b.q0:b.q1], b, scale)
+                dq[rank][:, :, b.q0:b.q1] += g[0]
+                dk[step.source][:, :, b.k0:b.k1] += g[1]
+                dv[step.source][:, :, b.k0:b.k1] += g[2]
+                n_blocks += 1
+        caps = blocks.capture_grads if caps is None else [a + c for a, c in zip(caps, blocks.capture_grads)]
+    whole = lambda parts: unshard(parts, dim=2, layout=layout)  # noqa: E731
+    return [whole([r[1] for r in ranks]), whole(dq), whole(dk), whole(dv)], caps, n_blocks
+
+
+def test_flex_blocks_on_the_flex_core_generate_one_kernel():
+    """FlexBlocks on attend's flex core (the path GPUs take; here under the interpreter), two ranks
+    simulated in one process, causal zigzag with GQA, a document mask_mod and a trained
+    relative-bias table: outputs and gradients against float64 attend.flex_attention, within a
+    small multiple of float32 flex_attention's own error. Every block of every step runs the
+    same two generated hooks, and a new table (another layer) generates nothing."""
+    from attend._flex import codegen
+    from attend.distributed import flex as cp_flex
+
+    if not attend.backends._kernels.interpreter_on() and not torch.cuda.is_available():
+        pytest.skip("attend's flex core runs here only under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(11)
+    world, S, E, (hq, hkv) = 2, 32, 16, (2, 1)
+    Q, dO = (torch.randn(1, hq, S, E, generator=g).to(DEVICE) for _ in range(2))
+    K, V = (torch.randn(1, hkv, S, E, generator=g).to(DEVICE) for _ in range(2))
+    table = torch.randn(hq, 2 * S, generator=g).to(DEVICE).requires_grad_()
+    doc = torch.tensor([0] * 13 + [1] * 19, dtype=torch.int32, device=DEVICE)
+
+    def relative(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + S]
+
+    def document(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    mask = Mask(-1, 0, S)
+    mods = cp_flex.trace_mods(relative, document, -1, 0)
+    before = codegen.GENERATIONS["count"]
+    got, got_caps, n_blocks = _ring_in_one_process(Q, K, V, dO, world, "zigzag", mask, mods, "triton", E ** -0.5)
+    assert n_blocks >= 4 and codegen.GENERATIONS["count"] - before <= 2, "a block or step generated its own hooks"
+
+    f64 = [t.double() for t in (Q, K, V, dO)]
+    table64 = table.detach().double().requires_grad_()
+
+    def relative64(score, b, h, q_idx, kv_idx):
+        return score + table64[h, q_idx - kv_idx + S]
+
+    want, want_caps = _flex_reference(*f64, S, -1, 0, relative64, document, [table64])
+    same, same_caps = _flex_reference(Q, K, V, dO, S, -1, 0, relative, document, [table])
+    for name, a, b, r in zip(("out", "dq", "dk", "dv", "table"), got + got_caps, same + same_caps, want + want_caps):
+        err, err_ref = (a.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
+        assert torch.isfinite(a).all() and err <= 4 * err_ref + FLOOR[torch.float32], (name, err, err_ref)
+
+    table2 = torch.randn(hq, 2 * S, generator=g).to(DEVICE)  # another layer: new values, same structure
+    mods2 = cp_flex.trace_mods(lambda score, b, h, q_idx, kv_idx: score + table2[h, q_idx - kv_idx + S], document,
+                               -1, 0)
+    count = codegen.GENERATIONS["count"]
+    codegen.hooks(mods2.score_global), codegen.hooks(mods2.mask_global)
+    assert mods2.score_global.key == mods.score_global.key and codegen.GENERATIONS["count"] == count
+
+
+def test_block_plans_are_cached_until_the_mask_changes():
+    from attend.distributed import flex as cp_flex
+
+    doc = torch.tensor([0] * 8 + [1] * 8, dtype=torch.int32)
+
+    def document(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    mask = Mask(-1, 0, 16)
+    steps = plan(0, 2, 8, "zigzag", mask)
+    first = cp_flex.block_plans(steps, (0, 2, 8, "zigzag", mask), cp_flex.trace_mods(None, document, -1, 0), 1, 2,
+                                "cpu")
+    again = cp_flex.block_plans(steps, (0, 2, 8, "zigzag", mask), cp_flex.trace_mods(None, document, -1, 0), 1, 2,
+                                "cpu")
+    assert again is first
+    # rank 0 holds chunks 0 and 3 (documents 0 and 1): chunk 3 x chunks 0 and 1 crosses documents
+    assert sum(len(s.blocks) for s in first.steps) < sum(len(s.blocks) for s in steps)
+    doc[:] = 0  # changed in place: one document, nothing crosses
+    changed = cp_flex.block_plans(steps, (0, 2, 8, "zigzag", mask), cp_flex.trace_mods(None, document, -1, 0), 1, 2,
+                                  "cpu")
+    assert changed is not first and sum(len(s.blocks) for s in changed.steps) == sum(len(s.blocks) for s in steps)
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_shard_unshard_round_trip(layout, world):
