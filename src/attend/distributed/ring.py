@@ -7,7 +7,8 @@ one received from ``rank - 1``); each block's ``(out, lse)`` is merged into floa
 by ``blocks.merge_``. Backward: the same ring, each block recomputed from the GLOBAL ``out`` and
 ``lse`` (so ``delta = rowsum(dO * O)`` is the whole row's); dQ stays local, and each visiting
 shard's dK/dV travels with it, gathering every rank's contribution, until a last hop returns it
-to its owner.
+to its owner. With FlexAttention mods the blocks are ``flex.FlexBlocks``; the gradients of a
+score_mod's trained captures are summed over blocks and steps, then all-reduced over the group.
 """
 
 from __future__ import annotations
@@ -494,7 +495,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if mods is not None:
         plans = flex.block_plans(steps, (rank, size, L, layout, mask), mods, q.shape[0], q.shape[1], q.device)
         steps, captures = plans.steps, tuple(mods.trained)
-        blocks = flex.FlexBlocks("triton" if kernel == "triton" else "torch", mods, plans)
+        # The flex core scatters a trained capture's gradient by atomics; deterministic mode takes
+        # the torch path then, as flex_attention takes its blocked path.
+        fused = kernel == "triton" and not (captures and torch.are_deterministic_algorithms_enabled())
+        blocks = flex.FlexBlocks("triton" if fused else "torch", mods, plans)
     cfg = _Config(Ring(group, rank, size, q.device) if size > 1 else None, steps, blocks, s, _STATS.get(), captures)
     q4, k4, v4 = (to_4d(t).contiguous() for t in (q, k, v))  # P2P sends need dense tensors
     out = _RingAttention.apply(q4, k4, v4, cfg, *captures)
