@@ -225,8 +225,9 @@ class FlexBlocks:
         self.capture_grads: list[torch.Tensor] = []
 
     def begin_backward(self) -> None:
-        self.capture_grads = [torch.zeros(t.shape, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32,
-                                          device=t.device) for t in self.mods.trained]
+        wide = self.kernel == "torch"  # the flex core scatters into fp32 buffers
+        self.capture_grads = [torch.zeros(t.shape, dtype=torch.float64 if wide and t.dtype == torch.float64
+                                          else torch.float32, device=t.device) for t in self.mods.trained]
 
     # -- the flex core
     def _args(self, graph, block: Block, device, grads: list | None):
@@ -236,11 +237,20 @@ class FlexBlocks:
         return codegen.hooks(graph).functions, codegen.capture_args(
             _with_positions(graph, q_pos, kv_pos), device, grads=grads, scalars=graph.scalars)
 
+    def _score_grads(self, device) -> list[torch.Tensor]:
+        """The flex core's gradient buffers for the score wrapper's captures: a trained capture's
+        accumulator itself (the core adds into it, block after block), scratch for the others."""
+        acc = {id(t): g for t, g in zip(self.mods.trained, self.capture_grads)}
+        return [acc.get(id(c.tensor)) if id(c.tensor) in acc else
+                torch.zeros(c.tensor.shape, dtype=torch.float32, device=device)
+                for c in self.mods.score_global.captures]
+
     def _mods_for(self, block: Block, device, backward: bool):
         m = self.mods
         score = mask = None
         if m.score_global is not None:
-            fns, args = self._args(m.score_global, block, device, None if backward else [])
+            grads = self._score_grads(device) if backward and m.trained else []
+            fns, args = self._args(m.score_global, block, device, grads)
             score = (fns, args, bool(m.trained)) if backward else (fns, args)
         if m.mask_global is not None and self.plans.lists[block] is not None:
             mask = self._args(m.mask_global, block, device, [])
@@ -274,10 +284,6 @@ class FlexBlocks:
                                    scale, score, mask)
         if res is None:
             raise RuntimeError(f"context_parallel_attention: no flex core backward tile fits BLOCK_SIZE {BLOCK_SIZE}")
-        if self.mods.trained:
-            grads = dict(zip((id(c.tensor) for c in self.mods.score_global.captures), score[1].grads))
-            for acc, t in zip(self.capture_grads, self.mods.trained):
-                acc.add_(grads[id(t)])
         return res
 
     # -- torch ops
