@@ -114,7 +114,8 @@ def _mods(kind: str, H: int, S: int, g: torch.Generator, dtype=F64, device="cpu"
     return (lambda score, b, h, q_idx, kv_idx: score + table[h, q_idx - kv_idx + S]), None, [table]
 
 
-def _flex_reference(Q, K, V, dO, n: int, left: int, right: int, score_mod, mask_mod, trained, scale=None):
+def _flex_reference(Q, K, V, dO, n: int, left: int, right: int, score_mod, mask_mod, trained, scale=None,
+                    block: int = 16):
     """attend.flex_attention on the first ``n`` tokens (the band and the mask_mod as one block mask):
     [out, dq, dk, dv] and the trained tensors' gradients."""
     from attend.flex_attention import and_masks, create_block_mask
@@ -130,7 +131,7 @@ def _flex_reference(Q, K, V, dO, n: int, left: int, right: int, score_mod, mask_
         return keep
 
     mask = band if mask_mod is None else and_masks(mask_mod, band)
-    bm = create_block_mask(mask, Q.shape[0], Q.shape[1], n, n, device=Q.device, BLOCK_SIZE=16)
+    bm = create_block_mask(mask, Q.shape[0], Q.shape[1], n, n, device=Q.device, BLOCK_SIZE=block)
     for t in trained:
         t.grad = None
     out = flex_attention(*ins, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=Q.shape[1] != K.shape[1])
@@ -451,6 +452,31 @@ def _nccl_worker(rank: int, init: str, out_dir: str) -> None:
                 r = shard(r.detach(), dim=2)
                 errs[(causal, name)] = ((a.detach().double() - r).abs().max().item(),
                                         (shard(b.detach(), dim=2).double() - r).abs().max().item())
+        # FlexAttention mods on the flex core: ALiBi and a trained relative bias, causal, against one
+        # GPU's attend.flex_attention (both against float64 flex)
+        table = (0.1 * torch.randn(H, 2 * S, device="cuda", generator=g)).requires_grad_()
+        slopes = torch.exp2(-8.0 * torch.arange(1, H + 1, device="cuda") / H)
+        table64 = table.detach().double().requires_grad_()
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx) + table[h, q_idx - kv_idx + S]
+
+        def alibi64(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx) + table64[h, q_idx - kv_idx + S]
+
+        (ref64, *g64), (t64,) = _flex_reference(Q.double(), K.double(), V.double(), dO.double(), S, -1, 0, alibi64,
+                                                None, [table64], block=128)
+        (o1, *g1), (t1,) = _flex_reference(Q, K, V, dO, S, -1, 0, alibi, None, [table], block=128)
+        mine = [shard(t, dim=2).requires_grad_() for t in (Q, K, V)]
+        out = context_parallel_attention(*mine, is_causal=True, enable_gqa=True, score_mod=alibi)
+        out.backward(shard(dO, dim=2))
+        for name, a, b, r in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in mine)), (o1, *g1),
+                                 (ref64, *g64)):
+            r = shard(r.detach(), dim=2)
+            errs[("alibi", name)] = ((a.detach().double() - r).abs().max().item(),
+                                     (shard(b.detach(), dim=2).double() - r).abs().max().item())
+        errs[("alibi", "table")] = ((table.grad.double() - t64).abs().max().item(),
+                                    (t1.double() - t64).abs().max().item())
         torch.save(errs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -459,6 +485,8 @@ def _nccl_worker(rank: int, init: str, out_dir: str) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
                     reason="needs two CUDA GPUs and NCCL")
 def test_nccl_bf16_matches_one_gpu():
+    """bf16 on two GPUs against one GPU, both against float64: the fused op pair (causal and not)
+    and FlexAttention mods on the flex core (ALiBi with a trained relative bias, causal)."""
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_nccl_worker, args=(f"tcp://127.0.0.1:{_free_port()}", d), nprocs=2, join=True)
         for rank in range(2):
