@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import Block, Mask, StepPlan
+from .blocks import Block, StepPlan
 
 # Placeholders the wrappers index: a traced load from one of them marks the slot a block fills
 # with its own positions. Module-level, so a mod traced again fingerprints the same (flex's trace cache).
@@ -44,7 +44,7 @@ _KPOS = torch.zeros(1, dtype=torch.int32)
 BLOCK_SIZE = 128  # the BlockMask's (and so the flex core's listed) block, flex's default
 _PLAN_CACHE_SIZE = 32
 _PLANS: OrderedDict = OrderedDict()  # plan key -> _BlockPlans
-TRACE_ROW_ELEMENTS = 1 << 22  # the torch path's score tile: at most this many elements per row chunk
+TORCH_TILE_ELEMENTS = 1 << 22  # the torch path's score tile: at most this many elements per row chunk
 
 
 # ``.to(torch.int32)`` makes each position a value of the traced graph before the user's mod sees
@@ -318,7 +318,7 @@ class FlexBlocks:
     def _row_chunks(self, q, k):
         L = q.shape[2]
         per_row = max(1, q.shape[0] * q.shape[1] * k.shape[2])
-        step = max(1, TRACE_ROW_ELEMENTS // per_row)
+        step = max(1, TORCH_TILE_ELEMENTS // per_row)
         return [slice(r, min(L, r + step)) for r in range(0, L, step)]
 
     def _torch_forward(self, q, k, v, block: Block, scale: float):
