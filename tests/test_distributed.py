@@ -170,7 +170,9 @@ def _run_flex_case(case: FlexCase, rank: int, world: int) -> dict:
         errs[f"capture{i}"] = (t.grad - w).abs().max().item()
     unmasked = sum(len(s.blocks) for s in plan(rank, world, S // world, case.layout, Mask(left, right, n)))
     finite = all(bool(torch.isfinite(t).all()) for t in got + [t.grad for t in trained])
-    return dict(errs=errs, finite=finite, blocks=stats[0].blocks, unmasked_blocks=unmasked)
+    blind = shard_positions(S, rank=rank, world_size=world, layout=case.layout) % 7 == 3  # docs: rows that see nothing
+    zero_blind = bool((out[:, :, blind] == 0).all() and (mine[0].grad[:, :, blind] == 0).all())
+    return dict(errs=errs, finite=finite, blocks=stats[0].blocks, unmasked_blocks=unmasked, zero_blind=zero_blind)
 
 
 def _cu(lengths, n: int) -> list[int]:
@@ -403,6 +405,7 @@ def test_ring_with_mods_matches_flex_attention(ring_results, world, case):
             assert "capture0" in r["errs"]
         if case.mod == "docs":  # blocks across documents have an empty BlockMask: never computed
             assert r["blocks"] < r["unmasked_blocks"], (rank, r["blocks"], r["unmasked_blocks"])
+            assert r["zero_blind"], f"rank {rank}: a row that sees no key has a nonzero output or dq"
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"N{w}")
@@ -709,8 +712,8 @@ def test_flex_blocks_on_the_flex_core_generate_one_kernel():
     def relative(score, b, h, q_idx, kv_idx):
         return score + table[h, q_idx - kv_idx + S]
 
-    def document(b, h, q_idx, kv_idx):
-        return doc[q_idx] == doc[kv_idx]
+    def document(b, h, q_idx, kv_idx):  # rows with q_idx % 7 == 3 see no key: out 0, gradients 0 (no NaN)
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx % 7 != 3)
 
     mask = Mask(-1, 0, S)
     mods = cp_flex.trace_mods(relative, document, -1, 0)
