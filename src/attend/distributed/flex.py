@@ -159,7 +159,7 @@ def _lists(status: torch.Tensor, Lb: int, Sb: int):
 class _BlockPlans:
     steps: tuple  # StepPlans with the blocks whose BlockMask is empty dropped
     positions: dict  # Block -> (q positions, kv positions), int32 on the device
-    lists: dict  # Block -> BlockLists (None: no mask work, every block full)
+    lists: dict  # Block -> BlockLists
     keep_alive: tuple  # the mask's captures (the cache key holds their ids)
 
 
@@ -167,6 +167,7 @@ def block_plans(steps: tuple, key: tuple, mods: Mods, B: int, Hq: int, device) -
     """Positions and BlockLists of every block of ``steps`` (one rank's ring), cached under ``key``
     (the plan's arguments) with the mask's structure and the identity and version of the tensors
     it reads: a layer calling again with the same shapes and mods reuses them."""
+    from .._flex import lists as _lists_mod
     from .._flex.block_mask import classify
 
     graph = mods.mask_global
@@ -186,8 +187,8 @@ def block_plans(steps: tuple, key: tuple, mods: Mods, B: int, Hq: int, device) -
         for blk in step.blocks:
             q_pos, kv_pos = _positions(blk.q_runs, device), _positions(blk.k_runs, device)
             Lb, Sb = blk.q1 - blk.q0, blk.k1 - blk.k0
-            if graph is None:
-                bl = None
+            if graph is None:  # no mask work: every block of the call full
+                bl = _lists_mod.dense(Lb, Sb, device, BLOCK_SIZE)
             else:
                 g = _graph_with(graph, _with_positions(graph, q_pos, kv_pos))
                 status = classify(g, B if per_bh[0] else 1, Hq if per_bh[1] else 1, Lb, Sb, BLOCK_SIZE, BLOCK_SIZE,
@@ -252,16 +253,9 @@ class FlexBlocks:
             grads = self._score_grads(device) if backward and m.trained else []
             fns, args = self._args(m.score_global, block, device, grads)
             score = (fns, args, bool(m.trained)) if backward else (fns, args)
-        if m.mask_global is not None and self.plans.lists[block] is not None:
+        if m.mask_global is not None:
             mask = self._args(m.mask_global, block, device, [])
         return score, mask
-
-    def _block_lists(self, block: Block, device):
-        from .._flex import lists as _lists_mod
-
-        bl = self.plans.lists[block]
-        return bl if bl is not None else _lists_mod.dense(block.q1 - block.q0, block.k1 - block.k0, device,
-                                                          BLOCK_SIZE)
 
     def forward(self, q, k, v, block: Block, scale: float):
         if self.kernel == "torch":
@@ -269,7 +263,7 @@ class FlexBlocks:
         from ..kernels import launch
 
         score, mask = self._mods_for(block, q.device, backward=False)
-        res = launch.flex_forward(q, k, v, self._block_lists(block, q.device), scale, score, mask)
+        res = launch.flex_forward(q, k, v, self.plans.lists[block], scale, score, mask)
         if res is None:
             raise RuntimeError(f"context_parallel_attention: no flex core tile fits BLOCK_SIZE {BLOCK_SIZE}")
         return res[0], res[1]
@@ -280,7 +274,7 @@ class FlexBlocks:
         from ..kernels import launch
 
         score, mask = self._mods_for(block, q.device, backward=True)
-        res = launch.flex_backward(dout, q, k, v, out, lse.contiguous(), None, self._block_lists(block, q.device),
+        res = launch.flex_backward(dout, q, k, v, out, lse.contiguous(), None, self.plans.lists[block],
                                    scale, score, mask)
         if res is None:
             raise RuntimeError(f"context_parallel_attention: no flex core backward tile fits BLOCK_SIZE {BLOCK_SIZE}")
