@@ -10,6 +10,8 @@ peak memory allocated per rank during the timed calls.
 
     torchrun --nproc-per-node 2 benchmarks/context_parallel.py
     torchrun --nproc-per-node 2 benchmarks/context_parallel.py --seqs 131072 --impls attend-ring one-gpu
+    # a FlexAttention score_mod (ALiBi) in the ring, against one GPU's flex_attention
+    torchrun --nproc-per-node 2 benchmarks/context_parallel.py --score-mod alibi --impls attend-ring one-gpu
     # on the CPU (gloo, float64, attend's blocked kernel): a check that the script runs end to end
     torchrun --nproc-per-node 2 benchmarks/context_parallel.py --device cpu --dtype float64 \\
         --seqs 256 --heads 2 --dim 16 --impls attend-ring one-gpu --reps 1 --warmup 0
@@ -43,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-causal", dest="causal", action="store_false", help="full attention instead of causal")
     p.add_argument("--layout", choices=("zigzag", "contiguous"), default="zigzag", help="attend-ring's layout")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--score-mod", choices=("none", "alibi"), default="none",
+                   help="alibi: a FlexAttention score_mod (ALiBi at global positions) in attend-ring, against "
+                        "one GPU's attend.flex_attention; PyTorch's context_parallel rows take none")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -120,6 +125,16 @@ def _fwd_and_step(attn, q, k, v, dout):
     return fwd, step
 
 
+def alibi(args):
+    """ALiBi as a score_mod: a bias of slope_h * (kv_idx - q_idx), one slope per query head."""
+    slopes = torch.exp2(-8.0 * torch.arange(1, args.heads + 1, device=args.device) / args.heads)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    return score_mod
+
+
 def run_attend_ring(args, S: int):
     import attend.distributed as cp
 
@@ -127,8 +142,10 @@ def run_attend_ring(args, S: int):
     q, k, v, dout = (cp.shard(t, dim=2, layout=args.layout) for t in full)
     del full
     q, k, v = (t.requires_grad_() for t in (q, k, v))
+    score_mod = alibi(args) if args.score_mod == "alibi" else None
     attn = lambda q, k, v: cp.context_parallel_attention(  # noqa: E731
-        q, k, v, is_causal=args.causal, enable_gqa=args.kv_heads != args.heads, layout=args.layout)
+        q, k, v, is_causal=args.causal, enable_gqa=args.kv_heads != args.heads, layout=args.layout,
+        score_mod=score_mod)
     return _fwd_and_step(attn, q, k, v, dout)
 
 
@@ -142,6 +159,14 @@ def run_one_gpu(args, S: int):
     q, k, v, dout = _inputs(args, S, True)
     attn = lambda q, k, v: attend.scaled_dot_product_attention(  # noqa: E731
         q, k, v, is_causal=args.causal, enable_gqa=args.kv_heads != args.heads)
+    if args.score_mod == "alibi":
+        from attend.flex_attention import create_block_mask, flex_attention
+
+        mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, S, S,
+                                 device=args.device) if args.causal else None
+        score_mod = alibi(args)
+        attn = lambda q, k, v: flex_attention(  # noqa: E731
+            q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=args.kv_heads != args.heads)
     return _fwd_and_step(attn, q, k, v, dout)
 
 
@@ -151,6 +176,9 @@ def run_torch_cp(args, S: int, backend: str, rotate: str):
     import contextlib
 
     import torch.distributed as dist
+
+    if args.score_mod != "none":
+        raise ValueError(f"--score-mod {args.score_mod}: PyTorch's context_parallel SDPA takes no score_mod")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import set_rotate_method
@@ -231,7 +259,8 @@ def main(argv=None) -> None:
     if args.dry_run:
         print(f"would time {', '.join(args.impls)} at S = {', '.join(map(str, args.seqs))}: B={args.batch}, "
               f"H={args.heads}/{args.kv_heads}, D={args.dim}, {args.dtype}, causal={args.causal}, "
-              f"layout={args.layout}, {args.reps} reps after {args.warmup} warm-up, on {args.device}")
+              f"layout={args.layout}, score_mod={args.score_mod}, {args.reps} reps after {args.warmup} warm-up, "
+              f"on {args.device}")
         for S in args.seqs:
             print(f"  S={S}: forward {flops(args, S, False) / 1e12:.1f} TFLOP, forward+backward "
                   f"{flops(args, S, True) / 1e12:.1f} TFLOP")
@@ -248,7 +277,7 @@ def main(argv=None) -> None:
         if dist.get_rank() == 0:
             dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
             print(f"{dist.get_world_size()} ranks on {dev}, torch {torch.__version__}, {args.dtype}, B={args.batch}, "
-                  f"H={args.heads}/{args.kv_heads}, D={args.dim}, causal={args.causal}")
+                  f"H={args.heads}/{args.kv_heads}, D={args.dim}, causal={args.causal}, score_mod={args.score_mod}")
             print(table(args, rows))
             if args.json:
                 with open(args.json, "w") as f:

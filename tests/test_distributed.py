@@ -26,6 +26,7 @@ from attend._layout import Band
 from attend.distributed import (context_parallel_attention, pad_for_sharding, padded_length, record_ring_stats, shard,
                                 shard_positions, unshard)
 from attend.distributed.blocks import FusedBlocks, Mask, merge_, plan
+from attend.flex_attention import flex_attention
 from attend.varlen import varlen_attn
 from conftest import DEVICE, FLOOR, KERNELS, assert_matches_float64
 
@@ -68,6 +69,110 @@ CASES = [
     Case("docs-noncausal-padded", docs=(4, 9), unpadded=3),
     Case("docs-window-gqa", window=(5, 0), heads=(4, 2), docs=(11, 0, 3)),
 ]
+
+
+@dataclass(frozen=True)
+class FlexCase:
+    """FlexAttention mods in the ring, against ``attend.flex_attention`` on the gathered sequence."""
+
+    name: str
+    mod: str  # which mods (see _mods)
+    is_causal: bool = False
+    window: tuple[int, int] | None = None
+    heads: tuple[int, int] = (2, 2)
+    layout: str = "zigzag"
+    chunk: int = 5
+    unpadded: int = 0
+
+
+FLEX_CASES = [
+    FlexCase("alibi-causal-gqa", "alibi", is_causal=True, heads=(4, 2)),
+    FlexCase("softcap-window-contiguous", "softcap", window=(6, 0), layout="contiguous"),
+    FlexCase("docmask-causal-empty-rows", "docs", is_causal=True),
+    FlexCase("relbias-trained-contiguous-padded", "relbias", layout="contiguous", unpadded=1),
+]
+FLEX_IDS = [c.name for c in FLEX_CASES]
+
+
+def _mods(kind: str, H: int, S: int, g: torch.Generator, dtype=F64, device="cpu"):
+    """(score_mod, mask_mod, trained tensors) of a FlexCase; positions are global, ``S`` the padded length."""
+    if kind == "alibi":
+        slopes = torch.exp2(-8.0 * torch.arange(1, H + 1, dtype=dtype) / H).to(device)
+        return (lambda score, b, h, q_idx, kv_idx: score + slopes[h] * (kv_idx - q_idx)), None, []
+    if kind == "softcap":
+        return (lambda score, b, h, q_idx, kv_idx: 2.0 * torch.tanh(score / 2.0)), None, []
+    if kind == "docs":
+        # documents of S/2, S/4 + 1 and the rest tokens: chunk pairs across documents leave blocks
+        # empty; rows with q_idx % 7 == 3 see no key at all (out 0, no gradient)
+        doc = torch.tensor([0] * (S // 2) + [1] * (S // 4 + 1) + [2] * (S - S // 2 - S // 4 - 1), dtype=torch.int32)
+        doc = doc.to(device)
+
+        def document(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (q_idx % 7 != 3)
+        return None, document, []
+    table = torch.randn(H, 2 * S, generator=g, dtype=dtype).to(device).requires_grad_()
+    return (lambda score, b, h, q_idx, kv_idx: score + table[h, q_idx - kv_idx + S]), None, [table]
+
+
+def _flex_reference(Q, K, V, dO, n: int, left: int, right: int, score_mod, mask_mod, trained, scale=None,
+                    block: int = 16):
+    """attend.flex_attention on the first ``n`` tokens (the band and the mask_mod as one block mask):
+    [out, dq, dk, dv] and the trained tensors' gradients."""
+    from attend.flex_attention import and_masks, create_block_mask
+
+    ins = [t[:, :, :n].detach().clone().requires_grad_() for t in (Q, K, V)]
+
+    def band(b, h, q_idx, kv_idx):
+        keep = q_idx >= 0
+        if right >= 0:
+            keep = keep & (kv_idx <= q_idx + right)
+        if left >= 0:
+            keep = keep & (kv_idx >= q_idx - left)
+        return keep
+
+    mask = band if mask_mod is None else and_masks(mask_mod, band)
+    bm = create_block_mask(mask, Q.shape[0], Q.shape[1], n, n, device=Q.device, BLOCK_SIZE=block)
+    for t in trained:
+        t.grad = None
+    out = flex_attention(*ins, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=Q.shape[1] != K.shape[1])
+    out.backward(dO[:, :, :n])
+    got = [out.detach(), *(t.grad for t in ins)], [t.grad.clone() for t in trained]
+    for t in trained:
+        t.grad = None
+    return got
+
+
+def _run_flex_case(case: FlexCase, rank: int, world: int) -> dict:
+    g = torch.Generator().manual_seed(2000 + FLEX_CASES.index(case))
+    hq, hkv = case.heads
+    S = 2 * world * case.chunk if case.layout == "zigzag" else world * case.chunk
+    n = S - case.unpadded
+    B, E = 2, 8
+    Q = torch.randn(B, hq, S, E, generator=g, dtype=F64)
+    K, V = (torch.randn(B, hkv, S, E, generator=g, dtype=F64) for _ in range(2))
+    dO = torch.randn(B, hq, S, E, generator=g, dtype=F64)
+    score_mod, mask_mod, trained = _mods(case.mod, hq, S, g)
+    left, right = case.window or (-1, -1)
+    right = 0 if case.is_causal else right
+    ref, ref_caps = _flex_reference(Q, K, V, dO, n, left, right, score_mod, mask_mod, trained)
+    want = [pad_for_sharding(t, dim=2, world_size=world, layout=case.layout) for t in ref]
+
+    mine = [shard(t, dim=2, layout=case.layout).requires_grad_() for t in (Q, K, V)]
+    with record_ring_stats() as stats:
+        out = context_parallel_attention(*mine, is_causal=case.is_causal, enable_gqa=hq != hkv,
+                                         window_size=case.window, layout=case.layout,
+                                         seq_len=n if case.unpadded else None, score_mod=score_mod, mask_mod=mask_mod)
+        out.backward(shard(dO, dim=2, layout=case.layout))
+    got = [out, *(t.grad for t in mine)]
+    errs = {name: (g_.detach() - shard(w, dim=2, layout=case.layout)).abs().max().item()
+            for name, g_, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    for i, (t, w) in enumerate(zip(trained, ref_caps)):
+        errs[f"capture{i}"] = (t.grad - w).abs().max().item()
+    unmasked = sum(len(s.blocks) for s in plan(rank, world, S // world, case.layout, Mask(left, right, n)))
+    finite = all(bool(torch.isfinite(t).all()) for t in got + [t.grad for t in trained])
+    blind = shard_positions(S, rank=rank, world_size=world, layout=case.layout) % 7 == 3  # docs: rows that see nothing
+    zero_blind = bool((out[:, :, blind] == 0).all() and (mine[0].grad[:, :, blind] == 0).all())
+    return dict(errs=errs, finite=finite, blocks=stats[0].blocks, unmasked_blocks=unmasked, zero_blind=zero_blind)
 
 
 def _cu(lengths, n: int) -> list[int]:
@@ -167,6 +272,15 @@ def _error_cases(rank: int, world: int) -> dict:
     out["cu-seqlens-disagree"] = _catch(lambda: cpa(t(4), t(4), t(4), cu_seqlens=torch.tensor(cu)))
     out["shard-world-size"] = _catch(lambda: shard(t(16), dim=2, world_size=world + 1, rank=0, group=dist.group.WORLD))
     out["shard-not-divisible"] = _catch(lambda: shard(t(2 * world * 2 + 1), dim=2))
+    out["mod-not-callable"] = _catch(lambda: cpa(t(4), t(4), t(4), score_mod=3))
+    out["mod-3d"] = _catch(lambda: cpa(t(4)[0], t(4)[0], t(4)[0], mask_mod=lambda b, h, q, kv: q >= kv))
+
+    def sinh_mod(score, b, h, q_idx, kv_idx):
+        return torch.sinh(score)
+    out["mod-untranslatable"] = _catch(lambda: cpa(t(4), t(4), t(4), score_mod=sinh_mod))
+    out["mod-untranslatable-flex"] = _catch(lambda: flex_attention(t(4), t(4), t(4), score_mod=sinh_mod))
+    out["mods-disagree"] = _catch(lambda: cpa(t(4), t(4), t(4), score_mod=(lambda s, b, h, q, kv: s * 2.0)
+                                              if rank == 0 else None))
     return out
 
 
@@ -192,6 +306,11 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
         for case in CASES:
             try:
                 results[case.name] = _run_case(case, rank, world)
+            except Exception as e:  # reported per case by the parent
+                results[case.name] = dict(exception=f"{type(e).__name__}: {e}")
+        for case in FLEX_CASES:
+            try:
+                results[case.name] = _run_flex_case(case, rank, world)
             except Exception as e:  # reported per case by the parent
                 results[case.name] = dict(exception=f"{type(e).__name__}: {e}")
         results["errors"] = _error_cases(rank, world)
@@ -271,6 +390,37 @@ def test_errors_name_the_problem(ring_results, world):
         assert f"layout='zigzag' over {world} ranks needs a multiple of {2 * world}" in e["shard-not-divisible"]
 
 
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"N{w}")
+@pytest.mark.parametrize("case", FLEX_CASES, ids=FLEX_IDS)
+def test_ring_with_mods_matches_flex_attention(ring_results, world, case):
+    """Outputs and gradients of q, k, v and of a trained capture (summed over every rank's blocks)
+    equal attend.flex_attention on the gathered sequence, float64."""
+    for rank, res in enumerate(ring_results[world]):
+        r = res[case.name]
+        assert "exception" not in r, f"rank {rank}: {r.get('exception')}"
+        assert r["finite"], f"rank {rank}: non-finite output or gradient"
+        for name, err in r["errs"].items():
+            assert err <= TOL, f"rank {rank} {name}: max error {err:.3e} > {TOL:.0e}"
+        if case.mod == "relbias":
+            assert "capture0" in r["errs"]
+        if case.mod == "docs":  # blocks across documents have an empty BlockMask: never computed
+            assert r["blocks"] < r["unmasked_blocks"], (rank, r["blocks"], r["unmasked_blocks"])
+            assert r["zero_blind"], f"rank {rank}: a row that sees no key has a nonzero output or dq"
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"N{w}")
+def test_mod_errors_name_the_argument(ring_results, world):
+    for rank, res in enumerate(ring_results[world]):
+        e = res["errors"]
+        assert "TypeError: score_mod must be a callable or None, got int: 3" in e["mod-not-callable"]
+        assert "got q of shape (2, 4, 4)" in e["mod-3d"] and "(B, H, L, E)" in e["mod-3d"]
+        # flex's own error, unchanged: the op and the mod's line
+        assert e["mod-untranslatable"] == e["mod-untranslatable-flex"]
+        assert "torch.sinh cannot be generated into Triton" in e["mod-untranslatable"]
+        assert "return torch.sinh(score)" in e["mod-untranslatable"]
+        assert "disagree on score_mod (structure checksum, 0: none)" in e["mods-disagree"]
+
+
 def test_hung_peer_is_bounded_by_the_group_timeout(ring_results):
     hung = ring_results[2][0]["hung"]
     assert "Timed out waiting 1500ms" in hung["error"], hung
@@ -305,6 +455,31 @@ def _nccl_worker(rank: int, init: str, out_dir: str) -> None:
                 r = shard(r.detach(), dim=2)
                 errs[(causal, name)] = ((a.detach().double() - r).abs().max().item(),
                                         (shard(b.detach(), dim=2).double() - r).abs().max().item())
+        # FlexAttention mods on the flex core: ALiBi and a trained relative bias, causal, against one
+        # GPU's attend.flex_attention (both against float64 flex)
+        table = (0.1 * torch.randn(H, 2 * S, device="cuda", generator=g)).requires_grad_()
+        slopes = torch.exp2(-8.0 * torch.arange(1, H + 1, device="cuda") / H)
+        table64 = table.detach().double().requires_grad_()
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx) + table[h, q_idx - kv_idx + S]
+
+        def alibi64(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx) + table64[h, q_idx - kv_idx + S]
+
+        (ref64, *g64), (t64,) = _flex_reference(Q.double(), K.double(), V.double(), dO.double(), S, -1, 0, alibi64,
+                                                None, [table64], block=128)
+        (o1, *g1), (t1,) = _flex_reference(Q, K, V, dO, S, -1, 0, alibi, None, [table], block=128)
+        mine = [shard(t, dim=2).requires_grad_() for t in (Q, K, V)]
+        out = context_parallel_attention(*mine, is_causal=True, enable_gqa=True, score_mod=alibi)
+        out.backward(shard(dO, dim=2))
+        for name, a, b, r in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in mine)), (o1, *g1),
+                                 (ref64, *g64)):
+            r = shard(r.detach(), dim=2)
+            errs[("alibi", name)] = ((a.detach().double() - r).abs().max().item(),
+                                     (shard(b.detach(), dim=2).double() - r).abs().max().item())
+        errs[("alibi", "table")] = ((table.grad.double() - t64).abs().max().item(),
+                                    (t1.double() - t64).abs().max().item())
         torch.save(errs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -313,6 +488,8 @@ def _nccl_worker(rank: int, init: str, out_dir: str) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
                     reason="needs two CUDA GPUs and NCCL")
 def test_nccl_bf16_matches_one_gpu():
+    """bf16 on two GPUs against one GPU, both against float64: the fused op pair (causal and not)
+    and FlexAttention mods on the flex core (ALiBi with a trained relative bias, causal)."""
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_nccl_worker, args=(f"tcp://127.0.0.1:{_free_port()}", d), nprocs=2, join=True)
         for rank in range(2):
@@ -467,6 +644,124 @@ def test_one_rank_ring_forward_and_backward(kernel, window, use_kernel):
     p, r = torch.arange(S, device=DEVICE)[:, None], torch.arange(S, device=DEVICE)[None, :]
     sees = (r <= p + right) & ((r >= p - left) if left >= 0 else True)
     assert_matches_float64(out, q, k, v, what=f"{kernel} {window}", attn_mask=sees, enable_gqa=hkv != 2)
+
+
+def _ring_in_one_process(Q, K, V, dO, world: int, layout: str, mask: Mask, mods, kernel: str, scale: float):
+    """Every rank's ring in one process, without communication: each rank's forward (its blocks,
+    merged by LSE), then each rank's backward from its GLOBAL out / lse, dK / dV added to the
+    owner's shard. Returns the gathered out, dq, dk, dv, the trained captures' gradients summed
+    over ranks, and the number of blocks computed."""
+    from attend.distributed import flex as cp_flex
+
+    L = Q.shape[2] // world
+    acc = F64 if Q.dtype == F64 else torch.float32
+    sh = lambda t, r: shard(t, dim=2, rank=r, world_size=world, layout=layout)  # noqa: E731
+    ranks = []
+    for rank in range(world):
+        plans = cp_flex.block_plans(plan(rank, world, L, layout, mask), (rank, world, L, layout, mask), mods,
+                                    Q.shape[0], Q.shape[1], Q.device)
+        blocks = cp_flex.FlexBlocks(kernel, mods, plans)
+        q = sh(Q, rank)
+        out = torch.zeros(*q.shape[:-1], V.shape[-1], dtype=acc, device=Q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=Q.device)
+        for step in plans.steps:
+            k, v = sh(K, step.source), sh(V, step.source)
+            for b in step.blocks:
+                o, l = blocks.forward(q[:, :, b.q0:b.q1], k[:, :, b.k0:b.k1], v[:, :, b.k0:b.k1], b, scale)
+                merge_(out[:, :, b.q0:b.q1], lse[:, :, b.q0:b.q1], o, l)
+        ranks.append((blocks, out.to(Q.dtype), lse))
+    dq = [torch.zeros_like(sh(Q, r), dtype=acc) for r in range(world)]
+    dk = [torch.zeros_like(sh(K, r), dtype=acc) for r in range(world)]
+    dv = [torch.zeros_like(sh(V, r), dtype=acc) for r in range(world)]
+    caps, n_blocks = None, 0
+    for rank, (blocks, out, lse) in enumerate(ranks):
+        blocks.begin_backward()
+        q, do = sh(Q, rank), sh(dO, rank)
+        for step in blocks.plans.steps:
+            k, v = sh(K, step.source), sh(V, step.source)
+            for b in step.blocks:
+                g = blocks.backward(do[:, :, b.q0:b.q1], q[:, :, b.q0:b.q1], k[:, :, b.k0:b.k1], v[:, :, b.k0:b.k1],
+                                    out[:, :, b.q0:b.q1], lse[:, :, b.q0:b.q1], b, scale)
+                dq[rank][:, :, b.q0:b.q1] += g[0]
+                dk[step.source][:, :, b.k0:b.k1] += g[1]
+                dv[step.source][:, :, b.k0:b.k1] += g[2]
+                n_blocks += 1
+        caps = blocks.capture_grads if caps is None else [a + c for a, c in zip(caps, blocks.capture_grads)]
+    whole = lambda parts: unshard(parts, dim=2, layout=layout)  # noqa: E731
+    return [whole([r[1] for r in ranks]), whole(dq), whole(dk), whole(dv)], caps, n_blocks
+
+
+def test_flex_blocks_on_the_flex_core_generate_one_kernel():
+    """FlexBlocks on attend's flex core (the path GPUs take; here under the interpreter), two ranks
+    simulated in one process, causal zigzag with GQA, a document mask_mod and a trained
+    relative-bias table: outputs and gradients against float64 attend.flex_attention, within a
+    small multiple of float32 flex_attention's own error. Every block of every step runs the
+    same two generated hooks, and a new table (another layer) generates nothing."""
+    from attend._flex import codegen
+    from attend.distributed import flex as cp_flex
+
+    if not attend.backends._kernels.interpreter_on() and not torch.cuda.is_available():
+        pytest.skip("attend's flex core runs here only under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(11)
+    world, S, E, (hq, hkv) = 2, 32, 16, (2, 1)
+    Q, dO = (torch.randn(1, hq, S, E, generator=g).to(DEVICE) for _ in range(2))
+    K, V = (torch.randn(1, hkv, S, E, generator=g).to(DEVICE) for _ in range(2))
+    table = torch.randn(hq, 2 * S, generator=g).to(DEVICE).requires_grad_()
+    doc = torch.tensor([0] * 13 + [1] * 19, dtype=torch.int32, device=DEVICE)
+
+    def relative(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + S]
+
+    def document(b, h, q_idx, kv_idx):  # rows with q_idx % 7 == 3 see no key: out 0, gradients 0 (no NaN)
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx % 7 != 3)
+
+    mask = Mask(-1, 0, S)
+    mods = cp_flex.trace_mods(relative, document, -1, 0)
+    before = codegen.GENERATIONS["count"]
+    got, got_caps, n_blocks = _ring_in_one_process(Q, K, V, dO, world, "zigzag", mask, mods, "triton", E ** -0.5)
+    assert n_blocks >= 4 and codegen.GENERATIONS["count"] - before <= 2, "a block or step generated its own hooks"
+
+    f64 = [t.double() for t in (Q, K, V, dO)]
+    table64 = table.detach().double().requires_grad_()
+
+    def relative64(score, b, h, q_idx, kv_idx):
+        return score + table64[h, q_idx - kv_idx + S]
+
+    want, want_caps = _flex_reference(*f64, S, -1, 0, relative64, document, [table64])
+    same, same_caps = _flex_reference(Q, K, V, dO, S, -1, 0, relative, document, [table])
+    for name, a, b, r in zip(("out", "dq", "dk", "dv", "table"), got + got_caps, same + same_caps, want + want_caps):
+        err, err_ref = (a.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
+        assert torch.isfinite(a).all() and err <= 4 * err_ref + FLOOR[torch.float32], (name, err, err_ref)
+
+    table2 = torch.randn(hq, 2 * S, generator=g).to(DEVICE)  # another layer: new values, same structure
+    mods2 = cp_flex.trace_mods(lambda score, b, h, q_idx, kv_idx: score + table2[h, q_idx - kv_idx + S], document,
+                               -1, 0)
+    count = codegen.GENERATIONS["count"]
+    codegen.hooks(mods2.score_global), codegen.hooks(mods2.mask_global)
+    assert mods2.score_global.key == mods.score_global.key and codegen.GENERATIONS["count"] == count
+
+
+def test_block_plans_are_cached_until_the_mask_changes():
+    from attend.distributed import flex as cp_flex
+
+    doc = torch.tensor([0] * 8 + [1] * 8, dtype=torch.int32)
+
+    def document(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    mask = Mask(-1, 0, 16)
+    steps = plan(0, 2, 8, "zigzag", mask)
+    first = cp_flex.block_plans(steps, (0, 2, 8, "zigzag", mask), cp_flex.trace_mods(None, document, -1, 0), 1, 2,
+                                "cpu")
+    again = cp_flex.block_plans(steps, (0, 2, 8, "zigzag", mask), cp_flex.trace_mods(None, document, -1, 0), 1, 2,
+                                "cpu")
+    assert again is first
+    # rank 0 holds chunks 0 and 3 (documents 0 and 1): chunk 3 x chunks 0 and 1 crosses documents
+    assert sum(len(s.blocks) for s in first.steps) < sum(len(s.blocks) for s in steps)
+    doc[:] = 0  # changed in place: one document, nothing crosses
+    changed = cp_flex.block_plans(steps, (0, 2, 8, "zigzag", mask), cp_flex.trace_mods(None, document, -1, 0), 1, 2,
+                                  "cpu")
+    assert changed is not first and sum(len(s.blocks) for s in changed.steps) == sum(len(s.blocks) for s in steps)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])

@@ -7,7 +7,8 @@ one received from ``rank - 1``); each block's ``(out, lse)`` is merged into floa
 by ``blocks.merge_``. Backward: the same ring, each block recomputed from the GLOBAL ``out`` and
 ``lse`` (so ``delta = rowsum(dO * O)`` is the whole row's); dQ stays local, and each visiting
 shard's dK/dV travels with it, gathering every rank's contribution, until a last hop returns it
-to its owner.
+to its owner. With FlexAttention mods the blocks are ``flex.FlexBlocks``; the gradients of a
+score_mod's trained captures are summed over blocks and steps, then all-reduced over the group.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import contextvars
 import math
 import numbers
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from . import flex
 from .blocks import FusedBlocks, Mask, BlockAttention, merge_, plan
 from .layout import LAYOUTS, check_layout, chunks_per_rank, padded_length
 
@@ -162,6 +164,7 @@ class _Config:
     blocks: BlockAttention
     scale: float
     stats: list | None = None  # record_ring_stats' list at the call (the backward may run on another thread)
+    captures: tuple = ()  # tensors the blocks read that receive gradients (a score_mod's trained captures)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -224,9 +227,19 @@ def ring_backward(dout, q, k, v, out, lse, cfg: _Config):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def capture_gradients(cfg: _Config) -> list[torch.Tensor]:
+    """The gradients of ``cfg.captures`` after ``ring_backward``: this rank's blocks' sum, all-reduced
+    (summed) over the group, since every rank's blocks read the same (replicated) tensors."""
+    grads = list(cfg.blocks.capture_grads)
+    if cfg.ring is not None:
+        for g in grads:
+            _dist().all_reduce(g, group=cfg.ring.group)
+    return [g.to(t.dtype) for g, t in zip(grads, cfg.captures)]
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cfg: _Config):
+    def forward(ctx, q, k, v, cfg: _Config, *captures):
         from ..kernels import options as kernel_options
 
         out, lse = ring_forward(q, k, v, cfg)
@@ -240,9 +253,13 @@ class _RingAttention(torch.autograd.Function):
         from ..kernels import options as kernel_options
 
         q, k, v, out, lse = ctx.saved_tensors
+        cfg = ctx.cfg
+        if cfg.captures:
+            cfg.blocks.begin_backward()
         with kernel_options.use(ctx.kernel_options):  # the forward's (autograd may run this on another thread)
-            dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.cfg)
-        return dq, dk, dv, None
+            dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, cfg)
+        caps = capture_gradients(cfg) if cfg.captures else []
+        return (dq, dk, dv, None, *(g if need else None for g, need in zip(caps, ctx.needs_input_grad[4:])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +336,24 @@ def _check_cu_seqlens(cu_seqlens, seq_len) -> tuple[int, ...] | None:
     return cu
 
 
+def _check_mods(score_mod, mask_mod, q, left: int, right: int) -> "flex.Mods":
+    """The traced mods (flex's own FlexTraceError for a mod it cannot generate, unchanged)."""
+    if q.dim() != 4:
+        raise ValueError(f"score_mod / mask_mod take q, k, v as (B, H, L, E), FlexAttention's layout (the mods "
+                         f"see b and h); got q of shape {tuple(q.shape)}")
+    mods = flex.trace_mods(score_mod, mask_mod, left, right)
+    for kind, graph in (("score_mod", mods.score), ("mask_mod", mods.mask)):
+        for c in (graph.captures if graph is not None else []):
+            if c.tensor.device != q.device:
+                raise ValueError(f"{kind} captures a tensor of shape {tuple(c.tensor.shape)} on {c.tensor.device}; "
+                                 f"q is on {q.device} (captured tensors must be on the shards' device)")
+    return mods
+
+
 _META = ("argument checks", "batch", "q heads", "k/v heads", "head dim", "value head dim", "tokens per rank (dim -2)",
          "dtype", "layout", "window left", "window right (0: is_causal)", "seq_len", "scale (x1e6)",
-         "cu_seqlens (entries)", "cu_seqlens (checksum)")
+         "cu_seqlens (entries)", "cu_seqlens (checksum)", "score_mod (structure checksum, 0: none)",
+         "mask_mod (structure checksum, 0: none)", "score_mod's trained captures (elements)")
 
 
 def _check_ranks_agree(meta: list[int], group, device: torch.device, rank: int, size: int) -> None:
@@ -367,7 +399,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
                                window_size: tuple[int, int] | None = None, layout: str = "zigzag",
                                seq_len: int | None = None,
-                               cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+                               cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+                               score_mod: Callable | None = None, mask_mod: Callable | None = None) -> torch.Tensor:
     """Attention over a sequence sharded across the ranks of ``group``; returns this rank's shard
     of the output, with the backward.
 
@@ -392,7 +425,16 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
       (the mask above applies within it, top-left aligned per document as in ``varlen_attn``'s
       square sequences). Ints or a 1-D integer tensor, the same on every rank and for every
       batch element; ``cu_seqlens[-1]`` is the real length (what ``seq_len`` would say).
-    - Chunk pairs the mask leaves empty are skipped; ``record_ring_stats`` counts them.
+    - ``score_mod(score, b, h, q_idx, kv_idx)`` / ``mask_mod(b, h, q_idx, kv_idx)``:
+      FlexAttention's mods (``attend.flex_attention``), seeing ``q_idx`` / ``kv_idx`` as positions
+      in the whole (unsharded, padded) sequence, ``b`` the batch index and ``h`` the query head:
+      the result is this rank's shard of ``attend.flex_attention(Q, K, V, score_mod, block_mask)``
+      on the gathered sequence, with ``block_mask`` the mask_mod AND every mask above (causal,
+      window, documents, padding). q must be 4-D ``(B, Hq, L, E)``. Tensors the mods capture
+      must be the same on every rank; a score_mod's captured float tensors that require grad
+      receive gradients summed over every rank's blocks (all-reduced over ``group``).
+    - Chunk pairs the mask leaves empty are skipped; ``record_ring_stats`` counts them. With a
+      mask_mod, blocks its BlockMask leaves empty are skipped too.
 
     Every rank of ``group`` must call it (collectively), in the same order as its other
     collectives. A ValueError names any argument on which the ranks disagree.
@@ -403,13 +445,18 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     # Checks that could fail on one rank alone still take part in the all-gather (flagged), so the
     # other ranks raise too instead of waiting for this one in the ring.
+    from .._flex.trace import FlexTraceError
+
+    mods = None
     try:
         layout = check_layout(layout)
         left, right = _check_options(is_causal, scale, enable_gqa, window_size, seq_len)
         cu = _check_cu_seqlens(cu_seqlens, seq_len)
         seq_len = cu[-1] if cu is not None else seq_len
         _check_tensors(q, k, v, enable_gqa)
-    except (TypeError, ValueError):
+        if score_mod is not None or mask_mod is not None:
+            mods = _check_mods(score_mod, mask_mod, q, left, right)
+    except (TypeError, ValueError, FlexTraceError):
         if size > 1:
             _check_ranks_agree([1] + [0] * (len(_META) - 1), group, _meta_device(q), rank, size)
         raise
@@ -419,7 +466,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         meta = [0, math.prod(q.shape[:-3]), q.shape[-3], k.shape[-3], q.shape[-1], v.shape[-1], L,
                 _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 99, LAYOUTS.index(layout), left, right,
                 -1 if seq_len is None else seq_len, round(s * 1e6), 0 if cu is None else len(cu),
-                0 if cu is None else zlib.crc32(repr(cu).encode())]
+                0 if cu is None else zlib.crc32(repr(cu).encode()),
+                0 if mods is None else flex.structure_checksum(mods.score),
+                0 if mods is None else flex.structure_checksum(mods.mask),
+                0 if mods is None else sum(t.numel() for t in mods.trained)]
         _check_ranks_agree(meta, group, q.device, rank, size)
     per = chunks_per_rank(layout)
     if L % per:
@@ -440,8 +490,16 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                          f"{', '.join(str(d) for d in TRITON_MASK_DTYPES)}, head dims up to {TRITON_MAX_HEAD_DIM} "
                          f"and equal q/v head dims; got {q.dtype}, {q.shape[-1]} and {v.shape[-1]}")
     mask = Mask(left, right, L * size if seq_len is None else seq_len, cu)
-    cfg = _Config(Ring(group, rank, size, q.device) if size > 1 else None, plan(rank, size, L, layout, mask),
-                  FusedBlocks(kernel), s, _STATS.get())
+    steps = plan(rank, size, L, layout, mask)
+    blocks, captures = FusedBlocks(kernel), ()
+    if mods is not None:
+        plans = flex.block_plans(steps, (rank, size, L, layout, mask), mods, q.shape[0], q.shape[1], q.device)
+        steps, captures = plans.steps, tuple(mods.trained)
+        # The flex core scatters a trained capture's gradient by atomics; deterministic mode takes
+        # the torch path then, as flex_attention takes its blocked path.
+        fused = kernel == "triton" and not (captures and torch.are_deterministic_algorithms_enabled())
+        blocks = flex.FlexBlocks("triton" if fused else "torch", mods, plans)
+    cfg = _Config(Ring(group, rank, size, q.device) if size > 1 else None, steps, blocks, s, _STATS.get(), captures)
     q4, k4, v4 = (to_4d(t).contiguous() for t in (q, k, v))  # P2P sends need dense tensors
-    out = _RingAttention.apply(q4, k4, v4, cfg)
+    out = _RingAttention.apply(q4, k4, v4, cfg, *captures)
     return out.reshape(*q.shape[:-1], v.shape[-1])
