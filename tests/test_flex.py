@@ -456,11 +456,15 @@ def _run_tile(graph, score, b, h, q0, kv0, q_len, kv_len, ds):
     return out, dscore, args.grads
 
 
-@pytest.mark.parametrize("mod_name", ["all_ops", "softcap_alibi_table"])
+@pytest.mark.parametrize("mod_name", ["all_ops", "softcap_alibi_table", "nested_index"])
 def test_generated_hooks_match_float64_graph(mod_name):
     torch.manual_seed(4)
     if mod_name == "all_ops":
         mod, q_len, kv_len = _all_ops_mod(), 30, 50
+    elif mod_name == "nested_index":  # a capture indexed by a value loaded from another
+        pos, bias = torch.randperm(50, device=DEVICE), torch.randn(50, device=DEVICE)
+        mod = lambda s, b, h, qi, ki: s + bias[pos[qi]] - bias[pos[ki]]
+        q_len, kv_len = 30, 50
     else:
         slopes, table = torch.rand(3, device=DEVICE), torch.randn(3, 80, device=DEVICE)
         mod = lambda s, b, h, qi, ki: 30 * torch.tanh(s / 30) - slopes[h] * (qi - ki).abs() + table[h, qi - ki + 40]

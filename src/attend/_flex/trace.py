@@ -575,7 +575,8 @@ class _Builder:
     def _index(self, base, index):
         if not (isinstance(base, tuple) and base and base[0] == "capture"):
             raise self.error("indexing a value that is not a captured tensor")
-        index = index if isinstance(index, tuple) else (index,)
+        if not isinstance(index, tuple) or (index and index[0] == "capture"):  # one index (a loaded capture too)
+            index = (index,)
         _, c, done = base
         parts = []
         for ix in index:
