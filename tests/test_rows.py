@@ -178,3 +178,29 @@ def test_gluon_kernels_serve_row_views(kw, spy):
         assert_matches_float64(out, q, k, v, what="gluon rows", **kw)
     if launch._gluon_device(q):
         assert spy and all(p is not None for _, p in spy), spy
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_row_call_captured_in_a_cuda_graph():
+    """Offsets first made while a CUDA graph is captured exist only in its replays: they are not
+    cached for later eager calls, and the replay computes what an eager call does."""
+    B, L, H, D = 2, 256, 4, 128
+    q, k, v = (rows(B, L, H, D, torch.bfloat16).detach() for _ in range(3))
+
+    def call():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), kernel_options(rows_packed=True):
+            return attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    eager = call()  # compiles the kernels outside the capture
+    launch._uniform.cache_clear()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        captured = call()
+    torch.cuda.current_stream().wait_stream(side)
+    assert launch._uniform.cache_info().currsize == 0, "offsets made during the capture were cached"
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    torch.testing.assert_close(call(), eager, rtol=0, atol=0)

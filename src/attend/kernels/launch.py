@@ -270,12 +270,22 @@ def _tokens(t: torch.Tensor, written: bool = False) -> torch.Tensor:
     return t2.view(-1, t.shape[1], t.shape[3]) if written else t2.reshape(-1, t.shape[1], t.shape[3])
 
 
+def _offsets(n: int, L: int, S: int, device: torch.device) -> Packed:
+    """The offsets of ``n`` packed sequences of L queries and S keys each (a row call's). Made once
+    per shape (``_uniform``), except while a CUDA graph is being captured: kernels recorded then
+    run only at replay, so a tensor made then holds its values only in that graph's replays."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        cu_q = torch.arange(0, (n + 1) * L, L, dtype=torch.int32, device=device)
+        cu_k = cu_q if S == L else torch.arange(0, (n + 1) * S, S, dtype=torch.int32, device=device)
+        return Packed(cu_q, cu_k)
+    return _uniform(n, L, S, device)
+
+
 @functools.lru_cache(maxsize=64)
 def _uniform(n: int, L: int, S: int, device: torch.device) -> Packed:
-    """The offsets of ``n`` packed sequences of L queries and S keys each (a row call's), made once
-    per shape: no allocation or host-to-device copy per call."""
-    cu_q = torch.arange(0, (n + 1) * L, L, dtype=torch.int32, device=device)
-    cu_k = cu_q if S == L else torch.arange(0, (n + 1) * S, S, dtype=torch.int32, device=device)
+    # made on the host and copied synchronously: there on every stream before the first use
+    cu_q = torch.arange(0, (n + 1) * L, L, dtype=torch.int32).to(device)
+    cu_k = cu_q if S == L else torch.arange(0, (n + 1) * S, S, dtype=torch.int32).to(device)
     return Packed(cu_q, cu_k)
 
 
@@ -293,7 +303,7 @@ def _rows_packed(opts: KernelOptions, q, k, v, dout=None) -> Packed | None:
     S = k.shape[2]
     if opts.rows_packed is False or S == 0:
         return None
-    packed = _uniform(B, L, S, q.device)
+    packed = _offsets(B, L, S, q.device)
     if opts.rows_packed:
         return packed
     if not _gluon_device(q):
