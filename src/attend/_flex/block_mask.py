@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import operator
 import os
 from typing import Callable
@@ -134,11 +135,16 @@ class BlockMask:
         return functools.reduce(operator.mul, self.shape, 1)
 
     def sparsity(self) -> float:
-        """Percentage of blocks skipped."""
+        """Percentage of blocks skipped, of every (batch, head, query block, key block), a ragged
+        last block counting as one: PyTorch 2.14's definition (2.13 compared block areas with L x S,
+        which is off, even negative, for lengths that are not multiples of the block size)."""
         blocks = self.kv_num_blocks.sum().item()
         if self.full_kv_num_blocks is not None:
             blocks += self.full_kv_num_blocks.sum().item()
-        return 100 * (1 - blocks * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / self.numel())
+        total = math.prod(self.kv_num_blocks.shape[:-1])
+        for n, block in zip(self.seq_lengths, self.BLOCK_SIZE):
+            total *= -(-n // block)
+        return 100 * (1 - blocks / total) if total else 0.0
 
     def to_dense(self) -> torch.Tensor:
         """The [..., query blocks, key blocks] int32 0/1 matrix of visited blocks."""
