@@ -11,10 +11,11 @@ import torch
 
 import attend
 from attend import SDPBackend, sdpa_kernel
-from attend._layout import is_rows, rows_call
+from attend._layout import Band, is_rows, rows_call
 from attend.kernels import launch
 from attend.kernels.options import kernel_options
 from attend.ops import attention as fused_ops
+from attend.ops import fused_attention
 
 from conftest import DEVICE, assert_matches_float64, assert_scaled_close
 
@@ -62,9 +63,12 @@ def test_row_views_match_float64_in_the_models_layout(case, packed, spy):
         for name, t, g in zip("qkv", (q, k, v), grads):
             assert g.stride() == t.stride(), f"d{name} strides {g.stride()} != {name}'s {t.stride()}"
         assert_matches_float64(out, q, k, v, what=case, **kw)
-    ran_packed = [p is not None for _, p in spy]
-    want = bool(packed) or (packed is None and launch._gluon_device(q))
-    assert ran_packed and all(r == want for r in ran_packed), (packed, spy)
+    with kernel_options(rows_packed=packed):  # auto: packed where the Gluon kernels serve it
+        want = {"_forward": launch.rows_packed_forward(q, k, v),
+                "_backward": launch._rows_packed(launch.resolve(None), q, k, v, q) is not None}
+    assert spy and all((p is not None) == want[name] for name, p in spy), (packed, want, spy)
+    if packed is not None:
+        assert all(want.values()) == packed
 
 
 def test_bottom_right_causal_rows_match_float64():
@@ -204,3 +208,116 @@ def test_row_call_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, eager, rtol=0, atol=0)
     torch.testing.assert_close(call(), eager, rtol=0, atol=0)
+
+
+def _view(B, L, H, D, dtype=torch.float32):
+    """A (B, H, L, D) view of a fresh (B, L, H, D) tensor, not requiring grad."""
+    return torch.randn(B, L, H, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+
+
+def _reference_lse(q, k, v, scale: float, dtype=torch.float64):
+    """Causal out and lse in ``dtype`` (float64: the oracle; the inputs' own: the yardstick), with
+    the leaves they were computed from."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1), (q, k, v)
+
+
+def test_packed_backward_reads_a_batch_slice_of_the_lse():
+    """launch.backward promises any lse layout works (odd ones are copied). The first half of a
+    call's batch, backpropagated from slices of its q / k / v / out / lse (micro-batching, a
+    pipeline stage): the lse slice's (H, T) view has row stride 2T, read as T when packed."""
+    B2, L, H, D = 4, 8, 3, 16
+    scale = D ** -0.5
+    q, k, v = (_view(B2, L, H, D) for _ in range(3))
+    B = B2 // 2
+    with kernel_options(rows_packed=True):
+        out, lse = launch.forward(q, k, v, None, 0.0, Band.causal(), scale, 0)
+        dout = torch.randn_like(out)
+        dq, dk, dv, _ = launch.backward(dout[:B], q[:B], k[:B], v[:B], out[:B], lse[:B], None, 0.0, Band.causal(),
+                                        scale, 0, False)
+    ref, _, leaves = _reference_lse(q[:B], k[:B], v[:B], scale)
+    refs = torch.autograd.grad(ref, leaves, dout[:B].double())
+    same, _, same_leaves = _reference_lse(q[:B], k[:B], v[:B], scale, torch.float32)
+    sames = torch.autograd.grad(same, same_leaves, dout[:B])
+    for name, g, r, s in zip("qkv", (dq, dk, dv), refs, sames):
+        assert_scaled_close(g, r, s, k=6.0, what=f"d{name}")
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
+def test_in_place_op_on_the_output_of_row_views(packed):
+    """attend's output takes in-place ops as PyTorch's SDPA output does (and attend's own for
+    contiguous inputs): a model scaling or masking it in place outside torch.no_grad."""
+    B, L, H, D = 2, 9, 2, 16
+    q, k, v = (_view(B, L, H, D).requires_grad_() for _ in range(3))
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), kernel_options(rows_packed=packed):
+        out = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want = 2.0 * out.detach().clone()
+    out.mul_(2.0)  # a view returned by the op would refuse this
+    torch.testing.assert_close(out.detach(), want, rtol=0, atol=0)
+
+
+def test_offsets_cached_under_inference_mode_serve_later_calls():
+    B, L, H, D = 2, 11, 2, 16  # a shape no other test caches
+    launch._uniform.cache_clear()
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), kernel_options(rows_packed=True, varlen_worklist=True):
+        with torch.inference_mode():
+            attend.scaled_dot_product_attention(*(_view(B, L, H, D) for _ in range(3)), is_causal=True)
+        q, k, v = (_view(B, L, H, D).requires_grad_() for _ in range(3))
+        out = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert_matches_float64(out, q, k, v, what="after an inference-mode call", is_causal=True)
+
+
+def test_rows_auto_expectation_on_an_sm90_device(monkeypatch):
+    """What test_row_views_match_float64_in_the_models_layout does on an sm_90 GPU,
+    simulated: _gluon_device says yes, the eligibility checks run as they would there."""
+    seen = []
+    for name in ("_forward", "_backward"):
+        real = getattr(launch, name)
+
+        def wrapped(*args, _real=real, _name=name, **kw):
+            seen.append((_name, args[17] if _name == "_forward" else args[22]))
+            return _real(*args, **kw)
+        monkeypatch.setattr(launch, name, wrapped)
+    monkeypatch.setattr(launch, "_gluon_device", lambda t: True)
+    test_row_views_match_float64_in_the_models_layout("full", None, seen)
+
+
+@pytest.mark.parametrize("layout", ["rows", "contiguous"])
+def test_gradient_through_the_lse_of_the_fused_op(layout):
+    B, L, H, D = 2, 8, 3, 16
+    scale = D ** -0.5
+    make = rows if layout == "rows" else (lambda B, L, H, D: torch.randn(B, H, L, D, device=DEVICE))
+    q, k, v = (make(B, L, H, D).requires_grad_() for _ in range(3))
+    out, lse = fused_attention(q, k, v, None, 0.0, Band.causal(), scale, "triton")
+    assert lse.requires_grad
+    dlse = torch.randn_like(lse)
+    grads = torch.autograd.grad(lse, (q, k), dlse)
+    _, ref_lse, leaves = _reference_lse(q, k, v, scale)
+    refs = torch.autograd.grad(ref_lse, leaves[:2], dlse.double())
+    _, same_lse, same_leaves = _reference_lse(q, k, v, scale, torch.float32)
+    sames = torch.autograd.grad(same_lse, same_leaves[:2], dlse)
+    for name, g, r, s in zip("qk", grads, refs, sames):
+        assert_scaled_close(g, r, s, k=6.0, what=f"d{name} from the lse")
+
+
+def test_explain_names_the_row_layout_of_a_five_dim_call(monkeypatch):
+    """A (N, B, H, L, D) view of (N, B, L, H, D) projections runs as a row call (to_4d merges N
+    and B into one batch dim); explain says so as it does for the 4-D call."""
+    q = torch.randn(1, 2, 8, 3, 16, device=DEVICE).transpose(2, 3)
+    seen = []
+    real = launch.forward
+
+    def spy(q, k, v, mask, dropout_p, *args, **kw):
+        seen.append(attend._layout.rows_call(q, k, v, mask, dropout_p))
+        return real(q, k, v, mask, dropout_p, *args, **kw)
+    monkeypatch.setattr(launch, "forward", spy)
+    from attend.ops import registry
+    monkeypatch.setitem(registry.KERNELS, registry.Kernel.TRITON,
+                        registry.Launchers(spy, launch.backward, launch.varlen_forward, launch.varlen_backward))
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        attend.scaled_dot_product_attention(q, q, q)
+        decision = attend.explain(q, q, q)
+    assert seen == [True], seen  # the launchers did get a row call
+    assert any(line.startswith("layout:") for line in str(decision).splitlines()), str(decision)

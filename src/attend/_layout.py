@@ -78,13 +78,14 @@ def rows_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p
 
 
 def rows_out(q: torch.Tensor, ev: int) -> torch.Tensor:
-    """An empty output (B, H, L, ev) of a ``rows_call``: the .transpose(1, 2) view of (B, L, H, ev)."""
+    """An empty output (B, H, L, ev) of a ``rows_call``, laid out as the .transpose(1, 2) view of
+    (B, L, H, ev) but not a view (an op's output takes in-place ops only if it is none)."""
     B, H, L, _ = q.shape
-    return q.new_empty((B, L, H, ev)).transpose(1, 2)
+    return torch.empty_strided((B, H, L, ev), (L * H * ev, ev, H * ev, 1), dtype=q.dtype, device=q.device)
 
 
 def rows_lse(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An empty LSE (B, H, L) of a ``rows_call``: a view of (H, B, L), whose (H, B * L) view is the
+    """An empty LSE (B, H, L) of a ``rows_call`` over (H, B, L) storage, whose (H, B * L) view is the
     packed LSE the varlen launchers write (one row of T = B * L tokens per head)."""
     B, H, L, _ = q.shape
-    return torch.empty((H, B, L), dtype=dtype, device=q.device).permute(1, 0, 2)
+    return torch.empty_strided((B, H, L), (L, B * L, 1), dtype=dtype, device=q.device)

@@ -84,11 +84,12 @@ def kernel_notes(p: SDPAParams) -> list[str]:
 def _layout_note(p: SDPAParams) -> list[str]:
     """A model's row views (``_layout.rows_call``): how the launchers run them."""
     from .._layout import rows_call
+    from .._params import to_4d
     from ..kernels import launch
     from ._base import mask_for_kernel
 
-    q, k, v = p.query, p.key, p.value
-    if q.dim() != 4 or not rows_call(q, k, v, mask_for_kernel(p), p.dropout):
+    q, k, v = to_4d(p.query), to_4d(p.key), to_4d(p.value)  # as run_fused hands them to the launchers
+    if not rows_call(q, k, v, mask_for_kernel(p), p.dropout):
         return []
     how = ("as B packed sequences of one length (the Gluon forward reads their (T, H * D) rows)"
            if launch.rows_packed_forward(q, k, v) else "as strided dense calls of the core")

@@ -283,9 +283,11 @@ def _offsets(n: int, L: int, S: int, device: torch.device) -> Packed:
 
 @functools.lru_cache(maxsize=64)
 def _uniform(n: int, L: int, S: int, device: torch.device) -> Packed:
-    # made on the host and copied synchronously: there on every stream before the first use
-    cu_q = torch.arange(0, (n + 1) * L, L, dtype=torch.int32).to(device)
-    cu_k = cu_q if S == L else torch.arange(0, (n + 1) * S, S, dtype=torch.int32).to(device)
+    # Made on the host and copied synchronously: there on every stream before the first use. Never
+    # inference tensors (a first call under torch.inference_mode): later calls read their version.
+    with torch.inference_mode(False):
+        cu_q = torch.arange(0, (n + 1) * L, L, dtype=torch.int32).to(device)
+        cu_k = cu_q if S == L else torch.arange(0, (n + 1) * S, S, dtype=torch.int32).to(device)
     return Packed(cu_q, cu_k)
 
 
@@ -467,8 +469,9 @@ def _rows_backward(dout, q, k, v, out, lse, dlse, dk, dv, packed: Packed, band: 
     (T_k, Hkv, D) views (``dk`` / ``dv``: empty, laid out as k / v)."""
     B, H, L, D = q.shape
     T = B * L
-    lse_t = lse.permute(1, 0, 2).reshape(H, T)  # rows_lse's own storage: a view
-    dlse_t = None if dlse is None else dlse.permute(1, 0, 2).reshape(H, T)
+    # (H, T) rows read with strides (0, T): rows_lse's own storage as it is, any other lse copied
+    lse_t = lse.permute(1, 0, 2).reshape(H, T).contiguous()
+    dlse_t = None if dlse is None else dlse.permute(1, 0, 2).reshape(H, T).contiguous()
     dout4, q4, k4, v4, out4 = (packed4(_tokens(t)) for t in (dout, q, k, v, out))
     dk4, dv4 = packed4(_tokens(dk, True)), packed4(_tokens(dv, True))
     dq4 = _backward(dout4, q4, k4, v4, out4, lse_t, dlse_t, (0, T), dk4, dv4, B, L, k.shape[2], None,

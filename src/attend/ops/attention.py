@@ -64,10 +64,12 @@ def _fused_bwd(
     seed: Optional[torch.Tensor],
     kernel: str,
     mask_grad: bool,
+    dlse: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     bwd = launchers(kernel).backward
     s = int(seed.item()) if seed is not None else 0
-    dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask, dropout_p, Band.from_op(band), scale, s, mask_grad)
+    dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask, dropout_p, Band.from_op(band), scale, s, mask_grad,
+                            dlse=dlse)
     if dmask is None:
         dmask = q.new_empty((0,))
     return dq, dk, dv, dmask
@@ -77,7 +79,7 @@ fused_bwd = torch.library.custom_op("attend::fused_bwd", _fused_bwd, mutates_arg
 
 
 @fused_bwd.register_fake
-def _(dout, q, k, v, out, lse, mask, dropout_p, band, scale, seed, kernel, mask_grad):
+def _(dout, q, k, v, out, lse, mask, dropout_p, band, scale, seed, kernel, mask_grad, dlse=None):
     dmask = torch.empty_like(mask) if mask_grad and mask is not None else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
@@ -94,12 +96,12 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     dropout_p, band, scale, kernel = ctx.params
     mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
-    args = (_like_out(dout, out), q, k, v, out, lse, mask, dropout_p, band, scale, seed, kernel, mask_grad)
+    args = (_like_out(dout, out), q, k, v, out, lse, mask, dropout_p, band, scale, seed, kernel, mask_grad, dlse)
     # Traced (torch.compile): the custom op, so the graph holds one opaque node. Eager: the same
     # function without the dispatcher round trip (host time the GPU waits on at small shapes).
     # The kernel options in force at the forward apply (autograd may run this on another thread).
     with kernel_options.use(ctx.kernel_options):
-        grads = _fused_bwd(*args) if is_eager(dout, q, k, v, mask) else fused_bwd(*args)
+        grads = _fused_bwd(*args) if is_eager(dout, q, k, v, mask, dlse) else fused_bwd(*args)
     dq, dk, dv, dmask = grads
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
 
