@@ -321,3 +321,17 @@ def test_explain_names_the_row_layout_of_a_five_dim_call(monkeypatch):
         decision = attend.explain(q, q, q)
     assert seen == [True], seen  # the launchers did get a row call
     assert any(line.startswith("layout:") for line in str(decision).splitlines()), str(decision)
+
+
+def test_launchers_refuse_a_value_head_dim_of_its_own_and_take_empty_heads():
+    """Direct callers of the launchers (SDPA refuses these earlier): a clear error, not a crash in
+    the kernel; no heads give empty outputs."""
+    q = _view(2, 8, 2, 16)
+    v = _view(2, 8, 2, 8)
+    with pytest.raises(ValueError, match="one head dim.*16, 16 and 8"):
+        launch.forward(q, q, v, None, 0.0, Band(), 0.25, 0)
+    with pytest.raises(ValueError, match="one head dim"):
+        launch.backward(q, q, q, v, q, torch.zeros(2, 2, 8, device=DEVICE), None, 0.0, Band(), 0.25, 0, False)
+    none = torch.randn(2, 0, 8, 16, device=DEVICE)
+    out, lse = launch.forward(none, none, none, None, 0.0, Band(), 0.25, 0)
+    assert out.shape == (2, 0, 8, 16) and lse.shape == (2, 0, 8)

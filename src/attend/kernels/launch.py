@@ -241,13 +241,14 @@ def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int
     row views (``_layout.rows_call``) get out and lse in ``rows_out`` / ``rows_lse``'s layouts and
     run as packed sequences where ``_rows_packed`` says so; other calls get contiguous ones."""
     B, H, L, D = q.shape
+    _check_head_dims(q, k, v)
     rows = rows_call(q, k, v, mask, dropout_p)
     if rows:
         out, lse = rows_out(q, v.shape[-1]), rows_lse(q)
     else:
         out = torch.empty((B, H, L, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    if L == 0:
+    if B * H * L == 0:
         return out, lse
     opts = resolve(options)
     packed = _rows_packed(opts, q, k, v) if rows else None
@@ -261,6 +262,14 @@ def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int
     _forward(q, k, v, tuple(k.stride()), tuple(v.stride()), out, lse, lse.stride()[:2], B, k.shape[1], L, k.shape[2],
              mask, dropout_p, band, scale, seed, None, opts)
     return out, lse
+
+
+def _check_head_dims(q, k, v) -> None:
+    """The core's one head dim: q, k and v share it (what SDPA's checks refuse earlier, for direct
+    callers of the launchers or the ops)."""
+    if not (q.shape[-1] == k.shape[-1] == v.shape[-1]):
+        raise ValueError(f"attend's Triton kernels need one head dim for query, key and value; got "
+                         f"{q.shape[-1]}, {k.shape[-1]} and {v.shape[-1]}")
 
 
 def _tokens(t: torch.Tensor, written: bool = False) -> torch.Tensor:
@@ -303,13 +312,11 @@ def _rows_packed(opts: KernelOptions, q, k, v, dout=None) -> Packed | None:
     tensors), always or never as ``KernelOptions.rows_packed`` forces."""
     B, H, L, D = q.shape
     S = k.shape[2]
-    if opts.rows_packed is False or S == 0:
+    if opts.rows_packed is False or S == 0 or (opts.rows_packed is None and not _gluon_device(q)):
         return None
     packed = _offsets(B, L, S, q.device)
     if opts.rows_packed:
         return packed
-    if not _gluon_device(q):
-        return None
     qp, kt, vt = packed4(_tokens(q)), _tokens(k), _tokens(v)
     if dout is None:
         ok = (opts.fwd_ws and versions.usable("gluon_forward")
@@ -432,9 +439,10 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, band: Band, scale:
     opts = resolve(options)
     B, H, L, D = q.shape
     S = k.shape[2]
+    _check_head_dims(q, k, v)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if L == 0 or S == 0:
+    if B * H * L == 0 or S == 0:
         dmask = torch.zeros_like(mask) if mask_grad else None
         return torch.zeros_like(q), dk.zero_(), dv.zero_(), dmask
     if rows_call(q, k, v, mask, dropout_p):
