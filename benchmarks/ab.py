@@ -43,7 +43,14 @@ OSTORE = {"o_tma": False}  # the Gluon forward stores its output from registers 
 CORE = {"fwd_ws": False}  # the tl core (its config) where the warp-specialized Gluon forward serves (ws.py)
 BCORE = {"bwd_ws": False}  # the core's one backward launch where the Gluon dK / dV kernel serves (ws_bwd.py)
 ROWS_DENSE = {"rows_packed": False}  # a model's row views as dense strided calls of the core, not packed (Gluon)
+QROWS = {"rows_q_gluon": True}  # a row-view q beside contiguous K / V through the Gluon kernels' Q_ROWS mode
 PLAN = {
+    "d128-causal-qviews@4096": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", QROWS),
+                                ("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
+                                ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", QROWS)],
+    "d128-noncausal-qviews@16384": [("fwd", _c(128, 128, 8, 3), False, "now"),
+                                    ("fwd", _c(128, 128, 8, 3), False, "", QROWS),
+                                    ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", QROWS)],
     "d128-causal-views@1024": [("fwd", _c(64, 64, 4, 3), False, "now"),
                                ("fwd", _c(64, 64, 4, 3), False, "", ROWS_DENSE),
                                ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", ROWS_DENSE)],

@@ -70,11 +70,14 @@ def _leaves(*ts):
 
 
 def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1, views=False):
-    """``views``: (B, H, S, D) views of (B, S, H, D) tensors, the layout models pass."""
+    """``views``: (B, H, S, D) views of (B, S, H, D) tensors, the layout models pass; "q": only q
+    (and dout) so, K / V contiguous as a KV cache holds them."""
     H = H or 2048 // D
     B = B or max(1, 16384 // S)
-    make = (lambda B, H, S, D: _randn(B, S, H, D).transpose(1, 2)) if views else _randn
-    q, k, v = make(B, H, S, D), make(B, H // gqa, S, D), make(B, H // gqa, S, D)
+    rows = lambda B, H, S, D: _randn(B, S, H, D).transpose(1, 2)  # noqa: E731
+    make = rows if views else _randn
+    make_kv = _randn if views == "q" else make
+    q, k, v = make(B, H, S, D), make_kv(B, H // gqa, S, D), make_kv(B, H // gqa, S, D)
     dout = make(B, H, S, D)
     scale = D ** -0.5
     band = Band.causal() if causal else Band()
@@ -146,6 +149,8 @@ def cases(name: str):
         for causal in (False, True):
             key = f"d{D}-{'causal' if causal else 'noncausal'}-views"
             table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S, views=True)) for S in seqs]
+            table[key.replace("-views", "-qviews")] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S, views="q"))
+                                                       for S in seqs]
     table["bias-grad"] = [(4096, lambda: _dense(128, False, 4096, mask=_randn(4, 16, 4096, 4096), mask_grad=True,
                                                 B=4, H=16))]
     table["padding"] = [(4096, lambda: _dense(128, False, 4096, mask=_padding_mask(), B=4, H=16))]

@@ -47,7 +47,14 @@ CASES = {  # name: (B, L, S, H, Hkv, SDPA keyword arguments)
     "causal": (2, 40, 40, 4, 4, {"is_causal": True}),
     "gqa-causal": (3, 33, 33, 4, 2, {"is_causal": True, "enable_gqa": True}),
     "cross": (2, 17, 29, 2, 2, {}),
+    # q a row view, K / V contiguous (B, Hkv, S, D), as a transformers DynamicCache hands them over
+    "kv-cache": (2, 19, 19, 4, 2, {"is_causal": True, "enable_gqa": True}),
 }
+
+
+def _kv(B, S, Hkv, D, case):
+    t = torch.randn(B, Hkv, S, D, device=DEVICE, requires_grad=True) if case == "kv-cache" else rows(B, S, Hkv, D)
+    return t
 
 
 @pytest.mark.parametrize("packed", [True, False, None], ids=["packed", "dense", "auto"])
@@ -55,7 +62,7 @@ CASES = {  # name: (B, L, S, H, Hkv, SDPA keyword arguments)
 def test_row_views_match_float64_in_the_models_layout(case, packed, spy):
     B, L, S, H, Hkv, kw = CASES[case]
     D = 16
-    q, k, v = rows(B, L, H, D), rows(B, S, Hkv, D), rows(B, S, Hkv, D)
+    q, k, v = rows(B, L, H, D), _kv(B, S, Hkv, D, case), _kv(B, S, Hkv, D, case)
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), kernel_options(rows_packed=packed):
         out = attend.scaled_dot_product_attention(q, k, v, **kw)
         assert is_rows(out), f"out strides {out.stride()}: not the model's (B, L, H, D) layout"
@@ -67,8 +74,8 @@ def test_row_views_match_float64_in_the_models_layout(case, packed, spy):
         want = {"_forward": launch.rows_packed_forward(q, k, v),
                 "_backward": launch._rows_packed(launch.resolve(None), q, k, v, q) is not None}
     assert spy and all((p is not None) == want[name] for name, p in spy), (packed, want, spy)
-    if packed is not None:
-        assert all(want.values()) == packed
+    if packed is not None:  # forced: packed exactly where K / V are rows too
+        assert all(want.values()) == (packed and case != "kv-cache")
 
 
 def test_bottom_right_causal_rows_match_float64():
@@ -335,3 +342,30 @@ def test_launchers_refuse_a_value_head_dim_of_its_own_and_take_empty_heads():
     none = torch.randn(2, 0, 8, 16, device=DEVICE)
     out, lse = launch.forward(none, none, none, None, 0.0, Band(), 0.25, 0)
     assert out.shape == (2, 0, 8, 16) and lse.shape == (2, 0, 8)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Gluon kernels run on an sm_90 GPU")
+@pytest.mark.parametrize("kw", [{"is_causal": True}, {"is_causal": True, "enable_gqa": True}], ids=["causal", "gqa"])
+def test_gluon_kernels_read_row_queries_beside_a_kv_cache(kw, monkeypatch):
+    """KernelOptions.rows_q_gluon: a row-view q with contiguous K / V (a KV cache's) through the
+    Gluon forward and dK / dV kernels' Q_ROWS mode, against float64."""
+    from attend.kernels import versions
+
+    ran = []
+    real = versions.run_experimental
+
+    def spy(name, *args, **kw_):
+        ok = real(name, *args, **kw_)
+        ran.append((name, ok))
+        return ok
+    monkeypatch.setattr(versions, "run_experimental", spy)
+    B, L, H, D = 2, 700, 4, 128
+    Hkv = 2 if kw.get("enable_gqa") else H
+    q = rows(B, L, H, D, torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, L, D, dtype=torch.bfloat16, device=DEVICE, requires_grad=True) for _ in range(2))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), kernel_options(rows_q_gluon=True, bwd_ws_min_seq_bucket=0):
+        out = attend.scaled_dot_product_attention(q, k, v, **kw)
+        assert is_rows(out)
+        assert_matches_float64(out, q, k, v, what="q rows beside a KV cache", **kw)
+    if launch._gluon_device(q):
+        assert ("gluon_forward", True) in ran and ("gluon_dkdv", True) in ran, ran

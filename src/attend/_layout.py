@@ -69,12 +69,12 @@ def is_rows(t: torch.Tensor) -> bool:
 
 
 def rows_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float) -> bool:
-    """Whether a dense fused call is laid out as a model's projections (``is_rows``: q, k and v),
-    with no mask and no dropout, and q is not also contiguous (more than one head and row): the
-    Triton launchers then return out and lse in ``rows_out`` / ``rows_lse``'s layouts, and their
-    backward returns dq / dk / dv laid out as q / k / v."""
-    return (mask is None and dropout_p == 0.0 and q.shape[1] > 1 and q.shape[2] > 1
-            and is_rows(q) and is_rows(k) and is_rows(v))
+    """Whether a dense fused call's q is laid out as a model's projection (``is_rows``, and not also
+    contiguous: more than one head and row), with k and v either so too or contiguous (a KV
+    cache's), no mask and no dropout: the Triton launchers then return out and lse in
+    ``rows_out`` / ``rows_lse``'s layouts, and their backward dq / dk / dv laid out as q / k / v."""
+    return (mask is None and dropout_p == 0.0 and q.shape[1] > 1 and q.shape[2] > 1 and is_rows(q)
+            and all(is_rows(t) or t.is_contiguous() for t in (k, v)))
 
 
 def rows_out(q: torch.Tensor, ev: int) -> torch.Tensor:

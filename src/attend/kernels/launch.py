@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .._layout import Band, Packed, rows_call, rows_lse, rows_out
+from .._layout import Band, Packed, is_rows, rows_call, rows_lse, rows_out
 from . import core, versions, worklist
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
     heuristic, pruner, ws_backward
@@ -314,6 +314,8 @@ def _rows_packed(opts: KernelOptions, q, k, v, dout=None) -> Packed | None:
     S = k.shape[2]
     if opts.rows_packed is False or S == 0 or (opts.rows_packed is None and not _gluon_device(q)):
         return None
+    if not (is_rows(k) and is_rows(v)):  # a KV cache's contiguous K / V: packed rows they are not
+        return None
     packed = _offsets(B, L, S, q.device)
     if opts.rows_packed:
         return packed
@@ -363,7 +365,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     bargs, band_flags = band_args(band)
     if (opts.fwd_ws and _gluon_device(q) and versions.usable("gluon_forward")
-            and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, packed, L)):
+            and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, packed, L, q_rows=opts.rows_q_gluon)):
         _ensure_allocator()
         if versions.run_experimental("gluon_forward", ws.forward, q, k, v, None if mask is None else m4, out, lse,
                                      lse_strides, scale, bargs, band_flags, packed, B, L, S, opts.o_tma):
@@ -587,7 +589,8 @@ def backward_plan(flags: dict, q, k, v, dout, mask, dropout_p: float, packed: Pa
     min_bucket = WS_BWD_MIN_SEQ_BUCKET if opts.bwd_ws_min_seq_bucket is None else opts.bwd_ws_min_seq_bucket
     dq_only = ws_backward(flags["BLOCK_D"], sb, min_bucket)
     if (opts.bwd_ws and dq_only is not None and tiles is not None and _gluon_device(q)
-            and versions.usable("gluon_dkdv") and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S)):
+            and versions.usable("gluon_dkdv")
+            and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S, q_rows=opts.rows_q_gluon)):
         # dK / dV from the Gluon kernel, then the dQ programs alone, numbered in key order
         return BackwardPlan("programs", True, Tiles(dict(dq_only.kwargs, HEAD_MAJOR=False), dq_only.num_warps,
                                                     dq_only.num_stages))

@@ -99,6 +99,11 @@ class KernelOptions:
     # them; elsewhere they run as dense strided calls of the core. True: always packed (the core's
     # packed mode where Gluon does not serve: tests run it under the interpreter); False: never.
     rows_packed: bool | None = None
+    # A row-view q (``_layout.rows_call``) with contiguous K / V (a KV cache's: what a transformers
+    # model passes with its DynamicCache) takes the Gluon forward and dK / dV kernels reading Q, O and
+    # dO as (B * L, H * D) rows (their Q_ROWS mode), where they serve, instead of the core's strided
+    # dense call. Off until measured on an H200 (docs/roadmap.md).
+    rows_q_gluon: bool = False
     # The Gluon forward stores whole 64-row output blocks by one TMA store through the consumer's
     # finished Q buffer (ws.py); False: gl.store from registers.
     o_tma: bool = True

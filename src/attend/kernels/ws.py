@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import torch
 
+from .._layout import is_rows
 from .core import LN2, RCP_LN2, key_blocks
 from .fastlaunch import Launcher
 from .versions import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store, warpgroup_mma,
                        warpgroup_mma_wait)
-from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, next_tile, persistent, publish,
-                        row_view, section, sequence, take, tile_ring)
+from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, model_rows, next_tile, persistent,
+                        publish, row_view, section, sequence, take, tile_ring)
 
 ROWS = 64  # query rows per consumer warpgroup; a tile covers BLOCK_M = 2 * ROWS
 BLOCK_M = 2 * ROWS
@@ -50,7 +51,7 @@ STAGES = 2  # ring slots for K, V and the bias
 @gluon.jit
 def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left,
           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-          VARLEN: gl.constexpr):
+          VARLEN: gl.constexpr, Q_ROWS: gl.constexpr):
     """Tile ``t`` of n_m query blocks by n_bh = B * H heads. Without a band, query block fastest:
     programs running together read the same heads' K / V (the L2 keeps them). With one, sections
     of ``sec`` heads (as many as the L2 holds the K / V of; ``section``) one after the other, and
@@ -58,7 +59,8 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     tiles in flight are alike in length and read the same heads' K / V. Returns
     (m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row). q_row / kv_row:
     the tile's first row in the 2-D views of Q / K (``row_view``), whose columns start at h * D /
-    hk * D when VARLEN. Key blocks from core.key_blocks: [lo, hi) visited, [a, c) unmasked. A tile
+    hk * D when VARLEN; Q_ROWS (dense): Q / O rows b * L + i of a model's (B * L, H * D) views, columns
+    from h * D, LSE (B, H, L) over (H, B, L) storage (``stride_lseh`` = B * L). Key blocks from core.key_blocks: [lo, hi) visited, [a, c) unmasked. A tile
     past its sequence's end has m0 >= L."""
     bh, pid_m = deal(t, n_m, n_bh, sec, CAUSAL or WINDOW)
     if CAUSAL:
@@ -75,9 +77,13 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     else:
         L = L_max
         S = S_max
-        q_row = bh * L + m0
         kv_row = (b * (H // G) + hk) * S
-        lse_row = q_row
+        if Q_ROWS:
+            q_row = b * L + m0
+            lse_row = h * stride_lseh + q_row
+        else:
+            q_row = bh * L + m0
+            lse_row = q_row
     causal_off = diag * (S - L) + win_right
     window_off = diag * (S - L) - win_left
     lo, a, c, hi = key_blocks(m0, 0, S, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
@@ -110,7 +116,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
               G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS: gl.constexpr,
               BLOCK_N: gl.constexpr, D: gl.constexpr,
               STAGES: gl.constexpr, QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr, CAUSAL: gl.constexpr,
-              WINDOW: gl.constexpr, VARLEN: gl.constexpr, TBUF: gl.constexpr):
+              WINDOW: gl.constexpr, VARLEN: gl.constexpr, Q_ROWS: gl.constexpr, TBUF: gl.constexpr):
     """Takes tiles, the program's own id first, then the next untaken one from the counter at
     ``counter_ptr`` (a program that finishes early takes more, so none idles while another runs
     long tiles), and publishes each to the consumers (``publish``). For each, its two Q halves
@@ -129,13 +135,15 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
     while t < n_tiles:
         m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
             t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
-            BLOCK_N, CAUSAL, WINDOW, VARLEN)
+            BLOCK_N, CAUSAL, WINDOW, VARLEN, Q_ROWS)
         if m0 < L:
             q_col = h * 0
             kv_col = h * 0
             if VARLEN:  # packed (T, H * D) views: a head is a column offset
                 q_col = h * D
                 kv_col = hk * D
+            if Q_ROWS:  # a model's (B * L, H * D) query rows
+                q_col = h * D
             qb = tcount % QBUFS
             mbarrier.wait(q_empty.index(qb), ((tcount // QBUFS) & 1) ^ 1, pred=tcount >= QBUFS)
             for cid in gl.static_range(2):
@@ -171,8 +179,8 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
               S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, CID: gl.constexpr,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
               D: gl.constexpr, STAGES: gl.constexpr, QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr,
-              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr, EDGES: gl.constexpr,
-              TBUF: gl.constexpr, O_TMA: gl.constexpr):
+              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr, Q_ROWS: gl.constexpr,
+              EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr):
     """Online softmax of rows [CID * ROWS, (CID + 1) * ROWS) of each tile the producer publishes over
     its key blocks; writes their output and LSE. Scores in the log2 domain. Blocks outside [a, c)
     (a band's edges, a sequence's ragged end; EDGES says whether any can exist) are masked. A row
@@ -194,7 +202,7 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
     while t < n_tiles:
         m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
             t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
-            BLOCK_N, CAUSAL, WINDOW, VARLEN)
+            BLOCK_N, CAUSAL, WINDOW, VARLEN, Q_ROWS)
         if m0 < L:
             qb = tcount % QBUFS
             q_tile = q_smem.index(2 * qb + CID)
@@ -247,6 +255,8 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
             o_col = h * 0
             if VARLEN:
                 o_col = h * D
+            if Q_ROWS:
+                o_col = h * D
             whole = m0 + (CID + 1) * ROWS <= L
             if (QBUFS == 1) | (not O_TMA):  # QBUFS 1: the next tile's Q is already loading into the buffer
                 whole = False
@@ -273,13 +283,15 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
                 n_tiles, n_m, sec, H, G, L_max, S_max, qk_scale, diag, win_right, win_left,
                 ROWS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                 QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                VARLEN: gl.constexpr, EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr):
+                VARLEN: gl.constexpr, EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr,
+                Q_ROWS: gl.constexpr):
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of
     the n_tiles = n_m * B * H (``_tile``) from the int32 at ``counter_ptr`` (0 at launch) until none
     is left. Dense: 2-D row views Q / O / the bias (b * H + h) * L + i,
     K / V (b * H / G + h / G) * S + j, LSE (B, H, L). VARLEN: Q / O (T, H * D), K / V (T_k, Hkv * D),
-    LSE (H, T), sequences from cu_q / cu_k, L_max the longest query sequence. Out row stride
-    stride_o."""
+    LSE (H, T), sequences from cu_q / cu_k, L_max the longest query sequence. Q_ROWS (dense, no
+    bias): Q / O the (B * L, H * D) rows of a model's views, LSE over (H, B, L) storage. Out row
+    stride stride_o."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * QBUFS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
@@ -312,15 +324,15 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
         (_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, 0, ROWS,
-                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, EDGES, TBUF, O_TMA)),
+                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, Q_ROWS, EDGES, TBUF, O_TMA)),
         (_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, 1, ROWS,
-                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, EDGES, TBUF, O_TMA)),
+                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, Q_ROWS, EDGES, TBUF, O_TMA)),
         (_producer, (q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full,
                      b_full, k_empty, v_empty, b_empty, tid_smem, tid_full, tid_empty, counter_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS, BLOCK_N, D, STAGES,
-                     QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, TBUF)),
+                     QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, Q_ROWS, TBUF)),
     ], [4, 1], [232, 40])
 
 
@@ -328,12 +340,14 @@ _LAUNCH = Launcher(attn_fwd_ws)  # direct launches (fastlaunch.py): Triton's pat
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, mstr: tuple, mbool: bool,
-             dropout_p: float, packed, L_max: int) -> bool:
+             dropout_p: float, packed, L_max: int, q_rows: bool = False) -> bool:
     """Whether ``forward`` serves a call on an sm_90 device (the caller checks the device): D = 128,
     fp16 / bf16, no dropout, any band; dense (B, H, L, D) / (B, Hkv, S, D) contiguous tensors of any
     lengths with no mask or a full-size contiguous float one of the inputs' dtype; or packed ones
     (q the (1, H, T, D) view of a contiguous (T, H, D) tensor, k / v contiguous (T_k, Hkv, D)), no
-    mask, pages or seqused_k, every query sequence L_max long."""
+    mask, pages or seqused_k, every query sequence L_max long. ``q_rows`` (KernelOptions.rows_q_gluon):
+    also a dense call whose q is a model's row view (``_layout.is_rows``) with contiguous k / v (a KV
+    cache's) and no mask, served with Q_ROWS."""
     if dropout_p > 0.0 or q.shape[-1] != HEAD_DIM or q.dtype not in GL_DTYPE or k.shape[-1] != HEAD_DIM:
         return False
     if k.numel() == 0 or not all(t.data_ptr() % 16 == 0 for t in (q, k, v)):
@@ -347,6 +361,8 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
             return False  # mixed lengths: the kernel would walk every (sequence, block) slot (docs/kernels.md, "Tuning: the Gluon forward")
         return (q.stride(1) == HEAD_DIM and q.stride(2) == q.shape[1] * HEAD_DIM and q.stride(3) == 1
                 and k.is_contiguous() and v.is_contiguous())
+    if q_rows and mask is None and is_rows(q) and k.is_contiguous() and v.is_contiguous():
+        return True
     if not all(t.is_contiguous() for t in (q, k, v)):
         return False
     if mask is None:
@@ -367,9 +383,10 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     TMA store through the Q buffer (KernelOptions.o_tma; False: gl.store)."""
     H, D = q.shape[1], q.shape[3]
     varlen = packed is not None
+    q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
     n_m = -(-L_max // BLOCK_M)
     n_tiles = n_m * n_seq * H
-    q2, o2 = row_view(q, varlen), row_view(out, varlen)
+    q2, o2 = (model_rows(q), model_rows(out)) if q_rows else (row_view(q, varlen), row_view(out, varlen))
     q_desc = descriptor(q2, ROWS, D)
     cu_q, cu_k = cu_seqs(packed, lse)
     causal, window = band_flags["CAUSAL"], band_flags["WINDOW"]
@@ -383,4 +400,5 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     _LAUNCH(grid, args,
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
                  HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
-                 EDGES=causal or window or varlen or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma), 4, 3)
+                 EDGES=causal or window or varlen or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
+                 Q_ROWS=q_rows), 4, 3)

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import torch
 
+from .._layout import is_rows
 from .core import RCP_LN2, STAT_PAD, query_blocks
 from .fastlaunch import Launcher
 from .versions import TensorDescriptor, gl, gluon, mbarrier, tma_load, warpgroup_mma, warpgroup_mma_wait
-from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, next_tile, persistent, publish,
-                        row_view, section, sequence, take, tile_ring)
+from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, model_rows, next_tile, persistent,
+                        publish, row_view, section, sequence, take, tile_ring)
 
 KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
 BLOCK_N = 2 * KEYS
@@ -69,10 +70,13 @@ def _kv_tile(t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right,
 
 
 @gluon.jit
-def _q_row(b, h, H, L, q0, VARLEN: gl.constexpr):
-    """Row of query 0 of head h in the 2-D Q / dO views: (b * H + h) * L dense, q0 packed."""
+def _q_row(b, h, H, L, q0, VARLEN: gl.constexpr, Q_ROWS: gl.constexpr):
+    """Row of query 0 of head h in the 2-D Q / dO views: (b * H + h) * L dense, q0 packed, b * L in
+    a model's (B * L, H * D) rows (Q_ROWS)."""
     if VARLEN:
         r = q0
+    elif Q_ROWS:
+        r = b * L
     else:
         r = (b * H + h) * L
     return r
@@ -94,7 +98,7 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
               stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left,
               KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, KBUFS: gl.constexpr,
               STAT_PAD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
-              TBUF: gl.constexpr):
+              Q_ROWS: gl.constexpr, TBUF: gl.constexpr):
     """Takes tiles (its own id, then the counter's next) and publishes each; loads the tile's K / V
     halves into buffer ``tiles % KBUFS`` once both consumers released the tile KBUFS before, then
     each (query head, query block) step's Q and dO, and its rows' NLSE2 and Delta, into ring slot
@@ -125,10 +129,12 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
                                                 v_smem.index(2 * kb + cid))
             for g in range(G):
                 h = hk * G + g
-                q_row = _q_row(b, h, H, L, q0, VARLEN)
+                q_row = _q_row(b, h, H, L, q0, VARLEN, Q_ROWS)
                 stat = _stat_off(b, h, q0, stride_statb, stride_stath, STAT_PAD, VARLEN)
                 q_col = h * 0
                 if VARLEN:
+                    q_col = h * D
+                if Q_ROWS:  # a model's (B * L, H * D) rows: a head is a column offset
                     q_col = h * D
                 for m0 in range(lo, hi, BLOCK_M):
                     slot = qd % STAGES
@@ -235,13 +241,13 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
                      qk_scale, sm_scale, diag, win_right, win_left,
                      KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                      KBUFS: gl.constexpr, STAT_PAD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                     VARLEN: gl.constexpr, TBUF: gl.constexpr):
+                     VARLEN: gl.constexpr, TBUF: gl.constexpr, Q_ROWS: gl.constexpr):
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of the
     n_tiles = n_n * B * Hkv (``_kv_tile``) from the int32 at ``counter_ptr`` (0 at launch). Dense:
     2-D row views Q / dO (b * H + h) * L + i, K / V / dK / dV (b * Hkv + hk) * S + j. VARLEN: Q /
     dO (T, H * D), K / V / dK / dV (T_k, Hkv * D), sequences from cu_q / cu_k. NLSE2 / Delta as
     ``core.attn_bwd`` reads them, through 1-D descriptors (strides stride_statb, stride_stath; packed
-    rows ``_stat_off``)."""
+    rows ``_stat_off``). Q_ROWS (dense): Q / dO the (B * L, H * D) rows of a model's views."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2 * KBUFS] + k_desc.block_type.shape, k_desc.layout)
@@ -272,7 +278,7 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
         (_producer, (q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem, k_smem, v_smem, nl_smem,
                      dl_smem, qd_full, qd_empty, kv_full, kv_empty, tid_smem, tid_full, tid_empty, counter_ptr,
                      stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right,
-                     win_left, KEYS, BLOCK_M, D, STAGES, KBUFS, STAT_PAD, CAUSAL, WINDOW, VARLEN, TBUF)),
+                     win_left, KEYS, BLOCK_M, D, STAGES, KBUFS, STAT_PAD, CAUSAL, WINDOW, VARLEN, Q_ROWS, TBUF)),
     ], [4, 1], [232, 40])
 
 
@@ -280,11 +286,13 @@ _LAUNCH = Launcher(attn_bwd_dkdv_ws)
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, mask, dropout_p: float, packed,
-             L_max: int, S_max: int) -> bool:
+             L_max: int, S_max: int, q_rows: bool = False) -> bool:
     """Whether ``dkdv`` serves a backward on an sm_90 device (the caller checks the device and that
     dQ comes from dQ programs): D = 128, fp16 / bf16, no mask or dropout; dense contiguous (B, H, L,
     D) / (B, Hkv, S, D) tensors, or packed (1, H, T, D) views of contiguous (T, H, D) tensors with
-    no pages or seqused_k whose query sequences are all L_max long and key sequences S_max."""
+    no pages or seqused_k whose query sequences are all L_max long and key sequences S_max; ``q_rows``
+    (KernelOptions.rows_q_gluon): also dense calls whose q and dout are a model's row views
+    (``_layout.is_rows``) with contiguous k / v, served with Q_ROWS."""
     if mask is not None or dropout_p > 0.0 or q.shape[-1] != HEAD_DIM or q.dtype not in GL_DTYPE:
         return False
     if k.numel() == 0 or q.numel() == 0 or not all(t.data_ptr() % 16 == 0 for t in (q, k, v, dout)):
@@ -299,6 +307,8 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
             return False  # mixed lengths: tiles past a sequence's end would be dealt (as in ws.eligible)
         return all(t.stride(1) == HEAD_DIM and t.stride(2) == t.shape[1] * HEAD_DIM and t.stride(3) == 1
                    for t in (q, k, v, dout))
+    if q_rows and is_rows(q) and is_rows(dout) and k.is_contiguous() and v.is_contiguous():
+        return True
     return all(t.is_contiguous() for t in (q, k, v, dout))
 
 
@@ -319,9 +329,11 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
     ``band_args``: diag, win_right, win_left (launch.band_args)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     varlen = packed is not None
+    q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
     n_n = -(-S_max // BLOCK_N)
     n_tiles = n_n * n_seq * Hkv
-    q2, do2, k2, v2 = (row_view(t, varlen) for t in (q, dout, k, v))
+    q2, do2 = (model_rows(q), model_rows(dout)) if q_rows else (row_view(q, varlen), row_view(dout, varlen))
+    k2, v2 = row_view(k, varlen), row_view(v, varlen)
     dk2, dv2 = row_view(dk, varlen), row_view(dv, varlen)
     cu_q, cu_k = cu_seqs(packed, nlse2)
     grid, counter = persistent(n_tiles, q.device)
@@ -333,4 +345,5 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
                 qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args)
     _LAUNCH(grid, args,
             dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=KBUFS, STAT_PAD=STAT_PAD.value,
-                 CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen, TBUF=TBUF), 4, 3)
+                 CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen, TBUF=TBUF,
+                 Q_ROWS=q_rows), 4, 3)

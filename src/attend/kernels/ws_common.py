@@ -104,6 +104,12 @@ def row_view(t: torch.Tensor, packed: bool) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def model_rows(t: torch.Tensor) -> torch.Tensor:
+    """The (B * L, H * D) rows of a model's (B, H, L, D) view of a (B, L, H, D) tensor (Q_ROWS: a
+    head is a column offset); a view, never a copy (the kernels write some of these)."""
+    return t.transpose(1, 2).view(t.shape[0] * t.shape[2], t.shape[1] * t.shape[3])
+
+
 L2_BUDGET = 16 << 20  # bytes a band's section of heads may stream from L2 (the H100's holds 50 MiB)
 
 
