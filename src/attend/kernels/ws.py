@@ -59,9 +59,10 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     tiles in flight are alike in length and read the same heads' K / V. Returns
     (m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row). q_row / kv_row:
     the tile's first row in the 2-D views of Q / K (``row_view``), whose columns start at h * D /
-    hk * D when VARLEN; Q_ROWS (dense): Q / O rows b * L + i of a model's (B * L, H * D) views, columns
-    from h * D, LSE (B, H, L) over (H, B, L) storage (``stride_lseh`` = B * L). Key blocks from core.key_blocks: [lo, hi) visited, [a, c) unmasked. A tile
-    past its sequence's end has m0 >= L."""
+    hk * D when VARLEN; Q_ROWS (dense): Q / O rows b * L + i of a model's (B * L, H * D) views,
+    columns from h * D, LSE (B, H, L) over (H, B, L) storage (``stride_lseh`` = B * L). Key blocks
+    from core.key_blocks: [lo, hi) visited, [a, c) unmasked. A tile past its sequence's end has
+    m0 >= L."""
     bh, pid_m = deal(t, n_m, n_bh, sec, CAUSAL or WINDOW)
     if CAUSAL:
         pid_m = n_m - 1 - pid_m
