@@ -142,15 +142,22 @@ def _flex_reference(Q, K, V, dO, n: int, left: int, right: int, score_mod, mask_
     return got
 
 
-def _run_flex_case(case: FlexCase, rank: int, world: int) -> dict:
-    g = torch.Generator().manual_seed(2000 + FLEX_CASES.index(case))
+def _global_inputs(case, world: int, seed: int, value_dim: int = 8):
+    """(generator, S, n unpadded, Q, K, V, dO) of a case: the whole sequence, float64, B=2, E=8."""
+    g = torch.Generator().manual_seed(seed)
     hq, hkv = case.heads
     S = 2 * world * case.chunk if case.layout == "zigzag" else world * case.chunk
-    n = S - case.unpadded
     B, E = 2, 8
     Q = torch.randn(B, hq, S, E, generator=g, dtype=F64)
-    K, V = (torch.randn(B, hkv, S, E, generator=g, dtype=F64) for _ in range(2))
-    dO = torch.randn(B, hq, S, E, generator=g, dtype=F64)
+    K = torch.randn(B, hkv, S, E, generator=g, dtype=F64)
+    V = torch.randn(B, hkv, S, value_dim, generator=g, dtype=F64)
+    dO = torch.randn(B, hq, S, value_dim, generator=g, dtype=F64)
+    return g, S, S - case.unpadded, Q, K, V, dO
+
+
+def _run_flex_case(case: FlexCase, rank: int, world: int) -> dict:
+    g, S, n, Q, K, V, dO = _global_inputs(case, world, 2000 + FLEX_CASES.index(case))
+    hq, hkv = case.heads
     score_mod, mask_mod, trained = _mods(case.mod, hq, S, g)
     left, right = case.window or (-1, -1)
     right = 0 if case.is_causal else right
@@ -217,15 +224,8 @@ def _reference(case: Case, q, k, v, n: int, via_varlen: bool = False):
 
 
 def _run_case(case: Case, rank: int, world: int) -> dict:
-    g = torch.Generator().manual_seed(1000 + CASES.index(case))
+    _, S, n, Q, K, V, dO = _global_inputs(case, world, 1000 + CASES.index(case), case.value_dim)
     hq, hkv = case.heads
-    S = 2 * world * case.chunk if case.layout == "zigzag" else world * case.chunk
-    n = S - case.unpadded
-    B, E = 2, 8
-    Q = torch.randn(B, hq, S, E, generator=g, dtype=F64)
-    K = torch.randn(B, hkv, S, E, generator=g, dtype=F64)
-    V = torch.randn(B, hkv, S, case.value_dim, generator=g, dtype=F64)
-    dO = torch.randn(B, hq, S, case.value_dim, generator=g, dtype=F64)
     # The reference on the n real tokens; its padded rows (and their gradients) are 0.
     ref_in = [t[:, :, :n].clone().requires_grad_() for t in (Q, K, V)]
     ref = _reference(case, *ref_in, n)
@@ -347,13 +347,17 @@ def ring_results():
 
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"N{w}")
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def _assert_rank_matches(rank: int, r: dict) -> None:
+    """One rank's result: no exception, everything finite, every error within TOL."""
+    assert "exception" not in r, f"rank {rank}: {r.get('exception')}"
+    assert r["finite"], f"rank {rank}: non-finite output or gradient"
+    for name, err in r["errs"].items():
+        assert err <= TOL, f"rank {rank} {name}: max error {err:.3e} > {TOL:.0e}"
+
+
 def test_ring_matches_single_process(ring_results, world, case):
     for rank, res in enumerate(ring_results[world]):
-        r = res[case.name]
-        assert "exception" not in r, f"rank {rank}: {r.get('exception')}"
-        assert r["finite"], f"rank {rank}: non-finite output or gradient"
-        for name, err in r["errs"].items():
-            assert err <= TOL, f"rank {rank} {name}: max error {err:.3e} > {TOL:.0e}"
+        _assert_rank_matches(rank, res[case.name])
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"N{w}")
@@ -397,10 +401,7 @@ def test_ring_with_mods_matches_flex_attention(ring_results, world, case):
     equal attend.flex_attention on the gathered sequence, float64."""
     for rank, res in enumerate(ring_results[world]):
         r = res[case.name]
-        assert "exception" not in r, f"rank {rank}: {r.get('exception')}"
-        assert r["finite"], f"rank {rank}: non-finite output or gradient"
-        for name, err in r["errs"].items():
-            assert err <= TOL, f"rank {rank} {name}: max error {err:.3e} > {TOL:.0e}"
+        _assert_rank_matches(rank, r)
         if case.mod == "relbias":
             assert "capture0" in r["errs"]
         if case.mod == "docs":  # blocks across documents have an empty BlockMask: never computed
