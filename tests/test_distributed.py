@@ -345,8 +345,6 @@ def ring_results():
     return results
 
 
-@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"N{w}")
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def _assert_rank_matches(rank: int, r: dict) -> None:
     """One rank's result: no exception, everything finite, every error within TOL."""
     assert "exception" not in r, f"rank {rank}: {r.get('exception')}"
@@ -355,6 +353,8 @@ def _assert_rank_matches(rank: int, r: dict) -> None:
         assert err <= TOL, f"rank {rank} {name}: max error {err:.3e} > {TOL:.0e}"
 
 
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"N{w}")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_ring_matches_single_process(ring_results, world, case):
     for rank, res in enumerate(ring_results[world]):
         _assert_rank_matches(rank, res[case.name])
