@@ -361,3 +361,25 @@ def test_gluon_kernels_read_row_queries_beside_a_kv_cache(kw, monkeypatch):
         assert_matches_float64(out, q, k, v, what="q rows beside a KV cache", **kw)
     if launch._gluon_device(q):
         assert ("gluon_forward", True) in ran and ("gluon_dkdv", True) in ran, ran
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
+def test_one_sequence_with_its_own_batch_stride_is_a_row_call(packed):
+    """B = 1 views whose size-1 batch dim carries another stride (a reshape of one sequence's view
+    gives one) are row calls; dq comes back laid out exactly as q, as the op's fake promises."""
+    L, H, D = 12, 3, 16
+    base = torch.randn(L, H, D, device=DEVICE)
+    q = torch.as_strided(base, (1, H, L, D), (H * D, D, H * D, 1)).requires_grad_()
+    k, v = (_view(1, L, H, D).requires_grad_() for _ in range(2))
+    assert rows_call(q, k, v, None, 0.0)
+    causal = Band.causal().to_op()
+    with kernel_options(rows_packed=packed):
+        torch.library.opcheck(fused_ops.fused_bwd, (_view(1, L, H, D), q.detach(), k.detach(), v.detach(),
+                                                    *fused_ops.fused_fwd(q.detach(), k.detach(), v.detach(), None, 0.0,
+                                                                         causal, 0.25, None, "triton"),
+                                                    None, 0.0, causal, 0.25, None, "triton", False))
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            out = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+            (dq,) = torch.autograd.grad(out.sum(), (q,), retain_graph=True)
+            assert dq.stride() == q.stride()
+            assert_matches_float64(out, q, k, v, what="B = 1", is_causal=True)

@@ -60,12 +60,13 @@ class Packed:
 
 
 def is_rows(t: torch.Tensor) -> bool:
-    """Whether the 4-D ``t`` (B, H, L, E) is exactly the .transpose(1, 2) view of a contiguous
-    (B, L, H, E) tensor: strides (L * H * E, E, H * E, 1)."""
+    """Whether the 4-D ``t`` (B, H, L, E) is laid out as the .transpose(1, 2) view of a contiguous
+    (B, L, H, E) tensor: strides (L * H * E, E, H * E, 1), but any on a dim of size 1 (a reshape
+    of one sequence's view, B = 1, may give its batch dim another)."""
     if t.dim() != 4:
         return False
     B, H, L, E = t.shape
-    return t.stride() == (L * H * E, E, H * E, 1)
+    return all(n == 1 or s == w for n, s, w in zip(t.shape, t.stride(), (L * H * E, E, H * E, 1)))
 
 
 def rows_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float) -> bool:

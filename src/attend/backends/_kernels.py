@@ -91,8 +91,9 @@ def _layout_note(p: SDPAParams) -> list[str]:
     q, k, v = to_4d(p.query), to_4d(p.key), to_4d(p.value)  # as run_fused hands them to the launchers
     if not rows_call(q, k, v, mask_for_kernel(p), p.dropout):
         return []
-    how = ("as B packed sequences of one length (the Gluon forward reads their (T, H * D) rows)"
-           if launch.rows_packed_forward(q, k, v) else "as strided dense calls of the core")
+    how = {"packed": "as B packed sequences of one length (the Gluon forward reads their (T, H * D) rows)",
+           "gluon": "through the Gluon forward reading q / out as (B * L, H * D) rows beside dense K / V",
+           "core": "as strided dense calls of the core"}[launch.rows_forward_route(q, k, v)]
     return [f"layout: (B, L, H, D) row views (a model's projections), run {how}; out, lse and the "
             "gradients come back in that layout"]
 

@@ -305,6 +305,19 @@ def rows_packed_forward(q, k, v, options: KernelOptions | dict | None = None) ->
     return _rows_packed(resolve(options), q, k, v) is not None
 
 
+def rows_forward_route(q, k, v, options: KernelOptions | dict | None = None) -> str:
+    """How ``forward`` runs the row call q, k, v: "packed" (B packed sequences, ``_rows_packed``),
+    "gluon" (the Gluon forward's Q_ROWS mode beside contiguous K / V, KernelOptions.rows_q_gluon)
+    or "core" (a strided dense call)."""
+    opts = resolve(options)
+    if _rows_packed(opts, q, k, v) is not None:
+        return "packed"
+    if (opts.fwd_ws and _gluon_device(q) and versions.usable("gluon_forward")
+            and ws.eligible(q, k, v, None, (0, 0, 0, 0), False, 0.0, None, q.shape[2], q_rows=opts.rows_q_gluon)):
+        return "gluon"
+    return "core"
+
+
 def _rows_packed(opts: KernelOptions, q, k, v, dout=None) -> Packed | None:
     """The ``Packed`` a row call (``_layout.rows_call``) runs as, or None to run it dense: packed
     where the Gluon forward (``dout`` given: the Gluon dK / dV kernel) serves its (T, H * D) rows
@@ -486,8 +499,10 @@ def _rows_backward(dout, q, k, v, out, lse, dlse, dk, dv, packed: Packed, band: 
     dk4, dv4 = packed4(_tokens(dk, True)), packed4(_tokens(dv, True))
     dq4 = _backward(dout4, q4, k4, v4, out4, lse_t, dlse_t, (0, T), dk4, dv4, B, L, k.shape[2], None,
                     _no_dmask(q, opts), (0, 0, 0, 0), False, False, 0.0, band, scale, 0, packed, opts)
-    dq = dq4[0].transpose(0, 1).view(B, L, H, D).transpose(1, 2)
-    return dq.to(q.dtype), dk, dv
+    dq = dq4[0].transpose(0, 1).view(B, L, H, D).transpose(1, 2).to(q.dtype)
+    if dq.stride() != q.stride():  # q's own stride on a size-1 dim (B = 1): dq laid out exactly as q
+        dq = torch.empty_like(q).copy_(dq)
+    return dq, dk, dv
 
 
 def _dq_from_ds(ds: torch.Tensor, k: torch.Tensor, scale: float, B: int, H: int, L: int) -> torch.Tensor:
