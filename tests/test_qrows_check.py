@@ -104,3 +104,43 @@ def test_explain_names_the_kernels_a_kv_cache_call_runs(gluon):
         text = str(attend.explain(q, k, k, is_causal=True, enable_gqa=True))
     assert "ws_bwd.attn_bwd_dkdv_ws" in text  # the backward plan does name the Gluon kernel
     assert "strided dense calls of the core" not in text, text
+
+
+def _cache(B, Hkv, S, d):
+    """K or V as a transformers DynamicCache hands them over: the past and the new keys concatenated."""
+    return torch.cat([torch.randn(B, Hkv, S - 3, d), torch.randn(B, Hkv, 3, d)], -2).requires_grad_()
+
+
+KV_CACHE_CASES = {  # name: (B, L, S, H, Hkv, kv-cache K, SDPA keyword arguments (a callable for the bias))
+    "cross": (2, 7, 23, 4, 4, True, {}),
+    "chunked-prefill": (2, 6, 21, 4, 2, True, {"enable_gqa": True, "attn_mask": "bottom_right"}),
+    "one-sequence": (1, 13, 13, 4, 4, True, {"is_causal": True}),
+    "mqa": (2, 11, 11, 4, 1, True, {"is_causal": True, "enable_gqa": True}),
+    "k-rows-v-cache": (2, 11, 11, 4, 4, False, {"is_causal": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KV_CACHE_CASES))
+def test_row_queries_beside_kv_caches_match_float64(case):
+    """The generalized rows_call (q a row view; k / v a KV cache's contiguous tensors, or one of
+    them a row view) on the launchers' route here, in the model's layout, against float64."""
+    from conftest import DEVICE, assert_matches_float64
+
+    if DEVICE != "cpu":
+        pytest.skip("the CPU's core route; tests/test_rows.py's GPU case runs the Gluon kernels")
+    B, L, S, H, Hkv, cache_k, kw = KV_CACHE_CASES[case]
+    d = 16
+    kw = dict(kw)
+    if kw.get("attn_mask") == "bottom_right":
+        kw["attn_mask"] = attend.bias.causal_lower_right(L, S)
+    q = torch.randn(B, L, H, d, requires_grad=True).transpose(1, 2)
+    k = _cache(B, Hkv, S, d) if cache_k else torch.randn(B, S, Hkv, d, requires_grad=True).transpose(1, 2)
+    v = _cache(B, Hkv, S, d)
+    assert rows_call(q, k, v, None, 0.0)
+    with attend.sdpa_kernel(attend.SDPBackend.EFFICIENT_ATTENTION):
+        out = attend.scaled_dot_product_attention(q, k, v, **kw)
+        grads = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+        assert B == 1 or is_rows(out), out.stride()
+        for name, t, g in zip("qkv", (q, k, v), grads):
+            assert g.stride() == t.stride(), f"d{name} strides {g.stride()} != {name}'s {t.stride()}"
+        assert_matches_float64(out, q, k, v, what=case, **kw)
