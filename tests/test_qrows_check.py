@@ -144,3 +144,23 @@ def test_row_queries_beside_kv_caches_match_float64(case):
         for name, t, g in zip("qkv", (q, k, v), grads):
             assert g.stride() == t.stride(), f"d{name} strides {g.stride()} != {name}'s {t.stride()}"
         assert_matches_float64(out, q, k, v, what=case, **kw)
+
+
+@pytest.mark.parametrize("packed", [None, True], ids=["auto", "forced"])
+def test_fused_ops_beside_a_kv_cache_pass_opcheck(packed):
+    """The ops' fakes promise the row layouts the launchers now return for a row-view q beside a
+    KV cache's contiguous K / V (the packed route refused even when forced)."""
+    from attend.ops import attention as fused_ops
+    from conftest import DEVICE
+
+    B, L, S, H, Hkv, d = 2, 9, 13, 4, 2, 16
+    q = torch.randn(B, L, H, d, device=DEVICE).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(B, Hkv, S, d, device=DEVICE, requires_grad=True) for _ in range(2))
+    causal = Band.causal().to_op()
+    with kernel_options(rows_packed=packed):
+        torch.library.opcheck(fused_ops.fused_fwd, (q, k, v, None, 0.0, causal, 0.25, None, "triton"))
+        out, lse = fused_ops.fused_fwd(q, k, v, None, 0.0, causal, 0.25, None, "triton")
+        assert is_rows(out) and lse.stride() == (L, B * L, 1)
+        dout = torch.randn(B, L, H, d, device=DEVICE).transpose(1, 2)
+        torch.library.opcheck(fused_ops.fused_bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(),
+                                                    lse.detach(), None, 0.0, causal, 0.25, None, "triton", False))
