@@ -79,9 +79,6 @@ def test_the_forwards_q_rows_mode_only_for_row_calls(B, L, H):
     assert q_rows_mode == rows_call(q, k, k, None, 0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="B = 1: run_fused's reshape gives the output and hence its gradient "
-                                       "stride(0) = H * D, which is_rows (exact strides, the size-1 batch "
-                                       "dim's too) refuses, so ws_bwd.eligible's q_rows case never holds")
 def test_a_single_sequence_backward_takes_the_gluon_dkdv_kernel(gluon):
     B, L, H, Hkv = 1, 64, 2, 1
     x = torch.randn(B, L, H * D, dtype=torch.float16, requires_grad=True)
@@ -94,9 +91,6 @@ def test_a_single_sequence_backward_takes_the_gluon_dkdv_kernel(gluon):
     assert [name for name, *_ in gluon] == ["fwd", "bwd"], [name for name, *_ in gluon]
 
 
-@pytest.mark.xfail(strict=True, reason="backends._kernels._layout_note asks only launch.rows_packed_forward: "
-                                       "a call rows_q_gluon serves with the Gluon kernels is reported as the "
-                                       "core's strided dense calls, beside a backward plan naming ws_bwd")
 def test_explain_names_the_kernels_a_kv_cache_call_runs(gluon):
     q = _rows(2, 300, 4)
     k = torch.randn(2, 2, 300, D, dtype=torch.float16)
