@@ -858,6 +858,17 @@ def test_model_layout_views_keep_their_layout():
     assert torch.equal(out, ref)
 
 
+def test_output_on_model_views_takes_in_place_ops():
+    """The output in the query's layout is made by strides, not as a view: under autograd it takes
+    in-place ops as a contiguous call's output does."""
+    q, k, v = (torch.randn(B, n, h, E, device=DEVICE).transpose(1, 2).requires_grad_()
+               for n, h in ((L, HQ), (S, HKV), (S, HKV)))
+    out = flex.flex_attention(q, k, v, enable_gqa=True)
+    want = 2.0 * out.detach()
+    out.mul_(2.0)
+    assert torch.equal(out.detach(), want)
+
+
 @pytest.mark.parametrize("n_q,n_kv,block", [(300, 280, 256), (128, 192, 64)], ids=["block_past_padding", "even"])
 def test_fused_backward_walks_whole_listed_blocks(n_q, n_kv, block):
     """The core's loops run across every listed block: a BlockMask block larger than the rows the

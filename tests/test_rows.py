@@ -71,7 +71,7 @@ def test_row_views_match_float64_in_the_models_layout(case, packed, spy):
             assert g.stride() == t.stride(), f"d{name} strides {g.stride()} != {name}'s {t.stride()}"
         assert_matches_float64(out, q, k, v, what=case, **kw)
     with kernel_options(rows_packed=packed):  # auto: packed where the Gluon kernels serve it
-        want = {"_forward": launch.rows_packed_forward(q, k, v),
+        want = {"_forward": launch.rows_forward_route(q, k, v) == "packed",
                 "_backward": launch._rows_packed(launch.resolve(None), q, k, v, q) is not None}
     assert spy and all((p is not None) == want[name] for name, p in spy), (packed, want, spy)
     if packed is not None:  # forced: packed exactly where K / V are rows too

@@ -73,16 +73,22 @@ def rows_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p
     """Whether a dense fused call's q is laid out as a model's projection (``is_rows``, and not also
     contiguous: more than one head and row), with k and v either so too or contiguous (a KV
     cache's), no mask and no dropout: the Triton launchers then return out and lse in
-    ``rows_out`` / ``rows_lse``'s layouts, and their backward dq / dk / dv laid out as q / k / v."""
+    ``empty_in_layout`` / ``rows_lse``'s layouts, and their backward dq / dk / dv laid out as q / k / v."""
     return (mask is None and dropout_p == 0.0 and q.shape[1] > 1 and q.shape[2] > 1 and is_rows(q)
             and all(is_rows(t) or t.is_contiguous() for t in (k, v)))
 
 
-def rows_out(q: torch.Tensor, ev: int) -> torch.Tensor:
-    """An empty output (B, H, L, ev) of a ``rows_call``, laid out as the .transpose(1, 2) view of
-    (B, L, H, ev) but not a view (an op's output takes in-place ops only if it is none)."""
-    B, H, L, _ = q.shape
-    return torch.empty_strided((B, H, L, ev), (L * H * ev, ev, H * ev, 1), dtype=q.dtype, device=q.device)
+def empty_in_layout(q: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """An empty (B, H, L, E) tensor of ``shape`` in q's dtype whose first three dims are laid out as
+    q's are (E innermost): a row call's output is the model's (B, L, H, E) layout, a contiguous q's
+    contiguous. Made by strides, not as a view (an op's output takes in-place ops only if it is
+    none)."""
+    order = sorted(range(3), key=lambda d: -q.stride(d))  # b, h, l from outermost to innermost
+    strides, step = [0, 0, 0, 1], shape[3]
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    return torch.empty_strided(tuple(shape), tuple(strides), dtype=q.dtype, device=q.device)
 
 
 def rows_lse(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .._layout import Band, Packed, is_rows, rows_call, rows_lse, rows_out
+from .._layout import Band, Packed, empty_in_layout, is_rows, rows_call, rows_lse
 from . import core, versions, worklist
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
     heuristic, pruner, ws_backward
@@ -238,13 +238,13 @@ def _launch(tuned, launcher: Launcher, grid_of, args: dict, flags: dict, tiles: 
 def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int,
             options: KernelOptions | dict | None = None):
     """Dense attention on (B, H, L, D) tensors over ``band``; returns (out, lse (B, H, L)). A model's
-    row views (``_layout.rows_call``) get out and lse in ``rows_out`` / ``rows_lse``'s layouts and
-    run as packed sequences where ``_rows_packed`` says so; other calls get contiguous ones."""
+    row views (``_layout.rows_call``) get out in q's layout and lse in ``rows_lse``'s, and run as
+    packed sequences where ``_rows_packed`` says so; other calls get contiguous ones."""
     B, H, L, D = q.shape
     _check_head_dims(q, k, v)
     rows = rows_call(q, k, v, mask, dropout_p)
     if rows:
-        out, lse = rows_out(q, v.shape[-1]), rows_lse(q)
+        out, lse = empty_in_layout(q, (*q.shape[:3], v.shape[-1])), rows_lse(q)
     else:
         out = torch.empty((B, H, L, v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -298,11 +298,6 @@ def _uniform(n: int, L: int, S: int, device: torch.device) -> Packed:
         cu_q = torch.arange(0, (n + 1) * L, L, dtype=torch.int32).to(device)
         cu_k = cu_q if S == L else torch.arange(0, (n + 1) * S, S, dtype=torch.int32).to(device)
     return Packed(cu_q, cu_k)
-
-
-def rows_packed_forward(q, k, v, options: KernelOptions | dict | None = None) -> bool:
-    """Whether ``forward`` runs the row call (``_layout.rows_call``) q, k, v as packed sequences."""
-    return _rows_packed(resolve(options), q, k, v) is not None
 
 
 def rows_forward_route(q, k, v, options: KernelOptions | dict | None = None) -> str:
@@ -786,14 +781,6 @@ def _flex_kv_args(k, v, blocks):
     return kstr, vstr, (*kv, _list_strides(*kv, k.device))
 
 
-def _like_layout(q: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """An empty (B, H, L, Dv) tensor laid out as ``q`` is: a model's (B, L, H, D) projection seen
-    through .transpose(1, 2) gets an output that transposes back to (B, L, H, Dv) without a copy."""
-    order = sorted(range(3), key=lambda d: -q.stride(d))  # b, h, l from outermost to innermost
-    alloc = torch.empty([shape[d] for d in order] + [shape[3]], dtype=q.dtype, device=q.device)
-    return alloc.permute(*[order.index(d) for d in range(3)], 3)
-
-
 def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max: bool = False, options: KernelOptions | dict | None = None,
                  kernel_options: dict | None = None):
     """Flex attention through core.attn_fwd's FLEX mode. q ``(B, Hq, L, D)``; k / v ``(B or 1,
@@ -806,7 +793,7 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     tiles = flex_tiles(q, k, blocks, options, kernel_options)
     if tiles is None:
         return None
-    out = _like_layout(q, (B, H, L, v.shape[3]))
+    out = empty_in_layout(q, (B, H, L, v.shape[3]))
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     mx = torch.empty((B, H, L), dtype=torch.float32, device=q.device) if want_max else lse
     if L == 0:

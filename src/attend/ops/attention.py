@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .._layout import Band, is_rows, rows_call, rows_lse, rows_out
+from .._layout import Band, is_rows, empty_in_layout, rows_call, rows_lse
 from ._eager import call, eager_twin, is_eager
 from ..kernels import options as kernel_options
 from .registry import launchers
@@ -44,7 +44,7 @@ def _(q, k, v, mask, dropout_p, band, scale, seed, kernel):
     B, H, L, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if kernel == "triton" and rows_call(q, k, v, mask, dropout_p):  # launch.forward's layouts
-        return rows_out(q, v.shape[-1]), rows_lse(q, lse_dtype)
+        return empty_in_layout(q, (*q.shape[:3], v.shape[-1])), rows_lse(q, lse_dtype)
     out = q.new_empty((B, H, L, v.shape[-1]))
     lse = q.new_empty((B, H, L), dtype=lse_dtype)
     return out, lse

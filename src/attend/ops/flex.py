@@ -19,6 +19,7 @@ import torch
 
 from .._flex import compiled, dispatch
 from .._flex import lists as _lists
+from .._layout import empty_in_layout
 
 
 @torch._dynamo.assume_constant_result
@@ -78,10 +79,8 @@ def _(q, k, v, score_caps, mask_caps, lists, numbers, scale, spec):
 
 
 def _out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The output as the ops promise it: (B, H, L, Ev) in the query's layout (launch._like_layout)."""
-    from ..kernels.launch import _like_layout
-
-    return _like_layout(q, (*q.shape[:3], v.shape[-1]))
+    """The output as the ops promise it: (B, H, L, Ev) in the query's layout."""
+    return empty_in_layout(q, (*q.shape[:3], v.shape[-1]))
 
 
 def _in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
