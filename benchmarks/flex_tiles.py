@@ -1,0 +1,97 @@
+"""Choose the flex kernels' tiles: ``attend.flex_attention`` timed through the API with each
+candidate ``kernel_options`` (forward: BLOCK_M / BLOCK_N / num_warps / num_stages; backward:
+BLOCK_M1 / BLOCK_N1 / BLOCK_M2 / BLOCK_N2 / num_warps / num_stages) on the flex benchmark's cases,
+in interleaved rounds as ``ab.py`` times the dense kernels. The first row of each kind is the
+library's default (no kernel_options); a candidate that does not build (out of shared memory)
+prints its error.
+
+    PYTHONPATH=src python benchmarks/flex_tiles.py [--cases causal,alibi_causal] [--rounds 5] [--json out.json]
+
+The shapes are ``attend.bench_flex``'s ``full`` preset (B=2, H=16, S=8192, D=128, bf16) on CUDA,
+its ``tiny`` preset elsewhere (a smoke test under TRITON_INTERPRET=1). The winners go into
+``kernels.configs.flex_tile`` / ``flex_bwd_tile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import attend.flex_attention as af
+from attend.bench_flex import PRESETS, _case, _inputs, _sync, _time_ms
+
+# Candidate kernel_options; None is the library's own choice. The backward rows time forward + backward.
+FWD = [None] + [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in (
+    (128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+    (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 1))]
+BWD = [None] + [dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=w, num_stages=s)
+                for m1, n1, m2, n2, w, s in (
+    (64, 128, 128, 64, 8, 2), (64, 64, 64, 64, 4, 2), (32, 128, 128, 32, 4, 2), (32, 64, 64, 32, 4, 2),
+    (64, 128, 128, 64, 8, 1), (64, 64, 64, 64, 4, 1))]
+
+
+def _label(ko) -> str:
+    return "default" if ko is None else " ".join(f"{k}={v}" for k, v in ko.items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="causal,alibi_causal")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--kinds", default="fwd,bwd")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = PRESETS["full" if device == "cuda" else "tiny"]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kinds = args.kinds.split(",")
+    rows = []
+    for case in args.cases.split(","):
+        score_mod, mask_mod, caps = _case(case, p, device)
+        bm = None if mask_mod is None else af.create_block_mask(mask_mod, None, None, p["S"], p["S"], device=device)
+        q, k, v = _inputs(p, device, dtype)
+        dout = torch.randn_like(q)
+        leaves = [q, k, v, *caps]
+
+        def fwd(ko):
+            with torch.no_grad():
+                af.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, kernel_options=ko)
+
+        def bwd(ko):
+            for t in leaves:
+                t.grad = None
+            af.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, kernel_options=ko).backward(dout)
+
+        variants = [("fwd", ko, fwd) for ko in FWD if "fwd" in kinds] + [("fwd+bwd", ko, bwd) for ko in BWD if "bwd" in kinds]
+        live, times = [], {}
+        for kind, ko, fn in variants:  # compile each outside the timing; a failure is a result
+            try:
+                fn(ko)
+                _sync(device)
+                live.append((kind, ko, fn))
+                times[(kind, _label(ko))] = []
+            except Exception as e:  # noqa: BLE001 - out of resources is a row, not a crash
+                rows.append(dict(case=case, kind=kind, variant=_label(ko), error=f"{type(e).__name__}: {str(e)[:200]}"))
+        for _ in range(args.rounds):
+            for kind, ko, fn in live:
+                times[(kind, _label(ko))].append(_time_ms(lambda: fn(ko), device, p["reps"]))
+        for (kind, label), ts in times.items():
+            rows.append(dict(case=case, kind=kind, variant=label, median_ms=statistics.median(ts),
+                             spread=(max(ts) - min(ts)) / statistics.median(ts)))
+    print("| case | kind | kernel_options | ms (median) | spread |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['case']} | {r['kind']} | {r['variant']} | {r['error']} | |")
+        else:
+            print(f"| {r['case']} | {r['kind']} | {r['variant']} | {r['median_ms']:.3f} | {100 * r['spread']:.0f}% |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
