@@ -186,8 +186,8 @@ def test_first_backward_after_a_warmed_forward_compiles_nothing(monkeypatch):
     n = 200
     g = torch.Generator().manual_seed(3)
     table = torch.randn(2, 2 * n, generator=g).to(DEVICE).requires_grad_()
-    # 0.8125: a constant no other test's mod has, so the structure (and its kernels) is new here
-    sm = lambda s, b, h, q_idx, kv_idx: s * 0.8125 + table[h, q_idx - kv_idx + n]
+    # an op chain no other test's mod has (constants are runtime data, not structure): new kernels here
+    sm = lambda s, b, h, q_idx, kv_idx: torch.sigmoid(torch.tanh(s) * table[h, q_idx - kv_idx + n]) + s
     bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device=DEVICE)
     q, k, v = (torch.randn(1, 2, n, 64, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(3))
     before = _backward_variants()
