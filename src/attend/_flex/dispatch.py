@@ -3,15 +3,21 @@
 :func:`run` is what ``attend.flex_attention.flex_attention`` calls after validating arguments.
 :func:`_fused` runs the Triton core's flex mode (forward ``launch.flex_forward``, backward
 ``launch.flex_backward``; docs/flex.md); the calls it declines run the blocked torch path
-(:mod:`.eager`).
+(:mod:`.eager`). A forward that autograd will differentiate starts compiling its backward's kernel
+on a worker thread before its own kernel compiles (:func:`_backward_warmup`): Triton's compiler
+releases the GIL, so a new mod's first forward and backward pay for about one compile, not two.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from ..kernels import options as kernel_options
 from . import codegen, eager
 from .lists import BlockLists
 from .trace import ModGraph
@@ -38,13 +44,23 @@ class FlexCall:
     def mask_captures(self) -> list[torch.Tensor]:
         return [c.tensor for c in self.mask.captures] if self.mask is not None else []
 
+    @functools.cached_property
+    def score_hooks(self) -> codegen.Hooks | None:
+        """The score_mod's generated Triton functions (generated once per structure; looked up
+        once per call: the lookup builds the structure key)."""
+        return codegen.hooks(self.score) if self.score is not None else None
+
+    @functools.cached_property
+    def mask_hooks(self) -> codegen.Hooks | None:
+        return codegen.hooks(self.mask) if self.mask is not None else None
+
     def hooks(self) -> dict:
         """The generated Triton functions of this call's mods (generated once per structure)."""
         out = {}
         if self.score is not None:
-            out.update(codegen.hooks(self.score).functions)
+            out.update(self.score_hooks.functions)
         if self.mask is not None:
-            out.update(codegen.hooks(self.mask).functions)
+            out.update(self.mask_hooks.functions)
         return out
 
 
@@ -77,13 +93,26 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bo
 
     score = mask = None
     if call.score is not None:
-        score = (codegen.hooks(call.score).functions,
+        score = (call.score_hooks.functions,
                  codegen.capture_args(list(score_caps), q.device, grads=[], scalars=call.score.scalars))
     if call.mask is not None:
-        mask = (codegen.hooks(call.mask).functions,
+        mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
     return launch.flex_forward(q, k, v, call.blocks, call.scale, score, mask, want_max=want_max,
                                kernel_options=call.kernel_options)
+
+
+def _backward_mods(call: FlexCall, q, score_caps, mask_caps, score_grad: bool, grads=None) -> tuple:
+    """The ``score`` / ``mask`` arguments of launch.flex_backward. ``grads``: the score captures'
+    gradient buffers (default: fresh fp32 zeros; a warmup passes meta stand-ins)."""
+    score = mask = None
+    if call.score is not None:
+        score = (call.score_hooks.functions,
+                 codegen.capture_args(list(score_caps), q.device, grads=grads, scalars=call.score.scalars), score_grad)
+    if call.mask is not None:
+        mask = (call.mask_hooks.functions,
+                codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
+    return score, mask
 
 
 def _backward_kernel(call: FlexCall, dout, dlse, q, k, v, out, lse, score_caps, mask_caps, cap_grads: list[bool]):
@@ -91,21 +120,80 @@ def _backward_kernel(call: FlexCall, dout, dlse, q, k, v, out, lse, score_caps, 
     None where no backward tile fits the BlockMask's BLOCK_SIZE."""
     from ..kernels import launch
 
-    score = mask = None
-    grads = None
-    if call.score is not None:
-        args = codegen.capture_args(list(score_caps), q.device, scalars=call.score.scalars)
-        score = (codegen.hooks(call.score).functions, args, any(cap_grads))
-        grads = args.grads
-    if call.mask is not None:
-        mask = (codegen.hooks(call.mask).functions,
-                codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
+    score, mask = _backward_mods(call, q, score_caps, mask_caps, any(cap_grads))
     res = launch.flex_backward(dout, q, k, v, out, lse, dlse, call.blocks, call.scale, score, mask,
                                kernel_options=call.kernel_options)
     if res is None:
         return None
-    cap = [g.to(c.dtype) if want else None for c, g, want in zip(score_caps, grads or (), cap_grads)]
+    grads = score[1].grads if score is not None else ()
+    cap = [g.to(c.dtype) if want else None for c, g, want in zip(score_caps, grads, cap_grads)]
     return (*res, cap)
+
+
+# The backward's kernel compiles on this thread while the forward's compiles on the caller's.
+_WARMUP_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="attend-flex-warmup")
+# Warmups started, by what selects the backward's kernel (``_warmup_key``): the Future while it
+# runs, None once done (a warm process starts none, and keeps no finished Future alive).
+_WARMUPS: dict[tuple, concurrent.futures.Future | None] = {}
+_NEVER = object()  # _WARMUPS' answer for a key never warmed up
+
+
+def _warms_up(q: torch.Tensor) -> bool:
+    """Whether a forward on ``q`` warms up its backward: CUDA tensors (the interpreter compiles
+    nothing; the CPU has no Triton compile)."""
+    return q.is_cuda
+
+
+def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.KernelOptions) -> tuple:
+    """What selects the backward's compiled kernel, as far as it is cheap to see: the mods'
+    structures, the tiles' inputs (launch.flex_bwd_tiles), the constexpr flags and the lengths'
+    divisibility (Triton specializes ints on it). A case it misses (say a new stride class) only
+    leaves the real backward to compile, as it would without a warmup."""
+    from ..kernels import launch
+
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    BQ, BKV = call.blocks.BLOCK_SIZE
+    ko = call.kernel_options
+    return (q.device, q.dtype, D, H // k.shape[1], launch.seq_bucket(max(L, S)), BQ, BKV,
+            L % BQ == 0 and S % BKV == 0, L % 16 == 0, S % 16 == 0,
+            call.score_hooks.path if call.score is not None else None,
+            call.mask_hooks.path if call.mask is not None else None, score_grad,
+            torch.are_deterministic_algorithms_enabled(),
+            q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
+            None if ko is None else repr(sorted(ko.items())),
+            None if opts.bwd_config is None else repr(opts.bwd_config))
+
+
+def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,
+                     opts: kernel_options.KernelOptions) -> concurrent.futures.Future | None:
+    """Start compiling the core's flex backward for this call on the warmup thread (called before
+    the forward's launch, so the two compiles overlap); the Future to wait for before the real
+    backward launches, or None where there is nothing to wait for: the knob is off
+    (``KernelOptions.flex_bwd_precompile``), not CUDA, deterministic mode with a capture gradient
+    (the blocked backward runs), or a warmup for this kernel already finished."""
+    if not (opts.flex_bwd_precompile and _warms_up(q)):
+        return None
+    if score_grad and torch.are_deterministic_algorithms_enabled():
+        return None
+    key = _warmup_key(call, q, k, score_grad, opts)
+    fut = _WARMUPS.get(key, _NEVER)
+    if fut is not _NEVER:
+        return fut
+    stand_ins = [torch.empty(c.shape, dtype=torch.float32, device="meta") for c in score_caps]
+    score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, grads=stand_ins)
+    fut = _WARMUPS[key] = _WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts)
+    fut.add_done_callback(lambda _: _WARMUPS.__setitem__(key, None))
+    return fut
+
+
+def _warm_backward(call: FlexCall, q, k, v, score, mask, opts: kernel_options.KernelOptions) -> None:
+    """The warmup thread's work: launch.flex_backward's warmup (compile, launch nothing) on q's device."""
+    from ..kernels import launch
+
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        launch.flex_backward(None, q, k, v, None, None, None, call.blocks, call.scale, score, mask, options=opts,
+                             kernel_options=call.kernel_options, warmup=True)
 
 
 class _FusedForward(torch.autograd.Function):
@@ -116,6 +204,9 @@ class _FusedForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, q, k, v, *caps):
         n = len(call.score_captures)
+        ctx.options = kernel_options.current()
+        ctx.warmup = _backward_warmup(call, q, k, v, caps[:n], caps[n:], any(ctx.needs_input_grad[4:4 + n]),
+                                      ctx.options)
         res = _forward_kernel(call, q, k, v, caps[:n], caps[n:], True)
         ctx.call = call
         ctx.save_for_backward(q, k, v, res[0], res[1], *caps)
@@ -124,7 +215,13 @@ class _FusedForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse, dmax):
-        return (None, *gradients(ctx.call, dout, dlse, ctx.saved_tensors, ctx.needs_input_grad[1:]))
+        if ctx.warmup is not None:
+            try:
+                ctx.warmup.result()
+            except Exception:  # a failed warmup costs nothing: the launch below compiles (and raises) as it would
+                pass
+        with kernel_options.use(ctx.options):  # the forward's (autograd may run this on another thread)
+            return (None, *gradients(ctx.call, dout, dlse, ctx.saved_tensors, ctx.needs_input_grad[1:]))
 
 
 def gradients(call: FlexCall, dout, dlse, saved, needs) -> list:

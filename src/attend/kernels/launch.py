@@ -537,14 +537,18 @@ def _no_dmask(like: torch.Tensor, opts: KernelOptions) -> torch.Tensor:
 _STAT_PAD = core.STAT_PAD.value
 
 
+def _stat_buffers(batch: int, H: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLSE2, Delta): the two halves of one fp32 buffer, ``rows`` per head rounded up to STAT_PAD."""
+    stats = torch.empty((2, batch, H, _cdiv(rows, _STAT_PAD) * _STAT_PAD), dtype=torch.float32, device=device)
+    return stats[0], stats[1]
+
+
 def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed | None):
     """(NLSE2, Delta, their (b, h) strides): the backward's per-row inputs (``attn_bwd_preprocess``),
     one fp32 buffer of two halves. Rows per head: L rounded up to STAT_PAD (dense), or T plus
     STAT_PAD per sequence (packed: each sequence starts on an aligned row, ``core._stat_row0``)."""
     H, rows = out.shape[1], out.shape[2]
-    per_head = _cdiv(L if packed is None else rows + _STAT_PAD * B, _STAT_PAD) * _STAT_PAD
-    stats = torch.empty((2, out.shape[0], H, per_head), dtype=torch.float32, device=out.device)
-    nlse2, delta = stats[0], stats[1]
+    nlse2, delta = _stat_buffers(out.shape[0], H, L if packed is None else rows + _STAT_PAD * B, out.device)
     if dlse is not None and dlse.stride() != lse.stride():  # read with the lse's strides
         dlse = torch.empty_like(lse).copy_(dlse)  # e.g. an expanded gradient (lse.sum()): stride 0
     flags = dict(HEAD_DIM=out.shape[3], BLOCK_D=block_d(out.shape[3]), BLOCK_M=_STAT_PAD, VARLEN=packed is not None,
@@ -743,42 +747,44 @@ def _list_strides(num, idx, full_num, full_idx, device) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.int32, device=device)
 
 
-def _with_lists(blocks, transposes: bool = False):
+def _with_lists(blocks, transposes: bool = False, device: torch.device | None = None):
     """``blocks`` with every list the kernels read present: an absent full list is an empty one,
-    and (``transposes``) absent query-side lists are computed from the key-side ones."""
+    and (``transposes``) absent query-side lists are computed from the key-side ones. The lists
+    made here are on ``device`` (default: the lists'; "meta" for a warmup, which reads none)."""
     import dataclasses
 
     from .._flex.block_mask import _transpose
 
     ch = {}
-    device = blocks.kv_num_blocks.device
+    device = blocks.kv_num_blocks.device if device is None else device
+    transpose = lambda num, idx: _transpose(num.to(device), idx.to(device))
     nq, nk = blocks.kv_num_blocks.shape[-1], blocks.kv_indices.shape[-1]
     if blocks.full_kv_num_blocks is None:
         zero = torch.zeros(1, 1, nq, 1, dtype=torch.int32, device=device)
         ch.update(full_kv_num_blocks=zero[..., 0], full_kv_indices=zero)
     if transposes:
         if blocks.q_num_blocks is None:
-            ch.update(zip(("q_num_blocks", "q_indices"), _transpose(blocks.kv_num_blocks, blocks.kv_indices)))
+            ch.update(zip(("q_num_blocks", "q_indices"), transpose(blocks.kv_num_blocks, blocks.kv_indices)))
         if blocks.full_q_num_blocks is None:
             if blocks.full_kv_num_blocks is None:
                 zero = torch.zeros(1, 1, nk, 1, dtype=torch.int32, device=device)
                 ch.update(full_q_num_blocks=zero[..., 0], full_q_indices=zero)
             else:
                 ch.update(zip(("full_q_num_blocks", "full_q_indices"),
-                              _transpose(blocks.full_kv_num_blocks, blocks.full_kv_indices)))
+                              transpose(blocks.full_kv_num_blocks, blocks.full_kv_indices)))
     return dataclasses.replace(blocks, **ch) if ch else blocks
 
 
-def _flex_kv_args(k, v, blocks):
-    """(k strides, v strides, the key-side lists and their strides) of a flex launch; a key / value
-    batch of 1 broadcasts (batch stride 0)."""
+def _flex_kv_args(k, v, blocks, device: torch.device | None = None):
+    """(k strides, v strides, the key-side lists and their strides, on ``device``, default k's) of
+    a flex launch; a key / value batch of 1 broadcasts (batch stride 0)."""
     kstr, vstr = list(k.stride()), list(v.stride())
     if k.shape[0] == 1:
         kstr[0] = 0
     if v.shape[0] == 1:
         vstr[0] = 0
     kv = (blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices)
-    return kstr, vstr, (*kv, _list_strides(*kv, k.device))
+    return kstr, vstr, (*kv, _list_strides(*kv, k.device if device is None else device))
 
 
 def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max: bool = False, options: KernelOptions | dict | None = None,
@@ -858,30 +864,56 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     return Tiles(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False, ONE_LOOP=False), warps, stages)
 
 
+def _specialized_as(t: torch.Tensor) -> tuple:
+    """What Triton specializes a tensor argument and its strides on: a 16-byte aligned address,
+    strides equal to 1, strides divisible by 16."""
+    return t.data_ptr() % 16 == 0, tuple((st == 1, st % 16 == 0) for st in t.stride())
+
+
 def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=None, mask=None,
-                  options: KernelOptions | dict | None = None, kernel_options: dict | None = None):
+                  options: KernelOptions | dict | None = None, kernel_options: dict | None = None,
+                  warmup: bool = False):
     """Gradients of ``flex_forward`` through core.attn_bwd's FLEX mode: (dq, dk, dv), dk / dv
     shaped like k / v (summed over the batch where k / v broadcast it), or None where no tile fits
     the BlockMask's BLOCK_SIZE. ``score``: (the score_mod's generated functions, its
     ``codegen.capture_args`` with gradient buffers, whether to scatter the captures' gradient into
     them), or None; ``mask`` as flex_forward's. ``out`` / ``lse``: the forward's; ``dlse``: the
-    gradient into the lse, or None."""
+    gradient into the lse, or None.
+
+    ``warmup``: compile the launch this call would make into core.attn_bwd's JIT cache and return
+    None, launching nothing (nor the row statistics' preprocess): what a forward starts while its
+    own kernel compiles (``_flex.dispatch``). ``out``, ``lse`` and ``dlse`` are not read then, and
+    ``dout`` may be None: a gradient laid out as the forward's output. The real call reads a
+    gradient that Triton would specialize otherwise (the stride-0 gradient of ``out.sum()``, say)
+    from a copy in ``out``'s layout, so it finds that kernel compiled."""
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     tiles = flex_bwd_tiles(q, k, blocks, options, kernel_options)
-    if tiles is None:
+    if tiles is None or (warmup and (L == 0 or S == 0)):
         return None
-    dq = torch.empty_like(q)
-    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, Hkv, S, v.shape[3]), dtype=v.dtype, device=v.device)
+    # A warmup's buffers are meta tensors: the real ones' strides and dtypes, no memory; Triton
+    # specializes a meta tensor (data_ptr 0) as a 16-byte aligned pointer, as it does a fresh buffer.
+    dev = torch.device("meta") if warmup else q.device
+    dq = torch.empty_like(q, device=dev)
+    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, Hkv, S, v.shape[3]), dtype=v.dtype, device=dev)
     if L == 0 or S == 0:
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
-    blocks = _with_lists(blocks, transposes=True)
-    nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, (H * L, L), B, L, None)
-    kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks)
+    blocks = _with_lists(blocks, transposes=True, device=dev if warmup else None)
+    if warmup:
+        if dout is None:  # as flex_forward lays out its output
+            dout = empty_in_layout(torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev),
+                                   (B, H, L, v.shape[3]))
+        nlse2, delta = _stat_buffers(B, H, L, dev)
+        stat_strides = nlse2.stride()[:2]
+    else:
+        if _specialized_as(dout) != _specialized_as(out):  # e.g. out.sum()'s gradient, expanded (stride 0)
+            dout = torch.empty_like(out).copy_(dout)  # read in out's layout: the kernel its forward warmed up
+        nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, (H * L, L), B, L, None)
+    kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks, dev)
     lists = (*kv_lists, blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
              _list_strides(blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
-                           q.device))
+                           dev))
     score_on, mask_on = score is not None, mask is not None
     sfns, score_args, score_grad = score if score_on else ({}, None, False)
     mfns, mask_args = mask if mask_on else ({}, None)
@@ -909,7 +941,11 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
                  SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1])
     grid = (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + _cdiv(L, m["BLOCK_M2"]) * B * H,)
-    core.attn_bwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
+    launch = dict(**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
+    if warmup:
+        core.attn_bwd.warmup(grid=grid, **launch)
+        return None
+    core.attn_bwd[grid](**launch)
     if k.shape[0] != B:
         dk = dk.sum(0, keepdim=True)
     if v.shape[0] != B:

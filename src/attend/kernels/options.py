@@ -107,6 +107,12 @@ class KernelOptions:
     # The Gluon forward stores whole 64-row output blocks by one TMA store through the consumer's
     # finished Q buffer (ws.py); False: gl.store from registers.
     o_tma: bool = True
+    # A flex forward that autograd will differentiate, on CUDA, first starts compiling its backward's
+    # kernel on a worker thread (``_flex.dispatch._backward_warmup``), so a new mod's two compiles
+    # overlap (Triton's compiler releases the GIL) instead of running one after the other, sm_90
+    # target: 2.0 s forward and 4.5 s backward one after the other, 4.5 s for both side by side
+    # (docs/flex.md, Not yet). False: the backward compiles when it first runs.
+    flex_bwd_precompile: bool = True
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with ``changes`` (field names of this class)."""

@@ -1,0 +1,85 @@
+"""The first call of a never-seen score_mod, forward + backward, with the backward's warmup on and
+off (``KernelOptions.flex_bwd_precompile``), interleaved: the issue's "first call of a new mod"
+(target: a third of compiled flex's 3.2-4.8 s). Each call's mod has a structure of its own (a
+constant would not do: constants are runtime data of the traced graph), and Triton compiles from an
+empty on-disk cache, so every call compiles its forward and backward kernels.
+
+    PYTHONPATH=src python benchmarks/flex_first_call.py [--rounds 3] [--S 8192] [--D 128] [--json out.json]
+
+Prints, per variant, the median and spread of the forward alone (its compile included) and of
+forward + backward; B=2, H=16, bf16, causal BlockMask, loss ``out.sum()`` (as ``python -m attend
+bench --suite flex`` times ``first_call_new_mod``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# before triton is imported: an empty cache, so each new structure really compiles
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="attend-first-call-triton-")
+os.environ["ATTEND_CACHE_DIR"] = tempfile.mkdtemp(prefix="attend-first-call-")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import attend.flex_attention as flex  # noqa: E402
+from attend.kernels.options import kernel_options  # noqa: E402
+
+
+def _mod(depth: int):
+    """A softcap-like score_mod whose structure is new for each ``depth`` (tanh nested ``depth`` times)."""
+    def score_mod(s, b, h, q_idx, kv_idx):
+        x = s / 30.0
+        for _ in range(depth):
+            x = torch.tanh(x)
+        return s * 0.5 + x
+    return score_mod
+
+
+def _first_call(q, k, v, bm, depth: int, warmup: bool) -> tuple[float, float]:
+    torch.cuda.synchronize()
+    with kernel_options(flex_bwd_precompile=warmup):
+        t = time.perf_counter()
+        out = flex.flex_attention(q, k, v, score_mod=_mod(depth), block_mask=bm)
+        torch.cuda.synchronize()
+        fwd = time.perf_counter() - t
+        out.sum().backward()
+        torch.cuda.synchronize()
+    return fwd, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--S", type=int, default=8192)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    B, H, S, D = 2, 16, args.S, args.D
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, S, S, device="cuda")
+    _first_call(q, k, v, bm, 0, True)  # everything but the mods' kernels: CUDA, the block mask, imports
+    times = {"warmup on": [], "warmup off": []}
+    depth = 1
+    for r in range(args.rounds):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            times["warmup on" if on else "warmup off"].append(_first_call(q, k, v, bm, depth, on))
+            depth += 1
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} S={S} D={D} bf16, causal, "
+          f"{args.rounds} rounds, seconds (median, min-max)")
+    for name, rows in times.items():
+        fwd, total = [r[0] for r in rows], [r[1] for r in rows]
+        print(f"  {name:10s}  forward {statistics.median(fwd):6.2f} ({min(fwd):.2f}-{max(fwd):.2f})   "
+              f"forward + backward {statistics.median(total):6.2f} ({min(total):.2f}-{max(total):.2f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), B=B, H=H, S=S, D=D, times=times), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

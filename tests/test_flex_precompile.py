@@ -1,0 +1,202 @@
+"""The flex backward's warmup: a forward that autograd will differentiate starts compiling its
+backward's kernel while its own compiles (``_flex.dispatch._backward_warmup``,
+``launch.flex_backward(warmup=True)``). The warmup must specialize exactly as the real launch, so
+that launch compiles nothing; a failed warmup must cost nothing but time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import native_specialize_impl
+
+import attend.flex_attention as flex
+from attend._flex import dispatch
+from attend.kernels import core, launch
+from attend.kernels.options import kernel_options
+from conftest import DEVICE, assert_scaled_close
+from test_flex import _with_captures, dense_reference
+
+E = 16
+CASES = ["score_grad_mask_gqa_ragged", "mask_rows_layout_even", "score_key_batch_1"]
+
+
+def _case(name: str, seed: int = 0):
+    """(q, k, v, score_mod, mask_mod, block_mask, captures that require grad, flex kwargs)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)
+    if name == "score_grad_mask_gqa_ragged":  # a trained table, a document mask over captured ids, GQA 2:1
+        B, Hq, Hkv, L, S = 2, 2, 1, 50, 75
+        table = (0.5 * rand(Hq, L + S)).requires_grad_()
+        doc = torch.randint(0, 3, (B, S), generator=g).sort(-1).values.to(DEVICE)
+        sm = lambda s, b, h, q_idx, kv_idx: s + table[h, q_idx - kv_idx + S]
+        mm = lambda b, h, q_idx, kv_idx: (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
+        q, k, v = (rand(B, h, n, E).requires_grad_() for h, n in ((Hq, L), (Hkv, S), (Hkv, S)))
+        return q, k, v, sm, mm, flex.create_block_mask(mm, B, None, L, S, device=DEVICE, BLOCK_SIZE=32), [table], \
+            dict(enable_gqa=True)
+    if name == "mask_rows_layout_even":  # a model's (B, L, H, D) projections seen as (B, H, L, D)
+        B, H, L = 2, 2, 64
+        q, k, v = (rand(B, L, H, E).transpose(1, 2).requires_grad_() for _ in range(3))
+        mm = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
+        return q, k, v, None, mm, flex.create_block_mask(mm, None, None, L, L, device=DEVICE, BLOCK_SIZE=32), [], {}
+    assert name == "score_key_batch_1"  # a captured bias that does not train, keys broadcast over the batch
+    B, H, L, S = 2, 2, 40, 56
+    slopes = torch.exp2(-torch.arange(1, H + 1, dtype=torch.float32, device=DEVICE))
+    sm = lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx).abs()
+    mm = lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= 20
+    q = rand(B, H, L, E).requires_grad_()
+    k, v = (rand(1, H, S, E).requires_grad_() for _ in range(2))
+    return q, k, v, sm, mm, flex.create_block_mask(mm, None, None, L, S, device=DEVICE, BLOCK_SIZE=16), [], {}
+
+
+class _Record:
+    """Stands for core.attn_bwd: records the warmup's and the real launch's keyword arguments
+    (the launch runs nothing)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda **kw: self.calls.append(("launch", grid, kw))
+
+    def warmup(self, *args, grid, **kw):
+        assert not args, "kernels are launched by argument name"
+        self.calls.append(("warmup", grid, kw))
+
+
+def _spec(x):
+    """What Triton compiles a kernel argument by: a tensor's pointer type and 16-byte alignment
+    (Triton's own specialization), anything else (ints, constexprs, generated functions) itself."""
+    if isinstance(x, torch.Tensor):
+        return native_specialize_impl(BaseBackend, x, False, True, True)
+    if isinstance(x, tuple):
+        return tuple(_spec(e) for e in x)
+    return x
+
+
+@pytest.fixture
+def warmups(monkeypatch):
+    """Forwards warm their backward up here too (on the CPU only a GPU run does), from none started."""
+    monkeypatch.setattr(dispatch, "_warms_up", lambda q: True)
+    monkeypatch.setattr(dispatch, "_WARMUPS", {})
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_warmup_specializes_as_the_real_backward(name, warmups, monkeypatch):
+    """The warmup's launch arguments equal the real backward's: the same grid, argument names,
+    int values and constexprs (tiles, flags, generated functions), and pointers of the same dtype
+    and alignment; what the backward writes (dQ, dK, dV, the row statistics) and dO are meta
+    tensors there, never allocated."""
+    q, k, v, sm, mm, bm, trained, kw = _case(name)
+    rec = _Record()
+    monkeypatch.setattr(core, "attn_bwd", rec)
+    out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm, **kw)
+    # out.sum()'s gradient is expanded (stride 0): the backward reads it from a copy in out's layout
+    loss = out.sum() if name == "score_key_batch_1" else (out * torch.randn_like(out)).sum()
+    torch.autograd.grad(loss, [q, k, v, *trained])
+    assert [c[0] for c in rec.calls] == ["warmup", "launch"], rec.calls
+    (_, warm_grid, warm), (_, grid, real) = rec.calls
+    assert warm_grid == grid
+    assert warm.keys() == real.keys()
+    for arg in real:
+        w, r = _spec(warm[arg]), _spec(real[arg])
+        assert w == r, f"{name}: {arg} warmed up as {w!r}, launched as {r!r}"
+    assert (real["SCORE_GRADS"] is not None) == bool(trained)  # the capture gradient's scatter is compiled in
+    written = ["DQ", "DK", "DV", "DO", "NLSE2", "Delta", *(["SCORE_GRADS"] if trained else [])]
+    for arg in written:
+        tensors = warm[arg] if isinstance(warm[arg], tuple) else (warm[arg],)
+        assert all(t.device.type == "meta" for t in tensors), f"{name}: the warmup allocated {arg}"
+
+
+def test_a_failed_warmup_still_gives_correct_gradients(warmups, monkeypatch):
+    """A warmup that raises is swallowed: the backward compiles and runs as it would without one,
+    and its gradients (the trained table's included) match the float64 definition."""
+    real = launch.flex_backward
+    tried = []
+
+    def failing(*args, warmup=False, **kw):
+        if warmup:
+            tried.append(True)
+            raise RuntimeError("the warmup failed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(launch, "flex_backward", failing)
+    q, k, v, sm, mm, bm, trained, kw = _case("score_grad_mask_gqa_ragged", seed=1)
+    before = dict(dispatch.PATHS)
+    out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), [q, k, v, *trained])
+    assert tried == [True]
+    assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, *trained)]
+        o = dense_reference(*leaves[:3], _with_captures(sm, trained, leaves[3:]), mm, dt)[0]
+        res[dt] = (o, torch.autograd.grad((o * dout.to(dt)).sum(), leaves))
+    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
+    for what, a, r64, r32 in zip(["dq", "dk", "dv", "dtable"], grads, res[torch.float64][1], res[torch.float32][1]):
+        assert_scaled_close(a, r64, r32, k=6.0, what=what)
+
+
+def test_one_warmup_per_kernel_and_none_when_turned_off(warmups, monkeypatch):
+    """A second forward that selects the same backward kernel starts no warmup (a warm process pays
+    nothing), a new mask structure does; none with ``flex_bwd_precompile=False``, and none in
+    deterministic mode with a capture gradient (the blocked backward runs there)."""
+    started = []
+    real = dispatch._warm_backward
+    monkeypatch.setattr(dispatch, "_warm_backward", lambda *a, **kw: started.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(1, 64, generator=g).to(DEVICE).requires_grad_()
+    sm = lambda s, b, h, q_idx, kv_idx: s + table[h, q_idx - kv_idx + 32]
+
+    def forward(mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx):
+        q, k, v = (torch.randn(1, 1, 32, E, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+        bm = flex.create_block_mask(mask_mod, None, None, 32, 32, device=DEVICE, BLOCK_SIZE=16)
+        return flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
+
+    with kernel_options(flex_bwd_precompile=False):
+        forward()
+    assert started == []
+    forward()
+    forward()
+    assert len(started) == 1
+    forward(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= 8)
+    assert len(started) == 2
+    dispatch._WARMUPS.clear()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        forward()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert len(started) == 2
+
+
+def _backward_variants() -> int:
+    """Compiled variants of the core's backward (a GPU run; the interpreter compiles nothing)."""
+    return sum(len(c[0]) for c in core.attn_bwd.device_caches.values())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts Triton compiles: the interpreter compiles nothing")
+def test_first_backward_after_a_warmed_forward_compiles_nothing(monkeypatch):
+    """A mod never seen in this process: its backward's kernel is compiled once, by the warmup the
+    forward started, and the backward's own launch compiles nothing. (Counted by the JIT's cache:
+    Triton's compile hooks cannot serialize the generated functions the core takes as constexprs.)"""
+    monkeypatch.setattr(dispatch, "_WARMUPS", {})
+    n = 200
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(2, 2 * n, generator=g).to(DEVICE).requires_grad_()
+    # an op chain no other test's mod has (constants are runtime data, not structure): new kernels here
+    sm = lambda s, b, h, q_idx, kv_idx: torch.sigmoid(torch.tanh(s) * table[h, q_idx - kv_idx + n]) + s
+    bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device=DEVICE)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(3))
+    before = _backward_variants()
+    out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
+    started = [f for f in dispatch._WARMUPS.values() if f is not None]
+    for f in started:
+        f.result()  # raises if the warmup failed
+    assert len(dispatch._WARMUPS) == 1 and _backward_variants() == before + 1, "the forward warmed up no backward"
+    grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v, table))
+    torch.cuda.synchronize()
+    assert _backward_variants() == before + 1, "the backward compiled a kernel the warmup had not"
+    assert all(torch.isfinite(t).all() for t in grads)
