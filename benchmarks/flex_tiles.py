@@ -3,7 +3,9 @@ candidate ``kernel_options`` (forward: BLOCK_M / BLOCK_N / num_warps / num_stage
 BLOCK_M1 / BLOCK_N1 / BLOCK_M2 / BLOCK_N2 / num_warps / num_stages) on the flex benchmark's cases,
 in interleaved rounds as ``ab.py`` times the dense kernels. The first row of each kind is the
 library's default (no kernel_options); a candidate that does not build (out of shared memory)
-prints its error.
+prints its error. The causal case also times attend's dense ``is_causal`` FLASH, on the Gluon
+forward and on the core (``KernelOptions.fwd_ws=False``): what the flex forward's block lists and
+hooks cost against the same core without them.
 
     PYTHONPATH=src python benchmarks/flex_tiles.py [--cases causal,alibi_causal] [--rounds 5] [--json out.json]
 
@@ -20,7 +22,9 @@ import statistics
 
 import torch
 
+import attend
 import attend.flex_attention as af
+from attend.kernels.options import kernel_options
 from attend.bench_flex import PRESETS, _case, _inputs, _sync, _time_ms
 
 # Candidate kernel_options; None is the library's own choice. The backward rows time forward + backward.
@@ -34,6 +38,10 @@ BWD = [None] + [dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_war
 
 
 def _label(ko) -> str:
+    if ko == {}:
+        return "attend FLASH (Gluon forward on sm_90)"
+    if ko == {"fwd_ws": False}:
+        return "attend FLASH on the core"
     return "default" if ko is None else " ".join(f"{k}={v}" for k, v in ko.items())
 
 
@@ -65,7 +73,12 @@ def main() -> None:
                 t.grad = None
             af.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, kernel_options=ko).backward(dout)
 
-        variants = [("fwd", ko, fwd) for ko in FWD if "fwd" in kinds] + [("fwd+bwd", ko, bwd) for ko in BWD if "bwd" in kinds]
+        def dense(opts):
+            with torch.no_grad(), kernel_options(**opts):
+                attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        variants = [("dense causal", o, dense) for o in ({}, {"fwd_ws": False}) if case == "causal"]
+        variants += [("fwd", ko, fwd) for ko in FWD if "fwd" in kinds] + [("fwd+bwd", ko, bwd) for ko in BWD if "bwd" in kinds]
         live, times = [], {}
         for kind, ko, fn in variants:  # compile each outside the timing; a failure is a result
             try:
