@@ -14,7 +14,7 @@ from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 from attend.kernels import core, launch, options  # noqa: E402
 from attend._layout import Band  # noqa: E402
-from attend.kernels.fastlaunch import Launcher, int_class  # noqa: E402
+from attend.kernels.fastlaunch import Launcher, int_class, scalar_class  # noqa: E402
 
 INT_SAMPLES = list(range(-20, 70)) + [
     2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, -(2**31), -(2**31) - 1, -(2**31) - 16,
@@ -28,6 +28,16 @@ def test_int_class_matches_triton():
         same_triton = native_specialize_impl(backend, a, False, True, True) == \
             native_specialize_impl(backend, b, False, True, True)
         assert (int_class(a) == int_class(b)) == same_triton, (a, b)
+
+
+def test_scalar_class_matches_triton():
+    """Equal scalar_class <=> equal Triton specialization, over ints, floats, bools and None."""
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    samples = INT_SAMPLES[::7] + [0.0, 1.0, -2.5, 1e30, 0.125, True, False, None]
+    for a, b in itertools.combinations(samples, 2):
+        same_triton = native_specialize_impl(backend, a, False, True, True) == \
+            native_specialize_impl(backend, b, False, True, True) and type(a) is type(b)
+        assert (scalar_class(a) == scalar_class(b)) == same_triton, (a, b)
 
 
 def _launcher(n_ptr, volatile=()):
@@ -47,6 +57,18 @@ def test_key_separates_what_triton_specializes():
     assert key != lau._key((t.float(), u, 64, 0.5))  # dtype
     assert key != lau._key((t, u, 65, 0.5))  # scalars by exact value
     assert key != lau._key((t, u, 64, 0.25))
+
+
+def test_class_key_merges_only_what_triton_merges():
+    """A new length of a known class finds the kernel compiled for an earlier one."""
+    lau = _launcher(1)
+    t = torch.empty(8)
+    assert lau._class_key((t, 1040, 0.5)) == lau._class_key((t, 1056, 0.25))  # both divisible by 16
+    assert lau._class_key((t, 1041, 0.5)) == lau._class_key((t, 1043, 0.5))
+    assert lau._class_key((t, 1040, 0.5)) != lau._class_key((t, 1041, 0.5))
+    assert lau._class_key((t, 1040, 0.5)) != lau._class_key((t, 1, 0.5))  # Triton makes 1 a constant
+    assert lau._class_key((t, 1040, 0.5)) != lau._class_key((t, 2**40, 0.5))  # i64
+    assert lau._class_key((t, 1040, 0.5)) != lau._class_key((t[1:], 1040, 0.5))  # alignment
 
 
 def test_volatile_ints_keyed_by_class():
@@ -89,6 +111,23 @@ def test_direct_launch_respects_alignment():
         ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.1234, -1) @ v.double()
         assert (out.double() - ref).abs().max().item() < 5e-3
     assert len(launch._FWD_LAUNCH.cache) == before + 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need a GPU")
+def test_new_length_of_a_known_class_launches_direct():
+    """A decode loop's next length (here 96 -> 112 -> 128 keys: one class) reuses the kernel compiled
+    for the first without Triton's path, and each result matches float64."""
+    torch.manual_seed(0)
+    lau = launch._FWD_LAUNCH
+    q = torch.randn(2, 4, 1, 64, dtype=torch.float16, device="cuda")
+    for i, S in enumerate((96, 112, 128)):  # one query: never EVEN, so the constexprs stay the same
+        k, v = (torch.randn(2, 4, S, 64, dtype=torch.float16, device="cuda") for _ in range(2))
+        out, _ = launch.forward(q, k, v, None, 0.0, Band(), 0.1367, 0)  # a scale no other test uses
+        ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.1367, -1) @ v.double()
+        assert (out.double() - ref).abs().max().item() < 5e-3, S
+        if i == 0:
+            classes, keys = len(lau.by_class), len(lau.cache)
+    assert len(lau.by_class) == classes and len(lau.cache) == keys + 2  # two new keys, no new kernel
 
 
 def test_descriptor_key_separates_what_a_descriptor_fixes():

@@ -9,10 +9,13 @@ overhead and the direct launcher").
 
 ``Launcher`` keys the compiled kernel by what can change Triton's specialization, cheaply:
 each pointer argument's dtype and 16-byte alignment, and the exact values of the scalar
-arguments (a finer key than Triton's classes, so never a wrong kernel; a new length is one
-slow launch, then direct). Scalars named ``volatile`` (a dropout seed that changes per call) are
-keyed by Triton's classes instead. Then it calls the compiled kernel's launcher directly. The
-first call of each key and the interpreter go through Triton's own path.
+arguments (hashing the values is cheaper than classifying them). Scalars named ``volatile`` (a
+dropout seed that changes per call) are keyed by Triton's classes instead. Then it calls the
+compiled kernel's launcher directly. A key not seen yet is looked up again by Triton's own
+classes of every scalar (``scalar_class``: an int's ``int_class``, any float, any bool), so a new
+length (each step of a decode loop, each batch of a varlen call) launches a kernel compiled for
+an earlier length of its class directly; only a new class, and the interpreter, go through
+Triton's own path.
 
 Gluon kernels launch the same way, with host tensor descriptors among the leading pointer
 arguments (``ws.attn_fwd_ws``). Through Triton's own path the H100 waited on the host: the
@@ -43,6 +46,20 @@ def int_class(a: int) -> int:
     return 2 * width + (a & 15 == 0)
 
 
+def scalar_class(a) -> object:
+    """Triton's specialization of a scalar argument (``native_specialize_impl``): an int's
+    ``int_class``, one class for every float (fp32) and one for every bool (u1); None and any other
+    value as itself (never coarser than Triton). Tests compare it with Triton's own."""
+    t = type(a)
+    if t is int:
+        return int_class(a)
+    if t is float:
+        return "fp32"
+    if t is bool:
+        return "u1"
+    return (t, a)
+
+
 def _is_pointer(a) -> bool:
     """A tensor or a Gluon host tensor descriptor: the arguments ``Launcher`` wants first."""
     return type(a) is torch.Tensor or (TensorDescriptor is not None and type(a) is TensorDescriptor)
@@ -58,6 +75,12 @@ def _descriptor_key(d: TensorDescriptor) -> tuple:
             lay.swizzle_byte_width, lay.element_bitwidth, lay.transposed, d.padding)
 
 
+def _pointer_key(ptrs: tuple) -> tuple:
+    """Tensors by dtype and 16-byte alignment, host tensor descriptors by ``_descriptor_key``."""
+    return tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is torch.Tensor else _descriptor_key(a)
+                  for a in ptrs])
+
+
 class Launcher:
     """``Launcher(kernel, volatile)(grid, args, constexprs, num_warps, num_stages)`` launches
     like ``kernel[grid](**args, **constexprs, num_warps=..., num_stages=...)``.
@@ -71,7 +94,8 @@ class Launcher:
     def __init__(self, kernel, volatile: tuple[str, ...] = ()):
         self.kernel = kernel
         self.direct = isinstance(kernel, JITFunction)  # not the interpreter's InterpretedFunction
-        self.cache: dict = {}
+        self.cache: dict = {}  # exact key -> compiled kernel
+        self.by_class: dict = {}  # Triton's specialization (scalar_class) -> compiled kernel
         self.n_ptr = None  # leading tensor arguments, learnt on the first call
         if self.direct:
             is_constexpr = [p.is_constexpr for p in kernel.params]
@@ -99,14 +123,18 @@ class Launcher:
 
     def _key(self, args: tuple) -> tuple:
         n = self.n_ptr
-        ptrs = tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is torch.Tensor else _descriptor_key(a)
-                      for a in args[:n]])
+        ptrs = _pointer_key(args[:n])
         if not self.volatile:
             return ptrs, args[n:]
         rest = list(args[n:])
         for i in self.volatile:
             rest[i - n] = int_class(rest[i - n])
         return ptrs, tuple(rest)
+
+    def _class_key(self, args: tuple) -> tuple:
+        """The key as Triton specializes: pointers as in ``_key``, every scalar by ``scalar_class``."""
+        n = self.n_ptr
+        return _pointer_key(args[:n]), tuple([scalar_class(a) for a in args[n:]])
 
     def __call__(self, grid: tuple, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> None:
         if not self.direct:
@@ -123,14 +151,18 @@ class Launcher:
         device = driver.active.get_current_device()
         key = (device, tail, num_warps, num_stages, self._key(args))
         compiled = self.cache.get(key)
-        if compiled is None:  # Triton's path compiles (or loads) and launches; later calls go direct
-            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
-                                         **COMPILE_OPTIONS)
-            compiled.run  # noqa: B018 - loads the module, so compiled.function exists
+        if compiled is None:
+            class_key = (device, tail, num_warps, num_stages, self._class_key(args))
+            compiled = self.by_class.get(class_key)
             if len(self.cache) >= MAX_KEYS:
                 self.cache.clear()
-            self.cache[key] = compiled
-            return
+            if compiled is None:  # Triton's path compiles (or loads) and launches; later calls go direct
+                compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
+                                             **COMPILE_OPTIONS)
+                compiled.run  # noqa: B018 - loads the module, so compiled.function exists
+                self.cache[key] = self.by_class[class_key] = compiled
+                return
+            self.cache[key] = compiled  # a new value of a known class: the same kernel, direct
         stream = driver.active.get_current_stream(device)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         metadata = compiled.launch_metadata(grid, stream, *args, *tail) if enter is not None else None
