@@ -105,14 +105,14 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     block_d = max(16, triton.next_power_of_2(head_dim))
     if config is None and kernel == "fwd":  # as launch.flex_tiles picks it
         base = heuristic("fwd", block_d, flags={})
-        block_n, stages = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, block_d)
-        config = triton.Config(dict(BLOCK_M=base.kwargs["BLOCK_M"], BLOCK_N=block_n), num_warps=base.num_warps,
+        block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d)
+        config = triton.Config(dict(BLOCK_M=base.kwargs["BLOCK_M"], BLOCK_N=block_n), num_warps=warps,
                                num_stages=stages)
     elif config is None:  # as launch.flex_bwd_tiles picks it
         base = heuristic("bwd", block_d, flags={})
-        meta, stages = flex_bwd_tile({k: base.kwargs[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")},
-                                     base.num_stages, block_d)
-        config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False), num_warps=base.num_warps,
+        meta, stages, warps = flex_bwd_tile({k: base.kwargs[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")},
+                                            base.num_stages, base.num_warps, block_d)
+        config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False), num_warps=warps,
                                num_stages=stages)
     fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
     score, mask = _mods()

@@ -724,8 +724,8 @@ def flex_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
                        seq_bucket(k.shape[2]), H // k.shape[1])
     meta = {key: val for key, val in tiles.meta.items() if key in ("BLOCK_M", "BLOCK_N")}
     warps, stages = tiles.warps, tiles.stages
-    meta["BLOCK_N"], stages = flex_tile(meta["BLOCK_N"], stages, block_d(D)) if not opts.interpret else (
-        meta["BLOCK_N"], stages)
+    if not opts.interpret:
+        meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, block_d(D))
     ko = kernel_options or {}
     meta["BLOCK_M"] = int(ko.get("BLOCK_M", meta["BLOCK_M"]))
     meta["BLOCK_N"] = int(ko.get("BLOCK_N", meta["BLOCK_N"]))
@@ -852,7 +852,7 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     meta = {key: tiles.meta[key] for key in _FLEX_BWD_TILE_KEYS}
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
-        meta, stages = flex_bwd_tile(meta, stages, block_d(D))
+        meta, stages, warps = flex_bwd_tile(meta, stages, warps, block_d(D))
     ko = kernel_options or {}
     meta = {key: int(ko.get(key, val)) for key, val in meta.items()}
     warps, stages = int(ko.get("num_warps", warps)), int(ko.get("num_stages", stages))
