@@ -155,9 +155,15 @@ def _row(case: str, impl: str, fn) -> dict:
         return dict(case=case, impl=impl, error=f"{type(e).__name__}: {str(e)[:500]}")
 
 
-def run(preset: str = "full", impls=IMPLS, device: str = "cuda", dtype=torch.bfloat16, cases=CASES) -> list[dict]:
+def run(preset: str = "full", impls=IMPLS, device: str = "cuda", dtype=torch.bfloat16, cases=CASES,
+        emit=None) -> list[dict]:
+    """Every row, each passed to ``emit`` as soon as it is measured (so a time limit keeps the rows
+    done)."""
     p = PRESETS[preset]
-    rows = []
+    rows = _Rows(emit)
+    if "attend" in impls:  # first: cheap, and the issue's target (131072 keys)
+        for n in p["mask_lengths"]:
+            rows.append(_row(f"create_block_mask_{n}", "attend", lambda n=n: _block_mask_cost(n, device)))
     for case in cases:
         for impl in impls:
             def measure(case=case, impl=impl):
@@ -184,16 +190,28 @@ def run(preset: str = "full", impls=IMPLS, device: str = "cuda", dtype=torch.bfl
     for impl in impls:
         rows.append(_row("first_call_new_mod", impl, lambda impl=impl: _first_call(impl, p, device, dtype)))
         rows.append(_row("compiles_new_length_and_value", impl, lambda impl=impl: _recompiles(impl, p, device, dtype)))
-    if "attend" in impls:
-        for n in p["mask_lengths"]:
-            rows.append(_row(f"create_block_mask_{n}", "attend", lambda n=n: _block_mask_cost(n, device)))
-    return rows
+    return list(rows)
+
+
+class _Rows(list):
+    """A list that hands each appended row to ``emit``."""
+
+    def __init__(self, emit):
+        super().__init__()
+        self.emit = emit
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.emit is not None:
+            self.emit(row)
 
 
 def _first_call(impl: str, p: dict, device, dtype) -> dict:
-    """Forward + backward of a mod whose structure the process has not seen (a fresh literal)."""
+    """Forward + backward of a mod whose structure the process has not used (the constant is runtime
+    data, not structure; Triton's disk cache may still hold the kernels from an earlier process:
+    benchmarks/flex_first_call.py times it from an empty cache)."""
     flex, cbm = _impl(impl)
-    c = float(time.time_ns() % 997 + 3)  # a literal no earlier call used: a new structure for both
+    c = float(time.time_ns() % 997 + 3)
     bm = cbm(_causal, None, None, p["S"], p["S"], device=device)
     q, k, v = _inputs(p, device, dtype)
     _sync(device)
@@ -238,13 +256,16 @@ def _block_mask_cost(n: int, device) -> dict:
 
 def main(preset: str, impls=IMPLS, json_path: str = "bench_flex.json", device: str = "cuda",
          dtype=torch.bfloat16, cases=CASES) -> list[dict]:
-    rows = run(preset, impls, device, dtype, cases)
     meta = dict(preset=preset, params=PRESETS[preset], device=str(device), dtype=str(dtype).split(".")[-1],
                 torch=torch.__version__, python=platform.python_version())
     if str(device).startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name()
-    with open(json_path, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    for r in rows:
-        print(json.dumps(r))
-    return rows
+    done = []
+
+    def emit(row: dict) -> None:  # printed and saved as each row finishes
+        done.append(row)
+        print(json.dumps(row), flush=True)
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, rows=done), f, indent=1)
+
+    return run(preset, impls, device, dtype, cases, emit=emit)
