@@ -127,6 +127,8 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
     p = dict(PRESETS[preset])
     if new_tokens is not None:
         p["new_tokens"] = new_tokens
+    meta = dict(preset=preset, shape=p, dtype=str(dtype).removeprefix("torch."), device=_device_name(device),
+                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
     rows = []
     for model_name in models:
         cfg = _config(model_name, p)
@@ -147,12 +149,10 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
                         torch.cuda.empty_cache()
                 rows.append(row)
                 print(_line(row), flush=True)
+                if json_path:  # saved as each row finishes, so a time limit keeps the rows done
+                    with open(json_path, "w") as f:
+                        json.dump(dict(meta=meta, rows=rows), f, indent=1)
         del model
-    meta = dict(preset=preset, shape=p, dtype=str(dtype).removeprefix("torch."), device=_device_name(device),
-                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
     return rows
 
 
