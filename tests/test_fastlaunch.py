@@ -79,6 +79,51 @@ def test_volatile_ints_keyed_by_class():
     assert lau._key((t, 7, 16)) != lau._key((t, 7, 17))
 
 
+def test_both_caches_are_bounded(monkeypatch):
+    """Past MAX_KEYS entries each of the launcher's two caches starts over: the class cache too
+    (a Gluon kernel's host descriptors key their shapes, so each new length is a new class there).
+    CPU: Triton's path and the driver are stand-ins; 7 int classes against MAX_KEYS = 3."""
+    from triton.runtime.jit import JITFunction
+
+    from attend.kernels import fastlaunch
+
+    def k(X, n, BLOCK: triton.language.constexpr):
+        pass
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def launch_metadata(self, *args):
+            return None
+
+        def run(self, *args):
+            pass
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+    kernel = JITFunction(k)  # not the interpreter's: the direct path
+    slow = []
+    monkeypatch.setattr(kernel, "run", lambda *a, grid, warmup, **kw: slow.append(a) or Compiled())
+    monkeypatch.setattr(fastlaunch, "driver", type("D", (), {"active": Driver()})())
+    monkeypatch.setattr(fastlaunch, "MAX_KEYS", 3)
+    lau = Launcher(kernel)
+    assert lau.direct
+    x = torch.empty(16)
+    values = [1, 16, 17, 2**31, 2**31 + 1, 2**63, 2**63 + 1]
+    assert len({int_class(n) for n in values}) == len(values)
+    for n in values:
+        lau((1,), dict(X=x, n=n), dict(BLOCK=16), 4, 2)
+        assert len(lau.by_class) <= 3 and len(lau.cache) <= 3, (len(lau.by_class), len(lau.cache))
+    assert len(slow) == len(values)  # every new class went through Triton's path
+    lau((1,), dict(X=x, n=2**63 + 33), dict(BLOCK=16), 4, 2)  # a new value of the last class: direct
+    assert len(slow) == len(values)
+
+
 def test_launcher_falls_back_under_interpreter():
     """Under TRITON_INTERPRET the kernels are interpreted functions: Launcher uses Triton's path."""
     if not options.current().interpret:

@@ -4,6 +4,7 @@ the generated Triton hooks against the traced graph in float64, and the generati
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 
@@ -721,6 +722,25 @@ def test_fused_backward_lse_gradient_broadcast_keys_and_kernel_options():
     for name, a, r, s_ in zip(["dq", "dk", "dv"], grads, res[torch.float64], res[torch.float32]):
         assert a.shape == r.shape, (name, a.shape, r.shape)
         assert_scaled_close(a, r, s_, k=6.0, what=name)
+
+
+@pytest.mark.parametrize("block_d", [16, 32, 64, 128, 256])
+def test_flex_tiles_never_exceed_the_dense_configs(block_d):
+    """The flex kernels' tiles (configs.flex_tile / flex_bwd_tile) only shrink the dense config
+    they start from: the dense configs are sized to fit shared memory (head dim 256's backward at
+    16 / 64 / 64 / 16), and a flex kernel holds more buffers (its extra key loops), never fewer."""
+    from attend.kernels.configs import flex_bwd_tile, flex_tile, heuristic
+
+    keys = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+    for elem, seq, group in itertools.product((2, 4), (128, 1024, 16384), (1, 8)):
+        f = heuristic("fwd", block_d, flags={}, elem=elem, seq_bucket=seq, group=group)
+        block_n, stages, _ = flex_tile(f.kwargs["BLOCK_N"], f.num_stages, f.num_warps, block_d)
+        assert block_n <= f.kwargs["BLOCK_N"] and stages <= f.num_stages, (block_d, elem, seq, group)
+        b = heuristic("bwd", block_d, flags={}, elem=elem, seq_bucket=seq, group=group)
+        dense = {key: b.kwargs[key] for key in keys}
+        meta, stages, _ = flex_bwd_tile(dense, b.num_stages, b.num_warps, block_d)
+        assert all(meta[key] <= dense[key] for key in keys) and stages <= b.num_stages, \
+            (block_d, elem, seq, group, dense, meta)
 
 
 def test_deterministic_mode_keeps_capture_gradients_off_atomics():

@@ -138,6 +138,29 @@ def test_a_failed_warmup_still_gives_correct_gradients(warmups, monkeypatch):
         assert_scaled_close(a, r64, r32, k=6.0, what=what)
 
 
+def test_a_warmup_that_cannot_start_costs_nothing(warmups, monkeypatch):
+    """Where the warmup thread takes no work (at interpreter shutdown, concurrent.futures refuses
+    it for a thread that outlives the main one), the forward and backward run as with the knob off."""
+    import concurrent.futures
+
+    closed = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    closed.shutdown()
+    monkeypatch.setattr(dispatch, "_WARMUP_THREAD", closed)
+    q, k, v, sm, mm, bm, trained, kw = _case("mask_rows_layout_even", seed=2)
+    out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), [q, k, v])
+    assert dispatch._WARMUPS == {}  # nothing recorded: a later forward tries again
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o = dense_reference(*leaves, sm, mm, dt)[0]
+        res[dt] = (o, torch.autograd.grad((o * dout.to(dt)).sum(), leaves))
+    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
+    for what, a, r64, r32 in zip(["dq", "dk", "dv"], grads, res[torch.float64][1], res[torch.float32][1]):
+        assert_scaled_close(a, r64, r32, k=6.0, what=what)
+
+
 def test_one_warmup_per_kernel_and_none_when_turned_off(warmups, monkeypatch):
     """A second forward that selects the same backward kernel starts no warmup (a warm process pays
     nothing), a new mask structure does; none with ``flex_bwd_precompile=False``, and none in

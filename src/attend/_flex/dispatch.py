@@ -182,7 +182,11 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
         return fut
     stand_ins = [torch.empty(c.shape, dtype=torch.float32, device="meta") for c in score_caps]
     score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, grads=stand_ins)
-    fut = _WARMUPS[key] = _WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts)
+    try:
+        fut = _WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts)
+    except RuntimeError:  # the interpreter is shutting down (a thread outlives the main one), or no thread starts
+        return None  # no warmup: the backward compiles when it runs, as with the knob off
+    _WARMUPS[key] = fut
     fut.add_done_callback(lambda _: _WARMUPS.__setitem__(key, None))
     return fut
 

@@ -365,11 +365,14 @@ def flex_tile(block_n: int, stages: int, warps: int, block_d: int) -> tuple[int,
 def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int) -> tuple[dict, int, int]:
     """(tiles, stages, warps) of the flex backward (core.attn_bwd FLEX) from a dense backward
     config's: its dQ programs run three key loops and its dK/dV programs two (partial and full
-    blocks), each holding pipeline buffers, so at most 2 stages. From head dim 128 up, 64x64 tiles
-    on both sides with 4 warps: on an H100 (as ``flex_tile``'s) forward + backward timed causal
-    6.110 against 6.604 ms with 64x128 / 128x64 and 8 warps, ALiBi + causal 7.048 against 7.325."""
+    blocks), each holding pipeline buffers, so at most 2 stages. From head dim 128 up, tiles at
+    most 64 on both sides with 4 warps: at head dim 128 (64x64) on an H100 (as ``flex_tile``'s)
+    forward + backward timed causal 6.110 against 6.604 ms with 64x128 / 128x64 and 8 warps, ALiBi
+    + causal 7.048 against 7.325. Never larger than the dense config's tiles: head dim 256 keeps
+    its 16 / 64 / 64 / 16 (with a score_mod, 64x64 there built to 163844 bytes of shared memory on
+    sm_80 and 216064 on sm_90, against 90116 and 104452: past the 99 KiB of sm_86 / sm_89)."""
     meta = dict(meta)
     if block_d >= 128:
-        meta.update(BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64)
+        meta = {key: min(val, 64) for key, val in meta.items()}
         warps = 4
     return meta, min(stages, 2), warps

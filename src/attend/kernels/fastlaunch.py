@@ -34,7 +34,7 @@ from triton.runtime.jit import JITFunction
 
 from .versions import COMPILE_OPTIONS, TensorDescriptor
 
-MAX_KEYS = 4096  # per kernel; past it the cache starts over (varlen calls key their max lengths)
+MAX_KEYS = 4096  # per kernel and cache; past it that cache starts over (varlen calls key their max lengths)
 
 
 def int_class(a: int) -> int:
@@ -157,6 +157,8 @@ class Launcher:
             if len(self.cache) >= MAX_KEYS:
                 self.cache.clear()
             if compiled is None:  # Triton's path compiles (or loads) and launches; later calls go direct
+                if len(self.by_class) >= MAX_KEYS:  # a descriptor's shape is in its class: a length each
+                    self.by_class.clear()
                 compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
                                              **COMPILE_OPTIONS)
                 compiled.run  # noqa: B018 - loads the module, so compiled.function exists
