@@ -25,7 +25,7 @@ import torch
 import attend
 import attend.flex_attention as af
 from attend.kernels.options import kernel_options
-from attend.bench_flex import PRESETS, _case, _inputs, _sync, _time_ms
+from attend.bench_flex import PRESETS, case_mods, make_inputs, median_ms, sync
 
 # Candidate kernel_options; None is the library's own choice. The backward rows time forward + backward.
 FWD = [None] + [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in (
@@ -58,9 +58,9 @@ def main() -> None:
     kinds = args.kinds.split(",")
     rows = []
     for case in args.cases.split(","):
-        score_mod, mask_mod, caps = _case(case, p, device)
+        score_mod, mask_mod, caps = case_mods(case, p, device)
         bm = None if mask_mod is None else af.create_block_mask(mask_mod, None, None, p["S"], p["S"], device=device)
-        q, k, v = _inputs(p, device, dtype)
+        q, k, v = make_inputs(p, device, dtype)
         dout = torch.randn_like(q)
         leaves = [q, k, v, *caps]
 
@@ -83,14 +83,14 @@ def main() -> None:
         for kind, ko, fn in variants:  # compile each outside the timing; a failure is a result
             try:
                 fn(ko)
-                _sync(device)
+                sync(device)
                 live.append((kind, ko, fn))
                 times[(kind, _label(ko))] = []
             except Exception as e:  # noqa: BLE001 - out of resources is a row, not a crash
                 rows.append(dict(case=case, kind=kind, variant=_label(ko), error=f"{type(e).__name__}: {str(e)[:200]}"))
         for _ in range(args.rounds):
             for kind, ko, fn in live:
-                times[(kind, _label(ko))].append(_time_ms(lambda: fn(ko), device, p["reps"]))
+                times[(kind, _label(ko))].append(median_ms(lambda: fn(ko), device, p["reps"]))
         for (kind, label), ts in times.items():
             rows.append(dict(case=case, kind=kind, variant=label, median_ms=statistics.median(ts),
                              spread=(max(ts) - min(ts)) / statistics.median(ts)))

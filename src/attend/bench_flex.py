@@ -38,7 +38,7 @@ def _causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def _case(name: str, p: dict, device):
+def case_mods(name: str, p: dict, device):
     """(score_mod, mask_mod, captured tensors that require grad) of case ``name``."""
     H, S = p["H"], p["S"]
     slopes = torch.exp2(-torch.arange(1, H + 1, dtype=torch.float32, device=device) * 8 / H)
@@ -73,12 +73,12 @@ def _case(name: str, p: dict, device):
     raise ValueError(f"case {name!r}: expected one of {', '.join(CASES)}")
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def _time_ms(fn, device, reps: int) -> float:
+def median_ms(fn, device, reps: int) -> float:
     if str(device).startswith("cuda"):
         import triton.testing
 
@@ -112,7 +112,7 @@ def _impl(impl: str):
     raise ValueError(f"impl {impl!r}: expected one of {', '.join(IMPLS)}")
 
 
-def _inputs(p: dict, device, dtype, requires_grad=True):
+def make_inputs(p: dict, device, dtype, requires_grad=True):
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = (p["B"], p["H"], p["S"], p["D"])
     return [torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
@@ -124,15 +124,15 @@ def _fwd_bwd(flex, q, k, v, score_mod, block_mask, caps, device, reps: int) -> t
     dout = torch.randn_like(q)
     leaves = [q, k, v, *caps]
     with torch.no_grad():
-        fwd = _time_ms(run, device, reps)
+        fwd = median_ms(run, device, reps)
 
     def step():
         for t in leaves:
             t.grad = None
         run().backward(dout)
 
-    both = _time_ms(step, device, reps)
-    fwd_graph = _time_ms(run, device, reps)
+    both = median_ms(step, device, reps)
+    fwd_graph = median_ms(run, device, reps)
     return fwd, max(both - fwd_graph, 1e-6)
 
 
@@ -168,12 +168,12 @@ def run(preset: str = "full", impls=IMPLS, device: str = "cuda", dtype=torch.bfl
         for impl in impls:
             def measure(case=case, impl=impl):
                 flex, cbm = _impl(impl)
-                score_mod, mask_mod, caps = _case(case, p, device)
+                score_mod, mask_mod, caps = case_mods(case, p, device)
                 bm = None if mask_mod is None else cbm(mask_mod, None, None, p["S"], p["S"], device=device)
-                q, k, v = _inputs(p, device, dtype)
+                q, k, v = make_inputs(p, device, dtype)
                 for _ in range(2):  # compile / generate outside the timing
                     flex(q, k, v, score_mod=score_mod, block_mask=bm).sum().backward()
-                _sync(device)
+                sync(device)
                 fwd, bwd = _fwd_bwd(flex, q, k, v, score_mod, bm, caps, device, p["reps"])
                 return dict(fwd_ms=fwd, bwd_ms=bwd)
             rows.append(_row(case, impl, measure))
@@ -181,7 +181,7 @@ def run(preset: str = "full", impls=IMPLS, device: str = "cuda", dtype=torch.bfl
             def flash():
                 import attend
 
-                q, k, v = _inputs(p, device, dtype)
+                q, k, v = make_inputs(p, device, dtype)
                 with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
                     run_ = lambda: attend.scaled_dot_product_attention(q, k, v, is_causal=True)
                     fwd, bwd = _fwd_bwd(lambda q, k, v, **kw: run_(), q, k, v, None, None, [], device, p["reps"])
@@ -213,11 +213,11 @@ def _first_call(impl: str, p: dict, device, dtype) -> dict:
     flex, cbm = _impl(impl)
     c = float(time.time_ns() % 997 + 3)
     bm = cbm(_causal, None, None, p["S"], p["S"], device=device)
-    q, k, v = _inputs(p, device, dtype)
-    _sync(device)
+    q, k, v = make_inputs(p, device, dtype)
+    sync(device)
     t = time.perf_counter()
     flex(q, k, v, score_mod=lambda s, b, h, qi, ki: s * 0.5 + torch.tanh(s / c), block_mask=bm).sum().backward()
-    _sync(device)
+    sync(device)
     return dict(first_call_s=time.perf_counter() - t)
 
 
@@ -228,10 +228,10 @@ def _recompiles(impl: str, p: dict, device, dtype) -> dict:
     for what, n, scale in (("warm", p["S"], 1.0), ("new_length", p["S"] - 16 * 3, 1.0), ("new_value", p["S"], 2.0)):
         bias = torch.full((p["H"],), scale, device=device)
         bm = cbm(_causal, None, None, n, n, device=device)
-        q, k, v = (t[:, :, :n].detach().requires_grad_() for t in _inputs(p, device, dtype))
+        q, k, v = (t[:, :, :n].detach().requires_grad_() for t in make_inputs(p, device, dtype))
         before = _compiles(impl)
         flex(q, k, v, score_mod=lambda s, b, h, qi, ki: s + bias[h], block_mask=bm).sum().backward()
-        _sync(device)
+        sync(device)
         if what != "warm":
             out[f"compiles_{what}"] = _compiles(impl) - before
     return out
@@ -248,7 +248,7 @@ def _block_mask_cost(n: int, device) -> dict:
         base = torch.cuda.memory_allocated()
     t = time.perf_counter()
     af.create_block_mask(_causal, None, None, n, n, device=device)
-    _sync(device)
+    sync(device)
     ms = (time.perf_counter() - t) * 1e3
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
     return dict(ms=ms, peak_mib=peak)
