@@ -90,6 +90,20 @@ def dense_reference(q, k, v, score_mod, mask_mod, dtype, scale=None):
     return p @ v, lse, s.amax(-1)
 
 
+def assert_grads_match_dense(out, grads, inputs, reference, dout, names):
+    """``out`` and ``grads`` (of ``(out * dout).sum()`` with respect to ``inputs``) against
+    ``reference(leaves, dtype)``, the dense definition's output on leaves like ``inputs``: float64,
+    with tolerances scaled by the float32 reference's error (``names``: one per gradient)."""
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dt).requires_grad_() for t in inputs]
+        o = reference(leaves, dt)
+        res[dt] = (o, torch.autograd.grad((o * dout.to(dt)).sum(), leaves))
+    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
+    for name, a, r64, r32 in zip(names, grads, res[torch.float64][1], res[torch.float32][1], strict=True):
+        assert_scaled_close(a, r64, r32, k=6.0, what=name)
+
+
 def _close_with_empty_rows(out, ref64, ref_same, what):
     """Rows with no kept key are -inf in both; the others within the scaled tolerance."""
     empty = torch.isneginf(ref64)
@@ -905,14 +919,8 @@ def test_fused_backward_walks_whole_listed_blocks(n_q, n_kv, block):
     g = torch.randn_like(out)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
     assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
-    res = {}
-    for dt in (torch.float64, torch.float32):
-        ls = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-        o = dense_reference(*ls, sm, mask, dt)[0]
-        res[dt] = (o, torch.autograd.grad((o * g.to(dt)).sum(), ls))
-    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
-    for name, a, r, s_ in zip("qkv", grads, res[torch.float64][1], res[torch.float32][1]):
-        assert_scaled_close(a, r, s_, k=6.0, what=f"d{name}")
+    assert_grads_match_dense(out, grads, (q, k, v), lambda ls, dt: dense_reference(*ls, sm, mask, dt)[0], g,
+                             ["dq", "dk", "dv"])
 
 
 def test_trace_cache_follows_module_and_class_attributes_and_item_reads():

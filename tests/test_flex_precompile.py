@@ -14,8 +14,8 @@ import attend.flex_attention as flex
 from attend._flex import dispatch
 from attend.kernels import core, launch
 from attend.kernels.options import kernel_options
-from conftest import DEVICE, assert_scaled_close
-from test_flex import _with_captures, dense_reference
+from conftest import DEVICE
+from test_flex import _with_captures, assert_grads_match_dense, dense_reference
 
 E = 16
 CASES = ["score_grad_mask_gqa_ragged", "mask_rows_layout_even", "score_key_batch_1"]
@@ -128,14 +128,9 @@ def test_a_failed_warmup_still_gives_correct_gradients(warmups, monkeypatch):
     grads = torch.autograd.grad((out * dout).sum(), [q, k, v, *trained])
     assert tried == [True]
     assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
-    res = {}
-    for dt in (torch.float64, torch.float32):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, *trained)]
-        o = dense_reference(*leaves[:3], _with_captures(sm, trained, leaves[3:]), mm, dt)[0]
-        res[dt] = (o, torch.autograd.grad((o * dout.to(dt)).sum(), leaves))
-    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
-    for what, a, r64, r32 in zip(["dq", "dk", "dv", "dtable"], grads, res[torch.float64][1], res[torch.float32][1]):
-        assert_scaled_close(a, r64, r32, k=6.0, what=what)
+    reference = lambda ls, dt: dense_reference(*ls[:3], _with_captures(sm, trained, ls[3:]), mm, dt)[0]
+    assert_grads_match_dense(out, grads, (q, k, v, *trained), reference, dout,
+                             ["dq", "dk", "dv"] + ["dtable"] * len(trained))
 
 
 def test_a_warmup_that_cannot_start_costs_nothing(warmups, monkeypatch):
@@ -151,14 +146,8 @@ def test_a_warmup_that_cannot_start_costs_nothing(warmups, monkeypatch):
     dout = torch.randn_like(out)
     grads = torch.autograd.grad((out * dout).sum(), [q, k, v])
     assert dispatch._WARMUPS == {}  # nothing recorded: a later forward tries again
-    res = {}
-    for dt in (torch.float64, torch.float32):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-        o = dense_reference(*leaves, sm, mm, dt)[0]
-        res[dt] = (o, torch.autograd.grad((o * dout.to(dt)).sum(), leaves))
-    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
-    for what, a, r64, r32 in zip(["dq", "dk", "dv"], grads, res[torch.float64][1], res[torch.float32][1]):
-        assert_scaled_close(a, r64, r32, k=6.0, what=what)
+    assert_grads_match_dense(out, grads, (q, k, v), lambda ls, dt: dense_reference(*ls, sm, mm, dt)[0], dout,
+                             ["dq", "dk", "dv"])
 
 
 def test_one_warmup_per_kernel_and_none_when_turned_off(warmups, monkeypatch):
