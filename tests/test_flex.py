@@ -952,3 +952,46 @@ def test_full_block_lists_in_any_order():
                                        BLOCK_SIZE=32, seq_lengths=(32, 80))
     out = flex.flex_attention(q, k, v, block_mask=bm)
     assert_scaled_close(out, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))
+
+
+@pytest.mark.parametrize("one_loop,tma", [(True, False), (False, True), (True, True)], ids=["one_loop", "tma", "both"])
+@pytest.mark.parametrize("score_name,mask_name", [("alibi", "document"), ("softcap", "prefix_lm"), ("relative", "window")])
+def test_forward_one_loop_and_tma_match_float64(one_loop, tma, score_name, mask_name):
+    """The flex forward's single loop over partial and full blocks (KernelOptions.flex_one_loop)
+    and its K / V reads through tensor descriptors (flex_tma; ``tma=True`` forces them where the
+    copy engine's check would refuse, as under the interpreter): out, lse and max_scores against
+    the float64 definition, with partial, full, ragged and empty blocks."""
+    from attend.kernels.options import kernel_options
+
+    torch.manual_seed(12)
+    score_mod, _ = _score_mods(torch.float32)[score_name]
+    q = torch.randn(B, HQ, L, E, device=DEVICE)
+    k, v = (torch.randn(B, HKV, S, E, device=DEVICE) for _ in range(2))
+    fused = dispatch.PATHS["fused"]
+    with kernel_options(flex_one_loop=one_loop, flex_tma=tma, tma=True if tma else None):
+        out, aux = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=_block_mask(mask_name),
+                                       enable_gqa=True, return_aux=flex.AuxRequest(lse=True, max_scores=True))
+    assert dispatch.PATHS["fused"] == fused + 1, "the core's flex mode did not run"
+    (o64, lse64, mx64), (o32, lse32, mx32) = (dense_reference(q, k, v, score_mod, MASKS[mask_name], dt)
+                                              for dt in (torch.float64, torch.float32))
+    what = f"{score_name} x {mask_name}, one_loop={one_loop}, tma={tma}"
+    assert_scaled_close(out, o64, o32, what=f"{what} out")
+    _close_with_empty_rows(aux.lse, lse64, lse32, what=f"{what} lse")
+    _close_with_empty_rows(aux.max_scores, mx64, mx32, what=f"{what} max_scores")
+
+
+def test_one_loop_bounds_a_ragged_full_block_listed_first():
+    """The single loop bounds the full block that reaches past S wherever the list puts it."""
+    from attend.kernels.options import kernel_options
+
+    torch.manual_seed(13)
+    q, k, v = (torch.randn(1, 1, n, E, device=DEVICE) for n in (32, 80, 80))
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    bm = flex.BlockMask.from_kv_blocks(torch.ones(1, 1, 1, **i32), torch.tensor([[[[1, 0, 2]]]], **i32),
+                                       torch.full((1, 1, 1), 2, **i32), torch.tensor([[[[2, 0, 1]]]], **i32),
+                                       BLOCK_SIZE=32, seq_lengths=(32, 80))
+    fused = dispatch.PATHS["fused"]
+    with kernel_options(flex_one_loop=True):
+        out = flex.flex_attention(q, k, v, block_mask=bm)
+    assert dispatch.PATHS["fused"] == fused + 1, "the core's flex mode did not run"
+    assert_scaled_close(out, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))

@@ -89,12 +89,13 @@ FLEX_VARIANTS = ("score_mod", "mask_mod", "score_and_mask")  # compile_flex's va
 
 
 def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_dim: int = 128,
-                 config: triton.Config | None = None, kernel: str = "fwd"):
+                 config: triton.Config | None = None, kernel: str = "fwd", one_loop: bool = False, tma: bool = False):
     """Compile the core's FLEX mode, ``kernel`` "fwd" (core.attn_fwd) or "bwd" (core.attn_bwd,
     with the captures' gradient scatter), for ``target`` with hooks generated from a fixed set of
     mods (``attend._flex.build._mods``: softcap + captured ALiBi slopes + captured bias table;
     a document mask over captured ids, and causal): ``variant`` in FLEX_VARIANTS. The config is the
-    one launch.flex_tiles / flex_bwd_tiles starts from (the dense non-causal one's)."""
+    one launch.flex_tiles / flex_bwd_tiles starts from (the dense non-causal one's). ``one_loop`` /
+    ``tma``: the forward's KernelOptions.flex_one_loop / flex_tma."""
     import torch
 
     from .._flex import codegen
@@ -105,7 +106,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     block_d = max(16, triton.next_power_of_2(head_dim))
     if config is None and kernel == "fwd":  # as launch.flex_tiles picks it
         base = heuristic("fwd", block_d, flags={})
-        block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d)
+        block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d, one_loop)
         config = triton.Config(dict(BLOCK_M=base.kwargs["BLOCK_M"], BLOCK_N=block_n), num_warps=warps,
                                num_stages=stages)
     elif config is None:  # as launch.flex_bwd_tiles picks it
@@ -118,7 +119,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     score, mask = _mods()
     graphs = dict(score=trace(score, "score") if variant != "mask_mod" else None,
                   mask=trace(mask, "mask") if variant != "score_mod" else None)
-    flags = dict(FLEX=True, CAUSAL=False, EVEN=False, ONE_LOOP=False, LAZY_RESCALE=False, USE_TMA=False,
+    flags = dict(FLEX=True, CAUSAL=False, EVEN=False, ONE_LOOP=one_loop, LAZY_RESCALE=False, USE_TMA=tma,
                  MAX_SCORES=True, SPARSE_BQ=128, SPARSE_BKV=128)
     ptr = lambda c: "*" + {torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}[c.tensor.dtype]
     tuples = dict(FLEX_LISTS=("*i32",) * 5 + ("*fp32",)) if kernel == "fwd" else dict(FLEX_LISTS=("*i32",) * 10)

@@ -349,17 +349,18 @@ assert all(EVEN_TILE % c.kwargs[k] == 0 for c in FWD_CONFIGS + BWD_CONFIGS + [c 
            for k in _BLOCKS if k in c.kwargs)
 
 
-def flex_tile(block_n: int, stages: int, warps: int, block_d: int) -> tuple[int, int, int]:
+def flex_tile(block_n: int, stages: int, warps: int, block_d: int, one_loop: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, stages, warps) of the flex forward (core.attn_fwd FLEX) from a dense forward
     config's: its three key loops (partial, full, ragged full block) each hold pipeline buffers, so
-    at most 2 stages, and BLOCK_N <= 64 from head dim 128 up. The sm_90 build at 128x128, 3 stages
+    at most 2 stages (the dense config's with ``one_loop``: KernelOptions.flex_one_loop), and
+    BLOCK_N <= 64 from head dim 128 up. The sm_90 build at 128x128, 3 stages
     asked for 360448 bytes of shared memory (a score_mod and a mask_mod); 128x64 at 2 stages for
     131584. From head dim 128 up, 4 warps: on an H100 (B=2, H=16, S=8192, D=128, bf16;
     benchmarks/flex_tiles.py, docs/flex.md "Tiles") 128x64 with 4 warps against 8 timed causal
     1.651 against 1.962 ms, ALiBi + causal 1.854 against 2.151, a document mask 0.669 against 0.753."""
     if block_d >= 128:
         block_n, warps = min(block_n, 64), 4
-    return block_n, min(stages, 2), warps
+    return block_n, (stages if one_loop else min(stages, 2)), warps
 
 
 def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int) -> tuple[dict, int, int]:

@@ -164,12 +164,17 @@ def _fwd_inner(
     fb=0, fh=0, score_ptrs=None, score_meta=None, mod_mask_ptrs=None, mask_meta=None,
     SCORE_MOD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
     block_list=None, list_step=0, SPARSE_BKV: tl.constexpr = 128, LISTED: tl.constexpr = False,
+    full_list=None, full_step=0, FULL_LIST: tl.constexpr = False,
 ):
     """Online softmax over key blocks [start, end). MASKED: apply the band and bounds masks.
     LISTED (flex): [start, end) are positions in the concatenation of the key blocks that
     ``block_list`` lists (``list_step`` apart, each SPARSE_BKV keys): each step finds its keys
     through the list, so one loop, and one software pipeline, runs across every listed block
-    (a loop per block would run 1 or 2 steps, too few to pipeline).
+    (a loop per block would run 1 or 2 steps, too few to pipeline). FULL_LIST (flex, with LISTED
+    and not MASKED): the blocks of ``full_list`` (``full_step`` apart) follow those of
+    ``block_list`` in the same loop, from position ``edge_hi`` on; MASK_MOD applies before it
+    only, and the bounds mask only to a block that reaches past S, each under a branch, so one
+    pipeline runs across a BlockMask's partial and full blocks alike.
     SCORE_MOD / MASK_MOD (flex, ``_flex_lists``): generated hooks called on the natural-unit score
     and the clamped indices of batch ``fb`` and query head ``fh`` (docs/flex.md); None: absent.
     EDGES (loads that need no bounds masks: TMA or EVEN): only the blocks outside [edge_lo, edge_hi)
@@ -185,13 +190,21 @@ def _fwd_inner(
     if HAS_MASK and not MASK_TMA:
         mask_ptrs += tl.cast(start, tl.int64) * stride_maskn
     for start_n in range(start, end, BLOCK_N):
-        if LISTED:
+        if FULL_LIST:  # partial blocks before edge_hi, full ones from it: one index load each
+            part = start_n < edge_hi
+            block = (tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step, mask=part, other=0)
+                     + tl.load(full_list + tl.cast(tl.maximum(start_n - edge_hi, 0) // SPARSE_BKV, tl.int64) * full_step,
+                               mask=start_n >= edge_hi, other=0))
+        elif LISTED:
             block = tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step)
+        if LISTED:
             key0 = block * SPARSE_BKV + start_n % SPARSE_BKV
             cols = key0 + offs_n
-            k_ptrs = k_head + tl.cast(cols, tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd
-            v_ptrs = v_head + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            if not USE_TMA:
+                k_ptrs = k_head + tl.cast(cols, tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd
+                v_ptrs = v_head + tl.cast(cols, tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
         else:
+            key0 = start_n
             cols = start_n + offs_n
         if PAGED:
             page = tl.load(table_ptr + cols // PAGE_SIZE, mask=cols < S, other=0)
@@ -200,8 +213,8 @@ def _fwd_inner(
             slot_v = tl.cast(page, tl.int64) * stride_vpage + tl.cast(cols % PAGE_SIZE, tl.int64) * stride_vn
             v_ptrs = v_head + slot_v[:, None] + offs_d[None, :] * stride_vd
         if USE_TMA:
-            k = tl.trans(k_ptrs.load([start_n, 0]))  # [BLOCK_D, BLOCK_N]
-        elif MASKED:
+            k = tl.trans(k_ptrs.load([key0, 0]))  # [BLOCK_D, BLOCK_N]
+        elif MASKED or FULL_LIST:
             k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < S), other=0.0)  # [BLOCK_D, BLOCK_N]
         elif HEAD_DIM != BLOCK_D:
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
@@ -214,7 +227,7 @@ def _fwd_inner(
         elif HAS_MASK:
             bias = _mask_load(mask_ptrs, rows, cols, L, S, 0.0, MASK_KEYS, MASKED).to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-        if MASKED or HAS_MASK or EDGES or SCORE_MOD is not None or MASK_MOD is not None:
+        if MASKED or HAS_MASK or EDGES or FULL_LIST or SCORE_MOD is not None or MASK_MOD is not None:
             # s * to_log2 is the log2-domain score: a float mask adds in natural units (one FMA),
             # a bool mask or the band selects -inf, and the scale goes into exp2's FMA with the
             # row max (as below; the launcher makes the scale positive). One op per score fewer
@@ -233,10 +246,18 @@ def _fwd_inner(
                 to_log2 = qk_scale
                 if HAS_MASK:
                     s = tl.where(keep, s, float("-inf"))
-            if MASK_MOD is not None:  # partial blocks only (full ones pass None)
+            if MASK_MOD is not None and FULL_LIST:  # the partial blocks (before edge_hi) only
+                if part:
+                    keep_mod = MASK_MOD(fb, fh, tl.minimum(rows, L - 1)[:, None], tl.minimum(cols, S - 1)[None, :],
+                                        mod_mask_ptrs, mask_meta)
+                    s = tl.where(keep_mod, s, float("-inf"))
+            elif MASK_MOD is not None:  # partial blocks only (full ones pass None)
                 keep_mod = MASK_MOD(fb, fh, tl.minimum(rows, L - 1)[:, None], tl.minimum(cols, S - 1)[None, :],
                                     mod_mask_ptrs, mask_meta)
                 s = tl.where(keep_mod, s, float("-inf"))
+            if FULL_LIST:
+                if key0 + BLOCK_N > S:  # the one block that reaches past S (a ragged end)
+                    s = tl.where(cols[None, :] < S, s, float("-inf"))
             if MASKED:
                 ok = (cols[None, :] < S) & _band(rows, cols, causal_off, window_off, CAUSAL, WINDOW)
                 s = tl.where(ok, s, float("-inf"))
@@ -273,8 +294,8 @@ def _fwd_inner(
             keep = _keep_mask(seed, bh, L, S, rows, cols, dropout_p)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         if USE_TMA:
-            v = v_ptrs.load([start_n, 0])
-        elif MASKED:
+            v = v_ptrs.load([key0, 0])
+        elif MASKED or FULL_LIST:
             v = tl.load(v_ptrs, mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         elif HEAD_DIM != BLOCK_D:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
@@ -416,49 +437,64 @@ def _flex_lists(
     stride_kn, stride_vn, stride_kb, stride_vb, stride_kd, stride_vd, FLEX_LISTS, SCORE_PTRS, score_meta, MASK_PTRS,
     mask_meta, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE_BQ: tl.constexpr, SPARSE_BKV: tl.constexpr,
+    USE_TMA: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     """Flex's block-sparse iteration (FLEX): the key blocks a BlockMask lists for this program's
     query block ``m0 // SPARSE_BQ`` of (b, query head h), each as SPARSE_BKV / BLOCK_N steps of
     ``_fwd_inner``. FLEX_LISTS = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
     their 14 int32 strides, max_scores): partial blocks apply MASK_MOD and the bounds mask; full
     blocks no mask work at all, except the one full block that reaches past S (it is the last
-    listed: indices ascend), which takes the bounds mask only. Broadcast lists have stride 0."""
+    listed: indices ascend), which takes the bounds mask only. Broadcast lists have stride 0.
+    ONE_LOOP: the partial and full blocks in one loop, their masks under per-block branches
+    (``_fwd_inner``'s FULL_LIST), instead of three loops (partial, full, the ragged full block),
+    each of which holds its own pipeline buffers and pays its own fill and drain. USE_TMA: K and
+    V tiles through the head's tensor descriptors (``k_ptrs`` / ``v_ptrs``), at each listed key."""
     KV_NUM = FLEX_LISTS[0]
     KV_IDX = FLEX_LISTS[1]
     FULL_NUM = FLEX_LISTS[2]
     FULL_IDX = FLEX_LISTS[3]
     num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[4], b, h, m0 // SPARSE_BQ)
     n_part = tl.load(KV_NUM + num)
-    acc, l_i, m_i = _fwd_inner(  # the partial blocks, one loop across them: mask_mod and the bounds mask
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_part * SPARSE_BKV,
-        m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
-        stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-        True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
-        0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
-        KV_IDX + idx, step, SPARSE_BKV, True,
-    )
     n_full = tl.load(FULL_NUM + fnum)
-    last = tl.load(FULL_IDX + fidx + tl.maximum(n_full - 1, 0) * fstep)
-    ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
-    acc, l_i, m_i = _fwd_inner(  # the full blocks inside [0, S), one loop: no mask work at all
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0,
-        (n_full - ragged.to(tl.int32)) * SPARSE_BKV,
-        m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
-        stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-        False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
-        0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
-        FULL_IDX + fidx, fstep, SPARSE_BKV, True,
-    )
-    # the ragged full block: bounds mask, no mask_mod (an empty range when there is none)
-    r_lo = tl.where(ragged, last * SPARSE_BKV, 0)
-    r_hi = tl.where(ragged, S, 0)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, r_lo, r_hi,
-        m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
-        stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-        True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, False, False,
-        0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
-    )
+    if ONE_LOOP:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, (n_part + n_full) * SPARSE_BKV,
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
+            0, n_part * SPARSE_BKV, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
+            KV_IDX + idx, step, SPARSE_BKV, True, FULL_IDX + fidx, fstep, True,
+        )
+    else:
+        acc, l_i, m_i = _fwd_inner(  # the partial blocks, one loop across them: mask_mod and the bounds mask
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_part * SPARSE_BKV,
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
+            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
+            KV_IDX + idx, step, SPARSE_BKV, True,
+        )
+        last = tl.load(FULL_IDX + fidx + tl.maximum(n_full - 1, 0) * fstep)
+        ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
+        acc, l_i, m_i = _fwd_inner(  # the full blocks inside [0, S), one loop: no mask work at all
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0,
+            (n_full - ragged.to(tl.int32)) * SPARSE_BKV,
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
+            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
+            FULL_IDX + fidx, fstep, SPARSE_BKV, True,
+        )
+        # the ragged full block: bounds mask, no mask_mod (an empty range when there is none)
+        r_lo = tl.where(ragged, last * SPARSE_BKV, 0)
+        r_hi = tl.where(ragged, S, 0)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, r_lo, r_hi,
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
+            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
+        )
     return acc, l_i, m_i
 
 
@@ -606,7 +642,7 @@ def attn_fwd(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, k_head, v_head, table_ptr, m0, rows, offs_n, offs_d, b, h, bh, L, S,
             qk_scale, stride_kn, stride_vn, stride_kb, stride_vb, stride_kd, stride_vd, FLEX_LISTS, SCORE_PTRS,
             score_meta, MASK_PTRS, mask_meta, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SCORE_MOD, MASK_MOD,
-            SPARSE_BQ, SPARSE_BKV,
+            SPARSE_BQ, SPARSE_BKV, USE_TMA, ONE_LOOP,
         )
     if not one_loop and not FLEX:
         acc, l_i, m_i = _fwd_inner(

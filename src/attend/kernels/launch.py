@@ -725,7 +725,7 @@ def flex_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     meta = {key: val for key, val in tiles.meta.items() if key in ("BLOCK_M", "BLOCK_N")}
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
-        meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, block_d(D))
+        meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, block_d(D), opts.flex_one_loop)
     ko = kernel_options or {}
     meta["BLOCK_M"] = int(ko.get("BLOCK_M", meta["BLOCK_M"]))
     meta["BLOCK_N"] = int(ko.get("BLOCK_N", meta["BLOCK_N"]))
@@ -734,7 +734,7 @@ def flex_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     meta["BLOCK_M"], meta["BLOCK_N"] = _fit(meta["BLOCK_M"], BQ), _fit(meta["BLOCK_N"], BKV)
     if meta["BLOCK_M"] < 16 or meta["BLOCK_N"] < 16:
         return None
-    return Tiles(dict(meta, LAZY_RESCALE=False, ONE_LOOP=False), warps, stages)
+    return Tiles(dict(meta, LAZY_RESCALE=False, ONE_LOOP=opts.flex_one_loop), warps, stages)
 
 
 def _list_strides(num, idx, full_num, full_idx, device) -> torch.Tensor:
@@ -820,14 +820,23 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
                 L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_BOOL=False,
                  MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, **_DENSE_FLAGS, EVEN=False,
-                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=False, MASK_TMA=False,
-                 GRID_1D=_one_axis(B * H), FLEX=True,
+                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=_flex_tma(q, k, v, options, kernel_options),
+                 MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=True,
                  SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
                  SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1], MAX_SCORES=want_max)
     grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
     core.attn_fwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
     return out, lse, (mx if want_max else None)
+
+
+def _flex_tma(q, k, v, options: KernelOptions | dict | None, kernel_options: dict | None) -> bool:
+    """Whether the flex forward reads K and V through TMA descriptors: flex_attention's
+    kernel_options USE_TMA (PyTorch's key), else KernelOptions.flex_tma, where the copy engine can
+    read q, k and v (``use_tma``)."""
+    opts = resolve(options)
+    asked = bool((kernel_options or {}).get("USE_TMA", opts.flex_tma))
+    return asked and use_tma(opts, q, k, v, forced=opts.tma)
 
 
 _FLEX_BWD_TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")  # PyTorch's backward kernel_options

@@ -113,6 +113,15 @@ class KernelOptions:
     # target: 2.0 s forward and 4.5 s backward one after the other, 4.5 s for both side by side
     # (docs/flex.md, Not yet). False: the backward compiles when it first runs.
     flex_bwd_precompile: bool = True
+    # The flex forward walks a BlockMask's partial and full key blocks in one loop, the mask_mod and
+    # bounds masks under per-block branches (core's FULL_LIST), instead of three loops (partial,
+    # full, a ragged full block), which leaves the shared memory of one pipeline and so room for
+    # more stages (configs.flex_tile). Off until measured on the GPU (docs/roadmap.md).
+    flex_one_loop: bool = False
+    # The flex forward reads K and V through TMA tensor descriptors at each listed key block, where
+    # the copy engine can read them (launch.use_tma), instead of pointer loads. flex_attention's
+    # kernel_options key USE_TMA (PyTorch's) overrides it per call. Off until measured.
+    flex_tma: bool = False
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with ``changes`` (field names of this class)."""
