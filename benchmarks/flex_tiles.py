@@ -8,6 +8,7 @@ forward and on the core (``KernelOptions.fwd_ws=False``): what the flex forward'
 hooks cost against the same core without them.
 
     PYTHONPATH=src python benchmarks/flex_tiles.py [--cases causal,alibi_causal] [--rounds 5] [--json out.json]
+        [--kinds fwd,bwd] [--set tiles|loop]
 
 The shapes are ``attend.bench_flex``'s ``full`` preset (B=2, H=16, S=8192, D=128, bf16) on CUDA,
 its ``tiny`` preset elsewhere (a smoke test under TRITON_INTERPRET=1). The winners go into
@@ -28,9 +29,29 @@ from attend.kernels.options import kernel_options
 from attend.bench_flex import PRESETS, case_mods, make_inputs, median_ms, sync
 
 # Candidate kernel_options; None is the library's own choice. The backward rows time forward + backward.
+# Keys that are KernelOptions fields (flex_one_loop, flex_tma) apply through ``kernel_options(...)``.
 FWD = [None] + [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in (
     (128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
     (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 1))]
+# The single loop over partial and full blocks and the TMA reads (``--fwd-set loop``).
+FWD_LOOP = [None, dict(flex_tma=True), dict(flex_one_loop=True), dict(flex_one_loop=True, flex_tma=True)] + [
+    dict(flex_one_loop=True, flex_tma=t, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for t, m, n, w, s in (
+        (True, 128, 128, 8, 3), (False, 128, 128, 8, 3), (True, 128, 64, 8, 3), (True, 128, 64, 4, 4),
+        (True, 64, 64, 4, 3), (True, 128, 128, 8, 2))]
+BWD_LOOP = [None, dict(flex_one_loop=True, flex_tma=True, flex_bwd_one_loop=True)] + [
+    dict(flex_one_loop=True, flex_tma=True, flex_bwd_one_loop=True, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2,
+         BLOCK_N2=n2, num_warps=w, num_stages=s) for m1, n1, m2, n2, w, s in (
+        (64, 64, 64, 64, 4, 3), (64, 128, 128, 64, 8, 2), (64, 128, 128, 64, 8, 3), (32, 128, 128, 32, 4, 3))]
+_OPTION_KEYS = ("flex_one_loop", "flex_tma", "flex_bwd_one_loop")
+
+
+def _split(ko):
+    """(flex_attention's kernel_options or None, KernelOptions changes) of a candidate."""
+    if ko is None:
+        return None, {}
+    changes = {key: val for key, val in ko.items() if key in _OPTION_KEYS}
+    rest = {key: val for key, val in ko.items() if key not in _OPTION_KEYS}
+    return (rest or None), changes
 BWD = [None] + [dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=w, num_stages=s)
                 for m1, n1, m2, n2, w, s in (
     (64, 128, 128, 64, 8, 2), (64, 64, 64, 64, 4, 2), (32, 128, 128, 32, 4, 2), (32, 64, 64, 32, 4, 2),
@@ -50,6 +71,8 @@ def main() -> None:
     ap.add_argument("--cases", default="causal,alibi_causal")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--kinds", default="fwd,bwd")
+    ap.add_argument("--set", choices=("tiles", "loop"), default="tiles",
+                    help="the candidates: tiles of the kernels with a loop per kind of block, or the single loop / TMA ones")
     ap.add_argument("--json")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,20 +88,24 @@ def main() -> None:
         leaves = [q, k, v, *caps]
 
         def fwd(ko):
-            with torch.no_grad():
+            ko, changes = _split(ko)
+            with torch.no_grad(), kernel_options(**changes):
                 af.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, kernel_options=ko)
 
         def bwd(ko):
+            ko, changes = _split(ko)
             for t in leaves:
                 t.grad = None
-            af.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, kernel_options=ko).backward(dout)
+            with kernel_options(**changes):
+                af.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, kernel_options=ko).backward(dout)
 
         def dense(opts):
             with torch.no_grad(), kernel_options(**opts):
                 attend.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         variants = [("dense causal", o, dense) for o in ({}, {"fwd_ws": False}) if case == "causal"]
-        variants += [("fwd", ko, fwd) for ko in FWD if "fwd" in kinds] + [("fwd+bwd", ko, bwd) for ko in BWD if "bwd" in kinds]
+        variants += [("fwd", ko, fwd) for ko in (FWD if args.set == "tiles" else FWD_LOOP) if "fwd" in kinds] + [("fwd+bwd", ko, bwd) for ko in (BWD if args.set == "tiles" else BWD_LOOP)
+                                                                       if "bwd" in kinds]
         live, times = [], {}
         for kind, ko, fn in variants:  # compile each outside the timing; a failure is a result
             try:

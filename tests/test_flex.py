@@ -995,3 +995,28 @@ def test_one_loop_bounds_a_ragged_full_block_listed_first():
         out = flex.flex_attention(q, k, v, block_mask=bm)
     assert dispatch.PATHS["fused"] == fused + 1, "the core's flex mode did not run"
     assert_scaled_close(out, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))
+
+
+@pytest.mark.parametrize("score_name,mask_name", [("table_grad", "window"), ("alibi", "document")])
+def test_backward_one_loop_matches_float64(score_name, mask_name):
+    """The flex backward's single loops (KernelOptions.flex_bwd_one_loop: the dQ programs' partial,
+    full and ragged key blocks in one loop, the dK / dV programs' partial and full query blocks in
+    one): out and every gradient, a captured table's included, against the float64 definition."""
+    from attend.kernels.options import kernel_options
+
+    torch.manual_seed(14)
+    score_mod, caps = _score_mods(torch.float32)[score_name]
+    q = torch.randn(B, HQ, L, E, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True) for _ in range(2))
+    dout = torch.randn(B, HQ, L, E, device=DEVICE)
+    fused_bwd = dispatch.PATHS["fused_backward"]
+    with kernel_options(flex_one_loop=True, flex_bwd_one_loop=True):
+        out = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=_block_mask(mask_name), enable_gqa=True)
+        grads = torch.autograd.grad((out * dout).sum(), [q, k, v, *caps])
+    assert dispatch.PATHS["fused_backward"] == fused_bwd + 1, "the core's flex backward did not run"
+
+    def reference(leaves, dt):
+        sm = _with_captures(score_mod, caps, leaves[3:])
+        return dense_reference(*leaves[:3], sm, MASKS[mask_name], dt)[0]
+
+    assert_grads_match_dense(out, grads, [q, k, v, *caps], reference, dout, ["dq", "dk", "dv", "dtable"][:len(grads)])

@@ -95,7 +95,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     mods (``attend._flex.build._mods``: softcap + captured ALiBi slopes + captured bias table;
     a document mask over captured ids, and causal): ``variant`` in FLEX_VARIANTS. The config is the
     one launch.flex_tiles / flex_bwd_tiles starts from (the dense non-causal one's). ``one_loop`` /
-    ``tma``: the forward's KernelOptions.flex_one_loop / flex_tma."""
+    ``tma``: KernelOptions.flex_one_loop / flex_tma (the backward: flex_bwd_one_loop; no TMA)."""
     import torch
 
     from .._flex import codegen
@@ -112,14 +112,14 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     elif config is None:  # as launch.flex_bwd_tiles picks it
         base = heuristic("bwd", block_d, flags={})
         meta, stages, warps = flex_bwd_tile({k: base.kwargs[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")},
-                                            base.num_stages, base.num_warps, block_d)
+                                            base.num_stages, base.num_warps, block_d, one_loop)
         config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False), num_warps=warps,
                                num_stages=stages)
     fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
     score, mask = _mods()
     graphs = dict(score=trace(score, "score") if variant != "mask_mod" else None,
                   mask=trace(mask, "mask") if variant != "score_mod" else None)
-    flags = dict(FLEX=True, CAUSAL=False, EVEN=False, ONE_LOOP=one_loop, LAZY_RESCALE=False, USE_TMA=tma,
+    flags = dict(FLEX=True, CAUSAL=False, EVEN=False, ONE_LOOP=one_loop, LAZY_RESCALE=False, USE_TMA=tma and kernel == "fwd",
                  MAX_SCORES=True, SPARSE_BQ=128, SPARSE_BKV=128)
     ptr = lambda c: "*" + {torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}[c.tensor.dtype]
     tuples = dict(FLEX_LISTS=("*i32",) * 5 + ("*fp32",)) if kernel == "fwd" else dict(FLEX_LISTS=("*i32",) * 10)

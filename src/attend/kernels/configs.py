@@ -363,10 +363,11 @@ def flex_tile(block_n: int, stages: int, warps: int, block_d: int, one_loop: boo
     return block_n, (stages if one_loop else min(stages, 2)), warps
 
 
-def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int) -> tuple[dict, int, int]:
+def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int, one_loop: bool = False) -> tuple[dict, int, int]:
     """(tiles, stages, warps) of the flex backward (core.attn_bwd FLEX) from a dense backward
     config's: its dQ programs run three key loops and its dK/dV programs two (partial and full
-    blocks), each holding pipeline buffers, so at most 2 stages. From head dim 128 up, tiles at
+    blocks), each holding pipeline buffers, so at most 2 stages (the dense config's with
+    ``one_loop``: KernelOptions.flex_bwd_one_loop). From head dim 128 up, tiles at
     most 64 on both sides with 4 warps: at head dim 128 (64x64) on an H100 (as ``flex_tile``'s)
     forward + backward timed causal 6.110 against 6.604 ms with 64x128 / 128x64 and 8 warps, ALiBi
     + causal 7.048 against 7.325. Never larger than the dense config's tiles: head dim 256 keeps
@@ -376,4 +377,4 @@ def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int) -> tuple[di
     if block_d >= 128:
         meta = {key: min(val, 64) for key, val in meta.items()}
         warps = 4
-    return meta, min(stages, 2), warps
+    return meta, (stages if one_loop else min(stages, 2)), warps

@@ -819,13 +819,15 @@ def _band_select(s2, rows, cols, causal_off, window_off, CAUSAL: tl.constexpr, W
 @triton.jit
 def _flex_scores2(a, b, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, score_meta, mask_ptrs, mask_meta,
                   SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, BOUND: tl.constexpr, KEYS_FIRST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, use_mask=True, use_bound=True):
     """A backward tile's scores in flex mode: ``(s2, s, q_c, kv_c)``. ``s2``: the modded score in
     the log2 domain plus each row's ``nlse2``, -inf where MASK_MOD drops a position (partial blocks
     only) or, with BOUND, past key S-1; exp2 of it is P. ``s``: the natural-unit score before the
     score_mod, which its derivative and the captures' gradient take. ``q_c`` / ``kv_c``: the
     clamped indices the hooks saw. KEYS_FIRST: a = k, b = q, tiles [BN, BM] (the hooks are
-    elementwise, so they take the transposed index shapes); else a = q, b = k, [BM, BN]."""
+    elementwise, so they take the transposed index shapes); else a = q, b = k, [BM, BN].
+    ``use_mask`` / ``use_bound``: whether this tile applies MASK_MOD / the bounds mask, under a
+    branch (the single loops' FULL_LIST; constant True elsewhere, where the branch folds away)."""
     s = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * (qk_scale * LN2)
     if KEYS_FIRST:
         q_c = tl.minimum(rows, L - 1)[None, :]
@@ -845,12 +847,14 @@ def _flex_scores2(a, b, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, s
     else:
         s2 = s * RCP_LN2 + shift
     if MASK_MOD is not None:
-        s2 = tl.where(MASK_MOD(fb, fh, q_c, kv_c, mask_ptrs, mask_meta), s2, float("-inf"))
+        if use_mask:
+            s2 = tl.where(MASK_MOD(fb, fh, q_c, kv_c, mask_ptrs, mask_meta), s2, float("-inf"))
     if BOUND:
-        if KEYS_FIRST:
-            s2 = tl.where(cols[:, None] < S, s2, float("-inf"))
-        else:
-            s2 = tl.where(cols[None, :] < S, s2, float("-inf"))
+        if use_bound:
+            if KEYS_FIRST:
+                s2 = tl.where(cols[:, None] < S, s2, float("-inf"))
+            else:
+                s2 = tl.where(cols[None, :] < S, s2, float("-inf"))
     return s2, s, q_c, kv_c
 
 
@@ -904,7 +908,7 @@ def _dkdv_inner(
     fb=0, fh=0, score_ptrs=None, score_meta=None, mod_mask_ptrs=None, mask_meta=None,
     FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_DSCORE: tl.constexpr = None,
     MASK_MOD: tl.constexpr = None, block_list=None, list_step=0, SPARSE_BQ: tl.constexpr = 128,
-    LISTED: tl.constexpr = False,
+    LISTED: tl.constexpr = False, full_list=None, full_step=0, FULL_LIST: tl.constexpr = False,
 ):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one head; with
     DQ_ATOMIC also add this block's share of dQ into the fp32 DQ buffer (5 dots per tile pair
@@ -920,7 +924,8 @@ def _dkdv_inner(
     head ``fh`` (``_flex_scores2``; MASK_MOD in partial blocks only, None in full ones), and dS
     times the score_mod's derivative (SCORE_DSCORE) before it meets Q and K. LISTED: [start, end)
     are positions in the concatenation of the query blocks ``block_list`` lists (as
-    ``_fwd_inner``'s), rows past L read as absent (NLSE2 -inf, Delta 0)."""
+    ``_fwd_inner``'s), rows past L read as absent (NLSE2 -inf, Delta 0). FULL_LIST: the blocks of
+    ``full_list`` follow, from position ``edge_hi`` on, MASK_MOD under a branch (``_fwd_inner``'s)."""
     d_ok = offs_d < HEAD_DIM
     n_it = tl.cdiv(end - start, BLOCK_M)
     for it in range(0, n_it):
@@ -928,7 +933,14 @@ def _dkdv_inner(
             start_m = start + ((it + rot) % n_it) * BLOCK_M
         else:
             start_m = start + it * BLOCK_M
-        if LISTED:
+        part = True
+        if FULL_LIST:  # partial blocks before edge_hi, full ones from it
+            part = start_m < edge_hi
+            block = (tl.load(block_list + tl.cast(start_m // SPARSE_BQ, tl.int64) * list_step, mask=part, other=0)
+                     + tl.load(full_list + tl.cast(tl.maximum(start_m - edge_hi, 0) // SPARSE_BQ, tl.int64) * full_step,
+                               mask=start_m >= edge_hi, other=0))
+            start_m = block * SPARSE_BQ + start_m % SPARSE_BQ
+        elif LISTED:
             block = tl.load(block_list + tl.cast(start_m // SPARSE_BQ, tl.int64) * list_step)
             start_m = block * SPARSE_BQ + start_m % SPARSE_BQ
         rows = start_m + offs_m
@@ -947,7 +959,8 @@ def _dkdv_inner(
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
         if FLEX:
             s2T, sT, q_c, kv_c = _flex_scores2(k, q, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, score_meta,
-                                               mod_mask_ptrs, mask_meta, SCORE_MOD, MASK_MOD, False, True, DOT_PRECISION)
+                                               mod_mask_ptrs, mask_meta, SCORE_MOD, MASK_MOD, False, True, DOT_PRECISION,
+                                               part)
             pT = tl.math.exp2(s2T)  # [BLOCK_N, BLOCK_M]
         else:
             pT = tl.math.exp2(_scores2(k, q, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
@@ -1005,7 +1018,7 @@ def _dq_inner(
     grad_strides=None, FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None,
     SCORE_DSCORE: tl.constexpr = None, SCORE_GRAD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
     FLEX_BOUND: tl.constexpr = False, block_list=None, list_step=0, SPARSE_BKV: tl.constexpr = 128,
-    LISTED: tl.constexpr = False,
+    LISTED: tl.constexpr = False, full_list=None, full_step=0, FULL_LIST: tl.constexpr = False,
 ):
     """Accumulate dQ of one query block over key blocks [start, end). MASKED: edge/tail blocks;
     EDGES: the blocks outside [edge_lo, edge_hi) are (no mask: COL_BOUND stays off).
@@ -1014,10 +1027,18 @@ def _dq_inner(
     FLEX: as ``_dkdv_inner``'s, with the bounds mask where FLEX_BOUND (a block reaching past S),
     and SCORE_GRAD scattering each position's dS (the modded score's gradient, 0 where masked or
     out of range) into the captures' gradient buffers: the dQ programs visit every (query, key)
-    pair once, so each pair scatters once. LISTED: as ``_fwd_inner``'s."""
+    pair once, so each pair scatters once. LISTED, FULL_LIST: as ``_fwd_inner``'s (with FLEX_BOUND,
+    the bounds mask only on a block that reaches past S, under a branch)."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
-        if LISTED:
+        part = True
+        if FULL_LIST:  # partial blocks before edge_hi, full ones from it
+            part = start_n < edge_hi
+            block = (tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step, mask=part, other=0)
+                     + tl.load(full_list + tl.cast(tl.maximum(start_n - edge_hi, 0) // SPARSE_BKV, tl.int64) * full_step,
+                               mask=start_n >= edge_hi, other=0))
+            key0 = block * SPARSE_BKV + start_n % SPARSE_BKV
+        elif LISTED:
             block = tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step)
             key0 = block * SPARSE_BKV + start_n % SPARSE_BKV
         else:
@@ -1031,7 +1052,7 @@ def _dq_inner(
         if FLEX:
             s2, s, q_c, kv_c = _flex_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, score_meta,
                                              mod_mask_ptrs, mask_meta, SCORE_MOD, MASK_MOD, FLEX_BOUND, False,
-                                             DOT_PRECISION)
+                                             DOT_PRECISION, part, key0 + BLOCK_N > S)
             p = tl.math.exp2(s2)  # [BLOCK_M, BLOCK_N]
         else:
             p = tl.math.exp2(_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
@@ -1241,7 +1262,20 @@ def attn_bwd(
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
                 )
                 a_h = c_kept
-            if FLEX:  # the query blocks the lists give this key block, one loop each: partial (mask_mod), full
+            if FLEX and ONE_LOOP:  # the query blocks the lists give this key block in one loop (FULL_LIST)
+                num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[9], b, h, n0 // SPARSE_BKV)
+                n_part = tl.load(FLEX_LISTS[5] + num)
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
+                    0, (n_part + tl.load(FLEX_LISTS[7] + fnum)) * SPARSE_BQ, 0, cols, offs_m, d_offs, bh, L, S,
+                    qk_scale, sm_scale, causal_off, window_off, seed, dropout_p, stride_qm, stride_qd, stride_dom,
+                    stride_dod, stride_maskm, stride_maskn, stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd,
+                    HEAD_DIM, BLOCK_M1, False, False, False, False, False, False, False, False, False, False, EVEN,
+                    False, DOT_PRECISION, 0, n_part * SPARSE_BQ, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS,
+                    mask_meta, True, SCORE_MOD, SCORE_DSCORE, MASK_MOD, FLEX_LISTS[6] + idx, step, SPARSE_BQ, True,
+                    FLEX_LISTS[8] + fidx, fstep, True,
+                )
+            if FLEX and not ONE_LOOP:  # the query blocks the lists give this key block, one loop each: partial (mask_mod), full
                 num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[9], b, h, n0 // SPARSE_BKV)
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, nlse2_base, delta_base, mask_base, dmask_base, dq_dst,
@@ -1355,7 +1389,18 @@ def attn_bwd(
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
                            False, CAUSAL, WINDOW, False, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
             a = c_run
-        if FLEX:  # the key blocks the lists give this query block, one loop each, as the forward walks them
+        if FLEX and ONE_LOOP:  # the key blocks the lists give this query block in one loop (FULL_LIST)
+            num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[4], b, h, m0 // SPARSE_BQ)
+            n_part = tl.load(FLEX_LISTS[0] + num)
+            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, 0,
+                           (n_part + tl.load(FLEX_LISTS[2] + fnum)) * SPARSE_BKV, rows, offs_n, d_offs, bh, L, S,
+                           qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
+                           stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2, False, False, False, False,
+                           False, False, False, EVEN, False, DOT_PRECISION, 0, n_part * SPARSE_BKV, False, b, h,
+                           SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_GRADS, grad_strides, True, SCORE_MOD,
+                           SCORE_DSCORE, SCORE_GRAD, MASK_MOD, True, FLEX_LISTS[1] + idx, step, SPARSE_BKV, True,
+                           FLEX_LISTS[3] + fidx, fstep, True)
+        if FLEX and not ONE_LOOP:  # the key blocks the lists give this query block, one loop each, as the forward walks them
             num, idx, step, fnum, fidx, fstep = _list_row(FLEX_LISTS[4], b, h, m0 // SPARSE_BQ)
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, 0,  # partial: mask_mod and bounds
                            tl.load(FLEX_LISTS[0] + num) * SPARSE_BKV, rows, offs_n, d_offs, bh, L, S, qk_scale,

@@ -861,7 +861,7 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     meta = {key: tiles.meta[key] for key in _FLEX_BWD_TILE_KEYS}
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
-        meta, stages, warps = flex_bwd_tile(meta, stages, warps, block_d(D))
+        meta, stages, warps = flex_bwd_tile(meta, stages, warps, block_d(D), opts.flex_bwd_one_loop)
     ko = kernel_options or {}
     meta = {key: int(ko.get(key, val)) for key, val in meta.items()}
     warps, stages = int(ko.get("num_warps", warps)), int(ko.get("num_stages", stages))
@@ -870,7 +870,7 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
         meta[key] = _fit(min(meta[key], _STAT_PAD), BQ) if key[-2] == "M" else _fit(meta[key], BKV)
     if min(meta.values()) < 16:
         return None
-    return Tiles(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False, ONE_LOOP=False), warps, stages)
+    return Tiles(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False, ONE_LOOP=opts.flex_bwd_one_loop), warps, stages)
 
 
 def _specialized_as(t: torch.Tensor) -> tuple:

@@ -118,6 +118,9 @@ class KernelOptions:
     # full, a ragged full block), which leaves the shared memory of one pipeline and so room for
     # more stages (configs.flex_tile). Off until measured on the GPU (docs/roadmap.md).
     flex_one_loop: bool = False
+    # The same for the flex backward: its dQ programs' three key loops and its dK / dV programs' two
+    # query loops become one each (configs.flex_bwd_tile then keeps the dense config's stages).
+    flex_bwd_one_loop: bool = False
     # The flex forward reads K and V through TMA tensor descriptors at each listed key block, where
     # the copy engine can read them (launch.use_tma), instead of pointer loads. flex_attention's
     # kernel_options key USE_TMA (PyTorch's) overrides it per call. Off until measured.
