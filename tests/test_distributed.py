@@ -328,9 +328,13 @@ def _free_port() -> int:
 
 # Forked workers inherit the imported torch, Triton and attend: spawned ones import them again,
 # about 13 s of the file's time on a loaded 2-core machine against 3 s forked. The workers touch
-# no CUDA and run one thread each (torch.set_num_threads(1)), what forking after CUDA or OpenMP
-# use allows.
-START = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+# no CUDA and run one thread each (torch.set_num_threads(1)), what forking after OpenMP use
+# allows; not after this process used CUDA (a CUDA backward starts autograd's device threads, and
+# PyTorch then refuses to run autograd in a forked child): spawn then.
+def _start_method() -> str:
+    if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +344,7 @@ def ring_results():
     for world in WORLD_SIZES:
         with tempfile.TemporaryDirectory() as d:
             init = f"tcp://127.0.0.1:{_free_port()}"
-            mp.start_processes(_worker, args=(world, init, d), nprocs=world, join=True, start_method=START)
+            mp.start_processes(_worker, args=(world, init, d), nprocs=world, join=True, start_method=_start_method())
             results[world] = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world)]
     return results
 

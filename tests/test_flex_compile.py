@@ -41,8 +41,10 @@ def _check_against_eager_and_float64(fn, args, trained, score_mod, mask_mod, wha
     ref_out = fn(*args)
     ref_grads = torch.autograd.grad((ref_out * g).sum(), leaves)
     assert torch.allclose(out, ref_out, rtol=0, atol=1e-6), what
-    for a, r in zip(grads, ref_grads):
+    for a, r in zip(grads[:3], ref_grads[:3]):
         assert torch.allclose(a, r, rtol=0, atol=1e-6), what
+    for a, r in zip(grads[3:], ref_grads[3:]):  # a capture's gradient adds by atomics, in any order on a GPU
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item())), what
     res = {}
     for dt in (torch.float64, torch.float32):
         ls = [t.detach().to(dt).requires_grad_() for t in leaves]

@@ -140,6 +140,10 @@ def _leaves(call: Call, dtype=None) -> tuple[Call, list[torch.Tensor]]:
     return Call(q, k, v, kw), grads
 
 
+# attend holds PyTorch 2.13's rules (the seed's); an older PyTorch sizes some empty calls otherwise.
+OLD_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
 def _oracle(call: Call) -> torch.Tensor:
     """PyTorch's MATH on the CPU, whatever the call's device: on CUDA, PyTorch sizes some zero-size
     broadcasts differently (a query batch of 1 against a key batch of 3), and the CPU is the
@@ -168,6 +172,8 @@ def assert_parity(call: Call, sdpa=attend_sdpa, grads: bool = True) -> None:
     out = sdpa(mine.q, mine.k, mine.v, **mine.kw)
     ref_call, ref_inputs = _leaves(call, torch.float64)
     ref = _oracle(ref_call)
+    if out.shape != ref.shape and out.numel() == ref.numel() == 0 and OLD_TORCH:
+        return  # PyTorch before 2.13 sizes some empty calls otherwise; attend follows 2.13's rule
     assert out.shape == ref.shape and out.dtype == call.q.dtype, f"{tuple(out.shape)} {out.dtype}"
     g = torch.randn(out.shape, dtype=torch.float64)
     if call.q.dtype == torch.float64:
@@ -368,7 +374,8 @@ def test_empty_calls_give_pytorchs_zeros_and_explain_says_so():
     key / value broadcast a batch of 1 to 3), with zero gradients; explain says no backend runs."""
     q, k = _r(1, 2, 4, 8).requires_grad_(), _r(3, 2, 0, 8).requires_grad_()
     out = attend.scaled_dot_product_attention(q, k, k)
-    assert out.shape == F.scaled_dot_product_attention(q.cpu(), k.cpu(), k.cpu()).shape == (1, 2, 4, 8)  # CUDA: 3
+    assert out.shape == (1, 2, 4, 8)  # PyTorch 2.13's CPU rule (its CUDA path and PyTorch before 2.13 give 3)
+    assert OLD_TORCH or F.scaled_dot_product_attention(q.cpu(), k.cpu(), k.cpu()).shape == out.shape
     assert torch.equal(out, torch.zeros_like(out))
     (dq,) = torch.autograd.grad(out.sum(), q)
     assert torch.equal(dq, torch.zeros_like(q))

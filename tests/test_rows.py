@@ -71,7 +71,8 @@ def test_row_views_match_float64_in_the_models_layout(case, packed, spy):
             assert g.stride() == t.stride(), f"d{name} strides {g.stride()} != {name}'s {t.stride()}"
         assert_matches_float64(out, q, k, v, what=case, **kw)
     with kernel_options(rows_packed=packed):  # auto: packed where the Gluon kernels serve it
-        want = {"_forward": launch.rows_forward_route(q, k, v) == "packed",
+        band = Band.causal() if kw.get("is_causal") else Band()
+        want = {"_forward": launch.rows_forward_route(q, k, v, band) == "packed",
                 "_backward": launch._rows_packed(launch.resolve(None), q, k, v, q) is not None}
     assert spy and all((p is not None) == want[name] for name, p in spy), (packed, want, spy)
     if packed is not None:  # forced: packed exactly where K / V are rows too
@@ -395,3 +396,24 @@ def test_one_sequence_with_its_own_batch_stride_is_a_row_call(packed):
             (dq,) = torch.autograd.grad(out.sum(), (q,), retain_graph=True)
             assert dq.stride() == q.stride()
             assert_matches_float64(out, q, k, v, what="B = 1", is_causal=True)
+
+
+def test_short_causal_forward_of_row_views_stays_strided(monkeypatch):
+    """Where the Gluon kernels serve row views (forced here, as on an sm_90 device), a causal
+    forward of fewer than ROWS_PACKED_CAUSAL_FWD_MIN_L queries runs as the core's strided call and
+    every other row call, its backward included, as packed sequences."""
+    from attend.kernels import configs, ws, ws_bwd
+
+    monkeypatch.setattr(launch, "_gluon_device", lambda t: True)
+    monkeypatch.setattr(launch.versions, "usable", lambda name: True)
+    monkeypatch.setattr(ws, "eligible", lambda *a, **kw: a[7] is not None)  # packed calls (K / V here are rows)
+    monkeypatch.setattr(ws_bwd, "eligible", lambda *a, **kw: True)
+    short, long = configs.ROWS_PACKED_CAUSAL_FWD_MIN_L - 1, configs.ROWS_PACKED_CAUSAL_FWD_MIN_L
+    for L in (short, long):
+        q, k, v = (rows(1, L, 2, 128) for _ in range(3))
+        causal = launch.rows_forward_route(q, k, v, Band.causal())
+        assert causal == ("core" if L == short else "packed"), (L, causal)
+        assert launch.rows_forward_route(q, k, v, Band()) == "packed", L
+        assert launch.rows_forward_route(q, k, v, Band(8, 0)) == "packed", L  # a window keeps packing
+        with kernel_options(bwd_ws_min_seq_bucket=0):
+            assert launch._rows_packed(launch.resolve(None), q, k, v, q) is not None, L

@@ -86,14 +86,14 @@ def _layout_note(p: SDPAParams) -> list[str]:
     from .._layout import rows_call
     from .._params import to_4d
     from ..kernels import launch
-    from ._base import mask_for_kernel
+    from ._base import band_of, mask_for_kernel
 
     q, k, v = to_4d(p.query), to_4d(p.key), to_4d(p.value)  # as run_fused hands them to the launchers
     if not rows_call(q, k, v, mask_for_kernel(p), p.dropout):
         return []
     how = {"packed": "as B packed sequences of one length (the Gluon forward reads their (T, H * D) rows)",
            "gluon": "through the Gluon forward reading q / out as (B * L, H * D) rows beside dense K / V",
-           "core": "as strided dense calls of the core"}[launch.rows_forward_route(q, k, v)]
+           "core": "as strided dense calls of the core"}[launch.rows_forward_route(q, k, v, band_of(p))]
     return [f"layout: (B, L, H, D) row views (a model's projections), run {how}; out, lse and the "
             "gradients come back in that layout"]
 

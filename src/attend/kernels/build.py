@@ -289,7 +289,7 @@ def _build(job: tuple) -> dict:
         dtype = "bfloat16" if arch >= 90 else "float16"
         kernel = "fwd" if kind == "flex" else "bwd"
         compiled = compile_flex(GPUTarget("cuda", arch, 32), feature[0], dtype=dtype, head_dim=head_dim,
-                                kernel=kernel)
+                                kernel=kernel, tma=arch >= 90)  # as launch._flex_tma picks it (flex_tma)
         prefix = "flex_" if kernel == "fwd" else "flex_bwd_"
         return _report(compiled, kernel, f"flex (launch.flex_{'' if kernel == 'fwd' else 'bwd_'}tiles)", arch,
                        head_dim, prefix + feature[0])

@@ -290,6 +290,12 @@ RULES: list[Rule] = [
     Rule("dq_only", "dq_only", 128, {ANY: _b(64, 128, 128, 64, 8, 3)}, flags=dict(DQ_ONLY=True, HEAD_MAJOR=False)),
 ]
 WS_BWD_MIN_SEQ_BUCKET = 4096
+# A model's (B, L, H, D) row views run as B packed sequences on the Gluon kernels (launch._rows_packed),
+# except a causal forward of fewer queries than this, which the core's strided dense call serves:
+# H100, D=128, B=2, H=16, S=1024 causal (benchmarks/ab.py d128-causal-views@1024, 2026-12-05):
+# 343 TFLOP/s strided against 225 packed; at 4096 packed leads, 534 against 431. The backward
+# stays packed (1024: 160 against 147).
+ROWS_PACKED_CAUSAL_FWD_MIN_L = 2048
 
 
 def rule_for(key: Key) -> Rule | None:

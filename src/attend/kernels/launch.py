@@ -18,7 +18,7 @@ from .._layout import Band, Packed, empty_in_layout, is_rows, rows_call, rows_ls
 from . import core, versions, worklist
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
     heuristic, pruner, ws_backward
-from .configs import flex_bwd_tile, flex_tile
+from .configs import ROWS_PACKED_CAUSAL_FWD_MIN_L, flex_bwd_tile, flex_tile
 from .fastlaunch import Launcher
 from .options import KernelOptions, resolve
 
@@ -251,7 +251,7 @@ def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int
     if B * H * L == 0:
         return out, lse
     opts = resolve(options)
-    packed = _rows_packed(opts, q, k, v) if rows else None
+    packed = _rows_packed(opts, q, k, v, band=band) if rows else None
     if packed is not None:  # B sequences of L queries and S keys, (T, H, D) rows
         qt, kt, vt = _tokens(q), _tokens(k), _tokens(v)
         T = B * L
@@ -300,12 +300,12 @@ def _uniform(n: int, L: int, S: int, device: torch.device) -> Packed:
     return Packed(cu_q, cu_k)
 
 
-def rows_forward_route(q, k, v, options: KernelOptions | dict | None = None) -> str:
-    """How ``forward`` runs the row call q, k, v: "packed" (B packed sequences, ``_rows_packed``),
-    "gluon" (the Gluon forward's Q_ROWS mode beside contiguous K / V, KernelOptions.rows_q_gluon)
-    or "core" (a strided dense call)."""
+def rows_forward_route(q, k, v, band: Band = Band(), options: KernelOptions | dict | None = None) -> str:
+    """How ``forward`` runs the row call q, k, v over ``band``: "packed" (B packed sequences,
+    ``_rows_packed``), "gluon" (the Gluon forward's Q_ROWS mode beside contiguous K / V,
+    KernelOptions.rows_q_gluon) or "core" (a strided dense call)."""
     opts = resolve(options)
-    if _rows_packed(opts, q, k, v) is not None:
+    if _rows_packed(opts, q, k, v, band=band) is not None:
         return "packed"
     if (opts.fwd_ws and _gluon_device(q) and versions.usable("gluon_forward")
             and ws.eligible(q, k, v, None, (0, 0, 0, 0), False, 0.0, None, q.shape[2], q_rows=opts.rows_q_gluon)):
@@ -313,14 +313,19 @@ def rows_forward_route(q, k, v, options: KernelOptions | dict | None = None) -> 
     return "core"
 
 
-def _rows_packed(opts: KernelOptions, q, k, v, dout=None) -> Packed | None:
+def _rows_packed(opts: KernelOptions, q, k, v, dout=None, band: Band = Band()) -> Packed | None:
     """The ``Packed`` a row call (``_layout.rows_call``) runs as, or None to run it dense: packed
     where the Gluon forward (``dout`` given: the Gluon dK / dV kernel) serves its (T, H * D) rows
     (ws.py reads a model's projections as it reads a varlen call's; dense, it takes only contiguous
-    tensors), always or never as ``KernelOptions.rows_packed`` forces."""
+    tensors), except a causal forward of fewer than ROWS_PACKED_CAUSAL_FWD_MIN_L queries (``band``
+    causal-like: the core's strided call is faster there); always or never as
+    ``KernelOptions.rows_packed`` forces."""
     B, H, L, D = q.shape
     S = k.shape[2]
     if opts.rows_packed is False or S == 0 or (opts.rows_packed is None and not _gluon_device(q)):
+        return None
+    if (opts.rows_packed is None and dout is None and band.right == 0 and band.left < 0
+            and L < ROWS_PACKED_CAUSAL_FWD_MIN_L):
         return None
     if not (is_rows(k) and is_rows(v)):  # a KV cache's contiguous K / V: packed rows they are not
         return None

@@ -102,8 +102,9 @@ class KernelOptions:
     # A row-view q (``_layout.rows_call``) with contiguous K / V (a KV cache's: what a transformers
     # model passes with its DynamicCache) takes the Gluon forward and dK / dV kernels reading Q, O and
     # dO as (B * L, H * D) rows (their Q_ROWS mode), where they serve, instead of the core's strided
-    # dense call. Off until measured on an H200 (docs/roadmap.md).
-    rows_q_gluon: bool = False
+    # dense call. H100, D=128, B=2, H=16 (benchmarks/ab.py, 2026-12-05), TFLOP/s Q_ROWS against
+    # strided: causal 4k forward 526 / 431, backward 405 / 374; non-causal 16k 589 / 539, 471 / 417.
+    rows_q_gluon: bool = True
     # The Gluon forward stores whole 64-row output blocks by one TMA store through the consumer's
     # finished Q buffer (ws.py); False: gl.store from registers.
     o_tma: bool = True
@@ -116,15 +117,21 @@ class KernelOptions:
     # The flex forward walks a BlockMask's partial and full key blocks in one loop, the mask_mod and
     # bounds masks under per-block branches (core's FULL_LIST), instead of three loops (partial,
     # full, a ragged full block), which leaves the shared memory of one pipeline and so room for
-    # more stages (configs.flex_tile). Off until measured on the GPU (docs/roadmap.md).
+    # more stages (configs.flex_tile). Off: slower in every case on an H100 (benchmarks/flex_tiles.py
+    # --set loop, 2026-12-05; best tiles, ms one loop / three loops, TMA both: causal 1.551 / 1.523,
+    # ALiBi + causal 1.769 / 1.835, document 0.627 / 0.687 within a 15% spread).
     flex_one_loop: bool = False
     # The same for the flex backward: its dQ programs' three key loops and its dK / dV programs' two
-    # query loops become one each (configs.flex_bwd_tile then keeps the dense config's stages).
+    # query loops become one each (configs.flex_bwd_tile then keeps the dense config's stages). Off:
+    # forward + backward on an H100 (as above) 7.08 ms at best against 6.33 (causal), 7.66 / 7.21
+    # (ALiBi + causal), 2.59 / 2.35 (document).
     flex_bwd_one_loop: bool = False
     # The flex forward reads K and V through TMA tensor descriptors at each listed key block, where
-    # the copy engine can read them (launch.use_tma), instead of pointer loads. flex_attention's
-    # kernel_options key USE_TMA (PyTorch's) overrides it per call. Off until measured.
-    flex_tma: bool = False
+    # the copy engine can read them (launch.use_tma: sm_90 and up), instead of pointer loads.
+    # flex_attention's kernel_options key USE_TMA (PyTorch's) overrides it per call. H100, B=2,
+    # H=16, S=8192, D=128 (benchmarks/flex_tiles.py --set loop, 2026-12-05), ms with / without:
+    # causal 1.523 / 1.727, ALiBi + causal 1.835 / 1.983, document 0.687 / 0.683.
+    flex_tma: bool = True
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with ``changes`` (field names of this class)."""
