@@ -33,8 +33,8 @@ from attend.bench_flex import PRESETS, case_mods, make_inputs, median_ms, sync
 FWD = [None] + [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in (
     (128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
     (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 1))]
-# The single loop over partial and full blocks and the TMA reads (``--fwd-set loop``).
-FWD_LOOP = [None, dict(flex_tma=True), dict(flex_one_loop=True), dict(flex_one_loop=True, flex_tma=True)] + [
+# The single loop over partial and full blocks and the TMA reads (``--set loop``).
+FWD_LOOP = [None, dict(flex_tma=False), dict(flex_one_loop=True, flex_tma=False), dict(flex_one_loop=True, flex_tma=True)] + [
     dict(flex_one_loop=True, flex_tma=t, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for t, m, n, w, s in (
         (True, 128, 128, 8, 3), (False, 128, 128, 8, 3), (True, 128, 64, 8, 3), (True, 128, 64, 4, 4),
         (True, 64, 64, 4, 3), (True, 128, 128, 8, 2))]

@@ -967,8 +967,13 @@ def test_forward_one_loop_and_tma_match_float64(one_loop, tma, score_name, mask_
     score_mod, _ = _score_mods(torch.float32)[score_name]
     q = torch.randn(B, HQ, L, E, device=DEVICE)
     k, v = (torch.randn(B, HKV, S, E, device=DEVICE) for _ in range(2))
+    from attend.kernels import launch
+
     fused = dispatch.PATHS["fused"]
     with kernel_options(flex_one_loop=one_loop, flex_tma=tma, tma=True if tma else None):
+        blocks = flex._lists.from_block_mask(_block_mask(mask_name))
+        assert launch.flex_tiles(q, k, blocks).meta["ONE_LOOP"] == one_loop  # what reaches the kernel
+        assert launch._flex_tma(q, k, v, None, None) == tma
         out, aux = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=_block_mask(mask_name),
                                        enable_gqa=True, return_aux=flex.AuxRequest(lse=True, max_scores=True))
     assert dispatch.PATHS["fused"] == fused + 1, "the core's flex mode did not run"
@@ -981,19 +986,19 @@ def test_forward_one_loop_and_tma_match_float64(one_loop, tma, score_name, mask_
 
 
 def test_one_loop_bounds_a_ragged_full_block_listed_first():
-    """The single loop bounds the full block that reaches past S wherever the list puts it."""
-    from attend.kernels.options import kernel_options
+    """The single loop bounds the full block that reaches past S wherever its list puts it (the
+    loops per kind of block take the last listed as the ragged one, which BlockMask's sorting
+    guarantees; these lists skip it and go to the kernel as they are)."""
+    from attend._flex.lists import BlockLists
+    from attend.kernels import launch
 
     torch.manual_seed(13)
     q, k, v = (torch.randn(1, 1, n, E, device=DEVICE) for n in (32, 80, 80))
     i32 = dict(dtype=torch.int32, device=DEVICE)
-    bm = flex.BlockMask.from_kv_blocks(torch.ones(1, 1, 1, **i32), torch.tensor([[[[1, 0, 2]]]], **i32),
-                                       torch.full((1, 1, 1), 2, **i32), torch.tensor([[[[2, 0, 1]]]], **i32),
-                                       BLOCK_SIZE=32, seq_lengths=(32, 80))
-    fused = dispatch.PATHS["fused"]
-    with kernel_options(flex_one_loop=True):
-        out = flex.flex_attention(q, k, v, block_mask=bm)
-    assert dispatch.PATHS["fused"] == fused + 1, "the core's flex mode did not run"
+    blocks = BlockLists(torch.ones(1, 1, 1, **i32), torch.tensor([[[[1, 0, 2]]]], **i32),
+                        torch.full((1, 1, 1), 2, **i32), torch.tensor([[[[2, 0, 1]]]], **i32),
+                        None, None, None, None, (32, 32), (32, 80))
+    out, _, _ = launch.flex_forward(q, k, v, blocks, E ** -0.5, options=dict(flex_one_loop=True))
     assert_scaled_close(out, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))
 
 

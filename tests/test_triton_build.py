@@ -68,9 +68,11 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
         else:
             assert b["mma_sync"] and not b["wgmma"], f"{b['kernel']} {b['config']} on sm_80"
         # TMA: the backward's loads on sm_90 unless built with pointer loads; the forward's in its
-        # tma_* variants and where the fixed config asks (masks, packed, window; never paged); the
-        # warp-specialized Gluon kernels (fwd_ws, bwd_ws; sm_90 only) always
-        fwd_tma = b["feature"] in FWD_TMA_BUILDS or (b["feature"].startswith("rule_") and "TMA: True" in b["config"])
+        # tma_* variants, where the fixed config asks (masks, packed, window; never paged) and in the
+        # flex forward (KernelOptions.flex_tma); the warp-specialized Gluon kernels (fwd_ws, bwd_ws;
+        # sm_90 only) always
+        fwd_tma = (b["feature"] in FWD_TMA_BUILDS or (b["feature"].startswith("rule_") and "TMA: True" in b["config"])
+                   or (b["feature"].startswith("flex_") and not b["feature"].startswith("flex_bwd_")))
         bwd_tma = b["feature"] != "pointer_loads" and not b["feature"].startswith("flex_bwd_")  # flex: pointer loads
         want_tma = b["arch"] == 90 and (fwd_tma if b["kernel"] == "fwd" else bwd_tma)
         assert b["tma"] == want_tma, f"{b['kernel']} {b['config']} {b['feature']} sm_{b['arch']}: TMA {b['tma']}"

@@ -165,8 +165,10 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             ``h // (Hq // Hkv)``).
         return_lse: also return the log-sum-exp (deprecated in PyTorch; use ``return_aux``).
         kernel_options: a dict of PyTorch's FlexKernelOptions; BLOCK_M, BLOCK_N, num_warps and
-            num_stages set the core's tiles (shrunk to divide the block_mask's BLOCK_SIZE); the
-            other keys are accepted and ignored.
+            num_stages set the core's tiles (shrunk to divide the block_mask's BLOCK_SIZE), USE_TMA
+            whether the forward reads K / V through TMA descriptors (sm_90 and up; default on, as
+            ``KernelOptions.flex_tma``, unless ``KernelOptions.tma`` is set);
+            the other keys are accepted and ignored.
         return_aux: ``AuxRequest(lse, max_scores)``: return ``(out, AuxOutput)``.
 
     Returns:

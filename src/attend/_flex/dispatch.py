@@ -162,7 +162,7 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             torch.are_deterministic_algorithms_enabled(),
             q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
             None if ko is None else repr(sorted(ko.items())),
-            None if opts.bwd_config is None else repr(opts.bwd_config))
+            None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop)
 
 
 def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,

@@ -57,7 +57,11 @@ def dtype_reasons(p: SDPAParams, allowed: tuple[torch.dtype, ...], what: str) ->
 
 def torch_check_reasons(can_use: Callable[..., bool], params, refused: str) -> list[str]:
     """Run one of PyTorch's ``can_use_*(params, debug=True)`` checks and return its warnings as
-    reasons (PyTorch reports each failed condition as a warning); [] when it passes."""
+    reasons (PyTorch reports each failed condition as a warning); [] when it passes. A passing
+    call is asked without debug first: recording warnings costs more than the check itself, on
+    every call (a decode step's)."""
+    if can_use(params, False):
+        return []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ok = can_use(params, True)

@@ -98,10 +98,26 @@ def _tile_plan(L: int, S: int, rows_per_l: int, band: Band):
                 yield tile, r0, r1, j0, j1, 0
 
 
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` (B, Hkv, G, R, K) @ ``b`` (B, Hkv, K, N) -> (B, Hkv, G, R, N): the G query heads of a
+    key head as G * R rows of one product. Broadcasting ``b`` over G instead makes matmul expand and
+    copy it per head (a decode step's tile: 8.4 ms against 0.84, B=2, Hkv=4, G=4, 256 keys)."""
+    B, Hkv, G, R, K = a.shape
+    return torch.matmul(a.reshape(B, Hkv, G * R, K), b).view(B, Hkv, G, R, b.shape[-1])
+
+
+def _heads_summed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over G of ``a``^T @ ``b`` for ``a`` (B, Hkv, G, R, N), ``b`` (B, Hkv, G, R, K): one
+    product over the G * R rows -> (B, Hkv, N, K), a key head's gradient from its query heads."""
+    B, Hkv, G, R, N = a.shape
+    return torch.matmul(a.reshape(B, Hkv, G * R, N).transpose(-1, -2), b.reshape(B, Hkv, G * R, b.shape[-1]))
+
+
 def _scores(qs, kt, r0, r1, j0, j1, diag, off, mask4, dims):
-    """Masked scores of one tile from pre-scaled queries: (B, Hkv, G, rows, cols)."""
+    """Masked scores of one tile from pre-scaled queries (B, Hkv, G, L, E) and transposed keys
+    (B, Hkv, E, S): (B, Hkv, G, rows, cols)."""
     B, Hkv, G = dims
-    s = torch.matmul(qs[..., r0:r1, :], kt[..., j0:j1])
+    s = _grouped_mm(qs[..., r0:r1, :], kt[..., j0:j1])
     if mask4 is not None:
         m = _mask_tile(mask4, B, Hkv, G, r0, r1, j0, j1)
         if m.dtype == torch.bool:
@@ -122,8 +138,8 @@ def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int
     G = Hq // Hkv
     cdt = _compute_dtype(q.dtype)
     qs = (q.to(cdt) * scale).unflatten(1, (Hkv, G))  # [B, Hkv, G, L, E]
-    kt = k.to(cdt).unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, E, S] (a view: BLAS reads it transposed)
-    vg = v.to(cdt).unsqueeze(2)  # [B, Hkv, 1, S, Ev]
+    kt = k.to(cdt).transpose(-1, -2)  # [B, Hkv, E, S] (a view: BLAS reads it transposed)
+    vc = v.to(cdt)  # [B, Hkv, S, Ev]
     mask4 = _mask4(mask)
     off = _causal_offset(band, L, S) if _causal(band) else 0
     m = torch.full((B, Hkv, G, L), float("-inf"), dtype=cdt, device=q.device)
@@ -140,7 +156,7 @@ def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int
         if dropout_p > 0.0:
             s.mul_(_keep_tile(seed, tile, tuple(s.shape), dropout_p)).mul_(1.0 / (1.0 - dropout_p))
         a = acc[..., r0:r1, :]
-        a.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(s, vg[..., j0:j1, :]))
+        a.mul_(alpha.unsqueeze(-1)).add_(_grouped_mm(s, vc[..., j0:j1, :]))
         m[..., r0:r1] = m_new
     empty = denom == 0
     out = acc / denom.masked_fill(empty, 1.0).unsqueeze(-1)
@@ -158,9 +174,9 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, band: Band, scale:
     cdt = _compute_dtype(q.dtype)
     qg = q.to(cdt).unflatten(1, (Hkv, G))
     qs = qg * scale
-    kc = k.to(cdt).unsqueeze(2)  # [B, Hkv, 1, S, E]
+    kc = k.to(cdt)  # [B, Hkv, S, E]
     kt = kc.transpose(-1, -2)
-    vg = v.to(cdt).unsqueeze(2)
+    vc = v.to(cdt)
     dog = dout.to(cdt).unflatten(1, (Hkv, G))  # [B, Hkv, G, L, Ev]
     delta = (dog * out.to(cdt).unflatten(1, (Hkv, G))).sum(-1)  # [B, Hkv, G, L]
     if dlse is not None:  # ds = p * (dp - delta + dlse)
@@ -177,16 +193,16 @@ def backward(dout, q, k, v, out, lse, mask, dropout_p: float, band: Band, scale:
         s = _scores(qs, kt, r0, r1, j0, j1, diag, off, mask4, (B, Hkv, G))
         p = s.sub_(lse_g[..., r0:r1].unsqueeze(-1)).exp_()  # [B, Hkv, G, rows, cols]
         do = dog[..., r0:r1, :]
-        dp = torch.matmul(do, vg[..., j0:j1, :].transpose(-1, -2))
+        dp = _grouped_mm(do, vc[..., j0:j1, :].transpose(-1, -2))
         if dropout_p > 0.0:
             z = _keep_tile(seed, tile, tuple(p.shape), dropout_p).to(cdt).mul_(1.0 / (1.0 - dropout_p))
-            dv[..., j0:j1, :] += torch.matmul((p * z).transpose(-1, -2), do).sum(2)
+            dv[..., j0:j1, :] += _heads_summed(p * z, do)
             dp.mul_(z)
         else:
-            dv[..., j0:j1, :] += torch.matmul(p.transpose(-1, -2), do).sum(2)
+            dv[..., j0:j1, :] += _heads_summed(p, do)
         ds = dp.sub_(delta[..., r0:r1].unsqueeze(-1)).mul_(p)  # dL/d(scaled score)
-        dq[..., r0:r1, :] += torch.matmul(ds, kc[..., j0:j1, :]) * scale
-        dk[..., j0:j1, :] += torch.matmul(ds.transpose(-1, -2), qg[..., r0:r1, :]).sum(2) * scale
+        dq[..., r0:r1, :] += _grouped_mm(ds, kc[..., j0:j1, :]) * scale
+        dk[..., j0:j1, :] += _heads_summed(ds, qg[..., r0:r1, :]) * scale
         if dmask is not None:
             ds4 = ds.flatten(1, 2)
             red = [d for d in range(4) if mask4.shape[d] == 1 and ds4.shape[d] != 1]

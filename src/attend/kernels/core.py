@@ -1050,9 +1050,12 @@ def _dq_inner(
         if HAS_MASK:
             mask_ptrs = _mask_ptrs(mask_base, rows, cols, stride_maskm, stride_maskn, MASK_KEYS)
         if FLEX:
+            bound = True  # the loops per kind of block mask every block they bound (FLEX_BOUND)
+            if FULL_LIST:
+                bound = key0 + BLOCK_N > S
             s2, s, q_c, kv_c = _flex_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, score_meta,
                                              mod_mask_ptrs, mask_meta, SCORE_MOD, MASK_MOD, FLEX_BOUND, False,
-                                             DOT_PRECISION, part, key0 + BLOCK_N > S)
+                                             DOT_PRECISION, part, bound)
             p = tl.math.exp2(s2)  # [BLOCK_M, BLOCK_N]
         else:
             p = tl.math.exp2(_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,

@@ -317,15 +317,15 @@ def _rows_packed(opts: KernelOptions, q, k, v, dout=None, band: Band = Band()) -
     """The ``Packed`` a row call (``_layout.rows_call``) runs as, or None to run it dense: packed
     where the Gluon forward (``dout`` given: the Gluon dK / dV kernel) serves its (T, H * D) rows
     (ws.py reads a model's projections as it reads a varlen call's; dense, it takes only contiguous
-    tensors), except a causal forward of fewer than ROWS_PACKED_CAUSAL_FWD_MIN_L queries (``band``
-    causal-like: the core's strided call is faster there); always or never as
-    ``KernelOptions.rows_packed`` forces."""
+    tensors), except a causal forward of fewer queries than KernelOptions.rows_packed_causal_fwd_min_l
+    (default configs.ROWS_PACKED_CAUSAL_FWD_MIN_L; ``band`` causal-like: the core's strided call is
+    faster there); always or never as ``KernelOptions.rows_packed`` forces."""
     B, H, L, D = q.shape
     S = k.shape[2]
     if opts.rows_packed is False or S == 0 or (opts.rows_packed is None and not _gluon_device(q)):
         return None
-    if (opts.rows_packed is None and dout is None and band.right == 0 and band.left < 0
-            and L < ROWS_PACKED_CAUSAL_FWD_MIN_L):
+    min_l = ROWS_PACKED_CAUSAL_FWD_MIN_L if opts.rows_packed_causal_fwd_min_l is None else opts.rows_packed_causal_fwd_min_l
+    if opts.rows_packed is None and dout is None and band.right == 0 and band.left < 0 and L < min_l:
         return None
     if not (is_rows(k) and is_rows(v)):  # a KV cache's contiguous K / V: packed rows they are not
         return None
@@ -838,10 +838,11 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
 def _flex_tma(q, k, v, options: KernelOptions | dict | None, kernel_options: dict | None) -> bool:
     """Whether the flex forward reads K and V through TMA descriptors: flex_attention's
     kernel_options USE_TMA (PyTorch's key), else KernelOptions.flex_tma, where the copy engine can
-    read q, k and v (``use_tma``)."""
+    read k and v (``use_tma``; q is read by pointer loads). KernelOptions.tma, where set, decides
+    over both (tests force descriptors under the interpreter with it)."""
     opts = resolve(options)
     asked = bool((kernel_options or {}).get("USE_TMA", opts.flex_tma))
-    return asked and use_tma(opts, q, k, v, forced=opts.tma)
+    return asked and use_tma(opts, k, v, forced=opts.tma)
 
 
 _FLEX_BWD_TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")  # PyTorch's backward kernel_options

@@ -99,6 +99,9 @@ class KernelOptions:
     # them; elsewhere they run as dense strided calls of the core. True: always packed (the core's
     # packed mode where Gluon does not serve: tests run it under the interpreter); False: never.
     rows_packed: bool | None = None
+    # Where rows_packed is None, a causal forward of fewer queries than this runs strided on the core
+    # instead (None: configs.ROWS_PACKED_CAUSAL_FWD_MIN_L, from an H100 measurement; 0: always packed).
+    rows_packed_causal_fwd_min_l: int | None = None
     # A row-view q (``_layout.rows_call``) with contiguous K / V (a KV cache's: what a transformers
     # model passes with its DynamicCache) takes the Gluon forward and dK / dV kernels reading Q, O and
     # dO as (B * L, H * D) rows (their Q_ROWS mode), where they serve, instead of the core's strided
@@ -128,7 +131,8 @@ class KernelOptions:
     flex_bwd_one_loop: bool = False
     # The flex forward reads K and V through TMA tensor descriptors at each listed key block, where
     # the copy engine can read them (launch.use_tma: sm_90 and up), instead of pointer loads.
-    # flex_attention's kernel_options key USE_TMA (PyTorch's) overrides it per call. H100, B=2,
+    # flex_attention's kernel_options key USE_TMA (PyTorch's) overrides it per call, and ``tma``
+    # above, where set, both. H100, B=2,
     # H=16, S=8192, D=128 (benchmarks/flex_tiles.py --set loop, 2026-12-05), ms with / without:
     # causal 1.523 / 1.727, ALiBi + causal 1.835 / 1.983, document 0.687 / 0.683.
     flex_tma: bool = True
