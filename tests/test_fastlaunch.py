@@ -79,10 +79,9 @@ def test_volatile_ints_keyed_by_class():
     assert lau._key((t, 7, 16)) != lau._key((t, 7, 17))
 
 
-def test_both_caches_are_bounded(monkeypatch):
-    """Past MAX_KEYS entries each of the launcher's two caches starts over: the class cache too
-    (a Gluon kernel's host descriptors key their shapes, so each new length is a new class there).
-    CPU: Triton's path and the driver are stand-ins; 7 int classes against MAX_KEYS = 3."""
+def _stand_in_launcher(monkeypatch):
+    """(Launcher, list of Triton-path calls) for a tiny kernel whose compile and driver are
+    stand-ins (CPU): every call that reaches Triton's own path appends to the list."""
     from triton.runtime.jit import JITFunction
 
     from attend.kernels import fastlaunch
@@ -110,8 +109,33 @@ def test_both_caches_are_bounded(monkeypatch):
     slow = []
     monkeypatch.setattr(kernel, "run", lambda *a, grid, warmup, **kw: slow.append(a) or Compiled())
     monkeypatch.setattr(fastlaunch, "driver", type("D", (), {"active": Driver()})())
+    return Launcher(kernel), slow
+
+
+def test_debug_knob_selects_another_kernel(monkeypatch):
+    """Triton's debug knob turned on after a kernel's first launch sends the next call through
+    Triton's path (which builds the debug kernel), not to the kernel launched before."""
+    from triton import knobs
+
+    lau, slow = _stand_in_launcher(monkeypatch)
+    x = torch.empty(16)
+    lau((1,), dict(X=x, n=16), dict(BLOCK=16), 4, 2)
+    lau((1,), dict(X=x, n=16), dict(BLOCK=16), 4, 2)
+    assert len(slow) == 1
+    monkeypatch.setattr(knobs.runtime, "debug", True)
+    lau((1,), dict(X=x, n=16), dict(BLOCK=16), 4, 2)
+    lau((1,), dict(X=x, n=32), dict(BLOCK=16), 4, 2)  # a new value of its class: the debug kernel, direct
+    assert len(slow) == 2
+
+
+def test_both_caches_are_bounded(monkeypatch):
+    """Past MAX_KEYS entries each of the launcher's two caches starts over: the class cache too
+    (a Gluon kernel's host descriptors key their shapes, so each new length is a new class there).
+    CPU: Triton's path and the driver are stand-ins; 7 int classes against MAX_KEYS = 3."""
+    from attend.kernels import fastlaunch
+
+    lau, slow = _stand_in_launcher(monkeypatch)
     monkeypatch.setattr(fastlaunch, "MAX_KEYS", 3)
-    lau = Launcher(kernel)
     assert lau.direct
     x = torch.empty(16)
     values = [1, 16, 17, 2**31, 2**31 + 1, 2**63, 2**63 + 1]

@@ -18,7 +18,9 @@ an earlier length of its class directly; only a new class, and the interpreter, 
 Triton's own path.
 
 Gluon kernels launch the same way, with host tensor descriptors among the leading pointer
-arguments (``ws.attn_fwd_ws``). Through Triton's own path the H100 waited on the host: the
+arguments (``ws.attn_fwd_ws``). Triton's debug and instrumentation knobs are part of every key,
+as they are of Triton's, so turning one on after a kernel's first launch builds the other kernel.
+Through Triton's own path the H100 waited on the host: the
 persistent forward at S=1024 (B=16, H=16, D=128) timed 0.464 ms per call, against 0.293 ms
 launched directly (ab.py).
 """
@@ -149,10 +151,12 @@ class Launcher:
             constexprs = {**self.defaults, **constexprs}
         tail = tuple([constexprs[n] for n in self.constexpr_names])
         device = driver.active.get_current_device()
-        key = (device, tail, num_warps, num_stages, self._key(args))
+        # Triton's debug and instrumentation knobs select a different build (JITFunction.run reads them per call)
+        build = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+        key = (build, tail, num_warps, num_stages, self._key(args))
         compiled = self.cache.get(key)
         if compiled is None:
-            class_key = (device, tail, num_warps, num_stages, self._class_key(args))
+            class_key = (build, tail, num_warps, num_stages, self._class_key(args))
             compiled = self.by_class.get(class_key)
             if len(self.cache) >= MAX_KEYS:
                 self.cache.clear()
