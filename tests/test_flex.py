@@ -1025,3 +1025,34 @@ def test_backward_one_loop_matches_float64(score_name, mask_name):
         return dense_reference(*leaves[:3], sm, MASKS[mask_name], dt)[0]
 
     assert_grads_match_dense(out, grads, [q, k, v, *caps], reference, dout, ["dq", "dk", "dv", "dtable"][:len(grads)])
+
+
+def test_relative_position_gradients_sum_diagonals_first():
+    """A captured table read at a function of q_idx - kv_idx only (here T5-style: a bias per
+    bucket, the bucket looked up from a second capture) gets its gradient summed along each tile
+    diagonal before the atomics (codegen's ``_diagonals``); other indices keep one atomic per
+    element. Out and every gradient against the float64 definition on the fused path."""
+    torch.manual_seed(15)
+    bucket = (torch.arange(L + S, device=DEVICE) // 7).to(torch.int32)  # relative position -> bucket
+    bias = (0.5 * torch.randn(HQ, int(bucket.max()) + 1, device=DEVICE)).requires_grad_()
+    rows = (0.5 * torch.randn(HQ, L, device=DEVICE)).requires_grad_()
+
+    def t5(score, b, h, q_idx, kv_idx):
+        return score + bias[h, bucket[kv_idx - q_idx + L]] + rows[h, q_idx]
+
+    src = codegen.source(trace_mod.trace(t5, "score"))
+    assert src.count("= _diagonals(g") == 1, "the bucketed table's gradient is not summed by diagonals"
+    q = torch.randn(B, HQ, L, E, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True) for _ in range(2))
+    dout = torch.randn(B, HQ, L, E, device=DEVICE)
+    fused_bwd = dispatch.PATHS["fused_backward"]
+    out = flex.flex_attention(q, k, v, score_mod=t5, block_mask=_block_mask("causal"), enable_gqa=True)
+    grads = torch.autograd.grad((out * dout).sum(), [q, k, v, bias, rows])
+    assert dispatch.PATHS["fused_backward"] == fused_bwd + 1, "the core's flex backward did not run"
+
+    def reference(leaves, dt):
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + leaves[3][h, bucket.long()[kv_idx - q_idx + L]] + leaves[4][h, q_idx]
+        return dense_reference(*leaves[:3], mod, MASKS["causal"], dt)[0]
+
+    assert_grads_match_dense(out, grads, [q, k, v, bias, rows], reference, dout, ["dq", "dk", "dv", "dbias", "drows"])

@@ -70,6 +70,27 @@ def _tanh(x):
 def _sigmoid(x):
     t = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+
+
+@triton.jit
+def _diagonals(g, q_idx, kv_idx):
+    # a [BM, BN] tile of gradients (queries down, keys across) summed along its BM + BN - 1
+    # diagonals (q_idx - kv_idx constant): (q_idx [1, T], kv_idx [1, 1], sums [1, T]), the indices
+    # of one (query, key) pair per diagonal (T >= BM + BN - 1; the extra sums are 0)
+    tl.static_assert(kv_idx.shape[0] == 1, "queries down, keys across")
+    BM: tl.constexpr = g.shape[0]
+    BN: tl.constexpr = g.shape[1]
+    if BM >= BN:
+        T: tl.constexpr = 2 * BM
+    else:
+        T: tl.constexpr = 2 * BN
+    t = tl.arange(0, T)
+    j = tl.arange(0, BM)[:, None] + (BN - 1) - t[None, :]  # row i's key on diagonal t
+    ok = (j >= 0) & (j < BN)
+    sums = tl.sum(tl.where(ok, tl.gather(g, tl.minimum(tl.maximum(j, 0), BN - 1), axis=1), 0.0), 0)
+    k0 = tl.min(kv_idx)
+    q = tl.min(q_idx) - (BN - 1) + t
+    return q[None, :], tl.zeros((1, 1), tl.int32) + k0, sums[None, :]
 '''
 
 _BINOP = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
@@ -257,7 +278,7 @@ def source(graph: ModGraph) -> str:
     # d out / d load for every load of a float capture, scatter-added at the load's offset
     grads = [(i, dl) for i, dl in d.dloads.items()]
     body = w.body([Ref(i) for i, _ in grads] + [dl for _, dl in grads if isinstance(dl, Ref)])
-    tail = []
+    tail, helpers = [], []
     for i, dl in grads:
         node = d.graph.nodes[i]
         cap = node.args[0]
@@ -266,7 +287,15 @@ def source(graph: ModGraph) -> str:
         # where dS is 0 (masked, out of range) the derivative stays out: it may not be finite there
         val = f"tl.where(ds != 0.0, ds * v{dl.i}, 0.0)" if isinstance(dl, Ref) else f"ds * {_lit(float(dl))}"
         on = {a.i for a in _index_refs(d.graph, node)} & {3, 4}  # q_idx [BM, 1], kv_idx [1, BN]
-        if len(on) < 2:
+        if len(on) == 2 and _diagonal(d.graph, node):
+            # an index of q_idx - kv_idx only (a relative-position table): sum each of the tile's
+            # diagonals first, BM + BN - 1 atomics instead of BM x BN, BM of them per address
+            helpers.append(_index_fn(f"grad_index_{i}", d.graph, node, stride_base, k))
+            tail.append(f"    g{i} = {val}")
+            tail.append(f"    dq{i}, dk{i}, dsum{i} = _diagonals(g{i}, q_idx, kv_idx)")
+            tail.append(f"    tl.atomic_add(grad_ptrs[{cap}] + grad_index_{i}(b, h, dq{i}, dk{i}, ptrs, meta, "
+                        f"grad_strides), dsum{i}, mask=dsum{i} != 0)")
+        elif len(on) < 2:
             # an index that is constant along a block axis (bias[h], row_bias[q_idx]): sum that
             # axis first, one atomic per distinct address instead of BM x BN colliding ones
             red = f"tl.sum({val})" if not on else f"tl.sum({val}, {1 if 3 in on else 0}, keep_dims=True)"
@@ -277,8 +306,38 @@ def source(graph: ModGraph) -> str:
     if not tail:
         tail = ["    pass"]
     body += tail
+    out.extend(helpers)
     out.append(_fn("score_mod_grad_captures", "ds, " + sig + ", grad_ptrs, grad_strides", body, []))
     return "\n".join(out)
+
+
+def _diagonal(graph: ModGraph, node) -> bool:
+    """Whether the indices of capture load ``node`` read q_idx and kv_idx only through their
+    difference (``q_idx - kv_idx`` or ``kv_idx - q_idx``): constant along each diagonal of a tile."""
+    seen, stack, diff = set(), [a.i for a in node.args[1:] if isinstance(a, Ref)], False
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        n = graph.nodes[i]
+        if n.op == "sub" and all(isinstance(a, Ref) for a in n.args) and {a.i for a in n.args} == {3, 4}:
+            diff = True
+            continue
+        if n.op == "input" and i in (3, 4):
+            return False
+        stack.extend(a.i for a in n.args if isinstance(a, Ref))
+    return diff
+
+
+def _index_fn(name: str, graph: ModGraph, node, stride_base: list[int], n_strides: int) -> str:
+    """A hook returning the gradient buffer's offset of capture load ``node`` at the given indices
+    (the load's index expressions only, in the gradient buffer's strides)."""
+    w = _Writer(graph, stride_base, n_strides)
+    idx = [a for a in node.args[1:]]
+    body = w.body([a for a in idx if isinstance(a, Ref)])
+    goff = " + ".join(f"{w.arg(ix)} * grad_strides[{stride_base[node.args[0]] + dd}]" for dd, ix in enumerate(idx)) or "0"
+    return _fn(name, "b, h, q_idx, kv_idx, ptrs, meta, grad_strides", body, [f"    return {goff}"])
 
 
 def _index_refs(graph: ModGraph, node) -> list[Ref]:
