@@ -1042,6 +1042,8 @@ def test_relative_position_gradients_sum_diagonals_first():
 
     src = codegen.source(trace_mod.trace(t5, "score"))
     assert src.count("= _diagonals(g") == 1, "the bucketed table's gradient is not summed by diagonals"
+    by_sign = lambda score, b, h, q_idx, kv_idx: score + bias[(score > 0).int(), kv_idx - q_idx + L]
+    assert "= _diagonals(g" not in codegen.source(trace_mod.trace(by_sign, "score")), "an index of the score"
     q = torch.randn(B, HQ, L, E, device=DEVICE, requires_grad=True)
     k, v = (torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True) for _ in range(2))
     dout = torch.randn(B, HQ, L, E, device=DEVICE)
@@ -1056,3 +1058,54 @@ def test_relative_position_gradients_sum_diagonals_first():
         return dense_reference(*leaves[:3], mod, MASKS["causal"], dt)[0]
 
     assert_grads_match_dense(out, grads, [q, k, v, bias, rows], reference, dout, ["dq", "dk", "dv", "dbias", "drows"])
+
+
+@functools.lru_cache(maxsize=None)
+def _diagonal_kernel():
+    import triton
+    import triton.language as tl
+
+    diagonals = codegen.hooks(trace_mod.trace(lambda s, b, h, q, k: s, "score")).module._diagonals
+
+    @triton.jit
+    def kernel(G, Q, KV, D, m0, n0, L, S, DIAG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
+        rows = m0 + tl.arange(0, BM)
+        cols = n0 + tl.arange(0, BN)
+        g = tl.load(G + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :])
+        q, kv, sums = DIAG(g, tl.minimum(rows, L - 1)[:, None], tl.minimum(cols, S - 1)[None, :])
+        t = tl.arange(0, T)[None, :]
+        tl.store(Q + t, q)
+        tl.store(KV + t, kv)
+        tl.store(D + t, sums)
+
+    return kernel, diagonals
+
+
+@pytest.mark.parametrize("BM,BN,m0,n0", [(16, 16, 0, 0), (16, 32, 144, 160), (32, 16, 128, 32), (64, 16, 128, 0)])
+def test_diagonal_sums_of_a_gradient_tile(BM, BN, m0, n0):
+    """codegen's ``_diagonals`` on square, wide, tall and ragged tiles (rows past L = 150 and keys
+    past S = 170 hold 0, as dS does): every nonzero sum is its diagonal's, at a (query, key) pair
+    of that diagonal inside the tile and in range, and every returned pair is in range (the mod's
+    index loads read there)."""
+    L_, S_, T = 150, 170, 2 * max(BM, BN)
+    kernel, diagonals = _diagonal_kernel()
+    rows = torch.arange(m0, m0 + BM)[:, None]
+    cols = torch.arange(n0, n0 + BN)[None, :]
+    g = (torch.randn(BM, BN) * ((rows < L_) & (cols < S_))).to(DEVICE)
+    q, kv = (torch.zeros(T, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    sums = torch.zeros(T, device=DEVICE)
+    kernel[(1,)](g, q, kv, sums, m0, n0, L_, S_, diagonals, BM, BN, T)
+    q, kv, sums, g = q.cpu(), kv.cpu(), sums.cpu(), g.cpu()
+    assert bool(((q >= m0) & (q < min(m0 + BM, L_)) & (kv >= n0) & (kv < min(n0 + BN, S_))).all()), (q, kv)
+    want = {}
+    for i in range(BM):
+        for j in range(BN):
+            want[m0 + i - n0 - j] = want.get(m0 + i - n0 - j, 0.0) + float(g[i, j])
+    got = {}
+    for t in range(T):
+        if sums[t] != 0:
+            d = int(q[t] - kv[t])
+            assert d not in got, f"diagonal {d} summed twice"
+            got[d] = float(sums[t])
+    for d in set(want) | set(got):
+        assert abs(got.get(d, 0.0) - want.get(d, 0.0)) <= 1e-5 * (1 + abs(want.get(d, 0.0))), d

@@ -75,8 +75,10 @@ def _sigmoid(x):
 @triton.jit
 def _diagonals(g, q_idx, kv_idx):
     # a [BM, BN] tile of gradients (queries down, keys across) summed along its BM + BN - 1
-    # diagonals (q_idx - kv_idx constant): (q_idx [1, T], kv_idx [1, 1], sums [1, T]), the indices
-    # of one (query, key) pair per diagonal (T >= BM + BN - 1; the extra sums are 0)
+    # diagonals (q_idx - kv_idx constant): (q_idx [1, T], kv_idx [1, T], sums [1, T]), each
+    # diagonal's first (query, key) pair, clamped into the tile's in-range indices (T >= BM + BN - 1;
+    # the extra sums are 0). A diagonal whose first pair is out of range is so everywhere: its sum
+    # is 0 and its atomic masked, but the mod's index loads still read in range.
     tl.static_assert(kv_idx.shape[0] == 1, "queries down, keys across")
     BM: tl.constexpr = g.shape[0]
     BN: tl.constexpr = g.shape[1]
@@ -88,9 +90,10 @@ def _diagonals(g, q_idx, kv_idx):
     j = tl.arange(0, BM)[:, None] + (BN - 1) - t[None, :]  # row i's key on diagonal t
     ok = (j >= 0) & (j < BN)
     sums = tl.sum(tl.where(ok, tl.gather(g, tl.minimum(tl.maximum(j, 0), BN - 1), axis=1), 0.0), 0)
-    k0 = tl.min(kv_idx)
-    q = tl.min(q_idx) - (BN - 1) + t
-    return q[None, :], tl.zeros((1, 1), tl.int32) + k0, sums[None, :]
+    i = tl.maximum(t - (BN - 1), 0)  # the first pair of diagonal t: row i, key i + BN - 1 - t
+    q = tl.minimum(tl.min(q_idx) + i, tl.max(q_idx))
+    kv = tl.minimum(tl.min(kv_idx) + i + (BN - 1) - t, tl.max(kv_idx))
+    return q[None, :], kv[None, :], sums[None, :]
 '''
 
 _BINOP = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
@@ -313,7 +316,8 @@ def source(graph: ModGraph) -> str:
 
 def _diagonal(graph: ModGraph, node) -> bool:
     """Whether the indices of capture load ``node`` read q_idx and kv_idx only through their
-    difference (``q_idx - kv_idx`` or ``kv_idx - q_idx``): constant along each diagonal of a tile."""
+    difference (``q_idx - kv_idx`` or ``kv_idx - q_idx``), and no input but b and h otherwise:
+    constant along each diagonal of a tile."""
     seen, stack, diff = set(), [a.i for a in node.args[1:] if isinstance(a, Ref)], False
     while stack:
         i = stack.pop()
@@ -324,7 +328,7 @@ def _diagonal(graph: ModGraph, node) -> bool:
         if n.op == "sub" and all(isinstance(a, Ref) for a in n.args) and {a.i for a in n.args} == {3, 4}:
             diff = True
             continue
-        if n.op == "input" and i in (3, 4):
+        if n.op == "input" and i not in (1, 2):  # score, or q_idx / kv_idx outside their difference
             return False
         stack.extend(a.i for a in n.args if isinstance(a, Ref))
     return diff

@@ -92,6 +92,7 @@ def _tile_plan(L: int, S: int, rows_per_l: int, band: Band):
             if causal:
                 if j0 > r1 - 1 + off:  # every row of the tile is left of this block
                     break
+                j1 = min(j1, r1 + off)  # keys past the last row's diagonal: none of them visible
                 lo = max(r0, j0 - off)  # rows before lo see none of these keys
                 if lo >= r1:
                     continue
