@@ -318,20 +318,10 @@ def _diagonal(graph: ModGraph, node) -> bool:
     """Whether the indices of capture load ``node`` read q_idx and kv_idx only through their
     difference (``q_idx - kv_idx`` or ``kv_idx - q_idx``), and no input but b and h otherwise:
     constant along each diagonal of a tile."""
-    seen, stack, diff = set(), [a.i for a in node.args[1:] if isinstance(a, Ref)], False
-    while stack:
-        i = stack.pop()
-        if i in seen:
-            continue
-        seen.add(i)
-        n = graph.nodes[i]
-        if n.op == "sub" and all(isinstance(a, Ref) for a in n.args) and {a.i for a in n.args} == {3, 4}:
-            diff = True
-            continue
-        if n.op == "input" and i not in (1, 2):  # score, or q_idx / kv_idx outside their difference
-            return False
-        stack.extend(a.i for a in n.args if isinstance(a, Ref))
-    return diff
+    is_diff = lambda n: n.op == "sub" and all(isinstance(a, Ref) for a in n.args) and {a.i for a in n.args} == {3, 4}
+    nodes = [n for _, n in _index_nodes(graph, node, stop=is_diff)]
+    # score, or q_idx / kv_idx outside their difference, make the index vary along a diagonal
+    return any(map(is_diff, nodes)) and not any(n.op == "input" and n.args[0] not in ("b", "h") for n in nodes)
 
 
 def _index_fn(name: str, graph: ModGraph, node, stride_base: list[int], n_strides: int) -> str:
@@ -344,19 +334,24 @@ def _index_fn(name: str, graph: ModGraph, node, stride_base: list[int], n_stride
     return _fn(name, "b, h, q_idx, kv_idx, ptrs, meta, grad_strides", body, [f"    return {goff}"])
 
 
-def _index_refs(graph: ModGraph, node) -> list[Ref]:
-    """The graph inputs (as Refs) an index expression of a load depends on."""
-    seen, stack, found = set(), [a.i for a in node.args[1:] if isinstance(a, Ref)], []
+def _index_nodes(graph: ModGraph, node, stop=lambda n: False):
+    """(index, node) of every node the index expressions of load ``node`` read, each once, not
+    descending below a node where ``stop`` holds."""
+    seen, stack = set(), [a.i for a in node.args[1:] if isinstance(a, Ref)]
     while stack:
         i = stack.pop()
         if i in seen:
             continue
         seen.add(i)
         n = graph.nodes[i]
-        if n.op == "input":
-            found.append(Ref(i))
-        stack.extend(a.i for a in n.args if isinstance(a, Ref))
-    return found
+        yield i, n
+        if not stop(n):
+            stack.extend(a.i for a in n.args if isinstance(a, Ref))
+
+
+def _index_refs(graph: ModGraph, node) -> list[Ref]:
+    """The graph inputs (as Refs) an index expression of a load depends on."""
+    return [Ref(i) for i, n in _index_nodes(graph, node) if n.op == "input"]
 
 
 def _fn(name: str, sig: str, body: list[str], ret: list[str]) -> str:

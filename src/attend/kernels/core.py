@@ -152,6 +152,21 @@ def _seq(b, L, S, CU_Q, CU_K, SEQUSED_K, VARLEN: tl.constexpr, SEQUSED: tl.const
 
 
 @triton.jit
+def _listed_block(pos, edge_hi, block_list, list_step, full_list, full_step, SPARSE: tl.constexpr,
+                  FULL_LIST: tl.constexpr):
+    """The index of the block at position ``pos`` of the concatenation of the blocks ``block_list``
+    lists (``list_step`` apart, SPARSE positions each) and, with FULL_LIST, those of ``full_list``
+    from position ``edge_hi`` on (a masked index load from each list)."""
+    if FULL_LIST:
+        block = (tl.load(block_list + tl.cast(pos // SPARSE, tl.int64) * list_step, mask=pos < edge_hi, other=0)
+                 + tl.load(full_list + tl.cast(tl.maximum(pos - edge_hi, 0) // SPARSE, tl.int64) * full_step,
+                           mask=pos >= edge_hi, other=0))
+    else:
+        block = tl.load(block_list + tl.cast(pos // SPARSE, tl.int64) * list_step)
+    return block
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr,
     start, end, m0, rows, offs_n, offs_d, bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p,
@@ -190,14 +205,10 @@ def _fwd_inner(
     if HAS_MASK and not MASK_TMA:
         mask_ptrs += tl.cast(start, tl.int64) * stride_maskn
     for start_n in range(start, end, BLOCK_N):
-        if FULL_LIST:  # partial blocks before edge_hi, full ones from it: one index load each
-            part = start_n < edge_hi
-            block = (tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step, mask=part, other=0)
-                     + tl.load(full_list + tl.cast(tl.maximum(start_n - edge_hi, 0) // SPARSE_BKV, tl.int64) * full_step,
-                               mask=start_n >= edge_hi, other=0))
-        elif LISTED:
-            block = tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step)
-        if LISTED:
+        if LISTED:  # FULL_LIST: partial blocks before edge_hi, full ones from it
+            block = _listed_block(start_n, edge_hi, block_list, list_step, full_list, full_step, SPARSE_BKV, FULL_LIST)
+            if FULL_LIST:
+                part = start_n < edge_hi
             key0 = block * SPARSE_BKV + start_n % SPARSE_BKV
             cols = key0 + offs_n
             if not USE_TMA:
@@ -934,14 +945,10 @@ def _dkdv_inner(
         else:
             start_m = start + it * BLOCK_M
         part = True
-        if FULL_LIST:  # partial blocks before edge_hi, full ones from it
-            part = start_m < edge_hi
-            block = (tl.load(block_list + tl.cast(start_m // SPARSE_BQ, tl.int64) * list_step, mask=part, other=0)
-                     + tl.load(full_list + tl.cast(tl.maximum(start_m - edge_hi, 0) // SPARSE_BQ, tl.int64) * full_step,
-                               mask=start_m >= edge_hi, other=0))
-            start_m = block * SPARSE_BQ + start_m % SPARSE_BQ
-        elif LISTED:
-            block = tl.load(block_list + tl.cast(start_m // SPARSE_BQ, tl.int64) * list_step)
+        if LISTED:  # FULL_LIST: partial blocks before edge_hi, full ones from it
+            block = _listed_block(start_m, edge_hi, block_list, list_step, full_list, full_step, SPARSE_BQ, FULL_LIST)
+            if FULL_LIST:
+                part = start_m < edge_hi
             start_m = block * SPARSE_BQ + start_m % SPARSE_BQ
         rows = start_m + offs_m
         row_ok = rows < L
@@ -1032,14 +1039,10 @@ def _dq_inner(
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         part = True
-        if FULL_LIST:  # partial blocks before edge_hi, full ones from it
-            part = start_n < edge_hi
-            block = (tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step, mask=part, other=0)
-                     + tl.load(full_list + tl.cast(tl.maximum(start_n - edge_hi, 0) // SPARSE_BKV, tl.int64) * full_step,
-                               mask=start_n >= edge_hi, other=0))
-            key0 = block * SPARSE_BKV + start_n % SPARSE_BKV
-        elif LISTED:
-            block = tl.load(block_list + tl.cast(start_n // SPARSE_BKV, tl.int64) * list_step)
+        if LISTED:  # FULL_LIST: partial blocks before edge_hi, full ones from it
+            block = _listed_block(start_n, edge_hi, block_list, list_step, full_list, full_step, SPARSE_BKV, FULL_LIST)
+            if FULL_LIST:
+                part = start_n < edge_hi
             key0 = block * SPARSE_BKV + start_n % SPARSE_BKV
         else:
             key0 = start_n
