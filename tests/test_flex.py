@@ -973,7 +973,7 @@ def test_forward_one_loop_and_tma_match_float64(one_loop, tma, score_name, mask_
     with kernel_options(flex_one_loop=one_loop, flex_tma=tma, tma=True if tma else None):
         blocks = flex._lists.from_block_mask(_block_mask(mask_name))
         assert launch.flex_tiles(q, k, blocks).meta["ONE_LOOP"] == one_loop  # what reaches the kernel
-        assert launch._flex_tma(q, k, v, None, None) == tma
+        assert launch._flex_tma(k, v, None, None) == tma
         out, aux = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=_block_mask(mask_name),
                                        enable_gqa=True, return_aux=flex.AuxRequest(lse=True, max_scores=True))
     assert dispatch.PATHS["fused"] == fused + 1, "the core's flex mode did not run"

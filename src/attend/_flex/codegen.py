@@ -285,8 +285,7 @@ def source(graph: ModGraph) -> str:
     for i, dl in grads:
         node = d.graph.nodes[i]
         cap = node.args[0]
-        goff = " + ".join(f"{w.arg(ix)} * grad_strides[{stride_base[cap] + dd}]" for dd, ix in
-                          enumerate(node.args[1:])) or "0"
+        goff = _grad_offset(w, node, stride_base)
         # where dS is 0 (masked, out of range) the derivative stays out: it may not be finite there
         val = f"tl.where(ds != 0.0, ds * v{dl.i}, 0.0)" if isinstance(dl, Ref) else f"ds * {_lit(float(dl))}"
         on = {a.i for a in _index_refs(d.graph, node)} & {3, 4}  # q_idx [BM, 1], kv_idx [1, BN]
@@ -328,10 +327,16 @@ def _index_fn(name: str, graph: ModGraph, node, stride_base: list[int], n_stride
     """A hook returning the gradient buffer's offset of capture load ``node`` at the given indices
     (the load's index expressions only, in the gradient buffer's strides)."""
     w = _Writer(graph, stride_base, n_strides)
-    idx = [a for a in node.args[1:]]
-    body = w.body([a for a in idx if isinstance(a, Ref)])
-    goff = " + ".join(f"{w.arg(ix)} * grad_strides[{stride_base[node.args[0]] + dd}]" for dd, ix in enumerate(idx)) or "0"
-    return _fn(name, "b, h, q_idx, kv_idx, ptrs, meta, grad_strides", body, [f"    return {goff}"])
+    body = w.body([a for a in node.args[1:] if isinstance(a, Ref)])
+    return _fn(name, "b, h, q_idx, kv_idx, ptrs, meta, grad_strides", body,
+               [f"    return {_grad_offset(w, node, stride_base)}"])
+
+
+def _grad_offset(w: _Writer, node, stride_base: list[int]) -> str:
+    """Capture load ``node``'s offset in its gradient buffer (``grad_strides``), from the variables
+    ``w`` wrote for its indices."""
+    base = stride_base[node.args[0]]
+    return " + ".join(f"{w.arg(ix)} * grad_strides[{base + d}]" for d, ix in enumerate(node.args[1:])) or "0"
 
 
 def _index_nodes(graph: ModGraph, node, stop=lambda n: False):

@@ -825,7 +825,7 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
                 L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_BOOL=False,
                  MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, **_DENSE_FLAGS, EVEN=False,
-                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=_flex_tma(q, k, v, options, kernel_options),
+                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=_flex_tma(k, v, options, kernel_options),
                  MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=True,
                  SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
@@ -835,7 +835,7 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     return out, lse, (mx if want_max else None)
 
 
-def _flex_tma(q, k, v, options: KernelOptions | dict | None, kernel_options: dict | None) -> bool:
+def _flex_tma(k, v, options: KernelOptions | dict | None, kernel_options: dict | None) -> bool:
     """Whether the flex forward reads K and V through TMA descriptors: flex_attention's
     kernel_options USE_TMA (PyTorch's key), else KernelOptions.flex_tma, where the copy engine can
     read k and v (``use_tma``; q is read by pointer loads). KernelOptions.tma, where set, decides
