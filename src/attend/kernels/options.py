@@ -120,9 +120,10 @@ class KernelOptions:
     # The flex forward walks a BlockMask's partial and full key blocks in one loop, the mask_mod and
     # bounds masks under per-block branches (core's FULL_LIST), instead of three loops (partial,
     # full, a ragged full block), which leaves the shared memory of one pipeline and so room for
-    # more stages (configs.flex_tile). Off: slower in every case on an H100 (benchmarks/flex_tiles.py
-    # --set loop, 2026-12-05; best tiles, ms one loop / three loops, TMA both: causal 1.551 / 1.523,
-    # ALiBi + causal 1.769 / 1.835, document 0.627 / 0.687 within a 15% spread).
+    # more stages (configs.flex_tile). Off: on an H100 (benchmarks/flex_tiles.py --set loop, 2026-12-05;
+    # best tiles, ms one loop / three loops, TMA both) causal was slower, 1.551 / 1.523, and the others
+    # faster only within the rounds' spread of up to 15%: ALiBi + causal 1.769 / 1.835, document
+    # 0.627 / 0.687.
     flex_one_loop: bool = False
     # The same for the flex backward: its dQ programs' three key loops and its dK / dV programs' two
     # query loops become one each (configs.flex_bwd_tile then keeps the dense config's stages). Off:
