@@ -2,6 +2,14 @@
 matter (B=1, H=2, S=128, D=128, bf16, causal): what a call costs before the GPU has work. When
 it exceeds the kernels' time (the S=1024 rows of the bench), the bench measures the host.
 
+The decode rows time one KV-cache decode step's attention call as a 32-head GQA model makes it
+(query (1, 32, 1, 128) a view of the (1, 1, 32 * 128) projection, key / value (1, 8, 256, 128),
+bf16), without a mask and with a bool key-padding mask (1, 1, 1, 256): through attend's dispatcher,
+through the transformers integration's attention function (as ``attn_implementation="attend"``
+calls it, mask as ``mask_for_attend`` builds it) and, for comparison, PyTorch's SDPA and
+transformers' ``sdpa`` attention function. Generation at this size is host-bound
+(benchmarks/RESULTS.md, Models), so these rows are what a decode step's attention costs.
+
     PYTHONPATH=src python benchmarks/host_overhead.py
 """
 
@@ -59,10 +67,52 @@ def main() -> None:
         "torch flash forward+backward": fwd_bwd(bench.IMPLS["torch-flash"]),
         "flex compiled forward+backward": fwd_bwd(bench.IMPLS["flex-compiled"]),
     }
+    cases.update(decode_cases())
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, attend {attend.__version__}")
     print("| call | host us |\n|---|---|")
     for name, fn in cases.items():
-        print(f"| {name} | {host_us(fn):.1f} |", flush=True)
+        print(f"| {name} | {host_us(fn, n=500):.1f} |", flush=True)
+
+
+def decode_cases() -> dict:
+    """One decode step's attention call (B=1, Hq=32, Hk=8, L=1, S=256, D=128, bf16), each way it is made."""
+    B, Hq, Hk, S, D = 1, 32, 8, 256, 128
+    torch.manual_seed(0)
+    q = torch.randn(B, 1, Hq * D, dtype=torch.bfloat16, device="cuda").view(B, 1, Hq, D).transpose(1, 2)
+    k, v = (torch.randn(B, Hk, S, D, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    keys = torch.rand(B, 1, 1, S, device="cuda") > 0.1  # key padding: a left-padded batch row
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    cases = {
+        "decode: torch SDPA": lambda: sdpa(q, k, v, enable_gqa=True),
+        "decode: attend SDPA": lambda: attend.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        "decode, padding mask: torch SDPA": lambda: sdpa(q, k, v, attn_mask=keys, enable_gqa=True),
+        "decode, padding mask: attend SDPA": lambda: attend.scaled_dot_product_attention(q, k, v, attn_mask=keys,
+                                                                                         enable_gqa=True),
+    }
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        from attend.integrations.transformers import attention_forward
+    except ImportError as e:
+        print(f"(no transformers rows: {e})")
+        return cases
+
+    class Layer(torch.nn.Module):  # what the attention functions read of the attention module
+        is_causal = True
+        num_key_value_groups = Hq // Hk
+
+    layer = Layer().eval()
+    scaling = D ** -0.5
+    cases.update({
+        "decode: transformers sdpa attention function": lambda: sdpa_attention_forward(layer, q, k, v, None,
+                                                                                       scaling=scaling),
+        "decode: attend attention function": lambda: attention_forward(layer, q, k, v, None, scaling=scaling),
+        "decode, padding mask: transformers sdpa attention function": lambda: sdpa_attention_forward(
+            layer, q, k, v, keys, scaling=scaling),
+        "decode, padding mask: attend attention function": lambda: attention_forward(layer, q, k, v, keys,
+                                                                                     scaling=scaling),
+    })
+    return cases
 
 
 if __name__ == "__main__":

@@ -63,3 +63,59 @@ def test_explain_names_every_cuda_backend():
     text = str(attend.explain(q, q, q))
     for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
         assert name in text, text
+
+
+
+def _cudnn_inputs(case: str):
+    """(q, k, v, kwargs) of a call CUDNN takes, in bf16 (fp16 for "rows")."""
+    if case.startswith("decode"):  # a KV-cache step: one query row, a view of the model's projection
+        q = torch.randn(2, 1, 32 * 128, device="cuda", dtype=torch.bfloat16).view(2, 1, 32, 128).transpose(1, 2)
+        k, v = (torch.randn(2, 8, 256, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        kw = dict(enable_gqa=True)
+        if case == "decode-padding":
+            kw["attn_mask"] = torch.rand(2, 1, 1, 256, device="cuda") > 0.2
+        return q, k, v, kw
+    if case == "rows":  # (B, H, L, D) views of (B, L, H, D) tensors
+        q, k, v = (torch.randn(2, 200, 8, 64, device="cuda", dtype=torch.float16).transpose(1, 2).requires_grad_()
+                   for _ in range(3))
+        return q, k, v, {}
+    q = torch.randn(2, 8, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    kw = dict(is_causal=True, enable_gqa=True)
+    if case == "dropout":
+        kw["dropout_p"] = 0.125
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("case", ["decode", "decode-padding", "causal-gqa", "dropout", "rows"])
+def test_cudnn_runs_sdpa_as_under_sdpa_kernel(case):
+    """CUDNN runs PyTorch's SDPA with its flags set as sdpa_kernel(CUDNN_ATTENTION) sets them
+    (backends/_base.torch_sdpa_only): the output, its layout, the gradients and the dropout stream
+    are those of SDPA inside the context manager, bit for bit."""
+    from torch.nn.attention import SDPBackend as TorchBackend
+    from torch.nn.attention import sdpa_kernel as torch_sdpa_kernel
+
+    from attend._params import default_scale, prepare
+    from attend.backends import BACKENDS
+
+    q, k, v, kw = _cudnn_inputs(case)
+    if attend.explain(q, k, v, **kw).backend is not B.CUDNN_ATTENTION:
+        pytest.skip(f"CUDNN does not take this call here: {attend.explain(q, k, v, **kw)}")
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], device="cuda", dtype=q.dtype)
+    results = []
+    for run in ("attend", "torch"):
+        for t in (q, k, v):
+            t.grad = None
+        torch.manual_seed(7)
+        if run == "attend":
+            out = BACKENDS[B.CUDNN_ATTENTION].run(prepare(q, k, v, **kw).params, None)
+        else:
+            with torch_sdpa_kernel(TorchBackend.CUDNN_ATTENTION):
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=default_scale(q.shape[-1], None), **kw)
+        if q.requires_grad:
+            out.backward(dout)
+        results.append((out, [t.grad for t in (q, k, v)]))
+    (out, grads), (ref, ref_grads) = results
+    assert out.stride() == ref.stride() and torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None and r is None) or torch.equal(g, r)

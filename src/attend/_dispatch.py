@@ -13,7 +13,8 @@ from . import _state
 from ._enums import SDPBackend
 from ._params import SDPAParams, from_params, prepare
 from . import _registry
-from .backends import BACKENDS, default_priority, kernel_notes
+from .backends import BACKENDS, default_priority, kernel_for, kernel_notes, registry_version
+from .bias import CausalBias
 
 DISABLED = "disabled by sdpa_kernel"
 
@@ -87,6 +88,82 @@ def decide(p: SDPAParams, *, exhaustive: bool = False) -> Decision:
     return Decision(chosen, order, reasons)
 
 
+# Note [decision cache]: a decode step calls attention once per layer with the same shapes, and
+# asking every backend's check again costs host time the GPU waits for (the cuDNN check builds
+# PyTorch's SDPAParams and runs its C++ predicate). The choice is a function of ``signature``, so
+# the successful ones are kept per signature: only for checks that read nothing more
+# (``cacheable_check``), never under torch.compile (the choice is made once at trace time there),
+# and never for ``explain``, ``can_use_*`` or the unfused-kernel warnings, which want the reasons.
+# Generation makes a new signature per step (the keys grow), so the table is emptied when full.
+DECISION_CACHE_SIZE = 256
+_decisions: dict[tuple, SDPBackend] = {}
+
+
+def signature(p: SDPAParams, state: _state.BackendState) -> tuple | None:
+    """What the backends' checks read of the call ``p`` and of the process, as a dict key.
+
+    Of the call: the device and dtype, each tensor's shape, strides and ``requires_grad``, the
+    mask's kind (a tensor's dtype, shape, strides and ``requires_grad``; a causal bias's variant),
+    dropout, ``is_causal`` and ``enable_gqa``. Of the process: the ``sdpa_kernel`` state, grad
+    mode, deterministic mode, which of attend's kernels serves the device and dtype (Triton's
+    interpreter), the installed flash kernel and OVERRIDEABLE implementations, PyTorch's cuDNN and
+    flash SDPA flags and the current CUDA device (PyTorch's checks read its properties). None for
+    tensors other than plain ``torch.Tensor`` (subclasses and fake tensors answer as they choose).
+    """
+    q, k, v, m = p.query, p.key, p.value, p.attn_mask
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None
+    if m is None:
+        mask = None
+    elif type(m) is torch.Tensor:
+        mask = (m.dtype, m.shape, m.stride(), m.requires_grad)
+    elif isinstance(m, CausalBias):
+        mask = m.variant
+    else:
+        return None
+    device = q.device
+    return (device, q.dtype, q.shape, q.stride(), q.requires_grad, k.shape, k.stride(), k.requires_grad,
+            v.shape, v.stride(), v.requires_grad, mask, p.dropout, p.is_causal, p.enable_gqa,
+            state, torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), kernel_for(q),
+            _registry.flash_kernel_version(), registry_version(),
+            torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.cuda.current_device() if device.type == "cuda" else None)
+
+
+def _cacheable(d: Decision, p: SDPAParams) -> bool:
+    """Whether every check that ``decide`` ran to reach ``d`` reads only the signature."""
+    for b in d.order:
+        if d.reasons.get(b) != [DISABLED] and not BACKENDS[b].cacheable_check(p):
+            return False
+        if b is d.backend:
+            return True
+    return False
+
+
+def choose(p: SDPAParams) -> SDPBackend:
+    """``decide(p).backend``, from the decision cache where the signature is there; raises the
+    no-backend error (never cached) where no enabled backend can take the call."""
+    key = None if torch.compiler.is_compiling() else signature(p, _state.current_state())
+    if key is not None:
+        hit = _decisions.get(key)
+        if hit is not None:
+            return hit
+    d = decide(p)
+    if d.backend is SDPBackend.ERROR:
+        lines = [f"  {b.name}: {'; '.join(rs)}" for b, rs in d.reasons.items() if rs != [DISABLED]]
+        disabled = [b.name for b, rs in d.reasons.items() if rs == [DISABLED]]
+        msg = "no enabled attention backend can run this call:\n" + "\n".join(lines)
+        if disabled:
+            msg += f"\n  (disabled by sdpa_kernel: {', '.join(disabled)})"
+        raise RuntimeError(msg + f"\n  call: {_describe(p)}")
+    if key is not None and _cacheable(d, p):
+        if len(_decisions) >= DECISION_CACHE_SIZE:
+            _decisions.clear()
+        _decisions[key] = d.backend
+    return d.backend
+
+
 _warned: set[tuple] = set()
 
 
@@ -146,18 +223,11 @@ def scaled_dot_product_attention(
     p = call.params
     if call.zeros:
         return _zeros(p, call.out_shape)
-    d = decide(p)
-    if d.backend is SDPBackend.ERROR:
-        lines = [f"  {b.name}: {'; '.join(rs)}" for b, rs in d.reasons.items() if rs != [DISABLED]]
-        disabled = [b.name for b, rs in d.reasons.items() if rs == [DISABLED]]
-        msg = "no enabled attention backend can run this call:\n" + "\n".join(lines)
-        if disabled:
-            msg += f"\n  (disabled by sdpa_kernel: {', '.join(disabled)})"
-        raise RuntimeError(msg + f"\n  call: {_describe(p)}")
-    if d.backend is SDPBackend.MATH and not torch.compiler.is_compiling():
+    backend = choose(p)
+    if backend is SDPBackend.MATH and not torch.compiler.is_compiling():
         if getattr(sys.modules["attend"], "WARN_FOR_UNFUSED_KERNELS", False):
             _warn_unfused(decide(p, exhaustive=True))
-    return BACKENDS[d.backend].run(p, call.scale).reshape(call.out_shape)
+    return BACKENDS[backend].run(p, call.scale).reshape(call.out_shape)
 
 
 def _zeros(p: SDPAParams, shape: tuple[int, ...]) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.attention.bias import CausalBias as _TorchCausalBias
@@ -77,6 +77,8 @@ def _flag(name: str, value: object) -> bool:
 def _real(name: str, value: object, expected: str) -> float:
     """A float argument as PyTorch's parser reads it: any real number (int, bool, NumPy scalar) or
     a 0-d tensor that does not require grad."""
+    if type(value) is float:  # the common call; the Real ABC check below costs more than the rest
+        return value
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.requires_grad or value.is_complex():
             what = ("a 0-d tensor that requires grad" if value.dim() == 0 and value.requires_grad
@@ -100,12 +102,12 @@ def _broadcast(a: tuple[int, ...], b: tuple[int, ...], *named: tuple[str, torch.
     return out
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """One validated call: the normalized ``params``, the ``scale`` as a float (or None), the
     shape the caller gets back, and whether that is all zeros by PyTorch's rule for empty calls
     (no query rows, or an empty value: zeros shaped ``query.shape[:-1] + (Ev,)``, with the
-    query's batch dims even where key / value broadcast them)."""
+    query's batch dims even where key / value broadcast them). A named tuple, not a frozen
+    dataclass: one is built per call, and a frozen dataclass's ``__init__`` costs three times as much."""
 
     params: SDPAParams
     scale: float | None
@@ -131,9 +133,12 @@ def prepare(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     looking at the other arguments.
     """
     q, k, v = query, key, value
-    for name, t in (("query", q), ("key", k), ("value", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    # Each check below has a fast test for the common call in front of the loop that finds and
+    # names the failing argument: this runs on every call, decode steps included.
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     is_causal = _flag("is_causal", is_causal)
     enable_gqa = _flag("enable_gqa", enable_gqa)
     dropout = _real("dropout_p", dropout_p, "a float in [0, 1]")
@@ -143,40 +148,43 @@ def prepare(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
         scale = _real("scale", scale, "a finite float, a 0-d tensor or None")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    for name, t in (("query", q), ("key", k), ("value", v)):
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims (..., seq, dim), got shape {_shape(t)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)")
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if not (len(qs) >= 2 and len(ks) >= 2 and len(vs) >= 2
+            and q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            if t.dim() < 2:
+                raise ValueError(f"{name} must have at least 2 dims (..., seq, dim), got shape {_shape(t)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype "
+                                "(float16, bfloat16, float32, float64)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"query, key and value must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"query, key and value must be on one device; got {q.device}, {k.device}, {v.device}")
-    L, E, S, Ev = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
-    if k.shape[-1] != E:
-        raise ValueError(f"query head dim {E} != key head dim {k.shape[-1]}; they must match")
-    if v.shape[-2] != S:
-        raise ValueError(f"key has {S} positions but value has {v.shape[-2]}; they must match")
+    L, E, S, Ev = qs[-2], qs[-1], ks[-2], vs[-1]
+    if ks[-1] != E:
+        raise ValueError(f"query head dim {E} != key head dim {ks[-1]}; they must match")
+    if vs[-2] != S:
+        raise ValueError(f"key has {S} positions but value has {vs[-2]}; they must match")
 
     # Batch dims (all but the last two) broadcast as in torch.matmul. Under enable_gqa, dim -3
     # holds heads: query head h reads key head h // (Hq // Hk) and value head h // (Hq // Hv).
-    rank = max(q.dim(), k.dim(), v.dim())
-    kb, vb = list(k.shape[:-2]), list(v.shape[:-2])
+    rank = max(len(qs), len(ks), len(vs))
+    qb, kb, vb = tuple(qs[:-2]), tuple(ks[:-2]), tuple(vs[:-2])
     if enable_gqa:
         for name, t in (("query", q), ("key", k), ("value", v)):
             if t.dim() < 3:
                 raise ValueError(f"enable_gqa=True needs a heads dim (..., H, seq, dim); {name} has shape {_shape(t)}")
-        hq = q.shape[-3]
-        for name, t in (("key", k), ("value", v)):
-            h = t.shape[-3]
+        hq = qs[-3]
+        for name, h in (("key", ks[-3]), ("value", vs[-3])):
             if h == 0 or hq % h:
                 raise ValueError(f"{name} has {h} heads, query has {hq}; {hq} is not a multiple of {h}")
-        kb[-1] = vb[-1] = hq
-    elif q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3] and 1 not in (q.shape[-3], k.shape[-3]):
-        raise ValueError(f"query has {q.shape[-3]} heads and key has {k.shape[-3]}; "
+        kb, vb = (*kb[:-1], hq), (*vb[:-1], hq)
+    elif len(qs) >= 3 and len(ks) >= 3 and qs[-3] != ks[-3] and 1 not in (qs[-3], ks[-3]):
+        raise ValueError(f"query has {qs[-3]} heads and key has {ks[-3]}; "
                          "pass enable_gqa=True for grouped-query attention")
-    scores = _broadcast(q.shape[:-2], tuple(kb), ("query", q), ("key", k))
-    batch = _broadcast(scores, tuple(vb), ("query", q), ("key", k), ("value", v))
+    scores = qb if qb == kb else _broadcast(qb, kb, ("query", q), ("key", k))
+    batch = scores if scores == vb else _broadcast(scores, vb, ("query", q), ("key", k), ("value", v))
 
     mask = as_causal_bias(attn_mask)
     if mask is not None:
@@ -206,18 +214,18 @@ def prepare(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     # output heads. A broadcast is materialized (rare; the fused kernels assume real strides).
     nb = (1,) * (max(rank, 3) - 2 - len(batch)) + batch
     heads = nb[-1]
+    hk, hv = _heads(ks, enable_gqa, heads), _heads(vs, enable_gqa, heads)
     q_n = _expand(q, (*nb, L, E))
-    k_n = _expand(k, (*nb[:-1], _heads(k, enable_gqa, heads), S, E))
-    v_n = _expand(v, (*nb[:-1], _heads(v, enable_gqa, heads), S, Ev))
+    k_n = _expand(k, (*nb[:-1], hk, S, E))
+    v_n = _expand(v, (*nb[:-1], hv, S, Ev))
     if isinstance(mask, torch.Tensor):
         if mask.dim() < len(nb) + 2:
             mask = mask.reshape((1,) * (len(nb) + 2 - mask.dim()) + tuple(mask.shape))
         if mask.dtype != torch.bool and mask.dtype != q.dtype:  # float32 with another query dtype, as PyTorch takes
             mask = mask.to(q.dtype)
-    gqa = k_n.shape[-3] != heads or v_n.shape[-3] != heads
-    p = SDPAParams(q_n, k_n, v_n, mask, dropout, is_causal, gqa)
-    if L == 0 or v.numel() == 0:
-        return Call(p, scale, (*q.shape[:-1], Ev), zeros=True)
+    p = SDPAParams(q_n, k_n, v_n, mask, dropout, is_causal, hk != heads or hv != heads)
+    if L == 0 or 0 in vs:
+        return Call(p, scale, (*qs[:-1], Ev), zeros=True)
     return Call(p, scale, (*batch, L, Ev))
 
 
@@ -238,9 +246,9 @@ def _broadcast_or_none(a, b) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def _heads(t: torch.Tensor, gqa: bool, heads: int) -> int:
+def _heads(shape: torch.Size, gqa: bool, heads: int) -> int:
     # Grouped heads stay as they are; a head dim of 1 broadcast without GQA is one shared head too.
-    h = t.shape[-3] if t.dim() >= 3 else 1
+    h = shape[-3] if len(shape) >= 3 else 1
     return h if gqa or h == 1 else heads
 
 

@@ -5,7 +5,9 @@ Same contract as ``torch.nn.attention._registry``: an implementation is a name p
 In attend, a ``register_fn`` installs a kernel object into the FLASH backend's slot with
 :func:`install_flash_kernel`, which returns such a handle. The kernel object has
 ``check(params) -> list[str]`` (reasons it cannot run a call; empty = it can) and
-``forward(...)``; see ``attend.backends.flash`` for the call it receives.
+``forward(...)``; see ``attend.backends.flash`` for the call it receives. A kernel whose ``check``
+reads nothing beyond what the dispatcher's decision cache keys on (``attend._dispatch.signature``)
+may set ``cacheable_check = True``; any other kernel's ``check`` runs on every call.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "restore_flash_attention_impl",
     "install_flash_kernel",
     "active_flash_kernel",
+    "flash_kernel_version",
 ]
 
 
@@ -33,6 +36,7 @@ _impls: dict[str, _RegisterFn] = {}
 _active: str | None = None
 _handles: dict[str, _Handle] = {}
 _kernel: Any = None  # the kernel object installed by the active register_fn, if any
+_kernel_version = 0  # bumped whenever _kernel changes: the dispatcher's decision cache keys on it
 
 
 def register_flash_attention_impl(impl: str, *, register_fn: _RegisterFn) -> None:
@@ -93,21 +97,28 @@ class _KernelHandle:
         self._kernel = kernel
 
     def remove(self) -> None:
-        global _kernel
+        global _kernel, _kernel_version
         if _kernel is self._kernel:
             _kernel = None
+            _kernel_version += 1
 
 
 def install_flash_kernel(kernel: Any) -> _Handle:
     """Install ``kernel`` as the FLASH backend's implementation; for ``register_fn``s."""
-    global _kernel
+    global _kernel, _kernel_version
     for attr in ("check", "forward"):
         if not callable(getattr(kernel, attr, None)):
             raise TypeError(f"a flash kernel needs a callable .{attr}; {kernel!r} has none")
     _kernel = kernel
+    _kernel_version += 1
     return _KernelHandle(kernel)
 
 
 def active_flash_kernel() -> Any:
     """The installed kernel object, or ``None`` for attend's default."""
     return _kernel
+
+
+def flash_kernel_version() -> int:
+    """A number that changes whenever the installed kernel does (install or remove)."""
+    return _kernel_version

@@ -23,13 +23,13 @@ import torch
 
 from .._enums import SDPBackend
 from ._base import Backend
-from ._kernels import kernel_notes
+from ._kernels import kernel_for, kernel_notes
 from .cudnn import CudnnBackend
 from .efficient import EfficientBackend
 from .flash import FlashBackend
 from . import flash_impls  # noqa: F401  (registers "FA2" and "FA4"; never activates them)
 from .math import MathBackend, math_attention
-from .overrideable import OverrideableBackend, register_overrideable
+from .overrideable import OverrideableBackend, register_overrideable, registry_version
 
 B = SDPBackend
 
@@ -66,6 +66,6 @@ def default_priority(device: torch.device | str) -> tuple[SDPBackend, ...]:
 
 
 __all__ = [
-    "BACKENDS", "DEFAULT_PRIORITY", "default_priority", "device_class", "kernel_notes", "register_overrideable",
-    "math_attention",
+    "BACKENDS", "DEFAULT_PRIORITY", "default_priority", "device_class", "kernel_for", "kernel_notes",
+    "register_overrideable", "registry_version", "math_attention",
 ]

@@ -1,4 +1,5 @@
-"""What every backend provides, and the shared front door into the fused op."""
+"""What every backend provides, the shared front door into the fused op, and the one into
+PyTorch's own SDPA kernels."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import warnings
 from typing import Callable, Protocol
 
 import torch
+import torch.nn.attention as torch_attention
 
 from .._enums import SDPBackend
 from .._layout import Band
@@ -19,6 +21,11 @@ class Backend(Protocol):
 
     def check(self, p: SDPAParams) -> list[str]:
         """Reasons this backend cannot run the call, one readable sentence each; [] = it can."""
+
+    def cacheable_check(self, p: SDPAParams) -> bool:
+        """Whether ``check(p)`` reads only what ``attend._dispatch.signature`` keys on (the call's
+        shapes, strides, dtypes, device, flags, mask kind and the process state named there), so
+        that its answer for one call holds for every call with the same signature."""
 
     def run(self, p: SDPAParams, scale: float | None) -> torch.Tensor: ...
 
@@ -68,3 +75,42 @@ def torch_check_reasons(can_use: Callable[..., bool], params, refused: str) -> l
     if ok:
         return []
     return [m for m in (str(w.message).strip() for w in caught) if m] or [refused]
+
+
+def _torch_sdp_flags() -> dict | None:
+    """For each backend, PyTorch's global SDPA flags as ``torch.nn.attention.sdpa_kernel(backend)``
+    sets them: (the getters, (setter, value) pairs), from its ``_backend_names`` table and the
+    ``torch._C`` accessors it calls. None where this PyTorch has other names (then ``sdpa_kernel``
+    itself is used). Built once: reading a pybind enum's ``.name`` costs a microsecond."""
+    try:
+        accessors = [(name, getattr(torch._C, f"_get_{flag}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{flag}"))
+                     for flag, name in torch_attention._backend_names.items()]
+    except AttributeError:
+        return None
+    getters = tuple(get for _, get, _ in accessors)
+    return {b: (getters, tuple((set_, name == b.name) for name, _, set_ in accessors))
+            for b in SDPBackend if b is not SDPBackend.ERROR}
+
+
+_TORCH_SDP_FLAGS = _torch_sdp_flags()
+
+
+def torch_sdpa_only(backend: SDPBackend, *args, **kwargs) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)`` with only PyTorch's
+    ``backend`` enabled: what it runs inside ``torch.nn.attention.sdpa_kernel(backend)``, whose
+    global flags this sets and restores the same way, without the context manager's Python layers,
+    which cost a decode step's call more host time than SDPA itself (one call per layer and token).
+    Under torch.compile, and where PyTorch names its flags otherwise, the context manager itself."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if _TORCH_SDP_FLAGS is None or torch.compiler.is_compiling():
+        with torch_attention.sdpa_kernel(getattr(torch_attention.SDPBackend, backend.name)):
+            return sdpa(*args, **kwargs)
+    getters, settings = _TORCH_SDP_FLAGS[backend]
+    saved = [get() for get in getters]
+    for set_, value in settings:
+        set_(value)
+    try:
+        return sdpa(*args, **kwargs)
+    finally:
+        for (set_, _), was in zip(settings, saved):
+            set_(was)

@@ -24,10 +24,12 @@ def kernel_for(t: torch.Tensor) -> str | None:
     CPU tensors go to the Triton core only under the interpreter, and never in bfloat16 or
     float64: Triton 3.6's interpreter computes bf16 dots wrongly, and the core has no fp64.
     """
-    if t.device.type == "cuda":
+    # is_cuda / is_cpu, not device.type: this runs per call (dispatch key, checks, run), and building
+    # the device object costs five times as much; the environment is read last for the same reason.
+    if t.is_cuda:
         return "triton"
-    if t.device.type == "cpu":
-        use_triton = interpreter_on() and "triton" in KERNELS and t.dtype in (torch.float16, torch.float32)
+    if t.is_cpu:
+        use_triton = t.dtype in (torch.float16, torch.float32) and "triton" in KERNELS and interpreter_on()
         return "triton" if use_triton else "blocked"
     return None
 

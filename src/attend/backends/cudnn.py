@@ -2,6 +2,9 @@
 
 The check asks PyTorch's ``can_use_cudnn_attention(params, debug=True)`` and turns each
 warning it raises into one reason, so the constraints are the installed PyTorch's real ones.
+The call is PyTorch's SDPA with only its cuDNN backend enabled (``_base.torch_sdpa_only``), so
+PyTorch's own handling of masks (its bool-to-additive conversion for cuDNN has changed between
+releases), GQA, dropout, autocast and autograd applies unchanged.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import torch
 
 from .._enums import SDPBackend
 from .._params import SDPAParams, default_scale, fused_reasons
-from ._base import torch_check_reasons
+from ._base import torch_check_reasons, torch_sdpa_only
 
 
 _CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
@@ -18,6 +21,9 @@ _CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 
 class CudnnBackend:
     backend = SDPBackend.CUDNN_ATTENTION
+
+    def cacheable_check(self, p: SDPAParams) -> bool:
+        return True
 
     def check(self, p: SDPAParams) -> list[str]:
         if p.device_type != "cuda":
@@ -43,11 +49,6 @@ class CudnnBackend:
                                    "PyTorch's cuDNN attention refused the call")
 
     def run(self, p: SDPAParams, scale: float | None) -> torch.Tensor:
-        from torch.nn.attention import SDPBackend as TorchBackend
-        from torch.nn.attention import sdpa_kernel as torch_sdpa_kernel
-
-        with torch_sdpa_kernel(TorchBackend.CUDNN_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(
-                p.query, p.key, p.value, attn_mask=p.dense_mask, dropout_p=p.dropout, is_causal=p.is_causal,
-                scale=default_scale(p.query.shape[-1], scale), enable_gqa=p.enable_gqa,
-            )
+        return torch_sdpa_only(SDPBackend.CUDNN_ATTENTION, p.query, p.key, p.value, attn_mask=p.dense_mask,
+                               dropout_p=p.dropout, is_causal=p.is_causal,
+                               scale=default_scale(p.query.shape[-1], scale), enable_gqa=p.enable_gqa)

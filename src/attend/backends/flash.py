@@ -20,6 +20,10 @@ from ._kernels import TRITON_DTYPES, kernel_for, triton_reasons
 class FlashBackend:
     backend = SDPBackend.FLASH_ATTENTION
 
+    def cacheable_check(self, p: SDPAParams) -> bool:
+        impl = _registry.active_flash_kernel()
+        return impl is None or getattr(impl, "cacheable_check", False) is True
+
     def check(self, p: SDPAParams) -> list[str]:
         reasons = fused_reasons(p, "FLASH")
         impl = _registry.active_flash_kernel()

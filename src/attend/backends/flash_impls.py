@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 
 from .. import _registry
+from .._enums import SDPBackend
 from .._params import SDPAParams, default_scale
 from ..bias import CausalVariant
-from ._base import dtype_reasons, torch_check_reasons
+from ._base import dtype_reasons, torch_check_reasons, torch_sdpa_only
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -35,6 +36,7 @@ class TorchFlash:
     """PyTorch's own flash-attention kernels (FlashAttention-2), through its SDPA dispatcher."""
 
     name = "FA2"
+    cacheable_check = True  # reads the call's signature and PyTorch's flash flag and device
 
     def check(self, p: SDPAParams) -> list[str]:
         reasons = _common_reasons(p, self.name)
@@ -49,13 +51,9 @@ class TorchFlash:
                                    "PyTorch's flash kernel refused the call")
 
     def forward(self, p: SDPAParams, scale: float | None) -> torch.Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(
-                p.query, p.key, p.value, dropout_p=p.dropout, is_causal=p.causal_variant is not None,
-                scale=default_scale(p.query.shape[-1], scale), enable_gqa=p.enable_gqa,
-            )
+        return torch_sdpa_only(SDPBackend.FLASH_ATTENTION, p.query, p.key, p.value, dropout_p=p.dropout,
+                               is_causal=p.causal_variant is not None, scale=default_scale(p.query.shape[-1], scale),
+                               enable_gqa=p.enable_gqa)
 
 
 class FA4:
@@ -63,6 +61,7 @@ class FA4:
     ``(B, S, H, D)``; attend's ``(B, H, L, D)`` tensors are passed as transposed views."""
 
     name = "FA4"
+    cacheable_check = True
     HEAD_DIMS = (64, 96, 128)  # the Hopper head dims the package lists as supported
 
     def __init__(self, flash_attn_func: Callable) -> None:

@@ -30,6 +30,12 @@ class _Entry:
 
 
 _impls: dict[str, _Entry] = {}
+_version = 0  # bumped whenever _impls changes: the dispatcher's decision cache keys on it
+
+
+def registry_version() -> int:
+    """A number that changes whenever an implementation is registered or removed."""
+    return _version
 
 
 class _Handle:
@@ -37,8 +43,10 @@ class _Handle:
         self._device_type, self._entry = device_type, entry
 
     def remove(self) -> None:
+        global _version
         if _impls.get(self._device_type) is self._entry:
             del _impls[self._device_type]
+            _version += 1
 
 
 def register_overrideable(
@@ -53,13 +61,20 @@ def register_overrideable(
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if check is not None and not callable(check):
         raise TypeError(f"check must be callable or None, got {type(check).__name__}")
+    global _version
     entry = _Entry(fn, check)
     _impls[device_type] = entry
+    _version += 1
     return _Handle(device_type, entry)
 
 
 class OverrideableBackend:
     backend = SDPBackend.OVERRIDEABLE
+
+    def cacheable_check(self, p: SDPAParams) -> bool:
+        # A registered check is the user's: it may read anything of the call.
+        entry = _impls.get(p.device_type)
+        return entry is None or entry.check is None
 
     def check(self, p: SDPAParams) -> list[str]:
         entry = _impls.get(p.device_type)

@@ -178,13 +178,18 @@ def _key_padding(attention_mask: torch.Tensor | None, kv_length: int, kv_offset:
     a real token), or None when every key is real."""
     if attention_mask is None:
         return None
-    am = attention_mask.to(torch.bool)
     kv_offset = int(kv_offset)
-    missing = kv_offset + kv_length - am.shape[-1]
+    missing = kv_offset + kv_length - attention_mask.shape[-1]
+    # Whether every key is real costs a device sync, once per generated token: asked of the mask as
+    # it is (nonzero = real, as its bool conversion reads it), and not at all where a static cache's
+    # unfilled slots (missing > 0) are among the keys: those are padding, unless there are no keys.
+    if missing <= 0 or kv_length <= 0 or attention_mask.shape[0] == 0:
+        if bool(attention_mask[:, kv_offset:kv_offset + kv_length].all()):
+            return None
+    am = attention_mask.to(torch.bool)
     if missing > 0:  # a static cache's unfilled slots are not keys yet
         am = torch.nn.functional.pad(am, (0, missing), value=False)
-    pad = am[:, kv_offset:kv_offset + kv_length]
-    return None if bool(pad.all()) else pad
+    return am[:, kv_offset:kv_offset + kv_length]
 
 
 def _materialized(reason: str, **kw) -> torch.Tensor | None:
@@ -816,7 +821,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if kwargs.get("output_attentions", False):
         _warn_once("output_attentions", "attend: output_attentions=True is not supported (the weights are never "
                    "materialized); use attn_implementation='eager' to get them")
-    if any(n == 0 for n in query.shape):
+    if 0 in query.shape:
         raise ValueError(f"attend: query has a zero-size dim, shape {tuple(query.shape)}")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is None and kwargs.get("cu_seq_lens_q") is None:

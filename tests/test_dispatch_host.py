@@ -1,0 +1,291 @@
+"""What a call costs the host beyond the kernel, and must not change: the dispatcher's decision
+cache (``attend._dispatch.choose``) answers what ``decide`` answers for every call, its key changes
+with everything a backend's check reads, it stays bounded, and it is not used where the choice must
+be made afresh (user checks, torch.compile, errors, explain); PyTorch's SDPA runs with exactly one
+of its backends enabled, as under ``torch.nn.attention.sdpa_kernel``, and its flags come back."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+
+import attend
+from attend import SDPBackend as B
+from attend import _dispatch, _registry
+from attend._params import prepare
+from attend.backends import _kernels
+from attend.bias import causal_lower_right, causal_upper_left
+from conftest import rand as _rand
+
+
+def rand(*shape, **kw):
+    # Dispatch tests run on CPU tensors everywhere (also in the GPU run of the suite).
+    return _rand(*shape, device="cpu", **kw)
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache(use_kernel):
+    use_kernel("blocked")  # fp32 CPU calls go to FLASH's blocked kernel unless a case turns the interpreter on
+    _dispatch._decisions.clear()
+    yield
+    _dispatch._decisions.clear()
+
+
+def params(q, k=None, v=None, mask=None, dropout=0.0, causal=False, gqa=False):
+    k = q if k is None else k
+    return prepare(q, k, k if v is None else v, mask, dropout, causal, None, gqa).params
+
+
+@contextlib.contextmanager
+def deterministic(warn_only=False):
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
+@contextlib.contextmanager
+def torch_sdp_flag(name):
+    enabled = getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+    getattr(torch.backends.cuda, f"enable_{name}_sdp")(not enabled)
+    try:
+        yield
+    finally:
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(enabled)
+
+
+def interpreter(on):
+    return mock.patch.object(_kernels, "interpreter_on", lambda: on)
+
+
+class _RefusingKernel:
+    """A flash kernel that refuses every call; its check reads only the signature."""
+
+    cacheable_check = True
+
+    def check(self, p):
+        return ["refuses everything"]
+
+    def forward(self, p, scale):
+        raise AssertionError("never chosen")
+
+
+@contextlib.contextmanager
+def flash_kernel(kernel):
+    handle = _registry.install_flash_kernel(kernel)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def overrideable(device_type):
+    handle = attend.register_overrideable(device_type, lambda *a, **kw: None)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _calls():
+    """(id, make params, context, the backend decide picks): each differs from the others in one
+    component of the signature at least. CPU fp32 calls run FLASH's blocked kernel unless said."""
+    q = rand(1, 4, 8, 16)
+    k2 = rand(1, 2, 8, 16)
+    bool_mask, float_mask = rand(8, 8) > 0, rand(8, 8)
+    grad_mask = rand(8, 8, requires_grad=True)
+    none = contextlib.nullcontext
+    return [
+        # Registering changes the registries' versions, which every key holds: these go first, so
+        # that the entries after them stay readable.
+        ("flash kernel installed", lambda: params(q), lambda: flash_kernel(_RefusingKernel()), B.EFFICIENT_ATTENTION),
+        ("meta device, OVERRIDEABLE registered", lambda: params(torch.empty(1, 4, 8, 16, device="meta")),
+         lambda: overrideable("meta"), B.OVERRIDEABLE),
+        ("base", lambda: params(q), none, B.FLASH_ATTENTION),
+        ("query length", lambda: params(rand(1, 4, 5, 16), q, q), none, B.FLASH_ATTENTION),
+        ("key length", lambda: params(q, rand(1, 4, 12, 16)), none, B.FLASH_ATTENTION),
+        ("head dim", lambda: params(rand(1, 4, 8, 32)), none, B.FLASH_ATTENTION),
+        ("strides", lambda: params(rand(1, 8, 4, 16).transpose(1, 2)), none, B.FLASH_ATTENTION),
+        ("dtype", lambda: params(q.double()), none, B.FLASH_ATTENTION),
+        ("requires_grad", lambda: params(q.clone().requires_grad_()), none, B.FLASH_ATTENTION),
+        ("is_causal", lambda: params(q, causal=True), none, B.FLASH_ATTENTION),
+        ("dropout", lambda: params(q, dropout=0.25), none, B.FLASH_ATTENTION),
+        ("dropout 1", lambda: params(q, dropout=1.0), none, B.MATH),
+        ("enable_gqa", lambda: params(q, k2, gqa=True), none, B.FLASH_ATTENTION),
+        ("bool mask", lambda: params(q, mask=bool_mask), none, B.EFFICIENT_ATTENTION),
+        ("float mask", lambda: params(q, mask=float_mask), none, B.EFFICIENT_ATTENTION),
+        ("mask shape", lambda: params(q, mask=rand(4, 8, 8) > 0), none, B.EFFICIENT_ATTENTION),
+        ("mask strides", lambda: params(q, mask=bool_mask.t()), none, B.EFFICIENT_ATTENTION),
+        ("causal bias upper-left", lambda: params(q, mask=causal_upper_left(8, 8)), none, B.FLASH_ATTENTION),
+        ("causal bias lower-right", lambda: params(q, mask=causal_lower_right(8, 8)), none, B.FLASH_ATTENTION),
+        ("sdpa_kernel", lambda: params(q), lambda: attend.sdpa_kernel([B.EFFICIENT_ATTENTION, B.MATH]),
+         B.EFFICIENT_ATTENTION),
+        ("set_priority", lambda: params(q), lambda: attend.sdpa_kernel([B.MATH, B.FLASH_ATTENTION], set_priority=True),
+         B.MATH),
+        ("grad mode", lambda: params(q), torch.no_grad, B.FLASH_ATTENTION),
+        ("deterministic", lambda: params(q), deterministic, B.FLASH_ATTENTION),
+        ("deterministic warn-only", lambda: params(q), lambda: deterministic(warn_only=True), B.FLASH_ATTENTION),
+        ("torch cudnn flag", lambda: params(q), lambda: torch_sdp_flag("cudnn"), B.FLASH_ATTENTION),
+        ("torch flash flag", lambda: params(q), lambda: torch_sdp_flag("flash"), B.FLASH_ATTENTION),
+        # Triton's interpreter: the core takes no fp32 FLASH call, and EFFICIENT refuses a broadcast
+        # float mask whose gradient it would sum with atomics where deterministic mode forbids them.
+        ("interpreter", lambda: params(q), lambda: interpreter(True), B.EFFICIENT_ATTENTION),
+        ("interpreter, head dim 288", lambda: params(rand(1, 4, 8, 288)), lambda: interpreter(True), B.MATH),
+        ("mask requires_grad", lambda: params(q, mask=grad_mask), lambda: interpreter(True), B.EFFICIENT_ATTENTION),
+        ("mask requires_grad, deterministic", lambda: params(q, mask=grad_mask),
+         lambda: _both(interpreter(True), deterministic()), B.MATH),
+        ("mask requires_grad, deterministic, no grad", lambda: params(q, mask=grad_mask),
+         lambda: _both(interpreter(True), deterministic(), torch.no_grad()), B.EFFICIENT_ATTENTION),
+        ("meta device", lambda: params(torch.empty(1, 4, 8, 16, device="meta")), none, B.MATH),
+    ]
+
+
+@contextlib.contextmanager
+def _both(*contexts):
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
+# Each registration is a new state of the registries, so its calls never meet an earlier entry.
+REGISTERS = {"flash kernel installed", "meta device, OVERRIDEABLE registered"}
+
+
+def test_every_component_changes_the_signature_and_the_cache_answers_as_decide():
+    calls = _calls()
+    signatures = set()
+    for name, make, context, want in calls:  # fills the cache
+        with context():
+            p = make()
+            signatures.add(_dispatch.signature(p, _dispatch._state.current_state()))
+            assert _dispatch.decide(p).backend is want, name
+            assert _dispatch.choose(p) is want, name
+    assert len(signatures) == len(calls)  # no two calls share a signature
+    assert set(_dispatch._decisions) == signatures
+    for name, make, context, want in calls[::-1]:  # reads it, the latest entries first
+        with context():
+            p = make()
+            assert (_dispatch.signature(p, _dispatch._state.current_state()) in signatures) is (name not in REGISTERS)
+            assert _dispatch.choose(p) is want, name
+            assert _dispatch.decide(p).backend is want, name
+
+
+def test_a_cached_choice_skips_the_checks_and_a_user_check_runs_every_call():
+    seen = []
+
+    class Kernel:
+        def check(self, p):
+            seen.append(p.query.dtype)
+            return [] if p.query.dtype is torch.float32 else ["fp32 only"]
+
+        def forward(self, p, scale):
+            return torch.zeros_like(p.query)
+
+    q = rand(1, 2, 8, 16)
+    cacheable = Kernel()
+    cacheable.cacheable_check = True
+    with flash_kernel(cacheable):
+        for _ in range(3):
+            assert _dispatch.choose(params(q)) is B.FLASH_ATTENTION
+        assert seen == [torch.float32]  # asked once, then the cache answered
+        assert _dispatch.choose(params(q.half())) is B.EFFICIENT_ATTENTION
+        assert seen == [torch.float32, torch.float16]
+    seen.clear()
+    with flash_kernel(Kernel()):  # no cacheable_check: its check may read anything of the call
+        for _ in range(3):
+            assert _dispatch.choose(params(q)) is B.FLASH_ATTENTION
+        assert seen == [torch.float32] * 3
+    assert _dispatch.choose(params(q)) is B.FLASH_ATTENTION  # attend's own kernel again
+
+
+def test_overrideable_with_a_check_is_not_cached():
+    answers = iter([["not now"], []])
+    handle = attend.register_overrideable("meta", lambda *a, **kw: None, check=lambda p: next(answers))
+    try:
+        p = params(torch.empty(1, 2, 8, 16, device="meta"))
+        assert _dispatch.choose(p) is B.MATH
+        assert _dispatch.choose(p) is B.OVERRIDEABLE
+    finally:
+        handle.remove()
+
+
+def test_cache_is_bounded():
+    for S in range(1, _dispatch.DECISION_CACHE_SIZE + 40):
+        p = params(rand(1, 2, 1, 8), rand(1, 2, S, 8))
+        assert _dispatch.choose(p) is B.FLASH_ATTENTION
+        assert len(_dispatch._decisions) <= _dispatch.DECISION_CACHE_SIZE
+    assert _dispatch.choose(params(rand(1, 2, 1, 8), mask=rand(1, 1) > 0)) is B.EFFICIENT_ATTENTION
+
+
+def test_nothing_is_cached_while_compiling(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _dispatch.choose(params(rand(1, 2, 8, 16))) is B.FLASH_ATTENTION
+    assert not _dispatch._decisions
+
+
+def test_errors_are_never_cached():
+    q = rand(1, 2, 8, 16)
+    for _ in range(2):
+        with attend.sdpa_kernel([B.CUDNN_ATTENTION]):
+            with pytest.raises(RuntimeError, match="CUDNN_ATTENTION: CUDNN runs on cuda tensors only"):
+                attend.scaled_dot_product_attention(q, q, q)
+        assert not _dispatch._decisions
+    out = attend.scaled_dot_product_attention(q, q, q)
+    assert out.shape == q.shape and _dispatch._decisions
+
+
+def test_explain_can_use_and_warnings_do_not_read_the_cache(monkeypatch):
+    q, mask = rand(1, 2, 8, 16), rand(8, 8)
+    with attend.sdpa_kernel([B.MATH, B.FLASH_ATTENTION]):
+        attend.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        cached = dict(_dispatch._decisions)
+        assert list(cached.values()) == [B.MATH]
+        d = attend.explain(q, q, q, attn_mask=mask)
+        assert d.backend is B.MATH and "FLASH takes no attn_mask" in d.reasons[B.FLASH_ATTENTION][0]
+        assert not attend.can_use_flash_attention(attend.SDPAParams(q, q, q, mask, 0.0, False, False))
+        assert _dispatch._decisions == cached
+        monkeypatch.setattr(attend, "WARN_FOR_UNFUSED_KERNELS", True)
+        for _ in range(2):  # the second call is a cache hit and still warns
+            monkeypatch.setattr(_dispatch, "_warned", set())
+            with pytest.warns(UserWarning, match="fell back to the unfused MATH backend"):
+                attend.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attend.scaled_dot_product_attention(q, q, q, attn_mask=mask)  # EFFICIENT: no warning
+
+
+@pytest.mark.parametrize("backend", ["CUDNN_ATTENTION", "FLASH_ATTENTION"])
+def test_torch_sdpa_only_sets_and_restores_torch_flags_as_sdpa_kernel_does(backend, monkeypatch):
+    from torch.nn.attention import SDPBackend as TorchBackend
+    from torch.nn.attention import sdpa_kernel as torch_sdpa_kernel
+
+    from attend.backends._base import torch_sdpa_only
+
+    def flags():
+        return [getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in ("cudnn", "flash", "mem_efficient", "math")]
+
+    with torch_sdpa_kernel(getattr(TorchBackend, backend)):
+        inside_sdpa_kernel = flags()
+    before, seen = flags(), []
+    q = rand(1, 2, 4, 8)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append((flags(), a, kw)) or a[0])
+    member = B[backend]
+    assert torch_sdpa_only(member, q, q, q, is_causal=True) is q
+    assert seen == [(inside_sdpa_kernel, (q, q, q), {"is_causal": True})] and sum(inside_sdpa_kernel) == 1
+    assert flags() == before
+
+    def fails(*a, **kw):
+        raise RuntimeError("no kernel")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", fails)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        torch_sdpa_only(member, q, q, q)
+    assert flags() == before
