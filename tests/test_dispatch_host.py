@@ -246,12 +246,15 @@ def test_explain_can_use_and_warnings_do_not_read_the_cache(monkeypatch):
     q, mask = rand(1, 2, 8, 16), rand(8, 8)
     with attend.sdpa_kernel([B.MATH, B.FLASH_ATTENTION]):
         attend.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        assert list(_dispatch._decisions.values()) == [B.MATH]
+        key = next(iter(_dispatch._decisions))
+        _dispatch._decisions[key] = B.FLASH_ATTENTION  # a wrong entry: only the dispatch itself may read it
         cached = dict(_dispatch._decisions)
-        assert list(cached.values()) == [B.MATH]
         d = attend.explain(q, q, q, attn_mask=mask)
         assert d.backend is B.MATH and "FLASH takes no attn_mask" in d.reasons[B.FLASH_ATTENTION][0]
         assert not attend.can_use_flash_attention(attend.SDPAParams(q, q, q, mask, 0.0, False, False))
         assert _dispatch._decisions == cached
+        _dispatch._decisions[key] = B.MATH
         monkeypatch.setattr(attend, "WARN_FOR_UNFUSED_KERNELS", True)
         for _ in range(2):  # the second call is a cache hit and still warns
             monkeypatch.setattr(_dispatch, "_warned", set())
@@ -289,3 +292,28 @@ def test_torch_sdpa_only_sets_and_restores_torch_flags_as_sdpa_kernel_does(backe
     with pytest.raises(RuntimeError, match="no kernel"):
         torch_sdpa_only(member, q, q, q)
     assert flags() == before
+
+
+def test_no_choice_is_cached_while_torch_flags_are_held_or_change(monkeypatch):
+    """PyTorch's SDPA flags are process-global: a choice made while another thread's run holds them
+    changed, or that sees them change, may have read two states, so it is not kept."""
+    from attend.backends import _base
+
+    q = rand(1, 2, 8, 16)
+    monkeypatch.setitem(_base.TORCH_FLAGS, "HELD", 1)  # another thread inside torch_sdpa_only
+    attend.scaled_dot_product_attention(q, q, q)
+    assert not _dispatch._decisions
+    monkeypatch.setitem(_base.TORCH_FLAGS, "HELD", 0)
+    decide = _dispatch.decide
+
+    def racing(p, **kw):  # another thread sets and restores the flags during this choice
+        _base._flags_changing(+1)
+        _base._flags_changing(-1)
+        return decide(p, **kw)
+
+    monkeypatch.setattr(_dispatch, "decide", racing)
+    attend.scaled_dot_product_attention(q, q, q)
+    assert not _dispatch._decisions
+    monkeypatch.setattr(_dispatch, "decide", decide)
+    attend.scaled_dot_product_attention(q, q, q)
+    assert len(_dispatch._decisions) == 1

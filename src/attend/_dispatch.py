@@ -13,7 +13,7 @@ from . import _state
 from ._enums import SDPBackend
 from ._params import SDPAParams, from_params, prepare
 from . import _registry
-from .backends import BACKENDS, default_priority, kernel_for, kernel_notes, registry_version
+from .backends import BACKENDS, _base, default_priority, kernel_for, kernel_notes, registry_version
 from .bias import CausalBias
 
 DISABLED = "disabled by sdpa_kernel"
@@ -144,6 +144,7 @@ def _cacheable(d: Decision, p: SDPAParams) -> bool:
 def choose(p: SDPAParams) -> SDPBackend:
     """``decide(p).backend``, from the decision cache where the signature is there; raises the
     no-backend error (never cached) where no enabled backend can take the call."""
+    held, epoch = _base.TORCH_FLAGS["HELD"], _base.TORCH_FLAGS["EPOCH"]
     key = None if torch.compiler.is_compiling() else signature(p, _state.current_state())
     if key is not None:
         hit = _decisions.get(key)
@@ -157,7 +158,9 @@ def choose(p: SDPAParams) -> SDPBackend:
         if disabled:
             msg += f"\n  (disabled by sdpa_kernel: {', '.join(disabled)})"
         raise RuntimeError(msg + f"\n  call: {_describe(p)}")
-    if key is not None and _cacheable(d, p):
+    # Not where another thread's run of one of PyTorch's kernels had its flags changed meanwhile:
+    # the key and PyTorch's checks may then have read two states.
+    if key is not None and held == 0 and epoch == _base.TORCH_FLAGS["EPOCH"] and _cacheable(d, p):
         if len(_decisions) >= DECISION_CACHE_SIZE:
             _decisions.clear()
         _decisions[key] = d.backend

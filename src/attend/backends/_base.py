@@ -3,6 +3,7 @@ PyTorch's own SDPA kernels."""
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable, Protocol
 
@@ -93,6 +94,17 @@ def _torch_sdp_flags() -> dict | None:
 
 
 _TORCH_SDP_FLAGS = _torch_sdp_flags()
+# PyTorch's SDPA flags are process-global: while torch_sdpa_only holds them changed (HELD > 0),
+# another thread's backend choice may read them, so _dispatch.choose caches a choice only where
+# none was held when it began and none changed (EPOCH) before it ended.
+TORCH_FLAGS = {"HELD": 0, "EPOCH": 0}
+_FLAGS_LOCK = threading.Lock()
+
+
+def _flags_changing(step: int) -> None:
+    with _FLAGS_LOCK:
+        TORCH_FLAGS["HELD"] += step
+        TORCH_FLAGS["EPOCH"] += 1
 
 
 def torch_sdpa_only(backend: SDPBackend, *args, **kwargs) -> torch.Tensor:
@@ -107,10 +119,12 @@ def torch_sdpa_only(backend: SDPBackend, *args, **kwargs) -> torch.Tensor:
             return sdpa(*args, **kwargs)
     getters, settings = _TORCH_SDP_FLAGS[backend]
     saved = [get() for get in getters]
-    for set_, value in settings:
-        set_(value)
+    _flags_changing(+1)
     try:
+        for set_, value in settings:
+            set_(value)
         return sdpa(*args, **kwargs)
     finally:
         for (set_, _), was in zip(settings, saved):
             set_(was)
+        _flags_changing(-1)

@@ -36,7 +36,9 @@ class TorchFlash:
     """PyTorch's own flash-attention kernels (FlashAttention-2), through its SDPA dispatcher."""
 
     name = "FA2"
-    cacheable_check = True  # reads the call's signature and PyTorch's flash flag and device
+    # reads the call's signature and PyTorch's flash flag and device; on ROCm also its preferred
+    # flash library, which the decision cache does not key on
+    cacheable_check = torch.version.hip is None
 
     def check(self, p: SDPAParams) -> list[str]:
         reasons = _common_reasons(p, self.name)
