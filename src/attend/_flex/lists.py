@@ -102,11 +102,11 @@ def ragged_as_partial(blocks: BlockLists, S: int) -> BlockLists:
     versions = tuple(t._version for t in (num, idx, fnum, fidx))
     hit = memo_get(_RAGGED, fidx)
     if hit is not None and hit[0] == versions and hit[1] == S and hit[2][0] is num and hit[2][1] is idx:
-        return dataclasses.replace(blocks, **hit[3])
+        return dataclasses.replace(blocks, **hit[3], full_kv_indices=hit[4] if hit[4] is not None else fidx)
     last_block = -(-S // BKV) - 1
     lead = torch.broadcast_shapes(num.shape, fnum.shape)  # [B', H', rows]
-    num, fnum = num.expand(lead), fnum.expand(lead)
-    idx, fidx_e = idx.expand(*lead, idx.shape[-1]), fidx.expand(*lead, fidx.shape[-1])
+    widen = lambda t: t if t.shape[:3] == lead else t.expand(*lead, *t.shape[3:])  # b / h may broadcast
+    num, fnum, idx, fidx_e = widen(num), widen(fnum), widen(idx), widen(fidx)
     # full indices ascend (BlockMask keeps them so), so the ragged block, where listed, is the last
     last = fidx_e.gather(-1, (fnum.long() - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
     moved = (fnum > 0) & (last == last_block)
@@ -114,6 +114,10 @@ def ragged_as_partial(blocks: BlockLists, S: int) -> BlockLists:
     grown = torch.cat([idx, idx.new_zeros(*lead, 1)], -1)
     grown.scatter_(-1, pos, torch.where(moved.unsqueeze(-1), last_block, grown.gather(-1, pos)))
     change = dict(kv_num_blocks=(num + moved.to(num.dtype)).contiguous(), kv_indices=grown,
-                  full_kv_num_blocks=(fnum - moved.to(fnum.dtype)).contiguous(), full_kv_indices=fidx_e.contiguous())
-    memo_put(_RAGGED, fidx, (versions, S, (blocks.kv_num_blocks, blocks.kv_indices), change))
-    return dataclasses.replace(blocks, **change)
+                  full_kv_num_blocks=(fnum - moved.to(fnum.dtype)).contiguous())
+    full_idx = fidx_e.contiguous()
+    # the entry must not hold ``fidx`` itself (its key: the entry goes when it does), so an
+    # unexpanded index list is looked up again on a hit
+    memo_put(_RAGGED, fidx, (versions, S, (blocks.kv_num_blocks, blocks.kv_indices), change,
+                             None if full_idx is fidx else full_idx))
+    return dataclasses.replace(blocks, **change, full_kv_indices=full_idx)
