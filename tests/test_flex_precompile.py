@@ -108,6 +108,47 @@ def test_warmup_specializes_as_the_real_backward(name, warmups, monkeypatch):
         assert all(t.device.type == "meta" for t in tensors), f"{name}: the warmup allocated {arg}"
 
 
+def test_split_backward_warms_up_each_launch_as_it_runs_and_matches_one_launch(warmups, monkeypatch):
+    """KernelOptions.flex_bwd_split: the dK / dV programs and the dQ programs as two launches, each
+    warmed up on a thread of its own with the arguments it then launches with (DKDV_ONLY / DQ_ONLY,
+    grids n_kv and n_q); their gradients equal the one launch's bit for bit."""
+    q, k, v, sm, mm, bm, trained, kw = _case("score_grad_mask_gqa_ragged", seed=4)
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], device=DEVICE)
+    grads = {}
+    for split in (False, True):
+        with kernel_options(flex_bwd_split=split):
+            out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm, **kw)
+            grads[split] = torch.autograd.grad((out * dout).sum(), [q, k, v, *trained])
+    for a, b, name in zip(grads[False], grads[True], ["dq", "dk", "dv", "dtable"]):
+        assert torch.equal(a, b), f"{name} differs between one launch and two"
+    rec = _Record()
+    monkeypatch.setattr(core, "attn_bwd", rec)
+    dispatch._WARMUPS.clear()
+    with kernel_options(flex_bwd_split=True):
+        out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm, **kw)
+        torch.autograd.grad((out * dout).sum(), [q, k, v, *trained])
+    warm = {(c[2]["DKDV_ONLY"], c[2]["DQ_ONLY"]): c for c in rec.calls if c[0] == "warmup"}
+    real = {(c[2]["DKDV_ONLY"], c[2]["DQ_ONLY"]): c for c in rec.calls if c[0] == "launch"}
+    assert sorted(warm) == sorted(real) == [(False, True), (True, False)], rec.calls
+    assert [c[0] for c in rec.calls][-2:] == ["launch", "launch"] and rec.calls[-2][2]["DKDV_ONLY"], rec.calls
+    for part in real:
+        (_, wg, w), (_, rg, r) = warm[part], real[part]
+        assert wg == rg and w.keys() == r.keys()
+        for arg in r:
+            assert _spec(w[arg]) == _spec(r[arg]), f"{part}: {arg} warmed up as {w[arg]!r}, launched as {r[arg]!r}"
+    n_kv, n_q = real[(True, False)][1][0], real[(False, True)][1][0]
+    one = [c for c in _launch_grids(q, k, v, sm, mm, bm, kw, monkeypatch) if c[0] == "launch"]
+    assert [c[1] for c in one] == [(n_kv + n_q,)], "the two grids split the one launch's programs"
+
+
+def _launch_grids(q, k, v, sm, mm, bm, kw, monkeypatch):
+    rec = _Record()
+    monkeypatch.setattr(core, "attn_bwd", rec)
+    out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm, **kw)
+    torch.autograd.grad(out.sum(), [q, k, v])
+    return rec.calls
+
+
 def test_a_failed_warmup_still_gives_correct_gradients(warmups, monkeypatch):
     """A warmup that raises is swallowed: the backward compiles and runs as it would without one,
     and its gradients (the trained table's included) match the float64 definition."""
@@ -210,7 +251,7 @@ def test_first_backward_after_a_warmed_forward_compiles_nothing(monkeypatch):
     q, k, v = (torch.randn(1, 2, n, 64, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(3))
     before = _backward_variants()
     out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
-    started = [f for f in dispatch._WARMUPS.values() if f is not None]
+    started = [f for futs in dispatch._WARMUPS.values() if futs is not None for f in futs]
     for f in started:
         f.result()  # raises if the warmup failed
     assert len(dispatch._WARMUPS) == 1 and _backward_variants() == before + 1, "the forward warmed up no backward"

@@ -130,11 +130,12 @@ def _backward_kernel(call: FlexCall, dout, dlse, q, k, v, out, lse, score_caps, 
     return (*res, cap)
 
 
-# The backward's kernel compiles on this thread while the forward's compiles on the caller's.
-_WARMUP_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="attend-flex-warmup")
-# Warmups started, by what selects the backward's kernel (``_warmup_key``): the Future while it
-# runs, None once done (a warm process starts none, and keeps no finished Future alive).
-_WARMUPS: dict[tuple, concurrent.futures.Future | None] = {}
+# The backward's kernels compile on these threads while the forward's compiles on the caller's (two:
+# KernelOptions.flex_bwd_split builds the backward's two launches side by side).
+_WARMUP_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="attend-flex-warmup")
+# Warmups started, by what selects the backward's kernels (``_warmup_key``): their Futures while
+# they run, None once done (a warm process starts none, and keeps no finished Future alive).
+_WARMUPS: dict[tuple, list[concurrent.futures.Future] | None] = {}
 _NEVER = object()  # _WARMUPS' answer for a key never warmed up
 
 
@@ -162,14 +163,16 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             torch.are_deterministic_algorithms_enabled(),
             q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
             None if ko is None else repr(sorted(ko.items())),
-            None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop)
+            None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop,
+            opts.flex_bwd_split)
 
 
 def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,
-                     opts: kernel_options.KernelOptions) -> concurrent.futures.Future | None:
-    """Start compiling the core's flex backward for this call on the warmup thread (called before
-    the forward's launch, so the two compiles overlap); the Future to wait for before the real
-    backward launches, or None where there is nothing to wait for: the knob is off
+                     opts: kernel_options.KernelOptions) -> list[concurrent.futures.Future] | None:
+    """Start compiling the core's flex backward for this call on the warmup threads (called before
+    the forward's launch, so the compiles overlap; each of flex_bwd_split's two launches on a thread
+    of its own); the Futures to wait for before the real backward launches, or None where there is
+    nothing to wait for: the knob is off
     (``KernelOptions.flex_bwd_precompile``), not CUDA, deterministic mode with a capture gradient
     (the blocked backward runs), or a warmup for this kernel already finished."""
     if not (opts.flex_bwd_precompile and _warms_up(q)):
@@ -182,22 +185,32 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
         return fut
     stand_ins = [torch.empty(c.shape, dtype=torch.float32, device="meta") for c in score_caps]
     score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, grads=stand_ins)
+    futs = []
     try:
-        fut = _WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts)
+        for part in ("dkdv", "dq") if opts.flex_bwd_split else (True,):
+            futs.append(_WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts, part))
     except RuntimeError:  # the interpreter is shutting down (a thread outlives the main one), or no thread starts
-        return None  # no warmup: the backward compiles when it runs, as with the knob off
-    _WARMUPS[key] = fut
-    fut.add_done_callback(lambda _: _WARMUPS.__setitem__(key, None))
-    return fut
+        return futs or None  # what started; the rest compiles when the backward runs, as with the knob off
+    _WARMUPS[key] = futs
+
+    def finished(_):
+        if all(f.done() for f in futs):
+            _WARMUPS[key] = None
+
+    for f in futs:
+        f.add_done_callback(finished)
+    return futs
 
 
-def _warm_backward(call: FlexCall, q, k, v, score, mask, opts: kernel_options.KernelOptions) -> None:
-    """The warmup thread's work: launch.flex_backward's warmup (compile, launch nothing) on q's device."""
+def _warm_backward(call: FlexCall, q, k, v, score, mask, opts: kernel_options.KernelOptions,
+                   part: bool | str = True) -> None:
+    """A warmup thread's work: launch.flex_backward's warmup (compile, launch nothing) of ``part``
+    (True: every launch) on q's device."""
     from ..kernels import launch
 
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         launch.flex_backward(None, q, k, v, None, None, None, call.blocks, call.scale, score, mask, options=opts,
-                             kernel_options=call.kernel_options, warmup=True)
+                             kernel_options=call.kernel_options, warmup=part)
 
 
 class _FusedForward(torch.autograd.Function):
@@ -219,9 +232,9 @@ class _FusedForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse, dmax):
-        if ctx.warmup is not None:
+        for fut in ctx.warmup or ():
             try:
-                ctx.warmup.result()
+                fut.result()
             except Exception:  # a failed warmup costs nothing: the launch below compiles (and raises) as it would
                 pass
         with kernel_options.use(ctx.options):  # the forward's (autograd may run this on another thread)

@@ -70,7 +70,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False,
                       MASK_GRAD_ATOMIC=False, EVEN=True, USE_TMA=target.arch >= 90 and fn is core.attn_bwd, MASK_TMA=False, HEAD_MAJOR=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16, DETERMINISTIC=False, DOT_PRECISION="tf32", GRID_1D=False, ONE_LOOP=True,
-                      DQ_ONLY=False, **NO_FLEX)
+                      DQ_ONLY=False, DKDV_ONLY=False, **NO_FLEX)
     constexprs.update(config.kwargs)  # a config may turn EVEN off
     if fn is core.attn_fwd and config.kwargs.get("TMA") and "USE_TMA" not in flags:
         # the forward's TMA loads where a fixed config asks for them, as launch._forward resolves it
@@ -141,7 +141,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False,
                       MASK_TMA=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16,
                       DOT_PRECISION="tf32", GRID_1D=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
-                      DETERMINISTIC=False, HEAD_MAJOR=False, DQ_ONLY=False, **NO_FLEX)
+                      DETERMINISTIC=False, HEAD_MAJOR=False, DQ_ONLY=False, DKDV_ONLY=False, **NO_FLEX)
     constexprs.update(config.kwargs)
     constexprs.update(flags)
     constexprs = {key: val for key, val in constexprs.items() if key in params}

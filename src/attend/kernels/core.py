@@ -1092,7 +1092,7 @@ def attn_bwd(
     FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_DSCORE: tl.constexpr = None,
     SCORE_GRAD: tl.constexpr = None, LOAD_SCORE_META: tl.constexpr = None, LOAD_GRAD_STRIDES: tl.constexpr = None,
     MASK_MOD: tl.constexpr = None, LOAD_MASK_META: tl.constexpr = None, SPARSE_BQ: tl.constexpr = 128,
-    SPARSE_BKV: tl.constexpr = 128,
+    SPARSE_BKV: tl.constexpr = 128, DKDV_ONLY: tl.constexpr = False,
 ):
     """The whole backward in one launch. DQ is fp32 (zeroed) when DQ_ATOMIC adds into it, else in
     the inputs' dtype, stored once per row.
@@ -1123,7 +1123,8 @@ def attn_bwd(
     ONE_LOOP: a band's edge blocks run in the inner loops, masked under a branch (as attn_fwd's),
     where there is no attn_mask or key range.
     DQ_ONLY: the launch holds the dQ programs only (grid n_q; the Gluon dK / dV kernel of
-    ``ws_bwd.py`` wrote dK and dV); not with DQ_ATOMIC or HEAD_MAJOR.
+    ``ws_bwd.py`` wrote dK and dV); not with DQ_ATOMIC or HEAD_MAJOR. DKDV_ONLY: the dK / dV
+    programs only (grid n_kv; a DQ_ONLY launch writes dQ). Either builds only its programs' code.
     FLEX (dense, no band, mask, dropout, TMA, DQ_ATOMIC or HEAD_MAJOR; launch.flex_backward): the
     dK/dV programs walk the BlockMask's query lists of their key block, the dQ programs its key
     lists, as the forward does (``_flex_lists``): MASK_MOD in partial blocks only, the score_mod's
@@ -1137,6 +1138,7 @@ def attn_bwd(
     tl.static_assert(not (DQ_ATOMIC and DETERMINISTIC), "DQ_ATOMIC is nondeterministic")
     tl.static_assert(STAT_PAD % BLOCK_M1 == 0 and STAT_PAD % BLOCK_M2 == 0, "NLSE2 / Delta are padded to STAT_PAD rows")
     tl.static_assert(not (DQ_ONLY and (DQ_ATOMIC or HEAD_MAJOR)), "DQ_ONLY launches the dQ programs in key order")
+    tl.static_assert(not (DKDV_ONLY and (DQ_ONLY or HEAD_MAJOR)), "DKDV_ONLY launches the dK / dV programs alone")
     tl.static_assert(not (FLEX and (DQ_ATOMIC or HEAD_MAJOR or USE_TMA)), "FLEX: dQ programs, key order, pointer loads")
     if FLEX:
         score_meta, mask_meta = _flex_meta(SCORE_META, MASK_META, SCORE_MOD, LOAD_SCORE_META, MASK_MOD, LOAD_MASK_META)
@@ -1167,6 +1169,10 @@ def attn_bwd(
         pid_n = pid % n_kv_blocks  # key block 0 sees the most queries: first within its head
         bh = 0
         pid_m = 0
+    if DQ_ONLY:  # known at compile time: the other programs' code is not built
+        is_kv = False
+    if DKDV_ONLY:
+        is_kv = True
     if is_kv:
         b = bhk // Hkv
         hk = bhk % Hkv

@@ -891,7 +891,7 @@ def _specialized_as(t: torch.Tensor) -> tuple:
 
 def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=None, mask=None,
                   options: KernelOptions | dict | None = None, kernel_options: dict | None = None,
-                  warmup: bool = False):
+                  warmup: bool | str = False):
     """Gradients of ``flex_forward`` through core.attn_bwd's FLEX mode: (dq, dk, dv), dk / dv
     shaped like k / v (summed over the batch where k / v broadcast it), or None where no tile fits
     the BlockMask's BLOCK_SIZE. ``score``: (the score_mod's generated functions, its
@@ -901,7 +901,8 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
 
     ``warmup``: compile the launch this call would make into core.attn_bwd's JIT cache and return
     None, launching nothing (nor the row statistics' preprocess): what a forward starts while its
-    own kernel compiles (``_flex.dispatch``). ``out``, ``lse`` and ``dlse`` are not read then, and
+    own kernel compiles (``_flex.dispatch``); with KernelOptions.flex_bwd_split, ``warmup`` may
+    name one of the two launches ("dkdv" or "dq") to compile only that one. ``out``, ``lse`` and ``dlse`` are not read then, and
     ``dout`` may be None: a gradient laid out as the forward's output. The real call reads a
     gradient that Triton would specialize otherwise (the stride-0 gradient of ``out.sum()``, say)
     from a copy in ``out``'s layout, so it finds that kernel compiled."""
@@ -952,19 +953,26 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_BOOL=False,
                  MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
                  VARLEN=False, DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=even, USE_TMA=False,
-                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, DQ_ONLY=False, FLEX=True,
+                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, DQ_ONLY=False, DKDV_ONLY=False, FLEX=True,
                  SCORE_MOD=sfns.get("score_mod"), SCORE_DSCORE=sfns.get("score_mod_dscore"),
                  SCORE_GRAD=sfns.get("score_mod_grad_captures") if score_grad else None,
                  LOAD_SCORE_META=sfns.get("load_meta"),
                  LOAD_GRAD_STRIDES=sfns.get("load_grad_strides") if score_grad else None,
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
                  SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1])
-    grid = (_cdiv(S, m["BLOCK_N1"]) * B * Hkv + _cdiv(L, m["BLOCK_M2"]) * B * H,)
+    n_kv, n_q = _cdiv(S, m["BLOCK_N1"]) * B * Hkv, _cdiv(L, m["BLOCK_M2"]) * B * H
     launch = dict(**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
+    if resolve(options).flex_bwd_split:  # two kernels, each with only its programs' code
+        parts = [("dkdv", (n_kv,), dict(DKDV_ONLY=True)), ("dq", (n_q,), dict(DQ_ONLY=True))]
+    else:
+        parts = [("both", (n_kv + n_q,), {})]
+    for name, grid, only in parts:
+        if not warmup:
+            core.attn_bwd[grid](**dict(launch, **only))
+        elif warmup is True or warmup == name:
+            core.attn_bwd.warmup(grid=grid, **dict(launch, **only))
     if warmup:
-        core.attn_bwd.warmup(grid=grid, **launch)
         return None
-    core.attn_bwd[grid](**launch)
     if k.shape[0] != B:
         dk = dk.sum(0, keepdim=True)
     if v.shape[0] != B:

@@ -130,6 +130,12 @@ class KernelOptions:
     # stages). Off: forward + backward on an H100 (as above) 7.08 ms at best against 6.33 (causal), 7.66 /
     # 7.21 (ALiBi + causal), 2.59 / 2.35 (document).
     flex_bwd_one_loop: bool = False
+    # The flex backward as two launches, the dK / dV programs then the dQ programs (core's
+    # DKDV_ONLY / DQ_ONLY), each kernel built with only its programs' code, so a new mod's two
+    # halves compile side by side on the warmup threads: sm_90, a softcap + ALiBi + table score_mod
+    # with a document + causal mask_mod, 2.41 and 2.62 s against 4.94 s for the one launch (2-core
+    # CPU). Off until timed on a GPU: the one launch lets both halves fill the GPU together.
+    flex_bwd_split: bool = False
     # The flex forward reads K and V through TMA tensor descriptors at each listed key block, where
     # the copy engine can read them (launch.use_tma: sm_90 and up), instead of pointer loads.
     # flex_attention's kernel_options key USE_TMA (PyTorch's) overrides it per call, and ``tma``
