@@ -941,57 +941,6 @@ def test_trace_cache_follows_module_and_class_attributes_and_item_reads():
         cfg.SCALE, _ = 3.25, temp.fill_(2.0)
 
 
-def _ragged_lists_go_with_their_block_mask() -> bool:
-    """Whether ragged_as_partial's kept lists go when the BlockMask does (no assert in here: pytest's
-    rewritten asserts keep their operands alive to the end of the function)."""
-    import gc
-    import weakref
-
-    from attend._flex import lists as lists_mod
-
-    lists_mod._RAGGED.clear()
-    bm = flex.create_block_mask(MASKS["causal"], None, None, 200, 200, device=DEVICE, BLOCK_SIZE=32)
-    blocks = flex._lists.from_block_mask(bm)
-    lists_mod.ragged_as_partial(blocks, 200)
-    kept = len(lists_mod._RAGGED)
-    gone = weakref.ref(blocks.full_kv_indices)
-    del bm, blocks
-    gc.collect()
-    return kept == 1 and gone() is None and not lists_mod._RAGGED
-
-
-def test_ragged_full_block_goes_to_the_partial_list():
-    """launch._with_lists lists the key block that reaches past S as partial wherever it was full
-    (the kernels' full-block loops then need no bounds mask): the same blocks stay listed, the
-    moved one last in its row's partial list, other rows untouched; nothing moves when S is a
-    multiple of the block; the result is kept per BlockMask."""
-    from attend._flex.lists import ragged_as_partial
-
-    i32 = dict(dtype=torch.int32, device=DEVICE)
-    bm = flex.create_block_mask(MASKS["causal"], None, None, 200, 200, device=DEVICE, BLOCK_SIZE=32)
-    blocks = flex._lists.from_block_mask(bm)
-    got = ragged_as_partial(blocks, 200)  # 7 key blocks, the last (192..199) ragged
-    from attend._flex.block_mask import _dense
-
-    dense = lambda num, idx: _dense(num, idx, 7)
-    before = dense(blocks.kv_num_blocks, blocks.kv_indices) + 2 * dense(blocks.full_kv_num_blocks, blocks.full_kv_indices)
-    after = dense(got.kv_num_blocks, got.kv_indices) + 2 * dense(got.full_kv_num_blocks, got.full_kv_indices)
-    assert bool((before[..., :6] == after[..., :6]).all()), "only the ragged column changes"
-    assert bool(((before[..., 6] != 0) == (after[..., 6] == 1)).all()), "the ragged block is partial where listed"
-    assert int(got.full_kv_num_blocks.sum()) == int(blocks.full_kv_num_blocks.sum()) - int((before[..., 6] == 2).sum())
-    last = got.kv_indices.gather(-1, (got.kv_num_blocks.long() - 1).unsqueeze(-1)).squeeze(-1)
-    assert bool((last[..., 6] == 6).all()), "appended after the row's partial blocks, so they still ascend"
-    assert ragged_as_partial(blocks, 200).kv_indices is got.kv_indices, "kept per BlockMask"
-    assert ragged_as_partial(blocks, 192) is blocks
-    assert _ragged_lists_go_with_their_block_mask(), "the kept lists outlived their BlockMask"
-    # an all-full row list (no block_mask): the ragged block is the row's one partial block
-    dense_lists = ragged_as_partial(flex._lists.dense(50, 75, DEVICE, 32), 75)
-    assert dense_lists.kv_num_blocks.flatten().tolist() == [1, 1]
-    assert dense_lists.kv_indices[..., 0].flatten().tolist() == [2, 2]
-    assert dense_lists.full_kv_num_blocks.flatten().tolist() == [2, 2]
-    assert torch.equal(dense_lists.full_kv_indices[..., :2], torch.tensor([[[[0, 1], [0, 1]]]], **i32))
-
-
 def test_full_block_lists_in_any_order():
     """A BlockMask whose full blocks are listed out of order (from_kv_blocks does not require
     ascending indices) still bounds the ragged one."""

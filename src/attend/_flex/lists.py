@@ -7,12 +7,10 @@ counts ``n_q = cdiv(L, BQ)``, ``n_kv = cdiv(S, BKV)`` of the call.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from .._hostcache import memo_get, memo_put
 from .block_mask import DEFAULT_BLOCK, BlockMask
 
 
@@ -81,43 +79,3 @@ def coarsen(blocks: BlockLists, block_q: int, block_kv: int) -> BlockLists:
     from .block_mask import _transpose
 
     return BlockLists(*kv, *fkv, *_transpose(*kv), *_transpose(*fkv), (block_q, block_kv), blocks.seq_lengths)
-
-
-_RAGGED: dict = {}  # full_kv_indices -> (the four kv lists' versions, S, the lists with the ragged block partial)
-
-
-def ragged_as_partial(blocks: BlockLists, S: int) -> BlockLists:
-    """``blocks`` with the key block that reaches past ``S`` (the last one, where S is not a
-    multiple of BLOCK_SIZE[1]) listed as partial wherever it was listed full: the kernels then run
-    two loops, partial blocks (mask_mod and the bounds mask) and full ones (no mask work), instead
-    of a third for that one block (a third loop body: a quarter of the forward's compile time).
-    Applying a mask_mod to a block it keeps whole changes nothing. The q-side lists stay as they
-    are: the dK / dV programs read keys past S as zeros and never store their rows. Kept per
-    BlockMask (its tensors and their versions), so a model's layers pay the few small ops once."""
-    BKV = blocks.BLOCK_SIZE[1]
-    fnum, fidx = blocks.full_kv_num_blocks, blocks.full_kv_indices
-    if S % BKV == 0 or fnum is None:
-        return blocks
-    num, idx = blocks.kv_num_blocks, blocks.kv_indices
-    versions = tuple(t._version for t in (num, idx, fnum, fidx))
-    hit = memo_get(_RAGGED, fidx)
-    if hit is not None and hit[0] == versions and hit[1] == S and hit[2][0] is num and hit[2][1] is idx:
-        return dataclasses.replace(blocks, **hit[3], full_kv_indices=hit[4] if hit[4] is not None else fidx)
-    last_block = -(-S // BKV) - 1
-    lead = torch.broadcast_shapes(num.shape, fnum.shape)  # [B', H', rows]
-    widen = lambda t: t if t.shape[:3] == lead else t.expand(*lead, *t.shape[3:])  # b / h may broadcast
-    num, fnum, idx, fidx_e = widen(num), widen(fnum), widen(idx), widen(fidx)
-    # full indices ascend (BlockMask keeps them so), so the ragged block, where listed, is the last
-    last = fidx_e.gather(-1, (fnum.long() - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    moved = (fnum > 0) & (last == last_block)
-    pos = num.long().unsqueeze(-1)  # where the partial list grows: one spare column, so it always fits
-    grown = torch.cat([idx, idx.new_zeros(*lead, 1)], -1)
-    grown.scatter_(-1, pos, torch.where(moved.unsqueeze(-1), last_block, grown.gather(-1, pos)))
-    change = dict(kv_num_blocks=(num + moved.to(num.dtype)).contiguous(), kv_indices=grown,
-                  full_kv_num_blocks=(fnum - moved.to(fnum.dtype)).contiguous())
-    full_idx = fidx_e.contiguous()
-    # the entry must not hold ``fidx`` itself (its key: the entry goes when it does), so an
-    # unexpanded index list is looked up again on a hit
-    memo_put(_RAGGED, fidx, (versions, S, (blocks.kv_num_blocks, blocks.kv_indices), change,
-                             None if full_idx is fidx else full_idx))
-    return dataclasses.replace(blocks, **change, full_kv_indices=full_idx)

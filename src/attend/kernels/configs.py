@@ -357,7 +357,7 @@ assert all(EVEN_TILE % c.kwargs[k] == 0 for c in FWD_CONFIGS + BWD_CONFIGS + [c 
 
 def flex_tile(block_n: int, stages: int, warps: int, block_d: int, one_loop: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, stages, warps) of the flex forward (core.attn_fwd FLEX) from a dense forward
-    config's: its two key loops (partial and full blocks) each hold pipeline buffers, so
+    config's: its three key loops (partial, full, ragged full block) each hold pipeline buffers, so
     at most 2 stages (the dense config's with ``one_loop``: KernelOptions.flex_one_loop), and
     BLOCK_N <= 64 from head dim 128 up. The sm_90 build at 128x128, 3 stages
     asked for 360448 bytes of shared memory (a score_mod and a mask_mod); 128x64 at 2 stages for
@@ -371,8 +371,8 @@ def flex_tile(block_n: int, stages: int, warps: int, block_d: int, one_loop: boo
 
 def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int, one_loop: bool = False) -> tuple[dict, int, int]:
     """(tiles, stages, warps) of the flex backward (core.attn_bwd FLEX) from a dense backward
-    config's: its dQ and dK/dV programs run two loops each (partial and full blocks), each
-    holding pipeline buffers, so at most 2 stages (the dense config's with
+    config's: its dQ programs run three key loops and its dK/dV programs two (partial and full
+    blocks), each holding pipeline buffers, so at most 2 stages (the dense config's with
     ``one_loop``: KernelOptions.flex_bwd_one_loop). From head dim 128 up, tiles at
     most 64 on both sides with 4 warps: at head dim 128 (64x64) on an H100 (as ``flex_tile``'s)
     forward + backward timed causal 6.110 against 6.604 ms with 64x128 / 128x64 and 8 warps, ALiBi

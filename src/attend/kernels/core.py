@@ -454,11 +454,11 @@ def _flex_lists(
     query block ``m0 // SPARSE_BQ`` of (b, query head h), each as SPARSE_BKV / BLOCK_N steps of
     ``_fwd_inner``. FLEX_LISTS = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
     their 14 int32 strides, max_scores): partial blocks apply MASK_MOD and the bounds mask; full
-    blocks no mask work at all (none reaches past S: the launcher lists that block as partial).
-    Broadcast lists have stride 0.
+    blocks no mask work at all, except the one full block that reaches past S (it is the last
+    listed: indices ascend), which takes the bounds mask only. Broadcast lists have stride 0.
     ONE_LOOP: the partial and full blocks in one loop, their masks under per-block branches
-    (``_fwd_inner``'s FULL_LIST), instead of two loops, each of which holds its own pipeline
-    buffers and pays its own fill and drain. USE_TMA: K and
+    (``_fwd_inner``'s FULL_LIST), instead of three loops (partial, full, the ragged full block),
+    each of which holds its own pipeline buffers and pays its own fill and drain. USE_TMA: K and
     V tiles through the head's tensor descriptors (``k_ptrs`` / ``v_ptrs``), at each listed key."""
     KV_NUM = FLEX_LISTS[0]
     KV_IDX = FLEX_LISTS[1]
@@ -485,13 +485,26 @@ def _flex_lists(
             0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
             KV_IDX + idx, step, SPARSE_BKV, True,
         )
-        acc, l_i, m_i = _fwd_inner(  # the full blocks (inside [0, S): launch._with_lists), one loop: no mask work
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_full * SPARSE_BKV,
+        last = tl.load(FULL_IDX + fidx + tl.maximum(n_full - 1, 0) * fstep)
+        ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
+        acc, l_i, m_i = _fwd_inner(  # the full blocks inside [0, S), one loop: no mask work at all
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0,
+            (n_full - ragged.to(tl.int32)) * SPARSE_BKV,
             m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
             stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
             False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
             0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
             FULL_IDX + fidx, fstep, SPARSE_BKV, True,
+        )
+        # the ragged full block: bounds mask, no mask_mod (an empty range when there is none)
+        r_lo = tl.where(ragged, last * SPARSE_BKV, 0)
+        r_hi = tl.where(ragged, S, 0)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, r_lo, r_hi,
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
+            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
         )
     return acc, l_i, m_i
 
@@ -1408,13 +1421,25 @@ def attn_bwd(
                            False, EVEN, False, DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS,
                            mask_meta, SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, MASK_MOD,
                            True, FLEX_LISTS[1] + idx, step, SPARSE_BKV, True)
-            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, 0,  # full (inside [0, S)): no mask work
-                           tl.load(FLEX_LISTS[2] + fnum) * SPARSE_BKV, rows, offs_n, d_offs, bh, L, S, qk_scale,
+            n_full = tl.load(FLEX_LISTS[2] + fnum)
+            last = tl.load(FLEX_LISTS[3] + fidx + tl.maximum(n_full - 1, 0) * fstep)
+            ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
+            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, 0,  # full, inside [0, S): no mask work
+                           (n_full - ragged.to(tl.int32)) * SPARSE_BKV, rows, offs_n, d_offs, bh, L, S, qk_scale,
                            causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
                            stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2, False, False, False, False, False, False,
                            False, EVEN, False, DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS,
                            mask_meta, SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, None,
                            False, FLEX_LISTS[3] + fidx, fstep, SPARSE_BKV, True)
+            # the full block that reaches past S, if any: the bounds mask only (else an empty range)
+            r_lo = tl.where(ragged, last * SPARSE_BKV, 0)
+            r_hi = tl.where(ragged, S, 0)
+            dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, r_lo, r_hi, rows, offs_n, d_offs, bh, L,
+                           S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
+                           stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2, False, False, False, False,
+                           False, False, False, EVEN, False, DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta,
+                           MASK_PTRS, mask_meta, SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE,
+                           SCORE_GRAD, None, True)
         if not one_loop and not FLEX:
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,

@@ -752,16 +752,13 @@ def _list_strides(num, idx, full_num, full_idx, device) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.int32, device=device)
 
 
-def _with_lists(blocks, S: int, transposes: bool = False, device: torch.device | None = None):
+def _with_lists(blocks, transposes: bool = False, device: torch.device | None = None):
     """``blocks`` with every list the kernels read present: an absent full list is an empty one,
-    (``transposes``) absent query-side lists are computed from the key-side ones, and a key block
-    that reaches past ``S`` is listed partial, never full (``lists.ragged_as_partial``: the loops
-    over full blocks need no bounds mask). The lists made here are on ``device`` (default: the
-    lists'; "meta" for a warmup, which reads none)."""
+    and (``transposes``) absent query-side lists are computed from the key-side ones. The lists
+    made here are on ``device`` (default: the lists'; "meta" for a warmup, which reads none)."""
     import dataclasses
 
     from .._flex.block_mask import _transpose
-    from .._flex.lists import ragged_as_partial
 
     ch = {}
     device = blocks.kv_num_blocks.device if device is None else device
@@ -780,8 +777,7 @@ def _with_lists(blocks, S: int, transposes: bool = False, device: torch.device |
             else:
                 ch.update(zip(("full_q_num_blocks", "full_q_indices"),
                               transpose(blocks.full_kv_num_blocks, blocks.full_kv_indices)))
-    blocks = dataclasses.replace(blocks, **ch) if ch else blocks
-    return blocks if device.type == "meta" else ragged_as_partial(blocks, S)
+    return dataclasses.replace(blocks, **ch) if ch else blocks
 
 
 def _flex_kv_args(k, v, blocks, device: torch.device | None = None):
@@ -813,7 +809,7 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     mx = torch.empty((B, H, L), dtype=torch.float32, device=q.device) if want_max else lse
     if L == 0:
         return out, lse, (mx if want_max else None)
-    blocks = _with_lists(blocks, S)
+    blocks = _with_lists(blocks)
     kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks)
     lists = (*kv_lists, mx)
     bargs, _ = band_args(Band())
@@ -919,7 +915,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     dv = torch.empty((B, Hkv, S, v.shape[3]), dtype=v.dtype, device=dev)
     if L == 0 or S == 0:
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
-    blocks = _with_lists(blocks, S, transposes=True, device=dev if warmup else None)
+    blocks = _with_lists(blocks, transposes=True, device=dev if warmup else None)
     if warmup:
         if dout is None:  # as flex_forward lays out its output
             dout = empty_in_layout(torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev),

@@ -118,23 +118,23 @@ class KernelOptions:
     # (docs/flex.md, Not yet). False: the backward compiles when it first runs.
     flex_bwd_precompile: bool = True
     # The flex forward walks a BlockMask's partial and full key blocks in one loop, the mask_mod and
-    # bounds masks under per-block branches (core's FULL_LIST), instead of two loops (partial and full
-    # blocks; a third ran the ragged full block when this was measured), which leaves the shared memory of
-    # one pipeline and so room for more stages (configs.flex_tile). Off: on an H100
-    # (benchmarks/flex_tiles.py --set loop, 2026-12-05; best tiles, ms one loop / three loops, TMA both)
-    # causal was slower, 1.551 / 1.523, and the others faster only within the rounds' spread of up to 15%:
-    # ALiBi + causal 1.769 / 1.835, document 0.627 / 0.687.
+    # bounds masks under per-block branches (core's FULL_LIST), instead of three loops (partial,
+    # full, a ragged full block), which leaves the shared memory of one pipeline and so room for
+    # more stages (configs.flex_tile). Off: on an H100 (benchmarks/flex_tiles.py --set loop, 2026-12-05;
+    # best tiles, ms one loop / three loops, TMA both) causal was slower, 1.551 / 1.523, and the others
+    # faster only within the rounds' spread of up to 15%: ALiBi + causal 1.769 / 1.835, document
+    # 0.627 / 0.687.
     flex_one_loop: bool = False
-    # The same for the flex backward: its dQ programs' two key loops (three when measured) and its dK / dV
-    # programs' two query loops become one each (configs.flex_bwd_tile then keeps the dense config's
-    # stages). Off: forward + backward on an H100 (as above) 7.08 ms at best against 6.33 (causal), 7.66 /
-    # 7.21 (ALiBi + causal), 2.59 / 2.35 (document).
+    # The same for the flex backward: its dQ programs' three key loops and its dK / dV programs' two
+    # query loops become one each (configs.flex_bwd_tile then keeps the dense config's stages). Off:
+    # forward + backward on an H100 (as above) 7.08 ms at best against 6.33 (causal), 7.66 / 7.21
+    # (ALiBi + causal), 2.59 / 2.35 (document).
     flex_bwd_one_loop: bool = False
     # The flex backward as two launches, the dK / dV programs then the dQ programs (core's
     # DKDV_ONLY / DQ_ONLY), each kernel built with only its programs' code, so a new mod's two
-    # halves compile side by side on the warmup threads: sm_90, a softcap + ALiBi + table score_mod
-    # with a document + causal mask_mod, 2.41 and 2.62 s against 4.94 s for the one launch (2-core
-    # CPU). Off until timed on a GPU: the one launch lets both halves fill the GPU together.
+    # halves compile side by side on the warmup threads (docs/roadmap.md, FlexAttention: sm_90,
+    # 2.3 and 3.5 s against 5.8 s for the one launch). Off until timed on a GPU: the one launch
+    # lets both halves fill the GPU together.
     flex_bwd_split: bool = False
     # The flex forward reads K and V through TMA tensor descriptors at each listed key block, where
     # the copy engine can read them (launch.use_tma: sm_90 and up), instead of pointer loads.
