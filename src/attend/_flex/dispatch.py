@@ -186,8 +186,11 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     stand_ins = [torch.empty(c.shape, dtype=torch.float32, device="meta") for c in score_caps]
     score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, grads=stand_ins)
     futs = []
+    parts = ("dkdv", "dq") if opts.flex_bwd_split else (True,)
+    if len(parts) > 1:  # the JIT's per-device cache, made here once: two threads must not both create it
+        _device_cache(q)
     try:
-        for part in ("dkdv", "dq") if opts.flex_bwd_split else (True,):
+        for part in parts:
             futs.append(_WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts, part))
     except RuntimeError:  # the interpreter is shutting down (a thread outlives the main one), or no thread starts
         return futs or None  # what started; the rest compiles when the backward runs, as with the knob off
@@ -200,6 +203,16 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     for f in futs:
         f.add_done_callback(finished)
     return futs
+
+
+def _device_cache(q: torch.Tensor) -> None:
+    """Create core.attn_bwd's compiled-kernel cache for q's device (Triton makes it on first use,
+    in a defaultdict, so two warmup threads compiling at once could each make one and lose one)."""
+    from ..kernels import core
+
+    caches = getattr(core.attn_bwd, "device_caches", None)
+    if caches is not None and q.is_cuda:
+        caches[q.device.index if q.device.index is not None else torch.cuda.current_device()]
 
 
 def _warm_backward(call: FlexCall, q, k, v, score, mask, opts: kernel_options.KernelOptions,
