@@ -267,3 +267,19 @@ def test_model_layout_output_under_compile():
     q, k, v = (torch.randn(B, n, H, E, device=DEVICE).transpose(1, 2) for n in (L, S, S))
     fn = lambda q, k, v: flex.flex_attention(q, k, v).transpose(1, 2).reshape(B, L, H * E)
     assert torch.allclose(_compile(fn)(q, k, v), fn(q, k, v), rtol=0, atol=1e-6)
+
+
+def test_pytorch_block_mask_with_unsorted_full_blocks_under_compile():
+    """A PyTorch BlockMask may list its full blocks in any order; the compiled path sorts them as
+    the eager one does, so the core still bounds the block that reaches past S (S = 80, blocks of
+    32: the last full block is ragged, listed first here)."""
+    from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(1, 1, n, 16, device=DEVICE) for n in (32, 80, 80))
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    bm = TorchBlockMask.from_kv_blocks(torch.zeros(1, 1, 1, **i32), torch.tensor([[[[0, 1, 2]]]], **i32),
+                                       torch.full((1, 1, 1), 3, **i32), torch.tensor([[[[2, 0, 1]]]], **i32),
+                                       BLOCK_SIZE=32, seq_lengths=(32, 80))
+    out = _compile(lambda q, k, v: flex.flex_attention(q, k, v, block_mask=bm))(q, k, v)
+    assert_scaled_close(out, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))
