@@ -266,6 +266,24 @@ def test_bf16_logits_and_grads_match_eager(name, use_kernel):
 # Generation, KV cache, packing (the CPU's blocked kernel)
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_forward_under_inference_mode_matches_no_grad(name, use_kernel):
+    """Under torch.inference_mode the mask and position tensors are inference tensors, which keep
+    no version counter: the integration keeps nothing read from them (its memos and Gemma 2's
+    BlockMask cache) and gives no_grad's logits."""
+    use_kernel("blocked")
+    model = build(name)
+    model.set_attn_implementation("attend")
+    ids = tokens(2, 12, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    with torch.inference_mode():
+        got = model(ids.clone(), attention_mask=mask.clone()).logits
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_generate_greedy_matches_eager(name, use_kernel):
     use_kernel("blocked")

@@ -208,6 +208,25 @@ def test_paged_kv_matches_packed(kernel, page, window, use_kernel):
     assert (paged.double() - packed.double()).abs().max().item() <= FLOOR[q.dtype]
 
 
+def test_inference_mode_tensors_are_read_every_call():
+    """Under torch.inference_mode the offsets, used lengths and block table are inference tensors,
+    which keep no version counter: each call reads them again (none is kept), and a table edited
+    in place between calls is seen."""
+    lq, lk = [3, 1, 17], [45, 16, 70]
+    with torch.inference_mode():
+        q, k, v = _inputs(lq, lk, 4, 2, 16, torch.float32, grad=False)
+        cu_q, cu_k = _cu(lq), _cu(lk)
+        packed = varlen_attn(q, k, v, cu_q, cu_k, 17, 70, enable_gqa=True)
+        kp, vp, table, used = _paged(k, v, lk, 16)
+        paged = varlen_attn(q, kp, vp, cu_q, None, 17, 70, enable_gqa=True, block_table=table, seqused_k=used)
+        assert (paged - packed).abs().max().item() <= 1e-5
+        table[0, 0] = kp.shape[0] + 5  # a page outside the pool, written in place
+        with pytest.raises(ValueError, match=r"block_table\[0\] refers to page"):
+            varlen_attn(q, kp, vp, cu_q, None, 17, 70, enable_gqa=True, block_table=table, seqused_k=used)
+    want = varlen_attn(q.clone(), k.clone(), v.clone(), _cu(lq), _cu(lk), 17, 70, enable_gqa=True)
+    assert torch.equal(packed, want)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_seqused_k_uses_the_first_keys(kernel, use_kernel):
     use_kernel(kernel)

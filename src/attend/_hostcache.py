@@ -26,11 +26,21 @@ def memo_put(memo: dict, t: torch.Tensor, value) -> None:
     memo[key] = (weakref.ref(t, lambda _, key=key: memo.pop(key, None)), value)
 
 
+def version(t: torch.Tensor) -> int | None:
+    """``t._version``, or None for an inference tensor (``torch.inference_mode``), which keeps no
+    version counter: nothing read from one may be kept, since it can change in place unseen."""
+    return None if t.is_inference() else t._version
+
+
 def host_values(t: torch.Tensor) -> list[int]:
-    """``t.tolist()``, read from the device once per tensor version."""
+    """``t.tolist()``, read from the device once per tensor version (every call for an inference
+    tensor)."""
+    v = version(t)
+    if v is None:
+        return t.tolist()
     hit = memo_get(_HOST_VALUES, t)
-    if hit is not None and hit[0] == t._version:
+    if hit is not None and hit[0] == v:
         return hit[1]
     vals = t.tolist()
-    memo_put(_HOST_VALUES, t, (t._version, vals))
+    memo_put(_HOST_VALUES, t, (v, vals))
     return vals

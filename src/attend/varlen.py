@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._hostcache import host_values, memo_get, memo_put
+from ._hostcache import host_values, memo_get, memo_put, version
 
 __all__ = ["varlen_attn", "AuxRequest"]
 
@@ -229,7 +229,8 @@ def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa, seqused_k, block_
                 where = "its block_table row holds" if paged else "its cu_seq_k slot holds"
                 raise ValueError(f"seqused_k[{b}] = {u} is out of range: {where} {c} keys")
         lens_k = used
-    if paged and memo_get(_PAGES_CHECKED, block_table) != (block_table._version, tuple(lens_k), *k.shape[:2]):
+    checked = paged and (version(block_table), tuple(lens_k), *k.shape[:2])
+    if paged and (checked[0] is None or memo_get(_PAGES_CHECKED, block_table) != checked):
         # The page ids each sequence uses, checked in one pass (one host sync, not one per sequence),
         # and once per block_table version and sequence lengths.
         pages = k.shape[0]
@@ -240,7 +241,8 @@ def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa, seqused_k, block_
             b, col = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"block_table[{b}] refers to page {int(block_table[b, col])} outside the pool's "
                              f"{pages} pages")
-        memo_put(_PAGES_CHECKED, block_table, (block_table._version, tuple(lens_k), *k.shape[:2]))
+        if checked[0] is not None:
+            memo_put(_PAGES_CHECKED, block_table, checked)
     if n and max(lens_q) > max_q:
         b = lens_q.index(max(lens_q))
         raise ValueError(f"max_q = {max_q} is less than sequence {b}'s query length {lens_q[b]}")

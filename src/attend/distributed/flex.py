@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._hostcache import version
 from .blocks import Block, StepPlan
 
 # Placeholders the wrappers index: a traced load from one of them marks the slot a block fills
@@ -176,8 +177,9 @@ def block_plans(steps: tuple, key: tuple, mods: Mods, B: int, Hq: int, device) -
     per_bh = graph is not None and (_uses(graph, "b"), _uses(graph, "h"))
     full_key = (key, str(device), None if graph is None else graph.key, tuple(graph.scalars) if graph else (),
                 per_bh and (B if per_bh[0] else 1, Hq if per_bh[1] else 1),
-                tuple((id(t), t._version) for t in caps))
-    hit = _PLANS.get(full_key)
+                tuple((id(t), version(t)) for t in caps))
+    keep = all(version(t) is not None for t in caps)  # an inference tensor may change unseen: no plan kept
+    hit = _PLANS.get(full_key) if keep else None
     if hit is not None:
         _PLANS.move_to_end(full_key)
         return hit
@@ -200,7 +202,8 @@ def block_plans(steps: tuple, key: tuple, mods: Mods, B: int, Hq: int, device) -
             kept.append(blk)
         kept_steps.append(StepPlan(step.source, tuple(kept), step.pairs, step.empty_pairs))
     plans = _BlockPlans(tuple(kept_steps), positions, lists, caps)
-    _PLANS[full_key] = plans
+    if keep:
+        _PLANS[full_key] = plans
     while len(_PLANS) > _PLAN_CACHE_SIZE:
         _PLANS.popitem(last=False)
     return plans

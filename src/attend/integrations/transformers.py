@@ -80,6 +80,7 @@ except ImportError as e:  # transformers is optional for attend; only this modul
         f"Importing it failed: {e}") from e
 
 import attend
+from attend._hostcache import version
 from attend.bias import causal_lower_right
 from attend.flex_attention import AuxRequest as FlexAuxRequest
 from attend.flex_attention import and_masks, create_block_mask, flex_attention
@@ -261,12 +262,15 @@ _MEMO: dict = {}
 
 
 def _memo(t: torch.Tensor, extra, build):
+    v = version(t)
+    if v is None:  # an inference tensor: no version to tell a change by
+        return build()
     key = (id(t), extra)
     hit = _MEMO.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
+    if hit is not None and hit[0]() is t and hit[1] == v:
         return hit[2]
     value = build()
-    _MEMO[key] = (weakref.ref(t, lambda _, key=key: _MEMO.pop(key, None)), t._version, value)
+    _MEMO[key] = (weakref.ref(t, lambda _, key=key: _MEMO.pop(key, None)), v, value)
     return value
 
 
@@ -569,7 +573,12 @@ def _block_mask(fm: _FlexMask, L: int, S: int, device):
     """The BlockMask of ``fm`` for ``(L, S)``, from ``_BLOCK_MASKS`` where an entry fits."""
     if fm.mask_mod is None:
         return None
-    key = (fm.spec, fm.B, fm.H, L, S, str(device), tuple((id(t), t._version) for t in fm.sources))
+    versions = tuple(version(t) for t in fm.sources)
+    key = (fm.spec, fm.B, fm.H, L, S, str(device), tuple(zip(map(id, fm.sources), versions)))
+    if None in versions:  # an inference tensor: no version to tell a change by, so nothing is kept
+        bm = create_block_mask(fm.mask_mod, fm.B, fm.H, L, S, device=device)
+        bm.mask_mod = fm.mask_mod
+        return bm
     hit = _BLOCK_MASKS.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], fm.sources)):
         _BLOCK_MASKS.move_to_end(key)
