@@ -1,5 +1,6 @@
 """The first call of a never-seen score_mod, forward + backward, with the backward's warmup on and
-off (``KernelOptions.flex_bwd_precompile``), interleaved: the issue's "first call of a new mod"
+off (``KernelOptions.flex_bwd_precompile``) and with the backward split in two kernels warmed up
+side by side (``flex_bwd_split``), interleaved: the issue's "first call of a new mod"
 (target: a third of compiled flex's 3.2-4.8 s). Each call's mod has a structure of its own (a
 constant would not do: constants are runtime data of the traced graph), and Triton compiles from an
 empty on-disk cache, so every call compiles its forward and backward kernels.
@@ -41,9 +42,16 @@ def _mod(depth: int):
     return score_mod
 
 
-def _first_call(q, k, v, bm, depth: int, warmup: bool) -> tuple[float, float]:
+VARIANTS = {  # name -> KernelOptions changes
+    "warmup on": dict(flex_bwd_precompile=True),
+    "warmup off": dict(flex_bwd_precompile=False),
+    "split backward": dict(flex_bwd_precompile=True, flex_bwd_split=True),  # two kernels, warmed up side by side
+}
+
+
+def _first_call(q, k, v, bm, depth: int, options: dict) -> tuple[float, float]:
     torch.cuda.synchronize()
-    with kernel_options(flex_bwd_precompile=warmup):
+    with kernel_options(**options):
         t = time.perf_counter()
         out = flex.flex_attention(q, k, v, score_mod=_mod(depth), block_mask=bm)
         torch.cuda.synchronize()
@@ -63,18 +71,19 @@ def main() -> None:
     B, H, S, D = 2, 16, args.S, args.D
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, S, S, device="cuda")
-    _first_call(q, k, v, bm, 0, True)  # everything but the mods' kernels: CUDA, the block mask, imports
-    times = {"warmup on": [], "warmup off": []}
+    _first_call(q, k, v, bm, 0, VARIANTS["warmup on"])  # everything but the mods' kernels: CUDA, the block mask, imports
+    times = {name: [] for name in VARIANTS}
     depth = 1
     for r in range(args.rounds):
-        for on in ((True, False) if r % 2 == 0 else (False, True)):
-            times["warmup on" if on else "warmup off"].append(_first_call(q, k, v, bm, depth, on))
+        order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+        for name in order:
+            times[name].append(_first_call(q, k, v, bm, depth, VARIANTS[name]))
             depth += 1
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} S={S} D={D} bf16, causal, "
           f"{args.rounds} rounds, seconds (median, min-max)")
     for name, rows in times.items():
         fwd, total = [r[0] for r in rows], [r[1] for r in rows]
-        print(f"  {name:10s}  forward {statistics.median(fwd):6.2f} ({min(fwd):.2f}-{max(fwd):.2f})   "
+        print(f"  {name:14s}  forward {statistics.median(fwd):6.2f} ({min(fwd):.2f}-{max(fwd):.2f})   "
               f"forward + backward {statistics.median(total):6.2f} ({min(total):.2f}-{max(total):.2f})")
     if args.json:
         with open(args.json, "w") as f:
