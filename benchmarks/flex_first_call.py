@@ -71,7 +71,7 @@ def main() -> None:
     B, H, S, D = 2, 16, args.S, args.D
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, S, S, device="cuda")
-    _first_call(q, k, v, bm, 0, VARIANTS["warmup on"])  # everything but the mods' kernels: CUDA, the block mask, imports
+    _first_call(q, k, v, bm, 0, VARIANTS["warmup on"])  # all but the mods' kernels: CUDA, the block mask, imports
     times = {name: [] for name in VARIANTS}
     depth = 1
     for r in range(args.rounds):
