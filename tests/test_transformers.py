@@ -266,22 +266,30 @@ def test_bf16_logits_and_grads_match_eager(name, use_kernel):
 # Generation, KV cache, packing (the CPU's blocked kernel)
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
-def test_forward_under_inference_mode_matches_no_grad(name, use_kernel):
-    """Under torch.inference_mode the mask and position tensors are inference tensors, which keep
-    no version counter: the integration keeps nothing read from them (its memos and Gemma 2's
-    BlockMask cache) and gives no_grad's logits."""
+@pytest.mark.parametrize("name,padded", [("llama", True), ("mistral", False), ("gemma2", True)],
+                         ids=["llama-padded (mask memos)", "mistral (packing offsets)", "gemma2-padded (BlockMasks)"])
+def test_inference_mode_forward_then_a_training_step(name, padded, use_kernel):
+    """torch.inference_mode first, at a shape no other test uses (so the integration's caches start
+    empty for it): the mask and position tensors are inference tensors, which keep no version
+    counter, so nothing read from them is kept, and what is kept (packing offsets, BlockMasks) is
+    never made of inference tensors, which a later training step could not save for backward. The
+    logits equal no_grad's, and the training step's gradients are finite."""
     use_kernel("blocked")
     model = build(name)
     model.set_attn_implementation("attend")
-    ids = tokens(2, 12, seed=5)
+    ids = tokens(3, 11, seed=5)
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    with torch.no_grad():
-        want = model(ids, attention_mask=mask).logits
+    if padded:
+        mask[1, :3] = 0
+    kw = lambda m: dict(attention_mask=m) if padded else {}
     with torch.inference_mode():
-        got = model(ids.clone(), attention_mask=mask.clone()).logits
+        got = model(ids.clone(), **kw(mask.clone())).logits
+    with torch.no_grad():
+        want = model(ids, **kw(mask)).logits
     assert torch.equal(got, want)
+    model.train()
+    model(ids, **kw(mask)).logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -460,5 +460,6 @@ def capture_args(captures: list[torch.Tensor], device, grads: list[torch.Tensor]
     if meta is None:
         if len(_META) > 1024:
             _META.clear()
-        meta = _META[key] = torch.tensor(strides or [0], dtype=dtype, device=device)
+        with torch.inference_mode(False):  # cached for later calls: never an inference tensor
+            meta = _META[key] = torch.tensor(strides or [0], dtype=dtype, device=device)
     return CaptureArgs(tuple(captures), meta, tuple(grads))

@@ -183,24 +183,27 @@ def block_plans(steps: tuple, key: tuple, mods: Mods, B: int, Hq: int, device) -
     if hit is not None:
         _PLANS.move_to_end(full_key)
         return hit
-    positions, lists, kept_steps = {}, {}, []
-    for step in steps:
-        kept = []
-        for blk in step.blocks:
-            q_pos, kv_pos = _positions(blk.q_runs, device), _positions(blk.k_runs, device)
-            Lb, Sb = blk.q1 - blk.q0, blk.k1 - blk.k0
-            if graph is None:  # no mask work: every block of the call full
-                bl = _lists_mod.dense(Lb, Sb, device, BLOCK_SIZE)
-            else:
-                g = _graph_with(graph, _with_positions(graph, q_pos, kv_pos))
-                status = classify(g, B if per_bh[0] else 1, Hq if per_bh[1] else 1, Lb, Sb, BLOCK_SIZE, BLOCK_SIZE,
-                                  device, impl="torch" if torch.device(device).type == "cpu" else None)
-                if not bool((status != 0).any()):
-                    continue  # the mask_mod empties the block: no kernel call, forward or backward
-                bl = _lists(status, Lb, Sb)
-            positions[blk], lists[blk] = (q_pos, kv_pos), bl
-            kept.append(blk)
-        kept_steps.append(StepPlan(step.source, tuple(kept), step.pairs, step.empty_pairs))
+    # never inference tensors (a first call under torch.inference_mode): a later training step
+    # reuses the plan, and autograd cannot save an inference tensor for backward
+    with torch.inference_mode(False):
+        positions, lists, kept_steps = {}, {}, []
+        for step in steps:
+            kept = []
+            for blk in step.blocks:
+                q_pos, kv_pos = _positions(blk.q_runs, device), _positions(blk.k_runs, device)
+                Lb, Sb = blk.q1 - blk.q0, blk.k1 - blk.k0
+                if graph is None:  # no mask work: every block of the call full
+                    bl = _lists_mod.dense(Lb, Sb, device, BLOCK_SIZE)
+                else:
+                    g = _graph_with(graph, _with_positions(graph, q_pos, kv_pos))
+                    status = classify(g, B if per_bh[0] else 1, Hq if per_bh[1] else 1, Lb, Sb, BLOCK_SIZE, BLOCK_SIZE,
+                                      device, impl="torch" if torch.device(device).type == "cpu" else None)
+                    if not bool((status != 0).any()):
+                        continue  # the mask_mod empties the block: no kernel call, forward or backward
+                    bl = _lists(status, Lb, Sb)
+                positions[blk], lists[blk] = (q_pos, kv_pos), bl
+                kept.append(blk)
+            kept_steps.append(StepPlan(step.source, tuple(kept), step.pairs, step.empty_pairs))
     plans = _BlockPlans(tuple(kept_steps), positions, lists, caps)
     if keep:
         _PLANS[full_key] = plans

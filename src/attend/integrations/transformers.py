@@ -269,7 +269,8 @@ def _memo(t: torch.Tensor, extra, build):
     hit = _MEMO.get(key)
     if hit is not None and hit[0]() is t and hit[1] == v:
         return hit[2]
-    value = build()
+    with torch.inference_mode(False):  # kept for later calls, training ones too: never inference tensors
+        value = build()
     _MEMO[key] = (weakref.ref(t, lambda _, key=key: _MEMO.pop(key, None)), v, value)
     return value
 
@@ -282,8 +283,9 @@ def _dense_packing(B: int, L: int, S: int, device) -> _Packing:
     if key not in _DENSE_CU:
         if len(_DENSE_CU) >= 64:  # generation grows S every step; keep the table small
             _DENSE_CU.clear()
-        ar = torch.arange(B + 1, dtype=torch.int32, device=device)
-        _DENSE_CU[key] = _Packing(ar * L, ar * S, L, S)
+        with torch.inference_mode(False):  # kept for later calls: a training step saves them for backward
+            ar = torch.arange(B + 1, dtype=torch.int32, device=device)
+            _DENSE_CU[key] = _Packing(ar * L, ar * S, L, S)
     return _DENSE_CU[key]
 
 
@@ -584,7 +586,8 @@ def _block_mask(fm: _FlexMask, L: int, S: int, device):
         _BLOCK_MASKS.move_to_end(key)
         bm = hit[1]
     else:
-        bm = create_block_mask(fm.mask_mod, fm.B, fm.H, L, S, device=device)
+        with torch.inference_mode(False):  # kept for later calls, training ones too: never inference tensors
+            bm = create_block_mask(fm.mask_mod, fm.B, fm.H, L, S, device=device)
         while len(_BLOCK_MASKS) >= BLOCK_MASK_CACHE_SIZE:
             _BLOCK_MASKS.popitem(last=False)
         stored = copy.copy(bm)

@@ -64,4 +64,5 @@ def work_tensor(lens_q: tuple, lens_k: tuple, band: Band, spec: tuple, device: t
         items.sort()
         lists.append([b << ITEM_BITS | i for _, b, i in items])
     flat = [x for lst in lists for x in lst]
-    return torch.tensor(flat, dtype=torch.int32, device=device), tuple(len(lst) for lst in lists)
+    with torch.inference_mode(False):  # cached for later calls: never an inference tensor
+        return torch.tensor(flat, dtype=torch.int32, device=device), tuple(len(lst) for lst in lists)
