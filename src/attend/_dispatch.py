@@ -134,7 +134,8 @@ def signature(p: SDPAParams, state: _state.BackendState) -> tuple | None:
 def _cacheable(d: Decision, p: SDPAParams) -> bool:
     """Whether every check that ``decide`` ran to reach ``d`` reads only the signature."""
     for b in d.order:
-        if d.reasons.get(b) != [DISABLED] and not BACKENDS[b].cacheable_check(p):
+        cacheable = getattr(BACKENDS[b], "cacheable_check", None)  # absent: the check reads no more
+        if d.reasons.get(b) != [DISABLED] and cacheable is not None and not cacheable(p):
             return False
         if b is d.backend:
             return True

@@ -23,10 +23,8 @@ class Backend(Protocol):
     def check(self, p: SDPAParams) -> list[str]:
         """Reasons this backend cannot run the call, one readable sentence each; [] = it can."""
 
-    def cacheable_check(self, p: SDPAParams) -> bool:
-        """Whether ``check(p)`` reads only what ``attend._dispatch.signature`` keys on (the call's
-        shapes, strides, dtypes, device, flags, mask kind and the process state named there), so
-        that its answer for one call holds for every call with the same signature."""
+    # Optional: ``cacheable_check(p) -> bool``, whether ``check(p)`` reads only what
+    # ``attend._dispatch.signature`` keys on (False: it is asked on every call). Absent: True.
 
     def run(self, p: SDPAParams, scale: float | None) -> torch.Tensor: ...
 

@@ -22,9 +22,6 @@ _CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 class CudnnBackend:
     backend = SDPBackend.CUDNN_ATTENTION
 
-    def cacheable_check(self, p: SDPAParams) -> bool:
-        return True
-
     def check(self, p: SDPAParams) -> list[str]:
         if p.device_type != "cuda":
             return [f"CUDNN runs on cuda tensors only; got {p.device_type}"]

@@ -13,9 +13,6 @@ from ._kernels import TRITON_MASK_DTYPES, kernel_for, triton_mask_reasons
 class EfficientBackend:
     backend = SDPBackend.EFFICIENT_ATTENTION
 
-    def cacheable_check(self, p: SDPAParams) -> bool:
-        return True
-
     def check(self, p: SDPAParams) -> list[str]:
         reasons = fused_reasons(p, "EFFICIENT")
         kernel = kernel_for(p.query)

@@ -52,9 +52,6 @@ def math_attention(p: SDPAParams, scale: float | None) -> torch.Tensor:
 class MathBackend:
     backend = SDPBackend.MATH
 
-    def cacheable_check(self, p: SDPAParams) -> bool:
-        return True
-
     def check(self, p: SDPAParams) -> list[str]:
         return []
 

@@ -898,8 +898,8 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     ``warmup``: compile the launch this call would make into core.attn_bwd's JIT cache and return
     None, launching nothing (nor the row statistics' preprocess): what a forward starts while its
     own kernel compiles (``_flex.dispatch``); with KernelOptions.flex_bwd_split, ``warmup`` may
-    name one of the two launches ("dkdv" or "dq") to compile only that one. ``out``, ``lse`` and ``dlse`` are not read then, and
-    ``dout`` may be None: a gradient laid out as the forward's output. The real call reads a
+    name one of the two launches ("dkdv" or "dq") to compile only that one. ``out``, ``lse`` and
+    ``dlse`` are not read then, and ``dout`` may be None: a gradient laid out as the forward's output. The real call reads a
     gradient that Triton would specialize otherwise (the stride-0 gradient of ``out.sum()``, say)
     from a copy in ``out``'s layout, so it finds that kernel compiled."""
     B, H, L, D = q.shape
