@@ -111,7 +111,9 @@ def test_warmup_specializes_as_the_real_backward(name, warmups, monkeypatch):
 def test_split_backward_warms_up_each_launch_as_it_runs_and_matches_one_launch(warmups, monkeypatch):
     """KernelOptions.flex_bwd_split: the dK / dV programs and the dQ programs as two launches, each
     warmed up on a thread of its own with the arguments it then launches with (DKDV_ONLY / DQ_ONLY,
-    grids n_kv and n_q); their gradients equal the one launch's bit for bit."""
+    grids n_kv and n_q); dQ, dK and dV equal the one launch's bit for bit (each element has one
+    writer); the captured table's gradient is summed by atomics, whose order a GPU does not fix, so
+    it equals the one launch's within fp32 rounding there (bit for bit under the interpreter)."""
     q, k, v, sm, mm, bm, trained, kw = _case("score_grad_mask_gqa_ragged", seed=4)
     dout = torch.randn(*q.shape[:-1], v.shape[-1], device=DEVICE)
     grads = {}
@@ -120,7 +122,12 @@ def test_split_backward_warms_up_each_launch_as_it_runs_and_matches_one_launch(w
             out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm, **kw)
             grads[split] = torch.autograd.grad((out * dout).sum(), [q, k, v, *trained])
     for a, b, name in zip(grads[False], grads[True], ["dq", "dk", "dv", "dtable"]):
-        assert torch.equal(a, b), f"{name} differs between one launch and two"
+        if name == "dtable" and DEVICE == "cuda":
+            # atomics in another order: fp32 rounding of a sum, relative to the largest entry
+            err = (a - b).abs().max().item()
+            assert err <= 1e-4 * a.abs().max().item(), f"dtable differs by {err} between one launch and two"
+        else:
+            assert torch.equal(a, b), f"{name} differs between one launch and two"
     rec = _Record()
     monkeypatch.setattr(core, "attn_bwd", rec)
     dispatch._WARMUPS.clear()
