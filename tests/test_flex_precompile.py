@@ -5,6 +5,8 @@ that launch compiles nothing; a failed warmup must cost nothing but time."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from triton.backends.compiler import BaseBackend
@@ -238,6 +240,18 @@ def test_one_warmup_per_kernel_and_none_when_turned_off(warmups, monkeypatch):
     assert len(started) == 2
 
 
+def _drain_warmups() -> None:
+    """Wait until the warmup pool runs nothing: an earlier test's warmup (its futures dropped with
+    its ``_WARMUPS``) may still be compiling, and would add to the count below. Every worker waits on
+    one barrier with this thread, so none can still be inside an earlier task."""
+    n = dispatch._WARMUP_THREAD._max_workers
+    barrier = threading.Barrier(n + 1)
+    futs = [dispatch._WARMUP_THREAD.submit(barrier.wait, 600) for _ in range(n)]
+    barrier.wait(600)
+    for f in futs:
+        f.result()
+
+
 def _backward_variants() -> int:
     """Compiled variants of the core's backward (a GPU run; the interpreter compiles nothing)."""
     return sum(len(c[0]) for c in core.attn_bwd.device_caches.values())
@@ -248,6 +262,7 @@ def test_first_backward_after_a_warmed_forward_compiles_nothing(monkeypatch):
     """A mod never seen in this process: its backward's kernel is compiled once, by the warmup the
     forward started, and the backward's own launch compiles nothing. (Counted by the JIT's cache:
     Triton's compile hooks cannot serialize the generated functions the core takes as constexprs.)"""
+    _drain_warmups()
     monkeypatch.setattr(dispatch, "_WARMUPS", {})
     n = 200
     g = torch.Generator().manual_seed(3)
