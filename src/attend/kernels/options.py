@@ -132,9 +132,10 @@ class KernelOptions:
     flex_bwd_one_loop: bool = False
     # The flex backward as two launches, the dK / dV programs then the dQ programs (core's
     # DKDV_ONLY / DQ_ONLY), each kernel built with only its programs' code, so a new mod's two
-    # halves compile side by side on the warmup threads (docs/roadmap.md, FlexAttention: sm_90,
-    # 2.3 and 3.5 s against 5.8 s for the one launch). Off until timed on a GPU: the one launch
-    # lets both halves fill the GPU together.
+    # halves compile side by side on the warmup threads. Off: on an H100 (benchmarks/RESULTS.md,
+    # "Decisions timed the same evening") a new mod's first forward + backward took 7.57 s against
+    # 8.94, but the steady backward's medians were 1-4% slower in four of five flex cases; turn it
+    # on where first-call latency matters more than step time.
     flex_bwd_split: bool = False
     # The flex forward reads K and V through TMA tensor descriptors at each listed key block, where
     # the copy engine can read them (launch.use_tma: sm_90 and up), instead of pointer loads.
