@@ -498,6 +498,137 @@ def test_paged_cache_raises_naming_the_feature():
 
 
 # ----------------------------------------------------------------------------------------------
+# Continuous batching ("paged|attend"): transformers 5.17-5.22 switch an "attend" model to it
+# ----------------------------------------------------------------------------------------------
+
+def _continuous_batching():
+    """transformers' ContinuousBatchingConfig where generate_batch runs "paged|attend", else None:
+    from 5.23 it accepts only transformers' own implementations."""
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    except ImportError:
+        return None
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return ContinuousBatchingConfig if (major, minor) < (5, 23) else None
+
+
+CB_CONFIG = _continuous_batching()
+needs_cb = pytest.mark.skipif(CB_CONFIG is None, reason="needs transformers 5.17-5.22 (continuous batching that "
+                                                         "calls paged|<implementation>)")
+
+
+@needs_cb
+def test_bench_models_batch_phase_tiny(tmp_path, use_kernel):
+    """The models bench's continuous-batching phase runs attend and sdpa (paged|attend, paged|sdpa)."""
+    use_kernel("blocked")
+    from attend import bench_models
+
+    rows = bench_models.main(preset="tiny", impls=("attend", "sdpa"), json_path=str(tmp_path / "m.json"),
+                             device=DEVICE, dtype=torch.float32, steps=1, new_tokens=3, models=("llama",),
+                             phases=("batch",))
+    assert [(r["impl"], r["ok"]) for r in rows] == [("attend", True), ("sdpa", True)], rows
+    assert all(r["tokens"] == 9 and r["tokens_per_s"] > 0 for r in rows), rows
+
+
+@needs_cb
+@pytest.mark.parametrize("name", [m for m in ("llama", "mistral", "gemma2", "gpt_oss") if m in CONFIGS])
+def test_generate_batch_matches_eager_generate(name, use_kernel, monkeypatch):
+    """generate_batch (continuous batching, one packed row, the paged cache) on an "attend" model gives
+    the greedy tokens of eager generate() per prompt: Llama (causal), Mistral (window, shorter than the
+    prompts), Gemma 2 (softcap on flex, window on every other layer), gpt-oss (sinks, window)."""
+    import transformers.generation.continuous_batching.cache as cb_cache
+    from transformers import GenerationConfig
+
+    use_kernel("blocked")
+    # the CPU has no device memory for the cache to size itself from
+    monkeypatch.setattr(cb_cache, "get_device_and_memory_breakdown", lambda: (torch.device(DEVICE), 1 << 30, 0, 0))
+    lengths, new = (5, 13, 9), 10
+    prompts = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    eager = build(name)
+    refs = [eager.generate(p[None], max_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+            for p in prompts]
+    model = build(name, "attend")
+    gc = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = CB_CONFIG(block_size=16, num_blocks=16, max_batch_tokens=48)
+    seen = []
+    paged = at.paged_attention_forward
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, at.PAGED_NAME,
+                        lambda *a, **kw: seen.append(1) or paged(*a, **kw))
+    outs = model.generate_batch([p.tolist() for p in prompts], generation_config=gc, continuous_batching_config=cb)
+    assert seen, "continuous batching did not call paged|attend"
+    got = [outs[k].generated_tokens for k in sorted(outs, key=lambda r: int(r.split("_")[-1]))]
+    assert got == refs, f"{name}: continuous batching's tokens differ from eager generate\n{got}\n{refs}"
+
+
+class _FakePagedCache:
+    """The paged cache's update as continuous batching calls it: the new keys are written at
+    ``write_index``, then every sequence's keys read back at ``read_index`` (an empty read: the
+    new keys alone)."""
+
+    def __init__(self, pages: int, Hkv: int, D: int):
+        self.k, self.v = torch.zeros(pages, Hkv, D), torch.zeros(pages, Hkv, D)
+
+    def update(self, key_states, value_states, layer_idx, read_index, write_index):
+        for pool, new in ((self.k, key_states), (self.v, value_states)):
+            pool[write_index[0]] = new[0].transpose(0, 1)
+        if read_index[0].numel() == 0:
+            return key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
+        return self.k[read_index[0]], self.v[read_index[0]]
+
+
+def test_paged_forward_against_float64_with_padding_tokens():
+    """paged_attention_forward on a packed batch of two sequences (3 new queries after 5 cached keys,
+    1 new query after 2), plus two padding query tokens as a static-shape batch has: each sequence's
+    queries see its keys bottom-right (causal), padding rows are 0; against a float64 loop."""
+    g = torch.Generator().manual_seed(5)
+    H, Hkv, D = 4, 2, 16
+    cache = _FakePagedCache(32, Hkv, D)
+    past = [5, 2]
+    for i, n in enumerate(past):  # the cached keys of each sequence, at pages 10 * i + j
+        cache.k[10 * i: 10 * i + n] = torch.randn(n, Hkv, D, generator=g)
+        cache.v[10 * i: 10 * i + n] = torch.randn(n, Hkv, D, generator=g)
+    new = [3, 1]
+    T = sum(new) + 2  # two padding tokens
+    q = torch.randn(1, T, H, D, generator=g).transpose(1, 2)
+    k_new, v_new = (torch.randn(1, T, Hkv, D, generator=g).transpose(1, 2) for _ in range(2))
+    write = torch.tensor([10 * 0 + 5, 10 * 0 + 6, 10 * 0 + 7, 10 * 1 + 2, 30, 31])
+    read = torch.tensor([*range(0, 8), *range(10, 13)])
+    cu_q = torch.tensor([0, 3, 4], dtype=torch.int32)
+    cu_k = torch.tensor([0, 8, 11], dtype=torch.int32)
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    out, _ = at.paged_attention_forward(module, q, k_new, v_new, None, scaling=D ** -0.5, cache=cache,
+                                        read_index=[read], write_index=[write], cu_seq_lens_q=cu_q,
+                                        cu_seq_lens_k={"full_attention": cu_k}, max_seqlen_q=3,
+                                        max_seqlen_k={"full_attention": 8})
+    assert out.shape == (1, T, H, D)
+    keys, vals = cache.k[read].double(), cache.v[read].double()  # (T_k, Hkv, D), the new keys written
+    for b in range(2):
+        qs = q[0, :, cu_q[b]:cu_q[b + 1]].double()  # (H, L, D)
+        ks, vs = (t[cu_k[b]:cu_k[b + 1]].transpose(0, 1).repeat_interleave(H // Hkv, 0) for t in (keys, vals))
+        L, S = qs.shape[1], ks.shape[1]
+        s = qs @ ks.transpose(-1, -2) * D ** -0.5
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool).tril(S - L).logical_not(), float("-inf"))
+        ref = (s.softmax(-1) @ vs).transpose(0, 1)  # (L, H, D)
+        err = (out[0, cu_q[b]:cu_q[b + 1]].double() - ref).abs().max().item()
+        assert err < 1e-5, f"sequence {b}: max error {err:.2e}"
+    assert torch.equal(out[0, 4:], torch.zeros(2, H, D)), "padding tokens must give 0"
+
+
+def test_paged_forward_errors_name_the_argument():
+    q = torch.randn(1, 4, 2, 16)
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    with pytest.raises(ValueError, match="paged cache"):
+        at.paged_attention_forward(module, q, q[:, :2], q[:, :2], None)
+    with pytest.raises(NotImplementedError, match="block_table"):
+        at.paged_attention_forward(module, q, q[:, :2], q[:, :2], None, cache=object(),
+                                   block_table=torch.zeros(1, 1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="dropout=0.1"):
+        at.paged_attention_forward(module, q, q[:, :2], q[:, :2], None, dropout=0.1, cache=object())
+
+
+# ----------------------------------------------------------------------------------------------
 # The flex route on calls no tiny model makes, against float64
 # ----------------------------------------------------------------------------------------------
 
@@ -679,11 +810,16 @@ def test_bench_models_runs_tiny(tmp_path, use_kernel):
     seen = {(r["model"], r["impl"], r["phase"]) for r in rows}
     for model in ("llama", "gemma2"):
         for impl in ("attend", "eager"):
-            for phase in ("train", "generate"):
+            for phase in ("train", "generate", "batch"):
                 assert (model, impl, phase) in seen, (model, impl, phase)
     for r in rows:
+        if r["phase"] == "batch" and r.get("skipped"):  # continuous batching that this transformers cannot run
+            assert bench_models.batch_unavailable(r["impl"]) == r["skipped"], r
+            continue
         if not r["ok"]:
             pytest.fail(f"bench row failed: {r}")
+        if r["phase"] == "batch":
+            assert r["tokens"] == 3 * 3 and r["tokens_per_s"] > 0, r
         assert r["first_ms"] > 0 and r["steady_ms"] > 0
         # the Gemma-2-shaped model's softcap runs the fused flex core with attend, forward and backward
         paths = r["flex_paths"]

@@ -1,8 +1,10 @@
 """Model benchmark: Hugging Face transformers models with each ``attn_implementation``.
 
 ``python -m attend bench --suite models --device cuda`` times, in one process, a training step
-(forward + backward of the language-model loss) and a greedy generation loop (prefill, then decode
-with a KV cache) of two random-init models:
+(forward + backward of the language-model loss), a greedy generation loop (prefill, then decode
+with a KV cache) and continuous batching (``generate_batch``: ``requests`` prompts of mixed lengths
+in one packed row over transformers' paged cache; transformers 5.17-5.22, ``attend``, ``sdpa`` and
+``eager``, which it runs as ``paged|<name>``) of two random-init models:
 
 - ``llama``: Llama-shaped, hidden 2048, 4 layers, 16 query / 4 KV heads (D = 128), B = 2, S = 8192;
 - ``gemma2``: the same shape as Gemma 2 (attention logit softcap 50, sliding window 4096 on every
@@ -31,11 +33,15 @@ import torch
 
 PRESETS = {
     "full": dict(hidden=2048, layers=4, heads=16, kv_heads=4, batch=2, seq=8192, vocab=32000, intermediate=5632,
-                 window=4096, prompt=1024, new_tokens=128),
+                 window=4096, prompt=1024, new_tokens=128, requests=32),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, batch=1, seq=32, vocab=128, intermediate=128, window=8,
-                 prompt=8, new_tokens=4),
+                 prompt=8, new_tokens=4, requests=3),
 }
 IMPLS = ("attend", "attend-own", "sdpa", "flex_attention", "eager")
+PHASES = ("train", "generate", "batch")
+# Continuous batching runs "paged|<name>" on its own thread: transformers registers paged|sdpa and
+# paged|eager, attend paged|attend; attend-own's sdpa_kernel state (per thread) would not reach it.
+BATCH_IMPLS = ("attend", "sdpa", "eager")
 MODELS = ("llama", "gemma2")
 
 
@@ -101,6 +107,8 @@ def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> 
                 model(ids, labels=ids, use_cache=False).loss.backward()  # no KV cache in a training step
             first, steady = _timed(step, device, steps)
             return dict(first_ms=first, steady_ms=steady, tokens=p["batch"] * p["seq"])
+        if phase == "batch":
+            return _batch(model, p, g, device, steps)
         ids = torch.randint(2, p["vocab"], (p["batch"], p["prompt"]), generator=g).to(device)
         model.eval()
 
@@ -113,8 +121,66 @@ def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> 
                     tokens=p["batch"] * p["new_tokens"])
 
 
+def batch_unavailable(impl: str) -> str | None:
+    """Why the continuous-batching phase does not run ``impl`` with the installed transformers, or None."""
+    import transformers
+
+    if impl not in BATCH_IMPLS:
+        return f"continuous batching is timed for {', '.join(BATCH_IMPLS)}"
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if (major, minor) >= (5, 23) and impl == "attend":
+        return f"transformers {transformers.__version__} runs only its own implementations in continuous batching"
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401
+    except ImportError:
+        return f"transformers {transformers.__version__} has no ContinuousBatchingConfig"
+    return None
+
+
+@contextlib.contextmanager
+def _cache_memory(device: str):
+    """On the CPU, continuous batching's cache sizing reads no device memory (0 bytes free): give it
+    1 GiB for the tiny preset's smoke run. On CUDA, nothing changes."""
+    if str(device).startswith("cuda"):
+        yield
+        return
+    import transformers.generation.continuous_batching.cache as cb_cache
+
+    probe = cb_cache.get_device_and_memory_breakdown
+    cb_cache.get_device_and_memory_breakdown = lambda: (torch.device(device), 1 << 30, 0, 0)
+    try:
+        yield
+    finally:
+        cb_cache.get_device_and_memory_breakdown = probe
+
+
+def _batch(model, p: dict, g: torch.Generator, device: str, steps: int) -> dict:
+    """``generate_batch`` of ``requests`` greedy prompts, lengths uniform in [prompt / 2, prompt],
+    ``new_tokens`` each, on a paged cache sized for them (blocks of 256 keys; 64 of 16 at tiny)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    n, new = p["requests"], p["new_tokens"]
+    lengths = torch.randint(p["prompt"] // 2, p["prompt"] + 1, (n,), generator=g).tolist()
+    prompts = [torch.randint(2, p["vocab"], (length,), generator=g).tolist() for length in lengths]
+    block = 256 if p["prompt"] >= 256 else 16
+    blocks = sum(-(-(length + new) // block) for length in lengths) + n
+    gc = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(block_size=block, num_blocks=blocks, max_batch_tokens=max(4 * block, 2 * p["prompt"]))
+    model.eval()
+
+    def run():
+        with torch.no_grad(), _cache_memory(device):
+            out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb)
+        if len(out) != n or any(len(r.generated_tokens) != new for r in out.values()):
+            raise RuntimeError(f"generate_batch returned {len(out)} of {n} requests, or short ones")
+    first, steady = _timed(run, device, min(steps, 3))
+    return dict(first_ms=first, steady_ms=steady, tokens=n * new, tokens_per_s=n * new / steady * 1e3)
+
+
 def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_models.json", device: str = "cuda",
-         dtype: torch.dtype = torch.bfloat16, steps: int = 5, new_tokens: int | None = None, models=MODELS) -> list[dict]:
+         dtype: torch.dtype = torch.bfloat16, steps: int = 5, new_tokens: int | None = None, models=MODELS,
+         phases=PHASES) -> list[dict]:
     """Time every (model, implementation, phase) and write the rows to ``json_path``; returns the rows."""
     try:
         import transformers
@@ -135,7 +201,12 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(device, dtype)
         for impl in impls:
-            for phase in ("train", "generate"):
+            for phase in phases:
+                if phase == "batch" and (why := batch_unavailable(impl)):
+                    if impl in BATCH_IMPLS:  # the installed transformers cannot: say so once per model
+                        rows.append(dict(model=model_name, impl=impl, phase=phase, ok=False, skipped=why, flex_paths={}))
+                        print(_line(rows[-1]), flush=True)
+                    continue
                 row = dict(model=model_name, impl=impl, phase=phase, ok=True)
                 before = dict(flex_dispatch.PATHS)
                 try:
@@ -164,9 +235,12 @@ def _device_name(device: str) -> str:
 
 def _line(r: dict) -> str:
     head = f"{r['model']:<7} {r['impl']:<15} {r['phase']:<9}"
+    if r.get("skipped"):
+        return f"{head} not timed: {r['skipped']}"
     if not r["ok"]:
         return f"{head} failed: {r['error']}"
     tail = f"  {r['ms_per_token']:.2f} ms/token" if "ms_per_token" in r else ""
+    tail += f"  {r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else ""
     if r.get("flex_paths"):
         tail += "  flex " + ", ".join(f"{k} {n}" for k, n in r["flex_paths"].items())
     return f"{head} first {r['first_ms'] / 1e3:8.2f} s  steady {r['steady_ms']:9.1f} ms{tail}"

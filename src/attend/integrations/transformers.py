@@ -34,6 +34,8 @@ learnable sinks ``s_aux`` (gpt-oss)           ``varlen_attn``'s LSE: ``out * sig
 attention dropout with softcap, sinks,        this module's unfused path (warns once):
 padding, packing or a window                  flex and ``varlen_attn`` have no dropout
 any other mask function                       its ``(B,1,L,S)`` bool mask, materialized (warns)
+continuous batching (``generate_batch``;      ``"paged|attend"``: the paged cache's ``update``,
+transformers 5.17-5.22)                       then the packed route above
 ============================================  ==============================================
 
 The mask builder never materializes an ``L x S`` mask where a band or a key vector describes it:
@@ -86,8 +88,8 @@ from attend.flex_attention import AuxRequest as FlexAuxRequest
 from attend.flex_attention import and_masks, create_block_mask, flex_attention
 from attend.varlen import AuxRequest, varlen_attn
 
-__all__ = ["NAME", "FUSED", "BLOCK_MASK_CACHE_SIZE", "UnfusedFeatureWarning", "attention_forward", "mask_for_attend",
-           "unfused_attention", "explain", "register"]
+__all__ = ["NAME", "PAGED_NAME", "FUSED", "BLOCK_MASK_CACHE_SIZE", "UnfusedFeatureWarning", "attention_forward",
+           "mask_for_attend", "paged_attention_forward", "unfused_attention", "explain", "register"]
 
 NAME = "attend"
 
@@ -392,9 +394,9 @@ def _mask_kind(mask, kwargs) -> str:
 def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, is_causal) -> _Call:
     if kwargs.get("block_table") is not None or kwargs.get("k_cache") is not None:
         raise NotImplementedError(
-            "attend: transformers' paged continuous-batching cache (block_table / k_cache) is not served yet: its "
-            "calls write the new keys into the pages inside the attention call, which varlen_attn's paged KV "
-            "(read only) does not do; use generate() with a DynamicCache or StaticCache")
+            "attend: transformers' paged continuous-batching cache (block_table / k_cache) is not served by "
+            "'attend': continuous batching runs 'paged|attend' (transformers 5.17-5.22), which writes the cache "
+            "through read_index / write_index; elsewhere use generate() with a DynamicCache or StaticCache")
     L, S = query.shape[-2], key.shape[-2]
     kind = _mask_kind(mask, kwargs)
     window = sliding_window if sliding_window is not None and kind not in ("keys", "dense") else None
@@ -853,6 +855,73 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
 
 
+PAGED_NAME = "paged|" + NAME
+
+
+def _for_layer(value, module: torch.nn.Module):
+    """A continuous-batching argument that may be a dict per layer type: this layer's entry."""
+    if isinstance(value, dict):
+        return value["sliding_attention" if getattr(module, "sliding_window", None) else "full_attention"]
+    return value
+
+
+def _first_tokens(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(1, H, N, D)`` cut to the ``cu[-1]`` tokens that belong to sequences (a padded batch
+    has more: transformers pads to static shapes when it captures CUDA graphs)."""
+    n = _memo(cu, "total", lambda: int(cu[-1]))
+    return x if n == x.shape[-2] else x[:, :, :n]
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask=None, dropout: float = 0.0, scaling: float | None = None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface for ``"paged|attend"``: continuous batching
+    (``model.generate_batch``, ``ContinuousBatchingManager``), which switches a model loaded with
+    ``attn_implementation="attend"`` to this name (transformers 5.17 to 5.22; later versions run only
+    their own implementations there).
+
+    Each call writes the batch's new keys and values into the paged cache and reads back every
+    sequence's keys (``cache.update`` with ``read_index`` / ``write_index``), then runs
+    :func:`attention_forward` on the packed batch: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (this layer
+    type's), each sequence's queries bottom-right in its keys, the layer's sliding window, softcap
+    and sinks as in any other call. The 4-D mask continuous batching builds is not read (the
+    sequence lengths say the same). ``block_table`` (the decode path of the flash implementations,
+    which writes into the pages inside the kernel) is refused: transformers passes it only to them.
+    """
+    cache = kwargs.pop("cache", None)
+    if cache is None:
+        raise ValueError(f"attend: {PAGED_NAME!r} is continuous batching's attention (it needs the paged cache "
+                         "transformers passes there); use attn_implementation='attend' for other calls")
+    if kwargs.get("block_table") is not None:
+        raise NotImplementedError(
+            f"attend: {PAGED_NAME!r} got a block_table, the flash implementations' decode path (their kernel "
+            "writes the new keys into the pages); continuous batching passes read_index / write_index to other "
+            "implementations")
+    if dropout:
+        raise ValueError(f"attend: {PAGED_NAME!r} serves inference; got dropout={dropout}")
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"attend: {PAGED_NAME!r} cannot run inside a CUDA graph capture: varlen_attn reads the "
+                           "sequence lengths on the host; leave ContinuousBatchingConfig(use_cuda_graph=...) off, "
+                           "its default for implementations that need a mask")
+    if query.shape[0] != 1:
+        raise ValueError(f"attend: {PAGED_NAME!r} expects the packed batch as one row, query (1, H, T, D); got "
+                         f"shape {tuple(query.shape)}")
+    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                              read_index=kwargs.pop("read_index"), write_index=kwargs.pop("write_index"))
+    key, value = (t.transpose(0, 1).unsqueeze(0) for t in (key, value))  # (T_k, H_kv, D) -> (1, H_kv, T_k, D)
+    cu_q = kwargs.pop("cu_seq_lens_q")
+    cu_k = _for_layer(kwargs.pop("cu_seq_lens_k"), module)
+    kwargs["max_length_q"] = kwargs.pop("max_seqlen_q", None)
+    kwargs["max_length_k"] = _for_layer(kwargs.pop("max_seqlen_k", None), module)
+    kwargs.pop("position_ids", None)  # the sequence lengths say where each sequence starts
+    q = _first_tokens(query, cu_q)
+    out, _ = attention_forward(module, q, _first_tokens(key, cu_k), _first_tokens(value, cu_k), None, 0.0,
+                               scaling, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, **kwargs)
+    if q.shape[-2] != query.shape[-2]:  # padding tokens: zeros
+        out = torch.cat([out, out.new_zeros(1, query.shape[-2] - q.shape[-2], *out.shape[2:])], dim=1)
+    return out, None
+
+
 def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask=None, *, dropout: float = 0.0,
             scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None,
             is_causal: bool = True, s_aux: torch.Tensor | None = None, **kwargs) -> str:
@@ -887,8 +956,10 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
 
 
 def register() -> None:
-    """Register ``"attend"`` with transformers' attention and mask interfaces (done on import)."""
+    """Register ``"attend"`` with transformers' attention and mask interfaces, and ``"paged|attend"``
+    (continuous batching) with its attention interface (done on import)."""
     AttentionInterface.register(NAME, attention_forward)
+    AttentionInterface.register(PAGED_NAME, paged_attention_forward)
     AttentionMaskInterface.register(NAME, mask_for_attend)
 
 
