@@ -96,14 +96,18 @@ def same_precision(q, k, v, **kw):
     return torch_sdpa(q, k, v, **kw)
 
 
-def assert_scaled_close(out, ref64, ref_same, k=4.0, what="output"):
-    """err(out) <= k * err(same-precision reference) + floor, both against float64."""
+def assert_scaled_close(out, ref64, ref_same, k=4.0, what="output", floor_scale=1.0):
+    """err(out) <= k * err(same-precision reference) + floor, both against float64. The floor is
+    FLOOR[dtype] times ``floor_scale``: the size of terms that cancel in the exact result, where the
+    same-precision reference may cancel them exactly and a kernel that sums in another order
+    leaves their rounding (a gradient through a one-key softmax, whose true value is 0)."""
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
     err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
     base = (ref_same.double() - ref64).abs().max().item() if ref_same.numel() else 0.0
-    tol = k * base + FLOOR[out.dtype]
-    assert err <= tol, f"{what}: max error {err:.3e} > {k} * {base:.3e} + {FLOOR[out.dtype]:.0e}"
+    floor = FLOOR[out.dtype] * max(1.0, float(floor_scale))
+    tol = k * base + floor
+    assert err <= tol, f"{what}: max error {err:.3e} > {k} * {base:.3e} + {floor:.1e}"
 
 
 def assert_matches_float64(out, q, k, v, what: str = "", k_grad: float = 6.0, **kw) -> None:

@@ -75,8 +75,10 @@ def _assert_matches_loop(out, lse, q, k, v, lq, lk, window, dtype, lse_tol):
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
     refs = torch.autograd.grad((ref * g.double()).sum(), (q, k, v))
     sames = torch.autograd.grad((same * g.to(same.dtype)).sum(), (q, k, v))
+    # dP - Delta cancels (exactly, for a row that sees one key): its terms are of size |dO| |V|
+    cancel = (g.abs().max() * v.abs().max()).item()
     for name, a, r, s in zip("qkv", grads, refs, sames):
-        assert_scaled_close(a, r.double(), s, k=6.0, what=f"{dtype} d{name}")
+        assert_scaled_close(a, r.double(), s, k=6.0, what=f"{dtype} d{name}", floor_scale=cancel)
     return empty
 
 
