@@ -19,6 +19,17 @@ import attend  # noqa: E402
 import attend.backends._kernels as _kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_caches():
+    """Each test starts with the dispatcher's decision and prepared-call tables empty, so a test
+    that patches a check or a kernel never meets an earlier test's cached choice."""
+    from attend import _dispatch
+
+    _dispatch._decisions.clear()
+    _dispatch._prepared.clear()
+    yield
 # Kernels behind FLASH/EFFICIENT that the suite can reach here: the blocked torch-ops path
 # (CPU only) and the Triton core (GPU, or CPU under the interpreter).
 KERNELS = ["blocked", "triton"] if DEVICE == "cpu" else ["triton"]

@@ -1,8 +1,9 @@
 """What a call costs the host beyond the kernel, and must not change: the dispatcher's decision
 cache (``attend._dispatch.choose``) answers what ``decide`` answers for every call, its key changes
 with everything a backend's check reads, it stays bounded, and it is not used where the choice must
-be made afresh (user checks, torch.compile, errors, explain); PyTorch's SDPA runs with exactly one
-of its backends enabled, as under ``torch.nn.attention.sdpa_kernel``, and its flags come back."""
+be made afresh (user checks, torch.compile, errors, explain); a prepared call skips validation only
+where validation would pass and give the same call; PyTorch's SDPA runs with exactly one of its
+backends enabled, as under ``torch.nn.attention.sdpa_kernel``, and its flags come back."""
 
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ def rand(*shape, **kw):
 def _empty_cache(use_kernel):
     use_kernel("blocked")  # fp32 CPU calls go to FLASH's blocked kernel unless a case turns the interpreter on
     _dispatch._decisions.clear()
+    _dispatch._prepared.clear()
     yield
     _dispatch._decisions.clear()
+    _dispatch._prepared.clear()
 
 
 def params(q, k=None, v=None, mask=None, dropout=0.0, causal=False, gqa=False):
@@ -317,3 +320,110 @@ def test_no_choice_is_cached_while_torch_flags_are_held_or_change(monkeypatch):
     monkeypatch.setattr(_dispatch, "decide", decide)
     attend.scaled_dot_product_attention(q, q, q)
     assert len(_dispatch._decisions) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Prepared calls (Note [prepared calls] in attend/_dispatch.py)
+# ----------------------------------------------------------------------------------------------
+
+def _count_prepare(monkeypatch) -> list:
+    seen = []
+    real = _dispatch.prepare
+    monkeypatch.setattr(_dispatch, "prepare", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    return seen
+
+
+def test_a_prepared_call_skips_prepare_and_gives_the_same_output(monkeypatch):
+    seen = _count_prepare(monkeypatch)
+    q = rand(1, 8, 6, 16)
+    k, v = rand(1, 2, 10, 16), rand(1, 2, 10, 16)
+    keys = rand(1, 1, 1, 10) > 0.3
+    for mask in (None, keys):
+        first = attend.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+        again = attend.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+        assert torch.equal(first, again)
+    assert len(seen) == 2 and len(_dispatch._prepared) == 2  # one prepare per call form
+
+
+@pytest.mark.parametrize("change,error", [
+    (dict(key="float64 key"), (TypeError, "share a dtype")),
+    (dict(value="meta value"), (ValueError, "on one device")),
+    (dict(attn_mask="meta mask"), (ValueError, "attn_mask is on meta")),
+    (dict(scale=float("inf")), (ValueError, "scale must be a finite float")),
+    (dict(dropout_p=1.5), (ValueError, "dropout_p must be in")),
+    (dict(is_causal=1), (TypeError, "is_causal must be a bool")),
+    (dict(enable_gqa=1), (TypeError, "enable_gqa must be a bool")),
+], ids=["key dtype", "value device", "mask device", "scale inf", "dropout 1.5", "is_causal int", "enable_gqa int"])
+def test_a_prepared_call_never_skips_an_error(change, error):
+    """After a valid call is kept, calls that differ only in what validation reads beyond the
+    decision's signature (the key's and value's dtypes and devices, the mask's device, the scale's
+    value, the flags' types) raise as they would with nothing kept."""
+    q, k = rand(1, 2, 4, 8), rand(1, 2, 6, 8)
+    mask = rand(1, 1, 4, 6) > 0.5
+    base = dict(query=q, key=k, value=k, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+    attend.scaled_dot_product_attention(**base)
+    assert len(_dispatch._prepared) == 1
+    stand_in = {"float64 key": k.double(), "meta value": k.to("meta"), "meta mask": mask.to("meta")}
+    call = {**base, **{name: stand_in.get(val, val) if isinstance(val, str) else val for name, val in change.items()}}
+    kind, match = error
+    with pytest.raises(kind, match=match):
+        attend.scaled_dot_product_attention(**call)
+    _dispatch._prepared.clear()
+    _dispatch._decisions.clear()
+    with pytest.raises(kind, match=match):
+        attend.scaled_dot_product_attention(**call)
+
+
+def test_calls_prepare_changes_or_that_warn_are_not_kept(monkeypatch):
+    q = rand(1, 2, 4, 8)
+    h = q.half()
+    attend.scaled_dot_product_attention(h, h, h, attn_mask=rand(1, 1, 4, 4))  # a float32 mask cast to half
+    attend.scaled_dot_product_attention(rand(2, 4, 8), rand(1, 2, 4, 8), rand(1, 2, 4, 8))  # a broadcast query
+    attend.scaled_dot_product_attention(q[:, :, :0], q, q)  # no query rows: zeros
+    attend.scaled_dot_product_attention(q, q, q, dropout_p=1.0)  # MATH, which may warn
+    attend.scaled_dot_product_attention(q, q, q, scale=torch.tensor(0.5))  # a tensor scale
+    assert not _dispatch._prepared
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    attend.scaled_dot_product_attention(q, q, q)
+    assert not _dispatch._prepared
+
+
+def test_prepared_calls_follow_sdpa_kernel_and_are_bounded():
+    q = rand(1, 2, 4, 8)
+    mask = rand(4, 4) > 0.5
+    attend.scaled_dot_product_attention(q, q, q, attn_mask=mask)  # EFFICIENT
+    with attend.sdpa_kernel([B.MATH]):  # a new state: a new key, and MATH is not kept
+        with mock.patch.object(_dispatch.BACKENDS[B.EFFICIENT_ATTENTION], "run",
+                               side_effect=AssertionError("EFFICIENT ran inside sdpa_kernel(MATH)")):
+            attend.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    for S in range(1, _dispatch.DECISION_CACHE_SIZE + 40):
+        k = rand(1, 2, S, 8)
+        attend.scaled_dot_product_attention(q, k, k)
+        assert len(_dispatch._prepared) <= _dispatch.DECISION_CACHE_SIZE
+
+
+def test_prepared_and_unprepared_calls_agree_on_random_calls(monkeypatch):
+    """Random valid calls, each run twice (the second through the table where kept) and once more
+    with the table off: the three outputs are equal bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    for _ in range(40):
+        B_, Hk, G = (int(x) for x in torch.randint(1, 3, (3,), generator=g))
+        L, S, E = (int(x) for x in torch.randint(1, 9, (3,), generator=g))
+        q, k, v = rand(B_, Hk * G, L, E), rand(B_, Hk, S, E), rand(B_, Hk, S, E)
+        kw = dict(enable_gqa=G > 1)
+        pick = int(torch.randint(0, 4, (1,), generator=g))
+        if pick == 1:
+            kw["attn_mask"] = rand(B_, 1, L, S) > 0.3
+        elif pick == 2:
+            kw["attn_mask"] = rand(L, S)
+        elif pick == 3 and L <= S:
+            kw["is_causal"] = True
+        if bool(torch.randint(0, 2, (1,), generator=g)):
+            kw["scale"] = float(torch.rand((), generator=g)) + 0.1
+        a = attend.scaled_dot_product_attention(q, k, v, **kw)
+        b = attend.scaled_dot_product_attention(q, k, v, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(_dispatch, "_prepared_key", lambda *args: None)
+            c = attend.scaled_dot_product_attention(q, k, v, **kw)
+        assert torch.equal(a, b) and torch.equal(a, c), kw
+    assert _dispatch._prepared  # the table was used

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -168,6 +169,47 @@ def choose(p: SDPAParams) -> SDPBackend:
     return d.backend
 
 
+# Note [prepared calls]: validating a call (``prepare``) costs a decode step more host time than
+# choosing its backend. A call whose arguments are already in the backends' form (4-D tensors that
+# need no broadcast, a tensor mask in the query's dtype, float / bool flags, a finite float scale
+# or None) validates the same way for the same signature plus the key's and value's dtypes and
+# devices and the mask's device, so such a call whose backend choice was cached is kept here with
+# its output shape, and later calls with its key skip ``prepare`` and ``choose``. Invalid calls
+# raise in ``prepare`` before anything is kept; MATH calls are not kept (their warnings); nothing
+# is kept under torch.compile.
+_prepared: dict[tuple, tuple[SDPBackend, tuple[int, ...]]] = {}
+
+
+def _prepared_key(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+                  ) -> tuple[tuple, SDPAParams] | None:
+    """(the prepared-call key, the call's params as given) for a call the table may hold, else None."""
+    if (type(dropout_p) is not float or type(is_causal) is not bool or type(enable_gqa) is not bool
+            or (attn_mask is not None and type(attn_mask) is not torch.Tensor)
+            or (scale is not None and (type(scale) is not float or not math.isfinite(scale)))
+            or torch.compiler.is_compiling()):
+        return None
+    p = SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    sig = signature(p, _state.current_state())
+    if sig is None:
+        return None
+    return (sig, key.dtype, value.dtype, key.device, value.device,
+            None if attn_mask is None else attn_mask.device), p
+
+
+def _keep_prepared(fast: tuple, call, backend: SDPBackend, scale: float | None) -> None:
+    """Keep ``fast``'s call if ``prepare`` left it as given and ``choose`` cached its backend."""
+    k, raw = fast
+    p = call.params
+    if (backend is SDPBackend.MATH or call.zeros or call.scale != scale
+            or p.query is not raw.query or p.key is not raw.key or p.value is not raw.value
+            or p.attn_mask is not raw.attn_mask or p.dropout != raw.dropout or p.is_causal != raw.is_causal
+            or p.enable_gqa != raw.enable_gqa or _decisions.get(k[0]) is not backend):
+        return
+    if len(_prepared) >= DECISION_CACHE_SIZE:
+        _prepared.clear()
+    _prepared[k] = (backend, call.out_shape)
+
+
 _warned: set[tuple] = set()
 
 
@@ -223,6 +265,11 @@ def scaled_dot_product_attention(
         q = torch.randn(2, 8, 1024, 64)
         out = attend.scaled_dot_product_attention(q, q, q, is_causal=True)
     """
+    fast = _prepared_key(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if fast is not None:
+        hit = _prepared.get(fast[0])
+        if hit is not None:  # Note [prepared calls]
+            return BACKENDS[hit[0]].run(fast[1], scale).reshape(hit[1])
     call = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     p = call.params
     if call.zeros:
@@ -231,6 +278,8 @@ def scaled_dot_product_attention(
     if backend is SDPBackend.MATH and not torch.compiler.is_compiling():
         if getattr(sys.modules["attend"], "WARN_FOR_UNFUSED_KERNELS", False):
             _warn_unfused(decide(p, exhaustive=True))
+    if fast is not None:
+        _keep_prepared(fast, call, backend, scale)
     return BACKENDS[backend].run(p, call.scale).reshape(call.out_shape)
 
 
