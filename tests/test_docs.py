@@ -13,10 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [*ROOT.glob("src/attend/**/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("benchmarks/*.sh"),
            *ROOT.glob("docs/*.md"), *ROOT.glob("benchmarks/*.md"), ROOT / "README.md"]
-DOCS = {p.name: p for p in [*ROOT.glob("docs/*.md"), *ROOT.glob("benchmarks/*.md")]}
+# Documents cited by file name alone; a name two folders share (README.md) is not cited that way.
+_NAMED = [*ROOT.glob("docs/*.md"), *ROOT.glob("benchmarks/*.md")]
+DOCS = {p.name: p for p in _NAMED if [q.name for q in _NAMED].count(p.name) == 1}
 # `kernels.md, "Tuning: masks"`, `RESULTS.md), "CPU"`, `flex.md "Tiles"`: a file, then a quoted name
 CITATION = re.compile(r"\b(\w+\.md)[`)]?,? \(?\"([^\"]{2,80})\"")
-LINK = re.compile(r"\]\(([^)#\s]+\.md)(#[^)]*)?\)")
+LINK = re.compile(r"\]\(([^)#\s]+\.md)(?:#([^)\s]*))?\)")
 
 
 def _text(path: Path) -> str:
@@ -26,7 +28,19 @@ def _text(path: Path) -> str:
 
 
 def _headings(path: Path) -> list[str]:
-    return [line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    """The Markdown headings of ``path``, outside fenced code blocks."""
+    heads, fenced = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            heads.append(line.lstrip("#").strip())
+    return heads
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
 
 
 def _citations():
@@ -42,12 +56,23 @@ def test_the_scan_finds_citations():
 
 @pytest.mark.parametrize("src,doc,section", list(_citations()))
 def test_a_cited_section_exists(src, doc, section):
+    """The cited name is a heading, or the start of one (headings may add a date or a command)."""
     heads = _headings(DOCS[doc])
-    assert any(h.startswith(section) or section in h for h in heads), (
-        f"{src.relative_to(ROOT)} cites {doc}, \"{section}\": no such heading ({len(heads)} headings)")
+    assert any(h == section or h.startswith(section + " ") or h.startswith(section + ",") or
+               h.startswith(section + " (") for h in heads), (
+        f"{src.relative_to(ROOT)} cites {doc}, \"{section}\": no heading starts with it ({len(heads)} headings)")
 
 
 @pytest.mark.parametrize("src", [p for p in SOURCES if p.suffix == ".md"], ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_markdown_links_resolve(src):
-    missing = [t for t, _ in LINK.findall(src.read_text()) if "://" not in t and not (src.parent / t).resolve().exists()]
-    assert not missing, f"{src.relative_to(ROOT)} links to missing files: {missing}"
+    """Every relative link names a file that exists, and its ``#anchor``, if any, a heading there."""
+    broken = []
+    for target, anchor in LINK.findall(src.read_text()):
+        if "://" in target:
+            continue
+        path = (src.parent / target).resolve()
+        if not path.exists():
+            broken.append(target)
+        elif anchor and anchor not in {_anchor(h) for h in _headings(path)}:
+            broken.append(f"{target}#{anchor}")
+    assert not broken, f"{src.relative_to(ROOT)} links to missing files or sections: {broken}"

@@ -576,10 +576,13 @@ class _FakePagedCache:
         return self.k[read_index[0]], self.v[read_index[0]]
 
 
-def test_paged_forward_against_float64_with_padding_tokens():
+@pytest.mark.parametrize("window", [None, 3], ids=["full layer", "sliding layer"])
+def test_paged_forward_against_float64_with_padding_tokens(window):
     """paged_attention_forward on a packed batch of two sequences (3 new queries after 5 cached keys,
-    1 new query after 2), plus two padding query tokens as a static-shape batch has: each sequence's
-    queries see its keys bottom-right (causal), padding rows are 0; against a float64 loop."""
+    1 new query after 2), plus two padding query tokens and one padding key slot as a static-shape
+    batch has: each sequence's queries see its keys bottom-right (causal, and a window of ``window``
+    keys on a sliding layer, whose entries the per-layer-type dicts give), padding rows are 0;
+    against a float64 loop."""
     g = torch.Generator().manual_seed(5)
     H, Hkv, D = 4, 2, 16
     cache = _FakePagedCache(32, Hkv, D)
@@ -592,23 +595,28 @@ def test_paged_forward_against_float64_with_padding_tokens():
     q = torch.randn(1, T, H, D, generator=g).transpose(1, 2)
     k_new, v_new = (torch.randn(1, T, Hkv, D, generator=g).transpose(1, 2) for _ in range(2))
     write = torch.tensor([10 * 0 + 5, 10 * 0 + 6, 10 * 0 + 7, 10 * 1 + 2, 30, 31])
-    read = torch.tensor([*range(0, 8), *range(10, 13)])
+    read = torch.tensor([*range(0, 8), *range(10, 13), 29])  # the last slot pads the keys
     cu_q = torch.tensor([0, 3, 4], dtype=torch.int32)
     cu_k = torch.tensor([0, 8, 11], dtype=torch.int32)
+    layer = "sliding_attention" if window else "full_attention"
+    other = "full_attention" if window else "sliding_attention"
     module = torch.nn.Module()
     module.layer_idx = 0
+    module.sliding_window = window
     out, _ = at.paged_attention_forward(module, q, k_new, v_new, None, scaling=D ** -0.5, cache=cache,
                                         read_index=[read], write_index=[write], cu_seq_lens_q=cu_q,
-                                        cu_seq_lens_k={"full_attention": cu_k}, max_seqlen_q=3,
-                                        max_seqlen_k={"full_attention": 8})
+                                        cu_seq_lens_k={layer: cu_k, other: None}, max_seqlen_q=3,
+                                        max_seqlen_k={layer: 8, other: None}, sliding_window=window)
     assert out.shape == (1, T, H, D)
     keys, vals = cache.k[read].double(), cache.v[read].double()  # (T_k, Hkv, D), the new keys written
     for b in range(2):
         qs = q[0, :, cu_q[b]:cu_q[b + 1]].double()  # (H, L, D)
         ks, vs = (t[cu_k[b]:cu_k[b + 1]].transpose(0, 1).repeat_interleave(H // Hkv, 0) for t in (keys, vals))
         L, S = qs.shape[1], ks.shape[1]
-        s = qs @ ks.transpose(-1, -2) * D ** -0.5
-        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool).tril(S - L).logical_not(), float("-inf"))
+        allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+        if window:
+            allowed &= ~torch.ones(L, S, dtype=torch.bool).tril(S - L - window)
+        s = (qs @ ks.transpose(-1, -2) * D ** -0.5).masked_fill(~allowed, float("-inf"))
         ref = (s.softmax(-1) @ vs).transpose(0, 1)  # (L, H, D)
         err = (out[0, cu_q[b]:cu_q[b + 1]].double() - ref).abs().max().item()
         assert err < 1e-5, f"sequence {b}: max error {err:.2e}"

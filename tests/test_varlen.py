@@ -75,10 +75,13 @@ def _assert_matches_loop(out, lse, q, k, v, lq, lk, window, dtype, lse_tol):
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
     refs = torch.autograd.grad((ref * g.double()).sum(), (q, k, v))
     sames = torch.autograd.grad((same * g.to(same.dtype)).sum(), (q, k, v))
-    # dP - Delta cancels (exactly, for a row that sees one key): its terms are of size |dO| |V|
-    cancel = (g.abs().max() * v.abs().max()).item()
+    # dQ and dK go through dP - Delta, which cancels (exactly, for a row that sees one key): its
+    # terms are of size |dO| |V|. An fp32 loop can cancel them exactly where the kernel, summing in
+    # another order, leaves their rounding; in half precision the floor is far above it already.
+    cancel = (g.abs().max() * v.abs().max()).item() if dtype in (torch.float32, torch.float64) else 1.0
     for name, a, r, s in zip("qkv", grads, refs, sames):
-        assert_scaled_close(a, r.double(), s, k=6.0, what=f"{dtype} d{name}", floor_scale=cancel)
+        assert_scaled_close(a, r.double(), s, k=6.0, what=f"{dtype} d{name}",
+                            floor_scale=cancel if name in "qk" else 1.0)
     return empty
 
 

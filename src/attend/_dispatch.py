@@ -143,11 +143,13 @@ def _cacheable(d: Decision, p: SDPAParams) -> bool:
     return False
 
 
-def choose(p: SDPAParams) -> SDPBackend:
+def choose(p: SDPAParams, key: tuple | None = None) -> SDPBackend:
     """``decide(p).backend``, from the decision cache where the signature is there; raises the
-    no-backend error (never cached) where no enabled backend can take the call."""
+    no-backend error (never cached) where no enabled backend can take the call. ``key``: ``p``'s
+    signature where the caller has it."""
     held, epoch = _base.TORCH_FLAGS["HELD"], _base.TORCH_FLAGS["EPOCH"]
-    key = None if torch.compiler.is_compiling() else signature(p, _state.current_state())
+    if key is None and not torch.compiler.is_compiling():
+        key = signature(p, _state.current_state())
     if key is not None:
         hit = _decisions.get(key)
         if hit is not None:
@@ -184,7 +186,7 @@ def _prepared_key(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
                   ) -> tuple[tuple, SDPAParams] | None:
     """(the prepared-call key, the call's params as given) for a call the table may hold, else None."""
     if (type(dropout_p) is not float or type(is_causal) is not bool or type(enable_gqa) is not bool
-            or (attn_mask is not None and type(attn_mask) is not torch.Tensor)
+            or (attn_mask is not None and (type(attn_mask) is not torch.Tensor or attn_mask.dim() != query.dim()))
             or (scale is not None and (type(scale) is not float or not math.isfinite(scale)))
             or torch.compiler.is_compiling()):
         return None
@@ -196,18 +198,21 @@ def _prepared_key(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
             None if attn_mask is None else attn_mask.device), p
 
 
-def _keep_prepared(fast: tuple, call, backend: SDPBackend, scale: float | None) -> None:
-    """Keep ``fast``'s call if ``prepare`` left it as given and ``choose`` cached its backend."""
-    k, raw = fast
-    p = call.params
-    if (backend is SDPBackend.MATH or call.zeros or call.scale != scale
-            or p.query is not raw.query or p.key is not raw.key or p.value is not raw.value
-            or p.attn_mask is not raw.attn_mask or p.dropout != raw.dropout or p.is_causal != raw.is_causal
-            or p.enable_gqa != raw.enable_gqa or _decisions.get(k[0]) is not backend):
+def _as_given(fast: tuple, call, scale: float | None) -> bool:
+    """Whether ``prepare`` left ``fast``'s call as given (then both have one signature)."""
+    raw, p = fast[1], call.params
+    return (not call.zeros and call.scale == scale and p.query is raw.query and p.key is raw.key
+            and p.value is raw.value and p.attn_mask is raw.attn_mask and p.dropout == raw.dropout
+            and p.is_causal == raw.is_causal and p.enable_gqa == raw.enable_gqa)
+
+
+def _keep_prepared(fast: tuple, call, backend: SDPBackend) -> None:
+    """Keep ``fast``'s call (left as given by ``prepare``) if ``choose`` cached its backend."""
+    if backend is SDPBackend.MATH or _decisions.get(fast[0][0]) is not backend:
         return
     if len(_prepared) >= DECISION_CACHE_SIZE:
         _prepared.clear()
-    _prepared[k] = (backend, call.out_shape)
+    _prepared[fast[0]] = (backend, call.out_shape)
 
 
 _warned: set[tuple] = set()
@@ -274,12 +279,13 @@ def scaled_dot_product_attention(
     p = call.params
     if call.zeros:
         return _zeros(p, call.out_shape)
-    backend = choose(p)
+    given = fast is not None and _as_given(fast, call, scale)
+    backend = choose(p, fast[0][0] if given else None)  # the signature, computed once
     if backend is SDPBackend.MATH and not torch.compiler.is_compiling():
         if getattr(sys.modules["attend"], "WARN_FOR_UNFUSED_KERNELS", False):
             _warn_unfused(decide(p, exhaustive=True))
-    if fast is not None:
-        _keep_prepared(fast, call, backend, scale)
+    if given:
+        _keep_prepared(fast, call, backend)
     return BACKENDS[backend].run(p, call.scale).reshape(call.out_shape)
 
 

@@ -169,6 +169,10 @@ def _batch(model, p: dict, g: torch.Generator, device: str, steps: int) -> dict:
     cb = ContinuousBatchingConfig(block_size=block, num_blocks=blocks, max_batch_tokens=max(4 * block, 2 * p["prompt"]))
     model.eval()
 
+    # A "paged|" name is kept as it is; any other, transformers switches to its flash implementation
+    # where flash-attn is installed, which would time flash-attn in every row.
+    model.set_attn_implementation("paged|" + model.config._attn_implementation)
+
     def run():
         with torch.no_grad(), _cache_memory(device):
             out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb)

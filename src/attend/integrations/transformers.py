@@ -861,7 +861,11 @@ PAGED_NAME = "paged|" + NAME
 def _for_layer(value, module: torch.nn.Module):
     """A continuous-batching argument that may be a dict per layer type: this layer's entry."""
     if isinstance(value, dict):
-        return value["sliding_attention" if getattr(module, "sliding_window", None) else "full_attention"]
+        kind = "sliding_attention" if getattr(module, "sliding_window", None) else "full_attention"
+        if kind not in value:
+            raise ValueError(f"attend: {PAGED_NAME!r} got per-layer-type arguments for {sorted(value)} but this "
+                             f"layer is a {kind} layer")
+        return value[kind]
     return value
 
 
@@ -884,9 +888,11 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     sequence's keys (``cache.update`` with ``read_index`` / ``write_index``), then runs
     :func:`attention_forward` on the packed batch: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (this layer
     type's), each sequence's queries bottom-right in its keys, the layer's sliding window, softcap
-    and sinks as in any other call. The 4-D mask continuous batching builds is not read (the
-    sequence lengths say the same). ``block_table`` (the decode path of the flash implementations,
-    which writes into the pages inside the kernel) is refused: transformers passes it only to them.
+    and sinks as in any other call (continuous batching builds no mask for this name; a mask passed
+    anyway is not read: the sequence lengths say the same). ``block_table`` (the decode path of the
+    flash implementations, which writes into the pages inside the kernel) is refused: transformers
+    passes it only to them. Where flash-attn is installed, transformers switches a model to its
+    flash implementation instead, unless the model is already set to ``"paged|attend"``.
     """
     cache = kwargs.pop("cache", None)
     if cache is None:
