@@ -6,6 +6,12 @@ constant would not do: constants are runtime data of the traced graph), and Trit
 empty on-disk cache, so every call compiles its forward and backward kernels.
 
     PYTHONPATH=src python benchmarks/flex_first_call.py [--rounds 3] [--S 8192] [--D 128] [--json out.json]
+        [--profile]
+
+``--profile`` then runs one more new mod, warmup off (every compile on the calling thread), under
+cProfile and prints where its first forward + backward went: tracing the mod, generating and
+loading the hooks, each of Triton's compile stages (TTIR, TTGIR, LLVM IR, PTX, ptxas to a cubin)
+summed over the kernels compiled, and the rest.
 
 Prints, per variant, the median and spread of the forward alone (its compile included) and of
 forward + backward; B=2, H=16, bf16, causal BlockMask, loss ``out.sum()`` (as ``python -m attend
@@ -22,6 +28,8 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="attend-first-call-trit
 os.environ["ATTEND_CACHE_DIR"] = tempfile.mkdtemp(prefix="attend-first-call-")
 
 import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import pstats  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -61,12 +69,40 @@ def _first_call(q, k, v, bm, depth: int, options: dict) -> tuple[float, float]:
     return fwd, time.perf_counter() - t
 
 
+# (label, file suffix, function names): where a first call's time goes, from cProfile's cumulative times
+PHASES = [
+    ("trace the mod (torch.fx)", "attend/_flex/trace.py", None),
+    ("generate + load the hooks", "attend/_flex/codegen.py", ("hooks",)),
+    ("Triton: TTIR", "nvidia/compiler.py", ("make_ttir",)),
+    ("Triton: TTGIR", "nvidia/compiler.py", ("make_ttgir",)),
+    ("Triton: LLVM IR", "nvidia/compiler.py", ("make_llir",)),
+    ("Triton: PTX", "nvidia/compiler.py", ("make_ptx",)),
+    ("Triton: ptxas -> cubin", "nvidia/compiler.py", ("make_cubin",)),
+    ("Triton: compile, all stages", "triton/compiler/compiler.py", ("compile",)),
+]
+
+
+def _profile(q, k, v, bm, depth: int) -> None:
+    prof = cProfile.Profile()
+    prof.enable()
+    fwd, total = _first_call(q, k, v, bm, depth, VARIANTS["warmup off"])
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
+    print(f"profile of one new mod, warmup off: forward {fwd:.2f} s, forward + backward {total:.2f} s")
+    for label, suffix, names in PHASES:
+        hits = [(fn, st) for fn, st in stats.items() if fn[0].endswith(suffix) and (names is None or fn[2] in names)]
+        if names is None:  # a module: its top-level entry points (called from outside it)
+            hits = [(fn, st) for fn, st in hits if not any(c[0].endswith(suffix) for c in st[4])]
+        print(f"  {label:30s} {sum(st[3] for _, st in hits):7.2f} s  ({sum(st[1] for _, st in hits)} calls)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--S", type=int, default=8192)
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="then profile one more new mod's first call")
     args = ap.parse_args()
     B, H, S, D = 2, 16, args.S, args.D
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -88,6 +124,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), B=B, H=H, S=S, D=D, times=times), f, indent=1)
+    if args.profile:
+        _profile(q, k, v, bm, depth)
 
 
 if __name__ == "__main__":
