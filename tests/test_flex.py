@@ -941,26 +941,39 @@ def test_trace_cache_follows_module_and_class_attributes_and_item_reads():
         cfg.SCALE, _ = 3.25, temp.fill_(2.0)
 
 
-def test_full_block_lists_in_any_order():
+@pytest.mark.parametrize("loops", ["three", "two"])
+def test_full_block_lists_in_any_order(loops):
     """A BlockMask whose full blocks are listed out of order (from_kv_blocks does not require
-    ascending indices) still bounds the ragged one."""
+    ascending indices) still bounds the ragged one: in its own loop (three loops), and in the full
+    blocks' loop (two: flex_ragged_in_full with TMA reads, whose zero-filled keys past S would
+    otherwise count as scores of 0), with and without a score_mod."""
+    from attend.kernels.options import kernel_options
+
     torch.manual_seed(11)
     q, k, v = (torch.randn(1, 1, n, E, device=DEVICE) for n in (32, 80, 80))
     i32 = dict(dtype=torch.int32, device=DEVICE)
     bm = flex.BlockMask.from_kv_blocks(torch.zeros(1, 1, 1, **i32), torch.tensor([[[[0, 1, 2]]]], **i32),
                                        torch.full((1, 1, 1), 3, **i32), torch.tensor([[[[2, 0, 1]]]], **i32),
                                        BLOCK_SIZE=32, seq_lengths=(32, 80))
-    out = flex.flex_attention(q, k, v, block_mask=bm)
-    assert_scaled_close(out, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))
+    two = loops == "two"
+    softcap = _score_mods(torch.float32)["softcap"][0]
+    with kernel_options(flex_tma=two, tma=True if two else None, flex_ragged_in_full=two):
+        for mod in (None, softcap):
+            out = flex.flex_attention(q, k, v, score_mod=mod, block_mask=bm)
+            assert_scaled_close(out, *(dense_reference(q, k, v, mod, None, dt)[0]
+                                       for dt in (torch.float64, torch.float32)), what=f"{loops} loops, {mod}")
 
 
-@pytest.mark.parametrize("one_loop,tma", [(True, False), (False, True), (True, True)], ids=["one_loop", "tma", "both"])
+@pytest.mark.parametrize("one_loop,tma,ragged_in_full", [(True, False, False), (False, True, False), (True, True, False),
+                                                          (False, True, True)],
+                         ids=["one_loop", "tma", "both", "tma_two_loops"])
 @pytest.mark.parametrize("score_name,mask_name", [("alibi", "document"), ("softcap", "prefix_lm"), ("relative", "window")])
-def test_forward_one_loop_and_tma_match_float64(one_loop, tma, score_name, mask_name):
-    """The flex forward's single loop over partial and full blocks (KernelOptions.flex_one_loop)
-    and its K / V reads through tensor descriptors (flex_tma; ``tma=True`` forces them where the
-    copy engine's check would refuse, as under the interpreter): out, lse and max_scores against
-    the float64 definition, with partial, full, ragged and empty blocks."""
+def test_forward_one_loop_and_tma_match_float64(one_loop, tma, ragged_in_full, score_name, mask_name):
+    """The flex forward's single loop over partial and full blocks (KernelOptions.flex_one_loop),
+    its K / V reads through tensor descriptors (flex_tma; ``tma=True`` forces them where the
+    copy engine's check would refuse, as under the interpreter) and, with them, its two loops
+    (flex_ragged_in_full: the ragged full block in the full blocks' loop): out, lse and max_scores
+    against the float64 definition, with partial, full, ragged and empty blocks."""
     from attend.kernels.options import kernel_options
 
     torch.manual_seed(12)
@@ -970,7 +983,8 @@ def test_forward_one_loop_and_tma_match_float64(one_loop, tma, score_name, mask_
     from attend.kernels import launch
 
     fused = dispatch.PATHS["fused"]
-    with kernel_options(flex_one_loop=one_loop, flex_tma=tma, tma=True if tma else None):
+    with kernel_options(flex_one_loop=one_loop, flex_tma=tma, tma=True if tma else None,
+                        flex_ragged_in_full=ragged_in_full):
         blocks = flex._lists.from_block_mask(_block_mask(mask_name))
         assert launch.flex_tiles(q, k, blocks).meta["ONE_LOOP"] == one_loop  # what reaches the kernel
         assert launch._flex_tma(k, v, None, None) == tma
@@ -979,7 +993,7 @@ def test_forward_one_loop_and_tma_match_float64(one_loop, tma, score_name, mask_
     assert dispatch.PATHS["fused"] == fused + 1, "the core's flex mode did not run"
     (o64, lse64, mx64), (o32, lse32, mx32) = (dense_reference(q, k, v, score_mod, MASKS[mask_name], dt)
                                               for dt in (torch.float64, torch.float32))
-    what = f"{score_name} x {mask_name}, one_loop={one_loop}, tma={tma}"
+    what = f"{score_name} x {mask_name}, one_loop={one_loop}, tma={tma}, ragged_in_full={ragged_in_full}"
     assert_scaled_close(out, o64, o32, what=f"{what} out")
     _close_with_empty_rows(aux.lse, lse64, lse32, what=f"{what} lse")
     _close_with_empty_rows(aux.max_scores, mx64, mx32, what=f"{what} max_scores")

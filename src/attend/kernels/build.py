@@ -89,13 +89,15 @@ FLEX_VARIANTS = ("score_mod", "mask_mod", "score_and_mask")  # compile_flex's va
 
 
 def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_dim: int = 128,
-                 config: triton.Config | None = None, kernel: str = "fwd", one_loop: bool = False, tma: bool = False):
+                 config: triton.Config | None = None, kernel: str = "fwd", one_loop: bool = False, tma: bool = False,
+                 ragged_in_full: bool = False):
     """Compile the core's FLEX mode, ``kernel`` "fwd" (core.attn_fwd) or "bwd" (core.attn_bwd,
     with the captures' gradient scatter), for ``target`` with hooks generated from a fixed set of
     mods (``attend._flex.build._mods``: softcap + captured ALiBi slopes + captured bias table;
     a document mask over captured ids, and causal): ``variant`` in FLEX_VARIANTS. The config is the
     one launch.flex_tiles / flex_bwd_tiles starts from (the dense non-causal one's). ``one_loop`` /
-    ``tma``: KernelOptions.flex_one_loop / flex_tma (the backward: flex_bwd_one_loop; no TMA)."""
+    ``tma``: KernelOptions.flex_one_loop / flex_tma (the backward: flex_bwd_one_loop; no TMA);
+    ``ragged_in_full``: KernelOptions.flex_ragged_in_full (the forward with TMA)."""
     import torch
 
     from .._flex import codegen
@@ -121,6 +123,8 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
                   mask=trace(mask, "mask") if variant != "score_mod" else None)
     flags = dict(FLEX=True, CAUSAL=False, EVEN=False, ONE_LOOP=one_loop, LAZY_RESCALE=False, USE_TMA=tma and kernel == "fwd",
                  MAX_SCORES=True, SPARSE_BQ=128, SPARSE_BKV=128)
+    if kernel == "fwd":
+        flags["FLEX_RAGGED_IN_FULL"] = ragged_in_full
     ptr = lambda c: "*" + {torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}[c.tensor.dtype]
     tuples = dict(FLEX_LISTS=("*i32",) * 5 + ("*fp32",)) if kernel == "fwd" else dict(FLEX_LISTS=("*i32",) * 10)
     for kind, prefix in (("score", "SCORE"), ("mask", "MASK")):

@@ -179,7 +179,7 @@ def _fwd_inner(
     fb=0, fh=0, score_ptrs=None, score_meta=None, mod_mask_ptrs=None, mask_meta=None,
     SCORE_MOD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
     block_list=None, list_step=0, SPARSE_BKV: tl.constexpr = 128, LISTED: tl.constexpr = False,
-    full_list=None, full_step=0, FULL_LIST: tl.constexpr = False,
+    full_list=None, full_step=0, FULL_LIST: tl.constexpr = False, BOUND_LAST: tl.constexpr = False,
 ):
     """Online softmax over key blocks [start, end). MASKED: apply the band and bounds masks.
     LISTED (flex): [start, end) are positions in the concatenation of the key blocks that
@@ -197,7 +197,10 @@ def _fwd_inner(
     PAGED: gather each block's rows through the block table instead of striding. USE_TMA:
     ``k_ptrs`` / ``v_ptrs`` are the head's [S, HEAD_DIM] tensor descriptors (the copy engine
     zero-fills rows past S and columns past HEAD_DIM); MASK_TMA: ``mask_ptrs`` is the mask's [L, S]
-    descriptor (a float mask with rows), read at (m0, start_n)."""
+    descriptor (a float mask with rows), read at (m0, start_n). BOUND_LAST (flex, LISTED, USE_TMA,
+    not MASKED): a step whose keys reach past S (the ragged end's block, last in its list) drops
+    them under a branch, after SCORE_MOD where there is one (TMA zero-fills their K and V)."""
+    tl.static_assert(not BOUND_LAST or (LISTED and USE_TMA and not MASKED), "BOUND_LAST: listed TMA blocks")
     d_ok = offs_d < HEAD_DIM
     if not USE_TMA and not LISTED:
         k_ptrs += tl.cast(start, tl.int64) * stride_kn
@@ -238,6 +241,9 @@ def _fwd_inner(
         elif HAS_MASK:
             bias = _mask_load(mask_ptrs, rows, cols, L, S, 0.0, MASK_KEYS, MASKED).to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        if BOUND_LAST and SCORE_MOD is None:
+            if key0 + BLOCK_N > S:  # keys past S: out before the row max (with a mod: after the mod, below)
+                qk = tl.where(cols[None, :] < S, qk, float("-inf"))
         if MASKED or HAS_MASK or EDGES or FULL_LIST or SCORE_MOD is not None or MASK_MOD is not None:
             # s * to_log2 is the log2-domain score: a float mask adds in natural units (one FMA),
             # a bool mask or the band selects -inf, and the scale goes into exp2's FMA with the
@@ -266,7 +272,7 @@ def _fwd_inner(
                 keep_mod = MASK_MOD(fb, fh, tl.minimum(rows, L - 1)[:, None], tl.minimum(cols, S - 1)[None, :],
                                     mod_mask_ptrs, mask_meta)
                 s = tl.where(keep_mod, s, float("-inf"))
-            if FULL_LIST:
+            if FULL_LIST or (BOUND_LAST and SCORE_MOD is not None):
                 if key0 + BLOCK_N > S:  # the one block that reaches past S (a ragged end)
                     s = tl.where(cols[None, :] < S, s, float("-inf"))
             if MASKED:
@@ -448,7 +454,7 @@ def _flex_lists(
     stride_kn, stride_vn, stride_kb, stride_vb, stride_kd, stride_vd, FLEX_LISTS, SCORE_PTRS, score_meta, MASK_PTRS,
     mask_meta, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE_BQ: tl.constexpr, SPARSE_BKV: tl.constexpr,
-    USE_TMA: tl.constexpr, ONE_LOOP: tl.constexpr,
+    USE_TMA: tl.constexpr, ONE_LOOP: tl.constexpr, RAGGED_IN_FULL: tl.constexpr = False,
 ):
     """Flex's block-sparse iteration (FLEX): the key blocks a BlockMask lists for this program's
     query block ``m0 // SPARSE_BQ`` of (b, query head h), each as SPARSE_BKV / BLOCK_N steps of
@@ -458,8 +464,11 @@ def _flex_lists(
     listed: indices ascend), which takes the bounds mask only. Broadcast lists have stride 0.
     ONE_LOOP: the partial and full blocks in one loop, their masks under per-block branches
     (``_fwd_inner``'s FULL_LIST), instead of three loops (partial, full, the ragged full block),
-    each of which holds its own pipeline buffers and pays its own fill and drain. USE_TMA: K and
-    V tiles through the head's tensor descriptors (``k_ptrs`` / ``v_ptrs``), at each listed key."""
+    each of which holds its own pipeline buffers and pays its own fill and drain. RAGGED_IN_FULL
+    (with USE_TMA, not ONE_LOOP): two loops, the ragged full block in the full blocks' loop under
+    ``_fwd_inner``'s BOUND_LAST branch, so the kernel holds one loop body fewer (a shorter compile).
+    USE_TMA: K and V tiles through the head's tensor descriptors (``k_ptrs`` / ``v_ptrs``), at each
+    listed key."""
     KV_NUM = FLEX_LISTS[0]
     KV_IDX = FLEX_LISTS[1]
     FULL_NUM = FLEX_LISTS[2]
@@ -475,6 +484,23 @@ def _flex_lists(
             False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
             0, n_part * SPARSE_BKV, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
             KV_IDX + idx, step, SPARSE_BKV, True, FULL_IDX + fidx, fstep, True,
+        )
+    elif RAGGED_IN_FULL and USE_TMA:
+        acc, l_i, m_i = _fwd_inner(  # the partial blocks, one loop across them: mask_mod and the bounds mask
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_part * SPARSE_BKV,
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
+            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
+            KV_IDX + idx, step, SPARSE_BKV, True,
+        )
+        acc, l_i, m_i = _fwd_inner(  # every full block, the ragged one's keys past S dropped: no mask_mod
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_full * SPARSE_BKV,
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
+            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
+            FULL_IDX + fidx, fstep, SPARSE_BKV, True, BOUND_LAST=True,
         )
     else:
         acc, l_i, m_i = _fwd_inner(  # the partial blocks, one loop across them: mask_mod and the bounds mask
@@ -529,7 +555,7 @@ def attn_fwd(
     GRID_1D: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
     FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, LOAD_SCORE_META: tl.constexpr = None,
     MASK_MOD: tl.constexpr = None, LOAD_MASK_META: tl.constexpr = None, SPARSE_BQ: tl.constexpr = 128,
-    SPARSE_BKV: tl.constexpr = 128, MAX_SCORES: tl.constexpr = False,
+    SPARSE_BKV: tl.constexpr = 128, MAX_SCORES: tl.constexpr = False, FLEX_RAGGED_IN_FULL: tl.constexpr = False,
 ):
     """Grid: (cdiv(L, BLOCK_M), B * Hq), or with GRID_1D (cdiv(L, BLOCK_M) * B * Hq,), past CUDA's
     cap on y (``_grid_cell``): one program per query block of one head. Writes Out and LSE (fp32,
@@ -552,7 +578,8 @@ def attn_fwd(
     a BlockMask's lists (``_flex_lists``), with the generated SCORE_MOD / MASK_MOD hooks reading
     their captures through SCORE_PTRS / MASK_PTRS and their META tensors (docs/flex.md); BLOCK_M
     divides SPARSE_BQ and BLOCK_N divides SPARSE_BKV. MAX_SCORES: also write each row's max
-    score (natural units) to FLEX_LISTS[5], laid out as LSE."""
+    score (natural units) to FLEX_LISTS[5], laid out as LSE. FLEX_RAGGED_IN_FULL: ``_flex_lists``'
+    two-loop form (with USE_TMA)."""
     one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE or PAGED or FLEX) and (USE_TMA or EVEN)
     if WORKLIST:
         n_m = tl.num_programs(0) // H
@@ -653,7 +680,7 @@ def attn_fwd(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, k_head, v_head, table_ptr, m0, rows, offs_n, offs_d, b, h, bh, L, S,
             qk_scale, stride_kn, stride_vn, stride_kb, stride_vb, stride_kd, stride_vd, FLEX_LISTS, SCORE_PTRS,
             score_meta, MASK_PTRS, mask_meta, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SCORE_MOD, MASK_MOD,
-            SPARSE_BQ, SPARSE_BKV, USE_TMA, ONE_LOOP,
+            SPARSE_BQ, SPARSE_BKV, USE_TMA, ONE_LOOP, FLEX_RAGGED_IN_FULL,
         )
     if not one_loop and not FLEX:
         acc, l_i, m_i = _fwd_inner(

@@ -829,7 +829,8 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
                  MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=True,
                  SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
-                 SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1], MAX_SCORES=want_max)
+                 SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1], MAX_SCORES=want_max,
+                 FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full)
     grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
     core.attn_fwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
     return out, lse, (mx if want_max else None)

@@ -137,6 +137,14 @@ class KernelOptions:
     # 8.94, but the steady backward's medians were 1-4% slower in four of five flex cases; turn it
     # on where first-call latency matters more than step time.
     flex_bwd_split: bool = False
+    # The flex forward with TMA reads runs two key loops instead of three: the full block that
+    # reaches past S (a ragged end) joins the full blocks' loop, its keys past S dropped under a
+    # per-step branch (core._flex_lists' RAGGED_IN_FULL; TMA zero-fills them), so the kernel holds
+    # one loop body fewer. sm_90 build of the forward with a softcap + ALiBi + table score_mod and a
+    # document + causal mask_mod (2-core CPU, empty caches, two rounds): 2.48 / 2.55 s against
+    # 3.27 / 3.39, PTX 9407 lines against 12614, spill stores 660 bytes against 788 (ptxas -v).
+    # Off until a GPU times it: the branch sits in every full-block step.
+    flex_ragged_in_full: bool = False
     # The flex forward reads K and V through TMA tensor descriptors at each listed key block, where
     # the copy engine can read them (launch.use_tma: sm_90 and up), instead of pointer loads.
     # flex_attention's kernel_options key USE_TMA (PyTorch's) overrides it per call, and ``tma``
