@@ -999,6 +999,55 @@ def test_forward_one_loop_and_tma_match_float64(one_loop, tma, ragged_in_full, s
     _close_with_empty_rows(aux.max_scores, mx64, mx32, what=f"{what} max_scores")
 
 
+@pytest.mark.parametrize("loops", ["three", "two"])
+def test_a_full_block_listed_wholly_past_s_adds_nothing(loops):
+    """A full block listed past the keys (index 3 of 32-key blocks with S = 80: from_kv_blocks takes
+    it) adds nothing: a row that lists nothing else is empty (output 0, LSE -inf), never NaN, and a
+    row that also lists real blocks gets their attention alone."""
+    from attend.kernels.options import kernel_options
+
+    torch.manual_seed(14)
+    q, k, v = (torch.randn(1, 1, n, E, device=DEVICE) for n in (64, 80, 80))
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    # query block 0: only the block past S; query block 1: key blocks 0 and 1, and the block past S
+    bm = flex.BlockMask.from_kv_blocks(torch.zeros(1, 1, 2, **i32), torch.zeros(1, 1, 2, 4, **i32),
+                                       torch.tensor([[[1, 3]]], **i32), torch.tensor([[[[3, 0, 0, 0], [0, 1, 3, 0]]]], **i32),
+                                       BLOCK_SIZE=32, seq_lengths=(64, 80))
+    two = loops == "two"
+    with kernel_options(flex_tma=two, tma=True if two else None, flex_ragged_in_full=two):
+        out, aux = flex.flex_attention(q, k, v, block_mask=bm, return_aux=flex.AuxRequest(lse=True))
+    assert torch.equal(out[..., :32, :], torch.zeros_like(out[..., :32, :])), "a row with no key must be 0"
+    assert torch.isneginf(aux.lse[..., :32]).all(), "a row with no key must have LSE -inf"
+    seen = lambda b, h, q_idx, kv_idx: kv_idx < 64  # noqa: E731  (query block 1's real keys)
+    refs = [dense_reference(q[..., 32:, :], k, v, None, seen, dt)[0] for dt in (torch.float64, torch.float32)]
+    assert_scaled_close(out[..., 32:, :], *refs, what=f"{loops} loops")
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+@pytest.mark.parametrize("loops", ["three", "two"])
+def test_a_scale_at_or_below_zero_masks_like_a_positive_one(scale, loops):
+    """A negative or zero scale: a mask_mod's dropped scores stay dropped (the loops without a
+    score_mod mask the unscaled score, and -inf times such a scale is +inf or NaN), forward and
+    backward, against float64."""
+    from attend.kernels.options import kernel_options
+
+    torch.manual_seed(15)
+    q = torch.randn(B, HQ, L, E, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True) for _ in range(2))
+    two = loops == "two"
+    with kernel_options(flex_tma=two, tma=True if two else None, flex_ragged_in_full=two):
+        out = flex.flex_attention(q, k, v, block_mask=_block_mask("document"), scale=scale, enable_gqa=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    refs = {}
+    for dt in (torch.float64, torch.float32):
+        ref = dense_reference(q, k, v, None, MASKS["document"], dt, scale=scale)[0]
+        refs[dt] = (ref, *torch.autograd.grad((ref * dout.to(dt)).sum(), (q, k, v)))
+    for i, (name, got) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *grads))):
+        assert_scaled_close(got, refs[torch.float64][i], refs[torch.float32][i], k=6.0,
+                            what=f"scale {scale}, {loops} loops, {name}")
+
+
 def test_one_loop_bounds_a_ragged_full_block_listed_first():
     """The single loop bounds the full block that reaches past S wherever its list puts it (the
     loops per kind of block take the last listed as the ragged one, which BlockMask's sorting

@@ -199,7 +199,8 @@ def _fwd_inner(
     zero-fills rows past S and columns past HEAD_DIM); MASK_TMA: ``mask_ptrs`` is the mask's [L, S]
     descriptor (a float mask with rows), read at (m0, start_n). BOUND_LAST (flex, LISTED, USE_TMA,
     not MASKED): a step whose keys reach past S (the ragged end's block, last in its list) drops
-    them under a branch, after SCORE_MOD where there is one (TMA zero-fills their K and V)."""
+    them under a branch, after SCORE_MOD (TMA zero-fills their K and V); the loop takes the guarded
+    softmax update, since a listed block may lie wholly past S and a row may have seen nothing."""
     tl.static_assert(not BOUND_LAST or (LISTED and USE_TMA and not MASKED), "BOUND_LAST: listed TMA blocks")
     d_ok = offs_d < HEAD_DIM
     if not USE_TMA and not LISTED:
@@ -241,10 +242,7 @@ def _fwd_inner(
         elif HAS_MASK:
             bias = _mask_load(mask_ptrs, rows, cols, L, S, 0.0, MASK_KEYS, MASKED).to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-        if BOUND_LAST and SCORE_MOD is None:
-            if key0 + BLOCK_N > S:  # keys past S: out before the row max (with a mod: after the mod, below)
-                qk = tl.where(cols[None, :] < S, qk, float("-inf"))
-        if MASKED or HAS_MASK or EDGES or FULL_LIST or SCORE_MOD is not None or MASK_MOD is not None:
+        if MASKED or HAS_MASK or EDGES or FULL_LIST or BOUND_LAST or SCORE_MOD is not None or MASK_MOD is not None:
             # s * to_log2 is the log2-domain score: a float mask adds in natural units (one FMA),
             # a bool mask or the band selects -inf, and the scale goes into exp2's FMA with the
             # row max (as below; the launcher makes the scale positive). One op per score fewer
@@ -272,7 +270,7 @@ def _fwd_inner(
                 keep_mod = MASK_MOD(fb, fh, tl.minimum(rows, L - 1)[:, None], tl.minimum(cols, S - 1)[None, :],
                                     mod_mask_ptrs, mask_meta)
                 s = tl.where(keep_mod, s, float("-inf"))
-            if FULL_LIST or (BOUND_LAST and SCORE_MOD is not None):
+            if FULL_LIST or BOUND_LAST:
                 if key0 + BLOCK_N > S:  # the one block that reaches past S (a ragged end)
                     s = tl.where(cols[None, :] < S, s, float("-inf"))
             if MASKED:

@@ -810,6 +810,9 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     if L == 0:
         return out, lse, (mx if want_max else None)
     blocks = _with_lists(blocks)
+    if scale <= 0:  # a loop without a score_mod masks the unscaled score, and -inf * a scale <= 0 is
+        # not -inf: the same scores from (-q) . k * |scale|, or 0 . k * 1 (the backward masks after scaling)
+        q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
     kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks)
     lists = (*kv_lists, mx)
     bargs, _ = band_args(Band())
@@ -823,14 +826,15 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
                 MASK_META=mask_args.meta if mask_on else None,
                 H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=0.0, seed=0,
                 L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
+    tma = _flex_tma(k, v, options, kernel_options)
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_BOOL=False,
                  MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, **_DENSE_FLAGS, EVEN=False,
-                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=_flex_tma(k, v, options, kernel_options),
+                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=tma,
                  MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=True,
                  SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
                  SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1], MAX_SCORES=want_max,
-                 FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full)
+                 FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full and tma)
     grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
     core.attn_fwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
     return out, lse, (mx if want_max else None)
