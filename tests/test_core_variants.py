@@ -701,3 +701,23 @@ def test_warp_specialized_forward_matches_float64(case, monkeypatch, kopts):
     with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
         attend.scaled_dot_product_attention(q64, k64, v64, is_causal=True, enable_gqa=Hkv != H)
     assert not calls
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("backend,kw", [("FLASH_ATTENTION", dict(is_causal=True)),
+                                        ("EFFICIENT_ATTENTION", dict(is_causal=True)),
+                                        ("EFFICIENT_ATTENTION", dict(attn_mask="bool"))],
+                         ids=["flash-causal", "efficient-causal", "efficient-bool-mask"])
+def test_a_scale_at_or_below_zero_keeps_masked_keys_out(backend, kw, scale, use_kernel):
+    """The core masks and takes row maxima of unscaled scores: with a scale of 0 or below, -inf times
+    the scale is NaN or +inf, so the launcher runs (-q) . k * |scale| or 0 . k * 1 instead. A zero
+    scale is the mean over the visible keys, as in PyTorch (it gave NaN before)."""
+    use_kernel("triton")
+    dt = torch.float16 if backend == "FLASH_ATTENTION" else torch.float32
+    q, k, v = (rand(1, 2, 40, 16, dtype=dt, requires_grad=True) for _ in range(3))
+    if kw.get("attn_mask") == "bool":
+        kw = dict(attn_mask=torch.rand(40, 40, device=DEVICE) > 0.3)
+    with attend.sdpa_kernel([getattr(attend.SDPBackend, backend)]):
+        out = attend.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
+    assert torch.isfinite(out).all()
+    assert_matches_float64(out, q, k, v, what=f"{backend} scale {scale}", scale=scale, **kw)

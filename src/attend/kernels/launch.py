@@ -373,8 +373,9 @@ def packed4(t: torch.Tensor) -> torch.Tensor:
 def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dropout_p, band: Band, scale, seed,
              packed: Packed | None, opts: KernelOptions):
     H, D = q.shape[1], q.shape[3]
-    if scale < 0:  # the kernel takes each row's max of the unscaled scores: (-q) . k * |scale| is the same score
-        q, scale = -q, -scale
+    if scale <= 0:  # the kernel masks and takes row maxima of the unscaled scores, and -inf * a scale <= 0
+        # is not -inf: the same scores from (-q) . k * |scale|, or 0 . k * 1 (the backward masks after scaling)
+        q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     bargs, band_flags = band_args(band)
     if (opts.fwd_ws and _gluon_device(q) and versions.usable("gluon_forward")
