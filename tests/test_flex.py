@@ -964,16 +964,14 @@ def test_full_block_lists_in_any_order(loops):
                                        for dt in (torch.float64, torch.float32)), what=f"{loops} loops, {mod}")
 
 
-@pytest.mark.parametrize("one_loop,tma,ragged_in_full", [(True, False, False), (False, True, False), (True, True, False),
-                                                          (False, True, True)],
-                         ids=["one_loop", "tma", "both", "tma_two_loops"])
+@pytest.mark.parametrize("one_loop,tma", [(True, False), (False, True), (True, True)], ids=["one_loop", "tma", "both"])
 @pytest.mark.parametrize("score_name,mask_name", [("alibi", "document"), ("softcap", "prefix_lm"), ("relative", "window")])
-def test_forward_one_loop_and_tma_match_float64(one_loop, tma, ragged_in_full, score_name, mask_name):
-    """The flex forward's single loop over partial and full blocks (KernelOptions.flex_one_loop),
-    its K / V reads through tensor descriptors (flex_tma; ``tma=True`` forces them where the
-    copy engine's check would refuse, as under the interpreter) and, with them, its two loops
-    (flex_ragged_in_full: the ragged full block in the full blocks' loop): out, lse and max_scores
-    against the float64 definition, with partial, full, ragged and empty blocks."""
+def test_forward_one_loop_and_tma_match_float64(one_loop, tma, score_name, mask_name):
+    """The flex forward's single loop over partial and full blocks (KernelOptions.flex_one_loop)
+    and its K / V reads through tensor descriptors (flex_tma; ``tma=True`` forces them where the
+    copy engine's check would refuse, as under the interpreter): out, lse and max_scores against
+    the float64 definition, with partial, full, ragged and empty blocks. (create_block_mask never
+    lists a ragged block full: the two-loop form's bound is tested with explicit BlockMasks.)"""
     from attend.kernels.options import kernel_options
 
     torch.manual_seed(12)
@@ -983,8 +981,7 @@ def test_forward_one_loop_and_tma_match_float64(one_loop, tma, ragged_in_full, s
     from attend.kernels import launch
 
     fused = dispatch.PATHS["fused"]
-    with kernel_options(flex_one_loop=one_loop, flex_tma=tma, tma=True if tma else None,
-                        flex_ragged_in_full=ragged_in_full):
+    with kernel_options(flex_one_loop=one_loop, flex_tma=tma, tma=True if tma else None):
         blocks = flex._lists.from_block_mask(_block_mask(mask_name))
         assert launch.flex_tiles(q, k, blocks).meta["ONE_LOOP"] == one_loop  # what reaches the kernel
         assert launch._flex_tma(k, v, None, None) == tma
@@ -993,7 +990,7 @@ def test_forward_one_loop_and_tma_match_float64(one_loop, tma, ragged_in_full, s
     assert dispatch.PATHS["fused"] == fused + 1, "the core's flex mode did not run"
     (o64, lse64, mx64), (o32, lse32, mx32) = (dense_reference(q, k, v, score_mod, MASKS[mask_name], dt)
                                               for dt in (torch.float64, torch.float32))
-    what = f"{score_name} x {mask_name}, one_loop={one_loop}, tma={tma}, ragged_in_full={ragged_in_full}"
+    what = f"{score_name} x {mask_name}, one_loop={one_loop}, tma={tma}"
     assert_scaled_close(out, o64, o32, what=f"{what} out")
     _close_with_empty_rows(aux.lse, lse64, lse32, what=f"{what} lse")
     _close_with_empty_rows(aux.max_scores, mx64, mx32, what=f"{what} max_scores")
@@ -1023,8 +1020,7 @@ def test_a_full_block_listed_wholly_past_s_adds_nothing(loops):
     assert_scaled_close(out[..., 32:, :], *refs, what=f"{loops} loops")
 
 
-@pytest.mark.parametrize("scale", [-0.3, 0.0])
-@pytest.mark.parametrize("loops", ["three", "two"])
+@pytest.mark.parametrize("scale,loops", [(0.0, "three"), (-0.3, "two")])
 def test_a_scale_at_or_below_zero_masks_like_a_positive_one(scale, loops):
     """A negative or zero scale: a mask_mod's dropped scores stay dropped (the loops without a
     score_mod mask the unscaled score, and -inf times such a scale is +inf or NaN), forward and
