@@ -7,7 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TRANSFORMERS_OLDEST=${TRANSFORMERS_OLDEST:-5.17.0}
 VENV=${TRANSFORMERS_OLDEST_VENV:-.venv-transformers-oldest}
-[ -x "$VENV/bin/python" ] || python -m venv --system-site-packages "$VENV"
-"$VENV/bin/python" -m pip install -q "transformers==$TRANSFORMERS_OLDEST"
-"$VENV/bin/python" -c "import transformers; assert transformers.__version__ == '$TRANSFORMERS_OLDEST', transformers.__version__"
+bash scripts/side_venv.sh "$VENV" transformers "$TRANSFORMERS_OLDEST"
 "$VENV/bin/python" -m pytest tests/test_transformers.py -k "paged or generate_batch or registered or batch_phase" "$@"

@@ -483,23 +483,6 @@ def _flex_lists(
             0, n_part * SPARSE_BKV, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
             KV_IDX + idx, step, SPARSE_BKV, True, FULL_IDX + fidx, fstep, True,
         )
-    elif RAGGED_IN_FULL and USE_TMA:
-        acc, l_i, m_i = _fwd_inner(  # the partial blocks, one loop across them: mask_mod and the bounds mask
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_part * SPARSE_BKV,
-            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
-            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-            True, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
-            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
-            KV_IDX + idx, step, SPARSE_BKV, True,
-        )
-        acc, l_i, m_i = _fwd_inner(  # every full block, the ragged one's keys past S dropped: no mask_mod
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_full * SPARSE_BKV,
-            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
-            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
-            False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
-            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
-            FULL_IDX + fidx, fstep, SPARSE_BKV, True, BOUND_LAST=True,
-        )
     else:
         acc, l_i, m_i = _fwd_inner(  # the partial blocks, one loop across them: mask_mod and the bounds mask
             acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_part * SPARSE_BKV,
@@ -509,6 +492,16 @@ def _flex_lists(
             0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, MASK_MOD,
             KV_IDX + idx, step, SPARSE_BKV, True,
         )
+    if RAGGED_IN_FULL and USE_TMA and not ONE_LOOP:
+        acc, l_i, m_i = _fwd_inner(  # every full block, the ragged one's keys past S dropped: no mask_mod
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, k_head, v_head, table_ptr, 0, n_full * SPARSE_BKV,
+            m0, rows, offs_n, offs_d, bh, L, S, qk_scale, 0, 0, 0, 0.0, stride_kn, stride_vn, 0, stride_kb, stride_vb,
+            stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
+            False, False, False, False, False, False, False, False, 16, False, DOT_PRECISION, USE_TMA, False,
+            0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS, mask_meta, SCORE_MOD, None,
+            FULL_IDX + fidx, fstep, SPARSE_BKV, True, BOUND_LAST=True,
+        )
+    elif not ONE_LOOP:
         last = tl.load(FULL_IDX + fidx + tl.maximum(n_full - 1, 0) * fstep)
         ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
         acc, l_i, m_i = _fwd_inner(  # the full blocks inside [0, S), one loop: no mask work at all
