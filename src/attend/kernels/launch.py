@@ -370,12 +370,19 @@ def packed4(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0).transpose(1, 2)
 
 
+def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """The forward kernels mask and take row maxima of the unscaled scores, and -inf times a scale
+    <= 0 is not -inf: the same scores from (-q) . k * |scale|, or 0 . k * 1 (the backward masks
+    after scaling and takes the caller's q and scale)."""
+    if scale > 0:
+        return q, scale
+    return (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
+
+
 def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dropout_p, band: Band, scale, seed,
              packed: Packed | None, opts: KernelOptions):
     H, D = q.shape[1], q.shape[3]
-    if scale <= 0:  # the kernel masks and takes row maxima of the unscaled scores, and -inf * a scale <= 0
-        # is not -inf: the same scores from (-q) . k * |scale|, or 0 . k * 1 (the backward masks after scaling)
-        q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
+    q, scale = _positive_scale(q, scale)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     bargs, band_flags = band_args(band)
     if (opts.fwd_ws and _gluon_device(q) and versions.usable("gluon_forward")
@@ -811,9 +818,7 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     if L == 0:
         return out, lse, (mx if want_max else None)
     blocks = _with_lists(blocks)
-    if scale <= 0:  # a loop without a score_mod masks the unscaled score, and -inf * a scale <= 0 is
-        # not -inf: the same scores from (-q) . k * |scale|, or 0 . k * 1 (the backward masks after scaling)
-        q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
+    q, scale = _positive_scale(q, scale)
     kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks)
     lists = (*kv_lists, mx)
     bargs, _ = band_args(Band())
