@@ -23,6 +23,10 @@ def test_bench_flex_runs_tiny(tmp_path):
     for case in ("causal", "rel_bias_grad_causal"):
         assert by[(case, "attend")]["fwd_ms"] > 0 and by[(case, "attend")]["bwd_ms"] > 0, by[(case, "attend")]
         assert "no-such-impl" in by[(case, "no-such-impl")]["error"]
+    # causal is a band mask: attend runs it on its dense kernels, and the flex kernel's row beside it
+    assert by[("causal", "attend")]["path"] == "band" and by[("rel_bias_grad_causal", "attend")]["path"] == "fused"
+    assert by[("causal", "attend-flex-kernel")]["path"] == "fused" and by[("causal", "attend-flex-kernel")]["fwd_ms"] > 0
+    assert ("rel_bias_grad_causal", "attend-flex-kernel") not in by
     assert by[("first_call_new_mod", "attend")]["first_call_s"] > 0
     counted = by[("compiles_new_length_and_value", "attend")]
     # a captured value never compiles; a length compiles at most once more, where it changes a

@@ -16,6 +16,7 @@ import attend.flex_attention as flex
 from attend._flex import codegen, dispatch, kernels
 from attend._flex import trace as trace_mod
 from attend._flex.block_mask import create_block_mask as _create_block_mask
+from attend.kernels.options import kernel_options
 from conftest import DEVICE, assert_scaled_close
 
 B, HQ, HKV, L, S, E = 2, 2, 1, 150, 170, 16  # GQA 2:1; the interpreter's cost grows with B * HQ
@@ -255,7 +256,8 @@ def test_return_lse_and_pytorch_block_mask_and_scale():
     window = MASKS["window"]
     ours = flex.create_block_mask(window, None, 2, 64, 64, device=DEVICE, BLOCK_SIZE=16)
     theirs = tflex.create_block_mask(window, None, 2, 64, 64, device=DEVICE, BLOCK_SIZE=16)
-    a, lse_a = flex.flex_attention(q, k, v, block_mask=ours, scale=0.3, return_lse=True)
+    with kernel_options(flex_bands=False):  # the flex kernel for both (a PyTorch BlockMask never takes the band route)
+        a, lse_a = flex.flex_attention(q, k, v, block_mask=ours, scale=0.3, return_lse=True)
     b, lse_b = flex.flex_attention(q, k, v, block_mask=theirs, scale=0.3, return_lse=True)
     assert torch.equal(a, b) and torch.equal(lse_a, lse_b)
     o64, l64, _ = dense_reference(q, k, v, None, window, torch.float64, scale=0.3)
@@ -638,7 +640,8 @@ def _compiles() -> int:
 
 def test_fused_path_taken_and_blocked_where_declined():
     """fp32 (and CUDA tensors) run the core's flex mode; fp64 and a BLOCK_SIZE no tile divides
-    decline to the blocked path. Both agree with the float64 definition."""
+    decline to the blocked path. Both agree with the float64 definition. (Causal is a band mask,
+    which runs the dense kernels; the band route is off here.)"""
     torch.manual_seed(3)
     q, k, v = (torch.randn(1, 2, n, E, device=DEVICE) for n in (40, 56, 56))
     mask = MASKS["causal"]
@@ -646,7 +649,8 @@ def test_fused_path_taken_and_blocked_where_declined():
                                (torch.float32, 8, "blocked")):
         bm = flex.create_block_mask(mask, None, None, 40, 56, device=DEVICE, BLOCK_SIZE=block)
         before = dict(dispatch.PATHS)
-        out = flex.flex_attention(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=bm)
+        with kernel_options(flex_bands=False):
+            out = flex.flex_attention(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=bm)
         assert dispatch.PATHS[path] == before[path] + 1, (dtype, block, path)
         ref64, = dense_reference(q, k, v, None, mask, torch.float64)[:1]
         ref32, = dense_reference(q, k, v, None, mask, torch.float32)[:1]

@@ -39,7 +39,7 @@ def _case(name: str, seed: int = 0):
     if name == "mask_rows_layout_even":  # a model's (B, L, H, D) projections seen as (B, H, L, D)
         B, H, L = 2, 2, 64
         q, k, v = (rand(B, L, H, E).transpose(1, 2).requires_grad_() for _ in range(3))
-        mm = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
+        mm = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) | (kv_idx < 8)  # prefix-LM: a band would run the dense kernels
         return q, k, v, None, mm, flex.create_block_mask(mm, None, None, L, L, device=DEVICE, BLOCK_SIZE=32), [], {}
     assert name == "score_key_batch_1"  # a captured bias that does not train, keys broadcast over the batch
     B, H, L, S = 2, 2, 40, 56

@@ -7,7 +7,11 @@
 - ``flex-compiled``: ``torch.compile(torch.nn.attention.flex_attention.flex_attention)`` with
   PyTorch's own ``create_block_mask``;
 - ``attend-causal-flash`` (the causal case only): attend's ``is_causal`` FLASH, the reference
-  the causal mask_mod is held to.
+  the causal mask_mod is held to;
+- ``attend-flex-kernel`` (the band cases, causal and the sliding window): attend with
+  ``KernelOptions.flex_bands`` off, the core's flex mode where attend's default runs its dense
+  kernels over the band (docs/flex.md, "Band masks"). attend's rows say which path ran
+  (``path``: band, fused or blocked).
 
 Then, per implementation: the first call (forward + backward) of a mod never seen in the process,
 the compiles a new length and a new captured value cost (counted), and for attend
@@ -32,6 +36,7 @@ PRESETS = {
 IMPLS = ("attend", "flex-compiled")
 CASES = ("causal", "sliding_window", "document", "prefix_lm", "alibi_causal", "softcap_causal",
          "rel_bias_grad_causal", "alibi_no_mask")
+BAND_CASES = ("causal", "sliding_window")  # band mask_mods alone: attend runs them on its dense kernels
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -96,7 +101,7 @@ _COMPILED: dict = {}
 
 def _impl(impl: str):
     """(flex_attention, create_block_mask) of ``impl``."""
-    if impl == "attend":
+    if impl in ("attend", "attend-flex-kernel"):
         import attend.flex_attention as af
 
         return af.flex_attention, af.create_block_mask
@@ -165,17 +170,26 @@ def run(preset: str = "full", impls=IMPLS, device: str = "cuda", dtype=torch.bfl
         for n in p["mask_lengths"]:
             rows.append(_row(f"create_block_mask_{n}", "attend", lambda n=n: _block_mask_cost(n, device)))
     for case in cases:
-        for impl in impls:
+        band_kernel = ("attend-flex-kernel",) if "attend" in impls and case in BAND_CASES else ()
+        for impl in (*impls, *band_kernel):
             def measure(case=case, impl=impl):
+                from attend._flex import dispatch
+                from attend.kernels.options import kernel_options
+
                 flex, cbm = _impl(impl)
                 score_mod, mask_mod, caps = case_mods(case, p, device)
                 bm = None if mask_mod is None else cbm(mask_mod, None, None, p["S"], p["S"], device=device)
                 q, k, v = make_inputs(p, device, dtype)
-                for _ in range(2):  # compile / generate outside the timing
-                    flex(q, k, v, score_mod=score_mod, block_mask=bm).sum().backward()
-                sync(device)
-                fwd, bwd = _fwd_bwd(flex, q, k, v, score_mod, bm, caps, device, p["reps"])
-                return dict(fwd_ms=fwd, bwd_ms=bwd)
+                with kernel_options(flex_bands=impl != "attend-flex-kernel"):
+                    before = dict(dispatch.PATHS)
+                    for _ in range(2):  # compile / generate outside the timing
+                        flex(q, k, v, score_mod=score_mod, block_mask=bm).sum().backward()
+                    sync(device)
+                    fwd, bwd = _fwd_bwd(flex, q, k, v, score_mod, bm, caps, device, p["reps"])
+                row = dict(fwd_ms=fwd, bwd_ms=bwd)
+                if impl.startswith("attend"):  # which of attend's paths ran the forward
+                    row["path"] = next((k_ for k_ in ("band", "fused", "blocked") if dispatch.PATHS[k_] > before[k_]), "")
+                return row
             rows.append(_row(case, impl, measure))
         if case == "causal" and str(device).startswith("cuda"):
             def flash():

@@ -40,12 +40,14 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ._flex import band as _band
 from ._flex import dispatch as _dispatch
 from ._flex import lists as _lists
 from ._flex import trace as _trace
 from ._flex.block_mask import BlockMask, _sliced_mask_mod_error, from_torch
 from ._flex.block_mask import create_block_mask as _create_block_mask
 from ._flex.trace import FlexTraceError
+from ._layout import Band as _Band
 
 __all__ = ["flex_attention", "BlockMask", "create_block_mask", "create_mask", "and_masks", "or_masks", "noop_mask",
            "AuxRequest", "AuxOutput", "FlexTraceError"]
@@ -336,8 +338,23 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
             if c.tensor.device != query.device:
                 raise ValueError(f"flex_attention: a {g.kind}_mod captures a tensor of shape {tuple(c.tensor.shape)} "
                                  f"on {c.tensor.device}; query is on {query.device}")
-    call = _dispatch.FlexCall(query, key, value, score_graph, mask_graph, blocks, float(scale), kernel_options)
+    wants_max = return_aux is not None and bool(return_aux.max_scores)
+    call = _dispatch.FlexCall(query, key, value, score_graph, mask_graph, blocks, float(scale), kernel_options,
+                              _band_of(block_mask, mask_graph, L, S), wants_max)
     return call, return_aux, return_lse
+
+
+def _band_of(block_mask, mask_graph, L: int, S: int):
+    """The band of keys the call keeps, where its lists are exactly that band's blocks: no
+    block_mask (every key), or one create_block_mask built from the band mask_mod it still
+    holds (_flex/band.py); else None."""
+    if block_mask is None or tuple(block_mask.BLOCK_SIZE) == (1 << 30, 1 << 30):
+        return _Band()
+    built = getattr(block_mask, "_built_from", None)
+    if mask_graph is None or built is None or built[0] is not block_mask.mask_mod \
+            or built[1] != _band.provenance(mask_graph):
+        return None
+    return _band.band(mask_graph, L, S)
 
 
 def _lists_4d(bm: BlockMask) -> BlockMask:

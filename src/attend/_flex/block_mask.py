@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from . import band as _band
 from . import trace as _trace
 
 DEFAULT_BLOCK = 128
@@ -89,6 +90,9 @@ class BlockMask:
         self.full_q_num_blocks, self.full_q_indices = full_q_num_blocks, full_q_indices
         self.BLOCK_SIZE = tuple(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else _noop
+        # (mask_mod, band.provenance of its graph) where create_block_mask built these lists from it:
+        # then they are that mask's exact blocks, which a band mask's dense route needs (_flex/band.py)
+        self._built_from: tuple | None = None
         # PyTorch's deterministic block-sparse dQ metadata: kept for as_tuple's shape, not produced
         self.dq_write_order = self.dq_write_order_full = self.dq_kv_order = self.dq_kv_order_spt = None
 
@@ -208,7 +212,9 @@ class BlockMask:
     def to(self, device) -> "BlockMask":
         """A copy with every list on ``device``."""
         moved = {a: None if getattr(self, a) is None else getattr(self, a).to(device) for a in self._TENSOR_ATTRS}
-        return BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
+        out = BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
+        out._built_from = self._built_from
+        return out
 
     def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
         """Crop to the upper-left ``new_q_len x new_kv_len`` corner (PyTorch's ``_adjust``)."""
@@ -223,9 +229,11 @@ class BlockMask:
 
         kv = crop(self.kv_num_blocks, self.kv_indices)
         full = crop(self.full_kv_num_blocks, self.full_kv_indices)
-        return BlockMask.from_kv_blocks(*kv, *full, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
-                                        seq_lengths=(new_q_len, new_kv_len),
-                                        compute_q_blocks=self.q_indices is not None)
+        out = BlockMask.from_kv_blocks(*kv, *full, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                                       seq_lengths=(new_q_len, new_kv_len),
+                                       compute_q_blocks=self.q_indices is not None)
+        out._built_from = self._built_from  # a crop lists no block the mask leaves empty, and full ones stay full
+        return out
 
 
 def from_torch(bm) -> BlockMask:
@@ -336,7 +344,10 @@ def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOC
     status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
     if separate_full_blocks:
         partial, full = status == PARTIAL, status == FULL
-        return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
-                                        seq_lengths=(Q_LEN, KV_LEN))
-    return BlockMask.from_kv_blocks(*_ordered(status != 0), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
-                                    seq_lengths=(Q_LEN, KV_LEN))
+        out = BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
+                                       seq_lengths=(Q_LEN, KV_LEN))
+    else:
+        out = BlockMask.from_kv_blocks(*_ordered(status != 0), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
+                                       seq_lengths=(Q_LEN, KV_LEN))
+    out._built_from = (mask_mod, _band.provenance(graph))
+    return out

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._layout import Band
 from ..kernels import options as kernel_options
 from . import codegen, eager
 from .lists import BlockLists
@@ -35,6 +36,8 @@ class FlexCall:
     blocks: BlockLists
     scale: float
     kernel_options: dict | None = None  # flex_attention's: BLOCK_M / BLOCK_N / num_warps / num_stages
+    band: Band | None = None  # the mask as a band (band.py), where the BlockMask lists exactly its blocks
+    want_max: bool = True  # whether the caller reads max_scores (the band's dense route gives none)
 
     @property
     def score_captures(self) -> list[torch.Tensor]:
@@ -66,7 +69,9 @@ class FlexCall:
 
 # How many calls each path ran (tests assert which path a call took): forwards, then backwards
 # of fused forwards (the core's flex backward, or a recomputation through the blocked path).
-PATHS = {"fused": 0, "blocked": 0, "fused_backward": 0, "blocked_backward": 0}
+# "band": calls run on the dense fused path (a band mask_mod and no score_mod; ``_band_route``);
+# "band_hooks": forwards of the core's flex mode that walked a band with the score hook (``_hook_band``).
+PATHS = {"fused": 0, "blocked": 0, "fused_backward": 0, "blocked_backward": 0, "band": 0, "band_hooks": 0}
 
 
 def _fusable(call: FlexCall) -> bool:
@@ -88,18 +93,31 @@ def _fusable(call: FlexCall) -> bool:
             and q.shape[2] > 0 and k.shape[2] > 0)
 
 
+def _hook_band(call: FlexCall) -> Band | None:
+    """The band the core's forward walks with the score hook instead of the lists and the mask
+    hook (``call.band``, a score_mod, ``KernelOptions.flex_bands`` on, k / v of the query's batch);
+    None: the lists."""
+    if call.band is None or call.score is None or not kernel_options.current().flex_bands:
+        return None
+    return call.band if call.key.shape[0] == call.query.shape[0] else None
+
+
 def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bool):
     from ..kernels import launch
 
     score = mask = None
+    band = _hook_band(call)
     if call.score is not None:
         score = (call.score_hooks.functions,
                  codegen.capture_args(list(score_caps), q.device, grads=[], scalars=call.score.scalars))
-    if call.mask is not None:
+    if call.mask is not None and band is None:
         mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
-    return launch.flex_forward(q, k, v, call.blocks, call.scale, score, mask, want_max=want_max,
-                               kernel_options=call.kernel_options)
+    res = launch.flex_forward(q, k, v, call.blocks, call.scale, score, mask, want_max=want_max,
+                              kernel_options=call.kernel_options, band=band)
+    if band is not None and res is not None:
+        PATHS["band_hooks"] += 1
+    return res
 
 
 def _backward_mods(call: FlexCall, q, score_caps, mask_caps, score_grad: bool, grads=None) -> tuple:
@@ -307,8 +325,30 @@ def launch_tiles(call: FlexCall):
     return launch.flex_tiles(call.query, call.key, call.blocks, kernel_options=call.kernel_options)
 
 
-def run(call: FlexCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, L, Ev], lse [B, Hq, L] natural log, max_scores [B, Hq, L])."""
+def _band_route(call: FlexCall):
+    """A band mask and no score_mod (``call.band``, set by flex_attention where the BlockMask is
+    its mask's exact blocks): attend's dense fused path over that band, (out, lse, None); None to
+    decline (``KernelOptions.flex_bands`` off, max_scores or kernel_options asked, the core's flex
+    mode would not take the call either, or a key batch broadcast over the query's)."""
+    if call.band is None or call.score is not None or call.want_max or call.kernel_options:
+        return None
+    if not kernel_options.current().flex_bands or not _fusable(call):
+        return None
+    if call.key.shape[0] != call.query.shape[0]:
+        return None
+    from ..ops.attention import fused_attention
+
+    out, lse = fused_attention(call.query, call.key, call.value, None, 0.0, call.band, call.scale, "triton")
+    PATHS["band"] += 1
+    return out, lse, None
+
+
+def run(call: FlexCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(out [B, Hq, L, Ev], lse [B, Hq, L] natural log, max_scores [B, Hq, L]; None on the band
+    route, which flex_attention takes only where max_scores is not asked)."""
+    res = _band_route(call)
+    if res is not None:
+        return res
     res = _fused(call)
     if res is not None:
         return res

@@ -570,7 +570,10 @@ def attn_fwd(
     their captures through SCORE_PTRS / MASK_PTRS and their META tensors (docs/flex.md); BLOCK_M
     divides SPARSE_BQ and BLOCK_N divides SPARSE_BKV. MAX_SCORES: also write each row's max
     score (natural units) to FLEX_LISTS[5], laid out as LSE. FLEX_RAGGED_IN_FULL: ``_flex_lists``'
-    two-loop form (with USE_TMA)."""
+    two-loop form (with USE_TMA).
+    SCORE_MOD without FLEX (launch.flex_forward over a band; no mask, dropout, key range or
+    varlen): the band's own loops (CAUSAL / WINDOW, edges masked by arithmetic) with the score hook
+    applied in every block, for flex calls whose mask_mod is that band (_flex/band.py)."""
     one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE or PAGED or FLEX) and (USE_TMA or EVEN)
     if WORKLIST:
         n_m = tl.num_programs(0) // H
@@ -632,13 +635,14 @@ def attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_lo, k_hi, run = _key_range(KEY_EXT, b, h, S, stride_extb, stride_exth, KEY_RANGE)
     lo, a, c, hi = key_blocks(m0, k_lo, k_hi, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    score_meta, mask_meta = _flex_meta(SCORE_META, MASK_META, SCORE_MOD, LOAD_SCORE_META, MASK_MOD, LOAD_MASK_META)
     if one_loop:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, k_head, v_head, table_ptr, lo, hi, m0, rows, offs_n, offs_d,
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
             stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
             False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
-            USE_TMA, MASK_TMA, a, c, True,
+            USE_TMA, MASK_TMA, a, c, True, fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, SCORE_MOD=SCORE_MOD,
         )
     if WINDOW and not one_loop:
         acc, l_i, m_i = _fwd_inner(
@@ -646,7 +650,7 @@ def attn_fwd(
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
             stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
             True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
-            USE_TMA, MASK_TMA,
+            USE_TMA, MASK_TMA, fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, SCORE_MOD=SCORE_MOD,
         )
     if KEY_RANGE:  # a run of kept keys reads the mask on the block k_lo cuts only (_run_split)
         a_in, c_run = _run_split(a, c, k_lo, run, BLOCK_N)
@@ -666,7 +670,6 @@ def attn_fwd(
         )
         a = c_run
     if FLEX:
-        score_meta, mask_meta = _flex_meta(SCORE_META, MASK_META, SCORE_MOD, LOAD_SCORE_META, MASK_MOD, LOAD_MASK_META)
         acc, l_i, m_i = _flex_lists(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, k_head, v_head, table_ptr, m0, rows, offs_n, offs_d, b, h, bh, L, S,
             qk_scale, stride_kn, stride_vn, stride_kb, stride_vb, stride_kd, stride_vd, FLEX_LISTS, SCORE_PTRS,
@@ -679,7 +682,7 @@ def attn_fwd(
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
             stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
             False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
-            USE_TMA, MASK_TMA,
+            USE_TMA, MASK_TMA, fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, SCORE_MOD=SCORE_MOD,
         )
     if (CAUSAL or KEY_RANGE or not EVEN) and not one_loop and not FLEX:  # else c == hi: no diagonal, no ragged tail
         acc, l_i, m_i = _fwd_inner(
@@ -687,7 +690,7 @@ def attn_fwd(
             bh, L, S, qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_vn, stride_maskn,
             stride_kb, stride_vb, stride_kd, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N,
             True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, PAGED, PAGE_SIZE, LAZY_RESCALE, DOT_PRECISION,
-            USE_TMA, MASK_TMA,
+            USE_TMA, MASK_TMA, fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, SCORE_MOD=SCORE_MOD,
         )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

@@ -801,11 +801,13 @@ def _flex_kv_args(k, v, blocks, device: torch.device | None = None):
 
 
 def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max: bool = False, options: KernelOptions | dict | None = None,
-                 kernel_options: dict | None = None):
+                 kernel_options: dict | None = None, band: Band | None = None):
     """Flex attention through core.attn_fwd's FLEX mode. q ``(B, Hq, L, D)``; k / v ``(B or 1,
     Hkv, S, D)``; ``blocks`` a ``_flex.lists.BlockLists`` (int32, b / h dims 1 or full);
     ``score`` / ``mask``: (the mod's generated functions, its ``codegen.capture_args``), or None
-    where there is no such mod. Returns (out, lse (B, Hq, L) natural
+    where there is no such mod. ``band`` (no ``mask``, k / v of batch B): the keys the BlockMask
+    keeps are that band's (``_flex/band.py``), walked by the band's own loops with the score hook,
+    no lists read. Returns (out, lse (B, Hq, L) natural
     log, max_scores or None), or None where no tile fits the BlockMask's BLOCK_SIZE."""
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -817,11 +819,15 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     mx = torch.empty((B, H, L), dtype=torch.float32, device=q.device) if want_max else lse
     if L == 0:
         return out, lse, (mx if want_max else None)
-    blocks = _with_lists(blocks)
     q, scale = _positive_scale(q, scale)
-    kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks)
-    lists = (*kv_lists, mx)
-    bargs, _ = band_args(Band())
+    if band is None:
+        blocks = _with_lists(blocks)
+        kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks)
+        lists = (*kv_lists, mx)
+    else:  # only FLEX_LISTS[5] is read (MAX_SCORES)
+        assert mask is None and k.shape[0] == v.shape[0] == B, "a band replaces the mask; k / v of batch B"
+        kstr, vstr, lists = k.stride(), v.stride(), (q,) * 5 + (mx,)
+    bargs, band_flags = band_args(Band() if band is None else band)
     score_on, mask_on = score is not None, mask is not None
     sfns, score_args = score if score_on else ({}, None)
     mfns, mask_args = mask if mask_on else ({}, None)
@@ -833,14 +839,14 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
                 H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=0.0, seed=0,
                 L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
     tma = _flex_tma(k, v, options, kernel_options)
-    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_BOOL=False,
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=False, MASK_BOOL=False,
                  MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, **_DENSE_FLAGS, EVEN=False,
                  DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=tma,
-                 MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=True,
+                 MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=band is None,
                  SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
                  SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1], MAX_SCORES=want_max,
-                 FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full and tma)
+                 FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full and tma and band is None)
     grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
     core.attn_fwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
     return out, lse, (mx if want_max else None)

@@ -152,6 +152,12 @@ class KernelOptions:
     # H=16, S=8192, D=128 (benchmarks/flex_tiles.py --set loop, 2026-12-05), ms with / without:
     # causal 1.523 / 1.727, ALiBi + causal 1.835 / 1.983, document 0.687 / 0.683.
     flex_tma: bool = True
+    # A flex call whose only mod is a band mask_mod (causal, a sliding window: a function of
+    # q_idx - kv_idx keeping one interval of it around the diagonal; _flex/band.py), with a
+    # BlockMask create_block_mask built from it, no kernel_options and no max_scores asked, runs
+    # attend's dense fused path over that band (on Hopper the Gluon kernels) instead of the core's
+    # flex mode (docs/flex.md, "Band masks"). False: the flex mode runs it, as any other mask.
+    flex_bands: bool = True
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with ``changes`` (field names of this class)."""

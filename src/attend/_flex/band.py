@@ -1,0 +1,112 @@
+"""Band masks: a mask_mod that keeps a diagonal band of keys runs on the dense kernels.
+
+A mask_mod that reads ``q_idx`` and ``kv_idx`` only through their difference (``q_idx - kv_idx <= w``,
+``kv_idx <= q_idx + 3``, ``(q_idx - kv_idx).abs() < w``), and reads no ``b``, ``h`` or captured
+tensor, keeps a set of differences ``d = q_idx - kv_idx``. Evaluating it once over every difference a call can meet
+(``-(S - 1) .. L - 1``) gives that set; where it is one interval ``[lo, hi]`` holding 0 (the
+diagonal), the mask is the dense kernels' :class:`~attend._layout.Band` (``left = hi``,
+``right = -lo``): causal ``q_idx >= kv_idx``, a causal sliding window, a symmetric window.
+
+A BlockMask that ``create_block_mask`` built from that mask_mod (``provenance``) lists every block
+the band touches and calls full only blocks wholly inside it, so a call without a score_mod gives
+the same result on attend's dense fused path (``_flex.dispatch``), which walks the band by
+arithmetic: no list loads, no hooks, and on Hopper the Gluon kernels (docs/flex.md, "Band masks").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._layout import Band
+from .trace import ModGraph, Ref, evaluate
+
+BAND_CACHE_SIZE = 256
+_BANDS: dict[tuple, Band | None] = {}  # (structure, scalars, L, S) -> band, oldest first
+
+
+def difference_only(graph: ModGraph) -> bool:
+    """Whether ``graph`` (a mask_mod's) is provably a function of ``q_idx - kv_idx`` alone.
+
+    Each node is read as integer-affine in the two indices, ``cq * q_idx + ckv * kv_idx + c`` (the
+    indices, sums, differences, negations and products by literal integers of such nodes; ``c`` may
+    hold the mod's numbers), or as a function of the difference (``_D``), or neither (None). A
+    comparison of two affine nodes whose difference has ``cq == -ckv``, and any other op whose
+    operands are all functions of the difference (affine with ``cq == -ckv`` included), is a
+    function of the difference. ``b``, ``h`` and captured tensors are neither, and so is any float
+    node: the BlockMask's lists come from the generated Triton hook, this check's band from torch,
+    and float rounding may differ between the two at the band's edge."""
+    if graph.kind != "mask" or graph.captures or not isinstance(graph.output, Ref):
+        return False
+    if any(n.dtype.is_floating_point for n in graph.nodes[5:]):
+        return False
+    forms: list = [None, None, None, (1, 0), (0, 1)]  # score, b, h, q_idx, kv_idx
+    arg = lambda a: forms[a.i] if isinstance(a, Ref) else (0, 0)
+    for n in graph.nodes[5:]:
+        args = [arg(a) for a in n.args if not isinstance(a, torch.dtype)]
+        forms.append(_form(n.op, args, n.args))
+    out = forms[graph.output.i]
+    return out is _D or isinstance(out, tuple) and out[0] == -out[1]
+
+
+_D = "d"  # a node that is a function of q_idx - kv_idx (not affine)
+_CMP = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+
+
+def _form(op: str, args: list, raw: tuple):
+    """A node's form for ``difference_only``: (cq, ckv) affine, _D, or None."""
+    if op in ("scalar", "const"):
+        return (0, 0)
+    if op in ("input", "load") or any(a is None for a in args):
+        return None
+    if op in ("add", "sub") and all(isinstance(a, tuple) for a in args):
+        (q1, k1), (q2, k2) = args
+        return (q1 + q2, k1 + k2) if op == "add" else (q1 - q2, k1 - k2)
+    if op == "neg" and isinstance(args[0], tuple):
+        return (-args[0][0], -args[0][1])
+    if op == "mul" and all(isinstance(a, tuple) for a in args):
+        lit = [r for r in raw if isinstance(r, int) and not isinstance(r, bool)]
+        (q1, k1), (q2, k2) = args
+        if (q2, k2) == (0, 0) and lit and not isinstance(raw[0], int):
+            return (q1 * lit[0], k1 * lit[0])
+        if (q1, k1) == (0, 0) and lit and not isinstance(raw[1], int):
+            return (q2 * lit[0], k2 * lit[0])
+    if op in _CMP and all(isinstance(a, tuple) for a in args):
+        cq, ckv = args[0][0] - args[1][0], args[0][1] - args[1][1]
+        return _D if cq == -ckv else None
+    if all(a is _D or a[0] == -a[1] for a in args):
+        return _D
+    return None
+
+
+def band(graph: ModGraph, L: int, S: int) -> Band | None:
+    """The Band ``graph`` keeps on an ``L x S`` call (top-left aligned, as flex's indices are), or
+    None where it is no band: not ``difference_only``, or the kept differences are not one
+    interval holding 0. Cached by structure, numbers and lengths."""
+    key = (graph.key, tuple(graph.scalars), L, S)
+    if key in _BANDS:
+        return _BANDS[key]
+    found = _find(graph, L, S) if difference_only(graph) else None
+    while len(_BANDS) >= BAND_CACHE_SIZE:
+        _BANDS.pop(next(iter(_BANDS)))
+    _BANDS[key] = found
+    return found
+
+
+def _find(graph: ModGraph, L: int, S: int) -> Band | None:
+    d = torch.arange(-(S - 1), L, dtype=torch.int32)
+    zero = torch.zeros((), dtype=torch.int32)
+    keep, = evaluate(graph, dict(b=zero, h=zero, q_idx=d, kv_idx=zero))
+    kept = torch.as_tensor(keep, dtype=torch.bool).expand(d.shape).nonzero().flatten()
+    if kept.numel() == 0:
+        return None
+    lo, hi = int(d[kept[0]]), int(d[kept[-1]])
+    if kept.numel() != hi - lo + 1 or not lo <= 0 <= hi:
+        return None
+    return Band(left=hi if hi < L - 1 else -1, right=-lo if -lo < S - 1 else -1)
+
+
+def provenance(graph: ModGraph) -> tuple:
+    """What ``create_block_mask`` records on a BlockMask it built from ``graph``: its structure and
+    numbers. A call's mask graph must match it for the lists to be that mask's exact blocks (a
+    mod whose global number changed since traces to other numbers)."""
+    return (graph.key, tuple(graph.scalars))

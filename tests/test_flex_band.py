@@ -1,0 +1,200 @@
+"""Band mask_mods on the dense kernels (attend/_flex/band.py): which mods are recognized as a band,
+the route's results and gradients against the float64 definition, and every case it declines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.attention.flex_attention as tflex
+
+import attend.flex_attention as flex
+from attend._flex import band, dispatch
+from attend._flex.trace import trace
+from attend._layout import Band
+from attend.kernels.options import kernel_options
+from conftest import DEVICE, assert_scaled_close
+from test_flex import _close_with_empty_rows, dense_reference
+
+W = 20
+_BIAS = torch.zeros(4)
+
+RECOGNIZED = {
+    "causal": (lambda b, h, q, kv: q >= kv, Band(-1, 0)),
+    "causal_window": (lambda b, h, q, kv: (q >= kv) & (q - kv <= W), Band(W, 0)),
+    "symmetric_window": (lambda b, h, q, kv: (q - kv).abs() <= W, Band(W, W)),
+    "shifted_diagonal": (lambda b, h, q, kv: kv <= q + 3, Band(-1, 3)),
+    "window_written_on_keys": (lambda b, h, q, kv: (kv + W >= q) & (2 * kv <= 2 * q), Band(W, 0)),
+    "floor_divided_difference": (lambda b, h, q, kv: ((q - kv) // 4 <= 1) & (kv <= q), Band(7, 0)),
+    "window_past_every_query": (lambda b, h, q, kv: (q >= kv) & (q - kv < 10_000), Band(-1, 0)),
+}
+NOT_BANDS = {
+    "strictly_below_diagonal": lambda b, h, q, kv: q > kv,  # a band without the diagonal
+    "every_other_key": lambda b, h, q, kv: (q - kv) % 2 == 0,  # a function of q - kv, not one interval
+    "query_alone": lambda b, h, q, kv: (q >= 5) & (q >= kv),
+    "head_dependent": lambda b, h, q, kv: q - kv <= h,
+    "blocks_of_four": lambda b, h, q, kv: q // 4 >= kv // 4,
+    "sum_of_indices": lambda b, h, q, kv: q + kv > 3,
+    "captured_tensor": lambda b, h, q, kv: (q >= kv) & (_BIAS[h] == 0),
+    "float_arithmetic": lambda b, h, q, kv: (q - kv).float() / W < 1.5,
+    "runtime_multiple": lambda b, h, q, kv: 3 * q >= 3 * kv,  # 3 is a runtime number: not provably affine
+}
+
+
+@pytest.mark.parametrize("name", list(RECOGNIZED))
+def test_band_masks_are_recognized(name):
+    mod, expected = RECOGNIZED[name]
+    assert band.band(trace(mod, "mask"), 90, 70) == expected
+
+
+@pytest.mark.parametrize("name", list(NOT_BANDS))
+def test_other_masks_are_not_bands(name):
+    assert band.band(trace(NOT_BANDS[name], "mask"), 90, 70) is None
+
+
+def _inputs(L, S, HQ=2, HKV=1, E=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h, n: torch.randn(2, h, n, E, generator=g).to(DEVICE).requires_grad_()
+    return mk(HQ, L), mk(HKV, S), mk(HKV, S)
+
+
+@pytest.mark.parametrize("name,L,S", [("causal", 70, 90), ("causal_window", 90, 40), ("symmetric_window", 64, 64),
+                                      ("shifted_diagonal", 90, 70)])
+def test_band_route_matches_float64(name, L, S):
+    """Output, LSE (natural log; -inf on a row that keeps no key: causal_window at L > S) and the
+    gradients of out and lse, GQA 2:1, on the dense path and never the flex kernel."""
+    mod = RECOGNIZED[name][0]
+    q, k, v = _inputs(L, S, seed=len(name))
+    bm = flex.create_block_mask(mod, None, None, L, S, device=DEVICE, BLOCK_SIZE=32)
+    before = dict(dispatch.PATHS)
+    out, lse = flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    assert dispatch.PATHS["band"] == before["band"] + 1 and dispatch.PATHS["fused"] == before["fused"]
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * go).sum() + (lse.nan_to_num(neginf=0.0) * gl).sum(), (q, k, v))
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o, l_, _ = dense_reference(*leaves, None, mod, dt)
+        total = (o * go.to(dt)).sum() + (torch.where(torch.isfinite(l_), l_, 0.0) * gl.to(dt)).sum()
+        res[dt] = (o, l_, torch.autograd.grad(total, leaves))
+    (o64, l64, g64), (o32, l32, g32) = res[torch.float64], res[torch.float32]
+    assert_scaled_close(out, o64, o32, what=f"{name} out")
+    _close_with_empty_rows(lse, l64, l32, what=f"{name} lse")
+    for n, a, r, s in zip("qkv", grads, g64, g32):
+        assert_scaled_close(a, r, s, k=6.0, what=f"{name} d{n}")
+
+
+def test_no_mask_and_no_score_mod_is_dense_attention():
+    q, k, v = _inputs(40, 56, HQ=2, HKV=2)
+    before = dispatch.PATHS["band"]
+    out = flex.flex_attention(q, k, v)
+    assert dispatch.PATHS["band"] == before + 1
+    assert_scaled_close(out, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))
+
+
+def _declined_cases(L, S):
+    """name -> (flex_attention kwargs, what to run it under): each must run the flex kernel."""
+    causal = RECOGNIZED["causal"][0]
+    ours = lambda: flex.create_block_mask(causal, None, None, L, S, device=DEVICE, BLOCK_SIZE=32)
+    reassigned = ours()
+    reassigned.mask_mod = lambda b, h, q, kv: q >= kv  # same mask, but not the one the lists came from
+    return {
+        "max_scores_asked": dict(block_mask=ours(), return_aux=flex.AuxRequest(lse=True, max_scores=True)),
+        "score_mod": dict(block_mask=ours(), score_mod=lambda s, b, h, q, kv: s * 0.5),
+        "pytorch_block_mask": dict(block_mask=tflex.create_block_mask(causal, None, None, L, S, device=DEVICE,
+                                                                      BLOCK_SIZE=32)),
+        "mask_mod_reassigned": dict(block_mask=reassigned),
+        "kernel_options": dict(block_mask=ours(), kernel_options={"BLOCK_M": 32}),
+        "flex_bands_off": dict(block_mask=ours()),
+    }
+
+
+def test_band_route_declined_where_lists_or_asks_differ():
+    """Where the route cannot know the lists are the band's blocks, or the call asks for what the
+    dense kernels do not give (max_scores, a score_mod, tiles), the flex kernel runs; each result
+    still matches the definition (the score_mod case: score * 0.5 is scale * 0.5)."""
+    L, S = 48, 64
+    q, k, v = _inputs(L, S, HQ=2, HKV=2, seed=3)
+    causal = RECOGNIZED["causal"][0]
+    for name, kw in _declined_cases(L, S).items():
+        before = dict(dispatch.PATHS)
+        with kernel_options(flex_bands=name != "flex_bands_off"):
+            res = flex.flex_attention(q, k, v, **kw)
+        out = res[0] if isinstance(res, tuple) else res
+        assert dispatch.PATHS["band"] == before["band"], name
+        assert dispatch.PATHS["fused"] + dispatch.PATHS["blocked"] == before["fused"] + before["blocked"] + 1, name
+        scale = 0.125 if name == "score_mod" else None
+        refs = (dense_reference(q, k, v, None, causal, dt, scale=scale)[0] for dt in (torch.float64, torch.float32))
+        assert_scaled_close(out, *refs, what=name)
+
+
+def test_a_global_number_changed_since_the_block_mask_declines():
+    """The lists were built for the window at creation; the mod now reads another window, so the
+    lists are not its band's blocks (flex applies the new mod in the listed partial blocks only)."""
+    global W
+    saved = W
+    try:
+        mod = lambda b, h, q, kv: (q >= kv) & (q - kv <= W)
+        bm = flex.create_block_mask(mod, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=32)
+        W = 5
+        q, k, v = _inputs(64, 64, HQ=2, HKV=2, seed=4)
+        before = dispatch.PATHS["band"]
+        flex.flex_attention(q, k, v, block_mask=bm)
+        assert dispatch.PATHS["band"] == before
+    finally:
+        W = saved
+
+
+def test_a_moved_or_cropped_block_mask_keeps_the_route():
+    L, S = 64, 96
+    mod = RECOGNIZED["causal_window"][0]
+    bm = flex.create_block_mask(mod, None, None, L, S, device=DEVICE, BLOCK_SIZE=32)._adjust(48, 80).to(DEVICE)
+    q, k, v = _inputs(48, 80, HQ=2, HKV=2, seed=5)
+    before = dispatch.PATHS["band"]
+    out = flex.flex_attention(q, k, v, block_mask=bm)
+    assert dispatch.PATHS["band"] == before + 1
+    assert_scaled_close(out, *(dense_reference(q, k, v, None, mod, dt)[0] for dt in (torch.float64, torch.float32)))
+
+
+_SLOPES = torch.tensor([0.5, 0.125], device=DEVICE)
+SCORES = {
+    "alibi": lambda s, b, h, q, kv: s - _SLOPES[h] * (q - kv).abs(),
+    "softcap": lambda s, b, h, q, kv: 4.0 * torch.tanh(s / 4.0),
+}
+
+
+@pytest.mark.parametrize("score_name,mask_name,L,S,tma", [
+    ("alibi", "causal", 70, 90, False), ("softcap", "causal_window", 90, 40, True),
+    ("softcap", "symmetric_window", 64, 64, False), ("alibi", None, 50, 75, True)])
+def test_score_mod_over_a_band_matches_float64(score_name, mask_name, L, S, tma):
+    """A score_mod with a band mask (or none): the core's forward walks the band by arithmetic with
+    the score hook (no lists, no mask hook; ``tma`` forces tensor-descriptor reads), and the
+    lists' backward follows. out, lse, max_scores and the gradients against float64; the lists'
+    forward (flex_bands off) agrees."""
+    score = SCORES[score_name]
+    mod = RECOGNIZED[mask_name][0] if mask_name else None
+    q, k, v = _inputs(L, S, seed=L + S)
+    bm = flex.create_block_mask(mod, None, None, L, S, device=DEVICE, BLOCK_SIZE=32) if mod else None
+    aux = flex.AuxRequest(lse=True, max_scores=True)
+    before = dict(dispatch.PATHS)
+    with kernel_options(tma=True if tma else None, flex_tma=tma):
+        out, got = flex.flex_attention(q, k, v, score, bm, enable_gqa=True, return_aux=aux)
+    assert dispatch.PATHS["band_hooks"] == before["band_hooks"] + 1 and dispatch.PATHS["band"] == before["band"]
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad((out * go).sum(), (q, k, v))
+    assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o, l_, mx = dense_reference(*leaves, score, mod, dt)
+        res[dt] = (o, l_, mx, torch.autograd.grad((o * go.to(dt)).sum(), leaves))
+    (o64, l64, m64, g64), (o32, l32, m32, g32) = res[torch.float64], res[torch.float32]
+    what = f"{score_name} x {mask_name}"
+    assert_scaled_close(out, o64, o32, what=f"{what} out")
+    _close_with_empty_rows(got.lse, l64, l32, what=f"{what} lse")
+    _close_with_empty_rows(got.max_scores, m64, m32, what=f"{what} max_scores")
+    for n, a, r, s in zip("qkv", grads, g64, g32):
+        assert_scaled_close(a, r, s, k=6.0, what=f"{what} d{n}")
+    with torch.no_grad(), kernel_options(flex_bands=False):
+        lists_out = flex.flex_attention(q, k, v, score, bm, enable_gqa=True)
+    assert dispatch.PATHS["band_hooks"] == before["band_hooks"] + 1
+    assert_scaled_close(lists_out, o64, o32, what=f"{what} out through the lists")
