@@ -166,9 +166,9 @@ SCORES = {
     ("alibi", "causal", 70, 90, False), ("softcap", "causal_window", 90, 40, True),
     ("softcap", "symmetric_window", 64, 64, False), ("alibi", None, 50, 75, True)])
 def test_score_mod_over_a_band_matches_float64(score_name, mask_name, L, S, tma):
-    """A score_mod with a band mask (or none): the core's forward walks the band by arithmetic with
-    the score hook (no lists, no mask hook; ``tma`` forces tensor-descriptor reads), and the
-    lists' backward follows. out, lse, max_scores and the gradients against float64; the lists'
+    """A score_mod with a band mask (or none): the core's forward and backward walk the band by
+    arithmetic with the score hooks (no lists, no mask hook; ``tma`` forces the forward's
+    tensor-descriptor reads). out, lse, max_scores and the gradients against float64; the lists'
     forward (flex_bands off) agrees."""
     score = SCORES[score_name]
     mod = RECOGNIZED[mask_name][0] if mask_name else None
@@ -181,7 +181,7 @@ def test_score_mod_over_a_band_matches_float64(score_name, mask_name, L, S, tma)
     assert dispatch.PATHS["band_hooks"] == before["band_hooks"] + 1 and dispatch.PATHS["band"] == before["band"]
     go = torch.randn_like(out)
     grads = torch.autograd.grad((out * go).sum(), (q, k, v))
-    assert dispatch.PATHS["fused_backward"] == before["fused_backward"] + 1
+    assert dispatch.PATHS["band_hooks_backward"] == before["band_hooks_backward"] + 1
     res = {}
     for dt in (torch.float64, torch.float32):
         leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]

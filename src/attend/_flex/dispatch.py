@@ -70,8 +70,10 @@ class FlexCall:
 # How many calls each path ran (tests assert which path a call took): forwards, then backwards
 # of fused forwards (the core's flex backward, or a recomputation through the blocked path).
 # "band": calls run on the dense fused path (a band mask_mod and no score_mod; ``_band_route``);
-# "band_hooks": forwards of the core's flex mode that walked a band with the score hook (``_hook_band``).
-PATHS = {"fused": 0, "blocked": 0, "fused_backward": 0, "blocked_backward": 0, "band": 0, "band_hooks": 0}
+# "band_hooks" / "band_hooks_backward": the core's flex forwards / backwards that walked a band with
+# the score hooks (``_hook_band``).
+PATHS = {"fused": 0, "blocked": 0, "fused_backward": 0, "blocked_backward": 0, "band": 0, "band_hooks": 0,
+         "band_hooks_backward": 0}
 
 
 def _fusable(call: FlexCall) -> bool:
@@ -93,11 +95,11 @@ def _fusable(call: FlexCall) -> bool:
             and q.shape[2] > 0 and k.shape[2] > 0)
 
 
-def _hook_band(call: FlexCall) -> Band | None:
-    """The band the core's forward walks with the score hook instead of the lists and the mask
-    hook (``call.band``, a score_mod, ``KernelOptions.flex_bands`` on, k / v of the query's batch);
-    None: the lists."""
-    if call.band is None or call.score is None or not kernel_options.current().flex_bands:
+def _hook_band(call: FlexCall, opts: kernel_options.KernelOptions | None = None) -> Band | None:
+    """The band the core's kernels walk with the score hooks instead of the lists and the mask
+    hook (``call.band``, a score_mod, ``KernelOptions.flex_bands`` on in ``opts``, default the
+    options in force; k / v of the query's batch); None: the lists."""
+    if call.band is None or call.score is None or not (opts or kernel_options.current()).flex_bands:
         return None
     return call.band if call.key.shape[0] == call.query.shape[0] else None
 
@@ -121,13 +123,14 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bo
 
 
 def _backward_mods(call: FlexCall, q, score_caps, mask_caps, score_grad: bool, grads=None) -> tuple:
-    """The ``score`` / ``mask`` arguments of launch.flex_backward. ``grads``: the score captures'
-    gradient buffers (default: fresh fp32 zeros; a warmup passes meta stand-ins)."""
+    """The ``score`` / ``mask`` arguments of launch.flex_backward (no mask where the band replaces
+    it, ``_hook_band``). ``grads``: the score captures' gradient buffers (default: fresh fp32 zeros;
+    a warmup passes meta stand-ins)."""
     score = mask = None
     if call.score is not None:
         score = (call.score_hooks.functions,
                  codegen.capture_args(list(score_caps), q.device, grads=grads, scalars=call.score.scalars), score_grad)
-    if call.mask is not None:
+    if call.mask is not None and _hook_band(call) is None:
         mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
     return score, mask
@@ -139,10 +142,13 @@ def _backward_kernel(call: FlexCall, dout, dlse, q, k, v, out, lse, score_caps, 
     from ..kernels import launch
 
     score, mask = _backward_mods(call, q, score_caps, mask_caps, any(cap_grads))
+    band = _hook_band(call)
     res = launch.flex_backward(dout, q, k, v, out, lse, dlse, call.blocks, call.scale, score, mask,
-                               kernel_options=call.kernel_options)
+                               kernel_options=call.kernel_options, band=band)
     if res is None:
         return None
+    if band is not None:
+        PATHS["band_hooks_backward"] += 1
     grads = score[1].grads if score is not None else ()
     cap = [g.to(c.dtype) if want else None for c, g, want in zip(score_caps, grads, cap_grads)]
     return (*res, cap)
@@ -182,7 +188,7 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
             None if ko is None else repr(sorted(ko.items())),
             None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop,
-            opts.flex_bwd_split)
+            opts.flex_bwd_split, _hook_band(call, opts))
 
 
 def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,
@@ -241,7 +247,7 @@ def _warm_backward(call: FlexCall, q, k, v, score, mask, opts: kernel_options.Ke
 
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         launch.flex_backward(None, q, k, v, None, None, None, call.blocks, call.scale, score, mask, options=opts,
-                             kernel_options=call.kernel_options, warmup=part)
+                             kernel_options=call.kernel_options, warmup=part, band=_hook_band(call, opts))
 
 
 class _FusedForward(torch.autograd.Function):

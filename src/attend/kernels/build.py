@@ -86,7 +86,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
 
 
 FLEX_VARIANTS = ("score_mod", "mask_mod", "score_and_mask")  # compile_flex's variants
-FLEX_BAND_VARIANTS = ("score_mod_band",)  # forward only: the score hook over a causal band, no lists
+FLEX_BAND_VARIANTS = ("score_mod_band",)  # the score hooks over a causal band, no lists
 
 
 def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_dim: int = 128,
@@ -120,8 +120,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
                                num_stages=stages)
     fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
     score, mask = _mods()
-    band = variant in FLEX_BAND_VARIANTS  # launch.flex_forward's ``band``: the band's loops, no lists
-    assert not band or kernel == "fwd", "a band is a forward variant"
+    band = variant in FLEX_BAND_VARIANTS  # launch.flex_forward / flex_backward's ``band``: the band's loops, no lists
     graphs = dict(score=trace(score, "score") if variant != "mask_mod" else None,
                   mask=trace(mask, "mask") if variant not in ("score_mod", *FLEX_BAND_VARIANTS) else None)
     flags = dict(FLEX=not band, CAUSAL=band, EVEN=False, ONE_LOOP=one_loop, LAZY_RESCALE=False,
@@ -129,8 +128,8 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     if kernel == "fwd":
         flags["FLEX_RAGGED_IN_FULL"] = ragged_in_full and not band
     ptr = lambda c: "*" + {torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}[c.tensor.dtype]
-    lists = (f"*{_DTYPE[dtype]}",) * 5 if band else ("*i32",) * 5  # a band's are q, unread
-    tuples = dict(FLEX_LISTS=lists + ("*fp32",)) if kernel == "fwd" else dict(FLEX_LISTS=("*i32",) * 10)
+    lists = (f"*{_DTYPE[dtype]}" if band else "*i32",) * (5 if kernel == "fwd" else 10)  # a band's are q, unread
+    tuples = dict(FLEX_LISTS=lists + ("*fp32",) if kernel == "fwd" else lists)
     for kind, prefix in (("score", "SCORE"), ("mask", "MASK")):
         g = graphs[kind]
         if g is None:
@@ -354,7 +353,8 @@ def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> li
     jobs += rule_jobs()
     jobs += [(kind, -1, arch, 128, variant) for kind in ("flex", "flex_bwd") for variant in FLEX_VARIANTS
              for arch in archs]
-    jobs += [("flex", -1, arch, 128, variant) for variant in FLEX_BAND_VARIANTS for arch in archs]
+    jobs += [(kind, -1, arch, 128, variant) for kind in ("flex", "flex_bwd") for variant in FLEX_BAND_VARIANTS
+             for arch in archs]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(functools.partial(_build_one, dump=dump), jobs))
 

@@ -989,6 +989,11 @@ def _dkdv_inner(
             s2T, sT, q_c, kv_c = _flex_scores2(k, q, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, score_meta,
                                                mod_mask_ptrs, mask_meta, SCORE_MOD, MASK_MOD, False, True, DOT_PRECISION,
                                                part)
+            if MASKED and (CAUSAL or WINDOW):  # a band's edge (the score hook over a band)
+                s2T = _band_select(s2T, rows, cols, causal_off, window_off, CAUSAL, WINDOW, True)
+            elif EDGES:
+                if (start_m < edge_lo) | (start_m >= edge_hi):
+                    s2T = _band_select(s2T, rows, cols, causal_off, window_off, CAUSAL, WINDOW, True)
             pT = tl.math.exp2(s2T)  # [BLOCK_N, BLOCK_M]
         else:
             pT = tl.math.exp2(_scores2(k, q, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
@@ -1080,6 +1085,11 @@ def _dq_inner(
             s2, s, q_c, kv_c = _flex_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, fb, fh, score_ptrs, score_meta,
                                              mod_mask_ptrs, mask_meta, SCORE_MOD, MASK_MOD, FLEX_BOUND, False,
                                              DOT_PRECISION, part, bound)
+            if MASKED and (CAUSAL or WINDOW):  # a band's edge (the score hook over a band)
+                s2 = _band_select(s2, rows, cols, causal_off, window_off, CAUSAL, WINDOW, False)
+            elif EDGES:
+                if (start_n < edge_lo) | (start_n >= edge_hi):
+                    s2 = _band_select(s2, rows, cols, causal_off, window_off, CAUSAL, WINDOW, False)
             p = tl.math.exp2(s2)  # [BLOCK_M, BLOCK_N]
         else:
             p = tl.math.exp2(_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, causal_off, window_off, mask_ptrs,
@@ -1167,6 +1177,9 @@ def attn_bwd(
     full_kv_indices, their 14 strides, q_num_blocks, q_indices, full_q_num_blocks,
     full_q_indices, their 14 strides); BLOCK_M1 and BLOCK_M2 divide SPARSE_BQ, BLOCK_N1 and
     BLOCK_N2 divide SPARSE_BKV.
+    SCORE_MOD without FLEX (launch.flex_backward over a band; no mask, dropout, key range, varlen
+    or DQ_ATOMIC): the band's own loops with the score hooks, their derivative and the captures'
+    gradient as the FLEX loops apply them, the band's edges masked by arithmetic.
     """
     one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE)
     tl.static_assert(not (DQ_ATOMIC and DETERMINISTIC), "DQ_ATOMIC is nondeterministic")
@@ -1174,12 +1187,13 @@ def attn_bwd(
     tl.static_assert(not (DQ_ONLY and (DQ_ATOMIC or HEAD_MAJOR)), "DQ_ONLY launches the dQ programs in key order")
     tl.static_assert(not (DKDV_ONLY and (DQ_ONLY or HEAD_MAJOR)), "DKDV_ONLY launches the dK / dV programs alone")
     tl.static_assert(not (FLEX and (DQ_ATOMIC or HEAD_MAJOR or USE_TMA)), "FLEX: dQ programs, key order, pointer loads")
-    if FLEX:
-        score_meta, mask_meta = _flex_meta(SCORE_META, MASK_META, SCORE_MOD, LOAD_SCORE_META, MASK_MOD, LOAD_MASK_META)
-        if SCORE_GRAD is not None:
-            grad_strides = LOAD_GRAD_STRIDES(SCORE_META)
-        else:
-            grad_strides = 0
+    # the score hook over a band (launch.flex_backward's band): the band's own loops call the hooks
+    band_hooks: tl.constexpr = SCORE_MOD is not None and not FLEX
+    score_meta, mask_meta = _flex_meta(SCORE_META, MASK_META, SCORE_MOD, LOAD_SCORE_META, MASK_MOD, LOAD_MASK_META)
+    if SCORE_GRAD is not None:
+        grad_strides = LOAD_GRAD_STRIDES(SCORE_META)
+    else:
+        grad_strides = 0
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < HEAD_DIM
@@ -1276,6 +1290,7 @@ def attn_bwd(
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                     stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION, a_h, c_h, True,
+                    fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, FLEX=band_hooks, SCORE_MOD=SCORE_MOD, SCORE_DSCORE=SCORE_DSCORE,
                 )
             if CAUSAL and not one_loop:
                 dk, dv = _dkdv_inner(
@@ -1284,6 +1299,7 @@ def attn_bwd(
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                     stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
+                    fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, FLEX=band_hooks, SCORE_MOD=SCORE_MOD, SCORE_DSCORE=SCORE_DSCORE,
                 )
             if KEY_RANGE:  # the maskless loop over [a_h, c_kept), empty unless every key is kept
                 c_kept = tl.where(kept, c_h, a_h)
@@ -1335,6 +1351,7 @@ def attn_bwd(
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                     stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
+                    fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, FLEX=band_hooks, SCORE_MOD=SCORE_MOD, SCORE_DSCORE=SCORE_DSCORE,
                 )
             if WINDOW and not one_loop:
                 dk, dv = _dkdv_inner(
@@ -1343,6 +1360,7 @@ def attn_bwd(
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                     stride_dmaskm, stride_dmaskn, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_M1, True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS,
                     DROPOUT, MASK_GRAD, MASK_GRAD_ATOMIC, DQ_ATOMIC, EVEN, USE_TMA, DOT_PRECISION,
+                    fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, FLEX=band_hooks, SCORE_MOD=SCORE_MOD, SCORE_DSCORE=SCORE_DSCORE,
                 )
         dk *= sm_scale
         tl.store(DK + tl.cast(bt, tl.int64) * stride_dkb + tl.cast(hk, tl.int64) * stride_dkh
@@ -1405,12 +1423,17 @@ def attn_bwd(
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
                            False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION,
-                           a, c, True)
+                           a, c, True, fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, grad_ptrs=SCORE_GRADS,
+                           grad_strides=grad_strides, FLEX=band_hooks, SCORE_MOD=SCORE_MOD, SCORE_DSCORE=SCORE_DSCORE,
+                           SCORE_GRAD=SCORE_GRAD, FLEX_BOUND=band_hooks and not EVEN)
         if WINDOW and not one_loop:
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, lo, a, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
+                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION,
+                           fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, grad_ptrs=SCORE_GRADS,
+                           grad_strides=grad_strides, FLEX=band_hooks, SCORE_MOD=SCORE_MOD, SCORE_DSCORE=SCORE_DSCORE,
+                           SCORE_GRAD=SCORE_GRAD, FLEX_BOUND=band_hooks and not EVEN)
         if KEY_RANGE:  # a run of kept keys reads the mask on the block k_lo cuts only (_run_split)
             a_in, c_run = _run_split(a, c, k_lo, run, BLOCK_N2)
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, a, a_in, rows, offs_n, d_offs, bh, L, S,
@@ -1465,11 +1488,17 @@ def attn_bwd(
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, a, c, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                           False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
+                           False, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION,
+                           fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, grad_ptrs=SCORE_GRADS,
+                           grad_strides=grad_strides, FLEX=band_hooks, SCORE_MOD=SCORE_MOD, SCORE_DSCORE=SCORE_DSCORE,
+                           SCORE_GRAD=SCORE_GRAD, FLEX_BOUND=band_hooks and not EVEN)
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, c, hi, rows, offs_n, d_offs, bh, L, S,
                            qk_scale, causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn,
                            stride_vd, stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2,
-                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION)
+                           True, CAUSAL, WINDOW, HAS_MASK, MASK_BOOL, MASK_KEYS, DROPOUT, EVEN, USE_TMA, DOT_PRECISION,
+                           fb=b, fh=h, score_ptrs=SCORE_PTRS, score_meta=score_meta, grad_ptrs=SCORE_GRADS,
+                           grad_strides=grad_strides, FLEX=band_hooks, SCORE_MOD=SCORE_MOD, SCORE_DSCORE=SCORE_DSCORE,
+                           SCORE_GRAD=SCORE_GRAD, FLEX_BOUND=band_hooks and not EVEN)
         dq *= sm_scale
         tl.store(DQ + tl.cast(bt, tl.int64) * stride_dqb + tl.cast(h, tl.int64) * stride_dqh
                  + q_rows * stride_dqm + d_offs[None, :] * stride_dqd,

@@ -904,13 +904,14 @@ def _specialized_as(t: torch.Tensor) -> tuple:
 
 def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=None, mask=None,
                   options: KernelOptions | dict | None = None, kernel_options: dict | None = None,
-                  warmup: bool | str = False):
+                  warmup: bool | str = False, band: Band | None = None):
     """Gradients of ``flex_forward`` through core.attn_bwd's FLEX mode: (dq, dk, dv), dk / dv
     shaped like k / v (summed over the batch where k / v broadcast it), or None where no tile fits
     the BlockMask's BLOCK_SIZE. ``score``: (the score_mod's generated functions, its
     ``codegen.capture_args`` with gradient buffers, whether to scatter the captures' gradient into
     them), or None; ``mask`` as flex_forward's. ``out`` / ``lse``: the forward's; ``dlse``: the
-    gradient into the lse, or None.
+    gradient into the lse, or None. ``band``: as flex_forward's (the band's loops with the score
+    hooks, no lists read).
 
     ``warmup``: compile the launch this call would make into core.attn_bwd's JIT cache and return
     None, launching nothing (nor the row statistics' preprocess): what a forward starts while its
@@ -932,7 +933,8 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     dv = torch.empty((B, Hkv, S, v.shape[3]), dtype=v.dtype, device=dev)
     if L == 0 or S == 0:
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
-    blocks = _with_lists(blocks, transposes=True, device=dev if warmup else None)
+    if band is None:
+        blocks = _with_lists(blocks, transposes=True, device=dev if warmup else None)
     if warmup:
         if dout is None:  # as flex_forward lays out its output
             dout = empty_in_layout(torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev),
@@ -943,17 +945,22 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         if _specialized_as(dout) != _specialized_as(out):  # e.g. out.sum()'s gradient, expanded (stride 0)
             dout = torch.empty_like(out).copy_(dout)  # read in out's layout: the kernel its forward warmed up
         nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, (H * L, L), B, L, None)
-    kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks, dev)
-    lists = (*kv_lists, blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
-             _list_strides(blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
-                           dev))
+    m = tiles.meta
+    if band is None:
+        kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks, dev)
+        lists = (*kv_lists, blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks, blocks.full_q_indices,
+                 _list_strides(blocks.q_num_blocks, blocks.q_indices, blocks.full_q_num_blocks,
+                               blocks.full_q_indices, dev))
+        BQ, BKV = blocks.BLOCK_SIZE  # the loops walk whole listed blocks: unmasked loads only where none is ragged
+    else:  # the band's loops read no list
+        assert mask is None and k.shape[0] == v.shape[0] == B, "a band replaces the mask; k / v of batch B"
+        kstr, vstr, lists = k.stride(), v.stride(), (q,) * 10
+        BQ, BKV = max(m["BLOCK_M1"], m["BLOCK_M2"]), max(m["BLOCK_N1"], m["BLOCK_N2"])
+    even = L % BQ == 0 and S % BKV == 0 and D == block_d(D)
     score_on, mask_on = score is not None, mask is not None
     sfns, score_args, score_grad = score if score_on else ({}, None, False)
     mfns, mask_args = mask if mask_on else ({}, None)
-    bargs, _ = band_args(Band())
-    m = tiles.meta
-    BQ, BKV = blocks.BLOCK_SIZE  # the loops walk whole listed blocks: unmasked loads only where none is ragged
-    even = L % BQ == 0 and S % BKV == 0 and D == block_d(D)
+    bargs, band_flags = band_args(Band() if band is None else band)
     args = dict(zip(_BWD_STRIDES, (*q.stride(), *kstr, *vstr, *dout.stride(), *dq.stride(), *dk.stride(),
                                    *dv.stride(), 0, 0, 0, 0, 0, 0, 0, 0, *stat_strides, 0, 0)),
                 Q=q, K=k, V=v, DO=dout, NLSE2=nlse2, Delta=delta, DQ=dq, DK=dk, DV=dv, MASK=q, DMASK=q, CU_Q=q,
@@ -963,10 +970,11 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
                 MASK_PTRS=mask_args.ptrs if mask_on else None, MASK_META=mask_args.meta if mask_on else None,
                 B=B, H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, sm_scale=scale, **bargs,
                 dropout_p=0.0, seed=0, N_KV_ITEMS=0, N_Q_ITEMS=0, SEQ_BUCKET=seq_bucket(max(L, S)))
-    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_BOOL=False,
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=False, MASK_BOOL=False,
                  MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
                  VARLEN=False, DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=even, USE_TMA=False,
-                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, DQ_ONLY=False, DKDV_ONLY=False, FLEX=True,
+                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, DQ_ONLY=False, DKDV_ONLY=False,
+                 FLEX=band is None,
                  SCORE_MOD=sfns.get("score_mod"), SCORE_DSCORE=sfns.get("score_mod_dscore"),
                  SCORE_GRAD=sfns.get("score_mod_grad_captures") if score_grad else None,
                  LOAD_SCORE_META=sfns.get("load_meta"),
