@@ -198,3 +198,20 @@ def test_score_mod_over_a_band_matches_float64(score_name, mask_name, L, S, tma)
         lists_out = flex.flex_attention(q, k, v, score, bm, enable_gqa=True)
     assert dispatch.PATHS["band_hooks"] == before["band_hooks"] + 1
     assert_scaled_close(lists_out, o64, o32, what=f"{what} out through the lists")
+
+
+def test_a_relabeled_block_mask_keeps_the_route_only_where_create_block_mask_built_it():
+    """The transformers integration caches a mask's lists and hands each call a copy holding that
+    call's mask_mod (a new closure over the same mask): ``_relabeled`` keeps the band route open
+    for lists create_block_mask built, and opens none for lists from from_kv_blocks."""
+    L = S = 64
+    q, k, v = _inputs(L, S, HQ=2, HKV=2, seed=6)
+    make = lambda: (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+    built = flex.create_block_mask(make(), None, None, L, S, device=DEVICE, BLOCK_SIZE=32)
+    listed = flex.BlockMask.from_kv_blocks(built.kv_num_blocks, built.kv_indices, built.full_kv_num_blocks,
+                                           built.full_kv_indices, BLOCK_SIZE=32, seq_lengths=(L, S))
+    for bm, routed in ((built._relabeled(make()), True), (listed._relabeled(make()), False)):
+        before = dispatch.PATHS["band"]
+        out = flex.flex_attention(q, k, v, block_mask=bm)
+        assert dispatch.PATHS["band"] == before + routed
+        assert_scaled_close(out, *(dense_reference(q, k, v, None, make(), dt)[0] for dt in (torch.float64, torch.float32)))

@@ -216,6 +216,19 @@ class BlockMask:
         out._built_from = self._built_from
         return out
 
+    def _relabeled(self, mask_mod) -> "BlockMask":
+        """A shallow copy holding ``mask_mod``, which the caller guarantees gives exactly these
+        lists (the same mask over the same tensors: the transformers integration's cached
+        BlockMasks, each call's mask_mod a new closure); where create_block_mask built these lists,
+        the copy keeps the band route of ``_flex/band.py`` open for it."""
+        import copy
+
+        out = copy.copy(self)
+        out.mask_mod = mask_mod
+        if self._built_from is not None and mask_mod is not None:
+            out._built_from = (mask_mod, _band.provenance(_trace.trace_cached(mask_mod, "mask")))
+        return out
+
     def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
         """Crop to the upper-left ``new_q_len x new_kv_len`` corner (PyTorch's ``_adjust``)."""
         rows = -(-new_q_len // self.BLOCK_SIZE[0])

@@ -580,9 +580,7 @@ def _block_mask(fm: _FlexMask, L: int, S: int, device):
     versions = tuple(version(t) for t in fm.sources)
     key = (fm.spec, fm.B, fm.H, L, S, str(device), tuple(zip(map(id, fm.sources), versions)))
     if None in versions:  # an inference tensor: no version to tell a change by, so nothing is kept
-        bm = create_block_mask(fm.mask_mod, fm.B, fm.H, L, S, device=device)
-        bm.mask_mod = fm.mask_mod
-        return bm
+        return create_block_mask(fm.mask_mod, fm.B, fm.H, L, S, device=device)
     hit = _BLOCK_MASKS.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], fm.sources)):
         _BLOCK_MASKS.move_to_end(key)
@@ -594,10 +592,12 @@ def _block_mask(fm: _FlexMask, L: int, S: int, device):
             _BLOCK_MASKS.popitem(last=False)
         stored = copy.copy(bm)
         stored.mask_mod = None  # the lists only: each call brings its own mask_mod over its own tensors
+        if stored._built_from is not None:  # nor does the record of how they were built keep it alive
+            stored._built_from = (None, stored._built_from[1])
         _BLOCK_MASKS[key] = (tuple(weakref.ref(t) for t in fm.sources), stored)
-    bm = copy.copy(bm)
-    bm.mask_mod = fm.mask_mod
-    return bm
+    # the key names the mask (spec, lengths, the tensors and their versions): the lists are this
+    # call's mask_mod's own, so a band mask keeps the dense kernels (attend/_flex/band.py)
+    return bm._relabeled(fm.mask_mod)
 
 
 def _score_mod(softcap: float | None, additive: torch.Tensor | None):
