@@ -8,7 +8,7 @@ forward and on the core (``KernelOptions.fwd_ws=False``): what the flex forward'
 hooks cost against the same core without them.
 
     PYTHONPATH=src python benchmarks/flex_tiles.py [--cases causal,alibi_causal] [--rounds 5] [--json out.json]
-        [--kinds fwd,bwd] [--set tiles|loop]
+        [--kinds fwd,bwd] [--set tiles|loop|bands]
 
 The shapes are ``attend.bench_flex``'s ``full`` preset (B=2, H=16, S=8192, D=128, bf16) on CUDA,
 its ``tiny`` preset elsewhere (a smoke test under TRITON_INTERPRET=1). The winners go into
@@ -42,7 +42,12 @@ BWD_LOOP = [None, dict(flex_one_loop=True, flex_tma=True, flex_bwd_one_loop=True
     dict(flex_one_loop=True, flex_tma=True, flex_bwd_one_loop=True, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2,
          BLOCK_N2=n2, num_warps=w, num_stages=s) for m1, n1, m2, n2, w, s in (
         (64, 64, 64, 64, 4, 3), (64, 128, 128, 64, 8, 2), (64, 128, 128, 64, 8, 3), (32, 128, 128, 32, 4, 3))]
-_OPTION_KEYS = ("flex_one_loop", "flex_tma", "flex_bwd_one_loop")
+# The band hooks against the lists, and the list loops' forms (``--set bands``): a score_mod over a
+# band mask (alibi_causal, softcap_causal) or over no mask (alibi_no_mask) walks the band by
+# arithmetic unless flex_bands is off; the other masks (document, prefix_lm) walk the lists.
+FWD_BANDS = [None, dict(flex_bands=False), dict(flex_ragged_in_full=True), dict(flex_one_loop=True)]
+BWD_BANDS = [None, dict(flex_bands=False)]
+_OPTION_KEYS = ("flex_one_loop", "flex_tma", "flex_bwd_one_loop", "flex_bands", "flex_ragged_in_full")
 
 
 def _split(ko):
@@ -71,8 +76,9 @@ def main() -> None:
     ap.add_argument("--cases", default="causal,alibi_causal")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--kinds", default="fwd,bwd")
-    ap.add_argument("--set", choices=("tiles", "loop"), default="tiles",
-                    help="the candidates: tiles of the kernels with a loop per kind of block, or the single loop / TMA ones")
+    ap.add_argument("--set", choices=("tiles", "loop", "bands"), default="tiles",
+                    help="the candidates: tiles of the kernels with a loop per kind of block, the single loop / TMA "
+                         "ones, or the band hooks against the lists (with the lists' loop forms)")
     ap.add_argument("--json")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,8 +110,9 @@ def main() -> None:
                 attend.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         variants = [("dense causal", o, dense) for o in ({}, {"fwd_ws": False}) if case == "causal"]
-        variants += [("fwd", ko, fwd) for ko in (FWD if args.set == "tiles" else FWD_LOOP) if "fwd" in kinds] + [("fwd+bwd", ko, bwd) for ko in (BWD if args.set == "tiles" else BWD_LOOP)
-                                                                       if "bwd" in kinds]
+        fwd_set, bwd_set = dict(tiles=(FWD, BWD), loop=(FWD_LOOP, BWD_LOOP), bands=(FWD_BANDS, BWD_BANDS))[args.set]
+        variants += [("fwd", ko, fwd) for ko in fwd_set if "fwd" in kinds]
+        variants += [("fwd+bwd", ko, bwd) for ko in bwd_set if "bwd" in kinds]
         live, times = [], {}
         for kind, ko, fn in variants:  # compile each outside the timing; a failure is a result
             try:

@@ -120,10 +120,9 @@ class KernelOptions:
     # The flex forward walks a BlockMask's partial and full key blocks in one loop, the mask_mod and
     # bounds masks under per-block branches (core's FULL_LIST), instead of three loops (partial,
     # full, a ragged full block), which leaves the shared memory of one pipeline and so room for
-    # more stages (configs.flex_tile). Off: on an H100 (benchmarks/flex_tiles.py --set loop, 2026-12-05;
-    # best tiles, ms one loop / three loops, TMA both) causal was slower, 1.551 / 1.523, and the others
-    # faster only within the rounds' spread of up to 15%: ALiBi + causal 1.769 / 1.835, document
-    # 0.627 / 0.687.
+    # more stages (configs.flex_tile). Off: on an H100 (benchmarks/flex_tiles.py --set bands, 2026-12-05,
+    # the default tiles) the document forward took 1.34 ms against 0.485 with three loops, prefix-LM
+    # 1.87 against 1.34 (with its best tiles it had been within the spread of three loops).
     flex_one_loop: bool = False
     # The same for the flex backward: its dQ programs' three key loops and its dK / dV programs' two
     # query loops become one each (configs.flex_bwd_tile then keeps the dense config's stages). Off:
@@ -143,7 +142,9 @@ class KernelOptions:
     # one loop body fewer. sm_90 build of the forward with a softcap + ALiBi + table score_mod and a
     # document + causal mask_mod (2-core CPU, empty caches, two rounds): 2.48 / 2.55 s against
     # 3.27 / 3.39, PTX 9407 lines against 12614, spill stores 660 bytes against 788 (ptxas -v).
-    # Off until a GPU times it: the branch sits in every full-block step.
+    # Off: the steady forward was 2-3% slower on an H100 (document 0.498 against 0.485 ms, prefix-LM
+    # 1.364 against 1.340; benchmarks/RESULTS.md, "Band hooks against the lists"): the branch sits
+    # in every full-block step.
     flex_ragged_in_full: bool = False
     # The flex forward reads K and V through TMA tensor descriptors at each listed key block, where
     # the copy engine can read them (launch.use_tma: sm_90 and up), instead of pointer loads.
@@ -156,7 +157,11 @@ class KernelOptions:
     # q_idx - kv_idx keeping one interval of it around the diagonal; _flex/band.py), with a
     # BlockMask create_block_mask built from it, no kernel_options and no max_scores asked, runs
     # attend's dense fused path over that band (on Hopper the Gluon kernels) instead of the core's
-    # flex mode (docs/flex.md, "Band masks"). False: the flex mode runs it, as any other mask.
+    # flex mode (docs/flex.md, "Band masks"); with a score_mod, the core's kernels walk the band with
+    # the score hooks instead of the lists. False: the lists, as for any other mask. On an H100
+    # (benchmarks/RESULTS.md, 2026-12-05 late; B=2, H=16, S=8192, D=128, ms forward / backward):
+    # causal 0.963 / 2.934 against 1.312 / 4.440 on the lists, a 1024 window 0.286 / 1.011 against
+    # 0.554 / 1.630, ALiBi + causal 1.34 / 4.30 against 1.65 / 5.19.
     flex_bands: bool = True
 
     def replace(self, **changes) -> "KernelOptions":
