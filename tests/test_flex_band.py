@@ -28,6 +28,7 @@ RECOGNIZED = {
     "window_past_every_query": (lambda b, h, q, kv: (q >= kv) & (q - kv < 10_000), Band(-1, 0)),
 }
 NOT_BANDS = {
+    "int32_wraparound": lambda b, h, q, kv: (q >= kv) & (kv + (2 ** 31 - 1) >= q),  # kv + c wraps: keeps kv = 0 only
     "strictly_below_diagonal": lambda b, h, q, kv: q > kv,  # a band without the diagonal
     "every_other_key": lambda b, h, q, kv: (q - kv) % 2 == 0,  # a function of q - kv, not one interval
     "query_alone": lambda b, h, q, kv: (q >= 5) & (q >= kv),
@@ -99,7 +100,7 @@ def _declined_cases(L, S):
     reassigned.mask_mod = lambda b, h, q, kv: q >= kv  # same mask, but not the one the lists came from
     return {
         "max_scores_asked": dict(block_mask=ours(), return_aux=flex.AuxRequest(lse=True, max_scores=True)),
-        "score_mod": dict(block_mask=ours(), score_mod=lambda s, b, h, q, kv: s * 0.5),
+        "score_mod": dict(block_mask=ours(), score_mod=lambda s, b, h, q, kv: s * 0.5),  # the band hooks instead
         "pytorch_block_mask": dict(block_mask=tflex.create_block_mask(causal, None, None, L, S, device=DEVICE,
                                                                       BLOCK_SIZE=32)),
         "mask_mod_reassigned": dict(block_mask=reassigned),
@@ -122,6 +123,8 @@ def test_band_route_declined_where_lists_or_asks_differ():
         out = res[0] if isinstance(res, tuple) else res
         assert dispatch.PATHS["band"] == before["band"], name
         assert dispatch.PATHS["fused"] + dispatch.PATHS["blocked"] == before["fused"] + before["blocked"] + 1, name
+        hooked = dispatch.PATHS["band_hooks"] - before["band_hooks"]
+        assert hooked == (name == "score_mod"), (name, hooked)  # the others walk the lists
         scale = 0.125 if name == "score_mod" else None
         refs = (dense_reference(q, k, v, None, causal, dt, scale=scale)[0] for dt in (torch.float64, torch.float32))
         assert_scaled_close(out, *refs, what=name)
@@ -138,8 +141,10 @@ def test_a_global_number_changed_since_the_block_mask_declines():
         W = 5
         q, k, v = _inputs(64, 64, HQ=2, HKV=2, seed=4)
         before = dispatch.PATHS["band"]
-        flex.flex_attention(q, k, v, block_mask=bm)
+        out = flex.flex_attention(q, k, v, block_mask=bm)
         assert dispatch.PATHS["band"] == before
+        # the old lists cover the narrower window: the result is the new mod's
+        assert_scaled_close(out, *(dense_reference(q, k, v, None, mod, dt)[0] for dt in (torch.float64, torch.float32)))
     finally:
         W = saved
 
@@ -215,3 +220,56 @@ def test_a_relabeled_block_mask_keeps_the_route_only_where_create_block_mask_bui
         out = flex.flex_attention(q, k, v, block_mask=bm)
         assert dispatch.PATHS["band"] == before + routed
         assert_scaled_close(out, *(dense_reference(q, k, v, None, make(), dt)[0] for dt in (torch.float64, torch.float32)))
+
+
+def _routes(bm, L, S) -> bool:
+    q, k, v = _inputs(L, S, HQ=2, HKV=2, seed=7)
+    before = dispatch.PATHS["band"]
+    flex.flex_attention(q, k, v, block_mask=bm)
+    return dispatch.PATHS["band"] == before + 1
+
+
+def test_changed_lists_close_the_route():
+    """The record of how create_block_mask built the lists holds only while they are the same
+    tensors, unchanged: a replaced list, an in-place change and a longer _adjust close the route
+    (the lists then say something else than the band)."""
+    L = S = 64
+    make = lambda: flex.create_block_mask(RECOGNIZED["causal"][0], None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
+    assert _routes(make(), L, S)
+    replaced = make()
+    replaced.full_kv_num_blocks = replaced.full_kv_indices = None
+    assert not _routes(replaced, L, S)
+    in_place = make()
+    in_place.kv_num_blocks.zero_()
+    assert not _routes(in_place, L, S)
+    longer = make()._adjust(96, 96)
+    assert not longer._built_by(longer.mask_mod, longer._built_from and longer._built_from[1])
+    with pytest.raises(ValueError, match="4 query blocks.*need 6"):
+        flex.flex_attention(*_inputs(96, 96, HQ=2, HKV=2), block_mask=longer)
+
+
+def test_captured_gradients_and_lse_gradient_over_a_band():
+    """A trained relative-position table and ALiBi slopes, a gradient into the lse, GQA 2:1: the
+    band's dQ programs scatter the captures' gradient (each pair once), against float64."""
+    L, S = 70, 90
+    q, k, v = _inputs(L, S, seed=8)
+    table = (0.5 * torch.randn(2, L + S, device=DEVICE)).requires_grad_()
+    slopes = torch.tensor([0.3, 0.1], device=DEVICE).requires_grad_()
+    score = lambda s, b, h, q_i, kv_i: s + table[h, q_i - kv_i + S] - slopes[h] * (q_i - kv_i).abs()
+    mod = RECOGNIZED["causal_window"][0]
+    bm = flex.create_block_mask(mod, None, None, L, S, device=DEVICE, BLOCK_SIZE=32)
+    before = dict(dispatch.PATHS)
+    out, lse = flex.flex_attention(q, k, v, score, bm, enable_gqa=True, return_lse=True)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    leaves = (q, k, v, table, slopes)
+    grads = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), leaves)
+    assert dispatch.PATHS["band_hooks"] == before["band_hooks"] + 1
+    assert dispatch.PATHS["band_hooks_backward"] == before["band_hooks_backward"] + 1
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        ls = [t.detach().to(dt).requires_grad_() for t in leaves]
+        sm = lambda s, b, h, q_i, kv_i: s + ls[3][h, q_i - kv_i + S] - ls[4][h] * (q_i - kv_i).abs()
+        o, l_, _ = dense_reference(*ls[:3], sm, mod, dt)
+        res[dt] = torch.autograd.grad((o * go.to(dt)).sum() + (l_ * gl.to(dt)).sum(), ls)
+    for n, a, r, s_ in zip(["dq", "dk", "dv", "dtable", "dslopes"], grads, res[torch.float64], res[torch.float32]):
+        assert_scaled_close(a, r, s_, k=6.0, what=n)

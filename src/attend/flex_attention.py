@@ -291,9 +291,14 @@ def _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_l
     return float(scale)
 
 
-def _check_lists(kv_num_blocks: torch.Tensor, query: torch.Tensor) -> None:
-    """A BlockMask's lists must be on the query's device, with batch 1 or B and heads 1 or Hq."""
+def _check_lists(kv_num_blocks: torch.Tensor, query: torch.Tensor, block_q: int | None = None) -> None:
+    """A BlockMask's lists must be on the query's device, with batch 1 or B and heads 1 or Hq, and
+    (``block_q`` given) a row per query block of the call."""
     B, Hq = query.shape[0], query.shape[1]
+    if block_q is not None and kv_num_blocks.shape[-1] < -(-query.shape[2] // block_q):
+        raise ValueError(f"flex_attention: block_mask lists {kv_num_blocks.shape[-1]} query blocks; the call's "
+                         f"{query.shape[2]} queries in blocks of {block_q} need {-(-query.shape[2] // block_q)} "
+                         f"(a mask made longer with _adjust lists no blocks past its original length)")
     if kv_num_blocks.device != query.device:
         raise ValueError(f"flex_attention: block_mask is on {kv_num_blocks.device}, query on "
                          f"{query.device}; move it with block_mask.to(device)")
@@ -321,7 +326,7 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
                 raise ValueError(f"flex_attention: block_mask was created for (Q_LEN, KV_LEN) = {tuple(bm.seq_lengths)}, "
                                  f"the call has ({L}, {S}); create a block mask for these lengths (or crop one with "
                                  f"block_mask._adjust({L}, {S}) where the mask allows)")
-            _check_lists(bm.kv_num_blocks, query)
+            _check_lists(bm.kv_num_blocks, query, bm.BLOCK_SIZE[0])
             if bm.mask_mod is _sliced_mask_mod_error:
                 raise RuntimeError("flex_attention: block_mask was sliced and its mask_mod reset; assign a mask_mod "
                                    "that fits the slice (block_mask.mask_mod = ...)")
@@ -350,9 +355,8 @@ def _band_of(block_mask, mask_graph, L: int, S: int):
     holds (_flex/band.py); else None."""
     if block_mask is None or tuple(block_mask.BLOCK_SIZE) == (1 << 30, 1 << 30):
         return _Band()
-    built = getattr(block_mask, "_built_from", None)
-    if mask_graph is None or built is None or built[0] is not block_mask.mask_mod \
-            or built[1] != _band.provenance(mask_graph):
+    built_by = getattr(block_mask, "_built_by", None)  # attend's BlockMask only
+    if mask_graph is None or built_by is None or not built_by(block_mask.mask_mod, _band.provenance(mask_graph)):
         return None
     return _band.band(mask_graph, L, S)
 

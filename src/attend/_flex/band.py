@@ -24,53 +24,65 @@ BAND_CACHE_SIZE = 256
 _BANDS: dict[tuple, Band | None] = {}  # (structure, scalars, L, S) -> band, oldest first
 
 
-def difference_only(graph: ModGraph) -> bool:
-    """Whether ``graph`` (a mask_mod's) is provably a function of ``q_idx - kv_idx`` alone.
+def difference_only(graph: ModGraph, L: int, S: int) -> bool:
+    """Whether ``graph`` (a mask_mod's) is provably a function of ``q_idx - kv_idx`` alone on an
+    ``L x S`` call, in the int32 arithmetic the kernels and ``evaluate`` use.
 
-    Each node is read as integer-affine in the two indices, ``cq * q_idx + ckv * kv_idx + c`` (the
-    indices, sums, differences, negations and products by literal integers of such nodes; ``c`` may
-    hold the mod's numbers), or as a function of the difference (``_D``), or neither (None). A
-    comparison of two affine nodes whose difference has ``cq == -ckv``, and any other op whose
-    operands are all functions of the difference (affine with ``cq == -ckv`` included), is a
-    function of the difference. ``b``, ``h`` and captured tensors are neither, and so is any float
-    node: the BlockMask's lists come from the generated Triton hook, this check's band from torch,
-    and float rounding may differ between the two at the band's edge."""
+    Each node is read as integer-affine in the two indices, ``cq * q_idx + ckv * kv_idx + c``
+    (the indices, sums, differences, negations and products by literal integers of such nodes;
+    ``c`` from the mod's numbers, bounded by their current values), or as a function of the
+    difference (``_D``), or neither (None). A comparison of two affine nodes whose difference has
+    ``cq == -ckv`` is a function of the difference where neither side can wrap around int32 (sums
+    and products wrap exactly; a comparison of wrapped values does not compare the integers): for
+    indices up to ``max(L, S) - 1`` in size (``evaluate`` runs q_idx over ``-(S - 1) .. L - 1``).
+    Any other op whose operands are all functions of the difference (affine with ``cq == -ckv``
+    included) is one. ``b``, ``h``, captured tensors and float nodes are neither: the BlockMask's
+    lists come from the generated Triton hook, this check's band from torch, and float rounding
+    may differ between the two at the band's edge."""
     if graph.kind != "mask" or graph.captures or not isinstance(graph.output, Ref):
         return False
     if any(n.dtype.is_floating_point for n in graph.nodes[5:]):
         return False
-    forms: list = [None, None, None, (1, 0), (0, 1)]  # score, b, h, q_idx, kv_idx
-    arg = lambda a: forms[a.i] if isinstance(a, Ref) else (0, 0)
+    n_max = max(L, S)
+    forms: list = [None, None, None, (1, 0, 0), (0, 1, 0)]  # score, b, h, q_idx, kv_idx: (cq, ckv, |c| bound)
+    arg = lambda a: forms[a.i] if isinstance(a, Ref) else (0, 0, abs(int(a)))
     for n in graph.nodes[5:]:
-        args = [arg(a) for a in n.args if not isinstance(a, torch.dtype)]
-        forms.append(_form(n.op, args, n.args))
+        if n.op == "scalar":
+            forms.append((0, 0, abs(int(graph.scalars[n.args[0]]))))
+        elif n.op == "const":
+            forms.append((0, 0, abs(int(n.args[0]))))
+        else:
+            args = [arg(a) for a in n.args if not isinstance(a, torch.dtype)]
+            forms.append(_form(n.op, args, n.args, n_max))
     out = forms[graph.output.i]
     return out is _D or isinstance(out, tuple) and out[0] == -out[1]
 
 
 _D = "d"  # a node that is a function of q_idx - kv_idx (not affine)
 _CMP = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+_INT32 = 2 ** 31
 
 
-def _form(op: str, args: list, raw: tuple):
-    """A node's form for ``difference_only``: (cq, ckv) affine, _D, or None."""
-    if op in ("scalar", "const"):
-        return (0, 0)
+def _form(op: str, args: list, raw: tuple, n_max: int):
+    """A node's form for ``difference_only``: (cq, ckv, bound on |c|) affine, _D, or None."""
     if op in ("input", "load") or any(a is None for a in args):
         return None
-    if op in ("add", "sub") and all(isinstance(a, tuple) for a in args):
-        (q1, k1), (q2, k2) = args
-        return (q1 + q2, k1 + k2) if op == "add" else (q1 - q2, k1 - k2)
-    if op == "neg" and isinstance(args[0], tuple):
-        return (-args[0][0], -args[0][1])
-    if op == "mul" and all(isinstance(a, tuple) for a in args):
+    affine = all(isinstance(a, tuple) for a in args)
+    if op in ("add", "sub") and affine:
+        (q1, k1, c1), (q2, k2, c2) = args
+        return (q1 + q2, k1 + k2, c1 + c2) if op == "add" else (q1 - q2, k1 - k2, c1 + c2)
+    if op == "neg" and affine:
+        return (-args[0][0], -args[0][1], args[0][2])
+    if op == "mul" and affine:
         lit = [r for r in raw if isinstance(r, int) and not isinstance(r, bool)]
-        (q1, k1), (q2, k2) = args
+        (q1, k1, c1), (q2, k2, c2) = args
         if (q2, k2) == (0, 0) and lit and not isinstance(raw[0], int):
-            return (q1 * lit[0], k1 * lit[0])
+            return (q1 * lit[0], k1 * lit[0], c1 * abs(lit[0]))
         if (q1, k1) == (0, 0) and lit and not isinstance(raw[1], int):
-            return (q2 * lit[0], k2 * lit[0])
-    if op in _CMP and all(isinstance(a, tuple) for a in args):
+            return (q2 * lit[0], k2 * lit[0], c2 * abs(lit[0]))
+    if op in _CMP and affine:
+        if any((abs(cq) + abs(ckv)) * n_max + c >= _INT32 for cq, ckv, c in args):
+            return None  # a side may wrap around
         cq, ckv = args[0][0] - args[1][0], args[0][1] - args[1][1]
         return _D if cq == -ckv else None
     if all(a is _D or a[0] == -a[1] for a in args):
@@ -85,7 +97,7 @@ def band(graph: ModGraph, L: int, S: int) -> Band | None:
     key = (graph.key, tuple(graph.scalars), L, S)
     if key in _BANDS:
         return _BANDS[key]
-    found = _find(graph, L, S) if difference_only(graph) else None
+    found = _find(graph, L, S) if difference_only(graph, L, S) else None
     while len(_BANDS) >= BAND_CACHE_SIZE:
         _BANDS.pop(next(iter(_BANDS)))
     _BANDS[key] = found

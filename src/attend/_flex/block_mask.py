@@ -90,11 +90,44 @@ class BlockMask:
         self.full_q_num_blocks, self.full_q_indices = full_q_num_blocks, full_q_indices
         self.BLOCK_SIZE = tuple(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else _noop
-        # (mask_mod, band.provenance of its graph) where create_block_mask built these lists from it:
-        # then they are that mask's exact blocks, which a band mask's dense route needs (_flex/band.py)
+        # How create_block_mask built these lists (``_record``): then they are that mask's exact
+        # blocks, which a band mask's route needs (_flex/band.py); None: not known
         self._built_from: tuple | None = None
         # PyTorch's deterministic block-sparse dQ metadata: kept for as_tuple's shape, not produced
         self.dq_write_order = self.dq_write_order_full = self.dq_kv_order = self.dq_kv_order_spt = None
+
+    _KV_ATTRS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+    def _lists_state(self) -> tuple:
+        """The key-side lists themselves and their versions (an inference tensor keeps none), the
+        lengths and the block size: what a record of how the lists were built holds for."""
+        def version(t):
+            try:
+                return t._version
+            except RuntimeError:
+                return None
+        lists = tuple(getattr(self, a) for a in self._KV_ATTRS)
+        return (lists, tuple(None if t is None else version(t) for t in lists), tuple(self.seq_lengths),
+                tuple(self.BLOCK_SIZE))
+
+    def _record(self, mask_mod, provenance: tuple) -> None:
+        """Record that these lists are ``mask_mod``'s exact blocks (its graph's ``band.provenance``)."""
+        self._built_from = (mask_mod, provenance, self._lists_state())
+
+    def _lists_recorded(self) -> bool:
+        """Whether a record exists and the lists, lengths and block size are still the recorded ones
+        (no list replaced or changed in place since)."""
+        b = self._built_from
+        if b is None:
+            return False
+        (lists, versions, lengths, block), (now, now_versions, now_lengths, now_block) = b[2], self._lists_state()
+        return (all(x is y for x, y in zip(lists, now)) and versions == now_versions and lengths == now_lengths
+                and block == now_block)
+
+    def _built_by(self, mask_mod, provenance: tuple) -> bool:
+        """Whether create_block_mask built these very lists from ``mask_mod``, tracing to
+        ``provenance`` (the call's mask graph): the band route's condition."""
+        return self._lists_recorded() and self._built_from[0] is mask_mod and self._built_from[1] == provenance
 
     _TENSOR_ATTRS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
                      "q_indices", "full_q_num_blocks", "full_q_indices")
@@ -213,7 +246,8 @@ class BlockMask:
         """A copy with every list on ``device``."""
         moved = {a: None if getattr(self, a) is None else getattr(self, a).to(device) for a in self._TENSOR_ATTRS}
         out = BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
-        out._built_from = self._built_from
+        if self._lists_recorded():
+            out._record(self._built_from[0], self._built_from[1])
         return out
 
     def _relabeled(self, mask_mod) -> "BlockMask":
@@ -225,8 +259,24 @@ class BlockMask:
 
         out = copy.copy(self)
         out.mask_mod = mask_mod
-        if self._built_from is not None and mask_mod is not None:
-            out._built_from = (mask_mod, _band.provenance(_trace.trace_cached(mask_mod, "mask")))
+        out._built_from = None
+        if self._lists_recorded() and mask_mod is not None:
+            provenance = _band.provenance(_trace.trace_cached(mask_mod, "mask"))
+            if provenance == self._built_from[1]:  # the same structure and numbers as the lists were built from
+                out._record(mask_mod, provenance)
+        return out
+
+    def _lists_only(self) -> "BlockMask":
+        """A shallow copy without a mask_mod whose record of how its lists were built (if any) no
+        longer holds the mask_mod either: what a cache keeps without keeping the mod's tensors."""
+        import copy
+
+        out = copy.copy(self)
+        out.mask_mod = None
+        if self._lists_recorded():
+            out._built_from = (None, *self._built_from[1:])
+        else:
+            out._built_from = None
         return out
 
     def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
@@ -245,7 +295,8 @@ class BlockMask:
         out = BlockMask.from_kv_blocks(*kv, *full, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
                                        seq_lengths=(new_q_len, new_kv_len),
                                        compute_q_blocks=self.q_indices is not None)
-        out._built_from = self._built_from  # a crop lists no block the mask leaves empty, and full ones stay full
+        if self._lists_recorded() and new_q_len <= self.seq_lengths[0] and new_kv_len <= self.seq_lengths[1]:
+            out._record(*self._built_from[:2])  # a crop lists no block the mask leaves empty, and full ones stay full
         return out
 
 
@@ -362,5 +413,5 @@ def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOC
     else:
         out = BlockMask.from_kv_blocks(*_ordered(status != 0), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
                                        seq_lengths=(Q_LEN, KV_LEN))
-    out._built_from = (mask_mod, _band.provenance(graph))
+    out._record(mask_mod, _band.provenance(graph))
     return out

@@ -122,7 +122,7 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bo
     return res
 
 
-def _backward_mods(call: FlexCall, q, score_caps, mask_caps, score_grad: bool, grads=None) -> tuple:
+def _backward_mods(call: FlexCall, q, score_caps, mask_caps, score_grad: bool, grads=None, opts=None) -> tuple:
     """The ``score`` / ``mask`` arguments of launch.flex_backward (no mask where the band replaces
     it, ``_hook_band``). ``grads``: the score captures' gradient buffers (default: fresh fp32 zeros;
     a warmup passes meta stand-ins)."""
@@ -130,7 +130,7 @@ def _backward_mods(call: FlexCall, q, score_caps, mask_caps, score_grad: bool, g
     if call.score is not None:
         score = (call.score_hooks.functions,
                  codegen.capture_args(list(score_caps), q.device, grads=grads, scalars=call.score.scalars), score_grad)
-    if call.mask is not None and _hook_band(call) is None:
+    if call.mask is not None and _hook_band(call, opts) is None:
         mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
     return score, mask
@@ -180,6 +180,12 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
     S = k.shape[2]
     BQ, BKV = call.blocks.BLOCK_SIZE
     ko = call.kernel_options
+    band = _hook_band(call, opts)
+    if band is not None:  # no lists: the band's loops are even by the tiles (launch.flex_backward)
+        tiles = launch.flex_bwd_tiles(q, k, call.blocks, opts, ko)
+        if tiles is not None:
+            BQ = max(tiles.meta["BLOCK_M1"], tiles.meta["BLOCK_M2"])
+            BKV = max(tiles.meta["BLOCK_N1"], tiles.meta["BLOCK_N2"])
     return (q.device, q.dtype, D, H // k.shape[1], launch.seq_bucket(max(L, S)), BQ, BKV,
             L % BQ == 0 and S % BKV == 0, L % 16 == 0, S % 16 == 0,
             call.score_hooks.path if call.score is not None else None,
@@ -188,7 +194,7 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
             None if ko is None else repr(sorted(ko.items())),
             None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop,
-            opts.flex_bwd_split, _hook_band(call, opts))
+            opts.flex_bwd_split, band)
 
 
 def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,
@@ -208,7 +214,7 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     if fut is not _NEVER:
         return fut
     stand_ins = [torch.empty(c.shape, dtype=torch.float32, device="meta") for c in score_caps]
-    score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, grads=stand_ins)
+    score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, grads=stand_ins, opts=opts)
     futs = []
     parts = ("dkdv", "dq") if opts.flex_bwd_split else (True,)
     if len(parts) > 1:  # the JIT's per-device cache, made here once: two threads must not both create it

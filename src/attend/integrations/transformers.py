@@ -58,7 +58,6 @@ served raises an error naming it.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import warnings
@@ -590,10 +589,7 @@ def _block_mask(fm: _FlexMask, L: int, S: int, device):
             bm = create_block_mask(fm.mask_mod, fm.B, fm.H, L, S, device=device)
         while len(_BLOCK_MASKS) >= BLOCK_MASK_CACHE_SIZE:
             _BLOCK_MASKS.popitem(last=False)
-        stored = copy.copy(bm)
-        stored.mask_mod = None  # the lists only: each call brings its own mask_mod over its own tensors
-        if stored._built_from is not None:  # nor does the record of how they were built keep it alive
-            stored._built_from = (None, stored._built_from[1])
+        stored = bm._lists_only()  # each call brings its own mask_mod over its own tensors
         _BLOCK_MASKS[key] = (tuple(weakref.ref(t) for t in fm.sources), stored)
     # the key names the mask (spec, lengths, the tensors and their versions): the lists are this
     # call's mask_mod's own, so a band mask keeps the dense kernels (attend/_flex/band.py)

@@ -845,7 +845,8 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
                  MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=band is None,
                  SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
-                 SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1], MAX_SCORES=want_max,
+                 SPARSE_BQ=blocks.BLOCK_SIZE[0] if band is None else 128,  # a band reads no list: one build
+                 SPARSE_BKV=blocks.BLOCK_SIZE[1] if band is None else 128, MAX_SCORES=want_max,
                  FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full and tma and band is None)
     grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
     core.attn_fwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
@@ -980,7 +981,8 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
                  LOAD_SCORE_META=sfns.get("load_meta"),
                  LOAD_GRAD_STRIDES=sfns.get("load_grad_strides") if score_grad else None,
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
-                 SPARSE_BQ=blocks.BLOCK_SIZE[0], SPARSE_BKV=blocks.BLOCK_SIZE[1])
+                 SPARSE_BQ=blocks.BLOCK_SIZE[0] if band is None else 128,  # a band reads no list: one build
+                 SPARSE_BKV=blocks.BLOCK_SIZE[1] if band is None else 128)
     n_kv, n_q = _cdiv(S, m["BLOCK_N1"]) * B * Hkv, _cdiv(L, m["BLOCK_M2"]) * B * H
     launch = dict(**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
     if resolve(options).flex_bwd_split:  # two kernels, each with only its programs' code
