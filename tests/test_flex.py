@@ -161,18 +161,25 @@ def test_matches_float64_definition(score_name, mask_name, monkeypatch):
     grads = torch.autograd.grad((out * g).sum(), [q, k, v, *caps])
     assert dispatch.PATHS["fused_backward"] == fused_bwd + fused_expected, "the core's flex backward did not run"
 
+    assert_matches_definition(out, aux, grads, (q, k, v), caps, score_mod, mask_mod, g, f"{score_name} x {mask_name}")
+
+
+def assert_matches_definition(out, aux, grads, qkv, caps, score_mod, mask_mod, dout, what) -> None:
+    """``out``, ``aux``'s lse and max_scores and ``grads`` (of ``(out * dout).sum()`` with respect
+    to ``qkv`` and then ``caps``) against the dense definition in float64, tolerances scaled by the
+    float32 definition's error; a row that keeps no key must be -inf in the lse and max_scores."""
     refs = {}
     for dt in (torch.float64, torch.float32):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)] + _as(dt, caps)
+        leaves = [t.detach().to(dt).requires_grad_() for t in qkv] + _as(dt, caps)
         sm = _with_captures(score_mod, caps, leaves[3:])
         o, lse, mx = dense_reference(*leaves[:3], sm, mask_mod, dt)
-        refs[dt] = (o, lse, mx, torch.autograd.grad((o * g.to(dt)).sum(), leaves))
+        refs[dt] = (o, lse, mx, torch.autograd.grad((o * dout.to(dt)).sum(), leaves))
     (o64, lse64, mx64, g64), (o32, lse32, mx32, g32) = refs[torch.float64], refs[torch.float32]
-    what = f"{score_name} x {mask_name}"
     assert_scaled_close(out, o64, o32, what=f"{what} out")
     _close_with_empty_rows(aux.lse, lse64, lse32, what=f"{what} lse")
     _close_with_empty_rows(aux.max_scores, mx64, mx32, what=f"{what} max_scores")
-    for name, a, r, s in zip(["dq", "dk", "dv", "dtable"], grads, g64, g32):
+    for name, a, r, s in zip(["dq", "dk", "dv", *(f"d(capture {i})" for i in range(len(caps)))], grads, g64, g32,
+                             strict=True):
         assert_scaled_close(a, r, s, k=6.0, what=f"{what} {name}")
 
 

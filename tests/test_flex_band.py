@@ -13,7 +13,7 @@ from attend._flex.trace import trace
 from attend._layout import Band
 from attend.kernels.options import kernel_options
 from conftest import DEVICE, assert_scaled_close
-from test_flex import _close_with_empty_rows, dense_reference
+from test_flex import _close_with_empty_rows, assert_matches_definition, dense_reference
 
 W = 20
 _BIAS = torch.zeros(4)
@@ -187,22 +187,13 @@ def test_score_mod_over_a_band_matches_float64(score_name, mask_name, L, S, tma)
     go = torch.randn_like(out)
     grads = torch.autograd.grad((out * go).sum(), (q, k, v))
     assert dispatch.PATHS["band_hooks_backward"] == before["band_hooks_backward"] + 1
-    res = {}
-    for dt in (torch.float64, torch.float32):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-        o, l_, mx = dense_reference(*leaves, score, mod, dt)
-        res[dt] = (o, l_, mx, torch.autograd.grad((o * go.to(dt)).sum(), leaves))
-    (o64, l64, m64, g64), (o32, l32, m32, g32) = res[torch.float64], res[torch.float32]
     what = f"{score_name} x {mask_name}"
-    assert_scaled_close(out, o64, o32, what=f"{what} out")
-    _close_with_empty_rows(got.lse, l64, l32, what=f"{what} lse")
-    _close_with_empty_rows(got.max_scores, m64, m32, what=f"{what} max_scores")
-    for n, a, r, s in zip("qkv", grads, g64, g32):
-        assert_scaled_close(a, r, s, k=6.0, what=f"{what} d{n}")
+    assert_matches_definition(out, got, grads, (q, k, v), [], score, mod, go, what)
     with torch.no_grad(), kernel_options(flex_bands=False):
         lists_out = flex.flex_attention(q, k, v, score, bm, enable_gqa=True)
     assert dispatch.PATHS["band_hooks"] == before["band_hooks"] + 1
-    assert_scaled_close(lists_out, o64, o32, what=f"{what} out through the lists")
+    refs = (dense_reference(q, k, v, score, mod, dt)[0] for dt in (torch.float64, torch.float32))
+    assert_scaled_close(lists_out, *refs, what=f"{what} out through the lists")
 
 
 def test_a_relabeled_block_mask_keeps_the_route_only_where_create_block_mask_built_it():
