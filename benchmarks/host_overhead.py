@@ -8,7 +8,8 @@ bf16), without a mask and with a bool key-padding mask (1, 1, 1, 256): through a
 through the transformers integration's attention function (as ``attn_implementation="attend"``
 calls it, mask as ``mask_for_attend`` builds it) and, for comparison, PyTorch's SDPA and
 transformers' ``sdpa`` attention function. Generation at this size is host-bound
-(benchmarks/RESULTS.md, Models), so these rows are what a decode step's attention costs.
+(benchmarks/RESULTS.md, Models), so these rows are what a decode step's attention costs; the
+flex row is Gemma 2's call (a softcap over a causal band, through ``attend.flex_attention``).
 
     PYTHONPATH=src python benchmarks/host_overhead.py
 """
@@ -74,6 +75,22 @@ def main() -> None:
         print(f"| {name} | {host_us(fn, n=500):.1f} |", flush=True)
 
 
+def flex_decode(q, k, v):
+    """attend.flex_attention as a decode step calls it: a softcap score_mod over a causal mask of the
+    one query at the end of the keys, the BlockMask made once (as the integration's cache keeps it)."""
+    from attend.flex_attention import create_block_mask, flex_attention
+
+    L, S = q.shape[2], k.shape[2]
+    cap, off = 50.0, S - L
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    causal = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + off  # noqa: E731
+    bm = create_block_mask(causal, None, None, L, S, device=q.device)
+    return lambda: flex_attention(q, k, v, score_mod=softcap, block_mask=bm, enable_gqa=True)
+
+
 def decode_cases() -> dict:
     """One decode step's attention call (B=1, Hq=32, Hk=8, L=1, S=256, D=128, bf16), each way it is made."""
     B, Hq, Hk, S, D = 1, 32, 8, 256, 128
@@ -88,6 +105,8 @@ def decode_cases() -> dict:
         "decode, padding mask: torch SDPA": lambda: sdpa(q, k, v, attn_mask=keys, enable_gqa=True),
         "decode, padding mask: attend SDPA": lambda: attend.scaled_dot_product_attention(q, k, v, attn_mask=keys,
                                                                                          enable_gqa=True),
+        # Gemma 2's decode call: a softcap score_mod over a causal band (the band hooks)
+        "decode: attend flex_attention, softcap + causal": flex_decode(q, k, v),
     }
     try:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -67,12 +67,18 @@ class ModGraph:
     captures: list[Capture]
     lines: dict[int, str] = field(default_factory=dict)  # node -> the user's source line
     scalars: list = field(default_factory=list)  # values of the "scalar" nodes' slots (runtime data)
+    # the nodes' and output's part of ``key``, made once (nodes are never changed after tracing;
+    # dataclasses.replace carries it to a cached trace's copies)
+    nodes_key: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> tuple:
-        """The mod's structure: what generated code is cached by."""
-        return (self.kind, tuple(_key_node(n) for n in self.nodes), _key_arg(self.output),
-                tuple(c.signature for c in self.captures), tuple(type(v).__name__ for v in self.scalars))
+        """The mod's structure: what generated code is cached by. The captures' part is read each
+        time (a tensor's rank is the tensor's, not the trace's)."""
+        if self.nodes_key is None:
+            self.nodes_key = (tuple(_key_node(n) for n in self.nodes), _key_arg(self.output))
+        return (self.kind, *self.nodes_key, tuple(c.signature for c in self.captures),
+                tuple(type(v).__name__ for v in self.scalars))
 
     def loads(self) -> list[int]:
         """Indices of the load nodes (reads of a capture at an index expression)."""
@@ -321,6 +327,7 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
             return graph
         while len(_TRACES) >= TRACE_CACHE_SIZE:
             _TRACES.pop(next(iter(_TRACES)))
+        graph.key  # the nodes' part, made once for every later hit
         _TRACES[key] = (dataclasses.replace(graph, captures=[]), refs)
     return graph
 

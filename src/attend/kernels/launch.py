@@ -727,23 +727,35 @@ def flex_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     interpreter's tile), with flex_attention's ``kernel_options`` BLOCK_M / BLOCK_N / num_warps /
     num_stages applied, shrunk until BLOCK_M divides the BlockMask's BQ and BLOCK_N its BKV
     (lists.coarsen covers the other direction). None where no tile of at least 16 fits."""
-    import dataclasses
-
     opts = resolve(options)
     B, H, L, D = q.shape
+    key = (D, q.element_size(), l_bucket(L), seq_bucket(k.shape[2]), H // k.shape[1], tuple(blocks.BLOCK_SIZE),
+           tuple(sorted((kernel_options or {}).items())))
+    try:
+        return _flex_tiles(opts, *key)
+    except TypeError:  # an unhashable option or kernel_options value: no memo
+        return _flex_tiles.__wrapped__(opts, *key)
+
+
+@functools.lru_cache(maxsize=256)
+def _flex_tiles(opts: KernelOptions, D: int, elem: int, l_bkt, s_bkt, group: int, block_size: tuple,
+                ko_items: tuple) -> Tiles | None:
+    """``flex_tiles`` from what it depends on (a flex call pays the choice once per shape class;
+    decode calls repeat it per token)."""
+    import dataclasses
+
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_KEYS=False,
                  VARLEN=False)
-    tiles = pick_tiles("fwd", flags, q.element_size(), dataclasses.replace(opts, autotune=False), l_bucket(L),
-                       seq_bucket(k.shape[2]), H // k.shape[1])
+    tiles = pick_tiles("fwd", flags, elem, dataclasses.replace(opts, autotune=False), l_bkt, s_bkt, group)
     meta = {key: val for key, val in tiles.meta.items() if key in ("BLOCK_M", "BLOCK_N")}
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
         meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, block_d(D), opts.flex_one_loop)
-    ko = kernel_options or {}
+    ko = dict(ko_items)
     meta["BLOCK_M"] = int(ko.get("BLOCK_M", meta["BLOCK_M"]))
     meta["BLOCK_N"] = int(ko.get("BLOCK_N", meta["BLOCK_N"]))
     warps, stages = int(ko.get("num_warps", warps)), int(ko.get("num_stages", stages))
-    BQ, BKV = blocks.BLOCK_SIZE
+    BQ, BKV = block_size
     meta["BLOCK_M"], meta["BLOCK_N"] = _fit(meta["BLOCK_M"], BQ), _fit(meta["BLOCK_N"], BKV)
     if meta["BLOCK_M"] < 16 or meta["BLOCK_N"] < 16:
         return None
