@@ -21,7 +21,7 @@ from .._layout import Band
 from .trace import ModGraph, Ref, evaluate
 
 BAND_CACHE_SIZE = 256
-_BANDS: dict[tuple, Band | None] = {}  # (structure, scalars, L, S) -> band, oldest first
+_BANDS: dict[tuple, tuple[int, int] | None] = {}  # (structure, scalars, size class) -> kept interval, oldest first
 
 
 def difference_only(graph: ModGraph, L: int, S: int) -> bool:
@@ -92,29 +92,59 @@ def _form(op: str, args: list, raw: tuple, n_max: int):
 
 def band(graph: ModGraph, L: int, S: int) -> Band | None:
     """The Band ``graph`` keeps on an ``L x S`` call (top-left aligned, as flex's indices are), or
-    None where it is no band: not ``difference_only``, or the kept differences are not one
-    interval holding 0. Cached by structure, numbers and lengths."""
-    key = (graph.key, tuple(graph.scalars), L, S)
-    if key in _BANDS:
-        return _BANDS[key]
-    found = _find(graph, L, S) if difference_only(graph, L, S) else None
-    while len(_BANDS) >= BAND_CACHE_SIZE:
-        _BANDS.pop(next(iter(_BANDS)))
-    _BANDS[key] = found
-    return found
+    None where it is no band: ``kept`` found no interval."""
+    kept_range = kept(graph, L, S)
+    if kept_range is None:
+        return None
+    lo, hi = kept_range
+    return Band(left=hi if hi < L - 1 else -1, right=-lo if -lo < S - 1 else -1)
 
 
-def _find(graph: ModGraph, L: int, S: int) -> Band | None:
-    d = torch.arange(-(S - 1), L, dtype=torch.int32)
+def kept(graph: ModGraph, L: int, S: int) -> tuple[int, int] | None:
+    """``(lo, hi)`` with ``lo <= 0 <= hi`` where ``graph`` keeps exactly the positions with
+    ``lo <= q_idx - kv_idx <= hi`` on an ``L x S`` call, or None: not ``difference_only``, or the
+    differences it keeps are not one interval holding 0. Evaluated once per structure, numbers and
+    power-of-two size class of the lengths, over every difference of that class (a decode loop's
+    growing S evaluates again only when it doubles); an interval there is one on every call it
+    covers. (A mod that keeps one interval only on the smaller calls of a class is not taken.)"""
+    n = max(16, 1 << (max(L, S) - 1).bit_length())
+    key = (graph.key, tuple(graph.scalars), n)
+    if key not in _BANDS:
+        found = _interval(graph, n) if difference_only(graph, n, n) else None
+        while len(_BANDS) >= BAND_CACHE_SIZE:
+            _BANDS.pop(next(iter(_BANDS)))
+        _BANDS[key] = found
+    return _BANDS[key]
+
+
+def _interval(graph: ModGraph, n: int) -> tuple[int, int] | None:
+    d = torch.arange(-(n - 1), n, dtype=torch.int32)
     zero = torch.zeros((), dtype=torch.int32)
     keep, = evaluate(graph, dict(b=zero, h=zero, q_idx=d, kv_idx=zero))
-    kept = torch.as_tensor(keep, dtype=torch.bool).expand(d.shape).nonzero().flatten()
-    if kept.numel() == 0:
+    kept_at = torch.as_tensor(keep, dtype=torch.bool).expand(d.shape).nonzero().flatten()
+    if kept_at.numel() == 0:
         return None
-    lo, hi = int(d[kept[0]]), int(d[kept[-1]])
-    if kept.numel() != hi - lo + 1 or not lo <= 0 <= hi:
+    lo, hi = int(d[kept_at[0]]), int(d[kept_at[-1]])
+    if kept_at.numel() != hi - lo + 1 or not lo <= 0 <= hi:
         return None
-    return Band(left=hi if hi < L - 1 else -1, right=-lo if -lo < S - 1 else -1)
+    return lo, hi
+
+
+def block_status(lo: int, hi: int, Q_LEN: int, KV_LEN: int, BQ: int, BKV: int, device) -> torch.Tensor:
+    """int8 [query blocks, key blocks]: EMPTY / PARTIAL / FULL (block_mask's codes) of the band
+    ``lo <= q_idx - kv_idx <= hi``, by arithmetic: a block's differences run over every integer
+    from its smallest query minus its largest key to its largest query minus its smallest key. A
+    block reaching past Q_LEN or KV_LEN is never full (create_block_mask's rule, as PyTorch's)."""
+    nq, nk = -(-Q_LEN // BQ), -(-KV_LEN // BKV)
+    i = torch.arange(nq, device=device, dtype=torch.int64)
+    j = torch.arange(nk, device=device, dtype=torch.int64)
+    q_end, k_end = (i + 1) * BQ, (j + 1) * BKV
+    d_min = (i * BQ)[:, None] - (k_end.clamp(max=KV_LEN) - 1)[None, :]
+    d_max = (q_end.clamp(max=Q_LEN) - 1)[:, None] - (j * BKV)[None, :]
+    whole = (q_end <= Q_LEN)[:, None] & (k_end <= KV_LEN)[None, :]
+    full = whole & (d_min >= lo) & (d_max <= hi)
+    empty = (d_max < lo) | (d_min > hi)
+    return torch.where(full, 2, torch.where(empty, 0, 1)).to(torch.int8)
 
 
 def provenance(graph: ModGraph) -> tuple:

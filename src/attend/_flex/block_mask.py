@@ -405,7 +405,11 @@ def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOC
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     graph = _trace.trace_cached(mask_mod, "mask")
-    status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
+    kept = _band.kept(graph, Q_LEN, KV_LEN) if _impl is None else None
+    if kept is not None:  # a band: its blocks by arithmetic, no mask evaluated, no device sync
+        status = _band.block_status(*kept, Q_LEN, KV_LEN, BQ, BKV, torch.device(device)).expand(B, H, -1, -1).contiguous()
+    else:
+        status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
     if separate_full_blocks:
         partial, full = status == PARTIAL, status == FULL
         out = BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
