@@ -50,7 +50,47 @@ def test_band_masks_are_recognized(name):
 
 @pytest.mark.parametrize("name", list(NOT_BANDS))
 def test_other_masks_are_not_bands(name):
-    assert band.band(trace(NOT_BANDS[name], "mask"), 90, 70) is None
+    assert band.band(trace(NOT_BANDS[name], "mask"), 64, 64) is None
+
+
+# Bottom-right bands: queries at the end of their keys (decode steps, chunked prefill), as the
+# transformers integration writes them (kv_idx against q_idx + S - L): (mod, L, S, band)
+BOTTOM_RIGHT = {
+    "decode_causal": (lambda b, h, q, kv: kv <= q + 1023, 1, 1024, Band(-1, -1, False)),  # every key
+    "decode_window": (lambda b, h, q, kv: (kv <= q + 1023) & (kv > q + 1023 - 512), 1, 1024, Band(511, -1, True)),
+    "chunk_causal": (lambda b, h, q, kv: kv <= q + 960, 64, 1024, Band(-1, 0, True)),
+    "chunk_window": (lambda b, h, q, kv: (kv <= q + 160) & (kv > q + 160 - 100), 64, 224, Band(99, 0, True)),
+}
+
+
+@pytest.mark.parametrize("name", list(BOTTOM_RIGHT))
+def test_bottom_right_bands_are_recognized(name):
+    mod, L, S, expected = BOTTOM_RIGHT[name]
+    assert band.band(trace(mod, "mask"), L, S) == expected
+
+
+@pytest.mark.parametrize("name", ["decode_window", "chunk_window"])
+def test_bottom_right_band_route_matches_float64(name):
+    """A decode step's and a chunk's window on the dense kernels, bottom-right aligned; and the
+    same window with a softcap on the band hooks."""
+    mod, L, S, _ = BOTTOM_RIGHT[name]
+    q, k, v = _inputs(L, S, seed=11)
+    bm = flex.create_block_mask(mod, None, None, L, S, device=DEVICE, BLOCK_SIZE=32)
+    softcap = SCORES["softcap"]
+    for score, path in ((None, "band"), (softcap, "band_hooks")):
+        before = dispatch.PATHS[path]
+        out = flex.flex_attention(q, k, v, score, bm, enable_gqa=True)
+        assert dispatch.PATHS[path] == before + 1, (name, path)
+        go = torch.randn_like(out)
+        grads = torch.autograd.grad((out * go).sum(), (q, k, v))
+        res = {}
+        for dt in (torch.float64, torch.float32):
+            leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+            o = dense_reference(*leaves, score, mod, dt)[0]
+            res[dt] = (o, torch.autograd.grad((o * go.to(dt)).sum(), leaves))
+        assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what=f"{name} {path} out")
+        for n, a, r, s_ in zip("qkv", grads, res[torch.float64][1], res[torch.float32][1]):
+            assert_scaled_close(a, r, s_, k=6.0, what=f"{name} {path} d{n}")
 
 
 def _inputs(L, S, HQ=2, HKV=1, E=16, seed=0):

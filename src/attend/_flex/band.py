@@ -91,22 +91,31 @@ def _form(op: str, args: list, raw: tuple, n_max: int):
 
 
 def band(graph: ModGraph, L: int, S: int) -> Band | None:
-    """The Band ``graph`` keeps on an ``L x S`` call (top-left aligned, as flex's indices are), or
-    None where it is no band: ``kept`` found no interval."""
+    """The Band ``graph`` keeps on an ``L x S`` call, or None where it is no band the dense kernels
+    run: ``kept`` found no interval, or it holds neither the top-left diagonal (``q_idx ==
+    kv_idx``) nor the bottom-right one (``q_idx + S - L == kv_idx``: a chunk of queries at the end
+    of its keys, a decode step's window)."""
     kept_range = kept(graph, L, S)
     if kept_range is None:
         return None
     lo, hi = kept_range
-    return Band(left=hi if hi < L - 1 else -1, right=-lo if -lo < S - 1 else -1)
+    found = []
+    for shift, bottom_right in ((0, False), (S - L, True)):
+        lo_s, hi_s = lo + shift, hi + shift  # in differences from that diagonal
+        if lo_s <= 0 <= hi_s:
+            found.append(Band(left=hi_s if hi_s < L - 1 + shift else -1,
+                              right=-lo_s if -lo_s < S - 1 - shift else -1, bottom_right=bottom_right))
+    # both describe the same keys where both hold it: prefer a plain causal edge (right 0) or none
+    return next((b for b in found if b.right in (0, -1)), found[0] if found else None)
 
 
 def kept(graph: ModGraph, L: int, S: int) -> tuple[int, int] | None:
-    """``(lo, hi)`` with ``lo <= 0 <= hi`` where ``graph`` keeps exactly the positions with
-    ``lo <= q_idx - kv_idx <= hi`` on an ``L x S`` call, or None: not ``difference_only``, or the
-    differences it keeps are not one interval holding 0. Evaluated once per structure, numbers and
-    power-of-two size class of the lengths, over every difference of that class (a decode loop's
-    growing S evaluates again only when it doubles); an interval there is one on every call it
-    covers. (A mod that keeps one interval only on the smaller calls of a class is not taken.)"""
+    """``(lo, hi)`` where ``graph`` keeps exactly the positions with ``lo <= q_idx - kv_idx <= hi``
+    on an ``L x S`` call, or None: not ``difference_only``, or the differences it keeps are not one
+    interval. Evaluated once per structure, numbers and power-of-two size class of the lengths,
+    over every difference of that class (a decode loop's growing S evaluates again only when it
+    doubles, or when the mod's numbers change); an interval there is one on every call it covers.
+    (A mod that keeps one interval only on the smaller calls of a class is not taken.)"""
     n = max(16, 1 << (max(L, S) - 1).bit_length())
     key = (graph.key, tuple(graph.scalars), n)
     if key not in _BANDS:
@@ -125,7 +134,7 @@ def _interval(graph: ModGraph, n: int) -> tuple[int, int] | None:
     if kept_at.numel() == 0:
         return None
     lo, hi = int(d[kept_at[0]]), int(d[kept_at[-1]])
-    if kept_at.numel() != hi - lo + 1 or not lo <= 0 <= hi:
+    if kept_at.numel() != hi - lo + 1:
         return None
     return lo, hi
 
