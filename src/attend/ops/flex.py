@@ -20,7 +20,7 @@ import torch
 from .._flex import compiled, dispatch
 from .._flex import lists as _lists
 from .._flex.block_mask import _ascending
-from .._layout import empty_in_layout
+from .._layout import Band, empty_in_layout
 
 
 @torch._dynamo.assume_constant_result
@@ -51,7 +51,9 @@ def _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, text):
     n = len(c["score_slots"])
     score = compiled.graph(c["score_key"], score_caps, numbers[:n], c["score_slots"])
     mask = compiled.graph(c["mask_key"], mask_caps, numbers[n:], c["mask_slots"])
-    return dispatch.FlexCall(q, k, v, score, mask, blocks, scale, c["kernel_options"] or None)
+    # no block_mask: every key, as eager's band (a score_mod then walks the dense loops there too)
+    return dispatch.FlexCall(q, k, v, score, mask, blocks, scale, c["kernel_options"] or None,
+                             None if lists else Band())
 
 
 def _flex_fwd(
