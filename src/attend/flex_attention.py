@@ -344,8 +344,9 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
                 raise ValueError(f"flex_attention: a {g.kind}_mod captures a tensor of shape {tuple(c.tensor.shape)} "
                                  f"on {c.tensor.device}; query is on {query.device}")
     wants_max = return_aux is not None and bool(return_aux.max_scores)
+    band = _band_of(block_mask, mask_graph, L, S) if key.shape[0] == B else None  # no broadcast key batch there
     call = _dispatch.FlexCall(query, key, value, score_graph, mask_graph, blocks, float(scale), kernel_options,
-                              _band_of(block_mask, mask_graph, L, S), wants_max)
+                              band, wants_max)
     return call, return_aux, return_lse
 
 

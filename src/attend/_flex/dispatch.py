@@ -37,6 +37,7 @@ class FlexCall:
     scale: float
     kernel_options: dict | None = None  # flex_attention's: BLOCK_M / BLOCK_N / num_warps / num_stages
     band: Band | None = None  # the mask as a band (band.py), where the BlockMask lists exactly its blocks
+    # and k / v have the query's batch (a broadcast key batch walks the lists)
     want_max: bool = True  # whether the caller reads max_scores (the band's dense route gives none)
 
     @property
@@ -98,10 +99,10 @@ def _fusable(call: FlexCall) -> bool:
 def _hook_band(call: FlexCall, opts: kernel_options.KernelOptions | None = None) -> Band | None:
     """The band the core's kernels walk with the score hooks instead of the lists and the mask
     hook (``call.band``, a score_mod, ``KernelOptions.flex_bands`` on in ``opts``, default the
-    options in force; k / v of the query's batch); None: the lists."""
+    options in force); None: the lists."""
     if call.band is None or call.score is None or not (opts or kernel_options.current()).flex_bands:
         return None
-    return call.band if call.key.shape[0] == call.query.shape[0] else None
+    return call.band
 
 
 def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bool):
@@ -122,15 +123,16 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bo
     return res
 
 
-def _backward_mods(call: FlexCall, q, score_caps, mask_caps, score_grad: bool, grads=None, opts=None) -> tuple:
-    """The ``score`` / ``mask`` arguments of launch.flex_backward (no mask where the band replaces
-    it, ``_hook_band``). ``grads``: the score captures' gradient buffers (default: fresh fp32 zeros;
+def _backward_mods(call: FlexCall, q, score_caps, mask_caps, score_grad: bool, band: Band | None,
+                   grads=None) -> tuple:
+    """The ``score`` / ``mask`` arguments of launch.flex_backward (no mask where ``band``, the
+    call's ``_hook_band``, replaces it). ``grads``: the score captures' gradient buffers (default: fresh fp32 zeros;
     a warmup passes meta stand-ins)."""
     score = mask = None
     if call.score is not None:
         score = (call.score_hooks.functions,
                  codegen.capture_args(list(score_caps), q.device, grads=grads, scalars=call.score.scalars), score_grad)
-    if call.mask is not None and _hook_band(call, opts) is None:
+    if call.mask is not None and band is None:
         mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
     return score, mask
@@ -141,8 +143,8 @@ def _backward_kernel(call: FlexCall, dout, dlse, q, k, v, out, lse, score_caps, 
     None where no backward tile fits the BlockMask's BLOCK_SIZE."""
     from ..kernels import launch
 
-    score, mask = _backward_mods(call, q, score_caps, mask_caps, any(cap_grads))
     band = _hook_band(call)
+    score, mask = _backward_mods(call, q, score_caps, mask_caps, any(cap_grads), band)
     res = launch.flex_backward(dout, q, k, v, out, lse, dlse, call.blocks, call.scale, score, mask,
                                kernel_options=call.kernel_options, band=band)
     if res is None:
@@ -214,7 +216,7 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     if fut is not _NEVER:
         return fut
     stand_ins = [torch.empty(c.shape, dtype=torch.float32, device="meta") for c in score_caps]
-    score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, grads=stand_ins, opts=opts)
+    score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, _hook_band(call, opts), grads=stand_ins)
     futs = []
     parts = ("dkdv", "dq") if opts.flex_bwd_split else (True,)
     if len(parts) > 1:  # the JIT's per-device cache, made here once: two threads must not both create it
@@ -341,12 +343,10 @@ def _band_route(call: FlexCall):
     """A band mask and no score_mod (``call.band``, set by flex_attention where the BlockMask is
     its mask's exact blocks): attend's dense fused path over that band, (out, lse, None); None to
     decline (``KernelOptions.flex_bands`` off, max_scores or kernel_options asked, the core's flex
-    mode would not take the call either, or a key batch broadcast over the query's)."""
+    mode would not take the call either)."""
     if call.band is None or call.score is not None or call.want_max or call.kernel_options:
         return None
     if not kernel_options.current().flex_bands or not _fusable(call):
-        return None
-    if call.key.shape[0] != call.query.shape[0]:
         return None
     from ..ops.attention import fused_attention
 
