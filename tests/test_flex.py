@@ -853,9 +853,9 @@ def test_interval_bounds_corner_cases_match_exhaustive():
 
 
 def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
-    """A mod made again with the same code and the same closure values is not traced again; a new
-    number or a new tensor is; a mod reading another object's attribute is traced every call; the
-    cache keeps no captured tensor alive."""
+    """A mod made again with the same code and the same closure tensors is not traced again, with a
+    new closure number either (it fills its slot); a new tensor is traced again; a mod reading
+    another object's attribute is traced every call; the cache keeps no captured tensor alive."""
     import gc
     import weakref
 
@@ -872,9 +872,10 @@ def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
     assert counts["traced"] == before["traced"] + 1 and counts["cached"] == before["cached"] + 1
     assert g2.key == g1.key and g2.scalars == g1.scalars and g2.captures[0].tensor is table
     assert trace_mod.trace_cached(make(20.0, table), "score").scalars[0] == 20.0
+    assert counts["traced"] == before["traced"] + 1
     other = torch.randn(HQ, 128, device=DEVICE)
     assert trace_mod.trace_cached(make(30.0, other), "score").captures[0].tensor is other
-    assert counts["traced"] == before["traced"] + 3
+    assert counts["traced"] == before["traced"] + 2
 
     class Holder:
         scale = 2.0
@@ -882,7 +883,7 @@ def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
     obj = Holder()
     for _ in range(2):
         trace_mod.trace_cached(lambda s, b, h, q_idx, kv_idx: s * obj.scale, "score")
-    assert counts["traced"] == before["traced"] + 5
+    assert counts["traced"] == before["traced"] + 4
 
     ref = weakref.ref(other)
     del other, g1, g2
@@ -950,6 +951,45 @@ def test_trace_cache_follows_module_and_class_attributes_and_item_reads():
         cfg.SCALE, _ = 5.75, temp.fill_(4.0)
         assert trace_mod.trace_cached(mod, "score").scalars == trace_mod.trace(mod, "score").scalars != first, i
         cfg.SCALE, _ = 3.25, temp.fill_(2.0)
+
+
+def test_trace_cache_takes_a_closure_number_as_data_only_where_it_is_a_slot():
+    """A mod made per call over a new closure number (a decode step's ``S - L``, a window) is
+    traced once: a number the mod only hands to tensor ops fills a scalar slot, whatever its value
+    (0, 1 and a value equal to another number included). A number the mod uses in Python
+    (arithmetic, a comparison, a tuple index, an exponent) is structure: each value is traced,
+    and every graph the cache serves evaluates as a fresh trace of the same mod does."""
+    counts = trace_mod.TRACES
+
+    def window(off, w):
+        pos = lambda b, q_idx: q_idx + off  # noqa: E731
+        return flex.and_masks(lambda b, h, q_idx, kv_idx: kv_idx <= pos(b, q_idx),
+                              lambda b, h, q_idx, kv_idx: kv_idx > pos(b, q_idx) - w)
+
+    table = (10, 20, 30)
+    python_uses = {
+        "arithmetic": lambda n: lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + n * 2,
+        "comparison": lambda n: lambda b, h, q_idx, kv_idx: kv_idx <= q_idx if n > 3 else kv_idx >= q_idx,
+        "tuple index": lambda n: lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + table[n % 3],
+        "exponent": lambda n: lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) ** (n % 3 + 1) >= 0,
+    }
+    idx = torch.arange(-40, 40, dtype=torch.int32)
+    inputs = dict(b=idx.new_zeros(()), h=idx.new_zeros(()), q_idx=idx.view(-1, 1), kv_idx=idx.view(1, -1))
+
+    def same_as_fresh(mod):
+        got = trace_mod.evaluate(trace_mod.trace_cached(mod, "mask"), inputs)[0]
+        want = trace_mod.evaluate(trace_mod.trace(mod, "mask"), inputs)[0]
+        assert torch.equal(torch.as_tensor(got).expand(80, 80), torch.as_tensor(want).expand(80, 80))
+
+    before = counts["traced"]
+    for off in (0, 1, 5, 512, 7, 300):  # 0 and 1 are literals in a plain trace; 512 equals the window
+        same_as_fresh(window(off, 512))
+    assert counts["traced"] == before + 1
+    for name, make in python_uses.items():
+        before = counts["traced"]
+        for n in (1, 2, 3, 4, 5):
+            same_as_fresh(make(n))
+        assert counts["traced"] == before + 5, name
 
 
 @pytest.mark.parametrize("loops", ["three", "two"])

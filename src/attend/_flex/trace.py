@@ -13,6 +13,7 @@ dtypes and ranks, never their values or sizes. That key is what generated code i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import os
@@ -67,6 +68,9 @@ class ModGraph:
     captures: list[Capture]
     lines: dict[int, str] = field(default_factory=dict)  # node -> the user's source line
     scalars: list = field(default_factory=list)  # values of the "scalar" nodes' slots (runtime data)
+    # per slot, the closure number (``_Tagged.pos``) it was read from, or None; only a trace of
+    # :func:`trace_cached` sets it. Not structure: the cache uses it to fill a hit's slots
+    sources: list = field(default_factory=list, repr=False, compare=False)
     # the nodes' and output's part of ``key``, made once (nodes are never changed after tracing;
     # dataclasses.replace carries it to a cached trace's copies)
     nodes_key: tuple | None = field(default=None, repr=False, compare=False)
@@ -226,11 +230,20 @@ def trace(mod: Callable, kind: str) -> ModGraph:
 
 # ---------------------------------------------------------------------------------------------
 # The trace cache: a mod seen again (same code, same closure values) is not traced again.
+#
+# A number in a closure cell (a window, an offset such as ``S - L``, a softcap) is keyed by its
+# type only, so a mod made again each call with a new value (a model's mask per decode step) is
+# traced once per structure. The first trace runs with each such number replaced by a tagged int
+# or float (``_Tagged``) that records every Python-level use; a number that reaches the graph only
+# as a scalar slot is then data (a hit writes its new value into the slot), any other use makes
+# it structure (keyed by value). A second trace with those numbers moved confirms the attribution
+# (the same structure, exactly the tagged slots moved), or every number is keyed by value.
 
 TRACE_CACHE_SIZE = 64
-_TRACES: dict = {}  # key -> (graph without captures, weak references to its captures), oldest first
+_VARIANTS = 4  # traces kept per key: numbers that are structure (keyed by value) pick one
+_TRACES: dict = {}  # key -> [(graph without captures, weak refs to its captures, binding)], oldest key first
 TRACES = {"traced": 0, "cached": 0}  # counts (tests and benchmarks read them)
-
+_FREE, _VALUE = ("free",), ("value",)  # a cell number nothing reads; one that is structure (keyed by value)
 
 _SAFE_MODULES = ("torch", "math", "operator")  # modules a mod may name: their attributes are ops
 
@@ -260,14 +273,19 @@ def function_reads(fn) -> list[tuple[tuple, object]]:
     return out
 
 
-def _fingerprint(obj, tensors: list, depth: int = 0):
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fingerprint(obj, tensors: list, depth: int = 0, cells: list | None = None):
     """A hashable key of what tracing ``obj`` (a mod, or a value it reads) depends on, or None
     where that cannot be known without tracing: functions by their code object (compared by
     content, and kept alive by the key), closure cells, defaults and the globals their code and
     nested code name; numbers, strings and None by value; tensors by identity (appended to
     ``tensors``: the caller checks each is a capture, so none was read into Python); torch, math
     and operator by name. Anything else (an object, a class or another module whose attributes
-    the mod might read) is None."""
+    the mod might read) is None. With ``cells`` given, an int or float in a closure cell is keyed
+    by its type and its cell's position in ``cells`` (appended there), not by value."""
     import types
 
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -285,50 +303,191 @@ def _fingerprint(obj, tensors: list, depth: int = 0):
     if isinstance(obj, types.BuiltinFunctionType):
         return ("builtin", getattr(obj, "__module__", None), obj.__qualname__)
     if isinstance(obj, tuple):
-        parts = tuple(_fingerprint(x, tensors, depth) for x in obj)
+        parts = tuple(_fingerprint(x, tensors, depth, cells) for x in obj)
         return None if any(p is None for p in parts) else ("tuple", parts)
     if isinstance(obj, types.FunctionType) and depth < 8:
         reads = function_reads(obj)
-        values = [v for _, v in reads] + [obj.__defaults__, tuple(sorted((obj.__kwdefaults__ or {}).items()))]
-        parts = [_fingerprint(v, tensors, depth + 1) for v in values]
+        parts = []
+        for step, v in reads:
+            if cells is not None and step[0] == "cell" and _is_number(v):
+                cell = obj.__closure__[step[1]]
+                pos = next((p for p, c in enumerate(cells) if c is cell), None)
+                if pos is None:
+                    pos = len(cells)
+                    cells.append(cell)
+                parts.append(("num", type(v).__name__, pos))
+            else:
+                parts.append(_fingerprint(v, tensors, depth + 1, cells))
+        parts += [_fingerprint(v, tensors, depth + 1, cells)
+                  for v in (obj.__defaults__, tuple(sorted((obj.__kwdefaults__ or {}).items())))]
         if any(p is None for p in parts):
             return None
         return ("function", obj.__code__, tuple(step for step, _ in reads), tuple(parts))
     return None
 
 
+class _Tagged:
+    """A closure number during a trace of :func:`trace_cached`: it behaves as its value, and records
+    (in ``log``) every use of it in Python (arithmetic, comparisons, truth, conversions, hashing).
+    An op with a traced value (an fx Proxy) is not a use: the Proxy records the number as an
+    operand, and the builder makes it a slot of its own (``_Builder.scalar``)."""
+
+    def __new__(cls, value, pos: int, log: set):
+        self = super().__new__(cls, value)
+        self.plain, self.pos, self.log = value, pos, log
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if isinstance(self.plain, float) else torch.int32
+
+    def slot_ok(self) -> bool:
+        """Whether a slot can hold it (an int32, or a float that is not nan)."""
+        v = self.plain
+        return -2 ** 31 <= v < 2 ** 31 if isinstance(v, int) else v == v
+
+    def used(self) -> None:
+        self.log.add(self.pos)
+
+
+_TAG_OPS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "divmod", "lshift", "rshift", "and", "or",
+            "xor", "radd", "rsub", "rmul", "rtruediv", "rfloordiv", "rmod", "rpow", "rdivmod", "rlshift",
+            "rrshift", "rand", "ror", "rxor", "neg", "pos", "abs", "invert", "eq", "ne", "lt", "le", "gt", "ge",
+            "bool", "index", "int", "float", "complex", "hash", "round", "trunc", "floor", "ceil", "format",
+            "str", "getnewargs", "reduce", "reduce_ex")
+
+
+def _tag_class(base: type) -> type:
+    def op(name):
+        plain_op = getattr(base, name, None) or getattr(object, name)
+
+        def method(self, *args):
+            if any(isinstance(a, fx.Proxy) for a in args):
+                return NotImplemented  # the Proxy's reflected op records the number
+            self.used()
+            return plain_op(self.plain, *args)
+        return method
+
+    names = [f"__{n}__" for n in _TAG_OPS]
+    return type(f"_Tagged{base.__name__.title()}", (_Tagged, base),
+                {n: op(n) for n in names if hasattr(base, n) or hasattr(object, n)})
+
+
+_TAGGED = {int: _tag_class(int), float: _tag_class(float)}
+
+
+def _trace_tagged(mod: Callable, kind: str, cells: list, values: list) -> tuple[ModGraph, frozenset]:
+    """:func:`trace` with each of ``cells`` holding its value of ``values`` tagged; the graph and the
+    positions of the numbers used otherwise than as a slot. The cells get their contents back."""
+    log: set = set()
+    saved = [c.cell_contents for c in cells]
+    try:
+        for p, (c, v) in enumerate(zip(cells, values)):
+            c.cell_contents = _TAGGED[type(v)](v, p, log)
+        graph = trace(mod, kind)
+    finally:
+        for c, v in zip(cells, saved):
+            c.cell_contents = v
+    stack = [graph.output] + [a for n in graph.nodes for a in n.args]
+    while stack:  # a number kept in the graph other than as a slot (a constant, an exponent)
+        a = stack.pop()
+        if isinstance(a, _Tagged):
+            a.used()
+        elif isinstance(a, tuple):
+            stack.extend(a)
+    graph = dataclasses.replace(graph, nodes=[Node(n.op, tuple(_plain(a) for a in n.args), n.dtype)
+                                              for n in graph.nodes], output=_plain(graph.output))
+    return graph, frozenset(log)
+
+
+def _plain(a):
+    return a.plain if isinstance(a, _Tagged) else tuple(_plain(x) for x in a) if isinstance(a, tuple) else a
+
+
+def _moved(v):
+    """A value far from ``v`` of its type (int32 kept) for the confirming trace."""
+    if isinstance(v, float):
+        return v * 1.375 + 0.3125
+    return v + 7919 if v + 7919 < 2 ** 31 else v - 7919
+
+
+def _binding(mod: Callable, kind: str, graph: ModGraph, used: frozenset, cells: list, values: list) -> list:
+    """Per cell number: ``("slot", j)``, ``_FREE`` or ``_VALUE`` (the section's comment)."""
+    slots = {p: j for j, p in enumerate(graph.sources) if p is not None}
+    binding = [_VALUE if p in used else ("slot", slots[p]) if p in slots else _FREE for p in range(len(values))]
+    if all(b == _VALUE for b in binding):
+        return binding
+    moved = [v if b == _VALUE else _moved(v) for v, b in zip(values, binding)]
+    try:
+        g2, used2 = _trace_tagged(mod, kind, cells, moved)
+    except Exception:
+        return [_VALUE] * len(values)
+    want = [moved[p] if p is not None and binding[p] != _VALUE else v for v, p in zip(graph.scalars, graph.sources)]
+    same = g2.key == graph.key and used2 == used and list(g2.sources) == list(graph.sources) and all(
+        type(a) is type(b) and a == b for a, b in zip(g2.scalars, want))
+    return binding if same else [_VALUE] * len(values)
+
+
+def _number_key(v) -> tuple:
+    return (type(v).__name__, repr(v))
+
+
+def _fits(binding: list, values: list) -> bool:
+    """Whether a trace with ``binding`` serves the numbers ``values``."""
+    for b, v, in zip(binding, values):
+        if b[0] == "slot":
+            if isinstance(v, int) and not -2 ** 31 <= v < 2 ** 31 or v != v:
+                return False
+        elif b[0] == "value" and b[1] != _number_key(v):
+            return False
+    return True
+
+
 def trace_cached(mod: Callable, kind: str) -> ModGraph:
     """:func:`trace`, from a bounded cache where the mod and every value it reads fingerprint the
-    same as a cached trace's (``_fingerprint``; about 3 ms of tracing saved per call). Cached
-    captures are held by weak reference: a hit needs the very same tensors alive, and the cache
-    keeps no tensor alive. Mods that read other objects are traced every time, and so is a mod
-    that reads a tensor's value in Python (``t.item()``): the tensor is then no capture."""
-    import dataclasses
+    same as a cached trace's (``_fingerprint``; about 3 ms of tracing saved per call); closure
+    numbers that are only slots may differ (the section's comment). Cached captures are held by
+    weak reference: a hit needs the very same tensors alive, and the cache keeps no tensor alive.
+    Mods that read other objects are traced every time, and so is a mod that reads a tensor's
+    value in Python (``t.item()``): the tensor is then no capture."""
     import weakref
 
     tensors: list = []
-    fp = _fingerprint(mod, tensors)
-    key = None if fp is None else (kind, fp, torch.get_default_dtype())
-    hit = _TRACES.get(key) if key is not None else None
-    if hit is not None:
-        plain, refs = hit
+    cells: list = []
+    fp = _fingerprint(mod, tensors, cells=cells)
+    if fp is None:
+        TRACES["traced"] += 1
+        return trace(mod, kind)
+    values = [c.cell_contents for c in cells]
+    key = (kind, fp, torch.get_default_dtype())
+    for plain, refs, binding in _TRACES.get(key, ()):
         caps = [r() for r in refs]
-        if all(c is not None for c in caps):
+        if all(c is not None for c in caps) and _fits(binding, values):
             _TRACES[key] = _TRACES.pop(key)  # most recently used last
             TRACES["cached"] += 1
-            return dataclasses.replace(plain, captures=[Capture(c) for c in caps])
-    graph = trace(mod, kind)
+            scalars = list(plain.scalars)
+            for b, v in zip(binding, values):
+                if b[0] == "slot":
+                    scalars[b[1]] = v
+            return dataclasses.replace(plain, captures=[Capture(c) for c in caps], scalars=scalars)
+    if cells:
+        graph, used = _trace_tagged(mod, kind, cells, values)
+        binding = _binding(mod, kind, graph, used, cells, values)
+        binding = [("value", _number_key(v)) if b == _VALUE else b for b, v in zip(binding, values)]
+    else:
+        graph, binding = trace(mod, kind), []
     TRACES["traced"] += 1
     captured = {id(c.tensor) for c in graph.captures}
-    if key is not None and all(id(t) in captured for t in tensors):
+    if all(id(t) in captured for t in tensors):
         try:
             refs = [weakref.ref(c.tensor) for c in graph.captures]
         except TypeError:
             return graph
+        variants = _TRACES.pop(key, [])
         while len(_TRACES) >= TRACE_CACHE_SIZE:
             _TRACES.pop(next(iter(_TRACES)))
         graph.key  # the nodes' part, made once for every later hit
-        _TRACES[key] = (dataclasses.replace(graph, captures=[]), refs)
+        _TRACES[key] = [(dataclasses.replace(graph, captures=[]), refs, binding)] + variants[:_VARIANTS - 1]
     return graph
 
 
@@ -356,6 +515,7 @@ class _Builder:
         self.examples: list[Any] = []  # one-element tensors carrying each node's dtype
         self.lines: dict[int, str] = {}
         self.scalars: list = []
+        self.sources: list = []  # per slot, the tagged closure number's position, or None
         self.line = ""
         ex = lambda dt: torch.ones((), dtype=dt)
         for name_, dt in zip(SCORE_INPUTS, (torch.float32,) + (INDEX_DTYPE,) * 4):
@@ -377,15 +537,24 @@ class _Builder:
     def scalar(self, value):
         """A Python number the mod uses (a length, a window, a softcap) as a runtime slot, so that a
         new value is new data, not new code; 0, 1, 2, 0.5, inf and nan stay literals."""
+        if isinstance(value, _Tagged):  # a closure number of trace_cached's trace: its own slot, any value
+            if not value.slot_ok():
+                value.used()  # past int32 or nan: a literal, so the value is structure
+                return value.plain
+            if value.pos not in self.sources:
+                self.sources.append(value.pos)
+                self.scalars.append(value.plain)
+            return self._add(Node("scalar", (self.sources.index(value.pos),), value.dtype), value.plain)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value in _LITERALS \
                 or value != value or isinstance(value, int) and not -2 ** 31 <= value < 2 ** 31:
             return value
         for k, v in enumerate(self.scalars):
-            if type(v) is type(value) and v == value:
+            if type(v) is type(value) and v == value and self.sources[k] is None:
                 break
         else:
             k = len(self.scalars)
             self.scalars.append(value)
+            self.sources.append(None)
         dtype = torch.float32 if isinstance(value, float) else torch.int32
         return self._add(Node("scalar", (k,), dtype), value)
 
@@ -412,6 +581,10 @@ class _Builder:
         return self._add(Node("const", (value,), dtype), torch.ones((), dtype=dtype))
 
     def _fold(self, op, args):
+        for a in args:  # Python arithmetic on a closure number: the number is structure
+            if isinstance(a, _Tagged):
+                a.used()
+        args = tuple(_plain(a) for a in args)
         if op == "cast":
             v, dt = args
             return bool(v) if dt == torch.bool else (float(v) if dt.is_floating_point else int(v))
@@ -477,7 +650,7 @@ class _Builder:
             lines[len(nodes) - 1] = self.lines.get(i, "")
         out = Ref(remap[output.i]) if isinstance(output, Ref) else output
         return ModGraph(self.kind, nodes, out, [self.captures[c] for c in live_caps], lines,
-                        [self.scalars[k] for k in live_scalars])
+                        [self.scalars[k] for k in live_scalars], [self.sources[k] for k in live_scalars])
 
     def _value(self, a):
         """A value operand: a capture indexed to one element becomes a load; a 0-d capture loads at ()."""
