@@ -205,6 +205,9 @@ def test_dtypes_softcap_causal(dtype):
     assert_scaled_close(out, o64, os_, what="out")
     for name, a, r, s in zip("qkv", grads, g64, gs):
         assert_scaled_close(a, r, s, k=6.0, what=f"d{name}")
+    if q.is_cuda and dtype != torch.float64:  # 16-bit on a GPU: the hardware's tanh (KernelOptions.flex_fast_tanh)
+        from attend._flex import codegen
+        assert (trace_mod.trace(softcap, "score").key, "fast") in codegen._CACHE
 
 
 def test_head_and_batch_dependent_mods_with_broadcast_key_batch():

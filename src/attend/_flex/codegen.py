@@ -58,13 +58,7 @@ def _remainder(a, b):
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
 
 
-@triton.jit
-def _tanh(x):
-    # exp of a non-positive argument only: no overflow, and full precision near zero
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
-
+{tanh}
 
 @triton.jit
 def _sigmoid(x):
@@ -94,6 +88,22 @@ def _diagonals(g, q_idx, kv_idx):
     q = tl.minimum(tl.min(q_idx) + i, tl.max(q_idx))
     kv = tl.minimum(tl.min(kv_idx) + i + (BN - 1) - t, tl.max(kv_idx))
     return q[None, :], kv[None, :], sums[None, :]
+'''
+
+_TANH_EXACT = '''@triton.jit
+def _tanh(x):
+    # exp of a non-positive argument only: no overflow, and full precision near zero
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+'''
+
+# fp16 / bf16 calls on a GPU: the hardware's tanh (sm_75+; relative error about 2^-11, far inside
+# a 16-bit input's rounding), one instruction where the exact form takes an exp and a division
+_TANH_FAST = '''@triton.jit
+def _tanh(x):
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
 '''
 
 _BINOP = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
@@ -141,6 +151,10 @@ class _Writer:
             return _TL[a]
         return _lit(a)
 
+    def uniform(self, a) -> bool:
+        """Whether ``a`` is one number for the whole program (a literal or a scalar slot)."""
+        return not isinstance(a, Ref) or self.g.nodes[a.i].op in ("scalar", "const")
+
     def is_int(self, a) -> bool:
         if isinstance(a, Ref):
             dt = self.g.nodes[a.i].dtype
@@ -176,6 +190,8 @@ class _Writer:
         if op in _BINOP:
             return f"({A[0]} {_BINOP[op]} {A[1]})"
         if op == "truediv":
+            if self.uniform(a[1]):  # a Python number: one reciprocal per program, a product per score
+                return f"({self.fl(a[0])} * (1.0 / {self.fl(a[1])}))"
             return f"({self.fl(a[0])} / {self.fl(a[1])})"
         if op == "floordiv":
             return f"_floordiv({A[0]}, {A[1]})" if n.dtype in _INTS else f"tl.floor({self.fl(a[0])} / {self.fl(a[1])})"
@@ -248,14 +264,15 @@ def _meta_loader(name: str, first: int, count: int, floats: tuple, ints: tuple) 
     return _fn(name, "meta", [], [f"    return ({', '.join(loads)}{',' if count == 1 else ''})"])
 
 
-def source(graph: ModGraph) -> str:
-    """The Triton module for ``graph`` (score hooks with their derivatives, or the mask hook)."""
+def source(graph: ModGraph, fast: bool = False) -> str:
+    """The Triton module for ``graph`` (score hooks with their derivatives, or the mask hook);
+    ``fast``: the hardware's approximate tanh (``_TANH_FAST``; for 16-bit inputs on a GPU)."""
     stride_base, k = [], 0
     for c in graph.captures:
         stride_base.append(k)
         k += c.tensor.dim()
     n = len(graph.scalars)
-    out = [_PRELUDE.format(kind=graph.kind)]
+    out = [_PRELUDE.format(kind=graph.kind, tanh=_TANH_FAST if fast else _TANH_EXACT)]
     # The hooks' ``meta`` tuple: every capture's strides, then the mod's Python numbers (scalar
     # slots), loaded once per program from a small int tensor (META), after them the gradient
     # buffers' strides. Triton specializes int kernel arguments (== 1, % 16), inside tuples too,
@@ -399,16 +416,18 @@ def cache_dir() -> str:
         return d
 
 
-def hooks(graph: ModGraph) -> Hooks:
-    """The generated hooks for ``graph``'s structure (generated and imported once per structure)."""
-    key = graph.key
+def hooks(graph: ModGraph, fast: bool = False) -> Hooks:
+    """The generated hooks for ``graph``'s structure (generated and imported once per structure);
+    ``fast`` (:func:`source`) where the mod takes a tanh."""
+    fast = fast and any(n.op == "tanh" for n in graph.nodes)
+    key = (graph.key, "fast") if fast else graph.key
     h = _CACHE.get(key)
     if h is not None:
         return h
     with _LOCK:
         h = _CACHE.get(key)
         if h is None:
-            h = _CACHE[key] = _load(graph.kind, source(graph))
+            h = _CACHE[key] = _load(graph.kind, source(graph, fast))
             GENERATIONS["count"] += 1
     return h
 

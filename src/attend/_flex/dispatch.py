@@ -51,8 +51,14 @@ class FlexCall:
     @functools.cached_property
     def score_hooks(self) -> codegen.Hooks | None:
         """The score_mod's generated Triton functions (generated once per structure; looked up
-        once per call: the lookup builds the structure key)."""
-        return codegen.hooks(self.score) if self.score is not None else None
+        once per call: the lookup builds the structure key). fp16 / bf16 on a GPU take the
+        hardware's tanh (``codegen.source``)."""
+        if self.score is None:
+            return None
+        opts = kernel_options.current()
+        fast = opts.flex_fast_tanh and not opts.interpret and self.query.is_cuda and self.query.dtype in (
+            torch.float16, torch.bfloat16)
+        return codegen.hooks(self.score, fast)
 
     @functools.cached_property
     def mask_hooks(self) -> codegen.Hooks | None:

@@ -134,7 +134,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
         g = graphs[kind]
         if g is None:
             continue
-        fns = codegen.hooks(g).functions
+        fns = codegen.hooks(g, fast=dtype != "float32").functions  # as FlexCall.score_hooks picks them
         flags[f"{prefix}_MOD"] = fns[f"{kind}_mod"]
         flags[f"LOAD_{prefix}_META"] = fns["load_meta"]
         tuples[f"{prefix}_PTRS"] = tuple(ptr(c) for c in g.captures)
@@ -328,7 +328,7 @@ def _report(compiled, kind: str, config: str, arch: int, head_dim: int, feature:
     ptx = compiled.asm["ptx"]
     return dict(kernel=kind, config=config, arch=arch, head_dim=head_dim, feature=feature, wgmma="wgmma" in ptx,
                 mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx, shared=compiled.metadata.shared,
-                _ptx=ptx)
+                tanh_approx="tanh.approx.f32" in ptx, _ptx=ptx)
 
 
 def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> list[dict]:

@@ -163,6 +163,10 @@ class KernelOptions:
     # causal 0.963 / 2.934 against 1.312 / 4.440 on the lists, a 1024 window 0.286 / 1.011 against
     # 0.554 / 1.630, ALiBi + causal 1.34 / 4.30 against 1.65 / 5.19.
     flex_bands: bool = True
+    # fp16 / bf16 flex calls on a GPU compute a score_mod's tanh (a softcap) with the hardware's
+    # tanh.approx.f32 (relative error about 2^-11, inside a 16-bit input's rounding) instead of an
+    # exp and a division (_flex/codegen.py). fp32 calls and the interpreter always take the exact form.
+    flex_fast_tanh: bool = True
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with ``changes`` (field names of this class)."""
