@@ -856,9 +856,10 @@ def test_interval_bounds_corner_cases_match_exhaustive():
 
 
 def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
-    """A mod made again with the same code and the same closure tensors is not traced again, with a
-    new closure number either (it fills its slot); a new tensor is traced again; a mod reading
-    another object's attribute is traced every call; the cache keeps no captured tensor alive."""
+    """A mod made again with the same code and the same closure tensors is not traced again; a new
+    closure number is traced once more (confirming it is data), later numbers fill its slot; a
+    new tensor is traced again; a mod reading another object's attribute is traced every call; the
+    cache keeps no captured tensor alive."""
     import gc
     import weakref
 
@@ -875,10 +876,11 @@ def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
     assert counts["traced"] == before["traced"] + 1 and counts["cached"] == before["cached"] + 1
     assert g2.key == g1.key and g2.scalars == g1.scalars and g2.captures[0].tensor is table
     assert trace_mod.trace_cached(make(20.0, table), "score").scalars[0] == 20.0
-    assert counts["traced"] == before["traced"] + 1
+    assert trace_mod.trace_cached(make(10.0, table), "score").scalars[0] == 10.0
+    assert counts["traced"] == before["traced"] + 2
     other = torch.randn(HQ, 128, device=DEVICE)
     assert trace_mod.trace_cached(make(30.0, other), "score").captures[0].tensor is other
-    assert counts["traced"] == before["traced"] + 2
+    assert counts["traced"] == before["traced"] + 3
 
     class Holder:
         scale = 2.0
@@ -886,7 +888,7 @@ def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
     obj = Holder()
     for _ in range(2):
         trace_mod.trace_cached(lambda s, b, h, q_idx, kv_idx: s * obj.scale, "score")
-    assert counts["traced"] == before["traced"] + 4
+    assert counts["traced"] == before["traced"] + 5
 
     ref = weakref.ref(other)
     del other, g1, g2
@@ -958,8 +960,9 @@ def test_trace_cache_follows_module_and_class_attributes_and_item_reads():
 
 def test_trace_cache_takes_a_closure_number_as_data_only_where_it_is_a_slot():
     """A mod made per call over a new closure number (a decode step's ``S - L``, a window) is
-    traced once: a number the mod only hands to tensor ops fills a scalar slot, whatever its value
-    (0, 1 and a value equal to another number included). A number the mod uses in Python
+    traced twice (the second value confirms the number is data): a number the mod only hands to
+    tensor ops fills a scalar slot, whatever its value (0, 1 and a value equal to another number
+    included). A number the mod uses in Python
     (arithmetic, a comparison, a tuple index, an exponent) is structure: each value is traced,
     and every graph the cache serves evaluates as a fresh trace of the same mod does."""
     counts = trace_mod.TRACES
@@ -987,7 +990,7 @@ def test_trace_cache_takes_a_closure_number_as_data_only_where_it_is_a_slot():
     before = counts["traced"]
     for off in (0, 1, 5, 512, 7, 300):  # 0 and 1 are literals in a plain trace; 512 equals the window
         same_as_fresh(window(off, 512))
-    assert counts["traced"] == before + 1
+    assert counts["traced"] == before + 2
     for name, make in python_uses.items():
         before = counts["traced"]
         for n in (1, 2, 3, 4, 5):

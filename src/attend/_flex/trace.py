@@ -236,14 +236,15 @@ def trace(mod: Callable, kind: str) -> ModGraph:
 # traced once per structure. The first trace runs with each such number replaced by a tagged int
 # or float (``_Tagged``) that records every Python-level use; a number that reaches the graph only
 # as a scalar slot is then data (a hit writes its new value into the slot), any other use makes
-# it structure (keyed by value). A second trace with those numbers moved confirms the attribution
-# (the same structure, exactly the tagged slots moved), or every number is keyed by value.
+# it structure (keyed by value). The attribution is confirmed once per number, by the first call
+# that brings another value of it: its trace must have the same structure and move exactly that
+# number's slot; until then the number is keyed by value. A mod over new tensors each call (a new
+# key) so pays one trace per call, as without the cache.
 
 TRACE_CACHE_SIZE = 64
 _VARIANTS = 4  # traces kept per key: numbers that are structure (keyed by value) pick one
 _TRACES: dict = {}  # key -> [(graph without captures, weak refs to its captures, binding)], oldest key first
 TRACES = {"traced": 0, "cached": 0}  # counts (tests and benchmarks read them)
-_FREE, _VALUE = ("free",), ("value",)  # a cell number nothing reads; one that is structure (keyed by value)
 
 _SAFE_MODULES = ("torch", "math", "operator")  # modules a mod may name: their attributes are ops
 
@@ -404,52 +405,53 @@ def _plain(a):
     return a.plain if isinstance(a, _Tagged) else tuple(_plain(x) for x in a) if isinstance(a, tuple) else a
 
 
-def _moved(v):
-    """A value far from ``v`` of its type (int32 kept) for the confirming trace."""
-    if isinstance(v, float):
-        return v * 1.375 + 0.3125
-    return v + 7919 if v + 7919 < 2 ** 31 else v - 7919
-
-
-def _binding(mod: Callable, kind: str, graph: ModGraph, used: frozenset, cells: list, values: list) -> list:
-    """Per cell number: ``("slot", j)``, ``_FREE`` or ``_VALUE`` (the section's comment)."""
+def _binding(graph: ModGraph, used: frozenset, values: list) -> list:
+    """Per cell number, from a tagged trace: ``["slot", j, value, confirmed]``, ``["free", None,
+    value, confirmed]`` (nothing reads it) or ``["value", None, value, True]`` (structure)."""
     slots = {p: j for j, p in enumerate(graph.sources) if p is not None}
-    binding = [_VALUE if p in used else ("slot", slots[p]) if p in slots else _FREE for p in range(len(values))]
-    if all(b == _VALUE for b in binding):
-        return binding
-    moved = [v if b == _VALUE else _moved(v) for v, b in zip(values, binding)]
-    try:
-        g2, used2 = _trace_tagged(mod, kind, cells, moved)
-    except Exception:
-        return [_VALUE] * len(values)
-    want = [moved[p] if p is not None and binding[p] != _VALUE else v for v, p in zip(graph.scalars, graph.sources)]
-    same = g2.key == graph.key and used2 == used and list(g2.sources) == list(graph.sources) and all(
-        type(a) is type(b) and a == b for a, b in zip(g2.scalars, want))
-    return binding if same else [_VALUE] * len(values)
+    return [["value", None, v, True] if p in used else ["slot", slots[p], v, False] if p in slots else
+            ["free", None, v, False] for p, v in enumerate(values)]
 
 
-def _number_key(v) -> tuple:
-    return (type(v).__name__, repr(v))
+def _same_number(a, b) -> bool:
+    return type(a) is type(b) and (a == b or a != a and b != b)
 
 
-def _fits(binding: list, values: list) -> bool:
-    """Whether a trace with ``binding`` serves the numbers ``values``."""
-    for b, v, in zip(binding, values):
-        if b[0] == "slot":
-            if isinstance(v, int) and not -2 ** 31 <= v < 2 ** 31 or v != v:
-                return False
-        elif b[0] == "value" and b[1] != _number_key(v):
+def _fits(binding: list, values: list) -> bool | None:
+    """Whether a trace with ``binding`` serves the numbers ``values``: True; None where it would
+    once the numbers that differ are confirmed as data; False where a structure number differs or
+    a slot cannot hold a value."""
+    pending = False
+    for (kind, _, v0, confirmed), v in zip(binding, values):
+        if _same_number(v0, v):
+            continue
+        if kind == "value" or kind == "slot" and (isinstance(v, int) and not -2 ** 31 <= v < 2 ** 31 or v != v):
             return False
-    return True
+        pending = pending or not confirmed
+    return None if pending else True
+
+
+def _confirms(binding: list, plain: ModGraph, graph: ModGraph, used: frozenset, values: list) -> bool:
+    """Whether a tagged trace of other values (``graph``, ``used``) has the cached trace's structure
+    and moved exactly the slots of the numbers that changed: the numbers are data, as assumed."""
+    if dataclasses.replace(graph, captures=[]).key != plain.key or list(graph.sources) != list(plain.sources) or \
+            used != frozenset(p for p, b in enumerate(binding) if b[0] == "value"):
+        return False
+    want = list(plain.scalars)
+    for (kind, j, _, _), v in zip(binding, values):
+        if kind == "slot":
+            want[j] = v
+    return all(_same_number(a, b) for a, b in zip(graph.scalars, want))
 
 
 def trace_cached(mod: Callable, kind: str) -> ModGraph:
     """:func:`trace`, from a bounded cache where the mod and every value it reads fingerprint the
     same as a cached trace's (``_fingerprint``; about 3 ms of tracing saved per call); closure
-    numbers that are only slots may differ (the section's comment). Cached captures are held by
-    weak reference: a hit needs the very same tensors alive, and the cache keeps no tensor alive.
-    Mods that read other objects are traced every time, and so is a mod that reads a tensor's
-    value in Python (``t.item()``): the tensor is then no capture."""
+    numbers that are only slots may differ (the section's comment), once a second value of each
+    has confirmed it. Cached captures are held by weak reference: a hit needs the very same
+    tensors alive, and the cache keeps no tensor alive. Mods that read other objects are traced
+    every time, and so is a mod that reads a tensor's value in Python (``t.item()``): the tensor is
+    then no capture."""
     import weakref
 
     tensors: list = []
@@ -460,20 +462,31 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
         return trace(mod, kind)
     values = [c.cell_contents for c in cells]
     key = (kind, fp, torch.get_default_dtype())
+    unconfirmed = None
     for plain, refs, binding in _TRACES.get(key, ()):
         caps = [r() for r in refs]
-        if all(c is not None for c in caps) and _fits(binding, values):
+        if not all(c is not None for c in caps):
+            continue
+        fits = _fits(binding, values)
+        if fits:
             _TRACES[key] = _TRACES.pop(key)  # most recently used last
             TRACES["cached"] += 1
             scalars = list(plain.scalars)
-            for b, v in zip(binding, values):
-                if b[0] == "slot":
-                    scalars[b[1]] = v
+            for (kind_, j, _, _), v in zip(binding, values):
+                if kind_ == "slot":
+                    scalars[j] = v
             return dataclasses.replace(plain, captures=[Capture(c) for c in caps], scalars=scalars)
+        if fits is None and unconfirmed is None:
+            unconfirmed = (plain, binding)
     if cells:
         graph, used = _trace_tagged(mod, kind, cells, values)
-        binding = _binding(mod, kind, graph, used, cells, values)
-        binding = [("value", _number_key(v)) if b == _VALUE else b for b, v in zip(binding, values)]
+        if unconfirmed is not None and _confirms(unconfirmed[1], unconfirmed[0], graph, used, values):
+            for b, v in zip(unconfirmed[1], values):  # a second value behaved as data: confirmed
+                if not _same_number(b[2], v):
+                    b[3] = True
+            TRACES["traced"] += 1
+            return graph
+        binding = _binding(graph, used, values)
     else:
         graph, binding = trace(mod, kind), []
     TRACES["traced"] += 1
