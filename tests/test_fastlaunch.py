@@ -40,10 +40,10 @@ def test_scalar_class_matches_triton():
         assert (scalar_class(a) == scalar_class(b)) == same_triton, (a, b)
 
 
-def _launcher(n_ptr, volatile=()):
+def _launcher(n_ptr, volatile=(), nested=()):
     """A Launcher's key logic without a compiled kernel (the interpreter has none)."""
     lau = Launcher.__new__(Launcher)
-    lau.n_ptr, lau.volatile = n_ptr, volatile
+    lau.n_ptr, lau.volatile, lau.nested = n_ptr, volatile, nested
     return lau
 
 
@@ -77,6 +77,22 @@ def test_volatile_ints_keyed_by_class():
     assert lau._key((t, 7, 12345)) == lau._key((t, 7, 54321))  # a new seed: same kernel
     assert lau._key((t, 7, 12345)) != lau._key((t, 7, 1))  # Triton makes 1 a constant
     assert lau._key((t, 7, 16)) != lau._key((t, 7, 17))
+
+
+def test_nested_arguments_keyed_by_their_tensors():
+    """flex's tuples of block lists and captures (``nested``): tensors by dtype and alignment, ints
+    in them by value (exact key) or class, never by the tensors' identity or values."""
+    lau = _launcher(1, nested=(2,))
+    t = torch.empty(8)
+    lists = lambda: (torch.empty(4, dtype=torch.int32), torch.empty(4, dtype=torch.int32), 32)  # noqa: E731
+    key = lau._key((t, 7, lists(), 0.5))
+    assert key == lau._key((t, 7, lists(), 0.5))  # new tensors alike
+    assert key != lau._key((t, 7, (torch.empty(4, dtype=torch.int64),) + lists()[1:], 0.5))  # a dtype
+    assert key != lau._key((t, 7, (torch.empty(5, dtype=torch.int32)[1:],) + lists()[1:], 0.5))  # alignment
+    assert key != lau._key((t, 7, lists()[:2] + (48,), 0.5))  # an int in the tuple, by value
+    assert lau._class_key((t, 7, lists(), 0.5)) == lau._class_key((t, 7, lists()[:2] + (48,), 0.5))  # % 16
+    assert lau._class_key((t, 7, lists(), 0.5)) != lau._class_key((t, 7, lists()[:2] + (33,), 0.5))
+    assert lau._key((t, 7, None, 0.5)) != key  # the dense call's None
 
 
 def _stand_in_launcher(monkeypatch):

@@ -83,6 +83,16 @@ def _pointer_key(ptrs: tuple) -> tuple:
                   for a in ptrs])
 
 
+def _nested_key(a, exact: bool):
+    """A ``nested`` parameter's key: tensors as ``_pointer_key`` keys them, tuples element by
+    element, anything else by value (``exact``) or by ``scalar_class``."""
+    if type(a) is torch.Tensor:
+        return a.dtype, a.data_ptr() & 15 == 0
+    if type(a) is tuple:
+        return tuple([_nested_key(x, exact) for x in a])
+    return a if exact else scalar_class(a)
+
+
 class Launcher:
     """``Launcher(kernel, volatile)(grid, args, constexprs, num_warps, num_stages)`` launches
     like ``kernel[grid](**args, **constexprs, num_warps=..., num_stages=...)``.
@@ -90,10 +100,12 @@ class Launcher:
     ``args`` maps every runtime parameter's name to its value; the launcher puts them in the
     kernel's order (its pointer (tensor) parameters first, then the scalars). Every constexpr
     parameter comes after them in the signature and is given in ``constexprs``. ``volatile``:
-    names of int parameters whose value changes from call to call. Each scalar keeps its Python
-    type across calls (an int stays an int: ``0 == 0.0`` in a key)."""
+    names of int parameters whose value changes from call to call. ``nested``: names of
+    parameters after the leading tensors that take a tensor, a tuple of tensors (and ints) or None
+    (flex's block lists and captures), keyed as ``_nested_key`` keys them. Each scalar keeps its
+    Python type across calls (an int stays an int: ``0 == 0.0`` in a key)."""
 
-    def __init__(self, kernel, volatile: tuple[str, ...] = ()):
+    def __init__(self, kernel, volatile: tuple[str, ...] = (), nested: tuple[str, ...] = ()):
         self.kernel = kernel
         self.direct = isinstance(kernel, JITFunction)  # not the interpreter's InterpretedFunction
         self.cache: dict = {}  # exact key -> compiled kernel
@@ -110,6 +122,7 @@ class Launcher:
             # a constexpr the caller leaves out takes its default, as Triton's own path does
             self.defaults = {p.name: p.default for p in kernel.params[first:] if p.has_default}
             self.volatile = tuple(kernel.arg_names.index(n) for n in volatile)
+            self.nested = tuple(kernel.arg_names.index(n) for n in nested)
 
     def ordered(self, args: dict) -> tuple:
         """``args`` (name -> value) in the kernel's parameter order; a TypeError names any
@@ -126,17 +139,22 @@ class Launcher:
     def _key(self, args: tuple) -> tuple:
         n = self.n_ptr
         ptrs = _pointer_key(args[:n])
-        if not self.volatile:
+        if not self.volatile and not self.nested:
             return ptrs, args[n:]
         rest = list(args[n:])
         for i in self.volatile:
             rest[i - n] = int_class(rest[i - n])
+        for i in self.nested:
+            rest[i - n] = _nested_key(rest[i - n], True)
         return ptrs, tuple(rest)
 
     def _class_key(self, args: tuple) -> tuple:
         """The key as Triton specializes: pointers as in ``_key``, every scalar by ``scalar_class``."""
         n = self.n_ptr
-        return _pointer_key(args[:n]), tuple([scalar_class(a) for a in args[n:]])
+        rest = [scalar_class(a) for a in args[n:]]
+        for i in self.nested:
+            rest[i - n] = _nested_key(args[i], False)
+        return _pointer_key(args[:n]), tuple(rest)
 
     def __call__(self, grid: tuple, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> None:
         if not self.direct:
@@ -145,7 +163,8 @@ class Launcher:
         args = self.ordered(args)
         if self.n_ptr is None:
             self.n_ptr = next((i for i, a in enumerate(args) if not _is_pointer(a)), len(args))
-            if any(_is_pointer(a) for a in args[self.n_ptr:]) or any(i < self.n_ptr for i in self.volatile):
+            if any(_is_pointer(a) for i, a in enumerate(args) if i >= self.n_ptr and i not in self.nested) or any(
+                    i < self.n_ptr for i in self.volatile + self.nested):
                 raise TypeError(f"{self.kernel.__name__}: pointer parameters must come first for Launcher")
         if len(constexprs) != len(self.constexpr_names):
             constexprs = {**self.defaults, **constexprs}

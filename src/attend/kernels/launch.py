@@ -34,8 +34,11 @@ _bwd = triton.autotune(BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_confi
 _GRID_Y_MAX = 65535  # CUDA's cap on gridDim.y (x allows 2^31 - 1)
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
+_NO_FLEX_NAMES = ("FLEX_LISTS", "SCORE_PTRS", "SCORE_META", "MASK_PTRS", "MASK_META")
 _FWD_LAUNCH = Launcher(core.attn_fwd, volatile=("seed",))
 _BWD_LAUNCH = Launcher(core.attn_bwd, volatile=("seed",))
+# flex forwards: the block lists and the mods' captures (tuples of tensors) keyed by their tensors
+_FLEX_FWD_LAUNCH = Launcher(core.attn_fwd, volatile=("seed",), nested=tuple(_NO_FLEX_NAMES))
 _PRE_LAUNCH = Launcher(core.attn_bwd_preprocess)
 _KEY_RANGE_LAUNCH = Launcher(core.key_range_kernel)
 
@@ -861,7 +864,7 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
                  SPARSE_BKV=blocks.BLOCK_SIZE[1] if band is None else 128, MAX_SCORES=want_max,
                  FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full and tma and band is None)
     grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
-    core.attn_fwd[grid](**args, **flags, **tiles.meta, num_warps=tiles.warps, num_stages=tiles.stages)
+    _FLEX_FWD_LAUNCH(grid, args, {**flags, **tiles.meta}, tiles.warps, tiles.stages)
     return out, lse, (mx if want_max else None)
 
 
