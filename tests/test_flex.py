@@ -1225,3 +1225,17 @@ def test_diagonal_sums_of_a_gradient_tile(BM, BN, m0, n0):
             got[d] = float(sums[t])
     for d in set(want) | set(got):
         assert abs(got.get(d, 0.0) - want.get(d, 0.0)) <= 1e-5 * (1 + abs(want.get(d, 0.0))), d
+
+
+def test_list_strides_made_once_per_layout():
+    """The lists' 14 strides (core._list_row) are one small tensor per layout and device: made anew
+    each call, its host-to-device copy waits for the GPU's queue. A size-1 batch or head dim reads
+    as stride 0 (broadcast)."""
+    from attend.kernels import launch
+
+    num, idx = torch.zeros(2, 4, 8, dtype=torch.int32), torch.zeros(2, 4, 8, 8, dtype=torch.int32)
+    first = launch._list_strides(num, idx, num, idx, DEVICE)
+    assert first.tolist() == [32, 8, 1, 256, 64, 8, 1] * 2
+    assert launch._list_strides(num.clone(), idx.clone(), num, idx, DEVICE) is first
+    shared = launch._list_strides(num[:1], idx[:1], num[:1], idx[:1], DEVICE)
+    assert shared is not first and shared.tolist() == [0, 8, 1, 0, 64, 8, 1] * 2

@@ -765,14 +765,25 @@ def _flex_tiles(opts: KernelOptions, D: int, elem: int, l_bkt, s_bkt, group: int
     return Tiles(dict(meta, LAZY_RESCALE=False, ONE_LOOP=opts.flex_one_loop), warps, stages)
 
 
+_LIST_STRIDES: dict[tuple, torch.Tensor] = {}  # (strides, device) -> the int32 tensor on that device
+
+
 def _list_strides(num, idx, full_num, full_idx, device) -> torch.Tensor:
     """The 14 int32 strides of one direction's four lists (a size-1 b / h dim broadcasts: 0),
     as core._list_row reads them. A tensor, not int arguments: Triton would specialize ints on
-    divisibility, and a new length changes the lists' row strides."""
+    divisibility, and a new length changes the lists' row strides. Made once per set of strides
+    and device: a host-to-device copy of a new tensor waits for the GPU to finish its queue (the
+    flex calls on an H100 waited so, on every forward and twice per backward)."""
     def st(t, n):
         return [0 if t.shape[i] == 1 else t.stride(i) for i in range(n - 1)] + [t.stride(n - 1)]
-    vals = st(num, 3) + st(idx, 4) + st(full_num, 3) + st(full_idx, 4)
-    return torch.tensor(vals, dtype=torch.int32, device=device)
+    key = (*st(num, 3), *st(idx, 4), *st(full_num, 3), *st(full_idx, 4), str(device))
+    out = _LIST_STRIDES.get(key)
+    if out is None:
+        if len(_LIST_STRIDES) > 1024:
+            _LIST_STRIDES.clear()
+        with torch.inference_mode(False):  # kept for later calls: never an inference tensor
+            out = _LIST_STRIDES[key] = torch.tensor(key[:-1], dtype=torch.int32, device=device)
+    return out
 
 
 def _with_lists(blocks, transposes: bool = False, device: torch.device | None = None):
