@@ -1239,3 +1239,27 @@ def test_list_strides_made_once_per_layout():
     assert launch._list_strides(num.clone(), idx.clone(), num, idx, DEVICE) is first
     shared = launch._list_strides(num[:1], idx[:1], num[:1], idx[:1], DEVICE)
     assert shared is not first and shared.tolist() == [0, 8, 1, 0, 64, 8, 1] * 2
+
+
+def test_head_major_backward_order_gives_the_same_gradients():
+    """KernelOptions.head_major runs each KV head's dK / dV programs, then its dQ programs (the
+    order Inductor's flex template uses) instead of every head's dK / dV programs first: the same
+    programs in another order, so the same gradients bit for bit (no atomics), with GQA and a
+    document mask's lists."""
+    from attend.kernels.options import kernel_options
+
+    torch.manual_seed(12)
+    q = torch.randn(B, HQ, L, E, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True) for _ in range(2))
+    bm = _block_mask("document")
+    sm = _score_mods(torch.float32)["alibi"][0]
+    g = torch.randn(B, HQ, L, E, device=DEVICE)
+    grads = []
+    before = dispatch.PATHS["fused_backward"]
+    for head_major in (False, True):
+        with kernel_options(head_major=head_major):
+            out = flex.flex_attention(q, k, v, sm, bm, enable_gqa=True)
+            grads.append(torch.autograd.grad((out * g).sum(), (q, k, v)))
+    assert dispatch.PATHS["fused_backward"] == before + 2
+    for name, a, b in zip("qkv", *grads):
+        assert torch.equal(a, b), f"d{name}"

@@ -1169,7 +1169,7 @@ def attn_bwd(
     DQ_ONLY: the launch holds the dQ programs only (grid n_q; the Gluon dK / dV kernel of
     ``ws_bwd.py`` wrote dK and dV); not with DQ_ATOMIC or HEAD_MAJOR. DKDV_ONLY: the dK / dV
     programs only (grid n_kv; a DQ_ONLY launch writes dQ). Either builds only its programs' code.
-    FLEX (dense, no band, mask, dropout, TMA, DQ_ATOMIC or HEAD_MAJOR; launch.flex_backward): the
+    FLEX (dense, no band, mask, dropout, TMA or DQ_ATOMIC; launch.flex_backward): the
     dK/dV programs walk the BlockMask's query lists of their key block, the dQ programs its key
     lists, as the forward does (``_flex_lists``): MASK_MOD in partial blocks only, the score_mod's
     hooks and derivative everywhere, and the captures' gradient (SCORE_GRAD into SCORE_GRADS) from
@@ -1186,7 +1186,7 @@ def attn_bwd(
     tl.static_assert(STAT_PAD % BLOCK_M1 == 0 and STAT_PAD % BLOCK_M2 == 0, "NLSE2 / Delta are padded to STAT_PAD rows")
     tl.static_assert(not (DQ_ONLY and (DQ_ATOMIC or HEAD_MAJOR)), "DQ_ONLY launches the dQ programs in key order")
     tl.static_assert(not (DKDV_ONLY and (DQ_ONLY or HEAD_MAJOR)), "DKDV_ONLY launches the dK / dV programs alone")
-    tl.static_assert(not (FLEX and (DQ_ATOMIC or HEAD_MAJOR or USE_TMA)), "FLEX: dQ programs, key order, pointer loads")
+    tl.static_assert(not (FLEX and (DQ_ATOMIC or USE_TMA)), "FLEX: dQ programs, pointer loads")
     # the score hook over a band (launch.flex_backward's band): the band's own loops call the hooks
     band_hooks: tl.constexpr = SCORE_MOD is not None and not FLEX
     score_meta, mask_meta = _flex_meta(SCORE_META, MASK_META, SCORE_MOD, LOAD_SCORE_META, MASK_MOD, LOAD_MASK_META)

@@ -920,7 +920,10 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
         meta[key] = _fit(min(meta[key], _STAT_PAD), BQ) if key[-2] == "M" else _fit(meta[key], BKV)
     if min(meta.values()) < 16:
         return None
-    return Tiles(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False, ONE_LOOP=opts.flex_bwd_one_loop), warps, stages)
+    # KernelOptions.head_major: each KV head's dK / dV programs, then its dQ programs (Inductor's
+    # flex order); default the dK / dV programs of every head first. Not with flex_bwd_split's halves
+    head_major = bool(opts.head_major) and not opts.flex_bwd_split
+    return Tiles(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=head_major, ONE_LOOP=opts.flex_bwd_one_loop), warps, stages)
 
 
 def _specialized_as(t: torch.Tensor) -> tuple:

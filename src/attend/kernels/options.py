@@ -55,7 +55,8 @@ class KernelOptions:
     # descriptor path under the interpreter with it; the H100 sweep times both). Only the unit last
     # stride, which the kernels' descriptors assume, is checked then.
     tma: bool | None = None
-    # True/False overrides the backward's program order (core.attn_bwd's HEAD_MAJOR).
+    # True/False overrides the backward's program order (core.attn_bwd's HEAD_MAJOR); the flex
+    # backward's order is key-block major unless this is True.
     head_major: bool | None = None
     # A full-size float mask's gradient is dS itself; with this on, the backward launches no dQ
     # programs for it and computes dQ = scale * dS @ K as one batched GEMM on the stored dS (one
