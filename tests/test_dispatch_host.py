@@ -427,3 +427,20 @@ def test_prepared_and_unprepared_calls_agree_on_random_calls(monkeypatch):
             c = attend.scaled_dot_product_attention(q, k, v, **kw)
         assert torch.equal(a, b) and torch.equal(a, c), kw
     assert _dispatch._prepared  # the table was used
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned, asynchronous copy is CUDA's"))])
+def test_small_tensors_reach_the_device_with_their_values(device):
+    """The kernels' small argument tensors (flex's list strides and capture metadata) go to a GPU
+    through pinned memory and an asynchronous copy, which does not wait for the GPU's queue; the
+    values must arrive whatever runs before the copy on the stream."""
+    from attend._hostcache import small_tensor
+
+    busy = torch.randn(2048, 2048, device=device)
+    for i in range(8):
+        busy = busy @ busy * 1e-3  # queued work ahead of the copies (on a GPU)
+        vals = [i, -i, 2 ** 31 - 1 - i, 7 * i]
+        t = small_tensor(vals, torch.int64, device)
+        assert t.device.type == device and t.dtype == torch.int64
+        assert t.tolist() == vals

@@ -44,3 +44,14 @@ def host_values(t: torch.Tensor) -> list[int]:
     vals = t.tolist()
     memo_put(_HOST_VALUES, t, (v, vals))
     return vals
+
+
+def small_tensor(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small tensor of Python ``values`` on ``device`` without waiting for the GPU: a copy from
+    pageable host memory synchronizes with the device's stream first, so on CUDA the values go
+    through pinned memory and an asynchronous copy (the caching host allocator keeps the pinned
+    block until the copy has run)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)

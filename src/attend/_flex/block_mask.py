@@ -350,7 +350,10 @@ def classify(graph: _trace.ModGraph, B: int, H: int, Q_LEN: int, KV_LEN: int, BQ
     else:
         pre = torch.full((NQ, NK), UNDECIDED, dtype=torch.int8, device=device)
     undecided = pre == UNDECIDED
-    if not bool(undecided.any()):
+    # Whether any block is left to evaluate is a device sync on a GPU, which waits for the GPU's
+    # queue (a decode or serving loop makes a BlockMask per step): the kernel is launched instead,
+    # and copies the decided blocks (a mask interval arithmetic decides wholly compiles it once).
+    if device.type != "cuda" and not bool(undecided.any()):
         return pre.expand(B, H, NQ, NK).contiguous()
     status = torch.empty(B, H, NQ, NK, dtype=torch.int8, device=device)
     caps = [c.tensor for c in graph.captures]

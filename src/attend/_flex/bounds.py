@@ -56,12 +56,13 @@ def _exact(v: int, like: torch.Tensor):
     kernels disagree on how it meets an int32 tensor: wrapped, or promoted)."""
     if not _I32.min <= int(v) <= _I32.max:
         return _TOP
-    t = torch.tensor(int(v), dtype=torch.int64, device=like.device)
+    # a fill, not torch.tensor: a host-to-device copy from pageable memory waits for the GPU's queue
+    t = torch.full((), int(v), dtype=torch.int64, device=like.device)
     return _Int(t, t)
 
 
 def _const_bool(v: bool, like: torch.Tensor) -> _Bool:
-    t = torch.tensor(bool(v), device=like.device)
+    t = torch.full((), bool(v), dtype=torch.bool, device=like.device)
     return _Bool(t, ~t)
 
 

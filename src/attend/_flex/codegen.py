@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .._hostcache import small_tensor
+
 from .derivative import derivatives
 from .trace import ModGraph, Ref
 
@@ -480,5 +482,5 @@ def capture_args(captures: list[torch.Tensor], device, grads: list[torch.Tensor]
         if len(_META) > 1024:
             _META.clear()
         with torch.inference_mode(False):  # cached for later calls: never an inference tensor
-            meta = _META[key] = torch.tensor(strides or [0], dtype=dtype, device=device)
+            meta = _META[key] = small_tensor(strides or [0], dtype, device)
     return CaptureArgs(tuple(captures), meta, tuple(grads))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .._hostcache import small_tensor
 from .._layout import Band, Packed, empty_in_layout, is_rows, rows_call, rows_lse
 from . import core, versions, worklist
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
@@ -782,7 +783,7 @@ def _list_strides(num, idx, full_num, full_idx, device) -> torch.Tensor:
         if len(_LIST_STRIDES) > 1024:
             _LIST_STRIDES.clear()
         with torch.inference_mode(False):  # kept for later calls: never an inference tensor
-            out = _LIST_STRIDES[key] = torch.tensor(key[:-1], dtype=torch.int32, device=device)
+            out = _LIST_STRIDES[key] = small_tensor(list(key[:-1]), torch.int32, device)
     return out
 
 
