@@ -349,7 +349,8 @@ def _kwargs_packing(kwargs: dict) -> _Packing:
 def _ids_from_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
     marks = torch.zeros(total, dtype=torch.int32, device=cu.device)
     inner = cu[1:-1].long()
-    marks.index_add_(0, inner[inner < total], torch.ones_like(inner[inner < total], dtype=torch.int32))
+    # boundaries past the tokens add 0 (not selected out: a boolean index is a device sync)
+    marks.index_add_(0, inner.clamp(max=total - 1), (inner < total).to(torch.int32))
     return marks.cumsum(0)[None]
 
 
