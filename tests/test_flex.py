@@ -998,6 +998,48 @@ def test_trace_cache_takes_a_closure_number_as_data_only_where_it_is_a_slot():
         assert counts["traced"] == before + 5, name
 
 
+def test_trace_cache_takes_a_closure_tensor_as_data_only_where_it_is_a_capture():
+    """A mod made per call over a new tensor (a padding mask, a packed batch's sequence ids) is
+    traced twice (the second tensor confirms it is only indexed), then served with each call's own
+    tensor as its capture; a tensor the mod reads in Python (its shape, its values) is traced every
+    call; the cache keeps none of these tensors alive."""
+    import gc
+    import weakref
+
+    counts = trace_mod.TRACES
+    idx = torch.arange(0, 12, dtype=torch.int32)
+    inputs = dict(b=idx.new_zeros(()), h=idx.new_zeros(()), q_idx=idx.view(-1, 1), kv_idx=idx.view(1, -1))
+
+    def same_doc(ids):
+        return lambda b, h, q_idx, kv_idx: ids[b, q_idx] == ids[b, kv_idx]
+
+    def shaped(ids):  # the tensor's shape read in Python: structure
+        n = ids.shape[1]
+        return lambda b, h, q_idx, kv_idx: (ids[b, q_idx] == ids[b, kv_idx]) & (kv_idx < ids.shape[1] - 2 + 0 * n)
+
+    def valued(ids):  # a value read in Python
+        return lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + int(ids[0, 0])
+
+    for make, traces in ((same_doc, 2), (shaped, 5), (valued, 5)):
+        before = counts["traced"]
+        for i in range(5):
+            ids = torch.randint(0, 3, (1, 12), dtype=torch.int32).sort(-1).values
+            ids[0, 0] = i
+            mod = make(ids)
+            g = trace_mod.trace_cached(mod, "mask")
+            assert any(c.tensor is ids for c in g.captures) or make is valued
+            got = trace_mod.evaluate(g, inputs)[0]
+            want = trace_mod.evaluate(trace_mod.trace(mod, "mask"), inputs)[0]
+            assert torch.equal(torch.as_tensor(got).expand(12, 12), torch.as_tensor(want).expand(12, 12)), make
+        assert counts["traced"] == before + traces, make.__name__
+    ids = torch.zeros(1, 12, dtype=torch.int32)
+    ref = weakref.ref(ids)
+    trace_mod.trace_cached(same_doc(ids), "mask")
+    del ids
+    gc.collect()
+    assert ref() is None, "the trace cache kept a closure tensor alive"
+
+
 @pytest.mark.parametrize("loops", ["three", "two"])
 def test_full_block_lists_in_any_order(loops):
     """A BlockMask whose full blocks are listed out of order (from_kv_blocks does not require

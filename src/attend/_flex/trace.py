@@ -18,6 +18,8 @@ import math
 import operator
 import os
 import sys
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -71,6 +73,7 @@ class ModGraph:
     # per slot, the closure number (``_Tagged.pos``) it was read from, or None; only a trace of
     # :func:`trace_cached` sets it. Not structure: the cache uses it to fill a hit's slots
     sources: list = field(default_factory=list, repr=False, compare=False)
+    capture_sources: list = field(default_factory=list, repr=False, compare=False)  # per capture, likewise
     # the nodes' and output's part of ``key``, made once (nodes are never changed after tracing;
     # dataclasses.replace carries it to a cached trace's copies)
     nodes_key: tuple | None = field(default=None, repr=False, compare=False)
@@ -216,6 +219,7 @@ def trace(mod: Callable, kind: str) -> ModGraph:
             return mod(b, h, q_idx, kv_idx)
     tracer = _Tracer()
     name = getattr(mod, "__name__", type(mod).__name__)
+    _TAGS.active = True  # a tagged tensor (trace_cached) records its uses while the mod runs only
     try:
         graph = tracer.trace(root)
     except FlexTraceError:
@@ -225,6 +229,8 @@ def trace(mod: Callable, kind: str) -> ModGraph:
                              f"{type(e).__name__}: {e}. attend generates the mod into Triton, so it may use "
                              f"only tensor ops on its arguments (no Python control flow on them); "
                              f"supported: {SUPPORTED}") from None
+    finally:
+        _TAGS.active = False
     return _Builder(kind, name, tracer.captures).build(graph)
 
 
@@ -232,8 +238,12 @@ def trace(mod: Callable, kind: str) -> ModGraph:
 # The trace cache: a mod seen again (same code, same closure values) is not traced again.
 #
 # A number in a closure cell (a window, an offset such as ``S - L``, a softcap) is keyed by its
-# type only, so a mod made again each call with a new value (a model's mask per decode step) is
-# traced once per structure. The first trace runs with each such number replaced by a tagged int
+# type only, and a tensor there (a padding mask, a batch's sequence ids) by its dtype and rank, so
+# a mod made again each call over new values (a model's mask per decode step) is traced once per
+# structure. A tensor is tagged as a view (``_TaggedTensor``) that records every torch function,
+# method or property the mod calls on it without a traced value: only indexed by index
+# expressions it is a capture, filled from the call's cell on a hit; read any other way (its
+# shape, its values) the mod is not cached at all. The first trace runs with each such number replaced by a tagged int
 # or float (``_Tagged``) that records every Python-level use; a number that reaches the graph only
 # as a scalar slot is then data (a hit writes its new value into the slot), any other use makes
 # it structure (keyed by value). The attribution is confirmed once per number, by the first call
@@ -286,7 +296,8 @@ def _fingerprint(obj, tensors: list, depth: int = 0, cells: list | None = None):
     ``tensors``: the caller checks each is a capture, so none was read into Python); torch, math
     and operator by name. Anything else (an object, a class or another module whose attributes
     the mod might read) is None. With ``cells`` given, an int or float in a closure cell is keyed
-    by its type and its cell's position in ``cells`` (appended there), not by value."""
+    by its type, a tensor there by its dtype and rank, and either by its cell's position in
+    ``cells`` (appended there), not by value or identity."""
     import types
 
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -310,13 +321,14 @@ def _fingerprint(obj, tensors: list, depth: int = 0, cells: list | None = None):
         reads = function_reads(obj)
         parts = []
         for step, v in reads:
-            if cells is not None and step[0] == "cell" and _is_number(v):
+            if cells is not None and step[0] == "cell" and (_is_number(v) or type(v) in _TENSOR_TYPES):
                 cell = obj.__closure__[step[1]]
                 pos = next((p for p, c in enumerate(cells) if c is cell), None)
                 if pos is None:
                     pos = len(cells)
                     cells.append(cell)
-                parts.append(("num", type(v).__name__, pos))
+                parts.append(("num", type(v).__name__, pos) if _is_number(v) else
+                             ("tensor", str(v.dtype), v.dim(), pos))
             else:
                 parts.append(_fingerprint(v, tensors, depth + 1, cells))
         parts += [_fingerprint(v, tensors, depth + 1, cells)
@@ -375,16 +387,59 @@ def _tag_class(base: type) -> type:
 
 
 _TAGGED = {int: _tag_class(int), float: _tag_class(float)}
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # exactly these (a subclass may read itself anyhow)
+_TAGS = threading.local()  # .active: the mod is being traced (tagged tensors record uses only then)
+
+
+class _TaggedTensor(torch.Tensor):
+    """A closure tensor during a trace of :func:`trace_cached`: a view of it that records (in its
+    log) every torch function or method the mod calls on it, property reads (shape, dtype) too,
+    except an op that takes a traced value (an fx Proxy): that op indexes the tensor as a capture."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(_TAGS, "active", False) and not _has_proxy((args, kwargs)):
+            for a in _flat((args, kwargs)):
+                if isinstance(a, _TaggedTensor):
+                    a._attend_log.add(a._attend_pos)
+        if _has_proxy((args, kwargs)):
+            return NotImplemented  # the Proxy's op records the tensor as a capture
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def _flat(x):
+    if isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _flat(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _flat(y)
+    else:
+        yield x
+
+
+def _has_proxy(x) -> bool:
+    return any(isinstance(a, fx.Proxy) for a in _flat(x))
+
+
+def _tag(v, p: int, log: set):
+    if isinstance(v, torch.Tensor):
+        t = v.detach().as_subclass(_TaggedTensor)
+        t._attend_pos, t._attend_log, t._attend_plain = p, log, v
+        return t
+    return _TAGGED[type(v)](v, p, log)
 
 
 def _trace_tagged(mod: Callable, kind: str, cells: list, values: list) -> tuple[ModGraph, frozenset]:
-    """:func:`trace` with each of ``cells`` holding its value of ``values`` tagged; the graph and the
-    positions of the numbers used otherwise than as a slot. The cells get their contents back."""
+    """:func:`trace` with each of ``cells`` holding its value of ``values`` tagged; the graph (its
+    captures the cells' own tensors, ``capture_sources`` their positions) and the positions of the
+    values used otherwise than as a slot or a capture. The cells get their contents back."""
     log: set = set()
     saved = [c.cell_contents for c in cells]
     try:
         for p, (c, v) in enumerate(zip(cells, values)):
-            c.cell_contents = _TAGGED[type(v)](v, p, log)
+            c.cell_contents = _tag(v, p, log)
         graph = trace(mod, kind)
     finally:
         for c, v in zip(cells, saved):
@@ -396,8 +451,12 @@ def _trace_tagged(mod: Callable, kind: str, cells: list, values: list) -> tuple[
             a.used()
         elif isinstance(a, tuple):
             stack.extend(a)
-    graph = dataclasses.replace(graph, nodes=[Node(n.op, tuple(_plain(a) for a in n.args), n.dtype)
-                                              for n in graph.nodes], output=_plain(graph.output))
+    caps = [c.tensor for c in graph.captures]
+    graph = dataclasses.replace(
+        graph, nodes=[Node(n.op, tuple(_plain(a) for a in n.args), n.dtype) for n in graph.nodes],
+        output=_plain(graph.output),
+        captures=[Capture(t._attend_plain if isinstance(t, _TaggedTensor) else t) for t in caps],
+        capture_sources=[t._attend_pos if isinstance(t, _TaggedTensor) else None for t in caps])
     return graph, frozenset(log)
 
 
@@ -405,25 +464,47 @@ def _plain(a):
     return a.plain if isinstance(a, _Tagged) else tuple(_plain(x) for x in a) if isinstance(a, tuple) else a
 
 
+def _held(v):
+    """What a binding keeps of a cell's value: a tensor by weak reference (the cache keeps none alive)."""
+    import weakref
+
+    return weakref.ref(v) if isinstance(v, torch.Tensor) else v
+
+
 def _binding(graph: ModGraph, used: frozenset, values: list) -> list:
-    """Per cell number, from a tagged trace: ``["slot", j, value, confirmed]``, ``["free", None,
-    value, confirmed]`` (nothing reads it) or ``["value", None, value, True]`` (structure)."""
+    """Per cell value, from a tagged trace: ``["slot", j, value, confirmed]`` (a number in scalar
+    slot j), ``["capture", j, value, confirmed]`` (a tensor that is capture j), ``["free", None,
+    value, confirmed]`` (nothing reads it) or ``["value", None, value, True]`` (structure; a
+    tensor by identity). A tensor's value is held by weak reference."""
     slots = {p: j for j, p in enumerate(graph.sources) if p is not None}
-    return [["value", None, v, True] if p in used else ["slot", slots[p], v, False] if p in slots else
-            ["free", None, v, False] for p, v in enumerate(values)]
+    caps = {p: j for j, p in enumerate(graph.capture_sources) if p is not None}
+    out = []
+    for p, v in enumerate(values):
+        if p in used:
+            out.append(["value", None, _held(v), True])
+        elif p in slots:
+            out.append(["slot", slots[p], v, False])
+        elif p in caps:
+            out.append(["capture", caps[p], _held(v), False])
+        else:
+            out.append(["free", None, _held(v), False])
+    return out
 
 
-def _same_number(a, b) -> bool:
-    return type(a) is type(b) and (a == b or a != a and b != b)
+def _same(held, v) -> bool:
+    """Whether a binding's held value is ``v``: a tensor the same object, a number the same value."""
+    if isinstance(held, weakref.ref):
+        return held() is v
+    return type(held) is type(v) and (held == v or held != held and v != v)
 
 
 def _fits(binding: list, values: list) -> bool | None:
-    """Whether a trace with ``binding`` serves the numbers ``values``: True; None where it would
-    once the numbers that differ are confirmed as data; False where a structure number differs or
-    a slot cannot hold a value."""
+    """Whether a trace with ``binding`` serves the values ``values``: True; None where it would
+    once the values that differ are confirmed as data; False where a structure value differs or
+    a slot cannot hold a number."""
     pending = False
     for (kind, _, v0, confirmed), v in zip(binding, values):
-        if _same_number(v0, v):
+        if _same(v0, v):
             continue
         if kind == "value" or kind == "slot" and (isinstance(v, int) and not -2 ** 31 <= v < 2 ** 31 or v != v):
             return False
@@ -433,27 +514,27 @@ def _fits(binding: list, values: list) -> bool | None:
 
 def _confirms(binding: list, plain: ModGraph, graph: ModGraph, used: frozenset, values: list) -> bool:
     """Whether a tagged trace of other values (``graph``, ``used``) has the cached trace's structure
-    and moved exactly the slots of the numbers that changed: the numbers are data, as assumed."""
+    and moved exactly the slots (and captures) of the values that changed: they are data, as
+    assumed."""
     if dataclasses.replace(graph, captures=[]).key != plain.key or list(graph.sources) != list(plain.sources) or \
+            list(graph.capture_sources) != list(plain.capture_sources) or \
             used != frozenset(p for p, b in enumerate(binding) if b[0] == "value"):
         return False
     want = list(plain.scalars)
     for (kind, j, _, _), v in zip(binding, values):
         if kind == "slot":
             want[j] = v
-    return all(_same_number(a, b) for a, b in zip(graph.scalars, want))
+    return all(_same(a, b) for a, b in zip(graph.scalars, want))
 
 
 def trace_cached(mod: Callable, kind: str) -> ModGraph:
     """:func:`trace`, from a bounded cache where the mod and every value it reads fingerprint the
     same as a cached trace's (``_fingerprint``; about 3 ms of tracing saved per call); closure
-    numbers that are only slots may differ (the section's comment), once a second value of each
-    has confirmed it. Cached captures are held by weak reference: a hit needs the very same
-    tensors alive, and the cache keeps no tensor alive. Mods that read other objects are traced
-    every time, and so is a mod that reads a tensor's value in Python (``t.item()``): the tensor is
-    then no capture."""
-    import weakref
-
+    numbers that are only slots, and closure tensors that are only captures, may differ (the
+    section's comment), once a second value of each has confirmed it. Other captured tensors are
+    held by weak reference: a hit needs the very same tensors alive, and the cache keeps no tensor
+    alive. Mods that read other objects are traced every time, and so is a mod that reads a
+    global tensor's value in Python (``t.item()``): the tensor is then no capture."""
     tensors: list = []
     cells: list = []
     fp = _fingerprint(mod, tensors, cells=cells)
@@ -464,8 +545,8 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
     key = (kind, fp, torch.get_default_dtype())
     unconfirmed = None
     for plain, refs, binding in _TRACES.get(key, ()):
-        caps = [r() for r in refs]
-        if not all(c is not None for c in caps):
+        caps = [r() if r is not None else None for r in refs]
+        if any(c is None for c, r in zip(caps, refs) if r is not None):
             continue
         fits = _fits(binding, values)
         if fits:
@@ -475,6 +556,8 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
             for (kind_, j, _, _), v in zip(binding, values):
                 if kind_ == "slot":
                     scalars[j] = v
+                elif kind_ == "capture":
+                    caps[j] = v
             return dataclasses.replace(plain, captures=[Capture(c) for c in caps], scalars=scalars)
         if fits is None and unconfirmed is None:
             unconfirmed = (plain, binding)
@@ -482,7 +565,7 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
         graph, used = _trace_tagged(mod, kind, cells, values)
         if unconfirmed is not None and _confirms(unconfirmed[1], unconfirmed[0], graph, used, values):
             for b, v in zip(unconfirmed[1], values):  # a second value behaved as data: confirmed
-                if not _same_number(b[2], v):
+                if not _same(b[2], v):
                     b[3] = True
             TRACES["traced"] += 1
             return graph
@@ -491,9 +574,12 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
         graph, binding = trace(mod, kind), []
     TRACES["traced"] += 1
     captured = {id(c.tensor) for c in graph.captures}
-    if all(id(t) in captured for t in tensors):
+    # a tensor read in Python (its values, its shape) may change in place unseen: nothing is kept
+    read = any(b[0] == "value" and isinstance(b[2], weakref.ref) for b in binding)
+    if all(id(t) in captured for t in tensors) and not read:
+        abstract = {b[1] for b in binding if b[0] == "capture"}  # filled from the cells on a hit
         try:
-            refs = [weakref.ref(c.tensor) for c in graph.captures]
+            refs = [None if j in abstract else weakref.ref(c.tensor) for j, c in enumerate(graph.captures)]
         except TypeError:
             return graph
         variants = _TRACES.pop(key, [])
