@@ -856,9 +856,8 @@ def test_interval_bounds_corner_cases_match_exhaustive():
 
 
 def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
-    """A mod made again with the same code and the same closure tensors is not traced again; a new
-    closure number is traced once more (confirming it is data), later numbers fill its slot; a
-    new tensor is traced again; a mod reading another object's attribute is traced every call; the
+    """A mod made again with the same code and the same closure values is not traced again; a new
+    number or a new tensor is; a mod reading another object's attribute is traced every call; the
     cache keeps no captured tensor alive."""
     import gc
     import weakref
@@ -876,8 +875,6 @@ def test_trace_cache_reuses_a_mod_only_while_what_it_reads_is_the_same():
     assert counts["traced"] == before["traced"] + 1 and counts["cached"] == before["cached"] + 1
     assert g2.key == g1.key and g2.scalars == g1.scalars and g2.captures[0].tensor is table
     assert trace_mod.trace_cached(make(20.0, table), "score").scalars[0] == 20.0
-    assert trace_mod.trace_cached(make(10.0, table), "score").scalars[0] == 10.0
-    assert counts["traced"] == before["traced"] + 2
     other = torch.randn(HQ, 128, device=DEVICE)
     assert trace_mod.trace_cached(make(30.0, other), "score").captures[0].tensor is other
     assert counts["traced"] == before["traced"] + 3
@@ -958,51 +955,65 @@ def test_trace_cache_follows_module_and_class_attributes_and_item_reads():
         cfg.SCALE, _ = 3.25, temp.fill_(2.0)
 
 
-def test_trace_cache_takes_a_closure_number_as_data_only_where_it_is_a_slot():
-    """A mod made per call over a new closure number (a decode step's ``S - L``, a window) is
-    traced twice (the second value confirms the number is data): a number the mod only hands to
-    tensor ops fills a scalar slot, whatever its value (0, 1 and a value equal to another number
-    included). A number the mod uses in Python
-    (arithmetic, a comparison, a tuple index, an exponent) is structure: each value is traced,
-    and every graph the cache serves evaluates as a fresh trace of the same mod does."""
+def test_trace_cache_keys_closure_numbers_by_value_unless_declared_data():
+    """An undeclared closure number is keyed by value, whatever the mod does with it (Python reads a
+    number in ways nothing observes: a tuple index, math.isinf), so each value gets its own trace and
+    the right graph. Numbers a function declares data (``data_cells``, as the transformers
+    integration's masks do for a decode step's ``S - L`` and window) are keyed by type: one trace
+    for every value (0, 1 and a value equal to another number included), each evaluating as a
+    fresh trace does. A declared number the mod uses in Python after all is keyed by value."""
+    import math as math_
+
     counts = trace_mod.TRACES
+    layer_types = ("sliding", "sliding", "full", "full")
+
+    def per_layer(layer):  # a per-layer pattern: a tuple index reads the number unseen
+        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx < 4) | (layer_types[layer] == "full"))
+
+    def capped(cap):
+        def sm(score, b, h, q_idx, kv_idx):
+            if math_.isinf(cap):
+                return score
+            return cap * torch.tanh(score / cap)
+        return sm
 
     def window(off, w):
-        pos = lambda b, q_idx: q_idx + off  # noqa: E731
+        pos = trace_mod.data_cells(lambda b, q_idx: q_idx + off, "off")
         return flex.and_masks(lambda b, h, q_idx, kv_idx: kv_idx <= pos(b, q_idx),
-                              lambda b, h, q_idx, kv_idx: kv_idx > pos(b, q_idx) - w)
+                              trace_mod.data_cells(lambda b, h, q_idx, kv_idx: kv_idx > pos(b, q_idx) - w, "w"))
 
-    table = (10, 20, 30)
-    python_uses = {
-        "arithmetic": lambda n: lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + n * 2,
-        "comparison": lambda n: lambda b, h, q_idx, kv_idx: kv_idx <= q_idx if n > 3 else kv_idx >= q_idx,
-        "tuple index": lambda n: lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + table[n % 3],
-        "exponent": lambda n: lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) ** (n % 3 + 1) >= 0,
-    }
+    def misdeclared(n):  # declared, but used in Python arithmetic: keyed by value
+        return trace_mod.data_cells(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + n * 2, "n")
+
     idx = torch.arange(-40, 40, dtype=torch.int32)
     inputs = dict(b=idx.new_zeros(()), h=idx.new_zeros(()), q_idx=idx.view(-1, 1), kv_idx=idx.view(1, -1))
+    score = torch.linspace(-60, 60, 80).view(1, -1)
 
-    def same_as_fresh(mod):
-        got = trace_mod.evaluate(trace_mod.trace_cached(mod, "mask"), inputs)[0]
-        want = trace_mod.evaluate(trace_mod.trace(mod, "mask"), inputs)[0]
-        assert torch.equal(torch.as_tensor(got).expand(80, 80), torch.as_tensor(want).expand(80, 80))
+    def same_as_fresh(mod, kind="mask"):
+        args = dict(inputs, score=score) if kind == "score" else inputs
+        got = trace_mod.evaluate(trace_mod.trace_cached(mod, kind), args)[0]
+        want = trace_mod.evaluate(trace_mod.trace(mod, kind), args)[0]
+        assert torch.allclose(torch.as_tensor(got).expand(80, 80).float(), torch.as_tensor(want).expand(80, 80).float(),
+                              equal_nan=True)
 
-    before = counts["traced"]
-    for off in (0, 1, 5, 512, 7, 300):  # 0 and 1 are literals in a plain trace; 512 equals the window
-        same_as_fresh(window(off, 512))
-    assert counts["traced"] == before + 2
-    for name, make in python_uses.items():
+    for make, values, kind, traces in ((per_layer, (0, 1, 2, 3, 0, 2), "mask", 4),
+                                       (capped, (50.0, 30.0, float("inf"), 50.0), "score", 3),
+                                       (window, ((0, 512), (1, 512), (5, 512), (512, 512), (7, 512)), "mask", 1),
+                                       (misdeclared, (1, 2, 3, 1), "mask", 3)):
         before = counts["traced"]
-        for n in (1, 2, 3, 4, 5):
-            same_as_fresh(make(n))
-        assert counts["traced"] == before + 5, name
+        for v in values:
+            same_as_fresh(make(*v) if isinstance(v, tuple) else make(v), kind)
+        assert counts["traced"] == before + traces, make.__name__
+    with pytest.raises(ValueError, match="no closure variable nope"):
+        trace_mod.data_cells(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, "nope")
 
 
-def test_trace_cache_takes_a_closure_tensor_as_data_only_where_it_is_a_capture():
-    """A mod made per call over a new tensor (a padding mask, a packed batch's sequence ids) is
-    traced twice (the second tensor confirms it is only indexed), then served with each call's own
-    tensor as its capture; a tensor the mod reads in Python (its shape, its values) is traced every
-    call; the cache keeps none of these tensors alive."""
+def test_trace_cache_takes_a_declared_closure_tensor_as_data_only_where_it_is_a_capture():
+    """A mod made per call over a new tensor it declares data (a padding mask, a packed batch's
+    sequence ids: ``data_cells``) is traced once, then served with each call's own tensor as its
+    capture; an undeclared tensor is keyed by identity (a trace per new tensor), and so is a
+    declared one the mod reads in Python (its shape, its values: not cached at all); the cache
+    keeps none of these tensors alive."""
     import gc
     import weakref
 
@@ -1011,16 +1022,19 @@ def test_trace_cache_takes_a_closure_tensor_as_data_only_where_it_is_a_capture()
     inputs = dict(b=idx.new_zeros(()), h=idx.new_zeros(()), q_idx=idx.view(-1, 1), kv_idx=idx.view(1, -1))
 
     def same_doc(ids):
+        return trace_mod.data_cells(lambda b, h, q_idx, kv_idx: ids[b, q_idx] == ids[b, kv_idx], "ids")
+
+    def undeclared(ids):
         return lambda b, h, q_idx, kv_idx: ids[b, q_idx] == ids[b, kv_idx]
 
-    def shaped(ids):  # the tensor's shape read in Python: structure
-        n = ids.shape[1]
-        return lambda b, h, q_idx, kv_idx: (ids[b, q_idx] == ids[b, kv_idx]) & (kv_idx < ids.shape[1] - 2 + 0 * n)
+    def shaped(ids):  # the tensor's shape read in Python
+        return trace_mod.data_cells(
+            lambda b, h, q_idx, kv_idx: (ids[b, q_idx] == ids[b, kv_idx]) & (kv_idx < ids.shape[1] - 2), "ids")
 
     def valued(ids):  # a value read in Python
-        return lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + int(ids[0, 0])
+        return trace_mod.data_cells(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + int(ids[0, 0]), "ids")
 
-    for make, traces in ((same_doc, 2), (shaped, 5), (valued, 5)):
+    for make, traces in ((same_doc, 1), (undeclared, 5), (shaped, 5), (valued, 5)):
         before = counts["traced"]
         for i in range(5):
             ids = torch.randint(0, 3, (1, 12), dtype=torch.int32).sort(-1).values

@@ -237,19 +237,17 @@ def trace(mod: Callable, kind: str) -> ModGraph:
 # ---------------------------------------------------------------------------------------------
 # The trace cache: a mod seen again (same code, same closure values) is not traced again.
 #
-# A number in a closure cell (a window, an offset such as ``S - L``, a softcap) is keyed by its
-# type only, and a tensor there (a padding mask, a batch's sequence ids) by its dtype and rank, so
-# a mod made again each call over new values (a model's mask per decode step) is traced once per
-# structure. A tensor is tagged as a view (``_TaggedTensor``) that records every torch function,
-# method or property the mod calls on it without a traced value: only indexed by index
-# expressions it is a capture, filled from the call's cell on a hit; read any other way (its
-# shape, its values) the mod is not cached at all. The first trace runs with each such number replaced by a tagged int
-# or float (``_Tagged``) that records every Python-level use; a number that reaches the graph only
-# as a scalar slot is then data (a hit writes its new value into the slot), any other use makes
-# it structure (keyed by value). The attribution is confirmed once per number, by the first call
-# that brings another value of it: its trace must have the same structure and move exactly that
-# number's slot; until then the number is keyed by value. A mod over new tensors each call (a new
-# key) so pays one trace per call, as without the cache.
+# Values are keyed by value (numbers) or identity (tensors), except in closure cells that a function
+# declares data (``data_cells``): there a number is keyed by its type and a tensor by its dtype and
+# rank, so a mod made again each call over new values (transformers' mask per decode step closes
+# over ``S - L`` and a new key-padding view) is traced once per structure. The declaration is a
+# promise that the function hands those values only to the traced ops (a number as an operand, a
+# tensor indexed by index expressions): attend's own mods make it (the transformers integration);
+# it is not inferred, since Python reads a number in ways nothing can observe (a tuple index,
+# ``math.isinf``). The first trace runs with the declared values tagged (``_Tagged``,
+# ``_TaggedTensor``): each number becomes a scalar slot of its own and each tensor a capture,
+# which later calls fill from their own cells; a declared value the mod does use in Python
+# anyway (as far as its dunders and torch functions tell) is keyed by value or identity instead.
 
 TRACE_CACHE_SIZE = 64
 _VARIANTS = 4  # traces kept per key: numbers that are structure (keyed by value) pick one
@@ -284,10 +282,6 @@ def function_reads(fn) -> list[tuple[tuple, object]]:
     return out
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _fingerprint(obj, tensors: list, depth: int = 0, cells: list | None = None):
     """A hashable key of what tracing ``obj`` (a mod, or a value it reads) depends on, or None
     where that cannot be known without tracing: functions by their code object (compared by
@@ -295,9 +289,9 @@ def _fingerprint(obj, tensors: list, depth: int = 0, cells: list | None = None):
     nested code name; numbers, strings and None by value; tensors by identity (appended to
     ``tensors``: the caller checks each is a capture, so none was read into Python); torch, math
     and operator by name. Anything else (an object, a class or another module whose attributes
-    the mod might read) is None. With ``cells`` given, an int or float in a closure cell is keyed
-    by its type, a tensor there by its dtype and rank, and either by its cell's position in
-    ``cells`` (appended there), not by value or identity."""
+    the mod might read) is None. With ``cells`` given, an int or float in a closure cell a function
+    declares data (``data_cells``) is keyed by its type, a tensor there by its dtype and rank, and
+    either by its cell's position in ``cells`` (appended there), not by value or identity."""
     import types
 
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -320,14 +314,16 @@ def _fingerprint(obj, tensors: list, depth: int = 0, cells: list | None = None):
     if isinstance(obj, types.FunctionType) and depth < 8:
         reads = function_reads(obj)
         parts = []
+        data = getattr(obj, "_attend_data", ()) if cells is not None else ()
         for step, v in reads:
-            if cells is not None and step[0] == "cell" and (_is_number(v) or type(v) in _TENSOR_TYPES):
+            if data and step[0] == "cell" and obj.__code__.co_freevars[step[1]] in data and (
+                    type(v) in (int, float) or type(v) in _TENSOR_TYPES):
                 cell = obj.__closure__[step[1]]
                 pos = next((p for p, c in enumerate(cells) if c is cell), None)
                 if pos is None:
                     pos = len(cells)
                     cells.append(cell)
-                parts.append(("num", type(v).__name__, pos) if _is_number(v) else
+                parts.append(("num", type(v).__name__, pos) if type(v) in (int, float) else
                              ("tensor", str(v.dtype), v.dim(), pos))
             else:
                 parts.append(_fingerprint(v, tensors, depth + 1, cells))
@@ -337,6 +333,21 @@ def _fingerprint(obj, tensors: list, depth: int = 0, cells: list | None = None):
             return None
         return ("function", obj.__code__, tuple(step for step, _ in reads), tuple(parts))
     return None
+
+
+def data_cells(fn: Callable, *names: str) -> Callable:
+    """Declare the closure variables ``names`` of ``fn`` data for the trace cache (the section's
+    comment): ``fn`` hands them only to traced ops, so a new value never changes its trace. While
+    the first trace of a mod runs, its declared cells hold tagged stand-ins: a declared function is
+    one call's own (the transformers integration makes its mods per call), not one that other
+    threads run at the same time. Returns ``fn``."""
+    free = fn.__code__.co_freevars
+    missing = [n for n in names if n not in free]
+    if missing:
+        raise ValueError(f"data_cells: {fn.__qualname__} has no closure variable {', '.join(missing)} "
+                         f"(it closes over {', '.join(free) or 'nothing'})")
+    fn._attend_data = frozenset(names)
+    return fn
 
 
 class _Tagged:
@@ -466,75 +477,46 @@ def _plain(a):
 
 def _held(v):
     """What a binding keeps of a cell's value: a tensor by weak reference (the cache keeps none alive)."""
-    import weakref
-
     return weakref.ref(v) if isinstance(v, torch.Tensor) else v
 
 
 def _binding(graph: ModGraph, used: frozenset, values: list) -> list:
-    """Per cell value, from a tagged trace: ``["slot", j, value, confirmed]`` (a number in scalar
-    slot j), ``["capture", j, value, confirmed]`` (a tensor that is capture j), ``["free", None,
-    value, confirmed]`` (nothing reads it) or ``["value", None, value, True]`` (structure; a
-    tensor by identity). A tensor's value is held by weak reference."""
+    """Per declared cell value, from a tagged trace: ``("slot", j, value)`` (a number in scalar slot
+    j), ``("capture", j, value)`` (a tensor that is capture j), ``("free", None, value)`` (nothing
+    reads it) or ``("value", None, value)`` (used in Python after all: keyed by value, a tensor by
+    identity). A tensor's value is held by weak reference (the cache keeps none alive)."""
     slots = {p: j for j, p in enumerate(graph.sources) if p is not None}
     caps = {p: j for j, p in enumerate(graph.capture_sources) if p is not None}
-    out = []
-    for p, v in enumerate(values):
-        if p in used:
-            out.append(["value", None, _held(v), True])
-        elif p in slots:
-            out.append(["slot", slots[p], v, False])
-        elif p in caps:
-            out.append(["capture", caps[p], _held(v), False])
-        else:
-            out.append(["free", None, _held(v), False])
-    return out
+    return [("value", None, _held(v)) if p in used else ("slot", slots[p], v) if p in slots else
+            ("capture", caps[p], None) if p in caps else ("free", None, _held(v)) for p, v in enumerate(values)]
 
 
 def _same(held, v) -> bool:
-    """Whether a binding's held value is ``v``: a tensor the same object, a number the same value."""
+    """Whether a binding's held value is ``v``: a tensor the same object, a number the same value
+    (floats by repr: nan equals nan, -0.0 is not 0.0)."""
     if isinstance(held, weakref.ref):
         return held() is v
-    return type(held) is type(v) and (held == v or held != held and v != v)
+    return type(held) is type(v) and (repr(held) == repr(v) if isinstance(v, float) else held == v)
 
 
-def _fits(binding: list, values: list) -> bool | None:
-    """Whether a trace with ``binding`` serves the values ``values``: True; None where it would
-    once the values that differ are confirmed as data; False where a structure value differs or
-    a slot cannot hold a number."""
-    pending = False
-    for (kind, _, v0, confirmed), v in zip(binding, values):
-        if _same(v0, v):
-            continue
-        if kind == "value" or kind == "slot" and (isinstance(v, int) and not -2 ** 31 <= v < 2 ** 31 or v != v):
+def _fits(binding: list, values: list) -> bool:
+    """Whether a trace with ``binding`` serves the declared values ``values``: every value it used
+    in Python is the same, and every slot can hold its number."""
+    for (kind, _, v0), v in zip(binding, values):
+        if kind == "value" and not _same(v0, v):
             return False
-        pending = pending or not confirmed
-    return None if pending else True
-
-
-def _confirms(binding: list, plain: ModGraph, graph: ModGraph, used: frozenset, values: list) -> bool:
-    """Whether a tagged trace of other values (``graph``, ``used``) has the cached trace's structure
-    and moved exactly the slots (and captures) of the values that changed: they are data, as
-    assumed."""
-    if dataclasses.replace(graph, captures=[]).key != plain.key or list(graph.sources) != list(plain.sources) or \
-            list(graph.capture_sources) != list(plain.capture_sources) or \
-            used != frozenset(p for p, b in enumerate(binding) if b[0] == "value"):
-        return False
-    want = list(plain.scalars)
-    for (kind, j, _, _), v in zip(binding, values):
-        if kind == "slot":
-            want[j] = v
-    return all(_same(a, b) for a, b in zip(graph.scalars, want))
+        if kind == "slot" and (isinstance(v, int) and not -2 ** 31 <= v < 2 ** 31 or v != v):
+            return False
+    return True
 
 
 def trace_cached(mod: Callable, kind: str) -> ModGraph:
     """:func:`trace`, from a bounded cache where the mod and every value it reads fingerprint the
-    same as a cached trace's (``_fingerprint``; about 3 ms of tracing saved per call); closure
-    numbers that are only slots, and closure tensors that are only captures, may differ (the
-    section's comment), once a second value of each has confirmed it. Other captured tensors are
-    held by weak reference: a hit needs the very same tensors alive, and the cache keeps no tensor
-    alive. Mods that read other objects are traced every time, and so is a mod that reads a
-    global tensor's value in Python (``t.item()``): the tensor is then no capture."""
+    same as a cached trace's (``_fingerprint``; about 3 ms of tracing saved per call); declared data
+    (``data_cells``) may differ (the section's comment). Other captured tensors are held by weak
+    reference: a hit needs the very same tensors alive, and the cache keeps no tensor alive. Mods
+    that read other objects are traced every time, and so is a mod that reads a tensor's value in
+    Python (``t.item()``): the tensor is then no capture."""
     tensors: list = []
     cells: list = []
     fp = _fingerprint(mod, tensors, cells=cells)
@@ -543,32 +525,21 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
         return trace(mod, kind)
     values = [c.cell_contents for c in cells]
     key = (kind, fp, torch.get_default_dtype())
-    unconfirmed = None
     for plain, refs, binding in _TRACES.get(key, ()):
         caps = [r() if r is not None else None for r in refs]
-        if any(c is None for c, r in zip(caps, refs) if r is not None):
+        if any(c is None for c, r in zip(caps, refs) if r is not None) or not _fits(binding, values):
             continue
-        fits = _fits(binding, values)
-        if fits:
-            _TRACES[key] = _TRACES.pop(key)  # most recently used last
-            TRACES["cached"] += 1
-            scalars = list(plain.scalars)
-            for (kind_, j, _, _), v in zip(binding, values):
-                if kind_ == "slot":
-                    scalars[j] = v
-                elif kind_ == "capture":
-                    caps[j] = v
-            return dataclasses.replace(plain, captures=[Capture(c) for c in caps], scalars=scalars)
-        if fits is None and unconfirmed is None:
-            unconfirmed = (plain, binding)
+        _TRACES[key] = _TRACES.pop(key)  # most recently used last
+        TRACES["cached"] += 1
+        scalars = list(plain.scalars)
+        for (kind_, j, _), v in zip(binding, values):
+            if kind_ == "slot":
+                scalars[j] = v
+            elif kind_ == "capture":
+                caps[j] = v
+        return dataclasses.replace(plain, captures=[Capture(c) for c in caps], scalars=scalars)
     if cells:
         graph, used = _trace_tagged(mod, kind, cells, values)
-        if unconfirmed is not None and _confirms(unconfirmed[1], unconfirmed[0], graph, used, values):
-            for b, v in zip(unconfirmed[1], values):  # a second value behaved as data: confirmed
-                if not _same(b[2], v):
-                    b[3] = True
-            TRACES["traced"] += 1
-            return graph
         binding = _binding(graph, used, values)
     else:
         graph, binding = trace(mod, kind), []

@@ -81,6 +81,7 @@ except ImportError as e:  # transformers is optional for attend; only this modul
         f"Importing it failed: {e}") from e
 
 import attend
+from attend._flex.trace import data_cells
 from attend._hostcache import version
 from attend.bias import causal_lower_right
 from attend.flex_attention import AuxRequest as FlexAuxRequest
@@ -532,19 +533,22 @@ def _flex_mask(call: _Call, q, k, mask, kwargs) -> _FlexMask:
 
         def tensor_mask(b, h, q_idx, kv_idx):
             return m[b, h, q_idx, kv_idx]
-        return _FlexMask(tensor_mask, B if mask.shape[0] > 1 else None, Hq if mask.shape[1] > 1 else None, (mask,),
+        return _FlexMask(data_cells(tensor_mask, "m"), B if mask.shape[0] > 1 else None, Hq if mask.shape[1] > 1 else None, (mask,),
                          ("tensor",), f"the {tuple(mask.shape)} bool mask read per block")
     parts, sources = [], ()
     W = call.window
     # query i sits at key position i + off (bottom-right: transformers' KV-cache prefill and decode)
+    # The mods below hand their numbers and tensors only to traced ops (data_cells): each call's new
+    # offset, padding view or ids reuse the trace cache's trace of the same mask (_flex/trace.py).
     off = S - L
-    pos = lambda b, q_idx: q_idx + off  # noqa: E731
+    pos = data_cells(lambda b, q_idx: q_idx + off, "off")
     if kind == "padding":
         valid = mask.to(torch.bool)[:, -S:]
         sources = (mask,)
-        parts.append(("key padding", lambda b, h, q_idx, kv_idx: valid[b, kv_idx]))
+        parts.append(("key padding", data_cells(lambda b, h, q_idx, kv_idx: valid[b, kv_idx], "valid")))
         if L > 1:  # padded queries see nothing (0, as on the varlen route); a decode step's query is real
-            parts.append(("query padding", lambda b, h, q_idx, kv_idx: valid[b, q_idx + off]))
+            parts.append(("query padding", data_cells(lambda b, h, q_idx, kv_idx: valid[b, q_idx + off],
+                                                      "valid", "off")))
     elif kind == "packed":
         if mask is not None:  # sequence ids (B, S); L == S
             ids_q = ids_k = mask
@@ -556,16 +560,18 @@ def _flex_mask(call: _Call, q, k, mask, kwargs) -> _FlexMask:
             sources = (cu_q, cu_k)
             if cu_k is not cu_q:
                 shift = (cu_k[1:] - cu_q[1:]).to(torch.int32)[ids_q.long()]  # (1, L)
-                pos = lambda b, q_idx: q_idx + shift[b, q_idx]  # noqa: E731
-        parts.append(("same sequence", lambda b, h, q_idx, kv_idx: ids_q[b, q_idx] == ids_k[b, kv_idx]))
+                pos = data_cells(lambda b, q_idx: q_idx + shift[b, q_idx], "shift")
+        parts.append(("same sequence", data_cells(lambda b, h, q_idx, kv_idx: ids_q[b, q_idx] == ids_k[b, kv_idx],
+                                                  "ids_q", "ids_k")))
     if call.causal:
         parts.append(("causal" + (" (bottom-right)" if L != S or kind == "packed" else ""),
                       lambda b, h, q_idx, kv_idx: kv_idx <= pos(b, q_idx)))
         if W is not None:
-            parts.append((f"sliding window {W}", lambda b, h, q_idx, kv_idx: kv_idx > pos(b, q_idx) - W))
+            parts.append((f"sliding window {W}", data_cells(lambda b, h, q_idx, kv_idx: kv_idx > pos(b, q_idx) - W,
+                                                            "W")))
     elif W is not None:
         parts.append((f"sliding window {W} (both sides)",
-                      lambda b, h, q_idx, kv_idx: (kv_idx - pos(b, q_idx)).abs() < W))
+                      data_cells(lambda b, h, q_idx, kv_idx: (kv_idx - pos(b, q_idx)).abs() < W, "W")))
     if not parts:
         return _FlexMask(None, None, None, (), ())
     batched = B if sources and sources[0].dim() == 2 and sources[0].shape[0] > 1 else None
@@ -611,7 +617,8 @@ def _score_mod(softcap: float | None, additive: torch.Tensor | None):
     def masked_mod(score, b, h, q_idx, kv_idx):
         s = softcap_mod(score, b, h, q_idx, kv_idx) if cap is not None else score
         return s + additive[b, h, q_idx, kv_idx]
-    return masked_mod if additive is not None else softcap_mod
+    # data for the trace cache: a new softcap or additive mask reuses the trace (_flex/trace.py)
+    return data_cells(masked_mod, "additive") if additive is not None else data_cells(softcap_mod, "cap")
 
 
 def _flex(call: _Call, q, k, v, mask, scale, softcap, s_aux, kwargs) -> torch.Tensor:
