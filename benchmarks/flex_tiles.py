@@ -8,7 +8,7 @@ forward and on the core (``KernelOptions.fwd_ws=False``): what the flex forward'
 hooks cost against the same core without them.
 
     PYTHONPATH=src python benchmarks/flex_tiles.py [--cases causal,alibi_causal] [--rounds 5] [--json out.json]
-        [--kinds fwd,bwd] [--set tiles|loop|bands]
+        [--kinds fwd,bwd] [--set tiles|loop|bands|order]
 
 The shapes are ``attend.bench_flex``'s ``full`` preset (B=2, H=16, S=8192, D=128, bf16) on CUDA,
 its ``tiny`` preset elsewhere (a smoke test under TRITON_INTERPRET=1). The winners go into
@@ -47,7 +47,13 @@ BWD_LOOP = [None, dict(flex_one_loop=True, flex_tma=True, flex_bwd_one_loop=True
 # arithmetic unless flex_bands is off; the other masks (document, prefix_lm) walk the lists.
 FWD_BANDS = [None, dict(flex_bands=False), dict(flex_ragged_in_full=True), dict(flex_one_loop=True)]
 BWD_BANDS = [None, dict(flex_bands=False)]
-_OPTION_KEYS = ("flex_one_loop", "flex_tma", "flex_bwd_one_loop", "flex_bands", "flex_ragged_in_full")
+# The backward's program order (``--set order``): every head's dK / dV programs first (default), or
+# each KV head's dK / dV programs, then its dQ programs (KernelOptions.head_major, Inductor's order);
+# and the forward's hardware tanh against the exact one.
+FWD_ORDER = [None, dict(flex_fast_tanh=False)]
+BWD_ORDER = [None, dict(head_major=True)]
+_OPTION_KEYS = ("flex_one_loop", "flex_tma", "flex_bwd_one_loop", "flex_bands", "flex_ragged_in_full", "head_major",
+                "flex_fast_tanh")
 
 
 def _split(ko):
@@ -76,9 +82,10 @@ def main() -> None:
     ap.add_argument("--cases", default="causal,alibi_causal")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--kinds", default="fwd,bwd")
-    ap.add_argument("--set", choices=("tiles", "loop", "bands"), default="tiles",
+    ap.add_argument("--set", choices=("tiles", "loop", "bands", "order"), default="tiles",
                     help="the candidates: tiles of the kernels with a loop per kind of block, the single loop / TMA "
-                         "ones, or the band hooks against the lists (with the lists' loop forms)")
+                         "ones, the band hooks against the lists (with the lists' loop forms), or the backward's "
+                         "program order and the forward's tanh")
     ap.add_argument("--json")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,7 +117,8 @@ def main() -> None:
                 attend.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         variants = [("dense causal", o, dense) for o in ({}, {"fwd_ws": False}) if case == "causal"]
-        fwd_set, bwd_set = dict(tiles=(FWD, BWD), loop=(FWD_LOOP, BWD_LOOP), bands=(FWD_BANDS, BWD_BANDS))[args.set]
+        fwd_set, bwd_set = dict(tiles=(FWD, BWD), loop=(FWD_LOOP, BWD_LOOP), bands=(FWD_BANDS, BWD_BANDS),
+                               order=(FWD_ORDER, BWD_ORDER))[args.set]
         variants += [("fwd", ko, fwd) for ko in fwd_set if "fwd" in kinds]
         variants += [("fwd+bwd", ko, bwd) for ko in bwd_set if "bwd" in kinds]
         live, times = [], {}
