@@ -351,10 +351,11 @@ def data_cells(fn: Callable, *names: str) -> Callable:
 
 
 class _Tagged:
-    """A closure number during a trace of :func:`trace_cached`: it behaves as its value, and records
-    (in ``log``) every use of it in Python (arithmetic, comparisons, truth, conversions, hashing).
-    An op with a traced value (an fx Proxy) is not a use: the Proxy records the number as an
-    operand, and the builder makes it a slot of its own (``_Builder.scalar``)."""
+    """A declared closure number (``data_cells``) during a trace of :func:`trace_cached`: it behaves
+    as its value, and records (in ``log``) every use of it in Python (arithmetic, comparisons,
+    truth, conversions, hashing). An op with a traced value (an fx Proxy) is not a use: the Proxy
+    records the number as an operand, and the builder makes it a slot of its own
+    (``_Builder.scalar``)."""
 
     def __new__(cls, value, pos: int, log: set):
         self = super().__new__(cls, value)
@@ -403,9 +404,10 @@ _TAGS = threading.local()  # .active: the mod is being traced (tagged tensors re
 
 
 class _TaggedTensor(torch.Tensor):
-    """A closure tensor during a trace of :func:`trace_cached`: a view of it that records (in its
-    log) every torch function or method the mod calls on it, property reads (shape, dtype) too,
-    except an op that takes a traced value (an fx Proxy): that op indexes the tensor as a capture."""
+    """A declared closure tensor (``data_cells``) during a trace of :func:`trace_cached`: a view of it
+    that records (in its log) every torch function or method the mod calls on it, property reads
+    (shape, dtype) too, except an op that takes a traced value (an fx Proxy): that op indexes the
+    tensor as a capture."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
