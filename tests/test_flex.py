@@ -1308,13 +1308,12 @@ def test_head_major_backward_order_gives_the_same_gradients():
     q = torch.randn(B, HQ, L, E, device=DEVICE, requires_grad=True)
     k, v = (torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True) for _ in range(2))
     bm = _block_mask("document")
-    sm = _score_mods(torch.float32)["alibi"][0]
     g = torch.randn(B, HQ, L, E, device=DEVICE)
     grads = []
     before = dispatch.PATHS["fused_backward"]
     for head_major in (False, True):
         with kernel_options(head_major=head_major):
-            out = flex.flex_attention(q, k, v, sm, bm, enable_gqa=True)
+            out = flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
             grads.append(torch.autograd.grad((out * g).sum(), (q, k, v)))
     assert dispatch.PATHS["fused_backward"] == before + 2
     for name, a, b in zip("qkv", *grads):
