@@ -46,12 +46,26 @@ def host_values(t: torch.Tensor) -> list[int]:
     return vals
 
 
+_SMALL: dict[tuple, torch.Tensor] = {}  # (device, dtype, values) -> small_tensor's tensor
+
+
 def small_tensor(values: list, dtype: torch.dtype, device) -> torch.Tensor:
     """A small tensor of Python ``values`` on ``device`` without waiting for the GPU: a copy from
     pageable host memory synchronizes with the device's stream first, so on CUDA the values go
     through pinned memory and an asynchronous copy (the caching host allocator keeps the pinned
-    block until the copy has run)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    block until the copy has run). Made once per device, dtype and values (the kernels' argument
+    tensors: flex's list strides and capture metadata), and never an inference tensor, since later
+    calls reuse it. The caller must not write to it."""
+    key = (str(device), dtype, tuple(values))
+    out = _SMALL.get(key)
+    if out is None:
+        if len(_SMALL) > 1024:
+            _SMALL.clear()
+        device = torch.device(device)
+        with torch.inference_mode(False):
+            if device.type != "cuda":
+                out = torch.tensor(values, dtype=dtype, device=device)
+            else:
+                out = torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+        _SMALL[key] = out
+    return out

@@ -460,9 +460,6 @@ class CaptureArgs:
     grads: tuple
 
 
-_META: dict[tuple, torch.Tensor] = {}
-
-
 def capture_args(captures: list[torch.Tensor], device, grads: list[torch.Tensor] | None = None,
                  scalars: list = ()) -> CaptureArgs:
     """Kernel arguments for ``captures``, the graph's ``scalars`` and the captures' gradient
@@ -476,11 +473,4 @@ def capture_args(captures: list[torch.Tensor], device, grads: list[torch.Tensor]
                + [s for g in grads for s in g.stride()])
     reach = max([sum((n - 1) * abs(st) for n, st in zip(c.shape, c.stride())) for c in captures] + [0])
     dtype = torch.int32 if reach < 2 ** 31 else torch.int64
-    key = (str(device), dtype, tuple(strides))
-    meta = _META.get(key)
-    if meta is None:
-        if len(_META) > 1024:
-            _META.clear()
-        with torch.inference_mode(False):  # cached for later calls: never an inference tensor
-            meta = _META[key] = small_tensor(strides or [0], dtype, device)
-    return CaptureArgs(tuple(captures), meta, tuple(grads))
+    return CaptureArgs(tuple(captures), small_tensor(strides or [0], dtype, device), tuple(grads))

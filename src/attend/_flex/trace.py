@@ -411,12 +411,12 @@ class _TaggedTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if getattr(_TAGS, "active", False) and not _has_proxy((args, kwargs)):
+        if any(isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
+            return NotImplemented  # the Proxy's op records the tensor as a capture
+        if getattr(_TAGS, "active", False):
             for a in _flat((args, kwargs)):
                 if isinstance(a, _TaggedTensor):
                     a._attend_log.add(a._attend_pos)
-        if _has_proxy((args, kwargs)):
-            return NotImplemented  # the Proxy's op records the tensor as a capture
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
@@ -430,10 +430,6 @@ def _flat(x):
             yield from _flat(y)
     else:
         yield x
-
-
-def _has_proxy(x) -> bool:
-    return any(isinstance(a, fx.Proxy) for a in _flat(x))
 
 
 def _tag(v, p: int, log: set):

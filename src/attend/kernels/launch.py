@@ -35,17 +35,16 @@ _bwd = triton.autotune(BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_confi
 _GRID_Y_MAX = 65535  # CUDA's cap on gridDim.y (x allows 2^31 - 1)
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
-_NO_FLEX_NAMES = ("FLEX_LISTS", "SCORE_PTRS", "SCORE_META", "MASK_PTRS", "MASK_META")
 _FWD_LAUNCH = Launcher(core.attn_fwd, volatile=("seed",))
 _BWD_LAUNCH = Launcher(core.attn_bwd, volatile=("seed",))
-# flex forwards: the block lists and the mods' captures (tuples of tensors) keyed by their tensors
-_FLEX_FWD_LAUNCH = Launcher(core.attn_fwd, volatile=("seed",), nested=tuple(_NO_FLEX_NAMES))
 _PRE_LAUNCH = Launcher(core.attn_bwd_preprocess)
 _KEY_RANGE_LAUNCH = Launcher(core.key_range_kernel)
 
 _DENSE_FLAGS = dict(VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16)
 # attn_fwd's flex inputs where there is no flex call: None specializes away (core.attn_fwd's FLEX)
 _NO_FLEX = dict(FLEX_LISTS=None, SCORE_PTRS=None, SCORE_META=None, MASK_PTRS=None, MASK_META=None)
+# flex forwards: the block lists and the mods' captures (tuples of tensors) keyed by their tensors
+_FLEX_FWD_LAUNCH = Launcher(core.attn_fwd, volatile=("seed",), nested=tuple(_NO_FLEX))
 _NO_FLEX_BWD = dict(_NO_FLEX, SCORE_GRADS=None)  # attn_bwd's, likewise
 
 
@@ -766,25 +765,15 @@ def _flex_tiles(opts: KernelOptions, D: int, elem: int, l_bkt, s_bkt, group: int
     return Tiles(dict(meta, LAZY_RESCALE=False, ONE_LOOP=opts.flex_one_loop), warps, stages)
 
 
-_LIST_STRIDES: dict[tuple, torch.Tensor] = {}  # (strides, device) -> the int32 tensor on that device
-
-
 def _list_strides(num, idx, full_num, full_idx, device) -> torch.Tensor:
     """The 14 int32 strides of one direction's four lists (a size-1 b / h dim broadcasts: 0),
     as core._list_row reads them. A tensor, not int arguments: Triton would specialize ints on
     divisibility, and a new length changes the lists' row strides. Made once per set of strides
-    and device: a host-to-device copy of a new tensor waits for the GPU to finish its queue (the
-    flex calls on an H100 waited so, on every forward and twice per backward)."""
+    and device (``small_tensor``): a new tensor's host-to-device copy waited for the GPU's queue
+    on every flex forward and twice per backward."""
     def st(t, n):
         return [0 if t.shape[i] == 1 else t.stride(i) for i in range(n - 1)] + [t.stride(n - 1)]
-    key = (*st(num, 3), *st(idx, 4), *st(full_num, 3), *st(full_idx, 4), str(device))
-    out = _LIST_STRIDES.get(key)
-    if out is None:
-        if len(_LIST_STRIDES) > 1024:
-            _LIST_STRIDES.clear()
-        with torch.inference_mode(False):  # kept for later calls: never an inference tensor
-            out = _LIST_STRIDES[key] = small_tensor(list(key[:-1]), torch.int32, device)
-    return out
+    return small_tensor(st(num, 3) + st(idx, 4) + st(full_num, 3) + st(full_idx, 4), torch.int32, device)
 
 
 def _with_lists(blocks, transposes: bool = False, device: torch.device | None = None):
