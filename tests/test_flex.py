@@ -917,16 +917,24 @@ def test_output_on_model_views_takes_in_place_ops():
     assert torch.equal(out.detach(), want)
 
 
-@pytest.mark.parametrize("n_q,n_kv,block", [(300, 280, 256), (128, 192, 64)], ids=["block_past_padding", "even"])
-def test_fused_backward_walks_whole_listed_blocks(n_q, n_kv, block):
+@pytest.mark.parametrize("n_q,n_kv,block,mask_name", [(300, 280, 256, "window"), (128, 192, 64, "window"),
+                                                      (128, 192, 64, "document")],
+                         ids=["block_past_padding", "even_band", "even_lists"])
+def test_fused_backward_walks_whole_listed_blocks(n_q, n_kv, block, mask_name):
     """The core's loops run across every listed block: a BlockMask block larger than the rows the
     backward's statistics are padded to (256 > 128) with ragged ends, and lengths that are
-    multiples of the blocks (unmasked loads), both against float64."""
+    multiples of the blocks (unmasked loads, and no loop for a block past S), on the band's
+    loops (the window) and on the lists (document ids), all against float64."""
     torch.manual_seed(10)
     q = torch.randn(1, HQ, n_q, E, device=DEVICE, requires_grad=True)
     k, v = (torch.randn(1, HQ, n_kv, E, device=DEVICE, requires_grad=True) for _ in range(2))
-    mask = MASKS["window"]
+    mask = MASKS[mask_name]
+    if mask_name == "document":  # documents of 96 positions: full and partial blocks of 64, every key inside S
+        ids_q, ids_kv = (torch.arange(n, device=DEVICE) // 96 for n in (n_q, n_kv))
+        mask = lambda b, h, q_idx, kv_idx: ids_q[q_idx] == ids_kv[kv_idx]  # noqa: E731
     bm = flex.create_block_mask(mask, None, None, n_q, n_kv, device=DEVICE, BLOCK_SIZE=block)
+    if mask_name == "document":
+        assert bm.full_kv_num_blocks.sum() > 0 and bm.kv_num_blocks.sum() > 0
     sm = _score_mods(torch.float32)["relative"][0]
     before = dict(dispatch.PATHS)
     out = flex.flex_attention(q, k, v, sm, bm)

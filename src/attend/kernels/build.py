@@ -91,14 +91,15 @@ FLEX_BAND_VARIANTS = ("score_mod_band",)  # the score hooks over a causal band, 
 
 def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_dim: int = 128,
                  config: triton.Config | None = None, kernel: str = "fwd", one_loop: bool = False, tma: bool = False,
-                 ragged_in_full: bool = False):
+                 ragged_in_full: bool = False, even: bool = False):
     """Compile the core's FLEX mode, ``kernel`` "fwd" (core.attn_fwd) or "bwd" (core.attn_bwd,
     with the captures' gradient scatter), for ``target`` with hooks generated from a fixed set of
     mods (``attend._flex.build._mods``: softcap + captured ALiBi slopes + captured bias table;
     a document mask over captured ids, and causal): ``variant`` in FLEX_VARIANTS. The config is the
     one launch.flex_tiles / flex_bwd_tiles starts from (the dense non-causal one's). ``one_loop`` /
     ``tma``: KernelOptions.flex_one_loop / flex_tma (the backward: flex_bwd_one_loop; no TMA);
-    ``ragged_in_full``: KernelOptions.flex_ragged_in_full (the forward with TMA)."""
+    ``ragged_in_full``: KernelOptions.flex_ragged_in_full (the forward with TMA); ``even``: the
+    lengths divide into the lists' blocks (launch's EVEN)."""
     import torch
 
     from .._flex import codegen
@@ -123,7 +124,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     band = variant in FLEX_BAND_VARIANTS  # launch.flex_forward / flex_backward's ``band``: the band's loops, no lists
     graphs = dict(score=trace(score, "score") if variant != "mask_mod" else None,
                   mask=trace(mask, "mask") if variant not in ("score_mod", *FLEX_BAND_VARIANTS) else None)
-    flags = dict(FLEX=not band, CAUSAL=band, EVEN=False, ONE_LOOP=one_loop, LAZY_RESCALE=False,
+    flags = dict(FLEX=not band, CAUSAL=band, EVEN=even, ONE_LOOP=one_loop, LAZY_RESCALE=False,
                  USE_TMA=tma and kernel == "fwd", MAX_SCORES=True, SPARSE_BQ=128, SPARSE_BKV=128)
     if kernel == "fwd":
         flags["FLEX_RAGGED_IN_FULL"] = ragged_in_full and not band
