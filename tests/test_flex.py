@@ -945,6 +945,55 @@ def test_fused_backward_walks_whole_listed_blocks(n_q, n_kv, block, mask_name):
                              ["dq", "dk", "dv"])
 
 
+@pytest.mark.parametrize("source", ["torch_adjust", "from_kv_blocks"])
+def test_listed_blocks_past_the_keys_add_nothing(source):
+    """A block listed past the keys: PyTorch's ``BlockMask._adjust`` keeps one (it cuts each list
+    to the new column count, not to the columns that exist), and ``from_kv_blocks`` takes any
+    index. Here a full and a partial key block past S = 192 with lengths that divide into the
+    blocks (the kernels' unmasked loads): the lists lose them on the way in, and output and
+    gradients match float64 over the keys that exist."""
+    torch.manual_seed(13)
+    n_q, n_kv, blk = 128, 192, 64
+    mask = lambda b, h, q_idx, kv_idx: (kv_idx < 64) | ((kv_idx >= 192) & (kv_idx % 2 == 0))  # noqa: E731
+    if source == "torch_adjust":
+        bm = tflex.create_block_mask(mask, None, None, n_q, 256, device=DEVICE, BLOCK_SIZE=blk)._adjust(n_q, n_kv)
+        assert (bm.kv_indices[..., :2] == 3).any(), "PyTorch's crop no longer keeps the block past S"
+    else:
+        full_num = torch.full((1, 1, 2), 2, dtype=torch.int32, device=DEVICE)
+        num = torch.full((1, 1, 2), 1, dtype=torch.int32, device=DEVICE)
+        full_idx = torch.tensor([0, 4, 1], dtype=torch.int32, device=DEVICE).expand(1, 1, 2, 3)  # 4: past the grid
+        idx = torch.tensor([3, 1, 2], dtype=torch.int32, device=DEVICE).expand(1, 1, 2, 3)
+        bm = flex.BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=blk, mask_mod=mask,
+                                           seq_lengths=(n_q, n_kv))
+        assert bm.kv_num_blocks.sum() == 0 and bm.full_kv_num_blocks.sum() == 2
+    q = torch.randn(1, HQ, n_q, E, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, HQ, n_kv, E, device=DEVICE, requires_grad=True) for _ in range(2))
+    before = dispatch.PATHS["fused_backward"]
+    out = flex.flex_attention(q, k, v, block_mask=bm)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    assert dispatch.PATHS["fused_backward"] == before + 1
+    kept = lambda b, h, q_idx, kv_idx: kv_idx < 64  # noqa: E731 - block 0, the only one inside S
+    assert_grads_match_dense(out, grads, (q, k, v), lambda ls, dt: dense_reference(*ls, None, kept, dt)[0], g,
+                             ["dq", "dk", "dv"])
+
+
+def test_pytorch_block_mask_converted_once_until_its_lists_change():
+    """A PyTorch BlockMask passed call after call is converted once (its lists are sorted and cut
+    on the way in); a list written in place (its version counter moves) or a new object converts
+    again."""
+    from attend._flex import block_mask as bm_mod
+
+    theirs = tflex.create_block_mask(MASKS["causal"], None, None, 128, 128, device=DEVICE, BLOCK_SIZE=32)
+    first = bm_mod.from_torch(theirs)
+    assert bm_mod.from_torch(theirs) is first
+    theirs.kv_indices.add_(0)
+    again = bm_mod.from_torch(theirs)
+    assert again is not first and torch.equal(again.kv_indices, first.kv_indices)
+    other = tflex.create_block_mask(MASKS["causal"], None, None, 128, 128, device=DEVICE, BLOCK_SIZE=32)
+    assert bm_mod.from_torch(other) is not again
+
+
 def test_trace_cache_follows_module_and_class_attributes_and_item_reads():
     """Values the cache cannot see change without tracing (a module or class attribute, a global
     read in a nested function, a captured tensor read with .item()) are never served from it."""
@@ -1305,11 +1354,12 @@ def test_list_strides_made_once_per_layout():
     assert shared is not first and shared.tolist() == [0, 8, 1, 0, 64, 8, 1] * 2
 
 
-def test_head_major_backward_order_gives_the_same_gradients():
+def test_head_major_backward_order_gives_the_same_gradients(monkeypatch):
     """KernelOptions.head_major runs each KV head's dK / dV programs, then its dQ programs (the
-    order Inductor's flex template uses) instead of every head's dK / dV programs first: the same
-    programs in another order, so the same gradients bit for bit (no atomics), with GQA and a
-    document mask's lists."""
+    order Inductor's flex template uses; the default on the lists, not on a band's loops) instead
+    of every head's dK / dV programs first: the same programs in another order, so the same
+    gradients bit for bit (no atomics), with GQA and a document mask's lists."""
+    from attend.kernels import launch
     from attend.kernels.options import kernel_options
 
     torch.manual_seed(12)
@@ -1326,3 +1376,24 @@ def test_head_major_backward_order_gives_the_same_gradients():
     assert dispatch.PATHS["fused_backward"] == before + 2
     for name, a, b in zip("qkv", *grads):
         assert torch.equal(a, b), f"d{name}"
+    order = lambda **kw: launch.flex_bwd_tiles(q, k, bm, **kw).meta["HEAD_MAJOR"]  # noqa: E731
+    assert order() and not order(lists=False)
+    assert not order(options=dict(head_major=False)) and order(options=dict(head_major=True), lists=False)
+    assert not order(options=dict(flex_bwd_split=True))
+    # the launches' own choice: head-major on the lists, not on a band's loops (a score_mod over causal)
+    seen, tiles = [], launch.flex_bwd_tiles
+
+    def spy(*a, **kw):  # the launches' calls (a GPU's warmup makes one more): they pass lists=
+        out = tiles(*a, **kw)
+        if "lists" in kw:
+            seen.append(out.meta["HEAD_MAJOR"])
+        return out
+
+    monkeypatch.setattr(launch, "flex_bwd_tiles", spy)
+    flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=True).sum().backward()
+    on_lists, seen[:] = list(seen), []
+    causal = flex.create_block_mask(MASKS["causal"], None, None, L, S, device=DEVICE, BLOCK_SIZE=BLOCK)
+    band_before = dispatch.PATHS["band_hooks_backward"]
+    flex.flex_attention(q, k, v, lambda s_, b, h, q_idx, kv_idx: s_ * 0.5, causal, enable_gqa=True).sum().backward()
+    assert dispatch.PATHS["band_hooks_backward"] == band_before + 1
+    assert on_lists and all(on_lists) and seen and not any(seen), (on_lists, seen)

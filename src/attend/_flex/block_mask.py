@@ -15,6 +15,7 @@ import itertools
 import math
 import operator
 import os
+import weakref
 from typing import Callable
 
 import torch
@@ -61,6 +62,27 @@ def _ascending(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     big = torch.iinfo(idx.dtype).max
     ordered = torch.where(listed, idx, big).sort(-1).values
     return torch.where(listed, ordered, idx)
+
+
+def _in_range(num: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num, idx) with each row's listed entries ascending and those at or past block ``n`` no longer
+    listed. PyTorch's ``BlockMask._adjust`` can keep a block past the cropped length, and
+    ``from_kv_blocks`` takes any index; the core reads a listed block without bounds masks where the
+    lengths divide into blocks. No host sync."""
+    idx = _ascending(num, idx)
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+    return (listed & (idx < n)).sum(-1, dtype=torch.int32), idx
+
+
+def kv_in_range(kv_num, kv_idx, full_num, full_idx, kv_len: int, block_kv: int) -> tuple:
+    """The kv lists (partial, then full: num and indices each; full may be None) through
+    ``_in_range`` at ``kv_len`` keys. The q lists need nothing: PyTorch's and attend's derive them
+    from the kv lists over the key blocks that exist."""
+    n = -(-kv_len // block_kv)
+    kv_num, kv_idx = _in_range(kv_num, kv_idx, n)
+    if full_num is not None:
+        full_num, full_idx = _in_range(full_num, full_idx, n)
+    return kv_num, kv_idx, full_num, full_idx
 
 
 def _transpose(num, idx):
@@ -135,23 +157,33 @@ class BlockMask:
     @classmethod
     def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
                        BLOCK_SIZE=DEFAULT_BLOCK, mask_mod=None, seq_lengths=None, compute_q_blocks=True):
-        """A BlockMask from its kv lists; the q transposes are derived (``compute_q_blocks``)."""
+        """A BlockMask from its kv lists; the q transposes are derived (``compute_q_blocks``). The
+        lists are taken ascending and cut to the key blocks inside ``seq_lengths`` (``kv_in_range``)."""
         if kv_indices.dim() < 2:
             raise RuntimeError(f"kv_indices must have at least 2 dimensions, got shape {tuple(kv_indices.shape)}")
         if (full_kv_num_blocks is None) != (full_kv_indices is None):
             raise ValueError("full_kv_num_blocks and full_kv_indices must both be given or both be None")
-        if full_kv_num_blocks is not None:  # the core takes the last listed full block as the ragged one
-            full_kv_indices = _ascending(full_kv_num_blocks, full_kv_indices)
+        block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else BLOCK_SIZE
+        kv_len = seq_lengths[1] if seq_lengths is not None else kv_indices.shape[-1] * block[1]
+        lists = kv_in_range(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_len, block[1])
+        return cls._from_listed(*lists, BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=seq_lengths,
+                                compute_q_blocks=compute_q_blocks)
+
+    @classmethod
+    def _from_listed(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
+                     BLOCK_SIZE=DEFAULT_BLOCK, mask_mod=None, seq_lengths=None, compute_q_blocks=True):
+        """``from_kv_blocks`` for lists already ascending and inside the lengths (create_block_mask's,
+        a crop's or an index's of such lists): no pass over them."""
+        if isinstance(BLOCK_SIZE, int):
+            BLOCK_SIZE = (BLOCK_SIZE, BLOCK_SIZE)
+        if seq_lengths is None:
+            seq_lengths = (kv_indices.shape[-2] * BLOCK_SIZE[0], kv_indices.shape[-1] * BLOCK_SIZE[1])
         q = (None, None)
         fq = (None, None)
         if compute_q_blocks:
             q = _transpose(kv_num_blocks, kv_indices)
             if full_kv_num_blocks is not None:
                 fq = _transpose(full_kv_num_blocks, full_kv_indices)
-        if isinstance(BLOCK_SIZE, int):
-            BLOCK_SIZE = (BLOCK_SIZE, BLOCK_SIZE)
-        if seq_lengths is None:
-            seq_lengths = (kv_indices.shape[-2] * BLOCK_SIZE[0], kv_indices.shape[-1] * BLOCK_SIZE[1])
         return cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, *q, *fq,
                    BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod)
 
@@ -237,10 +269,10 @@ class BlockMask:
         if len(index) > self.kv_num_blocks.dim():
             raise IndexError(f"BlockMask of shape {self.shape} indexed with {len(index)} indices")
         pick = lambda t: None if t is None else t[index]
-        return BlockMask.from_kv_blocks(pick(self.kv_num_blocks), pick(self.kv_indices),
-                                        pick(self.full_kv_num_blocks), pick(self.full_kv_indices),
-                                        BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=_sliced_mask_mod_error,
-                                        seq_lengths=self.seq_lengths, compute_q_blocks=self.q_indices is not None)
+        return BlockMask._from_listed(pick(self.kv_num_blocks), pick(self.kv_indices),
+                                      pick(self.full_kv_num_blocks), pick(self.full_kv_indices),
+                                      BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=_sliced_mask_mod_error,
+                                      seq_lengths=self.seq_lengths, compute_q_blocks=self.q_indices is not None)
 
     def to(self, device) -> "BlockMask":
         """A copy with every list on ``device``."""
@@ -292,18 +324,48 @@ class BlockMask:
 
         kv = crop(self.kv_num_blocks, self.kv_indices)
         full = crop(self.full_kv_num_blocks, self.full_kv_indices)
-        out = BlockMask.from_kv_blocks(*kv, *full, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
-                                       seq_lengths=(new_q_len, new_kv_len),
-                                       compute_q_blocks=self.q_indices is not None)
+        out = BlockMask._from_listed(*kv, *full, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                                     seq_lengths=(new_q_len, new_kv_len), compute_q_blocks=self.q_indices is not None)
         if self._lists_recorded() and new_q_len <= self.seq_lengths[0] and new_kv_len <= self.seq_lengths[1]:
             out._record(*self._built_from[:2])  # a crop lists no block the mask leaves empty, and full ones stay full
         return out
 
 
+# from_torch's conversions, by id of PyTorch's BlockMask: (a weak reference to it, what the
+# conversion read, attend's BlockMask). A call with the same object, unchanged, converts nothing.
+_FROM_TORCH: dict[int, tuple] = {}
+_FROM_TORCH_SIZE = 16
+
+
 def from_torch(bm) -> BlockMask:
-    """attend's BlockMask for PyTorch's (``torch.nn.attention.flex_attention.BlockMask``)."""
+    """attend's BlockMask for PyTorch's (``torch.nn.attention.flex_attention.BlockMask``): the kv
+    lists ascending and cut to the key blocks that exist (``kv_in_range``), made once per object
+    while its lists, lengths, block sizes and mask_mod stay the same (a list written in place
+    changes its version counter)."""
     if isinstance(bm, BlockMask):
         return bm
+    try:
+        key = (tuple(None if t is None else (id(t), t._version) for t in
+                     (getattr(bm, a, None) for a in BlockMask._TENSOR_ATTRS)),
+               tuple(bm.seq_lengths), tuple(bm.BLOCK_SIZE), id(bm.mask_mod))
+        hit = _FROM_TORCH.get(id(bm))
+        if hit is not None and hit[0]() is bm and hit[1] == key:
+            return hit[2]
+    except (AttributeError, TypeError):  # not a BlockMask: the checks below say what is missing
+        key = None
+    out = _from_torch(bm)
+    if key is not None:
+        try:
+            ref = weakref.ref(bm)
+        except TypeError:
+            return out
+        if len(_FROM_TORCH) >= _FROM_TORCH_SIZE:
+            _FROM_TORCH.pop(next(iter(_FROM_TORCH)))
+        _FROM_TORCH[id(bm)] = (ref, key, out)
+    return out
+
+
+def _from_torch(bm) -> BlockMask:
     missing = [a for a in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE", "seq_lengths", "mask_mod") if not hasattr(bm, a)]
     if missing:
         raise TypeError(f"block_mask must be an attend or PyTorch BlockMask, got {type(bm).__name__} "
@@ -312,8 +374,10 @@ def from_torch(bm) -> BlockMask:
     if getattr(mask_mod, "__name__", "") == "_sliced_mask_mod_error":
         mask_mod = _sliced_mask_mod_error
     lists = {a: getattr(bm, a, None) for a in BlockMask._TENSOR_ATTRS}
-    if lists["full_kv_num_blocks"] is not None:  # the core takes the last listed full block as the ragged one
-        lists["full_kv_indices"] = _ascending(lists["full_kv_num_blocks"], lists["full_kv_indices"])
+    # ascending (the core takes the last listed full block as the ragged one), none past the keys
+    lists["kv_num_blocks"], lists["kv_indices"], lists["full_kv_num_blocks"], lists["full_kv_indices"] = \
+        kv_in_range(lists["kv_num_blocks"], lists["kv_indices"], lists["full_kv_num_blocks"],
+                    lists["full_kv_indices"], bm.seq_lengths[1], bm.BLOCK_SIZE[1])
     return BlockMask(bm.seq_lengths, *lists.values(), BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=mask_mod)
 
 
@@ -415,10 +479,10 @@ def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOC
         status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
     if separate_full_blocks:
         partial, full = status == PARTIAL, status == FULL
-        out = BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
-                                       seq_lengths=(Q_LEN, KV_LEN))
+        out = BlockMask._from_listed(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
+                                     seq_lengths=(Q_LEN, KV_LEN))
     else:
-        out = BlockMask.from_kv_blocks(*_ordered(status != 0), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
-                                       seq_lengths=(Q_LEN, KV_LEN))
+        out = BlockMask._from_listed(*_ordered(status != 0), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
+                                     seq_lengths=(Q_LEN, KV_LEN))
     out._record(mask_mod, _band.provenance(graph))
     return out

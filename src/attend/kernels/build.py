@@ -117,8 +117,8 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
         base = heuristic("bwd", block_d, flags={})
         meta, stages, warps = flex_bwd_tile({k: base.kwargs[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")},
                                             base.num_stages, base.num_warps, block_d, one_loop)
-        config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=False), num_warps=warps,
-                               num_stages=stages)
+        config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=variant not in FLEX_BAND_VARIANTS),
+                               num_warps=warps, num_stages=stages)  # head-major on the lists, as launch.flex_bwd_tiles
     fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
     score, mask = _mods()
     band = variant in FLEX_BAND_VARIANTS  # launch.flex_forward / flex_backward's ``band``: the band's loops, no lists

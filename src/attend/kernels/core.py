@@ -1466,20 +1466,18 @@ def attn_bwd(
                            mask_meta, SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, MASK_MOD,
                            True, FLEX_LISTS[1] + idx, step, SPARSE_BKV, True)
             n_full = tl.load(FLEX_LISTS[2] + fnum)
-            if EVEN:  # S divides into the lists' blocks: none reaches past S
-                n_inside = n_full
-            else:
-                last = tl.load(FLEX_LISTS[3] + fidx + tl.maximum(n_full - 1, 0) * fstep)
-                ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
-                n_inside = n_full - ragged.to(tl.int32)
+            last = tl.load(FLEX_LISTS[3] + fidx + tl.maximum(n_full - 1, 0) * fstep)
+            ragged = (n_full > 0) & ((last + 1) * SPARSE_BKV > S)
             dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, 0,  # full, inside [0, S): no mask work
-                           n_inside * SPARSE_BKV, rows, offs_n, d_offs, bh, L, S, qk_scale,
+                           (n_full - ragged.to(tl.int32)) * SPARSE_BKV, rows, offs_n, d_offs, bh, L, S, qk_scale,
                            causal_off, window_off, seed, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
                            stride_maskm, stride_maskn, HEAD_DIM, BLOCK_N2, False, False, False, False, False, False,
                            False, EVEN, False, DOT_PRECISION, 0, 0, False, b, h, SCORE_PTRS, score_meta, MASK_PTRS,
                            mask_meta, SCORE_GRADS, grad_strides, True, SCORE_MOD, SCORE_DSCORE, SCORE_GRAD, None,
                            False, FLEX_LISTS[3] + fidx, fstep, SPARSE_BKV, True)
-            if not EVEN:  # the full block that reaches past S, if any: the bounds mask only (else an empty range)
+            # the full block that reaches past S, if any: the bounds mask only (else an empty range); where
+            # S divides into the blocks such a block lies wholly past S and adds nothing: no loop
+            if not EVEN:
                 r_lo = tl.where(ragged, last * SPARSE_BKV, 0)
                 r_hi = tl.where(ragged, S, 0)
                 dq = _dq_inner(dq, q, do, nlse2, delta, k_src, v_src, mask_base, r_lo, r_hi, rows, offs_n, d_offs,

@@ -883,12 +883,13 @@ _FLEX_BWD_TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")  # PyTorc
 
 
 def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
-                   kernel_options: dict | None = None) -> Tiles | None:
+                   kernel_options: dict | None = None, lists: bool = True) -> Tiles | None:
     """The flex backward's tiles: the fixed config of a dense non-causal deterministic backward
     (dQ programs, no atomics; or the interpreter's tile) through ``configs.flex_bwd_tile``, with
     flex_attention's ``kernel_options`` BLOCK_M1 / BLOCK_N1 / BLOCK_M2 / BLOCK_N2 / num_warps /
     num_stages on top, each halved until the query tiles divide the BlockMask's BQ (and
-    STAT_PAD) and the key tiles its BKV. None where no tile of at least 16 fits."""
+    STAT_PAD) and the key tiles its BKV. None where no tile of at least 16 fits. ``lists``: the
+    launch walks the BlockMask's lists (else a band's loops): the program order's default."""
     import dataclasses
 
     opts = resolve(options)
@@ -910,9 +911,11 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
         meta[key] = _fit(min(meta[key], _STAT_PAD), BQ) if key[-2] == "M" else _fit(meta[key], BKV)
     if min(meta.values()) < 16:
         return None
-    # KernelOptions.head_major: each KV head's dK / dV programs, then its dQ programs (Inductor's
-    # flex order); default the dK / dV programs of every head first. Not with flex_bwd_split's halves
-    head_major = bool(opts.head_major) and not opts.flex_bwd_split
+    # The program order (KernelOptions.head_major): each KV head's dK / dV programs, then its dQ
+    # programs (Inductor's flex order) where the launch walks the lists, every head's dK / dV
+    # programs first on a band's loops (benchmarks/RESULTS.md, "The list backward's program order").
+    # Not with flex_bwd_split's halves.
+    head_major = (lists if opts.head_major is None else opts.head_major) and not opts.flex_bwd_split
     return Tiles(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=head_major, ONE_LOOP=opts.flex_bwd_one_loop), warps, stages)
 
 
@@ -942,7 +945,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     from a copy in ``out``'s layout, so it finds that kernel compiled."""
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    tiles = flex_bwd_tiles(q, k, blocks, options, kernel_options)
+    tiles = flex_bwd_tiles(q, k, blocks, options, kernel_options, lists=band is None)
     if tiles is None or (warmup and (L == 0 or S == 0)):
         return None
     # A warmup's buffers are meta tensors: the real ones' strides and dtypes, no memory; Triton

@@ -56,7 +56,8 @@ class KernelOptions:
     # stride, which the kernels' descriptors assume, is checked then.
     tma: bool | None = None
     # True/False overrides the backward's program order (core.attn_bwd's HEAD_MAJOR); the flex
-    # backward's order is key-block major unless this is True.
+    # backward is head-major where it walks a BlockMask's lists and key-block major on a band's
+    # loops unless this says otherwise.
     head_major: bool | None = None
     # A full-size float mask's gradient is dS itself; with this on, the backward launches no dQ
     # programs for it and computes dQ = scale * dS @ K as one batched GEMM on the stored dS (one

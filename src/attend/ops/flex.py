@@ -19,7 +19,7 @@ import torch
 
 from .._flex import compiled, dispatch
 from .._flex import lists as _lists
-from .._flex.block_mask import _ascending
+from .._flex.block_mask import kv_in_range
 from .._layout import Band, empty_in_layout
 
 
@@ -43,8 +43,9 @@ def _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, text):
     if lists:
         lead = lambda t, n: None if t is None else t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
         fixed = [lead(t, 3 if i % 2 == 0 else 4) for i, t in enumerate(lists)]
-        if fixed[2] is not None:  # as the eager path's from_torch: the core bounds the last listed full block
-            fixed[3] = _ascending(fixed[2], fixed[3])
+        # as the eager path's from_torch: ascending (the core bounds the last listed full block), and
+        # no block past the keys (a PyTorch BlockMask cropped with _adjust may list one)
+        fixed[:4] = kv_in_range(*fixed[:4], S, c["block_size"][1])
         blocks = _lists.BlockLists(*fixed, tuple(c["block_size"]), (L, S))
     else:
         blocks = _lists.dense(L, S, q.device)
