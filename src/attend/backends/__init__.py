@@ -7,9 +7,10 @@ set one, per device class (``device_class``):
   causal) at 1.2-1.9x PyTorch's CPU kernel time (benchmarks/RESULTS.md, "CPU"), so it
   goes first, then EFFICIENT (masks), MATH, OVERRIDEABLE; CUDNN, never usable on the CPU, last.
 - ``cuda-sm90`` (Hopper): measured on an H100 (``benchmarks/gpu_results.sh``; benchmarks/RESULTS.md,
-  "Dense attention against the peers", with its decode rows): PyTorch's cuDNN is the best peer in
-  most prefill cells, backward above all (attend reaches 0.80-1.03x of it, the unsteady D=128
-  causal 1k cell aside), and within 2% of attend for decode, so CUDNN goes first; calls it refuses
+  "Dense attention against every peer", with its decode rows): PyTorch's cuDNN is the best
+  built-in peer in most prefill cells, backward above all (attend reaches 0.80-1.07x of it), and
+  within 2% of attend for decode, so CUDNN goes first (FA4, faster still, is an optional package
+  the user activates as a flash implementation); calls it refuses
   (masks with grad, dropout on some versions, head dims) go to attend's FLASH, then EFFICIENT
   (which takes masks), then MATH.
 - ``cuda`` (other GPUs, not measured): attend's FLASH, then cuDNN, EFFICIENT, MATH.
