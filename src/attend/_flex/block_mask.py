@@ -477,12 +477,10 @@ def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOC
         status = _band.block_status(*kept, Q_LEN, KV_LEN, BQ, BKV, torch.device(device)).expand(B, H, -1, -1).contiguous()
     else:
         status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
-    if separate_full_blocks:
-        partial, full = status == PARTIAL, status == FULL
-        out = BlockMask._from_listed(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
-                                     seq_lengths=(Q_LEN, KV_LEN))
-    else:
-        out = BlockMask._from_listed(*_ordered(status != 0), BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod,
-                                     seq_lengths=(Q_LEN, KV_LEN))
+    # the kv lists of each kind of block, and their transposes straight from the status matrix
+    partial, full = (status == PARTIAL, status == FULL) if separate_full_blocks else (status != 0, None)
+    kv = (*_ordered(partial), *(_ordered(full) if full is not None else (None, None)))
+    q = (*_ordered(partial.transpose(-2, -1)), *(_ordered(full.transpose(-2, -1)) if full is not None else (None, None)))
+    out = BlockMask((Q_LEN, KV_LEN), *kv, *q, BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod)
     out._record(mask_mod, _band.provenance(graph))
     return out
