@@ -48,6 +48,20 @@ def test_environment_is_read_when_options_are_built(monkeypatch):
         assert options.current().autotune
 
 
+def test_hold_fixes_the_options_until_release(monkeypatch):
+    """``hold`` fixes the options in force for a call (read once, not per question); ``release``
+    lets the environment count again; inside a ``kernel_options`` block it fixes nothing new."""
+    monkeypatch.setenv("ATTEND_AUTOTUNE", "0")
+    token = options.hold()
+    held = options.current()
+    monkeypatch.setenv("ATTEND_AUTOTUNE", "1")
+    assert options.current() is held and not held.autotune
+    options.release(token)
+    assert options.current().autotune
+    with kernel_options(fwd_ws=False) as opts:
+        assert options.hold() is None and options.current() is opts
+
+
 def test_options_are_per_thread():
     seen = []
     with kernel_options(varlen_worklist=True):

@@ -363,13 +363,18 @@ def _band_route(call: FlexCall):
 
 def run(call: FlexCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(out [B, Hq, L, Ev], lse [B, Hq, L] natural log, max_scores [B, Hq, L]; None on the band
-    route, which flex_attention takes only where max_scores is not asked)."""
-    res = _band_route(call)
-    if res is not None:
-        return res
-    res = _fused(call)
-    if res is not None:
-        return res
-    PATHS["blocked"] += 1
-    return eager.attention(call.query, call.key, call.value, call.score, call.score_captures, call.mask,
-                           call.mask_captures, call.blocks, call.scale)
+    route, which flex_attention takes only where max_scores is not asked). The options in force
+    are read once for the call (``kernel_options.hold``)."""
+    token = kernel_options.hold()
+    try:
+        res = _band_route(call)
+        if res is not None:
+            return res
+        res = _fused(call)
+        if res is not None:
+            return res
+        PATHS["blocked"] += 1
+        return eager.attention(call.query, call.key, call.value, call.score, call.score_captures, call.mask,
+                               call.mask_captures, call.blocks, call.scale)
+    finally:
+        kernel_options.release(token)

@@ -196,6 +196,21 @@ def current() -> KernelOptions:
     return opts
 
 
+def hold() -> contextvars.Token | None:
+    """Fix the options in force until ``release(token)``: ``current()`` then returns them without
+    reading the environment again (a call that asks for them several times; a flex decode call did
+    six times). None where a ``kernel_options`` / ``use`` block already fixes them."""
+    if _OPTIONS.get() is not None:
+        return None
+    return _OPTIONS.set(current())
+
+
+def release(token: contextvars.Token | None) -> None:
+    """End a ``hold``."""
+    if token is not None:
+        _OPTIONS.reset(token)
+
+
 def resolve(options: KernelOptions | dict | None) -> KernelOptions:
     """A launcher's ``options=`` argument: None (the options in force), a ``KernelOptions``, or a
     dict of overrides applied to the options in force (flex's ``kernel_options``)."""
