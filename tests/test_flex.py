@@ -992,6 +992,17 @@ def test_pytorch_block_mask_converted_once_until_its_lists_change():
     assert again is not first and torch.equal(again.kv_indices, first.kv_indices)
     other = tflex.create_block_mask(MASKS["causal"], None, None, 128, 128, device=DEVICE, BLOCK_SIZE=32)
     assert bm_mod.from_torch(other) is not again
+    theirs.kv_indices = theirs.kv_indices.clone()  # a new tensor, at version 0 again
+    assert bm_mod.from_torch(theirs) is not again
+    entries = len(bm_mod._FROM_TORCH)
+    del theirs, first, again
+    import gc
+
+    gc.collect()
+    assert len(bm_mod._FROM_TORCH) == entries - 1  # the object's entry went with it
+    with torch.inference_mode():  # lists without a version counter: converted every call, no error
+        frozen = tflex.create_block_mask(MASKS["causal"], None, None, 128, 128, device=DEVICE, BLOCK_SIZE=32)
+    assert torch.equal(bm_mod.from_torch(frozen).kv_indices, bm_mod.from_torch(other).kv_indices)
 
 
 def test_trace_cache_follows_module_and_class_attributes_and_item_reads():

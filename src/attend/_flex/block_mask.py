@@ -331,37 +331,58 @@ class BlockMask:
         return out
 
 
-# from_torch's conversions, by id of PyTorch's BlockMask: (a weak reference to it, what the
-# conversion read, attend's BlockMask). A call with the same object, unchanged, converts nothing.
+# from_torch's conversions, by id of PyTorch's BlockMask: (a weak reference to it, weak references
+# to the lists it had with their version counters, what else the conversion read, attend's
+# BlockMask). A call with the same object, unchanged, converts nothing; an entry goes with its
+# object, and the cache keeps no list alive.
 _FROM_TORCH: dict[int, tuple] = {}
 _FROM_TORCH_SIZE = 16
+
+
+def _lists_seen(bm) -> tuple:
+    """(weak reference, version) of each of ``bm``'s lists (None for a missing one). Raises
+    RuntimeError for an inference-mode tensor (no version counter)."""
+    return tuple(None if t is None else (weakref.ref(t), t._version)
+                 for t in (getattr(bm, a, None) for a in BlockMask._TENSOR_ATTRS))
+
+
+def _same_lists(bm, seen: tuple) -> bool:
+    return all((t is None) if s is None else (t is not None and s[0]() is t and t._version == s[1])
+               for t, s in zip((getattr(bm, a, None) for a in BlockMask._TENSOR_ATTRS), seen))
 
 
 def from_torch(bm) -> BlockMask:
     """attend's BlockMask for PyTorch's (``torch.nn.attention.flex_attention.BlockMask``): the kv
     lists ascending and cut to the key blocks that exist (``kv_in_range``), made once per object
-    while its lists, lengths, block sizes and mask_mod stay the same (a list written in place
-    changes its version counter)."""
+    while its lists (the same tensors, not written since), lengths, block sizes and mask_mod stay
+    the same. Lists made under ``torch.inference_mode`` (no version counter) convert every call."""
     if isinstance(bm, BlockMask):
         return bm
     try:
-        key = (tuple(None if t is None else (id(t), t._version) for t in
-                     (getattr(bm, a, None) for a in BlockMask._TENSOR_ATTRS)),
-               tuple(bm.seq_lengths), tuple(bm.BLOCK_SIZE), id(bm.mask_mod))
+        rest = (tuple(bm.seq_lengths), tuple(bm.BLOCK_SIZE), bm.mask_mod)
         hit = _FROM_TORCH.get(id(bm))
-        if hit is not None and hit[0]() is bm and hit[1] == key:
-            return hit[2]
-    except (AttributeError, TypeError):  # not a BlockMask: the checks below say what is missing
-        key = None
+        if hit is not None and hit[0]() is bm and hit[2][:2] == rest[:2] and hit[2][2] is rest[2] and \
+                _same_lists(bm, hit[1]):
+            return hit[3]
+        seen = _lists_seen(bm)
+    except (AttributeError, TypeError, RuntimeError):  # not a BlockMask (the checks below say why), or inference mode
+        seen = None
     out = _from_torch(bm)
-    if key is not None:
+    if seen is not None:
+        key = id(bm)
+
+        def drop(ref, key=key):  # the object went: its entry goes
+            entry = _FROM_TORCH.get(key)
+            if entry is not None and entry[0] is ref:
+                _FROM_TORCH.pop(key, None)
+
         try:
-            ref = weakref.ref(bm)
+            ref = weakref.ref(bm, drop)
         except TypeError:
             return out
-        if len(_FROM_TORCH) >= _FROM_TORCH_SIZE:
-            _FROM_TORCH.pop(next(iter(_FROM_TORCH)))
-        _FROM_TORCH[id(bm)] = (ref, key, out)
+        for old in list(_FROM_TORCH)[:max(0, len(_FROM_TORCH) - _FROM_TORCH_SIZE + 1)]:
+            _FROM_TORCH.pop(old, None)
+        _FROM_TORCH[key] = (ref, seen, (*rest[:2], rest[2]), out)
     return out
 
 
