@@ -362,7 +362,7 @@ def from_torch(bm) -> BlockMask:
         rest = (tuple(bm.seq_lengths), tuple(bm.BLOCK_SIZE), bm.mask_mod)
         hit = _FROM_TORCH.get(id(bm))
         if hit is not None and hit[0]() is bm and hit[2][:2] == rest[:2] and hit[2][2] is rest[2] and \
-                _same_lists(bm, hit[1]):
+                _same_lists(bm, hit[1]):  # mask_mod by identity
             return hit[3]
         seen = _lists_seen(bm)
     except (AttributeError, TypeError, RuntimeError):  # not a BlockMask (the checks below say why), or inference mode
@@ -382,7 +382,7 @@ def from_torch(bm) -> BlockMask:
             return out
         for old in list(_FROM_TORCH)[:max(0, len(_FROM_TORCH) - _FROM_TORCH_SIZE + 1)]:
             _FROM_TORCH.pop(old, None)
-        _FROM_TORCH[key] = (ref, seen, (*rest[:2], rest[2]), out)
+        _FROM_TORCH[key] = (ref, seen, rest, out)
     return out
 
 
@@ -499,9 +499,9 @@ def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOC
     else:
         status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
     # the kv lists of each kind of block, and their transposes straight from the status matrix
-    partial, full = (status == PARTIAL, status == FULL) if separate_full_blocks else (status != 0, None)
-    kv = (*_ordered(partial), *(_ordered(full) if full is not None else (None, None)))
-    q = (*_ordered(partial.transpose(-2, -1)), *(_ordered(full.transpose(-2, -1)) if full is not None else (None, None)))
-    out = BlockMask((Q_LEN, KV_LEN), *kv, *q, BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod)
+    kinds = (status == PARTIAL, status == FULL) if separate_full_blocks else (status != 0, None)
+    lists = [x for t in (False, True) for m in kinds
+             for x in ((None, None) if m is None else _ordered(m.transpose(-2, -1) if t else m))]
+    out = BlockMask((Q_LEN, KV_LEN), *lists, BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod)
     out._record(mask_mod, _band.provenance(graph))
     return out
