@@ -1,8 +1,8 @@
 """Draw the README's performance figure from the raw JSON in benchmarks/results/.
 
 Left: the masks suite (``python -m attend bench --suite masks``), attend's speed-up over the peer
-timed in the same process, forward and backward. Right: the core table
-(``python -m attend bench``), attend's TFLOP/s against the sequence length.
+timed in the same process, forward and backward. Right: the core table's longest D=128 rows
+(``python -m attend bench``), TFLOP/s of attend and of every peer in that process.
 
     python benchmarks/plot.py                                   # the committed H200 files
     python benchmarks/plot.py --masks M.json --core C.json --out fig.png
@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent / "results"
-MASKS = HERE / "2026-12-05-h200-masks.json"
-CORE = HERE / "2026-12-05-h200-core.json"
+MASKS = HERE / "2026-12-06-h200-masks.json"
+CORE = HERE / "2026-12-06-h200-core.json"
 OUT = HERE / "h200-summary.png"
 
 # case -> (attend's entry, the peer's entry, label)
@@ -37,15 +37,28 @@ def speedups(masks: dict) -> list[tuple[str, float, float]]:
     return out
 
 
-def core_series(core: dict) -> dict[tuple[int, bool], list[tuple[int, float, float]]]:
-    """(D, causal) -> [(S, fwd, bwd)] of attend's prefill rows without grouped heads."""
-    series: dict = {}
-    for row in core["rows"]:
-        if row["kind"] != "prefill" or row["gqa"] != 1 or "fwd" not in row["results"].get("attend", {}):
-            continue
-        r = row["results"]["attend"]
-        series.setdefault((row["D"], row["causal"]), []).append((row["S"], r["fwd"], r.get("bwd", 0.0)))
-    return {k: sorted(v) for k, v in sorted(series.items())}
+# the core table's implementations, as the right panel names them (a peer absent from the run is skipped)
+IMPLS = [("attend", "attend"), ("attend-fa4", "FA4"), ("torch-cudnn", "cuDNN"), ("torch-flash", "PyTorch flash"),
+         ("flex-compiled", "compiled flex")]
+
+
+def core_bars(core: dict, head_dim: int = 128) -> tuple[list[str], dict[str, list[float]]]:
+    """The longest prefill rows of ``head_dim`` without grouped heads, non-causal then causal:
+    (group labels "full fwd", "full bwd", "causal fwd", "causal bwd", {impl label: TFLOP/s per
+    group}), 0 where an implementation has no figure."""
+    rows = [r for r in core["rows"] if r["kind"] == "prefill" and r["gqa"] == 1 and r["D"] == head_dim
+            and r.get("layout", "contiguous") == "contiguous"]
+    longest = max(r["S"] for r in rows)
+    groups, bars = [], {label: [] for key, label in IMPLS if any(key in r["results"] for r in rows)}
+    for causal in (False, True):
+        row = next(r for r in rows if r["S"] == longest and r["causal"] == causal)
+        for kind in ("fwd", "bwd"):
+            groups.append(f"{'causal' if causal else 'full'} {kind}")
+            for key, label in IMPLS:
+                if label in bars:
+                    val = row["results"].get(key, {}).get(kind)
+                    bars[label].append(val if isinstance(val, (int, float)) else 0.0)
+    return groups, bars, longest
 
 
 def main() -> None:
@@ -71,16 +84,15 @@ def main() -> None:
     left.set_ylabel("attend's speed-up (peer time / attend time)", fontsize=8)
     left.set_title(f"Masks and packed sequences, {card}, bf16", fontsize=9)
     left.legend(fontsize=7)
-    for (d, causal), pts in core_series(core).items():
-        s = [p[0] for p in pts]
-        line, = right.plot(s, [p[1] for p in pts], marker="o", label=f"D={d} {'causal' if causal else 'full'} fwd")
-        right.plot(s, [p[2] for p in pts], marker="x", linestyle="--", color=line.get_color(),
-                   label=f"D={d} {'causal' if causal else 'full'} bwd")
-    right.set_xscale("log", base=2)
-    right.set_xlabel("sequence length (16k tokens per batch)", fontsize=8)
-    right.set_ylabel("attend TFLOP/s", fontsize=8)
-    right.set_title(f"Dense attention, hidden 2048, {card}", fontsize=9)
-    right.legend(fontsize=6, ncol=2)
+    groups, bars, S = core_bars(core)
+    width = 0.8 / len(bars)
+    for i, (label, vals) in enumerate(bars.items()):
+        right.bar([g - 0.4 + (i + 0.5) * width for g in range(len(groups))], vals, width, label=label)
+    right.set_xticks(list(range(len(groups))), groups, fontsize=7)
+    right.set_ylabel("TFLOP/s", fontsize=8)
+    right.set_title(f"Dense attention, D=128, S={S}, {card}", fontsize=9)
+    right.set_ylim(0, 1.2 * max(max(v) for v in bars.values()))  # room for the legend above the bars
+    right.legend(fontsize=6, ncol=len(bars), loc="upper center")
     for ax in (left, right):
         ax.tick_params(labelsize=7)
     fig.tight_layout()
