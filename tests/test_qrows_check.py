@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attend
-from attend._layout import Band, is_rows, rows_call
+from attend._layout import Band, Packed, is_rows, rows_call
 from attend.kernels import launch, versions, ws, ws_bwd, ws_common
 from attend.kernels.options import kernel_options
 
@@ -66,6 +66,28 @@ def test_q_rows_launches_address_the_models_rows_and_a_dense_kv_cache(gluon):
     assert list(fa["k_desc"].shape) == list(ba["k_desc"].shape) == [B * Hkv * S, D]
     assert tuple(ba["dk_ptr"].shape) == (B * Hkv * S, D) and ba["stride_dk"] == ba["stride_dv"] == D
     assert fa["G"] == ba["G"] == H // Hkv and fa["L_max"] == ba["L_max"] == L and fa["S_max"] == ba["S_max"] == S
+
+
+def test_row_views_launch_as_uniform_sequences_and_varlen_as_packed(gluon):
+    """A model's q / k / v row views reach both Gluon kernels as packed sequences of one length
+    (VARLEN == UNIFORM: offsets b * L_max and b * S_max, none loaded); varlen_attn's packed
+    sequences (launch.varlen_forward) as PACKED (offsets read from cu_q / cu_k)."""
+    B, L, S, H = 2, 128, 256, 2
+    q = _rows(B, L, H).requires_grad_()
+    k, v = (torch.randn(B, S, H, D, dtype=torch.float16).transpose(1, 2).requires_grad_() for _ in range(2))
+    with kernel_options(rows_packed=True, bwd_ws_min_seq_bucket=0):
+        out = attend.scaled_dot_product_attention(q, k, v)
+        out.backward(torch.randn_like(out))
+    assert [name for name, *_ in gluon] == ["fwd", "bwd"], [name for name, *_ in gluon]
+    for _, _, args, flags in gluon:
+        assert flags["VARLEN"] == ws_common.UNIFORM.value
+        assert (args["L_max"], args["S_max"]) == (L, S)
+    gluon.clear()
+    cu = torch.tensor([0, 128, 256], dtype=torch.int32)  # one length: the Gluon forward takes it (ws.eligible)
+    qp, kp, vp = (torch.randn(256, H, D, dtype=torch.float16) for _ in range(3))
+    launch.varlen_forward(qp, kp, vp, Packed(cu, cu), 128, 128, 0.1, Band())
+    assert [flags["VARLEN"] for *_, flags in gluon] == [ws_common.PACKED.value]
+    assert ws_common.varlen_mode(None) == 0
 
 
 @pytest.mark.parametrize("B,L,H", [(1, 1, 4), (2, 1, 4), (1, 7, 1), (2, 7, 1), (2, 7, 4), (1, 7, 4)])

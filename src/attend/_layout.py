@@ -42,13 +42,16 @@ class Band:
 @dataclass(frozen=True)
 class Packed:
     """Packed sequences: ``cu_q``/``cu_k`` int32 offsets into ``(T, H, D)`` tensors; optional
-    ``seqused_k`` (keys used per sequence) and ``table`` (paged KV pool, forward only)."""
+    ``seqused_k`` (keys used per sequence) and ``table`` (paged KV pool, forward only).
+    ``uniform``: every sequence has the call's L queries and S keys (a row call's), so the Gluon
+    kernels compute sequence b's offsets as b * L and b * S instead of loading them per tile."""
 
     cu_q: torch.Tensor
     cu_k: torch.Tensor | None
     seqused_k: torch.Tensor | None = None
     table: torch.Tensor | None = None
     page_size: int = 16
+    uniform: bool = False
 
 
 # ---- model layouts ----------------------------------------------------------------------------

@@ -179,16 +179,25 @@ def _compile_gluon(fn, target: GPUTarget, sig: dict, ints: tuple, constexprs: di
     return triton.compile(GluonASTSource(fn, sig, constexprs=constexprs), target=target, options=options)
 
 
+def _varlen(varlen: bool, uniform: bool) -> int:
+    """The Gluon kernels' VARLEN constexpr (ws_common.varlen_mode)."""
+    from .ws_common import PACKED, UNIFORM
+
+    return UNIFORM.value if uniform else PACKED.value if varlen else 0
+
+
 def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False, causal: bool = False,
-               window: bool = False, varlen: bool = False, o_tma: bool = True, q_rows: bool = False):
+               window: bool = False, varlen: bool = False, o_tma: bool = True, q_rows: bool = False,
+               uniform: bool = False):
     """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only); ``o_tma`` as
-    KernelOptions.o_tma (on by default)."""
+    KernelOptions.o_tma (on by default); ``uniform``: packed sequences of one length (a model's row
+    views: no offsets read, ``ws_common.cu_seqs``)."""
     from . import ws
 
     q, kv = _gluon_desc(dtype, ws.ROWS, ws.HEAD_DIM), _gluon_desc(dtype, ws.BLOCK_N, ws.HEAD_DIM)
     constexprs = dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM, STAGES=ws.STAGES, QBUFS=1 if has_bias else 2,
-                      HAS_BIAS=has_bias, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
-                      EDGES=causal or window or varlen, TBUF=ws.TBUF, O_TMA=o_tma, Q_ROWS=q_rows)
+                      HAS_BIAS=has_bias, CAUSAL=causal, WINDOW=window, VARLEN=_varlen(varlen, uniform),
+                      EDGES=causal or window or (varlen and not uniform), TBUF=ws.TBUF, O_TMA=o_tma, Q_ROWS=q_rows)
     ints = ("stride_o", "stride_lseh", "n_tiles", "n_m", "sec", "H", "G", "L_max", "S_max", "diag", "win_right",
             "win_left")
     sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=_gluon_desc(dtype, ws.ROWS, ws.BLOCK_N) if has_bias else q,
@@ -198,13 +207,15 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
 
 
 def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = False, window: bool = False,
-                   varlen: bool = False, q_rows: bool = False):
-    """Compile the warp-specialized Gluon dK / dV kernel (ws_bwd.py) for ``target`` (sm_90 only)."""
+                   varlen: bool = False, q_rows: bool = False, uniform: bool = False):
+    """Compile the warp-specialized Gluon dK / dV kernel (ws_bwd.py) for ``target`` (sm_90 only);
+    ``uniform`` as compile_ws's."""
     from . import ws_bwd
 
     qd, kv = _gluon_desc(dtype, ws_bwd.BLOCK_M, ws_bwd.HEAD_DIM), _gluon_desc(dtype, ws_bwd.KEYS, ws_bwd.HEAD_DIM)
     constexprs = dict(KEYS=ws_bwd.KEYS, BLOCK_M=ws_bwd.BLOCK_M, D=ws_bwd.HEAD_DIM, STAGES=ws_bwd.STAGES,
-                      KBUFS=ws_bwd.KBUFS, STAT_PAD=core.STAT_PAD.value, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
+                      KBUFS=ws_bwd.KBUFS, STAT_PAD=core.STAT_PAD.value, CAUSAL=causal, WINDOW=window,
+                      VARLEN=_varlen(varlen, uniform),
                       TBUF=ws_bwd.TBUF, Q_ROWS=q_rows)
     ints = ("stride_dk", "stride_dv", "stride_statb", "stride_stath", "n_tiles", "n_n", "sec", "H", "G", "L_max",
             "S_max", "diag", "win_right", "win_left")
@@ -219,11 +230,13 @@ KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
 # The warp-specialized Gluon forward (ws.py), sm_90 only: compile_ws's flags per variant.
 WS_FEATURES = {"no_mask": {}, "float_bias": dict(has_bias=True), "causal_bias": dict(has_bias=True, causal=True),
                "varlen_window": dict(causal=True, window=True, varlen=True),
-               "q_rows_causal": dict(causal=True, q_rows=True)}
+               "q_rows_causal": dict(causal=True, q_rows=True),
+               "rows_causal": dict(causal=True, varlen=True, uniform=True)}  # a model's views, packed
 # The warp-specialized Gluon dK / dV kernel (ws_bwd.py), sm_90 only: compile_ws_bwd's flags per variant.
 WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True),
                    "varlen_window": dict(causal=True, window=True, varlen=True),
-                   "q_rows_causal": dict(causal=True, q_rows=True)}
+                   "q_rows_causal": dict(causal=True, q_rows=True),
+                   "rows_causal": dict(causal=True, varlen=True, uniform=True)}
 # Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds,
 # which assume EVEN lengths (multiples of configs.EVEN_TILE), as the benchmarked shapes have.
 _FEATURES = {

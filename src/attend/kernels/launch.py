@@ -289,7 +289,7 @@ def _offsets(n: int, L: int, S: int, device: torch.device) -> Packed:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         cu_q = torch.arange(0, (n + 1) * L, L, dtype=torch.int32, device=device)
         cu_k = cu_q if S == L else torch.arange(0, (n + 1) * S, S, dtype=torch.int32, device=device)
-        return Packed(cu_q, cu_k)
+        return Packed(cu_q, cu_k, uniform=True)
     return _uniform(n, L, S, device)
 
 
@@ -300,7 +300,7 @@ def _uniform(n: int, L: int, S: int, device: torch.device) -> Packed:
     with torch.inference_mode(False):
         cu_q = torch.arange(0, (n + 1) * L, L, dtype=torch.int32).to(device)
         cu_k = cu_q if S == L else torch.arange(0, (n + 1) * S, S, dtype=torch.int32).to(device)
-    return Packed(cu_q, cu_k)
+    return Packed(cu_q, cu_k, uniform=True)
 
 
 def rows_forward_route(q, k, v, band: Band = Band(), options: KernelOptions | dict | None = None) -> str:

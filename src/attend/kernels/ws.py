@@ -40,7 +40,7 @@ from .fastlaunch import Launcher
 from .versions import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store, warpgroup_mma,
                        warpgroup_mma_wait)
 from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, model_rows, next_tile, persistent,
-                        publish, row_view, section, sequence, take, tile_ring)
+                        publish, row_view, section, sequence, take, tile_ring, varlen_mode)
 
 ROWS = 64  # query rows per consumer warpgroup; a tile covers BLOCK_M = 2 * ROWS
 BLOCK_M = 2 * ROWS
@@ -71,7 +71,7 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     hk = h // G
     m0 = pid_m * BLOCK_M
     if VARLEN:
-        q0, L, k0, S = sequence(b, cu_q, cu_k)
+        q0, L, k0, S = sequence(b, cu_q, cu_k, L_max, S_max, VARLEN)
         q_row = q0 + m0
         kv_row = k0
         lse_row = h * stride_lseh + q0 + m0  # lse (H, T)
@@ -400,6 +400,6 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
                 H=H, G=H // k.shape[1], L_max=L_max, S_max=S_max, qk_scale=scale * RCP_LN2.value, **band_args)
     _LAUNCH(grid, args,
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
-                 HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen,
-                 EDGES=causal or window or varlen or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
+                 HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen_mode(packed),
+                 EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
                  Q_ROWS=q_rows), 4, 3)

@@ -32,7 +32,7 @@ from .core import RCP_LN2, STAT_PAD, query_blocks
 from .fastlaunch import Launcher
 from .versions import TensorDescriptor, gl, gluon, mbarrier, tma_load, warpgroup_mma, warpgroup_mma_wait
 from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, model_rows, next_tile, persistent,
-                        publish, row_view, section, sequence, take, tile_ring)
+                        publish, row_view, section, sequence, take, tile_ring, varlen_mode)
 
 KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
 BLOCK_N = 2 * KEYS
@@ -56,7 +56,7 @@ def _kv_tile(t, n_n, n_bhk, sec, Hkv, L_max, S_max, cu_q, cu_k, diag, win_right,
     hk = bhk % Hkv
     n0 = pid_n * BLOCK_N
     if VARLEN:
-        q0, L, k0, S = sequence(b, cu_q, cu_k)
+        q0, L, k0, S = sequence(b, cu_q, cu_k, L_max, S_max, VARLEN)
         kv_row = k0 + n0
     else:
         q0 = b * 0
@@ -345,5 +345,5 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
                 qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args)
     _LAUNCH(grid, args,
             dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=KBUFS, STAT_PAD=STAT_PAD.value,
-                 CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen, TBUF=TBUF,
+                 CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen_mode(packed), TBUF=TBUF,
                  Q_ROWS=q_rows), 4, 3)

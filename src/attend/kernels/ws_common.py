@@ -32,13 +32,25 @@ def deal(t, n_blocks, n_heads, sec, BAND: gl.constexpr):
     return head, block
 
 
+PACKED = gl.constexpr(1)  # VARLEN: packed sequences at the offsets cu_q / cu_k
+UNIFORM = gl.constexpr(2)  # VARLEN: packed sequences of one length, offsets computed (varlen_mode)
+
+
 @gluon.jit
-def sequence(b, cu_q, cu_k):
-    """(first query row, query length, first key row, key length) of packed sequence ``b``."""
-    q0 = gl.load(cu_q + b)
-    L = gl.load(cu_q + b + 1) - q0
-    k0 = gl.load(cu_k + b)
-    S = gl.load(cu_k + b + 1) - k0
+def sequence(b, cu_q, cu_k, L_max, S_max, VARLEN: gl.constexpr):
+    """(first query row, query length, first key row, key length) of packed sequence ``b``: loaded
+    from cu_q / cu_k, or where VARLEN is UNIFORM (``varlen_mode``) b * L_max, L_max, b * S_max,
+    S_max, with no load in a tile's critical path."""
+    if VARLEN == UNIFORM:
+        q0 = b * L_max
+        L = L_max
+        k0 = b * S_max
+        S = S_max
+    else:
+        q0 = gl.load(cu_q + b)
+        L = gl.load(cu_q + b + 1) - q0
+        k0 = gl.load(cu_k + b)
+        S = gl.load(cu_k + b + 1) - k0
     return q0, L, k0, S
 
 
@@ -131,6 +143,15 @@ def persistent(n_tiles: int, device: torch.device) -> tuple[tuple, torch.Tensor]
     """(grid, counter) of a persistent launch: one program per SM (fewer when there are fewer
     tiles), and the int32 they take tiles from after their own (the next tile, less the grid)."""
     return (min(n_tiles, sm_count(device.index)),), torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def varlen_mode(packed) -> int:
+    """The kernels' VARLEN constexpr: 0 dense, PACKED for packed sequences (offsets read from
+    cu_q / cu_k per tile), UNIFORM for packed sequences of one length (a model's row views: the
+    offsets are b * L and b * S, so a tile starts without two dependent loads)."""
+    if packed is None:
+        return 0
+    return UNIFORM.value if packed.uniform else PACKED.value
 
 
 def cu_seqs(packed, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
