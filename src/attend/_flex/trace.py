@@ -14,6 +14,7 @@ dtypes and ranks, never their values or sizes. That key is what generated code i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 import os
@@ -268,6 +269,12 @@ def _code_names(code) -> set:
     return names
 
 
+@functools.lru_cache(maxsize=1024)
+def _sorted_code_names(code) -> tuple:
+    """``_code_names`` in name order, once per code object (a mod's fingerprint reads it per call)."""
+    return tuple(sorted(_code_names(code)))
+
+
 def function_reads(fn) -> list[tuple[tuple, object]]:
     """What a function can read besides its arguments, as (step, value): its closure cells
     (("cell", i); an empty cell is left out) and the globals its code, and the code of functions
@@ -278,7 +285,8 @@ def function_reads(fn) -> list[tuple[tuple, object]]:
             out.append((("cell", i), cell.cell_contents))
         except ValueError:  # an empty cell
             pass
-    out += [(("global", n), fn.__globals__[n]) for n in sorted(_code_names(fn.__code__)) if n in fn.__globals__]
+    g = fn.__globals__
+    out += [(("global", n), g[n]) for n in _sorted_code_names(fn.__code__) if n in g]
     return out
 
 
@@ -508,6 +516,15 @@ def _fits(binding: list, values: list) -> bool:
     return True
 
 
+def _with_data(plain: ModGraph, captures: list, scalars: list) -> ModGraph:
+    """A copy of a cached trace with this call's captures and scalars (``dataclasses.replace``'s
+    result, without its per-call field introspection: every field else is shared, as there)."""
+    graph = object.__new__(ModGraph)
+    graph.__dict__.update(plain.__dict__)
+    graph.captures, graph.scalars = captures, scalars
+    return graph
+
+
 def trace_cached(mod: Callable, kind: str) -> ModGraph:
     """:func:`trace`, from a bounded cache where the mod and every value it reads fingerprint the
     same as a cached trace's (``_fingerprint``; about 3 ms of tracing saved per call); declared data
@@ -535,7 +552,7 @@ def trace_cached(mod: Callable, kind: str) -> ModGraph:
                 scalars[j] = v
             elif kind_ == "capture":
                 caps[j] = v
-        return dataclasses.replace(plain, captures=[Capture(c) for c in caps], scalars=scalars)
+        return _with_data(plain, [Capture(c) for c in caps], scalars)
     if cells:
         graph, used = _trace_tagged(mod, kind, cells, values)
         binding = _binding(graph, used, values)
