@@ -72,17 +72,19 @@ def test_row_views_launch_as_uniform_sequences_and_varlen_as_packed(gluon):
     """A model's q / k / v row views reach both Gluon kernels as packed sequences of one length
     (VARLEN == UNIFORM: offsets b * L_max and b * S_max, none loaded); varlen_attn's packed
     sequences (launch.varlen_forward) as PACKED (offsets read from cu_q / cu_k)."""
-    B, L, S, H = 2, 128, 256, 2
-    q = _rows(B, L, H).requires_grad_()
-    k, v = (torch.randn(B, S, H, D, dtype=torch.float16).transpose(1, 2).requires_grad_() for _ in range(2))
-    with kernel_options(rows_packed=True, bwd_ws_min_seq_bucket=0):
-        out = attend.scaled_dot_product_attention(q, k, v)
-        out.backward(torch.randn_like(out))
-    assert [name for name, *_ in gluon] == ["fwd", "bwd"], [name for name, *_ in gluon]
-    for _, _, args, flags in gluon:
-        assert flags["VARLEN"] == ws_common.UNIFORM.value
-        assert (args["L_max"], args["S_max"]) == (L, S)
-    gluon.clear()
+    B, L, H, Hkv = 2, 128, 4, 2
+    for S, edges in ((256, False), (300, True)):  # whole key blocks: the forward needs no edge masks
+        q = _rows(B, L, H)
+        k, v = (torch.randn(B, S, Hkv, D, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+        with kernel_options(rows_packed=True, bwd_ws_min_seq_bucket=0):
+            out, lse = launch.forward(q, k, v, None, 0.0, Band(), 0.1, 0)
+            launch.backward(torch.randn_like(out), q, k, v, out, lse, None, 0.0, Band(), 0.1, 0, False)
+        assert [name for name, *_ in gluon] == ["fwd", "bwd"], [name for name, *_ in gluon]
+        for _, _, args, flags in gluon:
+            assert flags["VARLEN"] == ws_common.UNIFORM.value
+            assert (args["L_max"], args["S_max"], args["G"]) == (L, S, H // Hkv)
+        assert gluon[0][3]["EDGES"] == edges
+        gluon.clear()
     cu = torch.tensor([0, 128, 256], dtype=torch.int32)  # one length: the Gluon forward takes it (ws.eligible)
     qp, kp, vp = (torch.randn(256, H, D, dtype=torch.float16) for _ in range(3))
     launch.varlen_forward(qp, kp, vp, Packed(cu, cu), 128, 128, 0.1, Band())

@@ -183,6 +183,8 @@ def _varlen(varlen: bool, uniform: bool) -> int:
     """The Gluon kernels' VARLEN constexpr (ws_common.varlen_mode)."""
     from .ws_common import PACKED, UNIFORM
 
+    if uniform and not varlen:
+        raise ValueError("uniform=True describes packed sequences: pass varlen=True with it")
     return UNIFORM.value if uniform else PACKED.value if varlen else 0
 
 
@@ -190,8 +192,10 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
                window: bool = False, varlen: bool = False, o_tma: bool = True, q_rows: bool = False,
                uniform: bool = False):
     """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only); ``o_tma`` as
-    KernelOptions.o_tma (on by default); ``uniform``: packed sequences of one length (a model's row
-    views: no offsets read, ``ws_common.cu_seqs``)."""
+    KernelOptions.o_tma (on by default); ``uniform`` (with ``varlen``): packed sequences that all
+    have L_max queries and S_max keys (a model's row views: offsets computed, none read;
+    ``ws_common.sequence`` / ``varlen_mode``), the key edges masked only where causal or windowed
+    (the build takes S_max in whole key blocks)."""
     from . import ws
 
     q, kv = _gluon_desc(dtype, ws.ROWS, ws.HEAD_DIM), _gluon_desc(dtype, ws.BLOCK_N, ws.HEAD_DIM)
@@ -231,7 +235,8 @@ KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
 WS_FEATURES = {"no_mask": {}, "float_bias": dict(has_bias=True), "causal_bias": dict(has_bias=True, causal=True),
                "varlen_window": dict(causal=True, window=True, varlen=True),
                "q_rows_causal": dict(causal=True, q_rows=True),
-               "rows_causal": dict(causal=True, varlen=True, uniform=True)}  # a model's views, packed
+               "rows_causal": dict(causal=True, varlen=True, uniform=True),  # a model's views, packed
+               "rows": dict(varlen=True, uniform=True)}  # likewise, no edge masks (whole key blocks)
 # The warp-specialized Gluon dK / dV kernel (ws_bwd.py), sm_90 only: compile_ws_bwd's flags per variant.
 WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True),
                    "varlen_window": dict(causal=True, window=True, varlen=True),

@@ -290,7 +290,8 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
     the n_tiles = n_m * B * H (``_tile``) from the int32 at ``counter_ptr`` (0 at launch) until none
     is left. Dense: 2-D row views Q / O / the bias (b * H + h) * L + i,
     K / V (b * H / G + h / G) * S + j, LSE (B, H, L). VARLEN: Q / O (T, H * D), K / V (T_k, Hkv * D),
-    LSE (H, T), sequences from cu_q / cu_k, L_max the longest query sequence. Q_ROWS (dense, no
+    LSE (H, T), sequences from cu_q / cu_k, L_max the longest query sequence (VARLEN == UNIFORM:
+    every sequence L_max queries and S_max keys, cu_q / cu_k not read). Q_ROWS (dense, no
     bias): Q / O the (B * L, H * D) rows of a model's views, LSE over (H, B, L) storage. Out row
     stride stride_o."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * QBUFS] + q_desc.block_type.shape, q_desc.layout)
@@ -384,6 +385,9 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     TMA store through the Q buffer (KernelOptions.o_tma; False: gl.store)."""
     H, D = q.shape[1], q.shape[3]
     varlen = packed is not None
+    if varlen and packed.uniform and k.shape[0] != n_seq * S_max:  # packed k: (T_k, Hkv, D)
+        raise RuntimeError(f"ws.forward: uniform packed sequences have n_seq * S_max = {n_seq * S_max} keys; "
+                           f"k has {k.shape[0]}")
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
     n_m = -(-L_max // BLOCK_M)
     n_tiles = n_m * n_seq * H

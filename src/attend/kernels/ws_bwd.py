@@ -245,7 +245,8 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of the
     n_tiles = n_n * B * Hkv (``_kv_tile``) from the int32 at ``counter_ptr`` (0 at launch). Dense:
     2-D row views Q / dO (b * H + h) * L + i, K / V / dK / dV (b * Hkv + hk) * S + j. VARLEN: Q /
-    dO (T, H * D), K / V / dK / dV (T_k, Hkv * D), sequences from cu_q / cu_k. NLSE2 / Delta as
+    dO (T, H * D), K / V / dK / dV (T_k, Hkv * D), sequences from cu_q / cu_k (VARLEN == UNIFORM:
+    every sequence L_max queries and S_max keys, cu_q / cu_k not read). NLSE2 / Delta as
     ``core.attn_bwd`` reads them, through 1-D descriptors (strides stride_statb, stride_stath; packed
     rows ``_stat_off``). Q_ROWS (dense): Q / dO the (B * L, H * D) rows of a model's views."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
@@ -329,6 +330,9 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
     ``band_args``: diag, win_right, win_left (launch.band_args)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     varlen = packed is not None
+    if varlen and packed.uniform and k.shape[2] != n_seq * S_max:
+        raise RuntimeError(f"ws_bwd.dkdv: uniform packed sequences have n_seq * S_max = {n_seq * S_max} keys; "
+                           f"k has {k.shape[2]}")
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
     n_n = -(-S_max // BLOCK_N)
     n_tiles = n_n * n_seq * Hkv

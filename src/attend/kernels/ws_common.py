@@ -33,7 +33,7 @@ def deal(t, n_blocks, n_heads, sec, BAND: gl.constexpr):
 
 
 PACKED = gl.constexpr(1)  # VARLEN: packed sequences at the offsets cu_q / cu_k
-UNIFORM = gl.constexpr(2)  # VARLEN: packed sequences of one length, offsets computed (varlen_mode)
+UNIFORM = gl.constexpr(2)  # VARLEN: packed sequences all of L queries and S keys, offsets computed (varlen_mode)
 
 
 @gluon.jit
@@ -147,8 +147,9 @@ def persistent(n_tiles: int, device: torch.device) -> tuple[tuple, torch.Tensor]
 
 def varlen_mode(packed) -> int:
     """The kernels' VARLEN constexpr: 0 dense, PACKED for packed sequences (offsets read from
-    cu_q / cu_k per tile), UNIFORM for packed sequences of one length (a model's row views: the
-    offsets are b * L and b * S, so a tile starts without two dependent loads)."""
+    cu_q / cu_k per tile), UNIFORM for packed sequences that all have L queries and S keys (a
+    model's row views: the offsets are b * L and b * S, so a tile starts without its four offset
+    loads)."""
     if packed is None:
         return 0
     return UNIFORM.value if packed.uniform else PACKED.value
