@@ -10,6 +10,7 @@
 #   backends  every attend backend and flash impl, D=128 16k   -> backends.json, backends.txt
 #   flex      attend.flex_attention against compiled flex      -> flex.json, flex.txt
 #   models    transformers training step and generation        -> models.json, models.txt
+#             (each training row's first step again in a fresh process: about 2 minutes more)
 #   plot      the README's figure from core.json and masks.json -> summary.png
 #   cpu       (not in the default STEPS) the CPU table on this host's CPU -> cpu.txt
 # FA4 rows need flash-attn-4 installed (else they show its error). Copy the JSON into

@@ -811,6 +811,17 @@ def test_unfused_attention_row_without_keys_is_zero():
 # The model benchmark, at a tiny size
 # ----------------------------------------------------------------------------------------------
 
+def test_bench_models_first_step_in_a_fresh_process():
+    """The models bench's first-step figure from a process of its own (the CUDA rows' first_fresh_ms),
+    and a failure there as a row's error, not an exception."""
+    from attend import bench_models
+
+    got = bench_models.fresh_first_step("llama", "sdpa", "tiny", "cpu", torch.float32, timeout=240)
+    assert got.get("first_fresh_ms", 0) > 0, got
+    bad = bench_models.fresh_first_step("llama", "no-such-implementation", "tiny", "cpu", torch.float32, timeout=240)
+    assert "first_fresh_ms" not in bad and "no-such-implementation" in bad["first_fresh_error"], bad
+
+
 def test_bench_models_runs_tiny(tmp_path, use_kernel):
     use_kernel("blocked")
     from attend import bench_models

@@ -17,7 +17,10 @@ for ``attn_implementation`` in ``attend`` (attend's default backend order), ``at
 calls by path (``fused`` / ``blocked`` forwards, ``fused_backward`` / ``blocked_backward``), so a
 row that left the fused core says so. Each row has the first step's time (compilation included)
 and the steady-state median; a path that fails (out of memory, unsupported) gets a row with its
-error. Rows go to a JSON file. The ``tiny`` preset (the default on the CPU) runs the same code at
+error. The first step's time in this process depends on the rows before it (the first row pays
+the CUDA context, cuBLAS and the allocator for all), so on CUDA each training row also gets
+``first_fresh_ms``: its first step in a process of its own that has warmed up only those shared
+pieces (``fresh_first_step``). Rows go to a JSON file. The ``tiny`` preset (the default on the CPU) runs the same code at
 toy sizes, as a smoke test.
 """
 
@@ -25,8 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -121,6 +127,45 @@ def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> 
                     tokens=p["batch"] * p["new_tokens"])
 
 
+def fresh_first_step(model: str, impl: str, preset: str, device: str, dtype: torch.dtype,
+                     timeout: float = 600.0) -> dict:
+    """``impl``'s first training step of ``model`` in a new Python process (``_fresh_child``):
+    ``{"first_fresh_ms": ms}``, or ``{"first_fresh_error": why}``. The child first runs a matmul
+    forward and backward on ``device``, so what the figure holds is the implementation's own
+    first-call cost (its compiles, kernel loads and dispatch decisions), the same for every row
+    whatever ran before it."""
+    code = (f"from attend.bench_models import _fresh_child; "
+            f"_fresh_child({model!r}, {impl!r}, {preset!r}, {device!r}, {str(dtype).removeprefix('torch.')!r})")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        return dict(first_fresh_error=f"no first step within {timeout:.0f} s")
+    last = r.stdout.strip().splitlines()[-1:] or [""]
+    try:
+        return dict(first_fresh_ms=float(json.loads(last[0])["first_ms"]))
+    except (ValueError, KeyError, TypeError):
+        err = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(first_fresh_error=f"exit {r.returncode}: {err}"[:400])
+
+
+def _fresh_child(model_name: str, impl: str, preset: str, device: str, dtype_name: str) -> None:
+    """``fresh_first_step``'s process: prints ``{"first_ms": ...}`` as its last line."""
+    import transformers
+
+    import attend.integrations.transformers  # noqa: F401  (registers "attend")
+
+    dtype = getattr(torch, dtype_name)
+    p = dict(PRESETS[preset])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(model_name, p),
+                                                          attn_implementation="eager").to(device, dtype)
+    x = torch.randn(256, 256, device=device, dtype=dtype, requires_grad=True)
+    (x @ x).float().sum().backward()  # the CUDA context, cuBLAS and the allocator, before the clock
+    _sync(device)
+    print(json.dumps(dict(first_ms=_run_one(model, impl, "train", p, device, 1)["first_ms"])), flush=True)
+
+
 def batch_unavailable(impl: str) -> str | None:
     """Why the continuous-batching phase does not run ``impl`` with the installed transformers, or None."""
     import transformers
@@ -184,8 +229,10 @@ def _batch(model, p: dict, g: torch.Generator, device: str, steps: int) -> dict:
 
 def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_models.json", device: str = "cuda",
          dtype: torch.dtype = torch.bfloat16, steps: int = 5, new_tokens: int | None = None, models=MODELS,
-         phases=PHASES) -> list[dict]:
-    """Time every (model, implementation, phase) and write the rows to ``json_path``; returns the rows."""
+         phases=PHASES, fresh_first: bool | None = None) -> list[dict]:
+    """Time every (model, implementation, phase) and write the rows to ``json_path``; returns the rows.
+    ``fresh_first`` (default: on CUDA): each training row's first step again in a process of its own
+    (``fresh_first_step``), once the model's other rows are done."""
     try:
         import transformers
     except ImportError as e:
@@ -228,6 +275,16 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
                     with open(json_path, "w") as f:
                         json.dump(dict(meta=meta, rows=rows), f, indent=1)
         del model
+        if fresh_first if fresh_first is not None else str(device).startswith("cuda"):
+            if str(device).startswith("cuda"):
+                torch.cuda.empty_cache()  # the child needs the memory this process held for the model
+            for row in rows:
+                if row["model"] == model_name and row["phase"] == "train" and row["ok"]:
+                    row.update(fresh_first_step(model_name, row["impl"], preset, device, dtype))
+                    print(_line(row), flush=True)
+                    if json_path:
+                        with open(json_path, "w") as f:
+                            json.dump(dict(meta=meta, rows=rows), f, indent=1)
     return rows
 
 
@@ -247,4 +304,8 @@ def _line(r: dict) -> str:
     tail += f"  {r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else ""
     if r.get("flex_paths"):
         tail += "  flex " + ", ".join(f"{k} {n}" for k, n in r["flex_paths"].items())
+    if "first_fresh_ms" in r:
+        tail += f"  first in a fresh process {r['first_fresh_ms'] / 1e3:.2f} s"
+    elif "first_fresh_error" in r:
+        tail += f"  first in a fresh process: {r['first_fresh_error']}"
     return f"{head} first {r['first_ms'] / 1e3:8.2f} s  steady {r['steady_ms']:9.1f} ms{tail}"
