@@ -18,6 +18,11 @@ os.environ.setdefault("ATTEND_AUTOTUNE", "0")
 import attend  # noqa: E402
 import attend.backends._kernels as _kernels  # noqa: E402
 
+# The suite must test this checkout: setup.sh's editable install is shared by every clone on the
+# machine, so without pyproject's pythonpath a run could import another (possibly mid-edit) tree.
+_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+assert os.path.abspath(attend.__file__).startswith(_SRC + os.sep), f"attend from {attend.__file__}, not {_SRC}"
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
