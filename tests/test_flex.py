@@ -260,6 +260,27 @@ def test_empty_rows_give_zero_output_and_neg_inf_lse():
     assert torch.equal(dq[:, :, :40], torch.zeros_like(dq[:, :, :40]))
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 0, 16), (0, 4, 40, 16)], ids=["no-queries", "no-batch"])
+def test_empty_queries_give_empty_outputs_and_zero_gradients(shape):
+    """As PyTorch's flex_attention: no query row (L = 0) or no batch gives empty out and lse, and
+    zero gradients for the inputs."""
+    q = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    k = torch.randn(shape[0], 4, 40, 16, device=DEVICE, requires_grad=True)
+    out, lse = flex.flex_attention(q, k, k, score_mod=lambda s, b, h, qi, ki: s * 2, return_lse=True)
+    assert out.shape == shape and lse.shape == shape[:3]
+    out.sum().backward()
+    assert q.grad.shape == q.shape and bool((k.grad == 0).all())
+
+
+def test_scale_takes_a_zero_dim_tensor_and_refuses_a_non_finite_one():
+    q = torch.randn(1, 2, 32, 16, device=DEVICE)
+    torch.testing.assert_close(flex.flex_attention(q, q, q, scale=torch.tensor(0.5)),
+                               flex.flex_attention(q, q, q, scale=0.5), rtol=0, atol=0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be finite, got"):
+            flex.flex_attention(q, q, q, scale=bad)
+
+
 def test_return_lse_and_pytorch_block_mask_and_scale():
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, 2, 64, 16, device=DEVICE) for _ in range(3))

@@ -303,6 +303,37 @@ def test_argument_validation():
                     seqused_k=torch.tensor([4, 40], dtype=torch.int32, device=DEVICE))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_strided_index_tensors_read_as_their_values(kernel, use_kernel):
+    """cu_seq_* / seqused_k views with a stride of 2 and a block_table whose columns are not
+    adjacent give what their contiguous copies give (the kernels read them as dense rows)."""
+    use_kernel(kernel)
+    q, k, v, cu = _valid()
+    strided = lambda t: torch.stack([t, t], -1)[..., 0]  # the same values, last stride 2
+    want = varlen_attn(q, k, v, cu, cu, 6, 6)
+    torch.testing.assert_close(varlen_attn(q, k, v, strided(cu), strided(cu), 6, 6), want, rtol=0, atol=0)
+    pool = torch.randn(4, 16, 2, 16, device=DEVICE)
+    table = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32, device=DEVICE)
+    used = torch.tensor([4, 6], dtype=torch.int32, device=DEVICE)
+    want = varlen_attn(q, pool, pool, cu, None, 6, 32, block_table=table, seqused_k=used)
+    got = varlen_attn(q, pool, pool, strided(cu), None, 6, 32, block_table=table.t().contiguous().t(),
+                      seqused_k=strided(used))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_max_lengths_take_integers_of_any_kind():
+    q, k, v, cu = _valid()
+    import numpy as np
+
+    want = varlen_attn(q, k, v, cu, cu, 6, 6)
+    torch.testing.assert_close(varlen_attn(q, k, v, cu, cu, np.int64(6), torch.tensor(6)), want, rtol=0, atol=0)
+    for bad in (6.0, True, torch.tensor(6.0), "6"):
+        with pytest.raises(TypeError, match="max_q must be a non-negative int, got"):
+            varlen_attn(q, k, v, cu, cu, bad, 6)
+    with pytest.raises(ValueError, match="max_k must be a non-negative int, got -1"):
+        varlen_attn(q, k, v, cu, cu, 6, -1)
+
+
 def test_validation_reads_index_tensors_once_per_version(monkeypatch):
     """cu_seq_* are read to the host once per tensor version (a sync each time); an in-place
     change is seen, and so is a block_table that changes after it was checked."""

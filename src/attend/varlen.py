@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -100,8 +101,13 @@ def varlen_attn(
     if kernel == "triton" and query.shape[-1] > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"varlen_attn: head dim {query.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the Triton core's limit")
     s = default_scale(query.shape[-1], scale)
-    out, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, int(max_q), int(max_k),
-                                float(s), Band(left, right, bottom_right=True), kernel)
+    # the kernels read the index tensors as dense rows: a strided view (cu[::2], a transposed
+    # table) becomes a contiguous copy, a contiguous one stays as it is
+    cu_seq_q, cu_seq_k, seqused_k, block_table = (None if t is None else t.contiguous()
+                                                  for t in (cu_seq_q, cu_seq_k, seqused_k, block_table))
+    out, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table,
+                                operator.index(max_q), operator.index(max_k), float(s),
+                                Band(left, right, bottom_right=True), kernel)
     return (out, lse) if want_lse else out
 
 
@@ -195,8 +201,14 @@ def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa, seqused_k, block_
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     for name, m in (("max_q", max_q), ("max_k", max_k)):
-        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {m!r}")
+        if isinstance(m, bool) or (isinstance(m, torch.Tensor) and (m.numel() != 1 or m.is_floating_point())):
+            raise TypeError(f"{name} must be a non-negative int, got {m!r}")
+        try:
+            m = operator.index(m)  # an int, or anything that is one (numpy ints, a one-element int tensor)
+        except TypeError:
+            raise TypeError(f"{name} must be a non-negative int, got {type(m).__name__}: {m!r}") from None
+        if m < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {m}")
 
     qv = _check_cu("cu_seq_q", cu_q, q.device, None, q.shape[0])
     n = len(qv) - 1

@@ -28,6 +28,11 @@ def attention(q, k, v, score: _trace.ModGraph | None, score_caps: list, mask: _t
     """(out [B, Hq, L, Ev] in q's dtype, lse [B, Hq, L] fp32 natural log, max_scores [B, Hq, L] fp32)."""
     B, Hq, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    if B == 0 or Hq == 0 or L == 0:  # no query: empty outputs, joined to the inputs' graph (zero gradients)
+        joined = (q.sum() + k.sum() + v.sum()) * 0
+        empty = q.new_zeros(B, Hq, L, v.shape[-1]) + joined
+        lse = torch.full((B, Hq, L), -float("inf"), dtype=torch.float32, device=q.device) + joined.float()
+        return empty, lse, lse.detach()
     G = Hq // Hkv
     cdt = _compute_dtype(q.dtype)
     k = k.expand(B, *k.shape[1:])
