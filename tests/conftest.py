@@ -22,6 +22,8 @@ import attend.backends._kernels as _kernels  # noqa: E402
 # machine, so without pyproject's pythonpath a run could import another (possibly mid-edit) tree.
 _SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 assert os.path.abspath(attend.__file__).startswith(_SRC + os.sep), f"attend from {attend.__file__}, not {_SRC}"
+# and so do the Python processes tests start (the CLI, the build check's workers, the benches)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

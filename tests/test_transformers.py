@@ -816,8 +816,9 @@ def test_bench_models_first_step_in_a_fresh_process():
     and a failure there as a row's error, not an exception."""
     from attend import bench_models
 
-    got = bench_models.fresh_first_step("llama", "sdpa", "tiny", "cpu", torch.float32, timeout=240)
-    assert got.get("first_fresh_ms", 0) > 0, got
+    rows = bench_models.main(preset="tiny", impls=("sdpa",), json_path=None, device="cpu", dtype=torch.float32,
+                             steps=1, models=("llama",), phases=("train",), fresh_first=True)
+    assert len(rows) == 1 and rows[0]["first_fresh_ms"] > 0, rows
     bad = bench_models.fresh_first_step("llama", "no-such-implementation", "tiny", "cpu", torch.float32, timeout=240)
     assert "first_fresh_ms" not in bad and "no-such-implementation" in bad["first_fresh_error"], bad
 

@@ -7,13 +7,14 @@ process's peak RSS only grows.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from ._child import child_env
 
 IMPLS = ("attend FLASH (blocked)", "attend MATH", "torch SDPA (CPU)")
 
@@ -62,7 +63,7 @@ def _peak_mib(impl, shape, dtype, causal, backward) -> float:
         f"fn=_step({impl!r},{tuple(shape)!r},torch.{str(dtype).removeprefix('torch.')},{causal},{backward});"
         "print(json.dumps(peak_rss_increase_mib(fn)))"
     )
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = child_env(MALLOC_MMAP_THRESHOLD_="65536")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -27,8 +27,8 @@ toy sizes, as a smoke test.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -36,6 +36,8 @@ import sys
 import time
 
 import torch
+
+from ._child import child_env
 
 PRESETS = {
     "full": dict(hidden=2048, layers=4, heads=16, kv_heads=4, batch=2, seq=8192, vocab=32000, intermediate=5632,
@@ -127,18 +129,21 @@ def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> 
                     tokens=p["batch"] * p["new_tokens"])
 
 
-def fresh_first_step(model: str, impl: str, preset: str, device: str, dtype: torch.dtype,
+def fresh_first_step(model: str, impl: str, preset: str | dict, device: str, dtype: torch.dtype,
                      timeout: float = 600.0) -> dict:
-    """``impl``'s first training step of ``model`` in a new Python process (``_fresh_child``):
+    """``impl``'s first training step of ``model`` in a new Python process (``_fresh_child``) that
+    imports this attend, at ``preset`` (a ``PRESETS`` name, or the sizes themselves):
     ``{"first_fresh_ms": ms}``, or ``{"first_fresh_error": why}``. The child first runs a matmul
     forward and backward on ``device``, so what the figure holds is the implementation's own
     first-call cost (its compiles, kernel loads and dispatch decisions), the same for every row
     whatever ran before it."""
+    p = dict(PRESETS[preset]) if isinstance(preset, str) else dict(preset)
     code = (f"from attend.bench_models import _fresh_child; "
-            f"_fresh_child({model!r}, {impl!r}, {preset!r}, {device!r}, {str(dtype).removeprefix('torch.')!r})")
+            f"_fresh_child({model!r}, {impl!r}, {json.dumps(p)!r}, {str(device)!r}, "
+            f"{str(dtype).removeprefix('torch.')!r})")
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                           env=dict(os.environ))
+                           env=child_env())
     except subprocess.TimeoutExpired:
         return dict(first_fresh_error=f"no first step within {timeout:.0f} s")
     last = r.stdout.strip().splitlines()[-1:] or [""]
@@ -149,14 +154,15 @@ def fresh_first_step(model: str, impl: str, preset: str, device: str, dtype: tor
         return dict(first_fresh_error=f"exit {r.returncode}: {err}"[:400])
 
 
-def _fresh_child(model_name: str, impl: str, preset: str, device: str, dtype_name: str) -> None:
-    """``fresh_first_step``'s process: prints ``{"first_ms": ...}`` as its last line."""
+def _fresh_child(model_name: str, impl: str, sizes: str, device: str, dtype_name: str) -> None:
+    """``fresh_first_step``'s process (``sizes``: the preset as JSON): prints ``{"first_ms": ...}``
+    as its last line."""
     import transformers
 
     import attend.integrations.transformers  # noqa: F401  (registers "attend")
 
     dtype = getattr(torch, dtype_name)
-    p = dict(PRESETS[preset])
+    p = json.loads(sizes)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_config(model_name, p),
                                                           attn_implementation="eager").to(device, dtype)
@@ -276,11 +282,12 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
                         json.dump(dict(meta=meta, rows=rows), f, indent=1)
         del model
         if fresh_first if fresh_first is not None else str(device).startswith("cuda"):
+            gc.collect()  # a failed row's traceback may hold the model's tensors in a cycle
             if str(device).startswith("cuda"):
                 torch.cuda.empty_cache()  # the child needs the memory this process held for the model
             for row in rows:
                 if row["model"] == model_name and row["phase"] == "train" and row["ok"]:
-                    row.update(fresh_first_step(model_name, row["impl"], preset, device, dtype))
+                    row.update(fresh_first_step(model_name, row["impl"], p, device, dtype))
                     print(_line(row), flush=True)
                     if json_path:
                         with open(json_path, "w") as f:

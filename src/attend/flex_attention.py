@@ -286,8 +286,11 @@ def _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_l
         raise TypeError(f"flex_attention: return_aux must be an AuxRequest or None, got {type(return_aux).__name__}")
     if scale is None:
         return 1.0 / math.sqrt(E)
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.is_floating_point():
-        scale = float(scale)  # a 0-d tensor, as PyTorch's flex_attention takes it (read on the host)
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.is_floating_point():
+        if torch.compiler.is_compiling():
+            raise TypeError("flex_attention: under torch.compile, scale must be a Python float or None (a tensor "
+                            "would be read on the host); got a 0-d tensor")
+        scale = float(scale)  # a 0-d tensor, as PyTorch's flex_attention takes it (read on the host; no gradient)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"flex_attention: scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):

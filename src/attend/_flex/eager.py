@@ -29,7 +29,8 @@ def attention(q, k, v, score: _trace.ModGraph | None, score_caps: list, mask: _t
     B, Hq, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if B == 0 or Hq == 0 or L == 0:  # no query: empty outputs, joined to the inputs' graph (zero gradients)
-        joined = (q.sum() + k.sum() + v.sum()) * 0
+        inputs = (q, k, v, *score_caps, *mask_caps)
+        joined = sum((t.sum() for t in inputs if t.is_floating_point()), q.new_zeros(())) * 0
         empty = q.new_zeros(B, Hq, L, v.shape[-1]) + joined
         lse = torch.full((B, Hq, L), -float("inf"), dtype=torch.float32, device=q.device) + joined.float()
         return empty, lse, lse.detach()
