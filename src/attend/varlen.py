@@ -101,10 +101,6 @@ def varlen_attn(
     if kernel == "triton" and query.shape[-1] > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"varlen_attn: head dim {query.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the Triton core's limit")
     s = default_scale(query.shape[-1], scale)
-    # the kernels read the index tensors as dense rows: a strided view (cu[::2], a transposed
-    # table) becomes a contiguous copy, a contiguous one stays as it is
-    cu_seq_q, cu_seq_k, seqused_k, block_table = (None if t is None else t.contiguous()
-                                                  for t in (cu_seq_q, cu_seq_k, seqused_k, block_table))
     out, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table,
                                 operator.index(max_q), operator.index(max_k), float(s),
                                 Band(left, right, bottom_right=True), kernel)

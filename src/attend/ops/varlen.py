@@ -21,8 +21,11 @@ from .registry import launchers
 
 
 def _packed(cu_q, cu_k, seqused_k, block_table, k) -> Packed:
+    """The call's ``Packed``, its index tensors as dense rows (the Triton kernels read them so: a
+    strided view, ``cu[::2]`` or a transposed table, becomes a contiguous copy)."""
     page = k.shape[1] if block_table is not None else 16  # a paged pool is (pages, page_size, Hkv, D)
-    return Packed(cu_q, cu_k, seqused_k, block_table, page)
+    dense = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return Packed(dense(cu_q), dense(cu_k), dense(seqused_k), dense(block_table), page)
 
 
 def _varlen_fwd(
