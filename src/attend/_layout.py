@@ -43,8 +43,9 @@ class Band:
 class Packed:
     """Packed sequences: ``cu_q``/``cu_k`` int32 offsets into ``(T, H, D)`` tensors; optional
     ``seqused_k`` (keys used per sequence) and ``table`` (paged KV pool, forward only).
-    ``uniform``: every sequence has the call's L queries and S keys (a row call's), so the Gluon
-    kernels compute sequence b's offsets as b * L and b * S instead of loading them per tile."""
+    ``uniform``: every sequence has the call's L queries and S keys (a row call's, made only by
+    ``launch._offsets`` from the L and S its launches pass on), so the Gluon kernels compute
+    sequence b's offsets as b * L and b * S instead of loading them per tile."""
 
     cu_q: torch.Tensor
     cu_k: torch.Tensor | None

@@ -385,9 +385,6 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     TMA store through the Q buffer (KernelOptions.o_tma; False: gl.store)."""
     H, D = q.shape[1], q.shape[3]
     varlen = packed is not None
-    if varlen and packed.uniform and k.shape[0] != n_seq * S_max:  # packed k: (T_k, Hkv, D)
-        raise RuntimeError(f"ws.forward: uniform packed sequences have n_seq * S_max = {n_seq * S_max} keys; "
-                           f"k has {k.shape[0]}")
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
     n_m = -(-L_max // BLOCK_M)
     n_tiles = n_m * n_seq * H

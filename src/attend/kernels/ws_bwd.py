@@ -330,9 +330,6 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
     ``band_args``: diag, win_right, win_left (launch.band_args)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     varlen = packed is not None
-    if varlen and packed.uniform and k.shape[2] != n_seq * S_max:
-        raise RuntimeError(f"ws_bwd.dkdv: uniform packed sequences have n_seq * S_max = {n_seq * S_max} keys; "
-                           f"k has {k.shape[2]}")
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
     n_n = -(-S_max // BLOCK_N)
     n_tiles = n_n * n_seq * Hkv
