@@ -3,7 +3,7 @@
 # compiling each kernel specialization, which is CPU work spread over the host's cores.
 #   PYTHONPATH=src bash benchmarks/gpu_tests.sh [N]   -> prints one "N passed, M failed" line
 #   TESTS="tests/test_varlen.py ..." limits it to those files or node ids; SHARD_TIMEOUT (s)
-#   bounds each shard, so the summary is always written ($OUT/tests_summary.txt, $OUT/pytest.txt).
+#   bounds each shard (SIGINT: a shard cut short still reports what passed and the test it was in), so the summary is always written ($OUT/tests_summary.txt, $OUT/pytest.txt).
 set -uo pipefail
 N=${1:-8}
 OUT=${OUT:-/tmp/attend_out}
@@ -15,7 +15,7 @@ for i in $(seq 0 $((N - 1))); do
   awk -v n="$N" -v i="$i" 'NR % n == i' "$W/ids.txt" > "$W/shard_$i.ids"
   mapfile -t ids < "$W/shard_$i.ids"
   [ ${#ids[@]} -eq 0 ] && continue
-  timeout "${SHARD_TIMEOUT:-280}" python3 -m pytest -q -o addopts= -p no:cacheprovider "${ids[@]}" > "$W/shard_$i.txt" 2>&1 &
+  timeout -s INT -k 30 "${SHARD_TIMEOUT:-280}" python3 -m pytest -q -o addopts= -p no:cacheprovider "${ids[@]}" > "$W/shard_$i.txt" 2>&1 &
 done
 wait
 passed=0; failed=0
