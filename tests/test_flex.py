@@ -606,6 +606,23 @@ def test_new_length_batch_or_captured_value_generates_nothing():
     assert codegen.GENERATIONS["count"] == before + 1
 
 
+def test_generated_constants_are_layout_free_and_exact():
+    """A constant of the generated code is a 0-d ``tl.cast`` (no ``tl.full``: the Gluon kernels call
+    the hooks, and a Gluon tensor needs a layout); a float64 one, which Triton would read as an fp32
+    literal, is the exact sum of fp32 parts."""
+    import struct
+
+    assert codegen._const(2, "tl.int64") == "tl.cast(2, tl.int64)"
+    assert codegen._const(True, "tl.int1") == "tl.cast(True, tl.int1)"
+    assert codegen._const(0.1, "tl.float32") == "tl.cast(0.1, tl.float32)"
+    rng = torch.Generator().manual_seed(0)
+    for v in [0.1, 1 / 3, -2.5e-8, 123456.789, *(torch.randn(20, generator=rng, dtype=torch.float64) * 1e3).tolist()]:
+        src = codegen._const(v, "tl.float64")
+        parts = [float(x) for x in re.findall(r"tl\.cast\(([^,]+), tl\.float64\)", src)]
+        assert all(struct.unpack("f", struct.pack("f", p))[0] == p for p in parts), src  # each an fp32 literal
+        assert math.fsum(parts) == v and sum(parts) == v, (v, src)
+
+
 def test_generated_source_is_inspectable():
     g = trace_mod.trace(lambda s, b, h, q_idx, kv_idx: s + (q_idx - kv_idx), "score")
     h = codegen.hooks(g)

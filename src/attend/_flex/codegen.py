@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
+import struct
 import sys
 import tempfile
 import threading
@@ -186,7 +188,7 @@ class _Writer:
         if op == "scalar":
             return f"meta[{self.n_strides + a[0]}]"
         if op == "const":
-            return f"tl.full((1, 1), {_lit(a[0])}, {_TL[n.dtype]})"
+            return _const(a[0], _TL[n.dtype])
         if op == "cast":
             return f"({A[0]} != 0)" if n.dtype == torch.bool else f"{A[0]}.to({_TL[n.dtype]})"
         if op in _BINOP:
@@ -240,13 +242,29 @@ class _Writer:
         if isinstance(o, Ref):
             v = self.arg(o)
         else:
-            v = f"tl.full((1, 1), {_lit(o)}, {dtype})"
+            v = _const(o, dtype)
         if dtype == "tl.int1":
             return v if isinstance(o, Ref) and self.g.nodes[o.i].dtype == torch.bool else f"({v} != 0)"
         return f"{v}.to({dtype})" if isinstance(o, Ref) else v
 
 
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+
+
+def _const(value, dtype: str) -> str:
+    """A constant as a scalar (0-d) of ``dtype``: it broadcasts against any tile, and needs no
+    layout, so the hooks also run inside the Gluon kernels (ws.py, ws_bwd.py). Triton makes a
+    Python float literal fp32: a float64 constant is the exact sum of three fp32 parts (each the
+    rest's rounding), where fp32 can hold them (else the one literal)."""
+    if dtype == "tl.float64" and isinstance(value, float) and math.isfinite(value) and abs(value) < 3e38:
+        parts, rest = [], value
+        while rest != 0.0 and len(parts) < 3:
+            part = struct.unpack("f", struct.pack("f", rest))[0]
+            parts.append(part)
+            rest -= part
+        if rest == 0.0 and len(parts) > 1:
+            return "(" + " + ".join(f"tl.cast({_lit(p)}, tl.float64)" for p in parts) + ")"
+    return f"tl.cast({_lit(value)}, {dtype})"
 
 
 def _short(line: str) -> str:
