@@ -330,3 +330,115 @@ def test_band_blocks_by_arithmetic_equal_the_evaluated_ones(L, S, blocks):
         forced = _create_block_mask(mod, None, None, L, S, device=DEVICE, BLOCK_SIZE=blocks, _impl="torch")
         for a in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
             assert torch.equal(getattr(made, a), getattr(forced, a)), (name, a)
+
+
+def _hopper_gluon() -> bool:
+    from attend.kernels import versions
+
+    return DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9 and versions.usable("gluon_forward")
+
+
+_D128 = 128
+_TABLE_S = 640  # the captured table's span of q_idx - kv_idx
+_GLUON_SCORES = {
+    "softcap": lambda caps: (lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)),
+    "alibi": lambda caps: (lambda s, b, h, q, kv: s - caps[0][h] * (q - kv).abs()),
+    "softcap_table": lambda caps: (lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0) + caps[0][h, q - kv + _TABLE_S]),
+    "rows_only": lambda caps: (lambda s, b, h, q, kv: 0.01 * q + b + 0.25 * h),  # reads no score: [BM, 1]
+}
+
+
+@pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon forward runs on sm_90 GPUs")
+@pytest.mark.parametrize("score_name,mask_name,L,S,HQ,HKV,views", [
+    ("softcap", "causal", 300, 300, 4, 2, False), ("alibi", "causal_window", 257, 400, 4, 4, False),
+    ("softcap_table", None, 200, 333, 2, 1, False), ("softcap", "symmetric_window", 384, 384, 4, 2, True),
+    ("alibi", None, 130, 256, 4, 4, True), ("rows_only", "causal", 2100, 2100, 2, 1, True),
+    ("softcap", "chunk_window", 64, 224, 2, 2, False)])
+def test_score_mod_over_a_band_on_the_gluon_forward(score_name, mask_name, L, S, HQ, HKV, views, monkeypatch):
+    """On sm_90 at D = 128 in bf16, a score_mod over a band (or no mask) runs on the Gluon forward
+    with the generated hook (KernelOptions.flex_gluon), and its backward's dK / dV on the Gluon
+    kernel with the hook and its derivative where the tensors are contiguous and no capture needs a
+    gradient (the core's dQ programs beside it; else the core's whole backward): out, lse and every
+    gradient (a captured table's too) against float64, with ragged lengths, GQA, a bottom-right
+    window and a model's (B, S, H, D) views (packed sequences); the core's forward (flex_gluon off)
+    agrees."""
+    from attend.kernels import launch
+
+    dkdv_calls = []  # launches, not the backward warmup's compile (warmup=True)
+    real_dkdv = launch.ws_bwd.dkdv
+    monkeypatch.setattr(launch.ws_bwd, "dkdv",
+                        lambda *a, **kw: (kw.get("warmup") or dkdv_calls.append(1), real_dkdv(*a, **kw))[1])
+    g = torch.Generator().manual_seed(L + S + HQ)
+    def mk(h, n):
+        t = torch.randn(2, n, h, _D128, generator=g) if views else torch.randn(2, h, n, _D128, generator=g)
+        t = t.to(DEVICE, torch.bfloat16).requires_grad_()
+        return t, (t.transpose(1, 2) if views else t)
+    (ql, q), (kl, k), (vl, v) = mk(HQ, L), mk(HKV, S), mk(HKV, S)
+    caps = {"alibi": [torch.rand(HQ, generator=g).to(DEVICE)],
+            "softcap_table": [(0.5 * torch.randn(HQ, 2 * _TABLE_S, generator=g)).to(DEVICE).requires_grad_()]
+            }.get(score_name, [])
+    score = _GLUON_SCORES[score_name](caps)
+    mod = {**{n: m[0] for n, m in RECOGNIZED.items()}, **{n: m[0] for n, m in BOTTOM_RIGHT.items()}}.get(mask_name)
+    bm = flex.create_block_mask(mod, None, None, L, S, device=DEVICE) if mod else None
+    before = dict(dispatch.PATHS)
+    with kernel_options(bwd_ws_min_seq_bucket=0):  # the Gluon dK / dV kernel at these short lengths too
+        out, lse = flex.flex_attention(q, k, v, score, bm, enable_gqa=HQ != HKV, return_lse=True)
+    assert dispatch.PATHS["band_hooks_gluon"] == before["band_hooks_gluon"] + 1
+    assert dispatch.PATHS["band_hooks"] == before["band_hooks"]
+    assert lse.is_contiguous(), "the lse as PyTorch returns it"
+    go = torch.randn_like(out)
+    leaves = (ql, kl, vl, *caps)
+    grads = torch.autograd.grad((out * go).sum(), [t for t in leaves if t.requires_grad])
+    assert len(dkdv_calls) == (0 if views or score_name == "softcap_table" else 1), "the Gluon dK / dV route"
+    refs = {}
+    for dt in (torch.float64, torch.bfloat16):  # the same-precision reference: bf16 scores and softmax
+        cap_dt = torch.float64 if dt == torch.float64 else torch.float32  # captures stay fp32, as the kernels read them
+        ls = [t.detach().to(dt if t.dtype == torch.bfloat16 else cap_dt).requires_grad_() for t in leaves]
+        rq, rk, rv = (t.transpose(1, 2) if views else t for t in ls[:3])
+        f = _GLUON_SCORES[score_name](ls[3:])
+        # the modded scores in the reference's precision (a mod that reads no score, or mixes in fp32
+        # captures, would promote them)
+        o, l_, _ = dense_reference(rq, rk, rv, lambda s, *idx: torch.broadcast_to(f(s, *idx), s.shape).to(s.dtype),
+                                   mod, dt)
+        want = [t for t, w in zip(ls, leaves) if w.requires_grad]
+        # a mod that reads no score leaves out independent of q and k: their gradient is 0
+        got = torch.autograd.grad((o * go.to(dt)).sum(), want, allow_unused=True)
+        got = [torch.zeros_like(t) if d is None else d for t, d in zip(want, got)]
+        refs[dt] = (o, l_.float() if dt != torch.float64 else l_, got)
+    r64, r16 = refs[torch.float64], refs[torch.bfloat16]
+    what = f"{score_name} x {mask_name}{' views' if views else ''}"
+    assert_scaled_close(out, r64[0], r16[0], what=f"{what} out")
+    _close_with_empty_rows(lse, r64[1], r16[1], what=f"{what} lse")
+    for name, a, r, s_ in zip(["dq", "dk", "dv", "dtable"], grads, r64[2], r16[2]):
+        assert_scaled_close(a, r, s_, k=6.0, what=f"{what} {name}")
+    with torch.no_grad(), kernel_options(flex_gluon=False):
+        core_out = flex.flex_attention(q, k, v, score, bm, enable_gqa=HQ != HKV)
+    assert dispatch.PATHS["band_hooks"] == before["band_hooks"] + 1
+    assert_scaled_close(core_out, r64[0], r16[0], what=f"{what} out of the core's forward")
+
+
+@pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon kernels run on sm_90 GPUs")
+def test_gluon_band_hooks_new_length_or_value_compiles_nothing():
+    """The Gluon route of a score_mod over a band (forward, dK / dV, the core's dQ programs): a new
+    length of the same Triton specialization class or a new captured value compiles no kernel,
+    counted over every attend kernel (``bench_flex._compiles``)."""
+    from attend.bench_flex import _compiles
+
+    def run(n, value):
+        slopes = torch.full((4,), value, device=DEVICE)
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, 4, n, _D128, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+                   for _ in range(3))
+        bm = flex.create_block_mask(RECOGNIZED["causal"][0], None, None, n, n, device=DEVICE)
+        before = dispatch.PATHS["band_hooks_gluon"]
+        with kernel_options(bwd_ws_min_seq_bucket=0):  # the Gluon dK / dV kernel at these lengths too
+            out = flex.flex_attention(q, k, v, lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), bm)
+        out.sum().backward()
+        torch.cuda.synchronize()
+        assert dispatch.PATHS["band_hooks_gluon"] == before + 1
+
+    run(300, 0.5)  # lengths of one specialization class (not multiples of 16)
+    compiled = _compiles("attend")
+    run(310, 0.5)
+    run(300, 0.25)
+    assert _compiles("attend") == compiled, "a new length or captured value compiled a kernel"

@@ -105,8 +105,45 @@ def test_failed_gluon_build_falls_back_to_the_core_with_one_warning(gluon_on_thi
     for w, label in zip(ours, versions.EXPERIMENTAL.values()):
         assert label in str(w.message) and f"Triton {triton.__version__}" in str(w.message)
         assert "async_copy_shared_to_global has been removed" in str(w.message)
-    status = versions.experimental_status()
+    status = versions.experimental_status()  # the flex variants too: they run only where these do
     assert all(s.startswith("off: failed to build on Triton") for s in status.values()), status
+
+
+@pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9,
+                    reason="on sm_90 the real Gluon kernels run; their float64 tests are in test_flex_band")
+def test_failed_flex_hooks_build_turns_off_only_the_flex_variant(gluon_on_this_device, monkeypatch):
+    """A flex score_mod's hooks that the Gluon forward fails to build send that call (and later flex
+    calls) to the core's score hooks with one warning, float64-checked; the dense calls keep the
+    Gluon forward (``gluon_forward`` stays usable)."""
+    import attend.flex_attention as flex
+    from attend._flex import dispatch
+    from test_flex import dense_reference
+
+    real = launch.ws._LAUNCH
+
+    def fails_with_hooks(grid, args, constexprs, *rest):
+        if constexprs.get("HAS_SCORE"):
+            _build_failure()
+        return real(grid, args, constexprs, *rest)
+
+    monkeypatch.setattr(launch.ws, "_LAUNCH", fails_with_hooks)
+    q, k, v = (rand(1, 2, 24, 128, dtype=torch.float16) for _ in range(3))
+    slopes = torch.tensor([0.5, 0.25], device=q.device)
+    alibi = lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki)
+    causal = lambda b, h, qi, ki: qi >= ki
+    bm = flex.create_block_mask(causal, None, None, 24, 24, device=q.device)
+    before = dict(dispatch.PATHS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = flex.flex_attention(q, k, v, alibi, bm)
+    assert dispatch.PATHS["band_hooks"] == before["band_hooks"] + 1, "the core's score hooks served it"
+    ours = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "experimental" in str(w.message)]
+    assert len(ours) == 1 and versions.EXPERIMENTAL["gluon_flex_forward"] in ours[0], ours
+    assert not versions.usable("gluon_flex_forward") and versions.usable("gluon_forward")
+    ref64, ref16 = (dense_reference(q, k, v, alibi, causal, dt)[0] for dt in (torch.float64, torch.float32))
+    from conftest import assert_scaled_close
+
+    assert_scaled_close(out, ref64, ref16, what="flex on the core after the hooks' Gluon build failed")
 
 
 def test_experimental_kernel_runs_when_it_builds(monkeypatch):

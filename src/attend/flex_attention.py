@@ -185,6 +185,8 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         call, return_aux, return_lse = _validate(query, key, value, score_mod, block_mask, scale, enable_gqa,
                                                  return_lse, kernel_options, return_aux)
         out, lse, max_scores = _dispatch.run(call)
+        # contiguous, as PyTorch returns it (the Gluon route's lse of a model's views is strided)
+        lse = lse.contiguous() if return_lse or (return_aux is not None and return_aux.lse) else lse
     if return_aux is not None:
         return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
     if return_lse:

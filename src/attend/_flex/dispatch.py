@@ -78,9 +78,9 @@ class FlexCall:
 # of fused forwards (the core's flex backward, or a recomputation through the blocked path).
 # "band": calls run on the dense fused path (a band mask_mod and no score_mod; ``_band_route``);
 # "band_hooks" / "band_hooks_backward": the core's flex forwards / backwards that walked a band with
-# the score hooks (``_hook_band``).
+# the score hooks (``_hook_band``); "band_hooks_gluon": such forwards on the Gluon forward instead.
 PATHS = {"fused": 0, "blocked": 0, "fused_backward": 0, "blocked_backward": 0, "band": 0, "band_hooks": 0,
-         "band_hooks_backward": 0}
+         "band_hooks_backward": 0, "band_hooks_gluon": 0}
 
 
 def _fusable(call: FlexCall) -> bool:
@@ -122,6 +122,11 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bo
     if call.mask is not None and band is None:
         mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
+    if band is not None and not call.want_max and not call.kernel_options:  # (the core's forward keeps its max)
+        res = launch.flex_band_gluon(q, k, v, call.scale, score, band)
+        if res is not None:
+            PATHS["band_hooks_gluon"] += 1
+            return res[0], res[1], None
     res = launch.flex_forward(q, k, v, call.blocks, call.scale, score, mask, want_max=want_max,
                               kernel_options=call.kernel_options, band=band)
     if band is not None and res is not None:
@@ -202,7 +207,9 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
             None if ko is None else repr(sorted(ko.items())),
             None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop,
-            opts.flex_bwd_split, opts.head_major, band)
+            opts.flex_bwd_split, opts.head_major, band,
+            # the Gluon dK / dV route (launch._flex_band_dkdv): its options and the layouts it takes
+            opts.flex_gluon, opts.bwd_ws, opts.bwd_ws_min_seq_bucket, q.is_contiguous(), k.is_contiguous())
 
 
 def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,
@@ -225,8 +232,9 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, _hook_band(call, opts), grads=stand_ins)
     futs = []
     parts = ("dkdv", "dq") if opts.flex_bwd_split else (True,)
-    if len(parts) > 1:  # the JIT's per-device cache, made here once: two threads must not both create it
-        _device_cache(q)
+    # the JITs' per-device caches, made here once: two threads (the split's two, or a warmup and the
+    # caller's own launches) must not both create one
+    _device_cache(q)
     try:
         for part in parts:
             futs.append(_WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts, part))
@@ -244,13 +252,16 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
 
 
 def _device_cache(q: torch.Tensor) -> None:
-    """Create core.attn_bwd's compiled-kernel cache for q's device (Triton makes it on first use,
-    in a defaultdict, so two warmup threads compiling at once could each make one and lose one)."""
-    from ..kernels import core
+    """Create the compiled-kernel caches of core.attn_bwd and the Gluon dK / dV kernel for q's
+    device (Triton makes one on first use, in a defaultdict, so two threads compiling at once could
+    each make one and lose one)."""
+    from ..kernels import core, versions
 
-    caches = getattr(core.attn_bwd, "device_caches", None)
-    if caches is not None and q.is_cuda:
-        caches[q.device.index if q.device.index is not None else torch.cuda.current_device()]
+    ws_bwd = versions.gluon_kernels()[1]
+    for fn in (core.attn_bwd, getattr(ws_bwd, "attn_bwd_dkdv_ws", None)):
+        caches = getattr(fn, "device_caches", None)
+        if caches is not None and q.is_cuda:
+            caches[q.device.index if q.device.index is not None else torch.cuda.current_device()]
 
 
 def _warm_backward(call: FlexCall, q, k, v, score, mask, opts: kernel_options.KernelOptions,
@@ -278,7 +289,8 @@ class _FusedForward(torch.autograd.Function):
         res = _forward_kernel(call, q, k, v, caps[:n], caps[n:], True)
         ctx.call = call
         ctx.save_for_backward(q, k, v, res[0], res[1], *caps)
-        ctx.mark_non_differentiable(res[2])
+        if res[2] is not None:  # None from the Gluon route (flex_band_gluon), where the caller reads no max
+            ctx.mark_non_differentiable(res[2])
         return res
 
     @staticmethod

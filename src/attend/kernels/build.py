@@ -190,12 +190,14 @@ def _varlen(varlen: bool, uniform: bool) -> int:
 
 def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False, causal: bool = False,
                window: bool = False, varlen: bool = False, o_tma: bool = True, q_rows: bool = False,
-               uniform: bool = False):
+               uniform: bool = False, score_mod: bool = False):
     """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only); ``o_tma`` as
     KernelOptions.o_tma (on by default); ``uniform`` (with ``varlen``): packed sequences that all
     have L_max queries and S_max keys (a model's row views: offsets computed, none read;
     ``ws_common.sequence`` / ``varlen_mode``), the key edges masked only where causal or windowed
-    (the build takes S_max in whole key blocks)."""
+    (the build takes S_max in whole key blocks); ``score_mod``: flex's score hooks generated from
+    ``attend._flex.build._mods``'s score_mod (softcap, captured ALiBi slopes and bias table), with
+    the hardware tanh, as a 16-bit flex call over a band takes them."""
     from . import ws
 
     q, kv = _gluon_desc(dtype, ws.ROWS, ws.HEAD_DIM), _gluon_desc(dtype, ws.BLOCK_N, ws.HEAD_DIM)
@@ -207,13 +209,35 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=_gluon_desc(dtype, ws.ROWS, ws.BLOCK_N) if has_bias else q,
                o_desc=q, out_ptr=f"*{_DTYPE[dtype]}", lse_ptr="*fp32", cu_q="*i32", cu_k="*i32", counter_ptr="*i32",
                qk_scale="fp32")
+    if score_mod:
+        fns, ptrs = _score_hooks()
+        constexprs.update(HAS_SCORE=True, SCORE_MOD=fns["score_mod"], LOAD_SCORE_META=fns["load_meta"])
+        sig.update(score_ptrs=ptrs, score_meta="*i32", sm_scale="fp32")
+    else:  # as ws.forward passes them without a score_mod
+        sig.update(score_ptrs=(), score_meta="*i32", sm_scale="fp32")
+        constexprs.update(HAS_SCORE=False, SCORE_MOD=False, LOAD_SCORE_META=False)
     return _compile_gluon(ws.attn_fwd_ws, target, sig, ints, constexprs)
 
 
+def _score_hooks() -> tuple[dict, tuple]:
+    """The generated score hooks of ``attend._flex.build._mods``'s score_mod (softcap, captured ALiBi
+    slopes and bias table) with the hardware tanh, as a 16-bit flex call on a GPU takes them, and
+    the signature types of its captures' pointers."""
+    import torch
+
+    from .._flex import codegen
+    from .._flex.build import _mods
+    from .._flex.trace import trace
+
+    g = trace(_mods()[0], "score")
+    ptrs = tuple("*" + {torch.float32: "fp32", torch.int64: "i64"}[c.tensor.dtype] for c in g.captures)
+    return codegen.hooks(g, fast=True).functions, ptrs
+
+
 def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = False, window: bool = False,
-                   varlen: bool = False, q_rows: bool = False, uniform: bool = False):
+                   varlen: bool = False, q_rows: bool = False, uniform: bool = False, score_mod: bool = False):
     """Compile the warp-specialized Gluon dK / dV kernel (ws_bwd.py) for ``target`` (sm_90 only);
-    ``uniform`` as compile_ws's."""
+    ``uniform`` and ``score_mod`` as compile_ws's (the score hook and its derivative)."""
     from . import ws_bwd
 
     qd, kv = _gluon_desc(dtype, ws_bwd.BLOCK_M, ws_bwd.HEAD_DIM), _gluon_desc(dtype, ws_bwd.KEYS, ws_bwd.HEAD_DIM)
@@ -227,6 +251,14 @@ def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = Fa
     sig = dict(q_desc=qd, do_desc=qd, k_desc=kv, v_desc=kv, nl_desc=row, dl_desc=row, dk_ptr=f"*{_DTYPE[dtype]}",
                dv_ptr=f"*{_DTYPE[dtype]}", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
                sm_scale="fp32")
+    if score_mod:
+        fns, ptrs = _score_hooks()
+        constexprs.update(HAS_SCORE=True, SCORE_MOD=fns["score_mod"], SCORE_DSCORE=fns["score_mod_dscore"],
+                          LOAD_SCORE_META=fns["load_meta"])
+        sig.update(score_ptrs=ptrs, score_meta="*i32")
+    else:  # as ws_bwd.dkdv passes them without a score_mod
+        sig.update(score_ptrs=(), score_meta="*i32")
+        constexprs.update(HAS_SCORE=False, SCORE_MOD=False, SCORE_DSCORE=False, LOAD_SCORE_META=False)
     return _compile_gluon(ws_bwd.attn_bwd_dkdv_ws, target, sig, ints, constexprs)
 
 
@@ -236,12 +268,16 @@ WS_FEATURES = {"no_mask": {}, "float_bias": dict(has_bias=True), "causal_bias": 
                "varlen_window": dict(causal=True, window=True, varlen=True),
                "q_rows_causal": dict(causal=True, q_rows=True),
                "rows_causal": dict(causal=True, varlen=True, uniform=True),  # a model's views, packed
-               "rows": dict(varlen=True, uniform=True)}  # likewise, no edge masks (whole key blocks)
+               "rows": dict(varlen=True, uniform=True),  # likewise, no edge masks (whole key blocks)
+               "score_mod_causal": dict(causal=True, score_mod=True),  # flex's score hooks over a band
+               "rows_score_mod": dict(varlen=True, uniform=True, score_mod=True)}  # ... on a model's views
 # The warp-specialized Gluon dK / dV kernel (ws_bwd.py), sm_90 only: compile_ws_bwd's flags per variant.
 WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True),
                    "varlen_window": dict(causal=True, window=True, varlen=True),
                    "q_rows_causal": dict(causal=True, q_rows=True),
-                   "rows_causal": dict(causal=True, varlen=True, uniform=True)}
+                   "rows_causal": dict(causal=True, varlen=True, uniform=True),
+                   "score_mod_causal": dict(causal=True, score_mod=True),  # flex's score hooks over a band
+                   "rows_score_mod": dict(varlen=True, uniform=True, score_mod=True)}  # ... on a model's views
 # Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds,
 # which assume EVEN lengths (multiples of configs.EVEN_TILE), as the benchmarked shapes have.
 _FEATURES = {

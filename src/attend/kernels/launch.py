@@ -239,10 +239,13 @@ def _launch(tuned, launcher: Launcher, grid_of, args: dict, flags: dict, tiles: 
 
 
 def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int,
-            options: KernelOptions | dict | None = None):
+            options: KernelOptions | dict | None = None, score=None):
     """Dense attention on (B, H, L, D) tensors over ``band``; returns (out, lse (B, H, L)). A model's
     row views (``_layout.rows_call``) get out in q's layout and lse in ``rows_lse``'s, and run as
-    packed sequences where ``_rows_packed`` says so; other calls get contiguous ones."""
+    packed sequences where ``_rows_packed`` says so; other calls get contiguous ones. ``score``: a
+    flex score_mod's (generated functions, ``codegen.CaptureArgs``) applied to every score (no mask
+    or dropout), served by the Gluon forward only: None where it does not serve the call (then
+    ``flex_forward`` runs the core's score hooks)."""
     B, H, L, D = q.shape
     _check_head_dims(q, k, v)
     rows = rows_call(q, k, v, mask, dropout_p)
@@ -258,13 +261,13 @@ def forward(q, k, v, mask, dropout_p: float, band: Band, scale: float, seed: int
     if packed is not None:  # B sequences of L queries and S keys, (T, H, D) rows
         qt, kt, vt = _tokens(q), _tokens(k), _tokens(v)
         T = B * L
-        _forward(packed4(qt), kt, vt, tuple(packed4(kt).stride()), tuple(packed4(vt).stride()),
-                 packed4(_tokens(out, True)), lse.permute(1, 0, 2).view(H, T), (0, T), B, k.shape[1], L, k.shape[2],
-                 None, 0.0, band, scale, 0, packed, opts)
-        return out, lse
-    _forward(q, k, v, tuple(k.stride()), tuple(v.stride()), out, lse, lse.stride()[:2], B, k.shape[1], L, k.shape[2],
-             mask, dropout_p, band, scale, seed, None, opts)
-    return out, lse
+        ran = _forward(packed4(qt), kt, vt, tuple(packed4(kt).stride()), tuple(packed4(vt).stride()),
+                       packed4(_tokens(out, True)), lse.permute(1, 0, 2).view(H, T), (0, T), B, k.shape[1], L,
+                       k.shape[2], None, 0.0, band, scale, 0, packed, opts, score)
+    else:
+        ran = _forward(q, k, v, tuple(k.stride()), tuple(v.stride()), out, lse, lse.stride()[:2], B, k.shape[1], L,
+                       k.shape[2], mask, dropout_p, band, scale, seed, None, opts, score)
+    return (out, lse) if ran else None
 
 
 def _check_head_dims(q, k, v) -> None:
@@ -383,17 +386,22 @@ def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]
 
 
 def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dropout_p, band: Band, scale, seed,
-             packed: Packed | None, opts: KernelOptions):
+             packed: Packed | None, opts: KernelOptions, score=None) -> bool:
+    """Runs the call on the Gluon forward where it serves, else on the core; False only with a
+    ``score`` (``forward``'s), which the Gluon forward alone takes here."""
     H, D = q.shape[1], q.shape[3]
     q, scale = _positive_scale(q, scale)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
     bargs, band_flags = band_args(band)
-    if (opts.fwd_ws and _gluon_device(q) and versions.usable("gluon_forward")
+    name = "gluon_forward" if score is None else "gluon_flex_forward"
+    if (opts.fwd_ws and _gluon_device(q) and versions.usable(name)
             and ws.eligible(q, k, v, mask, mstr, mbool, dropout_p, packed, L, q_rows=opts.rows_q_gluon)):
         _ensure_allocator()
-        if versions.run_experimental("gluon_forward", ws.forward, q, k, v, None if mask is None else m4, out, lse,
-                                     lse_strides, scale, bargs, band_flags, packed, B, L, S, opts.o_tma):
-            return
+        if versions.run_experimental(name, ws.forward, q, k, v, None if mask is None else m4, out, lse,
+                                     lse_strides, scale, bargs, band_flags, packed, B, L, S, opts.o_tma, score):
+            return True
+    if score is not None:
+        return False
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     if packed is None:
         seq_ptrs, stride_table, seq_flags = dict(CU_Q=q, CU_K=q, SEQUSED_K=q, TABLE=q), 0, _DENSE_FLAGS
@@ -423,6 +431,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         return _grid(_cdiv(L, m["BLOCK_M"]), B * H) if work is None else (work[1][0] * H,)
 
     _launch(_fwd, _FWD_LAUNCH, grid, args, flags, tiles)
+    return True
 
 
 def _one_axis(heads: int) -> bool:
@@ -823,8 +832,9 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     ``score`` / ``mask``: (the mod's generated functions, its ``codegen.capture_args``), or None
     where there is no such mod. ``band`` (no ``mask``, k / v of batch B): the keys the BlockMask
     keeps are that band's (``_flex/band.py``), walked by the band's own loops with the score hook,
-    no lists read. Returns (out, lse (B, Hq, L) natural
-    log, max_scores or None), or None where no tile fits the BlockMask's BLOCK_SIZE."""
+    no lists read (on Hopper ``flex_band_gluon`` may serve such a call first). Returns (out, lse
+    (B, Hq, L) natural log, max_scores or None), or None where no tile fits the BlockMask's
+    BLOCK_SIZE."""
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     tiles = flex_tiles(q, k, blocks, options, kernel_options)
@@ -867,6 +877,20 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
     grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
     _FLEX_FWD_LAUNCH(grid, args, {**flags, **tiles.meta}, tiles.warps, tiles.stages)
     return out, lse, (mx if want_max else None)
+
+
+def flex_band_gluon(q, k, v, scale: float, score, band: Band, options: KernelOptions | dict | None = None):
+    """Flex's score hooks over ``band`` (``flex_forward``'s band call, no max_scores) on the Gluon
+    forward: (out, lse (B, Hq, L) natural log), or None where it does not serve the call
+    (KernelOptions.flex_gluon or fwd_ws off, not an sm_90 device, ``ws.eligible``'s dtypes, D and
+    layouts: contiguous tensors, or a model's row views as packed sequences). The lse of row views
+    is strided (``_layout.rows_lse``), as the dense forward's."""
+    opts = resolve(options)
+    if not (opts.flex_gluon and opts.fwd_ws and q.shape[2] > 0 and k.shape[2] > 0 and _gluon_device(q)):
+        return None  # (the cheap half of ws.eligible first: forward allocates before it asks)
+    if q.shape[3] != ws.HEAD_DIM or q.dtype not in ws.GL_DTYPE or not versions.usable("gluon_flex_forward"):
+        return None
+    return forward(q, k, v, None, 0.0, band, scale, 0, opts, score=score)
 
 
 def _flex_tma(k, v, options: KernelOptions | dict | None, kernel_options: dict | None) -> bool:
@@ -919,6 +943,25 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     return Tiles(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=head_major, ONE_LOOP=opts.flex_bwd_one_loop), warps, stages)
 
 
+def _flex_band_dkdv(options, q, k, v, dout, band: Band | None, score, kernel_options) -> bool:
+    """Whether ``flex_backward`` takes dK / dV from the Gluon kernel (ws_bwd.py) with the score
+    hooks: a band's loops with a score_mod whose captures need no gradient (the core scatters
+    those), no kernel_options, KernelOptions.flex_gluon and bwd_ws on and flex_bwd_split off, an
+    sm_90 device, the dense backward's sequence bucket rule for that kernel
+    (``configs.WS_BWD_MIN_SEQ_BUCKET``) and ``ws_bwd.eligible``'s dense contiguous tensors (k / v
+    of q's batch)."""
+    opts = resolve(options)
+    if band is None or score is None or score[2] or kernel_options or not (opts.flex_gluon and opts.bwd_ws):
+        return False
+    if opts.flex_bwd_split or not _gluon_device(q) or not versions.usable("gluon_flex_dkdv"):
+        return False
+    L, S = q.shape[2], k.shape[2]
+    min_bucket = WS_BWD_MIN_SEQ_BUCKET if opts.bwd_ws_min_seq_bucket is None else opts.bwd_ws_min_seq_bucket
+    if ws_backward(block_d(q.shape[3]), seq_bucket(max(L, S)), min_bucket) is None:
+        return False
+    return k.shape[0] == q.shape[0] and ws_bwd.eligible(q, k, v, dout, None, 0.0, None, L, S)
+
+
 def _specialized_as(t: torch.Tensor) -> tuple:
     """What Triton specializes a tensor argument and its strides on: a 16-byte aligned address,
     strides equal to 1, strides divisible by 16."""
@@ -967,7 +1010,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     else:
         if _specialized_as(dout) != _specialized_as(out):  # e.g. out.sum()'s gradient, expanded (stride 0)
             dout = torch.empty_like(out).copy_(dout)  # read in out's layout: the kernel its forward warmed up
-        nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, (H * L, L), B, L, None)
+        nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, lse.stride()[:2], B, L, None)
     m = tiles.meta
     if band is None:
         kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks, dev)
@@ -1011,6 +1054,17 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         parts = [("dkdv", (n_kv,), dict(DKDV_ONLY=True)), ("dq", (n_q,), dict(DQ_ONLY=True))]
     else:
         parts = [("both", (n_kv + n_q,), {})]
+    if _flex_band_dkdv(options, q, k, v, dout, band, score, kernel_options):
+        # dK / dV from the Gluon kernel with the score hooks, then the core's dQ programs alone (a
+        # warmup compiles both)
+        _ensure_allocator()
+        gl_args = (q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, None, B, L, S,
+                   (sfns, score_args))
+        if warmup:
+            ws_bwd.dkdv(*gl_args, warmup=True)
+            parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
+        elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args):
+            parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
     for name, grid, only in parts:
         if not warmup:
             core.attn_bwd[grid](**dict(launch, **only))

@@ -169,6 +169,15 @@ class KernelOptions:
     # tanh.approx.f32 (relative error about 2^-11, inside a 16-bit input's rounding) instead of an
     # exp and a division (_flex/codegen.py). fp32 calls and the interpreter always take the exact form.
     flex_fast_tanh: bool = True
+    # The score hooks over a band (flex_bands) run on the Gluon forward (ws.py) where it serves the
+    # call (sm_90, D = 128, fp16 / bf16, ws.eligible's layouts; no max_scores or kernel_options
+    # asked), and the backward's dK / dV on the Gluon kernel (ws_bwd.py; contiguous tensors, no
+    # capture that needs a gradient), else on the core's. False: always the core's (docs/flex.md,
+    # "Band masks"). H100, B=2, H=16, S=8192, D=128, ms forward / backward against the core's:
+    # ALiBi + causal 1.266 / 3.602 against 1.361 / 4.119, softcap + causal 1.263 / 4.503 against
+    # 1.392 / 4.549; a new mod's first call 5.7-6.6 s against 3.8-4.9 (benchmarks/RESULTS.md, "The
+    # score hooks on the Gluon kernels").
+    flex_gluon: bool = True
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with ``changes`` (field names of this class)."""

@@ -50,7 +50,13 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 EXPERIMENTAL = {
     "gluon_forward": "Hopper warp-specialized forward (kernels/ws.py)",
     "gluon_dkdv": "Hopper warp-specialized dK / dV (kernels/ws_bwd.py)",
+    # the same kernels with a flex score_mod's generated hooks: a hook they fail to build turns off
+    # only these (flex's score hooks then run on the core), never the dense calls' kernels
+    "gluon_flex_forward": "Hopper warp-specialized forward with flex score hooks (kernels/ws.py)",
+    "gluon_flex_dkdv": "Hopper warp-specialized dK / dV with flex score hooks (kernels/ws_bwd.py)",
 }
+# the flex variants run only where their plain kernel does
+_BASE = {"gluon_flex_forward": "gluon_forward", "gluon_flex_dkdv": "gluon_dkdv"}
 _failed: dict[str, str] = {}  # kernel -> why it is off in this process (a build failed)
 
 
@@ -58,7 +64,7 @@ def experimental_status() -> dict[str, str]:
     """kernel name -> "available on sm_90 GPUs" or "off: <why>" for this process."""
     status = {}
     for name in EXPERIMENTAL:
-        why = GLUON_ERROR or _failed.get(name)
+        why = GLUON_ERROR or _failed.get(name) or _failed.get(_BASE.get(name, name))
         status[name] = f"off: {why}" if why else "available on sm_90 GPUs"
     return status
 
@@ -78,7 +84,7 @@ def gluon_kernels():
 
 
 def usable(name: str) -> bool:
-    return GLUON_ERROR is None and name not in _failed
+    return GLUON_ERROR is None and name not in _failed and _BASE.get(name, name) not in _failed
 
 
 def run_experimental(name: str, launch, *args) -> bool:

@@ -57,7 +57,8 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     of ``sec`` heads (as many as the L2 holds the K / V of; ``section``) one after the other, and
     in a section heads fastest and the longest blocks first (the last under a causal band), so the
     tiles in flight are alike in length and read the same heads' K / V. Returns
-    (m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row). q_row / kv_row:
+    (m0, L, S, q_row, kv_row, b, h, hk, lo, a, c, hi, causal_off, window_off, lse_row); b the batch or
+    packed sequence. q_row / kv_row:
     the tile's first row in the 2-D views of Q / K (``row_view``), whose columns start at h * D /
     hk * D when VARLEN; Q_ROWS (dense): Q / O rows b * L + i of a model's (B * L, H * D) views,
     columns from h * D, LSE (B, H, L) over (H, B, L) storage (``stride_lseh`` = B * L). Key blocks
@@ -88,7 +89,7 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     causal_off = diag * (S - L) + win_right
     window_off = diag * (S - L) - win_left
     lo, a, c, hi = key_blocks(m0, 0, S, causal_off, window_off, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    return m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row
+    return m0, L, S, q_row, kv_row, b, h, hk, lo, a, c, hi, causal_off, window_off, lse_row
 
 
 @gluon.jit
@@ -134,7 +135,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
     t = gl.program_id(0)
     publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
     while t < n_tiles:
-        m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
+        m0, L, S, q_row, kv_row, b, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
             t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
             BLOCK_N, CAUSAL, WINDOW, VARLEN, Q_ROWS)
         if m0 < L:
@@ -177,15 +178,19 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
 @gluon.jit
 def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty, v_empty,
               b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec, H, G, L_max,
-              S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, CID: gl.constexpr,
-              ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+              S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, score_ptrs, score_meta, sm_scale,
+              CID: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
               D: gl.constexpr, STAGES: gl.constexpr, QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr, Q_ROWS: gl.constexpr,
-              EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr):
+              EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr, HAS_SCORE: gl.constexpr,
+              SCORE_MOD: gl.constexpr, LOAD_SCORE_META: gl.constexpr):
     """Online softmax of rows [CID * ROWS, (CID + 1) * ROWS) of each tile the producer publishes over
     its key blocks; writes their output and LSE. Scores in the log2 domain. Blocks outside [a, c)
     (a band's edges, a sequence's ragged end; EDGES says whether any can exist) are masked. A row
-    with no visible key, or whose every score is -inf, gets output 0 and LSE -inf, as in the core."""
+    with no visible key, or whose every score is -inf, gets output 0 and LSE -inf, as in the core.
+    HAS_SCORE: SCORE_MOD (flex over a band, ``_flex/codegen.py``'s hook): the score in natural units (the raw
+    product times ``sm_scale``) through the hook at the sequence's query and key indices, clamped into
+    range as the core's (keys past S are masked after it), ``meta`` read once per program."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
@@ -195,13 +200,17 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
     s_cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     o_rows = gl.arange(0, ROWS, gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, D, gl.SliceLayout(0, o_layout))
+    if HAS_SCORE:
+        meta = LOAD_SCORE_META(score_meta)
+    else:
+        meta = 0
     n_bh = n_tiles // n_m
     tcount = 0
     kv = 0
     it = 0
     t = take(tid_smem, tid_full, tid_empty, it, TBUF)
     while t < n_tiles:
-        m0, L, S, q_row, kv_row, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
+        m0, L, S, q_row, kv_row, b, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
             t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
             BLOCK_N, CAUSAL, WINDOW, VARLEN, Q_ROWS)
         if m0 < L:
@@ -224,6 +233,11 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
                     bias = b_smem.index(2 * slot + CID).load(s_layout).to(gl.float32)
                     mbarrier.arrive(b_empty.index(2 * slot + CID))
                     s = s * qk_scale + bias * RCP_LN2
+                elif HAS_SCORE:
+                    q_idx = gl.minimum(rows, L - 1)[:, None]
+                    kv_idx = gl.minimum(j * BLOCK_N + s_cols, S - 1)[None, :]
+                    s_mod, s = gl.broadcast(SCORE_MOD(s * sm_scale, b, h, q_idx, kv_idx, score_ptrs, meta), s)
+                    s = s_mod * RCP_LN2
                 else:
                     s = s * qk_scale
                 if EDGES:
@@ -281,11 +295,12 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
 
 @gluon.jit
 def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, cu_k, counter_ptr, stride_o, stride_lseh,
-                n_tiles, n_m, sec, H, G, L_max, S_max, qk_scale, diag, win_right, win_left,
-                ROWS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                n_tiles, n_m, sec, H, G, L_max, S_max, qk_scale, diag, win_right, win_left, score_ptrs, score_meta,
+                sm_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                 QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                 VARLEN: gl.constexpr, EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr,
-                Q_ROWS: gl.constexpr):
+                Q_ROWS: gl.constexpr, HAS_SCORE: gl.constexpr = False, SCORE_MOD: gl.constexpr = False,
+                LOAD_SCORE_META: gl.constexpr = False):
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of
     the n_tiles = n_m * B * H (``_tile``) from the int32 at ``counter_ptr`` (0 at launch) until none
     is left. Dense: 2-D row views Q / O / the bias (b * H + h) * L + i,
@@ -293,7 +308,11 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
     LSE (H, T), sequences from cu_q / cu_k, L_max the longest query sequence (VARLEN == UNIFORM:
     every sequence L_max queries and S_max keys, cu_q / cu_k not read). Q_ROWS (dense, no
     bias): Q / O the (B * L, H * D) rows of a model's views, LSE over (H, B, L) storage. Out row
-    stride stride_o."""
+    stride stride_o. HAS_SCORE, SCORE_MOD / LOAD_SCORE_META (no bias): a flex score_mod's generated hooks over
+    the band, reading the captures at ``score_ptrs`` (a tuple) and its meta at ``score_meta``;
+    ``sm_scale`` the natural-units scale (``qk_scale`` without the log2 factor). Without one they
+    are False (not None: Triton 3.9's warp_specialize takes no None among a partition's arguments),
+    and ``score_ptrs`` / ``score_meta`` / ``sm_scale`` placeholders, never read."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * QBUFS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
@@ -325,12 +344,14 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
     gl.warp_specialize([
         (_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
-                     H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, 0, ROWS,
-                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, Q_ROWS, EDGES, TBUF, O_TMA)),
+                     H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, score_ptrs,
+                     score_meta, sm_scale, 0, ROWS, BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN,
+                     Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD, LOAD_SCORE_META)),
         (_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
-                     H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, 1, ROWS,
-                     BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, Q_ROWS, EDGES, TBUF, O_TMA)),
+                     H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, score_ptrs,
+                     score_meta, sm_scale, 1, ROWS, BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN,
+                     Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD, LOAD_SCORE_META)),
         (_producer, (q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full,
                      b_full, k_empty, v_empty, b_empty, tid_smem, tid_full, tid_empty, counter_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS, BLOCK_N, D, STAGES,
@@ -338,7 +359,9 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
     ], [4, 1], [232, 40])
 
 
-_LAUNCH = Launcher(attn_fwd_ws)  # direct launches (fastlaunch.py): Triton's path took longer than a 1k kernel
+# direct launches (fastlaunch.py): Triton's path took longer than a 1k kernel; a flex score_mod's
+# captures (a tuple of tensors) and meta tensor come after the scalars
+_LAUNCH = Launcher(attn_fwd_ws, nested=("score_ptrs", "score_meta"))
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, mstr: tuple, mbool: bool,
@@ -376,13 +399,14 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
 
 
 def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args: dict, band_flags: dict,
-            packed, n_seq: int, L_max: int, S_max: int, o_tma: bool = True) -> None:
+            packed, n_seq: int, L_max: int, S_max: int, o_tma: bool = True, score=None) -> None:
     """Out and LSE (fp32, natural log) of softmax(q k^T * scale + bias) v over the band for
     ``eligible`` inputs, ``scale`` > 0: dense q / out (B, H, L, D), lse (B, H, L); packed, the (1, H,
     T, D) views and lse (H, T) (``lse_strides`` (0, T)), ``n_seq`` sequences of at most L_max query
     and S_max keys. One persistent program per SM (fewer when there are fewer tiles). ``band_args``:
     diag, win_right, win_left (launch.band_args). ``o_tma``: whole 64-row output blocks leave by one
-    TMA store through the Q buffer (KernelOptions.o_tma; False: gl.store)."""
+    TMA store through the Q buffer (KernelOptions.o_tma; False: gl.store). ``score`` (no bias): a flex
+    score_mod's (generated functions, ``codegen.CaptureArgs``), applied to every score of the band."""
     H, D = q.shape[1], q.shape[3]
     varlen = packed is not None
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
@@ -398,9 +422,13 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
                 b_desc=q_desc if bias is None else descriptor(bias, ROWS, BLOCK_N), o_desc=descriptor(o2, ROWS, D),
                 out_ptr=o2, lse_ptr=lse, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_o=o2.stride(0),
                 stride_lseh=lse_strides[1], n_tiles=n_tiles, n_m=n_m, sec=section(n_seq * H, S_max, k.shape[1] / H, q),
-                H=H, G=H // k.shape[1], L_max=L_max, S_max=S_max, qk_scale=scale * RCP_LN2.value, **band_args)
+                H=H, G=H // k.shape[1], L_max=L_max, S_max=S_max, qk_scale=scale * RCP_LN2.value, **band_args,
+                # without a score_mod: placeholders, never read (Triton 3.9 passes no None to a partition)
+                score_ptrs=score[1].ptrs if score else (), score_meta=score[1].meta if score else counter,
+                sm_scale=float(scale) if score else 0.0)
     _LAUNCH(grid, args,
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
                  HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen_mode(packed),
                  EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
-                 Q_ROWS=q_rows), 4, 3)
+                 Q_ROWS=q_rows, HAS_SCORE=bool(score), SCORE_MOD=score[0]["score_mod"] if score else False,
+                 LOAD_SCORE_META=score[0]["load_meta"] if score else False), 4, 3)

@@ -30,7 +30,8 @@ import torch
 from .._layout import is_rows
 from .core import RCP_LN2, STAT_PAD, query_blocks
 from .fastlaunch import Launcher
-from .versions import TensorDescriptor, gl, gluon, mbarrier, tma_load, warpgroup_mma, warpgroup_mma_wait
+from .versions import (COMPILE_OPTIONS, TensorDescriptor, gl, gluon, mbarrier, tma_load, warpgroup_mma,
+                       warpgroup_mma_wait)
 from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, model_rows, next_tile, persistent,
                         publish, row_view, section, sequence, take, tile_ring, varlen_mode)
 
@@ -156,12 +157,17 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
 @gluon.jit
 def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full, kv_empty,
               tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n, sec, H, G, L_max,
-              S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
+              S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale, score_ptrs, score_meta,
               CID: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
               STAGES: gl.constexpr, KBUFS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-              VARLEN: gl.constexpr, TBUF: gl.constexpr):
+              VARLEN: gl.constexpr, TBUF: gl.constexpr, HAS_SCORE: gl.constexpr, SCORE_MOD: gl.constexpr,
+              SCORE_DSCORE: gl.constexpr, LOAD_SCORE_META: gl.constexpr):
     """dK and dV of keys [CID * KEYS, (CID + 1) * KEYS) of each tile the producer publishes, over
-    its steps (module docstring); stored at the tile's end, rows past the sequence's keys left."""
+    its steps (module docstring); stored at the tile's end, rows past the sequence's keys left.
+    HAS_SCORE: SCORE_MOD / SCORE_DSCORE (flex over a band): P from the modded natural-unit score, dS times its
+    derivative (0 where dS is), the hooks at clamped indices in the transposed tile's shapes (as the
+    core's ``_flex_scores2`` with KEYS_FIRST); a ragged last query block's rows past L are -inf
+    before exp2 (a hook may not be finite on their zero-filled Q)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
@@ -170,6 +176,10 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
     s_rows = gl.arange(0, KEYS, gl.SliceLayout(1, s_layout))
     s_cols = gl.arange(0, BLOCK_M, gl.SliceLayout(0, s_layout))
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    if HAS_SCORE:
+        meta = LOAD_SCORE_META(score_meta)
+    else:
+        meta = 0
     Hkv = H // G
     n_bhk = n_tiles // n_n
     tcount = 0
@@ -197,7 +207,17 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
                     s = warpgroup_mma(k_tile, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
                     nlse2 = nl_smem.index(slot).load(col_layout)  # padded rows: -inf
                     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                    x = s * qk_scale + nlse2[None, :]
+                    if HAS_SCORE:
+                        h = hk * G + g
+                        q_idx = gl.minimum(m0 + s_cols, L - 1)[None, :]
+                        kv_idx = gl.minimum(keys, S - 1)[:, None]
+                        raw = s * sm_scale
+                        s_mod, raw = gl.broadcast(SCORE_MOD(raw, b, h, q_idx, kv_idx, score_ptrs, meta), raw)
+                        x = s_mod * RCP_LN2 + nlse2[None, :]
+                        if m0 + BLOCK_M > L:
+                            x = gl.where((m0 + s_cols < L)[None, :], x, float("-inf"))
+                    else:
+                        x = s * qk_scale + nlse2[None, :]
                     if CAUSAL or WINDOW:
                         # A band edge: mask by index, both bounds (testing each bound per block, as
                         # ws._mask_edges does, spilled here and slowed the window: docs/kernels.md,
@@ -213,6 +233,9 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
                     delta = dl_smem.index(slot).load(col_layout)
                     dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
                     ds = p * (dp - delta[None, :])  # fp32 P, as the core's
+                    if HAS_SCORE:  # to the raw score: times d score_mod / d score
+                        dmod, ds = gl.broadcast(SCORE_DSCORE(raw, b, h, q_idx, kv_idx, score_ptrs, meta), ds)
+                        ds = gl.where(ds != 0.0, ds * dmod, 0.0)
                     p16 = gl.convert_layout(p.to(q_desc.dtype), op_layout)
                     ds16 = gl.convert_layout(ds.to(q_desc.dtype), op_layout)
                     dv = warpgroup_mma(p16, do_t, dv, is_async=True)
@@ -238,17 +261,23 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
 @gluon.jit
 def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, dv_ptr, cu_q, cu_k, counter_ptr,
                      stride_dk, stride_dv, stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max,
-                     qk_scale, sm_scale, diag, win_right, win_left,
+                     qk_scale, sm_scale, diag, win_right, win_left, score_ptrs, score_meta,
                      KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                      KBUFS: gl.constexpr, STAT_PAD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                     VARLEN: gl.constexpr, TBUF: gl.constexpr, Q_ROWS: gl.constexpr):
+                     VARLEN: gl.constexpr, TBUF: gl.constexpr, Q_ROWS: gl.constexpr, HAS_SCORE: gl.constexpr = False,
+                     SCORE_MOD: gl.constexpr = False,
+                     SCORE_DSCORE: gl.constexpr = False, LOAD_SCORE_META: gl.constexpr = False):
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of the
     n_tiles = n_n * B * Hkv (``_kv_tile``) from the int32 at ``counter_ptr`` (0 at launch). Dense:
     2-D row views Q / dO (b * H + h) * L + i, K / V / dK / dV (b * Hkv + hk) * S + j. VARLEN: Q /
     dO (T, H * D), K / V / dK / dV (T_k, Hkv * D), sequences from cu_q / cu_k (VARLEN == UNIFORM:
     every sequence L_max queries and S_max keys, cu_q / cu_k not read). NLSE2 / Delta as
     ``core.attn_bwd`` reads them, through 1-D descriptors (strides stride_statb, stride_stath; packed
-    rows ``_stat_off``). Q_ROWS (dense): Q / dO the (B * L, H * D) rows of a model's views."""
+    rows ``_stat_off``). Q_ROWS (dense): Q / dO the (B * L, H * D) rows of a model's views.
+    HAS_SCORE, SCORE_MOD / SCORE_DSCORE / LOAD_SCORE_META: a flex score_mod's generated hooks over the band,
+    reading the captures at ``score_ptrs`` (a tuple) and its meta at ``score_meta``; False without
+    one (Triton 3.9's warp_specialize takes no None among a partition's arguments), and
+    ``score_ptrs`` / ``score_meta`` placeholders, never read."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2 * KBUFS] + k_desc.block_type.shape, k_desc.layout)
@@ -270,12 +299,14 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
     gl.warp_specialize([
         (_consumer, (q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full,
                      kv_empty, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n,
-                     sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale, 0, KEYS,
-                     BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, TBUF)),
+                     sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
+                     score_ptrs, score_meta, 0, KEYS, BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, TBUF,
+                     HAS_SCORE, SCORE_MOD, SCORE_DSCORE, LOAD_SCORE_META)),
         (_consumer, (q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full,
                      kv_empty, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n,
-                     sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale, 1, KEYS,
-                     BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, TBUF)),
+                     sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
+                     score_ptrs, score_meta, 1, KEYS, BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, TBUF,
+                     HAS_SCORE, SCORE_MOD, SCORE_DSCORE, LOAD_SCORE_META)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem, k_smem, v_smem, nl_smem,
                      dl_smem, qd_full, qd_empty, kv_full, kv_empty, tid_smem, tid_full, tid_empty, counter_ptr,
                      stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right,
@@ -283,7 +314,7 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
     ], [4, 1], [232, 40])
 
 
-_LAUNCH = Launcher(attn_bwd_dkdv_ws)
+_LAUNCH = Launcher(attn_bwd_dkdv_ws, nested=("score_ptrs", "score_meta"))  # a flex score_mod's captures, meta
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, mask, dropout_p: float, packed,
@@ -323,11 +354,15 @@ ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, ran
 
 
 def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float, band_args: dict,
-         band_flags: dict, packed, n_seq: int, L_max: int, S_max: int) -> None:
+         band_flags: dict, packed, n_seq: int, L_max: int, S_max: int, score=None, warmup: bool = False) -> None:
     """dK and dV of an ``eligible`` backward into ``dk`` / ``dv`` (laid out like k / v), from the
     preprocess's NLSE2 / Delta (``launch._row_stats``): dense q / dout (B, H, L, D), k / v (B, Hkv, S,
     D); packed, their (1, H, T, D) views, ``n_seq`` sequences of L_max queries and S_max keys.
-    ``band_args``: diag, win_right, win_left (launch.band_args)."""
+    ``band_args``: diag, win_right, win_left (launch.band_args). ``score``: a flex score_mod's
+    (generated functions, ``codegen.CaptureArgs``) over the band; its captures' gradients are the
+    core's (the caller sends a call with any to the core). ``warmup``: compile the kernel this call
+    would launch and launch nothing (dout, the statistics and dk / dv may be meta tensors: what the
+    flex backward's warmup compiles while its forward runs)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     varlen = packed is not None
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
@@ -343,8 +378,15 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
                 dk_ptr=dk2, dv_ptr=dv2, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_dk=dk2.stride(0),
                 stride_dv=dv2.stride(0), stride_statb=stat_strides[0], stride_stath=stat_strides[1], n_tiles=n_tiles,
                 n_n=n_n, sec=section(n_seq * Hkv, L_max, H // Hkv, q), H=H, G=H // Hkv, L_max=L_max, S_max=S_max,
-                qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args)
-    _LAUNCH(grid, args,
-            dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=KBUFS, STAT_PAD=STAT_PAD.value,
-                 CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen_mode(packed), TBUF=TBUF,
-                 Q_ROWS=q_rows), 4, 3)
+                qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args,
+                # without a score_mod: placeholders, never read (Triton 3.9 passes no None to a partition)
+                score_ptrs=score[1].ptrs if score else (), score_meta=score[1].meta if score else counter)
+    fns = score[0] if score else {}
+    constexprs = dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=KBUFS, STAT_PAD=STAT_PAD.value,
+                      CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen_mode(packed), TBUF=TBUF,
+                      Q_ROWS=q_rows, HAS_SCORE=bool(score), SCORE_MOD=fns.get("score_mod", False), SCORE_DSCORE=fns.get("score_mod_dscore", False),
+                      LOAD_SCORE_META=fns.get("load_meta", False))
+    if warmup:  # into Triton's cache, where the launcher's first launch finds it
+        attn_bwd_dkdv_ws.warmup(grid=grid, **args, **constexprs, num_warps=4, num_stages=3, **COMPILE_OPTIONS)
+        return
+    _LAUNCH(grid, args, constexprs, 4, 3)

@@ -71,7 +71,7 @@ def _flex_fwd(
     call = _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, spec)
     with torch.no_grad():
         out, lse, mx = dispatch.run(call)
-    return _in_layout(out, _out_like(q, v)), lse, mx
+    return _in_layout(out, _out_like(q, v)), lse.contiguous(), mx  # the fake's layouts (a row view's lse is strided)
 
 
 flex_fwd = torch.library.custom_op("attend::flex_fwd", _flex_fwd, mutates_args=())
