@@ -142,12 +142,14 @@ def _fwd_bwd(flex, q, k, v, score_mod, block_mask, caps, device, reps: int) -> t
 
 
 def _compiles(impl: str) -> int:
-    """Kernel compiles so far: attend's core forward variants (0 under the interpreter), or
-    dynamo's unique graphs for compiled flex."""
+    """Kernel compiles so far: attend's forward and backward variants, the core's and the Gluon
+    kernels' (0 under the interpreter), or dynamo's unique graphs for compiled flex."""
     if impl == "attend":
-        from attend.kernels import core
+        from attend.kernels import core, versions
 
-        return sum(len(c[0]) for c in getattr(core.attn_fwd, "device_caches", {}).values())
+        fns = [core.attn_fwd, core.attn_bwd, *(m for m in versions.gluon_kernels() if m is not None)]
+        fns = [getattr(f, "attn_fwd_ws", getattr(f, "attn_bwd_dkdv_ws", f)) for f in fns]
+        return sum(len(c[0]) for f in fns for c in getattr(f, "device_caches", {}).values())
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
@@ -242,7 +244,7 @@ def _recompiles(impl: str, p: dict, device, dtype) -> dict:
     for what, n, scale in (("warm", p["S"], 1.0), ("new_length", p["S"] - 16 * 3, 1.0), ("new_value", p["S"], 2.0)):
         bias = torch.full((p["H"],), scale, device=device)
         bm = cbm(_causal, None, None, n, n, device=device)
-        q, k, v = (t[:, :, :n].detach().requires_grad_() for t in make_inputs(p, device, dtype))
+        q, k, v = (t[:, :, :n].detach().contiguous().requires_grad_() for t in make_inputs(p, device, dtype))
         before = _compiles(impl)
         flex(q, k, v, score_mod=lambda s, b, h, qi, ki: s + bias[h], block_mask=bm).sum().backward()
         sync(device)
