@@ -353,7 +353,7 @@ _GLUON_SCORES = {
     ("softcap", "causal", 300, 300, 4, 2, False), ("alibi", "causal_window", 257, 400, 4, 4, False),
     ("softcap_table", None, 200, 333, 2, 1, False), ("softcap", "symmetric_window", 384, 384, 4, 2, True),
     ("alibi", None, 130, 256, 4, 4, True), ("rows_only", "causal", 2100, 2100, 2, 1, True),
-    ("softcap", "chunk_window", 64, 224, 2, 2, False)])
+    ("softcap", "chunk_window", 128, 288, 2, 2, False)])
 def test_score_mod_over_a_band_on_the_gluon_forward(score_name, mask_name, L, S, HQ, HKV, views, monkeypatch):
     """On sm_90 at D = 128 in bf16, a score_mod over a band (or no mask) runs on the Gluon forward
     with the generated hook (KernelOptions.flex_gluon), and its backward's dK / dV on the Gluon
@@ -442,3 +442,20 @@ def test_gluon_band_hooks_new_length_or_value_compiles_nothing():
     run(310, 0.5)
     run(300, 0.25)
     assert _compiles("attend") == compiled, "a new length or captured value compiled a kernel"
+
+
+@pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon kernels run on sm_90 GPUs")
+def test_decode_step_keeps_the_core_score_hooks():
+    """A decode step (one query, Gemma 2's softcap over its causal keys) has fewer queries than one
+    Gluon tile: it keeps the core's score hooks and their 16-row decode tiles, against float64."""
+    mod, L, S, _ = BOTTOM_RIGHT["decode_causal"]
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 4, n, _D128, generator=g).to(DEVICE, torch.bfloat16) for n in (L, S, S))
+    score = _GLUON_SCORES["softcap"]([])
+    bm = flex.create_block_mask(mod, None, None, L, S, device=DEVICE)
+    before = dict(dispatch.PATHS)
+    out = flex.flex_attention(q, k, v, score, bm)
+    assert dispatch.PATHS["band_hooks"] == before["band_hooks"] + 1
+    assert dispatch.PATHS["band_hooks_gluon"] == before["band_hooks_gluon"]
+    refs = [dense_reference(q, k, v, score, mod, dt)[0] for dt in (torch.float64, torch.bfloat16)]
+    assert_scaled_close(out, *refs, what="decode step on the core's score hooks")

@@ -882,11 +882,13 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
 def flex_band_gluon(q, k, v, scale: float, score, band: Band, options: KernelOptions | dict | None = None):
     """Flex's score hooks over ``band`` (``flex_forward``'s band call, no max_scores) on the Gluon
     forward: (out, lse (B, Hq, L) natural log), or None where it does not serve the call
-    (KernelOptions.flex_gluon or fwd_ws off, not an sm_90 device, ``ws.eligible``'s dtypes, D and
-    layouts: contiguous tensors, or a model's row views as packed sequences). The lse of row views
-    is strided (``_layout.rows_lse``), as the dense forward's."""
+    (KernelOptions.flex_gluon or fwd_ws off, not an sm_90 device, fewer queries than one of its
+    tiles (a decode step or a short chunk keeps the core's 16-row decode tiles: the Gluon route was
+    timed at 8192 queries only), ``ws.eligible``'s dtypes, D and layouts: contiguous tensors, or a
+    model's row views as packed sequences). The lse of row views is strided
+    (``_layout.rows_lse``), as the dense forward's."""
     opts = resolve(options)
-    if not (opts.flex_gluon and opts.fwd_ws and q.shape[2] > 0 and k.shape[2] > 0 and _gluon_device(q)):
+    if not (opts.flex_gluon and opts.fwd_ws and q.shape[2] >= ws.BLOCK_M and k.shape[2] > 0 and _gluon_device(q)):
         return None  # (the cheap half of ws.eligible first: forward allocates before it asks)
     if q.shape[3] != ws.HEAD_DIM or q.dtype not in ws.GL_DTYPE or not versions.usable("gluon_flex_forward"):
         return None
