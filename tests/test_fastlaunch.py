@@ -234,21 +234,52 @@ def test_descriptor_key_separates_what_a_descriptor_fixes():
     assert key == lau._key((moved, out, 3))
 
 
+def test_descriptor_class_is_tritons_specialization():
+    """``descriptor_class`` (the class key of a Gluon launch) separates host tensor descriptors
+    exactly where Triton's own specialization does: by dtype, box and layout, not by shape,
+    strides or alignment (the launch passes those), so a new length launches directly."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from attend.kernels import ws
+    from attend.kernels.fastlaunch import descriptor_class
+
+    def both(d):
+        return descriptor_class(d), native_specialize_impl(BaseBackend, d, False, True, True)[0]
+
+    base = ws.descriptor(torch.empty(256, 128, dtype=torch.bfloat16), 64, 128)
+    flat = torch.empty(300 * 128 + 8, dtype=torch.bfloat16)
+    same = [ws.descriptor(torch.empty(272, 128, dtype=torch.bfloat16), 64, 128),  # another length
+            ws.descriptor(torch.empty(128, 256, dtype=torch.bfloat16)[:, :128], 64, 128),  # strided rows
+            ws.descriptor(flat[8:].view(300, 128), 64, 128)]  # 16 bytes in
+    other = [ws.descriptor(torch.empty(256, 128, dtype=torch.bfloat16), 128, 128),  # box (and layout)
+             ws.descriptor(torch.empty(256, 128, dtype=torch.float16), 64, 128)]  # dtype
+    for d in same:
+        assert descriptor_class(d) == descriptor_class(base)
+        assert both(d)[1] == both(base)[1]
+    for d in other:
+        assert descriptor_class(d) != descriptor_class(base) and both(d)[1] != both(base)[1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="the Gluon forward runs on sm_90")
 def test_gluon_forward_launches_direct():
     """The second call of a shape reuses the compiled Gluon kernel without Triton's path, with fresh
-    descriptors for new tensors: both match float64 (outputs and the gradients from their LSE)."""
+    descriptors for new tensors, and so does a new length of the same classes (descriptors are
+    classed without their shape): all match float64 (outputs and the gradients from their LSE)."""
     import attend
     from attend.kernels import ws
     from conftest import assert_matches_float64
 
     before = len(ws._LAUNCH.cache)
-    for seed in (0, 1):
+    for seed, n in ((0, 192), (1, 192), (2, 208)):  # 208: a new length of 192's classes (n_m 2, L % 16 == 0)
         torch.manual_seed(seed)
-        q, k, v = (torch.randn(1, 2, 192, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        q, k, v = (torch.randn(1, 2, n, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
                    for _ in range(3))
         with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):  # a scale no other test uses: a fresh key
             out = attend.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.0771)
         assert_matches_float64(out, q, k, v, what=f"call {seed}", is_causal=True, scale=0.0771)
-    assert len(ws._LAUNCH.cache) == before + 1
+        if seed == 0:
+            classes = len(ws._LAUNCH.by_class)
+    assert len(ws._LAUNCH.cache) == before + 2  # the two lengths' exact keys
+    assert len(ws._LAUNCH.by_class) == classes, "the new length went through Triton's path"

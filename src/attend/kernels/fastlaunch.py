@@ -18,7 +18,9 @@ an earlier length of its class directly; only a new class, and the interpreter, 
 Triton's own path.
 
 Gluon kernels launch the same way, with host tensor descriptors among the leading pointer
-arguments (``ws.attn_fwd_ws``). Triton's debug and instrumentation knobs are part of every key,
+arguments (``ws.attn_fwd_ws``), classed as Triton specializes them (``descriptor_class``: dtype,
+box and layout; the shape and strides are launch arguments), so a decode loop's next length
+launches the Gluon forward directly too. Triton's debug and instrumentation knobs are part of every key,
 as they are of Triton's, so turning one on after a kernel's first launch builds the other kernel.
 Through Triton's own path the H100 waited on the host: the
 persistent forward at S=1024 (B=16, H=16, D=128) timed 0.464 ms per call, against 0.293 ms
@@ -77,10 +79,20 @@ def _descriptor_key(d: TensorDescriptor) -> tuple:
             lay.swizzle_byte_width, lay.element_bitwidth, lay.transposed, d.padding)
 
 
-def _pointer_key(ptrs: tuple) -> tuple:
-    """Tensors by dtype and 16-byte alignment, host tensor descriptors by ``_descriptor_key``."""
-    return tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is torch.Tensor else _descriptor_key(a)
-                  for a in ptrs])
+def descriptor_class(d: TensorDescriptor) -> tuple:
+    """What Triton specializes a host tensor descriptor on: its base's dtype, the box and the
+    shared layout (tests compare it with Triton's own). Not its shape or strides: the compiled
+    kernel takes them at each launch, so a descriptor of a new length launches the kernel compiled
+    for an earlier one."""
+    lay = d.layout
+    return d.base.dtype, tuple(d.block_shape), lay.swizzle_byte_width, lay.element_bitwidth, lay.transposed, d.padding
+
+
+def _pointer_key(ptrs: tuple, exact: bool = True) -> tuple:
+    """Tensors by dtype and 16-byte alignment, host tensor descriptors by ``_descriptor_key``
+    (``exact``) or ``descriptor_class``."""
+    desc = _descriptor_key if exact else descriptor_class
+    return tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is torch.Tensor else desc(a) for a in ptrs])
 
 
 def _nested_key(a, exact: bool):
@@ -149,12 +161,13 @@ class Launcher:
         return ptrs, tuple(rest)
 
     def _class_key(self, args: tuple) -> tuple:
-        """The key as Triton specializes: pointers as in ``_key``, every scalar by ``scalar_class``."""
+        """The key as Triton specializes: tensors as in ``_key``, host tensor descriptors by
+        ``descriptor_class``, every scalar by ``scalar_class``."""
         n = self.n_ptr
         rest = [scalar_class(a) for a in args[n:]]
         for i in self.nested:
             rest[i - n] = _nested_key(args[i], False)
-        return _pointer_key(args[:n]), tuple(rest)
+        return _pointer_key(args[:n], exact=False), tuple(rest)
 
     def __call__(self, grid: tuple, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> None:
         if not self.direct:
@@ -180,7 +193,7 @@ class Launcher:
             if len(self.cache) >= MAX_KEYS:
                 self.cache.clear()
             if compiled is None:  # Triton's path compiles (or loads) and launches; later calls go direct
-                if len(self.by_class) >= MAX_KEYS:  # a descriptor's shape is in its class: a length each
+                if len(self.by_class) >= MAX_KEYS:
                     self.by_class.clear()
                 compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
                                              **COMPILE_OPTIONS)
