@@ -127,11 +127,12 @@ def test_failed_flex_hooks_build_turns_off_only_the_flex_variant(gluon_on_this_d
         return real(grid, args, constexprs, *rest)
 
     monkeypatch.setattr(launch.ws, "_LAUNCH", fails_with_hooks)
-    q, k, v = (rand(1, 2, 24, 128, dtype=torch.float16) for _ in range(3))
+    n = launch.ws.BLOCK_M  # the route takes at least one tile of queries
+    q, k, v = (rand(1, 2, n, 128, dtype=torch.float16) for _ in range(3))
     slopes = torch.tensor([0.5, 0.25], device=q.device)
     alibi = lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki)
     causal = lambda b, h, qi, ki: qi >= ki
-    bm = flex.create_block_mask(causal, None, None, 24, 24, device=q.device)
+    bm = flex.create_block_mask(causal, None, None, n, n, device=q.device)
     before = dict(dispatch.PATHS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
