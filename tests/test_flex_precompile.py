@@ -281,3 +281,34 @@ def test_first_backward_after_a_warmed_forward_compiles_nothing(monkeypatch):
     torch.cuda.synchronize()
     assert _backward_variants() == before + 1, "the backward compiled a kernel the warmup had not"
     assert all(torch.isfinite(t).all() for t in grads)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Gluon dK / dV kernel runs on sm_90")
+def test_gluon_route_warms_up_both_launches(monkeypatch):
+    """A new mod over a band on the Gluon route: the forward's warmup compiles the Gluon dK / dV
+    kernel and the core's dQ programs (on two threads), and the backward compiles neither again."""
+    from attend.kernels import ws_bwd
+
+    _drain_warmups()
+    monkeypatch.setattr(dispatch, "_WARMUPS", {})
+    gluon_variants = lambda: sum(len(c[0]) for c in ws_bwd.attn_bwd_dkdv_ws.device_caches.values())
+    n = 256
+    g = torch.Generator().manual_seed(5)
+    # an op chain no other test's mod has: new kernels here
+    sm = lambda s, b, h, q_idx, kv_idx: torch.tanh(torch.sigmoid(s) - 0.5) * 3.0 + s
+    bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device=DEVICE)
+    q, k, v = (torch.randn(1, 2, n, 128, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(3))
+    before = (_backward_variants(), gluon_variants())
+    with kernel_options(bwd_ws_min_seq_bucket=0):  # the Gluon dK / dV kernel at this length too
+        out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
+    started = [f for futs in dispatch._WARMUPS.values() if futs is not None for f in futs]
+    assert len(started) == 2, "the Gluon kernel and the dQ programs, each on a warmup thread"
+    for f in started:
+        f.result()  # raises if the warmup failed
+    warmed = (_backward_variants(), gluon_variants())
+    assert warmed == (before[0] + 1, before[1] + 1), (before, warmed)
+    grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+    torch.cuda.synchronize()
+    assert (_backward_variants(), gluon_variants()) == warmed, "the backward compiled a kernel the warmup had not"
+    assert all(torch.isfinite(t).all() for t in grads)

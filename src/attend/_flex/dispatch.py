@@ -228,10 +228,16 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     fut = _WARMUPS.get(key, _NEVER)
     if fut is not _NEVER:
         return fut
+    from ..kernels import launch
+
     stand_ins = [torch.empty(c.shape, dtype=torch.float32, device="meta") for c in score_caps]
-    score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, _hook_band(call, opts), grads=stand_ins)
+    band = _hook_band(call, opts)
+    score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, band, grads=stand_ins)
     futs = []
-    parts = ("dkdv", "dq") if opts.flex_bwd_split else (True,)
+    # two launches, each compiled on a thread of its own: the split's halves, or the Gluon dK / dV
+    # kernel beside the core's dQ programs (the dQ gradient is laid out as q: its layout decides)
+    two = opts.flex_bwd_split or launch._flex_band_dkdv(opts, q, k, v, q, band, score, call.kernel_options)
+    parts = ("dkdv", "dq") if two else (True,)
     # the JITs' per-device caches, made here once: two threads (the split's two, or a warmup and the
     # caller's own launches) must not both create one
     _device_cache(q)

@@ -983,8 +983,9 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
 
     ``warmup``: compile the launch this call would make into core.attn_bwd's JIT cache and return
     None, launching nothing (nor the row statistics' preprocess): what a forward starts while its
-    own kernel compiles (``_flex.dispatch``); with KernelOptions.flex_bwd_split, ``warmup`` may
-    name one of the two launches ("dkdv" or "dq") to compile only that one. ``out``, ``lse`` and
+    own kernel compiles (``_flex.dispatch``); with KernelOptions.flex_bwd_split, or where the Gluon
+    dK / dV kernel serves the call (``_flex_band_dkdv``), ``warmup`` may name one of the two
+    launches ("dkdv" or "dq") to compile only that one. ``out``, ``lse`` and
     ``dlse`` are not read then, and ``dout`` may be None: a gradient laid out as the forward's output. The real call reads a
     gradient that Triton would specialize otherwise (the stride-0 gradient of ``out.sum()``, say)
     from a copy in ``out``'s layout, so it finds that kernel compiled."""
@@ -1062,8 +1063,9 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         _ensure_allocator()
         gl_args = (q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, None, B, L, S,
                    (sfns, score_args))
-        if warmup:
-            ws_bwd.dkdv(*gl_args, warmup=True)
+        if warmup:  # "dkdv": only the Gluon kernel, "dq": only the dQ programs (two warmup threads)
+            if warmup is True or warmup == "dkdv":
+                ws_bwd.dkdv(*gl_args, warmup=True)
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
         elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args):
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
