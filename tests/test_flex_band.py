@@ -386,7 +386,9 @@ def test_score_mod_over_a_band_on_the_gluon_forward(score_name, mask_name, L, S,
     assert dispatch.PATHS["band_hooks_gluon"] == before["band_hooks_gluon"] + 1
     assert dispatch.PATHS["band_hooks"] == before["band_hooks"]
     assert lse.is_contiguous(), "the lse as PyTorch returns it"
-    go = torch.randn_like(out)
+    # the output gradient a model hands back: (B, L, H, D) seen as (B, H, L, D) (copied for the Gluon
+    # dK / dV kernel, which takes a contiguous one)
+    go = torch.randn(out.shape[0], out.shape[2], out.shape[1], out.shape[3], generator=g).to(out).transpose(1, 2)
     leaves = (ql, kl, vl, *caps)
     grads = torch.autograd.grad((out * go).sum(), [t for t in leaves if t.requires_grad])
     assert len(dkdv_calls) == (0 if views or score_name == "softcap_table" else 1), "the Gluon dK / dV route"

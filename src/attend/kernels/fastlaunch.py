@@ -84,8 +84,7 @@ def descriptor_class(d: TensorDescriptor) -> tuple:
     shared layout (tests compare it with Triton's own). Not its shape or strides: the compiled
     kernel takes them at each launch, so a descriptor of a new length launches the kernel compiled
     for an earlier one."""
-    lay = d.layout
-    return d.base.dtype, tuple(d.block_shape), lay.swizzle_byte_width, lay.element_bitwidth, lay.transposed, d.padding
+    return d.base.dtype, tuple(d.block_shape), d.layout, d.padding
 
 
 def _pointer_key(ptrs: tuple, exact: bool = True) -> tuple:

@@ -1011,8 +1011,11 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         nlse2, delta = _stat_buffers(B, H, L, dev)
         stat_strides = nlse2.stride()[:2]
     else:
-        if _specialized_as(dout) != _specialized_as(out):  # e.g. out.sum()'s gradient, expanded (stride 0)
-            dout = torch.empty_like(out).copy_(dout)  # read in out's layout: the kernel its forward warmed up
+        if _specialized_as(dout) != _specialized_as(out) or (  # e.g. out.sum()'s gradient, expanded (stride 0)
+                not dout.is_contiguous() and _flex_band_dkdv(options, q, k, v, out, band, score, kernel_options)):
+            # read in out's layout: the kernels its forward warmed up (the Gluon dK / dV kernel takes
+            # a contiguous gradient only: a model's transposed one specializes as out does)
+            dout = torch.empty_like(out).copy_(dout)
         nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, lse.stride()[:2], B, L, None)
     m = tiles.meta
     if band is None:

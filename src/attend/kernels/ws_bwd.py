@@ -372,7 +372,10 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
     k2, v2 = row_view(k, varlen), row_view(v, varlen)
     dk2, dv2 = row_view(dk, varlen), row_view(dv, varlen)
     cu_q, cu_k = cu_seqs(packed, nlse2)
-    grid, counter = persistent(n_tiles, q.device)
+    if warmup:  # nothing runs: no counter on the device (a warmup thread may run beside a graph capture)
+        grid, counter = (1,), torch.zeros(1, dtype=torch.int32, device="meta")
+    else:
+        grid, counter = persistent(n_tiles, q.device)
     args = dict(q_desc=descriptor(q2, BLOCK_M, D), do_desc=descriptor(do2, BLOCK_M, D), k_desc=descriptor(k2, KEYS, D),
                 v_desc=descriptor(v2, KEYS, D), nl_desc=_row_descriptor(nlse2), dl_desc=_row_descriptor(delta),
                 dk_ptr=dk2, dv_ptr=dv2, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_dk=dk2.stride(0),
