@@ -199,6 +199,7 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     ``attend._flex.build._mods``'s score_mod (softcap, captured ALiBi slopes and bias table), with
     the hardware tanh, as a 16-bit flex call over a band takes them."""
     from . import ws
+    from .ws_common import hook_constexprs
 
     q, kv = _gluon_desc(dtype, ws.ROWS, ws.HEAD_DIM), _gluon_desc(dtype, ws.BLOCK_N, ws.HEAD_DIM)
     constexprs = dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM, STAGES=ws.STAGES, QBUFS=1 if has_bias else 2,
@@ -209,13 +210,9 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=_gluon_desc(dtype, ws.ROWS, ws.BLOCK_N) if has_bias else q,
                o_desc=q, out_ptr=f"*{_DTYPE[dtype]}", lse_ptr="*fp32", cu_q="*i32", cu_k="*i32", counter_ptr="*i32",
                qk_scale="fp32")
-    if score_mod:
-        fns, ptrs = _score_hooks()
-        constexprs.update(HAS_SCORE=True, SCORE_MOD=fns["score_mod"], LOAD_SCORE_META=fns["load_meta"])
-        sig.update(score_ptrs=ptrs, score_meta="*i32", sm_scale="fp32")
-    else:  # as ws.forward passes them without a score_mod
-        sig.update(score_ptrs=(), score_meta="*i32", sm_scale="fp32")
-        constexprs.update(HAS_SCORE=False, SCORE_MOD=False, LOAD_SCORE_META=False)
+    fns, ptrs = _score_hooks() if score_mod else (None, ())  # as ws.forward passes them
+    constexprs.update(hook_constexprs(fns, derivative=False))
+    sig.update(score_ptrs=ptrs, score_meta="*i32", sm_scale="fp32")
     return _compile_gluon(ws.attn_fwd_ws, target, sig, ints, constexprs)
 
 
@@ -239,6 +236,7 @@ def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = Fa
     """Compile the warp-specialized Gluon dK / dV kernel (ws_bwd.py) for ``target`` (sm_90 only);
     ``uniform`` and ``score_mod`` as compile_ws's (the score hook and its derivative)."""
     from . import ws_bwd
+    from .ws_common import hook_constexprs
 
     qd, kv = _gluon_desc(dtype, ws_bwd.BLOCK_M, ws_bwd.HEAD_DIM), _gluon_desc(dtype, ws_bwd.KEYS, ws_bwd.HEAD_DIM)
     constexprs = dict(KEYS=ws_bwd.KEYS, BLOCK_M=ws_bwd.BLOCK_M, D=ws_bwd.HEAD_DIM, STAGES=ws_bwd.STAGES,
@@ -251,14 +249,9 @@ def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = Fa
     sig = dict(q_desc=qd, do_desc=qd, k_desc=kv, v_desc=kv, nl_desc=row, dl_desc=row, dk_ptr=f"*{_DTYPE[dtype]}",
                dv_ptr=f"*{_DTYPE[dtype]}", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
                sm_scale="fp32")
-    if score_mod:
-        fns, ptrs = _score_hooks()
-        constexprs.update(HAS_SCORE=True, SCORE_MOD=fns["score_mod"], SCORE_DSCORE=fns["score_mod_dscore"],
-                          LOAD_SCORE_META=fns["load_meta"])
-        sig.update(score_ptrs=ptrs, score_meta="*i32")
-    else:  # as ws_bwd.dkdv passes them without a score_mod
-        sig.update(score_ptrs=(), score_meta="*i32")
-        constexprs.update(HAS_SCORE=False, SCORE_MOD=False, SCORE_DSCORE=False, LOAD_SCORE_META=False)
+    fns, ptrs = _score_hooks() if score_mod else (None, ())  # as ws_bwd.dkdv passes them
+    constexprs.update(hook_constexprs(fns, derivative=True))
+    sig.update(score_ptrs=ptrs, score_meta="*i32")
     return _compile_gluon(ws_bwd.attn_bwd_dkdv_ws, target, sig, ints, constexprs)
 
 

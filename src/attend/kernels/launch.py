@@ -997,6 +997,9 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     # A warmup's buffers are meta tensors: the real ones' strides and dtypes, no memory; Triton
     # specializes a meta tensor (data_ptr 0) as a 16-byte aligned pointer, as it does a fresh buffer.
     dev = torch.device("meta") if warmup else q.device
+    # dK / dV from the Gluon kernel with the score hooks (the gradient read in out's layout, which
+    # follows q's: the forward's warmup predicts the same from q)
+    gluon_dkdv = _flex_band_dkdv(options, q, k, v, q, band, score, kernel_options)
     dq = torch.empty_like(q, device=dev)
     dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, Hkv, S, v.shape[3]), dtype=v.dtype, device=dev)
@@ -1012,7 +1015,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         stat_strides = nlse2.stride()[:2]
     else:
         if _specialized_as(dout) != _specialized_as(out) or (  # e.g. out.sum()'s gradient, expanded (stride 0)
-                not dout.is_contiguous() and _flex_band_dkdv(options, q, k, v, out, band, score, kernel_options)):
+                gluon_dkdv and not dout.is_contiguous()):
             # read in out's layout: the kernels its forward warmed up (the Gluon dK / dV kernel takes
             # a contiguous gradient only: a model's transposed one specializes as out does)
             dout = torch.empty_like(out).copy_(dout)
@@ -1060,9 +1063,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         parts = [("dkdv", (n_kv,), dict(DKDV_ONLY=True)), ("dq", (n_q,), dict(DQ_ONLY=True))]
     else:
         parts = [("both", (n_kv + n_q,), {})]
-    if _flex_band_dkdv(options, q, k, v, dout, band, score, kernel_options):
-        # dK / dV from the Gluon kernel with the score hooks, then the core's dQ programs alone (a
-        # warmup compiles both)
+    if gluon_dkdv:  # then the core's dQ programs alone (a warmup compiles both)
         _ensure_allocator()
         gl_args = (q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, None, B, L, S,
                    (sfns, score_args))

@@ -39,8 +39,8 @@ from .core import LN2, RCP_LN2, key_blocks
 from .fastlaunch import Launcher
 from .versions import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store, warpgroup_mma,
                        warpgroup_mma_wait)
-from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, model_rows, next_tile, persistent,
-                        publish, row_view, section, sequence, take, tile_ring, varlen_mode)
+from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, hook_args, hook_constexprs, model_rows,
+                        next_tile, persistent, publish, row_view, section, sequence, take, tile_ring, varlen_mode)
 
 ROWS = 64  # query rows per consumer warpgroup; a tile covers BLOCK_M = 2 * ROWS
 BLOCK_M = 2 * ROWS
@@ -310,9 +310,8 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
     bias): Q / O the (B * L, H * D) rows of a model's views, LSE over (H, B, L) storage. Out row
     stride stride_o. HAS_SCORE, SCORE_MOD / LOAD_SCORE_META (no bias): a flex score_mod's generated hooks over
     the band, reading the captures at ``score_ptrs`` (a tuple) and its meta at ``score_meta``;
-    ``sm_scale`` the natural-units scale (``qk_scale`` without the log2 factor). Without one they
-    are False (not None: Triton 3.9's warp_specialize takes no None among a partition's arguments),
-    and ``score_ptrs`` / ``score_meta`` / ``sm_scale`` placeholders, never read."""
+    ``sm_scale`` the natural-units scale (``qk_scale`` without the log2 factor); without one,
+    ``ws_common.hook_constexprs`` / ``hook_args``' placeholders, never read."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * QBUFS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
@@ -423,12 +422,9 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
                 out_ptr=o2, lse_ptr=lse, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_o=o2.stride(0),
                 stride_lseh=lse_strides[1], n_tiles=n_tiles, n_m=n_m, sec=section(n_seq * H, S_max, k.shape[1] / H, q),
                 H=H, G=H // k.shape[1], L_max=L_max, S_max=S_max, qk_scale=scale * RCP_LN2.value, **band_args,
-                # without a score_mod: placeholders, never read (Triton 3.9 passes no None to a partition)
-                score_ptrs=score[1].ptrs if score else (), score_meta=score[1].meta if score else counter,
-                sm_scale=float(scale) if score else 0.0)
+                **hook_args(score, counter), sm_scale=float(scale))
     _LAUNCH(grid, args,
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
                  HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen_mode(packed),
                  EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
-                 Q_ROWS=q_rows, HAS_SCORE=bool(score), SCORE_MOD=score[0]["score_mod"] if score else False,
-                 LOAD_SCORE_META=score[0]["load_meta"] if score else False), 4, 3)
+                 Q_ROWS=q_rows, **hook_constexprs(score and score[0], derivative=False)), 4, 3)

@@ -32,8 +32,8 @@ from .core import RCP_LN2, STAT_PAD, query_blocks
 from .fastlaunch import Launcher
 from .versions import (COMPILE_OPTIONS, TensorDescriptor, gl, gluon, mbarrier, tma_load, warpgroup_mma,
                        warpgroup_mma_wait)
-from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, model_rows, next_tile, persistent,
-                        publish, row_view, section, sequence, take, tile_ring, varlen_mode)
+from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, hook_args, hook_constexprs, model_rows,
+                        next_tile, persistent, publish, row_view, section, sequence, take, tile_ring, varlen_mode)
 
 KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
 BLOCK_N = 2 * KEYS
@@ -275,9 +275,8 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
     ``core.attn_bwd`` reads them, through 1-D descriptors (strides stride_statb, stride_stath; packed
     rows ``_stat_off``). Q_ROWS (dense): Q / dO the (B * L, H * D) rows of a model's views.
     HAS_SCORE, SCORE_MOD / SCORE_DSCORE / LOAD_SCORE_META: a flex score_mod's generated hooks over the band,
-    reading the captures at ``score_ptrs`` (a tuple) and its meta at ``score_meta``; False without
-    one (Triton 3.9's warp_specialize takes no None among a partition's arguments), and
-    ``score_ptrs`` / ``score_meta`` placeholders, never read."""
+    reading the captures at ``score_ptrs`` (a tuple) and its meta at ``score_meta``; without one,
+    ``ws_common.hook_constexprs`` / ``hook_args``' placeholders, never read."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2 * KBUFS] + k_desc.block_type.shape, k_desc.layout)
@@ -381,14 +380,10 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
                 dk_ptr=dk2, dv_ptr=dv2, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_dk=dk2.stride(0),
                 stride_dv=dv2.stride(0), stride_statb=stat_strides[0], stride_stath=stat_strides[1], n_tiles=n_tiles,
                 n_n=n_n, sec=section(n_seq * Hkv, L_max, H // Hkv, q), H=H, G=H // Hkv, L_max=L_max, S_max=S_max,
-                qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args,
-                # without a score_mod: placeholders, never read (Triton 3.9 passes no None to a partition)
-                score_ptrs=score[1].ptrs if score else (), score_meta=score[1].meta if score else counter)
-    fns = score[0] if score else {}
+                qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args, **hook_args(score, counter))
     constexprs = dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=KBUFS, STAT_PAD=STAT_PAD.value,
                       CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen_mode(packed), TBUF=TBUF,
-                      Q_ROWS=q_rows, HAS_SCORE=bool(score), SCORE_MOD=fns.get("score_mod", False), SCORE_DSCORE=fns.get("score_mod_dscore", False),
-                      LOAD_SCORE_META=fns.get("load_meta", False))
+                      Q_ROWS=q_rows, **hook_constexprs(score and score[0], derivative=True))
     if warmup:  # into Triton's cache, where the launcher's first launch finds it
         attn_bwd_dkdv_ws.warmup(grid=grid, **args, **constexprs, num_warps=4, num_stages=3, **COMPILE_OPTIONS)
         return

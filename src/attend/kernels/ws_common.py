@@ -155,6 +155,24 @@ def varlen_mode(packed) -> int:
     return UNIFORM.value if packed.uniform else PACKED.value
 
 
+def hook_constexprs(fns: dict | None, derivative: bool) -> dict:
+    """The Gluon kernels' score-hook constexprs: HAS_SCORE, SCORE_MOD, LOAD_SCORE_META and, with
+    ``derivative`` (the dK / dV kernel), SCORE_DSCORE, from a flex score_mod's generated functions
+    (``codegen.Hooks.functions``), or False without one (not None: Triton 3.9's warp_specialize takes
+    no None among a partition's arguments, and its ``if`` takes only bools)."""
+    fns = fns or {}
+    out = dict(HAS_SCORE=bool(fns), SCORE_MOD=fns.get("score_mod", False), LOAD_SCORE_META=fns.get("load_meta", False))
+    if derivative:
+        out["SCORE_DSCORE"] = fns.get("score_mod_dscore", False)
+    return out
+
+
+def hook_args(score, dummy: torch.Tensor) -> dict:
+    """The score hooks' runtime arguments: a flex score_mod's (generated functions,
+    ``codegen.CaptureArgs``) captures and meta, or placeholders never read (``dummy`` for the meta)."""
+    return dict(score_ptrs=score[1].ptrs if score else (), score_meta=score[1].meta if score else dummy)
+
+
 def cu_seqs(packed, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cu_seq_q, cu_seq_k) a kernel reads for packed sequences (the queries' when the call gave no
     keys' own); ``dummy`` for both when dense (never read)."""
