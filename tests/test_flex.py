@@ -496,8 +496,8 @@ def _all_ops_mod():
     return mod
 
 
-def _run_tile(graph, score, b, h, q0, kv0, q_len, kv_len, ds):
-    fns = codegen.hooks(graph).functions
+def _run_tile(graph, score, b, h, q0, kv0, q_len, kv_len, ds, wide=False):
+    fns = codegen.hooks(graph, wide=wide).functions
     caps = [c.tensor for c in graph.captures]
     args = codegen.capture_args(caps, score.device, scalars=graph.scalars)
     bm, bn = score.shape
@@ -552,6 +552,37 @@ def test_generated_hooks_match_float64_graph(mod_name):
     float_grads = [g for g, c in zip(grads, graph.captures) if c.tensor.is_floating_point()]
     for k_, (a, r) in enumerate(zip(float_grads, grads64[1:])):
         assert (a.double() - r).abs().max() <= 4 * tol(r), f"capture {k_} gradient"
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_index_arithmetic_in_fp32_is_exact_up_to_the_limit(wide):
+    """ALiBi's ``slope * (q_idx - kv_idx).abs()`` takes the difference in fp32 of the indices as
+    2**23 + i (their exponent bits set: ``_Writer.float_index``), exact for indices up to
+    ``FLOAT_INDEX_LIMIT``; the ``wide`` hooks, for longer calls, convert the integer difference. A
+    tile at the limit's edge (differences near 2**22, odd values included) agrees with float64
+    either way; a product of two indices is never taken in fp32."""
+    bits = "| 0x4B000000).to(tl.float32, bitcast=True)"
+    torch.manual_seed(5)
+    slopes = torch.rand(3, device=DEVICE) + 0.5
+    mod = lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki).abs() + (qi * ki).float() * 0.0
+    graph = trace_mod.trace(mod, "score")
+    src = codegen.source(graph, wide=wide)
+    body = src[src.index("def score_mod("):src.index("def score_mod_dscore(")]
+    assert (f"tl.abs(((q_idx.to(tl.int32) {bits} - (kv_idx.to(tl.int32) {bits}))" in body) != wide, body
+    assert f"{bits} - 8388608.0) * ((kv_idx" not in body and "(q_idx * kv_idx)" in body
+    assert not codegen.wide_index(codegen.FLOAT_INDEX_LIMIT, 5) and codegen.wide_index(7, codegen.FLOAT_INDEX_LIMIT + 1)
+    BM = BN = 16
+    score, ds = torch.randn(BM, BN, device=DEVICE), torch.randn(BM, BN, device=DEVICE)
+    q_len = codegen.FLOAT_INDEX_LIMIT
+    q0, kv0 = q_len - BM, 3  # every row valid, every difference above 2**22 - 40
+    out, dscore, grads = _run_tile(graph, score, 0, 1, q0, kv0, q_len, 64, ds, wide=wide)
+    qi = (q0 + torch.arange(BM, dtype=torch.float64, device=DEVICE)).view(-1, 1)
+    ki = (kv0 + torch.arange(BN, dtype=torch.float64, device=DEVICE)).view(1, -1)
+    ref = score.double() - slopes[1].double() * (qi - ki).abs()
+    # the fp32 result's own rounding (|ref| ~ 2**22 * slope), nothing more
+    assert (out.double() - ref).abs().max() <= 2 * ref.abs().max() * 2.0 ** -24
+    g_ref = -(ds.double() * (qi - ki).abs()).sum().item()  # d out / d slopes[1], summed in fp32 by the hook
+    assert abs(grads[0][1].item() - g_ref) <= 1e-5 * (ds.double().abs() * (qi - ki).abs()).sum().item()
 
 
 def test_generated_hooks_compile_for_gpu():

@@ -5,6 +5,7 @@ that launch compiles nothing; a failed warmup must cost nothing but time."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 
 import pytest
@@ -78,7 +79,10 @@ def _spec(x):
 
 @pytest.fixture
 def warmups(monkeypatch):
-    """Forwards warm their backward up here too (on the CPU only a GPU run does), from none started."""
+    """Forwards warm their backward up here too (on the CPU only a GPU run does), from none started
+    (an earlier test's warmups finished first)."""
+    for futs in list(dispatch._WARMUPS.values()):
+        concurrent.futures.wait(futs or [])
     monkeypatch.setattr(dispatch, "_warms_up", lambda q: True)
     monkeypatch.setattr(dispatch, "_WARMUPS", {})
 

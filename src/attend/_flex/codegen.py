@@ -131,11 +131,29 @@ def _lit(v) -> str:
     raise TypeError(f"no Triton literal for {v!r}")
 
 
-class _Writer:
-    """Writes the nodes a set of outputs needs as Triton statements, one variable per node."""
+# Indices below this bound take integer arithmetic of q_idx / kv_idx in fp32 where a float needs
+# its result (``_Writer.float_index``). An index i < 2**23 becomes the float 2**23 + i by setting
+# the exponent bits of its integer (``i | 0x4B000000``, one integer op at the full rate, where a
+# conversion runs at the special-function units' rate beside the softmax's exp2), and fp32 holds
+# every integer up to 2**24 exactly. The kernels pass indices clamped to the lengths; a tile's
+# padded rows and columns stay below 2**23 with lengths up to this bound. A longer call takes the
+# ``wide`` hooks, which convert each integer result instead (``hooks``).
+FLOAT_INDEX_LIMIT = 2 ** 22
+_FP32_EXACT = 2 ** 24
+_BIAS = 2 ** 23  # the float value of the bits 0x4B000000
 
-    def __init__(self, graph: ModGraph, stride_base: list[int], n_strides: int):
-        self.g, self.stride_base, self.n_strides = graph, stride_base, n_strides
+
+def wide_index(*lengths: int) -> bool:
+    """Whether indices up to ``lengths`` need the ``wide`` hooks (``FLOAT_INDEX_LIMIT``)."""
+    return max(lengths, default=0) > FLOAT_INDEX_LIMIT
+
+
+class _Writer:
+    """Writes the nodes a set of outputs needs as Triton statements, one variable per node.
+    ``wide``: indices may pass ``FLOAT_INDEX_LIMIT`` (no ``float_index``)."""
+
+    def __init__(self, graph: ModGraph, stride_base: list[int], n_strides: int, wide: bool = False):
+        self.g, self.stride_base, self.n_strides, self.wide = graph, stride_base, n_strides, wide
 
     def needed(self, outs) -> list[int]:
         seen, stack = set(), [o.i for o in outs if isinstance(o, Ref)]
@@ -169,7 +187,62 @@ class _Writer:
         """``a`` as a float (torch promotes integers to the default float dtype)."""
         if not isinstance(a, Ref):
             return _lit(float(a))
-        return f"{self.arg(a)}.to(tl.float32)" if self.is_int(a) else self.arg(a)
+        if not self.is_int(a):
+            return self.arg(a)
+        return self.float_index(a) or f"{self.arg(a)}.to(tl.float32)"
+
+    def float_index(self, a) -> str | None:
+        """Integer node ``a`` computed in fp32 from q_idx / kv_idx (``FLOAT_INDEX_LIMIT``: each
+        index as 2**23 + i, a difference of two of them exact with no conversion per score), or None
+        where ``a`` is not a sum, difference, negation, absolute value or integer multiple of the
+        indices and integer literals, or a value could pass 2**24. ALiBi's
+        ``slope * (q_idx - kv_idx).abs()`` is one: one subtraction per score, where converting
+        the integer difference takes a conversion per score."""
+        if self.wide or not isinstance(a, Ref) or not self.is_int(a):
+            return None
+        r = self._float_index(a)
+        return _unbias(r)[0] if r is not None else None
+
+    def _float_index(self, a) -> tuple[str, int, bool] | None:
+        """(fp32 expression, bound on the magnitude of every value it stands for, whether the
+        expression holds 2**23 more than the value), or None (``float_index``)."""
+        if not isinstance(a, Ref):
+            ok = isinstance(a, int) and not isinstance(a, bool) and abs(a) <= _FP32_EXACT
+            return (_lit(float(a)), abs(a), False) if ok else None
+        n = self.g.nodes[a.i]
+        if n.dtype not in _INTS or n.dtype == torch.bool:
+            return None
+        if n.op == "input":
+            if n.args[0] not in ("q_idx", "kv_idx"):
+                return None
+            return f"({n.args[0]}.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)", FLOAT_INDEX_LIMIT, True
+        if n.op == "const":
+            return self._float_index(n.args[0]) if isinstance(n.args[0], int) else None
+        if n.op not in ("add", "sub", "mul", "neg", "abs", "cast"):
+            return None
+        parts = [self._float_index(x) for x in n.args]
+        if any(p is None for p in parts):
+            return None
+        if n.op == "sub" and all(p[2] for p in parts):  # (2**23 + i) - (2**23 + j): exact, both in [2**23, 2**24)
+            (x, bx, _), (y, by, _) = parts
+            r = (f"({x} - {y})", bx + by, False)
+        elif n.op == "cast":  # between integer types
+            r = parts[0]
+        else:
+            parts = [_unbias(p) for p in parts]
+            if n.op in ("add", "sub"):
+                (x, bx, _), (y, by, _) = parts
+                r = (f"({x} {_BINOP[n.op]} {y})", bx + by, False)
+            elif n.op == "mul":
+                if all(isinstance(v, Ref) for v in n.args):
+                    return None  # a product of two indices passes 2**24 at once
+                (x, bx, _), (y, by, _) = parts
+                r = (f"({x} * {y})", bx * by, False)
+            elif n.op == "neg":
+                r = (f"(-{parts[0][0]})", parts[0][1], False)
+            else:
+                r = (f"tl.abs({parts[0][0]})", parts[0][1], False)
+        return r if r[1] <= _FP32_EXACT else None
 
     def offset(self, node) -> str:
         cap, idx = node.args[0], node.args[1:]
@@ -190,8 +263,15 @@ class _Writer:
         if op == "const":
             return _const(a[0], _TL[n.dtype])
         if op == "cast":
-            return f"({A[0]} != 0)" if n.dtype == torch.bool else f"{A[0]}.to({_TL[n.dtype]})"
+            if n.dtype == torch.bool:
+                return f"({A[0]} != 0)"
+            f = self.float_index(a[0]) if n.dtype.is_floating_point else None
+            return f"{f}.to({_TL[n.dtype]})" if f else f"{A[0]}.to({_TL[n.dtype]})"
         if op in _BINOP:
+            if n.dtype.is_floating_point:  # an integer operand promoted to float: see float_index
+                f = [self.float_index(x) for x in a]
+                cast = "" if n.dtype == torch.float32 else f".to({_TL[n.dtype]})"
+                A = [f"{fx}{cast}" if fx else s for fx, s in zip(f, A)]
             return f"({A[0]} {_BINOP[op]} {A[1]})"
         if op == "truediv":
             if self.uniform(a[1]):  # a Python number: one reciprocal per program, a product per score
@@ -248,6 +328,11 @@ class _Writer:
         return f"{v}.to({dtype})" if isinstance(o, Ref) else v
 
 
+def _unbias(r: tuple[str, int, bool]) -> tuple[str, int, bool]:
+    """``_Writer._float_index``'s result as the value itself (2**23 + i - 2**23 is exact)."""
+    return (f"({r[0]} - {_lit(float(_BIAS))})", r[1], False) if r[2] else r
+
+
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
@@ -284,9 +369,10 @@ def _meta_loader(name: str, first: int, count: int, floats: tuple, ints: tuple) 
     return _fn(name, "meta", [], [f"    return ({', '.join(loads)}{',' if count == 1 else ''})"])
 
 
-def source(graph: ModGraph, fast: bool = False) -> str:
+def source(graph: ModGraph, fast: bool = False, wide: bool = False) -> str:
     """The Triton module for ``graph`` (score hooks with their derivatives, or the mask hook);
-    ``fast``: the hardware's approximate tanh (``_TANH_FAST``; for 16-bit inputs on a GPU)."""
+    ``fast``: the hardware's approximate tanh (``_TANH_FAST``; for 16-bit inputs on a GPU);
+    ``wide``: indices may pass ``FLOAT_INDEX_LIMIT`` (``_Writer.float_index`` off)."""
     stride_base, k = [], 0
     for c in graph.captures:
         stride_base.append(k)
@@ -303,13 +389,13 @@ def source(graph: ModGraph, fast: bool = False) -> str:
     if graph.kind == "score":
         out.append(_meta_loader("load_grad_strides", k + n, k, (), ()))
     if graph.kind == "mask":
-        w = _Writer(graph, stride_base, k)
+        w = _Writer(graph, stride_base, k, wide)
         body = w.body([graph.output])
         ret = w.ret(graph.output, "tl.int1")
         out.append(_fn("mask_mod", "b, h, q_idx, kv_idx, ptrs, meta", body, [f"    return {ret}"]))
         return "\n".join(out)
     d = derivatives(graph)
-    w = _Writer(d.graph, stride_base, k)
+    w = _Writer(d.graph, stride_base, k, wide)
     sig = "score, b, h, q_idx, kv_idx, ptrs, meta"
     for fname, o in (("score_mod", graph.output), ("score_mod_dscore", d.dscore)):
         body = w.body([o])
@@ -436,18 +522,19 @@ def cache_dir() -> str:
         return d
 
 
-def hooks(graph: ModGraph, fast: bool = False) -> Hooks:
+def hooks(graph: ModGraph, fast: bool = False, wide: bool = False) -> Hooks:
     """The generated hooks for ``graph``'s structure (generated and imported once per structure);
-    ``fast`` (:func:`source`) where the mod takes a tanh."""
+    ``fast`` (:func:`source`) where the mod takes a tanh; ``wide`` (``wide_index``) for a call whose
+    indices may pass ``FLOAT_INDEX_LIMIT``."""
     fast = fast and any(n.op == "tanh" for n in graph.nodes)
-    key = (graph.key, "fast") if fast else graph.key
+    key = (graph.key, "fast" if fast else "", "wide" if wide else "") if fast or wide else graph.key
     h = _CACHE.get(key)
     if h is not None:
         return h
     with _LOCK:
         h = _CACHE.get(key)
         if h is None:
-            h = _CACHE[key] = _load(graph.kind, source(graph, fast))
+            h = _CACHE[key] = _load(graph.kind, source(graph, fast, wide))
             GENERATIONS["count"] += 1
     return h
 

@@ -58,11 +58,16 @@ class FlexCall:
         opts = kernel_options.current()
         fast = opts.flex_fast_tanh and not opts.interpret and self.query.is_cuda and self.query.dtype in (
             torch.float16, torch.bfloat16)
-        return codegen.hooks(self.score, fast)
+        return codegen.hooks(self.score, fast, self.wide_index)
 
     @functools.cached_property
     def mask_hooks(self) -> codegen.Hooks | None:
-        return codegen.hooks(self.mask) if self.mask is not None else None
+        return codegen.hooks(self.mask, wide=self.wide_index) if self.mask is not None else None
+
+    @property
+    def wide_index(self) -> bool:
+        """Whether the indices may pass ``codegen.FLOAT_INDEX_LIMIT`` (the ``wide`` hooks)."""
+        return codegen.wide_index(self.query.shape[2], self.key.shape[2])
 
     def hooks(self) -> dict:
         """The generated Triton functions of this call's mods (generated once per structure)."""
@@ -246,11 +251,12 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
             futs.append(_WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts, part))
     except RuntimeError:  # the interpreter is shutting down (a thread outlives the main one), or no thread starts
         return futs or None  # what started; the rest compiles when the backward runs, as with the knob off
-    _WARMUPS[key] = futs
+    warmups = _WARMUPS  # the callbacks write where the key was recorded, whatever replaces it since
+    warmups[key] = futs
 
     def finished(_):
         if all(f.done() for f in futs):
-            _WARMUPS[key] = None
+            warmups[key] = None
 
     for f in futs:
         f.add_done_callback(finished)
