@@ -40,10 +40,10 @@ def test_scalar_class_matches_triton():
         assert (scalar_class(a) == scalar_class(b)) == same_triton, (a, b)
 
 
-def _launcher(n_ptr, volatile=(), nested=()):
+def _launcher(n_ptr, volatile=(), nested=(), unspecialized=()):
     """A Launcher's key logic without a compiled kernel (the interpreter has none)."""
     lau = Launcher.__new__(Launcher)
-    lau.n_ptr, lau.volatile, lau.nested = n_ptr, volatile, nested
+    lau.n_ptr, lau.volatile, lau.nested, lau.unspecialized = n_ptr, volatile, nested, unspecialized
     return lau
 
 
@@ -69,6 +69,29 @@ def test_class_key_merges_only_what_triton_merges():
     assert lau._class_key((t, 1040, 0.5)) != lau._class_key((t, 1, 0.5))  # Triton makes 1 a constant
     assert lau._class_key((t, 1040, 0.5)) != lau._class_key((t, 2**40, 0.5))  # i64
     assert lau._class_key((t, 1040, 0.5)) != lau._class_key((t[1:], 1040, 0.5))  # alignment
+
+
+def test_unspecialized_ints_classed_by_width_as_triton_does():
+    """An int the kernel does not specialize on its value (``do_not_specialize``: the Gluon kernels'
+    tile counts) is classed by its width alone, as Triton specializes it; the launcher learns which
+    from the kernel's parameters."""
+    from triton.backends.compiler import BaseBackend
+
+    lau = _launcher(1, unspecialized=(2,))
+    t = torch.empty(8)
+    spec = lambda a: native_specialize_impl(BaseBackend, a, False, False, True)
+    for a, b in itertools.combinations([1, 16, 61, 64, 2**31 - 1, 2**31, 2**40 + 3, 2**63], 2):
+        assert (lau._class_key((t, 7, a)) == lau._class_key((t, 7, b))) == (spec(a) == spec(b)), (a, b)
+    assert lau._class_key((t, 16, 61)) != lau._class_key((t, 17, 61))  # the other int keeps its classes
+
+    from attend.kernels import versions
+
+    for mod, count in zip(versions.gluon_kernels(), ("n_m", "n_n")):
+        if mod is None:
+            continue
+        kernel = getattr(mod, "attn_fwd_ws", None) or mod.attn_bwd_dkdv_ws
+        lau = Launcher(kernel)
+        assert {kernel.arg_names[i] for i in lau.unspecialized} == {"n_tiles", count, "sec"}
 
 
 def test_volatile_ints_keyed_by_class():

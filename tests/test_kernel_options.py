@@ -138,6 +138,7 @@ def _launcher(names):
     lau = Launcher.__new__(Launcher)
     lau.kernel = type("K", (), {"__name__": "kern"})
     lau.arg_names, lau._order = tuple(names), operator.itemgetter(*names)
+    lau.unspecialized = ()
     return lau
 
 

@@ -238,10 +238,17 @@ def _first_call(impl: str, p: dict, device, dtype) -> dict:
 
 
 def _recompiles(impl: str, p: dict, device, dtype) -> dict:
-    """Compiles caused by a new sequence length and by a new captured value, counted."""
+    """Compiles caused by a new sequence length, by a new captured value, and by the first length
+    whose end is ragged (not a multiple of the tiles: a class of its own, compiled once), counted
+    over every kernel (``_compiles``)."""
     flex, cbm = _impl(impl)
+    S = p["S"]
+    big = S > 1024
+    steps = (("warm", S, 1.0), ("new_length", S - 384 if big else S // 2, 1.0),
+             ("first_ragged_length", S - 48 if big else S - 8, 1.0),
+             ("new_ragged_length", S - 80 if big else S - 24, 1.0), ("new_value", S, 2.0))
     out = {}
-    for what, n, scale in (("warm", p["S"], 1.0), ("new_length", p["S"] - 16 * 3, 1.0), ("new_value", p["S"], 2.0)):
+    for what, n, scale in steps:
         bias = torch.full((p["H"],), scale, device=device)
         bm = cbm(_causal, None, None, n, n, device=device)
         q, k, v = (t[:, :, :n].detach().contiguous().requires_grad_() for t in make_inputs(p, device, dtype))

@@ -527,7 +527,7 @@ def hooks(graph: ModGraph, fast: bool = False, wide: bool = False) -> Hooks:
     ``fast`` (:func:`source`) where the mod takes a tanh; ``wide`` (``wide_index``) for a call whose
     indices may pass ``FLOAT_INDEX_LIMIT``."""
     fast = fast and any(n.op == "tanh" for n in graph.nodes)
-    key = (graph.key, "fast" if fast else "", "wide" if wide else "") if fast or wide else graph.key
+    key = (graph.key, *("fast",) * fast, *("wide",) * wide) if fast or wide else graph.key
     h = _CACHE.get(key)
     if h is not None:
         return h

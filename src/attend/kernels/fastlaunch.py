@@ -12,7 +12,8 @@ each pointer argument's dtype and 16-byte alignment, and the exact values of the
 arguments (hashing the values is cheaper than classifying them). Scalars named ``volatile`` (a
 dropout seed that changes per call) are keyed by Triton's classes instead. Then it calls the
 compiled kernel's launcher directly. A key not seen yet is looked up again by Triton's own
-classes of every scalar (``scalar_class``: an int's ``int_class``, any float, any bool), so a new
+classes of every scalar (``scalar_class``: an int's ``int_class``, or its width alone where the
+kernel says ``do_not_specialize``; any float, any bool), so a new
 length (each step of a decode loop, each batch of a varlen call) launches a kernel compiled for
 an earlier length of its class directly; only a new class, and the interpreter, go through
 Triton's own path.
@@ -46,8 +47,13 @@ def int_class(a: int) -> int:
     (i32, i64, u64) and whether it is divisible by 16. Tests compare it with Triton's own."""
     if a == 1:
         return -1
-    width = 0 if -(2**31) <= a < 2**31 else (1 if -(2**63) <= a < 2**63 else 2)
-    return 2 * width + (a & 15 == 0)
+    return 2 * int_width(a) + (a & 15 == 0)
+
+
+def int_width(a: int) -> int:
+    """Triton's specialization of an int argument it does not specialize on its value
+    (``do_not_specialize``): its width only (i32, i64, u64)."""
+    return 0 if -(2**31) <= a < 2**31 else (1 if -(2**63) <= a < 2**63 else 2)
 
 
 def scalar_class(a) -> object:
@@ -134,6 +140,8 @@ class Launcher:
             self.defaults = {p.name: p.default for p in kernel.params[first:] if p.has_default}
             self.volatile = tuple(kernel.arg_names.index(n) for n in volatile)
             self.nested = tuple(kernel.arg_names.index(n) for n in nested)
+            # ints the kernel does not specialize on their value (tile counts): classed by width
+            self.unspecialized = tuple(i for i, p in enumerate(kernel.params[:first]) if p.do_not_specialize)
 
     def ordered(self, args: dict) -> tuple:
         """``args`` (name -> value) in the kernel's parameter order; a TypeError names any
@@ -164,6 +172,9 @@ class Launcher:
         ``descriptor_class``, every scalar by ``scalar_class``."""
         n = self.n_ptr
         rest = [scalar_class(a) for a in args[n:]]
+        for i in self.unspecialized:
+            if type(args[i]) is int:
+                rest[i - n] = ("i", int_width(args[i]))
         for i in self.nested:
             rest[i - n] = _nested_key(args[i], False)
         return _pointer_key(args[:n], exact=False), tuple(rest)

@@ -293,7 +293,8 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
         t = take(tid_smem, tid_full, tid_empty, it, TBUF)
 
 
-@gluon.jit
+# tile counts: one build for every count (their divisibility changes no instruction of the sm_90 build)
+@gluon.jit(do_not_specialize=["n_tiles", "n_m", "sec"])
 def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, cu_k, counter_ptr, stride_o, stride_lseh,
                 n_tiles, n_m, sec, H, G, L_max, S_max, qk_scale, diag, win_right, win_left, score_ptrs, score_meta,
                 sm_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,

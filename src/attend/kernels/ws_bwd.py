@@ -258,7 +258,8 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
         t = take(tid_smem, tid_full, tid_empty, it, TBUF)
 
 
-@gluon.jit
+# tile counts: one build for every count (their divisibility changes no instruction of the sm_90 build)
+@gluon.jit(do_not_specialize=["n_tiles", "n_n", "sec"])
 def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, dv_ptr, cu_q, cu_k, counter_ptr,
                      stride_dk, stride_dv, stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max,
                      qk_scale, sm_scale, diag, win_right, win_left, score_ptrs, score_meta,
