@@ -823,6 +823,22 @@ def test_bench_models_first_step_in_a_fresh_process():
     assert "first_fresh_ms" not in bad and "no-such-implementation" in bad["first_fresh_error"], bad
 
 
+def test_fresh_first_step_counts_triton_builds(monkeypatch):
+    """The fresh process's build counter: Triton's compilation listener adds each build and its time,
+    and each kernel loaded from the disk cache, into the dict the child prints."""
+    from triton import knobs
+
+    from attend import bench_models
+
+    monkeypatch.setattr(knobs.compilation, "listener", None)
+    counts = bench_models._count_builds()
+    times = knobs.CompileTimes(ir_initialization=250_000, lowering_stages=[("ttir", 50_000), ("ptx", 700_000)],
+                               store_results=1_000)
+    for hit in (False, False, True):
+        knobs.compilation.listener(src=None, metadata=None, metadata_group=None, times=times, cache_hit=hit)
+    assert counts == dict(compiles=2, compile_s=2.002, disk_hits=1), counts
+
+
 def test_bench_models_runs_tiny(tmp_path, use_kernel):
     use_kernel("blocked")
     from attend import bench_models

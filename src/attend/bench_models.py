@@ -148,7 +148,9 @@ def fresh_first_step(model: str, impl: str, preset: str | dict, device: str, dty
         return dict(first_fresh_error=f"no first step within {timeout:.0f} s")
     last = r.stdout.strip().splitlines()[-1:] or [""]
     try:
-        return dict(first_fresh_ms=float(json.loads(last[0])["first_ms"]))
+        got = json.loads(last[0])
+        return dict(first_fresh_ms=float(got["first_ms"]),
+                    **{f"first_fresh_{k}": got[k] for k in ("compiles", "disk_hits", "compile_s") if k in got})
     except (ValueError, KeyError, TypeError):
         err = (r.stderr.strip().splitlines() or ["no output"])[-1]
         return dict(first_fresh_error=f"exit {r.returncode}: {err}"[:400])
@@ -156,8 +158,11 @@ def fresh_first_step(model: str, impl: str, preset: str | dict, device: str, dty
 
 def _fresh_child(model_name: str, impl: str, sizes: str, device: str, dtype_name: str) -> None:
     """``fresh_first_step``'s process (``sizes``: the preset as JSON): prints ``{"first_ms": ...}``
-    as its last line."""
+    as its last line, with the step's Triton builds where Triton reports them: ``compiles`` (kernels
+    built), ``disk_hits`` (loaded from Triton's disk cache) and ``compile_s`` (the builds' time)."""
     import transformers
+
+    builds = _count_builds()
 
     import attend.integrations.transformers  # noqa: F401  (registers "attend")
 
@@ -169,7 +174,28 @@ def _fresh_child(model_name: str, impl: str, sizes: str, device: str, dtype_name
     x = torch.randn(256, 256, device=device, dtype=dtype, requires_grad=True)
     (x @ x).float().sum().backward()  # the CUDA context, cuBLAS and the allocator, before the clock
     _sync(device)
-    print(json.dumps(dict(first_ms=_run_one(model, impl, "train", p, device, 1)["first_ms"])), flush=True)
+    builds.clear()
+    first = _run_one(model, impl, "train", p, device, 1)["first_ms"]
+    print(json.dumps(dict(first_ms=first, **builds)), flush=True)
+
+
+def _count_builds() -> dict:
+    """A dict that Triton's compilation listener keeps counting into (empty where this Triton has
+    no listener): ``compiles``, ``disk_hits``, ``compile_s``."""
+    counts: dict = {}
+    try:
+        from triton import knobs
+    except ImportError:
+        return counts
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        counts["disk_hits" if cache_hit else "compiles"] = counts.get("disk_hits" if cache_hit else "compiles", 0) + 1
+        if not cache_hit:
+            counts["compile_s"] = round(counts.get("compile_s", 0.0) + times.total / 1e6, 3)
+
+    if hasattr(getattr(knobs, "compilation", None), "listener"):
+        knobs.compilation.listener = listener
+    return counts
 
 
 def batch_unavailable(impl: str) -> str | None:
@@ -313,6 +339,9 @@ def _line(r: dict) -> str:
         tail += "  flex " + ", ".join(f"{k} {n}" for k, n in r["flex_paths"].items())
     if "first_fresh_ms" in r:
         tail += f"  first in a fresh process {r['first_fresh_ms'] / 1e3:.2f} s"
+        if r.get("first_fresh_compiles") or r.get("first_fresh_disk_hits"):
+            tail += (f" ({r.get('first_fresh_compiles', 0)} Triton builds, {r.get('first_fresh_compile_s', 0.0):.2f} s;"
+                     f" {r.get('first_fresh_disk_hits', 0)} from the disk cache)")
     elif "first_fresh_error" in r:
         tail += f"  first in a fresh process: {r['first_fresh_error']}"
     return f"{head} first {r['first_ms'] / 1e3:8.2f} s  steady {r['steady_ms']:9.1f} ms{tail}"
