@@ -554,35 +554,45 @@ def test_generated_hooks_match_float64_graph(mod_name):
         assert (a.double() - r).abs().max() <= 4 * tol(r), f"capture {k_} gradient"
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_index_arithmetic_in_fp32_is_exact_up_to_the_limit(wide):
+def test_index_arithmetic_in_fp32_is_exact_up_to_the_limit():
     """ALiBi's ``slope * (q_idx - kv_idx).abs()`` takes the difference in fp32 of the indices as
     2**23 + i (their exponent bits set: ``_Writer.float_index``), exact for indices up to
-    ``FLOAT_INDEX_LIMIT``; the ``wide`` hooks, for longer calls, convert the integer difference. A
-    tile at the limit's edge (differences near 2**22, odd values included) agrees with float64
-    either way; a product of two indices is never taken in fp32."""
+    ``FLOAT_INDEX_LIMIT``; a product of two indices is never taken so. Past the limit the trick
+    is wrong (a tile at 2**23 + 5 shows it), so a longer call takes the ``wide`` hooks, which convert
+    the integer result in every generated function: the score hooks, a relative table's gradient
+    index and the mask hook alike."""
     bits = "| 0x4B000000).to(tl.float32, bitcast=True)"
     torch.manual_seed(5)
     slopes = torch.rand(3, device=DEVICE) + 0.5
-    mod = lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki).abs() + (qi * ki).float() * 0.0
+    mod = lambda s, b, h, qi, ki: s - slopes[h] * (qi.long() - ki).abs() + (qi * ki).float() * 0.0
     graph = trace_mod.trace(mod, "score")
-    src = codegen.source(graph, wide=wide)
-    body = src[src.index("def score_mod("):src.index("def score_mod_dscore(")]
-    assert (f"tl.abs(((q_idx.to(tl.int32) {bits} - (kv_idx.to(tl.int32) {bits}))" in body) != wide, body
-    assert f"{bits} - 8388608.0) * ((kv_idx" not in body and "(q_idx * kv_idx)" in body
+    body = lambda src: src[src.index("def score_mod("):src.index("def score_mod_dscore(")]
+    narrow = body(codegen.source(graph))
+    assert f"tl.abs(((q_idx.to(tl.int32) {bits} - (kv_idx.to(tl.int32) {bits}))" in narrow, narrow
+    assert f"{bits} - 8388608.0) * ((kv_idx" not in narrow and "(q_idx * kv_idx)" in narrow
+    table = torch.randn(3, 64, device=DEVICE)
+    bucketed = lambda s, b, h, qi, ki: s + table[h, (torch.log((qi - ki).abs().float() + 1) * 4).int()]
+    window = lambda b, h, qi, ki: (qi - ki).abs().float() * 0.5 < 40
+    for g in (graph, trace_mod.trace(bucketed, "score"), trace_mod.trace(window, "mask")):
+        assert "0x4B000000" not in codegen.source(g, wide=True)
+    assert "0x4B000000" in codegen.source(trace_mod.trace(window, "mask"))
     assert not codegen.wide_index(codegen.FLOAT_INDEX_LIMIT, 5) and codegen.wide_index(7, codegen.FLOAT_INDEX_LIMIT + 1)
+
     BM = BN = 16
     score, ds = torch.randn(BM, BN, device=DEVICE), torch.randn(BM, BN, device=DEVICE)
-    q_len = codegen.FLOAT_INDEX_LIMIT
-    q0, kv0 = q_len - BM, 3  # every row valid, every difference above 2**22 - 40
-    out, dscore, grads = _run_tile(graph, score, 0, 1, q0, kv0, q_len, 64, ds, wide=wide)
-    qi = (q0 + torch.arange(BM, dtype=torch.float64, device=DEVICE)).view(-1, 1)
+    kv0 = 3
     ki = (kv0 + torch.arange(BN, dtype=torch.float64, device=DEVICE)).view(1, -1)
-    ref = score.double() - slopes[1].double() * (qi - ki).abs()
-    # the fp32 result's own rounding (|ref| ~ 2**22 * slope), nothing more
-    assert (out.double() - ref).abs().max() <= 2 * ref.abs().max() * 2.0 ** -24
-    g_ref = -(ds.double() * (qi - ki).abs()).sum().item()  # d out / d slopes[1], summed in fp32 by the hook
-    assert abs(grads[0][1].item() - g_ref) <= 1e-5 * (ds.double().abs() * (qi - ki).abs()).sum().item()
+    for wide, q0, exact in ((False, codegen.FLOAT_INDEX_LIMIT - BM, True), (True, codegen.FLOAT_INDEX_LIMIT - BM, True),
+                            (True, 2 ** 23 + 5, True), (False, 2 ** 23 + 5, False)):
+        out, dscore, grads = _run_tile(graph, score, 0, 1, q0, kv0, q0 + BM, 64, ds, wide=wide)
+        qi = (q0 + torch.arange(BM, dtype=torch.float64, device=DEVICE)).view(-1, 1)
+        ref = score.double() - slopes[1].double() * (qi - ki).abs()
+        err = (out.double() - ref).abs().max().item()
+        # the fp32 result's own rounding (|ref| up to 2**23 * slope), nothing more
+        assert (err <= 2 * ref.abs().max().item() * 2.0 ** -24) == exact, (wide, q0, err)
+        if exact:
+            g_ref = -(ds.double() * (qi - ki).abs()).sum().item()  # d out / d slopes[1], summed by the hook
+            assert abs(grads[0][1].item() - g_ref) <= 1e-5 * (ds.double().abs() * (qi - ki).abs()).sum().item()
 
 
 def test_generated_hooks_compile_for_gpu():

@@ -77,12 +77,18 @@ def _spec(x):
     return x
 
 
+def _settle_warmups() -> None:
+    """Wait for every warmup recorded so far: a pending one's completion callback would write its
+    key back after the test empties the table."""
+    for futs in list(dispatch._WARMUPS.values()):
+        concurrent.futures.wait(futs or [])
+
+
 @pytest.fixture
 def warmups(monkeypatch):
     """Forwards warm their backward up here too (on the CPU only a GPU run does), from none started
     (an earlier test's warmups finished first)."""
-    for futs in list(dispatch._WARMUPS.values()):
-        concurrent.futures.wait(futs or [])
+    _settle_warmups()
     monkeypatch.setattr(dispatch, "_warms_up", lambda q: True)
     monkeypatch.setattr(dispatch, "_WARMUPS", {})
 
@@ -136,6 +142,7 @@ def test_split_backward_warms_up_each_launch_as_it_runs_and_matches_one_launch(w
             assert torch.equal(a, b), f"{name} differs between one launch and two"
     rec = _Record()
     monkeypatch.setattr(core, "attn_bwd", rec)
+    _settle_warmups()
     dispatch._WARMUPS.clear()
     with kernel_options(flex_bwd_split=True):
         out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm, **kw)
@@ -234,6 +241,7 @@ def test_one_warmup_per_kernel_and_none_when_turned_off(warmups, monkeypatch):
     assert len(started) == 1
     forward(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= 8)
     assert len(started) == 2
+    _settle_warmups()
     dispatch._WARMUPS.clear()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

@@ -194,8 +194,9 @@ class _Writer:
     def float_index(self, a) -> str | None:
         """Integer node ``a`` computed in fp32 from q_idx / kv_idx (``FLOAT_INDEX_LIMIT``: each
         index as 2**23 + i, a difference of two of them exact with no conversion per score), or None
-        where ``a`` is not a sum, difference, negation, absolute value or integer multiple of the
-        indices and integer literals, or a value could pass 2**24. ALiBi's
+        where ``a`` is not a sum, difference, negation, absolute value, widening cast or constant
+        multiple of the indices and integer constants, or a value could pass 2**24. A Python int in
+        a mod is a scalar slot, runtime data of unknown size: it keeps the integer arithmetic. ALiBi's
         ``slope * (q_idx - kv_idx).abs()`` is one: one subtraction per score, where converting
         the integer difference takes a conversion per score."""
         if self.wide or not isinstance(a, Ref) or not self.is_int(a):
@@ -218,7 +219,9 @@ class _Writer:
             return f"({n.args[0]}.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)", FLOAT_INDEX_LIMIT, True
         if n.op == "const":
             return self._float_index(n.args[0]) if isinstance(n.args[0], int) else None
-        if n.op not in ("add", "sub", "mul", "neg", "abs", "cast"):
+        if n.op == "cast":  # to int32 / int64: the value is unchanged (a narrower type would wrap it)
+            return self._float_index(n.args[0]) if n.dtype in (torch.int32, torch.int64) else None
+        if n.op not in ("add", "sub", "mul", "neg", "abs"):
             return None
         parts = [self._float_index(x) for x in n.args]
         if any(p is None for p in parts):
@@ -226,8 +229,6 @@ class _Writer:
         if n.op == "sub" and all(p[2] for p in parts):  # (2**23 + i) - (2**23 + j): exact, both in [2**23, 2**24)
             (x, bx, _), (y, by, _) = parts
             r = (f"({x} - {y})", bx + by, False)
-        elif n.op == "cast":  # between integer types
-            r = parts[0]
         else:
             parts = [_unbias(p) for p in parts]
             if n.op in ("add", "sub"):
@@ -415,7 +416,7 @@ def source(graph: ModGraph, fast: bool = False, wide: bool = False) -> str:
         if len(on) == 2 and _diagonal(d.graph, node):
             # an index of q_idx - kv_idx only (a relative-position table): sum each of the tile's
             # diagonals first, BM + BN - 1 atomics instead of BM x BN, BM of them per address
-            helpers.append(_index_fn(f"grad_index_{i}", d.graph, node, stride_base, k))
+            helpers.append(_index_fn(f"grad_index_{i}", d.graph, node, stride_base, k, wide))
             tail.append(f"    g{i} = {val}")
             tail.append(f"    dq{i}, dk{i}, dsum{i} = _diagonals(g{i}, q_idx, kv_idx)")
             tail.append(f"    tl.atomic_add(grad_ptrs[{cap}] + grad_index_{i}(b, h, dq{i}, dk{i}, ptrs, meta, "
@@ -446,10 +447,10 @@ def _diagonal(graph: ModGraph, node) -> bool:
     return any(map(is_diff, nodes)) and not any(n.op == "input" and n.args[0] not in ("b", "h") for n in nodes)
 
 
-def _index_fn(name: str, graph: ModGraph, node, stride_base: list[int], n_strides: int) -> str:
+def _index_fn(name: str, graph: ModGraph, node, stride_base: list[int], n_strides: int, wide: bool) -> str:
     """A hook returning the gradient buffer's offset of capture load ``node`` at the given indices
-    (the load's index expressions only, in the gradient buffer's strides)."""
-    w = _Writer(graph, stride_base, n_strides)
+    (the load's index expressions only, in the gradient buffer's strides); ``wide`` as ``source``'s."""
+    w = _Writer(graph, stride_base, n_strides, wide)
     body = w.body([a for a in node.args[1:] if isinstance(a, Ref)])
     return _fn(name, "b, h, q_idx, kv_idx, ptrs, meta, grad_strides", body,
                [f"    return {_grad_offset(w, node, stride_base)}"])
