@@ -167,3 +167,28 @@ def test_a_missing_triton_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(_versions.metadata, "version", version)
     assert _versions.installed()["triton"] == "not installed"
     assert _versions.out_of_range() == ["triton is not installed (attend's Triton kernels need 3.6-3.9)"]
+
+
+@pytest.mark.parametrize("cuda_build", [False, True])
+def test_triton_cache_key_is_hashed_while_attend_loads(cuda_build):
+    """On a CUDA build of torch, loading attend's launchers starts hashing Triton's install (the
+    key of every compile and disk-cache load) on a daemon thread, so the first launch does not wait
+    for it; a CPU build (or the interpreter) starts nothing. In a fresh process each."""
+    import subprocess
+    import sys
+
+    from attend._child import child_env
+
+    code = ("import torch\n"
+            f"torch.version.cuda = {'12.8' if cuda_build else None!r}\n"
+            "import attend\n"
+            "from attend.kernels import versions\n"
+            "from triton.runtime.cache import triton_key\n"
+            "t = versions.KEY_THREAD\n"
+            "versions.await_compile_key()  # what a first compile does: waits for the thread, never hashes twice\n"
+            "print(int(t is not None), triton_key.cache_info().currsize, int(t is not None and t.is_alive()))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=child_env(TRITON_INTERPRET="0"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    started, hashed, alive = map(int, res.stdout.split()[-3:])
+    assert (started, hashed, alive) == ((1, 1, 0) if cuda_build else (0, 0, 0)), res.stdout

@@ -37,7 +37,7 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-from .versions import COMPILE_OPTIONS, TensorDescriptor
+from .versions import COMPILE_OPTIONS, TensorDescriptor, await_compile_key
 
 MAX_KEYS = 4096  # per kernel and cache; past it that cache starts over (varlen calls key their max lengths)
 
@@ -205,6 +205,7 @@ class Launcher:
             if compiled is None:  # Triton's path compiles (or loads) and launches; later calls go direct
                 if len(self.by_class) >= MAX_KEYS:
                     self.by_class.clear()
+                await_compile_key()
                 compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
                                              **COMPILE_OPTIONS)
                 compiled.run  # noqa: B018 - loads the module, so compiled.function exists

@@ -24,6 +24,7 @@ from .fastlaunch import Launcher
 from .options import KernelOptions, resolve
 
 ws, ws_bwd = versions.gluon_kernels()  # the Hopper Gluon kernels' modules, or None where Gluon is unusable
+versions.warm_compile_key()  # the first launch's Triton cache key, hashed while the process sets up
 _RCP_LN2 = core.RCP_LN2.value
 
 _FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET"]
@@ -1073,6 +1074,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
         elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args):
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
+    versions.await_compile_key()
     for name, grid, only in parts:
         if not warmup:
             core.attn_bwd[grid](**dict(launch, **only))
