@@ -656,6 +656,14 @@ def _flex_case(case: str, g: torch.Generator):
         mask = valid
         allowed = (j <= i) & (j > i - 5) & valid[:, None, None, :] & valid[:, None, -L:, None]
         kw = dict(softcap=2.5, sliding_window=5)
+    elif case == "decode-window":  # a decode step past the window of a left-padded batch: softcap, window
+        L = 1
+        i = torch.arange(L)[:, None] + (S - L)
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[1, :3] = False
+        mask = valid
+        allowed = ((j - i).abs() < 5) & valid[:, None, None, :]
+        kw = dict(softcap=2.5, sliding_window=5)
     elif case == "packed-cu":  # cu_seq_lens with fewer queries than keys per sequence: softcap, window
         B = 1
         cu_q, cu_k = torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 6, 13], dtype=torch.int32)
@@ -686,13 +694,17 @@ def _flex_case(case: str, g: torch.Generator):
             to(additive))
 
 
-@pytest.mark.parametrize("case", ["padding-chunk", "packed-cu", "keys-sinks", "additive"])
-def test_flex_route_against_float64(case):
+@pytest.mark.parametrize("case", ["padding-chunk", "decode-window", "packed-cu", "keys-sinks", "additive"])
+def test_flex_route_against_float64(case, monkeypatch):
     """attention_forward's flex route (fused forward and backward) on the mask forms it reads: key
-    padding with bottom-right queries, cu_seq_lens with L < S per sequence, a key vector, an additive
-    4-D mask; out and the gradients of q, k, v and the sinks within a multiple of float32's error."""
+    padding with bottom-right queries, a decode step past the window (its keys sliced, no BlockMask
+    built), cu_seq_lens with L < S per sequence, a key vector, an additive 4-D mask; out and the
+    gradients of q, k, v and the sinks within a multiple of float32's error."""
     g = torch.Generator().manual_seed(11)
     q, k, v, mask, kw, allowed, additive = _flex_case(case, g)
+    builds = []
+    real = at.create_block_mask
+    monkeypatch.setattr(at, "create_block_mask", lambda *a, **kw_: builds.append(a[3:5]) or real(*a, **kw_))
     s_aux = kw.get("s_aux")
     leaves = [t.requires_grad_() for t in (q, k, v, s_aux) if t is not None]
     scale = 0.3
@@ -705,6 +717,8 @@ def test_flex_route_against_float64(case):
     w = torch.randn(out.shape, generator=g).to(DEVICE)
     grads = torch.autograd.grad((out * w).sum(), leaves)
     assert_fused_flex(runs(), forwards=1, backwards=1)
+    if case == "decode-window":  # the last 5 keys, the padding mask over them only
+        assert builds == [(1, 5)], builds
     refs = {}
     for dt in (torch.float64, torch.float32):
         ls = [t.detach().to(dt).requires_grad_() for t in leaves]
@@ -714,6 +728,27 @@ def test_flex_route_against_float64(case):
     assert_scaled(out, refs[torch.float64][0], refs[torch.float32][0], f"{case} out")
     for name, a, r64, r32 in zip("qkvs", grads, refs[torch.float64][1], refs[torch.float32][1]):
         assert_scaled(a, r64, r32, f"{case} d{name}")
+
+
+def test_decode_past_the_window_builds_no_block_mask(monkeypatch):
+    """A decode step of an unpadded batch past the sliding window (Gemma 2's local layers in a long
+    generation) reads the window's keys as a slice: no BlockMask per step, the fused flex forward,
+    float64's result."""
+    builds = []
+    real = at.create_block_mask
+    monkeypatch.setattr(at, "create_block_mask", lambda *a, **kw: builds.append(a[3:5]) or real(*a, **kw))
+    g = torch.Generator().manual_seed(13)
+    B, H, Hkv, S, D, W = 2, 4, 2, 21, 16, 6
+    q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2).to(DEVICE)
+    k, v = (torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2).to(DEVICE) for _ in range(2))
+    runs = flex_runs()
+    out, _ = at.attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.3, softcap=2.5, sliding_window=W)
+    assert builds == [], builds
+    assert_fused_flex(runs(), forwards=1)
+    allowed = (torch.arange(S) > S - 1 - W).view(1, 1, 1, S).expand(B, 1, 1, S).to(DEVICE)
+    refs = [_reference(*(t.to(dt) for t in (q, k, v)), allowed, 0.3, 2.5, None, None)
+            for dt in (torch.float64, torch.float32)]
+    assert_scaled(out.transpose(1, 2), *refs, "decode past the window")
 
 
 def test_block_masks_are_built_once_per_mask(monkeypatch):

@@ -58,6 +58,7 @@ served raises an error naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import warnings
@@ -625,6 +626,11 @@ def _flex(call: _Call, q, k, v, mask, scale, softcap, s_aux, kwargs) -> torch.Te
     """flex_attention for the call: ``(B, L, H, D)``."""
     B, H, L, _ = q.shape
     S = k.shape[-2]
+    if L == 1 and call.window is not None and call.mask_kind in ("none", "padding"):
+        # a decode step's query (key position S - 1) sees exactly the last `window` keys: slice them
+        # (views) rather than build a window BlockMask for each step's new length
+        k, v, S = k[:, :, S - call.window:], v[:, :, S - call.window:], call.window
+        call = dataclasses.replace(call, window=None)
     fm = _flex_mask(call, q, k, mask, kwargs)
     additive = None
     if call.mask_kind in ("keys", "dense") and mask.dtype != torch.bool:
