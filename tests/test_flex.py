@@ -372,6 +372,33 @@ def test_coarsened_lists_equal_create_block_mask_at_the_coarse_size():
             assert torch.equal(getattr(coarse, name), getattr(ref, name)), f"{mask_name} {name}"
 
 
+def test_dense_lists_are_every_block_full_and_made_once():
+    """A call without a block_mask iterates every block as full (a ragged end's bounds are the
+    kernel's: FLEX_RAGGED_IN_FULL), in both directions; lists.dense's tensors are made once per
+    block counts and device (a new length of the same counts reuses them), never under a
+    fake-tensor trace."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from attend._flex import lists
+
+    for n_q, n_kv in ((150, 170), (129, 64), (1, 300)):
+        got = lists.dense(n_q, n_kv, DEVICE, 32)
+        nq, nk = -(-n_q // 32), -(-n_kv // 32)
+        for num, idx, rows, cols in ((got.full_kv_num_blocks, got.full_kv_indices, nq, nk),
+                                     (got.full_q_num_blocks, got.full_q_indices, nk, nq)):
+            assert num.tolist() == [[[cols] * rows]]
+            assert idx.tolist() == [[[list(range(cols))] * rows]]
+        assert got.kv_num_blocks.tolist() == [[[0] * nq]] and got.q_num_blocks.tolist() == [[[0] * nk]]
+        assert got.seq_lengths == (n_q, n_kv) and got.BLOCK_SIZE == (32, 32)
+    again = lists.dense(140, 165, DEVICE, 32)  # the counts of (150, 170)
+    assert again.full_kv_indices is lists.dense(150, 170, DEVICE, 32).full_kv_indices
+    assert again.seq_lengths == (140, 165)
+    before = dict(lists._DENSE)
+    with FakeTensorMode():
+        lists.dense(4096, 4096, DEVICE, 32)
+    assert lists._DENSE == before, "a fake tensor was kept"
+
+
 def test_interval_bounds_decide_all_but_the_boundary_blocks():
     """create_block_mask evaluates the mask position by position only in the blocks interval
     arithmetic cannot decide: for causal the diagonal, for a chunked mask none; a document mask

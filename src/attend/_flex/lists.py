@@ -36,15 +36,30 @@ class BlockLists:
         return -(-self.seq_lengths[1] // self.BLOCK_SIZE[1])
 
 
+_DENSE: dict[tuple, tuple] = {}  # (device, nq, nk) -> dense's eight tensors
+
+
 def dense(L: int, S: int, device, block: int = DEFAULT_BLOCK) -> BlockLists:
-    """Every block full: the lists of a call without a block_mask."""
+    """Every block full: the lists of a call without a block_mask. The tensors depend on the block
+    counts alone and the kernels only read them, so they are made once per device and counts (six
+    allocations and fills a call otherwise: a decode loop's no-mask calls, one per layer and
+    token), never while a CUDA graph captures or under a fake-tensor trace."""
     nq, nk = -(-L // block), -(-S // block)
-    i32 = dict(dtype=torch.int32, device=device)
-    full_kv = torch.arange(nk, **i32).expand(1, 1, nq, nk)
-    full_q = torch.arange(nq, **i32).expand(1, 1, nk, nq)
-    return BlockLists(torch.zeros(1, 1, nq, **i32), full_kv, torch.full((1, 1, nq), nk, **i32), full_kv,
-                      torch.zeros(1, 1, nk, **i32), full_q, torch.full((1, 1, nk), nq, **i32), full_q,
-                      (block, block), (L, S))
+    key = (str(device), nq, nk)
+    parts = _DENSE.get(key)
+    if parts is None:
+        i32 = dict(dtype=torch.int32, device=device)
+        with torch.inference_mode(False):  # later calls reuse them, with grad or without
+            full_kv = torch.arange(nk, **i32).expand(1, 1, nq, nk)
+            full_q = torch.arange(nq, **i32).expand(1, 1, nk, nq)
+            parts = (torch.zeros(1, 1, nq, **i32), full_kv, torch.full((1, 1, nq), nk, **i32), full_kv,
+                     torch.zeros(1, 1, nk, **i32), full_q, torch.full((1, 1, nk), nq, **i32), full_q)
+        capturing = full_kv.is_cuda and torch.cuda.is_current_stream_capturing()
+        if type(full_kv) is torch.Tensor and not capturing:
+            if len(_DENSE) >= 256:
+                _DENSE.clear()
+            _DENSE[key] = parts
+    return BlockLists(*parts, (block, block), (L, S))
 
 
 def from_block_mask(bm: BlockMask) -> BlockLists:
