@@ -9,9 +9,9 @@ empty on-disk cache, so every call compiles its forward and backward kernels.
         [--profile]
 
 ``--profile`` then runs one more new mod, warmup off (every compile on the calling thread), under
-cProfile and prints where its first forward + backward went: tracing the mod, generating and
-loading the hooks, each of Triton's compile stages (TTIR, TTGIR, LLVM IR, PTX, ptxas to a cubin)
-summed over the kernels compiled, and the rest.
+cProfile and Triton's compilation listener, and prints where its first forward + backward went:
+tracing the mod, generating and loading the hooks, and each kernel's compile by stage (AST to IR,
+TTIR, TTGIR, LLVM IR, PTX, ptxas to a cubin), summed over the kernels too.
 
 Prints, per variant, the median and spread of the forward alone (its compile included) and of
 forward + backward; B=2, H=16, bf16, causal BlockMask, loss ``out.sum()`` (as ``python -m attend
@@ -69,24 +69,32 @@ def _first_call(q, k, v, bm, depth: int, options: dict) -> tuple[float, float]:
     return fwd, time.perf_counter() - t
 
 
-# (label, file suffix, function names): where a first call's time goes, from cProfile's cumulative times
+# (label, file suffix, function names): where a first call's Python time goes, from cProfile's
+# cumulative times; Triton's compiles are read from its compilation listener (every stage, each
+# kernel: cProfile saw only the stages that run Python frames of their own)
 PHASES = [
     ("trace the mod (torch.fx)", "attend/_flex/trace.py", None),
     ("generate + load the hooks", "attend/_flex/codegen.py", ("hooks",)),
-    ("Triton: TTIR", "nvidia/compiler.py", ("make_ttir",)),
-    ("Triton: TTGIR", "nvidia/compiler.py", ("make_ttgir",)),
-    ("Triton: LLVM IR", "nvidia/compiler.py", ("make_llir",)),
-    ("Triton: PTX", "nvidia/compiler.py", ("make_ptx",)),
-    ("Triton: ptxas -> cubin", "nvidia/compiler.py", ("make_cubin",)),
-    ("Triton: compile, all stages", "triton/compiler/compiler.py", ("compile",)),
 ]
 
 
 def _profile(q, k, v, bm, depth: int) -> None:
+    import triton
+
+    builds = []
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        name = getattr(getattr(src, "fn", None), "__name__", "?")
+        builds.append((name, cache_hit, times))
+
     prof = cProfile.Profile()
+    triton.knobs.compilation.listener = listener
     prof.enable()
-    fwd, total = _first_call(q, k, v, bm, depth, VARIANTS["warmup off"])
-    prof.disable()
+    try:
+        fwd, total = _first_call(q, k, v, bm, depth, VARIANTS["warmup off"])
+    finally:
+        prof.disable()
+        triton.knobs.compilation.listener = None
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
     print(f"profile of one new mod, warmup off: forward {fwd:.2f} s, forward + backward {total:.2f} s")
     for label, suffix, names in PHASES:
@@ -94,6 +102,14 @@ def _profile(q, k, v, bm, depth: int) -> None:
         if names is None:  # a module: its top-level entry points (called from outside it)
             hits = [(fn, st) for fn, st in hits if not any(c[0].endswith(suffix) for c in st[4])]
         print(f"  {label:30s} {sum(st[3] for _, st in hits):7.2f} s  ({sum(st[1] for _, st in hits)} calls)")
+    stages: dict = {}
+    for name, hit, t in builds:
+        parts = [("AST -> IR", t.ir_initialization), *t.lowering_stages, ("store", t.store_results)]
+        print(f"  Triton {'load' if hit else 'build'} {name:24s} {t.total / 1e6:7.2f} s  "
+              + ", ".join(f"{n} {us / 1e6:.2f}" for n, us in parts))
+        for n, us in parts:
+            stages[n] = stages.get(n, 0) + us
+    print("  Triton, every kernel by stage: " + ", ".join(f"{n} {us / 1e6:.2f} s" for n, us in stages.items()))
 
 
 def main() -> None:
