@@ -107,7 +107,7 @@ def _profile(q, k, v, bm, depth: int) -> None:
         parts = [("AST -> IR", t.ir_initialization), *t.lowering_stages, ("store", t.store_results)]
         print(f"  Triton {'load' if hit else 'build'} {name:24s} {t.total / 1e6:7.2f} s  "
               + ", ".join(f"{n} {us / 1e6:.2f}" for n, us in parts))
-        for n, us in parts:
+        for n, us in parts if not hit else [("load from the disk cache", t.total)]:
             stages[n] = stages.get(n, 0) + us
     print("  Triton, every kernel by stage: " + ", ".join(f"{n} {us / 1e6:.2f} s" for n, us in stages.items()))
 

@@ -397,6 +397,9 @@ def test_dense_lists_are_every_block_full_and_made_once():
     with FakeTensorMode():
         lists.dense(4096, 4096, DEVICE, 32)
     assert lists._DENSE == before, "a fake tensor was kept"
+    fresh = lists.dense(140, 165, DEVICE, 32, cache=False)  # the compiled op's: CUDA graph trees own its memory
+    assert fresh.full_kv_indices is not again.full_kv_indices and torch.equal(fresh.full_kv_indices, again.full_kv_indices)
+    assert lists._DENSE == before
 
 
 def test_interval_bounds_decide_all_but_the_boundary_blocks():

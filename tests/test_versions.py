@@ -173,7 +173,8 @@ def test_a_missing_triton_is_reported_not_raised(monkeypatch):
 def test_triton_cache_key_is_hashed_while_attend_loads(cuda_build):
     """On a CUDA build of torch, loading attend's launchers starts hashing Triton's install (the
     key of every compile and disk-cache load) on a daemon thread, so the first launch does not wait
-    for it; a CPU build (or the interpreter) starts nothing. In a fresh process each."""
+    for it; a fork waits for it first; a CPU build (or the interpreter) starts nothing. In a fresh
+    process each."""
     import subprocess
     import sys
 
@@ -185,6 +186,11 @@ def test_triton_cache_key_is_hashed_while_attend_loads(cuda_build):
             "from attend.kernels import versions\n"
             "from triton.runtime.cache import triton_key\n"
             "t = versions.KEY_THREAD\n"
+            "import os\n"
+            "pid = os.fork()  # a fork right after import waits for the thread first\n"
+            "pid == 0 and os._exit(0)\n"
+            "os.waitpid(pid, 0)\n"
+            "assert t is None or not t.is_alive(), 'forked beside the live thread'\n"
             "versions.await_compile_key()  # what a first compile does: waits for the thread, never hashes twice\n"
             "print(int(t is not None), triton_key.cache_info().currsize, int(t is not None and t.is_alive()))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -36,17 +36,20 @@ class BlockLists:
         return -(-self.seq_lengths[1] // self.BLOCK_SIZE[1])
 
 
-_DENSE: dict[tuple, tuple] = {}  # (device, nq, nk) -> dense's eight tensors
+_DENSE: dict[tuple, tuple] = {}  # (device, nq, nk) -> dense's eight tensors, never evicted
+DENSE_CACHE_SIZE = 4096  # past it, new counts' lists are made per call (an entry is O(nq + nk) ints)
 
 
-def dense(L: int, S: int, device, block: int = DEFAULT_BLOCK) -> BlockLists:
+def dense(L: int, S: int, device, block: int = DEFAULT_BLOCK, cache: bool = True) -> BlockLists:
     """Every block full: the lists of a call without a block_mask. The tensors depend on the block
     counts alone and the kernels only read them, so they are made once per device and counts (six
     allocations and fills a call otherwise: a decode loop's no-mask calls, one per layer and
-    token), never while a CUDA graph captures or under a fake-tensor trace."""
+    token). Never kept from a CUDA graph capture or a fake-tensor trace, and never evicted: a
+    graph captured with an entry replays its addresses. ``cache=False`` (the custom op that
+    torch.compile runs, whose CUDA graph trees own the memory of their warmup runs): made per call."""
     nq, nk = -(-L // block), -(-S // block)
     key = (str(device), nq, nk)
-    parts = _DENSE.get(key)
+    parts = _DENSE.get(key) if cache else None
     if parts is None:
         i32 = dict(dtype=torch.int32, device=device)
         with torch.inference_mode(False):  # later calls reuse them, with grad or without
@@ -55,9 +58,7 @@ def dense(L: int, S: int, device, block: int = DEFAULT_BLOCK) -> BlockLists:
             parts = (torch.zeros(1, 1, nq, **i32), full_kv, torch.full((1, 1, nq), nk, **i32), full_kv,
                      torch.zeros(1, 1, nk, **i32), full_q, torch.full((1, 1, nk), nq, **i32), full_q)
         capturing = full_kv.is_cuda and torch.cuda.is_current_stream_capturing()
-        if type(full_kv) is torch.Tensor and not capturing:
-            if len(_DENSE) >= 256:
-                _DENSE.clear()
+        if cache and type(full_kv) is torch.Tensor and not capturing and len(_DENSE) < DENSE_CACHE_SIZE:
             _DENSE[key] = parts
     return BlockLists(*parts, (block, block), (L, S))
 

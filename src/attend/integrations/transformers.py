@@ -622,15 +622,21 @@ def _score_mod(softcap: float | None, additive: torch.Tensor | None):
     return data_cells(masked_mod, "additive") if additive is not None else data_cells(softcap_mod, "cap")
 
 
+def _decode_window(call: _Call, q, k, v) -> tuple:
+    """``(call, k, v)`` for flex: a decode step's query (key position S - 1) sees exactly the last
+    ``window`` keys, so those are sliced (views) and the window dropped, rather than a window
+    BlockMask built for each step's new length; any other call as it is."""
+    if q.shape[-2] == 1 and call.window is not None and call.mask_kind in ("none", "padding"):
+        first = k.shape[-2] - call.window
+        return dataclasses.replace(call, window=None), k[:, :, first:], v[:, :, first:]
+    return call, k, v
+
+
 def _flex(call: _Call, q, k, v, mask, scale, softcap, s_aux, kwargs) -> torch.Tensor:
     """flex_attention for the call: ``(B, L, H, D)``."""
+    call, k, v = _decode_window(call, q, k, v)
     B, H, L, _ = q.shape
     S = k.shape[-2]
-    if L == 1 and call.window is not None and call.mask_kind in ("none", "padding"):
-        # a decode step's query (key position S - 1) sees exactly the last `window` keys: slice them
-        # (views) rather than build a window BlockMask for each step's new length
-        k, v, S = k[:, :, S - call.window:], v[:, :, S - call.window:], call.window
-        call = dataclasses.replace(call, window=None)
     fm = _flex_mask(call, q, k, mask, kwargs)
     additive = None
     if call.mask_kind in ("keys", "dense") and mask.dtype != torch.bool:
@@ -960,7 +966,12 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
                                         is_causal=call.causal and L == S and mask is None, scale=scaling,
                                         enable_gqa=query.shape[1] != key.shape[1])))
     elif call.route == "flex":
+        window = call.window
+        call, key, value = _decode_window(call, query, key, value)
         fm = _flex_mask(call, query, key, attention_mask, kwargs)
+        if window is not None and call.window is None:
+            fm.what = (f"the last {window} keys (a decode step past the sliding window), " + fm.what).removesuffix(
+                ", none")
         mods = ([f"softcap {softcap} * tanh(score / {softcap})"] if softcap is not None else []) + (
             ["+ the additive mask"] if call.mask_kind in ("keys", "dense") and attention_mask.dtype != torch.bool
             else [])

@@ -82,6 +82,12 @@ def await_compile_key() -> None:
         t.join()
 
 
+if hasattr(os, "register_at_fork"):
+    # a fork (a DataLoader's workers) right after import waits for the thread: a child forked beside
+    # a live thread gets no copy of it, and Python 3.12 warns that such a fork may deadlock
+    os.register_at_fork(before=await_compile_key)
+
+
 # Options every compile passes, so that builds agree across the range: FMA contraction on, as
 # Triton's default has been through 3.9 (3.9 warns that 3.10's default turns it off).
 COMPILE_OPTIONS = {"enable_fp_fusion": True}

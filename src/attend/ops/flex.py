@@ -48,7 +48,7 @@ def _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, text):
         fixed[:4] = kv_in_range(*fixed[:4], S, c["block_size"][1])
         blocks = _lists.BlockLists(*fixed, tuple(c["block_size"]), (L, S))
     else:
-        blocks = _lists.dense(L, S, q.device)
+        blocks = _lists.dense(L, S, q.device, cache=False)  # CUDA graph trees own their runs' memory
     n = len(c["score_slots"])
     score = compiled.graph(c["score_key"], score_caps, numbers[:n], c["score_slots"])
     mask = compiled.graph(c["mask_key"], mask_caps, numbers[n:], c["mask_slots"])
