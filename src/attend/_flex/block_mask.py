@@ -449,11 +449,9 @@ def classify(graph: _trace.ModGraph, B: int, H: int, Q_LEN: int, KV_LEN: int, BQ
         if BQ & (BQ - 1) or BKV & (BKV - 1):
             impl = "torch"  # tl.arange needs powers of two
     if impl == "triton":
-        from ..kernels.versions import await_compile_key
         from . import codegen, kernels
 
         fns = codegen.hooks(graph, wide=codegen.wide_index(Q_LEN, KV_LEN)).functions
-        await_compile_key()
         args = codegen.capture_args(caps, device, grads=[], scalars=graph.scalars)
         kernels.classify_blocks[(NQ, B * H)](status, status.stride(0), status.stride(1), status.stride(2), pre,
                                              pre.stride(0), H, Q_LEN, KV_LEN, NK, args.ptrs, args.meta,

@@ -969,9 +969,9 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
         window = call.window
         call, key, value = _decode_window(call, query, key, value)
         fm = _flex_mask(call, query, key, attention_mask, kwargs)
-        if window is not None and call.window is None:
-            fm.what = (f"the last {window} keys (a decode step past the sliding window), " + fm.what).removesuffix(
-                ", none")
+        if window is not None and call.window is None:  # sliced: the mask is what is left over the slice
+            fm.what = f"the last {window} keys (a decode step past the sliding window)" + (
+                f", {fm.what}" if fm.mask_mod is not None else "")
         mods = ([f"softcap {softcap} * tanh(score / {softcap})"] if softcap is not None else []) + (
             ["+ the additive mask"] if call.mask_kind in ("keys", "dense") and attention_mask.dtype != torch.bool
             else [])

@@ -1074,7 +1074,6 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
         elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args):
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
-    versions.await_compile_key()
     for name, grid, only in parts:
         if not warmup:
             core.attn_bwd[grid](**dict(launch, **only))

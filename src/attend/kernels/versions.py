@@ -44,19 +44,22 @@ else:
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
-def warm_compile_key(force: bool = False) -> threading.Thread | None:
-    """Hash Triton's own install on a daemon thread (``triton.runtime.cache.triton_key``: part of
-    the key of every compile and of every load from Triton's disk cache, computed once per process;
-    it reads libtriton, 0.3-0.9 s on a 2-core host), so that a process's first kernel launch finds
-    it done. Started as the launchers load, only where kernels will compile: a CUDA build of torch,
-    outside the interpreter (``force`` skips that check). A Triton without the function, or any
-    failure there, leaves the first launch to compute it as before. The thread, or None."""
-    if not force and (torch.version.cuda is None or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
-        return None
+KEY_THREAD: threading.Thread | None = None  # warm_compile_key's thread, once started
+
+
+def warm_compile_key() -> None:
+    """Hash Triton's own install on a daemon thread (``KEY_THREAD``; ``triton.runtime.cache.triton_key``:
+    part of the key of every compile and of every load from Triton's disk cache, computed once per
+    process; it reads libtriton, 0.3-0.9 s on a 2-core host), so that a process's first kernel launch
+    finds it done. Started as the launchers load, only where kernels will compile: a CUDA build of
+    torch, outside the interpreter. A Triton without the function, or any failure there, leaves the
+    first launch to compute it as before."""
+    if torch.version.cuda is None or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return
     try:
         from triton.runtime.cache import triton_key
     except ImportError:
-        return None
+        return
 
     def run():
         try:
@@ -67,16 +70,13 @@ def warm_compile_key(force: bool = False) -> threading.Thread | None:
     global KEY_THREAD
     KEY_THREAD = threading.Thread(target=run, name="attend-triton-key", daemon=True)
     KEY_THREAD.start()
-    return KEY_THREAD
-
-
-KEY_THREAD: threading.Thread | None = None  # warm_compile_key's thread, once started
 
 
 def await_compile_key() -> None:
-    """Before a compile or a disk-cache load: wait for ``warm_compile_key``'s thread where it still
-    runs, rather than hash Triton's install a second time beside it (the thread then has the GIL to
-    itself: a busy main thread slows its 1 MiB reads, each of which takes the GIL back)."""
+    """Wait for ``warm_compile_key``'s thread where it still runs: before the direct launcher's first
+    compile or disk-cache load of a kernel (``fastlaunch.Launcher``'s path through Triton), rather
+    than hash Triton's install a second time beside it (the thread then has the GIL to itself: a busy
+    main thread slows its 1 MiB reads, each of which takes the GIL back), and before a fork."""
     t = KEY_THREAD
     if t is not None and t.is_alive():
         t.join()
