@@ -30,9 +30,12 @@ def test_bench_flex_runs_tiny(tmp_path):
     assert by[("first_call_new_mod", "attend")]["first_call_s"] > 0
     counted = by[("compiles_new_length_and_value", "attend")]
     # a captured value or a second ragged length of the first one's classes never compiles; the
-    # first ragged length at most once (the tiles no longer divide the length). The tiny preset's
-    # new length (64 -> 32) changes the length's bucket and so the tiles, a class of its own; the
-    # full preset's (8192 -> 7808) keeps every class (0 expected on a GPU)
+    # first ragged length at most once per kernel that reads the ragged end through a variant of
+    # its own (the tiles no longer divide the length): the tiny preset's forward and backward
+    # (D=16, the core's kernels: 2 on an H100), the full preset's dQ programs alone (the Gluon
+    # kernels take any length: 1). The tiny preset's new length (64 -> 32) changes the length's
+    # bucket and so the tiles, a class of its own; the full preset's (8192 -> 7808) keeps every
+    # class (0 on an H100)
     assert counted["compiles_new_value"] == counted["compiles_new_ragged_length"] == 0, counted
-    assert counted["compiles_first_ragged_length"] <= 1 and counted["compiles_new_length"] <= 1, counted
+    assert counted["compiles_first_ragged_length"] <= 2 and counted["compiles_new_length"] <= 1, counted
     assert by[("create_block_mask_256", "attend")]["ms"] > 0
