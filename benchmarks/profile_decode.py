@@ -1,9 +1,10 @@
-"""Where a decode step's host time goes: the models bench's Llama (``attend.bench_models``'
-``full`` preset) generating tokens with ``attn_implementation="attend"`` under cProfile, after a
-warm-up generation, next to ``sdpa``'s time per token. Generation at this size is bound by the
-host (RESULTS.md, Models), so the profile's attend frames are what a token costs beyond sdpa's.
+"""Where a decode step's host time goes: the models bench's Llama or Gemma 2 (``--model``;
+``attend.bench_models``' ``full`` preset) generating tokens with ``attn_implementation="attend"``
+under cProfile, after a warm-up generation, next to ``sdpa``'s and eager's time per token.
+Generation at this size is bound by the host (RESULTS.md, Models), so the profile's attend frames
+are what a token costs beyond sdpa's.
 
-    PYTHONPATH=src python benchmarks/profile_decode.py [--tokens 32] [--top 30]
+    PYTHONPATH=src python benchmarks/profile_decode.py [--model llama|gemma2] [--tokens 32] [--top 30]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--model", choices=("llama", "gemma2"), default="llama")
     args = ap.parse_args()
     import transformers
 
@@ -29,7 +31,7 @@ def main() -> None:
 
     p = dict(PRESETS["full"], new_tokens=args.tokens)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_config("llama", p), attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(_config(args.model, p), attn_implementation="eager")
     model = model.to("cuda", torch.bfloat16).eval()
     ids = torch.randint(2, p["vocab"], (p["batch"], p["prompt"]), device="cuda")
 
@@ -39,7 +41,7 @@ def main() -> None:
                            use_cache=True, pad_token_id=0)
         torch.cuda.synchronize()
 
-    for impl in ("sdpa", "attend", "sdpa", "attend"):
+    for impl in ("sdpa", "eager", "attend") * 2:
         model.set_attn_implementation(impl)
         gen()
         t = time.perf_counter()

@@ -92,13 +92,11 @@ def _fusable(call: FlexCall) -> bool:
     """Whether the core's flex mode takes the call: CUDA tensors, or CPU tensors under
     TRITON_INTERPRET=1 in fp16 / fp32 (the interpreter has no bf16 arithmetic); fp16 / bf16 / fp32,
     equal head dims up to 256, non-empty lengths. The blocked path runs the rest."""
-    import os
-
     q, k, v = call.query, call.key, call.value
     if q.is_cuda:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False
-    elif q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    elif q.device.type == "cpu" and kernel_options.current().interpret:  # TRITON_INTERPRET, as held
         if q.dtype not in (torch.float16, torch.float32):
             return False
     else:
@@ -298,10 +296,10 @@ class _FusedForward(torch.autograd.Function):
         ctx.options = kernel_options.current()
         ctx.warmup = _backward_warmup(call, q, k, v, caps[:n], caps[n:], any(ctx.needs_input_grad[4:4 + n]),
                                       ctx.options)
-        res = _forward_kernel(call, q, k, v, caps[:n], caps[n:], True)
+        res = _forward_kernel(call, q, k, v, caps[:n], caps[n:], call.want_max)
         ctx.call = call
         ctx.save_for_backward(q, k, v, res[0], res[1], *caps)
-        if res[2] is not None:  # None from the Gluon route (flex_band_gluon), where the caller reads no max
+        if res[2] is not None:  # None where the caller reads no max (the Gluon route computes none)
             ctx.mark_non_differentiable(res[2])
         return res
 
@@ -358,7 +356,8 @@ def _fused(call: FlexCall):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (call.query, call.key, call.value, *caps)):
         res = _FusedForward.apply(call, call.query, call.key, call.value, *caps)
     else:
-        res = _forward_kernel(call, call.query, call.key, call.value, call.score_captures, call.mask_captures, True)
+        res = _forward_kernel(call, call.query, call.key, call.value, call.score_captures, call.mask_captures,
+                              call.want_max)
     PATHS["fused"] += 1
     return res
 
