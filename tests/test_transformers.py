@@ -876,6 +876,23 @@ def test_fresh_first_step_counts_triton_builds(monkeypatch):
     assert counts == dict(compiles=2, compile_s=2.002, disk_hits=1), counts
 
 
+def test_bench_models_keeps_one_triton_cache_for_its_children(monkeypatch, tmp_path):
+    """The models bench pins TRITON_CACHE_DIR where it is unset (Inductor would otherwise point it at
+    its own directory once the compiled flex rows run, and the fresh-process children started after
+    them would miss the kernels this process built), and leaves a directory the user set."""
+    from triton import knobs
+
+    from attend import bench_models
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    default = knobs.cache.dir
+    bench_models._pin_triton_cache()
+    assert os.environ["TRITON_CACHE_DIR"] == default
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    bench_models._pin_triton_cache()
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path)
+
+
 def test_bench_models_runs_tiny(tmp_path, use_kernel):
     use_kernel("blocked")
     from attend import bench_models

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -179,6 +180,22 @@ def _fresh_child(model_name: str, impl: str, sizes: str, device: str, dtype_name
     print(json.dumps(dict(first_ms=first, **builds)), flush=True)
 
 
+def _pin_triton_cache() -> None:
+    """Keep this process and its fresh-process children on one Triton cache directory: the one in
+    force now (``TRITON_CACHE_DIR``, else Triton's default). Inductor points ``TRITON_CACHE_DIR`` at
+    its own directory the first time it compiles (the compiled ``flex_attention`` rows) where the
+    variable is unset, so children started after those rows looked in another directory than the
+    one this process built attend's kernels into, and each model's first child built them again."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return
+    try:
+        from triton import knobs
+
+        os.environ["TRITON_CACHE_DIR"] = knobs.cache.dir
+    except (ImportError, AttributeError):  # a Triton without knobs: its default stays
+        pass
+
+
 def _count_builds() -> dict:
     """A dict that Triton's compilation listener keeps counting into (empty where this Triton has
     no listener): ``compiles``, ``disk_hits``, ``compile_s``."""
@@ -273,6 +290,7 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
     import attend.integrations.transformers  # noqa: F401  (registers "attend")
     from attend._flex import dispatch as flex_dispatch
 
+    _pin_triton_cache()
     p = dict(PRESETS[preset])
     if new_tokens is not None:
         p["new_tokens"] = new_tokens
