@@ -10,6 +10,8 @@ calls it, mask as ``mask_for_attend`` builds it) and, for comparison, PyTorch's 
 transformers' ``sdpa`` attention function. Generation at this size is host-bound
 (benchmarks/RESULTS.md, Models), so these rows are what a decode step's attention costs; the
 flex row is Gemma 2's call (a softcap over a causal band, through ``attend.flex_attention``).
+The "growing S" rows time a decode loop's call, whose key length grows by one per call, as the
+models bench's Gemma 2 makes it, next to eager's ops and transformers' sdpa function.
 
     PYTHONPATH=src python benchmarks/host_overhead.py
 """
@@ -69,6 +71,7 @@ def main() -> None:
         "flex compiled forward+backward": fwd_bwd(bench.IMPLS["flex-compiled"]),
     }
     cases.update(decode_cases())
+    cases.update(growing_cases())
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, attend {attend.__version__}")
     print("| call | host us |\n|---|---|")
     for name, fn in cases.items():
@@ -130,6 +133,57 @@ def decode_cases() -> dict:
             layer, q, k, v, keys, scaling=scaling),
         "decode, padding mask: attend attention function": lambda: attention_forward(layer, q, k, v, keys,
                                                                                      scaling=scaling),
+    })
+    return cases
+
+
+def growing_cases() -> dict:
+    """A decode loop's attention call as the models bench's Gemma 2 makes it (B=2, Hq=16, Hk=4, L=1,
+    D=128, bf16, softcap 50), its key length one longer at each call (1024 to 1413, then again):
+    through attend's transformers attention function (a flex call per layer and token), the same
+    function without the softcap (SDPA), transformers' sdpa attention function (which drops the
+    softcap) and eager's ops (repeated K / V, two matmuls, the softcap, a float softmax)."""
+    import itertools
+
+    B, Hq, Hk, D, S0, n = 2, 16, 4, 128, 1024, 390
+    torch.manual_seed(0)
+    q = torch.randn(B, 1, Hq * D, dtype=torch.bfloat16, device="cuda").view(B, 1, Hq, D).transpose(1, 2)
+    kc, vc = (torch.randn(B, Hk, S0 + n, D, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    scaling, cap = D ** -0.5, 50.0
+
+    def growing(call):
+        lengths = itertools.cycle(range(S0, S0 + n))
+
+        def step():
+            S = next(lengths)
+            return call(kc[:, :, :S], vc[:, :, :S])
+        return step
+
+    def eager(k, v):
+        k, v = k.repeat_interleave(Hq // Hk, 1), v.repeat_interleave(Hq // Hk, 1)
+        s = torch.tanh((q @ k.transpose(-1, -2)) * scaling / cap) * cap
+        return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+    cases = {"decode, growing S: eager ops with the softcap": growing(eager)}
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        from attend.integrations.transformers import attention_forward
+    except ImportError:
+        return cases
+
+    class Layer(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = Hq // Hk
+
+    layer = Layer().eval()
+    cases.update({
+        "decode, growing S: attend attention function, softcap (flex)": growing(
+            lambda k, v: attention_forward(layer, q, k, v, None, scaling=scaling, softcap=cap)),
+        "decode, growing S: attend attention function, no softcap (SDPA)": growing(
+            lambda k, v: attention_forward(layer, q, k, v, None, scaling=scaling)),
+        "decode, growing S: transformers sdpa attention function (no softcap)": growing(
+            lambda k, v: sdpa_attention_forward(layer, q, k, v, None, scaling=scaling)),
     })
     return cases
 
