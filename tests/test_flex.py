@@ -247,6 +247,37 @@ def test_score_mod_that_ignores_the_score():
         assert_scaled_close(out, v.double().mean(2, keepdim=True).expand_as(out), v.mean(2, keepdim=True).expand_as(out))
 
 
+def test_core_forward_stores_a_row_max_only_where_asked(monkeypatch):
+    """The core's flex forward writes max_scores (its MAX_SCORES variant, and a buffer) only for
+    return_aux=AuxRequest(max_scores=True): a plain call, or one asking for the lse alone, takes the
+    variant without it, and its gradients are unchanged."""
+    from attend.kernels import launch
+
+    if not dispatch._fusable(dispatch.FlexCall(*(torch.empty(1, 1, 1, 16, device=DEVICE),) * 3, None, None,
+                                               None, 1.0)):
+        pytest.skip("the core's flex mode does not run here")
+    seen = []
+    real = launch.flex_forward
+    monkeypatch.setattr(launch, "flex_forward", lambda *a, **kw: seen.append(kw["want_max"]) or real(*a, **kw))
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 48, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    doc = lambda b, h, qi, ki: qi // 20 == ki // 20  # not a band: the core's lists
+    bm = flex.create_block_mask(doc, None, None, 48, 48, device=DEVICE, BLOCK_SIZE=16)
+    plain = flex.flex_attention(q, k, v, block_mask=bm)
+    _, lse_only = flex.flex_attention(q, k, v, block_mask=bm, return_aux=flex.AuxRequest(lse=True))
+    out, aux = flex.flex_attention(q, k, v, block_mask=bm, return_aux=flex.AuxRequest(lse=True, max_scores=True))
+    assert seen == [False, False, True], seen
+    assert lse_only.max_scores is None and aux.max_scores is not None
+    assert torch.equal(plain, out) and torch.equal(lse_only.lse, aux.lse)
+    keep = flex.create_mask(doc, None, None, 48, 48, device=DEVICE)
+    row_max = lambda a, b: (a @ b.transpose(-1, -2) * 16 ** -0.5).masked_fill(~keep, float("-inf")).amax(-1)
+    assert_scaled_close(aux.max_scores, row_max(q.detach().double(), k.detach().double()),
+                        row_max(q.detach(), k.detach()), what="max_scores")
+    g1 = torch.autograd.grad(plain.sum(), (q, k, v))
+    g2 = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
 def test_empty_rows_give_zero_output_and_neg_inf_lse():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 2, 70, 16, device=DEVICE, requires_grad=True) for _ in range(3))
