@@ -18,6 +18,7 @@ models bench's Gemma 2 makes it, next to eager's ops and transformers' sdpa func
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -143,8 +144,6 @@ def growing_cases() -> dict:
     through attend's transformers attention function (a flex call per layer and token), the same
     function without the softcap (SDPA), transformers' sdpa attention function (which drops the
     softcap) and eager's ops (repeated K / V, two matmuls, the softcap, a float softmax)."""
-    import itertools
-
     B, Hq, Hk, D, S0, n = 2, 16, 4, 128, 1024, 390
     torch.manual_seed(0)
     q = torch.randn(B, 1, Hq * D, dtype=torch.bfloat16, device="cuda").view(B, 1, Hq, D).transpose(1, 2)

@@ -877,19 +877,22 @@ def test_fresh_first_step_counts_triton_builds(monkeypatch):
 
 
 def test_bench_models_keeps_one_triton_cache_for_its_children(monkeypatch, tmp_path):
-    """The models bench pins TRITON_CACHE_DIR where it is unset (Inductor would otherwise point it at
-    its own directory once the compiled flex rows run, and the fresh-process children started after
-    them would miss the kernels this process built), and leaves a directory the user set."""
+    """While the models bench runs, TRITON_CACHE_DIR holds the directory in force at its start
+    (Inductor would otherwise set it to its own once the compiled flex rows run, and the
+    fresh-process children started after them would miss the kernels this process built); a
+    directory the user set stays, and an unset variable is unset again afterwards."""
     from triton import knobs
 
     from attend import bench_models
 
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     default = knobs.cache.dir
-    bench_models._pin_triton_cache()
-    assert os.environ["TRITON_CACHE_DIR"] == default
+    with bench_models._one_triton_cache():
+        assert os.environ["TRITON_CACHE_DIR"] == default
+    assert "TRITON_CACHE_DIR" not in os.environ
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    bench_models._pin_triton_cache()
+    with bench_models._one_triton_cache():
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path)
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path)
 
 

@@ -180,20 +180,29 @@ def _fresh_child(model_name: str, impl: str, sizes: str, device: str, dtype_name
     print(json.dumps(dict(first_ms=first, **builds)), flush=True)
 
 
-def _pin_triton_cache() -> None:
-    """Keep this process and its fresh-process children on one Triton cache directory: the one in
-    force now (``TRITON_CACHE_DIR``, else Triton's default). Inductor points ``TRITON_CACHE_DIR`` at
-    its own directory the first time it compiles (the compiled ``flex_attention`` rows) where the
-    variable is unset, so children started after those rows looked in another directory than the
-    one this process built attend's kernels into, and each model's first child built them again."""
+@contextlib.contextmanager
+def _one_triton_cache():
+    """Hold this process and its fresh-process children on one Triton cache directory while the
+    bench runs: the one in force at its start (``TRITON_CACHE_DIR``, else Triton's default), set in
+    the environment where it is unset, and unset again at the end. Inductor sets the variable to its
+    own directory the first time it compiles (the compiled ``flex_attention`` rows) where it is
+    unset, and a child started after that would not find the kernels this process built
+    (RESULTS.md, "H100, 2026-12-06 (night)", Models). Where Inductor has already compiled in this
+    process, the directory in force is already its own."""
     if os.environ.get("TRITON_CACHE_DIR"):
+        yield
         return
     try:
         from triton import knobs
 
         os.environ["TRITON_CACHE_DIR"] = knobs.cache.dir
     except (ImportError, AttributeError):  # a Triton without knobs: its default stays
-        pass
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.environ.pop("TRITON_CACHE_DIR", None)
 
 
 def _count_builds() -> dict:
@@ -283,14 +292,22 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
     ``fresh_first`` (default: on CUDA): each training row's first step again in a process of its own
     (``fresh_first_step``), once the model's other rows are done."""
     try:
-        import transformers
+        import transformers  # noqa: F401  (a clear error where it is missing)
     except ImportError as e:
         raise SystemExit(f"--suite models needs Hugging Face transformers (pip install transformers): {e}") from e
 
     import attend.integrations.transformers  # noqa: F401  (registers "attend")
+
+    with _one_triton_cache():
+        return _main(preset, impls, json_path, device, dtype, steps, new_tokens, models, phases, fresh_first)
+
+
+def _main(preset, impls, json_path, device, dtype, steps, new_tokens, models, phases, fresh_first) -> list[dict]:
+    """``main`` after its imports, inside ``_one_triton_cache``."""
+    import transformers
+
     from attend._flex import dispatch as flex_dispatch
 
-    _pin_triton_cache()
     p = dict(PRESETS[preset])
     if new_tokens is not None:
         p["new_tokens"] = new_tokens

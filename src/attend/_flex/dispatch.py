@@ -38,7 +38,7 @@ class FlexCall:
     kernel_options: dict | None = None  # flex_attention's: BLOCK_M / BLOCK_N / num_warps / num_stages
     band: Band | None = None  # the mask as a band (band.py), where the BlockMask lists exactly its blocks
     # and k / v have the query's batch (a broadcast key batch walks the lists)
-    want_max: bool = True  # whether the caller reads max_scores (the band's dense route gives none)
+    want_max: bool = True  # whether the caller reads max_scores: else the fused paths compute none
 
     @property
     def score_captures(self) -> list[torch.Tensor]:
@@ -92,11 +92,13 @@ def _fusable(call: FlexCall) -> bool:
     """Whether the core's flex mode takes the call: CUDA tensors, or CPU tensors under
     TRITON_INTERPRET=1 in fp16 / fp32 (the interpreter has no bf16 arithmetic); fp16 / bf16 / fp32,
     equal head dims up to 256, non-empty lengths. The blocked path runs the rest."""
+    import os
+
     q, k, v = call.query, call.key, call.value
     if q.is_cuda:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False
-    elif q.device.type == "cpu" and kernel_options.current().interpret:  # TRITON_INTERPRET, as held
+    elif q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         if q.dtype not in (torch.float16, torch.float32):
             return False
     else:
@@ -114,7 +116,9 @@ def _hook_band(call: FlexCall, opts: kernel_options.KernelOptions | None = None)
     return call.band
 
 
-def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bool):
+def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps):
+    """The core's (or the Gluon route's) flex forward of ``call`` on these tensors: (out, lse,
+    max_scores), max_scores None where ``call.want_max`` is off (the kernel then stores none)."""
     from ..kernels import launch
 
     score = mask = None
@@ -125,12 +129,12 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps, want_max: bo
     if call.mask is not None and band is None:
         mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
-    if band is not None and not call.want_max and not call.kernel_options:  # (the core's forward keeps its max)
+    if band is not None and not call.want_max and not call.kernel_options:  # (the Gluon forward keeps no max)
         res = launch.flex_band_gluon(q, k, v, call.scale, score, band)
         if res is not None:
             PATHS["band_hooks_gluon"] += 1
             return res[0], res[1], None
-    res = launch.flex_forward(q, k, v, call.blocks, call.scale, score, mask, want_max=want_max,
+    res = launch.flex_forward(q, k, v, call.blocks, call.scale, score, mask, want_max=call.want_max,
                               kernel_options=call.kernel_options, band=band)
     if band is not None and res is not None:
         PATHS["band_hooks"] += 1
@@ -296,7 +300,7 @@ class _FusedForward(torch.autograd.Function):
         ctx.options = kernel_options.current()
         ctx.warmup = _backward_warmup(call, q, k, v, caps[:n], caps[n:], any(ctx.needs_input_grad[4:4 + n]),
                                       ctx.options)
-        res = _forward_kernel(call, q, k, v, caps[:n], caps[n:], call.want_max)
+        res = _forward_kernel(call, q, k, v, caps[:n], caps[n:])
         ctx.call = call
         ctx.save_for_backward(q, k, v, res[0], res[1], *caps)
         if res[2] is not None:  # None where the caller reads no max (the Gluon route computes none)
@@ -356,8 +360,7 @@ def _fused(call: FlexCall):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (call.query, call.key, call.value, *caps)):
         res = _FusedForward.apply(call, call.query, call.key, call.value, *caps)
     else:
-        res = _forward_kernel(call, call.query, call.key, call.value, call.score_captures, call.mask_captures,
-                              call.want_max)
+        res = _forward_kernel(call, call.query, call.key, call.value, call.score_captures, call.mask_captures)
     PATHS["fused"] += 1
     return res
 
@@ -385,9 +388,9 @@ def _band_route(call: FlexCall):
 
 
 def run(call: FlexCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(out [B, Hq, L, Ev], lse [B, Hq, L] natural log, max_scores [B, Hq, L]; None on the band
-    route, which flex_attention takes only where max_scores is not asked). The options in force
-    are read once for the call (``kernel_options.hold``)."""
+    """(out [B, Hq, L, Ev], lse [B, Hq, L] natural log, max_scores [B, Hq, L]; None on the fused
+    paths where ``call.want_max`` is off, the blocked path computing it always). The options in
+    force are read once for the call (``kernel_options.hold``)."""
     token = kernel_options.hold()
     try:
         res = _band_route(call)

@@ -125,8 +125,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     graphs = dict(score=trace(score, "score") if variant != "mask_mod" else None,
                   mask=trace(mask, "mask") if variant not in ("score_mod", *FLEX_BAND_VARIANTS) else None)
     flags = dict(FLEX=not band, CAUSAL=band, EVEN=even, ONE_LOOP=one_loop, LAZY_RESCALE=False,
-                 USE_TMA=tma and kernel == "fwd", MAX_SCORES=False, SPARSE_BQ=128, SPARSE_BKV=128)
-    # (no row max: the flex forward stores one only for return_aux=AuxRequest(max_scores=True))
+                 USE_TMA=tma and kernel == "fwd", MAX_SCORES=True, SPARSE_BQ=128, SPARSE_BKV=128)
     if kernel == "fwd":
         flags["FLEX_RAGGED_IN_FULL"] = ragged_in_full and not band
     ptr = lambda c: "*" + {torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}[c.tensor.dtype]
