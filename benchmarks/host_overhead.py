@@ -95,6 +95,24 @@ def flex_decode(q, k, v):
     return lambda: flex_attention(q, k, v, score_mod=softcap, block_mask=bm, enable_gqa=True)
 
 
+def _attention_functions(groups: int):
+    """(transformers' sdpa attention function, attend's, an attention module as both read it:
+    causal, ``groups`` query heads per key head), or None without transformers (said once)."""
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        from attend.integrations.transformers import attention_forward
+    except ImportError as e:
+        print(f"(no transformers rows: {e})")
+        return None
+
+    class Layer(torch.nn.Module):  # what the attention functions read of the attention module
+        is_causal = True
+        num_key_value_groups = groups
+
+    return sdpa_attention_forward, attention_forward, Layer().eval()
+
+
 def decode_cases() -> dict:
     """One decode step's attention call (B=1, Hq=32, Hk=8, L=1, S=256, D=128, bf16), each way it is made."""
     B, Hq, Hk, S, D = 1, 32, 8, 256, 128
@@ -112,19 +130,10 @@ def decode_cases() -> dict:
         # Gemma 2's decode call: a softcap score_mod over a causal band (the band hooks)
         "decode: attend flex_attention, softcap + causal": flex_decode(q, k, v),
     }
-    try:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        from attend.integrations.transformers import attention_forward
-    except ImportError as e:
-        print(f"(no transformers rows: {e})")
+    fns = _attention_functions(Hq // Hk)
+    if fns is None:
         return cases
-
-    class Layer(torch.nn.Module):  # what the attention functions read of the attention module
-        is_causal = True
-        num_key_value_groups = Hq // Hk
-
-    layer = Layer().eval()
+    sdpa_attention_forward, attention_forward, layer = fns
     scaling = D ** -0.5
     cases.update({
         "decode: transformers sdpa attention function": lambda: sdpa_attention_forward(layer, q, k, v, None,
@@ -164,18 +173,10 @@ def growing_cases() -> dict:
         return torch.softmax(s.float(), -1).to(q.dtype) @ v
 
     cases = {"decode, growing S: eager ops with the softcap": growing(eager)}
-    try:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        from attend.integrations.transformers import attention_forward
-    except ImportError:
+    fns = _attention_functions(Hq // Hk)
+    if fns is None:
         return cases
-
-    class Layer(torch.nn.Module):
-        is_causal = True
-        num_key_value_groups = Hq // Hk
-
-    layer = Layer().eval()
+    sdpa_attention_forward, attention_forward, layer = fns
     cases.update({
         "decode, growing S: attend attention function, softcap (flex)": growing(
             lambda k, v: attention_forward(layer, q, k, v, None, scaling=scaling, softcap=cap)),

@@ -189,20 +189,19 @@ def _one_triton_cache():
     unset, and a child started after that would not find the kernels this process built
     (RESULTS.md, "H100, 2026-12-06 (night)", Models). Where Inductor has already compiled in this
     process, the directory in force is already its own."""
-    if os.environ.get("TRITON_CACHE_DIR"):
-        yield
-        return
-    try:
-        from triton import knobs
+    pinned = None
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        try:
+            from triton import knobs
 
-        os.environ["TRITON_CACHE_DIR"] = knobs.cache.dir
-    except (ImportError, AttributeError):  # a Triton without knobs: its default stays
-        yield
-        return
+            pinned = os.environ["TRITON_CACHE_DIR"] = knobs.cache.dir
+        except (ImportError, AttributeError):  # a Triton without knobs: its default stays
+            pass
     try:
         yield
     finally:
-        os.environ.pop("TRITON_CACHE_DIR", None)
+        if pinned is not None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
 
 
 def _count_builds() -> dict:
@@ -215,7 +214,8 @@ def _count_builds() -> dict:
         return counts
 
     def listener(*, src, metadata, metadata_group, times, cache_hit):
-        counts["disk_hits" if cache_hit else "compiles"] = counts.get("disk_hits" if cache_hit else "compiles", 0) + 1
+        kind = "disk_hits" if cache_hit else "compiles"
+        counts[kind] = counts.get(kind, 0) + 1
         if not cache_hit:
             counts["compile_s"] = round(counts.get("compile_s", 0.0) + times.total / 1e6, 3)
 
@@ -292,20 +292,19 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
     ``fresh_first`` (default: on CUDA): each training row's first step again in a process of its own
     (``fresh_first_step``), once the model's other rows are done."""
     try:
-        import transformers  # noqa: F401  (a clear error where it is missing)
+        import transformers
     except ImportError as e:
         raise SystemExit(f"--suite models needs Hugging Face transformers (pip install transformers): {e}") from e
 
-    import attend.integrations.transformers  # noqa: F401  (registers "attend")
-
     with _one_triton_cache():
-        return _main(preset, impls, json_path, device, dtype, steps, new_tokens, models, phases, fresh_first)
+        return _main(transformers, preset, impls, json_path, device, dtype, steps, new_tokens, models, phases,
+                     fresh_first)
 
 
-def _main(preset, impls, json_path, device, dtype, steps, new_tokens, models, phases, fresh_first) -> list[dict]:
-    """``main`` after its imports, inside ``_one_triton_cache``."""
-    import transformers
-
+def _main(transformers, preset, impls, json_path, device, dtype, steps, new_tokens, models, phases,
+          fresh_first) -> list[dict]:
+    """``main`` with transformers imported, inside ``_one_triton_cache``."""
+    import attend.integrations.transformers  # noqa: F401  (registers "attend")
     from attend._flex import dispatch as flex_dispatch
 
     p = dict(PRESETS[preset])
