@@ -420,15 +420,15 @@ def source(graph: ModGraph, fast: bool = False, wide: bool = False) -> str:
             tail.append(f"    g{i} = {val}")
             tail.append(f"    dq{i}, dk{i}, dsum{i} = _diagonals(g{i}, q_idx, kv_idx)")
             tail.append(f"    tl.atomic_add(grad_ptrs[{cap}] + grad_index_{i}(b, h, dq{i}, dk{i}, ptrs, meta, "
-                        f"grad_strides), dsum{i}, mask=dsum{i} != 0)")
+                        f"grad_strides), dsum{i}, mask=dsum{i} != 0, sem=\"relaxed\")")
         elif len(on) < 2:
             # an index that is constant along a block axis (bias[h], row_bias[q_idx]): sum that
             # axis first, one atomic per distinct address instead of BM x BN colliding ones
             red = f"tl.sum({val})" if not on else f"tl.sum({val}, {1 if 3 in on else 0}, keep_dims=True)"
-            tail.append(f"    tl.atomic_add(grad_ptrs[{cap}] + ({goff}), {red})")
+            tail.append(f"    tl.atomic_add(grad_ptrs[{cap}] + ({goff}), {red}, sem=\"relaxed\")")
         else:
             tail.append(f"    g{i} = {val}")
-            tail.append(f"    tl.atomic_add(grad_ptrs[{cap}] + ({goff}), g{i}, mask=g{i} != 0)")
+            tail.append(f"    tl.atomic_add(grad_ptrs[{cap}] + ({goff}), g{i}, mask=g{i} != 0, sem=\"relaxed\")")
     if not tail:
         tail = ["    pass"]
     body += tail
