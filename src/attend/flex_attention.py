@@ -50,7 +50,9 @@ from ._flex.trace import FlexTraceError
 from ._layout import Band as _Band
 
 __all__ = ["flex_attention", "BlockMask", "create_block_mask", "create_mask", "and_masks", "or_masks", "noop_mask",
-           "AuxRequest", "AuxOutput", "FlexTraceError"]
+           "AuxRequest", "AuxOutput", "FlexTraceError", "explain", "FlexRoute"]
+
+FlexRoute = _dispatch.FlexRoute
 
 _MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -192,6 +194,40 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if return_lse:
         return out, lse
     return out
+
+
+def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: _ScoreMod | None = None,
+            block_mask=None, scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+            kernel_options: dict | None = None, *, return_aux: AuxRequest | None = None) -> FlexRoute:
+    """Say where :func:`flex_attention` would run this call, forward and backward, and why each faster
+    path declines it, under the kernel options in force. Takes flex_attention's arguments and
+    checks them the same way (the same errors); runs no attention kernel (the mods are traced, as
+    a call would). Returns a :class:`FlexRoute`: ``.forward`` and ``.backward`` name the paths
+    (``.backward`` is None where no input needs a gradient), ``.forward_declined`` and
+    ``.backward_declined`` map each faster path to its reason; ``str()`` prints it all. The paths
+    and their order are docs/flex.md's ("Paths")."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError("flex_attention.explain runs eagerly; call it outside torch.compile")
+    call, _, _ = _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+                           return_aux)
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (query, key, value, *call.score_captures, *call.mask_captures))
+    return _dispatch.route(call, grad, _describe(call, score_mod, block_mask))
+
+
+def _describe(call, score_mod, block_mask) -> str:
+    q, k = call.query, call.key
+    mods = []
+    if call.score is not None:
+        n = len(call.score.captures)
+        mods.append(f"score_mod {getattr(score_mod, '__name__', type(score_mod).__name__)}"
+                    f"{f' ({n} captured tensors)' if n else ''}")
+    if block_mask is not None and tuple(block_mask.BLOCK_SIZE) != (1 << 30, 1 << 30):
+        mm = block_mask.mask_mod
+        mods.append(f"block_mask of BLOCK_SIZE {tuple(block_mask.BLOCK_SIZE)} from "
+                    f"{getattr(mm, '__name__', type(mm).__name__)}")
+    return (f"query {tuple(q.shape)}, key / value {tuple(k.shape)} {q.dtype} on {q.device}"
+            + "".join(f", {m}" for m in mods))
 
 
 _LIST_ATTRS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ class FlexCall:
     band: Band | None = None  # the mask as a band (band.py), where the BlockMask lists exactly its blocks
     # and k / v have the query's batch (a broadcast key batch walks the lists)
     want_max: bool = True  # whether the caller reads max_scores: else the fused paths compute none
+    path: str | None = None  # the forward's FORWARD_PATHS entry, as ``run`` chose it (None: not chosen yet)
 
     @property
     def score_captures(self) -> list[torch.Tensor]:
@@ -89,22 +91,32 @@ PATHS = {"fused": 0, "blocked": 0, "fused_backward": 0, "blocked_backward": 0, "
 
 
 def _fusable(call: FlexCall) -> bool:
-    """Whether the core's flex mode takes the call: CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1 in fp16 / fp32 (the interpreter has no bf16 arithmetic); fp16 / bf16 / fp32,
-    equal head dims up to 256, non-empty lengths. The blocked path runs the rest."""
+    """Whether the core's flex mode takes the call (``_unfusable``)."""
+    return _unfusable(call) is None
+
+
+def _unfusable(call: FlexCall) -> str | None:
+    """Why the core's flex mode does not take the call, or None where it does: CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1 in fp16 / fp32 (the interpreter has no bf16 arithmetic); fp16 /
+    bf16 / fp32, equal head dims up to 256, non-empty lengths. The blocked path runs the rest."""
     import os
 
     q, k, v = call.query, call.key, call.value
     if q.is_cuda:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return False
+            return f"query dtype {q.dtype}: the kernels take fp16, bf16 and fp32"
     elif q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         if q.dtype not in (torch.float16, torch.float32):
-            return False
+            return f"{q.dtype} under Triton's interpreter, which has fp16 and fp32 arithmetic only"
     else:
-        return False
-    return (k.dtype == q.dtype and v.dtype == q.dtype and v.shape[-1] == q.shape[-1] <= 256
-            and q.shape[2] > 0 and k.shape[2] > 0)
+        return f"{q.device.type} tensors: the Triton kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"query, key and value dtypes {q.dtype}, {k.dtype}, {v.dtype}: the kernels take one"
+    if not v.shape[-1] == q.shape[-1] <= 256:
+        return f"head dims {q.shape[-1]} (query / key) and {v.shape[-1]} (value): the kernels take one, up to 256"
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return f"{q.shape[2]} queries and {k.shape[2]} keys: nothing to run a kernel on"
+    return None
 
 
 def _hook_band(call: FlexCall, opts: kernel_options.KernelOptions | None = None) -> Band | None:
@@ -114,6 +126,150 @@ def _hook_band(call: FlexCall, opts: kernel_options.KernelOptions | None = None)
     if call.band is None or call.score is None or not (opts or kernel_options.current()).flex_bands:
         return None
     return call.band
+
+
+_NOT_A_BAND = ("the mask is not a band (no mask, or the blocks attend's create_block_mask built from a causal / "
+               "sliding-window mask_mod), or a key batch of 1 is broadcast")
+
+
+def _hook_band_refusal(call: FlexCall, opts: kernel_options.KernelOptions) -> str | None:
+    """Why ``_hook_band`` gives no band (None where it gives one)."""
+    if call.band is None:
+        return _NOT_A_BAND
+    if call.score is None:
+        return "no score_mod: the dense kernels serve a band alone"
+    if not opts.flex_bands:
+        return "KernelOptions.flex_bands is off"
+    return None
+
+
+def _band_refusal(call: FlexCall, opts: kernel_options.KernelOptions) -> str | None:
+    """Why ``_band_route`` (a band mask and no score_mod on attend's dense kernels) declines the
+    call, or None where it takes it (the core's flex mode must also take it: ``_unfusable``)."""
+    if call.band is None:
+        return _NOT_A_BAND
+    if call.score is not None:
+        return "a score_mod: the dense kernels call no hook"
+    if call.want_max:
+        return "max_scores asked: the dense kernels keep no row max"
+    if call.kernel_options:
+        return "kernel_options given: they tune the flex kernel"
+    if not opts.flex_bands:
+        return "KernelOptions.flex_bands is off"
+    return _unfusable(call)
+
+
+def _gluon_refusal(call: FlexCall, opts: kernel_options.KernelOptions) -> str | None:
+    """Why the band hooks' forward does not try the Gluon forward first (None where it does; the
+    launch still checks the layouts, ``launch.flex_band_gluon_layouts``)."""
+    from ..kernels import launch
+
+    if call.want_max:
+        return "max_scores asked: the Gluon forward keeps no row max"
+    if call.kernel_options:
+        return "kernel_options given: they tune the core's flex kernel"
+    return launch.flex_band_gluon_refusal(call.query, call.key, opts)
+
+
+# Where a flex call's forward runs, fastest first: ``forward_path`` picks one, ``run`` runs it.
+FORWARD_PATHS = {
+    "band": "attend's dense kernels over the mask's band: no list read, no mask or score work per block",
+    "gluon_hooks": "the Hopper Gluon forward with the score hooks over the mask's band",
+    "band_hooks": "the Triton core with the score hooks over the mask's band (no list read, no mask hook)",
+    "lists": "the Triton core walking the BlockMask's lists, the mask_mod on partial blocks only",
+    "blocked": "the blocked torch-ops path (no Triton kernel)",
+}
+BACKWARD_PATHS = {
+    "dense": "the dense kernels' backward over the band",
+    "gluon_dkdv": "dK / dV from the Hopper Gluon kernel with the score hooks, dQ and the captures' gradients "
+                  "from the Triton core's dQ programs",
+    "core": "the Triton core's flex backward (dK / dV and dQ programs; the captures' gradients from the dQ "
+            "programs)",
+    "blocked": "the blocked path's autograd (a recomputation where the forward was fused)",
+}
+
+
+@dataclass
+class FlexRoute:
+    """Where a flex call runs, forward and backward, and why each faster path declined it
+    (``attend.flex_attention.explain``); ``str()`` prints it."""
+
+    call: str
+    forward: str  # a FORWARD_PATHS key
+    forward_declined: dict  # faster path -> why not
+    backward: str | None  # a BACKWARD_PATHS key; None where no input needs a gradient
+    backward_declined: dict
+    notes: list
+
+    def __str__(self) -> str:
+        lines = [f"call: {self.call}", f"forward: {self.forward}: {FORWARD_PATHS[self.forward]}"]
+        lines += [f"  not {path}: {why}" for path, why in self.forward_declined.items()]
+        if self.backward is None:
+            lines.append("backward: none (no input needs a gradient)")
+        else:
+            lines.append(f"backward: {self.backward}: {BACKWARD_PATHS[self.backward]}")
+            lines += [f"  not {path}: {why}" for path, why in self.backward_declined.items()]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _band_text(band: Band) -> str:
+    if band.left < 0 and band.right < 0:
+        return "every key"
+    side = "bottom-right" if band.bottom_right else "top-left"
+    if band.left < 0:
+        return f"causal ({side}{f', {band.right} keys past the diagonal' if band.right else ''})"
+    right = "the diagonal" if band.right == 0 else "no right bound" if band.right < 0 else f"{band.right} past it"
+    return f"a window of {band.left} keys before the diagonal to {right} ({side})"
+
+
+def route(call: FlexCall, grad: bool, what: str) -> FlexRoute:
+    """The ``FlexRoute`` of ``call`` under the options in force, described as ``what``; ``grad``:
+    some input needs a gradient. The paths are ``forward_path`` / ``backward_path``'s, as ``run``
+    and ``gradients`` take them, with the Gluon forward's layout check (``launch.flex_band_gluon_layouts``,
+    which the launch makes) asked here too."""
+    from ..kernels import launch
+
+    opts = kernel_options.current()
+    fwd, declined = forward_path(call, opts)
+    if fwd == "gluon_hooks" and not launch.flex_band_gluon_layouts(call.query, call.key, call.value, call.band, opts):
+        fwd, declined["gluon_hooks"] = "band_hooks", (
+            "the layouts: it takes contiguous tensors, or a model's (B, S, H, D) views as packed sequences "
+            "(ws.eligible)")
+    routed = dataclasses.replace(call, path=fwd)
+    cap_grads = grad and any(t.requires_grad for t in routed.score_captures)
+    bwd, bdeclined = backward_path(routed, cap_grads, opts) if grad else (None, {})
+    notes = []
+    if call.band is not None:
+        notes.append(f"the mask is a band: {_band_text(call.band)}")
+    if fwd in ("band_hooks", "lists", "blocked") and call.want_max:
+        notes.append("max_scores asked: the row max is computed and stored")
+    return FlexRoute(what, fwd, declined, bwd, bdeclined, notes)
+
+
+def forward_path(call: FlexCall, opts: kernel_options.KernelOptions) -> tuple[str, dict[str, str]]:
+    """(the ``FORWARD_PATHS`` entry ``run`` takes for ``call`` under ``opts``, {each faster path: why it
+    declined the call}). "gluon_hooks" is the Gluon forward's turn: where its layout check refuses
+    at the launch, the call runs "band_hooks" (``explain`` asks that check too)."""
+    declined = {}
+    why = _band_refusal(call, opts)
+    if why is None:
+        return "band", declined
+    declined["band"] = why
+    why = _unfusable(call)
+    if why is None and launch_tiles(call) is None:
+        why = f"no tile of at least 16 fits the BlockMask's BLOCK_SIZE {tuple(call.blocks.BLOCK_SIZE)}"
+    if why is not None:
+        declined.update(gluon_hooks=why, band_hooks=why, lists=why)
+        return "blocked", declined
+    why = _hook_band_refusal(call, opts)
+    if why is not None:
+        declined.update(gluon_hooks=why, band_hooks=why)
+        return "lists", declined
+    why = _gluon_refusal(call, opts)
+    if why is None:
+        return "gluon_hooks", declined
+    declined["gluon_hooks"] = why
+    return "band_hooks", declined
 
 
 def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps):
@@ -129,8 +285,8 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps):
     if call.mask is not None and band is None:
         mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
-    if band is not None and not call.want_max and not call.kernel_options:  # (the Gluon forward keeps no max)
-        res = launch.flex_band_gluon(q, k, v, call.scale, score, band)
+    if call.path == "gluon_hooks":  # None where its layout check refuses: the core's band hooks then
+        res = launch.forward(q, k, v, None, 0.0, band, call.scale, 0, score=score)
         if res is not None:
             PATHS["band_hooks_gluon"] += 1
             return res[0], res[1], None
@@ -318,19 +474,46 @@ class _FusedForward(torch.autograd.Function):
             return (None, *gradients(ctx.call, dout, dlse, ctx.saved_tensors, ctx.needs_input_grad[1:]))
 
 
+def backward_path(call: FlexCall, cap_grads: bool, opts: kernel_options.KernelOptions) -> tuple[str, dict[str, str]]:
+    """(the ``BACKWARD_PATHS`` entry of ``call``'s backward under ``opts``, {each faster path: why it
+    declined}); ``cap_grads``: a score capture needs a gradient. ``call.path`` "band" and "blocked"
+    keep their forward's autograd; a call whose forward path is not chosen (the torch.compile op's
+    backward) is taken as fused where the core takes it."""
+    from ..kernels import launch
+
+    if call.path == "band":
+        return "dense", {}
+    declined = {}
+    why = "the forward ran on the blocked path" if call.path == "blocked" else _unfusable(call)
+    if why is None and cap_grads and torch.are_deterministic_algorithms_enabled():
+        why = "deterministic mode and a captured tensor that needs a gradient (the kernels scatter it by atomics)"
+    band = _hook_band(call, opts)
+    if why is None and launch.flex_bwd_tiles(call.query, call.key, call.blocks, opts, call.kernel_options,
+                                             lists=band is None) is None:
+        why = f"no backward tile of at least 16 fits the BlockMask's BLOCK_SIZE {tuple(call.blocks.BLOCK_SIZE)}"
+    if why is not None:
+        declined.update(gluon_dkdv=why, core=why)
+        return "blocked", declined
+    why = launch.flex_band_dkdv_refusal(opts, call.query, call.key, call.value, call.query, band,
+                                        call.score is not None, call.kernel_options)
+    if why is None:
+        return "gluon_dkdv", declined
+    declined["gluon_dkdv"] = why
+    return "core", declined
+
+
 def gradients(call: FlexCall, dout, dlse, saved, needs) -> list:
     """Gradients of a flex call for ``saved = (q, k, v, out, lse, *score captures, *mask captures)``
     (out / lse: the forward's), one per ``needs`` flag (q, k, v, then each capture), None where not
-    needed. The core's flex backward where the core ran the forward (``_fusable``), unless
-    deterministic mode meets a score capture that needs a gradient (scattered by atomics); else a
-    recomputation through the blocked path's autograd (deterministic)."""
+    needed: the core's flex backward (with the Gluon dK / dV kernel where it serves) or a
+    recomputation through the blocked path's autograd (deterministic), as ``backward_path`` says."""
     q, k, v, out, lse, *caps = saved
     needs = list(needs)
     n = len(call.score_captures)
     cap_grads = needs[3:3 + n]
-    if _fusable(call) and not (any(cap_grads) and torch.are_deterministic_algorithms_enabled()):
+    if backward_path(call, any(cap_grads), kernel_options.current())[0] != "blocked":
         res = _backward_kernel(call, dout, dlse, q, k, v, out, lse, caps[:n], caps[n:], cap_grads)
-        if res is not None:
+        if res is not None:  # (backward_path checked that a tile fits)
             PATHS["fused_backward"] += 1
             dq, dk, dv, dcaps = res
             return [dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, *dcaps,
@@ -350,12 +533,8 @@ def gradients(call: FlexCall, dout, dlse, saved, needs) -> list:
 
 
 def _fused(call: FlexCall):
-    """The fused Triton core's flex mode (kernels.launch.flex_forward): (out, lse, max_scores),
-    or None to decline the call (``_fusable``, or no tile fits the BlockMask's BLOCK_SIZE)."""
-    if not _fusable(call):
-        return None
-    if launch_tiles(call) is None:
-        return None
+    """The fused Triton core's flex mode (kernels.launch.flex_forward, or the Gluon forward on the
+    "gluon_hooks" path): (out, lse, max_scores), for a call ``forward_path`` sent here."""
     caps = [*call.score_captures, *call.mask_captures]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (call.query, call.key, call.value, *caps)):
         res = _FusedForward.apply(call, call.query, call.key, call.value, *caps)
@@ -373,13 +552,8 @@ def launch_tiles(call: FlexCall):
 
 def _band_route(call: FlexCall):
     """A band mask and no score_mod (``call.band``, set by flex_attention where the BlockMask is
-    its mask's exact blocks): attend's dense fused path over that band, (out, lse, None); None to
-    decline (``KernelOptions.flex_bands`` off, max_scores or kernel_options asked, the core's flex
-    mode would not take the call either)."""
-    if call.band is None or call.score is not None or call.want_max or call.kernel_options:
-        return None
-    if not kernel_options.current().flex_bands or not _fusable(call):
-        return None
+    its mask's exact blocks) on attend's dense fused path over that band: (out, lse, None), for a
+    call ``forward_path`` sent here (``_band_refusal``)."""
     from ..ops.attention import fused_attention
 
     out, lse = fused_attention(call.query, call.key, call.value, None, 0.0, call.band, call.scale, "triton")
@@ -389,16 +563,16 @@ def _band_route(call: FlexCall):
 
 def run(call: FlexCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(out [B, Hq, L, Ev], lse [B, Hq, L] natural log, max_scores [B, Hq, L]; None on the fused
-    paths where ``call.want_max`` is off, the blocked path computing it always). The options in
-    force are read once for the call (``kernel_options.hold``)."""
+    paths where ``call.want_max`` is off, the blocked path computing it always), on the path
+    ``forward_path`` picks (kept in ``call.path``). The options in force are read once for the call
+    (``kernel_options.hold``)."""
     token = kernel_options.hold()
     try:
-        res = _band_route(call)
-        if res is not None:
-            return res
-        res = _fused(call)
-        if res is not None:
-            return res
+        call.path = forward_path(call, kernel_options.current())[0]
+        if call.path == "band":
+            return _band_route(call)
+        if call.path != "blocked":
+            return _fused(call)
         PATHS["blocked"] += 1
         return eager.attention(call.query, call.key, call.value, call.score, call.score_captures, call.mask,
                                call.mask_captures, call.blocks, call.scale)

@@ -889,11 +889,40 @@ def flex_band_gluon(q, k, v, scale: float, score, band: Band, options: KernelOpt
     model's row views as packed sequences). The lse of row views is strided
     (``_layout.rows_lse``), as the dense forward's."""
     opts = resolve(options)
-    if not (opts.flex_gluon and opts.fwd_ws and q.shape[2] >= ws.BLOCK_M and k.shape[2] > 0 and _gluon_device(q)):
+    if flex_band_gluon_refusal(q, k, opts) is not None:
         return None  # (the cheap half of ws.eligible first: forward allocates before it asks)
-    if q.shape[3] != ws.HEAD_DIM or q.dtype not in ws.GL_DTYPE or not versions.usable("gluon_flex_forward"):
-        return None
     return forward(q, k, v, None, 0.0, band, scale, 0, opts, score=score)
+
+
+def flex_band_gluon_refusal(q, k, options: KernelOptions | dict | None = None) -> str | None:
+    """Why ``flex_band_gluon`` declines a call on q / k before it reads the layouts (``ws.eligible``,
+    in ``forward``), or None where it goes on to them."""
+    opts = resolve(options)
+    if not (opts.flex_gluon and opts.fwd_ws):
+        return f"KernelOptions.{'flex_gluon' if not opts.flex_gluon else 'fwd_ws'} is off"
+    if not _gluon_device(q):
+        return versions.GLUON_ERROR or f"{q.device} is not an sm_90 GPU"
+    if q.shape[2] < ws.BLOCK_M or k.shape[2] == 0:
+        return (f"{q.shape[2]} queries and {k.shape[2]} keys: it takes at least one tile of {ws.BLOCK_M} queries "
+                "(a decode step or a short chunk keeps the core's decode tiles) and a key")
+    if q.shape[3] != ws.HEAD_DIM or q.dtype not in ws.GL_DTYPE:
+        return f"head dim {q.shape[3]} in {q.dtype}: it takes {ws.HEAD_DIM} in fp16 / bf16"
+    if not versions.usable("gluon_flex_forward"):
+        return versions.experimental_status()["gluon_flex_forward"]
+    return None
+
+
+def flex_band_gluon_layouts(q, k, v, band: Band, options: KernelOptions | dict | None = None) -> bool:
+    """Whether ``forward`` (``flex_band_gluon``'s) serves these layouts on the Gluon forward with the
+    score hooks: ``ws.eligible`` on the tensors as ``forward`` hands them over (a model's row views
+    as packed sequences where ``_rows_packed`` says so). For ``explain``; the launch asks inside
+    ``_forward``."""
+    opts = resolve(options)
+    L = q.shape[2]
+    packed = _rows_packed(opts, q, k, v, band=band) if rows_call(q, k, v, None, 0.0) else None
+    if packed is not None:
+        q, k, v = packed4(_tokens(q)), _tokens(k), _tokens(v)
+    return ws.eligible(q, k, v, None, (0, 0, 0, 0), False, 0.0, packed, L, q_rows=opts.rows_q_gluon)
 
 
 def _flex_tma(k, v, options: KernelOptions | dict | None, kernel_options: dict | None) -> bool:
@@ -948,21 +977,38 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
 
 def _flex_band_dkdv(options, q, k, v, dout, band: Band | None, score, kernel_options) -> bool:
     """Whether ``flex_backward`` takes dK / dV from the Gluon kernel (ws_bwd.py) with the score
-    hooks: a band's loops with a score_mod whose captures need no gradient (the core scatters
-    those), no kernel_options, KernelOptions.flex_gluon and bwd_ws on and flex_bwd_split off, an
-    sm_90 device, the dense backward's sequence bucket rule for that kernel
-    (``configs.WS_BWD_MIN_SEQ_BUCKET``) and ``ws_bwd.eligible``'s dense contiguous tensors (k / v
-    of q's batch)."""
+    hooks (``flex_band_dkdv_refusal``)."""
+    return flex_band_dkdv_refusal(options, q, k, v, dout, band, score is not None, kernel_options) is None
+
+
+def flex_band_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, kernel_options) -> str | None:
+    """Why ``flex_backward`` does not take dK / dV from the Gluon kernel with the score hooks, or None
+    where it does: a band's loops with a score_mod (``score``; the captures' gradients come from the
+    core's dQ programs, which visit each (query, key) pair once), no kernel_options,
+    KernelOptions.flex_gluon and bwd_ws on and flex_bwd_split off, an sm_90 device, the dense
+    backward's sequence bucket rule for that kernel (``configs.WS_BWD_MIN_SEQ_BUCKET``) and
+    ``ws_bwd.eligible``'s dense contiguous tensors (k / v of q's batch)."""
     opts = resolve(options)
-    if band is None or score is None or score[2] or kernel_options or not (opts.flex_gluon and opts.bwd_ws):
-        return False
-    if opts.flex_bwd_split or not _gluon_device(q) or not versions.usable("gluon_flex_dkdv"):
-        return False
+    if band is None or not score:
+        return "it serves a score_mod over a band only"
+    if kernel_options:
+        return "kernel_options given: they tune the core's flex backward"
+    if not (opts.flex_gluon and opts.bwd_ws) or opts.flex_bwd_split:
+        off = "flex_gluon" if not opts.flex_gluon else "bwd_ws" if not opts.bwd_ws else None
+        return f"KernelOptions.{off} is off" if off else "KernelOptions.flex_bwd_split is on"
+    if not _gluon_device(q):
+        return versions.GLUON_ERROR or f"{q.device} is not an sm_90 GPU"
+    if not versions.usable("gluon_flex_dkdv"):
+        return versions.experimental_status()["gluon_flex_dkdv"]
     L, S = q.shape[2], k.shape[2]
     min_bucket = WS_BWD_MIN_SEQ_BUCKET if opts.bwd_ws_min_seq_bucket is None else opts.bwd_ws_min_seq_bucket
     if ws_backward(block_d(q.shape[3]), seq_bucket(max(L, S)), min_bucket) is None:
-        return False
-    return k.shape[0] == q.shape[0] and ws_bwd.eligible(q, k, v, dout, None, 0.0, None, L, S)
+        return (f"{max(L, S)} tokens at head dim {q.shape[3]}: no tuning rule takes it there (below the sequence "
+                "bucket where it was measured faster, or a head dim it has no rule for; docs/kernels.md)")
+    if k.shape[0] != q.shape[0] or not ws_bwd.eligible(q, k, v, dout, None, 0.0, None, L, S):
+        return ("the layouts: it takes contiguous (B, H, L, 128) fp16 / bf16 tensors with k / v of q's batch "
+                "(a model's views keep the core's backward)")
+    return None
 
 
 def _specialized_as(t: torch.Tensor) -> tuple:
