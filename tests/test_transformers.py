@@ -747,6 +747,7 @@ def test_decode_past_the_window_builds_no_block_mask(monkeypatch):
     assert_fused_flex(runs(), forwards=1)
     said = at.explain(q, k, v, None, scaling=0.3, softcap=2.5, sliding_window=W)
     assert said.startswith("route: flex") and f"mask the last {W} keys (a decode step past the sliding window)" in said, said
+    assert "\nforward: " in said and "\nbackward: none" in said, said  # flex_attention.explain's route
     allowed = (torch.arange(S) > S - 1 - W).view(1, 1, 1, S).expand(B, 1, 1, S).to(DEVICE)
     refs = [_reference(*(t.to(dt) for t in (q, k, v)), allowed, 0.3, 2.5, None, None)
             for dt in (torch.float64, torch.float32)]

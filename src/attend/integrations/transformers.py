@@ -87,6 +87,7 @@ from attend._hostcache import version
 from attend.bias import causal_lower_right
 from attend.flex_attention import AuxRequest as FlexAuxRequest
 from attend.flex_attention import and_masks, create_block_mask, flex_attention
+from attend.flex_attention import explain as flex_explain
 from attend.varlen import AuxRequest, varlen_attn
 
 __all__ = ["NAME", "PAGED_NAME", "FUSED", "BLOCK_MASK_CACHE_SIZE", "UnfusedFeatureWarning", "attention_forward",
@@ -632,8 +633,8 @@ def _decode_window(call: _Call, q, k, v) -> tuple:
     return call, k, v
 
 
-def _flex(call: _Call, q, k, v, mask, scale, softcap, s_aux, kwargs) -> torch.Tensor:
-    """flex_attention for the call: ``(B, L, H, D)``."""
+def _flex_args(call: _Call, q, k, v, mask, scale, softcap, s_aux, kwargs) -> tuple:
+    """(flex_attention's positional arguments, its keyword arguments) for the call."""
     call, k, v = _decode_window(call, q, k, v)
     B, H, L, _ = q.shape
     S = k.shape[-2]
@@ -642,8 +643,14 @@ def _flex(call: _Call, q, k, v, mask, scale, softcap, s_aux, kwargs) -> torch.Te
     if call.mask_kind in ("keys", "dense") and mask.dtype != torch.bool:
         additive = mask.detach().expand(B, H, L, S)
     aux = FlexAuxRequest(lse=True) if s_aux is not None else None
-    res = flex_attention(q, k, v, score_mod=_score_mod(softcap, additive), block_mask=_block_mask(fm, L, S, q.device),
-                         scale=None if scale is None else float(scale), enable_gqa=H != k.shape[1], return_aux=aux)
+    return (q, k, v), dict(score_mod=_score_mod(softcap, additive), block_mask=_block_mask(fm, L, S, q.device),
+                           scale=None if scale is None else float(scale), enable_gqa=H != k.shape[1], return_aux=aux)
+
+
+def _flex(call: _Call, q, k, v, mask, scale, softcap, s_aux, kwargs) -> torch.Tensor:
+    """flex_attention for the call: ``(B, L, H, D)``."""
+    args, flex_kwargs = _flex_args(call, q, k, v, mask, scale, softcap, s_aux, kwargs)
+    res = flex_attention(*args, **flex_kwargs)
     if s_aux is None:
         return res.transpose(1, 2)
     out, aux_out = res
@@ -966,6 +973,7 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
                                         is_causal=call.causal and L == S and mask is None, scale=scaling,
                                         enable_gqa=query.shape[1] != key.shape[1])))
     elif call.route == "flex":
+        args, flex_kwargs = _flex_args(call, query, key, value, attention_mask, scaling, softcap, s_aux, kwargs)
         window = call.window
         call, key, value = _decode_window(call, query, key, value)
         fm = _flex_mask(call, query, key, attention_mask, kwargs)
@@ -976,9 +984,8 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
             ["+ the additive mask"] if call.mask_kind in ("keys", "dense") and attention_mask.dtype != torch.bool
             else [])
         lines.append(f"flex_attention: score_mod {' '.join(mods) or 'none'}; mask {fm.what}"
-                     + ("; sinks merged by the lse" if s_aux is not None else "")
-                     + ". The Triton core's flex mode runs it on CUDA (fp16, bf16, fp32) and on CPU tensors under "
-                       "TRITON_INTERPRET=1 (fp16, fp32); flex's blocked torch path runs the rest")
+                     + ("; sinks merged by the lse" if s_aux is not None else ""))
+        lines.append(str(flex_explain(*args, **flex_kwargs)))
     return "\n".join(lines)
 
 
