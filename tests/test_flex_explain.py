@@ -115,7 +115,7 @@ def test_explain_names_the_path_the_call_takes(name):
     if DEVICE == "cpu":
         assert (route.forward, route.backward) == cpu_paths, str(route)
         if route.forward == "band_hooks":
-            assert "not an sm_90 GPU" in route.forward_declined["gluon_hooks"] or "kernel_options" in str(route) \
+            assert "not on an sm_90 GPU" in route.forward_declined["gluon_hooks"] or "kernel_options" in str(route) \
                 or "max_scores" in str(route)
     if name == "kernel_options":
         assert "kernel_options given" in route.forward_declined["gluon_hooks"]

@@ -901,7 +901,7 @@ def flex_band_gluon_refusal(q, k, options: KernelOptions | dict | None = None) -
     if not (opts.flex_gluon and opts.fwd_ws):
         return f"KernelOptions.{'flex_gluon' if not opts.flex_gluon else 'fwd_ws'} is off"
     if not _gluon_device(q):
-        return versions.GLUON_ERROR or f"{q.device} is not an sm_90 GPU"
+        return versions.GLUON_ERROR or f"{q.device.type} tensors, not on an sm_90 GPU"
     if q.shape[2] < ws.BLOCK_M or k.shape[2] == 0:
         return (f"{q.shape[2]} queries and {k.shape[2]} keys: it takes at least one tile of {ws.BLOCK_M} queries "
                 "(a decode step or a short chunk keeps the core's decode tiles) and a key")
@@ -997,7 +997,7 @@ def flex_band_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: boo
         off = "flex_gluon" if not opts.flex_gluon else "bwd_ws" if not opts.bwd_ws else None
         return f"KernelOptions.{off} is off" if off else "KernelOptions.flex_bwd_split is on"
     if not _gluon_device(q):
-        return versions.GLUON_ERROR or f"{q.device} is not an sm_90 GPU"
+        return versions.GLUON_ERROR or f"{q.device.type} tensors, not on an sm_90 GPU"
     if not versions.usable("gluon_flex_dkdv"):
         return versions.experimental_status()["gluon_flex_dkdv"]
     L, S = q.shape[2], k.shape[2]
