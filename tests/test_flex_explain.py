@@ -157,3 +157,19 @@ def test_explain_checks_arguments_as_the_call_does():
     bm = flex.create_block_mask(_causal, None, None, N, N, device=DEVICE)
     with pytest.raises(ValueError, match="block_mask was created for"):
         flex.explain(q[:, :, :64], k, v, block_mask=bm)
+
+
+def test_a_gluon_that_does_not_import_leaves_the_core(monkeypatch):
+    """Where the Gluon kernels do not import (a Triton without the Gluon API attend uses), a score_mod
+    over a band runs on the core's hooks, and explain gives the import error as the reason."""
+    from attend.kernels import launch, versions
+
+    monkeypatch.setattr(launch, "ws", None)
+    monkeypatch.setattr(launch, "ws_bwd", None)
+    monkeypatch.setattr(versions, "GLUON_ERROR", "the Gluon kernels do not import on Triton x.y (test)")
+    q, k, v = _inputs(4)
+    bm = flex.create_block_mask(_causal, None, None, N, N, device=DEVICE)
+    route = _run_and_compare(q, k, v, _softcap, bm, {}, False)
+    assert (route.forward, route.backward) == ("band_hooks", "core"), str(route)
+    assert "do not import" in route.forward_declined["gluon_hooks"]
+    assert "do not import" in route.backward_declined["gluon_dkdv"]
