@@ -286,7 +286,7 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps):
         mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
     if call.path == "gluon_hooks":  # None where its layout check refuses: the core's band hooks then
-        res = launch.forward(q, k, v, None, 0.0, band, call.scale, 0, score=score)
+        res = launch.flex_band_gluon(q, k, v, call.scale, score, band)
         if res is not None:
             PATHS["band_hooks_gluon"] += 1
             return res[0], res[1], None
