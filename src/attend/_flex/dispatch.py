@@ -123,9 +123,7 @@ def _hook_band(call: FlexCall, opts: kernel_options.KernelOptions | None = None)
     """The band the core's kernels walk with the score hooks instead of the lists and the mask
     hook (``call.band``, a score_mod, ``KernelOptions.flex_bands`` on in ``opts``, default the
     options in force); None: the lists."""
-    if call.band is None or call.score is None or not (opts or kernel_options.current()).flex_bands:
-        return None
-    return call.band
+    return None if _hook_band_refusal(call, opts or kernel_options.current()) else call.band
 
 
 _NOT_A_BAND = ("the mask is not a band (no mask, or the blocks attend's create_block_mask built from a causal / "
