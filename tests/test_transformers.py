@@ -754,6 +754,21 @@ def test_decode_past_the_window_builds_no_block_mask(monkeypatch):
     assert_scaled(out.transpose(1, 2), *refs, "decode past the window")
 
 
+def test_explain_finds_a_packed_batch_in_position_ids_as_the_call_does():
+    """A packed batch that reaches the attention call without a mask (a cache was passed) is found
+    from its restarting ``position_ids`` by ``attention_forward``; ``explain`` plans the same call."""
+    g = torch.Generator().manual_seed(17)
+    q, k, v = (torch.randn(1, 12, 2, 16, generator=g).transpose(1, 2).to(DEVICE) for _ in range(3))
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None].to(DEVICE)
+    assert at.explain(q, k, v, None, position_ids=pos).startswith("route: varlen (mask packed"), pos
+    assert at.explain(q, k, v, None).startswith("route: sdpa (mask none")  # no restart: one sequence
+    out, _ = at.attention_forward(torch.nn.Module(), q, k, v, None, position_ids=pos)
+    refs = [torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(t[:, :, a:b].to(dt) for t in (q, k, v)), is_causal=True) for a, b in ((0, 5), (5, 12))], dim=2)
+        for dt in (torch.float64, q.dtype)]
+    assert_scaled(out.transpose(1, 2), *refs, "packed by position_ids")
+
+
 def test_block_masks_are_built_once_per_mask(monkeypatch):
     """transformers calls the attention function once per layer with the same mask: the BlockMask
     is built once per mask (and per window), rebuilt when the mask tensor changes."""

@@ -338,6 +338,14 @@ def _packed_from_positions(query, key, position_ids) -> torch.Tensor | None:
     return _memo(position_ids, "positions", build)
 
 
+def _mask_or_packing(query, key, attention_mask, kwargs: dict):
+    """The mask a call is planned with: the model's, or where it passed none (and no sequence
+    lengths), the packed batch's sequence ids that ``position_ids`` reveal (``_packed_from_positions``)."""
+    if attention_mask is None and kwargs.get("cu_seq_lens_q") is None:
+        return _packed_from_positions(query, key, kwargs.get("position_ids"))
+    return attention_mask
+
+
 def _kwargs_packing(kwargs: dict) -> _Packing:
     def as_int(x):
         return int(x.max()) if isinstance(x, torch.Tensor) else int(x)
@@ -861,8 +869,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if 0 in query.shape:
         raise ValueError(f"attend: query has a zero-size dim, shape {tuple(query.shape)}")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is None and kwargs.get("cu_seq_lens_q") is None:
-        attention_mask = _packed_from_positions(query, key, kwargs.get("position_ids"))
+    attention_mask = _mask_or_packing(query, key, attention_mask, kwargs)
     call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
                  softcap=softcap, s_aux=s_aux, is_causal=is_causal)
     gqa = query.shape[1] != key.shape[1]
@@ -957,6 +964,7 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
     """Which route (SDPA, varlen_attn, flex_attention or the unfused path) an attention call with
     these arguments takes, why, and: for SDPA calls ``attend.explain``'s backend table; for flex
     calls the score_mod and the mask its BlockMask describes."""
+    attention_mask = _mask_or_packing(query, key, attention_mask, kwargs)
     call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
                  softcap=softcap, s_aux=s_aux, is_causal=is_causal)
     lines = [str(call)]
