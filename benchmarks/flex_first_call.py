@@ -51,7 +51,8 @@ def _mod(depth: int):
 
 
 VARIANTS = {  # name -> KernelOptions changes
-    "warmup on": dict(flex_bwd_precompile=True),
+    "warmup on": dict(flex_bwd_precompile=True),  # its compiles in forked processes (compile_fork)
+    "warmup on threads": dict(flex_bwd_precompile=True, compile_fork=False),
     "warmup off": dict(flex_bwd_precompile=False),
     "split backward": dict(flex_bwd_precompile=True, flex_bwd_split=True),  # two kernels, warmed up side by side
 }

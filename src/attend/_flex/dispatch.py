@@ -4,8 +4,10 @@
 :func:`_fused` runs the Triton core's flex mode (forward ``launch.flex_forward``, backward
 ``launch.flex_backward``; docs/flex.md); the calls it declines run the blocked torch path
 (:mod:`.eager`). A forward that autograd will differentiate starts compiling its backward's kernel
-on a worker thread before its own kernel compiles (:func:`_backward_warmup`): Triton's compiler
-releases the GIL, so a new mod's first forward and backward pay for about one compile, not two.
+on a worker thread before its own kernel compiles (:func:`_backward_warmup`), which hands each of
+the backward's compiles to a forked process (kernels/forkcompile.py: Triton's compiler holds the GIL
+through most of a build), so a new mod's first forward and backward pay for about one compile, not
+three.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -330,7 +333,11 @@ def _backward_kernel(call: FlexCall, dout, dlse, q, k, v, out, lse, score_caps, 
 
 # The backward's kernels compile on these threads while the forward's compiles on the caller's (two:
 # KernelOptions.flex_bwd_split builds the backward's two launches side by side).
-_WARMUP_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="attend-flex-warmup")
+_WARMUP_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="attend-flex-warmup")
+# How long a forward waits for its warmup threads to hand their compiles to forked children
+# (KernelOptions.compile_fork) before compiling its own kernel: the launch's Python, tens of ms;
+# started later, a child would wait for the GIL through the forward's compile.
+_FORK_START_WAIT_S = 0.5
 # Warmups started, by what selects the backward's kernels (``_warmup_key``): their Futures while
 # they run, None once done (a warm process starts none, and keeps no finished Future alive).
 _WARMUPS: dict[tuple, list[concurrent.futures.Future] | None] = {}
@@ -402,11 +409,15 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     # the JITs' per-device caches, made here once: two threads (the split's two, or a warmup and the
     # caller's own launches) must not both create one
     _device_cache(q)
+    started = []
     try:
         for part in parts:
-            futs.append(_WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts, part))
+            started.append(threading.Event())
+            futs.append(_WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts, part, started[-1]))
     except RuntimeError:  # the interpreter is shutting down (a thread outlives the main one), or no thread starts
         return futs or None  # what started; the rest compiles when the backward runs, as with the knob off
+    for ev in started:
+        ev.wait(_FORK_START_WAIT_S)
     warmups = _WARMUPS  # the callbacks write where the key was recorded, whatever replaces it since
     warmups[key] = futs
 
@@ -433,14 +444,25 @@ def _device_cache(q: torch.Tensor) -> None:
 
 
 def _warm_backward(call: FlexCall, q, k, v, score, mask, opts: kernel_options.KernelOptions,
-                   part: bool | str = True) -> None:
+                   part: bool | str = True, started: threading.Event | None = None) -> None:
     """A warmup thread's work: launch.flex_backward's warmup (compile, launch nothing) of ``part``
-    (True: every launch) on q's device."""
-    from ..kernels import launch
+    (True: every launch) on q's device, each compile in a forked child where
+    ``KernelOptions.compile_fork`` allows (kernels/forkcompile.py); ``started`` is set once the
+    compiles are handed to the children (at once where they run on this thread)."""
+    from ..kernels import forkcompile, launch
 
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        launch.flex_backward(None, q, k, v, None, None, None, call.blocks, call.scale, score, mask, options=opts,
-                             kernel_options=call.kernel_options, warmup=part, band=_hook_band(call, opts))
+    try:
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext(), \
+                forkcompile.compiling_elsewhere(opts.compile_fork) as forked:
+            if not forked and started is not None:
+                started.set()
+            launch.flex_backward(None, q, k, v, None, None, None, call.blocks, call.scale, score, mask, options=opts,
+                                 kernel_options=call.kernel_options, warmup=part, band=_hook_band(call, opts))
+            if started is not None:
+                started.set()
+    finally:
+        if started is not None:
+            started.set()
 
 
 class _FusedForward(torch.autograd.Function):

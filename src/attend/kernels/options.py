@@ -114,11 +114,15 @@ class KernelOptions:
     # finished Q buffer (ws.py); False: gl.store from registers.
     o_tma: bool = True
     # A flex forward that autograd will differentiate, on CUDA, first starts compiling its backward's
-    # kernel on a worker thread (``_flex.dispatch._backward_warmup``), so a new mod's two compiles
-    # overlap (Triton's compiler releases the GIL) instead of running one after the other, sm_90
+    # kernel on a worker thread (``_flex.dispatch._backward_warmup``), so a new mod's compiles
+    # overlap (in forked processes: ``compile_fork``) instead of running one after the other, sm_90
     # target: 2.0 s forward and 4.5 s backward one after the other, 4.5 s for both side by side
     # (docs/flex.md, Not yet). False: the backward compiles when it first runs.
     flex_bwd_precompile: bool = True
+    # The warmup's compiles run in processes forked from its thread (kernels/forkcompile.py), which
+    # hand each kernel back through Triton's disk cache, so they build beside the forward's compile
+    # instead of taking turns with it on the GIL. False: on the warmup threads themselves.
+    compile_fork: bool = True
     # The flex forward walks a BlockMask's partial and full key blocks in one loop, the mask_mod and
     # bounds masks under per-block branches (core's FULL_LIST), instead of three loops (partial,
     # full, a ragged full block), which leaves the shared memory of one pipeline and so room for

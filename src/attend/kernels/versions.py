@@ -88,6 +88,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=await_compile_key)
 
 
+# Triton's hook for compiling on an executor (``_do_compile`` hands the compile to the
+# ``AsyncCompileMode`` active on the thread): private, so looked up here; None where absent.
+# ``forkcompile`` uses it to build a warmup's kernels in forked children.
+try:
+    from triton.runtime import _async_compile as ASYNC_COMPILE
+
+    if not (hasattr(ASYNC_COMPILE, "AsyncCompileMode") and hasattr(ASYNC_COMPILE, "active_mode")):
+        ASYNC_COMPILE = None
+except ImportError:
+    ASYNC_COMPILE = None
+
+
 # Options every compile passes, so that builds agree across the range: FMA contraction on, as
 # Triton's default has been through 3.9 (3.9 warns that 3.10's default turns it off).
 COMPILE_OPTIONS = {"enable_fp_fusion": True}

@@ -1,0 +1,137 @@
+"""Triton compiles in forked processes: a warmup's kernels build beside the caller's own compile
+instead of taking turns with it on the GIL.
+
+Triton's compiler holds the GIL through most of a build (the AST-to-IR pass in Python, then the
+MLIR and LLVM passes; only ptxas runs as a subprocess), so compiles on threads overlap little. The
+causal Gluon forward and dK / dV kernels for sm_90 on a 2-core CPU (Triton 3.6, 2026-12-06): 2.59 s
+one after the other, 1.80 s on two threads, 1.30 s in two forked children (each kernel handed back
+through the cache). A new mod's first forward + backward compiles three kernels.
+
+``compiling_elsewhere()`` turns it on for the calling thread. Inside, each compile that Triton's JIT
+starts there goes through Triton's async-compile hook (``versions.ASYNC_COMPILE``) to
+``ForkExecutor``: a child forked from this thread runs the compile, which writes Triton's on-disk
+cache, and exits; then, on a reaper thread, the parent runs the very same compile, which is now a
+cache hit (a read of a few files). Leaving the block waits for every compile started in it and puts
+each kernel in its JIT cache, as a compile on the thread would. The JIT hashes the kernel's source
+before it submits the compile, so parent and child agree on the cache key (a hash first computed in
+the child can differ: Triton caches its dependencies' keys per process).
+
+Nothing depends on the child: where it fails, cannot fork, or outlives ``CHILD_TIMEOUT_S``, the
+parent's compile does the whole work (and raises the compiler's own error, if there is one). The
+child touches no CUDA and runs no code but Triton's compiler (a forked child of a CUDA process may
+not use CUDA); it exits by ``os._exit``, running no handler of the parent's.
+
+Where it is off: no ``os.fork`` (Windows), no async-compile hook in the installed Triton, Triton told
+to always compile (no disk cache to hand the kernel back through), and
+``KernelOptions.compile_fork`` off.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import threading
+import time
+import warnings
+from typing import Callable, Iterator
+
+from triton import knobs
+
+from .versions import ASYNC_COMPILE
+
+# A child still compiling after this long is killed and the parent compiles instead: a compile
+# that hangs (a lock another thread held at the fork) must cost time, never the call.
+CHILD_TIMEOUT_S = 300.0
+
+# What the children did in this process: "forked", "built" (the parent's compile then hit the
+# cache the child wrote), "failed" (the parent compiled itself). Tests and benchmarks read it.
+COUNTS = {"forked": 0, "built": 0, "failed": 0}
+
+
+def available() -> bool:
+    """Whether compiles can be handed to forked children here (see the module docstring)."""
+    return hasattr(os, "fork") and ASYNC_COMPILE is not None and not knobs.compilation.always_compile
+
+
+class ForkExecutor(concurrent.futures.Executor):
+    """An executor for Triton's async-compile hook: each ``submit(compile_fn)`` forks a child that
+    runs ``compile_fn`` and exits; the returned Future resolves to ``compile_fn()`` run again in the
+    parent once the child is gone (a disk-cache hit where the child succeeded)."""
+
+    def submit(self, fn: Callable, /, *args, **kwargs) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        pid = _fork(lambda: fn(*args, **kwargs))
+        threading.Thread(target=_reap, args=(pid, lambda: fn(*args, **kwargs), fut), daemon=True,
+                         name="attend-compile-reaper").start()
+        return fut
+
+
+def _fork(work: Callable[[], object]) -> int | None:
+    """Fork a child that runs ``work`` and exits (0 where it returned); its pid, or None where the
+    fork failed (then the parent does the work)."""
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns that a fork beside live threads may deadlock the child: the child
+            # runs only the compiler, and CHILD_TIMEOUT_S bounds a hang
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError:  # no memory for the child's page tables, a process limit
+        return None
+    if pid == 0:  # the child: compile, and leave without running anything of the parent's
+        code = 1
+        try:
+            work()
+            code = 0
+        except BaseException:  # noqa: BLE001 - the parent's compile reports the error
+            pass
+        finally:
+            os._exit(code)
+    COUNTS["forked"] += 1
+    return pid
+
+
+def _reap(pid: int | None, work: Callable[[], object], fut: concurrent.futures.Future) -> None:
+    """Wait for child ``pid`` (killed past CHILD_TIMEOUT_S), then resolve ``fut`` with ``work()``
+    run here: a cache hit where the child built the kernel, the whole compile where it did not."""
+    if pid is not None:
+        COUNTS["built" if _wait(pid, CHILD_TIMEOUT_S) else "failed"] += 1
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(work())
+    except BaseException as e:  # noqa: BLE001 - the compile's own error, for whoever waits
+        fut.set_exception(e)
+
+
+def _wait(pid: int, timeout: float) -> bool:
+    """Whether child ``pid`` exited with status 0 within ``timeout`` seconds (killed otherwise)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): its cache entry may be there
+            return False
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            return False
+        time.sleep(delay)
+        delay = min(2 * delay, 0.02)
+
+
+@contextlib.contextmanager
+def compiling_elsewhere(enabled: bool = True) -> Iterator[bool]:
+    """On this thread, hand each compile Triton's JIT starts to a forked child (``ForkExecutor``);
+    yields whether it does (``enabled`` and ``available()``; otherwise compiles run here as usual).
+    Leaving waits for those compiles and caches their kernels, raising the first compile error."""
+    if not (enabled and available()):
+        yield False
+        return
+    with ASYNC_COMPILE.AsyncCompileMode(ForkExecutor()):
+        yield True
