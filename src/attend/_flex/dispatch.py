@@ -6,7 +6,7 @@
 (:mod:`.eager`). A forward that autograd will differentiate starts compiling its backward's kernel
 on a worker thread before its own kernel compiles (:func:`_backward_warmup`), which hands each of
 the backward's compiles to a forked process (kernels/forkcompile.py: Triton's compiler holds the GIL
-through most of a build), so a new mod's first forward and backward pay for about one compile, not
+through its AST-to-IR pass), so a new mod's first forward and backward pay for about one compile, not
 three.
 """
 

@@ -1,11 +1,13 @@
 """Triton compiles in forked processes: a warmup's kernels build beside the caller's own compile
 instead of taking turns with it on the GIL.
 
-Triton's compiler holds the GIL through most of a build (the AST-to-IR pass in Python, then the
-MLIR and LLVM passes; only ptxas runs as a subprocess), so compiles on threads overlap little. The
-causal Gluon forward and dK / dV kernels for sm_90 on a 2-core CPU (Triton 3.6, 2026-12-06): 2.59 s
-one after the other, 1.80 s on two threads, 1.30 s in two forked children (each kernel handed back
-through the cache). A new mod's first forward + backward compiles three kernels.
+Triton's compiler holds the GIL through its AST-to-IR pass, in Python: about 0.77 of the 1.83 s
+that the causal Gluon dK / dV kernel takes for sm_90 on a 2-core CPU (its MLIR and LLVM passes and
+ptxas release it). Threads take turns on that part, and on a GIL that the caller's own Python
+wants too. The causal Gluon forward and dK / dV kernels for sm_90 on a 2-core CPU (Triton 3.6,
+2026-12-06): 2.59 s one after the other, 1.80 s on two threads, 1.30 s in two forked children
+(each kernel handed back through the cache). A new mod's first forward + backward compiles three
+kernels.
 
 ``compiling_elsewhere()`` turns it on for the calling thread. Inside, each compile that Triton's JIT
 starts there goes through Triton's async-compile hook (``versions.ASYNC_COMPILE``) to
@@ -41,8 +43,11 @@ from triton import knobs
 from .versions import ASYNC_COMPILE
 
 # A child still compiling after this long is killed and the parent compiles instead: a compile
-# that hangs (a lock another thread held at the fork) must cost time, never the call.
-CHILD_TIMEOUT_S = 300.0
+# that hangs must cost time, never the call. A child holds a copy of every lock as it was at the
+# fork, and Triton releases the GIL through its MLIR / LLVM passes, so a thread of the user's
+# compiling at that moment could leave one taken. attend's own threads are not: the forward waits
+# for the warmup's forks before it compiles. (The flex backward's largest build takes about 3 s.)
+CHILD_TIMEOUT_S = 120.0
 
 # What the children did in this process: "forked", "built" (the parent's compile then hit the
 # cache the child wrote), "failed" (the parent compiled itself). Tests and benchmarks read it.
