@@ -331,12 +331,15 @@ def _backward_kernel(call: FlexCall, dout, dlse, q, k, v, out, lse, score_caps, 
     return (*res, cap)
 
 
-# The backward's kernels compile on these threads while the forward's compiles on the caller's (two:
-# KernelOptions.flex_bwd_split builds the backward's two launches side by side).
+# The backward's kernels compile on these threads while the forward's compiles on the caller's (one
+# per launch: the split's two, or the Gluon dK / dV kernel and the dQ programs; four, so a second
+# new mod's warmup need not queue behind a first one's).
 _WARMUP_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="attend-flex-warmup")
 # How long a forward waits for its warmup threads to hand their compiles to forked children
-# (KernelOptions.compile_fork) before compiling its own kernel: the launch's Python, tens of ms;
-# started later, a child would wait for the GIL through the forward's compile.
+# (KernelOptions.compile_fork) before compiling its own kernel: the launch's Python, tens of ms.
+# Started later, the warmup's Python would take turns on the GIL with the forward's, and the forks
+# would copy the caller's thread in the middle of its compile's LLVM passes (any lock held there
+# stays held in the child).
 _FORK_START_WAIT_S = 0.5
 # Warmups started, by what selects the backward's kernels (``_warmup_key``): their Futures while
 # they run, None once done (a warm process starts none, and keeps no finished Future alive).
