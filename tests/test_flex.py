@@ -1463,10 +1463,11 @@ def _diagonal_kernel():
     return kernel, diagonals
 
 
-@pytest.mark.parametrize("BM,BN,m0,n0", [(16, 16, 0, 0), (16, 32, 144, 160), (32, 16, 128, 32), (64, 16, 128, 0)])
+@pytest.mark.parametrize("BM,BN,m0,n0", [(16, 16, 0, 0), (16, 16, 144, 160), (32, 32, 128, 32), (16, 32, 144, 160),
+                                         (32, 16, 128, 32), (64, 16, 128, 0)])
 def test_diagonal_sums_of_a_gradient_tile(BM, BN, m0, n0):
-    """codegen's ``_diagonals`` on square, wide, tall and ragged tiles (rows past L = 150 and keys
-    past S = 170 hold 0, as dS does): every nonzero sum is its diagonal's, at a (query, key) pair
+    """codegen's ``_diagonals`` on square (the cyclic skew), wide, tall and ragged tiles (rows past
+    L = 150 and keys past S = 170 hold 0, as dS does): every nonzero sum is its diagonal's, at a (query, key) pair
     of that diagonal inside the tile and in range, and every returned pair is in range (the mod's
     index loads read there)."""
     L_, S_, T = 150, 170, 2 * max(BM, BN)

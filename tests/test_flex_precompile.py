@@ -312,7 +312,7 @@ def test_gluon_route_warms_up_both_launches(monkeypatch):
     bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device=DEVICE)
     q, k, v = (torch.randn(1, 2, n, 128, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(3))
     parts, real = [], dispatch._warm_backward  # (the warmups may finish before the forward does)
-    monkeypatch.setattr(dispatch, "_warm_backward", lambda *a: (parts.append(a[-1]), real(*a))[1])
+    monkeypatch.setattr(dispatch, "_warm_backward", lambda *a: (parts.append(a[7]), real(*a))[1])  # a[7]: part
     before = (_backward_variants(), gluon_variants())
     with kernel_options(bwd_ws_min_seq_bucket=0):  # the Gluon dK / dV kernel at this length too
         out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
