@@ -6,12 +6,15 @@ the interpreter's that the suite runs with)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -21,7 +24,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from attend.kernels import forkcompile
+from attend.kernels import forkcompile, versions
 
 
 @triton.jit
@@ -98,6 +101,34 @@ def _scenarios() -> dict:
     forkcompile.CHILD_TIMEOUT_S, before, t = 0.3, counts(), time.perf_counter()
     out = forkcompile.ForkExecutor().submit(hang).result(timeout=30)
     res["hung"] = dict(out=out, s=time.perf_counter() - t, before=before, after=counts())
+    forkcompile.CHILD_TIMEOUT_S = 30.0
+
+    # the parent's Python signal handlers do not run in a child: SIGTERM ends it, the parent redoes
+    marker = os.path.join(os.environ["TRITON_CACHE_DIR"], "handler-ran")
+    signal.signal(signal.SIGTERM, lambda *_: open(marker, "w").close())
+
+    def terminated():
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        return "parent's"
+
+    before = counts()
+    out = forkcompile.ForkExecutor().submit(terminated).result(timeout=30)
+    res["signal"] = dict(out=out, handler_ran=os.path.exists(marker), before=before, after=counts())
+
+    # no reaper thread can start: the submitting thread reaps
+    start = threading.Thread.start
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    threading.Thread.start = no_thread
+    try:
+        out = forkcompile.ForkExecutor().submit(lambda: "reaped inline").result(timeout=30)
+    finally:
+        threading.Thread.start = start
+    res["no_thread"] = dict(out=out)
     return res
 
 
@@ -144,15 +175,47 @@ def test_a_hung_child_is_killed_and_the_parent_does_the_work(observed):
     assert hung["after"]["failed"] == hung["before"]["failed"] + 1
 
 
+def test_a_signal_ends_the_child_and_not_the_parents_handler(observed):
+    sig = observed["signal"]
+    assert sig["out"] == "parent's" and not sig["handler_ran"]
+    assert sig["after"]["failed"] == sig["before"]["failed"] + 1
+
+
+def test_no_reaper_thread_reaps_on_the_submitting_thread(observed):
+    assert observed["no_thread"]["out"] == "reaped inline"
+
+
+@pytest.mark.skipif(not forkcompile.available(), reason="no os.fork or no async-compile hook in the installed Triton")
 def test_compiling_elsewhere_is_off_where_it_cannot_hand_kernels_back(monkeypatch):
+    active = versions.ASYNC_COMPILE.active_mode
     with forkcompile.compiling_elsewhere(enabled=False) as on:
-        assert not on
+        assert not on and active.get() is None
     monkeypatch.setattr(knobs.compilation, "always_compile", True)  # no cache hit to hand a kernel back
     with forkcompile.compiling_elsewhere() as on:
-        assert not on
+        assert not on and active.get() is None
     monkeypatch.undo()
     with forkcompile.compiling_elsewhere() as on:
-        assert on == forkcompile.available()
+        assert on and isinstance(active.get(), versions.ASYNC_COMPILE.AsyncCompileMode)
+    assert active.get() is None
+
+
+@pytest.mark.skipif(not forkcompile.available(), reason="no os.fork or no async-compile hook in the installed Triton")
+def test_a_failed_compile_leaves_the_thread_without_a_mode():
+    """Triton 3.6's mode raises a failed compile's error before it clears itself: a warmup thread of
+    the pool would keep it, and refuse every later warmup. compiling_elsewhere clears it."""
+    active = versions.ASYNC_COMPILE.active_mode
+
+    def fail():
+        raise ValueError("a compile error")
+
+    with pytest.raises(ValueError, match="a compile error"):
+        with forkcompile.compiling_elsewhere():
+            mode = active.get()
+            extra = len(inspect.signature(mode.submit).parameters) - 3  # Triton 3.9 adds a cleanup callback
+            mode.submit("key", fail, lambda kernel: None, *[lambda f: None] * extra)
+    assert active.get() is None
+    with forkcompile.compiling_elsewhere() as on:  # and the thread can start another
+        assert on
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -335,8 +336,9 @@ def _backward_kernel(call: FlexCall, dout, dlse, q, k, v, out, lse, score_caps, 
 # per launch: the split's two, or the Gluon dK / dV kernel and the dQ programs; four, so a second
 # new mod's warmup need not queue behind a first one's).
 _WARMUP_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="attend-flex-warmup")
-# How long a forward waits for its warmup threads to hand their compiles to forked children
-# (KernelOptions.compile_fork) before compiling its own kernel: the launch's Python, tens of ms.
+# How long, at most and in all, a forward waits for its warmup threads to hand their compiles to
+# forked children (KernelOptions.compile_fork) before compiling its own kernel: the launch's
+# Python, tens of ms.
 # Started later, the warmup's Python would take turns on the GIL with the forward's, and the forks
 # would copy the caller's thread in the middle of its compile's LLVM passes (any lock held there
 # stays held in the child).
@@ -399,7 +401,7 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     fut = _WARMUPS.get(key, _NEVER)
     if fut is not _NEVER:
         return fut
-    from ..kernels import launch
+    from ..kernels import forkcompile, launch
 
     stand_ins = [torch.empty(c.shape, dtype=torch.float32, device="meta") for c in score_caps]
     band = _hook_band(call, opts)
@@ -419,8 +421,6 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
             futs.append(_WARMUP_THREAD.submit(_warm_backward, call, q, k, v, score, mask, opts, part, started[-1]))
     except RuntimeError:  # the interpreter is shutting down (a thread outlives the main one), or no thread starts
         return futs or None  # what started; the rest compiles when the backward runs, as with the knob off
-    for ev in started:
-        ev.wait(_FORK_START_WAIT_S)
     warmups = _WARMUPS  # the callbacks write where the key was recorded, whatever replaces it since
     warmups[key] = futs
 
@@ -430,6 +430,10 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
 
     for f in futs:
         f.add_done_callback(finished)
+    if opts.compile_fork and forkcompile.available():  # the forks before the forward's compile
+        deadline = time.monotonic() + _FORK_START_WAIT_S
+        for ev in started:
+            ev.wait(max(0.0, deadline - time.monotonic()))
     return futs
 
 

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import os
+import signal
 import threading
 import time
 import warnings
@@ -46,17 +48,31 @@ from .versions import ASYNC_COMPILE
 # that hangs must cost time, never the call. A child holds a copy of every lock as it was at the
 # fork, and Triton releases the GIL through its MLIR / LLVM passes, so a thread of the user's
 # compiling at that moment could leave one taken. attend's own threads are not: the forward waits
-# for the warmup's forks before it compiles. (The flex backward's largest build takes about 3 s.)
-CHILD_TIMEOUT_S = 120.0
+# for the warmup's forks before it compiles. The flex backward's largest build takes about 3 s on
+# the 2-core CPU; a hung child costs the first backward this long.
+CHILD_TIMEOUT_S = 30.0
 
-# What the children did in this process: "forked", "built" (the parent's compile then hit the
-# cache the child wrote), "failed" (the parent compiled itself). Tests and benchmarks read it.
+# What the children did in this process: "forked", "built" (the child exited cleanly; the parent's
+# compile then finds its kernel in the cache), "failed" (the parent compiled itself). Tests and
+# benchmarks read it.
 COUNTS = {"forked": 0, "built": 0, "failed": 0}
+_COUNTS_LOCK = threading.Lock()
+
+# Python 3.12+ warns that a fork beside live threads may deadlock the child: the child runs only the
+# compiler, and CHILD_TIMEOUT_S bounds a hang. Filtered for this module's fork alone, once (a
+# catch_warnings around each fork would race with other threads' filters).
+warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning,
+                        module=__name__)
 
 
 def available() -> bool:
     """Whether compiles can be handed to forked children here (see the module docstring)."""
     return hasattr(os, "fork") and ASYNC_COMPILE is not None and not knobs.compilation.always_compile
+
+
+def _count(what: str) -> None:
+    with _COUNTS_LOCK:
+        COUNTS[what] += 1
 
 
 class ForkExecutor(concurrent.futures.Executor):
@@ -66,9 +82,12 @@ class ForkExecutor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        pid = _fork(lambda: fn(*args, **kwargs))
-        threading.Thread(target=_reap, args=(pid, lambda: fn(*args, **kwargs), fut), daemon=True,
-                         name="attend-compile-reaper").start()
+        work = lambda: fn(*args, **kwargs)  # noqa: E731
+        pid = _fork(work)
+        try:
+            threading.Thread(target=_reap, args=(pid, work, fut), daemon=True, name="attend-compile-reaper").start()
+        except RuntimeError:  # no thread (a limit, or the interpreter shutting down): reap here
+            _reap(pid, work, fut)
         return fut
 
 
@@ -76,37 +95,49 @@ def _fork(work: Callable[[], object]) -> int | None:
     """Fork a child that runs ``work`` and exits (0 where it returned); its pid, or None where the
     fork failed (then the parent does the work)."""
     try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns that a fork beside live threads may deadlock the child: the child
-            # runs only the compiler, and CHILD_TIMEOUT_S bounds a hang
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        pid = os.fork()
     except OSError:  # no memory for the child's page tables, a process limit
         return None
     if pid == 0:  # the child: compile, and leave without running anything of the parent's
         code = 1
         try:
+            _quiet_child()
             work()
             code = 0
         except BaseException:  # noqa: BLE001 - the parent's compile reports the error
             pass
         finally:
             os._exit(code)
-    COUNTS["forked"] += 1
+    _count("forked")
     return pid
+
+
+def _quiet_child() -> None:
+    """In a forked child: no Python signal handler of the parent's (a checkpoint on SIGTERM, a
+    KeyboardInterrupt) and no collection of the parent's garbage (finalizers of its files and
+    tensors) runs here. A signal then ends the child; the parent compiles instead."""
+    gc.disable()
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
 
 
 def _reap(pid: int | None, work: Callable[[], object], fut: concurrent.futures.Future) -> None:
     """Wait for child ``pid`` (killed past CHILD_TIMEOUT_S), then resolve ``fut`` with ``work()``
-    run here: a cache hit where the child built the kernel, the whole compile where it did not."""
-    if pid is not None:
-        COUNTS["built" if _wait(pid, CHILD_TIMEOUT_S) else "failed"] += 1
-    if not fut.set_running_or_notify_cancel():
-        return
+    run here: a cache hit where the child built the kernel, the whole compile where it did not.
+    ``fut`` is resolved whatever happens while waiting."""
     try:
-        fut.set_result(work())
-    except BaseException as e:  # noqa: BLE001 - the compile's own error, for whoever waits
-        fut.set_exception(e)
+        if pid is not None:
+            _count("built" if _wait(pid, CHILD_TIMEOUT_S) else "failed")
+    except BaseException:  # noqa: BLE001 - the child is the parent's to redo, not to fail on
+        _count("failed")
+    finally:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(work())
+            except BaseException as e:  # noqa: BLE001 - the compile's own error, for whoever waits
+                fut.set_exception(e)
 
 
 def _wait(pid: int, timeout: float) -> bool:
@@ -122,7 +153,7 @@ def _wait(pid: int, timeout: float) -> bool:
             return os.waitstatus_to_exitcode(status) == 0
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             return False
@@ -134,9 +165,16 @@ def _wait(pid: int, timeout: float) -> bool:
 def compiling_elsewhere(enabled: bool = True) -> Iterator[bool]:
     """On this thread, hand each compile Triton's JIT starts to a forked child (``ForkExecutor``);
     yields whether it does (``enabled`` and ``available()``; otherwise compiles run here as usual).
-    Leaving waits for those compiles and caches their kernels, raising the first compile error."""
+    Leaving waits for those compiles and caches their kernels, raising the first compile error.
+    The thread's async-compile mode is cleared however the block ends (Triton 3.6's mode, leaving on
+    a failed compile, raises before it clears itself, and a pool thread would keep it)."""
     if not (enabled and available()):
         yield False
         return
-    with ASYNC_COMPILE.AsyncCompileMode(ForkExecutor()):
-        yield True
+    mode = ASYNC_COMPILE.AsyncCompileMode(ForkExecutor())
+    try:
+        with mode:
+            yield True
+    finally:
+        if ASYNC_COMPILE.active_mode.get() is mode:
+            ASYNC_COMPILE.active_mode.set(None)
