@@ -450,26 +450,23 @@ def _device_cache(q: torch.Tensor) -> None:
             caches[q.device.index if q.device.index is not None else torch.cuda.current_device()]
 
 
-def _warm_backward(call: FlexCall, q, k, v, score, mask, opts: kernel_options.KernelOptions,
-                   part: bool | str = True, started: threading.Event | None = None) -> None:
+def _warm_backward(call: FlexCall, q, k, v, score, mask, opts: kernel_options.KernelOptions, part: bool | str,
+                   started: threading.Event) -> None:
     """A warmup thread's work: launch.flex_backward's warmup (compile, launch nothing) of ``part``
     (True: every launch) on q's device, each compile in a forked child where
     ``KernelOptions.compile_fork`` allows (kernels/forkcompile.py); ``started`` is set once the
-    compiles are handed to the children (at once where they run on this thread)."""
+    compiles are handed to the children (leaving the block then waits for them), or the warmup
+    failed."""
     from ..kernels import forkcompile, launch
 
     try:
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext(), \
-                forkcompile.compiling_elsewhere(opts.compile_fork) as forked:
-            if not forked and started is not None:
-                started.set()
+                forkcompile.compiling_elsewhere(opts.compile_fork):
             launch.flex_backward(None, q, k, v, None, None, None, call.blocks, call.scale, score, mask, options=opts,
                                  kernel_options=call.kernel_options, warmup=part, band=_hook_band(call, opts))
-            if started is not None:
-                started.set()
-    finally:
-        if started is not None:
             started.set()
+    finally:
+        started.set()
 
 
 class _FusedForward(torch.autograd.Function):
