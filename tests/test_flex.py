@@ -859,7 +859,7 @@ def test_fused_new_length_batch_or_captured_value_compiles_nothing():
 
     run(70, 2, 0)  # lengths of one Triton specialization class (not multiples of 16)
     gens, compiled = codegen.GENERATIONS["count"], _compiles()
-    for n, bsz, seed in ((90, 2, 1), (70, 3, 2), (70, 2, 3)):
+    for n, bsz, seed in ((90, 2, 1), (70, 3, 2)):  # each with new captured values (its seed)
         run(n, bsz, seed)
     assert codegen.GENERATIONS["count"] == gens, "a new length, batch or captured value generated code"
     assert _compiles() == compiled, "a new length, batch or captured value compiled the core again"

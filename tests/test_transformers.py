@@ -299,21 +299,21 @@ def test_inference_mode_forward_then_a_training_step(name, padded, use_kernel):
 @pytest.mark.parametrize("name", MODELS)
 def test_generate_greedy_matches_eager(name, use_kernel):
     use_kernel("blocked")
-    B, S = 2, 12
+    B, S, NEW = 2, 12, 16  # 28 positions: past the window (8) and a 16-key tile's edge
     ids = tokens(B, S, seed=3)
     mask = torch.ones(B, S, dtype=torch.long, device=DEVICE)
     mask[1, :4] = 0  # left padding: unpadded prefill, then decode with a key vector
     eager = build(name)
-    ref = eager.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, use_cache=True,
+    ref = eager.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, use_cache=True,
                          pad_token_id=0)
     eager.set_attn_implementation("attend")
     runs = flex_runs()
-    out = eager.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, use_cache=True,
+    out = eager.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, use_cache=True,
                          pad_token_id=0)
-    assert out.shape == ref.shape == (B, S + 32)
+    assert out.shape == ref.shape == (B, S + NEW)
     assert torch.equal(out, ref), f"{name}: greedy tokens differ from eager\n{out}\n{ref}"
     if name == "gemma2":  # prefill and every decode step, each layer: softcap through fused flex
-        assert_fused_flex(runs(), forwards=2 * 32)
+        assert_fused_flex(runs(), forwards=2 * NEW)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral"])
