@@ -826,21 +826,53 @@ def _flex_kv_args(k, v, blocks, device: torch.device | None = None):
     return kstr, vstr, (*kv, _list_strides(*kv, k.device if device is None else device))
 
 
-def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max: bool = False, options: KernelOptions | dict | None = None,
-                 kernel_options: dict | None = None, band: Band | None = None):
-    """Flex attention through core.attn_fwd's FLEX mode. q ``(B, Hq, L, D)``; k / v ``(B or 1,
-    Hkv, S, D)``; ``blocks`` a ``_flex.lists.BlockLists`` (int32, b / h dims 1 or full);
-    ``score`` / ``mask``: (the mod's generated functions, its ``codegen.capture_args``), or None
-    where there is no such mod. ``band`` (no ``mask``, k / v of batch B): the keys the BlockMask
-    keeps are that band's (``_flex/band.py``), walked by the band's own loops with the score hook,
-    no lists read (on Hopper ``flex_band_gluon`` may serve such a call first). Returns (out, lse
-    (B, Hq, L) natural log, max_scores or None), or None where no tile fits the BlockMask's
-    BLOCK_SIZE."""
-    B, H, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+@dataclass(frozen=True)
+class FlexForwardPlan:
+    """What a flex forward launch fixes for a class of calls (``flex_forward_plan``): the tiles, the
+    constexprs (the hooks, the band's flags, TMA's choice) and whether max_scores is stored.
+    ``flex_forward_run`` launches it on one call's tensors; a decode loop keeps one per class
+    (``attend._flex.plan``)."""
+
+    tiles: Tiles
+    flags: dict  # every constexpr of the launch, the tiles' included
+    band: Band | None
+    want_max: bool
+
+
+def flex_forward_plan(q, k, v, blocks, score_fns: dict | None = None, mask_fns: dict | None = None,
+                      want_max: bool = False, options: KernelOptions | dict | None = None,
+                      kernel_options: dict | None = None, band: Band | None = None) -> FlexForwardPlan | None:
+    """``flex_forward``'s plan for these arguments (``score_fns`` / ``mask_fns``: a mod's generated
+    functions, or None where there is no such mod), or None where no tile fits the BlockMask's
+    BLOCK_SIZE. It reads q's head dim, dtype, length's bucket and batch x heads, k's heads and
+    length's bucket, whether k and v take TMA descriptors (``_flex_tma``), the BlockMask's
+    BLOCK_SIZE and the options: a call that agrees on these launches the same plan."""
     tiles = flex_tiles(q, k, blocks, options, kernel_options)
     if tiles is None:
         return None
+    B, H, L, D = q.shape
+    bargs, band_flags = band_args(Band() if band is None else band)
+    sfns, mfns = score_fns or {}, mask_fns or {}
+    tma = _flex_tma(k, v, options, kernel_options)
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=False, MASK_BOOL=False,
+                 MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, **_DENSE_FLAGS, EVEN=False,
+                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=tma,
+                 MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=band is None,
+                 SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
+                 MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
+                 SPARSE_BQ=blocks.BLOCK_SIZE[0] if band is None else 128,  # a band reads no list: one build
+                 SPARSE_BKV=blocks.BLOCK_SIZE[1] if band is None else 128, MAX_SCORES=want_max,
+                 FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full and tma and band is None)
+    return FlexForwardPlan(tiles, {**flags, **tiles.meta}, band, want_max)
+
+
+def flex_forward_run(plan: FlexForwardPlan, q, k, v, blocks, scale: float, score_args=None, mask_args=None):
+    """Launches ``plan`` on this call's tensors: (out, lse (B, Hq, L) natural log, max_scores or
+    None). ``score_args`` / ``mask_args``: the mods' ``codegen.capture_args`` (None where the plan
+    has no such mod); ``blocks``: the lists (not read where the plan walks a band)."""
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    want_max, band = plan.want_max, plan.band
     out = empty_in_layout(q, (B, H, L, v.shape[3]))
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     mx = torch.empty((B, H, L), dtype=torch.float32, device=q.device) if want_max else lse
@@ -852,12 +884,10 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
         kstr, vstr, kv_lists = _flex_kv_args(k, v, blocks)
         lists = (*kv_lists, mx)
     else:  # only FLEX_LISTS[5] is read (MAX_SCORES)
-        assert mask is None and k.shape[0] == v.shape[0] == B, "a band replaces the mask; k / v of batch B"
+        assert k.shape[0] == v.shape[0] == B, "a band replaces the mask; k / v of batch B"
         kstr, vstr, lists = k.stride(), v.stride(), (q,) * 5 + (mx,)
-    bargs, band_flags = band_args(Band() if band is None else band)
-    score_on, mask_on = score is not None, mask is not None
-    sfns, score_args = score if score_on else ({}, None)
-    mfns, mask_args = mask if mask_on else ({}, None)
+    bargs = band_args(Band() if band is None else band)[0]
+    score_on, mask_on = score_args is not None, mask_args is not None
     args = dict(zip(_FWD_STRIDES, (*q.stride(), *kstr, *vstr, *out.stride(), 0, 0, 0, 0, H * L, L, 0, 0, 0)),
                 Q=q, K=k, V=v, Out=out, LSE=lse, MASK=q, CU_Q=q, CU_K=q, SEQUSED_K=q, TABLE=q, KEY_EXT=q, WORK=q,
                 FLEX_LISTS=lists, SCORE_PTRS=score_args.ptrs if score_on else None,
@@ -865,19 +895,27 @@ def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max:
                 MASK_META=mask_args.meta if mask_on else None,
                 H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=0.0, seed=0,
                 L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
-    tma = _flex_tma(k, v, options, kernel_options)
-    flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=False, MASK_BOOL=False,
-                 MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, **_DENSE_FLAGS, EVEN=False,
-                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=tma,
-                 MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=band is None,
-                 SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
-                 MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
-                 SPARSE_BQ=blocks.BLOCK_SIZE[0] if band is None else 128,  # a band reads no list: one build
-                 SPARSE_BKV=blocks.BLOCK_SIZE[1] if band is None else 128, MAX_SCORES=want_max,
-                 FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full and tma and band is None)
-    grid = _grid(_cdiv(L, tiles.meta["BLOCK_M"]), B * H)
-    _FLEX_FWD_LAUNCH(grid, args, {**flags, **tiles.meta}, tiles.warps, tiles.stages)
+    grid = _grid(_cdiv(L, plan.tiles.meta["BLOCK_M"]), B * H)
+    _FLEX_FWD_LAUNCH(grid, args, plan.flags, plan.tiles.warps, plan.tiles.stages)
     return out, lse, (mx if want_max else None)
+
+
+def flex_forward(q, k, v, blocks, scale: float, score=None, mask=None, want_max: bool = False, options: KernelOptions | dict | None = None,
+                 kernel_options: dict | None = None, band: Band | None = None):
+    """Flex attention through core.attn_fwd's FLEX mode. q ``(B, Hq, L, D)``; k / v ``(B or 1,
+    Hkv, S, D)``; ``blocks`` a ``_flex.lists.BlockLists`` (int32, b / h dims 1 or full);
+    ``score`` / ``mask``: (the mod's generated functions, its ``codegen.capture_args``), or None
+    where there is no such mod. ``band`` (no ``mask``, k / v of batch B): the keys the BlockMask
+    keeps are that band's (``_flex/band.py``), walked by the band's own loops with the score hook,
+    no lists read (on Hopper ``flex_band_gluon`` may serve such a call first). Returns (out, lse
+    (B, Hq, L) natural log, max_scores or None), or None where no tile fits the BlockMask's
+    BLOCK_SIZE. ``flex_forward_plan`` then ``flex_forward_run``."""
+    assert band is None or mask is None, "a band replaces the mask"
+    plan = flex_forward_plan(q, k, v, blocks, score[0] if score else None, mask[0] if mask else None, want_max,
+                             options, kernel_options, band)
+    if plan is None:
+        return None
+    return flex_forward_run(plan, q, k, v, blocks, scale, score[1] if score else None, mask[1] if mask else None)
 
 
 def flex_band_gluon(q, k, v, scale: float, score, band: Band, options: KernelOptions | dict | None = None):
