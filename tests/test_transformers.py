@@ -281,7 +281,7 @@ def test_inference_mode_forward_then_a_training_step(name, padded, use_kernel):
     use_kernel("blocked")
     model = build(name)
     model.set_attn_implementation("attend")
-    ids = tokens(3, 11, seed=5)
+    ids = tokens(2, 11, seed=5)
     mask = torch.ones_like(ids)
     if padded:
         mask[1, :3] = 0
