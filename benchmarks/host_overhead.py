@@ -147,12 +147,27 @@ def decode_cases() -> dict:
     return cases
 
 
+def _plans_off(fn, *args, **kwargs):
+    """``fn`` with KernelOptions.flex_plans off: every flex call takes the full path (_flex/plan.py)."""
+    from attend.kernels import options
+
+    global _OFF
+    if _OFF is None:
+        _OFF = options.current().replace(flex_plans=False)
+    with options.use(_OFF):
+        return fn(*args, **kwargs)
+
+
+_OFF = None
+
+
 def growing_cases() -> dict:
     """A decode loop's attention call as the models bench's Gemma 2 makes it (B=2, Hq=16, Hk=4, L=1,
     D=128, bf16, softcap 50), its key length one longer at each call (1024 to 1413, then again):
     through attend's transformers attention function (a flex call per layer and token), the same
     function without the softcap (SDPA), transformers' sdpa attention function (which drops the
-    softcap) and eager's ops (repeated K / V, two matmuls, the softcap, a float softmax)."""
+    softcap) and eager's ops (repeated K / V, two matmuls, the softcap, a float softmax). The flex
+    call also with its decode plans off (the options block's own cost, a context variable set, included)."""
     B, Hq, Hk, D, S0, n = 2, 16, 4, 128, 1024, 390
     torch.manual_seed(0)
     q = torch.randn(B, 1, Hq * D, dtype=torch.bfloat16, device="cuda").view(B, 1, Hq, D).transpose(1, 2)
@@ -180,6 +195,8 @@ def growing_cases() -> dict:
     cases.update({
         "decode, growing S: attend attention function, softcap (flex)": growing(
             lambda k, v: attention_forward(layer, q, k, v, None, scaling=scaling, softcap=cap)),
+        "decode, growing S: attend attention function, softcap (flex), decode plans off": growing(
+            lambda k, v: _plans_off(attention_forward, layer, q, k, v, None, scaling=scaling, softcap=cap)),
         "decode, growing S: attend attention function, no softcap (SDPA)": growing(
             lambda k, v: attention_forward(layer, q, k, v, None, scaling=scaling)),
         "decode, growing S: transformers sdpa attention function (no softcap)": growing(

@@ -43,6 +43,7 @@ import torch
 from ._flex import band as _band
 from ._flex import dispatch as _dispatch
 from ._flex import lists as _lists
+from ._flex import plan as _plan
 from ._flex import trace as _trace
 from ._flex.block_mask import BlockMask, _sliced_mask_mod_error, from_torch
 from ._flex.block_mask import create_block_mask as _create_block_mask
@@ -184,9 +185,15 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         out, lse, max_scores = _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
                                          kernel_options, return_aux)
     else:
-        call, return_aux, return_lse = _validate(query, key, value, score_mod, block_mask, scale, enable_gqa,
-                                                 return_lse, kernel_options, return_aux)
-        out, lse, max_scores = _dispatch.run(call)
+        graph = _plan.traced(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
+                             return_lse, return_aux)
+        res = _plan.forward(graph, query, key, value, scale, enable_gqa, return_aux)
+        if res is None:
+            call, return_aux, return_lse = _validate(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                                                     return_lse, kernel_options, return_aux, graph)
+            res = _dispatch.run(call)
+            _plan.keep(graph, call, scale, enable_gqa)
+        out, lse, max_scores = res
         # contiguous, as PyTorch returns it (the Gluon route's lse of a model's views is strided)
         lse = lse.contiguous() if return_lse or (return_aux is not None and return_aux.lse) else lse
     if return_aux is not None:
@@ -354,7 +361,10 @@ def _check_lists(kv_num_blocks: torch.Tensor, query: torch.Tensor, block_q: int 
                          f"1 or {Hq}")
 
 
-def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux):
+def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux,
+              score_graph=None):
+    """(the FlexCall, return_aux, return_lse) after the argument checks; ``score_graph``: the
+    score_mod's trace where the caller has it (``_plan.traced``)."""
     scale = _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
                    return_aux)
     B, Hq, L, E = query.shape
@@ -380,7 +390,8 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
                 mask_graph = _trace.trace_cached(bm.mask_mod, "mask")
                 if mask_graph.output is True or _is_const(mask_graph, True):
                     mask_graph = None  # keeps everything: partial blocks need no mask work
-    score_graph = _trace.trace_cached(score_mod, "score") if score_mod is not None else None
+    if score_graph is None and score_mod is not None:
+        score_graph = _trace.trace_cached(score_mod, "score")
     if score_graph is not None and _is_identity(score_graph):
         score_graph = None
     for g in (score_graph, mask_graph):

@@ -182,6 +182,11 @@ class KernelOptions:
     # 1.392 / 4.549; a new mod's first call 5.7-6.6 s against 3.8-4.9 (benchmarks/RESULTS.md, "The
     # score hooks on the Gluon kernels").
     flex_gluon: bool = True
+    # A flex call of a class a decode plan was made for (_flex/plan.py: a score_mod, no block_mask, no
+    # kernel_options, nothing that needs a gradient, the core's band hooks) launches that plan: its
+    # path, hooks, tiles and constexprs decided once per class, not per call. A Gemma 2 decode call
+    # on the 2-core CPU with the launch stubbed: 95-102 us of host time against 136 without.
+    flex_plans: bool = True
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with ``changes`` (field names of this class)."""
