@@ -264,15 +264,17 @@ def _drain_warmups() -> None:
         f.result()
 
 
-def _backward_variants() -> int:
-    """Compiled variants of the core's backward (a GPU run; the interpreter compiles nothing)."""
-    return sum(len(c[0]) for c in core.attn_bwd.device_caches.values())
+def _backward_variants(kernel=None) -> int:
+    """Compiled variants of the core's backward (or ``kernel``; a GPU run: the interpreter compiles
+    nothing)."""
+    return sum(len(c[0]) for c in (kernel or core.attn_bwd).device_caches.values())
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="counts Triton compiles: the interpreter compiles nothing")
 def test_first_backward_after_a_warmed_forward_compiles_nothing(monkeypatch):
     """A mod never seen in this process: its backward's kernel is compiled once, by the warmup the
-    forward started, and the backward's own launch compiles nothing. (Counted by the JIT's cache:
+    forward started, and the backward's own launch compiles nothing; nor does its row statistics'
+    kernel (head dim 80: a specialization no other test builds). (Counted by the JIT's cache:
     Triton's compile hooks cannot serialize the generated functions the core takes as constexprs.)"""
     _drain_warmups()
     monkeypatch.setattr(dispatch, "_WARMUPS", {})
@@ -282,16 +284,18 @@ def test_first_backward_after_a_warmed_forward_compiles_nothing(monkeypatch):
     # an op chain no other test's mod has (constants are runtime data, not structure): new kernels here
     sm = lambda s, b, h, q_idx, kv_idx: torch.sigmoid(torch.tanh(s) * table[h, q_idx - kv_idx + n]) + s
     bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device=DEVICE)
-    q, k, v = (torch.randn(1, 2, n, 64, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(3))
-    before = _backward_variants()
+    q, k, v = (torch.randn(1, 2, n, 80, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(3))
+    before, stats_before = _backward_variants(), _backward_variants(core.attn_bwd_preprocess)
     out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
     started = [f for futs in dispatch._WARMUPS.values() if futs is not None for f in futs]
     for f in started:
         f.result()  # raises if the warmup failed
     assert len(dispatch._WARMUPS) == 1 and _backward_variants() == before + 1, "the forward warmed up no backward"
+    assert _backward_variants(core.attn_bwd_preprocess) == stats_before + 1, "no row statistics' kernel warmed up"
     grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v, table))
     torch.cuda.synchronize()
     assert _backward_variants() == before + 1, "the backward compiled a kernel the warmup had not"
+    assert _backward_variants(core.attn_bwd_preprocess) == stats_before + 1, "the row statistics' kernel compiled again"
     assert all(torch.isfinite(t).all() for t in grads)
 
 

@@ -22,6 +22,7 @@ from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD
 from .configs import ROWS_PACKED_CAUSAL_FWD_MIN_L, flex_bwd_tile, flex_tile
 from .fastlaunch import Launcher
 from .options import KernelOptions, resolve
+from .versions import COMPILE_OPTIONS
 
 ws, ws_bwd = versions.gluon_kernels()  # the Hopper Gluon kernels' modules, or None where Gluon is unusable
 versions.warm_compile_key()  # the first launch's Triton cache key, hashed while the process sets up
@@ -569,10 +570,11 @@ def _stat_buffers(batch: int, H: int, rows: int, device) -> tuple[torch.Tensor, 
     return stats[0], stats[1]
 
 
-def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed | None):
+def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed | None, warmup: bool = False):
     """(NLSE2, Delta, their (b, h) strides): the backward's per-row inputs (``attn_bwd_preprocess``),
     one fp32 buffer of two halves. Rows per head: L rounded up to STAT_PAD (dense), or T plus
-    STAT_PAD per sequence (packed: each sequence starts on an aligned row, ``core._stat_row0``)."""
+    STAT_PAD per sequence (packed: each sequence starts on an aligned row, ``core._stat_row0``).
+    ``warmup`` (meta tensors): compile the kernel this call would launch, launch nothing."""
     H, rows = out.shape[1], out.shape[2]
     nlse2, delta = _stat_buffers(out.shape[0], H, L if packed is None else rows + _STAT_PAD * B, out.device)
     if dlse is not None and dlse.stride() != lse.stride():  # read with the lse's strides
@@ -582,7 +584,11 @@ def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed
     args = dict(zip(_PRE_STRIDES, (*out.stride(), *dout.stride(), *lse_strides, *nlse2.stride()[:2])),
                 Out=out, DO=dout, LSE=lse, DLSE=lse if dlse is None else dlse, NLSE2=nlse2, Delta=delta,
                 CU_Q=packed.cu_q if packed else lse, H=H, L_max=L)
-    _PRE_LAUNCH(_grid(_cdiv(L, _STAT_PAD), B * H), args, flags, 8, 1)
+    grid = _grid(_cdiv(L, _STAT_PAD), B * H)
+    if warmup:
+        core.attn_bwd_preprocess.warmup(grid=grid, **args, **flags, num_warps=8, num_stages=1, **COMPILE_OPTIONS)
+    else:
+        _PRE_LAUNCH(grid, args, flags, 8, 1)
     return nlse2, delta, nlse2.stride()[:2]
 
 
@@ -1096,8 +1102,12 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         if dout is None:  # as flex_forward lays out its output
             dout = empty_in_layout(torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev),
                                    (B, H, L, v.shape[3]))
-        nlse2, delta = _stat_buffers(B, H, L, dev)
-        stat_strides = nlse2.stride()[:2]
+        if warmup is True or warmup == "dq":  # the row statistics' kernel too: a process's first backward builds it
+            lse = torch.empty((B, H, L), dtype=torch.float32, device=dev)  # as flex_forward makes it
+            nlse2, delta, stat_strides = _row_stats(dout, dout, lse, None, lse.stride()[:2], B, L, None, warmup=True)
+        else:
+            nlse2, delta = _stat_buffers(B, H, L, dev)
+            stat_strides = nlse2.stride()[:2]
     else:
         if _specialized_as(dout) != _specialized_as(out) or (  # e.g. out.sum()'s gradient, expanded (stride 0)
                 gluon_dkdv and not dout.is_contiguous()):
