@@ -44,11 +44,10 @@ def _class(graph: ModGraph, query, key, value, scale, enable_gqa: bool, want_max
            opts: kernel_options.KernelOptions) -> tuple:
     from ..kernels import launch
 
-    S = key.shape[2]
-    return (graph.key, codegen.wide_index(query.shape[2], S), query.dtype, key.dtype, value.dtype, query.device,
-            key.device, value.device, query.shape, query.stride(), key.shape[:2], key.shape[3], value.shape[:2],
-            value.shape[3], launch.seq_bucket(S), launch._flex_tma(key, value, opts, None),
-            launch._dot_precision(query.dtype), scale, enable_gqa, want_max, opts)
+    return (graph.key, codegen.wide_index(query.shape[2], key.shape[2]), query.dtype, key.dtype, value.dtype,
+            query.device, key.device, value.device, query.shape, query.stride(), key.shape[:2], key.shape[3],
+            value.shape[:2], value.shape[3], launch.flex_plan_key(query, key, value, opts), scale, enable_gqa,
+            want_max, opts)
 
 
 def traced(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options_, return_lse: bool,
@@ -110,7 +109,7 @@ def keep(graph: ModGraph | None, call: dispatch.FlexCall, scale, enable_gqa: boo
     if cls in _PLANS:
         return
     fl = None
-    if call.path == "band_hooks" and dispatch._hook_band(call, opts) is not None:
+    if call.path == "band_hooks":  # the score hooks over call.band (dispatch.forward_path)
         from ..kernels import launch
 
         fl = launch.flex_forward_plan(q, k, v, call.blocks, call.score_hooks.functions, None, call.want_max,

@@ -872,6 +872,13 @@ def flex_forward_plan(q, k, v, blocks, score_fns: dict | None = None, mask_fns: 
     return FlexForwardPlan(tiles, {**flags, **tiles.meta}, band, want_max)
 
 
+def flex_plan_key(q, k, v, options: KernelOptions | dict | None = None) -> tuple:
+    """What ``flex_forward_plan`` (without kernel_options) reads of q, k and v beyond their dtypes,
+    devices and shapes but the key length: that length's bucket, whether k and v take TMA
+    descriptors, and the dots' precision (fp32's follows ``allow_tf32``)."""
+    return seq_bucket(k.shape[2]), _flex_tma(k, v, options, None), _dot_precision(q.dtype)
+
+
 def flex_forward_run(plan: FlexForwardPlan, q, k, v, blocks, scale: float, score_args=None, mask_args=None):
     """Launches ``plan`` on this call's tensors: (out, lse (B, Hq, L) natural log, max_scores or
     None). ``score_args`` / ``mask_args``: the mods' ``codegen.capture_args`` (None where the plan
