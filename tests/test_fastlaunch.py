@@ -224,7 +224,8 @@ def test_direct_launch_respects_alignment():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need a GPU")
 def test_new_length_of_a_known_class_launches_direct():
     """A decode loop's next length (here 96 -> 112 -> 128 keys: one class) reuses the kernel compiled
-    for the first without Triton's path, and each result matches float64."""
+    for the first without Triton's path, from the exact cache (the length and K / V's batch and head
+    strides are keyed by class: no new key either), and each result matches float64."""
     torch.manual_seed(0)
     lau = launch._FWD_LAUNCH
     q = torch.randn(2, 4, 1, 64, dtype=torch.float16, device="cuda")
@@ -235,7 +236,19 @@ def test_new_length_of_a_known_class_launches_direct():
         assert (out.double() - ref).abs().max().item() < 5e-3, S
         if i == 0:
             classes, keys = len(lau.by_class), len(lau.cache)
-    assert len(lau.by_class) == classes and len(lau.cache) == keys + 2  # two new keys, no new kernel
+    assert len(lau.by_class) == classes and len(lau.cache) == keys  # no new key, no new kernel
+
+
+def test_decode_volatile_arguments_are_runtime_ints_of_the_forward():
+    """The forward launchers key a decode step's changing arguments by class (launch._DECODE_VOLATILE):
+    each must be a runtime (not constexpr) parameter of core.attn_fwd, or the launcher would not
+    find it (checked here on the CPU too, where the interpreter's launcher reads no names)."""
+    import inspect
+
+    params = inspect.signature(core.attn_fwd.fn).parameters
+    runtime = [n for n, p in params.items() if p.annotation is inspect.Parameter.empty]
+    assert set(launch._DECODE_VOLATILE) <= set(runtime), set(launch._DECODE_VOLATILE) - set(runtime)
+    assert runtime.index("seed") > runtime.index("SEQUSED_K")  # after the leading pointers
 
 
 def test_descriptor_key_separates_what_a_descriptor_fixes():

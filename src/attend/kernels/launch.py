@@ -36,8 +36,13 @@ _bwd = triton.autotune(BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_confi
 
 _GRID_Y_MAX = 65535  # CUDA's cap on gridDim.y (x allows 2^31 - 1)
 
-# Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py).
-_FWD_LAUNCH = Launcher(core.attn_fwd, volatile=("seed",))
+# Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py). A decode loop's
+# keys grow by one per call: their length, and a concatenated cache's batch and head strides of K
+# and V, change at every call, as the dropout seed does. The launcher keys those by Triton's class
+# of each value, so a new length of a known class hits its exact cache rather than missing it and
+# classing every argument.
+_DECODE_VOLATILE = ("seed", "S_max", "stride_kb", "stride_kh", "stride_vb", "stride_vh")
+_FWD_LAUNCH = Launcher(core.attn_fwd, volatile=_DECODE_VOLATILE)
 _BWD_LAUNCH = Launcher(core.attn_bwd, volatile=("seed",))
 _PRE_LAUNCH = Launcher(core.attn_bwd_preprocess)
 _KEY_RANGE_LAUNCH = Launcher(core.key_range_kernel)
@@ -46,7 +51,7 @@ _DENSE_FLAGS = dict(VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16)
 # attn_fwd's flex inputs where there is no flex call: None specializes away (core.attn_fwd's FLEX)
 _NO_FLEX = dict(FLEX_LISTS=None, SCORE_PTRS=None, SCORE_META=None, MASK_PTRS=None, MASK_META=None)
 # flex forwards: the block lists and the mods' captures (tuples of tensors) keyed by their tensors
-_FLEX_FWD_LAUNCH = Launcher(core.attn_fwd, volatile=("seed",), nested=tuple(_NO_FLEX))
+_FLEX_FWD_LAUNCH = Launcher(core.attn_fwd, volatile=_DECODE_VOLATILE, nested=tuple(_NO_FLEX))
 _NO_FLEX_BWD = dict(_NO_FLEX, SCORE_GRADS=None)  # attn_bwd's, likewise
 
 
