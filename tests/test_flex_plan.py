@@ -204,3 +204,20 @@ def test_calls_a_plan_must_not_serve_take_the_full_path():
     with pytest.raises(ValueError, match="finite"):
         flex.flex_attention(q, k, v, score_mod=mod, scale=float("inf"), enable_gqa=True)
     assert plan.STATS["planned"] == planned
+
+
+def test_explain_says_where_a_plan_serves():
+    """explain notes a decode plan for the calls a plan serves, and for none else (a block_mask,
+    plans turned off)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, HQ, 1, E, generator=g).to(DEVICE)
+    k, v = _cache(g, 30), _cache(g, 30)
+    mod = _softcap(2.0)
+    route = flex.explain(q, k, v, score_mod=mod, enable_gqa=True)
+    assert route.forward == "band_hooks" and any("decode plan" in n for n in route.notes), str(route)
+    bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 0, None, None, 1, 30, device=DEVICE,
+                                BLOCK_SIZE=16)
+    assert not any("decode plan" in n for n in flex.explain(q, k, v, score_mod=mod, block_mask=bm,
+                                                            enable_gqa=True).notes)
+    with kernel_options(flex_plans=False):
+        assert not any("decode plan" in n for n in flex.explain(q, k, v, score_mod=mod, enable_gqa=True).notes)

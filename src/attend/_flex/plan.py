@@ -66,6 +66,12 @@ def traced(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_o
         return None
 
 
+def serves(graph: ModGraph | None, path: str, grad: bool) -> bool:
+    """Whether the calls of a class whose first call ``traced`` gave ``graph``, took ``path`` and
+    needs a gradient or not (``grad``) launch a plan after that first call (``explain``'s note)."""
+    return graph is not None and path == "band_hooks" and not grad and kernel_options.current().flex_plans
+
+
 def forward(graph: ModGraph | None, query, key, value, scale, enable_gqa: bool, return_aux):
     """(out, lse, max_scores) of a call its class's plan serves; None where the call takes the full
     path (no plan for its class, or none made yet: ``keep`` then makes it from the full path's
