@@ -2,12 +2,12 @@
 
 A decode loop calls flex_attention once per layer and token with the same mods and shapes, the keys
 one longer each step. Validating such a call, choosing its path, looking up its hooks and tiles and
-building its constexprs took about 120 us of host time on the 2-core CPU (the launch stubbed)
-(benchmarks/RESULTS.md, "A Gemma 2 decode call's host time"), while its kernel runs for a few
-microseconds. As FlashInfer's plan / run split does, :func:`forward` keeps per class of call what
-those steps decided (the path, the hooks, ``launch.FlexForwardPlan``), and a later call of the
-class only traces its mods' data (their captures and scalars: per call), fills its pointers and
-lengths and launches.
+building its constexprs took about 80 us of host time on the 2-core CPU with the launch stubbed (on
+an H100 the whole call took 332 us: benchmarks/RESULTS.md, "A Gemma 2 decode call's host time"),
+while its kernel runs for a few microseconds. As FlashInfer's plan / run split does,
+:func:`forward` keeps per class of call what those steps decided (the path, the hooks,
+``launch.FlexForwardPlan``), and a later call of the class only traces its mods' data (their
+captures and scalars: per call), fills its pointers and lengths and launches.
 
 A class is everything those steps read: the score_mod's structure (``ModGraph.key``, its captures'
 signatures included) and index width, q's dtype, device, shape and strides, k's and v's dtypes,
