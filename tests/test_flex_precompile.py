@@ -15,7 +15,7 @@ from triton.runtime.jit import native_specialize_impl
 
 import attend.flex_attention as flex
 from attend._flex import dispatch
-from attend.kernels import core, launch
+from attend.kernels import core, launch, versions
 from attend.kernels.options import kernel_options
 from conftest import DEVICE
 from test_flex import _with_captures, assert_grads_match_dense, dense_reference
@@ -100,13 +100,23 @@ def test_warmup_specializes_as_the_real_backward(name, warmups, monkeypatch):
     and alignment; what the backward writes (dQ, dK, dV, the row statistics) and dO are meta
     tensors there, never allocated."""
     q, k, v, sm, mm, bm, trained, kw = _case(name)
-    rec = _Record()
+    rec, stats = _Record(), _Record()
     monkeypatch.setattr(core, "attn_bwd", rec)
+    monkeypatch.setattr(core, "attn_bwd_preprocess", stats)  # the row statistics' kernel: warmed up too
+    monkeypatch.setattr(launch, "_PRE_LAUNCH", lambda grid, args, flags, warps, stages: stats.calls.append(
+        ("launch", grid, dict(args, **flags, num_warps=warps, num_stages=stages))))
     out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm, **kw)
     # out.sum()'s gradient is expanded (stride 0): the backward reads it from a copy in out's layout
     loss = out.sum() if name == "score_key_batch_1" else (out * torch.randn_like(out)).sum()
     torch.autograd.grad(loss, [q, k, v, *trained])
     assert [c[0] for c in rec.calls] == ["warmup", "launch"], rec.calls
+    assert [c[0] for c in stats.calls] == ["warmup", "launch"], stats.calls
+    (_, warm_grid, warm), (_, grid, real) = stats.calls
+    warm = {a: x for a, x in warm.items() if a not in versions.COMPILE_OPTIONS}  # the Launcher adds them itself
+    assert warm_grid == grid and warm.keys() == real.keys()
+    for arg in real:
+        w, r = _spec(warm[arg]), _spec(real[arg])
+        assert w == r, f"{name}: the row statistics' {arg} warmed up as {w!r}, launched as {r!r}"
     (_, warm_grid, warm), (_, grid, real) = rec.calls
     assert warm_grid == grid
     assert warm.keys() == real.keys()

@@ -438,13 +438,13 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
 
 
 def _device_cache(q: torch.Tensor) -> None:
-    """Create the compiled-kernel caches of core.attn_bwd and the Gluon dK / dV kernel for q's
-    device (Triton makes one on first use, in a defaultdict, so two threads compiling at once could
+    """Create the compiled-kernel caches of core.attn_bwd, its row statistics kernel and the Gluon
+    dK / dV kernel for q's device (Triton makes one on first use, in a defaultdict, so two threads compiling at once could
     each make one and lose one)."""
     from ..kernels import core, versions
 
     ws_bwd = versions.gluon_kernels()[1]
-    for fn in (core.attn_bwd, getattr(ws_bwd, "attn_bwd_dkdv_ws", None)):
+    for fn in (core.attn_bwd, core.attn_bwd_preprocess, getattr(ws_bwd, "attn_bwd_dkdv_ws", None)):
         caches = getattr(fn, "device_caches", None)
         if caches is not None and q.is_cuda:
             caches[q.device.index if q.device.index is not None else torch.cuda.current_device()]

@@ -16,7 +16,8 @@ classes of every scalar (``scalar_class``: an int's ``int_class``, or its width 
 kernel says ``do_not_specialize``; any float, any bool), so a new
 length (each step of a decode loop, each batch of a varlen call) launches a kernel compiled for
 an earlier length of its class directly; only a new class, and the interpreter, go through
-Triton's own path.
+Triton's own path. (The forward launchers declare a decode step's length and K / V strides
+volatile, ``launch._DECODE_VOLATILE``: a new length of a known class then hits the exact key.)
 
 Gluon kernels launch the same way, with host tensor descriptors among the leading pointer
 arguments (``ws.attn_fwd_ws``), classed as Triton specializes them (``descriptor_class``: dtype,

@@ -1115,8 +1115,10 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
             dout = empty_in_layout(torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev),
                                    (B, H, L, v.shape[3]))
         if warmup is True or warmup == "dq":  # the row statistics' kernel too: a process's first backward builds it
-            lse = torch.empty((B, H, L), dtype=torch.float32, device=dev)  # as flex_forward makes it
-            nlse2, delta, stat_strides = _row_stats(dout, dout, lse, None, lse.stride()[:2], B, L, None, warmup=True)
+            # lse as flex_forward makes it; its gradient is one too (HAS_DLSE): autograd hands the
+            # backward zeros for an lse the loss does not read, not None
+            lse = torch.empty((B, H, L), dtype=torch.float32, device=dev)
+            nlse2, delta, stat_strides = _row_stats(dout, dout, lse, lse, lse.stride()[:2], B, L, None, warmup=True)
         else:
             nlse2, delta = _stat_buffers(B, H, L, dev)
             stat_strides = nlse2.stride()[:2]
