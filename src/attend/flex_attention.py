@@ -215,13 +215,13 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_m
     and their order are docs/flex.md's ("Paths")."""
     if torch.compiler.is_compiling():
         raise RuntimeError("flex_attention.explain runs eagerly; call it outside torch.compile")
+    graph = _plan.traced(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, return_lse,
+                         return_aux)
     call, _, _ = _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
-                           return_aux)
+                           return_aux, graph)
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (query, key, value, *call.score_captures, *call.mask_captures))
     route = _dispatch.route(call, grad, _describe(call, score_mod, block_mask))
-    graph = _plan.traced(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, return_lse,
-                         return_aux)
     if _plan.serves(graph, route.forward, grad):
         route.notes.append("a decode plan: the first call of this class keeps its forward's decisions, later "
                            "ones only launch it (docs/flex.md, \"Decode plans\")")

@@ -23,7 +23,6 @@ of a class chooses the path there too.
 
 from __future__ import annotations
 
-import math
 import torch
 
 from ..kernels import options as kernel_options
@@ -31,7 +30,7 @@ from . import codegen, dispatch, trace
 from .trace import ModGraph
 
 PLAN_CACHE_SIZE = 256  # classes kept; past it the table starts over
-_PLANS: dict[tuple, object] = {}  # class -> its launch.FlexForwardPlan, or None: the full path
+_PLANS: dict[tuple, tuple | None] = {}  # class -> (its launch.FlexForwardPlan, the scale), or None: the full path
 STATS = {"planned": 0, "made": 0}  # calls a plan served, plans made (tests read them)
 
 
@@ -88,13 +87,13 @@ def forward(graph: ModGraph | None, query, key, value, scale, enable_gqa: bool, 
     opts = kernel_options.current()
     if not opts.flex_plans:
         return None
-    plan = _PLANS.get(_class(graph, query, key, value, scale, enable_gqa, want_max, opts))
-    if plan is None:
+    hit = _PLANS.get(_class(graph, query, key, value, scale, enable_gqa, want_max, opts))
+    if hit is None:
         return None
     from ..kernels import launch
 
+    plan, scale = hit  # the scale the full path resolved for the class (the default from the head dim)
     args = codegen.capture_args([c.tensor for c in caps], query.device, grads=[], scalars=graph.scalars)
-    scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
     res = launch.flex_forward_run(plan, query, key, value, None, scale, args)
     STATS["planned"] += 1
     dispatch.PATHS["fused"] += 1
@@ -123,4 +122,4 @@ def keep(graph: ModGraph | None, call: dispatch.FlexCall, scale, enable_gqa: boo
         STATS["made"] += fl is not None
     if len(_PLANS) >= PLAN_CACHE_SIZE:
         _PLANS.clear()
-    _PLANS[cls] = fl
+    _PLANS[cls] = None if fl is None else (fl, call.scale)

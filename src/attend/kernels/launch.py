@@ -847,6 +847,7 @@ class FlexForwardPlan:
     tiles: Tiles
     flags: dict  # every constexpr of the launch, the tiles' included
     band: Band | None
+    band_args: dict  # the band's runtime arguments (band_args; every key's where band is None)
     want_max: bool
 
 
@@ -874,7 +875,7 @@ def flex_forward_plan(q, k, v, blocks, score_fns: dict | None = None, mask_fns: 
                  SPARSE_BQ=blocks.BLOCK_SIZE[0] if band is None else 128,  # a band reads no list: one build
                  SPARSE_BKV=blocks.BLOCK_SIZE[1] if band is None else 128, MAX_SCORES=want_max,
                  FLEX_RAGGED_IN_FULL=resolve(options).flex_ragged_in_full and tma and band is None)
-    return FlexForwardPlan(tiles, {**flags, **tiles.meta}, band, want_max)
+    return FlexForwardPlan(tiles, {**flags, **tiles.meta}, band, bargs, want_max)
 
 
 def flex_plan_key(q, k, v, options: KernelOptions | dict | None = None) -> tuple:
@@ -904,15 +905,14 @@ def flex_forward_run(plan: FlexForwardPlan, q, k, v, blocks, scale: float, score
     else:  # only FLEX_LISTS[5] is read (MAX_SCORES)
         assert k.shape[0] == v.shape[0] == B, "a band replaces the mask; k / v of batch B"
         kstr, vstr, lists = k.stride(), v.stride(), (q,) * 5 + (mx,)
-    bargs = band_args(Band() if band is None else band)[0]
     score_on, mask_on = score_args is not None, mask_args is not None
     args = dict(zip(_FWD_STRIDES, (*q.stride(), *kstr, *vstr, *out.stride(), 0, 0, 0, 0, H * L, L, 0, 0, 0)),
                 Q=q, K=k, V=v, Out=out, LSE=lse, MASK=q, CU_Q=q, CU_K=q, SEQUSED_K=q, TABLE=q, KEY_EXT=q, WORK=q,
                 FLEX_LISTS=lists, SCORE_PTRS=score_args.ptrs if score_on else None,
                 SCORE_META=score_args.meta if score_on else None, MASK_PTRS=mask_args.ptrs if mask_on else None,
                 MASK_META=mask_args.meta if mask_on else None,
-                H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=0.0, seed=0,
-                L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
+                H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **plan.band_args, dropout_p=0.0,
+                seed=0, L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
     grid = _grid(_cdiv(L, plan.tiles.meta["BLOCK_M"]), B * H)
     _FLEX_FWD_LAUNCH(grid, args, plan.flags, plan.tiles.warps, plan.tiles.stages)
     return out, lse, (mx if want_max else None)
