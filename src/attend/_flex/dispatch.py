@@ -439,8 +439,8 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
 
 def _device_cache(q: torch.Tensor) -> None:
     """Create the compiled-kernel caches of core.attn_bwd, its row statistics kernel and the Gluon
-    dK / dV kernel for q's device (Triton makes one on first use, in a defaultdict, so two threads compiling at once could
-    each make one and lose one)."""
+    dK / dV kernel for q's device (Triton makes one on first use, in a defaultdict, so two threads
+    compiling at once could each make one and lose one)."""
     from ..kernels import core, versions
 
     ws_bwd = versions.gluon_kernels()[1]

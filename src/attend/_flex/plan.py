@@ -55,7 +55,8 @@ def traced(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_o
     if (score_mod is None or block_mask is not None or kernel_options_ is not None or not _tensors(query, key, value)
             or not (scale is None or type(scale) in (float, int)) or type(enable_gqa) is not bool):
         return None
-    if return_aux is not None and (return_lse or not (isinstance(return_aux, tuple) and hasattr(return_aux, "max_scores"))):
+    if return_aux is not None and (return_lse or not (isinstance(return_aux, tuple)
+                                                      and hasattr(return_aux, "max_scores"))):
         return None  # the full path's checks refuse it
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return None
