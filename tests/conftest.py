@@ -144,3 +144,19 @@ def assert_matches_float64(out, q, k, v, what: str = "", k_grad: float = 6.0, **
 
 def rand(*shape, dtype=torch.float32, requires_grad=False, device=DEVICE):
     return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def growing_layouts(B_, Hk, S_max, D, device="cpu", dtype=torch.float32):
+    """Each way a decode loop's K / V of length S arrive, as a function S -> (k, v): a cache grown
+    by ``torch.cat`` (contiguous, its strides grow with S), a static cache's slice (fixed strides),
+    (B, S, H, D) rows viewed as (B, H, S, D), and K / V packed in one (B, S, 2, H, D) tensor."""
+    def new(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    static, rows, packed = new(2, B_, Hk, S_max, D), new(2, B_, S_max, Hk, D), new(B_, S_max, 2, Hk, D)
+    return {
+        "grown by cat": lambda S: (static[0, :, :, :S].contiguous(), static[1, :, :, :S].contiguous()),
+        "static cache slice": lambda S: (static[0, :, :, :S], static[1, :, :, :S]),
+        "(B, S, H, D) rows": lambda S: (rows[0, :, :S].transpose(1, 2), rows[1, :, :S].transpose(1, 2)),
+        "packed K / V": lambda S: (packed[:, :S, 0].transpose(1, 2), packed[:, :S, 1].transpose(1, 2)),
+    }

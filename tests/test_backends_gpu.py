@@ -12,7 +12,7 @@ import torch
 
 import attend
 from attend import SDPBackend as B
-from conftest import assert_matches_float64
+from conftest import assert_matches_float64, growing_layouts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA backends need a GPU")
 
@@ -119,3 +119,37 @@ def test_cudnn_runs_sdpa_as_under_sdpa_kernel(case):
     assert out.stride() == ref.stride() and torch.equal(out, ref)
     for g, r in zip(grads, ref_grads):  # cuDNN's backward may add in another order run to run
         assert (g is None and r is None) or torch.allclose(g, r, rtol=1e-2, atol=1e-2 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("order", ["default", "cuDNN first", "FA2 first"])
+def test_a_key_length_class_answers_as_pytorchs_checks(order):
+    """Over every key length up to 600 in each layout a decode loop's K / V take, the dispatcher's
+    cached choice (keyed by the length's class, attend._dispatch, Note [key length class]) is a fresh
+    ``decide``'s: the installed PyTorch's cuDNN and flash checks read no more of S than the class."""
+    import contextlib
+
+    from attend import _dispatch
+    from attend._params import prepare
+
+    first = [B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]
+    if order == "FA2 first":
+        attend.activate_flash_attention_impl("FA2")
+        first = [B.FLASH_ATTENTION, B.CUDNN_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]
+    context = contextlib.nullcontext() if order == "default" else attend.sdpa_kernel(first, set_priority=True)
+    torch.manual_seed(0)
+    layouts = growing_layouts(1, 2, 601, 128, device="cuda", dtype=torch.bfloat16)  # 601: prime
+    try:
+        with context:
+            for L, causal, dropout in [(1, False, 0.0), (4, True, 0.0), (64, True, 0.25), (64, False, 0.0)]:
+                q = torch.randn(1, L, 8 * 128, device="cuda", dtype=torch.bfloat16).view(1, L, 8, 128).transpose(1, 2)
+                for name, make in layouts.items():
+                    _dispatch._decisions.clear()
+                    for S in range(1, 601):
+                        p = prepare(q, *make(S), None, dropout, causal, None, True).params
+                        got = _dispatch.choose(p)
+                        assert got is _dispatch.decide(p).backend, (name, L, causal, dropout, S)
+                    assert len(_dispatch._decisions) < 20, (name, L)  # classes, not lengths
+    finally:
+        if order == "FA2 first":
+            attend.restore_flash_attention_impl()
+        _dispatch._decisions.clear()

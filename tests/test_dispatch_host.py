@@ -20,6 +20,7 @@ from attend import _dispatch, _registry
 from attend._params import prepare
 from attend.backends import _kernels
 from attend.bias import causal_lower_right, causal_upper_left
+from conftest import growing_layouts
 from conftest import rand as _rand
 
 
@@ -71,6 +72,7 @@ class _RefusingKernel:
     """A flash kernel that refuses every call; its check reads only the signature."""
 
     cacheable_check = True
+    key_length_class = True
 
     def check(self, p):
         return ["refuses everything"]
@@ -221,8 +223,8 @@ def test_overrideable_with_a_check_is_not_cached():
 
 
 def test_cache_is_bounded():
-    for S in range(1, _dispatch.DECISION_CACHE_SIZE + 40):
-        p = params(rand(1, 2, 1, 8), rand(1, 2, S, 8))
+    for L in range(1, _dispatch.DECISION_CACHE_SIZE + 40):  # a new query length: a new key
+        p = params(rand(1, 2, L, 8), rand(1, 2, 3, 8))
         assert _dispatch.choose(p) is B.FLASH_ATTENTION
         assert len(_dispatch._decisions) <= _dispatch.DECISION_CACHE_SIZE
     assert _dispatch.choose(params(rand(1, 2, 1, 8), mask=rand(1, 1) > 0)) is B.EFFICIENT_ATTENTION
@@ -323,6 +325,93 @@ def test_no_choice_is_cached_while_torch_flags_are_held_or_change(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# The key length's class (Note [key length class] in attend/_dispatch.py)
+# ----------------------------------------------------------------------------------------------
+
+def _count_decide(monkeypatch) -> list:
+    seen = []
+    real = _dispatch.decide
+    monkeypatch.setattr(_dispatch, "decide", lambda p, **kw: seen.append(p.key.shape[-2]) or real(p, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["grown by cat", "static cache slice", "(B, S, H, D) rows", "packed K / V"])
+def test_a_decode_loop_keeps_its_decision_as_the_keys_grow(monkeypatch, layout):
+    """A decode loop's keys grow by one per call: its choice is made once per class of the length
+    (S % 64 == 0 or not, S == L), not once per length, and every cached answer is decide's."""
+    seen = _count_decide(monkeypatch)
+    # 307 is prime: no length below it divides a buffer's stride, which would be a class of its own
+    make = growing_layouts(2, 2, 307, 16)[layout]
+    q = rand(2, 1, 4 * 16).view(2, 1, 4, 16).transpose(1, 2)  # one query row of 4 heads, GQA 2:1
+    for S in range(3, 300):
+        k, v = make(S)
+        p = params(q, k, v, gqa=True)
+        assert _dispatch.choose(p) is B.FLASH_ATTENTION
+    assert sorted(seen) == [3, 64], seen  # S % 64 == 0 or not
+    assert len(_dispatch._decisions) == len(seen)
+    for S in (2, 64, 191, 299):  # the answers held are decide's
+        k, v = make(S)
+        assert _dispatch.choose(params(q, k, v, gqa=True)) is _dispatch.decide(params(q, k, v, gqa=True)).backend
+
+
+def test_the_class_holds_what_the_checks_read_of_the_length():
+    """S 0 and 1, S == L, S % 64 == 0 and the strides' relation to S each make their own key, and
+    a key length class never holds a masked call (its mask's shape holds S)."""
+    def key(q, k, mask=None):
+        return _dispatch.signature(params(q, k, mask=mask), _dispatch._state.current_state())
+
+    q = rand(1, 2, 8, 16)
+    assert key(q, rand(1, 2, 1, 16)) != key(q, rand(1, 2, 2, 16))  # S == 1 keys exactly
+    assert key(q, rand(1, 2, 7, 16)) == key(q, rand(1, 2, 9, 16)) != key(q, rand(1, 2, 8, 16))  # S == L
+    assert key(q, rand(1, 2, 63, 16)) == key(q, rand(1, 2, 65, 16)) != key(q, rand(1, 2, 128, 16))  # S % 64
+    buf = rand(1, 2, 100, 16)
+    assert key(q, buf[:, :, :30]) == key(q, buf[:, :, :31]) != key(q, rand(1, 2, 30, 16))  # fixed strides
+    assert key(q, buf[:, :, :30]) != key(q, buf[:, :, :50])  # 50 divides the buffer: its strides are 2 S-multiples
+    assert key(q, rand(1, 30, 2, 16).transpose(1, 2)) == key(q, rand(1, 31, 2, 16).transpose(1, 2))
+    masked = [key(q, rand(1, 2, S, 16), mask=rand(8, S) > 0) for S in (30, 31)]
+    assert masked[0] != masked[1]
+    assert not _dispatch._classed(masked[0]) and _dispatch._classed(key(q, buf[:, :, :30]))
+
+
+def test_a_check_that_may_read_the_length_keeps_exact_keys(monkeypatch):
+    """A flash kernel whose check reads the key length (cacheable, no ``key_length_class``) keeps
+    its decisions under the exact signature, so its answer changes where its check's does."""
+    class UpTo100:
+        cacheable_check = True
+
+        def check(self, p):
+            return [] if p.key.shape[-2] <= 100 else ["keys beyond 100"]
+
+        def forward(self, p, scale):
+            raise AssertionError("not run")
+
+    seen = _count_decide(monkeypatch)
+    q = rand(1, 2, 1, 16)
+    with flash_kernel(UpTo100()):
+        for _ in range(2):
+            for S in range(95, 106):
+                want = B.FLASH_ATTENTION if S <= 100 else B.EFFICIENT_ATTENTION
+                assert _dispatch.choose(params(q, rand(1, 2, S, 16))) is want, S
+        assert len(seen) == 11  # once per length, the second pass from the cache
+        assert not any(_dispatch._classed(key) for key in _dispatch._decisions)
+
+
+def test_a_decode_loop_of_prepared_calls_matches_unprepared_ones(monkeypatch):
+    seen = _count_prepare(monkeypatch)
+    q = rand(1, 4, 1, 16)
+    cache = rand(2, 1, 2, 83, 16)  # a prime length: no class of its own below it
+    outs = [attend.scaled_dot_product_attention(q, cache[0, :, :, :S], cache[1, :, :, :S], enable_gqa=True)
+            for S in range(10, 80)]
+    assert len(seen) == 2  # a prepare per class: S % 64 == 0 or not
+    _dispatch._prepared.clear()
+    _dispatch._decisions.clear()
+    for S, out in zip(range(10, 80), outs):
+        _dispatch._prepared.clear()
+        again = attend.scaled_dot_product_attention(q, cache[0, :, :, :S], cache[1, :, :, :S], enable_gqa=True)
+        assert torch.equal(out, again), S
+
+
+# ----------------------------------------------------------------------------------------------
 # Prepared calls (Note [prepared calls] in attend/_dispatch.py)
 # ----------------------------------------------------------------------------------------------
 
@@ -396,9 +485,8 @@ def test_prepared_calls_follow_sdpa_kernel_and_are_bounded():
         with mock.patch.object(_dispatch.BACKENDS[B.EFFICIENT_ATTENTION], "run",
                                side_effect=AssertionError("EFFICIENT ran inside sdpa_kernel(MATH)")):
             attend.scaled_dot_product_attention(q, q, q, attn_mask=mask)
-    for S in range(1, _dispatch.DECISION_CACHE_SIZE + 40):
-        k = rand(1, 2, S, 8)
-        attend.scaled_dot_product_attention(q, k, k)
+    for L in range(1, _dispatch.DECISION_CACHE_SIZE + 40):
+        attend.scaled_dot_product_attention(rand(1, 2, L, 8), q, q)
         assert len(_dispatch._prepared) <= _dispatch.DECISION_CACHE_SIZE
 
 

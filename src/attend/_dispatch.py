@@ -95,18 +95,70 @@ def decide(p: SDPAParams, *, exhaustive: bool = False) -> Decision:
 # the successful ones are kept per signature: only for checks that read nothing more
 # (``cacheable_check``), never under torch.compile (the choice is made once at trace time there),
 # and never for ``explain``, ``can_use_*`` or the unfused-kernel warnings, which want the reasons.
-# Generation makes a new signature per step (the keys grow), so the table is emptied when full.
+# The table is emptied when full.
 DECISION_CACHE_SIZE = 256
 _decisions: dict[tuple, SDPBackend] = {}
 
+# Note [key length class]: a decode step's keys are one longer than the last step's, and a KV
+# cache grown by ``torch.cat`` (transformers' DynamicCache) has strides that grow with them, so an
+# exact signature is new at every step and every backend's check runs again. Where the call has
+# no mask and 4-D K / V of one length S >= 2, the signature holds instead what the checks read of
+# S and of K / V's strides:
+# - S == 0 and S == 1 (PyTorch's nonzero-length and cuDNN's ``s_k != 1`` checks): such calls key
+#   exactly;
+# - S == L (FA2's and FA4's causal alignment, PyTorch's ``check_flash_causal_non_square_seqlens``);
+# - S % 64 == 0 (cuDNN before 8.9.6);
+# - each stride, as its value or, where it is a multiple m of S times the length dim's stride, as
+#   m: the strides are then a function of the class and S, and a stride's comparison with a
+#   product of S (cuDNN's layout predicates) is one of the class (a static cache's slice whose
+#   length divides the buffer's strides is a class of its own);
+# - cuDNN's four K / V layout predicates (``check_cudnn_layout``: packed and unpacked), as computed.
+# Those are every read of S and of K / V's strides in the dense checks of PyTorch 2.11-2.15
+# (``sdp_utils.cpp``) and of attend's own; a check that may read more (a user's OVERRIDEABLE check,
+# an installed flash kernel without ``key_length_class``) keeps its decision under the exact
+# signature instead (``_classed``). ``tests/test_dispatch_host.py`` compares the cached choice
+# with a fresh ``decide`` over every length up to 600 in each layout.
+_CLASSED = "key length class"
 
-def signature(p: SDPAParams, state: _state.BackendState) -> tuple | None:
+
+def _strides_of_length(st: tuple[int, ...], S: int) -> tuple:
+    """A 4-D tensor's strides, each that is a multiple m of S times the length dim's as ("S", m)."""
+    a, b, c, d = st
+    u = S * c
+    if not u:
+        return st
+    return (("S", a // u) if a and not a % u else a, ("S", b // u) if b and not b % u else b, c,
+            ("S", d // u) if d and not d % u else d)
+
+
+def _length_class(p: SDPAParams) -> tuple | None:
+    """K and V's shapes and strides up to the key length's class (Note [key length class]), or None
+    where the call keys on them exactly."""
+    if p.attn_mask is not None:
+        return None
+    ks, vs, qs = p.key.shape, p.value.shape, p.query.shape
+    if len(ks) != 4 or len(vs) != 4 or len(qs) != 4:
+        return None
+    S = ks[2]
+    if S < 2 or vs[2] != S:
+        return None
+    kst, vst = p.key.stride(), p.value.stride()
+    d = qs[3]
+    hd = qs[1] * d
+    unpacked, packed = (S * hd, d, hd, 1), (3 * S * hd, d, 3 * hd, 1)
+    return (_CLASSED, ks[0], ks[1], ks[3], vs[0], vs[1], vs[3], _strides_of_length(kst, S),
+            _strides_of_length(vst, S), S == qs[2], S % 64 == 0,
+            kst == unpacked, kst == packed, vst == unpacked, vst == packed)
+
+
+def signature(p: SDPAParams, state: _state.BackendState, *, exact: bool = False) -> tuple | None:
     """What the backends' checks read of the call ``p`` and of the process, as a dict key.
 
-    Of the call: the device and dtype, each tensor's shape, strides and ``requires_grad``, the
-    mask's kind (a tensor's dtype, shape, strides and ``requires_grad``; a causal bias's variant),
-    dropout, ``is_causal`` and ``enable_gqa``. Of the process: the ``sdpa_kernel`` state, grad
-    mode, deterministic mode, which of attend's kernels serves the device and dtype (Triton's
+    Of the call: the device and dtype, each tensor's shape, strides and ``requires_grad`` (K and
+    V's up to the key length's class, Note [key length class], unless ``exact``), the mask's kind
+    (a tensor's dtype, shape, strides and ``requires_grad``; a causal bias's variant), dropout,
+    ``is_causal`` and ``enable_gqa``. Of the process: the ``sdpa_kernel`` state, grad mode,
+    deterministic mode, which of attend's kernels serves the device and dtype (Triton's
     interpreter), the installed flash kernel and OVERRIDEABLE implementations, PyTorch's cuDNN and
     flash SDPA flags and the current CUDA device (PyTorch's checks read its properties). None for
     tensors other than plain ``torch.Tensor`` (subclasses and fake tensors answer as they choose).
@@ -122,14 +174,21 @@ def signature(p: SDPAParams, state: _state.BackendState) -> tuple | None:
         mask = m.variant
     else:
         return None
+    kv = None if exact else _length_class(p)
+    if kv is None:
+        kv = (k.shape, k.stride(), v.shape, v.stride())
     device = q.device
-    return (device, q.dtype, q.shape, q.stride(), q.requires_grad, k.shape, k.stride(), k.requires_grad,
-            v.shape, v.stride(), v.requires_grad, mask, p.dropout, p.is_causal, p.enable_gqa,
+    return (device, q.dtype, q.shape, q.stride(), q.requires_grad, kv, k.requires_grad, v.requires_grad,
+            mask, p.dropout, p.is_causal, p.enable_gqa,
             state, torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled(), kernel_for(q),
             _registry.flash_kernel_version(), registry_version(),
             torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
             torch.cuda.current_device() if device.type == "cuda" else None)
+
+
+def _classed(key: tuple) -> bool:
+    return key[5][0] == _CLASSED
 
 
 def _cacheable(d: Decision, p: SDPAParams) -> bool:
@@ -143,6 +202,18 @@ def _cacheable(d: Decision, p: SDPAParams) -> bool:
     return False
 
 
+def _reads_length_class(d: Decision, p: SDPAParams) -> bool:
+    """Whether every check that ``decide`` ran to reach ``d`` reads the key length and K / V's
+    strides only through their class (Note [key length class])."""
+    for b in d.order:
+        reads_class = getattr(BACKENDS[b], "key_length_class", None)  # absent: it may read more
+        if d.reasons.get(b) != [DISABLED] and (reads_class is None or not reads_class(p)):
+            return False
+        if b is d.backend:
+            return True
+    return False
+
+
 def choose(p: SDPAParams, key: tuple | None = None) -> SDPBackend:
     """``decide(p).backend``, from the decision cache where the signature is there; raises the
     no-backend error (never cached) where no enabled backend can take the call. ``key``: ``p``'s
@@ -150,8 +221,12 @@ def choose(p: SDPAParams, key: tuple | None = None) -> SDPBackend:
     held, epoch = _base.TORCH_FLAGS["HELD"], _base.TORCH_FLAGS["EPOCH"]
     if key is None and not torch.compiler.is_compiling():
         key = signature(p, _state.current_state())
+    exact = None
     if key is not None:
         hit = _decisions.get(key)
+        if hit is None and _classed(key):  # a decision that a check reading more keeps exactly
+            exact = signature(p, _state.current_state(), exact=True)
+            hit = _decisions.get(exact)
         if hit is not None:
             return hit
     d = decide(p)
@@ -165,6 +240,8 @@ def choose(p: SDPAParams, key: tuple | None = None) -> SDPBackend:
     # Not where another thread's run of one of PyTorch's kernels had its flags changed meanwhile:
     # the key and PyTorch's checks may then have read two states.
     if key is not None and held == 0 and epoch == _base.TORCH_FLAGS["EPOCH"] and _cacheable(d, p):
+        if _classed(key) and not _reads_length_class(d, p):
+            key = exact
         if len(_decisions) >= DECISION_CACHE_SIZE:
             _decisions.clear()
         _decisions[key] = d.backend

@@ -7,7 +7,10 @@ In attend, a ``register_fn`` installs a kernel object into the FLASH backend's s
 ``check(params) -> list[str]`` (reasons it cannot run a call; empty = it can) and
 ``forward(...)``; see ``attend.backends.flash`` for the call it receives. A kernel whose ``check``
 reads nothing beyond what the dispatcher's decision cache keys on (``attend._dispatch.signature``)
-may set ``cacheable_check = True``; any other kernel's ``check`` runs on every call.
+may set ``cacheable_check = True``; any other kernel's ``check`` runs on every call. One that
+also reads the key length only as ``S == L`` and K / V's strides not at all may set
+``key_length_class = True``: a decode loop's growing keys then keep its decision
+(``attend._dispatch``, Note [key length class]).
 """
 
 from __future__ import annotations

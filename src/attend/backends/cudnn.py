@@ -22,6 +22,9 @@ _CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 class CudnnBackend:
     backend = SDPBackend.CUDNN_ATTENTION
 
+    def key_length_class(self, p: SDPAParams) -> bool:
+        return True  # PyTorch's check as read in attend._dispatch, Note [key length class]
+
     def check(self, p: SDPAParams) -> list[str]:
         if p.device_type != "cuda":
             return [f"CUDNN runs on cuda tensors only; got {p.device_type}"]

@@ -13,6 +13,9 @@ from ._kernels import TRITON_MASK_DTYPES, kernel_for, triton_mask_reasons
 class EfficientBackend:
     backend = SDPBackend.EFFICIENT_ATTENTION
 
+    def key_length_class(self, p: SDPAParams) -> bool:
+        return True  # the key length only with a mask, which keys exactly
+
     def check(self, p: SDPAParams) -> list[str]:
         reasons = fused_reasons(p, "EFFICIENT")
         kernel = kernel_for(p.query)

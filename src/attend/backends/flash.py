@@ -24,6 +24,10 @@ class FlashBackend:
         impl = _registry.active_flash_kernel()
         return impl is None or getattr(impl, "cacheable_check", False) is True
 
+    def key_length_class(self, p: SDPAParams) -> bool:
+        impl = _registry.active_flash_kernel()
+        return impl is None or getattr(impl, "key_length_class", False) is True
+
     def check(self, p: SDPAParams) -> list[str]:
         reasons = fused_reasons(p, "FLASH")
         impl = _registry.active_flash_kernel()

@@ -39,6 +39,7 @@ class TorchFlash:
     # reads the call's signature and PyTorch's flash flag and device; on ROCm also its preferred
     # flash library, which the decision cache does not key on
     cacheable_check = torch.version.hip is None
+    key_length_class = cacheable_check  # S == L only (attend._dispatch, Note [key length class])
 
     def check(self, p: SDPAParams) -> list[str]:
         reasons = _common_reasons(p, self.name)
@@ -64,6 +65,7 @@ class FA4:
 
     name = "FA4"
     cacheable_check = True
+    key_length_class = True  # S == L only
     HEAD_DIMS = (64, 96, 128)  # the Hopper head dims the package lists as supported
 
     def __init__(self, flash_attn_func: Callable) -> None:

@@ -55,5 +55,8 @@ class MathBackend:
     def check(self, p: SDPAParams) -> list[str]:
         return []
 
+    def key_length_class(self, p: SDPAParams) -> bool:
+        return True
+
     def run(self, p: SDPAParams, scale: float | None) -> torch.Tensor:
         return math_attention(p, scale)
