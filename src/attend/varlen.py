@@ -58,6 +58,7 @@ def varlen_attn(
     seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     num_splits: int | None = None,
+    score_mod=None,
 ):
     """Attention over packed sequences; returns ``out`` ``(T_q, H, D)``, or ``(out, lse)`` when
     ``return_aux.lse``.
@@ -77,6 +78,12 @@ def varlen_attn(
       equality of one sequence's output across different batches is not promised either way.
     - Gradients flow to query, key and value (and through ``lse``), except with
       ``block_table`` or ``seqused_k``, which are inference only (as in PyTorch).
+    - ``score_mod`` (attend's addition; PyTorch's ``varlen_attn`` has none): a FlexAttention
+      ``score_mod(score, b, h, q_idx, kv_idx)`` applied to every score the window keeps, with ``b``
+      the sequence's index and ``q_idx`` / ``kv_idx`` positions in that sequence (a softcap,
+      ALiBi, a bias table indexed per sequence). Inference calls on attend's Triton kernels run it
+      in the same single launch; calls that need gradients, run under ``torch.compile`` or on the
+      CPU blocked path run ``flex_attention`` once per sequence (docs/varlen.md).
     """
     from ._params import default_scale
     from .backends._kernels import TRITON_MASK_DTYPES, TRITON_MAX_HEAD_DIM, kernel_for
@@ -101,10 +108,34 @@ def varlen_attn(
     if kernel == "triton" and query.shape[-1] > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"varlen_attn: head dim {query.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the Triton core's limit")
     s = default_scale(query.shape[-1], scale)
+    if score_mod is not None:
+        if not callable(score_mod):
+            raise TypeError(f"score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score or None, "
+                            f"got {type(score_mod).__name__}: {score_mod!r}")
+        res = _with_score_mod(score_mod, query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table,
+                              operator.index(max_q), operator.index(max_k), float(s), Band(left, right, True), kernel)
+        if res is not None:
+            return res if want_lse else res[0]
     out, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table,
                                 operator.index(max_q), operator.index(max_k), float(s),
                                 Band(left, right, bottom_right=True), kernel)
     return (out, lse) if want_lse else out
+
+
+def _with_score_mod(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, max_q: int, max_k: int, scale: float,
+                    band, kernel: str):
+    """(out, lse) of a call with a score_mod (attend._flex.varlen), or None where the mod is the
+    identity (then the call runs as without one)."""
+    from ._flex import varlen as flex_varlen
+    from .ops.varlen import packed_of
+
+    graph = flex_varlen.score_graph(score_mod, q)
+    if graph is None:
+        return None
+    if flex_varlen.fused(graph, kernel, q, k, v):
+        packed = packed_of(cu_q, cu_k, seqused_k, block_table, k)
+        return flex_varlen.forward_fused(graph, q, k, v, packed, max_q, max_k, scale, band)
+    return flex_varlen.forward_per_sequence(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, scale, band)
 
 
 def _check_aux(return_aux) -> bool:

@@ -87,6 +87,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
 
 FLEX_VARIANTS = ("score_mod", "mask_mod", "score_and_mask")  # compile_flex's variants
 FLEX_BAND_VARIANTS = ("score_mod_band",)  # the score hooks over a causal band, no lists
+FLEX_VARLEN_VARIANTS = ("score_mod_varlen",)  # the same over packed sequences (varlen_attn's score_mod): forward only
 
 
 def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_dim: int = 128,
@@ -121,9 +122,11 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
                                num_warps=warps, num_stages=stages)  # head-major on the lists, as launch.flex_bwd_tiles
     fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
     score, mask = _mods()
-    band = variant in FLEX_BAND_VARIANTS  # launch.flex_forward / flex_backward's ``band``: the band's loops, no lists
+    varlen = variant in FLEX_VARLEN_VARIANTS
+    band = variant in FLEX_BAND_VARIANTS or varlen  # launch.flex_forward / flex_backward's ``band``: its loops, no lists
     graphs = dict(score=trace(score, "score") if variant != "mask_mod" else None,
-                  mask=trace(mask, "mask") if variant not in ("score_mod", *FLEX_BAND_VARIANTS) else None)
+                  mask=trace(mask, "mask") if variant not in ("score_mod", *FLEX_BAND_VARIANTS, *FLEX_VARLEN_VARIANTS)
+                  else None)
     flags = dict(FLEX=not band, CAUSAL=band, EVEN=even, ONE_LOOP=one_loop, LAZY_RESCALE=False,
                  USE_TMA=tma and kernel == "fwd", MAX_SCORES=True, SPARSE_BQ=128, SPARSE_BKV=128)
     if kernel == "fwd":
@@ -147,7 +150,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False,
-                      MASK_TMA=False, WORKLIST=False, VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16,
+                      MASK_TMA=False, WORKLIST=False, VARLEN=varlen, SEQUSED=False, PAGED=False, PAGE_SIZE=16,
                       DOT_PRECISION="tf32", GRID_1D=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
                       DETERMINISTIC=False, HEAD_MAJOR=False, DQ_ONLY=False, DKDV_ONLY=False, **NO_FLEX)
     constexprs.update(config.kwargs)
@@ -403,6 +406,7 @@ def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> li
              for arch in archs]
     jobs += [(kind, -1, arch, 128, variant) for kind in ("flex", "flex_bwd") for variant in FLEX_BAND_VARIANTS
              for arch in archs]
+    jobs += [("flex", -1, arch, 128, variant) for variant in FLEX_VARLEN_VARIANTS for arch in archs]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(functools.partial(_build_one, dump=dump), jobs))
 

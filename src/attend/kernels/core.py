@@ -571,9 +571,10 @@ def attn_fwd(
     divides SPARSE_BQ and BLOCK_N divides SPARSE_BKV. MAX_SCORES: also write each row's max
     score (natural units) to FLEX_LISTS[5], laid out as LSE. FLEX_RAGGED_IN_FULL: ``_flex_lists``'
     two-loop form (with USE_TMA).
-    SCORE_MOD without FLEX (launch.flex_forward over a band; no mask, dropout, key range or
-    varlen): the band's own loops (CAUSAL / WINDOW, edges masked by arithmetic) with the score hook
-    applied in every block, for flex calls whose mask_mod is that band (_flex/band.py)."""
+    SCORE_MOD without FLEX (launch.flex_forward over a band, or launch.varlen_forward's score; no
+    mask, dropout or key range): the band's own loops (CAUSAL / WINDOW, edges masked by arithmetic)
+    with the score hook applied in every block, for flex calls whose mask_mod is that band
+    (_flex/band.py) and varlen calls with a score_mod (VARLEN: b the sequence, the indices its own)."""
     one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE or PAGED or FLEX) and (USE_TMA or EVEN)
     if WORKLIST:
         n_m = tl.num_programs(0) // H

@@ -358,9 +358,12 @@ def _rows_packed(opts: KernelOptions, q, k, v, dout=None, band: Band = Band()) -
 
 
 def varlen_forward(q, k, v, packed: Packed, max_q: int, max_k: int, scale: float, band: Band,
-                   options: KernelOptions | dict | None = None):
+                   options: KernelOptions | dict | None = None, score=None):
     """Packed attention: q (T, H, D); k/v (T_k, Hkv, D), or a (pages, page_size, Hkv, D) pool
-    when ``packed.table`` is set. Returns (out (T, H, D), lse (H, T))."""
+    when ``packed.table`` is set. Returns (out (T, H, D), lse (H, T)). ``score``: a flex
+    score_mod's (generated functions, ``codegen.CaptureArgs``) applied to every score, the hooks
+    called with b the sequence and q_idx / kv_idx positions in it (the Gluon forward where it
+    serves, else the core's score hooks; no backward)."""
     T, H, D = q.shape
     out = torch.empty((T, H, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
@@ -374,7 +377,7 @@ def varlen_forward(q, k, v, packed: Packed, max_q: int, max_k: int, scale: float
     else:
         kstr, vstr, hkv = tuple(packed4(k).stride()), tuple(packed4(v).stride()), k.shape[1]
     _forward(packed4(q), k, v, kstr, vstr, packed4(out), lse, (0, T), n, hkv, max_q, max_k,
-             None, 0.0, band, scale, 0, packed, resolve(options))
+             None, 0.0, band, scale, 0, packed, resolve(options), score)
     return out, lse
 
 
@@ -395,7 +398,9 @@ def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]
 def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dropout_p, band: Band, scale, seed,
              packed: Packed | None, opts: KernelOptions, score=None) -> bool:
     """Runs the call on the Gluon forward where it serves, else on the core; False only with a
-    ``score`` (``forward``'s), which the Gluon forward alone takes here."""
+    ``score`` on dense tensors (``forward``'s), which the Gluon forward alone takes here
+    (``flex_forward`` runs the core's hooks there). Packed calls with a ``score`` (no mask or
+    dropout) run the core's score hooks over the band."""
     H, D = q.shape[1], q.shape[3]
     q, scale = _positive_scale(q, scale)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
@@ -407,8 +412,9 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         if versions.run_experimental(name, ws.forward, q, k, v, None if mask is None else m4, out, lse,
                                      lse_strides, scale, bargs, band_flags, packed, B, L, S, opts.o_tma, score):
             return True
-    if score is not None:
+    if score is not None and packed is None:
         return False
+    assert score is None or (mask is None and dropout_p == 0.0), "the score hooks take no mask or dropout"
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
     if packed is None:
         seq_ptrs, stride_table, seq_flags = dict(CU_Q=q, CU_K=q, SEQUSED_K=q, TABLE=q), 0, _DENSE_FLAGS
@@ -417,7 +423,11 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
                  **seq_flags, EVEN=_even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
-    tiles = pick_tiles("fwd", flags, q.element_size(), opts, l_bucket(L), seq_bucket(S), H // Hkv)
+    if score is not None:
+        flags.update(SCORE_MOD=score[0]["score_mod"], LOAD_SCORE_META=score[0]["load_meta"])
+        tiles = _hook_tiles(flags, q.element_size(), opts, L, S, H // Hkv)
+    else:
+        tiles = pick_tiles("fwd", flags, q.element_size(), opts, l_bucket(L), seq_bucket(S), H // Hkv)
     asked = tiles is not None and tiles.meta.get("TMA", False)
     if tiles is not None and "TMA" in tiles.meta:  # a config's request, not a kernel parameter
         tiles = Tiles({k: v for k, v in tiles.meta.items() if k != "TMA"}, tiles.warps, tiles.stages)
@@ -433,12 +443,29 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
                 Q=q, K=k, V=v, Out=out, LSE=lse, MASK=m4, **seq_ptrs, KEY_EXT=ext, WORK=q if work is None else work[0],
                 **_NO_FLEX, H=H, G=H // Hkv, L_max=L, S_max=S, qk_scale=scale * _RCP_LN2, **bargs, dropout_p=float(dropout_p),
                 seed=int(seed), L_BUCKET=l_bucket(L), SEQ_BUCKET=seq_bucket(S))
+    if score is not None:
+        args.update(SCORE_PTRS=score[1].ptrs, SCORE_META=score[1].meta)
 
     def grid(m):  # every sequence's slots, or the list's items (core.attn_fwd)
         return _grid(_cdiv(L, m["BLOCK_M"]), B * H) if work is None else (work[1][0] * H,)
 
-    _launch(_fwd, _FWD_LAUNCH, grid, args, flags, tiles)
+    _launch(_fwd, _FWD_LAUNCH if score is None else _FLEX_FWD_LAUNCH, grid, args, flags, tiles)
     return True
+
+
+def _hook_tiles(flags: dict, elem: int, opts: KernelOptions, L: int, S: int, group: int) -> Tiles:
+    """The tiles of a forward with the score hooks (never the autotuner's: the hooks are the
+    call's): the fixed config shrunk as the flex forward's (``configs.flex_tile``), no lazy
+    rescaling, as the band hooks' path runs."""
+    import dataclasses
+
+    tiles = pick_tiles("fwd", flags, elem, dataclasses.replace(opts, autotune=False), l_bucket(L), seq_bucket(S),
+                       group)
+    meta = dict(tiles.meta, LAZY_RESCALE=False)
+    warps, stages = tiles.warps, tiles.stages
+    if not opts.interpret:
+        meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, flags["BLOCK_D"], True)
+    return Tiles(meta, warps, stages)
 
 
 def _one_axis(heads: int) -> bool:

@@ -20,7 +20,7 @@ from ._eager import call, eager_twin, is_eager
 from .registry import launchers
 
 
-def _packed(cu_q, cu_k, seqused_k, block_table, k) -> Packed:
+def packed_of(cu_q, cu_k, seqused_k, block_table, k) -> Packed:
     """The call's ``Packed``, its index tensors as dense rows (the Triton kernels read them so: a
     strided view, ``cu[::2]`` or a transposed table, becomes a contiguous copy)."""
     page = k.shape[1] if block_table is not None else 16  # a paged pool is (pages, page_size, Hkv, D)
@@ -43,7 +43,7 @@ def _varlen_fwd(
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fwd = launchers(kernel).varlen_forward
-    return fwd(q, k, v, _packed(cu_q, cu_k, seqused_k, block_table, k), max_q, max_k, scale, Band.from_op(band))
+    return fwd(q, k, v, packed_of(cu_q, cu_k, seqused_k, block_table, k), max_q, max_k, scale, Band.from_op(band))
 
 
 varlen_fwd = torch.library.custom_op("attend::varlen_fwd", _varlen_fwd, mutates_args=())
@@ -72,7 +72,7 @@ def _varlen_bwd(
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bwd = launchers(kernel).varlen_backward
-    return bwd(dout, q, k, v, out, lse, _packed(cu_q, cu_k, None, None, k), max_q, max_k, scale, Band.from_op(band),
+    return bwd(dout, q, k, v, out, lse, packed_of(cu_q, cu_k, None, None, k), max_q, max_k, scale, Band.from_op(band),
                dlse=dlse)
 
 
