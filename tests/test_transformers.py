@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 import attend.integrations.transformers as at  # noqa: E402  (registers "attend")
 from attend._flex import dispatch as flex_dispatch  # noqa: E402
+from attend._flex import varlen as flex_varlen  # noqa: E402
 from attend.kernels import launch  # noqa: E402
 from attend.kernels.options import kernel_options  # noqa: E402
 from conftest import DEVICE  # noqa: E402
@@ -308,12 +309,15 @@ def test_generate_greedy_matches_eager(name, use_kernel):
                          pad_token_id=0)
     eager.set_attn_implementation("attend")
     runs = flex_runs()
+    per_sequence = flex_varlen.PATHS["per_sequence"]
     out = eager.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, use_cache=True,
                          pad_token_id=0)
     assert out.shape == ref.shape == (B, S + NEW)
     assert torch.equal(out, ref), f"{name}: greedy tokens differ from eager\n{out}\n{ref}"
-    if name == "gemma2":  # prefill and every decode step, each layer: softcap through fused flex
-        assert_fused_flex(runs(), forwards=2 * NEW)
+    if name == "gemma2":  # each layer: the padded prefill's softcap on varlen_attn's score_mod (the blocked
+        # kernel here: flex per sequence, B calls), then every decode step's through fused flex
+        assert flex_varlen.PATHS["per_sequence"] == per_sequence + 2
+        assert_fused_flex(runs(), forwards=2 * (NEW - 1) + 2 * B)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral"])
@@ -375,6 +379,7 @@ def test_packed_batch_equals_padded_batch(name, use_kernel):
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     model = build(name, "attend")
     runs = flex_runs()
+    per_sequence = flex_varlen.PATHS["per_sequence"]
     with torch.no_grad():
         ref = model(padded, attention_mask=mask).logits
         # with a cache (the default in eval) transformers builds no packed mask: the attention call
@@ -384,8 +389,10 @@ def test_packed_batch_equals_padded_batch(name, use_kernel):
         by_cu = model(packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=S,
                       max_length_k=S).logits[0]
     want = ref[mask.bool()]
-    if name == "gemma2":  # padded, then packed by positions, sequence ids and cu_seq_lens: 4 forwards
-        assert_fused_flex(runs(), forwards=4 * 2)
+    if name == "gemma2":  # padded, then packed by positions, sequence ids and cu_seq_lens: 4 forwards of 2
+        # layers, each softcap on varlen_attn's score_mod (inference; the blocked kernel: flex per sequence)
+        assert flex_varlen.PATHS["per_sequence"] == per_sequence + 4 * 2
+        assert_fused_flex(runs(), forwards=4 * 2 * len(lens))
     torch.testing.assert_close(by_positions, want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(by_mask, want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(by_cu, want, atol=2e-5, rtol=1e-5)
@@ -730,6 +737,25 @@ def test_flex_route_against_float64(case, monkeypatch):
         assert_scaled(a, r64, r32, f"{case} d{name}")
 
 
+@pytest.mark.parametrize("case", ["padding-chunk", "packed-cu"])
+def test_an_inference_softcap_over_packed_sequences_runs_varlen(case, monkeypatch):
+    """In inference, a padded prefill's or packed sequences' softcap runs on varlen_attn's
+    score_mod (the core's score hooks, one launch), no BlockMask built; float64's result."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v, mask, kw, allowed, additive = _flex_case(case, g)
+    builds = []
+    real = at.create_block_mask
+    monkeypatch.setattr(at, "create_block_mask", lambda *a, **kw_: builds.append(a[3:5]) or real(*a, **kw_))
+    assert at.explain(q, k, v, mask, scaling=0.3, **kw).startswith("route: varlen"), case
+    fused = flex_varlen.PATHS["fused"]
+    with torch.no_grad():
+        out, _ = at.attention_forward(torch.nn.Module(), q, k, v, mask, scaling=0.3, **kw)
+    assert flex_varlen.PATHS["fused"] == fused + 1 and builds == []
+    refs = [_reference(*(t.to(dt) for t in (q, k, v)), allowed, 0.3, kw["softcap"], None, None)
+            for dt in (torch.float64, torch.float32)]
+    assert_scaled(out.transpose(1, 2), *refs, f"{case} out")  # padded query rows: 0, as rows that see no key
+
+
 def test_decode_past_the_window_builds_no_block_mask(monkeypatch):
     """A decode step of an unpadded batch past the sliding window (Gemma 2's local layers in a long
     generation) reads the window's keys as a slice: no BlockMask per step, the fused flex forward,
@@ -771,7 +797,8 @@ def test_explain_finds_a_packed_batch_in_position_ids_as_the_call_does():
 
 def test_block_masks_are_built_once_per_mask(monkeypatch):
     """transformers calls the attention function once per layer with the same mask: the BlockMask
-    is built once per mask (and per window), rebuilt when the mask tensor changes."""
+    is built once per mask (and per window), rebuilt when the mask tensor changes. (A training call:
+    in inference a padded prefill's softcap runs on varlen_attn's score_mod, with no BlockMask.)"""
     builds = []
     real = at.create_block_mask
 
@@ -781,13 +808,12 @@ def test_block_masks_are_built_once_per_mask(monkeypatch):
     monkeypatch.setattr(at, "create_block_mask", counting)
     g = torch.Generator().manual_seed(12)
     B, H, S, D = 2, 2, 16, 16
-    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE).transpose(1, 2).requires_grad_() for _ in range(3))
     mask = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
     mask[0, :3] = False
 
     def layer(m, **kw):
-        with torch.no_grad():
-            return at.attention_forward(torch.nn.Module(), q, k, v, m, softcap=2.0, is_causal=True, **kw)[0]
+        return at.attention_forward(torch.nn.Module(), q, k, v, m, softcap=2.0, is_causal=True, **kw)[0].detach()
     outs = [layer(mask) for _ in range(3)]
     assert len(builds) == 1, builds
     assert torch.equal(outs[0], outs[2])

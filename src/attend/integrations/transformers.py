@@ -109,6 +109,11 @@ _FEATURE_PATH = {
              "call also has a softcap or a mask tensor); the sinks' gradient reaches the kernel's backward through "
              "the lse",
 }
+# An inference call over packed sequences (continuous batching, a packed batch) or a padded batch's
+# prefill takes its softcap on varlen_attn's score_mod instead: one launch over every sequence,
+# where a BlockMask over the packed keys would give each query block every sequence's keys to walk
+# and cost a create_block_mask per step (docs/transformers.md).
+_VARLEN_SOFTCAP = "varlen_attn with score_mod softcap * tanh(score / softcap) (inference: the Triton core's score hooks)"
 
 
 class UnfusedFeatureWarning(UserWarning):
@@ -402,7 +407,7 @@ def _mask_kind(mask, kwargs) -> str:
     raise ValueError(f"attend: attention_mask has shape {tuple(mask.shape)}; expected (B, S) or (B, H, L, S)")
 
 
-def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, is_causal) -> _Call:
+def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, is_causal, value=None) -> _Call:
     if kwargs.get("block_table") is not None or kwargs.get("k_cache") is not None:
         raise NotImplementedError(
             "attend: transformers' paged continuous-batching cache (block_table / k_cache) is not served by "
@@ -426,6 +431,10 @@ def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, 
             "padding, packing, a sliding window or sinks"
         return _Call("unfused", kind, causal, window, features,
                      f"dropout {dropout} with {what}: flex_attention and varlen_attn have no dropout; " + _UNFUSED_PATH)
+    packed = kind == "packed" or (kind == "padding" and L > 1)
+    if needs_flex and softcap is not None and packed and not _records_grad(query, key, value):
+        reason = "; ".join(f"{f}: {_VARLEN_SOFTCAP if f == 'softcap' else _FEATURE_PATH[f]}" for f in features)
+        return _Call("varlen", kind, causal, window, features, reason)
     if needs_flex:
         reason = "; ".join(f"{f}: {_FEATURE_PATH[f]}" for f in features)
         return _Call("flex", kind, causal, window, features, reason)
@@ -435,6 +444,11 @@ def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, 
         return _Call("varlen", kind, causal, window, features,
                      "s_aux: " + _FEATURE_PATH["s_aux"] if s_aux is not None else "")
     return _Call("sdpa", kind, causal, window, features)
+
+
+def _records_grad(*tensors) -> bool:
+    """Whether autograd records a call on these tensors (None entries skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _sdpa(call: _Call, q, k, v, mask, dropout, scale, gqa):
@@ -471,7 +485,7 @@ def _packing(call: _Call, q, k, mask, kwargs) -> _Packing:
     return _dense_packing(B, L, S, q.device)
 
 
-def _varlen(call: _Call, q, k, v, mask, scale, gqa, s_aux, kwargs):
+def _varlen(call: _Call, q, k, v, mask, scale, gqa, s_aux, kwargs, softcap=None):
     B, H, L, D = q.shape
     p = _packing(call, q, k, mask, kwargs)
     qp, kp, vp = _tokens(q), _tokens(k), _tokens(v)
@@ -481,7 +495,7 @@ def _varlen(call: _Call, q, k, v, mask, scale, gqa, s_aux, kwargs):
     right = 0 if call.causal else left
     aux = AuxRequest(lse=True) if s_aux is not None else None
     out = varlen_attn(qp, kp, vp, p.cu_q, p.cu_k, p.max_q, p.max_k, return_aux=aux, scale=scale,
-                      window_size=(left, right), enable_gqa=gqa)
+                      window_size=(left, right), enable_gqa=gqa, score_mod=_score_mod(softcap, None))
     if s_aux is not None:
         out, lse = out  # out (T, H, D), lse (H, T)
         out = _with_sinks(out, lse.transpose(0, 1), s_aux)
@@ -871,7 +885,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     attention_mask = _mask_or_packing(query, key, attention_mask, kwargs)
     call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
-                 softcap=softcap, s_aux=s_aux, is_causal=is_causal)
+                 softcap=softcap, s_aux=s_aux, is_causal=is_causal, value=value)
     gqa = query.shape[1] != key.shape[1]
     if call.route == "unfused":
         _warn_once(("unfused", call.reason), f"attend: not fused, so this call runs the unfused path: {call.reason}")
@@ -881,7 +895,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if call.route == "flex":
         return _flex(call, query, key, value, attention_mask, scaling, softcap, s_aux, kwargs), None
     if call.route == "varlen":
-        return _varlen(call, query, key, value, attention_mask, scaling, gqa, s_aux, kwargs), None
+        return _varlen(call, query, key, value, attention_mask, scaling, gqa, s_aux, kwargs, softcap), None
     return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
 
 
@@ -966,7 +980,7 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
     calls the score_mod and the mask its BlockMask describes."""
     attention_mask = _mask_or_packing(query, key, attention_mask, kwargs)
     call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
-                 softcap=softcap, s_aux=s_aux, is_causal=is_causal)
+                 softcap=softcap, s_aux=s_aux, is_causal=is_causal, value=value)
     lines = [str(call)]
     if call.route == "sdpa":
         L, S = query.shape[-2], key.shape[-2]
