@@ -15,7 +15,8 @@ from conftest import DEVICE, FLOOR, KERNEL_DTYPES, KERNELS, assert_scaled_close
 SHAPES = [
     ("mixed", [3, 1, 17, 0, 9], [5, 30, 17, 4, 9], 4, 2, 16),
     ("decode", [1, 1, 1], [40, 7, 19], 4, 1, 32),
-]
+    ("L>S", [9, 6, 4], [5, 0, 4], 2, 2, 16),  # rows before the first key (causal) and a sequence with none
+] + ([("uniform-d128", [64, 64, 64], [100, 37, 0], 4, 2, 128)] if DEVICE == "cuda" else [])  # the Gluon forward's
 WINDOWS = [(-1, -1), (-1, 0), (3, 0), (2, 1)]
 CAP = 5.0
 
@@ -112,16 +113,16 @@ def test_score_mod_matches_per_sequence_loop(grad, kernel, window, shape, use_ke
                 assert_scaled_close(a, r, sm, k=6.0, what=f"{dtype} d{name}", floor_scale=scales.get(name, 1.0))
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_paged_keys_with_a_score_mod_match_packed_ones(grad, kernel, use_kernel):
+def test_paged_keys_with_a_score_mod_match_packed_ones(kernel, use_kernel):
     """A paged pool (block_table, seqused_k) gives what the same keys packed give, the mod reading
-    each key's position in its sequence, not its slot in the pool."""
+    each key's position in its sequence, not its slot in the pool (the core's hooks on the Triton
+    kernels, flex per sequence on the blocked path)."""
     use_kernel(kernel)
     lq, lk, page = [3, 1, 17], [45, 16, 70], 16
     score_mod, _ = _mods(len(lq), max(lk), 4)
     dtype = torch.float16 if kernel == "triton" else torch.float32
-    q = torch.randn(sum(lq), 4, 16, dtype=dtype, device=DEVICE).requires_grad_(grad)
+    q = torch.randn(sum(lq), 4, 16, dtype=dtype, device=DEVICE)
     k, v = (torch.randn(sum(lk), 2, 16, dtype=dtype, device=DEVICE) for _ in range(2))
     packed = varlen_attn(q, k, v, _cu(lq), _cu(lk), 17, 70, window_size=(20, 0), enable_gqa=True,
                          score_mod=score_mod)
@@ -151,6 +152,21 @@ def test_identity_score_mod_runs_as_without_one():
     got = varlen_attn(q, k, v, cu, cu, 7, 7, score_mod=lambda score, b, h, q_idx, kv_idx: score)
     assert flex_varlen.PATHS == before
     assert torch.equal(got, varlen_attn(q, k, v, cu, cu, 7, 7))
+
+
+def test_inference_only_arguments_and_forward_mode_ad_are_refused():
+    import torch.autograd.forward_ad as forward_ad
+
+    q, k, v = (torch.randn(12, 2, 16, device=DEVICE) for _ in range(3))
+    cu = _cu([5, 7])
+    mod = lambda score, b, h, q_idx, kv_idx: 0.5 * score  # noqa: E731
+    with pytest.raises(RuntimeError, match="block_table and seqused_k are inference only"):
+        varlen_attn(q.requires_grad_(), k, v, cu, cu, 7, 7, seqused_k=torch.tensor([5, 7], dtype=torch.int32,
+                                                                                     device=DEVICE), score_mod=mod)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(q.detach(), torch.randn_like(q))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            varlen_attn(dual, k, v, cu, cu, 7, 7, score_mod=mod)
 
 
 def test_score_mod_argument_errors():

@@ -114,10 +114,10 @@ _decisions: dict[tuple, SDPBackend] = {}
 #   length divides the buffer's strides is a class of its own);
 # - cuDNN's four K / V layout predicates (``check_cudnn_layout``: packed and unpacked), as computed.
 # Those are every read of S and of K / V's strides in the dense checks of PyTorch 2.11-2.15
-# (``sdp_utils.cpp``) and of attend's own; a check that may read more (a user's OVERRIDEABLE check,
-# an installed flash kernel without ``key_length_class``) keeps its decision under the exact
-# signature instead (``_classed``). ``tests/test_dispatch_host.py`` compares the cached choice
-# with a fresh ``decide`` over every length up to 600 in each layout.
+# (``sdp_utils.cpp``) and of attend's own; while a check that may read more is installed (a user's
+# OVERRIDEABLE check, a flash kernel without ``key_length_class``), every call keys exactly
+# (``_reads_length_class``). ``tests/test_backends_gpu.py`` compares the cached choice with a fresh
+# ``decide`` over every length up to 600 in four K / V layouts under the installed PyTorch's checks.
 _CLASSED = "key length class"
 
 
@@ -174,7 +174,7 @@ def signature(p: SDPAParams, state: _state.BackendState, *, exact: bool = False)
         mask = m.variant
     else:
         return None
-    kv = None if exact else _length_class(p)
+    kv = None if exact or not _reads_length_class(p) else _length_class(p)
     if kv is None:
         kv = (k.shape, k.stride(), v.shape, v.stride())
     device = q.device
@@ -191,23 +191,22 @@ def _classed(key: tuple) -> bool:
     return key[5][0] == _CLASSED
 
 
+def _reads_length_class(p: SDPAParams) -> bool:
+    """Whether every backend's check reads the key length and K / V's strides only through their
+    class (Note [key length class]): not an installed flash kernel without ``key_length_class``, nor
+    a registered OVERRIDEABLE check, which may read anything (the registries' versions are in the key)."""
+    for backend in BACKENDS.values():
+        reads_class = getattr(backend, "key_length_class", None)  # absent: it may read more
+        if reads_class is None or not reads_class(p):
+            return False
+    return True
+
+
 def _cacheable(d: Decision, p: SDPAParams) -> bool:
     """Whether every check that ``decide`` ran to reach ``d`` reads only the signature."""
     for b in d.order:
         cacheable = getattr(BACKENDS[b], "cacheable_check", None)  # absent: the check reads no more
         if d.reasons.get(b) != [DISABLED] and cacheable is not None and not cacheable(p):
-            return False
-        if b is d.backend:
-            return True
-    return False
-
-
-def _reads_length_class(d: Decision, p: SDPAParams) -> bool:
-    """Whether every check that ``decide`` ran to reach ``d`` reads the key length and K / V's
-    strides only through their class (Note [key length class])."""
-    for b in d.order:
-        reads_class = getattr(BACKENDS[b], "key_length_class", None)  # absent: it may read more
-        if d.reasons.get(b) != [DISABLED] and (reads_class is None or not reads_class(p)):
             return False
         if b is d.backend:
             return True
@@ -221,12 +220,8 @@ def choose(p: SDPAParams, key: tuple | None = None) -> SDPBackend:
     held, epoch = _base.TORCH_FLAGS["HELD"], _base.TORCH_FLAGS["EPOCH"]
     if key is None and not torch.compiler.is_compiling():
         key = signature(p, _state.current_state())
-    exact = None
     if key is not None:
         hit = _decisions.get(key)
-        if hit is None and _classed(key):  # a decision that a check reading more keeps exactly
-            exact = signature(p, _state.current_state(), exact=True)
-            hit = _decisions.get(exact)
         if hit is not None:
             return hit
     d = decide(p)
@@ -240,8 +235,6 @@ def choose(p: SDPAParams, key: tuple | None = None) -> SDPBackend:
     # Not where another thread's run of one of PyTorch's kernels had its flags changed meanwhile:
     # the key and PyTorch's checks may then have read two states.
     if key is not None and held == 0 and epoch == _base.TORCH_FLAGS["EPOCH"] and _cacheable(d, p):
-        if _classed(key) and not _reads_length_class(d, p):
-            key = exact
         if len(_decisions) >= DECISION_CACHE_SIZE:
             _decisions.clear()
         _decisions[key] = d.backend

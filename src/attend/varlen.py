@@ -124,18 +124,99 @@ def varlen_attn(
 
 def _with_score_mod(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, max_q: int, max_k: int, scale: float,
                     band, kernel: str):
-    """(out, lse) of a call with a score_mod (attend._flex.varlen), or None where the mod is the
-    identity (then the call runs as without one)."""
+    """(out, lse) of a call with a score_mod, or None where the mod is the identity (then the call
+    runs as without one): an inference call on the Triton kernels in one launch of the core's score
+    hooks (attend._flex.varlen), any other flex_attention per sequence (``_per_sequence``)."""
     from ._flex import varlen as flex_varlen
     from .ops.varlen import packed_of
 
     graph = flex_varlen.score_graph(score_mod, q)
     if graph is None:
         return None
-    if flex_varlen.fused(graph, kernel, q, k, v):
+    if flex_varlen.has_tangents((q, k, v, *(c.tensor for c in graph.captures))):
+        raise NotImplementedError("varlen_attn: forward-mode AD (dual tensors) is not supported with a score_mod; "
+                                  "use reverse mode (backward), which flows to query, key, value and the captures")
+    if (block_table is not None or seqused_k is not None) and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("varlen_attn: block_table and seqused_k are inference only (as in PyTorch); pass packed "
+                           "keys with cu_seq_k to train")
+    if flex_varlen.fused(kernel, (q, k, v, *(c.tensor for c in graph.captures))):
         packed = packed_of(cu_q, cu_k, seqused_k, block_table, k)
         return flex_varlen.forward_fused(graph, q, k, v, packed, max_q, max_k, scale, band)
-    return flex_varlen.forward_per_sequence(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, scale, band)
+    return _per_sequence(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, scale, band)
+
+
+def _per_sequence(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, scale: float, band):
+    """(out (T, H, D), lse (H, T)): ``flex_attention`` on each sequence's queries and keys (a paged
+    pool's pages gathered), under the band's mask; rows that see no key are 0 with lse -inf."""
+    from ._flex import varlen as flex_varlen
+    from ._flex.trace import data_cells
+    from .flex_attention import create_block_mask, flex_attention
+
+    flex_varlen.PATHS["per_sequence"] += 1
+    T, H, _ = q.shape
+    Dv = v.shape[-1]
+    qv = host_values(cu_q)
+    kv = host_values(cu_k) if cu_k is not None else None
+    used = host_values(seqused_k) if seqused_k is not None else None
+    outs, lses = [], []
+    for b in range(len(qv) - 1):
+        L = qv[b + 1] - qv[b]
+        if L == 0:
+            continue
+        kb, vb = _keys(b, k, v, kv, used, block_table)
+        S = kb.shape[0]
+        if S == 0:
+            outs.append(q.new_zeros(L, H, Dv))
+            lses.append(torch.full((H, L), float("-inf"), dtype=torch.float32, device=q.device))
+            continue
+        qb = q[qv[b]:qv[b + 1]].transpose(0, 1)[None]  # (1, H, L, D)
+        seq = b
+
+        def mod(score, b_, h, q_idx, kv_idx):
+            return score_mod(score, b_ + seq, h, q_idx, kv_idx)
+
+        mask = _band_mask(band, L, S)
+        block_mask = None if mask is None else create_block_mask(mask, 1, 1, L, S, device=q.device)
+        out, lse = flex_attention(qb, kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+                                  score_mod=data_cells(mod, "seq"), block_mask=block_mask, scale=scale,
+                                  enable_gqa=H != kb.shape[1], return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0].float())
+    if not outs:
+        return q.new_zeros(T, H, Dv), torch.full((H, T), float("-inf"), dtype=torch.float32, device=q.device)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def _keys(b: int, k, v, kv: list[int] | None, used: list[int] | None, block_table):
+    """Sequence ``b``'s keys and values, (S, Hkv, D)."""
+    if block_table is not None:  # a (pages, page_size, Hkv, D) pool: the sequence's pages in order
+        page = k.shape[1]
+        n = -(-used[b] // page)
+        ids = block_table[b, :n].long()
+        return (k[ids].flatten(0, 1)[:used[b]], v[ids].flatten(0, 1)[:used[b]])
+    end = kv[b + 1] if used is None else kv[b] + used[b]
+    return k[kv[b]:end], v[kv[b]:end]
+
+
+def _band_mask(band, L: int, S: int):
+    """The mask_mod of a bottom-right ``band`` over one sequence's (L, S), or None for every key."""
+    from ._flex.trace import data_cells
+
+    hi, lo = S - L + band.right, S - L - band.left  # key bounds relative to the query's position
+
+    def below(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + hi
+
+    def above(b, h, q_idx, kv_idx):
+        return kv_idx >= q_idx + lo
+
+    def between(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + hi) & (kv_idx >= q_idx + lo)
+
+    if band.left < 0:
+        return None if band.right < 0 else data_cells(below, "hi")
+    return data_cells(above, "lo") if band.right < 0 else data_cells(between, "hi", "lo")
 
 
 def _check_aux(return_aux) -> bool:

@@ -82,8 +82,10 @@ except ImportError as e:  # transformers is optional for attend; only this modul
         f"Importing it failed: {e}") from e
 
 import attend
+from attend._flex import varlen as flex_varlen
 from attend._flex.trace import data_cells
 from attend._hostcache import version
+from attend.backends import kernel_for
 from attend.bias import causal_lower_right
 from attend.flex_attention import AuxRequest as FlexAuxRequest
 from attend.flex_attention import and_masks, create_block_mask, flex_attention
@@ -407,7 +409,7 @@ def _mask_kind(mask, kwargs) -> str:
     raise ValueError(f"attend: attention_mask has shape {tuple(mask.shape)}; expected (B, S) or (B, H, L, S)")
 
 
-def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, is_causal, value=None) -> _Call:
+def _plan(query, key, value, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, is_causal) -> _Call:
     if kwargs.get("block_table") is not None or kwargs.get("k_cache") is not None:
         raise NotImplementedError(
             "attend: transformers' paged continuous-batching cache (block_table / k_cache) is not served by "
@@ -432,7 +434,7 @@ def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, 
         return _Call("unfused", kind, causal, window, features,
                      f"dropout {dropout} with {what}: flex_attention and varlen_attn have no dropout; " + _UNFUSED_PATH)
     packed = kind == "packed" or (kind == "padding" and L > 1)
-    if needs_flex and softcap is not None and packed and not _records_grad(query, key, value):
+    if needs_flex and softcap is not None and packed and flex_varlen.fused(kernel_for(query), (query, key, value)):
         reason = "; ".join(f"{f}: {_VARLEN_SOFTCAP if f == 'softcap' else _FEATURE_PATH[f]}" for f in features)
         return _Call("varlen", kind, causal, window, features, reason)
     if needs_flex:
@@ -444,11 +446,6 @@ def _plan(query, key, mask, kwargs, *, dropout, sliding_window, softcap, s_aux, 
         return _Call("varlen", kind, causal, window, features,
                      "s_aux: " + _FEATURE_PATH["s_aux"] if s_aux is not None else "")
     return _Call("sdpa", kind, causal, window, features)
-
-
-def _records_grad(*tensors) -> bool:
-    """Whether autograd records a call on these tensors (None entries skipped)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _sdpa(call: _Call, q, k, v, mask, dropout, scale, gqa):
@@ -884,8 +881,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise ValueError(f"attend: query has a zero-size dim, shape {tuple(query.shape)}")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     attention_mask = _mask_or_packing(query, key, attention_mask, kwargs)
-    call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
-                 softcap=softcap, s_aux=s_aux, is_causal=is_causal, value=value)
+    call = _plan(query, key, value, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
+                 softcap=softcap, s_aux=s_aux, is_causal=is_causal)
     gqa = query.shape[1] != key.shape[1]
     if call.route == "unfused":
         _warn_once(("unfused", call.reason), f"attend: not fused, so this call runs the unfused path: {call.reason}")
@@ -979,8 +976,8 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
     these arguments takes, why, and: for SDPA calls ``attend.explain``'s backend table; for flex
     calls the score_mod and the mask its BlockMask describes."""
     attention_mask = _mask_or_packing(query, key, attention_mask, kwargs)
-    call = _plan(query, key, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
-                 softcap=softcap, s_aux=s_aux, is_causal=is_causal, value=value)
+    call = _plan(query, key, value, attention_mask, kwargs, dropout=dropout, sliding_window=sliding_window,
+                 softcap=softcap, s_aux=s_aux, is_causal=is_causal)
     lines = [str(call)]
     if call.route == "sdpa":
         L, S = query.shape[-2], key.shape[-2]

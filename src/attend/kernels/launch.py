@@ -398,9 +398,9 @@ def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]
 def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dropout_p, band: Band, scale, seed,
              packed: Packed | None, opts: KernelOptions, score=None) -> bool:
     """Runs the call on the Gluon forward where it serves, else on the core; False only with a
-    ``score`` on dense tensors (``forward``'s), which the Gluon forward alone takes here
-    (``flex_forward`` runs the core's hooks there). Packed calls with a ``score`` (no mask or
-    dropout) run the core's score hooks over the band."""
+    ``score`` on dense tensors or a model's row views (``forward``'s), which the Gluon forward alone
+    takes here (``flex_forward`` runs the core's hooks there). varlen_attn's packed calls with a
+    ``score`` (no mask or dropout) run the core's score hooks over the band."""
     H, D = q.shape[1], q.shape[3]
     q, scale = _positive_scale(q, scale)
     m4, mstr, mbool = _mask_args(mask, B, H, L, S, q)
@@ -412,7 +412,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         if versions.run_experimental(name, ws.forward, q, k, v, None if mask is None else m4, out, lse,
                                      lse_strides, scale, bargs, band_flags, packed, B, L, S, opts.o_tma, score):
             return True
-    if score is not None and packed is None:
+    if score is not None and (packed is None or packed.uniform):  # dense, or a model's row views
         return False
     assert score is None or (mask is None and dropout_p == 0.0), "the score hooks take no mask or dropout"
     ext, ext_strides, key_range = _key_range(m4, mstr, mbool, q)
@@ -454,18 +454,19 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
 
 
 def _hook_tiles(flags: dict, elem: int, opts: KernelOptions, L: int, S: int, group: int) -> Tiles:
-    """The tiles of a forward with the score hooks (never the autotuner's: the hooks are the
-    call's): the fixed config shrunk as the flex forward's (``configs.flex_tile``), no lazy
-    rescaling, as the band hooks' path runs."""
+    """The tiles of a packed forward with the score hooks (never the autotuner's: the hooks are the
+    call's): the fixed config shrunk as the flex forward's (``configs.flex_tile``, its one-loop
+    option too), no lazy rescaling, as ``flex_tiles`` makes the band hooks' tiles (build.compile_flex
+    builds it: FLEX_VARLEN_VARIANTS)."""
     import dataclasses
 
     tiles = pick_tiles("fwd", flags, elem, dataclasses.replace(opts, autotune=False), l_bucket(L), seq_bucket(S),
                        group)
-    meta = dict(tiles.meta, LAZY_RESCALE=False)
-    warps, stages = tiles.warps, tiles.stages
-    if not opts.interpret:
-        meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, flags["BLOCK_D"], True)
-    return Tiles(meta, warps, stages)
+    if opts.interpret:
+        return tiles
+    block_n, stages, warps = flex_tile(tiles.meta["BLOCK_N"], tiles.stages, tiles.warps, flags["BLOCK_D"],
+                                       opts.flex_one_loop)
+    return Tiles(dict(tiles.meta, BLOCK_N=block_n, LAZY_RESCALE=False, ONE_LOOP=opts.flex_one_loop), warps, stages)
 
 
 def _one_axis(heads: int) -> bool:
