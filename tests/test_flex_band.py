@@ -3,6 +3,8 @@ the route's results and gradients against the float64 definition, and every case
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.attention.flex_attention as tflex
@@ -309,6 +311,52 @@ def test_captured_gradients_and_lse_gradient_over_a_band():
     for n, a, r, s_, f in zip(["dq", "dk", "dv", "dtable", "dslopes"], grads, res[torch.float64], res[torch.float32],
                               terms):
         assert_scaled_close(a, r, s_, k=6.0, what=n, floor_scale=f)
+
+
+@pytest.mark.parametrize("mask_name,L,S,per_head", [
+    ("causal", 70, 90, True), ("causal_window", 90, 70, False), (None, 50, 83, True), ("symmetric_window", 64, 64, False),
+], ids=["causal", "window-L>S", "no-mask", "symmetric"])
+def test_a_relative_table_gradient_from_the_diagonal_pass(mask_name, L, S, per_head, monkeypatch):
+    """KernelOptions.flex_diagonal_pass: a table indexed by q_idx - kv_idx (per head or shared) gets
+    its gradient from programs that each own one block diagonal (core._diagonal_pass), not the dQ
+    programs' scatter: against float64, every gradient, with ragged lengths, GQA, bands whose block
+    diagonals start below and above the main one, and no mask (every diagonal)."""
+    from attend.kernels import core, launch
+
+    launches = []
+
+    class Recorded:  # core.attn_bwd, recording each launch's DIAG_ONLY
+        def __getitem__(self, grid):
+            return lambda **kw: (launches.append(kw.get("DIAG_ONLY", False)), core.attn_bwd[grid](**kw))[1]
+
+    monkeypatch.setattr(launch, "core", SimpleNamespace(attn_bwd=Recorded()))
+    q, k, v = _inputs(L, S, seed=21)
+    g = torch.Generator().manual_seed(22)
+    table = (0.5 * torch.randn(*((2,) if per_head else ()), L + S, generator=g)).to(DEVICE).requires_grad_()
+    pick = (lambda t, h, i: t[h, i]) if per_head else (lambda t, h, i: t[i])
+    score = lambda s, b, h, q_i, kv_i: 5.0 * torch.tanh(s / 5.0) + pick(table, h, q_i - kv_i + S)
+    mod = RECOGNIZED[mask_name][0] if mask_name else None
+    bm = flex.create_block_mask(mod, None, None, L, S, device=DEVICE, BLOCK_SIZE=32) if mod else None
+    leaves = (q, k, v, table)
+    go = torch.randn(2, 2, L, 16, generator=g).to(DEVICE)
+    got = {}
+    for on in (True, False):
+        before = dict(dispatch.PATHS)
+        launches.clear()
+        with kernel_options(flex_diagonal_pass=on):
+            out = flex.flex_attention(q, k, v, score, bm, enable_gqa=True)
+            got[on] = torch.autograd.grad((out * go).sum(), leaves)
+        assert dispatch.PATHS["band_hooks_backward"] == before["band_hooks_backward"] + 1
+        assert launches.count(True) == int(on), launches
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        ls = [t.detach().to(dt).requires_grad_() for t in leaves]
+        sm = lambda s, b, h, q_i, kv_i: 5.0 * torch.tanh(s / 5.0) + pick(ls[3], h, q_i - kv_i + S)
+        o, _, _ = dense_reference(*ls[:3], sm, mod, dt)
+        res[dt] = torch.autograd.grad((o * go.to(dt)).sum(), ls)
+    for on in (True, False):
+        for n, a, r, s_ in zip(["dq", "dk", "dv", "dtable"], got[on], res[torch.float64], res[torch.float32]):
+            assert_scaled_close(a, r, s_, k=6.0, what=f"{n} ({'diagonal pass' if on else 'dQ scatter'})")
 
 
 @pytest.mark.parametrize("L,S,blocks", [(90, 70, (32, 32)), (64, 64, (16, 16)), (200, 130, (64, 32)), (1, 300, (128, 128)),

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from attend.kernels.build import (_BWD_FEATURES, _FEATURES, _FWD_FEATURES, FLEX_BAND_VARIANTS, FLEX_VARIANTS,
-                                  FLEX_VARLEN_VARIANTS, WS_BWD_FEATURES, WS_FEATURES, rule_jobs)
+                                  FLEX_DIAGONAL_VARIANTS, FLEX_VARLEN_VARIANTS, WS_BWD_FEATURES, WS_FEATURES, rule_jobs)
 from attend.kernels.configs import BWD_CONFIGS, FWD_CONFIGS, RULES
 
 
@@ -54,13 +54,15 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
     expected = (2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 2 * len(_FEATURES) + len(_FWD_FEATURES)
                 + len(_BWD_FEATURES) + len(WS_FEATURES) + len(WS_BWD_FEATURES) + len(rule_jobs())
                 + 4 * len(FLEX_VARIANTS + FLEX_BAND_VARIANTS)  # the flex forward and backward (generated hooks)
-                + 2 * len(FLEX_VARLEN_VARIANTS))  # on sm_90 and sm_80, over the lists, a band and packed sequences
+                + 2 * len(FLEX_VARLEN_VARIANTS + FLEX_DIAGONAL_VARIANTS))  # on sm_90 and sm_80, over the lists,
+    # a band and packed sequences, and the table gradient's diagonal pass
     assert len(builds) == expected
     assert {b["head_dim"] for b in builds} == {64, 128, 256}
     assert {b["feature"] for b in builds} >= {"varlen_sliding_window", "paged_seqused"}
     assert {(b["kernel"], b["feature"], b["arch"]) for b in builds if b["feature"].startswith("flex_")} == {
         (k, p + v, a) for k, p in (("fwd", "flex_"), ("bwd", "flex_bwd_")) for v in FLEX_VARIANTS + FLEX_BAND_VARIANTS
-        for a in (90, 80)} | {("fwd", "flex_" + v, a) for v in FLEX_VARLEN_VARIANTS for a in (90, 80)}
+        for a in (90, 80)} | {("fwd", "flex_" + v, a) for v in FLEX_VARLEN_VARIANTS for a in (90, 80)} | {
+        ("bwd", "flex_bwd_" + v, a) for v in FLEX_DIAGONAL_VARIANTS for a in (90, 80)}
     for b in builds:
         decode_tile = b["kernel"] == "fwd" and b["config"].startswith("BLOCK_M: 16,")
         if b["arch"] == 90 and decode_tile:

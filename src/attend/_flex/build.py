@@ -21,6 +21,13 @@ def _mods():
     return score, mask
 
 
+def table_mod():
+    """A softcap plus a relative-position table per head, its one captured gradient: the score_mod
+    whose hooks include the diagonal pass's (``codegen._diagonal_pass_hooks``)."""
+    table = torch.randn(4, 64)
+    return lambda s, b, h, qi, ki: 30 * torch.tanh(s / 30) + table[h, qi - ki + 32]
+
+
 def build(archs=(90, 80)) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget

@@ -452,7 +452,28 @@ def source(graph: ModGraph, fast: bool = False, wide: bool = False) -> str:
     body += tail
     out.extend(helpers)
     out.append(_fn("score_mod_grad_captures", "ds, " + sig + ", grad_ptrs, grad_strides", body, []))
+    if len(grads) == 1 and helpers:  # one relative-position table: the backward's diagonal pass may take it
+        out.extend(_diagonal_pass_hooks(d.graph, grads[0], stride_base, k, wide, sig))
     return "\n".join(out)
+
+
+def _diagonal_pass_hooks(graph: ModGraph, grad, stride_base: list[int], n_strides: int, wide: bool, sig: str):
+    """For a score_mod whose one captured gradient is a table indexed by ``q_idx - kv_idx``: the
+    hooks of core.attn_bwd's DIAG_ONLY programs, which own one block diagonal each. Its tiles share
+    their diagonals, so a program adds their gradient tiles (``score_mod_grad_tile``, the value
+    ``score_mod_grad_captures`` scatters) and sums the diagonals of the total once
+    (``score_mod_grad_diag``: one skew and 2 BM atomics per diagonal of blocks, not per tile)."""
+    i, dl = grad
+    node = graph.nodes[i]
+    w = _Writer(graph, stride_base, n_strides, wide)
+    body = w.body([dl]) if isinstance(dl, Ref) else []
+    val = f"tl.where(ds != 0.0, ds * v{dl.i}, 0.0)" if isinstance(dl, Ref) else f"ds * {_lit(float(dl))}"
+    tile = _fn("score_mod_grad_tile", "ds, " + sig, body, [f"    return tl.broadcast_to({val}, ds.shape)"])
+    scatter = ["    dq, dk, dsum = _diagonals(g, q_idx, kv_idx)",
+               f"    tl.atomic_add(grad_ptrs[{node.args[0]}] + grad_index_{i}(b, h, dq, dk, ptrs, meta, grad_strides), "
+               "dsum, mask=dsum != 0, sem=\"relaxed\")"]
+    diag = _fn("score_mod_grad_diag", "g, b, h, q_idx, kv_idx, ptrs, meta, grad_ptrs, grad_strides", scatter, [])
+    return [tile, diag]
 
 
 def _diagonal(graph: ModGraph, node) -> bool:
@@ -519,9 +540,12 @@ class Hooks:
 
     @property
     def functions(self) -> dict:
+        """The hooks by name; a score_mod's ``score_mod_grad_tile`` / ``score_mod_grad_diag`` only
+        where its one captured gradient is a relative-position table (``_diagonal_pass_hooks``)."""
         names = ("mask_mod", "load_meta") if self.kind == "mask" else (
-            "score_mod", "score_mod_dscore", "score_mod_grad_captures", "load_meta", "load_grad_strides")
-        return {n: getattr(self.module, n) for n in names}
+            "score_mod", "score_mod_dscore", "score_mod_grad_captures", "load_meta", "load_grad_strides",
+            "score_mod_grad_tile", "score_mod_grad_diag")
+        return {n: getattr(self.module, n) for n in names if hasattr(self.module, n)}
 
 
 _CACHE: dict[tuple, Hooks] = {}

@@ -88,6 +88,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
 FLEX_VARIANTS = ("score_mod", "mask_mod", "score_and_mask")  # compile_flex's variants
 FLEX_BAND_VARIANTS = ("score_mod_band",)  # the score hooks over a causal band, no lists
 FLEX_VARLEN_VARIANTS = ("score_mod_varlen",)  # the same over packed sequences (varlen_attn's score_mod): forward only
+FLEX_DIAGONAL_VARIANTS = ("table_diagonal_pass",)  # a relative table's gradient, core._diagonal_pass: backward only
 
 
 def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_dim: int = 128,
@@ -96,7 +97,9 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     """Compile the core's FLEX mode, ``kernel`` "fwd" (core.attn_fwd) or "bwd" (core.attn_bwd,
     with the captures' gradient scatter), for ``target`` with hooks generated from a fixed set of
     mods (``attend._flex.build._mods``: softcap + captured ALiBi slopes + captured bias table;
-    a document mask over captured ids, and causal): ``variant`` in FLEX_VARIANTS. The config is the
+    a document mask over captured ids, and causal): ``variant`` in FLEX_VARIANTS, or over a causal
+    band (FLEX_BAND_VARIANTS), packed sequences (FLEX_VARLEN_VARIANTS, forward) or a relative
+    table's diagonal pass (FLEX_DIAGONAL_VARIANTS, backward: ``table_mod``'s hooks). The config is the
     one launch.flex_tiles / flex_bwd_tiles starts from (the dense non-causal one's). ``one_loop`` /
     ``tma``: KernelOptions.flex_one_loop / flex_tma (the backward: flex_bwd_one_loop; no TMA);
     ``ragged_in_full``: KernelOptions.flex_ragged_in_full (the forward with TMA); ``even``: the
@@ -104,13 +107,14 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     import torch
 
     from .._flex import codegen
-    from .._flex.build import _mods
+    from .._flex.build import _mods, table_mod
     from .._flex.trace import trace
     from .configs import flex_bwd_tile, flex_tile, heuristic
 
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if config is None and kernel == "fwd":  # as launch.flex_tiles picks it
-        base = heuristic("fwd", block_d, flags={})
+    varlen, diagonal = variant in FLEX_VARLEN_VARIANTS, variant in FLEX_DIAGONAL_VARIANTS
+    if config is None and kernel == "fwd":  # as launch.flex_tiles (packed: launch._hook_tiles) picks it
+        base = heuristic("fwd", block_d, flags=dict(CAUSAL=True, VARLEN=True) if varlen else {})
         block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d, one_loop)
         config = triton.Config(dict(BLOCK_M=base.kwargs["BLOCK_M"], BLOCK_N=block_n), num_warps=warps,
                                num_stages=stages)
@@ -122,11 +126,13 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
                                num_warps=warps, num_stages=stages)  # head-major on the lists, as launch.flex_bwd_tiles
     fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
     score, mask = _mods()
-    varlen = variant in FLEX_VARLEN_VARIANTS
-    band = variant in FLEX_BAND_VARIANTS or varlen  # launch.flex_forward / flex_backward's ``band``: its loops, no lists
+    band = variant in FLEX_BAND_VARIANTS or varlen or diagonal  # flex_forward / flex_backward's ``band``: no lists
+    if diagonal:  # the DIAG_ONLY launch (launch.flex_backward's ``diagonal``): square tiles, a table's hooks
+        score = table_mod()
+        config = triton.Config(dict(config.kwargs, BLOCK_N2=config.kwargs["BLOCK_M2"]), num_warps=config.num_warps,
+                               num_stages=config.num_stages)
     graphs = dict(score=trace(score, "score") if variant != "mask_mod" else None,
-                  mask=trace(mask, "mask") if variant not in ("score_mod", *FLEX_BAND_VARIANTS, *FLEX_VARLEN_VARIANTS)
-                  else None)
+                  mask=trace(mask, "mask") if variant in FLEX_VARIANTS and variant != "score_mod" else None)
     flags = dict(FLEX=not band, CAUSAL=band, EVEN=even, ONE_LOOP=one_loop, LAZY_RESCALE=False,
                  USE_TMA=tma and kernel == "fwd", MAX_SCORES=True, SPARSE_BQ=128, SPARSE_BKV=128)
     if kernel == "fwd":
@@ -146,6 +152,9 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
         if kind == "score" and kernel == "bwd":  # the derivative, and the captures' gradient scatter
             flags.update(SCORE_DSCORE=fns["score_mod_dscore"], SCORE_GRAD=fns["score_mod_grad_captures"],
                          LOAD_GRAD_STRIDES=fns["load_grad_strides"])
+            if diagonal:
+                flags.update(SCORE_GRAD=None, DIAG_ONLY=True, SCORE_GRAD_TILE=fns["score_mod_grad_tile"],
+                             SCORE_GRAD_DIAG=fns["score_mod_grad_diag"])
             tuples["SCORE_GRADS"] = tuple("*fp32" for _ in g.captures)
     params = inspect.signature(fn.fn).parameters
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, WINDOW=False,
@@ -407,6 +416,7 @@ def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> li
     jobs += [(kind, -1, arch, 128, variant) for kind in ("flex", "flex_bwd") for variant in FLEX_BAND_VARIANTS
              for arch in archs]
     jobs += [("flex", -1, arch, 128, variant) for variant in FLEX_VARLEN_VARIANTS for arch in archs]
+    jobs += [("flex_bwd", -1, arch, 128, variant) for variant in FLEX_DIAGONAL_VARIANTS for arch in archs]
     with ProcessPoolExecutor(processes) as pool:
         return list(pool.map(functools.partial(_build_one, dump=dump), jobs))
 

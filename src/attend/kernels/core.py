@@ -1111,6 +1111,80 @@ def _dq_inner(
     return dq
 
 
+@triton.jit
+def _diagonal_pass(
+    Q, K, V, DO, NLSE2, Delta, score_ptrs, score_meta, grad_ptrs, grad_strides,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_statb, stride_stath, B, H, G, L, S, qk_scale, diag, win_right, win_left,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORE_MOD: tl.constexpr,
+    SCORE_GRAD_TILE: tl.constexpr, SCORE_GRAD_DIAG: tl.constexpr,
+):
+    """One program per (block diagonal, b, h) of a band: the gradient of a score_mod's table indexed
+    by ``q_idx - kv_idx`` (``codegen._diagonal_pass_hooks``). The program walks the square tiles
+    (m, m - d) of its diagonal d inside the band, recomputes each tile's dS as the dQ programs do
+    (S = Q K^T through the hook, dP = dO V^T), adds the tiles' gradient values (every tile of a
+    diagonal of blocks has the same element diagonals) and sums the total's diagonals once, where
+    the dQ programs' SCORE_GRAD skewed every tile. Programs run the longest diagonals first
+    (d = 0, 1, -1, 2, ...); one whose diagonal holds no tile of the band returns."""
+    pid = tl.program_id(0)
+    bh = pid % (B * H)
+    j = pid // (B * H)
+    d = tl.where(j % 2 == 1, (j + 1) // 2, -(j // 2))
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    causal_off = diag * (S - L) + win_right
+    window_off = diag * (S - L) - win_left
+    m_lo = tl.maximum(d, 0)
+    m_hi = tl.minimum(tl.cdiv(L, BLOCK), tl.cdiv(S, BLOCK) + d)
+    offs = tl.arange(0, BLOCK)
+    d_offs = tl.arange(0, BLOCK_D)
+    d_ok = d_offs < HEAD_DIM
+    q_base = Q + tl.cast(b, tl.int64) * stride_qb + tl.cast(h, tl.int64) * stride_qh
+    do_base = DO + tl.cast(b, tl.int64) * stride_dob + tl.cast(h, tl.int64) * stride_doh
+    k_base = K + tl.cast(b, tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
+    v_base = V + tl.cast(b, tl.int64) * stride_vb + tl.cast(hk, tl.int64) * stride_vh
+    stat_off = tl.cast(b, tl.int64) * stride_statb + tl.cast(h, tl.int64) * stride_stath
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)  # [BM, BN]: the diagonal's tiles, added
+    first = -1
+    for m in range(m_lo, m_hi):
+        m0 = m * BLOCK
+        n0 = (m - d) * BLOCK
+        lo, a, c, hi = key_blocks(m0, 0, S, causal_off, window_off, BLOCK, BLOCK, CAUSAL, WINDOW)
+        if (n0 >= lo) & (n0 < hi):
+            if first < 0:
+                first = m
+            rows = m0 + offs
+            cols = n0 + offs
+            q_ok = (rows < L)[:, None] & d_ok[None, :]
+            kv_ok = (cols < S)[:, None] & d_ok[None, :]
+            q = tl.load(q_base + tl.cast(rows, tl.int64)[:, None] * stride_qm + d_offs[None, :] * stride_qd,
+                        mask=q_ok, other=0.0)  # [BM, BLOCK_D]
+            do = tl.load(do_base + tl.cast(rows, tl.int64)[:, None] * stride_dom + d_offs[None, :] * stride_dod,
+                         mask=q_ok, other=0.0)
+            k = tl.load(k_base + tl.cast(cols, tl.int64)[:, None] * stride_kn + d_offs[None, :] * stride_kd,
+                        mask=kv_ok, other=0.0)  # [BN, BLOCK_D]
+            v = tl.load(v_base + tl.cast(cols, tl.int64)[:, None] * stride_vn + d_offs[None, :] * stride_vd,
+                        mask=kv_ok, other=0.0)
+            nlse2 = tl.load(NLSE2 + stat_off + rows)  # padded past L (attn_bwd_preprocess)
+            delta = tl.load(Delta + stat_off + rows)
+            s2, s, q_c, kv_c = _flex_scores2(q, k, nlse2, L, S, rows, cols, qk_scale, b, h, score_ptrs, score_meta,
+                                             None, None, SCORE_MOD, None, True, False, DOT_PRECISION)
+            if (n0 < a) | (n0 >= c):  # a band edge or the ragged end
+                s2 = _band_select(s2, rows, cols, causal_off, window_off, CAUSAL, WINDOW, False)
+            p = tl.math.exp2(s2)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            acc += SCORE_GRAD_TILE(p * (dp - delta[:, None]), s, b, h, q_c, kv_c, score_ptrs, score_meta)
+    if first >= 0:  # the first tile's indices stand for each element diagonal (in range there: it is a
+        # whole tile unless it is the diagonal's only one)
+        rows = first * BLOCK + offs
+        cols = (first - d) * BLOCK + offs
+        SCORE_GRAD_DIAG(acc, b, h, tl.minimum(rows, L - 1)[:, None], tl.minimum(cols, S - 1)[None, :], score_ptrs,
+                        score_meta, grad_ptrs, grad_strides)
+
+
 @triton.jit(do_not_specialize=["B", "N_KV_ITEMS", "N_Q_ITEMS"])  # grid sizes: no variant per value class
 def attn_bwd(
     Q, K, V, DO, NLSE2, Delta, DQ, DK, DV, MASK, DMASK, CU_Q, CU_K, KEY_EXT, WORK,
@@ -1137,7 +1211,8 @@ def attn_bwd(
     FLEX: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_DSCORE: tl.constexpr = None,
     SCORE_GRAD: tl.constexpr = None, LOAD_SCORE_META: tl.constexpr = None, LOAD_GRAD_STRIDES: tl.constexpr = None,
     MASK_MOD: tl.constexpr = None, LOAD_MASK_META: tl.constexpr = None, SPARSE_BQ: tl.constexpr = 128,
-    SPARSE_BKV: tl.constexpr = 128, DKDV_ONLY: tl.constexpr = False,
+    SPARSE_BKV: tl.constexpr = 128, DKDV_ONLY: tl.constexpr = False, DIAG_ONLY: tl.constexpr = False,
+    SCORE_GRAD_TILE: tl.constexpr = None, SCORE_GRAD_DIAG: tl.constexpr = None,
 ):
     """The whole backward in one launch. DQ is fp32 (zeroed) when DQ_ATOMIC adds into it, else in
     the inputs' dtype, stored once per row.
@@ -1181,6 +1256,10 @@ def attn_bwd(
     SCORE_MOD without FLEX (launch.flex_backward over a band; no mask, dropout, key range, varlen
     or DQ_ATOMIC): the band's own loops with the score hooks, their derivative and the captures'
     gradient as the FLEX loops apply them, the band's edges masked by arithmetic.
+    DIAG_ONLY (SCORE_MOD over a band, BLOCK_M2 == BLOCK_N2, no varlen): the launch holds
+    ``_diagonal_pass``'s programs only, grid B * H * (2 * max(n_q, n_kv) - 1), which write the
+    gradient of a relative-position table (SCORE_GRAD_TILE, SCORE_GRAD_DIAG) in place of the dQ
+    programs' SCORE_GRAD (launch.flex_backward's ``diagonal_pass``).
     """
     one_loop: tl.constexpr = ONE_LOOP and (CAUSAL or WINDOW) and not (HAS_MASK or KEY_RANGE)
     tl.static_assert(not (DQ_ATOMIC and DETERMINISTIC), "DQ_ATOMIC is nondeterministic")
@@ -1191,10 +1270,20 @@ def attn_bwd(
     # the score hook over a band (launch.flex_backward's band): the band's own loops call the hooks
     band_hooks: tl.constexpr = SCORE_MOD is not None and not FLEX
     score_meta, mask_meta = _flex_meta(SCORE_META, MASK_META, SCORE_MOD, LOAD_SCORE_META, MASK_MOD, LOAD_MASK_META)
-    if SCORE_GRAD is not None:
+    if SCORE_GRAD is not None or DIAG_ONLY:
         grad_strides = LOAD_GRAD_STRIDES(SCORE_META)
     else:
         grad_strides = 0
+    if DIAG_ONLY:  # known at compile time: only the diagonal pass is built
+        tl.static_assert(BLOCK_M2 == BLOCK_N2 and SCORE_MOD is not None and not (FLEX or VARLEN),
+                         "DIAG_ONLY: square tiles, the score hooks over a band")
+        _diagonal_pass(Q, K, V, DO, NLSE2, Delta, SCORE_PTRS, score_meta, SCORE_GRADS, grad_strides,
+                       stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                       stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                       stride_statb, stride_stath, B, H, G, L_max, S_max, qk_scale, diag, win_right, win_left,
+                       HEAD_DIM, BLOCK_D, BLOCK_M2, CAUSAL, WINDOW, DOT_PRECISION, SCORE_MOD, SCORE_GRAD_TILE,
+                       SCORE_GRAD_DIAG)
+        return
     Hkv = H // G
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < HEAD_DIM

@@ -1173,6 +1173,9 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     sfns, score_args, score_grad = score if score_on else ({}, None, False)
     mfns, mask_args = mask if mask_on else ({}, None)
     bargs, band_flags = band_args(Band() if band is None else band)
+    # a relative-position table's gradient from the diagonal pass, not the dQ programs' scatter
+    diagonal = (band is not None and score_grad and "score_mod_grad_diag" in sfns and m["BLOCK_M2"] == m["BLOCK_N2"]
+                and resolve(options).flex_diagonal_pass)
     args = dict(zip(_BWD_STRIDES, (*q.stride(), *kstr, *vstr, *dout.stride(), *dq.stride(), *dk.stride(),
                                    *dv.stride(), 0, 0, 0, 0, 0, 0, 0, 0, *stat_strides, 0, 0)),
                 Q=q, K=k, V=v, DO=dout, NLSE2=nlse2, Delta=delta, DQ=dq, DK=dk, DV=dv, MASK=q, DMASK=q, CU_Q=q,
@@ -1188,7 +1191,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
                  DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, DQ_ONLY=False, DKDV_ONLY=False,
                  FLEX=band is None,
                  SCORE_MOD=sfns.get("score_mod"), SCORE_DSCORE=sfns.get("score_mod_dscore"),
-                 SCORE_GRAD=sfns.get("score_mod_grad_captures") if score_grad else None,
+                 SCORE_GRAD=sfns.get("score_mod_grad_captures") if score_grad and not diagonal else None,
                  LOAD_SCORE_META=sfns.get("load_meta"),
                  LOAD_GRAD_STRIDES=sfns.get("load_grad_strides") if score_grad else None,
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
@@ -1210,6 +1213,11 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
         elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args):
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
+    if diagonal:  # core._diagonal_pass's programs: compiled with the dQ programs (the same warmup thread)
+        n_blocks = max(_cdiv(L, m["BLOCK_M2"]), _cdiv(S, m["BLOCK_N2"]))
+        parts.append(("dq", ((2 * n_blocks - 1) * B * H,), dict(
+            DIAG_ONLY=True, HEAD_MAJOR=False, SCORE_GRAD_TILE=sfns["score_mod_grad_tile"],
+            SCORE_GRAD_DIAG=sfns["score_mod_grad_diag"])))
     for name, grid, only in parts:
         if not warmup:
             core.attn_bwd[grid](**dict(launch, **only))

@@ -173,6 +173,13 @@ class KernelOptions:
     # tanh.approx.f32 (relative error about 2^-11, inside a 16-bit input's rounding) instead of an
     # exp and a division (_flex/codegen.py). fp32 calls and the interpreter always take the exact form.
     flex_fast_tanh: bool = True
+    # The gradient of a score_mod's relative-position table (one captured tensor indexed by
+    # q_idx - kv_idx, over a band) from programs that each own one block diagonal
+    # (core._diagonal_pass: two products per tile, the tiles added, one skew per diagonal of blocks)
+    # instead of the dQ programs' skew and atomics per tile (codegen._diagonals). Off until timed on a
+    # GPU (docs/roadmap.md, FlexAttention item 4: the table's backward 9.62 ms on an H100 against 3.17
+    # for is_causal's); correct on the CPU interpreter (tests/test_flex_band.py).
+    flex_diagonal_pass: bool = False
     # The score hooks over a band (flex_bands) run on the Gluon forward (ws.py) where it serves the
     # call (sm_90, D = 128, fp16 / bf16, ws.eligible's layouts; no max_scores or kernel_options
     # asked), and the backward's dK / dV on the Gluon kernel (ws_bwd.py; contiguous tensors, no
