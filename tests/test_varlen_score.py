@@ -72,9 +72,14 @@ def _cu(lens):
     return cu
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
+# gradients (flex per sequence, whatever the kernel) on two windows: a causal one, and one with keys
+# on both sides of the diagonal
+CASES = [(False, w) for w in WINDOWS] + [(True, (-1, 0)), (True, (2, 1))]
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("grad,window", CASES, ids=lambda c: str(c) if isinstance(c, tuple) else
+                         "grad" if c else "inference")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 def test_score_mod_matches_per_sequence_loop(grad, kernel, window, shape, use_kernel):
     """Inference calls on the Triton kernels run the core's score hooks in one launch; the rest
