@@ -174,15 +174,16 @@ def signature(p: SDPAParams, state: _state.BackendState, *, exact: bool = False)
         mask = m.variant
     else:
         return None
-    kv = None if exact or not _reads_length_class(p) else _length_class(p)
+    device, flash_version, overrideable_version = q.device, _registry.flash_kernel_version(), registry_version()
+    kv = None if exact else _length_class(p)
+    if kv is not None and not _reads_length_class(p, (flash_version, overrideable_version, device.type)):
+        kv = None
     if kv is None:
         kv = (k.shape, k.stride(), v.shape, v.stride())
-    device = q.device
     return (device, q.dtype, q.shape, q.stride(), q.requires_grad, kv, k.requires_grad, v.requires_grad,
             mask, p.dropout, p.is_causal, p.enable_gqa,
             state, torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(), kernel_for(q),
-            _registry.flash_kernel_version(), registry_version(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), kernel_for(q), flash_version, overrideable_version,
             torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
             torch.cuda.current_device() if device.type == "cuda" else None)
 
@@ -191,15 +192,22 @@ def _classed(key: tuple) -> bool:
     return key[5][0] == _CLASSED
 
 
-def _reads_length_class(p: SDPAParams) -> bool:
+_READS_CLASS: dict[tuple, bool] = {}
+
+
+def _reads_length_class(p: SDPAParams, registries: tuple) -> bool:
     """Whether every backend's check reads the key length and K / V's strides only through their
     class (Note [key length class]): not an installed flash kernel without ``key_length_class``, nor
-    a registered OVERRIDEABLE check, which may read anything (the registries' versions are in the key)."""
-    for backend in BACKENDS.values():
-        reads_class = getattr(backend, "key_length_class", None)  # absent: it may read more
-        if reads_class is None or not reads_class(p):
-            return False
-    return True
+    a registered OVERRIDEABLE check, which may read anything. Each backend's answer depends only on
+    the registries and the device type (``registries``: both versions and ``p``'s device type), so
+    it is asked once per such state."""
+    hit = _READS_CLASS.get(registries)
+    if hit is None:
+        hit = all(getattr(b, "key_length_class", lambda p: False)(p) for b in BACKENDS.values())
+        if len(_READS_CLASS) > 64:
+            _READS_CLASS.clear()
+        _READS_CLASS[registries] = hit
+    return hit
 
 
 def _cacheable(d: Decision, p: SDPAParams) -> bool:

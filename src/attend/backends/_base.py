@@ -26,7 +26,8 @@ class Backend(Protocol):
     # Optional: ``cacheable_check(p) -> bool``, whether ``check(p)`` reads only what
     # ``attend._dispatch.signature`` keys on (False: it is asked on every call). Absent: True.
     # Optional: ``key_length_class(p) -> bool``, whether ``check(p)`` reads the key length and K / V's
-    # strides only through their class (``attend._dispatch``, Note [key length class]). Absent: False.
+    # strides only through their class (``attend._dispatch``, Note [key length class]); the answer
+    # may depend on the kernel registries and ``p``'s device type only. Absent: False.
 
     def run(self, p: SDPAParams, scale: float | None) -> torch.Tensor: ...
 
