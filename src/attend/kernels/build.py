@@ -60,7 +60,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 NO_FLEX = dict(FLEX_LISTS=None, SCORE_PTRS=None, SCORE_META=None, SCORE_GRADS=None, MASK_PTRS=None, MASK_META=None,
                FLEX=False, SCORE_MOD=None, SCORE_DSCORE=None, SCORE_GRAD=None, LOAD_SCORE_META=None,
                LOAD_GRAD_STRIDES=None, MASK_MOD=None, LOAD_MASK_META=None, SPARSE_BQ=128, SPARSE_BKV=128,
-               MAX_SCORES=False)
+               MAX_SCORES=False, DIAG_ONLY=False, SCORE_GRAD_TILE=None, SCORE_GRAD_DIAG=None)
 
 
 def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "bfloat16", head_dim: int = 128,
@@ -88,7 +88,7 @@ def compile_kernel(fn, config: triton.Config, target: GPUTarget, dtype: str = "b
 FLEX_VARIANTS = ("score_mod", "mask_mod", "score_and_mask")  # compile_flex's variants
 FLEX_BAND_VARIANTS = ("score_mod_band",)  # the score hooks over a causal band, no lists
 FLEX_VARLEN_VARIANTS = ("score_mod_varlen",)  # the same over packed sequences (varlen_attn's score_mod): forward only
-FLEX_DIAGONAL_VARIANTS = ("table_diagonal_pass",)  # a relative table's gradient, core._diagonal_pass: backward only
+FLEX_DIAGONAL_VARIANTS = ("score_table_diagonal",)  # a relative table's gradient, core._diagonal_pass: backward only
 
 
 def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_dim: int = 128,
