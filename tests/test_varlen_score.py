@@ -72,14 +72,15 @@ def _cu(lens):
     return cu
 
 
-# gradients (flex per sequence, whatever the kernel) on two windows: a causal one, and one with keys
-# on both sides of the diagonal
-CASES = [(False, w) for w in WINDOWS] + [(True, (-1, 0)), (True, (2, 1))]
+# (kernel, grad, window): the core's hooks (the Triton kernels, inference) on every window; flex per
+# sequence (the blocked kernel, or a gradient) on two, a causal one and one with keys on both sides
+# of the diagonal
+CASES = ([(k, False, w) for k in KERNELS if k == "triton" for w in WINDOWS]
+         + [(k, g, w) for k, g in (("blocked", False), ("triton", True)) if k in KERNELS for w in ((-1, 0), (2, 1))])
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("grad,window", CASES, ids=lambda c: str(c) if isinstance(c, tuple) else
-                         "grad" if c else "inference")
+@pytest.mark.parametrize("kernel,grad,window", CASES, ids=lambda c: str(c) if isinstance(c, tuple) else
+                         {True: "grad", False: "inference"}.get(c, c))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 def test_score_mod_matches_per_sequence_loop(grad, kernel, window, shape, use_kernel):
     """Inference calls on the Triton kernels run the core's score hooks in one launch; the rest
