@@ -176,9 +176,10 @@ class KernelOptions:
     # The gradient of a score_mod's relative-position table (one captured tensor indexed by
     # q_idx - kv_idx, over a band) from programs that each own one block diagonal
     # (core._diagonal_pass: two products per tile, the tiles added, one skew per diagonal of blocks)
-    # instead of the dQ programs' skew and atomics per tile (codegen._diagonals). Off until timed on a
-    # GPU (docs/roadmap.md, FlexAttention item 4: the table's backward 9.62 ms on an H100 against 3.17
-    # for is_causal's); correct on the CPU interpreter (tests/test_flex_band.py).
+    # instead of the dQ programs' skew and atomics per tile (codegen._diagonals). Off: on an H100
+    # (benchmarks/RESULTS.md, "The relative-position table's backward: the diagonal pass against the
+    # dQ programs' scatter"; B=2, H=16, S=8192, D=128, causal) 11.50 / 11.40 ms against the
+    # scatter's 10.76 / 11.58, alternating: the recomputed products cost what the skew saved.
     flex_diagonal_pass: bool = False
     # The score hooks over a band (flex_bands) run on the Gluon forward (ws.py) where it serves the
     # call (sm_90, D = 128, fp16 / bf16, ws.eligible's layouts; no max_scores or kernel_options
