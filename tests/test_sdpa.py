@@ -83,6 +83,11 @@ def _params():
                 for dtype in KERNEL_DTYPES[kernel]:
                     if kernel == "triton" and dtype not in TRITON_BACKEND_DTYPES[backend]:
                         continue
+                    # under the interpreter, a maskless half call of EFFICIENT runs FLASH's kernel and
+                    # case (its fp32 case stays: FLASH takes none); the GPU runs every pair
+                    if (DEVICE == "cpu" and kernel == "triton" and backend is B.EFFICIENT_ATTENTION
+                            and case[6] in FLASH_KINDS and dtype == torch.float16):
+                        continue
                     yield pytest.param(backend, kernel, case, dtype,
                                        id=f"{backend.name}-{kernel}-{case[0]}-{str(dtype)[6:]}")
 
