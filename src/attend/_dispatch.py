@@ -151,11 +151,11 @@ def _length_class(p: SDPAParams) -> tuple | None:
             kst == unpacked, kst == packed, vst == unpacked, vst == packed)
 
 
-def signature(p: SDPAParams, state: _state.BackendState, *, exact: bool = False) -> tuple | None:
+def signature(p: SDPAParams, state: _state.BackendState) -> tuple | None:
     """What the backends' checks read of the call ``p`` and of the process, as a dict key.
 
     Of the call: the device and dtype, each tensor's shape, strides and ``requires_grad`` (K and
-    V's up to the key length's class, Note [key length class], unless ``exact``), the mask's kind
+    V's up to the key length's class where the checks allow, Note [key length class]), the mask's kind
     (a tensor's dtype, shape, strides and ``requires_grad``; a causal bias's variant), dropout,
     ``is_causal`` and ``enable_gqa``. Of the process: the ``sdpa_kernel`` state, grad mode,
     deterministic mode, which of attend's kernels serves the device and dtype (Triton's
@@ -175,7 +175,7 @@ def signature(p: SDPAParams, state: _state.BackendState, *, exact: bool = False)
     else:
         return None
     device, flash_version, overrideable_version = q.device, _registry.flash_kernel_version(), registry_version()
-    kv = None if exact else _length_class(p)
+    kv = _length_class(p)
     if kv is not None and not _reads_length_class(p, (flash_version, overrideable_version, device.type)):
         kv = None
     if kv is None:
