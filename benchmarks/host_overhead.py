@@ -167,7 +167,8 @@ def growing_cases() -> dict:
     through attend's transformers attention function (a flex call per layer and token), the same
     function without the softcap (SDPA), transformers' sdpa attention function (which drops the
     softcap) and eager's ops (repeated K / V, two matmuls, the softcap, a float softmax). The flex
-    call also with its decode plans off (the options block's own cost, a context variable set, included)."""
+    call also with its decode plans off (the options block's own cost, a context variable set, included),
+    and with a left-padded batch's key vector, new at each step and shared by 4 calls (a step's layers)."""
     B, Hq, Hk, D, S0, n = 2, 16, 4, 128, 1024, 390
     torch.manual_seed(0)
     q = torch.randn(B, 1, Hq * D, dtype=torch.bfloat16, device="cuda").view(B, 1, Hq, D).transpose(1, 2)
@@ -187,12 +188,34 @@ def growing_cases() -> dict:
         s = torch.tanh((q @ k.transpose(-1, -2)) * scaling / cap) * cap
         return torch.softmax(s.float(), -1).to(q.dtype) @ v
 
+    keys = torch.ones(B, 1, 1, S0 + n, dtype=torch.bool, device="cuda")
+    keys[1, ..., :100] = False  # row 1 left-padded
+
+    def padded(call, layers: int = 4):
+        """As ``growing``, with a left-padded batch's key vector (mask_for_attend's form): a new mask
+        tensor per step, shared by the step's ``layers`` calls, as a model's layers share it."""
+        lengths = itertools.cycle(range(S0, S0 + n))
+        state = {"calls": 0}
+
+        def step():
+            if state["calls"] % layers == 0:
+                state["S"] = S = next(lengths)
+                state["mask"] = keys[..., :S].clone()
+            state["calls"] += 1
+            S = state["S"]
+            return call(kc[:, :, :S], vc[:, :, :S], state["mask"])
+        return step
+
     cases = {"decode, growing S: eager ops with the softcap": growing(eager)}
     fns = _attention_functions(Hq // Hk)
     if fns is None:
         return cases
     sdpa_attention_forward, attention_forward, layer = fns
     cases.update({
+        "decode, growing S, key padding: attend attention function, softcap (flex)": padded(
+            lambda k, v, m: attention_forward(layer, q, k, v, m, scaling=scaling, softcap=cap)),
+        "decode, growing S, key padding: transformers sdpa attention function (no softcap)": padded(
+            lambda k, v, m: sdpa_attention_forward(layer, q, k, v, m, scaling=scaling)),
         "decode, growing S: attend attention function, softcap (flex)": growing(
             lambda k, v: attention_forward(layer, q, k, v, None, scaling=scaling, softcap=cap)),
         "decode, growing S: attend attention function, softcap (flex), decode plans off": growing(

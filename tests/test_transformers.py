@@ -719,8 +719,8 @@ def test_flex_route_against_float64(case, monkeypatch):
     w = torch.randn(out.shape, generator=g).to(DEVICE)
     grads = torch.autograd.grad((out * w).sum(), leaves)
     assert_fused_flex(runs(), forwards=1, backwards=1)
-    if case == "decode-window":  # the last 5 keys, the padding mask over them only
-        assert builds == [(1, 5)], builds
+    if case == "decode-window":  # the last 5 keys, their padding as -inf scores: no BlockMask
+        assert builds == [], builds
     refs = {}
     for dt in (torch.float64, torch.float32):
         ls = [t.detach().to(dt).requires_grad_() for t in leaves]
@@ -773,6 +773,47 @@ def test_decode_past_the_window_builds_no_block_mask(monkeypatch):
     refs = [_reference(*(t.to(dt) for t in (q, k, v)), allowed, 0.3, 2.5, None, None)
             for dt in (torch.float64, torch.float32)]
     assert_scaled(out.transpose(1, 2), *refs, "decode past the window")
+
+
+@pytest.mark.parametrize("form", ["key vector", "2-D"])
+def test_padded_decode_steps_take_the_plan_with_no_block_mask(form, monkeypatch):
+    """Decode steps of a left-padded batch with a softcap (Gemma 2's generate() on a padded batch;
+    mask_for_attend's (B, 1, 1, S) key vector, or a 2-D padding mask): the padding goes into the
+    score_mod as -inf scores, so no step builds a BlockMask and every step after the first launches
+    the decode plan, though each brings a new, longer mask and cache; every step float64's result,
+    the padded keys weightless."""
+    from attend._flex import plan
+    monkeypatch.setattr(plan, "_PLANS", {})  # the first step makes the class's plan
+    builds = []
+    real = at.create_block_mask
+    monkeypatch.setattr(at, "create_block_mask", lambda *a, **kw: builds.append(a[3:5]) or real(*a, **kw))
+    g = torch.Generator().manual_seed(19)
+    B, H, Hkv, D = 2, 4, 2, 16
+    k, v = (torch.randn(B, 70, Hkv, D, generator=g).transpose(1, 2).to(DEVICE) for _ in range(2))
+    mask = torch.ones(B, 70, dtype=torch.bool)
+    mask[1, :67] = False  # row 1's padding covers a whole key block and more
+    mask = mask.to(DEVICE)
+    made, planned = plan.STATS["made"], plan.STATS["planned"]
+    steps = 3
+    for i in range(steps):
+        q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2).to(DEVICE)
+        k, v = (torch.cat([t, torch.randn(B, 1, Hkv, D, generator=g).transpose(1, 2).to(DEVICE)], 2) for t in (k, v))
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # a new tensor each step, as generate() makes
+        passed = mask[:, None, None, :] if form == "key vector" else mask
+        if i == 0:
+            said = at.explain(q, k, v, passed, scaling=0.3, softcap=2.5)
+            assert "-inf at padded keys" in said and "no BlockMask" in said, said
+        with torch.no_grad():
+            out, _ = at.attention_forward(torch.nn.Module(), q, k, v, passed, scaling=0.3, softcap=2.5)
+        allowed = mask[:, None, None, :]
+        refs = [_reference(*(t.to(dt) for t in (q, k, v)), allowed, 0.3, 2.5, None, None)
+                for dt in (torch.float64, torch.float32)]
+        assert_scaled(out.transpose(1, 2), *refs, f"padded decode step {i}")
+    assert builds == [], builds
+    assert plan.STATS["made"] == made + 1 and plan.STATS["planned"] == planned + steps - 1
+    if form == "key vector":  # one that holds a sliding window cutting keys keeps its BlockMask (skips them)
+        said = at.explain(q, k, v, mask[:, None, None, :], scaling=0.3, softcap=2.5, sliding_window=8)
+        assert "bool mask read per block" in said and "-inf at padded keys" not in said, said
 
 
 def test_explain_finds_a_packed_batch_in_position_ids_as_the_call_does():

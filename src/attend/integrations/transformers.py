@@ -386,6 +386,8 @@ class _Call:
     window: int | None  # keys per query, when it cuts any key
     features: list
     reason: str = ""
+    # flex: a decode step's key padding goes into the score_mod as -inf scores (_flex_mask)
+    score_keys: bool = False
 
     def __str__(self) -> str:
         w = f", sliding window {self.window}" if self.window else ""
@@ -439,7 +441,12 @@ def _plan(query, key, value, mask, kwargs, *, dropout, sliding_window, softcap, 
         return _Call("varlen", kind, causal, window, features, reason)
     if needs_flex:
         reason = "; ".join(f"{f}: {_FEATURE_PATH[f]}" for f in features)
-        return _Call("flex", kind, causal, window, features, reason)
+        # a decode step's key padding (a key vector holding no band: mask_for_attend puts a sliding
+        # window that cuts keys into it) as -inf scores; a 2-D padding mask's window is a slice
+        score_keys = L == 1 and not causal and (kind == "padding" or (
+            kind == "keys" and mask.shape[1] == 1 and mask.shape[-1] == S
+            and (sliding_window is None or S <= sliding_window)))
+        return _Call("flex", kind, causal, window, features, reason, score_keys=score_keys)
     if decode_sinks:  # decode: one query per row, its keys unpadded
         return _Call("varlen", kind, False, None, features, "s_aux: " + _FEATURE_PATH["s_aux"])
     if needs_varlen:
@@ -537,12 +544,25 @@ class _FlexMask:
     sources: tuple
     spec: tuple
     what: str = "none"
+    # (B, S) bool: a decode step's key padding, applied by the score_mod as -inf scores instead
+    keys: torch.Tensor | None = None
 
 
 def _flex_mask(call: _Call, q, k, mask, kwargs) -> _FlexMask:
     B, Hq, L, _ = q.shape
     S = k.shape[-2]
     kind = call.mask_kind
+    if call.score_keys and call.window is None:
+        # A decode step of a padded batch (mask_for_attend's key vector, or a 2-D padding mask): its
+        # one query sees every valid key, so the padding goes into the score_mod as -inf scores and
+        # the call needs no BlockMask, which would be new at every step (the keys grow, and so does
+        # the mask); the score hooks' dense path serves it, with its decode plan
+        # (attend/_flex/plan.py). Its cost: every key is read, padded or an empty static-cache slot
+        # past the step's position, as SDPA's key-padding calls read them. A key vector that holds
+        # a sliding window (``_plan``) keeps its BlockMask, which skips the keys the window cuts.
+        keys = mask.to(torch.bool)[:, -S:] if kind == "padding" else mask[:, 0, 0, :]
+        return _FlexMask(None, None, None, (), (), "key padding, as -inf scores in the score_mod (a decode "
+                         "step: no BlockMask)", keys=keys.expand(B, S))
     if kind in ("keys", "dense"):
         if mask.dtype != torch.bool:  # an additive mask: the score_mod adds it
             return _FlexMask(None, None, None, (), (), "none (the additive mask is added by the score_mod)")
@@ -624,11 +644,12 @@ def _block_mask(fm: _FlexMask, L: int, S: int, device):
     return bm._relabeled(fm.mask_mod)
 
 
-def _score_mod(softcap: float | None, additive: torch.Tensor | None):
+def _score_mod(softcap: float | None, additive: torch.Tensor | None, keys: torch.Tensor | None = None):
     """``softcap * tanh(score / softcap)`` (Gemma 2's logit softcap; ``softcap`` a Python float is a
     runtime scalar of the generated code, not a constant in it), plus an additive 4-D mask after it,
-    as transformers' eager attention adds its mask to the capped scores; None for neither."""
-    if softcap is None and additive is None:
+    as transformers' eager attention adds its mask to the capped scores, or -inf where ``keys``
+    ``(B, S)`` is False (a padded decode step's keys, ``_FlexMask.keys``); None for none of them."""
+    if softcap is None and additive is None and keys is None:
         return None
     cap = float(softcap) if softcap is not None else None
 
@@ -638,8 +659,14 @@ def _score_mod(softcap: float | None, additive: torch.Tensor | None):
     def masked_mod(score, b, h, q_idx, kv_idx):
         s = softcap_mod(score, b, h, q_idx, kv_idx) if cap is not None else score
         return s + additive[b, h, q_idx, kv_idx]
-    # data for the trace cache: a new softcap or additive mask reuses the trace (_flex/trace.py)
-    return data_cells(masked_mod, "additive") if additive is not None else data_cells(softcap_mod, "cap")
+
+    def padded_mod(score, b, h, q_idx, kv_idx):
+        s = softcap_mod(score, b, h, q_idx, kv_idx) if cap is not None else score
+        return torch.where(keys[b, kv_idx], s, float("-inf"))
+    # data for the trace cache: a new softcap, additive mask or padding reuses the trace (_flex/trace.py)
+    if additive is not None:
+        return data_cells(masked_mod, "additive")
+    return data_cells(padded_mod, "keys") if keys is not None else data_cells(softcap_mod, "cap")
 
 
 def _decode_window(call: _Call, q, k, v) -> tuple:
@@ -662,7 +689,7 @@ def _flex_args(call: _Call, q, k, v, mask, scale, softcap, s_aux, kwargs) -> tup
     if call.mask_kind in ("keys", "dense") and mask.dtype != torch.bool:
         additive = mask.detach().expand(B, H, L, S)
     aux = FlexAuxRequest(lse=True) if s_aux is not None else None
-    return (q, k, v), dict(score_mod=_score_mod(softcap, additive), block_mask=_block_mask(fm, L, S, q.device),
+    return (q, k, v), dict(score_mod=_score_mod(softcap, additive, fm.keys), block_mask=_block_mask(fm, L, S, q.device),
                            scale=None if scale is None else float(scale), enable_gqa=H != k.shape[1], return_aux=aux)
 
 
@@ -1001,7 +1028,7 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
                 f", {fm.what}" if fm.mask_mod is not None else "")
         mods = ([f"softcap {softcap} * tanh(score / {softcap})"] if softcap is not None else []) + (
             ["+ the additive mask"] if call.mask_kind in ("keys", "dense") and attention_mask.dtype != torch.bool
-            else [])
+            else []) + (["-inf at padded keys"] if fm.keys is not None else [])
         lines.append(f"flex_attention: score_mod {' '.join(mods) or 'none'}; mask {fm.what}"
                      + ("; sinks merged by the lse" if s_aux is not None else ""))
         lines.append(str(flex_explain(*args, **flex_kwargs)))
