@@ -816,6 +816,44 @@ def test_padded_decode_steps_take_the_plan_with_no_block_mask(form, monkeypatch)
         assert "bool mask read per block" in said and "-inf at padded keys" not in said, said
 
 
+@pytest.mark.parametrize("D,Dv", [(288, 288), (16, 32)], ids=["head dim 288", "value head dim 32"])
+def test_calls_varlen_refuses_take_another_route(D, Dv):
+    """A padded prefill that varlen_attn cannot take (a head dim past the Triton core's 256, or a
+    value head dim of its own): without a softcap the unfused path, saying why; with a softcap
+    (inference) flex, where it ran before varlen took softcaps; float64's result on the real rows."""
+    g = torch.Generator().manual_seed(23)
+    B, H, L = 2, 2, 7
+    q, k = (torch.randn(B, L, H, D, generator=g).transpose(1, 2).to(DEVICE) for _ in range(2))
+    v = torch.randn(B, L, H, Dv, generator=g).transpose(1, 2).to(DEVICE)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, :3] = False
+    valid = valid.to(DEVICE)
+    allowed = torch.ones(L, L, dtype=torch.bool, device=DEVICE).tril() & valid[:, None, None, :]
+    for softcap, route in ((None, "route: unfused"), (2.5, "route: flex")):
+        said = at.explain(q, k, v, valid, scaling=0.3, softcap=softcap)
+        assert said.startswith(route), said
+        if softcap is None:
+            assert "varlen_attn refuses the call" in said and ("288 > 256" in said or "value head dim 32" in said), said
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", at.UnfusedFeatureWarning)
+            with torch.no_grad():
+                out, _ = at.attention_forward(torch.nn.Module(), q, k, v, valid, scaling=0.3, softcap=softcap)
+        refs = [_reference(*(t.to(dt) for t in (q, k, v)), allowed, 0.3, softcap, None, None)
+                for dt in (torch.float64, torch.float32)]
+        rows = valid[:, :, None, None].expand(B, L, H, Dv)  # the padded query rows are the model's to ignore
+        assert_scaled(out[rows], *(r.transpose(1, 2)[rows] for r in refs), f"{route} D={D} Dv={Dv}")
+
+
+def test_a_padding_mask_shorter_than_the_keys_names_the_argument():
+    q = torch.randn(2, 2, 1, 16, device=DEVICE)
+    k = v = torch.randn(2, 2, 20, 16, device=DEVICE)
+    short = torch.ones(2, 17, dtype=torch.bool, device=DEVICE)
+    for softcap in (None, 2.5):
+        with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 17\); a 2-D padding mask needs a "
+                                             r"column for each of the S = 20 keys"):
+            at.attention_forward(torch.nn.Module(), q, k, v, short, scaling=0.3, softcap=softcap)
+
+
 def test_explain_finds_a_packed_batch_in_position_ids_as_the_call_does():
     """A packed batch that reaches the attention call without a mask (a cache was passed) is found
     from its restarting ``position_ids`` by ``attention_forward``; ``explain`` plans the same call."""

@@ -169,10 +169,25 @@ def test_inference_only_arguments_and_forward_mode_ad_are_refused():
     with pytest.raises(RuntimeError, match="block_table and seqused_k are inference only"):
         varlen_attn(q.requires_grad_(), k, v, cu, cu, 7, 7, seqused_k=torch.tensor([5, 7], dtype=torch.int32,
                                                                                      device=DEVICE), score_mod=mod)
+    slopes = torch.rand(2, device=DEVICE, requires_grad=True)  # a capture that records gradients
+    with pytest.raises(RuntimeError, match="block_table and seqused_k are inference only.*one the score_mod captures"):
+        varlen_attn(q.detach(), k, v, cu, cu, 7, 7, seqused_k=torch.tensor([5, 7], dtype=torch.int32, device=DEVICE),
+                    score_mod=lambda score, b, h, q_idx, kv_idx: score + slopes[h] * kv_idx)
     with forward_ad.dual_level():
         dual = forward_ad.make_dual(q.detach(), torch.randn_like(q))
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             varlen_attn(dual, k, v, cu, cu, 7, 7, score_mod=mod)
+
+
+def test_sequences_without_keys_give_zeros_in_the_graph():
+    """Every sequence without keys: zeros, and a backward that gives zero gradients (the output stays
+    in the inputs' graph, as the call without a score_mod keeps it)."""
+    q = torch.randn(4, 2, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(0, 2, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    out = varlen_attn(q, k, v, _cu([4]), _cu([0]), 4, 0, score_mod=lambda score, b, h, q_idx, kv_idx: 0.5 * score)
+    assert out.shape == (4, 2, 16) and torch.equal(out, torch.zeros_like(out)) and out.requires_grad
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
 
 
 def test_score_mod_argument_errors():

@@ -86,8 +86,8 @@ def varlen_attn(
       CPU blocked path run ``flex_attention`` once per sequence (docs/varlen.md).
     """
     from ._params import default_scale
-    from .backends._kernels import TRITON_MASK_DTYPES, TRITON_MAX_HEAD_DIM, kernel_for
     from ._layout import Band
+    from .backends._kernels import kernel_for
     from .ops.varlen import varlen_attention
 
     want_lse = _check_aux(return_aux)
@@ -99,14 +99,10 @@ def varlen_attn(
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     left, right = _check_window(window_size)
     _check_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, enable_gqa, seqused_k, block_table)
+    why = refusal(query, key, value)
+    if why is not None:
+        raise ValueError(f"varlen_attn: {why}")
     kernel = kernel_for(query)
-    if kernel is None:
-        raise ValueError(f"varlen_attn: no kernel for device type {query.device.type!r}; expected cuda or cpu")
-    if kernel == "triton" and query.dtype not in TRITON_MASK_DTYPES:  # the core's dtypes (fp16/bf16/fp32)
-        raise ValueError(f"varlen_attn: query dtype {query.dtype} is not supported on {query.device.type}; "
-                         f"expected one of {', '.join(str(d) for d in TRITON_MASK_DTYPES)}")
-    if kernel == "triton" and query.shape[-1] > TRITON_MAX_HEAD_DIM:
-        raise ValueError(f"varlen_attn: head dim {query.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the Triton core's limit")
     s = default_scale(query.shape[-1], scale)
     if score_mod is not None:
         if not callable(score_mod):
@@ -120,6 +116,27 @@ def varlen_attn(
                                 operator.index(max_q), operator.index(max_k), float(s),
                                 Band(left, right, bottom_right=True), kernel)
     return (out, lse) if want_lse else out
+
+
+def refusal(query, key, value) -> str | None:
+    """Why ``varlen_attn`` refuses tensors of these dtypes, devices and head dims (any layout: only
+    ``dtype``, ``device`` and the last dim are read), or None where it takes them. The transformers
+    integration asks it before routing a call to varlen_attn."""
+    from .backends._kernels import TRITON_MASK_DTYPES, TRITON_MAX_HEAD_DIM, kernel_for
+
+    D, Dk, Dv = query.shape[-1], key.shape[-1], value.shape[-1]
+    for name, d in (("key", Dk), ("value", Dv)):
+        if d != D:
+            return f"{name} head dim {d} != query head dim {D}; varlen_attn takes one head dim"
+    kernel = kernel_for(query)
+    if kernel is None:
+        return f"no kernel for device type {query.device.type!r}; expected cuda or cpu"
+    if kernel == "triton" and query.dtype not in TRITON_MASK_DTYPES:  # the core's dtypes (fp16/bf16/fp32)
+        return (f"query dtype {query.dtype} is not supported on {query.device.type}; "
+                f"expected one of {', '.join(str(d) for d in TRITON_MASK_DTYPES)}")
+    if kernel == "triton" and D > TRITON_MAX_HEAD_DIM:
+        return f"head dim {D} > {TRITON_MAX_HEAD_DIM}, the Triton core's limit"
+    return None
 
 
 def _with_score_mod(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, max_q: int, max_k: int, scale: float,
@@ -137,9 +154,10 @@ def _with_score_mod(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, max_
         raise NotImplementedError("varlen_attn: forward-mode AD (dual tensors) is not supported with a score_mod; "
                                   "use reverse mode (backward), which flows to query, key, value and the captures")
     if (block_table is not None or seqused_k is not None) and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v)):
-        raise RuntimeError("varlen_attn: block_table and seqused_k are inference only (as in PyTorch); pass packed "
-                           "keys with cu_seq_k to train")
+            t.requires_grad for t in (q, k, v, *(c.tensor for c in graph.captures))):
+        raise RuntimeError("varlen_attn: block_table and seqused_k are inference only (as in PyTorch), and a "
+                           "tensor here requires grad (query, key, value or one the score_mod captures); pass "
+                           "packed keys with cu_seq_k to train")
     if flex_varlen.fused(kernel, (q, k, v, *(c.tensor for c in graph.captures))):
         packed = packed_of(cu_q, cu_k, seqused_k, block_table, k)
         return flex_varlen.forward_fused(graph, q, k, v, packed, max_q, max_k, scale, band)
@@ -184,8 +202,15 @@ def _per_sequence(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, scale:
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0].float())
     if not outs:
-        return q.new_zeros(T, H, Dv), torch.full((H, T), float("-inf"), dtype=torch.float32, device=q.device)
-    return torch.cat(outs, 0), torch.cat(lses, 1)
+        outs, lses = [q.new_zeros(T, H, Dv)], [torch.full((H, T), float("-inf"), dtype=torch.float32, device=q.device)]
+    out = torch.cat(outs, 0)
+    inputs = [t for t in (q, k, v) if t.requires_grad]
+    if inputs and torch.is_grad_enabled() and not out.requires_grad:
+        # no sequence saw a key: zeros, in the inputs' graph with zero gradients, as SDPA's empty
+        # calls (``where`` passes nothing to its unpicked branch)
+        link = sum(t.sum() for t in inputs).to(out.dtype)
+        out = torch.where(torch.zeros((), dtype=torch.bool, device=out.device), link, out)
+    return out, torch.cat(lses, 1)
 
 
 def _keys(b: int, k, v, kv: list[int] | None, used: list[int] | None, block_table):

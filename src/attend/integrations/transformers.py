@@ -91,6 +91,7 @@ from attend.flex_attention import AuxRequest as FlexAuxRequest
 from attend.flex_attention import and_masks, create_block_mask, flex_attention
 from attend.flex_attention import explain as flex_explain
 from attend.varlen import AuxRequest, varlen_attn
+from attend.varlen import refusal as varlen_refusal
 
 __all__ = ["NAME", "PAGED_NAME", "FUSED", "BLOCK_MASK_CACHE_SIZE", "UnfusedFeatureWarning", "attention_forward",
            "mask_for_attend", "paged_attention_forward", "unfused_attention", "explain", "register"]
@@ -116,6 +117,9 @@ _FEATURE_PATH = {
 # where a BlockMask over the packed keys would give each query block every sequence's keys to walk
 # and cost a create_block_mask per step (docs/transformers.md).
 _VARLEN_SOFTCAP = "varlen_attn with score_mod softcap * tanh(score / softcap) (inference: the Triton core's score hooks)"
+# A decode step's key padding goes into the score_mod (_FlexMask.keys): no BlockMask per step.
+_SCORE_KEYS_SOFTCAP = ("attend.flex_attention with score_mod softcap * tanh(score / softcap), then -inf at padded "
+                       "keys (a decode step: no BlockMask; the Triton core's flex mode)")
 
 
 class UnfusedFeatureWarning(UserWarning):
@@ -419,6 +423,9 @@ def _plan(query, key, value, mask, kwargs, *, dropout, sliding_window, softcap, 
             "through read_index / write_index; elsewhere use generate() with a DynamicCache or StaticCache")
     L, S = query.shape[-2], key.shape[-2]
     kind = _mask_kind(mask, kwargs)
+    if kind == "padding" and mask.shape[-1] < S:
+        raise ValueError(f"attend: attention_mask has shape {tuple(mask.shape)}; a 2-D padding mask needs a column "
+                         f"for each of the S = {S} keys (its last S columns are read)")
     window = sliding_window if sliding_window is not None and kind not in ("keys", "dense") else None
     if window is not None and window <= 0:
         raise ValueError(f"attend: sliding_window must be a positive int, got {window!r}")
@@ -436,17 +443,25 @@ def _plan(query, key, value, mask, kwargs, *, dropout, sliding_window, softcap, 
         return _Call("unfused", kind, causal, window, features,
                      f"dropout {dropout} with {what}: flex_attention and varlen_attn have no dropout; " + _UNFUSED_PATH)
     packed = kind == "packed" or (kind == "padding" and L > 1)
-    if needs_flex and softcap is not None and packed and flex_varlen.fused(kernel_for(query), (query, key, value)):
+    # varlen_attn's own limits (one head dim, the Triton core's dtypes and head dims)
+    varlen_why = varlen_refusal(query, key, value) if needs_varlen or (needs_flex and packed) else None
+    if (needs_flex and softcap is not None and packed and varlen_why is None
+            and flex_varlen.fused(kernel_for(query), (query, key, value))):
         reason = "; ".join(f"{f}: {_VARLEN_SOFTCAP if f == 'softcap' else _FEATURE_PATH[f]}" for f in features)
         return _Call("varlen", kind, causal, window, features, reason)
     if needs_flex:
-        reason = "; ".join(f"{f}: {_FEATURE_PATH[f]}" for f in features)
         # a decode step's key padding (a key vector holding no band: mask_for_attend puts a sliding
         # window that cuts keys into it) as -inf scores; a 2-D padding mask's window is a slice
         score_keys = L == 1 and not causal and (kind == "padding" or (
             kind == "keys" and mask.shape[1] == 1 and mask.shape[-1] == S
             and (sliding_window is None or S <= sliding_window)))
+        paths = dict(_FEATURE_PATH, softcap=_SCORE_KEYS_SOFTCAP) if score_keys else _FEATURE_PATH
+        reason = "; ".join(f"{f}: {paths[f]}" for f in features)
         return _Call("flex", kind, causal, window, features, reason, score_keys=score_keys)
+    if (decode_sinks or needs_varlen) and varlen_why is not None:
+        what = "sinks" if s_aux is not None else "padding, packing or a sliding window"
+        return _Call("unfused", kind, causal, window, features,
+                     f"{what}: varlen_attn refuses the call ({varlen_why}); " + _UNFUSED_PATH)
     if decode_sinks:  # decode: one query per row, its keys unpadded
         return _Call("varlen", kind, False, None, features, "s_aux: " + _FEATURE_PATH["s_aux"])
     if needs_varlen:
@@ -1028,7 +1043,7 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
                 f", {fm.what}" if fm.mask_mod is not None else "")
         mods = ([f"softcap {softcap} * tanh(score / {softcap})"] if softcap is not None else []) + (
             ["+ the additive mask"] if call.mask_kind in ("keys", "dense") and attention_mask.dtype != torch.bool
-            else []) + (["-inf at padded keys"] if fm.keys is not None else [])
+            else []) + (["then -inf at padded keys"] if fm.keys is not None else [])
         lines.append(f"flex_attention: score_mod {' '.join(mods) or 'none'}; mask {fm.what}"
                      + ("; sinks merged by the lse" if s_aux is not None else ""))
         lines.append(str(flex_explain(*args, **flex_kwargs)))
