@@ -538,3 +538,33 @@ def test_small_tensors_reach_the_device_with_their_values(device):
         t = small_tensor(vals, torch.int64, device)
         assert t.device.type == device and t.dtype == torch.int64
         assert t.tolist() == vals
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams and graph capture are CUDA's")
+def test_small_tensors_per_stream_and_under_graph_capture():
+    """Another stream gets its own copy (filled on that stream, so its kernels never read it
+    before the copy has run); a tensor first asked for during a CUDA graph's capture is filled by
+    the graph's own kernels, kept by no one, and right at every replay."""
+    from attend import _hostcache
+    from attend._hostcache import small_tensor
+
+    vals = [3, 1, 4, 1, 5, 9, 2, 6]
+    main = small_tensor(vals, torch.int32, "cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        other = small_tensor(vals, torch.int32, "cuda")
+        assert other is not main and other.tolist() == vals
+    assert small_tensor(vals, torch.int32, "cuda") is main
+    new = [271, 828, 182]
+    kept = len(_hostcache._SMALL)
+    out = torch.zeros(3, dtype=torch.int32, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(g, stream=side):
+        out.copy_(small_tensor(new, torch.int32, "cuda") * 2)
+    assert len(_hostcache._SMALL) == kept  # nothing kept from the capture
+    for _ in range(2):
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert out.tolist() == [2 * v for v in new]

@@ -167,6 +167,20 @@ def test_debug_knob_selects_another_kernel(monkeypatch):
     assert len(slow) == 2
 
 
+@pytest.mark.parametrize("first", ["tensor", "parameter"])
+def test_a_parameter_is_a_pointer_like_its_tensor(first, monkeypatch):
+    """An ``nn.Parameter`` (a model's weight as q, or a capture of a score_mod) keys as the tensor it
+    is, whichever comes first: one Triton-path call for both, then direct launches."""
+    lau, slow = _stand_in_launcher(monkeypatch)
+    x = torch.empty(16)
+    calls = [x, torch.nn.Parameter(torch.empty(16))]
+    if first == "parameter":
+        calls.reverse()
+    for t in calls + calls:
+        lau((1,), dict(X=t, n=16), dict(BLOCK=16), 4, 2)
+    assert lau.n_ptr == 1 and len(slow) == 1, (lau.n_ptr, len(slow))
+
+
 def test_both_caches_are_bounded(monkeypatch):
     """Past MAX_KEYS entries each of the launcher's two caches starts over: the class cache too
     (a Gluon kernel's host descriptors key their shapes, so each new length is a new class there).
@@ -249,6 +263,9 @@ def test_decode_volatile_arguments_are_runtime_ints_of_the_forward():
     runtime = [n for n, p in params.items() if p.annotation is inspect.Parameter.empty]
     assert set(launch._DECODE_VOLATILE) <= set(runtime), set(launch._DECODE_VOLATILE) - set(runtime)
     assert runtime.index("seed") > runtime.index("SEQUSED_K")  # after the leading pointers
+    key_range = inspect.signature(core.key_range_kernel.fn).parameters  # the key-padding span's launcher
+    assert {"S", "stride_mb", "stride_mh"} <= {n for n, p in key_range.items()
+                                              if p.annotation is inspect.Parameter.empty}
 
 
 def test_descriptor_key_separates_what_a_descriptor_fixes():

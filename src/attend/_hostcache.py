@@ -53,19 +53,27 @@ def small_tensor(values: list, dtype: torch.dtype, device) -> torch.Tensor:
     """A small tensor of Python ``values`` on ``device`` without waiting for the GPU: a copy from
     pageable host memory synchronizes with the device's stream first, so on CUDA the values go
     through pinned memory and an asynchronous copy (the caching host allocator keeps the pinned
-    block until the copy has run). Made once per device, dtype and values (the kernels' argument
-    tensors: flex's list strides and capture metadata), and never an inference tensor, since later
-    calls reuse it. The caller must not write to it."""
-    key = (str(device), dtype, tuple(values))
+    block until the copy has run). Made once per device, stream, dtype and values (the kernels'
+    argument tensors: flex's list strides and capture metadata; per stream, so that a kernel never
+    reads one before the copy that fills it has run on its own stream), and never an inference
+    tensor, since later calls reuse it. While a CUDA graph is being captured, a tensor not made
+    before is filled by kernels the graph records and kept by no one: its values exist only in
+    the graph's replays (a copy recorded from a pinned block would re-read that block, recycled
+    by then, at every replay). The caller must not write to it."""
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    cuda = dev.type == "cuda"
+    key = (dev, dtype, tuple(values), torch.cuda.current_stream(dev).cuda_stream if cuda else None)
     out = _SMALL.get(key)
-    if out is None:
-        if len(_SMALL) > 1024:
-            _SMALL.clear()
-        device = torch.device(device)
-        with torch.inference_mode(False):
-            if device.type != "cuda":
-                out = torch.tensor(values, dtype=dtype, device=device)
-            else:
-                out = torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
-        _SMALL[key] = out
+    if out is not None:
+        return out
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return torch.stack([torch.full((), v, dtype=dtype, device=dev) for v in values])
+    if len(_SMALL) > 1024:
+        _SMALL.clear()
+    with torch.inference_mode(False):
+        if not cuda:
+            out = torch.tensor(values, dtype=dtype, device=dev)
+        else:
+            out = torch.tensor(values, dtype=dtype).pin_memory().to(dev, non_blocking=True)
+    _SMALL[key] = out
     return out

@@ -292,6 +292,7 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps):
         if res is not None:
             PATHS["band_hooks_gluon"] += 1
             return res[0], res[1], None
+        call.path = "band_hooks"  # what runs (a decode plan may then serve the call's class: plan.keep)
     res = launch.flex_forward(q, k, v, call.blocks, call.scale, score, mask, want_max=call.want_max,
                               kernel_options=call.kernel_options, band=band)
     if band is not None and res is not None:

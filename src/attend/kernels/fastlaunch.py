@@ -73,7 +73,7 @@ def scalar_class(a) -> object:
 
 def _is_pointer(a) -> bool:
     """A tensor or a Gluon host tensor descriptor: the arguments ``Launcher`` wants first."""
-    return type(a) is torch.Tensor or (TensorDescriptor is not None and type(a) is TensorDescriptor)
+    return isinstance(a, torch.Tensor) or (TensorDescriptor is not None and type(a) is TensorDescriptor)
 
 
 def _descriptor_key(d: TensorDescriptor) -> tuple:
@@ -81,9 +81,8 @@ def _descriptor_key(d: TensorDescriptor) -> tuple:
     alignment, shape, strides, box and shared layout (Triton's own key is coarser: the box, dtype
     and layout; the shape and strides are runtime arguments). The launcher fills the TMA
     descriptor from the object at each call (``make_tensordesc_arg``)."""
-    lay = d.layout
     return (d.base.dtype, d.base.data_ptr() & 15 == 0, tuple(d.shape), tuple(d.strides), tuple(d.block_shape),
-            lay.swizzle_byte_width, lay.element_bitwidth, lay.transposed, d.padding)
+            d.layout, d.padding)
 
 
 def descriptor_class(d: TensorDescriptor) -> tuple:
@@ -98,13 +97,14 @@ def _pointer_key(ptrs: tuple, exact: bool = True) -> tuple:
     """Tensors by dtype and 16-byte alignment, host tensor descriptors by ``_descriptor_key``
     (``exact``) or ``descriptor_class``."""
     desc = _descriptor_key if exact else descriptor_class
-    return tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is torch.Tensor else desc(a) for a in ptrs])
+    return tuple([(a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, torch.Tensor) else desc(a) for a in ptrs])
 
 
 def _nested_key(a, exact: bool):
     """A ``nested`` parameter's key: tensors as ``_pointer_key`` keys them, tuples element by
-    element, anything else by value (``exact``) or by ``scalar_class``."""
-    if type(a) is torch.Tensor:
+    element, anything else by value (``exact``) or by ``scalar_class``. Tensors include their
+    subclasses (an ``nn.Parameter`` a score_mod captures)."""
+    if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() & 15 == 0
     if type(a) is tuple:
         return tuple([_nested_key(x, exact) for x in a])
@@ -121,7 +121,7 @@ class Launcher:
     names of int parameters whose value changes from call to call. ``nested``: names of
     parameters after the leading tensors that take a tensor, a tuple of tensors (and ints) or None
     (flex's block lists and captures), keyed as ``_nested_key`` keys them. Each scalar keeps its
-    Python type across calls (an int stays an int: ``0 == 0.0`` in a key)."""
+    Python type across calls (an int stays an int and a bool a bool: ``0 == 0.0`` and ``1 == True`` in a key)."""
 
     def __init__(self, kernel, volatile: tuple[str, ...] = (), nested: tuple[str, ...] = ()):
         self.kernel = kernel
@@ -185,11 +185,12 @@ class Launcher:
             self.kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
             return
         args = self.ordered(args)
-        if self.n_ptr is None:
-            self.n_ptr = next((i for i, a in enumerate(args) if not _is_pointer(a)), len(args))
-            if any(_is_pointer(a) for i, a in enumerate(args) if i >= self.n_ptr and i not in self.nested) or any(
-                    i < self.n_ptr for i in self.volatile + self.nested):
+        if self.n_ptr is None:  # learnt once, and kept only from a call that passes the check
+            n_ptr = next((i for i, a in enumerate(args) if not _is_pointer(a)), len(args))
+            if any(_is_pointer(a) for i, a in enumerate(args) if i >= n_ptr and i not in self.nested) or any(
+                    i < n_ptr for i in self.volatile + self.nested):
                 raise TypeError(f"{self.kernel.__name__}: pointer parameters must come first for Launcher")
+            self.n_ptr = n_ptr
         if len(constexprs) != len(self.constexpr_names):
             constexprs = {**self.defaults, **constexprs}
         tail = tuple([constexprs[n] for n in self.constexpr_names])

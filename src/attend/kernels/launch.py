@@ -37,15 +37,16 @@ _bwd = triton.autotune(BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_confi
 _GRID_Y_MAX = 65535  # CUDA's cap on gridDim.y (x allows 2^31 - 1)
 
 # Fixed-config launches skip JITFunction.run's per-call binding (fastlaunch.py). A decode loop's
-# keys grow by one per call: their length, and a concatenated cache's batch and head strides of K
-# and V, change at every call, as the dropout seed does. The launcher keys those by Triton's class
-# of each value, so a new length of a known class hits its exact cache rather than missing it and
-# classing every argument.
-_DECODE_VOLATILE = ("seed", "S_max", "stride_kb", "stride_kh", "stride_vb", "stride_vh")
+# keys grow by one per call: their length, a concatenated cache's batch and head strides of K and
+# V, and a padding mask's strides over them ((B, 1, 1, S): its batch stride is S) change at every
+# call, as the dropout seed does. The launcher keys those by Triton's class of each value, so a new
+# length of a known class hits its exact cache rather than missing it and classing every argument.
+_DECODE_VOLATILE = ("seed", "S_max", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_maskb",
+                    "stride_maskh", "stride_maskm")
 _FWD_LAUNCH = Launcher(core.attn_fwd, volatile=_DECODE_VOLATILE)
 _BWD_LAUNCH = Launcher(core.attn_bwd, volatile=("seed",))
 _PRE_LAUNCH = Launcher(core.attn_bwd_preprocess)
-_KEY_RANGE_LAUNCH = Launcher(core.key_range_kernel)
+_KEY_RANGE_LAUNCH = Launcher(core.key_range_kernel, volatile=("S", "stride_mb", "stride_mh"))
 
 _DENSE_FLAGS = dict(VARLEN=False, SEQUSED=False, PAGED=False, PAGE_SIZE=16)
 # attn_fwd's flex inputs where there is no flex call: None specializes away (core.attn_fwd's FLEX)
