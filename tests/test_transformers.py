@@ -313,9 +313,10 @@ def test_generate_greedy_matches_eager(name, use_kernel):
                          pad_token_id=0)
     assert out.shape == ref.shape == (B, S + NEW)
     assert torch.equal(out, ref), f"{name}: greedy tokens differ from eager\n{out}\n{ref}"
-    if name == "gemma2":  # prefill and every decode step, each layer: softcap through fused flex (the blocked
-        # kernel here: an inference softcap takes varlen_attn's score_mod on attend's Triton kernels only)
-        assert_fused_flex(runs(), forwards=2 * NEW)
+    if name == "gemma2":  # prefill and every decode step, each layer: softcap through fused flex, except on a
+        # GPU the padded prefill: an inference softcap takes varlen_attn's score_mod on attend's Triton kernels
+        # (on the CPU the blocked kernel runs, and flex serves it)
+        assert_fused_flex(runs(), forwards=2 * (NEW - 1) if DEVICE == "cuda" else 2 * NEW)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral"])
@@ -376,7 +377,7 @@ def test_packed_batch_equals_padded_batch(name, use_kernel):
     position_ids = torch.cat([torch.arange(n) for n in lens])[None].to(DEVICE)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     model = build(name, "attend")
-    runs = flex_runs()
+    runs, varlen_fused = flex_runs(), flex_varlen.PATHS["fused"]
     with torch.no_grad():
         ref = model(padded, attention_mask=mask).logits
         # with a cache (the default in eval) transformers builds no packed mask: the attention call
@@ -386,8 +387,12 @@ def test_packed_batch_equals_padded_batch(name, use_kernel):
         by_cu = model(packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=S,
                       max_length_k=S).logits[0]
     want = ref[mask.bool()]
-    if name == "gemma2":  # padded, then packed by positions, sequence ids and cu_seq_lens: 4 forwards
-        assert_fused_flex(runs(), forwards=4 * 2)
+    if name == "gemma2":  # padded, then packed by positions, sequence ids and cu_seq_lens: 4 forwards, on
+        # flex with the CPU's blocked kernel, on varlen_attn's score_mod with the Triton kernels (a GPU)
+        if DEVICE == "cuda":
+            assert flex_varlen.PATHS["fused"] == varlen_fused + 4 * 2, flex_varlen.PATHS
+        else:
+            assert_fused_flex(runs(), forwards=4 * 2)
     torch.testing.assert_close(by_positions, want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(by_mask, want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(by_cu, want, atol=2e-5, rtol=1e-5)
@@ -1034,10 +1039,14 @@ def test_bench_models_runs_tiny(tmp_path, use_kernel):
         if r["phase"] == "batch":
             assert r["tokens"] == 3 * 3 and r["tokens_per_s"] > 0, r
         assert r["first_ms"] > 0 and r["steady_ms"] > 0
-        # the Gemma-2-shaped model's softcap runs the fused flex core with attend, forward and backward
-        paths = r["flex_paths"]
+        # the Gemma-2-shaped model's softcap runs the fused flex core with attend, forward and backward;
+        # continuous batching's packed steps on the Triton kernels take varlen_attn's score_mod instead
+        paths, varlen = r["flex_paths"], r["varlen_paths"]
         if (r["model"], r["impl"]) == ("gemma2", "attend"):
-            assert paths.get("fused", 0) > 0 and "blocked" not in paths and "blocked_backward" not in paths, r
+            on_varlen = r["phase"] == "batch" and DEVICE == "cuda"
+            fused = varlen.get("fused", 0) if on_varlen else paths.get("fused", 0)
+            assert fused > 0 and "blocked" not in paths and "blocked_backward" not in paths, r
+            assert "per_sequence" not in varlen, r
             assert (paths.get("fused_backward", 0) > 0) == (r["phase"] == "train"), r
         else:
-            assert paths == {}, r
+            assert paths == {} and varlen == {}, r

@@ -14,8 +14,10 @@ for ``attn_implementation`` in ``attend`` (attend's default backend order), ``at
 (``attend`` restricted to attend's own kernels: FLASH, EFFICIENT, MATH), ``sdpa``,
 ``flex_attention`` and ``eager``. With ``attend``, Gemma 2's softcap runs attend's FlexAttention
 (the Triton core's flex mode, forward and backward); each row's ``flex_paths`` counts the flex
-calls by path (``fused`` / ``blocked`` forwards, ``fused_backward`` / ``blocked_backward``), so a
-row that left the fused core says so. Each row has the first step's time (compilation included)
+calls by path (``fused`` / ``blocked`` forwards, ``fused_backward`` / ``blocked_backward``), and
+``varlen_paths`` the ``varlen_attn`` calls with a score_mod (an inference softcap over packed or
+padded sequences on the Triton kernels: ``fused``, else ``per_sequence``), so a row that left the
+fused core says so. Each row has the first step's time (compilation included)
 and the steady-state median; a path that fails (out of memory, unsupported) gets a row with its
 error. The first step's time in this process depends on the rows before it (the first row pays
 the CUDA context, cuBLAS and the allocator for all), so on CUDA each training row also gets
@@ -306,6 +308,7 @@ def _main(transformers, preset, impls, json_path, device, dtype, steps, new_toke
     """``main`` with transformers imported, inside ``_one_triton_cache``."""
     import attend.integrations.transformers  # noqa: F401  (registers "attend")
     from attend._flex import dispatch as flex_dispatch
+    from attend._flex import varlen as flex_varlen
 
     p = dict(PRESETS[preset])
     if new_tokens is not None:
@@ -321,17 +324,20 @@ def _main(transformers, preset, impls, json_path, device, dtype, steps, new_toke
             for phase in phases:
                 if phase == "batch" and (why := batch_unavailable(impl)):
                     if impl in BATCH_IMPLS:  # the installed transformers cannot: say so once per model
-                        rows.append(dict(model=model_name, impl=impl, phase=phase, ok=False, skipped=why, flex_paths={}))
+                        rows.append(dict(model=model_name, impl=impl, phase=phase, ok=False, skipped=why, flex_paths={},
+                                         varlen_paths={}))
                         print(_line(rows[-1]), flush=True)
                     continue
                 row = dict(model=model_name, impl=impl, phase=phase, ok=True)
-                before = dict(flex_dispatch.PATHS)
+                before, before_varlen = dict(flex_dispatch.PATHS), dict(flex_varlen.PATHS)
                 try:
                     row.update(_run_one(model, impl, phase, p, device, steps))
                 except Exception as e:  # a path that cannot run this model gets a row saying why
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400])
                 finally:
                     row["flex_paths"] = {k: n - before[k] for k, n in flex_dispatch.PATHS.items() if n != before[k]}
+                    row["varlen_paths"] = {k: n - before_varlen[k] for k, n in flex_varlen.PATHS.items()
+                                           if n != before_varlen[k]}
                     model.zero_grad(set_to_none=True)
                     if str(device).startswith("cuda"):
                         torch.cuda.empty_cache()
@@ -371,6 +377,8 @@ def _line(r: dict) -> str:
     tail += f"  {r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else ""
     if r.get("flex_paths"):
         tail += "  flex " + ", ".join(f"{k} {n}" for k, n in r["flex_paths"].items())
+    if r.get("varlen_paths"):
+        tail += "  varlen score_mod " + ", ".join(f"{k} {n}" for k, n in r["varlen_paths"].items())
     if "first_fresh_ms" in r:
         tail += f"  first in a fresh process {r['first_fresh_ms'] / 1e3:.2f} s"
         if r.get("first_fresh_compiles") or r.get("first_fresh_disk_hits"):
