@@ -369,10 +369,15 @@ def scaled_dot_product_attention(
 
 def _zeros(p: SDPAParams, shape: tuple[int, ...]) -> torch.Tensor:
     """PyTorch's result for a call with no query rows or an empty value: zeros, in the autograd
-    graph of the inputs with zero gradients (``where`` passes none to its unpicked branch, and
-    never turns an inf or NaN input into a NaN output)."""
-    out = p.query.new_zeros(shape)
-    inputs = [t for t in (p.query, p.key, p.value, p.dense_mask) if t is not None and t.requires_grad]
+    graph of the inputs with zero gradients (``in_graph``)."""
+    return in_graph(p.query.new_zeros(shape), (p.query, p.key, p.value, p.dense_mask))
+
+
+def in_graph(out: torch.Tensor, inputs) -> torch.Tensor:
+    """``out`` (computed without ``inputs``: zeros of an empty call) in the autograd graph of those
+    of ``inputs`` (None allowed) that require grad, with zero gradients for them: ``where`` passes
+    none to its unpicked branch, and never turns an inf or NaN input into a NaN output."""
+    inputs = [t for t in inputs if t is not None and t.requires_grad]
     if inputs and torch.is_grad_enabled():
         link = sum(t.sum() for t in inputs).to(out.dtype)
         out = torch.where(torch.zeros((), dtype=torch.bool, device=out.device), link, out)

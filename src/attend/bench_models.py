@@ -303,6 +303,11 @@ def main(preset: str = "full", impls=IMPLS, json_path: str | None = "bench_model
                      fresh_first)
 
 
+def _counted(before: dict, now: dict) -> dict:
+    """The path counters that moved since ``before``, by how much."""
+    return {k: n - before[k] for k, n in now.items() if n != before[k]}
+
+
 def _main(transformers, preset, impls, json_path, device, dtype, steps, new_tokens, models, phases,
           fresh_first) -> list[dict]:
     """``main`` with transformers imported, inside ``_one_triton_cache``."""
@@ -335,9 +340,8 @@ def _main(transformers, preset, impls, json_path, device, dtype, steps, new_toke
                 except Exception as e:  # a path that cannot run this model gets a row saying why
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400])
                 finally:
-                    row["flex_paths"] = {k: n - before[k] for k, n in flex_dispatch.PATHS.items() if n != before[k]}
-                    row["varlen_paths"] = {k: n - before_varlen[k] for k, n in flex_varlen.PATHS.items()
-                                           if n != before_varlen[k]}
+                    row["flex_paths"] = _counted(before, flex_dispatch.PATHS)
+                    row["varlen_paths"] = _counted(before_varlen, flex_varlen.PATHS)
                     model.zero_grad(set_to_none=True)
                     if str(device).startswith("cuda"):
                         torch.cuda.empty_cache()

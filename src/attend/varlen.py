@@ -167,6 +167,7 @@ def _with_score_mod(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, max_
 def _per_sequence(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, scale: float, band):
     """(out (T, H, D), lse (H, T)): ``flex_attention`` on each sequence's queries and keys (a paged
     pool's pages gathered), under the band's mask; rows that see no key are 0 with lse -inf."""
+    from ._dispatch import in_graph
     from ._flex import varlen as flex_varlen
     from ._flex.trace import data_cells
     from .flex_attention import create_block_mask, flex_attention
@@ -204,12 +205,8 @@ def _per_sequence(score_mod, q, k, v, cu_q, cu_k, seqused_k, block_table, scale:
     if not outs:
         outs, lses = [q.new_zeros(T, H, Dv)], [torch.full((H, T), float("-inf"), dtype=torch.float32, device=q.device)]
     out = torch.cat(outs, 0)
-    inputs = [t for t in (q, k, v) if t.requires_grad]
-    if inputs and torch.is_grad_enabled() and not out.requires_grad:
-        # no sequence saw a key: zeros, in the inputs' graph with zero gradients, as SDPA's empty
-        # calls (``where`` passes nothing to its unpicked branch)
-        link = sum(t.sum() for t in inputs).to(out.dtype)
-        out = torch.where(torch.zeros((), dtype=torch.bool, device=out.device), link, out)
+    if not out.requires_grad:  # no sequence saw a key: zeros, in the inputs' graph as SDPA's empty calls
+        out = in_graph(out, (q, k, v))
     return out, torch.cat(lses, 1)
 
 

@@ -567,7 +567,7 @@ def _flex_mask(call: _Call, q, k, mask, kwargs) -> _FlexMask:
     B, Hq, L, _ = q.shape
     S = k.shape[-2]
     kind = call.mask_kind
-    if call.score_keys and call.window is None:
+    if call.score_keys:  # (a 2-D padding mask's window is already a slice: ``_decode_window``)
         # A decode step of a padded batch (mask_for_attend's key vector, or a 2-D padding mask): its
         # one query sees every valid key, so the padding goes into the score_mod as -inf scores and
         # the call needs no BlockMask, which would be new at every step (the keys grow, and so does
