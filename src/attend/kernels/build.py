@@ -202,21 +202,23 @@ def _varlen(varlen: bool, uniform: bool) -> int:
 
 def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False, causal: bool = False,
                window: bool = False, varlen: bool = False, o_tma: bool = True, q_rows: bool = False,
-               uniform: bool = False, score_mod: bool = False):
+               uniform: bool = False, score_mod: bool = False, pipe: bool | None = None):
     """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only); ``o_tma`` as
     KernelOptions.o_tma (on by default); ``uniform`` (with ``varlen``): packed sequences that all
     have L_max queries and S_max keys (a model's row views: offsets computed, none read;
     ``ws_common.sequence`` / ``varlen_mode``), the key edges masked only where causal or windowed
     (the build takes S_max in whole key blocks); ``score_mod``: flex's score hooks generated from
     ``attend._flex.build._mods``'s score_mod (softcap, captured ALiBi slopes and bias table), with
-    the hardware tanh, as a 16-bit flex call over a band takes them."""
+    the hardware tanh, as a 16-bit flex call over a band takes them; ``pipe``: KernelOptions.fwd_ws_pipeline
+    (None: as the launch decides it, on without a score hook)."""
     from . import ws
     from .ws_common import hook_constexprs
 
     q, kv = _gluon_desc(dtype, ws.ROWS, ws.HEAD_DIM), _gluon_desc(dtype, ws.BLOCK_N, ws.HEAD_DIM)
     constexprs = dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM, STAGES=ws.STAGES, QBUFS=1 if has_bias else 2,
                       HAS_BIAS=has_bias, CAUSAL=causal, WINDOW=window, VARLEN=_varlen(varlen, uniform),
-                      EDGES=causal or window or (varlen and not uniform), TBUF=ws.TBUF, O_TMA=o_tma, Q_ROWS=q_rows)
+                      EDGES=causal or window or (varlen and not uniform), TBUF=ws.TBUF, O_TMA=o_tma, Q_ROWS=q_rows,
+                      PIPE=not score_mod if pipe is None else pipe)
     ints = ("stride_o", "stride_lseh", "n_tiles", "n_m", "sec", "H", "G", "L_max", "S_max", "diag", "win_right",
             "win_left")
     sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=_gluon_desc(dtype, ws.ROWS, ws.BLOCK_N) if has_bias else q,
@@ -275,7 +277,9 @@ WS_FEATURES = {"no_mask": {}, "float_bias": dict(has_bias=True), "causal_bias": 
                "rows_causal": dict(causal=True, varlen=True, uniform=True),  # a model's views, packed
                "rows": dict(varlen=True, uniform=True),  # likewise, no edge masks (whole key blocks)
                "score_mod_causal": dict(causal=True, score_mod=True),  # flex's score hooks over a band
-               "rows_score_mod": dict(varlen=True, uniform=True, score_mod=True)}  # ... on a model's views
+               "rows_score_mod": dict(varlen=True, uniform=True, score_mod=True),  # ... on a model's views
+               "score_mod_causal_pipeline": dict(causal=True, score_mod=True, pipe=True),  # fwd_ws_pipeline=True
+               "causal_one_block_at_a_time": dict(causal=True, pipe=False)}  # fwd_ws_pipeline=False
 # The warp-specialized Gluon dK / dV kernel (ws_bwd.py), sm_90 only: compile_ws_bwd's flags per variant.
 WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True),
                    "varlen_window": dict(causal=True, window=True, varlen=True),

@@ -3,9 +3,9 @@ TMA load (Q, K, V and a float bias's tiles) into shared-memory buffers, and two 
 warpgroups of 64 query rows each run the QK product, the softmax and the PV product on their own.
 The consumers release buffers through mbarriers and never meet at a CTA barrier, so one's softmax
 runs while the other's MMAs do: the overlap the ``tl`` core cannot express (its warpgroups meet at
-a ``bar.sync`` per iteration, and Triton 3.6 waits for an asynchronous QK product at once; a
-one-partition Gluon schedule with the next block's QK in flight gained nothing: docs/kernels.md,
-"Tuning: the Gluon forward").
+a ``bar.sync`` per iteration, and Triton 3.6 waits for an asynchronous QK product at once). Each
+consumer also keeps the next key block's QK product in flight during a block's softmax (``PIPE``,
+KernelOptions.fwd_ws_pipeline; docs/kernels.md, "Tuning: the Gluon forward").
 
 One program per SM takes tiles (128 query rows of one head) from a counter until none is left,
 and its producer loads the next tile's Q and first K / V blocks while the consumers finish the
@@ -176,6 +176,47 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
 
 
 @gluon.jit
+def _block_scores(s, j, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off, window_off, b_smem, b_full, b_empty,
+                  score_ptrs, meta, sm_scale, s_layout: gl.constexpr, CID: gl.constexpr, ROWS: gl.constexpr,
+                  BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCORE: gl.constexpr, SCORE_MOD: gl.constexpr,
+                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, EDGES: gl.constexpr):
+    """Key block j's scores from its raw products ``s`` (ring slot ``slot``, phase ``ph``): natural
+    units with a bias (its tile from the ring) or a score hook, else the raw products; -inf outside
+    the band and past S."""
+    if HAS_BIAS:  # natural units, like the core's float masks
+        mbarrier.wait(b_full.index(2 * slot + CID), ph)
+        bias = b_smem.index(2 * slot + CID).load(s_layout).to(gl.float32)
+        mbarrier.arrive(b_empty.index(2 * slot + CID))
+        s = s * sm_scale + bias
+    elif HAS_SCORE:
+        q_idx = gl.minimum(rows, L - 1)[:, None]
+        kv_idx = gl.minimum(j * BLOCK_N + s_cols, S - 1)[None, :]
+        s_mod, s = gl.broadcast(SCORE_MOD(s * sm_scale, b, h, q_idx, kv_idx, score_ptrs, meta), s)
+        s = s_mod
+    if EDGES:
+        k_start = j * BLOCK_N
+        if (k_start < a) | (k_start >= c):
+            # Only the bounds this consumer's rows cross in this block: both consumers
+            # meet the edge blocks together, so their extra ALU work idles the MMAs.
+            s = _mask_edges(s, k_start, m0 + CID * ROWS, rows, s_cols, S, causal_off, window_off, ROWS, BLOCK_N,
+                            CAUSAL, WINDOW)
+    return s
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, log2_scale, dtype: gl.constexpr, p_layout: gl.constexpr):
+    """One block's online-softmax step over its unscaled scores ``s``: P in ``dtype`` (the PV
+    product's operand), the factor that rescales the rows' accumulators, and the rows' new maximum
+    (log2 domain) and sum."""
+    m_new = gl.maximum(m_i, gl.max(s, 1) * log2_scale)
+    m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing finite yet
+    p = gl.exp2(s * log2_scale - m_sub[:, None])
+    alpha = gl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
+
+
+@gluon.jit
 def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty, v_empty,
               b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec, H, G, L_max,
               S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, score_ptrs, score_meta, sm_scale,
@@ -183,9 +224,14 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
               D: gl.constexpr, STAGES: gl.constexpr, QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr, Q_ROWS: gl.constexpr,
               EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr, HAS_SCORE: gl.constexpr,
-              SCORE_MOD: gl.constexpr, LOAD_SCORE_META: gl.constexpr):
+              SCORE_MOD: gl.constexpr, LOAD_SCORE_META: gl.constexpr, PIPE: gl.constexpr):
     """Online softmax of rows [CID * ROWS, (CID + 1) * ROWS) of each tile the producer publishes over
-    its key blocks; writes their output and LSE. Scores in the log2 domain. Blocks outside [a, c)
+    its key blocks; writes their output and LSE. A block's scores stay unscaled (the raw products;
+    natural units with a bias or a score hook) and its row maxima are scaled to the log2 domain
+    (the scale is positive), so that the scale and the maximum's subtraction are one FMA per score
+    in the exponent, as in the core's forward.
+    PIPE: the next block's QK product is issued before this block's PV product, and runs during
+    this block's softmax. Blocks outside [a, c)
     (a band's edges, a sequence's ragged end; EDGES says whether any can exist) are masked. A row
     with no visible key, or whose every score is -inf, gets output 0 and LSE -inf, as in the core.
     HAS_SCORE: SCORE_MOD (flex over a band, ``_flex/codegen.py``'s hook): the score in natural units (the raw
@@ -204,6 +250,10 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
         meta = LOAD_SCORE_META(score_meta)
     else:
         meta = 0
+    if HAS_BIAS | HAS_SCORE:
+        log2_scale = RCP_LN2  # the scores in natural units
+    else:
+        log2_scale = qk_scale  # the raw products
     n_bh = n_tiles // n_m
     tcount = 0
     kv = 0
@@ -221,45 +271,67 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
             l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
             acc = gl.zeros([ROWS, D], gl.float32, o_layout)
             mbarrier.wait(q_full.index(2 * qb + CID), (tcount // QBUFS) & 1)
-            for j in range(lo // BLOCK_N, gl.cdiv(hi, BLOCK_N)):
-                slot = kv % STAGES
-                ph = (kv // STAGES) & 1
-                mbarrier.wait(k_full.index(slot), ph)
-                s = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                mbarrier.arrive(k_empty.index(slot))
-                if HAS_BIAS:  # natural units, like the core's float masks
-                    mbarrier.wait(b_full.index(2 * slot + CID), ph)
-                    bias = b_smem.index(2 * slot + CID).load(s_layout).to(gl.float32)
-                    mbarrier.arrive(b_empty.index(2 * slot + CID))
-                    s = s * qk_scale + bias * RCP_LN2
-                elif HAS_SCORE:
-                    q_idx = gl.minimum(rows, L - 1)[:, None]
-                    kv_idx = gl.minimum(j * BLOCK_N + s_cols, S - 1)[None, :]
-                    s_mod, s = gl.broadcast(SCORE_MOD(s * sm_scale, b, h, q_idx, kv_idx, score_ptrs, meta), s)
-                    s = s_mod * RCP_LN2
-                else:
-                    s = s * qk_scale
-                if EDGES:
-                    k_start = j * BLOCK_N
-                    if (k_start < a) | (k_start >= c):
-                        # Only the bounds this consumer's rows cross in this block: both consumers
-                        # meet the edge blocks together, so their extra ALU work idles the MMAs.
-                        s = _mask_edges(s, k_start, m0 + CID * ROWS, rows, s_cols, S, causal_off, window_off,
-                                        ROWS, BLOCK_N, CAUSAL, WINDOW)
-                m_new = gl.maximum(m_i, gl.max(s, 1))
-                m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing finite yet
-                p = gl.exp2(s - m_sub[:, None])
-                alpha = gl.exp2(m_i - m_sub)
-                l_i = l_i * alpha + gl.sum(p, 1)
-                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                p16 = gl.convert_layout(p.to(q_desc.dtype), p_layout)
-                mbarrier.wait(v_full.index(slot), ph)
-                acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(v_empty.index(slot))
-                m_i = m_new
-                kv += 1
+            j0 = lo // BLOCK_N
+            j1 = gl.cdiv(hi, BLOCK_N)
+            if PIPE:
+                if j0 < j1:
+                    slot = kv % STAGES
+                    mbarrier.wait(k_full.index(slot), (kv // STAGES) & 1)
+                    s = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False,
+                                      is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                    mbarrier.arrive(k_empty.index(slot))
+                    s = _block_scores(s, j0, slot, (kv // STAGES) & 1, rows, s_cols, m0, L, S, a, c, b, h,
+                                      causal_off, window_off, b_smem, b_full, b_empty, score_ptrs, meta, sm_scale,
+                                      s_layout, CID, ROWS, BLOCK_N, HAS_BIAS, HAS_SCORE, SCORE_MOD, CAUSAL, WINDOW,
+                                      EDGES)
+                    p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, log2_scale, q_desc.dtype, p_layout)
+                    for j in range(j0, j1 - 1):
+                        slot = kv % STAGES
+                        nslot = (kv + 1) % STAGES
+                        nph = ((kv + 1) // STAGES) & 1
+                        mbarrier.wait(k_full.index(nslot), nph)
+                        s = warpgroup_mma(q_tile, k_smem.index(nslot).permute((1, 0)), zero_s, use_acc=False,
+                                          is_async=True)
+                        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                        mbarrier.wait(v_full.index(slot), (kv // STAGES) & 1)
+                        acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+                        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # the QK product, issued first
+                        mbarrier.arrive(k_empty.index(nslot))
+                        s = _block_scores(s, j + 1, nslot, nph, rows, s_cols, m0, L, S, a, c, b, h, causal_off,
+                                          window_off, b_smem, b_full, b_empty, score_ptrs, meta, sm_scale, s_layout,
+                                          CID, ROWS, BLOCK_N, HAS_BIAS, HAS_SCORE, SCORE_MOD, CAUSAL, WINDOW, EDGES)
+                        p16_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, log2_scale, q_desc.dtype, p_layout)
+                        acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+                        mbarrier.arrive(v_empty.index(slot))
+                        p16 = p16_next
+                        kv += 1
+                    slot = kv % STAGES
+                    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                    mbarrier.wait(v_full.index(slot), (kv // STAGES) & 1)
+                    acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+                    acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+                    mbarrier.arrive(v_empty.index(slot))
+                    kv += 1
+            else:
+                for j in range(j0, j1):
+                    slot = kv % STAGES
+                    ph = (kv // STAGES) & 1
+                    mbarrier.wait(k_full.index(slot), ph)
+                    s = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False,
+                                      is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                    mbarrier.arrive(k_empty.index(slot))
+                    s = _block_scores(s, j, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off, window_off,
+                                      b_smem, b_full, b_empty, score_ptrs, meta, sm_scale, s_layout, CID, ROWS,
+                                      BLOCK_N, HAS_BIAS, HAS_SCORE, SCORE_MOD, CAUSAL, WINDOW, EDGES)
+                    p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, log2_scale, q_desc.dtype, p_layout)
+                    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                    mbarrier.wait(v_full.index(slot), ph)
+                    acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    mbarrier.arrive(v_empty.index(slot))
+                    kv += 1
             if QBUFS == 1:
                 mbarrier.arrive(q_empty.index(qb))  # the producer may load the next tile's Q here
             empty = l_i == 0.0
@@ -301,7 +373,7 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
                 QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                 VARLEN: gl.constexpr, EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr,
                 Q_ROWS: gl.constexpr, HAS_SCORE: gl.constexpr = False, SCORE_MOD: gl.constexpr = False,
-                LOAD_SCORE_META: gl.constexpr = False):
+                LOAD_SCORE_META: gl.constexpr = False, PIPE: gl.constexpr = False):
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of
     the n_tiles = n_m * B * H (``_tile``) from the int32 at ``counter_ptr`` (0 at launch) until none
     is left. Dense: 2-D row views Q / O / the bias (b * H + h) * L + i,
@@ -312,7 +384,8 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
     stride stride_o. HAS_SCORE, SCORE_MOD / LOAD_SCORE_META (no bias): a flex score_mod's generated hooks over
     the band, reading the captures at ``score_ptrs`` (a tuple) and its meta at ``score_meta``;
     ``sm_scale`` the natural-units scale (``qk_scale`` without the log2 factor); without one,
-    ``ws_common.hook_constexprs`` / ``hook_args``' placeholders, never read."""
+    ``ws_common.hook_constexprs`` / ``hook_args``' placeholders, never read. PIPE: each consumer's
+    next QK product overlaps its softmax (``_consumer``)."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * QBUFS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
@@ -346,12 +419,12 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, score_ptrs,
                      score_meta, sm_scale, 0, ROWS, BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN,
-                     Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD, LOAD_SCORE_META)),
+                     Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD, LOAD_SCORE_META, PIPE)),
         (_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, score_ptrs,
                      score_meta, sm_scale, 1, ROWS, BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN,
-                     Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD, LOAD_SCORE_META)),
+                     Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD, LOAD_SCORE_META, PIPE)),
         (_producer, (q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full,
                      b_full, k_empty, v_empty, b_empty, tid_smem, tid_full, tid_empty, counter_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS, BLOCK_N, D, STAGES,
@@ -399,14 +472,15 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
 
 
 def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args: dict, band_flags: dict,
-            packed, n_seq: int, L_max: int, S_max: int, o_tma: bool = True, score=None) -> None:
+            packed, n_seq: int, L_max: int, S_max: int, o_tma: bool = True, score=None, pipe: bool = False) -> None:
     """Out and LSE (fp32, natural log) of softmax(q k^T * scale + bias) v over the band for
     ``eligible`` inputs, ``scale`` > 0: dense q / out (B, H, L, D), lse (B, H, L); packed, the (1, H,
     T, D) views and lse (H, T) (``lse_strides`` (0, T)), ``n_seq`` sequences of at most L_max query
     and S_max keys. One persistent program per SM (fewer when there are fewer tiles). ``band_args``:
     diag, win_right, win_left (launch.band_args). ``o_tma``: whole 64-row output blocks leave by one
     TMA store through the Q buffer (KernelOptions.o_tma; False: gl.store). ``score`` (no bias): a flex
-    score_mod's (generated functions, ``codegen.CaptureArgs``), applied to every score of the band."""
+    score_mod's (generated functions, ``codegen.CaptureArgs``), applied to every score of the band.
+    ``pipe``: KernelOptions.fwd_ws_pipeline."""
     H, D = q.shape[1], q.shape[3]
     varlen = packed is not None
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
@@ -428,4 +502,4 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
                  HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen_mode(packed),
                  EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
-                 Q_ROWS=q_rows, **hook_constexprs(score and score[0], derivative=False)), 4, 3)
+                 Q_ROWS=q_rows, PIPE=pipe, **hook_constexprs(score and score[0], derivative=False)), 4, 3)
