@@ -25,16 +25,27 @@ def no_plans():
     plan._PLANS.clear()
 
 
-def _reference(q, k, v, score_mod, dtype):
-    """The definition in ``dtype``: every key kept, the score_mod on the scaled scores."""
+def _tf32(t):
+    """fp32 ``t`` cut to TF32's 10-bit mantissa, as a tensor-core product reads an fp32 operand
+    that Triton hands it unconverted (the low 13 bits ignored)."""
+    return (t.contiguous().view(torch.int32) & -0x2000).view(torch.float32)
+
+
+def _reference(q, k, v, score_mod, dtype, tf32=False):
+    """The definition in ``dtype``: every key kept, the score_mod on the scaled scores. ``tf32``:
+    both products' operands cut to TF32 first, as the kernel's dots take fp32 under
+    ``allow_tf32`` (cuBLAS would not: a decode call's one query row is a GEMV, in IEEE fp32)."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
+    if tf32:
+        q, k, v = _tf32(q), _tf32(k), _tf32(v)
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     s = q @ k.transpose(-1, -2) / E ** 0.5
     b, h, i, j = torch.meshgrid(*(torch.arange(n, device=q.device) for n in s.shape), indexing="ij")
     s = score_mod(s, b, h, i, j)
     lse = torch.logsumexp(s, -1)
-    return torch.softmax(s, -1) @ v, lse
+    p = torch.softmax(s, -1)
+    return (_tf32(p) if tf32 else p) @ v, lse
 
 
 def _softcap(cap):
@@ -50,9 +61,9 @@ def _alibi(slopes):
     return alibi
 
 
-def _check(out, lse, q, k, v, mod, what):
+def _check(out, lse, q, k, v, mod, what, tf32=False):
     o64, l64 = _reference(q, k, v, mod, torch.float64)
-    o32, l32 = _reference(q, k, v, mod, torch.float32)
+    o32, l32 = _reference(q, k, v, mod, torch.float32, tf32)
     assert_scaled_close(out, o64, o32, what=f"{what} out")
     assert_scaled_close(lse, l64, l32, what=f"{what} lse")
 
@@ -143,9 +154,7 @@ def test_another_class_gets_its_own_plan(monkeypatch):
             for i in range(2):
                 out, aux = call()
                 inputs = half if name == "fp16" else (q * 0.3 * E ** 0.5, k, v) if name == "scale" else (q, k, v)
-                torch.backends.cuda.matmul.allow_tf32 = name == "tf32"  # the fp32 yardstick's dots as the kernel's
-                _check(out, aux.lse, *inputs, mod, f"{name} call {i}")
-                torch.backends.cuda.matmul.allow_tf32 = False
+                _check(out, aux.lse, *inputs, mod, f"{name} call {i}", tf32=name == "tf32" and out.is_cuda)
                 if name == "max_scores":
                     assert_scaled_close(aux.max_scores, row_max(q.double(), k.double()), row_max(q, k),
                                         what=f"max_scores call {i}")
