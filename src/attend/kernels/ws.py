@@ -181,8 +181,8 @@ def _block_scores(s, j, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off
                   BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCORE: gl.constexpr, SCORE_MOD: gl.constexpr,
                   CAUSAL: gl.constexpr, WINDOW: gl.constexpr, EDGES: gl.constexpr):
     """Key block j's scores from its raw products ``s`` (ring slot ``slot``, phase ``ph``): natural
-    units with a bias (its tile from the ring) or a score hook, else the raw products; -inf outside
-    the band and past S."""
+    units with a bias (its tile from the ring), log2 units through a score hook, else the raw
+    products; -inf outside the band and past S."""
     if HAS_BIAS:  # natural units, like the core's float masks
         mbarrier.wait(b_full.index(2 * slot + CID), ph)
         bias = b_smem.index(2 * slot + CID).load(s_layout).to(gl.float32)
@@ -192,7 +192,7 @@ def _block_scores(s, j, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off
         q_idx = gl.minimum(rows, L - 1)[:, None]
         kv_idx = gl.minimum(j * BLOCK_N + s_cols, S - 1)[None, :]
         s_mod, s = gl.broadcast(SCORE_MOD(s * sm_scale, b, h, q_idx, kv_idx, score_ptrs, meta), s)
-        s = s_mod
+        s = s_mod * RCP_LN2  # log2 units, as before the one-FMA exponent (not yet timed with hooks)
     if EDGES:
         k_start = j * BLOCK_N
         if (k_start < a) | (k_start >= c):
@@ -227,9 +227,9 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
               SCORE_MOD: gl.constexpr, LOAD_SCORE_META: gl.constexpr, PIPE: gl.constexpr):
     """Online softmax of rows [CID * ROWS, (CID + 1) * ROWS) of each tile the producer publishes over
     its key blocks; writes their output and LSE. A block's scores stay unscaled (the raw products;
-    natural units with a bias or a score hook) and its row maxima are scaled to the log2 domain
-    (the scale is positive), so that the scale and the maximum's subtraction are one FMA per score
-    in the exponent, as in the core's forward.
+    natural units with a bias) and its row maxima are scaled to the log2 domain (the scale is
+    positive), so that the scale and the maximum's subtraction are one FMA per score in the
+    exponent, as in the core's forward; a score hook's output is scaled first, as before.
     PIPE: the next block's QK product is issued before this block's PV product, and runs during
     this block's softmax. Blocks outside [a, c)
     (a band's edges, a sequence's ragged end; EDGES says whether any can exist) are masked. A row
@@ -250,8 +250,10 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
         meta = LOAD_SCORE_META(score_meta)
     else:
         meta = 0
-    if HAS_BIAS | HAS_SCORE:
+    if HAS_BIAS:
         log2_scale = RCP_LN2  # the scores in natural units
+    elif HAS_SCORE:
+        log2_scale = 1.0  # _block_scores scaled the hook's output already
     else:
         log2_scale = qk_scale  # the raw products
     n_bh = n_tiles // n_m
