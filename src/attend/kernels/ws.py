@@ -205,9 +205,9 @@ def _block_scores(s, j, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off
 
 @gluon.jit
 def _softmax(s, m_i, l_i, log2_scale, dtype: gl.constexpr, p_layout: gl.constexpr):
-    """One block's online-softmax step over its unscaled scores ``s``: P in ``dtype`` (the PV
-    product's operand), the factor that rescales the rows' accumulators, and the rows' new maximum
-    (log2 domain) and sum."""
+    """One block's online-softmax step over scores ``s`` that ``log2_scale`` takes to the log2
+    domain: P in ``dtype`` (the PV product's operand), the factor that rescales the rows'
+    accumulators, and the rows' new maximum (log2 domain) and sum."""
     m_new = gl.maximum(m_i, gl.max(s, 1) * log2_scale)
     m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing finite yet
     p = gl.exp2(s * log2_scale - m_sub[:, None])
@@ -230,8 +230,8 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
     natural units with a bias) and its row maxima are scaled to the log2 domain (the scale is
     positive), so that the scale and the maximum's subtraction are one FMA per score in the
     exponent, as in the core's forward; a score hook's output is scaled first, as before.
-    PIPE: the next block's QK product is issued before this block's PV product, and runs during
-    this block's softmax. Blocks outside [a, c)
+    PIPE: block j+1's QK product is issued before block j's PV product, and block j+1's softmax
+    runs while that PV product does. Blocks outside [a, c)
     (a band's edges, a sequence's ragged end; EDGES says whether any can exist) are masked. A row
     with no visible key, or whose every score is -inf, gets output 0 and LSE -inf, as in the core.
     HAS_SCORE: SCORE_MOD (flex over a band, ``_flex/codegen.py``'s hook): the score in natural units (the raw
