@@ -1,7 +1,7 @@
 """Compare the working tree with another revision on one card: each tree is timed in its own
 processes, the two alternating for ``--rounds`` rounds, so that neither a process's warm-up nor
-the order decides the result (on the H100 a case timed first in a process has read 25% slower
-than the same case later). The base revision's ``src`` comes from ``git archive`` into a
+the order decides the result (in a one-round A/B on an H100 the S=1024 cells, each process's
+first case, disagreed by 25% between two processes). The base revision's ``src`` comes from ``git archive`` into a
 temporary directory. ``--options`` adds a third column: the working tree under a KernelOptions
 variant (``fwd_ws_pipeline=False``), in the working tree's processes.
 
