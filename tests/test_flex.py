@@ -1526,10 +1526,11 @@ def test_head_major_backward_order_gives_the_same_gradients(monkeypatch):
 
     monkeypatch.setattr(launch, "flex_bwd_tiles", spy)
     torch.manual_seed(12)
-    q = torch.randn(B, HQ, L, E, device=DEVICE, requires_grad=True)
-    k, v = (torch.randn(B, HKV, S, E, device=DEVICE, requires_grad=True) for _ in range(2))
-    bm = _block_mask("document")
-    g = torch.randn(B, HQ, L, E, device=DEVICE)
+    n_q, n_kv = 96, 112  # three by four blocks of BLOCK, as the whole matrix's lists: partial and empty ones
+    q = torch.randn(B, HQ, n_q, E, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, HKV, n_kv, E, device=DEVICE, requires_grad=True) for _ in range(2))
+    bm = flex.create_block_mask(MASKS["document"], B, None, n_q, n_kv, device=DEVICE, BLOCK_SIZE=BLOCK)
+    g = torch.randn(B, HQ, n_q, E, device=DEVICE)
     grads, orders = [], []
     before = dispatch.PATHS["fused_backward"]
     for opts in (dict(head_major=False), {}):  # key-block major, then the lists' default
