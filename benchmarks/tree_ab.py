@@ -5,7 +5,8 @@ first case, disagreed by 25% between two processes). The base revision's ``src``
 temporary directory. ``--options`` adds a third column: the working tree under a KernelOptions
 variant (``fwd_ws_pipeline=False``), in the working tree's processes.
 
-Each case's forward and backward in ms (median of ``--reps`` calls, then the median over rounds),
+Each case's forward and backward in ms (the benchmark suite's do_bench median on CUDA, the median
+of ``--reps`` calls on the CPU; then the median over rounds),
 attend's public API as a user calls it (FLASH; EFFICIENT with the float bias; ``flex_attention``
 over a causal BlockMask for the flex cases), bf16, D=128. ``--tiny``: small fp32 shapes on the
 CPU, to try the script itself.
@@ -69,29 +70,15 @@ def _case(name: str, tiny: bool, device: str):
 
 
 def _ms(fn, reps: int, device: str) -> float:
-    import time
+    """The suite's timing (``attend.bench.time_ms``: do_bench's median) on CUDA; on the CPU the
+    median of ``reps`` calls (``bench_cpu``'s)."""
+    if device == "cuda":
+        from attend.bench import time_ms
 
-    import torch
+        return time_ms(fn)
+    from attend.bench_cpu import _median_ms
 
-    for _ in range(3):
-        fn()
-    if device != "cuda":
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return _median_ms(fn, reps, warmup=3)
 
 
 def child(cases: list[str], options: dict, reps: int, tiny: bool, device: str) -> dict:
@@ -177,12 +164,13 @@ def main() -> None:
     med = {n: {c: {d: statistics.median(v) for d, v in r.items()} for c, r in res.items()}
            for n, res in results.items()}
     names = [n for n, _, _ in variants]
-    print(f"base {args.base} against the working tree; ms, median of {args.rounds} rounds x {args.reps} calls")
+    print(f"base {args.base} against the working tree; ms, median of {args.rounds} rounds")
     print("| case | " + " | ".join(f"{n} fwd / bwd" for n in names) + " | base / tree |")
     print("|---|" + "---|" * (len(names) + 1))
     for c in cases:
         cells = [f"{med[n][c]['fwd']:.3f} / {med[n][c]['bwd']:.3f}" for n in names]
-        ratio = f"{med['base'][c]['fwd'] / med['tree'][c]['fwd']:.2f}x / {med['base'][c]['bwd'] / med['tree'][c]['bwd']:.2f}x"
+        base, tree = med["base"][c], med["tree"][c]
+        ratio = f"{base['fwd'] / tree['fwd']:.2f}x / {base['bwd'] / tree['bwd']:.2f}x"
         print(f"| {c} | " + " | ".join(cells) + f" | {ratio} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -210,7 +210,7 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     (the build takes S_max in whole key blocks); ``score_mod``: flex's score hooks generated from
     ``attend._flex.build._mods``'s score_mod (softcap, captured ALiBi slopes and bias table), with
     the hardware tanh, as a 16-bit flex call over a band takes them; ``pipe``: KernelOptions.fwd_ws_pipeline
-    (None: as the launch decides it, on without a score hook)."""
+    (None: as a launch decides it, ``ws.pipelined``)."""
     from . import ws
     from .ws_common import hook_constexprs
 
@@ -218,7 +218,7 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     constexprs = dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM, STAGES=ws.STAGES, QBUFS=1 if has_bias else 2,
                       HAS_BIAS=has_bias, CAUSAL=causal, WINDOW=window, VARLEN=_varlen(varlen, uniform),
                       EDGES=causal or window or (varlen and not uniform), TBUF=ws.TBUF, O_TMA=o_tma, Q_ROWS=q_rows,
-                      PIPE=not score_mod if pipe is None else pipe)
+                      PIPE=ws.pipelined(pipe, score_mod))
     ints = ("stride_o", "stride_lseh", "n_tiles", "n_m", "sec", "H", "G", "L_max", "S_max", "diag", "win_right",
             "win_left")
     sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=_gluon_desc(dtype, ws.ROWS, ws.BLOCK_N) if has_bias else q,

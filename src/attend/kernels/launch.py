@@ -412,7 +412,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         _ensure_allocator()
         if versions.run_experimental(name, ws.forward, q, k, v, None if mask is None else m4, out, lse,
                                      lse_strides, scale, bargs, band_flags, packed, B, L, S, opts.o_tma, score,
-                                     score is None if opts.fwd_ws_pipeline is None else opts.fwd_ws_pipeline):
+                                     opts.fwd_ws_pipeline):
             return True
     if score is not None and (packed is None or packed.uniform):  # dense, or a model's row views
         return False

@@ -439,6 +439,12 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
 _LAUNCH = Launcher(attn_fwd_ws, nested=("score_ptrs", "score_meta"))
 
 
+def pipelined(option: bool | None, score) -> bool:
+    """Whether the forward runs PIPE: KernelOptions.fwd_ws_pipeline, whose None means on without a
+    score hook (its longer build would delay a new flex mod's first call) and off with one."""
+    return not score if option is None else option
+
+
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, mstr: tuple, mbool: bool,
              dropout_p: float, packed, L_max: int, q_rows: bool = False) -> bool:
     """Whether ``forward`` serves a call on an sm_90 device (the caller checks the device): D = 128,
@@ -474,7 +480,8 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
 
 
 def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args: dict, band_flags: dict,
-            packed, n_seq: int, L_max: int, S_max: int, o_tma: bool = True, score=None, pipe: bool = False) -> None:
+            packed, n_seq: int, L_max: int, S_max: int, o_tma: bool = True, score=None,
+            pipe: bool | None = None) -> None:
     """Out and LSE (fp32, natural log) of softmax(q k^T * scale + bias) v over the band for
     ``eligible`` inputs, ``scale`` > 0: dense q / out (B, H, L, D), lse (B, H, L); packed, the (1, H,
     T, D) views and lse (H, T) (``lse_strides`` (0, T)), ``n_seq`` sequences of at most L_max query
@@ -482,7 +489,7 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     diag, win_right, win_left (launch.band_args). ``o_tma``: whole 64-row output blocks leave by one
     TMA store through the Q buffer (KernelOptions.o_tma; False: gl.store). ``score`` (no bias): a flex
     score_mod's (generated functions, ``codegen.CaptureArgs``), applied to every score of the band.
-    ``pipe``: KernelOptions.fwd_ws_pipeline."""
+    ``pipe``: KernelOptions.fwd_ws_pipeline (``pipelined``)."""
     H, D = q.shape[1], q.shape[3]
     varlen = packed is not None
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
@@ -504,4 +511,5 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
                  HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen_mode(packed),
                  EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
-                 Q_ROWS=q_rows, PIPE=pipe, **hook_constexprs(score and score[0], derivative=False)), 4, 3)
+                 Q_ROWS=q_rows, PIPE=pipelined(pipe, score),
+                 **hook_constexprs(score and score[0], derivative=False)), 4, 3)
