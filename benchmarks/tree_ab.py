@@ -2,8 +2,10 @@
 processes, the two alternating for ``--rounds`` rounds, so that neither a process's warm-up nor
 the order decides the result (in a one-round A/B on an H100 the S=1024 cells, each process's
 first case, disagreed by 25% between two processes). The base revision's ``src`` comes from ``git archive`` into a
-temporary directory. ``--options`` adds a third column: the working tree under a KernelOptions
-variant (``fwd_ws_pipeline=False``), in the working tree's processes.
+temporary directory. ``--options`` adds a column: the working tree under a KernelOptions
+variant (``fwd_ws_pipeline=False``), in processes of its own; ``--env`` another, the working tree with
+an environment variable set (``TRITON_PTXAS_PATH=...``: the ptxas that compiled FlexAttention
+points Triton at, ``attend._child``).
 
 Each case's forward and backward in ms (the benchmark suite's do_bench median on CUDA, the median
 of ``--reps`` calls on the CPU; then the median over rounds),
@@ -12,7 +14,7 @@ over a causal BlockMask for the flex cases), bf16, D=128. ``--tiny``: small fp32
 CPU, to try the script itself.
 
     PYTHONPATH=src python benchmarks/tree_ab.py --base HEAD~1 [--cases causal-16k,flex-softcap] [--rounds 3]
-        [--options fwd_ws_pipeline=False] [--json out.json]
+        [--options fwd_ws_pipeline=False] [--env TRITON_PTXAS_PATH=/path/to/ptxas] [--json out.json]
 """
 
 from __future__ import annotations
@@ -116,7 +118,11 @@ def _options(text: str) -> dict:
 
 
 def _export(rev: str, into: str) -> str:
-    """``rev``'s ``src`` under ``into``; returns the directory to put on PYTHONPATH."""
+    """``rev``'s ``src`` under ``into``; returns the directory to put on PYTHONPATH. A ``rev`` that
+    is a directory holding an ``attend`` package (a tree exported earlier, for a copy of the
+    checkout without its git history) is that directory itself."""
+    if os.path.isdir(os.path.join(rev, "attend")):
+        return os.path.abspath(rev)
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
                           check=True).stdout.strip()
     archive = subprocess.run(["git", "-C", root, "archive", rev, "src"], capture_output=True, check=True).stdout
@@ -126,11 +132,12 @@ def _export(rev: str, into: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default="HEAD~1", help="the revision to compare with (git rev)")
+    ap.add_argument("--base", default="HEAD~1", help="the revision to compare with (git rev), or a directory holding its attend package")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--options", default="", help="a KernelOptions variant of the working tree: k=v,...")
+    ap.add_argument("--env", default="", help="the working tree with an environment variable set: NAME=VALUE")
     ap.add_argument("--tiny", action="store_true", help="small fp32 shapes on the CPU (tries the script)")
     ap.add_argument("--json")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: a timing process's options, as JSON
@@ -144,15 +151,19 @@ def main() -> None:
         print(json.dumps(child(cases, json.loads(args.child), args.reps, args.tiny, device)))
         return
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-    variants = [("base", None, {}), ("tree", here, {})]
+    if args.env and "=" not in args.env:
+        ap.error(f"--env: expected NAME=VALUE, got {args.env!r}")
+    variants = [("base", None, {}, {}), ("tree", here, {}, {})]
     if args.options:
-        variants.append((args.options, here, _options(args.options)))
-    results = {name: {c: {"fwd": [], "bwd": []} for c in cases} for name, _, _ in variants}
+        variants.append((args.options, here, _options(args.options), {}))
+    if args.env:
+        variants.append((args.env, here, {}, dict([args.env.split("=", 1)])))
+    results = {name: {c: {"fwd": [], "bwd": []} for c in cases} for name, *_ in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        variants[0] = ("base", _export(args.base, tmp), {})
+        variants[0] = ("base", _export(args.base, tmp), {}, {})
         for r in range(args.rounds):
-            for name, src, opts in variants:
-                env = dict(os.environ, PYTHONPATH=src)
+            for name, src, opts, extra in variants:
+                env = dict(os.environ, PYTHONPATH=src, **extra)
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(opts), "--cases",
                        ",".join(cases), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else [])
                 res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -163,7 +174,7 @@ def main() -> None:
                         results[name][c][d].append(t[d])
     med = {n: {c: {d: statistics.median(v) for d, v in r.items()} for c, r in res.items()}
            for n, res in results.items()}
-    names = [n for n, _, _ in variants]
+    names = [n for n, *_ in variants]
     print(f"base {args.base} against the working tree; ms, median of {args.rounds} rounds")
     print("| case | " + " | ".join(f"{n} fwd / bwd" for n in names) + " | base / tree |")
     print("|---|" + "---|" * (len(names) + 1))
