@@ -77,3 +77,39 @@ def test_bench_warmup_option():
     assert build_parser().parse_args(["bench", "--warmup", "4", "--reps", "5"]).warmup == 4
     with pytest.raises(SystemExit, match="--warmup >= 0; got --reps 5 --warmup -1"):
         main(["bench", "--warmup", "-1", "--reps", "5"])
+
+
+def test_attend_rows_build_with_the_toolchain_the_bench_started_with(monkeypatch):
+    """Inductor's first compile points TRITON_PTXAS_PATH at torch's own ptxas where it is unset; a
+    benchmark's attend rows, and its fresh-process children, still get the toolchain that was in force
+    when it started, and a peer's row, and what follows the attend row, keep what the peer set."""
+    import os
+
+    from attend import _child
+
+    monkeypatch.setattr(_child, "_AT_START", {"TRITON_PTXAS_PATH": None, "TRITON_LIBDEVICE_PATH": "/start/libdevice"})
+    monkeypatch.setenv("TRITON_PTXAS_PATH", "/torch/bin/ptxas")  # what compiled flex set in the bench's process
+    monkeypatch.delenv("TRITON_LIBDEVICE_PATH", raising=False)
+    with _child.row_toolchain("attend-own"):
+        assert "TRITON_PTXAS_PATH" not in os.environ
+        assert os.environ["TRITON_LIBDEVICE_PATH"] == "/start/libdevice"
+    assert os.environ["TRITON_PTXAS_PATH"] == "/torch/bin/ptxas" and "TRITON_LIBDEVICE_PATH" not in os.environ
+    with _child.row_toolchain("flex-compiled"):
+        assert os.environ["TRITON_PTXAS_PATH"] == "/torch/bin/ptxas"
+    env = _child.started_child_env(EXTRA="1")
+    assert "TRITON_PTXAS_PATH" not in env and env["TRITON_LIBDEVICE_PATH"] == "/start/libdevice"
+    assert env["EXTRA"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0].endswith("src")
+    assert os.environ["TRITON_PTXAS_PATH"] == "/torch/bin/ptxas"  # the parent's own environment is untouched
+    import torch
+
+    from attend import bench_models
+
+    seen = {}
+
+    def run(cmd, **kw):
+        seen.update(kw["env"])
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"first_ms": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(bench_models.subprocess, "run", run)
+    assert bench_models.fresh_first_step("llama", "attend-own", "tiny", "cpu", torch.float32) == dict(first_fresh_ms=1.0)
+    assert "TRITON_PTXAS_PATH" not in seen and seen["TRITON_LIBDEVICE_PATH"] == "/start/libdevice"

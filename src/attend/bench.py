@@ -21,6 +21,8 @@ import torch
 
 import attend
 
+from ._child import row_toolchain
+
 PEERS = ("attend", "torch-flash", "torch-efficient", "torch-cudnn", "flex-compiled")
 # attend's own backends and flash implementations, for the every-backend table (--impls backends)
 BACKEND_IMPLS = ("attend", "attend-efficient", "attend-cudnn", "attend-fa2", "attend-fa4")
@@ -145,7 +147,7 @@ def measure(impl: str, row: Row, dtype: torch.dtype, backward: bool) -> dict:
                for h, n in ((row.H, row.L), (hkv, row.S), (hkv, row.S)))
     res = {}
     try:
-        with _impl_active(impl):
+        with _impl_active(impl), row_toolchain(impl):
             _measure_into(res, fn, impl, row, q, k, v, dtype, backward)
     except Exception as e:  # a peer that refuses a shape is reported, not fatal
         res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"

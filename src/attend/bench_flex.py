@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from ._child import row_toolchain
+
 PRESETS = {
     "full": dict(B=2, H=16, S=8192, D=128, window=1024, docs=8, prefix=1024, reps=20, mask_lengths=(32768, 131072)),
     "tiny": dict(B=1, H=2, S=64, D=16, window=16, docs=4, prefix=16, reps=1, mask_lengths=(256,)),
@@ -157,7 +159,8 @@ def _compiles(impl: str) -> int:
 
 def _row(case: str, impl: str, fn) -> dict:
     try:
-        return dict(case=case, impl=impl, **fn())
+        with row_toolchain(impl):
+            return dict(case=case, impl=impl, **fn())
     except Exception as e:  # a failing peer is a result too (out of memory, a compile error)
         return dict(case=case, impl=impl, error=f"{type(e).__name__}: {str(e)[:500]}")
 

@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from ._child import child_env
+from ._child import row_toolchain, started_child_env
 
 PRESETS = {
     "full": dict(hidden=2048, layers=4, heads=16, kv_heads=4, batch=2, seq=8192, vocab=32000, intermediate=5632,
@@ -108,7 +108,7 @@ def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> 
     name, ctx = _impl_context(impl)
     model.set_attn_implementation(name)
     g = torch.Generator(device="cpu").manual_seed(0)
-    with ctx:
+    with ctx, row_toolchain(impl):
         if phase == "train":
             ids = torch.randint(2, p["vocab"], (p["batch"], p["seq"]), generator=g).to(device)
             model.train()
@@ -135,7 +135,8 @@ def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> 
 def fresh_first_step(model: str, impl: str, preset: str | dict, device: str, dtype: torch.dtype,
                      timeout: float = 600.0) -> dict:
     """``impl``'s first training step of ``model`` in a new Python process (``_fresh_child``) that
-    imports this attend, at ``preset`` (a ``PRESETS`` name, or the sizes themselves):
+    imports this attend, with the Triton toolchain the bench started with (``started_child_env``:
+    not the ptxas that compiled FlexAttention set since), at ``preset`` (a ``PRESETS`` name, or the sizes themselves):
     ``{"first_fresh_ms": ms}``, or ``{"first_fresh_error": why}``. The child first runs a matmul
     forward and backward on ``device``, so what the figure holds is the implementation's own
     first-call cost (its compiles, kernel loads and dispatch decisions), the same for every row
@@ -146,7 +147,7 @@ def fresh_first_step(model: str, impl: str, preset: str | dict, device: str, dty
             f"{str(dtype).removeprefix('torch.')!r})")
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                           env=child_env())
+                           env=started_child_env())
     except subprocess.TimeoutExpired:
         return dict(first_fresh_error=f"no first step within {timeout:.0f} s")
     last = r.stdout.strip().splitlines()[-1:] or [""]
