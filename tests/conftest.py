@@ -28,6 +28,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYT
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_runtest_logreport(report):
+    """With ATTEND_TEST_REPORT_NOW set (benchmarks/gpu_tests.sh), each failure is printed as it
+    happens: a shard that its time limit kills never reaches pytest's summary, and its failures
+    would otherwise go unnamed."""
+    if report.failed and os.environ.get("ATTEND_TEST_REPORT_NOW"):
+        print(f"\nFAILED NOW {report.nodeid} ({report.when})\n{report.longreprtext[-3000:]}", flush=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dispatch_caches():
     """Each test starts with the dispatcher's decision and prepared-call tables empty, so a test
