@@ -13,7 +13,7 @@ from typing import Iterator
 # its eager-numerics options. Every Triton build after that in the process, attend's included, runs
 # that ptxas (Triton reads the variable per build, but keys its disk cache by the ptxas version it
 # found first), and a child process inherits it: its keys then differ from its parent's, and it
-# builds every kernel again (RESULTS.md, "H100, 2026-12-07 (morning)").
+# builds every kernel again (RESULTS.md, "H100, 2026-12-07 (late)").
 TOOLCHAIN_VARS = ("TRITON_PTXAS_PATH", "TRITON_LIBDEVICE_PATH")
 # As they were when this module was first imported: before any row of a benchmark ran.
 _AT_START = {v: os.environ.get(v) for v in TOOLCHAIN_VARS}

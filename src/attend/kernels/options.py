@@ -116,9 +116,10 @@ class KernelOptions:
     # The Gluon forward's consumers issue the next key block's QK product before this block's PV
     # product, so it runs during this block's softmax (ws.py's PIPE). H100, bf16, D=128 (2026-12-07,
     # docs/kernels.md, "Tuning: the Gluon forward"): causal 16k 1.840 ms against 2.075, no mask 4k
-    # 0.948 against 1.033, a float bias 1.194 against 1.301, a softcap score_mod 1.415 against 1.629
-    # (1.518 before either change). Its build takes longer (a softcap hook's 1.6 -> 2.8 s on a 2-core
-    # CPU), which a flex mod's first call waits for, so None: on without a score hook, off with one;
+    # 0.948 against 1.033, a float bias 1.194 against 1.301. With a score hook, in alternating
+    # processes (RESULTS.md, "H100, 2026-12-07 (late)"): softcap + causal 1.175 against 1.221, ALiBi
+    # 1.150 against 1.157. Its build takes longer (a softcap hook's 1.6 -> 2.8 s on a 2-core CPU),
+    # which a flex mod's first call waits for, so None: on without a score hook, off with one;
     # True / False: always.
     fwd_ws_pipeline: bool | None = None
     # A flex forward that autograd will differentiate, on CUDA, first starts compiling its backward's
