@@ -22,6 +22,7 @@ import torch
 import triton.testing
 
 from attend import bench
+from attend._child import row_toolchain
 
 
 def _row(spec: str) -> bench.Row:
@@ -105,14 +106,16 @@ def main() -> None:
         row = _row(spec)
         flops = 4.0 * row.B * row.H * row.L * row.S * row.D * (0.5 if row.causal else 1.0)
         for impl in args.impls.split(","):
-            kernels, wall_ms, bwd_ms = profile(impl, row)
+            with row_toolchain(impl):  # attend's kernels built by the ptxas it started with (attend/_child.py)
+                kernels, wall_ms, bwd_ms = profile(impl, row)
             busy = sum(c * t for c, t in kernels.values()) / 1e3
             print(f"\n## {spec} {impl}: fwd+bwd wall {wall_ms:.3f} ms ({3.5 * flops / wall_ms / 1e9:.0f} TFLOP/s), "
                   f"kernels {busy:.3f} ms, bench bwd {bwd_ms:.3f} ms ({2.5 * flops / bwd_ms / 1e9:.0f} TFLOP/s)")
             _print_kernels(kernels)
     for case in filter(None, args.flex.split(",")):
         for impl in ("attend", "flex-compiled"):
-            kernels, wall_ms = profile_flex(impl, case)
+            with row_toolchain(impl):
+                kernels, wall_ms = profile_flex(impl, case)
             busy = sum(c * t for c, t in kernels.values()) / 1e3
             print(f"\n## flex {case} {impl}: fwd+bwd wall {wall_ms:.3f} ms, kernels {busy:.3f} ms")
             _print_kernels(kernels)

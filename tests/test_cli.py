@@ -81,35 +81,79 @@ def test_bench_warmup_option():
 
 def test_attend_rows_build_with_the_toolchain_the_bench_started_with(monkeypatch):
     """Inductor's first compile points TRITON_PTXAS_PATH at torch's own ptxas where it is unset; a
-    benchmark's attend rows, and its fresh-process children, still get the toolchain that was in force
-    when it started, and a peer's row, and what follows the attend row, keep what the peer set."""
+    benchmark's attend rows (in the core, flex and models suites), and its fresh-process children,
+    still get the toolchain that was in force when it started, with Triton's memo of the ptxas
+    version dropped at each switch; a peer's row, and what follows the attend row, keep what the
+    peer set."""
     import os
 
-    from attend import _child
+    import torch
+
+    from attend import _child, bench, bench_flex, bench_models
 
     monkeypatch.setattr(_child, "_AT_START", {"TRITON_PTXAS_PATH": None, "TRITON_LIBDEVICE_PATH": "/start/libdevice"})
     monkeypatch.setenv("TRITON_PTXAS_PATH", "/torch/bin/ptxas")  # what compiled flex set in the bench's process
     monkeypatch.delenv("TRITON_LIBDEVICE_PATH", raising=False)
+    forgot = []
+    monkeypatch.setattr(_child, "_forget_ptxas_version", lambda: forgot.append(1))
+    toolchain = lambda: (os.environ.get("TRITON_PTXAS_PATH"), os.environ.get("TRITON_LIBDEVICE_PATH"))  # noqa: E731
+    started, peer = (None, "/start/libdevice"), ("/torch/bin/ptxas", None)
+
     with _child.row_toolchain("attend-own"):
-        assert "TRITON_PTXAS_PATH" not in os.environ
-        assert os.environ["TRITON_LIBDEVICE_PATH"] == "/start/libdevice"
-    assert os.environ["TRITON_PTXAS_PATH"] == "/torch/bin/ptxas" and "TRITON_LIBDEVICE_PATH" not in os.environ
+        assert toolchain() == started
+    assert toolchain() == peer and len(forgot) == 2  # on the way in and out: another ptxas, another key
     with _child.row_toolchain("flex-compiled"):
-        assert os.environ["TRITON_PTXAS_PATH"] == "/torch/bin/ptxas"
+        assert toolchain() == peer
+    assert len(forgot) == 2
+
+    # the suites' rows: the flex suite's, the core suite's measure, the models suite's _run_one
+    assert bench_flex._row("c", "attend", lambda: dict(tc=toolchain()))["tc"] == started
+    assert bench_flex._row("c", "flex-compiled", lambda: dict(tc=toolchain()))["tc"] == peer
+    seen = []
+    monkeypatch.setattr(bench, "_tensor", lambda *a: torch.zeros(1))
+    monkeypatch.setattr(bench, "_measure_into", lambda *a: seen.append(toolchain()))
+    row = bench.Row("prefill", 128, 64, True, 1, 1, 2, 64)
+    bench.measure("attend", row, torch.float32, False)
+    bench.measure("torch-flash", row, torch.float32, False)
+    monkeypatch.setattr(bench_models, "_timed", lambda *a: (seen.append(toolchain()), (1.0, 1.0))[1])
+
+    class Model:
+        def set_attn_implementation(self, name):
+            pass
+
+        def train(self):
+            pass
+
+    p = dict(bench_models.PRESETS["tiny"])
+    bench_models._run_one(Model(), "attend-own", "train", p, "cpu", 1)
+    bench_models._run_one(Model(), "sdpa", "train", p, "cpu", 1)
+    assert seen == [started, peer, started, peer]
+    assert toolchain() == peer
+
+    # a fresh child: the started toolchain, the parent's own environment untouched
     env = _child.started_child_env(EXTRA="1")
-    assert "TRITON_PTXAS_PATH" not in env and env["TRITON_LIBDEVICE_PATH"] == "/start/libdevice"
-    assert env["EXTRA"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0].endswith("src")
-    assert os.environ["TRITON_PTXAS_PATH"] == "/torch/bin/ptxas"  # the parent's own environment is untouched
-    import torch
-
-    from attend import bench_models
-
-    seen = {}
+    assert (env.get("TRITON_PTXAS_PATH"), env["TRITON_LIBDEVICE_PATH"]) == started and env["EXTRA"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep)[0].endswith("src") and toolchain() == peer
+    got = {}
 
     def run(cmd, **kw):
-        seen.update(kw["env"])
+        got.update(kw["env"])
         return subprocess.CompletedProcess(cmd, 0, stdout='{"first_ms": 1.0}\n', stderr="")
 
     monkeypatch.setattr(bench_models.subprocess, "run", run)
     assert bench_models.fresh_first_step("llama", "attend-own", "tiny", "cpu", torch.float32) == dict(first_fresh_ms=1.0)
-    assert "TRITON_PTXAS_PATH" not in seen and seen["TRITON_LIBDEVICE_PATH"] == "/start/libdevice"
+    assert (got.get("TRITON_PTXAS_PATH"), got["TRITON_LIBDEVICE_PATH"]) == started
+
+
+def test_forgetting_the_ptxas_version_clears_tritons_memo():
+    """``_forget_ptxas_version`` reaches the memo Triton keys its compiles by (a private function of
+    its NVIDIA backend: if Triton renames it, this says so)."""
+    from triton.backends.nvidia import compiler
+
+    from attend import _child
+
+    compiler.get_ptxas_version.cache_clear()
+    compiler.get_ptxas_version()
+    assert compiler.get_ptxas_version.cache_info().currsize == 1
+    _child._forget_ptxas_version()
+    assert compiler.get_ptxas_version.cache_info().currsize == 0

@@ -12,8 +12,10 @@ from typing import Iterator
 # own ptxas (CUDA 13.0 in torch 2.11+cu130, against Triton 3.6's 12.8), TRITON_LIBDEVICE_PATH under
 # its eager-numerics options. Every Triton build after that in the process, attend's included, runs
 # that ptxas (Triton reads the variable per build, but keys its disk cache by the ptxas version it
-# found first), and a child process inherits it: its keys then differ from its parent's, and it
-# builds every kernel again (RESULTS.md, "H100, 2026-12-07 (late)").
+# found first: ``get_ptxas_version``'s cache), and a child process inherits it: its keys then differ
+# from its parent's, and it builds every kernel again (RESULTS.md, "H100, 2026-12-07 (late)").
+# Inductor's eager-numerics options (off by default) set Triton's libdevice knob itself, not only
+# the variable: that one ``started_toolchain`` does not undo.
 TOOLCHAIN_VARS = ("TRITON_PTXAS_PATH", "TRITON_LIBDEVICE_PATH")
 # As they were when this module was first imported: before any row of a benchmark ran.
 _AT_START = {v: os.environ.get(v) for v in TOOLCHAIN_VARS}
@@ -51,6 +53,19 @@ def started_toolchain() -> Iterator[None]:
         _assign(os.environ, before)
 
 
+def _forget_ptxas_version() -> None:
+    """Drop Triton's per-process memo of the ptxas version, part of every compile's cache key, so
+    that the next build keys its kernel by the ptxas that builds it (a private function of Triton's
+    NVIDIA backend: where it is missing, nothing is done)."""
+    try:
+        from triton.backends.nvidia import compiler
+    except ImportError:
+        return
+    clear = getattr(getattr(compiler, "get_ptxas_version", None), "cache_clear", None)
+    if clear is not None:
+        clear()
+
+
 def row_toolchain(impl: str) -> contextlib.AbstractContextManager:
     """A benchmark row's toolchain: ``started_toolchain`` for attend's rows (``impl`` named
     ``attend...``), so that they build their kernels with the ptxas in force when the bench
@@ -59,6 +74,8 @@ def row_toolchain(impl: str) -> contextlib.AbstractContextManager:
 
 
 def _assign(env, values: dict) -> None:
+    if env is os.environ and any(os.environ.get(n) != v for n, v in values.items()):
+        _forget_ptxas_version()
     for name, value in values.items():
         if value is None:
             env.pop(name, None)
