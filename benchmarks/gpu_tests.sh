@@ -5,36 +5,46 @@
 #   TESTS="tests/test_varlen.py ..." limits it to those files or node ids; SHARD_TIMEOUT (s)
 #   bounds each shard (SIGINT: a shard cut short still reports what passed and the test it was in), so the summary is always written ($OUT/tests_summary.txt, $OUT/pytest.txt).
 #   A shard that ignores SIGINT is killed 30 s later and prints no summary: each failure is printed
-#   as it happens (ATTEND_TEST_REPORT_NOW, tests/conftest.py) and counted from those lines, and a
-#   test still running after TEST_HANG_S (default 240) dumps every thread's stack (faulthandler).
+#   as it happens and the running test is written to a file (ATTEND_TEST_REPORT_NOW, tests/conftest.py),
+#   so the summary still names its failures and the test it was in, and counts its results from its
+#   progress line. A test still running after TEST_HANG_S (default: 45 s short of the shard's limit)
+#   dumps every thread's stack (faulthandler).
 set -uo pipefail
 N=${1:-8}
 OUT=${OUT:-/tmp/attend_out}
 W=$(mktemp -d)
 mkdir -p "$OUT"
+LIMIT=${SHARD_TIMEOUT:-280}
+HANG=${TEST_HANG_S:-$(( LIMIT > 75 ? LIMIT - 45 : 30 ))}
 python3 -m pytest ${TESTS:-tests} --collect-only -q -o addopts= -p no:cacheprovider 2>/dev/null | grep '::' > "$W/ids.txt"
 total=$(wc -l < "$W/ids.txt")
 for i in $(seq 0 $((N - 1))); do
   awk -v n="$N" -v i="$i" 'NR % n == i' "$W/ids.txt" > "$W/shard_$i.ids"
   mapfile -t ids < "$W/shard_$i.ids"
   [ ${#ids[@]} -eq 0 ] && continue
-  ATTEND_TEST_REPORT_NOW=1 timeout -s INT -k 30 "${SHARD_TIMEOUT:-280}" python3 -m pytest -q -o addopts= \
-    -o faulthandler_timeout="${TEST_HANG_S:-240}" -p no:cacheprovider "${ids[@]}" > "$W/shard_$i.txt" 2>&1 &
+  ATTEND_TEST_REPORT_NOW="$W/shard_$i.running" timeout -s INT -k 30 "$LIMIT" python3 -m pytest -q -o addopts= \
+    -o faulthandler_timeout="$HANG" -p no:cacheprovider "${ids[@]}" > "$W/shard_$i.txt" 2>&1 &
 done
 wait
 passed=0; failed=0
 {
   for f in "$W"/shard_*.txt; do
-    p=$(grep -Eo '[0-9]+ passed' "$f" | grep -Eo '[0-9]+' || echo 0)
-    fl=0
-    for n in $(grep -Eo '[0-9]+ (failed|errors?)' "$f" | grep -Eo '^[0-9]+'); do fl=$((fl + n)); done
-    passed=$((passed + ${p:-0})); failed=$((failed + ${fl:-0}))
-    grep -E '^(FAILED|ERROR)' "$f" || true
-    if ! grep -q -E '[0-9]+ (passed|failed)' "$f"; then  # killed: count its results from the progress lines
-      n=$(grep -c '^FAILED NOW' "$f"); failed=$((failed + n))
-      p=$(grep -oE '^[.sxXFE]+' "$f" | tr -cd '.' | wc -c); passed=$((passed + p))
-      echo "UNFINISHED shard $(basename "$f") (killed at its time limit): $p passed, $n failed before it; the test it was in:"
-      grep -A3 'Timeout (' "$f" | head -4 || true
+    # pytest's last line, "3 failed, 70 passed, 1 skipped in 12.34s (0:00:12)", exists only where it finished
+    last=$(grep -E ' in [0-9.]+s( \(|$)' "$f" | tail -1)
+    if [ -n "$last" ]; then
+      p=$(grep -Eo '[0-9]+ passed' <<< "$last" | grep -Eo '[0-9]+' || true)
+      fl=0
+      for n in $(grep -Eo '[0-9]+ (failed|errors?)' <<< "$last" | grep -Eo '^[0-9]+'); do fl=$((fl + n)); done
+      passed=$((passed + ${p:-0})); failed=$((failed + fl))
+      grep -E '^(FAILED|ERROR) tests/' "$f" || true
+    else  # killed: its results from the progress line, its failures from the lines printed as they happened
+      n=$(grep -c '^FAILED NOW' "$f")
+      p=$(grep -oE '^[.sxXFE]+' "$f" | tr -cd '.' | wc -c)
+      passed=$((passed + p)); failed=$((failed + n))
+      grep '^FAILED NOW' "$f" || true
+      running="${f%.txt}.running"
+      echo "UNFINISHED $(basename "$f") (killed at its time limit): $p passed, $n failed; it was in" \
+        "$(cat "$running" 2>/dev/null || echo 'no test yet')"
     fi
   done
   echo "GPU tests: $total collected; $passed passed, $failed failed"
