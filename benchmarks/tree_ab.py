@@ -119,10 +119,11 @@ def _options(text: str) -> dict:
 
 def _export(rev: str, into: str) -> str:
     """``rev``'s ``src`` under ``into``; returns the directory to put on PYTHONPATH. A ``rev`` that
-    is a directory holding an ``attend`` package (a tree exported earlier, for a copy of the
-    checkout without its git history) is that directory itself."""
-    if os.path.isdir(os.path.join(rev, "attend")):
-        return os.path.abspath(rev)
+    is a directory holding an ``attend`` package, or a ``src`` with one (a tree exported earlier, for
+    a copy of the checkout without its git history), is used as it is."""
+    for src in (rev, os.path.join(rev, "src")):  # the src directory itself, or a checkout holding it
+        if os.path.isdir(os.path.join(src, "attend")):
+            return os.path.abspath(src)
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
                           check=True).stdout.strip()
     archive = subprocess.run(["git", "-C", root, "archive", rev, "src"], capture_output=True, check=True).stdout
