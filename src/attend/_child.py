@@ -46,11 +46,19 @@ def started_toolchain() -> Iterator[None]:
     peer ran first (compiled FlexAttention points TRITON_PTXAS_PATH at torch's), and its peers keep
     what they set for themselves."""
     before = {v: os.environ.get(v) for v in TOOLCHAIN_VARS}
-    _assign(os.environ, _AT_START)
+    _use(_AT_START)
     try:
         yield
     finally:
-        _assign(os.environ, before)
+        _use(before)
+
+
+def _use(values: dict) -> None:
+    """Set the toolchain variables of this process to ``values``; where that changes one, drop
+    Triton's memo of the ptxas version first, so the next build is keyed by the ptxas that builds it."""
+    if any(os.environ.get(n) != v for n, v in values.items()):
+        _forget_ptxas_version()
+    _assign(os.environ, values)
 
 
 def _forget_ptxas_version() -> None:
@@ -74,8 +82,7 @@ def row_toolchain(impl: str) -> contextlib.AbstractContextManager:
 
 
 def _assign(env, values: dict) -> None:
-    if env is os.environ and any(os.environ.get(n) != v for n, v in values.items()):
-        _forget_ptxas_version()
+    """``values`` into the mapping ``env``, a None removing its variable."""
     for name, value in values.items():
         if value is None:
             env.pop(name, None)
