@@ -287,6 +287,41 @@ def test_descriptor_key_separates_what_a_descriptor_fixes():
     assert key == lau._key((moved, out, 3))
 
 
+def test_descriptors_built_without_validation_match_tritons():
+    """``ws_common.build_descriptor`` (no dataclass validation per launch) gives the descriptor
+    Triton's own constructor gives, field for field, and refuses what it refuses, naming the shape,
+    strides and base."""
+    import dataclasses
+
+    from attend.kernels import ws_bwd, ws_common
+    from attend.kernels.versions import TensorDescriptor
+
+    cases = [torch.empty(256, 128, dtype=torch.bfloat16),
+             torch.empty(2, 3, 64, 128, dtype=torch.float16),  # leading dims as rows
+             torch.empty(128, 384, dtype=torch.bfloat16)[:, 128:256]]  # strided rows, 256 bytes in
+    for t in cases:
+        fast = ws_common.descriptor(t, 64, 128)
+        t2 = t.reshape(-1, 128)
+        own = TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [64, 128], ws_common.smem_layout(64, 128, t.dtype))
+        for f in dataclasses.fields(TensorDescriptor):
+            a, b = getattr(fast, f.name), getattr(own, f.name)
+            assert (a.data_ptr(), a.shape, a.stride()) == (b.data_ptr(), b.shape, b.stride()) if f.name == "base" \
+                else a == b, f.name
+    stat = torch.empty(2, 4, 256)
+    assert ws_bwd._row_descriptor(stat).shape == [2048] and ws_bwd._row_descriptor(stat).strides == [1]
+    flat = torch.empty(256 * 128 + 8, dtype=torch.bfloat16)
+    bad = [flat[4:256 * 128 + 4].view(256, 128),  # 8 bytes in: a misaligned base
+           torch.empty(256, 132, dtype=torch.bfloat16)[:, :128],  # 264-byte rows
+           torch.empty(128, 256, dtype=torch.bfloat16).t()[:128]]  # a column stride of 256
+    for t in bad:
+        with pytest.raises(AssertionError):
+            TensorDescriptor(t, list(t.shape), list(t.stride()), [64, 128], ws_common.smem_layout(64, 128, t.dtype))
+        with pytest.raises(ValueError, match=r"16-byte aligned base and strides.*shape \[\d+, \d+\], strides"):
+            ws_common.descriptor(t, 64, 128)
+    with pytest.raises(ValueError, match="nonempty"):
+        ws_common.descriptor(torch.empty(0, 128, dtype=torch.bfloat16), 64, 128)
+
+
 def test_descriptor_class_is_tritons_specialization():
     """``descriptor_class`` (the class key of a Gluon launch) separates host tensor descriptors
     exactly where Triton's own specialization does: by dtype, box and layout, not by shape,

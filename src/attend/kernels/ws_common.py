@@ -5,6 +5,7 @@ heads that fit the L2, packed sequences' bounds, and the host TMA descriptors an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -103,8 +104,40 @@ def smem_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayou
 def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     """A host TMA descriptor of [rows, cols] boxes over the 2-D tensor ``t`` (or ``t`` contiguous,
     seen as 2-D with its leading dims as rows)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, cols], smem_layout(rows, cols, t.dtype))
+    t2 = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+    return build_descriptor(t2, list(t2.shape), list(t2.stride()), [rows, cols], _checked_layout(rows, cols, t.dtype))
+
+
+# TensorDescriptor's fields that have defaults (padding; Triton 3.9 adds round_f32_to_tf32), set as
+# the dataclass's __init__ sets them.
+_DESCRIPTOR_DEFAULTS = {} if TensorDescriptor is None else {
+    f.name: f.default for f in dataclasses.fields(TensorDescriptor) if f.default is not dataclasses.MISSING}
+
+
+@functools.lru_cache(maxsize=None)
+def _checked_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """``smem_layout``, with the box checked once by TensorDescriptor's own validation (the block
+    shape, the layout and the element width, which depend on no tensor)."""
+    layout = smem_layout(rows, cols, dtype)
+    TensorDescriptor(torch.empty((rows, cols), dtype=dtype, device="meta"), [rows, cols], [cols, 1], [rows, cols], layout)
+    return layout
+
+
+def build_descriptor(base: torch.Tensor, shape: list, strides: list, box: list, layout) -> TensorDescriptor:
+    """``TensorDescriptor(base, shape, strides, box, layout)`` without the dataclass's validation on
+    every call: about 1 us of a launch's host time per descriptor, five per forward. The checks that
+    depend on the tensor are made here (a 16-byte aligned base and strides, a unit last stride, a
+    nonempty shape); those of the box and layout, which do not, once per box (``_checked_layout``)
+    or by the caller's constant layout."""
+    item = base.element_size()
+    if (base.data_ptr() % 16 or strides[-1] != 1 or any(s * item % 16 for s in strides[:-1])
+            or min(shape) <= 0):
+        raise ValueError(f"a TMA descriptor needs a 16-byte aligned base and strides, a unit last stride and a "
+                         f"nonempty shape; got shape {shape}, strides {strides} ({base.dtype}), base "
+                         f"{base.data_ptr():#x}")
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(_DESCRIPTOR_DEFAULTS, base=base, shape=shape, strides=strides, block_shape=box, layout=layout)
+    return d
 
 
 def row_view(t: torch.Tensor, packed: bool) -> torch.Tensor:
