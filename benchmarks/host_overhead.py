@@ -14,11 +14,20 @@ The "growing S" rows time a decode loop's call, whose key length grows by one pe
 models bench's Gemma 2 makes it, next to eager's ops and transformers' sdpa function.
 
     PYTHONPATH=src python benchmarks/host_overhead.py
+    PYTHONPATH=src python benchmarks/host_overhead.py --profile "FLASH forward (no grad)"
+
+``--profile PATTERN`` times only the calls whose names match PATTERN (a regular expression), then runs each under
+``cProfile`` and prints the functions that hold its host time (own time, per call), to find
+what to cut. The S=1024 row's call takes the route of the bench's S=1024 cells (the persistent
+Gluon forward on Hopper) at a size whose kernel takes a few microseconds.
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
 import itertools
+import pstats
 import re
 import time
 
@@ -51,11 +60,35 @@ def host_us(fn, n: int = 200, reps: int = 5) -> float:
 CAUSAL = Band.causal()
 
 
+def profile(name: str, fn, n: int = 2000, top: int = 25) -> None:
+    """``fn``'s host time under cProfile over ``n`` calls: the ``top`` functions by own time, in us per call."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats  # {(file, line, fn): (calls, ncalls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"\n{name}: cProfile, {n} calls (profiled time is inflated; the order is what counts)")
+    print("| function | calls per call | own us | cumulative us |\n|---|---|---|---|")
+    for (file, line, func), (_, ncalls, own, cum, _) in rows:
+        where = f"{file.rsplit('/', 2)[-2]}/{file.rsplit('/', 1)[-1]}:{line}" if "/" in file else file
+        print(f"| {func} ({where}) | {ncalls / n:.1f} | {own / n * 1e6:.2f} | {cum / n * 1e6:.2f} |")
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default=None, help="time and cProfile only the calls whose names match this regular expression")
+    pattern = ap.parse_args().profile
     q, k, v = (torch.randn(1, 2, 128, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
     qd, kd, vd = (t.detach() for t in (q, k, v))
     out, lse = launch.forward(qd, kd, vd, None, 0.0, CAUSAL, SCALE, 0)
+    q1k, k1k, v1k = (torch.randn(1, 2, 1024, 128, dtype=torch.bfloat16, device="cuda") for _ in range(3))
 
     def fwd_bwd(fn):
         def step():
@@ -68,19 +101,27 @@ def main() -> None:
         "attend launch.forward": lambda: launch.forward(qd, kd, vd, None, 0.0, CAUSAL, SCALE, 0),
         "attend launch.backward": lambda: launch.backward(dout, qd, kd, vd, out, lse, None, 0.0, CAUSAL, SCALE, 0, False),
         "attend FLASH forward (no grad)": lambda: bench.IMPLS["attend"](qd, kd, vd, True, 1),
+        "attend FLASH forward (no grad), S=1024": lambda: bench.IMPLS["attend"](q1k, k1k, v1k, True, 1),
         "attend FLASH forward+backward": fwd_bwd(bench.IMPLS["attend"]),
         "torch flash forward (no grad)": lambda: bench.IMPLS["torch-flash"](qd, kd, vd, True, 1),
         "torch flash forward+backward": fwd_bwd(bench.IMPLS["torch-flash"]),
+        "torch flash forward (no grad), S=1024": lambda: bench.IMPLS["torch-flash"](q1k, k1k, v1k, True, 1),
         "flex compiled forward+backward": fwd_bwd(bench.IMPLS["flex-compiled"]),
     }
     cases.update(decode_cases())
     cases.update(growing_cases())
+    if pattern is not None:
+        cases = {name: fn for name, fn in cases.items() if re.search(pattern, name)}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, attend {attend.__version__}")
     print("| call | host us |\n|---|---|")
     for name, fn in cases.items():
         # attend's calls build with the ptxas the script started with, after compiled flex's row too
         with row_toolchain("attend" if re.search(r"\battend\b", name) else name):
             print(f"| {name} | {host_us(fn, n=500):.1f} |", flush=True)
+    if pattern is not None:
+        for name, fn in cases.items():
+            with row_toolchain("attend" if re.search(r"\battend\b", name) else name):
+                profile(name, fn)
 
 
 def flex_decode(q, k, v):
