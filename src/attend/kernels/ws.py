@@ -495,13 +495,13 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
     n_m = -(-L_max // BLOCK_M)
     n_tiles = n_m * n_seq * H
-    q2, o2 = (model_rows(q), model_rows(out)) if q_rows else (row_view(q, varlen), row_view(out, varlen))
+    q2, o2 = (model_rows(q), model_rows(out)) if q_rows else (row_view(q, varlen) if varlen else q, row_view(out, varlen))
     q_desc = descriptor(q2, ROWS, D)
     cu_q, cu_k = cu_seqs(packed, lse)
     causal, window = band_flags["CAUSAL"], band_flags["WINDOW"]
     grid, counter = persistent(n_tiles, q.device)
-    args = dict(q_desc=q_desc, k_desc=descriptor(row_view(k, varlen), BLOCK_N, D),
-                v_desc=descriptor(row_view(v, varlen), BLOCK_N, D),
+    args = dict(q_desc=q_desc, k_desc=descriptor(row_view(k, True) if varlen else k, BLOCK_N, D),
+                v_desc=descriptor(row_view(v, True) if varlen else v, BLOCK_N, D),
                 b_desc=q_desc if bias is None else descriptor(bias, ROWS, BLOCK_N), o_desc=descriptor(o2, ROWS, D),
                 out_ptr=o2, lse_ptr=lse, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_o=o2.stride(0),
                 stride_lseh=lse_strides[1], n_tiles=n_tiles, n_m=n_m, sec=section(n_seq * H, S_max, k.shape[1] / H, q),

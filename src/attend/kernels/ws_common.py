@@ -104,8 +104,15 @@ def smem_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayou
 def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     """A host TMA descriptor of [rows, cols] boxes over the 2-D tensor ``t`` (or ``t`` contiguous,
     seen as 2-D with its leading dims as rows)."""
-    t2 = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
-    return build_descriptor(t2, list(t2.shape), list(t2.stride()), [rows, cols], _checked_layout(rows, cols, t.dtype))
+    if t.dim() == 2:
+        shape, strides = list(t.shape), list(t.stride())
+    elif t.is_contiguous():  # its rows without a reshaped view (the descriptor reads the base's pointer and dtype)
+        n = t.shape[-1]
+        shape, strides = [t.numel() // max(n, 1), n], [n, 1]
+    else:
+        t = t.reshape(-1, t.shape[-1])
+        shape, strides = list(t.shape), list(t.stride())
+    return build_descriptor(t, shape, strides, [rows, cols], _checked_layout(rows, cols, t.dtype))
 
 
 # TensorDescriptor's fields that have defaults (padding; Triton 3.9 adds round_f32_to_tf32), set as
