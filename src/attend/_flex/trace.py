@@ -20,6 +20,7 @@ import operator
 import os
 import sys
 import threading
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -300,9 +301,12 @@ def _fingerprint(obj, tensors: list, depth: int = 0, cells: list | None = None):
     the mod might read) is None. With ``cells`` given, an int or float in a closure cell a function
     declares data (``data_cells``) is keyed by its type, a tensor there by its dtype and rank, and
     either by its cell's position in ``cells`` (appended there), not by value or identity."""
-    import types
-
-    if obj is None or isinstance(obj, (bool, int, str)):
+    t = type(obj)
+    if t is types.FunctionType:  # the common cases first, by exact type
+        return _function_fingerprint(obj, tensors, depth, cells) if depth < 8 else None
+    if obj is None or t is float or t is bool or t is int or t is str:
+        return ("float", repr(obj)) if t is float else (t.__name__, obj)
+    if isinstance(obj, (bool, int, str)):
         return (type(obj).__name__, obj)
     if isinstance(obj, float):
         return ("float", repr(obj))
@@ -317,30 +321,41 @@ def _fingerprint(obj, tensors: list, depth: int = 0, cells: list | None = None):
     if isinstance(obj, types.BuiltinFunctionType):
         return ("builtin", getattr(obj, "__module__", None), obj.__qualname__)
     if isinstance(obj, tuple):
-        parts = tuple(_fingerprint(x, tensors, depth, cells) for x in obj)
-        return None if any(p is None for p in parts) else ("tuple", parts)
-    if isinstance(obj, types.FunctionType) and depth < 8:
-        reads = function_reads(obj)
-        parts = []
-        data = getattr(obj, "_attend_data", ()) if cells is not None else ()
-        for step, v in reads:
-            if data and step[0] == "cell" and obj.__code__.co_freevars[step[1]] in data and (
-                    type(v) in (int, float) or type(v) in _TENSOR_TYPES):
-                cell = obj.__closure__[step[1]]
-                pos = next((p for p, c in enumerate(cells) if c is cell), None)
-                if pos is None:
-                    pos = len(cells)
-                    cells.append(cell)
-                parts.append(("num", type(v).__name__, pos) if type(v) in (int, float) else
-                             ("tensor", str(v.dtype), v.dim(), pos))
-            else:
-                parts.append(_fingerprint(v, tensors, depth + 1, cells))
+        parts = tuple([_fingerprint(x, tensors, depth, cells) for x in obj])
+        return None if None in parts else ("tuple", parts)
+    if isinstance(obj, types.FunctionType) and depth < 8:  # a subclass of function
+        return _function_fingerprint(obj, tensors, depth, cells)
+    return None
+
+
+_NO_DEFAULTS = [("NoneType", None), ("tuple", ())]  # the fingerprints of no __defaults__ and no __kwdefaults__
+
+
+def _function_fingerprint(obj, tensors: list, depth: int, cells: list | None):
+    """``_fingerprint`` of a function: its code, what it reads and its defaults."""
+    reads = function_reads(obj)
+    parts = []
+    data = getattr(obj, "_attend_data", ()) if cells is not None else ()
+    for step, v in reads:
+        if data and step[0] == "cell" and obj.__code__.co_freevars[step[1]] in data and (
+                type(v) in (int, float) or type(v) in _TENSOR_TYPES):
+            cell = obj.__closure__[step[1]]
+            pos = next((p for p, c in enumerate(cells) if c is cell), None)
+            if pos is None:
+                pos = len(cells)
+                cells.append(cell)
+            parts.append(("num", type(v).__name__, pos) if type(v) in (int, float) else
+                         ("tensor", str(v.dtype), v.dim(), pos))
+        else:
+            parts.append(_fingerprint(v, tensors, depth + 1, cells))
+    if obj.__defaults__ is None and obj.__kwdefaults__ is None:
+        parts += _NO_DEFAULTS
+    else:
         parts += [_fingerprint(v, tensors, depth + 1, cells)
                   for v in (obj.__defaults__, tuple(sorted((obj.__kwdefaults__ or {}).items())))]
-        if any(p is None for p in parts):
-            return None
-        return ("function", obj.__code__, tuple(step for step, _ in reads), tuple(parts))
-    return None
+    if None in parts:
+        return None
+    return ("function", obj.__code__, tuple([step for step, _ in reads]), tuple(parts))
 
 
 def data_cells(fn: Callable, *names: str) -> Callable:
