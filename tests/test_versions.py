@@ -198,3 +198,35 @@ def test_triton_cache_key_is_hashed_while_attend_loads(cuda_build):
     assert res.returncode == 0, res.stderr[-2000:]
     started, hashed, alive = map(int, res.stdout.split()[-3:])
     assert (started, hashed, alive) == ((1, 1, 0) if cuda_build else (0, 0, 0)), res.stdout
+
+
+def test_assume_constant_result_marks_as_torch_does(monkeypatch):
+    """attend marks its trace-time constants without importing torch._dynamo
+    (``_versions.assume_constant_result``): the mark is exactly what PyTorch's decorator sets."""
+    import sys
+
+    def theirs():
+        return 1
+
+    def ours():
+        return 1
+
+    assert torch.compiler.assume_constant_result(theirs) is theirs  # (imports torch._dynamo)
+    assert vars(theirs) == {_versions.DYNAMO_CONSTANT: True}, vars(theirs)
+    monkeypatch.delitem(sys.modules, "torch._dynamo")  # as in a process that never compiled
+    assert _versions.assume_constant_result(ours) is ours and vars(ours) == vars(theirs)
+
+
+def test_import_attend_leaves_dynamo_unimported():
+    """``import attend`` (and its flex module) imports no torch._dynamo, about a second of start-up
+    that a process which never compiles does not need. In a fresh process."""
+    import subprocess
+    import sys
+
+    from attend._child import child_env
+
+    code = ("import sys\nimport attend, attend.flex_attention, attend.varlen\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=child_env())
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[-2] == "[]", res.stdout[-2000:]

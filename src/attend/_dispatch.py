@@ -13,6 +13,7 @@ import torch
 from . import _state
 from ._enums import SDPBackend
 from ._params import SDPAParams, from_params, prepare
+from ._versions import assume_constant_result
 from . import _registry
 from .backends import BACKENDS, _base, default_priority, kernel_for, kernel_notes, registry_version
 from .bias import CausalBias
@@ -20,7 +21,7 @@ from .bias import CausalBias
 DISABLED = "disabled by sdpa_kernel"
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _traced_state() -> _state.BackendState:
     # Dynamo cannot read a ContextVar; under torch.compile the state is read once at trace
     # time, like the rest of the backend choice.

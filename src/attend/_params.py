@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch.nn.attention.bias import CausalBias as _TorchCausalBias
 
 from .bias import CausalBias, CausalVariant
 
@@ -61,8 +61,10 @@ def _shape(t: torch.Tensor) -> str:
 
 def as_causal_bias(m: object) -> object:
     """PyTorch's ``torch.nn.attention.bias.CausalBias`` as attend's (same variant numbers and
-    size); anything else unchanged."""
-    if isinstance(m, _TorchCausalBias):
+    size); anything else unchanged. (Not imported here: ``torch.nn.attention.bias`` imports
+    torch._dynamo, about a second; where it is not imported, ``m`` is none of its objects.)"""
+    torch_bias = sys.modules.get("torch.nn.attention.bias")
+    if torch_bias is not None and isinstance(m, torch_bias.CausalBias):
         return CausalBias(CausalVariant(int(m.variant)), int(m.seq_len_q), int(m.seq_len_kv))
     return m
 

@@ -3,6 +3,7 @@ installed ones are inside them. No Triton import: ``attend info`` reports the ra
 
 from __future__ import annotations
 
+import sys
 from importlib import metadata
 
 import torch
@@ -41,3 +42,17 @@ def out_of_range() -> list[str]:
         if not lo <= _minor(version) <= hi:
             found.append(f"{name} {version} is outside the supported {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]} (untested)")
     return found
+
+
+# What torch.compiler.assume_constant_result does (every supported torch; a test compares): it
+# imports torch._dynamo (about a second, most of ``import attend``) to set this attribute.
+DYNAMO_CONSTANT = "_dynamo_marked_constant"
+
+
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)``, without importing torch._dynamo where nothing
+    has yet: attend marks its functions at import, and most processes never compile."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    setattr(fn, DYNAMO_CONSTANT, True)
+    return fn

@@ -31,6 +31,7 @@ import types
 
 import torch
 
+from .._versions import assume_constant_result
 from .trace import _SAFE_MODULES, Capture, FlexTraceError, ModGraph, Ref, _code_names, function_reads, trace
 
 _MAX_DEPTH = 16  # closure / attribute / item hops searched from the mod (the seen set bounds the search)
@@ -165,7 +166,7 @@ def _number_sources(mod, kind: str, g: ModGraph) -> tuple[list, list]:
     return found, guarded
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def describe(mod, kind: str) -> tuple[str, tuple, tuple, tuple]:
     """(:func:`encode` of the traced mod, or "" when it changes nothing; the path to each tensor it
     reads, in the graph's capture order; the scalar slots that read a number from a variable, and

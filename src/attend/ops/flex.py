@@ -21,9 +21,10 @@ from .._flex import compiled, dispatch
 from .._flex import lists as _lists
 from .._flex.block_mask import kv_in_range
 from .._layout import Band, empty_in_layout
+from .._versions import assume_constant_result
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def spec(score_key: str, mask_key: str, score_slots: tuple, mask_slots: tuple, block_size: tuple,
          kernel_options: dict | None) -> str:
     """The ops' ``spec`` argument (a constant of the traced graph)."""
