@@ -172,9 +172,9 @@ def test_a_missing_triton_is_reported_not_raised(monkeypatch):
 @pytest.mark.parametrize("cuda_build", [False, True])
 def test_triton_cache_key_is_hashed_while_attend_loads(cuda_build):
     """On a CUDA build of torch, loading attend's launchers starts hashing Triton's install (the
-    key of every compile and disk-cache load) on a daemon thread, so the first launch does not wait
-    for it; a fork waits for it first; a CPU build (or the interpreter) starts nothing. In a fresh
-    process each."""
+    key of every compile and disk-cache load), then the main kernels' own keys, on a daemon thread,
+    so the first launch does not wait for them; a fork waits for it first; a CPU build (or the
+    interpreter) starts nothing. In a fresh process each."""
     import subprocess
     import sys
 
@@ -192,12 +192,16 @@ def test_triton_cache_key_is_hashed_while_attend_loads(cuda_build):
             "os.waitpid(pid, 0)\n"
             "assert t is None or not t.is_alive(), 'forked beside the live thread'\n"
             "versions.await_compile_key()  # what a first compile does: waits for the thread, never hashes twice\n"
-            "print(int(t is not None), triton_key.cache_info().currsize, int(t is not None and t.is_alive()))\n")
+            "from attend.kernels import core, launch\n"
+            "kernels = [core.attn_fwd, core.attn_bwd_preprocess, core.attn_bwd]"
+            " + ([launch.ws.attn_fwd_ws, launch.ws_bwd.attn_bwd_dkdv_ws] if launch.ws is not None else [])\n"
+            "print(int(t is not None), triton_key.cache_info().currsize, int(t is not None and t.is_alive()),"
+            " int(all(k.hash is not None for k in kernels)))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env=child_env(TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stderr[-2000:]
-    started, hashed, alive = map(int, res.stdout.split()[-3:])
-    assert (started, hashed, alive) == ((1, 1, 0) if cuda_build else (0, 0, 0)), res.stdout
+    started, hashed, alive, kernel_keys = map(int, res.stdout.split()[-4:])
+    assert (started, hashed, alive, kernel_keys) == ((1, 1, 0, 1) if cuda_build else (0, 0, 0, 0)), res.stdout
 
 
 def test_assume_constant_result_marks_as_torch_does(monkeypatch):

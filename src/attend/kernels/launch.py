@@ -25,7 +25,9 @@ from .options import KernelOptions, resolve
 from .versions import COMPILE_OPTIONS
 
 ws, ws_bwd = versions.gluon_kernels()  # the Hopper Gluon kernels' modules, or None where Gluon is unusable
-versions.warm_compile_key()  # the first launch's Triton cache key, hashed while the process sets up
+# the first launches' Triton cache keys, hashed while the process sets up: a forward and backward's kernels
+versions.warm_compile_key((core.attn_fwd, core.attn_bwd_preprocess, core.attn_bwd)
+                          + ((ws.attn_fwd_ws, ws_bwd.attn_bwd_dkdv_ws) if ws is not None else ()))
 _RCP_LN2 = core.RCP_LN2.value
 
 _FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET"]

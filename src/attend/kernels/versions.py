@@ -47,13 +47,15 @@ else:
 KEY_THREAD: threading.Thread | None = None  # warm_compile_key's thread, once started
 
 
-def warm_compile_key() -> None:
+def warm_compile_key(kernels: tuple = ()) -> None:
     """Hash Triton's own install on a daemon thread (``KEY_THREAD``; ``triton.runtime.cache.triton_key``:
     part of the key of every compile and of every load from Triton's disk cache, computed once per
     process; it reads libtriton, 0.3-0.9 s on a 2-core host), so that a process's first kernel launch
-    finds it done. Started as the launchers load, only where kernels will compile: a CUDA build of
-    torch, outside the interpreter. A Triton without the function, or any failure there, leaves the
-    first launch to compute it as before."""
+    finds it done; then each of ``kernels``' own key (``JITFunction.cache_key``: a hash of its source
+    and of every function it calls, 10-33 ms each for attend's kernels on that host, also computed at
+    a process's first launch of each). Started as the launchers load, only where kernels will compile:
+    a CUDA build of torch, outside the interpreter. A Triton without the function, or any failure
+    there, leaves the first launch to compute it as before."""
     if torch.version.cuda is None or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return
     try:
@@ -64,6 +66,8 @@ def warm_compile_key() -> None:
     def run():
         try:
             triton_key()
+            for kernel in kernels:
+                kernel.cache_key  # noqa: B018 - computed once, kept by the kernel
         except Exception:  # noqa: BLE001 - the first compile computes it again and reports any error
             pass
 
