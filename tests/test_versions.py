@@ -234,3 +234,28 @@ def test_import_attend_leaves_dynamo_unimported():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=child_env())
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split("\n")[-2] == "[]", res.stdout[-2000:]
+
+
+def test_a_kernel_key_that_fails_on_the_thread_is_left_to_the_first_launch(monkeypatch):
+    """Triton leaves a placeholder key in a kernel whose hashing raised; the load-time thread
+    (``versions.warm_compile_key``) clears it, so the first launch hashes the kernel again and
+    reports the error, and the next kernel is still hashed."""
+    class Kernel:
+        def __init__(self, fails):
+            self.hash, self.fails = None, fails
+
+        @property
+        def cache_key(self):
+            self.hash = "recursion:placeholder"  # as Triton's JITFunction.cache_key, before it hashes
+            if self.fails:
+                raise SyntaxError("a kernel Triton cannot parse")
+            self.hash = "key"
+            return self.hash
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(versions, "KEY_THREAD", None)
+    bad, good = Kernel(True), Kernel(False)
+    versions.warm_compile_key((bad, good))
+    versions.await_compile_key()
+    assert versions.KEY_THREAD is not None and (bad.hash, good.hash) == (None, "key")

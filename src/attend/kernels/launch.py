@@ -243,6 +243,7 @@ def _launch(tuned, launcher: Launcher, grid_of, args: dict, flags: dict, tiles: 
     """Launch with ``tiles`` through ``launcher``, or through the autotuner ``tuned`` when it is
     None. ``grid_of(meta)`` gives the grid from the tile sizes."""
     if tiles is None:
+        versions.await_compile_key()
         tuned[grid_of](*launcher.ordered(args), **flags)
         return
     launcher(grid_of(tiles.meta), args, {**flags, **tiles.meta}, tiles.warps, tiles.stages)
@@ -623,6 +624,7 @@ def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed
                 CU_Q=packed.cu_q if packed else lse, H=H, L_max=L)
     grid = _grid(_cdiv(L, _STAT_PAD), B * H)
     if warmup:
+        versions.await_compile_key()
         core.attn_bwd_preprocess.warmup(grid=grid, **args, **flags, num_warps=8, num_stages=1, **COMPILE_OPTIONS)
     else:
         _PRE_LAUNCH(grid, args, flags, 8, 1)
@@ -1222,6 +1224,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         parts.append(("dq", ((2 * n_blocks - 1) * B * H,), dict(
             DIAG_ONLY=True, HEAD_MAJOR=False, SCORE_GRAD_TILE=sfns["score_mod_grad_tile"],
             SCORE_GRAD_DIAG=sfns["score_mod_grad_diag"])))
+    versions.await_compile_key()  # (Triton's own path below)
     for name, grid, only in parts:
         if not warmup:
             core.attn_bwd[grid](**dict(launch, **only))

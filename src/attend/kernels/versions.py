@@ -66,10 +66,13 @@ def warm_compile_key(kernels: tuple = ()) -> None:
     def run():
         try:
             triton_key()
-            for kernel in kernels:
-                kernel.cache_key  # noqa: B018 - computed once, kept by the kernel
         except Exception:  # noqa: BLE001 - the first compile computes it again and reports any error
-            pass
+            return
+        for kernel in kernels:  # in this order in every process (the keys depend on it: await_compile_key)
+            try:
+                kernel.cache_key  # noqa: B018 - computed once, kept by the kernel
+            except Exception:  # noqa: BLE001
+                kernel.hash = None  # (Triton leaves a placeholder there): the first launch hashes it and reports the error
 
     global KEY_THREAD
     KEY_THREAD = threading.Thread(target=run, name="attend-triton-key", daemon=True)
@@ -77,10 +80,14 @@ def warm_compile_key(kernels: tuple = ()) -> None:
 
 
 def await_compile_key() -> None:
-    """Wait for ``warm_compile_key``'s thread where it still runs: before the direct launcher's first
-    compile or disk-cache load of a kernel (``fastlaunch.Launcher``'s path through Triton), rather
-    than hash Triton's install a second time beside it (the thread then has the GIL to itself: a busy
-    main thread slows its 1 MiB reads, each of which takes the GIL back), and before a fork."""
+    """Wait for ``warm_compile_key``'s thread where it still runs: before any compile, disk-cache load
+    or warmup of attend's kernels through Triton's own path (``fastlaunch.Launcher``'s first launch of
+    a key, the autotuned launches, the flex backward's and the warmups), rather than hash Triton's
+    install a second time beside it (the thread then has the GIL to itself: a busy main thread slows
+    its 1 MiB reads, each of which takes the GIL back), and before a fork. The kernels' own keys
+    depend on the order they are hashed in (Triton merges a called function's globals into its
+    caller's as it goes), so a kernel hashed beside the thread could get a key of its own in one
+    process, and miss the disk cache that another process filled."""
     t = KEY_THREAD
     if t is not None and t.is_alive():
         t.join()
