@@ -15,6 +15,11 @@ models bench's Gemma 2 makes it, next to eager's ops and transformers' sdpa func
 
     PYTHONPATH=src python benchmarks/host_overhead.py
     PYTHONPATH=src python benchmarks/host_overhead.py --profile "FLASH forward (no grad)"
+    PYTHONPATH=src python benchmarks/host_overhead.py --parts
+
+``--parts`` times each part of one Gluon forward launch on its own (S=1024's route, Hopper only): the
+whole SDPA call, ``launch.forward`` with the launch stubbed, the direct launcher's key, Triton's
+launcher (with its per-call TMA encoding), the descriptors, and the tensors a call allocates.
 
 ``--profile PATTERN`` times only the calls whose names match PATTERN (a regular expression), then runs each under
 ``cProfile`` and prints the functions that hold its host time (own time, per call), to find
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import inspect
 import itertools
 import pstats
 import re
@@ -80,10 +86,66 @@ def profile(name: str, fn, n: int = 2000, top: int = 25) -> None:
         print(f"| {func} ({where}) | {ncalls / n:.1f} | {own / n * 1e6:.2f} | {cum / n * 1e6:.2f} |")
 
 
+def launch_parts() -> None:
+    """``--parts``: each part of the Gluon forward's launch at B=1, H=2, S=1024, D=128, bf16, causal."""
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+    from triton.runtime import driver
+
+    from attend.kernels import ws, ws_common
+
+    q, k, v = (torch.randn(1, 2, 1024, 128, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    fwd = lambda: launch.forward(q, k, v, None, 0.0, CAUSAL, SCALE, 0)  # noqa: E731
+    fwd()
+    lau = ws._LAUNCH
+    if not lau.cache:
+        print("(no Gluon forward launched: --parts needs an sm_90 GPU)")
+        return
+    seen = {}
+    ws._LAUNCH = lambda grid, args, ce, nw, ns: seen.update(grid=grid, args=args, ce=ce, nw=nw, ns=ns)
+    try:
+        stubbed = host_us(fwd, n=2000)
+    finally:
+        ws._LAUNCH = lau
+    args = lau.ordered(seen["args"])
+    compiled = lau.cache[next(iter(lau.cache))]
+    tail = tuple([{**lau.defaults, **seen["ce"]}[n] for n in lau.constexpr_names])
+    stream = driver.active.get_current_stream(driver.active.get_current_device())
+    descs = [a for a in args if type(a).__name__ == "TensorDescriptor"]
+    meta = getattr(compiled.metadata, "tensordesc_meta", None) or [None] * len(descs)
+    extra = (None,) * (len(inspect.signature(make_tensordesc_arg).parameters) - 2)  # Triton 3.9 takes a third
+    rows = {
+        "SDPA FLASH, no grad (the whole call)": lambda: attend.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "launch.forward": fwd,
+        "launch.forward, the launch stubbed": None,
+        "Launcher (key, lookup, Triton's launcher)": lambda: lau(seen["grid"], seen["args"], seen["ce"], seen["nw"],
+                                                                 seen["ns"]),
+        "Launcher's key": lambda: lau._key(args),
+        "Triton's launcher (compiled.run, TMA encoding included)": lambda: compiled.run(
+            seen["grid"][0], 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail),
+        f"TMA encoding of the {len(descs)} descriptors (make_tensordesc_arg)": lambda: [
+            make_tensordesc_arg(d, m, *extra) for d, m in zip(descs, meta)],
+        "current device and stream": lambda: driver.active.get_current_stream(driver.active.get_current_device()),
+        "one descriptor (ws_common.descriptor)": lambda: ws_common.descriptor(q, 128, 128),
+        "torch.zeros(1) (a counter)": lambda: torch.zeros(1, dtype=torch.int32, device="cuda"),
+        "torch.empty of out and lse": lambda: (torch.empty_like(q), torch.empty(1, 2, 1024, device="cuda")),
+        "torch flash SDPA, no grad (the whole call)": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True),
+    }
+    print("| part | host us |\n|---|---|")
+    for name, fn in rows.items():
+        print(f"| {name} | {stubbed if fn is None else host_us(fn, n=2000):.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default=None, help="time and cProfile only the calls whose names match this regular expression")
-    pattern = ap.parse_args().profile
+    ap.add_argument("--parts", action="store_true", help="time each part of one Gluon forward launch")
+    opts = ap.parse_args()
+    pattern = opts.profile
+    if opts.parts:
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, attend {attend.__version__}")
+        launch_parts()
+        return
     q, k, v = (torch.randn(1, 2, 128, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
     qd, kd, vd = (t.detach() for t in (q, k, v))
