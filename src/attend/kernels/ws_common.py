@@ -116,9 +116,11 @@ def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
 
 
 # TensorDescriptor's fields that have defaults (padding; Triton 3.9 adds round_f32_to_tf32), set as
-# the dataclass's __init__ sets them.
-_DESCRIPTOR_DEFAULTS = {} if TensorDescriptor is None else {
-    f.name: f.default for f in dataclasses.fields(TensorDescriptor) if f.default is not dataclasses.MISSING}
+# the dataclass's __init__ sets them (a default_factory's field, which none has yet, by calling it).
+_DESCRIPTOR_FIELDS = () if TensorDescriptor is None else dataclasses.fields(TensorDescriptor)
+_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in _DESCRIPTOR_FIELDS if f.default is not dataclasses.MISSING}
+_DESCRIPTOR_FACTORIES = {f.name: f.default_factory for f in _DESCRIPTOR_FIELDS
+                         if f.default_factory is not dataclasses.MISSING}
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,6 +146,8 @@ def build_descriptor(base: torch.Tensor, shape: list, strides: list, box: list, 
                          f"{base.data_ptr():#x}")
     d = object.__new__(TensorDescriptor)
     d.__dict__.update(_DESCRIPTOR_DEFAULTS, base=base, shape=shape, strides=strides, block_shape=box, layout=layout)
+    for name, factory in _DESCRIPTOR_FACTORIES.items():
+        setattr(d, name, factory())
     return d
 
 
