@@ -371,3 +371,33 @@ def test_gluon_forward_launches_direct():
             classes = len(ws._LAUNCH.by_class)
     assert len(ws._LAUNCH.cache) == before + 2  # the two lengths' exact keys
     assert len(ws._LAUNCH.by_class) == classes, "the new length went through Triton's path"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Gluon kernels run on sm_90")
+def test_gluon_tile_counter_is_back_to_zero_after_each_launch():
+    """The persistent Gluon kernels share one tile counter per stream (``ws_common.persistent``):
+    each launch leaves it at 0 (the last take resets it), so launches of other tile counts in a row,
+    forward and backward (the Gluon dK / dV kernel), on the default stream and on another, each
+    match float64."""
+    import attend
+    from attend.kernels import ws_common
+    from conftest import assert_matches_float64
+
+    side = torch.cuda.Stream()
+    for i, (n, stream) in enumerate(((384, None), (1024, None), (128, side), (640, side), (256, None))):
+        torch.manual_seed(i)
+        q, k, v = (torch.randn(2, 3, n, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+                   for _ in range(3))
+        with torch.cuda.stream(stream or torch.cuda.current_stream()):
+            with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):
+                out = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+            key = (torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        assert key in ws_common._COUNTERS, "the Gluon forward did not take this call"
+        assert ws_common._COUNTERS[key].item() == 0, f"call {i}: the counter was left at {ws_common._COUNTERS[key].item()}"
+        with options.kernel_options(bwd_ws_min_seq_bucket=0):  # the Gluon dK / dV kernel at these lengths too
+            assert_matches_float64(out, q, k, v, what=f"call {i} (S={n})", is_causal=True)
+        torch.cuda.synchronize()
+        left = {k: c.item() for k, c in ws_common._COUNTERS.items() if c.item() != 0}
+        assert not left, f"after call {i}'s backward, counters left at {left}"

@@ -172,7 +172,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
                 kv += 1
             tcount += 1
         it += 1
-        t = next_tile(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF)
+        t = next_tile(counter_ptr, P, n_tiles, tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit

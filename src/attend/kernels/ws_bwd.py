@@ -154,7 +154,7 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
                     qd += 1
             tcount += 1
         it += 1
-        t = next_tile(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF)
+        t = next_tile(counter_ptr, P, n_tiles, tid_smem, tid_full, tid_empty, it, TBUF)
 
 
 @gluon.jit

@@ -78,10 +78,16 @@ def publish(tid_smem, tid_full, tid_empty, t, it, TBUF: gl.constexpr):
 
 
 @gluon.jit
-def next_tile(counter_ptr, P, tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
+def next_tile(counter_ptr, P, n_tiles, tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
     """The producer's ``it``-th tile: the counter's next untaken one (the first P went to the
-    programs' own ids), published to both consumers."""
-    t = P + gl.atomic_add(counter_ptr, 1)
+    programs' own ids), published to both consumers. A producer takes once per tile it ran, so the
+    launch takes n_tiles times in all (n_tiles - P tiles, then each program's last, past the end):
+    the program whose take is the n_tiles-th sets the counter back to 0, which no other program
+    reads again, for the next launch on the stream (``persistent``)."""
+    taken = gl.atomic_add(counter_ptr, 1)
+    if taken == n_tiles - 1:
+        gl.atomic_xchg(counter_ptr, 0)
+    t = P + taken
     publish(tid_smem, tid_full, tid_empty, t, it, TBUF)
     return t
 
@@ -185,8 +191,24 @@ def sm_count(index: int | None) -> int:
 
 def persistent(n_tiles: int, device: torch.device) -> tuple[tuple, torch.Tensor]:
     """(grid, counter) of a persistent launch: one program per SM (fewer when there are fewer
-    tiles), and the int32 they take tiles from after their own (the next tile, less the grid)."""
-    return (min(n_tiles, sm_count(device.index)),), torch.zeros(1, dtype=torch.int32, device=device)
+    tiles), and the int32 they take tiles from after their own (the next tile, less the grid), 0 at
+    launch. The kernels set it back to 0 as they finish (``next_tile``), so the launches on one
+    stream share one, made once (a ``torch.zeros`` per launch was an allocation and a fill kernel
+    launched before each). Under a CUDA graph's capture the capture gets its own, as before."""
+    grid = (min(n_tiles, sm_count(device.index)),)
+    if torch.cuda.is_current_stream_capturing():
+        return grid, torch.zeros(1, dtype=torch.int32, device=device)
+    index = torch.cuda.current_device()  # where the launcher launches (fastlaunch.Launcher): its stream
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        if len(_COUNTERS) >= 64:  # many streams come and go: a dropped counter's memory is reused in its stream's order
+            _COUNTERS.clear()
+        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=torch.device("cuda", index))
+    return grid, counter
+
+
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}  # (device, raw stream) -> the stream's tile counter
 
 
 def varlen_mode(packed) -> int:
