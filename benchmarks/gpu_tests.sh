@@ -16,8 +16,14 @@ W=$(mktemp -d)
 mkdir -p "$OUT"
 LIMIT=${SHARD_TIMEOUT:-280}
 HANG=${TEST_HANG_S:-$(( LIMIT > 75 ? LIMIT - 45 : 30 ))}
-python3 -m pytest ${TESTS:-tests} --collect-only -q -o addopts= -p no:cacheprovider 2>/dev/null | grep '::' > "$W/ids.txt"
+python3 -m pytest ${TESTS:-tests} --collect-only -q -o addopts= -p no:cacheprovider > "$W/collect.txt" 2>&1
+grep '::' "$W/collect.txt" > "$W/ids.txt"
 total=$(wc -l < "$W/ids.txt")
+if [ "$total" -eq 0 ]; then  # (a TESTS path that does not exist collects nothing: say so, not "0 passed")
+  echo "GPU tests: nothing collected from ${TESTS:-tests}:" | tee "$OUT/tests_summary.txt"
+  tail -5 "$W/collect.txt" | tee -a "$OUT/tests_summary.txt"
+  exit 2
+fi
 for i in $(seq 0 $((N - 1))); do
   awk -v n="$N" -v i="$i" 'NR % n == i' "$W/ids.txt" > "$W/shard_$i.ids"
   mapfile -t ids < "$W/shard_$i.ids"
