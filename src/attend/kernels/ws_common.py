@@ -196,7 +196,7 @@ def persistent(n_tiles: int, device: torch.device) -> tuple[tuple, torch.Tensor]
     stream share one, made once (a ``torch.zeros`` per launch was an allocation and a fill kernel
     launched before each). Under a CUDA graph's capture the capture gets its own, as before."""
     grid = (min(n_tiles, sm_count(device.index)),)
-    if torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():  # (CPU: the launch checks that stub it)
         return grid, torch.zeros(1, dtype=torch.int32, device=device)
     index = torch.cuda.current_device()  # where the launcher launches (fastlaunch.Launcher): its stream
     key = (index, torch._C._cuda_getCurrentRawStream(index))
