@@ -495,7 +495,7 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
     n_m = -(-L_max // BLOCK_M)
     n_tiles = n_m * n_seq * H
-    q2, o2 = (model_rows(q), model_rows(out)) if q_rows else (row_view(q, varlen) if varlen else q, row_view(out, varlen))
+    q2, o2 = (model_rows(q), model_rows(out)) if q_rows else (row_view(q, True) if varlen else q, row_view(out, varlen))
     q_desc = descriptor(q2, ROWS, D)
     cu_q, cu_k = cu_seqs(packed, lse)
     causal, window = band_flags["CAUSAL"], band_flags["WINDOW"]

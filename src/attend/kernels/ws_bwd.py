@@ -25,8 +25,6 @@ pages) whose query and key sequences all have one length each. Every other backw
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .._layout import is_rows
@@ -34,9 +32,9 @@ from .core import RCP_LN2, STAT_PAD, query_blocks
 from .fastlaunch import Launcher
 from .versions import (COMPILE_OPTIONS, TensorDescriptor, await_compile_key, gl, gluon, mbarrier, tma_load,
                        warpgroup_mma, warpgroup_mma_wait)
-from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, build_descriptor, cu_seqs, deal, descriptor, hook_args,
-                        hook_constexprs, model_rows, next_tile, persistent, publish, row_view, section, sequence, take,
-                        tile_ring, varlen_mode)
+from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, build_descriptor, checked_layout, cu_seqs, deal, descriptor,
+                        hook_args, hook_constexprs, model_rows, next_tile, persistent, publish, row_view, section,
+                        sequence, take, tile_ring, varlen_mode)
 
 KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
 BLOCK_N = 2 * KEYS
@@ -353,17 +351,11 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
 def _row_descriptor(stat: torch.Tensor) -> TensorDescriptor:
     """A 1-D descriptor of BLOCK_M-element boxes over a contiguous NLSE2 / Delta buffer."""
     flat = stat.view(-1)
-    return build_descriptor(flat, [flat.numel()], [1], [BLOCK_M], _row_layout())
+    return build_descriptor(flat, [flat.numel()], [1], [BLOCK_M], ROW_LAYOUT)
 
 
-ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
-
-
-@functools.lru_cache(maxsize=None)
-def _row_layout() -> gl.NVMMASharedLayout:
-    """ROW_LAYOUT, checked once by TensorDescriptor's own validation (``ws_common.build_descriptor``)."""
-    TensorDescriptor(torch.empty(BLOCK_M, device="meta"), [BLOCK_M], [1], [BLOCK_M], ROW_LAYOUT)
-    return ROW_LAYOUT
+ROW_LAYOUT = checked_layout(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1), [BLOCK_M],
+                            torch.float32)
 
 
 def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float, band_args: dict,

@@ -129,21 +129,26 @@ _DESCRIPTOR_FACTORIES = {f.name: f.default_factory for f in _DESCRIPTOR_FIELDS
                          if f.default_factory is not dataclasses.MISSING}
 
 
+def checked_layout(layout, box: list, dtype: torch.dtype):
+    """``layout`` for ``box``es of ``dtype``, checked by TensorDescriptor's own validation (the box,
+    the layout and the element width, which depend on no tensor): once per box, where
+    ``build_descriptor`` leaves them out."""
+    t = torch.empty(box, dtype=dtype, device="meta")
+    TensorDescriptor(t, list(t.shape), list(t.stride()), list(box), layout)
+    return layout
+
+
 @functools.lru_cache(maxsize=None)
 def _checked_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    """``smem_layout``, with the box checked once by TensorDescriptor's own validation (the block
-    shape, the layout and the element width, which depend on no tensor)."""
-    layout = smem_layout(rows, cols, dtype)
-    TensorDescriptor(torch.empty((rows, cols), dtype=dtype, device="meta"), [rows, cols], [cols, 1], [rows, cols], layout)
-    return layout
+    """``smem_layout``, checked once per box (``checked_layout``)."""
+    return checked_layout(smem_layout(rows, cols, dtype), [rows, cols], dtype)
 
 
 def build_descriptor(base: torch.Tensor, shape: list, strides: list, box: list, layout) -> TensorDescriptor:
     """``TensorDescriptor(base, shape, strides, box, layout)`` without the dataclass's validation on
     every call: about 1 us of a launch's host time per descriptor, five per forward. The checks that
     depend on the tensor are made here (a 16-byte aligned base and strides, a unit last stride, a
-    nonempty shape); those of the box and layout, which do not, once per box (``_checked_layout``)
-    or by the caller's constant layout."""
+    nonempty shape); those of the box and layout, which do not, once per box (``checked_layout``)."""
     item = base.element_size()
     if (base.data_ptr() % 16 or strides[-1] != 1 or any(s * item % 16 for s in strides[:-1])
             or min(shape) <= 0):
