@@ -181,13 +181,18 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, attend {attend.__version__}")
     print("| call | host us |\n|---|---|")
     for name, fn in cases.items():
-        # attend's calls build with the ptxas the script started with, after compiled flex's row too
-        with row_toolchain("attend" if re.search(r"\battend\b", name) else name):
+        with _toolchain(name):
             print(f"| {name} | {host_us(fn, n=500):.1f} |", flush=True)
     if pattern is not None:
         for name, fn in cases.items():
-            with row_toolchain("attend" if re.search(r"\battend\b", name) else name):
+            with _toolchain(name):
                 profile(name, fn)
+
+
+def _toolchain(name: str):
+    """The row's toolchain: attend's calls build with the ptxas the script started with, after
+    compiled flex's row too."""
+    return row_toolchain("attend" if re.search(r"\battend\b", name) else name)
 
 
 def flex_decode(q, k, v):
