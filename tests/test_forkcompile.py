@@ -101,7 +101,27 @@ def _scenarios() -> dict:
     forkcompile.CHILD_TIMEOUT_S, before, t = 0.3, counts(), time.perf_counter()
     out = forkcompile.ForkExecutor().submit(hang).result(timeout=30)
     res["hung"] = dict(out=out, s=time.perf_counter() - t, before=before, after=counts())
-    forkcompile.CHILD_TIMEOUT_S = 30.0
+
+    # a child that computes past CHILD_TIMEOUT_S (itself, or in a process of its own, as ptxas) is
+    # left to finish, up to CHILD_LIMIT_S
+    spin = "import time\nt = time.perf_counter()\nwhile time.perf_counter() - t < {s}:\n    pass\n"
+
+    def busy(grandchild: bool, seconds: float):
+        def work():
+            if os.getpid() != parent:
+                if grandchild:
+                    subprocess.run([sys.executable, "-c", spin.format(s=seconds)], check=True)
+                else:
+                    exec(spin.format(s=seconds), {})
+            return "parent's"
+        return work
+
+    for name, grandchild, seconds, limit in (("busy", False, 1.5, 600.0), ("busy_grandchild", True, 1.5, 600.0),
+                                             ("past_limit", False, 20.0, 1.0)):
+        forkcompile.CHILD_LIMIT_S, before, t = limit, counts(), time.perf_counter()
+        out = forkcompile.ForkExecutor().submit(busy(grandchild, seconds)).result(timeout=60)
+        res[name] = dict(out=out, s=time.perf_counter() - t, before=before, after=counts())
+    forkcompile.CHILD_TIMEOUT_S, forkcompile.CHILD_LIMIT_S = 30.0, 600.0
 
     # the parent's Python signal handlers do not run in a child: SIGTERM ends it, the parent redoes
     marker = os.path.join(os.environ["TRITON_CACHE_DIR"], "handler-ran")
@@ -173,6 +193,22 @@ def test_a_hung_child_is_killed_and_the_parent_does_the_work(observed):
     hung = observed["hung"]
     assert hung["out"] == "parent's" and hung["s"] < 10
     assert hung["after"]["failed"] == hung["before"]["failed"] + 1
+
+
+@pytest.mark.parametrize("name", ["busy", "busy_grandchild"])
+def test_a_child_still_computing_is_left_to_finish(observed, name):
+    """A long compile is not a hang: the child (or its ptxas) uses CPU, so it outlives
+    CHILD_TIMEOUT_S (0.3 s here) and builds, instead of being killed and started over."""
+    busy = observed[name]
+    assert busy["out"] == "parent's" and busy["s"] >= 1.4
+    assert busy["after"]["built"] == busy["before"]["built"] + 1
+    assert busy["after"]["failed"] == busy["before"]["failed"]
+
+
+def test_a_child_past_the_limit_is_killed(observed):
+    past = observed["past_limit"]
+    assert past["out"] == "parent's" and past["s"] < 10  # CHILD_LIMIT_S 1 s, not the child's 20
+    assert past["after"]["failed"] == past["before"]["failed"] + 1
 
 
 def test_a_signal_ends_the_child_and_not_the_parents_handler(observed):

@@ -44,13 +44,19 @@ from triton import knobs
 
 from .versions import ASYNC_COMPILE
 
-# A child still compiling after this long is killed and the parent compiles instead: a compile
-# that hangs must cost time, never the call. A child holds a copy of every lock as it was at the
-# fork, and Triton releases the GIL through its MLIR / LLVM passes, so a thread of the user's
-# compiling at that moment could leave one taken. attend's own threads are not: the forward waits
-# for the warmup's forks before it compiles. The flex backward's largest build takes about 3 s on
-# the 2-core CPU; a hung child costs the first backward this long.
+# A child that has not exited after CHILD_TIMEOUT_S, and used less than a tenth of that in CPU time
+# over the last such interval (with its own children: ptxas), is taken for hung: it is killed and
+# the parent compiles instead. A compile that hangs must cost time, never the call. A child holds a
+# copy of every lock as it was at the fork, and Triton releases the GIL through its MLIR / LLVM
+# passes, so a thread of the user's compiling at that moment could leave one taken; a child stuck on
+# a lock sleeps. attend's own threads are not: the forward waits for the warmup's forks before it
+# compiles. A child still computing is left to finish, up to CHILD_LIMIT_S: killing a long build
+# (the fp32 backward with IEEE dots took 60 s at 64x64 tiles) would make the parent start it over.
+# Where the CPU time cannot be read (no /proc), CHILD_TIMEOUT_S alone decides. The flex backward's
+# largest build takes about 3 s on the 2-core CPU (bf16); a hung child costs the first backward
+# CHILD_TIMEOUT_S.
 CHILD_TIMEOUT_S = 30.0
+CHILD_LIMIT_S = 600.0
 
 # What the children did in this process: "forked", "built" (the child exited cleanly; the parent's
 # compile then finds its kernel in the cache), "failed" (the parent compiled itself). Tests and
@@ -141,8 +147,11 @@ def _reap(pid: int | None, work: Callable[[], object], fut: concurrent.futures.F
 
 
 def _wait(pid: int, timeout: float) -> bool:
-    """Whether child ``pid`` exited with status 0 within ``timeout`` seconds (killed otherwise)."""
-    deadline = time.monotonic() + timeout
+    """Whether child ``pid`` exited with status 0: killed where it looks hung, that is past
+    ``timeout`` seconds with less than a tenth of that in CPU time over the last ``timeout``
+    seconds, or past CHILD_LIMIT_S (module comment above CHILD_TIMEOUT_S)."""
+    start = time.monotonic()
+    deadline, cpu = start + timeout, _cpu_seconds(pid)
     delay = 0.001
     while True:
         try:
@@ -151,7 +160,12 @@ def _wait(pid: int, timeout: float) -> bool:
             return False
         if done:
             return os.waitstatus_to_exitcode(status) == 0
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
+            used = _cpu_seconds(pid)
+            if cpu is not None and used is not None and used - cpu >= 0.1 * timeout and now - start < CHILD_LIMIT_S:
+                deadline, cpu = now + timeout, used  # still computing: another interval
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
@@ -159,6 +173,28 @@ def _wait(pid: int, timeout: float) -> bool:
             return False
         time.sleep(delay)
         delay = min(2 * delay, 0.02)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU seconds used by process ``pid`` and its live descendants (ptxas, under the compile), from
+    Linux's /proc; None where ``pid``'s own entry cannot be read. A descendant that exits while
+    this reads it is left out (its time moves to its parent's waited-for children's)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, todo, first = 0, [pid], True
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime (stat fields 14-17)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", "rb") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError, IndexError):
+            if first:
+                return None
+        first = False
+    return total / tick
 
 
 @contextlib.contextmanager
