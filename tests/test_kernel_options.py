@@ -123,6 +123,9 @@ def test_rule_order_is_the_precedence():
     assert rule("bwd", group=8, seq_bucket=4096, causal=True) == "gqa"
     assert rule("bwd", group=8, seq_bucket=1024, causal=True) == "table"
     assert rule("fwd", 64, group=8, seq_bucket=4096) == "table"  # the D=64 GQA rule is causal only
+    assert rule("bwd", elem=4) == "fp32" and rule("fwd", elem=4, ieee=True) == "fp32"
+    assert rule("bwd", elem=4, ieee=True) == rule("bwd", 64, elem=4, ieee=True) == rule("bwd", 256, elem=4,
+                                                                                       ieee=True) == "fp32_ieee"
     assert configs.ws_backward(128, 1024) is None and configs.ws_backward(128, 4096) is not None
     assert configs.ws_backward(128, 1024, min_seq_bucket=0) is not None
 
@@ -175,6 +178,28 @@ def test_backward_plan_follows_the_options():
     assert launch.backward_plan(det, q, q, q, q, None, 0.0, None, 16384, 16384, atomic).dq == "programs"
     no_dq = launch.backward_plan(flags, q, q, q, q, None, 0.0, None, 16384, 16384, opts, dq_programs=False)
     assert no_dq.dq == "from_ds" and not no_dq.tiles.meta["HEAD_MAJOR"]
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_fp32_backward_tiles_follow_the_dot_precision(tf32, monkeypatch):
+    """fp32 with IEEE dots (allow_tf32 off, PyTorch's default) takes the small tiles whose FMA loops
+    build in seconds (configs' "fp32_ieee" rule); with TF32 the tensor cores' 64x64. The dense
+    backward and the flex backward (over a band and over the lists) alike."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    q = torch.empty(1, 4, 256, 128, dtype=torch.float32, device=DEVICE)
+    opts = KernelOptions(interpret=False, autotune=False, bwd_ws=False)
+    flags = launch._bwd_flags(q, q, q, q, dict(CAUSAL=True, WINDOW=False), None, None, False, False, 0.0, False,
+                              False, None, 256, 256, opts)
+    assert flags["DOT_PRECISION"] == ("tf32" if tf32 else "ieee")
+    want = 64 if tf32 else 32
+    plan = launch.backward_plan(flags, q, q, q, q, None, 0.0, None, 256, 256, opts)
+    assert {plan.tiles.meta[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} == {want}
+    from attend.flex_attention import create_block_mask
+
+    blocks = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 256, 256, device=DEVICE)
+    for lists in (True, False):
+        tiles = launch.flex_bwd_tiles(q, q, blocks, opts, lists=lists)
+        assert {tiles.meta[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} == {want}
 
 
 def test_blocked_kernel_refuses_a_window():

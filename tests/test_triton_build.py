@@ -1,8 +1,9 @@
 """Every shipped tuning config of the core compiles for sm_90 and sm_80 without a GPU, and the
 Hopper builds use wgmma (Ampere builds mma.sync).
 
-Exception, by design: the decode forward tiles (BLOCK_M=16) are below wgmma's 64-row minimum
-and use mma.sync on Hopper too; decode is bound by reading K and V, not by the tensor cores."""
+Exceptions, by design: the decode forward tiles (BLOCK_M=16) are below wgmma's 64-row minimum
+and use mma.sync on Hopper too; decode is bound by reading K and V, not by the tensor cores. The
+fp32 backward with IEEE dots (allow_tf32 off) runs them as FMAs, as PyTorch asks of fp32."""
 
 import json
 import os
@@ -65,7 +66,9 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
         ("bwd", "flex_bwd_" + v, a) for v in FLEX_DIAGONAL_VARIANTS for a in (90, 80)}
     for b in builds:
         decode_tile = b["kernel"] == "fwd" and b["config"].startswith("BLOCK_M: 16,")
-        if b["arch"] == 90 and decode_tile:
+        if "_fp32_ieee_" in b["feature"]:  # fp32 with IEEE dots: FMA loops, no tensor-core instruction
+            assert not (b["wgmma"] or b["mma_sync"]), f"{b['feature']} {b['config']} uses the tensor cores"
+        elif b["arch"] == 90 and decode_tile:
             assert b["mma_sync"], f"{b['config']} decode tile on sm_90"
         elif b["arch"] == 90:
             assert b["wgmma"], f"{b['kernel']} {b['config']} D={b['head_dim']} on sm_90 does not use wgmma"

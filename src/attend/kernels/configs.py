@@ -148,6 +148,7 @@ class Key:
     elem: int = 2
     seq_bucket: int = 16384
     group: int = 1
+    ieee: bool = False  # fp32 dots in IEEE precision (DOT_PRECISION "ieee": FMA loops, no tensor cores)
 
 
 def _any(key: Key) -> bool:
@@ -197,7 +198,16 @@ RULES: list[Rule] = [
     Rule("decode", "fwd", None, {ANY: _c(16, 128, 4, 3)}, lambda key: key.l_bucket == 1),
     # fp32 inputs: tiles take twice the space, so 64x64.
     Rule("fp32", "fwd", 128, {ANY: _c(64, 64, 4, 3)}, lambda key: key.elem > 2, elem=4),
-    Rule("fp32", "bwd", 128, {ANY: _b(64, 64, 64, 64, 4, 2)}, lambda key: key.elem > 2, elem=4),
+    Rule("fp32", "bwd", 128, {ANY: _b(64, 64, 64, 64, 4, 2)}, lambda key: key.elem > 2 and not key.ieee, elem=4),
+    # fp32 with IEEE dots (torch.backends.cuda.matmul.allow_tf32 off, PyTorch's default): Triton
+    # unrolls each dot into FMAs, and the build's time grows with the tile's area. The backward at
+    # head dim 128 for sm_90 on a 2-core CPU (Triton 3.6): 64x64 60.4 s, 32x64 37.4 s, 32x32 11.3 s;
+    # with a flex score_mod's hooks 62.9 s at 64x64, 10.0 s at 32x32 (docs/kernels.md, "Tuning: fp32
+    # with IEEE dots"). PyTorch's compiled flex takes 16x16 here.
+    Rule("fp32_ieee", "bwd", None, {ANY: _b(32, 32, 32, 32, 4, 2)}, lambda key: key.ieee and key.d <= 128,
+         dict(DOT_PRECISION="ieee"), elem=4),
+    Rule("fp32_ieee", "bwd", 256, {ANY: _b(16, 32, 32, 16, 4, 1)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"),
+         elem=4),
     # Key-padding masks (one mask row for all queries): a mask that keeps one run of keys is read on
     # the run's edge blocks only, so the forward is the plain one inside the run. ab.py, (4, 1, 1,
     # 4096) padding: 128x128 with TMA 568, 128x64 554, a non-EVEN 128x64 546 (docs/kernels.md,
@@ -327,13 +337,13 @@ def forward_tma(asked: bool, flags: dict) -> tuple[bool, bool]:
 def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict | None = None,
               elem: int = 2, seq_bucket: int = 16384, group: int = 1) -> triton.Config:
     """The fixed config for ``kind`` ("fwd" or "bwd") at padded head dim ``block_d``, given the
-    launch's feature ``flags`` (CAUSAL, WINDOW, VARLEN, HAS_MASK, MASK_KEYS), the input element
-    size, the sequence-length bucket (launch.seq_bucket) and the query heads per KV head: the
-    first rule of RULES that matches."""
+    launch's feature ``flags`` (CAUSAL, WINDOW, VARLEN, HAS_MASK, MASK_KEYS, DOT_PRECISION), the
+    input element size, the sequence-length bucket (launch.seq_bucket) and the query heads per KV
+    head: the first rule of RULES that matches."""
     f = flags or {}
     return _first_rule(kind, head_dim_class(block_d), bool(f.get("CAUSAL")), bool(f.get("WINDOW")),
                        bool(f.get("VARLEN")), bool(f.get("HAS_MASK")), bool(f.get("MASK_KEYS")), l_bucket, elem,
-                       seq_bucket, group)
+                       seq_bucket, group, f.get("DOT_PRECISION") == "ieee")
 
 
 @functools.lru_cache(maxsize=4096)

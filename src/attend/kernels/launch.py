@@ -1042,7 +1042,7 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     B, H, L, D = q.shape
     S = k.shape[2]
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_KEYS=False,
-                 DROPOUT=False, MASK_GRAD=False, VARLEN=False, DETERMINISTIC=True)
+                 DROPOUT=False, MASK_GRAD=False, VARLEN=False, DETERMINISTIC=True, DOT_PRECISION=_dot_precision(q.dtype))
     tiles = pick_tiles("bwd", flags, q.element_size(), dataclasses.replace(opts, autotune=False),
                        seq_bucket=seq_bucket(max(L, S)), group=H // k.shape[1])
     meta = {key: tiles.meta[key] for key in _FLEX_BWD_TILE_KEYS}
