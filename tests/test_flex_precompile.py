@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import traceback
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from triton.runtime.jit import native_specialize_impl
 
 import attend.flex_attention as flex
 from attend._flex import dispatch
-from attend.kernels import core, launch, versions
+from attend.kernels import core, forkcompile, launch, versions
 from attend.kernels.options import kernel_options
 from conftest import DEVICE
 from test_flex import _with_captures, assert_grads_match_dense, dense_reference
@@ -325,15 +326,27 @@ def test_gluon_route_warms_up_both_launches(monkeypatch):
     sm = lambda s, b, h, q_idx, kv_idx: torch.tanh(torch.sigmoid(s) - 0.5) * 3.0 + s
     bm = flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device=DEVICE)
     q, k, v = (torch.randn(1, 2, n, 128, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(3))
-    parts, real = [], dispatch._warm_backward  # (the warmups may finish before the forward does)
-    monkeypatch.setattr(dispatch, "_warm_backward", lambda *a: (parts.append(a[7]), real(*a))[1])  # a[7]: part
+    parts, failed, real = [], [], dispatch._warm_backward  # (the warmups may finish before the forward does)
+
+    def warm(*a):  # a[7]: the part; a failed warmup's error is kept for the assertion below
+        parts.append(a[7])
+        try:
+            return real(*a)
+        except BaseException:
+            failed.append(f"the {a[7]} warmup raised:\n{traceback.format_exc()}")
+            raise
+
+    monkeypatch.setattr(dispatch, "_warm_backward", warm)
     before = (_backward_variants(), gluon_variants())
+    forks = dict(forkcompile.COUNTS)
     with kernel_options(bwd_ws_min_seq_bucket=0):  # the Gluon dK / dV kernel at this length too
         out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
     assert sorted(parts) == ["dkdv", "dq"], "the Gluon kernel and the dQ programs, each on a warmup thread"
-    _drain_warmups()  # (a failed warmup shows below: its kernel is not built)
+    _drain_warmups()
+    assert not failed, failed[0]
     warmed = (_backward_variants(), gluon_variants())
-    assert warmed == (before[0] + 1, before[1] + 1), (before, warmed)
+    forks = {n: forkcompile.COUNTS[n] - forks[n] for n in forks}
+    assert warmed == (before[0] + 1, before[1] + 1), f"(core, Gluon) variants {before} -> {warmed}; forks {forks}"
     grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
     torch.cuda.synchronize()
     assert (_backward_variants(), gluon_variants()) == warmed, "the backward compiled a kernel the warmup had not"
