@@ -100,6 +100,12 @@ PLAN = {
         ("bwd", HM64, None, "now"), ("bwd", _b(64, 128, 128, 64, 8, 3), None, ""),
     ],
 }
+# fp32 with IEEE dots: the "fp32_ieee" rule's 32x32 backward (an 11 s build for sm_90) against the
+# 64x64 it replaced (60 s) and 32x64 (37 s); docs/kernels.md, "Tuning: fp32 with IEEE dots"
+FP32_BWD = [("bwd", _b(32, 32, 32, 32, 4, 2), None, "now"), ("bwd", _b(64, 64, 64, 64, 4, 2), None, ""),
+            ("bwd", _b(32, 64, 64, 32, 4, 2), None, "")]
+PLAN.update({f"d128-{c}-fp32@{S}": [("fwd", _c(64, 64, 4, 3), False, "now")] + FP32_BWD
+             for c in ("causal", "noncausal") for S in (1024, 4096)})
 
 
 def _label(kind, cfg, tma, mark, overrides=None) -> str:

@@ -13,6 +13,7 @@ DESIGN.md §4's FLOP count (backward = 2.5x forward).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -69,13 +70,14 @@ def _leaves(*ts):
     return [t.detach().requires_grad_() for t in ts]
 
 
-def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1, views=False):
+def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1, views=False, dtype=torch.bfloat16):
     """``views``: (B, H, S, D) views of (B, S, H, D) tensors, the layout models pass; "q": only q
-    (and dout) so, K / V contiguous as a KV cache holds them."""
+    (and dout) so, K / V contiguous as a KV cache holds them. fp32 runs on attend's EFFICIENT
+    backend (FLASH takes 16-bit inputs), its dots as ``allow_tf32`` says."""
     H = H or 2048 // D
     B = B or max(1, 16384 // S)
-    rows = lambda B, H, S, D: _randn(B, S, H, D).transpose(1, 2)  # noqa: E731
-    make = rows if views else _randn
+    rows = lambda B, H, S, D: _randn(B, S, H, D, dtype=dtype).transpose(1, 2)  # noqa: E731
+    make = rows if views else functools.partial(_randn, dtype=dtype)
     make_kv = _randn if views == "q" else make
     q, k, v = make(B, H, S, D), make_kv(B, H // gqa, S, D), make_kv(B, H // gqa, S, D)
     dout = make(B, H, S, D)
@@ -93,7 +95,8 @@ def _dense(D, causal, S, mask=None, mask_grad=False, B=None, H=None, gqa=1, view
     # The same call through the public API, timed as `python -m attend bench` times it.
     qa, ka, va = _leaves(q, k, v)
     ma = None if mask is None else (_leaves(mask)[0] if mask_grad else mask)
-    backend = attend.SDPBackend.FLASH_ATTENTION if mask is None else attend.SDPBackend.EFFICIENT_ATTENTION
+    flash = mask is None and dtype != torch.float32
+    backend = attend.SDPBackend.FLASH_ATTENTION if flash else attend.SDPBackend.EFFICIENT_ATTENTION
 
     def api():
         with attend.sdpa_kernel(backend):
@@ -151,6 +154,9 @@ def cases(name: str):
             table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S, views=True)) for S in seqs]
             table[key.replace("-views", "-qviews")] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S, views="q"))
                                                        for S in seqs]
+    for causal in (False, True):  # fp32 with IEEE dots (allow_tf32 off): configs' "fp32_ieee" rule
+        table[f"d128-{'causal' if causal else 'noncausal'}-fp32"] = [
+            (S, lambda c=causal, S=S: _dense(128, c, S, dtype=torch.float32)) for S in (1024, 4096)]
     table["bias-grad"] = [(4096, lambda: _dense(128, False, 4096, mask=_randn(4, 16, 4096, 4096), mask_grad=True,
                                                 B=4, H=16))]
     table["padding"] = [(4096, lambda: _dense(128, False, 4096, mask=_padding_mask(), B=4, H=16))]
