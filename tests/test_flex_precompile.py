@@ -338,14 +338,14 @@ def test_gluon_route_warms_up_both_launches(monkeypatch):
 
     monkeypatch.setattr(dispatch, "_warm_backward", warm)
     before = (_backward_variants(), gluon_variants())
-    forks = dict(forkcompile.COUNTS)
+    forks_before = dict(forkcompile.COUNTS)
     with kernel_options(bwd_ws_min_seq_bucket=0):  # the Gluon dK / dV kernel at this length too
         out = flex.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
     assert sorted(parts) == ["dkdv", "dq"], "the Gluon kernel and the dQ programs, each on a warmup thread"
     _drain_warmups()
     assert not failed, failed[0]
     warmed = (_backward_variants(), gluon_variants())
-    forks = {n: forkcompile.COUNTS[n] - forks[n] for n in forks}
+    forks = {what: forkcompile.COUNTS[what] - count for what, count in forks_before.items()}
     assert warmed == (before[0] + 1, before[1] + 1), f"(core, Gluon) variants {before} -> {warmed}; forks {forks}"
     grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
     torch.cuda.synchronize()

@@ -121,6 +121,28 @@ def _scenarios() -> dict:
         forkcompile.CHILD_LIMIT_S, before, t = limit, counts(), time.perf_counter()
         out = forkcompile.ForkExecutor().submit(busy(grandchild, seconds)).result(timeout=60)
         res[name] = dict(out=out, s=time.perf_counter() - t, before=before, after=counts())
+    # a hung child's own children (ptxas) go with it
+    pid_file = os.path.join(os.environ["TRITON_CACHE_DIR"], "grandchild.pid")
+
+    def hung_with_a_grandchild():
+        if os.getpid() != parent:
+            kid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            with open(pid_file, "w") as f:
+                f.write(str(kid.pid))
+            time.sleep(60)
+        return "parent's"
+
+    forkcompile.CHILD_LIMIT_S = 600.0
+    out = forkcompile.ForkExecutor().submit(hung_with_a_grandchild).result(timeout=60)
+    with open(pid_file) as f:
+        kid = int(f.read())
+    time.sleep(0.5)
+    try:
+        with open(f"/proc/{kid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        state = "gone"
+    res["hung_grandchild"] = dict(out=out, state=state)
     forkcompile.CHILD_TIMEOUT_S, forkcompile.CHILD_LIMIT_S = 30.0, 600.0
 
     # the parent's Python signal handlers do not run in a child: SIGTERM ends it, the parent redoes
@@ -207,8 +229,15 @@ def test_a_child_still_computing_is_left_to_finish(observed, name):
 
 def test_a_child_past_the_limit_is_killed(observed):
     past = observed["past_limit"]
-    assert past["out"] == "parent's" and past["s"] < 10  # CHILD_LIMIT_S 1 s, not the child's 20
+    assert past["out"] == "parent's" and 1.0 <= past["s"] < 10  # CHILD_LIMIT_S 1 s: not the 0.3 s timeout,
+    # nor the child's 20 s
     assert past["after"]["failed"] == past["before"]["failed"] + 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the processes from Linux's /proc")
+def test_a_hung_childs_own_children_are_killed_with_it(observed):
+    hung = observed["hung_grandchild"]
+    assert hung["out"] == "parent's" and hung["state"] in ("gone", "Z"), hung  # dead (a zombie until reaped)
 
 
 def test_a_signal_ends_the_child_and_not_the_parents_handler(observed):

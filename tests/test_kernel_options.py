@@ -194,6 +194,9 @@ def test_fp32_backward_tiles_follow_the_dot_precision(tf32, monkeypatch):
     want = 64 if tf32 else 32
     plan = launch.backward_plan(flags, q, q, q, q, None, 0.0, None, 256, 256, opts)
     assert {plan.tiles.meta[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} == {want}
+    # the autotuner takes TF32's backward; IEEE's keeps the rule (each candidate's build: up to a minute)
+    tuned = launch.pick_tiles("bwd", flags, 4, opts.replace(autotune=True))
+    assert (tuned is None) == tf32 and (tf32 or tuned.meta["BLOCK_M1"] == 32)
     from attend.flex_attention import create_block_mask
 
     blocks = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 256, 256, device=DEVICE)

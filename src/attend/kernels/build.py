@@ -93,7 +93,7 @@ FLEX_DIAGONAL_VARIANTS = ("score_table_diagonal",)  # a relative table's gradien
 
 def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_dim: int = 128,
                  config: triton.Config | None = None, kernel: str = "fwd", one_loop: bool = False, tma: bool = False,
-                 ragged_in_full: bool = False, even: bool = False):
+                 ragged_in_full: bool = False, even: bool = False, tf32: bool = False):
     """Compile the core's FLEX mode, ``kernel`` "fwd" (core.attn_fwd) or "bwd" (core.attn_bwd,
     with the captures' gradient scatter), for ``target`` with hooks generated from a fixed set of
     mods (``attend._flex.build._mods``: softcap + captured ALiBi slopes + captured bias table;
@@ -103,7 +103,8 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     one launch.flex_tiles / flex_bwd_tiles starts from (the dense non-causal one's). ``one_loop`` /
     ``tma``: KernelOptions.flex_one_loop / flex_tma (the backward: flex_bwd_one_loop; no TMA);
     ``ragged_in_full``: KernelOptions.flex_ragged_in_full (the forward with TMA); ``even``: the
-    lengths divide into the lists' blocks (launch's EVEN)."""
+    lengths divide into the lists' blocks (launch's EVEN). fp32 dots run in IEEE precision (PyTorch's
+    default, allow_tf32 off) unless ``tf32``, with the tiles launch picks for them."""
     import torch
 
     from .._flex import codegen
@@ -113,13 +114,14 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     varlen, diagonal = variant in FLEX_VARLEN_VARIANTS, variant in FLEX_DIAGONAL_VARIANTS
+    elem, precision = (4, "tf32" if tf32 else "ieee") if dtype == "float32" else (2, "tf32")  # launch's
     if config is None and kernel == "fwd":  # as launch.flex_tiles (packed: launch._hook_tiles) picks it
-        base = heuristic("fwd", block_d, flags=dict(CAUSAL=True, VARLEN=True) if varlen else {})
+        base = heuristic("fwd", block_d, flags=dict(CAUSAL=True, VARLEN=True) if varlen else {}, elem=elem)
         block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d, one_loop)
         config = triton.Config(dict(BLOCK_M=base.kwargs["BLOCK_M"], BLOCK_N=block_n), num_warps=warps,
                                num_stages=stages)
     elif config is None:  # as launch.flex_bwd_tiles picks it
-        base = heuristic("bwd", block_d, flags={})
+        base = heuristic("bwd", block_d, flags=dict(DOT_PRECISION=precision), elem=elem)
         meta, stages, warps = flex_bwd_tile({k: base.kwargs[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")},
                                             base.num_stages, base.num_warps, block_d, one_loop)
         config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=variant not in FLEX_BAND_VARIANTS),
@@ -160,7 +162,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, WINDOW=False,
                       HAS_MASK=False, MASK_BOOL=False, MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False,
                       MASK_TMA=False, WORKLIST=False, VARLEN=varlen, SEQUSED=False, PAGED=False, PAGE_SIZE=16,
-                      DOT_PRECISION="tf32", GRID_1D=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
+                      DOT_PRECISION=precision, GRID_1D=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
                       DETERMINISTIC=False, HEAD_MAJOR=False, DQ_ONLY=False, DKDV_ONLY=False, **NO_FLEX)
     constexprs.update(config.kwargs)
     constexprs.update(flags)

@@ -135,7 +135,7 @@ class Key:
     core's dQ programs after the Gluon dK / dV kernel), the head-dim class (64, 128 or 256: the
     padded head dim rounded up to one of them), the launch's feature flags, the query-length bucket
     (forward; 1 for decode), the input element size, the sequence-length bucket
-    (launch.seq_bucket) and the query heads per KV head."""
+    (launch.seq_bucket), the query heads per KV head and whether fp32 dots run in IEEE precision."""
 
     kind: str
     d: int

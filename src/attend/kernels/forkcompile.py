@@ -18,7 +18,7 @@ each kernel in its JIT cache, as a compile on the thread would. The JIT hashes t
 before it submits the compile, so parent and child agree on the cache key (a hash first computed in
 the child can differ: Triton caches its dependencies' keys per process).
 
-Nothing depends on the child: where it fails, cannot fork, or outlives ``CHILD_TIMEOUT_S``, the
+Nothing depends on the child: where it fails, cannot fork, or looks hung (``_wait``), the
 parent's compile does the whole work (and raises the compiler's own error, if there is one). The
 child touches no CUDA and runs no code but Triton's compiler (a forked child of a CUDA process may
 not use CUDA); it exits by ``os._exit``, running no handler of the parent's.
@@ -45,16 +45,17 @@ from triton import knobs
 from .versions import ASYNC_COMPILE
 
 # A child that has not exited after CHILD_TIMEOUT_S, and used less than a tenth of that in CPU time
-# over the last such interval (with its own children: ptxas), is taken for hung: it is killed and
-# the parent compiles instead. A compile that hangs must cost time, never the call. A child holds a
-# copy of every lock as it was at the fork, and Triton releases the GIL through its MLIR / LLVM
-# passes, so a thread of the user's compiling at that moment could leave one taken; a child stuck on
-# a lock sleeps. attend's own threads are not: the forward waits for the warmup's forks before it
-# compiles. A child still computing is left to finish, up to CHILD_LIMIT_S: killing a long build
-# (the fp32 backward with IEEE dots took 60 s at 64x64 tiles) would make the parent start it over.
-# Where the CPU time cannot be read (no /proc), CHILD_TIMEOUT_S alone decides. The flex backward's
-# largest build takes about 3 s on the 2-core CPU (bf16); a hung child costs the first backward
-# CHILD_TIMEOUT_S.
+# over the last such interval (with its own children: ptxas), is taken for hung: it is killed, with
+# its descendants, and the parent compiles instead. A compile that hangs must cost time, never the
+# call. A child holds a copy of every lock as it was at the fork, and Triton releases the GIL through
+# its MLIR / LLVM passes, so a thread of the user's compiling at that moment could leave one taken; a
+# child stuck on a lock sleeps. attend's own threads are not: the forward waits for the warmup's forks
+# before it compiles. A child still computing is left to finish, up to CHILD_LIMIT_S: killing a long
+# build would make the parent start it over (the largest build of a shipped config, the fp32
+# backward with IEEE dots, takes 11 s for sm_90 on the 2-core CPU; the 64x64 tile it replaced, 60 s).
+# The limit is ten times a slow build's minute. Where the CPU time cannot be read (no /proc),
+# CHILD_TIMEOUT_S alone decides. The flex backward's largest bf16 build takes about 3 s on the 2-core
+# CPU; a hung child costs the first backward CHILD_TIMEOUT_S.
 CHILD_TIMEOUT_S = 30.0
 CHILD_LIMIT_S = 600.0
 
@@ -130,7 +131,7 @@ def _quiet_child() -> None:
 
 
 def _reap(pid: int | None, work: Callable[[], object], fut: concurrent.futures.Future) -> None:
-    """Wait for child ``pid`` (killed past CHILD_TIMEOUT_S), then resolve ``fut`` with ``work()``
+    """Wait for child ``pid`` (killed where ``_wait`` takes it for hung), then resolve ``fut`` with ``work()``
     run here: a cache hit where the child built the kernel, the whole compile where it did not.
     ``fut`` is resolved whatever happens while waiting."""
     try:
@@ -147,11 +148,12 @@ def _reap(pid: int | None, work: Callable[[], object], fut: concurrent.futures.F
 
 
 def _wait(pid: int, timeout: float) -> bool:
-    """Whether child ``pid`` exited with status 0: killed where it looks hung, that is past
-    ``timeout`` seconds with less than a tenth of that in CPU time over the last ``timeout``
-    seconds, or past CHILD_LIMIT_S (module comment above CHILD_TIMEOUT_S)."""
+    """Whether child ``pid`` exited with status 0: killed, with its descendants, where it looks hung,
+    that is past ``timeout`` seconds with less than a tenth of that in CPU time over the last
+    ``timeout`` seconds, or at CHILD_LIMIT_S (the module comment above CHILD_TIMEOUT_S)."""
     start = time.monotonic()
-    deadline, cpu = start + timeout, _cpu_seconds(pid)
+    limit = start + CHILD_LIMIT_S
+    deadline, cpu = min(start + timeout, limit), _cpu_seconds(pid)
     delay = 0.001
     while True:
         try:
@@ -161,13 +163,14 @@ def _wait(pid: int, timeout: float) -> bool:
         if done:
             return os.waitstatus_to_exitcode(status) == 0
         now = time.monotonic()
-        if now > deadline:
+        if now >= deadline:
             used = _cpu_seconds(pid)
-            if cpu is not None and used is not None and used - cpu >= 0.1 * timeout and now - start < CHILD_LIMIT_S:
-                deadline, cpu = now + timeout, used  # still computing: another interval
+            if cpu is not None and used is not None and used - cpu >= 0.1 * timeout and now < limit:
+                deadline, cpu = min(now + timeout, limit), used  # still computing: another interval
                 continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            for p in [pid] + _descendants(pid):  # (ptxas, where the child was in it)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             return False
@@ -175,25 +178,38 @@ def _wait(pid: int, timeout: float) -> bool:
         delay = min(2 * delay, 0.02)
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """CPU seconds used by process ``pid`` and its live descendants (ptxas, under the compile), from
-    Linux's /proc; None where ``pid``'s own entry cannot be read. A descendant that exits while
-    this reads it is left out (its time moves to its parent's waited-for children's)."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total, todo, first = 0, [pid], True
+def _descendants(pid: int) -> list[int]:
+    """The live descendants of process ``pid``, parents before their children, from Linux's
+    /proc/<pid>/task/<tid>/children; empty where that cannot be read."""
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", "rb") as f:
+                    kids = [int(c) for c in f.read().split()]
+                out += kids
+                todo += kids
+        except (OSError, ValueError):  # gone, or no such file (a kernel built without it)
+            continue
+    return out
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU seconds used by process ``pid`` and its live descendants (ptxas, under the compile), from
+    Linux's /proc; None where ``pid``'s own entry cannot be read. The descendants are read before
+    ``pid``, children before their parents: one that exits meanwhile moves its time to its parent's
+    waited-for children's, read after it, so a race counts time twice, never drops it."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for p in reversed([pid] + _descendants(pid)):
         try:
             with open(f"/proc/{p}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
             total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime (stat fields 14-17)
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children", "rb") as f:
-                    todo += [int(c) for c in f.read().split()]
         except (OSError, ValueError, IndexError):
-            if first:
+            if p == pid:
                 return None
-        first = False
     return total / tick
 
 

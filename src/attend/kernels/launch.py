@@ -30,8 +30,10 @@ versions.warm_compile_key((core.attn_fwd, core.attn_bwd_preprocess, core.attn_bw
                           + ((ws.attn_fwd_ws, ws_bwd.attn_bwd_dkdv_ws) if ws is not None else ()))
 _RCP_LN2 = core.RCP_LN2.value
 
-_FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET"]
-_BWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "MASK_GRAD", "VARLEN", "DETERMINISTIC", "SEQ_BUCKET"]
+_FWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "VARLEN", "PAGED", "L_BUCKET", "SEQ_BUCKET",
+            "DOT_PRECISION"]
+_BWD_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "HAS_MASK", "MASK_KEYS", "DROPOUT", "MASK_GRAD", "VARLEN", "DETERMINISTIC", "SEQ_BUCKET",
+            "DOT_PRECISION"]
 _fwd = triton.autotune(FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": pruner("fwd")})(core.attn_fwd)
 _bwd = triton.autotune(BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": pruner("bwd")},
                        reset_to_zero=["DMASK", "DQ"])(core.attn_bwd)
@@ -215,7 +217,9 @@ def pick_tiles(kind: str, flags: dict, elem: int, opts: KernelOptions, l_bucket=
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False, ONE_LOOP=True)
         return Tiles(meta, 4, 1)
     forced = opts.fwd_config if kind == "fwd" else opts.bwd_config
-    if forced is None and opts.autotune:
+    # (fp32's backward with IEEE dots is not autotuned: each candidate's FMA loops take up to a
+    # minute to build; configs' "fp32_ieee" rule)
+    if forced is None and opts.autotune and not (kind == "bwd" and flags.get("DOT_PRECISION") == "ieee"):
         return None
     c = forced or heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket, group)
     return Tiles(dict(c.kwargs), c.num_warps, c.num_stages)
@@ -787,8 +791,8 @@ def flex_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     (lists.coarsen covers the other direction). None where no tile of at least 16 fits."""
     opts = resolve(options)
     B, H, L, D = q.shape
-    key = (D, q.element_size(), l_bucket(L), seq_bucket(k.shape[2]), H // k.shape[1], tuple(blocks.BLOCK_SIZE),
-           tuple(sorted((kernel_options or {}).items())))
+    key = (D, q.element_size(), _dot_precision(q.dtype), l_bucket(L), seq_bucket(k.shape[2]), H // k.shape[1],
+           tuple(blocks.BLOCK_SIZE), tuple(sorted((kernel_options or {}).items())))
     try:
         return _flex_tiles(opts, *key)
     except TypeError:  # an unhashable option or kernel_options value: no memo
@@ -796,14 +800,14 @@ def flex_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
 
 
 @functools.lru_cache(maxsize=256)
-def _flex_tiles(opts: KernelOptions, D: int, elem: int, l_bkt, s_bkt, group: int, block_size: tuple,
+def _flex_tiles(opts: KernelOptions, D: int, elem: int, precision: str, l_bkt, s_bkt, group: int, block_size: tuple,
                 ko_items: tuple) -> Tiles | None:
     """``flex_tiles`` from what it depends on (a flex call pays the choice once per shape class;
     decode calls repeat it per token)."""
     import dataclasses
 
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_KEYS=False,
-                 VARLEN=False)
+                 VARLEN=False, DOT_PRECISION=precision)
     tiles = pick_tiles("fwd", flags, elem, dataclasses.replace(opts, autotune=False), l_bkt, s_bkt, group)
     meta = {key: val for key, val in tiles.meta.items() if key in ("BLOCK_M", "BLOCK_N")}
     warps, stages = tiles.warps, tiles.stages
@@ -1042,7 +1046,8 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     B, H, L, D = q.shape
     S = k.shape[2]
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_KEYS=False,
-                 DROPOUT=False, MASK_GRAD=False, VARLEN=False, DETERMINISTIC=True, DOT_PRECISION=_dot_precision(q.dtype))
+                 DROPOUT=False, MASK_GRAD=False, VARLEN=False, DETERMINISTIC=True,
+                 DOT_PRECISION=_dot_precision(q.dtype))
     tiles = pick_tiles("bwd", flags, q.element_size(), dataclasses.replace(opts, autotune=False),
                        seq_bucket=seq_bucket(max(L, S)), group=H // k.shape[1])
     meta = {key: tiles.meta[key] for key in _FLEX_BWD_TILE_KEYS}
