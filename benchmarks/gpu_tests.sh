@@ -7,7 +7,7 @@
 #   A shard that ignores SIGINT is killed 30 s later and prints no summary: each failure is printed
 #   as it happens and the running test is written to a file (ATTEND_TEST_REPORT_NOW, tests/conftest.py),
 #   so the summary still names its failures and the test it was in, and counts its results from its
-#   progress line. A test still running after TEST_HANG_S (default: 45 s short of the shard's limit)
+#   progress line. Each finished shard lists its five slowest tests ($OUT/pytest.txt). A test still running after TEST_HANG_S (default: 45 s short of the shard's limit)
 #   dumps every thread's stack (faulthandler).
 set -uo pipefail
 N=${1:-8}
@@ -29,7 +29,7 @@ for i in $(seq 0 $((N - 1))); do
   mapfile -t ids < "$W/shard_$i.ids"
   [ ${#ids[@]} -eq 0 ] && continue
   ATTEND_TEST_REPORT_NOW="$W/shard_$i.running" timeout -s INT -k 30 "$LIMIT" python3 -m pytest -q -o addopts= \
-    -o faulthandler_timeout="$HANG" -p no:cacheprovider "${ids[@]}" > "$W/shard_$i.txt" 2>&1 &
+    -o faulthandler_timeout="$HANG" -p no:cacheprovider --durations=5 "${ids[@]}" > "$W/shard_$i.txt" 2>&1 &
 done
 wait
 passed=0; failed=0
