@@ -50,12 +50,12 @@ from .versions import ASYNC_COMPILE
 # call. A child holds a copy of every lock as it was at the fork, and Triton releases the GIL through
 # its MLIR / LLVM passes, so a thread of the user's compiling at that moment could leave one taken; a
 # child stuck on a lock sleeps. attend's own threads are not: the forward waits for the warmup's forks
-# before it compiles. A child still computing is left to finish, up to CHILD_LIMIT_S: killing a long
-# build would make the parent start it over (the largest build of a shipped config, the fp32
-# backward with IEEE dots, takes 11 s for sm_90 on the 2-core CPU; the 64x64 tile it replaced, 60 s).
-# The limit is ten times a slow build's minute. Where the CPU time cannot be read (no /proc),
-# CHILD_TIMEOUT_S alone decides. The flex backward's largest bf16 build takes about 3 s on the 2-core
-# CPU; a hung child costs the first backward CHILD_TIMEOUT_S.
+# before it compiles. A child still computing is left to finish, up to CHILD_LIMIT_S (a runaway
+# build's bound): killing a long build would make the parent start it over. Builds grow with the
+# tile's area where fp32 dots run in IEEE precision (docs/kernels.md, "Tuning: fp32 with IEEE
+# dots": 11 s for the shipped backward on the 2-core CPU, a minute at 64x64). Where the CPU time
+# cannot be read (no /proc), CHILD_TIMEOUT_S alone decides. The flex backward's largest bf16 build
+# takes about 3 s on the 2-core CPU; a hung child costs the first backward CHILD_TIMEOUT_S.
 CHILD_TIMEOUT_S = 30.0
 CHILD_LIMIT_S = 600.0
 
