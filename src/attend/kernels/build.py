@@ -114,7 +114,8 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     varlen, diagonal = variant in FLEX_VARLEN_VARIANTS, variant in FLEX_DIAGONAL_VARIANTS
-    elem, precision = (4, "tf32" if tf32 else "ieee") if dtype == "float32" else (2, "tf32")  # launch's
+    # the element size and dot precision as launch._dot_precision gives them (fp32: allow_tf32)
+    elem, precision = (4, "tf32" if tf32 else "ieee") if dtype == "float32" else (2, "tf32")
     if config is None and kernel == "fwd":  # as launch.flex_tiles (packed: launch._hook_tiles) picks it
         base = heuristic("fwd", block_d, flags=dict(CAUSAL=True, VARLEN=True) if varlen else {}, elem=elem)
         block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d, one_loop)

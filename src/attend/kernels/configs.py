@@ -196,9 +196,6 @@ def _causal(c: bool) -> Callable[[Key], bool]:
 # the next larger one listed, else the largest. D=256 is untuned (it fits the register file).
 RULES: list[Rule] = [
     Rule("decode", "fwd", None, {ANY: _c(16, 128, 4, 3)}, lambda key: key.l_bucket == 1),
-    # fp32 inputs: tiles take twice the space, so 64x64.
-    Rule("fp32", "fwd", 128, {ANY: _c(64, 64, 4, 3)}, lambda key: key.elem > 2, elem=4),
-    Rule("fp32", "bwd", 128, {ANY: _b(64, 64, 64, 64, 4, 2)}, lambda key: key.elem > 2 and not key.ieee, elem=4),
     # fp32 with IEEE dots (torch.backends.cuda.matmul.allow_tf32 off, PyTorch's default): Triton
     # unrolls each dot into FMAs, and the build's time grows with the tile's area. The backward at
     # head dim 128 for sm_90 on a 2-core CPU (Triton 3.6): 64x64 60.4 s, 32x64 37.4 s, 32x32 11.3 s;
@@ -208,6 +205,9 @@ RULES: list[Rule] = [
          dict(DOT_PRECISION="ieee"), elem=4),
     Rule("fp32_ieee", "bwd", 256, {ANY: _b(16, 32, 32, 16, 4, 1)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"),
          elem=4),
+    # fp32 inputs: tiles take twice the space, so 64x64.
+    Rule("fp32", "fwd", 128, {ANY: _c(64, 64, 4, 3)}, lambda key: key.elem > 2, elem=4),
+    Rule("fp32", "bwd", 128, {ANY: _b(64, 64, 64, 64, 4, 2)}, lambda key: key.elem > 2, elem=4),
     # Key-padding masks (one mask row for all queries): a mask that keeps one run of keys is read on
     # the run's edge blocks only, so the forward is the plain one inside the run. ab.py, (4, 1, 1,
     # 4096) padding: 128x128 with TMA 568, 128x64 554, a non-EVEN 128x64 546 (docs/kernels.md,
