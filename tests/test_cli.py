@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 
 def _run(*args):
@@ -77,6 +78,16 @@ def test_bench_warmup_option():
     assert build_parser().parse_args(["bench", "--warmup", "4", "--reps", "5"]).warmup == 4
     with pytest.raises(SystemExit, match="--warmup >= 0; got --reps 5 --warmup -1"):
         main(["bench", "--warmup", "-1", "--reps", "5"])
+
+
+@pytest.mark.parametrize("argv, dtype", [
+    ([], torch.float32), (["--device", "cuda"], torch.bfloat16), (["--device", "cuda", "--dtype", "float32"], torch.float32),
+    (["--device", "cuda", "--dtype", "float16"], torch.float16), (["--dtype", "float16"], torch.float16)])
+def test_bench_dtype_is_the_one_asked_for(argv, dtype):
+    """--dtype float32 on CUDA times fp32: it once read as "unset" there and ran bf16."""
+    from attend.cli import _bench_dtype, build_parser
+
+    assert _bench_dtype(build_parser().parse_args(["bench", *argv])) is dtype
 
 
 def test_attend_rows_build_with_the_toolchain_the_bench_started_with(monkeypatch):

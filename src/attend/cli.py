@@ -117,12 +117,19 @@ def cmd_explain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_dtype(a: argparse.Namespace) -> torch.dtype:
+    """``--dtype`` as given; unset, float32 on the CPU and bfloat16 on CUDA (what the tables report)."""
+    if a.dtype is not None:
+        return _DTYPES[a.dtype]
+    return torch.float32 if a.device == "cpu" else torch.bfloat16
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     if a.suite == "flex":  # runs on the CPU too, at the tiny preset (attend's core under TRITON_INTERPRET=1)
         from . import bench_flex
 
         preset = a.flex_preset or ("tiny" if a.device == "cpu" else "full")
-        dtype = torch.float32 if a.device == "cpu" else _DTYPES[a.dtype if a.dtype != "float32" else "bfloat16"]
+        dtype = torch.float32 if a.device == "cpu" else _bench_dtype(a)
         bench_flex.main(preset, tuple(a.impls.split(",")) if a.impls else bench_flex.IMPLS, a.flex_json, a.device,
                         dtype)
         return 0
@@ -130,7 +137,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         from . import bench_models
 
         preset = a.models_preset or ("tiny" if a.device == "cpu" else "full")
-        dtype = _DTYPES[a.dtype] if a.device == "cpu" or a.dtype != "float32" else torch.bfloat16
+        dtype = _bench_dtype(a)
         bench_models.main(preset, tuple(a.impls.split(",")) if a.impls else bench_models.IMPLS, a.models_json,
                           a.device, dtype)
         return 0
@@ -140,14 +147,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if a.reps < 1 or a.warmup < 0:
             raise SystemExit(f"bench: --reps must be >= 1 and --warmup >= 0; got --reps {a.reps} --warmup {a.warmup}")
 
-        bench_cpu.run((1, a.heads, a.seq, a.head_dim), _DTYPES[a.dtype], a.causal, a.reps, warmup=a.warmup)
+        bench_cpu.run((1, a.heads, a.seq, a.head_dim), _bench_dtype(a), a.causal, a.reps, warmup=a.warmup)
         return 0
     if not torch.cuda.is_available():
         raise SystemExit(f"--device {a.device}: CUDA is not available here; use --device cpu")
     if a.suite in ("masks", "all"):
         from . import bench_masks
 
-        bench_masks.main(_DTYPES[a.dtype if a.dtype != "float32" else "bfloat16"], a.masks_json)
+        bench_masks.main(_bench_dtype(a), a.masks_json)
         if a.suite == "masks":
             return 0
     from . import bench
@@ -158,7 +165,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         impls = bench.BACKEND_IMPLS + bench.PEERS[1:]
     else:
         impls = tuple(a.impls.split(",")) if a.impls else bench.PEERS
-    bench.main(seqs, dims, _DTYPES[a.dtype if a.dtype != "float32" else "bfloat16"], impls, a.json, a.png,
+    bench.main(seqs, dims, _bench_dtype(a), impls, a.json, a.png,
                gqa=not a.no_gqa, decode=not a.no_decode, views=not a.no_views)
     return 0
 
@@ -192,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seq", type=int, default=2048)
     be.add_argument("--heads", type=int, default=8)
     be.add_argument("--head-dim", type=int, default=64)
-    be.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    be.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                    help="default: float32 on the CPU, bfloat16 on CUDA")
     be.add_argument("--causal", action="store_true")
     be.add_argument("--reps", type=int, default=3, help="CPU: timed repetitions")
     be.add_argument("--warmup", type=int, default=1, help="CPU: untimed calls before the timed ones")
