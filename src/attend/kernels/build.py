@@ -117,14 +117,17 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     # the element size and dot precision as launch._dot_precision gives them (fp32: allow_tf32)
     elem, precision = (4, "tf32" if tf32 else "ieee") if dtype == "float32" else (2, "tf32")
     if config is None and kernel == "fwd":  # as launch.flex_tiles (packed: launch._hook_tiles) picks it
-        base = heuristic("fwd", block_d, flags=dict(CAUSAL=True, VARLEN=True) if varlen else {}, elem=elem)
-        block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d, one_loop)
+        flags = dict(CAUSAL=True, VARLEN=True) if varlen else {}
+        base = heuristic("fwd", block_d, flags=dict(flags, DOT_PRECISION=precision), elem=elem)
+        block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d, one_loop,
+                                           precision == "ieee" and elem == 4)
         config = triton.Config(dict(BLOCK_M=base.kwargs["BLOCK_M"], BLOCK_N=block_n), num_warps=warps,
                                num_stages=stages)
     elif config is None:  # as launch.flex_bwd_tiles picks it
         base = heuristic("bwd", block_d, flags=dict(DOT_PRECISION=precision), elem=elem)
         meta, stages, warps = flex_bwd_tile({k: base.kwargs[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")},
-                                            base.num_stages, base.num_warps, block_d, one_loop)
+                                            base.num_stages, base.num_warps, block_d, one_loop,
+                                            precision == "ieee" and elem == 4)
         config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=variant not in FLEX_BAND_VARIANTS),
                                num_warps=warps, num_stages=stages)  # head-major on the lists, as launch.flex_bwd_tiles
     fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
@@ -334,6 +337,8 @@ def rule_jobs() -> list[tuple]:
             if not rule.flags and rule.elem == 2 and (rule.d or 128) == 128 and key(kind, c) in plain:
                 continue
             jobs.append(("rule", i, 90, rule.d or 128, f"rule_{i}_{rule.kind}_{rule.name}_{bucket}"))
+            if rule.flags.get("DOT_PRECISION") == "ieee":  # FMA loops: the non-causal build holds more
+                jobs.append(("rule", i, 90, rule.d or 128, f"rule_{i}_{rule.kind}_{rule.name}_noncausal_{bucket}"))
     return jobs
 
 
@@ -377,8 +382,9 @@ def _build(job: tuple) -> dict:
         config = rule.tiles[int(feature[0].rsplit("_", 1)[1])]
         kernel = "fwd" if rule.kind == "fwd" else "bwd"
         dtype = {2: "bfloat16", 4: "float32"}[rule.elem]
+        flags = dict(rule.flags, CAUSAL=False) if "_noncausal_" in feature[0] else rule.flags
         compiled = compile_kernel(KERNELS[kernel], config, GPUTarget("cuda", arch, 32), dtype=dtype,
-                                  head_dim=head_dim, **rule.flags)
+                                  head_dim=head_dim, **flags)
         return _report(compiled, kernel, str(config), arch, head_dim, feature[0])
     flags = {**_FEATURES, **_FWD_FEATURES, **_BWD_FEATURES}[feature[0]] if feature else {}
     # Feature variants take the fixed config a launch with those features takes.
@@ -391,11 +397,34 @@ def _build(job: tuple) -> dict:
 
 
 def _report(compiled, kind: str, config: str, arch: int, head_dim: int, feature: str) -> dict:
-    """What the build check asserts about one build: its MMA instructions, TMA use, shared memory."""
+    """What the build check asserts about one build: its MMA instructions, TMA use, shared memory,
+    and the registers and stack ptxas gave it (None where Triton ships no cuobjdump)."""
     ptx = compiled.asm["ptx"]
+    regs, stack = resources(compiled.asm.get("cubin"))
     return dict(kernel=kind, config=config, arch=arch, head_dim=head_dim, feature=feature, wgmma="wgmma" in ptx,
                 mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx, shared=compiled.metadata.shared,
-                tanh_approx="tanh.approx.f32" in ptx, _ptx=ptx)
+                tanh_approx="tanh.approx.f32" in ptx, regs=regs, stack=stack, _ptx=ptx)
+
+
+def resources(cubin: bytes | None) -> tuple[int | None, int | None]:
+    """(registers per thread, stack bytes) of a cubin's kernel, from the cuobjdump that Triton ships
+    beside its ptxas; (None, None) where there is none. The stack holds what ptxas spilled: on sm_90
+    it gave fp32's IEEE forward at 64x64 and 4 warps 32 registers and a 7.5 KB stack, 24x slower than
+    its causal build (docs/kernels.md, "Tuning: fp32 with IEEE dots")."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if cubin is None or not os.path.exists(tool):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(found[1]), int(found[2])) if found else (None, None)
 
 
 def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> list[dict]:
