@@ -726,22 +726,19 @@ def test_a_scale_at_or_below_zero_keeps_masked_keys_out(backend, kw, scale, use_
 
 @pytest.mark.parametrize("D", [128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_fp32_ieee_backward_tiles_match_float64(D, causal, monkeypatch):
-    """fp32 with IEEE dots takes configs' "fp32_ieee" backward tiles (32x32; 16x32 / 32x16 at head
-    dim 256): its gradients match float64 at ragged lengths. The interpreter's own tile is
-    replaced by the rule's here, as a GPU launch picks it."""
+def test_fp32_ieee_tiles_match_float64(D, causal, monkeypatch):
+    """fp32 with IEEE dots takes configs' "fp32_ieee" tiles (forward 64x32, 32x32 at head dim 256;
+    backward 32x32, 16x16 at 256): its output and gradients match float64 at ragged lengths. The
+    interpreter's own tile is replaced by the rule's here, as a GPU launch picks it."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    picked, real = [], launch.pick_tiles
+    picked, real = {}, launch.pick_tiles
 
     def pick(kind, flags, elem, opts, *a, **kw):
-        if kind != "bwd" or not opts.interpret:
-            tiles = real(kind, flags, elem, opts, *a, **kw)
-        else:
-            c = configs.heuristic(kind, flags["BLOCK_D"], flags=flags, elem=elem)
-            tiles = launch.Tiles(dict(c.kwargs), c.num_warps, c.num_stages)
-        if kind == "bwd":
-            picked.append(tiles.meta)
-        return tiles
+        if not opts.interpret:
+            return real(kind, flags, elem, opts, *a, **kw)
+        c = configs.heuristic(kind, flags["BLOCK_D"], flags=flags, elem=elem)
+        picked[kind] = c.kwargs
+        return launch.Tiles(dict(c.kwargs), c.num_warps, c.num_stages)
 
     monkeypatch.setattr(launch, "pick_tiles", pick)
     torch.manual_seed(3)
@@ -749,5 +746,7 @@ def test_fp32_ieee_backward_tiles_match_float64(D, causal, monkeypatch):
     with attend.sdpa_kernel(attend.SDPBackend.EFFICIENT_ATTENTION):
         out = attend.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert_matches_float64(out, q, k, v, what=f"fp32 IEEE D={D}", is_causal=causal)
-    want = (32, 32, 32, 32) if D <= 128 else (16, 32, 32, 16)
+    assert (picked["fwd"]["BLOCK_M"], picked["fwd"]["BLOCK_N"]) == ((64, 32) if D <= 128 else (32, 32))
+    want = (32, 32, 32, 32) if D <= 128 else (16, 16, 16, 16)
+    picked = [picked["bwd"]]
     assert picked and tuple(picked[-1][n] for n in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")) == want

@@ -114,6 +114,8 @@ def test_rule_order_is_the_precedence():
         return configs.rule_for(key).name
 
     assert rule("fwd", l_bucket=1, elem=4, has_mask=True) == "decode"
+    # head dim 256's decode tiles fit sm_90's shared memory (16x128 at 3 stages asked for 274432 bytes)
+    assert all(configs.heuristic("fwd", 256, l_bucket=1, elem=e).num_stages == 2 for e in (2, 4))
     assert rule("fwd", elem=4, has_mask=True) == "fp32"
     assert rule("fwd", has_mask=True, mask_keys=True, window=True) == "key_mask"
     assert rule("bwd", has_mask=True, mask_keys=True) == "table"  # no key-mask rule for the backward
@@ -123,9 +125,8 @@ def test_rule_order_is_the_precedence():
     assert rule("bwd", group=8, seq_bucket=4096, causal=True) == "gqa"
     assert rule("bwd", group=8, seq_bucket=1024, causal=True) == "table"
     assert rule("fwd", 64, group=8, seq_bucket=4096) == "table"  # the D=64 GQA rule is causal only
-    assert rule("bwd", elem=4) == "fp32" and rule("fwd", elem=4, ieee=True) == "fp32"
-    assert rule("bwd", elem=4, ieee=True) == rule("bwd", 64, elem=4, ieee=True) == rule("bwd", 256, elem=4,
-                                                                                       ieee=True) == "fp32_ieee"
+    assert rule("bwd", elem=4) == "fp32" and rule("fwd", elem=4) == "fp32"
+    assert all(rule(kind, d, elem=4, ieee=True) == "fp32_ieee" for kind in ("fwd", "bwd") for d in (64, 128, 256))
     assert configs.ws_backward(128, 1024) is None and configs.ws_backward(128, 4096) is not None
     assert configs.ws_backward(128, 1024, min_seq_bucket=0) is not None
 
@@ -203,6 +204,30 @@ def test_fp32_backward_tiles_follow_the_dot_precision(tf32, monkeypatch):
     for lists in (True, False):
         tiles = launch.flex_bwd_tiles(q, q, blocks, opts, lists=lists)
         assert {tiles.meta[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} == {want}
+        # IEEE's 8 warps stay: at 4 ptxas collapsed the registers of such tiles
+        assert tiles.warps == (4 if tf32 else 8) == plan.tiles.warps
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_fp32_forward_tiles_follow_the_dot_precision(tf32, monkeypatch):
+    """fp32's forward with IEEE dots takes the "fp32_ieee" rule's 8-warp tiles (at 4 warps ptxas gave
+    the non-causal 64x64 32 registers and a 7.5 KB stack: 24x slower than causal on an H100), and
+    the flex forward keeps them; with TF32 the tensor cores' 64x64 at 4 warps."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    q = torch.empty(1, 4, 256, 128, dtype=torch.float32, device=DEVICE)
+    opts = KernelOptions(interpret=False, autotune=False, fwd_ws=False)
+    flags = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, DOT_PRECISION=launch._dot_precision(q.dtype))
+    tiles = launch.pick_tiles("fwd", flags, 4, opts)
+    want = (64, 64, 4) if tf32 else (64, 32, 8)
+    assert (tiles.meta["BLOCK_M"], tiles.meta["BLOCK_N"], tiles.warps) == want
+    assert (launch.pick_tiles("fwd", flags, 4, opts.replace(autotune=True)) is None) == tf32  # IEEE: never tuned
+    decode = launch.pick_tiles("fwd", flags, 4, opts, l_bucket=1)  # at most 16 queries
+    assert (decode.meta["BLOCK_M"], decode.meta["BLOCK_N"], decode.warps) == ((16, 128, 4) if tf32 else (16, 64, 8))
+    from attend.flex_attention import create_block_mask
+
+    blocks = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 256, 256, device=DEVICE)
+    flex = launch.flex_tiles(q, q, blocks, opts)
+    assert (flex.meta["BLOCK_M"], flex.meta["BLOCK_N"], flex.warps) == want
 
 
 def test_blocked_kernel_refuses_a_window():

@@ -195,15 +195,30 @@ def _causal(c: bool) -> Callable[[Key], bool]:
 # causal) the best config of the H100 sweep per sequence-length bucket. A bucket not listed takes
 # the next larger one listed, else the largest. D=256 is untuned (it fits the register file).
 RULES: list[Rule] = [
+    # Decode (at most 16 queries). fp32 with IEEE dots: 16x128 at 4 warps built to 32 registers and
+    # an 8 KB stack for sm_90 (the "fp32_ieee" rules below); at 8 warps and 16x64 it spills nothing.
+    # Head dim 256: 16x128 at 3 stages asked for 274432 bytes of shared memory in bf16 (sm_90 has
+    # 232448), 16x64 at 2 stages for 151808 in fp32.
+    Rule("decode_fp32_ieee", "fwd", None, {ANY: _c(16, 64, 8, 2)}, lambda key: key.l_bucket == 1 and key.ieee,
+         dict(DOT_PRECISION="ieee"), elem=4),
+    Rule("decode", "fwd", 256, {ANY: _c(16, 128, 4, 2)}, lambda key: key.l_bucket == 1 and key.elem == 2),
+    Rule("decode", "fwd", 256, {ANY: _c(16, 64, 4, 2)}, lambda key: key.l_bucket == 1, elem=4),
     Rule("decode", "fwd", None, {ANY: _c(16, 128, 4, 3)}, lambda key: key.l_bucket == 1),
     # fp32 with IEEE dots (torch.backends.cuda.matmul.allow_tf32 off, PyTorch's default): Triton
     # unrolls each dot into FMAs, and the build's time grows with the tile's area. The backward at
     # head dim 128 for sm_90 on a 2-core CPU (Triton 3.6): 64x64 60.4 s, 32x64 37.4 s, 32x32 11.3 s;
     # with a flex score_mod's hooks 62.9 s at 64x64, 10.0 s at 32x32 (docs/kernels.md, "Tuning: fp32
     # with IEEE dots"). PyTorch's compiled flex takes 16x16 here.
-    Rule("fp32_ieee", "bwd", None, {ANY: _b(32, 32, 32, 32, 4, 2)}, lambda key: key.ieee and key.d <= 128,
+    # ptxas then gives some tiles at 4 warps a collapsed allocation: the non-causal forward at 64x64
+    # (head dim 128) and 64x32 (256) 32 registers and a 7.5 / 10 KB stack, the backward at 32x32 64
+    # registers and 4.3 KB (causal); 24x slower than the causal forward on an H100. At 8 warps these
+    # tiles spill at most 224 bytes (the build check asserts it, causal and not).
+    Rule("fp32_ieee", "fwd", 64, {ANY: _c(32, 64, 8, 2)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"), elem=4),
+    Rule("fp32_ieee", "fwd", 128, {ANY: _c(64, 32, 8, 2)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"), elem=4),
+    Rule("fp32_ieee", "fwd", 256, {ANY: _c(32, 32, 8, 2)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"), elem=4),
+    Rule("fp32_ieee", "bwd", None, {ANY: _b(32, 32, 32, 32, 8, 2)}, lambda key: key.ieee and key.d <= 128,
          dict(DOT_PRECISION="ieee"), elem=4),
-    Rule("fp32_ieee", "bwd", 256, {ANY: _b(16, 32, 32, 16, 4, 1)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"),
+    Rule("fp32_ieee", "bwd", 256, {ANY: _b(16, 16, 16, 16, 8, 2)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"),
          elem=4),
     # fp32 inputs: tiles take twice the space, so 64x64.
     Rule("fp32", "fwd", 128, {ANY: _c(64, 64, 4, 3)}, lambda key: key.elem > 2, elem=4),
@@ -365,7 +380,8 @@ assert all(EVEN_TILE % c.kwargs[k] == 0 for c in FWD_CONFIGS + BWD_CONFIGS + [c 
            for k in _BLOCKS if k in c.kwargs)
 
 
-def flex_tile(block_n: int, stages: int, warps: int, block_d: int, one_loop: bool = False) -> tuple[int, int, int]:
+def flex_tile(block_n: int, stages: int, warps: int, block_d: int, one_loop: bool = False,
+              ieee: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, stages, warps) of the flex forward (core.attn_fwd FLEX) from a dense forward
     config's: its three key loops (partial, full, ragged full block) each hold pipeline buffers, so
     at most 2 stages (the dense config's with ``one_loop``: KernelOptions.flex_one_loop), and
@@ -373,13 +389,18 @@ def flex_tile(block_n: int, stages: int, warps: int, block_d: int, one_loop: boo
     asked for 360448 bytes of shared memory (a score_mod and a mask_mod); 128x64 at 2 stages for
     131584. From head dim 128 up, 4 warps: on an H100 (B=2, H=16, S=8192, D=128, bf16;
     benchmarks/flex_tiles.py, docs/flex.md "Tiles") 128x64 with 4 warps against 8 timed causal
-    1.651 against 1.962 ms, ALiBi + causal 1.854 against 2.151, a document mask 0.669 against 0.753."""
+    1.651 against 1.962 ms, ALiBi + causal 1.854 against 2.151, a document mask 0.669 against 0.753.
+    ``ieee`` (fp32 with IEEE dots): the "fp32_ieee" rule's tile as it is, 2 stages and 8 warps: at 4
+    warps ptxas collapses such builds' registers (the rule's comment)."""
+    if ieee:
+        return block_n, min(stages, 2), warps
     if block_d >= 128:
         block_n, warps = min(block_n, 64), 4
     return block_n, (stages if one_loop else min(stages, 2)), warps
 
 
-def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int, one_loop: bool = False) -> tuple[dict, int, int]:
+def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int, one_loop: bool = False,
+                  ieee: bool = False) -> tuple[dict, int, int]:
     """(tiles, stages, warps) of the flex backward (core.attn_bwd FLEX) from a dense backward
     config's: its dQ programs run three key loops and its dK/dV programs two (partial and full
     blocks), each holding pipeline buffers, so at most 2 stages (the dense config's with
@@ -388,8 +409,11 @@ def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int, one_loop: b
     forward + backward timed causal 6.110 against 6.604 ms with 64x128 / 128x64 and 8 warps, ALiBi
     + causal 7.048 against 7.325. Never larger than the dense config's tiles: head dim 256 keeps
     its 16 / 64 / 64 / 16 (with a score_mod, 64x64 there built to 163844 bytes of shared memory on
-    sm_80 and 216064 on sm_90, against 90116 and 104452: past the 99 KiB of sm_86 / sm_89)."""
+    sm_80 and 216064 on sm_90, against 90116 and 104452: past the 99 KiB of sm_86 / sm_89). ``ieee``: the "fp32_ieee" rule's tiles and warps as they are
+    (``flex_tile``)."""
     meta = dict(meta)
+    if ieee:
+        return meta, min(stages, 2), warps
     if block_d >= 128:
         meta = {key: min(val, 64) for key, val in meta.items()}
         warps = 4

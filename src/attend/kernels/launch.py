@@ -217,9 +217,9 @@ def pick_tiles(kind: str, flags: dict, elem: int, opts: KernelOptions, l_bucket=
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False, ONE_LOOP=True)
         return Tiles(meta, 4, 1)
     forced = opts.fwd_config if kind == "fwd" else opts.bwd_config
-    # (fp32's backward with IEEE dots is not autotuned: each candidate's FMA loops take up to a
-    # minute to build; configs' "fp32_ieee" rule)
-    if forced is None and opts.autotune and not (kind == "bwd" and flags.get("DOT_PRECISION") == "ieee"):
+    # (fp32 with IEEE dots is not autotuned: a backward candidate's FMA loops take up to a minute
+    # to build, and ptxas collapses some candidates' registers; configs' "fp32_ieee" rules)
+    if forced is None and opts.autotune and flags.get("DOT_PRECISION") != "ieee":
         return None
     c = forced or heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket, group)
     return Tiles(dict(c.kwargs), c.num_warps, c.num_stages)
@@ -474,7 +474,7 @@ def _hook_tiles(flags: dict, elem: int, opts: KernelOptions, L: int, S: int, gro
     if opts.interpret:
         return tiles
     block_n, stages, warps = flex_tile(tiles.meta["BLOCK_N"], tiles.stages, tiles.warps, flags["BLOCK_D"],
-                                       opts.flex_one_loop)
+                                       opts.flex_one_loop, flags.get("DOT_PRECISION") == "ieee")
     return Tiles(dict(tiles.meta, BLOCK_N=block_n, LAZY_RESCALE=False, ONE_LOOP=opts.flex_one_loop), warps, stages)
 
 
@@ -812,7 +812,8 @@ def _flex_tiles(opts: KernelOptions, D: int, elem: int, precision: str, l_bkt, s
     meta = {key: val for key, val in tiles.meta.items() if key in ("BLOCK_M", "BLOCK_N")}
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
-        meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, block_d(D), opts.flex_one_loop)
+        meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, block_d(D), opts.flex_one_loop,
+                                                   precision == "ieee")
     ko = dict(ko_items)
     meta["BLOCK_M"] = int(ko.get("BLOCK_M", meta["BLOCK_M"]))
     meta["BLOCK_N"] = int(ko.get("BLOCK_N", meta["BLOCK_N"]))
@@ -1053,7 +1054,8 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     meta = {key: tiles.meta[key] for key in _FLEX_BWD_TILE_KEYS}
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
-        meta, stages, warps = flex_bwd_tile(meta, stages, warps, block_d(D), opts.flex_bwd_one_loop)
+        meta, stages, warps = flex_bwd_tile(meta, stages, warps, block_d(D), opts.flex_bwd_one_loop,
+                                            flags["DOT_PRECISION"] == "ieee")
     ko = kernel_options or {}
     meta = {key: int(ko.get(key, val)) for key, val in meta.items()}
     warps, stages = int(ko.get("num_warps", warps)), int(ko.get("num_stages", stages))
