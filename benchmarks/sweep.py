@@ -154,9 +154,10 @@ def cases(name: str):
             table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S, views=True)) for S in seqs]
             table[key.replace("-views", "-qviews")] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S, views="q"))
                                                        for S in seqs]
-    for causal in (False, True):  # fp32 with IEEE dots (allow_tf32 off): configs' "fp32_ieee" rule
-        table[f"d128-{'causal' if causal else 'noncausal'}-fp32"] = [
-            (S, lambda c=causal, S=S: _dense(128, c, S, dtype=torch.float32)) for S in (1024, 4096)]
+    for causal in (False, True):  # fp32 with IEEE dots (allow_tf32 off): configs' "fp32_ieee" rules
+        for D, seqs_fp32 in ((64, (4096,)), (128, (1024, 4096)), (256, (4096,))):
+            table[f"d{D}-{'causal' if causal else 'noncausal'}-fp32"] = [
+                (S, lambda D=D, c=causal, S=S: _dense(D, c, S, dtype=torch.float32)) for S in seqs_fp32]
     table["bias-grad"] = [(4096, lambda: _dense(128, False, 4096, mask=_randn(4, 16, 4096, 4096), mask_grad=True,
                                                 B=4, H=16))]
     table["padding"] = [(4096, lambda: _dense(128, False, 4096, mask=_padding_mask(), B=4, H=16))]
