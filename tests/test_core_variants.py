@@ -726,11 +726,15 @@ def test_a_scale_at_or_below_zero_keeps_masked_keys_out(backend, kw, scale, use_
 
 @pytest.mark.parametrize("D", [128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_fp32_ieee_tiles_match_float64(D, causal, monkeypatch):
-    """fp32 with IEEE dots takes configs' "fp32_ieee" tiles (forward 64x32, 32x32 at head dim 256;
-    backward 32x32, 16x16 at 256): its output and gradients match float64 at ragged lengths. The
-    interpreter's own tile is replaced by the rule's here, as a GPU launch picks it."""
+@pytest.mark.parametrize("dots", ["ieee", "tf32x3"])
+def test_fp32_exact_dots_tiles_match_float64(D, causal, dots, monkeypatch, kopts):
+    """fp32 without allow_tf32 takes configs' "fp32_ieee" tiles (forward 64x32, 32x32 at head dim 256;
+    backward 32x32, 16x16 at 256), or with KernelOptions.fp32_dots="tf32x3" the "fp32_tf32x3" ones
+    (the forward's 32x16 at 256): output and gradients match float64 at ragged lengths. The
+    interpreter's own tile is replaced by the rule's here, as a GPU launch picks it (the interpreter
+    computes every dot in fp32: on a GPU this checks TF32x3's accuracy)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    kopts(fp32_dots=dots)
     picked, real = {}, launch.pick_tiles
 
     def pick(kind, flags, elem, opts, *a, **kw):
@@ -745,8 +749,9 @@ def test_fp32_ieee_tiles_match_float64(D, causal, monkeypatch):
     q, k, v = (rand(1, 2, 100, D, requires_grad=True) for _ in range(3))
     with attend.sdpa_kernel(attend.SDPBackend.EFFICIENT_ATTENTION):
         out = attend.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    assert_matches_float64(out, q, k, v, what=f"fp32 IEEE D={D}", is_causal=causal)
-    assert (picked["fwd"]["BLOCK_M"], picked["fwd"]["BLOCK_N"]) == ((64, 32) if D <= 128 else (32, 32))
+    assert_matches_float64(out, q, k, v, what=f"fp32 {dots} D={D}", is_causal=causal)
+    assert (picked["fwd"]["BLOCK_M"], picked["fwd"]["BLOCK_N"]) == (
+        (64, 32) if D <= 128 else (32, 32) if dots == "ieee" else (32, 16))
     want = (32, 32, 32, 32) if D <= 128 else (16, 16, 16, 16)
     picked = [picked["bwd"]]
     assert picked and tuple(picked[-1][n] for n in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")) == want

@@ -216,7 +216,7 @@ def test_fp32_forward_tiles_follow_the_dot_precision(tf32, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     q = torch.empty(1, 4, 256, 128, dtype=torch.float32, device=DEVICE)
     opts = KernelOptions(interpret=False, autotune=False, fwd_ws=False)
-    flags = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, DOT_PRECISION=launch._dot_precision(q.dtype))
+    flags = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, DOT_PRECISION=launch._dot_precision(q.dtype, opts))
     tiles = launch.pick_tiles("fwd", flags, 4, opts)
     want = (64, 64, 4) if tf32 else (64, 32, 8)
     assert (tiles.meta["BLOCK_M"], tiles.meta["BLOCK_N"], tiles.warps) == want
@@ -228,6 +228,31 @@ def test_fp32_forward_tiles_follow_the_dot_precision(tf32, monkeypatch):
     blocks = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 256, 256, device=DEVICE)
     flex = launch.flex_tiles(q, q, blocks, opts)
     assert (flex.meta["BLOCK_M"], flex.meta["BLOCK_N"], flex.warps) == want
+
+
+def test_fp32_tf32x3_dots_take_their_rules(monkeypatch):
+    """KernelOptions.fp32_dots="tf32x3": fp32 without allow_tf32 runs its dots as three TF32 products,
+    with configs' "fp32_tf32x3" tiles (dense, flex, decode); allow_tf32 on still means TF32; a value
+    other than "ieee" / "tf32x3" is refused, naming it."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    opts = KernelOptions(interpret=False, autotune=True, fwd_ws=False, bwd_ws=False, fp32_dots="tf32x3")
+    q = torch.empty(1, 4, 256, 128, dtype=torch.float32, device=DEVICE)
+    assert launch._dot_precision(q.dtype, opts) == "tf32x3"
+    assert launch._dot_precision(torch.bfloat16, opts) == "tf32"
+    flags = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, DOT_PRECISION="tf32x3")
+    fwd = launch.pick_tiles("fwd", flags, 4, opts)  # the rule's, not the autotuner's
+    assert (fwd.meta["BLOCK_M"], fwd.meta["BLOCK_N"], fwd.warps, fwd.stages) == (64, 32, 4, 2)
+    assert launch.pick_tiles("fwd", flags, 4, opts, l_bucket=1).meta["BLOCK_N"] == 64
+    assert configs.rule_for(configs.Key("bwd", 256, elem=4, x3=True)).name == "fp32_tf32x3"
+    from attend.flex_attention import create_block_mask
+
+    blocks = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 256, 256, device=DEVICE)
+    flex = launch.flex_bwd_tiles(q, q, blocks, opts)
+    assert {flex.meta[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} == {32} and flex.warps == 8
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert launch._dot_precision(q.dtype, opts) == "tf32"
+    with pytest.raises(ValueError, match="fp32_dots must be 'ieee' or 'tf32x3', got 'tf32x2'"):
+        KernelOptions(fp32_dots="tf32x2")
 
 
 def test_blocked_kernel_refuses_a_window():

@@ -3,7 +3,7 @@ Hopper builds use wgmma (Ampere builds mma.sync).
 
 Exceptions, by design: the decode forward tiles (BLOCK_M=16) are below wgmma's 64-row minimum
 and use mma.sync on Hopper too; decode is bound by reading K and V, not by the tensor cores. The
-fp32 backward with IEEE dots (allow_tf32 off) runs them as FMAs, as PyTorch asks of fp32."""
+fp32 forward and backward with IEEE dots (allow_tf32 off) run them as FMAs, as PyTorch asks of fp32."""
 
 import json
 import os
@@ -68,6 +68,9 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
         decode_tile = b["kernel"] == "fwd" and b["config"].startswith("BLOCK_M: 16,")
         if "_fp32_ieee_" in b["feature"]:  # fp32 with IEEE dots: FMA loops, no tensor-core instruction
             assert not (b["wgmma"] or b["mma_sync"]), f"{b['feature']} {b['config']} uses the tensor cores"
+        elif "_fp32_tf32x3_" in b["feature"]:  # three TF32 products per dot: on the tensor cores, by mma.sync
+            # where a tile is below wgmma's 64 rows (head dim 256's fit shared memory only so)
+            assert b["wgmma"] or b["mma_sync"], f"{b['feature']} {b['config']} misses the tensor cores"
         elif b["arch"] == 90 and decode_tile:
             assert b["mma_sync"], f"{b['config']} decode tile on sm_90"
         elif b["arch"] == 90:

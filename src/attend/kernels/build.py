@@ -110,7 +110,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     from .._flex import codegen
     from .._flex.build import _mods, table_mod
     from .._flex.trace import trace
-    from .configs import flex_bwd_tile, flex_tile, heuristic
+    from .configs import flex_bwd_tile, flex_tile, fp32_rule, heuristic
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     varlen, diagonal = variant in FLEX_VARLEN_VARIANTS, variant in FLEX_DIAGONAL_VARIANTS
@@ -120,14 +120,14 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
         flags = dict(CAUSAL=True, VARLEN=True) if varlen else {}
         base = heuristic("fwd", block_d, flags=dict(flags, DOT_PRECISION=precision), elem=elem)
         block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d, one_loop,
-                                           precision == "ieee" and elem == 4)
+                                           fp32_rule(precision) and elem == 4)
         config = triton.Config(dict(BLOCK_M=base.kwargs["BLOCK_M"], BLOCK_N=block_n), num_warps=warps,
                                num_stages=stages)
     elif config is None:  # as launch.flex_bwd_tiles picks it
         base = heuristic("bwd", block_d, flags=dict(DOT_PRECISION=precision), elem=elem)
         meta, stages, warps = flex_bwd_tile({k: base.kwargs[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")},
                                             base.num_stages, base.num_warps, block_d, one_loop,
-                                            precision == "ieee" and elem == 4)
+                                            fp32_rule(precision) and elem == 4)
         config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=variant not in FLEX_BAND_VARIANTS),
                                num_warps=warps, num_stages=stages)  # head-major on the lists, as launch.flex_bwd_tiles
     fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
@@ -337,7 +337,7 @@ def rule_jobs() -> list[tuple]:
             if not rule.flags and rule.elem == 2 and (rule.d or 128) == 128 and key(kind, c) in plain:
                 continue
             jobs.append(("rule", i, 90, rule.d or 128, f"rule_{i}_{rule.kind}_{rule.name}_{bucket}"))
-            if rule.flags.get("DOT_PRECISION") == "ieee":  # FMA loops: the non-causal build holds more
+            if rule.flags.get("DOT_PRECISION") in ("ieee", "tf32x3"):  # the non-causal build holds more
                 jobs.append(("rule", i, 90, rule.d or 128, f"rule_{i}_{rule.kind}_{rule.name}_noncausal_{bucket}"))
     return jobs
 

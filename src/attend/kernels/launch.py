@@ -19,7 +19,7 @@ from .._layout import Band, Packed, empty_in_layout, is_rows, rows_call, rows_ls
 from . import core, versions, worklist
 from .configs import BWD_CONFIGS, EVEN_TILE, FWD_CONFIGS, INTERPRET_TILE, WS_BWD_MIN_SEQ_BUCKET, forward_tma, \
     heuristic, pruner, ws_backward
-from .configs import ROWS_PACKED_CAUSAL_FWD_MIN_L, flex_bwd_tile, flex_tile
+from .configs import ROWS_PACKED_CAUSAL_FWD_MIN_L, flex_bwd_tile, flex_tile, fp32_rule
 from .fastlaunch import Launcher
 from .options import KernelOptions, resolve
 from .versions import COMPILE_OPTIONS
@@ -182,9 +182,11 @@ def _ensure_allocator() -> None:
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _dot_precision(dtype: torch.dtype, opts: KernelOptions) -> str:
+    """The dots' ``input_precision``: fp32 without ``allow_tf32`` as ``KernelOptions.fp32_dots`` says
+    ("ieee" or "tf32x3"), else "tf32" (what 16-bit inputs ignore)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return opts.fp32_dots
     return "tf32"
 
 
@@ -217,9 +219,10 @@ def pick_tiles(kind: str, flags: dict, elem: int, opts: KernelOptions, l_bucket=
             BLOCK_M1=t, BLOCK_N1=t, BLOCK_M2=t, BLOCK_N2=t, DQ_ATOMIC=False, ONE_LOOP=True)
         return Tiles(meta, 4, 1)
     forced = opts.fwd_config if kind == "fwd" else opts.bwd_config
-    # (fp32 with IEEE dots is not autotuned: a backward candidate's FMA loops take up to a minute
-    # to build, and ptxas collapses some candidates' registers; configs' "fp32_ieee" rules)
-    if forced is None and opts.autotune and flags.get("DOT_PRECISION") != "ieee":
+    # (fp32 with IEEE or TF32x3 dots is not autotuned: an IEEE backward candidate's FMA loops take up
+    # to a minute to build and ptxas collapses some candidates' registers, and TF32x3 triples the
+    # shared memory the prune estimates; configs' "fp32_ieee" / "fp32_tf32x3" rules)
+    if forced is None and opts.autotune and not fp32_rule(flags.get("DOT_PRECISION", "tf32")):
         return None
     c = forced or heuristic(kind, flags["BLOCK_D"], l_bucket, flags, elem, seq_bucket, group)
     return Tiles(dict(c.kwargs), c.num_warps, c.num_stages)
@@ -431,7 +434,7 @@ def _forward(q, k, v, kstr, vstr, out, lse, lse_strides, B, Hkv, L, S, mask, dro
         seq_ptrs, stride_table, seq_flags = _packed_args(packed)
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=mask is not None, MASK_BOOL=mbool,
                  MASK_KEYS=mask is not None and mstr[2] == 0, KEY_RANGE=key_range, DROPOUT=dropout_p > 0.0,
-                 **seq_flags, EVEN=_even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype))
+                 **seq_flags, EVEN=_even(L, S, D, packed), DOT_PRECISION=_dot_precision(q.dtype, opts))
     if score is not None:
         flags.update(SCORE_MOD=score[0]["score_mod"], LOAD_SCORE_META=score[0]["load_meta"])
         tiles = _hook_tiles(flags, q.element_size(), opts, L, S, H // Hkv)
@@ -474,7 +477,7 @@ def _hook_tiles(flags: dict, elem: int, opts: KernelOptions, L: int, S: int, gro
     if opts.interpret:
         return tiles
     block_n, stages, warps = flex_tile(tiles.meta["BLOCK_N"], tiles.stages, tiles.warps, flags["BLOCK_D"],
-                                       opts.flex_one_loop, flags.get("DOT_PRECISION") == "ieee")
+                                       opts.flex_one_loop, fp32_rule(flags.get("DOT_PRECISION", "tf32")))
     return Tiles(dict(tiles.meta, BLOCK_N=block_n, LAZY_RESCALE=False, ONE_LOOP=opts.flex_one_loop), warps, stages)
 
 
@@ -695,7 +698,7 @@ def _bwd_flags(q, k, v, dout, band_flags, mask, mstr, mbool, key_range, dropout_
                 MASK_GRAD=bool(mask_grad), MASK_GRAD_ATOMIC=atomic, VARLEN=packed is not None,
                 DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=_even(L, S, D, packed),
                 USE_TMA=use_tma(opts, q, dout, k, v, forced=opts.tma), HEAD_MAJOR=False,  # a config may turn it on
-                DOT_PRECISION=_dot_precision(q.dtype))
+                DOT_PRECISION=_dot_precision(q.dtype, opts))
 
 
 def explain_backward(q, k, v, mask=None, dropout_p: float = 0.0, band: Band = Band(), mask_grad: bool = False,
@@ -791,7 +794,7 @@ def flex_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     (lists.coarsen covers the other direction). None where no tile of at least 16 fits."""
     opts = resolve(options)
     B, H, L, D = q.shape
-    key = (D, q.element_size(), _dot_precision(q.dtype), l_bucket(L), seq_bucket(k.shape[2]), H // k.shape[1],
+    key = (D, q.element_size(), _dot_precision(q.dtype, opts), l_bucket(L), seq_bucket(k.shape[2]), H // k.shape[1],
            tuple(blocks.BLOCK_SIZE), tuple(sorted((kernel_options or {}).items())))
     try:
         return _flex_tiles(opts, *key)
@@ -813,7 +816,7 @@ def _flex_tiles(opts: KernelOptions, D: int, elem: int, precision: str, l_bkt, s
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
         meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, block_d(D), opts.flex_one_loop,
-                                                   precision == "ieee")
+                                                   fp32_rule(precision))
     ko = dict(ko_items)
     meta["BLOCK_M"] = int(ko.get("BLOCK_M", meta["BLOCK_M"]))
     meta["BLOCK_N"] = int(ko.get("BLOCK_N", meta["BLOCK_N"]))
@@ -907,7 +910,7 @@ def flex_forward_plan(q, k, v, blocks, score_fns: dict | None = None, mask_fns: 
     tma = _flex_tma(k, v, options, kernel_options)
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=False, MASK_BOOL=False,
                  MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, **_DENSE_FLAGS, EVEN=False,
-                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, USE_TMA=tma,
+                 DOT_PRECISION=_dot_precision(q.dtype, resolve(options)), WORKLIST=False, USE_TMA=tma,
                  MASK_TMA=False, GRID_1D=_one_axis(B * H), FLEX=band is None,
                  SCORE_MOD=sfns.get("score_mod"), LOAD_SCORE_META=sfns.get("load_meta"),
                  MASK_MOD=mfns.get("mask_mod"), LOAD_MASK_META=mfns.get("load_meta"),
@@ -921,7 +924,7 @@ def flex_plan_key(q, k, v, options: KernelOptions | dict | None = None) -> tuple
     """What ``flex_forward_plan`` (without kernel_options) reads of q, k and v beyond their dtypes,
     devices and shapes but the key length: that length's bucket, whether k and v take TMA
     descriptors, and the dots' precision (fp32's follows ``allow_tf32``)."""
-    return seq_bucket(k.shape[2]), _flex_tma(k, v, options, None), _dot_precision(q.dtype)
+    return seq_bucket(k.shape[2]), _flex_tma(k, v, options, None), _dot_precision(q.dtype, resolve(options))
 
 
 def flex_forward_run(plan: FlexForwardPlan, q, k, v, blocks, scale: float, score_args=None, mask_args=None):
@@ -1048,14 +1051,14 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     S = k.shape[2]
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=False, WINDOW=False, HAS_MASK=False, MASK_KEYS=False,
                  DROPOUT=False, MASK_GRAD=False, VARLEN=False, DETERMINISTIC=True,
-                 DOT_PRECISION=_dot_precision(q.dtype))
+                 DOT_PRECISION=_dot_precision(q.dtype, opts))
     tiles = pick_tiles("bwd", flags, q.element_size(), dataclasses.replace(opts, autotune=False),
                        seq_bucket=seq_bucket(max(L, S)), group=H // k.shape[1])
     meta = {key: tiles.meta[key] for key in _FLEX_BWD_TILE_KEYS}
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
         meta, stages, warps = flex_bwd_tile(meta, stages, warps, block_d(D), opts.flex_bwd_one_loop,
-                                            flags["DOT_PRECISION"] == "ieee")
+                                            fp32_rule(flags["DOT_PRECISION"]))
     ko = kernel_options or {}
     meta = {key: int(ko.get(key, val)) for key, val in meta.items()}
     warps, stages = int(ko.get("num_warps", warps)), int(ko.get("num_stages", stages))
@@ -1201,7 +1204,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), **band_flags, HAS_MASK=False, MASK_BOOL=False,
                  MASK_KEYS=False, KEY_RANGE=False, DROPOUT=False, MASK_GRAD=False, MASK_GRAD_ATOMIC=False,
                  VARLEN=False, DETERMINISTIC=torch.are_deterministic_algorithms_enabled(), EVEN=even, USE_TMA=False,
-                 DOT_PRECISION=_dot_precision(q.dtype), WORKLIST=False, DQ_ONLY=False, DKDV_ONLY=False,
+                 DOT_PRECISION=_dot_precision(q.dtype, resolve(options)), WORKLIST=False, DQ_ONLY=False, DKDV_ONLY=False,
                  FLEX=band is None,
                  SCORE_MOD=sfns.get("score_mod"), SCORE_DSCORE=sfns.get("score_mod_dscore"),
                  SCORE_GRAD=sfns.get("score_mod_grad_captures") if score_grad and not diagonal else None,

@@ -204,6 +204,17 @@ class KernelOptions:
     # path, hooks, tiles and constexprs decided once per class, not per call. A Gemma 2 decode call
     # on the 2-core CPU with the launch stubbed: 64-70 us of host time against 95-97 without.
     flex_plans: bool = True
+    # fp32 dots where ``torch.backends.cuda.matmul.allow_tf32`` is off (PyTorch's default): "ieee",
+    # exact, as PyTorch computes them (Triton's FMA loops on the CUDA cores: 4-9 TFLOP/s at D=128 on
+    # an H100, where PyTorch's efficient kernel runs 44-46 on an H200; benchmarks/RESULTS.md,
+    # "H100 and H200, 2026-12-07 (evening)"), or "tf32x3": each product as three TF32 tensor-core
+    # products (hi * hi + hi * lo + lo * hi of each operand's split; about 22 of fp32's 24 bits per
+    # product), configs' "fp32_tf32x3" tiles. Not yet timed or checked for accuracy on a GPU.
+    fp32_dots: str = "ieee"
+
+    def __post_init__(self):
+        if self.fp32_dots not in ("ieee", "tf32x3"):
+            raise ValueError(f"KernelOptions.fp32_dots must be 'ieee' or 'tf32x3', got {self.fp32_dots!r}")
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with ``changes`` (field names of this class)."""
