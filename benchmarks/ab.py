@@ -103,19 +103,26 @@ PLAN = {
 # fp32 with IEEE dots (configs' "fp32_ieee" rules; docs/kernels.md, "Tuning: fp32 with IEEE dots"): the
 # rules' 8-warp tiles, whose sm_90 builds spill at most 224 bytes, against the tiles they replaced
 # (ptxas gave some of those 32-64 registers and a 4-10 KB stack) and a neighbour of each.
+# Each case also times KernelOptions.fp32_dots="tf32x3" (three TF32 tensor-core products per dot) at
+# configs' "fp32_tf32x3" tiles.
+X3 = {"fp32_dots": "tf32x3"}
 FP32_FWD = [("fwd", _c(64, 32, 8, 2), False, "now"), ("fwd", _c(32, 64, 8, 2), False, ""),
-            ("fwd", _c(64, 64, 4, 3), False, "")]
+            ("fwd", _c(64, 64, 4, 3), False, ""), ("fwd", _c(64, 32, 4, 2), False, "", X3)]
 FP32_BWD = [("bwd", _b(32, 32, 32, 32, 8, 2), None, "now"), ("bwd", _b(32, 32, 32, 32, 4, 2), None, ""),
-            ("bwd", _b(16, 32, 32, 16, 8, 2), None, "")]
+            ("bwd", _b(16, 32, 32, 16, 8, 2), None, ""), ("bwd", _b(32, 32, 32, 32, 8, 2), None, "", X3)]
 PLAN.update({f"d128-{c}-fp32@{S}": FP32_FWD + FP32_BWD for c in ("causal", "noncausal") for S in (1024, 4096)})
 PLAN.update({f"d64-{c}-fp32@4096": [("fwd", _c(32, 64, 8, 2), False, "now"), ("fwd", _c(64, 64, 8, 2), False, ""),
                                     ("fwd", _c(128, 64, 8, 3), False, ""),
                                     ("bwd", _b(32, 32, 32, 32, 8, 2), None, "now"),
-                                    ("bwd", _b(32, 32, 32, 32, 4, 2), None, "")] for c in ("causal", "noncausal")})
+                                    ("bwd", _b(32, 32, 32, 32, 4, 2), None, ""),
+                                    ("fwd", _c(128, 64, 8, 2), False, "", X3),
+                                    ("bwd", _b(32, 32, 32, 32, 8, 2), None, "", X3)] for c in ("causal", "noncausal")})
 PLAN.update({f"d256-{c}-fp32@4096": [("fwd", _c(32, 32, 8, 2), False, "now"), ("fwd", _c(32, 16, 4, 2), False, ""),
                                      ("fwd", _c(64, 32, 4, 2), False, ""),
                                      ("bwd", _b(16, 16, 16, 16, 8, 2), None, "now"),
-                                     ("bwd", _b(16, 32, 32, 16, 4, 1), None, "")] for c in ("causal", "noncausal")})
+                                     ("bwd", _b(16, 32, 32, 16, 4, 1), None, ""),
+                                     ("fwd", _c(32, 16, 4, 2), False, "", X3),
+                                     ("bwd", _b(16, 16, 16, 16, 4, 2), None, "", X3)] for c in ("causal", "noncausal")})
 
 
 def _label(kind, cfg, tma, mark, overrides=None) -> str:
