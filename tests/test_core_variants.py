@@ -738,11 +738,13 @@ def test_fp32_exact_dots_tiles_match_float64(D, causal, dots, monkeypatch, kopts
     picked, real = {}, launch.pick_tiles
 
     def pick(kind, flags, elem, opts, *a, **kw):
-        if not opts.interpret:
-            return real(kind, flags, elem, opts, *a, **kw)
-        c = configs.heuristic(kind, flags["BLOCK_D"], flags=flags, elem=elem)
-        picked[kind] = c.kwargs
-        return launch.Tiles(dict(c.kwargs), c.num_warps, c.num_stages)
+        if opts.interpret:
+            c = configs.heuristic(kind, flags["BLOCK_D"], flags=flags, elem=elem)
+            tiles = launch.Tiles(dict(c.kwargs), c.num_warps, c.num_stages)
+        else:
+            tiles = real(kind, flags, elem, opts, *a, **kw)
+        picked[kind] = (tiles.meta, tiles.warps, flags["DOT_PRECISION"])
+        return tiles
 
     monkeypatch.setattr(launch, "pick_tiles", pick)
     torch.manual_seed(3)
@@ -750,8 +752,9 @@ def test_fp32_exact_dots_tiles_match_float64(D, causal, dots, monkeypatch, kopts
     with attend.sdpa_kernel(attend.SDPBackend.EFFICIENT_ATTENTION):
         out = attend.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert_matches_float64(out, q, k, v, what=f"fp32 {dots} D={D}", is_causal=causal)
-    assert (picked["fwd"]["BLOCK_M"], picked["fwd"]["BLOCK_N"]) == (
-        (64, 32) if D <= 128 else (32, 32) if dots == "ieee" else (32, 16))
-    want = (32, 32, 32, 32) if D <= 128 else (16, 16, 16, 16)
-    picked = [picked["bwd"]]
-    assert picked and tuple(picked[-1][n] for n in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")) == want
+    (fwd, fwd_warps, fwd_dots), (bwd, bwd_warps, bwd_dots) = picked["fwd"], picked["bwd"]
+    assert fwd_dots == bwd_dots == dots
+    assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd_warps) == (
+        (64, 32, 8 if dots == "ieee" else 4) if D <= 128 else (32, 32, 8) if dots == "ieee" else (32, 16, 4))
+    want = (32, 32, 32, 32, 8) if D <= 128 else (16, 16, 16, 16, 8 if dots == "ieee" else 4)
+    assert tuple(bwd[n] for n in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")) + (bwd_warps,) == want
