@@ -242,13 +242,20 @@ def test_fp32_tf32x3_dots_take_their_rules(monkeypatch):
     flags = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, DOT_PRECISION="tf32x3")
     fwd = launch.pick_tiles("fwd", flags, 4, opts)  # the rule's, not the autotuner's
     assert (fwd.meta["BLOCK_M"], fwd.meta["BLOCK_N"], fwd.warps, fwd.stages) == (64, 32, 4, 2)
-    assert launch.pick_tiles("fwd", flags, 4, opts, l_bucket=1).meta["BLOCK_N"] == 64
+    decode = launch.pick_tiles("fwd", flags, 4, opts, l_bucket=1)
+    assert (decode.meta["BLOCK_N"], decode.warps) == (64, 4)  # IEEE's decode: 8 warps
     assert configs.rule_for(configs.Key("bwd", 256, elem=4, x3=True)).name == "fp32_tf32x3"
     from attend.flex_attention import create_block_mask
 
     blocks = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 256, 256, device=DEVICE)
-    flex = launch.flex_bwd_tiles(q, q, blocks, opts)
-    assert {flex.meta[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} == {32} and flex.warps == 8
+    # head dim 256 tells the two apart: TF32x3's backward 16x16 at 4 warps, IEEE's at 8; forward 32x16 / 32x32
+    q256 = torch.empty(1, 4, 256, 256, dtype=torch.float32, device=DEVICE)
+    for dots, bwd_warps, fwd_n in (("tf32x3", 4, 16), ("ieee", 8, 32)):
+        o = opts.replace(fp32_dots=dots)
+        flex = launch.flex_bwd_tiles(q256, q256, blocks, o)
+        assert {flex.meta[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} == {16}
+        assert flex.warps == bwd_warps
+        assert launch.flex_tiles(q256, q256, blocks, o).meta["BLOCK_N"] == fwd_n
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     assert launch._dot_precision(q.dtype, opts) == "tf32"
     with pytest.raises(ValueError, match="fp32_dots must be 'ieee' or 'tf32x3', got 'tf32x2'"):
