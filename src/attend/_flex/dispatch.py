@@ -378,7 +378,7 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             call.score_hooks.path if call.score is not None else None,
             call.mask_hooks.path if call.mask is not None else None, score_grad,
             torch.are_deterministic_algorithms_enabled(),
-            q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
+            launch._dot_precision(q.dtype, opts),
             None if ko is None else repr(sorted(ko.items())),
             None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop,
             opts.flex_bwd_split, opts.head_major, band,
