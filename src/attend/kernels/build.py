@@ -330,15 +330,24 @@ def rule_jobs() -> list[tuple]:
         return kind, tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
     plain = {key(k, c) for k, cfgs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS)) for c in cfgs}
+    from .configs import Key
+
     jobs = []
     for i, rule in enumerate(RULES):
+        precision = rule.flags.get("DOT_PRECISION")
+        dims = [rule.d or 128]
+        if rule.d is None and precision in ("ieee", "tf32x3"):  # fp32's any-head-dim rules: where they match
+            probe = lambda d: Key(rule.kind, d, l_bucket=1 if rule.name.startswith("decode") else None,  # noqa: E731
+                                  elem=rule.elem, ieee=precision == "ieee", x3=precision == "tf32x3")
+            dims += [d for d in (64, 256) if rule.matches(probe(d))]
         for bucket, c in sorted(rule.tiles.items()):
             kind = "fwd" if rule.kind == "fwd" else "bwd"
             if not rule.flags and rule.elem == 2 and (rule.d or 128) == 128 and key(kind, c) in plain:
                 continue
-            jobs.append(("rule", i, 90, rule.d or 128, f"rule_{i}_{rule.kind}_{rule.name}_{bucket}"))
-            if rule.flags.get("DOT_PRECISION") in ("ieee", "tf32x3"):  # the non-causal build holds more
-                jobs.append(("rule", i, 90, rule.d or 128, f"rule_{i}_{rule.kind}_{rule.name}_noncausal_{bucket}"))
+            for d in dims:
+                jobs.append(("rule", i, 90, d, f"rule_{i}_{rule.kind}_{rule.name}_{bucket}"))
+                if precision in ("ieee", "tf32x3"):  # FMA loops / operand splits: the non-causal build holds more
+                    jobs.append(("rule", i, 90, d, f"rule_{i}_{rule.kind}_{rule.name}_noncausal_{bucket}"))
     return jobs
 
 
