@@ -19,7 +19,7 @@ import json
 import statistics
 import sys
 
-from sweep import BASE, api_ms, cases, force_configs  # first: it turns the autotuner off  # isort: skip
+from sweep import api_ms, case_base, cases, force_configs  # first: it turns the autotuner off  # isort: skip
 
 import torch  # noqa: E402
 
@@ -157,7 +157,8 @@ def run(case: str, rounds: int, kinds=("fwd", "bwd")) -> dict:
     real_plan = launch.backward_plan
     for r in range(rounds + 1):  # round 0 compiles and warms up; not recorded
         for i, (kind, cfg, tma, _, overrides) in enumerate(variants):
-            chosen = dict(force_configs(dict(BASE, **{kind: cfg})), fwd_tma=bool(tma) if kind == "fwd" else False,
+            base = case_base(case, overrides.get("fp32_dots", "ieee"))  # a backward variant's forward
+            chosen = dict(force_configs(dict(base, **{kind: cfg})), fwd_tma=bool(tma) if kind == "fwd" else False,
                           **overrides)
             if r == 0:
                 launch.backward_plan = _recording_plans(plans[i])

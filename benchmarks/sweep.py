@@ -60,6 +60,18 @@ ATOMIC_BWD = [c for c in configs.BWD_CONFIGS if c.kwargs["DQ_ATOMIC"] and c not 
 BASE = {"fwd": _c(64, 64, 4, 3), "bwd": _b(64, 64, 64, 64, 4, 2)}
 
 
+def case_base(case: str, fp32_dots: str = "ieee") -> dict:
+    """BASE for ``case``; an fp32 case's ("d<D>-...-fp32") forward is the config its rule gives
+    with ``fp32_dots`` (KernelOptions.fp32_dots): BASE's 64x64 at 3 stages does not fit sm_90's
+    shared memory at head dim 256, nor with TF32x3's operand splits."""
+    if not case.split("@")[0].endswith("-fp32"):
+        return BASE
+    from attend.kernels.configs import heuristic
+
+    D = int(case.split("-")[0][1:])
+    return dict(BASE, fwd=heuristic("fwd", D, flags=dict(DOT_PRECISION=fp32_dots), elem=4))
+
+
 def _randn(*shape, dtype=torch.bfloat16):
     return torch.randn(*shape, dtype=dtype, device="cuda")
 
@@ -202,7 +214,8 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
     for case, S, make in cases(name):
         fwd, bwd, flops, api = make()
         row = out.setdefault(case, {}).setdefault(str(S), {"fwd": {}, "bwd": {}})
-        with kernel_options(**force_configs(BASE)):
+        base = case_base(case)
+        with kernel_options(**force_configs(base)):
             saved = fwd()
         fwd_cfgs = [c for c in FWD if c.kwargs["BLOCK_M"] != 16]  # no decode tiles
         if even_both:
@@ -214,7 +227,7 @@ def sweep(name: str, compile_only: bool, out: dict, json_path: str | None, kinds
             bwd_cfgs = [c for c in bwd_cfgs if not c.kwargs.get("HEAD_MAJOR")]
         jobs += [("bwd", c, t) for c in bwd_cfgs for t in tma if "bwd" in kinds]
         for kind, cfg, use_tma in jobs:
-            forced = dict(force_configs(dict(BASE, **{kind: cfg})), **{"fwd_tma" if kind == "fwd" else "tma": use_tma})
+            forced = dict(force_configs(dict(base, **{kind: cfg})), **{"fwd_tma" if kind == "fwd" else "tma": use_tma})
             label = str(cfg) + ("" if use_tma is None else f", {'fwd_tma' if kind == 'fwd' else 'tma'}: {use_tma}")
             run = fwd if kind == "fwd" else (lambda: bwd(saved))
             t0 = time.time()
