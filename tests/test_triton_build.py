@@ -53,7 +53,7 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
     # pointer loads (bwd only), the warp-specialized Gluon forward and dK / dV (sm_90 only), and every
     # fixed-config rule's configs that no plain build covers (sm_90)
     expected = (2 * (len(FWD_CONFIGS) + len(BWD_CONFIGS)) + 4 + 2 * len(_FEATURES) + len(_FWD_FEATURES)
-                + len(_BWD_FEATURES) + len(WS_FEATURES) + len(WS_BWD_FEATURES) + len(rule_jobs())
+                + len(_BWD_FEATURES) + len(WS_FEATURES) + len(WS_BWD_FEATURES) + len(rule_jobs()) + 1  # the probe
                 + 4 * len(FLEX_VARIANTS + FLEX_BAND_VARIANTS)  # the flex forward and backward (generated hooks)
                 + 2 * len(FLEX_VARLEN_VARIANTS + FLEX_DIAGONAL_VARIANTS))  # on sm_90 and sm_80, over the lists,
     # a band and packed sequences, and the table gradient's diagonal pass
@@ -64,7 +64,12 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
         (k, p + v, a) for k, p in (("fwd", "flex_"), ("bwd", "flex_bwd_")) for v in FLEX_VARIANTS + FLEX_BAND_VARIANTS
         for a in (90, 80)} | {("fwd", "flex_" + v, a) for v in FLEX_VARLEN_VARIANTS for a in (90, 80)} | {
         ("bwd", "flex_bwd_" + v, a) for v in FLEX_DIAGONAL_VARIANTS for a in (90, 80)}
+    probes = [b for b in builds if b["kernel"] == "probe"]
+    assert [b["feature"] for b in probes] == ["tma_add_tile"] and probes[0]["tma_reduce_add"], \
+        "versions.tma_atomic_add does not build to a TMA reduce-add (cp.reduce.async.bulk.tensor .add)"
     for b in builds:
+        if b["kernel"] == "probe":
+            continue
         decode_tile = b["kernel"] == "fwd" and b["config"].startswith("BLOCK_M: 16,")
         if "_fp32_ieee_" in b["feature"]:  # fp32 with IEEE dots: FMA loops, no tensor-core instruction
             assert not (b["wgmma"] or b["mma_sync"]), f"{b['feature']} {b['config']} uses the tensor cores"

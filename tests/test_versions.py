@@ -50,6 +50,27 @@ def test_gluon_kernels_use_only_the_shimmed_tma_names():
         tma = versions.tma
         assert versions.tma_load is getattr(tma, "async_load", getattr(tma, "async_copy_global_to_shared", None))
         assert versions.tma_store is getattr(tma, "async_store", getattr(tma, "async_copy_shared_to_global", None))
+        # Triton 3.9's own TMA reduce-add where it has one; 3.6's builder op otherwise (the build check
+        # compiles both to cp.reduce.async.bulk.tensor ... .add)
+        assert (versions.tma_atomic_add is getattr(tma, "async_atomic_add", None)) == hasattr(tma, "async_atomic_add")
+        assert "async_atomic_add" not in (ROOT / "src" / "attend" / "kernels" / "ws_common.py").read_text()
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9, reason="TMA: sm_90")
+def test_tma_reduce_add_accumulates_a_tile():
+    """versions.tma_atomic_add (ws_common.tma_add_tile) adds an fp32 [64, 128] tile into the first
+    box of a larger tensor, twice, and leaves the rest untouched."""
+    from attend.kernels import ws_common
+
+    torch.manual_seed(0)
+    src = torch.randn(64, 128, device="cuda")
+    dst = torch.randn(128, 256, device="cuda")
+    want = dst.clone()
+    want[:64, :128] += 2 * src
+    for _ in range(2):
+        ws_common.tma_add_tile[(1,)](ws_common.descriptor(src, 64, 128), ws_common.descriptor(dst, 64, 128))
+    torch.cuda.synchronize()
+    torch.testing.assert_close(dst, want, rtol=0, atol=1e-5)
 
 
 def test_info_prints_versions_range_and_experimental_kernels(capsys):

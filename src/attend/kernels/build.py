@@ -184,7 +184,7 @@ def _gluon_desc(dtype: str, rows: int, cols: int) -> str:
     """The signature type of a Gluon host tensor descriptor of [rows, cols] boxes (ws.descriptor's)."""
     from triton.experimental.gluon import language as gl
 
-    gdt = {"float16": gl.float16, "bfloat16": gl.bfloat16}[dtype]
+    gdt = {"float16": gl.float16, "bfloat16": gl.bfloat16, "float32": gl.float32}[dtype]
     return f"tensordesc<{_DTYPE[dtype]}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
 
 
@@ -381,6 +381,12 @@ def _build(job: tuple) -> dict:
         prefix = "flex_" if kernel == "fwd" else "flex_bwd_"
         return _report(compiled, kernel, f"flex (launch.flex_{'' if kernel == 'fwd' else 'bwd_'}tiles)", arch,
                        head_dim, prefix + feature[0])
+    if kind == "probe":  # versions.tma_atomic_add through ws_common.tma_add_tile: an fp32 [64, 128] tile
+        from .ws_common import tma_add_tile
+
+        desc = _gluon_desc("float32", 64, 128)
+        compiled = _compile_gluon(tma_add_tile, GPUTarget("cuda", arch, 32), dict(src_desc=desc, dst_desc=desc), (), {})
+        return _report(compiled, kind, "probe", arch, head_dim, feature[0])
     if kind == "bwd_ws":
         compiled = compile_ws_bwd(GPUTarget("cuda", arch, 32), **WS_BWD_FEATURES[feature[0]])
         return _report(compiled, kind, "warp-specialized", arch, head_dim, feature[0])
@@ -406,12 +412,15 @@ def _build(job: tuple) -> dict:
 
 
 def _report(compiled, kind: str, config: str, arch: int, head_dim: int, feature: str) -> dict:
-    """What the build check asserts about one build: its MMA instructions, TMA use, shared memory,
-    and the registers and stack ptxas gave it (None where Triton ships no cuobjdump)."""
+    """What the build check asserts about one build: its MMA instructions, TMA use (and TMA
+    reduce-adds), shared memory, and the registers and stack ptxas gave it (None where Triton ships
+    no cuobjdump)."""
     ptx = compiled.asm["ptx"]
     regs, stack = resources(compiled.asm.get("cubin"))
     return dict(kernel=kind, config=config, arch=arch, head_dim=head_dim, feature=feature, wgmma="wgmma" in ptx,
                 mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx, shared=compiled.metadata.shared,
+                tma_reduce_add=any("cp.reduce.async.bulk.tensor" in line and ".add" in line
+                                   for line in ptx.splitlines()),
                 tanh_approx="tanh.approx.f32" in ptx, regs=regs, stack=stack, _ptx=ptx)
 
 
@@ -439,8 +448,8 @@ def resources(cubin: bytes | None) -> tuple[int | None, int | None]:
 def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> list[dict]:
     """Compile every shipped config of every core kernel for each arch at head dim 128, the fixed
     (heuristic) configs at head dims 64 and 256, the feature variants, and every fixed-config rule's
-    configs (``rule_jobs``), and the flex forward's and backward's variants (``compile_flex``); one
-    dict per build.
+    configs (``rule_jobs``), the flex forward's and backward's variants (``compile_flex``), and the
+    TMA reduce-add probe (``ws_common.tma_add_tile``, sm_90); one dict per build.
     ``dump``: a folder that receives each build's PTX as ``job_name(job).ptx``."""
     import functools
     from concurrent.futures import ProcessPoolExecutor
@@ -455,6 +464,7 @@ def build_all(archs=(90, 80), processes: int = 2, dump: str | None = None) -> li
     jobs += [("bwd", -1, 90, 128, feature) for feature in _BWD_FEATURES]
     jobs += [("fwd_ws", -1, 90, 128, feature) for feature in WS_FEATURES]
     jobs += [("bwd_ws", -1, 90, 128, feature) for feature in WS_BWD_FEATURES]
+    jobs += [("probe", -1, 90, 128, "tma_add_tile")]
     jobs += rule_jobs()
     jobs += [(kind, -1, arch, 128, variant) for kind in ("flex", "flex_bwd") for variant in FLEX_VARIANTS
              for arch in archs]

@@ -38,11 +38,27 @@ except Exception as e:  # noqa: BLE001 - any failure means "no Gluon here", neve
     GLUON_ERROR = f"Gluon does not import on Triton {triton.__version__}: {type(e).__name__}: {e}"
     gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
     TensorDescriptor = None
-    tma_load = tma_store = None
+    tma_load = tma_store = tma_atomic_add = None
 else:
     # TMA copies: async_load / async_store from Triton 3.8 on, the async_copy_* names before.
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # A TMA reduce-add of a shared-memory tile into global memory (cp.reduce.async.bulk.tensor: what
+    # FlashAttention 3 accumulates dQ with). Triton 3.9's Gluon names it tma.async_atomic_add; 3.6's
+    # builder has the op (create_async_tma_reduce) with no Gluon function, so it is made here.
+    tma_atomic_add = getattr(tma, "async_atomic_add", None)
+    if tma_atomic_add is None:
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def tma_atomic_add(tensor_desc, coord, src, _semantic=None):
+            """Add the shared-memory tile ``src`` into ``tensor_desc``'s box at ``coord`` by TMA,
+            atomically per element (``tma.async_atomic_add`` of later Tritons); ``tma_store_wait``
+            (``tma.store_wait``) waits for it as for a TMA store."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                       src.handle)
 
 KEY_THREAD: threading.Thread | None = None  # warm_compile_key's thread, once started
 

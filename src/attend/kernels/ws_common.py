@@ -10,11 +10,12 @@ import functools
 
 import torch
 
-from .versions import TensorDescriptor, gl, gluon, mbarrier
+from .versions import TensorDescriptor, gl, gluon, mbarrier, tma, tma_atomic_add, tma_load
 
 HEAD_DIM = 128  # the one head dim both kernels serve
 TBUF = 2  # slots of the tile ids the producer hands the consumers
-GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}  # what the two kernels take
+_SMEM_DTYPE = {**GL_DTYPE, torch.float32: gl.float32}  # tiles in shared memory (an fp32 dQ tile too)
 
 
 @gluon.jit
@@ -102,9 +103,26 @@ def take(tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
     return t
 
 
+@gluon.jit
+def tma_add_tile(src_desc, dst_desc):
+    """Add ``src``'s first box into ``dst``'s first box by a TMA reduce-add (``versions.tma_atomic_add``):
+    the primitive a dQ accumulated from the dK / dV kernel's consumers would take (FlashAttention 3's
+    way: 5 products per tile pair where the dQ programs make it 7). The build check compiles it and the
+    GPU tests run it; no kernel uses it yet (docs/roadmap.md, the Gluon kernels' next steps)."""
+    smem = gl.allocate_shared_memory(src_desc.dtype, src_desc.block_type.shape, src_desc.layout)
+    bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar.index(0), count=1)
+    mbarrier.expect(bar.index(0), src_desc.block_type.nbytes)
+    tma_load(src_desc, [0, 0], bar.index(0), smem)
+    mbarrier.wait(bar.index(0), 0)
+    tma_atomic_add(dst_desc, [0, 0], smem)
+    tma.store_wait(0)
+    mbarrier.invalidate(bar.index(0))
+
+
 @functools.lru_cache(maxsize=None)
 def smem_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], GL_DTYPE[dtype])
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _SMEM_DTYPE[dtype])
 
 
 def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
