@@ -126,7 +126,7 @@ def test_rule_order_is_the_precedence():
     assert rule("bwd", group=8, seq_bucket=1024, causal=True) == "table"
     assert rule("fwd", 64, group=8, seq_bucket=4096) == "table"  # the D=64 GQA rule is causal only
     assert rule("bwd", elem=4) == "fp32" and rule("fwd", elem=4) == "fp32"
-    assert all(rule(kind, d, elem=4, ieee=True) == "fp32_ieee" for kind in ("fwd", "bwd") for d in (64, 128, 256))
+    assert all(rule(kind, d, elem=4, precision="ieee") == "fp32_ieee" for kind in ("fwd", "bwd") for d in (64, 128, 256))
     assert configs.ws_backward(128, 1024) is None and configs.ws_backward(128, 4096) is not None
     assert configs.ws_backward(128, 1024, min_seq_bucket=0) is not None
 
@@ -244,7 +244,7 @@ def test_fp32_tf32x3_dots_take_their_rules(monkeypatch):
     assert (fwd.meta["BLOCK_M"], fwd.meta["BLOCK_N"], fwd.warps, fwd.stages) == (64, 32, 4, 2)
     decode = launch.pick_tiles("fwd", flags, 4, opts, l_bucket=1)
     assert (decode.meta["BLOCK_N"], decode.warps) == (64, 4)  # IEEE's decode: 8 warps
-    assert configs.rule_for(configs.Key("bwd", 256, elem=4, x3=True)).name == "fp32_tf32x3"
+    assert configs.rule_for(configs.Key("bwd", 256, elem=4, precision="tf32x3")).name == "fp32_tf32x3"
     from attend.flex_attention import create_block_mask
 
     blocks = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 256, 256, device=DEVICE)

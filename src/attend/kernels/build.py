@@ -110,7 +110,7 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
     from .._flex import codegen
     from .._flex.build import _mods, table_mod
     from .._flex.trace import trace
-    from .configs import flex_bwd_tile, flex_tile, fp32_rule, heuristic
+    from .configs import flex_bwd_tile, flex_tile, heuristic
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     varlen, diagonal = variant in FLEX_VARLEN_VARIANTS, variant in FLEX_DIAGONAL_VARIANTS
@@ -120,14 +120,13 @@ def compile_flex(target: GPUTarget, variant: str, dtype: str = "bfloat16", head_
         flags = dict(CAUSAL=True, VARLEN=True) if varlen else {}
         base = heuristic("fwd", block_d, flags=dict(flags, DOT_PRECISION=precision), elem=elem)
         block_n, stages, warps = flex_tile(base.kwargs["BLOCK_N"], base.num_stages, base.num_warps, block_d, one_loop,
-                                           fp32_rule(precision) and elem == 4)
+                                           precision)
         config = triton.Config(dict(BLOCK_M=base.kwargs["BLOCK_M"], BLOCK_N=block_n), num_warps=warps,
                                num_stages=stages)
     elif config is None:  # as launch.flex_bwd_tiles picks it
         base = heuristic("bwd", block_d, flags=dict(DOT_PRECISION=precision), elem=elem)
         meta, stages, warps = flex_bwd_tile({k: base.kwargs[k] for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")},
-                                            base.num_stages, base.num_warps, block_d, one_loop,
-                                            fp32_rule(precision) and elem == 4)
+                                            base.num_stages, base.num_warps, block_d, one_loop, precision)
         config = triton.Config(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=variant not in FLEX_BAND_VARIANTS),
                                num_warps=warps, num_stages=stages)  # head-major on the lists, as launch.flex_bwd_tiles
     fn = core.attn_fwd if kernel == "fwd" else core.attn_bwd
@@ -338,7 +337,7 @@ def rule_jobs() -> list[tuple]:
         dims = [rule.d or 128]
         if rule.d is None and precision in ("ieee", "tf32x3"):  # fp32's any-head-dim rules: where they match
             probe = lambda d: Key(rule.kind, d, l_bucket=1 if rule.name.startswith("decode") else None,  # noqa: E731
-                                  elem=rule.elem, ieee=precision == "ieee", x3=precision == "tf32x3")
+                                  elem=rule.elem, precision=precision)
             dims += [d for d in (64, 256) if rule.matches(probe(d))]
         for bucket, c in sorted(rule.tiles.items()):
             kind = "fwd" if rule.kind == "fwd" else "bwd"

@@ -135,8 +135,7 @@ class Key:
     core's dQ programs after the Gluon dK / dV kernel), the head-dim class (64, 128 or 256: the
     padded head dim rounded up to one of them), the launch's feature flags, the query-length bucket
     (forward; 1 for decode), the input element size, the sequence-length bucket
-    (launch.seq_bucket), the query heads per KV head and whether fp32 dots run in IEEE precision or
-    as three TF32 products."""
+    (launch.seq_bucket), the query heads per KV head and the dots' precision."""
 
     kind: str
     d: int
@@ -149,8 +148,9 @@ class Key:
     elem: int = 2
     seq_bucket: int = 16384
     group: int = 1
-    ieee: bool = False  # fp32 dots in IEEE precision (DOT_PRECISION "ieee": FMA loops, no tensor cores)
-    x3: bool = False  # fp32 dots as three TF32 products each (DOT_PRECISION "tf32x3": KernelOptions.fp32_dots)
+    # The dots' DOT_PRECISION: "tf32" (what 16-bit inputs ignore), or for fp32 without allow_tf32 "ieee"
+    # (FMA loops, no tensor cores) or "tf32x3" (three TF32 products each: KernelOptions.fp32_dots)
+    precision: str = "tf32"
 
 
 def _any(key: Key) -> bool:
@@ -192,6 +192,15 @@ def _causal(c: bool) -> Callable[[Key], bool]:
     return lambda key: key.causal == c
 
 
+def _fp32(kind: str, d: int | None, config: triton.Config, precision: str, decode: bool = False,
+          when: Callable[[Key], bool] = _any) -> Rule:
+    """A rule of fp32 with ``precision`` dots ("ieee" / "tf32x3"): named "fp32_<precision>" (with a
+    "decode_" prefix where it serves at most 16 queries), built with that DOT_PRECISION."""
+    return Rule(("decode_" if decode else "") + f"fp32_{precision}", kind, d, {ANY: config},
+                lambda key: key.precision == precision and (not decode or key.l_bucket == 1) and when(key),
+                dict(DOT_PRECISION=precision), elem=4)
+
+
 # The fixed configs (used unless ATTEND_AUTOTUNE=1), first matching rule wins: special cases first
 # (decode, fp32, masks, windows, packed sequences, grouped heads), then per (kernel, head-dim class,
 # causal) the best config of the H100 sweep per sequence-length bucket. A bucket not listed takes
@@ -201,11 +210,9 @@ RULES: list[Rule] = [
     # an 8 KB stack for sm_90 (the "fp32_ieee" rules below); at 8 warps and 16x64 it spills nothing.
     # Head dim 256: 16x128 at 3 stages asked for 274432 bytes of shared memory in bf16 (sm_90 has
     # 232448), 16x64 at 2 stages for 151808 in fp32.
-    Rule("decode_fp32_ieee", "fwd", None, {ANY: _c(16, 64, 8, 2)}, lambda key: key.l_bucket == 1 and key.ieee,
-         dict(DOT_PRECISION="ieee"), elem=4),
+    _fp32("fwd", None, _c(16, 64, 8, 2), "ieee", decode=True),
     # TF32x3 (KernelOptions.fp32_dots): 16x64 at 2 stages fits at every head dim (the "fp32_tf32x3" rules)
-    Rule("decode_fp32_tf32x3", "fwd", None, {ANY: _c(16, 64, 4, 2)}, lambda key: key.l_bucket == 1 and key.x3,
-         dict(DOT_PRECISION="tf32x3"), elem=4),
+    _fp32("fwd", None, _c(16, 64, 4, 2), "tf32x3", decode=True),
     Rule("decode", "fwd", 256, {ANY: _c(16, 128, 4, 2)}, lambda key: key.l_bucket == 1 and key.elem == 2),
     Rule("decode", "fwd", 256, {ANY: _c(16, 64, 4, 2)}, lambda key: key.l_bucket == 1, elem=4),
     Rule("decode", "fwd", None, {ANY: _c(16, 128, 4, 3)}, lambda key: key.l_bucket == 1),
@@ -218,26 +225,19 @@ RULES: list[Rule] = [
     # (head dim 128) and 64x32 (256) 32 registers and a 7.5 / 10 KB stack, the backward at 32x32 64
     # registers and 4.3 KB (causal); 24x slower than the causal forward on an H100. At 8 warps these
     # tiles spill at most 224 bytes (the build check asserts it, causal and not).
-    Rule("fp32_ieee", "fwd", 64, {ANY: _c(32, 64, 8, 2)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"), elem=4),
-    Rule("fp32_ieee", "fwd", 128, {ANY: _c(64, 32, 8, 2)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"), elem=4),
-    Rule("fp32_ieee", "fwd", 256, {ANY: _c(32, 32, 8, 2)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"), elem=4),
-    Rule("fp32_ieee", "bwd", None, {ANY: _b(32, 32, 32, 32, 8, 2)}, lambda key: key.ieee and key.d <= 128,
-         dict(DOT_PRECISION="ieee"), elem=4),
-    Rule("fp32_ieee", "bwd", 256, {ANY: _b(16, 16, 16, 16, 8, 2)}, lambda key: key.ieee, dict(DOT_PRECISION="ieee"),
-         elem=4),
+    _fp32("fwd", 64, _c(32, 64, 8, 2), "ieee"),
+    _fp32("fwd", 128, _c(64, 32, 8, 2), "ieee"),
+    _fp32("fwd", 256, _c(32, 32, 8, 2), "ieee"),
+    _fp32("bwd", None, _b(32, 32, 32, 32, 8, 2), "ieee", when=lambda key: key.d <= 128),
+    _fp32("bwd", 256, _b(16, 16, 16, 16, 8, 2), "ieee"),
     # fp32 as three TF32 products per dot (KernelOptions.fp32_dots "tf32x3"): each operand tile is
     # split into two, so the dense tiles' shared memory triples (the 64x64 forward at 3 stages asked
     # for 262144 bytes on sm_90). These tiles fit, with at most 728 bytes of stack; not yet timed.
-    Rule("fp32_tf32x3", "fwd", 64, {ANY: _c(128, 64, 8, 2)}, lambda key: key.x3, dict(DOT_PRECISION="tf32x3"),
-         elem=4),
-    Rule("fp32_tf32x3", "fwd", 128, {ANY: _c(64, 32, 4, 2)}, lambda key: key.x3, dict(DOT_PRECISION="tf32x3"),
-         elem=4),
-    Rule("fp32_tf32x3", "fwd", 256, {ANY: _c(32, 16, 4, 2)}, lambda key: key.x3, dict(DOT_PRECISION="tf32x3"),
-         elem=4),
-    Rule("fp32_tf32x3", "bwd", None, {ANY: _b(32, 32, 32, 32, 8, 2)}, lambda key: key.x3 and key.d <= 128,
-         dict(DOT_PRECISION="tf32x3"), elem=4),
-    Rule("fp32_tf32x3", "bwd", 256, {ANY: _b(16, 16, 16, 16, 4, 2)}, lambda key: key.x3,
-         dict(DOT_PRECISION="tf32x3"), elem=4),
+    _fp32("fwd", 64, _c(128, 64, 8, 2), "tf32x3"),
+    _fp32("fwd", 128, _c(64, 32, 4, 2), "tf32x3"),
+    _fp32("fwd", 256, _c(32, 16, 4, 2), "tf32x3"),
+    _fp32("bwd", None, _b(32, 32, 32, 32, 8, 2), "tf32x3", when=lambda key: key.d <= 128),
+    _fp32("bwd", 256, _b(16, 16, 16, 16, 4, 2), "tf32x3"),
     # fp32 inputs: tiles take twice the space, so 64x64.
     Rule("fp32", "fwd", 128, {ANY: _c(64, 64, 4, 3)}, lambda key: key.elem > 2, elem=4),
     Rule("fp32", "bwd", 128, {ANY: _b(64, 64, 64, 64, 4, 2)}, lambda key: key.elem > 2, elem=4),
@@ -376,7 +376,7 @@ def heuristic(kind: str, block_d: int, l_bucket: int | None = None, flags: dict 
     f = flags or {}
     return _first_rule(kind, head_dim_class(block_d), bool(f.get("CAUSAL")), bool(f.get("WINDOW")),
                        bool(f.get("VARLEN")), bool(f.get("HAS_MASK")), bool(f.get("MASK_KEYS")), l_bucket, elem,
-                       seq_bucket, group, f.get("DOT_PRECISION") == "ieee", f.get("DOT_PRECISION") == "tf32x3")
+                       seq_bucket, group, f.get("DOT_PRECISION", "tf32"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -399,7 +399,7 @@ assert all(EVEN_TILE % c.kwargs[k] == 0 for c in FWD_CONFIGS + BWD_CONFIGS + [c 
 
 
 def flex_tile(block_n: int, stages: int, warps: int, block_d: int, one_loop: bool = False,
-              fp32_rule: bool = False) -> tuple[int, int, int]:
+              precision: str = "tf32") -> tuple[int, int, int]:
     """(BLOCK_N, stages, warps) of the flex forward (core.attn_fwd FLEX) from a dense forward
     config's: its three key loops (partial, full, ragged full block) each hold pipeline buffers, so
     at most 2 stages (the dense config's with ``one_loop``: KernelOptions.flex_one_loop), and
@@ -408,9 +408,10 @@ def flex_tile(block_n: int, stages: int, warps: int, block_d: int, one_loop: boo
     131584. From head dim 128 up, 4 warps: on an H100 (B=2, H=16, S=8192, D=128, bf16;
     benchmarks/flex_tiles.py, docs/flex.md "Tiles") 128x64 with 4 warps against 8 timed causal
     1.651 against 1.962 ms, ALiBi + causal 1.854 against 2.151, a document mask 0.669 against 0.753.
-    ``fp32_rule`` (fp32 with IEEE or TF32x3 dots): the "fp32_ieee" / "fp32_tf32x3" rule's tile as it
-    is, at most 2 stages: at 4 warps ptxas collapses some IEEE builds' registers (the rules' comments)."""
-    if fp32_rule:
+    ``precision`` (the launch's DOT_PRECISION) "ieee" or "tf32x3" (fp32 without allow_tf32): the
+    "fp32_ieee" / "fp32_tf32x3" rule's tile as it is, at most 2 stages: at 4 warps ptxas collapses some
+    IEEE builds' registers (the rules' comments)."""
+    if fp32_rule(precision):
         return block_n, min(stages, 2), warps
     if block_d >= 128:
         block_n, warps = min(block_n, 64), 4
@@ -424,7 +425,7 @@ def fp32_rule(precision: str) -> bool:
 
 
 def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int, one_loop: bool = False,
-                  fp32_rule: bool = False) -> tuple[dict, int, int]:
+                  precision: str = "tf32") -> tuple[dict, int, int]:
     """(tiles, stages, warps) of the flex backward (core.attn_bwd FLEX) from a dense backward
     config's: its dQ programs run three key loops and its dK/dV programs two (partial and full
     blocks), each holding pipeline buffers, so at most 2 stages (the dense config's with
@@ -434,9 +435,9 @@ def flex_bwd_tile(meta: dict, stages: int, warps: int, block_d: int, one_loop: b
     + causal 7.048 against 7.325. Never larger than the dense config's tiles: head dim 256 keeps
     its 16 / 64 / 64 / 16 (with a score_mod, 64x64 there built to 163844 bytes of shared memory on
     sm_80 and 216064 on sm_90, against 90116 and 104452: past the 99 KiB of sm_86 / sm_89).
-    ``fp32_rule``: the fp32 precision rules' tiles and warps as they are (``flex_tile``)."""
+    ``precision``: fp32's precision rules' tiles and warps as they are (``flex_tile``)."""
     meta = dict(meta)
-    if fp32_rule:
+    if fp32_rule(precision):
         return meta, min(stages, 2), warps
     if block_d >= 128:
         meta = {key: min(val, 64) for key, val in meta.items()}

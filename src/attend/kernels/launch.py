@@ -477,7 +477,7 @@ def _hook_tiles(flags: dict, elem: int, opts: KernelOptions, L: int, S: int, gro
     if opts.interpret:
         return tiles
     block_n, stages, warps = flex_tile(tiles.meta["BLOCK_N"], tiles.stages, tiles.warps, flags["BLOCK_D"],
-                                       opts.flex_one_loop, fp32_rule(flags.get("DOT_PRECISION", "tf32")))
+                                       opts.flex_one_loop, flags.get("DOT_PRECISION", "tf32"))
     return Tiles(dict(tiles.meta, BLOCK_N=block_n, LAZY_RESCALE=False, ONE_LOOP=opts.flex_one_loop), warps, stages)
 
 
@@ -816,7 +816,7 @@ def _flex_tiles(opts: KernelOptions, D: int, elem: int, precision: str, l_bkt, s
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
         meta["BLOCK_N"], stages, warps = flex_tile(meta["BLOCK_N"], stages, warps, block_d(D), opts.flex_one_loop,
-                                                   fp32_rule(precision))
+                                                   precision)
     ko = dict(ko_items)
     meta["BLOCK_M"] = int(ko.get("BLOCK_M", meta["BLOCK_M"]))
     meta["BLOCK_N"] = int(ko.get("BLOCK_N", meta["BLOCK_N"]))
@@ -1058,7 +1058,7 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     warps, stages = tiles.warps, tiles.stages
     if not opts.interpret:
         meta, stages, warps = flex_bwd_tile(meta, stages, warps, block_d(D), opts.flex_bwd_one_loop,
-                                            fp32_rule(flags["DOT_PRECISION"]))
+                                            flags["DOT_PRECISION"])
     ko = kernel_options or {}
     meta = {key: int(ko.get(key, val)) for key, val in meta.items()}
     warps, stages = int(ko.get("num_warps", warps)), int(ko.get("num_stages", stages))
