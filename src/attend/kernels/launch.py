@@ -924,7 +924,8 @@ def flex_plan_key(q, k, v, options: KernelOptions | dict | None = None) -> tuple
     """What ``flex_forward_plan`` (without kernel_options) reads of q, k and v beyond their dtypes,
     devices and shapes but the key length: that length's bucket, whether k and v take TMA
     descriptors, and the dots' precision (fp32's follows ``allow_tf32``)."""
-    return seq_bucket(k.shape[2]), _flex_tma(k, v, options, None), _dot_precision(q.dtype, resolve(options))
+    opts = resolve(options)
+    return seq_bucket(k.shape[2]), _flex_tma(k, v, opts, None), _dot_precision(q.dtype, opts)
 
 
 def flex_forward_run(plan: FlexForwardPlan, q, k, v, blocks, scale: float, score_args=None, mask_args=None):
