@@ -24,7 +24,7 @@ from sweep import api_ms, case_base, cases, force_configs  # first: it turns the
 import torch  # noqa: E402
 
 from attend.kernels import launch  # noqa: E402
-from attend.kernels.configs import bwd_config, fwd_config  # noqa: E402
+from attend.kernels.configs import bwd_config, fwd_config, heuristic  # noqa: E402
 from attend.kernels.options import kernel_options  # noqa: E402
 
 _c, _b = fwd_config, bwd_config
@@ -106,23 +106,26 @@ PLAN = {
 # Each case also times KernelOptions.fp32_dots="tf32x3" (three TF32 tensor-core products per dot) at
 # configs' "fp32_tf32x3" tiles.
 X3 = {"fp32_dots": "tf32x3"}
-FP32_FWD = [("fwd", _c(64, 32, 8, 2), False, "now"), ("fwd", _c(32, 64, 8, 2), False, ""),
-            ("fwd", _c(64, 64, 4, 3), False, ""), ("fwd", _c(64, 32, 4, 2), False, "", X3)]
-FP32_BWD = [("bwd", _b(32, 32, 32, 32, 8, 2), None, "now"), ("bwd", _b(32, 32, 32, 32, 4, 2), None, ""),
-            ("bwd", _b(16, 32, 32, 16, 8, 2), None, ""), ("bwd", _b(32, 32, 32, 32, 8, 2), None, "", X3)]
-PLAN.update({f"d128-{c}-fp32@{S}": FP32_FWD + FP32_BWD for c in ("causal", "noncausal") for S in (1024, 4096)})
-PLAN.update({f"d64-{c}-fp32@4096": [("fwd", _c(32, 64, 8, 2), False, "now"), ("fwd", _c(64, 64, 8, 2), False, ""),
-                                    ("fwd", _c(128, 64, 8, 3), False, ""),
-                                    ("bwd", _b(32, 32, 32, 32, 8, 2), None, "now"),
-                                    ("bwd", _b(32, 32, 32, 32, 4, 2), None, ""),
-                                    ("fwd", _c(128, 64, 8, 2), False, "", X3),
-                                    ("bwd", _b(32, 32, 32, 32, 8, 2), None, "", X3)] for c in ("causal", "noncausal")})
-PLAN.update({f"d256-{c}-fp32@4096": [("fwd", _c(32, 32, 8, 2), False, "now"), ("fwd", _c(32, 16, 4, 2), False, ""),
-                                     ("fwd", _c(64, 32, 4, 2), False, ""),
-                                     ("bwd", _b(16, 16, 16, 16, 8, 2), None, "now"),
-                                     ("bwd", _b(16, 32, 32, 16, 4, 1), None, ""),
-                                     ("fwd", _c(32, 16, 4, 2), False, "", X3),
-                                     ("bwd", _b(16, 16, 16, 16, 4, 2), None, "", X3)] for c in ("causal", "noncausal")})
+
+
+def _fp32_plan(D: int, fwd: list, bwd: list) -> list:
+    """An fp32 case's variants at head dim ``D``: the IEEE rules' forward and backward ("now"), the
+    challengers ``fwd`` / ``bwd``, and the TF32x3 rules' tiles with that option."""
+    def rule(kind, precision):
+        return heuristic(kind, D, flags=dict(DOT_PRECISION=precision), elem=4)
+
+    return ([("fwd", rule("fwd", "ieee"), False, "now")] + [("fwd", c, False, "") for c in fwd]
+            + [("fwd", rule("fwd", "tf32x3"), False, "", X3), ("bwd", rule("bwd", "ieee"), None, "now")]
+            + [("bwd", c, None, "") for c in bwd] + [("bwd", rule("bwd", "tf32x3"), None, "", X3)])
+
+
+FP32_ALTERNATIVES = {  # head dim: (forward, backward) challengers
+    64: ([_c(64, 64, 8, 2), _c(128, 64, 8, 3)], [_b(32, 32, 32, 32, 4, 2)]),
+    128: ([_c(32, 64, 8, 2), _c(64, 64, 4, 3)], [_b(32, 32, 32, 32, 4, 2), _b(16, 32, 32, 16, 8, 2)]),
+    256: ([_c(32, 16, 4, 2), _c(64, 32, 4, 2)], [_b(16, 32, 32, 16, 4, 1)]),
+}
+PLAN.update({f"d{D}-{c}-fp32@{S}": _fp32_plan(D, *FP32_ALTERNATIVES[D]) for D in (64, 128, 256)
+             for c in ("causal", "noncausal") for S in ((1024, 4096) if D == 128 else (4096,))})
 
 
 def _label(kind, cfg, tma, mark, overrides=None) -> str:
