@@ -42,6 +42,8 @@ HM64 = _b(64, 64, 64, 64, 4, 2, head_major=True)
 OSTORE = {"o_tma": False}  # the Gluon forward stores its output from registers (gl.store)
 CORE = {"fwd_ws": False}  # the tl core (its config) where the warp-specialized Gluon forward serves (ws.py)
 BCORE = {"bwd_ws": False}  # the core's one backward launch where the Gluon dK / dV kernel serves (ws_bwd.py)
+FUSED = {"bwd_ws_fused_dq": True}  # the Gluon dK / dV kernel adds dQ too (TMA reduce-adds; no dQ programs)
+FUSED_SHORT = dict(FUSED, bwd_ws_min_seq_bucket=0)  # ... also below configs.WS_BWD_MIN_SEQ_BUCKET
 ROWS_DENSE = {"rows_packed": False}  # a model's row views as dense strided calls of the core, not packed (Gluon)
 QROWS = {"rows_q_gluon": True}  # a row-view q beside contiguous K / V through the Gluon kernels' Q_ROWS mode
 PLAN = {
@@ -57,20 +59,24 @@ PLAN = {
     "d128-causal-views@4096": [("fwd", _c(64, 64, 4, 3), False, "now"),
                                ("fwd", _c(64, 64, 4, 3), False, "", ROWS_DENSE),
                                ("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
-                               ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", ROWS_DENSE)],
+                               ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", ROWS_DENSE),
+                               ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", FUSED)],
     "d128-noncausal-views@4096": [("fwd", _c(128, 128, 8, 3), False, "now"),
                                   ("fwd", _c(128, 128, 8, 3), False, "", ROWS_DENSE),
                                   ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", ROWS_DENSE)],
     "d128-noncausal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", OSTORE),
-                            ("fwd", _c(64, 64, 4, 3), False, "", CORE)],
+                            ("fwd", _c(64, 64, 4, 3), False, "", CORE),
+                            ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", FUSED_SHORT)],
     "d128-noncausal@4096": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", OSTORE),
                             ("fwd", _c(128, 128, 8, 3), False, "", CORE),
-                            ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE)],
+                            ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE),
+                            ("bwd", HM64, None, "", FUSED)],
     "d128-noncausal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "d128-noncausal-gqa8": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", CORE)],
     "varlen-window": [
         ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", OSTORE),
         ("bwd", _b(32, 64, 64, 32, 4, 3), None, "now"), ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", BCORE),
+        ("bwd", _b(32, 64, 64, 32, 4, 3), None, "", FUSED),
     ],
     "varlen-full": [
         ("fwd", _c(128, 128, 8, 3), True, "now"), ("fwd", _c(128, 128, 8, 3), True, "", OSTORE),
@@ -81,12 +87,15 @@ PLAN = {
         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BSPLIT),
     ],
     "d128-causal@16384": [("fwd", _c(128, 128, 8, 3), False, "now"), ("fwd", _c(128, 128, 8, 3), False, "", OSTORE),
-                          ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE)],
+                          ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE),
+                          ("bwd", HM64, None, "", FUSED)],
     "d128-causal@4096": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", OSTORE),
                          ("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
-                         ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", BCORE)],
+                         ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", BCORE),
+                         ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", FUSED)],
     "d128-causal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE),
-                         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE)],
+                         ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE),
+                         ("bwd", HM64, None, "", FUSED_SHORT)],
     "d64-causal@16384": [("bwd", _b(32, 128, 64, 64, 4, 3), None, "now"),
                          ("bwd", _b(32, 128, 64, 64, 4, 3), None, "", BONE)],
     "bias-grad": [

@@ -650,23 +650,26 @@ WS_CASES = {
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9,
                     reason="the warp-specialized Gluon forward runs on sm_90 only (no interpreter)")
-@pytest.mark.parametrize("case", list(WS_CASES))
-def test_warp_specialized_forward_matches_float64(case, monkeypatch, kopts):
+@pytest.mark.parametrize("case,fused_dq", [(c, False) for c in WS_CASES]
+                         + [(c, True) for c, spec in WS_CASES.items() if spec[1] is None])
+def test_warp_specialized_forward_matches_float64(case, fused_dq, monkeypatch, kopts):
     """KernelOptions.fwd_ws: eligible calls (ws.eligible) take the Gluon kernel; its output and gradients
     against float64 (without a mask the Gluon dK / dV kernel, ws_bwd.py, and the core's dQ
     programs; with one the core's backward): lengths that are not whole tiles, causal bands top-left
     and bottom-right (rows with no key give 0), grouped heads, a float bias whose row 5 is -inf
-    everywhere (0 and finite gradients, as in the core). A D=64 call does not take it."""
+    everywhere (0 and finite gradients, as in the core). A D=64 call does not take it.
+    ``fused_dq`` (KernelOptions.bwd_ws_fused_dq): dQ from the Gluon kernel's reduce-adds instead."""
     from attend.bias import causal_lower_right
     from attend.kernels import ws, ws_bwd
 
     (B, H, Hkv, L, S), kind, di, band = WS_CASES[case]
     dtype = (torch.bfloat16, torch.float16)[di]
     kopts(bwd_ws_min_seq_bucket=0)  # these short lengths too (configs.ws_backward)
+    kopts(bwd_ws_fused_dq=fused_dq)
     calls, bwd_calls = [], []
     real, real_bwd = ws.forward, ws_bwd.dkdv
     monkeypatch.setattr(ws, "forward", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a: bwd_calls.append(1) or real_bwd(*a))
+    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a: bwd_calls.append(a[18] is not None) or real_bwd(*a))
     torch.manual_seed(11)
     q = rand(B, H, L, 128, dtype=dtype, requires_grad=True)
     k, v = (rand(B, Hkv, S, 128, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -697,6 +700,7 @@ def test_warp_specialized_forward_matches_float64(case, monkeypatch, kopts):
     else:
         assert_matches_float64(out, q, k, v, what=case, **kw)
     assert bool(bwd_calls) == (kind is None), "the Gluon dK / dV kernel serves backwards without a mask"
+    assert all(f == fused_dq for f in bwd_calls), bwd_calls
     calls.clear()
     q64, k64, v64 = (t.detach()[..., :64].contiguous() for t in (q, k, v))
     with attend.sdpa_kernel(attend.SDPBackend.FLASH_ATTENTION):

@@ -380,6 +380,10 @@ def test_band_blocks_by_arithmetic_equal_the_evaluated_ones(L, S, blocks):
             assert torch.equal(getattr(made, a), getattr(forced, a)), (name, a)
 
 
+def _caps_need_grad(caps: list) -> bool:
+    return any(c.requires_grad for c in caps)
+
+
 def _hopper_gluon() -> bool:
     from attend.kernels import versions
 
@@ -402,20 +406,23 @@ _GLUON_SCORES = {
     ("softcap_table", None, 200, 333, 2, 1, False), ("softcap", "symmetric_window", 384, 384, 4, 2, True),
     ("alibi", None, 130, 256, 4, 4, True), ("rows_only", "causal", 2100, 2100, 2, 1, True),
     ("softcap", "chunk_window", 128, 288, 2, 2, False)])
-def test_score_mod_over_a_band_on_the_gluon_forward(score_name, mask_name, L, S, HQ, HKV, views, monkeypatch):
+@pytest.mark.parametrize("fused_dq", [False, True], ids=["dq-programs", "fused-dq"])
+def test_score_mod_over_a_band_on_the_gluon_forward(score_name, mask_name, L, S, HQ, HKV, views, fused_dq,
+                                                    monkeypatch):
     """On sm_90 at D = 128 in bf16, a score_mod over a band (or no mask) runs on the Gluon forward
     with the generated hook (KernelOptions.flex_gluon), and its backward's dK / dV on the Gluon
     kernel with the hook and its derivative where the tensors are contiguous (the core's dQ programs
     beside it, scattering a trained capture's gradient; else the core's whole backward): out, lse and every
     gradient (a captured table's too) against float64, with ragged lengths, GQA, a bottom-right
     window and a model's (B, S, H, D) views (packed sequences); the core's forward (flex_gluon off)
-    agrees."""
+    agrees. ``fused_dq`` (KernelOptions.bwd_ws_fused_dq): dQ from the Gluon kernel too, except where a
+    capture needs a gradient (the dQ programs take it)."""
     from attend.kernels import launch
 
-    dkdv_calls = []  # launches, not the backward warmup's compile (warmup=True)
+    dkdv_calls = []  # launches (whether dQ was fused), not the backward warmup's compile (warmup=True)
     real_dkdv = launch.ws_bwd.dkdv
-    monkeypatch.setattr(launch.ws_bwd, "dkdv",
-                        lambda *a, **kw: (kw.get("warmup") or dkdv_calls.append(1), real_dkdv(*a, **kw))[1])
+    monkeypatch.setattr(launch.ws_bwd, "dkdv", lambda *a, **kw: (
+        kw.get("warmup") or dkdv_calls.append(len(a) > 18 and a[18] is not None), real_dkdv(*a, **kw))[1])
     g = torch.Generator().manual_seed(L + S + HQ)
     def mk(h, n):
         t = torch.randn(2, n, h, _D128, generator=g) if views else torch.randn(2, h, n, _D128, generator=g)
@@ -429,7 +436,8 @@ def test_score_mod_over_a_band_on_the_gluon_forward(score_name, mask_name, L, S,
     mod = {**{n: m[0] for n, m in RECOGNIZED.items()}, **{n: m[0] for n, m in BOTTOM_RIGHT.items()}}.get(mask_name)
     bm = flex.create_block_mask(mod, None, None, L, S, device=DEVICE) if mod else None
     before = dict(dispatch.PATHS)
-    with kernel_options(bwd_ws_min_seq_bucket=0):  # the Gluon dK / dV kernel at these short lengths too
+    # the Gluon dK / dV kernel at these short lengths too
+    with kernel_options(bwd_ws_min_seq_bucket=0, bwd_ws_fused_dq=fused_dq):
         out, lse = flex.flex_attention(q, k, v, score, bm, enable_gqa=HQ != HKV, return_lse=True)
     assert dispatch.PATHS["band_hooks_gluon"] == before["band_hooks_gluon"] + 1
     assert dispatch.PATHS["band_hooks"] == before["band_hooks"]
@@ -440,6 +448,7 @@ def test_score_mod_over_a_band_on_the_gluon_forward(score_name, mask_name, L, S,
     leaves = (ql, kl, vl, *caps)
     grads = torch.autograd.grad((out * go).sum(), [t for t in leaves if t.requires_grad])
     assert len(dkdv_calls) == (0 if views else 1), "the Gluon dK / dV route"
+    assert dkdv_calls == [fused_dq and not _caps_need_grad(caps)] * len(dkdv_calls), "dQ fused where no capture trains"
     refs = {}
     for dt in (torch.float64, torch.bfloat16):  # the same-precision reference: bf16 scores and softmax
         cap_dt = torch.float64 if dt == torch.float64 else torch.float32  # captures stay fp32, as the kernels read them

@@ -117,6 +117,38 @@ def test_a_single_sequence_backward_takes_the_gluon_dkdv_kernel(gluon):
     assert [name for name, *_ in gluon] == ["fwd", "bwd"], [name for name, *_ in gluon]
 
 
+@pytest.mark.parametrize("layout", ["q_rows", "rows", "dense"])
+def test_fused_dq_adds_into_q_rows_and_runs_no_dq_programs(gluon, layout):
+    """KernelOptions.bwd_ws_fused_dq: the dK / dV kernel's launch gets FUSED_DQ, a single-buffered K / V
+    tile and a descriptor of [64, 64] fp32 boxes over a zeroed dQ whose rows are laid out as Q's (a
+    model's (B * L, H * D) rows, or dense (B * H * L, D)); no dQ programs run (the recorded launch
+    added nothing: dQ comes back 0). explain names the one kernel. Deterministic mode keeps them."""
+    B, L, S, H, Hkv = 2, 100, 300, 4, 2
+    q = _rows(B, L, H) if layout != "dense" else torch.randn(B, H, L, D, dtype=torch.float16)
+    kv = lambda: (torch.randn(B, S, Hkv, D, dtype=torch.float16).transpose(1, 2) if layout == "rows"
+                  else torch.randn(B, Hkv, S, D, dtype=torch.float16))
+    k, v = kv(), kv()
+    with kernel_options(rows_q_gluon=True, rows_packed=layout == "rows" or None, bwd_ws_min_seq_bucket=0,
+                        bwd_ws_fused_dq=True):
+        out, lse = launch.forward(q, k, v, None, 0.0, Band.causal(), 0.1, 0)
+        dq, dk, dv, _ = launch.backward(torch.randn_like(out), q, k, v, out, lse, None, 0.0, Band.causal(), 0.1,
+                                        0, False)
+        plan = launch.explain_backward(q, k, v, band=Band.causal())
+        torch.use_deterministic_algorithms(True)
+        try:
+            deterministic = launch.explain_backward(q, k, v, band=Band.causal())
+        finally:
+            torch.use_deterministic_algorithms(False)
+    (_, _, args, flags), = [g for g in gluon if g[0] == "bwd"]
+    assert flags["FUSED_DQ"] and flags["KBUFS"] == ws_bwd.FUSED_KBUFS == 1
+    rows = [B * L, H * D] if layout != "dense" else [B * H * L, D]
+    desc = args["dq_desc"]
+    assert list(desc.shape) == rows and desc.base.dtype == torch.float32 and list(desc.block_shape) == [64, D // 2]
+    assert torch.equal(dq, torch.zeros_like(dq)) and dq.dtype == q.dtype, "a dQ program ran"
+    assert plan.dq == "fused" and plan.kernels()[-1] == "ws_bwd.attn_bwd_dkdv_ws (dK, dV and dQ)", plan
+    assert deterministic.dq == "programs" and deterministic.gluon, deterministic
+
+
 def test_explain_names_the_kernels_a_kv_cache_call_runs(gluon):
     q = _rows(2, 300, 4)
     k = torch.randn(2, 2, 300, D, dtype=torch.float16)

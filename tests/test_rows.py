@@ -179,16 +179,19 @@ def test_compiled_model_attention_on_row_views_matches_eager():
 @pytest.mark.parametrize("kw,S", [({}, 700), ({"is_causal": True}, 700), ({"is_causal": True, "enable_gqa": True}, 700),
                                   ({}, 512), ({"enable_gqa": True}, 384)],
                          ids=["full", "causal", "gqa-causal", "whole-key-blocks", "cross-gqa"])
-def test_gluon_kernels_serve_row_views(kw, S, spy):
+@pytest.mark.parametrize("fused_dq", [False, True], ids=["dq-programs", "fused-dq"])
+def test_gluon_kernels_serve_row_views(kw, S, fused_dq, spy):
     """On an sm_90 GPU the default options run a model's bf16 D=128 row views through the Gluon
     forward and dK / dV kernels as packed sequences of one length (VARLEN = UNIFORM; the dK / dV
     kernel from any length here, and the causal forward too: under 2048 queries it otherwise stays
     strided, which test_short_causal_forward_of_row_views_stays_strided checks). Keys in whole
-    blocks (S = 512) run the forward without its edge masks; cross attention has L != S."""
+    blocks (S = 512) run the forward without its edge masks; cross attention has L != S. ``fused_dq``:
+    KernelOptions.bwd_ws_fused_dq (dQ added by the dK / dV kernel into rows laid out as q's)."""
     B, L, H, D = 2, 700, 4, 128
     Hkv = 2 if kw.get("enable_gqa") else H
     q, k, v = rows(B, L, H, D, torch.bfloat16), rows(B, S, Hkv, D, torch.bfloat16), rows(B, S, Hkv, D, torch.bfloat16)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), kernel_options(bwd_ws_min_seq_bucket=0, rows_packed_causal_fwd_min_l=0):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), kernel_options(bwd_ws_min_seq_bucket=0, rows_packed_causal_fwd_min_l=0,
+                                                                 bwd_ws_fused_dq=fused_dq):
         out = attend.scaled_dot_product_attention(q, k, v, **kw)
         assert is_rows(out)
         assert_matches_float64(out, q, k, v, what="gluon rows", **kw)

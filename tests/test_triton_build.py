@@ -67,6 +67,9 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
     probes = [b for b in builds if b["kernel"] == "probe"]
     assert [b["feature"] for b in probes] == ["tma_add_tile"] and probes[0]["tma_reduce_add"], \
         "versions.tma_atomic_add does not build to a TMA reduce-add (cp.reduce.async.bulk.tensor .add)"
+    # the Gluon dK / dV kernel adds dQ's tiles by TMA reduce-adds where it fuses dQ (ws_bwd's FUSED_DQ)
+    assert [b["feature"] for b in builds if b["kernel"] == "bwd_ws" and b["tma_reduce_add"]] == [
+        f for f in WS_BWD_FEATURES if f.endswith("_fused_dq")]
     for b in builds:
         if b["kernel"] == "probe":
             continue

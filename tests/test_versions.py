@@ -12,6 +12,7 @@ import triton
 import attend
 from attend import _versions
 from attend.kernels import launch, versions
+from attend.kernels.options import kernel_options
 
 from conftest import DEVICE, assert_matches_float64, rand
 
@@ -105,17 +106,19 @@ def _build_failure(*args, **kwargs):
 
 @pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9,
                     reason="on sm_90 the real Gluon kernels run; their float64 tests are in test_core_variants")
-def test_failed_gluon_build_falls_back_to_the_core_with_one_warning(gluon_on_this_device, monkeypatch):
+@pytest.mark.parametrize("fused_dq", [False, True], ids=["dq-programs", "fused-dq"])
+def test_failed_gluon_build_falls_back_to_the_core_with_one_warning(gluon_on_this_device, monkeypatch, fused_dq):
     """A Gluon kernel whose build raises never fails the call: the core serves it (float64-checked,
     forward and backward), one RuntimeWarning names the kernel and the versions, and the kernel is
-    off for the rest of the process (``explain`` / ``attend info`` say so)."""
+    off for the rest of the process (``explain`` / ``attend info`` say so). With the dK / dV kernel's
+    fused dQ (KernelOptions.bwd_ws_fused_dq), the core's backward then writes a dQ of its own."""
     monkeypatch.setattr(launch.ws, "_LAUNCH", _build_failure)
     monkeypatch.setattr(launch.ws_bwd, "_LAUNCH", _build_failure)
     # take the Gluon dK / dV kernel's route at any length (it serves long sequences only)
     monkeypatch.setattr(launch, "ws_backward", lambda block_d, seq_bucket, min_seq_bucket: triton.Config({}))
     dtype = torch.float16
     q, k, v = (rand(1, 2, 24, 128, dtype=dtype, requires_grad=True) for _ in range(3))
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, kernel_options(bwd_ws_fused_dq=fused_dq):
         warnings.simplefilter("always")
         with attend.sdpa_kernel([attend.SDPBackend.FLASH_ATTENTION]):
             out = attend.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -251,21 +251,25 @@ def _score_hooks() -> tuple[dict, tuple]:
 
 
 def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = False, window: bool = False,
-                   varlen: bool = False, q_rows: bool = False, uniform: bool = False, score_mod: bool = False):
+                   varlen: bool = False, q_rows: bool = False, uniform: bool = False, score_mod: bool = False,
+                   fused_dq: bool = False):
     """Compile the warp-specialized Gluon dK / dV kernel (ws_bwd.py) for ``target`` (sm_90 only);
-    ``uniform`` and ``score_mod`` as compile_ws's (the score hook and its derivative)."""
+    ``uniform`` and ``score_mod`` as compile_ws's (the score hook and its derivative); ``fused_dq``:
+    dQ added by TMA reduce-adds from the kernel (FUSED_DQ), as ``ws_bwd.dkdv`` builds it given a dq."""
     from . import ws_bwd
     from .ws_common import hook_constexprs
 
     qd, kv = _gluon_desc(dtype, ws_bwd.BLOCK_M, ws_bwd.HEAD_DIM), _gluon_desc(dtype, ws_bwd.KEYS, ws_bwd.HEAD_DIM)
     constexprs = dict(KEYS=ws_bwd.KEYS, BLOCK_M=ws_bwd.BLOCK_M, D=ws_bwd.HEAD_DIM, STAGES=ws_bwd.STAGES,
-                      KBUFS=ws_bwd.KBUFS, STAT_PAD=core.STAT_PAD.value, CAUSAL=causal, WINDOW=window,
-                      VARLEN=_varlen(varlen, uniform),
-                      TBUF=ws_bwd.TBUF, Q_ROWS=q_rows)
+                      KBUFS=ws_bwd.FUSED_KBUFS if fused_dq else ws_bwd.KBUFS, STAT_PAD=core.STAT_PAD.value,
+                      CAUSAL=causal, WINDOW=window, VARLEN=_varlen(varlen, uniform),
+                      TBUF=ws_bwd.TBUF, Q_ROWS=q_rows, FUSED_DQ=fused_dq)
     ints = ("stride_dk", "stride_dv", "stride_statb", "stride_stath", "n_tiles", "n_n", "sec", "H", "G", "L_max",
             "S_max", "diag", "win_right", "win_left")
     row = f"tensordesc<fp32[{ws_bwd.BLOCK_M}],{ws_bwd.ROW_LAYOUT!r}>"
-    sig = dict(q_desc=qd, do_desc=qd, k_desc=kv, v_desc=kv, nl_desc=row, dl_desc=row, dk_ptr=f"*{_DTYPE[dtype]}",
+    dq = _gluon_desc("float32", ws_bwd.BLOCK_M, ws_bwd.HEAD_DIM // 2) if fused_dq else qd
+    sig = dict(q_desc=qd, do_desc=qd, k_desc=kv, v_desc=kv, nl_desc=row, dl_desc=row, dq_desc=dq,
+               dk_ptr=f"*{_DTYPE[dtype]}",
                dv_ptr=f"*{_DTYPE[dtype]}", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
                sm_scale="fp32")
     fns, ptrs = _score_hooks() if score_mod else (None, ())  # as ws_bwd.dkdv passes them
@@ -291,7 +295,12 @@ WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True),
                    "q_rows_causal": dict(causal=True, q_rows=True),
                    "rows_causal": dict(causal=True, varlen=True, uniform=True),
                    "score_mod_causal": dict(causal=True, score_mod=True),  # flex's score hooks over a band
-                   "rows_score_mod": dict(varlen=True, uniform=True, score_mod=True)}  # ... on a model's views
+                   "rows_score_mod": dict(varlen=True, uniform=True, score_mod=True),  # ... on a model's views
+                   # dQ from the kernel by TMA reduce-adds (ws_bwd.dkdv given a dq)
+                   "no_band_fused_dq": dict(fused_dq=True), "causal_fused_dq": dict(causal=True, fused_dq=True),
+                   "q_rows_causal_fused_dq": dict(causal=True, q_rows=True, fused_dq=True),
+                   "rows_causal_fused_dq": dict(causal=True, varlen=True, uniform=True, fused_dq=True),
+                   "score_mod_causal_fused_dq": dict(causal=True, score_mod=True, fused_dq=True)}
 # Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds,
 # which assume EVEN lengths (multiples of configs.EVEN_TILE), as the benchmarked shapes have.
 _FEATURES = {

@@ -641,10 +641,11 @@ def _row_stats(out, dout, lse, dlse, lse_strides, B: int, L: int, packed: Packed
 @dataclass(frozen=True)
 class BackwardPlan:
     """How a backward runs. ``dq``: "programs" (the core's dQ programs), "atomic" (the dK / dV
-    programs add dQ by atomics into fp32), or "from_ds" (no dQ programs: the caller computes
-    dQ = scale * dS @ K from the stored mask gradient). ``gluon``: dK / dV from the Gluon kernel
-    (ws_bwd.py), then the core's dQ programs alone (DQ_ONLY). ``tiles``: the core launch's tiles
-    and config flags, None when the autotuner picks."""
+    programs add dQ by atomics into fp32), "from_ds" (no dQ programs: the caller computes
+    dQ = scale * dS @ K from the stored mask gradient), or "fused" (the Gluon kernel adds dQ into
+    fp32 by TMA reduce-adds; no core launch). ``gluon``: dK / dV from the Gluon kernel (ws_bwd.py),
+    then, unless fused, the core's dQ programs alone (DQ_ONLY). ``tiles``: the core launch's tiles
+    and config flags, None when the autotuner picks (or, fused, when there is no core launch)."""
 
     dq: str
     gluon: bool
@@ -652,16 +653,19 @@ class BackwardPlan:
 
     def kernels(self) -> tuple[str, ...]:
         """The kernels launched, in order."""
+        if self.dq == "fused":
+            return "core.attn_bwd_preprocess", "ws_bwd.attn_bwd_dkdv_ws (dK, dV and dQ)"
         core_part = ("core.attn_bwd (dQ programs only)" if self.gluon else
                      "core.attn_bwd (dK/dV programs)" if self.dq != "programs" else
                      "core.attn_bwd (dK/dV and dQ programs)")
         return ("core.attn_bwd_preprocess",) + (("ws_bwd.attn_bwd_dkdv_ws",) if self.gluon else ()) + (core_part,)
 
     def __str__(self) -> str:
-        tiles = "autotuned" if self.tiles is None else str(self.tiles)
+        tiles = "" if self.dq == "fused" else "; core tiles " + ("autotuned" if self.tiles is None else str(self.tiles))
         dq = {"programs": "by dQ programs", "atomic": "by atomic adds in the dK/dV programs",
-              "from_ds": "from the stored dS (one GEMM)"}[self.dq]
-        return f"backward: {' -> '.join(self.kernels())}; dQ {dq}; core tiles {tiles}"
+              "from_ds": "from the stored dS (one GEMM)",
+              "fused": "by TMA reduce-adds in the Gluon dK/dV kernel"}[self.dq]
+        return f"backward: {' -> '.join(self.kernels())}; dQ {dq}{tiles}"
 
 
 def backward_plan(flags: dict, q, k, v, dout, mask, dropout_p: float, packed: Packed | None, L: int, S: int,
@@ -683,6 +687,8 @@ def backward_plan(flags: dict, q, k, v, dout, mask, dropout_p: float, packed: Pa
     if (opts.bwd_ws and dq_only is not None and tiles is not None and _gluon_device(q)
             and versions.usable("gluon_dkdv")
             and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S, q_rows=opts.rows_q_gluon)):
+        if opts.bwd_ws_fused_dq and not flags["DETERMINISTIC"]:  # dQ too: no core launch
+            return BackwardPlan("fused", True, None)
         # dK / dV from the Gluon kernel, then the dQ programs alone, numbered in key order
         return BackwardPlan("programs", True, Tiles(dict(dq_only.kwargs, HEAD_MAJOR=False), dq_only.num_warps,
                                                     dq_only.num_stages))
@@ -723,11 +729,20 @@ def explain_backward(q, k, v, mask=None, dropout_p: float = 0.0, band: Band = Ba
                          dq_programs=not (opts.dq_from_ds and mask_grad and not atomic))
 
 
+def _dq_buffer(plan: BackwardPlan, q: torch.Tensor) -> torch.Tensor:
+    """dQ's buffer for ``plan``, laid out as q (the Gluon kernel addresses it by q's rows): fp32 and
+    zeroed where dQ is added up ("atomic", "fused"), q's dtype where the dQ programs write it once,
+    q itself where nothing writes it ("from_ds")."""
+    if plan.dq == "from_ds":
+        return q
+    return torch.zeros_like(q, dtype=torch.float32) if plan.dq in ("atomic", "fused") else torch.empty_like(q)
+
+
 def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask, dmask, dmstr, mask_grad, atomic,
               dropout_p, band: Band, scale, seed, packed: Packed | None, opts: KernelOptions,
               dq_programs: bool = True) -> torch.Tensor | None:
     """Plan the backward (``backward_plan``) and launch it; returns dQ laid out like ``q``: fp32 when
-    dQ may be added by atomics (then zeroed first), else in q's dtype, written once by the dQ
+    dQ is added up (atomics, or the Gluon kernel's reduce-adds), else in q's dtype, written once by the dQ
     programs (no fp32 round trip). None when the plan leaves dQ to the caller ("from_ds")."""
     H, Hkv = q.shape[1], k.shape[1]
     nlse2, delta, stat_strides = _row_stats(out, dout, lse, dlse, lse_strides, B, L, packed)
@@ -737,16 +752,17 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     flags = _bwd_flags(q, k, v, dout, band_flags, mask, mstr, mbool, key_range, dropout_p, mask_grad, atomic, packed,
                        L, S, opts)
     plan = backward_plan(flags, q, k, v, dout, mask, dropout_p, packed, L, S, opts, dq_programs)
-    if plan.dq == "from_ds":
-        dq = q  # never written
-    else:
-        dq = torch.zeros_like(q, dtype=torch.float32) if plan.dq == "atomic" else torch.empty_like(q)
+    dq = _dq_buffer(plan, q)
     if plan.gluon:
         _ensure_allocator()
+        fused = dq if plan.dq == "fused" else None
         if not versions.run_experimental("gluon_dkdv", ws_bwd.dkdv, q, k, v, dout, nlse2, delta, stat_strides, dk, dv,
-                                         scale, bargs, band_flags, packed, B, L, S):
+                                         scale, bargs, band_flags, packed, B, L, S, None, False, fused):
             # its build failed (versions.run_experimental warned once): the core's whole backward
             plan = backward_plan(flags, q, k, v, dout, mask, dropout_p, packed, L, S, opts, dq_programs)
+            dq = _dq_buffer(plan, q)
+        elif fused is not None:
+            return dq
     flags["DQ_ONLY"] = plan.gluon
     tiles = plan.tiles
     work = _work_list(packed, band, tiles, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device, opts)
@@ -1220,16 +1236,23 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         parts = [("dkdv", (n_kv,), dict(DKDV_ONLY=True)), ("dq", (n_q,), dict(DQ_ONLY=True))]
     else:
         parts = [("both", (n_kv + n_q,), {})]
-    if gluon_dkdv:  # then the core's dQ programs alone (a warmup compiles both)
+    # dQ from the Gluon kernel's reduce-adds too (no core launch) where no capture needs a gradient
+    fused = (gluon_dkdv and not score_grad and resolve(options).bwd_ws_fused_dq
+             and not flags["DETERMINISTIC"])
+    if gluon_dkdv:  # then the core's dQ programs alone, unless fused (a warmup compiles both)
         _ensure_allocator()
+        dq_acc = torch.zeros_like(q, dtype=torch.float32, device=dev) if fused else None
         gl_args = (q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, None, B, L, S,
                    (sfns, score_args))
+        rest = [] if fused else [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
         if warmup:  # "dkdv": only the Gluon kernel, "dq": only the dQ programs (two warmup threads)
             if warmup is True or warmup == "dkdv":
-                ws_bwd.dkdv(*gl_args, warmup=True)
-            parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
-        elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args):
-            parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
+                ws_bwd.dkdv(*gl_args, warmup=True, dq=dq_acc)
+            parts = rest
+        elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args, False, dq_acc):
+            parts = rest
+            if fused:
+                dq = dq_acc
     if diagonal:  # core._diagonal_pass's programs: compiled with the dQ programs (the same warmup thread)
         n_blocks = max(_cdiv(L, m["BLOCK_M2"]), _cdiv(S, m["BLOCK_N2"]))
         parts.append(("dq", ((2 * n_blocks - 1) * B * H,), dict(
@@ -1243,6 +1266,8 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
             core.attn_bwd.warmup(grid=grid, **dict(launch, **only))
     if warmup:
         return None
+    if dq.dtype != q.dtype:  # the Gluon kernel's fp32 sums
+        dq = dq.to(q.dtype)
     if k.shape[0] != B:
         dk = dk.sum(0, keepdim=True)
     if v.shape[0] != B:

@@ -95,6 +95,10 @@ class KernelOptions:
     # configs.WS_BWD_MIN_SEQ_BUCKET). False: the core's one launch serves every backward.
     bwd_ws: bool = True
     bwd_ws_min_seq_bucket: int | None = None
+    # There, the Gluon kernel also adds dQ, FlashAttention 3's way (ws_bwd.py's FUSED_DQ: each step's
+    # dS through shared memory, dQ's partial tile by a TMA reduce-add into fp32), and no dQ programs
+    # run: 5 products per tile pair instead of 7. Never in deterministic mode (the adds' order varies).
+    bwd_ws_fused_dq: bool = False
     # A model's (B, H, L, D) views of its (B, L, H, D) projections (``_layout.rows_call``) run as B
     # packed sequences of one length, whose (T, H * D) rows the Gluon kernels read through TMA as
     # they do varlen calls', where the Gluon forward (the dK / dV kernel, for the backward) serves

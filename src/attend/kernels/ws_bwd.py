@@ -30,8 +30,8 @@ import torch
 from .._layout import is_rows
 from .core import RCP_LN2, STAT_PAD, query_blocks
 from .fastlaunch import Launcher
-from .versions import (COMPILE_OPTIONS, TensorDescriptor, await_compile_key, gl, gluon, mbarrier, tma_load,
-                       warpgroup_mma, warpgroup_mma_wait)
+from .versions import (COMPILE_OPTIONS, TensorDescriptor, await_compile_key, fence_async_shared, gl, gluon, mbarrier,
+                       tma, tma_atomic_add, tma_load, warpgroup_mma, warpgroup_mma_wait)
 from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, build_descriptor, checked_layout, cu_seqs, deal, descriptor,
                         hook_args, hook_constexprs, model_rows, next_tile, persistent, publish, row_view, section,
                         sequence, take, tile_ring, varlen_mode)
@@ -41,6 +41,7 @@ BLOCK_N = 2 * KEYS
 BLOCK_M = 64  # query rows per step
 STAGES = 2  # ring slots for Q and dO
 KBUFS = 2  # K / V tile buffers: the next tile's load overlaps the current tile's last steps
+FUSED_KBUFS = 1  # with dQ fused: one K / V buffer, so that dS and the dQ tiles fit in shared memory
 
 
 @gluon.jit
@@ -156,23 +157,35 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
 
 
 @gluon.jit
-def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full, kv_empty,
-              tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n, sec, H, G, L_max,
-              S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale, score_ptrs, score_meta,
-              CID: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
+def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, ds_smem, dq_smem, qd_full, qd_empty,
+              kv_full, kv_empty, ds_ready, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv,
+              n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
+              score_ptrs, score_meta, CID: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
               STAGES: gl.constexpr, KBUFS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-              VARLEN: gl.constexpr, TBUF: gl.constexpr, HAS_SCORE: gl.constexpr, SCORE_MOD: gl.constexpr,
-              SCORE_DSCORE: gl.constexpr, LOAD_SCORE_META: gl.constexpr):
+              VARLEN: gl.constexpr, Q_ROWS: gl.constexpr, TBUF: gl.constexpr, FUSED_DQ: gl.constexpr,
+              HAS_SCORE: gl.constexpr, SCORE_MOD: gl.constexpr, SCORE_DSCORE: gl.constexpr,
+              LOAD_SCORE_META: gl.constexpr):
     """dK and dV of keys [CID * KEYS, (CID + 1) * KEYS) of each tile the producer publishes, over
     its steps (module docstring); stored at the tile's end, rows past the sequence's keys left.
     HAS_SCORE: SCORE_MOD / SCORE_DSCORE (flex over a band): P from the modded natural-unit score, dS times its
     derivative (0 where dS is), the hooks at clamped indices in the transposed tile's shapes (as the
     core's ``_flex_scores2`` with KEYS_FIRST); a ragged last query block's rows past L are -inf
-    before exp2 (a hook may not be finite on their zero-filled Q)."""
+    before exp2 (a hook may not be finite on their zero-filled Q).
+
+    FUSED_DQ: dQ too, as FlashAttention 3 takes it. Each step's dS^T goes to shared memory (a ring of
+    two steps by two consumers, ``ds_ready`` counting both consumers' writes); once both halves are
+    there, consumer CID takes dQ's columns [CID * D / 2, (CID + 1) * D / 2) of the tile's 128 keys,
+    dS (both halves, transposed) times the matching columns of both K halves, and adds them, times
+    the scale, into the fp32 dQ by one TMA reduce-add of a shared-memory tile (``dq_desc``), left
+    in flight until its next step needs the tile. Rows past a sequence's end add zeros (their P and
+    dS are 0) into whatever rows follow; keys past its end are masked, as their K rows may be another
+    head's."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+    DH: gl.constexpr = D // 2  # dQ columns per consumer (FUSED_DQ)
+    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DH, 16])
     zero_s = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
     s_rows = gl.arange(0, KEYS, gl.SliceLayout(1, s_layout))
     s_cols = gl.arange(0, BLOCK_M, gl.SliceLayout(0, s_layout))
@@ -199,7 +212,15 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
             dk = gl.zeros([KEYS, D], gl.float32, a_layout)
             dv = gl.zeros([KEYS, D], gl.float32, a_layout)
             mbarrier.wait(kv_full.index(2 * kb + CID), (tcount // KBUFS) & 1)
+            if FUSED_DQ:  # dQ reads the other half of K too
+                mbarrier.wait(kv_full.index(2 * kb + 1 - CID), (tcount // KBUFS) & 1)
             for g in range(G):
+                if FUSED_DQ:
+                    h_q = hk * G + g
+                    dq_row = _q_row(b, h_q, H, L, q0, VARLEN, Q_ROWS)
+                    dq_col = CID * DH
+                    if VARLEN or Q_ROWS:  # a head is a column offset
+                        dq_col = h_q * D + CID * DH
                 for m0 in range(lo, hi, BLOCK_M):
                     slot = qd % STAGES
                     mbarrier.wait(qd_full.index(slot), (qd // STAGES) & 1)
@@ -223,6 +244,9 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
                             x = gl.where((m0 + s_cols < L)[None, :], x, float("-inf"))
                     else:
                         x = s * qk_scale + nlse2[None, :]
+                    if FUSED_DQ:
+                        if n0 + 2 * KEYS > S:  # keys past the sequence's end (another head's rows) add no dQ
+                            x = gl.where((keys < S)[:, None], x, float("-inf"))
                     if CAUSAL or WINDOW:
                         # A band edge: mask by index, both bounds (testing each bound per block, as
                         # ws._mask_edges does, spilled here and slowed the window: docs/kernels.md,
@@ -244,8 +268,29 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
                     ds16 = gl.convert_layout(ds.to(q_desc.dtype), op_layout)
                     dv = warpgroup_mma(p16, do_t, dv, is_async=True)
                     dk = warpgroup_mma(ds16, q_t, dk, is_async=True)
-                    dv, dk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p16, ds16))
-                    mbarrier.arrive(qd_empty.index(slot))
+                    if FUSED_DQ:
+                        buf = qd % 2
+                        ds_smem.index(2 * buf + CID).store(ds.to(q_desc.dtype))
+                        fence_async_shared()
+                        gl.thread_barrier()  # the warpgroup's whole tile, before the other consumer reads it
+                        mbarrier.arrive(ds_ready.index(buf))
+                        mbarrier.wait(ds_ready.index(buf), (qd // 2) & 1)
+                        dq = warpgroup_mma(ds_smem.index(2 * buf).permute((1, 0)),
+                                           k_smem.index(2 * kb).slice(CID * DH, DH, 1),
+                                           gl.zeros([BLOCK_M, DH], gl.float32, q_layout), use_acc=False, is_async=True)
+                        dq = warpgroup_mma(ds_smem.index(2 * buf + 1).permute((1, 0)),
+                                           k_smem.index(2 * kb + 1).slice(CID * DH, DH, 1), dq, is_async=True)
+                        dv, dk, dq, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq, p16, ds16))
+                        mbarrier.arrive(qd_empty.index(slot))
+                        tma.store_wait(0)  # the previous step's reduce-add has read the tile
+                        gl.thread_barrier()
+                        dq_smem.index(CID).store(dq * sm_scale)
+                        fence_async_shared()
+                        gl.thread_barrier()
+                        tma_atomic_add(dq_desc, [dq_row + m0, dq_col], dq_smem.index(CID))
+                    else:
+                        dv, dk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p16, ds16))
+                        mbarrier.arrive(qd_empty.index(slot))
                     qd += 1
             mbarrier.arrive(kv_empty.index(kb))  # the producer may load a later tile's K / V here
             kv_col = hk * 0
@@ -260,16 +305,19 @@ def _consumer(q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full
             tcount += 1
         it += 1
         t = take(tid_smem, tid_full, tid_empty, it, TBUF)
+    if FUSED_DQ:
+        tma.store_wait(0)  # the last reduce-add reads shared memory the kernel is about to give up
 
 
 # tile counts: one build for every count (their divisibility changes no instruction of the sm_90 build)
 @gluon.jit(do_not_specialize=["n_tiles", "n_n", "sec"])
-def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, dv_ptr, cu_q, cu_k, counter_ptr,
-                     stride_dk, stride_dv, stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max,
-                     qk_scale, sm_scale, diag, win_right, win_left, score_ptrs, score_meta,
+def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dq_desc, dk_ptr, dv_ptr, cu_q, cu_k,
+                     counter_ptr, stride_dk, stride_dv, stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max,
+                     S_max, qk_scale, sm_scale, diag, win_right, win_left, score_ptrs, score_meta,
                      KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                      KBUFS: gl.constexpr, STAT_PAD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                     VARLEN: gl.constexpr, TBUF: gl.constexpr, Q_ROWS: gl.constexpr, HAS_SCORE: gl.constexpr = False,
+                     VARLEN: gl.constexpr, TBUF: gl.constexpr, Q_ROWS: gl.constexpr, FUSED_DQ: gl.constexpr = False,
+                     HAS_SCORE: gl.constexpr = False,
                      SCORE_MOD: gl.constexpr = False,
                      SCORE_DSCORE: gl.constexpr = False, LOAD_SCORE_META: gl.constexpr = False):
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of the
@@ -279,6 +327,8 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
     every sequence L_max queries and S_max keys, cu_q / cu_k not read). NLSE2 / Delta as
     ``core.attn_bwd`` reads them, through 1-D descriptors (strides stride_statb, stride_stath; packed
     rows ``_stat_off``). Q_ROWS (dense): Q / dO the (B * L, H * D) rows of a model's views.
+    FUSED_DQ: dQ added, times the scale, into the fp32 tensor of ``dq_desc`` ([BLOCK_M, D / 2] boxes
+    over rows laid out as Q's), which the caller zeroed (``_consumer``); else ``dq_desc`` is not read.
     HAS_SCORE, SCORE_MOD / SCORE_DSCORE / LOAD_SCORE_META: a flex score_mod's generated hooks over the band,
     reading the captures at ``score_ptrs`` (a tuple) and its meta at ``score_meta``; without one,
     ``ws_common.hook_constexprs`` / ``hook_args``' placeholders, never read."""
@@ -292,6 +342,16 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
     qd_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_full = gl.allocate_shared_memory(gl.int64, [2 * KBUFS, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [KBUFS, 1], mbarrier.MBarrierLayout())
+    if FUSED_DQ:  # dS^T of two steps by two consumers; each consumer's dQ tile
+        ds_smem = gl.allocate_shared_memory(k_desc.dtype, [4, KEYS, BLOCK_M], k_desc.layout)
+        dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2] + dq_desc.block_type.shape, dq_desc.layout)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_ready.index(i), count=2)  # both consumers' halves written
+    else:  # placeholders, never read
+        ds_smem = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        dq_smem = ds_smem
+        ds_ready = ds_smem
     tid_smem, tid_full, tid_empty = tile_ring(TBUF)
     for i in gl.static_range(STAGES):
         mbarrier.init(qd_full.index(i), count=1)
@@ -301,16 +361,16 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dk_ptr, 
     for i in gl.static_range(KBUFS):
         mbarrier.init(kv_empty.index(i), count=2)
     gl.warp_specialize([
-        (_consumer, (q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full,
-                     kv_empty, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n,
-                     sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
-                     score_ptrs, score_meta, 0, KEYS, BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, TBUF,
-                     HAS_SCORE, SCORE_MOD, SCORE_DSCORE, LOAD_SCORE_META)),
-        (_consumer, (q_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, qd_full, qd_empty, kv_full,
-                     kv_empty, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv, n_tiles, n_n,
-                     sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
-                     score_ptrs, score_meta, 1, KEYS, BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, TBUF,
-                     HAS_SCORE, SCORE_MOD, SCORE_DSCORE, LOAD_SCORE_META)),
+        (_consumer, (q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, ds_smem, dq_smem, qd_full,
+                     qd_empty, kv_full, kv_empty, ds_ready, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk,
+                     stride_dv, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left,
+                     qk_scale, sm_scale, score_ptrs, score_meta, 0, KEYS, BLOCK_M, D, STAGES, KBUFS, CAUSAL,
+                     WINDOW, VARLEN, Q_ROWS, TBUF, FUSED_DQ, HAS_SCORE, SCORE_MOD, SCORE_DSCORE, LOAD_SCORE_META)),
+        (_consumer, (q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, ds_smem, dq_smem, qd_full,
+                     qd_empty, kv_full, kv_empty, ds_ready, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk,
+                     stride_dv, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left,
+                     qk_scale, sm_scale, score_ptrs, score_meta, 1, KEYS, BLOCK_M, D, STAGES, KBUFS, CAUSAL,
+                     WINDOW, VARLEN, Q_ROWS, TBUF, FUSED_DQ, HAS_SCORE, SCORE_MOD, SCORE_DSCORE, LOAD_SCORE_META)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem, k_smem, v_smem, nl_smem,
                      dl_smem, qd_full, qd_empty, kv_full, kv_empty, tid_smem, tid_full, tid_empty, counter_ptr,
                      stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right,
@@ -359,7 +419,8 @@ ROW_LAYOUT = checked_layout(gl.NVMMASharedLayout(swizzle_byte_width=0, element_b
 
 
 def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float, band_args: dict,
-         band_flags: dict, packed, n_seq: int, L_max: int, S_max: int, score=None, warmup: bool = False) -> None:
+         band_flags: dict, packed, n_seq: int, L_max: int, S_max: int, score=None, warmup: bool = False,
+         dq: torch.Tensor | None = None) -> None:
     """dK and dV of an ``eligible`` backward into ``dk`` / ``dv`` (laid out like k / v), from the
     preprocess's NLSE2 / Delta (``launch._row_stats``): dense q / dout (B, H, L, D), k / v (B, Hkv, S,
     D); packed, their (1, H, T, D) views, ``n_seq`` sequences of L_max queries and S_max keys.
@@ -367,7 +428,9 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
     (generated functions, ``codegen.CaptureArgs``) over the band; its captures' gradients are the
     core's (the caller sends a call with any to the core). ``warmup``: compile the kernel this call
     would launch and launch nothing (dout, the statistics and dk / dv may be meta tensors: what the
-    flex backward's warmup compiles while its forward runs)."""
+    flex backward's warmup compiles while its forward runs). ``dq``: an fp32 tensor laid out like q,
+    zeroed, into which the kernel adds dQ (FUSED_DQ; then no dQ programs run); None: dQ is the dQ
+    programs'."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     varlen = packed is not None
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
@@ -381,15 +444,21 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
         grid, counter = (1,), torch.zeros(1, dtype=torch.int32, device="meta")
     else:
         grid, counter = persistent(n_tiles, q.device)
-    args = dict(q_desc=descriptor(q2, BLOCK_M, D), do_desc=descriptor(do2, BLOCK_M, D), k_desc=descriptor(k2, KEYS, D),
+    q_desc = descriptor(q2, BLOCK_M, D)
+    fused = dq is not None
+    if fused:
+        dq2 = model_rows(dq) if q_rows else row_view(dq, varlen)  # dq is laid out as q
+    args = dict(q_desc=q_desc, do_desc=descriptor(do2, BLOCK_M, D), k_desc=descriptor(k2, KEYS, D),
                 v_desc=descriptor(v2, KEYS, D), nl_desc=_row_descriptor(nlse2), dl_desc=_row_descriptor(delta),
+                dq_desc=descriptor(dq2, BLOCK_M, D // 2) if fused else q_desc,
                 dk_ptr=dk2, dv_ptr=dv2, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_dk=dk2.stride(0),
                 stride_dv=dv2.stride(0), stride_statb=stat_strides[0], stride_stath=stat_strides[1], n_tiles=n_tiles,
                 n_n=n_n, sec=section(n_seq * Hkv, L_max, H // Hkv, q), H=H, G=H // Hkv, L_max=L_max, S_max=S_max,
                 qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args, **hook_args(score, counter))
-    constexprs = dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=KBUFS, STAT_PAD=STAT_PAD.value,
-                      CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"], VARLEN=varlen_mode(packed), TBUF=TBUF,
-                      Q_ROWS=q_rows, **hook_constexprs(score and score[0], derivative=True))
+    constexprs = dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=FUSED_KBUFS if fused else KBUFS,
+                      STAT_PAD=STAT_PAD.value, CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"],
+                      VARLEN=varlen_mode(packed), TBUF=TBUF, Q_ROWS=q_rows, FUSED_DQ=fused,
+                      **hook_constexprs(score and score[0], derivative=True))
     if warmup:  # into Triton's cache, where the launcher's first launch finds it
         await_compile_key()
         attn_bwd_dkdv_ws.warmup(grid=grid, **args, **constexprs, num_warps=4, num_stages=3, **COMPILE_OPTIONS)

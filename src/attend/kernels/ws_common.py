@@ -106,9 +106,8 @@ def take(tid_smem, tid_full, tid_empty, it, TBUF: gl.constexpr):
 @gluon.jit
 def tma_add_tile(src_desc, dst_desc):
     """Add ``src``'s first box into ``dst``'s first box by a TMA reduce-add (``versions.tma_atomic_add``):
-    the primitive a dQ accumulated from the dK / dV kernel's consumers would take (FlashAttention 3's
-    way: 5 products per tile pair where the dQ programs make it 7). The build check compiles it and the
-    GPU tests run it; no kernel uses it yet (docs/roadmap.md, the Gluon kernels' next steps)."""
+    the primitive with which the dK / dV kernel's consumers add dQ (ws_bwd's FUSED_DQ), alone. The
+    build check compiles it and the GPU tests run it."""
     smem = gl.allocate_shared_memory(src_desc.dtype, src_desc.block_type.shape, src_desc.layout)
     bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     mbarrier.init(bar.index(0), count=1)
