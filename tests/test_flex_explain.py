@@ -19,6 +19,7 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 FORWARD_COUNTERS = {"band": {"band"}, "gluon_hooks": {"fused", "band_hooks_gluon"},
                     "band_hooks": {"fused", "band_hooks"}, "lists": {"fused"}, "blocked": {"blocked"}}
 BACKWARD_COUNTERS = {"dense": set(), "gluon_dkdv": {"fused_backward", "band_hooks_backward", "gluon_dkdv"},
+                     "gluon_fused": {"fused_backward", "band_hooks_backward", "gluon_dkdv"},
                      "core": {"fused_backward"}, "blocked": {"blocked_backward"}}
 
 

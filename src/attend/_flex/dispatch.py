@@ -183,6 +183,8 @@ FORWARD_PATHS = {
 }
 BACKWARD_PATHS = {
     "dense": "the dense kernels' backward over the band",
+    "gluon_fused": "dK, dV and dQ from the Hopper Gluon kernel with the score hooks (dQ by TMA reduce-adds; no dQ "
+                   "programs)",
     "gluon_dkdv": "dK / dV from the Hopper Gluon kernel with the score hooks, dQ and the captures' gradients "
                   "from the Triton core's dQ programs",
     "core": "the Triton core's flex backward (dK / dV and dQ programs; the captures' gradients from the dQ "
@@ -517,13 +519,17 @@ def backward_path(call: FlexCall, cap_grads: bool, opts: kernel_options.KernelOp
                                              lists=band is None) is None:
         why = f"no backward tile of at least 16 fits the BlockMask's BLOCK_SIZE {tuple(call.blocks.BLOCK_SIZE)}"
     if why is not None:
-        declined.update(gluon_dkdv=why, core=why)
+        declined.update(gluon_fused=why, gluon_dkdv=why, core=why)
         return "blocked", declined
     why = launch.flex_band_dkdv_refusal(opts, call.query, call.key, call.value, call.query, band,
                                         call.score is not None, call.kernel_options)
     if why is None:
+        fused_why = launch.fused_dq_refusal(opts, cap_grads)
+        if fused_why is None:
+            return "gluon_fused", declined
+        declined["gluon_fused"] = fused_why
         return "gluon_dkdv", declined
-    declined["gluon_dkdv"] = why
+    declined.update(gluon_fused=why, gluon_dkdv=why)
     return "core", declined
 
 

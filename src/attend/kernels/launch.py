@@ -687,7 +687,7 @@ def backward_plan(flags: dict, q, k, v, dout, mask, dropout_p: float, packed: Pa
     if (opts.bwd_ws and dq_only is not None and tiles is not None and _gluon_device(q)
             and versions.usable("gluon_dkdv")
             and ws_bwd.eligible(q, k, v, dout, mask, dropout_p, packed, L, S, q_rows=opts.rows_q_gluon)):
-        if opts.bwd_ws_fused_dq and not flags["DETERMINISTIC"]:  # dQ too: no core launch
+        if fused_dq_refusal(opts, False) is None:  # dQ too: no core launch
             return BackwardPlan("fused", True, None)
         # dK / dV from the Gluon kernel, then the dQ programs alone, numbered in key order
         return BackwardPlan("programs", True, Tiles(dict(dq_only.kwargs, HEAD_MAJOR=False), dq_only.num_warps,
@@ -1128,6 +1128,20 @@ def flex_band_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: boo
     return None
 
 
+def fused_dq_refusal(opts: KernelOptions, capture_grads: bool) -> str | None:
+    """Why a backward that the Gluon dK / dV kernel serves does not take dQ from it too (ws_bwd's
+    FUSED_DQ), or None where it does: KernelOptions.bwd_ws_fused_dq off, deterministic mode (the
+    reduce-adds' order varies), or a flex capture that needs a gradient (``capture_grads``; the dQ
+    programs scatter it)."""
+    if not opts.bwd_ws_fused_dq:
+        return "KernelOptions.bwd_ws_fused_dq is off"
+    if torch.are_deterministic_algorithms_enabled():
+        return "deterministic mode: the reduce-adds' order varies between runs"
+    if capture_grads:
+        return "a captured tensor needs a gradient: the dQ programs scatter it"
+    return None
+
+
 def _specialized_as(t: torch.Tensor) -> tuple:
     """What Triton specializes a tensor argument and its strides on: a 16-byte aligned address,
     strides equal to 1, strides divisible by 16."""
@@ -1237,8 +1251,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     else:
         parts = [("both", (n_kv + n_q,), {})]
     # dQ from the Gluon kernel's reduce-adds too (no core launch) where no capture needs a gradient
-    fused = (gluon_dkdv and not score_grad and resolve(options).bwd_ws_fused_dq
-             and not flags["DETERMINISTIC"])
+    fused = gluon_dkdv and fused_dq_refusal(resolve(options), score_grad) is None
     if gluon_dkdv:  # then the core's dQ programs alone, unless fused (a warmup compiles both)
         _ensure_allocator()
         dq_acc = torch.zeros_like(q, dtype=torch.float32, device=dev) if fused else None
