@@ -385,7 +385,8 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop,
             opts.flex_bwd_split, opts.head_major, band,
             # the Gluon dK / dV route (launch._flex_band_dkdv): its options and the layouts it takes
-            opts.flex_gluon, opts.bwd_ws, opts.bwd_ws_min_seq_bucket, q.is_contiguous(), k.is_contiguous())
+            opts.flex_gluon, opts.bwd_ws, opts.bwd_ws_min_seq_bucket, opts.bwd_ws_fused_dq, q.is_contiguous(),
+            k.is_contiguous())
 
 
 def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,
@@ -411,7 +412,8 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     score, mask = _backward_mods(call, q, score_caps, mask_caps, score_grad, band, grads=stand_ins)
     futs = []
     # two launches, each compiled on a thread of its own: the split's halves, or the Gluon dK / dV
-    # kernel beside the core's dQ programs (the dQ gradient is laid out as q: its layout decides)
+    # kernel beside the core's dQ programs (the dQ gradient is laid out as q: its layout decides;
+    # with the dQ fused, "dq" builds only the row statistics' kernel)
     two = opts.flex_bwd_split or launch._flex_band_dkdv(opts, q, k, v, q, band, score, call.kernel_options)
     parts = ("dkdv", "dq") if two else (True,)
     # the JITs' per-device caches, made here once: two threads (the split's two, or a warmup and the
