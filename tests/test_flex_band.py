@@ -518,3 +518,61 @@ def test_decode_step_keeps_the_core_score_hooks():
     assert dispatch.PATHS["band_hooks_gluon"] == before["band_hooks_gluon"]
     refs = [dense_reference(q, k, v, score, mod, dt)[0] for dt in (torch.float64, torch.bfloat16)]
     assert_scaled_close(out, *refs, what="decode step on the core's score hooks")
+
+
+def _list_masks(L: int, g: torch.Generator) -> dict:
+    """mask_mods whose BlockMasks are lists, not bands: documents (ids captured), prefix-LM, and
+    documents with causal inside each."""
+    doc = torch.sort(torch.randint(0, 4, (L,), generator=g)).values.to(DEVICE)
+    return {"document": lambda b, h, q, kv: doc[q] == doc[kv],
+            "prefix_lm": lambda b, h, q, kv: (kv <= 100) | (q >= kv),
+            "document_causal": lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv)}
+
+
+@pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon kernels run on sm_90 GPUs")
+@pytest.mark.parametrize("score_name,mask_name,L,HQ,HKV", [
+    (None, "document", 384, 2, 2), ("softcap", "prefix_lm", 300, 4, 2), ("alibi", "document_causal", 700, 2, 1),
+    ("softcap_table", "document_causal", 256, 2, 2)])
+@pytest.mark.parametrize("fused_dq", [False, True], ids=["dq-programs", "fused-dq"])
+def test_block_mask_lists_on_the_gluon_dkdv_kernel(score_name, mask_name, L, HQ, HKV, fused_dq, monkeypatch):
+    """KernelOptions.flex_gluon_lists: a flex backward over a BlockMask's lists of 128 x 128 blocks
+    takes dK / dV from the Gluon kernel walking the query-side lists, the mask_mod on partial blocks
+    (ws_bwd's LISTS), and with ``fused_dq`` dQ too, except where a capture needs a gradient: every
+    gradient against float64, with ragged lengths (a last block of 128 with rows past L), grouped
+    heads and with or without a score_mod."""
+    from attend.kernels import launch
+
+    calls = []  # (lists given, dQ fused) per launch, not the warmup's compile
+    real = launch.ws_bwd.dkdv
+    monkeypatch.setattr(launch.ws_bwd, "dkdv", lambda *a, **kw: (
+        kw.get("warmup") or calls.append((a[19] is not None, a[18] is not None)), real(*a, **kw))[1])
+    g = torch.Generator().manual_seed(L + HQ)
+    q = torch.randn(2, HQ, L, _D128, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(2, HKV, L, _D128, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(2))
+    caps = {"alibi": [torch.rand(HQ, generator=g).to(DEVICE)],
+            "softcap_table": [(0.5 * torch.randn(HQ, 2 * _TABLE_S, generator=g)).to(DEVICE).requires_grad_()]
+            }.get(score_name, [])
+    score = _GLUON_SCORES[score_name](caps) if score_name else None
+    mask_mod = _list_masks(L, g)[mask_name]
+    bm = flex.create_block_mask(mask_mod, None, None, L, L, device=DEVICE)
+    with kernel_options(bwd_ws_min_seq_bucket=0, bwd_ws_fused_dq=fused_dq, flex_gluon_lists=True):
+        route = flex.explain(q, k, v, score, bm, enable_gqa=HQ != HKV)
+        out = flex.flex_attention(q, k, v, score, bm, enable_gqa=HQ != HKV)
+    want_fused = fused_dq and not _caps_need_grad(caps)
+    assert route.backward == ("gluon_fused" if want_fused else "gluon_dkdv"), str(route)
+    go = torch.randn(out.shape, generator=g).to(out)
+    leaves = (q, k, v, *caps)
+    grads = torch.autograd.grad((out * go).sum(), [t for t in leaves if t.requires_grad])
+    assert calls == [(True, want_fused)], calls
+    refs = {}
+    for dt in (torch.float64, torch.bfloat16):  # the same-precision reference: bf16 scores and softmax
+        cap_dt = torch.float64 if dt == torch.float64 else torch.float32
+        ls = [t.detach().to(dt if t.dtype == torch.bfloat16 else cap_dt).requires_grad_() for t in leaves]
+        f = _GLUON_SCORES[score_name](ls[3:]) if score_name else (lambda s, *idx: s)
+        o, _, _ = dense_reference(*ls[:3], lambda s, *idx: torch.broadcast_to(f(s, *idx), s.shape).to(s.dtype),
+                                  mask_mod, dt)
+        want = [t for t, w in zip(ls, leaves) if w.requires_grad]
+        refs[dt] = torch.autograd.grad((o * go.to(dt)).sum(), want)
+    what = f"{score_name} x {mask_name}"
+    for name, a, r, s_ in zip(["dq", "dk", "dv", "dtable"], grads, refs[torch.float64], refs[torch.bfloat16]):
+        assert_scaled_close(a, r, s_, k=6.0, what=f"{what} {name}")

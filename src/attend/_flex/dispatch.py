@@ -183,10 +183,10 @@ FORWARD_PATHS = {
 }
 BACKWARD_PATHS = {
     "dense": "the dense kernels' backward over the band",
-    "gluon_fused": "dK, dV and dQ from the Hopper Gluon kernel with the score hooks (dQ by TMA reduce-adds; no dQ "
-                   "programs)",
-    "gluon_dkdv": "dK / dV from the Hopper Gluon kernel with the score hooks, dQ and the captures' gradients "
-                  "from the Triton core's dQ programs",
+    "gluon_fused": "dK, dV and dQ from the Hopper Gluon kernel with the score hooks over the band or the "
+                   "BlockMask's lists (dQ by TMA reduce-adds; no dQ programs)",
+    "gluon_dkdv": "dK / dV from the Hopper Gluon kernel with the score hooks over the band or the BlockMask's "
+                  "lists, dQ and the captures' gradients from the Triton core's dQ programs",
     "core": "the Triton core's flex backward (dK / dV and dQ programs; the captures' gradients from the dQ "
             "programs)",
     "blocked": "the blocked path's autograd (a recomputation where the forward was fused)",
@@ -384,9 +384,9 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             None if ko is None else repr(sorted(ko.items())),
             None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop,
             opts.flex_bwd_split, opts.head_major, band,
-            # the Gluon dK / dV route (launch._flex_band_dkdv): its options and the layouts it takes
-            opts.flex_gluon, opts.bwd_ws, opts.bwd_ws_min_seq_bucket, opts.bwd_ws_fused_dq, q.is_contiguous(),
-            k.is_contiguous())
+            # the Gluon dK / dV route (launch._flex_gluon_dkdv): its options and the layouts it takes
+            opts.flex_gluon, opts.flex_gluon_lists, opts.bwd_ws, opts.bwd_ws_min_seq_bucket, opts.bwd_ws_fused_dq,
+            q.is_contiguous(), k.is_contiguous())
 
 
 def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,
@@ -414,7 +414,8 @@ def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad:
     # two launches, each compiled on a thread of its own: the split's halves, or the Gluon dK / dV
     # kernel beside the core's dQ programs (the dQ gradient is laid out as q: its layout decides;
     # with the dQ fused, "dq" builds only the row statistics' kernel)
-    two = opts.flex_bwd_split or launch._flex_band_dkdv(opts, q, k, v, q, band, score, call.kernel_options)
+    two = opts.flex_bwd_split or launch._flex_gluon_dkdv(opts, q, k, v, q, band, score, call.kernel_options,
+                                                         call.blocks)
     parts = ("dkdv", "dq") if two else (True,)
     # the JITs' per-device caches, made here once: two threads (the split's two, or a warmup and the
     # caller's own launches) must not both create one
@@ -523,8 +524,8 @@ def backward_path(call: FlexCall, cap_grads: bool, opts: kernel_options.KernelOp
     if why is not None:
         declined.update(gluon_fused=why, gluon_dkdv=why, core=why)
         return "blocked", declined
-    why = launch.flex_band_dkdv_refusal(opts, call.query, call.key, call.value, call.query, band,
-                                        call.score is not None, call.kernel_options)
+    why = launch.flex_dkdv_refusal(opts, call.query, call.key, call.value, call.query, band, call.score is not None,
+                                   call.kernel_options, call.blocks)
     if why is None:
         fused_why = launch.fused_dq_refusal(opts, cap_grads)
         if fused_why is None:

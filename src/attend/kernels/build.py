@@ -252,10 +252,12 @@ def _score_hooks() -> tuple[dict, tuple]:
 
 def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = False, window: bool = False,
                    varlen: bool = False, q_rows: bool = False, uniform: bool = False, score_mod: bool = False,
-                   fused_dq: bool = False):
+                   fused_dq: bool = False, lists: bool = False):
     """Compile the warp-specialized Gluon dK / dV kernel (ws_bwd.py) for ``target`` (sm_90 only);
     ``uniform`` and ``score_mod`` as compile_ws's (the score hook and its derivative); ``fused_dq``:
-    dQ added by TMA reduce-adds from the kernel (FUSED_DQ), as ``ws_bwd.dkdv`` builds it given a dq."""
+    dQ added by TMA reduce-adds from the kernel (FUSED_DQ), as ``ws_bwd.dkdv`` builds it given a dq;
+    ``lists``: a BlockMask's lists walked (LISTS) with ``attend._flex.build._mods``'s mask_mod (a
+    document mask over captured ids, and causal) on the partial blocks."""
     from . import ws_bwd
     from .ws_common import hook_constexprs
 
@@ -275,7 +277,25 @@ def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = Fa
     fns, ptrs = _score_hooks() if score_mod else (None, ())  # as ws_bwd.dkdv passes them
     constexprs.update(hook_constexprs(fns, derivative=True))
     sig.update(score_ptrs=ptrs, score_meta="*i32")
+    mfns, mptrs = _mask_hooks() if lists else (None, ())
+    constexprs.update(LISTS=lists, SPARSE_BQ=ws_bwd.LIST_BLOCK, HAS_MASK_MOD=lists,
+                      MASK_MOD=mfns["mask_mod"] if lists else False, LOAD_MASK_META=mfns["load_meta"] if lists else False)
+    sig.update(list_ptrs=("*i32",) * 5 if lists else (), mask_ptrs=mptrs, mask_meta="*i32")
     return _compile_gluon(ws_bwd.attn_bwd_dkdv_ws, target, sig, ints, constexprs)
+
+
+def _mask_hooks() -> tuple[dict, tuple]:
+    """The generated hooks of ``attend._flex.build._mods``'s mask_mod (a document mask over captured
+    ids, and causal) and the signature types of its captures' pointers."""
+    import torch
+
+    from .._flex import codegen
+    from .._flex.build import _mods
+    from .._flex.trace import trace
+
+    g = trace(_mods()[1], "mask")
+    ptrs = tuple("*" + {torch.float32: "fp32", torch.int64: "i64"}[c.tensor.dtype] for c in g.captures)
+    return codegen.hooks(g).functions, ptrs
 
 
 KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}
@@ -300,7 +320,10 @@ WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True),
                    "no_band_fused_dq": dict(fused_dq=True), "causal_fused_dq": dict(causal=True, fused_dq=True),
                    "q_rows_causal_fused_dq": dict(causal=True, q_rows=True, fused_dq=True),
                    "rows_causal_fused_dq": dict(causal=True, varlen=True, uniform=True, fused_dq=True),
-                   "score_mod_causal_fused_dq": dict(causal=True, score_mod=True, fused_dq=True)}
+                   "score_mod_causal_fused_dq": dict(causal=True, score_mod=True, fused_dq=True),
+                   # a BlockMask's lists and mask_mod (flex's document masks), with and without a score_mod
+                   "lists_fused_dq": dict(lists=True, fused_dq=True),
+                   "lists_score_mod_fused_dq": dict(lists=True, score_mod=True, fused_dq=True)}
 # Feature variants compiled once each (heuristic config, D=128, sm_90) besides the plain builds,
 # which assume EVEN lengths (multiples of configs.EVEN_TILE), as the benchmarked shapes have.
 _FEATURES = {

@@ -1092,21 +1092,29 @@ def flex_bwd_tiles(q, k, blocks, options: KernelOptions | dict | None = None,
     return Tiles(dict(meta, DQ_ATOMIC=False, HEAD_MAJOR=head_major, ONE_LOOP=opts.flex_bwd_one_loop), warps, stages)
 
 
-def _flex_band_dkdv(options, q, k, v, dout, band: Band | None, score, kernel_options) -> bool:
+def _flex_gluon_dkdv(options, q, k, v, dout, band: Band | None, score, kernel_options, blocks=None) -> bool:
     """Whether ``flex_backward`` takes dK / dV from the Gluon kernel (ws_bwd.py) with the score
-    hooks (``flex_band_dkdv_refusal``)."""
-    return flex_band_dkdv_refusal(options, q, k, v, dout, band, score is not None, kernel_options) is None
+    hooks over a band, or walking a BlockMask's lists (``flex_dkdv_refusal``)."""
+    return flex_dkdv_refusal(options, q, k, v, dout, band, score is not None, kernel_options, blocks) is None
 
 
-def flex_band_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, kernel_options) -> str | None:
-    """Why ``flex_backward`` does not take dK / dV from the Gluon kernel with the score hooks, or None
-    where it does: a band's loops with a score_mod (``score``; the captures' gradients come from the
-    core's dQ programs, which visit each (query, key) pair once), no kernel_options,
-    KernelOptions.flex_gluon and bwd_ws on and flex_bwd_split off, an sm_90 device, the dense
-    backward's sequence bucket rule for that kernel (``configs.WS_BWD_MIN_SEQ_BUCKET``) and
-    ``ws_bwd.eligible``'s dense contiguous tensors (k / v of q's batch)."""
+def flex_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, kernel_options,
+                      blocks=None) -> str | None:
+    """Why ``flex_backward`` does not take dK / dV from the Gluon kernel, or None where it does: a
+    band's loops with a score_mod (``score``; the captures' gradients come from the core's dQ
+    programs, which visit each (query, key) pair once), or, with KernelOptions.flex_gluon_lists, a
+    BlockMask's lists of 128 x 128 blocks (``blocks``; the mask_mod on its partial blocks); no
+    kernel_options, KernelOptions.flex_gluon and bwd_ws on and flex_bwd_split off, an sm_90 device,
+    the dense backward's sequence bucket rule for that kernel (``configs.WS_BWD_MIN_SEQ_BUCKET``)
+    and ``ws_bwd.eligible``'s dense contiguous tensors (k / v of q's batch)."""
     opts = resolve(options)
-    if band is None or not score:
+    if band is None:
+        if not opts.flex_gluon_lists:
+            return "it serves a score_mod over a band (KernelOptions.flex_gluon_lists is off: not over lists)"
+        if blocks is None or tuple(blocks.BLOCK_SIZE) != (ws_bwd.LIST_BLOCK, ws_bwd.LIST_BLOCK):
+            size = None if blocks is None else tuple(blocks.BLOCK_SIZE)
+            return f"the BlockMask's BLOCK_SIZE {size}: it walks lists of 128 x 128 blocks"
+    elif not score:
         return "it serves a score_mod over a band only"
     if kernel_options:
         return "kernel_options given: they tune the core's flex backward"
@@ -1162,7 +1170,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     ``warmup``: compile the launch this call would make into core.attn_bwd's JIT cache and return
     None, launching nothing (nor the row statistics' preprocess): what a forward starts while its
     own kernel compiles (``_flex.dispatch``); with KernelOptions.flex_bwd_split, or where the Gluon
-    dK / dV kernel serves the call (``_flex_band_dkdv``), ``warmup`` may name one of the two
+    dK / dV kernel serves the call (``_flex_gluon_dkdv``), ``warmup`` may name one of the two
     launches ("dkdv" or "dq") to compile only that one. ``out``, ``lse`` and
     ``dlse`` are not read then, and ``dout`` may be None: a gradient laid out as the forward's output. The real call reads a
     gradient that Triton would specialize otherwise (the stride-0 gradient of ``out.sum()``, say)
@@ -1177,7 +1185,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     dev = torch.device("meta") if warmup else q.device
     # dK / dV from the Gluon kernel with the score hooks (the gradient read in out's layout, which
     # follows q's: the forward's warmup predicts the same from q)
-    gluon_dkdv = _flex_band_dkdv(options, q, k, v, q, band, score, kernel_options)
+    gluon_dkdv = _flex_gluon_dkdv(options, q, k, v, q, band, score, kernel_options, blocks)
     dq = torch.empty_like(q, device=dev)
     dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, Hkv, S, v.shape[3]), dtype=v.dtype, device=dev)
@@ -1256,13 +1264,14 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         _ensure_allocator()
         dq_acc = torch.zeros_like(q, dtype=torch.float32, device=dev) if fused else None
         gl_args = (q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, None, B, L, S,
-                   (sfns, score_args))
+                   (sfns, score_args) if score_on else None)
+        gl_lists = (lists[5:], mask) if band is None else (None, None)  # the query-side lists, the mask_mod
         rest = [] if fused else [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
         if warmup:  # "dkdv": only the Gluon kernel, "dq": only the dQ programs (two warmup threads)
             if warmup is True or warmup == "dkdv":
-                ws_bwd.dkdv(*gl_args, warmup=True, dq=dq_acc)
+                ws_bwd.dkdv(*gl_args, warmup=True, dq=dq_acc, lists=gl_lists[0], mask=gl_lists[1])
             parts = rest
-        elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args, False, dq_acc):
+        elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args, False, dq_acc, *gl_lists):
             parts = rest
             if fused:
                 dq = dq_acc

@@ -42,6 +42,7 @@ BLOCK_M = 64  # query rows per step
 STAGES = 2  # ring slots for Q and dO
 KBUFS = 2  # K / V tile buffers: the next tile's load overlaps the current tile's last steps
 FUSED_KBUFS = 1  # with dQ fused: one K / V buffer, so that dS and the dQ tiles fit in shared memory
+LIST_BLOCK = 128  # a BlockMask's block, both ways, that LISTS walks (a key block is one tile)
 
 
 @gluon.jit
@@ -96,12 +97,48 @@ def _stat_off(b, h, q0, stride_statb, stride_stath, STAT_PAD: gl.constexpr, VARL
 
 
 @gluon.jit
+def _list_row(list_ptrs, b, h, blk, SPARSE_BQ: gl.constexpr):
+    """The query blocks a BlockMask lists for key block ``blk`` of (batch b, query head h) (LISTS):
+    (partial count, their indices' offset and step, full indices' offset and step, the steps' end),
+    the partial blocks first; list_ptrs = (q_num_blocks, q_indices, full_q_num_blocks,
+    full_q_indices, their 14 int32 strides as ``core._list_row`` reads them). A listed block of
+    SPARSE_BQ queries is SPARSE_BQ / BLOCK_M steps: step m0v of [0, end) is the block
+    ``_listed_m0`` names."""
+    ST = list_ptrs[4]
+    blk64 = blk.to(gl.int64)
+    b64 = b.to(gl.int64)
+    h64 = h.to(gl.int64)
+    num = b64 * gl.load(ST) + h64 * gl.load(ST + 1) + blk64 * gl.load(ST + 2)
+    idx = b64 * gl.load(ST + 3) + h64 * gl.load(ST + 4) + blk64 * gl.load(ST + 5)
+    step = gl.load(ST + 6).to(gl.int64)
+    fnum = b64 * gl.load(ST + 7) + h64 * gl.load(ST + 8) + blk64 * gl.load(ST + 9)
+    fidx = b64 * gl.load(ST + 10) + h64 * gl.load(ST + 11) + blk64 * gl.load(ST + 12)
+    fstep = gl.load(ST + 13).to(gl.int64)
+    n_part = gl.load(list_ptrs[0] + num)
+    end = (n_part + gl.load(list_ptrs[2] + fnum)) * SPARSE_BQ
+    return n_part, idx, step, fidx, fstep, end
+
+
+@gluon.jit
+def _listed_m0(list_ptrs, m0v, n_part, idx, step, fidx, fstep, SPARSE_BQ: gl.constexpr):
+    """(first query row of step ``m0v`` of a key block's list walk, whether its block is partial):
+    block i = m0v // SPARSE_BQ of the partial list, then of the full one (``_list_row``)."""
+    i = m0v // SPARSE_BQ
+    partial = i < n_part
+    if partial:
+        qb = gl.load(list_ptrs[1] + idx + i * step)
+    else:
+        qb = gl.load(list_ptrs[3] + fidx + (i - n_part) * fstep)
+    return qb * SPARSE_BQ + m0v % SPARSE_BQ, partial
+
+
+@gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem,
               qd_full, qd_empty, kv_full, kv_empty, tid_smem, tid_full, tid_empty, counter_ptr, stride_statb,
-              stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left,
+              stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, list_ptrs,
               KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, KBUFS: gl.constexpr,
               STAT_PAD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
-              Q_ROWS: gl.constexpr, TBUF: gl.constexpr):
+              Q_ROWS: gl.constexpr, TBUF: gl.constexpr, LISTS: gl.constexpr, SPARSE_BQ: gl.constexpr):
     """Takes tiles (its own id, then the counter's next) and publishes each; loads the tile's K / V
     halves into buffer ``tiles % KBUFS`` once both consumers released the tile KBUFS before, then
     each (query head, query block) step's Q and dO, and its rows' NLSE2 and Delta, into ring slot
@@ -139,7 +176,13 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
                     q_col = h * D
                 if Q_ROWS:  # a model's (B * L, H * D) rows: a head is a column offset
                     q_col = h * D
-                for m0 in range(lo, hi, BLOCK_M):
+                if LISTS:  # the BlockMask's query blocks of this key block, as steps [0, hi)
+                    n_part, idx, step, fidx, fstep, hi = _list_row(list_ptrs, b, h, n0 // (2 * KEYS), SPARSE_BQ)
+                for m0v in range(lo, hi, BLOCK_M):
+                    if LISTS:
+                        m0, _ = _listed_m0(list_ptrs, m0v, n_part, idx, step, fidx, fstep, SPARSE_BQ)
+                    else:
+                        m0 = m0v
                     slot = qd % STAGES
                     mbarrier.wait(qd_empty.index(slot), ((qd // STAGES) & 1) ^ 1, pred=qd >= STAGES)
                     mbarrier.expect(qd_full.index(slot),
@@ -160,11 +203,12 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
 def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, ds_smem, dq_smem, qd_full, qd_empty,
               kv_full, kv_empty, ds_ready, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk, stride_dv,
               n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, qk_scale, sm_scale,
-              score_ptrs, score_meta, CID: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
-              STAGES: gl.constexpr, KBUFS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-              VARLEN: gl.constexpr, Q_ROWS: gl.constexpr, TBUF: gl.constexpr, FUSED_DQ: gl.constexpr,
-              HAS_SCORE: gl.constexpr, SCORE_MOD: gl.constexpr, SCORE_DSCORE: gl.constexpr,
-              LOAD_SCORE_META: gl.constexpr):
+              score_ptrs, score_meta, list_ptrs, mask_ptrs, mask_meta, CID: gl.constexpr, KEYS: gl.constexpr,
+              BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, KBUFS: gl.constexpr, CAUSAL: gl.constexpr,
+              WINDOW: gl.constexpr, VARLEN: gl.constexpr, Q_ROWS: gl.constexpr, TBUF: gl.constexpr,
+              FUSED_DQ: gl.constexpr, HAS_SCORE: gl.constexpr, SCORE_MOD: gl.constexpr, SCORE_DSCORE: gl.constexpr,
+              LOAD_SCORE_META: gl.constexpr, LISTS: gl.constexpr, SPARSE_BQ: gl.constexpr, HAS_MASK_MOD: gl.constexpr,
+              MASK_MOD: gl.constexpr, LOAD_MASK_META: gl.constexpr):
     """dK and dV of keys [CID * KEYS, (CID + 1) * KEYS) of each tile the producer publishes, over
     its steps (module docstring); stored at the tile's end, rows past the sequence's keys left.
     HAS_SCORE: SCORE_MOD / SCORE_DSCORE (flex over a band): P from the modded natural-unit score, dS times its
@@ -194,6 +238,10 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
         meta = LOAD_SCORE_META(score_meta)
     else:
         meta = 0
+    if HAS_MASK_MOD:
+        mmeta = LOAD_MASK_META(mask_meta)
+    else:
+        mmeta = 0
     Hkv = H // G
     n_bhk = n_tiles // n_n
     tcount = 0
@@ -221,7 +269,14 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
                     dq_col = CID * DH
                     if VARLEN or Q_ROWS:  # a head is a column offset
                         dq_col = h_q * D + CID * DH
-                for m0 in range(lo, hi, BLOCK_M):
+                if LISTS:  # the BlockMask's query blocks of this key block, as steps [0, hi)
+                    n_part, idx, step, fidx, fstep, hi = _list_row(list_ptrs, b, hk * G + g, n0 // (2 * KEYS),
+                                                                   SPARSE_BQ)
+                for m0v in range(lo, hi, BLOCK_M):
+                    if LISTS:
+                        m0, partial = _listed_m0(list_ptrs, m0v, n_part, idx, step, fidx, fstep, SPARSE_BQ)
+                    else:
+                        m0 = m0v
                     slot = qd % STAGES
                     mbarrier.wait(qd_full.index(slot), (qd // STAGES) & 1)
                     q_t = q_smem.index(slot)
@@ -247,6 +302,16 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
                     if FUSED_DQ:
                         if n0 + 2 * KEYS > S:  # keys past the sequence's end (another head's rows) add no dQ
                             x = gl.where((keys < S)[:, None], x, float("-inf"))
+                    if LISTS:
+                        if not HAS_SCORE:  # (the score hooks' branch masks them)
+                            if m0 + BLOCK_M > L:  # a ragged last block: its rows past L read another head's stats
+                                x = gl.where((m0 + s_cols < L)[None, :], x, float("-inf"))
+                        if HAS_MASK_MOD:
+                            if partial:  # the mask_mod, at clamped indices in the transposed tile's shapes
+                                keep = MASK_MOD(b, hk * G + g, gl.minimum(m0 + s_cols, L - 1)[None, :],
+                                                gl.minimum(keys, S - 1)[:, None], mask_ptrs, mmeta)
+                                keep, x = gl.broadcast(keep, x)
+                                x = gl.where(keep, x, float("-inf"))
                     if CAUSAL or WINDOW:
                         # A band edge: mask by index, both bounds (testing each bound per block, as
                         # ws._mask_edges does, spilled here and slowed the window: docs/kernels.md,
@@ -313,13 +378,15 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
 @gluon.jit(do_not_specialize=["n_tiles", "n_n", "sec"])
 def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dq_desc, dk_ptr, dv_ptr, cu_q, cu_k,
                      counter_ptr, stride_dk, stride_dv, stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max,
-                     S_max, qk_scale, sm_scale, diag, win_right, win_left, score_ptrs, score_meta,
-                     KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                     S_max, qk_scale, sm_scale, diag, win_right, win_left, score_ptrs, score_meta, list_ptrs,
+                     mask_ptrs, mask_meta, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                      KBUFS: gl.constexpr, STAT_PAD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      VARLEN: gl.constexpr, TBUF: gl.constexpr, Q_ROWS: gl.constexpr, FUSED_DQ: gl.constexpr = False,
                      HAS_SCORE: gl.constexpr = False,
                      SCORE_MOD: gl.constexpr = False,
-                     SCORE_DSCORE: gl.constexpr = False, LOAD_SCORE_META: gl.constexpr = False):
+                     SCORE_DSCORE: gl.constexpr = False, LOAD_SCORE_META: gl.constexpr = False,
+                     LISTS: gl.constexpr = False, SPARSE_BQ: gl.constexpr = 128, HAS_MASK_MOD: gl.constexpr = False,
+                     MASK_MOD: gl.constexpr = False, LOAD_MASK_META: gl.constexpr = False):
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of the
     n_tiles = n_n * B * Hkv (``_kv_tile``) from the int32 at ``counter_ptr`` (0 at launch). Dense:
     2-D row views Q / dO (b * H + h) * L + i, K / V / dK / dV (b * Hkv + hk) * S + j. VARLEN: Q /
@@ -364,21 +431,25 @@ def attn_bwd_dkdv_ws(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, dq_desc,
         (_consumer, (q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, ds_smem, dq_smem, qd_full,
                      qd_empty, kv_full, kv_empty, ds_ready, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk,
                      stride_dv, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left,
-                     qk_scale, sm_scale, score_ptrs, score_meta, 0, KEYS, BLOCK_M, D, STAGES, KBUFS, CAUSAL,
-                     WINDOW, VARLEN, Q_ROWS, TBUF, FUSED_DQ, HAS_SCORE, SCORE_MOD, SCORE_DSCORE, LOAD_SCORE_META)),
+                     qk_scale, sm_scale, score_ptrs, score_meta, list_ptrs, mask_ptrs, mask_meta, 0, KEYS,
+                     BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, Q_ROWS, TBUF, FUSED_DQ, HAS_SCORE, SCORE_MOD,
+                     SCORE_DSCORE, LOAD_SCORE_META, LISTS, SPARSE_BQ, HAS_MASK_MOD, MASK_MOD, LOAD_MASK_META)),
         (_consumer, (q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem, ds_smem, dq_smem, qd_full,
                      qd_empty, kv_full, kv_empty, ds_ready, tid_smem, tid_full, tid_empty, dk_ptr, dv_ptr, stride_dk,
                      stride_dv, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left,
-                     qk_scale, sm_scale, score_ptrs, score_meta, 1, KEYS, BLOCK_M, D, STAGES, KBUFS, CAUSAL,
-                     WINDOW, VARLEN, Q_ROWS, TBUF, FUSED_DQ, HAS_SCORE, SCORE_MOD, SCORE_DSCORE, LOAD_SCORE_META)),
+                     qk_scale, sm_scale, score_ptrs, score_meta, list_ptrs, mask_ptrs, mask_meta, 1, KEYS,
+                     BLOCK_M, D, STAGES, KBUFS, CAUSAL, WINDOW, VARLEN, Q_ROWS, TBUF, FUSED_DQ, HAS_SCORE, SCORE_MOD,
+                     SCORE_DSCORE, LOAD_SCORE_META, LISTS, SPARSE_BQ, HAS_MASK_MOD, MASK_MOD, LOAD_MASK_META)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem, k_smem, v_smem, nl_smem,
                      dl_smem, qd_full, qd_empty, kv_full, kv_empty, tid_smem, tid_full, tid_empty, counter_ptr,
                      stride_statb, stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right,
-                     win_left, KEYS, BLOCK_M, D, STAGES, KBUFS, STAT_PAD, CAUSAL, WINDOW, VARLEN, Q_ROWS, TBUF)),
+                     win_left, list_ptrs, KEYS, BLOCK_M, D, STAGES, KBUFS, STAT_PAD, CAUSAL, WINDOW, VARLEN, Q_ROWS,
+                     TBUF, LISTS, SPARSE_BQ)),
     ], [4, 1], [232, 40])
 
 
-_LAUNCH = Launcher(attn_bwd_dkdv_ws, nested=("score_ptrs", "score_meta"))  # a flex score_mod's captures, meta
+# a flex score_mod's captures and meta; a BlockMask's lists; a mask_mod's captures and meta
+_LAUNCH = Launcher(attn_bwd_dkdv_ws, nested=("score_ptrs", "score_meta", "list_ptrs", "mask_ptrs", "mask_meta"))
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, mask, dropout_p: float, packed,
@@ -420,7 +491,7 @@ ROW_LAYOUT = checked_layout(gl.NVMMASharedLayout(swizzle_byte_width=0, element_b
 
 def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float, band_args: dict,
          band_flags: dict, packed, n_seq: int, L_max: int, S_max: int, score=None, warmup: bool = False,
-         dq: torch.Tensor | None = None) -> None:
+         dq: torch.Tensor | None = None, lists: tuple | None = None, mask=None) -> None:
     """dK and dV of an ``eligible`` backward into ``dk`` / ``dv`` (laid out like k / v), from the
     preprocess's NLSE2 / Delta (``launch._row_stats``): dense q / dout (B, H, L, D), k / v (B, Hkv, S,
     D); packed, their (1, H, T, D) views, ``n_seq`` sequences of L_max queries and S_max keys.
@@ -430,7 +501,10 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
     would launch and launch nothing (dout, the statistics and dk / dv may be meta tensors: what the
     flex backward's warmup compiles while its forward runs). ``dq``: an fp32 tensor laid out like q,
     zeroed, into which the kernel adds dQ (FUSED_DQ; then no dQ programs run); None: dQ is the dQ
-    programs'."""
+    programs'. ``lists`` (dense, no band): a BlockMask's query-side lists of 128-query blocks over
+    128-key blocks, (q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, their strides as
+    ``launch._list_strides`` makes them): only the listed steps run (LISTS), with ``mask``, a flex
+    mask_mod's (generated functions, ``codegen.CaptureArgs``), on the partial blocks."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     varlen = packed is not None
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
@@ -454,11 +528,15 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
                 dk_ptr=dk2, dv_ptr=dv2, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_dk=dk2.stride(0),
                 stride_dv=dv2.stride(0), stride_statb=stat_strides[0], stride_stath=stat_strides[1], n_tiles=n_tiles,
                 n_n=n_n, sec=section(n_seq * Hkv, L_max, H // Hkv, q), H=H, G=H // Hkv, L_max=L_max, S_max=S_max,
-                qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args, **hook_args(score, counter))
+                qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args, **hook_args(score, counter),
+                list_ptrs=lists if lists is not None else (), mask_ptrs=mask[1].ptrs if mask else (),
+                mask_meta=mask[1].meta if mask else counter)
     constexprs = dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=FUSED_KBUFS if fused else KBUFS,
                       STAT_PAD=STAT_PAD.value, CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"],
                       VARLEN=varlen_mode(packed), TBUF=TBUF, Q_ROWS=q_rows, FUSED_DQ=fused,
-                      **hook_constexprs(score and score[0], derivative=True))
+                      **hook_constexprs(score and score[0], derivative=True), LISTS=lists is not None,
+                      SPARSE_BQ=LIST_BLOCK, HAS_MASK_MOD=bool(mask), MASK_MOD=mask[0]["mask_mod"] if mask else False,
+                      LOAD_MASK_META=mask[0]["load_meta"] if mask else False)
     if warmup:  # into Triton's cache, where the launcher's first launch finds it
         await_compile_key()
         attn_bwd_dkdv_ws.warmup(grid=grid, **args, **constexprs, num_warps=4, num_stages=3, **COMPILE_OPTIONS)
