@@ -640,6 +640,7 @@ WS_CASES = {
     "ragged_lengths": ((2, 2, 2, 200, 333), None, 0, None),
     "causal": ((2, 4, 2, 384, 384), None, 0, "causal"),
     "causal_ragged_L>S": ((1, 2, 2, 300, 170), None, 0, "causal"),
+    "causal_grouped_ragged": ((1, 8, 2, 200, 333), None, 0, "causal"),
     "lower_right_L<S": ((1, 2, 2, 130, 300), None, 0, "lower_right"),
     "lower_right_L>S": ((1, 2, 2, 300, 130), None, 0, "lower_right"),
     "float_bias_with_masked_rows": ((2, 2, 2, 256, 256), "bias", 0, None),
@@ -691,12 +692,20 @@ def test_warp_specialized_forward_matches_float64(case, fused_dq, monkeypatch, k
         keep[: L - S] = False  # rows that see no key: 0 (asserted below)
     if not keep.all():
         assert torch.equal(out[:, :, ~keep], torch.zeros_like(out[:, :, ~keep]))
-        (dq,) = torch.autograd.grad((out.float() * torch.randn_like(out.float())).sum(), (q,), retain_graph=True)
-        assert torch.isfinite(dq).all()
-        rows = lambda t: t[:, :, keep]
-        ref, _ = reference(q, k, v, **kw)
-        same = same_precision(q, k, v, **kw)
-        assert_scaled_close(rows(out), rows(ref), rows(same), what=case)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad((out * g).sum(), (q, k, v), retain_graph=True)
+        assert torch.equal(grads[0][:, :, ~keep], torch.zeros_like(grads[0][:, :, ~keep])), "rows with no key: dQ 0"
+        # the kept rows alone are the same problem (the others add nothing to dK / dV): their own oracle
+        kept = dict(kw, attn_mask=kw["attn_mask"][:, :, keep] if kind == "bias"
+                    else causal_lower_right(int(keep.sum()), S))
+        qk = q.detach()[:, :, keep].requires_grad_()
+        ref, p = reference(qk, k, v, **kept)
+        refs = torch.autograd.grad((ref * g[:, :, keep].double()).sum(), (p.query, p.key, p.value))
+        same = same_precision(qk, k, v, **kept)
+        sames = torch.autograd.grad((same * g[:, :, keep]).sum(), (qk, k, v))
+        assert_scaled_close(out[:, :, keep], ref, same, what=case)
+        for name, a, r, s_ in zip("qkv", (grads[0][:, :, keep], *grads[1:]), refs, sames):
+            assert_scaled_close(a, r, s_, k=6.0, what=f"{case} d{name}")
     else:
         assert_matches_float64(out, q, k, v, what=case, **kw)
     assert bool(bwd_calls) == (kind is None), "the Gluon dK / dV kernel serves backwards without a mask"

@@ -195,8 +195,10 @@ def test_gluon_kernels_serve_row_views(kw, S, fused_dq, spy):
         out = attend.scaled_dot_product_attention(q, k, v, **kw)
         assert is_rows(out)
         assert_matches_float64(out, q, k, v, what="gluon rows", **kw)
+        plan = launch.explain_backward(q, k, v, band=Band.causal() if kw.get("is_causal") else Band())
     if launch._gluon_device(q):
         assert spy and all(p is not None for _, p in spy), spy
+        assert plan.gluon and (plan.dq == "fused") == fused_dq, str(plan)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")

@@ -14,7 +14,7 @@ from attend import _versions
 from attend.kernels import launch, versions
 from attend.kernels.options import kernel_options
 
-from conftest import DEVICE, assert_matches_float64, rand
+from conftest import DEVICE, assert_matches_float64, assert_scaled_close, rand, reference, same_precision
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -125,12 +125,47 @@ def test_failed_gluon_build_falls_back_to_the_core_with_one_warning(gluon_on_thi
             assert_matches_float64(out, q, k, v, what="fallback", is_causal=True)
             attend.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # warns no more
     ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "experimental" in str(w.message)]
-    assert len(ours) == 2, [str(w.message) for w in ours]  # the forward's once, the dK / dV kernel's once
-    for w, label in zip(ours, versions.EXPERIMENTAL.values()):
-        assert label in str(w.message) and f"Triton {triton.__version__}" in str(w.message)
+    # the forward's once, the dK / dV kernel's once (with the fused dQ: its fused build's, then the plain one's)
+    failed = ["gluon_forward", *(["gluon_dkdv_fused_dq"] if fused_dq else []), "gluon_dkdv"]
+    assert len(ours) == len(failed), [str(w.message) for w in ours]
+    for w, name in zip(ours, failed):
+        assert versions.EXPERIMENTAL[name] in str(w.message) and f"Triton {triton.__version__}" in str(w.message)
         assert "async_copy_shared_to_global has been removed" in str(w.message)
     status = versions.experimental_status()  # the flex variants too: they run only where these do
     assert all(s.startswith("off: failed to build on Triton") for s in status.values()), status
+
+
+@pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9,
+                    reason="on sm_90 the real Gluon kernels run; their float64 tests are in test_core_variants")
+def test_a_failed_fused_dq_build_keeps_the_plain_gluon_dkdv_kernel(gluon_on_this_device, monkeypatch):
+    """KernelOptions.bwd_ws_fused_dq whose build fails turns off only the fused variant: one warning
+    names it, the same backward launches the plain dK / dV kernel (recorded here) and the core's dQ
+    programs, whose dQ matches float64, and the plain kernel stays available."""
+    launched = []
+
+    def launch_(grid, args, constexprs, num_warps, num_stages):
+        if constexprs["FUSED_DQ"]:
+            raise RuntimeError("an unsupported TMA reduce-add")
+        launched.append(constexprs["FUSED_DQ"])
+
+    monkeypatch.setattr(launch.ws_bwd, "_LAUNCH", launch_)
+    q, k, v = (rand(1, 2, 24, 128, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    with warnings.catch_warnings(record=True) as caught, kernel_options(bwd_ws_fused_dq=True, fwd_ws=False,
+                                                                        bwd_ws_min_seq_bucket=0):
+        warnings.simplefilter("always")
+        with attend.sdpa_kernel([attend.SDPBackend.FLASH_ATTENTION]):
+            out = attend.scaled_dot_product_attention(q, k, v, is_causal=True)
+        g = torch.randn_like(out)
+        (dq,) = torch.autograd.grad((out * g).sum(), (q,))
+    ours = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "experimental" in str(w.message)]
+    assert len(ours) == 1 and versions.EXPERIMENTAL["gluon_dkdv_fused_dq"] in ours[0], ours
+    assert launched == [False], launched
+    status = versions.experimental_status()
+    assert status["gluon_dkdv_fused_dq"].startswith("off:") and status["gluon_dkdv"].startswith("available"), status
+    ref, p = reference(q, k, v, is_causal=True)
+    (ref_dq,) = torch.autograd.grad((ref * g.double()).sum(), (p.query,))
+    (same_dq,) = torch.autograd.grad((same_precision(q, k, v, is_causal=True) * g).sum(), (q,))
+    assert_scaled_close(dq, ref_dq, same_dq, k=6.0, what="dQ from the dQ programs")
 
 
 @pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9,

@@ -527,7 +527,7 @@ def backward_path(call: FlexCall, cap_grads: bool, opts: kernel_options.KernelOp
     why = launch.flex_dkdv_refusal(opts, call.query, call.key, call.value, call.query, band, call.score is not None,
                                    call.kernel_options, call.blocks)
     if why is None:
-        fused_why = launch.fused_dq_refusal(opts, cap_grads)
+        fused_why = launch.fused_dq_refusal(opts, cap_grads, flex=True)
         if fused_why is None:
             return "gluon_fused", declined
         declined["gluon_fused"] = fused_why

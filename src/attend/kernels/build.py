@@ -321,6 +321,7 @@ WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True),
                    "q_rows_causal_fused_dq": dict(causal=True, q_rows=True, fused_dq=True),
                    "rows_causal_fused_dq": dict(causal=True, varlen=True, uniform=True, fused_dq=True),
                    "score_mod_causal_fused_dq": dict(causal=True, score_mod=True, fused_dq=True),
+                   "varlen_window_fused_dq": dict(causal=True, window=True, varlen=True, fused_dq=True),
                    # a BlockMask's lists and mask_mod (flex's document masks), with and without a score_mod
                    "lists_fused_dq": dict(lists=True, fused_dq=True),
                    "lists_score_mod_fused_dq": dict(lists=True, score_mod=True, fused_dq=True)}

@@ -753,16 +753,19 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
                        L, S, opts)
     plan = backward_plan(flags, q, k, v, dout, mask, dropout_p, packed, L, S, opts, dq_programs)
     dq = _dq_buffer(plan, q)
-    if plan.gluon:
+    while plan.gluon:
         _ensure_allocator()
         fused = dq if plan.dq == "fused" else None
-        if not versions.run_experimental("gluon_dkdv", ws_bwd.dkdv, q, k, v, dout, nlse2, delta, stat_strides, dk, dv,
-                                         scale, bargs, band_flags, packed, B, L, S, None, False, fused):
-            # its build failed (versions.run_experimental warned once): the core's whole backward
-            plan = backward_plan(flags, q, k, v, dout, mask, dropout_p, packed, L, S, opts, dq_programs)
-            dq = _dq_buffer(plan, q)
-        elif fused is not None:
-            return dq
+        if versions.run_experimental("gluon_dkdv_fused_dq" if fused is not None else "gluon_dkdv", ws_bwd.dkdv, q, k,
+                                     v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, packed, B,
+                                     L, S, None, False, fused):
+            if fused is not None:
+                return dq
+            break
+        # its build failed (versions.run_experimental warned once, and turned it off): the plain dK / dV
+        # kernel where the fused one failed, else the core's whole backward
+        plan = backward_plan(flags, q, k, v, dout, mask, dropout_p, packed, L, S, opts, dq_programs)
+        dq = _dq_buffer(plan, q)
     flags["DQ_ONLY"] = plan.gluon
     tiles = plan.tiles
     work = _work_list(packed, band, tiles, (("k", "BLOCK_N1"), ("q", "BLOCK_M2")), q.device, opts)
@@ -1136,13 +1139,16 @@ def flex_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, ke
     return None
 
 
-def fused_dq_refusal(opts: KernelOptions, capture_grads: bool) -> str | None:
+def fused_dq_refusal(opts: KernelOptions, capture_grads: bool, flex: bool = False) -> str | None:
     """Why a backward that the Gluon dK / dV kernel serves does not take dQ from it too (ws_bwd's
-    FUSED_DQ), or None where it does: KernelOptions.bwd_ws_fused_dq off, deterministic mode (the
-    reduce-adds' order varies), or a flex capture that needs a gradient (``capture_grads``; the dQ
-    programs scatter it)."""
+    FUSED_DQ), or None where it does: KernelOptions.bwd_ws_fused_dq off, its build failed in this
+    process (``flex``: flex's variant), deterministic mode (the reduce-adds' order varies), or a flex
+    capture that needs a gradient (``capture_grads``; the dQ programs scatter it)."""
     if not opts.bwd_ws_fused_dq:
         return "KernelOptions.bwd_ws_fused_dq is off"
+    name = "gluon_flex_dkdv_fused_dq" if flex else "gluon_dkdv_fused_dq"
+    if not versions.usable(name):
+        return versions.experimental_status()[name].removeprefix("off: ")
     if torch.are_deterministic_algorithms_enabled():
         return "deterministic mode: the reduce-adds' order varies between runs"
     if capture_grads:
@@ -1259,7 +1265,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     else:
         parts = [("both", (n_kv + n_q,), {})]
     # dQ from the Gluon kernel's reduce-adds too (no core launch) where no capture needs a gradient
-    fused = gluon_dkdv and fused_dq_refusal(resolve(options), score_grad) is None
+    fused = gluon_dkdv and fused_dq_refusal(resolve(options), score_grad, flex=True) is None
     if gluon_dkdv:  # then the core's dQ programs alone, unless fused (a warmup compiles both)
         _ensure_allocator()
         dq_acc = torch.zeros_like(q, dtype=torch.float32, device=dev) if fused else None
@@ -1271,10 +1277,11 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
             if warmup is True or warmup == "dkdv":
                 ws_bwd.dkdv(*gl_args, warmup=True, dq=dq_acc, lists=gl_lists[0], mask=gl_lists[1])
             parts = rest
-        elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args, False, dq_acc, *gl_lists):
-            parts = rest
-            if fused:
-                dq = dq_acc
+        elif fused and versions.run_experimental("gluon_flex_dkdv_fused_dq", ws_bwd.dkdv, *gl_args, False, dq_acc,
+                                                 *gl_lists):
+            parts, dq = rest, dq_acc
+        elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args, False, None, *gl_lists):
+            parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]  # (the fused build failed: dQ programs)
     if diagonal:  # core._diagonal_pass's programs: compiled with the dQ programs (the same warmup thread)
         n_blocks = max(_cdiv(L, m["BLOCK_M2"]), _cdiv(S, m["BLOCK_N2"]))
         parts.append(("dq", ((2 * n_blocks - 1) * B * H,), dict(

@@ -139,9 +139,15 @@ EXPERIMENTAL = {
     # only these (flex's score hooks then run on the core), never the dense calls' kernels
     "gluon_flex_forward": "Hopper warp-specialized forward with flex score hooks (kernels/ws.py)",
     "gluon_flex_dkdv": "Hopper warp-specialized dK / dV with flex score hooks (kernels/ws_bwd.py)",
+    # the dK / dV kernel adding dQ too (FUSED_DQ): a failed build turns off only these, and the
+    # backward keeps the plain dK / dV kernel and the dQ programs
+    "gluon_dkdv_fused_dq": "Hopper warp-specialized dK / dV with dQ fused (kernels/ws_bwd.py)",
+    "gluon_flex_dkdv_fused_dq": "Hopper warp-specialized dK / dV with flex's hooks and dQ fused (kernels/ws_bwd.py)",
 }
-# the flex variants run only where their plain kernel does
-_BASE = {"gluon_flex_forward": "gluon_forward", "gluon_flex_dkdv": "gluon_dkdv"}
+# a variant runs only where the kernel it builds on does (followed to the end: a flex variant of the
+# fused dQ needs the flex dK / dV kernel, which needs the plain one)
+_BASE = {"gluon_flex_forward": "gluon_forward", "gluon_flex_dkdv": "gluon_dkdv",
+         "gluon_dkdv_fused_dq": "gluon_dkdv", "gluon_flex_dkdv_fused_dq": "gluon_flex_dkdv"}
 _failed: dict[str, str] = {}  # kernel -> why it is off in this process (a build failed)
 
 
@@ -149,9 +155,16 @@ def experimental_status() -> dict[str, str]:
     """kernel name -> "available on sm_90 GPUs" or "off: <why>" for this process."""
     status = {}
     for name in EXPERIMENTAL:
-        why = GLUON_ERROR or _failed.get(name) or _failed.get(_BASE.get(name, name))
+        why = GLUON_ERROR or next((_failed[n] for n in _chain(name) if n in _failed), None)
         status[name] = f"off: {why}" if why else "available on sm_90 GPUs"
     return status
+
+
+def _chain(name: str):
+    """``name`` and the kernels it builds on (``_BASE``), in order."""
+    while name is not None:
+        yield name
+        name = _BASE.get(name)
 
 
 def gluon_kernels():
@@ -169,7 +182,7 @@ def gluon_kernels():
 
 
 def usable(name: str) -> bool:
-    return GLUON_ERROR is None and name not in _failed and _BASE.get(name, name) not in _failed
+    return GLUON_ERROR is None and not any(n in _failed for n in _chain(name))
 
 
 def run_experimental(name: str, launch, *args) -> bool:

@@ -1,7 +1,8 @@
 """The Hopper backward's dK / dV half in Gluon, warp-specialized and persistent, as ws.py is for the
 forward: one producer warp issues every TMA load and two consumer warpgroups of 64 keys each
-accumulate dK and dV of their keys over the query blocks the band lets see them. dQ stays with the
-``tl`` core's dQ programs (``core.attn_bwd`` with DQ_ONLY), launched after this kernel.
+accumulate dK and dV of their keys over the query blocks the band (or a BlockMask's lists) lets see
+them. dQ comes from the ``tl`` core's dQ programs (``core.attn_bwd`` with DQ_ONLY), launched after
+this kernel, or, with FUSED_DQ, from this kernel's TMA reduce-adds (``_consumer``).
 
 A tile is one 128-key block of one KV head. The producer loads the tile's K and V halves (two
 buffers, so the next tile's load overlaps the current one's last steps), then streams Q and dO
@@ -133,6 +134,19 @@ def _listed_m0(list_ptrs, m0v, n_part, idx, step, fidx, fstep, SPARSE_BQ: gl.con
 
 
 @gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_full, kv_empty, kv_row, kv_col, tcount, KEYS: gl.constexpr,
+             KBUFS: gl.constexpr):
+    """The producer loads a tile's K / V halves into buffer ``tcount % KBUFS`` once both consumers
+    released the tile KBUFS before."""
+    kb = tcount % KBUFS
+    mbarrier.wait(kv_empty.index(kb), ((tcount // KBUFS) & 1) ^ 1, pred=tcount >= KBUFS)
+    for cid in gl.static_range(2):
+        mbarrier.expect(kv_full.index(2 * kb + cid), 2 * k_desc.block_type.nbytes)
+        tma_load(k_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid), k_smem.index(2 * kb + cid))
+        tma_load(v_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid), v_smem.index(2 * kb + cid))
+
+
+@gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem,
               qd_full, qd_empty, kv_full, kv_empty, tid_smem, tid_full, tid_empty, counter_ptr, stride_statb,
               stride_stath, n_tiles, n_n, sec, H, G, L_max, S_max, cu_q, cu_k, diag, win_right, win_left, list_ptrs,
@@ -140,9 +154,10 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
               STAT_PAD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
               Q_ROWS: gl.constexpr, TBUF: gl.constexpr, LISTS: gl.constexpr, SPARSE_BQ: gl.constexpr):
     """Takes tiles (its own id, then the counter's next) and publishes each; loads the tile's K / V
-    halves into buffer ``tiles % KBUFS`` once both consumers released the tile KBUFS before, then
-    each (query head, query block) step's Q and dO, and its rows' NLSE2 and Delta, into ring slot
-    ``count % STAGES``, the count running over tiles."""
+    halves (``_load_kv``), then each (query head, query block) step's Q and dO, and its rows' NLSE2
+    and Delta, into ring slot ``count % STAGES``, the count running over tiles. With one K / V
+    buffer (KBUFS = 1), whose load waits until both consumers finished the tile before, the K / V
+    load comes after the tile's first STAGES steps' Q / dO loads, which need only free ring slots."""
     P = gl.num_programs(0)
     Hkv = H // G
     n_bhk = n_tiles // n_n
@@ -159,14 +174,9 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
             kv_col = hk * 0
             if VARLEN:  # packed (T, H * D) views: a head is a column offset
                 kv_col = hk * D
-            kb = tcount % KBUFS
-            mbarrier.wait(kv_empty.index(kb), ((tcount // KBUFS) & 1) ^ 1, pred=tcount >= KBUFS)
-            for cid in gl.static_range(2):
-                mbarrier.expect(kv_full.index(2 * kb + cid), 2 * k_desc.block_type.nbytes)
-                tma_load(k_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid),
-                                                k_smem.index(2 * kb + cid))
-                tma_load(v_desc, [kv_row + cid * KEYS, kv_col], kv_full.index(2 * kb + cid),
-                                                v_smem.index(2 * kb + cid))
+            if KBUFS > 1:
+                _load_kv(k_desc, v_desc, k_smem, v_smem, kv_full, kv_empty, kv_row, kv_col, tcount, KEYS, KBUFS)
+            issued = 0  # one K / V buffer: its load waits for the tile before, so the first steps' Q / dO go first
             for g in range(G):
                 h = hk * G + g
                 q_row = _q_row(b, h, H, L, q0, VARLEN, Q_ROWS)
@@ -194,6 +204,14 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
                     tma_load(nl_desc, [stat + m0], qd_full.index(slot), nl_smem.index(slot))
                     tma_load(dl_desc, [stat + m0], qd_full.index(slot), dl_smem.index(slot))
                     qd += 1
+                    if KBUFS == 1:
+                        issued += 1
+                        if issued == STAGES:
+                            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_full, kv_empty, kv_row, kv_col, tcount, KEYS,
+                                     KBUFS)
+            if KBUFS == 1:
+                if issued < STAGES:  # a tile of fewer steps
+                    _load_kv(k_desc, v_desc, k_smem, v_smem, kv_full, kv_empty, kv_row, kv_col, tcount, KEYS, KBUFS)
             tcount += 1
         it += 1
         t = next_tile(counter_ptr, P, n_tiles, tid_smem, tid_full, tid_empty, it, TBUF)
@@ -220,10 +238,13 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
     two steps by two consumers, ``ds_ready`` counting both consumers' writes); once both halves are
     there, consumer CID takes dQ's columns [CID * D / 2, (CID + 1) * D / 2) of the tile's 128 keys,
     dS (both halves, transposed) times the matching columns of both K halves, and adds them, times
-    the scale, into the fp32 dQ by one TMA reduce-add of a shared-memory tile (``dq_desc``), left
-    in flight until its next step needs the tile. Rows past a sequence's end add zeros (their P and
-    dS are 0) into whatever rows follow; keys past its end are masked, as their K rows may be another
-    head's."""
+    the scale, into the fp32 dQ by a TMA reduce-add of a shared-memory tile (``dq_desc``; two 32-column
+    messages of the 128-byte swizzle), left in flight until its next step needs the tile. The order
+    is FlashAttention 3's: dV's product, dQ's two, then dK's, whose product runs while dQ's tile is
+    staged. Rows past a sequence's end add zeros (their P and dS are 0) into whatever rows follow;
+    keys past its end are masked, as their K rows may be another head's (an infinite value there
+    would still reach this head's dQ as 0 * inf: the dense K / V descriptors are 2-D over every
+    head)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
@@ -332,8 +353,7 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
                     p16 = gl.convert_layout(p.to(q_desc.dtype), op_layout)
                     ds16 = gl.convert_layout(ds.to(q_desc.dtype), op_layout)
                     dv = warpgroup_mma(p16, do_t, dv, is_async=True)
-                    dk = warpgroup_mma(ds16, q_t, dk, is_async=True)
-                    if FUSED_DQ:
+                    if FUSED_DQ:  # FlashAttention 3's order: dQ's products before dK's, its tile staged while dK's runs
                         buf = qd % 2
                         ds_smem.index(2 * buf + CID).store(ds.to(q_desc.dtype))
                         fence_async_shared()
@@ -345,15 +365,18 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
                                            gl.zeros([BLOCK_M, DH], gl.float32, q_layout), use_acc=False, is_async=True)
                         dq = warpgroup_mma(ds_smem.index(2 * buf + 1).permute((1, 0)),
                                            k_smem.index(2 * kb + 1).slice(CID * DH, DH, 1), dq, is_async=True)
-                        dv, dk, dq, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq, p16, ds16))
-                        mbarrier.arrive(qd_empty.index(slot))
+                        dk = warpgroup_mma(ds16, q_t, dk, is_async=True)
+                        dv, dq, _ = warpgroup_mma_wait(num_outstanding=1, deps=(dv, dq, p16))  # dK's still runs
                         tma.store_wait(0)  # the previous step's reduce-add has read the tile
                         gl.thread_barrier()
                         dq_smem.index(CID).store(dq * sm_scale)
                         fence_async_shared()
                         gl.thread_barrier()
                         tma_atomic_add(dq_desc, [dq_row + m0, dq_col], dq_smem.index(CID))
+                        dk, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ds16))
+                        mbarrier.arrive(qd_empty.index(slot))
                     else:
+                        dk = warpgroup_mma(ds16, q_t, dk, is_async=True)
                         dv, dk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p16, ds16))
                         mbarrier.arrive(qd_empty.index(slot))
                     qd += 1
@@ -522,12 +545,16 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
     fused = dq is not None
     if fused:
         dq2 = model_rows(dq) if q_rows else row_view(dq, varlen)  # dq is laid out as q
+        if dq2.data_ptr() != dq.data_ptr() or dq.dtype != torch.float32:  # (a reshape's copy would take the adds)
+            raise ValueError(f"dq must be fp32 and laid out as q (rows viewable as the kernel's); got {dq.dtype}, "
+                             f"shape {tuple(dq.shape)}, strides {dq.stride()} for q's {q.stride()}")
     args = dict(q_desc=q_desc, do_desc=descriptor(do2, BLOCK_M, D), k_desc=descriptor(k2, KEYS, D),
                 v_desc=descriptor(v2, KEYS, D), nl_desc=_row_descriptor(nlse2), dl_desc=_row_descriptor(delta),
                 dq_desc=descriptor(dq2, BLOCK_M, D // 2) if fused else q_desc,
                 dk_ptr=dk2, dv_ptr=dv2, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_dk=dk2.stride(0),
                 stride_dv=dv2.stride(0), stride_statb=stat_strides[0], stride_stath=stat_strides[1], n_tiles=n_tiles,
-                n_n=n_n, sec=section(n_seq * Hkv, L_max, H // Hkv, q), H=H, G=H // Hkv, L_max=L_max, S_max=S_max,
+                # a band's heads per section: their Q and dO, and with dQ fused its fp32 rows too, in L2
+                n_n=n_n, sec=section(n_seq * Hkv, L_max, H // Hkv * (2 if fused else 1), q), H=H, G=H // Hkv, L_max=L_max, S_max=S_max,
                 qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args, **hook_args(score, counter),
                 list_ptrs=lists if lists is not None else (), mask_ptrs=mask[1].ptrs if mask else (),
                 mask_meta=mask[1].meta if mask else counter)
