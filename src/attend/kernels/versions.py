@@ -38,8 +38,11 @@ except Exception as e:  # noqa: BLE001 - any failure means "no Gluon here", neve
     GLUON_ERROR = f"Gluon does not import on Triton {triton.__version__}: {type(e).__name__}: {e}"
     gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
     TensorDescriptor = None
-    tma_load = tma_store = tma_atomic_add = None
+    tma_load = tma_store = tma_atomic_add = thread_barrier = None
 else:
+    # A barrier over the calling partition's warps: gl.thread_barrier through Triton 3.8, gl.barrier from 3.9
+    # (which removed the old name).
+    thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     # TMA copies: async_load / async_store from Triton 3.8 on, the async_copy_* names before.
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global

@@ -32,7 +32,7 @@ from .._layout import is_rows
 from .core import RCP_LN2, STAT_PAD, query_blocks
 from .fastlaunch import Launcher
 from .versions import (COMPILE_OPTIONS, TensorDescriptor, await_compile_key, fence_async_shared, gl, gluon, mbarrier,
-                       tma, tma_atomic_add, tma_load, warpgroup_mma, warpgroup_mma_wait)
+                       thread_barrier, tma, tma_atomic_add, tma_load, warpgroup_mma, warpgroup_mma_wait)
 from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, build_descriptor, checked_layout, cu_seqs, deal, descriptor,
                         hook_args, hook_constexprs, model_rows, next_tile, persistent, publish, row_view, section,
                         sequence, take, tile_ring, varlen_mode)
@@ -357,7 +357,7 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
                         buf = qd % 2
                         ds_smem.index(2 * buf + CID).store(ds.to(q_desc.dtype))
                         fence_async_shared()
-                        gl.thread_barrier()  # the warpgroup's whole tile, before the other consumer reads it
+                        thread_barrier()  # the warpgroup's whole tile, before the other consumer reads it
                         mbarrier.arrive(ds_ready.index(buf))
                         mbarrier.wait(ds_ready.index(buf), (qd // 2) & 1)
                         dq = warpgroup_mma(ds_smem.index(2 * buf).permute((1, 0)),
@@ -368,10 +368,10 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
                         dk = warpgroup_mma(ds16, q_t, dk, is_async=True)
                         dv, dq, _ = warpgroup_mma_wait(num_outstanding=1, deps=(dv, dq, p16))  # dK's still runs
                         tma.store_wait(0)  # the previous step's reduce-add has read the tile
-                        gl.thread_barrier()
+                        thread_barrier()
                         dq_smem.index(CID).store(dq * sm_scale)
                         fence_async_shared()
-                        gl.thread_barrier()
+                        thread_barrier()
                         tma_atomic_add(dq_desc, [dq_row + m0, dq_col], dq_smem.index(CID))
                         dk, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ds16))
                         mbarrier.arrive(qd_empty.index(slot))
