@@ -534,10 +534,11 @@ def _list_masks(L: int, g: torch.Generator) -> dict:
     (None, "document", 384, 2, 2), ("softcap", "prefix_lm", 300, 4, 2), ("alibi", "document_causal", 700, 2, 1),
     ("softcap_table", "document_causal", 256, 2, 2)])
 @pytest.mark.parametrize("fused_dq", [False, True], ids=["dq-programs", "fused-dq"])
-def test_block_mask_lists_on_the_gluon_dkdv_kernel(score_name, mask_name, L, HQ, HKV, fused_dq, monkeypatch):
-    """KernelOptions.flex_gluon_lists: a flex backward over a BlockMask's lists of 128 x 128 blocks
-    takes dK / dV from the Gluon kernel walking the query-side lists, the mask_mod on partial blocks
-    (ws_bwd's LISTS), and with ``fused_dq`` dQ too, except where a capture needs a gradient: every
+def test_block_mask_lists_on_the_gluon_kernels(score_name, mask_name, L, HQ, HKV, fused_dq, monkeypatch):
+    """KernelOptions.flex_gluon_lists: flex over a BlockMask's lists of 128 x 128 blocks runs its
+    forward on the Gluon forward walking the key-side lists (ws's LISTS) and its backward's dK / dV
+    on the Gluon kernel walking the query-side lists (ws_bwd's LISTS), the mask_mod on partial blocks,
+    and with ``fused_dq`` dQ too, except where a capture needs a gradient: the output and every
     gradient against float64, with ragged lengths (a last block of 128 with rows past L), grouped
     heads and with or without a score_mod."""
     from attend.kernels import launch
@@ -555,10 +556,12 @@ def test_block_mask_lists_on_the_gluon_dkdv_kernel(score_name, mask_name, L, HQ,
     score = _GLUON_SCORES[score_name](caps) if score_name else None
     mask_mod = _list_masks(L, g)[mask_name]
     bm = flex.create_block_mask(mask_mod, None, None, L, L, device=DEVICE)
+    before = dispatch.PATHS["lists_gluon"]
     with kernel_options(bwd_ws_min_seq_bucket=0, bwd_ws_fused_dq=fused_dq, flex_gluon_lists=True):
         route = flex.explain(q, k, v, score, bm, enable_gqa=HQ != HKV)
         out = flex.flex_attention(q, k, v, score, bm, enable_gqa=HQ != HKV)
     want_fused = fused_dq and not _caps_need_grad(caps)
+    assert route.forward == "gluon_lists" and dispatch.PATHS["lists_gluon"] == before + 1, str(route)
     assert route.backward == ("gluon_fused" if want_fused else "gluon_dkdv"), str(route)
     go = torch.randn(out.shape, generator=g).to(out)
     leaves = (q, k, v, *caps)
@@ -572,7 +575,8 @@ def test_block_mask_lists_on_the_gluon_dkdv_kernel(score_name, mask_name, L, HQ,
         o, _, _ = dense_reference(*ls[:3], lambda s, *idx: torch.broadcast_to(f(s, *idx), s.shape).to(s.dtype),
                                   mask_mod, dt)
         want = [t for t, w in zip(ls, leaves) if w.requires_grad]
-        refs[dt] = torch.autograd.grad((o * go.to(dt)).sum(), want)
+        refs[dt] = (o, torch.autograd.grad((o * go.to(dt)).sum(), want))
     what = f"{score_name} x {mask_name}"
-    for name, a, r, s_ in zip(["dq", "dk", "dv", "dtable"], grads, refs[torch.float64], refs[torch.bfloat16]):
+    assert_scaled_close(out, refs[torch.float64][0], refs[torch.bfloat16][0], what=f"{what} out")
+    for name, a, r, s_ in zip(["dq", "dk", "dv", "dtable"], grads, refs[torch.float64][1], refs[torch.bfloat16][1]):
         assert_scaled_close(a, r, s_, k=6.0, what=f"{what} {name}")

@@ -17,6 +17,7 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
 # which counters of dispatch.PATHS a call on each path moves
 FORWARD_COUNTERS = {"band": {"band"}, "gluon_hooks": {"fused", "band_hooks_gluon"},
+                    "gluon_lists": {"fused", "lists_gluon"},
                     "band_hooks": {"fused", "band_hooks"}, "lists": {"fused"}, "blocked": {"blocked"}}
 BACKWARD_COUNTERS = {"dense": set(), "gluon_dkdv": {"fused_backward", "band_hooks_backward", "gluon_dkdv"},
                      "gluon_fused": {"fused_backward", "band_hooks_backward", "gluon_dkdv"},

@@ -91,7 +91,7 @@ class FlexCall:
 # "band_hooks" / "band_hooks_backward": the core's flex forwards / backwards that walked a band with
 # the score hooks (``_hook_band``); "band_hooks_gluon": such forwards on the Gluon forward instead.
 PATHS = {"fused": 0, "blocked": 0, "fused_backward": 0, "blocked_backward": 0, "band": 0, "band_hooks": 0,
-         "band_hooks_backward": 0, "band_hooks_gluon": 0}
+         "band_hooks_backward": 0, "band_hooks_gluon": 0, "lists_gluon": 0}
 
 
 def _fusable(call: FlexCall) -> bool:
@@ -173,11 +173,24 @@ def _gluon_refusal(call: FlexCall, opts: kernel_options.KernelOptions) -> str | 
     return launch.flex_band_gluon_refusal(call.query, call.key, opts)
 
 
+def _gluon_lists_refusal(call: FlexCall, opts: kernel_options.KernelOptions) -> str | None:
+    """Why a call over a BlockMask's lists does not try the Gluon forward first (None where it does;
+    the launch still checks the layouts, ``ws.eligible``)."""
+    from ..kernels import launch
+
+    if call.want_max:
+        return "max_scores asked: the Gluon forward keeps no row max"
+    if call.kernel_options:
+        return "kernel_options given: they tune the core's flex kernel"
+    return launch.flex_lists_gluon_refusal(call.query, call.key, call.blocks, opts)
+
+
 # Where a flex call's forward runs, fastest first: ``forward_path`` picks one, ``run`` runs it.
 FORWARD_PATHS = {
     "band": "attend's dense kernels over the mask's band: no list read, no mask or score work per block",
     "gluon_hooks": "the Hopper Gluon forward with the score hooks over the mask's band",
     "band_hooks": "the Triton core with the score hooks over the mask's band (no list read, no mask hook)",
+    "gluon_lists": "the Hopper Gluon forward walking the BlockMask's lists, the mask_mod on partial blocks only",
     "lists": "the Triton core walking the BlockMask's lists, the mask_mod on partial blocks only",
     "blocked": "the blocked torch-ops path (no Triton kernel)",
 }
@@ -239,6 +252,8 @@ def route(call: FlexCall, grad: bool, what: str) -> FlexRoute:
         fwd, declined["gluon_hooks"] = "band_hooks", (
             "the layouts: it takes contiguous tensors, or a model's (B, S, H, D) views as packed sequences "
             "(ws.eligible)")
+    if fwd == "gluon_lists" and not launch.flex_lists_gluon_layouts(call.query, call.key, call.value):
+        fwd, declined["gluon_lists"] = "lists", "the layouts: it takes contiguous (B, H, L, 128) tensors (ws.eligible)"
     routed = dataclasses.replace(call, path=fwd)
     cap_grads = grad and any(t.requires_grad for t in routed.score_captures)
     bwd, bdeclined = backward_path(routed, cap_grads, opts) if grad else (None, {})
@@ -268,6 +283,10 @@ def forward_path(call: FlexCall, opts: kernel_options.KernelOptions) -> tuple[st
     why = _hook_band_refusal(call, opts)
     if why is not None:
         declined.update(gluon_hooks=why, band_hooks=why)
+        why = _gluon_lists_refusal(call, opts)
+        if why is None:
+            return "gluon_lists", declined
+        declined["gluon_lists"] = why
         return "lists", declined
     why = _gluon_refusal(call, opts)
     if why is None:
@@ -289,6 +308,12 @@ def _forward_kernel(call: FlexCall, q, k, v, score_caps, mask_caps):
     if call.mask is not None and band is None:
         mask = (call.mask_hooks.functions,
                 codegen.capture_args(list(mask_caps), q.device, grads=[], scalars=call.mask.scalars))
+    if call.path == "gluon_lists":  # None where its layout check refuses: the core's lists then
+        res = launch.flex_lists_gluon(q, k, v, call.blocks, call.scale, score, mask)
+        if res is not None:
+            PATHS["lists_gluon"] += 1
+            return res[0], res[1], None
+        call.path = "lists"
     if call.path == "gluon_hooks":  # None where its layout check refuses: the core's band hooks then
         res = launch.flex_band_gluon(q, k, v, call.scale, score, band)
         if res is not None:

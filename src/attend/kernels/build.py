@@ -207,7 +207,7 @@ def _varlen(varlen: bool, uniform: bool) -> int:
 
 def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = False, causal: bool = False,
                window: bool = False, varlen: bool = False, o_tma: bool = True, q_rows: bool = False,
-               uniform: bool = False, score_mod: bool = False, pipe: bool | None = None):
+               uniform: bool = False, score_mod: bool = False, pipe: bool | None = None, lists: bool = False):
     """Compile the warp-specialized Gluon forward (ws.py) for ``target`` (sm_90 only); ``o_tma`` as
     KernelOptions.o_tma (on by default); ``uniform`` (with ``varlen``): packed sequences that all
     have L_max queries and S_max keys (a model's row views: offsets computed, none read;
@@ -215,15 +215,16 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     (the build takes S_max in whole key blocks); ``score_mod``: flex's score hooks generated from
     ``attend._flex.build._mods``'s score_mod (softcap, captured ALiBi slopes and bias table), with
     the hardware tanh, as a 16-bit flex call over a band takes them; ``pipe``: KernelOptions.fwd_ws_pipeline
-    (None: as a launch decides it, ``ws.pipelined``)."""
+    (None: as a launch decides it, ``ws.pipelined``); ``lists``: a BlockMask's lists walked (LISTS)
+    with ``_mods``' mask_mod on the partial blocks, keys ragged (EDGES)."""
     from . import ws
     from .ws_common import hook_constexprs
 
     q, kv = _gluon_desc(dtype, ws.ROWS, ws.HEAD_DIM), _gluon_desc(dtype, ws.BLOCK_N, ws.HEAD_DIM)
     constexprs = dict(ROWS=ws.ROWS, BLOCK_N=ws.BLOCK_N, D=ws.HEAD_DIM, STAGES=ws.STAGES, QBUFS=1 if has_bias else 2,
                       HAS_BIAS=has_bias, CAUSAL=causal, WINDOW=window, VARLEN=_varlen(varlen, uniform),
-                      EDGES=causal or window or (varlen and not uniform), TBUF=ws.TBUF, O_TMA=o_tma, Q_ROWS=q_rows,
-                      PIPE=ws.pipelined(pipe, score_mod))
+                      EDGES=causal or window or (varlen and not uniform) or lists, TBUF=ws.TBUF, O_TMA=o_tma,
+                      Q_ROWS=q_rows, PIPE=ws.pipelined(pipe, score_mod))
     ints = ("stride_o", "stride_lseh", "n_tiles", "n_m", "sec", "H", "G", "L_max", "S_max", "diag", "win_right",
             "win_left")
     sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=_gluon_desc(dtype, ws.ROWS, ws.BLOCK_N) if has_bias else q,
@@ -232,6 +233,10 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     fns, ptrs = _score_hooks() if score_mod else (None, ())  # as ws.forward passes them
     constexprs.update(hook_constexprs(fns, derivative=False))
     sig.update(score_ptrs=ptrs, score_meta="*i32", sm_scale="fp32")
+    mfns, mptrs = _mask_hooks() if lists else (None, ())
+    constexprs.update(LISTS=lists, HAS_MASK_MOD=lists, MASK_MOD=mfns["mask_mod"] if lists else False,
+                      LOAD_MASK_META=mfns["load_meta"] if lists else False)
+    sig.update(list_ptrs=("*i32",) * 5 if lists else (), mask_ptrs=mptrs, mask_meta="*i32")
     return _compile_gluon(ws.attn_fwd_ws, target, sig, ints, constexprs)
 
 
@@ -308,7 +313,9 @@ WS_FEATURES = {"no_mask": {}, "float_bias": dict(has_bias=True), "causal_bias": 
                "score_mod_causal": dict(causal=True, score_mod=True),  # flex's score hooks over a band
                "rows_score_mod": dict(varlen=True, uniform=True, score_mod=True),  # ... on a model's views
                "score_mod_causal_pipeline": dict(causal=True, score_mod=True, pipe=True),  # fwd_ws_pipeline=True
-               "causal_one_block_at_a_time": dict(causal=True, pipe=False)}  # fwd_ws_pipeline=False
+               "causal_one_block_at_a_time": dict(causal=True, pipe=False),  # fwd_ws_pipeline=False
+               # a BlockMask's lists and mask_mod (flex's document masks), pipelined or not, with a score_mod
+               "lists": dict(lists=True), "lists_score_mod": dict(lists=True, score_mod=True)}
 # The warp-specialized Gluon dK / dV kernel (ws_bwd.py), sm_90 only: compile_ws_bwd's flags per variant.
 WS_BWD_FEATURES = {"no_band": {}, "causal": dict(causal=True),
                    "varlen_window": dict(causal=True, window=True, varlen=True),

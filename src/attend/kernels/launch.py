@@ -1030,6 +1030,53 @@ def flex_band_gluon_refusal(q, k, options: KernelOptions | dict | None = None) -
     return None
 
 
+def flex_lists_gluon(q, k, v, blocks, scale: float, score, mask, options: KernelOptions | dict | None = None):
+    """Flex over a BlockMask's lists on the Gluon forward (``ws.py``'s LISTS: the listed key blocks,
+    the mask_mod's hook on partial ones, the score hook on every score): (out, lse (B, Hq, L)
+    natural log), or None where it does not serve the call (``flex_lists_gluon_refusal``, then
+    ``ws.eligible``'s dense contiguous layouts, or its build failed: the core's lists then serve).
+    ``score`` / ``mask``: (generated functions, ``codegen.capture_args``) or None."""
+    opts = resolve(options)
+    if flex_lists_gluon_refusal(q, k, blocks, opts) is not None:
+        return None
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    if not flex_lists_gluon_layouts(q, k, v):
+        return None
+    q, scale = _positive_scale(q, scale)
+    out = torch.empty((B, H, L, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    blocks = _with_lists(blocks)
+    _, _, kv_lists = _flex_kv_args(k, v, blocks)
+    bargs, bflags = band_args(Band())
+    _ensure_allocator()
+    if not versions.run_experimental("gluon_flex_forward", ws.forward, q, k, v, None, out, lse, lse.stride()[:2],
+                                     scale, bargs, bflags, None, B, L, S, opts.o_tma, score,
+                                     opts.fwd_ws_pipeline, kv_lists, mask):
+        return None
+    return out, lse
+
+
+def flex_lists_gluon_layouts(q, k, v) -> bool:
+    """Whether ``flex_lists_gluon`` serves these layouts (``ws.eligible``'s dense contiguous tensors);
+    for ``explain``."""
+    return ws.eligible(q, k, v, None, (0, 0, 0, 0), False, 0.0, None, q.shape[2])
+
+
+def flex_lists_gluon_refusal(q, k, blocks, options: KernelOptions | dict | None = None) -> str | None:
+    """Why ``flex_lists_gluon`` declines a call before it reads the layouts, or None where it goes on
+    to them: KernelOptions.flex_gluon_lists off, the lists' BLOCK_SIZE not 128 x 128, k / v of
+    another batch, and ``flex_band_gluon_refusal``'s device, length, dtype and head dim."""
+    opts = resolve(options)
+    if not opts.flex_gluon_lists:
+        return "KernelOptions.flex_gluon_lists is off"
+    if tuple(blocks.BLOCK_SIZE) != (ws.BLOCK_M, ws.BLOCK_N):
+        return f"the BlockMask's BLOCK_SIZE {tuple(blocks.BLOCK_SIZE)}: it walks lists of 128 x 128 blocks"
+    if k.shape[0] != q.shape[0]:
+        return f"k / v of batch {k.shape[0]} beside q's {q.shape[0]}: it takes k / v of q's batch"
+    return flex_band_gluon_refusal(q, k, opts)
+
+
 def flex_band_gluon_layouts(q, k, v, band: Band, options: KernelOptions | dict | None = None) -> bool:
     """Whether ``forward`` (``flex_band_gluon``'s) serves these layouts on the Gluon forward with the
     score hooks: ``ws.eligible`` on the tensors as ``forward`` hands them over (a model's row views

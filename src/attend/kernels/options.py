@@ -99,10 +99,11 @@ class KernelOptions:
     # dS through shared memory, dQ's partial tile by a TMA reduce-add into fp32), and no dQ programs
     # run: 5 products per tile pair instead of 7. Never in deterministic mode (the adds' order varies).
     bwd_ws_fused_dq: bool = False
-    # A flex backward over a BlockMask's lists of 128 x 128 blocks (a document or prefix-LM mask) takes
-    # dK / dV (and, with bwd_ws_fused_dq, dQ) from that Gluon kernel too, walking the query-side lists
-    # with the mask_mod on partial blocks (ws_bwd's LISTS), where it serves the band's score hooks
-    # (launch.flex_dkdv_refusal). Off until an A/B on an H100 or H200 decides it.
+    # Flex over a BlockMask's lists of 128 x 128 blocks (a document or prefix-LM mask) runs on the Gluon
+    # kernels: the forward walking the key-side lists (ws's LISTS; launch.flex_lists_gluon_refusal) and
+    # the backward's dK / dV (and, with bwd_ws_fused_dq, dQ) walking the query-side ones (ws_bwd's
+    # LISTS; launch.flex_dkdv_refusal), the mask_mod on partial blocks. Off until an A/B on an H100 or
+    # H200 decides it.
     flex_gluon_lists: bool = False
     # A model's (B, H, L, D) views of its (B, L, H, D) projections (``_layout.rows_call``) run as B
     # packed sequences of one length, whose (T, H * D) rows the Gluon kernels read through TMA as

@@ -39,8 +39,9 @@ from .core import LN2, RCP_LN2, key_blocks
 from .fastlaunch import Launcher
 from .versions import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store, warpgroup_mma,
                        warpgroup_mma_wait)
-from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, hook_args, hook_constexprs, model_rows,
-                        next_tile, persistent, publish, row_view, section, sequence, take, tile_ring, varlen_mode)
+from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, hook_args, hook_constexprs, list_row,
+                        listed_start, model_rows, next_tile, persistent, publish, row_view, section, sequence, take,
+                        tile_ring, varlen_mode)
 
 ROWS = 64  # query rows per consumer warpgroup; a tile covers BLOCK_M = 2 * ROWS
 BLOCK_M = 2 * ROWS
@@ -115,10 +116,11 @@ def _mask_edges(s, k_start, r0, rows, s_cols, S, causal_off, window_off, ROWS: g
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full,
               b_full, k_empty, v_empty, b_empty, tid_smem, tid_full, tid_empty, counter_ptr, n_tiles, n_m, sec, H,
-              G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS: gl.constexpr,
+              G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, list_ptrs, ROWS: gl.constexpr,
               BLOCK_N: gl.constexpr, D: gl.constexpr,
               STAGES: gl.constexpr, QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr, CAUSAL: gl.constexpr,
-              WINDOW: gl.constexpr, VARLEN: gl.constexpr, Q_ROWS: gl.constexpr, TBUF: gl.constexpr):
+              WINDOW: gl.constexpr, VARLEN: gl.constexpr, Q_ROWS: gl.constexpr, TBUF: gl.constexpr,
+              LISTS: gl.constexpr):
     """Takes tiles, the program's own id first, then the next untaken one from the counter at
     ``counter_ptr`` (a program that finishes early takes more, so none idles while another runs
     long tiles), and publishes each to the consumers (``publish``). For each, its two Q halves
@@ -152,7 +154,14 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
                 mbarrier.expect(q_full.index(2 * qb + cid), q_desc.block_type.nbytes)
                 tma_load(q_desc, [q_row + cid * ROWS, q_col], q_full.index(2 * qb + cid),
                                                 q_smem.index(2 * qb + cid))
+            if LISTS:  # the BlockMask's key blocks of this query block, as blocks [0, hi) of a walk
+                n_part, idx, step, fidx, fstep, hi = list_row(list_ptrs, b, h, m0 // (2 * ROWS), BLOCK_N)
+                lo = hi * 0
             for j in range(lo // BLOCK_N, gl.cdiv(hi, BLOCK_N)):
+                if LISTS:
+                    k0, _ = listed_start(list_ptrs, j * BLOCK_N, n_part, idx, step, fidx, fstep, BLOCK_N)
+                else:
+                    k0 = j * BLOCK_N
                 slot = kv % STAGES
                 ph = ((kv // STAGES) & 1) ^ 1  # the first pass finds every slot free
                 if HAS_BIAS:
@@ -163,12 +172,10 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
                                                         b_full.index(2 * slot + cid), b_smem.index(2 * slot + cid))
                 mbarrier.wait(k_empty.index(slot), ph, pred=kv >= STAGES)
                 mbarrier.expect(k_full.index(slot), k_desc.block_type.nbytes)
-                tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col], k_full.index(slot),
-                                                k_smem.index(slot))
+                tma_load(k_desc, [kv_row + k0, kv_col], k_full.index(slot), k_smem.index(slot))
                 mbarrier.wait(v_empty.index(slot), ph, pred=kv >= STAGES)
                 mbarrier.expect(v_full.index(slot), v_desc.block_type.nbytes)
-                tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col], v_full.index(slot),
-                                                v_smem.index(slot))
+                tma_load(v_desc, [kv_row + k0, kv_col], v_full.index(slot), v_smem.index(slot))
                 kv += 1
             tcount += 1
         it += 1
@@ -176,13 +183,15 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
 
 
 @gluon.jit
-def _block_scores(s, j, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off, window_off, b_smem, b_full, b_empty,
-                  score_ptrs, meta, sm_scale, s_layout: gl.constexpr, CID: gl.constexpr, ROWS: gl.constexpr,
-                  BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCORE: gl.constexpr, SCORE_MOD: gl.constexpr,
-                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, EDGES: gl.constexpr):
-    """Key block j's scores from its raw products ``s`` (ring slot ``slot``, phase ``ph``): natural
-    units with a bias (its tile from the ring), log2 units through a score hook, else the raw
-    products; -inf outside the band and past S."""
+def _block_scores(s, k_start, partial, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off, window_off, b_smem,
+                  b_full, b_empty, score_ptrs, meta, mask_ptrs, mmeta, sm_scale, s_layout: gl.constexpr,
+                  CID: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  HAS_SCORE: gl.constexpr, SCORE_MOD: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                  EDGES: gl.constexpr, HAS_MASK_MOD: gl.constexpr, MASK_MOD: gl.constexpr):
+    """The scores of the key block from ``k_start`` from its raw products ``s`` (ring slot
+    ``slot``, phase ``ph``): natural units with a bias (its tile from the ring), log2 units through a
+    score hook, else the raw products; -inf where a partial listed block's mask_mod drops a score
+    (HAS_MASK_MOD, ``partial``), outside the band and past S."""
     if HAS_BIAS:  # natural units, like the core's float masks
         mbarrier.wait(b_full.index(2 * slot + CID), ph)
         bias = b_smem.index(2 * slot + CID).load(s_layout).to(gl.float32)
@@ -190,17 +199,34 @@ def _block_scores(s, j, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off
         s = s * sm_scale + bias
     elif HAS_SCORE:
         q_idx = gl.minimum(rows, L - 1)[:, None]
-        kv_idx = gl.minimum(j * BLOCK_N + s_cols, S - 1)[None, :]
+        kv_idx = gl.minimum(k_start + s_cols, S - 1)[None, :]
         s_mod, s = gl.broadcast(SCORE_MOD(s * sm_scale, b, h, q_idx, kv_idx, score_ptrs, meta), s)
         s = s_mod * RCP_LN2  # log2 units, as before the one-FMA exponent (not yet timed with hooks)
+    if HAS_MASK_MOD:
+        if partial:  # the mask_mod at clamped indices (keys past S are masked below)
+            keep = MASK_MOD(b, h, gl.minimum(rows, L - 1)[:, None], gl.minimum(k_start + s_cols, S - 1)[None, :],
+                            mask_ptrs, mmeta)
+            keep, s = gl.broadcast(keep, s)
+            s = gl.where(keep, s, float("-inf"))
     if EDGES:
-        k_start = j * BLOCK_N
         if (k_start < a) | (k_start >= c):
             # Only the bounds this consumer's rows cross in this block: both consumers
             # meet the edge blocks together, so their extra ALU work idles the MMAs.
             s = _mask_edges(s, k_start, m0 + CID * ROWS, rows, s_cols, S, causal_off, window_off, ROWS, BLOCK_N,
                             CAUSAL, WINDOW)
     return s
+
+
+@gluon.jit
+def _key_block(list_ptrs, j, n_part, idx, step, fidx, fstep, BLOCK_N: gl.constexpr, LISTS: gl.constexpr):
+    """(first key, whether the BlockMask lists the block as partial) of block j of a tile's walk: the
+    j-th listed block (LISTS), else key block j of the band."""
+    if LISTS:
+        k0, partial = listed_start(list_ptrs, j * BLOCK_N, n_part, idx, step, fidx, fstep, BLOCK_N)
+    else:
+        k0 = j * BLOCK_N
+        partial = False
+    return k0, partial
 
 
 @gluon.jit
@@ -220,11 +246,12 @@ def _softmax(s, m_i, l_i, log2_scale, dtype: gl.constexpr, p_layout: gl.constexp
 def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty, v_empty,
               b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec, H, G, L_max,
               S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, score_ptrs, score_meta, sm_scale,
-              CID: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+              list_ptrs, mask_ptrs, mask_meta, CID: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
               D: gl.constexpr, STAGES: gl.constexpr, QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr, Q_ROWS: gl.constexpr,
               EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr, HAS_SCORE: gl.constexpr,
-              SCORE_MOD: gl.constexpr, LOAD_SCORE_META: gl.constexpr, PIPE: gl.constexpr):
+              SCORE_MOD: gl.constexpr, LOAD_SCORE_META: gl.constexpr, PIPE: gl.constexpr, LISTS: gl.constexpr,
+              HAS_MASK_MOD: gl.constexpr, MASK_MOD: gl.constexpr, LOAD_MASK_META: gl.constexpr):
     """Online softmax of rows [CID * ROWS, (CID + 1) * ROWS) of each tile the producer publishes over
     its key blocks; writes their output and LSE. A block's scores stay unscaled (the raw products;
     natural units with a bias) and its row maxima are scaled to the log2 domain (the scale is
@@ -250,6 +277,10 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
         meta = LOAD_SCORE_META(score_meta)
     else:
         meta = 0
+    if HAS_MASK_MOD:
+        mmeta = LOAD_MASK_META(mask_meta)
+    else:
+        mmeta = 0
     if HAS_BIAS:
         log2_scale = RCP_LN2  # the scores in natural units
     elif HAS_SCORE:
@@ -273,6 +304,11 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
             l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
             acc = gl.zeros([ROWS, D], gl.float32, o_layout)
             mbarrier.wait(q_full.index(2 * qb + CID), (tcount // QBUFS) & 1)
+            if LISTS:  # the BlockMask's key blocks of this query block, as blocks [0, hi) of a walk
+                n_part, idx, step, fidx, fstep, hi = list_row(list_ptrs, b, h, m0 // (2 * ROWS), BLOCK_N)
+                lo = hi * 0
+            else:  # (not read)
+                n_part, idx, step, fidx, fstep = 0, 0, 0, 0, 0
             j0 = lo // BLOCK_N
             j1 = gl.cdiv(hi, BLOCK_N)
             if PIPE:
@@ -283,10 +319,11 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
                                       is_async=True)
                     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
                     mbarrier.arrive(k_empty.index(slot))
-                    s = _block_scores(s, j0, slot, (kv // STAGES) & 1, rows, s_cols, m0, L, S, a, c, b, h,
-                                      causal_off, window_off, b_smem, b_full, b_empty, score_ptrs, meta, sm_scale,
-                                      s_layout, CID, ROWS, BLOCK_N, HAS_BIAS, HAS_SCORE, SCORE_MOD, CAUSAL, WINDOW,
-                                      EDGES)
+                    k0, partial = _key_block(list_ptrs, j0, n_part, idx, step, fidx, fstep, BLOCK_N, LISTS)
+                    s = _block_scores(s, k0, partial, slot, (kv // STAGES) & 1, rows, s_cols, m0, L, S, a, c, b, h,
+                                      causal_off, window_off, b_smem, b_full, b_empty, score_ptrs, meta, mask_ptrs,
+                                      mmeta, sm_scale, s_layout, CID, ROWS, BLOCK_N, HAS_BIAS, HAS_SCORE, SCORE_MOD,
+                                      CAUSAL, WINDOW, EDGES, HAS_MASK_MOD, MASK_MOD)
                     p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, log2_scale, q_desc.dtype, p_layout)
                     for j in range(j0, j1 - 1):
                         slot = kv % STAGES
@@ -300,9 +337,11 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
                         acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
                         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # the QK product, issued first
                         mbarrier.arrive(k_empty.index(nslot))
-                        s = _block_scores(s, j + 1, nslot, nph, rows, s_cols, m0, L, S, a, c, b, h, causal_off,
-                                          window_off, b_smem, b_full, b_empty, score_ptrs, meta, sm_scale, s_layout,
-                                          CID, ROWS, BLOCK_N, HAS_BIAS, HAS_SCORE, SCORE_MOD, CAUSAL, WINDOW, EDGES)
+                        k0, partial = _key_block(list_ptrs, j + 1, n_part, idx, step, fidx, fstep, BLOCK_N, LISTS)
+                        s = _block_scores(s, k0, partial, nslot, nph, rows, s_cols, m0, L, S, a, c, b, h, causal_off,
+                                          window_off, b_smem, b_full, b_empty, score_ptrs, meta, mask_ptrs, mmeta,
+                                          sm_scale, s_layout, CID, ROWS, BLOCK_N, HAS_BIAS, HAS_SCORE, SCORE_MOD,
+                                          CAUSAL, WINDOW, EDGES, HAS_MASK_MOD, MASK_MOD)
                         p16_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, log2_scale, q_desc.dtype, p_layout)
                         acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
                         mbarrier.arrive(v_empty.index(slot))
@@ -324,9 +363,11 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
                                       is_async=True)
                     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
                     mbarrier.arrive(k_empty.index(slot))
-                    s = _block_scores(s, j, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off, window_off,
-                                      b_smem, b_full, b_empty, score_ptrs, meta, sm_scale, s_layout, CID, ROWS,
-                                      BLOCK_N, HAS_BIAS, HAS_SCORE, SCORE_MOD, CAUSAL, WINDOW, EDGES)
+                    k0, partial = _key_block(list_ptrs, j, n_part, idx, step, fidx, fstep, BLOCK_N, LISTS)
+                    s = _block_scores(s, k0, partial, slot, ph, rows, s_cols, m0, L, S, a, c, b, h, causal_off,
+                                      window_off, b_smem, b_full, b_empty, score_ptrs, meta, mask_ptrs, mmeta,
+                                      sm_scale, s_layout, CID, ROWS, BLOCK_N, HAS_BIAS, HAS_SCORE, SCORE_MOD, CAUSAL,
+                                      WINDOW, EDGES, HAS_MASK_MOD, MASK_MOD)
                     p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, log2_scale, q_desc.dtype, p_layout)
                     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
                     mbarrier.wait(v_full.index(slot), ph)
@@ -371,11 +412,13 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
 @gluon.jit(do_not_specialize=["n_tiles", "n_m", "sec"])
 def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, cu_k, counter_ptr, stride_o, stride_lseh,
                 n_tiles, n_m, sec, H, G, L_max, S_max, qk_scale, diag, win_right, win_left, score_ptrs, score_meta,
-                sm_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                sm_scale, list_ptrs, mask_ptrs, mask_meta, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                 QBUFS: gl.constexpr, HAS_BIAS: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                 VARLEN: gl.constexpr, EDGES: gl.constexpr, TBUF: gl.constexpr, O_TMA: gl.constexpr,
                 Q_ROWS: gl.constexpr, HAS_SCORE: gl.constexpr = False, SCORE_MOD: gl.constexpr = False,
-                LOAD_SCORE_META: gl.constexpr = False, PIPE: gl.constexpr = False):
+                LOAD_SCORE_META: gl.constexpr = False, PIPE: gl.constexpr = False, LISTS: gl.constexpr = False,
+                HAS_MASK_MOD: gl.constexpr = False, MASK_MOD: gl.constexpr = False,
+                LOAD_MASK_META: gl.constexpr = False):
     """Persistent: grid (programs,); program i runs tile i, then takes the next untaken tile of
     the n_tiles = n_m * B * H (``_tile``) from the int32 at ``counter_ptr`` (0 at launch) until none
     is left. Dense: 2-D row views Q / O / the bias (b * H + h) * L + i,
@@ -387,7 +430,10 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
     the band, reading the captures at ``score_ptrs`` (a tuple) and its meta at ``score_meta``;
     ``sm_scale`` the natural-units scale (``qk_scale`` without the log2 factor); without one,
     ``ws_common.hook_constexprs`` / ``hook_args``' placeholders, never read. PIPE: each consumer's
-    next QK product overlaps its softmax (``_consumer``)."""
+    next QK product overlaps its softmax (``_consumer``). LISTS (dense, no band or bias): a
+    BlockMask's key-side lists of 128 x 128 blocks at ``list_ptrs`` (``ws_common.list_row``), only
+    the listed key blocks visited, HAS_MASK_MOD / MASK_MOD / LOAD_MASK_META its mask_mod's hooks on
+    the partial ones (captures at ``mask_ptrs``, meta at ``mask_meta``)."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * QBUFS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
@@ -420,23 +466,25 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, b_desc, o_desc, out_ptr, lse_ptr, cu_q, 
         (_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, score_ptrs,
-                     score_meta, sm_scale, 0, ROWS, BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN,
-                     Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD, LOAD_SCORE_META, PIPE)),
+                     score_meta, sm_scale, list_ptrs, mask_ptrs, mask_meta, 0, ROWS, BLOCK_N, D, STAGES, QBUFS,
+                     HAS_BIAS, CAUSAL, WINDOW, VARLEN, Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD,
+                     LOAD_SCORE_META, PIPE, LISTS, HAS_MASK_MOD, MASK_MOD, LOAD_MASK_META)),
         (_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full, b_full, k_empty,
                      v_empty, b_empty, tid_smem, tid_full, tid_empty, out_ptr, stride_o, lse_ptr, n_tiles, n_m, sec,
                      H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, qk_scale, score_ptrs,
-                     score_meta, sm_scale, 1, ROWS, BLOCK_N, D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN,
-                     Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD, LOAD_SCORE_META, PIPE)),
+                     score_meta, sm_scale, list_ptrs, mask_ptrs, mask_meta, 1, ROWS, BLOCK_N, D, STAGES, QBUFS,
+                     HAS_BIAS, CAUSAL, WINDOW, VARLEN, Q_ROWS, EDGES, TBUF, O_TMA, HAS_SCORE, SCORE_MOD,
+                     LOAD_SCORE_META, PIPE, LISTS, HAS_MASK_MOD, MASK_MOD, LOAD_MASK_META)),
         (_producer, (q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k_full, v_full,
                      b_full, k_empty, v_empty, b_empty, tid_smem, tid_full, tid_empty, counter_ptr, n_tiles, n_m, sec,
-                     H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, ROWS, BLOCK_N, D, STAGES,
-                     QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, Q_ROWS, TBUF)),
+                     H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, list_ptrs, ROWS, BLOCK_N,
+                     D, STAGES, QBUFS, HAS_BIAS, CAUSAL, WINDOW, VARLEN, Q_ROWS, TBUF, LISTS)),
     ], [4, 1], [232, 40])
 
 
 # direct launches (fastlaunch.py): Triton's path took longer than a 1k kernel; a flex score_mod's
-# captures (a tuple of tensors) and meta tensor come after the scalars
-_LAUNCH = Launcher(attn_fwd_ws, nested=("score_ptrs", "score_meta"))
+# captures (a tuple of tensors) and meta tensor, a BlockMask's lists and a mask_mod's come after the scalars
+_LAUNCH = Launcher(attn_fwd_ws, nested=("score_ptrs", "score_meta", "list_ptrs", "mask_ptrs", "mask_meta"))
 
 
 def pipelined(option: bool | None, score) -> bool:
@@ -481,7 +529,7 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
 
 def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args: dict, band_flags: dict,
             packed, n_seq: int, L_max: int, S_max: int, o_tma: bool = True, score=None,
-            pipe: bool | None = None) -> None:
+            pipe: bool | None = None, lists: tuple | None = None, mask=None) -> None:
     """Out and LSE (fp32, natural log) of softmax(q k^T * scale + bias) v over the band for
     ``eligible`` inputs, ``scale`` > 0: dense q / out (B, H, L, D), lse (B, H, L); packed, the (1, H,
     T, D) views and lse (H, T) (``lse_strides`` (0, T)), ``n_seq`` sequences of at most L_max query
@@ -489,7 +537,10 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     diag, win_right, win_left (launch.band_args). ``o_tma``: whole 64-row output blocks leave by one
     TMA store through the Q buffer (KernelOptions.o_tma; False: gl.store). ``score`` (no bias): a flex
     score_mod's (generated functions, ``codegen.CaptureArgs``), applied to every score of the band.
-    ``pipe``: KernelOptions.fwd_ws_pipeline (``pipelined``)."""
+    ``pipe``: KernelOptions.fwd_ws_pipeline (``pipelined``). ``lists`` (dense contiguous, no band or
+    bias): a BlockMask's key-side lists of 128 x 128 blocks, (kv_num_blocks, kv_indices,
+    full_kv_num_blocks, full_kv_indices, their strides as ``launch._list_strides`` makes them), with
+    ``mask``, a flex mask_mod's (generated functions, ``codegen.CaptureArgs``), on partial blocks."""
     H, D = q.shape[1], q.shape[3]
     varlen = packed is not None
     q_rows = not varlen and is_rows(q) and not q.is_contiguous()  # eligible's q_rows case
@@ -506,10 +557,13 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
                 out_ptr=o2, lse_ptr=lse, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_o=o2.stride(0),
                 stride_lseh=lse_strides[1], n_tiles=n_tiles, n_m=n_m, sec=section(n_seq * H, S_max, k.shape[1] / H, q),
                 H=H, G=H // k.shape[1], L_max=L_max, S_max=S_max, qk_scale=scale * RCP_LN2.value, **band_args,
-                **hook_args(score, counter), sm_scale=float(scale))
+                **hook_args(score, counter), sm_scale=float(scale), list_ptrs=lists if lists is not None else (),
+                mask_ptrs=mask[1].ptrs if mask else (), mask_meta=mask[1].meta if mask else counter)
     _LAUNCH(grid, args,
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
                  HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen_mode(packed),
                  EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
                  Q_ROWS=q_rows, PIPE=pipelined(pipe, score),
-                 **hook_constexprs(score and score[0], derivative=False)), 4, 3)
+                 **hook_constexprs(score and score[0], derivative=False), LISTS=lists is not None,
+                 HAS_MASK_MOD=bool(mask), MASK_MOD=mask[0]["mask_mod"] if mask else False,
+                 LOAD_MASK_META=mask[0]["load_meta"] if mask else False), 4, 3)

@@ -34,8 +34,8 @@ from .fastlaunch import Launcher
 from .versions import (COMPILE_OPTIONS, TensorDescriptor, await_compile_key, fence_async_shared, gl, gluon, mbarrier,
                        thread_barrier, tma, tma_atomic_add, tma_load, warpgroup_mma, warpgroup_mma_wait)
 from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, build_descriptor, checked_layout, cu_seqs, deal, descriptor,
-                        hook_args, hook_constexprs, model_rows, next_tile, persistent, publish, row_view, section,
-                        sequence, take, tile_ring, varlen_mode)
+                        hook_args, hook_constexprs, list_row, listed_start, model_rows, next_tile, persistent, publish,
+                        row_view, section, sequence, take, tile_ring, varlen_mode)
 
 KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
 BLOCK_N = 2 * KEYS
@@ -98,42 +98,6 @@ def _stat_off(b, h, q0, stride_statb, stride_stath, STAT_PAD: gl.constexpr, VARL
 
 
 @gluon.jit
-def _list_row(list_ptrs, b, h, blk, SPARSE_BQ: gl.constexpr):
-    """The query blocks a BlockMask lists for key block ``blk`` of (batch b, query head h) (LISTS):
-    (partial count, their indices' offset and step, full indices' offset and step, the steps' end),
-    the partial blocks first; list_ptrs = (q_num_blocks, q_indices, full_q_num_blocks,
-    full_q_indices, their 14 int32 strides as ``core._list_row`` reads them). A listed block of
-    SPARSE_BQ queries is SPARSE_BQ / BLOCK_M steps: step m0v of [0, end) is the block
-    ``_listed_m0`` names."""
-    ST = list_ptrs[4]
-    blk64 = blk.to(gl.int64)
-    b64 = b.to(gl.int64)
-    h64 = h.to(gl.int64)
-    num = b64 * gl.load(ST) + h64 * gl.load(ST + 1) + blk64 * gl.load(ST + 2)
-    idx = b64 * gl.load(ST + 3) + h64 * gl.load(ST + 4) + blk64 * gl.load(ST + 5)
-    step = gl.load(ST + 6).to(gl.int64)
-    fnum = b64 * gl.load(ST + 7) + h64 * gl.load(ST + 8) + blk64 * gl.load(ST + 9)
-    fidx = b64 * gl.load(ST + 10) + h64 * gl.load(ST + 11) + blk64 * gl.load(ST + 12)
-    fstep = gl.load(ST + 13).to(gl.int64)
-    n_part = gl.load(list_ptrs[0] + num)
-    end = (n_part + gl.load(list_ptrs[2] + fnum)) * SPARSE_BQ
-    return n_part, idx, step, fidx, fstep, end
-
-
-@gluon.jit
-def _listed_m0(list_ptrs, m0v, n_part, idx, step, fidx, fstep, SPARSE_BQ: gl.constexpr):
-    """(first query row of step ``m0v`` of a key block's list walk, whether its block is partial):
-    block i = m0v // SPARSE_BQ of the partial list, then of the full one (``_list_row``)."""
-    i = m0v // SPARSE_BQ
-    partial = i < n_part
-    if partial:
-        qb = gl.load(list_ptrs[1] + idx + i * step)
-    else:
-        qb = gl.load(list_ptrs[3] + fidx + (i - n_part) * fstep)
-    return qb * SPARSE_BQ + m0v % SPARSE_BQ, partial
-
-
-@gluon.jit
 def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_full, kv_empty, kv_row, kv_col, tcount, KEYS: gl.constexpr,
              KBUFS: gl.constexpr):
     """The producer loads a tile's K / V halves into buffer ``tcount % KBUFS`` once both consumers
@@ -187,10 +151,10 @@ def _producer(q_desc, do_desc, k_desc, v_desc, nl_desc, dl_desc, q_smem, do_smem
                 if Q_ROWS:  # a model's (B * L, H * D) rows: a head is a column offset
                     q_col = h * D
                 if LISTS:  # the BlockMask's query blocks of this key block, as steps [0, hi)
-                    n_part, idx, step, fidx, fstep, hi = _list_row(list_ptrs, b, h, n0 // (2 * KEYS), SPARSE_BQ)
+                    n_part, idx, step, fidx, fstep, hi = list_row(list_ptrs, b, h, n0 // (2 * KEYS), SPARSE_BQ)
                 for m0v in range(lo, hi, BLOCK_M):
                     if LISTS:
-                        m0, _ = _listed_m0(list_ptrs, m0v, n_part, idx, step, fidx, fstep, SPARSE_BQ)
+                        m0, _ = listed_start(list_ptrs, m0v, n_part, idx, step, fidx, fstep, SPARSE_BQ)
                     else:
                         m0 = m0v
                     slot = qd % STAGES
@@ -291,11 +255,11 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
                     if VARLEN or Q_ROWS:  # a head is a column offset
                         dq_col = h_q * D + CID * DH
                 if LISTS:  # the BlockMask's query blocks of this key block, as steps [0, hi)
-                    n_part, idx, step, fidx, fstep, hi = _list_row(list_ptrs, b, hk * G + g, n0 // (2 * KEYS),
+                    n_part, idx, step, fidx, fstep, hi = list_row(list_ptrs, b, hk * G + g, n0 // (2 * KEYS),
                                                                    SPARSE_BQ)
                 for m0v in range(lo, hi, BLOCK_M):
                     if LISTS:
-                        m0, partial = _listed_m0(list_ptrs, m0v, n_part, idx, step, fidx, fstep, SPARSE_BQ)
+                        m0, partial = listed_start(list_ptrs, m0v, n_part, idx, step, fidx, fstep, SPARSE_BQ)
                     else:
                         m0 = m0v
                     slot = qd % STAGES

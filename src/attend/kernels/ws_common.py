@@ -57,6 +57,43 @@ def sequence(b, cu_q, cu_k, L_max, S_max, VARLEN: gl.constexpr):
 
 
 @gluon.jit
+def list_row(list_ptrs, b, h, blk, BLOCK: gl.constexpr):
+    """One row of a BlockMask's pair of lists (the kernels' LISTS): the blocks listed for block
+    ``blk`` of (batch b, query head h), as (partial count, their indices' offset and step, the full
+    indices' offset and step, the walk's end), partial blocks first. list_ptrs = (num_blocks,
+    indices, full_num_blocks, full_indices, their 14 int32 strides as ``core._list_row`` reads them,
+    0 where b / h broadcast): the key-side lists for a query block (the forward), the query-side
+    ones for a key block (the dK / dV kernel). A walk position x of [0, end), in rows or keys, lies
+    in the listed block ``listed_start`` names; ``BLOCK`` is the lists' block size."""
+    ST = list_ptrs[4]
+    blk64 = blk.to(gl.int64)
+    b64 = b.to(gl.int64)
+    h64 = h.to(gl.int64)
+    num = b64 * gl.load(ST) + h64 * gl.load(ST + 1) + blk64 * gl.load(ST + 2)
+    idx = b64 * gl.load(ST + 3) + h64 * gl.load(ST + 4) + blk64 * gl.load(ST + 5)
+    step = gl.load(ST + 6).to(gl.int64)
+    fnum = b64 * gl.load(ST + 7) + h64 * gl.load(ST + 8) + blk64 * gl.load(ST + 9)
+    fidx = b64 * gl.load(ST + 10) + h64 * gl.load(ST + 11) + blk64 * gl.load(ST + 12)
+    fstep = gl.load(ST + 13).to(gl.int64)
+    n_part = gl.load(list_ptrs[0] + num)
+    end = (n_part + gl.load(list_ptrs[2] + fnum)) * BLOCK
+    return n_part, idx, step, fidx, fstep, end
+
+
+@gluon.jit
+def listed_start(list_ptrs, x, n_part, idx, step, fidx, fstep, BLOCK: gl.constexpr):
+    """(where walk position ``x`` of a ``list_row`` walk lies in the sequence, whether its block is
+    partial): block i = x // BLOCK of the partial list, then of the full one."""
+    i = x // BLOCK
+    partial = i < n_part
+    if partial:
+        blk = gl.load(list_ptrs[1] + idx + i * step)
+    else:
+        blk = gl.load(list_ptrs[3] + fidx + (i - n_part) * fstep)
+    return blk * BLOCK + x % BLOCK, partial
+
+
+@gluon.jit
 def tile_ring(TBUF: gl.constexpr):
     """The shared-memory ring through which the producer hands tile ids to both consumers
     (``publish`` / ``take``): (ids, full barriers, empty barriers), initialized."""
