@@ -777,6 +777,12 @@ def test_argument_errors_name_value_and_expectation():
     with pytest.raises(flex.FlexTraceError, match="shape \\(4, 5\\) is used with 1 of its 2 indices"):
         t = torch.randn(4, 5)
         flex.flex_attention(q, q, q, score_mod=lambda s, b, h, qi, ki: s + t[h])
+    # lists with a column for 1 of the 2 key blocks: the backward would read past its query-side lists
+    narrow = flex.BlockMask.from_kv_blocks(torch.ones(1, 1, 2, dtype=torch.int32),
+                                           torch.zeros(1, 1, 2, 1, dtype=torch.int32), BLOCK_SIZE=16,
+                                           seq_lengths=(32, 32))
+    with pytest.raises(ValueError, match="kv_indices has 1 key blocks; the call's 32 keys in blocks of 16 need 2"):
+        flex.flex_attention(q, q, q, block_mask=narrow)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -520,42 +520,49 @@ def test_decode_step_keeps_the_core_score_hooks():
     assert_scaled_close(out, *refs, what="decode step on the core's score hooks")
 
 
-def _list_masks(L: int, g: torch.Generator) -> dict:
-    """mask_mods whose BlockMasks are lists, not bands: documents (ids captured), prefix-LM, and
-    documents with causal inside each."""
-    doc = torch.sort(torch.randint(0, 4, (L,), generator=g)).values.to(DEVICE)
+def _list_masks(n: int, g: torch.Generator) -> dict:
+    """mask_mods whose BlockMasks are lists, not bands: documents (ids of ``n`` positions captured),
+    prefix-LM, documents with causal inside each, and one that reads b and h (lists per batch and
+    head)."""
+    doc = torch.sort(torch.randint(0, 4, (n,), generator=g)).values.to(DEVICE)
     return {"document": lambda b, h, q, kv: doc[q] == doc[kv],
             "prefix_lm": lambda b, h, q, kv: (kv <= 100) | (q >= kv),
-            "document_causal": lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv)}
+            "document_causal": lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv),
+            "per_batch_and_head": lambda b, h, q, kv: (doc[q] == doc[kv]) & ((kv + h + 2 * b) % 5 != 0)}
 
 
 @pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon kernels run on sm_90 GPUs")
-@pytest.mark.parametrize("score_name,mask_name,L,HQ,HKV", [
-    (None, "document", 384, 2, 2), ("softcap", "prefix_lm", 300, 4, 2), ("alibi", "document_causal", 700, 2, 1),
-    ("softcap_table", "document_causal", 256, 2, 2)])
+@pytest.mark.parametrize("score_name,mask_name,L,S,HQ,HKV,made_by", [
+    (None, "document", 384, 384, 2, 2, "attend"), ("softcap", "prefix_lm", 300, 300, 4, 2, "attend"),
+    ("alibi", "document_causal", 700, 700, 2, 1, "attend"),
+    ("softcap_table", "document_causal", 256, 256, 2, 2, "attend"),
+    ("alibi", "per_batch_and_head", 384, 520, 4, 2, "attend"), ("softcap", "document", 300, 300, 2, 2, "pytorch")])
 @pytest.mark.parametrize("fused_dq", [False, True], ids=["dq-programs", "fused-dq"])
-def test_block_mask_lists_on_the_gluon_kernels(score_name, mask_name, L, HQ, HKV, fused_dq, monkeypatch):
+def test_block_mask_lists_on_the_gluon_kernels(score_name, mask_name, L, S, HQ, HKV, made_by, fused_dq, monkeypatch):
     """KernelOptions.flex_gluon_lists: flex over a BlockMask's lists of 128 x 128 blocks runs its
     forward on the Gluon forward walking the key-side lists (ws's LISTS) and its backward's dK / dV
     on the Gluon kernel walking the query-side lists (ws_bwd's LISTS), the mask_mod on partial blocks,
     and with ``fused_dq`` dQ too, except where a capture needs a gradient: the output and every
-    gradient against float64, with ragged lengths (a last block of 128 with rows past L), grouped
-    heads and with or without a score_mod."""
+    gradient against float64, with ragged lengths (a last block of 128 with rows past L), L != S,
+    grouped heads, lists per batch and head, a BlockMask made by PyTorch, with or without a
+    score_mod."""
     from attend.kernels import launch
 
     calls = []  # (lists given, dQ fused) per launch, not the warmup's compile
     real = launch.ws_bwd.dkdv
     monkeypatch.setattr(launch.ws_bwd, "dkdv", lambda *a, **kw: (
         kw.get("warmup") or calls.append((a[19] is not None, a[18] is not None)), real(*a, **kw))[1])
-    g = torch.Generator().manual_seed(L + HQ)
+    g = torch.Generator().manual_seed(L + S + HQ)
     q = torch.randn(2, HQ, L, _D128, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
-    k, v = (torch.randn(2, HKV, L, _D128, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(2))
+    k, v = (torch.randn(2, HKV, S, _D128, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(2))
     caps = {"alibi": [torch.rand(HQ, generator=g).to(DEVICE)],
             "softcap_table": [(0.5 * torch.randn(HQ, 2 * _TABLE_S, generator=g)).to(DEVICE).requires_grad_()]
             }.get(score_name, [])
     score = _GLUON_SCORES[score_name](caps) if score_name else None
-    mask_mod = _list_masks(L, g)[mask_name]
-    bm = flex.create_block_mask(mask_mod, None, None, L, L, device=DEVICE)
+    mask_mod = _list_masks(max(L, S), g)[mask_name]
+    per_bh = mask_name == "per_batch_and_head"
+    make = flex.create_block_mask if made_by == "attend" else tflex.create_block_mask
+    bm = make(mask_mod, 2 if per_bh else None, HQ if per_bh else None, L, S, device=DEVICE)
     before = dispatch.PATHS["lists_gluon"]
     with kernel_options(bwd_ws_min_seq_bucket=0, bwd_ws_fused_dq=fused_dq, flex_gluon_lists=True):
         route = flex.explain(q, k, v, score, bm, enable_gqa=HQ != HKV)

@@ -106,8 +106,8 @@ def test_every_config_builds_for_hopper_and_ampere(builds):
                 f"{b['kernel']} {b['config']} {b['feature']}: {b['regs']} registers, {b['stack']} B stack"
             if "_fp32_ieee_" in b["feature"]:  # its rules take the tiles that spill little
                 assert b["stack"] <= 256, f"{b['feature']} {b['config']}: {b['stack']} B stack"
-            if b["kernel"] == "bwd_ws" and b["feature"].endswith("_fused_dq"):  # 152-320 B, 600-720 with a score hook
-                limit = 768 if "score" in b["feature"] else 384
+            if b["kernel"] == "bwd_ws" and b["feature"].endswith("_fused_dq"):  # 152-360 B, 600-680 with a score hook
+                limit = 800 if "score" in b["feature"] else 448
                 assert b["stack"] <= limit, f"{b['feature']}: {b['stack']} B stack (spills grew)"
         # the flex builds' softcap (16-bit inputs) takes the hardware's tanh, in the core's flex mode and
         # in the Gluon forward's score hooks; nothing else has a tanh

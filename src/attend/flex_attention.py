@@ -349,14 +349,20 @@ def _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_l
     return float(scale)
 
 
-def _check_lists(kv_num_blocks: torch.Tensor, query: torch.Tensor, block_q: int | None = None) -> None:
+def _check_lists(kv_num_blocks: torch.Tensor, query: torch.Tensor, block_q: int | None = None,
+                 kv_indices: torch.Tensor | None = None, block_kv: int | None = None, key_len: int = 0) -> None:
     """A BlockMask's lists must be on the query's device, with batch 1 or B and heads 1 or Hq, and
-    (``block_q`` given) a row per query block of the call."""
+    (``block_q`` given) a row per query block of the call; (``kv_indices`` given) a column per key
+    block, as the backward walks one row of the query-side lists per key block."""
     B, Hq = query.shape[0], query.shape[1]
     if block_q is not None and kv_num_blocks.shape[-1] < -(-query.shape[2] // block_q):
         raise ValueError(f"flex_attention: block_mask lists {kv_num_blocks.shape[-1]} query blocks; the call's "
                          f"{query.shape[2]} queries in blocks of {block_q} need {-(-query.shape[2] // block_q)} "
                          f"(a mask made longer with _adjust lists no blocks past its original length)")
+    if kv_indices is not None and kv_indices.shape[-1] < -(-key_len // block_kv):
+        raise ValueError(f"flex_attention: block_mask's kv_indices has {kv_indices.shape[-1]} key blocks; the call's "
+                         f"{key_len} keys in blocks of {block_kv} need {-(-key_len // block_kv)} (a mask made "
+                         f"longer with _adjust lists no blocks past its original length)")
     if kv_num_blocks.device != query.device:
         raise ValueError(f"flex_attention: block_mask is on {kv_num_blocks.device}, query on "
                          f"{query.device}; move it with block_mask.to(device)")
@@ -387,7 +393,7 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
                 raise ValueError(f"flex_attention: block_mask was created for (Q_LEN, KV_LEN) = {tuple(bm.seq_lengths)}, "
                                  f"the call has ({L}, {S}); create a block mask for these lengths (or crop one with "
                                  f"block_mask._adjust({L}, {S}) where the mask allows)")
-            _check_lists(bm.kv_num_blocks, query, bm.BLOCK_SIZE[0])
+            _check_lists(bm.kv_num_blocks, query, bm.BLOCK_SIZE[0], bm.kv_indices, bm.BLOCK_SIZE[1], S)
             if bm.mask_mod is _sliced_mask_mod_error:
                 raise RuntimeError("flex_attention: block_mask was sliced and its mask_mod reset; assign a mask_mod "
                                    "that fits the slice (block_mask.mask_mod = ...)")

@@ -411,7 +411,9 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             opts.flex_bwd_split, opts.head_major, band,
             # the Gluon dK / dV route (launch._flex_gluon_dkdv): its options and the layouts it takes
             opts.flex_gluon, opts.flex_gluon_lists, opts.bwd_ws, opts.bwd_ws_min_seq_bucket, opts.bwd_ws_fused_dq,
-            q.is_contiguous(), k.is_contiguous())
+            q.is_contiguous(), k.is_contiguous(),
+            # a variant whose build failed since: the warmup builds the one the backward now takes
+            tuple(launch.versions.usable(n) for n in ("gluon_flex_dkdv_fused_dq", "gluon_flex_lists_dkdv_fused_dq")))
 
 
 def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,
@@ -552,7 +554,7 @@ def backward_path(call: FlexCall, cap_grads: bool, opts: kernel_options.KernelOp
     why = launch.flex_dkdv_refusal(opts, call.query, call.key, call.value, call.query, band, call.score is not None,
                                    call.kernel_options, call.blocks)
     if why is None:
-        fused_why = launch.fused_dq_refusal(opts, cap_grads, flex=True)
+        fused_why = launch.fused_dq_refusal(opts, cap_grads, flex=True, lists=band is None)
         if fused_why is None:
             return "gluon_fused", declined
         declined["gluon_fused"] = fused_why

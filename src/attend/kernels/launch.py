@@ -1012,9 +1012,11 @@ def flex_band_gluon(q, k, v, scale: float, score, band: Band, options: KernelOpt
     return forward(q, k, v, None, 0.0, band, scale, 0, opts, score=score)
 
 
-def flex_band_gluon_refusal(q, k, options: KernelOptions | dict | None = None) -> str | None:
+def flex_band_gluon_refusal(q, k, options: KernelOptions | dict | None = None,
+                            name: str = "gluon_flex_forward") -> str | None:
     """Why ``flex_band_gluon`` declines a call on q / k before it reads the layouts (``ws.eligible``,
-    in ``forward``), or None where it goes on to them."""
+    in ``forward``), or None where it goes on to them; ``name``: the experimental kernel asked
+    (``flex_lists_gluon``'s own)."""
     opts = resolve(options)
     if not (opts.flex_gluon and opts.fwd_ws):
         return f"KernelOptions.{'flex_gluon' if not opts.flex_gluon else 'fwd_ws'} is off"
@@ -1025,8 +1027,8 @@ def flex_band_gluon_refusal(q, k, options: KernelOptions | dict | None = None) -
                 "(a decode step or a short chunk keeps the core's decode tiles) and a key")
     if q.shape[3] != ws.HEAD_DIM or q.dtype not in ws.GL_DTYPE:
         return f"head dim {q.shape[3]} in {q.dtype}: it takes {ws.HEAD_DIM} in fp16 / bf16"
-    if not versions.usable("gluon_flex_forward"):
-        return versions.experimental_status()["gluon_flex_forward"]
+    if not versions.usable(name):
+        return versions.experimental_status()[name]
     return None
 
 
@@ -1050,7 +1052,7 @@ def flex_lists_gluon(q, k, v, blocks, scale: float, score, mask, options: Kernel
     _, _, kv_lists = _flex_kv_args(k, v, blocks)
     bargs, bflags = band_args(Band())
     _ensure_allocator()
-    if not versions.run_experimental("gluon_flex_forward", ws.forward, q, k, v, None, out, lse, lse.stride()[:2],
+    if not versions.run_experimental("gluon_flex_lists_forward", ws.forward, q, k, v, None, out, lse, lse.stride()[:2],
                                      scale, bargs, bflags, None, B, L, S, opts.o_tma, score,
                                      opts.fwd_ws_pipeline, kv_lists, mask):
         return None
@@ -1074,7 +1076,7 @@ def flex_lists_gluon_refusal(q, k, blocks, options: KernelOptions | dict | None 
         return f"the BlockMask's BLOCK_SIZE {tuple(blocks.BLOCK_SIZE)}: it walks lists of 128 x 128 blocks"
     if k.shape[0] != q.shape[0]:
         return f"k / v of batch {k.shape[0]} beside q's {q.shape[0]}: it takes k / v of q's batch"
-    return flex_band_gluon_refusal(q, k, opts)
+    return flex_band_gluon_refusal(q, k, opts, name="gluon_flex_lists_forward")
 
 
 def flex_band_gluon_layouts(q, k, v, band: Band, options: KernelOptions | dict | None = None) -> bool:
@@ -1173,8 +1175,9 @@ def flex_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, ke
         return f"KernelOptions.{off} is off" if off else "KernelOptions.flex_bwd_split is on"
     if not _gluon_device(q):
         return versions.GLUON_ERROR or f"{q.device.type} tensors, not on an sm_90 GPU"
-    if not versions.usable("gluon_flex_dkdv"):
-        return versions.experimental_status()["gluon_flex_dkdv"]
+    name = "gluon_flex_lists_dkdv" if band is None else "gluon_flex_dkdv"
+    if not versions.usable(name):
+        return versions.experimental_status()[name]
     L, S = q.shape[2], k.shape[2]
     min_bucket = WS_BWD_MIN_SEQ_BUCKET if opts.bwd_ws_min_seq_bucket is None else opts.bwd_ws_min_seq_bucket
     if ws_backward(block_d(q.shape[3]), seq_bucket(max(L, S)), min_bucket) is None:
@@ -1186,14 +1189,15 @@ def flex_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, ke
     return None
 
 
-def fused_dq_refusal(opts: KernelOptions, capture_grads: bool, flex: bool = False) -> str | None:
+def fused_dq_refusal(opts: KernelOptions, capture_grads: bool, flex: bool = False, lists: bool = False) -> str | None:
     """Why a backward that the Gluon dK / dV kernel serves does not take dQ from it too (ws_bwd's
     FUSED_DQ), or None where it does: KernelOptions.bwd_ws_fused_dq off, its build failed in this
-    process (``flex``: flex's variant), deterministic mode (the reduce-adds' order varies), or a flex
-    capture that needs a gradient (``capture_grads``; the dQ programs scatter it)."""
+    process (``flex``: flex's variant; ``lists``: over a BlockMask's lists), deterministic mode (the
+    reduce-adds' order varies), or a flex capture that needs a gradient (``capture_grads``; the dQ
+    programs scatter it)."""
     if not opts.bwd_ws_fused_dq:
         return "KernelOptions.bwd_ws_fused_dq is off"
-    name = "gluon_flex_dkdv_fused_dq" if flex else "gluon_dkdv_fused_dq"
+    name = _gluon_dkdv_name(flex, lists, True)
     if not versions.usable(name):
         return versions.experimental_status()[name].removeprefix("off: ")
     if torch.are_deterministic_algorithms_enabled():
@@ -1201,6 +1205,12 @@ def fused_dq_refusal(opts: KernelOptions, capture_grads: bool, flex: bool = Fals
     if capture_grads:
         return "a captured tensor needs a gradient: the dQ programs scatter it"
     return None
+
+
+def _gluon_dkdv_name(flex: bool, lists: bool, fused: bool) -> str:
+    """The experimental name (``versions.EXPERIMENTAL``) of the Gluon dK / dV kernel's variant."""
+    return ("gluon_flex_lists_dkdv" if lists else "gluon_flex_dkdv" if flex else "gluon_dkdv") + (
+        "_fused_dq" if fused else "")
 
 
 def _specialized_as(t: torch.Tensor) -> tuple:
@@ -1312,7 +1322,7 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
     else:
         parts = [("both", (n_kv + n_q,), {})]
     # dQ from the Gluon kernel's reduce-adds too (no core launch) where no capture needs a gradient
-    fused = gluon_dkdv and fused_dq_refusal(resolve(options), score_grad, flex=True) is None
+    fused = gluon_dkdv and fused_dq_refusal(resolve(options), score_grad, flex=True, lists=band is None) is None
     if gluon_dkdv:  # then the core's dQ programs alone, unless fused (a warmup compiles both)
         _ensure_allocator()
         dq_acc = torch.zeros_like(q, dtype=torch.float32, device=dev) if fused else None
@@ -1324,10 +1334,11 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
             if warmup is True or warmup == "dkdv":
                 ws_bwd.dkdv(*gl_args, warmup=True, dq=dq_acc, lists=gl_lists[0], mask=gl_lists[1])
             parts = rest
-        elif fused and versions.run_experimental("gluon_flex_dkdv_fused_dq", ws_bwd.dkdv, *gl_args, False, dq_acc,
-                                                 *gl_lists):
+        elif fused and versions.run_experimental(_gluon_dkdv_name(True, band is None, True), ws_bwd.dkdv, *gl_args,
+                                                 False, dq_acc, *gl_lists):
             parts, dq = rest, dq_acc
-        elif versions.run_experimental("gluon_flex_dkdv", ws_bwd.dkdv, *gl_args, False, None, *gl_lists):
+        elif versions.run_experimental(_gluon_dkdv_name(True, band is None, False), ws_bwd.dkdv, *gl_args, False,
+                                       None, *gl_lists):
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]  # (the fused build failed: dQ programs)
     if diagonal:  # core._diagonal_pass's programs: compiled with the dQ programs (the same warmup thread)
         n_blocks = max(_cdiv(L, m["BLOCK_M2"]), _cdiv(S, m["BLOCK_N2"]))

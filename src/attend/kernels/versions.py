@@ -146,11 +146,19 @@ EXPERIMENTAL = {
     # backward keeps the plain dK / dV kernel and the dQ programs
     "gluon_dkdv_fused_dq": "Hopper warp-specialized dK / dV with dQ fused (kernels/ws_bwd.py)",
     "gluon_flex_dkdv_fused_dq": "Hopper warp-specialized dK / dV with flex's hooks and dQ fused (kernels/ws_bwd.py)",
+    # the kernels walking a BlockMask's lists with a mask_mod's hooks (LISTS): a mask_mod they fail
+    # to build turns off only these, never the band's score hooks
+    "gluon_flex_lists_forward": "Hopper warp-specialized forward over a BlockMask's lists (kernels/ws.py)",
+    "gluon_flex_lists_dkdv": "Hopper warp-specialized dK / dV over a BlockMask's lists (kernels/ws_bwd.py)",
+    "gluon_flex_lists_dkdv_fused_dq": "Hopper warp-specialized dK / dV over a BlockMask's lists with dQ fused "
+                                      "(kernels/ws_bwd.py)",
 }
-# a variant runs only where the kernel it builds on does (followed to the end: a flex variant of the
-# fused dQ needs the flex dK / dV kernel, which needs the plain one)
-_BASE = {"gluon_flex_forward": "gluon_forward", "gluon_flex_dkdv": "gluon_dkdv",
-         "gluon_dkdv_fused_dq": "gluon_dkdv", "gluon_flex_dkdv_fused_dq": "gluon_flex_dkdv"}
+# the kernels a variant builds on: it runs only where each of them does (followed to the end: flex's
+# fused dQ needs the flex dK / dV kernel and the fused dQ, each of which needs the plain kernel)
+_BASE = {"gluon_flex_forward": ("gluon_forward",), "gluon_flex_dkdv": ("gluon_dkdv",),
+         "gluon_dkdv_fused_dq": ("gluon_dkdv",), "gluon_flex_dkdv_fused_dq": ("gluon_flex_dkdv", "gluon_dkdv_fused_dq"),
+         "gluon_flex_lists_forward": ("gluon_forward",), "gluon_flex_lists_dkdv": ("gluon_dkdv",),
+         "gluon_flex_lists_dkdv_fused_dq": ("gluon_flex_lists_dkdv", "gluon_dkdv_fused_dq")}
 _failed: dict[str, str] = {}  # kernel -> why it is off in this process (a build failed)
 
 
@@ -164,10 +172,14 @@ def experimental_status() -> dict[str, str]:
 
 
 def _chain(name: str):
-    """``name`` and the kernels it builds on (``_BASE``), in order."""
-    while name is not None:
-        yield name
-        name = _BASE.get(name)
+    """``name`` and every kernel it builds on (``_BASE``, followed to the end), nearest first."""
+    seen, todo = set(), [name]
+    while todo:
+        name = todo.pop(0)
+        if name not in seen:
+            seen.add(name)
+            yield name
+            todo.extend(_BASE.get(name, ()))
 
 
 def gluon_kernels():

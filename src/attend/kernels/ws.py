@@ -565,5 +565,5 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
                  EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
                  Q_ROWS=q_rows, PIPE=pipelined(pipe, score),
                  **hook_constexprs(score and score[0], derivative=False), LISTS=lists is not None,
-                 HAS_MASK_MOD=bool(mask), MASK_MOD=mask[0]["mask_mod"] if mask else False,
+                 HAS_MASK_MOD=bool(mask) and lists is not None, MASK_MOD=mask[0]["mask_mod"] if mask else False,
                  LOAD_MASK_META=mask[0]["load_meta"] if mask else False), 4, 3)

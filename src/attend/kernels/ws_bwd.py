@@ -312,6 +312,9 @@ def _consumer(q_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, nl_smem, dl_smem
                     delta = dl_smem.index(slot).load(col_layout)
                     dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
                     ds = p * (dp - delta[None, :])  # fp32 P, as the core's
+                    if LISTS:  # a listed block's rows past L: another head's dO, stats (0 * inf would be NaN)
+                        if m0 + BLOCK_M > L:
+                            ds = gl.where((m0 + s_cols < L)[None, :], ds, 0.0)
                     if HAS_SCORE:  # to the raw score: times d score_mod / d score
                         ds = gl.where(ds != 0.0, ds * dmod, 0.0)
                     p16 = gl.convert_layout(p.to(q_desc.dtype), op_layout)
@@ -526,7 +529,8 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
                       STAT_PAD=STAT_PAD.value, CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"],
                       VARLEN=varlen_mode(packed), TBUF=TBUF, Q_ROWS=q_rows, FUSED_DQ=fused,
                       **hook_constexprs(score and score[0], derivative=True), LISTS=lists is not None,
-                      SPARSE_BQ=LIST_BLOCK, HAS_MASK_MOD=bool(mask), MASK_MOD=mask[0]["mask_mod"] if mask else False,
+                      SPARSE_BQ=LIST_BLOCK, HAS_MASK_MOD=bool(mask) and lists is not None,
+                      MASK_MOD=mask[0]["mask_mod"] if mask else False,
                       LOAD_MASK_META=mask[0]["load_meta"] if mask else False)
     if warmup:  # into Triton's cache, where the launcher's first launch finds it
         await_compile_key()
