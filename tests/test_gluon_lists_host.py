@@ -83,3 +83,20 @@ def test_lists_reach_both_gluon_kernels_with_their_lists_and_mask_mod(recorded, 
         assert torch.equal(dq, torch.zeros_like(dq)), "a dQ program ran"
     else:
         assert torch.isfinite(dq).all() and dq.abs().sum() > 0  # the core's dQ programs ran
+
+
+def test_a_band_with_a_score_mod_takes_the_fused_dq_without_lists(recorded):
+    """A softcap over a causal band: the Gluon forward and dK / dV kernel with the score hooks walk
+    the band (no LISTS, no lists passed, no mask_mod hook), and bwd_ws_fused_dq fuses the dQ."""
+    bm = flex.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, L, L, device="cpu")
+    softcap = lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)  # noqa: E731
+    q, k, v = (torch.randn(1, H, L, D, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    with kernel_options(flex_gluon_lists=True, bwd_ws_fused_dq=True, bwd_ws_min_seq_bucket=0):
+        route = flex.explain(q, k, v, softcap, bm)
+        out = flex.flex_attention(q, k, v, softcap, bm)
+    assert (route.forward, route.backward) == ("gluon_hooks", "gluon_fused"), str(route)
+    dq, = torch.autograd.grad(out.float().sum(), (q,))
+    (_, fargs, fflags), (_, bargs, bflags) = recorded
+    assert fflags["CAUSAL"] and not fflags["LISTS"] and not fflags["HAS_MASK_MOD"] and fargs["list_ptrs"] == ()
+    assert bflags["CAUSAL"] and not bflags["LISTS"] and bflags["FUSED_DQ"] and bargs["list_ptrs"] == ()
+    assert torch.equal(dq, torch.zeros_like(dq)), "a dQ program ran"
