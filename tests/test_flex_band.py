@@ -587,3 +587,36 @@ def test_block_mask_lists_on_the_gluon_kernels(score_name, mask_name, L, S, HQ, 
     assert_scaled_close(out, refs[torch.float64][0], refs[torch.bfloat16][0], what=f"{what} out")
     for name, a, r, s_ in zip(["dq", "dk", "dv", "dtable"], grads, refs[torch.float64][1], refs[torch.bfloat16][1]):
         assert_scaled_close(a, r, s_, k=6.0, what=f"{what} {name}")
+
+
+@pytest.mark.skipif(not _hopper_gluon(), reason="the Gluon kernels run on sm_90 GPUs")
+@pytest.mark.parametrize("fused_dq", [False, True], ids=["dq-programs", "fused-dq"])
+def test_gluon_lists_with_an_empty_query_block_and_ragged_keys(fused_dq):
+    """flex_gluon_lists with no score_mod (the pipelined forward) over ragged keys (S = 333): the first
+    query block lists no key block, so its rows give output 0 and dQ 0 exactly, and lse -inf; the other
+    rows, and dK / dV, match float64 on their own problem (the empty rows add nothing to dK / dV)."""
+    L, S, E = 300, 333, 128
+    mask_mod = lambda b, h, q, kv: (q >= 128) & (kv <= q + 20)  # noqa: E731
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, L, E, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(2, 2, S, E, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(2))
+    bm = flex.create_block_mask(mask_mod, None, None, L, S, device=DEVICE)
+    with kernel_options(bwd_ws_min_seq_bucket=0, bwd_ws_fused_dq=fused_dq, flex_gluon_lists=True):
+        route = flex.explain(q, k, v, None, bm)
+        out, lse = flex.flex_attention(q, k, v, None, bm, return_lse=True)
+    assert route.forward == "gluon_lists" and route.backward == ("gluon_fused" if fused_dq else "gluon_dkdv"), route
+    go = torch.randn(out.shape, generator=g).to(out)
+    dq, dk, dv = torch.autograd.grad((out * go).sum(), (q, k, v))
+    assert torch.equal(out[:, :, :128], torch.zeros_like(out[:, :, :128]))
+    assert torch.isneginf(lse[:, :, :128]).all() and torch.equal(dq[:, :, :128], torch.zeros_like(dq[:, :, :128]))
+    kept = lambda b, h, q_, kv: mask_mod(b, h, q_ + 128, kv)  # noqa: E731 - the rows from 128 on, as a problem
+    refs = {}
+    for dt in (torch.float64, torch.bfloat16):
+        ls = [t.detach()[:, :, 128:] if i == 0 else t.detach() for i, t in enumerate((q, k, v))]
+        ls = [t.to(dt).requires_grad_() for t in ls]
+        o, _, _ = dense_reference(*ls, None, kept, dt)
+        refs[dt] = (o, torch.autograd.grad((o * go[:, :, 128:].to(dt)).sum(), ls))
+    assert_scaled_close(out[:, :, 128:], refs[torch.float64][0], refs[torch.bfloat16][0], what="out")
+    for name, a, r, s_ in zip(("dq", "dk", "dv"), (dq[:, :, 128:], dk, dv), refs[torch.float64][1],
+                              refs[torch.bfloat16][1]):
+        assert_scaled_close(a, r, s_, k=6.0, what=name)

@@ -1076,6 +1076,8 @@ def flex_lists_gluon_refusal(q, k, blocks, options: KernelOptions | dict | None 
         return f"the BlockMask's BLOCK_SIZE {tuple(blocks.BLOCK_SIZE)}: it walks lists of 128 x 128 blocks"
     if k.shape[0] != q.shape[0]:
         return f"k / v of batch {k.shape[0]} beside q's {q.shape[0]}: it takes k / v of q's batch"
+    if blocks.kv_indices.dtype != torch.int32:
+        return f"lists of {blocks.kv_indices.dtype}: it reads int32 lists"
     return flex_band_gluon_refusal(q, k, opts, name="gluon_flex_lists_forward")
 
 
@@ -1166,6 +1168,8 @@ def flex_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, ke
         if blocks is None or tuple(blocks.BLOCK_SIZE) != (ws_bwd.LIST_BLOCK, ws_bwd.LIST_BLOCK):
             size = None if blocks is None else tuple(blocks.BLOCK_SIZE)
             return f"the BlockMask's BLOCK_SIZE {size}: it walks lists of 128 x 128 blocks"
+        if blocks.kv_indices.dtype != torch.int32:
+            return f"lists of {blocks.kv_indices.dtype}: it reads int32 lists"
     elif not score:
         return "it serves a score_mod over a band only"
     if kernel_options:

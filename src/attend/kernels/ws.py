@@ -52,7 +52,7 @@ STAGES = 2  # ring slots for K, V and the bias
 @gluon.jit
 def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left,
           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-          VARLEN: gl.constexpr, Q_ROWS: gl.constexpr):
+          VARLEN: gl.constexpr, Q_ROWS: gl.constexpr, LISTS: gl.constexpr = False):
     """Tile ``t`` of n_m query blocks by n_bh = B * H heads. Without a band, query block fastest:
     programs running together read the same heads' K / V (the L2 keeps them). With one, sections
     of ``sec`` heads (as many as the L2 holds the K / V of; ``section``) one after the other, and
@@ -66,7 +66,7 @@ def _tile(t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, 
     from core.key_blocks: [lo, hi) visited, [a, c) unmasked. A tile past its sequence's end has
     m0 >= L."""
     bh, pid_m = deal(t, n_m, n_bh, sec, CAUSAL or WINDOW)
-    if CAUSAL:
+    if CAUSAL or LISTS:  # the last query blocks first: the longest under a causal band (or causal-like lists)
         pid_m = n_m - 1 - pid_m
     b = bh // H
     h = bh % H
@@ -139,7 +139,7 @@ def _producer(q_desc, k_desc, v_desc, b_desc, q_smem, k_smem, v_smem, b_smem, q_
     while t < n_tiles:
         m0, L, S, q_row, kv_row, b, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
             t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
-            BLOCK_N, CAUSAL, WINDOW, VARLEN, Q_ROWS)
+            BLOCK_N, CAUSAL, WINDOW, VARLEN, Q_ROWS, LISTS)
         if m0 < L:
             q_col = h * 0
             kv_col = h * 0
@@ -295,7 +295,7 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, b_smem, q_full, q_empty, k
     while t < n_tiles:
         m0, L, S, q_row, kv_row, b, h, hk, lo, a, c, hi, causal_off, window_off, lse_row = _tile(
             t, n_m, n_bh, sec, H, G, L_max, S_max, cu_q, cu_k, stride_lseh, diag, win_right, win_left, 2 * ROWS,
-            BLOCK_N, CAUSAL, WINDOW, VARLEN, Q_ROWS)
+            BLOCK_N, CAUSAL, WINDOW, VARLEN, Q_ROWS, LISTS)
         if m0 < L:
             qb = tcount % QBUFS
             q_tile = q_smem.index(2 * qb + CID)
@@ -562,7 +562,9 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
     _LAUNCH(grid, args,
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
                  HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen_mode(packed),
-                 EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0, TBUF=TBUF, O_TMA=o_tma,
+                 # (a BlockMask's lists may list a block past S: the edges are masked wherever lists are walked)
+                 EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0 or lists is not None,
+                 TBUF=TBUF, O_TMA=o_tma,
                  Q_ROWS=q_rows, PIPE=pipelined(pipe, score),
                  **hook_constexprs(score and score[0], derivative=False), LISTS=lists is not None,
                  HAS_MASK_MOD=bool(mask) and lists is not None, MASK_MOD=mask[0]["mask_mod"] if mask else False,
