@@ -283,3 +283,38 @@ def test_pytorch_block_mask_with_unsorted_full_blocks_under_compile():
                                        BLOCK_SIZE=32, seq_lengths=(32, 80))
     out = _compile(lambda q, k, v: flex.flex_attention(q, k, v, block_mask=bm))(q, k, v)
     assert_scaled_close(out, *(dense_reference(q, k, v, None, None, dt)[0] for dt in (torch.float64, torch.float32)))
+
+
+@pytest.mark.parametrize("want_max", [False, True], ids=["no-max-scores", "max-scores"])
+def test_compiled_calls_compute_max_scores_only_where_read(want_max, monkeypatch):
+    """The compiled op knows whether the caller reads max_scores (``ops.flex.spec``'s want_max): the
+    fused core stores no row max where it does not (and the Gluon forwards, which keep none, may
+    serve the call), and one where it does, which matches the definition. Output and gradients
+    against float64 either way."""
+    from attend.kernels import launch
+
+    asked, real = [], launch.flex_forward
+    monkeypatch.setattr(launch, "flex_forward", lambda *a, **kw: asked.append(kw["want_max"]) or real(*a, **kw))
+    q, k, v = _inputs(7)
+    bm = flex.create_block_mask(MASKS["causal"], None, None, L, S, device=DEVICE)
+    aux = flex.AuxRequest(max_scores=True) if want_max else None
+
+    def fn(q, k, v):
+        res = flex.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s * 0.5, block_mask=bm, return_aux=aux)
+        return res if aux is None else (res[0], res[1].max_scores)
+
+    res = _compile(fn)(q, k, v)
+    out = res[0] if want_max else res
+    assert asked == [want_max], asked
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    refs = {}
+    for dt in (torch.float64, torch.float32):
+        ls = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o, _, mx = dense_reference(*ls, lambda s, b, h, qi, ki: s * 0.5, MASKS["causal"], dt)
+        refs[dt] = (o, mx, torch.autograd.grad((o * g.to(dt)).sum(), ls))
+    assert_scaled_close(out, refs[torch.float64][0], refs[torch.float32][0], what="out")
+    if want_max:
+        assert_scaled_close(res[1], refs[torch.float64][1], refs[torch.float32][1], what="max_scores")
+    for name, a, r, s_ in zip("qkv", grads, refs[torch.float64][2], refs[torch.float32][2]):
+        assert_scaled_close(a, r, s_, k=6.0, what=f"d{name}")

@@ -288,9 +288,10 @@ def _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
                 score_slots = ()
             else:
                 mask_slots = ()
+    want_max = return_aux is not None and bool(return_aux.max_scores)
     return flex_op.flex(query, key, value, score_caps, mask_caps, lists, numbers, scale,
                         flex_op.spec(score_key, mask_key, tuple(score_slots), tuple(mask_slots), tuple(block_size),
-                                     kernel_options))
+                                     kernel_options, want_max))
 
 
 def _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,

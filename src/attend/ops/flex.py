@@ -26,11 +26,13 @@ from .._versions import assume_constant_result
 
 @assume_constant_result
 def spec(score_key: str, mask_key: str, score_slots: tuple, mask_slots: tuple, block_size: tuple,
-         kernel_options: dict | None) -> str:
-    """The ops' ``spec`` argument (a constant of the traced graph)."""
+         kernel_options: dict | None, want_max: bool = True) -> str:
+    """The ops' ``spec`` argument (a constant of the traced graph). ``want_max``: whether the caller
+    reads max_scores; where not, the op's third output is left unwritten, and the call may take the
+    Gluon forwards, which keep no row max."""
     return json.dumps(dict(score_key=score_key, mask_key=mask_key, score_slots=list(score_slots),
                            mask_slots=list(mask_slots), block_size=[int(b) for b in block_size],
-                           kernel_options=kernel_options or {}), sort_keys=True)
+                           kernel_options=kernel_options or {}, want_max=bool(want_max)), sort_keys=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -55,7 +57,7 @@ def _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, text):
     mask = compiled.graph(c["mask_key"], mask_caps, numbers[n:], c["mask_slots"])
     # no block_mask: every key, as eager's band (a score_mod then walks the dense loops there too)
     return dispatch.FlexCall(q, k, v, score, mask, blocks, scale, c["kernel_options"] or None,
-                             None if lists else Band())
+                             None if lists else Band(), want_max=c.get("want_max", True))
 
 
 def _flex_fwd(
@@ -72,6 +74,8 @@ def _flex_fwd(
     call = _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, spec)
     with torch.no_grad():
         out, lse, mx = dispatch.run(call)
+    if mx is None:  # the caller reads no max_scores (``spec``'s want_max): an output of the fake's shape, unwritten
+        mx = torch.empty_like(lse, memory_format=torch.contiguous_format)
     return _in_layout(out, _out_like(q, v)), lse.contiguous(), mx  # the fake's layouts (a row view's lse is strided)
 
 
