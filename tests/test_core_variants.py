@@ -669,8 +669,9 @@ def test_warp_specialized_forward_matches_float64(case, fused_dq, monkeypatch, k
     kopts(bwd_ws_fused_dq=fused_dq)
     calls, bwd_calls = [], []
     real, real_bwd = ws.forward, ws_bwd.dkdv
-    monkeypatch.setattr(ws, "forward", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a: bwd_calls.append(a[18] is not None) or real_bwd(*a))
+    monkeypatch.setattr(ws, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ws_bwd, "dkdv",
+                        lambda *a, **kw: bwd_calls.append(kw.get("dq") is not None) or real_bwd(*a, **kw))
     torch.manual_seed(11)
     q = rand(B, H, L, 128, dtype=dtype, requires_grad=True)
     k, v = (rand(B, Hkv, S, 128, dtype=dtype, requires_grad=True) for _ in range(2))

@@ -129,8 +129,8 @@ def test_varlen_warp_specialized_kernels(window, shape, monkeypatch):
     _, lq, lk, hq, hkv, served, served_bwd = shape
     calls, bwd_calls = [], []
     real, real_bwd = ws.forward, ws_bwd.dkdv
-    monkeypatch.setattr(ws, "forward", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a: bwd_calls.append(1) or real_bwd(*a))
+    monkeypatch.setattr(ws, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a, **kw: bwd_calls.append(1) or real_bwd(*a, **kw))
     torch.manual_seed(5)
     q, k, v = _inputs(lq, lk, hq, hkv, 128, torch.bfloat16)
     # short sequences too (configs.ws_backward); the backward runs with the forward's options
@@ -153,7 +153,7 @@ def test_gluon_backward_from_its_length(length, monkeypatch):
 
     bwd_calls = []
     real_bwd = ws_bwd.dkdv
-    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a: bwd_calls.append(1) or real_bwd(*a))
+    monkeypatch.setattr(ws_bwd, "dkdv", lambda *a, **kw: bwd_calls.append(1) or real_bwd(*a, **kw))
     torch.manual_seed(6)
     lens = [length]
     q, k, v = _inputs(lens, lens, 2, 2, 128, torch.bfloat16)

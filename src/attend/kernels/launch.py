@@ -758,7 +758,7 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
         fused = dq if plan.dq == "fused" else None
         if versions.run_experimental("gluon_dkdv_fused_dq" if fused is not None else "gluon_dkdv", ws_bwd.dkdv, q, k,
                                      v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, packed, B,
-                                     L, S, None, False, fused):
+                                     L, S, dq=fused):
             if fused is not None:
                 return dq
             break
@@ -1053,8 +1053,8 @@ def flex_lists_gluon(q, k, v, blocks, scale: float, score, mask, options: Kernel
     bargs, bflags = band_args(Band())
     _ensure_allocator()
     if not versions.run_experimental("gluon_flex_lists_forward", ws.forward, q, k, v, None, out, lse, lse.stride()[:2],
-                                     scale, bargs, bflags, None, B, L, S, opts.o_tma, score,
-                                     opts.fwd_ws_pipeline, kv_lists, mask):
+                                     scale, bargs, bflags, None, B, L, S, o_tma=opts.o_tma, score=score,
+                                     pipe=opts.fwd_ws_pipeline, lists=kv_lists, mask=mask):
         return None
     return out, lse
 
@@ -1332,17 +1332,18 @@ def flex_backward(dout, q, k, v, out, lse, dlse, blocks, scale: float, score=Non
         dq_acc = torch.zeros_like(q, dtype=torch.float32, device=dev) if fused else None
         gl_args = (q, k, v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, None, B, L, S,
                    (sfns, score_args) if score_on else None)
-        gl_lists = (lists[5:], mask) if band is None else (None, None)  # the query-side lists, the mask_mod
+        # the query-side lists and the mask_mod over a BlockMask's lists
+        gl_lists = dict(lists=lists[5:], mask=mask) if band is None else {}
         rest = [] if fused else [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]
         if warmup:  # "dkdv": only the Gluon kernel, "dq": only the dQ programs (two warmup threads)
             if warmup is True or warmup == "dkdv":
-                ws_bwd.dkdv(*gl_args, warmup=True, dq=dq_acc, lists=gl_lists[0], mask=gl_lists[1])
+                ws_bwd.dkdv(*gl_args, warmup=True, dq=dq_acc, **gl_lists)
             parts = rest
         elif fused and versions.run_experimental(_gluon_dkdv_name(True, band is None, True), ws_bwd.dkdv, *gl_args,
-                                                 False, dq_acc, *gl_lists):
+                                                 dq=dq_acc, **gl_lists):
             parts, dq = rest, dq_acc
-        elif versions.run_experimental(_gluon_dkdv_name(True, band is None, False), ws_bwd.dkdv, *gl_args, False,
-                                       None, *gl_lists):
+        elif versions.run_experimental(_gluon_dkdv_name(True, band is None, False), ws_bwd.dkdv, *gl_args,
+                                       **gl_lists):
             parts = [("dq", (n_q,), dict(DQ_ONLY=True, HEAD_MAJOR=False))]  # (the fused build failed: dQ programs)
     if diagonal:  # core._diagonal_pass's programs: compiled with the dQ programs (the same warmup thread)
         n_blocks = max(_cdiv(L, m["BLOCK_M2"]), _cdiv(S, m["BLOCK_N2"]))

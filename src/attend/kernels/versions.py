@@ -200,15 +200,15 @@ def usable(name: str) -> bool:
     return GLUON_ERROR is None and not any(n in _failed for n in _chain(name))
 
 
-def run_experimental(name: str, launch, *args) -> bool:
-    """Run ``launch(*args)`` for the experimental kernel ``name``; True if it ran. If it raises
+def run_experimental(name: str, launch, *args, **kwargs) -> bool:
+    """Run ``launch(*args, **kwargs)`` for the experimental kernel ``name``; True if it ran. If it raises
     (its build failed on this Triton), the kernel is turned off for the process with one warning
     naming it and the versions, and False tells the caller to serve the call with the core. The
     launch writes nothing before it compiles, so the core's result is the whole answer."""
     if not usable(name):
         return False
     try:
-        launch(*args)
+        launch(*args, **kwargs)
     except torch.cuda.OutOfMemoryError:
         raise  # not a build failure: the core would need the memory too
     except Exception as e:  # noqa: BLE001 - any build failure: the core serves, correctness first
