@@ -161,28 +161,18 @@ def _band_refusal(call: FlexCall, opts: kernel_options.KernelOptions) -> str | N
     return _unfusable(call)
 
 
-def _gluon_refusal(call: FlexCall, opts: kernel_options.KernelOptions) -> str | None:
-    """Why the band hooks' forward does not try the Gluon forward first (None where it does; the
-    launch still checks the layouts, ``launch.flex_band_gluon_layouts``)."""
+def _gluon_refusal(call: FlexCall, opts: kernel_options.KernelOptions, lists: bool = False) -> str | None:
+    """Why the band hooks' forward (``lists``: a call over a BlockMask's lists) does not try the Gluon
+    forward first (None where it does; the launch still checks the layouts, ``ws.eligible``)."""
     from ..kernels import launch
 
     if call.want_max:
         return "max_scores asked: the Gluon forward keeps no row max"
     if call.kernel_options:
         return "kernel_options given: they tune the core's flex kernel"
+    if lists:
+        return launch.flex_lists_gluon_refusal(call.query, call.key, call.blocks, opts)
     return launch.flex_band_gluon_refusal(call.query, call.key, opts)
-
-
-def _gluon_lists_refusal(call: FlexCall, opts: kernel_options.KernelOptions) -> str | None:
-    """Why a call over a BlockMask's lists does not try the Gluon forward first (None where it does;
-    the launch still checks the layouts, ``ws.eligible``)."""
-    from ..kernels import launch
-
-    if call.want_max:
-        return "max_scores asked: the Gluon forward keeps no row max"
-    if call.kernel_options:
-        return "kernel_options given: they tune the core's flex kernel"
-    return launch.flex_lists_gluon_refusal(call.query, call.key, call.blocks, opts)
 
 
 # Where a flex call's forward runs, fastest first: ``forward_path`` picks one, ``run`` runs it.
@@ -283,7 +273,7 @@ def forward_path(call: FlexCall, opts: kernel_options.KernelOptions) -> tuple[st
     why = _hook_band_refusal(call, opts)
     if why is not None:
         declined.update(gluon_hooks=why, band_hooks=why)
-        why = _gluon_lists_refusal(call, opts)
+        why = _gluon_refusal(call, opts, lists=True)
         if why is None:
             return "gluon_lists", declined
         declined["gluon_lists"] = why
@@ -413,7 +403,7 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             opts.flex_gluon, opts.flex_gluon_lists, opts.bwd_ws, opts.bwd_ws_min_seq_bucket, opts.bwd_ws_fused_dq,
             q.is_contiguous(), k.is_contiguous(),
             # a variant whose build failed since: the warmup builds the one the backward now takes
-            tuple(launch.versions.usable(n) for n in ("gluon_flex_dkdv_fused_dq", "gluon_flex_lists_dkdv_fused_dq")))
+            tuple(launch.versions.usable(launch._gluon_dkdv_name(True, lists, True)) for lists in (False, True)))
 
 
 def _backward_warmup(call: FlexCall, q, k, v, score_caps, mask_caps, score_grad: bool,

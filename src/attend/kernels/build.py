@@ -230,29 +230,38 @@ def compile_ws(target: GPUTarget, dtype: str = "bfloat16", has_bias: bool = Fals
     sig = dict(q_desc=q, k_desc=kv, v_desc=kv, b_desc=_gluon_desc(dtype, ws.ROWS, ws.BLOCK_N) if has_bias else q,
                o_desc=q, out_ptr=f"*{_DTYPE[dtype]}", lse_ptr="*fp32", cu_q="*i32", cu_k="*i32", counter_ptr="*i32",
                qk_scale="fp32")
-    fns, ptrs = _score_hooks() if score_mod else (None, ())  # as ws.forward passes them
+    fns, ptrs = _mod_hooks("score") if score_mod else (None, ())  # as ws.forward passes them
     constexprs.update(hook_constexprs(fns, derivative=False))
     sig.update(score_ptrs=ptrs, score_meta="*i32", sm_scale="fp32")
-    mfns, mptrs = _mask_hooks() if lists else (None, ())
-    constexprs.update(LISTS=lists, HAS_MASK_MOD=lists, MASK_MOD=mfns["mask_mod"] if lists else False,
-                      LOAD_MASK_META=mfns["load_meta"] if lists else False)
-    sig.update(list_ptrs=("*i32",) * 5 if lists else (), mask_ptrs=mptrs, mask_meta="*i32")
+    list_constexprs, list_sig = _list_args(lists)
+    constexprs.update(list_constexprs)
+    sig.update(list_sig)
     return _compile_gluon(ws.attn_fwd_ws, target, sig, ints, constexprs)
 
 
-def _score_hooks() -> tuple[dict, tuple]:
-    """The generated score hooks of ``attend._flex.build._mods``'s score_mod (softcap, captured ALiBi
-    slopes and bias table) with the hardware tanh, as a 16-bit flex call on a GPU takes them, and
-    the signature types of its captures' pointers."""
+def _mod_hooks(kind: str) -> tuple[dict, tuple]:
+    """The generated hooks of ``attend._flex.build._mods``' score_mod (``kind`` "score": softcap,
+    captured ALiBi slopes and bias table) or mask_mod ("mask": a document mask over captured ids, and
+    causal), with the hardware tanh, as a 16-bit flex call on a GPU takes them, and the signature
+    types of its captures' pointers."""
     import torch
 
     from .._flex import codegen
     from .._flex.build import _mods
     from .._flex.trace import trace
 
-    g = trace(_mods()[0], "score")
+    g = trace(_mods()[0 if kind == "score" else 1], kind)
     ptrs = tuple("*" + {torch.float32: "fp32", torch.int64: "i64"}[c.tensor.dtype] for c in g.captures)
     return codegen.hooks(g, fast=True).functions, ptrs
+
+
+def _list_args(lists: bool) -> tuple[dict, dict]:
+    """(constexprs, signature entries) of both Gluon kernels' LISTS: the mask_mod's hooks
+    (``_mod_hooks``) and the five int32 list pointers, or their placeholders."""
+    fns, ptrs = _mod_hooks("mask") if lists else ({}, ())
+    return (dict(LISTS=lists, HAS_MASK_MOD=lists, MASK_MOD=fns.get("mask_mod", False),
+                 LOAD_MASK_META=fns.get("load_meta", False)),
+            dict(list_ptrs=("*i32",) * 5 if lists else (), mask_ptrs=ptrs, mask_meta="*i32"))
 
 
 def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = False, window: bool = False,
@@ -279,28 +288,13 @@ def compile_ws_bwd(target: GPUTarget, dtype: str = "bfloat16", causal: bool = Fa
                dk_ptr=f"*{_DTYPE[dtype]}",
                dv_ptr=f"*{_DTYPE[dtype]}", cu_q="*i32", cu_k="*i32", counter_ptr="*i32", qk_scale="fp32",
                sm_scale="fp32")
-    fns, ptrs = _score_hooks() if score_mod else (None, ())  # as ws_bwd.dkdv passes them
+    fns, ptrs = _mod_hooks("score") if score_mod else (None, ())  # as ws_bwd.dkdv passes them
     constexprs.update(hook_constexprs(fns, derivative=True))
     sig.update(score_ptrs=ptrs, score_meta="*i32")
-    mfns, mptrs = _mask_hooks() if lists else (None, ())
-    constexprs.update(LISTS=lists, SPARSE_BQ=ws_bwd.LIST_BLOCK, HAS_MASK_MOD=lists,
-                      MASK_MOD=mfns["mask_mod"] if lists else False, LOAD_MASK_META=mfns["load_meta"] if lists else False)
-    sig.update(list_ptrs=("*i32",) * 5 if lists else (), mask_ptrs=mptrs, mask_meta="*i32")
+    list_constexprs, list_sig = _list_args(lists)
+    constexprs.update(list_constexprs, SPARSE_BQ=ws_bwd.LIST_BLOCK)
+    sig.update(list_sig)
     return _compile_gluon(ws_bwd.attn_bwd_dkdv_ws, target, sig, ints, constexprs)
-
-
-def _mask_hooks() -> tuple[dict, tuple]:
-    """The generated hooks of ``attend._flex.build._mods``'s mask_mod (a document mask over captured
-    ids, and causal) and the signature types of its captures' pointers."""
-    import torch
-
-    from .._flex import codegen
-    from .._flex.build import _mods
-    from .._flex.trace import trace
-
-    g = trace(_mods()[1], "mask")
-    ptrs = tuple("*" + {torch.float32: "fp32", torch.int64: "i64"}[c.tensor.dtype] for c in g.captures)
-    return codegen.hooks(g).functions, ptrs
 
 
 KERNELS = {"fwd": core.attn_fwd, "bwd": core.attn_bwd}

@@ -756,9 +756,9 @@ def _backward(dout, q, k, v, out, lse, dlse, lse_strides, dk, dv, B, L, S, mask,
     while plan.gluon:
         _ensure_allocator()
         fused = dq if plan.dq == "fused" else None
-        if versions.run_experimental("gluon_dkdv_fused_dq" if fused is not None else "gluon_dkdv", ws_bwd.dkdv, q, k,
-                                     v, dout, nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, packed, B,
-                                     L, S, dq=fused):
+        if versions.run_experimental(_gluon_dkdv_name(False, False, fused is not None), ws_bwd.dkdv, q, k, v, dout,
+                                     nlse2, delta, stat_strides, dk, dv, scale, bargs, band_flags, packed, B, L, S,
+                                     dq=fused):
             if fused is not None:
                 return dq
             break
@@ -1041,7 +1041,7 @@ def flex_lists_gluon(q, k, v, blocks, scale: float, score, mask, options: Kernel
     opts = resolve(options)
     if flex_lists_gluon_refusal(q, k, blocks, opts) is not None:
         return None
-    B, H, L, D = q.shape
+    B, H, L, _ = q.shape
     S = k.shape[2]
     if not flex_lists_gluon_layouts(q, k, v):
         return None
@@ -1076,9 +1076,20 @@ def flex_lists_gluon_refusal(q, k, blocks, options: KernelOptions | dict | None 
         return f"the BlockMask's BLOCK_SIZE {tuple(blocks.BLOCK_SIZE)}: it walks lists of 128 x 128 blocks"
     if k.shape[0] != q.shape[0]:
         return f"k / v of batch {k.shape[0]} beside q's {q.shape[0]}: it takes k / v of q's batch"
+    return _gluon_lists_refusal(blocks) or flex_band_gluon_refusal(q, k, opts, name="gluon_flex_lists_forward")
+
+
+def _gluon_lists_refusal(blocks) -> str | None:
+    """Why the Gluon kernels' LISTS cannot walk ``blocks``: not 128 x 128 blocks, or not int32 lists
+    (an int64 TMA coordinate does not build); None where they can."""
+    if ws_bwd is None:
+        return versions.GLUON_ERROR
+    if blocks is None or tuple(blocks.BLOCK_SIZE) != (ws_bwd.LIST_BLOCK, ws_bwd.LIST_BLOCK):
+        size = None if blocks is None else tuple(blocks.BLOCK_SIZE)
+        return f"the BlockMask's BLOCK_SIZE {size}: it walks lists of 128 x 128 blocks"
     if blocks.kv_indices.dtype != torch.int32:
         return f"lists of {blocks.kv_indices.dtype}: it reads int32 lists"
-    return flex_band_gluon_refusal(q, k, opts, name="gluon_flex_lists_forward")
+    return None
 
 
 def flex_band_gluon_layouts(q, k, v, band: Band, options: KernelOptions | dict | None = None) -> bool:
@@ -1165,11 +1176,9 @@ def flex_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, ke
     if band is None:
         if not opts.flex_gluon_lists:
             return "it serves a score_mod over a band (KernelOptions.flex_gluon_lists is off: not over lists)"
-        if blocks is None or tuple(blocks.BLOCK_SIZE) != (ws_bwd.LIST_BLOCK, ws_bwd.LIST_BLOCK):
-            size = None if blocks is None else tuple(blocks.BLOCK_SIZE)
-            return f"the BlockMask's BLOCK_SIZE {size}: it walks lists of 128 x 128 blocks"
-        if blocks.kv_indices.dtype != torch.int32:
-            return f"lists of {blocks.kv_indices.dtype}: it reads int32 lists"
+        why = _gluon_lists_refusal(blocks)
+        if why is not None:
+            return why
     elif not score:
         return "it serves a score_mod over a band only"
     if kernel_options:
@@ -1179,7 +1188,7 @@ def flex_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, ke
         return f"KernelOptions.{off} is off" if off else "KernelOptions.flex_bwd_split is on"
     if not _gluon_device(q):
         return versions.GLUON_ERROR or f"{q.device.type} tensors, not on an sm_90 GPU"
-    name = "gluon_flex_lists_dkdv" if band is None else "gluon_flex_dkdv"
+    name = _gluon_dkdv_name(True, band is None, False)
     if not versions.usable(name):
         return versions.experimental_status()[name]
     L, S = q.shape[2], k.shape[2]

@@ -166,7 +166,7 @@ def experimental_status() -> dict[str, str]:
     """kernel name -> "available on sm_90 GPUs" or "off: <why>" for this process."""
     status = {}
     for name in EXPERIMENTAL:
-        why = GLUON_ERROR or next((_failed[n] for n in _chain(name) if n in _failed), None)
+        why = GLUON_ERROR or next((_failed[n] for n in _CHAINS[name] if n in _failed), None)
         status[name] = f"off: {why}" if why else "available on sm_90 GPUs"
     return status
 
@@ -180,6 +180,9 @@ def _chain(name: str):
             seen.add(name)
             yield name
             todo.extend(_BASE.get(name, ()))
+
+
+_CHAINS = {name: tuple(_chain(name)) for name in EXPERIMENTAL}  # (asked on every launch: walked once here)
 
 
 def gluon_kernels():
@@ -197,7 +200,7 @@ def gluon_kernels():
 
 
 def usable(name: str) -> bool:
-    return GLUON_ERROR is None and not any(n in _failed for n in _chain(name))
+    return GLUON_ERROR is None and not any(n in _failed for n in _CHAINS[name])
 
 
 def run_experimental(name: str, launch, *args, **kwargs) -> bool:

@@ -39,9 +39,9 @@ from .core import LN2, RCP_LN2, key_blocks
 from .fastlaunch import Launcher
 from .versions import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store, warpgroup_mma,
                        warpgroup_mma_wait)
-from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, hook_args, hook_constexprs, list_row,
-                        listed_start, model_rows, next_tile, persistent, publish, row_view, section, sequence, take,
-                        tile_ring, varlen_mode)
+from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, cu_seqs, deal, descriptor, hook_args, hook_constexprs, list_args,
+                        list_constexprs, list_row, listed_start, model_rows, next_tile, persistent, publish, row_view,
+                        section, sequence, take, tile_ring, varlen_mode)
 
 ROWS = 64  # query rows per consumer warpgroup; a tile covers BLOCK_M = 2 * ROWS
 BLOCK_M = 2 * ROWS
@@ -557,8 +557,7 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
                 out_ptr=o2, lse_ptr=lse, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_o=o2.stride(0),
                 stride_lseh=lse_strides[1], n_tiles=n_tiles, n_m=n_m, sec=section(n_seq * H, S_max, k.shape[1] / H, q),
                 H=H, G=H // k.shape[1], L_max=L_max, S_max=S_max, qk_scale=scale * RCP_LN2.value, **band_args,
-                **hook_args(score, counter), sm_scale=float(scale), list_ptrs=lists if lists is not None else (),
-                mask_ptrs=mask[1].ptrs if mask else (), mask_meta=mask[1].meta if mask else counter)
+                **hook_args(score, counter), sm_scale=float(scale), **list_args(lists, mask, counter))
     _LAUNCH(grid, args,
             dict(ROWS=ROWS, BLOCK_N=BLOCK_N, D=D, STAGES=STAGES, QBUFS=1 if bias is not None else 2,
                  HAS_BIAS=bias is not None, CAUSAL=causal, WINDOW=window, VARLEN=varlen_mode(packed),
@@ -566,6 +565,4 @@ def forward(q, k, v, bias, out, lse, lse_strides: tuple, scale: float, band_args
                  EDGES=causal or window or (varlen and not packed.uniform) or S_max % BLOCK_N != 0 or lists is not None,
                  TBUF=TBUF, O_TMA=o_tma,
                  Q_ROWS=q_rows, PIPE=pipelined(pipe, score),
-                 **hook_constexprs(score and score[0], derivative=False), LISTS=lists is not None,
-                 HAS_MASK_MOD=bool(mask) and lists is not None, MASK_MOD=mask[0]["mask_mod"] if mask else False,
-                 LOAD_MASK_META=mask[0]["load_meta"] if mask else False), 4, 3)
+                 **hook_constexprs(score and score[0], derivative=False), **list_constexprs(lists, mask)), 4, 3)

@@ -33,9 +33,10 @@ from .core import RCP_LN2, STAT_PAD, query_blocks
 from .fastlaunch import Launcher
 from .versions import (COMPILE_OPTIONS, TensorDescriptor, await_compile_key, fence_async_shared, gl, gluon, mbarrier,
                        thread_barrier, tma, tma_atomic_add, tma_load, warpgroup_mma, warpgroup_mma_wait)
-from .ws_common import (GL_DTYPE, HEAD_DIM, TBUF, build_descriptor, checked_layout, cu_seqs, deal, descriptor,
-                        hook_args, hook_constexprs, list_row, listed_start, model_rows, next_tile, persistent, publish,
-                        row_view, section, sequence, take, tile_ring, varlen_mode)
+from .ws_common import (GL_DTYPE, HEAD_DIM, LIST_BLOCK, TBUF, build_descriptor, checked_layout, cu_seqs, deal,
+                        descriptor, hook_args, hook_constexprs, list_args, list_constexprs, list_row, listed_start,
+                        model_rows, next_tile, persistent, publish, row_view, section, sequence, take, tile_ring,
+                        varlen_mode)
 
 KEYS = 64  # keys per consumer warpgroup; a tile covers BLOCK_N = 2 * KEYS
 BLOCK_N = 2 * KEYS
@@ -43,7 +44,6 @@ BLOCK_M = 64  # query rows per step
 STAGES = 2  # ring slots for Q and dO
 KBUFS = 2  # K / V tile buffers: the next tile's load overlaps the current tile's last steps
 FUSED_KBUFS = 1  # with dQ fused: one K / V buffer, so that dS and the dQ tiles fit in shared memory
-LIST_BLOCK = 128  # a BlockMask's block, both ways, that LISTS walks (a key block is one tile)
 
 
 @gluon.jit
@@ -521,17 +521,15 @@ def dkdv(q, k, v, dout, nlse2, delta, stat_strides: tuple, dk, dv, scale: float,
                 dk_ptr=dk2, dv_ptr=dv2, cu_q=cu_q, cu_k=cu_k, counter_ptr=counter, stride_dk=dk2.stride(0),
                 stride_dv=dv2.stride(0), stride_statb=stat_strides[0], stride_stath=stat_strides[1], n_tiles=n_tiles,
                 # a band's heads per section: their Q and dO, and with dQ fused its fp32 rows too, in L2
-                n_n=n_n, sec=section(n_seq * Hkv, L_max, H // Hkv * (2 if fused else 1), q), H=H, G=H // Hkv, L_max=L_max, S_max=S_max,
+                n_n=n_n, sec=section(n_seq * Hkv, L_max, H // Hkv * (2 if fused else 1), q), H=H, G=H // Hkv,
+                L_max=L_max, S_max=S_max,
                 qk_scale=scale * RCP_LN2.value, sm_scale=scale, **band_args, **hook_args(score, counter),
-                list_ptrs=lists if lists is not None else (), mask_ptrs=mask[1].ptrs if mask else (),
-                mask_meta=mask[1].meta if mask else counter)
+                **list_args(lists, mask, counter))
     constexprs = dict(KEYS=KEYS, BLOCK_M=BLOCK_M, D=D, STAGES=STAGES, KBUFS=FUSED_KBUFS if fused else KBUFS,
                       STAT_PAD=STAT_PAD.value, CAUSAL=band_flags["CAUSAL"], WINDOW=band_flags["WINDOW"],
                       VARLEN=varlen_mode(packed), TBUF=TBUF, Q_ROWS=q_rows, FUSED_DQ=fused,
-                      **hook_constexprs(score and score[0], derivative=True), LISTS=lists is not None,
-                      SPARSE_BQ=LIST_BLOCK, HAS_MASK_MOD=bool(mask) and lists is not None,
-                      MASK_MOD=mask[0]["mask_mod"] if mask else False,
-                      LOAD_MASK_META=mask[0]["load_meta"] if mask else False)
+                      **hook_constexprs(score and score[0], derivative=True), **list_constexprs(lists, mask),
+                      SPARSE_BQ=LIST_BLOCK)
     if warmup:  # into Triton's cache, where the launcher's first launch finds it
         await_compile_key()
         attn_bwd_dkdv_ws.warmup(grid=grid, **args, **constexprs, num_warps=4, num_stages=3, **COMPILE_OPTIONS)

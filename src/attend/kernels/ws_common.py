@@ -14,6 +14,7 @@ from .versions import TensorDescriptor, gl, gluon, mbarrier, tma, tma_atomic_add
 
 HEAD_DIM = 128  # the one head dim both kernels serve
 TBUF = 2  # slots of the tile ids the producer hands the consumers
+LIST_BLOCK = 128  # a BlockMask's block, both ways, that the kernels' LISTS walk: a forward tile's queries, a key tile
 GL_DTYPE = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}  # what the two kernels take
 _SMEM_DTYPE = {**GL_DTYPE, torch.float32: gl.float32}  # tiles in shared memory (an fp32 dQ tile too)
 
@@ -296,6 +297,22 @@ def hook_args(score, dummy: torch.Tensor) -> dict:
     """The score hooks' runtime arguments: a flex score_mod's (generated functions,
     ``codegen.CaptureArgs``) captures and meta, or placeholders never read (``dummy`` for the meta)."""
     return dict(score_ptrs=score[1].ptrs if score else (), score_meta=score[1].meta if score else dummy)
+
+
+def list_args(lists: tuple | None, mask, dummy: torch.Tensor) -> dict:
+    """The LISTS kernels' runtime arguments: a BlockMask's five lists (``list_row``'s list_ptrs) and a
+    flex mask_mod's (generated functions, ``codegen.CaptureArgs``) captures and meta, or placeholders
+    never read (``dummy`` for the meta)."""
+    return dict(list_ptrs=lists if lists is not None else (), mask_ptrs=mask[1].ptrs if mask else (),
+                mask_meta=mask[1].meta if mask else dummy)
+
+
+def list_constexprs(lists: tuple | None, mask) -> dict:
+    """The LISTS kernels' constexprs: LISTS, and HAS_MASK_MOD / MASK_MOD / LOAD_MASK_META from the
+    mask_mod's generated functions (its hooks are called only where lists are walked), or False."""
+    fns = mask[0] if mask and lists is not None else {}
+    return dict(LISTS=lists is not None, HAS_MASK_MOD=bool(fns), MASK_MOD=fns.get("mask_mod", False),
+                LOAD_MASK_META=fns.get("load_meta", False))
 
 
 def cu_seqs(packed, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
