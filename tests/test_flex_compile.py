@@ -318,3 +318,60 @@ def test_compiled_calls_compute_max_scores_only_where_read(want_max, monkeypatch
         assert_scaled_close(res[1], refs[torch.float64][1], refs[torch.float32][1], what="max_scores")
     for name, a, r, s_ in zip("qkv", grads, refs[torch.float64][2], refs[torch.float32][2]):
         assert_scaled_close(a, r, s_, k=6.0, what=f"d{name}")
+
+
+def _route(fn, *args) -> dict:
+    """The dispatch counters one forward + backward of ``fn`` moved, with its output and gradients."""
+    before = dict(dispatch.PATHS)
+    out = fn(*args)
+    grads = torch.autograd.grad(out.sum(), args)
+    return {p: n - before[p] for p, n in dispatch.PATHS.items() if n != before[p]}, out, grads
+
+
+@pytest.mark.parametrize("case", ["causal", "window-slot", "softcap-causal", "changed-in-place", "from-kv-blocks"])
+def test_compiled_band_masks_take_the_eager_route(case):
+    """A BlockMask that create_block_mask built from a band mask_mod takes the eager call's band
+    route under torch.compile as well (``ops.flex._band_of``): the op sees the lists, and knows them
+    by ``block_mask.built_lists``. The same dispatch counters as the eager call, forward and
+    backward, the band's among them; lists changed in place since, or rebuilt by from_kv_blocks,
+    walk the lists in both. Outputs and gradients equal eager's and the float64 definition."""
+    q, k, v = _inputs(11)
+    width = types.SimpleNamespace(value=20)  # a closure object's attribute: a runtime number slot of the op
+
+    def window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= width.value)
+
+    mask = window if case == "window-slot" else MASKS["causal"]
+    score = (lambda s, b, h, qi, ki: 4.0 * torch.tanh(s / 4.0)) if case == "softcap-causal" else None
+    bm = flex.create_block_mask(mask, None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
+    if case == "changed-in-place":
+        bm.kv_num_blocks.add_(0)  # a write, though not a new value: the record no longer holds
+    elif case == "from-kv-blocks":
+        bm = flex.BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
+                                           bm.full_kv_indices, BLOCK_SIZE=16, mask_mod=mask, seq_lengths=(L, S))
+
+    def fn(q, k, v):
+        return flex.flex_attention(q, k, v, score_mod=score, block_mask=bm)
+
+    eager_paths, ref, ref_grads = _route(fn, q, k, v)
+    paths, out, grads = _route(_compile(fn), q, k, v)
+    assert paths == eager_paths, (paths, eager_paths)
+    band = case not in ("changed-in-place", "from-kv-blocks")
+    assert any(p.startswith("band") for p in paths) == band, paths
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
+    refs = {}
+    for dt in (torch.float64, torch.float32):
+        ls = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o = dense_reference(*ls, score, mask, dt)[0]
+        refs[dt] = (o, torch.autograd.grad(o.sum(), ls))
+    assert_scaled_close(out, refs[torch.float64][0], refs[torch.float32][0], what="out")
+    for name, a, r, s_ in zip("qkv", grads, refs[torch.float64][1], refs[torch.float32][1]):
+        assert_scaled_close(a, r, s_, k=6.0, what=f"d{name}")
+    if case == "window-slot":  # a new width is a new value of the op's slot: the band follows it
+        width.value = 5
+        bm = flex.create_block_mask(mask, None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
+        paths, out, _ = _route(_compile(fn), q, k, v)
+        assert any(p.startswith("band") for p in paths), paths
+        assert_scaled_close(out, *(dense_reference(q, k, v, None, mask, dt)[0] for dt in (torch.float64, torch.float32)))

@@ -89,6 +89,27 @@ def _transpose(num, idx):
     return _ordered(_dense(num, idx, idx.shape[-1]).transpose(-2, -1))
 
 
+# kv_num_blocks -> weak references to the BlockMasks that recorded how they were built
+# (``BlockMask._record``): the compiled op sees a BlockMask's lists, not the BlockMask
+# (``built_lists``). Keyed by identity, as a tensor's ``==`` compares elements.
+_RECORDED = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def built_lists(kv_lists, lengths: tuple, block: tuple, provenance: tuple) -> bool:
+    """Whether ``kv_lists`` (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) are
+    the very tensors, unchanged since, of a live BlockMask of these lengths and block size that
+    create_block_mask built from a mask tracing to ``provenance``: the eager path's
+    ``BlockMask._built_by`` for ``ops.flex``, which sees the lists only. A copy of the lists (CUDA
+    graphs' static inputs) or a list changed in place answers False: the call walks the lists."""
+    for ref in _RECORDED.get(kv_lists[0], ()):
+        bm = ref()
+        if (bm is not None and bm._lists_recorded() and bm._built_from[1] == provenance
+                and all(a is b for a, b in zip(bm._built_from[2][0], kv_lists))
+                and tuple(bm.seq_lengths) == tuple(lengths) and tuple(bm.BLOCK_SIZE) == tuple(block)):
+            return True
+    return False
+
+
 class BlockMask:
     """Block-sparse attention mask in PyTorch's layout (see the module docstring).
 
@@ -135,6 +156,8 @@ class BlockMask:
     def _record(self, mask_mod, provenance: tuple) -> None:
         """Record that these lists are ``mask_mod``'s exact blocks (its graph's ``band.provenance``)."""
         self._built_from = (mask_mod, provenance, self._lists_state())
+        refs = _RECORDED.setdefault(self.kv_num_blocks, [])
+        refs[:] = [r for r in refs if r() is not None] + [weakref.ref(self)]
 
     def _lists_recorded(self) -> bool:
         """Whether a record exists and the lists, lengths and block size are still the recorded ones

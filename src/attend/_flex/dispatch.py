@@ -525,10 +525,11 @@ def backward_path(call: FlexCall, cap_grads: bool, opts: kernel_options.KernelOp
     """(the ``BACKWARD_PATHS`` entry of ``call``'s backward under ``opts``, {each faster path: why it
     declined}); ``cap_grads``: a score capture needs a gradient. ``call.path`` "band" and "blocked"
     keep their forward's autograd; a call whose forward path is not chosen (the torch.compile op's
-    backward) is taken as fused where the core takes it."""
+    backward) takes the one ``forward_path`` gives it: "dense" after a band forward (``gradients``
+    runs the dense kernels' backward then), else fused where the core takes it."""
     from ..kernels import launch
 
-    if call.path == "band":
+    if call.path == "band" or call.path is None and _band_refusal(call, opts) is None and _unfusable(call) is None:
         return "dense", {}
     declined = {}
     why = "the forward ran on the blocked path" if call.path == "blocked" else _unfusable(call)
@@ -562,7 +563,13 @@ def gradients(call: FlexCall, dout, dlse, saved, needs) -> list:
     needs = list(needs)
     n = len(call.score_captures)
     cap_grads = needs[3:3 + n]
-    if backward_path(call, any(cap_grads), kernel_options.current())[0] != "blocked":
+    path = backward_path(call, any(cap_grads), kernel_options.current())[0]
+    if path == "dense":  # the compiled op's backward of a band forward (eager's is the dense kernels' autograd)
+        from ..ops.attention import band_gradients
+
+        grads = band_gradients(dout, q, k, v, out, lse, dlse, call.band, call.scale, "triton")
+        return [g if w else None for g, w in zip(grads, needs[:3])] + [None] * len(caps)
+    if path != "blocked":
         res = _backward_kernel(call, dout, dlse, q, k, v, out, lse, caps[:n], caps[n:], cap_grads)
         if res is not None:  # (backward_path checked that a tile fits)
             PATHS["fused_backward"] += 1

@@ -117,6 +117,15 @@ def _like_out(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 fused_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def band_gradients(dout, q, k, v, out, lse, dlse, band: Band, scale: float, kernel: str) -> tuple:
+    """(dq, dk, dv) of a maskless ``fused_attention`` call over ``band`` from its out and lse: what
+    its autograd runs, for a caller whose forward ran without autograd (``attend::flex_bwd`` of a
+    band mask, whose forward ran the dense kernels)."""
+    dq, dk, dv, _ = _fused_bwd(_like_out(dout, out), q, k, v, out, lse, None, 0.0, band.to_op(), float(scale), None,
+                               kernel, False, dlse)
+    return dq, dk, dv
+
+
 _EagerFused = eager_twin("_EagerFused", _fused_fwd, _setup_context, _backward)
 
 

@@ -17,9 +17,10 @@ from typing import Optional
 
 import torch
 
+from .._flex import band as _band
 from .._flex import compiled, dispatch
 from .._flex import lists as _lists
-from .._flex.block_mask import kv_in_range
+from .._flex.block_mask import built_lists, kv_in_range
 from .._layout import Band, empty_in_layout
 from .._versions import assume_constant_result
 
@@ -55,9 +56,21 @@ def _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, text):
     n = len(c["score_slots"])
     score = compiled.graph(c["score_key"], score_caps, numbers[:n], c["score_slots"])
     mask = compiled.graph(c["mask_key"], mask_caps, numbers[n:], c["mask_slots"])
-    # no block_mask: every key, as eager's band (a score_mod then walks the dense loops there too)
     return dispatch.FlexCall(q, k, v, score, mask, blocks, scale, c["kernel_options"] or None,
-                             None if lists else Band(), want_max=c.get("want_max", True))
+                             _band_of(lists, mask, q, k, tuple(c["block_size"])), want_max=c.get("want_max", True))
+
+
+def _band_of(lists: list, mask, q: torch.Tensor, k: torch.Tensor, block: tuple) -> Band | None:
+    """The eager path's ``flex_attention._band_of`` on what the op sees: no block_mask keeps every
+    key (a score_mod then walks the dense loops too); lists that create_block_mask built from a band
+    mask_mod, still unchanged and tracing to this call's mask graph (``block_mask.built_lists``),
+    are that band's blocks. Else None: the call walks the lists."""
+    if not lists:
+        return Band()
+    L, S = q.shape[2], k.shape[2]
+    if mask is None or k.shape[0] != q.shape[0] or not built_lists(lists[:4], (L, S), block, _band.provenance(mask)):
+        return None
+    return _band.band(mask, L, S)
 
 
 def _flex_fwd(
