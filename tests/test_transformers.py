@@ -172,9 +172,14 @@ def test_import_without_transformers_names_the_install():
 # hands over K / V contiguous, concatenated, and only q as row views).
 GRAD_CASES = ([(m, "") for m in MODELS] + [(m, "left-padded") for m in ("llama", "gpt_oss", "gemma2") if m in CONFIGS]
               + [(m, "4d-mask") for m in ("gpt_oss",) if m in CONFIGS]
-              + [(m, "rows-packed") for m in ("llama", "qwen2") if m in CONFIGS])
+              + [(m, "rows-packed") for m in ("llama", "qwen2") if m in CONFIGS]
+              + [(m, "compiled") for m in ("llama", "mistral") if m in CONFIGS]
+              + [(m, "compiled-left-padded") for m in ("llama", "gemma2") if m in CONFIGS])
 # Calls per forward that run flex: Gemma 2's every layer (softcap); gpt-oss's only with a 4-D mask.
-FLEX_LAYERS = {("gemma2", ""): 2, ("gemma2", "left-padded"): 2, ("gpt_oss", "4d-mask"): 2}
+FLEX_LAYERS = {("gemma2", ""): 2, ("gemma2", "left-padded"): 2, ("gpt_oss", "4d-mask"): 2,
+               ("gemma2", "compiled-left-padded"): 2}
+# Models whose attention leaves the compiled graph (softcap, sinks: docs/transformers.md)
+OUTSIDE_THE_GRAPH = ("gemma2", "gpt_oss")
 
 
 def _custom_mask(B: int, S: int) -> torch.Tensor:
@@ -188,10 +193,14 @@ def _custom_mask(B: int, S: int) -> torch.Tensor:
 @pytest.mark.parametrize("name,variant", GRAD_CASES,
                          ids=[f"{m}({FEATURES[m]}){'-' + v if v else ''}" for m, v in GRAD_CASES])
 def test_logits_and_grads_match_eager(name, variant):
+    """attend's logits and every parameter's gradient against eager attention's, both against float64.
+    "compiled": the model under torch.compile (aot_eager; fullgraph where the attention stays in the
+    graph), "compiled-left-padded" with a padding mask (the mask materialized, as for transformers'
+    sdpa under torch.compile)."""
     B, S = 2, 24
     ids = tokens(B, S)
     mask = None
-    if variant == "left-padded":
+    if variant in ("left-padded", "compiled-left-padded"):
         mask = torch.ones(B, S, dtype=torch.long, device=DEVICE)
         mask[0, :5] = 0
         mask[1, :2] = 0
@@ -225,8 +234,12 @@ def test_logits_and_grads_match_eager(name, variant):
         packed_calls = launch._uniform.cache_info()
         with warnings.catch_warnings(), kernel_options(rows_packed=True if variant == "rows-packed" else None):
             warnings.simplefilter("error", at.UnfusedFeatureWarning)  # every feature here is fused
-            loss, logits = _loss(model, ids, model_mask, weights,
-                                 **({"use_cache": False} if variant == "rows-packed" else {}))
+            run = model
+            if key == "attend" and variant.startswith("compiled"):
+                torch._dynamo.reset()
+                run = torch.compile(model, backend="aot_eager", fullgraph=name not in OUTSIDE_THE_GRAPH)
+            loss, logits = _loss(run, ids, model_mask, weights,
+                                 **({"use_cache": False} if variant in ("rows-packed", "compiled-left-padded") else {}))
             loss.backward()
         if key == "attend" and variant == "rows-packed":
             now = launch._uniform.cache_info()
@@ -319,6 +332,24 @@ def test_generate_greedy_matches_eager(name, use_kernel):
         assert_fused_flex(runs(), forwards=2 * (NEW - 1) if DEVICE == "cuda" else 2 * NEW)
 
 
+def test_fullgraph_compile_of_a_route_outside_the_graph_says_why():
+    """Under torch.compile a softcap runs flex_attention outside the graph (a graph break), so
+    fullgraph=True fails, with a reason that names the feature and the remedy; without fullgraph the
+    call runs and equals the eager one."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g).to(DEVICE) for _ in range(3))
+    module = torch.nn.Module()
+
+    def call(q, k, v):
+        return at.attention_forward(module, q, k, v, None, softcap=5.0)[0]
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"(?s)softcap.*fullgraph=False"):
+        torch.compile(call, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(call, backend="aot_eager")(q, k, v), call(q, k, v), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["llama", "mistral"])
 def test_generate_with_a_static_cache(name, use_kernel):
     """A static cache hands over all its slots: decode steps get a key vector that stops at the
@@ -328,8 +359,8 @@ def test_generate_with_a_static_cache(name, use_kernel):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     eager = build(name)
-    # disable_compile: on a GPU, generate() compiles the step of a static cache, and dynamo fails inside
-    # transformers' sdpa_mask for Mistral's sliding layers (README, known limits); this test is the routing
+    # disable_compile: on a GPU, generate() compiles the step of a static cache (the next test); this
+    # test is the routing
     kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0,
               disable_compile=True)
     ref = eager.generate(ids, **kw)
@@ -341,6 +372,28 @@ def test_generate_with_a_static_cache(name, use_kernel):
     if name == "llama":  # Mistral's sliding layers keep a window of slots that stays bottom-right aligned
         assert any("static cache" in str(w.message) for w in seen), [str(w.message) for w in seen]
     assert torch.equal(out, ref), f"{name}: greedy tokens with a static cache differ from eager"
+
+
+def test_generate_compiles_a_static_cache_step_fullgraph():
+    """generate() with a static cache compiles its decode step (on a GPU by default; here through
+    the compile_config that allows every device), fullgraph: Mistral's sliding layers, padded, give
+    eager's greedy tokens, and the step ran compiled (Dynamo counted graphs)."""
+    from transformers import CompileConfig
+
+    ids = tokens(2, 12, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    eager = build("mistral")
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=0)
+    ref = eager.generate(ids, disable_compile=True, **kw)
+    eager.set_attn_implementation("attend")
+    config = CompileConfig(backend="aot_eager", fullgraph=True)
+    config._compile_all_devices = True  # transformers' switch for compiling on the CPU too
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out = eager.generate(ids, compile_config=config, **kw)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "generate() compiled nothing"
+    assert torch.equal(out, ref), "greedy tokens of the compiled static-cache steps differ from eager"
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gpt_oss"])

@@ -18,7 +18,6 @@ set one, per device class (``device_class``):
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -51,14 +50,22 @@ DEFAULT_PRIORITY: dict[str, tuple[SDPBackend, ...]] = {
 OTHER_DEVICE_PRIORITY = (B.OVERRIDEABLE, B.MATH, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION)
 
 
-@functools.lru_cache(maxsize=None)
+# device -> its class: a dict, not functools.lru_cache, which Dynamo warns about where it traces
+# an SDPA call (it ignores the wrapper and traces the function)
+_DEVICE_CLASSES: dict[str, str] = {}
+
+
 def device_class(device: torch.device | str) -> str:
     """The key into ``DEFAULT_PRIORITY``: ``cuda-sm90`` for Hopper GPUs, else the device type."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        if torch.cuda.get_device_capability(device) == (9, 0):
-            return "cuda-sm90"
-    return device.type
+    key = str(device)
+    hit = _DEVICE_CLASSES.get(key)
+    if hit is None:
+        device = torch.device(device)
+        hit = device.type
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) == (9, 0):
+            hit = "cuda-sm90"
+        _DEVICE_CLASSES[key] = hit
+    return hit
 
 
 def default_priority(device: torch.device | str) -> tuple[SDPBackend, ...]:

@@ -226,6 +226,8 @@ def mask_for_attend(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
     """
     kw = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
               mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    if torch.compiler.is_compiling():
+        return _traced_mask(kw)
     spec = _mask_spec(mask_function)
     if spec is None:
         name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
@@ -255,6 +257,21 @@ def mask_for_attend(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
         return _materialized(f"queries at offset {int(q_offset)} with {kv_length} key slots (a static cache) "
                              "are not bottom-right aligned", **kw)
     return pad
+
+
+def _traced_mask(kw: dict) -> torch.Tensor | None:
+    """``mask_for_attend`` inside torch.compile. Dynamo cannot read the closures of the mask functions
+    transformers makes in the graph (``_mask_parts``: sliding windows, packed sequences), and a
+    route must not hang on the mask's values (``_key_padding`` reads the device). So an unpadded
+    causal mask with the queries at the keys' end is None (the band), as outside the graph; every
+    other mask is materialized, as transformers' ``sdpa`` does under torch.compile."""
+    q_offset, kv_offset = kw["q_offset"], kw["kv_offset"]
+    if (kw["mask_function"] is causal_mask_function and kw["attention_mask"] is None
+            and type(q_offset) is int and type(kv_offset) is int
+            and q_offset - kv_offset == kw["kv_length"] - kw["q_length"]):
+        return None
+    kw.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return sdpa_mask(**kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -914,8 +931,40 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``query`` ``(B, H, L, D)``, ``key`` / ``value`` ``(B, H_kv, S, D)`` (views of the model's
     ``(B, L, H, D)`` projections, or a KV cache's tensors); ``attention_mask`` as built by
     :func:`mask_for_attend` or a 4-D mask of the model's own. Returns ``((B, L, H, D), None)``
-    (attention weights are never materialized).
+    (attention weights are never materialized). Inside torch.compile: :func:`_traced_attention`.
     """
+    args = (module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal, s_aux)
+    if torch.compiler.is_compiling():
+        return _traced_attention(*args, **kwargs)
+    return _attention(*args, **kwargs)
+
+
+def _traced_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal,
+                      s_aux, **kwargs) -> tuple[torch.Tensor, None]:
+    """``attention_forward`` inside torch.compile. A call with no softcap or sinks whose mask is None
+    (``_traced_mask``'s unpadded causal band, the window cutting no key) or a 4-D tensor runs attend's
+    SDPA in the graph, whose kernels are custom ops: no graph break, ``fullgraph=True`` holds. The
+    other routes plan on the host from the mask's values (padding's and packing's ``varlen_attn``,
+    whose sequence lengths are host integers) or make mods over tensors of the graph (softcap's and
+    sinks' ``flex_attention``), so they run outside the graph (``_outside_graph``): a graph break
+    per call, which ``fullgraph=True`` refuses."""
+    L, S = query.shape[-2], key.shape[-2]
+    kind = _mask_kind(attention_mask, kwargs)
+    window_cuts = sliding_window is not None and S > sliding_window
+    if (softcap is not None or s_aux is not None or kind not in ("none", "keys", "dense")
+            or (kind == "none" and window_cuts) or kwargs.get("block_table") is not None
+            or kwargs.get("k_cache") is not None or 0 in query.shape):
+        return _outside_graph(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
+                              is_causal, s_aux, **kwargs)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    call = _Call("sdpa", kind, bool(is_causal) and kind == "none" and L > 1, None, [])
+    gqa = query.shape[1] != key.shape[1]
+    return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
+
+
+def _attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal, s_aux,
+               **kwargs) -> tuple[torch.Tensor, None]:
+    """``attention_forward`` outside torch.compile: plan the call (``_plan``), then run its route."""
     if kwargs.get("output_attentions", False):
         _warn_once("output_attentions", "attend: output_attentions=True is not supported (the weights are never "
                    "materialized); use attn_implementation='eager' to get them")
@@ -937,6 +986,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return _varlen(call, query, key, value, attention_mask, scaling, gqa, s_aux, kwargs, softcap), None
     return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
 
+
+_outside_graph = torch.compiler.disable(
+    _attention, reason="attend: a softcap, sinks, a padding mask or a packed batch runs attend's flex_attention or "
+    "varlen_attn outside the compiled graph (one graph break per attention call; they plan on the host from the "
+    "mask's values): compile with fullgraph=False (docs/transformers.md, \"Under torch.compile\")")
 
 PAGED_NAME = "paged|" + NAME
 
