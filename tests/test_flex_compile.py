@@ -354,7 +354,8 @@ def test_compiled_band_masks_take_the_eager_route(case):
         return flex.flex_attention(q, k, v, score_mod=score, block_mask=bm)
 
     eager_paths, ref, ref_grads = _route(fn, q, k, v)
-    paths, out, grads = _route(_compile(fn), q, k, v)
+    compiled = _compile(fn)
+    paths, out, grads = _route(compiled, q, k, v)
     assert paths == eager_paths, (paths, eager_paths)
     band = case not in ("changed-in-place", "from-kv-blocks")
     assert any(p.startswith("band") for p in paths) == band, paths
@@ -369,9 +370,15 @@ def test_compiled_band_masks_take_the_eager_route(case):
     assert_scaled_close(out, refs[torch.float64][0], refs[torch.float32][0], what="out")
     for name, a, r, s_ in zip("qkv", grads, refs[torch.float64][1], refs[torch.float32][1]):
         assert_scaled_close(a, r, s_, k=6.0, what=f"d{name}")
-    if case == "window-slot":  # a new width is a new value of the op's slot: the band follows it
+    if case == "window-slot":
+        # a new width, the BlockMask not rebuilt: its lists are no longer the mask's, so both calls walk them
         width.value = 5
+        eager_paths, ref, _ = _route(fn, q, k, v)
+        paths, out, _ = _route(compiled, q, k, v)
+        assert paths == eager_paths and not any(p.startswith("band") for p in paths), (paths, eager_paths)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        # rebuilt for the new width: the band again, which follows the op's slot
         bm = flex.create_block_mask(mask, None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
-        paths, out, _ = _route(_compile(fn), q, k, v)
+        paths, out, _ = _route(compiled, q, k, v)
         assert any(p.startswith("band") for p in paths), paths
         assert_scaled_close(out, *(dense_reference(q, k, v, None, mask, dt)[0] for dt in (torch.float64, torch.float32)))

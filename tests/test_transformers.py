@@ -456,6 +456,36 @@ def test_packed_batch_equals_padded_batch(name, use_kernel):
         torch.testing.assert_close(eager(padded, attention_mask=mask).logits[mask.bool()], want, atol=2e-5, rtol=1e-5)
 
 
+def test_compiled_packed_batch_found_in_position_ids():
+    """Under torch.compile a batch of one whose position_ids may restart (a cache, no mask:
+    transformers builds none) runs its attention outside the graph, where attend finds the packed
+    sequences as eager does: eager's logits and gradients, and each sequence's own logits;
+    fullgraph=True says why it cannot."""
+    lens = [10, 15, 7]
+    seqs = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lens)]
+    packed = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lens])[None].to(DEVICE)
+    model = build("llama", "attend").train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    results = []
+    for run in (model, compiled):
+        model.zero_grad()
+        logits = run(packed, position_ids=position_ids).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), _grads(model)))
+    (ref, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    with torch.no_grad():
+        alone = torch.cat([model(s[None]).logits[0] for s in seqs])
+    torch.testing.assert_close(out[0], alone, atol=2e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"(?s)position_ids may restart.*fullgraph=False"):
+        torch.compile(model, backend="aot_eager", fullgraph=True)(packed, position_ids=position_ids)
+
+
 # ----------------------------------------------------------------------------------------------
 # What the mask builder hands over, and which route each model's calls take
 # ----------------------------------------------------------------------------------------------

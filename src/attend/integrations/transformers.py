@@ -947,19 +947,33 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     other routes plan on the host from the mask's values (padding's and packing's ``varlen_attn``,
     whose sequence lengths are host integers) or make mods over tensors of the graph (softcap's and
     sinks' ``flex_attention``), so they run outside the graph (``_outside_graph``): a graph break
-    per call, which ``fullgraph=True`` refuses."""
+    per call, which ``fullgraph=True`` refuses. So does a batch of one whose ``position_ids`` may
+    restart (``_may_be_packed``), as transformers' ``flash_attention_2`` does."""
     L, S = query.shape[-2], key.shape[-2]
     kind = _mask_kind(attention_mask, kwargs)
     window_cuts = sliding_window is not None and S > sliding_window
     if (softcap is not None or s_aux is not None or kind not in ("none", "keys", "dense")
             or (kind == "none" and window_cuts) or kwargs.get("block_table") is not None
-            or kwargs.get("k_cache") is not None or 0 in query.shape):
+            or kwargs.get("k_cache") is not None or 0 in query.shape
+            or _may_be_packed(query, key, attention_mask, kwargs)):
         return _outside_graph(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
                               is_causal, s_aux, **kwargs)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     call = _Call("sdpa", kind, bool(is_causal) and kind == "none" and L > 1, None, [])
     gqa = query.shape[1] != key.shape[1]
     return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
+
+
+def _may_be_packed(query, key, mask, kwargs) -> bool:
+    """Whether ``_packed_from_positions`` reads the call's ``position_ids`` (a batch of one, no mask,
+    no sequence lengths): whether they restart (a packed batch) is on the device, and no route may
+    hang on it inside the graph. torch.cond would keep it there, but Dynamo (torch 2.13) loses a
+    DynamicCache's pending attributes around it."""
+    position_ids = kwargs.get("position_ids")
+    L, S = query.shape[-2], key.shape[-2]
+    return (mask is None and kwargs.get("cu_seq_lens_q") is None and isinstance(position_ids, torch.Tensor)
+            and query.shape[0] == 1 and L == S and L >= 2 and position_ids.dim() == 2
+            and position_ids.shape[-1] == L)
 
 
 def _attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal, s_aux,
@@ -988,9 +1002,10 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
 
 
 _outside_graph = torch.compiler.disable(
-    _attention, reason="attend: a softcap, sinks, a padding mask or a packed batch runs attend's flex_attention or "
-    "varlen_attn outside the compiled graph (one graph break per attention call; they plan on the host from the "
-    "mask's values): compile with fullgraph=False (docs/transformers.md, \"Under torch.compile\")")
+    _attention, reason="attend: a softcap, sinks, a padding mask, a packed batch or a batch of one whose "
+    "position_ids may restart runs attend's flex_attention or varlen_attn outside the compiled graph (one graph "
+    "break per attention call; they plan on the host from the mask's or position_ids' values): compile with "
+    "fullgraph=False (docs/transformers.md, \"Under torch.compile\")")
 
 PAGED_NAME = "paged|" + NAME
 
