@@ -456,6 +456,29 @@ def test_packed_batch_equals_padded_batch(name, use_kernel):
         torch.testing.assert_close(eager(padded, attention_mask=mask).logits[mask.bool()], want, atol=2e-5, rtol=1e-5)
 
 
+def test_compiled_chunked_prefill_and_decode_keep_the_band_fullgraph(monkeypatch):
+    """Under torch.compile (fullgraph), Llama's chunked prefill (queries bottom-right in a
+    DynamicCache's keys, L < S) and a first step of one token take the band in the graph, with no
+    mask materialized: the full forward's logits."""
+    from transformers import DynamicCache
+
+    model = build("llama", "attend")
+    ids = tokens(2, 20)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    materialized, real = [], at.sdpa_mask
+    monkeypatch.setattr(at, "sdpa_mask", lambda **kw: materialized.append(kw["q_length"]) or real(**kw))
+    with torch.no_grad():
+        ref = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        first = compiled(ids[:, :12], past_key_values=cache, use_cache=True).logits
+        rest = compiled(ids[:, 12:], past_key_values=cache, use_cache=True).logits
+        one = compiled(ids[:, :1], past_key_values=DynamicCache(config=model.config), use_cache=True).logits
+    assert materialized == [], materialized
+    torch.testing.assert_close(torch.cat([first, rest], 1), ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(one, ref[:, :1], atol=2e-5, rtol=1e-5)
+
+
 def test_compiled_packed_batch_found_in_position_ids():
     """Under torch.compile a batch of one whose position_ids may restart (a cache, no mask:
     transformers builds none) runs its attention outside the graph, where attend finds the packed
