@@ -382,3 +382,22 @@ def test_compiled_band_masks_take_the_eager_route(case):
         paths, out, _ = _route(compiled, q, k, v)
         assert any(p.startswith("band") for p in paths), paths
         assert_scaled_close(out, *(dense_reference(q, k, v, None, mask, dt)[0] for dt in (torch.float64, torch.float32)))
+
+
+def test_create_block_mask_inside_a_compiled_function_runs_outside_the_graph():
+    """create_block_mask called inside torch.compile runs eagerly between two graphs: the result
+    equals the eager call's, and its lists keep the band route; fullgraph=True refuses it with a
+    reason that says what to do."""
+    q, k, v = (t.detach() for t in _inputs(12))
+
+    def fn(q, k, v):
+        bm = flex.create_block_mask(MASKS["causal"], None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
+        return flex.flex_attention(q, k, v, block_mask=bm)
+
+    eager_paths, ref, _ = _route(fn, *(t.requires_grad_() for t in (q, k, v)))
+    torch._dynamo.reset()
+    paths, out, _ = _route(torch.compile(fn, backend="aot_eager"), q, k, v)
+    assert paths == eager_paths and "band" in paths, (paths, eager_paths)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match=r"(?s)create_block_mask.*before the compiled function"):
+        _compile(fn)(q, k, v)

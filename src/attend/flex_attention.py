@@ -142,7 +142,17 @@ def create_block_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: i
     Returns:
         BlockMask whose lists equal PyTorch's ``create_block_mask`` for the same mask. Peak memory
         is the int8 ``[B, H, Q_LEN / BQ, KV_LEN / BKV]`` block status, never ``L x S``.
+
+    Inside torch.compile it runs outside the graph (a graph break, which ``fullgraph=True``
+    refuses): build the BlockMask before the compiled function, once per shape, to keep one graph.
     """
+    args = (mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, _compile, separate_full_blocks, compute_dq_write_order,
+            dq_kv_order)
+    return _block_mask_outside_graph(*args) if torch.compiler.is_compiling() else _block_mask(*args)
+
+
+def _block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, _compile, separate_full_blocks,
+                compute_dq_write_order, dq_kv_order) -> BlockMask:
     if compute_dq_write_order:
         raise NotImplementedError("create_block_mask: compute_dq_write_order=True (PyTorch's dQ write-order metadata) "
                                   "is not produced by attend; its backward does not need it")
@@ -151,6 +161,14 @@ def create_block_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: i
                       "Triton without torch.compile", DeprecationWarning, stacklevel=2)
     return _create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE,
                               separate_full_blocks=separate_full_blocks)
+
+
+# Dynamo cannot trace the mask_mod's tracing and generated Triton kernel (the lists' sizes are read
+# on the host): create_block_mask runs eagerly between two graphs.
+_block_mask_outside_graph = torch.compiler.disable(
+    _block_mask, reason="attend.flex_attention.create_block_mask runs outside a compiled graph (it traces the "
+    "mask_mod and runs a generated kernel); build the BlockMask before the compiled function, once per shape, "
+    "or compile with fullgraph=False")
 
 
 def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: _ScoreMod | None = None,

@@ -89,25 +89,41 @@ def _transpose(num, idx):
     return _ordered(_dense(num, idx, idx.shape[-1]).transpose(-2, -1))
 
 
-# kv_num_blocks -> weak references to the BlockMasks that recorded how they were built
-# (``BlockMask._record``): the compiled op sees a BlockMask's lists, not the BlockMask
-# (``built_lists``). Keyed by identity, as a tensor's ``==`` compares elements.
+# kv_num_blocks -> the records (``BlockMask._record``) of how create_block_mask built the key-side
+# lists it heads: the compiled op sees a BlockMask's lists, not the BlockMask (``built_lists``), and
+# its backward may run after a temporary BlockMask is gone. Keyed by identity, as a tensor's ``==``
+# compares elements; a record holds its tensors by weak reference.
 _RECORDED = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _note_record(lists: tuple, versions: tuple, lengths: tuple, block: tuple, provenance: tuple) -> None:
+    record = (tuple(None if t is None else weakref.ref(t) for t in lists), versions, lengths, block, provenance)
+    records = _RECORDED.setdefault(lists[0], [])
+    if record[1:] not in [r[1:] for r in records]:
+        records.append(record)
 
 
 def built_lists(kv_lists, lengths: tuple, block: tuple, provenance: tuple) -> bool:
     """Whether ``kv_lists`` (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) are
-    the very tensors, unchanged since, of a live BlockMask of these lengths and block size that
-    create_block_mask built from a mask tracing to ``provenance``: the eager path's
-    ``BlockMask._built_by`` for ``ops.flex``, which sees the lists only. A copy of the lists (CUDA
-    graphs' static inputs) or a list changed in place answers False: the call walks the lists."""
-    for ref in _RECORDED.get(kv_lists[0], ()):
-        bm = ref()
-        if (bm is not None and bm._lists_recorded() and bm._built_from[1] == provenance
-                and all(a is b for a, b in zip(bm._built_from[2][0], kv_lists))
-                and tuple(bm.seq_lengths) == tuple(lengths) and tuple(bm.BLOCK_SIZE) == tuple(block)):
+    the very tensors, unchanged since, that create_block_mask built for these lengths and block
+    size from a mask tracing to ``provenance``: the eager path's ``BlockMask._built_by`` for
+    ``ops.flex``, which sees the lists only. A copy of the lists (CUDA graphs' static inputs) or a
+    list changed in place answers False: the call walks the lists."""
+    versions = tuple(None if t is None else _version(t) for t in kv_lists)
+    for refs, seen, rec_lengths, rec_block, rec_provenance in _RECORDED.get(kv_lists[0], ()):
+        if (seen == versions and rec_provenance == provenance and rec_lengths == tuple(lengths)
+                and rec_block == tuple(block)
+                and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, kv_lists))):
             return True
     return False
+
+
+def _version(t: torch.Tensor):
+    """``t._version``, or None for an inference tensor (which keeps none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class BlockMask:
@@ -144,20 +160,14 @@ class BlockMask:
     def _lists_state(self) -> tuple:
         """The key-side lists themselves and their versions (an inference tensor keeps none), the
         lengths and the block size: what a record of how the lists were built holds for."""
-        def version(t):
-            try:
-                return t._version
-            except RuntimeError:
-                return None
         lists = tuple(getattr(self, a) for a in self._KV_ATTRS)
-        return (lists, tuple(None if t is None else version(t) for t in lists), tuple(self.seq_lengths),
+        return (lists, tuple(None if t is None else _version(t) for t in lists), tuple(self.seq_lengths),
                 tuple(self.BLOCK_SIZE))
 
     def _record(self, mask_mod, provenance: tuple) -> None:
         """Record that these lists are ``mask_mod``'s exact blocks (its graph's ``band.provenance``)."""
         self._built_from = (mask_mod, provenance, self._lists_state())
-        refs = _RECORDED.setdefault(self.kv_num_blocks, [])
-        refs[:] = [r for r in refs if r() is not None] + [weakref.ref(self)]
+        _note_record(*self._built_from[2], provenance)
 
     def _lists_recorded(self) -> bool:
         """Whether a record exists and the lists, lengths and block size are still the recorded ones
