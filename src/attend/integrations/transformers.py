@@ -951,6 +951,8 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     restart (``_may_be_packed``), as transformers' ``flash_attention_2`` does."""
     L, S = query.shape[-2], key.shape[-2]
     kind = _mask_kind(attention_mask, kwargs)
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"attend: sliding_window must be a positive int, got {sliding_window!r}")
     window_cuts = sliding_window is not None and S > sliding_window
     if (softcap is not None or s_aux is not None or kind not in ("none", "keys", "dense")
             or (kind == "none" and window_cuts) or kwargs.get("block_table") is not None
