@@ -564,7 +564,8 @@ def test_block_mask_lists_on_the_gluon_kernels(score_name, mask_name, L, S, HQ, 
     make = flex.create_block_mask if made_by == "attend" else tflex.create_block_mask
     bm = make(mask_mod, 2 if per_bh else None, HQ if per_bh else None, L, S, device=DEVICE)
     before = dispatch.PATHS["lists_gluon"]
-    with kernel_options(bwd_ws_min_seq_bucket=0, bwd_ws_fused_dq=fused_dq, flex_gluon_lists=True):
+    with kernel_options(bwd_ws_min_seq_bucket=0, bwd_ws_fused_dq=fused_dq, flex_gluon_lists=True,
+                        flex_gluon_lists_bwd=True):
         route = flex.explain(q, k, v, score, bm, enable_gqa=HQ != HKV)
         out = flex.flex_attention(q, k, v, score, bm, enable_gqa=HQ != HKV)
     want_fused = fused_dq and not _caps_need_grad(caps)
@@ -601,7 +602,8 @@ def test_gluon_lists_with_an_empty_query_block_and_ragged_keys(fused_dq):
     q = torch.randn(2, 2, L, E, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
     k, v = (torch.randn(2, 2, S, E, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(2))
     bm = flex.create_block_mask(mask_mod, None, None, L, S, device=DEVICE)
-    with kernel_options(bwd_ws_min_seq_bucket=0, bwd_ws_fused_dq=fused_dq, flex_gluon_lists=True):
+    with kernel_options(bwd_ws_min_seq_bucket=0, bwd_ws_fused_dq=fused_dq, flex_gluon_lists=True,
+                        flex_gluon_lists_bwd=True):
         route = flex.explain(q, k, v, None, bm)
         out, lse = flex.flex_attention(q, k, v, None, bm, return_lse=True)
     assert route.forward == "gluon_lists" and route.backward == ("gluon_fused" if fused_dq else "gluon_dkdv"), route

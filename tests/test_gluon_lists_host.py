@@ -57,7 +57,8 @@ def test_lists_reach_both_gluon_kernels_with_their_lists_and_mask_mod(recorded, 
     softcap = lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)  # noqa: E731
     q, k, v = (torch.randn(1, H, L, D, dtype=torch.float16, requires_grad=True) for _ in range(3))
     before = dispatch.PATHS["lists_gluon"]
-    with kernel_options(flex_gluon_lists=True, bwd_ws_fused_dq=fused_dq, bwd_ws_min_seq_bucket=0):
+    with kernel_options(flex_gluon_lists=True, flex_gluon_lists_bwd=True, bwd_ws_fused_dq=fused_dq,
+                        bwd_ws_min_seq_bucket=0):
         route = flex.explain(q, k, v, softcap, bm)
         out = flex.flex_attention(q, k, v, softcap, bm)
     assert (route.forward, route.backward) == ("gluon_lists", "gluon_fused" if fused_dq else "gluon_dkdv"), str(route)
@@ -91,7 +92,8 @@ def test_a_band_with_a_score_mod_takes_the_fused_dq_without_lists(recorded):
     bm = flex.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, L, L, device="cpu")
     softcap = lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)  # noqa: E731
     q, k, v = (torch.randn(1, H, L, D, dtype=torch.float16, requires_grad=True) for _ in range(3))
-    with kernel_options(flex_gluon_lists=True, bwd_ws_fused_dq=True, bwd_ws_min_seq_bucket=0):
+    with kernel_options(flex_gluon_lists=True, flex_gluon_lists_bwd=True, bwd_ws_fused_dq=True,
+                        bwd_ws_min_seq_bucket=0):
         route = flex.explain(q, k, v, softcap, bm)
         out = flex.flex_attention(q, k, v, softcap, bm)
     assert (route.forward, route.backward) == ("gluon_hooks", "gluon_fused"), str(route)

@@ -56,3 +56,25 @@ def assume_constant_result(fn):
         return torch.compiler.assume_constant_result(fn)
     setattr(fn, DYNAMO_CONSTANT, True)
     return fn
+
+
+_OUTSIDE: dict = {}  # id of a function -> torch.compiler.disable of it (``outside_graph``)
+
+
+def outside_graph(fn, reason: str):
+    """A function that runs ``fn`` outside a compiled graph (``torch.compiler.disable(fn,
+    reason=reason)``: a graph break, which ``fullgraph=True`` refuses with ``reason``), for calls
+    made inside a compiled region only. The wrapper is made at the first such call, by a function
+    Dynamo runs rather than traces, so importing attend imports no torch._dynamo."""
+    key = id(fn)
+
+    @assume_constant_result
+    def made() -> bool:
+        if key not in _OUTSIDE:
+            _OUTSIDE[key] = torch.compiler.disable(fn, reason=reason)
+        return True
+
+    def call(*args, **kwargs):
+        made()
+        return _OUTSIDE[key](*args, **kwargs)
+    return call

@@ -49,6 +49,7 @@ from ._flex.block_mask import BlockMask, _sliced_mask_mod_error, from_torch
 from ._flex.block_mask import create_block_mask as _create_block_mask
 from ._flex.trace import FlexTraceError
 from ._layout import Band as _Band
+from ._versions import outside_graph
 
 __all__ = ["flex_attention", "BlockMask", "create_block_mask", "create_mask", "and_masks", "or_masks", "noop_mask",
            "AuxRequest", "AuxOutput", "FlexTraceError", "explain", "FlexRoute"]
@@ -165,7 +166,7 @@ def _block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, _compile, sep
 
 # Dynamo cannot trace the mask_mod's tracing and generated Triton kernel (the lists' sizes are read
 # on the host): create_block_mask runs eagerly between two graphs.
-_block_mask_outside_graph = torch.compiler.disable(
+_block_mask_outside_graph = outside_graph(
     _block_mask, reason="attend.flex_attention.create_block_mask runs outside a compiled graph (it traces the "
     "mask_mod and runs a generated kernel); build the BlockMask before the compiled function, once per shape, "
     "or compile with fullgraph=False")

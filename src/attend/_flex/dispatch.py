@@ -400,7 +400,7 @@ def _warmup_key(call: FlexCall, q, k, score_grad: bool, opts: kernel_options.Ker
             None if opts.bwd_config is None else repr(opts.bwd_config), opts.flex_bwd_one_loop,
             opts.flex_bwd_split, opts.head_major, band,
             # the Gluon dK / dV route (launch._flex_gluon_dkdv): its options and the layouts it takes
-            opts.flex_gluon, opts.flex_gluon_lists, opts.bwd_ws, opts.bwd_ws_min_seq_bucket, opts.bwd_ws_fused_dq,
+            opts.flex_gluon, opts.flex_gluon_lists_bwd, opts.bwd_ws, opts.bwd_ws_min_seq_bucket, opts.bwd_ws_fused_dq,
             q.is_contiguous(), k.is_contiguous(),
             # a variant whose build failed since: the warmup builds the one the backward now takes
             tuple(launch.versions.usable(launch._gluon_dkdv_name(True, lists, True)) for lists in (False, True)))

@@ -85,6 +85,7 @@ import attend
 from attend._flex import varlen as flex_varlen
 from attend._flex.trace import data_cells
 from attend._hostcache import version
+from attend._versions import outside_graph
 from attend.backends import kernel_for
 from attend.bias import causal_lower_right
 from attend.flex_attention import AuxRequest as FlexAuxRequest
@@ -1003,7 +1004,7 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
     return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
 
 
-_outside_graph = torch.compiler.disable(
+_outside_graph = outside_graph(
     _attention, reason="attend: a softcap, sinks, a padding mask, a packed batch or a batch of one whose "
     "position_ids may restart runs attend's flex_attention or varlen_attn outside the compiled graph (one graph "
     "break per attention call; they plan on the host from the mask's or position_ids' values): compile with "

@@ -1167,15 +1167,15 @@ def flex_dkdv_refusal(options, q, k, v, dout, band: Band | None, score: bool, ke
                       blocks=None) -> str | None:
     """Why ``flex_backward`` does not take dK / dV from the Gluon kernel, or None where it does: a
     band's loops with a score_mod (``score``; the captures' gradients come from the core's dQ
-    programs, which visit each (query, key) pair once), or, with KernelOptions.flex_gluon_lists, a
+    programs, which visit each (query, key) pair once), or, with KernelOptions.flex_gluon_lists_bwd, a
     BlockMask's lists of 128 x 128 blocks (``blocks``; the mask_mod on its partial blocks); no
     kernel_options, KernelOptions.flex_gluon and bwd_ws on and flex_bwd_split off, an sm_90 device,
     the dense backward's sequence bucket rule for that kernel (``configs.WS_BWD_MIN_SEQ_BUCKET``)
     and ``ws_bwd.eligible``'s dense contiguous tensors (k / v of q's batch)."""
     opts = resolve(options)
     if band is None:
-        if not opts.flex_gluon_lists:
-            return "it serves a score_mod over a band (KernelOptions.flex_gluon_lists is off: not over lists)"
+        if not opts.flex_gluon_lists_bwd:
+            return "it serves a score_mod over a band (KernelOptions.flex_gluon_lists_bwd is off: not over lists)"
         why = _gluon_lists_refusal(blocks)
         if why is not None:
             return why

@@ -98,13 +98,18 @@ class KernelOptions:
     # There, the Gluon kernel also adds dQ, FlashAttention 3's way (ws_bwd.py's FUSED_DQ: each step's
     # dS through shared memory, dQ's partial tile by a TMA reduce-add into fp32), and no dQ programs
     # run: 5 products per tile pair instead of 7. Never in deterministic mode (the adds' order varies).
-    bwd_ws_fused_dq: bool = False
-    # Flex over a BlockMask's lists of 128 x 128 blocks (a document or prefix-LM mask) runs on the Gluon
-    # kernels: the forward walking the key-side lists (ws's LISTS; launch.flex_lists_gluon_refusal) and
-    # the backward's dK / dV (and, with bwd_ws_fused_dq, dQ) walking the query-side ones (ws_bwd's
-    # LISTS; launch.flex_dkdv_refusal), the mask_mod on partial blocks. Off until an A/B on an H100 or
-    # H200 decides it.
-    flex_gluon_lists: bool = False
+    # On an H100 (2026-12-08; RESULTS.md): the causal backward 1.621 against 1.660 ms at S=4096, D=128,
+    # 2.794 against 3.007 at 8192; non-causal 4096 even.
+    bwd_ws_fused_dq: bool = True
+    # Flex over a BlockMask's lists of 128 x 128 blocks (a document or prefix-LM mask) runs its forward
+    # on the Gluon kernel, walking the key-side lists (ws's LISTS; launch.flex_lists_gluon_refusal), the
+    # mask_mod on partial blocks: on an H100, the 8-document forward at S=8192 0.257 against the core's
+    # 0.386 ms.
+    flex_gluon_lists: bool = True
+    # ... and its backward's dK / dV (and, with bwd_ws_fused_dq, dQ) on the Gluon kernel, walking the
+    # query-side lists (ws_bwd's LISTS; launch.flex_dkdv_refusal). Off: on that H100, 1.213 ms (1.412
+    # with the fused dQ) against the core's 1.157.
+    flex_gluon_lists_bwd: bool = False
     # A model's (B, H, L, D) views of its (B, L, H, D) projections (``_layout.rows_call``) run as B
     # packed sequences of one length, whose (T, H * D) rows the Gluon kernels read through TMA as
     # they do varlen calls', where the Gluon forward (the dK / dV kernel, for the backward) serves
