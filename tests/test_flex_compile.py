@@ -328,7 +328,8 @@ def _route(fn, *args) -> dict:
     return {p: n - before[p] for p, n in dispatch.PATHS.items() if n != before[p]}, out, grads
 
 
-@pytest.mark.parametrize("case", ["causal", "window-slot", "softcap-causal", "changed-in-place", "from-kv-blocks"])
+@pytest.mark.parametrize("case", ["causal", "window-slot", "softcap-causal", "changed-in-place", "from-kv-blocks",
+                                  "key-batch-1"])
 def test_compiled_band_masks_take_the_eager_route(case):
     """A BlockMask that create_block_mask built from a band mask_mod takes the eager call's band
     route under torch.compile as well (``ops.flex._band_of``): the op sees the lists, and knows them
@@ -336,6 +337,8 @@ def test_compiled_band_masks_take_the_eager_route(case):
     backward, the band's among them; lists changed in place since, or rebuilt by from_kv_blocks,
     walk the lists in both. Outputs and gradients equal eager's and the float64 definition."""
     q, k, v = _inputs(11)
+    if case == "key-batch-1":  # one key batch broadcast over the queries' two: no band route (the lists)
+        k, v = (t.detach()[:1].requires_grad_() for t in (k, v))
     width = types.SimpleNamespace(value=20)  # a closure object's attribute: a runtime number slot of the op
 
     def window(b, h, q_idx, kv_idx):
@@ -357,7 +360,7 @@ def test_compiled_band_masks_take_the_eager_route(case):
     compiled = _compile(fn)
     paths, out, grads = _route(compiled, q, k, v)
     assert paths == eager_paths, (paths, eager_paths)
-    band = case not in ("changed-in-place", "from-kv-blocks")
+    band = case not in ("changed-in-place", "from-kv-blocks", "key-batch-1")
     assert any(p.startswith("band") for p in paths) == band, paths
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     for a, r in zip(grads, ref_grads):
