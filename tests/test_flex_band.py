@@ -277,7 +277,7 @@ def test_changed_lists_close_the_route():
     in_place.kv_num_blocks.zero_()
     assert not _routes(in_place, L, S)
     longer = make()._adjust(96, 96)
-    assert not longer._built_by(longer.mask_mod, longer._built_from and longer._built_from[1])
+    assert not longer._lists_recorded()
     with pytest.raises(ValueError, match="4 query blocks.*need 6"):
         flex.flex_attention(*_inputs(96, 96, HQ=2, HKV=2), block_mask=longer)
 

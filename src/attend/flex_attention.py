@@ -40,12 +40,11 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ._flex import band as _band
 from ._flex import dispatch as _dispatch
 from ._flex import lists as _lists
 from ._flex import plan as _plan
 from ._flex import trace as _trace
-from ._flex.block_mask import BlockMask, _sliced_mask_mod_error, from_torch
+from ._flex.block_mask import BlockMask, _sliced_mask_mod_error, from_torch, listed_band
 from ._flex.block_mask import create_block_mask as _create_block_mask
 from ._flex.trace import FlexTraceError
 from ._layout import Band as _Band
@@ -440,14 +439,13 @@ def _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
 
 def _band_of(block_mask, mask_graph, L: int, S: int):
     """The band of keys the call keeps, where its lists are exactly that band's blocks: no
-    block_mask (every key), or one create_block_mask built from the band mask_mod it still
-    holds (_flex/band.py); else None."""
+    block_mask (every key), or lists create_block_mask built from the band mask_mod the BlockMask
+    still holds (``block_mask.listed_band``); else None."""
     if block_mask is None or tuple(block_mask.BLOCK_SIZE) == (1 << 30, 1 << 30):
         return _Band()
-    built_by = getattr(block_mask, "_built_by", None)  # attend's BlockMask only
-    if mask_graph is None or built_by is None or not built_by(block_mask.mask_mod, _band.provenance(mask_graph)):
+    if not isinstance(block_mask, BlockMask) or not block_mask._built_by_its_mask_mod():  # PyTorch's: no record
         return None
-    return _band.band(mask_graph, L, S)
+    return listed_band(block_mask._kv_lists(), mask_graph, (L, S), block_mask.BLOCK_SIZE)
 
 
 def _lists_4d(bm: BlockMask) -> BlockMask:

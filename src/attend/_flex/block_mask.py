@@ -96,8 +96,13 @@ def _transpose(num, idx):
 _RECORDED = torch.utils.weak.WeakIdKeyDictionary()
 
 
-def _note_record(lists: tuple, versions: tuple, lengths: tuple, block: tuple, provenance: tuple) -> None:
-    record = (tuple(None if t is None else weakref.ref(t) for t in lists), versions, lengths, block, provenance)
+def _versions(lists) -> tuple:
+    return tuple(None if t is None else _version(t) for t in lists)
+
+
+def _note_record(lists: tuple, lengths: tuple, block: tuple, provenance: tuple) -> None:
+    record = (tuple(None if t is None else weakref.ref(t) for t in lists), _versions(lists), tuple(lengths),
+              tuple(block), provenance)
     records = _RECORDED.setdefault(lists[0], [])
     if record[1:] not in [r[1:] for r in records]:
         records.append(record)
@@ -106,16 +111,24 @@ def _note_record(lists: tuple, versions: tuple, lengths: tuple, block: tuple, pr
 def built_lists(kv_lists, lengths: tuple, block: tuple, provenance: tuple) -> bool:
     """Whether ``kv_lists`` (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) are
     the very tensors, unchanged since, that create_block_mask built for these lengths and block
-    size from a mask tracing to ``provenance``: the eager path's ``BlockMask._built_by`` for
-    ``ops.flex``, which sees the lists only. A copy of the lists (CUDA graphs' static inputs) or a
-    list changed in place answers False: the call walks the lists."""
-    versions = tuple(None if t is None else _version(t) for t in kv_lists)
+    size from a mask tracing to ``provenance``. A copy of the lists (CUDA graphs' static inputs), a
+    list replaced or changed in place answers False: the call walks the lists."""
+    versions = _versions(kv_lists)
     for refs, seen, rec_lengths, rec_block, rec_provenance in _RECORDED.get(kv_lists[0], ()):
         if (seen == versions and rec_provenance == provenance and rec_lengths == tuple(lengths)
                 and rec_block == tuple(block)
                 and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, kv_lists))):
             return True
     return False
+
+
+def listed_band(kv_lists, mask_graph, lengths: tuple, block: tuple):
+    """The band (``_flex/band.py``) whose exact blocks ``kv_lists`` are, where create_block_mask
+    built them from a band mask_mod tracing to ``mask_graph`` (``built_lists``); else None. The eager
+    call and the compiled op (which sees the lists, not the BlockMask) both ask this."""
+    if mask_graph is None or not built_lists(kv_lists, lengths, block, _band.provenance(mask_graph)):
+        return None
+    return _band.band(mask_graph, *lengths)
 
 
 def _version(t: torch.Tensor):
@@ -149,40 +162,34 @@ class BlockMask:
         self.full_q_num_blocks, self.full_q_indices = full_q_num_blocks, full_q_indices
         self.BLOCK_SIZE = tuple(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else _noop
-        # How create_block_mask built these lists (``_record``): then they are that mask's exact
-        # blocks, which a band mask's route needs (_flex/band.py); None: not known
+        # (the mask_mod, its graph's provenance) create_block_mask built these lists from
+        # (``_record``): then they are that mask's exact blocks, which a band mask's route needs
+        # (_flex/band.py); None: not known
         self._built_from: tuple | None = None
         # PyTorch's deterministic block-sparse dQ metadata: kept for as_tuple's shape, not produced
         self.dq_write_order = self.dq_write_order_full = self.dq_kv_order = self.dq_kv_order_spt = None
 
     _KV_ATTRS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 
-    def _lists_state(self) -> tuple:
-        """The key-side lists themselves and their versions (an inference tensor keeps none), the
-        lengths and the block size: what a record of how the lists were built holds for."""
-        lists = tuple(getattr(self, a) for a in self._KV_ATTRS)
-        return (lists, tuple(None if t is None else _version(t) for t in lists), tuple(self.seq_lengths),
-                tuple(self.BLOCK_SIZE))
+    def _kv_lists(self) -> tuple:
+        return tuple(getattr(self, a) for a in self._KV_ATTRS)
 
     def _record(self, mask_mod, provenance: tuple) -> None:
-        """Record that these lists are ``mask_mod``'s exact blocks (its graph's ``band.provenance``)."""
-        self._built_from = (mask_mod, provenance, self._lists_state())
-        _note_record(*self._built_from[2], provenance)
+        """Record that these lists are ``mask_mod``'s exact blocks (its graph's ``band.provenance``;
+        ``built_lists`` then knows them, for these lengths and block size)."""
+        self._built_from = (mask_mod, provenance)
+        _note_record(self._kv_lists(), self.seq_lengths, self.BLOCK_SIZE, provenance)
 
     def _lists_recorded(self) -> bool:
         """Whether a record exists and the lists, lengths and block size are still the recorded ones
         (no list replaced or changed in place since)."""
-        b = self._built_from
-        if b is None:
-            return False
-        (lists, versions, lengths, block), (now, now_versions, now_lengths, now_block) = b[2], self._lists_state()
-        return (all(x is y for x, y in zip(lists, now)) and versions == now_versions and lengths == now_lengths
-                and block == now_block)
+        return self._built_from is not None and built_lists(self._kv_lists(), self.seq_lengths, self.BLOCK_SIZE,
+                                                            self._built_from[1])
 
-    def _built_by(self, mask_mod, provenance: tuple) -> bool:
-        """Whether create_block_mask built these very lists from ``mask_mod``, tracing to
-        ``provenance`` (the call's mask graph): the band route's condition."""
-        return self._lists_recorded() and self._built_from[0] is mask_mod and self._built_from[1] == provenance
+    def _built_by_its_mask_mod(self) -> bool:
+        """Whether the record names the mask_mod this BlockMask holds (one assigned since, even of
+        the same mask, is not known to give these lists)."""
+        return self._built_from is not None and self._built_from[0] is self.mask_mod
 
     _TENSOR_ATTRS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
                      "q_indices", "full_q_num_blocks", "full_q_indices")
@@ -312,7 +319,7 @@ class BlockMask:
         moved = {a: None if getattr(self, a) is None else getattr(self, a).to(device) for a in self._TENSOR_ATTRS}
         out = BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
         if self._lists_recorded():
-            out._record(self._built_from[0], self._built_from[1])
+            out._record(*self._built_from)
         return out
 
     def _relabeled(self, mask_mod) -> "BlockMask":
@@ -328,7 +335,7 @@ class BlockMask:
         if self._lists_recorded() and mask_mod is not None:
             provenance = _band.provenance(_trace.trace_cached(mask_mod, "mask"))
             if provenance == self._built_from[1]:  # the same structure and numbers as the lists were built from
-                out._record(mask_mod, provenance)
+                out._built_from = (mask_mod, provenance)
         return out
 
     def _lists_only(self) -> "BlockMask":
@@ -338,10 +345,7 @@ class BlockMask:
 
         out = copy.copy(self)
         out.mask_mod = None
-        if self._lists_recorded():
-            out._built_from = (None, *self._built_from[1:])
-        else:
-            out._built_from = None
+        out._built_from = (None, self._built_from[1]) if self._lists_recorded() else None
         return out
 
     def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
@@ -360,7 +364,7 @@ class BlockMask:
         out = BlockMask._from_listed(*kv, *full, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
                                      seq_lengths=(new_q_len, new_kv_len), compute_q_blocks=self.q_indices is not None)
         if self._lists_recorded() and new_q_len <= self.seq_lengths[0] and new_kv_len <= self.seq_lengths[1]:
-            out._record(*self._built_from[:2])  # a crop lists no block the mask leaves empty, and full ones stay full
+            out._record(*self._built_from)  # a crop lists no block the mask leaves empty, and full ones stay full
         return out
 
 

@@ -529,7 +529,7 @@ def backward_path(call: FlexCall, cap_grads: bool, opts: kernel_options.KernelOp
     runs the dense kernels' backward then), else fused where the core takes it."""
     from ..kernels import launch
 
-    if call.path == "band" or call.path is None and _band_refusal(call, opts) is None and _unfusable(call) is None:
+    if call.path == "band" or call.path is None and _band_refusal(call, opts) is None:
         return "dense", {}
     declined = {}
     why = "the forward ran on the blocked path" if call.path == "blocked" else _unfusable(call)

@@ -350,15 +350,23 @@ def _ids_packing(ids: torch.Tensor) -> _Packing:
     return _memo(ids, "ids", build)
 
 
-def _packed_from_positions(query, key, position_ids) -> torch.Tensor | None:
+def _may_be_packed(query, key, mask, kwargs) -> bool:
+    """Whether the call's ``position_ids`` may reveal a packed batch (``_packed_from_positions``: a
+    batch of one, L == S, no mask, no sequence lengths). Whether they restart is on the device, so
+    inside a compiled graph no route may hang on it. torch.cond would keep it there, but Dynamo
+    (torch 2.13) loses a DynamicCache's pending attributes around it."""
+    position_ids = kwargs.get("position_ids")
+    L, S = query.shape[-2], key.shape[-2]
+    return (mask is None and kwargs.get("cu_seq_lens_q") is None and isinstance(position_ids, torch.Tensor)
+            and query.shape[0] == 1 and L == S and L >= 2 and position_ids.dim() == 2
+            and position_ids.shape[-1] == L)
+
+
+def _packed_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Sequence ids ``(1, S)`` when ``position_ids`` restart inside one row (a packed batch that
     reached the attention call without a mask: transformers builds none when a cache is passed),
-    else None. Read once per ``position_ids`` tensor, not once per layer."""
-    L, S = query.shape[-2], key.shape[-2]
-    if (position_ids is None or query.shape[0] != 1 or L != S or L < 2 or position_ids.dim() != 2
-            or position_ids.shape[-1] != L):
-        return None
-
+    else None, for a call ``_may_be_packed`` takes. Read once per ``position_ids`` tensor, not once
+    per layer."""
     def build():
         breaks = position_ids[0].diff() != 1
         if not bool(breaks.any()):
@@ -370,8 +378,8 @@ def _packed_from_positions(query, key, position_ids) -> torch.Tensor | None:
 def _mask_or_packing(query, key, attention_mask, kwargs: dict):
     """The mask a call is planned with: the model's, or where it passed none (and no sequence
     lengths), the packed batch's sequence ids that ``position_ids`` reveal (``_packed_from_positions``)."""
-    if attention_mask is None and kwargs.get("cu_seq_lens_q") is None:
-        return _packed_from_positions(query, key, kwargs.get("position_ids"))
+    if _may_be_packed(query, key, attention_mask, kwargs):
+        return _packed_from_positions(kwargs["position_ids"])
     return attention_mask
 
 
@@ -965,18 +973,6 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     call = _Call("sdpa", kind, bool(is_causal) and kind == "none" and L > 1, None, [])
     gqa = query.shape[1] != key.shape[1]
     return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
-
-
-def _may_be_packed(query, key, mask, kwargs) -> bool:
-    """Whether ``_packed_from_positions`` reads the call's ``position_ids`` (a batch of one, no mask,
-    no sequence lengths): whether they restart (a packed batch) is on the device, and no route may
-    hang on it inside the graph. torch.cond would keep it there, but Dynamo (torch 2.13) loses a
-    DynamicCache's pending attributes around it."""
-    position_ids = kwargs.get("position_ids")
-    L, S = query.shape[-2], key.shape[-2]
-    return (mask is None and kwargs.get("cu_seq_lens_q") is None and isinstance(position_ids, torch.Tensor)
-            and query.shape[0] == 1 and L == S and L >= 2 and position_ids.dim() == 2
-            and position_ids.shape[-1] == L)
 
 
 def _attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal, s_aux,

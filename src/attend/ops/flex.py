@@ -17,10 +17,9 @@ from typing import Optional
 
 import torch
 
-from .._flex import band as _band
 from .._flex import compiled, dispatch
 from .._flex import lists as _lists
-from .._flex.block_mask import built_lists, kv_in_range
+from .._flex.block_mask import kv_in_range, listed_band
 from .._layout import Band, empty_in_layout
 from .._versions import assume_constant_result
 
@@ -62,15 +61,13 @@ def _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, text):
 
 def _band_of(lists: list, mask, q: torch.Tensor, k: torch.Tensor, block: tuple) -> Band | None:
     """The eager path's ``flex_attention._band_of`` on what the op sees: no block_mask keeps every
-    key (a score_mod then walks the dense loops too); lists that create_block_mask built from a band
-    mask_mod, still unchanged and tracing to this call's mask graph (``block_mask.built_lists``),
-    are that band's blocks. Else None: the call walks the lists."""
+    key (a score_mod then walks the dense loops too); else ``block_mask.listed_band`` of the
+    key-side lists, where k / v are not a broadcast batch. None: the call walks the lists."""
     if not lists:
         return Band()
-    L, S = q.shape[2], k.shape[2]
-    if mask is None or k.shape[0] != q.shape[0] or not built_lists(lists[:4], (L, S), block, _band.provenance(mask)):
+    if k.shape[0] != q.shape[0]:
         return None
-    return _band.band(mask, L, S)
+    return listed_band(lists[:4], mask, (q.shape[2], k.shape[2]), block)
 
 
 def _flex_fwd(
