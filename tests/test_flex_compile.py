@@ -387,20 +387,75 @@ def test_compiled_band_masks_take_the_eager_route(case):
         assert_scaled_close(out, *(dense_reference(q, k, v, None, mask, dt)[0] for dt in (torch.float64, torch.float32)))
 
 
-def test_create_block_mask_inside_a_compiled_function_runs_outside_the_graph():
-    """create_block_mask called inside torch.compile runs eagerly between two graphs: the result
-    equals the eager call's, and its lists keep the band route; fullgraph=True refuses it with a
-    reason that says what to do."""
+_WIDTH = types.SimpleNamespace(value=20)  # a window a module-level mask_mod reads: a guarded number
+
+
+def _window_mod(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx <= _WIDTH.value)
+
+
+_DOC = (torch.arange(S) // 20).to(DEVICE)
+
+
+def _document_mod(b, h, q_idx, kv_idx):
+    return _DOC[q_idx] == _DOC[kv_idx]
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "document", "made-inside"])
+def test_create_block_mask_inside_a_compiled_function(case):
+    """create_block_mask inside torch.compile: a band mask_mod (causal, a window whose width a
+    variable holds) builds its lists in the graph, so fullgraph=True holds, and the call takes the
+    eager call's band route; a new width traces again. A mask that reads a tensor, or a mod made
+    inside the compiled function over a variable, runs create_block_mask outside the graph (the
+    same lists and route), which fullgraph=True refuses with a reason that says what to do. The
+    lists equal the eager call's, the output and gradients eager's and the float64 definition."""
     q, k, v = (t.detach() for t in _inputs(12))
+    in_graph = case in ("causal", "window")
 
     def fn(q, k, v):
-        bm = flex.create_block_mask(MASKS["causal"], None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
-        return flex.flex_attention(q, k, v, block_mask=bm)
+        if case == "made-inside":
+            width = 9
 
-    eager_paths, ref, _ = _route(fn, *(t.requires_grad_() for t in (q, k, v)))
-    torch._dynamo.reset()
-    paths, out, _ = _route(torch.compile(fn, backend="aot_eager"), q, k, v)
-    assert paths == eager_paths and "band" in paths, (paths, eager_paths)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-    with pytest.raises(Exception, match=r"(?s)create_block_mask.*before the compiled function"):
-        _compile(fn)(q, k, v)
+            def mask(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (q_idx - kv_idx <= width)
+        else:
+            mask = {"causal": MASKS["causal"], "window": _window_mod, "document": _document_mod}[case]
+        bm = flex.create_block_mask(mask, None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
+        return flex.flex_attention(q, k, v, block_mask=bm), [getattr(bm, a) for a in flex.BlockMask._TENSOR_ATTRS]
+
+    def route(f):
+        before = dict(dispatch.PATHS)
+        (out, lists) = f(*leaves)
+        grads = torch.autograd.grad(out.sum(), leaves)
+        return {p: n - before[p] for p, n in dispatch.PATHS.items() if n != before[p]}, out, lists, grads
+
+    widths = (20, 5) if case == "window" else (20,)
+    compiled = _compile(fn) if in_graph else None
+    for width in widths:
+        _WIDTH.value = width
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        eager_paths, ref, ref_lists, ref_grads = route(fn)
+        if not in_graph:
+            with pytest.raises(Exception, match=r"(?s)create_block_mask.*before the compiled function"):
+                _compile(fn)(*leaves)
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, backend="aot_eager")
+        paths, out, lists, grads = route(compiled)
+        assert paths == eager_paths, (paths, eager_paths)
+        assert any(p.startswith("band") for p in paths) == (case != "document"), paths
+        for a, r in zip(lists, ref_lists):
+            assert (a is None and r is None) or torch.equal(a, r)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        for a, r in zip(grads, ref_grads):
+            torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
+        mask = {"causal": MASKS["causal"], "window": _window_mod, "document": _document_mod}.get(
+            case, lambda b, h, qi, ki: (qi >= ki) & (qi - ki <= 9))
+        refs = {}
+        for dt in (torch.float64, torch.float32):
+            ls = [t.detach().to(dt).requires_grad_() for t in leaves]
+            o = dense_reference(*ls, None, mask, dt)[0]
+            refs[dt] = (o, torch.autograd.grad(o.sum(), ls))
+        assert_scaled_close(out, refs[torch.float64][0], refs[torch.float32][0], what=f"{case} out")
+        for name, a, r, s_ in zip("qkv", grads, refs[torch.float64][1], refs[torch.float32][1]):
+            assert_scaled_close(a, r, s_, k=6.0, what=f"{case} d{name}")
+    _WIDTH.value = 20

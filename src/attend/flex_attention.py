@@ -143,12 +143,23 @@ def create_block_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: i
         BlockMask whose lists equal PyTorch's ``create_block_mask`` for the same mask. Peak memory
         is the int8 ``[B, H, Q_LEN / BQ, KV_LEN / BKV]`` block status, never ``L x S``.
 
-    Inside torch.compile it runs outside the graph (a graph break, which ``fullgraph=True``
-    refuses): build the BlockMask before the compiled function, once per shape, to keep one graph.
+    Inside torch.compile, a band mask_mod (causal, a sliding window: a function of ``q_idx -
+    kv_idx`` alone) on int sizes is built in the graph, and the call takes the band's routes as
+    eagerly; a mod made inside the compiled function must close over no variables, or numbers
+    only. Any other mask runs outside the graph (a graph break, which ``fullgraph=True``
+    refuses): build that BlockMask before the compiled function, once per shape, to keep one graph.
     """
     args = (mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, _compile, separate_full_blocks, compute_dq_write_order,
             dq_kv_order)
-    return _block_mask_outside_graph(*args) if torch.compiler.is_compiling() else _block_mask(*args)
+    if not torch.compiler.is_compiling():
+        return _block_mask(*args)
+    if not (compute_dq_write_order or _compile):
+        from ._flex import compiled
+
+        bm = compiled.band_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks)
+        if bm is not None:
+            return bm
+    return _block_mask_outside_graph(*args)
 
 
 def _block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, _compile, separate_full_blocks,
@@ -307,9 +318,12 @@ def _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
             else:
                 mask_slots = ()
     want_max = return_aux is not None and bool(return_aux.max_scores)
+    # a BlockMask create_block_mask built in this graph from a band mask_mod, its lists unreplaced
+    built = getattr(block_mask, "_graph_lists", None) if lists else None
+    band_lists = built is not None and all(a is b for a, b in zip(built, lists[:4]))
     return flex_op.flex(query, key, value, score_caps, mask_caps, lists, numbers, scale,
                         flex_op.spec(score_key, mask_key, tuple(score_slots), tuple(mask_slots), tuple(block_size),
-                                     kernel_options, want_max))
+                                     kernel_options, want_max, band_lists))
 
 
 def _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,

@@ -166,6 +166,10 @@ class BlockMask:
         # (``_record``): then they are that mask's exact blocks, which a band mask's route needs
         # (_flex/band.py); None: not known
         self._built_from: tuple | None = None
+        # the kv lists as create_block_mask built them from a band mask_mod inside a compiled graph
+        # (``compiled.band_block_mask``; no weak record of a graph's tensors): the compiled call
+        # whose lists are still these tensors takes the band's routes; None elsewhere
+        self._graph_lists: tuple | None = None
         # PyTorch's deterministic block-sparse dQ metadata: kept for as_tuple's shape, not produced
         self.dq_write_order = self.dq_write_order_full = self.dq_kv_order = self.dq_kv_order_spt = None
 
@@ -535,10 +539,15 @@ def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOC
         status = _band.block_status(*kept, Q_LEN, KV_LEN, BQ, BKV, torch.device(device)).expand(B, H, -1, -1).contiguous()
     else:
         status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
-    # the kv lists of each kind of block, and their transposes straight from the status matrix
+    out = of_status(status, (Q_LEN, KV_LEN), (BQ, BKV), mask_mod, separate_full_blocks)
+    out._record(mask_mod, _band.provenance(graph))
+    return out
+
+
+def of_status(status: torch.Tensor, lengths: tuple, block: tuple, mask_mod, separate_full_blocks: bool) -> BlockMask:
+    """The BlockMask of a [B, H, query blocks, key blocks] status matrix (EMPTY / PARTIAL / FULL):
+    the kv lists of each kind of block, and their transposes straight from the matrix."""
     kinds = (status == PARTIAL, status == FULL) if separate_full_blocks else (status != 0, None)
     lists = [x for t in (False, True) for m in kinds
              for x in ((None, None) if m is None else _ordered(m.transpose(-2, -1) if t else m))]
-    out = BlockMask((Q_LEN, KV_LEN), *lists, BLOCK_SIZE=(BQ, BKV), mask_mod=mask_mod)
-    out._record(mask_mod, _band.provenance(graph))
-    return out
+    return BlockMask(tuple(lengths), *lists, BLOCK_SIZE=tuple(block), mask_mod=mask_mod)

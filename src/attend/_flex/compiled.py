@@ -207,3 +207,73 @@ def fetch(mod, path: tuple):
         else:
             obj = getattr(obj, name)
     return obj
+
+
+def _describable(mod) -> bool:
+    """Whether :func:`describe` may be handed ``mod`` inside a compiled region: a plain function
+    that closes over nothing, or one made outside the region (its cells hold real values). A
+    function made inside may close over the graph's tensors, which Dynamo cannot pass to a
+    constant function (it reports no ``__closure__`` for such a function)."""
+    if not isinstance(mod, types.FunctionType):
+        return False
+    if not mod.__code__.co_freevars:
+        return True
+    try:
+        mod.__closure__
+    except AttributeError:
+        return False
+    return True
+
+
+@assume_constant_result
+def _band_kept(key: str, slots: tuple, numbers: tuple, L: int, S: int):
+    """``band.kept`` of the mask_mod :func:`describe` encoded as ``key``, with its scalar slots
+    ``slots`` set to ``numbers``: (lo, hi) or None."""
+    from . import band
+
+    return band.kept(graph(key, [], list(numbers), list(slots)), L, S)
+
+
+def band_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks: bool):
+    """``create_block_mask`` inside torch.compile for a band mask_mod (``_flex/band.py``: causal, a
+    sliding window) on int sizes: the lists by the band's arithmetic as ops of the graph (no graph
+    break), the BlockMask marked so the compiled call takes the band's routes
+    (``BlockMask._graph_lists``). None where the mask is not such a band or the mod cannot be
+    described in the graph (``_describable``): create_block_mask then runs outside the graph. The
+    band's numbers are guarded: a new window traces the graph again."""
+    block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    sizes = (Q_LEN, KV_LEN, *block) + tuple(n for n in (B, H) if n is not None)
+    if len(block) != 2 or not all(type(n) is int and n > 0 for n in sizes) or not _describable(mask_mod):
+        return None
+    key, paths, slots, sources, guards = describe(mask_mod, "mask")
+    if not key or paths:
+        return None  # keeps every key, or reads a tensor: no band
+    try:
+        for path, seen in guards:
+            if fetch(mask_mod, path) != seen:
+                raise AssertionError("unreachable: describe read this value")
+        numbers = tuple(fetch(mask_mod, p) for p in sources)
+    except AttributeError:  # made inside the compiled function: its numbers are constants of it
+        slots, numbers = (), ()
+    if not all(type(n) in (int, float, bool) for n in numbers):
+        return None  # a number the graph reads at run time (dynamic): no band known at trace time
+    kept = _band_kept(key, tuple(slots), numbers, Q_LEN, KV_LEN)
+    if kept is None:
+        return None
+    return band_lists(mask_mod, kept, B, H, Q_LEN, KV_LEN, device, block, separate_full_blocks)
+
+
+def band_lists(mask_mod, kept: tuple, B, H, Q_LEN: int, KV_LEN: int, device, block: tuple,
+               separate_full_blocks: bool = True):
+    """The BlockMask of the band ``kept`` = (lo, hi) (``lo <= q_idx - kv_idx <= hi``), which
+    ``mask_mod`` must keep exactly, built by ops a compiled graph holds, and marked for the band's
+    routes (``BlockMask._graph_lists``)."""
+    from . import band, block_mask
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    status = band.block_status(*kept, Q_LEN, KV_LEN, *block, torch.device(device))
+    status = status.expand(B or 1, H or 1, -1, -1).contiguous()
+    out = block_mask.of_status(status, (Q_LEN, KV_LEN), block, mask_mod, separate_full_blocks)
+    out._graph_lists = out._kv_lists()
+    return out

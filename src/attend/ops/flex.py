@@ -19,6 +19,7 @@ import torch
 
 from .._flex import compiled, dispatch
 from .._flex import lists as _lists
+from .._flex.band import band as band_of_graph
 from .._flex.block_mask import kv_in_range, listed_band
 from .._layout import Band, empty_in_layout
 from .._versions import assume_constant_result
@@ -26,13 +27,15 @@ from .._versions import assume_constant_result
 
 @assume_constant_result
 def spec(score_key: str, mask_key: str, score_slots: tuple, mask_slots: tuple, block_size: tuple,
-         kernel_options: dict | None, want_max: bool = True) -> str:
+         kernel_options: dict | None, want_max: bool = True, band_lists: bool = False) -> str:
     """The ops' ``spec`` argument (a constant of the traced graph). ``want_max``: whether the caller
     reads max_scores; where not, the op's third output is left unwritten, and the call may take the
-    Gluon forwards, which keep no row max."""
+    Gluon forwards, which keep no row max. ``band_lists``: the lists are the exact blocks of the
+    mask_mod, a band, as create_block_mask built them in the graph (``compiled.band_block_mask``)."""
     return json.dumps(dict(score_key=score_key, mask_key=mask_key, score_slots=list(score_slots),
                            mask_slots=list(mask_slots), block_size=[int(b) for b in block_size],
-                           kernel_options=kernel_options or {}, want_max=bool(want_max)), sort_keys=True)
+                           kernel_options=kernel_options or {}, want_max=bool(want_max),
+                           band_lists=bool(band_lists)), sort_keys=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -55,18 +58,22 @@ def _call(q, k, v, score_caps, mask_caps, lists, numbers, scale, text):
     n = len(c["score_slots"])
     score = compiled.graph(c["score_key"], score_caps, numbers[:n], c["score_slots"])
     mask = compiled.graph(c["mask_key"], mask_caps, numbers[n:], c["mask_slots"])
-    return dispatch.FlexCall(q, k, v, score, mask, blocks, scale, c["kernel_options"] or None,
-                             _band_of(lists, mask, q, k, tuple(c["block_size"])), want_max=c.get("want_max", True))
+    band = _band_of(lists, mask, q, k, tuple(c["block_size"]), c.get("band_lists", False))
+    return dispatch.FlexCall(q, k, v, score, mask, blocks, scale, c["kernel_options"] or None, band,
+                             want_max=c.get("want_max", True))
 
 
-def _band_of(lists: list, mask, q: torch.Tensor, k: torch.Tensor, block: tuple) -> Band | None:
+def _band_of(lists: list, mask, q: torch.Tensor, k: torch.Tensor, block: tuple, band_lists: bool) -> Band | None:
     """The eager path's ``flex_attention._band_of`` on what the op sees: no block_mask keeps every
-    key (a score_mod then walks the dense loops too); else ``block_mask.listed_band`` of the
-    key-side lists, where k / v are not a broadcast batch. None: the call walks the lists."""
+    key (a score_mod then walks the dense loops too); else, where k / v are not a broadcast batch,
+    the mask's band if the lists are its exact blocks: built in the graph (``band_lists``) or, by
+    ``block_mask.listed_band``, before it. None: the call walks the lists."""
     if not lists:
         return Band()
     if k.shape[0] != q.shape[0]:
         return None
+    if band_lists:
+        return band_of_graph(mask, q.shape[2], k.shape[2]) if mask is not None else None
     return listed_band(lists[:4], mask, (q.shape[2], k.shape[2]), block)
 
 
