@@ -17,6 +17,7 @@ import inspect
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -25,6 +26,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import attend.integrations.transformers as at  # noqa: E402  (registers "attend")
+from attend._versions import GRAPH_MADE_MODS  # noqa: E402
 from attend._flex import dispatch as flex_dispatch  # noqa: E402
 from attend._flex import varlen as flex_varlen  # noqa: E402
 from attend.kernels import launch  # noqa: E402
@@ -173,13 +175,19 @@ def test_import_without_transformers_names_the_install():
 GRAD_CASES = ([(m, "") for m in MODELS] + [(m, "left-padded") for m in ("llama", "gpt_oss", "gemma2") if m in CONFIGS]
               + [(m, "4d-mask") for m in ("gpt_oss",) if m in CONFIGS]
               + [(m, "rows-packed") for m in ("llama", "qwen2") if m in CONFIGS]
-              + [(m, "compiled") for m in ("llama", "mistral") if m in CONFIGS]
+              + [(m, "compiled") for m in ("llama", "mistral", "gemma2", "gpt_oss") if m in CONFIGS]
               + [(m, "compiled-left-padded") for m in ("llama", "gemma2") if m in CONFIGS])
-# Calls per forward that run flex: Gemma 2's every layer (softcap); gpt-oss's only with a 4-D mask.
-FLEX_LAYERS = {("gemma2", ""): 2, ("gemma2", "left-padded"): 2, ("gpt_oss", "4d-mask"): 2,
-               ("gemma2", "compiled-left-padded"): 2}
-# Models whose attention leaves the compiled graph (softcap, sinks: docs/transformers.md)
+# Calls per forward that run flex, and per backward that run the core's flex backward: Gemma 2's every
+# layer (softcap); gpt-oss's only with a 4-D mask; under torch.compile, flex_attention over the band
+# (_traced_flex), whose calls with no score_mod run the dense kernels, backward too (not counted).
+FLEX_LAYERS = {("gemma2", ""): (2, 2), ("gemma2", "left-padded"): (2, 2), ("gpt_oss", "4d-mask"): (2, 2),
+               ("gemma2", "compiled-left-padded"): (2, 2), ("gemma2", "compiled"): (2, 2)}
+if GRAPH_MADE_MODS:  # (before torch 2.13 these calls run their eager route, varlen_attn, outside the graph)
+    FLEX_LAYERS.update({("gpt_oss", "compiled"): (2, 0), ("mistral", "compiled"): (2, 0)})
+# Models whose attention leaves the compiled graph beside a padding mask (softcap, sinks: docs/transformers.md)
 OUTSIDE_THE_GRAPH = ("gemma2", "gpt_oss")
+# Models Dynamo cannot compile fullgraph whatever the attention (gpt-oss: a loop over the experts hit)
+NOT_FULLGRAPH = ("gpt_oss",)
 
 
 def _custom_mask(B: int, S: int) -> torch.Tensor:
@@ -194,9 +202,10 @@ def _custom_mask(B: int, S: int) -> torch.Tensor:
                          ids=[f"{m}({FEATURES[m]}){'-' + v if v else ''}" for m, v in GRAD_CASES])
 def test_logits_and_grads_match_eager(name, variant):
     """attend's logits and every parameter's gradient against eager attention's, both against float64.
-    "compiled": the model under torch.compile (aot_eager; fullgraph where the attention stays in the
-    graph), "compiled-left-padded" with a padding mask (the mask materialized, as for transformers'
-    sdpa under torch.compile)."""
+    "compiled": the model under torch.compile (aot_eager, fullgraph: softcap, sinks and windows on
+    flex_attention over the band in the graph), "compiled-left-padded" with a padding mask (the mask
+    materialized, as for transformers' sdpa under torch.compile; a softcap or sinks beside it leave
+    the graph)."""
     B, S = 2, 24
     ids = tokens(B, S)
     mask = None
@@ -237,7 +246,10 @@ def test_logits_and_grads_match_eager(name, variant):
             run = model
             if key == "attend" and variant.startswith("compiled"):
                 torch._dynamo.reset()
-                run = torch.compile(model, backend="aot_eager", fullgraph=name not in OUTSIDE_THE_GRAPH)
+                run = torch.compile(model, backend="aot_eager",
+                                    fullgraph=name not in NOT_FULLGRAPH and (
+                                        (variant == "compiled" and GRAPH_MADE_MODS)
+                                        or name not in OUTSIDE_THE_GRAPH))
             loss, logits = _loss(run, ids, model_mask, weights,
                                  **({"use_cache": False} if variant in ("rows-packed", "compiled-left-padded") else {}))
             loss.backward()
@@ -245,8 +257,8 @@ def test_logits_and_grads_match_eager(name, variant):
             now = launch._uniform.cache_info()
             assert now.hits + now.misses > packed_calls.hits + packed_calls.misses, "no row call ran packed"
         results[key] = (logits.detach(), _grads(model))
-    layers = FLEX_LAYERS.get((name, variant), 0)
-    assert_fused_flex(runs(), forwards=layers, backwards=layers)
+    forwards, backwards = FLEX_LAYERS.get((name, variant), (0, 0))
+    assert_fused_flex(runs(), forwards=forwards, backwards=backwards)
     valid = (slice(None),) if mask is None else (mask.bool(),)
     assert_scaled(results["attend"][0][valid], results["64"][0][valid], results["32"][0][valid], f"{name} logits")
     grads64, grads32, ours_g = results["64"][1], results["32"][1], results["attend"][1]
@@ -333,15 +345,17 @@ def test_generate_greedy_matches_eager(name, use_kernel):
 
 
 def test_fullgraph_compile_of_a_route_outside_the_graph_says_why():
-    """Under torch.compile a softcap runs flex_attention outside the graph (a graph break), so
-    fullgraph=True fails, with a reason that names the feature and the remedy; without fullgraph the
-    call runs and equals the eager one."""
+    """Under torch.compile a softcap beside a mask tensor runs flex_attention outside the graph (a
+    graph break), so fullgraph=True fails, with a reason that names the feature and the remedy;
+    without fullgraph the call runs and equals the eager one."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 16, 8, generator=g).to(DEVICE) for _ in range(3))
+    mask = torch.rand(1, 1, 16, 16, generator=g).to(DEVICE) < 0.7
+    mask |= torch.eye(16, dtype=torch.bool, device=DEVICE)
     module = torch.nn.Module()
 
     def call(q, k, v):
-        return at.attention_forward(module, q, k, v, None, softcap=5.0)[0]
+        return at.attention_forward(module, q, k, v, mask, softcap=5.0)[0]
 
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"(?s)softcap.*fullgraph=False"):
@@ -536,6 +550,30 @@ def test_mask_builder_never_materializes_a_band():
     m = create_causal_mask(attention_mask=torch.ones(2, 21, dtype=torch.long), inputs_embeds=emb[:, :1], config=cfg,
                            position_ids=torch.full((2, 1), 20), **{CACHE: cache})
     assert m is None
+
+
+def test_traced_mask_keeps_the_band_only_where_transformers_says_it_is_one():
+    """Inside torch.compile the mask builder reads no closure: a causal sliding window is known by
+    what create_sliding_window_causal_mask passes (allow_is_causal_skip on, local_size the config's
+    sliding_window) and kept as the band (None); a chunked mask (local_size the config's
+    attention_chunk_size), or a window that packing has changed (allow_is_causal_skip off), is
+    materialized, equal to transformers' sdpa mask."""
+    from transformers.masking_utils import chunked_causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+
+    B, L = 2, 24
+    base = dict(batch_size=B, q_length=L, kv_length=L, q_offset=0, kv_offset=0, attention_mask=None,
+                dtype=torch.float32, device=DEVICE)
+    sliding = dict(base, mask_function=sliding_window_causal_mask_function(WINDOW), local_size=WINDOW,
+                   config=types.SimpleNamespace(sliding_window=WINDOW))
+    assert at._traced_mask(dict(sliding, allow_is_causal_skip=True)) is None
+    chunked = dict(base, mask_function=chunked_causal_mask_function(WINDOW, torch.zeros(B, dtype=torch.long)),
+                   local_size=WINDOW, config=types.SimpleNamespace(sliding_window=None, attention_chunk_size=WINDOW))
+    for kw in (dict(chunked, allow_is_causal_skip=True), dict(sliding, allow_is_causal_skip=False)):
+        got = at._traced_mask(dict(kw))
+        want = sdpa_mask(**dict(kw, allow_is_causal_skip=False))
+        assert got is not None and torch.equal(got, want)
+    # the chunked mask is no window: row 9 sees keys 8 and 9 only, a window of 8 would give 2..9
+    assert at._traced_mask(dict(chunked, allow_is_causal_skip=True))[0, 0, 9].nonzero().flatten().tolist() == [8, 9]
 
 
 def _spy_calls(name: str, ids: torch.Tensor, **kw) -> list:

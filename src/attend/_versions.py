@@ -44,6 +44,11 @@ def out_of_range() -> list[str]:
     return found
 
 
+# Whether Dynamo hands a function made inside a compiled region, closing over Python numbers, to a
+# constant function (flex's ``compiled.describe``): from torch 2.13 such numbers are constants of
+# the graph; torch 2.11 and 2.12 fail at trace time ("SourcelessBuilder ... <class 'cell'>").
+GRAPH_MADE_MODS = _minor(torch.__version__) >= (2, 13)
+
 # What torch.compiler.assume_constant_result does (every supported torch; a test compares): it
 # imports torch._dynamo (about a second, most of ``import attend``) to set this attribute.
 DYNAMO_CONSTANT = "_dynamo_marked_constant"

@@ -82,10 +82,11 @@ except ImportError as e:  # transformers is optional for attend; only this modul
         f"Importing it failed: {e}") from e
 
 import attend
+from attend._flex import compiled as flex_compiled
 from attend._flex import varlen as flex_varlen
 from attend._flex.trace import data_cells
 from attend._hostcache import version
-from attend._versions import outside_graph
+from attend._versions import GRAPH_MADE_MODS, outside_graph
 from attend.backends import kernel_for
 from attend.bias import causal_lower_right
 from attend.flex_attention import AuxRequest as FlexAuxRequest
@@ -264,11 +265,20 @@ def _traced_mask(kw: dict) -> torch.Tensor | None:
     """``mask_for_attend`` inside torch.compile. Dynamo cannot read the closures of the mask functions
     transformers makes in the graph (``_mask_parts``: sliding windows, packed sequences), and a
     route must not hang on the mask's values (``_key_padding`` reads the device). So an unpadded
-    causal mask with the queries at the keys' end is None (the band), as outside the graph; every
-    other mask is materialized, as transformers' ``sdpa`` does under torch.compile."""
+    mask with the queries at the keys' end is None (the band) where it is plain causal, or where
+    transformers says it is a causal sliding window: ``create_sliding_window_causal_mask`` leaves
+    ``allow_is_causal_skip`` on only for its own mask function (any other mask function, packing
+    included, clears it) and passes the config's ``sliding_window`` as ``local_size``, where
+    ``create_chunked_causal_mask`` passes the config's ``attention_chunk_size``. The window's size
+    arrives as the attention call's ``sliding_window``, as outside the graph. Every other mask is
+    materialized, as transformers' ``sdpa`` does under torch.compile."""
     q_offset, kv_offset = kw["q_offset"], kw["kv_offset"]
-    if (kw["mask_function"] is causal_mask_function and kw["attention_mask"] is None
-            and type(q_offset) is int and type(kv_offset) is int
+    local, config = kw.get("local_size"), kw.get("config")
+    window = (kw.get("allow_is_causal_skip", False) and local is not None
+              and local == getattr(config, "sliding_window", None)
+              and local != getattr(config, "attention_chunk_size", None))
+    band = kw["mask_function"] is causal_mask_function or window
+    if (band and kw["attention_mask"] is None and type(q_offset) is int and type(kv_offset) is int
             and q_offset - kv_offset == kw["kv_length"] - kw["q_length"]):
         return None
     kw.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
@@ -950,29 +960,74 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 def _traced_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal,
                       s_aux, **kwargs) -> tuple[torch.Tensor, None]:
-    """``attention_forward`` inside torch.compile. A call with no softcap or sinks whose mask is None
-    (``_traced_mask``'s unpadded causal band, the window cutting no key) or a 4-D tensor runs attend's
-    SDPA in the graph, whose kernels are custom ops: no graph break, ``fullgraph=True`` holds. The
-    other routes plan on the host from the mask's values (padding's and packing's ``varlen_attn``,
-    whose sequence lengths are host integers) or make mods over tensors of the graph (softcap's and
-    sinks' ``flex_attention``), so they run outside the graph (``_outside_graph``): a graph break
-    per call, which ``fullgraph=True`` refuses. So does a batch of one whose ``position_ids`` may
-    restart (``_may_be_packed``), as transformers' ``flash_attention_2`` does."""
+    """``attention_forward`` inside torch.compile, with no graph break (``fullgraph=True`` holds) for:
+    a call with no softcap or sinks whose mask is None (``_traced_mask``'s unpadded causal band, the
+    window cutting no key) or a 4-D tensor, on attend's SDPA, whose kernels are custom ops; and a call
+    whose mask is None with a softcap, sinks or a window that cuts keys, on flex_attention over the
+    band (``_traced_flex``; from torch 2.13, whose Dynamo hands its mods, made in the graph, to
+    flex: ``GRAPH_MADE_MODS``). The other routes plan on the host from the mask's values (padding's and
+    packing's ``varlen_attn``, whose sequence lengths are host integers) or make mods over a mask
+    tensor of the graph (a softcap beside a materialized mask), so they run outside the graph
+    (``_outside_graph``): a graph break per call, which ``fullgraph=True`` refuses. So does a batch
+    of one whose ``position_ids`` may restart (``_may_be_packed``), as transformers'
+    ``flash_attention_2`` does."""
     L, S = query.shape[-2], key.shape[-2]
     kind = _mask_kind(attention_mask, kwargs)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"attend: sliding_window must be a positive int, got {sliding_window!r}")
     window_cuts = sliding_window is not None and S > sliding_window
-    if (softcap is not None or s_aux is not None or kind not in ("none", "keys", "dense")
-            or (kind == "none" and window_cuts) or kwargs.get("block_table") is not None
-            or kwargs.get("k_cache") is not None or 0 in query.shape
-            or _may_be_packed(query, key, attention_mask, kwargs)):
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    plain = (kwargs.get("block_table") is None and kwargs.get("k_cache") is None and 0 not in query.shape
+             and not _may_be_packed(query, key, attention_mask, kwargs))
+    if (plain and kind == "none" and not dropout and GRAPH_MADE_MODS
+            and (softcap is not None or s_aux is not None or window_cuts)):
+        window = sliding_window if window_cuts else None
+        return _traced_flex(query, key, value, scaling, window, softcap, s_aux, bool(is_causal)), None
+    if not plain or softcap is not None or s_aux is not None or kind not in ("none", "keys", "dense") or (
+            kind == "none" and window_cuts):
         return _outside_graph(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
                               is_causal, s_aux, **kwargs)
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     call = _Call("sdpa", kind, bool(is_causal) and kind == "none" and L > 1, None, [])
     gqa = query.shape[1] != key.shape[1]
     return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
+
+
+def _traced_flex(q, k, v, scale, window: int | None, softcap: float | None, s_aux, causal: bool) -> torch.Tensor:
+    """A call with no mask tensor (``_traced_mask``'s band: the queries at the keys' end) and a
+    softcap, sinks or a window that cuts keys, inside torch.compile: flex_attention over the band's
+    BlockMask, built by ops of the graph (``compiled.band_lists``), so the call takes the band's
+    routes as eagerly and no graph break. The mods close over numbers only (the graph's constants).
+    ``(B, L, H, D)``."""
+    L, S = q.shape[-2], k.shape[-2]
+    off = S - L  # query i sits at key position i + off
+    if causal:  # keys j <= i + off, and j > i + off - window: q_idx - kv_idx in [-off, window - off - 1]
+        kept = (-off, (window - off - 1) if window is not None else L - 1)
+
+        def band_mod(b, h, q_idx, kv_idx):
+            keep = kv_idx <= q_idx + off
+            return keep & (kv_idx > q_idx + off - window) if window is not None else keep
+    elif window is not None:  # |j - (i + off)| < window
+        kept = (1 - window - off, window - off - 1)
+
+        def band_mod(b, h, q_idx, kv_idx):
+            return (kv_idx - (q_idx + off)).abs() < window
+    block_mask = None
+    if causal or window is not None:
+        block_mask = flex_compiled.band_lists(band_mod, kept, None, None, L, S, q.device, (128, 128))
+    score_mod = None
+    if softcap is not None:
+        cap = float(softcap)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+    aux = FlexAuxRequest(lse=True) if s_aux is not None else None
+    res = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                         scale=None if scale is None else float(scale), enable_gqa=q.shape[1] != k.shape[1],
+                         return_aux=aux)
+    if s_aux is None:
+        return res.transpose(1, 2)
+    out, aux_out = res
+    return _with_sinks(out.transpose(1, 2), aux_out.lse.transpose(1, 2), s_aux)
 
 
 def _attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal, s_aux,
@@ -1001,10 +1056,11 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
 
 
 _outside_graph = outside_graph(
-    _attention, reason="attend: a softcap, sinks, a padding mask, a packed batch or a batch of one whose "
-    "position_ids may restart runs attend's flex_attention or varlen_attn outside the compiled graph (one graph "
-    "break per attention call; they plan on the host from the mask's or position_ids' values): compile with "
-    "fullgraph=False (docs/transformers.md, \"Under torch.compile\")")
+    _attention, reason="attend: a softcap or sinks beside a mask tensor, a padding mask, a packed batch, dropout "
+    "with a softcap, sinks or a window, or a batch of one whose position_ids may restart runs attend's "
+    "flex_attention or varlen_attn outside the compiled graph (one graph break per attention call; they plan on "
+    "the host from the mask's or position_ids' values, or read a mask tensor a mod made in the graph cannot "
+    "hand over): compile with fullgraph=False (docs/transformers.md, \"Under torch.compile\")")
 
 PAGED_NAME = "paged|" + NAME
 
