@@ -12,6 +12,7 @@ import torch
 
 import attend.flex_attention as flex
 from attend._flex import dispatch
+from attend._versions import GRAPH_MADE_MODS
 from conftest import DEVICE, assert_scaled_close
 from test_flex import MASKS, _with_captures, dense_reference
 
@@ -71,6 +72,54 @@ def test_trained_table_and_document_mask_fullgraph():
     fn = lambda q, k, v: flex.flex_attention(q, k, v, rel, bm)
     mask_ref = lambda b, h, qi, ki: (doc[b, qi] == doc[b, ki]) & (qi >= ki)
     _check_against_eager_and_float64(fn, (q, k, v), [table], rel, mask_ref, "table + document")
+
+
+def _rel_bias(score, b, h, q_idx, kv_idx, table, factor):
+    return score + factor * table[h, q_idx - kv_idx + S]
+
+
+def _doc_mask(b, h, q_idx, kv_idx, doc):
+    return doc[b, q_idx] == doc[b, kv_idx]
+
+
+@pytest.mark.skipif(not GRAPH_MADE_MODS, reason="create_block_mask runs in the graph from torch 2.13")
+def test_bound_mods_over_tensors_made_in_the_graph_fullgraph():
+    """BoundMods (module-level bodies beside the tensors they read) over tensors the compiled
+    function makes: a relative-bias table computed from a trained parameter, and a document mask's
+    BlockMask built in the graph from ids computed there. fullgraph=True holds, the output and the
+    gradients (the parameter's through the table) equal the eager call's and the float64
+    definition. Eager flex takes a BoundMod as the mod it stands for."""
+    q, k, v = _inputs(4)
+    base = (0.5 * torch.randn(H, L + S, device=DEVICE)).requires_grad_()
+    positions = torch.arange(S, device=DEVICE)
+    def fn(q, k, v, base, positions):
+        table = base * 2.0
+        doc = (positions // 20).expand(B, S)
+        bm = flex.create_block_mask(flex.BoundMod(_doc_mask, (doc,)), B, None, L, S, device=DEVICE, BLOCK_SIZE=16)
+        return flex.flex_attention(q, k, v, flex.BoundMod(_rel_bias, (table,), (0.5,)), bm)
+
+    doc = (positions // 20).expand(B, S)
+    mask_ref = lambda b, h, qi, ki: _doc_mask(b, h, qi, ki, doc)
+    before = dict(dispatch.PATHS)
+    out = _compile(fn)(q, k, v, base, positions)
+    assert dispatch.PATHS["fused"] + dispatch.PATHS["blocked"] == before["fused"] + before["blocked"] + 1
+    g = torch.randn_like(out)
+    leaves = (q, k, v, base)
+    grads = torch.autograd.grad((out * g).sum(), leaves)
+    ref = fn(q, k, v, base, positions)
+    ref_grads = torch.autograd.grad((ref * g).sum(), leaves)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item()))
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        ls = [t.detach().to(dt).requires_grad_() for t in leaves]
+        o = dense_reference(*ls[:3], lambda s, b, h, qi, ki: _rel_bias(s, b, h, qi, ki, ls[3] * 2.0, 0.5), mask_ref,
+                            dt)[0]
+        res[dt] = (o, torch.autograd.grad((o * g.to(dt)).sum(), ls))
+    assert_scaled_close(out, res[torch.float64][0], res[torch.float32][0], what="out")
+    for i, (a, r, s_) in enumerate(zip(grads, res[torch.float64][1], res[torch.float32][1])):
+        assert_scaled_close(a, r, s_, k=6.0, what=f"grad {i}")
 
 
 class _Biased(torch.nn.Module):
@@ -394,23 +443,31 @@ def _window_mod(b, h, q_idx, kv_idx):
     return (q_idx >= kv_idx) & (q_idx - kv_idx <= _WIDTH.value)
 
 
-_DOC = (torch.arange(S) // 20).to(DEVICE)
+_DOC = types.SimpleNamespace(ids=(torch.arange(S) // 20).to(DEVICE))  # document ids a mask_mod reads
 
 
 def _document_mod(b, h, q_idx, kv_idx):
-    return _DOC[q_idx] == _DOC[kv_idx]
+    return _DOC.ids[q_idx] == _DOC.ids[kv_idx]
 
 
-@pytest.mark.parametrize("case", ["causal", "window", "document", "made-inside"])
+_PREFIX_LM = flex.or_masks(MASKS["causal"], lambda b, h, q_idx, kv_idx: kv_idx < 10)
+_GRAPH_MASKS = {"causal": MASKS["causal"], "window": _window_mod, "document": _document_mod, "prefix-lm": _PREFIX_LM}
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "document", "prefix-lm", "made-inside"])
 def test_create_block_mask_inside_a_compiled_function(case):
-    """create_block_mask inside torch.compile: a band mask_mod (causal, a window whose width a
-    variable holds) builds its lists in the graph, so fullgraph=True holds, and the call takes the
-    eager call's band route; a new width traces again. A mask that reads a tensor, or a mod made
-    inside the compiled function over a variable, runs create_block_mask outside the graph (the
-    same lists and route), which fullgraph=True refuses with a reason that says what to do. The
-    lists equal the eager call's, the output and gradients eager's and the float64 definition."""
+    """create_block_mask inside torch.compile builds the BlockMask in the graph, fullgraph: a band
+    mask_mod (causal, a window whose width a variable holds) by arithmetic, taking the eager call's
+    band route, a new width tracing again; any other mask (a document mask over a tensor, prefix-LM
+    through or_masks) through the block-status op, new document ids reusing the graph. A mod made
+    inside the compiled function over a variable runs create_block_mask outside the graph (the same
+    lists and route), which fullgraph=True refuses with a reason that says what to do. The lists
+    equal the eager call's, the output and gradients eager's and the float64 definition."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     q, k, v = (t.detach() for t in _inputs(12))
-    in_graph = case in ("causal", "window")
+    in_graph = case != "made-inside" and GRAPH_MADE_MODS  # (before torch 2.13 every case runs outside)
+    inside = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= 9)  # the made-inside mask
 
     def fn(q, k, v):
         if case == "made-inside":
@@ -419,7 +476,7 @@ def test_create_block_mask_inside_a_compiled_function(case):
             def mask(b, h, q_idx, kv_idx):
                 return (q_idx >= kv_idx) & (q_idx - kv_idx <= width)
         else:
-            mask = {"causal": MASKS["causal"], "window": _window_mod, "document": _document_mod}[case]
+            mask = _GRAPH_MASKS[case]
         bm = flex.create_block_mask(mask, None, None, L, S, device=DEVICE, BLOCK_SIZE=16)
         return flex.flex_attention(q, k, v, block_mask=bm), [getattr(bm, a) for a in flex.BlockMask._TENSOR_ATTRS]
 
@@ -429,10 +486,15 @@ def test_create_block_mask_inside_a_compiled_function(case):
         grads = torch.autograd.grad(out.sum(), leaves)
         return {p: n - before[p] for p, n in dispatch.PATHS.items() if n != before[p]}, out, lists, grads
 
-    widths = (20, 5) if case == "window" else (20,)
-    compiled = _compile(fn) if in_graph else None
-    for width in widths:
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter) if in_graph else None
+    steps = {"window": [(20, None), (5, None)], "document": [(20, None), (20, 7)]}.get(case, [(20, None)])
+    ids = _DOC.ids.clone()
+    for width, doc_len in steps:
         _WIDTH.value = width
+        if doc_len is not None:  # new ids, the same tensor: the graph reads them
+            _DOC.ids.copy_(torch.arange(S, device=DEVICE) // doc_len)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         eager_paths, ref, ref_lists, ref_grads = route(fn)
         if not in_graph:
@@ -442,20 +504,21 @@ def test_create_block_mask_inside_a_compiled_function(case):
             compiled = torch.compile(fn, backend="aot_eager")
         paths, out, lists, grads = route(compiled)
         assert paths == eager_paths, (paths, eager_paths)
-        assert any(p.startswith("band") for p in paths) == (case != "document"), paths
+        assert any(p.startswith("band") for p in paths) == (case in ("causal", "window", "made-inside")), paths
         for a, r in zip(lists, ref_lists):
             assert (a is None and r is None) or torch.equal(a, r)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
         for a, r in zip(grads, ref_grads):
             torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
-        mask = {"causal": MASKS["causal"], "window": _window_mod, "document": _document_mod}.get(
-            case, lambda b, h, qi, ki: (qi >= ki) & (qi - ki <= 9))
         refs = {}
         for dt in (torch.float64, torch.float32):
             ls = [t.detach().to(dt).requires_grad_() for t in leaves]
-            o = dense_reference(*ls, None, mask, dt)[0]
+            o = dense_reference(*ls, None, _GRAPH_MASKS.get(case, inside), dt)[0]
             refs[dt] = (o, torch.autograd.grad(o.sum(), ls))
         assert_scaled_close(out, refs[torch.float64][0], refs[torch.float32][0], what=f"{case} out")
         for name, a, r, s_ in zip("qkv", grads, refs[torch.float64][1], refs[torch.float32][1]):
             assert_scaled_close(a, r, s_, k=6.0, what=f"{case} d{name}")
+    if in_graph:  # a new width traces again; new document ids do not
+        assert counter.frame_count == (2 if case == "window" else 1), counter.frame_count
     _WIDTH.value = 20
+    _DOC.ids.copy_(ids)

@@ -44,9 +44,11 @@ def out_of_range() -> list[str]:
     return found
 
 
-# Whether Dynamo hands a function made inside a compiled region, closing over Python numbers, to a
-# constant function (flex's ``compiled.describe``): from torch 2.13 such numbers are constants of
-# the graph; torch 2.11 and 2.12 fail at trace time ("SourcelessBuilder ... <class 'cell'>").
+# Whether flex's objects are made inside a compiled graph: create_block_mask's BlockMask
+# (``compiled.graph_block_mask``) and the transformers integration's mods over the graph's tensors
+# (its softcap, sinks and windows under torch.compile). Tested from torch 2.13. torch 2.11 and 2.12's
+# Dynamo fails at trace time on a function made in the graph that closes over Python numbers
+# ("SourcelessBuilder ... <class 'cell'>"), so there those calls keep their graph break.
 GRAPH_MADE_MODS = _minor(torch.__version__) >= (2, 13)
 
 # What torch.compiler.assume_constant_result does (every supported torch; a test compares): it

@@ -40,6 +40,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ._flex import compiled as _compiled_mods
 from ._flex import dispatch as _dispatch
 from ._flex import lists as _lists
 from ._flex import plan as _plan
@@ -48,12 +49,13 @@ from ._flex.block_mask import BlockMask, _sliced_mask_mod_error, from_torch, lis
 from ._flex.block_mask import create_block_mask as _create_block_mask
 from ._flex.trace import FlexTraceError
 from ._layout import Band as _Band
-from ._versions import outside_graph
+from ._versions import GRAPH_MADE_MODS, outside_graph
 
 __all__ = ["flex_attention", "BlockMask", "create_block_mask", "create_mask", "and_masks", "or_masks", "noop_mask",
-           "AuxRequest", "AuxOutput", "FlexTraceError", "explain", "FlexRoute"]
+           "AuxRequest", "AuxOutput", "FlexTraceError", "explain", "FlexRoute", "BoundMod"]
 
 FlexRoute = _dispatch.FlexRoute
+BoundMod = _compiled_mods.BoundMod  # (attend's: a mod over tensors a compiled function makes; docs/flex.md)
 
 _MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -143,20 +145,22 @@ def create_block_mask(mask_mod: _MaskMod, B: int | None, H: int | None, Q_LEN: i
         BlockMask whose lists equal PyTorch's ``create_block_mask`` for the same mask. Peak memory
         is the int8 ``[B, H, Q_LEN / BQ, KV_LEN / BKV]`` block status, never ``L x S``.
 
-    Inside torch.compile, a band mask_mod (causal, a sliding window: a function of ``q_idx -
-    kv_idx`` alone) on int sizes is built in the graph, and the call takes the band's routes as
-    eagerly; a mod made inside the compiled function must close over no variables, or numbers
-    only. Any other mask runs outside the graph (a graph break, which ``fullgraph=True``
-    refuses): build that BlockMask before the compiled function, once per shape, to keep one graph.
+    Inside torch.compile (torch 2.13 and later), on int sizes, it is built in the graph, no graph break: a band mask_mod
+    (causal, a sliding window: a function of ``q_idx - kv_idx`` alone) by arithmetic, and the call
+    takes the band's routes as eagerly; any other mask by a custom op over the tensors the mod
+    reads (a new value of them reuses the graph). The mod must be made outside the compiled
+    function, or close over nothing: one made inside over a variable runs create_block_mask outside
+    the graph (a graph break, which ``fullgraph=True`` refuses): build it outside, or build the
+    BlockMask before the compiled function, once per shape.
     """
     args = (mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, _compile, separate_full_blocks, compute_dq_write_order,
             dq_kv_order)
     if not torch.compiler.is_compiling():
         return _block_mask(*args)
-    if not (compute_dq_write_order or _compile):
+    if not (compute_dq_write_order or _compile) and GRAPH_MADE_MODS:
         from ._flex import compiled
 
-        bm = compiled.band_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks)
+        bm = compiled.graph_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks)
         if bm is not None:
             return bm
     return _block_mask_outside_graph(*args)
@@ -284,11 +288,10 @@ def _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
 
     scale = _check(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
                    return_aux)
-    none = ("", (), (), (), ())
-    score_key, score_paths, score_slots, score_numbers, score_guards = compiled.describe(score_mod, "score") \
-        if score_mod is not None else none
-    lists, block_size, mask_mod = [], [1 << 30, 1 << 30], None
-    mask_key, mask_paths, mask_slots, mask_numbers, mask_guards = none
+    score_key, score_caps, score_slots, numbers = compiled.parts(score_mod, "score") if score_mod is not None \
+        else ("", [], (), [])
+    lists, block_size = [], [1 << 30, 1 << 30]
+    mask_key, mask_caps, mask_slots = "", [], ()
     if block_mask is not None and tuple(block_mask.BLOCK_SIZE) != (1 << 30, 1 << 30):
         if tuple(block_mask.seq_lengths) != (query.shape[2], key.shape[2]):
             raise ValueError(f"flex_attention: block_mask was created for (Q_LEN, KV_LEN) = "
@@ -301,22 +304,8 @@ def _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
             raise RuntimeError("flex_attention: block_mask was sliced and its mask_mod reset; assign a mask_mod "
                                "that fits the slice (block_mask.mask_mod = ...)")
         if mask_mod is not None and mask_mod is not noop_mask and getattr(mask_mod, "__name__", "") != "noop_mask":
-            mask_key, mask_paths, mask_slots, mask_numbers, mask_guards = compiled.describe(mask_mod, "mask")
-    score_caps = [compiled.fetch(score_mod, p) for p in score_paths]
-    mask_caps = [compiled.fetch(mask_mod, p) for p in mask_paths]
-    numbers = []
-    for mod, slots, paths, guards in ((score_mod, score_slots, score_numbers, score_guards),
-                                      (mask_mod, mask_slots, mask_numbers, mask_guards)):
-        try:
-            for path, seen in guards:  # numbers baked into the graph: Dynamo guards on each
-                if compiled.fetch(mod, path) != seen:
-                    raise AssertionError("unreachable: describe read this value")
-            numbers += [float(compiled.fetch(mod, p)) for p in paths]
-        except AttributeError:  # a mod made inside the compiled function: its numbers are constants of it
-            if mod is score_mod:
-                score_slots = ()
-            else:
-                mask_slots = ()
+            mask_key, mask_caps, mask_slots, mask_numbers = compiled.parts(mask_mod, "mask")
+            numbers = numbers + mask_numbers
     want_max = return_aux is not None and bool(return_aux.max_scores)
     # a BlockMask create_block_mask built in this graph from a band mask_mod, its lists unreplaced
     built = getattr(block_mask, "_graph_lists", None) if lists else None

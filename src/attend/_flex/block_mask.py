@@ -167,7 +167,7 @@ class BlockMask:
         # (_flex/band.py); None: not known
         self._built_from: tuple | None = None
         # the kv lists as create_block_mask built them from a band mask_mod inside a compiled graph
-        # (``compiled.band_block_mask``; no weak record of a graph's tensors): the compiled call
+        # (``compiled.graph_block_mask``; no weak record of a graph's tensors): the compiled call
         # whose lists are still these tensors takes the band's routes; None elsewhere
         self._graph_lists: tuple | None = None
         # PyTorch's deterministic block-sparse dQ metadata: kept for as_tuple's shape, not produced

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import pickle
 import types
+from typing import Callable
 
 import torch
 
@@ -166,6 +167,13 @@ def _number_sources(mod, kind: str, g: ModGraph) -> tuple[list, list]:
     return found, guarded
 
 
+def _keeps_everything(g: ModGraph) -> bool:
+    """Whether the traced mod changes nothing: a score_mod returning the score, a mask_mod True."""
+    if g.kind == "score":
+        return isinstance(g.output, Ref) and g.output.i == 0
+    return isinstance(g.output, Ref) and g.nodes[g.output.i].op == "const" and g.nodes[g.output.i].args[0] is True
+
+
 @assume_constant_result
 def describe(mod, kind: str) -> tuple[str, tuple, tuple, tuple]:
     """(:func:`encode` of the traced mod, or "" when it changes nothing; the path to each tensor it
@@ -174,10 +182,7 @@ def describe(mod, kind: str) -> tuple[str, tuple, tuple, tuple]:
     outside the graph: the compiled graph reads the tensors and slot numbers through :func:`fetch`
     (inputs: a new value is never a stale constant) and guards on the other numbers."""
     g = trace(mod, kind)
-    if kind == "score" and isinstance(g.output, Ref) and g.output.i == 0:
-        return "", (), (), (), ()
-    if kind == "mask" and isinstance(g.output, Ref) and g.nodes[g.output.i].op == "const" and \
-            g.nodes[g.output.i].args[0] is True:
+    if _keeps_everything(g):
         return "", (), (), (), ()
     paths = []
     for c in g.captures:
@@ -209,11 +214,65 @@ def fetch(mod, path: tuple):
     return obj
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoundMod:
+    """A mod as a module-level function and the tensors and numbers it takes after its usual
+    arguments: ``fn(score, b, h, q_idx, kv_idx, *tensors, *numbers)`` for a score_mod (a mask_mod
+    without ``score``). The form a mod made inside a compiled region takes to reach flex over the
+    graph's tensors: Dynamo cannot hand a function made there, closing over them, to
+    :func:`describe`, but it hands ``fn`` over (:func:`describe_bound`), and the tensors become the
+    op's inputs. ``numbers`` are constants of the graph. Callable as the mod it stands for."""
+
+    fn: Callable
+    tensors: tuple = ()
+    numbers: tuple = ()
+
+    def __call__(self, *args):
+        return self.fn(*args, *self.tensors, *self.numbers)
+
+
+@assume_constant_result
+def describe_bound(fn, kind: str, signatures: tuple, numbers: tuple) -> tuple[str, tuple]:
+    """(:func:`encode` of ``BoundMod(fn, tensors, numbers)`` traced, "" when it changes nothing; for
+    each of the graph's captures, the index of its tensor in ``tensors``), for tensors of these
+    (dtype, rank) ``signatures``: the trace reads none of their values or sizes, so one-element
+    stand-ins serve, at trace time, outside the graph."""
+    stand_ins = tuple(torch.zeros((1,) * rank, dtype=getattr(torch, dtype)) for dtype, rank in signatures)
+    g = trace(BoundMod(fn, stand_ins, tuple(numbers)), kind)
+    if _keeps_everything(g):
+        return "", ()
+    order = tuple(next(i for i, t in enumerate(stand_ins) if t is c.tensor) for c in g.captures)
+    return encode(g), order
+
+
+def parts(mod, kind: str) -> tuple[str, list, tuple, list]:
+    """(:func:`encode` of ``mod``, or "" when it changes nothing; the tensors it reads, graph inputs,
+    in capture order; the scalar slots the op fills at run time; their numbers) inside a compiled
+    region: :func:`describe` and :func:`fetch`, or for a :class:`BoundMod` :func:`describe_bound`.
+    Numbers ``describe`` made guards are checked here, which Dynamo turns into guards."""
+    if isinstance(mod, BoundMod):
+        sigs = tuple(Capture(t).signature for t in mod.tensors)
+        key, order = describe_bound(mod.fn, kind, sigs, tuple(mod.numbers))
+        return key, [mod.tensors[i] for i in order], (), []
+    key, paths, slots, sources, guards = describe(mod, kind)
+    caps = [fetch(mod, p) for p in paths]
+    try:
+        for path, seen in guards:  # numbers baked into the graph: Dynamo guards on each
+            if fetch(mod, path) != seen:
+                raise AssertionError("unreachable: describe read this value")
+        numbers = [float(fetch(mod, p)) for p in sources]
+    except AttributeError:  # a mod made inside the compiled function: its numbers are constants of it
+        slots, numbers = (), []
+    return key, caps, slots, numbers
+
+
 def _describable(mod) -> bool:
     """Whether :func:`describe` may be handed ``mod`` inside a compiled region: a plain function
     that closes over nothing, or one made outside the region (its cells hold real values). A
     function made inside may close over the graph's tensors, which Dynamo cannot pass to a
     constant function (it reports no ``__closure__`` for such a function)."""
+    if isinstance(mod, BoundMod):
+        mod = mod.fn
     if not isinstance(mod, types.FunctionType):
         return False
     if not mod.__code__.co_freevars:
@@ -234,33 +293,39 @@ def _band_kept(key: str, slots: tuple, numbers: tuple, L: int, S: int):
     return band.kept(graph(key, [], list(numbers), list(slots)), L, S)
 
 
-def band_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks: bool):
-    """``create_block_mask`` inside torch.compile for a band mask_mod (``_flex/band.py``: causal, a
-    sliding window) on int sizes: the lists by the band's arithmetic as ops of the graph (no graph
-    break), the BlockMask marked so the compiled call takes the band's routes
-    (``BlockMask._graph_lists``). None where the mask is not such a band or the mod cannot be
-    described in the graph (``_describable``): create_block_mask then runs outside the graph. The
-    band's numbers are guarded: a new window traces the graph again."""
+def graph_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks: bool):
+    """``create_block_mask`` inside torch.compile, in the graph (no graph break), for a mask_mod
+    :func:`describe` can take there (``_describable``) on int sizes. A band (``_flex/band.py``:
+    causal, a sliding window) gets its lists by the band's arithmetic, as ops of the graph, and the
+    BlockMask is marked so the compiled call takes the band's routes (``BlockMask._graph_lists``);
+    the band's numbers are guarded (a new window traces the graph again). Any other mask gets its
+    block status from the ``attend::flex_block_status`` op (``block_mask.classify`` over the
+    mod's tensors, read in the graph: a new document layout reuses the graph), then the same list
+    ops. None where the mod cannot be described in the graph: create_block_mask then runs outside
+    it."""
+    from ..ops import flex as flex_op
+    from . import block_mask
+
     block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
     sizes = (Q_LEN, KV_LEN, *block) + tuple(n for n in (B, H) if n is not None)
     if len(block) != 2 or not all(type(n) is int and n > 0 for n in sizes) or not _describable(mask_mod):
         return None
-    key, paths, slots, sources, guards = describe(mask_mod, "mask")
-    if not key or paths:
-        return None  # keeps every key, or reads a tensor: no band
     try:
-        for path, seen in guards:
-            if fetch(mask_mod, path) != seen:
-                raise AssertionError("unreachable: describe read this value")
-        numbers = tuple(fetch(mask_mod, p) for p in sources)
-    except AttributeError:  # made inside the compiled function: its numbers are constants of it
-        slots, numbers = (), ()
-    if not all(type(n) in (int, float, bool) for n in numbers):
-        return None  # a number the graph reads at run time (dynamic): no band known at trace time
-    kept = _band_kept(key, tuple(slots), numbers, Q_LEN, KV_LEN)
-    if kept is None:
+        key, caps, slots, numbers = parts(mask_mod, "mask")
+    except AttributeError:  # a tensor global of a function made inside: not read there
         return None
-    return band_lists(mask_mod, kept, B, H, Q_LEN, KV_LEN, device, block, separate_full_blocks)
+    if not key:
+        return None  # keeps every key: no lists to build (outside, as ever)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not caps and all(type(n) in (int, float, bool) for n in numbers):
+        kept = _band_kept(key, tuple(slots), tuple(numbers), Q_LEN, KV_LEN)
+        if kept is not None:
+            return band_lists(mask_mod, kept, B, H, Q_LEN, KV_LEN, device, block, separate_full_blocks)
+    like = torch.empty(0, device=device)
+    spec = flex_op.block_status_spec(key, tuple(slots), (B or 1, H or 1, Q_LEN, KV_LEN, *block))
+    status = flex_op.block_status(caps, list(numbers), like, spec)
+    return block_mask.of_status(status, (Q_LEN, KV_LEN), block, mask_mod, separate_full_blocks)
 
 
 def band_lists(mask_mod, kept: tuple, B, H, Q_LEN: int, KV_LEN: int, device, block: tuple,

@@ -270,11 +270,13 @@ def _traced_mask(kw: dict) -> torch.Tensor | None:
     ``allow_is_causal_skip`` on only for its own mask function (any other mask function, packing
     included, clears it) and passes the config's ``sliding_window`` as ``local_size``, where
     ``create_chunked_causal_mask`` passes the config's ``attention_chunk_size``. The window's size
-    arrives as the attention call's ``sliding_window``, as outside the graph. Every other mask is
-    materialized, as transformers' ``sdpa`` does under torch.compile."""
+    arrives as the attention call's ``sliding_window``, as outside the graph; its call runs flex in the
+    graph (``_traced_flex``), so before torch 2.13 (``GRAPH_MADE_MODS``) the window is materialized,
+    keeping SDPA in the graph. Every other mask is materialized, as transformers' ``sdpa`` does under
+    torch.compile."""
     q_offset, kv_offset = kw["q_offset"], kw["kv_offset"]
     local, config = kw.get("local_size"), kw.get("config")
-    window = (kw.get("allow_is_causal_skip", False) and local is not None
+    window = (GRAPH_MADE_MODS and kw.get("allow_is_causal_skip", False) and local is not None
               and local == getattr(config, "sliding_window", None)
               and local != getattr(config, "attention_chunk_size", None))
     band = kw["mask_function"] is causal_mask_function or window
@@ -624,7 +626,7 @@ def _flex_mask(call: _Call, q, k, mask, kwargs) -> _FlexMask:
                              f"(B, H, L, S) = {(B, Hq, L, S)}") from None
 
         def tensor_mask(b, h, q_idx, kv_idx):
-            return m[b, h, q_idx, kv_idx]
+            return _tensor_mask_mod(b, h, q_idx, kv_idx, m)
         return _FlexMask(data_cells(tensor_mask, "m"), B if mask.shape[0] > 1 else None, Hq if mask.shape[1] > 1 else None, (mask,),
                          ("tensor",), f"the {tuple(mask.shape)} bool mask read per block")
     parts, sources = [], ()
@@ -695,6 +697,38 @@ def _block_mask(fm: _FlexMask, L: int, S: int, device):
     return bm._relabeled(fm.mask_mod)
 
 
+def _capped(score, cap: float | None):
+    """Gemma 2's logit softcap, ``cap * tanh(score / cap)``; the score itself for no cap."""
+    return score if cap is None else cap * torch.tanh(score / cap)
+
+
+# The mods' bodies, module-level so that a compiled graph hands them to flex as ``BoundMod``s over
+# its tensors (``_traced_flex``); the eager closures below call the same bodies.
+def _capped_mod(score, b, h, q_idx, kv_idx, cap):
+    return _capped(score, cap)
+
+
+def _additive_mod(score, b, h, q_idx, kv_idx, additive, cap):
+    return _capped(score, cap) + additive[b, h, q_idx, kv_idx]
+
+
+def _keys_mod(score, b, h, q_idx, kv_idx, keys, cap):
+    return torch.where(keys[b, kv_idx], _capped(score, cap), float("-inf"))
+
+
+def _tensor_mask_mod(b, h, q_idx, kv_idx, m):
+    return m[b, h, q_idx, kv_idx]
+
+
+def _band_mod(b, h, q_idx, kv_idx, off: int, window: int | None, causal: bool):
+    """Query i at key position i + off: causal keys j <= i + off, and j > i + off - window; without
+    causal, |j - (i + off)| < window."""
+    if not causal:
+        return (kv_idx - (q_idx + off)).abs() < window
+    keep = kv_idx <= q_idx + off
+    return keep & (kv_idx > q_idx + off - window) if window is not None else keep
+
+
 def _score_mod(softcap: float | None, additive: torch.Tensor | None, keys: torch.Tensor | None = None):
     """``softcap * tanh(score / softcap)`` (Gemma 2's logit softcap; ``softcap`` a Python float is a
     runtime scalar of the generated code, not a constant in it), plus an additive 4-D mask after it,
@@ -705,15 +739,13 @@ def _score_mod(softcap: float | None, additive: torch.Tensor | None, keys: torch
     cap = float(softcap) if softcap is not None else None
 
     def softcap_mod(score, b, h, q_idx, kv_idx):
-        return cap * torch.tanh(score / cap)
+        return _capped(score, cap)
 
     def masked_mod(score, b, h, q_idx, kv_idx):
-        s = softcap_mod(score, b, h, q_idx, kv_idx) if cap is not None else score
-        return s + additive[b, h, q_idx, kv_idx]
+        return _additive_mod(score, b, h, q_idx, kv_idx, additive, cap)
 
     def padded_mod(score, b, h, q_idx, kv_idx):
-        s = softcap_mod(score, b, h, q_idx, kv_idx) if cap is not None else score
-        return torch.where(keys[b, kv_idx], s, float("-inf"))
+        return _keys_mod(score, b, h, q_idx, kv_idx, keys, cap)
     # data for the trace cache: a new softcap, additive mask or padding reuses the trace (_flex/trace.py)
     if additive is not None:
         return data_cells(masked_mod, "additive")
@@ -963,14 +995,13 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     """``attention_forward`` inside torch.compile, with no graph break (``fullgraph=True`` holds) for:
     a call with no softcap or sinks whose mask is None (``_traced_mask``'s unpadded causal band, the
     window cutting no key) or a 4-D tensor, on attend's SDPA, whose kernels are custom ops; and a call
-    whose mask is None with a softcap, sinks or a window that cuts keys, on flex_attention over the
-    band (``_traced_flex``; from torch 2.13, whose Dynamo hands its mods, made in the graph, to
-    flex: ``GRAPH_MADE_MODS``). The other routes plan on the host from the mask's values (padding's and
-    packing's ``varlen_attn``, whose sequence lengths are host integers) or make mods over a mask
-    tensor of the graph (a softcap beside a materialized mask), so they run outside the graph
-    (``_outside_graph``): a graph break per call, which ``fullgraph=True`` refuses. So does a batch
-    of one whose ``position_ids`` may restart (``_may_be_packed``), as transformers'
-    ``flash_attention_2`` does."""
+    with a softcap or sinks, or whose mask is None with a window that cuts keys, on flex_attention over
+    the band or with a materialized mask (``_traced_flex``; from torch 2.13: ``GRAPH_MADE_MODS``).
+    The other routes plan on the host from the mask's or ``position_ids``' values (a 2-D padding mask
+    or a packed batch handed over directly: ``varlen_attn``, whose sequence lengths are host
+    integers), or have no fused form with dropout, so they run outside the graph (``_outside_graph``):
+    a graph break per call, which ``fullgraph=True`` refuses. So does a batch of one whose
+    ``position_ids`` may restart (``_may_be_packed``), as transformers' ``flash_attention_2`` does."""
     L, S = query.shape[-2], key.shape[-2]
     kind = _mask_kind(attention_mask, kwargs)
     if sliding_window is not None and sliding_window <= 0:
@@ -979,12 +1010,12 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = (kwargs.get("block_table") is None and kwargs.get("k_cache") is None and 0 not in query.shape
              and not _may_be_packed(query, key, attention_mask, kwargs))
-    if (plain and kind == "none" and not dropout and GRAPH_MADE_MODS
-            and (softcap is not None or s_aux is not None or window_cuts)):
-        window = sliding_window if window_cuts else None
-        return _traced_flex(query, key, value, scaling, window, softcap, s_aux, bool(is_causal)), None
-    if not plain or softcap is not None or s_aux is not None or kind not in ("none", "keys", "dense") or (
-            kind == "none" and window_cuts):
+    flex = softcap is not None or s_aux is not None or (kind == "none" and window_cuts)
+    if plain and flex and kind in ("none", "keys", "dense") and not dropout and GRAPH_MADE_MODS:
+        window = sliding_window if window_cuts and kind == "none" else None  # (a mask tensor holds its window)
+        out = _traced_flex(query, key, value, attention_mask, kind, scaling, window, softcap, s_aux, bool(is_causal))
+        return out, None
+    if not plain or flex or kind not in ("none", "keys", "dense"):
         return _outside_graph(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
                               is_causal, s_aux, **kwargs)
     call = _Call("sdpa", kind, bool(is_causal) and kind == "none" and L > 1, None, [])
@@ -992,38 +1023,41 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     return _sdpa(call, query, key, value, attention_mask, dropout, scaling, gqa).transpose(1, 2), None
 
 
-def _traced_flex(q, k, v, scale, window: int | None, softcap: float | None, s_aux, causal: bool) -> torch.Tensor:
-    """A call with no mask tensor (``_traced_mask``'s band: the queries at the keys' end) and a
-    softcap, sinks or a window that cuts keys, inside torch.compile: flex_attention over the band's
-    BlockMask, built by ops of the graph (``compiled.band_lists``), so the call takes the band's
-    routes as eagerly and no graph break. The mods close over numbers only (the graph's constants).
-    ``(B, L, H, D)``."""
-    L, S = q.shape[-2], k.shape[-2]
-    off = S - L  # query i sits at key position i + off
-    if causal:  # keys j <= i + off, and j > i + off - window: q_idx - kv_idx in [-off, window - off - 1]
-        kept = (-off, (window - off - 1) if window is not None else L - 1)
-
-        def band_mod(b, h, q_idx, kv_idx):
-            keep = kv_idx <= q_idx + off
-            return keep & (kv_idx > q_idx + off - window) if window is not None else keep
-    elif window is not None:  # |j - (i + off)| < window
-        kept = (1 - window - off, window - off - 1)
-
-        def band_mod(b, h, q_idx, kv_idx):
-            return (kv_idx - (q_idx + off)).abs() < window
-    block_mask = None
-    if causal or window is not None:
-        block_mask = flex_compiled.band_lists(band_mod, kept, None, None, L, S, q.device, (128, 128))
-    score_mod = None
-    if softcap is not None:
-        cap = float(softcap)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return cap * torch.tanh(score / cap)
+def _traced_flex(q, k, v, mask, kind: str, scale, window: int | None, softcap: float | None, s_aux,
+                 causal: bool) -> torch.Tensor:
+    """A call with a softcap or sinks (or a window that cuts keys) inside torch.compile, on
+    flex_attention with no graph break: the mods are ``BoundMod``s of this module's mod bodies over
+    the graph's tensors, and the BlockMask is built in the graph. ``kind`` "none" (``_traced_mask``'s
+    band: queries at the keys' end): the band's BlockMask by arithmetic (``compiled.band_lists``), so
+    the call takes the band's routes as eagerly. A materialized mask: a decode step's key vector or
+    an additive mask goes into the score_mod (as eagerly); a bool mask gets its BlockMask from
+    create_block_mask over it (its block-status op). ``(B, L, H, D)``."""
+    B, H, L, _ = q.shape
+    S = k.shape[-2]
+    cap = float(softcap) if softcap is not None else None
+    score_mod = block_mask = None
+    if kind == "none":
+        off = S - L  # query i sits at key position i + off
+        if causal:  # q_idx - kv_idx in [-off, window - off - 1]
+            kept = (-off, (window - off - 1) if window is not None else L - 1)
+        elif window is not None:
+            kept = (1 - window - off, window - off - 1)
+        if causal or window is not None:
+            block_mask = flex_compiled.band_lists(flex_compiled.BoundMod(_band_mod, (), (off, window, causal)),
+                                                  kept, None, None, L, S, q.device, (128, 128))
+    elif mask.dtype != torch.bool:  # an additive mask, added to the capped scores
+        score_mod = flex_compiled.BoundMod(_additive_mod, (mask.detach().expand(B, H, L, S),), (cap,))
+    elif L == 1 and mask.shape[1] == 1:  # a decode step's key vector: -inf scores, no BlockMask
+        score_mod = flex_compiled.BoundMod(_keys_mod, (mask[:, 0, 0, :].expand(B, S),), (cap,))
+    else:
+        m = flex_compiled.BoundMod(_tensor_mask_mod, (mask.expand(B, H, L, S),))
+        block_mask = create_block_mask(m, B if mask.shape[0] > 1 else None, H if mask.shape[1] > 1 else None, L, S,
+                                       device=q.device)
+    if score_mod is None and cap is not None:
+        score_mod = flex_compiled.BoundMod(_capped_mod, (), (cap,))
     aux = FlexAuxRequest(lse=True) if s_aux is not None else None
     res = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                         scale=None if scale is None else float(scale), enable_gqa=q.shape[1] != k.shape[1],
-                         return_aux=aux)
+                         scale=None if scale is None else float(scale), enable_gqa=H != k.shape[1], return_aux=aux)
     if s_aux is None:
         return res.transpose(1, 2)
     out, aux_out = res
@@ -1056,11 +1090,11 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
 
 
 _outside_graph = outside_graph(
-    _attention, reason="attend: a softcap or sinks beside a mask tensor, a padding mask, a packed batch, dropout "
-    "with a softcap, sinks or a window, or a batch of one whose position_ids may restart runs attend's "
-    "flex_attention or varlen_attn outside the compiled graph (one graph break per attention call; they plan on "
-    "the host from the mask's or position_ids' values, or read a mask tensor a mod made in the graph cannot "
-    "hand over): compile with fullgraph=False (docs/transformers.md, \"Under torch.compile\")")
+    _attention, reason="attend: a 2-D padding mask or packed batch handed to the attention function, dropout with "
+    "a softcap, sinks or a window, a batch of one whose position_ids may restart, or (before torch 2.13) a softcap, "
+    "sinks or a window runs attend's flex_attention or varlen_attn outside the compiled graph (one graph break per "
+    "attention call; they plan on the host from the mask's or position_ids' values): compile with fullgraph=False "
+    "(docs/transformers.md, \"Under torch.compile\")")
 
 PAGED_NAME = "paged|" + NAME
 

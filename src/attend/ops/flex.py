@@ -20,7 +20,7 @@ import torch
 from .._flex import compiled, dispatch
 from .._flex import lists as _lists
 from .._flex.band import band as band_of_graph
-from .._flex.block_mask import kv_in_range, listed_band
+from .._flex.block_mask import classify, kv_in_range, listed_band
 from .._layout import Band, empty_in_layout
 from .._versions import assume_constant_result
 
@@ -31,7 +31,7 @@ def spec(score_key: str, mask_key: str, score_slots: tuple, mask_slots: tuple, b
     """The ops' ``spec`` argument (a constant of the traced graph). ``want_max``: whether the caller
     reads max_scores; where not, the op's third output is left unwritten, and the call may take the
     Gluon forwards, which keep no row max. ``band_lists``: the lists are the exact blocks of the
-    mask_mod, a band, as create_block_mask built them in the graph (``compiled.band_block_mask``)."""
+    mask_mod, a band, as create_block_mask built them in the graph (``compiled.graph_block_mask``)."""
     return json.dumps(dict(score_key=score_key, mask_key=mask_key, score_slots=list(score_slots),
                            mask_slots=list(mask_slots), block_size=[int(b) for b in block_size],
                            kernel_options=kernel_options or {}, want_max=bool(want_max),
@@ -203,3 +203,30 @@ def flex(query, key, value, score_caps, mask_caps, lists, numbers: list, scale: 
     """``attend::flex_fwd`` with autograd: (out, lse, max_scores). ``numbers``: the values of the
     score_mod's scalar slots, then the mask_mod's, read at run time; ``spec_text``: :func:`spec`."""
     return flex_fwd(query, key, value, score_caps, mask_caps, lists, list(numbers), float(scale), spec_text)
+
+
+def _block_status(captures: list[torch.Tensor], numbers: list[float], like: torch.Tensor, spec: str) -> torch.Tensor:
+    c = json.loads(spec)
+    mask = compiled.graph(c["key"], captures, numbers, c["slots"])
+    B, H, L, S, BQ, BKV = c["sizes"]
+    return classify(mask, B, H, L, S, BQ, BKV, like.device)
+
+
+block_status = torch.library.custom_op("attend::flex_block_status", _block_status, mutates_args=())
+"""create_block_mask's int8 [B, H, query blocks, key blocks] status matrix (EMPTY / PARTIAL / FULL)
+of the mask_mod ``spec`` encodes (``compiled.encode``; its scalar slots set to ``numbers``) over its
+``captures``, on ``like``'s device: ``block_mask.classify`` (the generated hook in a Triton kernel,
+after interval arithmetic), for a compiled graph (``compiled.graph_block_mask``)."""
+
+
+@block_status.register_fake
+def _(captures, numbers, like, spec):
+    B, H, L, S, BQ, BKV = json.loads(spec)["sizes"]
+    return like.new_empty((B, H, -(-L // BQ), -(-S // BKV)), dtype=torch.int8)
+
+
+@assume_constant_result
+def block_status_spec(key: str, slots: tuple, sizes: tuple) -> str:
+    """``block_status``'s ``spec`` (a constant of the traced graph): the encoded mask_mod, its
+    run-time slots and (B, H, Q_LEN, KV_LEN, BQ, BKV)."""
+    return json.dumps(dict(key=key, slots=list(slots), sizes=[int(n) for n in sizes]), sort_keys=True)
