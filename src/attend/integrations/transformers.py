@@ -212,7 +212,7 @@ def _key_padding(attention_mask: torch.Tensor | None, kv_length: int, kv_offset:
 
 def _materialized(reason: str, **kw) -> torch.Tensor | None:
     _warn_once(("mask", reason), f"attend: {reason}; the attention mask is materialized as a (B, 1, L, S) bool "
-               "tensor and the call runs EFFICIENT with it")
+               "tensor, and the call runs EFFICIENT with it (flex_attention, where a softcap or sinks need it)")
     kw.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(**kw)
 
