@@ -522,3 +522,68 @@ def test_create_block_mask_inside_a_compiled_function(case):
         assert counter.frame_count == (2 if case == "window" else 1), counter.frame_count
     _WIDTH.value = 20
     _DOC.ids.copy_(ids)
+
+
+_SCALE_W = 20  # a module global a BoundMod's body reads: guarded
+
+
+def _global_width_mask(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx <= _SCALE_W)
+
+
+_KEYED = {(0, 1): (torch.arange(S) // 8).to(DEVICE)}  # a tensor behind a tuple key: no path reaches it
+
+
+def _keyed_mask(b, h, q_idx, kv_idx):
+    return _KEYED[(0, 1)][q_idx] == _KEYED[(0, 1)][kv_idx]
+
+
+@pytest.mark.skipif(not GRAPH_MADE_MODS, reason="create_block_mask runs in the graph from torch 2.13")
+@pytest.mark.parametrize("case", ["mask-mod-reassigned", "global-number", "symbolic-lengths", "no-path"])
+def test_graph_block_masks_stay_exact(case):
+    """A BlockMask built in the graph keeps the eager call's route and result: its mask_mod
+    reassigned after create_block_mask walks the lists (they are no longer the mask's); a number a
+    BoundMod's body reads from a global is guarded (a new value traces again); symbolic lengths
+    (dynamic=True, a growing L = S) reach the block-status op as arguments; a mask_mod whose tensor
+    no path reaches runs create_block_mask outside the graph instead of failing (the same lists)."""
+    global _SCALE_W
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def fn(q, k, v):
+        Lq, Sk = q.shape[-2], k.shape[-2]
+        if case == "mask-mod-reassigned":
+            bm = flex.create_block_mask(causal, None, None, Lq, Sk, device=DEVICE, BLOCK_SIZE=16)
+            bm.mask_mod = MASKS["window"]  # a symmetric window: these lists are not its blocks
+        elif case == "global-number":
+            bm = flex.create_block_mask(flex.BoundMod(_global_width_mask), None, None, Lq, Sk, device=DEVICE,
+                                        BLOCK_SIZE=16)
+        elif case == "no-path":  # (flex_attention itself refuses such a mod under compile: FlexTraceError)
+            bm = flex.create_block_mask(_keyed_mask, None, None, Lq, Sk, device=DEVICE, BLOCK_SIZE=16)
+            return torch.cat([t.flatten() for t in bm.as_tuple()[2:] if isinstance(t, torch.Tensor)]).float()
+        else:
+            bm = flex.create_block_mask(causal, None, None, Lq, Sk, device=DEVICE, BLOCK_SIZE=16)
+        return flex.flex_attention(q, k, v, block_mask=bm)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=case != "no-path", dynamic=case == "symbolic-lengths")
+    rounds = {"global-number": [(S, 20), (S, 3)], "symbolic-lengths": [(32, 20), (48, 20), (64, 20)]}.get(
+        case, [(S, 20)])
+    for n, width in rounds:
+        _SCALE_W = width
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, 2, n, E, generator=g).to(DEVICE) for _ in range(3))
+        before = dict(dispatch.PATHS)
+        out = compiled(q, k, v)
+        paths = {p: c - before[p] for p, c in dispatch.PATHS.items() if c != before[p]}
+        before = dict(dispatch.PATHS)
+        ref = fn(q, k, v)
+        eager_paths = {p: c - before[p] for p, c in dispatch.PATHS.items() if c != before[p]}
+        assert paths == eager_paths, (paths, eager_paths)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    if case == "global-number":
+        assert counter.frame_count == 2, counter.frame_count
+    _SCALE_W = 20

@@ -307,9 +307,10 @@ def _compiled(query, key, value, score_mod, block_mask, scale, enable_gqa, retur
             mask_key, mask_caps, mask_slots, mask_numbers = compiled.parts(mask_mod, "mask")
             numbers = numbers + mask_numbers
     want_max = return_aux is not None and bool(return_aux.max_scores)
-    # a BlockMask create_block_mask built in this graph from a band mask_mod, its lists unreplaced
+    # a BlockMask create_block_mask built in this graph: its lists are its mask_mod's exact blocks
+    # while it holds that mask_mod and those lists (then a band mask takes the band's routes)
     built = getattr(block_mask, "_graph_lists", None) if lists else None
-    band_lists = built is not None and all(a is b for a, b in zip(built, lists[:4]))
+    band_lists = built is not None and built[0] is mask_mod and all(a is b for a, b in zip(built[1], lists[:4]))
     return flex_op.flex(query, key, value, score_caps, mask_caps, lists, numbers, scale,
                         flex_op.spec(score_key, mask_key, tuple(score_slots), tuple(mask_slots), tuple(block_size),
                                      kernel_options, want_max, band_lists))

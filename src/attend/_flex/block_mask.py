@@ -166,9 +166,9 @@ class BlockMask:
         # (``_record``): then they are that mask's exact blocks, which a band mask's route needs
         # (_flex/band.py); None: not known
         self._built_from: tuple | None = None
-        # the kv lists as create_block_mask built them from a band mask_mod inside a compiled graph
-        # (``compiled.graph_block_mask``; no weak record of a graph's tensors): the compiled call
-        # whose lists are still these tensors takes the band's routes; None elsewhere
+        # (the mask_mod, the kv lists) create_block_mask built inside a compiled graph
+        # (``compiled.graph_block_mask``; no weak record of a graph's tensors): a compiled call whose
+        # BlockMask still holds both knows the lists are that mask's exact blocks; None elsewhere
         self._graph_lists: tuple | None = None
         # PyTorch's deterministic block-sparse dQ metadata: kept for as_tuple's shape, not produced
         self.dq_write_order = self.dq_write_order_full = self.dq_kv_order = self.dq_kv_order_spt = None

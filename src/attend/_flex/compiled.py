@@ -232,17 +232,29 @@ class BoundMod:
 
 
 @assume_constant_result
-def describe_bound(fn, kind: str, signatures: tuple, numbers: tuple) -> tuple[str, tuple]:
+def describe_bound(fn, kind: str, signatures: tuple, numbers: tuple) -> tuple[str, tuple, tuple]:
     """(:func:`encode` of ``BoundMod(fn, tensors, numbers)`` traced, "" when it changes nothing; for
-    each of the graph's captures, the index of its tensor in ``tensors``), for tensors of these
-    (dtype, rank) ``signatures``: the trace reads none of their values or sizes, so one-element
-    stand-ins serve, at trace time, outside the graph."""
+    each of the graph's captures, the index of its tensor in ``tensors``; the (path from the
+    BoundMod, value) of every number it reads, ``numbers`` and ``fn``'s globals alike, which the
+    graph guards on), for tensors of these (dtype, rank) ``signatures``: the trace reads none of
+    their values or sizes, so one-element stand-ins serve, at trace time, outside the graph.
+    ``fn`` must close over nothing (its numbers would be read nowhere else)."""
+    if getattr(fn, "__code__", None) is not None and fn.__code__.co_freevars:
+        raise FlexTraceError(f"BoundMod: fn {getattr(fn, '__name__', fn)!r} closes over "
+                             f"{', '.join(fn.__code__.co_freevars)}; pass those values as its tensors or numbers")
     stand_ins = tuple(torch.zeros((1,) * rank, dtype=getattr(torch, dtype)) for dtype, rank in signatures)
-    g = trace(BoundMod(fn, stand_ins, tuple(numbers)), kind)
+    bound = BoundMod(fn, stand_ins, tuple(numbers))
+    g = trace(bound, kind)
     if _keeps_everything(g):
-        return "", ()
+        return "", (), ()
     order = tuple(next(i for i, t in enumerate(stand_ins) if t is c.tensor) for c in g.captures)
-    return encode(g), order
+    sources, guarded = _number_sources(bound, kind, g)
+    guards = tuple(guarded) + tuple((p, _value_at(bound, p)) for p in sources if p is not None)
+    return encode(g), order, guards
+
+
+def _value_at(mod, path: tuple):
+    return fetch(mod, path)
 
 
 def parts(mod, kind: str) -> tuple[str, list, tuple, list]:
@@ -252,7 +264,10 @@ def parts(mod, kind: str) -> tuple[str, list, tuple, list]:
     Numbers ``describe`` made guards are checked here, which Dynamo turns into guards."""
     if isinstance(mod, BoundMod):
         sigs = tuple(Capture(t).signature for t in mod.tensors)
-        key, order = describe_bound(mod.fn, kind, sigs, tuple(mod.numbers))
+        key, order, guards = describe_bound(mod.fn, kind, sigs, tuple(mod.numbers))
+        for path, seen in guards:  # its numbers and fn's number globals are constants of the graph
+            if fetch(mod, path) != seen:
+                raise AssertionError("unreachable: describe_bound read this value")
         return key, [mod.tensors[i] for i in order], (), []
     key, paths, slots, sources, guards = describe(mod, kind)
     caps = [fetch(mod, p) for p in paths]
@@ -285,30 +300,31 @@ def _describable(mod) -> bool:
 
 
 @assume_constant_result
-def _band_kept(key: str, slots: tuple, numbers: tuple, L: int, S: int):
-    """``band.kept`` of the mask_mod :func:`describe` encoded as ``key``, with its scalar slots
-    ``slots`` set to ``numbers``: (lo, hi) or None."""
-    from . import band
-
-    return band.kept(graph(key, [], list(numbers), list(slots)), L, S)
+def _describe_or_none(mod, kind: str):
+    """:func:`describe`, or None where the mod cannot be traced or its tensors located (then
+    create_block_mask runs outside the graph, whose eager call raises the trace's own error)."""
+    try:
+        return describe(mod, kind)
+    except FlexTraceError:
+        return None
 
 
 def graph_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks: bool):
     """``create_block_mask`` inside torch.compile, in the graph (no graph break), for a mask_mod
-    :func:`describe` can take there (``_describable``) on int sizes. A band (``_flex/band.py``:
-    causal, a sliding window) gets its lists by the band's arithmetic, as ops of the graph, and the
-    BlockMask is marked so the compiled call takes the band's routes (``BlockMask._graph_lists``);
-    the band's numbers are guarded (a new window traces the graph again). Any other mask gets its
-    block status from the ``attend::flex_block_status`` op (``block_mask.classify`` over the
-    mod's tensors, read in the graph: a new document layout reuses the graph), then the same list
-    ops. None where the mod cannot be described in the graph: create_block_mask then runs outside
-    it."""
+    :func:`describe` can take there (``_describable``; a :class:`BoundMod`). The block status comes
+    from the ``attend::flex_block_status`` op over the mod's tensors and run-time numbers, sizes
+    included (symbolic ones too): ``block_mask.classify``, or a band's arithmetic as eagerly (a new
+    document layout or window reuses the graph). The lists follow by ops of the graph, and the
+    BlockMask records that they are its mask_mod's exact blocks (``BlockMask._graph_lists``), so the
+    compiled call takes a band's routes as eagerly. None where the mod cannot be described in the
+    graph: create_block_mask then runs outside it."""
     from ..ops import flex as flex_op
     from . import block_mask
 
     block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
-    sizes = (Q_LEN, KV_LEN, *block) + tuple(n for n in (B, H) if n is not None)
-    if len(block) != 2 or not all(type(n) is int and n > 0 for n in sizes) or not _describable(mask_mod):
+    if len(block) != 2 or not all(type(n) is int and n > 0 for n in block) or not _describable(mask_mod):
+        return None
+    if not isinstance(mask_mod, BoundMod) and _describe_or_none(mask_mod, "mask") is None:
         return None
     try:
         key, caps, slots, numbers = parts(mask_mod, "mask")
@@ -318,14 +334,12 @@ def graph_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate
         return None  # keeps every key: no lists to build (outside, as ever)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not caps and all(type(n) in (int, float, bool) for n in numbers):
-        kept = _band_kept(key, tuple(slots), tuple(numbers), Q_LEN, KV_LEN)
-        if kept is not None:
-            return band_lists(mask_mod, kept, B, H, Q_LEN, KV_LEN, device, block, separate_full_blocks)
     like = torch.empty(0, device=device)
-    spec = flex_op.block_status_spec(key, tuple(slots), (B or 1, H or 1, Q_LEN, KV_LEN, *block))
-    status = flex_op.block_status(caps, list(numbers), like, spec)
-    return block_mask.of_status(status, (Q_LEN, KV_LEN), block, mask_mod, separate_full_blocks)
+    spec = flex_op.block_status_spec(key, tuple(slots), block)
+    status = flex_op.block_status(caps, list(numbers), like, B or 1, H or 1, Q_LEN, KV_LEN, spec)
+    out = block_mask.of_status(status, (Q_LEN, KV_LEN), block, mask_mod, separate_full_blocks)
+    out._graph_lists = (mask_mod, out._kv_lists())
+    return out
 
 
 def band_lists(mask_mod, kept: tuple, B, H, Q_LEN: int, KV_LEN: int, device, block: tuple,
@@ -340,5 +354,5 @@ def band_lists(mask_mod, kept: tuple, B, H, Q_LEN: int, KV_LEN: int, device, blo
     status = band.block_status(*kept, Q_LEN, KV_LEN, *block, torch.device(device))
     status = status.expand(B or 1, H or 1, -1, -1).contiguous()
     out = block_mask.of_status(status, (Q_LEN, KV_LEN), block, mask_mod, separate_full_blocks)
-    out._graph_lists = out._kv_lists()
+    out._graph_lists = (mask_mod, out._kv_lists())
     return out

@@ -984,10 +984,30 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     :func:`mask_for_attend` or a 4-D mask of the model's own. Returns ``((B, L, H, D), None)``
     (attention weights are never materialized). Inside torch.compile: :func:`_traced_attention`.
     """
+    sliding_window = _layer_window(module, sliding_window)
     args = (module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal, s_aux)
     if torch.compiler.is_compiling():
         return _traced_attention(*args, **kwargs)
     return _attention(*args, **kwargs)
+
+
+def _layer_window(module, sliding_window):
+    """The layer's sliding window: the call's ``sliding_window``; else the attention module's own
+    (Qwen2-MoE sets it and passes none); else, where the config has no per-layer types, the config's
+    (PhiMoE builds its masks from it and passes none). The mask builder hands over no window where a
+    band will do (``mask_for_attend``), so a window the call does not name would be lost. None: no
+    window."""
+    if sliding_window is not None:
+        return sliding_window
+    own = getattr(module, "sliding_window", None)
+    if type(own) is int:
+        return own
+    config = getattr(module, "config", None)
+    if config is None or getattr(config, "layer_types", None) is not None or \
+            getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return window if type(window) is int else None
 
 
 def _traced_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal,
@@ -1011,7 +1031,8 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     plain = (kwargs.get("block_table") is None and kwargs.get("k_cache") is None and 0 not in query.shape
              and not _may_be_packed(query, key, attention_mask, kwargs))
     flex = softcap is not None or s_aux is not None or (kind == "none" and window_cuts)
-    if plain and flex and kind in ("none", "keys", "dense") and not dropout and GRAPH_MADE_MODS:
+    takes = kind in ("keys", "dense") or (kind == "none" and (L == 1 or L == S))  # (chunked prefill: outside)
+    if plain and flex and takes and not dropout and GRAPH_MADE_MODS:
         window = sliding_window if window_cuts and kind == "none" else None  # (a mask tensor holds its window)
         out = _traced_flex(query, key, value, attention_mask, kind, scaling, window, softcap, s_aux, bool(is_causal))
         return out, None
@@ -1028,22 +1049,24 @@ def _traced_flex(q, k, v, mask, kind: str, scale, window: int | None, softcap: f
     """A call with a softcap or sinks (or a window that cuts keys) inside torch.compile, on
     flex_attention with no graph break: the mods are ``BoundMod``s of this module's mod bodies over
     the graph's tensors, and the BlockMask is built in the graph. ``kind`` "none" (``_traced_mask``'s
-    band: queries at the keys' end): the band's BlockMask by arithmetic (``compiled.band_lists``), so
-    the call takes the band's routes as eagerly. A materialized mask: a decode step's key vector or
+    band: queries at the keys' end): a decode step's keys, the window's last ones sliced (as
+    eagerly), or for L == S the band's BlockMask by arithmetic (``compiled.band_lists``), so the call
+    takes the band's routes as eagerly; no number of the mods depends on a length, which may be
+    symbolic (chunked prefill, L < S, runs outside the graph). A materialized mask: a decode step's key vector or
     an additive mask goes into the score_mod (as eagerly); a bool mask gets its BlockMask from
     create_block_mask over it (its block-status op). ``(B, L, H, D)``."""
     B, H, L, _ = q.shape
     S = k.shape[-2]
     cap = float(softcap) if softcap is not None else None
     score_mod = block_mask = None
-    if kind == "none":
-        off = S - L  # query i sits at key position i + off
-        if causal:  # q_idx - kv_idx in [-off, window - off - 1]
-            kept = (-off, (window - off - 1) if window is not None else L - 1)
-        elif window is not None:
-            kept = (1 - window - off, window - off - 1)
-        if causal or window is not None:
-            block_mask = flex_compiled.band_lists(flex_compiled.BoundMod(_band_mod, (), (off, window, causal)),
+    if kind == "none" and L == 1:  # a decode step sees every key, or a window's last keys: a slice
+        if window is not None:
+            k, v = k[:, :, S - window:], v[:, :, S - window:]
+    elif kind == "none":  # L == S (``_traced_attention``): query i sits at key i
+        kept = (0, (window - 1) if window is not None else L - 1) if causal else (1 - window, window - 1) \
+            if window is not None else None
+        if kept is not None:  # q_idx - kv_idx in [lo, hi]
+            block_mask = flex_compiled.band_lists(flex_compiled.BoundMod(_band_mod, (), (0, window, causal)),
                                                   kept, None, None, L, S, q.device, (128, 128))
     elif mask.dtype != torch.bool:  # an additive mask, added to the capped scores
         score_mod = flex_compiled.BoundMod(_additive_mod, (mask.detach().expand(B, H, L, S),), (cap,))

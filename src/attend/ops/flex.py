@@ -20,6 +20,8 @@ import torch
 from .._flex import compiled, dispatch
 from .._flex import lists as _lists
 from .._flex.band import band as band_of_graph
+from .._flex.band import block_status as band_status
+from .._flex.band import kept as band_kept
 from .._flex.block_mask import classify, kv_in_range, listed_band
 from .._layout import Band, empty_in_layout
 from .._versions import assume_constant_result
@@ -205,28 +207,33 @@ def flex(query, key, value, score_caps, mask_caps, lists, numbers: list, scale: 
     return flex_fwd(query, key, value, score_caps, mask_caps, lists, list(numbers), float(scale), spec_text)
 
 
-def _block_status(captures: list[torch.Tensor], numbers: list[float], like: torch.Tensor, spec: str) -> torch.Tensor:
+def _block_status(captures: list[torch.Tensor], numbers: list[float], like: torch.Tensor, B: int, H: int, L: int,
+                  S: int, spec: str) -> torch.Tensor:
     c = json.loads(spec)
     mask = compiled.graph(c["key"], captures, numbers, c["slots"])
-    B, H, L, S, BQ, BKV = c["sizes"]
+    BQ, BKV = c["block"]
+    kept = band_kept(mask, L, S)
+    if kept is not None:  # a band: its blocks by arithmetic, as create_block_mask's
+        return band_status(*kept, L, S, BQ, BKV, like.device).expand(B, H, -1, -1).contiguous()
     return classify(mask, B, H, L, S, BQ, BKV, like.device)
 
 
 block_status = torch.library.custom_op("attend::flex_block_status", _block_status, mutates_args=())
 """create_block_mask's int8 [B, H, query blocks, key blocks] status matrix (EMPTY / PARTIAL / FULL)
 of the mask_mod ``spec`` encodes (``compiled.encode``; its scalar slots set to ``numbers``) over its
-``captures``, on ``like``'s device: ``block_mask.classify`` (the generated hook in a Triton kernel,
-after interval arithmetic), for a compiled graph (``compiled.graph_block_mask``)."""
+``captures``, on ``like``'s device: a band's arithmetic, else ``block_mask.classify`` (the generated
+hook in a Triton kernel, after interval arithmetic), for a compiled graph
+(``compiled.graph_block_mask``). The sizes are arguments, so a symbolic length stays one."""
 
 
 @block_status.register_fake
-def _(captures, numbers, like, spec):
-    B, H, L, S, BQ, BKV = json.loads(spec)["sizes"]
-    return like.new_empty((B, H, -(-L // BQ), -(-S // BKV)), dtype=torch.int8)
+def _(captures, numbers, like, B, H, L, S, spec):
+    BQ, BKV = json.loads(spec)["block"]
+    return like.new_empty((B, H, (L + BQ - 1) // BQ, (S + BKV - 1) // BKV), dtype=torch.int8)
 
 
 @assume_constant_result
-def block_status_spec(key: str, slots: tuple, sizes: tuple) -> str:
+def block_status_spec(key: str, slots: tuple, block: tuple) -> str:
     """``block_status``'s ``spec`` (a constant of the traced graph): the encoded mask_mod, its
-    run-time slots and (B, H, Q_LEN, KV_LEN, BQ, BKV)."""
-    return json.dumps(dict(key=key, slots=list(slots), sizes=[int(n) for n in sizes]), sort_keys=True)
+    run-time slots and (BQ, BKV)."""
+    return json.dumps(dict(key=key, slots=list(slots), block=[int(n) for n in block]), sort_keys=True)
