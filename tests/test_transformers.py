@@ -587,16 +587,18 @@ def test_layer_window_when_the_call_names_none():
     """A model whose attention call passes no sliding_window still gets its window (the mask builder
     hands over none where a band will do): the module's own (Qwen2-MoE), or the config's where it
     has no per-layer types (PhiMoE); a config with per-layer types, or use_sliding_window off, or no
-    window, gives none; the call's own always wins."""
+    window, gives none; the call's own, None included, always wins."""
     ns = types.SimpleNamespace
     module = lambda own=None, **cfg: ns(sliding_window=own, config=ns(**cfg))
+    unnamed = at.NOT_NAMED
     assert at._layer_window(module(), 5) == 5
-    assert at._layer_window(module(own=8, layer_types=["sliding_attention"], sliding_window=8), None) == 8
-    assert at._layer_window(module(sliding_window=8), None) == 8  # PhiMoE
-    assert at._layer_window(module(sliding_window=8, layer_types=["full_attention"]), None) is None
-    assert at._layer_window(module(sliding_window=8, use_sliding_window=False), None) is None
-    assert at._layer_window(module(), None) is None
-    assert at._layer_window(torch.nn.Module(), None) is None
+    assert at._layer_window(module(own=8, sliding_window=8), None) is None  # a global layer that says so
+    assert at._layer_window(module(own=8, layer_types=["sliding_attention"], sliding_window=8), unnamed) == 8
+    assert at._layer_window(module(sliding_window=8), unnamed) == 8  # PhiMoE
+    assert at._layer_window(module(sliding_window=8, layer_types=["full_attention"]), unnamed) is None
+    assert at._layer_window(module(sliding_window=8, use_sliding_window=False), unnamed) is None
+    assert at._layer_window(module(), unnamed) is None
+    assert at._layer_window(torch.nn.Module(), unnamed) is None
 
 
 def _spy_calls(name: str, ids: torch.Tensor, **kw) -> list:

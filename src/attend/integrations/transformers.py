@@ -973,9 +973,13 @@ def _unfused(call: _Call, q, k, v, mask, kwargs, *, dropout, scale, softcap, s_a
 # The attention function transformers calls
 # ----------------------------------------------------------------------------------------------
 
+# ``attention_forward``'s default ``sliding_window``: the call named none (not even None).
+NOT_NAMED = type("NotNamed", (), {"__repr__": lambda self: "NOT_NAMED"})()
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      sliding_window: int | None = None, softcap: float | None = None, is_causal: bool | None = None,
+                      sliding_window=NOT_NAMED, softcap: float | None = None, is_causal: bool | None = None,
                       s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface for ``"attend"``.
 
@@ -992,12 +996,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 def _layer_window(module, sliding_window):
-    """The layer's sliding window: the call's ``sliding_window``; else the attention module's own
-    (Qwen2-MoE sets it and passes none); else, where the config has no per-layer types, the config's
-    (PhiMoE builds its masks from it and passes none). The mask builder hands over no window where a
-    band will do (``mask_for_attend``), so a window the call does not name would be lost. None: no
-    window."""
-    if sliding_window is not None:
+    """The layer's sliding window: the call's ``sliding_window`` where it names one (None included);
+    else the attention module's own (Qwen2-MoE sets it and passes none); else, where the config has
+    no per-layer types, the config's (PhiMoE builds its masks from it and passes none). The mask
+    builder hands over no window where a band will do (``mask_for_attend``), so a window the call
+    does not name would be lost. None: no window."""
+    if sliding_window is not NOT_NAMED:
         return sliding_window
     own = getattr(module, "sliding_window", None)
     if type(own) is int:
