@@ -534,14 +534,21 @@ def create_block_mask(mask_mod: Callable, B, H, Q_LEN, KV_LEN, device=None, BLOC
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     graph = _trace.trace_cached(mask_mod, "mask")
-    kept = _band.kept(graph, Q_LEN, KV_LEN) if _impl is None else None
-    if kept is not None:  # a band: its blocks by arithmetic, no mask evaluated, no device sync
-        status = _band.block_status(*kept, Q_LEN, KV_LEN, BQ, BKV, torch.device(device)).expand(B, H, -1, -1).contiguous()
-    else:
-        status = classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
+    status = block_status(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=_impl)
     out = of_status(status, (Q_LEN, KV_LEN), (BQ, BKV), mask_mod, separate_full_blocks)
     out._record(mask_mod, _band.provenance(graph))
     return out
+
+
+def block_status(graph: _trace.ModGraph, B: int, H: int, Q_LEN: int, KV_LEN: int, BQ: int, BKV: int, device,
+                 impl: str | None = None) -> torch.Tensor:
+    """The int8 [B, H, query blocks, key blocks] status of a traced mask_mod: a band's blocks by
+    arithmetic (no mask evaluated, no device sync), any other mask's by :func:`classify` (``impl``
+    given: always ``classify``, by that implementation)."""
+    kept = _band.kept(graph, Q_LEN, KV_LEN) if impl is None else None
+    if kept is not None:
+        return _band.block_status(*kept, Q_LEN, KV_LEN, BQ, BKV, torch.device(device)).expand(B, H, -1, -1).contiguous()
+    return classify(graph, B, H, Q_LEN, KV_LEN, BQ, BKV, device, impl=impl)
 
 
 def of_status(status: torch.Tensor, lengths: tuple, block: tuple, mask_mod, separate_full_blocks: bool) -> BlockMask:

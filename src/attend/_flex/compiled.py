@@ -249,19 +249,16 @@ def describe_bound(fn, kind: str, signatures: tuple, numbers: tuple) -> tuple[st
         return "", (), ()
     order = tuple(next(i for i, t in enumerate(stand_ins) if t is c.tensor) for c in g.captures)
     sources, guarded = _number_sources(bound, kind, g)
-    guards = tuple(guarded) + tuple((p, _value_at(bound, p)) for p in sources if p is not None)
+    guards = tuple(guarded) + tuple((p, fetch(bound, p)) for p in sources if p is not None)
     return encode(g), order, guards
 
 
-def _value_at(mod, path: tuple):
-    return fetch(mod, path)
-
-
-def parts(mod, kind: str) -> tuple[str, list, tuple, list]:
+def parts(mod, kind: str, described: tuple | None = None) -> tuple[str, list, tuple, list]:
     """(:func:`encode` of ``mod``, or "" when it changes nothing; the tensors it reads, graph inputs,
     in capture order; the scalar slots the op fills at run time; their numbers) inside a compiled
-    region: :func:`describe` and :func:`fetch`, or for a :class:`BoundMod` :func:`describe_bound`.
-    Numbers ``describe`` made guards are checked here, which Dynamo turns into guards."""
+    region: :func:`describe` (or ``described``, its result the caller has) and :func:`fetch`, or
+    for a :class:`BoundMod` :func:`describe_bound`. Numbers ``describe`` made guards are checked
+    here, which Dynamo turns into guards."""
     if isinstance(mod, BoundMod):
         sigs = tuple(Capture(t).signature for t in mod.tensors)
         key, order, guards = describe_bound(mod.fn, kind, sigs, tuple(mod.numbers))
@@ -269,7 +266,7 @@ def parts(mod, kind: str) -> tuple[str, list, tuple, list]:
             if fetch(mod, path) != seen:
                 raise AssertionError("unreachable: describe_bound read this value")
         return key, [mod.tensors[i] for i in order], (), []
-    key, paths, slots, sources, guards = describe(mod, kind)
+    key, paths, slots, sources, guards = described if described is not None else describe(mod, kind)
     caps = [fetch(mod, p) for p in paths]
     try:
         for path, seen in guards:  # numbers baked into the graph: Dynamo guards on each
@@ -324,10 +321,11 @@ def graph_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate
     block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
     if len(block) != 2 or not all(type(n) is int and n > 0 for n in block) or not _describable(mask_mod):
         return None
-    if not isinstance(mask_mod, BoundMod) and _describe_or_none(mask_mod, "mask") is None:
+    described = None if isinstance(mask_mod, BoundMod) else _describe_or_none(mask_mod, "mask")
+    if described is None and not isinstance(mask_mod, BoundMod):
         return None
     try:
-        key, caps, slots, numbers = parts(mask_mod, "mask")
+        key, caps, slots, numbers = parts(mask_mod, "mask", described)
     except AttributeError:  # a tensor global of a function made inside: not read there
         return None
     if not key:
@@ -337,22 +335,6 @@ def graph_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate
     like = torch.empty(0, device=device)
     spec = flex_op.block_status_spec(key, tuple(slots), block)
     status = flex_op.block_status(caps, list(numbers), like, B or 1, H or 1, Q_LEN, KV_LEN, spec)
-    out = block_mask.of_status(status, (Q_LEN, KV_LEN), block, mask_mod, separate_full_blocks)
-    out._graph_lists = (mask_mod, out._kv_lists())
-    return out
-
-
-def band_lists(mask_mod, kept: tuple, B, H, Q_LEN: int, KV_LEN: int, device, block: tuple,
-               separate_full_blocks: bool = True):
-    """The BlockMask of the band ``kept`` = (lo, hi) (``lo <= q_idx - kv_idx <= hi``), which
-    ``mask_mod`` must keep exactly, built by ops a compiled graph holds, and marked for the band's
-    routes (``BlockMask._graph_lists``)."""
-    from . import band, block_mask
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    status = band.block_status(*kept, Q_LEN, KV_LEN, *block, torch.device(device))
-    status = status.expand(B or 1, H or 1, -1, -1).contiguous()
     out = block_mask.of_status(status, (Q_LEN, KV_LEN), block, mask_mod, separate_full_blocks)
     out._graph_lists = (mask_mod, out._kv_lists())
     return out

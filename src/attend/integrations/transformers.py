@@ -1054,11 +1054,11 @@ def _traced_flex(q, k, v, mask, kind: str, scale, window: int | None, softcap: f
     flex_attention with no graph break: the mods are ``BoundMod``s of this module's mod bodies over
     the graph's tensors, and the BlockMask is built in the graph. ``kind`` "none" (``_traced_mask``'s
     band: queries at the keys' end): a decode step's keys, the window's last ones sliced (as
-    eagerly), or for L == S the band's BlockMask by arithmetic (``compiled.band_lists``), so the call
+    eagerly), or for L == S the band's BlockMask from create_block_mask in the graph, so the call
     takes the band's routes as eagerly; no number of the mods depends on a length, which may be
-    symbolic (chunked prefill, L < S, runs outside the graph). A materialized mask: a decode step's key vector or
-    an additive mask goes into the score_mod (as eagerly); a bool mask gets its BlockMask from
-    create_block_mask over it (its block-status op). ``(B, L, H, D)``."""
+    symbolic (chunked prefill, L < S, runs outside the graph). A materialized mask: a decode step's
+    key vector or an additive mask goes into the score_mod (as eagerly); a bool mask gets its
+    BlockMask from create_block_mask over it. ``(B, L, H, D)``."""
     B, H, L, _ = q.shape
     S = k.shape[-2]
     cap = float(softcap) if softcap is not None else None
@@ -1066,12 +1066,9 @@ def _traced_flex(q, k, v, mask, kind: str, scale, window: int | None, softcap: f
     if kind == "none" and L == 1:  # a decode step sees every key, or a window's last keys: a slice
         if window is not None:
             k, v = k[:, :, S - window:], v[:, :, S - window:]
-    elif kind == "none":  # L == S (``_traced_attention``): query i sits at key i
-        kept = (0, (window - 1) if window is not None else L - 1) if causal else (1 - window, window - 1) \
-            if window is not None else None
-        if kept is not None:  # q_idx - kv_idx in [lo, hi]
-            block_mask = flex_compiled.band_lists(flex_compiled.BoundMod(_band_mod, (), (0, window, causal)),
-                                                  kept, None, None, L, S, q.device, (128, 128))
+    elif kind == "none" and (causal or window is not None):  # L == S (``_traced_attention``): query i at key i
+        block_mask = create_block_mask(flex_compiled.BoundMod(_band_mod, (), (0, window, causal)), None, None, L, S,
+                                       device=q.device)
     elif mask.dtype != torch.bool:  # an additive mask, added to the capped scores
         score_mod = flex_compiled.BoundMod(_additive_mod, (mask.detach().expand(B, H, L, S),), (cap,))
     elif L == 1 and mask.shape[1] == 1:  # a decode step's key vector: -inf scores, no BlockMask

@@ -20,9 +20,8 @@ import torch
 from .._flex import compiled, dispatch
 from .._flex import lists as _lists
 from .._flex.band import band as band_of_graph
-from .._flex.band import block_status as band_status
-from .._flex.band import kept as band_kept
-from .._flex.block_mask import classify, kv_in_range, listed_band
+from .._flex.block_mask import block_status as mask_block_status
+from .._flex.block_mask import kv_in_range, listed_band
 from .._layout import Band, empty_in_layout
 from .._versions import assume_constant_result
 
@@ -211,18 +210,14 @@ def _block_status(captures: list[torch.Tensor], numbers: list[float], like: torc
                   S: int, spec: str) -> torch.Tensor:
     c = json.loads(spec)
     mask = compiled.graph(c["key"], captures, numbers, c["slots"])
-    BQ, BKV = c["block"]
-    kept = band_kept(mask, L, S)
-    if kept is not None:  # a band: its blocks by arithmetic, as create_block_mask's
-        return band_status(*kept, L, S, BQ, BKV, like.device).expand(B, H, -1, -1).contiguous()
-    return classify(mask, B, H, L, S, BQ, BKV, like.device)
+    return mask_block_status(mask, B, H, L, S, *c["block"], like.device)
 
 
 block_status = torch.library.custom_op("attend::flex_block_status", _block_status, mutates_args=())
 """create_block_mask's int8 [B, H, query blocks, key blocks] status matrix (EMPTY / PARTIAL / FULL)
 of the mask_mod ``spec`` encodes (``compiled.encode``; its scalar slots set to ``numbers``) over its
-``captures``, on ``like``'s device: a band's arithmetic, else ``block_mask.classify`` (the generated
-hook in a Triton kernel, after interval arithmetic), for a compiled graph
+``captures``, on ``like``'s device, as eager create_block_mask finds it (``block_mask.block_status``),
+for a compiled graph
 (``compiled.graph_block_mask``). The sizes are arguments, so a symbolic length stays one."""
 
 
