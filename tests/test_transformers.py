@@ -499,6 +499,87 @@ def test_compiled_chunked_prefill_and_decode_keep_the_band_fullgraph(monkeypatch
     torch.testing.assert_close(one, ref[:, :1], atol=2e-5, rtol=1e-5)
 
 
+# Mistral: a window on every layer; Gemma 2: a softcap, a window layer and a causal one
+PACKED_COMPILE_CASES = [m for m in ("mistral", "gemma2") if m in CONFIGS]
+
+
+@pytest.mark.skipif(not GRAPH_MADE_MODS, reason="transformers' mask functions are read in the graph from torch 2.13")
+@pytest.mark.parametrize("name", PACKED_COMPILE_CASES)
+def test_compiled_step_without_a_cache_reads_the_packed_batch(name, monkeypatch):
+    """A training step with ``use_cache=False`` under torch.compile (fullgraph): transformers builds
+    its packed-sequence mask from ``position_ids`` whether or not they restart (it cannot look in
+    the graph). attend reads that mask function in the graph (``_read_in_graph``) and runs flex over
+    a BlockMask of the sequence ids (``_packed_block_mask``: causal, Mistral's window, Gemma 2's
+    softcap), materializing nothing; logits and every gradient against eager's, both against float64.
+    One row packs two sequences, the other is one."""
+    B, S = 2, 24
+    ids = tokens(B, S, seed=4)
+    position_ids = torch.stack([torch.cat([torch.arange(10), torch.arange(14)]), torch.arange(S)]).to(DEVICE)
+    weights = torch.randn(B, S, VOCAB, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    eager = build(name)
+    models = {"64": copy.deepcopy(eager).double(), "32": eager, "attend": copy.deepcopy(eager)}
+    models["attend"].set_attn_implementation("attend")
+    materialized, real = [], at.sdpa_mask
+    monkeypatch.setattr(at, "sdpa_mask", lambda **kw: materialized.append(kw["q_length"]) or real(**kw))
+    results = {}
+    for key, model in models.items():
+        model.train()
+        run = model
+        if key == "attend":
+            torch._dynamo.reset()
+            run = torch.compile(model, backend="aot_eager", fullgraph=True)
+            runs = flex_runs()
+        loss, logits = _loss(run, ids, None, weights, position_ids=position_ids, use_cache=False)
+        loss.backward()
+        results[key] = (logits.detach(), _grads(model))
+    assert materialized == [], materialized
+    layers = models["attend"].config.num_hidden_layers
+    assert_fused_flex(runs(), forwards=layers, backwards=layers)
+    assert_scaled(results["attend"][0], results["64"][0], results["32"][0], f"{name} logits")
+    for pname, g in results["32"][1].items():
+        assert_scaled(results["attend"][1][pname], results["64"][1][pname], g, f"{name} d{pname}")
+
+
+def test_mask_functions_read_in_the_graph_mask_as_transformers_does():
+    """``_read_in_graph`` changes no attention implementation's masks: transformers' ``sdpa`` and
+    ``eager`` under torch.compile give their uncompiled logits on a packed batch with no cache (the
+    mask functions it reads there); a mask function made in the graph is read as outside it; and
+    the packed BlockMask's mask (``_packed_dense``, what a call with dropout runs) is transformers'."""
+    B, S = 2, 24
+    ids = tokens(B, S, seed=6)
+    position_ids = torch.stack([torch.cat([torch.arange(9), torch.arange(15)]), torch.arange(S)]).to(DEVICE)
+    for impl in ("sdpa", "eager"):
+        model = build("mistral", impl)
+        with torch.no_grad():
+            ref = model(ids, position_ids=position_ids, use_cache=False).logits
+            torch._dynamo.reset()
+            out = torch.compile(model, backend="aot_eager", fullgraph=True)(
+                ids, position_ids=position_ids, use_cache=False).logits
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5, msg=impl)
+    if not GRAPH_MADE_MODS:
+        return
+    from transformers import masking_utils as mu
+
+    def parts(pos):
+        packed = mu.find_packed_sequence_indices(pos)
+        fn = mu.and_masks(mu.remap_positions_for_packed_sequence(mu.sliding_window_causal_mask_function(WINDOW), pos),
+                          mu.packed_sequence_mask_function(packed))
+        spec = at._mask_spec(fn)
+        return spec.causal, spec.window, spec.packed
+
+    torch._dynamo.reset()
+    causal, window, packed = torch.compile(parts, backend="aot_eager", fullgraph=True)(position_ids)
+    assert (causal, window) == (True, WINDOW)
+    assert packed.tolist() == [[0] * 9 + [1] * 15, [0] * S]
+    fn = mu.and_masks(mu.remap_positions_for_packed_sequence(mu.sliding_window_causal_mask_function(WINDOW),
+                                                             position_ids),
+                      mu.packed_sequence_mask_function(mu.find_packed_sequence_indices(position_ids)))
+    want = mu.sdpa_mask(batch_size=B, q_length=S, kv_length=S, mask_function=fn, allow_is_causal_skip=False,
+                        device=DEVICE)
+    block_mask = at._packed_block_mask(at._mask_spec(fn), B, S, S)
+    assert torch.equal(at._packed_dense(block_mask), want)
+
+
 def test_compiled_packed_batch_found_in_position_ids():
     """Under torch.compile a batch of one whose position_ids may restart (a cache, no mask:
     transformers builds none) runs its attention outside the graph, where attend finds the packed
@@ -558,29 +639,35 @@ def test_mask_builder_never_materializes_a_band():
     assert m is None
 
 
-def test_traced_mask_keeps_the_band_only_where_transformers_says_it_is_one():
-    """Inside torch.compile the mask builder reads no closure: a causal sliding window is known by
-    what create_sliding_window_causal_mask passes (allow_is_causal_skip on, local_size the config's
-    sliding_window) and kept as the band (None); a chunked mask (local_size the config's
-    attention_chunk_size), or a window that packing has changed (allow_is_causal_skip off), is
-    materialized, equal to transformers' sdpa mask."""
-    from transformers.masking_utils import chunked_causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+def test_traced_mask_reads_the_mask_function():
+    """Inside torch.compile the mask builder reads transformers' mask functions as outside it (from
+    torch 2.13, ``_read_in_graph``; called here outside the graph, where it reads closures): a causal
+    sliding window is the band (None); a packed batch a BlockMask over its sequence ids; a chunked
+    mask, or a window beside a mask function attend does not know, is materialized, equal to
+    transformers' sdpa mask."""
+    from transformers.masking_utils import (and_masks, chunked_causal_mask_function, find_packed_sequence_indices,
+                                            packed_sequence_mask_function, sdpa_mask,
+                                            sliding_window_causal_mask_function)
 
     B, L = 2, 24
     base = dict(batch_size=B, q_length=L, kv_length=L, q_offset=0, kv_offset=0, attention_mask=None,
-                dtype=torch.float32, device=DEVICE)
-    sliding = dict(base, mask_function=sliding_window_causal_mask_function(WINDOW), local_size=WINDOW,
-                   config=types.SimpleNamespace(sliding_window=WINDOW))
-    if GRAPH_MADE_MODS:  # (before torch 2.13 the window is materialized: its band would run flex outside the graph)
-        assert at._traced_mask(dict(sliding, allow_is_causal_skip=True)) is None
-    chunked = dict(base, mask_function=chunked_causal_mask_function(WINDOW, torch.zeros(B, dtype=torch.long)),
-                   local_size=WINDOW, config=types.SimpleNamespace(sliding_window=None, attention_chunk_size=WINDOW))
-    for kw in (dict(chunked, allow_is_causal_skip=True), dict(sliding, allow_is_causal_skip=False)):
+                dtype=torch.float32, device=DEVICE, allow_is_causal_skip=True)
+    sliding = dict(base, mask_function=sliding_window_causal_mask_function(WINDOW))
+    ids = find_packed_sequence_indices(torch.cat([torch.arange(7), torch.arange(17)])[None].expand(B, L).to(DEVICE))
+    packed = dict(base, mask_function=and_masks(sliding_window_causal_mask_function(WINDOW),
+                                                packed_sequence_mask_function(ids)), allow_is_causal_skip=False)
+    if GRAPH_MADE_MODS:  # (before torch 2.13 these are materialized: their flex calls would leave the graph)
+        assert at._traced_mask(dict(sliding)) is None
+        got = at._traced_mask(dict(packed))
+        assert isinstance(got, at.BlockMask) and torch.equal(at._packed_dense(got), sdpa_mask(**dict(packed)))
+    chunked = dict(base, mask_function=chunked_causal_mask_function(WINDOW, torch.zeros(B, dtype=torch.long)))
+    unknown = dict(sliding, mask_function=and_masks(sliding["mask_function"], lambda b, h, q, kv: q != 3))
+    for kw in (chunked, unknown):
         got = at._traced_mask(dict(kw))
         want = sdpa_mask(**dict(kw, allow_is_causal_skip=False))
         assert got is not None and torch.equal(got, want)
     # the chunked mask is no window: row 9 sees keys 8 and 9 only, a window of 8 would give 2..9
-    assert at._traced_mask(dict(chunked, allow_is_causal_skip=True))[0, 0, 9].nonzero().flatten().tolist() == [8, 9]
+    assert at._traced_mask(dict(chunked))[0, 0, 9].nonzero().flatten().tolist() == [8, 9]
 
 
 def test_layer_window_when_the_call_names_none():

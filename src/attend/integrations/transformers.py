@@ -90,6 +90,7 @@ from attend._versions import GRAPH_MADE_MODS, outside_graph
 from attend.backends import kernel_for
 from attend.bias import causal_lower_right
 from attend.flex_attention import AuxRequest as FlexAuxRequest
+from attend.flex_attention import BlockMask
 from attend.flex_attention import and_masks, create_block_mask, flex_attention
 from attend.flex_attention import explain as flex_explain
 from attend.varlen import AuxRequest, varlen_attn
@@ -148,6 +149,70 @@ class _MaskSpec:
     packed: torch.Tensor | None  # (B, S) sequence ids of a packed batch
 
 
+class _BuiltMask:
+    """A mask function one of transformers' mask builders made inside torch.compile, with the
+    builder's arguments beside it. Dynamo cannot read the closures of functions made in the graph
+    (which ``_mask_parts`` reads outside it), but it reads an object's attributes. Calls the
+    builder's own closure, so it masks exactly as that does (``_read_in_graph``)."""
+
+    def __init__(self, fn, builder: str, free: dict):
+        self.fn, self.builder, self.free = fn, builder, free
+        self.__name__ = self.__qualname__ = getattr(fn, "__qualname__", builder)
+
+    def __call__(self, batch_idx, head_idx, q_idx, kv_idx):
+        return self.fn(batch_idx, head_idx, q_idx, kv_idx)
+
+
+# The mask builders whose functions ``_mask_parts`` reads, with their parameters' names ("*": the
+# name of all the positional arguments).
+_READ_BUILDERS = {"and_masks": ("*mask_functions",), "sliding_window_overlay": ("sliding_window",),
+                  "packed_sequence_mask_function": ("packed_sequence_mask",),
+                  "remap_positions_for_packed_sequence": ("mask_function", "position_ids")}
+_READ_IN_GRAPH: list[str] = []  # the builders _read_in_graph registered
+
+
+def _read_in_graph() -> None:
+    """Inside torch.compile, have each of transformers' ``_READ_BUILDERS`` return a ``_BuiltMask``
+    around its own closure (``torch.compiler.substitute_in_graph``, once per process; torch 2.13 and
+    later, ``GRAPH_MADE_MODS``, where the routes that use what is read run in the graph). Outside
+    the graph the builders run as they are. Dynamo then traces a copy of the builder, which makes the
+    same closure, so every attention implementation's masks are unchanged; attend's mask builder can
+    tell a causal band, a sliding window and a packed batch inside the graph as it does outside."""
+    if _READ_IN_GRAPH or not GRAPH_MADE_MODS:
+        return
+    import types
+
+    from transformers import masking_utils
+
+    for name, params in _READ_BUILDERS.items():
+        builder = getattr(masking_utils, name, None)
+        if not isinstance(builder, types.FunctionType):
+            continue  # not in this transformers: its masks stay unread (materialized) in the graph
+        copy = types.FunctionType(builder.__code__, builder.__globals__, builder.__name__, builder.__defaults__,
+                                  builder.__closure__)
+        copy.__kwdefaults__ = builder.__kwdefaults__
+
+        def built(*args, _copy=copy, _name=name, _params=params, **kwargs):
+            free = {_params[0][1:]: args} if _params[0].startswith("*") else dict(zip(_params, args))
+            return _BuiltMask(_copy(*args, **kwargs), _name, {**free, **kwargs})
+        torch.compiler.substitute_in_graph(builder, skip_signature_check=True)(built)
+        _READ_IN_GRAPH.append(name)
+
+
+def _built_by(fn) -> tuple[str, dict] | None:
+    """(the mask builder that made ``fn``, its arguments by name), or None: a ``_BuiltMask``'s, or
+    outside the graph a closure's ``__qualname__`` (``builder.<locals>.inner``) and free variables."""
+    if isinstance(fn, _BuiltMask):
+        return fn.builder, fn.free
+    name = getattr(fn, "__qualname__", "")
+    if ".<locals>." not in name:
+        return None
+    try:
+        return name.split(".<locals>.")[0], inspect.getclosurevars(fn).nonlocals
+    except TypeError:
+        return None
+
+
 def _mask_parts(fn) -> list | None:
     """The pieces of a transformers mask function that attend serves without a mask tensor, or
     None for a function it does not recognize (then the mask is materialized)."""
@@ -155,12 +220,11 @@ def _mask_parts(fn) -> list | None:
         return [("causal", None)]
     if fn is bidirectional_mask_function:
         return [("full", None)]
-    name = getattr(fn, "__qualname__", "")
-    try:
-        free = inspect.getclosurevars(fn).nonlocals
-    except TypeError:
+    built = _built_by(fn)
+    if built is None:
         return None
-    if name == "and_masks.<locals>.and_mask" and "mask_functions" in free:
+    builder, free = built
+    if builder == "and_masks" and "mask_functions" in free:
         parts = []
         for f in free["mask_functions"]:
             sub = _mask_parts(f)
@@ -168,11 +232,11 @@ def _mask_parts(fn) -> list | None:
                 return None
             parts += sub
         return parts
-    if name == "sliding_window_overlay.<locals>.inner_mask" and "sliding_window" in free:
+    if builder == "sliding_window_overlay" and "sliding_window" in free:
         return [("window", int(free["sliding_window"]))]
-    if name == "packed_sequence_mask_function.<locals>.inner_mask" and "packed_sequence_mask" in free:
+    if builder == "packed_sequence_mask_function" and "packed_sequence_mask" in free:
         return [("packed", free["packed_sequence_mask"])]
-    if name == "remap_positions_for_packed_sequence.<locals>.inner_mask" and "mask_function" in free:
+    if builder == "remap_positions_for_packed_sequence" and "mask_function" in free:
         # Positions step by 1 inside a packed sequence, so a band over them is the band over indices.
         return _mask_parts(free["mask_function"])
     return None
@@ -261,30 +325,61 @@ def mask_for_attend(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
     return pad
 
 
-def _traced_mask(kw: dict) -> torch.Tensor | None:
-    """``mask_for_attend`` inside torch.compile. Dynamo cannot read the closures of the mask functions
-    transformers makes in the graph (``_mask_parts``: sliding windows, packed sequences), and a
-    route must not hang on the mask's values (``_key_padding`` reads the device). So an unpadded
-    mask with the queries at the keys' end is None (the band) where it is plain causal, or where
-    transformers says it is a causal sliding window: ``create_sliding_window_causal_mask`` leaves
-    ``allow_is_causal_skip`` on only for its own mask function (any other mask function, packing
-    included, clears it) and passes the config's ``sliding_window`` as ``local_size``, where
-    ``create_chunked_causal_mask`` passes the config's ``attention_chunk_size``. The window's size
-    arrives as the attention call's ``sliding_window``, as outside the graph; its call runs flex in the
-    graph (``_traced_flex``), so before torch 2.13 (``GRAPH_MADE_MODS``) the window is materialized,
-    keeping SDPA in the graph. Every other mask is materialized, as transformers' ``sdpa`` does under
-    torch.compile."""
-    q_offset, kv_offset = kw["q_offset"], kw["kv_offset"]
-    local, config = kw.get("local_size"), kw.get("config")
-    window = (GRAPH_MADE_MODS and kw.get("allow_is_causal_skip", False) and local is not None
-              and local == getattr(config, "sliding_window", None)
-              and local != getattr(config, "attention_chunk_size", None))
-    band = kw["mask_function"] is causal_mask_function or window
-    if (band and kw["attention_mask"] is None and type(q_offset) is int and type(kv_offset) is int
-            and q_offset - kv_offset == kw["kv_length"] - kw["q_length"]):
-        return None
+def _traced_mask(kw: dict):
+    """``mask_for_attend`` inside torch.compile, where a route must not hang on the mask's values
+    (``_key_padding`` reads the device). transformers' mask functions are read as outside the graph
+    (``_read_in_graph``, torch 2.13 and later; before, only the plain causal function is known). An
+    unpadded causal mask with the queries at the keys' end is None (the band; a sliding window
+    arrives as the attention call's ``sliding_window``, and runs flex in the graph,
+    ``_traced_flex``). A packed batch (transformers' sequence ids, which it builds from
+    ``position_ids`` in the graph whether or not they restart, since it cannot look) is a BlockMask
+    over those ids (``_packed_block_mask``), built here once per forward. Every other mask is
+    materialized, as transformers' ``sdpa`` does under torch.compile."""
+    q_offset, kv_offset, fn = kw["q_offset"], kw["kv_offset"], kw["mask_function"]
+    spec = _mask_spec(fn) if GRAPH_MADE_MODS and _READ_IN_GRAPH else None
+    aligned = (type(q_offset) is int and type(kv_offset) is int
+               and q_offset - kv_offset == kw["kv_length"] - kw["q_length"])
+    if kw["attention_mask"] is None and aligned:
+        if spec is not None and spec.packed is not None and q_offset == kv_offset == 0:
+            return _packed_block_mask(spec, kw["batch_size"], kw["q_length"], kw["kv_length"])
+        if fn is causal_mask_function or (spec is not None and spec.causal and spec.packed is None):
+            return None
     kw.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(**kw)
+
+
+def _packed_mod(b, h, q_idx, kv_idx, ids, window: int | None, causal: bool):
+    """A packed batch's mask: the same sequence (``ids`` ``(B, S)``), and the band inside it (the
+    positions restart at each sequence and step by 1 inside it, so the band over positions is the
+    band over indices)."""
+    keep = ids[b, q_idx] == ids[b, kv_idx]
+    if causal:
+        keep = keep & (kv_idx <= q_idx)
+    if window is not None:  # (``_mask_spec``: a window comes with causal)
+        keep = keep & (q_idx - kv_idx < window)
+    return keep
+
+
+def _packed_block_mask(spec: _MaskSpec, B: int, L: int, S: int):
+    """The BlockMask of a packed batch inside torch.compile: ``_packed_mod`` over its sequence ids,
+    built in the graph (create_block_mask's block-status op: the blocks a boundary or the band
+    crosses are partial, the others skipped or taken whole). The attention calls run flex with it,
+    where outside the graph they run ``varlen_attn`` over the sequences: its lengths are host
+    integers. Nothing ``L x S`` is made."""
+    ids = spec.packed.to(torch.int32)
+    mod = flex_compiled.BoundMod(_packed_mod, (ids,), (spec.window, spec.causal))
+    return create_block_mask(mod, B, None, L, S, device=ids.device)
+
+
+def _packed_dense(mask) -> torch.Tensor:
+    """A ``_packed_block_mask``'s mask as a ``(B, 1, L, S)`` bool tensor (a call with dropout, which
+    flex has no form for)."""
+    ids, = mask.mask_mod.tensors
+    L, S = mask.seq_lengths
+    i32 = dict(dtype=torch.int32, device=ids.device)
+    b = torch.arange(ids.shape[0], **i32)[:, None, None, None]
+    q, kv = torch.arange(L, **i32)[None, None, :, None], torch.arange(S, **i32)[None, None, None, :]
+    return _packed_mod(b, 0, q, kv, ids, *mask.mask_mod.numbers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1027,11 +1122,16 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     a graph break per call, which ``fullgraph=True`` refuses. So does a batch of one whose
     ``position_ids`` may restart (``_may_be_packed``), as transformers' ``flash_attention_2`` does."""
     L, S = query.shape[-2], key.shape[-2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if isinstance(attention_mask, BlockMask):  # _traced_mask's packed batch: its band and window included
+        if not dropout:
+            return _traced_flex(query, key, value, attention_mask, "block", scaling, None, softcap, s_aux,
+                                bool(is_causal)), None
+        attention_mask = _packed_dense(attention_mask)
     kind = _mask_kind(attention_mask, kwargs)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"attend: sliding_window must be a positive int, got {sliding_window!r}")
     window_cuts = sliding_window is not None and S > sliding_window
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = (kwargs.get("block_table") is None and kwargs.get("k_cache") is None and 0 not in query.shape
              and not _may_be_packed(query, key, attention_mask, kwargs))
     flex = softcap is not None or s_aux is not None or (kind == "none" and window_cuts)
@@ -1058,7 +1158,8 @@ def _traced_flex(q, k, v, mask, kind: str, scale, window: int | None, softcap: f
     takes the band's routes as eagerly; no number of the mods depends on a length, which may be
     symbolic (chunked prefill, L < S, runs outside the graph). A materialized mask: a decode step's
     key vector or an additive mask goes into the score_mod (as eagerly); a bool mask gets its
-    BlockMask from create_block_mask over it. ``(B, L, H, D)``."""
+    BlockMask from create_block_mask over it. "block": a packed batch's BlockMask
+    (``_packed_block_mask``), as it is. ``(B, L, H, D)``."""
     B, H, L, _ = q.shape
     S = k.shape[-2]
     cap = float(softcap) if softcap is not None else None
@@ -1066,6 +1167,8 @@ def _traced_flex(q, k, v, mask, kind: str, scale, window: int | None, softcap: f
     if kind == "none" and L == 1:  # a decode step sees every key, or a window's last keys: a slice
         if window is not None:
             k, v = k[:, :, S - window:], v[:, :, S - window:]
+    elif kind == "block":  # a packed batch's (``_packed_block_mask``)
+        block_mask = mask
     elif kind == "none" and (causal or window is not None):  # L == S (``_traced_attention``): query i at key i
         block_mask = create_block_mask(flex_compiled.BoundMod(_band_mod, (), (0, window, causal)), None, None, L, S,
                                        device=q.device)
@@ -1234,7 +1337,9 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
 
 def register() -> None:
     """Register ``"attend"`` with transformers' attention and mask interfaces, and ``"paged|attend"``
-    (continuous batching) with its attention interface (done on import)."""
+    (continuous batching) with its attention interface; inside torch.compile, have the mask builders
+    that attend reads make readable mask functions (``_read_in_graph``). Done on import."""
+    _read_in_graph()
     AttentionInterface.register(NAME, attention_forward)
     AttentionInterface.register(PAGED_NAME, paged_attention_forward)
     AttentionMaskInterface.register(NAME, mask_for_attend)
