@@ -185,8 +185,9 @@ FLEX_LAYERS = {("gemma2", ""): (2, 2), ("gemma2", "left-padded"): (2, 2), ("gpt_
 # (before torch 2.13 gpt-oss's calls run their eager route outside the graph: its global layer varlen_attn,
 # its window layer, whose mask is materialized, flex; Mistral's window, materialized, SDPA)
 FLEX_LAYERS[("gpt_oss", "compiled")] = (2, 0) if GRAPH_MADE_MODS else (1, 1)
-if GRAPH_MADE_MODS:
+if GRAPH_MADE_MODS:  # (and a padded batch's BlockMask from the mask builder: flex, forward and backward)
     FLEX_LAYERS[("mistral", "compiled")] = (2, 0)
+    FLEX_LAYERS[("llama", "compiled-left-padded")] = (2, 2)
 # Models whose attention leaves the compiled graph before torch 2.13 (softcap, sinks: docs/transformers.md)
 OUTSIDE_THE_GRAPH = ("gemma2", "gpt_oss")
 # Models Dynamo cannot compile fullgraph whatever the attention (gpt-oss: a loop over the experts hit)
@@ -203,12 +204,12 @@ def _custom_mask(B: int, S: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name,variant", GRAD_CASES,
                          ids=[f"{m}({FEATURES[m]}){'-' + v if v else ''}" for m, v in GRAD_CASES])
-def test_logits_and_grads_match_eager(name, variant):
+def test_logits_and_grads_match_eager(name, variant, monkeypatch):
     """attend's logits and every parameter's gradient against eager attention's, both against float64.
     "compiled": the model under torch.compile (aot_eager, fullgraph: softcap, sinks and windows on
-    flex_attention over the band in the graph), "compiled-left-padded" with a padding mask (the mask
-    materialized, as for transformers' sdpa under torch.compile; a softcap or sinks beside it leave
-    the graph)."""
+    flex_attention over the band in the graph), "compiled-left-padded" with a padding mask (from torch
+    2.13 flex over a BlockMask of the padded keys, built in the graph; before, the mask materialized,
+    as for transformers' sdpa under torch.compile)."""
     B, S = 2, 24
     ids = tokens(B, S)
     mask = None
@@ -222,6 +223,8 @@ def test_logits_and_grads_match_eager(name, variant):
     eager64 = copy.deepcopy(eager).double()
     ours = copy.deepcopy(eager)
     ours.set_attn_implementation("attend")
+    materialized, real = [], at.sdpa_mask  # (B, 1, L, S) masks the mask builder made
+    monkeypatch.setattr(at, "sdpa_mask", lambda **kw: materialized.append(kw["q_length"]) or real(**kw))
     results = {}
     for key, model in (("64", eager64), ("32", eager), ("attend", ours)):
         model.train()  # dropout is 0 in these configs; train() is what a training step runs
@@ -261,6 +264,8 @@ def test_logits_and_grads_match_eager(name, variant):
         results[key] = (logits.detach(), _grads(model))
     forwards, backwards = FLEX_LAYERS.get((name, variant), (0, 0))
     assert_fused_flex(runs(), forwards=forwards, backwards=backwards)
+    if GRAPH_MADE_MODS or not variant.startswith("compiled"):  # (before torch 2.13 a graph materializes them)
+        assert materialized == [], f"masks materialized for query lengths {materialized}"
     valid = (slice(None),) if mask is None else (mask.bool(),)
     assert_scaled(results["attend"][0][valid], results["64"][0][valid], results["32"][0][valid], f"{name} logits")
     grads64, grads32, ours_g = results["64"][1], results["32"][1], results["attend"][1]
@@ -509,7 +514,7 @@ def test_compiled_step_without_a_cache_reads_the_packed_batch(name, monkeypatch)
     """A training step with ``use_cache=False`` under torch.compile (fullgraph): transformers builds
     its packed-sequence mask from ``position_ids`` whether or not they restart (it cannot look in
     the graph). attend reads that mask function in the graph (``_read_in_graph``) and runs flex over
-    a BlockMask of the sequence ids (``_packed_block_mask``: causal, Mistral's window, Gemma 2's
+    a BlockMask of the sequence ids (``_block_mask_over``: causal, Mistral's window, Gemma 2's
     softcap), materializing nothing; logits and every gradient against eager's, both against float64.
     One row packs two sequences, the other is one."""
     B, S = 2, 24
@@ -540,11 +545,41 @@ def test_compiled_step_without_a_cache_reads_the_packed_batch(name, monkeypatch)
         assert_scaled(results["attend"][1][pname], results["64"][1][pname], g, f"{name} d{pname}")
 
 
+@pytest.mark.skipif(not GRAPH_MADE_MODS, reason="transformers' mask functions are read in the graph from torch 2.13")
+def test_graph_block_mask_reaching_an_eager_layer():
+    """Reentrant activation checkpointing under torch.compile runs the layers eagerly with the mask
+    the graph built (a packed batch's BlockMask, then a padded one's): the eager route takes the
+    ids or padding it is over, as outside the graph; logits and gradients equal the uncompiled
+    model's."""
+    B, S = 2, 16
+    ids = tokens(B, S, seed=8)
+    position_ids = torch.stack([torch.cat([torch.arange(6), torch.arange(10)]), torch.arange(S)]).to(DEVICE)
+    pad = torch.ones(B, S, dtype=torch.long, device=DEVICE)
+    pad[0, 12:] = 0
+    model = build("llama", "attend").train()
+    if hasattr(model, "activation_checkpointing_enable"):  # (gradient_checkpointing_enable's new name)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    for kw in (dict(position_ids=position_ids), dict(attention_mask=pad)):
+        results = []
+        torch._dynamo.reset()
+        for run in (model, torch.compile(model, backend="aot_eager")):
+            model.zero_grad()
+            logits = run(ids, use_cache=False, **kw).logits
+            logits.square().mean().backward()
+            results.append((logits.detach(), _grads(model)))
+        (ref, ref_grads), (out, grads) = results
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+        for n in ref_grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_mask_functions_read_in_the_graph_mask_as_transformers_does():
     """``_read_in_graph`` changes no attention implementation's masks: transformers' ``sdpa`` and
     ``eager`` under torch.compile give their uncompiled logits on a packed batch with no cache (the
     mask functions it reads there); a mask function made in the graph is read as outside it; and
-    the packed BlockMask's mask (``_packed_dense``, what a call with dropout runs) is transformers'."""
+    the packed BlockMask's mask (``_mask_of``, what a call with dropout runs) is transformers'."""
     B, S = 2, 24
     ids = tokens(B, S, seed=6)
     position_ids = torch.stack([torch.cat([torch.arange(9), torch.arange(15)]), torch.arange(S)]).to(DEVICE)
@@ -571,13 +606,27 @@ def test_mask_functions_read_in_the_graph_mask_as_transformers_does():
     causal, window, packed = torch.compile(parts, backend="aot_eager", fullgraph=True)(position_ids)
     assert (causal, window) == (True, WINDOW)
     assert packed.tolist() == [[0] * 9 + [1] * 15, [0] * S]
+
+    def unread(x):  # a function no builder of _READ_BUILDERS made: materialized, no error in the graph
+        fn = mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv != 3)
+        return at.mask_for_attend(B, S, S, mask_function=fn, attention_mask=None, device=DEVICE, dtype=torch.float32)
+
+    torch._dynamo.reset()
+    want = mu.sdpa_mask(batch_size=B, q_length=S, kv_length=S, allow_is_causal_skip=False, device=DEVICE,
+                        mask_function=mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv != 3))
+    assert torch.equal(torch.compile(unread, backend="aot_eager", fullgraph=True)(position_ids), want)
+    registered = list(at._READ_IN_GRAPH)  # importing the module again registers nothing twice
+    at._READ_IN_GRAPH.clear()
+    at._read_in_graph()
+    assert at._READ_IN_GRAPH == registered
     fn = mu.and_masks(mu.remap_positions_for_packed_sequence(mu.sliding_window_causal_mask_function(WINDOW),
                                                              position_ids),
                       mu.packed_sequence_mask_function(mu.find_packed_sequence_indices(position_ids)))
     want = mu.sdpa_mask(batch_size=B, q_length=S, kv_length=S, mask_function=fn, allow_is_causal_skip=False,
                         device=DEVICE)
-    block_mask = at._packed_block_mask(at._mask_spec(fn), B, S, S)
-    assert torch.equal(at._packed_dense(block_mask), want)
+    spec = at._mask_spec(fn)
+    block_mask = at._block_mask_over(at._packed_mod, spec.packed.to(torch.int32), spec, B, S)
+    assert torch.equal(at._mask_of(block_mask), want)
 
 
 def test_compiled_packed_batch_found_in_position_ids():
@@ -642,10 +691,12 @@ def test_mask_builder_never_materializes_a_band():
 def test_traced_mask_reads_the_mask_function():
     """Inside torch.compile the mask builder reads transformers' mask functions as outside it (from
     torch 2.13, ``_read_in_graph``; called here outside the graph, where it reads closures): a causal
-    sliding window is the band (None); a packed batch a BlockMask over its sequence ids; a chunked
-    mask, or a window beside a mask function attend does not know, is materialized, equal to
-    transformers' sdpa mask."""
-    from transformers.masking_utils import (and_masks, chunked_causal_mask_function, find_packed_sequence_indices,
+    sliding window is the band (None); a packed batch (causal or not) or a causal padded batch from
+    position 0 a BlockMask over its sequence ids or its keys, a bidirectional padded one the key
+    vector; a chunked mask, a window beside a mask function attend does not know, or padding after
+    a cache's keys is materialized: each equal to transformers' sdpa mask."""
+    from transformers.masking_utils import (and_masks, bidirectional_mask_function, causal_mask_function,
+                                            chunked_causal_mask_function, find_packed_sequence_indices,
                                             packed_sequence_mask_function, sdpa_mask,
                                             sliding_window_causal_mask_function)
 
@@ -656,10 +707,33 @@ def test_traced_mask_reads_the_mask_function():
     ids = find_packed_sequence_indices(torch.cat([torch.arange(7), torch.arange(17)])[None].expand(B, L).to(DEVICE))
     packed = dict(base, mask_function=and_masks(sliding_window_causal_mask_function(WINDOW),
                                                 packed_sequence_mask_function(ids)), allow_is_causal_skip=False)
+    pad = torch.ones(B, L, dtype=torch.long, device=DEVICE)
+    pad[0, :5] = 0  # left padding
+    pad[1, 19:] = 0  # right padding
+    padded = [dict(base, mask_function=f, attention_mask=pad) for f in (
+        causal_mask_function, sliding_window_causal_mask_function(WINDOW))]
     if GRAPH_MADE_MODS:  # (before torch 2.13 these are materialized: their flex calls would leave the graph)
         assert at._traced_mask(dict(sliding)) is None
-        got = at._traced_mask(dict(packed))
-        assert isinstance(got, at.BlockMask) and torch.equal(at._packed_dense(got), sdpa_mask(**dict(packed)))
+        bidirectional = dict(packed, mask_function=and_masks(bidirectional_mask_function,
+                                                             packed_sequence_mask_function(ids)))
+        for kw in (packed, bidirectional, *padded):
+            got = at._traced_mask(dict(kw))
+            want = sdpa_mask(**dict(kw, allow_is_causal_skip=False))
+            assert isinstance(got, at.BlockMask) and torch.equal(at._mask_of(got), want)
+        keys = at._traced_mask(dict(base, mask_function=bidirectional_mask_function, attention_mask=pad))
+        want = sdpa_mask(**dict(base, mask_function=bidirectional_mask_function, attention_mask=pad,
+                                allow_is_causal_skip=False))
+        assert keys.shape == (B, 1, 1, L) and torch.equal(keys.expand(B, 1, L, L), want)
+        # the call's window beside a causal mask (a model that builds one and passes a window): both kept
+        causal_padded = at._traced_mask(dict(padded[0]))
+        assert torch.equal(at._mask_of(at._with_window(causal_padded, WINDOW)), at._mask_of(
+            at._traced_mask(dict(padded[1]))))
+        assert at._with_window(causal_padded, L) is causal_padded  # a window that cuts no key
+        # two sets of sequence ids: no one tensor says both
+        assert at._mask_spec(and_masks(packed["mask_function"], packed_sequence_mask_function(ids))) is None
+    # a padded prefill after a cache's keys (queries not at position 0): materialized
+    cached = dict(padded[0], q_length=L - 4, q_offset=4, attention_mask=pad)
+    assert torch.equal(at._traced_mask(dict(cached)), sdpa_mask(**dict(cached, allow_is_causal_skip=False)))
     chunked = dict(base, mask_function=chunked_causal_mask_function(WINDOW, torch.zeros(B, dtype=torch.long)))
     unknown = dict(sliding, mask_function=and_masks(sliding["mask_function"], lambda b, h, q, kv: q != 3))
     for kw in (chunked, unknown):

@@ -169,6 +169,7 @@ _READ_BUILDERS = {"and_masks": ("*mask_functions",), "sliding_window_overlay": (
                   "packed_sequence_mask_function": ("packed_sequence_mask",),
                   "remap_positions_for_packed_sequence": ("mask_function", "position_ids")}
 _READ_IN_GRAPH: list[str] = []  # the builders _read_in_graph registered
+_READ_MARK = "_attend_read_in_graph"  # set on a builder once substituted (a process substitutes it once)
 
 
 def _read_in_graph() -> None:
@@ -188,6 +189,9 @@ def _read_in_graph() -> None:
         builder = getattr(masking_utils, name, None)
         if not isinstance(builder, types.FunctionType):
             continue  # not in this transformers: its masks stay unread (materialized) in the graph
+        if getattr(builder, _READ_MARK, False):  # (this module imported again: Dynamo keeps the first)
+            _READ_IN_GRAPH.append(name)
+            continue
         copy = types.FunctionType(builder.__code__, builder.__globals__, builder.__name__, builder.__defaults__,
                                   builder.__closure__)
         copy.__kwdefaults__ = builder.__kwdefaults__
@@ -195,15 +199,23 @@ def _read_in_graph() -> None:
         def built(*args, _copy=copy, _name=name, _params=params, **kwargs):
             free = {_params[0][1:]: args} if _params[0].startswith("*") else dict(zip(_params, args))
             return _BuiltMask(_copy(*args, **kwargs), _name, {**free, **kwargs})
-        torch.compiler.substitute_in_graph(builder, skip_signature_check=True)(built)
+        try:
+            torch.compiler.substitute_in_graph(builder, skip_signature_check=True)(built)
+        except ValueError:  # another library's substitute for it: that one stays, and these masks go unread
+            continue
+        setattr(builder, _READ_MARK, True)
         _READ_IN_GRAPH.append(name)
 
 
 def _built_by(fn) -> tuple[str, dict] | None:
     """(the mask builder that made ``fn``, its arguments by name), or None: a ``_BuiltMask``'s, or
-    outside the graph a closure's ``__qualname__`` (``builder.<locals>.inner``) and free variables."""
+    outside the graph a closure's ``__qualname__`` (``builder.<locals>.inner``) and free variables.
+    Inside it any other function is unread (a lambda, a model's own ``or_mask_function``, a builder
+    not in ``_READ_BUILDERS``), so its mask is materialized."""
     if isinstance(fn, _BuiltMask):
         return fn.builder, fn.free
+    if torch.compiler.is_compiling():
+        return None  # Dynamo cannot read a closure (inspect.getclosurevars fails there)
     name = getattr(fn, "__qualname__", "")
     if ".<locals>." not in name:
         return None
@@ -252,6 +264,8 @@ def _mask_spec(fn) -> _MaskSpec | None:
     packed = [p for k, p in parts if k == "packed"]
     if not causal and ("full" not in kinds or windows):
         return None  # a bidirectional window, or a window alone: no band form here
+    if len(packed) > 1:
+        return None  # two sets of sequence ids: no one tensor says both
     return _MaskSpec(causal, min(windows) if windows else None, packed[0] if packed else None)
 
 
@@ -328,22 +342,31 @@ def mask_for_attend(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
 def _traced_mask(kw: dict):
     """``mask_for_attend`` inside torch.compile, where a route must not hang on the mask's values
     (``_key_padding`` reads the device). transformers' mask functions are read as outside the graph
-    (``_read_in_graph``, torch 2.13 and later; before, only the plain causal function is known). An
-    unpadded causal mask with the queries at the keys' end is None (the band; a sliding window
-    arrives as the attention call's ``sliding_window``, and runs flex in the graph,
-    ``_traced_flex``). A packed batch (transformers' sequence ids, which it builds from
-    ``position_ids`` in the graph whether or not they restart, since it cannot look) is a BlockMask
-    over those ids (``_packed_block_mask``), built here once per forward. Every other mask is
-    materialized, as transformers' ``sdpa`` does under torch.compile."""
+    (``_read_in_graph``, torch 2.13 and later; before, only the plain causal function is known).
+    - An unpadded causal mask with the queries at the keys' end is None: the band (a sliding window
+      arrives as the attention call's ``sliding_window``, and runs flex in the graph,
+      ``_traced_flex``).
+    - Training or a first prefill (queries and keys both from position 0) with a 2-D padding mask
+      (``_padded_mod``), or a packed batch (``_packed_mod``: transformers' sequence ids, which it
+      builds from ``position_ids`` in the graph whether or not they restart, since it cannot look),
+      is a BlockMask over that ``(B, S)`` tensor (``_block_mask_over``), built here once per forward.
+      A bidirectional padding mask is the key vector ``(B, 1, 1, S)``, as outside the graph.
+    - Every other mask is materialized, as transformers' ``sdpa`` does under torch.compile."""
     q_offset, kv_offset, fn = kw["q_offset"], kw["kv_offset"], kw["mask_function"]
+    L, S, am = kw["q_length"], kw["kv_length"], kw["attention_mask"]
     spec = _mask_spec(fn) if GRAPH_MADE_MODS and _READ_IN_GRAPH else None
-    aligned = (type(q_offset) is int and type(kv_offset) is int
-               and q_offset - kv_offset == kw["kv_length"] - kw["q_length"])
-    if kw["attention_mask"] is None and aligned:
-        if spec is not None and spec.packed is not None and q_offset == kv_offset == 0:
-            return _packed_block_mask(spec, kw["batch_size"], kw["q_length"], kw["kv_length"])
-        if fn is causal_mask_function or (spec is not None and spec.causal and spec.packed is None):
-            return None
+    aligned = type(q_offset) is int and type(kv_offset) is int and q_offset - kv_offset == S - L
+    if spec is not None and aligned and q_offset == kv_offset == 0 and L == S:  # training, a first prefill
+        if spec.packed is not None and am is None:
+            return _block_mask_over(_packed_mod, spec.packed.to(torch.int32), spec, kw["batch_size"], S)
+        if spec.packed is None and am is not None and am.dim() == 2 and am.shape[-1] == S:
+            keys = am.to(torch.bool)
+            if not spec.causal:
+                return keys[:, None, None, :]
+            return _block_mask_over(_padded_mod, keys, spec, kw["batch_size"], S)
+    if am is None and aligned and (fn is causal_mask_function or (
+            spec is not None and spec.causal and spec.packed is None)):
+        return None
     kw.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(**kw)
 
@@ -352,34 +375,53 @@ def _packed_mod(b, h, q_idx, kv_idx, ids, window: int | None, causal: bool):
     """A packed batch's mask: the same sequence (``ids`` ``(B, S)``), and the band inside it (the
     positions restart at each sequence and step by 1 inside it, so the band over positions is the
     band over indices)."""
-    keep = ids[b, q_idx] == ids[b, kv_idx]
-    if causal:
-        keep = keep & (kv_idx <= q_idx)
-    if window is not None:  # (``_mask_spec``: a window comes with causal)
-        keep = keep & (q_idx - kv_idx < window)
-    return keep
+    return _banded(ids[b, q_idx] == ids[b, kv_idx], b, h, q_idx, kv_idx, window, causal)
 
 
-def _packed_block_mask(spec: _MaskSpec, B: int, L: int, S: int):
-    """The BlockMask of a packed batch inside torch.compile: ``_packed_mod`` over its sequence ids,
-    built in the graph (create_block_mask's block-status op: the blocks a boundary or the band
-    crosses are partial, the others skipped or taken whole). The attention calls run flex with it,
-    where outside the graph they run ``varlen_attn`` over the sequences: its lengths are host
-    integers. Nothing ``L x S`` is made."""
-    ids = spec.packed.to(torch.int32)
-    mod = flex_compiled.BoundMod(_packed_mod, (ids,), (spec.window, spec.causal))
-    return create_block_mask(mod, B, None, L, S, device=ids.device)
+def _padded_mod(b, h, q_idx, kv_idx, keys, window: int | None, causal: bool):
+    """A padded batch's mask: the real keys (``keys`` ``(B, S)`` bool), in the band."""
+    return _banded(keys[b, kv_idx], b, h, q_idx, kv_idx, window, causal)
 
 
-def _packed_dense(mask) -> torch.Tensor:
-    """A ``_packed_block_mask``'s mask as a ``(B, 1, L, S)`` bool tensor (a call with dropout, which
+def _banded(keep, b, h, q_idx, kv_idx, window: int | None, causal: bool):
+    """``keep`` in the band of query i at key i (``_band_mod``), or as it is without one."""
+    return keep & _band_mod(b, h, q_idx, kv_idx, 0, window, causal) if causal or window is not None else keep
+
+
+def _block_mask_over(mod, t: torch.Tensor, spec: _MaskSpec, B: int, S: int):
+    """The BlockMask of ``mod`` (``_packed_mod``, ``_padded_mod``) over ``t`` ``(B, S)`` and
+    ``spec``'s band, for ``S`` queries and keys, inside torch.compile: built in the graph
+    (create_block_mask's block-status op: the blocks a sequence's edge, padding or the band crosses
+    are partial, the others skipped or taken whole). The attention calls run flex with it, where
+    outside the graph they run ``varlen_attn``, whose sequence lengths are host integers. Nothing
+    ``L x S`` is made."""
+    mod = flex_compiled.BoundMod(mod, (t,), (spec.window, spec.causal))
+    return create_block_mask(mod, B, None, S, S, device=t.device)
+
+
+def _with_window(block_mask, window: int | None):
+    """A ``_block_mask_over``'s BlockMask with the attention call's ``sliding_window`` too, where it
+    cuts keys the mask's own window (if any) keeps: a model may build a causal mask and pass a
+    window (as outside the graph, the call's window is applied)."""
+    bound = block_mask.mask_mod
+    own, causal = bound.numbers
+    S = block_mask.seq_lengths[1]
+    if window is None or S <= window or (own is not None and own <= window):
+        return block_mask
+    mod = flex_compiled.BoundMod(bound.fn, bound.tensors, (window, causal))
+    return create_block_mask(mod, block_mask.shape[0], None, *block_mask.seq_lengths, device=bound.tensors[0].device)
+
+
+def _mask_of(block_mask) -> torch.Tensor:
+    """A ``_block_mask_over``'s mask as a ``(B, 1, L, S)`` bool tensor (a call with dropout, which
     flex has no form for)."""
-    ids, = mask.mask_mod.tensors
-    L, S = mask.seq_lengths
-    i32 = dict(dtype=torch.int32, device=ids.device)
-    b = torch.arange(ids.shape[0], **i32)[:, None, None, None]
+    bound = block_mask.mask_mod
+    t, = bound.tensors
+    L, S = block_mask.seq_lengths
+    i32 = dict(dtype=torch.int32, device=t.device)
+    b = torch.arange(t.shape[0], **i32)[:, None, None, None]
     q, kv = torch.arange(L, **i32)[None, None, :, None], torch.arange(S, **i32)[None, None, None, :]
-    return _packed_mod(b, 0, q, kv, ids, *mask.mask_mod.numbers)
+    return bound.fn(b, 0, q, kv, t, *bound.numbers).expand(t.shape[0], 1, L, S)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,7 +526,13 @@ def _packed_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
 
 def _mask_or_packing(query, key, attention_mask, kwargs: dict):
     """The mask a call is planned with: the model's, or where it passed none (and no sequence
-    lengths), the packed batch's sequence ids that ``position_ids`` reveal (``_packed_from_positions``)."""
+    lengths), the packed batch's sequence ids that ``position_ids`` reveal (``_packed_from_positions``);
+    a BlockMask the mask builder made in a compiled graph (``_block_mask_over``) that reaches an
+    eager call (a layer Dynamo hands back, as reentrant activation checkpointing does), as the mask
+    builder makes it outside the graph: the sequence ids or the padding mask it is over."""
+    if isinstance(attention_mask, BlockMask) and isinstance(attention_mask.mask_mod, flex_compiled.BoundMod) \
+            and attention_mask.mask_mod.fn in (_packed_mod, _padded_mod):
+        return attention_mask.mask_mod.tensors[0]
     if _may_be_packed(query, key, attention_mask, kwargs):
         return _packed_from_positions(kwargs["position_ids"])
     return attention_mask
@@ -1123,11 +1171,12 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     ``position_ids`` may restart (``_may_be_packed``), as transformers' ``flash_attention_2`` does."""
     L, S = query.shape[-2], key.shape[-2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if isinstance(attention_mask, BlockMask):  # _traced_mask's packed batch: its band and window included
+    if isinstance(attention_mask, BlockMask):  # _traced_mask's packed or padded batch: band and window included
+        attention_mask = _with_window(attention_mask, sliding_window)
         if not dropout:
             return _traced_flex(query, key, value, attention_mask, "block", scaling, None, softcap, s_aux,
                                 bool(is_causal)), None
-        attention_mask = _packed_dense(attention_mask)
+        attention_mask = _mask_of(attention_mask)
     kind = _mask_kind(attention_mask, kwargs)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"attend: sliding_window must be a positive int, got {sliding_window!r}")
@@ -1158,8 +1207,8 @@ def _traced_flex(q, k, v, mask, kind: str, scale, window: int | None, softcap: f
     takes the band's routes as eagerly; no number of the mods depends on a length, which may be
     symbolic (chunked prefill, L < S, runs outside the graph). A materialized mask: a decode step's
     key vector or an additive mask goes into the score_mod (as eagerly); a bool mask gets its
-    BlockMask from create_block_mask over it. "block": a packed batch's BlockMask
-    (``_packed_block_mask``), as it is. ``(B, L, H, D)``."""
+    BlockMask from create_block_mask over it. "block": a packed or padded batch's BlockMask
+    (``_block_mask_over``), as it is. ``(B, L, H, D)``."""
     B, H, L, _ = q.shape
     S = k.shape[-2]
     cap = float(softcap) if softcap is not None else None
@@ -1167,7 +1216,7 @@ def _traced_flex(q, k, v, mask, kind: str, scale, window: int | None, softcap: f
     if kind == "none" and L == 1:  # a decode step sees every key, or a window's last keys: a slice
         if window is not None:
             k, v = k[:, :, S - window:], v[:, :, S - window:]
-    elif kind == "block":  # a packed batch's (``_packed_block_mask``)
+    elif kind == "block":  # a packed or padded batch's (``_block_mask_over``)
         block_mask = mask
     elif kind == "none" and (causal or window is not None):  # L == S (``_traced_attention``): query i at key i
         block_mask = create_block_mask(flex_compiled.BoundMod(_band_mod, (), (0, window, causal)), None, None, L, S,
