@@ -26,6 +26,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import attend.integrations.transformers as at  # noqa: E402  (registers "attend")
+from attend.flex_attention import BlockMask  # noqa: E402
+from attend.integrations.transformers import _common, _masks, _routes  # noqa: E402
 from attend._versions import GRAPH_MADE_MODS  # noqa: E402
 from attend._flex import dispatch as flex_dispatch  # noqa: E402
 from attend._flex import varlen as flex_varlen  # noqa: E402
@@ -223,8 +225,8 @@ def test_logits_and_grads_match_eager(name, variant, monkeypatch):
     eager64 = copy.deepcopy(eager).double()
     ours = copy.deepcopy(eager)
     ours.set_attn_implementation("attend")
-    materialized, real = [], at.sdpa_mask  # (B, 1, L, S) masks the mask builder made
-    monkeypatch.setattr(at, "sdpa_mask", lambda **kw: materialized.append(kw["q_length"]) or real(**kw))
+    materialized, real = [], _masks.sdpa_mask  # (B, 1, L, S) masks the mask builder made
+    monkeypatch.setattr(_masks, "sdpa_mask", lambda **kw: materialized.append(kw["q_length"]) or real(**kw))
     results = {}
     for key, model in (("64", eager64), ("32", eager), ("attend", ours)):
         model.train()  # dropout is 0 in these configs; train() is what a training step runs
@@ -387,7 +389,7 @@ def test_generate_with_a_static_cache(name, use_kernel):
               disable_compile=True)
     ref = eager.generate(ids, **kw)
     eager.set_attn_implementation("attend")
-    at._warned.clear()
+    _common._warned.clear()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         out = eager.generate(ids, **kw)
@@ -491,8 +493,8 @@ def test_compiled_chunked_prefill_and_decode_keep_the_band_fullgraph(monkeypatch
     ids = tokens(2, 20)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    materialized, real = [], at.sdpa_mask
-    monkeypatch.setattr(at, "sdpa_mask", lambda **kw: materialized.append(kw["q_length"]) or real(**kw))
+    materialized, real = [], _masks.sdpa_mask
+    monkeypatch.setattr(_masks, "sdpa_mask", lambda **kw: materialized.append(kw["q_length"]) or real(**kw))
     with torch.no_grad():
         ref = model(ids).logits
         cache = DynamicCache(config=model.config)
@@ -524,8 +526,8 @@ def test_compiled_step_without_a_cache_reads_the_packed_batch(name, monkeypatch)
     eager = build(name)
     models = {"64": copy.deepcopy(eager).double(), "32": eager, "attend": copy.deepcopy(eager)}
     models["attend"].set_attn_implementation("attend")
-    materialized, real = [], at.sdpa_mask
-    monkeypatch.setattr(at, "sdpa_mask", lambda **kw: materialized.append(kw["q_length"]) or real(**kw))
+    materialized, real = [], _masks.sdpa_mask
+    monkeypatch.setattr(_masks, "sdpa_mask", lambda **kw: materialized.append(kw["q_length"]) or real(**kw))
     results = {}
     for key, model in models.items():
         model.train()
@@ -599,7 +601,7 @@ def test_mask_functions_read_in_the_graph_mask_as_transformers_does():
         packed = mu.find_packed_sequence_indices(pos)
         fn = mu.and_masks(mu.remap_positions_for_packed_sequence(mu.sliding_window_causal_mask_function(WINDOW), pos),
                           mu.packed_sequence_mask_function(packed))
-        spec = at._mask_spec(fn)
+        spec = _masks._mask_spec(fn)
         return spec.causal, spec.window, spec.packed
 
     torch._dynamo.reset()
@@ -615,18 +617,18 @@ def test_mask_functions_read_in_the_graph_mask_as_transformers_does():
     want = mu.sdpa_mask(batch_size=B, q_length=S, kv_length=S, allow_is_causal_skip=False, device=DEVICE,
                         mask_function=mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv != 3))
     assert torch.equal(torch.compile(unread, backend="aot_eager", fullgraph=True)(position_ids), want)
-    registered = list(at._READ_IN_GRAPH)  # importing the module again registers nothing twice
-    at._READ_IN_GRAPH.clear()
-    at._read_in_graph()
-    assert at._READ_IN_GRAPH == registered
+    registered = list(_masks._READ_IN_GRAPH)  # importing the module again registers nothing twice
+    _masks._READ_IN_GRAPH.clear()
+    _masks._read_in_graph()
+    assert _masks._READ_IN_GRAPH == registered
     fn = mu.and_masks(mu.remap_positions_for_packed_sequence(mu.sliding_window_causal_mask_function(WINDOW),
                                                              position_ids),
                       mu.packed_sequence_mask_function(mu.find_packed_sequence_indices(position_ids)))
     want = mu.sdpa_mask(batch_size=B, q_length=S, kv_length=S, mask_function=fn, allow_is_causal_skip=False,
                         device=DEVICE)
-    spec = at._mask_spec(fn)
-    block_mask = at._block_mask_over(at._packed_mod, spec.packed.to(torch.int32), spec, B, S)
-    assert torch.equal(at._mask_of(block_mask), want)
+    spec = _masks._mask_spec(fn)
+    block_mask = _masks._block_mask_over(_masks._packed_mod, spec.packed.to(torch.int32), spec, B, S)
+    assert torch.equal(_masks._mask_of(block_mask), want)
 
 
 def test_compiled_packed_batch_found_in_position_ids():
@@ -713,35 +715,35 @@ def test_traced_mask_reads_the_mask_function():
     padded = [dict(base, mask_function=f, attention_mask=pad) for f in (
         causal_mask_function, sliding_window_causal_mask_function(WINDOW))]
     if GRAPH_MADE_MODS:  # (before torch 2.13 these are materialized: their flex calls would leave the graph)
-        assert at._traced_mask(dict(sliding)) is None
+        assert _masks._traced_mask(dict(sliding)) is None
         bidirectional = dict(packed, mask_function=and_masks(bidirectional_mask_function,
                                                              packed_sequence_mask_function(ids)))
         for kw in (packed, bidirectional, *padded):
-            got = at._traced_mask(dict(kw))
+            got = _masks._traced_mask(dict(kw))
             want = sdpa_mask(**dict(kw, allow_is_causal_skip=False))
-            assert isinstance(got, at.BlockMask) and torch.equal(at._mask_of(got), want)
-        keys = at._traced_mask(dict(base, mask_function=bidirectional_mask_function, attention_mask=pad))
+            assert isinstance(got, BlockMask) and torch.equal(_masks._mask_of(got), want)
+        keys = _masks._traced_mask(dict(base, mask_function=bidirectional_mask_function, attention_mask=pad))
         want = sdpa_mask(**dict(base, mask_function=bidirectional_mask_function, attention_mask=pad,
                                 allow_is_causal_skip=False))
         assert keys.shape == (B, 1, 1, L) and torch.equal(keys.expand(B, 1, L, L), want)
         # the call's window beside a causal mask (a model that builds one and passes a window): both kept
-        causal_padded = at._traced_mask(dict(padded[0]))
-        assert torch.equal(at._mask_of(at._with_window(causal_padded, WINDOW)), at._mask_of(
-            at._traced_mask(dict(padded[1]))))
-        assert at._with_window(causal_padded, L) is causal_padded  # a window that cuts no key
+        causal_padded = _masks._traced_mask(dict(padded[0]))
+        assert torch.equal(_masks._mask_of(_masks._with_window(causal_padded, WINDOW)), _masks._mask_of(
+            _masks._traced_mask(dict(padded[1]))))
+        assert _masks._with_window(causal_padded, L) is causal_padded  # a window that cuts no key
         # two sets of sequence ids: no one tensor says both
-        assert at._mask_spec(and_masks(packed["mask_function"], packed_sequence_mask_function(ids))) is None
+        assert _masks._mask_spec(and_masks(packed["mask_function"], packed_sequence_mask_function(ids))) is None
     # a padded prefill after a cache's keys (queries not at position 0): materialized
     cached = dict(padded[0], q_length=L - 4, q_offset=4, attention_mask=pad)
-    assert torch.equal(at._traced_mask(dict(cached)), sdpa_mask(**dict(cached, allow_is_causal_skip=False)))
+    assert torch.equal(_masks._traced_mask(dict(cached)), sdpa_mask(**dict(cached, allow_is_causal_skip=False)))
     chunked = dict(base, mask_function=chunked_causal_mask_function(WINDOW, torch.zeros(B, dtype=torch.long)))
     unknown = dict(sliding, mask_function=and_masks(sliding["mask_function"], lambda b, h, q, kv: q != 3))
     for kw in (chunked, unknown):
-        got = at._traced_mask(dict(kw))
+        got = _masks._traced_mask(dict(kw))
         want = sdpa_mask(**dict(kw, allow_is_causal_skip=False))
         assert got is not None and torch.equal(got, want)
     # the chunked mask is no window: row 9 sees keys 8 and 9 only, a window of 8 would give 2..9
-    assert at._traced_mask(dict(chunked))[0, 0, 9].nonzero().flatten().tolist() == [8, 9]
+    assert _masks._traced_mask(dict(chunked))[0, 0, 9].nonzero().flatten().tolist() == [8, 9]
 
 
 def test_layer_window_when_the_call_names_none():
@@ -809,7 +811,7 @@ def test_dropout_beyond_sdpa_runs_unfused_and_says_so(name, reason, use_kernel):
     """varlen_attn and flex_attention have no dropout: a training step with attention dropout on a
     windowed or softcapped layer takes the unfused path (with dropout), warns, and still trains."""
     use_kernel("blocked")
-    at._warned.clear()
+    _common._warned.clear()
     model = build(name, "attend")
     model.config.attention_dropout = 0.5
     for mod in model.modules():
@@ -1040,8 +1042,8 @@ def test_flex_route_against_float64(case, monkeypatch):
     g = torch.Generator().manual_seed(11)
     q, k, v, mask, kw, allowed, additive = _flex_case(case, g)
     builds = []
-    real = at.create_block_mask
-    monkeypatch.setattr(at, "create_block_mask", lambda *a, **kw_: builds.append(a[3:5]) or real(*a, **kw_))
+    real = _routes.create_block_mask
+    monkeypatch.setattr(_routes, "create_block_mask", lambda *a, **kw_: builds.append(a[3:5]) or real(*a, **kw_))
     s_aux = kw.get("s_aux")
     leaves = [t.requires_grad_() for t in (q, k, v, s_aux) if t is not None]
     scale = 0.3
@@ -1074,8 +1076,8 @@ def test_an_inference_softcap_over_packed_sequences_runs_varlen(case, monkeypatc
     g = torch.Generator().manual_seed(11)
     q, k, v, mask, kw, allowed, additive = _flex_case(case, g)
     builds = []
-    real = at.create_block_mask
-    monkeypatch.setattr(at, "create_block_mask", lambda *a, **kw_: builds.append(a[3:5]) or real(*a, **kw_))
+    real = _routes.create_block_mask
+    monkeypatch.setattr(_routes, "create_block_mask", lambda *a, **kw_: builds.append(a[3:5]) or real(*a, **kw_))
     assert at.explain(q, k, v, mask, scaling=0.3, **kw).startswith("route: varlen"), case
     fused = flex_varlen.PATHS["fused"]
     with torch.no_grad():
@@ -1091,8 +1093,8 @@ def test_decode_past_the_window_builds_no_block_mask(monkeypatch):
     generation) reads the window's keys as a slice: no BlockMask per step, the fused flex forward,
     float64's result."""
     builds = []
-    real = at.create_block_mask
-    monkeypatch.setattr(at, "create_block_mask", lambda *a, **kw: builds.append(a[3:5]) or real(*a, **kw))
+    real = _routes.create_block_mask
+    monkeypatch.setattr(_routes, "create_block_mask", lambda *a, **kw: builds.append(a[3:5]) or real(*a, **kw))
     g = torch.Generator().manual_seed(13)
     B, H, Hkv, S, D, W = 2, 4, 2, 21, 16, 6
     q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2).to(DEVICE)
@@ -1120,8 +1122,8 @@ def test_padded_decode_steps_take_the_plan_with_no_block_mask(form, monkeypatch)
     from attend._flex import plan
     monkeypatch.setattr(plan, "_PLANS", {})  # the first step makes the class's plan
     builds = []
-    real = at.create_block_mask
-    monkeypatch.setattr(at, "create_block_mask", lambda *a, **kw: builds.append(a[3:5]) or real(*a, **kw))
+    real = _routes.create_block_mask
+    monkeypatch.setattr(_routes, "create_block_mask", lambda *a, **kw: builds.append(a[3:5]) or real(*a, **kw))
     g = torch.Generator().manual_seed(19)
     B, H, Hkv, D = 2, 4, 2, 16
     k, v = (torch.randn(B, 70, Hkv, D, generator=g).transpose(1, 2).to(DEVICE) for _ in range(2))
@@ -1209,12 +1211,12 @@ def test_block_masks_are_built_once_per_mask(monkeypatch):
     is built once per mask (and per window), rebuilt when the mask tensor changes. (A training call:
     in inference a padded prefill's softcap runs on varlen_attn's score_mod, with no BlockMask.)"""
     builds = []
-    real = at.create_block_mask
+    real = _routes.create_block_mask
 
     def counting(*args, **kwargs):
         builds.append(args[3:5])
         return real(*args, **kwargs)
-    monkeypatch.setattr(at, "create_block_mask", counting)
+    monkeypatch.setattr(_routes, "create_block_mask", counting)
     g = torch.Generator().manual_seed(12)
     B, H, S, D = 2, 2, 16, 16
     q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE).transpose(1, 2).requires_grad_() for _ in range(3))
@@ -1231,9 +1233,9 @@ def test_block_masks_are_built_once_per_mask(monkeypatch):
     mask[1, :5] = False  # in place: the cached lists no longer describe it
     changed = layer(mask)
     assert len(builds) == 3 and not torch.equal(changed, outs[0])
-    at._BLOCK_MASKS.clear()
+    _routes._BLOCK_MASKS.clear()
     assert torch.equal(layer(mask), changed)
-    assert len(at._BLOCK_MASKS) <= at.BLOCK_MASK_CACHE_SIZE
+    assert len(_routes._BLOCK_MASKS) <= at.BLOCK_MASK_CACHE_SIZE
 
 
 # ----------------------------------------------------------------------------------------------
