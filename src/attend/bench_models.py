@@ -50,6 +50,10 @@ PRESETS = {
 }
 IMPLS = ("attend", "attend-own", "sdpa", "flex_attention", "eager")
 PHASES = ("train", "generate", "batch")
+# Not in the default PHASES: the training step under torch.compile (Inductor on CUDA, aot_eager on the
+# CPU), ``use_cache=False`` as in "train", where transformers adds its packed-sequence mask in the graph
+# (docs/transformers.md, "Under torch.compile"); its first step holds the compile.
+COMPILED_PHASE = "train-compiled"
 # Continuous batching runs "paged|<name>" on its own thread: transformers registers paged|sdpa and
 # paged|eager, attend paged|attend; attend-own's sdpa_kernel state (per thread) would not reach it.
 BATCH_IMPLS = ("attend", "sdpa", "eager")
@@ -109,13 +113,17 @@ def _run_one(model, impl: str, phase: str, p: dict, device: str, steps: int) -> 
     model.set_attn_implementation(name)
     g = torch.Generator(device="cpu").manual_seed(0)
     with ctx, row_toolchain(impl):
-        if phase == "train":
+        if phase in ("train", COMPILED_PHASE):
             ids = torch.randint(2, p["vocab"], (p["batch"], p["seq"]), generator=g).to(device)
             model.train()
+            run = model
+            if phase == COMPILED_PHASE:
+                torch._dynamo.reset()  # each row compiles its own graph
+                run = torch.compile(model, backend="inductor" if str(device).startswith("cuda") else "aot_eager")
 
             def step():
                 model.zero_grad(set_to_none=True)
-                model(ids, labels=ids, use_cache=False).loss.backward()  # no KV cache in a training step
+                run(ids, labels=ids, use_cache=False).loss.backward()  # no KV cache in a training step
             first, steady = _timed(step, device, steps)
             return dict(first_ms=first, steady_ms=steady, tokens=p["batch"] * p["seq"])
         if phase == "batch":
@@ -373,7 +381,7 @@ def _device_name(device: str) -> str:
 
 
 def _line(r: dict) -> str:
-    head = f"{r['model']:<7} {r['impl']:<15} {r['phase']:<9}"
+    head = f"{r['model']:<7} {r['impl']:<15} {r['phase']:<14}"
     if r.get("skipped"):
         return f"{head} not timed: {r['skipped']}"
     if not r["ok"]:

@@ -138,8 +138,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
         preset = a.models_preset or ("tiny" if a.device == "cpu" else "full")
         dtype = _bench_dtype(a)
+        phases = tuple(a.models_phases.split(",")) if a.models_phases else bench_models.PHASES
+        known = (*bench_models.PHASES, bench_models.COMPILED_PHASE)
+        if unknown := [x for x in phases if x not in known]:
+            raise SystemExit(f"bench: --models-phases {a.models_phases!r}: unknown {', '.join(unknown)}; "
+                             f"expected a comma-separated subset of {', '.join(known)}")
         bench_models.main(preset, tuple(a.impls.split(",")) if a.impls else bench_models.IMPLS, a.models_json,
-                          a.device, dtype)
+                          a.device, dtype, phases=phases)
         return 0
     if a.device == "cpu":
         from . import bench_cpu
@@ -220,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "attn_implementation (also on the CPU, tiny); flex = attend.flex_attention against compiled "
                     "PyTorch flex (also on the CPU, tiny)")
     be.add_argument("--models-json", default="bench_models.json", help="where --suite models writes its results")
+    be.add_argument("--models-phases", default=None,
+                    help="--suite models phases, comma-separated: train, generate, batch (the default) and "
+                         "train-compiled (the training step under torch.compile)")
     be.add_argument("--models-preset", choices=["full", "tiny"], default=None,
                     help="--suite models sizes; default full on CUDA, tiny on the CPU")
     be.add_argument("--flex-json", default="bench_flex.json", help="where --suite flex writes its results")
