@@ -570,11 +570,18 @@ def _run_tile(graph, score, b, h, q0, kv0, q_len, kv_len, ds, wide=False):
     return out, dscore, args.grads
 
 
-@pytest.mark.parametrize("mod_name", ["all_ops", "softcap_alibi_table", "nested_index"])
+@pytest.mark.parametrize("mod_name", ["all_ops", "composed_ops", "softcap_alibi_table", "nested_index"])
 def test_generated_hooks_match_float64_graph(mod_name):
     torch.manual_seed(4)
     if mod_name == "all_ops":
         mod, q_len, kv_len = _all_ops_mod(), 30, 50
+    elif mod_name == "composed_ops":  # erf, and the ops written as others (trace._COMPOSED): torch's values
+        F = torch.nn.functional
+        mod = lambda s, b, h, qi, ki: (torch.erf(s / 2) + torch.square(s) / 8 + torch.relu(s) + s.relu()
+                                       - F.softplus(s, beta=2.0, threshold=3.0) + F.softplus(s) / 4
+                                       + torch.sign(qi - ki).float() * 0.5 + s.sign() + torch.log1p(s.abs())
+                                       + torch.expm1(-s.abs()) + s.square() * 0.01 + F.relu(-s) / 3)
+        q_len, kv_len = 30, 50
     elif mod_name == "nested_index":  # a capture indexed by a value loaded from another
         pos, bias = torch.randperm(50, device=DEVICE), torch.randn(50, device=DEVICE)
         mod = lambda s, b, h, qi, ki: s + bias[pos[qi]] - bias[pos[ki]]

@@ -132,7 +132,7 @@ _BINOP = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<",
           "and": "&", "or": "|", "xor": "^"}
 _UNARY_TL = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2", "sqrt": "tl.sqrt",
              "rsqrt": "tl.rsqrt", "floor": "tl.floor", "ceil": "tl.ceil", "sin": "tl.sin", "cos": "tl.cos",
-             "tanh": "_tanh", "sigmoid": "_sigmoid", "abs": "tl.abs"}
+             "tanh": "_tanh", "sigmoid": "_sigmoid", "abs": "tl.abs", "erf": "tl.erf"}
 
 
 def _lit(v) -> str:

@@ -134,6 +134,8 @@ def _tangent(ed: _Editor, graph: ModGraph, seed: int):
             d = ed.mul(da, ed.op("cos", a[0]))
         elif op == "cos":
             d = ed.mul(da, ed.neg(ed.op("sin", a[0])))
+        elif op == "erf":  # 2 / sqrt(pi) * exp(-x^2)
+            d = ed.mul(da, ed.mul(ed.op("exp", ed.neg(ed.mul(a[0], a[0]))), 2.0 / math.sqrt(math.pi)))
         elif op in ("floor", "ceil", "floordiv"):
             d = None
         elif op == "remainder":  # a - b * floor(a / b)

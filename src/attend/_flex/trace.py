@@ -111,7 +111,7 @@ def _key_node(n: Node) -> tuple:
 
 _UNARY_FLOAT = {"exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2, "tanh": torch.tanh,
                 "sigmoid": torch.sigmoid, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "floor": torch.floor,
-                "ceil": torch.ceil, "sin": torch.sin, "cos": torch.cos}
+                "ceil": torch.ceil, "sin": torch.sin, "cos": torch.cos, "erf": torch.erf}
 def _both_tensors(fn):
     """torch.minimum / maximum take tensors only; a Python operand becomes a 0-d tensor (which, as
     a scalar does, takes the other operand's dtype within its category)."""
@@ -147,7 +147,7 @@ _BINARY = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operat
            torch.bitwise_and: "and", torch.bitwise_or: "or", torch.bitwise_xor: "xor"}
 _UNARY = {operator.neg: "neg", operator.abs: "abs", operator.invert: "not", abs: "abs",
           torch.neg: "neg", torch.abs: "abs", torch.logical_not: "not", torch.bitwise_not: "not",
-          torch.special.expit: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
+          torch.special.expit: "sigmoid", torch.nn.functional.sigmoid: "sigmoid", torch.special.erf: "erf",
           **{getattr(torch, name): name for name in _UNARY_FLOAT}}
 _METHOD_BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "truediv", "true_divide": "truediv",
                   "floor_divide": "floordiv", "remainder": "remainder", "pow": "pow", "minimum": "minimum",
@@ -158,10 +158,16 @@ _LOGICAL = {torch.logical_not: "not", torch.logical_and: "and", torch.logical_or
             "logical_not": "not", "logical_and": "and", "logical_or": "or", "logical_xor": "xor"}
 _METHOD_UNARY = {"neg": "neg", "abs": "abs", "logical_not": "not", "bitwise_not": "not", "__invert__": "not",
                  "sigmoid": "sigmoid", **{name: name for name in _UNARY_FLOAT}}
+# Functions and methods that ``_Builder`` writes as the ops above (its ``_<name>`` methods).
+_COMPOSED = {torch.square: "_square", "square": "_square", torch.relu: "_relu", torch.nn.functional.relu: "_relu",
+             "relu": "_relu", torch.sign: "_sign", "sign": "_sign", torch.log1p: "_log1p", "log1p": "_log1p",
+             torch.special.log1p: "_log1p", torch.expm1: "_expm1", "expm1": "_expm1", torch.special.expm1: "_expm1",
+             torch.nn.functional.softplus: "_softplus"}
 _CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16,
           "int": torch.int32, "long": torch.int64, "bool": torch.bool}
 SUPPORTED = ("+ - * / // % ** and comparisons, & | ^ ~, torch.where, abs, exp, exp2, log, log2, tanh, sigmoid, "
-             "sqrt, rsqrt, floor, ceil, sin, cos, minimum / maximum, clamp, floor_divide / remainder, .to(dtype) "
+             "sqrt, rsqrt, floor, ceil, sin, cos, erf, square, relu, softplus, sign, log1p and expm1 (as log(1 + x) "
+             "and exp(x) - 1), minimum / maximum, clamp, floor_divide / remainder, .to(dtype) "
              "and .float() / .int() ..., new_ones / new_zeros / new_full of size (), and captured tensors indexed "
              "by index expressions (bias[h], doc[b, q_idx], table[h, q_idx - kv_idx + c])")
 
@@ -812,6 +818,10 @@ class _Builder:
             if hi is not None:
                 x = self.op("minimum", x, self._value(hi))
             return x
+        composed = _COMPOSED.get(target) if kind == "call_function" else _COMPOSED.get(name) \
+            if kind == "call_method" else None
+        if composed is not None:
+            return getattr(self, composed)(args, kwargs)
         if kind == "call_method" and name == "masked_fill" and len(args) == 3:
             return self.op("where", self._value(args[1]), self._value(args[2]), self._value(args[0]))
         if kind == "call_method" and name in _CASTS and len(args) == 1:
@@ -835,6 +845,42 @@ class _Builder:
                 raise self.error(f"Tensor.{name} (mods see one element: shapes do not exist)")
             return self._value(args[0])
         raise self.error(f"{qual} cannot be generated into Triton")
+
+    # Ops written as the ops above: their values as torch's, and their derivatives follow from the parts'.
+    def _square(self, args, kwargs):
+        x = self._value(args[0])
+        return self.op("mul", x, x)
+
+    def _relu(self, args, kwargs):  # torch's derivative at 0 is 0: the where's other side
+        x = self._value(args[0])
+        return self.op("where", self.op("gt", x, 0), x, self._zero_like(x))
+
+    def _sign(self, args, kwargs):
+        x = self._value(args[0])
+        one = 1.0 if self._is_float(x) else 1
+        s = self.op("where", self.op("gt", x, 0), one, self.op("where", self.op("lt", x, 0), -one, 0 * one))
+        return self.cast(s, self.nodes[x.i].dtype) if isinstance(x, Ref) else s
+
+    def _log1p(self, args, kwargs):  # log(1 + x): an absolute error near 2^-24 where |x| is tiny
+        return self.op("log", self.op("add", self._value(args[0]), 1.0))
+
+    def _expm1(self, args, kwargs):
+        return self.op("sub", self.op("exp", self._value(args[0])), 1.0)
+
+    def _softplus(self, args, kwargs):  # torch.nn.functional.softplus(x, beta, threshold)
+        x = self._value(args[0])
+        beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
+        threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
+        bx = x if beta == 1 else self.op("mul", x, beta)
+        soft = self.op("log", self.op("add", self.op("exp", bx), 1.0))
+        soft = soft if beta == 1 else self.op("truediv", soft, beta)
+        return self.op("where", self.op("gt", bx, threshold), x, soft)
+
+    def _is_float(self, x) -> bool:
+        return self.nodes[x.i].dtype.is_floating_point if isinstance(x, Ref) else isinstance(x, float)
+
+    def _zero_like(self, x):
+        return 0.0 if self._is_float(x) else 0
 
     def _new(self, name, args, kwargs):
         size = args[1] if len(args) > 1 else kwargs.get("size", ())
