@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 import attend.integrations.transformers as at  # noqa: E402  (registers "attend")
 from attend.flex_attention import BlockMask  # noqa: E402
-from attend.integrations.transformers import _common, _masks, _routes  # noqa: E402
+from attend.integrations.transformers import _common, _masks, _routes, _traced  # noqa: E402
 from attend._versions import GRAPH_MADE_MODS  # noqa: E402
 from attend._flex import dispatch as flex_dispatch  # noqa: E402
 from attend._flex import varlen as flex_varlen  # noqa: E402
@@ -731,6 +731,11 @@ def test_traced_mask_reads_the_mask_function():
         assert torch.equal(_masks._mask_of(_masks._with_window(causal_padded, WINDOW)), _masks._mask_of(
             _masks._traced_mask(dict(padded[1]))))
         assert _masks._with_window(causal_padded, L) is causal_padded  # a window that cuts no key
+        assert _masks._with_window(causal_padded, WINDOW) is _masks._with_window(causal_padded, WINDOW)  # per forward
+        q = torch.randn(B, 4, L, 16, device=DEVICE)
+        with pytest.raises(ValueError, match="sliding_window must be a positive int, got 0"):
+            _traced._traced_attention(types.SimpleNamespace(is_causal=True), q, q[:, :2], q[:, :2], causal_padded,
+                                      0.0, None, 0, None, True, None)
         # two sets of sequence ids: no one tensor says both
         assert _masks._mask_spec(and_masks(packed["mask_function"], packed_sequence_mask_function(ids))) is None
     # a padded prefill after a cache's keys (queries not at position 0): materialized

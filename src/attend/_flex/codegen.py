@@ -582,10 +582,15 @@ def hooks(graph: ModGraph, fast: bool = False, wide: bool = False) -> Hooks:
     return h
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _load(kind: str, src: str) -> Hooks:
     digest = hashlib.sha256(src.encode()).hexdigest()[:24]
     path = os.path.join(cache_dir(), f"{kind}_mod_{digest}.py")
-    if not os.path.exists(path) or open(path).read() != src:
+    if not os.path.exists(path) or _read(path) != src:
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "w") as f:
             f.write(src)

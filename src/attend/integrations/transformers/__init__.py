@@ -47,7 +47,7 @@ Masks the model builds itself (4-D tensors) are used as they are.
 the softcap a runtime scalar of the generated score hook: a new softcap value generates no code
 (flex keeps 0.5, 1 and 2 as literals, so those three values are one more structure each).
 Its BlockMask is built once per mask, not once per layer: ``_routes._BLOCK_MASKS`` keeps the last
-``BLOCK_MASK_CACHE_SIZE`` of them, keyed by the mask's form, ``(L, S)``, the device and the
+``BLOCK_MASK_CACHE_SIZE`` of them (a constant, read in ``_routes``), keyed by the mask's form, ``(L, S)``, the device and the
 identity and ``_version`` of the tensors it reads (held by weak reference: a cached entry keeps no
 mask alive). A float 4-D mask is added to the capped scores by the score_mod, as eager attention
 adds it. ``FUSED`` says which features a fused kernel serves; :func:`unfused_attention` (torch ops
@@ -77,7 +77,7 @@ from ._masks import _read_in_graph, mask_for_attend
 from ._packing import _mask_or_packing, _memo
 from ._routes import BLOCK_MASK_CACHE_SIZE, _attention, _decode_window, _flex_args, _flex_mask, _plan
 from ._traced import _traced_attention
-from ._unfused import unfused_attention
+from ._unfused import UNFUSED_BLOCK_BYTES, unfused_attention
 
 __all__ = ["NAME", "PAGED_NAME", "FUSED", "BLOCK_MASK_CACHE_SIZE", "UnfusedFeatureWarning", "attention_forward",
            "mask_for_attend", "paged_attention_forward", "unfused_attention", "explain", "register"]

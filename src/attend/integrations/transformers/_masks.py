@@ -287,8 +287,15 @@ def _with_window(block_mask, window: int | None):
     S = block_mask.seq_lengths[1]
     if window is None or S <= window or (own is not None and own <= window):
         return block_mask
-    mod = flex_compiled.BoundMod(bound.fn, bound.tensors, (window, causal))
-    return create_block_mask(mod, block_mask.shape[0], None, *block_mask.seq_lengths, device=bound.tensors[0].device)
+    # one BlockMask per window and forward, not per layer: kept on the forward's BlockMask
+    windowed = getattr(block_mask, "_attend_windowed", None)
+    if windowed is None:
+        windowed = block_mask._attend_windowed = {}
+    if window not in windowed:
+        mod = flex_compiled.BoundMod(bound.fn, bound.tensors, (window, causal))
+        windowed[window] = create_block_mask(mod, block_mask.shape[0], None, *block_mask.seq_lengths,
+                                             device=bound.tensors[0].device)
+    return windowed[window]
 
 
 def _mask_of(block_mask) -> torch.Tensor:

@@ -11,8 +11,6 @@ def _capped(score, cap: float | None):
     return score if cap is None else cap * torch.tanh(score / cap)
 
 
-# The mods' bodies, module-level so that a compiled graph hands them to flex as ``BoundMod``s over
-# its tensors (``_traced_flex``); the eager closures below call the same bodies.
 def _capped_mod(score, b, h, q_idx, kv_idx, cap):
     return _capped(score, cap)
 

@@ -23,7 +23,8 @@ from attend.varlen import refusal as varlen_refusal
 
 from ._common import _Call, _FEATURE_PATH, _SCORE_KEYS_SOFTCAP, _UNFUSED_PATH, _VARLEN_SOFTCAP, _warn_once
 from ._mods import _additive_mod, _capped, _keys_mod, _tensor_mask_mod
-from ._packing import _Packing, _dense_packing, _ids_from_cu, _ids_packing, _kwargs_packing, _mask_or_packing, _memo, _padding_packing
+from ._packing import (_Packing, _dense_packing, _ids_from_cu, _ids_packing, _kwargs_packing, _mask_or_packing,
+                       _memo, _padding_packing)
 from ._unfused import _unfused
 
 

@@ -31,6 +31,8 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     ``position_ids`` may restart (``_may_be_packed``), as transformers' ``flash_attention_2`` does."""
     L, S = query.shape[-2], key.shape[-2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"attend: sliding_window must be a positive int, got {sliding_window!r}")
     if isinstance(attention_mask, BlockMask):  # _traced_mask's packed or padded batch: band and window included
         attention_mask = _with_window(attention_mask, sliding_window)
         if not dropout:
@@ -38,8 +40,6 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
                                 bool(is_causal)), None
         attention_mask = _mask_of(attention_mask)
     kind = _mask_kind(attention_mask, kwargs)
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"attend: sliding_window must be a positive int, got {sliding_window!r}")
     window_cuts = sliding_window is not None and S > sliding_window
     plain = (kwargs.get("block_table") is None and kwargs.get("k_cache") is None and 0 not in query.shape
              and not _may_be_packed(query, key, attention_mask, kwargs))
