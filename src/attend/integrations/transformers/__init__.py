@@ -80,7 +80,8 @@ from ._traced import _traced_attention
 from ._unfused import UNFUSED_BLOCK_BYTES, unfused_attention
 
 __all__ = ["NAME", "PAGED_NAME", "FUSED", "BLOCK_MASK_CACHE_SIZE", "UnfusedFeatureWarning", "attention_forward",
-           "mask_for_attend", "paged_attention_forward", "unfused_attention", "explain", "register"]
+           "mask_for_attend", "paged_attention_forward", "unfused_attention", "UNFUSED_BLOCK_BYTES", "explain",
+           "register"]
 
 
 # ----------------------------------------------------------------------------------------------
