@@ -178,12 +178,15 @@ GRAD_CASES = ([(m, "") for m in MODELS] + [(m, "left-padded") for m in ("llama",
               + [(m, "4d-mask") for m in ("gpt_oss",) if m in CONFIGS]
               + [(m, "rows-packed") for m in ("llama", "qwen2") if m in CONFIGS]
               + [(m, "compiled") for m in ("llama", "mistral", "gemma2", "gpt_oss") if m in CONFIGS]
-              + [(m, "compiled-left-padded") for m in ("llama", "gemma2") if m in CONFIGS])
+              + [(m, "compiled-left-padded") for m in ("llama", "gemma2", "gpt_oss") if m in CONFIGS])
 # Calls per forward that run flex, and per backward that run the core's flex backward: Gemma 2's every
 # layer (softcap); gpt-oss's only with a 4-D mask; under torch.compile, flex_attention over the band
 # (_traced_flex), whose calls with no score_mod run the dense kernels, backward too (not counted).
 FLEX_LAYERS = {("gemma2", ""): (2, 2), ("gemma2", "left-padded"): (2, 2), ("gpt_oss", "4d-mask"): (2, 2),
-               ("gemma2", "compiled-left-padded"): (2, 2), ("gemma2", "compiled"): (2, 2)}
+               ("gemma2", "compiled-left-padded"): (2, 2), ("gemma2", "compiled"): (2, 2),
+               # (sinks beside a mask under compile: flex over the padded BlockMask, or over the
+               # materialized mask before torch 2.13)
+               ("gpt_oss", "compiled-left-padded"): (2, 2)}
 # (before torch 2.13 gpt-oss's calls run their eager route outside the graph: its global layer varlen_attn,
 # its window layer, whose mask is materialized, flex; Mistral's window, materialized, SDPA)
 FLEX_LAYERS[("gpt_oss", "compiled")] = (2, 0) if GRAPH_MADE_MODS else (1, 1)
