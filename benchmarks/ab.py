@@ -93,6 +93,8 @@ PLAN = {
                          ("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
                          ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", BCORE),
                          ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", FUSED)],
+    "d128-causal@2048": [("bwd", _b(64, 128, 128, 64, 8, 3), None, "now"),
+                         ("bwd", _b(64, 128, 128, 64, 8, 3), None, "", FUSED_SHORT)],
     "d128-causal@1024": [("fwd", _c(64, 64, 4, 3), False, "now"), ("fwd", _c(64, 64, 4, 3), False, "", CORE),
                          ("bwd", HM64, None, "now"), ("bwd", HM64, None, "", BCORE),
                          ("bwd", HM64, None, "", FUSED_SHORT)],

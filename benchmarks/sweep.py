@@ -158,7 +158,9 @@ def cases(name: str):
     for D in (64, 128):
         for causal in (False, True):
             key = f"d{D}-{'causal' if causal else 'noncausal'}"
-            table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S)) for S in seqs]
+            # (2048: the backward's last bucket below configs.WS_BWD_MIN_SEQ_BUCKET, ab.py's fused-dQ case)
+            lengths = (1024, 2048, 4096, 16384) if (D, causal) == (128, True) else seqs
+            table[key] = [(S, lambda D=D, c=causal, S=S: _dense(D, c, S)) for S in lengths]
         table[f"d{D}-causal-gqa8"] = [(4096, lambda D=D: _dense(D, True, 4096, gqa=8))]
         table[f"d{D}-noncausal-gqa8"] = [(4096, lambda D=D: _dense(D, False, 4096, gqa=8))]
         for causal in (False, True):
