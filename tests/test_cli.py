@@ -80,6 +80,21 @@ def test_bench_warmup_option():
         main(["bench", "--warmup", "-1", "--reps", "5"])
 
 
+def test_models_phases_option(monkeypatch):
+    """--models-phases passes its phases to the models bench (train-compiled among them), and an
+    unknown one is refused by name before anything runs."""
+    from attend import bench_models
+    from attend.cli import main
+
+    seen = []
+    monkeypatch.setattr(bench_models, "main", lambda *a, **kw: seen.append(kw["phases"]))
+    main(["bench", "--suite", "models", "--device", "cpu", "--models-phases", "train,train-compiled"])
+    main(["bench", "--suite", "models", "--device", "cpu"])
+    assert seen == [("train", "train-compiled"), bench_models.PHASES]
+    with pytest.raises(SystemExit, match="--models-phases 'train,bogus': unknown bogus; expected"):
+        main(["bench", "--suite", "models", "--device", "cpu", "--models-phases", "train,bogus"])
+
+
 @pytest.mark.parametrize("argv, dtype", [
     ([], torch.float32), (["--device", "cuda"], torch.bfloat16), (["--device", "cuda", "--dtype", "float32"], torch.float32),
     (["--device", "cuda", "--dtype", "float16"], torch.float16), (["--dtype", "float16"], torch.float16)])
