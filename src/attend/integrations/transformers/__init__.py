@@ -41,7 +41,9 @@ transformers 5.17-5.22)                       then the packed route above
 The mask builder never materializes an ``L x S`` mask where a band or a key vector describes it:
 it hands the attention function ``None`` (a causal band, bottom-right aligned), the 2-D padding
 mask ``(B, S)`` (bool), packed sequence ids ``(B, S)`` (int32) or a key vector ``(B, 1, 1, S)``.
-Masks the model builds itself (4-D tensors) are used as they are.
+Masks the model builds itself (4-D tensors) are used as they are. Inside torch.compile (torch 2.13
+and later) a padded or packed batch from position 0 is a BlockMask built in the graph instead, and
+its calls run ``flex_attention`` (``_masks._traced_mask``, ``_traced``; docs/transformers.md).
 
 ``softcap`` runs attend's FlexAttention: the Triton core's flex mode, forward and backward, with
 the softcap a runtime scalar of the generated score hook: a new softcap value generates no code
