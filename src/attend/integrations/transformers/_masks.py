@@ -4,9 +4,11 @@ compiled graph and inside it."""
 from __future__ import annotations
 
 import inspect
+import types
 from dataclasses import dataclass
 
 import torch
+from transformers import masking_utils
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
 from attend._flex import compiled as flex_compiled
@@ -60,10 +62,6 @@ def _read_in_graph() -> None:
     tell a causal band, a sliding window and a packed batch inside the graph as it does outside."""
     if _READ_IN_GRAPH or not GRAPH_MADE_MODS:
         return
-    import types
-
-    from transformers import masking_utils
-
     for name, params in _READ_BUILDERS.items():
         builder = getattr(masking_utils, name, None)
         if not isinstance(builder, types.FunctionType):
