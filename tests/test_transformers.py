@@ -636,9 +636,10 @@ def test_mask_functions_read_in_the_graph_mask_as_transformers_does():
 
 def test_compiled_packed_batch_found_in_position_ids():
     """Under torch.compile a batch of one whose position_ids may restart (a cache, no mask:
-    transformers builds none) runs its attention outside the graph, where attend finds the packed
-    sequences as eager does: eager's logits and gradients, and each sequence's own logits;
-    fullgraph=True says why it cannot."""
+    transformers builds none) runs flex over the BlockMask of the sequences its position_ids give,
+    in the graph (from torch 2.13; before, outside it, where attend finds them as eagerly):
+    eager's logits and gradients, and each sequence's own logits; fullgraph=True compiles it, or
+    before torch 2.13 says why it cannot."""
     lens = [10, 15, 7]
     seqs = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lens)]
     packed = torch.cat(seqs)[None]
@@ -660,6 +661,11 @@ def test_compiled_packed_batch_found_in_position_ids():
         alone = torch.cat([model(s[None]).logits[0] for s in seqs])
     torch.testing.assert_close(out[0], alone, atol=2e-5, rtol=1e-5)
     torch._dynamo.reset()
+    if GRAPH_MADE_MODS:
+        with torch.no_grad():
+            full = torch.compile(model, backend="aot_eager", fullgraph=True)(packed, position_ids=position_ids).logits
+        torch.testing.assert_close(full, ref, atol=2e-5, rtol=1e-5)
+        return
     with pytest.raises(Exception, match=r"(?s)position_ids may restart.*fullgraph=False"):
         torch.compile(model, backend="aot_eager", fullgraph=True)(packed, position_ids=position_ids)
 

@@ -276,6 +276,15 @@ def _block_mask_over(mod, t: torch.Tensor, spec: _MaskSpec, B: int, S: int):
     return create_block_mask(mod, B, None, S, S, device=t.device)
 
 
+def _positions_block_mask(position_ids: torch.Tensor, causal: bool):
+    """Inside torch.compile, a batch of one whose ``position_ids`` may restart (``_may_be_packed``: a
+    cache is passed, so transformers built no packed-sequence mask): the BlockMask of its sequences,
+    their ids made as transformers makes them without a cache (a new sequence wherever the position
+    does not step by 1). Built per attention call: the mask builder never saw ``position_ids``."""
+    ids = (position_ids.diff(dim=-1, prepend=position_ids[:, :1] - 1) != 1).cumsum(-1).to(torch.int32)
+    return _block_mask_over(_packed_mod, ids, _MaskSpec(causal, None, None), 1, ids.shape[-1])
+
+
 def _with_window(block_mask, window: int | None):
     """A ``_block_mask_over``'s BlockMask with the attention call's ``sliding_window`` too, where it
     cuts keys the mask's own window (if any) keeps: a model may build a causal mask and pass a

@@ -12,7 +12,7 @@ from attend.flex_attention import AuxRequest as FlexAuxRequest
 
 from ._common import _Call
 from ._mods import _additive_mod, _band_mod, _capped_mod, _keys_mod, _tensor_mask_mod
-from ._masks import _mask_of, _with_window
+from ._masks import _mask_of, _positions_block_mask, _with_window
 from ._packing import _may_be_packed
 from ._routes import _attention, _mask_kind, _sdpa, _with_sinks
 
@@ -27,12 +27,16 @@ def _traced_attention(module, query, key, value, attention_mask, dropout, scalin
     The other routes plan on the host from the mask's or ``position_ids``' values (a 2-D padding mask
     or a packed batch handed over directly: ``varlen_attn``, whose sequence lengths are host
     integers), or have no fused form with dropout, so they run outside the graph (``_outside_graph``):
-    a graph break per call, which ``fullgraph=True`` refuses. So does a batch of one whose
-    ``position_ids`` may restart (``_may_be_packed``), as transformers' ``flash_attention_2`` does."""
+    a graph break per call, which ``fullgraph=True`` refuses. A batch of one whose ``position_ids``
+    may restart (``_may_be_packed``) runs flex over the BlockMask of its sequences
+    (``_positions_block_mask``; before torch 2.13 it leaves the graph, as transformers'
+    ``flash_attention_2`` does)."""
     L, S = query.shape[-2], key.shape[-2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"attend: sliding_window must be a positive int, got {sliding_window!r}")
+    if GRAPH_MADE_MODS and _may_be_packed(query, key, attention_mask, kwargs) and kwargs.get("block_table") is None:
+        attention_mask = _positions_block_mask(kwargs["position_ids"], bool(is_causal))
     if isinstance(attention_mask, BlockMask):  # _traced_mask's packed or padded batch: band and window included
         attention_mask = _with_window(attention_mask, sliding_window)
         if not dropout:
@@ -102,7 +106,7 @@ def _traced_flex(q, k, v, mask, kind: str, scale, window: int | None, softcap: f
 
 _outside_graph = outside_graph(
     _attention, reason="attend: a 2-D padding mask or packed batch handed to the attention function, dropout with "
-    "a softcap, sinks or a window, a batch of one whose position_ids may restart, or (before torch 2.13) a softcap, "
+    "a softcap, sinks or a window, or (before torch 2.13) a batch of one whose position_ids may restart, a softcap, "
     "sinks or a window runs attend's flex_attention or varlen_attn outside the compiled graph (one graph break per "
     "attention call; they plan on the host from the mask's or position_ids' values): compile with fullgraph=False "
     "(docs/transformers.md, \"Under torch.compile\")")
