@@ -550,6 +550,23 @@ def test_compiled_step_without_a_cache_reads_the_packed_batch(name, monkeypatch)
         assert_scaled(results["attend"][1][pname], results["64"][1][pname], g, f"{name} d{pname}")
 
 
+def _compiled_matches_eager(model, ids, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and every gradient, eagerly and under torch.compile (aot_eager), equal;
+    (eager's logits, the compiled ones)."""
+    results = []
+    torch._dynamo.reset()
+    for run in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad()
+        logits = run(ids, **kw).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), _grads(model)))
+    (ref, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    return ref, out
+
+
 @pytest.mark.skipif(not GRAPH_MADE_MODS, reason="transformers' mask functions are read in the graph from torch 2.13")
 def test_graph_block_mask_reaching_an_eager_layer():
     """Reentrant activation checkpointing under torch.compile runs the layers eagerly with the mask
@@ -567,17 +584,7 @@ def test_graph_block_mask_reaching_an_eager_layer():
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     for kw in (dict(position_ids=position_ids), dict(attention_mask=pad)):
-        results = []
-        torch._dynamo.reset()
-        for run in (model, torch.compile(model, backend="aot_eager")):
-            model.zero_grad()
-            logits = run(ids, use_cache=False, **kw).logits
-            logits.square().mean().backward()
-            results.append((logits.detach(), _grads(model)))
-        (ref, ref_grads), (out, grads) = results
-        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
-        for n in ref_grads:
-            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+        _compiled_matches_eager(model, ids, use_cache=False, **kw)
 
 
 def test_mask_functions_read_in_the_graph_mask_as_transformers_does():
@@ -645,18 +652,7 @@ def test_compiled_packed_batch_found_in_position_ids():
     packed = torch.cat(seqs)[None]
     position_ids = torch.cat([torch.arange(n) for n in lens])[None].to(DEVICE)
     model = build("llama", "attend").train()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager")
-    results = []
-    for run in (model, compiled):
-        model.zero_grad()
-        logits = run(packed, position_ids=position_ids).logits
-        logits.square().mean().backward()
-        results.append((logits.detach(), _grads(model)))
-    (ref, ref_grads), (out, grads) = results
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
-    for n in ref_grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    ref, out = _compiled_matches_eager(model, packed, position_ids=position_ids)
     with torch.no_grad():
         alone = torch.cat([model(s[None]).logits[0] for s in seqs])
     torch.testing.assert_close(out[0], alone, atol=2e-5, rtol=1e-5)

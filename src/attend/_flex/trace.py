@@ -853,7 +853,7 @@ class _Builder:
 
     def _relu(self, args, kwargs):  # torch's derivative at 0 is 0: the where's other side
         x = self._value(args[0])
-        return self.op("where", self.op("gt", x, 0), x, self._zero_like(x))
+        return self.op("where", self.op("gt", x, 0), x, 0.0 if self._is_float(x) else 0)
 
     def _sign(self, args, kwargs):
         x = self._value(args[0])
@@ -878,9 +878,6 @@ class _Builder:
 
     def _is_float(self, x) -> bool:
         return self.nodes[x.i].dtype.is_floating_point if isinstance(x, Ref) else isinstance(x, float)
-
-    def _zero_like(self, x):
-        return 0.0 if self._is_float(x) else 0
 
     def _new(self, name, args, kwargs):
         size = args[1] if len(args) > 1 else kwargs.get("size", ())

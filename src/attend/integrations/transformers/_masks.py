@@ -276,12 +276,18 @@ def _block_mask_over(mod, t: torch.Tensor, spec: _MaskSpec, B: int, S: int):
     return create_block_mask(mod, B, None, S, S, device=t.device)
 
 
+def _sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 ``(B, L)`` ids of the sequences ``position_ids`` give, as transformers makes them for a
+    packed batch (``find_packed_sequence_indices``): a new sequence wherever the position does not
+    step by 1."""
+    return (position_ids.diff(dim=-1, prepend=position_ids[:, :1] - 1) != 1).cumsum(-1, dtype=torch.int32)
+
+
 def _positions_block_mask(position_ids: torch.Tensor, causal: bool):
     """Inside torch.compile, a batch of one whose ``position_ids`` may restart (``_may_be_packed``: a
-    cache is passed, so transformers built no packed-sequence mask): the BlockMask of its sequences,
-    their ids made as transformers makes them without a cache (a new sequence wherever the position
-    does not step by 1). Built per attention call: the mask builder never saw ``position_ids``."""
-    ids = (position_ids.diff(dim=-1, prepend=position_ids[:, :1] - 1) != 1).cumsum(-1).to(torch.int32)
+    cache is passed, so transformers built no packed-sequence mask): the BlockMask of its sequences
+    (``_sequence_ids``). Built per attention call: the mask builder never saw ``position_ids``."""
+    ids = _sequence_ids(position_ids)
     return _block_mask_over(_packed_mod, ids, _MaskSpec(causal, None, None), 1, ids.shape[-1])
 
 

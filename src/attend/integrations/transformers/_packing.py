@@ -12,7 +12,7 @@ from attend._flex import compiled as flex_compiled
 from attend._hostcache import version
 from attend.flex_attention import BlockMask
 
-from ._masks import _packed_mod, _padded_mod
+from ._masks import _packed_mod, _padded_mod, _sequence_ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,8 +93,8 @@ def _ids_packing(ids: torch.Tensor) -> _Packing:
 def _may_be_packed(query, key, mask, kwargs) -> bool:
     """Whether the call's ``position_ids`` may reveal a packed batch (``_packed_from_positions``: a
     batch of one, L == S, no mask, no sequence lengths). Whether they restart is on the device, so
-    inside a compiled graph no route may hang on it. torch.cond would keep it there, but Dynamo
-    (torch 2.13) loses a DynamicCache's pending attributes around it."""
+    inside a compiled graph no route may hang on it: there the call runs the BlockMask of the
+    sequences they give (``_masks._positions_block_mask``)."""
     position_ids = kwargs.get("position_ids")
     L, S = query.shape[-2], key.shape[-2]
     return (mask is None and kwargs.get("cu_seq_lens_q") is None and isinstance(position_ids, torch.Tensor)
@@ -108,10 +108,8 @@ def _packed_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     else None, for a call ``_may_be_packed`` takes. Read once per ``position_ids`` tensor, not once
     per layer."""
     def build():
-        breaks = position_ids[0].diff() != 1
-        if not bool(breaks.any()):
-            return None
-        return torch.nn.functional.pad(breaks.cumsum(0, dtype=torch.int32), (1, 0))[None]
+        ids = _sequence_ids(position_ids[:1])
+        return ids if bool(ids[0, -1]) else None
     return _memo(position_ids, "positions", build)
 
 
